@@ -1,0 +1,1 @@
+"""Typer front end (installed as the ``repair_cli`` package; console script ``repair``)."""

@@ -1,0 +1,32 @@
+"""Plain-text tables for stdout."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+
+def pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def eval_table(rep: dict, title: str = "") -> str:
+    out = []
+    if title:
+        out.append(title)
+    out.append(f"n={rep['n']}  accuracy={pct(rep['accuracy'])}  worst-class={pct(rep['worst_class_accuracy'])}"
+               + (f"  worst-group={pct(rep['worst_group_accuracy'])} ({rep['worst_group']})"
+                  if rep.get("per_group") is not None else "  worst-group=- (no --group-by)"))
+    if rep.get("per_group") is not None:
+        out.append(table(["group", "n", "accuracy"], [[r["name"], r["n"], pct(r["accuracy"])] for r in rep["per_group"]]))
+    out.append(table(["class", "n", "accuracy"], [[r["name"], r["n"], pct(r["accuracy"])] for r in rep["per_class"]]))
+    return "\n".join(out)

@@ -1,0 +1,217 @@
+"""`repair` command line: thin shims over ``repair.api`` and friends.
+
+Results go to stdout (``--json``: one JSON document), progress and warnings to
+stderr. Exit codes: 0 ok, 1 gate or verification failed, 2 bad input/usage,
+3 internal error.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from repair.errors import BadInput, GateFailed, RepairError
+
+from .format import eval_table, pct, table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Repair classifiers that lean on spurious correlations: measure, probe, fix, export.")
+STATE = {"debug": False}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def command(fn: Callable) -> Callable:
+    """Map library errors to one line on stderr and the documented exit codes."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except RepairError as e:
+            if STATE["debug"]:
+                traceback.print_exc()
+            log(f"error: {e}" if not isinstance(e, GateFailed) else f"FAILED: {e}")
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:
+            log("interrupted")
+            raise typer.Exit(130)
+        except Exception as e:  # an internal error: one line unless --debug
+            if STATE["debug"]:
+                traceback.print_exc()
+            first = str(e).splitlines()[0] if str(e) else ""
+            log(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
+            raise typer.Exit(3)
+    return wrapper
+
+
+@app.callback()
+def main_callback(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False):
+    STATE["debug"] = debug
+
+
+# ------------------------------------------------------------------ shared options
+ModelArg = Annotated[Path, typer.Argument(help="Checkpoint: timm hub folder, transformers folder, .safetensors (+--arch/--factory) or .onnx.")]
+DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Repair data: image folder / metadata.csv, or text CSV/TSV/JSONL.")]
+GroupBy = Annotated[Optional[str], typer.Option("--group-by", help="Attribute column; groups = class x attribute value.")]
+LabelCol = Annotated[Optional[str], typer.Option("--label-col", help="Column with class labels (default: y/label/class).")]
+PathCol = Annotated[Optional[str], typer.Option("--path-col", help="Column with image paths (default: img_filename/filename/path).")]
+TextCol = Annotated[Optional[str], typer.Option("--text-col", help="Column with texts (default: text/sentence/content).")]
+Arch = Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file.")]
+Factory = Annotated[Optional[str], typer.Option("--factory", help="package.module:function returning the nn.Module.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept .pt/.pth/.bin (loaded with weights_only=True).")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Text: tokenizer truncation length.")]
+ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Input size for checkpoints without preprocessing (ONNX, factories).")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean, e.g. 0.485,0.456,0.406.")]
+Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std, e.g. 0.229,0.224,0.225.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1)]
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedding cache (default ~/.cache/repair/embeddings or $REPAIR_CACHE_DIR).")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the embedding cache.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+AsJson = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+
+
+def _floats(s: Optional[str], name: str) -> Optional[list]:
+    if s is None:
+        return None
+    try:
+        vals = [float(v) for v in s.split(",")]
+    except ValueError:
+        raise BadInput(f"{name} must be comma-separated numbers, got {s!r}") from None
+    return vals * 3 if len(vals) == 1 else vals
+
+
+def load_options(arch, factory, allow_pickle, max_length, image_size, mean, std):
+    from repair.adapters import LoadOptions
+
+    return LoadOptions(arch=arch, factory=factory, allow_pickle=allow_pickle, max_length=max_length,
+                       image_size=image_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+
+
+def runtime_options(device, batch_size, cache_dir, no_cache, quiet):
+    from repair.api import RuntimeOptions
+
+    return RuntimeOptions(device=device, batch_size=batch_size,
+                          cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache,
+                          progress=not quiet)
+
+
+def emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+# ------------------------------------------------------------------ eval
+@app.command("eval")
+@command
+def eval_cmd(model: ModelArg, data: DataOpt, group_by: GroupBy = None, label_col: LabelCol = None,
+             path_col: PathCol = None, text_col: TextCol = None, arch: Arch = None, factory: Factory = None,
+             allow_pickle: AllowPickle = False, max_length: MaxLength = None, image_size: ImageSize = None,
+             mean: Mean = None, std: Std = None, device: Device = "auto", batch_size: BatchSize = 64,
+             cache_dir: CacheDir = None, no_cache: NoCache = False, quiet: Quiet = False,
+             as_json: AsJson = False,
+             fail_under_wga: Annotated[Optional[float], typer.Option("--fail-under-wga", help="Exit 1 if worst-group accuracy is below this (0-1 or percent).")] = None,
+             fail_under_acc: Annotated[Optional[float], typer.Option("--fail-under-acc", help="Exit 1 if accuracy is below this (0-1 or percent).")] = None):
+    """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
+    from repair.api import evaluate_model
+    from repair.data import DataOptions
+
+    if fail_under_wga is not None and group_by is None:
+        raise BadInput("--fail-under-wga needs --group-by (worst-group accuracy needs group labels)")
+    rep = evaluate_model(model, data, load_options(arch, factory, allow_pickle, max_length, image_size, mean, std),
+                         DataOptions(label_col=label_col, path_col=path_col, text_col=text_col, group_by=group_by),
+                         runtime_options(device, batch_size, cache_dir, no_cache, quiet))
+    gates = []
+    for name, thr, val in (("worst-group accuracy", fail_under_wga, rep["worst_group_accuracy"]),
+                           ("accuracy", fail_under_acc, rep["accuracy"])):
+        if thr is None:
+            continue
+        thr = thr / 100 if thr > 1 else thr
+        gates.append({"metric": name, "threshold": thr, "value": val, "passed": val is not None and val >= thr})
+    rep["gates"] = gates
+    if as_json:
+        emit_json(rep)
+    else:
+        src = "cache" if rep["embedding"]["from_cache"] else rep["embedding"]["device"]
+        print(eval_table(rep, f"{model} on {data}  (embeddings: {src}, {rep['embedding']['seconds']:.2f}s)"))
+    failed = [g for g in gates if not g["passed"]]
+    if failed:
+        raise GateFailed("; ".join(f"{g['metric']} {pct(g['value'])} < {pct(g['threshold'])}" for g in failed))
+
+
+# ------------------------------------------------------------------ probe
+@app.command("probe")
+@command
+def probe_cmd(model: ModelArg, data: DataOpt, label_col: LabelCol = None, path_col: PathCol = None,
+              text_col: TextCol = None, arch: Arch = None, factory: Factory = None,
+              allow_pickle: AllowPickle = False, max_length: MaxLength = None, image_size: ImageSize = None,
+              mean: Mean = None, std: Std = None, device: Device = "auto", batch_size: BatchSize = 64,
+              cache_dir: CacheDir = None, no_cache: NoCache = False, quiet: Quiet = False,
+              as_json: AsJson = False,
+              top: Annotated[int, typer.Option("--top", min=1, help="How many neurons to list.")] = 10):
+    """Probe embeddings without group labels: spurious neurons, dispersion, pseudo-groups."""
+    from repair.api import probe_model
+    from repair.data import DataOptions
+
+    rep = probe_model(model, data, load_options(arch, factory, allow_pickle, max_length, image_size, mean, std),
+                      DataOptions(label_col=label_col, path_col=path_col, text_col=text_col),
+                      runtime_options(device, batch_size, cache_dir, no_cache, quiet), top_k=top)
+    if as_json:
+        emit_json(rep)
+        return
+    print(f"{model} on {data}: n={rep['n']}  accuracy={pct(rep['accuracy'])}  embedding dim={rep['embedding_dim']}")
+    print("\nper class (dispersion = nearest class prototype is another class):")
+    print(table(["class", "n", "acc", "misclassified", "dispersion", "neurons with delta>0", "max delta"],
+                [[r["class"], r["n"], pct(r["accuracy"]), r["misclassified"], pct(r["dispersion"]),
+                  r["spurious_neurons"], "-" if r["max_delta"] is None else f"{r['max_delta']:.3f}"]
+                 for r in rep["per_class"]]))
+    print("\nmost spurious neurons (delta = median activation misclassified - correct, NeuronTune):")
+    print(table(["class", "neuron", "delta", "head weight"],
+                [[t["class"], t["neuron"], f"{t['delta']:.3f}", f"{t['head_weight']:.3f}"] for t in rep["top_spurious_neurons"]]))
+    print("\npseudo-groups (class x correctly/incorrectly classified):")
+    print(table(["group", "n"], [[g["group"], g["n"]] for g in rep["pseudo_groups"]]))
+
+
+# ------------------------------------------------------------------ demo
+@app.command("demo")
+@command
+def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the demo model and data.")] = Path("repair-demo"),
+             seed: Annotated[int, typer.Option("--seed")] = 0,
+             size: Annotated[str, typer.Option("--size", help="default | tiny")] = "default",
+             force: Annotated[bool, typer.Option("--force", help="Rebuild even if the folder exists.")] = False,
+             as_json: AsJson = False):
+    """Build a Waterbirds-like task, train a small timm model with ERM, show its shortcut."""
+    from repair.api import RuntimeOptions, evaluate_model
+    from repair.data import DataOptions
+    from repair.demo import build_demo
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise BadInput("demo folder exists and is not empty (use --force to rebuild)", out)
+    art = build_demo(out, seed=seed, size=size, progress=log)
+    rt = RuntimeOptions(progress=False)
+    test = evaluate_model(art.model_dir, art.test_dir, data_opts=DataOptions(group_by="place"), runtime=rt)
+    doc = {"model": str(art.model_dir), "train": str(art.train_dir), "val": str(art.val_dir),
+           "test": str(art.test_dir), "erm_train_seconds": art.erm_train_seconds, "erm_test": test}
+    if as_json:
+        emit_json(doc)
+        return
+    print(f"demo built in {out} (ERM training {art.erm_train_seconds:.0f}s)")
+    print(eval_table(test, "\nERM model on the test split (groups = class x place):"))
+    gap = (test["accuracy"] - test["worst_group_accuracy"]) * 100
+    print(f"\nThe shortcut: worst-group accuracy is {gap:.1f} points below mean accuracy.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

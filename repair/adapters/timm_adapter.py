@@ -1,0 +1,96 @@
+"""timm checkpoints: the hub folder ``save_for_hf`` writes, or a bare weights file + ``--arch``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import BadInput
+from ..io import PICKLE_SUFFIXES, load_state_dict_file
+from .base import read_json
+from .images import resolve_image_config
+from .torch_module import TorchImageAdapter, load_weights_strict, module_name
+
+
+def _check_arch(arch: str, where: Optional[Path]) -> None:
+    import timm
+
+    # a user path must never reach create_model as a model name (it would try a hub download)
+    if not isinstance(arch, str) or not arch or any(c in arch for c in "/\\:") or not timm.is_model(arch):
+        raise BadInput(f"unknown timm architecture {arch!r}", where)
+
+
+def is_timm_folder(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not (path.is_dir() and cfg.exists()):
+        return False
+    try:
+        return "architecture" in read_json(cfg)
+    except BadInput:
+        return False
+
+
+def _weights_in_folder(folder: Path, allow_pickle: bool) -> Path:
+    st = folder / "model.safetensors"
+    if st.exists():
+        return st
+    for name in ("pytorch_model.bin", "model.pt", "model.pth"):
+        if (folder / name).exists():
+            if not allow_pickle:
+                raise BadInput("only a pickle weights file here; convert to model.safetensors or pass "
+                               "--allow-pickle (loaded with weights_only=True)", folder / name)
+            return folder / name
+    raise BadInput("no model.safetensors in the timm folder", folder)
+
+
+def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = False,
+              class_names: Optional[Sequence[str]] = None) -> TorchImageAdapter:
+    import timm
+
+    path = Path(path)
+    if path.is_dir():
+        cfg_path = path / "config.json"
+        cfg = read_json(cfg_path)
+        arch = cfg.get("architecture")
+        _check_arch(arch, cfg_path)
+        weights = _weights_in_folder(path, allow_pickle)
+        model_args = cfg.get("model_args") or {}
+        if not isinstance(model_args, dict):
+            raise BadInput("model_args must be an object", cfg_path)
+        num_classes = cfg.get("num_classes")
+        pretrained_cfg = cfg.get("pretrained_cfg") or {}
+        names = cfg.get("label_names")
+    else:
+        if arch is None:
+            raise BadInput("a bare weights file needs --arch NAME (the timm architecture)", path)
+        _check_arch(arch, None)
+        if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
+            raise BadInput("expected a .safetensors file (or a pickle with --allow-pickle)", path)
+        weights, cfg_path, model_args, num_classes, pretrained_cfg, names = path, None, {}, None, None, None
+
+    tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)
+    try:
+        probe = timm.create_model(arch, pretrained=False, **model_args)
+    except TypeError as e:
+        raise BadInput(f"model_args do not fit {arch}: {e}", cfg_path) from None
+    head_name = module_name(probe, probe.get_classifier())
+    key_w = f"{head_name}.weight"
+    if key_w not in tensors:
+        raise BadInput(f"no head tensor {key_w} for {arch}", weights)
+    file_classes = int(tensors[key_w].shape[0])
+    if num_classes is not None and int(num_classes) != file_classes:
+        raise BadInput(f"head {key_w} has {file_classes} classes but config.json says "
+                       f"num_classes={num_classes}", weights)
+    model = timm.create_model(arch, pretrained=False, num_classes=file_classes, **model_args)
+    head_name = module_name(model, model.get_classifier())
+    load_weights_strict(model, tensors, weights, head_name)
+    if pretrained_cfg is None:
+        pretrained_cfg = dict(model.pretrained_cfg or {})
+    if names is None:
+        names = list(class_names) if class_names else [str(i) for i in range(file_classes)]
+    if len(names) != file_classes:
+        raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes",
+                       cfg_path or weights)
+    return TorchImageAdapter(family="timm", source=path, weights_path=weights, model=model,
+                             head_name=head_name, tensors=tensors, metadata=metadata,
+                             class_names=[str(n) for n in names],
+                             data_config=resolve_image_config(pretrained_cfg))

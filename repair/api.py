@@ -1,0 +1,93 @@
+"""Public library functions; the CLI commands are thin shims over these."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .adapters import Adapter, LoadOptions, load_model
+from .data import DataOptions, Encoded, RepairData, encode, load_data
+from .embeddings import Embeddings, extract
+from .errors import BadInput
+from .metrics import evaluate
+from .probe import probe
+
+
+@dataclass
+class RuntimeOptions:
+    device: str = "auto"                 # "auto" | "cpu" | "cuda" | "cuda:1"
+    batch_size: int = 64
+    cache_dir: Optional[str] = None      # default: $REPAIR_CACHE_DIR or ~/.cache/repair/embeddings
+    use_cache: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Prepared:
+    adapter: Adapter
+    data: RepairData
+    enc: Encoded
+    emb: Embeddings
+
+    def logits(self) -> torch.Tensor:
+        W, b = self.adapter.head_params()
+        return self.emb.X @ W.T + b
+
+
+def check_modality(adapter: Adapter, data: RepairData) -> None:
+    if adapter.modality != data.modality:
+        raise BadInput(f"the model takes {adapter.modality} input but the data holds {data.modality}s",
+                       data.table or data.source)
+
+
+def prepare_data(adapter: Adapter, data_path, data_opts: DataOptions, runtime: RuntimeOptions,
+                 group_by: Optional[str] = None) -> tuple[RepairData, Encoded, Embeddings]:
+    data = load_data(data_path, data_opts)
+    check_modality(adapter, data)
+    enc = encode(data, adapter.class_names, group_by if group_by is not None else data_opts.group_by)
+    emb = extract(adapter, data, batch_size=runtime.batch_size, device=runtime.device,
+                  cache_dir=runtime.cache_dir, use_cache=runtime.use_cache, progress=runtime.progress)
+    return data, enc, emb
+
+
+def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
+            data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None) -> Prepared:
+    runtime = runtime or RuntimeOptions()
+    adapter = load_model(model_path, load_opts)
+    data, enc, emb = prepare_data(adapter, data_path, data_opts or DataOptions(), runtime)
+    return Prepared(adapter, data, enc, emb)
+
+
+def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
+                   data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None) -> dict:
+    p = prepare(model_path, data_path, load_opts, data_opts, runtime)
+    report = evaluate(p.logits(), p.enc.y, p.enc.class_names, p.enc.groups, p.enc.group_names)
+    report.update({
+        "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
+        "data": {"source": str(data_path), "n": len(p.data), "modality": p.data.modality,
+                 "group_by": (data_opts or DataOptions()).group_by},
+        "embedding": {"from_cache": p.emb.from_cache, "seconds": round(p.emb.seconds, 4),
+                      "device": p.emb.device, "cache_key": p.emb.key},
+    })
+    return report
+
+
+def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
+                data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
+                top_k: int = 10) -> dict:
+    p = prepare(model_path, data_path, load_opts, data_opts, runtime)
+    W, b = p.adapter.head_params()
+    report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k)
+    report.update({
+        "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
+        "data": {"source": str(data_path), "n": len(p.data), "modality": p.data.modality},
+        "embedding": {"from_cache": p.emb.from_cache, "seconds": round(p.emb.seconds, 4),
+                      "device": p.emb.device},
+    })
+    return report
+
+
+def options_record(*objs) -> dict:
+    return {type(o).__name__: asdict(o) for o in objs if o is not None}

@@ -1,0 +1,304 @@
+"""A self-contained, download-free shortcut demo ("procedural Waterbirds").
+
+``build_demo`` draws a small Waterbirds-like image task, trains a small timm
+model on it with plain ERM on the CPU and writes
+
+    out_dir/model/              timm hub folder (config.json + model.safetensors)
+    out_dir/data/{train,val,test}/
+        landbird/00000.png ...  class-per-subfolder tree
+        waterbird/00001.png ...
+        metadata.csv            img_filename,y,place   (Waterbirds columns)
+
+The task: a "bird" (the core feature, which decides the class) drawn over a
+background "place" (the spurious attribute). Landbirds are solid blobs
+(ellipses / rounded shapes), waterbirds are hollow rings, each with random
+position, size, rotation and colour; land backgrounds are blotchy greens and
+browns, water backgrounds blue/teal with horizontal waves. The colour of the
+background is far easier to pick up than the shape of a small object, so with
+95% of the training images having the matching background an ERM model leans on
+the place and fails on the minority groups (landbird on water, waterbird on
+land), while its penultimate features still carry the shape: a re-fitted last
+layer recovers most of the worst-group accuracy.
+
+Validation (the repair set) and test splits are group-balanced within each class,
+as in the Waterbirds protocol.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+CLASS_NAMES = ("landbird", "waterbird")
+PLACE_NAMES = ("land", "water")
+
+ARCH = "resnet18"
+# narrow resnet18: a quarter of the default width keeps CPU training to seconds per epoch
+MODEL_ARGS = {"channels": [16, 32, 64, 128], "stem_width": 16}
+IMG_SIZE = 32
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    n_train: int
+    n_val: int
+    n_test: int
+    epochs: int
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    align: float = 0.95
+
+
+SPECS = {
+    "default": _Spec(n_train=3000, n_val=800, n_test=1600, epochs=8),
+    "tiny": _Spec(n_train=800, n_val=160, n_test=400, epochs=4),
+}
+
+
+@dataclass
+class DemoArtifacts:
+    model_dir: Path
+    train_dir: Path
+    val_dir: Path
+    test_dir: Path
+    erm_train_seconds: float
+
+
+# ----------------------------------------------------------------------------------------------
+# procedural images
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: a random ``cells x cells`` grid, bilinearly upsampled."""
+    g = rng.uniform(-1.0, 1.0, size=(cells + 1, cells + 1))
+    t = np.linspace(0.0, cells, size, endpoint=False) + cells / (2.0 * size)
+    i0 = np.clip(np.floor(t).astype(int), 0, cells - 1)
+    f = t - i0
+    rows = g[i0] * (1 - f)[:, None] + g[i0 + 1] * f[:, None]          # (size, cells+1)
+    return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
+
+
+_LAND_COLOURS = np.array([[0.30, 0.50, 0.22], [0.50, 0.40, 0.24], [0.45, 0.48, 0.20], [0.36, 0.42, 0.28]])
+_WATER_COLOURS = np.array([[0.18, 0.34, 0.62], [0.16, 0.46, 0.56], [0.24, 0.38, 0.70], [0.14, 0.28, 0.50]])
+
+
+def _background(rng: np.random.Generator, place: int, s: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float64)
+    if place == 0:  # land: blotchy earth / grass
+        base = _LAND_COLOURS[rng.integers(len(_LAND_COLOURS))] + rng.normal(0, 0.04, 3)
+        blotch = _smooth_noise(rng, s, int(rng.integers(3, 6)))
+        img = base[None, None, :] * (1.0 + 0.25 * blotch[:, :, None])
+        img += 0.05 * rng.standard_normal((s, s, 1)) * np.array([0.8, 1.0, 0.6])
+    else:  # water: horizontal waves
+        base = _WATER_COLOURS[rng.integers(len(_WATER_COLOURS))] + rng.normal(0, 0.04, 3)
+        freq = rng.uniform(0.25, 0.6)
+        wave = np.sin(freq * yy + rng.uniform(0, 2 * np.pi) + 0.6 * np.sin(0.2 * xx + rng.uniform(0, 6.3)))
+        img = base[None, None, :] * (1.0 + 0.18 * wave[:, :, None])
+        img += 0.12 * _smooth_noise(rng, s, 3)[:, :, None] * base[None, None, :]
+    return img
+
+
+def _bird_mask(rng: np.random.Generator, y: int, s: int) -> np.ndarray:
+    r = rng.uniform(0.17, 0.26) * s                       # outer radius in pixels
+    margin = r + 1.0
+    cx, cy = rng.uniform(margin, s - margin, size=2)
+    th = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float64) + 0.5
+    u = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)
+    v = -(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)
+    aspect = rng.uniform(0.65, 1.0)
+    d = np.sqrt((u / r) ** 2 + (v / (r * aspect)) ** 2)   # elliptical radius, 1 at the outline
+    if y == 0:   # landbird: solid blob
+        return d <= 1.0
+    thick = rng.uniform(0.38, 0.55)                         # waterbird: hollow ring
+    return (d <= 1.0) & (d >= 1.0 - thick)
+
+
+def _bird_colour(rng: np.random.Generator) -> np.ndarray:
+    import colorsys
+
+    h = rng.uniform(0, 1)
+    sat = rng.uniform(0.3, 0.9)
+    val = rng.uniform(0.55, 1.0)
+    return np.array(colorsys.hsv_to_rgb(h, sat, val))
+
+
+def render(rng: np.random.Generator, y: int, place: int, s: int = IMG_SIZE) -> np.ndarray:
+    """One (s, s, 3) uint8 image of class ``y`` on background ``place``."""
+    img = _background(rng, place, s)
+    mask = _bird_mask(rng, y, s)
+    col = _bird_colour(rng)
+    shade = 1.0 + 0.08 * rng.standard_normal((s, s, 1))
+    img = np.where(mask[:, :, None], col[None, None, :] * shade, img)
+    img += rng.normal(0, 0.03, size=img.shape)
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _split_labels(rng: np.random.Generator, n: int, align: Optional[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced labels; ``align`` = P(place == class), or None for place balanced per class."""
+    y = np.repeat([0, 1], [n - n // 2, n // 2])
+    place = np.empty(n, dtype=np.int64)
+    for c in (0, 1):
+        idx = np.flatnonzero(y == c)
+        k = len(idx)
+        n_same = int(round(k * align)) if align is not None else k - k // 2
+        place[idx] = np.where(np.arange(k) < n_same, c, 1 - c)
+    perm = rng.permutation(n)
+    return y[perm].astype(np.int64), place[perm]
+
+
+def _write_split(split_dir: Path, images: np.ndarray, y: np.ndarray, place: np.ndarray) -> None:
+    from PIL import Image
+
+    for name in CLASS_NAMES:
+        (split_dir / name).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(len(y)):
+        rel = f"{CLASS_NAMES[y[i]]}/{i:05d}.png"
+        Image.fromarray(images[i], mode="RGB").save(split_dir / rel)
+        rows.append((rel, int(y[i]), PLACE_NAMES[place[i]]))
+    with (split_dir / "metadata.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["img_filename", "y", "place"])
+        w.writerows(rows)
+
+
+def make_split(seed: int, n: int, align: Optional[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y, place = _split_labels(rng, n, align)
+    images = np.stack([render(rng, int(y[i]), int(place[i])) for i in range(n)])
+    return images, y, place
+
+
+# ----------------------------------------------------------------------------------------------
+# ERM training
+
+
+def to_tensor(images: np.ndarray):
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W), exactly timm's eval transform for
+    ``pretrained_cfg`` below (resize/crop are identities at crop_pct 1.0 and the native size)."""
+    import torch
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def create_model():
+    import timm
+
+    return timm.create_model(ARCH, pretrained=False, num_classes=len(CLASS_NAMES), **MODEL_ARGS)
+
+
+def train_erm(images: np.ndarray, y: np.ndarray, spec: _Spec, seed: int,
+              progress: Callable[[str], None]):
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = create_model()
+    x_all = to_tensor(images)
+    y_all = torch.from_numpy(y)
+    n = len(y_all)
+    steps_per_epoch = (n + spec.batch_size - 1) // spec.batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    model.train()
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(n, generator=gen)
+        flip = torch.rand(n, generator=gen) < 0.5
+        total, correct, loss_sum = 0, 0, 0.0
+        for k in range(steps_per_epoch):
+            idx = perm[k * spec.batch_size:(k + 1) * spec.batch_size]
+            xb = x_all[idx]
+            fb = flip[idx]
+            xb = torch.where(fb.view(-1, 1, 1, 1), xb.flip(3), xb)
+            yb = y_all[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            total += len(idx)
+        progress(f"ERM epoch {epoch + 1}/{spec.epochs}: loss {loss_sum / total:.3f}, "
+                 f"train acc {correct / total:.3f}")
+    model.eval()
+    return model
+
+
+def save_model(model, model_dir: Path) -> None:
+    from timm.models import save_for_hf
+
+    data_config = {
+        "input_size": (3, IMG_SIZE, IMG_SIZE),
+        "interpolation": "bilinear",
+        "mean": MEAN,
+        "std": STD,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    model_config = {
+        "label_names": list(CLASS_NAMES),
+        "pretrained_cfg": dict(data_config, input_size=[3, IMG_SIZE, IMG_SIZE], mean=list(MEAN), std=list(STD)),
+    }
+    save_for_hf(model, str(model_dir), model_config=model_config, model_args=dict(MODEL_ARGS),
+                safe_serialization=True, data_config=data_config)
+    # timm records num_classes inside model_args too; it duplicates the root-level num_classes and
+    # would clash with `create_model(arch, num_classes=..., **model_args)`, so keep it only at the root.
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.get("model_args", {}).pop("num_classes", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
+               progress: Optional[Callable[[str], None]] = None) -> DemoArtifacts:
+    """Draw the demo task, train the ERM model and write both under ``out_dir``."""
+    import torch
+
+    if size not in SPECS:
+        raise ValueError(f"unknown demo size {size!r}; known: {', '.join(SPECS)}")
+    spec = SPECS[size]
+    say = progress or (lambda msg: None)
+    out_dir = Path(out_dir)
+    data_dir = out_dir / "data"
+    model_dir = out_dir / "model"
+    dirs = {name: data_dir / name for name in ("train", "val", "test")}
+
+    say(f"drawing {spec.n_train} train / {spec.n_val} val / {spec.n_test} test images "
+        f"({IMG_SIZE}x{IMG_SIZE}, seed {seed})")
+    splits = {
+        "train": make_split(seed * 1000 + 1, spec.n_train, spec.align),
+        "val": make_split(seed * 1000 + 2, spec.n_val, None),
+        "test": make_split(seed * 1000 + 3, spec.n_test, None),
+    }
+    for name, (images, y, place) in splits.items():
+        _write_split(dirs[name], images, y, place)
+
+    say(f"training {ARCH} {MODEL_ARGS} with ERM for {spec.epochs} epochs on the CPU")
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        model = train_erm(splits["train"][0], splits["train"][1], spec, seed, say)
+    train_s = time.perf_counter() - t0
+    say(f"ERM training took {train_s:.1f}s")
+    save_model(model, model_dir)
+    say(f"wrote {model_dir} and {data_dir}")
+    return DemoArtifacts(model_dir=model_dir, train_dir=dirs["train"], val_dir=dirs["val"],
+                         test_dir=dirs["test"], erm_train_seconds=train_s)

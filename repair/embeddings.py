@@ -1,0 +1,119 @@
+"""Batched embedding extraction with an on-disk cache.
+
+The cache key is the hash of the model's body (every weight but the head: a
+repaired head does not change embeddings), the data's fingerprint and the
+preprocessing, so a second run over the same data skips the forward pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .adapters.base import Adapter
+from .data import RepairData
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("REPAIR_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "repair" / "embeddings"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Embeddings:
+    X: torch.Tensor            # (N, D) float32, CPU
+    key: str
+    from_cache: bool
+    seconds: float             # time spent extracting (or loading from cache)
+    device: str
+
+
+def cache_key(adapter: Adapter, data: RepairData) -> str:
+    desc = {"format": CACHE_FORMAT, "body": adapter.body_hash(), "data": data.fingerprint(),
+            "preprocess": adapter.preprocess_id(), "family": adapter.family}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, disable=not enabled,
+                leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device: str = "auto",
+            cache_dir: Optional[Path] = None, use_cache: bool = True, progress: bool = True) -> Embeddings:
+    t0 = time.perf_counter()
+    key = cache_key(adapter, data)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache_dir / f"{key}.safetensors"
+    if use_cache and cache_file.exists():
+        from safetensors.torch import load_file
+
+        try:
+            X = load_file(str(cache_file))["embeddings"]
+            if X.shape[0] == len(data):
+                return Embeddings(X, key, True, time.perf_counter() - t0, "cache")
+        except Exception:
+            pass  # a damaged cache entry is recomputed and overwritten
+    dev = resolve_device(device)
+    adapter.to(dev)
+    n = len(data)
+    order = list(range(n))
+    if data.modality == "text":  # length buckets: far less padding
+        order.sort(key=lambda i: len(data.items[i]))
+    X: Optional[torch.Tensor] = None
+    bar = _progress(n, progress, "embedding")
+    try:
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            batch = adapter.collate([data.items[i] for i in idx])
+            emb = adapter.embed_batch(batch, dev).cpu()
+            if X is None:
+                X = torch.empty((n, emb.shape[1]), dtype=torch.float32)
+            X[torch.tensor(idx)] = emb
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    assert X is not None
+    if use_cache:
+        _write_cache(cache_file, X)
+    return Embeddings(X, key, False, time.perf_counter() - t0, str(dev))
+
+
+def _write_cache(path: Path, X: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        save_file({"embeddings": X.contiguous()}, tmp, metadata={"repair_version": __version__})
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full cache must not fail the command
+        print(f"warning: could not write embedding cache {path.parent} ({e.strerror})", file=sys.stderr)
+        try:
+            os.unlink(tmp)  # type: ignore[possibly-undefined]
+        except Exception:
+            pass

@@ -1,0 +1,27 @@
+"""Errors with the exit codes the CLI maps them to.
+
+0 ok, 1 gate failed / verification failed, 2 bad input or usage, 3 internal error.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+
+class RepairError(Exception):
+    exit_code = 3
+
+
+class BadInput(RepairError):
+    """A user-supplied file or argument is unusable. One line: the file and the problem."""
+    exit_code = 2
+
+    def __init__(self, problem: str, path: Optional[Union[str, Path]] = None):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class GateFailed(RepairError):
+    """A CI gate (--fail-under-*) or an export verification did not pass."""
+    exit_code = 1
