@@ -1,0 +1,63 @@
+"""Provenance written into every file ``repair`` produces.
+
+The same string-to-string map goes into safetensors metadata and ONNX
+``metadata_props``: ``format: pt`` (transformers 4.x refuses safetensors
+metadata without it) and namespaced ``repair.*`` keys. Never a machine path.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import Any, Optional
+
+from . import __version__
+
+PREFIX = "repair."
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def build(*, source_sha256: str, method: str, settings: Optional[dict] = None,
+          figures: Optional[dict] = None, measured_on: Optional[str] = None,
+          extra: Optional[dict] = None, created: Optional[str] = None) -> dict[str, str]:
+    """``figures``: before/after metrics; ``measured_on``: a plain description of
+    the data they come from (e.g. "held-out 30% of the repair set (n=312)"),
+    never a path."""
+    meta = {
+        "format": "pt",
+        f"{PREFIX}tool": "repair",
+        f"{PREFIX}version": __version__,
+        f"{PREFIX}method": method,
+        f"{PREFIX}settings": canonical_json(settings or {}),
+        f"{PREFIX}source_sha256": source_sha256,
+        f"{PREFIX}created": created or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    if figures is not None:
+        meta[f"{PREFIX}figures"] = canonical_json(figures)
+    if measured_on is not None:
+        meta[f"{PREFIX}measured_on"] = measured_on
+    for k, v in (extra or {}).items():
+        meta[f"{PREFIX}{k}"] = v if isinstance(v, str) else canonical_json(v)
+    return meta
+
+
+def merge(existing: Optional[dict], new: dict[str, str]) -> dict[str, str]:
+    """Keep the source file's metadata; ours wins on our own keys."""
+    out = {str(k): str(v) for k, v in (existing or {}).items()}
+    out.update(new)
+    return out
+
+
+def read(meta: dict[str, str]) -> dict[str, Any]:
+    """The ``repair.*`` keys of a metadata map, JSON values decoded."""
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        if not k.startswith(PREFIX):
+            continue
+        try:
+            out[k[len(PREFIX):]] = json.loads(v) if v[:1] in "{[" else v
+        except json.JSONDecodeError:
+            out[k[len(PREFIX):]] = v
+    return out
