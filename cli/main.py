@@ -180,6 +180,94 @@ def probe_cmd(model: ModelArg, data: DataOpt, label_col: LabelCol = None, path_c
     print(table(["group", "n"], [[g["group"], g["n"]] for g in rep["pseudo_groups"]]))
 
 
+# ------------------------------------------------------------------ fix
+def fix_table(rep: dict) -> str:
+    out = [f"repaired {rep['model']['source']} -> {rep['output']}",
+           f"recipe {rep['recipe']}: chose {rep['candidate']}"
+           + (f" by {rep['selection_criterion']}" if rep.get('selection_criterion') else "")]
+    if rep["candidates"]:
+        out.append(table(["candidate", "selection score", "selection acc", "fit s"],
+                         [[c["candidate"], pct(c.get("score")), pct(c.get("selection_accuracy")),
+                           c.get("fit_seconds", c.get("skipped"))] for c in rep["candidates"]]))
+    if rep.get("neurons_suppressed") is not None:
+        out.append(f"neurons suppressed: {rep['neurons_suppressed']}")
+    b, a = rep["before"], rep["after"]
+    out.append(f"\nbefore -> after, measured on {rep['measured_on']}:")
+    rows = [["accuracy", pct(b["accuracy"]), pct(a["accuracy"])],
+            ["worst-class accuracy", pct(b["worst_class_accuracy"]), pct(a["worst_class_accuracy"])]]
+    if b.get("per_group") is not None:
+        rows.append(["worst-group accuracy", pct(b["worst_group_accuracy"]), pct(a["worst_group_accuracy"])])
+        rows += [[f"  {gb['name']} (n={gb['n']})", pct(gb["accuracy"]), pct(ga["accuracy"])]
+                 for gb, ga in zip(b["per_group"], a["per_group"])]
+    elif b.get("per_inferred_group") is not None:
+        rows += [[f"  {gb['name']} (n={gb['n']})", pct(gb["accuracy"]), pct(ga["accuracy"])]
+                 for gb, ga in zip(b["per_inferred_group"], a["per_inferred_group"])]
+    out.append(table(["", "before", "after"], rows))
+    if rep.get("export"):
+        e = rep["export"]
+        out.append(f"\nONNX {e.get('path')}: verified={e.get('passed')}  max|diff|={e.get('max_abs_diff')} "
+                   f"(tolerance {e.get('tolerance')})  argmax agreement={pct(e.get('argmax_agreement'))} "
+                   f"over {e.get('n_verified')} samples")
+    t = rep["timing"]
+    out.append(f"\ntime: {t['total_seconds']:.1f}s total, embeddings {t['embedding_seconds']:.1f}s"
+               f"{' (cache)' if t['embedding_from_cache'] else ''}, head fitting {t['fit_seconds']:.2f}s")
+    return "\n".join(out)
+
+
+@app.command("fix")
+@command
+def fix_cmd(model: ModelArg, data: DataOpt,
+            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output (default: <model>-repaired in the same format).")] = None,
+            recipe: Annotated[str, typer.Option("--recipe", help="Built-in recipe name or a YAML path.")] = "auto",
+            eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Separate test data for before/after figures.")] = None,
+            eval_group_by: Annotated[Optional[str], typer.Option("--eval-group-by", help="Group column of --eval data (default: --group-by).")] = None,
+            export: Annotated[Optional[str], typer.Option("--export", help="Also export ONNX and verify it (onnx).")] = None,
+            tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="ONNX verification max |diff|.")] = None,
+            seed: Annotated[int, typer.Option("--seed")] = 0,
+            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+            group_by: GroupBy = None, label_col: LabelCol = None, path_col: PathCol = None,
+            text_col: TextCol = None, arch: Arch = None, factory: Factory = None,
+            allow_pickle: AllowPickle = False, max_length: MaxLength = None, image_size: ImageSize = None,
+            mean: Mean = None, std: Std = None, device: Device = "auto", batch_size: BatchSize = 64,
+            cache_dir: CacheDir = None, no_cache: NoCache = False, quiet: Quiet = False, as_json: AsJson = False):
+    """Repair the model's head from the repair set; write it in the checkpoint's own format."""
+    from repair.data import DataOptions
+    from repair.fix import FixOptions, fix_model
+
+    rep = fix_model(model, data, out,
+                    load_opts=load_options(arch, factory, allow_pickle, max_length, image_size, mean, std),
+                    data_opts=DataOptions(label_col=label_col, path_col=path_col, text_col=text_col, group_by=group_by),
+                    runtime=runtime_options(device, batch_size, cache_dir, no_cache, quiet),
+                    options=FixOptions(recipe=recipe, seed=seed, eval_data=str(eval_data) if eval_data else None,
+                                       eval_group_by=eval_group_by, export=export, tolerance=tolerance, force=force),
+                    log=(lambda m: None) if quiet else log)
+    if as_json:
+        emit_json(rep)
+    else:
+        print(fix_table(rep))
+
+
+@app.command("methods")
+@command
+def methods_cmd(as_json: AsJson = False):
+    """List the registered repair methods and the built-in recipes."""
+    import dataclasses
+
+    from repair.methods import list_methods
+    from repair.recipes import available
+
+    infos = list_methods()
+    if as_json:
+        emit_json({"methods": [{"name": m.name, "summary": m.summary, "needs_groups": m.needs_groups,
+                                "uses_groups": m.uses_groups, "config": dataclasses.asdict(m.default_config())}
+                               for m in infos], "recipes": available()})
+        return
+    print(table(["method", "group labels", "summary"],
+                [[m.name, "required" if m.needs_groups else ("optional" if m.uses_groups else "never used"), m.summary]
+                 for m in infos]))
+    print("\nrecipes: " + ", ".join(available()))
+
+
 # ------------------------------------------------------------------ demo
 @app.command("demo")
 @command

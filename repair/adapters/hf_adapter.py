@@ -74,7 +74,9 @@ class HFTextAdapter(Adapter):
         tensors, metadata = load_safetensors(weights)  # clear error on truncation/corruption
         self._file_metadata = metadata
         verbosity = hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True)
@@ -86,6 +88,8 @@ class HFTextAdapter(Adapter):
                            f"{str(e).splitlines()[0] if str(e) else ''})", path) from None
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         self.model = model.eval()
         self.tokenizer = tokenizer
         num_labels = int(model.config.num_labels)

@@ -68,11 +68,16 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         weights, cfg_path, model_args, num_classes, pretrained_cfg, names = path, None, {}, None, None, None
 
     tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)
+    model_args = dict(model_args)
+    args_classes = model_args.pop("num_classes", None)
+    if num_classes is None:
+        num_classes = args_classes
     try:
-        probe = timm.create_model(arch, pretrained=False, **model_args)
+        model = timm.create_model(arch, pretrained=False, **({"num_classes": int(num_classes)} if num_classes else {}),
+                                  **model_args)
     except TypeError as e:
         raise BadInput(f"model_args do not fit {arch}: {e}", cfg_path) from None
-    head_name = module_name(probe, probe.get_classifier())
+    head_name = module_name(model, model.get_classifier())
     key_w = f"{head_name}.weight"
     if key_w not in tensors:
         raise BadInput(f"no head tensor {key_w} for {arch}", weights)
@@ -80,8 +85,9 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     if num_classes is not None and int(num_classes) != file_classes:
         raise BadInput(f"head {key_w} has {file_classes} classes but config.json says "
                        f"num_classes={num_classes}", weights)
-    model = timm.create_model(arch, pretrained=False, num_classes=file_classes, **model_args)
-    head_name = module_name(model, model.get_classifier())
+    if model.get_classifier().weight.shape[0] != file_classes:  # bare file: classes from the head tensor
+        model.reset_classifier(file_classes)
+        head_name = module_name(model, model.get_classifier())
     load_weights_strict(model, tensors, weights, head_name)
     if pretrained_cfg is None:
         pretrained_cfg = dict(model.pretrained_cfg or {})

@@ -1,0 +1,125 @@
+"""Tiny models and data built on the fly: nothing is downloaded."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CLASSES = ["cat", "dog", "fox"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("REPAIR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "embcache"))
+
+
+def make_timm_folder(path: Path, arch: str = "test_resnet", classes=CLASSES, size: int = 32, seed: int = 0) -> Path:
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=len(classes))
+    save_for_hf(model, str(path), model_config={"label_names": list(classes)}, safe_serialization=True)
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["pretrained_cfg"].update({"input_size": [3, size, size], "crop_pct": 1.0, "crop_mode": "center"})
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    for extra in ("pytorch_model.bin",):
+        if (path / extra).exists():
+            (path / extra).unlink()
+    return path
+
+
+def make_images(root: Path, n_per_class: int = 6, classes=CLASSES, size: int = 36, seed: int = 0,
+                with_metadata: bool = True) -> Path:
+    """Class subfolders of PNGs and a metadata.csv with a 'place' attribute."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+            arr[..., ci % 3] = 200  # class-coloured channel: learnable signal
+            place = "water" if (i % 2) else "land"
+            if place == "water":
+                arr[:4] = [0, 0, 255]
+            rel = f"{c}/{i:03d}.png"
+            Image.fromarray(arr).save(root / rel)
+            rows.append({"img_filename": rel, "y": c, "place": place})
+    if with_metadata:
+        with open(root / "metadata.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+            w.writeheader()
+            w.writerows(rows)
+    return root
+
+
+WORDS = ["good", "bad", "great", "awful", "not", "movie", "plot", "fun", "boring", "never", "the", "a", "was", "is"]
+
+
+def make_bert_folder(path: Path, seed: int = 0) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                     id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    model = BertForSequenceClassification(cfg).eval()
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return path
+
+
+def make_texts(path: Path, n: int = 40, seed: int = 0, fmt: str = "csv") -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        pos = i % 2 == 0
+        neg_word = bool(rng.random() < 0.5)
+        words = ["the", "movie", "was"] + (["not"] if neg_word else []) + [("great" if pos else "awful")]
+        rows.append({"text": " ".join(words), "label": "positive" if pos else "negative",
+                     "negation": "yes" if neg_word else "no"})
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "label", "negation"])
+            w.writeheader()
+            w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def timm_folder(tmp_path_factory) -> Path:
+    return make_timm_folder(tmp_path_factory.mktemp("models") / "tiny-timm")
+
+
+@pytest.fixture(scope="session")
+def image_data(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("data") / "images")
+
+
+@pytest.fixture(scope="session")
+def bert_folder(tmp_path_factory) -> Path:
+    return make_bert_folder(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory) -> Path:
+    return make_texts(tmp_path_factory.mktemp("data") / "texts.csv")
