@@ -1,0 +1,136 @@
+"""`repair fix`: outputs in the checkpoint's own format, honest splits, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_images, make_texts
+from repair.fix import stratified_split
+from repair_cli.main import app
+
+runner = CliRunner()
+
+
+def run_cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+@pytest.fixture(scope="module")
+def repair_images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("fixdata") / "val", n_per_class=16, seed=1)
+
+
+@pytest.fixture(scope="module")
+def repair_texts(tmp_path_factory):
+    return make_texts(tmp_path_factory.mktemp("fixtext") / "val.csv", n=80, seed=2)
+
+
+def test_stratified_split_is_disjoint_and_seeded():
+    strata = torch.tensor([0] * 40 + [1] * 20 + [2] * 3)
+    a = stratified_split(strata, [0.25, 0.25], seed=3)
+    b = stratified_split(strata, [0.25, 0.25], seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    allidx = torch.cat(a)
+    assert allidx.numel() == 63 and torch.unique(allidx).numel() == 63
+    for s in (0, 1, 2):  # every stratum keeps samples in the fit part
+        assert (strata[a[0]] == s).any()
+    assert (strata[a[1]] == 0).sum() == 10
+
+
+def test_fix_timm_folder_reloads_with_plain_timm(timm_folder, repair_images, tmp_path):
+    import timm
+
+    out = tmp_path / "fixed"
+    code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--group-by", "place",
+                                "--recipe", "dfr", "--out", out, "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["method"] == "dfr" and rep["settings"]["group_labels"] == "given"
+    assert "held-out" in rep["measured_on"]
+    assert (out / "config.json").read_text() == (timm_folder / "config.json").read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg["num_classes"])
+    timm.models.load_checkpoint(model, str(out / "model.safetensors"), strict=True)
+    model.eval()
+    from repair.adapters import load_model
+
+    repaired = load_model(out)
+    items = sorted(repair_images.rglob("*.png"))[:6]
+    x = repaired.collate(items)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), repaired.logits_batch(x, torch.device("cpu")), atol=1e-5, rtol=1e-5)
+    # only the head changed
+    from repair.io import load_safetensors
+
+    before, _ = load_safetensors(timm_folder / "model.safetensors")
+    after, meta = load_safetensors(out / "model.safetensors")
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert set(changed) <= {"fc.weight", "fc.bias", "head.fc.weight", "head.fc.bias"} and changed
+    assert meta["format"] == "pt" and meta["repair.method"] == "dfr"
+    # the input was not modified and an existing output is not overwritten
+    code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", "dfr", "--out", out, "-q")
+    assert code == 2 and "already exists" in err
+
+
+def test_fix_bare_safetensors_and_transformers(timm_folder, repair_images, bert_folder, repair_texts, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    bare = tmp_path / "w.safetensors"
+    shutil.copy(timm_folder / "model.safetensors", bare)
+    code, stdout, err = run_cli("fix", bare, "--arch", "test_resnet", "--data", repair_images, "--recipe", "afr", "--json", "-q")
+    assert code == 0, err
+    out = json.loads(stdout)["output"]
+    assert out.endswith("w-repaired.safetensors")
+
+    outdir = tmp_path / "bert-fixed"
+    code, stdout, err = run_cli("fix", bert_folder, "--data", repair_texts, "--recipe", "dfr", "--out", outdir, "--json", "-q")
+    assert code == 0, err
+    hf = AutoModelForSequenceClassification.from_pretrained(str(outdir), local_files_only=True).eval()
+    from repair.adapters import load_model
+
+    ours = load_model(outdir)
+    texts = ["the movie was great", "the movie was not awful"]
+    batch = ours.collate(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits, ours.logits_batch(batch, torch.device("cpu")), atol=1e-5, rtol=1e-5)
+    assert (outdir / "vocab.txt").exists() and (outdir / "tokenizer_config.json").exists()
+
+
+def test_fix_auto_label_free_with_eval(timm_folder, repair_images, tmp_path):
+    test = make_images(tmp_path / "test", n_per_class=8, seed=5)
+    code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--eval", test, "--eval-group-by", "place",
+                                "--out", tmp_path / "auto", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["settings"]["group_labels"] == "none"
+    assert "inferred" in rep["selection_criterion"]
+    assert rep["measured_on"].startswith("separate evaluation data")
+    assert rep["after"]["worst_group_accuracy"] is not None
+    ran = [c for c in rep["candidates"] if "score" in c]
+    assert len(ran) >= 3
+
+
+def test_fix_bad_inputs(timm_folder, tmp_path):
+    one = make_images(tmp_path / "one", classes=["cat"], n_per_class=4)
+    code, _, err = run_cli("fix", timm_folder, "--data", one, "-q")
+    assert code == 2 and "only one class" in err and err.count("\n") == 1
+    two = make_images(tmp_path / "two", classes=["cat", "dog"], n_per_class=4)
+    code, _, err = run_cli("fix", timm_folder, "--data", two, "-q")
+    assert code == 2 and "covers 2 of the model's 3 classes" in err
+    gap = make_images(tmp_path / "gap", n_per_class=4)
+    lines = (gap / "metadata.csv").read_text().splitlines()
+    fixed = [lines[0]] + [l.replace(",water", ",land") if l.split(",")[1] == "fox" else l for l in lines[1:]]
+    (gap / "metadata.csv").write_text("\n".join(fixed) + "\n")
+    code, _, err = run_cli("fix", timm_folder, "--data", gap, "--group-by", "place", "-q")
+    assert code == 2 and "group fox|place=water has no samples" in err
+    wrong = make_images(tmp_path / "wrong", classes=["cat", "dog", "wolf"], n_per_class=2)
+    code, _, err = run_cli("fix", timm_folder, "--data", wrong, "-q")
+    assert code == 2 and "'wolf' is not a class" in err
+    code, _, err = run_cli("fix", timm_folder, "--data", two, "--recipe", "nope", "-q")
+    assert code == 2 and "unknown recipe" in err
+    assert not any(p.name.endswith("-repaired") for p in timm_folder.parent.iterdir())
