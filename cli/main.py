@@ -274,27 +274,44 @@ def methods_cmd(as_json: AsJson = False):
 def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the demo model and data.")] = Path("repair-demo"),
              seed: Annotated[int, typer.Option("--seed")] = 0,
              size: Annotated[str, typer.Option("--size", help="default | tiny")] = "default",
+             recipe: Annotated[str, typer.Option("--recipe", help="Recipe for the repair step.")] = "auto",
              force: Annotated[bool, typer.Option("--force", help="Rebuild even if the folder exists.")] = False,
              as_json: AsJson = False):
-    """Build a Waterbirds-like task, train a small timm model with ERM, show its shortcut."""
+    """Build a Waterbirds-like task, train a small timm model with ERM, show its shortcut, repair it."""
     from repair.api import RuntimeOptions, evaluate_model
     from repair.data import DataOptions
     from repair.demo import build_demo
+    from repair.fix import FixOptions, fix_model
 
     if out.exists() and any(out.iterdir()) and not force:
         raise BadInput("demo folder exists and is not empty (use --force to rebuild)", out)
+    if size not in ("default", "tiny"):
+        raise BadInput(f"--size must be default or tiny, got {size!r}")
     art = build_demo(out, seed=seed, size=size, progress=log)
     rt = RuntimeOptions(progress=False)
     test = evaluate_model(art.model_dir, art.test_dir, data_opts=DataOptions(group_by="place"), runtime=rt)
-    doc = {"model": str(art.model_dir), "train": str(art.train_dir), "val": str(art.val_dir),
-           "test": str(art.test_dir), "erm_train_seconds": art.erm_train_seconds, "erm_test": test}
+    log("repairing with the validation split as repair set, WITHOUT its group labels ...")
+    fixed = fix_model(art.model_dir, art.val_dir, Path(art.model_dir).with_name("model-repaired"),
+                      runtime=rt, options=FixOptions(recipe=recipe, seed=seed, eval_data=str(art.test_dir),
+                                                     eval_group_by="place", force=True), log=log)
+    doc = {"model": str(art.model_dir), "repaired_model": fixed["output"], "train": str(art.train_dir),
+           "val": str(art.val_dir), "test": str(art.test_dir), "erm_train_seconds": art.erm_train_seconds,
+           "erm_test": test, "fix": fixed}
     if as_json:
         emit_json(doc)
         return
     print(f"demo built in {out} (ERM training {art.erm_train_seconds:.0f}s)")
     print(eval_table(test, "\nERM model on the test split (groups = class x place):"))
     gap = (test["accuracy"] - test["worst_group_accuracy"]) * 100
-    print(f"\nThe shortcut: worst-group accuracy is {gap:.1f} points below mean accuracy.")
+    print(f"\nThe shortcut: worst-group accuracy is {gap:.1f} points below mean accuracy.\n")
+    print(fix_table(fixed))
+    b, a = fixed["before"], fixed["after"]
+    print(f"\nworst-group accuracy {pct(b['worst_group_accuracy'])} -> {pct(a['worst_group_accuracy'])}, "
+          f"accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])} on the test split (no group labels used).")
+    print(f"Try: repair eval {fixed['output']} --data {art.test_dir} --group-by place")
+
+
+from . import export_cmds  # noqa: E402,F401  (registers the export/verify)
 
 
 def main() -> None:

@@ -274,7 +274,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     # ---- write atomically (and export ONNX inside the same transaction)
     export_report = None
     is_dir = Path(model_path).is_dir()
-    with atomic_output(out_path, force=o.force, is_dir=is_dir) as tmp:
+    with atomic_output(out_path, force=o.force) as tmp:  # tmp: the not-yet-existing output path
         written = adapter.save(tmp, provenance.merge(getattr(adapter, "source_metadata", {}), meta))
         if o.export == "onnx" and adapter.family != "onnx":
             from .export import export_onnx

@@ -1,0 +1,499 @@
+"""Export a (repaired) model and prove the export computes the same thing.
+
+``export_onnx`` writes an ONNX file with a dynamic batch axis (and sequence
+axis for text), provenance in ``metadata_props``, and verifies it with
+onnxruntime against the in-memory PyTorch model on real samples of the
+user's data *before* the file is moved into place; a failed check raises
+``GateFailed`` (exit 1) and leaves no file behind.
+
+Verification rule (shared by ``export_onnx`` and ``verify_onnx``):
+
+* the file's outputs include the logits output (``logits`` when present,
+  else the only output; an export must have exactly ``["logits"]``), and its
+  shape per batch equals the reference's ``(batch, classes)``;
+* max |onnx - reference| over every logit of every verified sample is at most
+  the tolerance (default 1e-3 for image models, 1e-4 for text models);
+* argmax agrees on every verified sample, except near-ties: samples where the
+  reference's top class and the ONNX top class are within 2 x tolerance in
+  the reference logits (a difference within tolerance can flip those). Given
+  the max-difference bound, any flip is such a near-tie, so the argmax figure
+  is reported for information and can never pass a model the difference
+  check fails;
+* batches have a size different from the export's example batch (2), so a
+  graph that silently baked in the example's batch size fails;
+* for an ONNX source model additionally: ``embedding @ W.T + b`` computed from
+  the original graph's embeddings and the new head equals the written file's
+  logits within tolerance.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .adapters.base import Adapter
+from .errors import BadInput, GateFailed, RepairError
+from .io import atomic_output
+
+DEFAULT_TOLERANCE = {"image": 1e-3, "text": 1e-4}
+EXPORT_BATCH = 2          # example batch size the exporter traces with
+VERIFY_BATCH = 16         # verification batch size (never EXPORT_BATCH)
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+def default_tolerance(modality: str) -> float:
+    return DEFAULT_TOLERANCE.get(modality, 1e-3)
+
+
+def _check_tolerance(tol: float) -> float:
+    tol = float(tol)
+    if not math.isfinite(tol) or tol <= 0:
+        raise BadInput(f"--tolerance must be a positive number, got {tol}")
+    return tol
+
+
+def _log(progress: Optional[Callable[[str], None]], msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Exporters print and warn; keep stdout for results (``--json``)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr if sys.stderr else io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 references on GPU: cuDNN convolutions default to TF32 (1e-3 level errors)."""
+    cudnn = torch.backends.cudnn.allow_tf32
+    mm = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.backends.cuda.matmul.allow_tf32 = mm
+
+
+# ------------------------------------------------------------------ torch -> ONNX
+class _TextLogits(nn.Module):
+    """Positional inputs in a fixed order -> ``model(**named).logits``."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.names, args)))
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+class _ImageLogits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        if isinstance(out, torch.Tensor):
+            return out
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _text_input_order(batch: dict) -> list[str]:
+    known = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in batch]
+    return known + sorted(k for k in batch if k not in known)
+
+
+def _example_batch(adapter: Adapter, items: Sequence[Any]) -> Any:
+    ex = list(items[:EXPORT_BATCH])
+    while len(ex) < EXPORT_BATCH:
+        ex.append(ex[0])
+    batch = adapter.collate(ex)
+    if isinstance(batch, dict) and "input_ids" in batch and batch["input_ids"].shape[1] == EXPORT_BATCH:
+        # keep the example's sequence length different from its batch size, so no exporter can
+        # confuse the two axes
+        pad_id = getattr(getattr(adapter, "tokenizer", None), "pad_token_id", None) or 0
+        batch = {k: torch.cat([v, torch.full((v.shape[0], 1), pad_id if k == "input_ids" else 0,
+                                             dtype=v.dtype)], dim=1) for k, v in batch.items()}
+    return batch
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None,
+                  exporter: str = "auto", progress=None):
+    """Export ``adapter.model`` to an in-memory ModelProto. Returns (proto, exporter used,
+    input names). ``auto``: the torch.export-based exporter (dynamo), falling back to the
+    TorchScript one if it fails; the verification decides either way."""
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise BadInput(f"unknown exporter {exporter!r} (one of {', '.join(EXPORTERS)})")
+    model = adapter.model
+    if model is None:
+        raise BadInput(f"a {adapter.family} model has no torch module to export")
+    if isinstance(example, dict):
+        names = _text_input_order(example)
+        wrapper: nn.Module = _TextLogits(model, names)
+        args = tuple(example[n].cpu() for n in names)
+    else:
+        names = ["pixel_values"]
+        wrapper = _ImageLogits(model)
+        args = (example.cpu(),)
+    text = isinstance(example, dict)
+    wrapper.eval()
+    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    errors = []
+    dev = _model_device(model)
+    was_training = model.training
+    model.to("cpu").eval()
+    try:
+        for kind in order:
+            try:
+                with _quiet_stdout(), torch.no_grad():
+                    if kind == "dynamo":
+                        batch = torch.export.Dim("batch", min=1)
+                        if text:
+                            seq = torch.export.Dim("seq", min=1)
+                            dyn = (tuple({0: batch, 1: seq} for _ in names),)
+                        else:
+                            dyn = ({0: batch},)
+                        prog = torch.onnx.export(wrapper, args, None, input_names=names,
+                                                 output_names=["logits"], opset_version=opset,
+                                                 dynamo=True, dynamic_shapes=dyn, verbose=False,
+                                                 external_data=False)
+                        proto = prog.model_proto
+                    else:
+                        axes = {n: ({0: "batch", 1: "sequence"} if text else {0: "batch"}) for n in names}
+                        axes["logits"] = {0: "batch"}
+                        buf = io.BytesIO()
+                        torch.onnx.export(wrapper, args, buf, input_names=names, output_names=["logits"],
+                                          opset_version=opset or 17, dynamo=False, dynamic_axes=axes,
+                                          do_constant_folding=True)
+                        proto = onnx.load_from_string(buf.getvalue())
+                if errors:
+                    _log(progress, f"exported with {kind} after: {errors[0]}")
+                return proto, kind, names
+            except Exception as e:  # try the next exporter; report all if none works
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                errors.append(f"{kind}: {type(e).__name__}: {msg[:300]}")
+                if len(order) > 1 and kind != order[-1]:
+                    _log(progress, f"the {kind} exporter failed ({type(e).__name__}); trying {order[-1]}")
+    finally:
+        model.to(dev)
+        model.train(was_training)
+    raise RepairError("ONNX export failed: " + "; ".join(errors))
+
+
+def _opset(proto) -> Optional[int]:
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return None
+
+
+def _symbolic_shape(value_info) -> list:
+    out = []
+    for d in value_info.type.tensor_type.shape.dim:
+        out.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
+    return out
+
+
+# ------------------------------------------------------------------ verification
+def _verify_batch_size(n: int) -> int:
+    vb = min(VERIFY_BATCH, n)
+    if vb == EXPORT_BATCH:
+        vb = 1
+    return max(vb, 1)
+
+
+def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], *,
+                     tolerance: float, device: str = "cpu",
+                     expected_outputs: Optional[Sequence[str]] = None,
+                     head_check: bool = False, own_file: bool = False, progress=None) -> dict:
+    """The check itself: onnxruntime on ``onnx_path`` vs ``reference.logits_batch``."""
+    import onnx
+
+    from .adapters.onnx_adapter import make_session, run_session, session_feeds
+    from .embeddings import resolve_device
+
+    t0 = time.perf_counter()
+    items = list(items)
+    n = len(items)
+    if n == 0:
+        raise BadInput("no samples to verify on")
+    tol = _check_tolerance(tolerance)
+    onnx_path = Path(onnx_path)
+    try:
+        sess = make_session(onnx_path, prefer_cuda=True, device=None, where=onnx_path)
+    except BadInput as e:
+        if not own_file:
+            raise
+        # a file we just wrote that onnxruntime cannot load is a failed export, not bad input
+        return {"onnx": str(onnx_path), "output_names": [], "input_names": [], "logits_output": None,
+                "shapes": {}, "observed_shape": None, "max_abs_diff": None, "max_abs_diff_per_output": {},
+                "tolerance": tol, "argmax_agreement": None, "argmax_disagreements": 0, "near_ties": 0,
+                "disagreement_examples": [], "n_verified": 0, "verify_batch_size": None, "batch_sizes": [],
+                "providers": [], "reference_device": str(device), "passed": False,
+                "problems": [e.problem], "seconds": round(time.perf_counter() - t0, 3)}
+    graph_outputs = {o.name: o for o in onnx.load(str(onnx_path), load_external_data=False).graph.output}
+    out_names = [o.name for o in sess.get_outputs()]
+    problems: list[str] = []
+    if expected_outputs is not None and out_names != list(expected_outputs):
+        problems.append(f"outputs are {out_names}, expected {list(expected_outputs)}")
+    logits_name = "logits" if "logits" in out_names else (out_names[0] if len(out_names) == 1 else None)
+    if logits_name is None:
+        problems.append(f"no 'logits' output among {out_names}")
+    dev = resolve_device(device)
+    reference.to(dev)
+    vb = _verify_batch_size(n)
+    max_diff = 0.0
+    head_diff = 0.0 if head_check else None
+    agree = 0
+    disagreements: list[dict] = []
+    batch_sizes: list[int] = []
+    observed_shape = None
+    if head_check:
+        W, b = reference.head_params()
+    if logits_name is not None:
+        with _no_tf32():
+            for start in range(0, n, vb):
+                idx = list(range(start, min(start + vb, n)))
+                batch = reference.collate([items[i] for i in idx])
+                with torch.no_grad():
+                    ref = reference.logits_batch(batch, dev).float().cpu()
+                try:
+                    (got,) = run_session(sess, session_feeds(sess, batch, onnx_path), [logits_name])
+                except BadInput:
+                    raise
+                except Exception as e:
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    problems.append(f"onnxruntime failed on a batch of {len(idx)} ({msg[:300]})")
+                    break
+                got_t = torch.from_numpy(got).float()
+                batch_sizes.append(len(idx))
+                observed_shape = list(got_t.shape)
+                if got_t.shape != ref.shape:
+                    problems.append(f"output {logits_name} has shape {list(got_t.shape)} for a batch of "
+                                    f"{len(idx)}, the model gives {list(ref.shape)}")
+                    break
+                d = float((got_t - ref).abs().max()) if got_t.numel() else 0.0
+                max_diff = d if not math.isfinite(d) else max(max_diff, d)
+                a, g = ref.argmax(1), got_t.argmax(1)
+                for j in range(len(idx)):
+                    if int(a[j]) == int(g[j]):
+                        agree += 1
+                    else:
+                        gap = float(ref[j, a[j]] - ref[j, g[j]])
+                        disagreements.append({"sample": idx[j], "reference": int(a[j]), "onnx": int(g[j]),
+                                              "reference_gap": gap, "near_tie": gap <= 2 * tol})
+                if head_check:
+                    with torch.no_grad():
+                        emb = reference.embed_batch(batch, dev).float().cpu()
+                    lin = emb @ W.T + b
+                    hd = float((lin - got_t).abs().max())
+                    head_diff = hd if not math.isfinite(hd) else max(head_diff, hd)
+                if not math.isfinite(max_diff):
+                    break
+    n_done = sum(batch_sizes)
+    if n_done and not problems:
+        if not math.isfinite(max_diff) or max_diff > tol:
+            problems.append(f"max |diff| {max_diff:.3g} > tolerance {tol:g}")
+        hard = [d for d in disagreements if not d["near_tie"]]
+        if hard:
+            problems.append(f"argmax differs on {len(hard)} of {n_done} samples (not near-ties)")
+        if head_check and (head_diff is None or not math.isfinite(head_diff) or head_diff > tol):
+            problems.append(f"embeddings @ W.T + b differ from the file's logits by {head_diff:.3g} "
+                            f"> tolerance {tol:g}")
+    elif not n_done and not problems:
+        problems.append("nothing was verified")
+    report = {
+        "onnx": str(onnx_path),
+        "output_names": out_names,
+        "input_names": [i.name for i in sess.get_inputs()],
+        "logits_output": logits_name,
+        "shapes": {k: _symbolic_shape(v) for k, v in graph_outputs.items()},
+        "observed_shape": observed_shape,
+        "max_abs_diff": max_diff if n_done else None,
+        "max_abs_diff_per_output": {logits_name: max_diff} if n_done and logits_name else {},
+        "tolerance": tol,
+        "argmax_agreement": (agree / n_done) if n_done else None,
+        "argmax_disagreements": len(disagreements),
+        "near_ties": sum(1 for d in disagreements if d["near_tie"]),
+        "disagreement_examples": disagreements[:5],
+        "n_verified": n_done,
+        "verify_batch_size": vb,
+        "batch_sizes": sorted(set(batch_sizes)),
+        "providers": list(sess.get_providers()),
+        "reference_device": str(dev),
+        "passed": not problems,
+        "problems": problems,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if head_check:
+        report["head_check_max_abs_diff"] = head_diff
+    return report
+
+
+def _fail(report: dict, what: str) -> GateFailed:
+    err = GateFailed(f"{what}: " + "; ".join(report["problems"]))
+    err.report = report  # type: ignore[attr-defined]
+    return err
+
+
+def verify_onnx(onnx_path, reference_adapter: Adapter, items: Sequence[Any], *,
+                tolerance: Optional[float] = None, device: str = "cpu", check: bool = True,
+                progress=None) -> dict:
+    """Standalone verification of an ONNX file against a reference model (any family,
+    ONNX included) on ``items``. ``check``: raise ``GateFailed`` when it does not pass
+    (the report is on the exception as ``.report``)."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise BadInput("ONNX model not found", onnx_path)
+    tol = default_tolerance(reference_adapter.modality) if tolerance is None else tolerance
+    _log(progress, f"verifying {onnx_path.name} on {len(items)} samples")
+    # an ONNX reference also checks embeddings @ W.T + b (original graph, new head) vs the file
+    report = run_verification(onnx_path, reference_adapter, items, tolerance=tol, device=device,
+                              head_check=bool(getattr(reference_adapter, "exports_onnx_natively", False)),
+                              progress=progress)
+    report["reference"] = {"family": reference_adapter.family, "source": reference_adapter.source.name}
+    if check and not report["passed"]:
+        raise _fail(report, "ONNX verification failed")
+    return report
+
+
+def pick_verify_items(items: Sequence[Any], max_items: Optional[int], seed: int = 0) -> list:
+    """At most ``max_items`` samples, a seeded random subset in the data's order (so every
+    class has a fair chance to be represented); all of them when there are fewer."""
+    items = list(items)
+    if max_items is None or max_items <= 0 or len(items) <= max_items:
+        return items
+    g = torch.Generator().manual_seed(seed)
+    idx = sorted(torch.randperm(len(items), generator=g)[:max_items].tolist())
+    return [items[i] for i in idx]
+
+
+# ------------------------------------------------------------------ export
+def export_metadata(adapter: Adapter, metadata: dict[str, str]) -> dict[str, str]:
+    """Provenance plus what a later ``load_model(x.onnx)`` needs: class names and the
+    image preprocessing (the caller's keys win)."""
+    extra = {"class_names": json.dumps(list(adapter.class_names))}
+    cfg = getattr(adapter, "data_config", None)
+    if adapter.modality == "image" and cfg is not None:
+        extra["preprocess"] = json.dumps(cfg)
+    return {**extra, **{str(k): str(v) for k, v in metadata.items()}}
+
+
+def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_items: Sequence[Any],
+                tolerance: Optional[float] = None, opset: Optional[int] = None, force: bool = False,
+                device: str = "cpu", exporter: str = "auto", progress: Optional[Callable[[str], None]] = None,
+                _tamper: Optional[Callable[[Any], None]] = None) -> dict:
+    """Export ``adapter``'s (possibly repaired) model to ``out_path`` (.onnx) and verify it.
+
+    Torch models (timm, factories, transformers) are exported with ``torch.onnx.export``;
+    an ONNX source model (``adapter.exports_onnx_natively``) has its edited graph written.
+    The file only appears at ``out_path`` once verification passed; otherwise
+    ``GateFailed`` (with ``.report``). ``_tamper``: test hook called with the ModelProto
+    just before it is written and verified."""
+    import onnx
+
+    from .adapters.onnx_adapter import MAX_PROTO_BYTES, set_metadata
+
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".onnx":
+        raise BadInput("the ONNX output file name must end in .onnx", out_path)
+    items = list(verify_items)
+    if not items:
+        raise BadInput("no samples to verify the export on")
+    tol = _check_tolerance(default_tolerance(adapter.modality) if tolerance is None else tolerance)
+    t0 = time.perf_counter()
+    native = bool(getattr(adapter, "exports_onnx_natively", False))
+    with atomic_output(out_path, force=force) as tmp:
+        if native:
+            _log(progress, "writing the repaired ONNX graph")
+            proto = adapter.export_proto(dict(metadata))  # type: ignore[attr-defined]
+            used, input_names, export_batch = "graph-edit", list(adapter.input_names), None  # type: ignore[attr-defined]
+        else:
+            _log(progress, f"exporting {adapter.family} model to ONNX")
+            example = _example_batch(adapter, items)
+            proto, used, input_names = torch_to_onnx(adapter, example, opset=opset, exporter=exporter,
+                                                     progress=progress)
+            export_batch = EXPORT_BATCH
+            set_metadata(proto, export_metadata(adapter, metadata))
+        if _tamper is not None:
+            _tamper(proto)
+        if proto.ByteSize() > MAX_PROTO_BYTES:
+            raise RepairError("the ONNX model would exceed 2 GB; external-data export is not supported yet")
+        onnx.save(proto, str(tmp))
+        del proto
+        _log(progress, f"verifying with onnxruntime on {len(items)} samples")
+        report = run_verification(tmp, adapter, items, tolerance=tol, device=device,
+                                  expected_outputs=None if native else ["logits"],
+                                  head_check=native, own_file=True, progress=progress)
+        saved = onnx.load(str(tmp), load_external_data=False)
+        report.update({
+            "format": "onnx",
+            "path": str(out_path),
+            "exporter": used,
+            "opset": _opset(saved),
+            "input_names": input_names,
+            "export_batch_size": export_batch,
+            "metadata_keys": sorted(p.key for p in saved.metadata_props),
+            "seconds": round(time.perf_counter() - t0, 3),
+        })
+        report["onnx"] = str(out_path)
+        if not report["passed"]:
+            report["path"] = None
+            raise _fail(report, "ONNX export verification failed (no file written)")
+    return report
+
+
+def export_safetensors(adapter: Adapter, out_path, metadata: dict[str, str], force: bool = False) -> dict:
+    """The model in its own format with the (repaired) head: a timm / transformers folder
+    for folder checkpoints, one .safetensors file for bare files. Written atomically."""
+    from safetensors import safe_open
+
+    if getattr(adapter, "exports_onnx_natively", False):
+        raise BadInput("an ONNX model can only be exported to ONNX (--format onnx)", adapter.source)
+    out_path = Path(out_path)
+    folder = adapter.source.is_dir()
+    if not folder and out_path.suffix.lower() != ".safetensors":
+        raise BadInput("the safetensors output file name must end in .safetensors", out_path)
+    t0 = time.perf_counter()
+    with atomic_output(out_path, force=force) as tmp:
+        written = Path(adapter.save(tmp, dict(metadata)))
+        rel = written.relative_to(tmp) if folder else None
+        with safe_open(str(written), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            n_tensors = len(list(f.keys()))
+        missing = [k for k in metadata if meta.get(k) != str(metadata[k])]
+        if missing:
+            raise RepairError(f"metadata did not round-trip through the written file ({missing[0]})")
+    weights = out_path / rel if rel is not None else out_path
+    return {"format": "safetensors", "path": str(out_path), "weights_file": str(weights),
+            "n_tensors": n_tensors, "metadata_keys": sorted(meta), "passed": True,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+__all__ = ["DEFAULT_TOLERANCE", "default_tolerance", "export_onnx", "export_safetensors", "verify_onnx",
+           "pick_verify_items",
+           "run_verification", "torch_to_onnx", "export_metadata"]

@@ -1,0 +1,444 @@
+"""Export (ONNX / safetensors) with verification, and the ONNX-model adapter."""
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from typer.testing import CliRunner
+
+from conftest import CLASSES
+from repair import provenance
+from repair.adapters import LoadOptions, load_model
+from repair.data import load_data
+from repair.errors import BadInput, GateFailed
+from repair.export import EXPORT_BATCH, export_onnx, export_safetensors, verify_onnx
+from repair_cli.main import app
+
+runner = CliRunner()
+CPU = torch.device("cpu")
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+def run_cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+def meta_for(adapter) -> dict[str, str]:
+    return provenance.build(source_sha256=adapter.source_sha256(), method="test", settings={"k": 1},
+                            figures={"after": {"accuracy": 0.5}}, measured_on="test split")
+
+
+def repair_head(adapter, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in repair: a different head than the file's, set in memory only."""
+    g = torch.Generator().manual_seed(seed)
+    W, b = adapter.head_params()
+    W2 = W * 1.3 + 0.05 * torch.randn(W.shape, generator=g)
+    b2 = b + 0.2 * torch.randn(b.shape, generator=g)
+    adapter.set_head(W2, b2)
+    return W2, b2
+
+
+def ort_logits(path: Path, feeds: dict) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feeds.items()})[0]
+
+
+def no_leftovers(folder: Path, keep: set[str]) -> None:
+    left = sorted(p.name for p in folder.iterdir() if p.name not in keep)
+    assert left == [], left
+
+
+def make_vit_folder(path: Path) -> Path:
+    """A narrow one-block ViT at 32x32 (patch 8), saved as a timm hub folder."""
+    import timm
+    from timm.models import save_for_hf
+
+    args = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=len(CLASSES), **args)
+    cfg = {"input_size": [3, 32, 32], "mean": MEAN, "std": STD, "crop_pct": 1.0, "crop_mode": "center",
+           "interpolation": "bilinear"}
+    save_for_hf(model, str(path), model_config={"label_names": CLASSES, "pretrained_cfg": cfg},
+                model_args=args, safe_serialization=True)
+    cfg_path = path / "config.json"
+    c = json.loads(cfg_path.read_text())
+    c.get("model_args", {}).pop("num_classes", None)
+    cfg_path.write_text(json.dumps(c))
+    return path
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def items(image_data):
+    return load_data(image_data).items
+
+
+@pytest.fixture(scope="module")
+def cnn_export(timm_folder, items, tmp_path_factory):
+    a = load_model(timm_folder)
+    W, b = repair_head(a)
+    out = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    rep = export_onnx(a, out, metadata=meta_for(a), verify_items=items)
+    return a, out, rep, (W, b)
+
+
+@pytest.fixture(scope="module")
+def bert_export(bert_folder, text_data, tmp_path_factory):
+    a = load_model(bert_folder)
+    repair_head(a)
+    texts = load_data(text_data).items
+    out = tmp_path_factory.mktemp("bert") / "bert.onnx"
+    rep = export_onnx(a, out, metadata=meta_for(a), verify_items=texts)
+    return a, out, rep, texts
+
+
+@pytest.fixture(scope="module")
+def deployed_onnx(tmp_path_factory) -> Path:
+    """A third-party style ONNX classifier: plain torch.onnx.export (TorchScript exporter),
+    no metadata, no preprocessing next to it."""
+    import timm
+
+    torch.manual_seed(3)
+    m = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    out = tmp_path_factory.mktemp("deployed") / "deployed.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, 3, 32, 32),), str(out), input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": {0: "n"}, "output": {0: "n"}},
+                          dynamo=False)
+    return out
+
+
+# ------------------------------------------------------------------ ONNX export of torch models
+def test_cnn_export_verified_with_provenance(cnn_export, items):
+    a, out, rep, _ = cnn_export
+    assert out.is_file() and rep["passed"] and rep["path"] == str(out)
+    assert rep["output_names"] == ["logits"] and rep["input_names"] == ["pixel_values"]
+    assert rep["shapes"]["logits"][1] == 3 and not isinstance(rep["shapes"]["logits"][0], int)
+    assert rep["max_abs_diff"] <= 1e-4 and rep["tolerance"] == 1e-3
+    assert rep["argmax_agreement"] == 1.0 and rep["n_verified"] == len(items)
+    assert rep["export_batch_size"] == EXPORT_BATCH and EXPORT_BATCH != rep["verify_batch_size"]
+    assert "CPUExecutionProvider" in rep["providers"]
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    for k, v in meta_for(a).items():
+        if k != "repair.created":
+            assert props[k] == v
+    assert props["format"] == "pt" and "repair.created" in props
+    assert json.loads(props["class_names"]) == CLASSES
+
+
+def test_cnn_export_dynamic_batch_and_repaired_head(cnn_export, items):
+    a, out, _, (W, b) = cnn_export
+    for n in (1, 5):  # neither is the export's example batch
+        x = a.collate(items[:n])
+        got = ort_logits(out, {"pixel_values": x})
+        assert got.shape == (n, 3)
+        ref = a.logits_batch(x, CPU)
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
+        emb = a.embed_batch(x, CPU)
+        np.testing.assert_allclose(got, (emb @ W.T + b).numpy(), atol=1e-4)  # the in-memory repair
+
+
+def test_vit_export(tmp_path, items):
+    a = load_model(make_vit_folder(tmp_path / "vit"))
+    repair_head(a)
+    out = tmp_path / "vit.onnx"
+    rep = export_onnx(a, out, metadata=meta_for(a), verify_items=items[:7])
+    assert rep["passed"] and rep["max_abs_diff"] <= 1e-4 and rep["argmax_agreement"] == 1.0
+    assert rep["n_verified"] == 7 and rep["batch_sizes"] == [7]
+    for n in (1, 3):
+        x = a.collate(items[:n])
+        np.testing.assert_allclose(ort_logits(out, {"pixel_values": x}), a.logits_batch(x, CPU).numpy(), atol=1e-4)
+
+
+def test_bert_export_dynamic_batch_and_sequence(bert_export):
+    a, out, rep, texts = bert_export
+    assert rep["passed"] and rep["tolerance"] == 1e-4 and rep["max_abs_diff"] <= 1e-5
+    assert rep["argmax_agreement"] == 1.0 and rep["n_verified"] == len(texts)
+    assert rep["input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == rep["input_names"]
+    for batch_texts in (["good"], ["the movie was not great", "awful", "fun fun fun fun fun fun fun", "a", "bad"]):
+        enc = a.collate(batch_texts)
+        got = sess.run(["logits"], {k: v.numpy() for k, v in enc.items()})[0]
+        np.testing.assert_allclose(got, a.logits_batch(enc, CPU).numpy(), atol=1e-5)
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["repair.method"] == "test" and json.loads(props["class_names"]) == ["negative", "positive"]
+
+
+def test_tampered_export_fails_and_leaves_no_file(timm_folder, items, tmp_path):
+    a = load_model(timm_folder)
+
+    def tamper(proto):
+        for t in proto.graph.initializer:
+            if t.name.endswith("fc.weight"):
+                arr = numpy_helper.to_array(t).copy()
+                arr[0, 0] += 50.0
+                t.CopyFrom(numpy_helper.from_array(arr, t.name))
+                return
+        raise AssertionError("no head weight found to tamper with")
+
+    out = tmp_path / "t.onnx"
+    with pytest.raises(GateFailed, match="max \\|diff\\|") as ei:
+        export_onnx(a, out, metadata=meta_for(a), verify_items=items, exporter="torchscript", _tamper=tamper)
+    rep = ei.value.report
+    assert rep["passed"] is False and rep["max_abs_diff"] > 1 and rep["path"] is None
+    assert not out.exists()
+    no_leftovers(tmp_path, set())
+
+
+def test_cli_export_tampered_exit_1(timm_folder, image_data, tmp_path, monkeypatch):
+    import repair.export as ex
+
+    def tamper(proto):
+        # the stem conv (timm zero-inits each block's last BN, so deeper convs of a fresh
+        # model may not reach the logits at all)
+        t = next(t for t in proto.graph.initializer if len(t.dims) == 4)
+        arr = numpy_helper.to_array(t) + 1.0
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+    monkeypatch.setattr(ex, "export_onnx", functools.partial(ex.export_onnx, _tamper=tamper))
+    out = tmp_path / "m.onnx"
+    code, stdout, stderr = run_cli("export", timm_folder, "--data", image_data, "--out", out, "--json", "-q",
+                                   "--exporter", "torchscript")  # the faster exporter: the check is the point
+    assert code == 1, stderr
+    assert json.loads(stdout)["passed"] is False
+    assert "FAILED" in stderr and not out.exists()
+    no_leftovers(tmp_path, set())
+
+
+def test_cli_export_and_verify(cnn_export, timm_folder, image_data, tmp_path):
+    a, onnx_file, _, _ = cnn_export
+    out = tmp_path / "plain.onnx"
+    code, stdout, stderr = run_cli("export", timm_folder, "--data", image_data, "--out", out, "--json",
+                                   "--max-verify", 5, "--exporter", "torchscript")
+    assert code == 0, stderr
+    rep = json.loads(stdout)
+    assert rep["passed"] and rep["n_verified"] == 5 and out.is_file() and rep["exporter"] == "torchscript"
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["repair.method"] == "none" and json.loads(props["repair.export"])["format"] == "onnx"
+    # existing output without --force: bad input
+    code, _, stderr = run_cli("export", timm_folder, "--data", image_data, "--out", out)
+    assert code == 2 and "--force" in stderr
+    # verify: the plain export matches the folder; the repaired export does not
+    code, stdout, _ = run_cli("verify", out, "--reference", timm_folder, "--data", image_data)
+    assert code == 0 and "PASSED" in stdout
+    code, stdout, stderr = run_cli("verify", onnx_file, "--reference", timm_folder, "--data", image_data, "--json")
+    assert code == 1 and json.loads(stdout)["passed"] is False and "FAILED" in stderr
+    # ... but matches the repaired model once it is written as safetensors
+    st = tmp_path / "repaired"
+    export_safetensors(a, st, meta_for(a))
+    code, stdout, stderr = run_cli("verify", onnx_file, "--reference", st, "--data", image_data, "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["argmax_agreement"] == 1.0
+
+
+# ------------------------------------------------------------------ safetensors export
+def test_safetensors_export_timm_loads_unchanged(cnn_export, tmp_path):
+    import timm
+    from safetensors import safe_open
+    from timm.models import load_checkpoint
+
+    a, _, _, (W, b) = cnn_export
+    out = tmp_path / "fixed"
+    rep = export_safetensors(a, out, meta_for(a))
+    assert rep["path"] == str(out) and (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta["repair.method"] == "test" and "repair.source_sha256" in meta
+    m = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    load_checkpoint(m, str(out / "model.safetensors"))
+    torch.testing.assert_close(m.get_classifier().weight.detach(), W)
+    torch.testing.assert_close(load_model(out).head_params()[1], b)
+    with pytest.raises(BadInput, match="--force"):
+        export_safetensors(a, out, meta_for(a))
+    export_safetensors(a, out, meta_for(a), force=True)
+    no_leftovers(tmp_path, {"fixed"})
+
+
+def test_safetensors_export_bare_file(timm_folder, tmp_path):
+    bare = tmp_path / "w.safetensors"
+    shutil.copy(timm_folder / "model.safetensors", bare)
+    a = load_model(bare, LoadOptions(arch="test_resnet"))
+    W, _ = repair_head(a)
+    out = tmp_path / "w.fixed.safetensors"
+    export_safetensors(a, out, meta_for(a))
+    assert out.is_file()
+    torch.testing.assert_close(load_model(out, LoadOptions(arch="test_resnet")).head_params()[0], W)
+
+
+def test_safetensors_export_transformers(bert_export, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    a, _, _, texts = bert_export
+    out = tmp_path / "bert-fixed"
+    export_safetensors(a, out, meta_for(a))
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and any(k.startswith("repair.") for k in meta)
+    m = AutoModelForSequenceClassification.from_pretrained(str(out), local_files_only=True).eval()
+    enc = a.collate(texts[:4])
+    with torch.no_grad():
+        torch.testing.assert_close(m(**enc).logits, a.logits_batch(enc, CPU), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the ONNX-model adapter
+def test_onnx_model_repair_path(deployed_onnx, image_data, items, tmp_path):
+    a = load_model(deployed_onnx, LoadOptions(image_size=32, mean=MEAN, std=STD, class_names=CLASSES))
+    assert a.family == "onnx" and a.modality == "image" and a.class_names == CLASSES
+    x = a.collate(items[:6])
+    emb = a.embed_batch(x, CPU)
+    W, b = a.head_params()
+    assert emb.shape == (6, W.shape[1]) and W.shape == (3, W.shape[1]) and b.shape == (3,)
+    sess = ort.InferenceSession(str(deployed_onnx), providers=["CPUExecutionProvider"])
+    orig = sess.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose((emb @ W.T + b).numpy(), orig, atol=1e-5)
+    np.testing.assert_allclose(a.logits_batch(x, CPU).numpy(), orig, atol=1e-6)
+
+    W2, b2 = repair_head(a, seed=7)
+    out = tmp_path / "repaired.onnx"
+    a.save(out, {"repair.method": "test"})
+    new = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in new.get_inputs()] == ["input"] and [o.name for o in new.get_outputs()] == ["output"]
+    got = new.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, (emb @ W2.T + b2).numpy(), atol=1e-5)
+    np.testing.assert_allclose(a.logits_batch(x, CPU).numpy(), got, atol=1e-6)
+    # only the head's initializers changed; provenance and class names went in
+    head = set(a.spec.initializer_names())
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(deployed_onnx)).graph.initializer}
+    saved = onnx.load(str(out))
+    after = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    assert before.keys() == after.keys()
+    for k in before:
+        if k not in head:
+            assert np.array_equal(before[k], after[k]), k
+    props = {p.key: p.value for p in saved.metadata_props}
+    assert props["repair.method"] == "test" and json.loads(props["class_names"]) == CLASSES
+    # the repaired file loads again: same body, the new head, its preprocessing from metadata
+    again = load_model(out)
+    assert again.body_hash() == a.body_hash() and again.class_names == CLASSES
+    torch.testing.assert_close(again.head_params()[0], W2)
+    # export of an ONNX model: the edited graph, verified incl. embeddings @ W.T + b
+    rep = export_onnx(a, tmp_path / "exported.onnx", metadata={"repair.method": "test"}, verify_items=items)
+    assert rep["passed"] and rep["exporter"] == "graph-edit" and rep["head_check_max_abs_diff"] <= 1e-4
+    rep = verify_onnx(tmp_path / "exported.onnx", a, items[:4])
+    assert rep["passed"] and rep["head_check_max_abs_diff"] <= 1e-4
+
+
+def test_onnx_missing_preprocessing(deployed_onnx, items, tmp_path):
+    a = load_model(deployed_onnx)  # loads: `repair verify` etc. can still use it
+    assert a.class_names == ["0", "1", "2"]
+    with pytest.raises(BadInput, match="preprocess.json"):
+        a.collate(items[:2])
+    folder = tmp_path / "with-json"
+    folder.mkdir()
+    shutil.copy(deployed_onnx, folder / "m.onnx")
+    (folder / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32], "mean": MEAN, "std": STD}))
+    assert load_model(folder / "m.onnx").collate(items[:2]).shape == (2, 3, 32, 32)
+    with pytest.raises(BadInput, match="32x32"):
+        load_model(folder / "m.onnx", LoadOptions(image_size=48))
+
+
+def test_onnx_tampered_graph_edit_fails(deployed_onnx, items, tmp_path):
+    a = load_model(deployed_onnx, LoadOptions(image_size=32, mean=MEAN, std=STD))
+    repair_head(a)
+    name = a.spec.weight_name
+
+    def tamper(proto):
+        for t in proto.graph.initializer:
+            if t.name == name:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + 5.0, name))
+
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(GateFailed):
+        export_onnx(a, out, metadata={}, verify_items=items[:5], _tamper=tamper)
+    no_leftovers(tmp_path, set())
+
+    def break_graph(proto):  # a file onnxruntime cannot even load is a failed export too
+        del proto.graph.initializer[0]
+
+    with pytest.raises(GateFailed, match="onnxruntime cannot load"):
+        export_onnx(a, out, metadata={}, verify_items=items[:5], _tamper=break_graph)
+    no_leftovers(tmp_path, set())
+
+
+def test_exported_onnx_roundtrips_class_names_and_preprocessing(cnn_export, items):
+    _, out, _, (W, b) = cnn_export
+    a = load_model(out)  # no flags: class names and preprocessing come from the metadata
+    assert a.class_names == CLASSES and a.data_config["input_size"] == [3, 32, 32]
+    torch.testing.assert_close(a.head_params()[0], W)
+    torch.testing.assert_close(a.head_params()[1], b)
+
+
+def test_text_onnx_adapter(bert_export, bert_folder, tmp_path):
+    a_torch, out, _, texts = bert_export
+    folder = tmp_path / "bert-onnx"
+    folder.mkdir()
+    shutil.copy(out, folder / "model.onnx")
+    with pytest.raises(BadInput, match="tokenizer"):
+        load_model(folder / "model.onnx").collate(texts[:2])
+    for f in bert_folder.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    a = load_model(folder / "model.onnx")
+    assert a.modality == "text" and a.class_names == ["negative", "positive"]
+    enc = a.collate(texts[:5])
+    W, b = a.head_params()
+    np.testing.assert_allclose((a.embed_batch(enc, CPU) @ W.T + b).numpy(),
+                               a_torch.logits_batch(enc, CPU).numpy(), atol=1e-5)
+
+
+def _toy_graph(kind: str, rng) -> onnx.ModelProto:
+    """pixel (N,3,2,2) -> Flatten -> MatMul(12x6) -> Relu -> head with 4 classes."""
+    D, C = 6, 4
+    inits = [numpy_helper.from_array(rng.standard_normal((12, D)).astype(np.float32), "body.w")]
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"]), helper.make_node("MatMul", ["flat", "body.w"], ["h0"]),
+             helper.make_node("Relu", ["h0"], ["feat"])]
+    Wcd = rng.standard_normal((C, D)).astype(np.float32)
+    bias = rng.standard_normal(C).astype(np.float32)
+    if kind == "gemm_transB0":
+        inits += [numpy_helper.from_array(Wcd.T.copy(), "head.w"), numpy_helper.from_array(bias[None], "head.b")]
+        nodes.append(helper.make_node("Gemm", ["feat", "head.w", "head.b"], ["z"], alpha=2.0, beta=0.5, transB=0))
+    elif kind == "gemm_nobias":
+        inits.append(numpy_helper.from_array(Wcd, "head.w"))
+        nodes.append(helper.make_node("Gemm", ["feat", "head.w"], ["z"], transB=1))
+    elif kind == "matmul_add":
+        inits += [numpy_helper.from_array(Wcd.T.copy(), "head.w"), numpy_helper.from_array(bias, "head.b")]
+        nodes += [helper.make_node("MatMul", ["feat", "head.w"], ["mm"]), helper.make_node("Add", ["head.b", "mm"], ["z"])]
+    else:  # matmul without bias
+        inits.append(numpy_helper.from_array(Wcd.T.copy(), "head.w"))
+        nodes.append(helper.make_node("MatMul", ["feat", "head.w"], ["z"]))
+    nodes.append(helper.make_node("Identity", ["z"], ["scores"]))
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 2, 2])],
+                              [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["n", C])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["gemm_transB0", "gemm_nobias", "matmul_add", "matmul"])
+def test_onnx_head_layouts(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"{kind}.onnx"
+    onnx.save(_toy_graph(kind, rng), str(path))
+    a = load_model(path, LoadOptions(image_size=2, mean=MEAN, std=STD))
+    x = torch.from_numpy(rng.standard_normal((5, 3, 2, 2)).astype(np.float32))
+    W, b = a.head_params()
+    orig = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    emb = a.embed_batch(x, CPU)
+    np.testing.assert_allclose((emb @ W.T + b).numpy(), orig, atol=1e-5)
+    W2, b2 = W[[1, 0, 3, 2]] * 0.5, torch.arange(4.0)
+    a.set_head(W2, b2)
+    a.save(tmp_path / "out.onnx", {"repair.method": "x"})
+    got = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, (emb @ W2.T + b2).numpy(), atol=1e-5)
+    assert load_model(tmp_path / "out.onnx", LoadOptions(image_size=2)).body_hash() == a.body_hash() or kind == "matmul"
