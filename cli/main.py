@@ -77,6 +77,7 @@ BatchSize = Annotated[int, typer.Option("--batch-size", min=1)]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedding cache (default ~/.cache/repair/embeddings or $REPAIR_CACHE_DIR).")]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the embedding cache.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ClassNames = Annotated[Optional[str], typer.Option("--class-names", help="Comma-separated class names in the head's order, for checkpoints that carry none (bare weights, factories, ONNX).")]
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 
 
@@ -90,11 +91,13 @@ def _floats(s: Optional[str], name: str) -> Optional[list]:
     return vals * 3 if len(vals) == 1 else vals
 
 
-def load_options(arch, factory, allow_pickle, max_length, image_size, mean, std):
+def load_options(arch, factory, allow_pickle, max_length, image_size, mean, std, class_names=None):
     from repair.adapters import LoadOptions
 
+    names = [c.strip() for c in class_names.split(",")] if class_names else None
     return LoadOptions(arch=arch, factory=factory, allow_pickle=allow_pickle, max_length=max_length,
-                       image_size=image_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+                       image_size=image_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                       class_names=names)
 
 
 def runtime_options(device, batch_size, cache_dir, no_cache, quiet):
@@ -115,7 +118,7 @@ def emit_json(doc: Any) -> None:
 def eval_cmd(model: ModelArg, data: DataOpt, group_by: GroupBy = None, label_col: LabelCol = None,
              path_col: PathCol = None, text_col: TextCol = None, arch: Arch = None, factory: Factory = None,
              allow_pickle: AllowPickle = False, max_length: MaxLength = None, image_size: ImageSize = None,
-             mean: Mean = None, std: Std = None, device: Device = "auto", batch_size: BatchSize = 64,
+             mean: Mean = None, std: Std = None, class_names: ClassNames = None, device: Device = "auto", batch_size: BatchSize = 64,
              cache_dir: CacheDir = None, no_cache: NoCache = False, quiet: Quiet = False,
              as_json: AsJson = False,
              fail_under_wga: Annotated[Optional[float], typer.Option("--fail-under-wga", help="Exit 1 if worst-group accuracy is below this (0-1 or percent).")] = None,
@@ -126,7 +129,7 @@ def eval_cmd(model: ModelArg, data: DataOpt, group_by: GroupBy = None, label_col
 
     if fail_under_wga is not None and group_by is None:
         raise BadInput("--fail-under-wga needs --group-by (worst-group accuracy needs group labels)")
-    rep = evaluate_model(model, data, load_options(arch, factory, allow_pickle, max_length, image_size, mean, std),
+    rep = evaluate_model(model, data, load_options(arch, factory, allow_pickle, max_length, image_size, mean, std, class_names),
                          DataOptions(label_col=label_col, path_col=path_col, text_col=text_col, group_by=group_by),
                          runtime_options(device, batch_size, cache_dir, no_cache, quiet))
     gates = []
@@ -153,7 +156,7 @@ def eval_cmd(model: ModelArg, data: DataOpt, group_by: GroupBy = None, label_col
 def probe_cmd(model: ModelArg, data: DataOpt, label_col: LabelCol = None, path_col: PathCol = None,
               text_col: TextCol = None, arch: Arch = None, factory: Factory = None,
               allow_pickle: AllowPickle = False, max_length: MaxLength = None, image_size: ImageSize = None,
-              mean: Mean = None, std: Std = None, device: Device = "auto", batch_size: BatchSize = 64,
+              mean: Mean = None, std: Std = None, class_names: ClassNames = None, device: Device = "auto", batch_size: BatchSize = 64,
               cache_dir: CacheDir = None, no_cache: NoCache = False, quiet: Quiet = False,
               as_json: AsJson = False,
               top: Annotated[int, typer.Option("--top", min=1, help="How many neurons to list.")] = 10):
@@ -161,7 +164,7 @@ def probe_cmd(model: ModelArg, data: DataOpt, label_col: LabelCol = None, path_c
     from repair.api import probe_model
     from repair.data import DataOptions
 
-    rep = probe_model(model, data, load_options(arch, factory, allow_pickle, max_length, image_size, mean, std),
+    rep = probe_model(model, data, load_options(arch, factory, allow_pickle, max_length, image_size, mean, std, class_names),
                       DataOptions(label_col=label_col, path_col=path_col, text_col=text_col),
                       runtime_options(device, batch_size, cache_dir, no_cache, quiet), top_k=top)
     if as_json:
@@ -228,14 +231,14 @@ def fix_cmd(model: ModelArg, data: DataOpt,
             group_by: GroupBy = None, label_col: LabelCol = None, path_col: PathCol = None,
             text_col: TextCol = None, arch: Arch = None, factory: Factory = None,
             allow_pickle: AllowPickle = False, max_length: MaxLength = None, image_size: ImageSize = None,
-            mean: Mean = None, std: Std = None, device: Device = "auto", batch_size: BatchSize = 64,
+            mean: Mean = None, std: Std = None, class_names: ClassNames = None, device: Device = "auto", batch_size: BatchSize = 64,
             cache_dir: CacheDir = None, no_cache: NoCache = False, quiet: Quiet = False, as_json: AsJson = False):
     """Repair the model's head from the repair set; write it in the checkpoint's own format."""
     from repair.data import DataOptions
     from repair.fix import FixOptions, fix_model
 
     rep = fix_model(model, data, out,
-                    load_opts=load_options(arch, factory, allow_pickle, max_length, image_size, mean, std),
+                    load_opts=load_options(arch, factory, allow_pickle, max_length, image_size, mean, std, class_names),
                     data_opts=DataOptions(label_col=label_col, path_col=path_col, text_col=text_col, group_by=group_by),
                     runtime=runtime_options(device, batch_size, cache_dir, no_cache, quiet),
                     options=FixOptions(recipe=recipe, seed=seed, eval_data=str(eval_data) if eval_data else None,

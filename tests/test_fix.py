@@ -82,7 +82,7 @@ def test_fix_bare_safetensors_and_transformers(timm_folder, repair_images, bert_
 
     bare = tmp_path / "w.safetensors"
     shutil.copy(timm_folder / "model.safetensors", bare)
-    code, stdout, err = run_cli("fix", bare, "--arch", "test_resnet", "--data", repair_images, "--recipe", "afr", "--json", "-q")
+    code, stdout, err = run_cli("fix", bare, "--arch", "test_resnet", "--class-names", "cat,dog,fox", "--data", repair_images, "--recipe", "afr", "--json", "-q")
     assert code == 0, err
     out = json.loads(stdout)["output"]
     assert out.endswith("w-repaired.safetensors")
