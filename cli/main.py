@@ -41,6 +41,11 @@ def command(fn: Callable) -> Callable:
                 traceback.print_exc()
             log(f"error: {e}" if not isinstance(e, GateFailed) else f"FAILED: {e}")
             raise typer.Exit(e.exit_code)
+        except BrokenPipeError:  # stdout closed early (| head): not an error of ours
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0)
         except KeyboardInterrupt:
             log("interrupted")
             raise typer.Exit(130)

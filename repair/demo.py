@@ -39,10 +39,15 @@ PLACE_NAMES = ("land", "water")
 
 ARCH = "resnet18"
 # narrow resnet18: a quarter of the default width keeps CPU training to seconds per epoch
-MODEL_ARGS = {"channels": [16, 32, 64, 128], "stem_width": 16}
+MODEL_ARGS = {"channels": [16, 32, 64, 128]}
 IMG_SIZE = 32
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
+
+BIRD_RADIUS = (0.17, 0.26)     # outer radius of the bird, as a fraction of the image side
+RING_THICK = (0.38, 0.55)      # waterbird ring thickness, as a fraction of the radius
+PIXEL_NOISE = 0.03
+LANDBIRD_FRAC = 0.5
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ def _background(rng: np.random.Generator, place: int, s: int) -> np.ndarray:
 
 
 def _bird_mask(rng: np.random.Generator, y: int, s: int) -> np.ndarray:
-    r = rng.uniform(0.17, 0.26) * s                       # outer radius in pixels
+    r = rng.uniform(*BIRD_RADIUS) * s                       # outer radius in pixels
     margin = r + 1.0
     cx, cy = rng.uniform(margin, s - margin, size=2)
     th = rng.uniform(0, np.pi)
@@ -118,7 +123,7 @@ def _bird_mask(rng: np.random.Generator, y: int, s: int) -> np.ndarray:
     d = np.sqrt((u / r) ** 2 + (v / (r * aspect)) ** 2)   # elliptical radius, 1 at the outline
     if y == 0:   # landbird: solid blob
         return d <= 1.0
-    thick = rng.uniform(0.38, 0.55)                         # waterbird: hollow ring
+    thick = rng.uniform(*RING_THICK)                         # waterbird: hollow ring
     return (d <= 1.0) & (d >= 1.0 - thick)
 
 
@@ -138,13 +143,14 @@ def render(rng: np.random.Generator, y: int, place: int, s: int = IMG_SIZE) -> n
     col = _bird_colour(rng)
     shade = 1.0 + 0.08 * rng.standard_normal((s, s, 1))
     img = np.where(mask[:, :, None], col[None, None, :] * shade, img)
-    img += rng.normal(0, 0.03, size=img.shape)
+    img += rng.normal(0, PIXEL_NOISE, size=img.shape)
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def _split_labels(rng: np.random.Generator, n: int, align: Optional[float]) -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced labels; ``align`` = P(place == class), or None for place balanced per class."""
-    y = np.repeat([0, 1], [n - n // 2, n // 2])
+    n_land = int(round(n * LANDBIRD_FRAC))
+    y = np.repeat([0, 1], [n_land, n - n_land])
     place = np.empty(n, dtype=np.int64)
     for c in (0, 1):
         idx = np.flatnonzero(y == c)
@@ -231,7 +237,7 @@ def train_erm(images: np.ndarray, y: np.ndarray, spec: _Spec, seed: int,
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             total += len(idx)
         progress(f"ERM epoch {epoch + 1}/{spec.epochs}: loss {loss_sum / total:.3f}, "
