@@ -1,0 +1,175 @@
+"""Contract tests run for EVERY registered repair method (parametrised over list_methods()).
+
+A method passes when it:
+- returns a head of shape (C, D) / (C,), float32 on the CPU, finite;
+- leaves its input tensors untouched and is deterministic for a fixed seed;
+- has a dataclass config with defaults whose fields are JSON-serialisable, and
+  JSON-serialisable diagnostics;
+- exposes in its module the folding trio ``apply_transform(X, t)``,
+  ``fold_head(W, b, t)`` and ``example_transform(D, generator)`` such that the head
+  applied to the transformed embeddings equals the folded head on the raw ones
+  (every transform a method applies to embeddings must be folded this way);
+- RAISES worst-group accuracy by >= 10 points on a synthetic embedding problem with a
+  planted spurious feature (with and without group labels where the method allows);
+- refuses to run without groups when it declares needs_groups.
+
+Synthetic problem: ReLU-like embeddings, D=32. Dims 0..C-1 are "core" (one per class,
++1 for the true class, noisy), dims C..2C-1 are "spurious" (one per attribute value,
++2, nearly noise-free). The original head is a logistic regression fitted on a
+training set where attribute == class for 95% of the samples, so it leans on the
+spurious dims; the repair set is a separate sample with 75% attribute == class; the
+test set is group-balanced (groups = class x attribute).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+
+import pytest
+import torch
+
+from repair import solver as S
+from repair.methods import RepairInputs, list_methods
+
+METHODS = list_methods()
+IDS = [m.name for m in METHODS]
+
+
+def _sample(n, C, p_major, g, D=32, core_noise=0.6, spur_noise=0.3):
+    y = torch.randint(0, C, (n,), generator=g)
+    other = (y + torch.randint(1, C, (n,), generator=g)) % C
+    a = torch.where(torch.rand(n, generator=g) < p_major, y, other)
+    X = 0.5 * torch.rand(n, D, generator=g)
+    X[torch.arange(n), y] += 1.0
+    X[:, :C] += core_noise * torch.randn(n, C, generator=g)
+    X[torch.arange(n), C + a] += 2.0
+    X[:, C:2 * C] += spur_noise * torch.randn(n, C, generator=g)
+    return torch.relu(X), y, y * C + a
+
+
+def _balanced(n_per_group, C, g):
+    X, y, gr = _sample(n_per_group * C * C * 6, C, 1.0 / C, g)
+    idx = torch.cat([torch.nonzero(gr == k).flatten()[:n_per_group] for k in range(C * C)])
+    return X[idx], y[idx], gr[idx]
+
+
+def _problem(C, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Xtr, ytr, _ = _sample(3000, C, 0.95, g)
+    W, b, _ = S.fit_logreg(Xtr, ytr, C, l2=1.0)
+    Xr, yr, gr = _sample(2000, C, 0.75, g)
+    Xt, yt, gt = _balanced(300, C, g)
+    return {"X": Xr, "y": yr, "groups": gr, "W": W[0], "b": b[0], "test": (Xt, yt, gt), "C": C}
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return {C: _problem(C) for C in (2, 3)}
+
+
+def _inputs(p, with_groups, seed=0):
+    return RepairInputs(X=p["X"], y=p["y"], W=p["W"], b=p["b"],
+                        groups=p["groups"] if with_groups else None, seed=seed)
+
+
+def _wga(p, W, b):
+    Xt, yt, gt = p["test"]
+    return S.worst_group_accuracy(Xt @ W.T + b, yt, gt)
+
+
+def _group_settings(m):
+    if m.needs_groups:
+        return [True]
+    return [True, False] if m.uses_groups else [False]
+
+
+def test_registry_has_builtins():
+    assert {"dfr", "afr", "mix", "neurontune", "nsf"} <= set(IDS)
+
+
+@pytest.mark.parametrize("m", METHODS, ids=IDS)
+def test_config_is_plain_dataclass(m):
+    assert dataclasses.is_dataclass(m.config_cls)
+    cfg = m.default_config()
+    json.dumps(dataclasses.asdict(cfg))           # recorded in provenance
+    assert m.make_config({}) == cfg
+    with pytest.raises(ValueError):
+        m.make_config({"no_such_setting": 1})
+
+
+@pytest.mark.parametrize("m", METHODS, ids=IDS)
+def test_fold_helpers(m):
+    mod = importlib.import_module(m.fn.__module__)
+    for name in ("apply_transform", "fold_head", "example_transform"):
+        assert hasattr(mod, name), f"{mod.__name__} must expose {name}() (see module docstring)"
+    g = torch.Generator().manual_seed(0)
+    D, C = 17, 3
+    X = torch.randn(40, D, generator=g) * 2 + 0.5
+    W, b = torch.randn(C, D, generator=g), torch.randn(C, generator=g)
+    t = mod.example_transform(D, g)
+    Wf, bf = mod.fold_head(W, b, t)
+    assert Wf.shape == W.shape and bf.shape == b.shape
+    torch.testing.assert_close(mod.apply_transform(X, t) @ W.T + b, X @ Wf.T + bf, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("m", METHODS, ids=IDS)
+def test_contract_shape_purity_determinism(m, problems):
+    p = problems[3]
+    inp = _inputs(p, with_groups=m.uses_groups or m.needs_groups, seed=7)
+    before = {k: getattr(inp, k).clone() for k in ("X", "y", "W", "b")}
+    g_before = None if inp.groups is None else inp.groups.clone()
+    out1 = m(inp)
+    for k, v in before.items():
+        assert torch.equal(getattr(inp, k), v), f"{m.name} modified inputs.{k}"
+    if g_before is not None:
+        assert torch.equal(inp.groups, g_before)
+    C, D = p["W"].shape
+    assert out1.W.shape == (C, D) and out1.b.shape == (C,)
+    assert out1.W.dtype == torch.float32 and out1.b.dtype == torch.float32
+    assert out1.W.device.type == "cpu" and out1.b.device.type == "cpu"
+    assert torch.isfinite(out1.W).all() and torch.isfinite(out1.b).all()
+    json.dumps(out1.diagnostics, allow_nan=False)
+    out2 = m(inp)
+    assert torch.equal(out1.W, out2.W) and torch.equal(out1.b, out2.b), f"{m.name} is not deterministic"
+    assert json.dumps(out1.diagnostics, sort_keys=True) == json.dumps(out2.diagnostics, sort_keys=True)
+
+
+@pytest.mark.parametrize("C", [2, 3])
+@pytest.mark.parametrize("m", METHODS, ids=IDS)
+def test_raises_worst_group_accuracy(m, C, problems):
+    p = problems[C]
+    base = _wga(p, p["W"], p["b"])
+    assert base < 0.6, "synthetic problem is too easy: the original head must rely on the spurious dims"
+    for with_groups in _group_settings(m):
+        out = m(_inputs(p, with_groups))
+        acc = _wga(p, out.W, out.b)
+        assert acc >= base + 0.10, (f"{m.name} (C={C}, groups={with_groups}): worst-group accuracy "
+                                    f"{base:.3f} -> {acc:.3f}")
+
+
+@pytest.mark.parametrize("m", [m for m in METHODS if m.needs_groups], ids=lambda m: m.name)
+def test_needs_groups_refuses_without(m, problems):
+    with pytest.raises(Exception):
+        m(_inputs(problems[2], with_groups=False))
+
+
+def test_neurontune_masks_spurious_dims_with_zero_weight(problems):
+    from repair.methods import get_method
+    p = problems[2]
+    out = get_method("neurontune")(_inputs(p, False))
+    dims = [d["dim"] for d in out.diagnostics["suppressed_top"]]
+    assert out.diagnostics["n_suppressed"] >= 1
+    assert set(dims) & {2, 3}, "the planted spurious dims should be suppressed"
+    assert torch.all(out.W[:, dims] == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("m", METHODS, ids=IDS)
+def test_cuda_runs_and_returns_cpu(m, problems):
+    p = problems[2]
+    inp = _inputs(p, m.uses_groups or m.needs_groups)
+    inp.device = "cuda"
+    out = m(inp)
+    assert out.W.device.type == "cpu" and out.W.dtype == torch.float32
+    assert _wga(p, out.W, out.b) >= _wga(p, p["W"], p["b"]) + 0.10

@@ -1,0 +1,250 @@
+"""Tests of the shared batched logistic-regression solver (repair.solver)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from repair import solver as S
+
+
+def _binary(n=400, d=30, seed=0, noise=0.8):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    w = torch.zeros(d)
+    w[:5] = torch.tensor([2.0, -1.5, 1.0, 0.5, -0.5])
+    y = (X @ w + noise * torch.randn(n, generator=g) > 0).long()
+    return X, y
+
+
+def _multi(n=450, d=25, C=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g) * (1 + torch.rand(d, generator=g)) + torch.randn(d, generator=g)
+    Wt = torch.randn(C, d, generator=g) * (torch.rand(C, d, generator=g) < 0.3)
+    y = (X @ Wt.T + 1.5 * torch.randn(n, C, generator=g)).argmax(1)
+    return X, y
+
+
+def _std(X):
+    a, c = S.standardization(X.double())
+    return (X.double() * a + c)
+
+
+def _ce_sum(X, y, W, b, w=None):
+    Z = X.double() @ W.double().T + b.double()
+    ce = torch.logsumexp(Z, 1) - Z.gather(1, y.view(-1, 1)).squeeze(1)
+    return float(ce.sum() if w is None else (ce * w.double()).sum())
+
+
+def _sk(**kw):
+    from sklearn.linear_model import LogisticRegression
+    return LogisticRegression(**kw)
+
+
+@pytest.mark.parametrize("Cinv", [1.0, 0.1])
+def test_binary_l1_matches_sklearn(Cinv):
+    X, y = _binary()
+    Xs = _std(X)
+    W, b, info = S.fit_logreg(Xs, y, 2, l1=1.0 / Cinv, standardize=False, dtype=torch.float64, tol=1e-8)
+    assert info["converged"] == [True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = _sk(l1_ratio=1.0, C=Cinv, solver="saga", tol=1e-10, max_iter=20000).fit(Xs.numpy(), y.numpy())
+    v = torch.tensor(m.coef_[0], dtype=torch.float64)
+    c = float(m.intercept_[0])
+    z = Xs @ v + c
+    obj_sk = float(torch.nn.functional.softplus(-z * (2 * y - 1).double()).sum() + v.abs().sum() / Cinv)
+    ours = info["objective"][0]
+    # our objective (same formula: C=2 softmax + L1 == binary + L1) is at least as good
+    assert ours <= obj_sk + 1e-4 * abs(obj_sk)
+    assert abs(ours - obj_sk) <= 1e-3 * abs(obj_sk)
+    # recompute the objective independently from the returned head
+    mine = _ce_sum(Xs, y, W[0], b[0]) + float(W[0].double().abs().sum()) / Cinv
+    assert mine == pytest.approx(ours, rel=1e-6)
+    pred = S.predict(Xs.float(), W[0], b[0])
+    agree = (pred.numpy() == m.predict(Xs.numpy())).mean()
+    assert agree >= 0.99
+
+
+def test_multinomial_l1_and_l2_match_sklearn():
+    X, y = _multi()
+    Xs = _std(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # L1, multinomial (saga)
+        W, b, info = S.fit_logreg(Xs, y, 3, l1=1 / 0.3, standardize=False, dtype=torch.float64, tol=1e-8)
+        m = _sk(l1_ratio=1.0, C=0.3, solver="saga", tol=1e-10, max_iter=50000).fit(Xs.numpy(), y.numpy())
+        Ws, bs = torch.tensor(m.coef_), torch.tensor(m.intercept_)
+        obj_sk = _ce_sum(Xs, y, Ws, bs) + float(Ws.abs().sum()) / 0.3
+        assert info["objective"][0] <= obj_sk * (1 + 1e-5)
+        assert info["objective"][0] == pytest.approx(obj_sk, rel=1e-3)
+        # L2 (lbfgs): sum CE + 1/(2C) ||W||^2
+        W2, b2, info2 = S.fit_logreg(Xs, y, 3, l2=1 / 0.5, standardize=False, dtype=torch.float64, tol=1e-9)
+        m2 = _sk(C=0.5, solver="lbfgs", tol=1e-12, max_iter=10000).fit(Xs.numpy(), y.numpy())
+    W2s = torch.tensor(m2.coef_)
+    assert torch.allclose(W2[0], W2s, atol=1e-4)
+    obj2 = _ce_sum(Xs, y, W2s, torch.tensor(m2.intercept_)) + 0.5 / 0.5 * float((W2s ** 2).sum())
+    assert info2["objective"][0] == pytest.approx(obj2, rel=1e-6)
+
+
+@pytest.mark.parametrize("gather,working_set", [(False, False), (True, False), (True, True)])
+def test_batched_equals_separate(gather, working_set):
+    X, y = _multi(n=300, d=140)            # d > 128 so the working-set path is eligible
+    g = torch.Generator().manual_seed(3)
+    K = 4
+    sw = (torch.rand(K, X.shape[0], generator=g) < 0.4).float()
+    sw[1] *= 2.0
+    l1 = torch.tensor([1.0, 3.0, 10.0, 30.0])
+    Wk, bk, info = S.fit_logreg(X, y, 3, sample_weight=sw, l1=l1, tol=1e-6, gather=gather,
+                                working_set=working_set, dtype=torch.float64)
+    assert info["gathered"] == gather and info["working_set"] == working_set
+    assert all(info["converged"])
+    for k in range(K):
+        W1, b1, info1 = S.fit_logreg(X, y, 3, sample_weight=sw[k], l1=float(l1[k]), tol=1e-6,
+                                     working_set=False, dtype=torch.float64)
+        # the batch standardises with all rows, the single fits too: same problem
+        assert info["objective"][k] == pytest.approx(info1["objective"][0], rel=1e-5, abs=1e-6)
+        Z1 = S.logits(X, W1[0], b1[0])
+        Zk = S.logits(X, Wk[k], bk[k])
+        assert torch.allclose(Z1, Zk, atol=2e-2 * float(Z1.abs().max()))
+
+
+def test_weights_equal_duplicated_rows():
+    X, y = _binary(n=200, d=10)
+    w = torch.ones(200)
+    w[:50] = 2.0
+    Xd = torch.cat([X, X[:50]])
+    yd = torch.cat([y, y[:50]])
+    Wa, ba, _ = S.fit_logreg(X, y, 2, sample_weight=w, l2=1.0, standardize=False, tol=1e-7, dtype=torch.float64)
+    Wb, bb, _ = S.fit_logreg(Xd, yd, 2, l2=1.0, standardize=False, tol=1e-7, dtype=torch.float64)
+    assert torch.allclose(Wa, Wb, atol=1e-5) and torch.allclose(ba, bb, atol=1e-5)
+
+
+def test_standardization_is_folded():
+    X, y = _multi(n=300, d=20)
+    X = X * 7 + 3
+    W, b, _ = S.fit_logreg(X, y, 3, l1=2.0, l2=0.5, standardize=True, tol=1e-7, dtype=torch.float64)
+    a, c = S.standardization(X.double())
+    Ws, bs, _ = S.fit_logreg(X.double() * a + c, y, 3, l1=2.0, l2=0.5, standardize=False, tol=1e-7,
+                             dtype=torch.float64)
+    Wf, bf = S.fold_affine(Ws[0].double(), bs[0].double(), a, c)
+    Xd = X.double()
+    assert torch.allclose(Xd @ W[0].double().T + b[0], Xd @ Wf.T + bf, atol=1e-3)
+
+
+def test_feature_map_is_folded_and_mask_zeroes():
+    X, y = _multi(n=300, d=20)
+    g = torch.Generator().manual_seed(0)
+    K = 3
+    scale = torch.rand(K, 20, generator=g) + 0.2
+    scale[0, :5] = 0.0                       # a mask on problem 0
+    shift = torch.randn(K, 20, generator=g)
+    W, b, _ = S.fit_logreg(X, y, 3, l2=1.0, feature_scale=scale, feature_shift=shift,
+                           standardize=False, tol=1e-6, dtype=torch.float64)
+    assert torch.all(W[0, :, :5] == 0)
+    for k in range(K):
+        Xt = X * scale[k] + shift[k]
+        Wt, bt, _ = S.fit_logreg(Xt, y, 3, l2=1.0, standardize=False, tol=1e-6, dtype=torch.float64)
+        # the returned head acts on raw X and equals the head fitted on the mapped data
+        assert torch.allclose(S.logits(X, W[k], b[k]), S.logits(Xt, Wt[0], bt[0]), atol=1e-3)
+
+
+def test_ref_pull_and_warm_start():
+    X, y = _multi(n=300, d=20)
+    W0, b0, _ = S.fit_logreg(X, y, 3, l2=1.0, tol=1e-7)
+    w = torch.rand(300, generator=torch.Generator().manual_seed(1))
+    # a huge pull keeps the reference head
+    Wp, bp, _ = S.fit_logreg(X, y, 3, sample_weight=w, ref_pull=1e6, ref_W=W0[0], ref_b=b0[0],
+                             init_W=W0[0], init_b=b0[0], tol=1e-7)
+    assert torch.allclose(Wp[0], W0[0], atol=1e-3) and torch.allclose(bp[0], b0[0], atol=1e-3)
+    # warm start at the optimum: immediate convergence
+    Ww, bw, info = S.fit_logreg(X, y, 3, l2=1.0, init_W=W0[0], init_b=b0[0], tol=1e-4)
+    assert info["n_iter"][0] <= 5
+    # batch over pulls: weaker pull -> farther from the reference
+    Wk, bk, _ = S.fit_logreg(X, y, 3, sample_weight=w, l2=1e-3, ref_pull=[1.0, 10.0, 100.0],
+                             ref_W=W0[0], ref_b=b0[0], init_W=W0[0], init_b=b0[0], tol=1e-6)
+    dist = [(Wk[k] - W0[0]).norm().item() for k in range(3)]
+    assert dist[0] > dist[1] > dist[2]
+
+
+def test_deterministic_and_inputs_untouched():
+    X, y = _multi(n=200, d=150)
+    sw = (torch.rand(3, 200, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    Xc, yc, swc = X.clone(), y.clone(), sw.clone()
+    r1 = S.fit_logreg(X, y, 3, sample_weight=sw, l1=[1.0, 2.0, 5.0])
+    r2 = S.fit_logreg(X, y, 3, sample_weight=sw, l1=[1.0, 2.0, 5.0])
+    assert torch.equal(r1[0], r2[0]) and torch.equal(r1[1], r2[1])
+    assert torch.equal(X, Xc) and torch.equal(y, yc) and torch.equal(sw, swc)
+    assert r1[0].dtype == torch.float32 and r1[0].shape == (3, 3, 150) and r1[1].shape == (3, 3)
+
+
+def test_bad_arguments():
+    X, y = _binary(n=50, d=8)
+    with pytest.raises(ValueError):
+        S.fit_logreg(X, y, 2, l1=[1.0, 2.0], sample_weight=torch.ones(3, 50))
+    with pytest.raises(ValueError):
+        S.fit_logreg(X, y, 2, sample_weight=torch.zeros(50))
+    with pytest.raises(ValueError):
+        S.fit_logreg(X, y, 2, ref_pull=1.0)
+    with pytest.raises(ValueError):
+        S.fit_logreg(X, y + 5, 2)
+
+
+def test_group_helpers():
+    y = torch.tensor([0, 0, 1, 1, 1, 0])
+    g = torch.tensor([0, 1, 2, 2, 3, 0])
+    pred = torch.tensor([0, 1, 1, 0, 1, 0])
+    acc = S.group_accuracies(pred, y, g, num_groups=5)
+    assert acc[:4].tolist() == [1.0, 0.0, 0.5, 1.0] and torch.isnan(acc[4])
+    assert S.worst_group_accuracy(pred, y, g, num_groups=5) == 0.0
+    logits = torch.nn.functional.one_hot(pred, 2).float()
+    assert torch.equal(S.group_accuracies(logits, y, g), acc[:4])
+    batch = torch.stack([pred, y])
+    wk = S.worst_group_accuracy(batch, y, g)
+    assert wk.tolist() == [0.0, 1.0]
+    assert S.inferred_groups(pred, y).tolist() == [0, 1, 2, 3, 2, 0]
+
+
+def test_sampling_helpers():
+    gen = torch.Generator().manual_seed(0)
+    groups = torch.tensor([0] * 50 + [1] * 10 + [2] * 30 + [3] * 3)
+    w = S.balanced_subsample_weights(groups, 4, gen)
+    for k in range(4):
+        tot = torch.zeros(4).index_add_(0, groups, w[k])
+        assert torch.allclose(tot, torch.full((4,), 3.0))
+    w = S.balanced_subsample_weights(groups, 2, gen, min_per_group=10)
+    tot = torch.zeros(4).index_add_(0, groups, w[0])
+    assert torch.allclose(tot, torch.full((4,), 10.0))       # group 3 up-weighted
+    a, b = S.stratified_split(groups, 0.5, gen)
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(groups.numel()))
+    for gid in range(4):
+        assert int((groups[a] == gid).sum()) >= 1 and int((groups[b] == gid).sum()) >= 1
+    cw = S.class_balanced_weights(torch.tensor([0, 0, 0, 1]), 2)
+    assert torch.allclose(cw, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0]))
+
+
+def test_fold_affine_shapes():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(7, 5, generator=g)
+    W, b = torch.randn(3, 5, generator=g), torch.randn(3, generator=g)
+    s, t = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    Wf, bf = S.fold_affine(W, b, s, t)
+    assert torch.allclose((X * s + t) @ W.T + b, X @ Wf.T + bf, atol=1e-5)
+    Wk = torch.randn(2, 3, 5, generator=g)
+    bk = torch.randn(2, 3, generator=g)
+    sk, tk = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    Wkf, bkf = S.fold_affine(Wk, bk, sk, tk)
+    for k in range(2):
+        assert torch.allclose((X * sk[k] + tk[k]) @ Wk[k].T + bk[k], X @ Wkf[k].T + bkf[k], atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    X, y = _multi(n=300, d=150)
+    sw = (torch.rand(3, 300, generator=torch.Generator().manual_seed(0)) < 0.4).float()
+    Wc, bc, ic = S.fit_logreg(X, y, 3, sample_weight=sw, l1=[1.0, 3.0, 10.0], tol=1e-6)
+    Wg, bg, ig = S.fit_logreg(X, y, 3, sample_weight=sw, l1=[1.0, 3.0, 10.0], tol=1e-6, device="cuda")
+    assert Wg.device.type == "cuda"
+    assert np.allclose(ic["objective"], ig["objective"], rtol=1e-4)
