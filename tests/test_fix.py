@@ -134,3 +134,52 @@ def test_fix_bad_inputs(timm_folder, tmp_path):
     code, _, err = run_cli("fix", timm_folder, "--data", two, "--recipe", "nope", "-q")
     assert code == 2 and "unknown recipe" in err
     assert not any(p.name.endswith("-repaired") for p in timm_folder.parent.iterdir())
+
+
+def _check_export(rep, path_suffix):
+    e = rep["export"]
+    assert e["passed"] is True
+    assert e["max_abs_diff"] is not None and e["max_abs_diff"] <= e["tolerance"]
+    assert e["argmax_agreement"] == 1.0 and e["n_verified"] > 0
+    assert e["path"].endswith(path_suffix)
+    return e
+
+
+def test_fix_export_onnx_timm_transformers_and_onnx(timm_folder, repair_images, bert_folder, repair_texts, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "timm-fixed"
+    code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", "dfr", "--out", out,
+                                "--export", "onnx", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    _check_export(rep, "model.onnx")
+    m = onnx.load(str(out / "model.onnx"))
+    props = {p.key: p.value for p in m.metadata_props}
+    assert props["repair.method"] == "dfr" and props["repair.source_sha256"] == rep["model"]["sha256"]
+    assert [i.name for i in m.graph.input] == ["pixel_values"] and [o.name for o in m.graph.output] == ["logits"]
+
+    out = tmp_path / "bert-fixed"
+    code, stdout, err = run_cli("fix", bert_folder, "--data", repair_texts, "--recipe", "afr", "--out", out,
+                                "--export", "onnx", "--json", "-q")
+    assert code == 0, err
+    e = _check_export(json.loads(stdout), "model.onnx")
+    assert e["tolerance"] == pytest.approx(1e-4)
+
+    # a deployed ONNX model: repaired in its graph, same inputs/outputs
+    src = tmp_path / "deployed.onnx"
+    code, _, err = run_cli("export", timm_folder, "--data", repair_images, "--format", "onnx", "--out", src, "-q")
+    assert code == 0, err
+    fixed = tmp_path / "deployed-fixed.onnx"
+    code, stdout, err = run_cli("fix", src, "--data", repair_images, "--recipe", "dfr", "--out", fixed,
+                                "--export", "onnx", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    _check_export(rep, "deployed-fixed.onnx")
+    a, b = onnx.load(str(src)), onnx.load(str(fixed))
+    assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input]
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output]
+    assert len(a.graph.node) == len(b.graph.node)
+    sess = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
+    assert sess.get_outputs()[0].name == "logits"
