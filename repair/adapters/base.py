@@ -144,6 +144,21 @@ class Adapter(ABC):
                 "class_names": list(self.class_names)}
 
 
+def copy_folder_except(src: Path, dst: Path, skip: Path) -> None:
+    """Create ``dst`` with every entry of ``src`` but ``skip`` (the weights file
+    that is rewritten) and hidden files."""
+    import shutil
+
+    dst.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.resolve() == skip.resolve() or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
 def read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

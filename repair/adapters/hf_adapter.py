@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -12,7 +11,7 @@ from torch import nn
 
 from ..errors import BadInput
 from ..io import load_safetensors, save_safetensors
-from .base import Adapter, HeadCapture, hash_tensors, read_json
+from .base import Adapter, HeadCapture, copy_folder_except, hash_tensors, read_json
 from .torch_module import module_name
 
 DEFAULT_MAX_LENGTH = 512
@@ -154,14 +153,7 @@ class HFTextAdapter(Adapter):
         return tensors
 
     def save(self, out: Path, metadata: dict[str, str]) -> Path:
-        out.mkdir(parents=True)
-        for item in self.source.iterdir():
-            if item.resolve() == self.weights_path.resolve() or item.name.startswith("."):
-                continue
-            if item.is_dir():
-                shutil.copytree(item, out / item.name)
-            else:
-                shutil.copy2(item, out / item.name)
+        copy_folder_except(self.source, out, self.weights_path)
         target = out / "model.safetensors"
         # transformers 4.x refuses safetensors metadata without format: pt
         save_safetensors(self.state_tensors(), target, {**self._file_metadata, "format": "pt", **metadata})

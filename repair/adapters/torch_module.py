@@ -7,7 +7,6 @@ the same code serves every architecture, CNN or ViT.
 from __future__ import annotations
 
 import importlib
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,7 +16,7 @@ from torch import nn
 
 from ..errors import BadInput
 from ..io import load_state_dict_file, save_safetensors
-from .base import Adapter, HeadCapture, hash_tensors
+from .base import Adapter, HeadCapture, copy_folder_except, hash_tensors
 from .images import ImageCollate
 
 
@@ -138,14 +137,7 @@ class TorchImageAdapter(Adapter):
     def save(self, out: Path, metadata: dict[str, str]) -> Path:
         meta = {**self._file_tensors_meta, **metadata}
         if self.source.is_dir():
-            out.mkdir(parents=True)
-            for item in self.source.iterdir():
-                if item.resolve() == self.weights_path.resolve() or item.name.startswith("."):
-                    continue
-                if item.is_dir():
-                    shutil.copytree(item, out / item.name)
-                else:
-                    shutil.copy2(item, out / item.name)
+            copy_folder_except(self.source, out, self.weights_path)
             target = out / "model.safetensors"
         else:
             target = out
