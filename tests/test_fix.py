@@ -108,7 +108,7 @@ def test_fix_auto_label_free_with_eval(timm_folder, repair_images, tmp_path):
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["settings"]["group_labels"] == "none"
-    assert "inferred" in rep["selection_criterion"]
+    assert "worst-class" in rep["selection_criterion"] and "out-of-fold" in rep["selection_criterion"]
     assert rep["measured_on"].startswith("separate evaluation data")
     assert rep["after"]["worst_group_accuracy"] is not None
     ran = [c for c in rep["candidates"] if "score" in c]
