@@ -26,8 +26,8 @@ No group labels are ever used.
    retrained on the masked identification part (class-balanced weights, L2, all
    candidates in ONE batched solver call with per-problem feature masks, warm-started
    at the masked original head) and scored on the held-out part by ``selection``:
-   ``"worst_inferred_group"`` (default; groups = class x correct/incorrect under the
-   original head) or ``"worst_class"``.
+   ``"worst_class"`` (default) or ``"worst_inferred_group"`` (groups = class x
+   correct/incorrect under the original head).
 5. The chosen mask is kept; the head is retrained on all of ``inputs`` (masked,
    class-balanced) and the mask is folded in: ``W' = W diag(m)`` (:func:`fold_head`),
    so masked dimensions have exactly zero weight.
@@ -41,7 +41,8 @@ Config fields (:class:`NeuronTuneConfig`):
   of the positive aggregated deltas.
 - ``include_no_mask`` (True): also consider masking nothing.
 - ``delta_scale`` ("raw"): "raw" | "std".
-- ``selection`` ("worst_inferred_group"): "worst_inferred_group" | "worst_class".
+- ``selection`` ("worst_class"): "worst_class" | "worst_inferred_group" (worst-class
+  accuracy is the label-free default throughout ``repair``: see :mod:`repair.fix`).
 - ``l2`` (1.0): L2 strength of the retrained head (sklearn ``1/C``, weights sum to n).
 - ``standardize`` (True), ``tol`` (1e-4), ``max_iter`` (1000): solver settings.
 - ``report_top`` (50): how many suppressed neurons (largest delta first) to list.
@@ -66,7 +67,7 @@ class NeuronTuneConfig:
     threshold_quantiles: tuple = (0.5, 0.75, 0.9, 0.95, 0.98)
     include_no_mask: bool = True
     delta_scale: str = "raw"
-    selection: str = "worst_inferred_group"
+    selection: str = "worst_class"
     l2: float = 1.0
     standardize: bool = True
     tol: float = 1e-4

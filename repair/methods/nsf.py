@@ -23,8 +23,8 @@ No group labels are ever used. All geometry happens on standardised embeddings
    shared solver and ``T`` is folded back: ``W' = W diag(w)``, ``b' = b + W((w-1)*beta)``
    (:func:`fold_head`), then the standardisation.
 5. ``identity_reg`` is chosen from ``identity_reg_grid`` on a held-out part of
-   ``inputs`` (class-stratified) by ``selection`` (``"worst_inferred_group"``: class x
-   correct/incorrect under the original head, default; or ``"worst_class"``); all
+   ``inputs`` (class-stratified) by ``selection`` (``"worst_class"``, default; or
+   ``"worst_inferred_group"``: class x correct/incorrect under the original head); all
    candidates are one batched solver call (per-problem feature maps). The final map
    and head are refitted on all of ``inputs`` with the chosen strength.
 
@@ -32,7 +32,8 @@ Config fields (:class:`NSFConfig`):
 
 - ``identity_reg_grid`` (0.001, 0.01, 0.1, 1.0): strengths of the pull of ``T`` to identity.
 - ``holdout_fraction`` (0.5): share of ``inputs`` held out to score candidates.
-- ``selection`` ("worst_inferred_group"): "worst_inferred_group" | "worst_class".
+- ``selection`` ("worst_class"): "worst_class" | "worst_inferred_group" (worst-class
+  accuracy is the label-free default throughout ``repair``: see :mod:`repair.fix`).
 - ``l2`` (1.0): L2 strength of the head on ``T(z)`` (sklearn ``1/C``, weights sum to n).
 - ``min_scale`` (0.0): floor for ``w`` (keeps every dimension usable if > 0).
 - ``tol`` (1e-4), ``max_iter`` (1000): solver settings.
@@ -54,7 +55,7 @@ __all__ = ["NSFConfig", "nsf", "fit_affine_map", "class_targets", "apply_transfo
 class NSFConfig:
     identity_reg_grid: tuple = (0.001, 0.01, 0.1, 1.0)
     holdout_fraction: float = 0.5
-    selection: str = "worst_inferred_group"
+    selection: str = "worst_class"
     l2: float = 1.0
     min_scale: float = 0.0
     tol: float = 1e-4
