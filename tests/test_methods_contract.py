@@ -175,3 +175,57 @@ def test_cuda_runs_and_returns_cpu(m, problems):
     out = m(inp)
     assert out.W.device.type == "cpu" and out.W.dtype == torch.float32
     assert _wga(p, out.W, out.b) >= _wga(p, p["W"], p["b"]) + 0.10
+
+
+# --- dfr: both protocols ------------------------------------------------------------------
+
+@pytest.mark.parametrize("C", [2, 3])
+def test_dfr_paper_protocol_still_available(C, problems):
+    from repair.methods import get_method
+    m = get_method("dfr")
+    p = problems[C]
+    base = _wga(p, p["W"], p["b"])
+    for with_groups in (True, False):
+        out = m(_inputs(p, with_groups), m.make_config({"protocol": "paper", "n_refits": 4}))
+        assert out.diagnostics["protocol"] == "paper"
+        assert out.diagnostics["chosen_C"] in (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+        assert _wga(p, out.W, out.b) >= base + 0.10
+
+
+def test_dfr_fast_protocol_details(problems):
+    from repair.methods import get_method
+    from repair.methods.dfr import FAST_C_GRID
+    m = get_method("dfr")
+    p = problems[2]
+    X = p["X"].clone()
+    X[:, 5] = 3.0                                   # a constant feature: dropped, weight 0
+    inp = RepairInputs(X=X, y=p["y"], W=p["W"], b=p["b"], groups=p["groups"], seed=3)
+    out = m(inp)
+    d = out.diagnostics
+    assert d["protocol"] == "fast" and d["chosen_C"] in FAST_C_GRID
+    assert d["active_features"] == X.shape[1] - 1 and torch.all(out.W[:, 5] == 0)
+    assert [r["C"] for r in d["tuning"]] == list(FAST_C_GRID) and d["solver_converged"]
+    assert sum(d["fold_sizes"]) == X.shape[0]
+    # binary head = [-v/2, v/2]: softmax is the fitted sigmoid
+    assert torch.allclose(out.W[0], -out.W[1]) and torch.allclose(out.b[0], -out.b[1])
+    # one C: no selection, one fit on all rows
+    one = m(inp, m.make_config({"c_grid": [1.0]}))
+    assert one.diagnostics["chosen_C"] == 1.0 and one.diagnostics["fold_sizes"] == [X.shape[0]]
+    # group_cap thins the large groups (seeded): fewer rows, still a repair
+    capped = m(_inputs(p, True), m.make_config({"group_cap": 1.2}))
+    cd = capped.diagnostics
+    assert cd["rows_fitted"] < cd["rows_given"] == p["X"].shape[0] and sum(cd["fold_sizes"]) == cd["rows_fitted"]
+    assert _wga(p, capped.W, capped.b) >= _wga(p, p["W"], p["b"]) + 0.10
+    assert d["rows_fitted"] == d["rows_given"]        # default cap 4: no group that large here
+    with pytest.raises(ValueError):
+        m(inp, m.make_config({"protocol": "nope"}))
+    with pytest.raises(ValueError):
+        m(inp, m.make_config({"c_grid": [1.0, -1.0]}))
+
+
+def test_mix_runs_the_paper_protocol_only(problems):
+    from repair.methods import get_method
+    m = get_method("mix")
+    assert m.default_config().protocol == "paper"
+    with pytest.raises(ValueError):
+        m(_inputs(problems[2], True), m.make_config({"protocol": "fast"}))

@@ -240,6 +240,77 @@ def test_fold_affine_shapes():
         assert torch.allclose((X * sk[k] + tk[k]) @ Wk[k].T + bk[k], X @ Wkf[k].T + bkf[k], atol=1e-5)
 
 
+def test_expected_balanced_weights_is_the_subsample_average():
+    groups = torch.tensor([0] * 50 + [1] * 10 + [2] * 30 + [3] * 3)
+    for floor in (0, 10):
+        w = S.expected_balanced_weights(groups, floor)
+        sub = S.balanced_subsample_weights(groups, 1500, torch.Generator().manual_seed(0), min_per_group=floor)
+        tot = torch.zeros(4).index_add_(0, groups, w)
+        assert torch.allclose(tot, torch.full((4,), float(max(3, floor))))
+        # the exact expectation of the random subsample indicators
+        assert torch.allclose(sub.mean(0), w, atol=0.05)
+    mask = groups != 3
+    w = S.expected_balanced_weights(groups, 0, mask=mask)
+    assert torch.all(w[~mask] == 0) and torch.allclose(torch.zeros(4).index_add_(0, groups, w)[:3], torch.full((3,), 10.0))
+
+
+def _sk_l2(X, t, w, C):
+    from sklearn.linear_model import LogisticRegression
+    m = LogisticRegression(C=C, tol=1e-12, max_iter=100000).fit(X.double().numpy(), t.numpy(),
+                                                                   sample_weight=w.double().numpy())
+    return torch.tensor(m.coef_[0]), float(m.intercept_[0])
+
+
+@pytest.mark.parametrize("form", ["primal", "kernel"])
+def test_binary_l2_path_matches_sklearn(form):
+    g = torch.Generator().manual_seed(0)
+    for n, d in ((150, 20), (40, 70)):                     # n > d and n < d
+        Z = torch.randn(2, n, d, generator=g, dtype=torch.float64)
+        t = (Z[..., 0] + 0.7 * torch.randn(2, n, generator=g, dtype=torch.float64) > 0).double()
+        w = torch.rand(2, n, generator=g, dtype=torch.float64) + 0.5
+        w[1, -7:] = 0.0                                   # padding rows: ignored
+        Cs = [0.01, 0.3, 10.0]
+        V, c, info = S.fit_binary_l2_path(Z, t, w, [1 / C for C in Cs], tol=1e-12, form=form,
+                                          factor_dtype=torch.float64)
+        assert info["form"] == form and all(info["converged"])
+        for k in range(2):
+            for j, C in enumerate(Cs):
+                coef, icpt = _sk_l2(Z[k], t[k], w[k], C)
+                scale = 1.0 + float(coef.abs().max())
+                assert float((V[k, j] - coef).abs().max()) <= 1e-5 * scale
+                assert abs(float(c[k, j]) - icpt) <= 1e-5 * scale
+
+
+def test_binary_l2_path_float32_forms_agree_and_path_equals_cold_fits():
+    X, y = _binary(n=300, d=40)
+    Z = _std(X).float().unsqueeze(0)
+    t, w = y.double().unsqueeze(0), torch.ones(1, 300, dtype=torch.float64)
+    lams = [30.0, 3.0, 0.3]
+    Vp, cp, ip = S.fit_binary_l2_path(Z, t, w, lams, tol=1e-8, form="primal")
+    Vk, ck, ik = S.fit_binary_l2_path(Z, t, w, lams, tol=1e-8, form="kernel")
+    assert ip["form"] == "primal" and ik["form"] == "kernel"
+    assert torch.allclose(Vp, Vk, atol=2e-3) and torch.allclose(cp, ck, atol=2e-3)
+    for j, lam in enumerate(lams):                        # warm-started path == separate fits
+        V1, c1, _ = S.fit_binary_l2_path(Z, t, w, [lam], tol=1e-8)
+        assert torch.allclose(V1[0, 0], Vp[0, j], atol=2e-3) and abs(float(c1[0, 0] - cp[0, j])) < 2e-3
+    # the auto form picks the cheaper parametrisation
+    assert S.newton_cost(300, 40)[1] == "primal" and S.newton_cost(100, 1000)[1] == "kernel"
+    with pytest.raises(ValueError):
+        S.fit_binary_l2_path(Z, t, w, [])
+    with pytest.raises(ValueError):
+        S.fit_binary_l2_path(Z, t, -w, [1.0])
+
+
+def test_binary_l2_path_separable_and_one_class():
+    # separable data at a weak penalty, and a problem with one class only: finite, converged
+    g = torch.Generator().manual_seed(1)
+    Z = torch.randn(2, 60, 5, generator=g)
+    t = torch.stack([(Z[0, :, 0] > 0).double(), torch.zeros(60, dtype=torch.float64)])
+    V, c, info = S.fit_binary_l2_path(Z, t, torch.ones(2, 60), [1.0, 1e-3], tol=1e-6)
+    assert torch.isfinite(V).all() and torch.isfinite(c).all() and all(info["converged"])
+    assert float(c[1, -1]) < -3 and float(V[1].abs().max()) < 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     X, y = _multi(n=300, d=150)

@@ -1,16 +1,48 @@
 """DFR: Deep Feature Reweighting (Kirichenko, Izmailov & Wilson, 2022), last-layer part.
 
-Protocol (``dfr_val`` in the paper's code, made batched):
+Two protocols (``protocol``), both refit the head on ``inputs`` only, with groups
+from ``inputs.groups`` when given (``group_source="auto"``/``"given"``), else
+*inferred* groups = class x (correct / incorrect under the original head), the
+convention of :func:`repair.solver.inferred_groups`.
 
-1. Groups: ``inputs.groups`` when given (``group_source="auto"``/``"given"``), else
-   *inferred* groups = class x (correct / incorrect under the original head), the
-   convention of :func:`repair.solver.inferred_groups`.
-2. Split ``inputs`` in two halves stratified by group (seeded). For every strength
+``protocol="fast"`` (default): a group-balanced L2 logistic head, ``C`` chosen by
+2-fold cross-validated worst-group accuracy.
+
+1. Standardise the features over all rows; constant features are dropped (their
+   weight is 0). Groups larger than ``group_cap * n_g`` rows (``n_g`` below) are
+   thinned to that many rows (bounded cost on big unbalanced sets). Split the rows in
+   two halves stratified by group (seeded).
+2. On each half, fit L2 logistic regressions (sklearn's binary ``C`` convention:
+   ``sum_i w_i CE_i + ||v||^2 / (2C)``, intercept free) for every ``C`` in ``c_grid``,
+   with *expected* group-balanced weights instead of random subsamples: every row
+   gets ``n_g / count(its group)``, ``n_g = max(smallest group, min_subsample_per_group)``
+   -- the average of DFR's subsample indicators, so one weighted fit replaces the
+   average over subsamples and ``C`` means what it means for a DFR subsample.
+   Both halves and the whole ``C`` path are ONE call of
+   :func:`repair.solver.fit_binary_l2_path` (batched damped Newton, warm-started from
+   the strongest penalty, primal or Gram-matrix form, whichever is cheaper).
+3. Score every ``C`` by worst-group accuracy of the cross-validated predictions
+   (each row predicted by the head of the half it is not in; ties: mean accuracy,
+   then ``c_grid`` order). The head is the average of the two half heads at the chosen
+   ``C`` (no refit). Two classes: one binary logit ``v.x + c`` returned as the
+   2-row head ``[-v/2, v/2]`` (softmax = the fitted sigmoid); more classes:
+   one-vs-rest binary fits, the head rows are their logits.
+
+It needs no iterative first-order solver and no repeated refits: on the
+benchmark tasks it fits in tens of milliseconds on one CPU thread, 5-100x faster
+than the paper protocol's sklearn implementation, at equal or better worst-group
+accuracy (L2 vs L1 made no systematic difference there; the cross-validated choice
+of ``C`` is less noisy than one half-split).
+
+``protocol="paper"``: the paper's ``dfr_val`` protocol (made batched; the exact
+recipe of the paper, kept for reproduction):
+
+1. Split ``inputs`` in two halves stratified by group (seeded). For every strength
    ``C`` in ``c_grid`` fit an L1 logistic regression (sklearn's ``C`` convention, see
    :mod:`repair.solver`) on ``n_tune_refits`` group-balanced subsamples of the first
    half; score the (averaged) head on the second half by worst-group accuracy. All
    ``len(c_grid) * n_tune_refits`` fits are ONE batched solver call.
-3. With the chosen ``C`` fit ``n_refits`` heads on group-balanced subsamples of *all*
+2. With the chosen ``C`` fit ``n_refits`` heads on group-balanced subsamples of *all*
    of ``inputs`` (ONE batched call with (K, N) 0/1 sample weights) and average them.
 
 Features are standardised with statistics of the fitted rows and the
@@ -22,21 +54,31 @@ up-weighted to a total of ``n_g`` (a no-op when every group has at least
 ``min_subsample_per_group`` members, i.e. exact DFR then; it avoids degenerate
 subsamples when an inferred "misclassified" group has 2 members).
 
-:func:`fit_balanced_l1` is the reusable fitting core (also used by ``mix``): it
-takes a ``problem_builder`` that turns (X, y, groups) into the per-problem training
-data, so variants only change how the training sets are built.
+:func:`fit_balanced_l1` is the reusable fitting core of the paper protocol (also
+used by ``mix``): it takes a ``problem_builder`` that turns (X, y, groups) into the
+per-problem training data, so variants only change how the training sets are built.
 
 Config fields (:class:`DFRConfig`, stable names for recipes):
 
-- ``c_grid`` (1, .7, .3, .1, .07, .03, .01): inverse L1 strengths tried (sklearn ``C``).
-- ``n_refits`` (20): balanced refits averaged into the final head.
-- ``n_tune_refits`` (1): balanced subsamples per ``C`` during tuning (heads averaged).
-- ``tune_fraction`` (0.5): share of ``inputs`` fitted on during tuning (the rest scores).
+- ``protocol`` ("fast"): "fast" or "paper" (see above).
+- ``c_grid`` (None = the protocol's grid): inverse penalty strengths tried (sklearn
+  ``C``); fast: L2, (10, 3, 1, .3, .1, .03); paper: L1, (1, .7, .3, .1, .07, .03, .01).
+- ``n_refits`` (20): paper only: balanced refits averaged into the final head.
+- ``n_tune_refits`` (1): paper only: balanced subsamples per ``C`` during tuning.
+- ``tune_fraction`` (0.5): paper only: share of ``inputs`` fitted on during tuning
+  (the fast protocol always uses two halves, each scoring the other).
 - ``group_source`` ("auto"): "auto" (given if available else inferred), "given", "inferred".
-- ``min_subsample_per_group`` (20): floor of the per-group subsample size (see above).
-- ``standardize`` (True): standardise features before the L1 fit (folded back).
-- ``tol`` (1e-4), ``max_iter`` (2000): solver stopping rule (gradient-mapping norm of
-  the mean loss) and iteration cap.
+- ``min_subsample_per_group`` (20): floor of the per-group subsample size (paper) /
+  of the per-group total weight ``n_g`` (fast), see above.
+- ``standardize`` (True): standardise features before the fit (folded back).
+- ``group_cap`` (4.0): fast only: a group with more than ``group_cap * n_g`` rows is
+  thinned to that many (seeded random) rows before the split, so the cost stays
+  bounded on large unbalanced repair sets (DFR itself keeps ``n_g``); None or 0 = all
+  rows. No effect when groups are balanced.
+- ``tol``, ``max_iter`` (None = the protocol's defaults): solver stopping rule and
+  iteration cap. fast (1e-3, 50): Newton decrement (predicted objective gap) per unit
+  of sample weight, Newton steps per path point; paper (1e-4, 2000): gradient-mapping
+  norm of the mean loss, FISTA iterations.
 """
 from __future__ import annotations
 
@@ -49,20 +91,39 @@ from . import RepairInputs, RepairOutput, register_method
 from .. import solver as S
 
 __all__ = ["DFRConfig", "dfr", "fit_balanced_l1", "resolve_groups", "subsample_problems",
-           "apply_transform", "fold_head", "example_transform", "run_balanced_protocol"]
+           "apply_transform", "fold_head", "example_transform", "run_balanced_protocol",
+           "run_fast_protocol", "resolved", "PAPER_C_GRID", "FAST_C_GRID"]
+
+
+PAPER_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+FAST_C_GRID = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03)
+_DEFAULTS = {"paper": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
+             "fast": {"c_grid": FAST_C_GRID, "tol": 1e-3, "max_iter": 50}}
 
 
 @dataclass
 class DFRConfig:
-    c_grid: tuple = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+    protocol: str = "fast"
+    c_grid: Optional[tuple] = None
     n_refits: int = 20
     n_tune_refits: int = 1
     tune_fraction: float = 0.5
     group_source: str = "auto"
     min_subsample_per_group: int = 20
     standardize: bool = True
-    tol: float = 1e-4
-    max_iter: int = 2000
+    tol: Optional[float] = None
+    max_iter: Optional[int] = None
+    group_cap: Optional[float] = 4.0
+
+
+def resolved(cfg, name: str):
+    """``cfg.<name>``, or the protocol's default when it is None."""
+    v = getattr(cfg, name)
+    if v is not None:
+        return v
+    if cfg.protocol not in _DEFAULTS:
+        raise ValueError(f"protocol must be 'fast' or 'paper', got {cfg.protocol!r}")
+    return _DEFAULTS[cfg.protocol][name]
 
 
 # --- folding (standardisation) ------------------------------------------------------------
@@ -122,7 +183,8 @@ def fit_balanced_l1(X: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_
     Xf, yf, w = builder(X, y, groups, K, generator, int(cfg.min_subsample_per_group))
     l1 = torch.tensor([1.0 / c for c in c_values for _ in range(n_per_c)])
     W, b, info = S.fit_logreg(Xf, yf, num_classes, sample_weight=w, l1=l1,
-                              standardize=cfg.standardize, tol=cfg.tol, max_iter=cfg.max_iter,
+                              standardize=cfg.standardize, tol=float(resolved(cfg, "tol")),
+                              max_iter=int(resolved(cfg, "max_iter")),
                               device=device)
     D = W.shape[-1]
     W = W.view(len(c_values), n_per_c, num_classes, D).mean(1)
@@ -134,9 +196,13 @@ def fit_balanced_l1(X: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_
 
 def run_balanced_protocol(inputs: RepairInputs, cfg, problem_builder: Optional[ProblemBuilder] = None,
                           method_name: str = "dfr") -> RepairOutput:
-    """Tune ``C`` on a held-out half by worst-group accuracy, refit on all inputs
-    (shared by ``dfr`` and ``mix``)."""
-    if not cfg.c_grid:
+    """The paper protocol: tune ``C`` on a held-out half by worst-group accuracy, then
+    average balanced refits on all inputs (shared by ``dfr`` with ``protocol="paper"``
+    and ``mix``)."""
+    if cfg.protocol != "paper":
+        raise ValueError(f"run_balanced_protocol runs protocol 'paper', got {cfg.protocol!r}")
+    c_grid = tuple(float(c) for c in resolved(cfg, "c_grid"))
+    if not c_grid:
         raise ValueError("c_grid is empty")
     if cfg.n_refits < 1 or cfg.n_tune_refits < 1:
         raise ValueError("n_refits and n_tune_refits must be >= 1")
@@ -149,21 +215,22 @@ def run_balanced_protocol(inputs: RepairInputs, cfg, problem_builder: Optional[P
 
     tr, ho = S.stratified_split(groups, cfg.tune_fraction, gen)
     tune_scores = []
-    chosen = float(cfg.c_grid[0])
-    if len(cfg.c_grid) > 1 and ho.numel() > 0:
-        Wt, bt, tinfo = fit_balanced_l1(X[tr], y[tr], groups[tr], C, cfg.c_grid, cfg.n_tune_refits,
+    chosen = float(c_grid[0])
+    if len(c_grid) > 1 and ho.numel() > 0:
+        Wt, bt, tinfo = fit_balanced_l1(X[tr], y[tr], groups[tr], C, c_grid, cfg.n_tune_refits,
                                         cfg, gen, inputs.device, problem_builder)
         worst, mean = S.selection_scores(X[ho], y[ho], Wt, bt, groups[ho])
         best = S.pick_best(worst, mean)
-        chosen = float(cfg.c_grid[best])
+        chosen = float(c_grid[best])
         tune_scores = [{"C": float(c), "heldout_worst_group_acc": float(worst[i]),
                         "heldout_mean_acc": float(mean[i]), "solver_iters": int(tinfo["n_iter"][i * cfg.n_tune_refits])}
-                       for i, c in enumerate(cfg.c_grid)]
+                       for i, c in enumerate(c_grid)]
     Wf, bf, finfo = fit_balanced_l1(X, y, groups, C, [chosen], cfg.n_refits, cfg, gen,
                                     inputs.device, problem_builder)
     counts = torch.bincount(groups, minlength=n_groups).tolist()
     diag = {
         "method": method_name,
+        "protocol": "paper",
         "chosen_C": chosen,
         "group_source": source,
         "n_groups_present": int(sum(1 for c in counts if c > 0)),
@@ -180,8 +247,160 @@ def run_balanced_protocol(inputs: RepairInputs, cfg, problem_builder: Optional[P
                         b=bf[0].detach().float().cpu().contiguous(), diagnostics=diag)
 
 
-@register_method("dfr", summary="Deep Feature Reweighting: L1 logistic head on group-balanced "
-                                "subsamples, C tuned on a held-out half by worst-group accuracy",
+def _fold_problems(Z, y, groups, folds, num_classes, min_per_group):
+    """Per-fold binary problems (one per fold for 2 classes, one-vs-rest otherwise):
+    ``(Z (K,n,d), t (K,n), w (K,n), n_tasks)``, every fold's rows gathered and padded to
+    a common length ``n`` with zero weights (problems are fold-major)."""
+    n = max(int(f.numel()) for f in folds)
+    tasks = [1] if num_classes == 2 else list(range(num_classes))
+    idx, ws = [], []
+    for f in folds:
+        pad = n - f.numel()
+        w = S.expected_balanced_weights(groups[f], min_per_group)
+        idx.append(torch.cat([f, f[:1].expand(pad)]) if pad else f)
+        ws.append(torch.cat([w, torch.zeros(pad)]) if pad else w)
+    idx = torch.stack(idx)                                              # (F,n)
+    Zf = Z.index_select(0, idx.flatten().to(Z.device)).view(len(folds), 1, n, -1)
+    Zf = Zf.expand(-1, len(tasks), -1, -1).reshape(len(folds) * len(tasks), n, -1)
+    t = torch.stack([(y[idx] == c) for c in tasks], 1).reshape(-1, n).double()
+    w = torch.stack(ws).unsqueeze(1).expand(-1, len(tasks), -1).reshape(-1, n).double()
+    return Zf, t, w, len(tasks)
+
+
+def _head_from_binary(v: torch.Tensor, c: torch.Tensor, num_classes: int):
+    """Binary scores (T=1, D) -> 2-row head ``[-v/2, v/2]`` (softmax = the fitted
+    sigmoid); one-vs-rest scores (T=C, D) are the head as they are."""
+    if num_classes == 2:
+        return torch.stack([-0.5 * v[0], 0.5 * v[0]]), torch.stack([-0.5 * c[0], 0.5 * c[0]])
+    return v, c
+
+
+def _capped_rows(groups: torch.Tensor, cfg, gen: torch.Generator) -> Optional[torch.Tensor]:
+    """Sorted row indices keeping at most ``group_cap * n_g`` (seeded random) rows of
+    every group, or None when no group is that large (or no cap)."""
+    cap = cfg.group_cap
+    if not cap or cap <= 0 or groups.numel() == 0:
+        return None
+    counts = torch.bincount(groups)
+    n_g = max(int(counts[counts > 0].min()), int(cfg.min_subsample_per_group))
+    limit = max(1, int(cap * n_g))
+    if int(counts.max()) <= limit:
+        return None
+    keep = []
+    for g in torch.nonzero(counts).flatten().tolist():
+        idx = torch.nonzero(groups == g).flatten()
+        if idx.numel() > limit:
+            idx = idx[torch.randperm(idx.numel(), generator=gen)[:limit]]
+        keep.append(idx)
+    return torch.sort(torch.cat(keep)).values
+
+
+def run_fast_protocol(inputs: RepairInputs, cfg, method_name: str = "dfr") -> RepairOutput:
+    """The fast protocol (see the module docstring): ``C`` chosen by 2-fold
+    cross-validated worst-group accuracy along a warm-started L2 path; the head is
+    the average of the two fold heads at that ``C``."""
+    c_grid = tuple(float(c) for c in resolved(cfg, "c_grid"))
+    if not c_grid:
+        raise ValueError("c_grid is empty")
+    if min(c_grid) <= 0:
+        raise ValueError("c_grid values must be positive")
+    tol, max_iter = float(resolved(cfg, "tol")), int(resolved(cfg, "max_iter"))
+    dev = torch.device(inputs.device)
+    N, D = inputs.X.shape
+    # small problems: one CPU thread (synchronisation costs more than it saves)
+    n_thr = 1 if dev.type == "cpu" and N * D * min(N, D) < 1e9 else None
+    with S.cpu_threads(n_thr):
+        return _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name)
+
+
+def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
+    gen = torch.Generator().manual_seed(int(inputs.seed))
+    X = inputs.X.detach().to(dev, torch.float32)
+    y = inputs.y.detach().long().cpu()
+    C = inputs.num_classes
+    N, D = X.shape
+    groups, source = resolve_groups(inputs, cfg.group_source)
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    # constant features carry no signal (their weight is exactly 0 under an L2
+    # penalty): they are dropped; the others are standardised (statistics over all rows)
+    active = torch.nonzero(X.amax(0) > X.amin(0)).flatten()
+    if active.numel() == 0:
+        active = torch.zeros(1, dtype=torch.long, device=dev)
+    Xa = X if active.numel() == D else X.index_select(1, active)
+    if cfg.standardize:
+        mu = Xa.mean(0)
+        Z = Xa - mu
+        sd = (Z * Z).mean(0).sqrt_()
+        scale = 1.0 / torch.where(sd > 1e-6, sd, torch.ones_like(sd))     # as S.standardization
+        Z.mul_(scale)
+        shift = -mu * scale
+    else:
+        Z = Xa
+        scale, shift = torch.ones(active.numel(), device=dev), torch.zeros(active.numel(), device=dev)
+    n_rows = N
+    counts = torch.bincount(groups, minlength=n_groups).tolist()
+    keep = _capped_rows(groups, cfg, gen)
+    if keep is not None:                  # large groups thinned to group_cap * n_g rows
+        Z, y, groups = Z.index_select(0, keep.to(dev)), y[keep], groups[keep]
+        N = keep.numel()
+    A, B = S.stratified_split(groups, 0.5, gen)
+    select = len(c_grid) > 1 and A.numel() > 0 and B.numel() > 0
+    folds = [A, B] if select else [torch.arange(N)]
+    Zf, tf, wf, T = _fold_problems(Z, y, groups, folds, C, int(cfg.min_subsample_per_group))
+    order = sorted(range(len(c_grid)), key=lambda i: c_grid[i]) if select else [0]   # strong penalty first
+    l2 = [1.0 / c_grid[i] for i in order]
+    V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
+                                      num_threads=None)
+    Fn, L, Da = len(folds), len(l2), Z.shape[1]
+    V = V.to(torch.float32).view(Fn, T, L, Da)
+    c = c.to(torch.float32).view(Fn, T, L)
+    tune_scores = []
+    j = 0
+    if select:
+        # cross-validated predictions: every row scored by the fold head not fitted on it
+        pred = torch.empty(L, N, dtype=torch.long)
+        for ho, k in ((B, 0), (A, 1)):
+            Zh = Zf[(1 - k) * T, :ho.numel()]                          # the other fold's rows
+            u = (V[k].reshape(T * L, Da) @ Zh.T).reshape(T, L, -1) + c[k].unsqueeze(-1)
+            pred[:, ho] = ((u[0] > 0).long() if C == 2 else u.argmax(0)).cpu()
+        pos = [order.index(i) for i in range(len(c_grid))]             # c_grid index -> path index
+        worst, mean = S.selection_scores_from_preds(pred[pos], y, groups)
+        j = pos[S.pick_best(worst, mean)]                                # ties: c_grid order
+        tune_scores = [{"C": c_grid[i], "cv_worst_group_acc": float(worst[i]),
+                        "cv_mean_acc": float(mean[i]), "newton_iters": int(info["n_iter"][pos[i]])}
+                       for i in range(len(c_grid))]
+    chosen = c_grid[order[j]]
+    Wi, bi = _head_from_binary(V[:, :, j].mean(0), c[:, :, j].mean(0), C)
+    Wa, b = S.fold_affine(Wi, bi, scale, shift)
+    W = torch.zeros(Wa.shape[0], D, device=dev).index_copy_(1, active, Wa)
+    diag = {
+        "method": method_name,
+        "protocol": "fast",
+        "chosen_C": chosen,
+        "group_source": source,
+        "n_groups_present": int(sum(1 for k in counts if k > 0)),
+        "group_counts": [int(k) for k in counts],
+        "tuning": tune_scores,
+        "rows_fitted": int(N),
+        "rows_given": int(n_rows),
+        "fold_sizes": [int(f.numel()) for f in folds],
+        "active_features": int(active.numel()),
+        "solver_form": info["form"],
+        "solver_newton_iters": int(sum(info["n_iter"])),
+        "solver_factorizations": int(sum(info["n_factor"])),
+        "solver_converged": bool(all(info["converged"])),
+    }
+    return RepairOutput(W=W.detach().float().cpu().contiguous(), b=b.detach().float().cpu().contiguous(),
+                        diagnostics=diag)
+
+
+@register_method("dfr", summary="Deep Feature Reweighting: group-balanced logistic head, C chosen by "
+                                "worst-group accuracy on held-out data (fast L2 protocol by default, "
+                                "protocol=paper for the paper's L1 one)",
                  config=DFRConfig, needs_groups=False, uses_groups=True)
 def dfr(inputs: RepairInputs, config: DFRConfig) -> RepairOutput:
-    return run_balanced_protocol(inputs, config, None, "dfr")
+    if config.protocol == "fast":
+        return run_fast_protocol(inputs, config, "dfr")
+    if config.protocol == "paper":
+        return run_balanced_protocol(inputs, config, None, "dfr")
+    raise ValueError(f"protocol must be 'fast' or 'paper', got {config.protocol!r}")

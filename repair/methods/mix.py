@@ -22,7 +22,9 @@ worst-group accuracy on *unmixed* data, ``n_refits`` averaged refits, one batche
 solver call each) with this builder instead of DFR's plain subsampling.
 
 Config fields (:class:`MixConfig`): all of :class:`repair.methods.dfr.DFRConfig`
-plus
+(``protocol`` defaults to, and must be, ``"paper"``: the mixed training sets are built
+per balanced subsample, so the fast protocol's single weighted fit does not apply;
+``c_grid``/``tol``/``max_iter`` left at None take the paper protocol's defaults) plus
 
 - ``mix_weight`` (0.5): the mixing coefficient ``s`` when ``mix_beta == 0``.
 - ``mix_beta`` (0.0): if > 0, draw ``s ~ Beta(mix_beta, mix_beta)`` per mixed example.
@@ -43,6 +45,7 @@ __all__ = ["MixConfig", "mix", "make_mix_builder", "apply_transform", "fold_head
 
 @dataclass
 class MixConfig(DFRConfig):
+    protocol: str = "paper"          # mix builds per-subsample training sets: paper protocol only
     mix_weight: float = 0.5
     mix_beta: float = 0.0
     n_mix_per_example: int = 1
@@ -119,6 +122,8 @@ def _beta_sample(n: int, a: float, generator: torch.Generator) -> torch.Tensor:
                                 "subsamples, then fitted exactly as DFR",
                  config=MixConfig, needs_groups=False, uses_groups=True)
 def mix(inputs: RepairInputs, config: MixConfig) -> RepairOutput:
+    if config.protocol != "paper":
+        raise ValueError(f"mix supports protocol='paper' only, got {config.protocol!r}")
     out = run_balanced_protocol(inputs, config, make_mix_builder(config), "mix")
     out.diagnostics.update({"mix_weight": float(config.mix_weight), "mix_beta": float(config.mix_beta),
                             "n_mix_per_example": int(config.n_mix_per_example)})
