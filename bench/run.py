@@ -800,8 +800,9 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
              "validation and test splits; every method and reference sees the same float32 arrays.")
     L.append("- Ours: each registered method called directly (`get_method(name)(RepairInputs(X_val, y_val, W, b, "
              "groups, seed))`) on the whole validation split. `auto`: `repair.fix.fix_model(recipe='auto', "
-             "eval_data=test)` — the real pipeline, which splits the validation data itself into fit and "
-             "selection parts and refits the chosen candidate on both.")
+             "eval_data=test)` — the real pipeline, which compares the candidates by 2-fold out-of-fold "
+             "predictions on the validation data (worst-group accuracy with groups, worst-class without) "
+             "and refits the chosen one on all of it.")
     L.append("- References: see `bench/references.py` — the DFR paper's validation protocol (tune C on half, 20 "
              "group-balanced refits on the whole validation set, averaged; sklearn liblinear L1), and SpuCo's "
              "`DFR`/`DISPEL` run unchanged on the embeddings (identity backbone; two compatibility shims "
