@@ -694,7 +694,7 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
             e = {"accuracy": s_erm["acc"]["mean"], "worst_group_accuracy": s_erm["wga"]["mean"]}
         L.append(f"| {name} | {i.get('backbone', '')} | {sz.get('train', '–')} / {sz.get('val', '–')} / "
                  f"{sz.get('test', '–')} | {i.get('attribute', t.get('group_by', ''))} | {_pct(e.get('accuracy'))} | "
-                 f"{_pct(e.get('worst_group_accuracy'))} | {e.get('worst_group', '–')} | "
+                 f"{_pct(e.get('worst_group_accuracy'))} | {str(e.get('worst_group', '–')).replace('|', ' / ')} | "
                  f"{i.get('erm_train_seconds', '–')} s |")
     L.append("")
     for name, t in doc["tasks"].items():
