@@ -1,8 +1,7 @@
 """Public library functions; the CLI commands are thin shims over these."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -88,6 +87,3 @@ def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     })
     return report
 
-
-def options_record(*objs) -> dict:
-    return {type(o).__name__: asdict(o) for o in objs if o is not None}

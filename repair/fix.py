@@ -27,15 +27,16 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from .adapters import Adapter, LoadOptions, load_model
+from .adapters import LoadOptions, load_model
 from .api import RuntimeOptions, prepare_data
 from .data import DataOptions, Encoded
+from .embeddings import resolve_device
 from .errors import BadInput
 from .methods import RepairInputs, get_method
 from .metrics import evaluate, inferred_groups
@@ -142,12 +143,6 @@ def _fit_candidate(cand, X, y, W, b, groups, seed, device):
     return out, cfg, time.perf_counter() - t0
 
 
-def _device_for_fit(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def default_output(model_path: Path, family: str) -> Path:
     model_path = Path(model_path)
     if model_path.is_dir():
@@ -200,7 +195,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     else:
         fit_idx, report_idx = stratified_split(strata, [o.report_fraction], o.seed)
     n_cands = len(recipe.candidates)
-    fit_dev = _device_for_fit(runtime.device)
+    fit_dev = str(resolve_device(runtime.device))
 
     def sub(idx):
         return X[idx], y[idx], (groups[idx] if has_groups else None)

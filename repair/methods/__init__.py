@@ -42,6 +42,11 @@ class RepairInputs:
     def logits(self) -> torch.Tensor:
         return self.X @ self.W.T + self.b
 
+    def cpu_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Detached CPU ``(X float32, y int64, W float32, b float32)``."""
+        return (self.X.detach().float().cpu(), self.y.detach().long().cpu(),
+                self.W.detach().float().cpu(), self.b.detach().float().cpu())
+
 
 @dataclass
 class RepairOutput:

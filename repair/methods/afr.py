@@ -82,10 +82,7 @@ def afr(inputs: RepairInputs, config: AFRConfig) -> RepairOutput:
     if not cfg.gamma_grid or not cfg.pull_grid:
         raise ValueError("gamma_grid and pull_grid must be non-empty")
     gen = torch.Generator().manual_seed(int(inputs.seed))
-    X = inputs.X.detach().float().cpu()
-    y = inputs.y.detach().long().cpu()
-    W0 = inputs.W.detach().float().cpu()
-    b0 = inputs.b.detach().float().cpu()
+    X, y, W0, b0 = inputs.cpu_tensors()
     C = inputs.num_classes
     lg0 = X @ W0.T + b0
     p_true = torch.softmax(lg0, 1).gather(1, y.view(-1, 1)).squeeze(1)

@@ -161,10 +161,7 @@ def nsf(inputs: RepairInputs, config: NSFConfig) -> RepairOutput:
     if cfg.selection not in ("worst_inferred_group", "worst_class"):
         raise ValueError("selection must be 'worst_inferred_group' or 'worst_class'")
     gen = torch.Generator().manual_seed(int(inputs.seed))
-    X = inputs.X.detach().float().cpu()
-    y = inputs.y.detach().long().cpu()
-    W0 = inputs.W.detach().float().cpu()
-    b0 = inputs.b.detach().float().cpu()
+    X, y, W0, b0 = inputs.cpu_tensors()
     C = W0.shape[0]
     lg0 = X @ W0.T + b0
     pred0 = lg0.argmax(1)
