@@ -12,7 +12,7 @@ the work dir). Per seed, on those embeddings:
 * every registered ``repair`` method (``repair.methods.list_methods``) with group labels and without
   them, as its ``MethodInfo`` allows (``needs_groups``: with only; ``uses_groups=False``: without
   only), fitted on the whole validation split with ``seed``;
-* ``auto``: the real ``repair fix`` pipeline (``repair.fix.fix_model``, recipe ``auto``) on the
+* ``auto``: the real ``repair fix`` pipeline (``repair.pipeline.fix_model``, recipe ``auto``) on the
   validation split, label-free and with ``--group-by``, its before/after measured on the test split
   (``--eval``);
 * the references (:mod:`bench.references`): the DFR paper's validation protocol (sklearn), SpuCo's
@@ -297,7 +297,7 @@ def method_variants() -> tuple[list, Optional[str]]:
     try:
         from repair.methods import list_methods
 
-        infos = list_methods()
+        infos = list_methods(kind="head")      # model repairs have their own rows (run_model_repairs)
     except Exception as e:
         return [], f"{type(e).__name__}: {e}"
     out = []
@@ -354,9 +354,9 @@ def run_auto(td: TaskData, seed: int, with_groups: bool, cache_dir: Path, scratc
     try:
         from repair.api import RuntimeOptions
         from repair.data import DataOptions
-        from repair.fix import FixOptions, fix_model
+        from repair.pipeline import FixOptions, fix_model
     except Exception as e:
-        return {label: {"kind": "auto", "group_labels": with_groups, "error": f"repair.fix unavailable: {e}"}}
+        return {label: {"kind": "auto", "group_labels": with_groups, "error": f"repair.pipeline unavailable: {e}"}}
     task = td.task
     out = scratch / f"auto-{task.name}-{seed}-{int(with_groups)}"
     try:
@@ -799,7 +799,7 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
     L.append("- Embeddings: `repair.api.prepare` (the adapters' head-input capture) once per task for the "
              "validation and test splits; every method and reference sees the same float32 arrays.")
     L.append("- Ours: each registered method called directly (`get_method(name)(RepairInputs(X_val, y_val, W, b, "
-             "groups, seed))`) on the whole validation split. `auto`: `repair.fix.fix_model(recipe='auto', "
+             "groups, seed))`) on the whole validation split. `auto`: `repair.pipeline.fix_model(recipe='auto', "
              "eval_data=test)` — the real pipeline, which compares the candidates by 2-fold out-of-fold "
              "predictions on the validation data (worst-group accuracy with groups, worst-class without) "
              "and refits the chosen one on all of it.")

@@ -9,10 +9,9 @@ import typer
 
 from repair.errors import BadInput, GateFailed
 
+from .app import app, command, emit_json, log
 from .format import pct, table
-from .main import (AllowPickle, Arch, AsJson, Device, Factory, ImageSize, LabelCol, MaxLength, Mean,
-                   ModelArg, PathCol, Quiet, Std, TextCol, DataOpt, app, command, emit_json,
-                   load_options, log)
+from .options import AsJson, DataPath, ExportRuntime, ItemColumns, Load, ModelArg
 
 Format = Annotated[str, typer.Option("--format", "-f", help="onnx | safetensors.")]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path (default: beside the model).")]
@@ -87,23 +86,19 @@ def _verify_items(data, data_opts, adapter, max_verify: int):
 # ------------------------------------------------------------------ export
 @app.command("export")
 @command
-def export_cmd(model: ModelArg, data: DataOpt = None, fmt: Format = "onnx", out: Out = None,
+def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out: Out = None,
                tolerance: Tolerance = None, force: Force = False, max_verify: MaxVerify = 512,
-               opset: Opset = None, exporter: Exporter = "auto",
-               label_col: LabelCol = None, path_col: PathCol = None, text_col: TextCol = None,
-               arch: Arch = None, factory: Factory = None, allow_pickle: AllowPickle = False,
-               max_length: MaxLength = None, image_size: ImageSize = None, mean: Mean = None,
-               std: Std = None, device: Device = "cpu", quiet: Quiet = False, as_json: AsJson = False):
+               opset: Opset = None, exporter: Exporter = "auto", *,
+               columns: ItemColumns, load: Load, runtime: ExportRuntime, as_json: AsJson = False):
     """Export a model as ONNX (verified with onnxruntime on samples of --data) or safetensors."""
     from repair.adapters import load_model
-    from repair.data import DataOptions
     from repair.export import export_onnx, export_safetensors
 
     fmt = fmt.lower()
     if fmt not in ("onnx", "safetensors"):
         raise BadInput(f"--format must be onnx or safetensors, got {fmt!r}")
-    say = (lambda m: None) if quiet else log
-    adapter = load_model(model, load_options(arch, factory, allow_pickle, max_length, image_size, mean, std))
+    say = log if runtime.progress else (lambda m: None)
+    adapter = load_model(model, load)
     out = out or default_out(model, fmt)
     meta = _provenance(adapter, fmt)
     if fmt == "safetensors":
@@ -115,11 +110,10 @@ def export_cmd(model: ModelArg, data: DataOpt = None, fmt: Format = "onnx", out:
         return
     if data is None:
         raise BadInput("--data is needed for an ONNX export: the export is verified on samples of it")
-    items = _verify_items(data, DataOptions(label_col=label_col, path_col=path_col, text_col=text_col),
-                          adapter, max_verify)
+    items = _verify_items(data, columns, adapter, max_verify)
     try:
         rep = export_onnx(adapter, out, metadata=meta, verify_items=items, tolerance=tolerance, opset=opset,
-                          force=force, device=device, exporter=exporter, progress=say)
+                          force=force, device=runtime.device, exporter=exporter, progress=say)
     except GateFailed as e:
         rep = getattr(e, "report", None)
         if rep is not None:
@@ -140,25 +134,20 @@ def export_cmd(model: ModelArg, data: DataOpt = None, fmt: Format = "onnx", out:
 @command
 def verify_cmd(model: Annotated[Path, typer.Argument(help="The ONNX file to check.")],
                reference: Annotated[Path, typer.Option("--reference", "-r", help="The model it should match (any supported checkpoint).")],
-               data: DataOpt, tolerance: Tolerance = None, max_verify: MaxVerify = 512,
-               label_col: LabelCol = None, path_col: PathCol = None, text_col: TextCol = None,
-               arch: Arch = None, factory: Factory = None, allow_pickle: AllowPickle = False,
-               max_length: MaxLength = None, image_size: ImageSize = None, mean: Mean = None,
-               std: Std = None, device: Device = "cpu", quiet: Quiet = False, as_json: AsJson = False):
+               data: DataPath, tolerance: Tolerance = None, max_verify: MaxVerify = 512, *,
+               columns: ItemColumns, load: Load, runtime: ExportRuntime, as_json: AsJson = False):
     """Check an ONNX file against a reference model on samples of --data (exit 1 if it differs)."""
     from repair.adapters import load_model
-    from repair.data import DataOptions
     from repair.export import verify_onnx
 
     if model.suffix.lower() != ".onnx":
         raise BadInput("expected an .onnx file", model)
     if not model.is_file():
         raise BadInput("ONNX model not found", model)
-    say = (lambda m: None) if quiet else log
-    ref = load_model(reference, load_options(arch, factory, allow_pickle, max_length, image_size, mean, std))
-    items = _verify_items(data, DataOptions(label_col=label_col, path_col=path_col, text_col=text_col),
-                          ref, max_verify)
-    rep = verify_onnx(model, ref, items, tolerance=tolerance, device=device, check=False, progress=say)
+    say = log if runtime.progress else (lambda m: None)
+    ref = load_model(reference, load)
+    items = _verify_items(data, columns, ref, max_verify)
+    rep = verify_onnx(model, ref, items, tolerance=tolerance, device=runtime.device, check=False, progress=say)
     if as_json:
         emit_json(rep)
     else:

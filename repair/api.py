@@ -11,7 +11,7 @@ from .data import DataOptions, Encoded, RepairData, encode, load_data
 from .embeddings import Embeddings, extract
 from .errors import BadInput
 from .metrics import evaluate
-from .probe import probe
+from .probing import probe
 
 
 @dataclass

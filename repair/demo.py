@@ -219,17 +219,13 @@ def create_model():
 def train_erm(images: np.ndarray, y: np.ndarray, spec: _Spec, seed: int,
               progress: Callable[[str], None]):
     """Plain ERM (cross-entropy, AdamW, one-cycle schedule, horizontal flips), seeded."""
-    import torch
+    from . import threads
 
     # One intra-op thread: the model is tiny, so extra threads buy little when the CPU is idle and
     # cost a lot (spinning OpenMP barriers) when other processes share the cores; a fixed thread
     # count also keeps the float reductions, hence the trained weights, the same on every machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads.limited(1):
         return _train_erm(images, y, spec, seed, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_erm(images: np.ndarray, y: np.ndarray, spec: _Spec, seed: int,

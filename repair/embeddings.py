@@ -1,8 +1,9 @@
 """Batched embedding extraction with an on-disk cache.
 
-The cache key is the hash of the model's body (every weight but the head: a
-repaired head does not change embeddings), the data's fingerprint and the
-preprocessing, so a second run over the same data skips the forward pass.
+The cache key is the hash of the model's body as it is now (``Adapter.body_hash``:
+every weight but the head, so a repaired head does not change embeddings, while
+a changed body tensor does), the data's fingerprint and the preprocessing, so a
+second run over the same data skips the forward pass.
 """
 from __future__ import annotations
 

@@ -114,11 +114,6 @@ class _ImageLogits(nn.Module):
         return out.logits if hasattr(out, "logits") else out[0]
 
 
-def _text_input_order(batch: dict) -> list[str]:
-    known = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in batch]
-    return known + sorted(k for k in batch if k not in known)
-
-
 def _example_batch(adapter: Adapter, items: Sequence[Any]) -> Any:
     ex = list(items[:EXPORT_BATCH])
     while len(ex) < EXPORT_BATCH:
@@ -127,7 +122,7 @@ def _example_batch(adapter: Adapter, items: Sequence[Any]) -> Any:
     if isinstance(batch, dict) and "input_ids" in batch and batch["input_ids"].shape[1] == EXPORT_BATCH:
         # keep the example's sequence length different from its batch size, so no exporter can
         # confuse the two axes
-        pad_id = getattr(getattr(adapter, "tokenizer", None), "pad_token_id", None) or 0
+        pad_id = (adapter.tokenizer.pad_token_id if adapter.tokenizer is not None else None) or 0
         batch = {k: torch.cat([v, torch.full((v.shape[0], 1), pad_id if k == "input_ids" else 0,
                                              dtype=v.dtype)], dim=1) for k, v in batch.items()}
     return batch
@@ -141,8 +136,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None,
                   exporter: str = "auto", progress=None):
-    """Export ``adapter.model`` to an in-memory ModelProto. Returns (proto, exporter used,
-    input names). ``auto``: the torch.export-based exporter (dynamo), falling back to the
+    """Export ``adapter.model`` to an in-memory ModelProto with inputs named
+    ``adapter.input_names`` and one output ``logits``. Returns (proto, exporter used, input
+    names). ``auto``: the torch.export-based exporter (dynamo), falling back to the
     TorchScript one if it fails; the verification decides either way."""
     import onnx
 
@@ -151,12 +147,16 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
     model = adapter.model
     if model is None:
         raise BadInput(f"a {adapter.family} model has no torch module to export")
+    names = list(adapter.input_names)
     if isinstance(example, dict):
-        names = _text_input_order(example)
+        if sorted(names) != sorted(example):
+            raise RepairError(f"the preprocessing gives inputs {sorted(example)} but the {adapter.family} "
+                              f"adapter declares {names}")
         wrapper: nn.Module = _TextLogits(model, names)
         args = tuple(example[n].cpu() for n in names)
     else:
-        names = ["pixel_values"]
+        if len(names) != 1:
+            raise RepairError(f"an image model takes one input, the adapter declares {names}")
         wrapper = _ImageLogits(model)
         args = (example.cpu(),)
     text = isinstance(example, dict)
@@ -233,7 +233,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
     """The check itself: onnxruntime on ``onnx_path`` vs ``reference.logits_batch``."""
     import onnx
 
-    from .adapters.onnx_adapter import make_session, run_session, session_feeds
+    from .adapters.onnx_runtime import make_session, run_session, session_feeds
     from .embeddings import resolve_device
 
     t0 = time.perf_counter()
@@ -373,7 +373,7 @@ def verify_onnx(onnx_path, reference_adapter: Adapter, items: Sequence[Any], *,
     _log(progress, f"verifying {onnx_path.name} on {len(items)} samples")
     # an ONNX reference also checks embeddings @ W.T + b (original graph, new head) vs the file
     report = run_verification(onnx_path, reference_adapter, items, tolerance=tol, device=device,
-                              head_check=bool(getattr(reference_adapter, "exports_onnx_natively", False)),
+                              head_check=reference_adapter.exports_onnx_natively,
                               progress=progress)
     report["reference"] = {"family": reference_adapter.family, "source": reference_adapter.source.name}
     if check and not report["passed"]:
@@ -397,9 +397,8 @@ def export_metadata(adapter: Adapter, metadata: dict[str, str]) -> dict[str, str
     """Provenance plus what a later ``load_model(x.onnx)`` needs: class names and the
     image preprocessing (the caller's keys win)."""
     extra = {"class_names": json.dumps(list(adapter.class_names))}
-    cfg = getattr(adapter, "data_config", None)
-    if adapter.modality == "image" and cfg is not None:
-        extra["preprocess"] = json.dumps(cfg)
+    if adapter.modality == "image" and adapter.data_config is not None:
+        extra["preprocess"] = json.dumps(adapter.data_config)
     return {**extra, **{str(k): str(v) for k, v in metadata.items()}}
 
 
@@ -416,7 +415,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
     just before it is written and verified."""
     import onnx
 
-    from .adapters.onnx_adapter import MAX_PROTO_BYTES, set_metadata
+    from .adapters.onnx_graph import MAX_PROTO_BYTES, set_metadata
 
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".onnx":
@@ -426,12 +425,12 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
         raise BadInput("no samples to verify the export on")
     tol = _check_tolerance(default_tolerance(adapter.modality) if tolerance is None else tolerance)
     t0 = time.perf_counter()
-    native = bool(getattr(adapter, "exports_onnx_natively", False))
+    native = adapter.exports_onnx_natively
     with atomic_output(out_path, force=force) as tmp:
         if native:
             _log(progress, "writing the repaired ONNX graph")
-            proto = adapter.export_proto(dict(metadata))  # type: ignore[attr-defined]
-            used, input_names, export_batch = "graph-edit", list(adapter.input_names), None  # type: ignore[attr-defined]
+            proto = adapter.export_proto(dict(metadata))
+            used, input_names, export_batch = "graph-edit", list(adapter.input_names), None
         else:
             _log(progress, f"exporting {adapter.family} model to ONNX")
             example = _example_batch(adapter, items)
@@ -472,7 +471,7 @@ def export_safetensors(adapter: Adapter, out_path, metadata: dict[str, str], for
     for folder checkpoints, one .safetensors file for bare files. Written atomically."""
     from safetensors import safe_open
 
-    if getattr(adapter, "exports_onnx_natively", False):
+    if adapter.exports_onnx_natively:
         raise BadInput("an ONNX model can only be exported to ONNX (--format onnx)", adapter.source)
     out_path = Path(out_path)
     folder = adapter.source.is_dir()

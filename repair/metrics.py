@@ -41,12 +41,3 @@ def evaluate(logits: torch.Tensor, y: torch.Tensor, class_names: Sequence[str],
         out["worst_group_accuracy"] = worst["accuracy"] if worst else None
         out["worst_group"] = worst["name"] if worst else None
     return out
-
-
-def inferred_groups(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, list[str]]:
-    """Pseudo-groups without group labels: class x (correctly / incorrectly classified)."""
-    from .solver import inferred_groups as _ids
-
-    ids = _ids(logits, y)
-    names = [f"{c}|{'misclassified' if w else 'correct'}" for c in range(num_classes) for w in (0, 1)]
-    return ids, names

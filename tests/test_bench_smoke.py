@@ -42,9 +42,9 @@ def test_bench_smoke_writes_complete_finite_results(tmp_path):
     assert task["embedding"]["n_val"] == 96 and task["embedding"]["n_test"] == 128
     assert len(task["runs"]) == 1 and task["runs"][0]["seed"] == 0
 
-    # every registered method, with / without group labels as it allows, plus ERM, auto and DFR
+    # every registered head method, with / without group labels as it allows, plus ERM, auto and DFR
     expected = {ERM, REF_DFR, variant_label(AUTO, False), variant_label(AUTO, True)}
-    for m in list_methods():
+    for m in list_methods(kind="head"):
         if m.needs_groups or m.uses_groups:
             expected.add(variant_label(m.name, True))
         if not m.needs_groups:

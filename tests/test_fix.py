@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_images, make_texts
-from repair.fix import stratified_split
+from repair.selection import stratified_split
 from repair_cli.main import app
 
 runner = CliRunner()

@@ -5,10 +5,10 @@ A method passes when it:
 - leaves its input tensors untouched and is deterministic for a fixed seed;
 - has a dataclass config with defaults whose fields are JSON-serialisable, and
   JSON-serialisable diagnostics;
-- exposes in its module the folding trio ``apply_transform(X, t)``,
-  ``fold_head(W, b, t)`` and ``example_transform(D, generator)`` such that the head
-  applied to the transformed embeddings equals the folded head on the raw ones
-  (every transform a method applies to embeddings must be folded this way);
+- declares the embedding transform it folds into its head (``transform=`` at
+  registration, one of ``repair.methods.transforms``), and that transform's fold is
+  exact: the head applied to the transformed embeddings equals the folded head on the
+  raw ones (every transform a method applies to embeddings must be folded this way);
 - RAISES worst-group accuracy by >= 10 points on a synthetic embedding problem with a
   planted spurious feature (with and without group labels where the method allows);
 - refuses to run without groups when it declares needs_groups.
@@ -23,16 +23,17 @@ test set is group-balanced (groups = class x attribute).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 
 import pytest
 import torch
 
+from repair import selection as Sel
 from repair import solver as S
 from repair.methods import RepairInputs, list_methods
+from repair.methods.transforms import TRANSFORMS
 
-METHODS = list_methods()
+METHODS = list_methods(kind="head")
 IDS = [m.name for m in METHODS]
 
 
@@ -75,7 +76,7 @@ def _inputs(p, with_groups, seed=0):
 
 def _wga(p, W, b):
     Xt, yt, gt = p["test"]
-    return S.worst_group_accuracy(Xt @ W.T + b, yt, gt)
+    return Sel.worst_group_accuracy(Xt @ W.T + b, yt, gt)
 
 
 def _group_settings(m):
@@ -88,29 +89,33 @@ def test_registry_has_builtins():
     assert {"dfr", "afr", "mix", "neurontune", "nsf"} <= set(IDS)
 
 
-@pytest.mark.parametrize("m", METHODS, ids=IDS)
+@pytest.mark.parametrize("m", list_methods(), ids=[m.name for m in list_methods()])
 def test_config_is_plain_dataclass(m):
     assert dataclasses.is_dataclass(m.config_cls)
+    assert m.kind in ("head", "model") and m.groups in ("never", "optional", "required")
     cfg = m.default_config()
     json.dumps(dataclasses.asdict(cfg))           # recorded in provenance
     assert m.make_config({}) == cfg
     with pytest.raises(ValueError):
         m.make_config({"no_such_setting": 1})
+    # a value of the wrong type is refused with the setting's name
+    first = dataclasses.fields(m.config_cls)[0].name
+    with pytest.raises(ValueError, match=first):
+        m.make_config({first: {"not": "a value"}})
 
 
 @pytest.mark.parametrize("m", METHODS, ids=IDS)
-def test_fold_helpers(m):
-    mod = importlib.import_module(m.fn.__module__)
-    for name in ("apply_transform", "fold_head", "example_transform"):
-        assert hasattr(mod, name), f"{mod.__name__} must expose {name}() (see module docstring)"
+def test_declared_transform_folds_exactly(m):
     g = torch.Generator().manual_seed(0)
     D, C = 17, 3
     X = torch.randn(40, D, generator=g) * 2 + 0.5
     W, b = torch.randn(C, D, generator=g), torch.randn(C, generator=g)
-    t = mod.example_transform(D, g)
-    Wf, bf = mod.fold_head(W, b, t)
-    assert Wf.shape == W.shape and bf.shape == b.shape
-    torch.testing.assert_close(mod.apply_transform(X, t) @ W.T + b, X @ Wf.T + bf, atol=1e-4, rtol=1e-4)
+    transforms = [m.transform] if m.transform is not None else list(TRANSFORMS.values())
+    for tr in transforms:
+        t = tr.example(D, g)
+        Wf, bf = tr.fold(W, b, t)
+        assert Wf.shape == W.shape and bf.shape == b.shape
+        torch.testing.assert_close(tr.apply(X, t) @ W.T + b, X @ Wf.T + bf, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("m", METHODS, ids=IDS)
@@ -161,7 +166,7 @@ def test_neurontune_masks_spurious_dims_with_zero_weight(problems):
     # the mask mechanism, with the criterion that sees the planted errors on balanced classes
     out = info(_inputs(p, False), info.make_config({"selection": "worst_inferred_group"}))
     dims = [d["dim"] for d in out.diagnostics["suppressed_top"]]
-    assert out.diagnostics["n_suppressed"] >= 1
+    assert out.diagnostics["neurons_suppressed"] >= 1
     assert set(dims) & {2, 3}, "the planted spurious dims should be suppressed"
     assert torch.all(out.W[:, dims] == 0)
 
@@ -188,7 +193,7 @@ def test_dfr_paper_protocol_still_available(C, problems):
     for with_groups in (True, False):
         out = m(_inputs(p, with_groups), m.make_config({"protocol": "paper", "n_refits": 4}))
         assert out.diagnostics["protocol"] == "paper"
-        assert out.diagnostics["chosen_C"] in (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+        assert out.diagnostics["chosen"]["C"] in (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
         assert _wga(p, out.W, out.b) >= base + 0.10
 
 
@@ -202,30 +207,30 @@ def test_dfr_fast_protocol_details(problems):
     inp = RepairInputs(X=X, y=p["y"], W=p["W"], b=p["b"], groups=p["groups"], seed=3)
     out = m(inp)
     d = out.diagnostics
-    assert d["protocol"] == "fast" and d["chosen_C"] in FAST_C_GRID
+    assert d["protocol"] == "fast" and d["chosen"]["C"] in FAST_C_GRID
     assert d["active_features"] == X.shape[1] - 1 and torch.all(out.W[:, 5] == 0)
-    assert [r["C"] for r in d["tuning"]] == list(FAST_C_GRID) and d["solver_converged"]
+    assert [r["candidate"]["C"] for r in d["candidates"]] == list(FAST_C_GRID) and d["solver_converged"]
     assert sum(d["fold_sizes"]) == X.shape[0]
     # binary head = [-v/2, v/2]: softmax is the fitted sigmoid
     assert torch.allclose(out.W[0], -out.W[1]) and torch.allclose(out.b[0], -out.b[1])
     # one C: no selection, one fit on all rows
     one = m(inp, m.make_config({"c_grid": [1.0]}))
-    assert one.diagnostics["chosen_C"] == 1.0 and one.diagnostics["fold_sizes"] == [X.shape[0]]
+    assert one.diagnostics["chosen"]["C"] == 1.0 and one.diagnostics["fold_sizes"] == [X.shape[0]]
     # group_cap thins the large groups (seeded): fewer rows, still a repair
     capped = m(_inputs(p, True), m.make_config({"group_cap": 1.2}))
     cd = capped.diagnostics
     assert cd["rows_fitted"] < cd["rows_given"] == p["X"].shape[0] and sum(cd["fold_sizes"]) == cd["rows_fitted"]
     assert _wga(p, capped.W, capped.b) >= _wga(p, p["W"], p["b"]) + 0.10
     assert d["rows_fitted"] == d["rows_given"]        # default cap 4: no group that large here
-    with pytest.raises(ValueError):
-        m(inp, m.make_config({"protocol": "nope"}))
-    with pytest.raises(ValueError):
-        m(inp, m.make_config({"c_grid": [1.0, -1.0]}))
+    with pytest.raises(ValueError, match="protocol"):
+        m.make_config({"protocol": "nope"})
+    with pytest.raises(ValueError, match="c_grid"):
+        m.make_config({"c_grid": [1.0, -1.0]})
 
 
 def test_mix_runs_the_paper_protocol_only(problems):
     from repair.methods import get_method
     m = get_method("mix")
     assert m.default_config().protocol == "paper"
-    with pytest.raises(ValueError):
-        m(_inputs(problems[2], True), m.make_config({"protocol": "fast"}))
+    with pytest.raises(ValueError, match="protocol"):
+        m.make_config({"protocol": "fast"})

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from repair import selection as Sel
 from repair import solver as S
 
 
@@ -25,6 +26,10 @@ def _multi(n=450, d=25, C=3, seed=1):
     Wt = torch.randn(C, d, generator=g) * (torch.rand(C, d, generator=g) < 0.3)
     y = (X @ Wt.T + 1.5 * torch.randn(n, C, generator=g)).argmax(1)
     return X, y
+
+
+def _logits(X, W, b):
+    return X.to(W.dtype) @ W.T + b
 
 
 def _std(X):
@@ -63,7 +68,7 @@ def test_binary_l1_matches_sklearn(Cinv):
     # recompute the objective independently from the returned head
     mine = _ce_sum(Xs, y, W[0], b[0]) + float(W[0].double().abs().sum()) / Cinv
     assert mine == pytest.approx(ours, rel=1e-6)
-    pred = S.predict(Xs.float(), W[0], b[0])
+    pred = Sel.head_predictions(Xs.float(), W[0], b[0])
     agree = (pred.numpy() == m.predict(Xs.numpy())).mean()
     assert agree >= 0.99
 
@@ -106,8 +111,8 @@ def test_batched_equals_separate(gather, working_set):
                                      working_set=False, dtype=torch.float64)
         # the batch standardises with all rows, the single fits too: same problem
         assert info["objective"][k] == pytest.approx(info1["objective"][0], rel=1e-5, abs=1e-6)
-        Z1 = S.logits(X, W1[0], b1[0])
-        Zk = S.logits(X, Wk[k], bk[k])
+        Z1 = _logits(X, W1[0], b1[0])
+        Zk = _logits(X, Wk[k], bk[k])
         assert torch.allclose(Z1, Zk, atol=2e-2 * float(Z1.abs().max()))
 
 
@@ -148,7 +153,7 @@ def test_feature_map_is_folded_and_mask_zeroes():
         Xt = X * scale[k] + shift[k]
         Wt, bt, _ = S.fit_logreg(Xt, y, 3, l2=1.0, standardize=False, tol=1e-6, dtype=torch.float64)
         # the returned head acts on raw X and equals the head fitted on the mapped data
-        assert torch.allclose(S.logits(X, W[k], b[k]), S.logits(Xt, Wt[0], bt[0]), atol=1e-3)
+        assert torch.allclose(_logits(X, W[k], b[k]), _logits(Xt, Wt[0], bt[0]), atol=1e-3)
 
 
 def test_ref_pull_and_warm_start():
@@ -196,15 +201,15 @@ def test_group_helpers():
     y = torch.tensor([0, 0, 1, 1, 1, 0])
     g = torch.tensor([0, 1, 2, 2, 3, 0])
     pred = torch.tensor([0, 1, 1, 0, 1, 0])
-    acc = S.group_accuracies(pred, y, g, num_groups=5)
+    acc = Sel.group_accuracies(pred, y, g, num_groups=5)
     assert acc[:4].tolist() == [1.0, 0.0, 0.5, 1.0] and torch.isnan(acc[4])
-    assert S.worst_group_accuracy(pred, y, g, num_groups=5) == 0.0
+    assert Sel.worst_group_accuracy(pred, y, g, num_groups=5) == 0.0
     logits = torch.nn.functional.one_hot(pred, 2).float()
-    assert torch.equal(S.group_accuracies(logits, y, g), acc[:4])
+    assert torch.equal(Sel.group_accuracies(logits, y, g), acc[:4])
     batch = torch.stack([pred, y])
-    wk = S.worst_group_accuracy(batch, y, g)
+    wk = Sel.worst_group_accuracy(batch, y, g)
     assert wk.tolist() == [0.0, 1.0]
-    assert S.inferred_groups(pred, y).tolist() == [0, 1, 2, 3, 2, 0]
+    assert Sel.inferred_groups(pred, y).tolist() == [0, 1, 2, 3, 2, 0]
 
 
 def test_sampling_helpers():
@@ -217,7 +222,7 @@ def test_sampling_helpers():
     w = S.balanced_subsample_weights(groups, 2, gen, min_per_group=10)
     tot = torch.zeros(4).index_add_(0, groups, w[0])
     assert torch.allclose(tot, torch.full((4,), 10.0))       # group 3 up-weighted
-    a, b = S.stratified_split(groups, 0.5, gen)
+    a, b = Sel.stratified_split(groups, [0.5], gen)
     assert sorted(torch.cat([a, b]).tolist()) == list(range(groups.numel()))
     for gid in range(4):
         assert int((groups[a] == gid).sum()) >= 1 and int((groups[b] == gid).sum()) >= 1

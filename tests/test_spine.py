@@ -219,7 +219,7 @@ def test_probe_cli(timm_folder, image_data, bert_folder, text_data):
 
 
 def test_probe_scores_find_planted_neuron():
-    from repair.probe import neuron_spuriousness
+    from repair.probing import neuron_deltas
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(400, 6, generator=g)
@@ -228,7 +228,7 @@ def test_probe_scores_find_planted_neuron():
     wrong = torch.arange(400) % 5 == 0
     pred[wrong] = 1 - y[wrong]
     X[wrong, 3] += 3.0  # neuron 3 fires on the errors
-    d = neuron_spuriousness(X, y, pred, 2)
+    d, _ = neuron_deltas(X, y, pred, 2)
     assert d.argmax(1).tolist() == [3, 3] and d[:, 3].min() > 2.0
 
 

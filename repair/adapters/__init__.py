@@ -1,13 +1,26 @@
-"""Model-family adapters behind one loader: ``load_model(path, ...) -> Adapter``."""
+"""Model-family adapters behind one loader: ``load_model(path, ...) -> Adapter``.
+
+A model family is one module that registers itself:
+
+    register_family("name", detect=detect, load=load, priority=50, summary="one line")
+
+``detect(path, options) -> bool`` says whether the family reads this checkpoint
+(cheaply: look at the suffix, a config file, the options); ``load(path, options)
+-> Adapter`` reads it. ``load_model`` asks the families in descending priority
+and uses the first that says yes. The built-in families (``factory``,
+``onnx_adapter``, ``timm_adapter``, ``hf_adapter``) are imported on first use; a
+new family is a new module that calls ``register_family`` and is imported before
+``load_model`` runs (or added to ``_BUILTIN_MODULES``).
+"""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..errors import BadInput
 from .base import Adapter
-from .images import PREPROCESS_FILE, image_config_from_options
 
 
 @dataclass
@@ -23,37 +36,65 @@ class LoadOptions:
     class_names: Optional[list] = field(default=None)   # for checkpoints that carry none
 
 
+Detect = Callable[[Path, LoadOptions], bool]
+Load = Callable[[Path, LoadOptions], Adapter]
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    name: str
+    detect: Detect
+    load: Load
+    priority: int                         # higher is asked first
+    summary: str = ""
+
+
+_FAMILIES: dict[str, FamilyInfo] = {}
+
+# modules that register the built-in families (imported lazily on first lookup)
+_BUILTIN_MODULES = ("factory", "onnx_adapter", "timm_adapter", "hf_adapter")
+
+
+def register_family(name: str, *, detect: Detect, load: Load, priority: int, summary: str = "") -> FamilyInfo:
+    """Register a model family (see the module docstring). Registering the same name twice
+    with other functions is an error; re-importing a family module is not."""
+    info = FamilyInfo(name, detect, load, int(priority), summary)
+    old = _FAMILIES.get(name)
+    if old is not None and (old.detect is not detect or old.load is not load):
+        raise ValueError(f"model family {name!r} registered twice")
+    _FAMILIES[name] = info
+    return info
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family (for tests and plug-ins that replace a built-in)."""
+    _FAMILIES.pop(name, None)
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(f"{__name__}.{mod}")
+
+
+def list_families() -> list[FamilyInfo]:
+    """The registered families in the order ``load_model`` asks them."""
+    _load_builtins()
+    return sorted(_FAMILIES.values(), key=lambda f: (-f.priority, f.name))
+
+
 def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     o = options or LoadOptions()
     path = Path(path)
     if not path.exists():
         raise BadInput("model not found", path)
-    side_json = (path if path.is_dir() else path.parent) / PREPROCESS_FILE
-    if o.factory:
-        from .torch_module import load_factory_model
-
-        cfg = image_config_from_options(o.image_size, o.mean, o.std, side_json)
-        return load_factory_model(path, o.factory, allow_pickle=o.allow_pickle, data_config=cfg,
-                                  class_names=o.class_names)
-    if path.suffix.lower() == ".onnx":
-        from .onnx_adapter import load_onnx
-
-        return load_onnx(path, options=o)
+    for fam in list_families():
+        if fam.detect(path, o):
+            return fam.load(path, o)
     if path.is_dir():
-        from .hf_adapter import HFTextAdapter, is_hf_folder
-        from .timm_adapter import is_timm_folder, load_timm
-
-        if is_timm_folder(path):
-            return load_timm(path, allow_pickle=o.allow_pickle)
-        if is_hf_folder(path):
-            return HFTextAdapter(path, max_length=o.max_length, allow_pickle=o.allow_pickle)
         raise BadInput("not a timm hub folder (config.json with 'architecture') nor a transformers "
                        "folder (config.json with 'architectures')", path)
-    if o.arch:
-        from .timm_adapter import load_timm
-
-        return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, class_names=o.class_names)
     raise BadInput("a bare weights file needs --arch NAME (timm) or --factory module:function", path)
 
 
-__all__ = ["Adapter", "LoadOptions", "load_model"]
+__all__ = ["Adapter", "FamilyInfo", "LoadOptions", "list_families", "load_model", "register_family",
+           "unregister_family"]

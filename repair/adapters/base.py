@@ -3,8 +3,10 @@
 An adapter owns the model object and knows the family's specifics: how to load
 the checkpoint, the preprocessing, the class names in the model's order, where
 the final ``nn.Linear`` (the head) is, how to capture its input (the
-embedding), and how to write a repaired head back in the checkpoint's own
-format. Everything downstream works on tensors only.
+embedding), and how to write changed tensors (a repaired head, or any other)
+back in the checkpoint's own format. Everything downstream works on tensors only.
+
+Families register themselves with ``repair.adapters.register_family``.
 """
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import BadInput, RepairError
+from ..io import load_state_dict_file, save_safetensors
+from .text import tokenizer_input_names
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -31,19 +36,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def hash_tensors(tensors: dict[str, torch.Tensor], skip: Sequence[str] = ()) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in sorted name order."""
+def tensor_digest(t: torch.Tensor) -> bytes:
+    """sha256 of one tensor's dtype, shape and bytes."""
+    t = t.detach().contiguous().cpu()
     h = hashlib.sha256()
-    skip = set(skip)
-    for name in sorted(tensors):
-        if name in skip:
-            continue
-        t = tensors[name].detach().contiguous().cpu()
+    h.update(str(t.dtype).encode())
+    h.update(str(tuple(t.shape)).encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def combine_digests(digests: dict[str, bytes]) -> str:
+    """sha256 over (name, digest) in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
         h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(digests[name])
     return h.hexdigest()
 
 
@@ -62,15 +71,43 @@ class HeadCapture:
 
 
 class Adapter(ABC):
-    """Common protocol. Subclasses set the attributes in ``__init__``."""
+    """The protocol every model family implements. Subclasses set the instance
+    attributes in ``__init__``; the class attributes below are the documented
+    defaults, so ``fix`` / ``export`` read them without ``getattr``.
 
-    family: str                  # "timm" | "transformers" | "torch" | "onnx"
+    The tensor side (``set_tensors``, ``changed_tensors``, ``body_hash``,
+    ``state_tensors``, ``save``) is implemented here for adapters whose model is a
+    torch ``nn.Module`` loaded from one state-dict file (they call
+    ``_init_file_state`` with the file's tensors); an adapter without a torch
+    model (ONNX) overrides it.
+    """
+
+    family: str                  # the registered family name: "timm" | "transformers" | "torch" | "onnx"
     modality: str                # "image" | "text"
     source: Path                 # the checkpoint path the user gave
     weights_path: Path           # the file holding the weights
     class_names: list[str]
-    model: Optional[nn.Module]
-    head: Optional[nn.Linear]
+    model: Optional[nn.Module] = None
+    head: Optional[nn.Linear] = None
+    #: the head module's name in ``model.state_dict()`` (its tensors are ``<head_name>.weight/.bias``)
+    head_name: Optional[str] = None
+
+    #: image preprocessing (timm data config: input_size, mean, std, ...); None for text models
+    #: and for image checkpoints that carry none
+    data_config: Optional[dict] = None
+    #: a text model's tokenizer (transformers); None otherwise
+    tokenizer: Any = None
+    #: True when the model *is* an ONNX graph: ``repair.export`` writes ``export_proto()``
+    #: instead of running a torch exporter
+    exports_onnx_natively: bool = False
+    #: True when the model's tensors can be trained (model-level repairs, see ``trainable``)
+    can_train: bool = False
+    #: entries ``save`` writes into the file's metadata under the source's and the caller's
+    save_metadata_defaults: Mapping[str, str] = MappingProxyType({})
+
+    _source_metadata: Mapping[str, str] = MappingProxyType({})
+    _file_names: frozenset = frozenset()
+    _file_values: Mapping[str, torch.Tensor] = MappingProxyType({})
 
     # ---- identity -------------------------------------------------------
     def source_sha256(self) -> str:
@@ -78,13 +115,41 @@ class Adapter(ABC):
             self._source_sha = sha256_file(self.weights_path)
         return self._source_sha
 
-    @abstractmethod
+    @property
+    def source_metadata(self) -> dict[str, str]:
+        """The checkpoint's own metadata (safetensors header, ONNX ``metadata_props``); {} if none."""
+        return dict(self._source_metadata)
+
     def body_hash(self) -> str:
-        """Hash of everything but the head: embeddings depend only on this."""
+        """Hash of everything but the head, as the weights are *now*: embeddings depend only
+        on this (the embedding cache is keyed by it). Equals the file's body hash until
+        ``set_tensors`` changes a non-head tensor; then it equals the body hash of the file
+        ``save`` writes (so the embeddings cached now serve the saved model too)."""
+        heads = set(self.head_tensor_names())
+        body = [n for n in self.changed_tensors() if n not in heads]
+        if not body:
+            return self._file_body_hash
+        own = self._require_model().state_dict()
+        digests = dict(self._file_digests)
+        for n in body:
+            now = own[n].detach().cpu()
+            as_file = now.to(self._file_values[n].dtype)
+            # what save() writes; when that loses precision the model differs from any file: hash it as is
+            digests[n] = tensor_digest(as_file if torch.equal(as_file.to(now.dtype), now) else now)
+        return combine_digests(digests)
 
     @abstractmethod
     def preprocess_id(self) -> dict:
         """JSON-able description of the preprocessing (part of the cache key)."""
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model's input names in an ONNX graph: what an export of this model names
+        its inputs (``pixel_values``; a tokenizer's ``input_ids, attention_mask, ...``), or
+        an ONNX model's own graph inputs."""
+        if self.modality == "image":
+            return ["pixel_values"]
+        return tokenizer_input_names(self.tokenizer)
 
     # ---- data ------------------------------------------------------------
     @abstractmethod
@@ -105,6 +170,67 @@ class Adapter(ABC):
             self.model.to(device)
         return self
 
+    # ---- tensors ---------------------------------------------------------
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise BadInput(f"a {self.family} model has no torch module whose tensors could change",
+                           self.source)
+        return self.model
+
+    def _init_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Record what the weights file holds (called by subclasses once ``head_name`` is set)."""
+        skip = set(self.head_tensor_names())
+        self._file_digests = {n: tensor_digest(t) for n, t in tensors.items() if n not in skip}
+        self._file_body_hash = combine_digests(self._file_digests)
+        self._file_names = frozenset(tensors)
+        self._file_values: dict[str, torch.Tensor] = {}   # the file's value of every tensor set so far
+
+    def head_tensor_names(self) -> list[str]:
+        """The head's tensor names (weight, bias) in the model's state dict / the file."""
+        if self.head_name is None:
+            return []
+        return [f"{self.head_name}.weight", f"{self.head_name}.bias"]
+
+    def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy new values into the model's parameters / buffers by state-dict name. Shapes
+        must match; the model's dtype is kept. All names are checked before anything changes.
+        ``save`` writes every tensor whose value now differs from the file."""
+        own = self._require_model().state_dict(keep_vars=True)
+        heads = set(self.head_tensor_names())
+        for name, value in tensors.items():
+            if name not in own:
+                raise BadInput(f"the model has no tensor {name!r}", self.source)
+            if name not in self._file_names and name not in heads:
+                raise BadInput(f"tensor {name!r} is not stored under that name in the weights file, "
+                               "so a new value could not be written back", self.weights_path)
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise RepairError(f"new {name} has shape {tuple(value.shape)}, expected {tuple(own[name].shape)}")
+        self._remember_file_values([n for n in tensors if n not in self._file_values], own)
+        with torch.no_grad():
+            for name, value in tensors.items():
+                own[name].copy_(torch.as_tensor(value).detach().to(device=own[name].device,
+                                                                     dtype=own[name].dtype))
+
+    def _remember_file_values(self, names: Sequence[str], own: dict[str, torch.Tensor]) -> None:
+        in_file = [n for n in names if n in self._file_names]
+        self._file_values.update(read_tensors(self.weights_path, in_file))
+        for n in names:
+            if n not in self._file_values:  # a head bias the file does not have: it was zero
+                self._file_values[n] = torch.zeros(own[n].shape, dtype=own[n].dtype)
+
+    def changed_tensors(self) -> list[str]:
+        """Sorted state-dict names whose current values differ from the file's."""
+        if self.model is None or not self._file_values:
+            return []
+        own = self.model.state_dict()
+        return sorted(n for n, orig in self._file_values.items()
+                      if not torch.equal(own[n].detach().cpu(), orig.to(own[n].dtype)))
+
+    def trainable(self):
+        """The model set up for fine-tuning (model-level repairs)."""
+        raise BadInput(f"{self.family} models cannot be fine-tuned: model-level repairs need a timm, "
+                       "transformers or torch checkpoint", self.source)
+
     # ---- head ------------------------------------------------------------
     def head_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.head is not None
@@ -114,34 +240,108 @@ class Adapter(ABC):
         return W, b
 
     def set_head(self, W: torch.Tensor, b: torch.Tensor) -> None:
-        assert self.head is not None
-        if tuple(W.shape) != tuple(self.head.weight.shape):
-            raise RepairError(f"new head has shape {tuple(W.shape)}, expected {tuple(self.head.weight.shape)}")
-        with torch.no_grad():
-            self.head.weight.copy_(W.to(self.head.weight))
-            if self.head.bias is None:
-                if torch.any(b != 0):
-                    self.head.bias = nn.Parameter(b.to(self.head.weight))
-            else:
-                self.head.bias.copy_(b.to(self.head.bias))
-        self._head_changed = True
+        """``set_tensors`` on the head's weight and bias (a bias is added to a bias-free head
+        when ``b`` is not zero)."""
+        assert self.head is not None and self.head_name is not None
+        shape = tuple(self.head.weight.shape)
+        if tuple(W.shape) != shape or tuple(b.reshape(-1).shape) != shape[:1]:
+            raise RepairError(f"new head has shape {tuple(W.shape)} / {tuple(b.shape)}, expected "
+                              f"{shape} / ({shape[0]},)")
+        b = b.reshape(-1)
+        if self.head.bias is None and torch.any(b != 0):
+            w = self.head.weight
+            self.head.bias = nn.Parameter(torch.zeros(shape[0], dtype=w.dtype, device=w.device))
+        new = {f"{self.head_name}.weight": W}
+        if self.head.bias is not None:
+            new[f"{self.head_name}.bias"] = b
+        self.set_tensors(new)
 
     @property
     def head_changed(self) -> bool:
-        return getattr(self, "_head_changed", False)
+        return bool(set(self.changed_tensors()) & set(self.head_tensor_names()))
 
     # ---- output ----------------------------------------------------------
-    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights file's tensors with every changed tensor replaced by its current value,
+        in the file's dtype; the others are the file's, bit for bit."""
+        tensors, _ = load_state_dict_file(self.weights_path, allow_pickle=True)
+        changed = self.changed_tensors()
+        if changed:
+            own = self._require_model().state_dict()
+            heads = self.head_tensor_names()
+            for n in changed:
+                like = tensors.get(n, tensors.get(heads[0]) if heads else None)
+                dtype = like.dtype if like is not None else own[n].dtype
+                tensors[n] = own[n].detach().cpu().to(dtype).contiguous()
+        return tensors
+
     def save(self, out: Path, metadata: dict[str, str]) -> Path:
-        """Write the model in the checkpoint's own format to ``out`` (a path
-        that does not exist yet; the caller renames it into place). Only the
-        head tensors change. Returns the main weights file written."""
+        """Write the model in the checkpoint's own format to ``out`` (a path that does not
+        exist yet; the caller renames it into place): a folder checkpoint as a copy of the
+        folder with ``model.safetensors`` rewritten, a bare file as one safetensors file.
+        Only changed tensors differ from the source. Returns the weights file written."""
+        out = Path(out)
+        if self.source.is_dir():
+            copy_folder_except(self.source, out, self.weights_path)
+            target = out / "model.safetensors"
+        else:
+            target = out
+        save_safetensors(self.state_tensors(), target,
+                         {**self.source_metadata, **self.save_metadata_defaults, **metadata})
+        return target
+
+    def export_proto(self, metadata: dict[str, str]):
+        """The model as an ONNX ModelProto with ``metadata`` merged in. Only a model that is
+        an ONNX graph (``exports_onnx_natively``) has one; the others go through
+        ``repair.export.export_onnx``."""
+        raise NotImplementedError(f"a {self.family} model is not an ONNX graph; export it with "
+                                  "repair.export.export_onnx")
 
     def describe(self) -> dict:
         W, _ = self.head_params()
         return {"family": self.family, "modality": self.modality, "source": self.source.name,
                 "num_classes": len(self.class_names), "embedding_dim": int(W.shape[1]),
                 "class_names": list(self.class_names)}
+
+
+class TorchModelAdapter(Adapter):
+    """An adapter whose model is a torch ``nn.Module`` (timm, transformers, factories):
+    its tensors can be changed and trained."""
+
+    can_train = True
+
+    def trainable(self):
+        """The network prepared for model repairs (:class:`repair.trainable.TrainableModel`)."""
+        from ..trainable import TrainableModel
+
+        return TrainableModel(self)
+
+    def capture_head_input(self, forward: Callable[[], Any]) -> torch.Tensor:
+        """Run ``forward()`` and return the head's input as a (batch, features) float32 matrix."""
+        cap = HeadCapture(self.head)
+        try:
+            forward()
+        finally:
+            cap.remove()
+        emb = cap.value
+        if emb is None or emb.dim() != 2:
+            raise BadInput(f"the head's input is not a (batch, features) matrix "
+                           f"(got {None if emb is None else tuple(emb.shape)})", self.source)
+        return emb.float()
+
+
+def read_tensors(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Some tensors of a state-dict file (safetensors: only those are read)."""
+    if not names:
+        return {}
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {n: f.get_tensor(n) for n in names}
+    tensors, _ = load_state_dict_file(path, allow_pickle=True)
+    return {n: tensors[n] for n in names}
 
 
 def copy_folder_except(src: Path, dst: Path, skip: Path) -> None:

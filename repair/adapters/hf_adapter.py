@@ -2,19 +2,20 @@
 (config.json, model.safetensors, tokenizer files)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..io import load_safetensors, save_safetensors
-from .base import Adapter, HeadCapture, copy_folder_except, hash_tensors, read_json
+from ..io import load_safetensors
+from . import LoadOptions, register_family
+from .base import TorchModelAdapter, read_json
+from .text import (DEFAULT_MAX_LENGTH, collate_texts, first_line, load_tokenizer, offline, quiet_transformers,
+                   resolve_max_length, tokenizer_preprocess_id)
 from .torch_module import module_name
-
-DEFAULT_MAX_LENGTH = 512
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -45,15 +46,15 @@ def find_head(model: nn.Module, num_labels: int) -> nn.Linear:
     return found
 
 
-class HFTextAdapter(Adapter):
+class HFTextAdapter(TorchModelAdapter):
     family = "transformers"
     modality = "text"
+    # transformers 4.x refuses safetensors metadata without format: pt
+    save_metadata_defaults = MappingProxyType({"format": "pt"})
 
-    def __init__(self, path: Path, *, max_length: Optional[int] = None, allow_pickle: bool = False):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+    def __init__(self, path: Path, *, max_length: Optional[int] = None):
+        offline()
+        from transformers import AutoModelForSequenceClassification
 
         path = Path(path)
         cfg_path = path / "config.json"
@@ -71,26 +72,16 @@ class HFTextAdapter(Adapter):
                                "(model.safetensors)", path / "pytorch_model.bin")
             raise BadInput("no model.safetensors in the transformers folder", path)
         tensors, metadata = load_safetensors(weights)  # clear error on truncation/corruption
-        self._file_metadata = metadata
-        verbosity = hf_logging.get_verbosity()
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except BadInput:
-            raise
-        except Exception as e:
-            raise BadInput(f"transformers cannot load this folder ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})", path) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
+        self._source_metadata = metadata
+        problem = "transformers cannot load this folder"
+        with quiet_transformers():
+            try:
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True)
+            except Exception as e:
+                raise BadInput(f"{problem} ({type(e).__name__}: {first_line(e)})", path) from None
+        self.tokenizer = load_tokenizer(path, problem)
         self.model = model.eval()
-        self.tokenizer = tokenizer
         num_labels = int(model.config.num_labels)
         self.head = find_head(model, num_labels)
         self.head_name = module_name(model, self.head)
@@ -107,54 +98,32 @@ class HFTextAdapter(Adapter):
         self.weights_path = weights
         id2label = model.config.id2label or {}
         self.class_names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(num_labels)]
-        limit = getattr(tokenizer, "model_max_length", None) or DEFAULT_MAX_LENGTH
-        if limit > 100_000:
-            limit = getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
-        self.max_length = int(max_length) if max_length else int(min(limit, 512))
-        self._body_hash = hash_tensors(tensors, skip=(self.head_key, f"{self.head_name}.bias"))
-
-    def body_hash(self) -> str:
-        return self._body_hash
+        self.max_length = resolve_max_length(
+            self.tokenizer, max_length, fallback=getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH))
+        self._init_file_state(tensors)
 
     def preprocess_id(self) -> dict:
-        return {"tokenizer": type(self.tokenizer).__name__, "vocab_size": int(self.tokenizer.vocab_size),
-                "max_length": self.max_length, "lowercase": bool(getattr(self.tokenizer, "do_lower_case", False))}
-
-    @property
-    def source_metadata(self) -> dict[str, str]:
-        return dict(self._file_metadata)
+        return tokenizer_preprocess_id(self.tokenizer, self.max_length)
 
     def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer(list(items), padding=True, truncation=True, max_length=self.max_length,
-                                   return_tensors="pt"))
+        return collate_texts(self.tokenizer, items, self.max_length)
 
     @torch.no_grad()
     def embed_batch(self, batch: dict, device: torch.device) -> torch.Tensor:
-        cap = HeadCapture(self.head)
-        try:
-            self.model(**{k: v.to(device) for k, v in batch.items()})
-        finally:
-            cap.remove()
-        emb = cap.value
-        if emb is None or emb.dim() != 2:
-            raise BadInput("the head's input is not a (batch, features) matrix", self.source)
-        return emb.float()
+        return self.capture_head_input(lambda: self.model(**{k: v.to(device) for k, v in batch.items()}))
 
     @torch.no_grad()
     def logits_batch(self, batch: dict, device: torch.device) -> torch.Tensor:
         return self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors, _ = load_safetensors(self.weights_path)
-        tensors[self.head_key] = self.head.weight.detach().cpu().to(tensors[self.head_key].dtype).contiguous()
-        if self.head.bias is not None:
-            key_b = f"{self.head_name}.bias"
-            tensors[key_b] = self.head.bias.detach().cpu().to(tensors.get(key_b, self.head.bias).dtype).contiguous()
-        return tensors
 
-    def save(self, out: Path, metadata: dict[str, str]) -> Path:
-        copy_folder_except(self.source, out, self.weights_path)
-        target = out / "model.safetensors"
-        # transformers 4.x refuses safetensors metadata without format: pt
-        save_safetensors(self.state_tensors(), target, {**self._file_metadata, "format": "pt", **metadata})
-        return target
+def detect(path: Path, o: LoadOptions) -> bool:
+    return is_hf_folder(path)
+
+
+def load(path: Path, o: LoadOptions) -> HFTextAdapter:
+    return HFTextAdapter(path, max_length=o.max_length)
+
+
+register_family("transformers", detect=detect, load=load, priority=70,
+                summary="transformers *ForSequenceClassification folder (config.json, model.safetensors, tokenizer)")

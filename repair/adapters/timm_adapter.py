@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 from ..errors import BadInput
 from ..io import PICKLE_SUFFIXES, load_state_dict_file
+from . import LoadOptions, register_family
 from .base import read_json
 from .images import resolve_image_config
 from .torch_module import TorchImageAdapter, load_weights_strict, module_name
@@ -100,3 +101,18 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
                              head_name=head_name, tensors=tensors, metadata=metadata,
                              class_names=[str(n) for n in names],
                              data_config=resolve_image_config(pretrained_cfg))
+
+
+def detect(path: Path, o: LoadOptions) -> bool:
+    """A hub folder (config.json with ``architecture``), or a bare weights file with ``--arch``."""
+    return is_timm_folder(path) if path.is_dir() else bool(o.arch)
+
+
+def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
+    if path.is_dir():
+        return load_timm(path, allow_pickle=o.allow_pickle)
+    return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, class_names=o.class_names)
+
+
+register_family("timm", detect=detect, load=load, priority=80,
+                summary="timm hub folder (config.json + model.safetensors), or a bare weights file + --arch")

@@ -1,19 +1,39 @@
-"""Repair-method registry.
+"""Repair-method registry: head repairs and model repairs under one declared contract.
 
-A repair method is a pure function on tensors: it never sees the model object.
+**Head repairs** are pure functions on embedding tensors; they never see the model::
 
-    @register_method("name", summary="one line", config=NameConfig, needs_groups=False)
+    @register_method("name", summary="one line", config=NameConfig, groups="optional",
+                     transform=AFFINE)
     def name(inputs: RepairInputs, config: NameConfig) -> RepairOutput: ...
 
-``inputs`` carries the embeddings of the repair data that the method may fit on
-(the caller keeps its own held-out part for selection and reporting), the class
-labels, optional group labels and the current head. The method returns a new
-head ``(W, b)`` of the same shape plus diagnostics. The input tensors must not
-be modified in place. A method must be deterministic for a fixed ``inputs.seed``.
+``inputs`` carries the embeddings of the repair data the method may fit on (the
+caller keeps its own held-out part for selection and reporting), the class labels,
+optional group labels and the current head; the method returns a new head ``(W, b)``
+of the same shape plus diagnostics. Inputs are never modified in place; a fixed
+``inputs.seed`` gives the same head. Every transform the method applies to the
+embeddings is one of :mod:`repair.methods.transforms` (declared as ``transform=``)
+and is folded into the returned head, so ``X @ W.T + b`` on the *raw* embeddings is
+the repaired model.
 
-Every transform a method applies to the embeddings (a neuron mask, an affine
-map, a standardisation) is folded into the returned head, so
-``logits = X @ W.T + b`` on the *raw* embeddings is the repaired model.
+**Model repairs** change any tensors of the network::
+
+    @register_model_repair("name", summary="one line", config=NameConfig, groups="optional")
+    def name(inputs: ModelRepairInputs, config: NameConfig) -> ModelRepairOutput: ...
+
+``inputs.model`` is the adapter's trainable module (:class:`repair.trainable.TrainableModel`:
+preprocessing with train-time transforms, parameter scopes, frozen BatchNorm), with the
+repair data the method may train on, the groups (given, or ``None``), the original
+model's logits on that data, a budget and a seed; the method returns the new values
+of the tensors it changed. Both kinds run under the same splitting, selection,
+report, provenance and export (:mod:`repair.pipeline`).
+
+The registration declares what the pipeline needs to know: ``groups`` -- ``"never"``
+(never looks at group labels), ``"optional"`` (uses them when given) or
+``"required"``; the config dataclass (validated by :func:`repair.config.build_config`
+when a recipe is loaded); for head repairs the transform; for model repairs the
+modalities it supports. A new method is one new file calling the registration (built-ins
+below are imported lazily; user files through a recipe's ``plugins:`` list or the
+``repair.plugins`` entry-point group).
 """
 from __future__ import annotations
 
@@ -23,6 +43,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+
+from ..config import build_config, describe
+from .transforms import AFFINE, MASK, TRANSFORMS, Transform
+
+GROUP_USE = ("never", "optional", "required")
+KINDS = ("head", "model")
 
 
 @dataclass
@@ -47,6 +73,25 @@ class RepairInputs:
         return (self.X.detach().float().cpu(), self.y.detach().long().cpu(),
                 self.W.detach().float().cpu(), self.b.detach().float().cpu())
 
+    def prepared(self) -> "Prepared":
+        """What most methods start from: a generator seeded with ``seed``, the CPU tensors
+        and the original head's logits."""
+        X, y, W, b = self.cpu_tensors()
+        return Prepared(torch.Generator().manual_seed(int(self.seed)), X, y, W, b, X @ W.T + b)
+
+
+@dataclass
+class Prepared:
+    gen: torch.Generator
+    X: torch.Tensor
+    y: torch.Tensor
+    W0: torch.Tensor
+    b0: torch.Tensor
+    logits0: torch.Tensor
+
+    def __iter__(self):
+        return iter((self.gen, self.X, self.y, self.W0, self.b0, self.logits0))
+
 
 @dataclass
 class RepairOutput:
@@ -56,54 +101,125 @@ class RepairOutput:
 
 
 @dataclass
+class ModelRepairInputs:
+    model: Any                      # repair.trainable.TrainableModel
+    items: list                     # the repair samples the method may train on (image paths / texts)
+    y: torch.Tensor                 # (N,) class indices
+    ref_logits: torch.Tensor        # (N, C) the original model's logits on ``items``
+    groups: Optional[torch.Tensor] = None   # (N,) given group ids, or None
+    budget: Any = None              # repair.finetune.Budget (steps / seconds / epochs); None: the method's own
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.ref_logits.shape[1])
+
+
+@dataclass
+class ModelRepairOutput:
+    tensors: dict[str, torch.Tensor]        # new values of the tensors that changed (state-dict names)
+    diagnostics: dict[str, Any] = field(default_factory=dict)   # JSON-serialisable
+    steps: int = 0                          # optimiser steps taken
+
+
+@dataclass
 class MethodInfo:
     name: str
-    fn: Callable[[RepairInputs, Any], RepairOutput]
+    fn: Callable[[Any, Any], Any]
     summary: str
     config_cls: type
-    needs_groups: bool = False      # True: cannot run without group labels
-    uses_groups: bool = True        # False: never looks at group labels even when given
+    kind: str = "head"              # "head" | "model"
+    groups: str = "optional"        # "never" | "optional" | "required"
+    transform: Optional[Transform] = None      # head repairs: how T(X) folds into the head
+    modalities: tuple = ("image", "text")      # model repairs: the data they can train on
+
+    @property
+    def needs_groups(self) -> bool:
+        return self.groups == "required"
+
+    @property
+    def uses_groups(self) -> bool:
+        return self.groups != "never"
 
     def default_config(self):
-        return self.config_cls()
+        return build_config(self.config_cls, {})
 
     def make_config(self, params: Optional[dict] = None):
-        params = dict(params or {})
-        names = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(params) - names)
-        if unknown:
-            raise ValueError(f"method {self.name!r} has no setting(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(names))}")
-        return self.config_cls(**params)
+        """A validated config (``repair.config.ConfigError``, a ValueError naming the setting,
+        on an unknown setting or a bad value)."""
+        return build_config(self.config_cls, params)
 
-    def __call__(self, inputs: RepairInputs, config=None) -> RepairOutput:
+    def settings(self) -> list[dict]:
+        return describe(self.config_cls)
+
+    def __call__(self, inputs, config=None):
         return self.fn(inputs, config if config is not None else self.default_config())
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
 
 # modules that register the built-in methods (imported lazily on first lookup)
-_BUILTIN_MODULES = ("neurontune", "nsf", "dfr", "afr", "mix")
+_BUILTIN_MODULES = ("neurontune", "nsf", "dfr", "afr", "mix", "finetune")
+ENTRY_POINT_GROUP = "repair.plugins"
+_loaded = False
 
 
-def register_method(name: str, *, summary: str, config: type, needs_groups: bool = False,
-                    uses_groups: bool = True):
+def _register(info: MethodInfo) -> None:
+    if info.groups not in GROUP_USE:
+        raise ValueError(f"groups must be one of {GROUP_USE}, got {info.groups!r}")
+    if not dataclasses.is_dataclass(info.config_cls):
+        raise TypeError(f"the config of {info.name!r} must be a dataclass")
+    old = _REGISTRY.get(info.name)
+    if old is not None and old.fn is not info.fn and (old.fn.__module__, old.fn.__qualname__) != \
+            (info.fn.__module__, info.fn.__qualname__):
+        raise ValueError(f"repair method {info.name!r} registered twice")
+    _REGISTRY[info.name] = info
+
+
+def register_method(name: str, *, summary: str, config: type, groups: str = "optional",
+                    transform: Optional[Transform] = None):
+    """Register a head repair (see the module docstring). ``transform``: the embedding
+    transform its head is folded from (``transforms.MASK`` / ``transforms.AFFINE``), or
+    None when it fits the head on the raw embeddings."""
+    if transform is not None and not isinstance(transform, Transform):
+        transform = TRANSFORMS[str(transform)]
+
     def deco(fn):
-        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            raise ValueError(f"repair method {name!r} registered twice")
-        _REGISTRY[name] = MethodInfo(name, fn, summary, config, needs_groups, uses_groups)
+        _register(MethodInfo(name, fn, summary, config, "head", groups, transform))
+        return fn
+    return deco
+
+
+def register_model_repair(name: str, *, summary: str, config: type, groups: str = "optional",
+                          modalities: tuple = ("image", "text")):
+    """Register a model repair (see the module docstring)."""
+    def deco(fn):
+        _register(MethodInfo(name, fn, summary, config, "model", groups, None, tuple(modalities)))
         return fn
     return deco
 
 
 def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
     for mod in _BUILTIN_MODULES:
         importlib.import_module(f"{__name__}.{mod}")
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            ep.load()
+    except Exception:   # a broken third-party plugin must not break the built-ins
+        pass
 
 
-def list_methods() -> list[MethodInfo]:
+def list_methods(kind: Optional[str] = None) -> list[MethodInfo]:
     _load_builtins()
-    return [ _REGISTRY[k] for k in sorted(_REGISTRY) ]
+    return [_REGISTRY[k] for k in sorted(_REGISTRY) if kind is None or _REGISTRY[k].kind == kind]
 
 
 def get_method(name: str) -> MethodInfo:
@@ -112,3 +228,8 @@ def get_method(name: str) -> MethodInfo:
         return _REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown repair method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+__all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "MethodInfo",
+           "register_method", "register_model_repair", "list_methods", "get_method", "MASK", "AFFINE",
+           "Transform"]

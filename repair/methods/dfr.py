@@ -3,7 +3,7 @@
 Two protocols (``protocol``), both refit the head on ``inputs`` only, with groups
 from ``inputs.groups`` when given (``group_source="auto"``/``"given"``), else
 *inferred* groups = class x (correct / incorrect under the original head), the
-convention of :func:`repair.solver.inferred_groups`.
+convention of :func:`repair.selection.inferred_groups`.
 
 ``protocol="fast"`` (default): a group-balanced L2 logistic head, ``C`` chosen by
 2-fold cross-validated worst-group accuracy.
@@ -39,10 +39,10 @@ noisy than one half-split, and the weighted fit uses every row).
 ``protocol="paper"``: the paper's ``dfr_val`` protocol (made batched; the exact
 recipe of the paper, kept for reproduction):
 
-1. Split ``inputs`` in two halves stratified by group (seeded). For every strength
+1. Split ``inputs`` stratified by group (seeded; ``holdout_fraction`` held out). For every strength
    ``C`` in ``c_grid`` fit an L1 logistic regression (sklearn's ``C`` convention, see
-   :mod:`repair.solver`) on ``n_tune_refits`` group-balanced subsamples of the first
-   half; score the (averaged) head on the second half by worst-group accuracy. All
+   :mod:`repair.solver`) on ``n_tune_refits`` group-balanced subsamples of the fit
+   part; score the (averaged) head on the held-out part by worst-group accuracy. All
    ``len(c_grid) * n_tune_refits`` fits are ONE batched solver call.
 2. With the chosen ``C`` fit ``n_refits`` heads on group-balanced subsamples of *all*
    of ``inputs`` (ONE batched call with (K, N) 0/1 sample weights) and average them.
@@ -67,8 +67,8 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   ``C``); fast: L2, (10, 3, 1, .3, .1, .03); paper: L1, (1, .7, .3, .1, .07, .03, .01).
 - ``n_refits`` (20): paper only: balanced refits averaged into the final head.
 - ``n_tune_refits`` (1): paper only: balanced subsamples per ``C`` during tuning.
-- ``tune_fraction`` (0.5): paper only: share of ``inputs`` fitted on during tuning
-  (the fast protocol always uses two halves, each scoring the other).
+- ``holdout_fraction`` (0.5): paper only: share of ``inputs`` held out to score the
+  strengths during tuning (the fast protocol always uses two halves, each scoring the other).
 - ``group_source`` ("auto"): "auto" (given if available else inferred), "given", "inferred".
 - ``min_subsample_per_group`` (20): floor of the per-group subsample size (paper) /
   of the per-group total weight ``n_g`` (fast), see above.
@@ -89,12 +89,14 @@ from typing import Callable, Optional
 
 import torch
 
-from . import RepairInputs, RepairOutput, register_method
 from .. import solver as S
+from .. import threads
+from ..config import setting
+from ..selection import Criterion, Holdout, KFold, head_predictions, inferred_groups, select_and_refit
+from . import AFFINE, RepairInputs, RepairOutput, register_method
 
 __all__ = ["DFRConfig", "dfr", "fit_balanced_l1", "resolve_groups", "subsample_problems",
-           "apply_transform", "fold_head", "example_transform", "run_balanced_protocol",
-           "run_fast_protocol", "resolved", "PAPER_C_GRID", "FAST_C_GRID"]
+           "run_balanced_protocol", "run_fast_protocol", "resolved", "PAPER_C_GRID", "FAST_C_GRID"]
 
 
 PAPER_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
@@ -105,17 +107,17 @@ _DEFAULTS = {"paper": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
 
 @dataclass
 class DFRConfig:
-    protocol: str = "fast"
-    c_grid: Optional[tuple] = None
-    n_refits: int = 20
-    n_tune_refits: int = 1
-    tune_fraction: float = 0.5
-    group_source: str = "auto"
-    min_subsample_per_group: int = 20
+    protocol: str = setting("fast", choices=("fast", "paper"))
+    c_grid: Optional[tuple] = setting(None, gt=0, nonempty=True)
+    n_refits: int = setting(20, ge=1)
+    n_tune_refits: int = setting(1, ge=1)
+    holdout_fraction: float = setting(0.5, gt=0, lt=1)
+    group_source: str = setting("auto", choices=("auto", "given", "inferred"))
+    min_subsample_per_group: int = setting(20, ge=0)
     standardize: bool = True
-    tol: Optional[float] = None
-    max_iter: Optional[int] = None
-    group_cap: Optional[float] = 4.0
+    tol: Optional[float] = setting(None, gt=0)
+    max_iter: Optional[int] = setting(None, ge=1)
+    group_cap: Optional[float] = setting(4.0, ge=0)
 
 
 def resolved(cfg, name: str):
@@ -126,25 +128,6 @@ def resolved(cfg, name: str):
     if cfg.protocol not in _DEFAULTS:
         raise ValueError(f"protocol must be 'fast' or 'paper', got {cfg.protocol!r}")
     return _DEFAULTS[cfg.protocol][name]
-
-
-# --- folding (standardisation) ------------------------------------------------------------
-
-def apply_transform(X: torch.Tensor, transform: dict) -> torch.Tensor:
-    """The feature map the fitted head sees: ``X * scale + shift`` (standardisation)."""
-    return X * transform["scale"] + transform["shift"]
-
-
-def fold_head(W: torch.Tensor, b: torch.Tensor, transform: dict):
-    """Head on ``apply_transform(X)`` -> equivalent head on raw ``X``."""
-    return S.fold_affine(W, b, transform["scale"], transform["shift"])
-
-
-def example_transform(D: int, generator: torch.Generator) -> dict:
-    """A random transform of the kind this method uses (for fold tests)."""
-    X = torch.randn(50, D, generator=generator) * 3 + 1
-    scale, shift = S.standardization(X)
-    return {"scale": scale, "shift": shift}
 
 
 # --- groups and training-set builders ------------------------------------------------------
@@ -159,7 +142,7 @@ def resolve_groups(inputs: RepairInputs, group_source: str):
         return inputs.groups.long().cpu().clone(), "given"
     with torch.no_grad():
         lg = inputs.X.float().cpu() @ inputs.W.float().cpu().T + inputs.b.float().cpu()
-    return S.inferred_groups(lg, inputs.y.cpu()), "inferred"
+    return inferred_groups(lg, inputs.y.cpu()), "inferred"
 
 
 ProblemBuilder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Generator, int],
@@ -196,50 +179,46 @@ def fit_balanced_l1(X: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_
     return W, b, info
 
 
+def _group_diag(groups: torch.Tensor, source: str) -> dict:
+    counts = torch.bincount(groups, minlength=int(groups.max()) + 1 if groups.numel() else 0).tolist()
+    return {"group_source": source, "n_groups_present": int(sum(1 for c in counts if c > 0)),
+            "group_counts": [int(c) for c in counts]}
+
+
+def _diag(method_name: str, protocol: str, chosen: float, sel, gdiag: dict, c_grid) -> dict:
+    """The diagnostics both protocols share."""
+    return {"method": method_name, "protocol": protocol, "chosen": {"C": chosen}, "selection": sel.describe(),
+            **gdiag, "candidates": sel.candidates([{"C": c} for c in c_grid])}
+
+
 def run_balanced_protocol(inputs: RepairInputs, cfg, problem_builder: Optional[ProblemBuilder] = None,
                           method_name: str = "dfr") -> RepairOutput:
-    """The paper protocol: tune ``C`` on a held-out half by worst-group accuracy, then
+    """The paper protocol: tune ``C`` on a held-out part by worst-group accuracy, then
     average balanced refits on all inputs (shared by ``dfr`` with ``protocol="paper"``
     and ``mix``)."""
     if cfg.protocol != "paper":
         raise ValueError(f"run_balanced_protocol runs protocol 'paper', got {cfg.protocol!r}")
     c_grid = tuple(float(c) for c in resolved(cfg, "c_grid"))
-    if not c_grid:
-        raise ValueError("c_grid is empty")
-    if cfg.n_refits < 1 or cfg.n_tune_refits < 1:
-        raise ValueError("n_refits and n_tune_refits must be >= 1")
     gen = torch.Generator().manual_seed(int(inputs.seed))
     X = inputs.X.detach().float().cpu()
     y = inputs.y.detach().long().cpu()
     C = inputs.num_classes
     groups, source = resolve_groups(inputs, cfg.group_source)
-    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    crit = Criterion.resolve("auto", has_groups=True)        # the groups in use (given or inferred)
 
-    tr, ho = S.stratified_split(groups, cfg.tune_fraction, gen)
-    tune_scores = []
-    chosen = float(c_grid[0])
-    if len(c_grid) > 1 and ho.numel() > 0:
-        Wt, bt, tinfo = fit_balanced_l1(X[tr], y[tr], groups[tr], C, c_grid, cfg.n_tune_refits,
-                                        cfg, gen, inputs.device, problem_builder)
-        worst, mean = S.selection_scores(X[ho], y[ho], Wt, bt, groups[ho])
-        best = S.pick_best(worst, mean)
-        chosen = float(c_grid[best])
-        tune_scores = [{"C": float(c), "heldout_worst_group_acc": float(worst[i]),
-                        "heldout_mean_acc": float(mean[i]), "solver_iters": int(tinfo["n_iter"][i * cfg.n_tune_refits])}
-                       for i, c in enumerate(c_grid)]
+    def fit(idx, which):
+        Wt, bt, info = fit_balanced_l1(X[idx], y[idx], groups[idx], C, [c_grid[i] for i in which],
+                                       cfg.n_tune_refits, cfg, gen, inputs.device, problem_builder)
+        return Wt, bt, info
+
+    sel = select_and_refit(len(c_grid), fit, lambda f, idx: head_predictions(X[idx], f[0], f[1]), y,
+                           criterion=crit, score_strata=groups, scheme=Holdout(cfg.holdout_fraction),
+                           seed=gen, refit=False)
+    chosen = c_grid[sel.best]
     Wf, bf, finfo = fit_balanced_l1(X, y, groups, C, [chosen], cfg.n_refits, cfg, gen,
                                     inputs.device, problem_builder)
-    counts = torch.bincount(groups, minlength=n_groups).tolist()
     diag = {
-        "method": method_name,
-        "protocol": "paper",
-        "chosen_C": chosen,
-        "group_source": source,
-        "n_groups_present": int(sum(1 for c in counts if c > 0)),
-        "group_counts": [int(c) for c in counts],
-        "tuning": tune_scores,
-        "n_tune_fit": int(tr.numel()),
-        "n_tune_heldout": int(ho.numel()),
+        **_diag(method_name, "paper", chosen, sel, _group_diag(groups, source), c_grid),
         "final_rows_per_refit": int(max(finfo["rows_per_problem"])),
         "final_solver_iters_max": int(max(finfo["n_iter"])),
         "final_solver_converged": bool(all(finfo["converged"])),
@@ -302,16 +281,10 @@ def run_fast_protocol(inputs: RepairInputs, cfg, method_name: str = "dfr") -> Re
     cross-validated worst-group accuracy along a warm-started L2 path; the head is
     the average of the two fold heads at that ``C``."""
     c_grid = tuple(float(c) for c in resolved(cfg, "c_grid"))
-    if not c_grid:
-        raise ValueError("c_grid is empty")
-    if min(c_grid) <= 0:
-        raise ValueError("c_grid values must be positive")
     tol, max_iter = float(resolved(cfg, "tol")), int(resolved(cfg, "max_iter"))
     dev = torch.device(inputs.device)
     N, D = inputs.X.shape
-    # small problems: one CPU thread (synchronisation costs more than it saves)
-    n_thr = 1 if dev.type == "cpu" and N * D * min(N, D) < 1e9 else None
-    with S.cpu_threads(n_thr):
+    with threads.for_small_work(N * D * min(N, D), dev, small=1e9):
         return _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name)
 
 
@@ -322,7 +295,6 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     C = inputs.num_classes
     N, D = X.shape
     groups, source = resolve_groups(inputs, cfg.group_source)
-    n_groups = int(groups.max()) + 1 if groups.numel() else 0
     # constant features carry no signal (their weight is exactly 0 under an L2
     # penalty): they are dropped; the others are standardised (statistics over all rows)
     active = torch.nonzero(X.amax(0) > X.amin(0)).flatten()
@@ -340,52 +312,53 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
         Z = Xa
         scale, shift = torch.ones(active.numel(), device=dev), torch.zeros(active.numel(), device=dev)
     n_rows = N
-    counts = torch.bincount(groups, minlength=n_groups).tolist()
+    gdiag = _group_diag(groups, source)
     keep = _capped_rows(groups, cfg, gen)
     if keep is not None:                  # large groups thinned to group_cap * n_g rows
         Z, y, groups = Z.index_select(0, keep.to(dev)), y[keep], groups[keep]
         N = keep.numel()
-    A, B = S.stratified_split(groups, 0.5, gen)
-    select = len(c_grid) > 1 and A.numel() > 0 and B.numel() > 0
-    folds = [A, B] if select else [torch.arange(N)]
-    Zf, tf, wf, T = _fold_problems(Z, y, groups, folds, C, int(cfg.min_subsample_per_group))
-    order = sorted(range(len(c_grid)), key=lambda i: c_grid[i]) if select else [0]   # strong penalty first
-    l2 = [1.0 / c_grid[i] for i in order]
-    V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
-                                      num_threads=None)
-    Fn, L, Da = len(folds), len(l2), Z.shape[1]
-    V = V.to(torch.float32).view(Fn, T, L, Da)
-    c = c.to(torch.float32).view(Fn, T, L)
-    tune_scores = []
-    j = 0
-    if select:
-        # cross-validated predictions: every row scored by the fold head not fitted on it
-        pred = torch.empty(L, N, dtype=torch.long)
-        for ho, k in ((B, 0), (A, 1)):
-            Zh = Zf[(1 - k) * T, :ho.numel()]                          # the other fold's rows
-            u = (V[k].reshape(T * L, Da) @ Zh.T).reshape(T, L, -1) + c[k].unsqueeze(-1)
-            pred[:, ho] = ((u[0] > 0).long() if C == 2 else u.argmax(0)).cpu()
-        pos = [order.index(i) for i in range(len(c_grid))]             # c_grid index -> path index
-        worst, mean = S.selection_scores_from_preds(pred[pos], y, groups)
-        j = pos[S.pick_best(worst, mean)]                                # ties: c_grid order
-        tune_scores = [{"C": c_grid[i], "cv_worst_group_acc": float(worst[i]),
-                        "cv_mean_acc": float(mean[i]), "newton_iters": int(info["n_iter"][pos[i]])}
-                       for i in range(len(c_grid))]
-    chosen = c_grid[order[j]]
-    Wi, bi = _head_from_binary(V[:, :, j].mean(0), c[:, :, j].mean(0), C)
+    order = sorted(range(len(c_grid)), key=lambda i: c_grid[i])      # strong penalty first
+    pos = [order.index(i) for i in range(len(c_grid))]               # c_grid index -> path index
+    T = 1 if C == 2 else C
+    Da = Z.shape[1]
+    infos = []
+
+    def fit_folds(trains, which):
+        """Every fold's training set and the whole C path in ONE batched Newton call."""
+        l2 = [1.0 / c_grid[i] for i in order]
+        Zf, tf, wf, _ = _fold_problems(Z, y, groups, trains, C, int(cfg.min_subsample_per_group))
+        V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
+                                          num_threads=None)
+        infos.append(info)
+        V = V.to(torch.float32).view(len(trains), T, len(l2), Da)
+        c = c.to(torch.float32).view(len(trains), T, len(l2))
+        return [(V[k], c[k]) for k in range(len(trains))]
+
+    def predict(f, idx):
+        V, c = f                                                      # (T,L,Da), (T,L)
+        u = (V.reshape(T * len(order), Da) @ Z[idx.to(dev)].T).reshape(T, len(order), -1) + c.unsqueeze(-1)
+        pred = (u[0] > 0).long() if C == 2 else u.argmax(0)           # (L, n) in path order
+        return pred[pos].cpu()                                        # c_grid order
+
+    crit = Criterion.resolve("auto", has_groups=True)                # the groups in use
+    sel = select_and_refit(len(c_grid), lambda idx, which: fit_folds([idx], which)[0], predict, y,
+                           criterion=crit, score_strata=groups, scheme=KFold(2), seed=gen,
+                           refit=False, fit_folds=fit_folds)
+    # one strength, or too few rows for two folds: one fit on all rows
+    fits = sel.fold_fits if sel.worst is not None else fit_folds([torch.arange(N)], None)
+    j = pos[sel.best]
+    chosen = c_grid[sel.best]
+    Vs = torch.stack([f[0][:, j] for f in fits]).mean(0)
+    cs = torch.stack([f[1][:, j] for f in fits]).mean(0)
+    Wi, bi = _head_from_binary(Vs, cs, C)
     Wa, b = S.fold_affine(Wi, bi, scale, shift)
     W = torch.zeros(Wa.shape[0], D, device=dev).index_copy_(1, active, Wa)
+    info = infos[-1]
     diag = {
-        "method": method_name,
-        "protocol": "fast",
-        "chosen_C": chosen,
-        "group_source": source,
-        "n_groups_present": int(sum(1 for k in counts if k > 0)),
-        "group_counts": [int(k) for k in counts],
-        "tuning": tune_scores,
+        **_diag(method_name, "fast", chosen, sel, gdiag, c_grid),
         "rows_fitted": int(N),
         "rows_given": int(n_rows),
-        "fold_sizes": [int(f.numel()) for f in folds],
+        "fold_sizes": [int(f.numel()) for f in sel.folds] if sel.folds else [int(N)],
         "active_features": int(active.numel()),
         "solver_form": info["form"],
         "solver_newton_iters": int(sum(info["n_iter"])),
@@ -399,10 +372,8 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
 @register_method("dfr", summary="Deep Feature Reweighting: group-balanced logistic head, C chosen by "
                                 "worst-group accuracy on held-out data (fast L2 protocol by default, "
                                 "protocol=paper for the paper's L1 one)",
-                 config=DFRConfig, needs_groups=False, uses_groups=True)
+                 config=DFRConfig, groups="optional", transform=AFFINE)
 def dfr(inputs: RepairInputs, config: DFRConfig) -> RepairOutput:
     if config.protocol == "fast":
         return run_fast_protocol(inputs, config, "dfr")
-    if config.protocol == "paper":
-        return run_balanced_protocol(inputs, config, None, "dfr")
-    raise ValueError(f"protocol must be 'fast' or 'paper', got {config.protocol!r}")
+    return run_balanced_protocol(inputs, config, None, "dfr")

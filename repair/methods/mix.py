@@ -36,19 +36,21 @@ from dataclasses import dataclass
 
 import torch
 
-from . import RepairInputs, RepairOutput, register_method
 from .. import solver as S
-from .dfr import DFRConfig, apply_transform, example_transform, fold_head, run_balanced_protocol
+from ..config import setting
+from . import AFFINE, RepairInputs, RepairOutput, register_method
+from .dfr import DFRConfig, run_balanced_protocol
 
-__all__ = ["MixConfig", "mix", "make_mix_builder", "apply_transform", "fold_head", "example_transform"]
+__all__ = ["MixConfig", "mix", "make_mix_builder"]
 
 
 @dataclass
 class MixConfig(DFRConfig):
-    protocol: str = "paper"          # mix builds per-subsample training sets: paper protocol only
-    mix_weight: float = 0.5
-    mix_beta: float = 0.0
-    n_mix_per_example: int = 1
+    # mix builds per-subsample training sets: paper protocol only
+    protocol: str = setting("paper", choices=("paper",))
+    mix_weight: float = setting(0.5, ge=0, le=1)
+    mix_beta: float = setting(0.0, ge=0)
+    n_mix_per_example: int = setting(1, ge=0)
 
 
 def make_mix_builder(cfg: MixConfig):
@@ -120,9 +122,9 @@ def _beta_sample(n: int, a: float, generator: torch.Generator) -> torch.Tensor:
 
 @register_method("mix", summary="Last-layer data mixing: same-class mixing within group-balanced "
                                 "subsamples, then fitted exactly as DFR",
-                 config=MixConfig, needs_groups=False, uses_groups=True)
+                 config=MixConfig, groups="optional", transform=AFFINE)
 def mix(inputs: RepairInputs, config: MixConfig) -> RepairOutput:
-    if config.protocol != "paper":
+    if config.protocol != "paper":     # a config built without validation
         raise ValueError(f"mix supports protocol='paper' only, got {config.protocol!r}")
     out = run_balanced_protocol(inputs, config, make_mix_builder(config), "mix")
     out.diagnostics.update({"mix_weight": float(config.mix_weight), "mix_beta": float(config.mix_beta),

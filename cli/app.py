@@ -1,0 +1,106 @@
+"""The Typer ``app`` every command registers on, and what all commands share: the error
+mapping (``@command``), ``log`` (stderr) and ``emit_json`` (stdout).
+
+Exit codes: 0 ok, 1 gate or verification failed, 2 bad input/usage, 3 internal error.
+Usage errors (a bad option value, a missing or unknown option) are one line on stderr,
+``error: <message>``, exit 2: ``OneLineUsageErrors.main`` handles them, and both the console
+script and ``CliRunner().invoke(app, ...)`` go through it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from typing import Annotated, Any, Callable
+
+import typer
+import typer.core
+
+from repair.errors import GateFailed, RepairError
+
+from .options import with_options
+
+try:  # newer typer vendors click; its ClickException derives from typer.TyperException
+    from typer import TyperException as ClickException
+except ImportError:  # older typer runs on click itself
+    from click import ClickException
+
+STATE = {"debug": False}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """The app's click group: usage errors as one ``error: ...`` line on stderr instead of click's
+    usage box. Everything else behaves as in standalone mode."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        run = functools.partial(super().main, args, prog_name, complete_var, standalone_mode=False, **extra)
+        if not standalone_mode:  # the caller handles click's exceptions itself
+            return run()
+        try:
+            rv = run()
+        except ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `repair`: the help, as before
+                if not (getattr(typer.core, "HAS_RICH", False) and self.rich_markup_mode is not None):
+                    e.show()  # (rich has printed it already)
+            else:
+                log("error: " + " ".join(e.format_message().split()))
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            log("Aborted!")
+            sys.exit(1)
+        # standalone_mode=False returns the exit code of a typer.Exit / ctx.exit (e.g. --help) or
+        # the command's return value (None from ours)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
+                  help="Repair classifiers that lean on spurious correlations: measure, probe, fix, export.")
+
+
+@app.callback()
+def main_callback(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False):
+    STATE["debug"] = debug
+
+
+def command(fn: Callable) -> Callable:
+    """Every command's decorator (under ``@app.command``): expands its option bundles (see
+    ``options.with_options``) and maps library errors to one line on stderr and the documented
+    exit codes."""
+    fn = with_options(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except RepairError as e:
+            if STATE["debug"]:
+                traceback.print_exc()
+            log(f"error: {e}" if not isinstance(e, GateFailed) else f"FAILED: {e}")
+            raise typer.Exit(e.exit_code)
+        except BrokenPipeError:  # stdout closed early (| head): not an error of ours
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0)
+        except KeyboardInterrupt:
+            log("interrupted")
+            raise typer.Exit(130)
+        except Exception as e:  # an internal error: one line unless --debug
+            if STATE["debug"]:
+                traceback.print_exc()
+            first = str(e).splitlines()[0] if str(e) else ""
+            log(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
+            raise typer.Exit(3)
+    return wrapper

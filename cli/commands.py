@@ -1,0 +1,197 @@
+"""`repair eval`, `probe`, `fix`, `methods` and `demo`: thin shims over ``repair.api`` and friends."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from repair.errors import BadInput, GateFailed
+
+from .app import app, command, emit_json, log
+from .format import eval_table, pct, table
+from .options import AsJson, Columns, DataPath, ItemColumns, Load, ModelArg, Runtime
+
+
+# ------------------------------------------------------------------ eval
+@app.command("eval")
+@command
+def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runtime: Runtime,
+             as_json: AsJson = False,
+             fail_under_wga: Annotated[Optional[float], typer.Option("--fail-under-wga", help="Exit 1 if worst-group accuracy is below this (0-1 or percent).")] = None,
+             fail_under_acc: Annotated[Optional[float], typer.Option("--fail-under-acc", help="Exit 1 if accuracy is below this (0-1 or percent).")] = None):
+    """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
+    from repair.api import evaluate_model
+
+    if fail_under_wga is not None and columns.group_by is None:
+        raise BadInput("--fail-under-wga needs --group-by (worst-group accuracy needs group labels)")
+    rep = evaluate_model(model, data, load, columns, runtime)
+    gates = []
+    for name, thr, val in (("worst-group accuracy", fail_under_wga, rep["worst_group_accuracy"]),
+                           ("accuracy", fail_under_acc, rep["accuracy"])):
+        if thr is None:
+            continue
+        thr = thr / 100 if thr > 1 else thr
+        gates.append({"metric": name, "threshold": thr, "value": val, "passed": val is not None and val >= thr})
+    rep["gates"] = gates
+    if as_json:
+        emit_json(rep)
+    else:
+        src = "cache" if rep["embedding"]["from_cache"] else rep["embedding"]["device"]
+        print(eval_table(rep, f"{model} on {data}  (embeddings: {src}, {rep['embedding']['seconds']:.2f}s)"))
+    failed = [g for g in gates if not g["passed"]]
+    if failed:
+        raise GateFailed("; ".join(f"{g['metric']} {pct(g['value'])} < {pct(g['threshold'])}" for g in failed))
+
+
+# ------------------------------------------------------------------ probe
+@app.command("probe")
+@command
+def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load, runtime: Runtime,
+              as_json: AsJson = False,
+              top: Annotated[int, typer.Option("--top", min=1, help="How many neurons to list.")] = 10):
+    """Probe embeddings without group labels: spurious neurons, dispersion, pseudo-groups."""
+    from repair.api import probe_model
+
+    rep = probe_model(model, data, load, columns, runtime, top_k=top)
+    if as_json:
+        emit_json(rep)
+        return
+    print(f"{model} on {data}: n={rep['n']}  accuracy={pct(rep['accuracy'])}  embedding dim={rep['embedding_dim']}")
+    print("\nper class (dispersion = nearest class prototype is another class):")
+    print(table(["class", "n", "acc", "misclassified", "dispersion", "neurons with delta>0", "max delta"],
+                [[r["class"], r["n"], pct(r["accuracy"]), r["misclassified"], pct(r["dispersion"]),
+                  r["spurious_neurons"], "-" if r["max_delta"] is None else f"{r['max_delta']:.3f}"]
+                 for r in rep["per_class"]]))
+    print("\nmost spurious neurons (delta = median activation misclassified - correct, NeuronTune):")
+    print(table(["class", "neuron", "delta", "head weight"],
+                [[t["class"], t["neuron"], f"{t['delta']:.3f}", f"{t['head_weight']:.3f}"] for t in rep["top_spurious_neurons"]]))
+    print("\npseudo-groups (class x correctly/incorrectly classified):")
+    print(table(["group", "n"], [[g["group"], g["n"]] for g in rep["pseudo_groups"]]))
+
+
+# ------------------------------------------------------------------ fix
+def fix_table(rep: dict) -> str:
+    out = [f"repaired {rep['model']['source']} -> {rep['output']}",
+           f"recipe {rep['recipe']}: chose {rep['candidate']}"
+           + (f" by {rep['selection_criterion']}" if rep.get('selection_criterion') else "")]
+    if rep["candidates"]:
+        out.append(table(["candidate", "selection score", "selection acc", "fit s"],
+                         [[c["candidate"], pct(c.get("score")), pct(c.get("selection_accuracy")),
+                           c.get("fit_seconds", c.get("skipped"))] for c in rep["candidates"]]))
+    if rep.get("neurons_suppressed") is not None:
+        out.append(f"neurons suppressed: {rep['neurons_suppressed']}")
+    b, a = rep["before"], rep["after"]
+    out.append(f"\nbefore -> after, measured on {rep['measured_on']}:")
+    rows = [["accuracy", pct(b["accuracy"]), pct(a["accuracy"])],
+            ["worst-class accuracy", pct(b["worst_class_accuracy"]), pct(a["worst_class_accuracy"])]]
+    if b.get("per_group") is not None:
+        rows.append(["worst-group accuracy", pct(b["worst_group_accuracy"]), pct(a["worst_group_accuracy"])])
+        rows += [[f"  {gb['name']} (n={gb['n']})", pct(gb["accuracy"]), pct(ga["accuracy"])]
+                 for gb, ga in zip(b["per_group"], a["per_group"])]
+    elif b.get("per_inferred_group") is not None:
+        rows += [[f"  {gb['name']} (n={gb['n']})", pct(gb["accuracy"]), pct(ga["accuracy"])]
+                 for gb, ga in zip(b["per_inferred_group"], a["per_inferred_group"])]
+    out.append(table(["", "before", "after"], rows))
+    if rep.get("export"):
+        e = rep["export"]
+        out.append(f"\nONNX {e.get('path')}: verified={e.get('passed')}  max|diff|={e.get('max_abs_diff')} "
+                   f"(tolerance {e.get('tolerance')})  argmax agreement={pct(e.get('argmax_agreement'))} "
+                   f"over {e.get('n_verified')} samples")
+    t = rep["timing"]
+    out.append(f"\ntime: {t['total_seconds']:.1f}s total, embeddings {t['embedding_seconds']:.1f}s"
+               f"{' (cache)' if t['embedding_from_cache'] else ''}, head fitting {t['fit_seconds']:.2f}s")
+    return "\n".join(out)
+
+
+@app.command("fix")
+@command
+def fix_cmd(model: ModelArg, data: DataPath,
+            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output (default: <model>-repaired in the same format).")] = None,
+            recipe: Annotated[str, typer.Option("--recipe", help="Built-in recipe name or a YAML path.")] = "auto",
+            eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Separate test data for before/after figures.")] = None,
+            eval_group_by: Annotated[Optional[str], typer.Option("--eval-group-by", help="Group column of --eval data (default: --group-by).")] = None,
+            export: Annotated[Optional[str], typer.Option("--export", help="Also export ONNX and verify it (onnx).")] = None,
+            tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="ONNX verification max |diff|.")] = None,
+            seed: Annotated[int, typer.Option("--seed")] = 0,
+            budget: Annotated[Optional[str], typer.Option("--budget", help="Model repairs: training budget, e.g. 300steps, 3epochs, 10min (first reached ends training).")] = None,
+            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+            *, columns: Columns, load: Load, runtime: Runtime, as_json: AsJson = False):
+    """Repair the model from the repair set; write it in the checkpoint's own format."""
+    from repair.pipeline import FixOptions, fix_model
+
+    rep = fix_model(model, data, out, load_opts=load, data_opts=columns, runtime=runtime,
+                    options=FixOptions(recipe=recipe, seed=seed, eval_data=str(eval_data) if eval_data else None,
+                                       eval_group_by=eval_group_by, export=export, tolerance=tolerance,
+                                       budget=budget, force=force),
+                    log=log if runtime.progress else (lambda m: None))
+    if as_json:
+        emit_json(rep)
+    else:
+        print(fix_table(rep))
+
+
+@app.command("methods")
+@command
+def methods_cmd(as_json: AsJson = False):
+    """List the registered repair methods and the built-in recipes."""
+    import dataclasses
+
+    from repair.methods import list_methods
+    from repair.recipes import available
+
+    infos = list_methods()
+    if as_json:
+        emit_json({"methods": [{"name": m.name, "kind": m.kind, "summary": m.summary, "groups": m.groups,
+                                "needs_groups": m.needs_groups, "uses_groups": m.uses_groups,
+                                "transform": m.transform.name if m.transform else None,
+                                "config": dataclasses.asdict(m.default_config())}
+                               for m in infos], "recipes": available()})
+        return
+    print(table(["method", "kind", "group labels", "summary"],
+                [[m.name, m.kind, {"required": "required", "optional": "optional", "never": "never used"}[m.groups],
+                  m.summary] for m in infos]))
+    print("\nrecipes: " + ", ".join(available()))
+
+
+# ------------------------------------------------------------------ demo
+@app.command("demo")
+@command
+def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the demo model and data.")] = Path("repair-demo"),
+             seed: Annotated[int, typer.Option("--seed")] = 0,
+             size: Annotated[str, typer.Option("--size", help="default | tiny")] = "default",
+             recipe: Annotated[str, typer.Option("--recipe", help="Recipe for the repair step.")] = "auto",
+             force: Annotated[bool, typer.Option("--force", help="Rebuild even if the folder exists.")] = False,
+             as_json: AsJson = False):
+    """Build a Waterbirds-like task, train a small timm model with ERM, show its shortcut, repair it."""
+    from repair.api import RuntimeOptions, evaluate_model
+    from repair.data import DataOptions
+    from repair.demo import build_demo
+    from repair.pipeline import FixOptions, fix_model
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise BadInput("demo folder exists and is not empty (use --force to rebuild)", out)
+    if size not in ("default", "tiny"):
+        raise BadInput(f"--size must be default or tiny, got {size!r}")
+    art = build_demo(out, seed=seed, size=size, progress=log)
+    rt = RuntimeOptions(progress=False)
+    test = evaluate_model(art.model_dir, art.test_dir, data_opts=DataOptions(group_by="place"), runtime=rt)
+    log("repairing with the validation split as repair set, WITHOUT its group labels ...")
+    fixed = fix_model(art.model_dir, art.val_dir, Path(art.model_dir).with_name("model-repaired"),
+                      runtime=rt, options=FixOptions(recipe=recipe, seed=seed, eval_data=str(art.test_dir),
+                                                     eval_group_by="place", force=True), log=log)
+    doc = {"model": str(art.model_dir), "repaired_model": fixed["output"], "train": str(art.train_dir),
+           "val": str(art.val_dir), "test": str(art.test_dir), "erm_train_seconds": art.erm_train_seconds,
+           "erm_test": test, "fix": fixed}
+    if as_json:
+        emit_json(doc)
+        return
+    print(f"demo built in {out} (ERM training {art.erm_train_seconds:.0f}s)")
+    print(eval_table(test, "\nERM model on the test split (groups = class x place):"))
+    gap = (test["accuracy"] - test["worst_group_accuracy"]) * 100
+    print(f"\nThe shortcut: worst-group accuracy is {gap:.1f} points below mean accuracy.\n")
+    print(fix_table(fixed))
+    b, a = fixed["before"], fixed["after"]
+    print(f"\nworst-group accuracy {pct(b['worst_group_accuracy'])} -> {pct(a['worst_group_accuracy'])}, "
+          f"accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])} on the test split (no group labels used).")
+    print(f"Try: repair eval {fixed['output']} --data {art.test_dir} --group-by place")

@@ -1,0 +1,186 @@
+"""Every shared command-line option, defined once.
+
+Single options are ``Annotated`` aliases (``ModelArg``, ``DataPath``, ``AsJson``). Options that
+together make one library options object form an ``OptionBundle``; a command asks for the object
+by annotating a parameter with the bundle::
+
+    @app.command("eval")
+    @command
+    def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runtime: Runtime, ...):
+        ...  # columns: DataOptions, load: LoadOptions, runtime: RuntimeOptions
+
+``with_options`` (applied by ``@command``) puts the bundle's options into the command's
+signature in that parameter's place (Typer reads ``inspect.signature``, which honours
+``__signature__``) and calls the command with the built object there. ``bundle.only(...)`` /
+``bundle.without(...)`` offer part of a bundle (the rest keep their defaults) and
+``bundle.defaults(...)`` changes defaults, e.g. ``RUNTIME_OPTIONS.defaults(device="cpu")``.
+
+Nothing here imports torch: the library's options classes are imported when a bundle is built,
+inside the command call.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Optional, get_args, get_origin
+
+import typer
+
+from repair.errors import BadInput
+
+if TYPE_CHECKING:  # the real classes import torch
+    from repair.adapters import LoadOptions
+    from repair.api import RuntimeOptions
+    from repair.data import DataOptions
+
+
+class OptionBundle:
+    """Options that build one object: ``options`` maps parameter name -> (``Annotated`` type with
+    its ``typer.Option``, default); ``build(**values)`` gets every option's value, also the ones a
+    command does not offer (their defaults)."""
+
+    def __init__(self, name: str, options: Mapping[str, tuple[Any, Any]], build: Callable[..., Any],
+                 offered: Optional[tuple[str, ...]] = None):
+        self.name, self.options, self.build = name, dict(options), build
+        self.offered = tuple(options) if offered is None else offered
+
+    def _check(self, names) -> None:
+        unknown = set(names) - set(self.options)
+        if unknown:
+            raise TypeError(f"{self.name} options have no {', '.join(sorted(unknown))}")
+
+    def only(self, *names: str) -> "OptionBundle":
+        self._check(names)
+        return OptionBundle(self.name, self.options, self.build, tuple(n for n in self.offered if n in names))
+
+    def without(self, *names: str) -> "OptionBundle":
+        self._check(names)
+        return OptionBundle(self.name, self.options, self.build, tuple(n for n in self.offered if n not in names))
+
+    def defaults(self, **values: Any) -> "OptionBundle":
+        self._check(values)
+        opts = {n: (ann, values.get(n, default)) for n, (ann, default) in self.options.items()}
+        return OptionBundle(self.name, opts, self.build, self.offered)
+
+    def parameters(self) -> list[inspect.Parameter]:
+        return [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=self.options[n][0],
+                                  default=self.options[n][1]) for n in self.offered]
+
+    def make(self, values: dict[str, Any]) -> Any:
+        """Build the object from the offered options' values (popped from ``values``)."""
+        return self.build(**{n: values.pop(n) if n in self.offered else default
+                             for n, (_, default) in self.options.items()})
+
+
+def _bundle_of(annotation: Any) -> Optional[OptionBundle]:
+    if get_origin(annotation) is Annotated:
+        found = [m for m in get_args(annotation)[1:] if isinstance(m, OptionBundle)]
+        return found[0] if found else None
+    return None
+
+
+def with_options(fn: Callable) -> Callable:
+    """Replace each parameter of ``fn`` annotated with an ``OptionBundle`` by the bundle's options
+    (in place, so ``--help`` lists them there) and call ``fn`` with the built object instead."""
+    sig = inspect.signature(fn, eval_str=True)
+    bundles = {name: b for name, p in sig.parameters.items() if (b := _bundle_of(p.annotation))}
+    if not bundles:
+        return fn
+    params: list[inspect.Parameter] = []
+    for name, p in sig.parameters.items():
+        # keyword-only: Typer calls commands with keywords, and this frees the defaults' order
+        params += bundles[name].parameters() if name in bundles else [p.replace(kind=p.KEYWORD_ONLY)]
+    names = [p.name for p in params]
+    clash = {n for n in names if names.count(n) > 1}
+    if clash:
+        raise TypeError(f"{fn.__name__}: option bundles repeat parameter(s) {', '.join(sorted(clash))}")
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        for name, bundle in bundles.items():
+            kwargs[name] = bundle.make(kwargs)
+        return fn(**kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+# ------------------------------------------------------------------ single options
+ModelArg = Annotated[Path, typer.Argument(help="Checkpoint: timm hub folder, transformers folder, .safetensors (+--arch/--factory) or .onnx.")]
+DataPath = Annotated[Path, typer.Option("--data", "-d", help="Repair data: image folder / metadata.csv, or text CSV/TSV/JSONL.")]
+AsJson = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+
+
+# ------------------------------------------------------------------ model loading -> LoadOptions
+def _floats(s: Optional[str], name: str) -> Optional[list]:
+    if s is None:
+        return None
+    try:
+        vals = [float(v) for v in s.split(",")]
+    except ValueError:
+        raise BadInput(f"{name} must be comma-separated numbers, got {s!r}") from None
+    return vals * 3 if len(vals) == 1 else vals
+
+
+def _load_options(arch, factory, allow_pickle, max_length, image_size, mean, std, class_names) -> LoadOptions:
+    from repair.adapters import LoadOptions
+
+    names = [c.strip() for c in class_names.split(",")] if class_names else None
+    return LoadOptions(arch=arch, factory=factory, allow_pickle=allow_pickle, max_length=max_length,
+                       image_size=image_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                       class_names=names)
+
+
+LOAD_OPTIONS = OptionBundle("load", {
+    "arch": (Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file.")], None),
+    "factory": (Annotated[Optional[str], typer.Option("--factory", help="package.module:function returning the nn.Module.")], None),
+    "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Accept .pt/.pth/.bin (loaded with weights_only=True).")], False),
+    "max_length": (Annotated[Optional[int], typer.Option("--max-length", help="Text: tokenizer truncation length.")], None),
+    "image_size": (Annotated[Optional[int], typer.Option("--image-size", help="Input size for checkpoints without preprocessing (ONNX, factories).")], None),
+    "mean": (Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean, e.g. 0.485,0.456,0.406.")], None),
+    "std": (Annotated[Optional[str], typer.Option("--std", help="Normalisation std, e.g. 0.229,0.224,0.225.")], None),
+    "class_names": (Annotated[Optional[str], typer.Option("--class-names", help="Comma-separated class names in the head's order, for checkpoints that carry none (bare weights, factories, ONNX).")], None),
+}, _load_options)
+
+
+# ------------------------------------------------------------------ data columns -> DataOptions
+def _data_options(**columns) -> DataOptions:
+    from repair.data import DataOptions
+
+    return DataOptions(**columns)
+
+
+DATA_OPTIONS = OptionBundle("data", {
+    "group_by": (Annotated[Optional[str], typer.Option("--group-by", help="Attribute column; groups = class x attribute value.")], None),
+    "label_col": (Annotated[Optional[str], typer.Option("--label-col", help="Column with class labels (default: y/label/class).")], None),
+    "path_col": (Annotated[Optional[str], typer.Option("--path-col", help="Column with image paths (default: img_filename/filename/path).")], None),
+    "text_col": (Annotated[Optional[str], typer.Option("--text-col", help="Column with texts (default: text/sentence/content).")], None),
+}, _data_options)
+
+
+# ------------------------------------------------------------------ runtime -> RuntimeOptions
+def _runtime_options(device, batch_size, cache_dir, no_cache, quiet) -> RuntimeOptions:
+    from repair.api import RuntimeOptions
+
+    return RuntimeOptions(device=device, batch_size=batch_size,
+                          cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache,
+                          progress=not quiet)
+
+
+RUNTIME_OPTIONS = OptionBundle("runtime", {
+    "device": (Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")], "auto"),
+    "batch_size": (Annotated[int, typer.Option("--batch-size", min=1)], 64),
+    "cache_dir": (Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedding cache (default ~/.cache/repair/embeddings or $REPAIR_CACHE_DIR).")], None),
+    "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the embedding cache.")], False),
+    "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")], False),
+}, _runtime_options)
+
+
+# ------------------------------------------------------------------ what commands annotate with
+Load = Annotated["LoadOptions", LOAD_OPTIONS]
+Columns = Annotated["DataOptions", DATA_OPTIONS]                                # with --group-by
+ItemColumns = Annotated["DataOptions", DATA_OPTIONS.without("group_by")]        # no groups
+Runtime = Annotated["RuntimeOptions", RUNTIME_OPTIONS]
+ExportRuntime = Annotated["RuntimeOptions", RUNTIME_OPTIONS.only("device", "quiet").defaults(device="cpu")]  # export, verify

@@ -1,0 +1,64 @@
+"""The ``torch`` family: any image classifier module, built by ``--factory
+package.module:function`` and loaded from a state-dict file; the head is its last
+``nn.Linear``. Preprocessing from ``--image-size/--mean/--std`` or a
+``preprocess.json`` beside the weights."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from torch import nn
+
+from ..errors import BadInput
+from ..io import load_state_dict_file
+from . import LoadOptions, register_family
+from .images import PREPROCESS_FILE, image_config_from_options
+from .torch_module import TorchImageAdapter, last_linear, load_weights_strict
+
+
+def import_factory(spec: str):
+    if ":" not in spec:
+        raise BadInput(f"--factory must look like package.module:function, got {spec!r}")
+    mod_name, fn_name = spec.split(":", 1)
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # let users point at a module in the current folder
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:
+        raise BadInput(f"cannot import factory module {mod_name!r} ({type(e).__name__}: {e})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise BadInput(f"factory {spec!r}: {fn_name!r} is not a function in {mod_name}")
+    return fn
+
+
+def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
+                       data_config: Optional[dict], class_names: Optional[Sequence[str]] = None) -> TorchImageAdapter:
+    fn = import_factory(factory)
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"factory {factory!r} returned {type(model).__name__}, not a torch nn.Module")
+    tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)
+    head_name, head = last_linear(model)
+    load_weights_strict(model, tensors, weights, head_name)
+    names = list(class_names) if class_names else [str(i) for i in range(head.out_features)]
+    return TorchImageAdapter(family="torch", source=weights, weights_path=weights, model=model,
+                             head_name=head_name, tensors=tensors, metadata=metadata,
+                             class_names=names, data_config=data_config)
+
+
+def detect(path: Path, o: LoadOptions) -> bool:
+    return bool(o.factory)  # --factory wins over everything else
+
+
+def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
+    side_json = (path if path.is_dir() else path.parent) / PREPROCESS_FILE
+    cfg = image_config_from_options(o.image_size, o.mean, o.std, side_json)
+    return load_factory_model(path, o.factory, allow_pickle=o.allow_pickle, data_config=cfg,
+                              class_names=o.class_names)
+
+
+register_family("torch", detect=detect, load=load, priority=100,
+                summary="--factory package.module:function + a state-dict file (head: the last nn.Linear)")

@@ -1,0 +1,298 @@
+"""ONNX graph surgery for the ``onnx`` family: find the classification layer (the head),
+read it as an ``nn.Linear``-style ``(W, b)``, write a new one back in the graph's own
+layout, hash everything but the head, and read / merge ``metadata_props``.
+
+The head is the ``Gemm`` (any ``transB``, ``alpha``, ``beta``; bias optional) or
+``MatMul`` (weight laid out ``(D, C)``) + optional ``Add`` whose output is the logits
+graph output (possibly through ``Identity`` nodes); its weight and bias must be
+initializers.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import BadInput
+
+MAX_PROTO_BYTES = 2**31 - 1
+
+
+def metadata_dict(proto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def set_metadata(proto, metadata: dict[str, str]) -> None:
+    """Merge ``metadata`` into ``metadata_props`` (new values win)."""
+    merged = metadata_dict(proto)
+    merged.update({str(k): str(v) for k, v in metadata.items()})
+    del proto.metadata_props[:]
+    for k, v in merged.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def _attr(node, name: str, default):
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _set_attr(node, name: str, value) -> None:
+    import onnx
+
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+@dataclass
+class HeadSpec:
+    """Where the classification layer sits in the graph."""
+    kind: str                      # "gemm" | "matmul"
+    node: int                      # index of the Gemm / MatMul node
+    add_node: Optional[int]        # index of the Add node (matmul kind), if any
+    input_name: str                # the embedding tensor
+    weight_name: str
+    bias_name: Optional[str]
+    trans_b: int
+    alpha: float
+    beta: float
+    output_name: str               # the logits graph output
+    weight_dtype: np.dtype
+
+    def initializer_names(self) -> list[str]:
+        return [n for n in (self.weight_name, self.bias_name) if n]
+
+
+def find_head(proto, where: Optional[Path] = None) -> HeadSpec:
+    graph = proto.graph
+    outputs = [o.name for o in graph.output]
+    if not outputs:
+        raise BadInput("the ONNX graph has no outputs", where)
+    out = "logits" if "logits" in outputs else outputs[0]
+    producer = {}
+    for i, node in enumerate(graph.node):
+        for o in node.output:
+            producer[o] = i
+    inits = {t.name for t in graph.initializer}
+
+    def expect(cond: bool, problem: str) -> None:
+        if not cond:
+            raise BadInput(f"cannot use the final layer as the head: {problem}", where)
+
+    name = out
+    idx = producer.get(name)
+    while idx is not None and graph.node[idx].op_type == "Identity":
+        name = graph.node[idx].input[0]
+        idx = producer.get(name)
+    expect(idx is not None, f"the output {out!r} is not produced by a node")
+    node = graph.node[idx]
+    if node.op_type == "Gemm":
+        expect(_attr(node, "transA", 0) == 0, "the Gemm has transA=1")
+        expect(node.input[1] in inits, f"the Gemm weight {node.input[1]!r} is not an initializer")
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        expect(bias is None or bias in inits, f"the Gemm bias {bias!r} is not an initializer")
+        spec = HeadSpec("gemm", idx, None, node.input[0], node.input[1], bias, int(_attr(node, "transB", 0)),
+                        float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0)), out, np.float32)
+    elif node.op_type in ("Add", "MatMul"):
+        add_idx, bias = None, None
+        if node.op_type == "Add":
+            add_idx = idx
+            a, b = node.input[0], node.input[1]
+            if b in inits and a not in inits:
+                mm_out, bias = a, b
+            elif a in inits and b not in inits:
+                mm_out, bias = b, a
+            else:
+                expect(False, "the final Add does not add an initializer (the bias)")
+            idx = producer.get(mm_out)
+            expect(idx is not None and graph.node[idx].op_type == "MatMul",
+                   "the final Add does not follow a MatMul")
+            node = graph.node[idx]
+        expect(node.input[1] in inits, f"the MatMul weight {node.input[1]!r} is not an initializer "
+                                       "(expected input @ W with W of shape (features, classes))")
+        spec = HeadSpec("matmul", idx, add_idx, node.input[0], node.input[1], bias, 0, 1.0, 1.0, out,
+                        np.float32)
+    else:
+        raise BadInput(f"cannot find the classification layer: the output {out!r} comes from a "
+                       f"{node.op_type} node; expected Gemm, or MatMul (+ Add) with initializer weights",
+                       where)
+    w = init_array(proto, spec.weight_name)
+    expect(w.ndim == 2, f"the head weight has shape {tuple(w.shape)}, expected a matrix")
+    expect(np.issubdtype(w.dtype, np.floating), f"the head weight is {w.dtype}, expected floating point")
+    spec.weight_dtype = w.dtype
+    return spec
+
+
+def _init_index(proto, name: str) -> int:
+    for i, t in enumerate(proto.graph.initializer):
+        if t.name == name:
+            return i
+    raise KeyError(name)
+
+
+def init_array(proto, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(proto.graph.initializer[_init_index(proto, name)])
+
+
+def linear_weight(spec: HeadSpec, B: np.ndarray) -> torch.Tensor:
+    """The head weight initializer ``B`` (graph layout) as the nn.Linear ``W`` (C, D)."""
+    B = np.asarray(B, dtype=np.float64)
+    W = spec.alpha * (B if spec.trans_b else B.T) if spec.kind == "gemm" else B.T
+    return torch.from_numpy(np.ascontiguousarray(W)).float()
+
+
+def linear_bias(spec: HeadSpec, bias: Optional[np.ndarray], C: int) -> torch.Tensor:
+    """The head bias initializer (``(C,)``, ``(1, C)`` or a scalar; None: no bias) as ``b`` (C,)."""
+    if bias is None:
+        return torch.zeros(C)
+    bias = np.asarray(bias, dtype=np.float64)
+    if bias.size not in (1, C):
+        raise BadInput(f"the head bias has shape {tuple(bias.shape)}, expected ({C},)")
+    b = np.broadcast_to(bias.reshape(-1), (C,)) * (spec.beta if spec.kind == "gemm" else 1.0)
+    return torch.from_numpy(np.ascontiguousarray(b)).float()
+
+
+def head_from_graph(proto, spec: HeadSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (C, D), b (C,)) in the nn.Linear convention."""
+    W = linear_weight(spec, init_array(proto, spec.weight_name))
+    bias = init_array(proto, spec.bias_name) if spec.bias_name else None
+    return W, linear_bias(spec, bias, W.shape[0])
+
+
+def _uses(proto, name: str) -> int:
+    return sum(1 for n in proto.graph.node for i in n.input if i == name)
+
+
+def _unique_name(proto, base: str) -> str:
+    taken = {t.name for t in proto.graph.initializer} | {o for n in proto.graph.node for o in n.output}
+    taken |= {i.name for i in proto.graph.input}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _put_initializer(proto, node, slot: int, old_name: Optional[str], arr: np.ndarray, base: str) -> None:
+    """Write ``arr`` as the initializer feeding ``node.input[slot]``: in place when only this
+    node uses it, else under a new name (other nodes keep the old tensor)."""
+    from onnx import numpy_helper
+
+    if old_name and _uses(proto, old_name) == 1:
+        proto.graph.initializer[_init_index(proto, old_name)].CopyFrom(numpy_helper.from_array(arr, old_name))
+        return
+    name = _unique_name(proto, base)
+    proto.graph.initializer.append(numpy_helper.from_array(arr, name))
+    while len(node.input) <= slot:
+        node.input.append("")
+    node.input[slot] = name
+
+
+def apply_head(proto, spec: HeadSpec, W: torch.Tensor, b: torch.Tensor) -> None:
+    """Write a new (W, b) into ``proto`` in place, keeping the graph's weight layout."""
+    import onnx
+
+    dt = spec.weight_dtype
+    Wn = W.detach().cpu().double().numpy()
+    bn = b.detach().cpu().double().numpy()
+    graph = proto.graph
+    node = graph.node[spec.node]
+    base = spec.weight_name.rsplit(".", 1)[0] if "." in spec.weight_name else spec.weight_name
+    if spec.kind == "gemm":
+        _set_attr(node, "alpha", 1.0)
+        _set_attr(node, "beta", 1.0)
+        _put_initializer(proto, node, 1, spec.weight_name,
+                         np.ascontiguousarray((Wn if spec.trans_b else Wn.T).astype(dt)), f"{base}.weight")
+        if spec.bias_name:
+            old = init_array(proto, spec.bias_name)
+            shape = old.shape if old.size == bn.size else bn.shape
+            _put_initializer(proto, node, 2, spec.bias_name, bn.reshape(shape).astype(old.dtype), f"{base}.bias")
+        elif np.any(bn != 0):
+            _put_initializer(proto, node, 2, None, bn.astype(dt), f"{base}.bias")
+        return
+    _put_initializer(proto, node, 1, spec.weight_name, np.ascontiguousarray(Wn.T.astype(dt)), f"{base}.weight")
+    if spec.add_node is not None:
+        add = graph.node[spec.add_node]
+        slot = list(add.input).index(spec.bias_name)
+        old = init_array(proto, spec.bias_name)
+        shape = old.shape if old.size == bn.size else bn.shape
+        _put_initializer(proto, add, slot, spec.bias_name, bn.reshape(shape).astype(old.dtype), f"{base}.bias")
+    elif np.any(bn != 0):
+        # MatMul without bias: add one (MatMul -> new tensor -> Add -> the old output name)
+        old_out = node.output[0]
+        mid = _unique_name(proto, f"{old_out}_matmul")
+        node.output[0] = mid
+        bname = _unique_name(proto, f"{base}.bias")
+        from onnx import numpy_helper
+
+        graph.initializer.append(numpy_helper.from_array(bn.astype(dt), bname))
+        graph.node.insert(spec.node + 1, onnx.helper.make_node("Add", [mid, bname], [old_out],
+                                                               name=_unique_name(proto, "repair_head_bias")))
+
+
+def graph_structure_hash(proto, skip_inits: Sequence[str], head: Optional[HeadSpec]) -> str:
+    """sha256 of every initializer but the head's and of the graph structure (nodes,
+    inputs, outputs, opsets); the head node counts by op type and input only."""
+    import onnx
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+    skip = set(skip_inits)
+    for t in sorted(proto.graph.initializer, key=lambda t: t.name):
+        if t.name in skip:
+            continue
+        h.update(t.name.encode())
+        h.update(str(t.data_type).encode())
+        h.update(str(tuple(t.dims)).encode())
+        if t.HasField("raw_data") and t.raw_data:
+            h.update(t.raw_data)
+        else:
+            h.update(numpy_helper.to_array(t).tobytes())
+    g = onnx.GraphProto()
+    g.node.extend(proto.graph.node)
+    g.input.extend(proto.graph.input)
+    g.output.extend(proto.graph.output)
+    if head is not None:
+        node = g.node[head.node]
+        del node.attribute[:]
+        del node.input[1:]
+        if head.add_node is not None:
+            add = g.node[head.add_node]
+            keep = [i for i in add.input if i != head.bias_name]
+            del add.input[:]
+            add.input.extend(keep)
+    h.update(g.SerializeToString(deterministic=True))
+    for op in sorted((o.domain, o.version) for o in proto.opset_import):
+        h.update(f"{op[0]}:{op[1]}".encode())
+    return h.hexdigest()
+
+
+def _dim(d) -> Union[int, str, None]:
+    if d.HasField("dim_value"):
+        return int(d.dim_value)
+    if d.HasField("dim_param"):
+        return d.dim_param
+    return None
+
+
+def graph_inputs(proto) -> list[tuple[str, list]]:
+    inits = {t.name for t in proto.graph.initializer}
+    out = []
+    for i in proto.graph.input:
+        if i.name in inits:
+            continue
+        shape = [_dim(d) for d in i.type.tensor_type.shape.dim] if i.type.tensor_type.HasField("shape") else []
+        out.append((i.name, shape))
+    return out

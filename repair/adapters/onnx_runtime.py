@@ -1,0 +1,108 @@
+"""onnxruntime sessions for ONNX models: providers (CUDA first when present, TF32 off),
+sessions from a path / bytes / ModelProto, feeding collated batches by input name, and
+running graphs with a fixed batch size on larger batches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import BadInput
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+
+
+def ort_providers(prefer_cuda: bool = True, device: Optional[Union[str, torch.device]] = None) -> list:
+    """CPUExecutionProvider, with CUDAExecutionProvider first when onnxruntime has it.
+    TF32 is switched off so that GPU results stay comparable to float32 references."""
+    import onnxruntime as ort
+
+    providers: list = []
+    if prefer_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        opts: dict = {"use_tf32": "0"}
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cuda" and dev.index is not None:
+            opts["device_id"] = str(dev.index)
+        providers.append(("CUDAExecutionProvider", opts))
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+def make_session(model: Union[str, Path, bytes, "onnx.ModelProto"], *, prefer_cuda: bool = True,  # noqa: F821
+                 device=None, where: Optional[Path] = None):
+    """An onnxruntime session from a path, serialized bytes or a ModelProto."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif isinstance(model, Path):
+        model = str(model)
+    providers = ort_providers(prefer_cuda, device)
+    try:
+        try:
+            return ort.InferenceSession(model, sess_options=so, providers=providers)
+        except Exception:
+            if len(providers) == 1:
+                raise
+            # a CUDA provider that cannot start (driver, options): CPU still gives an answer
+            return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"onnxruntime cannot load this model ({msg})", where) from None
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+def session_feeds(session, batch: Any, where: Optional[Path] = None) -> dict[str, np.ndarray]:
+    """Map a collated batch (one tensor for images, a dict of tensors for text) onto the
+    session's inputs by name, cast to the input dtypes. A text model's missing
+    ``token_type_ids`` is fed zeros."""
+    inputs = session.get_inputs()
+    feeds: dict[str, np.ndarray] = {}
+    if isinstance(batch, dict):
+        for inp in inputs:
+            if inp.name in batch:
+                arr = _to_numpy(batch[inp.name])
+            elif inp.name == "token_type_ids" and "input_ids" in batch:
+                arr = np.zeros_like(_to_numpy(batch["input_ids"]))
+            else:
+                raise BadInput(f"the ONNX model needs input {inp.name!r}, which the preprocessing does "
+                               f"not produce (it gives {', '.join(batch)})", where)
+            feeds[inp.name] = arr
+    else:
+        if len(inputs) != 1:
+            raise BadInput(f"the ONNX model takes {len(inputs)} inputs "
+                           f"({', '.join(i.name for i in inputs)}); an image model must take one", where)
+        feeds[inputs[0].name] = _to_numpy(batch)
+    for inp in inputs:
+        dt = _ORT_TYPES.get(inp.type)
+        if dt is not None and feeds[inp.name].dtype != dt:
+            feeds[inp.name] = feeds[inp.name].astype(dt)
+    return feeds
+
+
+def run_session(session, feeds: dict[str, np.ndarray], output_names: Optional[Sequence[str]] = None) -> list:
+    """Run, splitting the batch when the graph has a fixed batch size smaller than it."""
+    n = next(iter(feeds.values())).shape[0]
+    fixed = None
+    for inp in session.get_inputs():
+        if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0:
+            fixed = inp.shape[0]
+    names = list(output_names) if output_names is not None else None
+    if fixed is None or fixed == n:
+        return session.run(names, feeds)
+    if n % fixed:
+        raise BadInput(f"the ONNX model has a fixed batch size of {fixed}; a batch of {n} cannot be split")
+    parts = [session.run(names, {k: v[i:i + fixed] for k, v in feeds.items()}) for i in range(0, n, fixed)]
+    return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]

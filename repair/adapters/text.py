@@ -1,0 +1,117 @@
+"""Tokenizer handling shared by the text adapters (transformers folders, text ONNX models).
+
+Everything is offline: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` are set before
+transformers is imported and every ``from_pretrained`` is ``local_files_only``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from ..errors import BadInput
+
+DEFAULT_MAX_LENGTH = 512
+#: transformers' "no limit" sentinel for ``model_max_length`` is a huge int (1e30)
+NO_LIMIT_SENTINEL = 100_000
+#: the usual names of a text model's inputs, in the order ONNX graphs list them
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def offline() -> None:
+    """Never let transformers reach the network (set before importing it)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' logging at error level and its progress bars off, restored after."""
+    offline()
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: Path, problem: str):
+    """``AutoTokenizer`` from ``folder``, offline and quiet. A failure is a ``BadInput``
+    reading ``problem (first line of the error)`` naming the folder."""
+    offline()
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:
+            raise BadInput(f"{problem} ({first_line(e)})", folder) from None
+
+
+def resolve_max_length(tokenizer, given: Optional[int], fallback: int = DEFAULT_MAX_LENGTH) -> int:
+    """The truncation length: ``given`` when set, else the tokenizer's ``model_max_length``
+    (``fallback`` when that is transformers' "no limit" sentinel), at most 512."""
+    if given:
+        return int(given)
+    limit = getattr(tokenizer, "model_max_length", None) or DEFAULT_MAX_LENGTH
+    if limit > NO_LIMIT_SENTINEL:
+        limit = fallback or DEFAULT_MAX_LENGTH
+    return int(min(limit, DEFAULT_MAX_LENGTH))
+
+
+def tokenizer_preprocess_id(tokenizer, max_length: Optional[int]) -> dict:
+    """JSON-able description of a tokenizer's preprocessing (part of the embedding cache key)."""
+    if tokenizer is None:
+        return {"tokenizer": None}
+    return {"tokenizer": type(tokenizer).__name__, "vocab_size": int(tokenizer.vocab_size),
+            "max_length": max_length, "lowercase": bool(getattr(tokenizer, "do_lower_case", False))}
+
+
+def collate_texts(tokenizer, items: Sequence[Any], max_length: int,
+                  fixed_length: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Tokenize a batch: padded to the longest text (truncated at ``max_length``), or to
+    exactly ``fixed_length`` tokens for a graph with a fixed sequence axis."""
+    if fixed_length:
+        enc = tokenizer(list(items), padding="max_length", truncation=True, max_length=fixed_length,
+                        return_tensors="pt")
+    else:
+        enc = tokenizer(list(items), padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+    return dict(enc)
+
+
+def text_input_order(names: Sequence[str]) -> list[str]:
+    """``input_ids, attention_mask, token_type_ids`` first (those present), then the rest sorted."""
+    known = [n for n in TEXT_INPUTS if n in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def tokenizer_input_names(tokenizer) -> list[str]:
+    """The inputs a tokenizer's batches carry (``model_input_names``), in ONNX input order."""
+    names = list(getattr(tokenizer, "model_input_names", None) or ("input_ids", "attention_mask"))
+    return text_input_order(names)
+
+
+__all__ = ["DEFAULT_MAX_LENGTH", "TEXT_INPUTS", "TOKENIZER_FILES", "collate_texts", "first_line",
+           "has_tokenizer_files", "load_tokenizer", "offline", "quiet_transformers", "resolve_max_length",
+           "text_input_order", "tokenizer_input_names", "tokenizer_preprocess_id"]

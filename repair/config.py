@@ -1,0 +1,170 @@
+"""Typed, validated settings for repair methods (their config dataclasses).
+
+A method's config is a plain dataclass; a field that needs more than its type says
+is declared with :func:`setting` (bounds, choices, non-empty), e.g.::
+
+    @dataclass
+    class DFRConfig:
+        c_grid: tuple = setting((1.0, 0.3), gt=0, nonempty=True, doc="inverse penalties")
+        protocol: str = setting("fast", choices=("fast", "paper"))
+
+:func:`build_config` turns user values (from a recipe YAML or Python) into a config:
+unknown keys, wrong types (a string for a number, a bool for an int) and values out
+of range raise :class:`ConfigError` naming the key, *before* anything runs. Lists
+become tuples, ints are accepted for floats. A config class may add cross-field checks
+in ``validate(self)`` (raise ``ValueError``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, Optional, Sequence
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has an unusable value. ``key``: the setting's name."""
+
+    def __init__(self, key: Optional[str], problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"setting {key!r}: {problem}" if key else problem)
+
+
+def setting(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None,
+            le: Optional[float] = None, lt: Optional[float] = None, choices: Optional[Sequence] = None,
+            nonempty: bool = False, doc: str = ""):
+    """A dataclass field with validation metadata (bounds apply to every element of a tuple)."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None,
+            "nonempty": nonempty, "doc": doc}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"check": meta})
+    return dataclasses.field(default=default, metadata={"check": meta})
+
+
+def _kind(tp) -> tuple[str, bool]:
+    """(base kind, optional) of an annotation: kind in bool/int/float/str/tuple/any."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0] if len(args) == 1 else Any
+        origin = typing.get_origin(tp)
+    if tp is bool:
+        return "bool", optional
+    if tp is int:
+        return "int", optional
+    if tp is float:
+        return "float", optional
+    if tp is str:
+        return "str", optional
+    if tp is tuple or origin is tuple or tp is list or origin is list:
+        return "tuple", optional
+    return "any", optional
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> Any:
+    if value is None:
+        if optional or default is None:
+            return None
+        raise ConfigError(key, "must not be empty (null)")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(key, f"must be a whole number, got {value!r}")
+        return int(value)
+    if kind == "float":
+        if not _number(value):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(key, f"must be finite, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    if kind == "tuple":
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be a list, got {value!r}")
+        proto = next(iter(default), None) if isinstance(default, (list, tuple)) else None
+        out = []
+        for v in value:
+            if proto is not None and _number(proto):
+                if not _number(v) or not math.isfinite(float(v)):
+                    raise ConfigError(key, f"must be a list of numbers, got {value!r}")
+                v = float(v) if isinstance(proto, float) else v
+            out.append(tuple(v) if isinstance(v, list) else v)
+        return tuple(out)
+    return value
+
+
+def _check(key: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    if meta.get("nonempty") and isinstance(value, tuple) and not value:
+        raise ConfigError(key, "must not be empty")
+    elems = value if isinstance(value, tuple) else (value,)
+    choices = meta.get("choices")
+    for v in elems:
+        if choices is not None and v not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {v!r}")
+        if not _number(v):
+            continue
+        for op, bound, ok in (("ge", meta.get("ge"), lambda a, b: a >= b), ("gt", meta.get("gt"), lambda a, b: a > b),
+                              ("le", meta.get("le"), lambda a, b: a <= b), ("lt", meta.get("lt"), lambda a, b: a < b)):
+            if bound is not None and not ok(v, bound):
+                sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
+                raise ConfigError(key, f"must be {sym} {bound:g}, got {v!r}")
+
+
+def build_config(cls: type, params: Optional[dict] = None):
+    """A validated ``cls`` from user ``params`` (see the module docstring)."""
+    params = dict(params or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kind, optional = _kind(hints.get(name, Any))
+        if kind == "any" and default is not None:
+            kind = {bool: "bool", int: "int", float: "float", str: "str", tuple: "tuple"}.get(type(default), "any")
+        value = _coerce(name, kind, optional, params[name], default) if name in params else default
+        _check(name, value, dict(f.metadata.get("check") or {}))
+        values[name] = value
+    try:
+        cfg = cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(None, str(e)) from None
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(None, str(e)) from None
+    return cfg
+
+
+def describe(cls: type) -> list[dict]:
+    """Each field: name, default, doc (for ``repair methods --json`` and docs)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out.append({"name": f.name, "default": default, "doc": (f.metadata.get("check") or {}).get("doc", "")})
+    return out
+
+
+__all__ = ["ConfigError", "setting", "build_config", "describe"]

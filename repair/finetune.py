@@ -1,0 +1,288 @@
+"""The shared fine-tuning loop of model repairs, and their budget.
+
+:func:`train` owns everything a model repair should not write again: the optimiser
+(AdamW or SGD with momentum) over the parameters it is given, a warm-up + cosine (or
+constant) learning-rate schedule, gradient-norm clipping, mixed precision on CUDA
+(bfloat16 autocast), early stopping on the held-out selection criterion with the
+best weights restored, seeded determinism on the CPU (a private generator for data
+order and augmentation; torch's global RNG, which dropout uses, is seeded inside a
+``fork_rng`` so the caller's stream is untouched), and a progress bar showing the
+step, the loss and the held-out criterion. A repair supplies two functions: ``step``
+(the loss of one training batch) and ``evaluate`` (the held-out criterion).
+
+:class:`Budget` bounds a run by optimiser steps, epochs or wall-clock seconds
+(``--budget 300steps``, ``--budget 3epochs``, ``--budget 10min``); the first limit
+reached ends the run.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .config import setting
+from .errors import BadInput
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    seconds: Optional[float] = None
+
+    _UNITS = {"step": "steps", "steps": "steps", "epoch": "epochs", "epochs": "epochs",
+              "s": "seconds", "sec": "seconds", "secs": "seconds", "seconds": "seconds",
+              "m": "minutes", "min": "minutes", "mins": "minutes", "minutes": "minutes",
+              "h": "hours", "hour": "hours", "hours": "hours"}
+
+    @classmethod
+    def parse(cls, text: Optional[str]) -> Optional["Budget"]:
+        """``"300steps"``, ``"3epochs"``, ``"90s"``, ``"10min"``, ``"1h"``, or several joined
+        by commas (``"3epochs,10min"``); None for None."""
+        if text is None:
+            return None
+        kw: dict = {}
+        for part in str(text).split(","):
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", part)
+            unit = cls._UNITS.get(m.group(2).lower()) if m else None
+            if unit is None:
+                raise BadInput(f"--budget: cannot read {part.strip()!r}; use e.g. 300steps, 3epochs, 90s, 10min")
+            v = float(m.group(1))
+            if v <= 0:
+                raise BadInput(f"--budget: {part.strip()!r} must be positive")
+            if unit == "steps":
+                kw["steps"] = int(v)
+            elif unit == "epochs":
+                kw["epochs"] = v
+            else:
+                kw["seconds"] = v * {"seconds": 1, "minutes": 60, "hours": 3600}[unit]
+        return cls(**kw)
+
+    def total_steps(self, steps_per_epoch: int, default_epochs: float) -> int:
+        """The step count the schedule is laid out for."""
+        cands = []
+        if self.steps is not None:
+            cands.append(self.steps)
+        if self.epochs is not None:
+            cands.append(int(math.ceil(self.epochs * steps_per_epoch)))
+        if not cands:
+            cands.append(int(math.ceil(default_epochs * steps_per_epoch)))
+        return max(1, min(cands))
+
+    def describe(self) -> dict:
+        return {k: v for k, v in (("steps", self.steps), ("epochs", self.epochs), ("seconds", self.seconds))
+                if v is not None}
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation settings shared by the model repairs (their configs inherit these)."""
+    epochs: float = setting(10.0, gt=0, doc="epochs over the training part (a --budget overrides)")
+    batch_size: int = setting(32, ge=1)
+    lr: float = setting(1e-4, gt=0)
+    weight_decay: float = setting(1e-4, ge=0)
+    optimizer: str = setting("adamw", choices=("adamw", "sgd"))
+    schedule: str = setting("cosine", choices=("cosine", "constant"))
+    warmup_fraction: float = setting(0.1, ge=0, lt=1)
+    clip_norm: float = setting(1.0, ge=0, doc="max gradient norm; 0 = no clipping")
+    eval_every: int = setting(0, ge=0, doc="held-out evaluations every N steps; 0 = once per epoch")
+    patience: int = setting(3, ge=0, doc="evaluations without improvement before stopping; 0 = never stop early")
+    freeze_bn: bool = True
+    amp: bool = setting(True, doc="bfloat16 autocast on CUDA (ignored on CPU)")
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    best_step: int
+    best_score: Optional[float]
+    best_accuracy: Optional[float]
+    seconds: float
+    stopped: str                       # "budget" | "early_stopping" | "time"
+    history: list = field(default_factory=list)   # [{"step", "loss", "score", "accuracy"}]
+
+    def describe(self) -> dict:
+        return {"steps": self.steps, "best_step": self.best_step, "best_heldout_score": self.best_score,
+                "best_heldout_accuracy": self.best_accuracy, "seconds": round(self.seconds, 3),
+                "stopped": self.stopped, "history": self.history}
+
+
+StepFn = Callable[[int, torch.Generator], torch.Tensor]
+EvalFn = Callable[[], tuple]
+
+
+def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional[EvalFn], cfg: LoopConfig, *,
+          steps_per_epoch: int, budget: Optional[Budget] = None, seed: int = 0, device="cpu",
+          progress: bool = True, desc: str = "fine-tuning") -> LoopResult:
+    """Run the loop (see the module docstring). ``step(i, generator)`` returns the loss of
+    training step ``i`` (the loop calls ``backward`` and steps the optimiser);
+    ``evaluate()`` returns ``(held-out criterion score, held-out mean accuracy)`` with the
+    model in whatever mode it needs (the loop restores train mode). The parameters end
+    at the best evaluated state (the last state when ``evaluate`` is None)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires gradients")
+    budget = budget or Budget()
+    total = budget.total_steps(max(1, steps_per_epoch), cfg.epochs)
+    eval_every = cfg.eval_every or max(1, steps_per_epoch)
+    dev = torch.device(device)
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    warm = int(round(cfg.warmup_fraction * total))
+
+    def lr_at(i: int) -> float:
+        if warm and i < warm:
+            return (i + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (i - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext())
+    gen = torch.Generator().manual_seed(int(seed))
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    best: Optional[tuple] = None
+    best_state: Optional[list] = None
+    best_step, stale, history = 0, 0, []
+    stopped = "budget"
+    t0 = time.perf_counter()
+    loss_sum, loss_n, i = 0.0, 0, 0
+
+    def snapshot() -> list:
+        return [p.detach().clone() for p in params]
+
+    def check() -> bool:
+        nonlocal best, best_state, best_step, stale
+        if evaluate is None:
+            return False
+        score, acc = evaluate()
+        history.append({"step": i, "loss": round(loss_sum / max(1, loss_n), 5),
+                        "score": float(score), "accuracy": float(acc)})
+        bar.set_postfix(loss=f"{loss_sum / max(1, loss_n):.3f}", heldout=f"{100 * score:.1f}%", refresh=False)
+        if best is None or (score, acc) > best:
+            best, best_state, best_step, stale = (float(score), float(acc)), snapshot(), i, 0
+        else:
+            stale += 1
+        return cfg.patience > 0 and stale >= cfg.patience
+
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(int(seed))
+            if evaluate is not None:
+                check()                                # the starting point competes too
+            while i < total:
+                with autocast:
+                    loss = step(i, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.float().backward()
+                if cfg.clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+                opt.step()
+                sched.step()
+                i += 1
+                loss_sum += float(loss.detach())
+                loss_n += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", refresh=False)
+                timed_out = budget.seconds is not None and time.perf_counter() - t0 >= budget.seconds
+                if i % eval_every == 0 or i == total or timed_out:
+                    if check():
+                        stopped = "early_stopping"
+                        break
+                    loss_sum, loss_n = 0.0, 0
+                if timed_out:
+                    stopped = "time"
+                    break
+    finally:
+        bar.close()
+    if best_state is not None:
+        with torch.no_grad():
+            for p, v in zip(params, best_state):
+                p.copy_(v)
+    return LoopResult(steps=i, best_step=best_step if evaluate is not None else i,
+                      best_score=None if best is None else best[0],
+                      best_accuracy=None if best is None else best[1],
+                      seconds=time.perf_counter() - t0, stopped=stopped, history=history)
+
+
+class Session:
+    """The data side every model repair shares: the repair samples encoded once, a seeded
+    split of them into a training part and a held-out part (stratified by the groups in
+    use: given, else class x correct/incorrect under the original model), the held-out
+    criterion (:mod:`repair.selection`), group-balanced or uniform batches, and the
+    tensors the repair changed.
+
+    A repair set too small to hold out a part (a stratum with fewer than
+    :data:`MIN_PER_STRATUM` samples) is a :class:`repair.errors.BadInput` naming the minimum."""
+
+    MIN_PER_STRATUM = 2
+
+    def __init__(self, inputs, *, holdout_fraction: float, selection: str = "auto"):
+        from .selection import Criterion, inferred_groups, stratified_split
+
+        self.inputs = inputs
+        self.model = inputs.model
+        self.device = torch.device(inputs.device)
+        y, ref = inputs.y.long().cpu(), inputs.ref_logits.float().cpu()
+        self.y = y
+        given = inputs.groups is not None
+        self.groups = inputs.groups.long().cpu() if given else inferred_groups(ref, y)
+        self.group_source = "given" if given else "inferred"
+        self.criterion = Criterion.resolve(selection, has_groups=given)
+        self.score_strata = self.criterion.strata(y, ref, inputs.groups)
+        counts = torch.bincount(self.groups)
+        small = [int(g) for g in torch.nonzero((counts > 0) & (counts < self.MIN_PER_STRATUM)).flatten()]
+        if small or y.numel() < 2 * self.MIN_PER_STRATUM:
+            raise BadInput(f"the repair set is too small to hold out a part for early stopping: model repairs "
+                           f"need at least {self.MIN_PER_STRATUM} samples of every "
+                           f"{'group' if given else 'class x correctly/incorrectly classified group'} in the part "
+                           f"they train on ({int(counts[small[0]]) if small else int(y.numel())} in one)")
+        gen = torch.Generator().manual_seed(int(inputs.seed))
+        self.train_idx, self.held_idx = stratified_split(self.groups, [holdout_fraction], gen)
+        self.encoded = self.model.encode(inputs.items)
+
+    def evaluate(self) -> tuple[float, float]:
+        """(held-out criterion score, held-out mean accuracy) of the model as it is now."""
+        from .selection import scores_from_preds
+
+        lg = self.model.predict(self.encoded, self.held_idx, self.device)
+        worst, mean = scores_from_preds(lg.argmax(1), self.y[self.held_idx], self.score_strata[self.held_idx])
+        return float(worst[0]), float(mean[0])
+
+    def batches(self, batch_size: int, balanced: bool, generator: torch.Generator) -> torch.Tensor:
+        """Indices (into the repair samples) of one training batch: groups drawn uniformly,
+        then a member uniformly (``balanced``), or rows drawn uniformly."""
+        tr = self.train_idx
+        if not balanced:
+            return tr[torch.randint(0, tr.numel(), (batch_size,), generator=generator)]
+        g = self.groups[tr]
+        present = torch.unique(g)
+        pick = present[torch.randint(0, present.numel(), (batch_size,), generator=generator)]
+        out = torch.empty(batch_size, dtype=torch.long)
+        for k in torch.unique(pick).tolist():
+            slots = torch.nonzero(pick == k).flatten()
+            members = tr[g == k]
+            out[slots] = members[torch.randint(0, members.numel(), (slots.numel(),), generator=generator)]
+        return out
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, int(math.ceil(self.train_idx.numel() / batch_size)))
+
+    def describe(self) -> dict:
+        return {"n_train": int(self.train_idx.numel()), "n_heldout": int(self.held_idx.numel()),
+                "criterion": self.criterion.name, "groups": self.group_source}
+
+
+__all__ = ["Budget", "LoopConfig", "LoopResult", "Session", "train"]

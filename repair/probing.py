@@ -1,0 +1,105 @@
+"""Embedding probing without group labels (pure functions on tensors).
+
+The statistics here are the single definitions the repair methods use too, so
+``repair probe`` and ``neurontune`` / ``nsf`` cannot disagree:
+
+- NeuronTune spuriousness (Zheng et al. 2025), :func:`neuron_deltas`: per class y and
+  dimension i, ``delta_i^y = median(v_i | y, misclassified) - median(v_i | y, correct)``.
+  Positive: high activation goes with errors.
+- NSF dispersion (Li et al. 2025), :func:`class_prototypes` / :func:`nearest_class`:
+  samples whose nearest class prototype (class mean) is another class.
+- Pseudo-groups: class x (correctly / incorrectly classified).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def neuron_deltas(X: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, num_classes: int,
+                  delta_scale: str = "raw") -> tuple[torch.Tensor, list[dict]]:
+    """Per-class deltas (C, D) -- NaN rows for a class with no misclassified or no correct
+    sample -- and per-class counts. ``delta_scale="std"`` divides by each dimension's std."""
+    D = X.shape[1]
+    deltas = torch.full((num_classes, D), float("nan"))
+    if delta_scale == "std":
+        sd = X.std(0, unbiased=False).clamp_min(1e-8)
+    elif delta_scale == "raw":
+        sd = None
+    else:
+        raise ValueError(f"delta_scale must be 'raw' or 'std', got {delta_scale!r}")
+    counts = []
+    for c in range(num_classes):
+        m = y == c
+        wrong = m & (pred != c)
+        right = m & (pred == c)
+        counts.append({"class": c, "n": int(m.sum()), "misclassified": int(wrong.sum()),
+                       "correct": int(right.sum())})
+        if int(wrong.sum()) == 0 or int(right.sum()) == 0:
+            continue
+        d = X[wrong].median(0).values - X[right].median(0).values
+        deltas[c] = d if sd is None else d / sd
+    return deltas, counts
+
+
+def class_prototypes(Z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class means (C, D); NaN rows for classes absent from ``y``."""
+    protos = torch.full((num_classes, Z.shape[1]), float("nan"))
+    for c in range(num_classes):
+        m = y == c
+        if bool(m.any()):
+            protos[c] = Z[m].mean(0)
+    return protos
+
+
+def nearest_class(Z: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Index of each row's nearest centre (euclidean); NaN centres are never nearest."""
+    d = torch.cdist(Z, torch.nan_to_num(centres, nan=0.0))
+    d[:, torch.isnan(centres[:, 0])] = float("inf")
+    return d.argmin(1)
+
+
+def probe(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+          class_names: Sequence[str], top_k: int = 10) -> dict:
+    C = W.shape[0]
+    logits = X @ W.T + b
+    pred = logits.argmax(1)
+    delta, _ = neuron_deltas(X, y, pred, C)
+    nearest = nearest_class(X, class_prototypes(X, y, C))
+    per_class = []
+    for c in range(C):
+        m = y == c
+        n = int(m.sum())
+        n_wrong = int((m & (pred != c)).sum())
+        n_out = int((m & (nearest != c)).sum())
+        row = delta[c]
+        finite = torch.isfinite(row)
+        per_class.append({
+            "class": class_names[c], "n": n,
+            "misclassified": n_wrong, "correct": n - n_wrong,
+            "accuracy": (n - n_wrong) / n if n else None,
+            "dispersed": n_out, "dispersion": n_out / n if n else None,
+            "spurious_neurons": int((row[finite] > 0).sum()) if finite.any() else 0,
+            "max_delta": float(row[finite].max()) if finite.any() else None,
+        })
+    flat = torch.nan_to_num(delta, nan=float("-inf"))
+    k = min(top_k, int(torch.isfinite(flat).sum()))
+    top = []
+    if k > 0:
+        vals, idx = flat.flatten().topk(k)
+        for v, i in zip(vals.tolist(), idx.tolist()):
+            c, d = divmod(i, X.shape[1])
+            top.append({"class": class_names[c], "neuron": d, "delta": v,
+                        "head_weight": float(W[c, d])})
+    pseudo = [{"group": f"{r['class']}|correct", "n": r["correct"]} for r in per_class] + \
+             [{"group": f"{r['class']}|misclassified", "n": r["misclassified"]} for r in per_class]
+    return {
+        "n": int(y.numel()), "embedding_dim": int(X.shape[1]),
+        "accuracy": float((pred == y).float().mean()),
+        "per_class": per_class,
+        "top_spurious_neurons": top,
+        "pseudo_groups": pseudo,
+        "neuron_spuriousness": [[None if not torch.isfinite(torch.tensor(v)) else float(v) for v in row]
+                                for row in delta.tolist()],
+    }

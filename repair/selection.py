@@ -1,0 +1,334 @@
+"""Selection, in one place: the criterion, the seeded stratified splitter, and
+"select on held-out data, then refit".
+
+Every repair method that chooses among settings (a penalty, a mask threshold, a
+reweighting temperature) and ``repair fix``'s comparison of recipe candidates go
+through :func:`select_and_refit`, so they split, score and pick the same way.
+
+Criterion (:class:`Criterion`)
+------------------------------
+A candidate is scored by the accuracy of its *worst* stratum on data it was not
+fitted on (ties: higher mean accuracy, then the earlier candidate):
+
+- ``worst_group``: strata = the groups in use: the user's group labels (class x
+  attribute) or, for a method that balances groups it inferred itself (``dfr``,
+  ``mix`` without labels), those inferred groups;
+- ``worst_class``: strata = classes;
+- ``worst_inferred_group``: strata = class x (correctly / incorrectly classified by
+  the original model) (:func:`inferred_groups`).
+
+``auto`` -- the default everywhere -- is defined here and only here: ``worst_group``
+when groups are in use, otherwise :data:`LABEL_FREE_DEFAULT` (``worst_class``:
+LaBonte et al. 2023 found worst-class accuracy a good label-free proxy for
+worst-group accuracy in model selection).
+
+Splits
+------
+:func:`stratified_split` is the one splitter: seeded, every stratum spread over the
+parts in proportion, every stratum keeping at least one sample in the first
+(fit) part. Everywhere, a ``*_fraction`` setting is the share HELD OUT of fitting
+(``holdout_fraction``: scored on; ``report_fraction``: reported on).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+Tensor = torch.Tensor
+
+CRITERIA = ("worst_group", "worst_class", "worst_inferred_group")
+SELECTION_NAMES = ("auto",) + CRITERIA
+LABEL_FREE_DEFAULT = "worst_class"
+
+DESCRIPTIONS = {
+    "worst_group": "worst-group accuracy",
+    "worst_class": "worst-class accuracy",
+    "worst_inferred_group": "worst inferred-group accuracy (groups = class x correctly/incorrectly "
+                            "classified by the original model)",
+}
+
+
+# ----------------------------------------------------------------------------- scoring helpers
+def _as_preds(logits_or_preds: Tensor) -> Tensor:
+    if logits_or_preds.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool):
+        return logits_or_preds.long()
+    return logits_or_preds.argmax(-1)
+
+
+def inferred_groups(logits_or_preds: Tensor, y: Tensor) -> Tensor:
+    """Pseudo-groups without group labels: ``2*y + (pred != y)``, i.e. class x
+    (correctly / incorrectly classified) under a reference model."""
+    pred = _as_preds(logits_or_preds)
+    return y.long() * 2 + (pred != y).long()
+
+
+def inferred_group_names(class_names: Sequence[str]) -> list[str]:
+    """Names of :func:`inferred_groups` ids: ``2*c`` correct, ``2*c+1`` misclassified."""
+    return [f"{c}|{'misclassified' if w else 'correct'}" for c in class_names for w in (0, 1)]
+
+
+def group_accuracies(logits_or_preds: Tensor, y: Tensor, groups: Tensor,
+                     num_groups: Optional[int] = None) -> Tensor:
+    """Per-group accuracy of (N,C) logits / (N,) predictions, or a batch (K,N,C) / (K,N):
+    (G,) or (K,G); groups without samples are NaN."""
+    pred = _as_preds(logits_or_preds)
+    groups = groups.to(pred.device).long()
+    y = y.to(pred.device)
+    G = int(num_groups) if num_groups is not None else (int(groups.max()) + 1 if groups.numel() else 0)
+    squeeze = pred.dim() == 1
+    if squeeze:
+        pred = pred.unsqueeze(0)
+    correct = (pred == y.unsqueeze(0)).float()
+    counts = torch.zeros(G, device=pred.device).index_add_(0, groups, torch.ones_like(groups, dtype=torch.float))
+    hits = torch.zeros(pred.shape[0], G, device=pred.device).index_add_(1, groups, correct)
+    acc = hits / counts.unsqueeze(0)
+    acc[:, counts == 0] = float("nan")
+    return acc[0] if squeeze else acc
+
+
+def worst_group_accuracy(logits_or_preds: Tensor, y: Tensor, groups: Tensor,
+                         num_groups: Optional[int] = None):
+    """Minimum accuracy over the non-empty groups: a float for one model, (K,) for a batch."""
+    acc = group_accuracies(logits_or_preds, y, groups, num_groups)
+    worst = torch.nan_to_num(acc, nan=float("inf")).min(-1).values
+    return float(worst) if worst.dim() == 0 else worst
+
+
+def scores_from_preds(pred: Tensor, y: Tensor, strata: Tensor) -> tuple[Tensor, Tensor]:
+    """``(worst-stratum accuracy (K,), mean accuracy (K,))`` of (K,N) predictions, CPU float64."""
+    pred = _as_preds(pred)
+    if pred.dim() == 1:
+        pred = pred.unsqueeze(0)
+    y = y.to(pred.device)
+    worst = worst_group_accuracy(pred, y, strata.to(pred.device))
+    mean = (pred == y.unsqueeze(0)).double().mean(1)
+    return worst.double().cpu(), mean.cpu()
+
+
+def head_predictions(X: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """Predicted classes of a head (C,D) -> (N,), or a stack of heads (K,C,D) -> (K,N)."""
+    X = X.to(W.device, W.dtype)
+    b = b.to(W.device, W.dtype)
+    if W.dim() == 2:
+        return (X @ W.T + b).argmax(-1)
+    return (torch.matmul(X.unsqueeze(0), W.transpose(1, 2)) + b.unsqueeze(1)).argmax(-1)
+
+
+def pick_best(worst: Tensor, mean: Tensor, tie: float = 1e-9) -> int:
+    """Index of the best candidate: max worst-stratum accuracy, then max mean accuracy,
+    then the first."""
+    best = float(worst.max())
+    cand = [i for i in range(worst.numel()) if float(worst[i]) >= best - tie]
+    return max(cand, key=lambda i: (float(mean[i]), -i))
+
+
+# ----------------------------------------------------------------------------- criterion
+@dataclass(frozen=True)
+class Criterion:
+    """How held-out predictions are scored (see the module docstring)."""
+    name: str
+
+    def __post_init__(self):
+        if self.name not in CRITERIA:
+            raise ValueError(f"unknown selection criterion {self.name!r}; one of {', '.join(SELECTION_NAMES)}")
+
+    @classmethod
+    def resolve(cls, selection: str = "auto", *, has_groups: bool) -> "Criterion":
+        """``auto`` -> ``worst_group`` when groups are in use, else :data:`LABEL_FREE_DEFAULT`.
+        ``worst_group`` without groups is an error (ValueError)."""
+        if selection == "auto":
+            return cls("worst_group" if has_groups else LABEL_FREE_DEFAULT)
+        crit = cls(selection)
+        if crit.name == "worst_group" and not has_groups:
+            raise ValueError("the selection criterion worst_group needs group labels")
+        return crit
+
+    def strata(self, y: Tensor, ref_logits: Optional[Tensor] = None,
+               groups: Optional[Tensor] = None) -> Tensor:
+        """The ids whose worst accuracy is the score. ``ref_logits``: the original model's
+        logits (for inferred groups)."""
+        if self.name == "worst_group":
+            if groups is None:
+                raise ValueError("the selection criterion worst_group needs group labels")
+            return groups.long()
+        if self.name == "worst_class":
+            return y.long()
+        if ref_logits is None:
+            raise ValueError("worst_inferred_group needs the original model's logits")
+        return inferred_groups(ref_logits, y)
+
+    def describe(self, groups_source: str = "given") -> str:
+        if self.name == "worst_group":
+            return ("worst-group accuracy (given group labels)" if groups_source == "given"
+                    else "worst-group accuracy over the inferred groups")
+        return DESCRIPTIONS[self.name] + " (no group labels)"
+
+
+# ----------------------------------------------------------------------------- splitting
+def _generator(seed_or_gen: Union[int, torch.Generator]) -> torch.Generator:
+    if isinstance(seed_or_gen, torch.Generator):
+        return seed_or_gen
+    return torch.Generator().manual_seed(int(seed_or_gen))
+
+
+def stratified_split(strata: Tensor, fractions: Union[float, Sequence[float]],
+                     seed: Union[int, torch.Generator], min_per_part: int = 1) -> list[Tensor]:
+    """Split indices ``0..N-1`` into ``[rest, part_1, ..., part_k]`` where part ``j`` holds
+    about ``fractions[j]`` of every stratum (rounded half up). A stratum keeps at least one
+    sample in ``rest``; a held-out part gets at least ``min_per_part`` of a stratum when the
+    stratum has enough samples for every part. Seeded (an int or a CPU generator);
+    sorted int64 CPU index tensors."""
+    fr = [float(fractions)] if isinstance(fractions, (int, float)) else [float(f) for f in fractions]
+    if any(f < 0 for f in fr) or sum(fr) > 1.0 + 1e-9:
+        raise ValueError(f"split fractions must be >= 0 and sum to at most 1, got {fr}")
+    gen = _generator(seed)
+    strata = strata.long().cpu()
+    parts: list[list[Tensor]] = [[] for _ in range(len(fr) + 1)]
+    for s in torch.unique(strata).tolist():
+        idx = torch.nonzero(strata == s).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        n = idx.numel()
+        enough = n >= len(fr) * min_per_part + 1
+        start = 0
+        for j, f in enumerate(fr):
+            take = int(math.floor(f * n + 0.5))
+            if enough and f > 0:
+                take = max(take, min_per_part)
+            take = min(take, max(n - start - 1, 0))        # leave >= 1 in rest
+            parts[j + 1].append(idx[start:start + take])
+            start += take
+        parts[0].append(idx[start:])
+    empty = torch.zeros(0, dtype=torch.long)
+    return [torch.sort(torch.cat(p)).values if p else empty for p in parts]
+
+
+# ----------------------------------------------------------------------------- select, refit
+@dataclass(frozen=True)
+class Holdout:
+    """Fit on the rest, score on a held-out ``fraction`` (stratified)."""
+    fraction: float = 0.5
+
+    def describe(self) -> str:
+        return f"held-out {round(100 * self.fraction)}%"
+
+
+@dataclass(frozen=True)
+class KFold:
+    """K-fold cross-validation: every row scored by a fit that did not see it; the
+    criterion is computed once over all out-of-fold predictions."""
+    folds: int = 2
+
+    def describe(self) -> str:
+        return f"{self.folds}-fold cross-validation (out-of-fold predictions)"
+
+
+@dataclass(frozen=True)
+class Given:
+    """An explicit (fit, held-out) split made by the caller (when candidates are built
+    from the fit part, e.g. NeuronTune's masks)."""
+    fit: Tensor
+    held: Tensor
+
+    def describe(self) -> str:
+        return "held-out part"
+
+
+Scheme = Union[Holdout, KFold, Given]
+
+
+@dataclass
+class Selection:
+    """What :func:`select_and_refit` found. ``worst``/``mean``: per candidate, on held-out
+    predictions (None when there was nothing to choose). ``final``: the chosen candidate
+    refitted on all rows (None without refit); ``fold_fits``: the fits made for scoring."""
+    best: int
+    criterion: Criterion
+    scheme: Optional[Scheme]
+    worst: Optional[Tensor] = None
+    mean: Optional[Tensor] = None
+    n_fit: int = 0
+    n_heldout: int = 0
+    final: Any = None
+    fold_fits: list = field(default_factory=list)
+    folds: list = field(default_factory=list)
+
+    def candidates(self, labels: Sequence[Any]) -> list[dict]:
+        """One row per candidate (the diagnostics vocabulary): ``candidate``,
+        ``heldout_worst``, ``heldout_mean``."""
+        if self.worst is None:
+            return []
+        return [{"candidate": lab, "heldout_worst": float(self.worst[i]), "heldout_mean": float(self.mean[i])}
+                for i, lab in enumerate(labels)]
+
+    def describe(self) -> dict:
+        return {"criterion": self.criterion.name,
+                "scheme": None if self.scheme is None or self.worst is None else self.scheme.describe(),
+                "n_fit": int(self.n_fit), "n_heldout": int(self.n_heldout)}
+
+
+FitFn = Callable[[Tensor, list], Any]
+PredictFn = Callable[[Any, Tensor], Tensor]
+
+
+def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tensor, *,
+                     criterion: Criterion, score_strata: Tensor, split_strata: Optional[Tensor] = None,
+                     scheme: Scheme = Holdout(0.5), seed: Union[int, torch.Generator] = 0,
+                     refit: bool = True, fit_folds: Optional[Callable[[list, list], list]] = None) -> Selection:
+    """Choose among ``n_candidates`` on held-out data, then refit the chosen one on everything.
+
+    ``fit(train_idx, which)``: fit candidates ``which`` (a list of indices) on rows
+    ``train_idx``; returns anything ``predict`` understands. ``predict(fitted, idx)``:
+    predictions (len(which), len(idx)) (classes, or logits) for rows ``idx``.
+    ``score_strata`` (N,): the criterion's ids for every row; ``split_strata`` (N,):
+    what the split is stratified by (default: ``score_strata``). With one candidate
+    (or no held-out rows) nothing is scored and only the refit runs. ``fit_folds(train_sets,
+    which) -> [fitted per fold]``: optional, fits all K-fold training sets in one call
+    (a batched solver); default: ``fit`` once per fold."""
+    N = int(y.shape[0])
+    all_idx = torch.arange(N)
+    split_strata = score_strata if split_strata is None else split_strata
+    gen = _generator(seed)
+    every = list(range(n_candidates))
+    sel = Selection(best=0, criterion=criterion, scheme=scheme, n_fit=N)
+    if n_candidates > 1:
+        if isinstance(scheme, KFold):
+            K = max(2, int(scheme.folds))
+            parts = stratified_split(split_strata, [1.0 / K] * (K - 1), gen)
+            parts = [p for p in parts if p.numel()]
+            if len(parts) >= 2:
+                pred = torch.empty(n_candidates, N, dtype=torch.long)
+                trains = [torch.sort(torch.cat([p for j, p in enumerate(parts) if j != k])).values
+                          for k in range(len(parts))]
+                fits = fit_folds(trains, every) if fit_folds is not None else [fit(t, every) for t in trains]
+                sel.fold_fits = list(fits)
+                for f, held in zip(fits, parts):
+                    pred[:, held] = _as_preds(predict(f, held)).cpu()
+                sel.folds = parts
+                sel.worst, sel.mean = scores_from_preds(pred, y, score_strata)
+                sel.n_heldout = N
+        else:
+            if isinstance(scheme, Given):
+                rest, held = scheme.fit, scheme.held
+            else:
+                rest, held = stratified_split(split_strata, [scheme.fraction], gen)
+            if held.numel() and rest.numel():
+                f = fit(rest, every)
+                sel.fold_fits.append(f)
+                pred = _as_preds(predict(f, held)).cpu()
+                sel.worst, sel.mean = scores_from_preds(pred, y[held], score_strata[held])
+                sel.n_fit, sel.n_heldout = int(rest.numel()), int(held.numel())
+                sel.folds = [held]
+        if sel.worst is not None:
+            sel.best = pick_best(sel.worst, sel.mean)
+    if refit:
+        sel.final = fit(all_idx, [sel.best])
+    return sel
+
+
+__all__ = ["CRITERIA", "SELECTION_NAMES", "LABEL_FREE_DEFAULT", "Criterion", "stratified_split", "Holdout",
+           "KFold", "Given", "Selection", "select_and_refit", "pick_best", "scores_from_preds",
+           "head_predictions", "inferred_groups", "inferred_group_names", "group_accuracies",
+           "worst_group_accuracy"]

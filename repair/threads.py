@@ -1,0 +1,56 @@
+"""CPU thread policy, in one place.
+
+Small torch work (a head fit on a few thousand rows, a batched Newton step on a
+1,000 x 384 matrix) runs faster on ONE thread than on several: the OpenMP barriers
+cost more than the arithmetic saves, dramatically so on a loaded machine, where a
+descheduled worker thread stalls every parallel region (measured 5-30x on the
+benchmark's 2-core machine). Large work keeps torch's setting.
+
+Library code never leaves the process-wide thread count changed: every change is
+made through :func:`limited`, which restores it on exit (also on error).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
+
+import torch
+
+#: multiply-adds per pass below which CPU work runs on one thread
+SMALL_WORK = 5e7
+
+
+@contextmanager
+def limited(n: Optional[int]) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads and restore the previous count
+    afterwards; ``None`` (or the current count) changes nothing."""
+    if n is None or int(n) == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def for_work(macs: float, device: Union[str, torch.device] = "cpu",
+             setting: Union[str, int, None] = "auto", small: float = SMALL_WORK) -> Optional[int]:
+    """The thread count a block of ``macs`` multiply-adds per pass should run with:
+    ``setting="auto"``: 1 on the CPU when ``macs < small``, else None (torch's own);
+    an int: that many; None: never change anything. Never changes CUDA work."""
+    if setting is None or torch.device(device).type != "cpu":
+        return None
+    if setting == "auto":
+        return 1 if macs < small else None
+    return int(setting)
+
+
+def for_small_work(macs: float, device: Union[str, torch.device] = "cpu",
+                   setting: Union[str, int, None] = "auto", small: float = SMALL_WORK):
+    """``limited(for_work(...))``: the usual way to run a block under the policy."""
+    return limited(for_work(macs, device, setting, small))
+
+
+__all__ = ["limited", "for_work", "for_small_work", "SMALL_WORK"]

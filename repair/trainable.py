@@ -1,0 +1,231 @@
+"""An adapter's network, prepared for model repairs (``Adapter.trainable()``).
+
+:class:`TrainableModel` is what a model repair receives: the torch module with its
+preprocessing (and train-time augmentation), the parameter blocks in order from the
+input to the head (so "train the last N blocks" means the same for a ResNet, a ViT
+and a BERT), BatchNorm frozen when asked (a small repair set's batch statistics are
+noise, and checkpoints with BN folded into their weights -- the shared TFLite
+MobileNetV2 has running mean 0, variance 1 -- must never use batch statistics), and
+the bookkeeping of which tensors a repair changed.
+
+Images are run through the model's own eval preprocessing once (:meth:`encode`); the
+augmentation (:meth:`augment`: flips, small translations) works on those tensors, so
+pixel-space mixing happens after the model's own normalisation. Texts are tokenised
+per batch by the adapter's tokenizer.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import BadInput
+
+_BN = nn.modules.batchnorm._BatchNorm
+AUGMENTATIONS = ("none", "flip", "crop", "flip_crop")
+
+
+class TrainableModel:
+    """See the module docstring. ``adapter``: a torch-module adapter (timm, transformers,
+    torch factory)."""
+
+    def __init__(self, adapter):
+        if adapter.model is None or adapter.head is None:
+            raise BadInput(f"{adapter.family} models cannot be fine-tuned", adapter.source)
+        self.adapter = adapter
+        self.module: nn.Module = adapter.model
+        self.head: nn.Linear = adapter.head
+        self.head_name: str = adapter.head_name
+        self.modality: str = adapter.modality
+        self._groups: Optional[list[tuple[str, list[str]]]] = None
+
+    # ------------------------------------------------------------------ inputs
+    def encode(self, items: Sequence[Any], chunk: int = 256):
+        """Model-ready inputs for ``items``: images -> one (N,3,H,W) float tensor (the
+        model's eval preprocessing); texts -> the list of texts (tokenised per batch)."""
+        if self.modality == "text":
+            return list(items)
+        parts = [self.adapter.collate(list(items[i:i + chunk])) for i in range(0, len(items), chunk)]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def batch(self, encoded, idx: torch.Tensor, device) -> Any:
+        """The rows ``idx`` of :meth:`encode`'s output as a batch on ``device``."""
+        if self.modality == "text":
+            b = self.adapter.collate([encoded[i] for i in idx.tolist()])
+            return {k: v.to(device) for k, v in b.items()}
+        return encoded[idx].to(device)
+
+    @staticmethod
+    def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+        """Train-time augmentation of an image batch (N,3,H,W): ``flip`` (horizontal, p=0.5),
+        ``crop`` (a random translation by up to 1/8 of the side, edges replicated),
+        ``flip_crop`` (both), ``none``. Seeded by ``generator`` (CPU)."""
+        if kind not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {kind!r}")
+        if kind == "none" or x.dim() != 4:
+            return x
+        n, _, h, w = x.shape
+        if kind in ("flip", "flip_crop"):
+            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if kind in ("crop", "flip_crop"):
+            ph, pw = max(1, h // 8), max(1, w // 8)
+            padded = torch.nn.functional.pad(x, (pw, pw, ph, ph), mode="replicate")
+            dy = torch.randint(0, 2 * ph + 1, (n,), generator=generator).tolist()
+            dx = torch.randint(0, 2 * pw + 1, (n,), generator=generator).tolist()
+            x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        return x
+
+    # ------------------------------------------------------------------ compute
+    def logits(self, batch) -> torch.Tensor:
+        if isinstance(batch, dict):
+            out = self.module(**batch)
+            return out.logits if hasattr(out, "logits") else out[0]
+        return self.module(batch)
+
+    def features_and_logits(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding = the head's input, logits), with gradients."""
+        box: dict = {}
+        h = self.head.register_forward_pre_hook(lambda m, a: box.__setitem__("x", a[0]))
+        try:
+            lg = self.logits(batch)
+        finally:
+            h.remove()
+        return box["x"], lg
+
+    @torch.no_grad()
+    def predict(self, encoded, idx: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
+        """(n, C) float32 CPU logits of rows ``idx`` in eval mode (every module's mode is
+        restored afterwards, frozen BatchNorm included)."""
+        modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            out = [self.logits(self.batch(encoded, idx[i:i + batch_size], device)).float().cpu()
+                   for i in range(0, idx.numel(), batch_size)]
+        finally:
+            for m, t in modes:
+                m.training = t
+        C = self.head.out_features
+        return torch.cat(out) if out else torch.zeros(0, C)
+
+    # ------------------------------------------------------------------ parameters
+    def blocks(self) -> list[tuple[str, list[str]]]:
+        """Parameter blocks ``[(name, [parameter names])]`` from the input to the head (the
+        head is the last block). timm: the model's own ``group_matcher``; transformers:
+        embeddings, each encoder layer, the rest; other modules: top-level children."""
+        if self._groups is None:
+            self._groups = _param_blocks(self.module, self.head_name)
+        return self._groups
+
+    def select(self, scope: str) -> list[str]:
+        """Names of the parameters a scope trains: ``head``; ``all``; ``last:N`` (the head
+        and the N blocks before it); ``names:REGEX`` (parameters whose name matches)."""
+        params = dict(self.module.named_parameters())
+        head = [n for n in params if n.startswith(self.head_name + ".")]
+        if scope == "head":
+            return head
+        if scope == "all":
+            return list(params)
+        if scope.startswith("last:"):
+            try:
+                n = int(scope.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"scope last:N needs a whole number, got {scope!r}") from None
+            body = [b for b in self.blocks() if not all(p in head for p in b[1])]
+            chosen = [p for _, names in body[max(0, len(body) - n):] for p in names] if n > 0 else []
+            return [p for p in params if p in set(chosen) | set(head)]
+        if scope.startswith("names:"):
+            rx = re.compile(scope.split(":", 1)[1])
+            return [n for n in params if rx.search(n)]
+        raise ValueError(f"scope must be head, all, last:N or names:REGEX, got {scope!r}")
+
+    @contextmanager
+    def training(self, trainable: Sequence[str], freeze_bn: bool = True) -> Iterator[list[nn.Parameter]]:
+        """Train mode with only ``trainable`` parameters requiring gradients and BatchNorm
+        in eval mode (``freeze_bn``: running statistics untouched, affine parameters may
+        still train); restores modes and ``requires_grad`` on exit."""
+        params = dict(self.module.named_parameters())
+        unknown = [n for n in trainable if n not in params]
+        if unknown:
+            raise ValueError(f"no parameter {unknown[0]!r}")
+        req = {n: p.requires_grad for n, p in params.items()}
+        modes = [(m, m.training) for m in self.module.modules()]
+        keep = set(trainable)
+        for n, p in params.items():
+            p.requires_grad_(n in keep)
+        self.module.train()
+        if freeze_bn:
+            for m in self.module.modules():
+                if isinstance(m, _BN):
+                    m.eval()
+        try:
+            yield [params[n] for n in trainable]
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(req[n])
+            for m, t in modes:
+                m.training = t
+
+    def state(self, names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the named tensors (parameters and buffers)."""
+        sd = self.module.state_dict()
+        keys = list(sd) if names is None else list(names)
+        return {k: sd[k].detach().cpu().clone() for k in keys}
+
+    def changed(self, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors of ``before`` whose current value differs (their new values)."""
+        now = self.state(list(before))
+        return {k: v for k, v in now.items() if not torch.equal(v, before[k])}
+
+    def bn_frozen_required(self) -> bool:
+        """True when a BatchNorm layer holds folded statistics (running mean 0, var 1
+        everywhere): batch statistics would destroy such a network."""
+        bns = [m for m in self.module.modules() if isinstance(m, _BN) and m.running_mean is not None]
+        return bool(bns) and all(bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())
+                                 for m in bns)
+
+
+def _param_blocks(module: nn.Module, head_name: str) -> list[tuple[str, list[str]]]:
+    names = [n for n, _ in module.named_parameters()]
+    # timm models know their own blocks
+    matcher = getattr(module, "group_matcher", None)
+    if callable(matcher):
+        try:
+            from timm.models import group_parameters
+
+            groups = group_parameters(module, matcher(coarse=False), reverse=False)
+            out = [(f"group{k}", list(v)) for k, v in sorted(groups.items(), key=lambda kv: kv[0])]
+            if sum(len(v) for _, v in out) == len(names):
+                return _head_last(out, head_name)
+        except Exception:
+            pass
+    # transformers encoders: embeddings, layer.N, the rest
+    layer = re.compile(r"^(.*?\.(?:layer|layers|h|block|blocks)\.(\d+))\.")
+    blocks: dict[str, list[str]] = {}
+    order: list[str] = []
+    for n in names:
+        m = layer.match(n)
+        if m:
+            key = m.group(1)
+        elif ".embeddings." in f".{n}" or n.split(".")[0] in ("embeddings", "embed", "wte", "wpe"):
+            key = "embeddings"
+        else:
+            key = n.split(".")[0] if "." in n else n
+        if key not in blocks:
+            blocks[key] = []
+            order.append(key)
+        blocks[key].append(n)
+    return _head_last([(k, blocks[k]) for k in order], head_name)
+
+
+def _head_last(blocks: list[tuple[str, list[str]]], head_name: str) -> list[tuple[str, list[str]]]:
+    """Move the head's parameters into a final block of their own."""
+    head = [n for _, ns in blocks for n in ns if n.startswith(head_name + ".")]
+    rest = [(k, [n for n in ns if n not in head]) for k, ns in blocks]
+    return [(k, ns) for k, ns in rest if ns] + [("head", head)]
+
+
+__all__ = ["TrainableModel", "AUGMENTATIONS"]

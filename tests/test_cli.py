@@ -1,0 +1,54 @@
+"""The command line itself: usage errors, shared options, import cost."""
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from repair_cli.main import app
+
+USAGE_ERRORS = {
+    "batch size out of range": (["eval", "m", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    "unknown option": (["eval", "m", "--data", "d", "--no-such-option"], "--no-such-option"),
+    "missing --data": (["probe", "m"], "--data"),
+}
+
+
+def _assert_one_line_usage_error(code, out, err, needle):
+    assert code == 2, (code, out, err)
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert "Usage:" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_usage_error_one_line_through_app(case):
+    args, needle = USAGE_ERRORS[case]
+    res = CliRunner().invoke(app, args)
+    _assert_one_line_usage_error(res.exit_code, res.stdout, res.stderr, needle)
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_usage_error_one_line_as_program(case):
+    args, needle = USAGE_ERRORS[case]
+    r = subprocess.run([sys.executable, "-m", "repair_cli.main", *args], capture_output=True, text=True)
+    _assert_one_line_usage_error(r.returncode, r.stdout, r.stderr, needle)
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, repair_cli.main; print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_every_model_command_takes_the_same_load_options():
+    load = {"--arch", "--factory", "--allow-pickle", "--max-length", "--image-size", "--mean", "--std", "--class-names"}
+    group = typer.main.get_command(app)
+    for name in ("eval", "probe", "fix", "export", "verify"):
+        opts = {o for p in group.commands[name].params for o in getattr(p, "opts", [])}
+        assert load <= opts, f"{name} lacks {sorted(load - opts)}"
+    defaults = {name: next(p.default for p in group.commands[name].params if p.name == "device")
+                for name in ("eval", "probe", "fix", "export", "verify")}
+    assert defaults == {"eval": "auto", "probe": "auto", "fix": "auto", "export": "cpu", "verify": "cpu"}

@@ -1,0 +1,170 @@
+"""The model-repair seam end to end: the shared fine-tuning loop, the trainable model, and the
+built-in ``finetune`` repair run by ``repair fix`` on a tiny timm model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_images
+from repair.errors import BadInput
+from repair.finetune import Budget, LoopConfig, train
+from repair_cli.main import app
+
+runner = CliRunner()
+
+
+def run_cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+# ------------------------------------------------------------------ the loop
+def test_budget_parsing():
+    assert Budget.parse("300steps") == Budget(steps=300)
+    assert Budget.parse("3epochs,10min") == Budget(epochs=3.0, seconds=600.0)
+    assert Budget.parse("90s").seconds == 90 and Budget.parse(None) is None
+    assert Budget(epochs=2).total_steps(10, 5) == 20 and Budget().total_steps(10, 5) == 50
+    assert Budget(steps=7, epochs=2).total_steps(10, 5) == 7
+    for bad in ("ten", "5parsecs", "-3steps", "0min"):
+        with pytest.raises(BadInput):
+            Budget.parse(bad)
+
+
+def test_loop_stops_early_and_restores_the_best_state():
+    p = torch.nn.Parameter(torch.zeros(1))
+    scores = iter([0.1, 0.5, 0.9, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.0])
+    values = []
+
+    def step(i, gen):
+        return (p - 10.0).pow(2).sum()          # pulls p up every step
+
+    def evaluate():
+        values.append(float(p.detach()))
+        return next(scores), 0.5
+
+    cfg = LoopConfig(lr=0.5, eval_every=1, patience=3, warmup_fraction=0.0, schedule="constant", clip_norm=0)
+    res = train([p], step, evaluate, cfg, steps_per_epoch=1, budget=Budget(steps=10), progress=False)
+    assert res.stopped == "early_stopping" and res.steps == 5 and res.best_step == 2
+    assert res.best_score == 0.9 and float(p) == values[2] != values[-1]
+    assert [h["step"] for h in res.history] == [0, 1, 2, 3, 4, 5]
+
+
+def test_loop_is_deterministic_and_leaves_global_rng_alone():
+    def run():
+        torch.manual_seed(123)
+        lin = torch.nn.Linear(4, 2)
+        drop = torch.nn.Dropout(0.5)
+        X, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+
+        def step(i, gen):
+            idx = torch.randint(0, 64, (8,), generator=gen)
+            return torch.nn.functional.cross_entropy(lin(drop(X[idx])), y[idx])
+
+        train(list(lin.parameters()), step, None, LoopConfig(epochs=2), steps_per_epoch=5, seed=7,
+              progress=False)
+        return lin.weight.detach().clone(), torch.rand(1)
+
+    (w1, r1), (w2, r2) = run(), run()
+    assert torch.equal(w1, w2)
+    torch.manual_seed(123)
+    torch.nn.Linear(4, 2), torch.randn(64, 4), torch.randint(0, 2, (64,))
+    assert torch.equal(r1, torch.rand(1))      # the caller's RNG stream continues as if untouched
+
+
+# ------------------------------------------------------------------ the seam, end to end
+@pytest.fixture(scope="module")
+def repair_images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("mrdata") / "val", n_per_class=16, seed=4)
+
+
+def _recipe(tmp_path, **params):
+    p = tmp_path / "tiny-finetune.yaml"
+    body = ", ".join(f"{k}: {json.dumps(v)}" for k, v in params.items())
+    p.write_text(f"name: tiny-finetune\ncandidates:\n  - method: finetune\n    params: {{{body}}}\n")
+    return p
+
+
+def test_finetune_through_fix_writes_a_loadable_model(timm_folder, repair_images, tmp_path):
+    import timm
+
+    from repair.adapters import load_model
+    from repair.io import load_safetensors
+
+    recipe = _recipe(tmp_path, epochs=2, batch_size=8, scope="last:1", lr=1e-3, patience=0)
+    out = tmp_path / "ft"
+    code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--group-by", "place",
+                                "--recipe", recipe, "--out", out, "--seed", "3", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["kind"] == "model" and rep["method"] == "finetune"
+    mc = rep["model_change"]
+    assert mc["steps"] > 0 and mc["changed_tensors"]
+    loop = rep["diagnostics"]["loop"]
+    assert loop["steps"] == mc["steps"] and loop["history"]
+    # only the head and the last block changed; BatchNorm statistics are bit-identical
+    before, _ = load_safetensors(timm_folder / "model.safetensors")
+    after, meta = load_safetensors(out / "model.safetensors")
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == sorted(mc["changed_tensors"]) and any(k.startswith("fc.") for k in changed)
+    assert not any(k.startswith(("conv1", "layer1.")) for k in changed)
+    for k in before:
+        if "running_" in k or "num_batches_tracked" in k:
+            assert torch.equal(before[k], after[k]), k
+    prov = json.loads(meta["repair.model_change"])
+    assert prov["steps"] == mc["steps"] and json.loads(meta["repair.settings"])["seed"] == 3
+    # reloads with plain timm and computes what the repaired adapter computes
+    cfg = json.loads((out / "config.json").read_text())
+    model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg["num_classes"]).eval()
+    timm.models.load_checkpoint(model, str(out / "model.safetensors"), strict=True)
+    ours = load_model(out)
+    x = ours.collate(sorted(repair_images.rglob("*.png"))[:5])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ours.logits_batch(x, torch.device("cpu")), atol=1e-5, rtol=1e-5)
+    # the same seed gives the same weights
+    out2 = tmp_path / "ft2"
+    code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--group-by", "place",
+                           "--recipe", recipe, "--out", out2, "--seed", "3", "-q")
+    assert code == 0, err
+    again, _ = load_safetensors(out2 / "model.safetensors")
+    assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_budget_bounds_the_steps(timm_folder, repair_images, tmp_path):
+    recipe = _recipe(tmp_path, epochs=50, batch_size=8, patience=0)
+    code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", recipe, "--budget",
+                                "3steps", "--out", tmp_path / "b", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["model_change"]["steps"] == 3 and rep["model_change"]["budget"] == {"steps": 3}
+    code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", recipe, "--budget",
+                           "lots", "-q")
+    assert code == 2 and "--budget" in err
+
+
+def test_too_small_to_hold_out_is_exit_2(timm_folder, tmp_path):
+    tiny = make_images(tmp_path / "tiny", n_per_class=2, seed=1)
+    code, _, err = run_cli("fix", timm_folder, "--data", tiny, "--group-by", "place", "--recipe", "finetune", "-q")
+    assert code == 2 and "too small" in err and "at least 2" in err and err.count("\n") == 1
+
+
+def test_trainable_scopes_and_frozen_bn(timm_folder):
+    from repair.adapters import load_model
+
+    tm = load_model(timm_folder).trainable()
+    blocks = tm.blocks()
+    assert blocks[-1][0] == "head" and all(n.startswith("fc.") for n in blocks[-1][1])
+    assert set(tm.select("head")) == {"fc.weight", "fc.bias"}
+    last1 = tm.select("last:1")
+    assert set(tm.select("head")) < set(last1) < set(tm.select("all"))
+    with pytest.raises(ValueError):
+        tm.select("everything")
+    bn = [m for m in tm.module.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    stats = bn.running_mean.clone()
+    with tm.training(last1, freeze_bn=True) as params:
+        assert len(params) == len(last1) and not bn.training
+        tm.module(torch.randn(4, 3, 32, 32))
+    assert torch.equal(bn.running_mean, stats)
+    assert all(p.requires_grad for p in tm.module.parameters())     # restored

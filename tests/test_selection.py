@@ -1,0 +1,135 @@
+"""The one selection module: criterion, splitter, select-then-refit; the thread policy."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from repair import threads
+from repair.selection import (Criterion, Given, Holdout, KFold, LABEL_FREE_DEFAULT, inferred_groups,
+                              pick_best, scores_from_preds, select_and_refit, stratified_split)
+
+
+def test_auto_is_defined_once():
+    assert Criterion.resolve("auto", has_groups=True).name == "worst_group"
+    assert Criterion.resolve("auto", has_groups=False).name == LABEL_FREE_DEFAULT
+    assert Criterion.resolve("worst_inferred_group", has_groups=True).name == "worst_inferred_group"
+    with pytest.raises(ValueError):
+        Criterion.resolve("worst_group", has_groups=False)
+    with pytest.raises(ValueError):
+        Criterion.resolve("best_guess", has_groups=True)
+
+
+def test_criterion_strata():
+    y = torch.tensor([0, 0, 1, 1])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    groups = torch.tensor([0, 1, 2, 3])
+    assert torch.equal(Criterion("worst_class").strata(y, logits), y)
+    assert torch.equal(Criterion("worst_group").strata(y, logits, groups), groups)
+    assert Criterion("worst_inferred_group").strata(y, logits).tolist() == [0, 1, 2, 3]
+    assert torch.equal(inferred_groups(logits, y), Criterion("worst_inferred_group").strata(y, logits))
+
+
+@pytest.mark.parametrize("fractions", [[0.5], [0.25], [1 / 3, 1 / 3]])
+def test_splitter_is_disjoint_seeded_and_stratified(fractions):
+    strata = torch.tensor([0] * 40 + [1] * 20 + [2] * 5 + [3] * 1)
+    a = stratified_split(strata, fractions, 3)
+    b = stratified_split(strata, fractions, torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(a) == len(fractions) + 1
+    every = torch.cat(a)
+    assert sorted(every.tolist()) == list(range(strata.numel()))
+    for s in range(4):                                   # every stratum keeps a sample to fit on
+        assert int((strata[a[0]] == s).sum()) >= 1
+    for j, f in enumerate(fractions, 1):                 # proportional shares of the big stratum
+        assert abs(int((strata[a[j]] == 0).sum()) - f * 40) <= 1
+        assert int((strata[a[j]] == 2).sum()) >= 1       # a small stratum still reaches every part
+    c = stratified_split(strata, fractions, 4)
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    with pytest.raises(ValueError):
+        stratified_split(strata, [0.7, 0.6], 0)
+
+
+def test_pick_best_ties_and_scores():
+    worst = torch.tensor([0.5, 0.7, 0.7, 0.2])
+    mean = torch.tensor([0.9, 0.8, 0.85, 0.99])
+    assert pick_best(worst, mean) == 2
+    assert pick_best(torch.tensor([0.7, 0.7]), torch.tensor([0.8, 0.8])) == 0
+    pred = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])
+    w, m = scores_from_preds(pred, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3]))
+    assert w.tolist() == [1.0, 0.0] and m.tolist() == [1.0, 0.5]
+
+
+def _toy():
+    """Candidates are constant 'thresholds' on a 1-d feature; the right one is candidate 2."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, generator=g)
+    y = (x > 0.6).long()
+    cands = [0.2, 0.4, 0.6, 0.8]
+    return x, y, cands
+
+
+@pytest.mark.parametrize("scheme", [Holdout(0.5), KFold(2), KFold(3)])
+def test_select_and_refit_picks_the_held_out_best(scheme):
+    x, y, cands = _toy()
+    calls = []
+
+    def fit(idx, which):
+        calls.append((idx.numel(), list(which)))
+        return [cands[i] for i in which]
+
+    def predict(f, idx):
+        return torch.stack([(x[idx] > t).long() for t in f])
+
+    sel = select_and_refit(len(cands), fit, predict, y, criterion=Criterion("worst_class"),
+                           score_strata=y, scheme=scheme, seed=1)
+    assert sel.best == 2 and sel.final == [0.6]
+    assert calls[-1] == (300, [2])                       # the refit: all rows, the chosen candidate
+    held = sum(c[0] for c in calls[:-1])
+    if isinstance(scheme, KFold):
+        assert len(calls) == scheme.folds + 1 and held == 300 * (scheme.folds - 1)
+        assert sel.n_heldout == 300                       # every row scored out-of-fold
+    else:
+        assert len(calls) == 2 and sel.n_heldout + sel.n_fit == 300
+    table = sel.candidates(cands)
+    assert [r["candidate"] for r in table] == cands and table[2]["heldout_worst"] == 1.0
+    assert sel.describe()["criterion"] == "worst_class"
+
+
+def test_select_given_split_and_no_refit_and_single_candidate():
+    x, y, cands = _toy()
+    fit_idx, held = torch.arange(0, 200), torch.arange(200, 300)
+    sel = select_and_refit(len(cands), lambda idx, w: [cands[i] for i in w],
+                           lambda f, idx: torch.stack([(x[idx] > t).long() for t in f]), y,
+                           criterion=Criterion("worst_class"), score_strata=y, scheme=Given(fit_idx, held),
+                           refit=False)
+    assert sel.best == 2 and sel.final is None and sel.n_fit == 200 and sel.n_heldout == 100
+    one = select_and_refit(1, lambda idx, w: ["only", idx.numel()], lambda f, idx: None, y,
+                           criterion=Criterion("worst_class"), score_strata=y)
+    assert one.best == 0 and one.worst is None and one.final == ["only", 300]
+
+
+def test_threads_are_restored_even_on_error():
+    before = torch.get_num_threads()
+    with threads.limited(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with threads.limited(1):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    assert threads.for_work(1e3) == 1 and threads.for_work(1e12) is None
+    assert threads.for_work(1e3, "cuda") is None and threads.for_work(1e3, setting=None) is None
+
+
+def test_library_calls_leave_the_thread_count_alone():
+    from repair import solver as S
+    from repair.methods import RepairInputs, get_method
+
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 8, generator=g)
+    y = (X[:, 0] > 0).long()
+    S.fit_logreg(X, y, 2, l2=1.0)
+    for name in ("dfr", "afr", "neurontune", "nsf"):
+        get_method(name)(RepairInputs(X=X, y=y, W=torch.zeros(2, 8), b=torch.zeros(2)))
+    assert torch.get_num_threads() == before
