@@ -115,6 +115,12 @@ def fix_cmd(model: ModelArg, data: DataPath,
             tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="ONNX verification max |diff|.")] = None,
             seed: Annotated[int, typer.Option("--seed")] = 0,
             budget: Annotated[Optional[str], typer.Option("--budget", help="Model repairs: training budget, e.g. 300steps, 3epochs, 10min (first reached ends training).")] = None,
+            train: Annotated[Optional[Path], typer.Option("--train", help="Model repairs: extra training data (same format as --data).")] = None,
+            masks: Annotated[Optional[Path], typer.Option("--masks", help="Model repairs on images: a folder of foreground masks (white = object), one per image, same name.")] = None,
+            segmenter: Annotated[Optional[Path], typer.Option("--segmenter", help="Model repairs on images: a local transformers CLIPSeg folder for language-guided masks.")] = None,
+            generator: Annotated[Optional[str], typer.Option("--generator", help="Image generation for recipes that generate (composite | diffusers).")] = None,
+            generator_model: Annotated[Optional[Path], typer.Option("--generator-model", help="A local diffusers inpainting pipeline folder (--generator diffusers).")] = None,
+            prompts: Annotated[Optional[Path], typer.Option("--prompts", help="A YAML file of generation prompts (overrides the built-in ones).")] = None,
             force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
             *, columns: Columns, load: Load, runtime: Runtime, as_json: AsJson = False):
     """Repair the model from the repair set; write it in the checkpoint's own format."""
@@ -123,7 +129,11 @@ def fix_cmd(model: ModelArg, data: DataPath,
     rep = fix_model(model, data, out, load_opts=load, data_opts=columns, runtime=runtime,
                     options=FixOptions(recipe=recipe, seed=seed, eval_data=str(eval_data) if eval_data else None,
                                        eval_group_by=eval_group_by, export=export, tolerance=tolerance,
-                                       budget=budget, force=force),
+                                       budget=budget, train_data=None if train is None else str(train),
+                                       masks=None if masks is None else str(masks),
+                                       segmenter=None if segmenter is None else str(segmenter), generator=generator,
+                                       generator_model=None if generator_model is None else str(generator_model),
+                                       prompts=None if prompts is None else str(prompts), force=force),
                     log=log if runtime.progress else (lambda m: None))
     if as_json:
         emit_json(rep)

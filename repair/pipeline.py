@@ -28,8 +28,11 @@ changed, steps) and, with ``--export onnx``, a verified ONNX file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +64,26 @@ class FixOptions:
     export: Optional[str] = None          # "onnx": also export and verify ONNX
     tolerance: Optional[float] = None     # ONNX verification tolerance override
     budget: Optional[str] = None          # model repairs: "300steps", "3epochs", "10min"
+    # inputs of model repairs (each method checks the ones it uses): extra training data, foreground
+    # masks, a local segmentation model, an image generator and its local model, prompts
+    train_data: Optional[str] = None
+    masks: Optional[str] = None
+    segmenter: Optional[str] = None
+    generator: Optional[str] = None
+    generator_model: Optional[str] = None
+    prompts: Optional[str] = None
     force: bool = False
+
+    def resources(self) -> dict:
+        """The model-repair inputs the user gave (paths as Paths)."""
+        out = {}
+        for key in ("masks", "segmenter", "generator_model", "prompts"):
+            v = getattr(self, key)
+            if v is not None:
+                out[key] = Path(v)
+        if self.generator is not None:
+            out["generator"] = self.generator
+        return out
 
 
 # ------------------------------------------------------------------- checks
@@ -107,17 +129,22 @@ class _Fitted:
     steps: int = 0
     seconds: float = 0.0
     logits: Optional[torch.Tensor] = None      # model repairs: held-out logits, when scored
+    artifacts: Optional[Path] = None           # model repairs: files to keep beside the output
 
 
 class _Context:
     """What fitting a candidate needs: the fit part's embeddings and items, the original
     head, the groups, the seed, devices and the trainable model (made on first use)."""
 
-    def __init__(self, adapter, data, X, y, groups, W0, b0, seed, device, budget, progress, log):
+    def __init__(self, adapter, data, X, y, groups, W0, b0, seed, device, budget, progress, log,
+                 resources: Optional[dict] = None, workdir: Optional[Path] = None):
         self.adapter, self.data = adapter, data
         self.X, self.y, self.groups, self.W0, self.b0 = X, y, groups, W0, b0
         self.seed, self.device, self.budget, self.progress, self.log = seed, device, budget, progress, log
+        self.resources = dict(resources or {})
+        self.workdir = workdir
         self._tm = None
+        self._runs = 0
         self.seconds = 0.0                     # time spent fitting, all candidates and folds
 
     @property
@@ -138,17 +165,23 @@ class _Context:
             return _Fitted("head", W=out.W, b=out.b, diagnostics=out.diagnostics, config=cfg, seconds=secs)
         tm = self.trainable
         start = tm.state()
+        self._runs += 1
+        work = None
+        if self.workdir is not None:
+            work = self.workdir / f"{self._runs:02d}-{info.name}"
+            work.mkdir(parents=True)
         try:
             out = info(ModelRepairInputs(model=tm, items=[self.data.items[i] for i in idx.tolist()],
                                          y=self.y[idx], ref_logits=self.X[idx] @ self.W0.T + self.b0,
                                          groups=g, budget=self.budget, seed=self.seed, device=self.device,
-                                         progress=self.progress), cfg)
+                                         progress=self.progress, class_names=list(self.adapter.class_names),
+                                         resources=self.resources, workdir=work), cfg)
         finally:
             tm.module.load_state_dict(start)        # every candidate starts from the original weights
         secs = time.perf_counter() - t0
         self.seconds += secs
         return _Fitted("model", tensors=out.tensors, diagnostics=out.diagnostics, config=cfg, steps=out.steps,
-                       seconds=secs)
+                       seconds=secs, artifacts=out.artifacts)
 
     def model_logits(self, fitted: _Fitted, idx: torch.Tensor) -> torch.Tensor:
         """Logits of a model repair's network on fit-part rows ``idx`` (then restored)."""
@@ -264,7 +297,6 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
               options: Optional[FixOptions] = None,
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     from .finetune import Budget
-    from .io import atomic_output
     from .recipes import load_recipe
 
     t_start = time.perf_counter()
@@ -281,6 +313,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     if out_path.resolve() == Path(model_path).resolve():
         raise BadInput("output would overwrite the input model; choose another --out", out_path)
 
+    resources = o.resources()
+    if (resources or o.train_data) and "model" not in recipe.kinds:
+        given = ", ".join(f"--{k.replace('_', '-')}" for k in [*resources, *(["train"] if o.train_data else [])])
+        raise BadInput(f"{given}: inputs of model repairs, but recipe {recipe.name!r} has none")
     adapter = load_model(model_path, load_opts)
     if "model" in recipe.kinds and not adapter.can_train:
         adapter.trainable()                                   # raises BadInput naming the family
@@ -309,10 +345,54 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     else:
         fit_idx, report_idx = stratified_split(strata, [o.report_fraction], o.seed)
     fit_dev = str(resolve_device(runtime.device))
-    ctx = _Context(adapter, data, X, y, groups, W0, b0, o.seed, fit_dev, budget, runtime.progress, log)
-    folds = int(o.selection_folds or recipe.folds)
-    chosen, final, candidates_report, selection = _choose(
-        recipe, ctx, fit_idx, strata[fit_idx], crit, orig_logits, folds, o.model_holdout_fraction, o.seed, log)
+    if o.train_data is not None:
+        resources["train"] = _train_set(adapter, o.train_data, data_opts)
+    if "model" in recipe.kinds:
+        resources["data_root"] = Path(data.source)
+    # model repairs get a scratch folder for the files they make (beside the output: the chosen one's
+    # files are moved into place with it); it is removed whatever happens
+    scratch = (tempfile.TemporaryDirectory(prefix=f".{out_path.name}.work-", dir=_parent(out_path))
+               if "model" in recipe.kinds else contextlib.nullcontext(None))
+    with scratch as work:
+        ctx = _Context(adapter, data, X, y, groups, W0, b0, o.seed, fit_dev, budget, runtime.progress, log,
+                       resources=resources, workdir=None if work is None else Path(work))
+        folds = int(o.selection_folds or recipe.folds)
+        chosen, final, candidates_report, selection = _choose(
+            recipe, ctx, fit_idx, strata[fit_idx], crit, orig_logits, folds, o.model_holdout_fraction, o.seed, log)
+        return _finish(o, recipe, chosen, final, candidates_report, selection, crit, adapter, data, enc, emb,
+                       runtime, data_opts, fit_idx, report_idx, model_path, out_path, budget, ctx, t_start, log)
+
+
+def _parent(path: Path) -> Path:
+    parent = Path(path).parent
+    if not parent.exists():
+        raise BadInput("output folder does not exist", parent)
+    return parent
+
+
+def _train_set(adapter, path, data_opts: DataOptions):
+    """``--train`` data with labels matched to the model's classes (groups when the data has the
+    --group-by column)."""
+    from .api import check_modality
+    from .data import encode, load_data
+    from .methods import TrainSet
+
+    opts = data_opts
+    d = load_data(path, dataclasses.replace(opts, group_by=None))
+    check_modality(adapter, d)
+    gb = opts.group_by if opts.group_by in d.attributes else None
+    e = encode(d, adapter.class_names, gb)
+    return TrainSet(items=list(d.items), y=e.y, groups=e.groups, source=str(path))
+
+
+def _finish(o, recipe, chosen, final, candidates_report, selection, crit, adapter, data, enc, emb, runtime,
+            data_opts, fit_idx, report_idx, model_path, out_path, budget, ctx, t_start, log) -> dict:
+    from .io import atomic_output
+
+    X, y, groups = emb.X, enc.y, enc.groups
+    has_groups = groups is not None
+    W0, b0 = ctx.W0, ctx.b0
+    eval_given = o.eval_data is not None
     if len(recipe.candidates) > 1:
         log(f"chosen: {chosen.label} by {crit.describe()}")
 
@@ -366,9 +446,14 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
 
     # ---- write atomically (and export ONNX inside the same transaction)
     export_report = None
+    artifacts_path, keep = None, False
     is_dir = Path(model_path).is_dir()
     with atomic_output(out_path, force=o.force) as tmp:  # tmp: the not-yet-existing output path
         written = adapter.save(tmp, provenance.merge(adapter.source_metadata, meta))
+        keep = final.artifacts is not None and Path(final.artifacts).exists()
+        if keep and is_dir:          # the files the chosen model repair made go inside a folder output
+            shutil.move(str(final.artifacts), str(tmp / "repair-artifacts"))
+            artifacts_path = out_path / "repair-artifacts"
         if o.export == "onnx" and not adapter.exports_onnx_natively:
             from .export import export_onnx
 
@@ -383,6 +468,11 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
 
             export_report = verify_onnx(written, adapter, data.items, tolerance=o.tolerance)
             export_report["path"] = str(out_path)
+    if keep and not is_dir:          # ... and beside a file output, once that is in place
+        with atomic_output(out_path.with_name(out_path.stem + "-artifacts"), force=o.force, is_dir=True) as adir:
+            for child in Path(final.artifacts).iterdir():
+                shutil.move(str(child), str(adir / child.name))
+        artifacts_path = out_path.with_name(out_path.stem + "-artifacts")
 
     return {
         "model": {**adapter.describe(), "sha256": adapter.source_sha256()},
@@ -397,6 +487,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         "diagnostics": final.diagnostics,
         "neurons_suppressed": (final.diagnostics or {}).get("neurons_suppressed"),
         "model_change": model_change,
+        "artifacts": None if artifacts_path is None else str(artifacts_path),
         "measured_on": measured_on,
         "before": before,
         "after": after,

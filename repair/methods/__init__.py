@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -101,6 +102,15 @@ class RepairOutput:
 
 
 @dataclass
+class TrainSet:
+    """Extra labelled data a model repair may train on (``repair fix --train``)."""
+    items: list                     # image paths / texts
+    y: torch.Tensor                 # (N,) class indices in the model's order
+    groups: Optional[torch.Tensor] = None   # (N,) group ids when the data has the --group-by column
+    source: str = ""
+
+
+@dataclass
 class ModelRepairInputs:
     model: Any                      # repair.trainable.TrainableModel
     items: list                     # the repair samples the method may train on (image paths / texts)
@@ -111,6 +121,13 @@ class ModelRepairInputs:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    class_names: list = field(default_factory=list)
+    resources: dict = field(default_factory=dict)
+    # optional user inputs, by name: "train" (TrainSet, ``--train``), "masks" (Path, ``--masks``),
+    # "data_root" (Path: the repair data's folder, for finding masks), "segmenter" (Path),
+    # "generator" (str), "generator_model" (Path), "prompts" (Path); a method checks what it uses
+    workdir: Optional[Path] = None  # an empty folder for files the repair makes (kept beside the output
+                                    # when the repair is chosen: return it as ``artifacts``)
 
     @property
     def num_classes(self) -> int:
@@ -122,6 +139,7 @@ class ModelRepairOutput:
     tensors: dict[str, torch.Tensor]        # new values of the tensors that changed (state-dict names)
     diagnostics: dict[str, Any] = field(default_factory=dict)   # JSON-serialisable
     steps: int = 0                          # optimiser steps taken
+    artifacts: Optional[Path] = None        # a folder of files to keep beside the output (inside ``workdir``)
 
 
 @dataclass
@@ -230,6 +248,6 @@ def get_method(name: str) -> MethodInfo:
         raise KeyError(f"unknown repair method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
-__all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "MethodInfo",
+__all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "TrainSet", "MethodInfo",
            "register_method", "register_model_repair", "list_methods", "get_method", "MASK", "AFFINE",
            "Transform"]
