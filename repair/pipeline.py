@@ -320,6 +320,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     adapter = load_model(model_path, load_opts)
     if "model" in recipe.kinds and not adapter.can_train:
         adapter.trainable()                                   # raises BadInput naming the family
+    for c in recipe.candidates:
+        if c.info.kind == "model" and adapter.modality not in c.info.modalities:
+            raise BadInput(f"{c.method} needs {' or '.join(c.info.modalities)} model; "
+                           f"{Path(model_path).name} is a {adapter.modality} model")
     log(f"loaded {adapter.family} model {Path(model_path).name}: {len(adapter.class_names)} classes")
 
     data, enc, emb = prepare_data(adapter, data_path, data_opts, runtime)
@@ -349,6 +353,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         resources["train"] = _train_set(adapter, o.train_data, data_opts)
     if "model" in recipe.kinds:
         resources["data_root"] = Path(data.source)
+        if has_groups:
+            resources["group_names"] = list(enc.group_names)
     # model repairs get a scratch folder for the files they make (beside the output: the chosen one's
     # files are moved into place with it); it is removed whatever happens
     scratch = (tempfile.TemporaryDirectory(prefix=f".{out_path.name}.work-", dir=_parent(out_path))

@@ -124,7 +124,8 @@ class ModelRepairInputs:
     class_names: list = field(default_factory=list)
     resources: dict = field(default_factory=dict)
     # optional user inputs, by name: "train" (TrainSet, ``--train``), "masks" (Path, ``--masks``),
-    # "data_root" (Path: the repair data's folder, for finding masks), "segmenter" (Path),
+    # "data_root" (Path: the repair data's folder, for finding masks), "group_names" (the names of
+    # the group ids, "class|column=value", when --group-by was given), "segmenter" (Path),
     # "generator" (str), "generator_model" (Path), "prompts" (Path); a method checks what it uses
     workdir: Optional[Path] = None  # an empty folder for files the repair makes (kept beside the output
                                     # when the repair is chosen: return it as ``artifacts``)
