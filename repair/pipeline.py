@@ -322,8 +322,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         adapter.trainable()                                   # raises BadInput naming the family
     for c in recipe.candidates:
         if c.info.kind == "model" and adapter.modality not in c.info.modalities:
-            raise BadInput(f"{c.method} needs {' or '.join(c.info.modalities)} model; "
-                           f"{Path(model_path).name} is a {adapter.modality} model")
+            kinds = " or ".join(c.info.modalities)
+            raise BadInput(f"{c.method} needs {'an' if kinds[0] in 'aeiou' else 'a'} {kinds} model; "
+                           f"{Path(model_path).name} is {'an' if adapter.modality[0] in 'aeiou' else 'a'} "
+                           f"{adapter.modality} model", Path(model_path))
     log(f"loaded {adapter.family} model {Path(model_path).name}: {len(adapter.class_names)} classes")
 
     data, enc, emb = prepare_data(adapter, data_path, data_opts, runtime)
