@@ -168,6 +168,52 @@ def dfr_reference(X: np.ndarray, y: np.ndarray, g: np.ndarray, *, num_classes: i
                       "nonzero_features": int((np.abs(W).sum(0) > 0).sum())})
 
 
+# ------------------------------------------------------------------ plain pseudo-group DFR (no labels)
+def pseudo_dfr_reference(X: np.ndarray, y: np.ndarray, logits0: np.ndarray, *, num_classes: int, seed: int = 0,
+                         c_grid: Sequence[float] = DFR_C_GRID, n_refits: int = 20) -> RefResult:
+    """The simplest label-free DFR (the issue's "plain pseudo-group DFR"): groups = class x
+    (original model correct on the sample); group-balanced subsamples; sklearn L2 logistic
+    regression on standardised features; C chosen by the worst pseudo-group accuracy on a
+    held-out half; ``n_refits`` group-balanced refits on everything, averaged."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y)
+    g = 2 * y + (np.asarray(logits0).argmax(1) != y)
+    rng = np.random.RandomState(seed)
+    t0 = time.perf_counter()
+
+    def fit(Xf, yf, C):
+        m = LogisticRegression(C=C, max_iter=1000, random_state=int(rng.randint(2**31 - 1))).fit(Xf, yf)
+        return m.coef_.copy(), m.intercept_.copy()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idx = rng.permutation(len(X))
+        held, rest = idx[:len(X) // 2], idx[len(X) // 2:]
+        sub = rest[group_balanced_subsample(g[rest], rng)]
+        scaler = StandardScaler().fit(X[sub])
+        Xs, Xh = scaler.transform(X[sub]), scaler.transform(X[held])
+        scores = {}
+        for C in c_grid:
+            W, b = to_head(*fit(Xs, y[sub], C), num_classes)
+            scores[C] = worst_group_acc(head_predict(Xh, W, b), y[held], g[held])
+        best_C = max(c_grid, key=lambda c: (scores[c], -list(c_grid).index(c)))
+        scaler = StandardScaler().fit(X)
+        Xall = scaler.transform(X)
+        coefs, icpts = [], []
+        for _ in range(n_refits):
+            sub = group_balanced_subsample(g, rng)
+            coef, icpt = fit(Xall[sub], y[sub], best_C)
+            coefs.append(coef)
+            icpts.append(icpt)
+        W, b = to_head(np.mean(coefs, 0), np.mean(icpts, 0), num_classes, scaler)
+    return RefResult("ref_pseudo_dfr", W, b, time.perf_counter() - t0,
+                     {"best_C": best_C, "tune_worst_pseudo_group": {str(k): v for k, v in scores.items()},
+                      "pseudo_group_counts": np.bincount(g, minlength=2 * num_classes).tolist()})
+
+
 # ------------------------------------------------------------------ SpuCo
 class _SetSampleRandom:
     """SpuCo calls ``random.sample(a_set, k)``, which Python 3.11 rejects ("Population must be a

@@ -619,6 +619,75 @@ def build_task(name: str, *, work_dir: Optional[Path] = None, seed: int = 0, for
     return task
 
 
+# ============================================================================ repair-set variants
+VARIANTS = ("balanced", "skewed")
+SKEW_RATIO = 0.2        # minority group size / majority group size, per class, in the skewed variant
+
+
+def _table_of(path: Path) -> tuple[Path, Path]:
+    """(the table file, the folder its relative paths start from) of a split given as a folder or file."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "metadata.csv", path
+    return path, path.parent
+
+
+def _read_rows(table: Path) -> tuple[list[str], list[dict]]:
+    with table.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _label_col(cols: list[str]) -> str:
+    return "y" if "y" in cols else "label"
+
+
+def variant_data(task: Task, variant: str, *, ratio: float = SKEW_RATIO, seed: int = 0) -> dict:
+    """The repair data of a variant: ``balanced`` is the task's validation split as built; ``skewed``
+    keeps every majority-group sample of each class (the attribute value that class has most often
+    in *training*) and a seeded random ``ratio`` share (of the majority count) of each minority group,
+    so the spurious attribute still predicts the class in the repair set, as in deployment data.
+    Written once beside the split (``metadata_skewed.csv`` in an image folder, ``val_skewed.csv``
+    next to a text file). Returns ``{"data": path, "group_counts": {...}}``."""
+    if variant == "balanced":
+        return {"data": task.val, "group_counts": task.info.get("group_counts", {}).get("val")}
+    if variant != "skewed":
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    table, base = _table_of(task.val)
+    out = (base / "metadata_skewed.csv") if Path(task.val).is_dir() else table.with_name(table.stem + "_skewed.csv")
+    cols, rows = _read_rows(table)
+    lab, attr = _label_col(cols), task.group_by
+    train_split = task.root / task.info["val"].replace("val", "train")
+    ttable, _ = _table_of(train_split)
+    if not ttable.exists():
+        raise SkipTask(f"no training split at {train_split} to tell majority from minority groups")
+    tcols, trows = _read_rows(ttable)
+    counts: dict = {}
+    for r in trows:
+        counts.setdefault(r[_label_col(tcols)], {}).setdefault(r[attr], 0)
+        counts[r[_label_col(tcols)]][r[attr]] += 1
+    major = {c: max(v, key=v.get) for c, v in counts.items()}
+    rng = random.Random(seed)
+    keep = []
+    for c in sorted({r[lab] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r[lab] == c]
+        maj = [i for i in idx if rows[i][attr] == major[c]]
+        keep += maj
+        for a in sorted({rows[i][attr] for i in idx} - {major[c]}):
+            mino = [i for i in idx if rows[i][attr] == a]
+            keep += rng.sample(mino, min(len(mino), max(1, int(round(ratio * len(maj))))))
+    keep.sort()
+    if not out.exists():
+        tmp = out.with_name(out.name + ".tmp")
+        with tmp.open("w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows[i] for i in keep)
+        os.replace(tmp, out)
+    return {"data": out, "group_counts": _group_counts([rows[i][lab] for i in keep], [rows[i][attr] for i in keep]),
+            "majority": major, "ratio": ratio, "seed": seed}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("tasks", nargs="*", default=list(TASK_NAMES))

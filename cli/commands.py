@@ -98,6 +98,8 @@ def fix_table(rep: dict) -> str:
         out.append(f"\nONNX {e.get('path')}: verified={e.get('passed')}  max|diff|={e.get('max_abs_diff')} "
                    f"(tolerance {e.get('tolerance')})  argmax agreement={pct(e.get('argmax_agreement'))} "
                    f"over {e.get('n_verified')} samples")
+    for w in rep.get("warnings") or []:
+        out.append(f"warning: {w}")
     t = rep["timing"]
     out.append(f"\ntime: {t['total_seconds']:.1f}s total, embeddings {t['embedding_seconds']:.1f}s"
                f"{' (cache)' if t['embedding_from_cache'] else ''}, head fitting {t['fit_seconds']:.2f}s")
@@ -122,10 +124,14 @@ def fix_cmd(model: ModelArg, data: DataPath,
             generator_model: Annotated[Optional[Path], typer.Option("--generator-model", help="A local diffusers inpainting pipeline folder (--generator diffusers).")] = None,
             prompts: Annotated[Optional[Path], typer.Option("--prompts", help="A YAML file of generation prompts (overrides the built-in ones).")] = None,
             force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+            allow_finetune: Annotated[bool, typer.Option("--allow-finetune", help="Recipe auto may escalate to fine-tuning the network (mixft) when it beats the best head on held-out data (= --recipe auto-ft).")] = False,
+            report: Annotated[Optional[Path], typer.Option("--report", help="Also write an HTML report (and .json beside it): figures, per-group bars, candidates, the probe's neuron deltas.")] = None,
             *, columns: Columns, load: Load, runtime: Runtime, as_json: AsJson = False):
     """Repair the model from the repair set; write it in the checkpoint's own format."""
     from repair.pipeline import FixOptions, fix_model
 
+    if report is not None and (report.suffix.lower() not in (".html", ".htm") or not report.parent.is_dir()):
+        raise BadInput("--report must be an .html file in an existing folder", report)
     rep = fix_model(model, data, out, load_opts=load, data_opts=columns, runtime=runtime,
                     options=FixOptions(recipe=recipe, seed=seed, eval_data=str(eval_data) if eval_data else None,
                                        eval_group_by=eval_group_by, export=export, tolerance=tolerance,
@@ -133,8 +139,13 @@ def fix_cmd(model: ModelArg, data: DataPath,
                                        masks=None if masks is None else str(masks),
                                        segmenter=None if segmenter is None else str(segmenter), generator=generator,
                                        generator_model=None if generator_model is None else str(generator_model),
-                                       prompts=None if prompts is None else str(prompts), force=force),
+                                       prompts=None if prompts is None else str(prompts), force=force,
+                                       allow_finetune=allow_finetune),
                     log=log if runtime.progress else (lambda m: None))
+    if report is not None:
+        from repair.report import fix_report
+
+        rep["report"] = str(fix_report(report, rep, model, data, load, columns, runtime)[0])
     if as_json:
         emit_json(rep)
     else:

@@ -2,7 +2,8 @@
 
 Layout: ``app`` (the Typer app, the ``@command`` error mapping, ``log``, ``emit_json``),
 ``options`` (every shared option, defined once, in bundles that build the library's options
-objects), ``commands`` (eval, probe, fix, methods, demo) and ``export_cmds`` (export, verify).
+objects), ``commands`` (eval, probe, fix, methods, demo), ``export_cmds`` (export, verify) and
+``zoo_cmd`` (zoo).
 This module registers the commands on ``app`` and is the console script's entry point.
 
 Results go to stdout (``--json``: one JSON document), progress and warnings to
@@ -11,7 +12,7 @@ stderr. Exit codes: 0 ok, 1 gate or verification failed, 2 bad input/usage,
 """
 from __future__ import annotations
 
-from . import commands, export_cmds  # noqa: F401  (register the commands, in --help's order)
+from . import commands, export_cmds, zoo_cmd  # noqa: F401  (register the commands, in --help's order)
 from .app import app
 
 __all__ = ["app", "main"]

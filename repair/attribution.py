@@ -34,9 +34,12 @@ def _spatial(t: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def gradcam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
-            forward=None) -> torch.Tensor:
+            forward=None, *, min_side: Optional[int] = None) -> torch.Tensor:
     """(N, 1, H, W) Grad-CAM maps in [0, 1] of ``target`` classes for inputs ``x`` (N,3,H,W).
-    ``forward(x) -> logits`` defaults to ``model(x)``. The model's parameters get no gradient."""
+    ``forward(x) -> logits`` defaults to ``model(x)``. The model's parameters get no gradient.
+    ``min_side``: use the last map whose smaller side is at least this many cells (a finer,
+    less class-specific map than the last one; small inputs leave the last map 2x2 or 1x1),
+    else the last map with a gradient."""
     feats: list = []
 
     def hook(_m, _i, out):
@@ -57,8 +60,9 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
             h.remove()
     # the last map the target depends on spatially (a ViT's final tokens feed only the class
     # token, so its last map with a gradient on the patch tokens is inside the last block)
-    k = max((i for i, g in enumerate(grads) if g is not None and bool(_spatial(g).abs().sum() > 0)),
-            default=len(feats) - 1)
+    live = [i for i, g in enumerate(grads) if g is not None and bool(_spatial(g).abs().sum() > 0)]
+    fine = [i for i in live if min_side is not None and min(_spatial(feats[i]).shape[-2:]) >= min_side]
+    k = max(fine or live, default=len(feats) - 1)
     A = _spatial(feats[k].detach())
     grad = _spatial(grads[k]) if grads[k] is not None else torch.zeros_like(A)
     w = grad.mean((2, 3), keepdim=True)

@@ -210,14 +210,15 @@ def to_tensor(images: np.ndarray):
     return (x - mean) / std
 
 
-def create_model():
+def create_model(model_args: Optional[dict] = None):
     import timm
 
-    return timm.create_model(ARCH, pretrained=False, num_classes=len(CLASS_NAMES), **MODEL_ARGS)
+    return timm.create_model(ARCH, pretrained=False, num_classes=len(CLASS_NAMES),
+                             **(MODEL_ARGS if model_args is None else model_args))
 
 
 def train_erm(images: np.ndarray, y: np.ndarray, spec: _Spec, seed: int,
-              progress: Callable[[str], None]):
+              progress: Callable[[str], None], model_args: Optional[dict] = None):
     """Plain ERM (cross-entropy, AdamW, one-cycle schedule, horizontal flips), seeded."""
     from . import threads
 
@@ -225,17 +226,17 @@ def train_erm(images: np.ndarray, y: np.ndarray, spec: _Spec, seed: int,
     # cost a lot (spinning OpenMP barriers) when other processes share the cores; a fixed thread
     # count also keeps the float reductions, hence the trained weights, the same on every machine.
     with threads.limited(1):
-        return _train_erm(images, y, spec, seed, progress)
+        return _train_erm(images, y, spec, seed, progress, model_args)
 
 
 def _train_erm(images: np.ndarray, y: np.ndarray, spec: _Spec, seed: int,
-               progress: Callable[[str], None]):
+               progress: Callable[[str], None], model_args: Optional[dict] = None):
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = create_model()
+    model = create_model(model_args)
     x_all = to_tensor(images)
     y_all = torch.from_numpy(y)
     n = len(y_all)
@@ -269,7 +270,7 @@ def _train_erm(images: np.ndarray, y: np.ndarray, spec: _Spec, seed: int,
     return model
 
 
-def save_model(model, model_dir: Path) -> None:
+def save_model(model, model_dir: Path, model_args: Optional[dict] = None) -> None:
     from timm.models import save_for_hf
 
     data_config = {
@@ -284,7 +285,7 @@ def save_model(model, model_dir: Path) -> None:
         "label_names": list(CLASS_NAMES),
         "pretrained_cfg": dict(data_config, input_size=[3, IMG_SIZE, IMG_SIZE], mean=list(MEAN), std=list(STD)),
     }
-    save_for_hf(model, str(model_dir), model_config=model_config, model_args=dict(MODEL_ARGS),
+    save_for_hf(model, str(model_dir), model_config=model_config, model_args=dict(MODEL_ARGS if model_args is None else model_args),
                 safe_serialization=True, data_config=data_config)
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -301,8 +302,12 @@ def save_model(model, model_dir: Path) -> None:
 
 
 def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
-               progress: Optional[Callable[[str], None]] = None) -> DemoArtifacts:
-    """Draw the demo task, train the ERM model and write both under ``out_dir``."""
+               progress: Optional[Callable[[str], None]] = None,
+               model_args: Optional[dict] = None) -> DemoArtifacts:
+    """Draw the demo task, train the ERM model and write both under ``out_dir``.
+    ``model_args``: timm arguments of the architecture (default ``MODEL_ARGS``; e.g. another
+    ``channels`` list for a narrower or wider model)."""
+    model_args = dict(MODEL_ARGS if model_args is None else model_args)
     import torch
 
     if size not in SPECS:
@@ -324,13 +329,13 @@ def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
     for name, (images, y, place) in splits.items():
         _write_split(dirs[name], images, y, place)
 
-    say(f"training {ARCH} {MODEL_ARGS} with ERM for {spec.epochs} epochs on the CPU")
+    say(f"training {ARCH} {model_args} with ERM for {spec.epochs} epochs on the CPU")
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        model = train_erm(splits["train"][0], splits["train"][1], spec, seed, say)
+        model = train_erm(splits["train"][0], splits["train"][1], spec, seed, say, model_args)
     train_s = time.perf_counter() - t0
     say(f"ERM training took {train_s:.1f}s")
-    save_model(model, model_dir)
+    save_model(model, model_dir, model_args)
     say(f"wrote {model_dir} and {data_dir}")
     return DemoArtifacts(model_dir=model_dir, train_dir=dirs["train"], val_dir=dirs["val"],
                          test_dir=dirs["test"], erm_train_seconds=train_s)

@@ -7,8 +7,10 @@ constant) learning-rate schedule, gradient-norm clipping, mixed precision on CUD
 best weights restored, seeded determinism on the CPU (a private generator for data
 order and augmentation; torch's global RNG, which dropout uses, is seeded inside a
 ``fork_rng`` so the caller's stream is untouched), and a progress bar showing the
-step, the loss and the held-out criterion. A repair supplies two functions: ``step``
-(the loss of one training batch) and ``evaluate`` (the held-out criterion).
+step, the loss, any extra metrics the step reports and the held-out criterion. A
+repair supplies two functions: ``step`` (the loss of one training batch, or a dict
+``{"loss": tensor, "name": number, ...}`` whose other entries are averaged, shown in
+the bar and kept in the history) and ``evaluate`` (the held-out criterion).
 
 :class:`Budget` bounds a run by optimiser steps, epochs or wall-clock seconds
 (``--budget 300steps``, ``--budget 3epochs``, ``--budget 10min``); the first limit
@@ -22,7 +24,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -105,7 +107,7 @@ class LoopResult:
     best_accuracy: Optional[float]
     seconds: float
     stopped: str                       # "budget" | "early_stopping" | "time"
-    history: list = field(default_factory=list)   # [{"step", "loss", "score", "accuracy"}]
+    history: list = field(default_factory=list)   # [{"step", "loss", extras..., "score", "accuracy"}]
 
     def describe(self) -> dict:
         return {"steps": self.steps, "best_step": self.best_step, "best_heldout_score": self.best_score,
@@ -113,7 +115,7 @@ class LoopResult:
                 "stopped": self.stopped, "history": self.history}
 
 
-StepFn = Callable[[int, torch.Generator], torch.Tensor]
+StepFn = Callable[[int, torch.Generator], Union[torch.Tensor, dict]]
 EvalFn = Callable[[], tuple]
 
 
@@ -121,7 +123,9 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
           steps_per_epoch: int, budget: Optional[Budget] = None, seed: int = 0, device="cpu",
           progress: bool = True, desc: str = "fine-tuning") -> LoopResult:
     """Run the loop (see the module docstring). ``step(i, generator)`` returns the loss of
-    training step ``i`` (the loop calls ``backward`` and steps the optimiser);
+    training step ``i`` (the loop calls ``backward`` and steps the optimiser), or a dict
+    with that loss under ``"loss"`` and extra scalar metrics (averaged between evaluations,
+    shown in the progress bar, recorded in the history);
     ``evaluate()`` returns ``(held-out criterion score, held-out mean accuracy)`` with the
     model in whatever mode it needs (the loop restores train mode). The parameters end
     at the best evaluated state (the last state when ``evaluate`` is None)."""
@@ -159,18 +163,28 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     stopped = "budget"
     t0 = time.perf_counter()
     loss_sum, loss_n, i = 0.0, 0, 0
+    extra_sum: dict = {}
 
     def snapshot() -> list:
         return [p.detach().clone() for p in params]
+
+    def means() -> dict:
+        return {"loss": loss_sum / max(1, loss_n), **{k: v / max(1, loss_n) for k, v in extra_sum.items()}}
+
+    def postfix() -> dict:          # the running means and the last held-out criterion
+        shown = {k: f"{v:.3f}" for k, v in means().items()}
+        if history:
+            shown["heldout"] = f"{100 * history[-1]['score']:.1f}%"
+        return shown
 
     def check() -> bool:
         nonlocal best, best_state, best_step, stale
         if evaluate is None:
             return False
         score, acc = evaluate()
-        history.append({"step": i, "loss": round(loss_sum / max(1, loss_n), 5),
+        history.append({"step": i, **{k: round(v, 5) for k, v in means().items()},
                         "score": float(score), "accuracy": float(acc)})
-        bar.set_postfix(loss=f"{loss_sum / max(1, loss_n):.3f}", heldout=f"{100 * score:.1f}%", refresh=False)
+        bar.set_postfix(**postfix(), refresh=False)
         if best is None or (score, acc) > best:
             best, best_state, best_step, stale = (float(score), float(acc)), snapshot(), i, 0
         else:
@@ -185,6 +199,11 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
             while i < total:
                 with autocast:
                     loss = step(i, gen)
+                if isinstance(loss, dict):
+                    for k, v in loss.items():
+                        if k != "loss":
+                            extra_sum[k] = extra_sum.get(k, 0.0) + float(v)
+                    loss = loss["loss"]
                 opt.zero_grad(set_to_none=True)
                 loss.float().backward()
                 if cfg.clip_norm > 0:
@@ -195,13 +214,14 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
                 loss_sum += float(loss.detach())
                 loss_n += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", refresh=False)
+                bar.set_postfix(**postfix(), refresh=False)
                 timed_out = budget.seconds is not None and time.perf_counter() - t0 >= budget.seconds
                 if i % eval_every == 0 or i == total or timed_out:
                     if check():
                         stopped = "early_stopping"
                         break
                     loss_sum, loss_n = 0.0, 0
+                    extra_sum = dict.fromkeys(extra_sum, 0.0)
                 if timed_out:
                     stopped = "time"
                     break
@@ -215,6 +235,22 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
                       best_score=None if best is None else best[0],
                       best_accuracy=None if best is None else best[1],
                       seconds=time.perf_counter() - t0, stopped=stopped, history=history)
+
+
+def draw_batch(pool: torch.Tensor, groups: Optional[torch.Tensor], batch_size: int,
+               generator: torch.Generator) -> torch.Tensor:
+    """``batch_size`` indices from ``pool``: with ``groups`` (one id per pool row) a group drawn
+    uniformly, then one of its members uniformly (group-balanced); without, rows uniformly."""
+    if groups is None:
+        return pool[torch.randint(0, pool.numel(), (batch_size,), generator=generator)]
+    present = torch.unique(groups)
+    pick = present[torch.randint(0, present.numel(), (batch_size,), generator=generator)]
+    out = torch.empty(batch_size, dtype=torch.long)
+    for k in torch.unique(pick).tolist():
+        slots = torch.nonzero(pick == k).flatten()
+        members = pool[groups == k]
+        out[slots] = members[torch.randint(0, members.numel(), (slots.numel(),), generator=generator)]
+    return out
 
 
 class Session:
@@ -264,18 +300,7 @@ class Session:
     def batches(self, batch_size: int, balanced: bool, generator: torch.Generator) -> torch.Tensor:
         """Indices (into the repair samples) of one training batch: groups drawn uniformly,
         then a member uniformly (``balanced``), or rows drawn uniformly."""
-        tr = self.train_idx
-        if not balanced:
-            return tr[torch.randint(0, tr.numel(), (batch_size,), generator=generator)]
-        g = self.groups[tr]
-        present = torch.unique(g)
-        pick = present[torch.randint(0, present.numel(), (batch_size,), generator=generator)]
-        out = torch.empty(batch_size, dtype=torch.long)
-        for k in torch.unique(pick).tolist():
-            slots = torch.nonzero(pick == k).flatten()
-            members = tr[g == k]
-            out[slots] = members[torch.randint(0, members.numel(), (slots.numel(),), generator=generator)]
-        return out
+        return draw_batch(self.train_idx, self.groups[self.train_idx] if balanced else None, batch_size, generator)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, int(math.ceil(self.train_idx.numel() / batch_size)))
@@ -285,4 +310,4 @@ class Session:
                 "criterion": self.criterion.name, "groups": self.group_source}
 
 
-__all__ = ["Budget", "LoopConfig", "LoopResult", "Session", "train"]
+__all__ = ["Budget", "LoopConfig", "LoopResult", "Session", "draw_batch", "train"]

@@ -48,8 +48,9 @@ from .embeddings import extract, resolve_device
 from .errors import BadInput
 from .methods import ModelRepairInputs, RepairInputs
 from .metrics import evaluate
-from .selection import (Criterion, Given, Holdout, KFold, head_predictions, inferred_group_names,
-                        inferred_groups, select_and_refit, stratified_split)
+from .selection import (MIN_FOR_CHOICE, MIN_FOR_REPORT, Criterion, Given, KFold, head_predictions,
+                        inferred_group_names, inferred_groups, select_and_refit, stratified_split,
+                        support_warnings)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class FixOptions:
     generator_model: Optional[str] = None
     prompts: Optional[str] = None
     force: bool = False
+    allow_finetune: bool = False          # recipe auto may escalate to a model repair (runs recipe auto-ft)
 
     def resources(self) -> dict:
         """The model-repair inputs the user gave (paths as Paths)."""
@@ -145,6 +147,7 @@ class _Context:
         self.workdir = workdir
         self._tm = None
         self._runs = 0
+        self.warnings: list[str] = []         # what the repair set is too small to support
         self.seconds = 0.0                     # time spent fitting, all candidates and folds
 
     @property
@@ -303,7 +306,9 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     o = options or FixOptions()
     runtime = runtime or RuntimeOptions()
     data_opts = data_opts or DataOptions()
-    recipe = load_recipe(o.recipe)
+    if o.allow_finetune and o.recipe not in ("auto", "auto-ft"):
+        raise BadInput(f"--allow-finetune applies to --recipe auto, not {o.recipe!r}")
+    recipe = load_recipe("auto-ft" if o.allow_finetune else o.recipe)
     budget = Budget.parse(o.budget)
     if o.export not in (None, "onnx"):
         raise BadInput(f"--export must be onnx, got {o.export!r}")
@@ -351,6 +356,18 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     else:
         fit_idx, report_idx = stratified_split(strata, [o.report_fraction], o.seed)
     fit_dev = str(resolve_device(runtime.device))
+    # can this repair set support an honest choice and honest figures? say so when it cannot
+    strata_names = list(enc.group_names) if has_groups else inferred_group_names(enc.class_names)
+    warnings = []
+    if len(recipe.candidates) > 1 or "model" in recipe.kinds:
+        warnings += support_warnings(strata[fit_idx], strata_names, minimum=MIN_FOR_CHOICE,
+                                     what="choosing between candidates" if len(recipe.candidates) > 1
+                                     else "choosing when to stop training")
+    if report_idx is not None and has_groups:
+        warnings += support_warnings(groups[report_idx], strata_names, minimum=MIN_FOR_REPORT,
+                                     what="the reported figures (held-out part of the repair set)")
+    for w in warnings:
+        log(f"warning: {w}")
     if o.train_data is not None:
         resources["train"] = _train_set(adapter, o.train_data, data_opts)
     if "model" in recipe.kinds:
@@ -364,6 +381,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     with scratch as work:
         ctx = _Context(adapter, data, X, y, groups, W0, b0, o.seed, fit_dev, budget, runtime.progress, log,
                        resources=resources, workdir=None if work is None else Path(work))
+        ctx.warnings = warnings
         folds = int(o.selection_folds or recipe.folds)
         chosen, final, candidates_report, selection = _choose(
             recipe, ctx, fit_idx, strata[fit_idx], crit, orig_logits, folds, o.model_holdout_fraction, o.seed, log)
@@ -497,6 +515,7 @@ def _finish(o, recipe, chosen, final, candidates_report, selection, crit, adapte
         "model_change": model_change,
         "artifacts": None if artifacts_path is None else str(artifacts_path),
         "measured_on": measured_on,
+        "warnings": ctx.warnings,
         "before": before,
         "after": after,
         "export": export_report,

@@ -328,7 +328,29 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
     return sel
 
 
-__all__ = ["CRITERIA", "SELECTION_NAMES", "LABEL_FREE_DEFAULT", "Criterion", "stratified_split", "Holdout",
+# ----------------------------------------------------------------------------- honesty checks
+#: fewest samples of a stratum in the data a choice is made on (about 10 per held-out fold with 2 folds)
+MIN_FOR_CHOICE = 20
+#: fewest samples of a group in the data a reported figure is measured on
+MIN_FOR_REPORT = 10
+
+
+def support_warnings(strata: Tensor, names: Sequence[str], *, what: str, minimum: int) -> list[str]:
+    """One plain sentence per stratum with fewer than ``minimum`` samples: its accuracy -- and so a
+    worst-stratum score -- is then too noisy to rest a choice or a figure on. The standard error
+    of an accuracy near 70% measured on n samples is about 46/sqrt(n) points."""
+    out = []
+    counts = torch.bincount(strata.long().cpu(), minlength=len(names))
+    for i, n in enumerate(counts.tolist()):
+        if 0 < n < minimum:
+            se = 100 * math.sqrt(0.21 / n)
+            out.append(f"{what}: group {names[i]} has only {n} samples (fewer than {minimum}); its accuracy is "
+                       f"uncertain by about +-{se:.0f} points, so {'the choice' if 'choos' in what else 'the figure'}"
+                       " can be wrong")
+    return out
+
+
+__all__ = ["CRITERIA", "MIN_FOR_CHOICE", "MIN_FOR_REPORT", "support_warnings", "SELECTION_NAMES", "LABEL_FREE_DEFAULT", "Criterion", "stratified_split", "Holdout",
            "KFold", "Given", "Selection", "select_and_refit", "pick_best", "scores_from_preds",
            "head_predictions", "inferred_groups", "inferred_group_names", "group_accuracies",
            "worst_group_accuracy"]

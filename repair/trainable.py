@@ -12,6 +12,13 @@ Images are run through the model's own eval preprocessing once (:meth:`encode`);
 augmentation (:meth:`augment`: flips, small translations) works on those tensors, so
 pixel-space mixing happens after the model's own normalisation. Texts are tokenised
 per batch by the adapter's tokenizer.
+
+Mixing repairs (:meth:`mixed_logits`) interpolate two inputs inside the network: images
+in that preprocessed pixel space, texts at a *mix point* (:meth:`mix_points`: 0 = the
+token embeddings, k = the output of encoder layer k), through forward hooks, so any
+transformers encoder works without its own code. :meth:`lora` wraps chosen layers with
+``peft`` LoRA adapters for the length of a training run and merges them back into the
+weights, so the saved checkpoint needs no ``peft``.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ class TrainableModel:
         self.head_name: str = adapter.head_name
         self.modality: str = adapter.modality
         self._groups: Optional[list[tuple[str, list[str]]]] = None
+        self._mix_points: Optional[list[nn.Module]] = None
 
     # ------------------------------------------------------------------ inputs
     def encode(self, items: Sequence[Any], chunk: int = 256):
@@ -110,6 +118,125 @@ class TrainableModel:
                 m.training = t
         C = self.head.out_features
         return torch.cat(out) if out else torch.zeros(0, C)
+
+    @torch.no_grad()
+    def embed(self, encoded, idx: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
+        """(n, D) float32 CPU embeddings (the head's input) of rows ``idx`` in eval mode."""
+        modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            out = [self.features_and_logits(self.batch(encoded, idx[i:i + batch_size], device))[0].float().cpu()
+                   for i in range(0, idx.numel(), batch_size)]
+        finally:
+            for m, t in modes:
+                m.training = t
+        return torch.cat(out) if out else torch.zeros(0, self.head.in_features)
+
+    # ------------------------------------------------------------------ mixing
+    def mix_points(self) -> list[nn.Module]:
+        """Text models: the modules whose outputs can be mixed, ``[token embeddings, layer 1,
+        ..., layer L]`` (index = mix point). Images mix in pixel space only (``[]``)."""
+        if self.modality != "text":
+            return []
+        if self._mix_points is None:
+            self._mix_points = _text_mix_points(self.module)
+        return self._mix_points
+
+    def mixed_logits(self, encoded, idx: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor, device, *,
+                     point: int = 0, augment: str = "none",
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Logits (with gradients) of rows ``idx`` mixed with rows ``partner``:
+        ``(1 - lam) * x + lam * partner`` per row (``lam``: (n,) weights of the partner).
+
+        Images: in the preprocessed pixel space (after :meth:`augment` of both). Texts: the
+        pair is tokenised to one length; the partner is run (without gradients) up to mix
+        point ``point`` and its hidden states, zero at its padding, are mixed into the
+        sample's at that point. At point 0 (token embeddings) the sample's padding is zeroed
+        too and its attention mask becomes the union of both; later points keep the
+        sample's mask (the partner's hidden states are contextual, so its visible
+        positions carry the whole partner text)."""
+        lam = lam.float()
+        if self.modality != "text":
+            x = self.batch(encoded, idx, device)
+            s = self.batch(encoded, partner, device)
+            if generator is not None:
+                x, s = self.augment(x, augment, generator), self.augment(s, augment, generator)
+            w = lam.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            return self.logits(x + w * (s - x))
+        points = self.mix_points()
+        if not 0 <= point < len(points):
+            raise BadInput(f"mix point {point} is out of range: this model has points 0..{len(points) - 1} "
+                           "(0 = token embeddings, k = output of layer k)")
+        n = idx.numel()
+        both = self.adapter.collate([encoded[i] for i in torch.cat([idx, partner]).tolist()])
+        both = {k: v.to(device) for k, v in both.items()}
+        xb = {k: v[:n] for k, v in both.items()}
+        sb = {k: v[n:] for k, v in both.items()}
+        mx = xb["attention_mask"].unsqueeze(-1).float() if "attention_mask" in xb else None
+        ms = sb["attention_mask"].unsqueeze(-1).float() if "attention_mask" in sb else None
+        target = points[point]
+        with torch.no_grad():
+            hs = _run_until(self, target, sb)
+        if ms is not None:
+            hs = hs * ms.to(hs.dtype)
+        if point == 0 and mx is not None:
+            xb["attention_mask"] = torch.maximum(xb["attention_mask"], sb["attention_mask"])
+        w = lam.to(device).view(-1, 1, 1)
+
+        def mix(_module, _args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            hx = h * mx.to(h.dtype) if (point == 0 and mx is not None) else h
+            mixed = hx + w.to(h.dtype) * (hs.to(h.dtype) - hx)
+            return (mixed,) + tuple(out[1:]) if isinstance(out, tuple) else mixed
+
+        handle = target.register_forward_hook(mix)
+        try:
+            return self.logits(xb)
+        finally:
+            handle.remove()
+
+    # ------------------------------------------------------------------ LoRA
+    def lora_targets(self, names: Sequence[str]) -> list[str]:
+        """Module names LoRA can wrap among the modules owning parameters ``names``:
+        ``nn.Linear`` and ungrouped ``nn.Conv2d`` layers, the head excluded."""
+        owners = {n.rsplit(".", 1)[0] for n in names if "." in n}
+        out = []
+        for mname, mod in self.module.named_modules():
+            if mname in owners and mname != self.head_name and (
+                    isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)):
+                out.append(mname)
+        return out
+
+    @contextmanager
+    def lora(self, modules: Sequence[str], rank: int = 8, alpha: float = 16.0,
+             dropout: float = 0.0) -> Iterator[list[str]]:
+        """``peft`` LoRA adapters on ``modules`` (names from :meth:`lora_targets`) for the
+        length of the block; yields the adapter parameter names to train. On a normal exit
+        the adapters are merged into the wrapped layers' weights and removed (the module
+        tree is the original one again, with new weights); on an error they are removed
+        unmerged. Without ``peft`` installed: :class:`BadInput`."""
+        try:
+            from peft import LoraConfig
+            from peft.tuners.lora import LoraModel
+        except ImportError:
+            raise BadInput('LoRA needs the optional peft package: pip install -e ".[peft]"') from None
+        if not modules:
+            raise BadInput("LoRA: no Linear or Conv2d layer in the chosen scope to put adapters on")
+        req = {n: p.requires_grad for n, p in self.module.named_parameters()}
+        cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
+                         target_modules=list(modules), bias="none")
+        wrapped = LoraModel(self.module, cfg, "default")
+        ok = False
+        try:
+            yield [n for n, _ in self.module.named_parameters() if ".lora_" in n]
+            ok = True
+        finally:
+            if ok:
+                wrapped.merge_and_unload()
+            else:
+                wrapped.unload()
+            for n, p in self.module.named_parameters():
+                p.requires_grad_(req.get(n, p.requires_grad))
 
     # ------------------------------------------------------------------ parameters
     def blocks(self) -> list[tuple[str, list[str]]]:
@@ -219,6 +346,45 @@ def _param_blocks(module: nn.Module, head_name: str) -> list[tuple[str, list[str
             order.append(key)
         blocks[key].append(n)
     return _head_last([(k, blocks[k]) for k in order], head_name)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run_until(tm: "TrainableModel", target: nn.Module, batch: dict) -> torch.Tensor:
+    """The output of ``target`` for ``batch`` (the forward pass stops there)."""
+    box: dict = {}
+
+    def grab(_module, _args, out):
+        box["h"] = out[0] if isinstance(out, tuple) else out
+        raise _Stop
+
+    handle = target.register_forward_hook(grab)
+    try:
+        tm.logits(batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in box:
+        raise BadInput("text mixing: the mix point was not reached by the forward pass")
+    return box["h"]
+
+
+def _text_mix_points(module: nn.Module) -> list[nn.Module]:
+    """[token-embedding module, encoder layer 1, ..., L] of a transformers encoder."""
+    base = getattr(module, "base_model", module)
+    emb = getattr(base, "embeddings", None)
+    layers = None
+    for name, mod in base.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and re.search(r"(^|\.)(layer|layers|h|block|blocks)$", name):
+            layers = list(mod)
+            break
+    if emb is None or layers is None:
+        raise BadInput(f"text mixing needs a transformers encoder with embeddings and a list of layers; "
+                       f"{type(module).__name__} has {'no embeddings' if emb is None else 'no layer list'}")
+    return [emb] + layers
 
 
 def _head_last(blocks: list[tuple[str, list[str]]], head_name: str) -> list[tuple[str, list[str]]]:

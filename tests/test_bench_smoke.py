@@ -19,7 +19,9 @@ def _finite_number(v) -> bool:
 
 
 def test_bench_smoke_writes_complete_finite_results(tmp_path):
-    from bench.run import AUTO, ERM, REF_DFR, main, variant_label
+    from bench.rows import AUTO, ERM, REF_DFR, REF_PSEUDO_DFR, model_rows_for, variant_label
+    from bench.run import main
+    from bench.tasks import VARIANTS
     from repair.methods import list_methods
 
     threads = torch.get_num_threads()
@@ -33,44 +35,53 @@ def test_bench_smoke_writes_complete_finite_results(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:  # an optional (bench extra) dependency
         assert (out / "wga.png").stat().st_size > 1000
     doc = json.loads((out / "results.json").read_text())
-
-    meta = doc["meta"]
-    assert meta["smoke"] is True and meta["complete"] is True and meta["seeds"] == [0]
+    assert doc["meta"]["smoke"] is True and doc["meta"]["complete"] is True
+    assert set(doc["meta"]["parts"]) == {"head", "model", "scale"}
     for key in ("cpu", "cores", "versions"):
-        assert key in meta["machine"]
+        assert key in doc["meta"]["machine"]
     task = doc["tasks"]["smoke"]
-    assert task["embedding"]["n_val"] == 96 and task["embedding"]["n_test"] == 128
-    assert len(task["runs"]) == 1 and task["runs"][0]["seed"] == 0
+    assert set(task["variants"]) == set(VARIANTS)
+    # the skewed repair set: every class keeps its majority group whole and ~20% of it as minority
+    counts = task["variants"]["skewed"]["group_counts"]
+    assert counts == {"cross|blue": 24, "cross|red": 5, "square|blue": 5, "square|red": 24}
+    assert task["variants"]["skewed"]["embedding"]["n_val"] == 58
 
-    # every registered head method, with / without group labels as it allows, plus ERM, auto and DFR
-    expected = {ERM, REF_DFR, variant_label(AUTO, False), variant_label(AUTO, True)}
+    # every registered head method, with / without group labels as it allows, plus ERM, auto, the
+    # references, and the model rows
+    expected = {ERM, REF_DFR, REF_PSEUDO_DFR, variant_label(AUTO, False), variant_label(AUTO, True)}
     for m in list_methods(kind="head"):
-        if m.needs_groups or m.uses_groups:
+        if m.uses_groups:
             expected.add(variant_label(m.name, True))
         if not m.needs_groups:
             expected.add(variant_label(m.name, False))
-    rows = task["runs"][0]["methods"]
-    missing = expected - set(rows)
-    assert not missing, missing
-    for label in expected:
-        row = rows[label]
-        assert "error" not in row, (label, row.get("error"), row.get("traceback"))
-        t = row["test"]
-        assert 0.0 <= t["worst_group_accuracy"] <= t["accuracy"] <= 1.0, label
-        assert len(t["per_group"]) == 4 and all(_finite_number(v) for v in t["per_group"].values())
-        assert _finite_number(row["fit_seconds"]) and row["fit_seconds"] >= 0
-
-    summary = task["summary"]
-    for label in expected:
-        s = summary[label]
-        assert s["n_seeds"] == 1
-        for key in ("wga", "acc", "fit_seconds"):
-            assert _finite_number(s[key]["mean"]) and _finite_number(s[key]["std"]), (label, key)
-
-    cost = task["cost_summary"]
-    assert _finite_number(cost["floor_seconds"]) and cost["floor_seconds"] > 0
-    assert "errors" not in cost
-    assert _finite_number(cost["dfr_reference_seconds"])
-    assert all(_finite_number(v) and v > 0 for v in cost["speedup_vs_dfr_reference"].values())
-    target = next(r for r in doc["targets"] if r["task"] == "smoke")
-    assert _finite_number(target["auto_minus_ref_dfr_points"])
+    from bench import tasks as T
+    smoke = T._load_task("smoke", Path(task["paths"]["model"]).parent, task["info"])
+    for spec in model_rows_for(smoke):
+        for g in spec.groups:
+            expected.add(variant_label(spec.label, g))
+    assert any(k.startswith("finetune") for k in expected)
+    for vname, v in task["variants"].items():
+        assert len(v["runs"]) == 1 and v["runs"][0]["seed"] == 0
+        rows = v["runs"][0]["rows"]
+        missing = expected - set(rows)
+        assert not missing, (vname, missing)
+        for label in expected:
+            row = rows[label]
+            assert "error" not in row, (vname, label, row.get("error"), row.get("traceback"))
+            t = row["test"]
+            assert 0.0 <= t["worst_group_accuracy"] <= t["accuracy"] <= 1.0, label
+            assert len(t["per_group"]) == 4 and all(_finite_number(x) for x in t["per_group"].values())
+        for label in expected:
+            s = v["summary"][label]
+            assert s["n_seeds"] == 1
+            for key in ("wga", "acc"):
+                assert _finite_number(s[key]["mean"]) and _finite_number(s[key]["std"]), (label, key)
+    target = next(r for r in doc["targets"] if r["task"] == "smoke" and r["variant"] == "skewed")
+    assert _finite_number(target["auto_free_minus_pseudo"]) and _finite_number(target["auto_free_minus_ref"])
+    scale = doc["scale"]["problems"]
+    assert set(scale) == {"2", "10"}
+    for p in scale.values():
+        assert _finite_number(p["speedup"]) and p["speedup"] > 0 and _finite_number(p["memory_ratio"])
+        assert 0.0 <= p["rows"]["dfr[groups]"]["wga"] <= 1.0
+    md = (out / "RESULTS.md").read_text()
+    assert "## Solver at scale" in md and "## Targets" in md and "skewed WGA" in md

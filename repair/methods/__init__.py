@@ -180,7 +180,7 @@ class MethodInfo:
 _REGISTRY: dict[str, MethodInfo] = {}
 
 # modules that register the built-in methods (imported lazily on first lookup)
-_BUILTIN_MODULES = ("neurontune", "nsf", "dfr", "afr", "mix", "finetune")
+_BUILTIN_MODULES = ("neurontune", "nsf", "dfr", "afr", "mix", "finetune", "recompose", "mixft", "clp")
 ENTRY_POINT_GROUP = "repair.plugins"
 _loaded = False
 

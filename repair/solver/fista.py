@@ -204,11 +204,18 @@ def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
                standardize: bool = True, max_iter: int = 2000, tol: float = 1e-4,
                device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                gather: Union[str, bool] = "auto", working_set: Union[str, bool] = "auto",
-               num_threads: Union[str, int, None] = "auto"):
+               num_threads: Union[str, int, None] = "auto", algorithm: str = "auto"):
     """Fit K weighted, penalised multinomial logistic regressions at once.
 
     See the module docstring for the objective and conventions. Returns
     ``(W (K,C,D), b (K,C), info)`` on ``device`` (``dtype``), acting on raw ``X``.
+
+    ``algorithm``: ``"auto"`` solves two-class problems with only smooth penalties (L2 and/or
+    the pull, every problem > 0) by the batched damped-Newton solver of :mod:`.newton` (the
+    same objective; ``init_*`` is then not needed: Newton converges from the intercept-only
+    model in a few steps) and everything else by FISTA; ``"fista"`` / ``"newton"`` force one.
+    With Newton the intercept is not pulled to ``ref_b`` (only ``W``), as sklearn never
+    penalises it.
 
     ``num_threads``: CPU threads for torch during the fit (restored afterwards);
     ``"auto"`` uses 1 thread when a data pass is small (< 5e7 multiply-adds), where
@@ -231,12 +238,12 @@ def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
                            ref_pull=ref_pull, init_W=init_W, init_b=init_b, ref_W=ref_W, ref_b=ref_b,
                            feature_scale=feature_scale, feature_shift=feature_shift,
                            standardize=standardize, max_iter=max_iter, tol=tol, device=device,
-                           dtype=dtype, gather=gather, working_set=working_set)
+                           dtype=dtype, gather=gather, working_set=working_set, algorithm=algorithm)
 
 
 def _fit_logreg(X, y, num_classes, *, sample_weight, l1, l2, ref_pull, init_W, init_b, ref_W, ref_b,
                 feature_scale, feature_shift, standardize, max_iter, tol, device, dtype, gather,
-                working_set):
+                working_set, algorithm="auto"):
     t0 = time.perf_counter()
     dev = torch.device(device)
     C = int(num_classes)
@@ -321,6 +328,23 @@ def _fit_logreg(X, y, num_classes, *, sample_weight, l1, l2, ref_pull, init_W, i
         Wref = bref = None
         if bool((pulln > 0).any()):
             raise ValueError("ref_pull > 0 needs ref_W")
+
+    # --- two classes, smooth penalties: the batched Newton solver --------------------------
+    if algorithm not in ("auto", "fista", "newton"):
+        raise ValueError(f"algorithm must be auto, fista or newton, got {algorithm!r}")
+    newton_ok = C == 2 and bool((l1n == 0).all()) and bool(((l2n + pulln) > 0).all())
+    if algorithm == "newton" and not newton_ok:
+        raise ValueError("algorithm='newton' needs two classes, no L1 and a positive L2 or pull for every problem")
+    if newton_ok and algorithm != "fista" and K * N * D * 4 <= _MEMORY_BUDGET:
+        from .newton import binary_heads
+
+        W_out, b_out, info = binary_heads(Z, y, wfull.expand(K, N), l2n * S, pulln * S, Wref, bref, s, t)
+        We, be = fold_affine(W_out, b_out, s, t)
+        if std_scale is not None:
+            We, be = fold_affine(We, be, std_scale.expand(K, D), std_shift.expand(K, D))
+        info.update({"seconds": time.perf_counter() - t0, "gathered": False, "working_set": False, "n_outer": 0,
+                     "K": K, "algorithm": "newton"})
+        return We.to(dtype), be.to(dtype), info
 
     # --- solve ---------------------------------------------------------------------------
     wn = wfull / wfull.sum(1, keepdim=True)           # normalised weights (K|1, N)

@@ -25,7 +25,7 @@ def newton_cost(n: int, d: int) -> tuple:
 def fit_binary_l2_path(Z: Tensor, t: Tensor, w: Tensor, l2: Sequence[float], *,
                        tol: float = 1e-4, max_iter: int = 50, form: str = "auto",
                        factor_dtype: torch.dtype = torch.float32,
-                       num_threads: Union[str, int, None] = "auto"):
+                       num_threads: Union[str, int, None] = "auto", offset=None):
     """Binary L2 logistic regressions for a path of penalties, ``K`` problems batched.
 
     Problem ``k`` at penalty ``l2[j]`` (sklearn's binary convention, ``l2 = 1/C``)::
@@ -34,9 +34,12 @@ def fit_binary_l2_path(Z: Tensor, t: Tensor, w: Tensor, l2: Sequence[float], *,
         u = Z_k v + c                       (intercept ``c`` not penalised)
 
     ``Z`` (K, n, d) features (used as given: standardise beforehand), ``t`` (K, n)
-    0/1 targets, ``w`` (K, n) non-negative weights (0 = padding row), ``l2`` the path,
-    solved in the given order with warm starts (give it decreasing: strong penalty
-    first, every solution then starts next to the previous one).
+    0/1 targets, ``w`` (K, n) non-negative weights (0 = padding row), ``l2`` the path
+    ((L,), or (L, K): a penalty per problem at every path point), solved in the given
+    order with warm starts (give it decreasing: strong penalty first, every solution then
+    starts next to the previous one). ``offset`` (K, n): fixed logit offsets added to
+    ``Z_k v + c`` (``offset = Z_k v0`` centres the penalty at ``v0``: ``v`` is then the
+    deviation from it).
 
     Damped Newton with a lazily refreshed Hessian: the Hessian is factored at the
     start of every path point (the warm start) and again only when a step was damped
@@ -74,7 +77,7 @@ def fit_binary_l2_path(Z: Tensor, t: Tensor, w: Tensor, l2: Sequence[float], *,
     if form not in ("primal", "kernel"):
         raise ValueError(f"form must be auto/primal/kernel, got {form!r}")
     with threads.for_small_work(K * cost, Z.device, num_threads, small=2e8):
-        return _binary_l2_path(Z, t, w, l2, tol, max_iter, form, factor_dtype)
+        return _binary_l2_path(Z, t, w, l2, tol, max_iter, form, factor_dtype, offset)
 
 
 def _cholesky(M: Tensor) -> Tensor:
@@ -88,7 +91,7 @@ def _cholesky(M: Tensor) -> Tensor:
     return L
 
 
-def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt):
+def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None):
     t0 = time.perf_counter()
     K, n, d = Z.shape
     dev, xdt = Z.device, Z.dtype
@@ -101,9 +104,12 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt):
     Sw = w.sum(1)
     if bool((Sw <= 0).any()):
         raise ValueError("every problem needs a positive total weight")
-    lams = [float(v) for v in l2]
-    if not lams or min(lams) <= 0:
-        raise ValueError("the l2 path must be non-empty and positive")
+    L2 = torch.as_tensor(l2, dtype=vdt).to(dev)
+    if L2.dim() == 1:
+        L2 = L2.view(-1, 1).expand(-1, K)                # (L, K): one penalty per path point and problem
+    if L2.numel() == 0 or bool((L2 <= 0).any()) or L2.shape[1] != K:
+        raise ValueError("the l2 path must be non-empty and positive, (L,) or (L, K)")
+    lams = list(L2)
     gtol = 2.0 * float(tol) * Sw                     # on the decrement g^T H^-1 g
     kernel = form == "kernel"
     bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -116,6 +122,8 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt):
     m = ((w * t).sum(1) / Sw).clamp(1e-6, 1.0 - 1e-6)
     c = torch.log(m / (1.0 - m))
     u = c.unsqueeze(-1).expand(K, n).clone()         # logits
+    if offset is not None:                           # fixed per-row logit offsets (a penalty centre)
+        u = u + torch.as_tensor(offset).to(dev, vdt).reshape(K, n)
     if kernel:
         G = torch.bmm(Z, Z.transpose(1, 2))                    # (K,n,n) Gram, once
         Gc = G.to(cdt)
@@ -136,10 +144,11 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt):
     thetas, cs, n_iter, n_fac, conv_all = [], [], [], [], []
     for lam in lams:
         if kernel:
+            lamk = lam.view(K, 1)
             pen = lambda th, Gt: (0.5 * lam) * (th * Gt).sum(1)
             f = loss(u) + pen(theta, Gth)
         else:
-            lmask = lam * mask
+            lmask = lam.view(K, 1) * mask
             pen = lambda th, _: 0.5 * (th * th * lmask).sum(1)
             f = loss(u) + pen(theta, None)
         fac = None
@@ -161,11 +170,11 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt):
                     sq = s0.sqrt()
                     sqc = sq.to(cdt)
                     M = (Gc * sqc.unsqueeze(-1)).mul_(sqc.unsqueeze(1))      # S0^1/2 G S0^1/2
-                    M.diagonal(dim1=1, dim2=2).add_(lam)
+                    M.diagonal(dim1=1, dim2=2).add_(lamk.to(M.dtype))
                     L = _cholesky(M)
                     # P = lam I + S0 G,  P^-1 x = (x - S0^1/2 M^-1 S0^1/2 G x) / lam
                     Pinv = lambda x: (x - sq * torch.cholesky_solve((sq * Gmv(x)).to(L.dtype).unsqueeze(-1), L)
-                                      .squeeze(-1).to(vdt)) / lam
+                                      .squeeze(-1).to(vdt)) / lamk
                     s0G = Gmv(s0)
                     Ps = Pinv(s0)
                     den = (s0.sum(1) - (s0G * Ps).sum(1)).clamp_min(1e-12 * Sw)
@@ -176,7 +185,7 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt):
                     H[:, -1, -1] += (1e-10 * Sw).to(cdt)                  # all-zero-curvature guard
                     fac = _cholesky(H)
             if kernel:
-                a = r + lam * theta                                  # gradient, alpha space
+                a = r + lamk * theta                                 # gradient, alpha space
                 Pa = Pinv(a)
                 sr = r.sum(1)
                 dc = ((s0G * Pa).sum(1) - sr) / den                  # intercept: Schur complement
@@ -248,3 +257,49 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt):
     info = {"form": form, "n_iter": n_iter, "n_factor": n_fac, "converged": conv_all,
             "seconds": time.perf_counter() - t0}
     return V, torch.stack(cs, 1), info
+
+
+def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref=None, bref=None,
+                 scale=None, shift=None, tol: float = 1e-7, max_iter: int = 100):
+    """Two-class multinomial heads with smooth penalties, solved as binary problems by Newton.
+
+    The multinomial objective of :func:`repair.solver.fit_logreg` for two classes,
+    ``sum_i w_ki CE_i + l2_k/2 ||W||^2 + pull_k/2 ||W - Wref_k||^2``, depends on the predictions
+    only through ``v = w_1 - w_0``: its minimiser is ``W = [m - v/2, m + v/2]`` with ``m`` the mean
+    row of ``Wref`` (0 without a reference), where ``v`` solves the binary logistic regression
+    with penalty ``(l2_k + pull_k)/4 ||v - v_k||^2``, ``v_k = pull_k / (l2_k + pull_k) (Wref_1 -
+    Wref_0)``. ``Z`` (N, D) are the (internal) features, ``scale``/``shift`` (K, D) optional
+    per-problem feature maps, ``w`` (K, N) sample weights. Returns internal ``(W (K,2,D),
+    b (K,2), info)``; the intercept is not pulled."""
+    K, N = w.shape
+    D = Z.shape[1]
+    Xk = Z.unsqueeze(0).expand(K, N, D)
+    if scale is not None:
+        Xk = Xk * scale.unsqueeze(1)
+    if shift is not None:
+        Xk = Xk + shift.unsqueeze(1)
+    Xk = Xk.contiguous()
+    l2, pull = l2.double(), pull.double()
+    lam = (l2 + pull) / 2.0                                  # binary convention: sklearn multinomial / 2
+    center = offset = None
+    if Wref is not None:
+        center = ((pull / (l2 + pull)).view(K, 1) * (Wref[:, 1] - Wref[:, 0]).double())
+        offset = torch.bmm(Xk, center.to(Xk.dtype).unsqueeze(-1)).squeeze(-1)
+    tgt = (y.view(1, N) == 1).to(Xk.dtype).expand(K, N)
+    V, c, info = fit_binary_l2_path(Xk, tgt, w, lam.view(1, K), tol=tol, max_iter=max_iter, offset=offset,
+                                    num_threads=None)
+    v = V[:, 0] if center is None else V[:, 0] + center
+    cb = c[:, 0]
+    m = torch.zeros(K, D, dtype=torch.float64, device=Z.device) if Wref is None else 0.5 * (Wref[:, 0] + Wref[:, 1]).double()
+    mb = torch.zeros(K, dtype=torch.float64, device=Z.device) if bref is None else 0.5 * (bref[:, 0] + bref[:, 1]).double()
+    W = torch.stack([m - v / 2, m + v / 2], 1)
+    b = torch.stack([mb - cb / 2, mb + cb / 2], 1)
+    # the multinomial objective (sklearn scale, internal coordinates) at the solution
+    lg = torch.bmm(Xk.double(), W.transpose(1, 2)) + b.unsqueeze(1)
+    ce = torch.logsumexp(lg, -1) - lg.gather(-1, y.view(1, N, 1).expand(K, N, 1)).squeeze(-1)
+    obj = (ce * w.double()).sum(1) + 0.5 * l2 * (W * W).sum((1, 2))
+    if Wref is not None:
+        obj = obj + 0.5 * pull * ((W - Wref.double()) ** 2).sum((1, 2))
+    it = int(sum(info["n_iter"]))
+    return W.float(), b.float(), {"n_iter": [it] * K, "converged": [bool(all(info["converged"]))] * K,
+                                  "objective": obj.cpu().tolist(), "form": info["form"]}

@@ -1,0 +1,421 @@
+"""Summaries, targets, ``RESULTS.md`` and ``wga.png`` from ``results.json``."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Callable, Optional
+
+from .rows import AUTO, ERM, REF_DFR, REF_PSEUDO_DFR, variant_label
+
+TARGET_STD = 2.0               # points: std over seeds of auto, every task and variant
+TARGET_OVER_PSEUDO = 2.0       # points: label-free auto over the plain pseudo-group DFR
+TARGET_AUTO_GAP = 1.0          # points: label-free auto within this of group-label DFR
+TARGET_FIX_OVER_EVAL = 1.3     # repair fix / repair eval, warm cache
+TARGET_MIXFT_TEXT = 5.0        # points: mixft over the best last-layer label-free row (text)
+TARGET_MIXFT_TIME = 600.0      # seconds for the SST-2 repair set on 2 CPU cores
+TARGET_ACC_COST = 2.0          # points of mean accuracy a model repair may cost
+TARGET_CLP_OVER_FT, TARGET_OVER_ERM = 10.0, 20.0
+
+
+# ============================================================================ summaries
+def _mean_std(vals: list) -> tuple[Optional[float], Optional[float]]:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(runs: list[dict]) -> dict:
+    labels: list = []
+    for r in runs:
+        for k in r["rows"]:
+            if k not in labels:
+                labels.append(k)
+    out = {}
+    for label in labels:
+        rows = [r["rows"].get(label, {}) for r in runs]
+        ok = [x for x in rows if "test" in x]
+        first = next((x for x in rows if x), {})
+        s: dict = {"kind": first.get("kind"), "group_labels": first.get("group_labels"), "n_seeds": len(ok)}
+        if not ok:
+            s["error"] = first.get("error") or first.get("skipped")
+            out[label] = s
+            continue
+        for key, get in (("wga", lambda x: x["test"]["worst_group_accuracy"]),
+                         ("acc", lambda x: x["test"]["accuracy"]),
+                         ("fit_seconds", lambda x: x.get("fit_seconds")),
+                         ("total_seconds", lambda x: x.get("fix_total_seconds")),
+                         ("peak_rss_mib", lambda x: x.get("peak_rss_mib"))):
+            m, sd = _mean_std([get(x) for x in ok])
+            s[key] = {"mean": m, "std": sd}
+        if first.get("kind") in ("auto", "model"):
+            s["chosen"] = [x.get("chosen") for x in ok]
+            warn = sorted({w for x in ok for w in (x.get("warnings") or [])})
+            if warn:
+                s["warnings"] = warn
+        if len(ok) < len(rows):
+            s["failed_seeds"] = len(rows) - len(ok)
+        out[label] = s
+    return out
+
+
+def _wga(s: dict, label: str) -> Optional[float]:
+    return ((s.get(label) or {}).get("wga") or {}).get("mean")
+
+
+def _stat(s: dict, label: str, key: str, what: str = "mean") -> Optional[float]:
+    return ((s.get(label) or {}).get(key) or {}).get(what)
+
+
+def _pts(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else 100 * (a - b)
+
+
+def best_row(s: dict, pred: Callable[[str, dict], bool]) -> tuple[Optional[str], Optional[float]]:
+    cands = [(lab, r["wga"]["mean"]) for lab, r in s.items() if r.get("wga") and pred(lab, r)]
+    return max(cands, key=lambda kv: kv[1]) if cands else (None, None)
+
+
+def head_row(lab: str, r: dict, groups: Optional[bool] = None) -> bool:
+    return r.get("kind") == "ours" and (groups is None or bool(r.get("group_labels")) == groups)
+
+
+# ============================================================================ targets
+def targets(doc: dict) -> list[dict]:
+    """One row per task x variant with every issue target that applies (True / False / None)."""
+    out = []
+    for name, t in doc.get("tasks", {}).items():
+        for vname, v in (t.get("variants") or {}).items():
+            s = v.get("summary") or {}
+            if not s:
+                continue
+            r: dict = {"task": name, "variant": vname}
+            auto0, auto1 = variant_label(AUTO, False), variant_label(AUTO, True)
+            a0, a1, ref, pseudo = _wga(s, auto0), _wga(s, auto1), _wga(s, REF_DFR), _wga(s, REF_PSEUDO_DFR)
+            dfr0 = _wga(s, variant_label("dfr", False))
+            r.update({"auto_free": a0, "auto_groups": a1, "ref_dfr": ref, "pseudo_dfr": pseudo, "dfr_free": dfr0})
+            r["auto_free_minus_pseudo"] = _pts(a0, pseudo)
+            r["t9_auto_free_over_pseudo"] = None if a0 is None or pseudo is None else \
+                r["auto_free_minus_pseudo"] >= TARGET_OVER_PSEUDO
+            r["auto_free_minus_ref"] = _pts(a0, ref)
+            r["t9_auto_free_near_ref"] = None if a0 is None or ref is None else \
+                r["auto_free_minus_ref"] >= -TARGET_AUTO_GAP
+            r["auto_groups_minus_ref"] = _pts(a1, ref)
+            r["t9_auto_groups_ge_ref"] = None if a1 is None or ref is None else r["auto_groups_minus_ref"] >= -1e-9
+            r["dfr_free_minus_pseudo"] = _pts(dfr0, pseudo)
+            r["t9_dfr_free_ge_pseudo"] = None if dfr0 is None or pseudo is None else r["dfr_free_minus_pseudo"] >= -1e-9
+            stds = [100 * x for x in (_stat(s, auto0, "wga", "std"), _stat(s, auto1, "wga", "std")) if x is not None]
+            r["auto_std_max"] = max(stds) if stds else None
+            r["auto_n_seeds"] = min([(s.get(k) or {}).get("n_seeds", 0) for k in (auto0, auto1)])
+            r["t9_std"] = None if not stds else (max(stds) <= TARGET_STD and r["auto_n_seeds"] >= 5)
+            t_auto, t_ref = _stat(s, auto0, "fit_seconds"), _stat(s, REF_DFR, "fit_seconds")
+            r["auto_fit_over_ref_time"] = None if not (t_auto and t_ref) else t_auto / t_ref
+            r["t9_auto_not_slower"] = None if r["auto_fit_over_ref_time"] is None else r["auto_fit_over_ref_time"] <= 1.0
+            # model repairs
+            erm = _wga(s, ERM)
+            erm_acc = _stat(s, ERM, "acc")
+            bl_free, bl_free_w = best_row(s, lambda lab, x: head_row(lab, x, False))
+            bl_any, bl_any_w = best_row(s, lambda lab, x: head_row(lab, x))
+            r.update({"erm": erm, "best_head_free": bl_free, "best_head_free_wga": bl_free_w,
+                      "best_head": bl_any, "best_head_wga": bl_any_w})
+            mix0 = variant_label("mixft", False)
+            if _wga(s, mix0) is not None:
+                w, acc = _wga(s, mix0), _stat(s, mix0, "acc")
+                modality = (t.get("info") or {}).get("modality")
+                if modality == "text":
+                    ref_acc = _stat(s, bl_free, "acc")
+                    r["mixft_minus_best_free"] = _pts(w, bl_free_w)
+                    r["t10_mixft"] = (r["mixft_minus_best_free"] >= TARGET_MIXFT_TEXT and
+                                      _pts(acc, ref_acc) >= -TARGET_ACC_COST)
+                    secs = _stat(s, mix0, "total_seconds")
+                    r["mixft_seconds"] = secs
+                    r["t10_mixft_time"] = None if secs is None else secs <= TARGET_MIXFT_TIME
+                else:
+                    ref_acc = _stat(s, bl_any, "acc")
+                    r["mixft_minus_best_head"] = _pts(w, bl_any_w)
+                    r["t10_mixft"] = r["mixft_minus_best_head"] >= -1e-9 and _pts(acc, ref_acc) >= -TARGET_ACC_COST
+            clp, ft = _wga(s, variant_label("clp", False)), _wga(s, variant_label("clp-ablation", False))
+            if clp is not None:
+                r["clp_minus_ablation"] = _pts(clp, ft)
+                r["clp_minus_erm"] = _pts(clp, erm)
+                r["t11_clp"] = (None if ft is None else r["clp_minus_ablation"] >= TARGET_CLP_OVER_FT) and \
+                    r["clp_minus_erm"] >= TARGET_OVER_ERM
+            rec = _wga(s, variant_label("recompose", False))
+            if rec is not None:
+                r["recompose_minus_erm"] = _pts(rec, erm)
+                r["recompose_minus_best_head"] = _pts(rec, bl_any_w)
+                r["t12_recompose_over_erm"] = r["recompose_minus_erm"] >= TARGET_OVER_ERM
+                r["t12_recompose_ge_best_head"] = r["recompose_minus_best_head"] >= -1e-9
+            out.append(r)
+    return out
+
+
+# ============================================================================ markdown
+def _pct(v, sd=None) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def _secs(v, sd=None) -> str:
+    if v is None:
+        return "–"
+    fmt = (lambda x: f"{x:.3f}") if v < 10 else (lambda x: f"{x:.1f}")
+    return fmt(v) + (f" ± {fmt(sd)}" if sd is not None else "")
+
+
+def _ok(v) -> str:
+    return "–" if v is None else ("**met**" if v else "**missed**")
+
+
+def _f(v, fmt="{:+.1f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def _cell(s: dict, label: str) -> tuple[str, str]:
+    r = s.get(label) or {}
+    if "wga" not in r:
+        return ("–", "–") if not r.get("error") else ("failed", "–")
+    return _pct(r["wga"]["mean"], r["wga"]["std"]), _pct(r["acc"]["mean"], r["acc"]["std"])
+
+
+def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
+    m = doc["meta"]
+    L: list[str] = ["# Benchmark results: repair on real shortcut models\n"]
+    L.append(f"Generated by `{m['command']}` on {m['date']}"
+             + (" **SMOKE RUN: tiny synthetic data, numbers are meaningless.**" if m.get("smoke") else "") + ".\n")
+    parts = m.get("parts") or {}
+    if parts:
+        L.append("Parts (each measured by the same command; `--parts` reruns some of them and keeps the others):\n")
+        for p, info in parts.items():
+            c = info.get("code") or {}
+            L.append(f"- `{p}`: {info.get('date')}, {info.get('wall_minutes', 0):.1f} min, seeds {info.get('seeds')}, "
+                     f"commit `{str(c.get('git_commit'))[:12]}`{' + uncommitted changes' if c.get('git_dirty') else ''}, "
+                     f"sources `{c.get('repair_sources_sha256')}`, load average {info.get('load_start')} → {info.get('load_end')}")
+        L.append("")
+    mi = m.get("machine") or {}
+    v = mi.get("versions", {})
+    L.append(f"Machine: {mi.get('cpu')}, {mi.get('cores')} cores, {mi.get('memory_gb')} GB RAM, CUDA "
+             f"{'yes' if mi.get('cuda') else 'no'} (everything runs on the CPU). Python {v.get('python')}, torch "
+             f"{v.get('torch')}, timm {v.get('timm')}, transformers {v.get('transformers')}, scikit-learn "
+             f"{v.get('sklearn')}, spuco {v.get('spuco')}. The machine was shared with other jobs, so absolute "
+             "times are noisy; ratios are taken within the same run.\n")
+    L.append("Figures are mean ± std over seeds, in percent, on the **test** split, which no fit or selection ever "
+             "sees. One ERM checkpoint per task (seed 0); seeds vary the repairs' and references' randomness. "
+             "Two repair sets per task: **balanced** (the validation split, equal groups within each class) and "
+             f"**skewed** (each class's minority groups cut to {m.get('skew_ratio', 0.2):.0%} of its majority group, "
+             "seeded once: the spurious attribute still predicts the class, as in deployment data).\n")
+    L.append("## Tasks\n")
+    L.append("| task | backbone | train / val / test | attribute | ERM test acc | ERM test WGA | repair-set groups (balanced; skewed) |")
+    L.append("|---|---|---|---|---|---|---|")
+    for name, t in doc["tasks"].items():
+        i = t.get("info", {})
+        if "skipped" in t:
+            L.append(f"| {name} | skipped: {t['skipped']} | | | | | |")
+            continue
+        sz = i.get("sizes", {})
+        vs = t.get("variants", {})
+        s0 = (vs.get("balanced") or next(iter(vs.values()), {})).get("summary", {})
+        counts = "; ".join(json.dumps(x.get("group_counts")) for x in vs.values())
+        L.append(f"| {name} | {i.get('backbone', '')} | {sz.get('train', '–')} / {sz.get('val', '–')} / "
+                 f"{sz.get('test', '–')} | {i.get('attribute', t.get('group_by', ''))} | {_pct(_stat(s0, ERM, 'acc'))} | "
+                 f"{_pct(_wga(s0, ERM))} | {counts} |")
+    L.append("")
+    L.append("## Worst-group and mean accuracy (test split)\n")
+    L.append("`[groups]`: given the repair set's group labels; `[no-groups]`: not. `auto` is `repair fix --recipe "
+             "auto`; model repairs are `repair fix --recipe <method>` (both the real pipeline, measured on the test "
+             "split through `--eval`). Time: head fitting alone on precomputed embeddings for head rows and "
+             "references; for `auto` every candidate and fold plus the final fit; for model repairs the whole "
+             "`fix` call (extraction from cache, training, measuring, writing). Peak memory: the RSS increase.\n")
+    for name, t in doc["tasks"].items():
+        vs = t.get("variants") or {}
+        if not vs:
+            continue
+        L.append(f"### {name}\n")
+        vnames = list(vs)
+        head = "| method | group labels | " + " | ".join(f"{vn} WGA | {vn} acc" for vn in vnames) + \
+               " | time (s) | peak RSS (MiB) | note |"
+        L.append(head)
+        L.append("|" + "---|" * (4 + 2 * len(vnames)))
+        labels: list = []
+        for vn in vnames:
+            for lab in (vs[vn].get("summary") or {}):
+                if lab not in labels:
+                    labels.append(lab)
+        for lab in labels:
+            cells, notes = [], []
+            first = next(((vs[vn].get("summary") or {}).get(lab) for vn in vnames if (vs[vn].get("summary") or {}).get(lab)), {})
+            t_s = first.get("total_seconds") if first.get("kind") == "model" else first.get("fit_seconds")
+            for vn in vnames:
+                s = vs[vn].get("summary") or {}
+                cells += list(_cell(s, lab))
+                r = s.get(lab) or {}
+                if r.get("chosen"):
+                    notes.append(f"{vn}: chose " + ", ".join(sorted(set(str(c) for c in r["chosen"]))))
+                if r.get("warnings"):
+                    notes.append(f"{vn}: warned ({len(r['warnings'])})")
+                if r.get("error"):
+                    notes.append(f"{vn}: {str(r['error'])[:80]}")
+                if r.get("failed_seeds"):
+                    notes.append(f"{vn}: {r['failed_seeds']} seed(s) failed")
+            t_s = t_s or {}
+            mem = (first.get("peak_rss_mib") or {}).get("mean")
+            L.append(f"| {lab} | {'yes' if first.get('group_labels') else 'no'} | " + " | ".join(cells) +
+                     f" | {_secs(t_s.get('mean'), t_s.get('std'))} | {'–' if mem is None else f'{mem:.0f}'} | "
+                     f"{'; '.join(notes).replace('|', '/')} |")
+        L.append("")
+    _costs_md(doc, L)
+    _scale_md(doc, L)
+    _targets_md(doc, L)
+    L.append("## How it is measured\n")
+    L.append("- Embeddings: `repair.api.prepare` (the adapters' head-input capture) once per task and repair set; "
+             "every head repair and reference sees the same float32 arrays.")
+    L.append("- Head repairs: each registered head method called directly (`get_method(name)(RepairInputs(...))`) "
+             "on the whole repair set. `auto` and model repairs: `repair.pipeline.fix_model(...)` in-process, "
+             "`--eval` = the test split. References: `bench/references.py` (the DFR paper's protocol with "
+             "sklearn liblinear; SpuCo's DFR / DISPEL unchanged on the embeddings; the plain pseudo-group DFR: "
+             "groups = class x original-model correctness, sklearn L2, C by the worst pseudo-group on a held-out "
+             "half, 20 balanced refits averaged).")
+    L.append("- Time: `time.perf_counter`. Memory: peak increase of the process RSS over its value at the start, "
+             "sampled every 2 ms from `/proc/self/statm` after `gc.collect()` + `malloc_trim(0)`.")
+    for n in doc.get("notes", []):
+        L.append(f"- {n}")
+    if analysis:
+        L.append("\n## Analysis\n")
+        L.append(analysis.strip() + "\n")
+    path.write_text("\n".join(L) + "\n", encoding="utf-8")
+
+
+def _costs_md(doc: dict, L: list) -> None:
+    rows = [(n, t["costs"]) for n, t in doc["tasks"].items() if t.get("costs")]
+    if not rows:
+        return
+    L.append("## Cost of `repair fix`\n")
+    L.append("Subprocess wall clock of the commands a user runs (interpreter start, imports, model load, "
+             "embeddings, fitting, writing), medians over the repeats, label-free `--recipe auto` on the balanced "
+             "repair set. Warm cache: the embeddings are already cached (a second run). Floor: "
+             "`repair.embeddings.extract` with the cache off, model loaded, in-process.\n")
+    L.append("| task | n | floor (s) | `repair eval`, warm (s) | `repair fix`, warm (s) | fix / eval (warm) | ≤ 1.3× | `repair fix`, no cache (s) | fix (no cache) / floor |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for n, c in rows:
+        r = c.get("ratio_fix_over_eval_warm")
+        f = c.get("ratio_fix_nocache_over_floor")
+        L.append(f"| {n} | {c.get('n', '–')} | {_secs(c.get('floor_seconds'))} | {_secs(c.get('eval_warm_seconds'))} | "
+                 f"{_secs(c.get('fix_warm_seconds'))} | {_f(r, '{:.2f}×')} | "
+                 f"{_ok(None if r is None else r <= TARGET_FIX_OVER_EVAL)} | {_secs(c.get('fix_nocache_seconds'))} | "
+                 f"{_f(f, '{:.2f}×')} |")
+    for n, c in rows:
+        if c.get("errors"):
+            L.append(f"- **{n}**: `{c['errors'][0][:300]}`")
+    L.append("")
+
+
+def _scale_md(doc: dict, L: list) -> None:
+    sc = doc.get("scale")
+    if not sc:
+        return
+    L.append("## Solver at scale\n")
+    L.append(f"Synthetic embeddings, {sc['n']:,} x {sc['d']:,} float32, planted shortcut (attribute agrees with the "
+             f"class in {sc['align_repair']:.0%} of the repair rows; group-balanced test rows), seed {sc['seed']} "
+             "(`bench/scale.py`). Time and peak RSS increase of one fit with the group labels.\n")
+    L.append("| classes | embeddings (MiB) | row | time (s) | peak RSS (MiB) | test WGA | speed-up vs DFR protocol | ≥ 20× at equal WGA | memory / embeddings | ≤ 2× |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for C, p in sc["problems"].items():
+        for lab, r in p["rows"].items():
+            if "skipped" in r:
+                L.append(f"| {C} | | {lab} | skipped: {r['skipped']} | | | | | | |")
+                continue
+            ours = lab == "dfr[groups]"
+            L.append(f"| {C} | {p['embeddings_mib']:.0f} | {lab} | {_secs(r['seconds'])} | {r['peak_rss_mib']:.0f} | "
+                     f"{_pct(r['wga'])} | {_f(p['speedup'], '{:.1f}×') if ours else ''} | "
+                     f"{_ok(p['speedup_met']) if ours else ''} | {_f(p['memory_ratio'], '{:.2f}×') if ours else ''} | "
+                     f"{_ok(p['memory_met']) if ours else ''} |")
+    L.append("")
+
+
+def _targets_md(doc: dict, L: list) -> None:
+    T = doc.get("targets") or []
+    if not T:
+        return
+    L.append("## Targets\n")
+    L.append(f"Label-free `auto` ≥ the plain pseudo-group DFR + {TARGET_OVER_PSEUDO:.0f} points and within "
+             f"{TARGET_AUTO_GAP:.0f} point of group-label DFR (the paper's protocol); with group labels ≥ the DFR "
+             f"protocol; std over ≥ 5 seeds ≤ {TARGET_STD:.0f} points; `auto`'s fitting no slower than the DFR "
+             "protocol on the same embeddings; our `dfr` without labels ≥ the pseudo-group DFR.\n")
+    L.append("| task | repair set | auto[no-groups] | pseudo-group DFR | Δ (pt) | ≥ +2 | ref DFR (labels) | Δ (pt) | within 1 | auto[groups] − ref (pt) | ≥ | max std (pt) | ≤ 2 | auto time / ref time | ≤ 1× | dfr[no-groups] − pseudo (pt) | ≥ |")
+    L.append("|" + "---|" * 17)
+    for r in T:
+        L.append(f"| {r['task']} | {r['variant']} | {_pct(r['auto_free'])} | {_pct(r['pseudo_dfr'])} | "
+                 f"{_f(r['auto_free_minus_pseudo'])} | {_ok(r['t9_auto_free_over_pseudo'])} | {_pct(r['ref_dfr'])} | "
+                 f"{_f(r['auto_free_minus_ref'])} | {_ok(r['t9_auto_free_near_ref'])} | {_f(r['auto_groups_minus_ref'])} | "
+                 f"{_ok(r['t9_auto_groups_ge_ref'])} | {_f(r['auto_std_max'], '{:.1f}')} | {_ok(r['t9_std'])} | "
+                 f"{_f(r['auto_fit_over_ref_time'], '{:.2f}×')} | {_ok(r['t9_auto_not_slower'])} | "
+                 f"{_f(r['dfr_free_minus_pseudo'])} | {_ok(r['t9_dfr_free_ge_pseudo'])} |")
+    L.append("")
+    mrows = [r for r in T if any(k.startswith(("t10", "t11", "t12")) for k in r)]
+    if mrows:
+        L.append("Model repairs: `mixft[no-groups]` on text ≥ the best last-layer label-free row + "
+                 f"{TARGET_MIXFT_TEXT:.0f} points (mean accuracy ≥ that row's − {TARGET_ACC_COST:.0f}) in ≤ "
+                 f"{TARGET_MIXFT_TIME / 60:.0f} min; on images ≥ the best last-layer row with ≤ "
+                 f"{TARGET_ACC_COST:.0f} points of accuracy cost; `clp[no-groups]` ≥ its ablation (plain fine-tuning) "
+                 f"+ {TARGET_CLP_OVER_FT:.0f} and ≥ ERM + {TARGET_OVER_ERM:.0f}; `recompose[no-groups]` ≥ ERM + "
+                 f"{TARGET_OVER_ERM:.0f} and ≥ the best head repair on at least one task.\n")
+        L.append("| task | repair set | best head row (label-free) | mixft − it (pt) | mixft | mixft time | clp − ablation (pt) | clp − ERM (pt) | clp | recompose − ERM (pt) | recompose − best head (pt) | recompose ≥ ERM+20 | ≥ best head |")
+        L.append("|" + "---|" * 13)
+        for r in mrows:
+            mx = r.get("mixft_minus_best_free", r.get("mixft_minus_best_head"))
+            L.append(f"| {r['task']} | {r['variant']} | {r.get('best_head_free')} {_pct(r.get('best_head_free_wga'))} | "
+                     f"{_f(mx)} | {_ok(r.get('t10_mixft'))} | "
+                     f"{_secs(r.get('mixft_seconds'))}{' ' + _ok(r.get('t10_mixft_time')) if 't10_mixft_time' in r else ''} | "
+                     f"{_f(r.get('clp_minus_ablation'))} | {_f(r.get('clp_minus_erm'))} | {_ok(r.get('t11_clp'))} | "
+                     f"{_f(r.get('recompose_minus_erm'))} | {_f(r.get('recompose_minus_best_head'))} | "
+                     f"{_ok(r.get('t12_recompose_over_erm'))} | {_ok(r.get('t12_recompose_ge_best_head'))} |")
+        L.append("")
+
+
+# ============================================================================ plot
+def plot_wga(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    panels = [(n, vn, v["summary"]) for n, t in doc["tasks"].items() for vn, v in (t.get("variants") or {}).items()
+              if v.get("summary")]
+    if not panels:
+        return
+    colours = {"erm": "#888888", "ours": "#1f77b4", "auto": "#2ca02c", "reference": "#d62728", "model": "#9467bd"}
+    n_rows = max(len([k for k, r in s.items() if "wga" in r]) for _, _, s in panels)
+    cols = min(len(panels), 3)
+    nr = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nr, cols, figsize=(5.4 * cols, (0.3 * n_rows + 1.6) * nr), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, vn, s) in zip(axes.flat, panels):
+        labels = [k for k, r in s.items() if "wga" in r]
+        means = [100 * s[k]["wga"]["mean"] for k in labels]
+        stds = [100 * (s[k]["wga"]["std"] or 0) for k in labels]
+        cs = [("#ff7f0e" if s[k].get("kind") == "ours" and s[k].get("group_labels") else
+               colours.get(s[k].get("kind"), "#444444")) for k in labels]
+        ypos = list(range(len(labels)))[::-1]
+        ax.barh(ypos, means, xerr=stds, color=cs, capsize=2)
+        ax.set_yticks(ypos)
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("test worst-group accuracy (%)", fontsize=8)
+        ax.set_title(f"{name} — {vn} repair set", fontsize=9)
+        if ERM in s:
+            ax.axvline(100 * s[ERM]["wga"]["mean"], color="#888888", ls="--", lw=1)
+        if "wga" in s.get(REF_DFR, {}):
+            ax.axvline(100 * s[REF_DFR]["wga"]["mean"], color="#d62728", ls=":", lw=1)
+        ax.grid(axis="x", alpha=0.3)
+    fig.legend(handles=[Patch(color="#888888", label="ERM"), Patch(color="#1f77b4", label="head repair, no labels"),
+                        Patch(color="#ff7f0e", label="head repair, labels"), Patch(color="#2ca02c", label="auto"),
+                        Patch(color="#9467bd", label="model repair"), Patch(color="#d62728", label="reference")],
+               loc="lower center", ncol=6, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

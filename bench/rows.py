@@ -1,0 +1,272 @@
+"""The rows of the benchmark: what is run on one task x repair-set variant x seed.
+
+* ``erm``: the checkpoint's own head;
+* every registered head repair (:func:`repair.methods.list_methods`) with group labels and
+  without them, as its registration allows, fitted on the whole repair set with ``seed``
+  (plus the settings in :data:`EXTRA_CONFIGS`);
+* ``auto``: the real ``repair fix`` pipeline (:func:`repair.pipeline.fix_model`, recipe
+  ``auto``) on the repair set, label-free and with ``--group-by``, measured on the test split
+  through ``--eval``;
+* references (:mod:`bench.references`): the DFR paper's protocol and SpuCo's DFR / DISPEL
+  (group labels), and the plain pseudo-group DFR (no labels);
+* model repairs (:data:`MODEL_ROWS`): ``repair fix --recipe <method>`` on the repair set,
+  with and without group labels, measured on the test split; seeds and tasks as listed there.
+
+Every figure is test worst-group / mean accuracy; the test split is never used for fitting
+or selection.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from . import tasks as T
+from .measure import _jsonable, log, measured
+
+ERM = "erm"
+AUTO = "auto"
+REF_DFR = "ref:dfr-protocol"
+REF_PSEUDO_DFR = "ref:pseudo-group-dfr"
+REF_SPUCO_DFR = "ref:spuco-DFR"
+REF_SPUCO_DISPEL = "ref:spuco-DISPEL"
+
+# non-default settings also benchmarked, when the method's config has them (each is a separate row)
+EXTRA_CONFIGS = {"dfr": [{"protocol": "paper"}]}
+
+
+@dataclass
+class ModelRow:
+    """One model-repair row: ``repair fix --recipe method`` with ``params``."""
+    label: str
+    method: str
+    params: dict = field(default_factory=dict)
+    groups: tuple = (False, True)          # run without / with group labels
+    modalities: tuple = ("image", "text")
+    budget: Optional[str] = None
+    tasks: Optional[tuple] = None          # None: every task of a fitting modality
+    note: str = ""
+
+
+#: the model repairs the benchmark runs (filled in as model repairs land; order = table order)
+MODEL_ROWS: list[ModelRow] = [
+    ModelRow("finetune", "finetune", {}, note="plain fine-tuning of the last block (the simplest model repair)"),
+]
+
+
+# ============================================================================ data
+@dataclass
+class TaskData:
+    task: T.Task
+    variant: str
+    data: Path                 # the repair set as repair reads it (folder or table)
+    X_val: Any
+    y_val: Any
+    g_val: Any
+    X_test: Any
+    y_test: Any
+    g_test: Any
+    test_group_names: list
+    class_names: list
+    W0: Any
+    b0: Any
+    embed_seconds: dict
+    group_counts: Optional[dict] = None
+
+
+def load_task_data(task: T.Task, variant: str, cache_dir: Path) -> TaskData:
+    from repair.api import RuntimeOptions, prepare, prepare_data
+    from repair.data import DataOptions
+
+    v = T.variant_data(task, variant)
+    rt = RuntimeOptions(device="cpu", cache_dir=str(cache_dir), use_cache=True, progress=False)
+    opts = DataOptions(group_by=task.group_by)
+    p = prepare(task.model_dir, v["data"], data_opts=opts, runtime=rt)
+    _, enc_t, emb_t = prepare_data(p.adapter, task.test, opts, rt)
+    W0, b0 = p.adapter.head_params()
+    return TaskData(task, variant, Path(v["data"]), p.emb.X, p.enc.y, p.enc.groups, emb_t.X, enc_t.y, enc_t.groups,
+                    list(enc_t.group_names), list(p.enc.class_names), W0, b0,
+                    {"val": round(p.emb.seconds, 3), "val_from_cache": p.emb.from_cache,
+                     "test": round(emb_t.seconds, 3), "test_from_cache": emb_t.from_cache},
+                    v.get("group_counts"))
+
+
+def score(td: TaskData, W, b) -> dict:
+    import torch
+
+    from repair.metrics import evaluate
+
+    W = torch.as_tensor(W, dtype=torch.float32)
+    b = torch.as_tensor(b, dtype=torch.float32)
+    return _scores(evaluate(td.X_test @ W.T + b, td.y_test, td.class_names, td.g_test, td.test_group_names))
+
+
+def _scores(rep: dict) -> dict:
+    return {"accuracy": rep["accuracy"], "worst_group_accuracy": rep["worst_group_accuracy"],
+            "worst_group": rep.get("worst_group"),
+            "per_group": {g["name"]: g["accuracy"] for g in (rep.get("per_group") or [])}}
+
+
+def _failed(row: dict, label: str, e: Exception) -> dict:
+    log(f"  {label} failed: {type(e).__name__}: {e}")
+    return {**row, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+
+
+# ============================================================================ head repairs
+def variant_label(name: str, with_groups: bool, params: Optional[dict] = None) -> str:
+    if params:
+        name += "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+    return f"{name}[{'groups' if with_groups else 'no-groups'}]"
+
+
+def method_variants() -> tuple[list, Optional[str]]:
+    """[(MethodInfo, params or None, with_groups)] of the head repairs, or ([], why)."""
+    try:
+        from repair.methods import list_methods
+
+        infos = list_methods(kind="head")
+    except Exception as e:
+        return [], f"{type(e).__name__}: {e}"
+    out = []
+    for m in infos:
+        configs: list = [None]
+        for params in EXTRA_CONFIGS.get(m.name, []):
+            try:
+                m.make_config(params)
+            except (ValueError, TypeError):
+                continue
+            if any(getattr(m.default_config(), k, None) != v for k, v in params.items()):
+                configs.append(params)
+        for params in configs:
+            for with_groups in ([True] if m.needs_groups else [False, True] if m.uses_groups else [False]):
+                out.append((m, params, with_groups))
+    return out, None
+
+
+def run_methods(td: TaskData, seed: int, variants: list) -> dict:
+    from repair.methods import RepairInputs
+
+    rows = {}
+    for info, params, with_groups in variants:
+        label = variant_label(info.name, with_groups, params)
+        row = {"kind": "ours", "method": info.name, "params": params, "group_labels": with_groups}
+        inputs = RepairInputs(X=td.X_val, y=td.y_val, W=td.W0, b=td.b0,
+                              groups=td.g_val if with_groups else None, seed=seed, device="cpu")
+        cfg = info.make_config(params) if params else None
+        try:
+            out, secs, mem = measured(lambda: info(inputs, cfg))
+            rows[label] = {**row, "test": score(td, out.W, out.b), "fit_seconds": secs, "peak_rss_mib": mem,
+                           "diagnostics": _jsonable(out.diagnostics)}
+        except Exception as e:
+            rows[label] = _failed(row, label, e)
+    return rows
+
+
+def _fix(td: TaskData, seed: int, recipe: str, with_groups: bool, cache_dir: Path, scratch: Path,
+         budget: Optional[str] = None) -> dict:
+    """``repair fix`` in-process on the variant's repair data, before/after on the test split."""
+    from repair.api import RuntimeOptions
+    from repair.data import DataOptions
+    from repair.pipeline import FixOptions, fix_model
+
+    task = td.task
+    out = Path(tempfile.mkdtemp(prefix="fix-", dir=scratch)) / "out"
+    try:
+        rep, secs, mem = measured(lambda: fix_model(
+            task.model_dir, td.data, out,
+            data_opts=DataOptions(group_by=task.group_by if with_groups else None),
+            runtime=RuntimeOptions(device="cpu", cache_dir=str(cache_dir), use_cache=True, progress=False),
+            options=FixOptions(recipe=recipe, seed=seed, eval_data=str(task.test), eval_group_by=task.group_by,
+                               budget=budget, force=True),
+            log=lambda m: None))
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    return {"method": rep.get("method"), "chosen": rep.get("candidate"), "group_labels": with_groups,
+            "test": _scores(rep["after"]), "erm_test_by_fix": _scores(rep["before"]),
+            "fit_seconds": rep["timing"]["fit_seconds"], "fix_total_seconds": secs, "peak_rss_mib": mem,
+            "selection_criterion": rep.get("selection_criterion"), "warnings": rep.get("warnings"),
+            "candidates": _jsonable(rep.get("candidates")), "model_change": _jsonable(rep.get("model_change")),
+            "diagnostics": _jsonable(rep.get("diagnostics"))}
+
+
+def run_auto(td: TaskData, seed: int, with_groups: bool, cache_dir: Path, scratch: Path) -> dict:
+    label = variant_label(AUTO, with_groups)
+    row = {"kind": "auto", "group_labels": with_groups}
+    try:
+        return {label: {**row, **_fix(td, seed, "auto", with_groups, cache_dir, scratch)}}
+    except Exception as e:
+        return {label: _failed(row, label, e)}
+
+
+def run_references(td: TaskData, seed: int, spuco: bool) -> dict:
+    from . import references as R
+
+    X, y, g = td.X_val.numpy(), td.y_val.numpy(), td.g_val.numpy()
+    lg0 = (td.X_val @ td.W0.T + td.b0).numpy()
+    C = len(td.class_names)
+    rows = {}
+    todo = [(REF_DFR, True, lambda: R.dfr_reference(X, y, g, num_classes=C, seed=seed)),
+            (REF_PSEUDO_DFR, False, lambda: R.pseudo_dfr_reference(X, y, lg0, num_classes=C, seed=seed))]
+    why_not = R.spuco_available() if spuco else "skipped (--no-spuco / --smoke)"
+    if why_not is None:
+        todo += [(REF_SPUCO_DFR, True, lambda: R.spuco_reference("DFR", X, y, g, num_classes=C, seed=seed)),
+                 (REF_SPUCO_DISPEL, True, lambda: R.spuco_reference("DISPEL", X, y, g, num_classes=C, seed=seed))]
+    else:
+        for label in (REF_SPUCO_DFR, REF_SPUCO_DISPEL):
+            rows[label] = {"kind": "reference", "group_labels": True, "skipped": why_not}
+    for label, groups, fn in todo:
+        row = {"kind": "reference", "group_labels": groups}
+        try:
+            res, secs, mem = measured(fn)
+            rows[label] = {**row, "test": score(td, res.W, res.b), "fit_seconds": secs, "peak_rss_mib": mem,
+                           "info": _jsonable(res.info)}
+        except Exception as e:
+            rows[label] = _failed(row, label, e)
+    return rows
+
+
+def head_rows(td: TaskData, seed: int, variants: list, cache_dir: Path, scratch: Path, spuco: bool) -> dict:
+    rows = {ERM: {"kind": "erm", "group_labels": False, "test": score(td, td.W0, td.b0), "fit_seconds": 0.0,
+                  "peak_rss_mib": 0.0}}
+    rows.update(run_methods(td, seed, variants))
+    rows.update(run_auto(td, seed, False, cache_dir, scratch))
+    rows.update(run_auto(td, seed, True, cache_dir, scratch))
+    rows.update(run_references(td, seed, spuco))
+    return rows
+
+
+# ============================================================================ model repairs
+def model_rows_for(task: T.Task, only: Optional[list] = None) -> list[ModelRow]:
+    """The model rows that apply to a task (modality, task list, registered, ``--model-rows``)."""
+    from repair.methods import list_methods
+
+    known = {m.name for m in list_methods(kind="model")}
+    modality = task.info.get("modality", "image")
+    return [r for r in MODEL_ROWS if r.method in known and modality in r.modalities
+            and (r.tasks is None or task.name in r.tasks) and (only is None or r.label in only)]
+
+
+def run_model_rows(td: TaskData, seed: int, rows_spec: list[ModelRow], cache_dir: Path, scratch: Path) -> dict:
+    rows = {}
+    for spec in rows_spec:
+        for with_groups in spec.groups:
+            label = variant_label(spec.label, with_groups)
+            row = {"kind": "model", "method": spec.method, "params": spec.params, "group_labels": with_groups,
+                   "budget": spec.budget}
+            recipe = scratch / f"recipe-{spec.label}.yaml"
+            import yaml
+
+            recipe.write_text(yaml.safe_dump({"name": spec.label, "candidates": [
+                {"method": spec.method, **({"params": spec.params} if spec.params else {})}]}))
+            try:
+                rows[label] = {**row, **_fix(td, seed, str(recipe), with_groups, cache_dir, scratch, spec.budget)}
+            except Exception as e:
+                rows[label] = _failed(row, label, e)
+            r = rows[label]
+            if "test" in r:
+                log(f"    {label:<32} WGA {100 * r['test']['worst_group_accuracy']:5.1f}  acc "
+                    f"{100 * r['test']['accuracy']:5.1f}  {r['fix_total_seconds']:.0f}s")
+    return rows

@@ -1,0 +1,68 @@
+"""`repair zoo MANIFEST`: a thin shim over ``repair.zoo.run_zoo``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from repair.errors import GateFailed
+
+from .app import app, command, emit_json, log
+from .format import pct, table
+from .options import AsJson, Runtime
+
+
+def zoo_table(doc: dict) -> str:
+    from repair.report import headline
+
+    rows = []
+    for m in doc["models"]:
+        r = m.get("result") or {}
+        b, a = r.get("before"), r.get("after")
+        wb, label = headline(b)
+        wa, _ = headline(a)
+        g = m.get("gate")
+        gate = "-" if not g else f"{'pass' if g['passed'] else 'FAIL'} (>= {pct(g['threshold'])})"
+        wga = (f"{pct(wb)} -> {pct(wa)}" if a else pct(wb)) + ("" if label == "WGA" or not b else f" ({label})")
+        rows.append([m["name"], m["status"] if m["status"] != "done" else ("resumed" if m.get("resumed") else "done"),
+                     r.get("candidate") or "-", wga if b else "-", pct((a or b or {}).get("accuracy")), gate])
+    head = ["model", "status", "method", "WGA before -> after" if doc["mode"] == "fix" else "WGA", "accuracy", "gate"]
+    s = doc["summary"]
+    return "\n".join([table(head, rows), "",
+                      f"{s['passed']} of {s['models']} passed; report {doc['report']} (JSON beside it); "
+                      f"wall time {doc['wall_seconds']:.1f}s"])
+
+
+@app.command("zoo")
+@command
+def zoo_cmd(manifest: Annotated[Path, typer.Argument(help="YAML or CSV: one row per model (checkpoint, data, eval, group_by, recipe, gate, output, ...; defaults at the top).")],
+            mode: Annotated[str, typer.Option("--mode", help="fix: repair every model; eval: gate only (nothing written but the report).")] = "fix",
+            out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Report and journal folder (default: <manifest>-zoo beside the manifest).")] = None,
+            journal: Annotated[Optional[Path], typer.Option("--journal", help="The resume journal (default: <out-dir>/journal.jsonl).")] = None,
+            ray: Annotated[Optional[str], typer.Option("--ray", help="auto: start a local Ray; ADDRESS: join that cluster. Needs Ray: pip install -e \".\\[zoo]\".")] = None,
+            workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="--ray auto: how many models at once (default: CPU count).")] = None,
+            cpus_per_model: Annotated[int, typer.Option("--cpus-per-model", min=1, help="CPU threads per model (Ray: num_cpus per task).")] = 1,
+            gpus_per_model: Annotated[float, typer.Option("--gpus-per-model", min=0, help="Ray: num_gpus per task.")] = 0,
+            max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Ray: retries of a model whose worker died.")] = 3,
+            force: Annotated[bool, typer.Option("--force", help="Replace outputs that exist and this zoo's journal did not write.")] = False,
+            *, runtime: Runtime, as_json: AsJson = False):
+    """Repair or gate many models from a manifest, locally or on Ray; resumable; one HTML report."""
+    from repair.zoo import ZooOptions, run_zoo
+
+    doc = run_zoo(manifest, ZooOptions(mode=mode, out_dir=out_dir, journal=journal, force=force, ray=ray,
+                                       workers=workers, cpus_per_model=cpus_per_model,
+                                       gpus_per_model=gpus_per_model, max_retries=max_retries),
+                  runtime=runtime, log=log if runtime.progress else (lambda m: None))
+    if as_json:
+        emit_json(doc)
+    else:
+        print(zoo_table(doc))
+    s = doc["summary"]
+    if s["failed"] or s["errors"]:
+        gates = {m["name"]: m["gate"] for m in doc["models"]}
+        parts = [f"{n} ({pct(gates[n]['value'])} < {pct(gates[n]['threshold'])})" for n in s["failed"]]
+        msg = (f"gate failed for {len(s['failed'])} model(s): " + ", ".join(parts)) if parts else ""
+        if s["errors"]:
+            msg += ("; " if msg else "") + f"{len(s['errors'])} model(s) could not be run: " + ", ".join(s["errors"])
+        raise GateFailed(msg)

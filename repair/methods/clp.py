@@ -1,0 +1,447 @@
+"""CLP: retraining with Causal Logit Perturbation (Zhou et al. 2025, arXiv:2505.15246), a model repair.
+
+The network's last blocks (``scope``) are trained on the training data with a per-sample
+logit offset ``delta = g(characteristics)`` added to the logits in the loss, where ``g`` is
+a small MLP (the *perturbation network*) over ten training characteristics of each sample:
+its loss, logit margin (p_y minus the largest other probability), ||1 - softmax||, the
+cosine between its feature (the head's input) and its class's weight vector, the entropy of
+its prediction, its class prior, its class's mean loss over the last epoch, its class's
+weight norm, and its loss and margin relative to its class's last-epoch means.
+
+``g`` is learnt online by meta-learning, every ``meta_every`` steps:
+
+1. a *virtual* SGD step of the trainable tensors on the perturbed loss (scaled per tensor to
+   the size of an Adam step), ``theta' = theta - virtual_lr * grad CE(f(x; theta) + g(c), y) / rms``,
+   kept differentiable in
+   ``g``'s parameters and evaluated with :func:`torch.func.functional_call` (no copy of the
+   model; the real tensors are never written);
+2. the *meta loss* of ``theta'`` on a small meta batch drawn group-balanced (given groups, else
+   class x correctly/incorrectly classified by the original model) from the repair set's
+   training part, made causal with the foreground masks: *factual* images (the object pasted
+   onto the background of an image of another class, label kept; cross-entropy) and
+   *counterfactual* images (the object infilled, only the background left; the target is
+   "not y": ``-log(1 - p_y)``); its gradient updates ``g`` (Adam);
+3. the *real* update of the model on ``CE(f(x) + g(c).detach(), y)`` plus ``saliency_weight``
+   times the saliency penalty, through the shared loop (:func:`repair.finetune.train`:
+   optimiser, schedule, clipping, early stopping on the held-out criterion, AMP, budget,
+   progress bar with the loss, the meta loss and the held-out criterion).
+
+``g`` is made once and lives for the whole run; its last layer starts at zero, so training
+starts as plain fine-tuning and departs from it only as far as the meta loss asks.
+
+**Saliency penalty**: the share of the input-gradient energy of each sample's logit margin
+(``z_y - logsumexp_{c != y} z_c``) that falls on the background (``1 - mask``), averaged over
+the batch: in [0, 1], scale-free (so one ``saliency_weight`` fits models with different
+logit and input scales), and exactly zero when the mask covers the whole image. It is not
+part of the virtual step (it does not depend on ``g``).
+
+**Causal knowledge (masks)**: foreground masks from ``--masks DIR`` (``repair.masks``; with
+``--train`` the masks of both sets are found relative to the common parent folder of the
+two data folders) when given; otherwise from the model's own attribution: Grad-CAM
+(``repair.attribution``, written here rather than taken from captum: no extra dependency,
+one forward and backward per batch, and smooth object-level maps that can be thresholded
+into a mask, where raw input gradients are pixel noise) on the finest map with at least
+``1/8`` of the input side (the last maps of small inputs are 2x2 or 1x1), thresholded at
+``mask_quantile``. Measured on the benchmark's shortcut models, those attribution masks are
+poor: a shortcut model attributes to the shortcut, so its own map puts only about 0.1-0.25
+of its mass on the object (0.11-0.15 by chance). The diagnostics report where the masks came
+from; give ``--masks`` whenever they exist.
+
+**Text models are refused** (registered for images only): the token-level counterpart
+(attribution over tokens, counterfactuals with the attributed tokens masked) marks as
+"causal" exactly the tokens a shortcut model leans on -- on the benchmark's SST-2 model the
+negation words -- so its counterfactuals would teach the shortcut rather than remove it.
+
+**Data**: with ``--train`` the loop trains on that data (``sampling: uniform`` as in the
+paper: the perturbations do the rebalancing; ``balanced``: class x given groups when the
+data has the ``--group-by`` column, else classes) and meta-learns on the repair set; without
+it, the repair set's training part is both the training and the meta data (the diagnostics
+say so). Either way a seeded share of the repair set (``holdout_fraction``) is held out for
+early stopping.
+
+**Ablation**: ``meta: false, saliency_weight: 0`` is the same loop on the same data without
+the perturbation network and the saliency term -- plain fine-tuning (``repair/recipes/
+clp_ablation.yaml``).
+
+The authors' released script re-creates ``g`` (and a model copy) every batch, computes the
+saliency term from an input gradient it never asks for, under ``no_grad``, refers to
+undefined names, and its ``g`` emits one number per sample added to every logit (which
+cross-entropy ignores); here ``g`` persists, emits one offset per class (bounded by
+``perturbation_scale``), and the saliency term is differentiable.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import setting
+from ..errors import BadInput
+from ..finetune import LoopConfig, Session, draw_batch, train
+from ..selection import SELECTION_NAMES
+from ..trainable import AUGMENTATIONS
+from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
+
+N_CHARACTERISTICS = 10
+CHARACTERISTICS = ("loss", "margin", "one_minus_softmax_norm", "feature_class_cosine", "entropy", "class_prior",
+                   "class_last_epoch_loss", "class_weight_norm", "relative_loss", "relative_margin")
+
+
+@dataclass
+class ClpConfig(LoopConfig):
+    lr: float = setting(1e-3, gt=0)
+    epochs: float = setting(6.0, gt=0, doc="epochs over the training data (a --budget overrides)")
+    scope: str = setting("last:1", doc="head | all | last:N | names:REGEX")
+    holdout_fraction: float = setting(0.25, gt=0, lt=1, doc="share of the repair set held out for early stopping")
+    sampling: str = setting("uniform", choices=("balanced", "uniform"), doc="training batches")
+    augment: str = setting("flip_crop", choices=AUGMENTATIONS)
+    selection: str = setting("auto", choices=SELECTION_NAMES)
+    meta: bool = setting(True, doc="learn the perturbation network (false: no perturbation, no meta step)")
+    saliency_weight: float = setting(1.0, ge=0, doc="weight of the background input-gradient share; 0 = off")
+    masks: str = setting("auto", choices=("auto", "given", "attribution"),
+                         doc="auto: --masks when given, else the model's Grad-CAM")
+    mask_quantile: float = setting(0.7, gt=0, lt=1, doc="attribution masks: the pixels above this quantile")
+    meta_batch_size: int = setting(32, ge=2)
+    meta_every: int = setting(1, ge=1, doc="a meta step every N training steps")
+    meta_lr: float = setting(1e-3, gt=0, doc="Adam learning rate of the perturbation network")
+    meta_weight_decay: float = setting(1e-4, ge=0)
+    virtual_lr: float = setting(1e-3, gt=0, doc="size of the virtual step: each tensor moves by this RMS")
+    hidden_size: int = setting(100, ge=1)
+    num_layers: int = setting(2, ge=1)
+    perturbation_scale: float = setting(2.0, gt=0, doc="bound on each logit offset")
+    factual: bool = setting(True, doc="meta images: object pasted on another class's background")
+    counterfactual_weight: float = setting(1.0, ge=0, doc="weight of the 'not y' loss on object-less meta images")
+    infill: str = setting("mean", choices=("mean", "shuffle"), doc="how the object is removed")
+
+    def validate(self):
+        if not (self.scope in ("head", "all") or self.scope.startswith(("last:", "names:"))):
+            raise ValueError(f"setting 'scope': must be head, all, last:N or names:REGEX, got {self.scope!r}")
+        if self.batch_size < 2:
+            raise ValueError("setting 'batch_size': the perturbation network normalises over a batch; use >= 2")
+
+
+class PerturbationNet(nn.Module):
+    """g: characteristics (N, 10) -> logit offsets (N, C) in [-scale, scale]. The inputs are
+    batch-normalised (their scales differ by orders of magnitude); the output layer starts
+    at zero (no perturbation)."""
+
+    def __init__(self, num_classes: int, hidden: int = 100, layers: int = 2, scale: float = 2.0):
+        super().__init__()
+        self.scale = float(scale)
+        self.norm = nn.BatchNorm1d(N_CHARACTERISTICS)
+        dims = [N_CHARACTERISTICS] + [hidden] * layers
+        self.body = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
+        self.out = nn.Linear(hidden, num_classes)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.tanh(self.out(self.body(self.norm(c))))
+
+
+def centre_by_label(delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``delta`` minus the mean of ``delta`` over the samples of the same label in the batch."""
+    C = delta.shape[1]
+    sums = torch.zeros(C, C, device=delta.device, dtype=delta.dtype).index_add(0, y, delta)
+    counts = torch.bincount(y, minlength=C).clamp_min(1).to(delta.dtype)
+    return delta - (sums / counts[:, None])[y]
+
+
+def characteristics(feat: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, W: torch.Tensor,
+                    prior: torch.Tensor, class_loss: torch.Tensor, class_margin: torch.Tensor) -> torch.Tensor:
+    """(N, 10) detached training characteristics (:data:`CHARACTERISTICS`, in order)."""
+    with torch.no_grad():
+        feat, logits, W = feat.float(), logits.float(), W.float()
+        logp = F.log_softmax(logits, 1)
+        p = logp.exp()
+        loss = -logp.gather(1, y[:, None]).squeeze(1)
+        margin = p.gather(1, y[:, None]).squeeze(1) - p.scatter(1, y[:, None], -1.0).amax(1)
+        Wy = W[y]
+        cols = [loss, margin, (1 - p).norm(dim=1), F.cosine_similarity(feat, Wy, dim=1),
+                -(p * logp).sum(1), prior[y], class_loss[y], Wy.norm(dim=1),
+                loss - class_loss[y], margin - class_margin[y]]
+        return torch.stack(cols, 1)
+
+
+def saliency_share(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the share of each sample's input-gradient energy (of its logit
+    margin) on the background ``1 - mask``; differentiable (``x`` must require grad and
+    ``logits`` depend on it). Zero when the mask covers the whole image."""
+    others = logits.float().scatter(1, y[:, None], float("-inf"))
+    margin = logits.float().gather(1, y[:, None]).squeeze(1) - torch.logsumexp(others, 1)
+    gx, = torch.autograd.grad(margin.sum(), x, create_graph=True)
+    energy = gx.float().pow(2).sum(1, keepdim=True)
+    total = energy.flatten(1).sum(1)
+    background = (energy * (1 - mask)).flatten(1).sum(1)
+    return (background / (total + 1e-12 + 1e-6 * total.detach().mean())).mean()
+
+
+def remove_object(x: torch.Tensor, mask: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:
+    """Counterfactual images: the object (``mask``) replaced by the image's mean background
+    colour (``mean``) or by its own pixels shuffled (``shuffle``)."""
+    if how == "shuffle":
+        n, c, h, w = x.shape
+        perm = torch.randperm(h * w, generator=generator).to(x.device)
+        fill = x.flatten(2)[:, :, perm].view_as(x)
+    else:
+        bg = 1 - mask
+        fill = ((x * bg).sum((2, 3), keepdim=True) / bg.sum((2, 3), keepdim=True).clamp_min(1.0)).expand_as(x)
+    return x * (1 - mask) + fill * mask
+
+
+def swap_background(x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Factual images: each object pasted onto the background of another image of the batch
+    (of another class when the batch has one; that image's own object infilled)."""
+    n = x.shape[0]
+    if n < 2:
+        return x
+    yc = y.cpu()
+    allowed = yc[None, :] != yc[:, None]
+    alone = ~allowed.any(1)                       # a row whose class fills the batch: any other image
+    allowed[alone] = ~torch.eye(n, dtype=torch.bool)[alone]
+    partner = torch.multinomial(allowed.float(), 1, generator=generator).squeeze(1).to(x.device)
+    backgrounds = remove_object(x, mask, "mean", generator)[partner]
+    return x * mask + backgrounds * (1 - mask)
+
+
+class _ClassStats:
+    """Per-class mean loss and margin of the last epoch (during the first epoch: of the steps
+    so far)."""
+
+    def __init__(self, num_classes: int, steps_per_epoch: int):
+        self.C, self.every = num_classes, max(1, steps_per_epoch)
+        self.sums = torch.zeros(2, num_classes)
+        self.counts = torch.zeros(num_classes)
+        self.last: Optional[torch.Tensor] = None
+
+    def means(self) -> torch.Tensor:
+        """(2, C): mean loss and mean margin per class."""
+        return self.sums / self.counts.clamp_min(1) if self.last is None else self.last
+
+    def add(self, i: int, y: torch.Tensor, loss: torch.Tensor, margin: torch.Tensor) -> None:
+        y = y.cpu()
+        self.sums[0].index_add_(0, y, loss.cpu())
+        self.sums[1].index_add_(0, y, margin.cpu())
+        self.counts.index_add_(0, y, torch.ones_like(loss.cpu()))
+        if (i + 1) % self.every == 0:
+            now = self.sums / self.counts.clamp_min(1)
+            self.last = now if self.last is None else torch.where(self.counts > 0, now, self.last)
+            self.sums.zero_()
+            self.counts.zero_()
+
+
+@dataclass
+class _Pool:
+    """Images a loop draws from: encoded inputs, labels, masks, and the rows it may use."""
+    x: torch.Tensor
+    y: torch.Tensor
+    rows: torch.Tensor
+    groups: Optional[torch.Tensor]          # one id per row of ``rows`` (balanced sampling), or None
+    masks: Optional[torch.Tensor] = None
+
+    def draw(self, n: int, balanced: bool, generator: torch.Generator) -> torch.Tensor:
+        return draw_batch(self.rows, self.groups if balanced else None, n, generator)
+
+
+class ClpRun:
+    """One CLP repair in progress (see the module docstring): the session, the pools, the
+    perturbation network ``g`` and its optimiser, and :meth:`step` for the shared loop."""
+
+    def __init__(self, inputs: ModelRepairInputs, cfg: ClpConfig):
+        if inputs.model.modality != "image":
+            raise BadInput("clp repairs image models only (see repair/methods/clp.py: token attribution "
+                           "marks a text model's shortcut words as causal)")
+        self.inputs, self.cfg = inputs, cfg
+        self.sess = sess = Session(inputs, holdout_fraction=cfg.holdout_fraction, selection=cfg.selection)
+        self.tm = tm = sess.model
+        self.dev = sess.device
+        self.names = tm.select(cfg.scope)
+        C = inputs.num_classes
+        train_set = inputs.resources.get("train")
+        meta_groups = sess.groups[sess.train_idx]
+        self.meta_pool = _Pool(sess.encoded, sess.y, sess.train_idx, meta_groups)
+        if train_set is not None:
+            ty = train_set.y.long().cpu()
+            tg = train_set.groups.long().cpu() if (train_set.groups is not None and inputs.groups is not None) else ty
+            self.train_pool = _Pool(tm.encode(train_set.items), ty, torch.arange(ty.numel()), tg)
+            self.data_note = (f"trained on --train ({ty.numel()} samples); meta data: the repair set's training "
+                              f"part ({sess.train_idx.numel()} samples)")
+        else:
+            self.train_pool = self.meta_pool
+            self.data_note = (f"no --train: the repair set's training part ({sess.train_idx.numel()} samples) is "
+                              "both the training and the meta data")
+        self.mask_note = self._load_masks(train_set)
+        self.prior = torch.bincount(self.train_pool.y[self.train_pool.rows], minlength=C).float()
+        self.prior = self.prior / self.prior.sum()
+        self.steps_per_epoch = max(1, math.ceil(self.train_pool.rows.numel() / cfg.batch_size))
+        self.stats = _ClassStats(C, self.steps_per_epoch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(inputs.seed))
+            self.g = PerturbationNet(C, cfg.hidden_size, cfg.num_layers, cfg.perturbation_scale).to(self.dev)
+        self.g_opt = torch.optim.Adam(self.g.parameters(), lr=cfg.meta_lr, weight_decay=cfg.meta_weight_decay)
+        self.meta_steps = 0
+        self.delta_abs = 0.0
+
+    # ------------------------------------------------------------------ masks
+    def _needs_masks(self) -> bool:
+        c = self.cfg
+        return c.saliency_weight > 0 or (c.meta and (c.factual or c.counterfactual_weight > 0))
+
+    def _load_masks(self, train_set) -> dict:
+        if not self._needs_masks():
+            return {"source": "none (not used)"}
+        given = self.inputs.resources.get("masks")
+        source = self.cfg.masks
+        if source == "auto":
+            source = "given" if given is not None else "attribution"
+        if source == "given":
+            if given is None:
+                raise BadInput("clp: setting masks: given needs --masks DIR")
+            from ..masks import load_masks
+
+            root = Path(self.inputs.resources.get("data_root") or Path(self.inputs.items[0]).parent)
+            if train_set is not None:
+                troot = Path(train_set.source)
+                troot = troot if troot.is_dir() else troot.parent
+                root = Path(os.path.commonpath([root.resolve(), troot.resolve()]))
+                self.train_pool.masks = load_masks(given, train_set.items, root, self.tm.adapter.data_config)
+            self.meta_pool.masks = load_masks(given, self.inputs.items, root, self.tm.adapter.data_config)
+            return {"source": f"given (--masks {given})",
+                    "foreground_share": round(float(self.meta_pool.masks.mean()), 4)}
+        side = None
+        for pool in {id(p): p for p in (self.meta_pool, self.train_pool)}.values():
+            pool.masks, side = self._attribution_masks(pool)
+        return {"source": "model attribution (Grad-CAM of the original model, target = label)",
+                "map_side": side, "quantile": self.cfg.mask_quantile,
+                "foreground_share": round(float(self.meta_pool.masks.mean()), 4)}
+
+    def _attribution_masks(self, pool: _Pool) -> tuple[torch.Tensor, int]:
+        from ..attribution import gradcam, threshold_masks
+
+        tm, x = self.tm, pool.x
+        min_side = max(2, x.shape[-1] // 8)
+        out = torch.zeros(x.shape[0], 1, *x.shape[-2:])
+        modes = [(m, m.training) for m in tm.module.modules()]
+        tm.module.eval()
+        try:
+            for i in range(0, x.shape[0], 64):
+                sl = slice(i, i + 64)
+                cam = gradcam(tm.module, x[sl].to(self.dev), pool.y[sl].to(self.dev), min_side=min_side)
+                out[sl] = threshold_masks(cam, self.cfg.mask_quantile).cpu()
+        finally:
+            for m, t in modes:
+                m.training = t
+        tm.module.zero_grad(set_to_none=True)
+        return out, min_side
+
+    # ------------------------------------------------------------------ one step
+    def _batch(self, pool: _Pool, n: int, balanced: bool, gen: torch.Generator):
+        idx = pool.draw(n, balanced, gen)
+        x = pool.x[idx]
+        m = pool.masks[idx] if pool.masks is not None else None
+        if self.cfg.augment != "none":
+            if m is None:
+                x = self.tm.augment(x, self.cfg.augment, gen)
+            else:
+                xm = self.tm.augment(torch.cat([x, m], 1), self.cfg.augment, gen)
+                x, m = xm[:, :-1], xm[:, -1:]
+        return x.to(self.dev), pool.y[idx].to(self.dev), (None if m is None else m.to(self.dev))
+
+    def perturbation(self, c: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """g's logit offsets for a batch, centred within each label (see the module docstring)."""
+        return centre_by_label(self.g(c), y)
+
+    def params(self) -> dict:
+        named = dict(self.tm.module.named_parameters())
+        return {n: named[n] for n in self.names}
+
+    def virtual_step(self, z: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> dict:
+        """theta' = theta - virtual_lr * grad / rms(grad) per tensor (the rms a constant) of the
+        perturbed loss CE(z + g(c), y): differentiable in g, the real tensors untouched. ``z``:
+        the real model's logits on the training batch (with graph). The per-tensor scaling gives
+        the virtual step the size of an Adam step whatever the model's gradient scale (a plain
+        SGD step of a fixed rate overshoots on some networks and vanishes on others)."""
+        params = self.params()
+        loss = F.cross_entropy(z.float() + self.perturbation(c, y), y)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, retain_graph=True,
+                                    allow_unused=True)
+        lr = self.cfg.virtual_lr
+        return {n: p if gr is None else p - lr * gr / (gr.detach().pow(2).mean().sqrt() + 1e-12)
+                for (n, p), gr in zip(params.items(), grads)}
+
+    def meta_loss(self, virtual: dict, gen: torch.Generator) -> torch.Tensor:
+        """The loss of the virtually updated model on a group-balanced meta batch (factual
+        images: CE; counterfactual images: -log(1 - p_y))."""
+        from torch.func import functional_call
+
+        cfg = self.cfg
+        x, y, m = self._batch(self.meta_pool, cfg.meta_batch_size, True, gen)
+        parts = [swap_background(x, m, y, gen) if (cfg.factual and m is not None) else x]
+        n_cf = cfg.meta_batch_size // 2 if (cfg.counterfactual_weight > 0 and m is not None) else 0
+        if n_cf:
+            parts.append(remove_object(x[:n_cf], m[:n_cf], cfg.infill, gen))
+        logits = functional_call(self.tm.module, virtual, (torch.cat(parts),)).float()
+        loss = F.cross_entropy(logits[:x.shape[0]], y)
+        if n_cf:
+            p_y = F.softmax(logits[x.shape[0]:], 1).gather(1, y[:n_cf, None]).squeeze(1)
+            loss = loss + cfg.counterfactual_weight * -torch.log1p(-p_y.clamp(max=1 - 1e-6)).mean()
+        return loss
+
+    def step(self, i: int, gen: torch.Generator) -> dict:
+        cfg = self.cfg
+        x, y, m = self._batch(self.train_pool, cfg.batch_size, cfg.sampling == "balanced", gen)
+        sal = cfg.saliency_weight > 0 and m is not None
+        if sal:
+            x.requires_grad_(True)
+        feat, z = self.tm.features_and_logits(x)
+        out: dict = {}
+        delta = None
+        if cfg.meta:
+            c = characteristics(feat, z, y, self.tm.head.weight, self.prior.to(z.device),
+                                *[t.to(z.device) for t in self.stats.means()])
+            self.stats.add(i, y, c[:, 0], c[:, 1])
+            if i % cfg.meta_every == 0:
+                meta = self.meta_loss(self.virtual_step(z, c, y), gen)
+                grads = torch.autograd.grad(meta, list(self.g.parameters()))
+                for p, gr in zip(self.g.parameters(), grads):
+                    p.grad = gr
+                self.g_opt.step()
+                self.g_opt.zero_grad(set_to_none=True)
+                self.meta_steps += 1
+                out["meta"] = float(meta.detach())
+            with torch.no_grad():
+                delta = self.perturbation(c, y)
+            out["delta"] = float(delta.abs().mean())
+        loss = F.cross_entropy(z.float() + (0 if delta is None else delta), y)
+        if sal:
+            s = saliency_share(z, y, x, m)
+            loss = loss + cfg.saliency_weight * s
+            out["sal"] = float(s.detach())
+        out["loss"] = loss
+        return out
+
+
+@register_model_repair("clp", summary="retraining with Causal Logit Perturbation (Zhou et al. 2025): a meta-learnt "
+                                     "per-sample logit perturbation, a background saliency penalty and "
+                                     "counterfactual/factual meta data from foreground masks (--masks, else Grad-CAM)",
+                       config=ClpConfig, groups="optional", modalities=("image",))
+def clp(inputs: ModelRepairInputs, config: ClpConfig) -> ModelRepairOutput:
+    cfg = config
+    run = ClpRun(inputs, cfg)
+    tm = run.tm
+    before = tm.state()
+    tm.module.to(run.dev)
+    with tm.training(run.names, freeze_bn=cfg.freeze_bn) as params:
+        res = train(params, run.step, run.sess.evaluate, cfg, steps_per_epoch=run.steps_per_epoch,
+                    budget=inputs.budget, seed=inputs.seed, device=run.dev, progress=inputs.progress, desc="clp")
+    changed = tm.changed(before)
+    return ModelRepairOutput(tensors=changed, steps=res.steps, diagnostics={
+        "scope": cfg.scope, "trainable_tensors": len(run.names), "data": run.data_note, "masks": run.mask_note,
+        "meta": cfg.meta, "meta_steps": run.meta_steps, "saliency_weight": cfg.saliency_weight,
+        "characteristics": list(CHARACTERISTICS), "session": run.sess.describe(), "loop": res.describe()})

@@ -1,0 +1,408 @@
+"""HTML reports a person reads, JSON beside them for machines.
+
+One page, self-contained (inline CSS, inline SVG charts, a few lines of inline script to sort
+the summary table; nothing is fetched): ``zoo-report.html`` from ``repair zoo`` and the same
+per-model section from ``repair fix --report FILE.html``. Each model section shows
+
+- the figures before and after the repair (or, for a gate-only run, as measured), with a
+  per-group bar chart (per group with group labels, else per inferred group: class x
+  correctly/incorrectly classified by the original model, else per class);
+- the candidates the recipe compared and the one chosen;
+- the probe's per-neuron delta histogram on the repair set (NeuronTune's statistic,
+  :func:`repair.probing.neuron_deltas`: median activation on misclassified minus correct
+  samples, per class and embedding dimension; > 0: the dimension fires more on errors).
+
+The per-model entry (``model_entry``) is the one schema both commands share::
+
+    {"name", "status": "done" | "error" | "pending", "mode": "fix" | "eval", "gate": {...} | None,
+     "result": {... compact figures, see compact_fix / compact_eval} | None, "error": str | None}
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+FIGURE_KEYS = ("n", "accuracy", "worst_class_accuracy", "worst_group_accuracy", "worst_group",
+               "per_group", "per_class", "per_inferred_group")
+METRIC_FIELDS = {"worst_group": "worst_group_accuracy", "worst_class": "worst_class_accuracy",
+                 "accuracy": "accuracy"}
+METRIC_NAMES = {"worst_group": "worst-group accuracy", "worst_class": "worst-class accuracy",
+                "accuracy": "accuracy"}
+
+
+# ------------------------------------------------------------------ per-model data
+def _figures(rep: Optional[dict]) -> Optional[dict]:
+    return None if rep is None else {k: rep.get(k) for k in FIGURE_KEYS}
+
+
+def compact_fix(rep: dict, delta_histogram: Optional[dict] = None) -> dict:
+    """What a report shows of a :func:`repair.pipeline.fix_model` result."""
+    return {"mode": "fix", "model": rep["model"].get("source"), "family": rep["model"].get("family"),
+            "output": rep.get("output"), "recipe": rep.get("recipe"), "method": rep.get("method"),
+            "kind": rep.get("kind"), "candidate": rep.get("candidate"),
+            "selection_criterion": rep.get("selection_criterion"),
+            "candidates": rep.get("candidates") or [], "neurons_suppressed": rep.get("neurons_suppressed"),
+            "measured_on": rep.get("measured_on"), "before": _figures(rep["before"]),
+            "after": _figures(rep["after"]), "export": rep.get("export"), "timing": rep.get("timing"),
+            "delta_histogram": delta_histogram}
+
+
+def compact_eval(rep: dict) -> dict:
+    """What a report shows of a :func:`repair.api.evaluate_model` result (a gate-only run)."""
+    return {"mode": "eval", "model": rep["model"].get("source"), "family": rep["model"].get("family"),
+            "measured_on": f"{rep['data']['source']} ({rep['n']} samples)", "before": _figures(rep),
+            "after": None, "candidates": [], "delta_histogram": None,
+            "timing": {"embedding_seconds": rep["embedding"]["seconds"],
+                       "embedding_from_cache": rep["embedding"]["from_cache"]}}
+
+
+def gate_metric(figures: dict, metric: str) -> str:
+    """``auto``: worst-group accuracy where groups were measured, else worst-class accuracy."""
+    if metric == "auto":
+        return "worst_group" if figures.get("worst_group_accuracy") is not None else "worst_class"
+    return metric
+
+
+def check_gate(result: dict, threshold: Optional[float], metric: str = "auto") -> Optional[dict]:
+    """The gate on the repaired figures (the measured ones for a gate-only run)."""
+    if threshold is None:
+        return None
+    figures = result["after"] or result["before"]
+    name = gate_metric(figures, metric)
+    value = figures.get(METRIC_FIELDS[name])
+    return {"metric": name, "threshold": threshold, "value": value,
+            "passed": value is not None and value >= threshold - 1e-12}
+
+
+def model_entry(name: str, result: Optional[dict], *, gate: Optional[dict] = None, status: str = "done",
+                error: Optional[str] = None, **extra: Any) -> dict:
+    return {"name": name, "status": status, "gate": gate, "result": result, "error": error, **extra}
+
+
+def delta_histogram(model, data, load_opts=None, data_opts=None, runtime=None, bins: int = 30,
+                    top: int = 5) -> dict:
+    """The probe's per-neuron delta (:func:`repair.probing.neuron_deltas`) of the ORIGINAL model on
+    ``data``, as histogram counts. The embeddings come from the cache a ``fix`` run just filled."""
+    import dataclasses
+
+    from .api import prepare
+    from .data import DataOptions
+    from .probing import neuron_deltas
+
+    opts = dataclasses.replace(data_opts or DataOptions(), group_by=None)
+    p = prepare(model, data, load_opts, opts, runtime)
+    W, b = p.adapter.head_params()
+    X, y = p.emb.X, p.enc.y
+    deltas, _ = neuron_deltas(X, y, (X @ W.T + b).argmax(1), W.shape[0])
+    return histogram_of(deltas, p.enc.class_names, bins=bins, top=top)
+
+
+def histogram_of(deltas, class_names: Sequence[str], bins: int = 30, top: int = 5) -> dict:
+    """Histogram counts of a (C, D) delta matrix (NaN rows: classes without errors or without
+    correct samples are left out) and its largest entries."""
+    import torch
+
+    finite = torch.isfinite(deltas)
+    vals = deltas[finite]
+    out = {"classes": int(deltas.shape[0]), "dims": int(deltas.shape[1]), "n": int(vals.numel()),
+           "positive": int((vals > 0).sum()), "edges": [], "counts": [], "top": []}
+    if not vals.numel():
+        return out
+    lo, hi = float(vals.min()), float(vals.max())
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = torch.histc(vals, bins=bins, min=lo, max=hi)
+    out["edges"] = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+    out["counts"] = [int(c) for c in counts.tolist()]
+    flat = torch.where(finite, deltas, torch.full_like(deltas, float("-inf"))).flatten()
+    k = min(top, int(finite.sum()))
+    v, idx = flat.topk(k)
+    out["top"] = [{"class": class_names[i // deltas.shape[1]], "neuron": i % deltas.shape[1], "delta": float(d)}
+                  for d, i in zip(v.tolist(), idx.tolist())]
+    return out
+
+
+# ------------------------------------------------------------------ formatting helpers
+def _e(x: Any) -> str:
+    return html.escape("" if x is None else str(x), quote=True)
+
+
+def _pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def headline(figures: Optional[dict]) -> tuple[Optional[float], str]:
+    """(worst-group accuracy, or worst-class where no groups were measured; its label)."""
+    if not figures:
+        return None, "WGA"
+    if figures.get("worst_group_accuracy") is not None:
+        return figures["worst_group_accuracy"], "WGA"
+    return figures.get("worst_class_accuracy"), "worst class"
+
+
+def _breakdown(figures: dict) -> tuple[str, list[dict]]:
+    for key, label in (("per_group", "per group"), ("per_inferred_group", "per inferred group (class × "
+                       "correct/incorrect by the original model)"), ("per_class", "per class")):
+        if figures.get(key):
+            return label, figures[key]
+    return "per class", []
+
+
+def bar_chart(before: dict, after: Optional[dict]) -> str:
+    """Horizontal per-group bars, before (grey) and after (blue), as inline SVG."""
+    title, rows = _breakdown(before)
+    rows_after = {r["name"]: r for r in _breakdown(after)[1]} if after else {}
+    series = [("before" if after else "measured", "#a0aec0", {r["name"]: r for r in rows})]
+    if after:
+        series.append(("after", "#2b6cb0", rows_after))
+    label_w, bar_w, bar_h, gap = 230, 330, 11, 9
+    row_h = bar_h * len(series) + gap
+    height = 26 + row_h * len(rows) + 8
+    width = label_w + bar_w + 70
+    parts = [f'<svg class="chart" role="img" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}"><title>accuracy {_e(title)}</title>']
+    for x in (0, 0.5, 1.0):
+        gx = label_w + bar_w * x
+        parts.append(f'<line x1="{gx:.1f}" y1="18" x2="{gx:.1f}" y2="{height - 6}" stroke="#e2e8f0"/>'
+                     f'<text x="{gx:.1f}" y="12" font-size="10" text-anchor="middle" fill="#718096">{int(100 * x)}%</text>')
+    y = 26
+    for r in rows:
+        name = r["name"]
+        parts.append(f'<text x="{label_w - 8}" y="{y + row_h / 2 - 2:.1f}" font-size="11" text-anchor="end" '
+                     f'fill="#2d3748">{_e(name)} <tspan fill="#718096">(n={r["n"]})</tspan></text>')
+        for k, (sname, colour, by) in enumerate(series):
+            acc = (by.get(name) or {}).get("accuracy")
+            by_ = y + k * bar_h
+            w = 0 if acc is None else bar_w * acc
+            parts.append(f'<rect x="{label_w}" y="{by_}" width="{w:.1f}" height="{bar_h - 1}" fill="{colour}">'
+                         f'<title>{_e(name)} {sname}: {_pct(acc)}</title></rect>'
+                         f'<text x="{label_w + w + 4:.1f}" y="{by_ + bar_h - 2}" font-size="10" '
+                         f'fill="#2d3748">{_pct(acc)}</text>')
+        y += row_h
+    parts.append("</svg>")
+    legend = " ".join(f'<span class="key" style="background:{c}"></span>{n}' for n, c, _ in series)
+    return f'<figure><figcaption>accuracy {_e(title)} &nbsp; {legend}</figcaption>{"".join(parts)}</figure>'
+
+
+def histogram_svg(h: dict) -> str:
+    """The delta histogram as inline SVG (bars above zero in red)."""
+    if not h or not h.get("counts"):
+        return ('<p class="note">no neuron deltas: every class needs both misclassified and correctly '
+                'classified repair samples</p>')
+    counts, edges = h["counts"], h["edges"]
+    width, height, pad_l, pad_b = 560, 170, 40, 30
+    plot_w, plot_h = width - pad_l - 10, height - pad_b - 10
+    peak = max(counts) or 1
+    bw = plot_w / len(counts)
+    parts = [f'<svg class="chart" role="img" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}"><title>per-neuron delta histogram</title>']
+    for i, c in enumerate(counts):
+        bh = plot_h * c / peak
+        mid = (edges[i] + edges[i + 1]) / 2
+        colour = "#c53030" if mid > 0 else "#718096"
+        parts.append(f'<rect x="{pad_l + i * bw + 0.5:.1f}" y="{10 + plot_h - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+                     f'height="{bh:.1f}" fill="{colour}"><title>[{edges[i]:.3g}, {edges[i + 1]:.3g}): {c}</title></rect>')
+    base = 10 + plot_h
+    parts.append(f'<line x1="{pad_l}" y1="{base}" x2="{pad_l + plot_w}" y2="{base}" stroke="#4a5568"/>')
+    lo, hi = edges[0], edges[-1]
+    ticks = [lo, hi] + ([0.0] if lo < 0 < hi else [])
+    for t in ticks:
+        x = pad_l + plot_w * (t - lo) / (hi - lo)
+        parts.append(f'<line x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}" stroke="#4a5568"/>'
+                     f'<text x="{x:.1f}" y="{base + 16}" font-size="10" text-anchor="middle" fill="#4a5568">{t:.3g}</text>')
+    parts.append(f'<text x="{pad_l - 4}" y="18" font-size="10" text-anchor="end" fill="#4a5568">{peak}</text>'
+                 f'<text x="{pad_l + plot_w / 2:.1f}" y="{height - 2}" font-size="10" text-anchor="middle" '
+                 f'fill="#4a5568">δ = median activation (misclassified) − median (correct)</text></svg>')
+    top = ", ".join(f"{_e(t['class'])}/#{t['neuron']} ({t['delta']:.3g})" for t in h.get("top", []))
+    cap = (f"per-neuron δ on the repair set (original model): {h['n']} values over {h['classes']} classes × "
+           f"{h['dims']} dimensions, {h['positive']} above 0 (red: fire more on errors)")
+    return (f'<figure><figcaption>{_e(cap)}</figcaption>{"".join(parts)}'
+            + (f'<p class="note">largest: {top}</p>' if top else "") + "</figure>")
+
+
+def candidates_table(result: dict) -> str:
+    rows = result.get("candidates") or []
+    if not rows:
+        return ""
+    chosen = result.get("candidate")
+    body = []
+    for c in rows:
+        mark = ' class="chosen"' if c.get("candidate") == chosen else ""
+        body.append(f"<tr{mark}><td>{_e(c.get('candidate'))}{' ✓' if mark else ''}</td><td>{_e(c.get('kind'))}</td>"
+                    f"<td class='num'>{_pct(c.get('score'))}</td><td class='num'>{_pct(c.get('selection_accuracy'))}</td>"
+                    f"<td>{_e(c.get('scored_on') or c.get('skipped') or '')}</td>"
+                    f"<td class='num'>{_e(c.get('fit_seconds', ''))}</td></tr>")
+    crit = result.get("selection_criterion")
+    return ("<h4>candidates" + (f" <span class='note'>(selected by {_e(crit)})</span>" if crit else "") + "</h4>"
+            "<table><thead><tr><th>candidate</th><th>kind</th><th>selection score</th><th>selection acc</th>"
+            f"<th>scored on</th><th>fit s</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def _gate_text(gate: Optional[dict]) -> str:
+    if not gate:
+        return "–"
+    if gate["passed"]:
+        return f"passed: {METRIC_NAMES[gate['metric']]} {_pct(gate['value'])} ≥ {_pct(gate['threshold'])}"
+    return f"FAILED: {METRIC_NAMES[gate['metric']]} {_pct(gate['value'])} < {_pct(gate['threshold'])}"
+
+
+def model_section(m: dict) -> str:
+    """One model's section: headline figures, gate, bar chart, candidates, delta histogram."""
+    anchor = "m-" + "".join(ch if ch.isalnum() else "-" for ch in m["name"])
+    out = [f'<section class="model" id="{anchor}"><h3>{_e(m["name"])}</h3>']
+    if m["status"] != "done" or not m.get("result"):
+        msg = m.get("error") or "not run yet (the run was interrupted; a rerun resumes it)"
+        out.append(f'<p class="status {m["status"]}">{_e(m["status"])}: {_e(msg)}</p></section>')
+        return "".join(out)
+    r = m["result"]
+    b, a = r["before"], r.get("after")
+    facts = [f"{_e(r.get('family'))} model <code>{_e(r.get('model'))}</code>"]
+    if r.get("mode") == "fix":
+        facts.append(f"recipe <b>{_e(r.get('recipe'))}</b> chose <b>{_e(r.get('candidate'))}</b> ({_e(r.get('kind'))} repair)")
+        if r.get("output"):
+            facts.append(f"output <code>{_e(r['output'])}</code>")
+    facts.append(f"measured on {_e(r.get('measured_on'))}")
+    out.append("<p>" + "; ".join(facts) + "</p>")
+    wb, label = headline(b)
+    rows = [("accuracy", b.get("accuracy"), a and a.get("accuracy")),
+            ("worst-class accuracy", b.get("worst_class_accuracy"), a and a.get("worst_class_accuracy"))]
+    if b.get("worst_group_accuracy") is not None:
+        rows.append(("worst-group accuracy", b.get("worst_group_accuracy"), a and a.get("worst_group_accuracy")))
+    head = "<tr><th></th><th>before</th><th>after</th></tr>" if a else "<tr><th></th><th>measured</th></tr>"
+    body = "".join(f"<tr><td>{n}</td><td class='num'>{_pct(x)}</td>" + (f"<td class='num'>{_pct(y)}</td>" if a else "")
+                   + "</tr>" for n, x, y in rows)
+    gate = m.get("gate")
+    gate_html = "" if not gate else (f'<p class="gate {"pass" if gate["passed"] else "fail"}">gate: '
+                                     f'{_e(_gate_text(gate))}</p>')
+    out.append(f'<div class="row"><div><table class="figs"><thead>{head}</thead><tbody>{body}</tbody></table>'
+               f'{gate_html}</div><div>{bar_chart(b, a)}</div></div>')
+    if r.get("mode") == "fix":
+        out.append(candidates_table(r))
+        if r.get("neurons_suppressed") is not None:
+            out.append(f"<p class='note'>neurons suppressed: {_e(r['neurons_suppressed'])}</p>")
+        out.append("<h4>probe</h4>" + histogram_svg(r.get("delta_histogram")))
+    out.append("</section>")
+    return "".join(out)
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1a202c;margin:24px auto;max-width:1100px;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px}h3{margin:0 0 6px;font-size:17px}h4{margin:14px 0 4px;font-size:14px}
+.note{color:#718096;font-size:12px}code{font-size:12px;background:#f7fafc;padding:0 3px}
+table{border-collapse:collapse;margin:4px 0}th,td{padding:4px 9px;border-bottom:1px solid #e2e8f0;text-align:left}
+th{background:#f7fafc;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" ⇅";color:#a0aec0;font-size:11px}
+tr.chosen td{background:#ebf8ff}.pass{color:#276749;font-weight:600}.fail,.error{color:#c53030;font-weight:600}
+.pending{color:#975a16}section.model{border:1px solid #e2e8f0;border-radius:6px;padding:12px 16px;margin:16px 0}
+.row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}figure{margin:0}figcaption{font-size:12px;color:#4a5568}
+.summary{margin:10px 0 6px;font-size:15px}.key{display:inline-block;width:10px;height:10px;margin:0 3px 0 8px}.up{color:#276749}.down{color:#c53030}
+"""
+
+SORT_JS = """
+document.querySelectorAll('table.sortable').forEach(function(t){t.querySelectorAll('th').forEach(function(th,i){
+th.addEventListener('click',function(){var b=t.tBodies[0],rows=[].slice.call(b.rows),asc=th.dataset.dir!=='asc';
+t.querySelectorAll('th').forEach(function(h){delete h.dataset.dir});th.dataset.dir=asc?'asc':'desc';
+rows.sort(function(r,s){var x=r.cells[i].dataset.v,y=s.cells[i].dataset.v;if(x===undefined)x=r.cells[i].textContent;
+if(y===undefined)y=s.cells[i].textContent;var nx=parseFloat(x),ny=parseFloat(y);
+var c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:String(x).localeCompare(String(y));return asc?c:-c});
+rows.forEach(function(r){b.appendChild(r)})})})});
+"""
+
+
+def _num(x: Optional[float]) -> str:
+    return "-1" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6f}"
+
+
+def summary_table(models: list[dict], mode: str) -> str:
+    """The sortable summary: model, method chosen, WGA before -> after, mean accuracy, gate."""
+    head = (["model", "status", "method chosen", "WGA before → after", "Δ WGA", "mean accuracy", "gate"]
+            if mode == "fix" else ["model", "status", "WGA", "mean accuracy", "gate"])
+    rows = []
+    for m in models:
+        r = m.get("result") or {}
+        b, a = r.get("before"), r.get("after")
+        wb, label = headline(b)
+        wa, _ = headline(a)
+        gate = m.get("gate")
+        gate_v = "" if not gate else ("1" if gate["passed"] else "0")
+        gate_cell = (f'<td data-v="{gate_v}" class="{"pass" if gate and gate["passed"] else "fail" if gate else ""}">'
+                     f'{"–" if not gate else ("pass" if gate["passed"] else "FAIL")}'
+                     + (f' <span class="note">≥ {_pct(gate["threshold"])}</span>' if gate else "") + "</td>")
+        status_cls = m["status"] if m["status"] != "done" else ""
+        anchor = "m-" + "".join(ch if ch.isalnum() else "-" for ch in m["name"])
+        cells = [f'<td><a href="#{anchor}">{_e(m["name"])}</a></td>',
+                 f'<td class="{status_cls}">{_e(m["status"])}</td>']
+        note = "" if label == "WGA" else f' <span class="note">({label})</span>'
+        if mode == "fix":
+            d = None if wb is None or wa is None else wa - wb
+            cls = "" if d is None else ("up" if d > 0 else "down" if d < 0 else "")
+            cells += [f"<td>{_e(r.get('candidate') or '–')}</td>",
+                      f'<td class="num" data-v="{_num(wa)}">{_pct(wb)} → <b>{_pct(wa)}</b>{note}</td>',
+                      f'<td class="num {cls}" data-v="{_num(d)}">{"–" if d is None else f"{100 * d:+.1f}"}</td>',
+                      f'<td class="num" data-v="{_num(a and a.get("accuracy"))}">{_pct(a and a.get("accuracy"))}</td>']
+        else:
+            cells += [f'<td class="num" data-v="{_num(wb)}">{_pct(wb)}{note}</td>',
+                      f'<td class="num" data-v="{_num(b and b.get("accuracy"))}">{_pct(b and b.get("accuracy"))}</td>']
+        cells.append(gate_cell)
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<table class="sortable" id="summary"><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
+
+
+def render(doc: dict) -> str:
+    """The whole page for a report document (``kind``: ``zoo`` or ``fix``)."""
+    models = doc["models"]
+    if doc["kind"] == "zoo":
+        s = doc["summary"]
+        title = f"repair zoo — {Path(doc['manifest']).name} ({doc['mode']})"
+        line = (f"{s['models']} models: {s['passed']} passed" + (f", {len(s['failed'])} failed the gate" if s["failed"] else "")
+                + (f", {len(s['errors'])} errors" if s["errors"] else "")
+                + (f", {len(s['pending'])} not run" if s["pending"] else "")
+                + (" — the run was interrupted" if doc.get("interrupted") else ""))
+        sub = (f"executor: {_e(doc.get('executor'))}; wall time {doc.get('wall_seconds', 0):.1f}s; "
+               f"generated {_e(doc.get('generated'))}")
+        head = (f"<h1>{_e(title)}</h1><p class='note'>{sub}</p><p class='summary'>{_e(line)}</p>"
+                + summary_table(models, doc["mode"])
+                + "<p class='note'>WGA = worst-group accuracy (worst-class where the data has no group column); "
+                  "click a column to sort.</p>")
+    else:
+        title = f"repair fix — {models[0]['name']}"
+        head = f"<h1>{_e(title)}</h1><p class='note'>generated {_e(doc.get('generated'))}</p>"
+    body = "".join(model_section(m) for m in models)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+            f"<body>{head}{body}<script>{SORT_JS}</script></body></html>\n")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def write_report(html_path, doc: dict) -> tuple[Path, Path]:
+    """Write ``doc`` as the HTML page and as JSON beside it (same name, ``.json``), each atomically;
+    an existing report is replaced."""
+    from .errors import BadInput
+    from .io import atomic_output
+
+    html_path = Path(html_path)
+    if html_path.suffix.lower() not in (".html", ".htm"):
+        raise BadInput("the report must be an .html file", html_path)
+    json_path = html_path.with_suffix(".json")
+    with atomic_output(json_path, force=True) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    with atomic_output(html_path, force=True) as tmp:
+        tmp.write_text(render(doc), encoding="utf-8")
+    return html_path, json_path
+
+
+def fix_report(html_path, rep: dict, model, data, load_opts=None, data_opts=None, runtime=None) -> tuple[Path, Path]:
+    """``repair fix --report``: the per-model page of one fix result (plus the probe's delta
+    histogram of the original model on the repair set)."""
+    hist = delta_histogram(model, data, load_opts, data_opts, runtime)
+    doc = {"kind": "fix", "generated": now(),
+           "models": [model_entry(Path(model).name, compact_fix(rep, hist))]}
+    return write_report(html_path, doc)

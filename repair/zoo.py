@@ -1,0 +1,741 @@
+"""`repair zoo MANIFEST`: repair (``fix``) or gate (``eval``) many models from one manifest,
+locally or on Ray, resumable, with one HTML report.
+
+The manifest (YAML, or CSV with one header row) holds one row per model; keys are the
+``FIELDS`` below. Relative paths are relative to the manifest's folder. YAML::
+
+    defaults:                   # any field; a row's own value wins
+      recipe: auto
+      gate: 0.7                 # 0-1 or a percentage ("70", "70%")
+      group_by: place
+      output_dir: repaired/     # outputs: <output_dir>/<name> unless a row names its `output`
+    models:
+      - {name: demo-s0, checkpoint: zoo/demo-s0/model, data: zoo/demo-s0/data/val,
+         eval: zoo/demo-s0/data/test}
+      - ...
+
+CSV: the columns are field names; ``# key: value`` lines before the header are the defaults.
+
+Everything is validated before any model is touched (paths exist, data columns exist, recipes
+load through :func:`repair.recipes.load_recipe`, thresholds are numbers in range, names and
+outputs are unique, an output does not exist yet unless ``--force`` or the journal says this zoo
+wrote it); the first problem is a :class:`repair.errors.BadInput` naming the row and the field
+(exit 2).
+
+Work: each model is one call of :func:`run_model` (:func:`repair.pipeline.fix_model` or
+:func:`repair.api.evaluate_model`), with the same CPU thread count whichever executor runs it, so
+per-model results are the same locally and on Ray. Executors: :class:`LocalExecutor` (in this
+process, one model at a time) and :class:`RayExecutor` (one Ray task per model, ``max_retries``
+for a lost worker, ``num_cpus``/``num_gpus`` per task, results taken as they finish). The
+embedding cache is shared by every attempt, so a retried task does not extract again what a
+killed attempt already extracted.
+
+Journal (``journal.jsonl`` in the report folder): one JSON line per finished model, appended with
+a single ``O_APPEND`` write and fsynced; a torn last line (the driver killed mid-write) is cut off
+when the journal is read. A rerun skips every model whose line is there with the same settings
+(the gate is not a setting: thresholds are applied to the journaled figures, so changing them
+needs no rerun) and starts the others over.
+
+Outputs are never half-written nor written twice: a model's files are written by ``fix`` into a
+staging folder beside the output (``.<output>.zoo-staging``, emptied when an attempt starts); the
+driver appends the journal line and only then renames the staged files into place, one atomic
+rename each. A rerun completes a rename that an interrupted driver had not finished.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from .errors import BadInput, RepairError
+
+FIELDS = ("name", "checkpoint", "data", "eval", "group_by", "eval_group_by", "label_col", "path_col",
+          "text_col", "recipe", "gate", "gate_metric", "output", "output_dir", "seed", "budget", "export")
+GATE_METRICS = ("auto", "worst_group", "worst_class", "accuracy")
+MODES = ("fix", "eval")
+STAGING_SUFFIX = ".zoo-staging"
+RAY_HINT = "pip install 'repair-toolkit[zoo]' (in a checkout: pip install -e \".[zoo]\")"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One validated manifest row."""
+    row: int
+    name: str
+    checkpoint: Path
+    data: Path
+    eval: Optional[Path] = None
+    group_by: Optional[str] = None
+    eval_group_by: Optional[str] = None
+    label_col: Optional[str] = None
+    path_col: Optional[str] = None
+    text_col: Optional[str] = None
+    recipe: str = "auto"
+    gate: Optional[float] = None
+    gate_metric: str = "auto"
+    output: Optional[Path] = None
+    seed: int = 0
+    budget: Optional[str] = None
+    export: Optional[str] = None
+
+    def key(self, mode: str) -> str:
+        """Hash of everything that changes the work (not the gate: applied to the figures)."""
+        d = {k: str(v) for k, v in dataclasses.asdict(self).items()
+             if k not in ("row", "gate", "gate_metric") and v is not None}
+        return hashlib.sha256(json.dumps([mode, d], sort_keys=True).encode()).hexdigest()[:20]
+
+    def data_options(self, eval_data: bool = False):
+        from .data import DataOptions
+
+        gb = (self.eval_group_by if self.eval_group_by is not None else self.group_by) if eval_data else self.group_by
+        return DataOptions(label_col=self.label_col, path_col=self.path_col, text_col=self.text_col, group_by=gb)
+
+
+@dataclass
+class Manifest:
+    path: Path
+    entries: list[ZooEntry]
+
+
+# ------------------------------------------------------------------ reading the manifest
+def _read_rows(path: Path) -> tuple[dict, list[dict]]:
+    """(defaults, rows) of a YAML or CSV manifest; values as read."""
+    if not path.exists():
+        raise BadInput("manifest not found", path)
+    if path.is_dir():
+        raise BadInput("a manifest must be a .yaml/.yml or .csv file, got a folder", path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"not UTF-8 text (byte {e.start}: {e.reason})", path) from None
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise BadInput(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+        if isinstance(doc, list):
+            doc = {"models": doc}
+        if not isinstance(doc, dict):
+            raise BadInput("a manifest must be a mapping with a 'models' list (and optional 'defaults')", path)
+        extra = sorted(set(doc) - {"defaults", "models"})
+        if extra:
+            raise BadInput(f"unknown top-level key {extra[0]!r} (known: defaults, models)", path)
+        defaults, rows = doc.get("defaults") or {}, doc.get("models")
+        if not isinstance(defaults, dict):
+            raise BadInput("defaults must be a mapping of field: value", path)
+        if not isinstance(rows, list) or not rows:
+            raise BadInput("a manifest needs a non-empty 'models' list", path)
+        for n, r in enumerate(rows, 1):
+            if not isinstance(r, dict):
+                raise BadInput(f"row {n}: must be a mapping of field: value", path)
+        return defaults, rows
+    if suffix == ".csv":
+        lines = text.splitlines()
+        defaults: dict = {}
+        while lines and (lines[0].startswith("#") or not lines[0].strip()):
+            m = re.fullmatch(r"#\s*([A-Za-z_]+)\s*[:=]\s*(.*?)\s*", lines.pop(0))
+            if m:                                   # "# key: value": a default; other comments are comments
+                defaults[m.group(1)] = m.group(2)
+        reader = csv.DictReader(io.StringIO("\n".join(lines)))
+        rows = []
+        for n, r in enumerate(reader, 1):
+            if None in r:
+                raise BadInput(f"row {n}: more fields than the header", path)
+            rows.append({k.strip(): v.strip() for k, v in r.items() if k is not None and v is not None and v.strip()})
+        if not rows:
+            raise BadInput("a manifest needs at least one model row", path)
+        return defaults, rows
+    raise BadInput("a manifest must be a .yaml/.yml or .csv file", path)
+
+
+def _threshold(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"must be a number, got {v!r}")
+    s = str(v).strip()
+    is_pct = s.endswith("%")
+    try:
+        x = float(s.rstrip("%").strip())
+    except ValueError:
+        raise ValueError(f"must be a number from 0 to 1 or a percentage, got {v!r}") from None
+    if is_pct or x > 1:
+        x /= 100
+    if not 0 <= x <= 1 or math.isnan(x):
+        raise ValueError(f"must be from 0 to 1 (or 0-100%), got {v!r}")
+    return x
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+class _Problems:
+    def __init__(self, path: Path):
+        self.path, self.items = path, []
+
+    def add(self, where: str, field: str, problem: str) -> None:
+        self.items.append(f"{where}, {field}: {problem}")
+
+    def raise_first(self) -> None:
+        if self.items:
+            more = len(self.items) - 1
+            raise BadInput(self.items[0] + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""),
+                           self.path)
+
+
+def load_manifest(path, mode: str = "fix") -> Manifest:
+    """Read and validate a manifest (see the module docstring); nothing is loaded or run."""
+    from .data import load_data
+    from .finetune import Budget
+    from .pipeline import default_output
+    from .recipes import load_recipe
+
+    path = Path(path)
+    if mode not in MODES:
+        raise BadInput(f"--mode must be fix or eval, got {mode!r}")
+    defaults, rows = _read_rows(path)
+    base = path.resolve().parent
+    problems = _Problems(path)
+    for k in sorted(set(defaults) - set(FIELDS)):
+        problems.add("defaults", repr(k), f"unknown field (known: {', '.join(FIELDS)})")
+    for k in ("name", "output"):
+        if k in defaults:
+            problems.add("defaults", k, "must be given per row")
+    recipes: dict[str, Optional[str]] = {}
+    datasets: dict[tuple, Optional[str]] = {}
+    entries: list[ZooEntry] = []
+    names: dict[str, int] = {}
+    outputs: dict[Path, int] = {}
+
+    def as_path(v) -> Path:
+        p = Path(os.path.expanduser(str(v)))
+        return p if p.is_absolute() else base / p
+
+    for n, raw in enumerate(rows, 1):
+        r = {**defaults, **{k: v for k, v in raw.items() if v is not None and v != ""}}
+        f: dict[str, Any] = {}
+        f["name"] = str(r["name"]) if "name" in r else (
+            Path(os.path.relpath(as_path(r["checkpoint"]), base)).as_posix() if "checkpoint" in r else f"row-{n}")
+        where = f"row {n} ({f['name']})"
+        before = len(problems.items)
+        for k in sorted(set(raw) - set(FIELDS)):
+            problems.add(where, repr(k), f"unknown field (known: {', '.join(FIELDS)})")
+        for k in ("checkpoint", "data"):
+            if k not in r:
+                problems.add(where, k, "missing (every model needs a checkpoint and its repair data)")
+        for k in ("checkpoint", "data", "eval"):
+            if k in r:
+                p = as_path(r[k])
+                if not p.exists():
+                    problems.add(where, k, f"{p}: not found")
+                f[k] = p
+        for k in ("group_by", "eval_group_by", "label_col", "path_col", "text_col", "budget", "export"):
+            if k in r:
+                f[k] = str(r[k])
+        if f["name"] in names:
+            problems.add(where, "name", f"duplicate name {f['name']!r} (also row {names[f['name']]})")
+        names.setdefault(f["name"], n)
+        recipe = str(r.get("recipe", "auto"))
+        if recipe.lower().endswith((".yaml", ".yml")) or "/" in recipe:
+            recipe = str(as_path(recipe))
+        if recipe not in recipes:
+            try:
+                load_recipe(recipe)
+                recipes[recipe] = None
+            except BadInput as e:
+                recipes[recipe] = str(e)
+        if recipes[recipe]:
+            problems.add(where, "recipe", recipes[recipe])
+        f["recipe"] = recipe
+        if "gate" in r:
+            try:
+                f["gate"] = _threshold(r["gate"])
+            except ValueError as e:
+                problems.add(where, "gate", str(e))
+        metric = str(r.get("gate_metric", "auto"))
+        if metric not in GATE_METRICS:
+            problems.add(where, "gate_metric", f"must be one of {', '.join(GATE_METRICS)}, got {metric!r}")
+        elif metric == "worst_group" and not (f.get("group_by") or (f.get("eval_group_by") and "eval" in f)):
+            problems.add(where, "gate_metric", "worst_group needs a group column (group_by or eval_group_by)")
+        f["gate_metric"] = metric
+        if "seed" in r:
+            try:
+                if isinstance(r["seed"], bool) or int(str(r["seed"])) < 0:
+                    raise ValueError
+                f["seed"] = int(str(r["seed"]))
+            except ValueError:
+                problems.add(where, "seed", f"must be a whole number >= 0, got {r['seed']!r}")
+        if "budget" in f:
+            try:
+                Budget.parse(f["budget"])
+            except (BadInput, ValueError) as e:
+                problems.add(where, "budget", getattr(e, "problem", str(e)))
+        if f.get("export") not in (None, "onnx"):
+            problems.add(where, "export", f"must be onnx, got {f['export']!r}")
+        if mode == "fix" and "checkpoint" in f:
+            ck = f["checkpoint"]
+            if "output" in r:
+                out = as_path(r["output"])
+            elif "output_dir" in r:
+                odir = as_path(r["output_dir"])
+                out = odir / (_slug(f["name"]) + ("" if ck.is_dir() else (".onnx" if ck.suffix.lower() == ".onnx"
+                                                                             else ".safetensors")))
+            else:
+                out = default_output(ck)
+            out = out.resolve()
+            if out in outputs:
+                problems.add(where, "output", f"duplicate output {out} (also row {outputs[out]})")
+            elif out == ck.resolve():
+                problems.add(where, "output", "would overwrite the checkpoint")
+            elif not out.parent.is_dir():
+                problems.add(where, "output", f"folder {out.parent} does not exist")
+            outputs.setdefault(out, n)
+            f["output"] = out
+        # the data: columns exist (cheap: tables and file names, no model)
+        if len(problems.items) == before:
+            for key, is_eval in (("data", False), ("eval", True)):
+                if key not in f:
+                    continue
+                probe = ZooEntry(row=n, **{k: v for k, v in f.items() if k != "row"})
+                opts = probe.data_options(eval_data=is_eval)
+                dk = (str(f[key]), dataclasses.astuple(opts))
+                if dk not in datasets:
+                    try:
+                        load_data(f[key], opts)
+                        datasets[dk] = None
+                    except BadInput as e:
+                        datasets[dk] = str(e)
+                if datasets[dk]:
+                    problems.add(where, key, datasets[dk])
+        if len(problems.items) == before:
+            entries.append(ZooEntry(row=n, **f))
+    problems.raise_first()
+    return Manifest(path=path, entries=entries)
+
+
+# ------------------------------------------------------------------ journal
+class Journal:
+    """JSONL, one line per finished model; appended atomically, read tolerantly."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> dict[tuple[str, str], dict]:
+        """``(name, mode) -> record`` (the last line wins). A torn last line is cut off."""
+        if not self.path.exists():
+            return {}
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):
+            keep = raw.rfind(b"\n") + 1
+            with open(self.path, "r+b") as fh:
+                fh.truncate(keep)
+            raw = raw[:keep]
+        out = {}
+        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                out[(rec["name"], rec["mode"])] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise BadInput(f"line {n} is not a journal record (not written by repair zoo?)", self.path) from None
+        return out
+
+    def append(self, record: dict) -> None:
+        data = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"short write to the journal ({written} of {len(data)} bytes)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------ outputs
+def staging_dir(output: Path) -> Path:
+    output = Path(output)
+    return output.parent / f".{output.name}{STAGING_SUFFIX}"
+
+
+def commit_staged(output: Path) -> None:
+    """Move a finished model's staged files into place (one atomic rename each; an existing target
+    is replaced: the manifest check refused it unless --force). A no-op once done."""
+    staging = staging_dir(output)
+    if not staging.exists():
+        return
+    for child in sorted(staging.iterdir()):
+        if child.name.startswith("."):
+            continue                            # an attempt's temporary leftovers
+        target = staging.parent / child.name
+        if target.exists():
+            old = staging / f".replaced-{child.name}"
+            os.replace(target, old)
+        os.replace(child, target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def output_digest(path: Path) -> Optional[str]:
+    """sha256 over the tensors of a model output (safetensors files; ONNX initializers): equal for
+    equal weights, whatever the provenance's timestamps."""
+    from .adapters.base import combine_digests, tensor_digest
+    from .io import load_safetensors
+
+    path = Path(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    digests: dict[str, bytes] = {}
+    for f in files:
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        if f.suffix.lower() == ".onnx":
+            import onnx
+            from onnx import numpy_helper
+
+            import torch
+
+            for init in onnx.load(str(f)).graph.initializer:
+                digests[f"{rel}:{init.name}"] = tensor_digest(torch.from_numpy(numpy_helper.to_array(init).copy()))
+        elif f.suffix.lower() == ".safetensors":
+            tensors, _ = load_safetensors(f)
+            digests.update({f"{rel}:{k}": tensor_digest(v) for k, v in tensors.items()})
+    return combine_digests(digests) if digests else None
+
+
+# ------------------------------------------------------------------ one model (runs in a worker)
+def _runtime(task: dict):
+    from .api import RuntimeOptions
+
+    return RuntimeOptions(**task["runtime"], progress=False)
+
+
+def run_model(task: dict) -> dict:
+    """One model's work: ``fix`` into its staging folder, or ``eval``. Returns
+    ``{"status": "done", "result": ...}`` or ``{"status": "error", "error": ...}``; never raises
+    for a model's own problem (a Ray task's exception would lose its exit code)."""
+    from . import threads
+
+    t0 = time.perf_counter()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    entry = ZooEntry(**{k: (Path(v) if k in ("checkpoint", "data", "eval", "output") and v is not None else v)
+                        for k, v in task["entry"].items()})
+    try:
+        with threads.limited(task["threads"]):
+            result = _fix(entry, task) if task["mode"] == "fix" else _eval(entry, task)
+        return {"status": "done", "result": result, "worker": worker,
+                "seconds": round(time.perf_counter() - t0, 3)}
+    except RepairError as e:
+        return {"status": "error", "error": str(e), "exit_code": e.exit_code, "worker": worker}
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        return {"status": "error", "error": f"internal error: {type(e).__name__}: {first}", "exit_code": 3,
+                "worker": worker}
+
+
+def _eval(entry: ZooEntry, task: dict) -> dict:
+    from .api import evaluate_model
+    from .report import compact_eval
+
+    data = entry.eval or entry.data
+    rep = evaluate_model(entry.checkpoint, data, data_opts=entry.data_options(eval_data=entry.eval is not None),
+                         runtime=_runtime(task))
+    return compact_eval(rep)
+
+
+def _fix(entry: ZooEntry, task: dict) -> dict:
+    from .pipeline import FixOptions, fix_model
+    from .report import compact_fix, delta_histogram
+
+    out = Path(entry.output)
+    staging = staging_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)          # a killed attempt's leftovers: start over
+    staging.mkdir()
+    runtime = _runtime(task)
+    try:
+        rep = fix_model(entry.checkpoint, entry.data, staging / out.name, data_opts=entry.data_options(),
+                        runtime=runtime, log=lambda m: None,
+                        options=FixOptions(recipe=entry.recipe, seed=entry.seed,
+                                           eval_data=None if entry.eval is None else str(entry.eval),
+                                           eval_group_by=entry.eval_group_by, export=entry.export,
+                                           budget=entry.budget))
+        hist = delta_histogram(entry.checkpoint, entry.data, data_opts=entry.data_options(), runtime=runtime)
+        result = compact_fix(_unstage(rep, staging, out.parent), hist)
+        result["output_digest"] = output_digest(staging / out.name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)      # nothing of a failed attempt stays behind
+        raise
+    return result
+
+
+def _unstage(rep: dict, staging: Path, final_parent: Path) -> dict:
+    """The fix result with paths inside the staging folder pointing where the files will be."""
+    s = str(staging)
+
+    def fix(v):
+        if isinstance(v, str) and v.startswith(s):
+            return str(final_parent) + v[len(s):]
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return {k: fix(v) for k, v in rep.items()}
+
+
+# ------------------------------------------------------------------ executors
+class LocalExecutor:
+    """In this process, one model at a time."""
+
+    def __init__(self):
+        self.description = "local (in-process, one model at a time)"
+
+    def map(self, tasks: list[dict]) -> Iterator[tuple[int, dict]]:
+        for i, t in enumerate(tasks):
+            yield i, run_model(t)
+
+    def close(self) -> None:
+        pass
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BadInput(f"--ray needs Ray, which is not installed: {RAY_HINT}") from None
+    return ray
+
+
+class RayExecutor:
+    """One Ray task per model (``max_retries`` when its worker dies; ``num_cpus``/``num_gpus`` per
+    task), results as they finish. ``address="auto"`` starts a local Ray with ``workers`` x
+    ``cpus_per_model`` CPUs; anything else joins that cluster (every node must see the manifest's
+    paths at the same place and have ``repair`` installed). A process already connected to Ray
+    uses that connection."""
+
+    def __init__(self, address: str, *, workers: Optional[int] = None, cpus_per_model: int = 1,
+                 gpus_per_model: float = 0, max_retries: int = 3, log: Callable[[str], None] = print):
+        import contextlib
+        import logging
+
+        ray = import_ray()
+        self.ray, self.owned = ray, False
+        # Ray's driver prints worker deaths and the like to sys.stdout from a thread of its own:
+        # stdout carries our results only, so it is sent to stderr while Ray is in use
+        self._quiet = contextlib.redirect_stdout(sys.stderr)
+        self._quiet.__enter__()
+        self.cpus, self.gpus, self.max_retries = cpus_per_model, gpus_per_model, max_retries
+        try:
+            if ray.is_initialized():
+                where = "the Ray instance this process is connected to"
+            elif address == "auto":
+                n = workers or os.cpu_count() or 1
+                log(f"starting a local Ray with {n} worker slot(s) of {cpus_per_model} CPU(s)")
+                ray.init(address="local", num_cpus=n * cpus_per_model, include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=False)
+                self.owned, where = True, f"a local Ray ({n} x {cpus_per_model} CPU)"
+            else:
+                log(f"joining the Ray cluster at {address}")
+                try:
+                    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+                except (ConnectionError, ValueError, RuntimeError) as e:
+                    raise BadInput(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0]})") from None
+                self.owned, where = True, f"the Ray cluster at {address}"
+        except BaseException:
+            self._quiet.__exit__(None, None, None)
+            raise
+        self.description = (f"Ray: {where}; per model {cpus_per_model} CPU" + (f", {gpus_per_model} GPU" if gpus_per_model else "")
+                            + f", max_retries={max_retries}")
+
+    def map(self, tasks: list[dict]) -> Iterator[tuple[int, dict]]:
+        ray = self.ray
+        remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries)(run_model)
+        index = {remote.remote(t): i for i, t in enumerate(tasks)}
+        pending = list(index)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    try:
+                        res = ray.get(ref)
+                    except Exception as e:                    # the worker died more than max_retries times
+                        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                        res = {"status": "error", "error": f"Ray: {type(e).__name__}: {first}", "exit_code": 3}
+                    yield index[ref], res
+        finally:
+            for ref in pending:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:
+                    pass
+
+    def close(self) -> None:
+        try:
+            if self.owned:
+                self.ray.shutdown()
+        finally:
+            self._quiet.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------ the driver
+@dataclass
+class ZooOptions:
+    mode: str = "fix"
+    out_dir: Optional[Path] = None          # report + journal; default <manifest stem>-zoo beside it
+    journal: Optional[Path] = None          # default <out_dir>/journal.jsonl
+    force: bool = False                     # replace outputs that exist and this zoo did not write
+    ray: Optional[str] = None               # None: local; "auto": a local Ray; else a cluster address
+    workers: Optional[int] = None           # --ray auto: worker slots (default: the CPU count)
+    cpus_per_model: int = 1                 # torch threads per model (and Ray num_cpus per task)
+    gpus_per_model: float = 0               # Ray num_gpus per task
+    max_retries: int = 3                    # Ray: retries of a task whose worker died
+
+
+REPORT_NAME = "zoo-report.html"
+
+
+def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
+            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+    """Validate the manifest, run every unfinished model, journal each as it finishes, write the
+    report; returns the report document (``summary.failed`` / ``summary.errors`` name the models
+    that did not pass)."""
+    from .api import RuntimeOptions
+    from .embeddings import default_cache_dir
+    from .report import check_gate, now, write_report
+
+    o = options or ZooOptions()
+    runtime = runtime or RuntimeOptions()
+    t0 = time.perf_counter()
+    if o.ray is not None:
+        import_ray()                                        # before anything else: exit 2 with the hint
+    if o.cpus_per_model < 1:
+        raise BadInput("--cpus-per-model must be at least 1")
+    manifest = load_manifest(manifest_path, o.mode)
+    mpath = Path(manifest_path)
+    out_dir = Path(o.out_dir) if o.out_dir is not None else mpath.resolve().parent / f"{mpath.stem}-zoo"
+    if not out_dir.parent.is_dir():
+        raise BadInput("folder does not exist", out_dir.parent)
+    journal = Journal(o.journal if o.journal is not None else out_dir / "journal.jsonl")
+    if not journal.path.parent.is_dir() and journal.path.parent != out_dir:
+        raise BadInput("folder does not exist", journal.path.parent)
+    records = journal.read()
+    done = {}
+    for e in manifest.entries:
+        rec = records.get((e.name, o.mode))
+        if rec is not None and rec.get("key") == e.key(o.mode):
+            done[e.name] = rec
+    if o.mode == "fix":
+        problems = _Problems(mpath)
+        for e in manifest.entries:
+            if e.name not in done and e.output.exists() and not o.force:
+                why = ("the journal holds this model with other settings"
+                       if (e.name, o.mode) in records else "this zoo's journal did not write it")
+                problems.add(f"row {e.row} ({e.name})", "output",
+                             f"{e.output} already exists and {why} (use --force to replace it)")
+        problems.raise_first()
+    # ---- validated: from here on, work
+    out_dir.mkdir(exist_ok=True)
+    for name, rec in done.items():                          # a rename an interrupted driver had not finished
+        if rec.get("output"):
+            commit_staged(Path(rec["output"]))
+    todo = [e for e in manifest.entries if e.name not in done]
+    cache_dir = str(Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir())
+    rt = {"device": runtime.device, "batch_size": runtime.batch_size, "cache_dir": cache_dir,
+          "use_cache": runtime.use_cache}
+    tasks = [{"entry": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(e).items()},
+              "mode": o.mode, "runtime": rt, "threads": o.cpus_per_model} for e in todo]
+    errors: dict[str, dict] = {}
+    executor = (LocalExecutor() if o.ray is None else
+                RayExecutor(o.ray, workers=o.workers, cpus_per_model=o.cpus_per_model,
+                            gpus_per_model=o.gpus_per_model, max_retries=o.max_retries, log=log))
+    log(f"zoo {mpath.name}: {len(manifest.entries)} models ({o.mode}); {len(done)} finished before "
+        f"(journal {journal.path}), {len(todo)} to run on {executor.description}")
+    interrupted = False
+    resumed = set(done)
+    try:
+        for i, res in executor.map(tasks):
+            e = todo[i]
+            if res["status"] != "done":
+                errors[e.name] = res
+                log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {res['error']}")
+                continue
+            rec = {"name": e.name, "mode": o.mode, "key": e.key(o.mode), "status": "done", "finished": now(),
+                   "seconds": res["seconds"], "worker": res["worker"],
+                   "output": str(e.output) if o.mode == "fix" else None, "result": res["result"]}
+            journal.append(rec)                             # the commit point ...
+            if o.mode == "fix":
+                commit_staged(e.output)                     # ... then the files go into place
+            done[e.name] = rec
+            log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: "
+                f"{_progress_line(res['result'], check_gate(res['result'], e.gate, e.gate_metric))} "
+                f"({res['seconds']:.1f}s on {res['worker']})")
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        try:
+            executor.close()
+        finally:
+            models = [_model_entry(e, done.get(e.name), errors.get(e.name), e.name in resumed)
+                      for e in manifest.entries]
+            doc = _document(mpath, o, executor.description, models, interrupted, time.perf_counter() - t0)
+            doc["report"], doc["journal"] = str(out_dir / REPORT_NAME), str(journal.path)
+            write_report(out_dir / REPORT_NAME, doc)
+            if interrupted:
+                log(f"interrupted: {len(done)} of {len(manifest.entries)} models finished; the report "
+                    f"{out_dir / REPORT_NAME} shows them, a rerun finishes the rest")
+    return doc
+
+
+def _model_entry(e: ZooEntry, rec: Optional[dict], error: Optional[dict], resumed: bool) -> dict:
+    from .report import check_gate, model_entry
+
+    if rec is not None:
+        return model_entry(e.name, rec["result"], gate=check_gate(rec["result"], e.gate, e.gate_metric),
+                           seconds=rec.get("seconds"), worker=rec.get("worker"), resumed=resumed)
+    if error is not None:
+        return model_entry(e.name, None, status="error", error=error["error"])
+    return model_entry(e.name, None, status="pending")
+
+
+def _document(mpath: Path, o: ZooOptions, executor: str, models: list[dict], interrupted: bool,
+              seconds: float) -> dict:
+    from .report import now
+
+    failed = [m["name"] for m in models if m["status"] == "done" and m["gate"] and not m["gate"]["passed"]]
+    return {"kind": "zoo", "manifest": str(mpath), "mode": o.mode, "executor": executor, "generated": now(),
+            "interrupted": interrupted, "wall_seconds": round(seconds, 3),
+            "summary": {"models": len(models),
+                        "finished": sum(m["status"] == "done" for m in models),
+                        "passed": sum(m["status"] == "done" and m["name"] not in failed for m in models),
+                        "failed": failed,
+                        "errors": [m["name"] for m in models if m["status"] == "error"],
+                        "pending": [m["name"] for m in models if m["status"] == "pending"]},
+            "models": models}
+
+
+def _progress_line(result: dict, gate: Optional[dict]) -> str:
+    from .report import headline
+
+    b, a = result["before"], result.get("after")
+    wb, label = headline(b)
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    if a is not None:
+        wa, _ = headline(a)
+        s = f"{result.get('candidate')}: {label} {pct(wb)} -> {pct(wa)}, accuracy {pct(a['accuracy'])}"
+    else:
+        s = f"{label} {pct(wb)}, accuracy {pct(b['accuracy'])}"
+    if gate:
+        s += f", gate {'pass' if gate['passed'] else 'FAIL'} (>= {pct(gate['threshold'])})"
+    return s

@@ -1,0 +1,121 @@
+"""HTML reports: `repair fix --report`, the probe's delta histogram, one self-contained page."""
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_images
+from repair_cli.main import app
+
+runner = CliRunner()
+VOID = {"meta", "br", "hr", "img", "input", "link", "rect", "line", "path", "circle"}
+
+
+class _Balance(HTMLParser):
+    """Every opened element is closed in order; records what a page would fetch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.fetches = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href") and v and not v.startswith("#"):
+                self.fetches.append(v)
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID:
+            self.stack.pop()
+
+    def handle_endtag(self, tag):
+        if tag in VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1] if self.stack else 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+def assert_self_contained_page(html: str) -> None:
+    p = _Balance()
+    p.feed(html)
+    assert not p.errors and not p.stack, (p.errors, p.stack)
+    assert not p.fetches, p.fetches
+    assert "url(" not in html and "@import" not in html
+
+
+@pytest.fixture(scope="module")
+def repair_images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("reportdata") / "val", n_per_class=12, seed=4)
+
+
+def test_fix_report_page_and_json(timm_folder, repair_images, tmp_path):
+    html_path = tmp_path / "fix.html"
+    res = runner.invoke(app, ["fix", str(timm_folder), "--data", str(repair_images), "--group-by", "place",
+                              "--out", str(tmp_path / "fixed"), "--report", str(html_path), "--json", "-q"])
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["report"] == str(html_path)
+    doc = json.loads(html_path.with_suffix(".json").read_text())
+    assert doc["kind"] == "fix" and len(doc["models"]) == 1
+    m = doc["models"][0]["result"]
+    assert m["candidate"] == rep["candidate"] and m["after"]["per_group"] == rep["after"]["per_group"]
+    assert m["delta_histogram"]["dims"] == rep["model"]["embedding_dim"]
+    html = html_path.read_text()
+    assert_self_contained_page(html)
+    assert html.count("<svg") >= 1 and "accuracy per group" in html
+    assert "<h4>candidates" in html and html.count("<tr") >= len(rep["candidates"])
+    assert "<h4>probe</h4>" in html
+    for c in rep["candidates"]:
+        assert c["candidate"] in html
+
+
+@pytest.mark.parametrize("name", ["report.txt", "missing/report.html"])
+def test_bad_report_path_is_exit_2_before_any_work(timm_folder, repair_images, tmp_path, name):
+    out = tmp_path / "fixed"
+    res = runner.invoke(app, ["fix", str(timm_folder), "--data", str(repair_images), "--out", str(out),
+                              "--report", str(tmp_path / name), "-q"])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "--report" in res.stderr
+    assert not out.exists()
+
+
+def test_delta_histogram_and_its_svg():
+    from repair.report import histogram_of, histogram_svg
+
+    deltas = torch.tensor([[0.5, -1.0, 0.1, -0.2], [float("nan")] * 4, [2.0, -0.5, 0.0, 0.3]])
+    h = histogram_of(deltas, ["a", "b", "c"], bins=6, top=2)
+    assert h["n"] == 8 and sum(h["counts"]) == 8 and h["positive"] == 4
+    assert h["edges"][0] == -1.0 and h["edges"][-1] == 2.0
+    assert h["top"] == [{"class": "c", "neuron": 0, "delta": 2.0}, {"class": "a", "neuron": 0, "delta": 0.5}]
+    svg = histogram_svg(h)
+    assert svg.count("<rect") == 6 and "#c53030" in svg and "c/#0" in svg
+    assert "no neuron deltas" in histogram_svg(histogram_of(torch.full((2, 3), float("nan")), ["a", "b"]))
+
+
+def test_zoo_page_renders_every_state():
+    from repair.report import model_entry, render
+
+    figs = {"n": 4, "accuracy": 0.75, "worst_class_accuracy": 0.5, "worst_group_accuracy": 0.5,
+            "worst_group": "x|g=1", "per_group": [{"name": "x|g=1", "n": 2, "accuracy": 0.5},
+                                                  {"name": "y|g=0", "n": 2, "accuracy": 1.0}],
+            "per_class": [], "per_inferred_group": None}
+    result = {"mode": "fix", "model": "m", "family": "timm", "candidate": "dfr <b>", "before": figs,
+              "after": {**figs, "worst_group_accuracy": 0.9}, "candidates": [], "delta_histogram": None}
+    models = [model_entry("ok", result, gate={"metric": "worst_group", "threshold": 0.7, "value": 0.9, "passed": True}),
+              model_entry("broken <model>", None, status="error", error="x: bad"),
+              model_entry("later", None, status="pending")]
+    doc = {"kind": "zoo", "manifest": "z.yaml", "mode": "fix", "executor": "local", "generated": "now",
+           "wall_seconds": 1.0, "interrupted": True,
+           "summary": {"models": 3, "passed": 1, "failed": [], "errors": ["broken <model>"], "pending": ["later"]},
+           "models": models}
+    html = render(doc)
+    assert_self_contained_page(html)
+    assert "broken &lt;model&gt;" in html and "dfr &lt;b&gt;" in html and "interrupted" in html
+    assert html.count('<section class="model"') == 3 and 'data-v="0.900000"' in html
