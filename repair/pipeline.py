@@ -230,12 +230,13 @@ def _choose(recipe, ctx: _Context, fit_idx: torch.Tensor, strata: torch.Tensor, 
         sel = select_and_refit(len(cs), fit, lambda fs, idx: torch.stack(
             [head_predictions(ctx.X[fit_idx[rel[idx]]], f.W, f.b) for f in fs]), y[rel],
             criterion=crit, score_strata=score_strata[rel], split_strata=strata[rel],
-            scheme=KFold(folds), seed=seed + 1, refit=False)
+            scheme=KFold(folds, recipe.repeats), seed=seed + 1, refit=False)
         for i, c in enumerate(cs):
             row = {"candidate": c.label, "kind": "head", "fit_seconds": round(secs[i], 4)}
             if sel.worst is not None:
                 row.update({"score": float(sel.worst[i]), "selection_accuracy": float(sel.mean[i]),
-                            "scored_on": f"{folds}-fold cross-validation"})
+                            "score_se": None if sel.worst_se is None else float(sel.worst_se[i]),
+                            "scored_on": KFold(folds, recipe.repeats).describe()})
                 log(f"  {c.label:<40} {folds}-fold {crit.name}={100 * sel.worst[i]:.1f}%  "
                     f"acc={100 * sel.mean[i]:.1f}%  ({secs[i]:.2f}s)")
             rows.append(row)
@@ -248,6 +249,12 @@ def _choose(recipe, ctx: _Context, fit_idx: torch.Tensor, strata: torch.Tensor, 
     everything = torch.arange(fit_idx.numel())
     if not models:
         best, sel = head_cv(heads, everything) if len(heads) > 1 else (0, None)
+        if sel is not None and sel.worst is not None:
+            _erm_check(ctx, sel, fit_idx, y, score_strata, crit)
+            top = sel.ranked()[:max(1, int(recipe.ensemble))]
+            if len(top) > 1:
+                chosen, final = _ensemble([heads[i] for i in top], ctx, fit_idx)
+                return chosen, final, rows, sel.describe()
         chosen = heads[best]
         return chosen, ctx.fit(chosen, fit_idx), rows, (sel.describe() if sel and sel.worst is not None else None)
     if not heads and len(models) == 1:
@@ -292,6 +299,51 @@ def _choose(recipe, ctx: _Context, fit_idx: torch.Tensor, strata: torch.Tensor, 
     chosen = finalists[sel.best]
     final = ctx.fit(chosen, fit_idx) if chosen.info.kind == "head" else fitted[sel.best]
     return chosen, final, rows, sel.describe()
+
+
+@dataclass
+class _Chosen:
+    """What was chosen, as the report names it: a recipe candidate, or an average of several."""
+    method: str
+    label: str
+    kind: str = "head"
+    members: tuple = ()
+
+    @property
+    def info(self):
+        return self
+
+
+def _ensemble(cands, ctx: _Context, fit_idx: torch.Tensor):
+    """The average of the candidates' heads, each refitted on the whole fit part and scaled to
+    unit spread of its (class-centred) logits there, so no head dominates by its scale. Heads
+    are linear in the embeddings: the average is one head, the logit average of the members."""
+    fits = [ctx.fit(c, fit_idx) for c in cands]
+    X = ctx.X[fit_idx]
+    Ws, bs = [], []
+    for f in fits:
+        lg = X @ f.W.T + f.b
+        s = (lg - lg.mean(1, keepdim=True)).std().clamp_min(1e-8)
+        Ws.append(f.W / s)
+        bs.append(f.b / s)
+    W, b = torch.stack(Ws).mean(0), torch.stack(bs).mean(0)
+    label = " + ".join(c.label for c in cands)
+    diag = {"ensemble": [c.label for c in cands], "members": {c.label: f.diagnostics for c, f in zip(cands, fits)}}
+    config = {"ensemble": {c.label: dataclasses.asdict(f.config) for c, f in zip(cands, fits)}}
+    return (_Chosen("ensemble", f"average of {label}", members=tuple(c.method for c in cands)),
+            _Fitted("head", W=W, b=b, diagnostics=diag, config=config, seconds=sum(f.seconds for f in fits)))
+
+
+def _erm_check(ctx: _Context, sel, fit_idx, y, score_strata, crit) -> None:
+    """Warn when no candidate beats the original head on the selection criterion (scored on the
+    same fit-part rows): the repair set then gives no evidence that any repair helps."""
+    from .selection import scores_from_preds
+
+    erm, _ = scores_from_preds(head_predictions(ctx.X[fit_idx], ctx.W0, ctx.b0), y, score_strata)
+    best = float(sel.worst[sel.best])
+    if best <= float(erm[0]) + 1e-9:
+        ctx.warnings.append(f"no candidate beats the original model on {crit.name} ({100 * best:.1f}% vs "
+                            f"{100 * float(erm[0]):.1f}%): the repair set gives no evidence that a repair helps")
 
 
 # ---------------------------------------------------------------------- main
@@ -344,7 +396,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     orig_logits = X @ W0.T + b0
     has_groups = groups is not None
     try:
-        crit = Criterion.resolve(recipe.selection, has_groups=has_groups)
+        crit = Criterion.resolve(recipe.selection, has_groups=has_groups, y=y, ref_logits=orig_logits)
     except ValueError:
         raise BadInput(f"the recipe selects by {recipe.selection} but no --group-by was given") from None
 
@@ -459,7 +511,8 @@ def _finish(o, recipe, chosen, final, candidates_report, selection, crit, adapte
 
     changed = adapter.changed_tensors()
     settings = {"recipe": recipe.name, "method": chosen.method, "kind": chosen.info.kind,
-                "config": dataclasses.asdict(final.config), "selection": selection and crit.name,
+                "config": final.config if isinstance(final.config, dict) else dataclasses.asdict(final.config),
+                "selection": selection and crit.name,
                 "seed": o.seed, "group_labels": "given" if has_groups else "none",
                 "splits": {"fit": int(fit_idx.numel()),
                            "selection": selection and selection.get("scheme"),

@@ -104,32 +104,33 @@ class TrainableModel:
             h.remove()
         return box["x"], lg
 
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the block; every module's mode is restored afterwards."""
+        modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            yield
+        finally:
+            for m, t in modes:
+                m.training = t
+
     @torch.no_grad()
     def predict(self, encoded, idx: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
         """(n, C) float32 CPU logits of rows ``idx`` in eval mode (every module's mode is
         restored afterwards, frozen BatchNorm included)."""
-        modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        try:
+        with self._eval_mode():
             out = [self.logits(self.batch(encoded, idx[i:i + batch_size], device)).float().cpu()
                    for i in range(0, idx.numel(), batch_size)]
-        finally:
-            for m, t in modes:
-                m.training = t
         C = self.head.out_features
         return torch.cat(out) if out else torch.zeros(0, C)
 
     @torch.no_grad()
     def embed(self, encoded, idx: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
         """(n, D) float32 CPU embeddings (the head's input) of rows ``idx`` in eval mode."""
-        modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        try:
+        with self._eval_mode():
             out = [self.features_and_logits(self.batch(encoded, idx[i:i + batch_size], device))[0].float().cpu()
                    for i in range(0, idx.numel(), batch_size)]
-        finally:
-            for m, t in modes:
-                m.training = t
         return torch.cat(out) if out else torch.zeros(0, self.head.in_features)
 
     # ------------------------------------------------------------------ mixing

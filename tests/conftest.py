@@ -80,7 +80,7 @@ def make_bert_folder(path: Path, seed: int = 0) -> Path:
     tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.2,
                      id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
     model = BertForSequenceClassification(cfg).eval()
     model.save_pretrained(str(path), safe_serialization=True)
@@ -94,7 +94,9 @@ def make_texts(path: Path, n: int = 40, seed: int = 0, fmt: str = "csv") -> Path
     for i in range(n):
         pos = i % 2 == 0
         neg_word = bool(rng.random() < 0.5)
-        words = ["the", "movie", "was"] + (["not"] if neg_word else []) + [("great" if pos else "awful")]
+        # a few filler words in random order keep the sentences (and so the embeddings) varied
+        filler = [str(w) for w in rng.choice(["the", "movie", "plot", "was", "is", "a", "fun"], size=int(rng.integers(2, 5)))]
+        words = filler + (["not"] if neg_word else []) + [("great" if pos else "awful")]
         rows.append({"text": " ".join(words), "label": "positive" if pos else "negative",
                      "negation": "yes" if neg_word else "no"})
     if fmt == "jsonl":

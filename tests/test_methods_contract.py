@@ -205,7 +205,7 @@ def test_dfr_fast_protocol_details(problems):
     X = p["X"].clone()
     X[:, 5] = 3.0                                   # a constant feature: dropped, weight 0
     inp = RepairInputs(X=X, y=p["y"], W=p["W"], b=p["b"], groups=p["groups"], seed=3)
-    out = m(inp)
+    out = m(inp, m.make_config({"protocol": "fast"}))
     d = out.diagnostics
     assert d["protocol"] == "fast" and d["chosen"]["C"] in FAST_C_GRID
     assert d["active_features"] == X.shape[1] - 1 and torch.all(out.W[:, 5] == 0)
@@ -214,10 +214,10 @@ def test_dfr_fast_protocol_details(problems):
     # binary head = [-v/2, v/2]: softmax is the fitted sigmoid
     assert torch.allclose(out.W[0], -out.W[1]) and torch.allclose(out.b[0], -out.b[1])
     # one C: no selection, one fit on all rows
-    one = m(inp, m.make_config({"c_grid": [1.0]}))
+    one = m(inp, m.make_config({"protocol": "fast", "c_grid": [1.0]}))
     assert one.diagnostics["chosen"]["C"] == 1.0 and one.diagnostics["fold_sizes"] == [X.shape[0]]
     # group_cap thins the large groups (seeded): fewer rows, still a repair
-    capped = m(_inputs(p, True), m.make_config({"group_cap": 1.2}))
+    capped = m(_inputs(p, True), m.make_config({"protocol": "fast", "group_cap": 1.2}))
     cd = capped.diagnostics
     assert cd["rows_fitted"] < cd["rows_given"] == p["X"].shape[0] and sum(cd["fold_sizes"]) == cd["rows_fitted"]
     assert _wga(p, capped.W, capped.b) >= _wga(p, p["W"], p["b"]) + 0.10
@@ -228,9 +228,33 @@ def test_dfr_fast_protocol_details(problems):
         m.make_config({"c_grid": [1.0, -1.0]})
 
 
-def test_mix_runs_the_paper_protocol_only(problems):
+def test_mix_runs_the_subsample_protocols_only(problems):
     from repair.methods import get_method
     m = get_method("mix")
-    assert m.default_config().protocol == "paper"
+    assert m.default_config().protocol == "bagged"
     with pytest.raises(ValueError, match="protocol"):
         m.make_config({"protocol": "fast"})
+
+
+def test_dfr_auto_protocol_bags_on_unequal_groups(problems):
+    """Groups about equal within each class: the fast weighted fit; very unequal (a skewed
+    repair set): averaged group-balanced subsamples, which hold up there. Both repair."""
+    from repair.methods import get_method
+    from repair.selection import IMBALANCE_THRESHOLD, group_imbalance
+    m = get_method("dfr")
+    p = problems[2]
+    g, y = p["groups"], p["y"]
+    assert group_imbalance(g, y) < IMBALANCE_THRESHOLD            # 75% agree: ratio 3 within a class
+    out = m(_inputs(p, True))
+    assert out.diagnostics["protocol"] == "fast" and "auto" in out.diagnostics["protocol_rule"]
+    # cut every minority group to a tenth: ratio ~30
+    keep = torch.ones_like(y, dtype=torch.bool)
+    for k in torch.unique(g).tolist():
+        idx = torch.nonzero(g == k).flatten()
+        if k % 3 != 0:                       # group id = y*C + a: minority when a != y (C = 2: ids 1, 2)
+            keep[idx[idx.numel() // 10:]] = False
+    assert group_imbalance(g[keep], y[keep]) >= IMBALANCE_THRESHOLD
+    inp = RepairInputs(X=p["X"][keep], y=y[keep], W=p["W"], b=p["b"], groups=g[keep], seed=0)
+    out = m(inp)
+    assert out.diagnostics["protocol"] == "bagged"
+    assert _wga(p, out.W, out.b) >= _wga(p, p["W"], p["b"]) + 0.10

@@ -22,8 +22,8 @@ worst-group accuracy on *unmixed* data, ``n_refits`` averaged refits, one batche
 solver call each) with this builder instead of DFR's plain subsampling.
 
 Config fields (:class:`MixConfig`): all of :class:`repair.methods.dfr.DFRConfig`
-(``protocol`` defaults to, and must be, ``"paper"``: the mixed training sets are built
-per balanced subsample, so the fast protocol's single weighted fit does not apply;
+(``protocol`` is ``"bagged"`` (default, L2) or ``"paper"`` (L1): the mixed training sets are
+built per balanced subsample, so the fast protocol's single weighted fit does not apply;
 ``c_grid``/``tol``/``max_iter`` left at None take the paper protocol's defaults) plus
 
 - ``mix_weight`` (0.5): the mixing coefficient ``s`` when ``mix_beta == 0``.
@@ -46,8 +46,9 @@ __all__ = ["MixConfig", "mix", "make_mix_builder"]
 
 @dataclass
 class MixConfig(DFRConfig):
-    # mix builds per-subsample training sets: paper protocol only
-    protocol: str = setting("paper", choices=("paper",))
+    # mix builds per-subsample training sets: the subsample protocols only (bagged: L2, batched
+    # Newton for two classes -- 5-30x faster than the paper's L1 at equal worst-group accuracy)
+    protocol: str = setting("bagged", choices=("bagged", "paper"))
     mix_weight: float = setting(0.5, ge=0, le=1)
     mix_beta: float = setting(0.0, ge=0)
     n_mix_per_example: int = setting(1, ge=0)
@@ -124,8 +125,8 @@ def _beta_sample(n: int, a: float, generator: torch.Generator) -> torch.Tensor:
                                 "subsamples, then fitted exactly as DFR",
                  config=MixConfig, groups="optional", transform=AFFINE)
 def mix(inputs: RepairInputs, config: MixConfig) -> RepairOutput:
-    if config.protocol != "paper":     # a config built without validation
-        raise ValueError(f"mix supports protocol='paper' only, got {config.protocol!r}")
+    if config.protocol not in ("bagged", "paper"):     # a config built without validation
+        raise ValueError(f"mix supports protocol='bagged' or 'paper' only, got {config.protocol!r}")
     out = run_balanced_protocol(inputs, config, make_mix_builder(config), "mix")
     out.diagnostics.update({"mix_weight": float(config.mix_weight), "mix_beta": float(config.mix_beta),
                             "n_mix_per_example": int(config.n_mix_per_example)})

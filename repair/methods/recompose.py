@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import setting
-from ..finetune import Session, train
+from ..finetune import Session, draw_batch, train
 from ..generation import (GENERATORS, MASK_SOURCES, contact_sheet, load_prompts, make_generator, object_masks,
                           save_png, to_model, to_pixels)
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
@@ -114,18 +114,6 @@ def _passes(v: torch.Tensor, thr: float) -> torch.Tensor:
     return v >= thr if thr < 1 else torch.zeros_like(v, dtype=torch.bool)
 
 
-def _balanced(keys: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` positions into ``keys``: a key uniformly, then a member uniformly."""
-    present = torch.unique(keys)
-    pick = present[torch.randint(0, present.numel(), (n,), generator=gen)]
-    out = torch.empty(n, dtype=torch.long)
-    for k in torch.unique(pick).tolist():
-        slots = torch.nonzero(pick == k).flatten()
-        members = torch.nonzero(keys == k).flatten()
-        out[slots] = members[torch.randint(0, members.numel(), (slots.numel(),), generator=gen)]
-    return out
-
-
 @register_model_repair("recompose", summary="counterfactual recomposition: each class's object pasted (or inpainted) "
                                             "with other classes' backgrounds, pruned by the original model's "
                                             "probability and attribution, then fine-tuning on real + kept images",
@@ -193,6 +181,7 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
     prob = torch.softmax(logits, 1).gather(1, target.view(-1, 1)).flatten() if gen_x.shape[0] else torch.zeros(0)
     cams = attribution_maps(tm, gen_x, target, dev)
     mass = attribution_mass(cams, gen_mask) if gen_x.shape[0] else torch.zeros(0)
+    del cams
     kept = _passes(prob, cfg.min_probability) & _passes(mass, cfg.min_attribution)
     score_seconds = time.perf_counter() - t0
     labels = [f"{names[int(target[k])]}|{keys[int(bg[k])]}" for k in range(target.numel())]
@@ -219,7 +208,8 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
     def step(i: int, g: torch.Generator) -> torch.Tensor:
         idx = sess.batches(cfg.batch_size - n_syn, cfg.sampling == "balanced", g)
         if n_syn:
-            idx = torch.cat([idx, n_real + _balanced(syn_keys, n_syn, g)])
+            syn = draw_batch(torch.arange(syn_keys.numel()), syn_keys if cfg.sampling == "balanced" else None, n_syn, g)
+            idx = torch.cat([idx, n_real + syn])
         x = tm.augment(tm.batch(pool, idx, dev), cfg.augment, g)
         return F.cross_entropy(tm.logits(x), y_pool[idx].to(dev))
 

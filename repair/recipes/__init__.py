@@ -8,6 +8,8 @@ file shipped here (``auto``); ``--recipe PATH`` reads a user's own file::
     description: one line
     selection: auto          # auto | worst_group | worst_class | worst_inferred_group
     folds: 2                 # K of the cross-validation that compares candidates
+    repeats: 2               # the cross-validation repeated on new folds, scores averaged
+    ensemble: 2              # average the heads of the best N head candidates (1: keep the best)
     plugins: [my_method.py]  # Python files (relative to this file) or modules that register methods
     candidates:
       - method: dfr
@@ -32,7 +34,7 @@ from typing import Any, Optional, Union
 from repair.errors import BadInput
 
 HERE = Path(__file__).resolve().parent
-RECIPE_KEYS = ("name", "description", "selection", "folds", "plugins", "candidates")
+RECIPE_KEYS = ("name", "description", "selection", "folds", "repeats", "ensemble", "plugins", "candidates")
 CANDIDATE_KEYS = ("method", "params", "grid")
 
 
@@ -63,6 +65,8 @@ class Recipe:
     candidates: list[Candidate]
     selection: str = "auto"
     folds: int = 2
+    repeats: int = 1
+    ensemble: int = 1
     description: str = ""
     source: str = ""
 
@@ -193,10 +197,16 @@ def load_recipe(name_or_path: Union[str, Path]) -> Recipe:
     folds = doc.get("folds", 2)
     if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= 20:
         raise BadInput(f"folds must be a whole number from 2 to 20, got {folds!r}", p)
+    vals = {}
+    for key, lo, hi, default in (("repeats", 1, 20, 1), ("ensemble", 1, 10, 1)):
+        v = doc.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise BadInput(f"{key} must be a whole number from {lo} to {hi}, got {v!r}", p)
+        vals[key] = v
     name = doc.get("name", p.stem)
     if not isinstance(name, str) or not name:
         raise BadInput("name must be a non-empty string", p)
-    return Recipe(name=name, candidates=_candidates(doc, p), selection=selection, folds=folds,
+    return Recipe(name=name, candidates=_candidates(doc, p), selection=selection, folds=folds, **vals,
                   description=str(doc.get("description", "") or ""), source=p.name)
 
 

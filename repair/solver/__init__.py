@@ -103,9 +103,9 @@ in :mod:`repair.selection`; the CPU thread policy in :mod:`repair.threads`.
 """
 from .fista import fit_logreg
 from .newton import fit_binary_l2_path, newton_cost
-from .weights import (balanced_subsample_weights, class_balanced_weights, expected_balanced_weights,
-                      fold_affine, group_balanced_weights, standardization)
+from .weights import (balanced_subsample_weights, class_balanced_weights, constant_features,
+                      expected_balanced_weights, fold_affine, group_balanced_weights, standardization)
 
 __all__ = ["fit_logreg", "fit_binary_l2_path", "newton_cost", "fold_affine", "standardization",
            "class_balanced_weights", "group_balanced_weights", "balanced_subsample_weights",
-           "expected_balanced_weights"]
+           "expected_balanced_weights", "constant_features"]

@@ -335,7 +335,7 @@ def _fit_logreg(X, y, num_classes, *, sample_weight, l1, l2, ref_pull, init_W, i
     newton_ok = C == 2 and bool((l1n == 0).all()) and bool(((l2n + pulln) > 0).all())
     if algorithm == "newton" and not newton_ok:
         raise ValueError("algorithm='newton' needs two classes, no L1 and a positive L2 or pull for every problem")
-    if newton_ok and algorithm != "fista" and K * N * D * 4 <= _MEMORY_BUDGET:
+    if newton_ok and algorithm != "fista" and K * int((wfull > 0).sum(1).max()) * D * 4 <= _MEMORY_BUDGET:
         from .newton import binary_heads
 
         W_out, b_out, info = binary_heads(Z, y, wfull.expand(K, N), l2n * S, pulln * S, Wref, bref, s, t)

@@ -273,7 +273,18 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     b (K,2), info)``; the intercept is not pulled."""
     K, N = w.shape
     D = Z.shape[1]
-    Xk = Z.unsqueeze(0).expand(K, N, D)
+    # each problem's rows with positive weight only (subsamples: a fraction of N), padded
+    pos = w > 0
+    M = int(pos.sum(1).max())
+    if M < N:
+        order = torch.argsort(pos.to(torch.int8), dim=1, descending=True, stable=True)[:, :M]   # (K, M)
+        w = w.gather(1, order)
+        y_k = y.view(1, N).expand(K, N).gather(1, order)
+        Xk = Z.index_select(0, order.flatten()).view(K, M, D)
+    else:
+        y_k = y.view(1, N).expand(K, N)
+        Xk = Z.unsqueeze(0).expand(K, N, D)
+    N = Xk.shape[1]
     if scale is not None:
         Xk = Xk * scale.unsqueeze(1)
     if shift is not None:
@@ -285,7 +296,7 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     if Wref is not None:
         center = ((pull / (l2 + pull)).view(K, 1) * (Wref[:, 1] - Wref[:, 0]).double())
         offset = torch.bmm(Xk, center.to(Xk.dtype).unsqueeze(-1)).squeeze(-1)
-    tgt = (y.view(1, N) == 1).to(Xk.dtype).expand(K, N)
+    tgt = (y_k == 1).to(Xk.dtype)
     V, c, info = fit_binary_l2_path(Xk, tgt, w, lam.view(1, K), tol=tol, max_iter=max_iter, offset=offset,
                                     num_threads=None)
     v = V[:, 0] if center is None else V[:, 0] + center
@@ -296,7 +307,7 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     b = torch.stack([mb - cb / 2, mb + cb / 2], 1)
     # the multinomial objective (sklearn scale, internal coordinates) at the solution
     lg = torch.bmm(Xk.double(), W.transpose(1, 2)) + b.unsqueeze(1)
-    ce = torch.logsumexp(lg, -1) - lg.gather(-1, y.view(1, N, 1).expand(K, N, 1)).squeeze(-1)
+    ce = torch.logsumexp(lg, -1) - lg.gather(-1, y_k.unsqueeze(-1)).squeeze(-1)
     obj = (ce * w.double()).sum(1) + 0.5 * l2 * (W * W).sum((1, 2))
     if Wref is not None:
         obj = obj + 0.5 * pull * ((W - Wref.double()) ** 2).sum((1, 2))

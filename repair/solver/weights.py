@@ -25,15 +25,23 @@ def fold_affine(W: Tensor, b: Tensor, scale: Optional[Tensor] = None,
     return Wn, bn
 
 
+def constant_features(sd: Tensor, mu: Tensor, eps: float = 1e-6, rel: float = 1e-3) -> Tensor:
+    """Features that are (numerically) constant: spread below ``eps`` or below ``rel`` of their
+    magnitude. Standardising those would multiply float32 rounding noise into huge head weights
+    that cancel against the bias (an exported model then disagrees with itself at 1e-4)."""
+    return sd <= torch.maximum(torch.full_like(sd, eps), rel * mu.abs())
+
+
 def standardization(X: Tensor, rows: Optional[Tensor] = None, eps: float = 1e-6):
     """Per-feature ``(scale, shift)`` such that ``X * scale + shift`` is standardised
-    (zero mean, unit std over ``rows``); constant features get scale 1."""
+    (zero mean, unit std over ``rows``); constant features (:func:`constant_features`) get
+    scale 1."""
     Xr = X if rows is None else X[rows]
     mu = Xr.mean(0)
     # two-pass variance (as stable as torch.std's Welford, ~10x faster on CPU)
     dev_ = Xr - mu
     sd = dev_.mul_(dev_).mean(0).sqrt_()
-    sd = torch.where(sd > eps, sd, torch.ones_like(sd))
+    sd = torch.where(constant_features(sd, mu, eps), torch.ones_like(sd), sd)
     return 1.0 / sd, -mu / sd
 
 
