@@ -54,6 +54,10 @@ class ModelRow:
 #: the model repairs the benchmark runs (filled in as model repairs land; order = table order)
 MODEL_ROWS: list[ModelRow] = [
     ModelRow("finetune", "finetune", {}, note="plain fine-tuning of the last block (the simplest model repair)"),
+    ModelRow("recompose", "recompose", {}, modalities=("image",),
+             note="composite counterfactuals (contrast masks), pruned, retrained"),
+    ModelRow("recompose-noprune", "recompose", {"min_probability": 0.0, "min_attribution": 0.0}, groups=(False,),
+             modalities=("image",), note="ablation: every generated image kept"),
 ]
 
 

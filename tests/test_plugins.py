@@ -181,7 +181,7 @@ def test_single_method_recipes_come_from_the_registry():
     from repair.methods import list_methods
     from repair.recipes import HERE, available, load_recipe
 
-    assert sorted(p.stem for p in HERE.glob("*.yaml")) == ["auto"]
+    assert sorted(p.stem for p in HERE.glob("*.yaml")) == ["auto", "auto-ft"]
     for m in list_methods():
         assert m.name in available()
         r = load_recipe(m.name)

@@ -101,13 +101,15 @@ CHARACTERISTICS = ("loss", "margin", "one_minus_softmax_norm", "feature_class_co
 class ClpConfig(LoopConfig):
     lr: float = setting(1e-3, gt=0)
     epochs: float = setting(6.0, gt=0, doc="epochs over the training data (a --budget overrides)")
-    scope: str = setting("last:1", doc="head | all | last:N | names:REGEX")
+    scope: str = setting("last:2", doc="head | all | last:N | names:REGEX")
+    patience: int = setting(0, ge=0, doc="evaluations without improvement before stopping; 0 = run the budget "
+                                         "(the best evaluated state is kept either way)")
     holdout_fraction: float = setting(0.25, gt=0, lt=1, doc="share of the repair set held out for early stopping")
     sampling: str = setting("uniform", choices=("balanced", "uniform"), doc="training batches")
     augment: str = setting("flip_crop", choices=AUGMENTATIONS)
     selection: str = setting("auto", choices=SELECTION_NAMES)
     meta: bool = setting(True, doc="learn the perturbation network (false: no perturbation, no meta step)")
-    saliency_weight: float = setting(1.0, ge=0, doc="weight of the background input-gradient share; 0 = off")
+    saliency_weight: float = setting(0.0, ge=0, doc="weight of the background input-gradient share; 0 = off")
     saliency_batch: int = setting(8, ge=0, doc="samples of each batch the saliency term is computed on; 0 = all")
     masks: str = setting("auto", choices=("auto", "given", "attribution"),
                          doc="auto: --masks when given, else the model's Grad-CAM")

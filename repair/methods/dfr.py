@@ -69,7 +69,8 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
 - ``protocol`` ("auto"): "fast", "bagged", "paper" (see above), or "auto": "bagged" when the
   groups in use are very unequal within the classes (:func:`repair.selection.group_imbalance`
   >= ``IMBALANCE_THRESHOLD``, e.g. a repair set skewed like deployment data, or rare errors of
-  the original model), else "fast". Measured (``bench/analysis.md``): reweighting all rows
+  the original model) and a group-balanced subsample is small next to the feature count
+  (<= ``BAG_ROWS_PER_FEATURE`` rows per feature), else "fast". Measured (``bench/analysis.md``): reweighting all rows
   (fast) uses every sample and wins on balanced repair sets, but on skewed ones the averaged
   group-balanced subsamples win by 3-13 points of test worst-group accuracy -- importance
   weights lose their effect on nearly separable data, subsampling does not (Idrissi et al. 2022).
@@ -115,6 +116,10 @@ __all__ = ["DFRConfig", "dfr", "fit_balanced_l1", "resolve_groups", "subsample_p
 
 PAPER_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 FAST_C_GRID = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03)
+#: the auto protocol bags only while a balanced subsample has at most this many rows per feature:
+#: there a weighted fit can (nearly) separate the data and the weights lose their effect; with more
+#: rows the weighted fit on all of them is as robust and far cheaper (the 50k x 2048 scale benchmark)
+BAG_ROWS_PER_FEATURE = 4
 _DEFAULTS = {"paper": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
              "bagged": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
              "fast": {"c_grid": FAST_C_GRID, "tol": 1e-3, "max_iter": 50}}
@@ -397,9 +402,13 @@ def dfr(inputs: RepairInputs, config: DFRConfig) -> RepairOutput:
         return out
     groups, _ = resolve_groups(inputs, config.group_source)
     imb = group_imbalance(groups, inputs.y)
-    chosen = "bagged" if imb >= IMBALANCE_THRESHOLD else "fast"
+    counts = torch.bincount(groups)
+    rows = int((counts > 0).sum()) * max(int(counts[counts > 0].min()), int(config.min_subsample_per_group))
+    D = int(inputs.X.shape[1])
+    chosen = "bagged" if (imb >= IMBALANCE_THRESHOLD and rows <= BAG_ROWS_PER_FEATURE * D) else "fast"
     cfg = dataclasses.replace(config, protocol=chosen)
     out = (run_fast_protocol(inputs, cfg, "dfr") if chosen == "fast" else run_balanced_protocol(inputs, cfg, None, "dfr"))
-    out.diagnostics.update({"protocol_rule": f"auto: group imbalance {imb:.2f} "
-                                             f"{'>=' if chosen == 'bagged' else '<'} {IMBALANCE_THRESHOLD}"})
+    out.diagnostics.update({"protocol_rule": f"auto: group imbalance {imb:.2f} (bagged from {IMBALANCE_THRESHOLD}), "
+                                             f"balanced subsample of {rows} rows for {D} features (bagged up to "
+                                             f"{BAG_ROWS_PER_FEATURE}x)"})
     return out

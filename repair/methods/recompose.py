@@ -4,7 +4,9 @@ with the attributes of the other classes, prune what does not show the object, r
 
 1. **Where the object is**: a mask per training image (:func:`repair.generation.object_masks`:
    ``--masks``, a local CLIPSeg ``--segmenter``, the classifier's Grad-CAM, or the weight-free
-   boundary prior ``contrast``).
+   boundary prior ``contrast`` -- the default without masks or a segmenter: a shortcut model's own
+   Grad-CAM points at the shortcut (demo, seed 0: test WGA 68.4 with Grad-CAM masks, 80.0 with
+   contrast masks)).
 2. **Generate** (:mod:`repair.generation`, ``--generator composite|diffusers``): every image of the
    training part is the source of ``per_image`` new images, its object on a background taken from
    another class's image -- one whose attribute value differs from the source's when group labels
@@ -51,7 +53,7 @@ class RecomposeConfig(FinetuneConfig):
     lr: float = setting(1e-3, gt=0)
     generator: str = setting("composite", choices=GENERATORS, doc="--generator overrides it")
     masks: str = setting("auto", choices=MASK_SOURCES,
-                         doc="where the object is: auto (--masks, else --segmenter, else attribution) | given | "
+                         doc="where the object is: auto (--masks, else --segmenter, else contrast) | given | "
                              "segmenter | attribution (Grad-CAM) | contrast (weight-free boundary prior)")
     mask_quantile: float = setting(0.7, gt=0, lt=1, doc="attribution masks: the top (1 - q) of each map")
     per_image: int = setting(1, ge=1, doc="generated images per training image")
