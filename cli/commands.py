@@ -18,30 +18,72 @@ from .options import AsJson, Columns, DataPath, ItemColumns, Load, ModelArg, Run
 @command
 def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runtime: Runtime,
              as_json: AsJson = False,
-             fail_under_wga: Annotated[Optional[float], typer.Option("--fail-under-wga", help="Exit 1 if worst-group accuracy is below this (0-1 or percent).")] = None,
-             fail_under_acc: Annotated[Optional[float], typer.Option("--fail-under-acc", help="Exit 1 if accuracy is below this (0-1 or percent).")] = None):
+             fail_under_wga: Annotated[Optional[str], typer.Option("--fail-under-wga", help="Exit 1 if worst-group accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%). Also exit 1 if a group has no samples, unless --expect-groups names the groups to expect.")] = None,
+             fail_under_acc: Annotated[Optional[str], typer.Option("--fail-under-acc", help="Exit 1 if accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%).")] = None,
+             expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported.")] = None):
     """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
     from repair.api import evaluate_model
 
-    if fail_under_wga is not None and columns.group_by is None:
-        raise BadInput("--fail-under-wga needs --group-by (worst-group accuracy needs group labels)")
+    thresholds = {"worst-group accuracy": gate_threshold(fail_under_wga, "--fail-under-wga"),
+                  "accuracy": gate_threshold(fail_under_acc, "--fail-under-acc")}
+    for flag, given in (("--fail-under-wga", fail_under_wga), ("--expect-groups", expect_groups)):
+        if given is not None and columns.group_by is None:
+            raise BadInput(f"{flag} needs --group-by (groups are class x the values of that column)")
+    expected = None if expect_groups is None else [g.strip() for g in expect_groups.split(",") if g.strip()]
+    if expected is not None and (not expected or not all(g.partition("|")[0] and g.partition("|")[2] for g in expected)):
+        raise BadInput(f"--expect-groups: give the groups as class|value separated by commas, got {expect_groups!r}")
     rep = evaluate_model(model, data, load, columns, runtime)
     gates = []
-    for name, thr, val in (("worst-group accuracy", fail_under_wga, rep["worst_group_accuracy"]),
-                           ("accuracy", fail_under_acc, rep["accuracy"])):
-        if thr is None:
-            continue
-        thr = thr / 100 if thr > 1 else thr
-        gates.append({"metric": name, "threshold": thr, "value": val, "passed": val is not None and val >= thr})
+    for name, val in (("worst-group accuracy", rep["worst_group_accuracy"]), ("accuracy", rep["accuracy"])):
+        thr = thresholds[name]
+        if thr is not None:
+            gates.append({"metric": name, "threshold": thr, "value": val, "passed": val is not None and val >= thr})
+    problems = [f"{g['metric']} {pct(g['value'])} < {pct(g['threshold'])}" for g in gates if not g["passed"]]
+    if rep.get("absent_groups") is not None:
+        missing = group_check(rep, columns.group_by, expected)
+        if missing and (expected is not None or thresholds["worst-group accuracy"] is not None):
+            problems.append(f"group(s) {', '.join(missing)} have no samples in {data}, so worst-group accuracy "
+                            "cannot speak for them" + ("" if expected is not None else
+                                                       " (name the groups to expect with --expect-groups)"))
     rep["gates"] = gates
     if as_json:
         emit_json(rep)
     else:
         src = "cache" if rep["embedding"]["from_cache"] else rep["embedding"]["device"]
         print(eval_table(rep, f"{model} on {data}  (embeddings: {src}, {rep['embedding']['seconds']:.2f}s)"))
-    failed = [g for g in gates if not g["passed"]]
-    if failed:
-        raise GateFailed("; ".join(f"{g['metric']} {pct(g['value'])} < {pct(g['threshold'])}" for g in failed))
+    if problems:
+        raise GateFailed("; ".join(problems))
+
+
+def gate_threshold(value: Optional[str], flag: str) -> Optional[float]:
+    from repair.metrics import parse_threshold
+
+    if value is None:
+        return None
+    try:
+        return parse_threshold(value)
+    except ValueError as e:
+        raise BadInput(f"{flag} {e}") from None
+
+
+def group_check(rep: dict, group_by: str, expected: Optional[list]) -> list[str]:
+    """The groups that make the gate fail for having no samples (``rep['missing_groups']``): with
+    ``expected``, those of them without samples; else every class x value with no samples."""
+    present = {g["name"] for g in rep["per_group"]}
+    classes = [c["name"] for c in rep["per_class"]]
+    if expected is None:
+        missing = list(rep["absent_groups"])
+    else:
+        missing = []
+        for g in expected:
+            cls, _, val = g.partition("|")
+            if cls not in classes:
+                raise BadInput(f"--expect-groups: {cls!r} is not a class of the model ({', '.join(classes)})")
+            name = g if val.startswith(f"{group_by}=") else f"{cls}|{group_by}={val}"
+            if name not in present:
+                missing.append(name)
+    rep["missing_groups"] = missing
+    return missing
 
 
 # ------------------------------------------------------------------ probe

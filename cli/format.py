@@ -37,6 +37,9 @@ def eval_table(rep: dict, title: str = "") -> str:
                + (f"  worst-group={pct(rep['worst_group_accuracy'])} ({rep['worst_group']})"
                   if rep.get("per_group") is not None else "  worst-group=- (no --group-by)"))
     if rep.get("per_group") is not None:
-        out.append(table(["group", "n", "accuracy"], [[r["name"], r["n"], pct(r["accuracy"])] for r in rep["per_group"]]))
+        out.append(table(["group", "n", "accuracy"], [[r["name"], r["n"], pct(r["accuracy"])] for r in rep["per_group"]]
+                         + [[g, 0, "-"] for g in rep.get("absent_groups") or []]))
+        if rep.get("absent_groups"):
+            out.append(f"no samples (in no figure): {', '.join(rep['absent_groups'])}")
     out.append(table(["class", "n", "accuracy"], [[r["name"], r["n"], pct(r["accuracy"])] for r in rep["per_class"]]))
     return "\n".join(out)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Optional, get_args, get_origin
 
@@ -124,21 +125,50 @@ def _floats(s: Optional[str], name: str) -> Optional[list]:
     return vals * 3 if len(vals) == 1 else vals
 
 
-def _load_options(arch, factory, allow_pickle, max_length, image_size, mean, std, class_names) -> LoadOptions:
+def _model_args(s: Optional[str]) -> Optional[dict]:
+    """``--model-args``: a JSON object, or a .json file holding one (a timm ``config.json``: its
+    ``model_args``)."""
+    if s is None:
+        return None
+    text, where = s, None
+    if not s.lstrip().startswith("{"):
+        where = Path(s)
+        if not where.is_file():
+            raise BadInput(f"--model-args must be a JSON object like '{{\"channels\": [16, 32]}}' or a .json file, "
+                           f"got {s!r}")
+        try:
+            text = where.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"--model-args: cannot read the file ({e})", where) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"--model-args is not valid JSON ({e.msg}, column {e.colno})", where) from None
+    if where is not None and isinstance(obj, dict) and isinstance(obj.get("model_args"), dict):
+        obj = obj["model_args"]
+    if not isinstance(obj, dict):
+        raise BadInput("--model-args must be a JSON object of keyword arguments", where)
+    return obj
+
+
+def _load_options(arch, factory, model_args, allow_pickle, max_length, image_size, mean, std, class_names) -> LoadOptions:
     from repair.adapters import LoadOptions
 
     names = [c.strip() for c in class_names.split(",")] if class_names else None
-    return LoadOptions(arch=arch, factory=factory, allow_pickle=allow_pickle, max_length=max_length,
-                       image_size=image_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                       class_names=names)
+    if names is not None and (not all(names) or len(set(names)) != len(names)):
+        raise BadInput(f"--class-names must be distinct, non-empty names separated by commas, got {class_names!r}")
+    return LoadOptions(arch=arch, factory=factory, model_args=_model_args(model_args), allow_pickle=allow_pickle,
+                       max_length=max_length, image_size=image_size, mean=_floats(mean, "--mean"),
+                       std=_floats(std, "--std"), class_names=names)
 
 
 LOAD_OPTIONS = OptionBundle("load", {
     "arch": (Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file.")], None),
     "factory": (Annotated[Optional[str], typer.Option("--factory", help="package.module:function returning the nn.Module.")], None),
+    "model_args": (Annotated[Optional[str], typer.Option("--model-args", help="Keyword arguments of the architecture (--arch) or factory, as a JSON object ('{\"channels\": [16, 32, 64, 128]}') or a .json file (a timm config.json: its model_args).")], None),
     "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Accept .pt/.pth/.bin (loaded with weights_only=True).")], False),
-    "max_length": (Annotated[Optional[int], typer.Option("--max-length", help="Text: tokenizer truncation length.")], None),
-    "image_size": (Annotated[Optional[int], typer.Option("--image-size", help="Input size for checkpoints without preprocessing (ONNX, factories).")], None),
+    "max_length": (Annotated[Optional[int], typer.Option("--max-length", min=1, help="Text: tokenizer truncation length.")], None),
+    "image_size": (Annotated[Optional[int], typer.Option("--image-size", min=1, help="Input size for checkpoints without preprocessing (ONNX, factories, bare timm weights).")], None),
     "mean": (Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean, e.g. 0.485,0.456,0.406.")], None),
     "std": (Annotated[Optional[str], typer.Option("--std", help="Normalisation std, e.g. 0.229,0.224,0.225.")], None),
     "class_names": (Annotated[Optional[str], typer.Option("--class-names", help="Comma-separated class names in the head's order, for checkpoints that carry none (bare weights, factories, ONNX).")], None),
@@ -163,6 +193,9 @@ DATA_OPTIONS = OptionBundle("data", {
 # ------------------------------------------------------------------ runtime -> RuntimeOptions
 def _runtime_options(device, batch_size, cache_dir, no_cache, quiet) -> RuntimeOptions:
     from repair.api import RuntimeOptions
+    from repair.embeddings import check_device
+
+    check_device(device)
 
     return RuntimeOptions(device=device, batch_size=batch_size,
                           cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache,

@@ -63,6 +63,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
                    data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None) -> dict:
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)
     report = evaluate(p.logits(), p.enc.y, p.enc.class_names, p.enc.groups, p.enc.group_names)
+    report["absent_groups"] = list(p.enc.absent_groups) if p.enc.groups is not None else None
     report.update({
         "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
         "data": {"source": str(data_path), "n": len(p.data), "modality": p.data.modality,

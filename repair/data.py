@@ -70,6 +70,9 @@ class Encoded:
     class_names: list[str]
     groups: Optional[torch.Tensor]     # (N,) group ids, None without --group-by
     group_names: list[str]             # name of each group id: "class|col=value"
+    #: groups (class of the model x value seen in the data) without a single sample: they are in
+    #: no figure, so a worst-group figure cannot speak for them
+    absent_groups: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ reading
@@ -80,6 +83,8 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
         raise BadInput(f"not UTF-8 text (byte {e.start}: {e.reason})", path) from None
     except FileNotFoundError:
         raise BadInput("file not found", path) from None
+    except OSError as e:
+        raise BadInput(f"cannot read the file ({e.strerror or e})", path) from None
     if path.suffix.lower() in (".jsonl", ".json"):
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -99,6 +104,9 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
     reader = csv.DictReader(io.StringIO(text), delimiter=delim,
                             quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
     columns = list(reader.fieldnames or [])
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise BadInput(f"column {twice[0]!r} appears more than once in the header", path)
     rows = []
     for n, row in enumerate(reader, 2):
         if None in row:
@@ -125,7 +133,17 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
     if not rows:
         raise BadInput("no rows", table)
     label_col = _pick(columns, o.label_col, LABEL_COLUMNS, "label", table)
-    is_image = o.path_col is not None or (o.text_col is None and any(c in columns for c in PATH_COLUMNS))
+    if o.path_col is not None or o.text_col is not None:
+        is_image = o.path_col is not None
+    elif any(c in columns for c in PATH_COLUMNS):
+        is_image = True
+    elif any(c in columns for c in TEXT_COLUMNS):
+        is_image = False
+    elif table.stem.lower() == "metadata" or _has_images(root):
+        is_image = True     # an image folder's table: _pick asks for --path-col
+    else:
+        raise BadInput(f"cannot tell which column holds the image paths or the texts (columns: "
+                       f"{', '.join(columns)}); name it with --path-col (images) or --text-col (texts)", table)
     if is_image:
         path_col = _pick(columns, o.path_col, PATH_COLUMNS, "path", table)
         items = []
@@ -151,6 +169,14 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
                       table=table)
 
 
+def _has_images(root: Path) -> bool:
+    try:
+        return any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()
+                   if not p.name.startswith("."))
+    except OSError:
+        return False
+
+
 def _from_class_folders(root: Path) -> RepairData:
     items, labels = [], []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -168,6 +194,15 @@ def load_data(path, options: Optional[DataOptions] = None) -> RepairData:
     path = Path(path)
     if not path.exists():
         raise BadInput("data not found", path)
+    if not path.is_file() and not path.is_dir():
+        raise BadInput("expected a folder, or a .csv/.tsv/.jsonl file; got a device or other special file", path)
+    try:
+        return _load_data(path, o)
+    except PermissionError as e:
+        raise BadInput(f"cannot read ({e.strerror})", e.filename or path) from None
+
+
+def _load_data(path: Path, o: DataOptions) -> RepairData:
     if path.is_file():
         if path.suffix.lower() not in TABLE_SUFFIXES:
             raise BadInput("expected a folder, or a .csv/.tsv/.jsonl file", path)
@@ -222,4 +257,6 @@ def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str]
     index = {k: i for i, k in enumerate(keys)}
     groups = torch.tensor([index[(int(c), a)] for c, a in zip(y.tolist(), attr)], dtype=torch.long)
     names = [f"{class_names[c]}|{group_by}={a}" for c, a in keys]
-    return Encoded(y=y, class_names=list(class_names), groups=groups, group_names=names)
+    absent = [f"{class_names[c]}|{group_by}={a}" for c in range(len(class_names)) for a in sorted(set(attr))
+              if (c, a) not in index]
+    return Encoded(y=y, class_names=list(class_names), groups=groups, group_names=names, absent_groups=absent)

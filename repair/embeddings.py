@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from .adapters.base import Adapter
 from .data import RepairData
+from .errors import BadInput
 
 CACHE_FORMAT = 1
 
@@ -32,6 +33,27 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "repair" / "embeddings"
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it, else :class:`BadInput` (checked before any work)."""
+    if device == "auto":
+        return device
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {device}: no CUDA device is available here (use cpu or auto)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise BadInput(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise BadInput(f"--device {device}: MPS is not available here (use cpu or auto)")
+    elif d.type != "cpu":
+        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -104,13 +126,13 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
 
 
 def _write_cache(path: Path, X: torch.Tensor) -> None:
-    from safetensors.torch import save_file
+    from .io import save_safetensors
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        save_file({"embeddings": X.contiguous()}, tmp, metadata={"repair_version": __version__})
+        save_safetensors({"embeddings": X}, tmp, metadata={"repair_version": __version__})
         os.replace(tmp, path)
     except OSError as e:  # a read-only or full cache must not fail the command
         print(f"warning: could not write embedding cache {path.parent} ({e.strerror})", file=sys.stderr)

@@ -276,7 +276,7 @@ class Session:
         given = inputs.groups is not None
         self.groups = inputs.groups.long().cpu() if given else inferred_groups(ref, y)
         self.group_source = "given" if given else "inferred"
-        self.criterion = Criterion.resolve(selection, has_groups=given)
+        self.criterion = Criterion.resolve(selection, has_groups=given, y=y, ref_logits=ref)
         self.score_strata = self.criterion.strata(y, ref, inputs.groups)
         counts = torch.bincount(self.groups)
         small = [int(g) for g in torch.nonzero((counts > 0) & (counts < self.MIN_PER_STRATUM)).flatten()]

@@ -1,19 +1,49 @@
 """File I/O shared by adapters, export and the CLI: weights reading with clear
-errors, and atomic outputs (write to a temporary sibling, then rename)."""
+errors, deterministic safetensors writing, and atomic outputs (write to a temporary
+sibling, then rename).
+
+Temporary folders beside an output are ours by name: ``.<name>.<random>.tmp``
+(:func:`atomic_output`) and ``.<name>.work-<random>`` (:func:`scratch_dir`, the scratch
+space of model repairs). Each holds a lock file (``.repair-lock``: the owner's pid and
+host, ``flock``-ed while the owner runs). The next run writing the same output removes
+the ones whose owner is gone (:func:`clean_stale_temps`) and says so on stderr; a folder
+whose lock is held (a run in progress, in any process) is left alone, and nothing not
+named like ours is ever touched.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import re
 import shutil
+import socket
+import struct
+import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from .errors import BadInput
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+LOCK_NAME = ".repair-lock"
+#: a temp folder of ours without a lock file is stale after this long (it got its lock file an
+#: instant after it was made, or it was the write probe of :func:`check_output`)
+UNLOCKED_STALE_SECONDS = 3600
+#: errors of the place written to, not of ours: reported as bad input (exit 2) naming the output
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+               errno.ENAMETOOLONG, errno.ENOTDIR}
 
 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -25,6 +55,8 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise BadInput("file not found", path)
     if path.is_dir():
         raise BadInput("expected a .safetensors file, got a folder", path)
+    if not path.is_file():
+        raise BadInput("expected a .safetensors file, got a device or other special file", path)
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as f:
@@ -48,10 +80,15 @@ def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[s
                            ".safetensors or pass --allow-pickle (loaded with weights_only=True)", path)
         if not path.exists():
             raise BadInput("file not found", path)
+        if not path.is_file():
+            raise BadInput("expected a weights file, got a folder or special file", path)
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():     # torch warns on some refused pickles: the error says it all
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise BadInput(f"not a loadable weights-only pickle ({str(e).splitlines()[0]})", path) from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"not a loadable weights-only pickle ({first})", path) from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -61,32 +98,231 @@ def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[s
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the metadata in sorted key order (safetensors writes
+    it in hash order, which differs from process to process), so equal inputs give equal bytes.
+    A failed write is an ``OSError`` with its errno (safetensors wraps it in its own error)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m:
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from None
+        raise
+    if metadata:
+        _sort_header(Path(path))
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header in place: ``__metadata__`` first with sorted keys, the
+    tensors in data order. The header keeps its length (safetensors pads it with spaces)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        out = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+        out.update(sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])))
+        new = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) > n:        # cannot happen for a header safetensors wrote; leave it as written
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
+
+
+# ------------------------------------------------------------------ outputs
+def _temp_name_re(name: str) -> re.Pattern:
+    return re.compile(r"\." + re.escape(name) + r"\.(?:[a-z0-9_]{8}\.tmp|work-[a-z0-9_]{8})")
+
+
+def _lock(folder: Path) -> Optional[int]:
+    """Create the lock file of a temp folder we just made and hold its lock; the fd (closed, so
+    released, when the process ends in any way)."""
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    held = False
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except OSError:          # a file system without locks: the pid decides (same host only)
+            pass
+    os.write(fd, f"{os.getpid()} {socket.gethostname()} {'flock' if held else 'nolock'}\n".encode())
+    return fd
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _stale(folder: Path) -> bool:
+    """Whether a temp folder of ours was left by a run that is gone."""
+    try:
+        st = folder.lstat()
+    except OSError:
+        return False
+    if not folder.is_dir() or folder.is_symlink() or (hasattr(os, "geteuid") and st.st_uid != os.geteuid()):
+        return False
+    lock = folder / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return time.time() - st.st_mtime > UNLOCKED_STALE_SECONDS
+    except OSError:
+        return False
+    try:
+        owner = os.read(fd, 256).decode("utf-8", "replace").split()
+        if len(owner) >= 3 and owner[2] == "flock" and fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False                       # held: its run is in progress
+            return True
+        # no lock was held: a dead pid on this host is stale; another host's, only when very old
+        if len(owner) >= 2 and owner[0].isdigit() and owner[1] == socket.gethostname():
+            return not _pid_alive(int(owner[0]))
+        return time.time() - st.st_mtime > 7 * 24 * 3600
+    finally:
+        os.close(fd)
+
+
+def clean_stale_temps(final: Path, log: Optional[Callable[[str], None]] = None) -> list[Path]:
+    """Remove the temp folders of ours (see the module docstring) beside ``final`` that an
+    interrupted run left; say so through ``log`` (default: stderr). Returns what was removed."""
+    final = Path(final)
+    parent = final.parent if str(final.parent) else Path(".")
+    pattern = _temp_name_re(final.name)
+    try:
+        entries = [p for p in parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return []
+    removed = []
+    for p in sorted(entries):
+        if _stale(p):
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+                (log or _stderr)(f"removed {p}: a temporary folder left by an interrupted run")
+    return removed
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _reason(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "no space left on the device"
+    return e.strerror or str(e)
+
+
+def user_side(e: BaseException) -> Optional[int]:
+    """The errno of a write failure caused by the place written to (full, read-only, not
+    allowed), else None. ``shutil.Error`` (copytree) carries its causes as text."""
+    if isinstance(e, shutil.Error):
+        text = str(e.args[0] if e.args else e)
+        for code in USER_ERRNOS:
+            if f"[Errno {code}]" in text:
+                return code
+        return None
+    if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+        return e.errno
+    return None
+
+
+def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[str], None]] = None) -> Path:
+    """Check, before any work, that ``final`` can be written: it does not exist (unless
+    ``force``), its folder exists and is a folder, and a file can be created there (a real
+    probe: permissions, read-only mounts, /proc). Removes stale temps of ours beside it."""
+    final = Path(final)
+    parent = final.parent if str(final.parent) else Path(".")
+    if (final.exists() or final.is_symlink()) and not force:
+        raise BadInput("output already exists (use --force to overwrite)", final)
+    if not parent.is_dir():
+        for anc in (parent, *parent.parents):
+            if anc.exists() or anc.is_symlink():
+                if not anc.is_dir():
+                    raise BadInput(f"cannot write below {anc}: it is a file, not a folder", final)
+                break
+        raise BadInput("output folder does not exist", parent)
+    clean_stale_temps(final, log)
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
+        os.rmdir(probe)
+    except OSError as e:
+        raise BadInput(f"cannot write in {parent} ({_reason(e)})", final) from None
+    return final
+
+
+def _make_temp(parent: Path, prefix: str, suffix: str, final: Path) -> tuple[Path, int]:
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    except OSError as e:
+        raise BadInput(f"cannot write in {parent} ({_reason(e)})", final) from None
+    try:
+        fd = _lock(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BadInput(f"cannot write in {parent} ({_reason(e)})", final) from None
+    return tmp, fd
 
 
 @contextlib.contextmanager
-def atomic_output(final: Path, *, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it into place on success,
-    remove it on any error. An existing ``final`` is replaced only with ``force``."""
+def scratch_dir(final: Path, log: Optional[Callable[[str], None]] = None) -> Iterator[Path]:
+    """A locked scratch folder ``.<name>.work-<random>`` beside ``final`` (so files made in it
+    can be moved into place with the output), removed whatever happens."""
+    final = Path(final)
+    parent = final.parent if str(final.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInput("output folder does not exist", parent)
+    clean_stale_temps(final, log)
+    tmp, fd = _make_temp(parent, f".{final.name}.work-", "", final)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(final: Path, *, force: bool = False, is_dir: bool = False,
+                  log: Optional[Callable[[str], None]] = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``final`` (inside a locked ``.<name>.<random>.tmp``
+    folder; with ``is_dir`` an empty folder); rename it into place on success, remove it on any
+    error. An existing ``final`` is replaced only with ``force``. A write that fails because of
+    the place (full disk, read-only, not allowed) is :class:`BadInput` naming ``final``, with
+    nothing left behind."""
     final = Path(final)
     if final.exists() and not force:
         raise BadInput("output already exists (use --force to overwrite)", final)
     parent = final.parent if str(final.parent) else Path(".")
     if not parent.exists():
         raise BadInput("output folder does not exist", parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent))
-    target = tmp if is_dir else tmp / final.name
+    clean_stale_temps(final, log)
+    tmp, fd = _make_temp(parent, f".{final.name}.", ".tmp", final)
+    target = tmp / final.name
     try:
+        if is_dir:
+            target.mkdir()
         yield target
-        old: Optional[Path] = None
-        if final.exists():
-            old = parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
+        if final.exists() or final.is_symlink():
+            os.replace(final, tmp / f".replaced-{final.name}")     # removed with tmp
         os.replace(target, final)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    except (OSError, shutil.Error) as e:
+        code = user_side(e)
+        if code is None:
+            raise
+        raise BadInput(f"cannot write the output ({_reason(OSError(code, os.strerror(code)))}); "
+                       "nothing was written", final) from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)

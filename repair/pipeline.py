@@ -156,8 +156,8 @@ class _Context:
             self._tm = self.adapter.trainable()
         return self._tm
 
-    def fit(self, cand, idx: torch.Tensor) -> _Fitted:
-        info, cfg = cand.info, cand.config()
+    def fit(self, cand, idx: torch.Tensor, config=None) -> _Fitted:
+        info, cfg = cand.info, (config if config is not None else cand.config())
         g = self.groups[idx] if (self.groups is not None and info.uses_groups) else None
         t0 = time.perf_counter()
         if info.kind == "head":
@@ -216,13 +216,19 @@ def _choose(recipe, ctx: _Context, fit_idx: torch.Tensor, strata: torch.Tensor, 
         return out
 
     def head_cv(cs, rel: torch.Tensor):
-        """Best head candidate by K-fold CV on fit-part rows ``rel`` (positions in fit_idx)."""
-        secs = [0.0] * len(cs)
+        """Head candidates compared by K-fold CV on fit-part rows ``rel`` (positions in fit_idx):
+        each is fitted once on all of ``rel`` (its own inner selection included); the folds refit
+        it with the settings that selection chose (``MethodInfo.freeze``), far cheaper than
+        repeating it. Returns (best index, selection, the fits on ``rel``)."""
+        full = [ctx.fit(c, fit_idx[rel]) for c in cs]
+        frozen = [c.info.freeze(f.config, f.diagnostics or {}) if c.info.freeze else f.config
+                  for c, f in zip(cs, full)]
+        secs = [f.seconds for f in full]
 
         def fit(idx, which):
             fs = []
             for i in which:
-                f = ctx.fit(cs[i], fit_idx[rel[idx]])
+                f = ctx.fit(cs[i], fit_idx[rel[idx]], config=frozen[i])
                 secs[i] += f.seconds
                 fs.append(f)
             return fs
@@ -240,7 +246,7 @@ def _choose(recipe, ctx: _Context, fit_idx: torch.Tensor, strata: torch.Tensor, 
                 log(f"  {c.label:<40} {folds}-fold {crit.name}={100 * sel.worst[i]:.1f}%  "
                     f"acc={100 * sel.mean[i]:.1f}%  ({secs[i]:.2f}s)")
             rows.append(row)
-        return sel.best, sel
+        return sel.best, sel, full
 
     heads = runnable([c for c in cands if c.info.kind == "head"])
     models = runnable([c for c in cands if c.info.kind == "model"])
@@ -248,15 +254,17 @@ def _choose(recipe, ctx: _Context, fit_idx: torch.Tensor, strata: torch.Tensor, 
         raise BadInput("no candidate of the recipe can run without group labels (give --group-by)")
     everything = torch.arange(fit_idx.numel())
     if not models:
-        best, sel = head_cv(heads, everything) if len(heads) > 1 else (0, None)
-        if sel is not None and sel.worst is not None:
-            _erm_check(ctx, sel, fit_idx, y, score_strata, crit)
-            top = sel.ranked()[:max(1, int(recipe.ensemble))]
-            if len(top) > 1:
-                chosen, final = _ensemble([heads[i] for i in top], ctx, fit_idx)
-                return chosen, final, rows, sel.describe()
-        chosen = heads[best]
-        return chosen, ctx.fit(chosen, fit_idx), rows, (sel.describe() if sel and sel.worst is not None else None)
+        if len(heads) == 1:
+            return heads[0], ctx.fit(heads[0], fit_idx), rows, None
+        best, sel, full = head_cv(heads, everything)
+        if sel.worst is None:
+            return heads[best], full[best], rows, None
+        _erm_check(ctx, sel, fit_idx, y, score_strata, crit)
+        top = sel.ranked()[:max(1, int(recipe.ensemble))]
+        if len(top) > 1:
+            chosen, final = _ensemble([heads[i] for i in top], [full[i] for i in top], ctx.X[fit_idx])
+            return chosen, final, rows, sel.describe()
+        return heads[best], full[best], rows, sel.describe()
     if not heads and len(models) == 1:
         log(f"  {models[0].label}: training on the fit part ({fit_idx.numel()} samples)")
         f = ctx.fit(models[0], fit_idx)
@@ -314,12 +322,10 @@ class _Chosen:
         return self
 
 
-def _ensemble(cands, ctx: _Context, fit_idx: torch.Tensor):
-    """The average of the candidates' heads, each refitted on the whole fit part and scaled to
-    unit spread of its (class-centred) logits there, so no head dominates by its scale. Heads
-    are linear in the embeddings: the average is one head, the logit average of the members."""
-    fits = [ctx.fit(c, fit_idx) for c in cands]
-    X = ctx.X[fit_idx]
+def _ensemble(cands, fits, X: torch.Tensor):
+    """The average of the candidates' heads (``fits``, fitted on the whole fit part ``X``), each
+    scaled to unit spread of its (class-centred) logits there, so no head dominates by its scale.
+    Heads are linear in the embeddings: the average is one head, the logit average of the members."""
     Ws, bs = [], []
     for f in fits:
         lg = X @ f.W.T + f.b
@@ -331,7 +337,7 @@ def _ensemble(cands, ctx: _Context, fit_idx: torch.Tensor):
     diag = {"ensemble": [c.label for c in cands], "members": {c.label: f.diagnostics for c, f in zip(cands, fits)}}
     config = {"ensemble": {c.label: dataclasses.asdict(f.config) for c, f in zip(cands, fits)}}
     return (_Chosen("ensemble", f"average of {label}", members=tuple(c.method for c in cands)),
-            _Fitted("head", W=W, b=b, diagnostics=diag, config=config, seconds=sum(f.seconds for f in fits)))
+            _Fitted("head", W=W, b=b, diagnostics=diag, config=config, seconds=0.0))
 
 
 def _erm_check(ctx: _Context, sel, fit_idx, y, score_strata, crit) -> None:

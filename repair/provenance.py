@@ -2,12 +2,16 @@
 
 The same string-to-string map goes into safetensors metadata and ONNX
 ``metadata_props``: ``format: pt`` (transformers 4.x refuses safetensors
-metadata without it) and namespaced ``repair.*`` keys. Never a machine path.
+metadata without it) and namespaced ``repair.*`` keys. Never a machine path, and no
+wall-clock time: the same inputs and seed give byte-identical files. ``repair.created`` is
+written only when the caller passes it or ``SOURCE_DATE_EPOCH`` is set (reproducible builds'
+convention: that time, in UTC).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from typing import Any, Optional
 
 from . import __version__
@@ -32,8 +36,10 @@ def build(*, source_sha256: str, method: str, settings: Optional[dict] = None,
         f"{PREFIX}method": method,
         f"{PREFIX}settings": canonical_json(settings or {}),
         f"{PREFIX}source_sha256": source_sha256,
-        f"{PREFIX}created": created or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
+    created = created or source_date()
+    if created:
+        meta[f"{PREFIX}created"] = created
     if figures is not None:
         meta[f"{PREFIX}figures"] = canonical_json(figures)
     if measured_on is not None:
@@ -41,6 +47,14 @@ def build(*, source_sha256: str, method: str, settings: Optional[dict] = None,
     for k, v in (extra or {}).items():
         meta[f"{PREFIX}{k}"] = v if isinstance(v, str) else canonical_json(v)
     return meta
+
+
+def source_date() -> Optional[str]:
+    """``SOURCE_DATE_EPOCH`` as an ISO time in UTC, or None when it is unset or not a number."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not raw.isdigit():
+        return None
+    return _dt.datetime.fromtimestamp(int(raw), _dt.timezone.utc).isoformat()
 
 
 def merge(existing: Optional[dict], new: dict[str, str]) -> dict[str, str]:

@@ -6,7 +6,7 @@ The manifest (YAML, or CSV with one header row) holds one row per model; keys ar
 
     defaults:                   # any field; a row's own value wins
       recipe: auto
-      gate: 0.7                 # 0-1 or a percentage ("70", "70%")
+      gate: 0.7                 # a fraction 0-1, or a percentage with its sign ("70%")
       group_by: place
       output_dir: repaired/     # outputs: <output_dir>/<name> unless a row names its `output`
     models:
@@ -48,7 +48,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -164,19 +163,9 @@ def _read_rows(path: Path) -> tuple[dict, list[dict]]:
 
 
 def _threshold(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError(f"must be a number, got {v!r}")
-    s = str(v).strip()
-    is_pct = s.endswith("%")
-    try:
-        x = float(s.rstrip("%").strip())
-    except ValueError:
-        raise ValueError(f"must be a number from 0 to 1 or a percentage, got {v!r}") from None
-    if is_pct or x > 1:
-        x /= 100
-    if not 0 <= x <= 1 or math.isnan(x):
-        raise ValueError(f"must be from 0 to 1 (or 0-100%), got {v!r}")
-    return x
+    from .metrics import parse_threshold
+
+    return parse_threshold(v)
 
 
 def _slug(name: str) -> str:

@@ -6,7 +6,8 @@ A model family is one module that registers itself:
 
 ``detect(path, options) -> bool`` says whether the family reads this checkpoint
 (cheaply: look at the suffix, a config file, the options); ``load(path, options)
--> Adapter`` reads it. ``load_model`` asks the families in descending priority
+-> Adapter`` reads it (a family that builds its architecture from keyword arguments,
+``--model-args``, registers with ``model_args=True``; the others refuse them). ``load_model`` asks the families in descending priority
 and uses the first that says yes. The built-in families (``factory``,
 ``onnx_adapter``, ``timm_adapter``, ``hf_adapter``) are imported on first use; a
 new family is a new module that calls ``register_family`` and is imported before
@@ -28,6 +29,7 @@ class LoadOptions:
     """How to read a checkpoint; recorded in provenance."""
     arch: Optional[str] = None            # timm architecture for a bare weights file
     factory: Optional[str] = None         # package.module:function returning an nn.Module
+    model_args: Optional[dict] = None     # keyword arguments of the architecture / factory
     allow_pickle: bool = False            # .pt/.pth/.bin, loaded with weights_only=True
     max_length: Optional[int] = None      # text: tokenizer truncation length
     image_size: Optional[int] = None      # preprocessing for checkpoints that carry none
@@ -47,6 +49,7 @@ class FamilyInfo:
     load: Load
     priority: int                         # higher is asked first
     summary: str = ""
+    model_args: bool = False              # builds its architecture with LoadOptions.model_args
 
 
 _FAMILIES: dict[str, FamilyInfo] = {}
@@ -55,10 +58,11 @@ _FAMILIES: dict[str, FamilyInfo] = {}
 _BUILTIN_MODULES = ("factory", "onnx_adapter", "timm_adapter", "hf_adapter")
 
 
-def register_family(name: str, *, detect: Detect, load: Load, priority: int, summary: str = "") -> FamilyInfo:
+def register_family(name: str, *, detect: Detect, load: Load, priority: int, summary: str = "",
+                    model_args: bool = False) -> FamilyInfo:
     """Register a model family (see the module docstring). Registering the same name twice
     with other functions is an error; re-importing a family module is not."""
-    info = FamilyInfo(name, detect, load, int(priority), summary)
+    info = FamilyInfo(name, detect, load, int(priority), summary, bool(model_args))
     old = _FAMILIES.get(name)
     if old is not None and (old.detect is not detect or old.load is not load):
         raise ValueError(f"model family {name!r} registered twice")
@@ -83,12 +87,22 @@ def list_families() -> list[FamilyInfo]:
 
 
 def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
+    """The adapter of the first family (by priority) that reads ``path``. A weights file inside
+    a timm or transformers folder (``config.json`` beside it) is read as that folder reads its
+    own weights, and written back as one file."""
     o = options or LoadOptions()
     path = Path(path)
     if not path.exists():
         raise BadInput("model not found", path)
+    if not path.is_file() and not path.is_dir():
+        raise BadInput("expected a checkpoint file or folder, got a device or other special file", path)
+    if o.arch and o.factory:
+        raise BadInput("give --arch (a timm architecture) or --factory (a module), not both")
     for fam in list_families():
         if fam.detect(path, o):
+            if o.model_args is not None and not fam.model_args:
+                raise BadInput(f"--model-args applies to timm architectures and --factory modules, not to "
+                               f"{'an' if fam.name[0] in 'aeiou' else 'a'} {fam.name} model", path)
             return fam.load(path, o)
     if path.is_dir():
         raise BadInput("not a timm hub folder (config.json with 'architecture') nor a transformers "

@@ -35,9 +35,14 @@ def import_factory(spec: str):
 
 
 def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
-                       data_config: Optional[dict], class_names: Optional[Sequence[str]] = None) -> TorchImageAdapter:
+                       data_config: Optional[dict], class_names: Optional[Sequence[str]] = None,
+                       model_args: Optional[dict] = None) -> TorchImageAdapter:
     fn = import_factory(factory)
-    model = fn()
+    try:
+        model = fn(**(model_args or {}))
+    except Exception as e:   # the user's code, called with the user's arguments
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        raise BadInput(f"factory {factory!r}{' with --model-args' if model_args else ''} failed ({why})") from None
     if not isinstance(model, nn.Module):
         raise BadInput(f"factory {factory!r} returned {type(model).__name__}, not a torch nn.Module")
     tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)
@@ -57,8 +62,8 @@ def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
     side_json = (path if path.is_dir() else path.parent) / PREPROCESS_FILE
     cfg = image_config_from_options(o.image_size, o.mean, o.std, side_json)
     return load_factory_model(path, o.factory, allow_pickle=o.allow_pickle, data_config=cfg,
-                              class_names=o.class_names)
+                              class_names=o.class_names, model_args=o.model_args)
 
 
-register_family("torch", detect=detect, load=load, priority=100,
+register_family("torch", detect=detect, load=load, priority=100, model_args=True,
                 summary="--factory package.module:function + a state-dict file (head: the last nn.Linear)")

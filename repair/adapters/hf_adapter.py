@@ -1,5 +1,6 @@
 """Hugging Face ``transformers`` sequence classifiers saved as a folder
-(config.json, model.safetensors, tokenizer files)."""
+(config.json, model.safetensors, tokenizer files), or a ``.safetensors`` file inside such a
+folder (the folder's model and tokenizer with that file's weights)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +53,7 @@ class HFTextAdapter(TorchModelAdapter):
     # transformers 4.x refuses safetensors metadata without format: pt
     save_metadata_defaults = MappingProxyType({"format": "pt"})
 
-    def __init__(self, path: Path, *, max_length: Optional[int] = None):
+    def __init__(self, path: Path, *, max_length: Optional[int] = None, weights: Optional[Path] = None):
         offline()
         from transformers import AutoModelForSequenceClassification
 
@@ -62,8 +63,11 @@ class HFTextAdapter(TorchModelAdapter):
         archs = cfg.get("architectures") or []
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
             raise BadInput(f"not a sequence-classification model (architectures: {archs})", cfg_path)
-        weights = path / "model.safetensors"
-        if not weights.exists():
+        own = path / "model.safetensors"
+        given = weights is not None
+        other = given and Path(weights).resolve() != own.resolve()
+        weights = Path(weights) if given else own
+        if not own.exists():
             if (path / "model.safetensors.index.json").exists():
                 raise BadInput("sharded checkpoints are not supported yet; save with a single "
                                "model.safetensors", path)
@@ -72,6 +76,18 @@ class HFTextAdapter(TorchModelAdapter):
                                "(model.safetensors)", path / "pytorch_model.bin")
             raise BadInput("no model.safetensors in the transformers folder", path)
         tensors, metadata = load_safetensors(weights)  # clear error on truncation/corruption
+        if other:
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(own), framework="pt") as f:
+                    folder_keys = set(f.keys())
+            except Exception:
+                raise BadInput("not a readable safetensors file", own) from None
+            if set(tensors) != folder_keys:
+                odd = sorted(set(tensors) ^ folder_keys)
+                raise BadInput(f"weights do not match the folder's model ({len(odd)} tensor name(s) differ, "
+                               f"e.g. {odd[0]})", weights)
         self._source_metadata = metadata
         problem = "transformers cannot load this folder"
         with quiet_transformers():
@@ -80,6 +96,13 @@ class HFTextAdapter(TorchModelAdapter):
                     str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True)
             except Exception as e:
                 raise BadInput(f"{problem} ({type(e).__name__}: {first_line(e)})", path) from None
+        if other:
+            own_sd = model.state_dict()
+            bad = [k for k, v in tensors.items() if tuple(own_sd[k].shape) != tuple(v.shape)]
+            if bad:
+                raise BadInput(f"tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, the folder's model "
+                               f"expects {tuple(own_sd[bad[0]].shape)}", weights)
+            model.load_state_dict(tensors, strict=False)
         self.tokenizer = load_tokenizer(path, problem)
         self.model = model.eval()
         num_labels = int(model.config.num_labels)
@@ -94,7 +117,7 @@ class HFTextAdapter(TorchModelAdapter):
         self.head_key = f"{self.head_name}.weight"
         if self.head_key not in tensors:
             raise BadInput(f"head tensor {self.head_key} not found by that name in the file", weights)
-        self.source = path
+        self.source = weights if given else path
         self.weights_path = weights
         id2label = model.config.id2label or {}
         self.class_names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(num_labels)]
@@ -117,11 +140,18 @@ class HFTextAdapter(TorchModelAdapter):
         return self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
 
 
+def _in_folder(path: Path) -> bool:
+    """A .safetensors file inside a transformers folder."""
+    return path.is_file() and path.suffix.lower() == ".safetensors" and is_hf_folder(path.parent)
+
+
 def detect(path: Path, o: LoadOptions) -> bool:
-    return is_hf_folder(path)
+    return is_hf_folder(path) or _in_folder(path)
 
 
 def load(path: Path, o: LoadOptions) -> HFTextAdapter:
+    if path.is_file():
+        return HFTextAdapter(path.parent, max_length=o.max_length, weights=path)
     return HFTextAdapter(path, max_length=o.max_length)
 
 

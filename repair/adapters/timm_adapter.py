@@ -1,4 +1,6 @@
-"""timm checkpoints: the hub folder ``save_for_hf`` writes, or a bare weights file + ``--arch``."""
+"""timm checkpoints: the hub folder ``save_for_hf`` writes (or a weights file inside such a
+folder: the folder's config with that file's weights), or a bare weights file + ``--arch``
+(+ ``--model-args``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,19 +46,33 @@ def _weights_in_folder(folder: Path, allow_pickle: bool) -> Path:
 
 
 def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = False,
-              class_names: Optional[Sequence[str]] = None) -> TorchImageAdapter:
+              class_names: Optional[Sequence[str]] = None, model_args: Optional[dict] = None,
+              weights: Optional[Path] = None, preprocess: Optional[dict] = None) -> TorchImageAdapter:
+    """``path``: a hub folder (``weights``: another weights file to read with its config; the
+    adapter is then that file's) or a bare weights file with ``arch``. ``model_args`` (given by
+    the user) update the folder's; ``preprocess``: input_size/mean/std for a bare file."""
     import timm
 
     path = Path(path)
+    source = path
+    args_from = "--model-args" if model_args is not None else None
     if path.is_dir():
         cfg_path = path / "config.json"
         cfg = read_json(cfg_path)
-        arch = cfg.get("architecture")
-        _check_arch(arch, cfg_path)
-        weights = _weights_in_folder(path, allow_pickle)
-        model_args = cfg.get("model_args") or {}
-        if not isinstance(model_args, dict):
+        folder_arch = cfg.get("architecture")
+        _check_arch(folder_arch, cfg_path)
+        if arch is not None and arch != folder_arch:
+            raise BadInput(f"--arch {arch} disagrees with the folder's architecture {folder_arch!r}", cfg_path)
+        arch = folder_arch
+        if weights is None:
+            weights = _weights_in_folder(path, allow_pickle)
+        else:
+            source = weights = Path(weights)
+        folder_args = cfg.get("model_args") or {}
+        if not isinstance(folder_args, dict):
             raise BadInput("model_args must be an object", cfg_path)
+        model_args = {**folder_args, **(model_args or {})}
+        args_from = args_from or cfg_path
         num_classes = cfg.get("num_classes")
         pretrained_cfg = cfg.get("pretrained_cfg") or {}
         names = cfg.get("label_names")
@@ -66,7 +82,8 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         _check_arch(arch, None)
         if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
             raise BadInput("expected a .safetensors file (or a pickle with --allow-pickle)", path)
-        weights, cfg_path, model_args, num_classes, pretrained_cfg, names = path, None, {}, None, None, None
+        weights, cfg_path, num_classes, pretrained_cfg, names = path, None, None, None, None
+        model_args = dict(model_args or {})
 
     tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)
     model_args = dict(model_args)
@@ -76,8 +93,12 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     try:
         model = timm.create_model(arch, pretrained=False, **({"num_classes": int(num_classes)} if num_classes else {}),
                                   **model_args)
-    except TypeError as e:
-        raise BadInput(f"model_args do not fit {arch}: {e}", cfg_path) from None
+    except Exception as e:   # the architecture's constructor rejects the arguments (any error type)
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if isinstance(args_from, Path):
+            raise BadInput(f"model_args do not fit {arch} ({why})", args_from) from None
+        raise BadInput(f"--model-args do not fit {arch} ({why})" if args_from else
+                       f"cannot build {arch} ({why})", None if args_from else weights) from None
     head_name = module_name(model, model.get_classifier())
     key_w = f"{head_name}.weight"
     if key_w not in tensors:
@@ -92,27 +113,50 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     load_weights_strict(model, tensors, weights, head_name)
     if pretrained_cfg is None:
         pretrained_cfg = dict(model.pretrained_cfg or {})
+        if preprocess:     # the user's preprocessing for a bare file (which carries none)
+            pretrained_cfg.update(preprocess)
     if names is None:
         names = list(class_names) if class_names else [str(i) for i in range(file_classes)]
     if len(names) != file_classes:
         raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes",
                        cfg_path or weights)
-    return TorchImageAdapter(family="timm", source=path, weights_path=weights, model=model,
+    return TorchImageAdapter(family="timm", source=source, weights_path=weights, model=model,
                              head_name=head_name, tensors=tensors, metadata=metadata,
                              class_names=[str(n) for n in names],
                              data_config=resolve_image_config(pretrained_cfg))
 
 
+def _in_folder(path: Path) -> bool:
+    """A weights file inside a hub folder."""
+    return path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES | {".safetensors"} and is_timm_folder(path.parent)
+
+
 def detect(path: Path, o: LoadOptions) -> bool:
-    """A hub folder (config.json with ``architecture``), or a bare weights file with ``--arch``."""
-    return is_timm_folder(path) if path.is_dir() else bool(o.arch)
+    """A hub folder (config.json with ``architecture``), a weights file inside one, or a bare
+    weights file with ``--arch``."""
+    return is_timm_folder(path) if path.is_dir() else (bool(o.arch) or _in_folder(path))
+
+
+def _preprocess(o: LoadOptions) -> dict:
+    out: dict = {}
+    if o.image_size is not None:
+        out.update(input_size=[3, int(o.image_size), int(o.image_size)], crop_pct=1.0)
+    if o.mean is not None:
+        out["mean"] = list(o.mean)
+    if o.std is not None:
+        out["std"] = list(o.std)
+    return out
 
 
 def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
     if path.is_dir():
-        return load_timm(path, allow_pickle=o.allow_pickle)
-    return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, class_names=o.class_names)
+        return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, model_args=o.model_args)
+    if _in_folder(path) and not o.arch:
+        return load_timm(path.parent, allow_pickle=o.allow_pickle, model_args=o.model_args, weights=path)
+    return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, class_names=o.class_names,
+                     model_args=o.model_args, preprocess=_preprocess(o))
 
 
-register_family("timm", detect=detect, load=load, priority=80,
-                summary="timm hub folder (config.json + model.safetensors), or a bare weights file + --arch")
+register_family("timm", detect=detect, load=load, priority=80, model_args=True,
+                summary="timm hub folder (config.json + model.safetensors) or a weights file in one, or a bare "
+                        "weights file + --arch (+ --model-args)")

@@ -153,6 +153,10 @@ class MethodInfo:
     groups: str = "optional"        # "never" | "optional" | "required"
     transform: Optional[Transform] = None      # head repairs: how T(X) folds into the head
     modalities: tuple = ("image", "text")      # model repairs: the data they can train on
+    freeze: Optional[Callable[[Any, dict], Any]] = None
+    # head repairs with an inner choice (a penalty, a threshold): ``freeze(config, diagnostics)``
+    # returns the config that refits with the settings the inner selection chose, so a
+    # cross-validation of methods can refit each one cheaply instead of re-running its selection
 
     @property
     def needs_groups(self) -> bool:
@@ -198,15 +202,15 @@ def _register(info: MethodInfo) -> None:
 
 
 def register_method(name: str, *, summary: str, config: type, groups: str = "optional",
-                    transform: Optional[Transform] = None):
+                    transform: Optional[Transform] = None, freeze: Optional[Callable[[Any, dict], Any]] = None):
     """Register a head repair (see the module docstring). ``transform``: the embedding
     transform its head is folded from (``transforms.MASK`` / ``transforms.AFFINE``), or
-    None when it fits the head on the raw embeddings."""
+    None when it fits the head on the raw embeddings. ``freeze``: see :class:`MethodInfo`."""
     if transform is not None and not isinstance(transform, Transform):
         transform = TRANSFORMS[str(transform)]
 
     def deco(fn):
-        _register(MethodInfo(name, fn, summary, config, "head", groups, transform))
+        _register(MethodInfo(name, fn, summary, config, "head", groups, transform, freeze=freeze))
         return fn
     return deco
 

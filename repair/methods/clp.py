@@ -1,59 +1,71 @@
 """CLP: retraining with Causal Logit Perturbation (Zhou et al. 2025, arXiv:2505.15246), a model repair.
 
-The network's last blocks (``scope``) are trained on the training data with a per-sample
-logit offset ``delta = g(characteristics)`` added to the logits in the loss, where ``g`` is
-a small MLP (the *perturbation network*) over ten training characteristics of each sample:
-its loss, logit margin (p_y minus the largest other probability), ||1 - softmax||, the
-cosine between its feature (the head's input) and its class's weight vector, the entropy of
-its prediction, its class prior, its class's mean loss over the last epoch, its class's
-weight norm, and its loss and margin relative to its class's last-epoch means.
+The network's last blocks (``scope``) are trained with a per-sample logit offset
+``delta = g(characteristics)`` added to the logits in the loss, where ``g`` is a small MLP
+(the *perturbation network*) over ten training characteristics of each sample: its loss,
+logit margin (p_y minus the largest other probability), ||1 - softmax||, the cosine between
+its feature (the head's input) and its class's weight vector, the entropy of its prediction,
+its class prior, its class's mean loss over the last epoch, its class's weight norm, and its
+loss and margin relative to its class's last-epoch means.
 
 ``g`` is learnt online by meta-learning, every ``meta_every`` steps:
 
-1. a *virtual* SGD step of the trainable tensors on the perturbed loss (scaled per tensor to
-   the size of an Adam step), ``theta' = theta - virtual_lr * grad CE(f(x; theta) + g(c), y) / rms``,
-   kept differentiable in
-   ``g``'s parameters and evaluated with :func:`torch.func.functional_call` (no copy of the
-   model; the real tensors are never written);
+1. a *virtual* step of the trainable tensors on the perturbed loss,
+   ``theta' = theta - virtual_lr * grad / rms(grad)`` of ``CE(f(x; theta) + delta, y)`` (one
+   SGD step, scaled per tensor to the size of an Adam step, the rms a constant), kept
+   differentiable in ``g``'s parameters and evaluated with :func:`torch.func.functional_call`
+   (no copy of the model; the real tensors are never written);
 2. the *meta loss* of ``theta'`` on a small meta batch drawn group-balanced (given groups, else
    class x correctly/incorrectly classified by the original model) from the repair set's
-   training part, made causal with the foreground masks: *factual* images (the object pasted
-   onto the background of an image of another class, label kept; cross-entropy) and
+   training part, made causal with foreground masks: *factual* images (the object pasted onto
+   the background of an image of another class, label kept; cross-entropy) and
    *counterfactual* images (the object infilled, only the background left; the target is
    "not y": ``-log(1 - p_y)``); its gradient updates ``g`` (Adam);
-3. the *real* update of the model on ``CE(f(x) + g(c).detach(), y)`` plus ``saliency_weight``
-   times the saliency penalty, through the shared loop (:func:`repair.finetune.train`:
-   optimiser, schedule, clipping, early stopping on the held-out criterion, AMP, budget,
-   progress bar with the loss, the meta loss and the held-out criterion).
+3. the *real* update of the model on ``CE(f(x) + delta.detach(), y)`` (``delta`` from the
+   updated ``g``) plus ``saliency_weight`` times the saliency penalty, through the shared loop
+   (:func:`repair.finetune.train`: optimiser, schedule, clipping, early stopping on the
+   held-out criterion with the best state kept, AMP, ``--budget``, and a progress bar with the
+   loss, the meta loss, the mean |delta| and the held-out criterion).
 
 ``g`` is made once and lives for the whole run; its last layer starts at zero, so training
-starts as plain fine-tuning and departs from it only as far as the meta loss asks.
+starts as plain fine-tuning and departs from it only as far as the meta loss asks. Its
+offsets are centred within each label of the batch: they re-weight and re-margin samples
+relative to others of their class but cannot shift a whole class, which the model would
+learn as a logit bias and carry, reversed, to test time (measured uncentred on mnist_color:
+``g`` drifted to +1.5 on one class within 50 steps and the held-out accuracy of that class
+fell from 78% to 23%).
 
-**Saliency penalty**: the share of the input-gradient energy of each sample's logit margin
-(``z_y - logsumexp_{c != y} z_c``) that falls on the background (``1 - mask``), averaged over
-the batch: in [0, 1], scale-free (so one ``saliency_weight`` fits models with different
-logit and input scales), and exactly zero when the mask covers the whole image. It is not
-part of the virtual step (it does not depend on ``g``).
+**Saliency penalty** (``saliency_weight``, off by default): the share of the input-gradient
+energy of each sample's logit margin (``z_y - logsumexp_{c != y} z_c``) that falls on the
+background (``1 - mask``), averaged over ``saliency_batch`` samples of each batch: in [0, 1],
+scale-free, and exactly zero when the mask covers the whole image. It is not part of the
+virtual step (it does not depend on ``g``). Off by default because it did not help on the
+benchmark's image tasks even with their true masks (demo, last two blocks: 73.6% test
+worst-group accuracy with it at weight 10 against 76.4% without; mnist_color: 50.5% against
+80.3%) and its double backward costs several forward passes per sample.
 
-**Causal knowledge (masks)**: foreground masks from ``--masks DIR`` (``repair.masks``; with
-``--train`` the masks of both sets are found relative to the common parent folder of the
-two data folders) when given; otherwise from the model's own attribution: Grad-CAM
-(``repair.attribution``, written here rather than taken from captum: no extra dependency,
-one forward and backward per batch, and smooth object-level maps that can be thresholded
-into a mask, where raw input gradients are pixel noise) on the finest map with at least
-``1/8`` of the input side (the last maps of small inputs are 2x2 or 1x1), thresholded at
-``mask_quantile``. Measured on the benchmark's shortcut models, those attribution masks are
-poor: a shortcut model attributes to the shortcut, so its own map puts only about 0.1-0.25
-of its mass on the object (0.11-0.15 by chance). The diagnostics report where the masks came
-from; give ``--masks`` whenever they exist.
+**Causal knowledge (masks)**: foreground masks from ``--masks DIR`` (:mod:`repair.masks`; with
+``--train`` the masks of both sets are found relative to the common parent folder of the two
+data folders) when given; otherwise from the model's own attribution: Grad-CAM
+(:mod:`repair.attribution`, written here rather than taken from captum: no extra dependency,
+one forward and backward per batch, and smooth object-level maps that can be thresholded into
+a mask, where raw input gradients are pixel noise) of the original model for each image's
+label, on the finest map with at least 1/8 of the input side (the last maps of small inputs
+are 2x2 or 1x1), thresholded at ``mask_quantile``. Those masks are poor on a shortcut model,
+which attributes to the shortcut: measured on the benchmark's models, the map puts 0.20-0.26
+of its mass on the object (0.11-0.15 by chance), 0.10-0.11 at the last map. The meta data
+still come out group-balanced, and the diagnostics say where the masks came from; give
+``--masks`` whenever they exist.
 
-**Text models are refused** (registered for images only): the token-level counterpart
-(attribution over tokens, counterfactuals with the attributed tokens masked) marks as
-"causal" exactly the tokens a shortcut model leans on -- on the benchmark's SST-2 model the
-negation words -- so its counterfactuals would teach the shortcut rather than remove it.
+**Text models are refused** (registered for images only). The token-level counterpart --
+attribution over tokens, counterfactuals with the attributed tokens masked and target "not y"
+-- marks as causal the tokens a shortcut model leans on: on the benchmark's SST-2 negation
+model, gradient x input puts 14.8% of its mass on negation words that are 6.8% of the tokens,
+and the top-attributed token is a negation word in 39% of the sentences that have one, so
+those counterfactuals would teach the shortcut rather than remove it.
 
 **Data**: with ``--train`` the loop trains on that data (``sampling: uniform`` as in the
-paper: the perturbations do the rebalancing; ``balanced``: class x given groups when the
+paper, the perturbations doing the re-weighting; ``balanced``: class x given groups when the
 data has the ``--group-by`` column, else classes) and meta-learns on the repair set; without
 it, the repair set's training part is both the training and the meta data (the diagnostics
 say so). Either way a seeded share of the repair set (``holdout_fraction``) is held out for
@@ -222,7 +234,7 @@ class _ClassStats:
     so far)."""
 
     def __init__(self, num_classes: int, steps_per_epoch: int):
-        self.C, self.every = num_classes, max(1, steps_per_epoch)
+        self.every = max(1, steps_per_epoch)
         self.sums = torch.zeros(2, num_classes)
         self.counts = torch.zeros(num_classes)
         self.last: Optional[torch.Tensor] = None
@@ -293,7 +305,6 @@ class ClpRun:
             self.g = PerturbationNet(C, cfg.hidden_size, cfg.num_layers, cfg.perturbation_scale).to(self.dev)
         self.g_opt = torch.optim.Adam(self.g.parameters(), lr=cfg.meta_lr, weight_decay=cfg.meta_weight_decay)
         self.meta_steps = 0
-        self.delta_abs = 0.0
 
     # ------------------------------------------------------------------ masks
     def _needs_masks(self) -> bool:

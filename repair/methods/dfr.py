@@ -391,10 +391,14 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
                         diagnostics=diag)
 
 
+def _freeze(cfg: DFRConfig, diag: dict) -> DFRConfig:
+    """Refit with the strength (and, for ``auto``, the protocol) the inner selection chose."""
+    return dataclasses.replace(cfg, c_grid=(diag["chosen"]["C"],), protocol=diag["protocol"])
+
 @register_method("dfr", summary="Deep Feature Reweighting: group-balanced logistic head, C chosen by "
                                 "worst-group accuracy on held-out data (fast L2 protocol by default, "
                                 "protocol=paper for the paper's L1 one)",
-                 config=DFRConfig, groups="optional", transform=AFFINE)
+                 config=DFRConfig, groups="optional", freeze=_freeze, transform=AFFINE)
 def dfr(inputs: RepairInputs, config: DFRConfig) -> RepairOutput:
     if config.protocol != "auto":
         out = (run_fast_protocol(inputs, config, "dfr") if config.protocol == "fast"

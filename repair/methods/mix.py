@@ -32,6 +32,7 @@ built per balanced subsample, so the fast protocol's single weighted fit does no
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -121,9 +122,13 @@ def _beta_sample(n: int, a: float, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
+def _freeze(cfg: MixConfig, diag: dict) -> MixConfig:
+    """Refit with the strength the inner selection chose."""
+    return dataclasses.replace(cfg, c_grid=(diag["chosen"]["C"],))
+
 @register_method("mix", summary="Last-layer data mixing: same-class mixing within group-balanced "
                                 "subsamples, then fitted exactly as DFR",
-                 config=MixConfig, groups="optional", transform=AFFINE)
+                 config=MixConfig, groups="optional", freeze=_freeze, transform=AFFINE)
 def mix(inputs: RepairInputs, config: MixConfig) -> RepairOutput:
     if config.protocol not in ("bagged", "paper"):     # a config built without validation
         raise ValueError(f"mix supports protocol='bagged' or 'paper' only, got {config.protocol!r}")

@@ -50,6 +50,7 @@ Config fields (:class:`NeuronTuneConfig`):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -78,14 +79,21 @@ class NeuronTuneConfig:
     report_top: int = setting(50, ge=0)
 
 
+def _freeze(cfg: NeuronTuneConfig, diag: dict) -> NeuronTuneConfig:
+    """Refit with the threshold quantile the inner selection chose (or no mask)."""
+    q = diag["chosen"].get("quantile")
+    if q is None:
+        return dataclasses.replace(cfg, threshold_quantiles=(), include_no_mask=True)
+    return dataclasses.replace(cfg, threshold_quantiles=(q,), include_no_mask=False)
+
 @register_method("neurontune", summary="NeuronTune: zero embedding dimensions that are more active on "
                                        "misclassified samples, retrain the head (no group labels)",
-                 config=NeuronTuneConfig, groups="never", transform=MASK)
+                 config=NeuronTuneConfig, groups="never", freeze=_freeze, transform=MASK)
 def neurontune(inputs: RepairInputs, cfg: NeuronTuneConfig) -> RepairOutput:
     gen, X, y, W0, b0, lg0 = inputs.prepared()
     C, D = W0.shape
     pred0 = lg0.argmax(1)
-    crit = Criterion.resolve(cfg.selection, has_groups=False)
+    crit = Criterion.resolve(cfg.selection, has_groups=False, y=y, ref_logits=lg0)
 
     id_idx, ho_idx = stratified_split(y, [cfg.holdout_fraction], gen)
     deltas, counts = neuron_deltas(X[id_idx], y[id_idx], pred0[id_idx], C, cfg.delta_scale)
@@ -96,15 +104,17 @@ def neurontune(inputs: RepairInputs, cfg: NeuronTuneConfig) -> RepairOutput:
     else:
         agg = torch.full((D,), float("-inf"))
     pos = agg[agg > 0]
-    lambdas = []
-    if cfg.include_no_mask or pos.numel() == 0:
+    lambdas, quantiles = [], []
+    if cfg.include_no_mask or pos.numel() == 0 or not cfg.threshold_quantiles:
         lambdas.append(float("inf"))
-    if pos.numel() > 0:
+        quantiles.append(None)
+    if pos.numel() > 0 and cfg.threshold_quantiles:
         qs = torch.quantile(pos.double(), torch.tensor([float(q) for q in cfg.threshold_quantiles],
                                                        dtype=torch.float64))
-        for q in qs.tolist():
-            if all(abs(q - l) > 1e-12 for l in lambdas):
-                lambdas.append(float(q))
+        for qv, lam in zip(cfg.threshold_quantiles, qs.tolist()):
+            if all(abs(lam - l) > 1e-12 for l in lambdas):
+                lambdas.append(float(lam))
+                quantiles.append(float(qv))
     masks = torch.stack([(agg > lam).logical_not().float() if lam != float("inf") else torch.ones(D)
                          for lam in lambdas])                       # (K, D) 1 = keep
 
@@ -134,7 +144,7 @@ def neurontune(inputs: RepairInputs, cfg: NeuronTuneConfig) -> RepairOutput:
     cands = sel.candidates([{"lambda": None if l == float("inf") else l,
                              "neurons_suppressed": int((masks[i] == 0).sum())} for i, l in enumerate(lambdas)])
     diag = {
-        "chosen": {"lambda": None if lam == float("inf") else lam},
+        "chosen": {"lambda": None if lam == float("inf") else lam, "quantile": quantiles[best]},
         "aggregation": cfg.aggregation,
         "selection": sel.describe(),
         "neurons_suppressed": int(supp.numel()),

@@ -40,6 +40,7 @@ Config fields (:class:`NSFConfig`):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -122,14 +123,18 @@ def _prepare(Z, y, pred0, C, rhos, min_scale):
     return torch.stack(ws), torch.stack(cs), torch.stack(sw), rescued, n_out
 
 
+def _freeze(cfg: NSFConfig, diag: dict) -> NSFConfig:
+    """Refit with the identity regulariser the inner selection chose."""
+    return dataclasses.replace(cfg, identity_reg_grid=(diag["chosen"]["identity_reg"],))
+
 @register_method("nsf", summary="Let Samples Speak: per-dimension affine map pulling samples to "
                                 "class targets between inlier/outlier modes, head retrained (no groups)",
-                 config=NSFConfig, groups="never", transform=AFFINE)
+                 config=NSFConfig, groups="never", freeze=_freeze, transform=AFFINE)
 def nsf(inputs: RepairInputs, cfg: NSFConfig) -> RepairOutput:
     gen, X, y, W0, b0, lg0 = inputs.prepared()
     C = W0.shape[0]
     pred0 = lg0.argmax(1)
-    crit = Criterion.resolve(cfg.selection, has_groups=False)
+    crit = Criterion.resolve(cfg.selection, has_groups=False, y=y, ref_logits=lg0)
     a, sh = S.standardization(X)
     Z = X * a + sh
     rhos = [float(r) for r in cfg.identity_reg_grid]
