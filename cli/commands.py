@@ -157,7 +157,7 @@ def fix_cmd(model: ModelArg, data: DataPath,
             eval_group_by: Annotated[Optional[str], typer.Option("--eval-group-by", help="Group column of --eval data (default: --group-by).")] = None,
             export: Annotated[Optional[str], typer.Option("--export", help="Also export ONNX and verify it (onnx).")] = None,
             tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="ONNX verification max |diff|.")] = None,
-            seed: Annotated[int, typer.Option("--seed")] = 0,
+            seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
             budget: Annotated[Optional[str], typer.Option("--budget", help="Model repairs: training budget, e.g. 300steps, 3epochs, 10min (first reached ends training).")] = None,
             train: Annotated[Optional[Path], typer.Option("--train", help="Model repairs: extra training data (same format as --data).")] = None,
             masks: Annotated[Optional[Path], typer.Option("--masks", help="Model repairs on images: a folder of foreground masks (white = object), one per image, same name.")] = None,
@@ -172,8 +172,14 @@ def fix_cmd(model: ModelArg, data: DataPath,
     """Repair the model from the repair set; write it in the checkpoint's own format."""
     from repair.pipeline import FixOptions, fix_model
 
-    if report is not None and (report.suffix.lower() not in (".html", ".htm") or not report.parent.is_dir()):
-        raise BadInput("--report must be an .html file in an existing folder", report)
+    if report is not None:
+        from repair.io import check_output
+
+        if report.suffix.lower() not in (".html", ".htm"):
+            raise BadInput("--report must be an .html file", report)
+        check_output(report, force=True)       # written at the end: it must be writable now
+    if eval_group_by is not None and eval_data is None:
+        raise BadInput("--eval-group-by names a group column of the --eval data; give --eval too")
     rep = fix_model(model, data, out, load_opts=load, data_opts=columns, runtime=runtime,
                     options=FixOptions(recipe=recipe, seed=seed, eval_data=str(eval_data) if eval_data else None,
                                        eval_group_by=eval_group_by, export=export, tolerance=tolerance,

@@ -92,14 +92,31 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
                columns: ItemColumns, load: Load, runtime: ExportRuntime, as_json: AsJson = False):
     """Export a model as ONNX (verified with onnxruntime on samples of --data) or safetensors."""
     from repair.adapters import load_model
-    from repair.export import export_onnx, export_safetensors
+    from repair.data import load_data
+    from repair.export import check_export_options, export_onnx, export_safetensors
+    from repair.io import check_output
 
     fmt = fmt.lower()
     if fmt not in ("onnx", "safetensors"):
         raise BadInput(f"--format must be onnx or safetensors, got {fmt!r}")
     say = log if runtime.progress else (lambda m: None)
-    adapter = load_model(model, load)
+    # ---- everything checked before the model is loaded
+    if not model.exists():
+        raise BadInput("model not found", model)
     out = out or default_out(model, fmt)
+    if fmt == "onnx":
+        if data is None:
+            raise BadInput("--data is needed for an ONNX export: the export is verified on samples of it")
+        load_data(data, columns)
+        check_export_options(opset, exporter, tolerance)
+        if out.suffix.lower() != ".onnx":
+            raise BadInput("the ONNX output file name must end in .onnx", out)
+    elif not model.is_dir() and out.suffix.lower() != ".safetensors":
+        raise BadInput("the safetensors output file name must end in .safetensors", out)
+    if out.resolve() == model.resolve():
+        raise BadInput("output would overwrite the input model; choose another --out", out)
+    check_output(out, force=force, log=say)
+    adapter = load_model(model, load)
     meta = _provenance(adapter, fmt)
     if fmt == "safetensors":
         rep = export_safetensors(adapter, out, meta, force=force)
@@ -108,8 +125,6 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
         else:
             print(f"wrote {rep['path']} ({rep['n_tensors']} tensors; metadata {', '.join(rep['metadata_keys'])})")
         return
-    if data is None:
-        raise BadInput("--data is needed for an ONNX export: the export is verified on samples of it")
     items = _verify_items(data, columns, adapter, max_verify)
     try:
         rep = export_onnx(adapter, out, metadata=meta, verify_items=items, tolerance=tolerance, opset=opset,
@@ -138,12 +153,18 @@ def verify_cmd(model: Annotated[Path, typer.Argument(help="The ONNX file to chec
                columns: ItemColumns, load: Load, runtime: ExportRuntime, as_json: AsJson = False):
     """Check an ONNX file against a reference model on samples of --data (exit 1 if it differs)."""
     from repair.adapters import load_model
-    from repair.export import verify_onnx
+    from repair.data import load_data
+    from repair.export import check_tolerance, verify_onnx
 
     if model.suffix.lower() != ".onnx":
         raise BadInput("expected an .onnx file", model)
     if not model.is_file():
-        raise BadInput("ONNX model not found", model)
+        raise BadInput("ONNX model not found" if not model.exists() else "expected an .onnx file, got a folder", model)
+    if not reference.exists():
+        raise BadInput("reference model not found", reference)
+    load_data(data, columns)
+    if tolerance is not None:
+        check_tolerance(tolerance)
     say = log if runtime.progress else (lambda m: None)
     ref = load_model(reference, load)
     items = _verify_items(data, columns, ref, max_verify)

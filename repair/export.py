@@ -54,11 +54,39 @@ def default_tolerance(modality: str) -> float:
     return DEFAULT_TOLERANCE.get(modality, 1e-3)
 
 
-def _check_tolerance(tol: float) -> float:
+def check_tolerance(tol: float) -> float:
     tol = float(tol)
     if not math.isfinite(tol) or tol <= 0:
         raise BadInput(f"--tolerance must be a positive number, got {tol}")
     return tol
+
+
+def check_export_options(opset: Optional[int] = None, exporter: str = "auto",
+                         tolerance: Optional[float] = None) -> None:
+    """The exporter options, checked before any work: a known exporter that is installed, an
+    opset it can write, a positive tolerance."""
+    import importlib.util
+
+    if exporter not in EXPORTERS:
+        raise BadInput(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    dynamo = importlib.util.find_spec("onnxscript") is not None
+    if exporter == "dynamo" and not dynamo:
+        raise BadInput("--exporter dynamo needs the onnxscript package (pip install onnxscript); "
+                       "or use --exporter torchscript")
+    if tolerance is not None:
+        check_tolerance(tolerance)
+    if opset is None:
+        return
+    import onnx
+
+    try:
+        from torch.onnx import _constants as c
+        lo, hi_dynamo, hi_ts = c.ONNX_MIN_OPSET, c.ONNX_MAX_OPSET, c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except (ImportError, AttributeError):
+        lo, hi_dynamo, hi_ts = 7, 20, 20
+    hi = min(hi_dynamo if dynamo and exporter != "torchscript" else hi_ts, onnx.defs.onnx_opset_version())
+    if not lo <= opset <= hi:
+        raise BadInput(f"--opset must be from {lo} to {hi} (what the installed exporter writes), got {opset}")
 
 
 def _log(progress: Optional[Callable[[str], None]], msg: str) -> None:
@@ -229,7 +257,8 @@ def _verify_batch_size(n: int) -> int:
 def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], *,
                      tolerance: float, device: str = "cpu",
                      expected_outputs: Optional[Sequence[str]] = None,
-                     head_check: bool = False, own_file: bool = False, progress=None) -> dict:
+                     head_check: bool = False, own_file: bool = False, progress=None,
+                     reference_logits: Optional[torch.Tensor] = None) -> dict:
     """The check itself: onnxruntime on ``onnx_path`` vs ``reference.logits_batch``."""
     import onnx
 
@@ -241,7 +270,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
     n = len(items)
     if n == 0:
         raise BadInput("no samples to verify on")
-    tol = _check_tolerance(tolerance)
+    tol = check_tolerance(tolerance)
     onnx_path = Path(onnx_path)
     try:
         sess = make_session(onnx_path, prefer_cuda=True, device=None, where=onnx_path)
@@ -280,7 +309,8 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                 idx = list(range(start, min(start + vb, n)))
                 batch = reference.collate([items[i] for i in idx])
                 with torch.no_grad():
-                    ref = reference.logits_batch(batch, dev).float().cpu()
+                    ref = (reference_logits[idx].float().cpu() if reference_logits is not None
+                           else reference.logits_batch(batch, dev).float().cpu())
                 try:
                     (got,) = run_session(sess, session_feeds(sess, batch, onnx_path), [logits_name])
                 except BadInput:
@@ -405,14 +435,17 @@ def export_metadata(adapter: Adapter, metadata: dict[str, str]) -> dict[str, str
 def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_items: Sequence[Any],
                 tolerance: Optional[float] = None, opset: Optional[int] = None, force: bool = False,
                 device: str = "cpu", exporter: str = "auto", progress: Optional[Callable[[str], None]] = None,
+                reference_logits: Optional[torch.Tensor] = None,
                 _tamper: Optional[Callable[[Any], None]] = None) -> dict:
     """Export ``adapter``'s (possibly repaired) model to ``out_path`` (.onnx) and verify it.
 
     Torch models (timm, factories, transformers) are exported with ``torch.onnx.export``;
     an ONNX source model (``adapter.exports_onnx_natively``) has its edited graph written.
     The file only appears at ``out_path`` once verification passed; otherwise
-    ``GateFailed`` (with ``.report``). ``_tamper``: test hook called with the ModelProto
-    just before it is written and verified."""
+    ``GateFailed`` (with ``.report``). ``reference_logits`` (len(verify_items), C): the
+    model's logits on ``verify_items`` when the caller already has them (a repaired head on
+    cached embeddings), which saves the PyTorch forward pass of the verification.
+    ``_tamper``: test hook called with the ModelProto just before it is written and verified."""
     import onnx
 
     from .adapters.onnx_graph import MAX_PROTO_BYTES, set_metadata
@@ -423,7 +456,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
     items = list(verify_items)
     if not items:
         raise BadInput("no samples to verify the export on")
-    tol = _check_tolerance(default_tolerance(adapter.modality) if tolerance is None else tolerance)
+    tol = check_tolerance(default_tolerance(adapter.modality) if tolerance is None else tolerance)
     t0 = time.perf_counter()
     native = adapter.exports_onnx_natively
     with atomic_output(out_path, force=force) as tmp:
@@ -447,7 +480,8 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
         _log(progress, f"verifying with onnxruntime on {len(items)} samples")
         report = run_verification(tmp, adapter, items, tolerance=tol, device=device,
                                   expected_outputs=None if native else ["logits"],
-                                  head_check=native, own_file=True, progress=progress)
+                                  head_check=native, own_file=True, progress=progress,
+                                  reference_logits=reference_logits)
         saved = onnx.load(str(tmp), load_external_data=False)
         report.update({
             "format": "onnx",
@@ -493,6 +527,6 @@ def export_safetensors(adapter: Adapter, out_path, metadata: dict[str, str], for
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-__all__ = ["DEFAULT_TOLERANCE", "default_tolerance", "export_onnx", "export_safetensors", "verify_onnx",
+__all__ = ["DEFAULT_TOLERANCE", "check_export_options", "default_tolerance", "export_onnx", "export_safetensors", "verify_onnx",
            "pick_verify_items",
            "run_verification", "torch_to_onnx", "export_metadata"]

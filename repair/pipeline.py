@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,6 +357,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
               options: Optional[FixOptions] = None,
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     from .finetune import Budget
+    from .io import scratch_dir
+    from .preflight import check_fix_inputs
     from .recipes import load_recipe
 
     t_start = time.perf_counter()
@@ -371,10 +372,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     if o.export not in (None, "onnx"):
         raise BadInput(f"--export must be onnx, got {o.export!r}")
     out_path = Path(out_path) if out_path is not None else default_output(Path(model_path))
-    if out_path.exists() and not o.force:
-        raise BadInput("output already exists (use --force to overwrite)", out_path)
-    if out_path.resolve() == Path(model_path).resolve():
-        raise BadInput("output would overwrite the input model; choose another --out", out_path)
+    check_fix_inputs(model_path, data_path, out_path, o, data_opts)   # inputs readable, outputs writable
 
     resources = o.resources()
     if (resources or o.train_data) and "model" not in recipe.kinds:
@@ -434,8 +432,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
             resources["group_names"] = list(enc.group_names)
     # model repairs get a scratch folder for the files they make (beside the output: the chosen one's
     # files are moved into place with it); it is removed whatever happens
-    scratch = (tempfile.TemporaryDirectory(prefix=f".{out_path.name}.work-", dir=_parent(out_path))
-               if "model" in recipe.kinds else contextlib.nullcontext(None))
+    scratch = scratch_dir(out_path) if "model" in recipe.kinds else contextlib.nullcontext(None)
     with scratch as work:
         ctx = _Context(adapter, data, X, y, groups, W0, b0, o.seed, fit_dev, budget, runtime.progress, log,
                        resources=resources, workdir=None if work is None else Path(work))
@@ -445,13 +442,6 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
             recipe, ctx, fit_idx, strata[fit_idx], crit, orig_logits, folds, o.model_holdout_fraction, o.seed, log)
         return _finish(o, recipe, chosen, final, candidates_report, selection, crit, adapter, data, enc, emb,
                        runtime, data_opts, fit_idx, report_idx, model_path, out_path, budget, ctx, t_start, log)
-
-
-def _parent(path: Path) -> Path:
-    parent = Path(path).parent
-    if not parent.exists():
-        raise BadInput("output folder does not exist", parent)
-    return parent
 
 
 def _train_set(adapter, path, data_opts: DataOptions):
@@ -545,8 +535,11 @@ def _finish(o, recipe, chosen, final, candidates_report, selection, crit, adapte
             # folder outputs carry model.onnx inside; a file output gets <stem>.onnx beside it.
             # A failed verification raises here, so neither file is left behind.
             onnx_path = (tmp / "model.onnx") if is_dir else out_path.with_suffix(".onnx")
+            # a head repair's logits on the repair set are known from the cached embeddings: the
+            # verification then needs no second PyTorch forward pass
+            ref = (X @ final.W.T + final.b) if final.kind == "head" else None
             export_report = export_onnx(adapter, onnx_path, metadata=meta, verify_items=data.items,
-                                        tolerance=o.tolerance, force=o.force, device="cpu")
+                                        tolerance=o.tolerance, force=o.force, device="cpu", reference_logits=ref)
             export_report["path"] = str(out_path / "model.onnx") if is_dir else str(onnx_path)
         elif o.export == "onnx":
             from .export import verify_onnx

@@ -190,6 +190,7 @@ def load_manifest(path, mode: str = "fix") -> Manifest:
     """Read and validate a manifest (see the module docstring); nothing is loaded or run."""
     from .data import load_data
     from .finetune import Budget
+    from .io import check_output
     from .pipeline import default_output
     from .recipes import load_recipe
 
@@ -292,6 +293,11 @@ def load_manifest(path, mode: str = "fix") -> Manifest:
                 problems.add(where, "output", "would overwrite the checkpoint")
             elif not out.parent.is_dir():
                 problems.add(where, "output", f"folder {out.parent} does not exist")
+            else:
+                try:
+                    check_output(out, force=True)            # the folder can be written
+                except BadInput as e:
+                    problems.add(where, "output", e.problem)
             outputs.setdefault(out, n)
             f["output"] = out
         # the data: columns exist (cheap: tables and file names, no model)
@@ -601,6 +607,7 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     that did not pass)."""
     from .api import RuntimeOptions
     from .embeddings import default_cache_dir
+    from .io import check_output
     from .report import check_gate, now, write_report
 
     o = options or ZooOptions()
@@ -615,9 +622,14 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     out_dir = Path(o.out_dir) if o.out_dir is not None else mpath.resolve().parent / f"{mpath.stem}-zoo"
     if not out_dir.parent.is_dir():
         raise BadInput("folder does not exist", out_dir.parent)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInput("the report folder is a file, not a folder", out_dir)
+    check_output(out_dir / "zoo-report.html" if out_dir.is_dir() else out_dir, force=True)   # can be written
     journal = Journal(o.journal if o.journal is not None else out_dir / "journal.jsonl")
     if not journal.path.parent.is_dir() and journal.path.parent != out_dir:
         raise BadInput("folder does not exist", journal.path.parent)
+    if journal.path.parent != out_dir:
+        check_output(journal.path, force=True)
     records = journal.read()
     done = {}
     for e in manifest.entries:

@@ -105,7 +105,9 @@ def test_masks_given_contrast_attribution(scene):
     assert src == "given" and m.shape == (len(items), 1, 32, 32) and torch.equal(m, truth)
     m, src = object_masks("contrast", tm, items, x, y, {}, Prompts(), CLASSES, "cpu")
     assert src == "contrast" and float(_iou(m, truth).mean()) > 0.6
-    m, src = object_masks("auto", tm, items, x, y, {}, Prompts(), CLASSES, "cpu", quantile=0.7)
+    m, src = object_masks("auto", tm, items, x, y, {}, Prompts(), CLASSES, "cpu")
+    assert src == "contrast"                      # without masks or a segmenter: the boundary prior
+    m, src = object_masks("attribution", tm, items, x, y, {}, Prompts(), CLASSES, "cpu", quantile=0.7)
     assert src == "attribution" and m.shape == truth.shape and set(m.unique().tolist()) <= {0.0, 1.0}
     assert 0.1 < float(m.mean()) < 0.5
     with pytest.raises(BadInput, match="--masks"):
@@ -259,7 +261,7 @@ def test_recompose_refuses_text_models_and_bad_generators(scene, bert_folder, tm
         code, _, err = run_cli("fix", scene["model"], "--data", scene["data"], "--recipe", "recompose",
                                "--out", tmp_path / "x", "--force", "-q", *extra)
         assert code == 2 and err.count("\n") == 1, err
-        assert "diffusers" in err or "composite" in err
+        assert "diffusers" in err or "composite" in err or "--generator-model" in err
 
 
 def test_without_diffusers_the_message_says_how_to_install(monkeypatch):

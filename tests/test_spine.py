@@ -184,8 +184,11 @@ def test_eval_json_and_gate(timm_folder, image_data):
     assert rep["worst_group_accuracy"] == pytest.approx(worst)
     assert sum(g["n"] for g in rep["per_group"]) == 18
     code, out, err = run_cli("eval", timm_folder, "--data", image_data, "--group-by", "place", "-q",
-                             "--fail-under-wga", "1.01")
-    assert code == 1 and "worst-group" in err
+                             "--fail-under-wga", "100%")
+    assert worst < 1.0 and code == 1 and "worst-group" in err
+    code, out, err = run_cli("eval", timm_folder, "--data", image_data, "--group-by", "place", "-q",
+                             "--fail-under-wga", "1.01")      # neither a fraction nor a percentage
+    assert code == 2 and "--fail-under-wga" in err and len(err.strip().splitlines()) == 1
     code, _, _ = run_cli("eval", timm_folder, "--data", image_data, "-q", "--fail-under-acc", "0")
     assert code == 0
 

@@ -35,6 +35,9 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found
 
 
+HINT = " (built with other arguments? pass them with --model-args)"
+
+
 def load_weights_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path,
                         head_name: str) -> None:
     """Load every tensor with matching names and shapes, or fail naming the file.
@@ -48,11 +51,11 @@ def load_weights_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path
             parts.append(f"{len(missing)} weight(s) missing (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise BadInput("weights do not match the architecture: " + "; ".join(parts), path)
+        raise BadInput("weights do not match the architecture: " + "; ".join(parts) + HINT, path)
     for k, v in own.items():
         if tuple(v.shape) != tuple(tensors[k].shape):
             raise BadInput(f"tensor {k} has shape {tuple(tensors[k].shape)}, the architecture "
-                           f"expects {tuple(v.shape)}", path)
+                           f"expects {tuple(v.shape)}" + HINT, path)
     model.load_state_dict({k: tensors[k] for k in own}, strict=True)
     w = model.get_submodule(head_name).weight
     if not torch.equal(w.detach().cpu().to(tensors[f"{head_name}.weight"].dtype), tensors[f"{head_name}.weight"]):

@@ -1,0 +1,128 @@
+"""`auto` on deployment-like repair sets: the adaptive label-free criterion, repeated folds,
+averaged heads, honest warnings, and no second forward pass."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_images
+from repair.selection import (IMBALANCE_THRESHOLD, Criterion, KFold, group_imbalance, label_free_criterion,
+                              select_and_refit)
+from repair_cli.main import app
+
+runner = CliRunner()
+
+
+def run_cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+def _logits_with_error_rate(y: torch.Tensor, rate: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    wrong = torch.rand(y.numel(), generator=g) < rate
+    pred = torch.where(wrong, 1 - y, y)
+    return torch.nn.functional.one_hot(pred, 2).float()
+
+
+def test_label_free_criterion_follows_the_error_pattern():
+    y = torch.tensor([0, 1] * 200)
+    # errors on a third of each class: inferred groups about equal -> worst class
+    balanced = label_free_criterion(y, _logits_with_error_rate(y, 0.3))
+    assert balanced.name == "worst_class" and "imbalance" in balanced.reason
+    # errors rare (5%): the minority hides inside the classes -> worst inferred group
+    skewed = label_free_criterion(y, _logits_with_error_rate(y, 0.05))
+    assert skewed.name == "worst_inferred_group"
+    assert Criterion.resolve("auto", has_groups=False, y=y, ref_logits=_logits_with_error_rate(y, 0.05)) == skewed
+    assert Criterion.resolve("auto", has_groups=True, y=y, ref_logits=None).name == "worst_group"
+    assert group_imbalance(torch.tensor([0, 0, 0, 1, 2, 3]), torch.tensor([0, 0, 0, 0, 1, 1])) == (3 + 1) / 2
+    assert IMBALANCE_THRESHOLD > 1
+
+
+def test_repeated_folds_average_and_report_the_spread():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, generator=g)
+    y = (x + 0.15 * torch.randn(200, generator=g) > 0.5).long()
+    cands = [0.3, 0.5, 0.7]
+    sel = select_and_refit(3, lambda idx, w: [cands[i] for i in w],
+                           lambda f, idx: torch.stack([(x[idx] > t).long() for t in f]), y,
+                           criterion=Criterion("worst_class"), score_strata=y, scheme=KFold(2, 3), seed=0)
+    assert sel.best == 1 and sel.worst_se is not None and sel.worst_se.shape == (3,)
+    assert bool((sel.worst_se >= 0).all()) and "3 repeats" in KFold(2, 3).describe()
+    assert [r["heldout_worst_se"] >= 0 for r in sel.candidates(cands)] == [True] * 3
+
+
+@pytest.fixture(scope="module")
+def skewed_images(tmp_path_factory):
+    """A repair set where one class has only 6 samples of its minority attribute."""
+    root = make_images(tmp_path_factory.mktemp("skew") / "val", n_per_class=24, seed=7)
+    lines = (root / "metadata.csv").read_text().splitlines()
+    keep, seen = [lines[0]], {}
+    for line in lines[1:]:
+        path, label, place = line.split(",")
+        key = (label, place)
+        seen[key] = seen.get(key, 0) + 1
+        if label == "cat" and place == "water" and seen[key] > 6:
+            continue
+        keep.append(line)
+    (root / "metadata.csv").write_text("\n".join(keep) + "\n")
+    return root
+
+
+def test_auto_averages_the_best_two_heads_and_says_so(timm_folder, skewed_images, tmp_path):
+    out = tmp_path / "auto"
+    code, stdout, err = run_cli("fix", timm_folder, "--data", skewed_images, "--group-by", "place",
+                                "--out", out, "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["method"] == "ensemble" and rep["candidate"].startswith("average of ")
+    members = rep["diagnostics"]["ensemble"]
+    assert len(members) == 2 and all(m in rep["candidate"] for m in members)
+    assert set(rep["settings"]["config"]["ensemble"]) == set(members)
+    scored = [c for c in rep["candidates"] if "score" in c]
+    assert len(scored) == 4 and all(c["score_se"] is not None for c in scored)
+    top2 = sorted(scored, key=lambda c: (-c["score"], -c["selection_accuracy"]))[:2]
+    assert {c["candidate"] for c in top2} == set(members)
+    assert "2 repeats" in rep["selection_criterion"]
+    # the small group is named in a warning, in the JSON and the table
+    assert any("cat|place=water" in w and "only" in w for w in rep["warnings"])
+    code, table, err = run_cli("fix", timm_folder, "--data", skewed_images, "--group-by", "place",
+                               "--out", tmp_path / "auto2", "-q")
+    assert code == 0 and "warning: " in table and "cat|place=water" in table
+
+
+def test_label_free_report_names_the_criterion_and_why(timm_folder, skewed_images, tmp_path):
+    code, stdout, err = run_cli("fix", timm_folder, "--data", skewed_images, "--out", tmp_path / "free",
+                                "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert "no group labels" in rep["selection_criterion"] and "imbalance" in rep["selection_criterion"]
+
+
+def test_export_verification_reuses_the_cached_logits(timm_folder, skewed_images, tmp_path, monkeypatch):
+    """A head repair's ONNX export is verified against the repaired head on the cached embeddings:
+    the repair set goes through the PyTorch model once (the extraction), never a second time."""
+    from repair.adapters import load_model
+
+    cls = type(load_model(timm_folder))
+    calls = {"logits": 0}
+    real = cls.logits_batch
+
+    def counting(self, batch, device):
+        calls["logits"] += 1
+        return real(self, batch, device)
+
+    monkeypatch.setattr(cls, "logits_batch", counting)
+    code, stdout, err = run_cli("fix", timm_folder, "--data", skewed_images, "--recipe", "dfr", "--out",
+                                tmp_path / "x", "--export", "onnx", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(stdout)["export"]["passed"] is True and calls["logits"] == 0
+    # (the same export of a model repair does run the network: the counter sees it)
+    calls["logits"] = 0
+    code, _, err = run_cli("fix", timm_folder, "--data", skewed_images, "--recipe", "finetune", "--budget",
+                           "2steps", "--out", tmp_path / "y", "--export", "onnx", "-q")
+    assert code == 0, err
+    assert calls["logits"] > 0
