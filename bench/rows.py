@@ -54,6 +54,11 @@ class ModelRow:
 #: the model repairs the benchmark runs (filled in as model repairs land; order = table order)
 MODEL_ROWS: list[ModelRow] = [
     ModelRow("finetune", "finetune", {}, note="plain fine-tuning of the last block (the simplest model repair)"),
+    ModelRow("mixft", "mixft", {}, note="data-mixing fine-tuning (Xue et al. 2023), the method's defaults"),
+    ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
+             note="retraining with causal logit perturbation (attribution masks), the method's defaults"),
+    ModelRow("clp-ablation", "clp", {"meta": False, "saliency_weight": 0.0}, groups=(False,), modalities=("image",),
+             note="ablation: the same loop and data without the perturbation network (plain fine-tuning)"),
     ModelRow("recompose", "recompose", {}, modalities=("image",),
              note="composite counterfactuals (contrast masks), pruned, retrained"),
     ModelRow("recompose-noprune", "recompose", {"min_probability": 0.0, "min_attribution": 0.0}, groups=(False,),

@@ -227,8 +227,13 @@ def run(args) -> dict:
                     if run is None:
                         run = {"seed": seed, "rows": {}}
                         v["runs"].append(run)
-                    keep = (lambda r: r.get("kind") != "model") if part == "model" else (lambda r: r.get("kind") == "model")
-                    run["rows"] = {k: r for k, r in run["rows"].items() if keep(r)}   # re-measured rows replace old ones
+                    # re-measured rows replace old ones; a run of some model rows (--model-rows) keeps the others
+                    if part == "model":
+                        keep = ((lambda k, r: r.get("kind") != "model") if not args.model_rows else
+                                (lambda k, r: r.get("kind") != "model" or k.split("[")[0] not in set(args.model_rows)))
+                    else:
+                        keep = lambda k, r: r.get("kind") == "model"
+                    run["rows"] = {k: r for k, r in run["rows"].items() if keep(k, r)}
                     with fit_threads(args.fit_threads):
                         if part == "head":
                             new = R.head_rows(td, seed, variants, cache_dir, scratch, spuco_on)

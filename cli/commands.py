@@ -22,8 +22,6 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
              fail_under_acc: Annotated[Optional[str], typer.Option("--fail-under-acc", help="Exit 1 if accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%).")] = None,
              expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported.")] = None):
     """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
-    from repair.api import evaluate_model
-
     thresholds = {"worst-group accuracy": gate_threshold(fail_under_wga, "--fail-under-wga"),
                   "accuracy": gate_threshold(fail_under_acc, "--fail-under-acc")}
     for flag, given in (("--fail-under-wga", fail_under_wga), ("--expect-groups", expect_groups)):
@@ -32,6 +30,9 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
     expected = None if expect_groups is None else [g.strip() for g in expect_groups.split(",") if g.strip()]
     if expected is not None and (not expected or not all(g.partition("|")[0] and g.partition("|")[2] for g in expected)):
         raise BadInput(f"--expect-groups: give the groups as class|value separated by commas, got {expect_groups!r}")
+    check_inputs(model, data, columns)
+    from repair.api import evaluate_model
+
     rep = evaluate_model(model, data, load, columns, runtime)
     gates = []
     for name, val in (("worst-group accuracy", rep["worst_group_accuracy"]), ("accuracy", rep["accuracy"])):
@@ -53,6 +54,17 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
         print(eval_table(rep, f"{model} on {data}  (embeddings: {src}, {rep['embedding']['seconds']:.2f}s)"))
     if problems:
         raise GateFailed("; ".join(problems))
+
+
+
+def check_inputs(model: Path, data: Path, columns) -> None:
+    """The model path exists and the data reads (files, columns, labels as text), before torch or the
+    model is loaded: a command that fails on its arguments returns at once."""
+    from repair.data import load_data
+
+    if not Path(model).exists():
+        raise BadInput("model not found", model)
+    load_data(data, columns)
 
 
 def gate_threshold(value: Optional[str], flag: str) -> Optional[float]:
@@ -93,6 +105,7 @@ def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load,
               as_json: AsJson = False,
               top: Annotated[int, typer.Option("--top", min=1, help="How many neurons to list.")] = 10):
     """Probe embeddings without group labels: spurious neurons, dispersion, pseudo-groups."""
+    check_inputs(model, data, columns)
     from repair.api import probe_model
 
     rep = probe_model(model, data, load, columns, runtime, top_k=top)
@@ -170,6 +183,7 @@ def fix_cmd(model: ModelArg, data: DataPath,
             report: Annotated[Optional[Path], typer.Option("--report", help="Also write an HTML report (and .json beside it): figures, per-group bars, candidates, the probe's neuron deltas.")] = None,
             *, columns: Columns, load: Load, runtime: Runtime, as_json: AsJson = False):
     """Repair the model from the repair set; write it in the checkpoint's own format."""
+    check_inputs(model, data, columns)
     from repair.pipeline import FixOptions, fix_model
 
     if report is not None:
@@ -177,7 +191,10 @@ def fix_cmd(model: ModelArg, data: DataPath,
 
         if report.suffix.lower() not in (".html", ".htm"):
             raise BadInput("--report must be an .html file", report)
-        check_output(report, force=True)       # written at the end: it must be writable now
+        try:
+            check_output(report, force=True)   # written at the end: it must be writable now
+        except BadInput as e:
+            raise BadInput(f"--report: {e.problem}", e.path or report) from None
     if eval_group_by is not None and eval_data is None:
         raise BadInput("--eval-group-by names a group column of the --eval data; give --eval too")
     rep = fix_model(model, data, out, load_opts=load, data_opts=columns, runtime=runtime,

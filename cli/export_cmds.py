@@ -93,7 +93,6 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
     """Export a model as ONNX (verified with onnxruntime on samples of --data) or safetensors."""
     from repair.adapters import load_model
     from repair.data import load_data
-    from repair.export import check_export_options, export_onnx, export_safetensors
     from repair.io import check_output
 
     fmt = fmt.lower()
@@ -108,6 +107,8 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
         if data is None:
             raise BadInput("--data is needed for an ONNX export: the export is verified on samples of it")
         load_data(data, columns)
+        from repair.export import check_export_options
+
         check_export_options(opset, exporter, tolerance)
         if out.suffix.lower() != ".onnx":
             raise BadInput("the ONNX output file name must end in .onnx", out)
@@ -116,6 +117,8 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
     if out.resolve() == model.resolve():
         raise BadInput("output would overwrite the input model; choose another --out", out)
     check_output(out, force=force, log=say)
+    from repair.export import export_onnx, export_safetensors
+
     adapter = load_model(model, load)
     meta = _provenance(adapter, fmt)
     if fmt == "safetensors":

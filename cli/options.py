@@ -32,7 +32,7 @@ from repair.errors import BadInput
 
 if TYPE_CHECKING:  # the real classes import torch
     from repair.adapters import LoadOptions
-    from repair.api import RuntimeOptions
+    from repair.runtime import RuntimeOptions
     from repair.data import DataOptions
 
 
@@ -192,10 +192,12 @@ DATA_OPTIONS = OptionBundle("data", {
 
 # ------------------------------------------------------------------ runtime -> RuntimeOptions
 def _runtime_options(device, batch_size, cache_dir, no_cache, quiet) -> RuntimeOptions:
-    from repair.api import RuntimeOptions
-    from repair.embeddings import check_device
+    from repair.runtime import RuntimeOptions
 
-    check_device(device)
+    if device not in ("auto", "cpu"):       # only these need no torch to check
+        from repair.embeddings import check_device
+
+        check_device(device)
 
     return RuntimeOptions(device=device, batch_size=batch_size,
                           cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache,

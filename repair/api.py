@@ -14,13 +14,7 @@ from .metrics import evaluate
 from .probing import probe
 
 
-@dataclass
-class RuntimeOptions:
-    device: str = "auto"                 # "auto" | "cpu" | "cuda" | "cuda:1"
-    batch_size: int = 64
-    cache_dir: Optional[str] = None      # default: $REPAIR_CACHE_DIR or ~/.cache/repair/embeddings
-    use_cache: bool = True
-    progress: bool = True
+from .runtime import RuntimeOptions  # noqa: F401  (defined without torch; part of this API)
 
 
 @dataclass

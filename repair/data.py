@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 from .errors import BadInput
 
@@ -228,6 +227,7 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
 
 # ----------------------------------------------------------------- encoding
 def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path) -> torch.Tensor:
+    import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
     names = [str(c) for c in class_names]
     exact = {n: i for i, n in enumerate(names)}
     folded = {n.lower(): i for i, n in enumerate(names)}
@@ -246,6 +246,7 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path)
 
 
 def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str] = None) -> Encoded:
+    import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
     where = data.table or data.source
     y = match_labels(data.labels, class_names, where)
     if group_by is None:

@@ -27,7 +27,6 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import torch
 
 from .errors import BadInput
 
@@ -73,6 +72,7 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors always; pickle files only with ``allow_pickle`` and then ``weights_only=True``."""
+    import torch
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:

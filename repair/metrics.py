@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-import torch
 
 
 def _breakdown(correct: torch.Tensor, ids: torch.Tensor, names: Sequence[str]) -> list[dict]:
+    import torch
     rows = []
     for i, name in enumerate(names):
         mask = ids == i
@@ -21,6 +21,7 @@ def evaluate(logits: torch.Tensor, y: torch.Tensor, class_names: Sequence[str],
              groups: Optional[torch.Tensor] = None, group_names: Sequence[str] = ()) -> dict:
     """Every figure from one prediction pass. Classes/groups with no samples are
     listed with n=0 and accuracy None and do not count towards worst-*."""
+    import torch
     pred = logits.argmax(1) if logits.dim() == 2 else logits
     correct = pred == y
     per_class = _breakdown(correct, y, class_names)

@@ -241,11 +241,17 @@ def test_sigint_half_way_then_rerun_finishes_only_the_rest(zoo, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     watcher = threading.Thread(target=interrupt_when_paused, daemon=True)
-    watcher.start()
-    with time_limit(300):
-        code, _, err = run_cli("zoo", path)
-    watcher.join(timeout=5)
-    assert code == 130 and pid.exists(), err
+    # Ctrl-C as a terminal delivers it: Python's own handler (a library loaded by an earlier test of
+    # the suite may have left another one installed in this process)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watcher.start()
+        with time_limit(300):
+            code, _, err = run_cli("zoo", path)
+        watcher.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert code == 130 and pid.exists(), (err, before)
     assert "interrupted" in err
     report = tmp_path / "zoo-zoo"
     assert journal_names(report / "journal.jsonl") == ["a"]

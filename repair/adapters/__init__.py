@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import BadInput
-from .base import Adapter
 
 
 @dataclass
@@ -39,7 +38,7 @@ class LoadOptions:
 
 
 Detect = Callable[[Path, LoadOptions], bool]
-Load = Callable[[Path, LoadOptions], Adapter]
+Load = Callable[[Path, LoadOptions], "Adapter"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +111,11 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
 
 __all__ = ["Adapter", "FamilyInfo", "LoadOptions", "list_families", "load_model", "register_family",
            "unregister_family"]
+
+
+def __getattr__(name):                # Adapter (and torch) load on first use: option parsing needs neither
+    if name == "Adapter":
+        from .base import Adapter
+
+        return Adapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
