@@ -83,6 +83,18 @@ def head_row(lab: str, r: dict, groups: Optional[bool] = None) -> bool:
 
 
 # ============================================================================ targets
+def _at_least(x, threshold):
+    """x >= threshold, None when x was not measured."""
+    return None if x is None else x >= threshold
+
+
+def _all(*checks):
+    """Every check passed (False if one failed; None when one was not measured and none failed)."""
+    if any(c is False for c in checks):
+        return False
+    return None if any(c is None for c in checks) else True
+
+
 def targets(doc: dict) -> list[dict]:
     """One row per task x variant with every issue target that applies (True / False / None)."""
     out = []
@@ -127,27 +139,28 @@ def targets(doc: dict) -> list[dict]:
                 if modality == "text":
                     ref_acc = _stat(s, bl_free, "acc")
                     r["mixft_minus_best_free"] = _pts(w, bl_free_w)
-                    r["t10_mixft"] = (r["mixft_minus_best_free"] >= TARGET_MIXFT_TEXT and
-                                      _pts(acc, ref_acc) >= -TARGET_ACC_COST)
+                    r["t10_mixft"] = _all(_at_least(r["mixft_minus_best_free"], TARGET_MIXFT_TEXT),
+                                          _at_least(_pts(acc, ref_acc), -TARGET_ACC_COST))
                     secs = _stat(s, mix0, "total_seconds")
                     r["mixft_seconds"] = secs
                     r["t10_mixft_time"] = None if secs is None else secs <= TARGET_MIXFT_TIME
                 else:
                     ref_acc = _stat(s, bl_any, "acc")
                     r["mixft_minus_best_head"] = _pts(w, bl_any_w)
-                    r["t10_mixft"] = r["mixft_minus_best_head"] >= -1e-9 and _pts(acc, ref_acc) >= -TARGET_ACC_COST
+                    r["t10_mixft"] = _all(_at_least(r["mixft_minus_best_head"], -1e-9),
+                                          _at_least(_pts(acc, ref_acc), -TARGET_ACC_COST))
             clp, ft = _wga(s, variant_label("clp", False)), _wga(s, variant_label("clp-ablation", False))
             if clp is not None:
                 r["clp_minus_ablation"] = _pts(clp, ft)
                 r["clp_minus_erm"] = _pts(clp, erm)
-                r["t11_clp"] = (None if ft is None else r["clp_minus_ablation"] >= TARGET_CLP_OVER_FT) and \
-                    r["clp_minus_erm"] >= TARGET_OVER_ERM
+                r["t11_clp"] = _all(_at_least(r["clp_minus_ablation"], TARGET_CLP_OVER_FT),
+                                    _at_least(r["clp_minus_erm"], TARGET_OVER_ERM))
             rec = _wga(s, variant_label("recompose", False))
             if rec is not None:
                 r["recompose_minus_erm"] = _pts(rec, erm)
                 r["recompose_minus_best_head"] = _pts(rec, bl_any_w)
-                r["t12_recompose_over_erm"] = r["recompose_minus_erm"] >= TARGET_OVER_ERM
-                r["t12_recompose_ge_best_head"] = r["recompose_minus_best_head"] >= -1e-9
+                r["t12_recompose_over_erm"] = _at_least(r["recompose_minus_erm"], TARGET_OVER_ERM)
+                r["t12_recompose_ge_best_head"] = _at_least(r["recompose_minus_best_head"], -1e-9)
             out.append(r)
     return out
 

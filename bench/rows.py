@@ -258,10 +258,14 @@ def model_rows_for(task: T.Task, only: Optional[list] = None) -> list[ModelRow]:
             and (r.tasks is None or task.name in r.tasks) and (only is None or r.label in only)]
 
 
-def run_model_rows(td: TaskData, seed: int, rows_spec: list[ModelRow], cache_dir: Path, scratch: Path) -> dict:
+def run_model_rows(td: TaskData, seed: int, rows_spec: list[ModelRow], cache_dir: Path, scratch: Path,
+                   groups: Optional[bool] = None) -> dict:
+    """``groups``: only the runs with (True) or without (False) group labels; None: the row's own."""
     rows = {}
     for spec in rows_spec:
         for with_groups in spec.groups:
+            if groups is not None and with_groups != groups:
+                continue
             label = variant_label(spec.label, with_groups)
             row = {"kind": "model", "method": spec.method, "params": spec.params, "group_labels": with_groups,
                    "budget": spec.budget}

@@ -34,6 +34,7 @@ from . import tasks as T  # noqa: E402
 from .measure import code_version, fit_threads, load_average, log, machine_info  # noqa: E402
 from .rows import AUTO, ERM, REF_DFR, variant_label  # noqa: E402,F401  (re-exported for the tests)
 
+MODEL_GROUPS = {"both": None, "no-groups": False, "groups": True}
 DEFAULT_TASKS = ("sst2_negation", "mnist_color", "demo")
 PARTS = ("head", "model", "cost", "scale")
 
@@ -238,7 +239,8 @@ def run(args) -> dict:
                         if part == "head":
                             new = R.head_rows(td, seed, variants, cache_dir, scratch, spuco_on)
                         else:
-                            new = R.run_model_rows(td, seed, specs, cache_dir, scratch)
+                            new = R.run_model_rows(td, seed, specs, cache_dir, scratch,
+                                                   groups=MODEL_GROUPS[args.model_groups])
                     run["rows"].update(new)
                     for label, r in new.items():
                         if "test" in r and part == "head":
@@ -286,6 +288,10 @@ def parse_args(argv=None):
     ap.add_argument("--scale-n", type=int, default=None)
     ap.add_argument("--scale-d", type=int, default=None)
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and wga.png from results.json")
+    ap.add_argument("--model-groups", choices=sorted(MODEL_GROUPS), default="both",
+                    help="model part: only the runs without (no-groups) or with (groups) group labels")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="with --report-only: add the rows of other runs' results.json (parts run in parallel)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for embedding extraction")
     ap.add_argument("--fit-threads", type=int, default=1, help="torch/BLAS threads for head fits")
     args = ap.parse_args(argv)
@@ -317,9 +323,38 @@ def parse_args(argv=None):
     return args
 
 
+def merge_docs(doc: dict, other: dict) -> dict:
+    """Rows, costs and scale of ``other`` (a results.json of parts run in parallel, in another
+    --out-dir) added to ``doc``; ``other``'s rows replace ``doc``'s of the same label and seed."""
+    for name, t in other.get("tasks", {}).items():
+        entry = doc.setdefault("tasks", {}).setdefault(name, {})
+        for k, v in t.items():
+            if k != "variants" and (k not in entry or k == "costs"):
+                entry[k] = v
+        for vname, v in (t.get("variants") or {}).items():
+            mine = entry.setdefault("variants", {}).setdefault(vname, {k: x for k, x in v.items() if k != "runs"})
+            mine.setdefault("runs", [])
+            for run in v.get("runs", []):
+                into = next((r for r in mine["runs"] if r["seed"] == run["seed"]), None)
+                if into is None:
+                    mine["runs"].append(run)
+                else:
+                    into["rows"].update(run["rows"])
+            mine["runs"].sort(key=lambda r: r["seed"])
+    if "scale" in other:
+        doc["scale"] = other["scale"]
+    parts = doc.setdefault("meta", {}).setdefault("parts", {})
+    for part, info in (other.get("meta", {}).get("parts") or {}).items():
+        parts[part] = {**info, "merged_from": other.get("meta", {}).get("command")} if part not in parts else \
+            {**parts[part], "also": {**info, "command": other.get("meta", {}).get("command")}}
+    return doc
+
+
 def report_only(args) -> dict:
     out_dir = Path(args.out_dir)
     doc = _load_doc(out_dir)
+    for extra in args.merge or []:
+        doc = merge_docs(doc, json.loads(Path(extra).read_text(encoding="utf-8")))
     for t in doc.get("tasks", {}).values():
         for v in (t.get("variants") or {}).values():
             v["summary"] = Rep.summarise(v.get("runs", []))

@@ -94,6 +94,7 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
     from repair.adapters import load_model
     from repair.data import load_data
     from repair.io import check_output
+    from repair.preflight import FILE_SUFFIXES, check_not_an_input
 
     fmt = fmt.lower()
     if fmt not in ("onnx", "safetensors"):
@@ -114,8 +115,10 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
             raise BadInput("the ONNX output file name must end in .onnx", out)
     elif not model.is_dir() and out.suffix.lower() != ".safetensors":
         raise BadInput("the safetensors output file name must end in .safetensors", out)
-    if out.resolve() == model.resolve():
-        raise BadInput("output would overwrite the input model; choose another --out", out)
+    elif model.is_dir() and out.suffix.lower() in FILE_SUFFIXES:
+        raise BadInput(f"the safetensors export of a checkpoint folder is a folder; a name ending in "
+                       f"{out.suffix} would be taken for a weights file", out)
+    check_not_an_input(out, {"input model": model, "data (--data)": data})
     check_output(out, force=force, log=say)
     from repair.export import export_onnx, export_safetensors
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Optional, get_args, get_origin
 
@@ -122,6 +123,9 @@ def _floats(s: Optional[str], name: str) -> Optional[list]:
         vals = [float(v) for v in s.split(",")]
     except ValueError:
         raise BadInput(f"{name} must be comma-separated numbers, got {s!r}") from None
+    if len(vals) not in (1, 3) or not all(math.isfinite(v) for v in vals) or (name == "--std" and min(vals) <= 0):
+        what = "positive numbers" if name == "--std" else "finite numbers"
+        raise BadInput(f"{name} must be one or three (R,G,B) {what}, got {s!r}")
     return vals * 3 if len(vals) == 1 else vals
 
 

@@ -222,6 +222,8 @@ def _stderr(msg: str) -> None:
 def _reason(e: OSError) -> str:
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "no space left on the device"
+    if e.errno == errno.ENOENT:     # a folder that exists but takes no new entries (/proc, /sys)
+        return "the folder does not accept new files"
     return e.strerror or str(e)
 
 

@@ -372,7 +372,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     if o.export not in (None, "onnx"):
         raise BadInput(f"--export must be onnx, got {o.export!r}")
     out_path = Path(out_path) if out_path is not None else default_output(Path(model_path))
-    check_fix_inputs(model_path, data_path, out_path, o, data_opts)   # inputs readable, outputs writable
+    check_fix_inputs(model_path, data_path, out_path, o, data_opts, log=log)   # inputs readable, outputs writable
 
     resources = o.resources()
     if (resources or o.train_data) and "model" not in recipe.kinds:

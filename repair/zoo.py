@@ -186,6 +186,17 @@ class _Problems:
                            self.path)
 
 
+def _overlap(out: Path, inputs: dict) -> Optional[str]:
+    """Why writing ``out`` would replace one of a row's inputs (None: it would not)."""
+    from .preflight import check_not_an_input
+
+    try:
+        check_not_an_input(out, inputs)
+    except BadInput as e:
+        return e.problem.replace("; choose another --out", "")
+    return None
+
+
 def load_manifest(path, mode: str = "fix") -> Manifest:
     """Read and validate a manifest (see the module docstring); nothing is loaded or run."""
     from .data import load_data
@@ -291,6 +302,8 @@ def load_manifest(path, mode: str = "fix") -> Manifest:
                 problems.add(where, "output", f"duplicate output {out} (also row {outputs[out]})")
             elif out == ck.resolve():
                 problems.add(where, "output", "would overwrite the checkpoint")
+            elif overlap := _overlap(out, {k: f[k] for k in ("checkpoint", "data", "eval") if k in f}):
+                problems.add(where, "output", overlap)
             elif not out.parent.is_dir():
                 problems.add(where, "output", f"folder {out.parent} does not exist")
             else:

@@ -18,6 +18,19 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CLASSES = ["cat", "dog", "fox"]
 
 
+def run_cli(*args) -> tuple[int, str, str]:
+    """``repair ARGS`` in this process (typer's CliRunner): (exit code, stdout, stderr). An
+    exception that escapes the command (not its exit) is raised here."""
+    from typer.testing import CliRunner
+
+    from repair_cli.main import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.stdout, res.stderr
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("REPAIR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "embcache"))

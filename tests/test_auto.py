@@ -6,19 +6,12 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import make_images
+from conftest import make_images, run_cli
 from repair.selection import (IMBALANCE_THRESHOLD, Criterion, KFold, group_imbalance, label_free_criterion,
                               select_and_refit)
-from repair_cli.main import app
-
-runner = CliRunner()
 
 
-def run_cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.stdout, res.stderr
 
 
 def _logits_with_error_rate(y: torch.Tensor, rate: float, seed: int = 0) -> torch.Tensor:

@@ -13,24 +13,17 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper, numpy_helper
-from typer.testing import CliRunner
 
-from conftest import CLASSES
+from conftest import CLASSES, run_cli
 from repair import provenance
 from repair.adapters import LoadOptions, load_model
 from repair.data import load_data
 from repair.errors import BadInput, GateFailed
 from repair.export import EXPORT_BATCH, export_onnx, export_safetensors, verify_onnx
-from repair_cli.main import app
 
-runner = CliRunner()
 CPU = torch.device("cpu")
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
-
-def run_cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.stdout, res.stderr
 
 
 def meta_for(adapter) -> dict[str, str]:

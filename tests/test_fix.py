@@ -6,18 +6,11 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import make_images, make_texts
+from conftest import make_images, make_texts, run_cli
 from repair.selection import stratified_split
-from repair_cli.main import app
-
-runner = CliRunner()
 
 
-def run_cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.stdout, res.stderr
 
 
 @pytest.fixture(scope="module")

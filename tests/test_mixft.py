@@ -13,18 +13,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import make_bert_folder, make_timm_folder
-from repair_cli.main import app
+from conftest import make_bert_folder, make_timm_folder, run_cli
 
-runner = CliRunner()
 MARGIN = 0.30          # worst-group accuracy must rise by at least 30 points
 
-
-def run_cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.stdout, res.stderr
 
 
 def _recipe(path, **params):

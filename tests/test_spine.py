@@ -1,4 +1,5 @@
-"""The spine: adapters, data, embeddings cache, eval/probe, and bad input."""
+"""The spine: adapters, data, embeddings cache, eval/probe, and bad input (the command line's
+bad-input matrix is tests/test_bad_inputs.py)."""
 from __future__ import annotations
 
 import json
@@ -7,21 +8,11 @@ import subprocess
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from conftest import CLASSES, SHARED, make_images, make_texts
+from conftest import CLASSES, SHARED, make_images, make_texts, run_cli
 from repair.adapters import LoadOptions, load_model
 from repair.api import RuntimeOptions, evaluate_model, prepare
 from repair.data import DataOptions, encode, load_data
 from repair.errors import BadInput
-from repair_cli.main import app
-
-runner = CliRunner()
-
-
-def run_cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.stdout, res.stderr
 
 
 def full_logits(adapter, items):
@@ -233,56 +224,6 @@ def test_probe_scores_find_planted_neuron():
     X[wrong, 3] += 3.0  # neuron 3 fires on the errors
     d, _ = neuron_deltas(X, y, pred, 2)
     assert d.argmax(1).tolist() == [3, 3] and d[:, 3].min() > 2.0
-
-
-BAD = "bad input cases"
-
-
-def _bad_inputs(tmp_path, timm_folder, image_data, bert_folder):
-    cases = {}
-    trunc = tmp_path / "trunc"
-    shutil.copytree(timm_folder, trunc)
-    blob = (trunc / "model.safetensors").read_bytes()
-    (trunc / "model.safetensors").write_bytes(blob[:100])
-    cases["truncated safetensors"] = (["eval", trunc, "--data", image_data], "safetensors")
-    cases["missing model"] = (["eval", tmp_path / "nope", "--data", image_data], "not found")
-    arch = tmp_path / "arch"
-    shutil.copytree(timm_folder, arch)
-    cfg = json.loads((arch / "config.json").read_text())
-    cfg["architecture"] = "resnet_does_not_exist"
-    (arch / "config.json").write_text(json.dumps(cfg))
-    cases["unknown architecture"] = (["eval", arch, "--data", image_data], "unknown timm architecture")
-    shape = tmp_path / "shape"
-    shutil.copytree(timm_folder, shape)
-    cfg = json.loads((shape / "config.json").read_text())
-    cfg["num_classes"] = 5
-    (shape / "config.json").write_text(json.dumps(cfg))
-    cases["head shape vs config"] = (["eval", shape, "--data", image_data], "num_classes=5")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    cases["empty data folder"] = (["eval", timm_folder, "--data", empty], "empty data folder")
-    unknown = make_images(tmp_path / "unknownlabel", classes=["cat", "wolf"], n_per_class=2)
-    cases["unknown label"] = (["eval", timm_folder, "--data", unknown], "'wolf' is not a class")
-    broken = make_images(tmp_path / "broken", n_per_class=2)
-    (broken / "cat" / "000.png").write_bytes(b"not a png")
-    cases["unreadable image"] = (["eval", timm_folder, "--data", broken, "--no-cache"], "unreadable image")
-    latin = tmp_path / "latin.csv"
-    latin.write_bytes("text,label\ncaf\xe9 good,positive\n".encode("latin-1"))
-    cases["non-UTF-8 text"] = (["eval", bert_folder, "--data", latin], "not UTF-8")
-    cases["missing group column"] = (["eval", timm_folder, "--data", image_data, "--group-by", "season"], "no group column 'season'")
-    cases["pickle without flag"] = (["eval", tmp_path / "w.pt", "--arch", "test_resnet", "--data", image_data], "allow-pickle")
-    torch.save({"a": torch.zeros(1)}, tmp_path / "w.pt")
-    return cases
-
-
-def test_every_bad_input_exit_2_one_line(tmp_path, timm_folder, image_data, bert_folder):
-    for name, (args, needle) in _bad_inputs(tmp_path, timm_folder, image_data, bert_folder).items():
-        code, out, err = run_cli(*args, "-q")
-        lines = [l for l in err.strip().splitlines() if l.strip()]
-        assert code == 2, f"{name}: exit {code}, stderr {err!r}"
-        assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {err!r}"
-        assert needle in lines[0], f"{name}: {lines[0]!r}"
-        assert "Traceback" not in err
 
 
 def test_console_script_debug_traceback(tmp_path, image_data):

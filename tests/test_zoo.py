@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from conftest import make_images, make_timm_folder
-from repair_cli.main import app
+from conftest import make_images, make_timm_folder, run_cli
 
-runner = CliRunner()
 
 PAUSE_PLUGIN = '''
 """A head method that, while BLOCK exists, writes its process id to PID and waits (so a test can
@@ -56,10 +53,6 @@ def pause(inputs, config):
     return RepairOutput(W=W[0], b=b[0], diagnostics={{}})
 '''
 
-
-def run_cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.stdout, res.stderr
 
 
 @pytest.fixture(scope="module")
