@@ -251,7 +251,7 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
         head = "| method | group labels | " + " | ".join(f"{vn} WGA | {vn} acc" for vn in vnames) + \
                " | time (s) | peak RSS (MiB) | note |"
         L.append(head)
-        L.append("|" + "---|" * (4 + 2 * len(vnames)))
+        L.append("|" + "---|" * (5 + 2 * len(vnames)))
         labels: list = []
         for vn in vnames:
             for lab in (vs[vn].get("summary") or {}):

@@ -230,8 +230,9 @@ def run(args) -> dict:
                         v["runs"].append(run)
                     # re-measured rows replace old ones; a run of some model rows (--model-rows) keeps the others
                     if part == "model":
-                        keep = ((lambda k, r: r.get("kind") != "model") if not args.model_rows else
-                                (lambda k, r: r.get("kind") != "model" or k.split("[")[0] not in set(args.model_rows)))
+                        # (a full model part drops all old model rows; a partial one replaces only what it measures)
+                        keep = ((lambda k, r: r.get("kind") != "model") if not args.model_rows and
+                                args.model_groups == "both" else (lambda k, r: True))
                     else:
                         keep = lambda k, r: r.get("kind") == "model"
                     run["rows"] = {k: r for k, r in run["rows"].items() if keep(k, r)}
