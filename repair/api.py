@@ -37,7 +37,8 @@ def check_modality(adapter: Adapter, data: RepairData) -> None:
 
 def prepare_data(adapter: Adapter, data_path, data_opts: DataOptions, runtime: RuntimeOptions,
                  group_by: Optional[str] = None) -> tuple[RepairData, Encoded, Embeddings]:
-    data = load_data(data_path, data_opts)
+    """``data_path``: a path, or the :class:`RepairData` already read from it."""
+    data = data_path if isinstance(data_path, RepairData) else load_data(data_path, data_opts)
     check_modality(adapter, data)
     enc = encode(data, adapter.class_names, group_by if group_by is not None else data_opts.group_by)
     emb = extract(adapter, data, batch_size=runtime.batch_size, device=runtime.device,

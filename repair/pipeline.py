@@ -372,7 +372,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     if o.export not in (None, "onnx"):
         raise BadInput(f"--export must be onnx, got {o.export!r}")
     out_path = Path(out_path) if out_path is not None else default_output(Path(model_path))
-    check_fix_inputs(model_path, data_path, out_path, o, data_opts, log=log)   # inputs readable, outputs writable
+    repair_data = check_fix_inputs(model_path, data_path, out_path, o, data_opts, log=log)   # inputs readable, outputs writable
 
     resources = o.resources()
     if (resources or o.train_data) and "model" not in recipe.kinds:
@@ -389,7 +389,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                            f"{adapter.modality} model", Path(model_path))
     log(f"loaded {adapter.family} model {Path(model_path).name}: {len(adapter.class_names)} classes")
 
-    data, enc, emb = prepare_data(adapter, data_path, data_opts, runtime)
+    data, enc, emb = prepare_data(adapter, repair_data, data_opts, runtime)
     where = data.table or data.source
     C = len(adapter.class_names)
     check_repair_set(enc, C, where)

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
-from .data import DataOptions, load_data
+from .data import DataOptions, RepairData, load_data
 from .errors import BadInput
 from .io import PICKLE_SUFFIXES, check_output
 
@@ -42,15 +42,16 @@ def check_not_an_input(out_path: Path, inputs: dict) -> None:
 
 
 def check_fix_inputs(model_path, data_path, out_path: Path, o, data_opts: DataOptions,
-                     log: Optional[Callable[[str], None]] = None) -> None:
+                     log: Optional[Callable[[str], None]] = None) -> RepairData:
     """``o``: the :class:`repair.pipeline.FixOptions`. The order is the command line's: model,
-    data, the other inputs, then the outputs (which are probed by creating a file there)."""
+    data, the other inputs, then the outputs (which are probed by creating a file there).
+    Returns the repair data as read (the pipeline goes on with it instead of reading it again)."""
     from .export import check_tolerance
 
     model_path, out_path = Path(model_path), Path(out_path)
     if not model_path.exists():
         raise BadInput("model not found", model_path)
-    load_data(data_path, data_opts)
+    data = load_data(data_path, data_opts)
     if o.eval_data is not None:
         gb = o.eval_group_by if o.eval_group_by is not None else data_opts.group_by
         load_data(o.eval_data, dataclasses.replace(data_opts, group_by=gb))
@@ -83,3 +84,4 @@ def check_fix_inputs(model_path, data_path, out_path: Path, o, data_opts: DataOp
     if o.export == "onnx" and want == ".safetensors":        # the ONNX file goes beside the output
         check_not_an_input(out_path.with_suffix(".onnx"), inputs)
         check_output(out_path.with_suffix(".onnx"), force=o.force, log=log)
+    return data

@@ -119,3 +119,24 @@ def test_export_verification_reuses_the_cached_logits(timm_folder, skewed_images
                            "2steps", "--out", tmp_path / "y", "--export", "onnx", "-q")
     assert code == 0, err
     assert calls["logits"] > 0
+
+
+def test_fix_reads_the_repair_data_once(timm_folder, skewed_images, tmp_path, monkeypatch):
+    """The pre-flight check reads the repair data; the pipeline goes on with what it read."""
+    import repair.api
+    import repair.preflight
+    from repair.api import RuntimeOptions
+    from repair.data import DataOptions, load_data
+    from repair.pipeline import FixOptions, fix_model
+
+    reads = []
+
+    def counting(path, options=None):
+        reads.append(str(path))
+        return load_data(path, options)
+
+    monkeypatch.setattr(repair.api, "load_data", counting)
+    monkeypatch.setattr(repair.preflight, "load_data", counting)
+    rep = fix_model(timm_folder, skewed_images, tmp_path / "out", data_opts=DataOptions(),
+                    runtime=RuntimeOptions(progress=False), options=FixOptions(recipe="dfr"), log=lambda m: None)
+    assert rep["method"] == "dfr" and reads == [str(skewed_images)]
