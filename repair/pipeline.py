@@ -78,7 +78,9 @@ class FixOptions:
     def resources(self) -> dict:
         """The model-repair inputs the user gave (paths as Paths)."""
         out = {}
-        for key in ("masks", "segmenter", "generator_model", "prompts"):
+        from .preflight import RESOURCE_PATHS
+
+        for key in RESOURCE_PATHS:
             v = getattr(self, key)
             if v is not None:
                 out[key] = Path(v)

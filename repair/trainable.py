@@ -308,13 +308,6 @@ class TrainableModel:
         now = self.state(list(before))
         return {k: v for k, v in now.items() if not torch.equal(v, before[k])}
 
-    def bn_frozen_required(self) -> bool:
-        """True when a BatchNorm layer holds folded statistics (running mean 0, var 1
-        everywhere): batch statistics would destroy such a network."""
-        bns = [m for m in self.module.modules() if isinstance(m, _BN) and m.running_mean is not None]
-        return bool(bns) and all(bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())
-                                 for m in bns)
-
 
 def _param_blocks(module: nn.Module, head_name: str) -> list[tuple[str, list[str]]]:
     names = [n for n, _ in module.named_parameters()]

@@ -49,7 +49,6 @@ from ..config import build_config, describe
 from .transforms import AFFINE, MASK, TRANSFORMS, Transform
 
 GROUP_USE = ("never", "optional", "required")
-KINDS = ("head", "model")
 
 
 @dataclass
