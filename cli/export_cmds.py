@@ -73,12 +73,11 @@ def print_verify_report(rep: dict, title: str) -> None:
     print("PASSED" if rep.get("passed") else "FAILED: " + "; ".join(rep.get("problems") or []))
 
 
-def _verify_items(data, data_opts, adapter, max_verify: int):
+def _verify_items(d, adapter, max_verify: int):
+    """Samples of the data ``d`` (read before the model was loaded) to verify on."""
     from repair.api import check_modality
-    from repair.data import load_data
     from repair.export import pick_verify_items
 
-    d = load_data(data, data_opts)
     check_modality(adapter, d)
     return pick_verify_items(d.items, max_verify)
 
@@ -107,7 +106,7 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
     if fmt == "onnx":
         if data is None:
             raise BadInput("--data is needed for an ONNX export: the export is verified on samples of it")
-        load_data(data, columns)
+        loaded = load_data(data, columns)
         from repair.export import check_export_options
 
         check_export_options(opset, exporter, tolerance)
@@ -131,7 +130,7 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
         else:
             print(f"wrote {rep['path']} ({rep['n_tensors']} tensors; metadata {', '.join(rep['metadata_keys'])})")
         return
-    items = _verify_items(data, columns, adapter, max_verify)
+    items = _verify_items(loaded, adapter, max_verify)
     try:
         rep = export_onnx(adapter, out, metadata=meta, verify_items=items, tolerance=tolerance, opset=opset,
                           force=force, device=runtime.device, exporter=exporter, progress=say)
@@ -168,12 +167,12 @@ def verify_cmd(model: Annotated[Path, typer.Argument(help="The ONNX file to chec
         raise BadInput("ONNX model not found" if not model.exists() else "expected an .onnx file, got a folder", model)
     if not reference.exists():
         raise BadInput("reference model not found", reference)
-    load_data(data, columns)
+    loaded = load_data(data, columns)
     if tolerance is not None:
         check_tolerance(tolerance)
     say = log if runtime.progress else (lambda m: None)
     ref = load_model(reference, load)
-    items = _verify_items(data, columns, ref, max_verify)
+    items = _verify_items(loaded, ref, max_verify)
     rep = verify_onnx(model, ref, items, tolerance=tolerance, device=runtime.device, check=False, progress=say)
     if as_json:
         emit_json(rep)
