@@ -16,7 +16,7 @@ Registration of new pieces: :func:`repair.methods.register_method` (head repairs
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
     "load_model": ("repair.adapters", "load_model"),

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .adapters.base import Adapter
 from .data import RepairData
 from .errors import BadInput

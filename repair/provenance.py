@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, Optional
 
-from . import __version__
+from ._version import __version__
 
 PREFIX = "repair."
 
