@@ -36,6 +36,36 @@ class LoadOptions:
     std: Optional[list] = None
     class_names: Optional[list] = field(default=None)   # for checkpoints that carry none
 
+    def __post_init__(self):
+        """Every value checked here, so Python callers and the command line get the same error."""
+        import math
+
+        if self.arch and self.factory:
+            raise BadInput("give --arch (a timm architecture) or --factory (a module), not both")
+        for name, flag in (("max_length", "--max-length"), ("image_size", "--image-size")):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise BadInput(f"{flag} must be a whole number >= 1, got {v!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            vals = [v] if isinstance(v, (int, float)) else list(v)
+            ok = (len(vals) in (1, 3) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                               and math.isfinite(x) for x in vals)
+                  and (name == "mean" or min(vals) > 0))
+            if not ok:
+                what = "positive numbers" if name == "std" else "finite numbers"
+                raise BadInput(f"--{name} must be one or three (R,G,B) {what}, got {v!r}")
+            setattr(self, name, [float(x) for x in vals] * (3 if len(vals) == 1 else 1))
+        if self.class_names is not None:
+            names = [str(c).strip() for c in self.class_names]
+            if not names or not all(names) or len(set(names)) != len(names):
+                raise BadInput(f"--class-names must be distinct, non-empty names, got {self.class_names!r}")
+            self.class_names = names
+        if self.model_args is not None and not isinstance(self.model_args, dict):
+            raise BadInput("--model-args must be a JSON object of keyword arguments")
+
 
 Detect = Callable[[Path, LoadOptions], bool]
 Load = Callable[[Path, LoadOptions], "Adapter"]
@@ -95,8 +125,6 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
         raise BadInput("model not found", path)
     if not path.is_file() and not path.is_dir():
         raise BadInput("expected a checkpoint file or folder, got a device or other special file", path)
-    if o.arch and o.factory:
-        raise BadInput("give --arch (a timm architecture) or --factory (a module), not both")
     for fam in list_families():
         if fam.detect(path, o):
             if o.model_args is not None and not fam.model_args:
