@@ -197,6 +197,8 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
         loaded = data if isinstance(data, RepairData) else load_data(data, data_options)
         check_export_options(opset, exporter, tolerance)
         protected.add_data(loaded, "data (--data)")
+    elif isinstance(data, (str, Path)):
+        protected.add(data, "data (--data)")
     protected.add(model_path, "input model")
     protected.check(out)
     check_writable(out, force=force, log=log)
@@ -231,9 +233,38 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
         raise
 
 
+def verify_model(onnx_path, reference, data, *, load_options=None, data_options=None,
+                 tolerance: Optional[float] = None, max_verify: int = DEFAULT_MAX_VERIFY, device: str = "cpu",
+                 log: Optional[Callable[[str], None]] = None) -> dict:
+    """``repair verify``: onnxruntime on ``onnx_path`` against ``reference`` (a checkpoint path or an
+    Adapter) on up to ``max_verify`` samples of ``data``. Returns the report (``passed``); nothing is
+    written. Every check runs before the reference is loaded."""
+    from .adapters import load_model
+    from .api import check_modality
+    from .data import RepairData, load_data
+    from .export import pick_verify_items, verify_onnx
+    from .rules import check_tolerance
+
+    onnx_path = Path(onnx_path)
+    if onnx_path.suffix.lower() != ".onnx":
+        raise BadInput("expected an .onnx file", onnx_path)
+    if not onnx_path.is_file():
+        raise BadInput("ONNX model not found" if not onnx_path.exists() else "expected an .onnx file, got a folder",
+                       onnx_path)
+    if isinstance(reference, (str, Path)) and not Path(reference).exists():
+        raise BadInput("reference model not found", reference)
+    loaded = data if isinstance(data, RepairData) else load_data(data, data_options)
+    if tolerance is not None:
+        check_tolerance(tolerance)
+    ref = load_model(reference, load_options) if isinstance(reference, (str, Path)) else reference
+    check_modality(ref, loaded)
+    items = pick_verify_items(loaded.items, max_verify)
+    return verify_onnx(onnx_path, ref, items, tolerance=tolerance, device=device, check=False, progress=log)
+
+
 def _source_files(adapter) -> list:
     fn = getattr(adapter, "source_files", None)
     return list(fn()) if callable(fn) else []
 
 
-__all__ = ["HtmlReport", "ModelOutputs", "OnnxExport", "export_model", "export_provenance"]
+__all__ = ["HtmlReport", "ModelOutputs", "OnnxExport", "export_model", "export_provenance", "verify_model"]

@@ -233,6 +233,8 @@ def model_section(m: dict) -> str:
         if r.get("output"):
             facts.append(f"output <code>{_e(r['output'])}</code>")
     facts.append(f"measured on {_e(r.get('measured_on'))}")
+    if m.get("redone"):
+        facts.append(f"run again: {_e(m['redone'])}")
     out.append("<p>" + "; ".join(facts) + "</p>")
     wb, label = headline(b)
     rows = [("accuracy", b.get("accuracy"), a and a.get("accuracy")),

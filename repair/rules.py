@@ -122,6 +122,7 @@ class Protected:
     def __init__(self) -> None:
         self.files: dict[Path, str] = {}
         self.folders: dict[Path, str] = {}
+        self.named: dict[Path, str] = {}      # paths given that are not read whole (a table's folder)
 
     def add(self, path: Optional[PathLike], what: str) -> "Protected":
         """A path the user gave: a folder counts as read whole, a file as itself."""
@@ -149,6 +150,8 @@ class Protected:
             [data.table] if data.table else []) + ([Path(i) for i in data.items] if data.modality == "image" else [])
         if data.table is None:
             self.add(data.source, what)
+        else:
+            self.named.setdefault(_norm(data.source), what)
         self.add_files(files, what)
         return self
 
@@ -157,25 +160,28 @@ class Protected:
             self.files.setdefault(p, w)
         for p, w in other.folders.items():
             self.folders.setdefault(p, w)
+        for p, w in other.named.items():
+            self.named.setdefault(p, w)
         return self
 
-    def why(self, out: PathLike) -> Optional[str]:
+    def why(self, out: PathLike, flag: str = "--out") -> Optional[str]:
         """Why writing ``out`` would replace or change an input (None: it would not)."""
         o = _norm(out)
-        for p, what in {**self.files, **self.folders}.items():
+        for p, what in {**self.named, **self.files, **self.folders}.items():
             if o == p:
-                return f"it is the {what} ({p})"
+                return f"{flag} would overwrite the {what}"
+        for p, what in {**self.files, **self.folders}.items():
             if o in p.parents:
-                return f"it would replace a folder that holds the {what} ({p})"
+                return f"{flag} would replace a folder that holds the {what} ({p})"
         for p, what in self.folders.items():
             if p in o.parents:
-                return f"it is inside the {what} ({p}), which is read as a whole"
+                return f"{flag} is inside the {what} ({p}), which is read as a whole"
         return None
 
     def check(self, out: PathLike, flag: str = "--out") -> None:
-        reason = self.why(out)
+        reason = self.why(out, flag)
         if reason:
-            raise BadInput(f"{flag} would overwrite an input: {reason}; choose another {flag}", out)
+            raise BadInput(f"{reason}; choose another {flag}", out)
 
 
 def check_outputs_distinct(outputs: dict[str, Optional[PathLike]]) -> None:

@@ -145,7 +145,7 @@ def test_csv_manifest_with_defaults_and_an_existing_output(zoo, tmp_path):
     from repair.zoo import load_manifest
 
     (entry,) = load_manifest(path).entries
-    assert entry.recipe == "dfr" and entry.gate == pytest.approx(0.7) and entry.output == (tmp_path / "out" / "a")
+    assert entry.recipe == "dfr" and entry.gate == "70%" and entry.output == (tmp_path / "out" / "a")
     code, _, err = run_cli("zoo", path)
     assert code == 2 and "row 1 (a), output: " in err and "already exists" in err and err.count("\n") == 1
     assert not (tmp_path / "zoo-zoo").exists()
@@ -207,7 +207,8 @@ def test_eval_mode_gates_and_writes_only_the_report(zoo, tmp_path):
     code, stdout, err = run_cli("zoo", path, "--mode", "eval", "--out-dir", tmp_path / "r", "--json")
     assert code == 1 and "gate failed for 1 model(s): low" in err
     assert sorted(p.name for p in zoo.iterdir()) == before and sorted(os.listdir(tmp_path / "m")) == ["zoo.yaml"]
-    assert sorted(os.listdir(tmp_path / "r")) == ["journal.jsonl", "zoo-report.html", "zoo-report.json"]
+    # (and the driver's lock file, .zoo-lock)
+    assert sorted(os.listdir(tmp_path / "r")) == [".zoo-lock", "journal.jsonl", "zoo-report.html", "zoo-report.json"]
     doc = json.loads(stdout)
     assert [m["result"]["after"] for m in doc["models"]] == [None, None]
     rows[1]["gate"] = 0
