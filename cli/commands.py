@@ -269,7 +269,7 @@ def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the dem
                                                      eval_group_by="place", force=True), log=log)
     doc = {"model": str(art.model_dir), "repaired_model": fixed["output"], "train": str(art.train_dir),
            "val": str(art.val_dir), "test": str(art.test_dir), "erm_train_seconds": art.erm_train_seconds,
-           "erm_test": test, "fix": fixed}
+           "erm_test": test, "fix": fixed.report}
     if as_json:
         emit_json(doc)
         return

@@ -211,7 +211,7 @@ def clean_stale_temps(final: Path, log: Optional[Callable[[str], None]] = None) 
             shutil.rmtree(p, ignore_errors=True)
             if not p.exists():
                 removed.append(p)
-                (log or _stderr)(f"removed {p}: a temporary folder left by an interrupted run")
+                (log or _stderr)(f"notice: removed {p}: a temporary folder left by an interrupted run")
     return removed
 
 
