@@ -358,7 +358,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
               data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
               options: Optional[FixOptions] = None,
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
-    from .finetune import Budget
+    from .modelrepair.finetune import Budget
     from .io import scratch_dir
     from .preflight import check_fix_inputs
     from .recipes import load_recipe

@@ -200,7 +200,7 @@ def _overlap(out: Path, inputs: dict) -> Optional[str]:
 def load_manifest(path, mode: str = "fix") -> Manifest:
     """Read and validate a manifest (see the module docstring); nothing is loaded or run."""
     from .data import load_data
-    from .finetune import Budget
+    from .modelrepair.finetune import Budget
     from .io import check_output
     from .pipeline import default_output
     from .recipes import load_recipe

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import make_images
 from repair.errors import BadInput
-from repair.finetune import Budget, LoopConfig, train
+from repair.modelrepair.finetune import Budget, LoopConfig, train
 from repair_cli.main import app
 
 runner = CliRunner()

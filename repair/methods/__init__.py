@@ -20,7 +20,7 @@ the repaired model.
     @register_model_repair("name", summary="one line", config=NameConfig, groups="optional")
     def name(inputs: ModelRepairInputs, config: NameConfig) -> ModelRepairOutput: ...
 
-``inputs.model`` is the adapter's trainable module (:class:`repair.trainable.TrainableModel`:
+``inputs.model`` is the adapter's trainable module (:class:`repair.modelrepair.trainable.TrainableModel`:
 preprocessing with train-time transforms, parameter scopes, frozen BatchNorm), with the
 repair data the method may train on, the groups (given, or ``None``), the original
 model's logits on that data, a budget and a seed; the method returns the new values
@@ -111,12 +111,12 @@ class TrainSet:
 
 @dataclass
 class ModelRepairInputs:
-    model: Any                      # repair.trainable.TrainableModel
+    model: Any                      # repair.modelrepair.trainable.TrainableModel
     items: list                     # the repair samples the method may train on (image paths / texts)
     y: torch.Tensor                 # (N,) class indices
     ref_logits: torch.Tensor        # (N, C) the original model's logits on ``items``
     groups: Optional[torch.Tensor] = None   # (N,) given group ids, or None
-    budget: Any = None              # repair.finetune.Budget (steps / seconds / epochs); None: the method's own
+    budget: Any = None              # repair.modelrepair.finetune.Budget (steps / seconds / epochs); None: the method's own
     seed: int = 0
     device: str = "cpu"
     progress: bool = True

@@ -23,7 +23,7 @@ loss and margin relative to its class's last-epoch means.
    "not y": ``-log(1 - p_y)``); its gradient updates ``g`` (Adam);
 3. the *real* update of the model on ``CE(f(x) + delta.detach(), y)`` (``delta`` from the
    updated ``g``) plus ``saliency_weight`` times the saliency penalty, through the shared loop
-   (:func:`repair.finetune.train`: optimiser, schedule, clipping, early stopping on the
+   (:func:`repair.modelrepair.finetune.train`: optimiser, schedule, clipping, early stopping on the
    held-out criterion with the best state kept, AMP, ``--budget``, and a progress bar with the
    loss, the meta loss, the mean |delta| and the held-out criterion).
 
@@ -44,10 +44,10 @@ benchmark's image tasks even with their true masks (demo, last two blocks: 73.6%
 worst-group accuracy with it at weight 10 against 76.4% without; mnist_color: 50.5% against
 80.3%) and its double backward costs several forward passes per sample.
 
-**Causal knowledge (masks)**: foreground masks from ``--masks DIR`` (:mod:`repair.masks`; with
+**Causal knowledge (masks)**: foreground masks from ``--masks DIR`` (:mod:`repair.modelrepair.masks`; with
 ``--train`` the masks of both sets are found relative to the common parent folder of the two
 data folders) when given; otherwise from the model's own attribution: Grad-CAM
-(:mod:`repair.attribution`, written here rather than taken from captum: no extra dependency,
+(:mod:`repair.modelrepair.attribution`, written here rather than taken from captum: no extra dependency,
 one forward and backward per batch, and smooth object-level maps that can be thresholded into
 a mask, where raw input gradients are pixel noise) of the original model for each image's
 label, on the finest map with at least 1/8 of the input side (the last maps of small inputs
@@ -99,9 +99,9 @@ from torch import nn
 
 from ..config import setting
 from ..errors import BadInput
-from ..finetune import LoopConfig, Session, draw_batch, train
+from ..modelrepair.finetune import LoopConfig, Session, draw_batch, train
 from ..selection import SELECTION_NAMES
-from ..trainable import AUGMENTATIONS
+from ..modelrepair.trainable import AUGMENTATIONS
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 
 N_CHARACTERISTICS = 10
@@ -321,7 +321,7 @@ class ClpRun:
         if source == "given":
             if given is None:
                 raise BadInput("clp: setting masks: given needs --masks DIR")
-            from ..masks import load_masks
+            from ..modelrepair.masks import load_masks
 
             root = Path(self.inputs.resources.get("data_root") or Path(self.inputs.items[0]).parent)
             if train_set is not None:
@@ -340,7 +340,7 @@ class ClpRun:
                 "foreground_share": round(float(self.meta_pool.masks.mean()), 4)}
 
     def _attribution_masks(self, pool: _Pool) -> tuple[torch.Tensor, int]:
-        from ..attribution import gradcam, threshold_masks
+        from ..modelrepair.attribution import gradcam, threshold_masks
 
         tm, x = self.tm, pool.x
         min_side = max(2, x.shape[-1] // 8)

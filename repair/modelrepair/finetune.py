@@ -28,8 +28,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .config import setting
-from .errors import BadInput
+from ..config import setting
+from ..errors import BadInput
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ class Session:
     MIN_PER_STRATUM = 2
 
     def __init__(self, inputs, *, holdout_fraction: float, selection: str = "auto"):
-        from .selection import Criterion, inferred_groups, stratified_split
+        from ..selection import Criterion, inferred_groups, stratified_split
 
         self.inputs = inputs
         self.model = inputs.model
@@ -291,7 +291,7 @@ class Session:
 
     def evaluate(self) -> tuple[float, float]:
         """(held-out criterion score, held-out mean accuracy) of the model as it is now."""
-        from .selection import scores_from_preds
+        from ..selection import scores_from_preds
 
         lg = self.model.predict(self.encoded, self.held_idx, self.device)
         worst, mean = scores_from_preds(lg.argmax(1), self.y[self.held_idx], self.score_strata[self.held_idx])
