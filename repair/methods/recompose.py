@@ -41,8 +41,9 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..modelrepair.finetune import Session, draw_batch, train
-from ..modelrepair.generation import GENERATORS, contact_sheet, load_prompts, make_generator, save_png
-from ..modelrepair.masks import MASK_SOURCES, object_masks
+from ..modelrepair.generation import (GENERATOR, GENERATOR_MODEL, GENERATORS, PROMPTS, contact_sheet, load_prompts,
+                                      make_generator, save_png)
+from ..modelrepair.masks import MASK_SOURCES, MASKS, SEGMENTER, object_masks
 from ..modelrepair.pixels import to_model, to_pixels
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 from .finetune import FinetuneConfig
@@ -120,7 +121,8 @@ def _passes(v: torch.Tensor, thr: float) -> torch.Tensor:
 @register_model_repair("recompose", summary="counterfactual recomposition: each class's object pasted (or inpainted) "
                                             "with other classes' backgrounds, pruned by the original model's "
                                             "probability and attribution, then fine-tuning on real + kept images",
-                       config=RecomposeConfig, groups="optional", modalities=("image",))
+                       config=RecomposeConfig, groups="optional", modalities=("image",),
+                       resources=(MASKS, SEGMENTER, GENERATOR, GENERATOR_MODEL, PROMPTS))
 def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepairOutput:
     cfg = config
     res = inputs.resources
@@ -146,7 +148,7 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
     x_tr = sess.encoded[tr]
     t0 = time.perf_counter()
     masks, mask_source = object_masks(cfg.masks, tm, [inputs.items[i] for i in tr.tolist()], x_tr, y_tr, res,
-                                      prompts, names, dev, quantile=cfg.mask_quantile)
+                                      prompts, names, dev, quantile=cfg.mask_quantile, who="recompose")
     mask_seconds = time.perf_counter() - t0
     pix = to_pixels(x_tr, dc)
 

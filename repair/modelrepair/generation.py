@@ -40,9 +40,18 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
+from ..registry import Resource
 from .pixels import _blur, _dilate, _erode
 
 GENERATORS = ("composite", "diffusers")
+
+#: the user inputs of image generation, declared by the model repairs that generate
+GENERATOR = Resource("generator", kind="choice", choices=GENERATORS,
+                     help="Image generation for recipes that generate (composite | diffusers).")
+GENERATOR_MODEL = Resource("generator_model", kind="folder",
+                           help="A local diffusers inpainting pipeline folder (--generator diffusers).")
+PROMPTS = Resource("prompts", kind="file",
+                   help="A YAML file of generation prompts (overrides the built-in ones).")
 INSTALL_DIFFUSION = "pip install 'repair-toolkit[diffusion]'"
 
 
@@ -396,5 +405,5 @@ def contact_sheet(path: Path, rows: Sequence[tuple], cell: int = 64, columns: in
     sheet.save(path)
 
 
-__all__ = ["GENERATORS", "Prompts", "load_prompts", "fill_holes", "paste", "Generator", "CompositeGenerator",
+__all__ = ["GENERATORS", "GENERATOR", "GENERATOR_MODEL", "PROMPTS", "Prompts", "load_prompts", "fill_holes", "paste", "Generator", "CompositeGenerator",
            "DiffusersGenerator", "make_generator", "save_png", "contact_sheet"]

@@ -24,16 +24,23 @@ preprocessing (resize, crop) so it lines up with the model's input.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
+from ..registry import Resource
 from .attribution import attribution_maps, threshold_masks
 from .pixels import _blur, _dilate, _erode, to_pixels
 
 MASK_SOURCES = ("auto", "given", "segmenter", "attribution", "contrast")
+
+#: the user inputs of the mask sources, declared by the model repairs that use them
+MASKS = Resource("masks", kind="folder",
+                 help="Model repairs on images: a folder of foreground masks (white = object), one per image, same name.")
+SEGMENTER = Resource("segmenter", kind="folder",
+                     help="Model repairs on images: a local transformers CLIPSeg folder for language-guided masks.")
 
 
 def mask_file(mask_dir: Path, item: Path, data_root: Path) -> Path:
@@ -153,9 +160,15 @@ def clipseg_masks(folder: Path, pix: torch.Tensor, phrases: Sequence[str], devic
 
 
 def object_masks(source: str, tm, items: Sequence, x: torch.Tensor, y: torch.Tensor, resources: dict,
-                 prompts, class_names: Sequence[str], device, quantile: float = 0.7) -> tuple[torch.Tensor, str]:
+                 prompts, class_names: Sequence[str], device, quantile: float = 0.7, *,
+                 min_side: Optional[int] = None, who: str = "") -> tuple[torch.Tensor, str]:
     """(masks (N,1,H,W) aligned with ``x``, the source used) for images ``items`` (their model
-    inputs ``x``, classes ``y``); ``source`` one of :data:`MASK_SOURCES`."""
+    inputs ``x``, classes ``y``); ``source`` one of :data:`MASK_SOURCES`. ``resources``: the model
+    repair's inputs (``masks``, ``segmenter``, ``data_root``: the folder ``items`` are relative to);
+    ``prompts`` (an object with ``object(class_name) -> phrase``) is used by the segmenter only;
+    ``quantile`` and ``min_side`` shape the attribution masks (:func:`threshold_masks`,
+    :func:`~repair.modelrepair.attribution.gradcam`); ``who`` prefixes errors (the method's name)."""
+    pre = f"{who}: " if who else ""
     if source == "auto":
         # without masks or a segmenter: the weight-free boundary prior. The classifier's own Grad-CAM
         # (the paper's default) points at the shortcut on exactly the models this repairs -- measured on
@@ -163,19 +176,19 @@ def object_masks(source: str, tm, items: Sequence, x: torch.Tensor, y: torch.Ten
         source = "given" if resources.get("masks") else ("segmenter" if resources.get("segmenter") else "contrast")
     if source == "given":
         if not resources.get("masks"):
-            raise BadInput("masks: given needs --masks DIR")
+            raise BadInput(f"{pre}setting masks: given needs --masks DIR")
         m = load_masks(resources["masks"], items, resources.get("data_root") or Path("."), tm.adapter.data_config)
         if m.shape[-2:] != x.shape[-2:]:
             m = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return m.clamp(0, 1), source
     if source == "segmenter":
         if not resources.get("segmenter"):
-            raise BadInput("masks: segmenter needs --segmenter PATH (a local CLIPSeg folder)")
+            raise BadInput(f"{pre}setting masks: segmenter needs --segmenter PATH (a local CLIPSeg folder)")
         phrases = [prompts.object(class_names[int(c)]) for c in y]
         return clipseg_masks(resources["segmenter"], to_pixels(x, tm.adapter.data_config), phrases, device), source
     if source == "contrast":
         return contrast_masks(to_pixels(x, tm.adapter.data_config)), source
-    return threshold_masks(attribution_maps(tm, x, y, device), quantile), "attribution"
+    return threshold_masks(attribution_maps(tm, x, y, device, min_side=min_side), quantile), "attribution"
 
 
-__all__ = ["MASK_SOURCES", "mask_file", "load_masks", "contrast_masks", "clipseg_masks", "object_masks"]
+__all__ = ["MASKS", "SEGMENTER", "MASK_SOURCES", "mask_file", "load_masks", "contrast_masks", "clipseg_masks", "object_masks"]
