@@ -221,24 +221,33 @@ LAZY_COMMANDS["fix"] = fix_command
 @app.command("methods")
 @command
 def methods_cmd(as_json: AsJson = False):
-    """List the registered repair methods and the built-in recipes."""
+    """List the registered repair methods, their model-repair inputs and the recipes (one line each)."""
     import dataclasses
 
     from repair.methods import list_methods
+    from repair.preflight import declared_resources
     from repair.recipes import available
 
     infos = list_methods()
+    recipes = available()
+    inputs = declared_resources()
     if as_json:
         emit_json({"methods": [{"name": m.name, "kind": m.kind, "summary": m.summary, "groups": m.groups,
                                 "needs_groups": m.needs_groups, "uses_groups": m.uses_groups,
                                 "transform": m.transform.name if m.transform else None,
+                                "resources": [r.name for r in getattr(m, "resources", ()) or ()],
                                 "config": dataclasses.asdict(m.default_config())}
-                               for m in infos], "recipes": available()})
+                               for m in infos],
+                   "inputs": [{"name": r.name, "flag": r.flag, "kind": r.kind, "help": r.help} for r in inputs],
+                   "recipes": recipes})
         return
     print(table(["method", "kind", "group labels", "summary"],
                 [[m.name, m.kind, {"required": "required", "optional": "optional", "never": "never used"}[m.groups],
                   m.summary] for m in infos]))
-    print("\nrecipes: " + ", ".join(available()))
+    print("\nmodel-repair inputs (repair fix options, zoo manifest fields):")
+    print(table(["option", "kind", "help"], [[r.flag, r.kind, r.help] for r in inputs]))
+    print("\nrecipes (--recipe NAME):")
+    print(table(["recipe", "description"], [[k, v] for k, v in recipes.items()]))
 
 
 # ------------------------------------------------------------------ demo

@@ -257,9 +257,15 @@ def _takes_clusters() -> bool:
     return "clusters" in inspect.signature(select_and_refit).parameters
 
 
+def stopped_by(f: Fitted):
+    """What ended a model repair's training (its loop's diagnostics), or None."""
+    loop = (f.diagnostics or {}).get("loop") or {}
+    return loop.get("stopped_by")
+
+
 def _stop_info(f: Fitted) -> dict:
-    d = f.diagnostics or {}
-    return {k: d[k] for k in ("stopped_by",) if k in d}
+    s = stopped_by(f)
+    return {"stopped_by": s} if s else {}
 
 
 def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, models, rows, scheme, seed, log,
@@ -323,7 +329,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             f = ctx.fit(c, fit_idx[train.nonzero().flatten()])
             pred[held] = ctx.model_logits(f, fit_idx[held]).argmax(1)
             secs, steps = secs + f.seconds, steps + f.steps
-            stops.append((f.diagnostics or {}).get("stopped_by"))
+            stops.append(stopped_by(f))
         w, m = scores_from_preds(pred[None], y, score_strata)
         score, mean = float(w[0]), float(m[0])
         rows.append({"candidate": c.label, "kind": "model", "score": score, "selection_accuracy": mean,

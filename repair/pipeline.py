@@ -103,7 +103,7 @@ class FixOptions:
 
 
 def _budget_cls():
-    from .finetune import Budget
+    from .modelrepair.finetune import Budget
 
     return Budget
 
@@ -162,11 +162,7 @@ def check_repair_set(enc: Encoded, num_classes: int, where) -> None:
 def _load_recipe(o: FixOptions):
     from .recipes import load_recipe
 
-    name = "auto-ft" if o.allow_finetune else o.recipe
-    try:
-        return load_recipe(name, allow_plugins=o.allow_plugins)
-    except TypeError:            # a loader without the plugins gate
-        return load_recipe(name)
+    return load_recipe("auto-ft" if o.allow_finetune else o.recipe, allow_plugins=o.allow_plugins)
 
 
 def _duplicates(data: RepairData):
@@ -359,9 +355,10 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                 "splits": {"fit": int(fit_idx.numel()),
                            "selection": selection and selection.get("scheme"),
                            "report": int(report_idx.numel()) if report_idx is not None else 0}}
+    loop = (final.diagnostics or {}).get("loop") or {} if final.kind == "model" else {}
     model_change = {"changed_tensors": changed, "steps": final.steps,
-                    "budget": budget.describe() if budget else None,
-                    "stopped_by": (final.diagnostics or {}).get("stopped_by") if final.kind == "model" else None}
+                    "budget": loop.get("budget") or (budget.describe() if budget else None),
+                    "stopped_by": loop.get("stopped_by")}
     figures = {"before": _summary(before), "after": _summary(after)}
     meta = provenance.build(source_sha256=adapter.source_sha256(), method=chosen.method, settings=settings,
                             figures=figures, measured_on=measured_on, extra={"model_change": model_change})

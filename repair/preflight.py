@@ -64,7 +64,7 @@ def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, ev
             continue
         res = declared_resource(name)
         flag = res.flag
-        v = res.check(value, flag) if hasattr(res, "check") else value
+        v = res.check(value, flag)
         if res.kind == "data":
             v = read_data(value, dataclasses.replace(data_opts, group_by=None))
             inp.protected.add_data(v, f"{flag} data")
@@ -75,61 +75,19 @@ def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, ev
 
 
 # ------------------------------------------------------------------ model-repair inputs
-@dataclass(frozen=True)
-class _LegacyResource:
-    """A model-repair input (until every model repair declares its own through the registry)."""
-    name: str
-    kind: str
-    help: str = ""
-    choices: tuple = ()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def check(self, value, flag: Optional[str] = None):
-        flag = flag or self.flag
-        if self.kind == "choice":
-            if str(value) not in self.choices:
-                raise BadInput(f"{flag} must be one of {', '.join(self.choices)}, got {value!r}")
-            return str(value)
-        p = Path(value)
-        if not p.exists():
-            raise BadInput(f"{flag}: not found", p)
-        if self.kind == "folder" and not p.is_dir():
-            raise BadInput(f"{flag} must be a folder", p)
-        if self.kind == "file" and not p.is_file():
-            raise BadInput(f"{flag} must be a file", p)
-        return p
-
-
 def declared_resources() -> list:
-    """Every model-repair input the registered model repairs declare (name, kind, help)."""
-    try:
-        from .registry import model_resources
-    except ImportError:
-        return list(_LEGACY)
+    """Every model-repair input the registered model repairs declare (name, kind, help):
+    :func:`repair.registry.model_resources`."""
+    from .registry import model_resources
+
     return list(model_resources())
 
 
 def declared_resource(name: str):
-    for r in declared_resources():
-        if r.name == name:
-            return r
-    known = ", ".join(r.name for r in declared_resources())
-    raise BadInput(f"unknown model-repair input {name!r} (known: {known})")
-
-
-_LEGACY = (_LegacyResource("train", "data", "Model repairs: extra training data (same format as --data)."),
-           _LegacyResource("masks", "folder", "Model repairs on images: a folder of foreground masks "
-                           "(white = object), one per image, same name."),
-           _LegacyResource("segmenter", "folder", "Model repairs on images: a local transformers CLIPSeg "
-                           "folder for language-guided masks."),
-           _LegacyResource("generator", "choice", "Image generation for recipes that generate.",
-                           ("composite", "diffusers")),
-           _LegacyResource("generator_model", "folder", "A local diffusers inpainting pipeline folder "
-                           "(--generator diffusers)."),
-           _LegacyResource("prompts", "file", "A YAML file of generation prompts (overrides the built-in ones)."))
+    found = {r.name: r for r in declared_resources()}
+    if name not in found:
+        raise BadInput(f"unknown model-repair input {name!r} (known: {', '.join(sorted(found))})")
+    return found[name]
 
 
 # ------------------------------------------------------------------ outputs of fix

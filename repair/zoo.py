@@ -199,13 +199,9 @@ class _Problems:
 
 def _validate_recipe(recipe: str) -> None:
     """A recipe checked without running anything: its ``plugins:`` are never imported here."""
-    from . import recipes
+    from .recipes import validate_recipe
 
-    check = getattr(recipes, "validate_recipe", None)
-    if check is not None:
-        check(recipe)
-    else:
-        recipes.load_recipe(recipe)
+    validate_recipe(recipe)
 
 
 def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Manifest:
@@ -213,7 +209,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     recipe's plugins are not imported). Each row's data is read here, once
     (``Manifest.datasets``), and handed to the work."""
     from .data import load_data
-    from .finetune import Budget
+    from .modelrepair.finetune import Budget
     from .preflight import declared_resource
     from .rules import GATE_METRICS, Protected, check_writable, fix_output, parse_threshold
 

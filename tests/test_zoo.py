@@ -146,7 +146,7 @@ def test_csv_manifest_with_defaults_and_an_existing_output(zoo, tmp_path):
 
     (entry,) = load_manifest(path).entries
     assert entry.recipe == "dfr" and entry.gate == "70%" and entry.output == (tmp_path / "out" / "a")
-    code, _, err = run_cli("zoo", path)
+    code, _, err = run_cli("zoo", path, "--allow-plugins")
     assert code == 2 and "row 1 (a), output: " in err and "already exists" in err and err.count("\n") == 1
     assert not (tmp_path / "zoo-zoo").exists()
 
@@ -241,7 +241,7 @@ def test_sigint_half_way_then_rerun_finishes_only_the_rest(zoo, tmp_path):
     try:
         watcher.start()
         with time_limit(300):
-            code, _, err = run_cli("zoo", path)
+            code, _, err = run_cli("zoo", path, "--allow-plugins")
         watcher.join(timeout=5)
     finally:
         signal.signal(signal.SIGINT, before)
@@ -254,7 +254,7 @@ def test_sigint_half_way_then_rerun_finishes_only_the_rest(zoo, tmp_path):
     assert not (tmp_path / "out" / "b").exists() and not (tmp_path / "out" / "c").exists()
     a_mtime = (tmp_path / "out" / "a" / "model.safetensors").stat().st_mtime_ns
     block.unlink()
-    code, _, err = run_cli("zoo", path)
+    code, _, err = run_cli("zoo", path, "--allow-plugins")
     assert code == 0, err
     assert "1 finished before" in err and "2 to run" in err
     assert journal_names(report / "journal.jsonl") == ["a", "b", "c"]
@@ -294,7 +294,7 @@ def test_ray_results_equal_local_and_survive_a_killed_worker(zoo, tmp_path):
             {"name": "b", "checkpoint": str(zoo / "m1"), "data": str(zoo / "val"), "recipe": str(recipe)},
             {"name": "c", "checkpoint": str(zoo / "m2"), "data": str(zoo / "val"), "recipe": "neurontune"}]
     local = manifest(tmp_path / "local", rows, output_dir=str(tmp_path / "local"))
-    code, stdout, err = run_cli("zoo", local, "--json")
+    code, stdout, err = run_cli("zoo", local, "--json", "--allow-plugins")
     assert code == 0, err
     local_doc = json.loads(stdout)
 
@@ -314,7 +314,7 @@ def test_ray_results_equal_local_and_survive_a_killed_worker(zoo, tmp_path):
     watcher = threading.Thread(target=kill_when_paused, daemon=True)
     watcher.start()
     with time_limit(600):
-        code, stdout, err = run_cli("zoo", on_ray, "--ray", "auto", "--workers", "2", "--max-retries", "2", "--json",
+        code, stdout, err = run_cli("zoo", on_ray, "--allow-plugins", "--ray", "auto", "--workers", "2", "--max-retries", "2", "--json",
                                     "--cache-dir", tmp_path / "ray-cache")   # cold: b extracts, then is killed
     watcher.join(timeout=5)
     assert code == 0, err
@@ -333,3 +333,43 @@ def test_ray_results_equal_local_and_survive_a_killed_worker(zoo, tmp_path):
         _, meta = load_safetensors(out / "model.safetensors")
         assert meta["repair.method"] == rec["result"]["method"] and load_model(out).family == "timm"
     assert not [p for p in (tmp_path / "ray").iterdir() if p.name.startswith(".")]
+
+
+def test_sigterm_is_143_with_nothing_partial_and_a_rerun_finishes(zoo, tmp_path):
+    """SIGTERM (what CI timeouts send) unwinds like Ctrl-C: exit 143, the finished model journaled, the
+    interrupted one leaves no staging or temp folder, a rerun finishes the rest."""
+    from repair_cli.app import install_signal_handlers
+
+    recipe, block, pid = pause_recipe(tmp_path, "zoo_pause_sigterm")
+    (tmp_path / "out").mkdir()
+    rows = [{"name": "a", "checkpoint": str(zoo / "m0"), "data": str(zoo / "val")},
+            {"name": "b", "checkpoint": str(zoo / "m1"), "data": str(zoo / "val"), "recipe": str(recipe)}]
+    path = manifest(tmp_path, rows, output_dir="out")
+    block.touch()
+
+    def term_when_paused():
+        deadline = time.time() + 280
+        while not pid.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        if pid.exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=term_when_paused, daemon=True)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        install_signal_handlers()
+        watcher.start()
+        with time_limit(300):
+            code, _, err = run_cli("zoo", path, "--allow-plugins")
+        watcher.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143 and "SIGTERM" in err, err
+    report = tmp_path / "zoo-zoo"
+    assert journal_names(report / "journal.jsonl") == ["a"]
+    assert json.loads((report / "zoo-report.json").read_text())["interrupted"]
+    assert not (tmp_path / "out" / "b").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    block.unlink()
+    code, _, err = run_cli("zoo", path, "--allow-plugins")
+    assert code == 0 and "1 finished before" in err, err
