@@ -192,7 +192,8 @@ def test_budget_bounds_the_steps(timm_folder, repair_images, tmp_path):
                                 "3steps", "--out", tmp_path / "b", "--json", "-q")
     assert code == 0, err
     rep = json.loads(stdout)
-    assert rep["model_change"]["steps"] == 3 and rep["model_change"]["budget"] == {"steps": 3}
+    assert rep["model_change"]["steps"] == 3 and rep["model_change"]["budget"] == {"steps": 3, "default": False}
+    assert rep["model_change"]["stopped_by"] == "budget:steps"
     assert rep["diagnostics"]["loop"]["stopped_by"] == "budget:steps"
     assert rep["diagnostics"]["loop"]["budget"] == {"steps": 3, "default": False}
     code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", recipe, "--budget",
