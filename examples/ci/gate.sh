@@ -76,7 +76,8 @@ echo "== re-gate: the repaired model $OUT on $HELDOUT_DATA" >&2
 gate "$OUT"
 rc=$?
 case $rc in
-  0) echo "the repaired model passes the gate: deploy $OUT (ONNX beside it, verified)" >&2 ;;
+  0) if [ -d "$OUT" ]; then onnx="$OUT/model.onnx"; else onnx="${OUT%.*}.onnx"; fi
+     echo "the repaired model passes the gate: deploy $OUT (its verified ONNX file: $onnx)" >&2 ;;
   1) echo "FAILED: $MODEL is below the gate even after the repair" >&2 ;;
   *) echo "error: repair eval exited $rc (bad input or internal error, not a gate result)" >&2 ;;
 esac
