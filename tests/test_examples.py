@@ -25,7 +25,7 @@ BASH = shutil.which("bash") or "bash"
 GITHUB_BASH = [BASH, "--noprofile", "--norc", "-eo", "pipefail"]
 STEP_IF = re.compile(r"steps\.([A-Za-z0-9_-]+)\.outputs\.([A-Za-z0-9_-]+) == '([^']*)'")
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="the CI examples are bash scripts")
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="the CI examples are bash scripts")
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,9 @@ def test_csv_manifest_gates_the_zoo(root: Path):
     # read as a repair would read it: defaults from the comment lines, outputs under demo/
     entries = load_manifest(manifest, mode="fix").entries
     assert len(entries) >= 3 and len({e.recipe for e in entries}) == len(entries)
-    assert all(e.gate == pytest.approx(0.3) and e.eval == root / "demo" / "data" / "test" for e in entries)
-    assert all(e.output == (root / "demo" / e.name).resolve() for e in entries)
+    demo = (root / "demo").resolve()
+    assert all(e.gate == pytest.approx(0.3) and e.eval.resolve() == demo / "data" / "test" for e in entries)
+    assert all(e.output == demo / e.name for e in entries)
     assert any(e.export == "onnx" for e in entries) and any(e.group_by == "place" for e in entries)
 
     code, out, err = run_cli("zoo", manifest, "--mode", "eval", "--json")
@@ -179,6 +180,7 @@ def job_env(job: dict, repair_bin: Path, root: Path, **paths: str) -> dict:
     return shell_env(repair_bin, **env)
 
 
+@needs_bash
 def test_github_actions_job_repairs_exports_and_regates(root: Path, repair_bin: Path, tmp_path: Path):
     job = load_job()
     work = tmp_path / "gha"
@@ -192,6 +194,7 @@ def test_github_actions_job_repairs_exports_and_regates(root: Path, repair_bin: 
     assert Path(f"{repaired}-report.html").is_file()
 
 
+@needs_bash
 def test_github_actions_job_passes_a_good_model_without_repair(root: Path, repair_bin: Path, tmp_path: Path):
     job = load_job()
     repaired = tmp_path / "build" / "model-repaired"
@@ -201,6 +204,7 @@ def test_github_actions_job_passes_a_good_model_without_repair(root: Path, repai
     assert not repaired.parent.exists()
 
 
+@needs_bash
 def test_github_actions_job_fails_closed_on_bad_input(root: Path, repair_bin: Path, tmp_path: Path):
     job = load_job()
     repaired = tmp_path / "build" / "model-repaired"
@@ -219,6 +223,7 @@ def run_gate_sh(args: list, env: dict, cwd: Path) -> subprocess.CompletedProcess
     return subprocess.run([BASH, str(GATE_SH), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+@needs_bash
 def test_gate_sh_fails_closed(root: Path, repair_bin: Path, tmp_path: Path):
     env = shell_env(repair_bin)
     out = tmp_path / "repaired"
@@ -233,6 +238,7 @@ def test_gate_sh_fails_closed(root: Path, repair_bin: Path, tmp_path: Path):
     assert res.returncode == 127 and not out.exists()       # no `repair` on PATH: not a gate result either
 
 
+@needs_bash
 def test_gate_sh_repairs_exports_and_regates(root: Path, repair_bin: Path, tmp_path: Path):
     out = tmp_path / "repaired"
     res = run_gate_sh(["demo/model", "demo/data/val", "demo/data/test", "place", out],
