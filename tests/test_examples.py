@@ -1,0 +1,278 @@
+"""Every file in examples/ runs against a tiny demo (`repair demo --size tiny`, built once here):
+the zoo manifests through `repair zoo`, the GitHub Actions job's shell steps (parsed from the YAML,
+run as GitHub runs them, paths set through the env vars the job documents), the generic CI script
+and the Python API script."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# GitHub's `shell: bash`: bash --noprofile --norc -eo pipefail {0}
+BASH = shutil.which("bash") or "bash"
+GITHUB_BASH = [BASH, "--noprofile", "--norc", "-eo", "pipefail"]
+STEP_IF = re.compile(r"steps\.([A-Za-z0-9_-]+)\.outputs\.([A-Za-z0-9_-]+) == '([^']*)'")
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="the CI examples are bash scripts")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A folder holding ``demo/`` (what `repair demo --size tiny --out demo` writes), shared by the
+    tests of this file; each test copies the example it runs into it (paths relative to it)."""
+    base = tmp_path_factory.mktemp("examples")
+    with pytest.MonkeyPatch.context() as mp:   # the embedding cache the other tests of the session use
+        mp.setenv("REPAIR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "embcache"))
+        code, _, err = run_cli("demo", "--size", "tiny", "--out", base / "demo")
+    assert code == 0, err
+    for p in ("model/model.safetensors", "model-repaired/model.safetensors", "data/val/metadata.csv",
+              "data/test/metadata.csv"):
+        assert (base / "demo" / p).is_file(), p
+    return base
+
+
+@pytest.fixture(scope="module")
+def repair_bin(tmp_path_factory) -> Path:
+    """A folder with a ``repair`` command that runs this checkout's CLI with this interpreter (the
+    scripts call ``repair`` from PATH)."""
+    d = tmp_path_factory.mktemp("bin")
+    exe = d / "repair"
+    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m repair_cli.main "$@"\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return d
+
+
+def shell_env(repair_bin: Path, **extra: str) -> dict:
+    env = dict(os.environ, PATH=f"{repair_bin}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def copy_example(name: str, root: Path) -> Path:
+    dst = root / name
+    shutil.copyfile(EXAMPLES / name, dst)
+    return dst
+
+
+def journal_names(path: Path) -> list[str]:
+    return [json.loads(line)["name"] for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ zoo manifests
+def test_yaml_manifest_repairs_every_model_and_gates(root: Path):
+    manifest = copy_example("zoo.yaml", root)
+    names = [m["name"] for m in yaml.safe_load(manifest.read_text())["models"]]
+    assert len(names) >= 3
+    code, out, err = run_cli("zoo", manifest, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["mode"] == "fix" and [m["name"] for m in doc["models"]] == names
+    for m in doc["models"]:
+        assert m["status"] == "done" and m["gate"]["passed"], m
+        assert m["gate"]["metric"] == "worst_group"           # eval_group_by: place
+        r = m["result"]
+        assert r["after"]["worst_group_accuracy"] > r["before"]["worst_group_accuracy"], m["name"]
+        assert (root / "demo" / m["name"] / "model.safetensors").is_file()
+    recipes = {m["name"]: m["result"]["recipe"] for m in doc["models"]}
+    assert len(set(recipes.values())) >= 3, recipes            # several recipes, a model repair among them
+    assert {m["result"]["kind"] for m in doc["models"]} == {"head", "model"}
+    assert (root / "demo" / "birds-dfr-groups" / "model.onnx").is_file()   # the row with export: onnx
+    out_dir = root / "zoo-zoo"                                  # <manifest stem>-zoo beside it
+    assert doc["report"] == str(out_dir / "zoo-report.html")
+    assert (out_dir / "zoo-report.html").is_file() and (out_dir / "zoo-report.json").is_file()
+    assert journal_names(out_dir / "journal.jsonl") == names
+
+    # the same manifest as a gate only: the checkpoints as they are (the ERM model) fail it
+    code, out, err = run_cli("zoo", manifest, "--mode", "eval", "--json")
+    assert code == 1, err
+    assert json.loads(out)["summary"]["failed"] == names
+    assert "FAILED: gate failed for" in err
+
+
+def test_csv_manifest_gates_the_zoo(root: Path):
+    from repair.zoo import load_manifest
+
+    manifest = copy_example("zoo-gate.csv", root)
+    # read as a repair would read it: defaults from the comment lines, outputs under demo/
+    entries = load_manifest(manifest, mode="fix").entries
+    assert len(entries) >= 3 and len({e.recipe for e in entries}) == len(entries)
+    demo = (root / "demo").resolve()
+    assert all(e.gate == pytest.approx(0.3) and e.eval.resolve() == demo / "data" / "test" for e in entries)
+    assert all(e.output == demo / e.name for e in entries)
+    assert any(e.export == "onnx" for e in entries) and any(e.group_by == "place" for e in entries)
+
+    code, out, err = run_cli("zoo", manifest, "--mode", "eval", "--json")
+    assert code == 1, err                                     # the ERM model is below every row's gate
+    doc = json.loads(out)
+    assert doc["summary"]["failed"] == [e.name for e in entries] and not doc["summary"]["errors"]
+    for m in doc["models"]:
+        assert m["gate"]["value"] < m["gate"]["threshold"]
+    out_dir = root / "zoo-gate-zoo"
+    assert (out_dir / "zoo-report.html").is_file()
+    assert journal_names(out_dir / "journal.jsonl") == [e.name for e in entries]
+    assert not any((root / "demo" / e.name).exists() for e in entries)   # a gate writes no model
+
+
+# ------------------------------------------------------------------ GitHub Actions job
+def load_job() -> dict:
+    doc = yaml.safe_load((EXAMPLES / "ci" / "github-actions.yml").read_text())
+    (job,) = doc["jobs"].values()
+    return job
+
+
+def run_job(job: dict, env: dict, cwd: Path) -> list[tuple[str, int]]:
+    """Run the job's ``run:`` steps as GitHub does (bash -eo pipefail, $GITHUB_OUTPUT, ``if:`` on
+    step outputs); the job stops at the first failing step. Returns (step id, exit code) of the
+    steps that ran. Steps that only ``uses:`` an action and the install step are not run; any
+    other ``if:`` than ``steps.ID.outputs.KEY == 'VALUE'`` is an error (no step is skipped unread)."""
+    outputs: dict[str, dict] = {}
+    ran = []
+    for n, step in enumerate(job["steps"]):
+        if "uses" in step or step.get("id") == "install":
+            continue
+        sid = step.get("id", f"step{n}")
+        cond = step.get("if")
+        if cond is not None:
+            m = STEP_IF.fullmatch(str(cond).strip())
+            assert m, f"step {sid}: condition {cond!r} is not understood by this test"
+            if outputs.get(m.group(1), {}).get(m.group(2)) != m.group(3):
+                continue
+        script = cwd / f".step-{sid}.sh"
+        script.write_text(step["run"])
+        out_file = cwd / f".step-{sid}.out"
+        out_file.write_text("")
+        rc = subprocess.run([*GITHUB_BASH, str(script)], cwd=cwd, env=dict(env, GITHUB_OUTPUT=str(out_file))).returncode
+        outputs[sid] = dict(line.split("=", 1) for line in out_file.read_text().splitlines() if "=" in line)
+        ran.append((sid, rc))
+        if rc != 0:
+            break
+    return ran
+
+
+def test_github_actions_job_is_self_contained():
+    job = load_job()
+    assert job["defaults"]["run"]["shell"] == "bash"
+    for var in ("MODEL", "REPAIR_DATA", "HELDOUT_DATA", "GROUP_BY", "WGA_GATE", "REPAIRED"):
+        assert var in job["env"], var
+    runs = [s for s in job["steps"] if "run" in s]
+    assert [s.get("id") for s in runs] == ["install", "gate", "repair", "regate"]
+    for s in runs:
+        assert "${{" not in s["run"], s["id"]   # paths come from the environment only
+    assert "--fail-under-wga" in runs[1]["run"] and "--export onnx" in runs[2]["run"]
+
+
+def job_env(job: dict, repair_bin: Path, root: Path, **paths: str) -> dict:
+    env = {k: str(v) for k, v in job["env"].items()}
+    env.update(REPAIR_CACHE_DIR=os.environ["REPAIR_CACHE_DIR"], REPAIR_DATA="demo/data/val",
+               HELDOUT_DATA="demo/data/test", GROUP_BY="place", WGA_GATE="30%", **paths)
+    return shell_env(repair_bin, **env)
+
+
+@needs_bash
+def test_github_actions_job_repairs_exports_and_regates(root: Path, repair_bin: Path, tmp_path: Path):
+    job = load_job()
+    work = tmp_path / "gha"
+    work.mkdir()
+    (work / "demo").symlink_to(root / "demo")
+    repaired = work / "build" / "model-repaired"
+    env = job_env(job, repair_bin, root, MODEL="demo/model", REPAIRED=str(repaired))
+    assert run_job(job, env, work) == [("gate", 0), ("repair", 0), ("regate", 0)]
+    assert (work / ".step-gate.out").read_text().strip() == "result=fail"
+    assert (repaired / "model.safetensors").is_file() and (repaired / "model.onnx").is_file()
+    assert Path(f"{repaired}-report.html").is_file()
+
+
+@needs_bash
+def test_github_actions_job_passes_a_good_model_without_repair(root: Path, repair_bin: Path, tmp_path: Path):
+    job = load_job()
+    repaired = tmp_path / "build" / "model-repaired"
+    env = job_env(job, repair_bin, root, MODEL=str(root / "demo" / "model-repaired"), REPAIRED=str(repaired))
+    assert run_job(job, env, root) == [("gate", 0)]
+    assert (root / ".step-gate.out").read_text().strip() == "result=pass"
+    assert not repaired.parent.exists()
+
+
+@needs_bash
+def test_github_actions_job_fails_closed_on_bad_input(root: Path, repair_bin: Path, tmp_path: Path):
+    job = load_job()
+    repaired = tmp_path / "build" / "model-repaired"
+    env = job_env(job, repair_bin, root, MODEL=str(tmp_path / "no-such-model"), REPAIRED=str(repaired))
+    assert run_job(job, env, tmp_path) == [("gate", 2)]          # exit 2 ends the job; no repair runs
+    assert not repaired.parent.exists()
+    env["GROUP_BY"], env["MODEL"] = "no_such_column", "demo/model"
+    assert run_job(job, env, root) == [("gate", 2)]
+
+
+# ------------------------------------------------------------------ generic CI script
+GATE_SH = EXAMPLES / "ci" / "gate.sh"
+
+
+def run_gate_sh(args: list, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([BASH, str(GATE_SH), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@needs_bash
+def test_gate_sh_fails_closed(root: Path, repair_bin: Path, tmp_path: Path):
+    env = shell_env(repair_bin)
+    out = tmp_path / "repaired"
+    res = run_gate_sh([tmp_path / "no-such-model", "demo/data/val", "demo/data/test", "place", out], env, root)
+    assert res.returncode == 2, res.stderr                 # bad input propagates as 2, never "repaired"
+    assert "model not found" in res.stderr and "repair fix" not in res.stderr
+    assert not out.exists()
+    res = run_gate_sh(["demo/model", "demo/data/val"], env, root)
+    assert res.returncode == 2 and "usage:" in res.stderr
+    res = subprocess.run([BASH, str(GATE_SH), "demo/model", "demo/data/val", "demo/data/test", "place", out],
+                         cwd=root, env=dict(env, PATH="/nonexistent"), capture_output=True, text=True)
+    assert res.returncode == 127 and not out.exists()       # no `repair` on PATH: not a gate result either
+
+
+@needs_bash
+def test_gate_sh_repairs_exports_and_regates(root: Path, repair_bin: Path, tmp_path: Path):
+    out = tmp_path / "repaired"
+    res = run_gate_sh(["demo/model", "demo/data/val", "demo/data/test", "place", out],
+                      shell_env(repair_bin, WGA_GATE="30%"), root)
+    assert res.returncode == 0, res.stderr
+    assert "== re-gate" in res.stderr and "passes the gate" in res.stderr
+    assert (out / "model.safetensors").is_file() and (out / "model.onnx").is_file()
+
+
+# ------------------------------------------------------------------ Python API
+def load_script():
+    spec = importlib.util.spec_from_file_location("repair_api_example", EXAMPLES / "repair_api.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_python_api_example(root: Path, tmp_path: Path, capsys):
+    import repair
+
+    if not hasattr(repair, "export_model"):
+        pytest.skip("repair.export_model is not in this checkout yet")
+    out = tmp_path / "api-repaired"
+    assert load_script().main([str(root / "demo"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "verified=True" in printed and "worst-group" in printed
+    assert (out / "model.safetensors").is_file() and (tmp_path / "api-repaired.onnx").is_file()
+
+
+def test_python_api_example_bad_input(root: Path, tmp_path: Path, capsys):
+    script = load_script()
+    assert script.main([str(tmp_path / "no-demo"), "--out", str(tmp_path / "out")]) == 2
+    assert "model not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        script.main([str(root / "demo"), "--out", str(tmp_path / "out"), "--gate", "70"])
+    assert e.value.code == 2
+    assert not (tmp_path / "out").exists()
