@@ -109,7 +109,9 @@ def test_csv_manifest_gates_the_zoo(root: Path):
     entries = load_manifest(manifest, mode="fix").entries
     assert len(entries) >= 3 and len({e.recipe for e in entries}) == len(entries)
     demo = (root / "demo").resolve()
-    assert all(e.gate == pytest.approx(0.3) and e.eval.resolve() == demo / "data" / "test" for e in entries)
+    from repair.rules import parse_threshold
+
+    assert all(float(parse_threshold(e.gate)) == pytest.approx(0.3) and e.eval.resolve() == demo / "data" / "test" for e in entries)
     assert all(e.output == demo / e.name for e in entries)
     assert any(e.export == "onnx" for e in entries) and any(e.group_by == "place" for e in entries)
 
