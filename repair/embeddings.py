@@ -101,6 +101,8 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
         except Exception:
             pass  # a damaged cache entry is recomputed and overwritten
     dev = resolve_device(device)
+    if data.modality == "image":     # the pixel limit the data was read with
+        adapter.max_pixels = data.max_pixels
     adapter.to(dev)
     n = len(data)
     order = list(range(n))

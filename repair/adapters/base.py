@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..data import DEFAULT_MAX_PIXELS
 from ..errors import BadInput, RepairError
 from ..io import load_state_dict_file, save_safetensors
 from .text import tokenizer_input_names
@@ -97,6 +98,9 @@ class Adapter(ABC):
     data_config: Optional[dict] = None
     #: a text model's tokenizer (transformers); None otherwise
     tokenizer: Any = None
+    #: most pixels of one image ``collate`` decodes (``repair.embeddings.extract`` sets the
+    #: data's ``DataOptions.max_pixels``); a larger image is refused naming it
+    max_pixels: int = DEFAULT_MAX_PIXELS
     #: True when the model *is* an ONNX graph: ``repair.export`` writes ``export_proto()``
     #: instead of running a torch exporter
     exports_onnx_natively: bool = False

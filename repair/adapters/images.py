@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..data import DEFAULT_MAX_PIXELS, read_image
 from ..errors import BadInput
 
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -62,17 +63,8 @@ class ImageCollate:
         self.data_config = data_config
         self.transform = create_transform(**data_config, is_training=False)
 
-    def __call__(self, items: Sequence[Path]) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        out = []
-        for p in items:
-            try:
-                with Image.open(p) as im:
-                    im = im.convert("RGB")
-                    out.append(self.transform(im))
-            except FileNotFoundError:
-                raise BadInput("image file not found", p) from None
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-                raise BadInput(f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", p) from None
-        return torch.stack(out)
+    def __call__(self, items: Sequence[Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """The eval transform of each image, decoded by :func:`repair.data.read_image` (every PIL
+        mode converted by its meaning or refused by name, at most ``max_pixels`` pixels, regular
+        files only)."""
+        return torch.stack([self.transform(read_image(p, max_pixels)) for p in items])

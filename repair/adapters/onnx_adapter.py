@@ -168,7 +168,7 @@ class OnnxAdapter(Adapter):
                 raise BadInput("this ONNX model carries no preprocessing: give --image-size, --mean and "
                                f"--std, or put a {PREPROCESS_FILE} (input_size, mean, std) next to it",
                                self.source)
-            return self._collate(items)
+            return self._collate(items, self.max_pixels)
         if self.tokenizer is None:
             raise BadInput("a text ONNX model needs its tokenizer files (tokenizer.json or vocab.txt, "
                            "tokenizer_config.json) in the same folder", self.source)

@@ -95,7 +95,7 @@ class TorchImageAdapter(TorchModelAdapter):
         if self._collate is None:
             raise BadInput("this checkpoint carries no preprocessing: give --image-size/--mean/--std "
                            "or a preprocess.json next to it", self.source)
-        return self._collate(items)
+        return self._collate(items, self.max_pixels)
 
     # compute
     @torch.no_grad()

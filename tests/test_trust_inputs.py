@@ -1,0 +1,351 @@
+"""Trust in the lower floors (issue 18): what the data, the embeddings cache, the adapters, the
+splits and the metrics promise on hostile or odd input.
+
+Each case asserts the exit code (or the exception), the one line naming the file and the problem,
+that nothing was written beside the output and that every input is byte for byte as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_images, run_cli
+from repair.data import DataOptions, duplicate_stats, load_data, read_image
+from repair.errors import BadInput
+
+
+# ------------------------------------------------------------------ helpers
+def snapshot(*roots: Path) -> dict:
+    """sha256 of every file under ``roots`` (symlinks as their target text): to prove nothing
+    changed and nothing was added."""
+    out = {}
+    for root in roots:
+        root = Path(root)
+        paths = [root] if not root.is_dir() else sorted(root.rglob("*"))
+        for p in paths:
+            if p.is_symlink():
+                out[str(p)] = "link:" + os.readlink(p)
+            elif p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif p.is_dir():
+                out[str(p)] = "dir"
+            else:
+                out[str(p)] = "special"
+    return out
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging for ever (a FIFO read would block)."""
+    def boom(*_):
+        raise TimeoutError(f"blocked for more than {seconds}s")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def cli_refuses(args, *words, inputs=(), out_dir=None, code=2) -> str:
+    """Run ``repair ARGS``; assert exit ``code``, one error line holding ``words``, inputs unchanged,
+    ``out_dir`` (if given) left empty."""
+    before = snapshot(*inputs)
+    before_out = snapshot(out_dir) if out_dir is not None else None
+    with deadline(120):
+        rc, out, err = run_cli(*args)
+    assert rc == code, (rc, out, err)
+    line = one_error_line(err)
+    for w in words:
+        assert str(w) in line, (w, line)
+    assert snapshot(*inputs) == before
+    if out_dir is not None:
+        assert snapshot(out_dir) == before_out
+    return line
+
+
+def write_csv(path: Path, rows: list[dict], fields=("img_filename", "y", "place")) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(path: Path, side: int = 40000) -> Path:
+    """A tiny PNG whose header claims side x side pixels (grey, 8 bit): a decompression bomb."""
+    raw = zlib.compress(b"\x00" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + png_chunk(b"IDAT", raw) + png_chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    return make_images(tmp_path / "data", n_per_class=2)
+
+
+# ================================================================== 1. images
+def save(img, path: Path) -> Path:
+    img.save(path)
+    return path
+
+
+def test_16bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG used to turn pure white (``convert("RGB")`` clips I;16): now every deep mode is
+    scaled by its bit depth (16-bit) or its value range (floats), and the gradient survives."""
+    from PIL import Image
+
+    ramp16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)   # 0..65520
+    p16 = save(Image.fromarray(ramp16), tmp_path / "deep.png")
+    with Image.open(p16) as im:
+        assert im.mode == "I;16"
+    rgb = np.asarray(read_image(p16))
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    expect = np.rint(ramp16.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(rgb[..., 0], expect) and np.array_equal(rgb[..., 2], expect)
+    assert rgb.min() == 0 and len(np.unique(rgb)) > 200 and (rgb == 255).mean() < 0.01   # not white
+
+    big = Image.frombytes("I;16B", (64, 64), ramp16.astype(">u2").tobytes())      # big-endian 16-bit
+    assert np.array_equal(np.asarray(read_image(save(big, tmp_path / "big.tif")))[..., 1], expect)
+
+    as_i = Image.fromarray(ramp16.astype(np.int32), "I")      # 32-bit integers holding 16-bit values
+    assert np.array_equal(np.asarray(read_image(save(as_i, tmp_path / "i.tif")))[..., 0], expect)
+    small_i = Image.fromarray((ramp16 // 257).astype(np.int32), "I")   # 8-bit values: kept as they are
+    assert np.array_equal(np.asarray(read_image(save(small_i, tmp_path / "i8.tif")))[..., 0],
+                          (ramp16 // 257).astype(np.uint8))
+
+    unit = (ramp16 / 65535.0).astype(np.float32)              # floats in 0..1
+    got = np.asarray(read_image(save(Image.fromarray(unit, "F"), tmp_path / "f.tif")))[..., 0]
+    assert np.abs(got.astype(int) - expect.astype(int)).max() <= 1
+    wide = (ramp16.astype(np.float32) - 30000.0)              # floats in their own range
+    got = np.asarray(read_image(save(Image.fromarray(wide, "F"), tmp_path / "fw.tif")))[..., 0]
+    assert got.min() == 0 and got.max() == 255 and np.all(np.diff(got.reshape(-1).astype(int)) >= 0)
+
+    nan = unit.copy()
+    nan[3, 3] = np.nan
+    with pytest.raises(BadInput) as e:
+        read_image(save(Image.fromarray(nan, "F"), tmp_path / "nan.tif"))
+    assert e.value.path.endswith("nan.tif") and "non-finite" in e.value.problem
+
+
+def test_alpha_palette_bilevel_and_cmyk_modes(tmp_path):
+    from PIL import Image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200          # red under the alpha
+    rgba[:4, ..., 3] = 255      # top half opaque, bottom half transparent
+    got = np.asarray(read_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png")))
+    assert got[0, 0].tolist() == [200, 0, 0] and got[7, 7].tolist() == [255, 255, 255]   # over white
+
+    la = np.zeros((8, 8, 2), np.uint8)
+    la[..., 0] = 10
+    la[:, :4, 1] = 255
+    got = np.asarray(read_image(save(Image.fromarray(la, "LA"), tmp_path / "la.png")))
+    assert got[0, 0].tolist() == [10, 10, 10] and got[0, 7].tolist() == [255, 255, 255]
+
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 0, 128, 0] + [0] * 762)
+    pal.paste(0, (0, 0, 8, 4))
+    pal.info["transparency"] = 0          # index 0 is transparent
+    got = np.asarray(read_image(save(pal, tmp_path / "p.png")))
+    assert got[0, 0].tolist() == [255, 255, 255] and got[7, 7].tolist() == [0, 128, 0]
+
+    bw = Image.new("1", (8, 8), 0)
+    bw.paste(1, (0, 0, 4, 8))
+    got = np.asarray(read_image(save(bw, tmp_path / "bw.png")))
+    assert got[0, 0].tolist() == [255, 255, 255] and got[0, 7].tolist() == [0, 0, 0]
+
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))   # no cyan, full magenta and yellow: red
+    got = np.asarray(read_image(save(cmyk, tmp_path / "c.jpg")))
+    assert got[4, 4, 0] > 200 and got[4, 4, 1] < 60 and got[4, 4, 2] < 60
+
+    grey = Image.new("L", (8, 8), 77)
+    assert np.asarray(read_image(save(grey, tmp_path / "l.png")))[2, 2].tolist() == [77, 77, 77]
+
+
+def test_unsupported_mode_is_refused_by_name(tmp_path, timm_folder):
+    """A LAB TIFF: no silent conversion; exit 2 naming the image and the mode, before any model work."""
+    from PIL import Image
+
+    d = make_images(tmp_path / "data", n_per_class=2)
+    Image.new("LAB", (36, 36), (50, 0, 0)).save(d / "dog" / "001.png".replace(".png", ".tif"))
+    rows = list(csv.DictReader(open(d / "metadata.csv")))
+    rows[3]["img_filename"] = "dog/001.tif"
+    write_csv(d / "metadata.csv", rows)
+    with pytest.raises(BadInput) as e:
+        load_data(d)
+    assert e.value.path.endswith("001.tif") and "'LAB'" in e.value.problem
+    out = tmp_path / "out"
+    out.mkdir()
+    cli_refuses(["fix", timm_folder, "--data", d, "--out", out / "m"], "001.tif", "mode 'LAB'",
+                inputs=[d, timm_folder], out_dir=out)
+
+
+def test_decompression_bomb_is_exit_2_naming_the_image(tmp_path, timm_folder):
+    d = make_images(tmp_path / "data", n_per_class=2)
+    bomb_png(d / "cat" / "001.png")                 # 40000 x 40000 claimed by a 100-byte file
+    line = cli_refuses(["eval", timm_folder, "--data", d, "--no-cache"], "001.png", "pixels", "limit",
+                       inputs=[d, timm_folder])
+    assert "DecompressionBomb" not in line
+    # the limit is an option: a 36 x 36 image is over a 1000-pixel limit, and within the default
+    with pytest.raises(BadInput) as e:
+        load_data(make_images(tmp_path / "small", n_per_class=1),
+                  DataOptions(max_pixels=1000))
+    assert "1,296 pixels" in e.value.problem and e.value.path.endswith(".png")
+    assert len(load_data(tmp_path / "small", DataOptions(max_pixels=1296))) == 3
+
+
+def test_fifo_among_images_is_refused_without_blocking(tmp_path, timm_folder):
+    d = make_images(tmp_path / "data", n_per_class=2)
+    (d / "fox" / "001.png").unlink()
+    os.mkfifo(d / "fox" / "001.png")              # listed in metadata.csv, never written to
+    cli_refuses(["eval", timm_folder, "--data", d, "--no-cache"], "001.png", "not a regular file",
+                inputs=[d, timm_folder])
+    # class-folder data (no table) and a FIFO named like an image: refused too, not skipped
+    (d / "metadata.csv").unlink()
+    with deadline(30), pytest.raises(BadInput) as e:
+        load_data(d)
+    assert e.value.path.endswith("001.png") and "regular file" in e.value.problem
+    # and the decoder itself never blocks on one (a file swapped after the data was read)
+    with deadline(30), pytest.raises(BadInput):
+        read_image(d / "fox" / "001.png")
+
+
+def test_collate_honours_the_datas_pixel_limit(tmp_path, timm_folder):
+    """The limit a dataset was read with travels to the decoder (``extract`` sets it)."""
+    from repair.adapters import load_model
+    from repair.embeddings import extract
+
+    d = make_images(tmp_path / "data", n_per_class=1, size=40)
+    data = load_data(d, DataOptions(max_pixels=40 * 40))
+    adapter = load_model(timm_folder)
+    emb = extract(adapter, data, use_cache=False, progress=False)
+    assert adapter.max_pixels == 1600 and emb.X.shape[0] == 3
+    adapter.max_pixels = 1599
+    with pytest.raises(BadInput) as e:
+        adapter.collate(data.items[:1])
+    assert "more than the limit of 1,599" in e.value.problem and e.value.path == str(data.items[0])
+
+
+# ================================================================== 2. table paths
+def test_table_paths_outside_the_data_folder_are_refused(tmp_path, timm_folder):
+    """``../`` paths, absolute paths elsewhere and symlinks leaving the folder: exit 2 naming the table,
+    the row and the path; ``allow_outside_paths`` lets them in (and ``files()`` lists them)."""
+    d = make_images(tmp_path / "data", n_per_class=2)
+    elsewhere = make_images(tmp_path / "elsewhere", n_per_class=1, with_metadata=False)
+    rows = list(csv.DictReader(open(d / "metadata.csv")))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    bad = [dict(r) for r in rows]
+    bad[2]["img_filename"] = "../elsewhere/cat/000.png"
+    write_csv(d / "metadata.csv", bad)
+    cli_refuses(["fix", timm_folder, "--data", d, "--out", out / "m", "--force"], "metadata.csv", "row 3",
+                "../elsewhere/cat/000.png", "outside the data folder", inputs=[d, elsewhere, timm_folder],
+                out_dir=out)
+
+    bad[2]["img_filename"] = str(elsewhere / "dog" / "000.png")         # absolute, elsewhere
+    write_csv(d / "metadata.csv", bad)
+    cli_refuses(["eval", timm_folder, "--data", d], "metadata.csv", "row 3", "outside the data folder",
+                inputs=[d, elsewhere])
+
+    bad[2]["img_filename"] = "cat/link.png"                             # a symlink leaving the folder
+    (d / "cat" / "link.png").symlink_to(elsewhere / "fox" / "000.png")
+    write_csv(d / "metadata.csv", bad)
+    cli_refuses(["eval", timm_folder, "--data", d], "metadata.csv", "row 3", "cat/link.png",
+                inputs=[d, elsewhere])
+
+    data = load_data(d, DataOptions(allow_outside_paths=True))
+    files = data.files()
+    assert (elsewhere / "fox" / "000.png").resolve() in files and (d / "metadata.csv").resolve() in files
+    assert len(files) == len(rows) + 1 and all(p.is_absolute() for p in files)
+
+    # an absolute path inside the folder is fine
+    good = [dict(r) for r in rows]
+    good[0]["img_filename"] = str(d / rows[0]["img_filename"])
+    write_csv(d / "metadata.csv", good)
+    assert load_data(d).files()[1] == (d / rows[0]["img_filename"]).resolve()
+
+
+def test_symlink_out_of_a_class_folder_tree_is_refused(tmp_path):
+    d = make_images(tmp_path / "data", n_per_class=2, with_metadata=False)
+    secret = tmp_path / "secret.png"
+    shutil.copy(d / "cat" / "000.png", secret)
+    (d / "dog" / "zzz.png").symlink_to(secret)
+    with pytest.raises(BadInput) as e:
+        load_data(d)
+    assert e.value.path.endswith("zzz.png") and "outside the data folder" in e.value.problem
+    assert secret.resolve() in load_data(d, DataOptions(allow_outside_paths=True)).files()
+
+
+def test_empty_path_cell_and_empty_group_cell_name_the_row(tmp_path, timm_folder):
+    d = make_images(tmp_path / "data", n_per_class=2)
+    rows = list(csv.DictReader(open(d / "metadata.csv")))
+    bad = [dict(r) for r in rows]
+    bad[4]["img_filename"] = ""
+    write_csv(d / "metadata.csv", bad)
+    cli_refuses(["eval", timm_folder, "--data", d], "metadata.csv", "row 5", "empty image path", inputs=[d])
+
+    bad = [dict(r) for r in rows]
+    bad[1]["place"] = ""
+    bad[3]["place"] = "  "
+    write_csv(d / "metadata.csv", bad)
+    cli_refuses(["eval", timm_folder, "--data", d, "--group-by", "place"], "metadata.csv", "row 2", "'place'",
+                inputs=[d])
+    # without --group-by the empty cells do not matter
+    assert len(load_data(d)) == len(rows)
+    # the same rule holds for a group column named later (encode: --eval-group-by)
+    from repair.data import encode
+
+    with pytest.raises(BadInput) as e:
+        encode(load_data(d), ["cat", "dog", "fox"], "place")
+    assert "row 2" in e.value.problem and e.value.path.endswith("metadata.csv")
+
+
+# ================================================================== 3. DataOptions
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"group_by": ""}, "--group-by"), ({"label_col": "  "}, "--label-col"), ({"path_col": 3}, "--path-col"),
+    ({"text_col": ""}, "--text-col"), ({"max_pixels": 0}, "--max-pixels"), ({"max_pixels": -5}, "--max-pixels"),
+    ({"max_pixels": True}, "--max-pixels"), ({"max_pixels": "100"}, "--max-pixels"),
+    ({"max_pixels": 1.5}, "--max-pixels"), ({"allow_outside_paths": "yes"}, "--allow-outside-paths"),
+    ({"path_col": "file", "text_col": "text"}, "--path-col"),
+])
+def test_data_options_validate_themselves(kwargs, flag):
+    with pytest.raises(BadInput) as e:
+        DataOptions(**kwargs)
+    assert flag in str(e.value) and e.value.path is None
+    import dataclasses
+
+    ok = DataOptions(group_by="place", max_pixels=10)
+    with pytest.raises(BadInput):        # replace() validates too
+        dataclasses.replace(ok, **kwargs)
+
+
+def test_empty_group_by_flag_is_exit_2(tmp_path, timm_folder, images):
+    cli_refuses(["eval", timm_folder, "--data", images, "--group-by", ""], "--group-by", inputs=[images])
