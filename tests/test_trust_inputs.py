@@ -349,3 +349,122 @@ def test_data_options_validate_themselves(kwargs, flag):
 
 def test_empty_group_by_flag_is_exit_2(tmp_path, timm_folder, images):
     cli_refuses(["eval", timm_folder, "--data", images, "--group-by", ""], "--group-by", inputs=[images])
+
+
+# ================================================================== 7. duplicates and splits
+def duplicated_image_data(root: Path, copies=(1, 2, 3, 4, 1, 6)) -> Path:
+    """A metadata.csv listing images many times over (same file several rows, and byte-identical
+    copies under other names)."""
+    d = make_images(root, n_per_class=len(copies))
+    rows = list(csv.DictReader(open(d / "metadata.csv")))
+    out = []
+    for i, r in enumerate(rows):
+        for c in range(copies[i % len(copies)]):
+            if c % 2:              # an identical copy under another name
+                name = r["img_filename"].replace(".png", f"-copy{c}.png")
+                shutil.copy(d / r["img_filename"], d / name)
+                out.append({**r, "img_filename": name})
+            else:
+                out.append(dict(r))
+    write_csv(d / "metadata.csv", out)
+    return d
+
+
+def assert_clusters_whole(ids: torch.Tensor, parts) -> None:
+    side = {}
+    for k, p in enumerate(parts):
+        for i in p.tolist():
+            assert side.setdefault(int(ids[i]), k) == k, f"duplicate cluster {int(ids[i])} crosses parts"
+
+
+def test_duplicate_ids_and_stats(tmp_path):
+    d = duplicated_image_data(tmp_path / "data")
+    data = load_data(d, DataOptions(group_by="place"))
+    ids = data.duplicate_ids()
+    assert ids.dtype == torch.long and ids.shape == (len(data),)
+    digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in data.items]
+    for i in range(len(data)):
+        for j in range(len(data)):
+            assert (ids[i] == ids[j]) == (digests[i] == digests[j])
+    stats = duplicate_stats(ids)
+    n_unique = len(set(digests))
+    assert stats["n_samples"] == len(data) and stats["n_unique"] == n_unique == 18
+    assert stats["n_duplicates"] == len(data) - n_unique and stats["n_clusters"] == 12   # 4 of 6 per class repeat
+    assert stats["largest_cluster"] == 6
+    # a subset keeps the hashes it had (each image is read once)
+    sub = data.subset(list(range(6)))
+    first: dict = {}
+    assert sub.duplicate_ids().tolist() == [first.setdefault(int(i), len(first)) for i in ids[:6]]
+    assert sub._hashes == data._hashes[:6]
+    # texts: same text = same sample
+    from repair.data import RepairData
+
+    t = RepairData(Path("."), "text", ["a b", "c", "a b", "a  b", "c"], ["x"] * 5)
+    assert t.duplicate_ids().tolist() == [0, 1, 0, 2, 1]
+    assert duplicate_stats(t.duplicate_ids())["n_clusters"] == 2
+
+
+def test_no_duplicate_crosses_any_split(tmp_path):
+    """fit/report (Holdout), every K-fold of every repeat, and a plain three-way split: whole clusters,
+    while each part stays near its share of every stratum."""
+    from repair.data import encode
+    from repair.selection import Criterion, Holdout, KFold, select_and_refit, stratified_split
+
+    d = duplicated_image_data(tmp_path / "data", copies=(1, 5, 2, 3, 1, 7, 2, 1))
+    data = load_data(d, DataOptions(group_by="place"))
+    enc = encode(data, ["cat", "dog", "fox"], "place")
+    ids = data.duplicate_ids()
+    assert duplicate_stats(ids)["n_duplicates"] > len(data) // 2
+    for seed in range(10):
+        fit, report = stratified_split(enc.groups, [0.25], seed, clusters=ids)
+        assert_clusters_whole(ids, [fit, report])
+        assert fit.numel() + report.numel() == len(data) and report.numel() > 0
+        assert abs(report.numel() - 0.25 * len(data)) <= 0.2 * len(data)
+        for g in torch.unique(enc.groups).tolist():          # every stratum kept in the fit part
+            assert (enc.groups[fit] == g).any()
+        parts = stratified_split(enc.groups, [0.2, 0.2, 0.2], seed, clusters=ids)
+        assert_clusters_whole(ids, parts)
+        assert sorted(torch.cat(parts).tolist()) == list(range(len(data)))
+
+    seen_folds = []
+
+    def fit_fn(train_idx, which):
+        seen_folds.append(train_idx)
+        return train_idx
+
+    def predict(fitted, idx):
+        return torch.zeros(2, idx.numel(), dtype=torch.long)
+
+    crit = Criterion("worst_group")
+    sel = select_and_refit(2, fit_fn, predict, enc.y, criterion=crit, score_strata=enc.groups,
+                           scheme=KFold(3, repeats=2, clusters=ids), seed=1, refit=False)
+    assert len(sel.folds) == 3 and len(seen_folds) == 6
+    assert_clusters_whole(ids, sel.folds)
+    for train in seen_folds:                       # each fit's rows vs. the rest: no shared cluster
+        held = torch.tensor(sorted(set(range(len(data))) - set(train.tolist())))
+        assert_clusters_whole(ids, [train, held])
+    sel = select_and_refit(2, fit_fn, predict, enc.y, criterion=crit, score_strata=enc.groups,
+                           scheme=Holdout(0.5, clusters=ids), seed=3, refit=False)
+    held = sel.folds[0]
+    rest = torch.tensor(sorted(set(range(len(data))) - set(held.tolist())))
+    assert_clusters_whole(ids, [rest, held])
+    # and without clusters the same data does leak (the test can fail)
+    leaks = 0
+    for seed in range(10):
+        fit, report = stratified_split(enc.groups, [0.25], seed)
+        leaks += bool(set(ids[fit].tolist()) & set(ids[report].tolist()))
+    assert leaks > 0
+
+
+def test_singleton_clusters_change_no_split():
+    from repair.selection import stratified_split
+
+    gen = torch.Generator().manual_seed(0)
+    for seed in range(15):
+        n = int(torch.randint(3, 120, (1,), generator=gen))
+        strata = torch.randint(0, 4, (n,), generator=gen)
+        a = stratified_split(strata, [0.3, 0.2], seed, min_per_part=2)
+        b = stratified_split(strata, [0.3, 0.2], seed, min_per_part=2, clusters=torch.arange(n) * 3 + 5)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError):
+        stratified_split(torch.zeros(5), [0.5], 0, clusters=torch.arange(4))
