@@ -468,3 +468,59 @@ def test_singleton_clusters_change_no_split():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError):
         stratified_split(torch.zeros(5), [0.5], 0, clusters=torch.arange(4))
+
+
+# ================================================================== 8. metrics: exact counts
+def test_evaluate_reports_exact_counts():
+    """42 of 60 right is exactly 70%: the counts are there for a gate to compare k of n, and the
+    accuracy is k/n in double precision (float32 made it 0.699999988)."""
+    from repair.metrics import evaluate
+
+    y = torch.tensor([0] * 30 + [1] * 30)
+    pred = y.clone()
+    pred[:9] = 1                       # class 0: 21 of 30
+    pred[30:39] = 0                    # class 1: 21 of 30
+    logits = torch.nn.functional.one_hot(pred, 2).float()
+    groups = torch.tensor(([0, 1] * 15) + ([2, 3] * 15))
+    r = evaluate(logits, y, ["a", "b"], groups, ["a|x", "a|z", "b|x", "b|z"])
+    assert (r["n_correct"], r["n"]) == (42, 60) and r["accuracy"] == 42 / 60 == 0.7
+    assert r["accuracy"] >= 0.7                           # a 70% gate passes on the figure itself
+    assert [(c["n_correct"], c["n"]) for c in r["per_class"]] == [(21, 30), (21, 30)]
+    assert (r["worst_class"], r["worst_class_n_correct"], r["worst_class_n"]) == ("a", 21, 30)
+    g = {row["name"]: (row["n_correct"], row["n"]) for row in r["per_group"]}
+    assert g == {"a|x": (10, 15), "a|z": (11, 15), "b|x": (10, 15), "b|z": (11, 15)}
+    assert (r["worst_group"], r["worst_group_n_correct"], r["worst_group_n"]) == ("a|x", 10, 15)
+    assert r["worst_group_accuracy"] == 10 / 15
+    # a group of the names without samples: n 0, accuracy None, never the worst
+    r = evaluate(logits, y, ["a", "b", "c"], groups, ["a|x", "a|z", "b|x", "b|z", "c|x"])
+    assert r["per_class"][2] == {"name": "c", "n": 0, "n_correct": 0, "accuracy": None}
+    assert r["worst_group"] == "a|x"
+
+
+def test_evaluate_picks_the_worst_by_exact_fraction():
+    """1 of 3 (0.333...) is worse than 2 of 6 only in float noise: they tie exactly, the first wins;
+    33 of 100 is worse than 1 of 3."""
+    from repair.metrics import evaluate
+
+    y = torch.zeros(109, dtype=torch.long)
+    pred = torch.ones(109, dtype=torch.long)
+    groups = torch.tensor([0] * 3 + [1] * 6 + [2] * 100)
+    pred[0] = 0
+    pred[3:5] = 0
+    pred[9:42] = 0
+    logits = torch.nn.functional.one_hot(pred, 2).float()
+    r = evaluate(logits, y, ["a", "b"], groups, ["g0", "g1", "g2"])
+    assert (r["worst_group"], r["worst_group_n_correct"], r["worst_group_n"]) == ("g2", 33, 100)
+    r = evaluate(logits[:9], y[:9], ["a", "b"], groups[:9], ["g0", "g1"])
+    assert (r["worst_group"], r["worst_group_n_correct"], r["worst_group_n"]) == ("g0", 1, 3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_evaluate_refuses_non_finite_logits(bad):
+    from repair.metrics import evaluate
+
+    logits = torch.randn(6, 3)
+    logits[4, 1] = bad
+    with pytest.raises(BadInput) as e:
+        evaluate(logits, torch.zeros(6, dtype=torch.long), ["a", "b", "c"], where="model/")
+    assert "non-finite" in e.value.problem and "1 of 6" in e.value.problem and e.value.path == "model/"
