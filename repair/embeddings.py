@@ -122,9 +122,21 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     finally:
         bar.close()
     assert X is not None
+    check_finite_embeddings(X, adapter, data)
     if use_cache:
         _write_cache(cache_file, X)
     return Embeddings(X, key, False, time.perf_counter() - t0, str(dev))
+
+
+def check_finite_embeddings(X: torch.Tensor, adapter: Adapter, data: RepairData) -> None:
+    """:class:`BadInput` naming the model and the data when any embedding is NaN or infinite (a
+    model that overflows on this data): nothing downstream can be fitted or measured on it."""
+    bad = ~torch.isfinite(X).all(1)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        item = data.items[i] if data.modality == "image" else f"text {i + 1}"
+        raise BadInput(f"the model {adapter.source} gives non-finite (NaN or infinite) embeddings for "
+                       f"{int(bad.sum())} of {len(data)} samples (first: {item})", data.table or data.source)
 
 
 def _write_cache(path: Path, X: torch.Tensor) -> None:

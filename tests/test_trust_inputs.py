@@ -524,3 +524,162 @@ def test_evaluate_refuses_non_finite_logits(bad):
     with pytest.raises(BadInput) as e:
         evaluate(logits, torch.zeros(6, dtype=torch.long), ["a", "b", "c"], where="model/")
     assert "non-finite" in e.value.problem and "1 of 6" in e.value.problem and e.value.path == "model/"
+
+
+# ================================================================== 5. non-finite, config.json, input_size
+def timm_copy(src: Path, dst: Path, change=None, config=None) -> Path:
+    """A copy of a timm folder with tensors changed (``change(tensors)``) or config.json updated."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if change is not None:
+        t = load_file(str(dst / "model.safetensors"))
+        change(t)
+        save_file(t, str(dst / "model.safetensors"))
+    if config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        if callable(config):
+            config(cfg)
+        else:
+            cfg.update(config)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_nan_in_a_batchnorm_buffer_is_exit_2_and_fails_the_gate(tmp_path, timm_folder, images):
+    """A NaN in a BatchNorm running_var used to be scored "accuracy 50.0%" and passed a 50% gate."""
+    def nan_var(t):
+        t["layer1.0.bn1.running_var"][3] = float("nan")
+    m = timm_copy(timm_folder, tmp_path / "m", nan_var)
+    for extra in ([], ["--fail-under-acc", "0.0"]):
+        cli_refuses(["eval", m, "--data", images, *extra], "model.safetensors", "layer1.0.bn1.running_var",
+                    "non-finite", inputs=[m, images])
+
+    def inf_head(t):
+        t["fc.weight"][0, 0] = float("-inf")
+    m2 = timm_copy(timm_folder, tmp_path / "m2", inf_head)
+    out = tmp_path / "out"
+    out.mkdir()
+    line = cli_refuses(["fix", m2, "--data", images, "--out", out / "fixed"], "'fc.weight'", "non-finite",
+                       inputs=[m2, images], out_dir=out)
+    assert "did not load" not in line
+
+
+def test_nan_weights_of_a_transformers_model(tmp_path, bert_folder):
+    from safetensors.torch import load_file, save_file
+
+    from repair.adapters import load_model
+
+    m = tmp_path / "bert"
+    shutil.copytree(bert_folder, m)
+    t = load_file(str(m / "model.safetensors"))
+    name = next(k for k in sorted(t) if k.endswith("LayerNorm.weight"))
+    t[name][1] = float("nan")
+    save_file(t, str(m / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BadInput) as e:
+        load_model(m)
+    assert name in e.value.problem and e.value.path.endswith("model.safetensors")
+
+
+def test_non_finite_embeddings_name_the_model_and_data(tmp_path, timm_folder, images):
+    """Finite weights that overflow on this data: BadInput naming the model and the data (it used to
+    end in ``_LinAlgError``, exit 3)."""
+    from repair.adapters import load_model
+    from repair.embeddings import extract
+
+    def huge(t):
+        t["conv1.0.weight"].fill_(3e38)
+    m = timm_copy(timm_folder, tmp_path / "m", huge)
+    cache = tmp_path / "cache"
+    with pytest.raises(BadInput) as e:
+        extract(load_model(m), load_data(images), use_cache=True, cache_dir=cache, progress=False)
+    assert str(m) in e.value.problem and "non-finite" in e.value.problem
+    assert e.value.path.endswith("metadata.csv")
+    assert not cache.exists() or not any(cache.iterdir())          # nothing cached
+    out = tmp_path / "out"
+    out.mkdir()
+    cli_refuses(["fix", m, "--data", images, "--out", out / "fixed", "-q"], "metadata.csv", "non-finite",
+                inputs=[m, images], out_dir=out)
+
+
+def test_config_json_not_json_says_so(tmp_path, timm_folder, images):
+    m = tmp_path / "m"
+    shutil.copytree(timm_folder, m)
+    (m / "config.json").write_text('{"architecture": "test_resnet",')
+    line = cli_refuses(["eval", m, "--data", images], "config.json", "not valid JSON", inputs=[m])
+    assert "not a timm hub folder" not in line
+    (m / "config.json").write_text("[1, 2]")
+    cli_refuses(["eval", m, "--data", images], "config.json", "JSON object", inputs=[m])
+
+
+@pytest.mark.parametrize("cfg, words", [
+    ({"input_size": [3, 40000, 40000]}, ("input_size 3x40000x40000", "4096")),
+    ({"input_size": [3, 32, 5000]}, ("input_size", "out of range")),
+    ({"input_size": [3, 0, 32]}, ("input_size", "out of range")),
+    ({"input_size": "big"}, ("input_size", "three whole numbers")),
+    ({"crop_pct": -0.5}, ("crop_pct", "above 0")),
+    ({"crop_pct": 0.0001}, ("crop_pct", "resize")),
+])
+def test_absurd_input_size_is_exit_2_naming_config_json(tmp_path, timm_folder, images, cfg, words):
+    m = timm_copy(timm_folder, tmp_path / "m", config=lambda c: c["pretrained_cfg"].update(cfg))
+    cli_refuses(["eval", m, "--data", images, "--no-cache"], "config.json", *words, inputs=[m])
+
+
+# ================================================================== 4. model folders
+def test_fifo_in_the_model_folder_is_exit_2(tmp_path, timm_folder, images):
+    m = tmp_path / "m"
+    shutil.copytree(timm_folder, m)
+    os.mkfifo(m / "notes.txt")
+    out = tmp_path / "out"
+    out.mkdir()
+    cli_refuses(["fix", m, "--data", images, "--out", out / "fixed"], "notes.txt", "FIFO",
+                inputs=[images, m / "config.json", m / "model.safetensors"], out_dir=out)
+    (m / "notes.txt").unlink()
+    (m / "README.md").symlink_to("/dev/zero")               # would copy zeros until the disk is full
+    cli_refuses(["eval", m, "--data", images], "README.md", "device", inputs=[m])
+
+
+def test_symlink_out_of_the_model_folder_is_never_copied(tmp_path, timm_folder, images):
+    """``notes.txt -> ~/.aws/credentials``: the repaired folder would hold the secret as a regular file."""
+    secret = tmp_path / "home" / "credentials"
+    secret.parent.mkdir()
+    secret.write_text("aws_secret_access_key = hunter2\n")
+    m = tmp_path / "m"
+    shutil.copytree(timm_folder, m)
+    (m / "notes.txt").symlink_to(secret)
+    out = tmp_path / "out"
+    out.mkdir()
+    cli_refuses(["fix", m, "--data", images, "--out", out / "fixed", "--recipe", "dfr", "-q"], "notes.txt",
+                "outside", inputs=[images, m, secret], out_dir=out)
+    from repair.adapters import load_model
+
+    with pytest.raises(BadInput) as e:              # the check the pipeline can make before any work
+        load_model(m).check_save()
+    assert e.value.path.endswith("notes.txt")
+    # a symlink inside the folder is copied as the regular file it points to
+    (m / "notes.txt").unlink()
+    (m / "docs").mkdir()
+    (m / "docs" / "card.md").write_text("model card\n")
+    (m / "README.md").symlink_to(m / "docs" / "card.md")
+    rc, _, err = run_cli("fix", m, "--data", images, "--out", out / "fixed", "--recipe", "dfr")
+    assert rc == 0, err
+    got = out / "fixed" / "README.md"
+    assert got.is_file() and not got.is_symlink() and got.read_text() == "model card\n"
+    assert (out / "fixed" / "docs" / "card.md").read_text() == "model card\n"
+    assert not any(p.is_symlink() for p in (out / "fixed").rglob("*"))
+
+
+def test_source_files_list_every_checkpoint_file(tmp_path, timm_folder, bert_folder):
+    from repair.adapters import LoadOptions, load_model
+
+    a = load_model(timm_folder)
+    assert set(a.source_files()) == {(timm_folder / n).resolve() for n in ("config.json", "model.safetensors")}
+    b = load_model(bert_folder)
+    files = set(b.source_files())
+    assert (bert_folder / "model.safetensors").resolve() in files and (bert_folder / "config.json").resolve() in files
+    assert any(p.name.startswith("tokenizer") or p.name == "vocab.txt" for p in files)
+    assert all(p.is_absolute() and p.is_file() for p in files)
+    w = tmp_path / "w.safetensors"
+    shutil.copy(timm_folder / "model.safetensors", w)
+    c = load_model(w, LoadOptions(arch="test_resnet", image_size=32))
+    assert c.source_files() == [w.resolve()]
