@@ -683,3 +683,110 @@ def test_source_files_list_every_checkpoint_file(tmp_path, timm_folder, bert_fol
     shutil.copy(timm_folder / "model.safetensors", w)
     c = load_model(w, LoadOptions(arch="test_resnet", image_size=32))
     assert c.source_files() == [w.resolve()]
+
+
+# ================================================================== 6. embedding cache
+def _figures(stdout: str) -> dict:
+    """A command's JSON without what legitimately differs between a cached and a fresh run."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()
+                    if k not in ("seconds", "from_cache", "cached", "device", "extract_seconds", "timing",
+                                 "elapsed", "wall_seconds", "embedding_seconds")}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+    return strip(json.loads(stdout))
+
+
+def _cache_entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.glob("*.safetensors"))
+
+
+def _flip(path: Path, where: str) -> None:
+    blob = bytearray(path.read_bytes())
+    if where == "data":              # a bit in the last float: still a readable file, wrong numbers
+        blob[-3] ^= 0x10
+    elif where == "header":          # garbage in the JSON header: unreadable
+        blob[10:20] = b"\xff" * 10
+    else:                            # truncated
+        blob = blob[: len(blob) // 2]
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("damage", ["data", "header", "truncated"])
+def test_corrupt_cache_entry_is_recomputed_with_a_notice(tmp_path, timm_folder, images, damage):
+    cache = tmp_path / "cache"
+    base = ["eval", timm_folder, "--data", images, "--group-by", "place", "--json", "-q"]
+    rc, fresh, _ = run_cli(*base, "--no-cache")
+    assert rc == 0
+    rc, first, err = run_cli(*base, "--cache-dir", cache)
+    assert rc == 0 and "notice" not in err
+    (entry,) = _cache_entries(cache)
+    sound = entry.read_bytes()
+    _flip(entry, damage)
+    rc, again, err = run_cli(*base, "--cache-dir", cache)
+    assert rc == 0, err
+    assert f"embedding cache entry {entry} was corrupt" in err and "recomputed" in err      # survives -q
+    assert _figures(again) == _figures(fresh) == _figures(first)
+    assert entry.read_bytes() == sound                       # rewritten, bit for bit the sound entry
+    rc, third, err = run_cli(*base, "--cache-dir", cache)
+    assert rc == 0 and "notice" not in err and _figures(third) == _figures(fresh)
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []   # no temp left behind
+
+
+def test_fix_from_a_corrupted_cache_equals_no_cache(tmp_path, timm_folder, images):
+    """The issue's case: bytes flipped in a cached file made ``fix`` choose another head."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    args = ["fix", timm_folder, "--data", images, "--group-by", "place", "--recipe", "auto", "-q"]
+    rc, _, err = run_cli(*args, "--out", tmp_path / "warm", "--cache-dir", cache)
+    assert rc == 0, err
+    for entry in _cache_entries(cache):
+        blob = bytearray(entry.read_bytes())
+        for i in range(len(blob) - 400, len(blob), 7):       # many embeddings changed, header intact
+            blob[i] ^= 0x40
+        entry.write_bytes(bytes(blob))
+    rc, out_c, err = run_cli(*args, "--out", tmp_path / "from-cache", "--cache-dir", cache, "--json")
+    assert rc == 0, err
+    assert "was corrupt" in err and "recomputed" in err
+    rc, out_n, err = run_cli(*args, "--out", tmp_path / "no-cache", "--no-cache", "--json")
+    assert rc == 0, err
+    a = load_file(str(tmp_path / "from-cache" / "model.safetensors"))
+    b = load_file(str(tmp_path / "no-cache" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fa, fb = _figures(out_c), _figures(out_n)
+    for key in ("before", "after", "chosen", "method", "recipe"):
+        if key in fa or key in fb:
+            assert fa.get(key) == fb.get(key), key
+
+
+def test_cache_entry_carries_and_checks_its_digest(tmp_path, timm_folder, images):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from repair.adapters import load_model
+    from repair.embeddings import cache_digest, extract
+
+    adapter, data = load_model(timm_folder), load_data(images)
+    cache = tmp_path / "cache"
+    e1 = extract(adapter, data, cache_dir=cache, progress=False)
+    (entry,) = _cache_entries(cache)
+    with safe_open(str(entry), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["sha256"] == cache_digest(f.get_tensor("embeddings")) == cache_digest(e1.X)
+        assert meta["key"] == e1.key == entry.stem
+    assert extract(adapter, data, cache_dir=cache, progress=False).from_cache
+    # a well-formed entry with other numbers and no (or a stale) digest: not trusted
+    save_file({"embeddings": e1.X + 1}, str(entry), metadata={"key": e1.key, "sha256": meta["sha256"]})
+    e2 = extract(adapter, data, cache_dir=cache, progress=False)
+    assert not e2.from_cache and torch.equal(e2.X, e1.X)
+    save_file({"embeddings": e1.X}, str(entry), metadata={"key": e1.key})
+    assert not extract(adapter, data, cache_dir=cache, progress=False).from_cache
+    # a FIFO where the entry should be: never read (it would block), replaced
+    entry.unlink()
+    os.mkfifo(entry)
+    with deadline(60):
+        e3 = extract(adapter, data, cache_dir=cache, progress=False)
+    assert not e3.from_cache and entry.is_file() and torch.equal(e3.X, e1.X)
