@@ -210,9 +210,13 @@ def _open_pil(f, path: Path, max_pixels: int):
                         Image.MAX_IMAGE_PIXELS = old
             else:
                 im = Image.open(f)
-    except Image.DecompressionBombError:
-        raise BadInput(f"image has more pixels than the limit of {max_pixels:,} (a decompression bomb?); "
-                       "raise --max-pixels to read it", path) from None
+    except Image.DecompressionBombError as e:      # PIL's own limit, below ours
+        import re
+
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" ({int(m.group(1)):,} pixels)" if m else ""
+        raise BadInput(f"image is larger{size} than the limit of {max_pixels:,} pixels (a decompression "
+                       "bomb?); raise --max-pixels to read it", path) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise BadInput(f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                        path) from None
@@ -477,9 +481,24 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
     if o.group_by is not None:
         check_group_column(data, o.group_by)
     if data.modality == "image":
-        for p in data.items:           # headers only: not a regular file, a bomb, an odd mode
-            check_image(p, o.max_pixels)
+        for p in data.items:           # a stat each (never opened here: a FIFO would block)
+            check_regular(p)
     return data
+
+
+def check_regular(path, what: str = "image") -> None:
+    """:class:`BadInput` naming ``path`` unless it is a regular file (symlinks followed). Only a
+    stat: cheap enough for every image of the data when it is read; the pixel limit and the mode
+    are checked where the image is decoded (:func:`read_image`), or by :func:`check_image`."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BadInput(f"{what} file not found", path) from None
+    except OSError as e:
+        raise BadInput(f"cannot read the {what} ({e.strerror or e})", path) from None
+    if not stat.S_ISREG(mode):
+        raise BadInput(f"{what} is not a regular file (a FIFO, device or socket); only regular files "
+                       "are read", path)
 
 
 def check_group_column(data: RepairData, group_by: str) -> None:

@@ -73,6 +73,7 @@ def cli_refuses(args, *words, inputs=(), out_dir=None, code=2) -> str:
     ``out_dir`` (if given) left empty."""
     before = snapshot(*inputs)
     before_out = snapshot(out_dir) if out_dir is not None else None
+    args = [*args, "-q"] if "-q" not in args else list(args)     # progress off: warnings and errors stay
     with deadline(120):
         rc, out, err = run_cli(*args)
     assert rc == code, (rc, out, err)
@@ -198,8 +199,10 @@ def test_unsupported_mode_is_refused_by_name(tmp_path, timm_folder):
     rows = list(csv.DictReader(open(d / "metadata.csv")))
     rows[3]["img_filename"] = "dog/001.tif"
     write_csv(d / "metadata.csv", rows)
+    from repair.data import check_image
+
     with pytest.raises(BadInput) as e:
-        load_data(d)
+        check_image(load_data(d).items[3])
     assert e.value.path.endswith("001.tif") and "'LAB'" in e.value.problem
     out = tmp_path / "out"
     out.mkdir()
@@ -214,11 +217,16 @@ def test_decompression_bomb_is_exit_2_naming_the_image(tmp_path, timm_folder):
                        inputs=[d, timm_folder])
     assert "DecompressionBomb" not in line
     # the limit is an option: a 36 x 36 image is over a 1000-pixel limit, and within the default
+    from repair.adapters import load_model
+    from repair.embeddings import extract
+
+    small = load_data(make_images(tmp_path / "small", n_per_class=1), DataOptions(max_pixels=1000))
+    assert small.max_pixels == 1000
     with pytest.raises(BadInput) as e:
-        load_data(make_images(tmp_path / "small", n_per_class=1),
-                  DataOptions(max_pixels=1000))
+        extract(load_model(timm_folder), small, use_cache=False, progress=False)
     assert "1,296 pixels" in e.value.problem and e.value.path.endswith(".png")
-    assert len(load_data(tmp_path / "small", DataOptions(max_pixels=1296))) == 3
+    ok = load_data(tmp_path / "small", DataOptions(max_pixels=1296))
+    assert extract(load_model(timm_folder), ok, use_cache=False, progress=False).X.shape[0] == 3
 
 
 def test_fifo_among_images_is_refused_without_blocking(tmp_path, timm_folder):
