@@ -798,3 +798,34 @@ def test_cache_entry_carries_and_checks_its_digest(tmp_path, timm_folder, images
     with deadline(60):
         e3 = extract(adapter, data, cache_dir=cache, progress=False)
     assert not e3.from_cache and entry.is_file() and torch.equal(e3.X, e1.X)
+
+
+def test_nan_initializer_in_an_onnx_model(tmp_path):
+    import warnings
+
+    import onnx
+    import timm
+    from onnx import numpy_helper
+
+    from repair.adapters import LoadOptions, load_model
+
+    torch.manual_seed(3)
+    m = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    out = tmp_path / "deployed.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, 3, 32, 32),), str(out), input_names=["input"],
+                          output_names=["output"], dynamo=False)
+    (tmp_path / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32]}))
+    a = load_model(out, LoadOptions(class_names=["a", "b", "c"]))
+    assert set(a.source_files()) == {out.resolve(), (tmp_path / "preprocess.json").resolve()}
+    proto = onnx.load(str(out))
+    init = next(i for i in proto.graph.initializer if numpy_helper.to_array(i).dtype == np.float32
+                and numpy_helper.to_array(i).size > 4)
+    arr = numpy_helper.to_array(init).copy()
+    arr.reshape(-1)[2] = np.inf
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, str(out))
+    with pytest.raises(BadInput) as e:
+        load_model(out, LoadOptions(class_names=["a", "b", "c"]))
+    assert init.name in e.value.problem and "non-finite" in e.value.problem and e.value.path == str(out)
