@@ -337,7 +337,7 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
         return columns, rows
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     # SST-2 style TSVs hold raw quotes inside sentences: do not treat them as quoting
-    reader = csv.DictReader(io.StringIO(text), delimiter=delim,
+    reader = csv.DictReader(io.StringIO(text), delimiter=delim, restval="",   # a short row: empty cells
                             quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
     columns = list(reader.fieldnames or [])
     twice = sorted({c for c in columns if columns.count(c) > 1})
@@ -382,15 +382,15 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
                        f"{', '.join(columns)}); name it with --path-col (images) or --text-col (texts)", table)
     if is_image:
         path_col = _pick(columns, o.path_col, PATH_COLUMNS, "path", table)
-        items = [_table_image(table, root, n, row[path_col], o) for n, row in enumerate(rows, 1)]
+        items = [_table_image(table, root, n, row.get(path_col, ""), o) for n, row in enumerate(rows, 1)]
         used = {label_col, path_col}
         modality = "image"
     else:
         text_col = _pick(columns, o.text_col, TEXT_COLUMNS, "text", table)
-        items = [row[text_col] for row in rows]
+        items = [row.get(text_col, "") for row in rows]
         used = {label_col, text_col}
         modality = "text"
-    labels = [str(row[label_col]).strip() for row in rows]
+    labels = [str(row.get(label_col, "")).strip() for row in rows]
     for n, lab in enumerate(labels):
         if lab == "":
             raise BadInput(f"row {n + 1} has an empty label", table)

@@ -319,6 +319,18 @@ def test_empty_path_cell_and_empty_group_cell_name_the_row(tmp_path, timm_folder
     bad[4]["img_filename"] = ""
     write_csv(d / "metadata.csv", bad)
     cli_refuses(["eval", timm_folder, "--data", d], "metadata.csv", "row 5", "empty image path", inputs=[d])
+    write_csv(d / "metadata.csv", rows)
+    lines = (d / "metadata.csv").read_text().splitlines()
+    lines[3] = lines[3].split(",")[0]                       # a short row: only the path
+    (d / "metadata.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadInput) as e:
+        load_data(d)
+    assert e.value.problem == "row 3 has an empty label" and e.value.path.endswith("metadata.csv")
+    t = tmp_path / "t.jsonl"                                # a JSONL row without the text key
+    t.write_text('{"text": "good", "label": "positive"}\n{"label": "negative"}\n{"text": "x"}\n')
+    with pytest.raises(BadInput) as e:
+        load_data(t)
+    assert e.value.problem == "row 3 has an empty label" and e.value.path == str(t)
 
     bad = [dict(r) for r in rows]
     bad[1]["place"] = ""
