@@ -2,6 +2,13 @@
 
 ``load_data`` reads the raw items, labels and attribute columns; ``encode``
 matches labels to the model's class order and builds groups (class x attribute).
+
+What is read is bounded: a table's image paths stay inside the data folder (symlinks
+followed) unless ``DataOptions.allow_outside_paths``; only regular files are opened (a FIFO
+is refused, never read); an image is decoded by :func:`read_image` alone (every PIL mode
+converted by its meaning or refused by name, at most ``DataOptions.max_pixels`` pixels).
+``RepairData.files()`` lists every file read; ``RepairData.duplicate_ids()`` groups identical
+samples for the splitters of :mod:`repair.selection`.
 """
 from __future__ import annotations
 

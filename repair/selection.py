@@ -34,7 +34,10 @@ Splits
 :func:`stratified_split` is the one splitter: seeded, every stratum spread over the
 parts in proportion, every stratum keeping at least one sample in the first
 (fit) part. Everywhere, a ``*_fraction`` setting is the share HELD OUT of fitting
-(``holdout_fraction``: scored on; ``report_fraction``: reported on).
+(``holdout_fraction``: scored on; ``report_fraction``: reported on). Given ``clusters=``
+(:meth:`repair.data.RepairData.duplicate_ids`; also a field of :class:`Holdout` and
+:class:`KFold`), identical samples always fall on one side of every split, so a held-out
+figure is never inflated by copies of what was fitted.
 """
 from __future__ import annotations
 
