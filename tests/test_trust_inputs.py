@@ -841,3 +841,27 @@ def test_nan_initializer_in_an_onnx_model(tmp_path):
     with pytest.raises(BadInput) as e:
         load_model(out, LoadOptions(class_names=["a", "b", "c"]))
     assert init.name in e.value.problem and "non-finite" in e.value.problem and e.value.path == str(out)
+
+
+def test_onnx_external_data_files_are_source_files(tmp_path):
+    import warnings
+
+    import onnx
+    import timm
+
+    from repair.adapters import LoadOptions, load_model
+
+    m = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    first = tmp_path / "first.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, 3, 32, 32),), str(first), input_names=["input"],
+                          output_names=["output"], dynamo=False)
+    d = tmp_path / "deployed"
+    d.mkdir()
+    onnx.save_model(onnx.load(str(first)), str(d / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    a = load_model(d / "m.onnx", LoadOptions(class_names=["a", "b", "c"], image_size=32))
+    assert set(a.source_files()) == {(d / "m.onnx").resolve(), (d / "weights.bin").resolve()}
+    W, _ = a.head_params()
+    assert torch.allclose(W, m.get_classifier().weight.detach())

@@ -39,6 +39,8 @@ class OnnxAdapter(Adapter):
     #: ``repair.export.export_onnx`` saves the edited graph instead of re-exporting a torch model
     exports_onnx_natively = True
     can_train = False
+    #: the external-data files the graph's initializers were read from
+    external_files: list = []
 
     def __init__(self, path: Path, *, image_config: Optional[dict] = None, class_names=None,
                  max_length: Optional[int] = None):
@@ -50,7 +52,10 @@ class OnnxAdapter(Adapter):
         self.model = None
         self.head = None
         try:
-            proto = onnx.load(str(path))
+            # as onnx.load does, in two steps: the external data files are source files too
+            proto = onnx.load(str(path), load_external_data=False)
+            self.external_files = external_data_files(proto, path.parent)
+            onnx.load_external_data_for_model(proto, str(path.parent))
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise BadInput(f"not a readable ONNX model ({msg})", path) from None
@@ -312,6 +317,19 @@ class OnnxAdapter(Adapter):
         return d
 
 
+def external_data_files(proto, base: Path) -> list[Path]:
+    """The files an ONNX model's external-data initializers name (``location``), under ``base``."""
+    import onnx
+
+    out = []
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in init.external_data}.get("location")
+            if loc and Path(base, loc) not in out:
+                out.append(Path(base, loc))
+    return out
+
+
 def _check_finite_initializers(proto, path: Path) -> None:
     """Non-finite values in any floating initializer: :class:`BadInput` naming it (cf.
     ``base.check_finite`` for torch models)."""
@@ -337,7 +355,7 @@ def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
     adapter = OnnxAdapter(path, image_config=cfg, class_names=o.class_names, max_length=o.max_length)
     # the files beside it that were read: preprocessing, config (id2label), tokenizer
     adapter.extra_files = [path.parent / n for n in (PREPROCESS_FILE, "config.json", *TOKENIZER_FILES)
-                           if (path.parent / n).is_file()]
+                           if (path.parent / n).is_file()] + adapter.external_files
     return adapter
 
 
