@@ -2,13 +2,25 @@
 
 ``load_data`` reads the raw items, labels and attribute columns; ``encode``
 matches labels to the model's class order and builds groups (class x attribute).
+
+What is read is bounded: a table's image paths stay inside the data folder (symlinks
+followed) unless ``DataOptions.allow_outside_paths``; only regular files are opened (a FIFO
+is refused, never read); an image is decoded by :func:`read_image` alone (every PIL mode
+converted by its meaning or refused by name, at most ``DataOptions.max_pixels`` pixels).
+``RepairData.files()`` lists every file read; ``RepairData.duplicate_ids()`` groups identical
+samples for the splitters of :mod:`repair.selection`.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
+import os
+import stat
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,15 +34,42 @@ PATH_COLUMNS = ("img_filename", "filename", "image", "image_path", "img_path", "
 LABEL_COLUMNS = ("y", "label", "labels", "class", "target")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "sentence1")
 METADATA_NAMES = ("metadata.csv", "metadata.tsv", "metadata.jsonl")
+#: the default pixel limit of one image (width x height): a larger one is refused (a decompression
+#: bomb is a small file that decodes to billions of pixels)
+DEFAULT_MAX_PIXELS = 100_000_000
+
+#: the CLI flag of each DataOptions field (errors name the flag the user typed)
+OPTION_FLAGS = {"label_col": "--label-col", "path_col": "--path-col", "text_col": "--text-col",
+                "group_by": "--group-by", "max_pixels": "--max-pixels",
+                "allow_outside_paths": "--allow-outside-paths"}
 
 
 @dataclass
 class DataOptions:
-    """Which columns mean what; recorded in provenance."""
+    """Which columns mean what, and the limits of what is read; recorded in provenance.
+    Validated on construction (:class:`BadInput` naming the CLI flag)."""
     label_col: Optional[str] = None
     path_col: Optional[str] = None
     text_col: Optional[str] = None
     group_by: Optional[str] = None
+    #: most pixels (width x height) of one image; a larger image is refused naming it
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: a table may list images outside the data folder (``../x.png``, absolute paths, symlinks
+    #: leaving it); off by default: such a row is refused naming the table, the row and the path
+    allow_outside_paths: bool = False
+
+    def __post_init__(self):
+        for name in ("label_col", "path_col", "text_col", "group_by"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise BadInput(f"{OPTION_FLAGS[name]} must be a non-empty column name, got {v!r}")
+        if self.path_col is not None and self.text_col is not None:
+            raise BadInput("give --path-col (image data) or --text-col (text data), not both")
+        mp = self.max_pixels
+        if isinstance(mp, bool) or not isinstance(mp, int) or mp <= 0:
+            raise BadInput(f"--max-pixels must be a positive whole number, got {mp!r}")
+        if not isinstance(self.allow_outside_paths, bool):
+            raise BadInput(f"--allow-outside-paths must be true or false, got {self.allow_outside_paths!r}")
 
 
 @dataclass
@@ -41,9 +80,40 @@ class RepairData:
     labels: list[str]                  # raw label values
     attributes: dict[str, list[str]] = field(default_factory=dict)
     table: Optional[Path] = None       # the metadata/text file read, if any
+    #: the pixel limit the images were checked against (``DataOptions.max_pixels``)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: content hash of every item (filled by :meth:`duplicate_ids`, each image read once)
+    _hashes: Optional[list] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def files(self) -> list[Path]:
+        """Every file this data reads, resolved (symlinks followed): the table, if any, and every
+        image. The inputs an output must never replace."""
+        out = [Path(self.table).resolve()] if self.table is not None else []
+        if self.modality == "image":
+            out.extend(Path(p).resolve() for p in self.items)
+        seen: set = set()
+        return [p for p in out if not (p in seen or seen.add(p))]
+
+    def content_hashes(self) -> list[str]:
+        """sha256 of each item's content (an image's bytes, a text's UTF-8), computed once."""
+        if self._hashes is None or len(self._hashes) != len(self.items):
+            if self.modality == "image":
+                self._hashes = [hashlib.sha256(read_image_bytes(p)).hexdigest() for p in self.items]
+            else:
+                self._hashes = [hashlib.sha256(str(t).encode("utf-8")).hexdigest() for t in self.items]
+        return self._hashes
+
+    def duplicate_ids(self) -> "torch.Tensor":
+        """(N,) int64: identical samples (same image bytes, same text) share an id, ids numbered
+        by first appearance (0, 1, ...). Pass it as ``clusters=`` to the splitters of
+        :mod:`repair.selection` so copies of one sample never fall on both sides of a split."""
+        import torch  # noqa: lazy
+        first: dict[str, int] = {}
+        ids = [first.setdefault(h, len(first)) for h in self.content_hashes()]
+        return torch.tensor(ids, dtype=torch.long)
 
     def fingerprint(self) -> str:
         """Identifies the items (not labels): part of the embedding cache key."""
@@ -58,9 +128,25 @@ class RepairData:
         return h.hexdigest()
 
     def subset(self, idx: Sequence[int]) -> "RepairData":
-        return RepairData(self.source, self.modality, [self.items[i] for i in idx],
-                          [self.labels[i] for i in idx],
-                          {k: [v[i] for i in idx] for k, v in self.attributes.items()}, self.table)
+        return dataclasses.replace(
+            self, items=[self.items[i] for i in idx], labels=[self.labels[i] for i in idx],
+            attributes={k: [v[i] for i in idx] for k, v in self.attributes.items()},
+            _hashes=None if self._hashes is None else [self._hashes[i] for i in idx])
+
+
+def duplicate_stats(ids) -> dict:
+    """Counts for the report from :meth:`RepairData.duplicate_ids`: ``n_samples``;
+    ``n_unique`` distinct samples; ``n_duplicates`` samples that repeat an earlier one
+    (``n_samples - n_unique``); ``n_clusters`` sets of identical samples with two or more
+    members; ``largest_cluster`` the size of the biggest (1 without duplicates)."""
+    import torch  # noqa: lazy
+    ids = torch.as_tensor(ids).long().reshape(-1)
+    if ids.numel() == 0:
+        return {"n_samples": 0, "n_unique": 0, "n_duplicates": 0, "n_clusters": 0, "largest_cluster": 0}
+    _, counts = torch.unique(ids, return_counts=True)
+    return {"n_samples": int(ids.numel()), "n_unique": int(counts.numel()),
+            "n_duplicates": int(ids.numel() - counts.numel()), "n_clusters": int((counts > 1).sum()),
+            "largest_cluster": int(counts.max())}
 
 
 @dataclass
@@ -74,14 +160,172 @@ class Encoded:
     absent_groups: list[str] = field(default_factory=list)
 
 
+# ------------------------------------------------------------------ images
+#: PIL modes read as they are (``1``, ``L``, ``P`` without transparency, ``CMYK``, ``YCbCr``, ``RGBX``
+#: convert to RGB exactly), with an alpha channel (composited over white, as a viewer shows them),
+#: and of high bit depth (scaled to 0..255, see :func:`_scale_to_8bit`). Any other mode is refused.
+PLAIN_MODES = frozenset({"RGB", "L", "1", "P", "CMYK", "YCbCr", "RGBX"})
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+IMAGE_MODES = PLAIN_MODES | ALPHA_MODES | DEEP_MODES
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def open_regular(path, what: str = "image"):
+    """Open ``path`` for reading in binary mode, only if it is a regular file (symlinks followed).
+    Never blocks: a FIFO is opened non-blocking and refused, as is a device or socket."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise BadInput(f"{what} file not found", path) from None
+    except IsADirectoryError:
+        raise BadInput(f"{what} path is a folder, not a file", path) from None
+    except OSError as e:
+        raise BadInput(f"cannot read the {what} ({e.strerror or e})", path) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadInput(f"{what} is not a regular file (a FIFO, device or socket); only regular files "
+                           "are read", path)
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_image_bytes(path) -> bytes:
+    """The bytes of one image file (a regular file only)."""
+    with open_regular(path) as f:
+        return f.read()
+
+
+def _open_pil(f, path: Path, max_pixels: int):
+    """``PIL.Image.open`` with our pixel limit instead of PIL's (PIL's own error names no file)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= Image.MAX_IMAGE_PIXELS:
+                with _PIL_LIMIT_LOCK:     # PIL refuses above 2x its limit: lift it for this open only
+                    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+                    try:
+                        im = Image.open(f)
+                    finally:
+                        Image.MAX_IMAGE_PIXELS = old
+            else:
+                im = Image.open(f)
+    except Image.DecompressionBombError as e:      # PIL's own limit, below ours
+        import re
+
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" ({int(m.group(1)):,} pixels)" if m else ""
+        raise BadInput(f"image is larger{size} than the limit of {max_pixels:,} pixels (a decompression "
+                       "bomb?); raise --max-pixels to read it", path) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadInput(f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                       path) from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise BadInput(f"image is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
+                       "(a decompression bomb?); raise --max-pixels to read it", path)
+    if im.mode not in IMAGE_MODES:
+        mode = im.mode
+        im.close()
+        raise BadInput(f"image mode {mode!r} is not supported (supported: {', '.join(sorted(IMAGE_MODES))}); "
+                       "convert the image to RGB", path)
+    return im
+
+
+def check_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse, naming the image, what :func:`read_image` would refuse that the header tells: not a
+    regular file, not an image, more than ``max_pixels`` pixels, an unsupported mode. Reads only
+    the header."""
+    with open_regular(path) as f:
+        _open_pil(f, Path(path), max_pixels).close()
+
+
+def _scale_to_8bit(a, mode: str, path: Path):
+    """A high-bit-depth single-channel image as uint8, scaled, never clipped: 16-bit modes
+    (``I;16*``) by their bit depth (v * 255 / 65535); ``I`` (32-bit integers) as 8-bit values when
+    they lie in 0..255, as 16-bit ones when in 0..65535, else by the image's own range (min..max);
+    ``F`` (floats) as 0..1 values when they lie there, as 0..255 ones when there, else by the
+    image's own range. Non-finite floats are refused."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise BadInput("image holds non-finite (NaN or infinite) pixel values", path)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        out = a * (255.0 / 65535.0)
+    elif mode == "I" and lo >= 0 and hi <= 255:
+        out = a
+    elif mode == "I" and lo >= 0 and hi <= 65535:
+        out = a * (255.0 / 65535.0)
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        out = a * 255.0
+    elif mode == "F" and lo >= 0 and hi <= 255:
+        out = a
+    elif hi > lo:
+        out = (a - lo) * (255.0 / (hi - lo))
+    else:
+        out = np.zeros_like(a)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def to_rgb(im, path) -> "PIL.Image.Image":
+    """One PIL image as 8-bit RGB, every supported mode converted by its meaning (see
+    :data:`IMAGE_MODES`); :class:`BadInput` naming ``path`` for any other mode."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode in DEEP_MODES:
+        import numpy as np
+
+        return Image.fromarray(_scale_to_8bit(np.asarray(im), mode, Path(path)), "L").convert("RGB")
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info) or \
+            (mode in ("L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in PLAIN_MODES:
+        return im.convert("RGB")
+    raise BadInput(f"image mode {mode!r} is not supported (supported: {', '.join(sorted(IMAGE_MODES))}); "
+                   "convert the image to RGB", path)
+
+
+def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "PIL.Image.Image":
+    """Decode one image file as 8-bit RGB (:func:`to_rgb`): a regular file only, at most
+    ``max_pixels`` pixels, :class:`BadInput` naming the image otherwise. The one place an image of
+    the repair data is opened."""
+    path = Path(path)
+    with open_regular(path) as f:
+        im = _open_pil(f, path, max_pixels)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")       # PIL's palette-transparency advice: handled here
+                im.load()
+                return to_rgb(im, path)
+        except BadInput:
+            raise
+        except Exception as e:   # a truncated or corrupt image body (PIL raises many types)
+            raise BadInput(f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                           path) from None
+        finally:
+            im.close()
+
+
 # ------------------------------------------------------------------ reading
 def _read_table(path: Path) -> tuple[list[str], list[dict]]:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open_regular(path, "data table") as f:
+            text = f.read().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise BadInput(f"not UTF-8 text (byte {e.start}: {e.reason})", path) from None
-    except FileNotFoundError:
-        raise BadInput("file not found", path) from None
     except OSError as e:
         raise BadInput(f"cannot read the file ({e.strerror or e})", path) from None
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -100,7 +344,7 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
         return columns, rows
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     # SST-2 style TSVs hold raw quotes inside sentences: do not treat them as quoting
-    reader = csv.DictReader(io.StringIO(text), delimiter=delim,
+    reader = csv.DictReader(io.StringIO(text), delimiter=delim, restval="",   # a short row: empty cells
                             quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
     columns = list(reader.fieldnames or [])
     twice = sorted({c for c in columns if columns.count(c) > 1})
@@ -145,27 +389,43 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
                        f"{', '.join(columns)}); name it with --path-col (images) or --text-col (texts)", table)
     if is_image:
         path_col = _pick(columns, o.path_col, PATH_COLUMNS, "path", table)
-        items = []
-        for row in rows:
-            rel = row[path_col]
-            p = (root / rel) if not Path(rel).is_absolute() else Path(rel)
-            if not p.exists():
-                raise BadInput(f"image listed in {table.name} not found", p)
-            items.append(p)
+        items = [_table_image(table, root, n, row.get(path_col, ""), o) for n, row in enumerate(rows, 1)]
         used = {label_col, path_col}
         modality = "image"
     else:
         text_col = _pick(columns, o.text_col, TEXT_COLUMNS, "text", table)
-        items = [row[text_col] for row in rows]
+        items = [row.get(text_col, "") for row in rows]
         used = {label_col, text_col}
         modality = "text"
-    labels = [str(row[label_col]).strip() for row in rows]
+    labels = [str(row.get(label_col, "")).strip() for row in rows]
     for n, lab in enumerate(labels):
         if lab == "":
             raise BadInput(f"row {n + 1} has an empty label", table)
     attrs = {c: [str(row.get(c, "")).strip() for row in rows] for c in columns if c not in used}
     return RepairData(source=root, modality=modality, items=items, labels=labels, attributes=attrs,
-                      table=table)
+                      table=table, max_pixels=o.max_pixels)
+
+
+def _inside(root: Path, p: Path) -> bool:
+    """Whether ``p`` (symlinks followed) lies inside the folder ``root`` (symlinks followed)."""
+    try:
+        return p.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):    # a symlink loop
+        return False
+
+
+def _table_image(table: Path, root: Path, row: int, rel: str, o: DataOptions) -> Path:
+    """The image a table row lists: relative to the data folder, inside it (symlinks followed)
+    unless ``allow_outside_paths``, and an existing regular file."""
+    if not rel.strip():
+        raise BadInput(f"row {row} has an empty image path", table)
+    p = Path(rel) if Path(rel).is_absolute() else root / rel
+    if not o.allow_outside_paths and not _inside(root, p):
+        raise BadInput(f"row {row}: image path {rel!r} leads outside the data folder {root} (to "
+                       f"{p.resolve()}); move it inside or pass --allow-outside-paths", table)
+    if not p.exists() and not p.is_symlink():
+        raise BadInput(f"row {row}: image {rel!r} listed in {table.name} not found", p)
+    return p
 
 
 def _has_images(root: Path) -> bool:
@@ -176,16 +436,22 @@ def _has_images(root: Path) -> bool:
         return False
 
 
-def _from_class_folders(root: Path) -> RepairData:
+def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
     items, labels = [], []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not o.allow_outside_paths and not _inside(root, sub):
+            raise BadInput(f"class folder is a symlink leading outside the data folder {root} (to "
+                           f"{sub.resolve()}); pass --allow-outside-paths to read it", sub)
         for f in sorted(sub.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                items.append(f)
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir():
+                if not o.allow_outside_paths and not _inside(root, f):
+                    raise BadInput(f"image is a symlink leading outside the data folder {root} (to "
+                                   f"{f.resolve()}); pass --allow-outside-paths to read it", f)
+                items.append(f)     # a FIFO or device named like an image is refused by check_image
                 labels.append(sub.name)
     if not items:
         raise BadInput("no images found (expected class subfolders or a metadata.csv)", root)
-    return RepairData(source=root, modality="image", items=items, labels=labels)
+    return RepairData(source=root, modality="image", items=items, labels=labels, max_pixels=o.max_pixels)
 
 
 def load_data(path, options: Optional[DataOptions] = None) -> RepairData:
@@ -218,11 +484,41 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
             elif not subdirs:
                 raise BadInput("empty data folder (no class subfolders, metadata.csv or data file)", path)
             else:
-                data = _from_class_folders(path)
-    if o.group_by is not None and o.group_by not in data.attributes:
-        cols = ", ".join(data.attributes) or "none"
-        raise BadInput(f"no group column {o.group_by!r} (attribute columns: {cols})", data.table or path)
+                data = _from_class_folders(path, o)
+    if o.group_by is not None:
+        check_group_column(data, o.group_by)
+    if data.modality == "image":
+        for p in data.items:           # a stat each (never opened here: a FIFO would block)
+            check_regular(p)
     return data
+
+
+def check_regular(path, what: str = "image") -> None:
+    """:class:`BadInput` naming ``path`` unless it is a regular file (symlinks followed). Only a
+    stat: cheap enough for every image of the data when it is read; the pixel limit and the mode
+    are checked where the image is decoded (:func:`read_image`), or by :func:`check_image`."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BadInput(f"{what} file not found", path) from None
+    except OSError as e:
+        raise BadInput(f"cannot read the {what} ({e.strerror or e})", path) from None
+    if not stat.S_ISREG(mode):
+        raise BadInput(f"{what} is not a regular file (a FIFO, device or socket); only regular files "
+                       "are read", path)
+
+
+def check_group_column(data: RepairData, group_by: str) -> None:
+    """The group column exists and has a value in every row (:class:`BadInput` naming the
+    table and the first row without one)."""
+    where = data.table or data.source
+    if group_by not in data.attributes:
+        cols = ", ".join(data.attributes) or "none"
+        raise BadInput(f"no group column {group_by!r} (attribute columns: {cols})", where)
+    empty = [i for i, v in enumerate(data.attributes[group_by]) if not v]
+    if empty:
+        raise BadInput(f"row {empty[0] + 1} has an empty {group_by!r} value (--group-by {group_by}); "
+                       f"{len(empty)} row(s) without a group", where)
 
 
 # ----------------------------------------------------------------- encoding
@@ -251,8 +547,7 @@ def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str]
     y = match_labels(data.labels, class_names, where)
     if group_by is None:
         return Encoded(y=y, class_names=list(class_names), groups=None, group_names=[])
-    if group_by not in data.attributes:
-        raise BadInput(f"no group column {group_by!r}", where)
+    check_group_column(data, group_by)
     attr = data.attributes[group_by]
     keys = sorted({(int(c), a) for c, a in zip(y.tolist(), attr)}, key=lambda t: (t[0], t[1]))
     index = {k: i for i, k in enumerate(keys)}

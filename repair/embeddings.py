@@ -24,7 +24,7 @@ from .adapters.base import Adapter
 from .data import RepairData
 from .errors import BadInput
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2      # 2: every entry carries the sha256 of its tensor, verified on read
 
 
 def default_cache_dir() -> Path:
@@ -91,16 +91,15 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     key = cache_key(adapter, data)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_file = cache_dir / f"{key}.safetensors"
-    if use_cache and cache_file.exists():
-        from safetensors.torch import load_file
-
-        try:
-            X = load_file(str(cache_file))["embeddings"]
-            if X.shape[0] == len(data):
-                return Embeddings(X, key, True, time.perf_counter() - t0, "cache")
-        except Exception:
-            pass  # a damaged cache entry is recomputed and overwritten
+    if use_cache and (cache_file.exists() or cache_file.is_symlink()):
+        X, why = _read_cache(cache_file, key, len(data))
+        if X is not None:
+            return Embeddings(X, key, True, time.perf_counter() - t0, "cache")
+        # always shown (also with -q): a damaged cache is worth knowing about
+        print(f"notice: embedding cache entry {cache_file} was corrupt ({why}); recomputed", file=sys.stderr)
     dev = resolve_device(device)
+    if data.modality == "image":     # the pixel limit the data was read with
+        adapter.max_pixels = data.max_pixels
     adapter.to(dev)
     n = len(data)
     order = list(range(n))
@@ -120,19 +119,69 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     finally:
         bar.close()
     assert X is not None
+    check_finite_embeddings(X, adapter, data)
     if use_cache:
         _write_cache(cache_file, X)
     return Embeddings(X, key, False, time.perf_counter() - t0, str(dev))
 
 
+def check_finite_embeddings(X: torch.Tensor, adapter: Adapter, data: RepairData) -> None:
+    """:class:`BadInput` naming the model and the data when any embedding is NaN or infinite (a
+    model that overflows on this data): nothing downstream can be fitted or measured on it."""
+    bad = ~torch.isfinite(X).all(1)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        item = data.items[i] if data.modality == "image" else f"text {i + 1}"
+        raise BadInput(f"the model {adapter.source} gives non-finite (NaN or infinite) embeddings for "
+                       f"{int(bad.sum())} of {len(data)} samples (first: {item})", data.table or data.source)
+
+
+def cache_digest(X: torch.Tensor) -> str:
+    """What a cache entry is verified by: sha256 of the tensor's dtype, shape and bytes."""
+    from .adapters.base import tensor_digest
+
+    return tensor_digest(X).hex()
+
+
+def _read_cache(path: Path, key: str, n: int) -> tuple[Optional[torch.Tensor], str]:
+    """``(X, "")`` for a sound entry; ``(None, why)`` for anything else: not a regular file,
+    unreadable, not safetensors, another tensor or shape, no digest, or a digest mismatch."""
+    import stat as stat_
+
+    from safetensors import safe_open
+
+    try:
+        if not stat_.S_ISREG(path.stat().st_mode):
+            return None, "not a regular file"
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            keys = list(f.keys())
+            if keys != ["embeddings"]:
+                return None, f"holds {keys} instead of the embeddings"
+            X = f.get_tensor("embeddings")
+    except Exception as e:       # safetensors raises its own error types; OSError for the rest
+        return None, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if X.dtype != torch.float32 or X.dim() != 2 or X.shape[0] != n:
+        return None, f"holds a {str(X.dtype).replace('torch.', '')} tensor of shape {tuple(X.shape)}, expected {n} rows"
+    if meta.get("key") != key:
+        return None, "written for another key"
+    if "sha256" not in meta:
+        return None, "no digest"
+    if meta["sha256"] != cache_digest(X):
+        return None, "digest mismatch"
+    return X, ""
+
+
 def _write_cache(path: Path, X: torch.Tensor) -> None:
+    """Atomic: a temporary sibling renamed into place, with the digest and key in its metadata."""
     from .io import save_safetensors
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        save_safetensors({"embeddings": X}, tmp, metadata={"repair_version": __version__})
+        save_safetensors({"embeddings": X}, tmp, metadata={"repair_version": __version__,
+                                                           "sha256": cache_digest(X), "key": path.stem})
         os.replace(tmp, path)
     except OSError as e:  # a read-only or full cache must not fail the command
         print(f"warning: could not write embedding cache {path.parent} ({e.strerror})", file=sys.stderr)

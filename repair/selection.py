@@ -34,7 +34,10 @@ Splits
 :func:`stratified_split` is the one splitter: seeded, every stratum spread over the
 parts in proportion, every stratum keeping at least one sample in the first
 (fit) part. Everywhere, a ``*_fraction`` setting is the share HELD OUT of fitting
-(``holdout_fraction``: scored on; ``report_fraction``: reported on).
+(``holdout_fraction``: scored on; ``report_fraction``: reported on). Given ``clusters=``
+(:meth:`repair.data.RepairData.duplicate_ids`; also a field of :class:`Holdout` and
+:class:`KFold`), identical samples always fall on one side of every split, so a held-out
+figure is never inflated by copies of what was fitted.
 """
 from __future__ import annotations
 
@@ -214,23 +217,51 @@ def _generator(seed_or_gen: Union[int, torch.Generator]) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed_or_gen))
 
 
+def _units(strata: Tensor, clusters: Optional[Tensor]) -> dict[int, list[Tensor]]:
+    """Per stratum, its units in ascending order of first index: single samples, or with
+    ``clusters`` the sets of samples sharing a cluster id (a cluster belongs to the stratum of its
+    first sample)."""
+    out: dict[int, list[Tensor]] = {}
+    if clusters is None:
+        for s in torch.unique(strata).tolist():
+            out[s] = list(torch.nonzero(strata == s).flatten().split(1))
+        return out
+    clusters = clusters.long().cpu().reshape(-1)
+    if clusters.numel() != strata.numel():
+        raise ValueError(f"clusters has {clusters.numel()} entries, the data {strata.numel()}")
+    _, inverse = torch.unique(clusters, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    members = order.split(torch.bincount(inverse).tolist())        # per cluster, ascending indices
+    members = sorted((m for m in members if m.numel()), key=lambda m: int(m[0]))
+    for m in members:
+        out.setdefault(int(strata[m[0]]), []).append(m)
+    return dict(sorted(out.items()))
+
+
 def stratified_split(strata: Tensor, fractions: Union[float, Sequence[float]],
-                     seed: Union[int, torch.Generator], min_per_part: int = 1) -> list[Tensor]:
+                     seed: Union[int, torch.Generator], min_per_part: int = 1,
+                     clusters: Optional[Tensor] = None) -> list[Tensor]:
     """Split indices ``0..N-1`` into ``[rest, part_1, ..., part_k]`` where part ``j`` holds
     about ``fractions[j]`` of every stratum (rounded half up). A stratum keeps at least one
     sample in ``rest``; a held-out part gets at least ``min_per_part`` of a stratum when the
     stratum has enough samples for every part. Seeded (an int or a CPU generator);
-    sorted int64 CPU index tensors."""
+    sorted int64 CPU index tensors.
+
+    ``clusters`` (N,): ids of samples that must stay together (identical samples,
+    :meth:`repair.data.RepairData.duplicate_ids`): every cluster falls whole into one part, so
+    no copy of a sample is on both sides of the split. A cluster counts in the stratum of its
+    first sample; within a stratum, clusters are shuffled and each part takes the next ones
+    whose sizes keep it closest to its share (a cluster too big for the share left goes to a
+    later part or the rest). All-singleton clusters give exactly the split without ``clusters``."""
     fr = [float(fractions)] if isinstance(fractions, (int, float)) else [float(f) for f in fractions]
     if any(f < 0 for f in fr) or sum(fr) > 1.0 + 1e-9:
         raise ValueError(f"split fractions must be >= 0 and sum to at most 1, got {fr}")
     gen = _generator(seed)
     strata = strata.long().cpu()
     parts: list[list[Tensor]] = [[] for _ in range(len(fr) + 1)]
-    for s in torch.unique(strata).tolist():
-        idx = torch.nonzero(strata == s).flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        n = idx.numel()
+    for units in _units(strata, clusters).values():
+        units = [units[i] for i in torch.randperm(len(units), generator=gen).tolist()]
+        n = sum(u.numel() for u in units)
         enough = n >= len(fr) * min_per_part + 1
         start = 0
         for j, f in enumerate(fr):
@@ -238,9 +269,17 @@ def stratified_split(strata: Tensor, fractions: Union[float, Sequence[float]],
             if enough and f > 0:
                 take = max(take, min_per_part)
             take = min(take, max(n - start - 1, 0))        # leave >= 1 in rest
-            parts[j + 1].append(idx[start:start + take])
-            start += take
-        parts[0].append(idx[start:])
+            got, left = 0, []
+            for k, u in enumerate(units):
+                # a unit joins while the part stays nearer its share; one unit always stays for rest
+                if 2 * got + u.numel() <= 2 * take and (len(left) + len(units) - k) > 1:
+                    parts[j + 1].append(u)
+                    got += u.numel()
+                else:
+                    left.append(u)
+            units = left
+            start += got
+        parts[0].extend(units)
     empty = torch.zeros(0, dtype=torch.long)
     return [torch.sort(torch.cat(p)).values if p else empty for p in parts]
 
@@ -248,8 +287,10 @@ def stratified_split(strata: Tensor, fractions: Union[float, Sequence[float]],
 # ----------------------------------------------------------------------------- select, refit
 @dataclass(frozen=True)
 class Holdout:
-    """Fit on the rest, score on a held-out ``fraction`` (stratified)."""
+    """Fit on the rest, score on a held-out ``fraction`` (stratified). ``clusters``: ids of
+    samples that must stay on one side (see :func:`stratified_split`)."""
     fraction: float = 0.5
+    clusters: Optional[Tensor] = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"held-out {round(100 * self.fraction)}%"
@@ -263,6 +304,8 @@ class KFold:
     (their standard error is kept): a choice that does not flip with the folds."""
     folds: int = 2
     repeats: int = 1
+    #: ids of samples that must share a fold (identical samples; see :func:`stratified_split`)
+    clusters: Optional[Tensor] = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         rep = f", {self.repeats} repeats averaged" if self.repeats > 1 else ""
@@ -350,7 +393,7 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
             K = max(2, int(scheme.folds))
             worsts, means = [], []
             for _ in range(max(1, int(scheme.repeats))):
-                parts = stratified_split(split_strata, [1.0 / K] * (K - 1), gen)
+                parts = stratified_split(split_strata, [1.0 / K] * (K - 1), gen, clusters=scheme.clusters)
                 parts = [p for p in parts if p.numel()]
                 if len(parts) < 2:
                     break
@@ -375,7 +418,7 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
             if isinstance(scheme, Given):
                 rest, held = scheme.fit, scheme.held
             else:
-                rest, held = stratified_split(split_strata, [scheme.fraction], gen)
+                rest, held = stratified_split(split_strata, [scheme.fraction], gen, clusters=scheme.clusters)
             if held.numel() and rest.numel():
                 f = fit(rest, every)
                 sel.fold_fits.append(f)

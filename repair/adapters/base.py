@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import MappingProxyType
@@ -20,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..data import DEFAULT_MAX_PIXELS
 from ..errors import BadInput, RepairError
 from ..io import load_state_dict_file, save_safetensors
 from .text import tokenizer_input_names
@@ -97,6 +99,9 @@ class Adapter(ABC):
     data_config: Optional[dict] = None
     #: a text model's tokenizer (transformers); None otherwise
     tokenizer: Any = None
+    #: most pixels of one image ``collate`` decodes (``repair.embeddings.extract`` sets the
+    #: data's ``DataOptions.max_pixels``); a larger image is refused naming it
+    max_pixels: int = DEFAULT_MAX_PIXELS
     #: True when the model *is* an ONNX graph: ``repair.export`` writes ``export_proto()``
     #: instead of running a torch exporter
     exports_onnx_natively: bool = False
@@ -109,7 +114,30 @@ class Adapter(ABC):
     _file_names: frozenset = frozenset()
     _file_values: Mapping[str, torch.Tensor] = MappingProxyType({})
 
+    #: the checkpoint folder whose files the loader read (config, tokenizer) when there is one
+    model_folder: Optional[Path] = None
+
     # ---- identity -------------------------------------------------------
+    def source_files(self) -> list[Path]:
+        """Every file of the checkpoint the run reads, resolved: the weights file, the file the
+        user named, and every regular file of the model folder (config, tokenizer, the files
+        ``save`` copies), plus :meth:`_extra_source_files`. An output must never replace one."""
+        files = [Path(self.weights_path), Path(self.source)]
+        folder = self.model_folder or (self.source if Path(self.source).is_dir() else None)
+        out = [p.resolve() for p in files if Path(p).is_file()]
+        if folder is not None:
+            out += check_model_folder(folder)
+        out += [Path(p).resolve() for p in self._extra_source_files()]
+        seen: set = set()
+        return [p for p in out if not (p in seen or seen.add(p))]
+
+    #: files beside the checkpoint the loader read (a ``preprocess.json``, a tokenizer), set by the family
+    extra_files: Sequence[Path] = ()
+
+    def _extra_source_files(self) -> list[Path]:
+        """Files beside the checkpoint a family reads (default: :attr:`extra_files`)."""
+        return [Path(p) for p in self.extra_files if Path(p).is_file()]
+
     def source_sha256(self) -> str:
         if not hasattr(self, "_source_sha"):
             self._source_sha = sha256_file(self.weights_path)
@@ -290,6 +318,13 @@ class Adapter(ABC):
                          {**self.source_metadata, **self.save_metadata_defaults, **metadata})
         return target
 
+    def check_save(self) -> None:
+        """Refuse now (:class:`BadInput` naming the entry) what ``save`` would refuse to copy from a
+        folder checkpoint: a symlink leaving the folder, a FIFO, device or socket. Writes nothing;
+        call it before any work when the run will write the model."""
+        if Path(self.source).is_dir():
+            folder_copy_plan(self.source, self.weights_path)
+
     def export_proto(self, metadata: dict[str, str]):
         """The model as an ONNX ModelProto with ``metadata`` merged in. Only a model that is
         an ONNX graph (``exports_onnx_natively``) has one; the others go through
@@ -344,19 +379,110 @@ def read_tensors(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
     return {n: tensors[n] for n in names}
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], where) -> None:
+    """:class:`BadInput` naming the first tensor holding NaN or infinite values (any floating
+    parameter or buffer) and ``where`` (the weights file): such a model's figures are meaningless
+    (a NaN in a BatchNorm buffer makes every prediction the same class)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and \
+                not bool(torch.isfinite(t).all()):
+            k = int((~torch.isfinite(t)).sum())
+            raise BadInput(f"tensor {name!r} holds {k} non-finite value(s) (NaN or infinite); the model "
+                           "cannot be evaluated or repaired", where)
+
+
+def config_unreadable(folder: Path) -> bool:
+    """A folder with a ``config.json`` that is not a JSON object (the loader that claims it says so)."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        read_json(cfg)
+    except BadInput:
+        return True
+    return False
+
+
+def _special(p: Path) -> bool:
+    """Neither a regular file nor a folder (symlinks followed): a FIFO, device, socket."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:            # a dangling symlink or a loop: nothing to read
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def check_model_folder(folder: Path) -> list[Path]:
+    """Every regular file of a model folder (recursively, hidden entries skipped as ``save``
+    skips them), resolved. A FIFO, device or socket in it (or a symlink to one) is
+    :class:`BadInput` naming it: reading it could block or never end."""
+    folder = Path(folder)
+    out = []
+    for entry in _walk(folder):
+        if _special(entry):
+            raise BadInput("a FIFO, device or socket in the model folder (only regular files are "
+                           "read); remove it", entry)
+        if entry.is_file():
+            out.append(entry.resolve())
+    return out
+
+
+def _walk(folder: Path):
+    """The non-hidden entries under ``folder``, not descending into symlinked folders."""
+    for item in sorted(folder.iterdir()):
+        if item.name.startswith("."):
+            continue
+        yield item
+        if item.is_dir() and not item.is_symlink():
+            yield from _walk(item)
+
+
+def folder_copy_plan(src: Path, skip: Optional[Path] = None) -> list[Path]:
+    """The entries of ``src`` that :func:`copy_folder_except` copies (hidden ones and ``skip``
+    left out), checked: a symlink whose target lies outside ``src``, a broken one, one to a
+    folder, or a FIFO, device or socket is :class:`BadInput` naming it. Writes nothing."""
+    src = Path(src)
+    root = src.resolve()
+    skip_r = Path(skip).resolve() if skip is not None else None
+    plan = []
+    for item in _walk(src):
+        if skip_r is not None and item.resolve() == skip_r:
+            continue
+        if item.is_symlink():
+            try:
+                target = item.resolve(strict=True)
+            except (OSError, RuntimeError):
+                raise BadInput("a broken symlink in the model folder; remove it", item) from None
+            if not target.is_relative_to(root):
+                raise BadInput(f"a symlink in the model folder leads outside it (to {target}); it is not "
+                               "copied into the output: replace it by the file or remove it", item)
+            if target.is_dir():
+                raise BadInput("a symlink to a folder in the model folder; replace it by the folder", item)
+        if _special(item):
+            raise BadInput("a FIFO, device or socket in the model folder; only regular files are copied", item)
+        plan.append(item)
+    return plan
+
+
 def copy_folder_except(src: Path, dst: Path, skip: Path) -> None:
-    """Create ``dst`` with every entry of ``src`` but ``skip`` (the weights file
-    that is rewritten) and hidden files."""
+    """Create ``dst`` with every entry of ``src`` but ``skip`` (the weights file that is
+    rewritten) and hidden files, as regular files and folders only. A symlink whose target lies
+    outside ``src`` (a secret, ``/dev/zero``) or a FIFO, device or socket is :class:`BadInput`
+    naming it, before anything is written: an output holds only what the source folder holds as
+    regular files."""
     import shutil
 
+    src, dst = Path(src), Path(dst)
+    plan = folder_copy_plan(src, skip)
     dst.mkdir(parents=True)
-    for item in src.iterdir():
-        if item.resolve() == skip.resolve() or item.name.startswith("."):
-            continue
+    for item in plan:
+        rel = item.relative_to(src)
         if item.is_dir():
-            shutil.copytree(item, dst / item.name)
+            (dst / rel).mkdir(parents=True, exist_ok=True)
         else:
-            shutil.copy2(item, dst / item.name)
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(item, dst / rel)
+            shutil.copystat(item, dst / rel)
 
 
 def read_json(path: Path) -> dict:

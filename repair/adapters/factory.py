@@ -61,8 +61,11 @@ def detect(path: Path, o: LoadOptions) -> bool:
 def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
     side_json = (path if path.is_dir() else path.parent) / PREPROCESS_FILE
     cfg = image_config_from_options(o.image_size, o.mean, o.std, side_json)
-    return load_factory_model(path, o.factory, allow_pickle=o.allow_pickle, data_config=cfg,
-                              class_names=o.class_names, model_args=o.model_args)
+    adapter = load_factory_model(path, o.factory, allow_pickle=o.allow_pickle, data_config=cfg,
+                                 class_names=o.class_names, model_args=o.model_args)
+    if side_json.is_file():
+        adapter.extra_files = [side_json]
+    return adapter
 
 
 register_family("torch", detect=detect, load=load, priority=100, model_args=True,

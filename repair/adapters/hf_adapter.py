@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import BadInput
 from ..io import load_safetensors
 from . import LoadOptions, register_family
-from .base import TorchModelAdapter, read_json
+from .base import TorchModelAdapter, check_finite, check_model_folder, read_json
 from .text import (DEFAULT_MAX_LENGTH, collate_texts, first_line, load_tokenizer, offline, quiet_transformers,
                    resolve_max_length, tokenizer_preprocess_id)
 from .torch_module import module_name
@@ -58,6 +58,8 @@ class HFTextAdapter(TorchModelAdapter):
         from transformers import AutoModelForSequenceClassification
 
         path = Path(path)
+        check_model_folder(path)         # a FIFO or device in it: refused before anything is read
+        self.model_folder = path
         cfg_path = path / "config.json"
         cfg = read_json(cfg_path)
         archs = cfg.get("architectures") or []
@@ -76,6 +78,7 @@ class HFTextAdapter(TorchModelAdapter):
                                "(model.safetensors)", path / "pytorch_model.bin")
             raise BadInput("no model.safetensors in the transformers folder", path)
         tensors, metadata = load_safetensors(weights)  # clear error on truncation/corruption
+        check_finite(tensors, weights)
         if other:
             from safetensors import safe_open
 

@@ -11,20 +11,53 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..data import DEFAULT_MAX_PIXELS, open_regular, read_image
 from ..errors import BadInput
 
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 PREPROCESS_FILE = "preprocess.json"
 
 
-def resolve_image_config(pretrained_cfg: Optional[dict]) -> dict:
+#: the largest input side (height or width) a model's preprocessing may ask for, and the largest
+#: side it may resize an image to before cropping (``side / crop_pct``): a checkpoint asking for
+#: 40000 x 40000 inputs is refused naming its config, never a MemoryError
+MAX_INPUT_SIDE = 4096
+MAX_RESIZE_SIDE = 2 * MAX_INPUT_SIDE
+
+
+def resolve_image_config(pretrained_cfg: Optional[dict], where=None) -> dict:
+    """timm's data config for ``pretrained_cfg``, checked: ``input_size`` (C, H, W) with H and W
+    from 1 to :data:`MAX_INPUT_SIDE`, ``crop_pct`` > 0 with ``side / crop_pct`` at most
+    :data:`MAX_RESIZE_SIDE`. :class:`BadInput` naming ``where`` (the config file) otherwise."""
     from timm.data import resolve_data_config
 
-    cfg = resolve_data_config(pretrained_cfg=dict(pretrained_cfg or {}))
-    out = {k: cfg[k] for k in DATA_CONFIG_KEYS if k in cfg}
-    out["input_size"] = [int(v) for v in out["input_size"]]
-    out["mean"] = [float(v) for v in out["mean"]]
-    out["std"] = [float(v) for v in out["std"]]
+    if pretrained_cfg is not None and not isinstance(pretrained_cfg, dict):
+        raise BadInput(f"the preprocessing (pretrained_cfg) must be a JSON object, got {type(pretrained_cfg).__name__}",
+                       where)
+    raw = dict(pretrained_cfg or {})
+    size = raw.get("input_size")
+    if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 3 or
+                             not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+        raise BadInput(f"input_size must be three whole numbers [channels, height, width], got {size!r}", where)
+    try:
+        cfg = resolve_data_config(pretrained_cfg=raw)
+        out = {k: cfg[k] for k in DATA_CONFIG_KEYS if k in cfg}
+        out["input_size"] = [int(v) for v in out["input_size"]]
+        out["mean"] = [float(v) for v in out["mean"]]
+        out["std"] = [float(v) for v in out["std"]]
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"not a usable image preprocessing ({e})", where) from None
+    c, h, w = out["input_size"]
+    if not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE) or c < 1:
+        raise BadInput(f"input_size {c}x{h}x{w} is out of range: height and width must be 1 to "
+                       f"{MAX_INPUT_SIDE} pixels", where)
+    crop = out.get("crop_pct")
+    if crop is not None:
+        if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not crop > 0:
+            raise BadInput(f"crop_pct must be a number above 0, got {crop!r}", where)
+        if max(h, w) / float(crop) > MAX_RESIZE_SIDE:
+            raise BadInput(f"crop_pct {crop} would resize images to {int(max(h, w) / float(crop))} pixels "
+                           f"(at most {MAX_RESIZE_SIDE})", where)
     return out
 
 
@@ -35,7 +68,8 @@ def image_config_from_options(size: Optional[int], mean: Optional[Sequence[float
     cfg: dict = {}
     if json_path is not None and Path(json_path).exists():
         try:
-            cfg = json.loads(Path(json_path).read_text(encoding="utf-8"))
+            with open_regular(json_path, "preprocessing file") as f:
+                cfg = json.loads(f.read().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadInput(f"not valid JSON ({e})", json_path) from None
         if not isinstance(cfg, dict):
@@ -52,7 +86,8 @@ def image_config_from_options(size: Optional[int], mean: Optional[Sequence[float
     if not cfg:
         return None
     cfg.setdefault("crop_pct", 1.0)
-    return resolve_image_config(cfg)
+    return resolve_image_config(cfg, json_path if json_path is not None and Path(json_path).exists() and
+                                size is None else "--image-size" if size is not None else None)
 
 
 class ImageCollate:
@@ -62,17 +97,8 @@ class ImageCollate:
         self.data_config = data_config
         self.transform = create_transform(**data_config, is_training=False)
 
-    def __call__(self, items: Sequence[Path]) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        out = []
-        for p in items:
-            try:
-                with Image.open(p) as im:
-                    im = im.convert("RGB")
-                    out.append(self.transform(im))
-            except FileNotFoundError:
-                raise BadInput("image file not found", p) from None
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-                raise BadInput(f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", p) from None
-        return torch.stack(out)
+    def __call__(self, items: Sequence[Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """The eval transform of each image, decoded by :func:`repair.data.read_image` (every PIL
+        mode converted by its meaning or refused by name, at most ``max_pixels`` pixels, regular
+        files only)."""
+        return torch.stack([self.transform(read_image(p, max_pixels)) for p in items])

@@ -30,7 +30,7 @@ from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
                          metadata_dict, set_metadata)
 from .onnx_runtime import make_session, ort_providers, run_session, session_feeds  # noqa: F401
-from .text import (collate_texts, has_tokenizer_files, load_tokenizer, resolve_max_length,
+from .text import (TOKENIZER_FILES, collate_texts, has_tokenizer_files, load_tokenizer, resolve_max_length,
                    tokenizer_preprocess_id)
 
 
@@ -39,6 +39,8 @@ class OnnxAdapter(Adapter):
     #: ``repair.export.export_onnx`` saves the edited graph instead of re-exporting a torch model
     exports_onnx_natively = True
     can_train = False
+    #: the external-data files the graph's initializers were read from
+    external_files: list = []
 
     def __init__(self, path: Path, *, image_config: Optional[dict] = None, class_names=None,
                  max_length: Optional[int] = None):
@@ -50,12 +52,16 @@ class OnnxAdapter(Adapter):
         self.model = None
         self.head = None
         try:
-            proto = onnx.load(str(path))
+            # as onnx.load does, in two steps: the external data files are source files too
+            proto = onnx.load(str(path), load_external_data=False)
+            self.external_files = external_data_files(proto, path.parent)
+            onnx.load_external_data_for_model(proto, str(path.parent))
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise BadInput(f"not a readable ONNX model ({msg})", path) from None
         if proto.ByteSize() > MAX_PROTO_BYTES:
             raise BadInput("ONNX models over 2 GB are not supported", path)
+        _check_finite_initializers(proto, path)
         self.proto = proto
         self.spec = find_head(proto, path)
         self._W0, self._b0 = head_from_graph(proto, self.spec)
@@ -168,7 +174,7 @@ class OnnxAdapter(Adapter):
                 raise BadInput("this ONNX model carries no preprocessing: give --image-size, --mean and "
                                f"--std, or put a {PREPROCESS_FILE} (input_size, mean, std) next to it",
                                self.source)
-            return self._collate(items)
+            return self._collate(items, self.max_pixels)
         if self.tokenizer is None:
             raise BadInput("a text ONNX model needs its tokenizer files (tokenizer.json or vocab.txt, "
                            "tokenizer_config.json) in the same folder", self.source)
@@ -311,13 +317,46 @@ class OnnxAdapter(Adapter):
         return d
 
 
+def external_data_files(proto, base: Path) -> list[Path]:
+    """The files an ONNX model's external-data initializers name (``location``), under ``base``."""
+    import onnx
+
+    out = []
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in init.external_data}.get("location")
+            if loc and Path(base, loc) not in out:
+                out.append(Path(base, loc))
+    return out
+
+
+def _check_finite_initializers(proto, path: Path) -> None:
+    """Non-finite values in any floating initializer: :class:`BadInput` naming it (cf.
+    ``base.check_finite`` for torch models)."""
+    import onnx
+    from onnx import numpy_helper
+
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
+    for init in proto.graph.initializer:
+        if init.data_type in floating:
+            arr = np.asarray(numpy_helper.to_array(init), dtype=np.float64)
+            if not np.isfinite(arr).all():
+                raise BadInput(f"initializer {init.name!r} holds {int((~np.isfinite(arr)).sum())} non-finite "
+                               "value(s) (NaN or infinite); the model cannot be evaluated or repaired", path)
+
+
 def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
     o = options or LoadOptions()
     path = Path(path)
     if not path.is_file():
         raise BadInput("ONNX model not found", path)
     cfg = image_config_from_options(o.image_size, o.mean, o.std, path.parent / PREPROCESS_FILE)
-    return OnnxAdapter(path, image_config=cfg, class_names=o.class_names, max_length=o.max_length)
+    adapter = OnnxAdapter(path, image_config=cfg, class_names=o.class_names, max_length=o.max_length)
+    # the files beside it that were read: preprocessing, config (id2label), tokenizer
+    adapter.extra_files = [path.parent / n for n in (PREPROCESS_FILE, "config.json", *TOKENIZER_FILES)
+                           if (path.parent / n).is_file()] + adapter.external_files
+    return adapter
 
 
 def detect(path: Path, o: LoadOptions) -> bool:

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from ..errors import BadInput
 from ..io import PICKLE_SUFFIXES, load_state_dict_file
 from . import LoadOptions, register_family
-from .base import read_json
+from .base import check_model_folder, config_unreadable, read_json
 from .images import resolve_image_config
 from .torch_module import TorchImageAdapter, load_weights_strict, module_name
 
@@ -57,6 +57,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     source = path
     args_from = "--model-args" if model_args is not None else None
     if path.is_dir():
+        check_model_folder(path)         # a FIFO or device in it: refused before anything is read
         cfg_path = path / "config.json"
         cfg = read_json(cfg_path)
         folder_arch = cfg.get("architecture")
@@ -120,10 +121,13 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     if len(names) != file_classes:
         raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes",
                        cfg_path or weights)
-    return TorchImageAdapter(family="timm", source=source, weights_path=weights, model=model,
-                             head_name=head_name, tensors=tensors, metadata=metadata,
-                             class_names=[str(n) for n in names],
-                             data_config=resolve_image_config(pretrained_cfg))
+    adapter = TorchImageAdapter(family="timm", source=source, weights_path=weights, model=model,
+                                head_name=head_name, tensors=tensors, metadata=metadata,
+                                class_names=[str(n) for n in names],
+                                data_config=resolve_image_config(pretrained_cfg, cfg_path or weights))
+    if path.is_dir():
+        adapter.model_folder = path
+    return adapter
 
 
 def _in_folder(path: Path) -> bool:
@@ -133,8 +137,11 @@ def _in_folder(path: Path) -> bool:
 
 def detect(path: Path, o: LoadOptions) -> bool:
     """A hub folder (config.json with ``architecture``), a weights file inside one, or a bare
-    weights file with ``--arch``."""
-    return is_timm_folder(path) if path.is_dir() else (bool(o.arch) or _in_folder(path))
+    weights file with ``--arch``. A folder whose config.json is not valid JSON is claimed too, so
+    the error says so (rather than "not a timm hub folder")."""
+    if path.is_dir():
+        return is_timm_folder(path) or config_unreadable(path)
+    return bool(o.arch) or _in_folder(path)
 
 
 def _preprocess(o: LoadOptions) -> dict:

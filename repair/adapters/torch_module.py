@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from .base import TorchModelAdapter
+from .base import TorchModelAdapter, check_finite
 from .images import ImageCollate
 
 
@@ -41,7 +41,9 @@ HINT = " (built with other arguments? pass them with --model-args)"
 def load_weights_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path,
                         head_name: str) -> None:
     """Load every tensor with matching names and shapes, or fail naming the file.
-    Then check the head really holds the file's values (never a random head)."""
+    Then check the head really holds the file's values (never a random head). Non-finite
+    values in any tensor are refused naming it."""
+    check_finite(tensors, path)
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
@@ -95,7 +97,7 @@ class TorchImageAdapter(TorchModelAdapter):
         if self._collate is None:
             raise BadInput("this checkpoint carries no preprocessing: give --image-size/--mean/--std "
                            "or a preprocess.json next to it", self.source)
-        return self._collate(items)
+        return self._collate(items, self.max_pixels)
 
     # compute
     @torch.no_grad()
