@@ -193,12 +193,23 @@ def _data_options(**columns) -> DataOptions:
     return DataOptions(**columns)
 
 
-DATA_OPTIONS = OptionBundle("data", {
-    "group_by": (Annotated[Optional[str], _opt("--group-by", help="Attribute column; groups = class x attribute value (default: no groups; nothing uses group labels).", panel=PANEL_DATA)], None),
-    "label_col": (Annotated[Optional[str], _opt("--label-col", help="Column with class labels (default: y/label/class).", panel=PANEL_DATA)], None),
-    "path_col": (Annotated[Optional[str], _opt("--path-col", help="Column with image paths (default: img_filename/filename/path).", panel=PANEL_DATA)], None),
-    "text_col": (Annotated[Optional[str], _opt("--text-col", help="Column with texts (default: text/sentence/content).", panel=PANEL_DATA)], None),
-}, _data_options)
+def _data_bundle() -> OptionBundle:
+    """Every DataOptions field as an option (flags and help from repair.data, defaults from the class)."""
+    import dataclasses
+    from typing import Optional as Opt
+
+    from repair.data import OPTION_FLAGS, OPTION_HELP, DataOptions
+
+    opts = {}
+    for f in dataclasses.fields(DataOptions):
+        default = f.default
+        kind = bool if isinstance(default, bool) else int if isinstance(default, int) else Opt[str]
+        opts[f.name] = (Annotated[kind, _opt(OPTION_FLAGS[f.name], help=OPTION_HELP[f.name], panel=PANEL_DATA)],
+                        default)
+    return OptionBundle("data", opts, _data_options)
+
+
+DATA_OPTIONS = _data_bundle()
 
 
 # ------------------------------------------------------------------ runtime -> RuntimeOptions

@@ -115,9 +115,7 @@ class FitContext:
         if self.workdir is not None:
             work = self.workdir / f"{self._runs:02d}-{info.name}"
             work.mkdir(parents=True)
-        extra = {}
-        if self.clusters is not None and "duplicates" in {f.name for f in dataclasses.fields(ModelRepairInputs)}:
-            extra["duplicates"] = self.clusters[idx]
+        extra = {} if self.clusters is None else {"duplicates": self.clusters[idx]}
         try:
             out = info(ModelRepairInputs(model=tm, items=[self.data.items[i] for i in idx.tolist()],
                                          y=self.y[idx], ref_logits=self.X[idx] @ self.W0.T + self.b0,
@@ -178,7 +176,6 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
     y = ctx.y[fit_idx]
     score_strata = crit.strata(y, ref_logits[fit_idx], ctx.groups[fit_idx] if ctx.groups is not None else None)
     rows: list[dict] = []
-    scheme = KFold(folds, recipe.repeats)
 
     def runnable(cs):
         out = []
@@ -193,8 +190,8 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
     models = runnable([c for c in recipe.candidates if c.info.kind == "model"])
     if not heads and not models:
         raise BadInput("no candidate of the recipe can run without group labels (give --group-by)")
-    clusters = None if ctx.clusters is None else ctx.clusters[fit_idx]
-    split_kw = {"clusters": clusters} if clusters is not None and _takes_clusters() else {}
+    clusters = None if ctx.clusters is None else ctx.clusters[fit_idx]      # identical samples share a fold
+    scheme = KFold(folds, recipe.repeats, clusters=clusters)
 
     # ---- the heads, exactly as the recipe without model repairs would choose them
     head = None            # (chosen, final fit on the whole fit part, selection, its members' indices)
@@ -218,7 +215,7 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
             sel = select_and_refit(len(heads), fit, lambda fs, idx: torch.stack(
                 [head_predictions(ctx.X[fit_idx[idx]], f.W, f.b) for f in fs]), y,
                 criterion=crit, score_strata=score_strata, split_strata=strata,
-                scheme=scheme, seed=seed + 1, refit=False, **split_kw)
+                scheme=scheme, seed=seed + 1, refit=False)
             for i, c in enumerate(heads):
                 row = {"candidate": c.label, "kind": "head", "fit_seconds": round(secs[i], 4)}
                 if sel.worst is not None:
@@ -248,13 +245,7 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
                      "steps": f.steps, **_stop_info(f)})
         return Choice(models[0], f, rows, None)
     return _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, models, rows, scheme,
-                     seed, log, split_kw)
-
-
-def _takes_clusters() -> bool:
-    import inspect
-
-    return "clusters" in inspect.signature(select_and_refit).parameters
+                     seed, log)
 
 
 def stopped_by(f: Fitted):
@@ -268,8 +259,8 @@ def _stop_info(f: Fitted) -> dict:
     return {"stopped_by": s} if s else {}
 
 
-def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, models, rows, scheme, seed, log,
-              split_kw) -> Choice:
+def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, models, rows, scheme, seed,
+              log) -> Choice:
     """Model repairs against the head the recipe would return, on the same folds (see the module
     docstring)."""
     parts = None
@@ -294,7 +285,8 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
         from .selection import stratified_split
 
         K = max(2, int(scheme.folds))
-        parts = [p for p in stratified_split(strata, [1.0 / K] * (K - 1), seed + 1, **split_kw) if p.numel()]
+        parts = [p for p in stratified_split(strata, [1.0 / K] * (K - 1), seed + 1, clusters=scheme.clusters)
+                 if p.numel()]
         if head is not None:
             head_pred = torch.empty(y.numel(), dtype=torch.long)
             for held in parts:

@@ -42,6 +42,17 @@ DEFAULT_MAX_PIXELS = 100_000_000
 OPTION_FLAGS = {"label_col": "--label-col", "path_col": "--path-col", "text_col": "--text-col",
                 "group_by": "--group-by", "max_pixels": "--max-pixels",
                 "allow_outside_paths": "--allow-outside-paths"}
+#: what each DataOptions field means: the command-line help and the zoo manifest field are made from
+#: the dataclass, these flags and these lines (one list of data options)
+OPTION_HELP = {
+    "group_by": "Attribute column; groups = class x attribute value (default: no groups; nothing uses group labels).",
+    "label_col": "Column with class labels (default: y/label/class).",
+    "path_col": "Column with image paths (default: img_filename/filename/path).",
+    "text_col": "Column with texts (default: text/sentence/content).",
+    "max_pixels": "Largest image accepted, in pixels (width x height); a larger one is refused by name.",
+    "allow_outside_paths": "Let a table list images outside the data folder (they are then protected inputs "
+                           "too). Default: refused.",
+}
 
 
 @dataclass

@@ -206,6 +206,10 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
         adapter = load_model(model_path, load_options)
     protected.add_files(_source_files(adapter), "input model")
     protected.check(out)
+    if fmt == "safetensors":
+        adapter.check_save()                            # a symlink leaving the folder: refused before writing
+    if loaded is not None:
+        adapter.max_pixels = loaded.max_pixels          # verification decodes with the data's pixel limit
     meta = export_provenance(adapter, fmt)
     t0 = time.perf_counter()
     if fmt == "safetensors":
@@ -258,13 +262,13 @@ def verify_model(onnx_path, reference, data, *, load_options=None, data_options=
         check_tolerance(tolerance)
     ref = load_model(reference, load_options) if isinstance(reference, (str, Path)) else reference
     check_modality(ref, loaded)
+    ref.max_pixels = loaded.max_pixels
     items = pick_verify_items(loaded.items, max_verify)
     return verify_onnx(onnx_path, ref, items, tolerance=tolerance, device=device, check=False, progress=log)
 
 
 def _source_files(adapter) -> list:
-    fn = getattr(adapter, "source_files", None)
-    return list(fn()) if callable(fn) else []
+    return list(adapter.source_files())
 
 
 __all__ = ["HtmlReport", "ModelOutputs", "OnnxExport", "export_model", "export_provenance", "verify_model"]

@@ -166,13 +166,11 @@ def _load_recipe(o: FixOptions):
 
 
 def _duplicates(data: RepairData):
-    """(ids of identical samples, statistics) when the data can tell, else (None, None)."""
-    fn = getattr(data, "duplicate_ids", None)
-    if not callable(fn):
-        return None, None
-    ids = fn()
-    n_clusters = int(torch.unique(ids).numel())
-    return ids, {"n": len(data), "distinct": n_clusters, "duplicates": len(data) - n_clusters}
+    """(ids of identical samples, their counts for the report)."""
+    from .data import duplicate_stats
+
+    ids = data.duplicate_ids()
+    return ids, duplicate_stats(ids)
 
 
 # ---------------------------------------------------------------------- main
@@ -202,10 +200,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         given = ", ".join("--" + k.replace("_", "-") for k in resources)
         raise BadInput(f"{given}: inputs of model repairs, but recipe {recipe.name!r} has none")
     adapter = load_model(model_path, load_opts)
-    if hasattr(adapter, "source_files"):
-        inputs.protected.add_files(adapter.source_files(), "input model")
-        for flag, p in paths.items():
-            inputs.protected.check(p, flag.split(" (")[0])
+    inputs.protected.add_files(adapter.source_files(), "input model")
+    for flag, p in paths.items():
+        inputs.protected.check(p, flag.split(" (")[0])
+    adapter.check_save()                  # a symlink leaving the model folder: refused before any work
     if "model" in recipe.kinds and not adapter.can_train:
         adapter.trainable()                                   # raises BadInput naming the family
     for c in recipe.candidates:
@@ -238,16 +236,15 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     if eval_given:
         fit_idx, report_idx = torch.arange(len(y)), None
     else:
-        kw = {"clusters": clusters} if clusters is not None and _split_takes_clusters() else {}
-        fit_idx, report_idx = stratified_split(strata, [o.report_fraction], o.seed, **kw)
+        fit_idx, report_idx = stratified_split(strata, [o.report_fraction], o.seed, clusters=clusters)
     fit_dev = str(resolve_device(runtime.device))
     # can this repair set support an honest choice and honest figures? say so when it cannot
     strata_names = list(enc.group_names) if has_groups else inferred_group_names(enc.class_names)
     warnings = []
-    if dup_stats and dup_stats["duplicates"]:
-        warnings.append(f"the repair set holds {dup_stats['duplicates']} duplicate sample(s) ({dup_stats['distinct']} "
-                        f"distinct of {dup_stats['n']}): identical samples are kept on one side of every split, "
-                        "so no figure is measured on a sample that was fitted on")
+    if dup_stats["n_duplicates"]:
+        warnings.append(f"the repair set holds {dup_stats['n_duplicates']} duplicate sample(s) ({dup_stats['n_unique']} "
+                        f"distinct of {dup_stats['n_samples']}): identical samples are kept on one side of every "
+                        "split, so no figure is measured on a sample that was fitted on")
     if len(recipe.candidates) > 1 or "model" in recipe.kinds:
         warnings += support_warnings(strata[fit_idx], strata_names, minimum=MIN_FOR_CHOICE,
                                      what="choosing between candidates" if len(recipe.candidates) > 1
@@ -278,12 +275,6 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         report = _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts, inputs, fit_idx,
                          report_idx, model_path, paths, budget, ctx, dup_stats, t_start, log)
     return FixResult(report, adapter=adapter, data=data, encoded=enc, embeddings=emb, original_head=(W0, b0))
-
-
-def _split_takes_clusters() -> bool:
-    import inspect
-
-    return "clusters" in inspect.signature(stratified_split).parameters
 
 
 def _train_set(adapter, d: RepairData, data_opts: DataOptions):

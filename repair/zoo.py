@@ -60,8 +60,18 @@ from typing import Any, Callable, Iterator, Optional
 
 from .errors import BadInput, RepairError, Terminated
 
-BASE_FIELDS = ("name", "checkpoint", "data", "eval", "group_by", "eval_group_by", "label_col", "path_col",
-               "text_col", "recipe", "gate", "gate_metric", "output", "output_dir", "seed", "budget", "export")
+def _data_fields() -> tuple:
+    import dataclasses
+
+    from .data import DataOptions
+
+    return tuple(f.name for f in dataclasses.fields(DataOptions))
+
+
+#: the data options (repair.data.DataOptions: group_by, label_col, ...) are fields as they are
+DATA_FIELDS = _data_fields()
+BASE_FIELDS = ("name", "checkpoint", "data", "eval", *DATA_FIELDS, "eval_group_by", "recipe", "gate", "gate_metric",
+               "output", "output_dir", "seed", "budget", "export")
 LOCK_NAME = ".zoo-lock"
 
 
@@ -86,9 +96,7 @@ class ZooEntry:
     eval: Optional[Path] = None
     group_by: Optional[str] = None
     eval_group_by: Optional[str] = None
-    label_col: Optional[str] = None
-    path_col: Optional[str] = None
-    text_col: Optional[str] = None
+    columns: tuple = ()                   # the other DataOptions fields given: ((name, value), ...)
     recipe: str = "auto"
     gate: Optional[str] = None            # as written ("0.7", "70%"): compared by repair.rules.judge
     gate_metric: str = "auto"
@@ -101,16 +109,17 @@ class ZooEntry:
     def key(self, mode: str) -> str:
         """Hash of everything that changes the work (not the gate: applied to the figures)."""
         d = {k: str(v) for k, v in dataclasses.asdict(self).items()
-             if k not in ("row", "gate", "gate_metric", "resources") and v is not None}
-        if self.resources:
-            d["resources"] = [[k, str(v)] for k, v in self.resources]
+             if k not in ("row", "gate", "gate_metric", "resources", "columns") and v is not None}
+        for name in ("resources", "columns"):
+            if getattr(self, name):
+                d[name] = [[k, str(v)] for k, v in getattr(self, name)]
         return hashlib.sha256(json.dumps([mode, d], sort_keys=True).encode()).hexdigest()[:20]
 
     def data_options(self, eval_data: bool = False):
         from .data import DataOptions
 
         gb = (self.eval_group_by if self.eval_group_by is not None else self.group_by) if eval_data else self.group_by
-        return DataOptions(label_col=self.label_col, path_col=self.path_col, text_col=self.text_col, group_by=gb)
+        return DataOptions(group_by=gb, **dict(self.columns))
 
 
 @dataclass
@@ -255,9 +264,17 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 if not p.exists():
                     problems.add(where, k, f"{p}: not found")
                 f[k] = p
-        for k in ("group_by", "eval_group_by", "label_col", "path_col", "text_col", "budget", "export"):
+        for k in ("group_by", "eval_group_by", "budget", "export"):
             if k in r:
                 f[k] = str(r[k])
+        cols = []
+        for k in DATA_FIELDS:
+            if k in r and k != "group_by":
+                try:
+                    cols.append((k, _as_field_type(k, r[k])))
+                except ValueError as e:
+                    problems.add(where, k, str(e))
+        f["columns"] = tuple(cols)
         res = []
         for k in sorted(resource_names & set(r)):
             decl = declared_resource(k)
@@ -349,7 +366,11 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 if key not in f:
                     continue
                 probe = ZooEntry(row=n, **{k: v for k, v in f.items() if k != "row"})
-                opts = probe.data_options(eval_data=is_eval)
+                try:
+                    opts = probe.data_options(eval_data=is_eval)
+                except BadInput as e:
+                    problems.add(where, key, e.problem)
+                    continue
                 dk = (str(f[key]), dataclasses.astuple(opts))
                 if dk not in datasets:
                     try:
@@ -371,6 +392,29 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     problems.raise_first()
     return Manifest(path=path, entries=entries,
                     datasets={k: v for k, v in datasets.items() if not isinstance(v, str)})
+
+
+def _as_field_type(name: str, value: Any):
+    """A manifest value for DataOptions field ``name`` as the field's type (YAML and CSV alike)."""
+    import dataclasses
+
+    from .data import DataOptions
+
+    default = {f.name: f.default for f in dataclasses.fields(DataOptions)}[name]
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in ("true", "yes", "1"):
+            return True
+        if str(value).strip().lower() in ("false", "no", "0"):
+            return False
+        raise ValueError(f"must be true or false, got {value!r}")
+    if isinstance(default, int):
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {value!r}") from None
+    return str(value)
 
 
 def _missing(flag: str, p: Path):
