@@ -214,7 +214,9 @@ def candidates_table(result: dict) -> str:
 def _gate_text(gate: Optional[dict]) -> str:
     if not gate:
         return "–"
-    return ("passed: " if gate["passed"] else "FAILED: ") + gate["message"]
+    msg = gate.get("message") or (f"{gate['metric'].replace('_', '-')} accuracy {_pct(gate['value'])} "
+                                  f"{'≥' if gate['passed'] else '<'} {_pct(gate['threshold'])}")
+    return ("passed: " if gate["passed"] else "FAILED: ") + msg
 
 
 def model_section(m: dict) -> str:
