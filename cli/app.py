@@ -64,9 +64,9 @@ def emit_json(doc: Any) -> None:
 
 
 #: commands built when they are run (name -> factory of the click command): their options depend on
-#: what is registered (e.g. ``fix``'s model-repair inputs), which needs the registry and torch
+#: what is registered (e.g. ``fix``'s model-repair inputs), which needs the registry and torch; built
+#: anew each time, so a model repair registered since (a plugin) brings its inputs
 LAZY_COMMANDS: dict[str, Callable[[], Any]] = {}
-_BUILT: dict[str, Any] = {}
 
 
 class OneLineUsageErrors(typer.core.TyperGroup):
@@ -75,9 +75,7 @@ class OneLineUsageErrors(typer.core.TyperGroup):
 
     def get_command(self, ctx, cmd_name):
         if cmd_name in LAZY_COMMANDS:
-            if cmd_name not in _BUILT:
-                _BUILT[cmd_name] = LAZY_COMMANDS[cmd_name]()
-            return _BUILT[cmd_name]
+            return LAZY_COMMANDS[cmd_name]()
         return super().get_command(ctx, cmd_name)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):

@@ -240,3 +240,43 @@ def test_an_outside_model_repair_declares_a_new_resource(tmp_path):
     finally:
         METHODS.unregister("depth_repair")
     assert "depth_maps" not in [r.name for r in model_resources()]
+
+
+def test_an_outside_model_repairs_input_is_a_fix_option_and_a_zoo_field(tmp_path, timm_folder):
+    """One declaration: the new input appears as `fix --depth-maps`, is checked before any work, reaches
+    the method, and is a zoo manifest field checked with the manifest."""
+    import json
+
+    import yaml
+
+    from conftest import make_images, run_cli
+    from repair.methods import METHODS
+
+    images = make_images(tmp_path / "val", n_per_class=8, seed=2)
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    recipe = tmp_path / "depth.yaml"
+    recipe.write_text("candidates:\n  - method: depth_repair\n")
+    exec(compile(OUTSIDE_MODEL_REPAIR, "depth.py", "exec"), {})          # registered, as a plugin would be
+    try:
+        code, out, err = run_cli("fix", timm_folder, "--data", images, "--recipe", recipe, "--depth-maps", maps,
+                                 "--out", tmp_path / "fixed", "--json", "-q")
+        assert code == 0, err
+        assert json.loads(out)["diagnostics"]["depth"] == str(maps)
+        code, _, err = run_cli("fix", timm_folder, "--data", images, "--recipe", recipe,
+                               "--depth-maps", recipe, "--out", tmp_path / "f2", "-q")
+        assert code == 2 and "--depth-maps must be a folder" in err and not (tmp_path / "f2").exists()
+        m = tmp_path / "zoo.yaml"
+        m.write_text(yaml.safe_dump({"models": [
+            {"name": "d", "checkpoint": str(timm_folder), "data": str(images), "recipe": str(recipe),
+             "depth_maps": str(maps), "output": str(tmp_path / "zoo-out")}]}))
+        code, out, err = run_cli("zoo", m, "--out-dir", tmp_path / "r", "--json", "-q")
+        assert code == 0, err
+        assert (tmp_path / "zoo-out").is_dir()
+        m.write_text(yaml.safe_dump({"models": [
+            {"name": "d", "checkpoint": str(timm_folder), "data": str(images), "recipe": str(recipe),
+             "depth_maps": str(tmp_path / "missing"), "output": str(tmp_path / "zoo-out2")}]}))
+        code, _, err = run_cli("zoo", m, "--out-dir", tmp_path / "r2", "-q")
+        assert code == 2 and "row 1 (d), depth_maps" in err and "not found" in err, err
+    finally:
+        METHODS.unregister("depth_repair")
