@@ -206,11 +206,15 @@ class _Problems:
                            self.path)
 
 
-def _validate_recipe(recipe: str) -> None:
-    """A recipe checked without running anything: its ``plugins:`` are never imported here."""
+def _validate_recipe(recipe: str, mode: str, allow_plugins: bool) -> None:
+    """A recipe checked without running anything: its ``plugins:`` are never imported here; in fix mode
+    a recipe with plugins needs ``--allow-plugins`` (refused now, not half-way through the zoo)."""
     from .recipes import validate_recipe
 
-    validate_recipe(recipe)
+    r = validate_recipe(recipe)
+    if r.plugins and mode == "fix" and not allow_plugins:
+        raise BadInput(f"recipe {r.source or recipe} loads plugin code {r.plugins[0]}; pass --allow-plugins to "
+                       "run it")
 
 
 def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Manifest:
@@ -296,7 +300,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             recipe = str(as_path(recipe))
         if recipe not in recipes:
             try:
-                _validate_recipe(recipe)
+                _validate_recipe(recipe, mode, allow_plugins)
                 recipes[recipe] = None
             except BadInput as e:
                 recipes[recipe] = str(e)
@@ -535,9 +539,21 @@ def run_model(task: dict) -> dict:
     except RepairError as e:
         return {"status": "error", "error": str(e), "exit_code": e.exit_code, "worker": worker}
     except Exception as e:
+        if _interrupted(e):                 # Ctrl-C that a library wrapped: an interrupt, not a model error
+            raise KeyboardInterrupt from e
         first = str(e).splitlines()[0] if str(e) else ""
         return {"status": "error", "error": f"internal error: {type(e).__name__}: {first}", "exit_code": 3,
                 "worker": worker}
+
+
+def _interrupted(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (KeyboardInterrupt, Terminated)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _eval(entry: ZooEntry, task: dict) -> dict:

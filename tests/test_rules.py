@@ -292,3 +292,20 @@ def test_zoo_redoes_a_journaled_model_whose_output_is_missing_or_changed(tmp_pat
     assert redone == {"m0": "its output is missing", "m1": "its output differs from what was written"}, redone
     assert (tmp_path / "out" / "m0").is_dir()
     assert "run again: its output is missing" in (r / "zoo-report.html").read_text()
+
+
+def test_zoo_never_runs_a_manifests_plugin_unasked(tmp_path, timm_folder, image_data):
+    """A shared recipe with plugins: validation imports nothing (eval mode runs, the plugin never);
+    fix mode is refused before any work naming the row; --allow-plugins is the only way in."""
+    marker = tmp_path / "ran"
+    (tmp_path / "p.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (tmp_path / "r.yaml").write_text("plugins: [p.py]\ncandidates:\n  - method: dfr\n")
+    m = tmp_path / "zoo.yaml"
+    m.write_text(yaml.safe_dump({"models": [{"name": "a", "checkpoint": str(timm_folder), "data": str(image_data),
+                                             "recipe": str(tmp_path / "r.yaml"),
+                                             "output": str(tmp_path / "out")}]}))
+    code, _, err = run_cli("zoo", m, "--mode", "eval", "--out-dir", tmp_path / "r1", "-q")
+    assert code == 0 and not marker.exists(), err
+    code, _, err = run_cli("zoo", m, "--out-dir", tmp_path / "r2", "-q")
+    assert code == 2 and "row 1 (a), recipe" in err and "--allow-plugins" in err, err
+    assert not marker.exists() and not (tmp_path / "out").exists() and not (tmp_path / "r2").exists()
