@@ -1,7 +1,6 @@
 """Accuracy, per-class and per-group accuracy with counts, worst-group and worst-class."""
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 from typing import Any, Optional, Sequence
 
@@ -78,27 +77,3 @@ def evaluate(logits: torch.Tensor, y: torch.Tensor, class_names: Sequence[str],
         out["worst_group_n_correct"] = worst["n_correct"] if worst else None
         out["worst_group_n"] = worst["n"] if worst else None
     return out
-
-
-def parse_threshold(value: Any) -> float:
-    """A gate threshold as a fraction: a number from 0 to 1 (``0.8``), or a percentage written
-    with its sign (``80%``). A bare number above 1 is refused rather than guessed (``1`` is 100%,
-    ``80`` is not 80%). ``ValueError`` says what is wrong."""
-    if isinstance(value, bool):
-        raise ValueError(f"must be a fraction from 0 to 1 or a percentage like 80%, got {value!r}")
-    s = str(value).strip()
-    is_pct = s.endswith("%")
-    try:
-        x = float(s[:-1].strip() if is_pct else s)
-    except ValueError:
-        raise ValueError(f"must be a fraction from 0 to 1 or a percentage like 80%, got {value!r}") from None
-    if not math.isfinite(x):
-        raise ValueError(f"must be a fraction from 0 to 1 or a percentage like 80%, got {value!r}")
-    if is_pct:
-        if not 0 <= x <= 100:
-            raise ValueError(f"must be from 0% to 100%, got {s!r}")
-        return x / 100
-    if not 0 <= x <= 1:
-        hint = f" (for {s} percent write {s}%)" if 1 < x <= 100 else ""
-        raise ValueError(f"must be a fraction from 0 to 1 or a percentage like 80%, got {s}{hint}")
-    return x

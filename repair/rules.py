@@ -27,8 +27,9 @@ from .errors import BadInput
 
 PathLike = Union[str, Path]
 
+from .io import PICKLE_SUFFIXES  # noqa: E402  (which files are pickles: the loader's rule)
+
 #: suffixes that say "one weights file" (a folder output must not end in one)
-PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 WEIGHT_SUFFIXES = {".onnx", ".safetensors", *PICKLE_SUFFIXES}
 EXPORT_FORMATS = ("onnx", "safetensors")
 EXPORTERS = ("auto", "dynamo", "torchscript")

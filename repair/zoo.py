@@ -738,10 +738,8 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     """Validate the manifest, run every unfinished model, journal each as it finishes, write the
     report; returns the report document (``summary.failed`` / ``summary.errors`` name the models
     that did not pass)."""
-    from .api import RuntimeOptions
-    from .embeddings import default_cache_dir
     from .io import check_output
-    from .report import check_gate, now, write_report
+    from .runtime import RuntimeOptions
 
     o = options or ZooOptions()
     runtime = runtime or RuntimeOptions()
