@@ -309,3 +309,38 @@ def test_zoo_never_runs_a_manifests_plugin_unasked(tmp_path, timm_folder, image_
     code, _, err = run_cli("zoo", m, "--out-dir", tmp_path / "r2", "-q")
     assert code == 2 and "row 1 (a), recipe" in err and "--allow-plugins" in err, err
     assert not marker.exists() and not (tmp_path / "out").exists() and not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "probe", "export", "verify"])
+def test_every_command_reads_its_data_once_and_loads_the_model_once(command, tmp_path, timm_folder, image_data,
+                                                                     monkeypatch):
+    import repair.adapters as adapters
+    import repair.api as api
+    import repair.data as data_mod
+    import repair.preflight as preflight
+
+    onnx = tmp_path / "m.onnx"
+    if command == "verify":
+        assert run_cli("export", timm_folder, "--data", image_data, "--out", onnx, "-q")[0] == 0
+    reads, loads = [], []
+    real_read, real_load = data_mod.load_data, adapters.load_model
+
+    def counting_read(path, *a, **k):
+        reads.append(Path(path).name)
+        return real_read(path, *a, **k)
+
+    def counting_load(path, *a, **k):
+        loads.append(Path(path).name)
+        return real_load(path, *a, **k)
+
+    for mod in (preflight, data_mod):
+        monkeypatch.setattr(mod, "load_data", counting_read)
+    for mod in (api, adapters):
+        monkeypatch.setattr(mod, "load_model", counting_load)
+    args = {"eval": ["eval", timm_folder, "--data", image_data, "--group-by", "place"],
+            "probe": ["probe", timm_folder, "--data", image_data],
+            "export": ["export", timm_folder, "--data", image_data, "--out", tmp_path / "e.onnx"],
+            "verify": ["verify", onnx, "--reference", timm_folder, "--data", image_data]}[command]
+    code, _, err = run_cli(*args, "-q")
+    assert code == 0, err
+    assert reads == [image_data.name] and loads == [timm_folder.name], (reads, loads)
