@@ -11,17 +11,18 @@ from repair.errors import GateFailed
 
 from .app import app, command, emit_json, logger
 from .format import pct, table
-from .options import AsJson, DataPath, ExportRuntime, ItemColumns, Load, ModelArg
+from .options import PANEL_OUTPUT, AsJson, DataPath, ExportRuntime, ItemColumns, Load, ModelArg
 
-Format = Annotated[str, typer.Option("--format", "-f", help="onnx | safetensors.")]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path (default: beside the model).")]
+PANEL_VERIFY = "Verification"
+Format = Annotated[str, typer.Option("--format", "-f", rich_help_panel=PANEL_OUTPUT, help="onnx | safetensors.")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", rich_help_panel=PANEL_OUTPUT, help="Output path (default: beside the model: <name>.onnx, or <name>-export / <name>.export.safetensors).")]
 Tolerance = Annotated[Optional[float], typer.Option(
-    "--tolerance", help="Max |logit difference| ONNX vs PyTorch allowed (default: a bound that scales with the logits; the JSON says which applied).")]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+    "--tolerance", rich_help_panel=PANEL_VERIFY, help="Max |logit difference| ONNX vs PyTorch allowed, in logit units (default: a bound that scales with the logits; the JSON says which applied).")]
+Force = Annotated[bool, typer.Option("--force", rich_help_panel=PANEL_OUTPUT, help="Overwrite an existing output (never an input). Default: refuse.")]
 MaxVerify = Annotated[int, typer.Option(
-    "--max-verify", min=1, help="Samples of the data to verify on (argmax agreement and max difference over all of them).")]
-Opset = Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's).")]
-Exporter = Annotated[str, typer.Option("--exporter", help="auto (dynamo, then TorchScript) | dynamo | torchscript.")]
+    "--max-verify", min=1, rich_help_panel=PANEL_VERIFY, help="Samples of the data to verify on (argmax agreement and max difference over all of them).")]
+Opset = Annotated[Optional[int], typer.Option("--opset", rich_help_panel=PANEL_OUTPUT, help="ONNX opset (default: the exporter's).")]
+Exporter = Annotated[str, typer.Option("--exporter", rich_help_panel=PANEL_OUTPUT, help="auto (the current torch exporter, then TorchScript, saying why) | dynamo | torchscript.")]
 
 
 def _verify_rows(rep: dict) -> list[list]:

@@ -38,14 +38,14 @@ def zoo_table(doc: dict) -> str:
 @app.command("zoo")
 @command
 def zoo_cmd(manifest: Annotated[Path, typer.Argument(help="YAML or CSV: one row per model (checkpoint, data, eval, group_by, recipe, gate, output, ...; defaults at the top).")],
-            mode: Annotated[str, typer.Option("--mode", help="fix: repair every model; eval: gate only (nothing written but the report).")] = "fix",
-            out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Report and journal folder (default: <manifest>-zoo beside the manifest).")] = None,
-            journal: Annotated[Optional[Path], typer.Option("--journal", help="The resume journal (default: <out-dir>/journal.jsonl).")] = None,
-            ray: Annotated[Optional[str], typer.Option("--ray", help="auto: start a local Ray; ADDRESS: join that cluster. Needs Ray: pip install -e \".\\[zoo]\".")] = None,
-            workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="--ray auto: how many models at once (default: CPU count).")] = None,
-            cpus_per_model: Annotated[int, typer.Option("--cpus-per-model", min=1, help="CPU threads per model (Ray: num_cpus per task).")] = 1,
-            gpus_per_model: Annotated[float, typer.Option("--gpus-per-model", min=0, help="Ray: num_gpus per task.")] = 0,
-            max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Ray: retries of a model whose worker died.")] = 3,
+            mode: Annotated[str, typer.Option("--mode", help="fix: repair every model; eval: gate only (nothing written but the report).", rich_help_panel="Zoo")] = "fix",
+            out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Report and journal folder (default: <manifest>-zoo beside the manifest).", rich_help_panel="Output")] = None,
+            journal: Annotated[Optional[Path], typer.Option("--journal", help="The resume journal (default: <out-dir>/journal.jsonl).", rich_help_panel="Output")] = None,
+            ray: Annotated[Optional[str], typer.Option("--ray", help="auto: start a local Ray; ADDRESS: join that cluster (default: run locally, one model at a time). Needs Ray: pip install -e \".\\[zoo]\".", rich_help_panel="Ray")] = None,
+            workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="--ray auto: how many models at once (default: CPU count).", rich_help_panel="Ray")] = None,
+            cpus_per_model: Annotated[int, typer.Option("--cpus-per-model", min=1, help="CPU threads per model (Ray: num_cpus per task).", rich_help_panel="Zoo")] = 1,
+            gpus_per_model: Annotated[float, typer.Option("--gpus-per-model", min=0, help="Ray: GPUs per task (fractions allowed).", rich_help_panel="Ray")] = 0,
+            max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Ray: retries of a model whose worker died.", rich_help_panel="Ray")] = 3,
             force: Annotated[bool, typer.Option("--force", help="Replace outputs that exist and this zoo's journal did not write (never an input). Default: refuse.")] = False,
             allow_plugins: Annotated[bool, typer.Option("--allow-plugins", help="Let the recipes' plugins: (Python files) run. Default: refused, since a manifest or a shared recipe is data you may not have written.")] = False,
             *, runtime: Runtime, as_json: AsJson = False):

@@ -52,3 +52,19 @@ def test_every_model_command_takes_the_same_load_options():
     defaults = {name: next(p.default for p in group.commands[name].params if p.name == "device")
                 for name in ("eval", "probe", "fix", "export", "verify")}
     assert defaults == {"eval": "auto", "probe": "auto", "fix": "auto", "export": "cpu", "verify": "cpu"}
+
+
+def test_version_and_help_panels():
+    from conftest import run_cli
+    from repair._version import __version__
+
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.strip() == f"repair {__version__}"
+    code, out, _ = run_cli("fix", "--help")
+    assert code == 0
+    for panel in ("Data columns", "Model loading", "Repair", "Model-repair inputs", "Output", "Runtime"):
+        assert panel in out, panel
+    for flag in ("--masks", "--generator", "--train", "--max-pixels", "--allow-plugins"):   # derived options
+        assert flag in out, flag
+    code, out, _ = run_cli("eval", "--help")
+    assert code == 0 and "Gates" in out and "exact counts" in out
