@@ -67,4 +67,4 @@ def test_version_and_help_panels():
     for flag in ("--masks", "--generator", "--train", "--max-pixels", "--allow-plugins"):   # derived options
         assert flag in out, flag
     code, out, _ = run_cli("eval", "--help")
-    assert code == 0 and "Gates" in out and "exact counts" in out
+    assert code == 0 and "Gates" in out and "--fail-under-wga" in out
