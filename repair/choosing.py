@@ -104,7 +104,8 @@ class FitContext:
         t0 = time.perf_counter()
         if info.kind == "head":
             out = info(RepairInputs(X=self.X[idx], y=self.y[idx], W=self.W0, b=self.b0, groups=g,
-                                    seed=self.seed, device=self.device), cfg)
+                                    seed=self.seed, device=self.device,
+                                    clusters=None if self.clusters is None else self.clusters[idx]), cfg)
             secs = time.perf_counter() - t0
             self.seconds += secs
             return Fitted("head", W=out.W, b=out.b, diagnostics=out.diagnostics, config=cfg, seconds=secs)

@@ -63,6 +63,9 @@ class RepairInputs:
     groups: Optional[torch.Tensor] = None   # (N,) int64 group ids, or None when unknown
     seed: int = 0
     device: str = "cpu"
+    #: (N,) ids of identical samples (same bytes / text), or None: a method's own held-out splits keep
+    #: each id on one side (``selection.Holdout/KFold/stratified_split(clusters=)``)
+    clusters: Optional[torch.Tensor] = None
 
     @property
     def num_classes(self) -> int:
