@@ -199,7 +199,7 @@ from repair.methods import RepairOutput, register_method
 
 @dataclass
 class MarkConfig:
-    pass
+    unused: int = 0
 
 @register_method("marker_{tag}", summary="a plugin that leaves a marker", config=MarkConfig, groups="never")
 def marker(inputs, config):
