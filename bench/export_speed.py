@@ -15,7 +15,7 @@ Both commands run as subprocesses (``python -m repair_cli.main``, the installed 
 same environment and thread count, alternating, ``--repeats`` times; the figures are wall-clock
 seconds per command, the ratio uses the medians.
 
-    python -m bench.export_speed [--n 512] [--threads 2] [--repeats 1] [--seed 0] [--out FILE.json]
+    python -m bench.export_speed [--n 512] [--threads 2] [--repeats 1] [--seed 0] [--shared DIR] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def quick_model(seed: int, n_train: int) -> tuple[Path, dict]:
+def quick_model(shared: Path, seed: int, n_train: int) -> tuple[Path, dict]:
     """MiniLM-L6 + a 2-class head, one short ERM epoch on ``n_train`` SST-2 training sentences."""
     model_dir = WORK / f"minilm-sst2-seed{seed}-n{n_train}"
     info_path = model_dir / "build.json"
     if info_path.exists():
         return model_dir, json.loads(info_path.read_text())
-    src = tasks.SHARED / "data" / "sst2" / "train.tsv"
+    src = shared / "data" / "sst2" / "train.tsv"
     if not src.exists():
         raise tasks.SkipTask(f"SST-2 not found at {src}")
     rows = [(t, lab) for lab, t in tasks._read_sst2(src) if len(t.split()) >= tasks.SST2_MIN_TOKENS]
@@ -71,9 +71,9 @@ def quick_model(seed: int, n_train: int) -> tuple[Path, dict]:
     return model_dir, info
 
 
-def samples_csv(path: Path, n: int, seed: int) -> Path:
+def samples_csv(shared: Path, path: Path, n: int, seed: int) -> Path:
     """``n`` labelled SST-2 dev+test sentences (seeded draw) as text,label CSV."""
-    src = tasks.SHARED / "data" / "sst2"
+    src = shared / "data" / "sst2"
     rows = tasks._read_sst2(src / "dev.tsv") + tasks._read_sst2(src / "test.tsv")
     rng = random.Random(seed)
     rng.shuffle(rows)
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", type=int, default=256, help="training sentences of the quick model")
     ap.add_argument("--quick", action="store_true", help="build the quick model even if the task exists")
+    ap.add_argument("--shared", type=Path, default=tasks.SHARED, help="the shared data folder (default ../shared)")
     ap.add_argument("--out", type=Path, default=tasks.BENCH_DIR / "export_speed.json")
     a = ap.parse_args(argv)
 
@@ -109,14 +110,14 @@ def main(argv=None) -> int:
             (task_dir / "task.json").read_text()).items() if k in ("seed", "spec", "erm_train_seconds")}}
     else:
         _log(f"building the quick MiniLM classifier ({a.train} SST-2 sentences, 1 epoch)")
-        model_dir, model_info = quick_model(a.seed, a.train)
+        model_dir, model_info = quick_model(a.shared, a.seed, a.train)
     WORK.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     times: dict[str, list[float]] = {"eval": [], "export": []}
     export_rep, stderr_export = None, ""
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
-        data = samples_csv(Path(tmp) / "samples.csv", a.n, a.seed)
+        data = samples_csv(a.shared, Path(tmp) / "samples.csv", a.n, a.seed)
         out = Path(tmp) / "model.onnx"
         base = [sys.executable, "-m", "repair_cli.main"]
         ev = base + ["eval", str(model_dir), "--data", str(data), "--no-cache", "--device", "cpu", "--json", "-q"]

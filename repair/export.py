@@ -215,11 +215,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None,
-                  exporter: str = "auto", progress=None):
+                  exporter: str = "auto", progress=None, failures: Optional[list] = None):
     """Export ``adapter.model`` to an in-memory ModelProto with inputs named
     ``adapter.input_names`` and one output ``logits``. Returns (proto, exporter used, input
     names). ``auto``: the torch.export-based exporter (dynamo), falling back to the
-    TorchScript one if it fails; the verification decides either way."""
+    TorchScript one if it fails (one progress line says why; ``failures`` collects the
+    reasons); the verification decides either way."""
     import onnx
 
     if exporter not in EXPORTERS:
@@ -274,6 +275,8 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
             except Exception as e:  # try the next exporter; report all if none works
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 errors.append(f"{kind}: {type(e).__name__}: {msg[:300]}")
+                if failures is not None:
+                    failures.append(errors[-1])
                 if len(order) > 1 and kind != order[-1]:
                     _log(progress, f"the {kind} exporter failed ({type(e).__name__}: {msg[:200]}); falling back "
                                    f"to torch's deprecated TorchScript exporter")
@@ -587,6 +590,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
     bound = resolve_bound(tolerance)
     t0 = time.perf_counter()
     native = adapter.exports_onnx_natively
+    failures: list[str] = []
     with atomic_output(out_path, force=force) as tmp:
         if native:
             _log(progress, "writing the repaired ONNX graph")
@@ -596,7 +600,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
             _log(progress, f"exporting {adapter.family} model to ONNX")
             example = _example_batch(adapter, items)
             proto, used, input_names = torch_to_onnx(adapter, example, opset=opset, exporter=exporter,
-                                                     progress=progress)
+                                                     progress=progress, failures=failures)
             export_batch = EXPORT_BATCH
             set_metadata(proto, export_metadata(adapter, metadata))
         if _tamper is not None:
@@ -617,6 +621,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
             "format": "onnx",
             "path": str(out_path),
             "exporter": used,
+            "exporter_fallback": failures[0] if failures else None,
             "opset": opset_used,
             "input_names": input_names,
             "export_batch_size": export_batch,

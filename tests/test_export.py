@@ -175,6 +175,8 @@ def test_bert_export_dynamic_batch_and_sequence(bert_export):
     assert rep["input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == rep["input_names"]
+    for inp in sess.get_inputs():   # dynamic batch and sequence axes (symbolic, not the example's sizes)
+        assert len(inp.shape) == 2 and not any(isinstance(d, int) for d in inp.shape), inp.shape
     for batch_texts in (["good"], ["the movie was not great", "awful", "fun fun fun fun fun fun fun", "a", "bad"]):
         enc = a.collate(batch_texts)
         got = sess.run(["logits"], {k: v.numpy() for k, v in enc.items()})[0]
@@ -483,3 +485,22 @@ def test_text_verified_on_real_lengths_sorted_batches(bert_export, tmp_path):
     assert rep2["passed"] and rep2["bound"]["ratio"] <= 1 and rep2["n_verified"] == len(texts)
     rep3 = run_verification(out, a, texts, reference_logits=ref.flip(0))   # logits of other samples
     assert not rep3["passed"] and rep3["bound"]["ratio"] > 1
+
+
+def test_dynamo_failure_falls_back_saying_why_in_one_line(timm_folder, items, tmp_path, monkeypatch):
+    real = torch.onnx.export
+
+    def failing_dynamo(*args, **kw):
+        if kw.get("dynamo"):
+            raise RuntimeError("simulated dynamo failure\nwith a second line")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch.onnx, "export", failing_dynamo)
+    said: list[str] = []
+    rep = export_onnx(load_model(timm_folder), tmp_path / "f.onnx", metadata={}, verify_items=items[:5],
+                      progress=said.append)
+    assert rep["passed"] and rep["exporter"] == "torchscript"
+    assert rep["exporter_fallback"] == "dynamo: RuntimeError: simulated dynamo failure"
+    lines = [m for m in said if "exporter failed" in m]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "simulated dynamo failure" in lines[0] and "deprecated TorchScript" in lines[0]

@@ -141,12 +141,12 @@ def check_bounds(name: str, adapter, path: Path, items, tmp: Path, *, head_check
 # ------------------------------------------------------------------ the models
 @pytest.fixture(scope="module")
 def images(image_data):
-    return load_data(image_data).items
+    return load_data(image_data).items[:16]       # a batch of 16 and smaller ones
 
 
 @pytest.fixture(scope="module")
 def texts(text_data):
-    return load_data(text_data).items
+    return load_data(text_data).items[:24]
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
