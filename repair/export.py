@@ -404,7 +404,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
     onnx_path = Path(onnx_path)
     try:
         sess = make_session(onnx_path, prefer_cuda=True, device=None, where=onnx_path,
-                            threads=torch.get_num_threads())
+                            threads=torch.get_num_threads(), spin=False)
     except BadInput as e:
         if not own_file:
             raise
