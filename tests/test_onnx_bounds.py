@@ -34,7 +34,9 @@ from repair.export import DEFAULT_BOUND, export_onnx, run_verification
 CPU = torch.device("cpu")
 MARGIN = 10.0                       # the default bound must be >= 10x the largest provoked difference
 BATCH_SIZES = (1, 3, 16)
-TEXT_PADS = (None, 24, 48, 5)       # None: padded per batch to its longest; 5: truncated to 5 tokens
+# text: (batch size, padding): None pads each batch to its longest text; 24 / 48 pad every text to
+# that many tokens; 5 truncates to 5 tokens
+TEXT_SHAPES = ((1, None), (3, None), (16, None), (3, 24), (3, 48), (16, 48), (16, 5))
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
@@ -74,9 +76,9 @@ def provoke(adapter, path: Path, items, *, head_check: bool = False) -> dict:
     configuration, batch size and sequence length; one row per configuration."""
     sessions = {(opt, thr): make_session(path, prefer_cuda=False, threads=thr, optimize=opt)
                 for opt, thr in itertools.product((True, False), (1, 2))}
-    pads = TEXT_PADS if adapter.modality == "text" else (None,)
+    shapes = TEXT_SHAPES if adapter.modality == "text" else [(bs, None) for bs in BATCH_SIZES]
     rows, worst_abs, worst_ratio = [], 0.0, 0.0
-    for bs, pad in itertools.product(BATCH_SIZES, pads):
+    for bs, pad in shapes:
         acc: dict = {}
         for batch in _batches(adapter, items, bs, pad):
             refs = {t: _reference(adapter, batch, t, head_check) for t in (1, 2)}
