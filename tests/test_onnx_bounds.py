@@ -137,6 +137,7 @@ def check_bounds(name: str, adapter, path: Path, items, tmp: Path, *, head_check
     for how in ("weight", "bias"):
         bad = run_verification(_tampered(path, tmp, how, scale), adapter, items, own_file=True)
         assert not bad["passed"] and bad["bound"]["ratio"] > 1, (name, how, bad["bound"])
+        print(f"   tampered ({how}): |diff|/allowed {bad['bound']['ratio']:.3g}")
         assert "exceeds the bound" in bad["problems"][0]
 
 
