@@ -91,7 +91,12 @@ class Bound:
                 "atol": self.atol, "rtol": self.rtol, "source": self.source}
 
 
-#: the default bound, any modality (``tests/test_onnx_bounds.py`` measures the margin)
+#: the default bound, any modality. ``tests/test_onnx_bounds.py`` measures the margin: the largest
+#: difference it provokes is ~1e-6 of the logit scale (|diff|/allowed <= 0.0012 on the tests'
+#: models; a real ImageNet MobileNetV2 gave 1.1e-5 at logits ~7, 1.6e-6 of the scale), so the
+#: bound leaves hundreds of times that for CPUs, GPUs and kernels not measured here, while a 1%
+#: change of the head (weight x 1.01, bias + 1% of the scale) is ~10x above it. ``atol`` covers
+#: samples whose logits are all near zero.
 DEFAULT_BOUND = Bound(atol=1e-5, rtol=1e-3, source="default")
 
 
