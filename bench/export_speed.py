@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         model_info = {"kind": "bench.tasks sst2_negation", **{k: v for k, v in json.loads(
             (task_dir / "task.json").read_text()).items() if k in ("seed", "spec", "erm_train_seconds")}}
     else:
-        _log(f"building the quick MiniLM classifier ({a.train} SST-2 sentences, 1 epoch)")
+        _log(f"the quick MiniLM classifier ({a.train} SST-2 sentences, 1 epoch; built once, then reused)")
         model_dir, model_info = quick_model(a.shared, a.seed, a.train)
     WORK.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
