@@ -669,6 +669,6 @@ def export_safetensors(adapter: Adapter, out_path, metadata: dict[str, str], for
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-__all__ = ["Bound", "DEFAULT_BOUND", "check_export_options", "check_tolerance", "resolve_bound", "verify_batches", "export_onnx", "export_safetensors", "verify_onnx",
-           "pick_verify_items",
-           "run_verification", "torch_to_onnx", "export_metadata"]
+__all__ = ["Bound", "DEFAULT_BOUND", "check_export_options", "check_tolerance", "export_metadata", "export_onnx",
+           "export_safetensors", "pick_verify_items", "resolve_bound", "run_verification", "torch_to_onnx",
+           "verify_batches", "verify_onnx"]
