@@ -34,12 +34,24 @@ def ort_providers(prefer_cuda: bool = True, device: Optional[Union[str, torch.de
 
 
 def make_session(model: Union[str, Path, bytes, "onnx.ModelProto"], *, prefer_cuda: bool = True,  # noqa: F821
-                 device=None, where: Optional[Path] = None):
-    """An onnxruntime session from a path, serialized bytes or a ModelProto."""
+                 device=None, where: Optional[Path] = None, threads: Optional[int] = None,
+                 optimize: bool = True, spin: bool = True):
+    """An onnxruntime session from a path, serialized bytes or a ModelProto. ``threads``:
+    intra-op threads (default: onnxruntime's, one per physical core; verification passes
+    torch's count so both runtimes get the same CPUs); ``optimize=False`` switches
+    onnxruntime's graph optimisations off; ``spin=False``: idle worker threads sleep instead of
+    spinning (batch throughput on a busy or small machine: measured faster there)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if threads is not None and threads > 0:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
     elif isinstance(model, Path):
