@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import sys
 import time
 import warnings
@@ -67,10 +66,10 @@ from torch import nn
 from .adapters.base import Adapter
 from .errors import BadInput, GateFailed, RepairError
 from .io import atomic_output
+from .rules import EXPORTERS, check_export_options, check_tolerance  # noqa: F401  (the one home of these checks)
 
 EXPORT_BATCH = 2          # example batch size the exporter traces with
 VERIFY_BATCH = 32         # verification batch size (never EXPORT_BATCH)
-EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
 @dataclass(frozen=True)
@@ -100,50 +99,11 @@ class Bound:
 DEFAULT_BOUND = Bound(atol=1e-5, rtol=1e-3, source="default")
 
 
-def check_tolerance(tol: float) -> float:
-    """The one validation of a user's ``--tolerance`` (an absolute max |diff|)."""
-    try:
-        tol = float(tol)
-    except (TypeError, ValueError):
-        raise BadInput(f"--tolerance must be a positive number, got {tol!r}") from None
-    if not math.isfinite(tol) or tol <= 0:
-        raise BadInput(f"--tolerance must be a positive number, got {tol}")
-    return tol
-
-
 def resolve_bound(tolerance: Optional[float] = None) -> Bound:
     """``--tolerance X`` (an absolute bound on max |diff|: ``atol = X, rtol = 0``) or the default."""
     if tolerance is None:
         return DEFAULT_BOUND
     return Bound(atol=check_tolerance(tolerance), rtol=0.0, source="--tolerance (absolute max |diff|)")
-
-
-def check_export_options(opset: Optional[int] = None, exporter: str = "auto",
-                         tolerance: Optional[float] = None) -> None:
-    """The exporter options, checked before any work: a known exporter that is installed, an
-    opset it can write, a positive tolerance."""
-    import importlib.util
-
-    if exporter not in EXPORTERS:
-        raise BadInput(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    dynamo = importlib.util.find_spec("onnxscript") is not None
-    if exporter == "dynamo" and not dynamo:
-        raise BadInput("--exporter dynamo needs the onnxscript package (pip install onnxscript); "
-                       "or use --exporter torchscript")
-    if tolerance is not None:
-        check_tolerance(tolerance)
-    if opset is None:
-        return
-    import onnx
-
-    try:
-        from torch.onnx import _constants as c
-        lo, hi_dynamo, hi_ts = c.ONNX_MIN_OPSET, c.ONNX_MAX_OPSET, c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
-    except (ImportError, AttributeError):
-        lo, hi_dynamo, hi_ts = 7, 20, 20
-    hi = min(hi_dynamo if dynamo and exporter != "torchscript" else hi_ts, onnx.defs.onnx_opset_version())
-    if not lo <= opset <= hi:
-        raise BadInput(f"--opset must be from {lo} to {hi} (what the installed exporter writes), got {opset}")
 
 
 def _log(progress: Optional[Callable[[str], None]], msg: str) -> None:
