@@ -102,10 +102,13 @@ Layout: :mod:`.fista` (``fit_logreg``), :mod:`.newton` (``fit_binary_l2_path``,
 in :mod:`repair.selection`; the CPU thread policy in :mod:`repair.threads`.
 """
 from .fista import fit_logreg
+from .lbfgs import fit_binary_l2_path_lbfgs, lbfgs_cost, path_solver
 from .newton import fit_binary_l2_path, newton_cost
 from .weights import (balanced_subsample_weights, class_balanced_weights, constant_features,
-                      expected_balanced_weights, fold_affine, group_balanced_weights, standardization)
+                      expected_balanced_weights, feature_moments, fold_affine, group_balanced_weights,
+                      standardization)
 
-__all__ = ["fit_logreg", "fit_binary_l2_path", "newton_cost", "fold_affine", "standardization",
+__all__ = ["fit_logreg", "fit_binary_l2_path", "fit_binary_l2_path_lbfgs", "path_solver", "lbfgs_cost",
+           "newton_cost", "fold_affine", "standardization", "feature_moments",
            "class_balanced_weights", "group_balanced_weights", "balanced_subsample_weights",
            "expected_balanced_weights", "constant_features"]
