@@ -138,6 +138,7 @@ class DFRConfig:
     tol: Optional[float] = setting(None, gt=0)
     max_iter: Optional[int] = setting(None, ge=1)
     group_cap: Optional[float] = setting(4.0, ge=0)
+    solver: str = setting("auto", choices=("auto", "newton", "lbfgs"))
 
 
 def resolved(cfg, name: str):
@@ -317,50 +318,26 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     C = inputs.num_classes
     N, D = X.shape
     groups, source = resolve_groups(inputs, cfg.group_source)
-    # constant features carry no signal (their weight is exactly 0 under an L2
-    # penalty): they are dropped; the others are standardised (statistics over all rows)
-    active = torch.nonzero(X.amax(0) > X.amin(0)).flatten()
-    if active.numel() == 0:
-        active = torch.zeros(1, dtype=torch.long, device=dev)
-    Xa = X if active.numel() == D else X.index_select(1, active)
-    if cfg.standardize:
-        mu = Xa.mean(0)
-        Z = Xa - mu
-        sd = (Z * Z).mean(0).sqrt_()
-        scale = 1.0 / torch.where(S.constant_features(sd, mu), torch.ones_like(sd), sd)   # as S.standardization
-        Z.mul_(scale)
-        shift = -mu * scale
-    else:
-        Z = Xa
-        scale, shift = torch.ones(active.numel(), device=dev), torch.zeros(active.numel(), device=dev)
     n_rows = N
     gdiag = _group_diag(groups, source)
     keep = _capped_rows(groups, cfg, gen)
     if keep is not None:                  # large groups thinned to group_cap * n_g rows
-        Z, y, groups = Z.index_select(0, keep.to(dev)), y[keep], groups[keep]
+        y, groups = y[keep], groups[keep]
         N = keep.numel()
+    T = 1 if C == 2 else C
+    # constant features carry no signal (their weight is exactly 0 under an L2 penalty)
+    active = torch.nonzero(X.amax(0) > X.amin(0)).flatten()
+    if active.numel() == 0:
+        active = torch.zeros(1, dtype=torch.long, device=dev)
+    if cfg.solver == "auto":
+        solver, why = S.path_solver((N + 1) // 2, int(active.numel()), 2 * T, float(X.numel() * 4))
+    else:
+        solver, why = cfg.solver, "set in the configuration"
     order = sorted(range(len(c_grid)), key=lambda i: c_grid[i])      # strong penalty first
     pos = [order.index(i) for i in range(len(c_grid))]               # c_grid index -> path index
-    T = 1 if C == 2 else C
-    Da = Z.shape[1]
-    infos = []
-
-    def fit_folds(trains, which):
-        """Every fold's training set and the whole C path in ONE batched Newton call."""
-        l2 = [1.0 / c_grid[i] for i in order]
-        Zf, tf, wf, _ = _fold_problems(Z, y, groups, trains, C, int(cfg.min_subsample_per_group))
-        V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
-                                          num_threads=None)
-        infos.append(info)
-        V = V.to(torch.float32).view(len(trains), T, len(l2), Da)
-        c = c.to(torch.float32).view(len(trains), T, len(l2))
-        return [(V[k], c[k]) for k in range(len(trains))]
-
-    def predict(f, idx):
-        V, c = f                                                      # (T,L,Da), (T,L)
-        u = (V.reshape(T * len(order), Da) @ Z[idx.to(dev)].T).reshape(T, len(order), -1) + c.unsqueeze(-1)
-        pred = (u[0] > 0).long() if C == 2 else u.argmax(0)           # (L, n) in path order
-        return pred[pos].cpu()                                        # c_grid order
+    l2 = [1.0 / c_grid[i] for i in order]
+    make = _newton_fits if solver == "newton" else _lbfgs_fits
+    fit_folds, predict, head, infos = make(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, dev)
 
     crit = Criterion.resolve("auto", has_groups=True)                # the groups in use
     sel = select_and_refit(len(c_grid), lambda idx, which: fit_folds([idx], which)[0], predict, y,
@@ -370,11 +347,7 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     fits = sel.fold_fits if sel.worst is not None else fit_folds([torch.arange(N)], None)
     j = pos[sel.best]
     chosen = c_grid[sel.best]
-    Vs = torch.stack([f[0][:, j] for f in fits]).mean(0)
-    cs = torch.stack([f[1][:, j] for f in fits]).mean(0)
-    Wi, bi = _head_from_binary(Vs, cs, C)
-    Wa, b = S.fold_affine(Wi, bi, scale, shift)
-    W = torch.zeros(Wa.shape[0], D, device=dev).index_copy_(1, active, Wa)
+    W, b = head(fits, j)
     info = infos[-1]
     diag = {
         **_diag(method_name, "fast", chosen, sel, gdiag, c_grid),
@@ -382,13 +355,124 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
         "rows_given": int(n_rows),
         "fold_sizes": [int(f.numel()) for f in sel.folds] if sel.folds else [int(N)],
         "active_features": int(active.numel()),
+        "solver": solver,
+        "solver_rule": why,
         "solver_form": info["form"],
-        "solver_newton_iters": int(sum(info["n_iter"])),
-        "solver_factorizations": int(sum(info["n_factor"])),
+        "solver_iters": int(sum(info["n_iter"])),
         "solver_converged": bool(all(info["converged"])),
     }
+    if solver == "newton":
+        diag["solver_factorizations"] = int(sum(info["n_factor"]))
     return RepairOutput(W=W.detach().float().cpu().contiguous(), b=b.detach().float().cpu().contiguous(),
                         diagnostics=diag)
+
+
+def _newton_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, dev):
+    """Damped Newton (small problems): the standardised active features are copied once and
+    every fold's rows are gathered per problem (:func:`repair.solver.fit_binary_l2_path`)."""
+    D = X.shape[1]
+    Xa = X if active.numel() == D else X.index_select(1, active)
+    if cfg.standardize:
+        scale, shift = S.standardization(Xa)       # statistics over all rows given (before any thinning)
+    if keep is not None:
+        Xa = Xa.index_select(0, keep.to(dev))
+    if cfg.standardize:
+        Z = Xa * scale + shift
+    else:
+        Z = Xa
+        scale, shift = torch.ones(active.numel(), device=dev), torch.zeros(active.numel(), device=dev)
+    Da = Z.shape[1]
+    L = len(l2)
+    infos = []
+
+    def fit_folds(trains, which):
+        """Every fold's training set and the whole C path in ONE batched Newton call."""
+        Zf, tf, wf, _ = _fold_problems(Z, y, groups, trains, C, int(cfg.min_subsample_per_group))
+        V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
+                                          num_threads=None)
+        infos.append(info)
+        V = V.to(torch.float32).view(len(trains), T, L, Da)
+        c = c.to(torch.float32).view(len(trains), T, L)
+        return [(V[k], c[k]) for k in range(len(trains))]
+
+    def predict(f, idx):
+        V, c = f                                                      # (T,L,Da), (T,L)
+        u = (V.reshape(T * L, Da) @ Z[idx.to(dev)].T).reshape(T, L, -1) + c.unsqueeze(-1)
+        pred = (u[0] > 0).long() if C == 2 else u.argmax(0)           # (L, n) in path order
+        return pred[pos].cpu()                                        # c_grid order
+
+    def head(fits, j):
+        Vs = torch.stack([f[0][:, j] for f in fits]).mean(0)
+        cs = torch.stack([f[1][:, j] for f in fits]).mean(0)
+        Wi, bi = _head_from_binary(Vs, cs, C)
+        Wa, b = S.fold_affine(Wi, bi, scale, shift)
+        return torch.zeros(Wa.shape[0], D, device=dev).index_copy_(1, active, Wa), b
+
+    return fit_folds, predict, head, infos
+
+
+#: rows per chunk when predicting on the embeddings in place (bounds the temporaries)
+_PREDICT_CHUNK = 4096
+
+
+def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, dev):
+    """L-BFGS (large problems, :func:`repair.solver.fit_binary_l2_path_lbfgs`): the
+    standardisation is folded into the parameters (``x~ = x * scale + shift`` is never formed,
+    constant features get ``scale = shift = 0``) and every fold is one contiguous block of ONE
+    copy of the fitted rows, all its tasks sharing each pass over them. Memory beyond the
+    embeddings: that copy (at most the embeddings' size, usually less after the group cap) and
+    the per-block logits."""
+    N_all, D = X.shape
+    if cfg.standardize:
+        scale, shift = S.standardization(X)          # statistics over all rows given, in chunks
+    else:
+        scale, shift = torch.ones(D, device=dev), torch.zeros(D, device=dev)
+    if active.numel() != D:
+        on = torch.zeros(D, dtype=torch.bool, device=dev)
+        on[active] = True
+        scale, shift = torch.where(on, scale, 0.0), torch.where(on, shift, 0.0)
+    rows_of = keep.to(dev) if keep is not None else None             # kept row -> row of X
+    L = len(l2)
+    infos = []
+
+    def fit_folds(trains, which):
+        rows = torch.cat(trains).to(dev)
+        Xc = X.index_select(0, rows if rows_of is None else rows_of[rows])
+        bounds = torch.tensor([0] + [int(tr.numel()) for tr in trains]).cumsum(0).tolist()
+        blocks = list(zip(bounds[:-1], bounds[1:]))
+        yr = y[rows.cpu()]
+        t = (yr == 1).view(-1, 1) if C == 2 else torch.nn.functional.one_hot(yr, C).bool()
+        w = torch.cat([S.expected_balanced_weights(groups[tr], int(cfg.min_subsample_per_group)) for tr in trains])
+        V, c, info = S.fit_binary_l2_path_lbfgs(Xc, blocks, t.to(dev, torch.float32), w.to(dev), l2,
+                                                scale=scale, shift=shift, tol=tol,
+                                                max_iter=S.lbfgs.ITERS_PER_NEWTON_STEP * max_iter)
+        del Xc
+        infos.append(info)
+        return [(V[k], c[k].to(torch.float32)) for k in range(len(trains))]
+
+    def effective(f):
+        """(T*L, D) weights and (T*L,) biases acting on raw rows."""
+        V, c = f                                                     # (T,L,D) standardised space
+        Vf = V.reshape(T * L, D)
+        return Vf * scale, c.reshape(T * L) + Vf @ shift
+
+    def predict(f, idx):
+        We, be = effective(f)
+        preds = []
+        for lo in range(0, idx.numel(), _PREDICT_CHUNK):
+            r = idx[lo:lo + _PREDICT_CHUNK].to(dev)
+            xr = X.index_select(0, r if rows_of is None else rows_of[r])
+            u = torch.addmm(be.unsqueeze(0), xr, We.T).T.reshape(T, L, -1)
+            preds.append((u[0] > 0).long() if C == 2 else u.argmax(0))
+        return torch.cat(preds, 1)[pos].cpu()                        # c_grid order
+
+    def head(fits, j):
+        Vs = torch.stack([f[0][:, j] for f in fits]).mean(0)
+        cs = torch.stack([f[1][:, j] for f in fits]).mean(0)
+        Wi, bi = _head_from_binary(Vs, cs, C)
+        return S.fold_affine(Wi, bi, scale, shift)
+
+    return fit_folds, predict, head, infos
 
 
 def _freeze(cfg: DFRConfig, diag: dict) -> DFRConfig:

@@ -91,7 +91,8 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
     by Armijo backtracking, all on the logits ``u + a X d`` (no data pass). A problem is done
     when ``-g^T d`` (with ``d = -H g`` the L-BFGS step: the quasi-Newton decrement, twice the
     predicted objective gap) is ``<= 2 tol sum_i w_i`` -- the stopping rule of the Newton path
-    -- after at least one curvature pair; a problem whose line search cannot decrease the
+    -- and so was the objective decrease of the last step (the quasi-Newton estimate alone can be
+    optimistic while the history is short); a problem whose line search cannot decrease the
     objective any more (float32 round-off) stops unconverged. Converged problems leave the
     batch, so the GEMMs shrink with them.
 
@@ -213,6 +214,7 @@ class _Block:
         gv, gc = self.lin_T(self.residual(u, None))
         gv = gv + lam * v
         S, Y, rho = [], [], []                                 # histories (float32), 1/(s.y)
+        last_drop = torch.full_like(f, float("inf"))           # objective decrease of the last step
         it = 0
         while it < max_iter:
             it += 1
@@ -239,7 +241,7 @@ class _Block:
                 dc = torch.where(bad_dir, -gc, dc)
                 dec = torch.where(bad_dir, (gv * gv).sum(1) + gc * gc, dec)
             # --- convergence: quasi-Newton decrement (after one curvature pair) ---------------
-            fin = (dec <= gtol[act]) & (len(S) > 0)
+            fin = (dec <= gtol[act]) & (last_drop <= gtol[act]) & (len(S) > 0)
             if bool(fin.any()):
                 idx = act[fin]
                 out_v[idx], out_c[idx] = v[fin], c[fin]
@@ -248,7 +250,8 @@ class _Block:
                 keep = ~fin
                 if not bool(keep.any()):
                     break
-                act, v, c, gv, gc, f, dv, dc, dec = (z[keep] for z in (act, v, c, gv, gc, f, dv, dc, dec))
+                act, v, c, gv, gc, f, dv, dc, dec, last_drop = (
+                    z[keep] for z in (act, v, c, gv, gc, f, dv, dc, dec, last_drop))
                 u = u[:, keep]
                 S, Y, rho = [z[keep] for z in S], [z[keep] for z in Y], [z[keep] for z in rho]
             # --- line search on u + a X d (no data pass) -----------------------------------
@@ -287,6 +290,7 @@ class _Block:
             v = v + al.unsqueeze(1) * dv
             c = c + al * dc
             u = torch.where(stuck.unsqueeze(0), u, un)
+            last_drop = torch.where(stuck, torch.zeros_like(f), f - fn)
             f = torch.where(stuck, f, fn)
             gv_new, gc_new = self.lin_T(self.residual(u, act))
             gv_new = gv_new + lam * v
@@ -307,7 +311,7 @@ class _Block:
                 keep = ~stuck
                 if not bool(keep.any()):
                     break
-                act, v, c, gv, gc, f = (z[keep] for z in (act, v, c, gv, gc, f))
+                act, v, c, gv, gc, f, last_drop = (z[keep] for z in (act, v, c, gv, gc, f, last_drop))
                 u = u[:, keep]
                 S, Y, rho = [z[keep] for z in S], [z[keep] for z in Y], [z[keep] for z in rho]
         if not bool(done.all()):                           # iteration cap: the last iterates

@@ -284,11 +284,13 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     else:
         y_k = y.view(1, N).expand(K, N)
         Xk = Z.unsqueeze(0).expand(K, N, D)
+    owned = M < N                                            # Xk is our own copy: map it in place
     N = Xk.shape[1]
     if scale is not None:
-        Xk = Xk * scale.unsqueeze(1)
+        Xk = Xk.mul_(scale.unsqueeze(1)) if owned else Xk * scale.unsqueeze(1)
+        owned = True
     if shift is not None:
-        Xk = Xk + shift.unsqueeze(1)
+        Xk = Xk.add_(shift.unsqueeze(1)) if owned else Xk + shift.unsqueeze(1)
     Xk = Xk.contiguous()
     l2, pull = l2.double(), pull.double()
     lam = (l2 + pull) / 2.0                                  # binary convention: sklearn multinomial / 2
