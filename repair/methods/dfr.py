@@ -70,7 +70,9 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   groups in use are very unequal within the classes (:func:`repair.selection.group_imbalance`
   >= ``IMBALANCE_THRESHOLD``, e.g. a repair set skewed like deployment data, or rare errors of
   the original model) and a group-balanced subsample is small next to the feature count
-  (<= ``BAG_ROWS_PER_FEATURE`` rows per feature), else "fast". Measured (``bench/analysis.md``): reweighting all rows
+  (<= ``BAG_ROWS_PER_FEATURE`` rows per feature) but still holds ``BAG_MIN_ROWS_PER_CLASS`` rows of
+  each class (with many classes and small groups it holds one or two: nothing to fit a head on),
+  else "fast". Measured (``bench/analysis.md``): reweighting all rows
   (fast) uses every sample and wins on balanced repair sets, but on skewed ones the averaged
   group-balanced subsamples win by 3-13 points of test worst-group accuracy -- importance
   weights lose their effect on nearly separable data, subsampling does not (Idrissi et al. 2022).
@@ -120,6 +122,10 @@ FAST_C_GRID = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03)
 #: there a weighted fit can (nearly) separate the data and the weights lose their effect; with more
 #: rows the weighted fit on all of them is as robust and far cheaper (the 50k x 2048 scale benchmark)
 BAG_ROWS_PER_FEATURE = 4
+#: ... and while it holds at least this many rows per class: with many classes and small groups a
+#: balanced subsample holds a row or two of each class (1,000 classes, 50 rows each), too few to fit
+#: a head on, and each of the bagged refits is a full C-way fit (the 1,000-class scale benchmark)
+BAG_MIN_ROWS_PER_CLASS = 10
 _DEFAULTS = {"paper": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
              "bagged": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
              "fast": {"c_grid": FAST_C_GRID, "tol": 1e-3, "max_iter": 50}}
@@ -493,10 +499,13 @@ def dfr(inputs: RepairInputs, config: DFRConfig) -> RepairOutput:
     counts = torch.bincount(groups)
     rows = int((counts > 0).sum()) * max(int(counts[counts > 0].min()), int(config.min_subsample_per_group))
     D = int(inputs.X.shape[1])
-    chosen = "bagged" if (imb >= IMBALANCE_THRESHOLD and rows <= BAG_ROWS_PER_FEATURE * D) else "fast"
+    per_class = rows / max(1, int(inputs.num_classes))
+    chosen = "bagged" if (imb >= IMBALANCE_THRESHOLD and rows <= BAG_ROWS_PER_FEATURE * D
+                          and per_class >= BAG_MIN_ROWS_PER_CLASS) else "fast"
     cfg = dataclasses.replace(config, protocol=chosen)
     out = (run_fast_protocol(inputs, cfg, "dfr") if chosen == "fast" else run_balanced_protocol(inputs, cfg, None, "dfr"))
     out.diagnostics.update({"protocol_rule": f"auto: group imbalance {imb:.2f} (bagged from {IMBALANCE_THRESHOLD}), "
                                              f"balanced subsample of {rows} rows for {D} features (bagged up to "
-                                             f"{BAG_ROWS_PER_FEATURE}x)"})
+                                             f"{BAG_ROWS_PER_FEATURE}x), {per_class:.1f} rows per class (bagged "
+                                             f"from {BAG_MIN_ROWS_PER_CLASS})"})
     return out

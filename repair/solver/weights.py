@@ -54,15 +54,18 @@ def feature_moments(X: Tensor, rows: Optional[Tensor] = None, chunk_rows: int = 
             hi = min(n, lo + chunk_rows)
             yield X[lo:hi] if rows is None else X.index_select(0, rows[lo:hi].to(X.device))
 
+    # column sums as thin products with a ones vector (far faster than a reduction over rows on
+    # CPU), float32 within a chunk, float64 across chunks
+    ones = torch.ones(1, min(n, chunk_rows), dtype=X.dtype, device=X.device)
     tot = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
     for ch in chunks():
-        tot += ch.sum(0, dtype=torch.float64)
+        tot += (ones[:, :ch.shape[0]] @ ch).squeeze(0).double()
     mu = tot / n
     mu_x = mu.to(X.dtype)
     ss = torch.zeros_like(tot)
     for ch in chunks():
         dv = ch - mu_x
-        ss += dv.mul_(dv).sum(0, dtype=torch.float64)
+        ss += (ones[:, :ch.shape[0]] @ dv.mul_(dv)).squeeze(0).double()
     return mu_x, (ss / n).sqrt_().to(X.dtype)
 
 
