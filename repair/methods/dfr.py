@@ -441,9 +441,13 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
     L = len(l2)
     infos = []
 
+    held = {}                                                        # the last copy, to predict from
+
     def fit_folds(trains, which):
         rows = torch.cat(trains).to(dev)
         Xc = X.index_select(0, rows if rows_of is None else rows_of[rows])
+        held.clear()
+        held.update({"Xc": Xc, "rows": rows.cpu()})
         bounds = torch.tensor([0] + [int(tr.numel()) for tr in trains]).cumsum(0).tolist()
         blocks = list(zip(bounds[:-1], bounds[1:]))
         yr = y[rows.cpu()]
@@ -452,7 +456,6 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
         V, c, info = S.fit_binary_l2_path_lbfgs(Xc, blocks, t.to(dev, torch.float32), w.to(dev), l2,
                                                 scale=scale, shift=shift, tol=tol,
                                                 max_iter=S.lbfgs.ITERS_PER_NEWTON_STEP * max_iter)
-        del Xc
         infos.append(info)
         return [(V[k], c[k].to(torch.float32)) for k in range(len(trains))]
 
@@ -462,17 +465,30 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
         Vf = V.reshape(T * L, D)
         return Vf * scale, c.reshape(T * L) + Vf @ shift
 
+    def rows_for(idx, lo, hi):
+        """Rows ``idx[lo:hi]``: a view of the fitted copy when they are a contiguous stretch of it
+        (a held-out fold is the other fold's training block), else gathered from X."""
+        rows = held.get("rows")
+        if rows is not None and idx.numel():
+            hit = torch.nonzero(rows == idx[0]).flatten()
+            if hit.numel() == 1:
+                start = int(hit[0])
+                if start + idx.numel() <= rows.numel() and torch.equal(rows[start:start + idx.numel()], idx.cpu()):
+                    return held["Xc"][start + lo:start + hi]
+        r = idx[lo:hi].to(dev)
+        return X.index_select(0, r if rows_of is None else rows_of[r])
+
     def predict(f, idx):
         We, be = effective(f)
         preds = []
         for lo in range(0, idx.numel(), _PREDICT_CHUNK):
-            r = idx[lo:lo + _PREDICT_CHUNK].to(dev)
-            xr = X.index_select(0, r if rows_of is None else rows_of[r])
+            xr = rows_for(idx, lo, min(idx.numel(), lo + _PREDICT_CHUNK))
             u = torch.addmm(be.unsqueeze(0), xr, We.T).T.reshape(T, L, -1)
             preds.append((u[0] > 0).long() if C == 2 else u.argmax(0))
         return torch.cat(preds, 1)[pos].cpu()                        # c_grid order
 
     def head(fits, j):
+        held.clear()                                                 # the copy is no longer needed
         Vs = torch.stack([f[0][:, j] for f in fits]).mean(0)
         cs = torch.stack([f[1][:, j] for f in fits]).mean(0)
         Wi, bi = _head_from_binary(Vs, cs, C)
