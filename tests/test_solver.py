@@ -392,9 +392,12 @@ def test_lbfgs_dropped_feature_stays_zero_and_inputs_untouched():
 
 
 def test_path_solver_rule():
-    # small problems (the benchmark tasks: <= 1,000 rows, <= 1,280 features) stay on Newton
-    assert S.path_solver(500, 384, 2, 1000 * 384 * 4)[0] == "newton"
-    assert S.path_solver(500, 1280, 20, 1000 * 1280 * 4)[0] == "newton"
+    # few features: the (d+1)^2 Hessian is cheap, Newton stays
+    assert S.path_solver(500, 64, 2, 1000 * 64 * 4)[0] == "newton"
+    assert S.path_solver(300, 128, 2, 600 * 128 * 4)[0] == "newton"
+    assert S.path_solver(2000, 32, 2, 4000 * 32 * 4)[0] == "newton"
+    # hundreds of features (the benchmark tasks: <= 1,000 rows, 384-1,280 features): L-BFGS
+    assert S.path_solver(500, 384, 2, 1000 * 384 * 4)[0] == "lbfgs"
     # 50,000 x 2,048 halves: the Hessian's n d^2 costs more than L-BFGS's passes
     assert S.path_solver(12_500, 2048, 2, 50_000 * 2048 * 4)[0] == "lbfgs"
     # many one-vs-rest problems: Newton's per-problem copies exceed the memory budget

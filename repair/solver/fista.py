@@ -347,7 +347,7 @@ def _fit_logreg(X, y, num_classes, *, sample_weight, l1, l2, ref_pull, init_W, i
         W_out, b_out, info = binary_heads(Z, y, wfull.expand(K, N), l2n * S, pulln * S, Wref, bref, s, t)
         We, be = fold_affine(W_out, b_out, s, t)
         info.update({"seconds": time.perf_counter() - t0, "gathered": False, "working_set": False, "n_outer": 0,
-                     "K": K, "algorithm": "newton"})
+                     "K": K, "algorithm": info.pop("solver", "newton")})
         return We.to(dtype), be.to(dtype), info
 
     # --- solve ---------------------------------------------------------------------------

@@ -35,10 +35,17 @@ def lbfgs_cost(n: int, d: int, problems: int = 1, iters: int = 30) -> float:
     return 2.0 * iters * n * d * problems
 
 
-#: a pass of a thin (memory-bound) product runs this many times slower per multiply-add than a
-#: Newton factorisation's GEMMs (measured on the 2-core benchmark machine: a GEMV over a
-#: 25,000 x 2,048 float32 matrix ~20 ms = 2.5 GFLOP/s, a large GEMM ~40 GFLOP/s)
-THIN_PENALTY = 16.0
+#: how many times slower per multiply-add a thin pass runs than a Newton factorisation's GEMMs
+#: (a large-matrix GEMV is memory bound; rows that fit in cache are not). Calibrated on the 2-core
+#: benchmark machine, one thread (``bench/scale.py``'s crossover table): L-BFGS measured 1.7-6x
+#: faster than Newton from 500 x 384 up (20 x 800 x 512: 19x; 12,500 x 2,048: ~15x), Newton
+#: 1.2-2x faster at 300-2,000 rows with 32-128 features
+THIN_PENALTY = 2.0
+#: fixed cost of an L-BFGS iteration (some forty small tensor operations), in multiply-adds: what
+#: keeps Newton ahead on small problems (same calibration)
+ITERATION_OVERHEAD = 1e6
+#: iterations per path point the estimate assumes
+ITERS_ESTIMATE = 30
 
 
 def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_bytes: Optional[float] = None,
@@ -49,7 +56,8 @@ def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_byte
     Newton (:func:`repair.solver.fit_binary_l2_path`) needs a per-problem copy of its rows
     (``problems * n * d`` values) and ~2 factorisations per path point; L-BFGS needs no copy and
     ~30 iterations of two thin passes per path point (:func:`lbfgs_cost`, a thin pass being
-    :data:`THIN_PENALTY` times slower per multiply-add). L-BFGS is chosen when Newton's copy
+    :data:`THIN_PENALTY` times slower per multiply-add, plus :data:`ITERATION_OVERHEAD` per
+    iteration). L-BFGS is chosen when Newton's copy
     would exceed ``budget_bytes`` (default: half of ``data_bytes``, the embeddings the caller
     holds) or when its estimated time is the larger one."""
     from .newton import newton_cost
@@ -60,7 +68,7 @@ def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_byte
     if copy > max(budget, 64 * 1024 ** 2):
         return "lbfgs", f"Newton's per-problem copy ({copy / 2**20:.0f} MiB) exceeds the memory budget"
     t_newton = problems * 2.0 * cost
-    t_lbfgs = THIN_PENALTY * lbfgs_cost(n, d, problems)
+    t_lbfgs = THIN_PENALTY * lbfgs_cost(n, d, problems, ITERS_ESTIMATE) + ITERS_ESTIMATE * ITERATION_OVERHEAD
     if t_lbfgs < t_newton:
         return "lbfgs", f"L-BFGS estimated {t_newton / t_lbfgs:.1f}x cheaper than Newton ({form})"
     return "newton", f"Newton ({form}) estimated {t_lbfgs / t_newton:.1f}x cheaper than L-BFGS"
@@ -119,13 +127,15 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
         raise ValueError("w must be (n,) or (n, T)")
     if bool((w < 0).any()):
         raise ValueError("weights must be non-negative")
-    lams = [float(v) for v in torch.as_tensor(l2, dtype=torch.float64).flatten().tolist()]
-    if not lams or min(lams) <= 0:
-        raise ValueError("the l2 path must be non-empty and positive")
+    B = len(blocks)
+    L2 = torch.as_tensor(l2, dtype=torch.float64).cpu()
+    if L2.dim() == 1:
+        L2 = L2.view(-1, 1).expand(-1, B)               # (L, B): one penalty per path point and block
+    if L2.numel() == 0 or bool((L2 <= 0).any()) or L2.dim() != 2 or L2.shape[1] != B:
+        raise ValueError("the l2 path must be non-empty and positive, (L,) or (L, blocks)")
     a = None if scale is None else torch.as_tensor(scale).to(dev, torch.float64).flatten()
     s = None if shift is None else torch.as_tensor(shift).to(dev, torch.float64).flatten()
-    L = len(lams)
-    B = len(blocks)
+    L = L2.shape[0]
     V = torch.zeros(B, T, L, d, dtype=torch.float32, device=dev)
     Cb = torch.zeros(B, T, L, dtype=torch.float64, device=dev)
     n_iter = [0] * L
@@ -139,7 +149,7 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
         wb = w[lo:hi].to(xdt)
         if bool((wb.sum(0) <= 0).any()):
             raise ValueError("every problem needs a positive total weight")
-        _Block(Xb, tb, wb, a, s, T, memory).path(lams, tol, max_iter, V[bi], Cb[bi], n_iter, conv)
+        _Block(Xb, tb, wb, a, s, T, memory).path(L2[:, bi].tolist(), tol, max_iter, V[bi], Cb[bi], n_iter, conv)
     info = {"form": "lbfgs", "n_iter": n_iter, "converged": conv, "seconds": time.perf_counter() - t0}
     return V, Cb, info
 
