@@ -18,9 +18,13 @@ convention of :func:`repair.selection.inferred_groups`.
    gets ``n_g / count(its group)``, ``n_g = max(smallest group, min_subsample_per_group)``
    -- the average of DFR's subsample indicators, so one weighted fit replaces the
    average over subsamples and ``C`` means what it means for a DFR subsample.
-   Both halves and the whole ``C`` path are ONE call of
-   :func:`repair.solver.fit_binary_l2_path` (batched damped Newton, warm-started from
-   the strongest penalty, primal or Gram-matrix form, whichever is cheaper).
+   Both halves and the whole ``C`` path are ONE solver call, warm-started from the strongest
+   penalty: :func:`repair.solver.fit_binary_l2_path` (batched damped Newton, primal or
+   Gram-matrix form) on small problems, :func:`repair.solver.fit_binary_l2_path_lbfgs`
+   (batched L-BFGS on one copy of the fitted rows, the standardisation folded into the
+   parameters, all one-vs-rest tasks of a fold sharing each pass) on large ones; the rule is
+   :func:`repair.solver.path_solver` (estimated cost and Newton's per-problem copies against a
+   memory budget; ``solver`` forces one). Same objective either way.
 3. Score every ``C`` by worst-group accuracy of the cross-validated predictions
    (each row predicted by the head of the half it is not in; ties: mean accuracy,
    then ``c_grid`` order). The head is the average of the two half heads at the chosen
@@ -28,7 +32,7 @@ convention of :func:`repair.selection.inferred_groups`.
    2-row head ``[-v/2, v/2]`` (softmax = the fitted sigmoid); more classes:
    one-vs-rest binary fits, the head rows are their logits.
 
-No first-order solver, no repeated refits: on the benchmark tasks (800-1000 rows,
+No repeated refits: on the benchmark tasks (800-1000 rows,
 128-1280 features) it takes 8-40 ms on one CPU thread, 17-150x less than the paper
 protocol with sklearn's liblinear (``bench/references.py``) with given groups and
 5-12x less with inferred groups (there the paper's subsamples are tiny), at equal
@@ -92,9 +96,11 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   thinned to that many (seeded random) rows before the split, so the cost stays
   bounded on large unbalanced repair sets (DFR itself keeps ``n_g``); None or 0 = all
   rows. No effect when groups are balanced.
+- ``solver`` ("auto"): fast only: "newton", "lbfgs" or "auto" (see step 2).
 - ``tol``, ``max_iter`` (None = the protocol's defaults): solver stopping rule and
   iteration cap. fast (1e-3, 50): Newton decrement (predicted objective gap) per unit
-  of sample weight, Newton steps per path point; paper (1e-4, 2000): gradient-mapping
+  of sample weight, Newton steps per path point (L-BFGS: its quasi-Newton decrement and
+  last decrease, 10x as many iterations); paper (1e-4, 2000): gradient-mapping
   norm of the mean loss, FISTA iterations.
 """
 from __future__ import annotations
