@@ -446,3 +446,30 @@ def test_feature_moments_match_two_pass():
     rows = torch.arange(0, 1000, 3)
     mu_r, _ = S.feature_moments(X, rows)
     assert torch.allclose(mu_r.double(), X[rows].double().mean(0), rtol=1e-6)
+
+
+def test_softmax_lbfgs_matches_sklearn_and_fista():
+    from repair.solver.lbfgs import fit_softmax_l2_lbfgs
+
+    X, y = _multi(n=450, d=25, C=3)
+    X = X.double()
+    w = torch.rand(450, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    W, b, info = fit_softmax_l2_lbfgs(X, y, w, 3, 2.0, tol=1e-10)
+    m = _sk(C=0.5, tol=1e-12, max_iter=20000).fit(X.numpy(), y.numpy(), sample_weight=w.numpy())
+    ref = _ce_sum(X, y, torch.tensor(m.coef_), torch.tensor(m.intercept_), w) + float((torch.tensor(m.coef_) ** 2).sum())
+    ours = _ce_sum(X, y, W, b, w) + float((W ** 2).sum())
+    # stopped at a mean-gradient entry <= 1e-10 (or round-off): the objectives agree to ~1e-12
+    assert abs(ours - ref) <= 1e-8 * ref
+    # through fit_logreg (standardisation folded in, several problems on subsamples): the same
+    # optimum as FISTA; both stop at a mean-gradient entry <= 1e-7, so logits agree closely
+    sw = (torch.rand(3, 450, generator=torch.Generator().manual_seed(4)) < 0.6).double() * w
+    Wl, bl, il = S.fit_logreg(X, y, 3, sample_weight=sw, l2=[1.0, 3.0, 10.0], algorithm="lbfgs", tol=1e-7,
+                              dtype=torch.float64)
+    Wf, bf, fi = S.fit_logreg(X, y, 3, sample_weight=sw, l2=[1.0, 3.0, 10.0], algorithm="fista", tol=1e-7,
+                              dtype=torch.float64)
+    assert il["algorithm"] == "lbfgs"
+    for k in range(3):
+        assert abs(il["objective"][k] - fi["objective"][k]) <= 1e-6 * fi["objective"][k]
+        assert torch.allclose(_logits(X, Wl[k], bl[k]), _logits(X, Wf[k], bf[k]), atol=1e-3)
+    with pytest.raises(ValueError):
+        S.fit_logreg(X, y, 3, l1=1.0, algorithm="lbfgs")

@@ -333,3 +333,127 @@ class _Block:
 
 
 __all__ = ["fit_binary_l2_path_lbfgs", "path_solver", "lbfgs_cost"]
+
+
+def fit_softmax_l2_lbfgs(X: Tensor, y: Tensor, w: Tensor, num_classes: int, l2: float, *,
+                         scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                         W0: Optional[Tensor] = None, b0: Optional[Tensor] = None,
+                         tol: float = 1e-4, max_iter: int = 2000, memory: int = MEMORY):
+    """One weighted multinomial logistic regression with an L2 penalty by L-BFGS:
+    ``min sum_i w_i CE(softmax(W x~_i + b), y_i) + l2/2 ||W||^2`` (``b`` free), ``x~ = x * scale +
+    shift`` folded in (never formed). ``X`` (n, d) in any float dtype (the passes run in it), the
+    iterates in float64. Stops when the largest gradient entry of the *mean* objective (divided by
+    ``sum w``) is ``<= tol`` -- the gradient-mapping rule of :func:`repair.solver.fit_logreg` for
+    a smooth problem -- or when the line search cannot decrease the objective (round-off).
+    Each iteration is two passes over the rows (``X D^T`` along the direction, ``R^T X`` for the
+    gradient); the line search (one-dimensional Newton steps, Armijo) runs on the logits.
+    Returns ``(W (C, d), b (C,), info)`` float64 in the internal coordinates (acting on x~)."""
+    X = torch.as_tensor(X)
+    n, d = X.shape
+    C = int(num_classes)
+    dev, xdt = X.device, X.dtype
+    y = torch.as_tensor(y).to(dev).long()
+    w = torch.as_tensor(w).to(dev, xdt).view(-1, 1)
+    Sw = float(w.sum(dtype=torch.float64))
+    if Sw <= 0:
+        raise ValueError("the problem needs a positive total weight")
+    a = None if scale is None else torch.as_tensor(scale).to(dev, torch.float64).flatten()
+    s = None if shift is None else torch.as_tensor(shift).to(dev, torch.float64).flatten()
+    lam = float(l2)
+    yi = y.view(-1, 1)
+
+    def lin(Wm, bm):
+        We = Wm if a is None else Wm * a
+        be = bm if s is None else bm + Wm @ s
+        return torch.addmm(be.to(xdt).unsqueeze(0), X, We.to(xdt).T)            # (n, C)
+
+    def loss(U):
+        lse = torch.logsumexp(U, 1, keepdim=True)
+        return float(((lse - U.gather(1, yi)) * w).sum(dtype=torch.float64))
+
+    def grad(U, Wm):
+        P = torch.softmax(U, 1)
+        P.scatter_add_(1, yi, torch.full_like(yi, -1, dtype=P.dtype))
+        P.mul_(w)
+        g = (P.T @ X).double()
+        rs = P.sum(0, dtype=torch.float64)
+        if a is not None:
+            g = g * a
+        if s is not None:
+            g = g + rs.unsqueeze(1) * s
+        return torch.cat([g + lam * Wm, rs.unsqueeze(1)], 1)                    # (C, d+1)
+
+    th = torch.zeros(C, d + 1, dtype=torch.float64, device=dev)
+    if W0 is not None:
+        th[:, :d] = torch.as_tensor(W0).to(dev, torch.float64)
+    if b0 is not None:
+        th[:, d] = torch.as_tensor(b0).to(dev, torch.float64)
+    U = lin(th[:, :d], th[:, d])
+    f = loss(U) + 0.5 * lam * float((th[:, :d] ** 2).sum())
+    g = grad(U, th[:, :d])
+    S_, Y_, R_ = [], [], []
+    it, converged = 0, False
+    while it < max_iter:
+        if float(g.abs().max()) / Sw <= tol:
+            converged = True
+            break
+        it += 1
+        q = g.clone()
+        al = []
+        for sk, yk, rk in zip(reversed(S_), reversed(Y_), reversed(R_)):
+            a_ = rk * float((sk * q).sum())
+            q -= a_ * yk
+            al.append(a_)
+        if S_:
+            q *= float((S_[-1] * Y_[-1]).sum()) / max(float((Y_[-1] ** 2).sum()), 1e-300)
+        for sk, yk, rk, a_ in zip(S_, Y_, R_, reversed(al)):
+            q += (a_ - rk * float((yk * q).sum())) * sk
+        dth = -q
+        dec = float((g * q).sum())
+        if not dec > 0:                                    # not a descent direction: restart
+            S_, Y_, R_ = [], [], []
+            dth, dec = -g, float((g * g).sum())
+        dU = lin(dth[:, :d], dth[:, d])
+        vv, vd, dd = (float((th[:, :d] * th[:, :d]).sum()), float((th[:, :d] * dth[:, :d]).sum()),
+                      float((dth[:, :d] ** 2).sum()))
+
+        def phi(t_):
+            return loss(U + t_ * dU) + 0.5 * lam * (vv + 2 * t_ * vd + t_ * t_ * dd)
+
+        def d12(t_):                                       # first and second derivative along dth
+            Ut = U + t_ * dU
+            P = torch.softmax(Ut, 1)
+            m1 = (P * dU).sum(1, keepdim=True)
+            d1 = float(((m1 - dU.gather(1, yi)) * w).sum(dtype=torch.float64)) + lam * (vd + t_ * dd)
+            d2 = float((((P * dU * dU).sum(1, keepdim=True) - m1 * m1) * w).sum(dtype=torch.float64)) + lam * dd
+            return d1, d2
+
+        t_ = 1.0 if S_ else 0.0
+        d1, d2 = d12(t_)
+        t_ = min(max(t_ - d1 / max(d2, 1e-300), 0.25 if S_ else 0.0), 4.0 if S_ else 1e6)
+        fn = phi(t_)
+        for _ls in range(30):
+            if fn <= f - 1e-4 * t_ * dec + 1e-12 * abs(f):
+                break
+            t_ *= 0.5
+            fn = phi(t_)
+        if not fn < f:                                     # round-off: no decrease possible
+            break
+        sk = t_ * dth
+        th = th + sk
+        U = U + t_ * dU
+        f = fn
+        gn = grad(U, th[:, :d])
+        yk = gn - g
+        sy = float((sk * yk).sum())
+        if sy > 1e-10 * float(sk.norm()) * float(yk.norm()):
+            S_.append(sk)
+            Y_.append(yk)
+            R_.append(1.0 / sy)
+            if len(S_) > memory:
+                S_.pop(0), Y_.pop(0), R_.pop(0)
+        g = gn
+    return th[:, :d], th[:, d], {"n_iter": it, "converged": converged, "objective": f}
+
+
+__all__ += ["fit_softmax_l2_lbfgs"]
