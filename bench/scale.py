@@ -14,7 +14,8 @@ attribute agrees with the class for 90% of the repair rows (a skewed repair set)
   otherwise); the groups given are class x (attribute typical for the class or not) -- class x
   attribute would leave a million mostly empty groups. Test: 20 rows per class with a random
   attribute and 10 with the class's own; "test WGA" is the worse of the two pooled accuracies
-  (shortcut-conflicting rows, shortcut-aligned rows). The original head is the class-mean
+  (shortcut-conflicting rows, shortcut-aligned rows). The core directions are twice as strong
+  and the noise half as strong as with few classes (50 rows per class). The original head is the class-mean
   (nearest-centroid) head of the shortcut-aligned training rows (``dfr`` with group labels
   does not use it).
 
@@ -69,6 +70,11 @@ def make_problem(num_classes: int, n: int = N, d: int = D, seed: int = 0) -> dic
     core = torch.randn(C, d, generator=g) / d ** 0.5 * 3.0
     spur = torch.randn(C, d, generator=g) / d ** 0.5 * 6.0
 
+    # many classes, 50 rows each: a clearer core signal (else no head learns 1,000 classes from them)
+    noise = 0.5 if C <= MANY else 0.25
+    if C > MANY:
+        core = core * 2.0
+
     def sample(m: int, align: Optional[float]):
         y = torch.randint(0, C, (m,), generator=g)
         if align is None:     # balanced groups
@@ -76,7 +82,7 @@ def make_problem(num_classes: int, n: int = N, d: int = D, seed: int = 0) -> dic
         else:
             other = (y + torch.randint(1, C, (m,), generator=g)) % C if C > 1 else y
             a = torch.where(torch.rand(m, generator=g) < align, y, other)
-        X = torch.randn(m, d, generator=g) * 0.5 + core[y] * (1 + 0.5 * torch.randn(m, 1, generator=g)) + spur[a]
+        X = torch.randn(m, d, generator=g) * noise + core[y] * (1 + 0.5 * torch.randn(m, 1, generator=g)) + spur[a]
         return torch.relu(X).float(), y, a
 
     from repair import solver as S
@@ -218,7 +224,7 @@ def run_scale(num_classes_list=None, n: int = N, d: int = D, seed: int = 0, spuc
         work_dir = tmp.name
     try:
         for C in num_classes_list:
-            path = Path(work_dir) / f"scale-c{C}-n{n}-d{d}-s{seed}.pt"
+            path = Path(work_dir) / f"scale-v2-c{C}-n{n}-d{d}-s{seed}.pt"
             if not path.exists():
                 log(f"scale: building {n} x {d}, {C} classes")
                 p = make_problem(C, n, d, seed)
