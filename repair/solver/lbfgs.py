@@ -202,16 +202,18 @@ class _Block:
         Sw = self.Sw
         m = ((self.w * self.t).sum(0, dtype=torch.float64) / Sw).clamp(1e-6, 1 - 1e-6)
         c = torch.log(m / (1 - m))
+        carry = None                     # logits and data gradient at (v, c): no pass to restart
         for j, lam in enumerate(lams):
-            v, c, it, ok = self.solve(v, c, lam, tol, max_iter)
+            v, c, it, ok, carry = self.solve(v, c, lam, tol, max_iter, carry)
             V_out[:, j] = v.to(V_out.dtype)
             c_out[:, j] = c
             n_iter[j] = max(n_iter[j], it)
             conv[j] = conv[j] and ok
 
-    def solve(self, v, c, lam, tol, max_iter):
+    def solve(self, v, c, lam, tol, max_iter, carry=None):
         """Minimise every problem at penalty ``lam`` from ``(v, c)``; returns the solution,
-        the iterations used and whether every problem converged."""
+        the iterations used, whether every problem converged and the carry ``(u, data
+        gradient)`` at the solution (the next path point starts from it without a data pass)."""
         T = self.T
         dev = v.device
         gtol = 2.0 * float(tol) * self.Sw                      # on -g^T d (twice the predicted gap)
@@ -219,10 +221,19 @@ class _Block:
         done = torch.zeros(T, dtype=torch.bool)
         converged = torch.zeros(T, dtype=torch.bool)
         act = torch.arange(T, device=dev)
-        u = self.lin(v, c)
+        if carry is None:
+            u = self.lin(v, c)
+            gv, gc = self.lin_T(self.residual(u, None))
+        else:
+            u, gv, gc = carry
+        out_u, out_gv, out_gc = u.clone(), gv.clone(), gc.clone()
         f = self.loss(u, None) + 0.5 * lam * (v * v).sum(1)
-        gv, gc = self.lin_T(self.residual(u, None))
         gv = gv + lam * v
+
+        def record(idx, mask):
+            out_v[idx], out_c[idx] = v[mask], c[mask]
+            out_u[:, idx] = u[:, mask]
+            out_gv[idx], out_gc[idx] = gv[mask] - lam * v[mask], gc[mask]
         S, Y, rho = [], [], []                                 # histories (float32), 1/(s.y)
         last_drop = torch.full_like(f, float("inf"))           # objective decrease of the last step
         it = 0
@@ -254,7 +265,7 @@ class _Block:
             fin = (dec <= gtol[act]) & (last_drop <= gtol[act]) & (len(S) > 0)
             if bool(fin.any()):
                 idx = act[fin]
-                out_v[idx], out_c[idx] = v[fin], c[fin]
+                record(idx, fin)
                 done[idx.cpu()] = True
                 converged[idx.cpu()] = True
                 keep = ~fin
@@ -316,7 +327,7 @@ class _Block:
             gv, gc = gv_new, gc_new
             if bool(stuck.any()):                          # stop those problems, unconverged
                 idx = act[stuck]
-                out_v[idx], out_c[idx] = v[stuck], c[stuck]
+                record(idx, stuck)
                 done[idx.cpu()] = True
                 keep = ~stuck
                 if not bool(keep.any()):
@@ -325,8 +336,8 @@ class _Block:
                 u = u[:, keep]
                 S, Y, rho = [z[keep] for z in S], [z[keep] for z in Y], [z[keep] for z in rho]
         if not bool(done.all()):                           # iteration cap: the last iterates
-            out_v[act], out_c[act] = v, c
-        return out_v, out_c, it, bool(converged.all())
+            record(act, torch.ones(act.numel(), dtype=torch.bool, device=dev))
+        return out_v, out_c, it, bool(converged.all()), (out_u, out_gv, out_gc)
 
     def _m_for(self, P: int) -> int:
         return self.m
