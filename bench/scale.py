@@ -36,7 +36,8 @@ for 2 and 10 classes; peak RSS increase <= 2x the embeddings for 2, 10 and 1,000
 1,000 classes in <= 5 min and no less accurate than the reference (test WGA and accuracy).
 
 ``python -m bench.scale [--classes 2 10 1000] [--n N] [--d D] [--out FILE.json]`` runs it alone
-and prints the table; ``python -m bench.run --parts scale`` runs it inside the benchmark.
+and prints the table; ``python -m bench.scale --crossover`` times Newton against L-BFGS on small
+and mid-sized problems (the calibration of :func:`repair.solver.path_solver`); ``python -m bench.run --parts scale`` runs it inside the benchmark.
 """
 from __future__ import annotations
 
@@ -271,6 +272,47 @@ def run_scale(num_classes_list=None, n: int = N, d: int = D, seed: int = 0, spuc
     return out
 
 
+CROSSOVER_SIZES = ((2, 300, 128), (2, 500, 64), (2, 2000, 32), (2, 500, 384), (2, 1000, 1280),
+                   (20, 400, 384), (20, 800, 512), (2, 4000, 1024))
+
+
+def crossover(sizes=CROSSOVER_SIZES, seed: int = 0) -> list:
+    """Newton (:func:`repair.solver.fit_binary_l2_path`) against L-BFGS
+    (:func:`repair.solver.fit_binary_l2_path_lbfgs`) on ``K`` binary L2 problems of ``n`` rows x
+    ``d`` features (one strength, tol 1e-3 as dfr's fast protocol), one thread, side by side;
+    with the rule's choice (:func:`repair.solver.path_solver`). Calibrates the rule."""
+    import torch
+
+    from repair import solver as S
+    from repair import threads
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with threads.limited(1):
+        for K, n, d in sizes:
+            core = torch.randn(d, generator=g) / d ** 0.5 * 3
+            y = torch.rand(K * n, generator=g) < 0.5
+            X = torch.relu(torch.randn(K * n, d, generator=g) * 0.5 + torch.where(y.view(-1, 1), core, -core)
+                           + torch.randn(K * n, 1, generator=g)).float()
+            a, c = S.standardization(X)
+            Z = X * a + c
+            w = torch.ones(K * n)
+            t0 = time.perf_counter()
+            _, _, info = S.fit_binary_l2_path(Z.view(K, n, d), y.view(K, n).double(), w.view(K, n).double(), [1.0],
+                                              tol=1e-3, num_threads=None)
+            tn = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _, _, info2 = S.fit_binary_l2_path_lbfgs(X, [(k * n, (k + 1) * n) for k in range(K)], y.float(), w, [1.0],
+                                                     scale=a, shift=c, tol=1e-3)
+            tl = time.perf_counter() - t0
+            rule = S.path_solver(n, d, K, X.numel() * 4)[0]
+            faster = "newton" if tn < tl else "lbfgs"
+            out.append({"K": K, "n": n, "d": d, "newton_s": tn, "newton_form": info["form"], "lbfgs_s": tl,
+                        "lbfgs_iters": info2["n_iter"][0], "faster": faster, "rule": rule})
+            log(f"crossover K={K} n={n} d={d}: newton ({info['form']}) {tn:.3f}s, lbfgs {tl:.3f}s -> rule {rule}")
+    return out
+
+
 def table(sc: dict) -> str:
     """The results as a markdown table."""
     L = ["| classes | row | time (s) | peak RSS (MiB) | RSS / embeddings | test WGA | test acc | speed-up | note |",
@@ -297,6 +339,12 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         return _child(argv[1:])
+    if argv and argv[0] == "--crossover":
+        print("| K | n | d | Newton (s) | form | L-BFGS (s) | iterations | faster | rule |\n|---|---|---|---|---|---|---|---|---|")
+        for r in crossover():
+            print(f"| {r['K']} | {r['n']} | {r['d']} | {r['newton_s']:.3f} | {r['newton_form']} | {r['lbfgs_s']:.3f} | "
+                  f"{r['lbfgs_iters']} | {r['faster']} | {r['rule']} |")
+        return None
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, nargs="+", default=list(CLASSES))
     ap.add_argument("--n", type=int, default=N)
