@@ -487,10 +487,13 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
     def predict(f, idx):
         We, be = effective(f)
         preds = []
-        for lo in range(0, idx.numel(), _PREDICT_CHUNK):
-            xr = rows_for(idx, lo, min(idx.numel(), lo + _PREDICT_CHUNK))
-            u = torch.addmm(be.unsqueeze(0), xr, We.T).T.reshape(T, L, -1)
-            preds.append((u[0] > 0).long() if C == 2 else u.argmax(0))
+        # the logits of a chunk stay within ~32 MiB whatever T * L is (1,000 classes x 6 strengths)
+        step = max(64, min(_PREDICT_CHUNK, int(2 ** 23 // max(1, T * L))))
+        for lo in range(0, idx.numel(), step):
+            xr = rows_for(idx, lo, min(idx.numel(), lo + step))
+            u = torch.addmm(be.unsqueeze(0), xr, We.T).view(-1, T, L)          # (rows, T, L), no copy
+            preds.append(((u[:, 0] > 0).long() if C == 2 else u.argmax(1)).T)
+            del u
         return torch.cat(preds, 1)[pos].cpu()                        # c_grid order
 
     def head(fits, j):

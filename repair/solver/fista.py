@@ -367,9 +367,12 @@ def _fit_logreg(X, y, num_classes, *, sample_weight, l1, l2, ref_pull, init_W, i
             wk = wfull[k if wfull.shape[0] > 1 else 0]
             rows = torch.nonzero(wk > 0).flatten()
             Xk = Z if rows.numel() == N else Z.index_select(0, rows)     # this problem's rows only
+            # no initial head given: start from the previous problem's solution (the problems are
+            # independent and strictly convex, so only the iteration count changes)
+            start = (W0[k], b0[k]) if init_W is not None or k == 0 else (Wl[-1], bl[-1])
             Wk_, bk_, inf = fit_softmax_l2_lbfgs(
                 Xk, y[rows], wk[rows], C, float(l2n[k] * S[k]), scale=None if s is None else s[k],
-                shift=None if t is None else t[k], W0=W0[k], b0=b0[k], tol=float(tol_k[k]),
+                shift=None if t is None else t[k], W0=start[0], b0=start[1], tol=float(tol_k[k]),
                 max_iter=max_iter)
             del Xk
             Wl.append(Wk_.to(dtype))
