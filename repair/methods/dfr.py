@@ -41,8 +41,9 @@ test worst-group accuracy with given groups and equal or higher with inferred on
 noisy than one half-split, and the weighted fit uses every row).
 
 ``protocol="bagged"``: the paper protocol below with an L2 penalty (two classes: every
-subsample and strength solved in one batched Newton call; more: FISTA) -- the
-robust choice for unequal groups.
+subsample and strength solved in one batched call, Newton or -- larger -- L-BFGS on each
+subsample's block of rows; more classes: FISTA, or -- larger -- one subsample at a time by
+L-BFGS, see :func:`repair.solver.fit_logreg`) -- the robust choice for unequal groups.
 
 ``protocol="paper"``: the paper's ``dfr_val`` protocol (made batched; the exact
 recipe of the paper, kept for reproduction):
