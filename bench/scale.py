@@ -237,7 +237,7 @@ def run_scale(num_classes_list=None, n: int = N, d: int = D, seed: int = 0, spuc
             log(f"  {C} classes dfr[groups]: {ours}")
             if C <= MANY:
                 rows["ref:dfr-protocol"] = ref = _run_child("ref:dfr-protocol", path, seed)
-                why = R.spuco_available() if spuco else "skipped"
+                why = R.spuco_available() if spuco else "not run (--no-spuco)"
                 if why is None and C == 2:
                     rows["ref:spuco-DFR"] = _run_child("ref:spuco-DFR", path, seed)
                 else:
