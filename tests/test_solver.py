@@ -324,3 +324,152 @@ def test_cuda_matches_cpu():
     Wg, bg, ig = S.fit_logreg(X, y, 3, sample_weight=sw, l1=[1.0, 3.0, 10.0], tol=1e-6, device="cuda")
     assert Wg.device.type == "cuda"
     assert np.allclose(ic["objective"], ig["objective"], rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- L-BFGS path (large problems)
+def _binary_objective(X, t, w, v, c, lam, scale=None, shift=None):
+    Xd = X.double()
+    if scale is not None:
+        Xd = Xd * scale.double() + shift.double()
+    u = Xd @ v.double() + c
+    return float((w.double() * (torch.nn.functional.softplus(u) - t.double() * u)).sum() + 0.5 * lam * (v.double() ** 2).sum())
+
+
+def test_lbfgs_path_matches_sklearn():
+    # float64 data and a tight tolerance: the stopping rule bounds the objective gap by about
+    # tol * sum(w) (quasi-Newton decrement and last decrease both below it), so the objectives
+    # agree to ~1e-9 relative; 1e-7 leaves room for sklearn's own tolerance
+    X, y = _binary(n=500, d=25, seed=3)
+    X = X.double() * 2 + 1
+    w = torch.rand(500, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    lams = [10.0, 1.0, 0.1]
+    V, c, info = S.fit_binary_l2_path_lbfgs(X, [(0, 500)], y.double(), w, lams, tol=1e-12, max_iter=3000)
+    assert info["converged"] == [True, True, True] and info["form"] == "lbfgs"
+    for j, lam in enumerate(lams):
+        m = _sk(C=1.0 / lam, tol=1e-12, max_iter=20000).fit(X.numpy(), y.numpy(), sample_weight=w.numpy())
+        ours = _binary_objective(X, y, w, V[0, 0, j], float(c[0, 0, j]), lam)
+        ref = _binary_objective(X, y, w, torch.tensor(m.coef_[0]), float(m.intercept_[0]), lam)
+        assert ours <= ref * (1 + 1e-7)
+        assert abs(ours - ref) <= 1e-7 * ref
+
+
+def test_lbfgs_folds_standardisation_and_matches_newton():
+    # float32 data: the folded standardisation (scale/shift) against Newton on the explicitly
+    # standardised copy; both stop at an objective gap <= tol * sum(w) = 1e-6 * sum(w), so the
+    # objectives differ by at most ~2e-6 * sum(w) (plus float32 round-off of the logits)
+    X, y = _multi(n=600, d=30, C=3)
+    X = X * 5 + 2
+    a, sh = S.standardization(X)
+    Z = X * a + sh
+    w = S.expected_balanced_weights(y)
+    t = torch.nn.functional.one_hot(y, 3).float()
+    lams = [3.0, 0.3]
+    V, c, info = S.fit_binary_l2_path_lbfgs(X, [(0, 300), (300, 600)], t, w, lams, scale=a, shift=sh, tol=1e-6)
+    for bi, (lo, hi) in enumerate([(0, 300), (300, 600)]):
+        Vn, cn, _ = S.fit_binary_l2_path(Z[lo:hi].unsqueeze(0).expand(3, -1, -1), t[lo:hi].T, w[lo:hi].expand(3, -1),
+                                         lams, tol=1e-6, factor_dtype=torch.float64)
+        for task in range(3):
+            for j, lam in enumerate(lams):
+                ours = _binary_objective(X[lo:hi], t[lo:hi, task], w[lo:hi], V[bi, task, j], float(c[bi, task, j]), lam,
+                                         a, sh)
+                ref = _binary_objective(Z[lo:hi], t[lo:hi, task], w[lo:hi], Vn[task, j], float(cn[task, j]), lam)
+                assert abs(ours - ref) <= 5e-6 * float(w[lo:hi].sum()) + 1e-6 * ref
+
+
+def test_lbfgs_dropped_feature_stays_zero_and_inputs_untouched():
+    X, y = _binary(n=300, d=12)
+    a = torch.ones(12)
+    a[4] = 0.0
+    sh = torch.zeros(12)
+    Xc = X.clone()
+    V, c, _ = S.fit_binary_l2_path_lbfgs(X, [(0, 300)], y, torch.ones(300), [1.0], scale=a, shift=sh)
+    assert float(V[0, 0, 0, 4]) == 0.0 and float(V[0, 0, 0].abs().sum()) > 0
+    assert torch.equal(X, Xc)
+    with pytest.raises(ValueError):
+        S.fit_binary_l2_path_lbfgs(X, [(0, 301)], y, torch.ones(300), [1.0])
+    with pytest.raises(ValueError):
+        S.fit_binary_l2_path_lbfgs(X, [(0, 300)], y, torch.ones(300), [0.0])
+
+
+def test_path_solver_rule():
+    # few features: the (d+1)^2 Hessian is cheap, Newton stays
+    assert S.path_solver(500, 64, 2, 1000 * 64 * 4)[0] == "newton"
+    assert S.path_solver(300, 128, 2, 600 * 128 * 4)[0] == "newton"
+    assert S.path_solver(2000, 32, 2, 4000 * 32 * 4)[0] == "newton"
+    # hundreds of features (the benchmark tasks: <= 1,000 rows, 384-1,280 features): L-BFGS
+    assert S.path_solver(500, 384, 2, 1000 * 384 * 4)[0] == "lbfgs"
+    # 50,000 x 2,048 halves: the Hessian's n d^2 costs more than L-BFGS's passes
+    assert S.path_solver(12_500, 2048, 2, 50_000 * 2048 * 4)[0] == "lbfgs"
+    # many one-vs-rest problems: Newton's per-problem copies exceed the memory budget
+    assert S.path_solver(4000, 2048, 2000, 50_000 * 2048 * 4)[0] == "lbfgs"
+
+
+def test_dfr_lbfgs_and_newton_agree():
+    from repair.methods import RepairInputs, get_method
+    from repair.methods.dfr import DFRConfig
+
+    X, y = _multi(n=800, d=40, C=3, seed=4)
+    g = y * 2 + (X[:, 0] > X[:, 0].median()).long()
+    inp = RepairInputs(X=X, y=y, W=torch.zeros(3, 40), b=torch.zeros(3), groups=g, seed=0)
+    dfr = get_method("dfr")
+    outs = {s: dfr.fn(inp, DFRConfig(protocol="fast", solver=s, tol=1e-6)) for s in ("newton", "lbfgs")}
+    assert outs["lbfgs"].diagnostics["solver"] == "lbfgs" and outs["newton"].diagnostics["solver"] == "newton"
+    assert outs["lbfgs"].diagnostics["chosen"] == outs["newton"].diagnostics["chosen"]
+    la, ln = (X @ outs[s].W.T + outs[s].b for s in ("lbfgs", "newton"))
+    assert float((la.argmax(1) == ln.argmax(1)).float().mean()) >= 0.99
+    assert torch.allclose(la, ln, atol=2e-2 * float(ln.abs().max()))
+
+
+def test_fit_logreg_chunks_problems_within_the_memory_budget(monkeypatch):
+    from repair.solver import fista
+
+    X, y = _multi(n=400, d=20)
+    sw = (torch.rand(4, 400, generator=torch.Generator().manual_seed(2)) < 0.2).float()
+    W1, b1, info1 = S.fit_logreg(X, y, 3, sample_weight=sw, l2=[1.0, 2.0, 3.0, 4.0], tol=1e-6)
+    assert "chunks" not in info1
+    monkeypatch.setattr(fista, "_MIN_BUDGET", 1)
+    monkeypatch.setattr(fista, "_MEMORY_BUDGET", int(90 * 20 * 4 * 1.5))       # ~1 problem's rows
+    W2, b2, info2 = S.fit_logreg(X, y, 3, sample_weight=sw, l2=[1.0, 2.0, 3.0, 4.0], tol=1e-6)
+    assert info2["chunks"] >= 2 and len(info2["n_iter"]) == 4
+    assert torch.allclose(_logits(X, W1[0], b1[0]), _logits(X, W2[0], b2[0]), atol=1e-3)
+    assert torch.allclose(_logits(X, W1[3], b1[3]), _logits(X, W2[3], b2[3]), atol=1e-3)
+
+
+def test_feature_moments_match_two_pass():
+    X = torch.rand(1000, 7, generator=torch.Generator().manual_seed(0)) * 3 + 10
+    X[:, 2] = 4.0
+    mu, sd = S.feature_moments(X, chunk_rows=128)
+    assert torch.allclose(mu.double(), X.double().mean(0), rtol=1e-6)
+    assert torch.allclose(sd.double(), X.double().std(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    a, c = S.standardization(X, chunk_rows=128)
+    assert float(a[2]) == 1.0                               # constant feature: scale 1
+    rows = torch.arange(0, 1000, 3)
+    mu_r, _ = S.feature_moments(X, rows)
+    assert torch.allclose(mu_r.double(), X[rows].double().mean(0), rtol=1e-6)
+
+
+def test_softmax_lbfgs_matches_sklearn_and_fista():
+    from repair.solver.lbfgs import fit_softmax_l2_lbfgs
+
+    X, y = _multi(n=450, d=25, C=3)
+    X = X.double()
+    w = torch.rand(450, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    W, b, info = fit_softmax_l2_lbfgs(X, y, w, 3, 2.0, tol=1e-10)
+    m = _sk(C=0.5, tol=1e-12, max_iter=20000).fit(X.numpy(), y.numpy(), sample_weight=w.numpy())
+    ref = _ce_sum(X, y, torch.tensor(m.coef_), torch.tensor(m.intercept_), w) + float((torch.tensor(m.coef_) ** 2).sum())
+    ours = _ce_sum(X, y, W, b, w) + float((W ** 2).sum())
+    # stopped at a mean-gradient entry <= 1e-10 (or round-off): the objectives agree to ~1e-12
+    assert abs(ours - ref) <= 1e-8 * ref
+    # through fit_logreg (standardisation folded in, several problems on subsamples): the same
+    # optimum as FISTA; both stop at a mean-gradient entry <= 1e-7, so logits agree closely
+    sw = (torch.rand(3, 450, generator=torch.Generator().manual_seed(4)) < 0.6).double() * w
+    Wl, bl, il = S.fit_logreg(X, y, 3, sample_weight=sw, l2=[1.0, 3.0, 10.0], algorithm="lbfgs", tol=1e-7,
+                              dtype=torch.float64)
+    Wf, bf, fi = S.fit_logreg(X, y, 3, sample_weight=sw, l2=[1.0, 3.0, 10.0], algorithm="fista", tol=1e-7,
+                              dtype=torch.float64)
+    assert il["algorithm"] == "lbfgs"
+    for k in range(3):
+        assert abs(il["objective"][k] - fi["objective"][k]) <= 1e-6 * fi["objective"][k]
+        assert torch.allclose(_logits(X, Wl[k], bl[k]), _logits(X, Wf[k], bf[k]), atol=1e-3)
+    with pytest.raises(ValueError):
+        S.fit_logreg(X, y, 3, l1=1.0, algorithm="lbfgs")

@@ -18,9 +18,13 @@ convention of :func:`repair.selection.inferred_groups`.
    gets ``n_g / count(its group)``, ``n_g = max(smallest group, min_subsample_per_group)``
    -- the average of DFR's subsample indicators, so one weighted fit replaces the
    average over subsamples and ``C`` means what it means for a DFR subsample.
-   Both halves and the whole ``C`` path are ONE call of
-   :func:`repair.solver.fit_binary_l2_path` (batched damped Newton, warm-started from
-   the strongest penalty, primal or Gram-matrix form, whichever is cheaper).
+   Both halves and the whole ``C`` path are ONE solver call, warm-started from the strongest
+   penalty: :func:`repair.solver.fit_binary_l2_path` (batched damped Newton, primal or
+   Gram-matrix form) on small problems, :func:`repair.solver.fit_binary_l2_path_lbfgs`
+   (batched L-BFGS on one copy of the fitted rows, the standardisation folded into the
+   parameters, all one-vs-rest tasks of a fold sharing each pass) on large ones; the rule is
+   :func:`repair.solver.path_solver` (estimated cost and Newton's per-problem copies against a
+   memory budget; ``solver`` forces one). Same objective either way.
 3. Score every ``C`` by worst-group accuracy of the cross-validated predictions
    (each row predicted by the head of the half it is not in; ties: mean accuracy,
    then ``c_grid`` order). The head is the average of the two half heads at the chosen
@@ -28,7 +32,7 @@ convention of :func:`repair.selection.inferred_groups`.
    2-row head ``[-v/2, v/2]`` (softmax = the fitted sigmoid); more classes:
    one-vs-rest binary fits, the head rows are their logits.
 
-No first-order solver, no repeated refits: on the benchmark tasks (800-1000 rows,
+No repeated refits: on the benchmark tasks (800-1000 rows,
 128-1280 features) it takes 8-40 ms on one CPU thread, 17-150x less than the paper
 protocol with sklearn's liblinear (``bench/references.py``) with given groups and
 5-12x less with inferred groups (there the paper's subsamples are tiny), at equal
@@ -37,8 +41,9 @@ test worst-group accuracy with given groups and equal or higher with inferred on
 noisy than one half-split, and the weighted fit uses every row).
 
 ``protocol="bagged"``: the paper protocol below with an L2 penalty (two classes: every
-subsample and strength solved in one batched Newton call; more: FISTA) -- the
-robust choice for unequal groups.
+subsample and strength solved in one batched call, Newton or -- larger -- L-BFGS on each
+subsample's block of rows; more classes: FISTA, or -- larger -- one subsample at a time by
+L-BFGS, see :func:`repair.solver.fit_logreg`) -- the robust choice for unequal groups.
 
 ``protocol="paper"``: the paper's ``dfr_val`` protocol (made batched; the exact
 recipe of the paper, kept for reproduction):
@@ -70,7 +75,9 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   groups in use are very unequal within the classes (:func:`repair.selection.group_imbalance`
   >= ``IMBALANCE_THRESHOLD``, e.g. a repair set skewed like deployment data, or rare errors of
   the original model) and a group-balanced subsample is small next to the feature count
-  (<= ``BAG_ROWS_PER_FEATURE`` rows per feature), else "fast". Measured (``bench/analysis.md``): reweighting all rows
+  (<= ``BAG_ROWS_PER_FEATURE`` rows per feature) but still holds ``BAG_MIN_ROWS_PER_CLASS`` rows of
+  each class (with many classes and small groups it holds one or two: nothing to fit a head on),
+  else "fast". Measured (``bench/analysis.md``): reweighting all rows
   (fast) uses every sample and wins on balanced repair sets, but on skewed ones the averaged
   group-balanced subsamples win by 3-13 points of test worst-group accuracy -- importance
   weights lose their effect on nearly separable data, subsampling does not (Idrissi et al. 2022).
@@ -90,9 +97,11 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   thinned to that many (seeded random) rows before the split, so the cost stays
   bounded on large unbalanced repair sets (DFR itself keeps ``n_g``); None or 0 = all
   rows. No effect when groups are balanced.
+- ``solver`` ("auto"): fast only: "newton", "lbfgs" or "auto" (see step 2).
 - ``tol``, ``max_iter`` (None = the protocol's defaults): solver stopping rule and
   iteration cap. fast (1e-3, 50): Newton decrement (predicted objective gap) per unit
-  of sample weight, Newton steps per path point; paper (1e-4, 2000): gradient-mapping
+  of sample weight, Newton steps per path point (L-BFGS: its quasi-Newton decrement and
+  last decrease, 10x as many iterations); paper (1e-4, 2000): gradient-mapping
   norm of the mean loss, FISTA iterations.
 """
 from __future__ import annotations
@@ -120,6 +129,10 @@ FAST_C_GRID = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03)
 #: there a weighted fit can (nearly) separate the data and the weights lose their effect; with more
 #: rows the weighted fit on all of them is as robust and far cheaper (the 50k x 2048 scale benchmark)
 BAG_ROWS_PER_FEATURE = 4
+#: ... and while it holds at least this many rows per class: with many classes and small groups a
+#: balanced subsample holds a row or two of each class (1,000 classes, 50 rows each), too few to fit
+#: a head on, and each of the bagged refits is a full C-way fit (the 1,000-class scale benchmark)
+BAG_MIN_ROWS_PER_CLASS = 10
 _DEFAULTS = {"paper": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
              "bagged": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
              "fast": {"c_grid": FAST_C_GRID, "tol": 1e-3, "max_iter": 50}}
@@ -138,6 +151,7 @@ class DFRConfig:
     tol: Optional[float] = setting(None, gt=0)
     max_iter: Optional[int] = setting(None, ge=1)
     group_cap: Optional[float] = setting(4.0, ge=0)
+    solver: str = setting("auto", choices=("auto", "newton", "lbfgs"))
 
 
 def resolved(cfg, name: str):
@@ -317,50 +331,26 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     C = inputs.num_classes
     N, D = X.shape
     groups, source = resolve_groups(inputs, cfg.group_source)
-    # constant features carry no signal (their weight is exactly 0 under an L2
-    # penalty): they are dropped; the others are standardised (statistics over all rows)
-    active = torch.nonzero(X.amax(0) > X.amin(0)).flatten()
-    if active.numel() == 0:
-        active = torch.zeros(1, dtype=torch.long, device=dev)
-    Xa = X if active.numel() == D else X.index_select(1, active)
-    if cfg.standardize:
-        mu = Xa.mean(0)
-        Z = Xa - mu
-        sd = (Z * Z).mean(0).sqrt_()
-        scale = 1.0 / torch.where(S.constant_features(sd, mu), torch.ones_like(sd), sd)   # as S.standardization
-        Z.mul_(scale)
-        shift = -mu * scale
-    else:
-        Z = Xa
-        scale, shift = torch.ones(active.numel(), device=dev), torch.zeros(active.numel(), device=dev)
     n_rows = N
     gdiag = _group_diag(groups, source)
     keep = _capped_rows(groups, cfg, gen)
     if keep is not None:                  # large groups thinned to group_cap * n_g rows
-        Z, y, groups = Z.index_select(0, keep.to(dev)), y[keep], groups[keep]
+        y, groups = y[keep], groups[keep]
         N = keep.numel()
+    T = 1 if C == 2 else C
+    # constant features carry no signal (their weight is exactly 0 under an L2 penalty)
+    active = torch.nonzero(X.amax(0) > X.amin(0)).flatten()
+    if active.numel() == 0:
+        active = torch.zeros(1, dtype=torch.long, device=dev)
+    if cfg.solver == "auto":
+        solver, why = S.path_solver((N + 1) // 2, int(active.numel()), 2 * T, float(X.numel() * 4))
+    else:
+        solver, why = cfg.solver, "set in the configuration"
     order = sorted(range(len(c_grid)), key=lambda i: c_grid[i])      # strong penalty first
     pos = [order.index(i) for i in range(len(c_grid))]               # c_grid index -> path index
-    T = 1 if C == 2 else C
-    Da = Z.shape[1]
-    infos = []
-
-    def fit_folds(trains, which):
-        """Every fold's training set and the whole C path in ONE batched Newton call."""
-        l2 = [1.0 / c_grid[i] for i in order]
-        Zf, tf, wf, _ = _fold_problems(Z, y, groups, trains, C, int(cfg.min_subsample_per_group))
-        V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
-                                          num_threads=None)
-        infos.append(info)
-        V = V.to(torch.float32).view(len(trains), T, len(l2), Da)
-        c = c.to(torch.float32).view(len(trains), T, len(l2))
-        return [(V[k], c[k]) for k in range(len(trains))]
-
-    def predict(f, idx):
-        V, c = f                                                      # (T,L,Da), (T,L)
-        u = (V.reshape(T * len(order), Da) @ Z[idx.to(dev)].T).reshape(T, len(order), -1) + c.unsqueeze(-1)
-        pred = (u[0] > 0).long() if C == 2 else u.argmax(0)           # (L, n) in path order
-        return pred[pos].cpu()                                        # c_grid order
+    l2 = [1.0 / c_grid[i] for i in order]
+    make = _newton_fits if solver == "newton" else _lbfgs_fits
+    fit_folds, predict, head, infos = make(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, dev)
 
     crit = Criterion.resolve("auto", has_groups=True)                # the groups in use
     sel = select_and_refit(len(c_grid), lambda idx, which: fit_folds([idx], which)[0], predict, y,
@@ -370,11 +360,7 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     fits = sel.fold_fits if sel.worst is not None else fit_folds([torch.arange(N)], None)
     j = pos[sel.best]
     chosen = c_grid[sel.best]
-    Vs = torch.stack([f[0][:, j] for f in fits]).mean(0)
-    cs = torch.stack([f[1][:, j] for f in fits]).mean(0)
-    Wi, bi = _head_from_binary(Vs, cs, C)
-    Wa, b = S.fold_affine(Wi, bi, scale, shift)
-    W = torch.zeros(Wa.shape[0], D, device=dev).index_copy_(1, active, Wa)
+    W, b = head(fits, j)
     info = infos[-1]
     diag = {
         **_diag(method_name, "fast", chosen, sel, gdiag, c_grid),
@@ -382,13 +368,143 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
         "rows_given": int(n_rows),
         "fold_sizes": [int(f.numel()) for f in sel.folds] if sel.folds else [int(N)],
         "active_features": int(active.numel()),
+        "solver": solver,
+        "solver_rule": why,
         "solver_form": info["form"],
-        "solver_newton_iters": int(sum(info["n_iter"])),
-        "solver_factorizations": int(sum(info["n_factor"])),
+        "solver_iters": int(sum(info["n_iter"])),
         "solver_converged": bool(all(info["converged"])),
     }
+    if solver == "newton":
+        diag["solver_factorizations"] = int(sum(info["n_factor"]))
     return RepairOutput(W=W.detach().float().cpu().contiguous(), b=b.detach().float().cpu().contiguous(),
                         diagnostics=diag)
+
+
+def _newton_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, dev):
+    """Damped Newton (small problems): the standardised active features are copied once and
+    every fold's rows are gathered per problem (:func:`repair.solver.fit_binary_l2_path`)."""
+    D = X.shape[1]
+    Xa = X if active.numel() == D else X.index_select(1, active)
+    if cfg.standardize:
+        scale, shift = S.standardization(Xa)       # statistics over all rows given (before any thinning)
+    if keep is not None:
+        Xa = Xa.index_select(0, keep.to(dev))
+    if cfg.standardize:
+        Z = Xa * scale + shift
+    else:
+        Z = Xa
+        scale, shift = torch.ones(active.numel(), device=dev), torch.zeros(active.numel(), device=dev)
+    Da = Z.shape[1]
+    L = len(l2)
+    infos = []
+
+    def fit_folds(trains, which):
+        """Every fold's training set and the whole C path in ONE batched Newton call."""
+        Zf, tf, wf, _ = _fold_problems(Z, y, groups, trains, C, int(cfg.min_subsample_per_group))
+        V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
+                                          num_threads=None)
+        infos.append(info)
+        V = V.to(torch.float32).view(len(trains), T, L, Da)
+        c = c.to(torch.float32).view(len(trains), T, L)
+        return [(V[k], c[k]) for k in range(len(trains))]
+
+    def predict(f, idx):
+        V, c = f                                                      # (T,L,Da), (T,L)
+        u = (V.reshape(T * L, Da) @ Z[idx.to(dev)].T).reshape(T, L, -1) + c.unsqueeze(-1)
+        pred = (u[0] > 0).long() if C == 2 else u.argmax(0)           # (L, n) in path order
+        return pred[pos].cpu()                                        # c_grid order
+
+    def head(fits, j):
+        Vs = torch.stack([f[0][:, j] for f in fits]).mean(0)
+        cs = torch.stack([f[1][:, j] for f in fits]).mean(0)
+        Wi, bi = _head_from_binary(Vs, cs, C)
+        Wa, b = S.fold_affine(Wi, bi, scale, shift)
+        return torch.zeros(Wa.shape[0], D, device=dev).index_copy_(1, active, Wa), b
+
+    return fit_folds, predict, head, infos
+
+
+#: rows per chunk when predicting on the embeddings in place (bounds the temporaries)
+_PREDICT_CHUNK = 4096
+
+
+def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, dev):
+    """L-BFGS (large problems, :func:`repair.solver.fit_binary_l2_path_lbfgs`): the
+    standardisation is folded into the parameters (``x~ = x * scale + shift`` is never formed,
+    constant features get ``scale = shift = 0``) and every fold is one contiguous block of ONE
+    copy of the fitted rows, all its tasks sharing each pass over them. Memory beyond the
+    embeddings: that copy (at most the embeddings' size, usually less after the group cap) and
+    the per-block logits."""
+    N_all, D = X.shape
+    if cfg.standardize:
+        scale, shift = S.standardization(X)          # statistics over all rows given, in chunks
+    else:
+        scale, shift = torch.ones(D, device=dev), torch.zeros(D, device=dev)
+    if active.numel() != D:
+        on = torch.zeros(D, dtype=torch.bool, device=dev)
+        on[active] = True
+        scale, shift = torch.where(on, scale, 0.0), torch.where(on, shift, 0.0)
+    rows_of = keep.to(dev) if keep is not None else None             # kept row -> row of X
+    L = len(l2)
+    infos = []
+
+    held = {}                                                        # the last copy, to predict from
+
+    def fit_folds(trains, which):
+        rows = torch.cat(trains).to(dev)
+        Xc = X.index_select(0, rows if rows_of is None else rows_of[rows])
+        held.clear()
+        held.update({"Xc": Xc, "rows": rows.cpu()})
+        bounds = torch.tensor([0] + [int(tr.numel()) for tr in trains]).cumsum(0).tolist()
+        blocks = list(zip(bounds[:-1], bounds[1:]))
+        yr = y[rows.cpu()]
+        t = (yr == 1).view(-1, 1) if C == 2 else torch.nn.functional.one_hot(yr, C).bool()
+        w = torch.cat([S.expected_balanced_weights(groups[tr], int(cfg.min_subsample_per_group)) for tr in trains])
+        V, c, info = S.fit_binary_l2_path_lbfgs(Xc, blocks, t.to(dev, torch.float32), w.to(dev), l2,
+                                                scale=scale, shift=shift, tol=tol,
+                                                max_iter=S.lbfgs.ITERS_PER_NEWTON_STEP * max_iter)
+        infos.append(info)
+        return [(V[k], c[k].to(torch.float32)) for k in range(len(trains))]
+
+    def effective(f):
+        """(T*L, D) weights and (T*L,) biases acting on raw rows."""
+        V, c = f                                                     # (T,L,D) standardised space
+        Vf = V.reshape(T * L, D)
+        return Vf * scale, c.reshape(T * L) + Vf @ shift
+
+    def rows_for(idx, lo, hi):
+        """Rows ``idx[lo:hi]``: a view of the fitted copy when they are a contiguous stretch of it
+        (a held-out fold is the other fold's training block), else gathered from X."""
+        rows = held.get("rows")
+        if rows is not None and idx.numel():
+            hit = torch.nonzero(rows == idx[0]).flatten()
+            if hit.numel() == 1:
+                start = int(hit[0])
+                if start + idx.numel() <= rows.numel() and torch.equal(rows[start:start + idx.numel()], idx.cpu()):
+                    return held["Xc"][start + lo:start + hi]
+        r = idx[lo:hi].to(dev)
+        return X.index_select(0, r if rows_of is None else rows_of[r])
+
+    def predict(f, idx):
+        We, be = effective(f)
+        preds = []
+        # the logits of a chunk stay within ~32 MiB whatever T * L is (1,000 classes x 6 strengths)
+        step = max(64, min(_PREDICT_CHUNK, int(2 ** 23 // max(1, T * L))))
+        for lo in range(0, idx.numel(), step):
+            xr = rows_for(idx, lo, min(idx.numel(), lo + step))
+            u = torch.addmm(be.unsqueeze(0), xr, We.T).view(-1, T, L)          # (rows, T, L), no copy
+            preds.append(((u[:, 0] > 0).long() if C == 2 else u.argmax(1)).T)
+            del u
+        return torch.cat(preds, 1)[pos].cpu()                        # c_grid order
+
+    def head(fits, j):
+        held.clear()                                                 # the copy is no longer needed
+        Vs = torch.stack([f[0][:, j] for f in fits]).mean(0)
+        cs = torch.stack([f[1][:, j] for f in fits]).mean(0)
+        Wi, bi = _head_from_binary(Vs, cs, C)
+        return S.fold_affine(Wi, bi, scale, shift)
+
+    return fit_folds, predict, head, infos
 
 
 def _freeze(cfg: DFRConfig, diag: dict) -> DFRConfig:
@@ -409,10 +525,13 @@ def dfr(inputs: RepairInputs, config: DFRConfig) -> RepairOutput:
     counts = torch.bincount(groups)
     rows = int((counts > 0).sum()) * max(int(counts[counts > 0].min()), int(config.min_subsample_per_group))
     D = int(inputs.X.shape[1])
-    chosen = "bagged" if (imb >= IMBALANCE_THRESHOLD and rows <= BAG_ROWS_PER_FEATURE * D) else "fast"
+    per_class = rows / max(1, int(inputs.num_classes))
+    chosen = "bagged" if (imb >= IMBALANCE_THRESHOLD and rows <= BAG_ROWS_PER_FEATURE * D
+                          and per_class >= BAG_MIN_ROWS_PER_CLASS) else "fast"
     cfg = dataclasses.replace(config, protocol=chosen)
     out = (run_fast_protocol(inputs, cfg, "dfr") if chosen == "fast" else run_balanced_protocol(inputs, cfg, None, "dfr"))
     out.diagnostics.update({"protocol_rule": f"auto: group imbalance {imb:.2f} (bagged from {IMBALANCE_THRESHOLD}), "
                                              f"balanced subsample of {rows} rows for {D} features (bagged up to "
-                                             f"{BAG_ROWS_PER_FEATURE}x)"})
+                                             f"{BAG_ROWS_PER_FEATURE}x), {per_class:.1f} rows per class (bagged "
+                                             f"from {BAG_MIN_ROWS_PER_CLASS})"})
     return out

@@ -95,17 +95,31 @@ form="auto", factor_dtype=torch.float32, num_threads="auto") -> (v (K,L,d), c (K
     ``n``-dimensional Gram-matrix (kernel) form; see its docstring. No standardisation
     or folding: the caller passes the features it wants.
 
-Layout: :mod:`.fista` (``fit_logreg``), :mod:`.newton` (``fit_binary_l2_path``,
+``fit_binary_l2_path_lbfgs(X (n,d), blocks [(start, stop)], t (n,T), w (n,)|(n,T), l2 (L,)|(L,B), *,
+scale=None, shift=None, tol=1e-3, max_iter=500) -> (v (B,T,L,d), c (B,T,L), info)``
+
+    The same binary L2 problems for LARGE data: batched L-BFGS on the rows as given (no
+    per-problem copy; every block of rows holds ``T`` tasks sharing each pass; the
+    standardisation ``x * scale + shift`` folded into the parameters; the line search runs on
+    the logits, free). ``path_solver(n, d, problems, data_bytes)`` picks Newton or L-BFGS
+    (estimated cost, Newton's copies against a memory budget); ``fit_logreg``'s two-class
+    smooth path uses it too.
+
+Layout: :mod:`.fista` (``fit_logreg``), :mod:`.lbfgs` (``fit_binary_l2_path_lbfgs``,
+``path_solver``), :mod:`.newton` (``fit_binary_l2_path``,
 ``newton_cost``), :mod:`.weights` (``fold_affine``, ``standardization``,
 ``class_balanced_weights``, ``group_balanced_weights``, ``balanced_subsample_weights``,
 ``expected_balanced_weights``). Splitting, scoring and choosing among candidates live
 in :mod:`repair.selection`; the CPU thread policy in :mod:`repair.threads`.
 """
 from .fista import fit_logreg
+from .lbfgs import fit_binary_l2_path_lbfgs, lbfgs_cost, path_solver
 from .newton import fit_binary_l2_path, newton_cost
 from .weights import (balanced_subsample_weights, class_balanced_weights, constant_features,
-                      expected_balanced_weights, fold_affine, group_balanced_weights, standardization)
+                      expected_balanced_weights, feature_moments, fold_affine, group_balanced_weights,
+                      standardization)
 
-__all__ = ["fit_logreg", "fit_binary_l2_path", "newton_cost", "fold_affine", "standardization",
+__all__ = ["fit_logreg", "fit_binary_l2_path", "fit_binary_l2_path_lbfgs", "path_solver", "lbfgs_cost",
+           "newton_cost", "fold_affine", "standardization", "feature_moments",
            "class_balanced_weights", "group_balanced_weights", "balanced_subsample_weights",
            "expected_balanced_weights", "constant_features"]

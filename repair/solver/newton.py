@@ -284,11 +284,13 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     else:
         y_k = y.view(1, N).expand(K, N)
         Xk = Z.unsqueeze(0).expand(K, N, D)
+    owned = M < N                                            # Xk is our own copy: map it in place
     N = Xk.shape[1]
     if scale is not None:
-        Xk = Xk * scale.unsqueeze(1)
+        Xk = Xk.mul_(scale.unsqueeze(1)) if owned else Xk * scale.unsqueeze(1)
+        owned = True
     if shift is not None:
-        Xk = Xk + shift.unsqueeze(1)
+        Xk = Xk.add_(shift.unsqueeze(1)) if owned else Xk + shift.unsqueeze(1)
     Xk = Xk.contiguous()
     l2, pull = l2.double(), pull.double()
     lam = (l2 + pull) / 2.0                                  # binary convention: sklearn multinomial / 2
@@ -297,8 +299,18 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
         center = ((pull / (l2 + pull)).view(K, 1) * (Wref[:, 1] - Wref[:, 0]).double())
         offset = torch.bmm(Xk, center.to(Xk.dtype).unsqueeze(-1)).squeeze(-1)
     tgt = (y_k == 1).to(Xk.dtype)
-    V, c, info = fit_binary_l2_path(Xk, tgt, w, lam.view(1, K), tol=tol, max_iter=max_iter, offset=offset,
-                                    num_threads=None)
+    from .lbfgs import fit_binary_l2_path_lbfgs, path_solver, ITERS_PER_NEWTON_STEP
+
+    solver = "newton" if offset is not None else path_solver(N, D, K, 4.0 * Z.numel())[0]
+    if solver == "lbfgs":
+        # every problem's rows are one block of the (K*N, D) copy already made (no pull: no offsets)
+        Vl, cl, info = fit_binary_l2_path_lbfgs(Xk.view(K * N, D), [(k * N, (k + 1) * N) for k in range(K)],
+                                                tgt.reshape(-1, 1), w.reshape(-1).to(Xk.dtype), lam.view(1, K),
+                                                tol=tol, max_iter=ITERS_PER_NEWTON_STEP * max_iter)
+        V, c = Vl[:, 0].double(), cl[:, 0]
+    else:
+        V, c, info = fit_binary_l2_path(Xk, tgt, w, lam.view(1, K), tol=tol, max_iter=max_iter, offset=offset,
+                                        num_threads=None)
     v = V[:, 0] if center is None else V[:, 0] + center
     cb = c[:, 0]
     m = torch.zeros(K, D, dtype=torch.float64, device=Z.device) if Wref is None else 0.5 * (Wref[:, 0] + Wref[:, 1]).double()
@@ -313,4 +325,4 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
         obj = obj + 0.5 * pull * ((W - Wref.double()) ** 2).sum((1, 2))
     it = int(sum(info["n_iter"]))
     return W.float(), b.float(), {"n_iter": [it] * K, "converged": [bool(all(info["converged"]))] * K,
-                                  "objective": obj.cpu().tolist(), "form": info["form"]}
+                                  "objective": obj.cpu().tolist(), "form": info["form"], "solver": solver}

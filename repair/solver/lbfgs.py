@@ -1,0 +1,470 @@
+"""Large dense L2 problems: binary logistic regressions along a warm-started penalty path by
+batched L-BFGS on the data as given: :func:`fit_binary_l2_path_lbfgs`.
+
+The damped-Newton path of :mod:`.newton` builds a ``(d+1)^2`` Hessian per problem (``n d^2``
+multiply-adds) or an ``n x n`` Gram system, and needs every problem's rows as a copy
+``(K, n, d)``. At 50,000 x 2,048 that Hessian is what costs, and the copies are what fill the
+memory. Here an iteration costs two passes over the rows (``X d`` for the search direction,
+``X^T r`` for the gradient), the line search is free (the logits are linear in the step, so
+``u + a X d`` is evaluated for any step ``a`` without touching the data), the standardisation is
+folded into the parameters (``x~ = x * scale + shift`` is never formed) and the problems of a
+block of rows share one GEMM: no copy of the data is made.
+
+:func:`path_solver` is the switch rule between the two (measured crossover, see its docstring).
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+#: history pairs kept per problem (fewer when they would not fit :data:`HISTORY_BYTES`)
+MEMORY = 10
+#: bytes the L-BFGS histories of one block may take
+HISTORY_BYTES = 128 * 1024 ** 2
+#: L-BFGS iterations budgeted per Newton step of the caller's ``max_iter``
+ITERS_PER_NEWTON_STEP = 10
+
+
+def lbfgs_cost(n: int, d: int, problems: int = 1, iters: int = 30) -> float:
+    """Rough multiply-adds of one path point of :func:`fit_binary_l2_path_lbfgs`: ``iters``
+    iterations of two passes over ``n x d`` rows for ``problems`` outputs."""
+    return 2.0 * iters * n * d * problems
+
+
+#: how many times slower per multiply-add a thin pass runs than a Newton factorisation's GEMMs
+#: (a large-matrix GEMV is memory bound; rows that fit in cache are not). Calibrated on the 2-core
+#: benchmark machine, one thread (``bench/scale.py``'s crossover table): L-BFGS measured 1.7-6x
+#: faster than Newton from 500 x 384 up (20 x 800 x 512: 19x; 12,500 x 2,048: ~15x), Newton
+#: 1.2-2x faster at 300-2,000 rows with 32-128 features
+THIN_PENALTY = 2.0
+#: fixed cost of an L-BFGS iteration (some forty small tensor operations), in multiply-adds: what
+#: keeps Newton ahead on small problems (same calibration)
+ITERATION_OVERHEAD = 1e6
+#: iterations per path point the estimate assumes
+ITERS_ESTIMATE = 30
+
+
+def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_bytes: Optional[float] = None,
+                newton_cost_fn=None) -> tuple:
+    """``("newton" | "lbfgs", why)`` for ``problems`` binary L2 problems on ``n`` rows and
+    ``d`` features each.
+
+    Newton (:func:`repair.solver.fit_binary_l2_path`) needs a per-problem copy of its rows
+    (``problems * n * d`` values) and ~2 factorisations per path point; L-BFGS needs no copy and
+    ~30 iterations of two thin passes per path point (:func:`lbfgs_cost`, a thin pass being
+    :data:`THIN_PENALTY` times slower per multiply-add, plus :data:`ITERATION_OVERHEAD` per
+    iteration). L-BFGS is chosen when Newton's copy
+    would exceed ``budget_bytes`` (default: half of ``data_bytes``, the embeddings the caller
+    holds) or when its estimated time is the larger one."""
+    from .newton import newton_cost
+
+    cost, form = (newton_cost_fn or newton_cost)(n, d)
+    copy = 4.0 * problems * n * (d + 1)
+    budget = 0.5 * data_bytes if budget_bytes is None else budget_bytes
+    if copy > max(budget, 64 * 1024 ** 2):
+        return "lbfgs", f"Newton's per-problem copy ({copy / 2**20:.0f} MiB) exceeds the memory budget"
+    t_newton = problems * 2.0 * cost
+    t_lbfgs = THIN_PENALTY * lbfgs_cost(n, d, problems, ITERS_ESTIMATE) + ITERS_ESTIMATE * ITERATION_OVERHEAD
+    if t_lbfgs < t_newton:
+        return "lbfgs", f"L-BFGS estimated {t_newton / t_lbfgs:.1f}x cheaper than Newton ({form})"
+    return "newton", f"Newton ({form}) estimated {t_lbfgs / t_newton:.1f}x cheaper than L-BFGS"
+
+
+def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: Tensor, l2: Sequence[float], *,
+                             scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                             tol: float = 1e-3, max_iter: int = 500, memory: int = MEMORY):
+    """Binary L2 logistic regressions along a penalty path by batched L-BFGS.
+
+    ``X`` (n, d): the rows, used as given (any float dtype; the passes run in it). ``blocks``:
+    ``B`` row ranges ``(start, stop)`` of ``X``; block ``b`` holds ``T`` problems (tasks), all
+    on its rows. ``t`` (n, T) 0/1 targets, ``w`` (n,) or (n, T) non-negative row weights,
+    ``l2`` (L,) the penalty path (solved in the given order, each point warm-started from the
+    previous one: give it decreasing). ``scale``/``shift`` (d,): the features are
+    ``x~ = x * scale + shift`` (a folded standardisation; ``scale = 0`` with ``shift = 0`` drops
+    a feature: its weight stays exactly 0). Problem ``(b, task, j)``, sklearn's binary
+    convention (``l2 = 1/C``)::
+
+        min_{v, c}  sum_{i in block b} w_i * (log(1 + exp(u_i)) - t_i u_i) + l2[j] / 2 * ||v||^2,
+        u_i = x~_i . v + c                  (intercept ``c`` not penalised)
+
+    -- the objective of :func:`repair.solver.fit_binary_l2_path` on the block's rows.
+
+    L-BFGS (``memory`` pairs per problem, in float32; fewer if the histories of a block would
+    exceed :data:`HISTORY_BYTES`), the iterates and objective in float64. The line search is a
+    safeguarded one-dimensional Newton step on the exact objective along the direction followed
+    by Armijo backtracking, all on the logits ``u + a X d`` (no data pass). A problem is done
+    when ``-g^T d`` (with ``d = -H g`` the L-BFGS step: the quasi-Newton decrement, twice the
+    predicted objective gap) is ``<= 2 tol sum_i w_i`` -- the stopping rule of the Newton path
+    -- and so was the objective decrease of the last step (the quasi-Newton estimate alone can be
+    optimistic while the history is short); a problem whose line search cannot decrease the
+    objective any more (float32 round-off) stops unconverged. Converged problems leave the
+    batch, so the GEMMs shrink with them.
+
+    Returns ``(v (B, T, L, d) float32, c (B, T, L) float64, info)``; ``info``: ``n_iter`` (L,)
+    (the most iterations of any problem per path point), ``converged`` (L,) (all problems),
+    ``form`` ``"lbfgs"``, ``seconds``.
+    """
+    t0 = time.perf_counter()
+    X = torch.as_tensor(X)
+    if X.dim() != 2:
+        raise ValueError("X must be (n, d)")
+    n, d = X.shape
+    dev, xdt = X.device, X.dtype
+    t = torch.as_tensor(t).to(dev)
+    if t.dim() == 1:
+        t = t.view(-1, 1)
+    if t.shape[0] != n:
+        raise ValueError("t must have one row per row of X")
+    T = t.shape[1]
+    w = torch.as_tensor(w).to(dev)
+    if w.dim() == 1:
+        w = w.view(-1, 1)
+    if w.shape[0] != n or w.shape[1] not in (1, T):
+        raise ValueError("w must be (n,) or (n, T)")
+    if bool((w < 0).any()):
+        raise ValueError("weights must be non-negative")
+    B = len(blocks)
+    L2 = torch.as_tensor(l2, dtype=torch.float64).cpu()
+    if L2.dim() == 1:
+        L2 = L2.view(-1, 1).expand(-1, B)               # (L, B): one penalty per path point and block
+    if L2.numel() == 0 or bool((L2 <= 0).any()) or L2.dim() != 2 or L2.shape[1] != B:
+        raise ValueError("the l2 path must be non-empty and positive, (L,) or (L, blocks)")
+    a = None if scale is None else torch.as_tensor(scale).to(dev, torch.float64).flatten()
+    s = None if shift is None else torch.as_tensor(shift).to(dev, torch.float64).flatten()
+    L = L2.shape[0]
+    V = torch.zeros(B, T, L, d, dtype=torch.float32, device=dev)
+    Cb = torch.zeros(B, T, L, dtype=torch.float64, device=dev)
+    n_iter = [0] * L
+    conv = [True] * L
+    for bi, (lo, hi) in enumerate(blocks):
+        lo, hi = int(lo), int(hi)
+        if not 0 <= lo < hi <= n:
+            raise ValueError(f"bad block {(lo, hi)} for {n} rows")
+        Xb = X[lo:hi]
+        tb = t[lo:hi].to(xdt)
+        wb = w[lo:hi].to(xdt)
+        if bool((wb.sum(0) <= 0).any()):
+            raise ValueError("every problem needs a positive total weight")
+        _Block(Xb, tb, wb, a, s, T, memory).path(L2[:, bi].tolist(), tol, max_iter, V[bi], Cb[bi], n_iter, conv)
+    info = {"form": "lbfgs", "n_iter": n_iter, "converged": conv, "seconds": time.perf_counter() - t0}
+    return V, Cb, info
+
+
+class _Block:
+    """One block of rows and its ``T`` problems; parameters ``v`` (P, d), ``c`` (P,) float64."""
+
+    def __init__(self, X, t, w, scale, shift, T, memory):
+        self.X, self.t, self.w, self.a, self.s = X, t, w, scale, shift
+        self.T = T
+        n, d = X.shape
+        self.Sw = w.sum(0, dtype=torch.float64).expand(T).clone()          # (T,)
+        per_pair = 2 * 4 * T * (d + 1)
+        self.m = max(2, min(int(memory), int(HISTORY_BYTES // max(per_pair, 1))))
+
+    # --- the linear map and its adjoint (standardisation folded in) -----------------------
+    def lin(self, v: Tensor, c: Tensor) -> Tensor:
+        """logits ``X~ v^T + c`` (n, P) in X's dtype for parameters v (P, d), c (P,)."""
+        ve = v if self.a is None else v * self.a
+        ce = c if self.s is None else c + v @ self.s
+        return torch.addmm(ce.to(self.X.dtype).unsqueeze(0), self.X, ve.to(self.X.dtype).T)
+
+    def lin_T(self, R: Tensor):
+        """``(X~^T R)^T`` (P, d) and ``sum R`` (P,), float64, for residuals R (n, P)."""
+        g = (R.T @ self.X).double()
+        rs = R.sum(0, dtype=torch.float64)
+        if self.a is not None:
+            g = g * self.a
+        if self.s is not None:
+            g = g + rs.unsqueeze(1) * self.s
+        return g, rs
+
+    def _cols(self, M: Tensor, act: Optional[Tensor]):
+        return M if act is None or M.shape[1] == 1 else M[:, act]
+
+    def loss(self, u: Tensor, act) -> Tensor:
+        """sum_i w_i (softplus(u_i) - t_i u_i) per problem (float64)."""
+        lv = torch.nn.functional.binary_cross_entropy_with_logits(u, self._cols(self.t, act), reduction="none")
+        return (lv * self._cols(self.w, act)).sum(0, dtype=torch.float64)
+
+    def residual(self, u: Tensor, act) -> Tensor:
+        return torch.sigmoid(u).sub_(self._cols(self.t, act)).mul_(self._cols(self.w, act))
+
+    # --- the path ---------------------------------------------------------------------------
+    def path(self, lams, tol, max_iter, V_out, c_out, n_iter, conv):
+        T, d = self.T, self.X.shape[1]
+        dev = self.X.device
+        v = torch.zeros(T, d, dtype=torch.float64, device=dev)
+        # start at the intercept-only model (the solution for an infinite penalty)
+        Sw = self.Sw
+        m = ((self.w * self.t).sum(0, dtype=torch.float64) / Sw).clamp(1e-6, 1 - 1e-6)
+        c = torch.log(m / (1 - m))
+        carry = None                     # logits and data gradient at (v, c): no pass to restart
+        for j, lam in enumerate(lams):
+            v, c, it, ok, carry = self.solve(v, c, lam, tol, max_iter, carry)
+            V_out[:, j] = v.to(V_out.dtype)
+            c_out[:, j] = c
+            n_iter[j] = max(n_iter[j], it)
+            conv[j] = conv[j] and ok
+
+    def solve(self, v, c, lam, tol, max_iter, carry=None):
+        """Minimise every problem at penalty ``lam`` from ``(v, c)``; returns the solution,
+        the iterations used, whether every problem converged and the carry ``(u, data
+        gradient)`` at the solution (the next path point starts from it without a data pass)."""
+        T = self.T
+        dev = v.device
+        gtol = 2.0 * float(tol) * self.Sw                      # on -g^T d (twice the predicted gap)
+        out_v, out_c = v.clone(), c.clone()
+        done = torch.zeros(T, dtype=torch.bool)
+        converged = torch.zeros(T, dtype=torch.bool)
+        act = torch.arange(T, device=dev)
+        if carry is None:
+            u = self.lin(v, c)
+            gv, gc = self.lin_T(self.residual(u, None))
+        else:
+            u, gv, gc = carry
+        out_u, out_gv, out_gc = u.clone(), gv.clone(), gc.clone()
+        f = self.loss(u, None) + 0.5 * lam * (v * v).sum(1)
+        gv = gv + lam * v
+
+        def record(idx, mask):
+            out_v[idx], out_c[idx] = v[mask], c[mask]
+            out_u[:, idx] = u[:, mask]
+            out_gv[idx], out_gc[idx] = gv[mask] - lam * v[mask], gc[mask]
+        S, Y, rho = [], [], []                                 # histories (float32), 1/(s.y)
+        last_drop = torch.full_like(f, float("inf"))           # objective decrease of the last step
+        it = 0
+        while it < max_iter:
+            it += 1
+            # --- two-loop recursion: d = -H g (per problem) --------------------------------
+            q = torch.cat([gv, gc.unsqueeze(1)], 1)          # (Pa, d+1) float64
+            alphas = []
+            for sk, yk, rk in zip(reversed(S), reversed(Y), reversed(rho)):
+                al = rk * (sk.double() * q).sum(1)
+                q = q - al.unsqueeze(1) * yk.double()
+                alphas.append(al)
+            if S:
+                sy = (S[-1].double() * Y[-1].double()).sum(1)
+                yy = (Y[-1].double() ** 2).sum(1)
+                gam = torch.where((sy > 0) & (yy > 0), sy / yy.clamp_min(1e-300), torch.ones_like(sy))
+                q = q * gam.unsqueeze(1)
+            for sk, yk, rk, al in zip(S, Y, rho, reversed(alphas)):
+                be = rk * (yk.double() * q).sum(1)
+                q = q + (al - be).unsqueeze(1) * sk.double()
+            dv, dc = -q[:, :-1], -q[:, -1]
+            dec = (gv * q[:, :-1]).sum(1) + gc * q[:, -1]      # -g^T d = g^T H g
+            bad_dir = ~(dec > 0)
+            if bool(bad_dir.any()):                            # lost positive definiteness: restart
+                dv = torch.where(bad_dir.unsqueeze(1), -gv, dv)
+                dc = torch.where(bad_dir, -gc, dc)
+                dec = torch.where(bad_dir, (gv * gv).sum(1) + gc * gc, dec)
+            # --- convergence: quasi-Newton decrement (after one curvature pair) ---------------
+            fin = (dec <= gtol[act]) & (last_drop <= gtol[act]) & (len(S) > 0)
+            if bool(fin.any()):
+                idx = act[fin]
+                record(idx, fin)
+                done[idx.cpu()] = True
+                converged[idx.cpu()] = True
+                keep = ~fin
+                if not bool(keep.any()):
+                    break
+                act, v, c, gv, gc, f, dv, dc, dec, last_drop = (
+                    z[keep] for z in (act, v, c, gv, gc, f, dv, dc, dec, last_drop))
+                u = u[:, keep]
+                S, Y, rho = [z[keep] for z in S], [z[keep] for z in Y], [z[keep] for z in rho]
+            # --- line search on u + a X d (no data pass) -----------------------------------
+            du = self.lin(dv, dc)
+            vv, vd, dd = (v * v).sum(1), (v * dv).sum(1), (dv * dv).sum(1)
+            wa = self._cols(self.w, act)
+            ta = self._cols(self.t, act)
+
+            def phi(al):                                   # objective along the direction
+                uu = torch.addcmul(u, du, al.to(u.dtype).unsqueeze(0))
+                lv = torch.nn.functional.binary_cross_entropy_with_logits(uu, ta, reduction="none")
+                return (lv * wa).sum(0, dtype=torch.float64) + 0.5 * lam * (vv + 2 * al * vd + al * al * dd), uu
+
+            al = torch.ones_like(dec)
+            if not S:                                      # first step: a 1-D Newton step from 0
+                p = torch.sigmoid(u)
+                curv = (p * (1 - p) * du * du * wa).sum(0, dtype=torch.float64) + lam * dd
+                al = (dec / curv.clamp_min(1e-300)).clamp(max=1e6)
+            else:                                          # refine the unit step by one 1-D Newton step
+                uu = torch.addcmul(u, du, al.to(u.dtype).unsqueeze(0))
+                p = torch.sigmoid(uu)
+                d1 = ((p - ta) * wa * du).sum(0, dtype=torch.float64) + lam * (vd + al * dd)
+                d2 = (p * (1 - p) * wa * du * du).sum(0, dtype=torch.float64) + lam * dd
+                al = (al - d1 / d2.clamp_min(1e-300)).clamp(0.25, 4.0)
+            fn, un = phi(al)
+            for _ls in range(30):
+                bad = ~(fn <= f - 1e-4 * al * dec + 1e-12 * f.abs())
+                if not bool(bad.any()):
+                    break
+                al = torch.where(bad, 0.5 * al, al)
+                fn2, un2 = phi(al)
+                fn = torch.where(bad, fn2, fn)
+                un = torch.where(bad.unsqueeze(0), un2, un)
+            stuck = ~(fn < f)                                # no decrease possible (round-off)
+            al = torch.where(stuck, torch.zeros_like(al), al)
+            v = v + al.unsqueeze(1) * dv
+            c = c + al * dc
+            u = torch.where(stuck.unsqueeze(0), u, un)
+            last_drop = torch.where(stuck, torch.zeros_like(f), f - fn)
+            f = torch.where(stuck, f, fn)
+            gv_new, gc_new = self.lin_T(self.residual(u, act))
+            gv_new = gv_new + lam * v
+            sv = torch.cat([al.unsqueeze(1) * dv, (al * dc).unsqueeze(1)], 1)
+            yv = torch.cat([gv_new - gv, (gc_new - gc).unsqueeze(1)], 1)
+            sy = (sv * yv).sum(1)
+            good = sy > 1e-10 * (sv * sv).sum(1).sqrt() * (yv * yv).sum(1).sqrt()
+            S.append(sv.float())
+            Y.append(yv.float())
+            rho.append(torch.where(good, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy)))
+            if len(S) > self._m_for(act.numel()):
+                S.pop(0), Y.pop(0), rho.pop(0)
+            gv, gc = gv_new, gc_new
+            if bool(stuck.any()):                          # stop those problems, unconverged
+                idx = act[stuck]
+                record(idx, stuck)
+                done[idx.cpu()] = True
+                keep = ~stuck
+                if not bool(keep.any()):
+                    break
+                act, v, c, gv, gc, f, last_drop = (z[keep] for z in (act, v, c, gv, gc, f, last_drop))
+                u = u[:, keep]
+                S, Y, rho = [z[keep] for z in S], [z[keep] for z in Y], [z[keep] for z in rho]
+        if not bool(done.all()):                           # iteration cap: the last iterates
+            record(act, torch.ones(act.numel(), dtype=torch.bool, device=dev))
+        return out_v, out_c, it, bool(converged.all()), (out_u, out_gv, out_gc)
+
+    def _m_for(self, P: int) -> int:
+        return self.m
+
+
+__all__ = ["fit_binary_l2_path_lbfgs", "path_solver", "lbfgs_cost"]
+
+
+def fit_softmax_l2_lbfgs(X: Tensor, y: Tensor, w: Tensor, num_classes: int, l2: float, *,
+                         scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                         W0: Optional[Tensor] = None, b0: Optional[Tensor] = None,
+                         tol: float = 1e-4, max_iter: int = 2000, memory: int = MEMORY):
+    """One weighted multinomial logistic regression with an L2 penalty by L-BFGS:
+    ``min sum_i w_i CE(softmax(W x~_i + b), y_i) + l2/2 ||W||^2`` (``b`` free), ``x~ = x * scale +
+    shift`` folded in (never formed). ``X`` (n, d) in any float dtype (the passes run in it), the
+    iterates in float64. Stops when the largest gradient entry of the *mean* objective (divided by
+    ``sum w``) is ``<= tol`` -- the gradient-mapping rule of :func:`repair.solver.fit_logreg` for
+    a smooth problem -- or when the line search cannot decrease the objective (round-off).
+    Each iteration is two passes over the rows (``X D^T`` along the direction, ``R^T X`` for the
+    gradient); the line search (one-dimensional Newton steps, Armijo) runs on the logits.
+    Returns ``(W (C, d), b (C,), info)`` float64 in the internal coordinates (acting on x~)."""
+    X = torch.as_tensor(X)
+    n, d = X.shape
+    C = int(num_classes)
+    dev, xdt = X.device, X.dtype
+    y = torch.as_tensor(y).to(dev).long()
+    w = torch.as_tensor(w).to(dev, xdt).view(-1, 1)
+    Sw = float(w.sum(dtype=torch.float64))
+    if Sw <= 0:
+        raise ValueError("the problem needs a positive total weight")
+    a = None if scale is None else torch.as_tensor(scale).to(dev, torch.float64).flatten()
+    s = None if shift is None else torch.as_tensor(shift).to(dev, torch.float64).flatten()
+    lam = float(l2)
+    yi = y.view(-1, 1)
+
+    def lin(Wm, bm):
+        We = Wm if a is None else Wm * a
+        be = bm if s is None else bm + Wm @ s
+        return torch.addmm(be.to(xdt).unsqueeze(0), X, We.to(xdt).T)            # (n, C)
+
+    def loss(U):
+        lse = torch.logsumexp(U, 1, keepdim=True)
+        return float(((lse - U.gather(1, yi)) * w).sum(dtype=torch.float64))
+
+    def grad(U, Wm):
+        P = torch.softmax(U, 1)
+        P.scatter_add_(1, yi, torch.full_like(yi, -1, dtype=P.dtype))
+        P.mul_(w)
+        g = (P.T @ X).double()
+        rs = P.sum(0, dtype=torch.float64)
+        if a is not None:
+            g = g * a
+        if s is not None:
+            g = g + rs.unsqueeze(1) * s
+        return torch.cat([g + lam * Wm, rs.unsqueeze(1)], 1)                    # (C, d+1)
+
+    th = torch.zeros(C, d + 1, dtype=torch.float64, device=dev)
+    if W0 is not None:
+        th[:, :d] = torch.as_tensor(W0).to(dev, torch.float64)
+    if b0 is not None:
+        th[:, d] = torch.as_tensor(b0).to(dev, torch.float64)
+    U = lin(th[:, :d], th[:, d])
+    f = loss(U) + 0.5 * lam * float((th[:, :d] ** 2).sum())
+    g = grad(U, th[:, :d])
+    S_, Y_, R_ = [], [], []
+    it, converged = 0, False
+    while it < max_iter:
+        if float(g.abs().max()) / Sw <= tol:
+            converged = True
+            break
+        it += 1
+        q = g.clone()
+        al = []
+        for sk, yk, rk in zip(reversed(S_), reversed(Y_), reversed(R_)):
+            a_ = rk * float((sk * q).sum())
+            q -= a_ * yk
+            al.append(a_)
+        if S_:
+            q *= float((S_[-1] * Y_[-1]).sum()) / max(float((Y_[-1] ** 2).sum()), 1e-300)
+        for sk, yk, rk, a_ in zip(S_, Y_, R_, reversed(al)):
+            q += (a_ - rk * float((yk * q).sum())) * sk
+        dth = -q
+        dec = float((g * q).sum())
+        if not dec > 0:                                    # not a descent direction: restart
+            S_, Y_, R_ = [], [], []
+            dth, dec = -g, float((g * g).sum())
+        dU = lin(dth[:, :d], dth[:, d])
+        vv, vd, dd = (float((th[:, :d] * th[:, :d]).sum()), float((th[:, :d] * dth[:, :d]).sum()),
+                      float((dth[:, :d] ** 2).sum()))
+
+        def phi(t_):
+            return loss(U + t_ * dU) + 0.5 * lam * (vv + 2 * t_ * vd + t_ * t_ * dd)
+
+        def d12(t_):                                       # first and second derivative along dth
+            Ut = U + t_ * dU
+            P = torch.softmax(Ut, 1)
+            m1 = (P * dU).sum(1, keepdim=True)
+            d1 = float(((m1 - dU.gather(1, yi)) * w).sum(dtype=torch.float64)) + lam * (vd + t_ * dd)
+            d2 = float((((P * dU * dU).sum(1, keepdim=True) - m1 * m1) * w).sum(dtype=torch.float64)) + lam * dd
+            return d1, d2
+
+        t_ = 1.0 if S_ else 0.0
+        d1, d2 = d12(t_)
+        t_ = min(max(t_ - d1 / max(d2, 1e-300), 0.25 if S_ else 0.0), 4.0 if S_ else 1e6)
+        fn = phi(t_)
+        for _ls in range(30):
+            if fn <= f - 1e-4 * t_ * dec + 1e-12 * abs(f):
+                break
+            t_ *= 0.5
+            fn = phi(t_)
+        if not fn < f:                                     # round-off: no decrease possible
+            break
+        sk = t_ * dth
+        th = th + sk
+        U = U + t_ * dU
+        f = fn
+        gn = grad(U, th[:, :d])
+        yk = gn - g
+        sy = float((sk * yk).sum())
+        if sy > 1e-10 * float(sk.norm()) * float(yk.norm()):
+            S_.append(sk)
+            Y_.append(yk)
+            R_.append(1.0 / sy)
+            if len(S_) > memory:
+                S_.pop(0), Y_.pop(0), R_.pop(0)
+        g = gn
+    return th[:, :d], th[:, d], {"n_iter": it, "converged": converged, "objective": f}
+
+
+__all__ += ["fit_softmax_l2_lbfgs"]
