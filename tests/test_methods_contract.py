@@ -258,3 +258,40 @@ def test_dfr_auto_protocol_bags_on_unequal_groups(problems):
     out = m(inp)
     assert out.diagnostics["protocol"] == "bagged"
     assert _wga(p, out.W, out.b) >= _wga(p, p["W"], p["b"]) + 0.10
+
+
+@pytest.mark.parametrize("m", METHODS, ids=IDS)
+def test_identical_samples_stay_on_one_side_of_a_methods_own_splits(m, problems, monkeypatch):
+    """Every split a head method makes itself (its held-out part, its folds) keeps the samples that
+    ``inputs.clusters`` marks identical together: no choice is scored on a copy of a fitted sample."""
+    import importlib
+
+    p = problems[2]
+    base = 400
+    X, y, g = p["X"][:base], p["y"][:base], p["groups"][:base]
+    dup = torch.arange(base) % 100                         # 100 samples, each present 4 times
+    X, y, g = X[dup], y[dup], g[dup]
+    seen = []
+    real = Sel.stratified_split
+
+    def checked(strata, fractions, seed, *a, clusters=None, **k):
+        parts = real(strata, fractions, seed, *a, clusters=clusters, **k)
+        if strata.numel() == base:                         # a split of these rows (not a subsample)
+            assert clusters is not None, "a split of the repair rows without the duplicate clusters"
+            side = torch.full((base,), -1, dtype=torch.long)
+            for j, part in enumerate(parts):
+                side[part] = j
+            for c in torch.unique(clusters):
+                assert torch.unique(side[clusters == c]).numel() == 1, "identical samples on two sides"
+            seen.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(Sel, "stratified_split", checked)
+    mod = importlib.import_module(m.fn.__module__)
+    if hasattr(mod, "stratified_split"):
+        monkeypatch.setattr(mod, "stratified_split", checked)
+    for with_groups in _group_settings(m):
+        inputs = RepairInputs(X=X, y=y, W=p["W"], b=p["b"], groups=g if with_groups else None, seed=0,
+                              clusters=dup.clone())
+        m(inputs)
+    assert seen, f"{m.name} made no split of its rows (then this test checks nothing for it)"

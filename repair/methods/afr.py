@@ -109,7 +109,7 @@ def afr(inputs: RepairInputs, cfg: AFRConfig) -> RepairOutput:
         return W.cpu(), b.cpu(), info
 
     sel = select_and_refit(len(cand), fit, lambda f, idx: head_predictions(X[idx], f[0], f[1]), y,
-                           criterion=crit, score_strata=strata, scheme=Holdout(cfg.holdout_fraction),
+                           criterion=crit, score_strata=strata, scheme=Holdout(cfg.holdout_fraction, clusters=inputs.clusters),
                            seed=gen, refit=cfg.refit_on_all or len(cand) == 1)
     best = sel.best
     if sel.final is not None:

@@ -248,7 +248,7 @@ def run_balanced_protocol(inputs: RepairInputs, cfg, problem_builder: Optional[P
         return Wt, bt, info
 
     sel = select_and_refit(len(c_grid), fit, lambda f, idx: head_predictions(X[idx], f[0], f[1]), y,
-                           criterion=crit, score_strata=groups, scheme=Holdout(cfg.holdout_fraction),
+                           criterion=crit, score_strata=groups, scheme=Holdout(cfg.holdout_fraction, clusters=inputs.clusters),
                            seed=gen, refit=False)
     chosen = c_grid[sel.best]
     Wf, bf, finfo = fit_balanced_l1(X, y, groups, C, [chosen], cfg.n_refits, cfg, gen,
@@ -334,8 +334,10 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     n_rows = N
     gdiag = _group_diag(groups, source)
     keep = _capped_rows(groups, cfg, gen)
+    clusters = inputs.clusters
     if keep is not None:                  # large groups thinned to group_cap * n_g rows
         y, groups = y[keep], groups[keep]
+        clusters = None if clusters is None else clusters[keep.cpu()]
         N = keep.numel()
     T = 1 if C == 2 else C
     # constant features carry no signal (their weight is exactly 0 under an L2 penalty)
@@ -354,7 +356,7 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
 
     crit = Criterion.resolve("auto", has_groups=True)                # the groups in use
     sel = select_and_refit(len(c_grid), lambda idx, which: fit_folds([idx], which)[0], predict, y,
-                           criterion=crit, score_strata=groups, scheme=KFold(2), seed=gen,
+                           criterion=crit, score_strata=groups, scheme=KFold(2, clusters=clusters), seed=gen,
                            refit=False, fit_folds=fit_folds)
     # one strength, or too few rows for two folds: one fit on all rows
     fits = sel.fold_fits if sel.worst is not None else fit_folds([torch.arange(N)], None)

@@ -95,7 +95,7 @@ def neurontune(inputs: RepairInputs, cfg: NeuronTuneConfig) -> RepairOutput:
     pred0 = lg0.argmax(1)
     crit = Criterion.resolve(cfg.selection, has_groups=False, y=y, ref_logits=lg0)
 
-    id_idx, ho_idx = stratified_split(y, [cfg.holdout_fraction], gen)
+    id_idx, ho_idx = stratified_split(y, [cfg.holdout_fraction], gen, clusters=inputs.clusters)
     deltas, counts = neuron_deltas(X[id_idx], y[id_idx], pred0[id_idx], C, cfg.delta_scale)
     valid = ~torch.isnan(deltas[:, 0])
     if bool(valid.any()):

@@ -151,7 +151,7 @@ def nsf(inputs: RepairInputs, cfg: NSFConfig) -> RepairOutput:
 
     sel = select_and_refit(len(rhos), fit, lambda f, idx: head_predictions(X[idx], f[0], f[1]), y,
                            criterion=crit, score_strata=crit.strata(y, lg0), split_strata=y,
-                           scheme=Holdout(cfg.holdout_fraction), seed=gen)
+                           scheme=Holdout(cfg.holdout_fraction, clusters=inputs.clusters), seed=gen)
     Wf, bf, ws, resc, n_out, info = sel.final
     fitted = sel.fold_fits[0] if sel.fold_fits else None
     w = ws[0]
