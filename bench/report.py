@@ -343,7 +343,10 @@ def _scale_md(doc: dict, L: list) -> None:
     L.append(f"Synthetic embeddings, {sc['n']:,} x {sc['d']:,} float32, planted shortcut (attribute agrees with the "
              f"class in {sc['align_repair']:.0%} of the repair rows; group-balanced test rows), seed {sc['seed']} "
              "(`bench/scale.py`). Time and peak RSS increase of one fit with the group labels.\n")
-    L.append("| classes | embeddings (MiB) | row | time (s) | peak RSS (MiB) | test WGA | speed-up vs DFR protocol | ≥ 20× at equal WGA | memory / embeddings | ≤ 2× |")
+    L.append("Reference: the DFR paper's protocol for 2 and 10 classes (target ≥ 20× faster at equal WGA ± 1 point); "
+             "for 1,000 classes scikit-learn's lbfgs multinomial at the strength `dfr` chose (target: ≤ 5 min and no "
+             "less accurate; the protocol's 1,000 one-vs-rest liblinear fits are not feasible on 2 cores).\n")
+    L.append("| classes | embeddings (MiB) | row | time (s) | peak RSS (MiB) | test WGA | speed-up vs reference | speed / accuracy target | memory / embeddings | ≤ 2× |")
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     for C, p in sc["problems"].items():
         for lab, r in p["rows"].items():
@@ -351,9 +354,13 @@ def _scale_md(doc: dict, L: list) -> None:
                 L.append(f"| {C} | | {lab} | skipped: {r['skipped']} | | | | | | |")
                 continue
             ours = lab == "dfr[groups]"
+            if ours and "seconds_met" in p:          # the many-class target: time and accuracy
+                target = f"≤ 5 min {_ok(p['seconds_met'])}, accuracy {_ok(p.get('accuracy_met'))}"
+            else:
+                target = _ok(p.get("speedup_met")) if ours else ""
             L.append(f"| {C} | {p['embeddings_mib']:.0f} | {lab} | {_secs(r['seconds'])} | {r['peak_rss_mib']:.0f} | "
                      f"{_pct(r['wga'])} | {_f(p['speedup'], '{:.1f}×') if ours else ''} | "
-                     f"{_ok(p['speedup_met']) if ours else ''} | {_f(p['memory_ratio'], '{:.2f}×') if ours else ''} | "
+                     f"{target} | {_f(p['memory_ratio'], '{:.2f}×') if ours else ''} | "
                      f"{_ok(p['memory_met']) if ours else ''} |")
     L.append("")
 
