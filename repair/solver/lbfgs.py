@@ -46,6 +46,8 @@ THIN_PENALTY = 2.0
 ITERATION_OVERHEAD = 1e6
 #: iterations per path point the estimate assumes
 ITERS_ESTIMATE = 30
+#: the loosest stopping tolerance the path solver accepts (see fit_binary_l2_path_lbfgs)
+MAX_TOL = 1e-6
 
 
 def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_bytes: Optional[float] = None,
@@ -67,11 +69,10 @@ def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_byte
     budget = 0.5 * data_bytes if budget_bytes is None else budget_bytes
     if copy > max(budget, 64 * 1024 ** 2):
         return "lbfgs", f"Newton's per-problem copy ({copy / 2**20:.0f} MiB) exceeds the memory budget"
-    t_newton = problems * 2.0 * cost
-    t_lbfgs = THIN_PENALTY * lbfgs_cost(n, d, problems, ITERS_ESTIMATE) + ITERS_ESTIMATE * ITERATION_OVERHEAD
-    if t_lbfgs < t_newton:
-        return "lbfgs", f"L-BFGS estimated {t_newton / t_lbfgs:.1f}x cheaper than Newton ({form})"
-    return "newton", f"Newton ({form}) estimated {t_lbfgs / t_newton:.1f}x cheaper than L-BFGS"
+    # Newton wherever its copy fits: measured on the visible tasks, L-BFGS needed a stopping tolerance
+    # near 1e-6 to reach Newton's optimum (at the protocol's 1e-3 dfr lost 8 points of worst-group
+    # accuracy on SST-2), and at that tolerance Newton is the faster one on problems this size
+    return "newton", f"Newton ({form}): its per-problem copy ({copy / 2**20:.0f} MiB) fits the memory budget"
 
 
 def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: Tensor, l2: Sequence[float], *,
@@ -106,9 +107,13 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
 
     Returns ``(v (B, T, L, d) float32, c (B, T, L) float64, info)``; ``info``: ``n_iter`` (L,)
     (the most iterations of any problem per path point), ``converged`` (L,) (all problems),
-    ``form`` ``"lbfgs"``, ``seconds``.
+    ``form`` ``"lbfgs"``, ``seconds``. ``tol`` is capped at :data:`MAX_TOL`: the quasi-Newton
+    decrement is a looser certificate than Newton's, and at the Newton path's usual 1e-3 the
+    solutions were measurably worse (dfr on SST-2 lost 8 points of worst-group accuracy; at 1e-6
+    it matched Newton exactly).
     """
     t0 = time.perf_counter()
+    tol = min(float(tol), MAX_TOL)
     X = torch.as_tensor(X)
     if X.dim() != 2:
         raise ValueError("X must be (n, d)")
