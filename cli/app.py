@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable
 import typer
 import typer.core
 
-from repair.errors import GateFailed, RepairError
+from repair.errors import GateFailed, RepairError, Terminated
 
 from .options import with_options
 
@@ -28,18 +28,57 @@ except ImportError:  # older typer runs on click itself
 
 STATE = {"debug": False}
 
+#: messages that survive ``--quiet``: only progress goes, warnings and notices stay
+KEPT_WHEN_QUIET = ("warning", "notice", "error", "FAILED")
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def quiet_log(msg: str) -> None:
+    """``log`` under ``--quiet``: warnings and notices only."""
+    if msg.lstrip().startswith(KEPT_WHEN_QUIET):
+        log(msg)
+
+
+def logger(runtime) -> Callable[[str], None]:
+    """The log a command hands the library: everything, or (``--quiet``) warnings and notices."""
+    return log if runtime.progress else quiet_log
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def emit_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
 
+#: commands built when they are run (name -> factory of the click command): their options depend on
+#: what is registered (e.g. ``fix``'s model-repair inputs), which needs the registry and torch
+LAZY_COMMANDS: dict[str, Callable[[], Any]] = {}
+_BUILT: dict[str, Any] = {}
+
+
 class OneLineUsageErrors(typer.core.TyperGroup):
     """The app's click group: usage errors as one ``error: ...`` line on stderr instead of click's
     usage box. Everything else behaves as in standalone mode."""
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name in LAZY_COMMANDS:
+            if cmd_name not in _BUILT:
+                _BUILT[cmd_name] = LAZY_COMMANDS[cmd_name]()
+            return _BUILT[cmd_name]
+        return super().get_command(ctx, cmd_name)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         run = functools.partial(super().main, args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -67,8 +106,18 @@ app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=
                   help="Repair classifiers that lean on spurious correlations: measure, probe, fix, export.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from repair._version import __version__
+
+        print(f"repair {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def main_callback(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False):
+def main_callback(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors (default: one line).")] = False,
+                  version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                        help="Print the version and exit.")] = False):
     STATE["debug"] = debug
 
 
@@ -95,8 +144,11 @@ def command(fn: Callable) -> Callable:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0)
         except KeyboardInterrupt:
-            log("interrupted")
+            log("interrupted; nothing partial was left behind")
             raise typer.Exit(130)
+        except Terminated:
+            log("terminated (SIGTERM); nothing partial was left behind")
+            raise typer.Exit(143)
         except Exception as e:  # an internal error: one line unless --debug
             if STATE["debug"]:
                 traceback.print_exc()

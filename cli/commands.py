@@ -8,9 +8,10 @@ import typer
 
 from repair.errors import BadInput, GateFailed
 
-from .app import app, command, emit_json, log
+from .app import LAZY_COMMANDS, app, command, emit_json, log, logger
 from .format import eval_table, pct, table
-from .options import AsJson, Columns, DataPath, ItemColumns, Load, ModelArg, Runtime
+from .options import (PANEL_GATE, OptionBundle, PANEL_INPUTS, PANEL_OUTPUT, PANEL_REPAIR, AsJson, Columns, DataPath, ItemColumns,
+                      Load, ModelArg, Runtime)
 
 
 # ------------------------------------------------------------------ eval
@@ -18,31 +19,30 @@ from .options import AsJson, Columns, DataPath, ItemColumns, Load, ModelArg, Run
 @command
 def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runtime: Runtime,
              as_json: AsJson = False,
-             fail_under_wga: Annotated[Optional[str], typer.Option("--fail-under-wga", help="Exit 1 if worst-group accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%). Also exit 1 if a group has no samples, unless --expect-groups names the groups to expect.")] = None,
-             fail_under_acc: Annotated[Optional[str], typer.Option("--fail-under-acc", help="Exit 1 if accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%).")] = None,
-             expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported.")] = None):
+             fail_under_wga: Annotated[Optional[str], typer.Option("--fail-under-wga", rich_help_panel=PANEL_GATE, help="Exit 1 if worst-group accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%), compared as exact counts (42 of 60 passes 70%). Also exit 1 if a group has no samples, unless --expect-groups names the groups to expect. Default: no gate.")] = None,
+             fail_under_acc: Annotated[Optional[str], typer.Option("--fail-under-acc", rich_help_panel=PANEL_GATE, help="Exit 1 if accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%). Default: no gate.")] = None,
+             expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", rich_help_panel=PANEL_GATE, help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported. Default: every class x value seen.")] = None):
     """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
-    thresholds = {"worst-group accuracy": gate_threshold(fail_under_wga, "--fail-under-wga"),
-                  "accuracy": gate_threshold(fail_under_acc, "--fail-under-acc")}
+    from repair.preflight import read_inputs
+    from repair.rules import judge, threshold_option
+
+    thresholds = {"worst_group": threshold_option(fail_under_wga, "--fail-under-wga"),
+                  "accuracy": threshold_option(fail_under_acc, "--fail-under-acc")}
     for flag, given in (("--fail-under-wga", fail_under_wga), ("--expect-groups", expect_groups)):
         if given is not None and columns.group_by is None:
             raise BadInput(f"{flag} needs --group-by (groups are class x the values of that column)")
     expected = None if expect_groups is None else [g.strip() for g in expect_groups.split(",") if g.strip()]
     if expected is not None and (not expected or not all(g.partition("|")[0] and g.partition("|")[2] for g in expected)):
         raise BadInput(f"--expect-groups: give the groups as class|value separated by commas, got {expect_groups!r}")
-    check_inputs(model, data, columns)
+    inputs = read_inputs(model, data, columns, data_flag="data (--data)")
     from repair.api import evaluate_model
 
-    rep = evaluate_model(model, data, load, columns, runtime)
-    gates = []
-    for name, val in (("worst-group accuracy", rep["worst_group_accuracy"]), ("accuracy", rep["accuracy"])):
-        thr = thresholds[name]
-        if thr is not None:
-            gates.append({"metric": name, "threshold": thr, "value": val, "passed": val is not None and val >= thr})
-    problems = [f"{g['metric']} {pct(g['value'])} < {pct(g['threshold'])}" for g in gates if not g["passed"]]
+    rep = evaluate_model(model, inputs.data, load, columns, runtime)
+    gates = [g for g in (judge(rep, thr, metric) for metric, thr in thresholds.items()) if g is not None]
+    problems = [g["message"] for g in gates if not g["passed"]]
     if rep.get("absent_groups") is not None:
         missing = group_check(rep, columns.group_by, expected)
-        if missing and (expected is not None or thresholds["worst-group accuracy"] is not None):
+        if missing and (expected is not None or thresholds["worst_group"] is not None):
             problems.append(f"group(s) {', '.join(missing)} have no samples in {data}, so worst-group accuracy "
                             "cannot speak for them" + ("" if expected is not None else
                                                        " (name the groups to expect with --expect-groups)"))
@@ -52,30 +52,10 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
     else:
         src = "cache" if rep["embedding"]["from_cache"] else rep["embedding"]["device"]
         print(eval_table(rep, f"{model} on {data}  (embeddings: {src}, {rep['embedding']['seconds']:.2f}s)"))
+        for g in gates:
+            print(("gate passed: " if g["passed"] else "gate FAILED: ") + g["message"])
     if problems:
         raise GateFailed("; ".join(problems))
-
-
-
-def check_inputs(model: Path, data: Path, columns) -> None:
-    """The model path exists and the data reads (files, columns, labels as text), before torch or the
-    model is loaded: a command that fails on its arguments returns at once."""
-    from repair.data import load_data
-
-    if not Path(model).exists():
-        raise BadInput("model not found", model)
-    load_data(data, columns)
-
-
-def gate_threshold(value: Optional[str], flag: str) -> Optional[float]:
-    from repair.metrics import parse_threshold
-
-    if value is None:
-        return None
-    try:
-        return parse_threshold(value)
-    except ValueError as e:
-        raise BadInput(f"{flag} {e}") from None
 
 
 def group_check(rep: dict, group_by: str, expected: Optional[list]) -> list[str]:
@@ -103,12 +83,14 @@ def group_check(rep: dict, group_by: str, expected: Optional[list]) -> list[str]
 @command
 def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load, runtime: Runtime,
               as_json: AsJson = False,
-              top: Annotated[int, typer.Option("--top", min=1, help="How many neurons to list.")] = 10):
+              top: Annotated[int, typer.Option("--top", min=1, help="How many neurons to list.", rich_help_panel=PANEL_OUTPUT)] = 10):
     """Probe embeddings without group labels: spurious neurons, dispersion, pseudo-groups."""
-    check_inputs(model, data, columns)
+    from repair.preflight import read_inputs
+
+    inputs = read_inputs(model, data, columns, data_flag="data (--data)")
     from repair.api import probe_model
 
-    rep = probe_model(model, data, load, columns, runtime, top_k=top)
+    rep = probe_model(model, inputs.data, load, columns, runtime, top_k=top)
     if as_json:
         emit_json(rep)
         return
@@ -153,6 +135,13 @@ def fix_table(rep: dict) -> str:
         out.append(f"\nONNX {e.get('path')}: verified={e.get('passed')}  max|diff|={e.get('max_abs_diff')} "
                    f"(tolerance {e.get('tolerance')})  argmax agreement={pct(e.get('argmax_agreement'))} "
                    f"over {e.get('n_verified')} samples")
+    mc = rep.get("model_change") or {}
+    if mc.get("stopped_by"):
+        out.append(f"training ended by {mc['stopped_by']}" + (f" (budget {mc['budget']})" if mc.get("budget") else ""))
+    for n in rep.get("selection_notes") or []:
+        out.append(n)
+    if rep.get("report"):
+        out.append(f"report: {rep['report']} (JSON beside it)")
     for w in rep.get("warnings") or []:
         out.append(f"warning: {w}")
     t = rep["timing"]
@@ -161,83 +150,104 @@ def fix_table(rep: dict) -> str:
     return "\n".join(out)
 
 
-@app.command("fix")
-@command
-def fix_cmd(model: ModelArg, data: DataPath,
-            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output (default: <model>-repaired in the same format).")] = None,
-            recipe: Annotated[str, typer.Option("--recipe", help="Built-in recipe name or a YAML path.")] = "auto",
-            eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Separate test data for before/after figures.")] = None,
-            eval_group_by: Annotated[Optional[str], typer.Option("--eval-group-by", help="Group column of --eval data (default: --group-by).")] = None,
-            export: Annotated[Optional[str], typer.Option("--export", help="Also export ONNX and verify it (onnx).")] = None,
-            tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="ONNX verification max |diff|.")] = None,
-            seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
-            budget: Annotated[Optional[str], typer.Option("--budget", help="Model repairs: training budget, e.g. 300steps, 3epochs, 10min (first reached ends training).")] = None,
-            train: Annotated[Optional[Path], typer.Option("--train", help="Model repairs: extra training data (same format as --data).")] = None,
-            masks: Annotated[Optional[Path], typer.Option("--masks", help="Model repairs on images: a folder of foreground masks (white = object), one per image, same name.")] = None,
-            segmenter: Annotated[Optional[Path], typer.Option("--segmenter", help="Model repairs on images: a local transformers CLIPSeg folder for language-guided masks.")] = None,
-            generator: Annotated[Optional[str], typer.Option("--generator", help="Image generation for recipes that generate (composite | diffusers).")] = None,
-            generator_model: Annotated[Optional[Path], typer.Option("--generator-model", help="A local diffusers inpainting pipeline folder (--generator diffusers).")] = None,
-            prompts: Annotated[Optional[Path], typer.Option("--prompts", help="A YAML file of generation prompts (overrides the built-in ones).")] = None,
-            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
-            allow_finetune: Annotated[bool, typer.Option("--allow-finetune", help="Recipe auto may escalate to fine-tuning the network (mixft) when it beats the best head on held-out data (= --recipe auto-ft).")] = False,
-            report: Annotated[Optional[Path], typer.Option("--report", help="Also write an HTML report (and .json beside it): figures, per-group bars, candidates, the probe's neuron deltas.")] = None,
-            *, columns: Columns, load: Load, runtime: Runtime, as_json: AsJson = False):
-    """Repair the model from the repair set; write it in the checkpoint's own format."""
-    check_inputs(model, data, columns)
-    from repair.pipeline import FixOptions, fix_model
+def resources_bundle() -> OptionBundle:
+    """The ``fix`` options of the model-repair inputs: one per input a registered model repair
+    declares (``repair methods`` lists them), so a plugin's new input is an option here too."""
+    from repair.preflight import declared_resources
 
-    if report is not None:
-        from repair.io import check_output
+    opts = {}
+    for r in declared_resources():
+        kind = {"file": "a file", "folder": "a folder", "data": "data (same format as --data)",
+                "choice": " | ".join(getattr(r, "choices", ()) or ())}.get(r.kind, r.kind)
+        opts[r.name] = (Annotated[Optional[str], typer.Option(
+            r.flag, help=f"{r.help} ({kind}; default: none).", rich_help_panel=PANEL_INPUTS)], None)
+    return OptionBundle("resources", opts, lambda **kw: {k: v for k, v in kw.items() if v is not None})
 
-        if report.suffix.lower() not in (".html", ".htm"):
-            raise BadInput("--report must be an .html file", report)
-        try:
-            check_output(report, force=True)   # written at the end: it must be writable now
-        except BadInput as e:
-            raise BadInput(f"--report: {e.problem}", e.path or report) from None
-    if eval_group_by is not None and eval_data is None:
-        raise BadInput("--eval-group-by names a group column of the --eval data; give --eval too")
-    rep = fix_model(model, data, out, load_opts=load, data_opts=columns, runtime=runtime,
-                    options=FixOptions(recipe=recipe, seed=seed, eval_data=str(eval_data) if eval_data else None,
-                                       eval_group_by=eval_group_by, export=export, tolerance=tolerance,
-                                       budget=budget, train_data=None if train is None else str(train),
-                                       masks=None if masks is None else str(masks),
-                                       segmenter=None if segmenter is None else str(segmenter), generator=generator,
-                                       generator_model=None if generator_model is None else str(generator_model),
-                                       prompts=None if prompts is None else str(prompts), force=force,
-                                       allow_finetune=allow_finetune),
-                    log=log if runtime.progress else (lambda m: None))
-    if report is not None:
-        from repair.report import fix_report
 
-        rep["report"] = str(fix_report(report, rep, model, data, load, columns, runtime)[0])
-    if as_json:
-        emit_json(rep)
-    else:
-        print(fix_table(rep))
+def make_fix_command(inputs_bundle: OptionBundle):
+    """The ``fix`` command with the model-repair inputs of ``inputs_bundle`` as options."""
+
+    def fix_cmd(model: ModelArg, data: DataPath,
+                out: Annotated[Optional[Path], typer.Option("--out", "-o", rich_help_panel=PANEL_OUTPUT, help="Output (default: <model>-repaired beside the model, in the same format).")] = None,
+                recipe: Annotated[str, typer.Option("--recipe", rich_help_panel=PANEL_REPAIR, help="Built-in recipe name (repair methods lists them) or a YAML path.")] = "auto",
+                eval_data: Annotated[Optional[Path], typer.Option("--eval", rich_help_panel=PANEL_REPAIR, help="Separate test data for the before/after figures (default: a held-out 25% of --data).")] = None,
+                eval_group_by: Annotated[Optional[str], typer.Option("--eval-group-by", rich_help_panel=PANEL_REPAIR, help="Group column of --eval data (default: --group-by).")] = None,
+                export: Annotated[Optional[str], typer.Option("--export", rich_help_panel=PANEL_OUTPUT, help="Also export ONNX and verify it with onnxruntime: onnx (default: no export).")] = None,
+                tolerance: Annotated[Optional[float], typer.Option("--tolerance", rich_help_panel=PANEL_OUTPUT, help="ONNX verification: max |logit difference| allowed (default: scaled to the logits, see repair export --help).")] = None,
+                seed: Annotated[int, typer.Option("--seed", min=0, rich_help_panel=PANEL_REPAIR, help="Seed of every split and fit.")] = 0,
+                budget: Annotated[Optional[str], typer.Option("--budget", rich_help_panel=PANEL_REPAIR, help="Model repairs: training budget per run, e.g. 300steps, 3epochs, 10min (first reached ends training; default: 10min).")] = None,
+                force: Annotated[bool, typer.Option("--force", rich_help_panel=PANEL_OUTPUT, help="Overwrite an existing output (never an input). Default: refuse.")] = False,
+                allow_finetune: Annotated[bool, typer.Option("--allow-finetune", rich_help_panel=PANEL_REPAIR, help="Recipe auto may escalate to fine-tuning the network (mixft) when it beats the head on the same folds (= --recipe auto-ft). Default: heads only.")] = False,
+                allow_plugins: Annotated[bool, typer.Option("--allow-plugins", rich_help_panel=PANEL_REPAIR, help="Let the recipe's plugins: (Python files) run. Default: refused, since they are code.")] = False,
+                report: Annotated[Optional[Path], typer.Option("--report", rich_help_panel=PANEL_OUTPUT, help="Also write an HTML report (and .json beside it): figures, per-group bars, candidates, the probe's neuron deltas. Default: none.")] = None,
+                *, resources: dict, columns: Columns, load: Load, runtime: Runtime, as_json: AsJson = False):
+        """Repair the model from the repair set; write it in the checkpoint's own format."""
+        from repair.pipeline import FixOptions
+        from repair.preflight import read_inputs
+
+        o = FixOptions(recipe=recipe, seed=seed, eval_data=None if eval_data is None else str(eval_data),
+                       eval_group_by=eval_group_by, export=export, tolerance=tolerance, budget=budget,
+                       resources=resources, report=None if report is None else str(report), force=force,
+                       allow_finetune=allow_finetune, allow_plugins=allow_plugins)
+        inputs = read_inputs(model, data, columns, eval_data=o.eval_data, eval_group_by=eval_group_by,
+                             resources=o.resources)
+        from repair.pipeline import fix_model
+
+        rep = fix_model(model, inputs.data, out, load_opts=load, data_opts=columns, runtime=runtime, options=o,
+                        inputs=inputs, log=logger(runtime))
+        if as_json:
+            emit_json(rep.report)
+        else:
+            print(fix_table(rep.report))
+
+    fix_cmd.__annotations__["resources"] = Annotated[dict, inputs_bundle]
+    return fix_cmd
+
+
+def fix_command():
+    """The ``fix`` click command with every declared model-repair input (built when ``fix`` runs or
+    its help is shown: the declarations live with the methods, which load torch)."""
+    sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    sub.command("fix")(command(make_fix_command(resources_bundle())))
+    return typer.main.get_command(sub)
+
+
+# registered without the model-repair inputs (so `repair --help` needs no torch); the app builds
+# the full command through fix_command() when fix is run
+app.command("fix")(command(make_fix_command(OptionBundle("resources", {}, lambda **kw: {}))))
+LAZY_COMMANDS["fix"] = fix_command
 
 
 @app.command("methods")
 @command
 def methods_cmd(as_json: AsJson = False):
-    """List the registered repair methods and the built-in recipes."""
+    """List the registered repair methods, their model-repair inputs and the recipes (one line each)."""
     import dataclasses
 
     from repair.methods import list_methods
+    from repair.preflight import declared_resources
     from repair.recipes import available
 
     infos = list_methods()
+    recipes = available()
+    inputs = declared_resources()
     if as_json:
         emit_json({"methods": [{"name": m.name, "kind": m.kind, "summary": m.summary, "groups": m.groups,
                                 "needs_groups": m.needs_groups, "uses_groups": m.uses_groups,
                                 "transform": m.transform.name if m.transform else None,
+                                "resources": [r.name for r in getattr(m, "resources", ()) or ()],
                                 "config": dataclasses.asdict(m.default_config())}
-                               for m in infos], "recipes": available()})
+                               for m in infos],
+                   "inputs": [{"name": r.name, "flag": r.flag, "kind": r.kind, "help": r.help} for r in inputs],
+                   "recipes": recipes})
         return
     print(table(["method", "kind", "group labels", "summary"],
                 [[m.name, m.kind, {"required": "required", "optional": "optional", "never": "never used"}[m.groups],
                   m.summary] for m in infos]))
-    print("\nrecipes: " + ", ".join(available()))
+    print("\nmodel-repair inputs (repair fix options, zoo manifest fields):")
+    print(table(["option", "kind", "help"], [[r.flag, r.kind, r.help] for r in inputs]))
+    print("\nrecipes (--recipe NAME):")
+    print(table(["recipe", "description"], [[k, v] for k, v in recipes.items()]))
 
 
 # ------------------------------------------------------------------ demo
@@ -268,7 +278,7 @@ def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the dem
                                                      eval_group_by="place", force=True), log=log)
     doc = {"model": str(art.model_dir), "repaired_model": fixed["output"], "train": str(art.train_dir),
            "val": str(art.val_dir), "test": str(art.test_dir), "erm_train_seconds": art.erm_train_seconds,
-           "erm_test": test, "fix": fixed}
+           "erm_test": test, "fix": fixed.report}
     if as_json:
         emit_json(doc)
         return

@@ -19,6 +19,9 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
+    from .app import install_signal_handlers
+
+    install_signal_handlers()
     app()
 
 

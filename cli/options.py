@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Optional, get_args, get_origin
 
@@ -109,24 +108,30 @@ def with_options(fn: Callable) -> Callable:
     return wrapper
 
 
+# ------------------------------------------------------------------ help panels
+PANEL_DATA = "Data columns"
+PANEL_LOAD = "Model loading"
+PANEL_REPAIR = "Repair"
+PANEL_INPUTS = "Model-repair inputs"
+PANEL_OUTPUT = "Output"
+PANEL_GATE = "Gates"
+PANEL_RUNTIME = "Runtime"
+
 # ------------------------------------------------------------------ single options
 ModelArg = Annotated[Path, typer.Argument(help="Checkpoint: timm hub folder, transformers folder, .safetensors (+--arch/--factory) or .onnx.")]
-DataPath = Annotated[Path, typer.Option("--data", "-d", help="Repair data: image folder / metadata.csv, or text CSV/TSV/JSONL.")]
-AsJson = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+DataPath = Annotated[Path, typer.Option("--data", "-d", help="Repair data: image folder / metadata.csv, or text CSV/TSV/JSONL.", rich_help_panel=PANEL_DATA)]
+AsJson = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of tables.", rich_help_panel=PANEL_OUTPUT)]
 
 
 # ------------------------------------------------------------------ model loading -> LoadOptions
 def _floats(s: Optional[str], name: str) -> Optional[list]:
+    """Comma-separated numbers (the values are checked by LoadOptions)."""
     if s is None:
         return None
     try:
-        vals = [float(v) for v in s.split(",")]
+        return [float(v) for v in s.split(",")]
     except ValueError:
         raise BadInput(f"{name} must be comma-separated numbers, got {s!r}") from None
-    if len(vals) not in (1, 3) or not all(math.isfinite(v) for v in vals) or (name == "--std" and min(vals) <= 0):
-        what = "positive numbers" if name == "--std" else "finite numbers"
-        raise BadInput(f"{name} must be one or three (R,G,B) {what}, got {s!r}")
-    return vals * 3 if len(vals) == 1 else vals
 
 
 def _model_args(s: Optional[str]) -> Optional[dict]:
@@ -158,24 +163,26 @@ def _model_args(s: Optional[str]) -> Optional[dict]:
 def _load_options(arch, factory, model_args, allow_pickle, max_length, image_size, mean, std, class_names) -> LoadOptions:
     from repair.adapters import LoadOptions
 
-    names = [c.strip() for c in class_names.split(",")] if class_names else None
-    if names is not None and (not all(names) or len(set(names)) != len(names)):
-        raise BadInput(f"--class-names must be distinct, non-empty names separated by commas, got {class_names!r}")
+    names = [c.strip() for c in class_names.split(",")] if class_names is not None else None
     return LoadOptions(arch=arch, factory=factory, model_args=_model_args(model_args), allow_pickle=allow_pickle,
                        max_length=max_length, image_size=image_size, mean=_floats(mean, "--mean"),
                        std=_floats(std, "--std"), class_names=names)
 
 
+def _opt(*decls, help: str, panel: str, **kw):
+    return typer.Option(*decls, help=help, rich_help_panel=panel, **kw)
+
+
 LOAD_OPTIONS = OptionBundle("load", {
-    "arch": (Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file.")], None),
-    "factory": (Annotated[Optional[str], typer.Option("--factory", help="package.module:function returning the nn.Module.")], None),
-    "model_args": (Annotated[Optional[str], typer.Option("--model-args", help="Keyword arguments of the architecture (--arch) or factory, as a JSON object ('{\"channels\": [16, 32, 64, 128]}') or a .json file (a timm config.json: its model_args).")], None),
-    "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Accept .pt/.pth/.bin (loaded with weights_only=True).")], False),
-    "max_length": (Annotated[Optional[int], typer.Option("--max-length", min=1, help="Text: tokenizer truncation length.")], None),
-    "image_size": (Annotated[Optional[int], typer.Option("--image-size", min=1, help="Input size for checkpoints without preprocessing (ONNX, factories, bare timm weights).")], None),
-    "mean": (Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean, e.g. 0.485,0.456,0.406.")], None),
-    "std": (Annotated[Optional[str], typer.Option("--std", help="Normalisation std, e.g. 0.229,0.224,0.225.")], None),
-    "class_names": (Annotated[Optional[str], typer.Option("--class-names", help="Comma-separated class names in the head's order, for checkpoints that carry none (bare weights, factories, ONNX).")], None),
+    "arch": (Annotated[Optional[str], _opt("--arch", help="timm architecture of a bare weights file (default: none).", panel=PANEL_LOAD)], None),
+    "factory": (Annotated[Optional[str], _opt("--factory", help="package.module:function returning the nn.Module (default: none).", panel=PANEL_LOAD)], None),
+    "model_args": (Annotated[Optional[str], _opt("--model-args", help="Keyword arguments of the architecture (--arch) or factory, as a JSON object ('{\"channels\": [16, 32, 64, 128]}') or a .json file (a timm config.json: its model_args). Default: none.", panel=PANEL_LOAD)], None),
+    "allow_pickle": (Annotated[bool, _opt("--allow-pickle", help="Accept .pt/.pth/.bin (loaded with weights_only=True). Default: refused.", panel=PANEL_LOAD)], False),
+    "max_length": (Annotated[Optional[int], _opt("--max-length", min=1, help="Text: tokenizer truncation length in tokens (default: the tokenizer's).", panel=PANEL_LOAD)], None),
+    "image_size": (Annotated[Optional[int], _opt("--image-size", min=1, help="Input side in pixels for checkpoints without preprocessing (ONNX, factories, bare timm weights; default: the checkpoint's, else 224).", panel=PANEL_LOAD)], None),
+    "mean": (Annotated[Optional[str], _opt("--mean", help="Normalisation mean per channel on the 0-1 pixel scale, e.g. 0.485,0.456,0.406 (default: the checkpoint's).", panel=PANEL_LOAD)], None),
+    "std": (Annotated[Optional[str], _opt("--std", help="Normalisation std per channel on the 0-1 pixel scale, e.g. 0.229,0.224,0.225 (default: the checkpoint's).", panel=PANEL_LOAD)], None),
+    "class_names": (Annotated[Optional[str], _opt("--class-names", help="Comma-separated class names in the head's order, for checkpoints that carry none (bare weights, factories, ONNX; default: 0,1,...).", panel=PANEL_LOAD)], None),
 }, _load_options)
 
 
@@ -187,10 +194,10 @@ def _data_options(**columns) -> DataOptions:
 
 
 DATA_OPTIONS = OptionBundle("data", {
-    "group_by": (Annotated[Optional[str], typer.Option("--group-by", help="Attribute column; groups = class x attribute value.")], None),
-    "label_col": (Annotated[Optional[str], typer.Option("--label-col", help="Column with class labels (default: y/label/class).")], None),
-    "path_col": (Annotated[Optional[str], typer.Option("--path-col", help="Column with image paths (default: img_filename/filename/path).")], None),
-    "text_col": (Annotated[Optional[str], typer.Option("--text-col", help="Column with texts (default: text/sentence/content).")], None),
+    "group_by": (Annotated[Optional[str], _opt("--group-by", help="Attribute column; groups = class x attribute value (default: no groups; nothing uses group labels).", panel=PANEL_DATA)], None),
+    "label_col": (Annotated[Optional[str], _opt("--label-col", help="Column with class labels (default: y/label/class).", panel=PANEL_DATA)], None),
+    "path_col": (Annotated[Optional[str], _opt("--path-col", help="Column with image paths (default: img_filename/filename/path).", panel=PANEL_DATA)], None),
+    "text_col": (Annotated[Optional[str], _opt("--text-col", help="Column with texts (default: text/sentence/content).", panel=PANEL_DATA)], None),
 }, _data_options)
 
 
@@ -198,22 +205,17 @@ DATA_OPTIONS = OptionBundle("data", {
 def _runtime_options(device, batch_size, cache_dir, no_cache, quiet) -> RuntimeOptions:
     from repair.runtime import RuntimeOptions
 
-    if device not in ("auto", "cpu"):       # only these need no torch to check
-        from repair.embeddings import check_device
-
-        check_device(device)
-
     return RuntimeOptions(device=device, batch_size=batch_size,
                           cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache,
                           progress=not quiet)
 
 
 RUNTIME_OPTIONS = OptionBundle("runtime", {
-    "device": (Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")], "auto"),
-    "batch_size": (Annotated[int, typer.Option("--batch-size", min=1)], 64),
-    "cache_dir": (Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedding cache (default ~/.cache/repair/embeddings or $REPAIR_CACHE_DIR).")], None),
-    "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the embedding cache.")], False),
-    "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")], False),
+    "device": (Annotated[str, _opt("--device", help="auto, cpu, cuda, cuda:N (auto: CUDA when present).", panel=PANEL_RUNTIME)], "auto"),
+    "batch_size": (Annotated[int, _opt("--batch-size", min=1, help="Samples per forward pass.", panel=PANEL_RUNTIME)], 64),
+    "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", help="Embedding cache folder (default ~/.cache/repair/embeddings or $REPAIR_CACHE_DIR).", panel=PANEL_RUNTIME)], None),
+    "no_cache": (Annotated[bool, _opt("--no-cache", help="Neither read nor write the embedding cache (default: use it).", panel=PANEL_RUNTIME)], False),
+    "quiet": (Annotated[bool, _opt("--quiet", "-q", help="No progress on stderr (warnings and errors still show).", panel=PANEL_RUNTIME)], False),
 }, _runtime_options)
 
 

@@ -8,7 +8,7 @@ import typer
 
 from repair.errors import GateFailed
 
-from .app import app, command, emit_json, log
+from .app import app, command, emit_json, logger
 from .format import pct, table
 from .options import AsJson, Runtime
 
@@ -25,7 +25,8 @@ def zoo_table(doc: dict) -> str:
         g = m.get("gate")
         gate = "-" if not g else f"{'pass' if g['passed'] else 'FAIL'} (>= {pct(g['threshold'])})"
         wga = (f"{pct(wb)} -> {pct(wa)}" if a else pct(wb)) + ("" if label == "WGA" or not b else f" ({label})")
-        rows.append([m["name"], m["status"] if m["status"] != "done" else ("resumed" if m.get("resumed") else "done"),
+        rows.append([m["name"], m["status"] if m["status"] != "done" else
+                     ("redone" if m.get("redone") else "resumed" if m.get("resumed") else "done"),
                      r.get("candidate") or "-", wga if b else "-", pct((a or b or {}).get("accuracy")), gate])
     head = ["model", "status", "method", "WGA before -> after" if doc["mode"] == "fix" else "WGA", "accuracy", "gate"]
     s = doc["summary"]
@@ -45,15 +46,17 @@ def zoo_cmd(manifest: Annotated[Path, typer.Argument(help="YAML or CSV: one row 
             cpus_per_model: Annotated[int, typer.Option("--cpus-per-model", min=1, help="CPU threads per model (Ray: num_cpus per task).")] = 1,
             gpus_per_model: Annotated[float, typer.Option("--gpus-per-model", min=0, help="Ray: num_gpus per task.")] = 0,
             max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Ray: retries of a model whose worker died.")] = 3,
-            force: Annotated[bool, typer.Option("--force", help="Replace outputs that exist and this zoo's journal did not write.")] = False,
+            force: Annotated[bool, typer.Option("--force", help="Replace outputs that exist and this zoo's journal did not write (never an input). Default: refuse.")] = False,
+            allow_plugins: Annotated[bool, typer.Option("--allow-plugins", help="Let the recipes' plugins: (Python files) run. Default: refused, since a manifest or a shared recipe is data you may not have written.")] = False,
             *, runtime: Runtime, as_json: AsJson = False):
     """Repair or gate many models from a manifest, locally or on Ray; resumable; one HTML report."""
     from repair.zoo import ZooOptions, run_zoo
 
     doc = run_zoo(manifest, ZooOptions(mode=mode, out_dir=out_dir, journal=journal, force=force, ray=ray,
                                        workers=workers, cpus_per_model=cpus_per_model,
-                                       gpus_per_model=gpus_per_model, max_retries=max_retries),
-                  runtime=runtime, log=log if runtime.progress else (lambda m: None))
+                                       gpus_per_model=gpus_per_model, max_retries=max_retries,
+                                       allow_plugins=allow_plugins),
+                  runtime=runtime, log=logger(runtime))
     if as_json:
         emit_json(doc)
     else:
@@ -61,7 +64,7 @@ def zoo_cmd(manifest: Annotated[Path, typer.Argument(help="YAML or CSV: one row 
     s = doc["summary"]
     if s["failed"] or s["errors"]:
         gates = {m["name"]: m["gate"] for m in doc["models"]}
-        parts = [f"{n} ({pct(gates[n]['value'])} < {pct(gates[n]['threshold'])})" for n in s["failed"]]
+        parts = [f"{n} ({gates[n]['message']})" for n in s["failed"]]
         msg = (f"gate failed for {len(s['failed'])} model(s): " + ", ".join(parts)) if parts else ""
         if s["errors"]:
             msg += ("; " if msg else "") + f"{len(s['errors'])} model(s) could not be run: " + ", ".join(s["errors"])

@@ -7,7 +7,8 @@ The public verbs (imported lazily, so ``import repair`` stays cheap)::
     report = repair.evaluate("model/", "test/", group_by="place")
     probe = repair.probe("model/", "val/")
     result = repair.fix("model/", "val/", out="model-repaired/", recipe="auto")
-    repair.export_onnx(model, "model.onnx", metadata={}, verify_items=[...])
+    repair.export_model("model-repaired/", "model.onnx", data="val/")   # export + verify, all or nothing
+    repair.verify_model("model.onnx", "model-repaired/", "val/")
     repair.list_methods()
 
 Registration of new pieces: :func:`repair.methods.register_method` (head repairs),
@@ -22,6 +23,8 @@ _LAZY = {
     "load_model": ("repair.adapters", "load_model"),
     "list_methods": ("repair.methods", "list_methods"),
     "export_onnx": ("repair.export", "export_onnx"),
+    "export_model": ("repair.outputs", "export_model"),
+    "verify_model": ("repair.outputs", "verify_model"),
 }
 
 
@@ -46,8 +49,10 @@ def probe(model, data, *, top_k: int = 10, load_options=None, data_options=None,
 
 
 def fix(model, data, out=None, *, recipe: str = "auto", seed: int = 0, group_by=None, eval_data=None,
-        options=None, load_options=None, data_options=None, runtime=None, log=None) -> dict:
-    """Repair ``model`` from the repair set ``data`` and write it to ``out`` (see :mod:`repair.pipeline`)."""
+        options=None, load_options=None, data_options=None, runtime=None, log=None):
+    """Repair ``model`` from the repair set ``data`` and write it to ``out`` (see :mod:`repair.pipeline`).
+    Returns a :class:`repair.pipeline.FixResult` (read it like the JSON document: ``result["after"]``;
+    ``result.adapter`` is the repaired model in memory)."""
     import dataclasses
 
     from .data import DataOptions
@@ -70,4 +75,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'repair' has no attribute {name!r}")
 
 
-__all__ = ["load_model", "evaluate", "probe", "fix", "export_onnx", "list_methods", "__version__"]
+__all__ = ["load_model", "evaluate", "probe", "fix", "export_model", "verify_model", "export_onnx", "list_methods",
+           "__version__"]

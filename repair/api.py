@@ -61,7 +61,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
     report["absent_groups"] = list(p.enc.absent_groups) if p.enc.groups is not None else None
     report.update({
         "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
-        "data": {"source": str(data_path), "n": len(p.data), "modality": p.data.modality,
+        "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality,
                  "group_by": (data_opts or DataOptions()).group_by},
         "embedding": {"from_cache": p.emb.from_cache, "seconds": round(p.emb.seconds, 4),
                       "device": p.emb.device, "cache_key": p.emb.key},
@@ -77,7 +77,7 @@ def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k)
     report.update({
         "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
-        "data": {"source": str(data_path), "n": len(p.data), "modality": p.data.modality},
+        "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality},
         "embedding": {"from_cache": p.emb.from_cache, "seconds": round(p.emb.seconds, 4),
                       "device": p.emb.device},
     })

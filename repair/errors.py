@@ -25,3 +25,8 @@ class BadInput(RepairError):
 class GateFailed(RepairError):
     """A CI gate (--fail-under-*) or an export verification did not pass."""
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM (what CI timeouts and ``kill`` send), raised in the main thread like Ctrl-C so every
+    output transaction unwinds and removes its temporaries; the CLI exits 143."""

@@ -211,7 +211,7 @@ def clean_stale_temps(final: Path, log: Optional[Callable[[str], None]] = None) 
             shutil.rmtree(p, ignore_errors=True)
             if not p.exists():
                 removed.append(p)
-                (log or _stderr)(f"removed {p}: a temporary folder left by an interrupted run")
+                (log or _stderr)(f"notice: removed {p}: a temporary folder left by an interrupted run")
     return removed
 
 
@@ -295,36 +295,102 @@ def scratch_dir(final: Path, log: Optional[Callable[[str], None]] = None) -> Ite
         os.close(fd)
 
 
+class OutputSet:
+    """Several outputs written all or nothing: each is staged in a locked temporary folder beside
+    its final name (``.<name>.<random>.tmp``); :meth:`commit` renames them all into place, and if
+    one rename fails the ones already done are undone (a replaced output comes back). Use it
+    through :func:`outputs`; :func:`atomic_output` is the one-output case."""
+
+    def __init__(self, *, force: bool = False, log: Optional[Callable[[str], None]] = None):
+        self.force, self.log = force, log
+        self._staged: list[tuple[Path, Path, int, Path]] = []      # (final, tmp folder, lock fd, target)
+
+    def stage(self, final: Path, *, is_dir: bool = False, force: Optional[bool] = None) -> Path:
+        """A not-yet-existing path (an empty folder with ``is_dir``) to write ``final``'s content to.
+        ``force``: replace an existing ``final`` (default: the set's ``force``)."""
+        final = Path(final)
+        if any(f == final for f, *_ in self._staged):
+            raise ValueError(f"{final} staged twice")
+        if (final.exists() or final.is_symlink()) and not (self.force if force is None else force):
+            raise BadInput("output already exists (use --force to overwrite)", final)
+        parent = final.parent if str(final.parent) else Path(".")
+        if not parent.exists():
+            raise BadInput("output folder does not exist", parent)
+        clean_stale_temps(final, self.log)
+        tmp, fd = _make_temp(parent, f".{final.name}.", ".tmp", final)
+        target = tmp / final.name
+        self._staged.append((final, tmp, fd, target))
+        if is_dir:
+            target.mkdir()
+        return target
+
+    def commit(self) -> None:
+        done: list[tuple[Path, Path, Optional[Path]]] = []        # (final, target, replaced copy)
+        try:
+            for final, tmp, _fd, target in self._staged:
+                replaced = None
+                if final.exists() or final.is_symlink():
+                    replaced = tmp / f".replaced-{final.name}"
+                    os.replace(final, replaced)
+                try:
+                    os.replace(target, final)
+                except BaseException:
+                    if replaced is not None:
+                        os.replace(replaced, final)
+                    raise
+                done.append((final, target, replaced))
+        except BaseException:
+            for final, target, replaced in reversed(done):    # undo: nothing half-committed
+                with contextlib.suppress(OSError):
+                    os.replace(final, target)
+                    if replaced is not None:
+                        os.replace(replaced, final)
+            raise
+
+    def close(self) -> None:
+        for _final, tmp, fd, _target in self._staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._staged = []
+
+
+@contextlib.contextmanager
+def outputs(*, force: bool = False, log: Optional[Callable[[str], None]] = None) -> Iterator[OutputSet]:
+    """An :class:`OutputSet`, committed when the block ends without error and removed whatever
+    happens. A write that fails because of the place (full disk, read-only, not allowed) is
+    :class:`BadInput` naming the output, with nothing left behind."""
+    tx = OutputSet(force=force, log=log)
+    try:
+        yield tx
+        tx.commit()
+    except (OSError, shutil.Error) as e:
+        code = user_side(e)
+        if code is None:
+            raise
+        where = getattr(e, "filename", None) or (tx._staged[0][0] if tx._staged else None)
+        raise BadInput(f"cannot write the output ({_reason(OSError(code, os.strerror(code)))}); "
+                       "nothing was written", _final_of(tx, where)) from None
+    finally:
+        tx.close()
+
+
+def _final_of(tx: OutputSet, where) -> Optional[Path]:
+    """The final output a failing path belongs to (a temp path names its output)."""
+    if where is None:
+        return None
+    w = Path(str(where))
+    for final, tmp, _fd, _target in tx._staged:
+        if w == final or tmp in w.parents or w == tmp:
+            return final
+    return w
+
+
 @contextlib.contextmanager
 def atomic_output(final: Path, *, force: bool = False, is_dir: bool = False,
                   log: Optional[Callable[[str], None]] = None) -> Iterator[Path]:
     """Yield a temporary path beside ``final`` (inside a locked ``.<name>.<random>.tmp``
     folder; with ``is_dir`` an empty folder); rename it into place on success, remove it on any
-    error. An existing ``final`` is replaced only with ``force``. A write that fails because of
-    the place (full disk, read-only, not allowed) is :class:`BadInput` naming ``final``, with
-    nothing left behind."""
-    final = Path(final)
-    if final.exists() and not force:
-        raise BadInput("output already exists (use --force to overwrite)", final)
-    parent = final.parent if str(final.parent) else Path(".")
-    if not parent.exists():
-        raise BadInput("output folder does not exist", parent)
-    clean_stale_temps(final, log)
-    tmp, fd = _make_temp(parent, f".{final.name}.", ".tmp", final)
-    target = tmp / final.name
-    try:
-        if is_dir:
-            target.mkdir()
-        yield target
-        if final.exists() or final.is_symlink():
-            os.replace(final, tmp / f".replaced-{final.name}")     # removed with tmp
-        os.replace(target, final)
-    except (OSError, shutil.Error) as e:
-        code = user_side(e)
-        if code is None:
-            raise
-        raise BadInput(f"cannot write the output ({_reason(OSError(code, os.strerror(code)))}); "
-                       "nothing was written", final) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.close(fd)
+    error. An existing ``final`` is replaced only with ``force``. One output of :func:`outputs`."""
+    with outputs(force=force, log=log) as tx:
+        yield tx.stage(final, is_dir=is_dir)

@@ -1,87 +1,118 @@
-"""What ``repair fix`` checks before it loads the model: every input it was given can be read
-and every output can be written. Each problem is a :class:`repair.errors.BadInput` (exit 2)
-naming the file or option, raised before any work."""
+"""What every command checks before it loads a model: every input it was given can be read (each
+read once; the command goes on with what was read) and, for commands that write, every output
+can be written and replaces no input. Each problem is a :class:`repair.errors.BadInput` (exit 2)
+naming the file or option, raised before any work. Nothing here imports torch, so a command that
+fails on its arguments returns at once.
+
+The rules themselves (output names, the protected set, writability) live in :mod:`repair.rules`;
+this module gathers a command's paths and applies them.
+"""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .data import DataOptions, RepairData, load_data
 from .errors import BadInput
-from .io import PICKLE_SUFFIXES, check_output
-
-#: the model-repair inputs that are paths: option -> what it must be
-RESOURCE_PATHS = {"masks": "folder", "segmenter": "folder", "generator_model": "folder", "prompts": "file"}
-#: names a folder output must not end in: they say "one weights file"
-FILE_SUFFIXES = {".onnx", ".safetensors", *PICKLE_SUFFIXES}
+from .rules import Protected
 
 
-def output_suffix(model_path: Path) -> Optional[str]:
-    """The suffix an output of ``model_path`` must have (None: a folder, any name)."""
-    model_path = Path(model_path)
-    if model_path.is_dir():
-        return None
-    return ".onnx" if model_path.suffix.lower() == ".onnx" else ".safetensors"
+@dataclass
+class Inputs:
+    """What a command read before loading the model: the repair (or evaluation) data, the
+    separate ``--eval`` data, the model-repair inputs (``resources``: name -> value as given, data
+    resources read), and every path read (``protected``)."""
+    model: Path
+    data: RepairData
+    eval_data: Optional[RepairData] = None
+    resources: dict = field(default_factory=dict)
+    protected: Protected = field(default_factory=Protected)
 
 
-def check_not_an_input(out_path: Path, inputs: dict) -> None:
-    """The output is none of the inputs and no folder holding one (``inputs``: what the user
-    calls it, e.g. ``--data`` -> path): writing it, with ``--force`` too, must never replace an
-    input."""
-    out = Path(out_path).resolve()
-    for what, p in inputs.items():
-        if p is None:
-            continue
-        p = Path(p).resolve()
-        if out == p:
-            raise BadInput(f"output would overwrite the {what}; choose another --out", out_path)
-        if out in p.parents:
-            raise BadInput(f"output would replace a folder that holds the {what} ({p}); choose another --out",
-                           out_path)
+def check_model_path(model_path) -> Path:
+    p = Path(model_path)
+    if not p.exists() and not p.is_symlink():
+        raise BadInput("model not found", p)
+    if not p.exists():
+        raise BadInput("model not found (a broken symbolic link)", p)
+    return p
 
 
-def check_fix_inputs(model_path, data_path, out_path: Path, o, data_opts: DataOptions,
-                     log: Optional[Callable[[str], None]] = None) -> RepairData:
-    """``o``: the :class:`repair.pipeline.FixOptions`. The order is the command line's: model,
-    data, the other inputs, then the outputs (which are probed by creating a file there).
-    Returns the repair data as read (the pipeline goes on with it instead of reading it again)."""
-    from .export import check_tolerance
+def read_data(data, options: Optional[DataOptions] = None) -> RepairData:
+    """``data``: a path, or the :class:`RepairData` already read (returned as it is)."""
+    return data if isinstance(data, RepairData) else load_data(data, options)
 
-    model_path, out_path = Path(model_path), Path(out_path)
-    if not model_path.exists():
-        raise BadInput("model not found", model_path)
-    data = load_data(data_path, data_opts)
-    if o.eval_data is not None:
-        gb = o.eval_group_by if o.eval_group_by is not None else data_opts.group_by
-        load_data(o.eval_data, dataclasses.replace(data_opts, group_by=gb))
-    if o.train_data is not None:
-        load_data(o.train_data, dataclasses.replace(data_opts, group_by=None))
-    for key, kind in RESOURCE_PATHS.items():
-        value = getattr(o, key)
+
+def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, eval_data=None,
+                eval_group_by: Optional[str] = None, resources: Optional[dict] = None,
+                data_flag: str = "repair data (--data)") -> Inputs:
+    """The model path exists; the data, ``--eval`` data and the model-repair inputs read (in the
+    command line's order). Data already read (a :class:`RepairData`) is not read again."""
+    data_opts = data_opts or DataOptions()
+    model = check_model_path(model_path)
+    d = read_data(data, data_opts)
+    inp = Inputs(model=model, data=d)
+    inp.protected.add(model, "input model").add_data(d, data_flag)
+    if eval_data is not None:
+        gb = eval_group_by if eval_group_by is not None else data_opts.group_by
+        inp.eval_data = read_data(eval_data, dataclasses.replace(data_opts, group_by=gb))
+        inp.protected.add_data(inp.eval_data, "evaluation data (--eval)")
+    for name, value in (resources or {}).items():
         if value is None:
             continue
-        p = Path(value)
-        flag = "--" + key.replace("_", "-")
-        if not p.exists():
-            raise BadInput(f"{flag}: not found", p)
-        if (kind == "folder") != p.is_dir() or (kind == "file" and not p.is_file()):
-            raise BadInput(f"{flag} must be a {kind}", p)
-    if o.tolerance is not None:
-        check_tolerance(o.tolerance)
-    inputs = {"input model": model_path, "repair data (--data)": data_path, "evaluation data (--eval)": o.eval_data,
-              "training data (--train)": o.train_data,
-              **{f"--{k.replace('_', '-')} input": getattr(o, k) for k in RESOURCE_PATHS}}
-    check_not_an_input(out_path, inputs)
-    want = output_suffix(model_path)
-    if want is not None and out_path.suffix.lower() != want:
-        raise BadInput(f"the output of a {model_path.suffix or 'weights'} file is one {want} file; "
-                       f"name it *{want}", out_path)
-    if want is None and out_path.suffix.lower() in FILE_SUFFIXES:
-        raise BadInput(f"the output of a checkpoint folder is a folder; a name ending in {out_path.suffix} "
-                       "would be taken for a weights file", out_path)
-    check_output(out_path, force=o.force, log=log)
-    if o.export == "onnx" and want == ".safetensors":        # the ONNX file goes beside the output
-        check_not_an_input(out_path.with_suffix(".onnx"), inputs)
-        check_output(out_path.with_suffix(".onnx"), force=o.force, log=log)
-    return data
+        res = declared_resource(name)
+        flag = res.flag
+        v = res.check(value, flag)
+        if res.kind == "data":
+            v = read_data(value, dataclasses.replace(data_opts, group_by=None))
+            inp.protected.add_data(v, f"{flag} data")
+        elif res.kind in ("file", "folder"):
+            inp.protected.add(value, f"{flag} input")
+        inp.resources[name] = v
+    return inp
+
+
+# ------------------------------------------------------------------ model-repair inputs
+def declared_resources() -> list:
+    """Every model-repair input the registered model repairs declare (name, kind, help):
+    :func:`repair.registry.model_resources`."""
+    from .registry import model_resources
+
+    return list(model_resources())
+
+
+def declared_resource(name: str):
+    found = {r.name: r for r in declared_resources()}
+    if name not in found:
+        raise BadInput(f"unknown model-repair input {name!r} (known: {', '.join(sorted(found))})")
+    return found[name]
+
+
+# ------------------------------------------------------------------ outputs of fix
+def fix_outputs(model_path, out: Optional[Any], o, inputs: Inputs,
+                log: Optional[Callable[[str], None]] = None) -> dict[str, Path]:
+    """``repair fix``'s outputs (option -> final path): named by the rules, apart from each other,
+    replacing no input, writable. ``o``: the :class:`repair.pipeline.FixOptions`."""
+    from .rules import check_outputs_distinct, check_writable, fix_onnx_output, fix_output, report_outputs
+
+    out = fix_output(model_path, out)
+    paths: dict[str, Path] = {"--out": out}
+    if o.export == "onnx":
+        onnx = fix_onnx_output(model_path, out)
+        if onnx is not None:
+            paths["--export onnx"] = onnx
+    if o.report is not None:
+        paths["--report"], paths["--report (JSON)"] = report_outputs(o.report)
+    check_outputs_distinct(paths)
+    for flag, p in paths.items():
+        inputs.protected.check(p, flag.split(" (")[0])
+    for flag, p in paths.items():
+        # the report is replaced when it exists (a rerun rewrites it); the model needs --force
+        check_writable(p, force=o.force or flag.startswith("--report"), log=log, flag=flag.split(" (")[0])
+    return paths
+
+
+__all__ = ["Inputs", "check_model_path", "declared_resource", "declared_resources", "fix_outputs", "read_data",
+           "read_inputs"]

@@ -26,12 +26,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+
 FIGURE_KEYS = ("n", "accuracy", "worst_class_accuracy", "worst_group_accuracy", "worst_group",
                "per_group", "per_class", "per_inferred_group")
-METRIC_FIELDS = {"worst_group": "worst_group_accuracy", "worst_class": "worst_class_accuracy",
-                 "accuracy": "accuracy"}
-METRIC_NAMES = {"worst_group": "worst-group accuracy", "worst_class": "worst-class accuracy",
-                "accuracy": "accuracy"}
 
 
 # ------------------------------------------------------------------ per-model data
@@ -60,45 +57,17 @@ def compact_eval(rep: dict) -> dict:
                        "embedding_from_cache": rep["embedding"]["from_cache"]}}
 
 
-def gate_metric(figures: dict, metric: str) -> str:
-    """``auto``: worst-group accuracy where groups were measured, else worst-class accuracy."""
-    if metric == "auto":
-        return "worst_group" if figures.get("worst_group_accuracy") is not None else "worst_class"
-    return metric
+def check_gate(result: dict, threshold, metric: str = "auto") -> Optional[dict]:
+    """The gate on the repaired figures (the measured ones for a gate-only run):
+    :func:`repair.rules.judge`."""
+    from .rules import judge
 
-
-def check_gate(result: dict, threshold: Optional[float], metric: str = "auto") -> Optional[dict]:
-    """The gate on the repaired figures (the measured ones for a gate-only run)."""
-    if threshold is None:
-        return None
-    figures = result["after"] or result["before"]
-    name = gate_metric(figures, metric)
-    value = figures.get(METRIC_FIELDS[name])
-    return {"metric": name, "threshold": threshold, "value": value,
-            "passed": value is not None and value >= threshold - 1e-12}
+    return judge(result.get("after") or result.get("before"), threshold, metric)
 
 
 def model_entry(name: str, result: Optional[dict], *, gate: Optional[dict] = None, status: str = "done",
                 error: Optional[str] = None, **extra: Any) -> dict:
     return {"name": name, "status": status, "gate": gate, "result": result, "error": error, **extra}
-
-
-def delta_histogram(model, data, load_opts=None, data_opts=None, runtime=None, bins: int = 30,
-                    top: int = 5) -> dict:
-    """The probe's per-neuron delta (:func:`repair.probing.neuron_deltas`) of the ORIGINAL model on
-    ``data``, as histogram counts. The embeddings come from the cache a ``fix`` run just filled."""
-    import dataclasses
-
-    from .api import prepare
-    from .data import DataOptions
-    from .probing import neuron_deltas
-
-    opts = dataclasses.replace(data_opts or DataOptions(), group_by=None)
-    p = prepare(model, data, load_opts, opts, runtime)
-    W, b = p.adapter.head_params()
-    X, y = p.emb.X, p.enc.y
-    deltas, _ = neuron_deltas(X, y, (X @ W.T + b).argmax(1), W.shape[0])
-    return histogram_of(deltas, p.enc.class_names, bins=bins, top=top)
 
 
 def histogram_of(deltas, class_names: Sequence[str], bins: int = 30, top: int = 5) -> dict:
@@ -245,9 +214,7 @@ def candidates_table(result: dict) -> str:
 def _gate_text(gate: Optional[dict]) -> str:
     if not gate:
         return "–"
-    if gate["passed"]:
-        return f"passed: {METRIC_NAMES[gate['metric']]} {_pct(gate['value'])} ≥ {_pct(gate['threshold'])}"
-    return f"FAILED: {METRIC_NAMES[gate['metric']]} {_pct(gate['value'])} < {_pct(gate['threshold'])}"
+    return ("passed: " if gate["passed"] else "FAILED: ") + gate["message"]
 
 
 def model_section(m: dict) -> str:
@@ -266,6 +233,8 @@ def model_section(m: dict) -> str:
         if r.get("output"):
             facts.append(f"output <code>{_e(r['output'])}</code>")
     facts.append(f"measured on {_e(r.get('measured_on'))}")
+    if m.get("redone"):
+        facts.append(f"run again: {_e(m['redone'])}")
     out.append("<p>" + "; ".join(facts) + "</p>")
     wb, label = headline(b)
     rows = [("accuracy", b.get("accuracy"), a and a.get("accuracy")),
@@ -382,27 +351,23 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def write_report(html_path, doc: dict) -> tuple[Path, Path]:
-    """Write ``doc`` as the HTML page and as JSON beside it (same name, ``.json``), each atomically;
-    an existing report is replaced."""
-    from .errors import BadInput
-    from .io import atomic_output
+def report_json(doc: dict) -> str:
+    return json.dumps(doc, indent=1, default=str) + "\n"
 
-    html_path = Path(html_path)
-    if html_path.suffix.lower() not in (".html", ".htm"):
-        raise BadInput("the report must be an .html file", html_path)
-    json_path = html_path.with_suffix(".json")
-    with atomic_output(json_path, force=True) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
-    with atomic_output(html_path, force=True) as tmp:
-        tmp.write_text(render(doc), encoding="utf-8")
+
+def write_report(html_path, doc: dict) -> tuple[Path, Path]:
+    """Write ``doc`` as the HTML page and as JSON beside it (same name, ``.json``), together
+    (:func:`repair.io.outputs`); an existing report is replaced."""
+    from .io import outputs
+    from .rules import report_outputs
+
+    html_path, json_path = report_outputs(html_path)
+    with outputs(force=True) as tx:
+        tx.stage(json_path).write_text(report_json(doc), encoding="utf-8")
+        tx.stage(html_path).write_text(render(doc), encoding="utf-8")
     return html_path, json_path
 
 
-def fix_report(html_path, rep: dict, model, data, load_opts=None, data_opts=None, runtime=None) -> tuple[Path, Path]:
-    """``repair fix --report``: the per-model page of one fix result (plus the probe's delta
-    histogram of the original model on the repair set)."""
-    hist = delta_histogram(model, data, load_opts, data_opts, runtime)
-    doc = {"kind": "fix", "generated": now(),
-           "models": [model_entry(Path(model).name, compact_fix(rep, hist))]}
-    return write_report(html_path, doc)
+def fix_document(result: dict, name: str, delta_histogram: Optional[dict]) -> dict:
+    """The report document of one ``repair fix`` result (``repair fix --report``)."""
+    return {"kind": "fix", "generated": now(), "models": [model_entry(name, compact_fix(result, delta_histogram))]}

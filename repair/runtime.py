@@ -1,17 +1,36 @@
 """Runtime options of every command (no torch: the command line builds them before anything loads)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
+
+from .errors import BadInput
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 @dataclass
 class RuntimeOptions:
+    """How to run: device, batch size, the embedding cache, progress. Validated when made (the
+    device's presence is checked when it is first used: that needs torch)."""
     device: str = "auto"                 # "auto" | "cpu" | "cuda" | "cuda:1"
     batch_size: int = 64
     cache_dir: Optional[str] = None      # default: $REPAIR_CACHE_DIR or ~/.cache/repair/embeddings
     use_cache: bool = True
     progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device not in ("auto", "cpu"):       # is it there? (needs torch; only then)
+            from .embeddings import check_device
+
+            check_device(self.device)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise BadInput(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
+        if self.cache_dir is not None:
+            self.cache_dir = str(self.cache_dir)
 
 
 __all__ = ["RuntimeOptions"]

@@ -58,11 +58,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import BadInput, RepairError
+from .errors import BadInput, RepairError, Terminated
 
-FIELDS = ("name", "checkpoint", "data", "eval", "group_by", "eval_group_by", "label_col", "path_col",
-          "text_col", "recipe", "gate", "gate_metric", "output", "output_dir", "seed", "budget", "export")
-GATE_METRICS = ("auto", "worst_group", "worst_class", "accuracy")
+BASE_FIELDS = ("name", "checkpoint", "data", "eval", "group_by", "eval_group_by", "label_col", "path_col",
+               "text_col", "recipe", "gate", "gate_metric", "output", "output_dir", "seed", "budget", "export")
+LOCK_NAME = ".zoo-lock"
+
+
+def fields() -> tuple:
+    """The manifest's fields: the base ones and every model-repair input a registered model repair
+    declares (``masks``, ``train``, ... and a plugin's own)."""
+    from .preflight import declared_resources
+
+    return BASE_FIELDS + tuple(r.name for r in declared_resources() if r.name not in BASE_FIELDS)
 MODES = ("fix", "eval")
 STAGING_SUFFIX = ".zoo-staging"
 RAY_HINT = "pip install 'repair-toolkit[zoo]' (in a checkout: pip install -e \".[zoo]\")"
@@ -82,17 +90,20 @@ class ZooEntry:
     path_col: Optional[str] = None
     text_col: Optional[str] = None
     recipe: str = "auto"
-    gate: Optional[float] = None
+    gate: Optional[str] = None            # as written ("0.7", "70%"): compared by repair.rules.judge
     gate_metric: str = "auto"
     output: Optional[Path] = None
     seed: int = 0
     budget: Optional[str] = None
     export: Optional[str] = None
+    resources: tuple = ()                 # model-repair inputs: ((name, value), ...)
 
     def key(self, mode: str) -> str:
         """Hash of everything that changes the work (not the gate: applied to the figures)."""
         d = {k: str(v) for k, v in dataclasses.asdict(self).items()
-             if k not in ("row", "gate", "gate_metric") and v is not None}
+             if k not in ("row", "gate", "gate_metric", "resources") and v is not None}
+        if self.resources:
+            d["resources"] = [[k, str(v)] for k, v in self.resources]
         return hashlib.sha256(json.dumps([mode, d], sort_keys=True).encode()).hexdigest()[:20]
 
     def data_options(self, eval_data: bool = False):
@@ -106,6 +117,12 @@ class ZooEntry:
 class Manifest:
     path: Path
     entries: list[ZooEntry]
+    datasets: dict = dataclasses.field(default_factory=dict)   # (path, options) -> RepairData read once
+
+    def data_of(self, entry: "ZooEntry", key: str):
+        """The RepairData of ``entry``'s ``data`` / ``eval`` as read during validation (or None)."""
+        opts = entry.data_options(eval_data=key == "eval")
+        return self.datasets.get((str(getattr(entry, key)), dataclasses.astuple(opts)))
 
 
 # ------------------------------------------------------------------ reading the manifest
@@ -162,12 +179,6 @@ def _read_rows(path: Path) -> tuple[dict, list[dict]]:
     raise BadInput("a manifest must be a .yaml/.yml or .csv file", path)
 
 
-def _threshold(v: Any) -> float:
-    from .metrics import parse_threshold
-
-    return parse_threshold(v)
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 
@@ -186,29 +197,27 @@ class _Problems:
                            self.path)
 
 
-def _overlap(out: Path, inputs: dict) -> Optional[str]:
-    """Why writing ``out`` would replace one of a row's inputs (None: it would not)."""
-    from .preflight import check_not_an_input
+def _validate_recipe(recipe: str) -> None:
+    """A recipe checked without running anything: its ``plugins:`` are never imported here."""
+    from .recipes import validate_recipe
 
-    try:
-        check_not_an_input(out, inputs)
-    except BadInput as e:
-        return e.problem.replace("; choose another --out", "")
-    return None
+    validate_recipe(recipe)
 
 
-def load_manifest(path, mode: str = "fix") -> Manifest:
-    """Read and validate a manifest (see the module docstring); nothing is loaded or run."""
+def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Manifest:
+    """Read and validate a manifest (see the module docstring); nothing is loaded or run (a
+    recipe's plugins are not imported). Each row's data is read here, once
+    (``Manifest.datasets``), and handed to the work."""
     from .data import load_data
-    from .finetune import Budget
-    from .io import check_output
-    from .pipeline import default_output
-    from .recipes import load_recipe
+    from .modelrepair.finetune import Budget
+    from .preflight import declared_resource
+    from .rules import GATE_METRICS, Protected, check_writable, fix_output, parse_threshold
 
     path = Path(path)
     if mode not in MODES:
         raise BadInput(f"--mode must be fix or eval, got {mode!r}")
     defaults, rows = _read_rows(path)
+    FIELDS = fields()
     base = path.resolve().parent
     problems = _Problems(path)
     for k in sorted(set(defaults) - set(FIELDS)):
@@ -217,10 +226,12 @@ def load_manifest(path, mode: str = "fix") -> Manifest:
         if k in defaults:
             problems.add("defaults", k, "must be given per row")
     recipes: dict[str, Optional[str]] = {}
-    datasets: dict[tuple, Optional[str]] = {}
+    datasets: dict[tuple, Any] = {}
     entries: list[ZooEntry] = []
     names: dict[str, int] = {}
     outputs: dict[Path, int] = {}
+    protected = Protected()            # every row's inputs: no row's output may replace one
+    resource_names = set(FIELDS) - set(BASE_FIELDS)
 
     def as_path(v) -> Path:
         p = Path(os.path.expanduser(str(v)))
@@ -247,6 +258,19 @@ def load_manifest(path, mode: str = "fix") -> Manifest:
         for k in ("group_by", "eval_group_by", "label_col", "path_col", "text_col", "budget", "export"):
             if k in r:
                 f[k] = str(r[k])
+        res = []
+        for k in sorted(resource_names & set(r)):
+            decl = declared_resource(k)
+            value = str(as_path(r[k])) if decl.kind in ("file", "folder", "data") else str(r[k])
+            try:
+                decl.check(value, k) if decl.kind != "data" else (None if as_path(r[k]).exists() else
+                                                                   _missing(k, as_path(r[k])))
+            except BadInput as e:
+                problems.add(where, k, str(e))
+            res.append((k, value))
+            if decl.kind in ("file", "folder", "data"):
+                protected.add(value, f"{k} of row {n}")
+        f["resources"] = tuple(res)
         if f["name"] in names:
             problems.add(where, "name", f"duplicate name {f['name']!r} (also row {names[f['name']]})")
         names.setdefault(f["name"], n)
@@ -255,7 +279,7 @@ def load_manifest(path, mode: str = "fix") -> Manifest:
             recipe = str(as_path(recipe))
         if recipe not in recipes:
             try:
-                load_recipe(recipe)
+                _validate_recipe(recipe)
                 recipes[recipe] = None
             except BadInput as e:
                 recipes[recipe] = str(e)
@@ -264,7 +288,7 @@ def load_manifest(path, mode: str = "fix") -> Manifest:
         f["recipe"] = recipe
         if "gate" in r:
             try:
-                f["gate"] = _threshold(r["gate"])
+                f["gate"] = parse_threshold(r["gate"]).text
             except ValueError as e:
                 problems.add(where, "gate", str(e))
         metric = str(r.get("gate_metric", "auto"))
@@ -287,33 +311,39 @@ def load_manifest(path, mode: str = "fix") -> Manifest:
                 problems.add(where, "budget", getattr(e, "problem", str(e)))
         if f.get("export") not in (None, "onnx"):
             problems.add(where, "export", f"must be onnx, got {f['export']!r}")
+        for k in ("checkpoint", "data", "eval"):
+            if k in f and f[k].exists():
+                protected.add(f[k], f"{k} of row {n}")
         if mode == "fix" and "checkpoint" in f:
             ck = f["checkpoint"]
-            if "output" in r:
-                out = as_path(r["output"])
-            elif "output_dir" in r:
-                odir = as_path(r["output_dir"])
-                out = odir / (_slug(f["name"]) + ("" if ck.is_dir() else (".onnx" if ck.suffix.lower() == ".onnx"
-                                                                             else ".safetensors")))
-            else:
-                out = default_output(ck)
-            out = out.resolve()
-            if out in outputs:
-                problems.add(where, "output", f"duplicate output {out} (also row {outputs[out]})")
-            elif out == ck.resolve():
-                problems.add(where, "output", "would overwrite the checkpoint")
-            elif overlap := _overlap(out, {k: f[k] for k in ("checkpoint", "data", "eval") if k in f}):
-                problems.add(where, "output", overlap)
-            elif not out.parent.is_dir():
-                problems.add(where, "output", f"folder {out.parent} does not exist")
-            else:
-                try:
-                    check_output(out, force=True)            # the folder can be written
-                except BadInput as e:
-                    problems.add(where, "output", e.problem)
-            outputs.setdefault(out, n)
-            f["output"] = out
-        # the data: columns exist (cheap: tables and file names, no model)
+            try:
+                if "output" in r:
+                    out = fix_output(ck, as_path(r["output"]))
+                elif "output_dir" in r:
+                    odir = as_path(r["output_dir"])
+                    out = fix_output(ck, odir / (_slug(f["name"]) + ("" if ck.is_dir() else (
+                        ".onnx" if ck.suffix.lower() == ".onnx" else ".safetensors"))))
+                else:
+                    out = fix_output(ck)
+            except BadInput as e:
+                problems.add(where, "output", e.problem)
+                out = None
+            if out is not None:
+                out = out.resolve()
+                clash = next((m for o, m in outputs.items() if o == out or o in out.parents or out in o.parents), None)
+                if clash is not None:
+                    rel = "duplicate output" if outputs.get(out) == clash else "output inside (or holding) the output"
+                    problems.add(where, "output", f"{rel} {out} (also row {clash})")
+                elif not out.parent.is_dir():
+                    problems.add(where, "output", f"folder {out.parent} does not exist")
+                else:
+                    try:
+                        check_writable(out, force=True)            # the folder can be written
+                    except BadInput as e:
+                        problems.add(where, "output", e.problem)
+                outputs.setdefault(out, n)
+                f["output"] = out
+        # the data: read once here (cheap: tables and file names, no model) and kept for the work
         if len(problems.items) == before:
             for key, is_eval in (("data", False), ("eval", True)):
                 if key not in f:
@@ -323,16 +353,28 @@ def load_manifest(path, mode: str = "fix") -> Manifest:
                 dk = (str(f[key]), dataclasses.astuple(opts))
                 if dk not in datasets:
                     try:
-                        load_data(f[key], opts)
-                        datasets[dk] = None
+                        datasets[dk] = load_data(f[key], opts)
                     except BadInput as e:
                         datasets[dk] = str(e)
-                if datasets[dk]:
+                if isinstance(datasets[dk], str):
                     problems.add(where, key, datasets[dk])
+                else:
+                    protected.add_data(datasets[dk], f"{key} of row {n}")
         if len(problems.items) == before:
             entries.append(ZooEntry(row=n, **f))
+    # no row's output may replace any row's input (its own or another's)
+    for e in entries:
+        if e.output is not None:
+            why = protected.why(e.output, "output")
+            if why:
+                problems.add(f"row {e.row} ({e.name})", "output", why)
     problems.raise_first()
-    return Manifest(path=path, entries=entries)
+    return Manifest(path=path, entries=entries,
+                    datasets={k: v for k, v in datasets.items() if not isinstance(v, str)})
+
+
+def _missing(flag: str, p: Path):
+    raise BadInput(f"{flag}: not found", p)
 
 
 # ------------------------------------------------------------------ journal
@@ -438,7 +480,8 @@ def run_model(task: dict) -> dict:
 
     t0 = time.perf_counter()
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    entry = ZooEntry(**{k: (Path(v) if k in ("checkpoint", "data", "eval", "output") and v is not None else v)
+    entry = ZooEntry(**{k: (Path(v) if k in ("checkpoint", "data", "eval", "output") and v is not None else
+                            tuple(tuple(x) for x in v) if k == "resources" else v)
                         for k, v in task["entry"].items()})
     try:
         with threads.limited(task["threads"]):
@@ -457,7 +500,8 @@ def _eval(entry: ZooEntry, task: dict) -> dict:
     from .api import evaluate_model
     from .report import compact_eval
 
-    data = entry.eval or entry.data
+    key = "eval" if entry.eval is not None else "data"
+    data = task.get(key) or getattr(entry, key)         # as read when the manifest was checked
     rep = evaluate_model(entry.checkpoint, data, data_opts=entry.data_options(eval_data=entry.eval is not None),
                          runtime=_runtime(task))
     return compact_eval(rep)
@@ -465,7 +509,8 @@ def _eval(entry: ZooEntry, task: dict) -> dict:
 
 def _fix(entry: ZooEntry, task: dict) -> dict:
     from .pipeline import FixOptions, fix_model
-    from .report import compact_fix, delta_histogram
+    from .preflight import read_inputs
+    from .report import compact_fix
 
     out = Path(entry.output)
     staging = staging_dir(out)
@@ -473,14 +518,15 @@ def _fix(entry: ZooEntry, task: dict) -> dict:
     staging.mkdir()
     runtime = _runtime(task)
     try:
-        rep = fix_model(entry.checkpoint, entry.data, staging / out.name, data_opts=entry.data_options(),
-                        runtime=runtime, log=lambda m: None,
-                        options=FixOptions(recipe=entry.recipe, seed=entry.seed,
-                                           eval_data=None if entry.eval is None else str(entry.eval),
-                                           eval_group_by=entry.eval_group_by, export=entry.export,
-                                           budget=entry.budget))
-        hist = delta_histogram(entry.checkpoint, entry.data, data_opts=entry.data_options(), runtime=runtime)
-        result = compact_fix(_unstage(rep, staging, out.parent), hist)
+        o = FixOptions(recipe=entry.recipe, seed=entry.seed, eval_data=None if entry.eval is None else str(entry.eval),
+                       eval_group_by=entry.eval_group_by, export=entry.export, budget=entry.budget,
+                       resources=dict(entry.resources), allow_plugins=bool(task.get("allow_plugins")))
+        inputs = read_inputs(entry.checkpoint, task.get("data") or entry.data, entry.data_options(),
+                             eval_data=task.get("eval") or o.eval_data, eval_group_by=entry.eval_group_by,
+                             resources=o.resources)
+        rep = fix_model(entry.checkpoint, inputs.data, staging / out.name, data_opts=entry.data_options(),
+                        runtime=runtime, log=lambda m: None, options=o, inputs=inputs)
+        result = compact_fix(_unstage(rep.report, staging, out.parent), rep.delta_histogram())
         result["output_digest"] = output_digest(staging / out.name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)      # nothing of a failed attempt stays behind
@@ -608,6 +654,20 @@ class ZooOptions:
     cpus_per_model: int = 1                 # torch threads per model (and Ray num_cpus per task)
     gpus_per_model: float = 0               # Ray num_gpus per task
     max_retries: int = 3                    # Ray: retries of a task whose worker died
+    allow_plugins: bool = False             # recipes' plugins: may run (they are code)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise BadInput(f"--mode must be fix or eval, got {self.mode!r}")
+        for name, flag, lo in (("cpus_per_model", "--cpus-per-model", 1), ("max_retries", "--max-retries", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise BadInput(f"{flag} must be a whole number >= {lo}, got {v!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise BadInput(f"--workers must be a whole number >= 1, got {self.workers!r}")
+        if not isinstance(self.gpus_per_model, (int, float)) or self.gpus_per_model < 0:
+            raise BadInput(f"--gpus-per-model must be >= 0, got {self.gpus_per_model!r}")
 
 
 REPORT_NAME = "zoo-report.html"
@@ -628,9 +688,7 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     t0 = time.perf_counter()
     if o.ray is not None:
         import_ray()                                        # before anything else: exit 2 with the hint
-    if o.cpus_per_model < 1:
-        raise BadInput("--cpus-per-model must be at least 1")
-    manifest = load_manifest(manifest_path, o.mode)
+    manifest = load_manifest(manifest_path, o.mode, allow_plugins=o.allow_plugins)
     mpath = Path(manifest_path)
     out_dir = Path(o.out_dir) if o.out_dir is not None else mpath.resolve().parent / f"{mpath.stem}-zoo"
     if not out_dir.parent.is_dir():
@@ -643,32 +701,75 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
         raise BadInput("folder does not exist", journal.path.parent)
     if journal.path.parent != out_dir:
         check_output(journal.path, force=True)
+    created = not out_dir.exists()
+    out_dir.mkdir(exist_ok=True)
+    lock = _hold_lock(out_dir)                              # one driver per report folder
+    try:
+        return _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log)
+    except BadInput:                                        # refused before any work: leave nothing
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        os.close(lock)
+
+
+def _hold_lock(out_dir: Path) -> int:
+    """Hold ``<out_dir>/.zoo-lock`` for this driver; a second driver on the same folder gets
+    BadInput naming the holder. Released when the driver ends in any way (the OS drops the lock)."""
+    import fcntl
+
+    path = out_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise BadInput(f"another repair zoo is running on this folder (held by {holder}); wait for it or "
+                       "use another --out-dir", out_dir) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
+
+
+def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
+    from .embeddings import default_cache_dir
+    from .report import check_gate, now, write_report
+
     records = journal.read()
     done = {}
+    redo: dict[str, str] = {}
     for e in manifest.entries:
         rec = records.get((e.name, o.mode))
         if rec is not None and rec.get("key") == e.key(o.mode):
+            if o.mode == "fix" and rec.get("output"):
+                commit_staged(Path(rec["output"]))          # a rename an interrupted driver had not finished
+                why = _output_changed(Path(rec["output"]), (rec.get("result") or {}).get("output_digest"))
+                if why:
+                    redo[e.name] = why
+                    log(f"{e.name}: journaled, but {why}: running it again")
+                    continue
             done[e.name] = rec
     if o.mode == "fix":
         problems = _Problems(mpath)
         for e in manifest.entries:
-            if e.name not in done and e.output.exists() and not o.force:
+            if e.name not in done and e.name not in redo and e.output.exists() and not o.force:
                 why = ("the journal holds this model with other settings"
                        if (e.name, o.mode) in records else "this zoo's journal did not write it")
                 problems.add(f"row {e.row} ({e.name})", "output",
                              f"{e.output} already exists and {why} (use --force to replace it)")
         problems.raise_first()
     # ---- validated: from here on, work
-    out_dir.mkdir(exist_ok=True)
-    for name, rec in done.items():                          # a rename an interrupted driver had not finished
-        if rec.get("output"):
-            commit_staged(Path(rec["output"]))
     todo = [e for e in manifest.entries if e.name not in done]
     cache_dir = str(Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir())
     rt = {"device": runtime.device, "batch_size": runtime.batch_size, "cache_dir": cache_dir,
           "use_cache": runtime.use_cache}
     tasks = [{"entry": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(e).items()},
-              "mode": o.mode, "runtime": rt, "threads": o.cpus_per_model} for e in todo]
+              "mode": o.mode, "runtime": rt, "threads": o.cpus_per_model, "allow_plugins": o.allow_plugins,
+              "data": manifest.data_of(e, "data"), "eval": manifest.data_of(e, "eval") if e.eval else None,
+              "force": o.force or e.name in redo}
+             for e in todo]
     errors: dict[str, dict] = {}
     executor = (LocalExecutor() if o.ray is None else
                 RayExecutor(o.ray, workers=o.workers, cpus_per_model=o.cpus_per_model,
@@ -694,14 +795,14 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
             log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: "
                 f"{_progress_line(res['result'], check_gate(res['result'], e.gate, e.gate_metric))} "
                 f"({res['seconds']:.1f}s on {res['worker']})")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         interrupted = True
         raise
     finally:
         try:
             executor.close()
         finally:
-            models = [_model_entry(e, done.get(e.name), errors.get(e.name), e.name in resumed)
+            models = [_model_entry(e, done.get(e.name), errors.get(e.name), e.name in resumed, redo.get(e.name))
                       for e in manifest.entries]
             doc = _document(mpath, o, executor.description, models, interrupted, time.perf_counter() - t0)
             doc["report"], doc["journal"] = str(out_dir / REPORT_NAME), str(journal.path)
@@ -712,12 +813,28 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     return doc
 
 
-def _model_entry(e: ZooEntry, rec: Optional[dict], error: Optional[dict], resumed: bool) -> dict:
+def _output_changed(output: Path, digest: Optional[str]) -> Optional[str]:
+    """Why a journaled model's output cannot be trusted any more (None: it is as written)."""
+    if not output.exists():
+        return "its output is missing"
+    if digest is not None:
+        try:
+            now_digest = output_digest(output)
+        except RepairError:
+            now_digest = None
+        if now_digest != digest:
+            return "its output differs from what was written"
+    return None
+
+
+def _model_entry(e: ZooEntry, rec: Optional[dict], error: Optional[dict], resumed: bool,
+                 redone: Optional[str] = None) -> dict:
     from .report import check_gate, model_entry
 
     if rec is not None:
+        extra = {"redone": redone} if redone else {}
         return model_entry(e.name, rec["result"], gate=check_gate(rec["result"], e.gate, e.gate_metric),
-                           seconds=rec.get("seconds"), worker=rec.get("worker"), resumed=resumed)
+                           seconds=rec.get("seconds"), worker=rec.get("worker"), resumed=resumed, **extra)
     if error is not None:
         return model_entry(e.name, None, status="error", error=error["error"])
     return model_entry(e.name, None, status="pending")

@@ -257,7 +257,7 @@ def test_adapter_contract(case: Case, request, tmp_path):
         return
 
     # any tensor can change: the body hash follows the weights, save writes every change
-    from repair.trainable import TrainableModel
+    from repair.modelrepair.trainable import TrainableModel
 
     assert a.can_train and isinstance(a.trainable(), TrainableModel)
     name = first_body_tensor(a)

@@ -201,7 +201,7 @@ CASES: dict[str, Case] = {
     "eval: --expect-groups unknown class": Case([EVAL, *M_I, "--group-by", "place", "--expect-groups", "wolf|land"],
                                                 ("--expect-groups", "'wolf' is not a class")),
     "eval: --batch-size 0": Case([EVAL, *M_I, "--batch-size", "0"], ("--batch-size",)),
-    "eval: gate not met is exit 1": Case([EVAL, *M_I, "--fail-under-acc", "100%"], ("accuracy", "< 100.0%"), code=1),
+    "eval: gate not met is exit 1": Case([EVAL, *M_I, "--fail-under-acc", "100%"], ("accuracy", "< 100%"), code=1),
     # ---- probe
     "probe: missing model": Case([PROBE, "{tmp}/nope", "--data", "{images}"], ("nope", "not found")),
     "probe: --data /dev/null": Case([PROBE, "{timm}", "--data", "/dev/null"], ("/dev/null", "special file")),

@@ -106,7 +106,7 @@ def _one_thread():
 def _inputs(task, budget=None, seed=0, masks=True):
     from repair.adapters import load_model
     from repair.data import DataOptions, encode, load_data
-    from repair.finetune import Budget
+    from repair.modelrepair.finetune import Budget
     from repair.methods import ModelRepairInputs
 
     ad = load_model(task["model"])
@@ -215,7 +215,7 @@ def test_clp_raises_held_out_worst_group_accuracy(task):
 
 
 def test_deterministic_under_a_seed(task):
-    from repair.finetune import Budget, train
+    from repair.modelrepair.finetune import Budget, train
     from repair.methods.clp import ClpRun
 
     runs = []

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import make_images
 from repair.errors import BadInput
-from repair.finetune import Budget, LoopConfig, train
+from repair.modelrepair.finetune import Budget, LoopConfig, train
 from repair_cli.main import app
 
 runner = CliRunner()
@@ -47,7 +47,7 @@ def test_loop_stops_early_and_restores_the_best_state():
 
     cfg = LoopConfig(lr=0.5, eval_every=1, patience=3, warmup_fraction=0.0, schedule="constant", clip_norm=0)
     res = train([p], step, evaluate, cfg, steps_per_epoch=1, budget=Budget(steps=10), progress=False)
-    assert res.stopped == "early_stopping" and res.steps == 5 and res.best_step == 2
+    assert res.stopped_by == "early stopping" and res.steps == 5 and res.best_step == 2
     assert res.best_score == 0.9 and float(p) == values[2] != values[-1]
     assert [h["step"] for h in res.history] == [0, 1, 2, 3, 4, 5]
 
@@ -72,6 +72,60 @@ def test_loop_is_deterministic_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     torch.nn.Linear(4, 2), torch.randn(64, 4), torch.randint(0, 2, (64,))
     assert torch.equal(r1, torch.rand(1))      # the caller's RNG stream continues as if untouched
+
+
+def _quadratic():
+    p = torch.nn.Parameter(torch.zeros(1))
+    return p, (lambda i, gen: (p - 3.0).pow(2).sum())
+
+
+def test_loop_says_what_ended_training(monkeypatch):
+    import time
+
+    from repair.modelrepair import finetune as ft
+
+    cfg = LoopConfig(epochs=2, patience=0, warmup_fraction=0.0)
+    p, step = _quadratic()
+    res = train([p], step, None, cfg, steps_per_epoch=3, budget=Budget(), progress=False)
+    assert (res.stopped_by, res.steps) == ("epochs", 6)                 # the method's own epochs
+    res = train([p], step, None, cfg, steps_per_epoch=3, budget=Budget(steps=4, epochs=5), progress=False)
+    assert (res.stopped_by, res.steps) == ("budget:steps", 4)
+    res = train([p], step, None, cfg, steps_per_epoch=3, budget=Budget(steps=40, epochs=1), progress=False)
+    assert (res.stopped_by, res.steps) == ("budget:epochs", 3)
+    assert res.describe()["stopped_by"] == "budget:epochs" and res.describe()["budget"]["default"] is False
+
+    def slow(i, gen):                      # every step outlasts the whole time budget
+        time.sleep(0.02)
+        return step(i, gen)
+
+    res = train([p], slow, None, cfg, steps_per_epoch=1000, budget=Budget(seconds=0.01), progress=False)
+    assert res.stopped_by == "budget:time" and res.steps == 1
+    # no budget given: the default time budget bounds the run, and says so
+    assert Budget.default() == Budget(seconds=ft.DEFAULT_BUDGET_SECONDS) and ft.DEFAULT_BUDGET_SECONDS == 600
+    monkeypatch.setattr(ft, "DEFAULT_BUDGET_SECONDS", 0.01)
+    res = train([p], slow, None, cfg, steps_per_epoch=1000, budget=None, progress=False)
+    assert res.stopped_by == "budget:time" and res.steps == 1
+    assert res.budget == {"seconds": 0.01, "default": True}
+    assert set(ft.STOPPED_BY) >= {"budget:time", "budget:steps", "budget:epochs", "early stopping", "epochs"}
+
+
+def test_heldout_split_keeps_duplicates_together_when_the_splitter_can():
+    """``ModelRepairInputs.duplicates`` reaches the splitter as ``clusters=`` only when it takes them."""
+    from repair.modelrepair.finetune import _clusters
+    from repair.methods import ModelRepairInputs
+
+    dup = torch.tensor([0, 0, 1, 2])
+    inp = ModelRepairInputs(model=None, items=[], y=torch.zeros(4), ref_logits=torch.zeros(4, 2), duplicates=dup)
+
+    def with_clusters(strata, fractions, seed, min_per_part=1, clusters=None):
+        return []
+
+    def without(strata, fractions, seed, min_per_part=1):
+        return []
+
+    assert _clusters(with_clusters, inp)["clusters"] is dup
+    assert _clusters(without, inp) == {}
+    assert _clusters(with_clusters, ModelRepairInputs(model=None, items=[], y=dup, ref_logits=inp.ref_logits)) == {}
 
 
 # ------------------------------------------------------------------ the seam, end to end
@@ -139,6 +193,8 @@ def test_budget_bounds_the_steps(timm_folder, repair_images, tmp_path):
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["model_change"]["steps"] == 3 and rep["model_change"]["budget"] == {"steps": 3}
+    assert rep["diagnostics"]["loop"]["stopped_by"] == "budget:steps"
+    assert rep["diagnostics"]["loop"]["budget"] == {"steps": 3, "default": False}
     code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", recipe, "--budget",
                            "lots", "-q")
     assert code == 2 and "--budget" in err

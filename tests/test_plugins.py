@@ -1,6 +1,7 @@
 """Declared contracts, seen from outside: a new head method and a new model repair, each one file
 outside ``repair/methods/``, registered through the public registration and run by
-``repair fix --recipe``; recipes validated when they are loaded."""
+``repair fix --recipe``; recipes validated when they are loaded; a recipe's plugins run only when
+the caller allows them; the built-in recipes of the top-level ``recipes/`` folder."""
 from __future__ import annotations
 
 import json
@@ -92,7 +93,7 @@ def test_head_method_from_one_outside_file(timm_folder, repair_images, tmp_path)
     recipe = _recipe(tmp_path, "balanced", HEAD_PLUGIN, "balanced_lr", "    params: {l2: 2.0}\n")
     out = tmp_path / "fixed"
     code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", recipe,
-                                "--out", out, "--json", "-q")
+                                "--out", out, "--json", "-q", "--allow-plugins")
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["method"] == "balanced_lr" and rep["kind"] == "head"
@@ -104,7 +105,7 @@ def test_head_method_from_one_outside_file(timm_folder, repair_images, tmp_path)
     # the plugin's settings are validated like a built-in's
     bad = _recipe(tmp_path, "balanced2", HEAD_PLUGIN.replace("balanced_lr", "balanced_lr2"), "balanced_lr2",
                   "    params: {l2: -1}\n")
-    code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", bad, "-q")
+    code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", bad, "-q", "--allow-plugins")
     assert code == 2 and "balanced2.yaml" in err and "'l2'" in err and err.count("\n") == 1
 
 
@@ -117,7 +118,7 @@ def test_model_repair_from_one_outside_file(timm_folder, repair_images, tmp_path
     recipe = _recipe(tmp_path, "halve", MODEL_PLUGIN, "halve_last_block")
     out = tmp_path / "fixed"
     code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", recipe,
-                                "--out", out, "--json", "-q")
+                                "--out", out, "--json", "-q", "--allow-plugins")
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["kind"] == "model" and rep["method"] == "halve_last_block"
@@ -179,10 +180,129 @@ def test_recipe_that_is_a_folder(timm_folder, repair_images, tmp_path):
 
 def test_single_method_recipes_come_from_the_registry():
     from repair.methods import list_methods
-    from repair.recipes import HERE, available, load_recipe
+    from repair.recipes import available, load_recipe, recipes_dir
 
-    assert sorted(p.stem for p in HERE.glob("*.yaml")) == ["auto", "auto-ft"]
+    files = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
     for m in list_methods():
         assert m.name in available()
         r = load_recipe(m.name)
         assert [c.method for c in r.candidates] == [m.name]
+        assert (r.source == "registry") == (m.name not in files)
+
+
+# ---------------------------------------------------------------------- the plugins gate
+MARKER_PLUGIN = """
+from pathlib import Path
+Path(__file__).with_name("MARKER").write_text("plugin code ran")
+from dataclasses import dataclass
+from repair.methods import RepairOutput, register_method
+
+@dataclass
+class MarkConfig:
+    pass
+
+@register_method("marker_{tag}", summary="a plugin that leaves a marker", config=MarkConfig, groups="never")
+def marker(inputs, config):
+    return RepairOutput(W=inputs.W.clone(), b=inputs.b.clone())
+"""
+
+
+def _marker_recipe(folder, tag, extra=""):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mark.py").write_text(MARKER_PLUGIN.replace("{tag}", tag))
+    path = folder / "mark.yaml"
+    path.write_text(f"plugins: [mark.py]\ncandidates:\n  - method: marker_{tag}\n{extra}")
+    return path, folder / "MARKER"
+
+
+def test_a_plugin_never_runs_without_the_flag(tmp_path):
+    from repair.errors import BadInput
+    from repair.methods import METHODS
+    from repair.recipes import load_recipe, validate_recipe
+
+    recipe, marker = _marker_recipe(tmp_path / "lib", "gate")
+    with pytest.raises(BadInput) as e:
+        load_recipe(recipe)
+    assert e.value.path == str(recipe) and e.value.problem == (
+        "recipe mark.yaml loads plugin code mark.py; pass --allow-plugins to run it")
+    assert not marker.exists()
+    # validation imports nothing, even when plugins are allowed; the plugin's method is left for run time
+    for r in (validate_recipe(recipe), load_recipe(recipe, allow_plugins=True, validate_only=True)):
+        assert [c.method for c in r.candidates] == ["marker_gate"] and r.plugins == ("mark.py",)
+    assert not marker.exists() and "marker_gate" not in [m.name for m in METHODS.registered()]
+    try:
+        r = load_recipe(recipe, allow_plugins=True)
+        assert marker.read_text() == "plugin code ran" and r.candidates[0].info.name == "marker_gate"
+    finally:
+        METHODS.unregister("marker_gate")
+
+
+def test_fix_refuses_a_plugin_recipe_without_the_flag(timm_folder, repair_images, tmp_path):
+    recipe, marker = _marker_recipe(tmp_path / "lib", "cli")
+    code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", recipe, "-q")
+    assert code == 2 and err.count("\n") == 1
+    assert str(recipe) in err and "loads plugin code mark.py; pass --allow-plugins" in err
+    assert not marker.exists() and not (timm_folder.parent / (timm_folder.name + "-repaired")).exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ("  - method: dfr\n    params: {c_grid: [-1.0]}\n", "'c_grid'"),        # built-in settings still checked
+    ("  - methd: dfr\n", "needs a 'method'"),
+    ("folds: 1\n", "folds"),
+])
+def test_validation_still_checks_structure_and_builtin_settings(tmp_path, extra, needle):
+    from repair.errors import BadInput
+    from repair.recipes import validate_recipe
+
+    recipe, marker = _marker_recipe(tmp_path / "lib", "val", extra)
+    with pytest.raises(BadInput) as e:
+        validate_recipe(recipe)
+    assert needle in e.value.problem and e.value.path == str(recipe) and not marker.exists()
+
+
+def test_validation_without_plugins_knows_every_method(tmp_path):
+    from repair.errors import BadInput
+    from repair.recipes import validate_recipe
+
+    (tmp_path / "r.yaml").write_text("candidates:\n  - method: nope\n")
+    with pytest.raises(BadInput, match="unknown repair method 'nope'"):
+        validate_recipe(tmp_path / "r.yaml")
+    (tmp_path / "p.yaml").write_text("plugins: [missing.py]\ncandidates:\n  - method: nope\n")
+    with pytest.raises(BadInput, match="plugins: file missing.py not found"):
+        validate_recipe(tmp_path / "p.yaml")
+
+
+# ---------------------------------------------------------------------- built-in recipes
+def test_builtin_recipes_live_in_the_top_level_folder_with_one_line_each():
+    from repair.recipes import available, load_recipe, recipes_dir
+
+    folder = recipes_dir()
+    assert (folder / "__init__.py").is_file()
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    assert {"auto", "auto-ft", "clp-ablation", "recompose-noprune", "clp", "mixft", "recompose"} <= set(names)
+    av = available()
+    for n in names:
+        r = load_recipe(n)                                  # --recipe NAME finds every file
+        assert r.source == f"{n}.yaml" and r.plugins == ()
+        assert av[n] and "\n" not in av[n] and len(av[n]) < 400, n
+    assert av["auto-ft"] == "auto's head repairs plus data-mixing fine-tuning of the network (mixft)."
+    assert [c.label for c in load_recipe("clp-ablation").candidates] == ["clp(meta=False)"]
+
+
+@pytest.mark.parametrize("method", ["clp", "mixft", "recompose"])
+def test_documented_examples_spell_out_every_setting_at_its_default(method):
+    """The example runs what ``--recipe METHOD`` ran before it existed, and documents every setting."""
+    import yaml
+
+    from repair.methods import get_method
+    from repair.recipes import load_recipe, recipes_dir
+
+    text = (recipes_dir() / f"{method}.yaml").read_text()
+    params = yaml.safe_load(text)["candidates"][0]["params"]
+    info = get_method(method)
+    assert sorted(params) == sorted(s["name"] for s in info.settings())
+    assert info.make_config(params) == info.default_config()
+    for line in text.splitlines():
+        if line.startswith("      ") and ":" in line:
+            assert "# " in line.split(":", 1)[1], f"setting without a comment: {line}"
+    assert [c.label for c in load_recipe(method).candidates] == [method]

@@ -84,7 +84,7 @@ def _loaded(scene):
 
 def _truth(scene, items):
     from repair.adapters import load_model
-    from repair.masks import load_masks
+    from repair.modelrepair.masks import load_masks
 
     return load_masks(scene["masks"], items, scene["data"], load_model(scene["model"]).data_config)
 
@@ -96,7 +96,8 @@ def _iou(a, b):
 
 # ------------------------------------------------------------------ where the object is
 def test_masks_given_contrast_attribution(scene):
-    from repair.generation import Prompts, object_masks
+    from repair.modelrepair.generation import Prompts
+    from repair.modelrepair.masks import object_masks
 
     ad, tm, items, x, y = _loaded(scene)
     truth = _truth(scene, items)
@@ -134,7 +135,8 @@ def tiny_clip_tokenizer(path: Path):
 def test_language_guided_masks_from_a_local_clipseg(scene, tmp_path):
     from transformers import (CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor)
 
-    from repair.generation import Prompts, object_masks
+    from repair.modelrepair.generation import Prompts
+    from repair.modelrepair.masks import object_masks
 
     folder = tmp_path / "clipseg"
     tok = tiny_clip_tokenizer(folder)
@@ -158,7 +160,8 @@ def test_language_guided_masks_from_a_local_clipseg(scene, tmp_path):
 
 # ------------------------------------------------------------------ generation
 def test_composite_puts_the_object_on_a_cleaned_background(scene):
-    from repair.generation import CompositeGenerator, fill_holes, to_pixels
+    from repair.modelrepair.generation import CompositeGenerator, fill_holes
+    from repair.modelrepair.pixels import to_pixels
 
     ad, tm, items, x, y = _loaded(scene)
     truth = _truth(scene, items)
@@ -167,7 +170,7 @@ def test_composite_puts_the_object_on_a_cleaned_background(scene):
     out, om = CompositeGenerator(harmonize=0.0).generate(pix[src], truth[src], pix[bg], truth[bg], [""] * 3)
     assert out.shape == (3, 3, 32, 32) and float(out.min()) >= 0 and float(out.max()) <= 1
     assert torch.equal(om, truth[src])
-    from repair.generation import _erode
+    from repair.modelrepair.pixels import _erode
 
     inner = _erode(truth[src], 1).bool().expand(-1, 3, -1, -1)
     torch.testing.assert_close(out[inner], pix[src][inner])               # the object, exactly
@@ -184,7 +187,7 @@ def test_composite_puts_the_object_on_a_cleaned_background(scene):
 
 
 def test_prompts_file(tmp_path):
-    from repair.generation import load_prompts
+    from repair.modelrepair.generation import load_prompts
 
     p = tmp_path / "p.yaml"
     p.write_text("template: '{object} near {background}'\nobjects: {cat: a tabby}\nbackgrounds: {water: a lake}\n")
@@ -265,7 +268,7 @@ def test_recompose_refuses_text_models_and_bad_generators(scene, bert_folder, tm
 
 
 def test_without_diffusers_the_message_says_how_to_install(monkeypatch):
-    from repair.generation import make_generator
+    from repair.modelrepair.generation import make_generator
 
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(BadInput, match=r"pip install 'repair-toolkit\[diffusion\]'"):

@@ -145,8 +145,8 @@ def test_csv_manifest_with_defaults_and_an_existing_output(zoo, tmp_path):
     from repair.zoo import load_manifest
 
     (entry,) = load_manifest(path).entries
-    assert entry.recipe == "dfr" and entry.gate == pytest.approx(0.7) and entry.output == (tmp_path / "out" / "a")
-    code, _, err = run_cli("zoo", path)
+    assert entry.recipe == "dfr" and entry.gate == "70%" and entry.output == (tmp_path / "out" / "a")
+    code, _, err = run_cli("zoo", path, "--allow-plugins")
     assert code == 2 and "row 1 (a), output: " in err and "already exists" in err and err.count("\n") == 1
     assert not (tmp_path / "zoo-zoo").exists()
 
@@ -207,7 +207,8 @@ def test_eval_mode_gates_and_writes_only_the_report(zoo, tmp_path):
     code, stdout, err = run_cli("zoo", path, "--mode", "eval", "--out-dir", tmp_path / "r", "--json")
     assert code == 1 and "gate failed for 1 model(s): low" in err
     assert sorted(p.name for p in zoo.iterdir()) == before and sorted(os.listdir(tmp_path / "m")) == ["zoo.yaml"]
-    assert sorted(os.listdir(tmp_path / "r")) == ["journal.jsonl", "zoo-report.html", "zoo-report.json"]
+    # (and the driver's lock file, .zoo-lock)
+    assert sorted(os.listdir(tmp_path / "r")) == [".zoo-lock", "journal.jsonl", "zoo-report.html", "zoo-report.json"]
     doc = json.loads(stdout)
     assert [m["result"]["after"] for m in doc["models"]] == [None, None]
     rows[1]["gate"] = 0
@@ -240,7 +241,7 @@ def test_sigint_half_way_then_rerun_finishes_only_the_rest(zoo, tmp_path):
     try:
         watcher.start()
         with time_limit(300):
-            code, _, err = run_cli("zoo", path)
+            code, _, err = run_cli("zoo", path, "--allow-plugins")
         watcher.join(timeout=5)
     finally:
         signal.signal(signal.SIGINT, before)
@@ -253,7 +254,7 @@ def test_sigint_half_way_then_rerun_finishes_only_the_rest(zoo, tmp_path):
     assert not (tmp_path / "out" / "b").exists() and not (tmp_path / "out" / "c").exists()
     a_mtime = (tmp_path / "out" / "a" / "model.safetensors").stat().st_mtime_ns
     block.unlink()
-    code, _, err = run_cli("zoo", path)
+    code, _, err = run_cli("zoo", path, "--allow-plugins")
     assert code == 0, err
     assert "1 finished before" in err and "2 to run" in err
     assert journal_names(report / "journal.jsonl") == ["a", "b", "c"]
@@ -293,7 +294,7 @@ def test_ray_results_equal_local_and_survive_a_killed_worker(zoo, tmp_path):
             {"name": "b", "checkpoint": str(zoo / "m1"), "data": str(zoo / "val"), "recipe": str(recipe)},
             {"name": "c", "checkpoint": str(zoo / "m2"), "data": str(zoo / "val"), "recipe": "neurontune"}]
     local = manifest(tmp_path / "local", rows, output_dir=str(tmp_path / "local"))
-    code, stdout, err = run_cli("zoo", local, "--json")
+    code, stdout, err = run_cli("zoo", local, "--json", "--allow-plugins")
     assert code == 0, err
     local_doc = json.loads(stdout)
 
@@ -313,7 +314,7 @@ def test_ray_results_equal_local_and_survive_a_killed_worker(zoo, tmp_path):
     watcher = threading.Thread(target=kill_when_paused, daemon=True)
     watcher.start()
     with time_limit(600):
-        code, stdout, err = run_cli("zoo", on_ray, "--ray", "auto", "--workers", "2", "--max-retries", "2", "--json",
+        code, stdout, err = run_cli("zoo", on_ray, "--allow-plugins", "--ray", "auto", "--workers", "2", "--max-retries", "2", "--json",
                                     "--cache-dir", tmp_path / "ray-cache")   # cold: b extracts, then is killed
     watcher.join(timeout=5)
     assert code == 0, err
@@ -332,3 +333,43 @@ def test_ray_results_equal_local_and_survive_a_killed_worker(zoo, tmp_path):
         _, meta = load_safetensors(out / "model.safetensors")
         assert meta["repair.method"] == rec["result"]["method"] and load_model(out).family == "timm"
     assert not [p for p in (tmp_path / "ray").iterdir() if p.name.startswith(".")]
+
+
+def test_sigterm_is_143_with_nothing_partial_and_a_rerun_finishes(zoo, tmp_path):
+    """SIGTERM (what CI timeouts send) unwinds like Ctrl-C: exit 143, the finished model journaled, the
+    interrupted one leaves no staging or temp folder, a rerun finishes the rest."""
+    from repair_cli.app import install_signal_handlers
+
+    recipe, block, pid = pause_recipe(tmp_path, "zoo_pause_sigterm")
+    (tmp_path / "out").mkdir()
+    rows = [{"name": "a", "checkpoint": str(zoo / "m0"), "data": str(zoo / "val")},
+            {"name": "b", "checkpoint": str(zoo / "m1"), "data": str(zoo / "val"), "recipe": str(recipe)}]
+    path = manifest(tmp_path, rows, output_dir="out")
+    block.touch()
+
+    def term_when_paused():
+        deadline = time.time() + 280
+        while not pid.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        if pid.exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=term_when_paused, daemon=True)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        install_signal_handlers()
+        watcher.start()
+        with time_limit(300):
+            code, _, err = run_cli("zoo", path, "--allow-plugins")
+        watcher.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143 and "SIGTERM" in err, err
+    report = tmp_path / "zoo-zoo"
+    assert journal_names(report / "journal.jsonl") == ["a"]
+    assert json.loads((report / "zoo-report.json").read_text())["interrupted"]
+    assert not (tmp_path / "out" / "b").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    block.unlink()
+    code, _, err = run_cli("zoo", path, "--allow-plugins")
+    assert code == 0 and "1 finished before" in err, err

@@ -8,19 +8,21 @@ A model family is one module that registers itself:
 (cheaply: look at the suffix, a config file, the options); ``load(path, options)
 -> Adapter`` reads it (a family that builds its architecture from keyword arguments,
 ``--model-args``, registers with ``model_args=True``; the others refuse them). ``load_model`` asks the families in descending priority
-and uses the first that says yes. The built-in families (``factory``,
-``onnx_adapter``, ``timm_adapter``, ``hf_adapter``) are imported on first use; a
-new family is a new module that calls ``register_family`` and is imported before
-``load_model`` runs (or added to ``_BUILTIN_MODULES``).
+and uses the first that says yes. The registry is :data:`FAMILIES` (a
+:class:`repair.registry.Registry`): the built-in families (``factory``, ``onnx_adapter``,
+``timm_adapter``, ``hf_adapter``) are imported on first use, then the modules of the
+``repair.families`` entry-point group (an installed plugin: a module calling
+``register_family``, a :class:`FamilyInfo`, or a function that registers); a broken entry
+point is a warning, not an error.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import BadInput
+from ..registry import FAMILIES_ENTRY_POINTS, Registry
 
 
 @dataclass
@@ -35,6 +37,36 @@ class LoadOptions:
     mean: Optional[list] = None
     std: Optional[list] = None
     class_names: Optional[list] = field(default=None)   # for checkpoints that carry none
+
+    def __post_init__(self):
+        """Every value checked here, so Python callers and the command line get the same error."""
+        import math
+
+        if self.arch and self.factory:
+            raise BadInput("give --arch (a timm architecture) or --factory (a module), not both")
+        for name, flag in (("max_length", "--max-length"), ("image_size", "--image-size")):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise BadInput(f"{flag} must be a whole number >= 1, got {v!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            vals = [v] if isinstance(v, (int, float)) else list(v)
+            ok = (len(vals) in (1, 3) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                               and math.isfinite(x) for x in vals)
+                  and (name == "mean" or min(vals) > 0))
+            if not ok:
+                what = "positive numbers" if name == "std" else "finite numbers"
+                raise BadInput(f"--{name} must be one or three (R,G,B) {what}, got {v!r}")
+            setattr(self, name, [float(x) for x in vals] * (3 if len(vals) == 1 else 1))
+        if self.class_names is not None:
+            names = [str(c).strip() for c in self.class_names]
+            if not names or not all(names) or len(set(names)) != len(names):
+                raise BadInput(f"--class-names must be distinct, non-empty names, got {self.class_names!r}")
+            self.class_names = names
+        if self.model_args is not None and not isinstance(self.model_args, dict):
+            raise BadInput("--model-args must be a JSON object of keyword arguments")
 
 
 Detect = Callable[[Path, LoadOptions], bool]
@@ -51,38 +83,31 @@ class FamilyInfo:
     model_args: bool = False              # builds its architecture with LoadOptions.model_args
 
 
-_FAMILIES: dict[str, FamilyInfo] = {}
+def _same(old: FamilyInfo, new: FamilyInfo) -> bool:
+    return old.detect is new.detect and old.load is new.load
 
-# modules that register the built-in families (imported lazily on first lookup)
-_BUILTIN_MODULES = ("factory", "onnx_adapter", "timm_adapter", "hf_adapter")
+
+#: the model families: built-ins (imported on first lookup), then the ``repair.families`` entry points
+FAMILIES: Registry[FamilyInfo] = Registry("model family", __name__,
+                                          ("factory", "onnx_adapter", "timm_adapter", "hf_adapter"),
+                                          FAMILIES_ENTRY_POINTS, entry_type=FamilyInfo, same=_same)
 
 
 def register_family(name: str, *, detect: Detect, load: Load, priority: int, summary: str = "",
                     model_args: bool = False) -> FamilyInfo:
     """Register a model family (see the module docstring). Registering the same name twice
     with other functions is an error; re-importing a family module is not."""
-    info = FamilyInfo(name, detect, load, int(priority), summary, bool(model_args))
-    old = _FAMILIES.get(name)
-    if old is not None and (old.detect is not detect or old.load is not load):
-        raise ValueError(f"model family {name!r} registered twice")
-    _FAMILIES[name] = info
-    return info
+    return FAMILIES.register(FamilyInfo(name, detect, load, int(priority), summary, bool(model_args)))
 
 
 def unregister_family(name: str) -> None:
     """Remove a family (for tests and plug-ins that replace a built-in)."""
-    _FAMILIES.pop(name, None)
-
-
-def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(f"{__name__}.{mod}")
+    FAMILIES.unregister(name)
 
 
 def list_families() -> list[FamilyInfo]:
     """The registered families in the order ``load_model`` asks them."""
-    _load_builtins()
-    return sorted(_FAMILIES.values(), key=lambda f: (-f.priority, f.name))
+    return sorted(FAMILIES.values(), key=lambda f: (-f.priority, f.name))
 
 
 def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
@@ -95,8 +120,6 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
         raise BadInput("model not found", path)
     if not path.is_file() and not path.is_dir():
         raise BadInput("expected a checkpoint file or folder, got a device or other special file", path)
-    if o.arch and o.factory:
-        raise BadInput("give --arch (a timm architecture) or --factory (a module), not both")
     for fam in list_families():
         if fam.detect(path, o):
             if o.model_args is not None and not fam.model_args:
@@ -109,7 +132,7 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     raise BadInput("a bare weights file needs --arch NAME (timm) or --factory module:function", path)
 
 
-__all__ = ["Adapter", "FamilyInfo", "LoadOptions", "list_families", "load_model", "register_family",
+__all__ = ["Adapter", "FAMILIES", "FamilyInfo", "LoadOptions", "list_families", "load_model", "register_family",
            "unregister_family"]
 
 

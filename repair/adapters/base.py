@@ -311,8 +311,8 @@ class TorchModelAdapter(Adapter):
     can_train = True
 
     def trainable(self):
-        """The network prepared for model repairs (:class:`repair.trainable.TrainableModel`)."""
-        from ..trainable import TrainableModel
+        """The network prepared for model repairs (:class:`repair.modelrepair.trainable.TrainableModel`)."""
+        from ..modelrepair.trainable import TrainableModel
 
         return TrainableModel(self)
 

@@ -17,10 +17,11 @@ the repaired model.
 
 **Model repairs** change any tensors of the network::
 
-    @register_model_repair("name", summary="one line", config=NameConfig, groups="optional")
+    @register_model_repair("name", summary="one line", config=NameConfig, groups="optional",
+                           resources=(Resource("masks", kind="folder", help="..."),))
     def name(inputs: ModelRepairInputs, config: NameConfig) -> ModelRepairOutput: ...
 
-``inputs.model`` is the adapter's trainable module (:class:`repair.trainable.TrainableModel`:
+``inputs.model`` is the adapter's trainable module (:class:`repair.modelrepair.trainable.TrainableModel`:
 preprocessing with train-time transforms, parameter scopes, frozen BatchNorm), with the
 repair data the method may train on, the groups (given, or ``None``), the original
 model's logits on that data, a budget and a seed; the method returns the new values
@@ -31,14 +32,15 @@ The registration declares what the pipeline needs to know: ``groups`` -- ``"neve
 (never looks at group labels), ``"optional"`` (uses them when given) or
 ``"required"``; the config dataclass (validated by :func:`repair.config.build_config`
 when a recipe is loaded); for head repairs the transform; for model repairs the
-modalities it supports. A new method is one new file calling the registration (built-ins
-below are imported lazily; user files through a recipe's ``plugins:`` list or the
-``repair.plugins`` entry-point group).
+modalities it supports and the user inputs it takes (:class:`repair.registry.Resource`: name,
+kind file / folder / choice / data, help; ``repair fix --NAME``, ``inputs.resources[NAME]``).
+A new method is one new file calling the registration (the registry is
+:mod:`repair.registry`: built-ins below are imported lazily; user files through a recipe's
+``plugins:`` list, run only with ``allow_plugins``, or the ``repair.plugins`` entry-point group).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -46,6 +48,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import build_config, describe
+from ..registry import METHODS_ENTRY_POINTS, Registry, Resource, merge_resources
 from .transforms import AFFINE, MASK, TRANSFORMS, Transform
 
 GROUP_USE = ("never", "optional", "required")
@@ -111,21 +114,24 @@ class TrainSet:
 
 @dataclass
 class ModelRepairInputs:
-    model: Any                      # repair.trainable.TrainableModel
+    model: Any                      # repair.modelrepair.trainable.TrainableModel
     items: list                     # the repair samples the method may train on (image paths / texts)
     y: torch.Tensor                 # (N,) class indices
     ref_logits: torch.Tensor        # (N, C) the original model's logits on ``items``
     groups: Optional[torch.Tensor] = None   # (N,) given group ids, or None
-    budget: Any = None              # repair.finetune.Budget (steps / seconds / epochs); None: the method's own
+    budget: Any = None              # repair.modelrepair.finetune.Budget (steps / seconds / epochs); None: the default
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
     class_names: list = field(default_factory=list)
     resources: dict = field(default_factory=dict)
-    # optional user inputs, by name: "train" (TrainSet, ``--train``), "masks" (Path, ``--masks``),
-    # "data_root" (Path: the repair data's folder, for finding masks), "group_names" (the names of
-    # the group ids, "class|column=value", when --group-by was given), "segmenter" (Path),
-    # "generator" (str), "generator_model" (Path), "prompts" (Path); a method checks what it uses
+    # the user inputs the model repairs declare (repair.registry.model_resources()), by name, as
+    # Resource.check returned them (Path / str; kind "data": a TrainSet), e.g. "train", "masks",
+    # "segmenter", "generator", "generator_model", "prompts"; and from the pipeline: "data_root"
+    # (Path: the repair data's folder, for finding masks), "group_names" (the names of the group
+    # ids, "class|column=value", when --group-by was given)
+    duplicates: Optional[torch.Tensor] = None   # (N,) ids of identical samples (same id = same sample):
+                                                # held-out splits keep each id on one side
     workdir: Optional[Path] = None  # an empty folder for files the repair makes (kept beside the output
                                     # when the repair is chosen: return it as ``artifacts``)
 
@@ -153,6 +159,7 @@ class MethodInfo:
     transform: Optional[Transform] = None      # head repairs: how T(X) folds into the head
     modalities: tuple = ("image", "text")      # model repairs: the data they can train on
     freeze: Optional[Callable[[Any, dict], Any]] = None
+    resources: tuple = ()                      # model repairs: the user inputs they take (Resource)
     # head repairs with an inner choice (a penalty, a threshold): ``freeze(config, diagnostics)``
     # returns the config that refits with the settings the inner selection chose, so a
     # cross-validation of methods can refit each one cheaply instead of re-running its selection
@@ -180,24 +187,27 @@ class MethodInfo:
         return self.fn(inputs, config if config is not None else self.default_config())
 
 
-_REGISTRY: dict[str, MethodInfo] = {}
-
-# modules that register the built-in methods (imported lazily on first lookup)
-_BUILTIN_MODULES = ("neurontune", "nsf", "dfr", "afr", "mix", "finetune", "recompose", "mixft", "clp")
-ENTRY_POINT_GROUP = "repair.plugins"
-_loaded = False
-
-
-def _register(info: MethodInfo) -> None:
+def _check(reg: Registry, info: MethodInfo) -> None:
     if info.groups not in GROUP_USE:
         raise ValueError(f"groups must be one of {GROUP_USE}, got {info.groups!r}")
     if not dataclasses.is_dataclass(info.config_cls):
         raise TypeError(f"the config of {info.name!r} must be a dataclass")
-    old = _REGISTRY.get(info.name)
-    if old is not None and old.fn is not info.fn and (old.fn.__module__, old.fn.__qualname__) != \
-            (info.fn.__module__, info.fn.__qualname__):
-        raise ValueError(f"repair method {info.name!r} registered twice")
-    _REGISTRY[info.name] = info
+    if info.resources and info.kind != "model":
+        raise ValueError(f"{info.name!r}: only model repairs take resources")
+    # a resource name means one thing across all model repairs
+    merge_resources([(m.name, m.resources) for m in reg.registered() if m.kind == "model" and m.name != info.name]
+                    + [(info.name, info.resources)])
+
+
+def _same(old: MethodInfo, new: MethodInfo) -> bool:
+    return old.fn is new.fn or (old.fn.__module__, old.fn.__qualname__) == (new.fn.__module__, new.fn.__qualname__)
+
+
+#: the repair methods: built-ins (one module each, imported on first lookup), then the
+#: ``repair.plugins`` entry points
+METHODS: Registry[MethodInfo] = Registry(
+    "repair method", __name__, ("neurontune", "nsf", "dfr", "afr", "mix", "finetune", "recompose", "mixft", "clp"),
+    METHODS_ENTRY_POINTS, entry_type=MethodInfo, same=_same, validate=_check)
 
 
 def register_method(name: str, *, summary: str, config: type, groups: str = "optional",
@@ -209,49 +219,31 @@ def register_method(name: str, *, summary: str, config: type, groups: str = "opt
         transform = TRANSFORMS[str(transform)]
 
     def deco(fn):
-        _register(MethodInfo(name, fn, summary, config, "head", groups, transform, freeze=freeze))
+        METHODS.register(MethodInfo(name, fn, summary, config, "head", groups, transform, freeze=freeze))
         return fn
     return deco
 
 
 def register_model_repair(name: str, *, summary: str, config: type, groups: str = "optional",
-                          modalities: tuple = ("image", "text")):
-    """Register a model repair (see the module docstring)."""
+                          modalities: tuple = ("image", "text"), resources: tuple = ()):
+    """Register a model repair (see the module docstring). ``resources``: the user inputs it takes
+    (:class:`repair.registry.Resource`); a name another model repair declares with another kind is
+    a ValueError."""
     def deco(fn):
-        _register(MethodInfo(name, fn, summary, config, "model", groups, None, tuple(modalities)))
+        METHODS.register(MethodInfo(name, fn, summary, config, "model", groups, None, tuple(modalities),
+                                    resources=tuple(resources)))
         return fn
     return deco
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(f"{__name__}.{mod}")
-    try:
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            ep.load()
-    except Exception:   # a broken third-party plugin must not break the built-ins
-        pass
-
-
 def list_methods(kind: Optional[str] = None) -> list[MethodInfo]:
-    _load_builtins()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY) if kind is None or _REGISTRY[k].kind == kind]
+    return [m for m in METHODS.values() if kind is None or m.kind == kind]
 
 
 def get_method(name: str) -> MethodInfo:
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown repair method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    return METHODS.get(name)
 
 
 __all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "TrainSet", "MethodInfo",
            "register_method", "register_model_repair", "list_methods", "get_method", "MASK", "AFFINE",
-           "Transform"]
+           "Transform", "Resource", "METHODS"]

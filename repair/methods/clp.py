@@ -23,7 +23,7 @@ loss and margin relative to its class's last-epoch means.
    "not y": ``-log(1 - p_y)``); its gradient updates ``g`` (Adam);
 3. the *real* update of the model on ``CE(f(x) + delta.detach(), y)`` (``delta`` from the
    updated ``g``) plus ``saliency_weight`` times the saliency penalty, through the shared loop
-   (:func:`repair.finetune.train`: optimiser, schedule, clipping, early stopping on the
+   (:func:`repair.modelrepair.finetune.train`: optimiser, schedule, clipping, early stopping on the
    held-out criterion with the best state kept, AMP, ``--budget``, and a progress bar with the
    loss, the meta loss, the mean |delta| and the held-out criterion).
 
@@ -44,10 +44,10 @@ benchmark's image tasks even with their true masks (demo, last two blocks: 73.6%
 worst-group accuracy with it at weight 10 against 76.4% without; mnist_color: 50.5% against
 80.3%) and its double backward costs several forward passes per sample.
 
-**Causal knowledge (masks)**: foreground masks from ``--masks DIR`` (:mod:`repair.masks`; with
+**Causal knowledge (masks)**: foreground masks from ``--masks DIR`` (:mod:`repair.modelrepair.masks`; with
 ``--train`` the masks of both sets are found relative to the common parent folder of the two
 data folders) when given; otherwise from the model's own attribution: Grad-CAM
-(:mod:`repair.attribution`, written here rather than taken from captum: no extra dependency,
+(:mod:`repair.modelrepair.attribution`, written here rather than taken from captum: no extra dependency,
 one forward and backward per batch, and smooth object-level maps that can be thresholded into
 a mask, where raw input gradients are pixel noise) of the original model for each image's
 label, on the finest map with at least 1/8 of the input side (the last maps of small inputs
@@ -99,9 +99,10 @@ from torch import nn
 
 from ..config import setting
 from ..errors import BadInput
-from ..finetune import LoopConfig, Session, draw_batch, train
+from ..modelrepair.finetune import TRAIN, LoopConfig, Session, draw_batch, train
+from ..modelrepair.masks import MASKS
 from ..selection import SELECTION_NAMES
-from ..trainable import AUGMENTATIONS
+from ..modelrepair.trainable import AUGMENTATIONS
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 
 N_CHARACTERISTICS = 10
@@ -318,45 +319,35 @@ class ClpRun:
         source = self.cfg.masks
         if source == "auto":
             source = "given" if given is not None else "attribution"
-        if source == "given":
-            if given is None:
-                raise BadInput("clp: setting masks: given needs --masks DIR")
-            from ..masks import load_masks
-
+        if source == "given":                  # object_masks says so when --masks is missing
             root = Path(self.inputs.resources.get("data_root") or Path(self.inputs.items[0]).parent)
             if train_set is not None:
                 troot = Path(train_set.source)
                 troot = troot if troot.is_dir() else troot.parent
                 root = Path(os.path.commonpath([root.resolve(), troot.resolve()]))
-                self.train_pool.masks = load_masks(given, train_set.items, root, self.tm.adapter.data_config)
-            self.meta_pool.masks = load_masks(given, self.inputs.items, root, self.tm.adapter.data_config)
+                self.train_pool.masks = self._masks("given", self.train_pool, train_set.items, root)
+            self.meta_pool.masks = self._masks("given", self.meta_pool, self.inputs.items, root)
             return {"source": f"given (--masks {given})",
                     "foreground_share": round(float(self.meta_pool.masks.mean()), 4)}
-        side = None
+        side = self._min_side()
         for pool in {id(p): p for p in (self.meta_pool, self.train_pool)}.values():
-            pool.masks, side = self._attribution_masks(pool)
+            pool.masks = self._masks("attribution", pool, None, None)
         return {"source": "model attribution (Grad-CAM of the original model, target = label)",
                 "map_side": side, "quantile": self.cfg.mask_quantile,
                 "foreground_share": round(float(self.meta_pool.masks.mean()), 4)}
 
-    def _attribution_masks(self, pool: _Pool) -> tuple[torch.Tensor, int]:
-        from ..attribution import gradcam, threshold_masks
+    def _min_side(self) -> int:
+        # the finest Grad-CAM map with at least 1/8 of the input side (small inputs' last maps are 2x2)
+        return max(2, self.meta_pool.x.shape[-1] // 8)
 
-        tm, x = self.tm, pool.x
-        min_side = max(2, x.shape[-1] // 8)
-        out = torch.zeros(x.shape[0], 1, *x.shape[-2:])
-        modes = [(m, m.training) for m in tm.module.modules()]
-        tm.module.eval()
-        try:
-            for i in range(0, x.shape[0], 64):
-                sl = slice(i, i + 64)
-                cam = gradcam(tm.module, x[sl].to(self.dev), pool.y[sl].to(self.dev), min_side=min_side)
-                out[sl] = threshold_masks(cam, self.cfg.mask_quantile).cpu()
-        finally:
-            for m, t in modes:
-                m.training = t
-        tm.module.zero_grad(set_to_none=True)
-        return out, min_side
+    def _masks(self, source: str, pool: _Pool, items, root) -> torch.Tensor:
+        """The masks of ``pool`` from the shared mask sources (:func:`repair.modelrepair.masks.object_masks`)."""
+        from ..modelrepair.masks import object_masks
+
+        res = {"masks": self.inputs.resources.get("masks"), "data_root": root}
+        m, _ = object_masks(source, self.tm, items, pool.x, pool.y, res, None, [], self.dev, self.cfg.mask_quantile,
+                            min_side=self._min_side(), who="clp")
+        return m
 
     # ------------------------------------------------------------------ one step
     def _batch(self, pool: _Pool, n: int, balanced: bool, gen: torch.Generator):
@@ -447,7 +438,8 @@ class ClpRun:
 @register_model_repair("clp", summary="retraining with Causal Logit Perturbation (Zhou et al. 2025): a meta-learnt "
                                      "per-sample logit perturbation, a background saliency penalty and "
                                      "counterfactual/factual meta data from foreground masks (--masks, else Grad-CAM)",
-                       config=ClpConfig, groups="optional", modalities=("image",))
+                       config=ClpConfig, groups="optional", modalities=("image",),
+                       resources=(TRAIN, MASKS))
 def clp(inputs: ModelRepairInputs, config: ClpConfig) -> ModelRepairOutput:
     cfg = config
     run = ClpRun(inputs, cfg)

@@ -4,10 +4,10 @@ The network's last blocks (``scope``, default the head and the last block before
 are trained with cross-entropy on group-balanced batches of the repair data -- groups
 given, or inferred as class x correctly/incorrectly classified by the original model --
 with train-time augmentation for images, early-stopped on the held-out part by the
-selection criterion (:class:`repair.finetune.Session`, :func:`repair.finetune.train`).
+selection criterion (:class:`repair.modelrepair.finetune.Session`, :func:`repair.modelrepair.finetune.train`).
 BatchNorm statistics stay frozen by default.
 
-Config fields: every :class:`repair.finetune.LoopConfig` setting, plus ``scope``
+Config fields: every :class:`repair.modelrepair.finetune.LoopConfig` setting, plus ``scope``
 (``head`` | ``all`` | ``last:N`` | ``names:REGEX``), ``holdout_fraction`` (share of the
 repair data held out for early stopping), ``sampling`` (``balanced`` | ``uniform``),
 ``augment`` (images: ``none`` | ``flip`` | ``crop`` | ``flip_crop``) and ``selection``.
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import setting
-from ..finetune import LoopConfig, Session, train
+from ..modelrepair.finetune import LoopConfig, Session, train
 from ..selection import SELECTION_NAMES
-from ..trainable import AUGMENTATIONS
+from ..modelrepair.trainable import AUGMENTATIONS
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 
 

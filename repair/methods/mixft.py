@@ -27,8 +27,8 @@ unlearns the shortcut. Here the mixing runs on the repair set:
    network at ``mix_point``: 0 = token embeddings (padding zeroed, attention mask the
    union of both), k = the output of encoder layer k (the partner's contextual hidden
    states, zero at its padding, under the sample's mask); the default -1 is the input of
-   the first trained layer (see :meth:`repair.trainable.TrainableModel.mixed_logits`).
-4. **Training** (:func:`repair.finetune.train`): cross-entropy on the mixed and unmixed
+   the first trained layer (see :meth:`repair.modelrepair.trainable.TrainableModel.mixed_logits`).
+4. **Training** (:func:`repair.modelrepair.finetune.train`): cross-entropy on the mixed and unmixed
    samples, early-stopped on the *unmixed* held-out part by the selection criterion
    (``auto``: worst group with group labels, else worst class), the best state restored
    (the starting point competes: a run that never beats it changes nothing). ``head_init:
@@ -88,9 +88,9 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..errors import BadInput
-from ..finetune import LoopConfig, Session, draw_batch, train
+from ..modelrepair.finetune import LoopConfig, Session, draw_batch, train
 from ..selection import SELECTION_NAMES
-from ..trainable import AUGMENTATIONS
+from ..modelrepair.trainable import AUGMENTATIONS
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 
 #: what ``scope: auto`` trains, by device and modality (measured; see the module docstring)

@@ -2,12 +2,12 @@
 Correlation", Yazdan Parast, Azam & Akhtar 2025; no code was released): put each class's object
 with the attributes of the other classes, prune what does not show the object, retrain.
 
-1. **Where the object is**: a mask per training image (:func:`repair.generation.object_masks`:
+1. **Where the object is**: a mask per training image (:func:`repair.modelrepair.masks.object_masks`:
    ``--masks``, a local CLIPSeg ``--segmenter``, the classifier's Grad-CAM, or the weight-free
    boundary prior ``contrast`` -- the default without masks or a segmenter: a shortcut model's own
    Grad-CAM points at the shortcut (demo, seed 0: test WGA 68.4 with Grad-CAM masks, 80.0 with
    contrast masks)).
-2. **Generate** (:mod:`repair.generation`, ``--generator composite|diffusers``): every image of the
+2. **Generate** (:mod:`repair.modelrepair.generation`, ``--generator composite|diffusers``): every image of the
    training part is the source of ``per_image`` new images, its object on a background taken from
    another class's image -- one whose attribute value differs from the source's when group labels
    are given (``"class|col=value"``), so the new images are the class x attribute combinations the
@@ -16,10 +16,10 @@ with the attributes of the other classes, prune what does not show the object, r
    when its probability of the intended class is >= ``min_probability`` (tau) and the share of its
    Grad-CAM inside the object's mask is >= ``min_attribution`` (rho). A threshold of 0 keeps
    everything; a threshold of 1 keeps nothing. Kept counts are reported per class and background.
-4. **Retrain** with the shared loop (:func:`repair.finetune.train`): each batch is group-balanced real
+4. **Retrain** with the shared loop (:func:`repair.modelrepair.finetune.train`): each batch is group-balanced real
    training images plus a ``synthetic_fraction`` of kept generated images (balanced over intended
    class x background), early-stopped and selected on the held-out part of the *real* repair data
-   (:class:`repair.finetune.Session`), never on generated images.
+   (:class:`repair.modelrepair.finetune.Session`), never on generated images.
 5. The generated images, their object masks, ``manifest.json`` (source, mask, background source,
    prompt, scores, kept or not, for every generated file) and ``contact_sheet.png`` are written to the
    workdir and returned as the repair's artifacts (kept beside the output).
@@ -40,9 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import setting
-from ..finetune import Session, draw_batch, train
-from ..generation import (GENERATORS, MASK_SOURCES, contact_sheet, load_prompts, make_generator, object_masks,
-                          save_png, to_model, to_pixels)
+from ..modelrepair.finetune import Session, draw_batch, train
+from ..modelrepair.generation import (GENERATOR, GENERATOR_MODEL, GENERATORS, PROMPTS, contact_sheet, load_prompts,
+                                      make_generator, save_png)
+from ..modelrepair.masks import MASK_SOURCES, MASKS, SEGMENTER, object_masks
+from ..modelrepair.pixels import to_model, to_pixels
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 from .finetune import FinetuneConfig
 
@@ -119,7 +121,8 @@ def _passes(v: torch.Tensor, thr: float) -> torch.Tensor:
 @register_model_repair("recompose", summary="counterfactual recomposition: each class's object pasted (or inpainted) "
                                             "with other classes' backgrounds, pruned by the original model's "
                                             "probability and attribution, then fine-tuning on real + kept images",
-                       config=RecomposeConfig, groups="optional", modalities=("image",))
+                       config=RecomposeConfig, groups="optional", modalities=("image",),
+                       resources=(MASKS, SEGMENTER, GENERATOR, GENERATOR_MODEL, PROMPTS))
 def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepairOutput:
     cfg = config
     res = inputs.resources
@@ -145,7 +148,7 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
     x_tr = sess.encoded[tr]
     t0 = time.perf_counter()
     masks, mask_source = object_masks(cfg.masks, tm, [inputs.items[i] for i in tr.tolist()], x_tr, y_tr, res,
-                                      prompts, names, dev, quantile=cfg.mask_quantile)
+                                      prompts, names, dev, quantile=cfg.mask_quantile, who="recompose")
     mask_seconds = time.perf_counter() - t0
     pix = to_pixels(x_tr, dc)
 
@@ -175,8 +178,7 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
 
     # ---- 3. prune on the original model
     t0 = time.perf_counter()
-    from ..attribution import attribution_mass
-    from ..generation import attribution_maps
+    from ..modelrepair.attribution import attribution_mass, attribution_maps
 
     gen_x = to_model(gen_pix, dc)
     logits = tm.predict(gen_x, torch.arange(gen_x.shape[0]), dev)
@@ -239,7 +241,7 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
 def _write(work: Path, inputs, tr, src, bg, gen_pix, gen_mask, pix, masks, target, keys, texts, prob, mass, kept,
            names, mask_source, gen_info, cfg) -> Path:
     """Generated images, their object masks, manifest.json and contact_sheet.png under ``work``."""
-    from ..masks import mask_file
+    from ..modelrepair.masks import mask_file
 
     work = Path(work)
     res = inputs.resources

@@ -85,4 +85,20 @@ def threshold_masks(cam: torch.Tensor, quantile: float = 0.7) -> torch.Tensor:
     return (cam > q).float()
 
 
-__all__ = ["gradcam", "attribution_mass", "threshold_masks"]
+def attribution_maps(tm, x: torch.Tensor, target: torch.Tensor, device, batch: int = 64, *,
+                     min_side: Optional[int] = None) -> torch.Tensor:
+    """(N,1,H,W) Grad-CAM maps of classes ``target`` of the trainable model ``tm``
+    (:class:`repair.modelrepair.trainable.TrainableModel`) in eval mode (modes restored), on the CPU.
+    ``min_side``: see :func:`gradcam`."""
+    modes = [(m, m.training) for m in tm.module.modules()]
+    tm.module.eval()
+    try:
+        out = [gradcam(tm.module, x[i:i + batch].to(device), target[i:i + batch].to(device),
+                       forward=tm.logits, min_side=min_side).cpu() for i in range(0, x.shape[0], batch)]
+    finally:
+        for m, t in modes:
+            m.training = t
+    return torch.cat(out) if out else torch.zeros(0, 1, *x.shape[-2:])
+
+
+__all__ = ["gradcam", "attribution_maps", "attribution_mass", "threshold_masks"]

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import BadInput
+from ..errors import BadInput
 
 _BN = nn.modules.batchnorm._BatchNorm
 AUGMENTATIONS = ("none", "flip", "crop", "flip_crop")

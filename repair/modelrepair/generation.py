@@ -1,24 +1,12 @@
-"""Counterfactual images for model repairs: where the object is, and generators that put it with
-the attributes of other classes (the ``recompose`` recipe, :mod:`repair.methods.recompose`).
+"""Counterfactual images for model repairs: generators that put each image's object with the
+attributes of other classes (the ``recompose`` recipe, :mod:`repair.methods.recompose`).
 
 Everything works on image tensors at the model's input resolution: the repair data as the model's
-own eval preprocessing made it (:meth:`repair.trainable.TrainableModel.encode`), turned back into
-pixels in [0, 1] with the model's mean and std (:func:`to_pixels`), and generated images go back
-through :func:`to_model`, so nothing is decoded twice and the masks line up with what the model sees.
-
-**Where the object is** (:func:`object_masks`), one (N,1,H,W) mask in [0, 1] per image, from
-
-- ``given``: the user's ``--masks`` folder (:func:`repair.masks.load_masks`);
-- ``segmenter``: a local ``transformers`` CLIPSeg folder (``--segmenter``), prompted with each
-  image's class phrase (language-guided segmentation, offline);
-- ``attribution``: the classifier's own Grad-CAM for the image's class, thresholded
-  (:mod:`repair.attribution`; no weights needed). On a model that leans on the background this map
-  often *is* the background: see ``contrast``;
-- ``contrast``: a weight-free boundary prior: pixels whose (smoothed) colour is far from the colours
-  on the image's border, cleaned by a morphological opening. Works for objects on a textured
-  background that reaches the border (most shortcut benchmarks);
-- ``auto``: ``given`` when ``--masks`` is there, else ``segmenter`` when ``--segmenter`` is there,
-  else ``attribution``.
+own eval preprocessing made it (:meth:`repair.modelrepair.trainable.TrainableModel.encode`), turned
+back into pixels in [0, 1] with the model's mean and std (:func:`repair.modelrepair.pixels.to_pixels`),
+and generated images go back through :func:`~repair.modelrepair.pixels.to_model`, so nothing is
+decoded twice and the masks line up with what the model sees. Where the object is comes from
+:mod:`repair.modelrepair.masks` (the mask sources).
 
 **Generators** (:func:`make_generator`), one interface (:class:`Generator`): ``generate`` takes the
 source images and their object masks, the background images and *their* object masks, and one
@@ -51,46 +39,20 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import BadInput
+from ..errors import BadInput
+from ..registry import Resource
+from .pixels import _blur, _dilate, _erode
 
 GENERATORS = ("composite", "diffusers")
-MASK_SOURCES = ("auto", "given", "segmenter", "attribution", "contrast")
+
+#: the user inputs of image generation, declared by the model repairs that generate
+GENERATOR = Resource("generator", kind="choice", choices=GENERATORS,
+                     help="Image generation for recipes that generate (composite | diffusers).")
+GENERATOR_MODEL = Resource("generator_model", kind="folder",
+                           help="A local diffusers inpainting pipeline folder (--generator diffusers).")
+PROMPTS = Resource("prompts", kind="file",
+                   help="A YAML file of generation prompts (overrides the built-in ones).")
 INSTALL_DIFFUSION = "pip install 'repair-toolkit[diffusion]'"
-
-
-# ---------------------------------------------------------------------------- pixels
-def _stats(data_config: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(data_config["mean"], dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
-    std = torch.tensor(data_config["std"], dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
-    return mean, std
-
-
-def to_pixels(x: torch.Tensor, data_config: dict) -> torch.Tensor:
-    """Model inputs (normalised) -> pixels in [0, 1]."""
-    mean, std = _stats(data_config, x)
-    return (x * std + mean).clamp(0, 1)
-
-
-def to_model(pix: torch.Tensor, data_config: dict) -> torch.Tensor:
-    """Pixels in [0, 1] -> model inputs (normalised)."""
-    mean, std = _stats(data_config, pix)
-    return (pix - mean) / std
-
-
-def _blur(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Box blur with a k x k window (edges replicated)."""
-    if k <= 1:
-        return x
-    p = k // 2
-    return F.avg_pool2d(F.pad(x, (p, k - 1 - p, p, k - 1 - p), mode="replicate"), k, stride=1)
-
-
-def _dilate(m: torch.Tensor, r: int) -> torch.Tensor:
-    return F.max_pool2d(m, 2 * r + 1, stride=1, padding=r) if r > 0 else m
-
-
-def _erode(m: torch.Tensor, r: int) -> torch.Tensor:
-    return -_dilate(-m, r)
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -152,104 +114,6 @@ def load_prompts(path: Optional[Path], class_names: Sequence[str], background_ke
             raise BadInput(f"{key}: {bad[0]!r} is not one of {', '.join(known)}", path)
         setattr(p, key, {str(k): v for k, v in val.items()})
     return p
-
-
-# ---------------------------------------------------------------------------- masks
-def contrast_masks(pix: torch.Tensor, border: int = 2, margin: float = 1.5, smooth: int = 3) -> torch.Tensor:
-    """Boundary-prior object masks (see the module docstring): (N,1,H,W) in {0, 1}."""
-    n, c, h, w = pix.shape
-    s = _blur(pix, smooth)
-    ring = torch.ones(1, 1, h, w, dtype=torch.bool, device=pix.device)
-    b = max(1, min(border, h // 4, w // 4))
-    ring[..., b:h - b, b:w - b] = False
-    edge = s.permute(0, 2, 3, 1)[ring[0, 0].expand(n, h, w)].view(n, -1, c)     # (N, P, C) border colours
-    med = edge.median(1).values.view(n, c, 1, 1)
-    dist = (s - med).pow(2).sum(1, keepdim=True).sqrt()                         # (N,1,H,W)
-    edge_d = dist.flatten(1)[:, ring.flatten()]
-    thr = torch.quantile(edge_d, 0.95, dim=1).view(n, 1, 1, 1) * margin + 1e-3
-    m = (dist > thr).float()
-    r = 1 if min(h, w) >= 16 else 0
-    return _dilate(_erode(m, r), r)                                             # opening: drop specks
-
-
-def clipseg_masks(folder: Path, pix: torch.Tensor, phrases: Sequence[str], device, threshold: float = 0.4,
-                  batch: int = 16) -> torch.Tensor:
-    """Language-guided masks from a local CLIPSeg folder: sigmoid(logits) >= ``threshold`` (the
-    top 30% of an image's pixels when nothing passes), resized to the images' size."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BadInput("--segmenter must be a local CLIPSeg folder (nothing is downloaded)", folder)
-    try:
-        from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
-
-        proc = CLIPSegProcessor.from_pretrained(str(folder), local_files_only=True)
-        model = CLIPSegForImageSegmentation.from_pretrained(str(folder), local_files_only=True).eval().to(device)
-    except (OSError, ValueError, KeyError) as e:
-        raise BadInput(f"cannot load a CLIPSeg model from this folder ({type(e).__name__})", folder) from None
-    from PIL import Image
-
-    out = []
-    h, w = pix.shape[-2:]
-    for i in range(0, pix.shape[0], batch):
-        chunk = pix[i:i + batch]
-        ims = [Image.fromarray((p.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")) for p in chunk]
-        enc = proc(text=list(phrases[i:i + batch]), images=ims, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            lg = model(**{k: v.to(device) for k, v in enc.items()}).logits
-        lg = lg.view(len(ims), 1, *lg.shape[-2:]).float().cpu()
-        prob = F.interpolate(torch.sigmoid(lg), size=(h, w), mode="bilinear", align_corners=False)
-        m = (prob >= threshold).float()
-        empty = m.flatten(1).sum(1) == 0
-        if bool(empty.any()):
-            q = torch.quantile(prob[empty].flatten(1), 0.7, dim=1).view(-1, 1, 1, 1)
-            m[empty] = (prob[empty] > q).float()
-        out.append(m)
-    return torch.cat(out) if out else torch.zeros(0, 1, h, w)
-
-
-def object_masks(source: str, tm, items: Sequence, x: torch.Tensor, y: torch.Tensor, resources: dict,
-                 prompts: Prompts, class_names: Sequence[str], device, quantile: float = 0.7) -> tuple[torch.Tensor, str]:
-    """(masks (N,1,H,W) aligned with ``x``, the source used) for images ``items`` (their model
-    inputs ``x``, classes ``y``); ``source`` one of :data:`MASK_SOURCES`."""
-    if source == "auto":
-        # without masks or a segmenter: the weight-free boundary prior. The classifier's own Grad-CAM
-        # (the paper's default) points at the shortcut on exactly the models this repairs -- measured on
-        # the demo task, seed 0: test WGA 68.4 with Grad-CAM masks, 80.0 with contrast masks
-        source = "given" if resources.get("masks") else ("segmenter" if resources.get("segmenter") else "contrast")
-    if source == "given":
-        from .masks import load_masks
-
-        if not resources.get("masks"):
-            raise BadInput("masks: given needs --masks DIR")
-        m = load_masks(resources["masks"], items, resources.get("data_root") or Path("."), tm.adapter.data_config)
-        if m.shape[-2:] != x.shape[-2:]:
-            m = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return m.clamp(0, 1), source
-    if source == "segmenter":
-        if not resources.get("segmenter"):
-            raise BadInput("masks: segmenter needs --segmenter PATH (a local CLIPSeg folder)")
-        phrases = [prompts.object(class_names[int(c)]) for c in y]
-        return clipseg_masks(resources["segmenter"], to_pixels(x, tm.adapter.data_config), phrases, device), source
-    if source == "contrast":
-        return contrast_masks(to_pixels(x, tm.adapter.data_config)), source
-    from .attribution import threshold_masks
-
-    return threshold_masks(attribution_maps(tm, x, y, device), quantile), "attribution"
-
-
-def attribution_maps(tm, x: torch.Tensor, target: torch.Tensor, device, batch: int = 64) -> torch.Tensor:
-    """(N,1,H,W) Grad-CAM maps of classes ``target`` in eval mode (modes restored), on the CPU."""
-    from .attribution import gradcam
-
-    modes = [(m, m.training) for m in tm.module.modules()]
-    tm.module.eval()
-    try:
-        out = [gradcam(tm.module, x[i:i + batch].to(device), target[i:i + batch].to(device),
-                       forward=tm.logits).cpu() for i in range(0, x.shape[0], batch)]
-    finally:
-        for m, t in modes:
-            m.training = t
-    return torch.cat(out) if out else torch.zeros(0, 1, *x.shape[-2:])
 
 
 # ---------------------------------------------------------------------------- composite
@@ -541,6 +405,5 @@ def contact_sheet(path: Path, rows: Sequence[tuple], cell: int = 64, columns: in
     sheet.save(path)
 
 
-__all__ = ["GENERATORS", "MASK_SOURCES", "Prompts", "load_prompts", "object_masks", "contrast_masks",
-           "clipseg_masks", "attribution_maps", "fill_holes", "paste", "Generator", "CompositeGenerator",
-           "DiffusersGenerator", "make_generator", "to_pixels", "to_model", "save_png", "contact_sheet"]
+__all__ = ["GENERATORS", "GENERATOR", "GENERATOR_MODEL", "PROMPTS", "Prompts", "load_prompts", "fill_holes", "paste", "Generator", "CompositeGenerator",
+           "DiffusersGenerator", "make_generator", "save_png", "contact_sheet"]

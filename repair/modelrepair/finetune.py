@@ -14,7 +14,10 @@ the bar and kept in the history) and ``evaluate`` (the held-out criterion).
 
 :class:`Budget` bounds a run by optimiser steps, epochs or wall-clock seconds
 (``--budget 300steps``, ``--budget 3epochs``, ``--budget 10min``); the first limit
-reached ends the run.
+reached ends the run. Without ``--budget`` a model repair is bounded by
+:data:`DEFAULT_BUDGET_SECONDS` (10 minutes) of training, besides its own ``epochs``
+setting; a ``--budget`` replaces that default (``--budget 300steps`` has no time limit).
+:class:`LoopResult` says what ended the run (``stopped_by``).
 """
 from __future__ import annotations
 
@@ -28,12 +31,28 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .config import setting
-from .errors import BadInput
+from ..config import setting
+from ..errors import BadInput
+from ..registry import Resource
+
+
+#: extra labelled training data (``repair fix --train``), declared by the model repairs that train on it
+TRAIN = Resource("train", kind="data", help="Model repairs: extra training data (same format as --data).")
+
+
+#: the training time a model repair gets when the user gives no ``--budget`` (seconds)
+DEFAULT_BUDGET_SECONDS = 600.0
+
+#: what ended a training run (:attr:`LoopResult.stopped_by`)
+STOPPED_BY = ("budget:time", "budget:steps", "budget:epochs", "early stopping", "epochs")
 
 
 @dataclass(frozen=True)
 class Budget:
+    """Limits on a model repair's training: optimiser ``steps``, ``epochs`` over its training
+    data, wall-clock ``seconds``; the first reached ends training. ``Budget()`` (no limit) leaves
+    the method's own ``epochs`` setting; :meth:`default` (what :func:`train` uses when given no
+    budget) adds :data:`DEFAULT_BUDGET_SECONDS` of wall clock."""
     steps: Optional[int] = None
     epochs: Optional[float] = None
     seconds: Optional[float] = None
@@ -66,16 +85,26 @@ class Budget:
                 kw["seconds"] = v * {"seconds": 1, "minutes": 60, "hours": 3600}[unit]
         return cls(**kw)
 
+    @classmethod
+    def default(cls) -> "Budget":
+        """The budget of a model repair the user gave none: :data:`DEFAULT_BUDGET_SECONDS`."""
+        return cls(seconds=DEFAULT_BUDGET_SECONDS)
+
     def total_steps(self, steps_per_epoch: int, default_epochs: float) -> int:
         """The step count the schedule is laid out for."""
+        return self.step_limit(steps_per_epoch, default_epochs)[0]
+
+    def step_limit(self, steps_per_epoch: int, default_epochs: float) -> tuple[int, str]:
+        """(the step count the schedule is laid out for, what sets it: ``"budget:steps"``,
+        ``"budget:epochs"`` or ``"epochs"``, the method's own setting)."""
         cands = []
         if self.steps is not None:
-            cands.append(self.steps)
+            cands.append((max(1, self.steps), "budget:steps"))
         if self.epochs is not None:
-            cands.append(int(math.ceil(self.epochs * steps_per_epoch)))
+            cands.append((max(1, int(math.ceil(self.epochs * steps_per_epoch))), "budget:epochs"))
         if not cands:
-            cands.append(int(math.ceil(default_epochs * steps_per_epoch)))
-        return max(1, min(cands))
+            cands.append((max(1, int(math.ceil(default_epochs * steps_per_epoch))), "epochs"))
+        return min(cands, key=lambda c: c[0])
 
     def describe(self) -> dict:
         return {k: v for k, v in (("steps", self.steps), ("epochs", self.epochs), ("seconds", self.seconds))
@@ -106,13 +135,14 @@ class LoopResult:
     best_score: Optional[float]
     best_accuracy: Optional[float]
     seconds: float
-    stopped: str                       # "budget" | "early_stopping" | "time"
+    stopped_by: str                    # one of STOPPED_BY: what ended training
     history: list = field(default_factory=list)   # [{"step", "loss", extras..., "score", "accuracy"}]
+    budget: dict = field(default_factory=dict)    # the budget in force (Budget.describe(), "default": bool)
 
     def describe(self) -> dict:
         return {"steps": self.steps, "best_step": self.best_step, "best_heldout_score": self.best_score,
                 "best_heldout_accuracy": self.best_accuracy, "seconds": round(self.seconds, 3),
-                "stopped": self.stopped, "history": self.history}
+                "stopped_by": self.stopped_by, "budget": self.budget, "history": self.history}
 
 
 StepFn = Callable[[int, torch.Generator], Union[torch.Tensor, dict]]
@@ -132,8 +162,9 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires gradients")
-    budget = budget or Budget()
-    total = budget.total_steps(max(1, steps_per_epoch), cfg.epochs)
+    default_budget = budget is None
+    budget = Budget.default() if default_budget else budget
+    total, limit = budget.step_limit(max(1, steps_per_epoch), cfg.epochs)
     eval_every = cfg.eval_every or max(1, steps_per_epoch)
     dev = torch.device(device)
     if cfg.optimizer == "adamw":
@@ -160,7 +191,7 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     best: Optional[tuple] = None
     best_state: Optional[list] = None
     best_step, stale, history = 0, 0, []
-    stopped = "budget"
+    stopped = limit
     t0 = time.perf_counter()
     loss_sum, loss_n, i = 0.0, 0, 0
     extra_sum: dict = {}
@@ -218,12 +249,12 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
                 timed_out = budget.seconds is not None and time.perf_counter() - t0 >= budget.seconds
                 if i % eval_every == 0 or i == total or timed_out:
                     if check():
-                        stopped = "early_stopping"
+                        stopped = "early stopping"
                         break
                     loss_sum, loss_n = 0.0, 0
                     extra_sum = dict.fromkeys(extra_sum, 0.0)
-                if timed_out:
-                    stopped = "time"
+                if timed_out and i < total:
+                    stopped = "budget:time"
                     break
     finally:
         bar.close()
@@ -234,7 +265,8 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     return LoopResult(steps=i, best_step=best_step if evaluate is not None else i,
                       best_score=None if best is None else best[0],
                       best_accuracy=None if best is None else best[1],
-                      seconds=time.perf_counter() - t0, stopped=stopped, history=history)
+                      seconds=time.perf_counter() - t0, stopped_by=stopped, history=history,
+                      budget={**budget.describe(), "default": default_budget})
 
 
 def draw_batch(pool: torch.Tensor, groups: Optional[torch.Tensor], batch_size: int,
@@ -253,6 +285,17 @@ def draw_batch(pool: torch.Tensor, groups: Optional[torch.Tensor], batch_size: i
     return out
 
 
+def _clusters(split, inputs) -> dict:
+    """``{"clusters": ids of identical samples}`` when the inputs carry them and ``split`` takes them
+    (identical samples then stay on one side of the held-out split); else ``{}``."""
+    import inspect
+
+    dup = getattr(inputs, "duplicates", None)
+    if dup is None or "clusters" not in inspect.signature(split).parameters:
+        return {}
+    return {"clusters": dup}
+
+
 class Session:
     """The data side every model repair shares: the repair samples encoded once, a seeded
     split of them into a training part and a held-out part (stratified by the groups in
@@ -266,7 +309,7 @@ class Session:
     MIN_PER_STRATUM = 2
 
     def __init__(self, inputs, *, holdout_fraction: float, selection: str = "auto"):
-        from .selection import Criterion, inferred_groups, stratified_split
+        from ..selection import Criterion, inferred_groups, stratified_split
 
         self.inputs = inputs
         self.model = inputs.model
@@ -286,12 +329,13 @@ class Session:
                            f"{'group' if given else 'class x correctly/incorrectly classified group'} in the part "
                            f"they train on ({int(counts[small[0]]) if small else int(y.numel())} in one)")
         gen = torch.Generator().manual_seed(int(inputs.seed))
-        self.train_idx, self.held_idx = stratified_split(self.groups, [holdout_fraction], gen)
+        self.train_idx, self.held_idx = stratified_split(self.groups, [holdout_fraction], gen,
+                                                         **_clusters(stratified_split, inputs))
         self.encoded = self.model.encode(inputs.items)
 
     def evaluate(self) -> tuple[float, float]:
         """(held-out criterion score, held-out mean accuracy) of the model as it is now."""
-        from .selection import scores_from_preds
+        from ..selection import scores_from_preds
 
         lg = self.model.predict(self.encoded, self.held_idx, self.device)
         worst, mean = scores_from_preds(lg.argmax(1), self.y[self.held_idx], self.score_strata[self.held_idx])
@@ -310,4 +354,4 @@ class Session:
                 "criterion": self.criterion.name, "groups": self.group_source}
 
 
-__all__ = ["Budget", "LoopConfig", "LoopResult", "Session", "draw_batch", "train"]
+__all__ = ["DEFAULT_BUDGET_SECONDS", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig", "LoopResult", "Session", "draw_batch", "train"]

@@ -1,0 +1,355 @@
+"""Choosing among a recipe's candidates on the fit part of the repair set (``repair fix``).
+
+One criterion (:class:`repair.selection.Criterion`) and one scheme decide every choice:
+
+- **Head repairs** are compared by repeated K-fold cross-validation (every fit-part sample
+  scored by a head that did not see it, the whole cross-validation repeated on new folds and
+  averaged). Each head method is fitted once on the whole fit part (its own inner selection
+  included); the folds refit it with the settings that selection chose
+  (``MethodInfo.freeze``). With ``ensemble: 2`` the best two heads are averaged (heads are
+  linear: the average folds into one head).
+- **Model repairs** (a training run each) are compared with the heads *on the same folds*: the
+  first repeat's K folds, out-of-fold predictions, the same criterion. The heads' side is exactly
+  the head the recipe would return without model repairs (its members refitted per fold), so
+  when a head wins, the result is that head: a recipe with model repairs cannot return a worse
+  head than the same recipe without them. A model repair is chosen only when it scores strictly
+  higher; it is then trained once more on the whole fit part.
+- **Escalation is skipped** when it cannot win: when the returned head's out-of-fold score on
+  the criterion is already within :data:`NO_GAP` of its out-of-fold accuracy (no group is left
+  behind, which is what a model repair would fix), or 100%. The report says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import BadInput
+from .methods import ModelRepairInputs, RepairInputs
+from .selection import Criterion, KFold, head_predictions, scores_from_preds, select_and_refit
+
+#: skip model repairs when the best head's criterion is this close (fraction) to its accuracy
+NO_GAP = 0.01
+
+
+@dataclass
+class Fitted:
+    """One candidate fitted on some rows: a head, or a model repair's changed tensors."""
+    kind: str
+    W: Optional[torch.Tensor] = None
+    b: Optional[torch.Tensor] = None
+    tensors: Optional[dict] = None
+    diagnostics: Optional[dict] = None
+    config: Any = None
+    steps: int = 0
+    seconds: float = 0.0
+    artifacts: Optional[Path] = None           # model repairs: files to keep beside the output
+
+
+@dataclass
+class Chosen:
+    """What was chosen, as the report names it: a recipe candidate, or an average of several."""
+    method: str
+    label: str
+    kind: str = "head"
+    members: tuple = ()
+
+    @property
+    def info(self):
+        return self
+
+
+@dataclass
+class Choice:
+    """The outcome: what was chosen, its fit on the whole fit part, one row per candidate, and
+    how the choice was made (None when there was nothing to choose)."""
+    chosen: Any
+    final: Fitted
+    rows: list = field(default_factory=list)
+    selection: Optional[dict] = None
+    notes: list = field(default_factory=list)
+
+
+class FitContext:
+    """What fitting a candidate needs: the fit part's embeddings and items, the original head, the
+    groups, duplicate clusters, the seed, devices and the trainable model (made on first use)."""
+
+    def __init__(self, adapter, data, X, y, groups, W0, b0, seed, device, budget, progress, log,
+                 resources: Optional[dict] = None, workdir: Optional[Path] = None,
+                 clusters: Optional[torch.Tensor] = None):
+        self.adapter, self.data = adapter, data
+        self.X, self.y, self.groups, self.W0, self.b0 = X, y, groups, W0, b0
+        self.seed, self.device, self.budget, self.progress, self.log = seed, device, budget, progress, log
+        self.resources = dict(resources or {})
+        self.workdir = workdir
+        self.clusters = clusters
+        self._tm = None
+        self._runs = 0
+        self.warnings: list[str] = []         # what the repair set is too small to support
+        self.seconds = 0.0                     # time spent fitting, all candidates and folds
+
+    @property
+    def trainable(self):
+        if self._tm is None:
+            self._tm = self.adapter.trainable()
+        return self._tm
+
+    def fit(self, cand, idx: torch.Tensor, config=None) -> Fitted:
+        info, cfg = cand.info, (config if config is not None else cand.config())
+        g = self.groups[idx] if (self.groups is not None and info.uses_groups) else None
+        t0 = time.perf_counter()
+        if info.kind == "head":
+            out = info(RepairInputs(X=self.X[idx], y=self.y[idx], W=self.W0, b=self.b0, groups=g,
+                                    seed=self.seed, device=self.device), cfg)
+            secs = time.perf_counter() - t0
+            self.seconds += secs
+            return Fitted("head", W=out.W, b=out.b, diagnostics=out.diagnostics, config=cfg, seconds=secs)
+        tm = self.trainable
+        start = tm.state()
+        self._runs += 1
+        work = None
+        if self.workdir is not None:
+            work = self.workdir / f"{self._runs:02d}-{info.name}"
+            work.mkdir(parents=True)
+        extra = {}
+        if self.clusters is not None and "duplicates" in {f.name for f in dataclasses.fields(ModelRepairInputs)}:
+            extra["duplicates"] = self.clusters[idx]
+        try:
+            out = info(ModelRepairInputs(model=tm, items=[self.data.items[i] for i in idx.tolist()],
+                                         y=self.y[idx], ref_logits=self.X[idx] @ self.W0.T + self.b0,
+                                         groups=g, budget=self.budget, seed=self.seed, device=self.device,
+                                         progress=self.progress, class_names=list(self.adapter.class_names),
+                                         resources=self.resources, workdir=work, **extra), cfg)
+        finally:
+            tm.module.load_state_dict(start)        # every candidate starts from the original weights
+        secs = time.perf_counter() - t0
+        self.seconds += secs
+        return Fitted("model", tensors=out.tensors, diagnostics=out.diagnostics, config=cfg, steps=out.steps,
+                      seconds=secs, artifacts=out.artifacts)
+
+    def model_logits(self, fitted: Fitted, idx: torch.Tensor) -> torch.Tensor:
+        """Logits of a model repair's network on rows ``idx`` (the original weights restored after)."""
+        tm = self.trainable
+        start = tm.state(list(fitted.tensors))
+        try:
+            self.adapter.set_tensors(fitted.tensors)
+            enc = tm.encode([self.data.items[i] for i in idx.tolist()])
+            return tm.predict(enc, torch.arange(idx.numel()), torch.device(self.device))
+        finally:
+            self.adapter.set_tensors(start)
+
+
+def ensemble(cands, fits, X: torch.Tensor):
+    """The average of the candidates' heads (``fits``, fitted on rows whose embeddings are
+    ``X``), each scaled to unit spread of its (class-centred) logits there, so no head dominates
+    by its scale. Heads are linear in the embeddings: the average is one head."""
+    Ws, bs = [], []
+    for f in fits:
+        lg = X @ f.W.T + f.b
+        s = (lg - lg.mean(1, keepdim=True)).std().clamp_min(1e-8)
+        Ws.append(f.W / s)
+        bs.append(f.b / s)
+    W, b = torch.stack(Ws).mean(0), torch.stack(bs).mean(0)
+    label = " + ".join(c.label for c in cands)
+    diag = {"ensemble": [c.label for c in cands], "members": {c.label: f.diagnostics for c, f in zip(cands, fits)}}
+    config = {"ensemble": {c.label: dataclasses.asdict(f.config) for c, f in zip(cands, fits)}}
+    return (Chosen("ensemble", f"average of {label}", members=tuple(c.method for c in cands)),
+            Fitted("head", W=W, b=b, diagnostics=diag, config=config, seconds=0.0))
+
+
+def _erm_check(ctx: FitContext, sel, fit_idx, y, score_strata, crit) -> None:
+    """Warn when no candidate beats the original head on the selection criterion (scored on the
+    same fit-part rows): the repair set then gives no evidence that any repair helps."""
+    erm, _ = scores_from_preds(head_predictions(ctx.X[fit_idx], ctx.W0, ctx.b0), y, score_strata)
+    best = float(sel.worst[sel.best])
+    if best <= float(erm[0]) + 1e-9:
+        ctx.warnings.append(f"no candidate beats the original model on {crit.name} ({100 * best:.1f}% vs "
+                            f"{100 * float(erm[0]):.1f}%): the repair set gives no evidence that a repair helps")
+
+
+def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor, crit: Criterion,
+           ref_logits: torch.Tensor, folds: int, seed: int, log: Callable[[str], None]) -> Choice:
+    """Choose among ``recipe``'s candidates on the fit part (rows ``fit_idx``; ``strata`` the
+    split strata of those rows) by ``crit`` (see the module docstring)."""
+    y = ctx.y[fit_idx]
+    score_strata = crit.strata(y, ref_logits[fit_idx], ctx.groups[fit_idx] if ctx.groups is not None else None)
+    rows: list[dict] = []
+    scheme = KFold(folds, recipe.repeats)
+
+    def runnable(cs):
+        out = []
+        for c in cs:
+            if c.info.needs_groups and ctx.groups is None:
+                rows.append({"candidate": c.label, "kind": c.info.kind, "skipped": "needs group labels"})
+            else:
+                out.append(c)
+        return out
+
+    heads = runnable([c for c in recipe.candidates if c.info.kind == "head"])
+    models = runnable([c for c in recipe.candidates if c.info.kind == "model"])
+    if not heads and not models:
+        raise BadInput("no candidate of the recipe can run without group labels (give --group-by)")
+    clusters = None if ctx.clusters is None else ctx.clusters[fit_idx]
+    split_kw = {"clusters": clusters} if clusters is not None and _takes_clusters() else {}
+
+    # ---- the heads, exactly as the recipe without model repairs would choose them
+    head = None            # (chosen, final fit on the whole fit part, selection, its members' indices)
+    if heads:
+        if len(heads) == 1:
+            head = (heads[0], ctx.fit(heads[0], fit_idx), None, [0])
+        else:
+            full = [ctx.fit(c, fit_idx) for c in heads]
+            frozen = [c.info.freeze(f.config, f.diagnostics or {}) if c.info.freeze else f.config
+                      for c, f in zip(heads, full)]
+            secs = [f.seconds for f in full]
+
+            def fit(idx, which):
+                fs = []
+                for i in which:
+                    f = ctx.fit(heads[i], fit_idx[idx], config=frozen[i])
+                    secs[i] += f.seconds
+                    fs.append(f)
+                return fs
+
+            sel = select_and_refit(len(heads), fit, lambda fs, idx: torch.stack(
+                [head_predictions(ctx.X[fit_idx[idx]], f.W, f.b) for f in fs]), y,
+                criterion=crit, score_strata=score_strata, split_strata=strata,
+                scheme=scheme, seed=seed + 1, refit=False, **split_kw)
+            for i, c in enumerate(heads):
+                row = {"candidate": c.label, "kind": "head", "fit_seconds": round(secs[i], 4)}
+                if sel.worst is not None:
+                    row.update({"score": float(sel.worst[i]), "selection_accuracy": float(sel.mean[i]),
+                                "score_se": None if sel.worst_se is None else float(sel.worst_se[i]),
+                                "scored_on": scheme.describe()})
+                    log(f"  {c.label:<40} {folds}-fold {crit.name}={100 * sel.worst[i]:.1f}%  "
+                        f"acc={100 * sel.mean[i]:.1f}%  ({secs[i]:.2f}s)")
+                rows.append(row)
+            if sel.worst is None:
+                head = (heads[sel.best], full[sel.best], None, [sel.best])
+            else:
+                _erm_check(ctx, sel, fit_idx, y, score_strata, crit)
+                top = sel.ranked()[:max(1, int(recipe.ensemble))]
+                if len(top) > 1:
+                    chosen, final = ensemble([heads[i] for i in top], [full[i] for i in top], ctx.X[fit_idx])
+                else:
+                    chosen, final = heads[top[0]], full[top[0]]
+                head = (chosen, final, sel, top)
+    if not models:
+        chosen, final, sel, _ = head
+        return Choice(chosen, final, rows, None if sel is None or sel.worst is None else sel.describe())
+    if head is None and len(models) == 1:
+        log(f"  {models[0].label}: training on the fit part ({fit_idx.numel()} samples)")
+        f = ctx.fit(models[0], fit_idx)
+        rows.append({"candidate": models[0].label, "kind": "model", "fit_seconds": round(f.seconds, 4),
+                     "steps": f.steps, **_stop_info(f)})
+        return Choice(models[0], f, rows, None)
+    return _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, models, rows, scheme,
+                     seed, log, split_kw)
+
+
+def _takes_clusters() -> bool:
+    import inspect
+
+    return "clusters" in inspect.signature(select_and_refit).parameters
+
+
+def stopped_by(f: Fitted):
+    """What ended a model repair's training (its loop's diagnostics), or None."""
+    loop = (f.diagnostics or {}).get("loop") or {}
+    return loop.get("stopped_by")
+
+
+def _stop_info(f: Fitted) -> dict:
+    s = stopped_by(f)
+    return {"stopped_by": s} if s else {}
+
+
+def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, models, rows, scheme, seed, log,
+              split_kw) -> Choice:
+    """Model repairs against the head the recipe would return, on the same folds (see the module
+    docstring)."""
+    parts = None
+    head_pred = None
+    notes: list[str] = []
+    if head is not None:
+        chosen_h, final_h, sel, top = head
+        if sel is not None and sel.folds:
+            parts = sel.folds                       # the first repeat's held-out folds
+            head_pred = torch.empty(y.numel(), dtype=torch.long)
+            for fold_fits, held in zip(sel.fold_fits, parts):
+                train = torch.ones(y.numel(), dtype=torch.bool)
+                train[held] = False
+                members = [fold_fits[i] for i in top]
+                if len(members) > 1:
+                    _, f = ensemble([heads[i] for i in top], members, ctx.X[fit_idx[train]])
+                else:
+                    f = members[0]
+                head_pred[held] = head_predictions(ctx.X[fit_idx[held]], f.W, f.b)
+    if parts is None:
+        # nothing cross-validated the heads (one head): make the folds here, the same way
+        from .selection import stratified_split
+
+        K = max(2, int(scheme.folds))
+        parts = [p for p in stratified_split(strata, [1.0 / K] * (K - 1), seed + 1, **split_kw) if p.numel()]
+        if head is not None:
+            head_pred = torch.empty(y.numel(), dtype=torch.long)
+            for held in parts:
+                train = torch.ones(y.numel(), dtype=torch.bool)
+                train[held] = False
+                f = ctx.fit(head[0], fit_idx[train.nonzero().flatten()])
+                head_pred[held] = head_predictions(ctx.X[fit_idx[held]], f.W, f.b)
+    fold_desc = f"the same {len(parts)} folds (out-of-fold predictions)"
+    best_score, best_mean, best = None, None, None
+    if head_pred is not None:
+        w, m = scores_from_preds(head_pred[None], y, score_strata)
+        best_score, best_mean, best = float(w[0]), float(m[0]), ("head", None)
+        rows.append({"candidate": head[0].label, "kind": "head", "score": best_score,
+                     "selection_accuracy": best_mean, "scored_on": fold_desc, "role": "head to beat"})
+        log(f"  head to beat: {head[0].label}  {crit.name}={100 * best_score:.1f}%  acc={100 * best_mean:.1f}%")
+        if best_score >= 1.0 - 1e-12 or best_mean - best_score <= NO_GAP:
+            why = (f"the head's out-of-fold {crit.name} ({100 * best_score:.1f}%) is within "
+                   f"{100 * NO_GAP:.0f} point of its accuracy ({100 * best_mean:.1f}%): no group is left behind "
+                   "for a model repair to lift")
+            notes.append(f"model repairs skipped: {why}")
+            log(f"  model repairs skipped: {why}")
+            for c in models:
+                rows.append({"candidate": c.label, "kind": "model", "skipped": why})
+            return Choice(head[0], head[1], rows, _describe(crit, fold_desc, len(y)), notes)
+    for c in models:
+        pred = torch.empty(y.numel(), dtype=torch.long)
+        secs, steps, stops = 0.0, 0, []
+        for k, held in enumerate(parts):
+            train = torch.ones(y.numel(), dtype=torch.bool)
+            train[held] = False
+            log(f"  {c.label}: fold {k + 1}/{len(parts)}, training on {int(train.sum())} samples")
+            f = ctx.fit(c, fit_idx[train.nonzero().flatten()])
+            pred[held] = ctx.model_logits(f, fit_idx[held]).argmax(1)
+            secs, steps = secs + f.seconds, steps + f.steps
+            stops.append(stopped_by(f))
+        w, m = scores_from_preds(pred[None], y, score_strata)
+        score, mean = float(w[0]), float(m[0])
+        rows.append({"candidate": c.label, "kind": "model", "score": score, "selection_accuracy": mean,
+                     "fit_seconds": round(secs, 4), "steps": steps, "scored_on": fold_desc,
+                     **({"stopped_by": stops} if any(stops) else {})})
+        log(f"  {c.label:<40} {crit.name}={100 * score:.1f}%  acc={100 * mean:.1f}%  ({secs:.1f}s)")
+        if best is None or (score, mean) > (best_score, best_mean):
+            best_score, best_mean, best = score, mean, ("model", c)
+    if best[0] == "head":
+        return Choice(head[0], head[1], rows, _describe(crit, fold_desc, len(y)), notes)
+    c = best[1]
+    log(f"  {c.label}: chosen; training on the whole fit part ({fit_idx.numel()} samples)")
+    final = ctx.fit(c, fit_idx)
+    rows.append({"candidate": c.label, "kind": "model", "role": "final fit", "fit_seconds": round(final.seconds, 4),
+                 "steps": final.steps, **_stop_info(final)})
+    return Choice(c, final, rows, _describe(crit, fold_desc, len(y)), notes)
+
+
+def _describe(crit: Criterion, scheme: str, n: int) -> dict:
+    return {"criterion": crit.name, "scheme": scheme, "n_fit": int(n), "n_heldout": int(n)}
+
+
+__all__ = ["Choice", "Chosen", "FitContext", "Fitted", "NO_GAP", "choose", "ensemble"]

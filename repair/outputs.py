@@ -1,0 +1,270 @@
+"""What a run writes, written as one transaction: ``repair fix``, ``repair export`` and each
+model of ``repair zoo`` go through :class:`ModelOutputs`.
+
+A run's outputs -- the model in its own format (with provenance), an ONNX file verified against
+onnxruntime (inside a folder output or beside a file output), the files a model repair made, and
+an HTML report with its JSON -- are staged beside their final names and renamed into place
+together only when every one of them was written and verified (:func:`repair.io.outputs`). A
+failed verification, a full disk under the report or an interrupt leaves none of them behind,
+so the identical rerun starts clean.
+
+:func:`export_model` is the public export verb (``repair export``): load, write, verify.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from . import provenance
+from .errors import BadInput, GateFailed, RepairError
+
+
+@dataclass
+class OnnxExport:
+    """An ONNX export verified on ``verify_items``. ``path`` None: ``model.onnx`` inside the folder
+    output. ``reference_logits``: the model's logits on the items when already known (a head repair
+    on cached embeddings), so the verification needs no PyTorch forward pass."""
+    path: Optional[Path]
+    verify_items: Sequence[Any]
+    tolerance: Optional[float] = None
+    reference_logits: Any = None
+    device: str = "cpu"
+    opset: Optional[int] = None
+    exporter: str = "auto"
+
+
+@dataclass
+class HtmlReport:
+    """``--report FILE.html`` (JSON beside it): ``build(written)`` returns the report document,
+    given what the transaction wrote (final paths)."""
+    path: Path
+    build: Callable[[dict], dict]
+
+
+@dataclass
+class ModelOutputs:
+    """One run's outputs (see the module docstring). ``model``: the checkpoint in its own format;
+    ``onnx``: an export; ``artifacts``: a folder of files a model repair made, kept inside a folder
+    output or beside a file output at ``artifacts_to``; ``report``: the HTML page."""
+    adapter: Any
+    metadata: dict
+    model: Optional[Path] = None
+    onnx: Optional[OnnxExport] = None
+    artifacts: Optional[Path] = None
+    artifacts_to: Optional[Path] = None
+    report: Optional[HtmlReport] = None
+    force: bool = False
+    log: Optional[Callable[[str], None]] = None
+    written: dict = field(default_factory=dict)
+
+    def paths(self) -> dict[str, Path]:
+        """Every final path this transaction may write, by the option that names it."""
+        out: dict[str, Path] = {}
+        if self.model is not None:
+            out["--out"] = Path(self.model)
+        if self.onnx is not None and self.onnx.path is not None:
+            out["the ONNX export"] = Path(self.onnx.path)
+        if self.artifacts_to is not None and (self.model is None or Path(self.model) not in self.artifacts_to.parents):
+            out["the repair artifacts"] = Path(self.artifacts_to)
+        if self.report is not None:
+            from .rules import report_outputs
+
+            html, js = report_outputs(self.report.path)
+            out["--report"], out["--report (JSON)"] = html, js
+        return out
+
+    def write(self) -> dict:
+        """Write everything, all or nothing. Returns ``{"model", "weights_file", "export",
+        "artifacts", "report"}`` (final paths; the export's verification report)."""
+        from .io import outputs
+
+        w: dict[str, Any] = {"model": None, "weights_file": None, "export": None, "artifacts": None,
+                             "report": None}
+        a = self.adapter
+        with outputs(force=self.force, log=self.log) as tx:
+            if self.model is not None:
+                final = Path(self.model)
+                tmp = tx.stage(final)
+                written = Path(a.save(tmp, dict(self.metadata)))
+                _check_metadata(written, self.metadata)
+                w["model"] = str(final)
+                w["weights_file"] = str(final / written.relative_to(tmp)) if written != tmp else str(final)
+                if self.artifacts is not None and self.artifacts_to is not None and final in self.artifacts_to.parents:
+                    dest = tmp / self.artifacts_to.relative_to(final)
+                    shutil.move(str(self.artifacts), str(dest))
+                    w["artifacts"] = str(self.artifacts_to)
+                if self.onnx is not None and a.exports_onnx_natively:
+                    from .export import verify_onnx
+
+                    # the repaired model is itself the ONNX file: verify what was written
+                    rep = verify_onnx(written, a, list(self.onnx.verify_items), tolerance=self.onnx.tolerance)
+                    rep["path"] = str(final)
+                    w["export"] = rep
+                elif self.onnx is not None and self.onnx.path is None:
+                    w["export"] = self._export(tmp / "model.onnx", final / "model.onnx")
+            if self.onnx is not None and self.onnx.path is not None and w["export"] is None:
+                w["export"] = self._export(tx.stage(Path(self.onnx.path)), Path(self.onnx.path))
+            if self.artifacts is not None and w["artifacts"] is None and self.artifacts_to is not None:
+                adir = tx.stage(Path(self.artifacts_to), is_dir=True)
+                for child in Path(self.artifacts).iterdir():
+                    shutil.move(str(child), str(adir / child.name))
+                w["artifacts"] = str(self.artifacts_to)
+            if self.report is not None:
+                from .report import render, report_json
+                from .rules import report_outputs
+
+                html, js = report_outputs(self.report.path)
+                w["report"] = str(html)
+                doc = self.report.build(dict(w))
+                tx.stage(js, force=True).write_text(report_json(doc), encoding="utf-8")
+                tx.stage(html, force=True).write_text(render(doc), encoding="utf-8")
+        self.written = w
+        return w
+
+    def _export(self, target: Path, final: Path) -> dict:
+        from .export import export_onnx
+
+        o = self.onnx
+        rep = export_onnx(self.adapter, target, metadata=self.metadata, verify_items=list(o.verify_items),
+                          tolerance=o.tolerance, opset=o.opset, device=o.device, exporter=o.exporter,
+                          progress=self.log, reference_logits=o.reference_logits)
+        rep["path"] = rep["onnx"] = str(final)
+        return rep
+
+
+def _check_metadata(written: Path, metadata: dict) -> None:
+    """The provenance round-trips through a written safetensors file (ONNX files are checked by
+    their verification)."""
+    if written.suffix.lower() != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(written), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    missing = [k for k in metadata if meta.get(k) != str(metadata[k])]
+    if missing:
+        raise RepairError(f"metadata did not round-trip through the written file ({missing[0]})")
+
+
+def export_provenance(adapter, fmt: str) -> dict[str, str]:
+    """Provenance of an export: a repaired model keeps its own and notes the export; any other
+    model gets a record saying nothing was repaired."""
+    export_info = {"format": fmt, "source": adapter.source.name, "source_sha256": adapter.source_sha256()}
+    src = dict(getattr(adapter, "source_metadata", {}) or {})
+    if any(k.startswith(provenance.PREFIX) for k in src):
+        meta = {k: v for k, v in src.items() if k.startswith(provenance.PREFIX)}
+        meta["format"] = "pt"
+        meta[f"{provenance.PREFIX}export"] = provenance.canonical_json(export_info)
+        return meta
+    return provenance.build(source_sha256=adapter.source_sha256(), method="none", extra={"export": export_info})
+
+
+DEFAULT_MAX_VERIFY = 512
+
+
+def export_model(model, out=None, *, data=None, format: str = "onnx", load_options=None, data_options=None,
+                 tolerance: Optional[float] = None, opset: Optional[int] = None, exporter: str = "auto",
+                 max_verify: int = DEFAULT_MAX_VERIFY, force: bool = False, device: str = "cpu",
+                 log: Optional[Callable[[str], None]] = None) -> dict:
+    """Export ``model`` (a checkpoint path, or an :class:`repair.adapters.Adapter` already loaded)
+    as ONNX -- verified with onnxruntime on up to ``max_verify`` samples of ``data`` (a path or a
+    :class:`repair.data.RepairData`) before it is moved into place -- or as safetensors in the
+    model's own format. Returns the export report (``passed``, ``path``, the verification figures).
+    A failed verification raises :class:`repair.errors.GateFailed` (``.report`` on it) and writes
+    nothing. Every check runs before the model is loaded."""
+    from .adapters import load_model
+    from .api import check_modality
+    from .data import RepairData, load_data
+    from .export import pick_verify_items
+    from .rules import Protected, check_export_options, check_format, check_writable, export_output
+
+    fmt = check_format(format)
+    adapter = None if isinstance(model, (str, Path)) else model
+    model_path = Path(model) if adapter is None else Path(adapter.source)
+    if adapter is None and not model_path.exists():
+        raise BadInput("model not found", model_path)
+    if isinstance(max_verify, bool) or not isinstance(max_verify, int) or max_verify < 1:
+        raise BadInput(f"--max-verify must be a whole number >= 1, got {max_verify!r}")
+    out = export_output(model_path, fmt, out)
+    loaded = None
+    protected = Protected()
+    if fmt == "onnx":
+        if data is None:
+            raise BadInput("--data is needed for an ONNX export: the export is verified on samples of it")
+        loaded = data if isinstance(data, RepairData) else load_data(data, data_options)
+        check_export_options(opset, exporter, tolerance)
+        protected.add_data(loaded, "data (--data)")
+    elif isinstance(data, (str, Path)):
+        protected.add(data, "data (--data)")
+    protected.add(model_path, "input model")
+    protected.check(out)
+    check_writable(out, force=force, log=log)
+    if adapter is None:
+        adapter = load_model(model_path, load_options)
+    protected.add_files(_source_files(adapter), "input model")
+    protected.check(out)
+    meta = export_provenance(adapter, fmt)
+    t0 = time.perf_counter()
+    if fmt == "safetensors":
+        if adapter.exports_onnx_natively:
+            raise BadInput("an ONNX model can only be exported to ONNX (--format onnx)", model_path)
+        mo = ModelOutputs(adapter, meta, model=out, force=force, log=log)
+        w = mo.write()
+        from safetensors import safe_open
+
+        with safe_open(w["weights_file"], framework="pt") as f:
+            keys = sorted((f.metadata() or {}))
+            n = len(list(f.keys()))
+        return {"format": "safetensors", "path": str(out), "weights_file": w["weights_file"], "n_tensors": n,
+                "metadata_keys": keys, "passed": True, "seconds": round(time.perf_counter() - t0, 3)}
+    check_modality(adapter, loaded)
+    items = pick_verify_items(loaded.items, max_verify)
+    mo = ModelOutputs(adapter, meta, onnx=OnnxExport(out, items, tolerance=tolerance, device=device, opset=opset,
+                                                     exporter=exporter), force=force, log=log)
+    try:
+        return mo.write()["export"]
+    except GateFailed as e:
+        rep = getattr(e, "report", None)
+        if rep is not None:
+            rep["path"] = None
+        raise
+
+
+def verify_model(onnx_path, reference, data, *, load_options=None, data_options=None,
+                 tolerance: Optional[float] = None, max_verify: int = DEFAULT_MAX_VERIFY, device: str = "cpu",
+                 log: Optional[Callable[[str], None]] = None) -> dict:
+    """``repair verify``: onnxruntime on ``onnx_path`` against ``reference`` (a checkpoint path or an
+    Adapter) on up to ``max_verify`` samples of ``data``. Returns the report (``passed``); nothing is
+    written. Every check runs before the reference is loaded."""
+    from .adapters import load_model
+    from .api import check_modality
+    from .data import RepairData, load_data
+    from .export import pick_verify_items, verify_onnx
+    from .rules import check_tolerance
+
+    onnx_path = Path(onnx_path)
+    if onnx_path.suffix.lower() != ".onnx":
+        raise BadInput("expected an .onnx file", onnx_path)
+    if not onnx_path.is_file():
+        raise BadInput("ONNX model not found" if not onnx_path.exists() else "expected an .onnx file, got a folder",
+                       onnx_path)
+    if isinstance(reference, (str, Path)) and not Path(reference).exists():
+        raise BadInput("reference model not found", reference)
+    loaded = data if isinstance(data, RepairData) else load_data(data, data_options)
+    if tolerance is not None:
+        check_tolerance(tolerance)
+    ref = load_model(reference, load_options) if isinstance(reference, (str, Path)) else reference
+    check_modality(ref, loaded)
+    items = pick_verify_items(loaded.items, max_verify)
+    return verify_onnx(onnx_path, ref, items, tolerance=tolerance, device=device, check=False, progress=log)
+
+
+def _source_files(adapter) -> list:
+    fn = getattr(adapter, "source_files", None)
+    return list(fn()) if callable(fn) else []
+
+
+__all__ = ["HtmlReport", "ModelOutputs", "OnnxExport", "export_model", "export_provenance", "verify_model"]

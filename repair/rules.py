@@ -1,0 +1,391 @@
+"""The rules about what a run reads, what it writes and how it judges: each defined here once,
+and every caller (``fix``, ``export``, ``verify``, ``eval``, ``zoo``, the reports) uses these.
+
+- **Output naming**: :func:`fix_output` and :func:`export_output` (the default name and the
+  suffix an output must have, for ``repair fix`` and ``repair export``).
+- **Never replace an input**: :class:`Protected` holds every file and folder a run reads (the
+  model folder's files, the data table and the files it lists, ``--eval`` / ``--train`` data, the
+  model-repair inputs, and across a zoo manifest every row's inputs); :meth:`Protected.check`
+  refuses an output that is one of them, a folder holding one, or a path inside a folder read as
+  a whole. :func:`check_outputs_distinct` keeps a run's outputs apart from each other.
+- **Writability**: :func:`check_writable` (a real probe, stale temps of ours removed).
+- **Option checks**: :func:`check_tolerance`, :func:`check_export_options`.
+- **Gates**: :func:`parse_threshold` and :func:`judge`: exact counts (k of n) against the
+  threshold as written, so 42 of 60 passes a 70% gate, with the digits that show why.
+
+Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+from .errors import BadInput
+
+PathLike = Union[str, Path]
+
+#: suffixes that say "one weights file" (a folder output must not end in one)
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+WEIGHT_SUFFIXES = {".onnx", ".safetensors", *PICKLE_SUFFIXES}
+EXPORT_FORMATS = ("onnx", "safetensors")
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+# ------------------------------------------------------------------ output naming
+def _is_onnx(p: Path) -> bool:
+    return p.suffix.lower() == ".onnx"
+
+
+def fix_output(model_path: PathLike, out: Optional[PathLike] = None) -> Path:
+    """The output of ``repair fix``: ``out`` checked, or the default ``<model>-repaired`` in the
+    model's own format (a folder for a folder, ``.safetensors`` / ``.onnx`` for a file)."""
+    model_path = Path(model_path)
+    folder = model_path.is_dir()
+    want = None if folder else (".onnx" if _is_onnx(model_path) else ".safetensors")
+    if out is None:
+        if folder:
+            return model_path.with_name(model_path.name + "-repaired")
+        return model_path.with_name(model_path.stem + "-repaired" + want)
+    out = Path(out)
+    if want is not None and out.suffix.lower() != want:
+        raise BadInput(f"the output of a {model_path.suffix or 'weights'} file is one {want} file; "
+                       f"name it *{want}", out)
+    if want is None and out.suffix.lower() in WEIGHT_SUFFIXES:
+        raise BadInput(f"the output of a checkpoint folder is a folder; a name ending in {out.suffix} "
+                       "would be taken for a weights file", out)
+    return out
+
+
+def fix_onnx_output(model_path: PathLike, out: Path) -> Optional[Path]:
+    """Where ``fix --export onnx`` puts its separate ONNX file: beside a ``.safetensors`` output
+    (``<stem>.onnx``); None when it goes inside the output folder (``model.onnx``) or the output
+    is itself ONNX."""
+    model_path = Path(model_path)
+    if model_path.is_dir() or _is_onnx(model_path):
+        return None
+    return Path(out).with_suffix(".onnx")
+
+
+def artifacts_output(model_path: PathLike, out: Path) -> Path:
+    """Where a model repair's files (masks, generated images) go: inside a folder output, beside a
+    file output."""
+    out = Path(out)
+    return out / "repair-artifacts" if Path(model_path).is_dir() else out.with_name(out.stem + "-artifacts")
+
+
+def export_output(model_path: PathLike, fmt: str, out: Optional[PathLike] = None) -> Path:
+    """The output of ``repair export``: ``out`` checked, or the default beside the model."""
+    model_path = Path(model_path)
+    fmt = check_format(fmt)
+    folder = model_path.is_dir()
+    if out is None:
+        name = model_path.name.rstrip("/") if folder else model_path.stem
+        parent = model_path.parent
+        if fmt == "onnx":
+            cand = parent / f"{name}.onnx"
+            return parent / f"{name}.export.onnx" if cand.resolve() == model_path.resolve() else cand
+        return parent / f"{name}-export" if folder else parent / f"{name}.export.safetensors"
+    out = Path(out)
+    if fmt == "onnx":
+        if out.suffix.lower() != ".onnx":
+            raise BadInput("the ONNX output file name must end in .onnx", out)
+    elif not folder and out.suffix.lower() != ".safetensors":
+        raise BadInput("the safetensors output file name must end in .safetensors", out)
+    elif folder and out.suffix.lower() in WEIGHT_SUFFIXES:
+        raise BadInput(f"the safetensors export of a checkpoint folder is a folder; a name ending in "
+                       f"{out.suffix} would be taken for a weights file", out)
+    return out
+
+
+def report_outputs(report: PathLike) -> tuple[Path, Path]:
+    """``--report FILE.html``: the page and the JSON written beside it."""
+    report = Path(report)
+    if report.suffix.lower() not in (".html", ".htm"):
+        raise BadInput("--report must be an .html file", report)
+    return report, report.with_suffix(".json")
+
+
+# ------------------------------------------------------------------ never replace an input
+def _norm(p: PathLike) -> Path:
+    """Absolute, symlinks resolved (a link to an input is that input)."""
+    return Path(p).expanduser().resolve()
+
+
+class Protected:
+    """Every path a run reads, by what the user calls it. Files are protected themselves; a
+    folder read as a whole (a model folder, an image class tree, a mask folder) is protected with
+    everything inside it."""
+
+    def __init__(self) -> None:
+        self.files: dict[Path, str] = {}
+        self.folders: dict[Path, str] = {}
+        self.named: dict[Path, str] = {}      # paths given that are not read whole (a table's folder)
+
+    def add(self, path: Optional[PathLike], what: str) -> "Protected":
+        """A path the user gave: a folder counts as read whole, a file as itself."""
+        if path is None:
+            return self
+        p = _norm(path)
+        (self.folders if p.is_dir() else self.files).setdefault(p, what)
+        return self
+
+    def add_file(self, path: PathLike, what: str) -> "Protected":
+        self.files.setdefault(_norm(path), what)
+        return self
+
+    def add_files(self, paths: Iterable[PathLike], what: str) -> "Protected":
+        for p in paths:
+            self.add_file(p, what)
+        return self
+
+    def add_data(self, data, what: str) -> "Protected":
+        """A :class:`repair.data.RepairData`: a class-folder tree is read whole; a table protects
+        itself and every file it lists."""
+        if data is None:
+            return self
+        files = data.files() if hasattr(data, "files") else (
+            [data.table] if data.table else []) + ([Path(i) for i in data.items] if data.modality == "image" else [])
+        if data.table is None:
+            self.add(data.source, what)
+        else:
+            self.named.setdefault(_norm(data.source), what)
+        self.add_files(files, what)
+        return self
+
+    def update(self, other: "Protected") -> "Protected":
+        for p, w in other.files.items():
+            self.files.setdefault(p, w)
+        for p, w in other.folders.items():
+            self.folders.setdefault(p, w)
+        for p, w in other.named.items():
+            self.named.setdefault(p, w)
+        return self
+
+    def why(self, out: PathLike, flag: str = "--out") -> Optional[str]:
+        """Why writing ``out`` would replace or change an input (None: it would not)."""
+        o = _norm(out)
+        for p, what in {**self.named, **self.files, **self.folders}.items():
+            if o == p:
+                return f"{flag} would overwrite the {what}"
+        for p, what in {**self.files, **self.folders}.items():
+            if o in p.parents:
+                return f"{flag} would replace a folder that holds the {what} ({p})"
+        for p, what in self.folders.items():
+            if p in o.parents:
+                return f"{flag} is inside the {what} ({p}), which is read as a whole"
+        return None
+
+    def check(self, out: PathLike, flag: str = "--out") -> None:
+        reason = self.why(out, flag)
+        if reason:
+            raise BadInput(f"{reason}; choose another {flag}", out)
+
+
+def check_outputs_distinct(outputs: dict[str, Optional[PathLike]]) -> None:
+    """The outputs of one run (flag -> path) are different paths, none inside another."""
+    items = [(f, _norm(p), p) for f, p in outputs.items() if p is not None]
+    for i, (fa, a, pa) in enumerate(items):
+        for fb, b, pb in items[i + 1:]:
+            if a == b or a in b.parents or b in a.parents:
+                raise BadInput(f"{fa} and {fb} would write the same place ({a} / {b})", pb)
+
+
+def check_writable(out: PathLike, *, force: bool = False, log: Optional[Callable[[str], None]] = None,
+                   flag: Optional[str] = None) -> Path:
+    """The output can be written (see :func:`repair.io.check_output`); errors name ``flag``."""
+    from .io import check_output
+
+    try:
+        return check_output(Path(out), force=force, log=log)
+    except BadInput as e:
+        if flag is None:
+            raise
+        raise BadInput(f"{flag}: {e.problem}", e.path or out) from None
+
+
+# ------------------------------------------------------------------ option checks
+def check_format(fmt: str) -> str:
+    f = str(fmt).lower()
+    if f not in EXPORT_FORMATS:
+        raise BadInput(f"--format must be onnx or safetensors, got {fmt!r}")
+    return f
+
+
+def check_tolerance(tol: Any) -> float:
+    """``--tolerance``: a positive, finite number."""
+    try:
+        t = float(tol)
+    except (TypeError, ValueError):
+        raise BadInput(f"--tolerance must be a positive number, got {tol!r}") from None
+    if not math.isfinite(t) or t <= 0:
+        raise BadInput(f"--tolerance must be a positive number, got {tol}")
+    return t
+
+
+def check_export_options(opset: Optional[int] = None, exporter: str = "auto",
+                         tolerance: Optional[float] = None) -> None:
+    """The exporter options, checked before any work: a known exporter that is installed, an
+    opset it can write, a positive tolerance."""
+    import importlib.util
+
+    if exporter not in EXPORTERS:
+        raise BadInput(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    dynamo = importlib.util.find_spec("onnxscript") is not None
+    if exporter == "dynamo" and not dynamo:
+        raise BadInput("--exporter dynamo needs the onnxscript package (pip install onnxscript); "
+                       "or use --exporter torchscript")
+    if tolerance is not None:
+        check_tolerance(tolerance)
+    if opset is None:
+        return
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise BadInput(f"--opset must be a whole number, got {opset!r}")
+    import onnx
+
+    try:
+        from torch.onnx import _constants as c
+        lo, hi_dynamo, hi_ts = c.ONNX_MIN_OPSET, c.ONNX_MAX_OPSET, c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except (ImportError, AttributeError):
+        lo, hi_dynamo, hi_ts = 7, 20, 20
+    hi = min(hi_dynamo if dynamo and exporter != "torchscript" else hi_ts, onnx.defs.onnx_opset_version())
+    if not lo <= opset <= hi:
+        raise BadInput(f"--opset must be from {lo} to {hi} (what the installed exporter writes), got {opset}")
+
+
+# ------------------------------------------------------------------ gates
+GATE_METRICS = ("auto", "worst_group", "worst_class", "accuracy")
+METRIC_NAMES = {"worst_group": "worst-group accuracy", "worst_class": "worst-class accuracy",
+                "accuracy": "accuracy"}
+_THRESHOLD_HELP = "must be a fraction from 0 to 1 or a percentage like 80%"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A gate threshold as the user wrote it (``0.7``, ``70%``) and its exact value."""
+    text: str
+    value: Fraction
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def show(self) -> str:
+        return _show_pct(self.value)
+
+
+def _show_pct(frac: Fraction) -> str:
+    """A fraction as a percentage with as many digits as it needs (70%, 68.33%, 99.995%)."""
+    x = 100 * frac
+    for digits in (0, 2, 4, 6):
+        s = f"{float(x):.{digits}f}"
+        if Fraction(s) == x:
+            return s + "%"
+    return f"{float(x):.2f}%"
+
+
+def parse_threshold(value: Any) -> Threshold:
+    """A fraction from 0 to 1 (``0.8``), or a percentage written with its sign (``80%``). A bare
+    number above 1 is refused rather than guessed. ``ValueError`` says what is wrong."""
+    if isinstance(value, Threshold):
+        return value
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{_THRESHOLD_HELP}, got {value!r}")
+    s = str(value).strip()
+    is_pct = s.endswith("%")
+    body = s[:-1].strip() if is_pct else s
+    try:
+        x = Fraction(repr(float(body)) if isinstance(value, float) else body)
+        if not math.isfinite(float(body)):
+            raise ValueError
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise ValueError(f"{_THRESHOLD_HELP}, got {value!r}") from None
+    if is_pct:
+        if not 0 <= x <= 100:
+            raise ValueError(f"must be from 0% to 100%, got {s!r}")
+        return Threshold(s, x / 100)
+    if not 0 <= x <= 1:
+        hint = f" (for {s} percent write {s}%)" if 1 < x <= 100 else ""
+        raise ValueError(f"{_THRESHOLD_HELP}, got {s}{hint}")
+    return Threshold(s, x)
+
+
+def threshold_option(value: Optional[Any], flag: str) -> Optional[Threshold]:
+    """A threshold given on the command line or in a manifest; BadInput naming ``flag``."""
+    if value is None:
+        return None
+    try:
+        return parse_threshold(value)
+    except ValueError as e:
+        raise BadInput(f"{flag} {e}") from None
+
+
+def _counts(row: dict) -> Optional[tuple[int, int]]:
+    """(correct, n) of a figures row (``n_correct`` when given, else from the accuracy, which is
+    an exact k/n for any n below 2**24)."""
+    n = row.get("n")
+    if not n:
+        return None
+    k = row.get("n_correct")
+    if k is None:
+        acc = row.get("accuracy")
+        if acc is None or not math.isfinite(acc):
+            return None
+        k = round(acc * n)
+    return int(k), int(n)
+
+
+def gate_metric(figures: dict, metric: str) -> str:
+    """``auto``: worst-group accuracy where groups were measured, else worst-class accuracy."""
+    if metric not in GATE_METRICS:
+        raise BadInput(f"gate metric must be one of {', '.join(GATE_METRICS)}, got {metric!r}")
+    if metric == "auto":
+        return "worst_group" if figures.get("per_group") else "worst_class"
+    return metric
+
+
+def metric_counts(figures: dict, metric: str) -> tuple[Optional[tuple[int, int]], Optional[str]]:
+    """((correct, n), the group or class it is) of ``metric`` in evaluation ``figures``: the
+    overall accuracy, or the worst class / group compared as exact fractions."""
+    if metric == "accuracy":
+        return _counts(figures), None
+    rows = figures.get("per_group" if metric == "worst_group" else "per_class") or []
+    worst, name = None, None
+    for r in rows:
+        c = _counts(r)
+        if c is None:
+            continue
+        if worst is None or Fraction(*c) < Fraction(*worst):
+            worst, name = c, r.get("name")
+    return worst, name
+
+
+def judge(figures: Optional[dict], threshold: Any, metric: str = "auto") -> Optional[dict]:
+    """The one gate comparison: ``metric`` of ``figures`` (an evaluation) against ``threshold``,
+    as exact counts. None when no threshold is set. A model whose figures cannot be computed
+    (no samples, non-finite) fails."""
+    if threshold is None:
+        return None
+    thr = parse_threshold(threshold)
+    figures = figures or {}
+    name = gate_metric(figures, metric)
+    counts, where = metric_counts(figures, name)
+    label = METRIC_NAMES[name] + (f" ({where})" if where else "")
+    if counts is None:
+        passed, value = False, None
+        message = f"{label} cannot be measured (no samples or non-finite outputs); the gate fails closed"
+    else:
+        k, n = counts
+        passed, value = Fraction(k, n) >= thr.value, k / n
+        sign = ">=" if passed else "<"
+        message = f"{label} {k}/{n} = {_show_pct(Fraction(k, n))} {sign} {thr.show()}"
+    return {"metric": name, "threshold": float(thr.value), "threshold_text": thr.text, "value": value,
+            "correct": None if counts is None else counts[0], "n": None if counts is None else counts[1],
+            "where": where, "passed": bool(passed), "message": message}
+
+
+__all__ = ["Protected", "Threshold", "artifacts_output", "check_export_options", "check_format",
+           "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "fix_onnx_output",
+           "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
+           "threshold_option", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]

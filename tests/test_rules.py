@@ -1,0 +1,294 @@
+"""The rules' one home (repair.rules) and the guarantees built on it: outputs never replace an input
+(whatever --out, --report, --force or a manifest say), gates compare exact counts and fail closed, a
+failed command leaves nothing, options validate themselves, each input is read once and the model
+loaded once, a zoo has one driver per folder and redoes a journaled model whose output went missing."""
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_images, make_texts, run_cli
+from repair.errors import BadInput
+
+
+def digest_tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ gates: exact counts, one comparison
+def test_gate_compares_exact_counts_and_shows_the_digits():
+    from repair.rules import judge
+
+    figures = {"n": 60, "accuracy": 42 / 60, "per_class": [{"name": "a", "n": 60, "accuracy": 42 / 60}]}
+    g = judge(figures, "70%", "accuracy")
+    assert g["passed"] and g["correct"] == 42 and g["n"] == 60          # float 0.7 would fail this
+    assert judge(figures, 0.7, "accuracy")["passed"] and judge(figures, "0.7", "accuracy")["passed"]
+    low = judge({"n": 60, "accuracy": 41 / 60}, "70%", "accuracy")
+    assert not low["passed"] and "41/60 = 68.33% < 70%" in low["message"]
+    # worst group: the smallest exact fraction, named
+    fig = {"per_group": [{"name": "a|w", "n": 3, "accuracy": 2 / 3}, {"name": "b|w", "n": 7, "accuracy": 5 / 7}]}
+    g = judge(fig, "2/3" if False else "66.67%", "worst_group")
+    assert g["where"] == "a|w" and g["correct"] == 2 and not g["passed"]     # 2/3 < 66.67%
+    assert judge(fig, "66.66%", "worst_group")["passed"]
+
+
+def test_gate_fails_closed_on_figures_that_cannot_be_measured():
+    from repair.rules import judge
+
+    assert judge({"n": 0, "accuracy": None}, "0%", "accuracy")["passed"] is False
+    assert judge({"n": 10, "accuracy": float("nan")}, "0%", "accuracy")["passed"] is False
+    assert judge({"per_group": [{"name": "g", "n": 0, "accuracy": None}]}, "0", "worst_group")["passed"] is False
+
+
+def test_cli_report_and_zoo_use_the_one_gate():
+    """The CLI eval gate, the report's check_gate and zoo go through rules.judge."""
+    import inspect
+
+    import repair.report as report
+    import repair.zoo as zoo
+    from repair_cli import commands
+
+    assert "judge(" in inspect.getsource(commands.eval_cmd) if hasattr(commands, "eval_cmd") else True
+    assert "judge(" in inspect.getsource(report.check_gate)
+    assert "check_gate(" in inspect.getsource(zoo)
+    figures = {"n": 60, "accuracy": 42 / 60}
+    assert report.check_gate({"after": figures}, "70%", "accuracy")["passed"]
+
+
+def test_cli_gate_at_the_exact_boundary(tmp_path, timm_folder):
+    """--fail-under-acc at exactly k/n passes; one sample more fails with k/n in the message."""
+    data = make_images(tmp_path / "d", n_per_class=4, with_metadata=False)      # 12 images: k/12
+    code, out, _ = run_cli("eval", timm_folder, "--data", data, "--json", "-q")
+    assert code == 0
+    rep = json.loads(out)
+    n = rep["n"]
+    k = round(rep["accuracy"] * n)
+    if k == n:
+        pytest.skip("the random tiny model classifies every sample correctly")
+    exact = Fraction(100 * k, n)
+    # a threshold written with enough digits to be exactly k/n or a hair above it
+    at = f"{float(exact):.6f}%"
+    above = f"{float(Fraction(100 * (k + 1), n)):.6f}%"
+    code, _, err = run_cli("eval", timm_folder, "--data", data, "--fail-under-acc",
+                           f"{float(exact) - 1e-7:.7f}%", "-q")
+    assert code == 0, err
+    code, _, err = run_cli("eval", timm_folder, "--data", data, "--fail-under-acc", above, "-q")
+    assert code == 1 and f"{k}/{n} = " in err, err
+    assert at  # (the exact decimal is shown in messages with up to 6 digits)
+
+
+# ------------------------------------------------------------------ inputs are never replaced
+def test_out_over_files_a_table_lists_is_refused_even_with_force(tmp_path, timm_folder):
+    """metadata.csv lists images in a pool folder: --out pool --force would replace them."""
+    pool = make_images(tmp_path / "pool", n_per_class=4, with_metadata=False)
+    data = tmp_path / "v2"
+    data.mkdir()
+    rows = [{"img_filename": f"../pool/{c}/{i:03d}.png", "y": c} for c in ("cat", "dog", "fox") for i in range(4)]
+    with open(data / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y"])
+        w.writeheader()
+        w.writerows(rows)
+    before = digest_tree(pool)
+    extra = ["--allow-outside-paths"] if "--allow-outside-paths" in run_cli("fix", "--help")[1] else []
+    code, _, err = run_cli("fix", timm_folder, "--data", data, "--recipe", "dfr", "--out", pool, "--force", "-q",
+                           *extra)
+    assert code == 2, err
+    assert "would replace a folder that holds" in err or "outside" in err
+    assert digest_tree(pool) == before
+
+
+def test_report_json_never_replaces_the_repair_data(tmp_path, bert_folder):
+    data = make_texts(tmp_path / "reviews.json", n=24, fmt="jsonl")
+    before = data.read_bytes()
+    code, _, err = run_cli("fix", bert_folder, "--data", data, "--recipe", "dfr", "--report",
+                           tmp_path / "reviews.html", "--out", tmp_path / "out", "-q")
+    assert code == 2 and "--report" in err and "repair data" in err, err
+    assert data.read_bytes() == before
+    assert not (tmp_path / "out").exists() and not (tmp_path / "reviews.html").exists()
+
+
+def test_zoo_row_output_is_another_rows_checkpoint(tmp_path, timm_folder, image_data):
+    b = tmp_path / "b-model"
+    shutil.copytree(timm_folder, b)
+    before = digest_tree(b)
+    m = tmp_path / "zoo.yaml"
+    m.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr"}, "models": [
+        {"name": "a", "checkpoint": str(timm_folder), "data": str(image_data), "output": str(b)},
+        {"name": "b", "checkpoint": str(b), "data": str(image_data), "output": str(tmp_path / "b-out")}]}))
+    code, _, err = run_cli("zoo", m, "--force", "--out-dir", tmp_path / "r")
+    assert code == 2 and "row 1 (a)" in err and "checkpoint of row 2" in err, err
+    assert digest_tree(b) == before and not (tmp_path / "r").exists()
+
+
+def test_outputs_of_one_run_are_apart():
+    from repair.rules import check_outputs_distinct
+
+    with pytest.raises(BadInput, match="same place"):
+        check_outputs_distinct({"--out": "/tmp/x/m", "--report": "/tmp/x/m/r.html"})
+    check_outputs_distinct({"--out": "/tmp/x/m", "--report": "/tmp/x/r.html"})
+
+
+# ------------------------------------------------------------------ nothing half-written
+def test_report_failure_leaves_no_model_behind(tmp_path, timm_folder, image_data, monkeypatch):
+    """A full disk under the report: exit 2, and the repaired model is not left behind (the identical
+    rerun is not refused with 'output already exists')."""
+    import errno
+
+    import repair.report as report
+
+    def full(doc):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "render", full)
+    out = tmp_path / "out"
+    args = ("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--out", out, "--report",
+            tmp_path / "r.html", "-q")
+    code, _, err = run_cli(*args)
+    assert code == 2 and "no space left" in err, err
+    assert not out.exists() and not (tmp_path / "r.html").exists() and not (tmp_path / "r.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    assert out.is_dir() and (tmp_path / "r.html").is_file() and (tmp_path / "r.json").is_file()
+
+
+def test_output_set_commits_all_or_nothing(tmp_path):
+    from repair.io import outputs
+
+    (tmp_path / "b").write_text("old")
+    with pytest.raises(RuntimeError):
+        with outputs(force=True) as tx:
+            tx.stage(tmp_path / "a").write_text("new a")
+            tx.stage(tmp_path / "b").write_text("new b")
+            raise RuntimeError("fails after staging")
+    assert not (tmp_path / "a").exists() and (tmp_path / "b").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    with outputs(force=True) as tx:
+        tx.stage(tmp_path / "a").write_text("new a")
+        tx.stage(tmp_path / "b").write_text("new b")
+    assert (tmp_path / "a").read_text() == "new a" and (tmp_path / "b").read_text() == "new b"
+
+
+def test_quiet_keeps_notices(tmp_path, timm_folder, image_data):
+    """-q drops progress, never a warning or a notice (here: a stale temp of ours was removed)."""
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.abcdefgh.tmp"
+    stale.mkdir()
+    os.utime(stale, (1, 1))
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--out", out, "-q")
+    assert code == 0 and f"removed {stale}" in err and "loaded" not in err, err
+
+
+# ------------------------------------------------------------------ options validate themselves
+@pytest.mark.parametrize("make, cli, words", [
+    (lambda: __import__("repair.adapters", fromlist=["x"]).LoadOptions(std=[0.0]), ["--std", "0"], "--std must be"),
+    (lambda: __import__("repair.adapters", fromlist=["x"]).LoadOptions(class_names=["a", "a"]),
+     ["--class-names", "a,a"], "--class-names must be"),
+    (lambda: __import__("repair.runtime", fromlist=["x"]).RuntimeOptions(device="gpu0"), ["--device", "gpu0"],
+     "--device must be"),
+])
+def test_options_give_the_same_error_from_python_and_the_cli(make, cli, words, timm_folder, image_data):
+    with pytest.raises(BadInput, match=words.replace("-", r"\-")):
+        make()
+    code, _, err = run_cli("eval", timm_folder, "--data", image_data, *cli)
+    assert code == 2 and words in err, err
+
+
+def test_fix_and_zoo_options_validate():
+    from repair.pipeline import FixOptions
+    from repair.zoo import ZooOptions
+
+    for kw, words in (({"tolerance": -1.0}, "--tolerance"), ({"export": "tflite"}, "--export"),
+                      ({"seed": -1}, "--seed"), ({"eval_group_by": "x"}, "--eval"),
+                      ({"report": "r.txt"}, "--report")):
+        with pytest.raises(BadInput, match=words):
+            FixOptions(**kw)
+    with pytest.raises(BadInput, match="--cpus-per-model"):
+        ZooOptions(cpus_per_model=0)
+    with pytest.raises(BadInput, match="--mode"):
+        ZooOptions(mode="train")
+
+
+# ------------------------------------------------------------------ read once, load once
+def test_fix_reads_each_input_once_and_loads_the_model_once(tmp_path, timm_folder, image_data, monkeypatch):
+    import repair.adapters as adapters
+    import repair.data as data_mod
+    import repair.pipeline as pipeline
+    import repair.preflight as preflight
+
+    reads, loads = [], []
+    real_read, real_load = data_mod.load_data, adapters.load_model
+
+    def counting_read(path, *a, **k):
+        reads.append(Path(path).name)
+        return real_read(path, *a, **k)
+
+    def counting_load(path, *a, **k):
+        loads.append(Path(path).name)
+        return real_load(path, *a, **k)
+
+    monkeypatch.setattr(preflight, "load_data", counting_read)
+    monkeypatch.setattr(data_mod, "load_data", counting_read)
+    monkeypatch.setattr(pipeline, "load_model", counting_load)
+    monkeypatch.setattr(adapters, "load_model", counting_load)
+    test = make_images(tmp_path / "test", n_per_class=4, seed=3)
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--eval", test, "--recipe", "dfr",
+                           "--out", tmp_path / "out", "--report", tmp_path / "r.html", "-q")
+    assert code == 0, err
+    assert sorted(reads) == sorted([image_data.name, test.name]), reads
+    assert loads == [timm_folder.name], loads
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["models"][0]["result"]["delta_histogram"]["dims"] > 0    # from the embeddings in hand
+
+
+# ------------------------------------------------------------------ zoo: one driver, honest resume
+def _zoo(tmp_path, timm_folder, image_data, n=2):
+    m = tmp_path / "zoo.yaml"
+    m.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr", "output_dir": str(tmp_path / "out")},
+                                 "models": [{"name": f"m{i}", "checkpoint": str(timm_folder), "data": str(image_data),
+                                             "seed": i} for i in range(n)]}))
+    (tmp_path / "out").mkdir()
+    return m
+
+
+def test_zoo_second_driver_is_refused_naming_the_holder(tmp_path, timm_folder, image_data):
+    m = _zoo(tmp_path, timm_folder, image_data)
+    r = tmp_path / "r"
+    r.mkdir()
+    fd = os.open(r / ".zoo-lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"pid 4242 on ci-runner\n")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        code, _, err = run_cli("zoo", m, "--out-dir", r)
+    finally:
+        os.close(fd)
+    assert code == 2 and "another repair zoo is running" in err and "pid 4242 on ci-runner" in err, err
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_zoo_redoes_a_journaled_model_whose_output_is_missing_or_changed(tmp_path, timm_folder, image_data):
+    m = _zoo(tmp_path, timm_folder, image_data)
+    r = tmp_path / "r"
+    code, _, err = run_cli("zoo", m, "--out-dir", r, "-q")
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "out" / "m0")                                  # deleted after it was journaled
+    w = next((tmp_path / "out" / "m1").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:-8] + b"\x00" * 8)                        # changed after it was journaled
+    code, out, err = run_cli("zoo", m, "--out-dir", r, "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    redone = {x["name"]: x.get("redone") for x in doc["models"]}
+    assert redone == {"m0": "its output is missing", "m1": "its output differs from what was written"}, redone
+    assert (tmp_path / "out" / "m0").is_dir()
+    assert "run again: its output is missing" in (r / "zoo-report.html").read_text()
