@@ -88,15 +88,13 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import LoopConfig, Session, draw_batch, train
+from ..modelrepair.finetune import REFIT_L2, LoopConfig, Session, draw_batch, refit_head, settle, train
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 
 #: what ``scope: auto`` trains, by device and modality (measured; see the module docstring)
 AUTO_SCOPE = {("cpu", "image"): "all", ("cpu", "text"): "last:2", ("cuda", "image"): "all", ("cuda", "text"): "all"}
-#: L2 strengths tried by ``head_init: refit`` (the DFR grid C = 1 ... 0.01 as 1/C)
-REFIT_L2 = (1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 
@@ -118,6 +116,11 @@ class MixFTConfig(LoopConfig):
     n_clusters: int = setting(2, ge=2, doc="inferred: clusters per class")
     mix_point: int = setting(-1, ge=-1, doc="texts: -1 = the input of the first trained layer, 0 = token "
                                             "embeddings, k = output of encoder layer k")
+    settle: str = setting("refit", choices=("off", "interpolate", "refit"),
+                          doc="after training: off = the early-stopped weights; interpolate = the best of "
+                              "start + alpha * (tuned - start), alpha in settle_alphas (WiSE-FT), on the held-out "
+                              "part; refit = each of those also with a group-balanced head refitted on its body")
+    settle_alphas: tuple = setting((0.5, 1.0), gt=0, le=1, doc="interpolation weights tried by settle (1 = fine-tuned)")
     holdout_fraction: float = setting(0.25, gt=0, lt=1)
     sampling: str = setting("balanced", choices=("balanced", "uniform"))
     augment: str = setting("none", choices=AUGMENTATIONS)
@@ -185,22 +188,14 @@ class _Mixer:
 
 
 def _refit_head(tm, sess, X: torch.Tensor, groups: torch.Tensor) -> dict:
-    """Linear probing before fine-tuning (LP-FT): a group-balanced L2 logistic head fitted on
-    the training part's embeddings, its strength chosen on the held-out part by the
-    session's criterion, written into the head."""
-    from ..selection import head_predictions, pick_best, scores_from_preds
-    from ..solver import fit_logreg, group_balanced_weights
-
-    tr, ho = sess.train_idx, sess.held_idx
-    W, b, _ = fit_logreg(X[tr], sess.y[tr], tm.head.out_features, sample_weight=group_balanced_weights(groups[tr]),
-                         l2=REFIT_L2)
-    worst, mean = scores_from_preds(head_predictions(X[ho], W, b), sess.y[ho], sess.score_strata[ho])
-    k = pick_best(worst, mean)
+    """Linear probing before fine-tuning (LP-FT): :func:`repair.modelrepair.finetune.refit_head`
+    on the frozen embeddings, written into the head."""
+    W, b, info = refit_head(sess, X, groups)
     with torch.no_grad():
-        tm.head.weight.copy_(W[k].to(tm.head.weight))
+        tm.head.weight.copy_(W.to(tm.head.weight))
         if tm.head.bias is not None:
-            tm.head.bias.copy_(b[k].to(tm.head.bias))
-    return {"l2": REFIT_L2[k], "heldout_score": float(worst[k]), "heldout_accuracy": float(mean[k])}
+            tm.head.bias.copy_(b.to(tm.head.bias))
+    return info
 
 
 def _mix_point(tm, trained: list, asked: int):
@@ -284,6 +279,9 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
     else:
         with tm.training(names, freeze_bn=cfg.freeze_bn) as params:
             res = run(params)
+    settled = None
+    if cfg.settle != "off":
+        settled = settle(sess, before, alphas=cfg.settle_alphas, refit=cfg.settle == "refit", groups=groups)
     changed = tm.changed(before)
     counts = torch.bincount(groups[sess.train_idx]).tolist()
     return ModelRepairOutput(tensors=changed, steps=res.steps, diagnostics={
@@ -293,4 +291,4 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
                    "space": "token embeddings" if point == 0 else (
                        f"output of layer {point}" if tm.modality == "text" else "preprocessed pixels"),
                    "group_sizes_train": [c for c in counts if c > 0]},
-        "session": sess.describe(), "loop": res.describe()})
+        "settle": settled, "session": sess.describe(), "loop": res.describe()})
