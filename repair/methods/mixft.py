@@ -39,6 +39,13 @@ unlearns the shortcut. Here the mixing runs on the repair set:
    ``peft`` LoRA adapters (rank ``lora_rank``) instead, merged into their weights before
    saving (the output loads with timm / transformers alone). BatchNorm statistics stay
    frozen (``freeze_bn``).
+5. **Settling** (``settle``, :func:`repair.modelrepair.finetune.settle`): the early-stopped
+   weights are not taken as they are. For each ``alpha`` in ``settle_alphas`` (0.5, 1) the
+   network is put at ``start + alpha * (tuned - start)`` (WiSE-FT interpolation), scored on
+   the held-out part with its own head and (``settle: refit``, the default) with a
+   group-balanced head refitted on that body ("body from the model repair, head from
+   DFR"); the best candidate by the same criterion is kept. Everything stays ordinary
+   weights of the original architecture (the method returns the changed tensors).
 
 Paper vs. choices made here. The paper's full text was not reachable offline when this
 was written, only its abstract: "leverage a small set of examples with spurious
