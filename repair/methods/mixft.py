@@ -107,7 +107,7 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import REFIT_L2, LoopConfig, Session, draw_batch, refit_head, settle, train
+from ..modelrepair.finetune import LoopConfig, Session, draw_batch, refit_head, settle, train
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
