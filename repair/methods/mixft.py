@@ -91,7 +91,11 @@ seconds of the fit, wall clock was 4-8x more):
   60.0 / 69.4, 56.5 / 75.4, 51.5 / 69.1 (the fine-tuned states never beat the LP-FT start on
   the ~13 held-out samples of each inferred minority group, so the refitted head on the
   original body is what comes back, fitted on 75% of the data). 750-920 s per balanced run,
-  240-640 s skewed, peak RSS 740-790 MiB. Not yet the issue's target (best head + 5, std <= 3).
+  240-640 s skewed, peak RSS 740-790 MiB. The same with ``selection: worst_inferred_group``
+  (on this task the inferred groups are the true groups): balanced 71.0 / 81.0, 65.0 / 73.8,
+  71.0 / 79.1 (69.0 +- 3.5; seeds 0 and 2 chose the head refitted on the fine-tuned body, seed 1
+  the LP-FT start again), 500-520 s per run. Not yet the issue's target (best label-free head
+  65.3 + 5, std <= 3).
 - skewed repair sets (minority groups 20% of the majority, per class): with group labels
   it works (demo 89.5 / 91.8, MNIST 86.0 / 91.3); label-free it keeps the original model
   (demo 36.8, MNIST 50.5 test WGA): on skewed data the original's held-out worst *class*
