@@ -55,6 +55,16 @@ class ModelRow:
 MODEL_ROWS: list[ModelRow] = [
     ModelRow("finetune", "finetune", {}, note="plain fine-tuning of the last block (the simplest model repair)"),
     ModelRow("mixft", "mixft", {}, note="data-mixing fine-tuning (Xue et al. 2023), the method's defaults"),
+    ModelRow("mixft-lpft", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0},
+             modalities=("text",), budget="4epochs", tasks=("sst2_capped",),
+             note="mixft from a refitted head (LP-FT), lr 5e-4, the whole 4-epoch schedule (no early stop, no "
+                  "time cut: at this lr the held-out score first collapses, then recovers), settled "
+                  "(interpolation + head refit chosen on the held-out part)"),
+    ModelRow("mixft-lpft-wig", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
+                                         "selection": "worst_inferred_group"},
+             modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
+             note="mixft-lpft selected by the worst inferred group (class x correct/incorrect under the "
+                  "original) even on a balanced repair set"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
              note="retraining with causal logit perturbation (attribution masks), the method's defaults"),
     ModelRow("clp-ablation", "clp", {"meta": False, "saliency_weight": 0.0}, groups=(False,), modalities=("image",),

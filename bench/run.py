@@ -35,7 +35,7 @@ from .measure import code_version, fit_threads, load_average, log, machine_info 
 from .rows import AUTO, ERM, REF_DFR, variant_label  # noqa: E402,F401  (re-exported for the tests)
 
 MODEL_GROUPS = {"both": None, "no-groups": False, "groups": True}
-DEFAULT_TASKS = ("sst2_negation", "mnist_color", "demo")
+DEFAULT_TASKS = ("sst2_negation", "sst2_capped", "mnist_color", "demo")
 PARTS = ("head", "model", "cost", "scale")
 
 

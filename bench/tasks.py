@@ -17,6 +17,10 @@ Tasks
                    (``../shared/models/mobilenetv2_100.tflite_in1k``, built with ``pad_type="same"``)
                    fine-tuned with ERM at 64x64 on a training set where the background agrees with
                    the class 95% of the time within each class.
+``sst2_capped``    SST-2 sentences behind a planted source tag (``from a blog :`` / ``from a paper :``)
+                   that equals the class in training: the ERM model is an (almost) pure tag
+                   classifier whose features keep little sentiment, so heads are capped
+                   (:mod:`bench.capped`).
 ``demo``           ``repair.demo.build_demo`` (procedural Waterbirds, narrow resnet18, attribute
                    ``place``).
 
@@ -47,7 +51,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
-SHARED = PROJECT_ROOT.parent / "shared"           # ../shared relative to the project root
+SHARED = Path(os.environ.get("BENCH_SHARED") or PROJECT_ROOT.parent / "shared")   # ../shared relative to the project root
 WORK = BENCH_DIR / "_work"
 TASK_VERSION = 1
 
@@ -573,8 +577,15 @@ def build_demo_task(root: Path, seed: int, log) -> dict:
             "erm_train_seconds": round(art.erm_train_seconds, 1)}
 
 
+def build_sst2_capped(root: Path, seed: int, log) -> dict:
+    from .capped import build_sst2_capped as build
+
+    return build(root, seed, log)
+
+
 BUILDERS: dict[str, Callable] = {
     "sst2_negation": build_sst2_negation,
+    "sst2_capped": build_sst2_capped,
     "mnist_color": build_mnist_color,
     "demo": build_demo_task,
 }

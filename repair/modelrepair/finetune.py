@@ -354,4 +354,82 @@ class Session:
                 "criterion": self.criterion.name, "groups": self.group_source}
 
 
-__all__ = ["DEFAULT_BUDGET_SECONDS", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig", "LoopResult", "Session", "draw_batch", "train"]
+# ----------------------------------------------------------------------------- steadiness
+#: L2 strengths of a refitted head (the DFR grid C = 1 ... 0.01 as 1/C)
+REFIT_L2 = (1.0, 3.0, 10.0, 30.0, 100.0)
+#: interpolation weights :func:`settle` tries between the starting (0) and the fine-tuned (1) weights
+SETTLE_ALPHAS = (0.5, 1.0)
+
+
+def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor) -> tuple:
+    """A group-balanced L2 logistic head on embeddings ``X`` (all repair rows) fitted on the
+    session's training part, its strength chosen on the held-out part by the session's
+    criterion (DFR's recipe): ``(W, b, {"l2", "heldout_score", "heldout_accuracy"})``."""
+    from ..selection import head_predictions, pick_best, scores_from_preds
+    from ..solver import fit_logreg, group_balanced_weights
+
+    tr, ho = sess.train_idx, sess.held_idx
+    W, b, _ = fit_logreg(X[tr], sess.y[tr], int(sess.inputs.ref_logits.shape[1]),
+                         sample_weight=group_balanced_weights(groups[tr]), l2=REFIT_L2)
+    worst, mean = scores_from_preds(head_predictions(X[ho], W, b), sess.y[ho], sess.score_strata[ho])
+    k = pick_best(worst, mean)
+    return W[k], b[k], {"l2": REFIT_L2[k], "heldout_score": float(worst[k]), "heldout_accuracy": float(mean[k])}
+
+
+def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALPHAS, refit: bool = True,
+           groups: Optional[torch.Tensor] = None) -> dict:
+    """Where a fine-tuned model ends: weight-space interpolation between the starting weights
+    ``start`` (name -> tensor, as :meth:`TrainableModel.state` gives them) and the current,
+    fine-tuned ones, ``start + alpha * (tuned - start)`` for each ``alpha`` (WiSE-FT, Wortsman
+    et al. 2022), each point with its own (interpolated) head and, with ``refit``, with a head
+    refitted on that body by :func:`refit_head` ("body from the model repair, head from DFR").
+    Every candidate is scored on the session's held-out part by its criterion, best worst-stratum
+    then best mean (:func:`repair.selection.pick_best`; ties go to the earlier candidate, larger
+    ``alpha`` first). The model is left at the chosen point -- ordinary weights, nothing to fold.
+    ``groups``: the groups a refitted head balances (default: the session's). Returns the
+    diagnostics (the choice and every candidate's held-out scores)."""
+    from ..selection import head_predictions, pick_best, scores_from_preds
+
+    tm = sess.model
+    sd = tm.module.state_dict()
+    tuned = {k: sd[k].detach().cpu().clone() for k in start}
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
+    groups = sess.groups if groups is None else groups
+    every, ho = torch.arange(sess.y.numel()), sess.held_idx
+    y, strata = sess.y[ho], sess.score_strata[ho]
+
+    def put(alpha: float) -> None:
+        with torch.no_grad():
+            for k in moved:
+                sd[k].copy_((start[k] + alpha * (tuned[k] - start[k])).to(sd[k]))
+
+    cands = []
+    for alpha in sorted({float(a) for a in alphas} if moved else {1.0}, reverse=True):
+        put(alpha)
+        X = tm.embed(sess.encoded, every, sess.device)
+        W = tm.head.weight.detach().float().cpu()
+        b = tm.head.bias.detach().float().cpu() if tm.head.bias is not None else torch.zeros(W.shape[0])
+        heads = [("fine-tuned", W, b, None)]
+        if refit:
+            Wr, br, info = refit_head(sess, X, groups)
+            heads.append(("refit", Wr, br, info))
+        for kind, Wk, bk, info in heads:
+            worst, mean = scores_from_preds(head_predictions(X[ho], Wk[None], bk[None]), y, strata)
+            cands.append({"alpha": alpha, "head": kind, "W": Wk, "b": bk, "refit": info,
+                          "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])})
+    k = pick_best(torch.tensor([c["heldout_score"] for c in cands]),
+                  torch.tensor([c["heldout_accuracy"] for c in cands]))
+    best = cands[k]
+    put(best["alpha"])
+    if best["head"] == "refit":
+        with torch.no_grad():
+            tm.head.weight.copy_(best["W"].to(tm.head.weight))
+            if tm.head.bias is not None:
+                tm.head.bias.copy_(best["b"].to(tm.head.bias))
+    return {"alpha": best["alpha"], "head": best["head"], "refit": best["refit"],
+            "heldout_score": best["heldout_score"], "heldout_accuracy": best["heldout_accuracy"],
+            "candidates": [{k2: v for k2, v in c.items() if k2 not in ("W", "b")} for c in cands]}
+
+
+__all__ = ["DEFAULT_BUDGET_SECONDS", "REFIT_L2", "SETTLE_ALPHAS", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
+           "LoopResult", "Session", "draw_batch", "refit_head", "settle", "train"]

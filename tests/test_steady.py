@@ -1,0 +1,130 @@
+"""Steady model repairs (issue 19): after fine-tuning, :func:`repair.modelrepair.finetune.settle`
+picks, on the held-out part only, between weight-space interpolations of the starting and the
+fine-tuned weights (WiSE-FT) and heads refitted on each body, and leaves ordinary weights behind:
+the output of ``repair fix`` reloads with plain transformers and computes the repaired logits."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import make_bert_folder, make_texts, run_cli
+
+
+@pytest.fixture()
+def session(tmp_path):
+    """A tiny BERT, 48 labelled texts, and a model-repair session on them (seed 0)."""
+    from repair.adapters import load_model
+    from repair.methods import ModelRepairInputs
+    from repair.modelrepair.finetune import Session
+
+    model = make_bert_folder(tmp_path / "bert", seed=3)
+    data = make_texts(tmp_path / "texts.csv", n=48, seed=1)
+    rows = list(csv.DictReader(open(data)))
+    tm = load_model(model).trainable()
+    texts = [r["text"] for r in rows]
+    y = torch.tensor([1 if r["label"] == "positive" else 0 for r in rows])
+    ref = tm.predict(tm.encode(texts), torch.arange(len(texts)), "cpu")
+    inputs = ModelRepairInputs(model=tm, items=texts, y=y, ref_logits=ref, seed=0, device="cpu", progress=False,
+                               class_names=["negative", "positive"])
+    return Session(inputs, holdout_fraction=0.5), tm
+
+
+def _perturb(tm, scale: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tm.module.named_parameters():
+            if ".encoder." in name or name.startswith(tm.head_name):
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def test_interpolation_weight_is_chosen_on_the_held_out_part(session):
+    from repair.modelrepair.finetune import settle
+    from repair.selection import pick_best
+
+    sess, tm = session
+    start = tm.state()
+    _perturb(tm, 0.3, seed=0)                         # the "fine-tuned" weights
+    tuned = tm.state()
+    alphas = (0.25, 0.5, 1.0)
+    # what each interpolation scores on the held-out part, measured independently
+    expected = {}
+    for a in alphas:
+        tm.module.load_state_dict({k: (start[k] + a * (tuned[k] - start[k])) if start[k].is_floating_point()
+                                   else start[k] for k in start})
+        expected[a] = sess.evaluate()
+    tm.module.load_state_dict(tuned)
+    diag = settle(sess, start, alphas=alphas, refit=False)
+
+    cands = diag["candidates"]
+    assert [c["alpha"] for c in cands] == sorted(alphas, reverse=True)
+    for c in cands:
+        assert c["head"] == "fine-tuned"
+        assert (c["heldout_score"], c["heldout_accuracy"]) == pytest.approx(expected[c["alpha"]])
+    order = sorted(alphas, reverse=True)
+    best = order[pick_best(torch.tensor([expected[a][0] for a in order]), torch.tensor([expected[a][1] for a in order]))]
+    assert diag["alpha"] == best
+    # the model is left exactly at the chosen interpolation (ordinary weights, nothing else)
+    now = tm.state()
+    for k in start:
+        want = start[k] + best * (tuned[k] - start[k]) if start[k].is_floating_point() else start[k]
+        torch.testing.assert_close(now[k], want, atol=1e-6, rtol=0)
+    assert sess.evaluate() == pytest.approx((diag["heldout_score"], diag["heldout_accuracy"]))
+
+
+def test_a_refitted_head_replaces_a_broken_one(session):
+    """A head that predicts one class everywhere (held-out worst class 0) loses to the head
+    refitted on the same body; the refitted head is written into the model."""
+    from repair.modelrepair.finetune import refit_head, settle
+
+    sess, tm = session
+    with torch.no_grad():
+        tm.head.weight.zero_()
+        tm.head.bias.copy_(torch.tensor([1.0, 0.0]))
+    assert sess.evaluate()[0] == 0.0
+    start = tm.state()
+    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    W, b, info = refit_head(sess, X, sess.groups)
+    diag = settle(sess, start, refit=True)
+    # nothing moved: one body, with its own head and the refitted one
+    assert [(c["alpha"], c["head"]) for c in diag["candidates"]] == [(1.0, "fine-tuned"), (1.0, "refit")]
+    assert diag["head"] == "refit" and diag["heldout_score"] > 0.0
+    assert diag["refit"]["l2"] == info["l2"]
+    torch.testing.assert_close(tm.head.weight.detach(), W.to(tm.head.weight.dtype))
+    torch.testing.assert_close(tm.head.bias.detach(), b.to(tm.head.bias.dtype))
+    assert sess.evaluate() == pytest.approx((diag["heldout_score"], diag["heldout_accuracy"]))
+
+
+def test_settled_mixft_folds_into_an_ordinary_checkpoint(tmp_path):
+    """``repair fix --recipe`` mixft with ``settle: refit``: the chosen point is in the report,
+    and plain transformers reloads the output and computes what ``repair eval`` measures."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from repair.adapters import load_model
+
+    model = make_bert_folder(tmp_path / "bert", seed=3)
+    data = make_texts(tmp_path / "val.csv", n=48, seed=1)
+    test = make_texts(tmp_path / "test.csv", n=24, seed=2)
+    recipe = tmp_path / "steady.yaml"
+    recipe.write_text("name: steady\ncandidates:\n  - method: mixft\n    params: {epochs: 2, batch_size: 8, "
+                      "lr: 0.001, scope: all, settle: refit, settle_alphas: [0.5, 1.0]}\n")
+    out = tmp_path / "fixed"
+    code, stdout, err = run_cli("fix", model, "--data", data, "--recipe", recipe, "--eval", test, "--out", out,
+                                "--seed", "0", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    st = rep["diagnostics"]["settle"]
+    assert st["alpha"] in (0.5, 1.0) and st["head"] in ("fine-tuned", "refit")
+    assert {c["alpha"] for c in st["candidates"]} <= {0.5, 1.0}
+    assert {c["head"] for c in st["candidates"]} == {"fine-tuned", "refit"}
+    texts = [r["text"] for r in csv.DictReader(open(test))]
+    plain = AutoModelForSequenceClassification.from_pretrained(str(out), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    with torch.no_grad():
+        lg = plain(**tok(texts, padding=True, return_tensors="pt")).logits
+    ours = load_model(out)
+    torch.testing.assert_close(lg, ours.logits_batch(ours.collate(texts), torch.device("cpu")), atol=1e-5, rtol=1e-5)
+    y = torch.tensor([1 if r["label"] == "positive" else 0 for r in csv.DictReader(open(test))])
+    assert float((lg.argmax(1) == y).float().mean()) == pytest.approx(rep["after"]["accuracy"], abs=1e-6)
