@@ -109,23 +109,27 @@ def test_loop_says_what_ended_training(monkeypatch):
     assert set(ft.STOPPED_BY) >= {"budget:time", "budget:steps", "budget:epochs", "early stopping", "epochs"}
 
 
-def test_heldout_split_keeps_duplicates_together_when_the_splitter_can():
-    """``ModelRepairInputs.duplicates`` reaches the splitter as ``clusters=`` only when it takes them."""
-    from repair.modelrepair.finetune import _clusters
+def test_heldout_split_keeps_duplicates_together():
+    """``ModelRepairInputs.duplicates`` (ids of identical samples) keeps each set of copies on one side
+    of a model repair's held-out split (its early-stopping data)."""
     from repair.methods import ModelRepairInputs
+    from repair.modelrepair.finetune import Session
 
-    dup = torch.tensor([0, 0, 1, 2])
-    inp = ModelRepairInputs(model=None, items=[], y=torch.zeros(4), ref_logits=torch.zeros(4, 2), duplicates=dup)
+    class Encoder:
+        def encode(self, items):
+            return list(items)
 
-    def with_clusters(strata, fractions, seed, min_per_part=1, clusters=None):
-        return []
-
-    def without(strata, fractions, seed, min_per_part=1):
-        return []
-
-    assert _clusters(with_clusters, inp)["clusters"] is dup
-    assert _clusters(without, inp) == {}
-    assert _clusters(with_clusters, ModelRepairInputs(model=None, items=[], y=dup, ref_logits=inp.ref_logits)) == {}
+    g = torch.Generator().manual_seed(0)
+    dup = torch.arange(80) % 20                                  # 20 samples, each 4 times
+    y = dup % 2
+    ref = torch.randn(20, 2, generator=g)[dup]
+    inp = ModelRepairInputs(model=Encoder(), items=list(range(80)), y=y, ref_logits=ref, duplicates=dup, seed=3)
+    s = Session(inp, holdout_fraction=0.25)
+    side = torch.zeros(80, dtype=torch.long)
+    side[s.held_idx] = 1
+    assert 0 < s.held_idx.numel() < 80
+    for c in range(20):
+        assert torch.unique(side[dup == c]).numel() == 1
 
 
 # ------------------------------------------------------------------ the seam, end to end

@@ -285,17 +285,6 @@ def draw_batch(pool: torch.Tensor, groups: Optional[torch.Tensor], batch_size: i
     return out
 
 
-def _clusters(split, inputs) -> dict:
-    """``{"clusters": ids of identical samples}`` when the inputs carry them and ``split`` takes them
-    (identical samples then stay on one side of the held-out split); else ``{}``."""
-    import inspect
-
-    dup = getattr(inputs, "duplicates", None)
-    if dup is None or "clusters" not in inspect.signature(split).parameters:
-        return {}
-    return {"clusters": dup}
-
-
 class Session:
     """The data side every model repair shares: the repair samples encoded once, a seeded
     split of them into a training part and a held-out part (stratified by the groups in
@@ -330,7 +319,7 @@ class Session:
                            f"they train on ({int(counts[small[0]]) if small else int(y.numel())} in one)")
         gen = torch.Generator().manual_seed(int(inputs.seed))
         self.train_idx, self.held_idx = stratified_split(self.groups, [holdout_fraction], gen,
-                                                         **_clusters(stratified_split, inputs))
+                                                         clusters=inputs.duplicates)
         self.encoded = self.model.encode(inputs.items)
 
     def evaluate(self) -> tuple[float, float]:
