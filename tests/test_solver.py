@@ -399,8 +399,8 @@ def test_path_solver_rule():
     # hundreds of features (the benchmark tasks: <= 1,000 rows, 384-1,280 features): Newton, whose
     # optimum L-BFGS reaches only at a tolerance where it is the slower one
     assert S.path_solver(500, 384, 2, 1000 * 384 * 4)[0] == "newton"
-    # 50,000 x 2,048: Newton's per-problem copies (two problems x 25,000 rows) exceed half the embeddings
-    assert S.path_solver(25_000, 2048, 2, 50_000 * 2048 * 4)[0] == "lbfgs"
+    # 50,000 x 2,048 halves: the Hessian's n d^2 costs more than L-BFGS's passes, even at its tight tolerance
+    assert S.path_solver(12_400, 2048, 2, 50_000 * 2048 * 4)[0] == "lbfgs"
     # many one-vs-rest problems: Newton's per-problem copies exceed the memory budget
     assert S.path_solver(4000, 2048, 2000, 50_000 * 2048 * 4)[0] == "lbfgs"
 

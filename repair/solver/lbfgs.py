@@ -44,8 +44,10 @@ THIN_PENALTY = 2.0
 #: fixed cost of an L-BFGS iteration (some forty small tensor operations), in multiply-adds: what
 #: keeps Newton ahead on small problems (same calibration)
 ITERATION_OVERHEAD = 1e6
-#: iterations per path point the estimate assumes
-ITERS_ESTIMATE = 30
+#: iterations per path point the estimate assumes: at the tolerance that reaches Newton's optimum
+#: (:data:`MAX_TOL`) L-BFGS needs several times the ~30 of a loose one, so problems of the visible
+#: tasks' size (hundreds of rows and features) stay on Newton
+ITERS_ESTIMATE = 150
 #: the loosest stopping tolerance the path solver accepts (see fit_binary_l2_path_lbfgs)
 MAX_TOL = 1e-6
 
@@ -69,10 +71,11 @@ def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_byte
     budget = 0.5 * data_bytes if budget_bytes is None else budget_bytes
     if copy > max(budget, 64 * 1024 ** 2):
         return "lbfgs", f"Newton's per-problem copy ({copy / 2**20:.0f} MiB) exceeds the memory budget"
-    # Newton wherever its copy fits: measured on the visible tasks, L-BFGS needed a stopping tolerance
-    # near 1e-6 to reach Newton's optimum (at the protocol's 1e-3 dfr lost 8 points of worst-group
-    # accuracy on SST-2), and at that tolerance Newton is the faster one on problems this size
-    return "newton", f"Newton ({form}): its per-problem copy ({copy / 2**20:.0f} MiB) fits the memory budget"
+    t_newton = problems * 2.0 * cost
+    t_lbfgs = THIN_PENALTY * lbfgs_cost(n, d, problems, ITERS_ESTIMATE) + ITERS_ESTIMATE * ITERATION_OVERHEAD
+    if t_lbfgs < t_newton:
+        return "lbfgs", f"L-BFGS estimated {t_newton / t_lbfgs:.1f}x cheaper than Newton ({form})"
+    return "newton", f"Newton ({form}) estimated {t_lbfgs / t_newton:.1f}x cheaper than L-BFGS"
 
 
 def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: Tensor, l2: Sequence[float], *,
