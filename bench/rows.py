@@ -49,6 +49,7 @@ class ModelRow:
     budget: Optional[str] = None
     tasks: Optional[tuple] = None          # None: every task of a fitting modality
     note: str = ""
+    recipe: Optional[str] = None           # a built-in recipe to run instead of the one-method recipe
 
 
 #: the model repairs the benchmark runs (filled in as model repairs land; order = table order)
@@ -65,6 +66,8 @@ MODEL_ROWS: list[ModelRow] = [
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft selected by the worst inferred group (class x correct/incorrect under the "
                   "original) even on a balanced repair set"),
+    ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
+             note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
              note="retraining with causal logit perturbation (attribution masks), the method's defaults"),
     ModelRow("clp-ablation", "clp", {"meta": False, "saliency_weight": 0.0}, groups=(False,), modalities=("image",),
@@ -279,11 +282,14 @@ def run_model_rows(td: TaskData, seed: int, rows_spec: list[ModelRow], cache_dir
             label = variant_label(spec.label, with_groups)
             row = {"kind": "model", "method": spec.method, "params": spec.params, "group_labels": with_groups,
                    "budget": spec.budget}
-            recipe = scratch / f"recipe-{spec.label}.yaml"
-            import yaml
+            if spec.recipe is not None:
+                recipe = spec.recipe
+            else:
+                import yaml
 
-            recipe.write_text(yaml.safe_dump({"name": spec.label, "candidates": [
-                {"method": spec.method, **({"params": spec.params} if spec.params else {})}]}))
+                recipe = scratch / f"recipe-{spec.label}.yaml"
+                recipe.write_text(yaml.safe_dump({"name": spec.label, "candidates": [
+                    {"method": spec.method, **({"params": spec.params} if spec.params else {})}]}))
             try:
                 rows[label] = {**row, **_fix(td, seed, str(recipe), with_groups, cache_dir, scratch, spec.budget)}
             except Exception as e:
