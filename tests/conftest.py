@@ -1,9 +1,11 @@
 """Tiny models and data built on the fly: nothing is downloaded."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,21 @@ def run_cli(*args) -> tuple[int, str, str]:
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         raise res.exception
     return res.exit_code, res.stdout, res.stderr
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail (instead of hanging the suite) if the block runs longer than ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"took longer than {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(autouse=True)

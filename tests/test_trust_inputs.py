@@ -6,13 +6,11 @@ that nothing was written beside the output and that every input is byte for byte
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
 import os
 import shutil
-import signal
 import struct
 import zlib
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_images, run_cli
+from conftest import make_images, run_cli, time_limit
 from repair.data import DataOptions, duplicate_stats, load_data, read_image
 from repair.errors import BadInput
 
@@ -46,20 +44,6 @@ def snapshot(*roots: Path) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging for ever (a FIFO read would block)."""
-    def boom(*_):
-        raise TimeoutError(f"blocked for more than {seconds}s")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def one_error_line(err: str) -> str:
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, err
@@ -74,7 +58,7 @@ def cli_refuses(args, *words, inputs=(), out_dir=None, code=2) -> str:
     before = snapshot(*inputs)
     before_out = snapshot(out_dir) if out_dir is not None else None
     args = [*args, "-q"] if "-q" not in args else list(args)     # progress off: warnings and errors stay
-    with deadline(120):
+    with time_limit(120):
         rc, out, err = run_cli(*args)
     assert rc == code, (rc, out, err)
     line = one_error_line(err)
@@ -237,11 +221,11 @@ def test_fifo_among_images_is_refused_without_blocking(tmp_path, timm_folder):
                 inputs=[d, timm_folder])
     # class-folder data (no table) and a FIFO named like an image: refused too, not skipped
     (d / "metadata.csv").unlink()
-    with deadline(30), pytest.raises(BadInput) as e:
+    with time_limit(30), pytest.raises(BadInput) as e:
         load_data(d)
     assert e.value.path.endswith("001.png") and "regular file" in e.value.problem
     # and the decoder itself never blocks on one (a file swapped after the data was read)
-    with deadline(30), pytest.raises(BadInput):
+    with time_limit(30), pytest.raises(BadInput):
         read_image(d / "fox" / "001.png")
 
 
@@ -807,7 +791,7 @@ def test_cache_entry_carries_and_checks_its_digest(tmp_path, timm_folder, images
     # a FIFO where the entry should be: never read (it would block), replaced
     entry.unlink()
     os.mkfifo(entry)
-    with deadline(60):
+    with time_limit(60):
         e3 = extract(adapter, data, cache_dir=cache, progress=False)
     assert not e3.from_cache and entry.is_file() and torch.equal(e3.X, e1.X)
 

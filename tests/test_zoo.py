@@ -2,7 +2,6 @@
 the Ray executor on a local 2-CPU Ray (a worker killed with SIGKILL mid-model)."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_images, make_timm_folder, run_cli
+from conftest import make_images, make_timm_folder, run_cli, time_limit
 
 
 PAUSE_PLUGIN = '''
@@ -80,21 +79,6 @@ def manifest(folder: Path, rows: list[dict], name: str = "zoo.yaml", **defaults)
     path.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr", "group_by": "place", **defaults},
                                     "models": rows}, sort_keys=False))
     return path
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """Fail (instead of hanging the suite) if the block runs longer than ``seconds``."""
-    def expire(signum, frame):
-        raise TimeoutError(f"took longer than {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def journal_names(path: Path) -> list[str]:
