@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from repair.errors import GateFailed
+from repair.outputs import DEFAULT_MAX_VERIFY
 
 from .app import app, command, emit_json, logger
 from .format import pct, table
@@ -52,7 +53,7 @@ def print_verify_report(rep: dict, title: str) -> None:
 @app.command("export")
 @command
 def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out: Out = None,
-               tolerance: Tolerance = None, force: Force = False, max_verify: MaxVerify = 512,
+               tolerance: Tolerance = None, force: Force = False, max_verify: MaxVerify = DEFAULT_MAX_VERIFY,
                opset: Opset = None, exporter: Exporter = "auto", *,
                columns: ItemColumns, load: Load, runtime: ExportRuntime, as_json: AsJson = False):
     """Export a model as ONNX (verified with onnxruntime on samples of --data) or safetensors."""
@@ -84,7 +85,7 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
 @command
 def verify_cmd(model: Annotated[Path, typer.Argument(help="The ONNX file to check.")],
                reference: Annotated[Path, typer.Option("--reference", "-r", help="The model it should match (any supported checkpoint).")],
-               data: DataPath, tolerance: Tolerance = None, max_verify: MaxVerify = 512, *,
+               data: DataPath, tolerance: Tolerance = None, max_verify: MaxVerify = DEFAULT_MAX_VERIFY, *,
                columns: ItemColumns, load: Load, runtime: ExportRuntime, as_json: AsJson = False):
     """Check an ONNX file against a reference model on samples of --data (exit 1 if it differs)."""
     from repair.outputs import verify_model
