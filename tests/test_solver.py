@@ -376,6 +376,32 @@ def test_lbfgs_folds_standardisation_and_matches_newton():
                 assert abs(ours - ref) <= 5e-6 * float(w[lo:hi].sum()) + 1e-6 * ref
 
 
+def test_lbfgs_problems_in_groups_give_the_same_solutions(monkeypatch):
+    # many problems are solved a group of columns at a time (bounded state): every problem's
+    # solution is the one the whole batch gives (problems are independent: own line search, own
+    # history, own stopping); per-row weights (n, T) are split with their problems
+    import repair.solver.lbfgs as LB
+
+    X, y = _multi(n=400, d=16, C=5)
+    t = torch.nn.functional.one_hot(y, 5).float()
+    w = torch.rand(400, 5, generator=torch.Generator().manual_seed(3)) + 0.5
+    a, sh = S.standardization(X)
+    lams = [2.0, 0.2]
+    V1, c1, i1 = S.fit_binary_l2_path_lbfgs(X, [(0, 200), (200, 400)], t, w, lams, scale=a, shift=sh, tol=1e-8)
+    monkeypatch.setattr(LB, "GROUP_STATE_BYTES", 2 * 8 * 17)          # two problems per group
+    V2, c2, i2 = S.fit_binary_l2_path_lbfgs(X, [(0, 200), (200, 400)], t, w, lams, scale=a, shift=sh, tol=1e-8)
+    assert all(i1["converged"]) and all(i2["converged"])
+    for bi, (lo, hi) in enumerate([(0, 200), (200, 400)]):
+        for task in range(5):
+            for j, lam in enumerate(lams):
+                f1 = _binary_objective(X[lo:hi], t[lo:hi, task], w[lo:hi, task], V1[bi, task, j], float(c1[bi, task, j]),
+                                       lam, a, sh)
+                f2 = _binary_objective(X[lo:hi], t[lo:hi, task], w[lo:hi, task], V2[bi, task, j], float(c2[bi, task, j]),
+                                       lam, a, sh)
+                assert abs(f1 - f2) <= 1e-6 * f1
+    assert torch.allclose(V1, V2, atol=1e-2, rtol=0)
+
+
 def test_lbfgs_dropped_feature_stays_zero_and_inputs_untouched():
     X, y = _binary(n=300, d=12)
     a = torch.ones(12)

@@ -27,6 +27,13 @@ MEMORY = 10
 HISTORY_BYTES = 128 * 1024 ** 2
 #: L-BFGS iterations budgeted per Newton step of the caller's ``max_iter``
 ITERS_PER_NEWTON_STEP = 10
+#: bytes one float64 ``(problems, d + 1)`` parameter tensor may take: a block's problems are solved
+#: in groups of at most this many columns, one group after the other. The solver holds some twenty
+#: tensors of that shape (iterates, gradients, directions, the two-loop's temporaries) besides the
+#: histories, so this bounds its state at ~20 x 4 MiB whatever the number of problems (1,000
+#: one-vs-rest problems on 2,048 features were ~16 MiB each, ~1 GB together); the passes over the
+#: rows cost the same in total (GEMMs ``n x d x P`` summed over the groups)
+GROUP_STATE_BYTES = 4 * 1024 ** 2
 
 
 def lbfgs_cost(n: int, d: int, problems: int = 1, iters: int = 30) -> float:
@@ -106,7 +113,8 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
     -- and so was the objective decrease of the last step (the quasi-Newton estimate alone can be
     optimistic while the history is short); a problem whose line search cannot decrease the
     objective any more (float32 round-off) stops unconverged. Converged problems leave the
-    batch, so the GEMMs shrink with them.
+    batch, so the GEMMs shrink with them. Many problems are solved in groups of columns
+    (:data:`GROUP_STATE_BYTES`), which bounds the solver's state; the results do not depend on it.
 
     Returns ``(v (B, T, L, d) float32, c (B, T, L) float64, info)``; ``info``: ``n_iter`` (L,)
     (the most iterations of any problem per path point), ``converged`` (L,) (all problems),
@@ -157,7 +165,12 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
         wb = w[lo:hi].to(xdt)
         if bool((wb.sum(0) <= 0).any()):
             raise ValueError("every problem needs a positive total weight")
-        _Block(Xb, tb, wb, a, s, T, memory).path(L2[:, bi].tolist(), tol, max_iter, V[bi], Cb[bi], n_iter, conv)
+        per = max(1, int(GROUP_STATE_BYTES // (8 * (d + 1))))          # problems per group
+        for g0 in range(0, T, per):
+            g1 = min(T, g0 + per)
+            wg = wb if wb.shape[1] == 1 else wb[:, g0:g1]
+            _Block(Xb, tb[:, g0:g1], wg, a, s, g1 - g0, memory).path(L2[:, bi].tolist(), tol, max_iter,
+                                                                    V[bi, g0:g1], Cb[bi, g0:g1], n_iter, conv)
     info = {"form": "lbfgs", "n_iter": n_iter, "converged": conv, "seconds": time.perf_counter() - t0}
     return V, Cb, info
 
