@@ -128,3 +128,28 @@ def test_settled_mixft_folds_into_an_ordinary_checkpoint(tmp_path):
     torch.testing.assert_close(lg, ours.logits_batch(ours.collate(texts), torch.device("cpu")), atol=1e-5, rtol=1e-5)
     y = torch.tensor([1 if r["label"] == "positive" else 0 for r in csv.DictReader(open(test))])
     assert float((lg.argmax(1) == y).float().mean()) == pytest.approx(rep["after"]["accuracy"], abs=1e-6)
+
+
+def test_escalation_is_skipped_only_when_no_group_is_left_behind():
+    """auto-ft skips model repairs when the head leaves nothing to lift. Without group labels the
+    criterion is class-level, which cannot see a group left behind inside a class (a capped head:
+    both classes at ~75%, but the rows the original got wrong far lower): the inferred groups
+    (class x original right / wrong) must be within a point of the accuracy too."""
+    from repair.choosing import nothing_left_behind
+
+    y = torch.tensor([0] * 100 + [1] * 100)
+    hidden = torch.tensor(([0] * 50 + [1] * 50) * 2)            # original right / wrong, per class
+    # 75% in each class: 50/50 on the rows the original got right, 25/50 on the rows it got wrong
+    pred = y.clone()
+    pred[75:100] = 1
+    pred[175:200] = 0
+    classes = y
+    assert nothing_left_behind("worst_class", pred, y, classes) is not None          # blind to the gap
+    assert nothing_left_behind("worst_class", pred, y, classes, hidden=hidden * 2 + y) is None
+    # the same accuracy spread evenly over the inferred groups: nothing left behind, say why
+    even = y.clone()
+    for lo in (0, 50, 100, 150):
+        even[lo:lo + 12] = 1 - even[lo:lo + 12]
+    why = nothing_left_behind("worst_class", even, y, classes, hidden=hidden * 2 + y)
+    assert why is not None and "worst inferred group" in why and "no group is left behind" in why
+    assert nothing_left_behind("worst_group", y.clone(), y, hidden * 2 + y) is not None       # 100%
