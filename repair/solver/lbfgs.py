@@ -104,7 +104,7 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
 
     -- the objective of :func:`repair.solver.fit_binary_l2_path` on the block's rows.
 
-    L-BFGS (``memory`` pairs per problem, in float32; fewer if the histories of a block would
+    L-BFGS (``memory`` pairs per problem, in float64, like the iterates; fewer if the histories of a block would
     exceed :data:`HISTORY_BYTES`), the iterates and objective in float64. The line search is a
     safeguarded one-dimensional Newton step on the exact objective along the direction followed
     by Armijo backtracking, all on the logits ``u + a X d`` (no data pass). A problem is done
@@ -183,7 +183,7 @@ class _Block:
         self.T = T
         n, d = X.shape
         self.Sw = w.sum(0, dtype=torch.float64).expand(T).clone()          # (T,)
-        per_pair = 2 * 4 * T * (d + 1)
+        per_pair = 2 * 8 * T * (d + 1)
         self.m = max(2, min(int(memory), int(HISTORY_BYTES // max(per_pair, 1))))
 
     # --- the linear map and its adjoint (standardisation folded in) -----------------------
@@ -255,7 +255,7 @@ class _Block:
             out_v[idx], out_c[idx] = v[mask], c[mask]
             out_u[:, idx] = u[:, mask]
             out_gv[idx], out_gc[idx] = gv[mask] - lam * v[mask], gc[mask]
-        S, Y, rho = [], [], []                                 # histories (float32), 1/(s.y)
+        S, Y, rho = [], [], []                                 # histories (float64), 1/(s.y)
         last_drop = torch.full_like(f, float("inf"))           # objective decrease of the last step
         it = 0
         while it < max_iter:
@@ -264,17 +264,17 @@ class _Block:
             q = torch.cat([gv, gc.unsqueeze(1)], 1)          # (Pa, d+1) float64
             alphas = []
             for sk, yk, rk in zip(reversed(S), reversed(Y), reversed(rho)):
-                al = rk * (sk.double() * q).sum(1)
-                q = q - al.unsqueeze(1) * yk.double()
+                al = rk * (sk * q).sum(1)
+                q = q - al.unsqueeze(1) * yk
                 alphas.append(al)
             if S:
-                sy = (S[-1].double() * Y[-1].double()).sum(1)
-                yy = (Y[-1].double() ** 2).sum(1)
+                sy = (S[-1] * Y[-1]).sum(1)
+                yy = (Y[-1] * Y[-1]).sum(1)
                 gam = torch.where((sy > 0) & (yy > 0), sy / yy.clamp_min(1e-300), torch.ones_like(sy))
                 q = q * gam.unsqueeze(1)
             for sk, yk, rk, al in zip(S, Y, rho, reversed(alphas)):
-                be = rk * (yk.double() * q).sum(1)
-                q = q + (al - be).unsqueeze(1) * sk.double()
+                be = rk * (yk * q).sum(1)
+                q = q + (al - be).unsqueeze(1) * sk
             dv, dc = -q[:, :-1], -q[:, -1]
             dec = (gv * q[:, :-1]).sum(1) + gc * q[:, -1]      # -g^T d = g^T H g
             bad_dir = ~(dec > 0)
@@ -340,8 +340,8 @@ class _Block:
             yv = torch.cat([gv_new - gv, (gc_new - gc).unsqueeze(1)], 1)
             sy = (sv * yv).sum(1)
             good = sy > 1e-10 * (sv * sv).sum(1).sqrt() * (yv * yv).sum(1).sqrt()
-            S.append(sv.float())
-            Y.append(yv.float())
+            S.append(sv)
+            Y.append(yv)
             rho.append(torch.where(good, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy)))
             if len(S) > self._m_for(act.numel()):
                 S.pop(0), Y.pop(0), rho.pop(0)
