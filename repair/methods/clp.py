@@ -26,6 +26,11 @@ loss and margin relative to its class's last-epoch means.
    (:func:`repair.modelrepair.finetune.train`: optimiser, schedule, clipping, early stopping on the
    held-out criterion with the best state kept, AMP, ``--budget``, and a progress bar with the
    loss, the meta loss, the mean |delta| and the held-out criterion).
+4. **Settling** (``settle``, shared with mixft and recompose:
+   :func:`repair.modelrepair.finetune.settle_by`): the kept weights are interpolated with the
+   original ones (``settle_alphas``, WiSE-FT) and each point also gets a group-balanced head
+   refitted on its body; the best on the held-out part is the result (``settle: off`` keeps the
+   early-stopped weights as they are).
 
 ``g`` is made once and lives for the whole run; its last layer starts at zero, so training
 starts as plain fine-tuning and departs from it only as far as the meta loss asks. Its
@@ -99,7 +104,7 @@ from torch import nn
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import TRAIN, LoopConfig, Session, draw_batch, train
+from ..modelrepair.finetune import TRAIN, LoopConfig, Session, SettleSettings, draw_batch, settle_by, train
 from ..modelrepair.masks import MASKS
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS
@@ -111,7 +116,7 @@ CHARACTERISTICS = ("loss", "margin", "one_minus_softmax_norm", "feature_class_co
 
 
 @dataclass
-class ClpConfig(LoopConfig):
+class ClpConfig(LoopConfig, SettleSettings):
     lr: float = setting(1e-3, gt=0)
     epochs: float = setting(6.0, gt=0, doc="epochs over the training data (a --budget overrides)")
     scope: str = setting("last:2", doc="head | all | last:N | names:REGEX")
@@ -449,8 +454,10 @@ def clp(inputs: ModelRepairInputs, config: ClpConfig) -> ModelRepairOutput:
     with tm.training(run.names, freeze_bn=cfg.freeze_bn) as params:
         res = train(params, run.step, run.sess.evaluate, cfg, steps_per_epoch=run.steps_per_epoch,
                     budget=inputs.budget, seed=inputs.seed, device=run.dev, progress=inputs.progress, desc="clp")
+    settled = settle_by(cfg, run.sess, before)
     changed = tm.changed(before)
     return ModelRepairOutput(tensors=changed, steps=res.steps, diagnostics={
         "scope": cfg.scope, "trainable_tensors": len(run.names), "data": run.data_note, "masks": run.mask_note,
         "meta": cfg.meta, "meta_steps": run.meta_steps, "saliency_weight": cfg.saliency_weight,
-        "characteristics": list(CHARACTERISTICS), "session": run.sess.describe(), "loop": res.describe()})
+        "characteristics": list(CHARACTERISTICS), "settle": settled, "session": run.sess.describe(),
+        "loop": res.describe()})

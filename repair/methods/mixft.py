@@ -111,7 +111,7 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import LoopConfig, Session, draw_batch, refit_head, settle, train
+from ..modelrepair.finetune import LoopConfig, Session, SettleSettings, draw_batch, refit_head, settle_by, train
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
@@ -122,7 +122,7 @@ AUTO_SCOPE = {("cpu", "image"): "all", ("cpu", "text"): "last:2", ("cuda", "imag
 
 
 @dataclass
-class MixFTConfig(LoopConfig):
+class MixFTConfig(LoopConfig, SettleSettings):
     lr: float = setting(1e-4, gt=0)
     epochs: float = setting(8.0, gt=0, doc="epochs over the training part (a --budget overrides)")
     scope: str = setting("auto", doc="auto (device decides) | head | all | last:N | names:REGEX")
@@ -139,11 +139,6 @@ class MixFTConfig(LoopConfig):
     n_clusters: int = setting(2, ge=2, doc="inferred: clusters per class")
     mix_point: int = setting(-1, ge=-1, doc="texts: -1 = the input of the first trained layer, 0 = token "
                                             "embeddings, k = output of encoder layer k")
-    settle: str = setting("refit", choices=("off", "interpolate", "refit"),
-                          doc="after training: off = the early-stopped weights; interpolate = the best of "
-                              "start + alpha * (tuned - start), alpha in settle_alphas (WiSE-FT), on the held-out "
-                              "part; refit = each of those also with a group-balanced head refitted on its body")
-    settle_alphas: tuple = setting((0.5, 1.0), gt=0, le=1, doc="interpolation weights tried by settle (1 = fine-tuned)")
     holdout_fraction: float = setting(0.25, gt=0, lt=1)
     sampling: str = setting("balanced", choices=("balanced", "uniform"))
     augment: str = setting("none", choices=AUGMENTATIONS)
@@ -302,9 +297,7 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
     else:
         with tm.training(names, freeze_bn=cfg.freeze_bn) as params:
             res = run(params)
-    settled = None
-    if cfg.settle != "off":
-        settled = settle(sess, before, alphas=cfg.settle_alphas, refit=cfg.settle == "refit", groups=groups)
+    settled = settle_by(cfg, sess, before, groups)
     changed = tm.changed(before)
     counts = torch.bincount(groups[sess.train_idx]).tolist()
     return ModelRepairOutput(tensors=changed, steps=res.steps, diagnostics={

@@ -19,7 +19,9 @@ with the attributes of the other classes, prune what does not show the object, r
 4. **Retrain** with the shared loop (:func:`repair.modelrepair.finetune.train`): each batch is group-balanced real
    training images plus a ``synthetic_fraction`` of kept generated images (balanced over intended
    class x background), early-stopped and selected on the held-out part of the *real* repair data
-   (:class:`repair.modelrepair.finetune.Session`), never on generated images.
+   (:class:`repair.modelrepair.finetune.Session`), never on generated images; then settled
+   (``settle``: interpolation with the original weights and a refitted head, the best on the same
+   held-out part, :func:`repair.modelrepair.finetune.settle_by`).
 5. The generated images, their object masks, ``manifest.json`` (source, mask, background source,
    prompt, scores, kept or not, for every generated file) and ``contact_sheet.png`` are written to the
    workdir and returned as the repair's artifacts (kept beside the output).
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import setting
-from ..modelrepair.finetune import Session, draw_batch, train
+from ..modelrepair.finetune import Session, SettleSettings, draw_batch, settle_by, train
 from ..modelrepair.generation import (GENERATOR, GENERATOR_MODEL, GENERATORS, PROMPTS, contact_sheet, load_prompts,
                                       make_generator, save_png)
 from ..modelrepair.masks import MASK_SOURCES, MASKS, SEGMENTER, object_masks
@@ -50,7 +52,7 @@ from .finetune import FinetuneConfig
 
 
 @dataclass
-class RecomposeConfig(FinetuneConfig):
+class RecomposeConfig(FinetuneConfig, SettleSettings):
     epochs: float = setting(6.0, gt=0, doc="epochs over the training part and the kept images (a --budget overrides)")
     lr: float = setting(1e-3, gt=0)
     generator: str = setting("composite", choices=GENERATORS, doc="--generator overrides it")
@@ -221,10 +223,12 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
     with tm.training(trainable, freeze_bn=cfg.freeze_bn) as params:
         loop = train(params, step, sess.evaluate, cfg, steps_per_epoch=spe, budget=inputs.budget, seed=inputs.seed,
                      device=dev, progress=inputs.progress, desc="recompose")
+    settled = settle_by(cfg, sess, before)
     n_gen = int(target.numel())
     return ModelRepairOutput(
         tensors=tm.changed(before), steps=loop.steps, artifacts=artifacts,
-        diagnostics={"scope": cfg.scope, "trainable_tensors": len(trainable), "session": sess.describe(),
+        diagnostics={"scope": cfg.scope, "trainable_tensors": len(trainable), "settle": settled,
+                     "session": sess.describe(),
                      "generated_in_training": int(keep_idx.numel()), "generated_per_batch": n_syn,
                      "loop": loop.describe(), "generation": {
                          **generator.describe(), "mask_source": mask_source, "generated": n_gen,

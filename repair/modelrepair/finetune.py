@@ -129,6 +129,17 @@ class LoopConfig:
 
 
 @dataclass
+class SettleSettings:
+    """Where a model repair ends (the settings of :func:`settle`): its config inherits these, and
+    :func:`settle_by` applies them after training."""
+    settle: str = setting("refit", choices=("off", "interpolate", "refit"),
+                          doc="after training: off = the early-stopped weights; interpolate = the best of "
+                              "start + alpha x (tuned - start), alpha in settle_alphas (WiSE-FT), on the held-out "
+                              "part; refit = each of those also with a group-balanced head refitted on its body")
+    settle_alphas: tuple = setting((0.5, 1.0), gt=0, le=1, doc="interpolation weights tried by settle (1 = fine-tuned)")
+
+
+@dataclass
 class LoopResult:
     steps: int
     best_step: int
@@ -365,6 +376,13 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor) -> tuple:
     return W[k], b[k], {"l2": REFIT_L2[k], "heldout_score": float(worst[k]), "heldout_accuracy": float(mean[k])}
 
 
+def settle_by(cfg: SettleSettings, sess: "Session", start: dict, groups: Optional[torch.Tensor] = None) -> Optional[dict]:
+    """:func:`settle` as ``cfg`` says (None when ``cfg.settle`` is off)."""
+    if cfg.settle == "off":
+        return None
+    return settle(sess, start, alphas=cfg.settle_alphas, refit=cfg.settle == "refit", groups=groups)
+
+
 def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALPHAS, refit: bool = True,
            groups: Optional[torch.Tensor] = None) -> dict:
     """Where a fine-tuned model ends: weight-space interpolation between the starting weights
@@ -421,4 +439,4 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
 
 
 __all__ = ["DEFAULT_BUDGET_SECONDS", "REFIT_L2", "SETTLE_ALPHAS", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
-           "LoopResult", "Session", "draw_batch", "refit_head", "settle", "train"]
+           "LoopResult", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_by", "train"]
