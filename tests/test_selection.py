@@ -133,3 +133,28 @@ def test_library_calls_leave_the_thread_count_alone():
     for name in ("dfr", "afr", "neurontune", "nsf"):
         get_method(name)(RepairInputs(X=X, y=y, W=torch.zeros(2, 8), b=torch.zeros(2)))
     assert torch.get_num_threads() == before
+
+
+def test_held_out_scores_shrink_small_groups_toward_their_class():
+    """A held-out group of four samples scores 0/25/50/75/100% on its own and would decide early
+    stopping alone; shrunk toward its class's accuracy by SHRINK_SAMPLES pseudo-samples it counts
+    for n / (n + 8) of its own score. Classes as strata are unchanged; large groups barely move."""
+    from repair.selection import SHRINK_SAMPLES, scores_from_preds, shrunk_scores
+
+    y = torch.tensor([0] * 100 + [1] * 100)
+    groups = torch.tensor([0] * 96 + [1] * 4 + [2] * 100)          # a 4-sample group inside class 0
+    pred = y.clone()
+    pred[96:99] = 1                                                  # 1 of 4 right in the small group
+    pred[100:120] = 0                                                # class 1 at 80%
+    raw, mean = scores_from_preds(pred[None], y, groups)
+    assert float(raw[0]) == 0.25
+    w, m = shrunk_scores(pred, y, groups)
+    a0 = 97 / 100                                                    # class 0 accuracy
+    expect = min((1 + SHRINK_SAMPLES * a0) / (4 + SHRINK_SAMPLES), 0.8, (96 + SHRINK_SAMPLES * a0) / (96 + SHRINK_SAMPLES))
+    assert abs(float(w[0]) - expect) < 1e-12 and float(m[0]) == float(mean[0])
+    assert 0.25 < float(w[0]) < a0                                   # between its own score and its class's
+    wc, _ = shrunk_scores(pred, y, y)                                # strata = classes: worst class
+    assert abs(float(wc[0]) - 0.8) < 1e-12 and abs(float(scores_from_preds(pred[None], y, y)[0][0]) - 0.8) < 1e-6
+    batch = torch.stack([pred, y])                                   # (K, N) like the raw scores
+    wb, mb = shrunk_scores(batch, y, groups)
+    assert wb.shape == (2,) and float(wb[1]) == 1.0 and float(wb[0]) == float(w[0])

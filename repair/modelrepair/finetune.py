@@ -335,11 +335,17 @@ class Session:
 
     def evaluate(self) -> tuple[float, float]:
         """(held-out criterion score, held-out mean accuracy) of the model as it is now."""
-        from ..selection import scores_from_preds
-
         lg = self.model.predict(self.encoded, self.held_idx, self.device)
-        worst, mean = scores_from_preds(lg.argmax(1), self.y[self.held_idx], self.score_strata[self.held_idx])
+        worst, mean = self.heldout_scores(lg.argmax(1))
         return float(worst[0]), float(mean[0])
+
+    def heldout_scores(self, pred: torch.Tensor) -> tuple:
+        """``(worst (K,), mean (K,))`` of predictions (K, n_held) or (n_held,) on the held-out part
+        by the session's criterion, small strata shrunk toward their classes
+        (:func:`repair.selection.shrunk_scores`): what early stopping and settling compare."""
+        from ..selection import shrunk_scores
+
+        return shrunk_scores(pred, self.y[self.held_idx], self.score_strata[self.held_idx])
 
     def batches(self, batch_size: int, balanced: bool, generator: torch.Generator) -> torch.Tensor:
         """Indices (into the repair samples) of one training batch: groups drawn uniformly,
@@ -365,13 +371,13 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor) -> tuple:
     """A group-balanced L2 logistic head on embeddings ``X`` (all repair rows) fitted on the
     session's training part, its strength chosen on the held-out part by the session's
     criterion (DFR's recipe): ``(W, b, {"l2", "heldout_score", "heldout_accuracy"})``."""
-    from ..selection import head_predictions, pick_best, scores_from_preds
+    from ..selection import head_predictions, pick_best
     from ..solver import fit_logreg, group_balanced_weights
 
     tr, ho = sess.train_idx, sess.held_idx
     W, b, _ = fit_logreg(X[tr], sess.y[tr], int(sess.inputs.ref_logits.shape[1]),
                          sample_weight=group_balanced_weights(groups[tr]), l2=REFIT_L2)
-    worst, mean = scores_from_preds(head_predictions(X[ho], W, b), sess.y[ho], sess.score_strata[ho])
+    worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
     k = pick_best(worst, mean)
     return W[k], b[k], {"l2": REFIT_L2[k], "heldout_score": float(worst[k]), "heldout_accuracy": float(mean[k])}
 
@@ -395,7 +401,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     ``alpha`` first). The model is left at the chosen point -- ordinary weights, nothing to fold.
     ``groups``: the groups a refitted head balances (default: the session's). Returns the
     diagnostics (the choice and every candidate's held-out scores)."""
-    from ..selection import head_predictions, pick_best, scores_from_preds
+    from ..selection import head_predictions, pick_best
 
     tm = sess.model
     sd = tm.module.state_dict()
@@ -403,7 +409,6 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
     groups = sess.groups if groups is None else groups
     every, ho = torch.arange(sess.y.numel()), sess.held_idx
-    y, strata = sess.y[ho], sess.score_strata[ho]
 
     def put(alpha: float) -> None:
         with torch.no_grad():
@@ -421,7 +426,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
             Wr, br, info = refit_head(sess, X, groups)
             heads.append(("refit", Wr, br, info))
         for kind, Wk, bk, info in heads:
-            worst, mean = scores_from_preds(head_predictions(X[ho], Wk[None], bk[None]), y, strata)
+            worst, mean = sess.heldout_scores(head_predictions(X[ho], Wk[None], bk[None]))
             cands.append({"alpha": alpha, "head": kind, "W": Wk, "b": bk, "refit": info,
                           "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])})
     k = pick_best(torch.tensor([c["heldout_score"] for c in cands]),
