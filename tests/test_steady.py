@@ -156,10 +156,10 @@ def test_escalation_is_skipped_only_when_no_group_is_left_behind():
 
 
 def test_a_model_repair_must_beat_the_heads_noise():
-    """The edge a model repair needs over the head is one standard error of the head's worst-stratum
-    accuracy (at least MIN_GAIN): a 15-sample worst group at 50% needs 12.9 points, a 400-sample
-    one at 80% needs 2 points, a perfect head the 1-point floor."""
-    from repair.choosing import MIN_GAIN, required_gain
+    """The edge a model repair needs over the head is REQUIRED_Z (2) standard errors of the head's
+    worst-stratum accuracy (at least MIN_GAIN): a 15-sample worst group at 53% needs 25.8 points, a
+    400-sample one at 80% needs 4 points, a perfect head the 1-point floor."""
+    from repair.choosing import MIN_GAIN, REQUIRED_Z, required_gain
 
     y = torch.tensor([0] * 415 + [1] * 400)
     strata = torch.tensor([0] * 15 + [1] * 400 + [2] * 400)
@@ -167,7 +167,7 @@ def test_a_model_repair_must_beat_the_heads_noise():
     pred[:7] = 1                                                  # 8 of 15 right in the small group
     pred[415:495] = 0                                             # 320 of 400 right in class 1
     s = 8 / 15
-    assert abs(required_gain(pred, y, strata) - (s * (1 - s) / 15) ** 0.5) < 1e-6
+    assert abs(required_gain(pred, y, strata) - REQUIRED_Z * (s * (1 - s) / 15) ** 0.5) < 1e-6
     pred[:7] = 0                                                  # the small group all right: class 1 worst
-    assert abs(required_gain(pred, y, strata) - (0.8 * 0.2 / 400) ** 0.5) < 1e-6
+    assert abs(required_gain(pred, y, strata) - REQUIRED_Z * (0.8 * 0.2 / 400) ** 0.5) < 1e-6
     assert required_gain(y.clone(), y, strata) == MIN_GAIN
