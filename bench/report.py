@@ -17,6 +17,14 @@ TARGET_MIXFT_TEXT = 5.0        # points: mixft over the best last-layer label-fr
 TARGET_MIXFT_TIME = 600.0      # seconds for the SST-2 repair set on 2 CPU cores
 TARGET_ACC_COST = 2.0          # points of mean accuracy a model repair may cost
 TARGET_CLP_OVER_FT, TARGET_OVER_ERM = 10.0, 20.0
+# issue 19: model repairs steady and earning their place
+TARGET_MODEL_STD = 3.0         # points: std over seeds of each model repair, every task and repair set
+TARGET_AUTOFT_LOSS = 0.5       # points: auto-ft at most this below auto, every task and repair set
+TARGET_AUTOFT_CAPPED = 3.0     # points: auto-ft over auto on the capped text task
+TARGET_MODEL_RSS = 2048.0      # MiB: peak RSS increase of a model repair
+CAPPED_TASK = "sst2_capped"
+#: the model rows the issue-19 table reports (label-free), in table order
+STEADY_ROWS = ("auto-ft", "mixft", "mixft-lpft-wig", "clp", "recompose")
 
 
 # ============================================================================ summaries
@@ -292,6 +300,7 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
     _costs_md(doc, L)
     _scale_md(doc, L)
     _targets_md(doc, L)
+    _model_targets_md(doc, L)
     L.append("## How it is measured\n")
     L.append("- Embeddings: `repair.api.prepare` (the adapters' head-input capture) once per task and repair set; "
              "every head repair and reference sees the same float32 arrays.")
@@ -406,6 +415,52 @@ def _targets_md(doc: dict, L: list) -> None:
                      f"{_f(r.get('recompose_minus_erm'))} | {_f(r.get('recompose_minus_best_head'))} | "
                      f"{_ok(r.get('t12_recompose_over_erm'))} | {_ok(r.get('t12_recompose_ge_best_head'))} |")
         L.append("")
+
+
+def _model_targets_md(doc: dict, L: list) -> None:
+    """Issue 19's targets, straight from the summaries: each label-free model row's spread over
+    seeds, its place against the best label-free head and ERM, auto-ft against auto, memory."""
+    lines = []
+    for task, t in (doc.get("tasks") or {}).items():
+        for vname, v in (t.get("variants") or {}).items():
+            s = v.get("summary") or {}
+            erm = _wga(s, "erm")
+            auto = _wga(s, variant_label("auto", False))
+            bl, blw = best_row(s, lambda lab, r: head_row(lab, r, False))
+            for name in STEADY_ROWS:
+                lab = variant_label(name, False)
+                r = s.get(lab)
+                if not r or not r.get("wga"):
+                    continue
+                w, sd = r["wga"]["mean"], r["wga"]["std"]
+                steady = None if r.get("n_seeds", 0) < 2 else 100 * sd <= TARGET_MODEL_STD
+                over_head = _pts(w, blw)
+                over_erm = _pts(w, erm)
+                erm_ok = _at_least(over_erm, TARGET_OVER_ERM) if vname == "skewed" else None
+                vs_auto = _pts(w, auto) if name == "auto-ft" else None
+                if vs_auto is None:
+                    auto_ok = None
+                elif task == CAPPED_TASK:
+                    auto_ok = _at_least(vs_auto, TARGET_AUTOFT_CAPPED)
+                else:
+                    auto_ok = _at_least(vs_auto, -TARGET_AUTOFT_LOSS)
+                rss = _stat(s, lab, "peak_rss_mib", "mean")
+                rss_max = max((x for x in [rss] if x is not None), default=None)
+                lines.append(f"| {task} | {vname} | {name} | {r.get('n_seeds')} | {_pct(w, sd)} | {_ok(steady)} | "
+                             f"{bl} {_pct(blw)} | {_f(over_head)} | {_ok(_at_least(over_head, -1e-9))} | "
+                             f"{_f(over_erm)} | {_ok(erm_ok)} | {_f(vs_auto)} | {_ok(auto_ok)} | "
+                             f"{_f(rss_max, '{:.0f}')} | {_ok(None if rss_max is None else rss_max <= TARGET_MODEL_RSS)} |")
+    if not lines:
+        return
+    L.append(f"Issue 19 (label-free model repairs): std over seeds ≤ {TARGET_MODEL_STD:.0f} points on every task and "
+             f"repair set; each of mixft, clp, recompose ≥ the best label-free head on at least one task and ≥ ERM + "
+             f"{TARGET_OVER_ERM:.0f} on every skewed set; `auto-ft` ≥ `auto` − {TARGET_AUTOFT_LOSS} everywhere and ≥ "
+             f"`auto` + {TARGET_AUTOFT_CAPPED:.0f} on `{CAPPED_TASK}`; peak RSS ≤ {TARGET_MODEL_RSS / 1024:.0f} GB.\n")
+    L.append("| task | repair set | row | seeds | WGA | std ≤ 3 | best label-free head | − it (pt) | ≥ | − ERM (pt) | "
+             "skewed ≥ +20 | − auto (pt) | auto-ft target | peak RSS (MiB) | ≤ 2 GB |")
+    L.append("|" + "---|" * 15)
+    L.extend(lines)
+    L.append("")
 
 
 # ============================================================================ plot
