@@ -220,11 +220,16 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
     if parts:
         L.append("Parts (`python -m bench.run` measures them all; `--parts` reruns some and keeps the others; "
                  "each line says when and at which commit its figures were measured):\n")
-        for p, info in parts.items():
+        def line(info):
             c = info.get("code") or {}
-            L.append(f"- `{p}`: {info.get('date')}, {info.get('wall_minutes', 0):.1f} min, seeds {info.get('seeds')}, "
-                     f"commit `{str(c.get('git_commit'))[:12]}`{' + uncommitted changes' if c.get('git_dirty') else ''}, "
-                     f"sources `{c.get('repair_sources_sha256')}`, load average {info.get('load_start')} → {info.get('load_end')}")
+            return (f"{info.get('date')}, {info.get('wall_minutes', 0):.1f} min, seeds {info.get('seeds')}, "
+                    f"commit `{str(c.get('git_commit'))[:12]}`{' + uncommitted changes' if c.get('git_dirty') else ''}, "
+                    f"sources `{c.get('repair_sources_sha256')}`, load average {info.get('load_start')} → {info.get('load_end')}")
+        for p, info in parts.items():
+            L.append(f"- `{p}`: {line(info)}")
+            also = info.get("also") or []
+            for a in (also if isinstance(also, list) else [also]):       # runs merged into this part
+                L.append(f"  - also: {line(a)}" + (f" (`{a['command']}`)" if a.get("command") else ""))
         L.append("")
     mi = m.get("machine") or {}
     v = mi.get("versions", {})

@@ -346,8 +346,12 @@ def merge_docs(doc: dict, other: dict) -> dict:
         doc["scale"] = other["scale"]
     parts = doc.setdefault("meta", {}).setdefault("parts", {})
     for part, info in (other.get("meta", {}).get("parts") or {}).items():
-        parts[part] = {**info, "merged_from": other.get("meta", {}).get("command")} if part not in parts else \
-            {**parts[part], "also": {**info, "command": other.get("meta", {}).get("command")}}
+        if part not in parts:
+            parts[part] = {**info, "merged_from": other.get("meta", {}).get("command")}
+        else:                                    # every merged run of the part is listed
+            also = parts[part].get("also") or []
+            also = also if isinstance(also, list) else [also]
+            parts[part] = {**parts[part], "also": also + [{**info, "command": other.get("meta", {}).get("command")}]}
     return doc
 
 
