@@ -462,7 +462,7 @@ def test_dfr_fast_protocol_is_multinomial_for_more_classes():
     inp = RepairInputs(X=X, y=y, W=torch.zeros(4, 12), b=torch.zeros(4), groups=g, seed=0)
     out = get_method("dfr").fn(inp, DFRConfig(protocol="fast", c_grid=(0.3,), group_cap=None))
     d = out.diagnostics
-    assert d["solver_form"] == "lbfgs-multinomial" and d["solver_converged"]
+    assert d["solver_form"] == "lbfgs-multinomial" and d["solver_converged"] and d["head_from"] == "one fit on all rows"
     a, sh = S.standardization(X)
     Z = (X * a + sh).double().numpy()
     w = S.expected_balanced_weights(g).double().numpy()

@@ -378,7 +378,8 @@ def fit_softmax_l2_lbfgs(X: Tensor, y: Tensor, w: Tensor, num_classes: int, l2: 
     ``sum w``) is ``<= tol`` -- the gradient-mapping rule of :func:`repair.solver.fit_logreg` for
     a smooth problem -- or when the line search cannot decrease the objective (round-off).
     Each iteration is two passes over the rows (``X D^T`` along the direction, ``R^T X`` for the
-    gradient); the line search (one-dimensional Newton steps, Armijo) runs on the logits.
+    gradient); the line search (one-dimensional Newton steps, Armijo) runs on the logits. At most
+    ``memory`` history pairs, fewer when they would exceed :data:`HISTORY_BYTES`.
     Returns ``(W (C, d), b (C,), info)`` float64 in the internal coordinates (acting on x~)."""
     X = torch.as_tensor(X)
     n, d = X.shape
@@ -415,6 +416,8 @@ def fit_softmax_l2_lbfgs(X: Tensor, y: Tensor, w: Tensor, num_classes: int, l2: 
             g = g + rs.unsqueeze(1) * s
         return torch.cat([g + lam * Wm, rs.unsqueeze(1)], 1)                    # (C, d+1)
 
+    # history pairs within HISTORY_BYTES (1,000 classes x 2,048 features: 33 MiB a pair -> 3 pairs)
+    memory = max(2, min(int(memory), int(HISTORY_BYTES // (2 * 8 * C * (d + 1)))))
     th = torch.zeros(C, d + 1, dtype=torch.float64, device=dev)
     if W0 is not None:
         th[:, :d] = torch.as_tensor(W0).to(dev, torch.float64)
