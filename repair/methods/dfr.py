@@ -377,6 +377,8 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     # (1,000 classes, ~8 rows each: the average of the two half heads was 1.2 worst-group points
     # below one fit on all rows at the same strength)
     refit = sel.worst is None or C > 2
+    if refit:
+        sel.fold_fits = []               # scored already: their (classes x strengths x features) go first
     fits = fit_folds([torch.arange(N)], None) if refit else sel.fold_fits
     j = pos[sel.best]
     chosen = c_grid[sel.best]
