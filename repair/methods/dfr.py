@@ -493,11 +493,10 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
         infos.append(info)
         return [(V[k], c[k].to(torch.float32)) for k in range(len(trains))]
 
-    def effective(f):
-        """(T*L, D) weights and (T*L,) biases acting on raw rows."""
-        V, c = f                                                     # (T,L,D) standardised space
-        Vf = V.reshape(T * L, D)
-        return Vf * scale, c.reshape(T * L) + Vf @ shift
+    def effective(V, c):
+        """(P*Lg, D) weights and (P*Lg,) biases acting on raw rows, for fits V (P, Lg, D), c (P, Lg)."""
+        Vf = V.reshape(-1, D)
+        return Vf * scale, c.reshape(-1) + Vf @ shift
 
     def rows_for(idx, lo, hi):
         """Rows ``idx[lo:hi]``: a view of the fitted copy when they are a contiguous stretch of it
@@ -513,16 +512,24 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
         return X.index_select(0, r if rows_of is None else rows_of[r])
 
     def predict(f, idx):
-        We, be = effective(f)
-        preds = []
-        # the logits of a chunk stay within ~32 MiB whatever T * L is (1,000 classes x 6 strengths)
-        step = max(64, min(_PREDICT_CHUNK, int(2 ** 23 // max(1, T * L))))
-        for lo in range(0, idx.numel(), step):
-            xr = rows_for(idx, lo, min(idx.numel(), lo + step))
-            u = torch.addmm(be.unsqueeze(0), xr, We.T).view(-1, T, L)          # (rows, T, L), no copy
-            preds.append(((u[:, 0] > 0).long() if C == 2 else u.argmax(1)).T)
-            del u
-        return torch.cat(preds, 1)[pos].cpu()                        # c_grid order
+        V, c = f                                                     # (T, L, D), (T, L) standardised space
+        out = []
+        # a few path points at a time: their raw-row weights within ~16 MiB (1,000 classes x 2,048
+        # features: one point, 8 MiB), and the logits of a row chunk within ~32 MiB
+        per = max(1, min(L, int(2 ** 24 // max(1, 4 * T * D))))
+        for j0 in range(0, L, per):
+            Lg = min(L, j0 + per) - j0
+            We, be = effective(V[:, j0:j0 + Lg], c[:, j0:j0 + Lg])
+            step = max(64, min(_PREDICT_CHUNK, int(2 ** 23 // max(1, T * Lg))))
+            preds = []
+            for lo in range(0, idx.numel(), step):
+                xr = rows_for(idx, lo, min(idx.numel(), lo + step))
+                u = torch.addmm(be.unsqueeze(0), xr, We.T).view(-1, T, Lg)     # (rows, T, Lg), no copy
+                preds.append(((u[:, 0] > 0).long() if C == 2 else u.argmax(1)).T)
+                del u
+            out.append(torch.cat(preds, 1))
+            del We, be
+        return torch.cat(out, 0)[pos].cpu()                          # c_grid order
 
     def head(fits, j):
         held.clear()                                                 # the copy is no longer needed

@@ -435,14 +435,15 @@ def fit_softmax_l2_lbfgs(X: Tensor, y: Tensor, w: Tensor, num_classes: int, l2: 
         it += 1
         q = g.clone()
         al = []
+        dot = lambda a, b: float(torch.vdot(a.reshape(-1), b.reshape(-1)))     # noqa: E731 (no temporaries)
         for sk, yk, rk in zip(reversed(S_), reversed(Y_), reversed(R_)):
-            a_ = rk * float((sk * q).sum())
-            q -= a_ * yk
+            a_ = rk * dot(sk, q)
+            q.sub_(yk, alpha=a_)
             al.append(a_)
         if S_:
-            q *= float((S_[-1] * Y_[-1]).sum()) / max(float((Y_[-1] ** 2).sum()), 1e-300)
+            q *= dot(S_[-1], Y_[-1]) / max(dot(Y_[-1], Y_[-1]), 1e-300)
         for sk, yk, rk, a_ in zip(S_, Y_, R_, reversed(al)):
-            q += (a_ - rk * float((yk * q).sum())) * sk
+            q.add_(sk, alpha=a_ - rk * dot(yk, q))
         dth = -q
         dec = float((g * q).sum())
         if not dec > 0:                                    # not a descent direction: restart
