@@ -24,18 +24,14 @@ convention of :func:`repair.selection.inferred_groups`.
    (batched L-BFGS on one copy of the fitted rows, the standardisation folded into the
    parameters) on large ones; the rule is :func:`repair.solver.path_solver` (estimated cost and
    Newton's per-problem copies against a memory budget; ``solver`` forces one). Same objective
-   either way. More than two classes: one multinomial (softmax) L2 fit per fold and strength by
-   L-BFGS on the same copy (:func:`repair.solver.lbfgs.fit_softmax_l2_lbfgs`, warm-started along
-   the path) -- the head's own model, and the other protocols' (one-vs-rest binary fits scored
-   1.4 worst-group points below scikit-learn's multinomial fit at the same strength on the
-   1,000-class scale problem).
+   either way.
 3. Score every ``C`` by worst-group accuracy of the cross-validated predictions
    (each row predicted by the head of the half it is not in; ties: mean accuracy,
    then ``c_grid`` order). Two classes: the head is the average of the two half heads at the
-   chosen ``C`` (no refit); more classes: one fit on all rows (a half holds few rows of each
-   class when there are many). Two classes: one binary logit ``v.x + c`` returned as the
-   2-row head ``[-v/2, v/2]`` (softmax = the fitted sigmoid); more classes: the
-   multinomial head.
+   chosen ``C`` (no refit); more classes: one fit on all rows along the path up to the chosen
+   ``C`` (a half holds few rows of each class when there are many). Two classes: one binary logit ``v.x + c`` returned as the
+   2-row head ``[-v/2, v/2]`` (softmax = the fitted sigmoid); more classes:
+   one-vs-rest binary fits, the head rows are their logits.
 
 No repeated refits: on the benchmark tasks (800-1000 rows,
 128-1280 features) it takes 8-40 ms on one CPU thread, 17-150x less than the paper
@@ -353,12 +349,7 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     active = torch.nonzero(X.amax(0) > X.amin(0)).flatten()
     if active.numel() == 0:
         active = torch.zeros(1, dtype=torch.long, device=dev)
-    if C > 2:
-        # more classes: one multinomial (softmax) head per fold and strength, the model of the head
-        # being repaired and of the other protocols (one-vs-rest binary heads were 1.4 WGA points
-        # below scikit-learn's multinomial fit at the same strength on the 1,000-class scale problem)
-        solver, why = "lbfgs", "more than two classes: multinomial heads by L-BFGS"
-    elif cfg.solver == "auto":
+    if cfg.solver == "auto":
         solver, why = S.path_solver((N + 1) // 2, int(active.numel()), 2 * T, float(X.numel() * 4))
     else:
         solver, why = cfg.solver, "set in the configuration"
@@ -373,13 +364,14 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
                            criterion=crit, score_strata=groups, scheme=KFold(2, clusters=clusters), seed=gen,
                            refit=False, fit_folds=fit_folds)
     # one strength, or too few rows for two folds: one fit on all rows. More than two classes: the
-    # head is refitted on all rows too -- a half holds a few rows of each class when there are many
-    # (1,000 classes, ~8 rows each: the average of the two half heads was 1.2 worst-group points
-    # below one fit on all rows at the same strength)
+    # head is refitted on all rows too, along the path up to the chosen strength -- a half holds a
+    # few rows of each class when there are many (1,000 classes, ~8 rows each: the average of the
+    # two half heads was 1.4 worst-group points below scikit-learn's fit on all rows at the same
+    # strength, the refit 0.3)
     refit = sel.worst is None or C > 2
     if refit:
         sel.fold_fits = []               # scored already: their (classes x strengths x features) go first
-    fits = fit_folds([torch.arange(N)], None) if refit else sel.fold_fits
+    fits = fit_folds([torch.arange(N)], None, upto=pos[sel.best]) if refit else sel.fold_fits
     j = pos[sel.best]
     chosen = c_grid[sel.best]
     W, b = head(fits, j)
@@ -421,7 +413,7 @@ def _newton_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, 
     L = len(l2)
     infos = []
 
-    def fit_folds(trains, which):
+    def fit_folds(trains, which, upto=None):
         """Every fold's training set and the whole C path in ONE batched Newton call."""
         Zf, tf, wf, _ = _fold_problems(Z, y, groups, trains, C, int(cfg.min_subsample_per_group))
         V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
@@ -473,7 +465,9 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
 
     held = {}                                                        # the last copy, to predict from
 
-    def fit_folds(trains, which):
+    def fit_folds(trains, which, upto=None):
+        """The path (up to path index ``upto``, default all of it) on every fold's rows."""
+        path = l2 if upto is None else l2[:int(upto) + 1]
         rows = torch.cat(trains).to(dev)
         Xc = X.index_select(0, rows if rows_of is None else rows_of[rows])
         held.clear()
@@ -482,12 +476,8 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
         blocks = list(zip(bounds[:-1], bounds[1:]))
         yr = y[rows.cpu()]
         w = torch.cat([S.expected_balanced_weights(groups[tr], int(cfg.min_subsample_per_group)) for tr in trains])
-        if C > 2:
-            info = _softmax_path(Xc, blocks, yr.to(dev), w.to(dev), C, l2, scale, shift)
-            infos.append(info)
-            return list(zip(info.pop("V"), info.pop("c")))
-        t = (yr == 1).view(-1, 1)
-        V, c, info = S.fit_binary_l2_path_lbfgs(Xc, blocks, t.to(dev, torch.float32), w.to(dev), l2,
+        t = (yr == 1).view(-1, 1) if C == 2 else torch.nn.functional.one_hot(yr, C).bool()
+        V, c, info = S.fit_binary_l2_path_lbfgs(Xc, blocks, t.to(dev, torch.float32), w.to(dev), path,
                                                 scale=scale, shift=shift, tol=tol,
                                                 max_iter=S.lbfgs.ITERS_PER_NEWTON_STEP * max_iter)
         infos.append(info)
@@ -539,30 +529,6 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
         return S.fold_affine(Wi, bi, scale, shift)
 
     return fit_folds, predict, head, infos
-
-
-def _softmax_path(Xc, blocks, y, w, C, l2, scale, shift) -> dict:
-    """Per block of rows (a fold), multinomial L2 heads along the penalty path ``l2`` (strong
-    first, each warm-started from the previous one) by :func:`repair.solver.lbfgs.fit_softmax_l2_lbfgs`
-    on the rows as given (standardisation folded in). Returns the info dict with ``V`` / ``c``: per
-    block ``(C, L, D)`` float32 weights and ``(C, L)`` biases in the standardised space."""
-    from ..solver.lbfgs import fit_softmax_l2_lbfgs
-
-    L, D = len(l2), Xc.shape[1]
-    n_iter, conv, Vs, cs = [0] * L, [True] * L, [], []
-    for lo, hi in blocks:
-        V = torch.zeros(C, L, D, dtype=torch.float32, device=Xc.device)
-        c = torch.zeros(C, L, dtype=torch.float32, device=Xc.device)
-        Wk = bk = None
-        for j, lam in enumerate(l2):
-            Wk, bk, inf = fit_softmax_l2_lbfgs(Xc[lo:hi], y[lo:hi], w[lo:hi], C, float(lam), scale=scale,
-                                               shift=shift, W0=Wk, b0=bk)
-            V[:, j], c[:, j] = Wk.float(), bk.float()
-            n_iter[j] = max(n_iter[j], int(inf["n_iter"]))
-            conv[j] = conv[j] and bool(inf["converged"])
-        Vs.append(V)
-        cs.append(c)
-    return {"form": "lbfgs-multinomial", "n_iter": n_iter, "converged": conv, "V": Vs, "c": cs}
 
 
 def _freeze(cfg: DFRConfig, diag: dict) -> DFRConfig:
