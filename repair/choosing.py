@@ -399,4 +399,5 @@ def _describe(crit: Criterion, scheme: str, n: int) -> dict:
     return {"criterion": crit.name, "scheme": scheme, "n_fit": int(n), "n_heldout": int(n)}
 
 
-__all__ = ["Choice", "Chosen", "FitContext", "Fitted", "NO_GAP", "REQUIRED_Z", "choose", "ensemble", "nothing_left_behind", "required_gain"]
+__all__ = ["Choice", "Chosen", "FitContext", "Fitted", "NO_GAP", "REQUIRED_Z", "choose", "ensemble",
+           "nothing_left_behind", "required_gain"]

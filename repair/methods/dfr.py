@@ -28,10 +28,10 @@ convention of :func:`repair.selection.inferred_groups`.
 3. Score every ``C`` by worst-group accuracy of the cross-validated predictions
    (each row predicted by the head of the half it is not in; ties: mean accuracy,
    then ``c_grid`` order). Two classes: the head is the average of the two half heads at the
-   chosen ``C`` (no refit); more classes: one fit on all rows along the path up to the chosen
-   ``C`` (a half holds few rows of each class when there are many). Two classes: one binary logit ``v.x + c`` returned as the
-   2-row head ``[-v/2, v/2]`` (softmax = the fitted sigmoid); more classes:
-   one-vs-rest binary fits, the head rows are their logits.
+   chosen ``C`` (no refit), one binary logit ``v.x + c`` returned as the 2-row head
+   ``[-v/2, v/2]`` (softmax = the fitted sigmoid). More classes: one-vs-rest binary fits (the
+   head rows are their logits), refitted on all rows along the path up to the chosen ``C`` (a
+   half holds few rows of each class when there are many).
 
 No repeated refits: on the benchmark tasks (800-1000 rows,
 128-1280 features) it takes 8-40 ms on one CPU thread, 17-150x less than the paper
@@ -414,7 +414,8 @@ def _newton_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, 
     infos = []
 
     def fit_folds(trains, which, upto=None):
-        """Every fold's training set and the whole C path in ONE batched Newton call."""
+        """Every fold's training set and the whole C path in ONE batched Newton call (``upto``,
+        where the path may stop, is not used: on problems of Newton's size the path is cheap)."""
         Zf, tf, wf, _ = _fold_problems(Z, y, groups, trains, C, int(cfg.min_subsample_per_group))
         V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
                                           num_threads=None)

@@ -382,7 +382,8 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor) -> tuple:
     return W[k], b[k], {"l2": REFIT_L2[k], "heldout_score": float(worst[k]), "heldout_accuracy": float(mean[k])}
 
 
-def settle_by(cfg: SettleSettings, sess: "Session", start: dict, groups: Optional[torch.Tensor] = None) -> Optional[dict]:
+def settle_by(cfg: SettleSettings, sess: "Session", start: dict,
+              groups: Optional[torch.Tensor] = None) -> Optional[dict]:
     """:func:`settle` as ``cfg`` says (None when ``cfg.settle`` is off)."""
     if cfg.settle == "off":
         return None
