@@ -357,8 +357,7 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     pos = [order.index(i) for i in range(len(c_grid))]               # c_grid index -> path index
     l2 = [1.0 / c_grid[i] for i in order]
     make = _newton_fits if solver == "newton" else _lbfgs_fits
-    fit_folds, predict, head, infos, polish = make(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter,
-                                                   dev)
+    fit_folds, predict, head, infos = make(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, dev)
 
     crit = Criterion.resolve("auto", has_groups=True)                # the groups in use
     sel = select_and_refit(len(c_grid), lambda idx, which: fit_folds([idx], which)[0], predict, y,
@@ -370,12 +369,10 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     # two half heads was 1.4 worst-group points below scikit-learn's fit on all rows at the same
     # strength, the refit 0.3)
     refit = sel.worst is None or C > 2
-    j = pos[sel.best]
     if refit:
         sel.fold_fits = []               # scored already: their (classes x strengths x features) go first
-        fits = fit_folds([torch.arange(N)], None, upto=j, screen=False)
-    else:                                # the fold heads at the chosen strength, at the tight tolerance
-        fits, j = polish(sel.fold_fits, sel.folds, j)
+    fits = fit_folds([torch.arange(N)], None, upto=pos[sel.best]) if refit else sel.fold_fits
+    j = pos[sel.best]
     chosen = c_grid[sel.best]
     W, b = head(fits, j)
     info = infos[-1]
@@ -416,10 +413,9 @@ def _newton_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, 
     L = len(l2)
     infos = []
 
-    def fit_folds(trains, which, upto=None, screen=True):
+    def fit_folds(trains, which, upto=None):
         """Every fold's training set and the whole C path in ONE batched Newton call (``upto``,
-        where the path may stop, and ``screen`` are not used: Newton's solutions are exact to its
-        tolerance, and on problems of its size the path is cheap)."""
+        where the path may stop, is not used: on problems of Newton's size the path is cheap)."""
         Zf, tf, wf, _ = _fold_problems(Z, y, groups, trains, C, int(cfg.min_subsample_per_group))
         V, c, info = S.fit_binary_l2_path(Zf, tf.to(dev), wf.to(dev), l2, tol=tol, max_iter=max_iter,
                                           num_threads=None)
@@ -441,7 +437,7 @@ def _newton_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, 
         Wa, b = S.fold_affine(Wi, bi, scale, shift)
         return torch.zeros(Wa.shape[0], D, device=dev).index_copy_(1, active, Wa), b
 
-    return fit_folds, predict, head, infos, lambda fits, folds, j: (fits, j)
+    return fit_folds, predict, head, infos
 
 
 #: rows per chunk when predicting on the embeddings in place (bounds the temporaries)
@@ -465,20 +461,14 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
         on[active] = True
         scale, shift = torch.where(on, scale, 0.0), torch.where(on, shift, 0.0)
     rows_of = keep.to(dev) if keep is not None else None             # kept row -> row of X
-    N_fit = y.numel()                                                # the rows fitted (after the group cap)
     L = len(l2)
     infos = []
 
     held = {}                                                        # the last copy, to predict from
 
-    def fit_folds(trains, which, upto=None, screen=True, only=None, start=None):
-        """The path (up to path index ``upto``, default all of it; or the one point ``only``,
-        begun from ``start``) on every fold's rows. ``screen``: at the protocol's tolerance as
-        given, to compare the strengths (:func:`repair.solver.fit_binary_l2_path_lbfgs`); the kept
-        heads are then polished."""
+    def fit_folds(trains, which, upto=None):
+        """The path (up to path index ``upto``, default all of it) on every fold's rows."""
         path = l2 if upto is None else l2[:int(upto) + 1]
-        if only is not None:
-            path = [l2[int(only)]]
         rows = torch.cat(trains).to(dev)
         Xc = X.index_select(0, rows if rows_of is None else rows_of[rows])
         held.clear()
@@ -490,24 +480,9 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
         t = (yr == 1).view(-1, 1) if C == 2 else torch.nn.functional.one_hot(yr, C).bool()
         V, c, info = S.fit_binary_l2_path_lbfgs(Xc, blocks, t.to(dev, torch.float32), w.to(dev), path,
                                                 scale=scale, shift=shift, tol=tol,
-                                                max_iter=S.lbfgs.ITERS_PER_NEWTON_STEP * max_iter,
-                                                start=start, screen=screen)
-        info["screened"] = bool(screen and tol > S.lbfgs.MAX_TOL)
+                                                max_iter=S.lbfgs.ITERS_PER_NEWTON_STEP * max_iter)
         infos.append(info)
         return [(V[k], c[k].to(torch.float32)) for k in range(len(trains))]
-
-    def polish(fits, folds, j):
-        """The screened fold heads at path index ``j`` solved to the tight tolerance from where
-        screening left them: ``(fits with the one point, 0)``."""
-        if not infos or not infos[-1].get("screened"):
-            return fits, j
-        trains = []
-        for held in folds:
-            keep_ = torch.ones(N_fit, dtype=torch.bool)
-            keep_[held] = False
-            trains.append(torch.nonzero(keep_).flatten())
-        start = (torch.stack([f[0][:, j] for f in fits]), torch.stack([f[1][:, j] for f in fits]))
-        return fit_folds(trains, None, only=j, start=start, screen=False), 0
 
     def effective(V, c):
         """(P*Lg, D) weights and (P*Lg,) biases acting on raw rows, for fits V (P, Lg, D), c (P, Lg)."""
@@ -554,7 +529,7 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
         Wi, bi = _head_from_binary(Vs, cs, C)
         return S.fold_affine(Wi, bi, scale, shift)
 
-    return fit_folds, predict, head, infos, polish
+    return fit_folds, predict, head, infos
 
 
 def _freeze(cfg: DFRConfig, diag: dict) -> DFRConfig:
