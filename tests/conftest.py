@@ -70,6 +70,24 @@ def make_timm_folder(path: Path, arch: str = "test_resnet", classes=CLASSES, siz
     return path
 
 
+def make_deployed_onnx(path: Path, dynamic_batch: bool = True, seed: int = 3):
+    """A third-party style ONNX classifier at ``path``: a tiny timm ``test_resnet`` (3 classes,
+    32 x 32 inputs) exported with plain ``torch.onnx.export`` (TorchScript exporter), no metadata.
+    Returns ``(path, the torch module)``."""
+    import warnings
+
+    import timm
+
+    torch.manual_seed(seed)
+    m = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    axes = {"input": {0: "n"}, "output": {0: "n"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input"],
+                          output_names=["output"], dynamic_axes=axes, dynamo=False)
+    return path, m
+
+
 def make_images(root: Path, n_per_class: int = 6, classes=CLASSES, size: int = 36, seed: int = 0,
                 with_metadata: bool = True) -> Path:
     """Class subfolders of PNGs and a metadata.csv with a 'place' attribute."""

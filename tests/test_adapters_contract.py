@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASSES
+from conftest import CLASSES, make_deployed_onnx
 from repair.adapters import FamilyInfo, LoadOptions, list_families, load_model, register_family, unregister_family
 from repair.data import load_data
 from repair.errors import BadInput
@@ -64,15 +63,7 @@ def build_factory(request, tmp: Path):
 
 
 def build_onnx(request, tmp: Path):
-    import timm
-
-    torch.manual_seed(3)
-    m = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
-    out = tmp / "deployed.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (torch.randn(2, 3, 32, 32),), str(out), input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "n"}, "output": {0: "n"}}, dynamo=False)
+    out, _ = make_deployed_onnx(tmp / "deployed.onnx")
     (tmp / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32], "mean": MEAN, "std": STD}))
     return out, LoadOptions(class_names=CLASSES)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from conftest import CLASSES, run_cli
+from conftest import CLASSES, make_deployed_onnx, run_cli
 from repair import provenance
 from repair.adapters import LoadOptions, load_model
 from repair.data import load_data
@@ -109,17 +108,7 @@ def bert_export(bert_folder, text_data, tmp_path_factory):
 def deployed_onnx(tmp_path_factory) -> Path:
     """A third-party style ONNX classifier: plain torch.onnx.export (TorchScript exporter),
     no metadata, no preprocessing next to it."""
-    import timm
-
-    torch.manual_seed(3)
-    m = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
-    out = tmp_path_factory.mktemp("deployed") / "deployed.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (torch.randn(2, 3, 32, 32),), str(out), input_names=["input"],
-                          output_names=["output"], dynamic_axes={"input": {0: "n"}, "output": {0: "n"}},
-                          dynamo=False)
-    return out
+    return make_deployed_onnx(tmp_path_factory.mktemp("deployed") / "deployed.onnx")[0]
 
 
 # ------------------------------------------------------------------ ONNX export of torch models

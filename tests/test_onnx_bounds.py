@@ -14,7 +14,6 @@ Run with ``-s`` to see the table of provoked differences.
 from __future__ import annotations
 
 import itertools
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from conftest import make_deployed_onnx
 from repair.adapters import LoadOptions, load_model
 from repair.adapters.onnx_graph import find_head
 from repair.adapters.onnx_runtime import make_session, session_feeds
@@ -153,35 +153,20 @@ def texts(text_data):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_timm_bound_margin_and_tamper(timm_folder, images, tmp_path, exporter):
-    a = load_model(timm_folder)
+@pytest.mark.parametrize("family, model_fixture, items_fixture",
+                         [("timm", "timm_folder", "images"), ("BERT", "bert_folder", "texts")])
+def test_bound_margin_and_tamper(request, tmp_path, exporter, family, model_fixture, items_fixture):
+    a = load_model(request.getfixturevalue(model_fixture))
+    items = request.getfixturevalue(items_fixture)
     _repair_head(a)
-    out = tmp_path / "timm.onnx"
-    rep = export_onnx(a, out, metadata={}, verify_items=images, exporter=exporter)
+    out = tmp_path / f"{family}.onnx"
+    rep = export_onnx(a, out, metadata={}, verify_items=items, exporter=exporter)
     assert rep["exporter"] == exporter
-    check_bounds(f"tiny timm ({exporter})", a, out, images, tmp_path)
-
-
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_bert_bound_margin_and_tamper(bert_folder, texts, tmp_path, exporter):
-    a = load_model(bert_folder)
-    _repair_head(a)
-    out = tmp_path / "bert.onnx"
-    rep = export_onnx(a, out, metadata={}, verify_items=texts, exporter=exporter)
-    assert rep["exporter"] == exporter
-    check_bounds(f"tiny BERT ({exporter})", a, out, texts, tmp_path)
+    check_bounds(f"tiny {family} ({exporter})", a, out, items, tmp_path)
 
 
 def test_onnx_source_bound_margin_and_tamper(images, tmp_path):
-    import timm
-
-    torch.manual_seed(3)
-    m = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
-    src = tmp_path / "deployed.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (torch.randn(2, 3, 32, 32),), str(src), input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "n"}, "output": {0: "n"}}, dynamo=False)
+    src, _ = make_deployed_onnx(tmp_path / "deployed.onnx")
     a = load_model(src, LoadOptions(image_size=32, mean=MEAN, std=STD))
     _repair_head(a)
     out = tmp_path / "repaired.onnx"

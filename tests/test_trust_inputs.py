@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_images, run_cli, time_limit
+from conftest import make_deployed_onnx, make_images, run_cli, time_limit
 from repair.data import DataOptions, duplicate_stats, load_data, read_image
 from repair.errors import BadInput
 
@@ -797,21 +797,12 @@ def test_cache_entry_carries_and_checks_its_digest(tmp_path, timm_folder, images
 
 
 def test_nan_initializer_in_an_onnx_model(tmp_path):
-    import warnings
-
     import onnx
-    import timm
     from onnx import numpy_helper
 
     from repair.adapters import LoadOptions, load_model
 
-    torch.manual_seed(3)
-    m = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
-    out = tmp_path / "deployed.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (torch.randn(2, 3, 32, 32),), str(out), input_names=["input"],
-                          output_names=["output"], dynamo=False)
+    out, _ = make_deployed_onnx(tmp_path / "deployed.onnx", dynamic_batch=False)
     (tmp_path / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32]}))
     a = load_model(out, LoadOptions(class_names=["a", "b", "c"]))
     assert set(a.source_files()) == {out.resolve(), (tmp_path / "preprocess.json").resolve()}
@@ -828,19 +819,11 @@ def test_nan_initializer_in_an_onnx_model(tmp_path):
 
 
 def test_onnx_external_data_files_are_source_files(tmp_path):
-    import warnings
-
     import onnx
-    import timm
 
     from repair.adapters import LoadOptions, load_model
 
-    m = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
-    first = tmp_path / "first.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (torch.randn(2, 3, 32, 32),), str(first), input_names=["input"],
-                          output_names=["output"], dynamo=False)
+    first, m = make_deployed_onnx(tmp_path / "first.onnx", dynamic_batch=False, seed=0)
     d = tmp_path / "deployed"
     d.mkdir()
     onnx.save_model(onnx.load(str(first)), str(d / "m.onnx"), save_as_external_data=True,
