@@ -350,7 +350,7 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
     if active.numel() == 0:
         active = torch.zeros(1, dtype=torch.long, device=dev)
     if cfg.solver == "auto":
-        solver, why = S.path_solver((N + 1) // 2, int(active.numel()), 2 * T, float(X.numel() * 4))
+        solver, why = S.path_solver((N + 1) // 2, int(active.numel()), 2 * T, float(X.numel() * 4), blocks=2)
     else:
         solver, why = cfg.solver, "set in the configuration"
     order = sorted(range(len(c_grid)), key=lambda i: c_grid[i])      # strong penalty first

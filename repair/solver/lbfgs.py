@@ -44,33 +44,45 @@ def lbfgs_cost(n: int, d: int, problems: int = 1, iters: int = 30) -> float:
 
 #: how many times slower per multiply-add a thin pass runs than a Newton factorisation's GEMMs
 #: (a large-matrix GEMV is memory bound; rows that fit in cache are not). Calibrated on the 2-core
-#: benchmark machine, one thread (``bench/scale.py``'s crossover table): L-BFGS measured 1.7-6x
-#: faster than Newton from 500 x 384 up (20 x 800 x 512: 19x; 12,500 x 2,048: ~15x), Newton
-#: 1.2-2x faster at 300-2,000 rows with 32-128 features
+#: benchmark machine, one thread: ``bench/scale.py``'s crossover table (synthetic problems) and
+#: ``mix``'s fits on the visible tasks' embeddings (ten 2,000 x 384 subsample problems: Newton
+#: 0.43 s, L-BFGS 1.6 s at 164 iterations, block by block; batching the blocks into one GEMM was
+#: slower still: a batched GEMV over rows that do not fit the cache is memory bound)
 THIN_PENALTY = 2.0
-#: fixed cost of an L-BFGS iteration (some forty small tensor operations), in multiply-adds: what
-#: keeps Newton ahead on small problems (same calibration)
-ITERATION_OVERHEAD = 1e6
+#: fixed cost of one L-BFGS iteration over one block of rows (some forty small tensor operations,
+#: ~0.5 ms), in Newton-GEMM multiply-adds (~3e10 a second on one core): paid once per block per
+#: iteration, so it is what keeps Newton ahead on small problems and on many separate blocks
+ITERATION_OVERHEAD = 1.5e7
 #: iterations per path point the estimate assumes: at the tolerance that reaches Newton's optimum
-#: (:data:`MAX_TOL`) L-BFGS needs several times the ~30 of a loose one, so problems of the visible
-#: tasks' size (hundreds of rows and features) stay on Newton
+#: (:data:`MAX_TOL`) L-BFGS needs 25-50 iterations on well-conditioned problems and 140-170 on the
+#: weakly penalised text problems of the visible tasks; the estimate takes the slow end
 ITERS_ESTIMATE = 150
+#: Hessian factorisations per problem and path point Newton needs (measured 3-10 on the visible
+#: tasks and the crossover problems: every damped step refactors)
+NEWTON_FACTORIZATIONS = 5
+#: how many times slower per modelled multiply-add the Gram form's batched Cholesky factorisations
+#: and solves run than the primal form's Hessian GEMMs (measured 2.5x: 20 x 800 x 512 at 13 GFLOP/s
+#: against 32 for 10 x 2,000 x 384 primal)
+KERNEL_PENALTY = 2.5
 #: the loosest stopping tolerance the path solver accepts (see fit_binary_l2_path_lbfgs)
 MAX_TOL = 1e-6
 
 
-def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_bytes: Optional[float] = None,
-                newton_cost_fn=None) -> tuple:
+def path_solver(n: int, d: int, problems: int, data_bytes: float, *, blocks: Optional[int] = None,
+                budget_bytes: Optional[float] = None, newton_cost_fn=None) -> tuple:
     """``("newton" | "lbfgs", why)`` for ``problems`` binary L2 problems on ``n`` rows and
-    ``d`` features each.
+    ``d`` features each, which L-BFGS would pass over as ``blocks`` separate row blocks (None: one
+    per problem; problems sharing rows share a block: dfr's one-vs-rest problems on two folds are
+    two blocks).
 
     Newton (:func:`repair.solver.fit_binary_l2_path`) needs a per-problem copy of its rows
-    (``problems * n * d`` values) and ~2 factorisations per path point; L-BFGS needs no copy and
-    ~30 iterations of two thin passes per path point (:func:`lbfgs_cost`, a thin pass being
-    :data:`THIN_PENALTY` times slower per multiply-add, plus :data:`ITERATION_OVERHEAD` per
-    iteration). L-BFGS is chosen when Newton's copy
+    (``problems * n * d`` values) and :data:`NEWTON_FACTORIZATIONS` factorisations (plus, in the
+    Gram form, the ``n x n`` Gram matrix) per problem; L-BFGS needs no copy and
+    :data:`ITERS_ESTIMATE` iterations of two thin passes per problem (:func:`lbfgs_cost`, a thin
+    pass being :data:`THIN_PENALTY` times slower per multiply-add) plus
+    :data:`ITERATION_OVERHEAD` per block and iteration. L-BFGS is chosen when Newton's copy
     would exceed ``budget_bytes`` (default: half of ``data_bytes``, the embeddings the caller
-    holds) or when its estimated time is the larger one."""
+    holds) or when its estimated time is the smaller one."""
     from .newton import newton_cost
 
     cost, form = (newton_cost_fn or newton_cost)(n, d)
@@ -78,8 +90,11 @@ def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_byte
     budget = 0.5 * data_bytes if budget_bytes is None else budget_bytes
     if copy > max(budget, 64 * 1024 ** 2):
         return "lbfgs", f"Newton's per-problem copy ({copy / 2**20:.0f} MiB) exceeds the memory budget"
-    t_newton = problems * 2.0 * cost
-    t_lbfgs = THIN_PENALTY * lbfgs_cost(n, d, problems, ITERS_ESTIMATE) + ITERS_ESTIMATE * ITERATION_OVERHEAD
+    kernel = form == "kernel"
+    setup = float(n) * n * d if kernel else 0.0
+    t_newton = problems * (NEWTON_FACTORIZATIONS * cost * (KERNEL_PENALTY if kernel else 1.0) + setup)
+    nb = problems if blocks is None else int(blocks)
+    t_lbfgs = THIN_PENALTY * lbfgs_cost(n, d, problems, ITERS_ESTIMATE) + ITERS_ESTIMATE * ITERATION_OVERHEAD * nb
     if t_lbfgs < t_newton:
         return "lbfgs", f"L-BFGS estimated {t_newton / t_lbfgs:.1f}x cheaper than Newton ({form})"
     return "newton", f"Newton ({form}) estimated {t_lbfgs / t_newton:.1f}x cheaper than L-BFGS"
@@ -87,6 +102,7 @@ def path_solver(n: int, d: int, problems: int, data_bytes: float, *, budget_byte
 
 def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: Tensor, l2: Sequence[float], *,
                              scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                             offset: Optional[Tensor] = None,
                              tol: float = 1e-3, max_iter: int = 500, memory: int = MEMORY):
     """Binary L2 logistic regressions along a penalty path by batched L-BFGS.
 
@@ -94,7 +110,9 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
     ``B`` row ranges ``(start, stop)`` of ``X``; block ``b`` holds ``T`` problems (tasks), all
     on its rows. ``t`` (n, T) 0/1 targets, ``w`` (n,) or (n, T) non-negative row weights,
     ``l2`` (L,) the penalty path (solved in the given order, each point warm-started from the
-    previous one: give it decreasing). ``scale``/``shift`` (d,): the features are
+    previous one: give it decreasing), (L, B) a path per block or (L, B, T) per problem.
+    ``offset`` (n, T): fixed logit offsets added to ``x~ . v + c`` (``offset = X~ v0`` centres
+    the penalty at ``v0``: ``v`` is then the deviation from it; AFR's pull to the original head). ``scale``/``shift`` (d,): the features are
     ``x~ = x * scale + shift`` (a folded standardisation; ``scale = 0`` with ``shift = 0`` drops
     a feature: its weight stays exactly 0). Problem ``(b, task, j)``, sklearn's binary
     convention (``l2 = 1/C``)::
@@ -147,8 +165,16 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
     L2 = torch.as_tensor(l2, dtype=torch.float64).cpu()
     if L2.dim() == 1:
         L2 = L2.view(-1, 1).expand(-1, B)               # (L, B): one penalty per path point and block
-    if L2.numel() == 0 or bool((L2 <= 0).any()) or L2.dim() != 2 or L2.shape[1] != B:
-        raise ValueError("the l2 path must be non-empty and positive, (L,) or (L, blocks)")
+    if L2.dim() == 2:
+        L2 = L2.unsqueeze(-1).expand(-1, -1, T)         # (L, B, T): one per problem
+    if L2.numel() == 0 or bool((L2 <= 0).any()) or L2.dim() != 3 or tuple(L2.shape[1:]) != (B, T):
+        raise ValueError("the l2 path must be non-empty and positive, (L,), (L, blocks) or (L, blocks, tasks)")
+    if offset is not None:
+        offset = torch.as_tensor(offset).to(dev, xdt)
+        if offset.dim() == 1:
+            offset = offset.view(-1, 1)
+        if offset.shape != (n, T):
+            raise ValueError("offset must be (n, T)")
     a = None if scale is None else torch.as_tensor(scale).to(dev, torch.float64).flatten()
     s = None if shift is None else torch.as_tensor(shift).to(dev, torch.float64).flatten()
     L = L2.shape[0]
@@ -169,8 +195,10 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
         for g0 in range(0, T, per):
             g1 = min(T, g0 + per)
             wg = wb if wb.shape[1] == 1 else wb[:, g0:g1]
-            _Block(Xb, tb[:, g0:g1], wg, a, s, g1 - g0, memory).path(L2[:, bi].tolist(), tol, max_iter,
-                                                                    V[bi, g0:g1], Cb[bi, g0:g1], n_iter, conv)
+            og = None if offset is None else offset[lo:hi, g0:g1]
+            lams = [L2[j, bi, g0:g1] for j in range(L)]
+            _Block(Xb, tb[:, g0:g1], wg, a, s, g1 - g0, memory, og).path(lams, tol, max_iter,
+                                                                        V[bi, g0:g1], Cb[bi, g0:g1], n_iter, conv)
     info = {"form": "lbfgs", "n_iter": n_iter, "converged": conv, "seconds": time.perf_counter() - t0}
     return V, Cb, info
 
@@ -178,8 +206,9 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
 class _Block:
     """One block of rows and its ``T`` problems; parameters ``v`` (P, d), ``c`` (P,) float64."""
 
-    def __init__(self, X, t, w, scale, shift, T, memory):
+    def __init__(self, X, t, w, scale, shift, T, memory, offset=None):
         self.X, self.t, self.w, self.a, self.s = X, t, w, scale, shift
+        self.offset = offset                 # (n, T) fixed logit offsets, or None
         self.T = T
         n, d = X.shape
         self.Sw = w.sum(0, dtype=torch.float64).expand(T).clone()          # (T,)
@@ -232,7 +261,7 @@ class _Block:
             conv[j] = conv[j] and ok
 
     def solve(self, v, c, lam, tol, max_iter, carry=None):
-        """Minimise every problem at penalty ``lam`` from ``(v, c)``; returns the solution,
+        """Minimise every problem at penalty ``lam`` ((T,), one per problem) from ``(v, c)``; returns the solution,
         the iterations used, whether every problem converged and the carry ``(u, data
         gradient)`` at the solution (the next path point starts from it without a data pass)."""
         T = self.T
@@ -242,19 +271,22 @@ class _Block:
         done = torch.zeros(T, dtype=torch.bool)
         converged = torch.zeros(T, dtype=torch.bool)
         act = torch.arange(T, device=dev)
+        lam = torch.as_tensor(lam, dtype=torch.float64).to(dev).expand(T).clone()   # the active problems' (Pa,)
         if carry is None:
             u = self.lin(v, c)
+            if self.offset is not None:
+                u = u + self.offset
             gv, gc = self.lin_T(self.residual(u, None))
         else:
             u, gv, gc = carry
         out_u, out_gv, out_gc = u.clone(), gv.clone(), gc.clone()
         f = self.loss(u, None) + 0.5 * lam * (v * v).sum(1)
-        gv = gv + lam * v
+        gv = gv + lam.unsqueeze(1) * v
 
         def record(idx, mask):
             out_v[idx], out_c[idx] = v[mask], c[mask]
             out_u[:, idx] = u[:, mask]
-            out_gv[idx], out_gc[idx] = gv[mask] - lam * v[mask], gc[mask]
+            out_gv[idx], out_gc[idx] = gv[mask] - lam[mask].unsqueeze(1) * v[mask], gc[mask]
         S, Y, rho = [], [], []                                 # histories (float64), 1/(s.y)
         last_drop = torch.full_like(f, float("inf"))           # objective decrease of the last step
         it = 0
@@ -292,8 +324,8 @@ class _Block:
                 keep = ~fin
                 if not bool(keep.any()):
                     break
-                act, v, c, gv, gc, f, dv, dc, dec, last_drop = (
-                    z[keep] for z in (act, v, c, gv, gc, f, dv, dc, dec, last_drop))
+                act, v, c, gv, gc, f, dv, dc, dec, last_drop, lam = (
+                    z[keep] for z in (act, v, c, gv, gc, f, dv, dc, dec, last_drop, lam))
                 u = u[:, keep]
                 S, Y, rho = [z[keep] for z in S], [z[keep] for z in Y], [z[keep] for z in rho]
             # --- line search on u + a X d (no data pass) -----------------------------------
@@ -335,7 +367,7 @@ class _Block:
             last_drop = torch.where(stuck, torch.zeros_like(f), f - fn)
             f = torch.where(stuck, f, fn)
             gv_new, gc_new = self.lin_T(self.residual(u, act))
-            gv_new = gv_new + lam * v
+            gv_new = gv_new + lam.unsqueeze(1) * v
             sv = torch.cat([al.unsqueeze(1) * dv, (al * dc).unsqueeze(1)], 1)
             yv = torch.cat([gv_new - gv, (gc_new - gc).unsqueeze(1)], 1)
             sy = (sv * yv).sum(1)
@@ -353,7 +385,7 @@ class _Block:
                 keep = ~stuck
                 if not bool(keep.any()):
                     break
-                act, v, c, gv, gc, f, last_drop = (z[keep] for z in (act, v, c, gv, gc, f, last_drop))
+                act, v, c, gv, gc, f, last_drop, lam = (z[keep] for z in (act, v, c, gv, gc, f, last_drop, lam))
                 u = u[:, keep]
                 S, Y, rho = [z[keep] for z in S], [z[keep] for z in Y], [z[keep] for z in rho]
         if not bool(done.all()):                           # iteration cap: the last iterates

@@ -259,6 +259,62 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None):
     return V, torch.stack(cs, 1), info
 
 
+def _same_rows(m) -> bool:
+    """``m`` is None or (K, D) with every row equal (one map shared by all problems)."""
+    return m is None or bool((m == m[:1]).all())
+
+
+def _internal_logits(Z: Tensor, W: Tensor, b: Tensor, scale, shift) -> Tensor:
+    """(K, N, C) float64 logits of internal heads W (K, C, D), b (K, C) on ``x~ = x*scale + shift``
+    (one map, rows of ``scale``/``shift`` equal), without forming ``x~``."""
+    K, C, D = W.shape
+    M = W.reshape(K * C, D).double()
+    a = None if scale is None else scale[0].double()
+    sh = None if shift is None else shift[0].double()
+    Me = M if a is None else M * a
+    off = b.reshape(K * C).double() + (0.0 if sh is None else M @ sh)
+    lg = torch.addmm(off.to(Z.dtype).unsqueeze(0), Z, Me.to(Z.dtype).T).double()     # (N, K*C)
+    return lg.view(-1, K, C).transpose(0, 1)
+
+
+def _shared_rows_lbfgs(Z, y, w, l2, pull, Wref, bref, scale, shift, tol, max_iter):
+    """:func:`binary_heads` for problems that share all rows and the feature map, by L-BFGS on
+    ``Z`` as given (one block, a column per problem; the pull as fixed logit offsets)."""
+    from .lbfgs import ITERS_PER_NEWTON_STEP, fit_binary_l2_path_lbfgs
+
+    K, N = w.shape
+    D = Z.shape[1]
+    dt = Z.dtype
+    l2, pull = l2.double(), pull.double()
+    lam = (l2 + pull) / 2.0
+    a = None if scale is None else scale[0]
+    sh = None if shift is None else shift[0]
+    center = offset = None
+    if Wref is not None:
+        center = (pull / (l2 + pull)).view(K, 1) * (Wref[:, 1] - Wref[:, 0]).double()        # (K, D)
+        offset = _internal_logits(Z, center.unsqueeze(1), torch.zeros(K, 1, dtype=torch.float64, device=Z.device),
+                                  scale, shift)[:, :, 0].T.to(dt)                              # (N, K)
+    tgt = (y == 1).to(dt).view(N, 1).expand(N, K)
+    V, cl, info = fit_binary_l2_path_lbfgs(Z, [(0, N)], tgt, w.T.to(dt), lam.view(1, 1, K), scale=a, shift=sh,
+                                           offset=offset, tol=tol, max_iter=ITERS_PER_NEWTON_STEP * max_iter)
+    v = V[0, :, 0].double()
+    v = v if center is None else v + center
+    cb = cl[0, :, 0]
+    m = torch.zeros(K, D, dtype=torch.float64, device=Z.device) if Wref is None else 0.5 * (Wref[:, 0] + Wref[:, 1]).double()
+    mb = torch.zeros(K, dtype=torch.float64, device=Z.device) if bref is None else 0.5 * (bref[:, 0] + bref[:, 1]).double()
+    W = torch.stack([m - v / 2, m + v / 2], 1)
+    b = torch.stack([mb - cb / 2, mb + cb / 2], 1)
+    lg = _internal_logits(Z, W, b, scale, shift)                                              # (K, N, 2)
+    yk = y.view(1, N, 1).expand(K, N, 1)
+    ce = torch.logsumexp(lg, -1) - lg.gather(-1, yk).squeeze(-1)
+    obj = (ce * w.double()).sum(1) + 0.5 * l2 * (W * W).sum((1, 2))
+    if Wref is not None:
+        obj = obj + 0.5 * pull * ((W - Wref.double()) ** 2).sum((1, 2))
+    it = int(sum(info["n_iter"]))
+    return W.float(), b.float(), {"n_iter": [it] * K, "converged": [bool(all(info["converged"]))] * K,
+                                  "objective": obj.cpu().tolist(), "form": "lbfgs", "solver": "lbfgs"}
+
+
 def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref=None, bref=None,
                  scale=None, shift=None, tol: float = 1e-7, max_iter: int = 100):
     """Two-class multinomial heads with smooth penalties, solved as binary problems by Newton.
@@ -276,6 +332,13 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     # each problem's rows with positive weight only (subsamples: a fraction of N), padded
     pos = w > 0
     M = int(pos.sum(1).max())
+    if M == N and _same_rows(scale) and _same_rows(shift):
+        # every problem on all rows with one feature map (AFR's gamma x pull grid): L-BFGS passes over
+        # the rows once for all problems (one GEMM), with no copy; Newton needs a copy per problem
+        from .lbfgs import path_solver
+
+        if path_solver(N, D, K, 4.0 * Z.numel(), blocks=1)[0] == "lbfgs":
+            return _shared_rows_lbfgs(Z, y, w, l2, pull, Wref, bref, scale, shift, tol, max_iter)
     if M < N:
         order = torch.argsort(pos.to(torch.int8), dim=1, descending=True, stable=True)[:, :M]   # (K, M)
         w = w.gather(1, order)
