@@ -158,3 +158,20 @@ def test_held_out_scores_shrink_small_groups_toward_their_class():
     batch = torch.stack([pred, y])                                   # (K, N) like the raw scores
     wb, mb = shrunk_scores(batch, y, groups)
     assert wb.shape == (2,) and float(wb[1]) == 1.0 and float(wb[0]) == float(w[0])
+
+
+def test_split_without_clusters_is_the_split_with_singleton_clusters():
+    # two code paths (index slices without clusters, units with them): the same split, the same
+    # random numbers, whatever the strata, fractions and floors
+    from repair.selection import stratified_split
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        strata = torch.randint(0, int(torch.randint(1, 6, (1,), generator=g)), (n,), generator=g)
+        fr = ([0.5], [0.3, 0.2], [0.25])[trial % 3]
+        mpp = int(torch.randint(0, 3, (1,), generator=g))
+        a = stratified_split(strata, fr, trial, min_per_part=mpp)
+        b = stratified_split(strata, fr, trial, min_per_part=mpp, clusters=torch.arange(n))
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), trial
+    assert [p.numel() for p in stratified_split(torch.zeros(0, dtype=torch.long), 0.5, 0)] == [0, 0]

@@ -32,7 +32,12 @@ def constant_features(sd: Tensor, mu: Tensor, eps: float = 1e-6, rel: float = 1e
     return sd <= torch.maximum(torch.full_like(sd, eps), rel * mu.abs())
 
 
-def standardization(X: Tensor, rows: Optional[Tensor] = None, eps: float = 1e-6, chunk_rows: int = 4096):
+#: bytes of one row chunk of the moment passes: small enough to stay in cache between the chunk's
+#: products (50,000 x 2,048 float32: 4,096-row chunks took 0.23 s, 512-row chunks 0.07 s)
+CHUNK_BYTES = 4 * 1024 ** 2
+
+
+def standardization(X: Tensor, rows: Optional[Tensor] = None, eps: float = 1e-6, chunk_rows: Optional[int] = None):
     """Per-feature ``(scale, shift)`` such that ``X * scale + shift`` is standardised
     (zero mean, unit std over ``rows``); constant features (:func:`constant_features`) get
     scale 1. Two passes over row chunks (float64 sums): no copy of ``X`` is made."""
@@ -41,13 +46,15 @@ def standardization(X: Tensor, rows: Optional[Tensor] = None, eps: float = 1e-6,
     return 1.0 / sd, -mu / sd
 
 
-def feature_moments(X: Tensor, rows: Optional[Tensor] = None, chunk_rows: int = 4096):
+def feature_moments(X: Tensor, rows: Optional[Tensor] = None, chunk_rows: Optional[int] = None):
     """Per-feature mean and (population) standard deviation of ``X`` (over ``rows``), in X's
     dtype, by two passes over row chunks with float64 sums (as stable as a two-pass
     variance on the whole matrix, without its ``N x D`` temporary)."""
     n = X.shape[0] if rows is None else int(rows.numel())
     if n == 0:
         raise ValueError("no rows to standardise")
+    if chunk_rows is None:
+        chunk_rows = max(256, CHUNK_BYTES // max(1, X.shape[1] * X.element_size()))
 
     def chunks():
         for lo in range(0, n, chunk_rows):
