@@ -136,7 +136,9 @@ class SettleSettings:
                           doc="after training: off = the early-stopped weights; interpolate = the best of "
                               "start + alpha x (tuned - start), alpha in settle_alphas (WiSE-FT), on the held-out "
                               "part; refit = each of those also with a group-balanced head refitted on its body")
-    settle_alphas: tuple = setting((0.5, 1.0), gt=0, le=1, doc="interpolation weights tried by settle (1 = fine-tuned)")
+    settle_alphas: tuple = setting((0.5, 1.0), ge=0, le=1,
+                                   doc="interpolation weights tried by settle (1 = fine-tuned; 0 = the original "
+                                       "body, with refit only: its refitted head, a head repair)")
 
 
 @dataclass
@@ -397,6 +399,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     fine-tuned ones, ``start + alpha * (tuned - start)`` for each ``alpha`` (WiSE-FT, Wortsman
     et al. 2022), each point with its own (interpolated) head and, with ``refit``, with a head
     refitted on that body by :func:`refit_head` ("body from the model repair, head from DFR").
+    ``alpha = 0`` (the original body) is tried with a refitted head only, and only with ``refit``.
     Every candidate is scored on the session's held-out part by its criterion, best worst-stratum
     then best mean (:func:`repair.selection.pick_best`; ties go to the earlier candidate, larger
     ``alpha`` first). The model is left at the chosen point -- ordinary weights, nothing to fold.
@@ -417,12 +420,17 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
                 sd[k].copy_((start[k] + alpha * (tuned[k] - start[k])).to(sd[k]))
 
     cands = []
-    for alpha in sorted({float(a) for a in alphas} if moved else {1.0}, reverse=True):
+    points = sorted({float(a) for a in alphas} if moved else {1.0}, reverse=True)
+    if not refit:
+        points = [a for a in points if a > 0] or [1.0]
+    for alpha in points:
         put(alpha)
         X = tm.embed(sess.encoded, every, sess.device)
         W = tm.head.weight.detach().float().cpu()
         b = tm.head.bias.detach().float().cpu() if tm.head.bias is not None else torch.zeros(W.shape[0])
-        heads = [("fine-tuned", W, b, None)]
+        # alpha 0 is the original body: its own head is the original model, only a refitted head
+        # is a candidate there (the model repair then ends as a head repair on the original body)
+        heads = [("fine-tuned", W, b, None)] if alpha > 0 else []
         if refit:
             Wr, br, info = refit_head(sess, X, groups)
             heads.append(("refit", Wr, br, info))
