@@ -95,6 +95,8 @@ class RepairData:
     max_pixels: int = DEFAULT_MAX_PIXELS
     #: content hash of every item (filled by :meth:`duplicate_ids`, each image read once)
     _hashes: Optional[list] = field(default=None, repr=False, compare=False)
+    #: every image item resolved (symlinks followed), as the loader checked it: resolved once
+    _real: Optional[list] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -104,9 +106,15 @@ class RepairData:
         image. The inputs an output must never replace."""
         out = [Path(self.table).resolve()] if self.table is not None else []
         if self.modality == "image":
-            out.extend(Path(p).resolve() for p in self.items)
+            out.extend(self._real_items())
         seen: set = set()
         return [p for p in out if not (p in seen or seen.add(p))]
+
+    def _real_items(self) -> list[Path]:
+        """The image items resolved (symlinks followed): the loader's, else resolved now, once."""
+        if self._real is None or len(self._real) != len(self.items):
+            self._real = [Path(p).resolve() for p in self.items]
+        return self._real
 
     def content_hashes(self) -> list[str]:
         """sha256 of each item's content (an image's bytes, a text's UTF-8), computed once."""
@@ -129,10 +137,11 @@ class RepairData:
     def fingerprint(self) -> str:
         """Identifies the items (not labels): part of the embedding cache key."""
         h = hashlib.sha256(self.modality.encode())
-        for it in self.items:
+        reals = self._real_items() if self.modality == "image" else None
+        for i, it in enumerate(self.items):
             if self.modality == "image":
                 st = Path(it).stat()
-                h.update(f"{Path(it).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(f"{reals[i]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             else:
                 h.update(it.encode("utf-8"))
                 h.update(b"\0")
@@ -142,7 +151,8 @@ class RepairData:
         return dataclasses.replace(
             self, items=[self.items[i] for i in idx], labels=[self.labels[i] for i in idx],
             attributes={k: [v[i] for i in idx] for k, v in self.attributes.items()},
-            _hashes=None if self._hashes is None else [self._hashes[i] for i in idx])
+            _hashes=None if self._hashes is None else [self._hashes[i] for i in idx],
+            _real=None if self._real is None or len(self._real) != len(self.items) else [self._real[i] for i in idx])
 
 
 def duplicate_stats(ids) -> dict:
@@ -400,7 +410,10 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
                        f"{', '.join(columns)}); name it with --path-col (images) or --text-col (texts)", table)
     if is_image:
         path_col = _pick(columns, o.path_col, PATH_COLUMNS, "path", table)
-        items = [_table_image(table, root, n, row.get(path_col, ""), o) for n, row in enumerate(rows, 1)]
+        root_real, folders = _real(root), {}
+        checked = [_table_image(table, root, root_real, n, row.get(path_col, ""), o, folders)
+                   for n, row in enumerate(rows, 1)]
+        items, reals = [c[0] for c in checked], [c[1] for c in checked]
         used = {label_col, path_col}
         modality = "image"
     else:
@@ -414,29 +427,56 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
             raise BadInput(f"row {n + 1} has an empty label", table)
     attrs = {c: [str(row.get(c, "")).strip() for row in rows] for c in columns if c not in used}
     return RepairData(source=root, modality=modality, items=items, labels=labels, attributes=attrs,
-                      table=table, max_pixels=o.max_pixels)
+                      table=table, max_pixels=o.max_pixels, _real=reals if modality == "image" else None)
 
 
-def _inside(root: Path, p: Path) -> bool:
-    """Whether ``p`` (symlinks followed) lies inside the folder ``root`` (symlinks followed)."""
+def _real(p: Path, folders: Optional[dict] = None) -> Optional[Path]:
+    """``p`` with symlinks followed, or None (a symlink loop). ``folders``: a cache of resolved
+    folders shared by the calls of one load -- a file that is not itself a symlink resolves to its
+    resolved folder plus its name (one ``lstat`` instead of one per path component: thousands of
+    images in a few folders)."""
+    if folders is not None and p.name not in ("", ".", ".."):
+        parent = p.parent
+        if parent not in folders:
+            folders[parent] = _real(parent)
+        base = folders[parent]
+        try:
+            link = stat.S_ISLNK(os.lstat(p).st_mode)
+        except FileNotFoundError:
+            link = False
+        except OSError:
+            link = True
+        if base is not None and not link:
+            return base / p.name
     try:
-        return p.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError):    # a symlink loop
+        return p.resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def _inside(root_real: Optional[Path], real: Optional[Path]) -> bool:
+    """Whether a resolved path lies inside the resolved folder ``root_real`` (:func:`_real` of both:
+    the one home of the rule; a folder's paths are resolved once each)."""
+    if root_real is None or real is None:
         return False
+    r, p = str(root_real), str(real)           # resolved, absolute: a prefix test on the strings
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
-def _table_image(table: Path, root: Path, row: int, rel: str, o: DataOptions) -> Path:
-    """The image a table row lists: relative to the data folder, inside it (symlinks followed)
-    unless ``allow_outside_paths``, and an existing regular file."""
+def _table_image(table: Path, root: Path, root_real: Optional[Path], row: int, rel: str,
+                 o: DataOptions, folders: Optional[dict] = None) -> tuple[Path, Path]:
+    """The image a table row lists and its resolved path: relative to the data folder, inside it
+    (symlinks followed) unless ``allow_outside_paths``, and an existing regular file."""
     if not rel.strip():
         raise BadInput(f"row {row} has an empty image path", table)
     p = Path(rel) if Path(rel).is_absolute() else root / rel
-    if not o.allow_outside_paths and not _inside(root, p):
+    real = _real(p, folders)
+    if not o.allow_outside_paths and not _inside(root_real, real):
         raise BadInput(f"row {row}: image path {rel!r} leads outside the data folder {root} (to "
-                       f"{p.resolve()}); move it inside or pass --allow-outside-paths", table)
+                       f"{real or p}); move it inside or pass --allow-outside-paths", table)
     if not p.exists() and not p.is_symlink():
         raise BadInput(f"row {row}: image {rel!r} listed in {table.name} not found", p)
-    return p
+    return p, (real if real is not None else p.absolute())
 
 
 def _has_images(root: Path) -> bool:
@@ -448,21 +488,25 @@ def _has_images(root: Path) -> bool:
 
 
 def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
-    items, labels = [], []
+    items, labels, reals = [], [], []
+    root_real, folders = _real(root), {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not o.allow_outside_paths and not _inside(root, sub):
+        if not o.allow_outside_paths and not _inside(root_real, _real(sub)):
             raise BadInput(f"class folder is a symlink leading outside the data folder {root} (to "
-                           f"{sub.resolve()}); pass --allow-outside-paths to read it", sub)
+                           f"{_real(sub) or sub}); pass --allow-outside-paths to read it", sub)
         for f in sorted(sub.rglob("*")):
             if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir():
-                if not o.allow_outside_paths and not _inside(root, f):
+                real = _real(f, folders)
+                if not o.allow_outside_paths and not _inside(root_real, real):
                     raise BadInput(f"image is a symlink leading outside the data folder {root} (to "
-                                   f"{f.resolve()}); pass --allow-outside-paths to read it", f)
+                                   f"{real or f}); pass --allow-outside-paths to read it", f)
                 items.append(f)     # a FIFO or device named like an image is refused by check_image
                 labels.append(sub.name)
+                reals.append(real if real is not None else f.absolute())
     if not items:
         raise BadInput("no images found (expected class subfolders or a metadata.csv)", root)
-    return RepairData(source=root, modality="image", items=items, labels=labels, max_pixels=o.max_pixels)
+    return RepairData(source=root, modality="image", items=items, labels=labels, max_pixels=o.max_pixels,
+                      _real=reals)
 
 
 def load_data(path, options: Optional[DataOptions] = None) -> RepairData:

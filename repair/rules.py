@@ -124,6 +124,7 @@ class Protected:
         self.files: dict[Path, str] = {}
         self.folders: dict[Path, str] = {}
         self.named: dict[Path, str] = {}      # paths given that are not read whole (a table's folder)
+        self._holders: Optional[dict] = None  # every folder holding a protected path -> that path
 
     def add(self, path: Optional[PathLike], what: str) -> "Protected":
         """A path the user gave: a folder counts as read whole, a file as itself."""
@@ -131,15 +132,20 @@ class Protected:
             return self
         p = _norm(path)
         (self.folders if p.is_dir() else self.files).setdefault(p, what)
+        self._holders = None
         return self
 
     def add_file(self, path: PathLike, what: str) -> "Protected":
         self.files.setdefault(_norm(path), what)
+        self._holders = None
         return self
 
-    def add_files(self, paths: Iterable[PathLike], what: str) -> "Protected":
+    def add_files(self, paths: Iterable[PathLike], what: str, resolved: bool = False) -> "Protected":
+        """``resolved``: the paths are absolute with symlinks followed already (a data set's
+        :meth:`~repair.data.RepairData.files`), so they are not resolved again."""
         for p in paths:
-            self.add_file(p, what)
+            self.files.setdefault(Path(p) if resolved else _norm(p), what)
+        self._holders = None
         return self
 
     def add_data(self, data, what: str) -> "Protected":
@@ -147,13 +153,14 @@ class Protected:
         itself and every file it lists."""
         if data is None:
             return self
-        files = data.files() if hasattr(data, "files") else (
+        resolved = hasattr(data, "files")
+        files = data.files() if resolved else (
             [data.table] if data.table else []) + ([Path(i) for i in data.items] if data.modality == "image" else [])
         if data.table is None:
             self.add(data.source, what)
         else:
             self.named.setdefault(_norm(data.source), what)
-        self.add_files(files, what)
+        self.add_files(files, what, resolved=resolved)
         return self
 
     def update(self, other: "Protected") -> "Protected":
@@ -163,6 +170,7 @@ class Protected:
             self.folders.setdefault(p, w)
         for p, w in other.named.items():
             self.named.setdefault(p, w)
+        self._holders = None
         return self
 
     def why(self, out: PathLike, flag: str = "--out") -> Optional[str]:
@@ -171,9 +179,18 @@ class Protected:
         for p, what in {**self.named, **self.files, **self.folders}.items():
             if o == p:
                 return f"{flag} would overwrite the {what}"
-        for p, what in {**self.files, **self.folders}.items():
-            if o in p.parents:
-                return f"{flag} would replace a folder that holds the {what} ({p})"
+        if self._holders is None:            # every ancestor of a protected path, once (thousands of images)
+            first: dict = {}                 # folder -> the first protected path directly in it
+            for p in {**self.files, **self.folders}:
+                first.setdefault(p.parent, p)
+            self._holders = {}
+            for d, p in first.items():
+                for a in (d, *d.parents):
+                    self._holders.setdefault(a, p)
+        if o in self._holders:
+            p = self._holders[o]
+            what = self.files.get(p, self.folders.get(p))
+            return f"{flag} would replace a folder that holds the {what} ({p})"
         for p, what in self.folders.items():
             if p in o.parents:
                 return f"{flag} is inside the {what} ({p}), which is read as a whole"

@@ -832,3 +832,29 @@ def test_onnx_external_data_files_are_source_files(tmp_path):
     assert set(a.source_files()) == {(d / "m.onnx").resolve(), (d / "weights.bin").resolve()}
     W, _ = a.head_params()
     assert torch.allclose(W, m.get_classifier().weight.detach())
+
+
+def test_resolving_with_a_folder_cache_is_resolve(tmp_path):
+    # the data loaders resolve thousands of image paths through a cache of resolved folders: every
+    # kind of path (plain, a symlinked file, a symlinked folder, '..', missing, a loop) resolves
+    # exactly as Path.resolve() does (None for a loop)
+    import os
+
+    from repair.data import _real
+
+    d = tmp_path
+    (d / "a").mkdir()
+    (d / "b").mkdir()
+    (d / "a" / "x.png").write_bytes(b"1")
+    os.symlink(d / "a" / "x.png", d / "b" / "link.png")
+    os.symlink(d / "a", d / "alink")
+    os.symlink(d / "loop", d / "loop")
+    cache: dict = {}
+    for c in [d / "a" / "x.png", d / "b" / "link.png", d / "alink" / "x.png", d / "a" / ".." / "b" / "link.png",
+              d / "a" / "missing.png", d / "loop", d / "a" / "..", d / "alink", d / "alink" / "x.png"]:
+        try:
+            ref = c.resolve()
+        except (OSError, RuntimeError):
+            ref = None
+        assert _real(c, cache) == ref, c
+    assert cache, "the folder cache was used"

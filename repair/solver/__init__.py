@@ -95,15 +95,17 @@ form="auto", factor_dtype=torch.float32, num_threads="auto") -> (v (K,L,d), c (K
     ``n``-dimensional Gram-matrix (kernel) form; see its docstring. No standardisation
     or folding: the caller passes the features it wants.
 
-``fit_binary_l2_path_lbfgs(X (n,d), blocks [(start, stop)], t (n,T), w (n,)|(n,T), l2 (L,)|(L,B), *,
-scale=None, shift=None, tol=1e-3, max_iter=500) -> (v (B,T,L,d), c (B,T,L), info)``
+``fit_binary_l2_path_lbfgs(X (n,d), blocks [(start, stop)], t (n,T), w (n,)|(n,T), l2 (L,)|(L,B)|(L,B,T), *,
+scale=None, shift=None, offset=None, tol=1e-3, max_iter=500) -> (v (B,T,L,d), c (B,T,L), info)``
 
     The same binary L2 problems for LARGE data: batched L-BFGS on the rows as given (no
     per-problem copy; every block of rows holds ``T`` tasks sharing each pass; the
     standardisation ``x * scale + shift`` folded into the parameters; the line search runs on
-    the logits, free). ``path_solver(n, d, problems, data_bytes)`` picks Newton or L-BFGS
-    (estimated cost, Newton's copies against a memory budget); ``fit_logreg``'s two-class
-    smooth path uses it too.
+    the logits, free; ``offset`` (n,T) fixed logit offsets centre a penalty elsewhere than 0).
+    ``path_solver(n, d, problems, data_bytes, blocks=)`` picks Newton or L-BFGS (estimated
+    cost, Newton's copies against a memory budget); ``fit_logreg``'s two-class smooth path uses
+    it too, and solves problems that share every row and the feature map (AFR's grid, pulled
+    to the original head) as one L-BFGS block.
 
 Layout: :mod:`.fista` (``fit_logreg``), :mod:`.lbfgs` (``fit_binary_l2_path_lbfgs``,
 ``path_solver``), :mod:`.newton` (``fit_binary_l2_path``,
