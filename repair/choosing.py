@@ -25,6 +25,7 @@ One criterion (:class:`repair.selection.Criterion`) and one scheme decide every 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import threads
 from .errors import BadInput
 from .methods import ModelRepairInputs, RepairInputs
 from .selection import Criterion, KFold, head_predictions, inferred_groups, scores_from_preds, select_and_refit
@@ -120,7 +122,9 @@ class FitContext:
         self._tm = None
         self._runs = 0
         self.warnings: list[str] = []         # what the repair set is too small to support
-        self.seconds = 0.0                     # time spent fitting, all candidates and folds
+        self.seconds = 0.0                     # time spent fitting, all candidates and folds (summed)
+        self._lock = threading.Lock()          # head fits may run side by side (threads.map_tasks)
+        self.wall_seconds = 0.0                # choosing and fitting, wall clock (set by the caller)
 
     @property
     def trainable(self):
@@ -137,7 +141,8 @@ class FitContext:
                                     seed=self.seed, device=self.device,
                                     clusters=None if self.clusters is None else self.clusters[idx]), cfg)
             secs = time.perf_counter() - t0
-            self.seconds += secs
+            with self._lock:
+                self.seconds += secs
             return Fitted("head", W=out.W, b=out.b, diagnostics=out.diagnostics, config=cfg, seconds=secs)
         tm = self.trainable
         start = tm.state()
@@ -227,20 +232,21 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
     # ---- the heads, exactly as the recipe without model repairs would choose them
     head = None            # (chosen, final fit on the whole fit part, selection, its members' indices)
     if heads:
+        # independent fits on a small repair set run side by side, one torch thread each
+        workers = threads.workers_for(len(heads), float(fit_idx.numel()) * ctx.X.shape[1], ctx.device)
         if len(heads) == 1:
             head = (heads[0], ctx.fit(heads[0], fit_idx), None, [0])
         else:
-            full = [ctx.fit(c, fit_idx) for c in heads]
+            full = threads.map_tasks(lambda c: ctx.fit(c, fit_idx), heads, workers)
             frozen = [c.info.freeze(f.config, f.diagnostics or {}) if c.info.freeze else f.config
                       for c, f in zip(heads, full)]
             secs = [f.seconds for f in full]
 
             def fit(idx, which):
-                fs = []
-                for i in which:
-                    f = ctx.fit(heads[i], fit_idx[idx], config=frozen[i])
+                which = list(which)
+                fs = threads.map_tasks(lambda i: ctx.fit(heads[i], fit_idx[idx], config=frozen[i]), which, workers)
+                for i, f in zip(which, fs):
                     secs[i] += f.seconds
-                    fs.append(f)
                 return fs
 
             sel = select_and_refit(len(heads), fit, lambda fs, idx: torch.stack(

@@ -140,3 +140,32 @@ def test_fix_reads_the_repair_data_once(timm_folder, skewed_images, tmp_path, mo
     rep = fix_model(timm_folder, skewed_images, tmp_path / "out", data_opts=DataOptions(),
                     runtime=RuntimeOptions(progress=False), options=FixOptions(recipe="dfr"), log=lambda m: None)
     assert rep["method"] == "dfr" and reads == [str(skewed_images)]
+
+
+def test_candidates_side_by_side_choose_exactly_what_one_at_a_time_does(timm_folder, skewed_images, tmp_path,
+                                                                         monkeypatch):
+    # with threads to spare, auto's head fits run side by side (threads.map_tasks, one torch thread
+    # each): the candidates are independent, so every score, the choice and the written head are
+    # the ones the serial run gives
+    import safetensors.torch
+
+    from repair import threads
+
+    calls = []
+    real = threads.map_tasks
+    monkeypatch.setattr(threads, "map_tasks", lambda fn, items, workers: calls.append(workers) or real(fn, items, workers))
+    reps, heads = [], []
+    for n in (1, 2):
+        out = tmp_path / f"t{n}"
+        with threads.limited(n):
+            code, stdout, err = run_cli("fix", timm_folder, "--data", skewed_images, "--out", out, "--json", "-q")
+        assert code == 0, err
+        reps.append(json.loads(stdout))
+        sd = safetensors.torch.load_file(str(next(out.glob("*.safetensors"))))
+        heads.append({k: v for k, v in sd.items() if "head" in k or "fc" in k or "classifier" in k})
+    assert 1 in calls and 2 in calls, calls                  # serial once, side by side once
+    strip = lambda r: [{k: v for k, v in c.items() if k != "fit_seconds"} for c in r["candidates"]]  # noqa: E731
+    assert strip(reps[0]) == strip(reps[1]) and reps[0]["candidate"] == reps[1]["candidate"]
+    assert heads[0] and heads[0].keys() == heads[1].keys()
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    assert {"fit_seconds", "fit_seconds_summed"} <= set(reps[1]["timing"])   # wall clock, and every fit's own

@@ -212,10 +212,12 @@ def test_clp_raises_held_out_worst_group_accuracy(task):
     assert d["meta_steps"] == out.steps == 40 and d["masks"]["source"].startswith("given")
     assert "both the training and the meta data" in d["data"]
     assert {"meta", "delta", "sal"} <= set(d["loop"]["history"][-1])
-    # settled (the default): every interpolation x head candidate scored on the held-out part, the
-    # chosen one the best there, and the model left at it (the figure above is the settled model's)
+    # settled (the default): every interpolation x head candidate scored on the held-out part (alpha
+    # 0, the original body, with its refitted head only), the chosen one the best there, and the
+    # model left at it (the figure above is the settled model's)
     st = d["settle"]
-    assert st["head"] in ("fine-tuned", "refit") and len(st["candidates"]) == 4
+    assert st["head"] in ("fine-tuned", "refit") and len(st["candidates"]) == 5
+    assert [(c["alpha"], c["head"]) for c in st["candidates"]][-1] == (0.0, "refit")
     assert st["heldout_score"] == max(c["heldout_score"] for c in st["candidates"])
 
 

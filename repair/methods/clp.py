@@ -28,9 +28,10 @@ loss and margin relative to its class's last-epoch means.
    loss, the meta loss, the mean |delta| and the held-out criterion).
 4. **Settling** (``settle``, shared with mixft and recompose:
    :func:`repair.modelrepair.finetune.settle_by`): the kept weights are interpolated with the
-   original ones (``settle_alphas``, WiSE-FT) and each point also gets a group-balanced head
-   refitted on its body; the best on the held-out part is the result (``settle: off`` keeps the
-   early-stopped weights as they are).
+   original ones (``settle_alphas``, WiSE-FT; 0, 0.5 and 1 here: alpha 0 is the original body,
+   tried with its refitted head only) and each point also gets a group-balanced head refitted on
+   its body; the best on the held-out part is the result (``settle: off`` keeps the early-stopped
+   weights as they are).
 
 ``g`` is made once and lives for the whole run; its last layer starts at zero, so training
 starts as plain fine-tuning and departs from it only as far as the meta loss asks. Its
@@ -104,7 +105,8 @@ from torch import nn
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import TRAIN, LoopConfig, Session, SettleSettings, draw_batch, settle_by, train
+from ..modelrepair.finetune import (SETTLE_ALPHAS_WITH_ORIGINAL, TRAIN, LoopConfig, Session, SettleSettings, draw_batch,
+                                    settle_alphas_setting, settle_by, train)
 from ..modelrepair.masks import MASKS
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS
@@ -143,6 +145,7 @@ class ClpConfig(LoopConfig, SettleSettings):
     factual: bool = setting(True, doc="meta images: object pasted on another class's background")
     counterfactual_weight: float = setting(1.0, ge=0, doc="weight of the 'not y' loss on object-less meta images")
     infill: str = setting("mean", choices=("mean", "shuffle"), doc="how the object is removed")
+    settle_alphas: tuple = settle_alphas_setting(SETTLE_ALPHAS_WITH_ORIGINAL)
 
     def validate(self):
         if not (self.scope in ("head", "all") or self.scope.startswith(("last:", "names:"))):

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import setting
-from ..modelrepair.finetune import Session, SettleSettings, draw_batch, settle_by, train
+from ..modelrepair.finetune import (SETTLE_ALPHAS_WITH_ORIGINAL, Session, SettleSettings, draw_batch,
+                                    settle_alphas_setting, settle_by, train)
 from ..modelrepair.generation import (GENERATOR, GENERATOR_MODEL, GENERATORS, PROMPTS, contact_sheet, load_prompts,
                                       make_generator, save_png)
 from ..modelrepair.masks import MASK_SOURCES, MASKS, SEGMENTER, object_masks
@@ -77,6 +78,7 @@ class RecomposeConfig(FinetuneConfig, SettleSettings):
     size: int = setting(0, ge=0, doc="diffusers: generation size in pixels; 0 = the pipeline's own")
     inversion_steps: int = setting(0, ge=0, doc="diffusers: textual inversion steps per run; 0 = off")
     sheet: int = setting(48, ge=0, doc="generated images shown on the contact sheet")
+    settle_alphas: tuple = settle_alphas_setting(SETTLE_ALPHAS_WITH_ORIGINAL)
 
     def validate(self):
         super().validate()
