@@ -242,17 +242,22 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
                       for c, f in zip(heads, full)]
             secs = [f.seconds for f in full]
 
-            def fit(idx, which):
+            def fit_folds(trains, which):
+                # every (fold, candidate) fit of a repeat at once: side by side they balance (mix's
+                # averaged refits cost several times a dfr fit)
                 which = list(which)
-                fs = threads.map_tasks(lambda i: ctx.fit(heads[i], fit_idx[idx], config=frozen[i]), which, workers)
-                for i, f in zip(which, fs):
+                pairs = [(k, i) for k in range(len(trains)) for i in which]
+                fs = threads.map_tasks(lambda p: ctx.fit(heads[p[1]], fit_idx[trains[p[0]]], config=frozen[p[1]]),
+                                       pairs, workers)
+                for (_, i), f in zip(pairs, fs):
                     secs[i] += f.seconds
-                return fs
+                return [fs[k * len(which):(k + 1) * len(which)] for k in range(len(trains))]
 
-            sel = select_and_refit(len(heads), fit, lambda fs, idx: torch.stack(
-                [head_predictions(ctx.X[fit_idx[idx]], f.W, f.b) for f in fs]), y,
-                criterion=crit, score_strata=score_strata, split_strata=strata,
-                scheme=scheme, seed=seed + 1, refit=False)
+            sel = select_and_refit(len(heads), lambda idx, which: fit_folds([idx], which)[0],
+                                   lambda fs, idx: torch.stack([head_predictions(ctx.X[fit_idx[idx]], f.W, f.b)
+                                                                for f in fs]), y,
+                                   criterion=crit, score_strata=score_strata, split_strata=strata,
+                                   scheme=scheme, seed=seed + 1, refit=False, fit_folds=fit_folds)
             for i, c in enumerate(heads):
                 row = {"candidate": c.label, "kind": "head", "fit_seconds": round(secs[i], 4)}
                 if sel.worst is not None:
