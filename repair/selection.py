@@ -294,13 +294,9 @@ def stratified_split(strata: Tensor, fractions: Union[float, Sequence[float]],
     for units in _units(strata, clusters).values():
         units = [units[i] for i in torch.randperm(len(units), generator=gen).tolist()]
         n = sum(u.numel() for u in units)
-        enough = n >= len(fr) * min_per_part + 1
         start = 0
         for j, f in enumerate(fr):
-            take = int(math.floor(f * n + 0.5))
-            if enough and f > 0:
-                take = max(take, min_per_part)
-            take = min(take, max(n - start - 1, 0))        # leave >= 1 in rest
+            take = _share(f, n, start, len(fr), min_per_part)
             got, left = 0, []
             for k, u in enumerate(units):
                 # a unit joins while the part stays nearer its share; one unit always stays for rest
@@ -316,6 +312,16 @@ def stratified_split(strata: Tensor, fractions: Union[float, Sequence[float]],
     return [torch.sort(torch.cat(p)).values if p else empty for p in parts]
 
 
+def _share(f: float, n: int, start: int, n_parts: int, min_per_part: int) -> int:
+    """Samples a held-out part with fraction ``f`` takes from a stratum of ``n`` (``start`` already
+    given to earlier parts): ``f * n`` rounded half up, at least ``min_per_part`` when the stratum
+    has enough for every part, and always leaving one for the rest."""
+    take = int(math.floor(f * n + 0.5))
+    if n >= n_parts * min_per_part + 1 and f > 0:
+        take = max(take, min_per_part)
+    return min(take, max(n - start - 1, 0))
+
+
 def _singleton_split(strata: Tensor, fr: list, gen: torch.Generator, min_per_part: int, parts: list) -> list:
     """:func:`stratified_split` without clusters, on index tensors (every unit one sample, so a
     part takes exactly the next ``take`` shuffled samples of a stratum): the same split, the same
@@ -325,13 +331,9 @@ def _singleton_split(strata: Tensor, fr: list, gen: torch.Generator, min_per_par
     for idx in order.split(counts.tolist()):                    # per stratum, ascending indices
         idx = idx[torch.randperm(idx.numel(), generator=gen)]
         n = idx.numel()
-        enough = n >= len(fr) * min_per_part + 1
         start = 0
         for j, f in enumerate(fr):
-            take = int(math.floor(f * n + 0.5))
-            if enough and f > 0:
-                take = max(take, min_per_part)
-            take = min(take, max(n - start - 1, 0))        # leave >= 1 in rest
+            take = _share(f, n, start, len(fr), min_per_part)
             parts[j + 1].append(idx[start:start + take])
             start += take
         parts[0].append(idx[start:])
