@@ -4,7 +4,7 @@ warm-started penalty path by damped Newton, primal or Gram-matrix form:
 from __future__ import annotations
 
 import time
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -277,42 +277,57 @@ def _internal_logits(Z: Tensor, W: Tensor, b: Tensor, scale, shift) -> Tensor:
     return lg.view(-1, K, C).transpose(0, 1)
 
 
+def _pull_center(l2: Tensor, pull: Tensor, Wref) -> Optional[Tensor]:
+    """(K, D) float64 centre ``v_k`` of each binary problem's penalty (see :func:`binary_heads`), or
+    None without a reference head."""
+    if Wref is None:
+        return None
+    return (pull / (l2 + pull)).view(-1, 1) * (Wref[:, 1] - Wref[:, 0]).double()
+
+
+def _two_class_heads(V: Tensor, c: Tensor, center, Wref, bref, lg_of, y_k: Tensor, w: Tensor, l2: Tensor,
+                     pull: Tensor, info: dict, solver: str) -> tuple:
+    """:func:`binary_heads`'s result from binary solutions ``V`` (K, D) (deviations from ``center``),
+    ``c`` (K,): the two-class heads ``[m - v/2, m + v/2]`` and their multinomial objective (sklearn
+    scale, internal coordinates); ``lg_of(W, b)`` gives the (K, n, 2) logits on the problems' rows."""
+    K, D = V.shape
+    dev = V.device
+    v = V if center is None else V + center
+    m = torch.zeros(K, D, dtype=torch.float64, device=dev) if Wref is None else 0.5 * (Wref[:, 0] + Wref[:, 1]).double()
+    mb = torch.zeros(K, dtype=torch.float64, device=dev) if bref is None else 0.5 * (bref[:, 0] + bref[:, 1]).double()
+    W = torch.stack([m - v / 2, m + v / 2], 1)
+    b = torch.stack([mb - c / 2, mb + c / 2], 1)
+    lg = lg_of(W, b)
+    ce = torch.logsumexp(lg, -1) - lg.gather(-1, y_k.unsqueeze(-1)).squeeze(-1)
+    obj = (ce * w.double()).sum(1) + 0.5 * l2 * (W * W).sum((1, 2))
+    if Wref is not None:
+        obj = obj + 0.5 * pull * ((W - Wref.double()) ** 2).sum((1, 2))
+    it = int(sum(info["n_iter"]))
+    return W.float(), b.float(), {"n_iter": [it] * K, "converged": [bool(all(info["converged"]))] * K,
+                                  "objective": obj.cpu().tolist(), "form": info["form"], "solver": solver}
+
+
 def _shared_rows_lbfgs(Z, y, w, l2, pull, Wref, bref, scale, shift, tol, max_iter):
     """:func:`binary_heads` for problems that share all rows and the feature map, by L-BFGS on
     ``Z`` as given (one block, a column per problem; the pull as fixed logit offsets)."""
     from .lbfgs import ITERS_PER_NEWTON_STEP, fit_binary_l2_path_lbfgs
 
     K, N = w.shape
-    D = Z.shape[1]
     dt = Z.dtype
     l2, pull = l2.double(), pull.double()
-    lam = (l2 + pull) / 2.0
-    a = None if scale is None else scale[0]
-    sh = None if shift is None else shift[0]
-    center = offset = None
-    if Wref is not None:
-        center = (pull / (l2 + pull)).view(K, 1) * (Wref[:, 1] - Wref[:, 0]).double()        # (K, D)
+    center = _pull_center(l2, pull, Wref)
+    offset = None
+    if center is not None:                                   # x~ . center for every row: (N, K)
         offset = _internal_logits(Z, center.unsqueeze(1), torch.zeros(K, 1, dtype=torch.float64, device=Z.device),
-                                  scale, shift)[:, :, 0].T.to(dt)                              # (N, K)
+                                  scale, shift)[:, :, 0].T.to(dt)
     tgt = (y == 1).to(dt).view(N, 1).expand(N, K)
-    V, cl, info = fit_binary_l2_path_lbfgs(Z, [(0, N)], tgt, w.T.to(dt), lam.view(1, 1, K), scale=a, shift=sh,
-                                           offset=offset, tol=tol, max_iter=ITERS_PER_NEWTON_STEP * max_iter)
-    v = V[0, :, 0].double()
-    v = v if center is None else v + center
-    cb = cl[0, :, 0]
-    m = torch.zeros(K, D, dtype=torch.float64, device=Z.device) if Wref is None else 0.5 * (Wref[:, 0] + Wref[:, 1]).double()
-    mb = torch.zeros(K, dtype=torch.float64, device=Z.device) if bref is None else 0.5 * (bref[:, 0] + bref[:, 1]).double()
-    W = torch.stack([m - v / 2, m + v / 2], 1)
-    b = torch.stack([mb - cb / 2, mb + cb / 2], 1)
-    lg = _internal_logits(Z, W, b, scale, shift)                                              # (K, N, 2)
-    yk = y.view(1, N, 1).expand(K, N, 1)
-    ce = torch.logsumexp(lg, -1) - lg.gather(-1, yk).squeeze(-1)
-    obj = (ce * w.double()).sum(1) + 0.5 * l2 * (W * W).sum((1, 2))
-    if Wref is not None:
-        obj = obj + 0.5 * pull * ((W - Wref.double()) ** 2).sum((1, 2))
-    it = int(sum(info["n_iter"]))
-    return W.float(), b.float(), {"n_iter": [it] * K, "converged": [bool(all(info["converged"]))] * K,
-                                  "objective": obj.cpu().tolist(), "form": "lbfgs", "solver": "lbfgs"}
+    V, cl, info = fit_binary_l2_path_lbfgs(Z, [(0, N)], tgt, w.T.to(dt), ((l2 + pull) / 2.0).view(1, 1, K),
+                                           scale=None if scale is None else scale[0],
+                                           shift=None if shift is None else shift[0], offset=offset, tol=tol,
+                                           max_iter=ITERS_PER_NEWTON_STEP * max_iter)
+    return _two_class_heads(V[0, :, 0].double(), cl[0, :, 0], center, Wref, bref,
+                            lambda W, b: _internal_logits(Z, W, b, scale, shift), y.view(1, N).expand(K, N), w,
+                            l2, pull, info, "lbfgs")
 
 
 def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref=None, bref=None,
@@ -357,10 +372,8 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     Xk = Xk.contiguous()
     l2, pull = l2.double(), pull.double()
     lam = (l2 + pull) / 2.0                                  # binary convention: sklearn multinomial / 2
-    center = offset = None
-    if Wref is not None:
-        center = ((pull / (l2 + pull)).view(K, 1) * (Wref[:, 1] - Wref[:, 0]).double())
-        offset = torch.bmm(Xk, center.to(Xk.dtype).unsqueeze(-1)).squeeze(-1)
+    center = _pull_center(l2, pull, Wref)
+    offset = None if center is None else torch.bmm(Xk, center.to(Xk.dtype).unsqueeze(-1)).squeeze(-1)
     tgt = (y_k == 1).to(Xk.dtype)
     from .lbfgs import fit_binary_l2_path_lbfgs, path_solver, ITERS_PER_NEWTON_STEP
 
@@ -374,18 +387,6 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     else:
         V, c, info = fit_binary_l2_path(Xk, tgt, w, lam.view(1, K), tol=tol, max_iter=max_iter, offset=offset,
                                         num_threads=None)
-    v = V[:, 0] if center is None else V[:, 0] + center
-    cb = c[:, 0]
-    m = torch.zeros(K, D, dtype=torch.float64, device=Z.device) if Wref is None else 0.5 * (Wref[:, 0] + Wref[:, 1]).double()
-    mb = torch.zeros(K, dtype=torch.float64, device=Z.device) if bref is None else 0.5 * (bref[:, 0] + bref[:, 1]).double()
-    W = torch.stack([m - v / 2, m + v / 2], 1)
-    b = torch.stack([mb - cb / 2, mb + cb / 2], 1)
-    # the multinomial objective (sklearn scale, internal coordinates) at the solution
-    lg = torch.bmm(Xk.double(), W.transpose(1, 2)) + b.unsqueeze(1)
-    ce = torch.logsumexp(lg, -1) - lg.gather(-1, y_k.unsqueeze(-1)).squeeze(-1)
-    obj = (ce * w.double()).sum(1) + 0.5 * l2 * (W * W).sum((1, 2))
-    if Wref is not None:
-        obj = obj + 0.5 * pull * ((W - Wref.double()) ** 2).sum((1, 2))
-    it = int(sum(info["n_iter"]))
-    return W.float(), b.float(), {"n_iter": [it] * K, "converged": [bool(all(info["converged"]))] * K,
-                                  "objective": obj.cpu().tolist(), "form": info["form"], "solver": solver}
+    return _two_class_heads(V[:, 0], c[:, 0], center, Wref, bref,
+                            lambda W, b: torch.bmm(Xk.double(), W.transpose(1, 2)) + b.unsqueeze(1), y_k, w, l2,
+                            pull, info, solver)
