@@ -76,8 +76,11 @@ def test_interpolation_weight_is_chosen_on_the_held_out_part(session):
 
 def test_a_refitted_head_replaces_a_broken_one(session):
     """A head that predicts one class everywhere (held-out worst class 0) loses to the head
-    refitted on the same body; the refitted head is written into the model."""
+    refitted on the same body; the refitted head, fitted again at its chosen strength on every
+    repair row, is written into the model."""
     from repair.modelrepair.finetune import refit_head, settle
+    from repair.selection import head_predictions
+    from repair.solver import fit_logreg, group_balanced_weights
 
     sess, tm = session
     with torch.no_grad():
@@ -91,10 +94,14 @@ def test_a_refitted_head_replaces_a_broken_one(session):
     # nothing moved: one body, with its own head and the refitted one
     assert [(c["alpha"], c["head"]) for c in diag["candidates"]] == [(1.0, "fine-tuned"), (1.0, "refit")]
     assert diag["head"] == "refit" and diag["heldout_score"] > 0.0
-    assert diag["refit"]["l2"] == info["l2"]
-    torch.testing.assert_close(tm.head.weight.detach(), W.to(tm.head.weight.dtype))
-    torch.testing.assert_close(tm.head.bias.detach(), b.to(tm.head.bias.dtype))
-    assert sess.evaluate() == pytest.approx((diag["heldout_score"], diag["heldout_accuracy"]))
+    assert diag["refit"]["l2"] == info["l2"] and diag["head_rows"] == "all repair rows"
+    # scored as fitted on the training part; written as refitted at that strength on every row
+    worst, mean = sess.heldout_scores(head_predictions(X[sess.held_idx], W[None], b[None]))
+    assert (diag["heldout_score"], diag["heldout_accuracy"]) == pytest.approx((float(worst[0]), float(mean[0])))
+    Wa, ba, _ = fit_logreg(X, sess.y, 2, sample_weight=group_balanced_weights(sess.groups), l2=(info["l2"],))
+    torch.testing.assert_close(tm.head.weight.detach(), Wa[0].to(tm.head.weight.dtype))
+    torch.testing.assert_close(tm.head.bias.detach(), ba[0].to(tm.head.bias.dtype))
+    assert not torch.allclose(Wa[0], W, atol=1e-3)
 
 
 def test_settled_mixft_folds_into_an_ordinary_checkpoint(tmp_path):

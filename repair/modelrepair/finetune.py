@@ -388,14 +388,21 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor) -> tuple:
     session's training part, its strength chosen on the held-out part by the session's
     criterion (DFR's recipe): ``(W, b, {"l2", "heldout_score", "heldout_accuracy"})``."""
     from ..selection import head_predictions, pick_best
-    from ..solver import fit_logreg, group_balanced_weights
 
     tr, ho = sess.train_idx, sess.held_idx
-    W, b, _ = fit_logreg(X[tr], sess.y[tr], int(sess.inputs.ref_logits.shape[1]),
-                         sample_weight=group_balanced_weights(groups[tr]), l2=REFIT_L2)
+    W, b = _balanced_heads(sess, X, groups, tr, REFIT_L2)
     worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
     k = pick_best(worst, mean)
     return W[k], b[k], {"l2": REFIT_L2[k], "heldout_score": float(worst[k]), "heldout_accuracy": float(mean[k])}
+
+
+def _balanced_heads(sess: "Session", X: torch.Tensor, groups: torch.Tensor, rows: torch.Tensor, l2s) -> tuple:
+    """Group-balanced L2 logistic heads on ``X[rows]``, one per strength in ``l2s``: (S, C, d), (S, C)."""
+    from ..solver import fit_logreg, group_balanced_weights
+
+    W, b, _ = fit_logreg(X[rows], sess.y[rows], int(sess.inputs.ref_logits.shape[1]),
+                         sample_weight=group_balanced_weights(groups[rows]), l2=tuple(l2s))
+    return W, b
 
 
 def settle_by(cfg: SettleSettings, sess: "Session", start: dict,
@@ -417,7 +424,10 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     Every candidate is scored on the session's held-out part by its criterion, best worst-stratum
     then best mean (:func:`repair.selection.pick_best`; ties go to the earlier candidate, larger
     ``alpha`` first). The model is left at the chosen point -- ordinary weights, nothing to fold.
-    ``groups``: the groups a refitted head balances (default: the session's). Returns the
+    ``groups``: the groups a refitted head balances (default: the session's). When a refitted
+    head wins, the head the model ends with is fitted again at its strength on *every* repair row
+    (training and held-out part: choose on held-out data, then refit on all of it, as the head
+    repairs do); the held-out scores are those of the head fitted on the training part. Returns the
     diagnostics (the choice and every candidate's held-out scores)."""
     from ..selection import head_predictions, pick_best
 
@@ -437,9 +447,10 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     points = sorted({float(a) for a in alphas} if moved else {1.0}, reverse=True)
     if not refit:
         points = [a for a in points if a > 0] or [1.0]
+    embedded = {}
     for alpha in points:
         put(alpha)
-        X = tm.embed(sess.encoded, every, sess.device)
+        X = embedded[alpha] = tm.embed(sess.encoded, every, sess.device)
         W = tm.head.weight.detach().float().cpu()
         b = tm.head.bias.detach().float().cpu() if tm.head.bias is not None else torch.zeros(W.shape[0])
         # alpha 0 is the original body: its own head is the original model, only a refitted head
@@ -457,11 +468,13 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     best = cands[k]
     put(best["alpha"])
     if best["head"] == "refit":
+        Wa, ba = _balanced_heads(sess, embedded[best["alpha"]], groups, every, [best["refit"]["l2"]])
         with torch.no_grad():
-            tm.head.weight.copy_(best["W"].to(tm.head.weight))
+            tm.head.weight.copy_(Wa[0].to(tm.head.weight))
             if tm.head.bias is not None:
-                tm.head.bias.copy_(best["b"].to(tm.head.bias))
+                tm.head.bias.copy_(ba[0].to(tm.head.bias))
     return {"alpha": best["alpha"], "head": best["head"], "refit": best["refit"],
+            "head_rows": "all repair rows" if best["head"] == "refit" else None,
             "heldout_score": best["heldout_score"], "heldout_accuracy": best["heldout_accuracy"],
             "candidates": [{k2: v for k2, v in c.items() if k2 not in ("W", "b")} for c in cands]}
 
