@@ -74,6 +74,8 @@ MODEL_ROWS: list[ModelRow] = [
              note="clp with the early-stopped weights as they are (settle off): what settling changes"),
     ModelRow("clp-no-a0", "clp", {"settle_alphas": (0.5, 1.0)}, groups=(False,), modalities=("image",),
              note="clp settled without the original body among the candidates (no alpha 0: what it changes)"),
+    ModelRow("clp-soup3", "clp", {"members": 3}, groups=(False,), modalities=("image",),
+             note="clp as a weight-space soup of three seeds' training (members 3), then settled"),
     ModelRow("clp-ablation", "clp", {"meta": False, "saliency_weight": 0.0}, groups=(False,), modalities=("image",),
              note="ablation: the same loop and data without the perturbation network (plain fine-tuning)"),
     ModelRow("recompose", "recompose", {}, modalities=("image",),
@@ -82,6 +84,8 @@ MODEL_ROWS: list[ModelRow] = [
              note="recompose with the early-stopped weights as they are (settle off): what settling changes"),
     ModelRow("recompose-no-a0", "recompose", {"settle_alphas": (0.5, 1.0)}, groups=(False,), modalities=("image",),
              note="recompose settled without the original body among the candidates (no alpha 0)"),
+    ModelRow("recompose-soup3", "recompose", {"members": 3}, groups=(False,), modalities=("image",),
+             note="recompose as a weight-space soup of three seeds' retraining (members 3), then settled"),
     ModelRow("recompose-noprune", "recompose", {"min_probability": 0.0, "min_attribution": 0.0}, groups=(False,),
              modalities=("image",), note="ablation: every generated image kept"),
 ]

@@ -178,3 +178,47 @@ def test_a_model_repair_must_beat_the_heads_noise():
     pred[:7] = 0                                                  # the small group all right: class 1 worst
     assert abs(required_gain(pred, y, strata) - REQUIRED_Z * (0.8 * 0.2 / 400) ** 0.5) < 1e-6
     assert required_gain(y.clone(), y, strata) == MIN_GAIN
+
+
+def test_a_soup_is_the_average_of_its_members_trained_from_the_same_start():
+    """``members=k``: k runs of the loop from the same start with seeds seed .. seed+k-1, each at
+    its own best held-out state, averaged into one set of weights; a time budget is shared."""
+    from repair.modelrepair.finetune import Budget, LoopConfig, train
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=gen)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long()
+    lin = torch.nn.Linear(5, 2)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()                                         # every sample class 0 at the start
+    start = [p.detach().clone() for p in lin.parameters()]
+
+    def step(i, g):
+        idx = torch.randint(0, 64, (8,), generator=g)
+        return torch.nn.functional.cross_entropy(lin(X[idx]), y[idx])
+
+    def evaluate():
+        pred = lin(X).argmax(1)
+        acc = float((pred == y).float().mean())
+        return min(float((pred[y == c] == c).float().mean()) for c in (0, 1)), acc
+
+    def run(members, seed):
+        with torch.no_grad():
+            for p, v in zip(lin.parameters(), start):
+                p.copy_(v)
+        cfg = LoopConfig(epochs=3, lr=0.05, patience=0, members=members, eval_every=1)
+        r = train(list(lin.parameters()), step, evaluate, cfg, steps_per_epoch=8, seed=seed, progress=False,
+                  budget=Budget(seconds=1000.0))
+        return r, [p.detach().clone() for p in lin.parameters()]
+
+    (r0, w0), (r1, w1) = run(1, 5), run(1, 6)
+    assert not torch.allclose(w0[0], w1[0])                      # the seeds differ
+    soup, ws = run(2, 5)
+    for a, b, s in zip(w0, w1, ws):
+        torch.testing.assert_close(s, (a + b) / 2)
+    assert soup.steps == r0.steps + r1.steps
+    assert soup.budget["members"] == 2 and soup.budget["seconds"] == 500.0
+    assert soup.budget["member_scores"] == [r0.best_score, r1.best_score]
+    assert (soup.best_score, soup.best_accuracy) == evaluate()
+    assert {h["member"] for h in soup.history} == {0, 1}

@@ -126,6 +126,9 @@ class LoopConfig:
     patience: int = setting(3, ge=0, doc="evaluations without improvement before stopping; 0 = never stop early")
     freeze_bn: bool = True
     amp: bool = setting(True, doc="bfloat16 autocast on CUDA (ignored on CPU)")
+    members: int = setting(1, ge=1, doc="weight-space soup: train this many times from the same start (seeds seed, "
+                                        "seed+1, ...; each early-stopped on the held-out part) and average the "
+                                        "trained weights into one model; a time budget is shared among them")
 
 
 def settle_alphas_setting(default: tuple = (0.5, 1.0)):
@@ -185,12 +188,56 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     shown in the progress bar, recorded in the history);
     ``evaluate()`` returns ``(held-out criterion score, held-out mean accuracy)`` with the
     model in whatever mode it needs (the loop restores train mode). The parameters end
-    at the best evaluated state (the last state when ``evaluate`` is None)."""
+    at the best evaluated state (the last state when ``evaluate`` is None).
+
+    ``cfg.members > 1``: a uniform weight-space soup (Wortsman et al. 2022, "model soups"): the
+    loop runs that many times from the same starting parameters with seeds ``seed, seed + 1,
+    ...`` (batch order, mixing draws, dropout), each member ending at its own best held-out state,
+    and the parameters end at the average of the members' (one ordinary set of weights: nothing to
+    fold). A time budget is split evenly among the members; steps and epochs are per member. The
+    result's steps add up, its history has each entry's ``member``, its held-out score is the
+    soup's."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires gradients")
     default_budget = budget is None
     budget = Budget.default() if default_budget else budget
+    k = int(getattr(cfg, "members", 1) or 1)
+    if k <= 1:
+        return _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device,
+                           progress, desc)
+    start = [p.detach().clone() for p in params]
+    share = budget if budget.seconds is None else Budget(budget.steps, budget.epochs, budget.seconds / k)
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    runs = []
+    t0 = time.perf_counter()
+    for m in range(k):
+        with torch.no_grad():
+            for p, v in zip(params, start):
+                p.copy_(v)
+        r = _train_once(params, step, evaluate, cfg, steps_per_epoch, share, default_budget, int(seed) + m, device,
+                        progress, f"{desc} {m + 1}/{k}")
+        runs.append(r)
+        with torch.no_grad():
+            for acc, p in zip(total, params):
+                acc.add_(p.detach().double())
+    with torch.no_grad():
+        for p, acc in zip(params, total):
+            p.copy_((acc / k).to(p.dtype))
+    score = evaluate() if evaluate is not None else None
+    return LoopResult(steps=sum(r.steps for r in runs), best_step=runs[-1].best_step,
+                      best_score=None if score is None else float(score[0]),
+                      best_accuracy=None if score is None else float(score[1]),
+                      seconds=time.perf_counter() - t0, stopped_by=runs[-1].stopped_by,
+                      history=[{"member": m, **h} for m, r in enumerate(runs) for h in r.history],
+                      budget={**share.describe(), "default": default_budget, "members": k,
+                              "member_scores": [r.best_score for r in runs],
+                              "member_stopped_by": [r.stopped_by for r in runs]})
+
+
+def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device, progress,
+                desc) -> LoopResult:
+    """One run of the loop (:func:`train`) on ``params`` as they are."""
     total, limit = budget.step_limit(max(1, steps_per_epoch), cfg.epochs)
     eval_every = cfg.eval_every or max(1, steps_per_epoch)
     dev = torch.device(device)
