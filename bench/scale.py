@@ -314,25 +314,10 @@ def crossover(sizes=CROSSOVER_SIZES, seed: int = 0) -> list:
 
 
 def table(sc: dict) -> str:
-    """The results as a markdown table."""
-    L = ["| classes | row | time (s) | peak RSS (MiB) | RSS / embeddings | test WGA | test acc | speed-up | note |",
-         "|---|---|---|---|---|---|---|---|---|"]
-    for C, p in sc["problems"].items():
-        for lab, r in p["rows"].items():
-            if "skipped" in r:
-                L.append(f"| {C} | {lab} | skipped: {r['skipped']} | | | | | | |")
-                continue
-            ours = lab == "dfr[groups]"
-            note = ""
-            if ours:
-                note = f"{r.get('protocol')}, {r.get('solver') or ''} C={(r.get('chosen') or {}).get('C')}"
-            elif "n_iter" in r:
-                note = f"C={(r.get('chosen') or {}).get('C')}, {r['n_iter']} iterations"
-            sp = f"{p['speedup']:.1f}x" if ours and "speedup" in p else ""
-            L.append(f"| {C} | {lab} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | "
-                     f"{r['peak_rss_mib'] / p['embeddings_mib']:.2f}x | {100 * r['wga']:.1f} | {100 * r['acc']:.1f} | "
-                     f"{sp} | {note} |")
-    return "\n".join(L)
+    """The results as a markdown table (the report's: :func:`bench.report.scale_table`)."""
+    from .report import scale_table
+
+    return "\n".join(scale_table(sc))
 
 
 def main(argv=None) -> None:
