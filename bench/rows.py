@@ -66,6 +66,11 @@ MODEL_ROWS: list[ModelRow] = [
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft selected by the worst inferred group (class x correct/incorrect under the "
                   "original) even on a balanced repair set"),
+    ModelRow("mixft-lpft-wig-last", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
+                                              "selection": "worst_inferred_group", "keep": "last"},
+             modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
+             note="mixft-lpft-wig ending at the schedule's last step (keep last) instead of the best held-out "
+                  "evaluation, which on some seeds was the start; then settled"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
              note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),

@@ -222,3 +222,36 @@ def test_a_soup_is_the_average_of_its_members_trained_from_the_same_start():
     assert soup.budget["member_scores"] == [r0.best_score, r1.best_score]
     assert (soup.best_score, soup.best_accuracy) == evaluate()
     assert {h["member"] for h in soup.history} == {0, 1}
+
+
+def test_keep_last_ends_at_the_last_step_even_when_the_start_scored_best():
+    """``keep="best"`` (default) restores the best held-out evaluation -- here the start, since
+    training only makes the held-out score worse; ``keep="last"`` leaves the last step's weights
+    and reports the last evaluation."""
+    from repair.modelrepair.finetune import Budget, LoopConfig, train
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 3, generator=gen)
+    y = (X[:, 0] > 0).long()
+    lin = torch.nn.Linear(3, 2)
+
+    def step(i, g):                                   # trains toward the wrong labels
+        return torch.nn.functional.cross_entropy(lin(X), 1 - y)
+
+    def evaluate():
+        acc = float((lin(X).argmax(1) == y).float().mean())
+        return acc, acc
+
+    out = {}
+    for keep in ("best", "last"):
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor([[-1.0, 0, 0], [1.0, 0, 0]]))     # right at the start
+            lin.bias.zero_()
+        r = train(list(lin.parameters()), step, evaluate, LoopConfig(epochs=20, lr=0.1, patience=0, keep=keep),
+                  steps_per_epoch=1, progress=False, budget=Budget(seconds=1000.0))
+        out[keep] = (r, evaluate())
+    rb, sb = out["best"]
+    rl, sl = out["last"]
+    assert rb.best_step == 0 and sb[0] == 1.0 and rb.best_score == 1.0
+    assert rl.best_step == rl.steps == 20 and sl[0] < 0.5
+    assert rl.best_score == pytest.approx(sl[0]) == pytest.approx(rl.history[-1]["score"])

@@ -126,6 +126,10 @@ class LoopConfig:
     patience: int = setting(3, ge=0, doc="evaluations without improvement before stopping; 0 = never stop early")
     freeze_bn: bool = True
     amp: bool = setting(True, doc="bfloat16 autocast on CUDA (ignored on CPU)")
+    keep: str = setting("best", choices=("best", "last"),
+                        doc="the weights training ends with: best = the best held-out evaluation (the start "
+                            "included), last = the last step's (a schedule run to its end; settling still compares "
+                            "them with the start when settle_alphas has 0)")
     members: int = setting(1, ge=1, doc="weight-space soup: train this many times from the same start (seeds seed, "
                                         "seed+1, ...; each early-stopped on the held-out part) and average the "
                                         "trained weights into one model; a time budget is shared among them")
@@ -188,7 +192,8 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     shown in the progress bar, recorded in the history);
     ``evaluate()`` returns ``(held-out criterion score, held-out mean accuracy)`` with the
     model in whatever mode it needs (the loop restores train mode). The parameters end
-    at the best evaluated state (the last state when ``evaluate`` is None).
+    at the best evaluated state (the last state when ``evaluate`` is None or ``cfg.keep`` is
+    ``"last"``; ``best_step`` is then the last step).
 
     ``cfg.members > 1``: a uniform weight-space soup (Wortsman et al. 2022, "model soups"): the
     loop runs that many times from the same starting parameters with seeds ``seed, seed + 1,
@@ -332,11 +337,14 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
                     break
     finally:
         bar.close()
-    if best_state is not None:
+    keep_best = getattr(cfg, "keep", "best") == "best"
+    if best_state is not None and keep_best:
         with torch.no_grad():
             for p, v in zip(params, best_state):
                 p.copy_(v)
-    return LoopResult(steps=i, best_step=best_step if evaluate is not None else i,
+    elif history:                                      # the last state: the last evaluation's scores
+        best = (history[-1]["score"], history[-1]["accuracy"])
+    return LoopResult(steps=i, best_step=best_step if evaluate is not None and keep_best else i,
                       best_score=None if best is None else best[0],
                       best_accuracy=None if best is None else best[1],
                       seconds=time.perf_counter() - t0, stopped_by=stopped, history=history,
