@@ -71,6 +71,10 @@ MODEL_ROWS: list[ModelRow] = [
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft-wig ending at the schedule's last step (keep last) instead of the best held-out "
                   "evaluation, which on some seeds was the start; then settled"),
+    ModelRow("mixft-lpft-last", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
+                                          "keep": "last", "selection": "worst_inferred_group"},
+             modalities=("image",), budget="4epochs", groups=(False,),
+             note="the capped task's mixft setting (mixft-lpft-wig-last, auto-ft's candidate) on the image tasks"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
              note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
