@@ -214,6 +214,14 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
     return V, Cb, info
 
 
+def _inverse_curvature(s: Tensor, y: Tensor) -> Tensor:
+    """``1 / (s . y)`` per problem for the pairs ``s, y`` (P, d+1), or 0 (the pair is skipped by the
+    two-loop recursion) where the curvature ``s . y`` is not clearly positive."""
+    sy = (s * y).sum(1)
+    good = sy > 1e-10 * (s * s).sum(1).sqrt() * (y * y).sum(1).sqrt()
+    return torch.where(good, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
+
+
 class _Block:
     """One block of rows and its ``T`` problems; parameters ``v`` (P, d), ``c`` (P,) float64."""
 
@@ -322,11 +330,9 @@ class _Block:
         if hist is not None:                                   # the data curvature of earlier penalties
             for sk, ydk in zip(*hist):
                 yk = ydk.add_(pen(sk, lam))                     # the record is ours: no copy
-                sy = (sk * yk).sum(1)
-                good = sy > 1e-10 * (sk * sk).sum(1).sqrt() * (yk * yk).sum(1).sqrt()
                 S.append(sk)
                 Y.append(yk)
-                rho.append(torch.where(good, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy)))
+                rho.append(_inverse_curvature(sk, yk))
         last_drop = torch.full_like(f, float("inf"))           # objective decrease of the last step
         it = 0
         while it < max_iter:
@@ -409,11 +415,9 @@ class _Block:
             gv_new = gv_new + lam.unsqueeze(1) * v
             sv = torch.cat([al.unsqueeze(1) * dv, (al * dc).unsqueeze(1)], 1)
             yv = torch.cat([gv_new - gv, (gc_new - gc).unsqueeze(1)], 1)
-            sy = (sv * yv).sum(1)
-            good = sy > 1e-10 * (sv * sv).sum(1).sqrt() * (yv * yv).sum(1).sqrt()
             S.append(sv)
             Y.append(yv)
-            rho.append(torch.where(good, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy)))
+            rho.append(_inverse_curvature(sv, yv))
             if len(S) > self._m_for(act.numel()):
                 S.pop(0), Y.pop(0), rho.pop(0)
             gv, gc = gv_new, gc_new
