@@ -311,7 +311,7 @@ class _Block:
         f = self.loss(u, None) + 0.5 * lam * (v * v).sum(1)
         gv = gv + lam.unsqueeze(1) * v
 
-        m = self._m_for(T)
+        m = self.m
         out_S = torch.zeros(m, T, v.shape[1] + 1, dtype=torch.float64, device=dev)
         out_Yd = torch.zeros_like(out_S)
 
@@ -418,7 +418,7 @@ class _Block:
             S.append(sv)
             Y.append(yv)
             rho.append(_inverse_curvature(sv, yv))
-            if len(S) > self._m_for(act.numel()):
+            if len(S) > self.m:
                 S.pop(0), Y.pop(0), rho.pop(0)
             gv, gc = gv_new, gc_new
             if bool(stuck.any()):                          # stop those problems, unconverged
@@ -434,9 +434,6 @@ class _Block:
         if not bool(done.all()):                           # iteration cap: the last iterates
             record(act, torch.ones(act.numel(), dtype=torch.bool, device=dev))
         return out_v, out_c, it, bool(converged.all()), (out_u, out_gv, out_gc), (out_S, out_Yd)
-
-    def _m_for(self, P: int) -> int:
-        return self.m
 
 
 __all__ = ["fit_binary_l2_path_lbfgs", "path_solver", "lbfgs_cost"]
