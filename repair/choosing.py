@@ -36,38 +36,11 @@ import torch
 from . import threads
 from .errors import BadInput
 from .methods import ModelRepairInputs, RepairInputs
-from .selection import Criterion, KFold, head_predictions, inferred_groups, scores_from_preds, select_and_refit
+from .selection import (MIN_GAIN, REQUIRED_Z, Criterion, KFold, head_predictions, inferred_groups,  # noqa: F401
+                        required_gain, scores_from_preds, select_and_refit)
 
 #: skip model repairs when the best head's criterion is this close (fraction) to its accuracy
 NO_GAP = 0.01
-#: a model repair replaces the head only when its out-of-fold criterion is at least this much higher
-#: (a fraction): a smaller edge is one or two samples of the worst group, noise, and a model repair
-#: costs a training run and changes the whole network (measured: on the demo a 0.3-point edge chose
-#: mixft, which then scored 5.7 points below the head on the test split)
-MIN_GAIN = 0.01
-
-
-#: standard errors of the head's worst-stratum accuracy a model repair must gain (:func:`required_gain`)
-REQUIRED_Z = 2.0
-
-
-def required_gain(pred: torch.Tensor, y: torch.Tensor, strata: torch.Tensor) -> float:
-    """The out-of-fold edge a model repair needs over the head whose predictions are ``pred``:
-    :data:`REQUIRED_Z` standard errors of the head's worst-stratum accuracy,
-    ``sqrt(s (1 - s) / n)`` over the ``n`` samples of that stratum, and at least
-    :data:`MIN_GAIN`. A worst group of 15 samples (the original model's few errors in a skewed
-    repair set) moves by 6.7 points per sample: measured on the demo, a 13-point out-of-fold edge
-    there (one standard error) chose mixft, 4.5 points below the head on test; on the balanced demo
-    a 1.6-point edge (0.7 standard errors) chose it, 2.4 points below."""
-    from .selection import group_accuracies
-
-    acc = group_accuracies(pred, y, strata)
-    counts = torch.bincount(strata.long(), minlength=acc.numel())
-    k = int(torch.nan_to_num(acc, nan=float("inf")).argmin())
-    s, n = float(acc[k]), max(1, int(counts[k]))
-    return max(MIN_GAIN, REQUIRED_Z * (s * (1.0 - s) / n) ** 0.5)
-
-
 @dataclass
 class Fitted:
     """One candidate fitted on some rows: a head, or a model repair's changed tensors."""

@@ -104,6 +104,52 @@ def test_a_refitted_head_replaces_a_broken_one(session):
     assert not torch.allclose(Wa[0], W, atol=1e-3)
 
 
+def test_a_moved_body_must_beat_the_original_by_the_required_gain(session, monkeypatch):
+    """With alpha 0 tried, the original body (with its refitted head) is the simpler choice: a moved
+    body is chosen only with a held-out edge of ``repair.selection.required_gain`` (the rule auto-ft
+    applies between a head and a model repair). Without an edge requirement the best held-out score
+    wins; with an unreachable one the model ends at the original body, every weight as it started
+    except the refitted head."""
+    import repair.selection as sel
+    from repair.modelrepair.finetune import settle
+    from repair.selection import head_predictions
+
+    sess, tm = session
+    tuned = tm.state()
+    # the "original" body: every input embedding zero, so every text embeds the same (no refitted
+    # head can tell the classes apart); the model as it is stands for the fine-tuned one
+    start = {k: torch.zeros_like(v) if ".embeddings." in k and v.is_floating_point() else v.clone()
+             for k, v in tuned.items()}
+
+    monkeypatch.setattr(sel, "required_gain", lambda pred, y, strata: 0.0)
+    free = settle(sess, start, alphas=(0.0, 1.0), refit=True)
+    scores = [c["heldout_score"] for c in free["candidates"]]
+    assert free["heldout_score"] == max(scores) and free["required_gain"] == 0.0
+    assert free["alpha"] == 1.0 and free["heldout_score"] > free["candidates"][-1]["heldout_score"]
+
+    tm.module.load_state_dict(tuned)
+    monkeypatch.setattr(sel, "required_gain", lambda pred, y, strata: 2.0)
+    kept = settle(sess, start, alphas=(0.0, 1.0), refit=True)
+    assert (kept["alpha"], kept["head"]) == (0.0, "refit")
+    now = tm.state()
+    head = {f"{tm.head_name}.weight", f"{tm.head_name}.bias"}
+    assert all(torch.equal(now[k], start[k]) for k in start if k not in head)
+
+    # the real rule: two standard errors of the original body's worst held-out stratum, at least 1 point
+    monkeypatch.undo()
+    tm.module.load_state_dict(tuned)
+    real = settle(sess, start, alphas=(0.0, 1.0), refit=True)
+    base = real["candidates"][-1]
+    assert (base["alpha"], base["head"]) == (0.0, "refit")
+    tm.module.load_state_dict(start)
+    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    from repair.modelrepair.finetune import refit_head
+    W, b, _ = refit_head(sess, X, sess.groups)
+    ho = sess.held_idx
+    want = sel.required_gain(head_predictions(X[ho], W, b), sess.y[ho], sess.score_strata[ho])
+    assert real["required_gain"] == pytest.approx(want) and want >= sel.MIN_GAIN
+
+
 def test_settled_mixft_folds_into_an_ordinary_checkpoint(tmp_path):
     """``repair fix --recipe`` mixft with ``settle: refit``: the chosen point is in the report,
     and plain transformers reloads the output and computes what ``repair eval`` measures."""
