@@ -56,6 +56,9 @@ class ModelRow:
 MODEL_ROWS: list[ModelRow] = [
     ModelRow("finetune", "finetune", {}, note="plain fine-tuning of the last block (the simplest model repair)"),
     ModelRow("mixft", "mixft", {}, note="data-mixing fine-tuning (Xue et al. 2023), the method's defaults"),
+    ModelRow("mixft-a0", "mixft", {"settle_alphas": (0.0, 0.5, 1.0)}, groups=(False,),
+             note="mixft settled with the original body among the candidates (alpha 0, a moved body needs "
+                  "two standard errors over it)"),
     ModelRow("mixft-lpft", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",),
              note="mixft from a refitted head (LP-FT), lr 5e-4, the whole 4-epoch schedule (no early stop, no "
