@@ -124,17 +124,9 @@ def scores_from_preds(pred: Tensor, y: Tensor, strata: Tensor) -> tuple[Tensor, 
 SHRINK_SAMPLES = 8
 
 
-def shrunk_scores(pred: Tensor, y: Tensor, strata: Tensor, prior: float = SHRINK_SAMPLES) -> tuple[Tensor, Tensor]:
-    """:func:`scores_from_preds` for one small held-out part: each stratum's accuracy is shrunk
-    toward the accuracy of its members' classes by ``prior`` pseudo-samples,
-    ``(hits_s + prior * a_s) / (n_s + prior)`` with ``a_s`` the mean over the stratum's members of
-    their class's accuracy. A group of four held-out samples (the original model's few errors in a
-    skewed repair set) otherwise scores 0, 25, 50, 75 or 100% and alone decides early stopping and
-    settling; with the shrinkage it counts for a third of its own score. Strata that are the
-    classes are unchanged (worst class). ``(worst (K,), mean (K,))`` CPU float64."""
-    pred = _as_preds(pred)
-    if pred.dim() == 1:
-        pred = pred.unsqueeze(0)
+def _shrunk_strata(pred: Tensor, y: Tensor, strata: Tensor, prior: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per stratum of (K,N) predictions: ``(shrunk score (K,G), samples (G,), correct (K,N))``;
+    absent strata score ``inf`` (see :func:`shrunk_scores`)."""
     y = y.to(pred.device).long()
     strata = strata.to(pred.device).long()
     correct = (pred == y.unsqueeze(0)).double()                               # (K, N)
@@ -147,6 +139,22 @@ def shrunk_scores(pred: Tensor, y: Tensor, strata: Tensor, prior: float = SHRINK
     a_s = torch.zeros_like(hits).index_add_(1, strata, acc_c[:, y]) / n_s.clamp_min(1)
     score = (hits + prior * a_s) / (n_s + prior)
     score[:, n_s == 0] = float("inf")
+    return score, n_s, hits
+
+
+def shrunk_scores(pred: Tensor, y: Tensor, strata: Tensor, prior: float = SHRINK_SAMPLES) -> tuple[Tensor, Tensor]:
+    """:func:`scores_from_preds` for one small held-out part: each stratum's accuracy is shrunk
+    toward the accuracy of its members' classes by ``prior`` pseudo-samples,
+    ``(hits_s + prior * a_s) / (n_s + prior)`` with ``a_s`` the mean over the stratum's members of
+    their class's accuracy. A group of four held-out samples (the original model's few errors in a
+    skewed repair set) otherwise scores 0, 25, 50, 75 or 100% and alone decides early stopping and
+    settling; with the shrinkage it counts for a third of its own score. Strata that are the
+    classes are unchanged (worst class). ``(worst (K,), mean (K,))`` CPU float64."""
+    pred = _as_preds(pred)
+    if pred.dim() == 1:
+        pred = pred.unsqueeze(0)
+    score, _, _ = _shrunk_strata(pred, y, strata, prior)
+    correct = (pred == y.to(pred.device).long().unsqueeze(0)).double()
     return score.min(1).values.cpu(), correct.mean(1).cpu()
 
 
@@ -180,21 +188,32 @@ MIN_GAIN = 0.01
 REQUIRED_Z = 2.0
 
 
-def required_gain(pred: Tensor, y: Tensor, strata: Tensor) -> float:
+def required_gain(pred: Tensor, y: Tensor, strata: Tensor, prior: float = 0.0) -> float:
     """The held-out edge a changed model needs over the simpler choice whose predictions are
     ``pred`` (a head's out-of-fold predictions in ``auto-ft``; the original body with a refitted
-    head when a model repair settles): :data:`REQUIRED_Z` standard errors of that choice's
-    worst-stratum accuracy, ``sqrt(s (1 - s) / n)`` over the ``n`` samples of that stratum, and at
-    least :data:`MIN_GAIN`. The one rule for "is the change worth it" (:mod:`repair.choosing`,
-    :func:`repair.modelrepair.finetune.settle`). A worst group of 15 samples (the original model's
-    few errors in a skewed repair set) moves by 6.7 points per sample: measured on the demo, a
-    13-point out-of-fold edge there (one standard error) chose mixft, 4.5 points below the head on
-    test; on the balanced demo a 1.6-point edge (0.7 standard errors) chose it, 2.4 points below."""
-    acc = group_accuracies(pred, y, strata)
-    counts = torch.bincount(strata.long(), minlength=acc.numel())
-    k = int(torch.nan_to_num(acc, nan=float("inf")).argmin())
-    s, n = float(acc[k]), max(1, int(counts[k]))
-    return max(MIN_GAIN, REQUIRED_Z * (s * (1.0 - s) / n) ** 0.5)
+    head when a model repair settles): :data:`REQUIRED_Z` standard errors of that choice's score
+    on its worst stratum, and at least :data:`MIN_GAIN`. The one rule for "is the change worth it"
+    (:mod:`repair.choosing`, :func:`repair.modelrepair.finetune.settle`).
+
+    The stratum is the one the comparison scores: the worst by accuracy, or with ``prior`` > 0 by
+    the shrunk score the caller compares (:func:`shrunk_scores`), whose standard error is the
+    accuracy's times ``n / (n + prior)``. The accuracy's standard error is taken at the
+    Agresti-Coull estimate ``(hits + 2) / (n + 4)`` over ``n + 4`` samples, so that a stratum
+    the choice gets all right or all wrong (a handful of samples) does not count as certain; of
+    strata tied for worst, the least certain one.
+
+    Why two standard errors: a worst group of 15 samples (the original model's few errors in a
+    skewed repair set) moves by 6.7 points per sample; measured on the demo, a 13-point out-of-fold
+    edge there (one standard error) chose mixft, 4.5 points below the head on test; on the balanced
+    demo a 1.6-point edge (0.7 standard errors) chose it, 2.4 points below."""
+    pred = _as_preds(pred)
+    if pred.dim() == 1:
+        pred = pred.unsqueeze(0)
+    score, n_s, hits = _shrunk_strata(pred, y, strata, float(prior))
+    p = (hits[0] + 2.0) / (n_s + 4.0)
+    se = (p * (1.0 - p) / (n_s + 4.0)).sqrt() * n_s / (n_s + float(prior))
+    worst = score[0] <= score[0].min() + 1e-12             # tied worst strata: the least certain one
+    return max(MIN_GAIN, REQUIRED_Z * float(se[worst].max()))
 
 
 # ----------------------------------------------------------------------------- criterion

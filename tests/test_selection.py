@@ -175,3 +175,35 @@ def test_split_without_clusters_is_the_split_with_singleton_clusters():
         b = stratified_split(strata, fr, trial, min_per_part=mpp, clusters=torch.arange(n))
         assert all(torch.equal(x, y) for x, y in zip(a, b)), trial
     assert [p.numel() for p in stratified_split(torch.zeros(0, dtype=torch.long), 0.5, 0)] == [0, 0]
+
+
+def test_required_gain_is_two_standard_errors_of_the_compared_worst_stratum():
+    """The edge a change needs over a simpler choice: REQUIRED_Z standard errors of the choice's
+    worst stratum, taken at the Agresti-Coull estimate (a stratum it gets all right or all wrong
+    is not certain), on the score the caller compares (raw accuracy, or the shrunk score with its
+    smaller spread), never below MIN_GAIN."""
+    from repair.selection import MIN_GAIN, REQUIRED_Z, SHRINK_SAMPLES, required_gain
+
+    y = torch.tensor([0] * 100 + [1] * 100)
+    groups = torch.tensor([0] * 96 + [1] * 4 + [2] * 100)          # a 4-sample group inside class 0
+    pred = y.clone()
+    pred[96:99] = 1                                                  # 1 of 4 right in the small group
+    pred[100:120] = 0                                                # class 1 at 80%
+
+    def se(hits, n, prior=0.0):
+        p = (hits + 2) / (n + 4)
+        return (p * (1 - p) / (n + 4)) ** 0.5 * n / (n + prior)
+
+    # raw accuracy: the 4-sample group (25%) is the worst
+    assert required_gain(pred, y, groups) == pytest.approx(REQUIRED_Z * se(1, 4))
+    # shrunk scores: still that group (see the test above), its spread scaled by 4 / (4 + 8)
+    assert required_gain(pred, y, groups, SHRINK_SAMPLES) == pytest.approx(REQUIRED_Z * se(1, 4, SHRINK_SAMPLES))
+    assert required_gain(pred, y, groups, SHRINK_SAMPLES) < required_gain(pred, y, groups)
+    # classes as strata: class 1 at 80 of 100
+    assert required_gain(pred, y, y) == pytest.approx(REQUIRED_Z * se(80, 100))
+    # every sample right: the worst stratum is 4 of 4, not a certain 100% (the old rule gave MIN_GAIN)
+    perfect = required_gain(y.clone(), y, groups)
+    assert perfect == pytest.approx(REQUIRED_Z * se(4, 4)) and perfect > 0.2
+    # a large stratum well estimated: the floor
+    big = torch.arange(200000) % 2
+    assert required_gain(big, big, big) == MIN_GAIN

@@ -415,9 +415,16 @@ class Session:
         """``(worst (K,), mean (K,))`` of predictions (K, n_held) or (n_held,) on the held-out part
         by the session's criterion, small strata shrunk toward their classes
         (:func:`repair.selection.shrunk_scores`): what early stopping and settling compare."""
-        from ..selection import shrunk_scores
+        from ..selection import SHRINK_SAMPLES, shrunk_scores
 
-        return shrunk_scores(pred, self.y[self.held_idx], self.score_strata[self.held_idx])
+        return shrunk_scores(pred, self.y[self.held_idx], self.score_strata[self.held_idx], SHRINK_SAMPLES)
+
+    def required_gain(self, pred: torch.Tensor) -> float:
+        """The held-out edge over predictions ``pred`` (n_held,) that a change needs, on the scores
+        :meth:`heldout_scores` gives (:func:`repair.selection.required_gain`)."""
+        from ..selection import SHRINK_SAMPLES, required_gain
+
+        return required_gain(pred, self.y[self.held_idx], self.score_strata[self.held_idx], SHRINK_SAMPLES)
 
     def batches(self, batch_size: int, balanced: bool, generator: torch.Generator) -> torch.Tensor:
         """Indices (into the repair samples) of one training batch: groups drawn uniformly,
@@ -482,7 +489,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     ``alpha`` first). When ``alpha = 0`` is tried, the original body is the simpler choice: a moved
     body (or its own head) is chosen only when it scores at least
     :func:`repair.selection.required_gain` above it (two standard errors of the original body's
-    worst held-out stratum) -- the held-out part is small, training already kept its best held-out
+    worst held-out stratum, :meth:`Session.required_gain`) -- the held-out part is small, training already kept its best held-out
     evaluation, and without group labels the criterion can favour a body trained on the same
     inferred groups (measured on the skewed coloured MNIST: clp's fine-tuned bodies led by 7-13
     points on the held-out part and were 6-18 points below the original body on the test split).
@@ -492,7 +499,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     (training and held-out part: choose on held-out data, then refit on all of it, as the head
     repairs do); the held-out scores are those of the head fitted on the training part. Returns the
     diagnostics (the choice and every candidate's held-out scores)."""
-    from ..selection import head_predictions, pick_best, required_gain
+    from ..selection import head_predictions, pick_best
 
     tm = sess.model
     sd = tm.module.state_dict()
@@ -532,7 +539,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     base = next((c for c in cands if c["alpha"] == 0.0), None)
     need = None
     if base is not None and len(cands) > 1:
-        need = required_gain(base["pred"], sess.y[ho], sess.score_strata[ho])
+        need = sess.required_gain(base["pred"])
     eligible = [c for c in cands if need is None or c is base
                 or c["heldout_score"] >= base["heldout_score"] + need - 1e-12]
     k = pick_best(torch.tensor([c["heldout_score"] for c in eligible]),
