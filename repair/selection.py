@@ -125,8 +125,8 @@ SHRINK_SAMPLES = 8
 
 
 def _shrunk_strata(pred: Tensor, y: Tensor, strata: Tensor, prior: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per stratum of (K,N) predictions: ``(shrunk score (K,G), samples (G,), correct (K,N))``;
-    absent strata score ``inf`` (see :func:`shrunk_scores`)."""
+    """Per stratum of (K,N) predictions: ``(shrunk score (K,G), samples (G,), hits (K,G), correct
+    (K,N))``; absent strata score ``inf`` (see :func:`shrunk_scores`)."""
     y = y.to(pred.device).long()
     strata = strata.to(pred.device).long()
     correct = (pred == y.unsqueeze(0)).double()                               # (K, N)
@@ -139,7 +139,7 @@ def _shrunk_strata(pred: Tensor, y: Tensor, strata: Tensor, prior: float) -> tup
     a_s = torch.zeros_like(hits).index_add_(1, strata, acc_c[:, y]) / n_s.clamp_min(1)
     score = (hits + prior * a_s) / (n_s + prior)
     score[:, n_s == 0] = float("inf")
-    return score, n_s, hits
+    return score, n_s, hits, correct
 
 
 def shrunk_scores(pred: Tensor, y: Tensor, strata: Tensor, prior: float = SHRINK_SAMPLES) -> tuple[Tensor, Tensor]:
@@ -153,8 +153,7 @@ def shrunk_scores(pred: Tensor, y: Tensor, strata: Tensor, prior: float = SHRINK
     pred = _as_preds(pred)
     if pred.dim() == 1:
         pred = pred.unsqueeze(0)
-    score, _, _ = _shrunk_strata(pred, y, strata, prior)
-    correct = (pred == y.to(pred.device).long().unsqueeze(0)).double()
+    score, _, _, correct = _shrunk_strata(pred, y, strata, prior)
     return score.min(1).values.cpu(), correct.mean(1).cpu()
 
 
@@ -209,7 +208,7 @@ def required_gain(pred: Tensor, y: Tensor, strata: Tensor, prior: float = 0.0) -
     pred = _as_preds(pred)
     if pred.dim() == 1:
         pred = pred.unsqueeze(0)
-    score, n_s, hits = _shrunk_strata(pred, y, strata, float(prior))
+    score, n_s, hits, _ = _shrunk_strata(pred, y, strata, float(prior))
     p = (hits[0] + 2.0) / (n_s + 4.0)
     se = (p * (1.0 - p) / (n_s + 4.0)).sqrt() * n_s / (n_s + float(prior))
     worst = score[0] <= score[0].min() + 1e-12             # tied worst strata: the least certain one

@@ -487,12 +487,12 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     Every candidate is scored on the session's held-out part by its criterion, best worst-stratum
     then best mean (:func:`repair.selection.pick_best`; ties go to the earlier candidate, larger
     ``alpha`` first). When ``alpha = 0`` is tried, the original body is the simpler choice: a moved
-    body (or its own head) is chosen only when it scores at least
-    :func:`repair.selection.required_gain` above it (two standard errors of the original body's
-    worst held-out stratum, :meth:`Session.required_gain`) -- the held-out part is small, training already kept its best held-out
-    evaluation, and without group labels the criterion can favour a body trained on the same
-    inferred groups (measured on the skewed coloured MNIST: clp's fine-tuned bodies led by 7-13
-    points on the held-out part and were 6-18 points below the original body on the test split).
+    body (or its own head) is chosen only when it scores at least :meth:`Session.required_gain`
+    above it (two standard errors of the original body's worst held-out stratum) -- the held-out
+    part is small, training already kept its best held-out evaluation, and without group labels
+    the criterion can favour a body trained on the same inferred groups (measured on the skewed
+    coloured MNIST: clp's fine-tuned bodies led by 7-13 points on the held-out part and were 6-18
+    points below the original body on the test split).
     The model is left at the chosen point -- ordinary weights, nothing to fold.
     ``groups``: the groups a refitted head balances (default: the session's). When a refitted
     head wins, the head the model ends with is fitted again at its strength on *every* repair row
