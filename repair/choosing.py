@@ -13,8 +13,8 @@ One criterion (:class:`repair.selection.Criterion`) and one scheme decide every 
   the head the recipe would return without model repairs (its members refitted per fold), so
   when a head wins, the result is that head: a recipe with model repairs cannot return a worse
   head than the same recipe without them. A model repair is chosen only when it scores higher by
-  two standard errors of the head's worst-stratum accuracy (and at least :data:`MIN_GAIN`,
-  :func:`required_gain`); it is then trained once more on the whole fit part.
+  two standard errors of the head's worst-stratum accuracy (and at least a point:
+  :func:`repair.selection.required_gain`); it is then trained once more on the whole fit part.
 - **Escalation is skipped** when it cannot win: when the returned head's out-of-fold score on
   the criterion is already within :data:`NO_GAP` of its out-of-fold accuracy (no group is left
   behind, which is what a model repair would fix), or 100%. Without group labels the criterion
@@ -36,8 +36,8 @@ import torch
 from . import threads
 from .errors import BadInput
 from .methods import ModelRepairInputs, RepairInputs
-from .selection import (MIN_GAIN, REQUIRED_Z, Criterion, KFold, head_predictions, inferred_groups,  # noqa: F401
-                        required_gain, scores_from_preds, select_and_refit)
+from .selection import (MIN_GAIN, Criterion, KFold, head_predictions, inferred_groups, required_gain,
+                        scores_from_preds, select_and_refit)
 
 #: skip model repairs when the best head's criterion is this close (fraction) to its accuracy
 NO_GAP = 0.01
@@ -383,5 +383,4 @@ def _describe(crit: Criterion, scheme: str, n: int) -> dict:
     return {"criterion": crit.name, "scheme": scheme, "n_fit": int(n), "n_heldout": int(n)}
 
 
-__all__ = ["Choice", "Chosen", "FitContext", "Fitted", "NO_GAP", "REQUIRED_Z", "choose", "ensemble",
-           "nothing_left_behind", "required_gain"]
+__all__ = ["Choice", "Chosen", "FitContext", "Fitted", "NO_GAP", "choose", "ensemble", "nothing_left_behind"]

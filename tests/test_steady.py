@@ -111,7 +111,7 @@ def test_a_moved_body_must_beat_the_original_by_the_required_gain(session, monke
     wins; with an unreachable one the model ends at the original body, every weight as it started
     except the refitted head."""
     import repair.selection as sel
-    from repair.modelrepair.finetune import settle
+    from repair.modelrepair.finetune import refit_head, settle
     from repair.selection import head_predictions
 
     sess, tm = session
@@ -143,7 +143,6 @@ def test_a_moved_body_must_beat_the_original_by_the_required_gain(session, monke
     assert (base["alpha"], base["head"]) == (0.0, "refit")
     tm.module.load_state_dict(start)
     X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
-    from repair.modelrepair.finetune import refit_head
     W, b, _ = refit_head(sess, X, sess.groups)
     ho = sess.held_idx
     want = sel.required_gain(head_predictions(X[ho], W, b), sess.y[ho], sess.score_strata[ho], sel.SHRINK_SAMPLES)
@@ -213,7 +212,7 @@ def test_a_model_repair_must_beat_the_heads_noise():
     worst-stratum accuracy (Agresti-Coull, at least MIN_GAIN): a 15-sample worst group at 8 of 15
     needs 22.9 points, a 400-sample one at 80% needs 4 points, and a perfect head still 14 points
     (15 of 15 is not certain)."""
-    from repair.choosing import MIN_GAIN, REQUIRED_Z, required_gain
+    from repair.selection import MIN_GAIN, REQUIRED_Z, required_gain
 
     def se(hits, n):
         p = (hits + 2) / (n + 4)
