@@ -212,12 +212,12 @@ def test_clp_raises_held_out_worst_group_accuracy(task):
     assert d["meta_steps"] == out.steps == 40 and d["masks"]["source"].startswith("given")
     assert "both the training and the meta data" in d["data"]
     assert {"meta", "delta", "sal"} <= set(d["loop"]["history"][-1])
-    # settled (the default): every interpolation x head candidate scored on the held-out part (alpha
-    # 0, the original body, with its refitted head only); a moved body counts only with an edge of
+    # settled (the default): every interpolated body with its refitted head scored on the held-out
+    # part (alpha 0, the original body, too); a moved body counts only with an edge of
     # required_gain over the original body; the chosen one is the best of those, and the model is
     # left at it (the figure above is the settled model's)
     st = d["settle"]
-    assert st["head"] in ("fine-tuned", "refit") and len(st["candidates"]) == 5
+    assert st["head"] == "refit" and [c["alpha"] for c in st["candidates"]] == [1.0, 0.5, 0.0]
     assert [(c["alpha"], c["head"]) for c in st["candidates"]][-1] == (0.0, "refit")
     base, need = st["candidates"][-1]["heldout_score"], st["required_gain"]
     assert need >= 0.01

@@ -225,8 +225,8 @@ def test_recompose_keeps_everything_at_zero_and_writes_its_files(scene, tmp_path
     assert rep["model_change"]["steps"] == loop["steps"] > 0 and loop["history"][-1]["step"] == loop["steps"]
     assert rep["diagnostics"]["generated_in_training"] == n_train and rep["diagnostics"]["generated_per_batch"] == 4
     st = rep["diagnostics"]["settle"]                           # settled on the real held-out images
-    assert st["head"] in ("fine-tuned", "refit") and {c["alpha"] for c in st["candidates"]} <= {0.5, 1.0}
-    assert {c["head"] for c in st["candidates"]} == {"fine-tuned", "refit"}
+    assert st["head"] == "refit" and {c["alpha"] for c in st["candidates"]} <= {0.5, 1.0}
+    assert {c["head"] for c in st["candidates"]} == {"refit"}
     art = Path(rep["artifacts"])
     assert art.parent == out and art.is_dir()
     man = json.loads((art / "manifest.json").read_text())

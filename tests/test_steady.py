@@ -56,7 +56,7 @@ def test_interpolation_weight_is_chosen_on_the_held_out_part(session):
                                    else start[k] for k in start})
         expected[a] = sess.evaluate()
     tm.module.load_state_dict(tuned)
-    diag = settle(sess, start, alphas=alphas, refit=False)
+    diag = settle(sess, start, alphas=alphas, heads=("own",))
 
     cands = diag["candidates"]
     assert [c["alpha"] for c in cands] == sorted(alphas, reverse=True)
@@ -90,7 +90,7 @@ def test_a_refitted_head_replaces_a_broken_one(session):
     start = tm.state()
     X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
     W, b, info = refit_head(sess, X, sess.groups)
-    diag = settle(sess, start, refit=True)
+    diag = settle(sess, start, heads=("own", "refit"))
     # nothing moved: one body, with its own head and the refitted one
     assert [(c["alpha"], c["head"]) for c in diag["candidates"]] == [(1.0, "fine-tuned"), (1.0, "refit")]
     assert diag["head"] == "refit" and diag["heldout_score"] > 0.0
@@ -102,6 +102,24 @@ def test_a_refitted_head_replaces_a_broken_one(session):
     torch.testing.assert_close(tm.head.weight.detach(), Wa[0].to(tm.head.weight.dtype))
     torch.testing.assert_close(tm.head.bias.detach(), ba[0].to(tm.head.bias.dtype))
     assert not torch.allclose(Wa[0], W, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode,kinds", [("interpolate", {"fine-tuned"}), ("refit", {"refit"}),
+                                         ("either", {"fine-tuned", "refit"})])
+def test_settle_modes_compare_the_heads_they_name(session, mode, kinds):
+    """``settle: refit`` (the default) scores every interpolated body with a refitted head only,
+    ``interpolate`` with its own head only, ``either`` with both; ``off`` does not settle."""
+    from repair.modelrepair.finetune import SettleSettings, settle_by
+
+    sess, tm = session
+    start = tm.state()
+    _perturb(tm, 0.3, seed=1)
+    diag = settle_by(SettleSettings(settle=mode, settle_alphas=(0.5, 1.0)), sess, start)
+    assert {c["head"] for c in diag["candidates"]} == kinds
+    assert sorted({c["alpha"] for c in diag["candidates"]}) == [0.5, 1.0]
+    assert len(diag["candidates"]) == 2 * len(kinds) and diag["head"] in kinds
+    assert settle_by(SettleSettings(settle="off"), sess, start) is None
+    assert SettleSettings().settle == "refit"
 
 
 def test_a_moved_body_must_beat_the_original_by_the_required_gain(session, monkeypatch):
@@ -122,14 +140,14 @@ def test_a_moved_body_must_beat_the_original_by_the_required_gain(session, monke
              for k, v in tuned.items()}
 
     monkeypatch.setattr(sel, "required_gain", lambda *a: 0.0)
-    free = settle(sess, start, alphas=(0.0, 1.0), refit=True)
+    free = settle(sess, start, alphas=(0.0, 1.0), heads=("own", "refit"))
     scores = [c["heldout_score"] for c in free["candidates"]]
     assert free["heldout_score"] == max(scores) and free["required_gain"] == 0.0
     assert free["alpha"] == 1.0 and free["heldout_score"] > free["candidates"][-1]["heldout_score"]
 
     tm.module.load_state_dict(tuned)
     monkeypatch.setattr(sel, "required_gain", lambda *a: 2.0)
-    kept = settle(sess, start, alphas=(0.0, 1.0), refit=True)
+    kept = settle(sess, start, alphas=(0.0, 1.0), heads=("own", "refit"))
     assert (kept["alpha"], kept["head"]) == (0.0, "refit")
     now = tm.state()
     head = {f"{tm.head_name}.weight", f"{tm.head_name}.bias"}
@@ -138,7 +156,7 @@ def test_a_moved_body_must_beat_the_original_by_the_required_gain(session, monke
     # the real rule: two standard errors of the original body's worst held-out stratum, at least 1 point
     monkeypatch.undo()
     tm.module.load_state_dict(tuned)
-    real = settle(sess, start, alphas=(0.0, 1.0), refit=True)
+    real = settle(sess, start, alphas=(0.0, 1.0))
     base = real["candidates"][-1]
     assert (base["alpha"], base["head"]) == (0.0, "refit")
     tm.module.load_state_dict(start)
@@ -168,9 +186,10 @@ def test_settled_mixft_folds_into_an_ordinary_checkpoint(tmp_path):
     assert code == 0, err
     rep = json.loads(stdout)
     st = rep["diagnostics"]["settle"]
-    assert st["alpha"] in (0.5, 1.0) and st["head"] in ("fine-tuned", "refit")
+    # settle: refit compares the interpolated bodies with refitted heads only
+    assert st["alpha"] in (0.5, 1.0) and st["head"] == "refit"
     assert {c["alpha"] for c in st["candidates"]} <= {0.5, 1.0}
-    assert {c["head"] for c in st["candidates"]} == {"fine-tuned", "refit"}
+    assert {c["head"] for c in st["candidates"]} == {"refit"}
     texts = [r["text"] for r in csv.DictReader(open(test))]
     plain = AutoModelForSequenceClassification.from_pretrained(str(out), local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
