@@ -59,6 +59,9 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-a0", "mixft", {"settle_alphas": (0.0, 0.5, 1.0)}, groups=(False,),
              note="mixft settled with the original body among the candidates (alpha 0, a moved body needs "
                   "two standard errors over it)"),
+    ModelRow("mixft-stoprefit", "mixft", {"stop_head": "refit"}, groups=(False,),
+             note="mixft with every held-out evaluation (early stopping, the kept state) scoring the body with "
+                  "a refitted head, as settling does, instead of the model's own head"),
     ModelRow("mixft-lpft", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",),
              note="mixft from a refitted head (LP-FT), lr 5e-4, the whole 4-epoch schedule (no early stop, no "

@@ -122,6 +122,27 @@ def test_settle_modes_compare_the_heads_they_name(session, mode, kinds):
     assert SettleSettings().settle == "refit"
 
 
+def test_stop_head_refit_scores_the_body_with_a_refitted_head(session):
+    """``stop_head: refit``: every held-out evaluation of the training loop is the score of the
+    body with the head settling would refit on it (not the model's own head); ``own`` (the
+    default) is the model as it is."""
+    from repair.modelrepair.finetune import LoopConfig, refit_head
+    from repair.selection import head_predictions
+
+    sess, tm = session
+    with torch.no_grad():                                  # a useless own head: one class everywhere
+        tm.head.weight.zero_()
+        tm.head.bias.copy_(torch.tensor([1.0, 0.0]))
+    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    W, b, info = refit_head(sess, X, sess.groups)
+    worst, mean = sess.heldout_scores(head_predictions(X[sess.held_idx], W[None], b[None]))
+    got = sess.evaluator(LoopConfig(stop_head="refit"))()
+    assert got == pytest.approx((float(worst[0]), float(mean[0])))
+    assert got == pytest.approx((info["heldout_score"], info["heldout_accuracy"]))
+    own = sess.evaluator(LoopConfig())()
+    assert own == sess.evaluate() and own[0] == 0.0 < got[0]
+
+
 def test_a_moved_body_must_beat_the_original_by_the_required_gain(session, monkeypatch):
     """With alpha 0 tried, the original body (with its refitted head) is the simpler choice: a moved
     body is chosen only with a held-out edge of ``repair.selection.required_gain`` (the rule auto-ft

@@ -28,10 +28,10 @@ loss and margin relative to its class's last-epoch means.
    loss, the meta loss, the mean |delta| and the held-out criterion).
 4. **Settling** (``settle``, shared with mixft and recompose:
    :func:`repair.modelrepair.finetune.settle_by`): the kept weights are interpolated with the
-   original ones (``settle_alphas``, WiSE-FT; 0, 0.5 and 1 here: alpha 0 is the original body,
-   tried with its refitted head only) and each point also gets a group-balanced head refitted on
-   its body; the best on the held-out part is the result (``settle: off`` keeps the early-stopped
-   weights as they are).
+   original ones (``settle_alphas``, WiSE-FT; 0, 0.5 and 1 here, alpha 0 being the original
+   body) and every point gets a group-balanced head refitted on its body (``settle: either``
+   also scores each moved body's own head); the best on the held-out part is the result
+   (``settle: off`` keeps the early-stopped weights as they are).
 
 ``g`` is made once and lives for the whole run; its last layer starts at zero, so training
 starts as plain fine-tuning and departs from it only as far as the meta loss asks. Its
@@ -455,7 +455,7 @@ def clp(inputs: ModelRepairInputs, config: ClpConfig) -> ModelRepairOutput:
     before = tm.state()
     tm.module.to(run.dev)
     with tm.training(run.names, freeze_bn=cfg.freeze_bn) as params:
-        res = train(params, run.step, run.sess.evaluate, cfg, steps_per_epoch=run.steps_per_epoch,
+        res = train(params, run.step, run.sess.evaluator(cfg), cfg, steps_per_epoch=run.steps_per_epoch,
                     budget=inputs.budget, seed=inputs.seed, device=run.dev, progress=inputs.progress, desc="clp")
     settled = settle_by(cfg, run.sess, before)
     changed = tm.changed(before)

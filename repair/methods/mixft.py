@@ -41,10 +41,11 @@ unlearns the shortcut. Here the mixing runs on the repair set:
    frozen (``freeze_bn``).
 5. **Settling** (``settle``, :func:`repair.modelrepair.finetune.settle`): the early-stopped
    weights are not taken as they are. For each ``alpha`` in ``settle_alphas`` (0.5, 1) the
-   network is put at ``start + alpha * (tuned - start)`` (WiSE-FT interpolation), scored on
-   the held-out part with its own head and (``settle: refit``, the default) with a
-   group-balanced head refitted on that body ("body from the model repair, head from
-   DFR"); the best candidate by the same criterion is kept. Everything stays ordinary
+   network is put at ``start + alpha * (tuned - start)`` (WiSE-FT interpolation) and scored
+   on the held-out part with a group-balanced head refitted on that body (``settle: refit``,
+   the default: "body from the model repair, head from DFR"; ``either`` also scores its own
+   interpolated head, ``interpolate`` only that); the best candidate by the same criterion
+   is kept. Everything stays ordinary
    weights of the original architecture (the method returns the changed tensors).
 
 Paper vs. choices made here. The paper's full text was not reachable offline when this
@@ -283,7 +284,7 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
         return F.cross_entropy(torch.cat(parts), sess.y[idx].to(dev))
 
     def run(params):
-        return train(params, step, sess.evaluate, cfg, steps_per_epoch=sess.steps_per_epoch(cfg.batch_size),
+        return train(params, step, sess.evaluator(cfg), cfg, steps_per_epoch=sess.steps_per_epoch(cfg.batch_size),
                      budget=inputs.budget, seed=inputs.seed, device=dev, progress=inputs.progress, desc="mixft")
 
     lora_info = None

@@ -130,6 +130,11 @@ class LoopConfig:
                         doc="the weights training ends with: best = the best held-out evaluation (the start "
                             "included), last = the last step's (a schedule run to its end; settling still compares "
                             "them with the start when settle_alphas has 0)")
+    stop_head: str = setting("own", choices=("own", "refit"),
+                             doc="what each held-out evaluation (early stopping, the kept state) scores: own = "
+                                 "the model with its own head; refit = its body with a group-balanced head "
+                                 "refitted on it, the head settling fits (one more pass over the training part "
+                                 "per evaluation)")
     members: int = setting(1, ge=1, doc="weight-space soup: train this many times from the same start (seeds seed, "
                                         "seed+1, ...; each early-stopped on the held-out part) and average the "
                                         "trained weights into one model; a time budget is shared among them")
@@ -417,6 +422,19 @@ class Session:
         lg = self.model.predict(self.encoded, self.held_idx, self.device)
         worst, mean = self.heldout_scores(lg.argmax(1))
         return float(worst[0]), float(mean[0])
+
+    def evaluate_refit(self) -> tuple[float, float]:
+        """(held-out criterion score, held-out mean accuracy) of the model's body as it is now with
+        a group-balanced head refitted on it (:func:`refit_head`, what settling fits): the body
+        judged as "body from the model repair, head from DFR" will use it, not by a head that
+        lags behind it."""
+        X = self.model.embed(self.encoded, torch.arange(self.y.numel()), self.device)
+        _, _, info = refit_head(self, X, self.groups)
+        return info["heldout_score"], info["heldout_accuracy"]
+
+    def evaluator(self, cfg) -> Callable[[], tuple]:
+        """The held-out evaluation ``cfg.stop_head`` names (:class:`LoopConfig`)."""
+        return self.evaluate_refit if getattr(cfg, "stop_head", "own") == "refit" else self.evaluate
 
     def heldout_scores(self, pred: torch.Tensor) -> tuple:
         """``(worst (K,), mean (K,))`` of predictions (K, n_held) or (n_held,) on the held-out part
