@@ -52,7 +52,10 @@ class ModelRow:
     recipe: Optional[str] = None           # a built-in recipe to run instead of the one-method recipe
 
 
-#: the model repairs the benchmark runs (filled in as model repairs land; order = table order)
+#: the model repairs the benchmark runs (filled in as model repairs land; order = table order). Rows with
+#: ``settle: either`` were measured before settling compared refitted heads alone (``settle: refit``, the
+#: default since the seventh session): they keep the setting they were measured with, so that running them
+#: again reproduces their figures
 MODEL_ROWS: list[ModelRow] = [
     ModelRow("finetune", "finetune", {}, note="plain fine-tuning of the last block (the simplest model repair)"),
     ModelRow("mixft", "mixft", {}, note="data-mixing fine-tuning (Xue et al. 2023), the method's defaults"),
@@ -62,13 +65,13 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-stoprefit", "mixft", {"stop_head": "refit"}, groups=(False,),
              note="mixft with every held-out evaluation (early stopping, the kept state) scoring the body with "
                   "a refitted head, as settling does, instead of the model's own head"),
-    ModelRow("mixft-lpft", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0},
+    ModelRow("mixft-lpft", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0, "settle": "either"},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",),
              note="mixft from a refitted head (LP-FT), lr 5e-4, the whole 4-epoch schedule (no early stop, no "
                   "time cut: at this lr the held-out score first collapses, then recovers), settled "
                   "(interpolation + head refit chosen on the held-out part)"),
     ModelRow("mixft-lpft-wig", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
-                                         "selection": "worst_inferred_group"},
+                                         "selection": "worst_inferred_group", "settle": "either"},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft selected by the worst inferred group (class x correct/incorrect under the "
                   "original) even on a balanced repair set"),
@@ -78,7 +81,7 @@ MODEL_ROWS: list[ModelRow] = [
              note="mixft-lpft-wig ending at the schedule's last step (keep last) instead of the best held-out "
                   "evaluation, which on some seeds was the start; then settled"),
     ModelRow("mixft-lpft-last", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
-                                          "keep": "last", "selection": "worst_inferred_group"},
+                                          "keep": "last", "selection": "worst_inferred_group", "settle": "either"},
              modalities=("image",), budget="4epochs", groups=(False,),
              note="the capped task's mixft setting (mixft-lpft-wig-last, auto-ft's candidate) on the image tasks"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
@@ -87,7 +90,7 @@ MODEL_ROWS: list[ModelRow] = [
              note="retraining with causal logit perturbation (attribution masks), the method's defaults"),
     ModelRow("clp-unsettled", "clp", {"settle": "off"}, groups=(False,), modalities=("image",),
              note="clp with the early-stopped weights as they are (settle off): what settling changes"),
-    ModelRow("clp-no-a0", "clp", {"settle_alphas": (0.5, 1.0)}, groups=(False,), modalities=("image",),
+    ModelRow("clp-no-a0", "clp", {"settle_alphas": (0.5, 1.0), "settle": "either"}, groups=(False,), modalities=("image",),
              note="clp settled without the original body among the candidates (no alpha 0: what it changes)"),
     ModelRow("clp-soup3", "clp", {"members": 3}, groups=(False,), modalities=("image",),
              note="clp as a weight-space soup of three seeds' training (members 3), then settled"),
@@ -97,7 +100,7 @@ MODEL_ROWS: list[ModelRow] = [
              note="composite counterfactuals (contrast masks), pruned, retrained"),
     ModelRow("recompose-unsettled", "recompose", {"settle": "off"}, groups=(False,), modalities=("image",),
              note="recompose with the early-stopped weights as they are (settle off): what settling changes"),
-    ModelRow("recompose-no-a0", "recompose", {"settle_alphas": (0.5, 1.0)}, groups=(False,), modalities=("image",),
+    ModelRow("recompose-no-a0", "recompose", {"settle_alphas": (0.5, 1.0), "settle": "either"}, groups=(False,), modalities=("image",),
              note="recompose settled without the original body among the candidates (no alpha 0)"),
     ModelRow("recompose-soup3", "recompose", {"members": 3}, groups=(False,), modalities=("image",),
              note="recompose as a weight-space soup of three seeds' retraining (members 3), then settled"),
