@@ -77,7 +77,7 @@ MODEL_ROWS: list[ModelRow] = [
                   "original) even on a balanced repair set"),
     ModelRow("mixft-lpft-wig-last", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
                                               "selection": "worst_inferred_group", "keep": "last"},
-             modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
+             modalities=("text",), budget="4epochs", tasks=("sst2_capped", "sst2_negation"), groups=(False,),
              note="mixft-lpft-wig ending at the schedule's last step (keep last) instead of the best held-out "
                   "evaluation, which on some seeds was the start; then settled"),
     ModelRow("mixft-lpft-last", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
