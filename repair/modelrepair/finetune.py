@@ -425,9 +425,9 @@ class Session:
 
     def evaluate_refit(self) -> tuple[float, float]:
         """(held-out criterion score, held-out mean accuracy) of the model's body as it is now with
-        a group-balanced head refitted on it (:func:`refit_head`, what settling fits): the body
-        judged as "body from the model repair, head from DFR" will use it, not by a head that
-        lags behind it."""
+        a group-balanced head refitted on it (:func:`refit_head`, the head settling fits): the body
+        judged the way it will be used, not through its own head, which may lag behind it. One pass
+        over every repair row per call."""
         X = self.model.embed(self.encoded, torch.arange(self.y.numel()), self.device)
         _, _, info = refit_head(self, X, self.groups)
         return info["heldout_score"], info["heldout_accuracy"]
