@@ -111,6 +111,11 @@ class Budget:
                 if v is not None}
 
 
+#: the heads a body can be judged with: its own (fine-tuned / interpolated) head, or one refitted on it
+#: (:func:`refit_head`); the vocabulary of ``stop_head`` and of :func:`settle`'s ``heads``
+HEADS = ("own", "refit")
+
+
 @dataclass
 class LoopConfig:
     """Optimisation settings shared by the model repairs (their configs inherit these)."""
@@ -130,7 +135,7 @@ class LoopConfig:
                         doc="the weights training ends with: best = the best held-out evaluation (the start "
                             "included), last = the last step's (a schedule run to its end; settling still compares "
                             "them with the start when settle_alphas has 0)")
-    stop_head: str = setting("own", choices=("own", "refit"),
+    stop_head: str = setting("own", choices=HEADS,
                              doc="what each held-out evaluation (early stopping, the kept state) scores: own = "
                                  "the model with its own head; refit = its body with a group-balanced head "
                                  "refitted on it, the head settling fits (one more pass over the training part "
@@ -152,7 +157,7 @@ def settle_alphas_setting(default: tuple = (0.5, 1.0)):
 #: ``settle`` values: which heads of the interpolated bodies :func:`settle` compares (``off``: none)
 SETTLE_MODES = ("off", "interpolate", "refit", "either")
 #: the heads each mode compares: the body's own (interpolated) head, a refitted head, or both
-SETTLE_HEADS = {"interpolate": ("own",), "refit": ("refit",), "either": ("own", "refit")}
+SETTLE_HEADS = {"interpolate": ("own",), "refit": ("refit",), "either": HEADS}
 
 
 @dataclass
@@ -538,7 +543,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     from ..selection import head_predictions, pick_best
 
     heads = tuple(heads)
-    if not heads or any(h not in ("own", "refit") for h in heads):
+    if not heads or any(h not in HEADS for h in heads):
         raise ValueError(f"settle heads must be 'own' and/or 'refit', got {heads!r}")
     refit = "refit" in heads
     tm = sess.model
@@ -599,5 +604,5 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
             "candidates": [{k2: v for k2, v in c.items() if k2 not in ("W", "b", "pred")} for c in cands]}
 
 
-__all__ = ["DEFAULT_BUDGET_SECONDS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
+__all__ = ["DEFAULT_BUDGET_SECONDS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
            "LoopResult", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "train"]
