@@ -201,22 +201,28 @@ def fit_balanced_l1(X: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_
     """Fit ``len(c_values) * n_per_c`` heads (``cfg.penalty``: L1 or L2) in ONE solver call and average the
     ``n_per_c`` heads of each ``C``. Returns ``(W (len(c),C,D), b (len(c),C), info)``
     (on ``device``). ``problem_builder(X, y, groups, K, generator, min_per_group)``
-    returns ``(X_fit, y_fit, sample_weight (K, N_fit))``; default: balanced subsamples."""
+    returns ``(X_fit, y_fit, sample_weight (K, N_fit))`` and optionally a fourth item, mixed rows
+    (:class:`repair.solver.mixing.RowMix`) the problems also have; default: balanced subsamples."""
     builder = problem_builder or subsample_problems
     c_values = [float(c) for c in c_values]
     K = len(c_values) * n_per_c
-    Xf, yf, w = builder(X, y, groups, K, generator, int(cfg.min_subsample_per_group))
+    built = builder(X, y, groups, K, generator, int(cfg.min_subsample_per_group))
+    Xf, yf, w = built[:3]
+    row_mix = built[3] if len(built) > 3 else None          # mixed rows, not formed (mix)
     inv = torch.tensor([1.0 / c for c in c_values for _ in range(n_per_c)])
     pen = {"l1": inv} if cfg.protocol == "paper" else {"l2": inv}      # bagged: L2 (batched Newton)
     W, b, info = S.fit_logreg(Xf, yf, num_classes, sample_weight=w, **pen,
                               standardize=cfg.standardize, tol=float(resolved(cfg, "tol")),
                               max_iter=int(resolved(cfg, "max_iter")),
-                              device=device)
+                              device=device, row_mix=row_mix)
     D = W.shape[-1]
     W = W.view(len(c_values), n_per_c, num_classes, D).mean(1)
     b = b.view(len(c_values), n_per_c, num_classes).mean(1)
     info = dict(info)
-    info["rows_per_problem"] = [int(v) for v in (w > 0).sum(1).tolist()]
+    rows = (w > 0).sum(1)
+    if row_mix is not None:
+        rows = rows + (row_mix.w > 0).sum(1)
+    info["rows_per_problem"] = [int(v) for v in rows.tolist()]
     return W, b, info
 
 

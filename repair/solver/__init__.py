@@ -107,9 +107,14 @@ scale=None, shift=None, offset=None, tol=1e-3, max_iter=500) -> (v (B,T,L,d), c 
     it too, and solves problems that share every row and the feature map (AFR's grid, pulled
     to the original head) as one L-BFGS block.
 
+``fit_logreg(..., row_mix=RowMix(i, p, s, w))`` (:mod:`.mixing`): every problem also has mixed
+rows ``(1 - s) x_i + s x_p`` (label of ``x_i``) that are never formed: the two-class smooth paths
+(Newton, L-BFGS) work from the rows themselves (a mixed row's logit is the mix of two logits), at the
+cost of the rows alone; other solvers get them formed.
+
 Layout: :mod:`.fista` (``fit_logreg``), :mod:`.lbfgs` (``fit_binary_l2_path_lbfgs``,
 ``path_solver``), :mod:`.newton` (``fit_binary_l2_path``,
-``newton_cost``), :mod:`.weights` (``fold_affine``, ``standardization``,
+``newton_cost``), :mod:`.mixing` (``RowMix``), :mod:`.weights` (``fold_affine``, ``standardization``,
 ``class_balanced_weights``, ``group_balanced_weights``, ``balanced_subsample_weights``,
 ``expected_balanced_weights``). Splitting, scoring and choosing among candidates live
 in :mod:`repair.selection`; the CPU thread policy in :mod:`repair.threads`.

@@ -204,7 +204,7 @@ def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
                standardize: bool = True, max_iter: int = 2000, tol: float = 1e-4,
                device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                gather: Union[str, bool] = "auto", working_set: Union[str, bool] = "auto",
-               num_threads: Union[str, int, None] = "auto", algorithm: str = "auto"):
+               num_threads: Union[str, int, None] = "auto", algorithm: str = "auto", row_mix=None):
     """Fit K weighted, penalised multinomial logistic regressions at once.
 
     See the module docstring for the objective and conventions. Returns
@@ -226,7 +226,27 @@ def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
     ``"auto"`` uses 1 thread when a data pass is small (< 5e7 multiply-adds), where
     thread synchronisation costs more than it saves (dramatically so on a busy
     machine), and leaves torch's setting alone otherwise; ``None`` never changes it.
+
+    ``row_mix`` (:class:`repair.solver.mixing.RowMix`, indices into ``X``'s rows; needs
+    ``sample_weight`` (K, N)): each problem also has these mixed rows (convex combinations of two
+    of its rows, the label of the first). The standardisation's statistics are those of the rows
+    the problems use, mixed ones included (of the formed training sets). Two classes with smooth
+    penalties never form them (:mod:`.mixing`); other problems get them formed.
     """
+    if row_mix is not None:
+        sw_ = None if sample_weight is None else torch.as_tensor(sample_weight)
+        if sw_ is None or sw_.dim() != 2 or (row_mix.K not in (1, sw_.shape[0])):
+            raise ValueError("row_mix needs sample_weight (K, N) for the same K problems")
+        if standardize:
+            if feature_scale is not None or feature_shift is not None:
+                raise ValueError("row_mix with standardize and feature_scale / feature_shift is not supported")
+            # the statistics of every problem's rows and mixed rows, computed once (chunks share them)
+            from .weights import standardization_from_moments
+
+            Xt = torch.as_tensor(X)
+            feature_scale, feature_shift = standardization_from_moments(
+                *row_mix.moments(Xt.to(dtype), sw_.to(dtype)))
+            standardize = False
     X_ = torch.as_tensor(X)
     K_ = 1
     for v in (l1, l2, ref_pull):
@@ -246,18 +266,22 @@ def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
                               ref_pull=ref_pull, init_W=init_W, init_b=init_b, ref_W=ref_W, ref_b=ref_b,
                               feature_scale=feature_scale, feature_shift=feature_shift, standardize=standardize,
                               max_iter=max_iter, tol=tol, device=device, dtype=dtype, gather=gather,
-                              working_set=working_set, num_threads=num_threads, algorithm=algorithm)
+                              working_set=working_set, num_threads=num_threads, algorithm=algorithm,
+                              row_mix=row_mix)
+    if row_mix is not None:
+        macs *= 2                               # rows and their mixed copies
     with threads.for_small_work(macs, device, num_threads):
         return _fit_logreg(X, y, num_classes, sample_weight=sample_weight, l1=l1, l2=l2,
                            ref_pull=ref_pull, init_W=init_W, init_b=init_b, ref_W=ref_W, ref_b=ref_b,
                            feature_scale=feature_scale, feature_shift=feature_shift,
                            standardize=standardize, max_iter=max_iter, tol=tol, device=device,
-                           dtype=dtype, gather=gather, working_set=working_set, algorithm=algorithm)
+                           dtype=dtype, gather=gather, working_set=working_set, algorithm=algorithm,
+                           row_mix=row_mix)
 
 
 def _fit_logreg(X, y, num_classes, *, sample_weight, l1, l2, ref_pull, init_W, init_b, ref_W, ref_b,
                 feature_scale, feature_shift, standardize, max_iter, tol, device, dtype, gather,
-                working_set, algorithm="auto"):
+                working_set, algorithm="auto", row_mix=None):
     t0 = time.perf_counter()
     dev = torch.device(device)
     C = int(num_classes)
@@ -348,10 +372,20 @@ def _fit_logreg(X, y, num_classes, *, sample_weight, l1, l2, ref_pull, init_W, i
     newton_ok = C == 2 and bool((l1n == 0).all()) and bool(((l2n + pulln) > 0).all())
     if algorithm == "newton" and not newton_ok:
         raise ValueError("algorithm='newton' needs two classes, no L1 and a positive L2 or pull for every problem")
-    if newton_ok and algorithm not in ("fista", "lbfgs") and K * int((wfull > 0).sum(1).max()) * D * 4 <= _copy_budget(Z):
+    newton_now = newton_ok and algorithm not in ("fista", "lbfgs") and \
+        K * int((wfull > 0).sum(1).max()) * D * 4 <= _copy_budget(Z)
+    if row_mix is not None and not (newton_now and Wref is None):
+        # a solver without the mixed rows' structure: form them (the training sets they stand for)
+        Xs, ys, sws = row_mix.materialize(Z, y, wfull.expand(K, N))
+        return _fit_logreg(Xs, ys, C, sample_weight=sws, l1=l1, l2=l2, ref_pull=ref_pull, init_W=init_W,
+                           init_b=init_b, ref_W=ref_W, ref_b=ref_b, feature_scale=feature_scale,
+                           feature_shift=feature_shift, standardize=standardize, max_iter=max_iter, tol=tol,
+                           device=device, dtype=dtype, gather=gather, working_set=working_set, algorithm=algorithm)
+    if newton_now:
         from .newton import binary_heads
 
-        W_out, b_out, info = binary_heads(Z, y, wfull.expand(K, N), l2n * S, pulln * S, Wref, bref, s, t)
+        W_out, b_out, info = binary_heads(Z, y, wfull.expand(K, N), l2n * S, pulln * S, Wref, bref, s, t,
+                                          row_mix=row_mix)
         We, be = fold_affine(W_out, b_out, s, t)
         info.update({"seconds": time.perf_counter() - t0, "gathered": False, "working_set": False, "n_outer": 0,
                      "K": K, "algorithm": info.pop("solver", "newton")})
@@ -499,6 +533,8 @@ def _fit_in_chunks(chunks, X, y, num_classes, **kw):
     t0 = time.perf_counter()
     for lo, hi in chunks:
         sub = {k: (part(v, lo, hi, dims[k]) if k in dims else v) for k, v in kw.items()}
+        if sub.get("row_mix") is not None:
+            sub["row_mix"] = sub["row_mix"].take(lo, hi)
         W, b, info = fit_logreg(X, y, num_classes, **sub)
         Ws.append(W)
         bs.append(b)

@@ -111,7 +111,8 @@ def path_solver(n: int, d: int, problems: int, data_bytes: float, *, blocks: Opt
 def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: Tensor, l2: Sequence[float], *,
                              scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                              offset: Optional[Tensor] = None,
-                             tol: float = 1e-3, max_iter: int = 500, memory: Optional[int] = None):
+                             tol: float = 1e-3, max_iter: int = 500, memory: Optional[int] = None,
+                             mix: Optional[Sequence] = None):
     """Binary L2 logistic regressions along a penalty path by batched L-BFGS.
 
     ``X`` (n, d): the rows, used as given (any float dtype; the passes run in it). ``blocks``:
@@ -120,7 +121,10 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
     ``l2`` (L,) the penalty path (solved in the given order, each point warm-started from the
     previous one: give it decreasing), (L, B) a path per block or (L, B, T) per problem.
     ``offset`` (n, T): fixed logit offsets added to ``x~ . v + c`` (``offset = X~ v0`` centres
-    the penalty at ``v0``: ``v`` is then the deviation from it; AFR's pull to the original head). ``scale``/``shift`` (d,): the features are
+    the penalty at ``v0``: ``v`` is then the deviation from it; AFR's pull to the original head). ``mix``: one
+    :class:`repair.solver.mixing.RowMix` per block (one problem, indices into the block's rows):
+    mixed rows the block's problem also has, never formed (targets those of their first row);
+    blocks with ``mix`` hold one problem each. ``scale``/``shift`` (d,): the features are
     ``x~ = x * scale + shift`` (a folded standardisation; ``scale = 0`` with ``shift = 0`` drops
     a feature: its weight stays exactly 0). Problem ``(b, task, j)``, sklearn's binary
     convention (``l2 = 1/C``)::
@@ -187,6 +191,8 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
             raise ValueError("offset must be (n, T)")
     a = None if scale is None else torch.as_tensor(scale).to(dev, torch.float64).flatten()
     s = None if shift is None else torch.as_tensor(shift).to(dev, torch.float64).flatten()
+    if mix is not None and (len(mix) != B or T != 1 or any(mx.K != 1 for mx in mix)):
+        raise ValueError("mix: one single-problem RowMix per block, one problem per block")
     L = L2.shape[0]
     V = torch.zeros(B, T, L, d, dtype=torch.float32, device=dev)
     Cb = torch.zeros(B, T, L, dtype=torch.float64, device=dev)
@@ -208,8 +214,9 @@ def fit_binary_l2_path_lbfgs(X: Tensor, blocks: Sequence[tuple], t: Tensor, w: T
             og = None if offset is None else offset[lo:hi, g0:g1]
             lams = [L2[j, bi, g0:g1] for j in range(L)]
             mem = memory if memory is not None else LONG_MEMORY if Xb.numel() >= LONG_MEMORY_VALUES else MEMORY
-            _Block(Xb, tb[:, g0:g1], wg, a, s, g1 - g0, mem, og).path(lams, tol, max_iter,
-                                                                        V[bi, g0:g1], Cb[bi, g0:g1], n_iter, conv)
+            mx = None if mix is None else mix[bi].to(dev)
+            _Block(Xb, tb[:, g0:g1], wg, a, s, g1 - g0, mem, og, mx).path(lams, tol, max_iter,
+                                                                            V[bi, g0:g1], Cb[bi, g0:g1], n_iter, conv)
     info = {"form": "lbfgs", "n_iter": n_iter, "converged": conv, "seconds": time.perf_counter() - t0}
     return V, Cb, info
 
@@ -225,7 +232,12 @@ def _inverse_curvature(s: Tensor, y: Tensor) -> Tensor:
 class _Block:
     """One block of rows and its ``T`` problems; parameters ``v`` (P, d), ``c`` (P,) float64."""
 
-    def __init__(self, X, t, w, scale, shift, T, memory, offset=None):
+    def __init__(self, X, t, w, scale, shift, T, memory, offset=None, mix=None):
+        self.mix = mix                       # the block's mixed rows (RowMix, never formed), or None
+        if mix is not None:                  # their targets (their first row's) and weights appended
+            t = torch.cat([t, t[mix.i[0]]])
+            w = torch.cat([w, mix.w[0].to(w.dtype).view(-1, 1).expand(-1, w.shape[1])])
+            offset = None if offset is None else self._up(offset)
         self.X, self.t, self.w, self.a, self.s = X, t, w, scale, shift
         self.offset = offset                 # (n, T) fixed logit offsets, or None
         self.T = T
@@ -241,10 +253,16 @@ class _Block:
         """logits ``X~ v^T + c`` (n, P) in X's dtype for parameters v (P, d), c (P,)."""
         ve = v if self.a is None else v * self.a
         ce = c if self.s is None else c + v @ self.s
-        return torch.addmm(ce.to(self.X.dtype).unsqueeze(0), self.X, ve.to(self.X.dtype).T)
+        return self._up(torch.addmm(ce.to(self.X.dtype).unsqueeze(0), self.X, ve.to(self.X.dtype).T))
+
+    def _up(self, u: Tensor) -> Tensor:
+        """(n, P) values of the block's rows -> with its mixed rows' appended."""
+        return u if self.mix is None else self.mix.up(u.T).T
 
     def lin_T(self, R: Tensor):
         """``(X~^T R)^T`` (P, d) and ``sum R`` (P,), float64, for residuals R (n, P)."""
+        if self.mix is not None:             # the mixed rows' residuals given back to their rows
+            R = self.mix.down(R.T.contiguous()).T
         g = (R.T @ self.X).double()
         rs = R.sum(0, dtype=torch.float64)
         if self.a is not None:

@@ -13,19 +13,22 @@ from .. import threads
 Tensor = torch.Tensor
 
 
-def newton_cost(n: int, d: int) -> tuple:
+def newton_cost(n: int, d: int, mixed_rows: int = 0) -> tuple:
     """(multiply-adds per Newton iteration, form) of :func:`fit_binary_l2_path` for ``n``
     rows and ``d`` features: the primal form builds a (d+1)^2 Hessian (``n d^2``),
-    the kernel form factors an ``n x n`` system (``n^3 / 3``)."""
+    the kernel form factors an ``n x n`` system (``n^3 / 3``). ``mixed_rows`` that are not
+    formed (:class:`repair.solver.mixing.RowMix`) add nothing to the primal Hessian's product
+    and their count to the kernel form's system."""
     primal = n * (d + 1) ** 2 + (d + 1) ** 3 / 3.0
-    kernel = n ** 3 / 3.0 + 2.0 * n * n
+    nk = n + mixed_rows
+    kernel = nk ** 3 / 3.0 + 2.0 * nk * nk
     return (primal, "primal") if primal <= kernel else (kernel, "kernel")
 
 
 def fit_binary_l2_path(Z: Tensor, t: Tensor, w: Tensor, l2: Sequence[float], *,
                        tol: float = 1e-4, max_iter: int = 50, form: str = "auto",
                        factor_dtype: torch.dtype = torch.float32,
-                       num_threads: Union[str, int, None] = "auto", offset=None):
+                       num_threads: Union[str, int, None] = "auto", offset=None, mix=None):
     """Binary L2 logistic regressions for a path of penalties, ``K`` problems batched.
 
     Problem ``k`` at penalty ``l2[j]`` (sklearn's binary convention, ``l2 = 1/C``)::
@@ -39,7 +42,9 @@ def fit_binary_l2_path(Z: Tensor, t: Tensor, w: Tensor, l2: Sequence[float], *,
     order with warm starts (give it decreasing: strong penalty first, every solution then
     starts next to the previous one). ``offset`` (K, n): fixed logit offsets added to
     ``Z_k v + c`` (``offset = Z_k v0`` centres the penalty at ``v0``: ``v`` is then the
-    deviation from it).
+    deviation from it). ``mix`` (:class:`repair.solver.mixing.RowMix`, indices into each
+    problem's ``n`` rows): every problem also has these mixed rows, never formed (their targets
+    those of their first row, their weights ``mix.w``); ``t`` and ``w`` stay (K, n).
 
     Damped Newton with a lazily refreshed Hessian: the Hessian is factored at the
     start of every path point (the warm start) and again only when a step was damped
@@ -72,12 +77,12 @@ def fit_binary_l2_path(Z: Tensor, t: Tensor, w: Tensor, l2: Sequence[float], *,
     if Z.dim() != 3:
         raise ValueError("Z must be (K, n, d)")
     K, n, d = Z.shape
-    cost, auto_form = newton_cost(n, d)
+    cost, auto_form = newton_cost(n, d, 0 if mix is None else mix.m)
     form = auto_form if form == "auto" else form
     if form not in ("primal", "kernel"):
         raise ValueError(f"form must be auto/primal/kernel, got {form!r}")
     with threads.for_small_work(K * cost, Z.device, num_threads, small=2e8):
-        return _binary_l2_path(Z, t, w, l2, tol, max_iter, form, factor_dtype, offset)
+        return _binary_l2_path(Z, t, w, l2, tol, max_iter, form, factor_dtype, offset, mix)
 
 
 def _cholesky(M: Tensor) -> Tensor:
@@ -91,7 +96,7 @@ def _cholesky(M: Tensor) -> Tensor:
     return L
 
 
-def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None):
+def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None, mix=None):
     t0 = time.perf_counter()
     K, n, d = Z.shape
     dev, xdt = Z.device, Z.dtype
@@ -99,6 +104,18 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None):
     slack = 16.0 * torch.finfo(vdt).eps
     t = torch.as_tensor(t).to(dev, vdt).reshape(K, n)
     w = torch.as_tensor(w).to(dev, vdt).reshape(K, n)
+    if mix is not None:
+        # the mixed rows' targets (their first row's) and weights appended: from here on a problem
+        # has n + m rows, of which only the first n are formed (up / down map between the two)
+        mix = mix.to(dev)
+        t = torch.cat([t, t.gather(1, mix.i.expand(K, -1))], 1)
+        w = torch.cat([w, mix.w.to(vdt).expand(K, -1)], 1)
+        if offset is not None:
+            offset = mix.up(torch.as_tensor(offset).to(dev, vdt).reshape(K, n))
+        up, down = mix.up, mix.down
+    else:
+        up = down = lambda v: v
+    n_all = t.shape[1]
     if bool((w < 0).any()):
         raise ValueError("weights must be non-negative")
     Sw = w.sum(1)
@@ -121,14 +138,16 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None):
     # start at the intercept-only model (the solution for an infinite penalty)
     m = ((w * t).sum(1) / Sw).clamp(1e-6, 1.0 - 1e-6)
     c = torch.log(m / (1.0 - m))
-    u = c.unsqueeze(-1).expand(K, n).clone()         # logits
+    u = c.unsqueeze(-1).expand(K, n_all).clone()     # logits
     if offset is not None:                           # fixed per-row logit offsets (a penalty centre)
-        u = u + torch.as_tensor(offset).to(dev, vdt).reshape(K, n)
+        u = u + torch.as_tensor(offset).to(dev, vdt).reshape(K, n_all)
     if kernel:
         G = torch.bmm(Z, Z.transpose(1, 2))                    # (K,n,n) Gram, once
+        if mix is not None:
+            G = mix.gram(G)                                    # of the n + m rows
         Gc = G.to(cdt)
-        theta = torch.zeros(K, n, device=dev, dtype=vdt)       # alpha (v = Z^T alpha)
-        Gth = torch.zeros(K, n, device=dev, dtype=vdt)         # G alpha
+        theta = torch.zeros(K, n_all, device=dev, dtype=vdt)   # alpha (v = Z^T alpha)
+        Gth = torch.zeros(K, n_all, device=dev, dtype=vdt)     # G alpha
         Gmv = lambda x: torch.bmm(x.to(xdt).unsqueeze(1), G).squeeze(1).to(vdt)   # G x (symmetric)
     else:
         F = torch.cat([Z, torch.ones(K, n, 1, device=dev, dtype=xdt)], 2)   # intercept column
@@ -138,8 +157,8 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None):
         theta = torch.zeros(K, d + 1, device=dev, dtype=vdt)   # [v, c]
         theta[:, -1] = c
         # row-vector products: thin (K,1,m) x (K,m,p) batched GEMMs are the fast path
-        fwd = lambda x: torch.bmm(x.to(xdt).unsqueeze(1), Ft).squeeze(1).to(vdt)     # F x
-        adj = lambda x: torch.bmm(x.to(xdt).unsqueeze(1), F).squeeze(1).to(vdt)      # F^T x
+        fwd = lambda x: up(torch.bmm(x.to(xdt).unsqueeze(1), Ft).squeeze(1).to(vdt))     # F x
+        adj = lambda x: torch.bmm(down(x).to(xdt).unsqueeze(1), F).squeeze(1).to(vdt)    # F^T x
 
     thetas, cs, n_iter, n_fac, conv_all = [], [], [], [], []
     for lam in lams:
@@ -180,7 +199,10 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None):
                     den = (s0.sum(1) - (s0G * Ps).sum(1)).clamp_min(1e-12 * Sw)
                     fac = True
                 else:
-                    H = torch.bmm(Ft * s0.to(xdt).unsqueeze(1), F).to(cdt)
+                    if mix is None:
+                        H = torch.bmm(Ft * s0.to(xdt).unsqueeze(1), F).to(cdt)
+                    else:
+                        H = mix.hessian(F, s0).to(cdt)
                     H.diagonal(dim1=1, dim2=2).add_(lmask.to(cdt))
                     H[:, -1, -1] += (1e-10 * Sw).to(cdt)                  # all-zero-curvature guard
                     fac = _cholesky(H)
@@ -251,6 +273,8 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None):
         cs.append(c if kernel else theta[:, -1])
     TH = torch.stack(thetas, 1)                                    # (K,L,n|d+1)
     if kernel:
+        if mix is not None:                                         # alpha of the n + m rows -> n
+            TH = torch.stack([down(TH[:, j]) for j in range(TH.shape[1])], 1)
         V = torch.bmm(TH.to(xdt), Z).to(vdt)                        # v = Z^T alpha
     else:
         V = TH[:, :, :-1]
@@ -331,7 +355,7 @@ def _shared_rows_lbfgs(Z, y, w, l2, pull, Wref, bref, scale, shift, tol, max_ite
 
 
 def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref=None, bref=None,
-                 scale=None, shift=None, tol: float = 1e-7, max_iter: int = 100):
+                 scale=None, shift=None, tol: float = 1e-7, max_iter: int = 100, row_mix=None):
     """Two-class multinomial heads with smooth penalties, solved as binary problems by Newton.
 
     The multinomial objective of :func:`repair.solver.fit_logreg` for two classes,
@@ -340,20 +364,25 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     row of ``Wref`` (0 without a reference), where ``v`` solves the binary logistic regression
     with penalty ``(l2_k + pull_k)/4 ||v - v_k||^2``, ``v_k = pull_k / (l2_k + pull_k) (Wref_1 -
     Wref_0)``. ``Z`` (N, D) are the (internal) features, ``scale``/``shift`` (K, D) optional
-    per-problem feature maps, ``w`` (K, N) sample weights. Returns internal ``(W (K,2,D),
-    b (K,2), info)``; the intercept is not pulled."""
+    per-problem feature maps, ``w`` (K, N) sample weights, ``row_mix``
+    (:class:`repair.solver.mixing.RowMix`, indices into ``Z``'s rows) mixed rows each problem also
+    has, never formed. Returns internal ``(W (K,2,D), b (K,2), info)``; the intercept is not
+    pulled."""
     K, N = w.shape
     D = Z.shape[1]
+    if row_mix is not None and (Wref is not None or bool((pull > 0).any())):
+        raise ValueError("mixed rows with a pull to a reference head are not supported")
     # each problem's rows with positive weight only (subsamples: a fraction of N), padded
     pos = w > 0
     M = int(pos.sum(1).max())
-    if M == N and _same_rows(scale) and _same_rows(shift):
+    if row_mix is None and M == N and _same_rows(scale) and _same_rows(shift):
         # every problem on all rows with one feature map (AFR's gamma x pull grid): L-BFGS passes over
         # the rows once for all problems (one GEMM), with no copy; Newton needs a copy per problem
         from .lbfgs import path_solver
 
         if path_solver(N, D, K, 4.0 * Z.numel(), blocks=1)[0] == "lbfgs":
             return _shared_rows_lbfgs(Z, y, w, l2, pull, Wref, bref, scale, shift, tol, max_iter)
+    order = None
     if M < N:
         order = torch.argsort(pos.to(torch.int8), dim=1, descending=True, stable=True)[:, :M]   # (K, M)
         w = w.gather(1, order)
@@ -362,6 +391,10 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     else:
         y_k = y.view(1, N).expand(K, N)
         Xk = Z.unsqueeze(0).expand(K, N, D)
+    mix = None
+    if row_mix is not None:                                  # indices into each problem's own rows
+        rows = order if order is not None else torch.arange(N, device=Z.device).expand(K, N)
+        mix = row_mix.to(Z.device).remap(rows)
     owned = M < N                                            # Xk is our own copy: map it in place
     N = Xk.shape[1]
     if scale is not None:
@@ -377,16 +410,31 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     tgt = (y_k == 1).to(Xk.dtype)
     from .lbfgs import fit_binary_l2_path_lbfgs, path_solver, ITERS_PER_NEWTON_STEP
 
-    solver = "newton" if offset is not None else path_solver(N, D, K, 4.0 * Z.numel())[0]
+    m = 0 if mix is None else mix.m
+    solver = "newton" if offset is not None else path_solver(
+        N, D, K, 4.0 * Z.numel(), newton_cost_fn=lambda n_, d_: newton_cost(n_, d_, m))[0]
+    if mix is not None and solver == "newton" and newton_cost(N, D, m)[1] == "kernel":
+        # the Gram form's system grows with the mixed rows (its factorisations by (1 + m/n)^3),
+        # L-BFGS's passes do not: mix on coloured MNIST's 1,280 features (400-800 rows, as many
+        # mixed) took 0.50 / 0.67 s (without / with group labels) by Newton's Gram form, 0.25 /
+        # 0.31 s by L-BFGS; on the text tasks (384 features) Newton's primal form stays the faster
+        solver = "lbfgs"
     if solver == "lbfgs":
         # every problem's rows are one block of the (K*N, D) copy already made (no pull: no offsets)
         Vl, cl, info = fit_binary_l2_path_lbfgs(Xk.view(K * N, D), [(k * N, (k + 1) * N) for k in range(K)],
                                                 tgt.reshape(-1, 1), w.reshape(-1).to(Xk.dtype), lam.view(1, K),
-                                                tol=tol, max_iter=ITERS_PER_NEWTON_STEP * max_iter)
+                                                tol=tol, max_iter=ITERS_PER_NEWTON_STEP * max_iter,
+                                                mix=None if mix is None else [mix.take(k, k + 1) for k in range(K)])
         V, c = Vl[:, 0].double(), cl[:, 0]
     else:
         V, c, info = fit_binary_l2_path(Xk, tgt, w, lam.view(1, K), tol=tol, max_iter=max_iter, offset=offset,
-                                        num_threads=None)
-    return _two_class_heads(V[:, 0], c[:, 0], center, Wref, bref,
-                            lambda W, b: torch.bmm(Xk.double(), W.transpose(1, 2)) + b.unsqueeze(1), y_k, w, l2,
-                            pull, info, solver)
+                                        num_threads=None, mix=mix)
+
+    def logits(W, b):                                        # (K, rows, 2) on every row, mixed ones too
+        lg = torch.bmm(Xk.double(), W.transpose(1, 2)) + b.unsqueeze(1)
+        return lg if mix is None else torch.stack([mix.up(lg[..., j]) for j in range(lg.shape[-1])], -1)
+
+    if mix is not None:
+        y_k = torch.cat([y_k, y_k.gather(1, mix.i)], 1)
+        w = torch.cat([w, mix.w.to(w.dtype)], 1)
+    return _two_class_heads(V[:, 0], c[:, 0], center, Wref, bref, logits, y_k, w, l2, pull, info, solver)

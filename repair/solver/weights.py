@@ -41,7 +41,11 @@ def standardization(X: Tensor, rows: Optional[Tensor] = None, eps: float = 1e-6,
     """Per-feature ``(scale, shift)`` such that ``X * scale + shift`` is standardised
     (zero mean, unit std over ``rows``); constant features (:func:`constant_features`) get
     scale 1. Two passes over row chunks (float64 sums): no copy of ``X`` is made."""
-    mu, sd = feature_moments(X, rows, chunk_rows)
+    return standardization_from_moments(*feature_moments(X, rows, chunk_rows), eps)
+
+
+def standardization_from_moments(mu: Tensor, sd: Tensor, eps: float = 1e-6):
+    """:func:`standardization`'s ``(scale, shift)`` from per-feature mean and standard deviation."""
     sd = torch.where(constant_features(sd, mu, eps), torch.ones_like(sd), sd)
     return 1.0 / sd, -mu / sd
 
