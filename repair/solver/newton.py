@@ -411,14 +411,12 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     from .lbfgs import fit_binary_l2_path_lbfgs, path_solver, ITERS_PER_NEWTON_STEP
 
     m = 0 if mix is None else mix.m
-    solver = "newton" if offset is not None else path_solver(
-        N, D, K, 4.0 * Z.numel(), newton_cost_fn=lambda n_, d_: newton_cost(n_, d_, m))[0]
-    if mix is not None and solver == "newton" and newton_cost(N, D, m)[1] == "kernel":
-        # the Gram form's system grows with the mixed rows (its factorisations by (1 + m/n)^3),
-        # L-BFGS's passes do not: mix on coloured MNIST's 1,280 features (400-800 rows, as many
-        # mixed) took 0.50 / 0.67 s (without / with group labels) by Newton's Gram form, 0.25 /
-        # 0.31 s by L-BFGS; on the text tasks (384 features) Newton's primal form stays the faster
-        solver = "lbfgs"
+    # Newton or L-BFGS is decided as for the formed rows (the estimates are calibrated on formed
+    # rows; both solvers then run cheaper with the structure): deciding on the rows alone moved
+    # coloured MNIST's mix (1,280 features) from L-BFGS to Newton's Gram form, 0.44 -> 0.67 s, and
+    # SST-2's small fold problems (384 features) from Newton to L-BFGS, 4x slower
+    formed = 4.0 * (Z.numel() if mix is None else K * (N + m) * D)
+    solver = "newton" if offset is not None else path_solver(N + m, D, K, formed)[0]
     if solver == "lbfgs":
         # every problem's rows are one block of the (K*N, D) copy already made (no pull: no offsets)
         Vl, cl, info = fit_binary_l2_path_lbfgs(Xk.view(K * N, D), [(k * N, (k + 1) * N) for k in range(K)],
