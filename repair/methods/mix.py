@@ -19,8 +19,9 @@ mixed examples share the subsample's weights, scaled by ``1/(1+n_mix_per_example
 so the total weight -- and so the meaning of ``C`` -- equals DFR's. The mixed examples are never
 formed: each problem's are handed to the solver as pairs of row indices and coefficients
 (:class:`repair.solver.mixing.RowMix`); a mixed row's logit is the same mix of two logits, so
-the two-class solvers fit them at the cost of the rows alone (on 20,000 x 2,048 embeddings with
-group labels: 8.8 s and 1.6 GB of memory with the formed rows, 3.4 s and 0.28 GB without). The fit is
+the two-class solvers fit them at the cost of the rows alone (``python -m bench.mix_scale``, group
+labels, one thread: 50,000 x 2,048 embeddings 27.6 s and 3.9 GB above the embeddings with the
+rows formed, 6.6 s and 0.5 GB without; the same head). The fit is
 :func:`repair.methods.dfr.run_balanced_protocol` (C tuned on a held-out half by
 worst-group accuracy on *unmixed* data, ``n_refits`` averaged refits, one batched
 solver call each) with this builder instead of DFR's plain subsampling.
