@@ -324,11 +324,26 @@ def parse_args(argv=None):
     return args
 
 
+def _other_build(name: str, mine: Optional[dict], theirs: Optional[dict], command: Optional[str]) -> Optional[str]:
+    """A note when a merged run measured a different build of task ``name`` (its ERM checkpoint's test
+    figures differ: the task is rebuilt per machine, and training kernels differ between CPUs), else None."""
+    a, b = (mine or {}).get("erm_test") or {}, (theirs or {}).get("erm_test") or {}
+    keys = ("accuracy", "worst_group_accuracy")
+    if not a or not b or all(abs(float(a.get(k, 0)) - float(b.get(k, 0))) < 1e-9 for k in keys):
+        return None
+    fig = lambda e: f"{100 * float(e['accuracy']):.1f}% accuracy, {100 * float(e['worst_group_accuracy']):.1f}% worst group"  # noqa: E731
+    return (f"{name}: the merged run `{command}` measured another build of this task (its ERM checkpoint scores "
+            f"{fig(b)} on test, the one the report describes {fig(a)}); its rows and figures are of that build")
+
+
 def merge_docs(doc: dict, other: dict) -> dict:
     """Rows, costs and scale of ``other`` (a results.json of parts run in parallel, in another
     --out-dir) added to ``doc``; ``other``'s rows replace ``doc``'s of the same label and seed."""
     for name, t in other.get("tasks", {}).items():
         entry = doc.setdefault("tasks", {}).setdefault(name, {})
+        note = _other_build(name, entry.get("info"), t.get("info"), other.get("meta", {}).get("command"))
+        if note and note not in doc.setdefault("notes", []):
+            doc["notes"].append(note)
         for k, v in t.items():
             if k != "variants" and (k not in entry or k == "costs"):
                 entry[k] = v

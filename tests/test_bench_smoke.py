@@ -85,3 +85,22 @@ def test_bench_smoke_writes_complete_finite_results(tmp_path):
         assert 0.0 <= p["rows"]["dfr[groups]"]["wga"] <= 1.0
     md = (out / "RESULTS.md").read_text()
     assert "## Solver at scale" in md and "## Targets" in md and "skewed WGA" in md
+
+
+def test_merge_notes_a_different_build_of_a_task():
+    from bench.run import merge_docs
+
+    def doc(acc, wga, command):
+        return {"tasks": {"t": {"info": {"erm_test": {"accuracy": acc, "worst_group_accuracy": wga}},
+                                "variants": {"balanced": {"runs": [{"seed": 0, "rows": {"x": {"wga": 0.5}}}]}}}},
+                "meta": {"command": command, "parts": {}}}
+
+    same = merge_docs(doc(0.8, 0.5875, "a"), doc(0.8, 0.5875, "b"))
+    assert not same.get("notes")
+    other = merge_docs(doc(0.8, 0.5875, "a"), doc(0.76875, 0.535, "python -m bench.run --parts cost"))
+    assert len(other["notes"]) == 1
+    note = other["notes"][0]
+    assert note.startswith("t: ") and "76.9% accuracy, 53.5% worst group" in note and "80.0% accuracy" in note
+    assert "--parts cost" in note
+    # the report keeps describing its own build
+    assert other["tasks"]["t"]["info"]["erm_test"]["accuracy"] == 0.8
