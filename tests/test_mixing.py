@@ -129,3 +129,36 @@ def test_row_mix_bad_arguments():
     w0[:, 0] = 0.0                                                               # row 0 not in any problem
     with pytest.raises(ValueError, match="does not hold"):
         bad.remap(torch.stack([torch.nonzero(w0[k] > 0).flatten()[:30] for k in range(3)]))
+
+
+@pytest.mark.parametrize("C", [2, 3])
+@pytest.mark.parametrize("params", [{}, {"protocol": "paper", "n_refits": 3}, {"n_mix_per_example": 0},
+                                    {"n_mix_per_example": 2}, {"mix_beta": 1.0}])
+def test_mix_equals_mix_on_its_formed_training_sets(C, params):
+    # the mix method, its mixed rows as index pairs, against the same protocol fed the formed rows
+    from repair.methods import RepairInputs, get_method
+    from repair.methods.dfr import run_balanced_protocol
+    from repair.methods.mix import MixConfig, make_mix_builder
+
+    g = torch.Generator().manual_seed(C)
+    N, D = 400, 12
+    y = torch.randint(0, C, (N,), generator=g)
+    a = torch.randint(0, 2, (N,), generator=g)
+    X = torch.randn(N, D, generator=g)
+    X[:, 0] += y.float()
+    X[:, 1] += 2 * a.float()
+    inputs = RepairInputs(X=X, y=y, W=torch.randn(C, D, generator=g) * 0.1, b=torch.zeros(C), groups=y * 2 + a,
+                          seed=0, device="cpu")
+    cfg = MixConfig(**params)
+    out = get_method("mix")(inputs, cfg)
+    build = make_mix_builder(cfg)
+
+    def formed(*args):
+        Xb, yb, w, mix = build(*args)
+        return mix.materialize(Xb, yb, w)
+
+    ref = run_balanced_protocol(inputs, cfg, formed, "mix")
+    assert out.diagnostics["chosen"] == ref.diagnostics["chosen"]
+    assert out.diagnostics["final_rows_per_refit"] == ref.diagnostics["final_rows_per_refit"]
+    assert float((out.W - ref.W).abs().max()) <= 1e-3 * float(ref.W.abs().max())
+    assert float((out.b - ref.b).abs().max()) <= 1e-3 * max(1.0, float(ref.b.abs().max()))
