@@ -325,12 +325,20 @@ def parse_args(argv=None):
 
 
 def _other_build(name: str, mine: Optional[dict], theirs: Optional[dict], command: Optional[str]) -> Optional[str]:
-    """A note when a merged run measured a different build of task ``name`` (its ERM checkpoint's test
-    figures differ: the task is rebuilt per machine, and training kernels differ between CPUs), else None."""
+    """A note when a merged run measured a different build of task ``name`` (the checkpoints' digests differ
+    when both runs recorded one, else their ERM test figures: the task is rebuilt per machine, and training
+    kernels differ between CPUs), else None."""
     a, b = (mine or {}).get("erm_test") or {}, (theirs or {}).get("erm_test") or {}
     keys = ("accuracy", "worst_group_accuracy")
-    if not a or not b or all(abs(float(a.get(k, 0)) - float(b.get(k, 0))) < 1e-9 for k in keys):
+    da, db = (mine or {}).get("checkpoint_sha256"), (theirs or {}).get("checkpoint_sha256")
+    if da and db:                                    # both builds fingerprinted: exact
+        if da == db:
+            return None
+    elif not a or not b or all(abs(float(a.get(k, 0)) - float(b.get(k, 0))) < 1e-9 for k in keys):
         return None
+    if not a or not b:
+        return (f"{name}: the merged run `{command}` measured another build of this task (checkpoint "
+                f"{(db or '?')[:12]}, the report's {(da or '?')[:12]}); its rows and figures are of that build")
     fig = lambda e: f"{100 * float(e['accuracy']):.1f}% accuracy, {100 * float(e['worst_group_accuracy']):.1f}% worst group"  # noqa: E731
     return (f"{name}: the merged run `{command}` measured another build of this task (its ERM checkpoint scores "
             f"{fig(b)} on test, the one the report describes {fig(a)}); its rows and figures are of that build")

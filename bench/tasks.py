@@ -597,6 +597,20 @@ def _load_task(name: str, root: Path, info: dict) -> Task:
                 test=root / info["test"], group_by=info["group_by"], info=info)
 
 
+def checkpoint_digest(model_dir: Path) -> str:
+    """sha256 over the checkpoint folder's files (names and contents, sorted): which build of a task a
+    figure was measured on (a task is rebuilt on each machine, and training kernels differ between CPUs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        h.update(f.relative_to(model_dir).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def build_task(name: str, *, work_dir: Optional[Path] = None, seed: int = 0, force: bool = False,
                log: Callable[[str], None] = _log_default) -> Task:
     """Build (or reuse) the task's checkpoint and splits; raises :class:`SkipTask` when the
@@ -608,7 +622,11 @@ def build_task(name: str, *, work_dir: Optional[Path] = None, seed: int = 0, for
     if meta.exists() and not force:
         info = json.loads(meta.read_text(encoding="utf-8"))
         if info.get("version") == TASK_VERSION and info.get("seed") == seed:
-            return _load_task(name, root, info)
+            task = _load_task(name, root, info)
+            if "checkpoint_sha256" not in info:          # a build from before digests were recorded
+                info["checkpoint_sha256"] = checkpoint_digest(task.model_dir)
+                meta.write_text(json.dumps(info, indent=2), encoding="utf-8")
+            return task
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -620,6 +638,7 @@ def build_task(name: str, *, work_dir: Optional[Path] = None, seed: int = 0, for
                  "build_seconds": round(time.perf_counter() - t0, 1),
                  "built": time.strftime("%Y-%m-%d %H:%M:%S")})
     task = _load_task(name, root, info)
+    info["checkpoint_sha256"] = checkpoint_digest(task.model_dir)
     log(f"{name}: ERM evaluation with `repair eval` on test and val")
     with_cache = ("--no-cache",)
     info["erm_test"] = _summary(repair_eval_cli(task.model_dir, task.test, task.group_by, extra=with_cache))

@@ -104,3 +104,24 @@ def test_merge_notes_a_different_build_of_a_task():
     assert "--parts cost" in note
     # the report keeps describing its own build
     assert other["tasks"]["t"]["info"]["erm_test"]["accuracy"] == 0.8
+
+
+def test_merge_compares_checkpoint_digests_when_both_runs_have_them(tmp_path):
+    from bench.run import merge_docs
+    from bench.tasks import checkpoint_digest
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"weights")
+    d1 = checkpoint_digest(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"weights2")
+    d2 = checkpoint_digest(tmp_path / "m")
+    assert d1 != d2 and len(d1) == 64
+
+    def doc(digest, acc):
+        return {"tasks": {"t": {"info": {"checkpoint_sha256": digest,
+                                         "erm_test": {"accuracy": acc, "worst_group_accuracy": 0.5}}}},
+                "meta": {"command": "c", "parts": {}}}
+
+    # the same ERM figures, different checkpoints: noted; the same checkpoint: nothing
+    assert merge_docs(doc(d1, 0.8), doc(d2, 0.8))["notes"]
+    assert not merge_docs(doc(d1, 0.8), doc(d1, 0.8)).get("notes")
