@@ -110,17 +110,9 @@ def make_mix_builder(cfg: MixConfig):
             partners.append(torch.cat(pk) if pk else idx[:0])
             coefs.append(torch.cat(sk) if sk else wk[:0])
             weights.append(torch.cat(wm) if wm else wk[:0])
-        # every problem holds the same number of rows (a balanced subsample), so the same number of
-        # mixed rows; should one differ, it is padded with zero-weight copies of one of its rows
-        m = max((f.numel() for f in firsts), default=0)
-
-        def pad(v, fill):
-            return torch.stack([torch.cat([t, t.new_full((m - t.numel(),), fill(k))]) for k, t in enumerate(v)])
-
-        anchor = [int(f[0]) if f.numel() else int(torch.nonzero(w_sub[k] > 0).flatten()[0])
-                  for k, f in enumerate(firsts)]
-        mix = RowMix(pad(firsts, lambda k: anchor[k]), pad(partners, lambda k: anchor[k]),
-                     pad(coefs, lambda k: 0.0), pad(weights, lambda k: 0.0))
+        # every problem is a balanced subsample of the same size (n_g rows of each group), so each has
+        # the same number of mixed rows
+        mix = RowMix(torch.stack(firsts), torch.stack(partners), torch.stack(coefs), torch.stack(weights))
         return X, y, w_sub, mix
 
     return build

@@ -174,7 +174,7 @@ class RowMix:
         :meth:`materialize` would stack (each problem's rows of positive weight and its mixed rows,
         every problem's), in row chunks with float64 sums: the statistics a standardisation of the
         formed rows computes, without forming them."""
-        from .weights import CHUNK_BYTES
+        from .weights import CHUNK_BYTES, chunk_moments
 
         K = sample_weight.shape[0]
         D = X.shape[1]
@@ -194,16 +194,7 @@ class RowMix:
                 for lo in range(0, used[k].numel(), chunk_rows):
                     yield mx._problem_rows(X, k, used[k][lo:lo + chunk_rows])
 
-        tot = torch.zeros(D, dtype=torch.float64, device=X.device)
-        for ch in chunks():
-            tot += ch.sum(0, dtype=torch.float64)
-        mu = tot / n
-        mu_x = mu.to(X.dtype)
-        ss = torch.zeros_like(tot)
-        for ch in chunks():
-            dv = ch - mu_x
-            ss += dv.mul_(dv).sum(0, dtype=torch.float64)
-        return mu_x, (ss / n).sqrt_().to(X.dtype)
+        return chunk_moments(chunks, n, D, X.dtype, X.device, chunk_rows)
 
 
 __all__ = ["RowMix"]

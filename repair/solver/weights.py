@@ -65,19 +65,27 @@ def feature_moments(X: Tensor, rows: Optional[Tensor] = None, chunk_rows: Option
             hi = min(n, lo + chunk_rows)
             yield X[lo:hi] if rows is None else X.index_select(0, rows[lo:hi].to(X.device))
 
+    return chunk_moments(chunks, n, X.shape[1], X.dtype, X.device, min(n, chunk_rows))
+
+
+def chunk_moments(chunks, n: int, d: int, dtype: torch.dtype, device, max_rows: int):
+    """Per-feature mean and (population) standard deviation, in ``dtype``, of the ``n`` rows that
+    ``chunks()`` yields in (at most ``max_rows``-row) pieces, by two passes with float64 sums: the
+    rule every standardisation's statistics follow (:func:`feature_moments`, and mixed rows that
+    are never formed, :meth:`repair.solver.mixing.RowMix.moments`)."""
     # column sums as thin products with a ones vector (far faster than a reduction over rows on
     # CPU), float32 within a chunk, float64 across chunks
-    ones = torch.ones(1, min(n, chunk_rows), dtype=X.dtype, device=X.device)
-    tot = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    ones = torch.ones(1, max(1, int(max_rows)), dtype=dtype, device=device)
+    tot = torch.zeros(d, dtype=torch.float64, device=device)
     for ch in chunks():
         tot += (ones[:, :ch.shape[0]] @ ch).squeeze(0).double()
     mu = tot / n
-    mu_x = mu.to(X.dtype)
+    mu_x = mu.to(dtype)
     ss = torch.zeros_like(tot)
     for ch in chunks():
         dv = ch - mu_x
         ss += (ones[:, :ch.shape[0]] @ dv.mul_(dv)).squeeze(0).double()
-    return mu_x, (ss / n).sqrt_().to(X.dtype)
+    return mu_x, (ss / n).sqrt_().to(dtype)
 
 
 def class_balanced_weights(y: Tensor, num_classes: int, mask: Optional[Tensor] = None) -> Tensor:
