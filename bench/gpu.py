@@ -5,7 +5,8 @@
 * extraction: ``repair eval`` of the demo model on its test split, ``--device cuda`` against
   ``--device cpu`` (no cache);
 * the solver: ``dfr`` with group labels on a planted-shortcut problem of 50,000 x 2,048 with 2, 10 and
-  1,000 classes, on CUDA and on the CPU (fit time, test worst-group accuracy);
+  1,000 classes (and ``mix``, whose mixed rows are never formed, with 2), on CUDA and on the CPU (fit
+  time, test worst-group accuracy);
 * one model repair: ``repair fix --recipe mixft`` on CUDA (bfloat16 autocast) and on the CPU, a fixed
   step budget;
 * ONNX: ``repair export`` verified with onnxruntime's CUDA execution provider when
@@ -66,23 +67,23 @@ def solver_rows(classes_list, n: int, d: int, log) -> list[dict]:
     from repair.methods import RepairInputs, get_method
 
     out = []
-    dfr = get_method("dfr")
     for C in classes_list:
         (X, y, g), (Xt, yt, gt) = planted(n, d, C)
         W0, b0 = torch.zeros(C, d), torch.zeros(C)
-        for device in ("cuda", "cpu"):
+        # mix (two classes: its mixed rows never formed, repair.solver.mixing) next to dfr
+        for method, device in [(m, dv) for m in (("dfr", "mix") if C == 2 else ("dfr",)) for dv in ("cuda", "cpu")]:
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            res = dfr(RepairInputs(X=X, y=y, W=W0, b=b0, groups=g, device=device))
+            res = get_method(method)(RepairInputs(X=X, y=y, W=W0, b=b0, groups=g, device=device))
             if device == "cuda":
                 torch.cuda.synchronize()
             secs = time.perf_counter() - t0
             pred = (Xt @ res.W.T + res.b).argmax(1)
             accs = [float((pred[gt == k] == yt[gt == k]).float().mean()) for k in torch.unique(gt).tolist()]
-            out.append({"classes": C, "device": device, "fit_seconds": round(secs, 2),
+            out.append({"method": method, "classes": C, "device": device, "fit_seconds": round(secs, 2),
                         "test_worst_group": round(min(accs), 4), "test_accuracy": round(float((pred == yt).float().mean()), 4)})
-            log(f"solver {C} classes on {device}: {secs:.1f}s, test WGA {min(accs):.3f}")
+            log(f"{method} {C} classes on {device}: {secs:.1f}s, test WGA {min(accs):.3f}")
     return out
 
 
@@ -138,10 +139,12 @@ def main(argv=None) -> int:
              f"torch {doc['torch']}.", "", "| part | cuda | cpu |", "|---|---|---|"]
     lines.append(f"| extraction (eval, no cache), wall s | {ext['cuda']['wall_seconds']} | {ext['cpu']['wall_seconds']} |")
     for C in args.classes:
-        r = {x["device"]: x for x in doc["solver"] if x["classes"] == C}
-        lines.append(f"| dfr[groups] {args.n}x{args.d}, {C} classes: fit s / test WGA | "
-                     f"{r['cuda']['fit_seconds']} / {r['cuda']['test_worst_group']} | "
-                     f"{r['cpu']['fit_seconds']} / {r['cpu']['test_worst_group']} |")
+        for method in ("dfr", "mix"):
+            r = {x["device"]: x for x in doc["solver"] if x["classes"] == C and x["method"] == method}
+            if r:
+                lines.append(f"| {method}[groups] {args.n}x{args.d}, {C} classes: fit s / test WGA | "
+                             f"{r['cuda']['fit_seconds']} / {r['cuda']['test_worst_group']} | "
+                             f"{r['cpu']['fit_seconds']} / {r['cpu']['test_worst_group']} |")
     lines.append(f"| mixft ({args.steps}), wall s / test WGA | {mr['cuda']['wall_seconds']} / {mr['cuda']['test_worst_group']} | "
                  f"{mr['cpu']['wall_seconds']} / {mr['cpu']['test_worst_group']} |")
     lines += ["", f"ONNX export verified with providers {doc['onnx']['providers']}: passed={doc['onnx']['passed']}, "
