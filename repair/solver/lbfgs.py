@@ -235,8 +235,8 @@ class _Block:
     def __init__(self, X, t, w, scale, shift, T, memory, offset=None, mix=None):
         self.mix = mix                       # the block's mixed rows (RowMix, never formed), or None
         if mix is not None:                  # their targets (their first row's) and weights appended
-            t = torch.cat([t, t[mix.i[0]]])
-            w = torch.cat([w, mix.w[0].to(w.dtype).view(-1, 1).expand(-1, w.shape[1])])
+            tl, wl = mix.labels(t.T, w.T)    # one problem (T = 1): its (n, 1) columns as a row
+            t, w = tl.T, wl.T
             offset = None if offset is None else self._up(offset)
         self.X, self.t, self.w, self.a, self.s = X, t, w, scale, shift
         self.offset = offset                 # (n, T) fixed logit offsets, or None

@@ -82,6 +82,13 @@ class RowMix:
     def _exp(self, v: Tensor, K: int) -> Tensor:
         return v if v.shape[0] == K else v.expand(K, -1)
 
+    def labels(self, t: Tensor, w: Tensor) -> tuple:
+        """(K, M) targets and weights of the base rows -> (K, M + m): a mixed row takes its first
+        row's target and its own weight."""
+        K = t.shape[0]
+        return (torch.cat([t, t.gather(1, self._exp(self.i, K))], 1),
+                torch.cat([w, self._exp(self.w, K).to(w.dtype)], 1))
+
     def up(self, u: Tensor) -> Tensor:
         """(K, M) values of the base rows -> (K, M + m), the mixed rows' appended (logits, a
         linear map of the rows)."""

@@ -108,8 +108,7 @@ def _binary_l2_path(Z, t, w, l2, tol, max_iter, form, cdt, offset=None, mix=None
         # the mixed rows' targets (their first row's) and weights appended: from here on a problem
         # has n + m rows, of which only the first n are formed (up / down map between the two)
         mix = mix.to(dev)
-        t = torch.cat([t, t.gather(1, mix.i.expand(K, -1))], 1)
-        w = torch.cat([w, mix.w.to(vdt).expand(K, -1)], 1)
+        t, w = mix.labels(t, w)
         if offset is not None:
             offset = mix.up(torch.as_tensor(offset).to(dev, vdt).reshape(K, n))
         up, down = mix.up, mix.down
@@ -433,6 +432,5 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
         return lg if mix is None else torch.stack([mix.up(lg[..., j]) for j in range(lg.shape[-1])], -1)
 
     if mix is not None:
-        y_k = torch.cat([y_k, y_k.gather(1, mix.i)], 1)
-        w = torch.cat([w, mix.w.to(w.dtype)], 1)
+        y_k, w = mix.labels(y_k, w)
     return _two_class_heads(V[:, 0], c[:, 0], center, Wref, bref, logits, y_k, w, l2, pull, info, solver)
