@@ -16,46 +16,15 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 VARIANTS = ("row_mix", "formed")
 
 
-class _RssPeak:
-    """The largest resident set size above the one at construction, sampled every 2 ms by a thread
-    (the process's lifetime peak would include loading the problem)."""
-
-    def __init__(self):
-        import os
-        import threading
-
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self.base = self._now()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _now(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._now())
-            time.sleep(0.002)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._now())
-        return self.peak - self.base
-
-
 def _child(variant: str, problem: Path, out: Path) -> None:
     import torch
 
+    from bench.measure import measured
     from repair.methods import RepairInputs
     from repair.methods.dfr import run_balanced_protocol
     from repair.methods.mix import MixConfig, make_mix_builder
@@ -63,7 +32,6 @@ def _child(variant: str, problem: Path, out: Path) -> None:
 
     torch.set_num_threads(1)
     p = torch.load(problem)
-    rss = _RssPeak()
     cfg = MixConfig()
     build = make_mix_builder(cfg)
     if variant == "formed":
@@ -73,14 +41,11 @@ def _child(variant: str, problem: Path, out: Path) -> None:
     else:
         builder = build
     inputs = RepairInputs(X=p["X"], y=p["y"], W=p["W0"], b=p["b0"], groups=p["g"], seed=0, device="cpu")
-    t0 = time.perf_counter()
-    o = run_balanced_protocol(inputs, cfg, builder, "mix")
-    secs = time.perf_counter() - t0
-    increase = rss.stop()
+    o, secs, mib = measured(lambda: run_balanced_protocol(inputs, cfg, builder, "mix"))
     lg = p["Xt"] @ o.W.T + o.b
     torch.save({"W": o.W, "b": o.b}, out.with_suffix(".pt"))
     out.write_text(json.dumps({
-        "variant": variant, "seconds": secs, "peak_rss_increase_mib": increase / 2 ** 20,
+        "variant": variant, "seconds": secs, "peak_rss_increase_mib": mib,
         "test_wga": float(worst_group_accuracy(lg, p["yt"], p["gt"])),
         "chosen_C": o.diagnostics["chosen"]["C"]}))
 

@@ -20,8 +20,8 @@ so the total weight -- and so the meaning of ``C`` -- equals DFR's. The mixed ex
 formed: each problem's are handed to the solver as pairs of row indices and coefficients
 (:class:`repair.solver.mixing.RowMix`); a mixed row's logit is the same mix of two logits, so
 the two-class solvers fit them at the cost of the rows alone (``python -m bench.mix_scale``, group
-labels, one thread: 50,000 x 2,048 embeddings 27.6 s and 3.9 GB above the embeddings with the
-rows formed, 6.6 s and 0.5 GB without; the same head). The fit is
+labels, one thread: 50,000 x 2,048 embeddings 24.0 s and 3.9 GB above the embeddings with the
+rows formed, 6.5 s and 0.5 GB without; the same head). The fit is
 :func:`repair.methods.dfr.run_balanced_protocol` (C tuned on a held-out half by
 worst-group accuracy on *unmixed* data, ``n_refits`` averaged refits, one batched
 solver call each) with this builder instead of DFR's plain subsampling.
