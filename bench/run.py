@@ -291,6 +291,9 @@ def parse_args(argv=None):
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and wga.png from results.json")
     ap.add_argument("--model-groups", choices=sorted(MODEL_GROUPS), default="both",
                     help="model part: only the runs without (no-groups) or with (groups) group labels")
+    ap.add_argument("--replace-tasks", nargs="+", default=None, metavar="TASK",
+                    help="with --report-only: drop these tasks' rows, costs and notes before --merge "
+                         "(the merged runs measured a rebuilt task: no table mixes two builds)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
                     help="with --report-only: add the rows of other runs' results.json (parts run in parallel)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for embedding extraction")
@@ -302,6 +305,8 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"unknown part(s) {bad}; known: {', '.join(PARTS)}")
     args.parts = [p for p in PARTS if p in parts]
+    if args.replace_tasks and not (args.report_only and args.merge):
+        ap.error("--replace-tasks needs --report-only and --merge (the runs that replace those tasks)")
     if args.smoke:
         args.seeds = args.seeds or [0]
         args.model_seeds = args.model_seeds or [0]
@@ -344,9 +349,20 @@ def _other_build(name: str, mine: Optional[dict], theirs: Optional[dict], comman
             f"{fig(b)} on test, the one the report describes {fig(a)}); its rows and figures are of that build")
 
 
+def drop_tasks(doc: dict, names) -> dict:
+    """``doc`` without the tasks ``names`` (their rows, costs, build info and the notes about them):
+    before merging runs of a rebuilt task, so that no table mixes rows of two builds."""
+    for name in names:
+        doc.get("tasks", {}).pop(name, None)
+        if doc.get("notes"):
+            doc["notes"] = [n for n in doc["notes"] if not n.startswith(f"{name}: ")]
+    return doc
+
+
 def merge_docs(doc: dict, other: dict) -> dict:
     """Rows, costs and scale of ``other`` (a results.json of parts run in parallel, in another
-    --out-dir) added to ``doc``; ``other``'s rows replace ``doc``'s of the same label and seed."""
+    --out-dir) added to ``doc``; ``other``'s rows replace ``doc``'s of the same label and seed.
+    A task ``doc`` does not hold yet is taken whole, with ``other``'s build info."""
     for name, t in other.get("tasks", {}).items():
         entry = doc.setdefault("tasks", {}).setdefault(name, {})
         note = _other_build(name, entry.get("info"), t.get("info"), other.get("meta", {}).get("command"))
@@ -380,7 +396,7 @@ def merge_docs(doc: dict, other: dict) -> dict:
 
 def report_only(args) -> dict:
     out_dir = Path(args.out_dir)
-    doc = _load_doc(out_dir)
+    doc = drop_tasks(_load_doc(out_dir), args.replace_tasks or [])
     for extra in args.merge or []:
         doc = merge_docs(doc, json.loads(Path(extra).read_text(encoding="utf-8")))
     for t in doc.get("tasks", {}).values():

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,3 +126,30 @@ def test_merge_compares_checkpoint_digests_when_both_runs_have_them(tmp_path):
     # the same ERM figures, different checkpoints: noted; the same checkpoint: nothing
     assert merge_docs(doc(d1, 0.8), doc(d2, 0.8))["notes"]
     assert not merge_docs(doc(d1, 0.8), doc(d1, 0.8)).get("notes")
+
+
+def test_replace_tasks_drops_the_old_build_before_merging(tmp_path):
+    # rows of a rebuilt task that the new runs do not re-measure must not stay beside theirs
+    from bench.run import drop_tasks, merge_docs, parse_args
+
+    def doc(acc, rows, command, costs=None):
+        t = {"info": {"erm_test": {"accuracy": acc, "worst_group_accuracy": 0.5}},
+             "variants": {"balanced": {"runs": [{"seed": 0, "rows": rows}]}}}
+        if costs:
+            t["costs"] = costs
+        return {"tasks": {"t": t, "u": {"info": {}, "variants": {}}}, "meta": {"command": command, "parts": {}},
+                "notes": ["t: an old note", "u: kept"]}
+
+    old = doc(0.8, {"a": {"wga": 0.1}, "b": {"wga": 0.2}}, "old", costs={"fix": 1})
+    new = doc(0.7, {"a": {"wga": 0.3}}, "new")
+    new["tasks"].pop("u")
+    new["notes"] = []
+    mixed = merge_docs(json.loads(json.dumps(old)), new)
+    assert set(mixed["tasks"]["t"]["variants"]["balanced"]["runs"][0]["rows"]) == {"a", "b"}
+    clean = merge_docs(drop_tasks(json.loads(json.dumps(old)), ["t"]), new)
+    t = clean["tasks"]["t"]
+    assert set(t["variants"]["balanced"]["runs"][0]["rows"]) == {"a"}
+    assert t["info"]["erm_test"]["accuracy"] == 0.7 and "costs" not in t
+    assert clean["notes"] == ["u: kept"] and "u" in clean["tasks"]
+    with pytest.raises(SystemExit):
+        parse_args(["--replace-tasks", "t"])
