@@ -128,7 +128,7 @@ def test_merge_compares_checkpoint_digests_when_both_runs_have_them(tmp_path):
     assert not merge_docs(doc(d1, 0.8), doc(d1, 0.8)).get("notes")
 
 
-def test_replace_tasks_drops_the_old_build_before_merging(tmp_path):
+def test_replace_tasks_drops_the_old_build_before_merging():
     # rows of a rebuilt task that the new runs do not re-measure must not stay beside theirs
     from bench.run import drop_tasks, merge_docs, parse_args
 
