@@ -329,6 +329,11 @@ def parse_args(argv=None):
     return args
 
 
+def _task_note(name: str, text: str) -> str:
+    """A note of the report about task ``name``: the one form :func:`drop_tasks` recognises."""
+    return f"{name}: {text}"
+
+
 def _other_build(name: str, mine: Optional[dict], theirs: Optional[dict], command: Optional[str]) -> Optional[str]:
     """A note when a merged run measured a different build of task ``name`` (the checkpoints' digests differ
     when both runs recorded one, else their ERM test figures: the task is rebuilt per machine, and training
@@ -342,11 +347,13 @@ def _other_build(name: str, mine: Optional[dict], theirs: Optional[dict], comman
     elif not a or not b or all(abs(float(a.get(k, 0)) - float(b.get(k, 0))) < 1e-9 for k in keys):
         return None
     if not a or not b:
-        return (f"{name}: the merged run `{command}` measured another build of this task (checkpoint "
-                f"{(db or '?')[:12]}, the report's {(da or '?')[:12]}); its rows and figures are of that build")
+        return _task_note(name, f"the merged run `{command}` measured another build of this task (checkpoint "
+                                f"{(db or '?')[:12]}, the report's {(da or '?')[:12]}); its rows and figures are "
+                                f"of that build")
     fig = lambda e: f"{100 * float(e['accuracy']):.1f}% accuracy, {100 * float(e['worst_group_accuracy']):.1f}% worst group"  # noqa: E731
-    return (f"{name}: the merged run `{command}` measured another build of this task (its ERM checkpoint scores "
-            f"{fig(b)} on test, the one the report describes {fig(a)}); its rows and figures are of that build")
+    return _task_note(name, f"the merged run `{command}` measured another build of this task (its ERM checkpoint "
+                            f"scores {fig(b)} on test, the one the report describes {fig(a)}); its rows and figures "
+                            f"are of that build")
 
 
 def drop_tasks(doc: dict, names) -> dict:
@@ -355,7 +362,7 @@ def drop_tasks(doc: dict, names) -> dict:
     for name in names:
         doc.get("tasks", {}).pop(name, None)
         if doc.get("notes"):
-            doc["notes"] = [n for n in doc["notes"] if not n.startswith(f"{name}: ")]
+            doc["notes"] = [n for n in doc["notes"] if not n.startswith(_task_note(name, ""))]
     return doc
 
 
