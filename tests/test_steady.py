@@ -182,10 +182,46 @@ def test_a_moved_body_must_beat_the_original_by_the_required_gain(session, monke
     assert (base["alpha"], base["head"]) == (0.0, "refit")
     tm.module.load_state_dict(start)
     X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
-    W, b, _ = refit_head(sess, X, sess.groups)
+    W, b, _ = refit_head(sess, X, sess.groups, unseen=True)
     ho = sess.held_idx
     want = sel.required_gain(head_predictions(X[ho], W, b), sess.y[ho], sess.score_strata[ho], sel.SHRINK_SAMPLES)
     assert real["required_gain"] == pytest.approx(want) and want >= sel.MIN_GAIN
+
+
+
+def test_the_original_body_s_head_strength_is_chosen_by_repeated_folds(session):
+    """The original body never trained on the repair rows, so the strength of the head refitted on
+    it is chosen by repeated cross-validation over every row (``unseen=True``), not on the one
+    held-out part: the choice is the same whichever rows are held out, the scores reported are the
+    held-out part's, of the head fitted on the training part at that strength; settling uses it
+    for alpha 0 only (a moved body trained on the training part is judged on the held-out part)."""
+    from repair.modelrepair.finetune import REFIT_L2, refit_head, settle
+    from repair.selection import head_predictions, stratified_split
+    from repair.solver import fit_logreg, group_balanced_weights
+
+    sess, tm = session
+    start = tm.state()
+    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    chosen = set()
+    for seed in range(4):
+        sess.train_idx, sess.held_idx = stratified_split(sess.groups, [0.5], torch.Generator().manual_seed(seed))
+        W, b, info = refit_head(sess, X, sess.groups, unseen=True)
+        chosen.add(info["l2"])
+        assert "cross-validation" in info["chosen_by"] and "repeats" in info["chosen_by"]
+        tr, ho = sess.train_idx, sess.held_idx
+        Wt, bt, _ = fit_logreg(X[tr], sess.y[tr], 2, sample_weight=group_balanced_weights(sess.groups[tr]),
+                               l2=(info["l2"],))
+        torch.testing.assert_close(W, Wt[0])
+        worst, mean = sess.heldout_scores(head_predictions(X[ho], Wt, bt))
+        assert (info["heldout_score"], info["heldout_accuracy"]) == pytest.approx((float(worst[0]), float(mean[0])))
+        one = refit_head(sess, X, sess.groups)[2]
+        assert one["chosen_by"] == "held-out part" and one["l2"] in REFIT_L2
+    assert len(chosen) == 1
+
+    _perturb(tm, 0.3, seed=0)
+    diag = settle(sess, start, alphas=(0.0, 1.0))
+    by = {c["alpha"]: c["refit"]["chosen_by"] for c in diag["candidates"]}
+    assert "cross-validation" in by[0.0] and by[1.0] == "held-out part"
 
 
 def test_settled_mixft_folds_into_an_ordinary_checkpoint(tmp_path):
