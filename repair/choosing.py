@@ -210,27 +210,34 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
         if len(heads) == 1:
             head = (heads[0], ctx.fit(heads[0], fit_idx), None, [0])
         else:
-            full = threads.map_tasks(lambda c: ctx.fit(c, fit_idx), heads, workers)
-            frozen = [c.info.freeze(f.config, f.diagnostics or {}) if c.info.freeze else f.config
-                      for c, f in zip(heads, full)]
-            secs = [f.seconds for f in full]
+            full: list = [None] * len(heads)
+            secs = [0.0] * len(heads)
+
+            def frozen(i, f):
+                c = heads[i]
+                return c.info.freeze(f.config, f.diagnostics or {}) if c.info.freeze else f.config
 
             def fit_folds(trains, which):
-                # every (fold, candidate) fit of a repeat at once: side by side they balance (mix's
-                # averaged refits cost several times a dfr fit)
+                # each head's fit on the whole fit part (it fixes the settings its fold fits reuse),
+                # then its fit on every training set of every repeat; side by side, a head's fold fits
+                # start when its own whole fit is done (mix's averaged refits cost several dfr fits)
                 which = list(which)
-                pairs = [(k, i) for k in range(len(trains)) for i in which]
-                fs = threads.map_tasks(lambda p: ctx.fit(heads[p[1]], fit_idx[trains[p[0]]], config=frozen[p[1]]),
-                                       pairs, workers)
-                for (_, i), f in zip(pairs, fs):
-                    secs[i] += f.seconds
-                return [fs[k * len(which):(k + 1) * len(which)] for k in range(len(trains))]
+                then = [lambda i, f, t=t: ctx.fit(heads[i], fit_idx[t], config=frozen(i, f)) for t in trains]
+                firsts, thens = threads.map_chains(lambda i: ctx.fit(heads[i], fit_idx), then, which, workers)
+                for i, f, fs in zip(which, firsts, thens):
+                    full[i] = f
+                    secs[i] += f.seconds + sum(g.seconds for g in fs)
+                return [[thens[n][k] for n in range(len(which))] for k in range(len(trains))]
 
             sel = select_and_refit(len(heads), lambda idx, which: fit_folds([idx], which)[0],
                                    lambda fs, idx: torch.stack([head_predictions(ctx.X[fit_idx[idx]], f.W, f.b)
                                                                 for f in fs]), y,
                                    criterion=crit, score_strata=score_strata, split_strata=strata,
                                    scheme=scheme, seed=seed + 1, refit=False, fit_folds=fit_folds)
+            missing = [i for i, f in enumerate(full) if f is None]
+            if missing:                  # nothing was cross-validated (too few rows): the whole fits alone
+                for i, f in zip(missing, threads.map_tasks(lambda i: ctx.fit(heads[i], fit_idx), missing, workers)):
+                    full[i], secs[i] = f, secs[i] + f.seconds
             for i, c in enumerate(heads):
                 row = {"candidate": c.label, "kind": "head", "fit_seconds": round(secs[i], 4)}
                 if sel.worst is not None:
@@ -318,11 +325,9 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
                 head_pred[held] = head_predictions(ctx.X[fit_idx[held]], f.W, f.b)
     if parts is None:
         # nothing cross-validated the heads (one head): make the folds here, the same way
-        from .selection import stratified_split
+        from .selection import kfold_parts
 
-        K = max(2, int(scheme.folds))
-        parts = [p for p in stratified_split(strata, [1.0 / K] * (K - 1), seed + 1, clusters=scheme.clusters)
-                 if p.numel()]
+        parts = next(iter(kfold_parts(KFold(scheme.folds, 1, clusters=scheme.clusters), strata, seed + 1)), [])
         if head is not None:
             head_pred = torch.empty(y.numel(), dtype=torch.long)
             for held in parts:

@@ -469,6 +469,22 @@ class Selection:
                 "n_fit": int(self.n_fit), "n_heldout": int(self.n_heldout)}
 
 
+def kfold_parts(scheme: KFold, split_strata: Tensor, seed: Union[int, torch.Generator]) -> list[list[Tensor]]:
+    """The held-out folds of every repeat of ``scheme`` (stratified by ``split_strata``), drawn in
+    order from ``seed`` (a generator, or a seed for a new one): what :func:`select_and_refit` scores
+    on. Stops at a repeat whose draw leaves fewer than two non-empty folds (too few rows)."""
+    gen = _generator(seed)
+    K = max(2, int(scheme.folds))
+    out = []
+    for _ in range(max(1, int(scheme.repeats))):
+        parts = [p for p in stratified_split(split_strata, [1.0 / K] * (K - 1), gen, clusters=scheme.clusters)
+                 if p.numel()]
+        if len(parts) < 2:
+            break
+        out.append(parts)
+    return out
+
+
 FitFn = Callable[[Tensor, list], Any]
 PredictFn = Callable[[Any, Tensor], Tensor]
 
@@ -485,8 +501,8 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
     ``score_strata`` (N,): the criterion's ids for every row; ``split_strata`` (N,):
     what the split is stratified by (default: ``score_strata``). With one candidate
     (or no held-out rows) nothing is scored and only the refit runs. ``fit_folds(train_sets,
-    which) -> [fitted per fold]``: optional, fits all K-fold training sets in one call
-    (a batched solver); default: ``fit`` once per fold."""
+    which) -> [fitted per training set]``: optional, fits the training sets of every fold of every
+    repeat in one call (a batched solver, or fits run side by side); default: ``fit`` once per fold."""
     N = int(y.shape[0])
     all_idx = torch.arange(N)
     split_strata = score_strata if split_strata is None else split_strata
@@ -495,19 +511,20 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
     sel = Selection(best=0, criterion=criterion, scheme=scheme, n_fit=N)
     if n_candidates > 1:
         if isinstance(scheme, KFold):
-            K = max(2, int(scheme.folds))
             worsts, means = [], []
-            for _ in range(max(1, int(scheme.repeats))):
-                parts = stratified_split(split_strata, [1.0 / K] * (K - 1), gen, clusters=scheme.clusters)
-                parts = [p for p in parts if p.numel()]
-                if len(parts) < 2:
-                    break
-                pred = torch.empty(n_candidates, N, dtype=torch.long)
-                trains = [torch.sort(torch.cat([p for j, p in enumerate(parts) if j != k])).values
-                          for k in range(len(parts))]
-                fits = fit_folds(trains, every) if fit_folds is not None else [fit(t, every) for t in trains]
+            repeats = kfold_parts(scheme, split_strata, gen)
+            trains = [[torch.sort(torch.cat([p for j, p in enumerate(parts) if j != k])).values
+                       for k in range(len(parts))] for parts in repeats]
+            flat = [t for ts in trains for t in ts]
+            # every repeat's fold fits in one call: a batched or parallel fit_folds has them all at once
+            fits_flat = (fit_folds(flat, every) if fit_folds is not None else [fit(t, every) for t in flat]) if flat else []
+            at = 0
+            for parts in repeats:
+                fits = fits_flat[at:at + len(parts)]
+                at += len(parts)
                 if not sel.fold_fits:            # the first repeat's fits and folds are kept
                     sel.fold_fits, sel.folds = list(fits), parts
+                pred = torch.empty(n_candidates, N, dtype=torch.long)
                 for f, held in zip(fits, parts):
                     pred[:, held] = _as_preds(predict(f, held)).cpu()
                 w, m = scores_from_preds(pred, y, score_strata)
@@ -561,6 +578,6 @@ def support_warnings(strata: Tensor, names: Sequence[str], *, what: str, minimum
 
 
 __all__ = ["IMBALANCE_THRESHOLD", "group_imbalance", "label_free_criterion", "CRITERIA", "MIN_FOR_CHOICE", "MIN_FOR_REPORT", "support_warnings", "SELECTION_NAMES", "LABEL_FREE_DEFAULT", "Criterion", "stratified_split", "Holdout",
-           "KFold", "Given", "Selection", "select_and_refit", "pick_best", "scores_from_preds",
+           "KFold", "Given", "Selection", "kfold_parts", "select_and_refit", "pick_best", "scores_from_preds",
            "head_predictions", "inferred_groups", "inferred_group_names", "group_accuracies",
            "worst_group_accuracy", "MIN_GAIN", "REQUIRED_Z", "required_gain"]

@@ -76,4 +76,40 @@ def map_tasks(fn, items, workers: int) -> list:
         return list(pool.map(fn, items))
 
 
-__all__ = ["limited", "for_work", "for_small_work", "workers_for", "map_tasks", "SMALL_WORK"]
+def map_chains(first, then: list, items, workers: int) -> tuple[list, list]:
+    """For every item ``x``: ``a = first(x)``, then ``[t(x, a) for t in then]``, ``workers`` at a
+    time in threads, each task on one torch thread. An item's ``then`` tasks start as soon as its
+    ``first`` is done, side by side with the other items' tasks (no barrier between the stages: one
+    slow ``first`` does not hold the others' ``then`` back). Returns ``(firsts, thens)`` in order,
+    ``thens[i][j] = then[j](items[i], firsts[i])``; the first error is raised. Tasks must be
+    independent, as in :func:`map_tasks`."""
+    items = list(items)
+    firsts: list = [None] * len(items)
+    thens: list = [[None] * len(then) for _ in items]
+    if workers <= 1 or len(items) * (1 + len(then)) < 2:
+        for i, x in enumerate(items):
+            firsts[i] = first(x)
+            thens[i] = [t(x, firsts[i]) for t in then]
+        return firsts, thens
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    with limited(1):
+        pool = ThreadPoolExecutor(max_workers=int(workers))
+        try:
+            pending = {pool.submit(first, x): (i, None) for i, x in enumerate(items)}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i, j = pending.pop(fut)
+                    if j is None:
+                        firsts[i] = fut.result()
+                        for k, t in enumerate(then):
+                            pending[pool.submit(t, items[i], firsts[i])] = (i, k)
+                    else:
+                        thens[i][j] = fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return firsts, thens
+
+
+__all__ = ["limited", "for_work", "for_small_work", "workers_for", "map_tasks", "map_chains", "SMALL_WORK"]

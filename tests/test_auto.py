@@ -144,16 +144,17 @@ def test_fix_reads_the_repair_data_once(timm_folder, skewed_images, tmp_path, mo
 
 def test_candidates_side_by_side_choose_exactly_what_one_at_a_time_does(timm_folder, skewed_images, tmp_path,
                                                                          monkeypatch):
-    # with threads to spare, auto's head fits run side by side (threads.map_tasks, one torch thread
-    # each): the candidates are independent, so every score, the choice and the written head are
-    # the ones the serial run gives
+    # with threads to spare, auto's head fits run side by side (threads.map_chains: each head's fit on
+    # the whole fit part, then its fold fits as soon as it is done, one torch thread each): the fits
+    # are independent, so every score, the choice and the written head are the ones the serial run gives
     import safetensors.torch
 
     from repair import threads
 
     calls = []
-    real = threads.map_tasks
-    monkeypatch.setattr(threads, "map_tasks", lambda fn, items, workers: calls.append(workers) or real(fn, items, workers))
+    real = threads.map_chains
+    monkeypatch.setattr(threads, "map_chains",
+                        lambda first, then, items, workers: calls.append(workers) or real(first, then, items, workers))
     reps, heads = [], []
     for n in (1, 2):
         out = tmp_path / f"t{n}"

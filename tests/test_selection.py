@@ -121,6 +121,50 @@ def test_threads_are_restored_even_on_error():
     assert threads.for_work(1e3, "cuda") is None and threads.for_work(1e3, setting=None) is None
 
 
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_map_chains_runs_each_items_then_tasks_after_its_first(workers):
+    """``threads.map_chains``: every ``then`` task of an item sees that item's ``first`` result, a
+    slow ``first`` does not hold back another item's ``then`` tasks (no barrier between stages), the
+    results come back in order, and the first error is raised."""
+    import threading
+    import time
+
+    before = torch.get_num_threads()
+    started, lock = [], threading.Lock()
+    release = threading.Event()
+
+    def first(x):
+        if x == 0 and workers > 1:
+            assert release.wait(10), "item 1's then tasks never ran while item 0's first was running"
+        with lock:
+            started.append(("first", x))
+        return x * 10
+
+    def then_k(k):
+        def t(x, a):
+            assert a == x * 10
+            with lock:
+                started.append(("then", x, k))
+                if x == 1 and k == 1:
+                    release.set()
+            return (x, k, a)
+        return t
+
+    firsts, thens = threads.map_chains(first, [then_k(0), then_k(1)], [0, 1], workers)
+    assert firsts == [0, 10]
+    assert thens == [[(0, 0, 0), (0, 1, 0)], [(1, 0, 10), (1, 1, 10)]]
+    if workers > 1:                               # item 1 finished its chain before item 0's first
+        assert started.index(("then", 1, 1)) < started.index(("first", 0))
+    release.set()
+
+    def boom(x, a):
+        raise ValueError("bad fit")
+
+    with pytest.raises(ValueError, match="bad fit"):
+        threads.map_chains(lambda x: time.sleep(0.01) or x, [boom], [0, 1, 2], workers)
+    assert torch.get_num_threads() == before
+
 def test_library_calls_leave_the_thread_count_alone():
     from repair import solver as S
     from repair.methods import RepairInputs, get_method
