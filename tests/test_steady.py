@@ -224,6 +224,41 @@ def test_the_original_body_s_head_strength_is_chosen_by_repeated_folds(session):
     assert "cross-validation" in by[0.0] and by[1.0] == "held-out part"
 
 
+
+def test_strength_original_gives_every_body_the_original_body_s_strength(session):
+    """``settle_strength: original``: the strength the repeated folds choose for the original body is
+    the strength of every moved body's refitted head (the original body embedded once more when alpha
+    0 is not a candidate); ``heldout`` chooses each body's on the held-out part; another value is an
+    error."""
+    from repair.modelrepair.finetune import refit_head, settle
+
+    sess, tm = session
+    start = tm.state()
+    X0 = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    want = refit_head(sess, X0, sess.groups, unseen=True)[2]["l2"]
+    _perturb(tm, 0.3, seed=0)
+    tuned = tm.state()
+    for alphas in ((0.5, 1.0), (0.0, 0.5, 1.0)):
+        tm.module.load_state_dict(tuned)
+        diag = settle(sess, start, alphas=alphas, strength="original")
+        moved = [c for c in diag["candidates"] if c["alpha"] > 0]
+        assert len(moved) == 2 and all(c["refit"]["l2"] == want for c in moved)
+        assert all(c["refit"]["chosen_by"] == "the original body's repeated folds" for c in moved)
+        # scored as a head at that strength fitted on the training part of that body
+        tm.module.load_state_dict({k: start[k] + 0.5 * (tuned[k] - start[k]) if start[k].is_floating_point()
+                                   else start[k] for k in start})
+        X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+        half = next(c for c in moved if c["alpha"] == 0.5)["refit"]
+        given = refit_head(sess, X, sess.groups, l2=want)[2]
+        assert (half["heldout_score"], half["heldout_accuracy"]) == pytest.approx(
+            (given["heldout_score"], given["heldout_accuracy"]))
+    tm.module.load_state_dict(tuned)
+    held = settle(sess, start, alphas=(0.5, 1.0))
+    assert all(c["refit"]["chosen_by"] == "held-out part" for c in held["candidates"])
+    with pytest.raises(ValueError, match="strength"):
+        settle(sess, start, alphas=(0.5, 1.0), strength="test")
+
+
 def test_settled_mixft_folds_into_an_ordinary_checkpoint(tmp_path):
     """``repair fix --recipe`` mixft with ``settle: refit``: the chosen point is in the report,
     and plain transformers reloads the output and computes what ``repair eval`` measures."""

@@ -154,6 +154,8 @@ def settle_alphas_setting(default: tuple = (0.5, 1.0)):
                        "standard errors on the held-out part)")
 
 
+#: ``settle_strength`` values: how the strength of a refitted head on a moved body is chosen (:func:`settle`)
+SETTLE_STRENGTHS = ("heldout", "original")
 #: ``settle`` values: which heads of the interpolated bodies :func:`settle` compares (``off``: none)
 SETTLE_MODES = ("off", "interpolate", "refit", "either")
 #: the heads each mode compares: the body's own (interpolated) head, a refitted head, or both
@@ -170,6 +172,10 @@ class SettleSettings:
                               "head, on the held-out part; refit = each of those bodies with a group-balanced head "
                               "refitted on it instead; either = both heads of every point")
     settle_alphas: tuple = settle_alphas_setting()
+    settle_strength: str = setting("heldout", choices=SETTLE_STRENGTHS,
+                                   doc="the L2 strength of each refitted head: heldout = chosen for each body on "
+                                       "the held-out part; original = the one repeated folds over every repair row "
+                                       "choose for the original body, used for every body")
 
 
 #: ``settle_alphas`` of the model repairs whose training on a small repair set often does not beat
@@ -480,7 +486,8 @@ REFIT_REPEATS = 8
 SETTLE_ALPHAS = (0.5, 1.0)
 
 
-def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen: bool = False) -> tuple:
+def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen: bool = False,
+               l2: Optional[float] = None) -> tuple:
     """A group-balanced L2 logistic head on embeddings ``X`` (all repair rows) fitted on the
     session's training part, its strength chosen by the session's criterion (DFR's recipe):
     ``(W, b, {"l2", "chosen_by", "heldout_score", "heldout_accuracy"})``; the scores are those of
@@ -494,10 +501,17 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     one small held-out part. Measured on the benchmark (the original bodies of the image tasks,
     seeds 0-4; test split read by an analysis script only, ``bench/analysis.md``): the strength one
     held-out quarter chose flipped across the grid from seed to seed (test worst-group 78.8-87.2 on
-    the skewed demo), the repeated folds' choice kept every set within about 2 points."""
+    the skewed demo), the repeated folds' choice kept every set within about 2 points.
+
+    ``l2``: a strength given (chosen elsewhere, e.g. for the original body): nothing is chosen here."""
     from ..selection import KFold, head_predictions, pick_best, select_and_refit
 
     tr, ho = sess.train_idx, sess.held_idx
+    if l2 is not None:
+        W, b = _balanced_heads(sess, X, groups, tr, [float(l2)])
+        worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
+        return W[0], b[0], {"l2": float(l2), "chosen_by": "given", "heldout_score": float(worst[0]),
+                            "heldout_accuracy": float(mean[0])}
     if unseen:
         def fit(rows, which):
             return _balanced_heads(sess, X, groups, rows, [REFIT_L2[i] for i in which])
@@ -531,11 +545,13 @@ def settle_by(cfg: SettleSettings, sess: "Session", start: dict,
     """:func:`settle` as ``cfg`` says (None when ``cfg.settle`` is off)."""
     if cfg.settle == "off":
         return None
-    return settle(sess, start, alphas=cfg.settle_alphas, heads=SETTLE_HEADS[cfg.settle], groups=groups)
+    return settle(sess, start, alphas=cfg.settle_alphas, heads=SETTLE_HEADS[cfg.settle], groups=groups,
+                  strength=getattr(cfg, "settle_strength", "heldout"))
 
 
 def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALPHAS,
-           heads: Sequence[str] = ("refit",), groups: Optional[torch.Tensor] = None) -> dict:
+           heads: Sequence[str] = ("refit",), groups: Optional[torch.Tensor] = None,
+           strength: str = "heldout") -> dict:
     """Where a fine-tuned model ends: weight-space interpolation between the starting weights
     ``start`` (name -> tensor, as :meth:`TrainableModel.state` gives them) and the current,
     fine-tuned ones, ``start + alpha * (tuned - start)`` for each ``alpha`` (WiSE-FT, Wortsman
@@ -565,6 +581,11 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     led by 7-13 points on the held-out part and were 6-18 points below the original body on the
     test split).
     The model is left at the chosen point -- ordinary weights, nothing to fold.
+    ``strength``: the L2 strength of a refitted head on a moved body (``alpha > 0``): ``"heldout"``,
+    chosen for that body on the held-out part; ``"original"``, the strength the repeated folds choose
+    for the original body (one more pass over the repair rows when alpha 0 is not a candidate), used
+    for every body: the moved bodies' held-out choice flips with a few held-out samples, the original
+    body's does not, and features are standardised before every fit, so one strength carries over.
     ``groups``: the groups a refitted head balances (default: the session's). When a refitted
     head wins, the head the model ends with is fitted again at its strength on *every* repair row
     (training and held-out part: choose on held-out data, then refit on all of it, as the head
@@ -575,6 +596,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     heads = tuple(heads)
     if not heads or any(h not in HEADS for h in heads):
         raise ValueError(f"settle heads must be 'own' and/or 'refit', got {heads!r}")
+    if strength not in SETTLE_STRENGTHS:
+        raise ValueError(f"settle strength must be one of {SETTLE_STRENGTHS}, got {strength!r}")
     refit = "refit" in heads
     tm = sess.model
     sd = tm.module.state_dict()
@@ -593,16 +616,28 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     if not refit:
         points = [a for a in points if a > 0] or [1.0]
     embedded = {}
+    orig, fixed = None, None  # strength="original": the original body's refitted head and its strength
+    if refit and strength == "original" and moved:
+        put(0.0)
+        embedded[0.0] = tm.embed(sess.encoded, every, sess.device)
+        orig = refit_head(sess, embedded[0.0], groups, unseen=True)
+        fixed = orig[2]["l2"]
     for alpha in points:
         put(alpha)
-        X = embedded[alpha] = tm.embed(sess.encoded, every, sess.device)
+        X = embedded[alpha] if alpha in embedded else tm.embed(sess.encoded, every, sess.device)
+        embedded[alpha] = X
         W = tm.head.weight.detach().float().cpu()
         b = tm.head.bias.detach().float().cpu() if tm.head.bias is not None else torch.zeros(W.shape[0])
         # alpha 0 is the original body: its own head is the original model, only a refitted head
         # is a candidate there (the model repair then ends as a head repair on the original body)
         options = [("fine-tuned", W, b, None)] if alpha > 0 and "own" in heads else []
         if refit:
-            Wr, br, info = refit_head(sess, X, groups, unseen=alpha == 0.0)
+            if alpha == 0.0 and orig is not None:
+                Wr, br, info = orig
+            else:
+                Wr, br, info = refit_head(sess, X, groups, unseen=alpha == 0.0, l2=None if alpha == 0.0 else fixed)
+                if fixed is not None:
+                    info["chosen_by"] = "the original body's repeated folds"
             options.append(("refit", Wr, br, info))
         for kind, Wk, bk, info in options:
             pred = head_predictions(X[ho], Wk[None], bk[None])
@@ -634,5 +669,5 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
             "candidates": [{k2: v for k2, v in c.items() if k2 not in ("W", "b", "pred")} for c in cands]}
 
 
-__all__ = ["DEFAULT_BUDGET_SECONDS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
+__all__ = ["DEFAULT_BUDGET_SECONDS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
            "LoopResult", "REFIT_FOLDS", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "train"]
