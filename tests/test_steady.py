@@ -225,6 +225,21 @@ def test_the_original_body_s_head_strength_is_chosen_by_repeated_folds(session):
 
 
 
+
+def test_an_unseen_body_too_small_to_fold_falls_back_to_the_held_out_part(session, monkeypatch):
+    """When no fold can be drawn (``kfold_parts`` gives none), the original body's strength is chosen on
+    the held-out part, as for a moved body, not silently the grid's first strength."""
+    import repair.selection as sel
+    from repair.modelrepair.finetune import refit_head
+
+    sess, tm = session
+    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    want = refit_head(sess, X, sess.groups)
+    monkeypatch.setattr(sel, "kfold_parts", lambda *a, **k: [])
+    W, b, info = refit_head(sess, X, sess.groups, unseen=True)
+    assert info == want[2] and info["chosen_by"] == "held-out part"
+    torch.testing.assert_close(W, want[0])
+
 def test_strength_original_gives_every_body_the_original_body_s_strength(session):
     """``settle_strength: original``: the strength the repeated folds choose for the original body is
     the strength of every moved body's refitted head (the original body embedded once more when alpha

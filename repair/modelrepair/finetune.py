@@ -520,10 +520,11 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
                                criterion=sess.criterion, score_strata=sess.score_strata, split_strata=groups,
                                scheme=KFold(REFIT_FOLDS, REFIT_REPEATS, clusters=sess.inputs.duplicates),
                                seed=int(sess.inputs.seed) + 1, refit=False)
-        W, b = _balanced_heads(sess, X, groups, tr, [REFIT_L2[sel.best]])
-        worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
-        return W[0], b[0], {"l2": REFIT_L2[sel.best], "chosen_by": sel.scheme.describe(),
-                            "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])}
+        if sel.worst is not None:        # else too few rows to fold: chosen on the held-out part below
+            W, b = _balanced_heads(sess, X, groups, tr, [REFIT_L2[sel.best]])
+            worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
+            return W[0], b[0], {"l2": REFIT_L2[sel.best], "chosen_by": sel.scheme.describe(),
+                                "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])}
     W, b = _balanced_heads(sess, X, groups, tr, REFIT_L2)
     worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
     k = pick_best(worst, mean)
