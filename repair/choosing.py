@@ -328,6 +328,14 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
         from .selection import kfold_parts
 
         parts = next(iter(kfold_parts(KFold(scheme.folds, 1, clusters=scheme.clusters), strata, seed + 1)), [])
+        if not parts:
+            why = f"too few samples ({y.numel()}) in the fit part for {scheme.folds} folds"
+            if head is None:
+                raise BadInput(f"cannot compare the model repairs: {why}")
+            notes.append(f"model repairs skipped: {why}")
+            log(f"  model repairs skipped: {why}")
+            rows.extend({"candidate": c.label, "kind": "model", "skipped": why} for c in models)
+            return Choice(head[0], head[1], rows, None, notes)
         if head is not None:
             head_pred = torch.empty(y.numel(), dtype=torch.long)
             for held in parts:

@@ -270,6 +270,24 @@ def test_lora_without_peft_is_exit_2(shortcut_bert, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ pipeline
+def test_model_repairs_are_skipped_when_the_fit_part_cannot_be_folded(shortcut_cnn, tmp_path, monkeypatch):
+    """A head and a model repair compared on folds that cannot be drawn (too few samples): the head
+    is the result and the model repair is reported skipped with the reason, never scored on nothing."""
+    import repair.selection as sel
+
+    model, val, _ = shortcut_cnn
+    recipe = tmp_path / "head-and-ft.yaml"
+    recipe.write_text("name: head-and-ft\ncandidates:\n  - method: dfr\n  - method: mixft\n    params: {epochs: 1}\n")
+    monkeypatch.setattr(sel, "kfold_parts", lambda *a, **k: [])
+    code, stdout, err = run_cli("fix", model, "--data", val, "--recipe", recipe, "--budget", "2steps",
+                                "--out", tmp_path / "out", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["kind"] == "head" and rep["candidate"] == "dfr"
+    skipped = [r for r in rep["candidates"] if r["kind"] == "model"]
+    assert skipped and all("too few samples" in r["skipped"] for r in skipped)
+
+
 def test_allow_finetune_escalates_auto_and_reports_both(shortcut_cnn, tmp_path):
     """auto-ft scores mixft on the heads' own folds (out-of-fold, same criterion) against the head
     auto returns; when the head wins, the result is exactly auto's head."""
