@@ -37,7 +37,7 @@ def _child(variant: str, problem: Path, out: Path) -> None:
     if variant == "formed":
         def builder(*a):
             X, y, w, mix = build(*a)
-            return mix.materialize(X, y, w)
+            return (*mix.materialize(X, y, w), None)
     else:
         builder = build
     inputs = RepairInputs(X=p["X"], y=p["y"], W=p["W0"], b=p["b0"], groups=p["g"], seed=0, device="cpu")

@@ -190,9 +190,9 @@ ProblemBuilder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.
 
 
 def subsample_problems(X, y, groups, n_problems, generator, min_per_group):
-    """DFR training sets: the data itself with (K, N) group-balanced subsample weights."""
+    """DFR training sets: the data itself with (K, N) group-balanced subsample weights, no mixed rows."""
     w = S.balanced_subsample_weights(groups, n_problems, generator, min_per_group=min_per_group)
-    return X, y, w
+    return X, y, w, None
 
 
 def fit_balanced_l1(X: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_classes: int,
@@ -201,14 +201,13 @@ def fit_balanced_l1(X: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_
     """Fit ``len(c_values) * n_per_c`` heads (``cfg.penalty``: L1 or L2) in ONE solver call and average the
     ``n_per_c`` heads of each ``C``. Returns ``(W (len(c),C,D), b (len(c),C), info)``
     (on ``device``). ``problem_builder(X, y, groups, K, generator, min_per_group)``
-    returns ``(X_fit, y_fit, sample_weight (K, N_fit))`` and optionally a fourth item, mixed rows
-    (:class:`repair.solver.mixing.RowMix`) the problems also have; default: balanced subsamples."""
+    returns ``(X_fit, y_fit, sample_weight (K, N_fit), row_mix)``, ``row_mix`` the mixed rows
+    (:class:`repair.solver.mixing.RowMix`) the problems also have, or None; default: balanced
+    subsamples."""
     builder = problem_builder or subsample_problems
     c_values = [float(c) for c in c_values]
     K = len(c_values) * n_per_c
-    built = builder(X, y, groups, K, generator, int(cfg.min_subsample_per_group))
-    Xf, yf, w = built[:3]
-    row_mix = built[3] if len(built) > 3 else None          # mixed rows, not formed (mix)
+    Xf, yf, w, row_mix = builder(X, y, groups, K, generator, int(cfg.min_subsample_per_group))
     inv = torch.tensor([1.0 / c for c in c_values for _ in range(n_per_c)])
     pen = {"l1": inv} if cfg.protocol == "paper" else {"l2": inv}      # bagged: L2 (batched Newton)
     W, b, info = S.fit_logreg(Xf, yf, num_classes, sample_weight=w, **pen,
