@@ -547,7 +547,7 @@ def settle_by(cfg: SettleSettings, sess: "Session", start: dict,
     if cfg.settle == "off":
         return None
     return settle(sess, start, alphas=cfg.settle_alphas, heads=SETTLE_HEADS[cfg.settle], groups=groups,
-                  strength=getattr(cfg, "settle_strength", "heldout"))
+                  strength=cfg.settle_strength)
 
 
 def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALPHAS,
