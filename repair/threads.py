@@ -66,14 +66,9 @@ def workers_for(n_tasks: int, macs: float, device: Union[str, torch.device] = "c
 def map_tasks(fn, items, workers: int) -> list:
     """``[fn(x) for x in items]``, ``workers`` at a time in threads (torch releases the GIL in its
     kernels), each task on one torch thread; the results in order, the first error raised. The
-    tasks must be independent (own generators, no shared mutable state)."""
-    items = list(items)
-    if workers <= 1 or len(items) < 2:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with limited(1), ThreadPoolExecutor(max_workers=int(workers)) as pool:
-        return list(pool.map(fn, items))
+    tasks must be independent (own generators, no shared mutable state). :func:`map_chains`
+    without follow-up tasks."""
+    return map_chains(fn, [], items, workers)[0]
 
 
 def map_chains(first, then: list, items, workers: int) -> tuple[list, list]:
