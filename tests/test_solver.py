@@ -476,6 +476,14 @@ def test_path_solver_rule():
     n, d, k = 500, 1280, 20
     assert S.path_solver(n, d, k, n * d * 4)[0] == "newton"
     assert S.path_solver(n, d, k, n * d * 4, blocks=2)[0] == "lbfgs"
+    # AFR's grid (24 pulled problems on the same rows, one GEMM per L-BFGS pass): L-BFGS on the
+    # image and text grids, where the plain estimate chose Newton (measured 2-4x slower there) ...
+    assert S.path_solver(240, 1280, 24, 480 * 1280 * 4, blocks=1)[0] == "newton"
+    assert S.path_solver(240, 1280, 24, 480 * 1280 * 4, blocks=1, shared=True)[0] == "lbfgs"
+    assert S.path_solver(300, 384, 24, 600 * 384 * 4, blocks=1, shared=True)[0] == "lbfgs"
+    # ... Newton on a handful of features and on one problem alone (a GEMV pass, the thin penalty)
+    assert S.path_solver(2000, 8, 24, 2000 * 8 * 4, blocks=1, shared=True)[0] == "newton"
+    assert S.path_solver(600, 128, 1, 600 * 128 * 4, blocks=1, shared=True)[0] == "newton"
 
 
 def test_dfr_lbfgs_and_newton_agree():

@@ -68,6 +68,10 @@ ITERS_ESTIMATE = 150
 #: Hessian factorisations per problem and path point Newton needs (measured 3-10 on the visible
 #: tasks and the crossover problems: every damped step refactors)
 NEWTON_FACTORIZATIONS = 5
+#: Hessian factorisations per problem Newton needs on a grid of problems that share their rows and
+#: are pulled to a reference head (AFR's gamma x pull grid, :func:`path_solver` with ``shared``):
+#: measured 9-18 (median 12) on the visible tasks' grids, where L-BFGS needed 34-162 iterations
+SHARED_NEWTON_FACTORIZATIONS = 12
 #: how many times slower per modelled multiply-add the Gram form's batched Cholesky factorisations
 #: and solves run than the primal form's Hessian GEMMs (measured 2.5x: 20 x 800 x 512 at 13 GFLOP/s
 #: against 32 for 10 x 2,000 x 384 primal)
@@ -77,7 +81,7 @@ MAX_TOL = 1e-6
 
 
 def path_solver(n: int, d: int, problems: int, data_bytes: float, *, blocks: Optional[int] = None,
-                budget_bytes: Optional[float] = None, newton_cost_fn=None) -> tuple:
+                budget_bytes: Optional[float] = None, newton_cost_fn=None, shared: bool = False) -> tuple:
     """``("newton" | "lbfgs", why)`` for ``problems`` binary L2 problems on ``n`` rows and
     ``d`` features each, which L-BFGS would pass over as ``blocks`` separate row blocks (None: one
     per problem; problems sharing rows share a block: dfr's one-vs-rest problems on two folds are
@@ -90,7 +94,15 @@ def path_solver(n: int, d: int, problems: int, data_bytes: float, *, blocks: Opt
     pass being :data:`THIN_PENALTY` times slower per multiply-add) plus
     :data:`ITERATION_OVERHEAD` per block and iteration. L-BFGS is chosen when Newton's copy
     would exceed ``budget_bytes`` (default: half of ``data_bytes``, the embeddings the caller
-    holds) or when its estimated time is the smaller one."""
+    holds) or when its estimated time is the smaller one.
+
+    ``shared``: the problems share all ``n`` rows and one feature map and are pulled to a reference
+    head (AFR's grid, one block): L-BFGS passes over the rows once per iteration for all of them as
+    the columns of one GEMM (no thin-pass penalty when there are several), and Newton needs
+    :data:`SHARED_NEWTON_FACTORIZATIONS`. Measured on the visible tasks' AFR grids (24 problems,
+    240-500 rows of 128-1,280 features, one thread, the whole method): L-BFGS was never the slower,
+    0.24 against 1.02 s on coloured MNIST (400 x 1,280), 0.15 against 0.22 s on the demo (500 x 128),
+    with the same heads; the estimate without ``shared`` chose Newton on six of those eight grids."""
     from .newton import newton_cost
 
     cost, form = (newton_cost_fn or newton_cost)(n, d)
@@ -100,9 +112,11 @@ def path_solver(n: int, d: int, problems: int, data_bytes: float, *, blocks: Opt
         return "lbfgs", f"Newton's per-problem copy ({copy / 2**20:.0f} MiB) exceeds the memory budget"
     kernel = form == "kernel"
     setup = float(n) * n * d if kernel else 0.0
-    t_newton = problems * (NEWTON_FACTORIZATIONS * cost * (KERNEL_PENALTY if kernel else 1.0) + setup)
+    factorizations = SHARED_NEWTON_FACTORIZATIONS if shared else NEWTON_FACTORIZATIONS
+    t_newton = problems * (factorizations * cost * (KERNEL_PENALTY if kernel else 1.0) + setup)
     nb = problems if blocks is None else int(blocks)
-    t_lbfgs = THIN_PENALTY * lbfgs_cost(n, d, problems, ITERS_ESTIMATE) + ITERS_ESTIMATE * ITERATION_OVERHEAD * nb
+    thin = 1.0 if shared and problems > 1 else THIN_PENALTY
+    t_lbfgs = thin * lbfgs_cost(n, d, problems, ITERS_ESTIMATE) + ITERS_ESTIMATE * ITERATION_OVERHEAD * nb
     if t_lbfgs < t_newton:
         return "lbfgs", f"L-BFGS estimated {t_newton / t_lbfgs:.1f}x cheaper than Newton ({form})"
     return "newton", f"Newton ({form}) estimated {t_lbfgs / t_newton:.1f}x cheaper than L-BFGS"
@@ -454,7 +468,7 @@ class _Block:
         return out_v, out_c, it, bool(converged.all()), (out_u, out_gv, out_gc), (out_S, out_Yd)
 
 
-__all__ = ["fit_binary_l2_path_lbfgs", "path_solver", "lbfgs_cost"]
+__all__ = ["fit_binary_l2_path_lbfgs", "path_solver", "lbfgs_cost", "SHARED_NEWTON_FACTORIZATIONS"]
 
 
 def fit_softmax_l2_lbfgs(X: Tensor, y: Tensor, w: Tensor, num_classes: int, l2: float, *,

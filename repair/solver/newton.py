@@ -379,7 +379,7 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
         # the rows once for all problems (one GEMM), with no copy; Newton needs a copy per problem
         from .lbfgs import path_solver
 
-        if path_solver(N, D, K, 4.0 * Z.numel(), blocks=1)[0] == "lbfgs":
+        if path_solver(N, D, K, 4.0 * Z.numel(), blocks=1, shared=True)[0] == "lbfgs":
             return _shared_rows_lbfgs(Z, y, w, l2, pull, Wref, bref, scale, shift, tol, max_iter)
     order = None
     if M < N:
