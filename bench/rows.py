@@ -92,6 +92,9 @@ MODEL_ROWS: list[ModelRow] = [
                                                    "settle_strength": "original"},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft-wig-last (auto-ft's mixft) with settle_strength original"),
+    ModelRow("mixft-soup3", "mixft", {"members": 3}, groups=(False,), modalities=("image",),
+             note="mixft as a weight-space soup of three seeds' training from the same start (members 3), then "
+                  "settled"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
              note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
