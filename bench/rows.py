@@ -95,6 +95,9 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-soup3", "mixft", {"members": 3}, groups=(False,), modalities=("image",),
              note="mixft as a weight-space soup of three seeds' training from the same start (members 3), then "
                   "settled"),
+    ModelRow("mixft-1se", "mixft", {"settle_strength": "heldout_1se"}, groups=(False,),
+             note="mixft whose settled bodies' refitted heads take the strongest L2 within one standard error of "
+                  "the best held-out score (settle_strength heldout_1se) instead of the best itself"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
              note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),

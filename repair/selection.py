@@ -187,6 +187,22 @@ MIN_GAIN = 0.01
 REQUIRED_Z = 2.0
 
 
+def score_standard_error(pred: Tensor, y: Tensor, strata: Tensor, prior: float = 0.0) -> float:
+    """One standard error of the score of predictions ``pred`` (n,) on their worst stratum (see
+    :func:`required_gain`, which asks for :data:`REQUIRED_Z` of them): with ``prior`` > 0 of the
+    shrunk score (:func:`shrunk_scores`), the accuracy's times ``n / (n + prior)``; the accuracy's
+    at the Agresti-Coull estimate ``(hits + 2) / (n + 4)`` over ``n + 4`` samples; of strata tied
+    for worst, the least certain one."""
+    pred = _as_preds(pred)
+    if pred.dim() == 1:
+        pred = pred.unsqueeze(0)
+    score, n_s, hits, _ = _shrunk_strata(pred, y, strata, float(prior))
+    p = (hits[0] + 2.0) / (n_s + 4.0)
+    se = (p * (1.0 - p) / (n_s + 4.0)).sqrt() * n_s / (n_s + float(prior))
+    worst = score[0] <= score[0].min() + 1e-12             # tied worst strata: the least certain one
+    return float(se[worst].max())
+
+
 def required_gain(pred: Tensor, y: Tensor, strata: Tensor, prior: float = 0.0) -> float:
     """The held-out edge a changed model needs over the simpler choice whose predictions are
     ``pred`` (a head's out-of-fold predictions in ``auto-ft``; the original body with a refitted
@@ -205,14 +221,7 @@ def required_gain(pred: Tensor, y: Tensor, strata: Tensor, prior: float = 0.0) -
     skewed repair set) moves by 6.7 points per sample; measured on the demo, a 13-point out-of-fold
     edge there (one standard error) chose mixft, 4.5 points below the head on test; on the balanced
     demo a 1.6-point edge (0.7 standard errors) chose it, 2.4 points below."""
-    pred = _as_preds(pred)
-    if pred.dim() == 1:
-        pred = pred.unsqueeze(0)
-    score, n_s, hits, _ = _shrunk_strata(pred, y, strata, float(prior))
-    p = (hits[0] + 2.0) / (n_s + 4.0)
-    se = (p * (1.0 - p) / (n_s + 4.0)).sqrt() * n_s / (n_s + float(prior))
-    worst = score[0] <= score[0].min() + 1e-12             # tied worst strata: the least certain one
-    return max(MIN_GAIN, REQUIRED_Z * float(se[worst].max()))
+    return max(MIN_GAIN, REQUIRED_Z * score_standard_error(pred, y, strata, prior))
 
 
 # ----------------------------------------------------------------------------- criterion
@@ -580,4 +589,4 @@ def support_warnings(strata: Tensor, names: Sequence[str], *, what: str, minimum
 __all__ = ["IMBALANCE_THRESHOLD", "group_imbalance", "label_free_criterion", "CRITERIA", "MIN_FOR_CHOICE", "MIN_FOR_REPORT", "support_warnings", "SELECTION_NAMES", "LABEL_FREE_DEFAULT", "Criterion", "stratified_split", "Holdout",
            "KFold", "Given", "Selection", "kfold_parts", "select_and_refit", "pick_best", "scores_from_preds",
            "head_predictions", "inferred_groups", "inferred_group_names", "group_accuracies",
-           "worst_group_accuracy", "MIN_GAIN", "REQUIRED_Z", "required_gain"]
+           "worst_group_accuracy", "MIN_GAIN", "REQUIRED_Z", "required_gain", "score_standard_error"]

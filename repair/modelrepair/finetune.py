@@ -155,7 +155,7 @@ def settle_alphas_setting(default: tuple = (0.5, 1.0)):
 
 
 #: ``settle_strength`` values: how the strength of a refitted head on a moved body is chosen (:func:`settle`)
-SETTLE_STRENGTHS = ("heldout", "original")
+SETTLE_STRENGTHS = ("heldout", "heldout_1se", "original")
 #: ``settle`` values: which heads of the interpolated bodies :func:`settle` compares (``off``: none)
 SETTLE_MODES = ("off", "interpolate", "refit", "either")
 #: the heads each mode compares: the body's own (interpolated) head, a refitted head, or both
@@ -174,8 +174,9 @@ class SettleSettings:
     settle_alphas: tuple = settle_alphas_setting()
     settle_strength: str = setting("heldout", choices=SETTLE_STRENGTHS,
                                    doc="the L2 strength of each refitted head: heldout = chosen for each body on "
-                                       "the held-out part; original = the one repeated folds over every repair row "
-                                       "choose for the original body, used for every body")
+                                       "the held-out part; heldout_1se = the strongest within one standard error of "
+                                       "that best held-out score; original = the one repeated folds over every "
+                                       "repair row choose for the original body, used for every body")
 
 
 #: ``settle_alphas`` of the model repairs whose training on a small repair set often does not beat
@@ -455,6 +456,13 @@ class Session:
 
         return shrunk_scores(pred, self.y[self.held_idx], self.score_strata[self.held_idx], SHRINK_SAMPLES)
 
+    def score_standard_error(self, pred: torch.Tensor) -> float:
+        """One standard error of the held-out score of predictions ``pred`` (n_held,) on their worst
+        stratum (:func:`repair.selection.score_standard_error`)."""
+        from ..selection import SHRINK_SAMPLES, score_standard_error
+
+        return score_standard_error(pred, self.y[self.held_idx], self.score_strata[self.held_idx], SHRINK_SAMPLES)
+
     def required_gain(self, pred: torch.Tensor) -> float:
         """The held-out edge over predictions ``pred`` (n_held,) that a change needs, on the scores
         :meth:`heldout_scores` gives (:func:`repair.selection.required_gain`)."""
@@ -487,7 +495,7 @@ SETTLE_ALPHAS = (0.5, 1.0)
 
 
 def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen: bool = False,
-               l2: Optional[float] = None) -> tuple:
+               l2: Optional[float] = None, one_se: bool = False) -> tuple:
     """A group-balanced L2 logistic head on embeddings ``X`` (all repair rows) fitted on the
     session's training part, its strength chosen by the session's criterion (DFR's recipe):
     ``(W, b, {"l2", "chosen_by", "heldout_score", "heldout_accuracy"})``; the scores are those of
@@ -503,7 +511,11 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     held-out quarter chose flipped across the grid from seed to seed (test worst-group 78.8-87.2 on
     the skewed demo), the repeated folds' choice kept every set within about 2 points.
 
-    ``l2``: a strength given (chosen elsewhere, e.g. for the original body): nothing is chosen here."""
+    ``l2``: a strength given (chosen elsewhere, e.g. for the original body): nothing is chosen here.
+    ``one_se`` (held-out choice only): the strongest penalty whose held-out score is within one
+    standard error (:func:`repair.selection.score_standard_error`) of the best one's -- the
+    one-standard-error rule of penalised regression, for a held-out part too small to tell the
+    strengths apart."""
     from ..selection import KFold, head_predictions, pick_best, select_and_refit
 
     tr, ho = sess.train_idx, sess.held_idx
@@ -526,9 +538,15 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
             return W[0], b[0], {"l2": REFIT_L2[sel.best], "chosen_by": sel.scheme.describe(),
                                 "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])}
     W, b = _balanced_heads(sess, X, groups, tr, REFIT_L2)
-    worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
+    pred = head_predictions(X[ho], W, b)
+    worst, mean = sess.heldout_scores(pred)
     k = pick_best(worst, mean)
-    return W[k], b[k], {"l2": REFIT_L2[k], "chosen_by": "held-out part", "heldout_score": float(worst[k]),
+    chosen_by = "held-out part"
+    if one_se:
+        se = sess.score_standard_error(pred[k])
+        k = max(j for j in range(len(REFIT_L2)) if float(worst[j]) >= float(worst[k]) - se - 1e-12)
+        chosen_by = "held-out part, the strongest within one standard error of the best"
+    return W[k], b[k], {"l2": REFIT_L2[k], "chosen_by": chosen_by, "heldout_score": float(worst[k]),
                         "heldout_accuracy": float(mean[k])}
 
 
@@ -583,7 +601,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     test split).
     The model is left at the chosen point -- ordinary weights, nothing to fold.
     ``strength``: the L2 strength of a refitted head on a moved body (``alpha > 0``): ``"heldout"``,
-    chosen for that body on the held-out part; ``"original"``, the strength the repeated folds choose
+    chosen for that body on the held-out part; ``"heldout_1se"``, the strongest within one standard
+    error of that held-out best (``refit_head(..., one_se=True)``); ``"original"``, the strength the repeated folds choose
     for the original body (one more pass over the repair rows when alpha 0 is not a candidate), used
     for every body: the moved bodies' held-out choice flips with a few held-out samples, the original
     body's does not, and features are standardised before every fit, so one strength carries over.
@@ -636,7 +655,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
             if alpha == 0.0 and orig is not None:
                 Wr, br, info = orig
             else:
-                Wr, br, info = refit_head(sess, X, groups, unseen=alpha == 0.0, l2=None if alpha == 0.0 else fixed)
+                Wr, br, info = refit_head(sess, X, groups, unseen=alpha == 0.0, l2=None if alpha == 0.0 else fixed,
+                                          one_se=strength == "heldout_1se")
                 if fixed is not None:
                     info["chosen_by"] = "the original body's repeated folds"
             options.append(("refit", Wr, br, info))
