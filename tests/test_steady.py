@@ -274,6 +274,54 @@ def test_strength_original_gives_every_body_the_original_body_s_strength(session
         settle(sess, start, alphas=(0.5, 1.0), strength="test")
 
 
+def test_strength_heldout_1se_takes_the_strongest_within_one_standard_error(session):
+    """``settle_strength: heldout_1se``: of the refit strengths, the strongest whose held-out score is
+    within one standard error (of the best one's worst stratum) of the best; computed here from each
+    strength's head on its own, and never weaker than the plain held-out choice."""
+    from repair.modelrepair.finetune import REFIT_L2, refit_head, settle
+    from repair.selection import head_predictions
+
+    sess, tm = session
+    start = tm.state()
+    _perturb(tm, 0.3, seed=1)
+    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    best = refit_head(sess, X, sess.groups)
+    one = refit_head(sess, X, sess.groups, one_se=True)
+    ho = sess.held_idx
+    scores, preds = [], []
+    for l2 in REFIT_L2:
+        W, b, info = refit_head(sess, X, sess.groups, l2=l2)
+        scores.append(info["heldout_score"])
+        preds.append(head_predictions(X[ho], W[None], b[None])[0])
+    k = REFIT_L2.index(best[2]["l2"])
+    assert scores[k] == max(scores)
+    se = sess.score_standard_error(preds[k])
+    assert 0 < se < 0.5
+    want = max(j for j in range(len(REFIT_L2)) if scores[j] >= scores[k] - se - 1e-12)
+    assert one[2]["l2"] == REFIT_L2[want] >= best[2]["l2"]
+    assert one[2]["heldout_score"] == pytest.approx(scores[want])
+    assert "one standard error" in one[2]["chosen_by"]
+    diag = settle(sess, start, alphas=(0.5, 1.0), strength="heldout_1se")
+    assert all("one standard error" in c["refit"]["chosen_by"] for c in diag["candidates"])
+
+
+def test_the_one_standard_error_rule_on_given_scores(session, monkeypatch):
+    """The rule itself, on held-out scores given per strength (weakest first): the best is the
+    second strength; the third and fourth are within one standard error of it, the fifth is not;
+    the strongest of those within (the fourth) is chosen, ties of the best itself aside."""
+    from repair.modelrepair import finetune as F
+
+    sess, tm = session
+    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    worst = torch.tensor([0.60, 0.70, 0.66, 0.651, 0.50], dtype=torch.float64)
+    monkeypatch.setattr(type(sess), "heldout_scores", lambda self, pred: (worst.clone(), torch.full((5,), 0.8)))
+    monkeypatch.setattr(type(sess), "score_standard_error", lambda self, pred: 0.05)
+    assert F.refit_head(sess, X, sess.groups)[2]["l2"] == F.REFIT_L2[1]
+    assert F.refit_head(sess, X, sess.groups, one_se=True)[2]["l2"] == F.REFIT_L2[3]
+    monkeypatch.setattr(type(sess), "score_standard_error", lambda self, pred: 0.01)
+    assert F.refit_head(sess, X, sess.groups, one_se=True)[2]["l2"] == F.REFIT_L2[1]
+
+
 def test_settled_mixft_folds_into_an_ordinary_checkpoint(tmp_path):
     """``repair fix --recipe`` mixft with ``settle: refit``: the chosen point is in the report,
     and plain transformers reloads the output and computes what ``repair eval`` measures."""

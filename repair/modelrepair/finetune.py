@@ -544,7 +544,8 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     chosen_by = "held-out part"
     if one_se:
         se = sess.score_standard_error(pred[k])
-        k = max(j for j in range(len(REFIT_L2)) if float(worst[j]) >= float(worst[k]) - se - 1e-12)
+        k = max((j for j in range(len(REFIT_L2)) if float(worst[j]) >= float(worst[k]) - se - 1e-12),
+                key=lambda j: REFIT_L2[j])
         chosen_by = "held-out part, the strongest within one standard error of the best"
     return W[k], b[k], {"l2": REFIT_L2[k], "chosen_by": chosen_by, "heldout_score": float(worst[k]),
                         "heldout_accuracy": float(mean[k])}
