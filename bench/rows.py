@@ -98,6 +98,11 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-1se", "mixft", {"settle_strength": "heldout_1se"}, groups=(False,),
              note="mixft whose settled bodies' refitted heads take the strongest L2 within one standard error of "
                   "the best held-out score (settle_strength heldout_1se) instead of the best itself"),
+    ModelRow("mixft-lpft-wig-last-1se", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
+                                                  "selection": "worst_inferred_group", "keep": "last",
+                                                  "settle_strength": "heldout_1se"},
+             modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
+             note="mixft-lpft-wig-last (auto-ft's mixft) with settle_strength heldout_1se"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
              note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
