@@ -52,6 +52,11 @@ class ModelRow:
     recipe: Optional[str] = None           # a built-in recipe to run instead of the one-method recipe
 
 
+#: auto-ft's mixft setting (recipes/auto-ft.yaml): LP-FT start, lr 5e-4, the whole 4-epoch schedule kept at its
+#: last step, selected by the worst inferred group; the rows that vary one option of it start from this
+_LPFT_WIG_LAST = {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
+                  "selection": "worst_inferred_group", "keep": "last"}
+
 #: the model repairs the benchmark runs (filled in as model repairs land; order = table order). Rows with
 #: ``settle: either`` were measured before settling compared refitted heads alone (``settle: refit``, the
 #: default since the seventh session): they keep the setting they were measured with, so that running them
@@ -75,21 +80,17 @@ MODEL_ROWS: list[ModelRow] = [
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft selected by the worst inferred group (class x correct/incorrect under the "
                   "original) even on a balanced repair set"),
-    ModelRow("mixft-lpft-wig-last", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
-                                              "selection": "worst_inferred_group", "keep": "last"},
+    ModelRow("mixft-lpft-wig-last", "mixft", dict(_LPFT_WIG_LAST),
              modalities=("text",), budget="4epochs", tasks=("sst2_capped", "sst2_negation"), groups=(False,),
              note="mixft-lpft-wig ending at the schedule's last step (keep last) instead of the best held-out "
                   "evaluation, which on some seeds was the start; then settled"),
-    ModelRow("mixft-lpft-last", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
-                                          "keep": "last", "selection": "worst_inferred_group", "settle": "either"},
+    ModelRow("mixft-lpft-last", "mixft", {**_LPFT_WIG_LAST, "settle": "either"},
              modalities=("image",), budget="4epochs", groups=(False,),
              note="the capped task's mixft setting (mixft-lpft-wig-last, auto-ft's candidate) on the image tasks"),
     ModelRow("mixft-orig", "mixft", {"settle_strength": "original"}, groups=(False,),
              note="mixft whose settled bodies' refitted heads all take the strength repeated folds choose for "
                   "the original body (settle_strength original) instead of each body's held-out choice"),
-    ModelRow("mixft-lpft-wig-last-orig", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
-                                                   "selection": "worst_inferred_group", "keep": "last",
-                                                   "settle_strength": "original"},
+    ModelRow("mixft-lpft-wig-last-orig", "mixft", {**_LPFT_WIG_LAST, "settle_strength": "original"},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft-wig-last (auto-ft's mixft) with settle_strength original"),
     ModelRow("mixft-soup3", "mixft", {"members": 3}, groups=(False,), modalities=("image",),
@@ -98,9 +99,7 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-1se", "mixft", {"settle_strength": "heldout_1se"}, groups=(False,),
              note="mixft whose settled bodies' refitted heads take the strongest L2 within one standard error of "
                   "the best held-out score (settle_strength heldout_1se) instead of the best itself"),
-    ModelRow("mixft-lpft-wig-last-1se", "mixft", {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
-                                                  "selection": "worst_inferred_group", "keep": "last",
-                                                  "settle_strength": "heldout_1se"},
+    ModelRow("mixft-lpft-wig-last-1se", "mixft", {**_LPFT_WIG_LAST, "settle_strength": "heldout_1se"},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft-wig-last (auto-ft's mixft) with settle_strength heldout_1se"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
