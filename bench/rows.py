@@ -102,6 +102,10 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-lpft-wig-last-1se", "mixft", {**_LPFT_WIG_LAST, "settle_strength": "heldout_1se"},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft-wig-last (auto-ft's mixft) with settle_strength heldout_1se"),
+    ModelRow("mixft-lpft-wig-last-soup3", "mixft", {**_LPFT_WIG_LAST, "members": 3},
+             modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
+             note="mixft-lpft-wig-last (auto-ft's mixft) as a uniform weight-space soup of three seeds' 4-epoch runs "
+                  "from the same LP-FT start (members 3), then settled"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
              note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
