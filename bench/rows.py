@@ -53,7 +53,9 @@ class ModelRow:
 
 
 #: auto-ft's mixft setting (recipes/auto-ft.yaml): LP-FT start, lr 5e-4, the whole 4-epoch schedule kept at its
-#: last step, selected by the worst inferred group; the rows that vary one option of it start from this
+#: last step, selected by the worst inferred group; the rows that vary one option of it start from this. Written
+#: out rather than read from the recipe, so that the rows keep the setting they were measured with; a test
+#: (tests/test_bench_smoke.py) says when the recipe moves away from it
 _LPFT_WIG_LAST = {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0,
                   "selection": "worst_inferred_group", "keep": "last"}
 
