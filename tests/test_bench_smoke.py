@@ -165,5 +165,5 @@ def test_rows_named_after_auto_ft_run_its_mixft_setting():
     assert recipe == [_LPFT_WIG_LAST]
     rows = {r.label: r.params for r in MODEL_ROWS if r.label.startswith("mixft-lpft-wig-last")}
     assert rows["mixft-lpft-wig-last"] == recipe[0] and len(rows) >= 4
-    for label, params in rows.items():   # each variant changes only options the recipe leaves at defaults
+    for label, params in rows.items():   # each variant only adds options the recipe does not set
         assert {k: v for k, v in params.items() if k in recipe[0]} == recipe[0], label
