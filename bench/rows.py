@@ -84,7 +84,7 @@ MODEL_ROWS: list[ModelRow] = [
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft selected by the worst inferred group (class x correct/incorrect under the "
                   "original) even on a balanced repair set"),
-    ModelRow("mixft-lpft-wig-last", "mixft", dict(_LPFT_WIG_LAST),
+    ModelRow("mixft-lpft-wig-last", "mixft", {**_LPFT_WIG_LAST},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped", "sst2_negation"), groups=(False,),
              note="mixft-lpft-wig ending at the schedule's last step (keep last) instead of the best held-out "
                   "evaluation, which on some seeds was the start; then settled"),

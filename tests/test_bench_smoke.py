@@ -156,14 +156,16 @@ def test_replace_tasks_drops_the_old_build_before_merging():
 
 
 def test_rows_named_after_auto_ft_run_its_mixft_setting():
-    # the rows that vary auto-ft's mixft (mixft-lpft-wig-last*) must measure what the recipe runs: when the
-    # recipe's setting moves, this fails, and the rows get a new setting (and new figures) on purpose
+    # the rows that vary auto-ft's mixft (mixft-lpft-wig-last*, and mixft-lpft-last, its setting on the image
+    # tasks) must measure what the recipe runs: when the recipe's setting moves, this fails, and the rows get a
+    # new setting (and new figures) on purpose
     from bench.rows import _LPFT_WIG_LAST, MODEL_ROWS
     from repair.recipes import load_recipe
 
     recipe = [c.params for c in load_recipe("auto-ft").candidates if c.method == "mixft"]
     assert recipe == [_LPFT_WIG_LAST]
-    rows = {r.label: r.params for r in MODEL_ROWS if r.label.startswith("mixft-lpft-wig-last")}
-    assert rows["mixft-lpft-wig-last"] == recipe[0] and len(rows) >= 4
+    rows = {r.label: r.params for r in MODEL_ROWS
+            if r.label.startswith("mixft-lpft-wig-last") or r.label == "mixft-lpft-last"}
+    assert rows["mixft-lpft-wig-last"] == recipe[0] and len(rows) >= 5
     for label, params in rows.items():   # each variant only adds options the recipe does not set
         assert {k: v for k, v in params.items() if k in recipe[0]} == recipe[0], label

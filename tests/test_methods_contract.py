@@ -260,6 +260,35 @@ def test_dfr_auto_protocol_bags_on_unequal_groups(problems):
     assert _wga(p, out.W, out.b) >= _wga(p, p["W"], p["b"]) + 0.10
 
 
+@pytest.mark.parametrize("name", ["dfr", "mix"])
+def test_subsample_protocols_score_strengths_as_configured(name, problems, monkeypatch):
+    """The bagged protocol (dfr's on a skewed set, mix's always) chooses its strength by the held-out
+    worst group's mean probability of the true class; the paper's protocol by worst-group accuracy,
+    as the paper does; ``tune_score`` overrides either. What the diagnostics name is what the
+    selection was asked for."""
+    from repair.methods import dfr as dfr_mod
+    from repair.methods import get_method
+    m = get_method(name)
+    p = problems[2]
+    asked = []
+    real = dfr_mod.select_and_refit
+
+    def spy(*a, score="accuracy", **k):
+        asked.append(score)
+        return real(*a, score=score, **k)
+
+    monkeypatch.setattr(dfr_mod, "select_and_refit", spy)
+    cases = [({"protocol": "bagged"}, "probability"), ({"protocol": "paper"}, "accuracy"),
+             ({"protocol": "bagged", "tune_score": "accuracy"}, "accuracy"),
+             ({"protocol": "paper", "tune_score": "probability"}, "probability")]
+    for params, want in cases:
+        asked.clear()
+        out = m(_inputs(p, True), m.make_config(params))
+        assert asked == [want] and out.diagnostics["tune_score"] == want, params
+    with pytest.raises(ValueError, match="tune_score"):
+        m.make_config({"tune_score": "loss"})
+
+
 @pytest.mark.parametrize("m", METHODS, ids=IDS)
 def test_identical_samples_stay_on_one_side_of_a_methods_own_splits(m, problems, monkeypatch):
     """Every split a head method makes itself (its held-out part, its folds) keeps the samples that

@@ -6,7 +6,8 @@ import torch
 
 from repair import threads
 from repair.selection import (Criterion, Given, Holdout, KFold, LABEL_FREE_DEFAULT, inferred_groups,
-                              pick_best, scores_from_preds, select_and_refit, stratified_split)
+                              pick_best, probability_scores, scores_from_preds, select_and_refit,
+                              stratified_split)
 
 
 def test_auto_is_defined_once():
@@ -251,3 +252,42 @@ def test_required_gain_is_two_standard_errors_of_the_compared_worst_stratum():
     # a large stratum well estimated: the floor
     big = torch.arange(200000) % 2
     assert required_gain(big, big, big) == MIN_GAIN
+
+
+def test_probability_scores_are_the_worst_groups_mean_true_class_probability():
+    y = torch.tensor([0, 0, 1, 1, 1])
+    strata = torch.tensor([0, 0, 1, 1, 3])                 # stratum 2 absent: not the worst
+    logits = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(0))
+    worst, mean = probability_scores(logits, y, strata)
+    p = logits.double().softmax(-1)[:, torch.arange(5), y]   # (3, 5) probability of the true class
+    want = torch.stack([p[:, :2].mean(1), p[:, 2:4].mean(1), p[:, 4]], 1).min(1).values
+    assert torch.allclose(worst, want, atol=1e-6)
+    assert torch.equal(mean, (logits.argmax(-1) == y).double().mean(1))     # the accuracy, as reported
+    w1, m1 = probability_scores(logits[0], y, strata)      # one candidate's (N, C) logits
+    assert torch.allclose(w1, worst[:1]) and torch.equal(m1, mean[:1])
+
+
+@pytest.mark.parametrize("scheme", [Holdout(0.5), KFold(2)])
+def test_probability_score_sees_what_whole_rows_hide(scheme):
+    """Two candidates get every held-out row right, so by accuracy they tie and the first wins;
+    the second puts more probability on the true class of the worst group's rows, and the
+    probability score picks it. A bad ``score`` is refused."""
+    y = torch.arange(40) % 2
+    strata = torch.arange(40) % 4
+    margin = [1.0, 3.0]                                      # candidate k's logit margin on the true class
+
+    def predict(f, idx):
+        lg = torch.zeros(len(f), idx.numel(), 2)
+        for k, c in enumerate(f):
+            lg[k, torch.arange(idx.numel()), y[idx]] = margin[c]
+        return lg
+
+    kw = dict(criterion=Criterion("worst_group"), score_strata=strata, scheme=scheme, seed=0, refit=False)
+    fit = lambda idx, which: list(which)                    # noqa: E731
+    by_acc = select_and_refit(2, fit, predict, y, **kw)
+    by_prob = select_and_refit(2, fit, predict, y, score="probability", **kw)
+    assert by_acc.best == 0 and by_acc.worst.tolist() == [1.0, 1.0]
+    assert by_prob.best == 1 and float(by_prob.worst[1]) > float(by_prob.worst[0])
+    assert by_prob.mean.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="score"):
+        select_and_refit(2, fit, predict, y, score="loss", **kw)

@@ -93,10 +93,10 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   "accuracy" (worst-group accuracy, the paper's), "probability" (the worst group's mean
   probability of the true class, :func:`repair.selection.probability_scores`), or "auto":
   "probability" for the bagged protocol, "accuracy" for the paper's (kept exact). Measured
-  (``bench/analysis.md``, 10 seeds, the bagged protocol): on the skewed capped text set the
-  chosen strength scored 64.5 +- 5.0 test worst-group with accuracy, 67.1 +- 3.6 with probability
-  (``mix``: 63.2 +- 5.8 -> 66.2 +- 3.3); on the image sets within 1.3 points either way. The fast
-  protocol's two-fold choice always scores by accuracy.
+  (``python -m bench.tune_score``, 10 seeds, ``bench/analysis.md``): label-free on the skewed
+  capped text set 64.4 +- 4.8 test worst-group with accuracy, 66.7 +- 4.6 with probability
+  (``mix``: 63.0 +- 6.4 -> 65.8 +- 3.9); over all 24 bagged settings +0.7 on average, at most 1.0
+  lower (the skewed demo, label-free). The fast protocol's two-fold choice always scores by accuracy.
 - ``holdout_fraction`` (0.5): paper only: share of ``inputs`` held out to score the
   strengths during tuning (the fast protocol always uses two halves, each scoring the other).
 - ``group_source`` ("auto"): "auto" (given if available else inferred), "given", "inferred".
