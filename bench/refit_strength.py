@@ -14,7 +14,6 @@ It reads the test split: an analysis, not a selection.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 SCHEMES = ((2, 4), (2, 8), (5, 1), (5, 2), (3, 3))
 
@@ -35,39 +34,34 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--work-dir", default="bench/_work")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    work = Path(a.work_dir)
-    for name in a.tasks:
-        task = T.build_task(name, work_dir=work)
-        for variant in T.VARIANTS:
-            td = R.load_task_data(task, variant, work / "cache")
-            X, y = td.X_val.float(), td.y_val.long()
-            ref = X @ td.W0.T.float() + td.b0.float()
-            g = inferred_groups(ref, y)
-            crit = Criterion.resolve("auto", has_groups=False, y=y, ref_logits=ref)
-            strata = crit.strata(y, ref, None)
+    for name, variant, td in R.analysis_sets(a.tasks, T.VARIANTS, a.work_dir):
+        X, y = td.X_val.float(), td.y_val.long()
+        ref = X @ td.W0.T.float() + td.b0.float()
+        g = inferred_groups(ref, y)
+        crit = Criterion.resolve("auto", has_groups=False, y=y, ref_logits=ref)
+        strata = crit.strata(y, ref, None)
 
-            def fit(rows, l2s):
-                W, b, _ = fit_logreg(X[rows], y[rows], ref.shape[1], sample_weight=group_balanced_weights(g[rows]),
-                                     l2=tuple(l2s))
-                return W, b
+        def fit(rows, l2s):
+            W, b, _ = fit_logreg(X[rows], y[rows], ref.shape[1], sample_weight=group_balanced_weights(g[rows]),
+                                 l2=tuple(l2s))
+            return W, b
 
-            W, b = fit(torch.arange(len(y)), REFIT_L2)
-            test = [100 * R.score(td, W[k], b[k])["worst_group_accuracy"] for k in range(len(REFIT_L2))]
-            print(f"{name} {variant} ({crit.name}): test WGA per L2 "
-                  + ", ".join(f"{l2:g}: {t:.1f}" for l2, t in zip(REFIT_L2, test)))
-            for seed in a.seeds:
-                tr, ho = stratified_split(g, [0.25], torch.Generator().manual_seed(seed))
-                Wt, bt = fit(tr, REFIT_L2)
-                w, m = shrunk_scores(head_predictions(X[ho], Wt, bt), y[ho], strata[ho], SHRINK_SAMPLES)
-                line = [f"one quarter {test[pick_best(w, m)]:.1f}"]
-                for folds, repeats in SCHEMES:
-                    sel = select_and_refit(len(REFIT_L2), lambda rows, which: fit(rows, [REFIT_L2[i] for i in which]),
-                                           lambda f, rows: head_predictions(X[rows], f[0], f[1]), y, criterion=crit,
-                                           score_strata=strata, split_strata=g, scheme=KFold(folds, repeats),
-                                           seed=seed + 1, refit=False)
-                    line.append(f"{folds}x{repeats} {test[sel.best]:.1f}")
-                print(f"  seed {seed}: " + "  ".join(line))
+        W, b = fit(torch.arange(len(y)), REFIT_L2)
+        test = [100 * R.score(td, W[k], b[k])["worst_group_accuracy"] for k in range(len(REFIT_L2))]
+        print(f"{name} {variant} ({crit.name}): test WGA per L2 "
+              + ", ".join(f"{l2:g}: {t:.1f}" for l2, t in zip(REFIT_L2, test)))
+        for seed in a.seeds:
+            tr, ho = stratified_split(g, [0.25], torch.Generator().manual_seed(seed))
+            Wt, bt = fit(tr, REFIT_L2)
+            w, m = shrunk_scores(head_predictions(X[ho], Wt, bt), y[ho], strata[ho], SHRINK_SAMPLES)
+            line = [f"one quarter {test[pick_best(w, m)]:.1f}"]
+            for folds, repeats in SCHEMES:
+                sel = select_and_refit(len(REFIT_L2), lambda rows, which: fit(rows, [REFIT_L2[i] for i in which]),
+                                       lambda f, rows: head_predictions(X[rows], f[0], f[1]), y, criterion=crit,
+                                       score_strata=strata, split_strata=g, scheme=KFold(folds, repeats),
+                                       seed=seed + 1, refit=False)
+                line.append(f"{folds}x{repeats} {test[sel.best]:.1f}")
+            print(f"  seed {seed}: " + "  ".join(line))
 
 
 if __name__ == "__main__":

@@ -172,6 +172,19 @@ def load_task_data(task: T.Task, variant: str, cache_dir: Path) -> TaskData:
                     v.get("group_counts"))
 
 
+def analysis_sets(tasks, variants, work_dir):
+    """``(task name, variant, TaskData)`` for every task (built or reused under ``work_dir``) and repair set an
+    analysis script reads (``bench.refit_strength``, ``bench.tune_score``), torch on one thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    work = Path(work_dir)
+    for name in tasks:
+        task = T.build_task(name, work_dir=work)
+        for variant in variants:
+            yield name, variant, load_task_data(task, variant, work / "cache")
+
+
 def score(td: TaskData, W, b) -> dict:
     import torch
 

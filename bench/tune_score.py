@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 SCORES = ("accuracy", "probability")
 
 
 def main(argv=None) -> None:
-    import torch
-
     from repair.methods import RepairInputs, get_method
 
     from . import rows as R
@@ -35,34 +32,29 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     ap.add_argument("--work-dir", default="bench/_work")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    work = Path(a.work_dir)
-    for name in a.tasks:
-        task = T.build_task(name, work_dir=work)
-        for variant in a.variants:
-            td = R.load_task_data(task, variant, work / "cache")
-            for with_groups in (False, True):
-                for method in ("dfr", "mix"):
-                    info = get_method(method)
-                    got: dict = {s: [] for s in SCORES}
-                    protocol = None
-                    for seed in a.seeds:
-                        inputs = RepairInputs(X=td.X_val, y=td.y_val, W=td.W0, b=td.b0,
-                                              groups=td.g_val if with_groups else None, seed=seed, device="cpu")
-                        for score in SCORES:
-                            out = info(inputs, info.make_config({"tune_score": score}))
-                            protocol = out.diagnostics.get("protocol")
-                            got[score].append(100 * R.score(td, out.W, out.b)["worst_group_accuracy"])
-                    label = f"{name} {variant} {method}[{'groups' if with_groups else 'no-groups'}]"
-                    if protocol != "bagged":
-                        print(f"{label}: protocol {protocol}, strength not chosen by the held-out score", flush=True)
-                        continue
-                    diff = [p - q for p, q in zip(got["probability"], got["accuracy"])]
-                    cells = "  ".join(f"{s} {statistics.mean(v):.1f} +- {statistics.stdev(v):.1f} "
-                                      f"(min {min(v):.1f})" for s, v in got.items())
-                    print(f"{label}: {cells}  paired diff {statistics.mean(diff):+.1f}  per seed "
-                          f"acc {[round(v, 1) for v in got['accuracy']]} prob {[round(v, 1) for v in got['probability']]}",
-                          flush=True)
+    for name, variant, td in R.analysis_sets(a.tasks, a.variants, a.work_dir):
+        for with_groups in (False, True):
+            for method in ("dfr", "mix"):
+                info = get_method(method)
+                got: dict = {s: [] for s in SCORES}
+                protocol = None
+                for seed in a.seeds:
+                    inputs = RepairInputs(X=td.X_val, y=td.y_val, W=td.W0, b=td.b0,
+                                          groups=td.g_val if with_groups else None, seed=seed, device="cpu")
+                    for score in SCORES:
+                        out = info(inputs, info.make_config({"tune_score": score}))
+                        protocol = out.diagnostics.get("protocol")
+                        got[score].append(100 * R.score(td, out.W, out.b)["worst_group_accuracy"])
+                label = f"{name} {variant} {method}[{'groups' if with_groups else 'no-groups'}]"
+                if protocol != "bagged":
+                    print(f"{label}: protocol {protocol}, strength not chosen by the held-out score", flush=True)
+                    continue
+                diff = [p - q for p, q in zip(got["probability"], got["accuracy"])]
+                cells = "  ".join(f"{s} {statistics.mean(v):.1f} +- {statistics.stdev(v):.1f} "
+                                  f"(min {min(v):.1f})" for s, v in got.items())
+                print(f"{label}: {cells}  paired diff {statistics.mean(diff):+.1f}  per seed "
+                      f"acc {[round(v, 1) for v in got['accuracy']]} prob {[round(v, 1) for v in got['probability']]}",
+                      flush=True)
 
 
 if __name__ == "__main__":
