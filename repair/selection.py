@@ -208,13 +208,18 @@ def shrunk_scores(pred: Tensor, y: Tensor, strata: Tensor, prior: float = SHRINK
     return score.min(1).values.cpu(), correct.mean(1).cpu()
 
 
-def head_predictions(X: Tensor, W: Tensor, b: Tensor) -> Tensor:
-    """Predicted classes of a head (C,D) -> (N,), or a stack of heads (K,C,D) -> (K,N)."""
+def head_logits(X: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """Logits of a head (C,D) -> (N,C), or of a stack of heads (K,C,D) -> (K,N,C)."""
     X = X.to(W.device, W.dtype)
     b = b.to(W.device, W.dtype)
     if W.dim() == 2:
-        return (X @ W.T + b).argmax(-1)
-    return (torch.matmul(X.unsqueeze(0), W.transpose(1, 2)) + b.unsqueeze(1)).argmax(-1)
+        return X @ W.T + b
+    return torch.matmul(X.unsqueeze(0), W.transpose(1, 2)) + b.unsqueeze(1)
+
+
+def head_predictions(X: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """Predicted classes of a head (C,D) -> (N,), or a stack of heads (K,C,D) -> (K,N)."""
+    return head_logits(X, W, b).argmax(-1)
 
 
 def pick_best(worst: Tensor, mean: Tensor, tie: float = 1e-9) -> int:
@@ -653,6 +658,6 @@ def support_warnings(strata: Tensor, names: Sequence[str], *, what: str, minimum
 
 __all__ = ["IMBALANCE_THRESHOLD", "group_imbalance", "label_free_criterion", "CRITERIA", "MIN_FOR_CHOICE", "MIN_FOR_REPORT", "support_warnings", "SELECTION_NAMES", "LABEL_FREE_DEFAULT", "Criterion", "stratified_split", "Holdout",
            "KFold", "Given", "Selection", "kfold_parts", "select_and_refit", "pick_best", "scores_from_preds",
-           "head_predictions", "inferred_groups", "inferred_group_names", "group_accuracies",
+           "head_predictions", "head_logits", "inferred_groups", "inferred_group_names", "group_accuracies",
            "worst_group_accuracy", "MIN_GAIN", "REQUIRED_Z", "required_gain", "score_standard_error",
            "SCORES", "probability_scores"]

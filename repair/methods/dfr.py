@@ -128,7 +128,7 @@ from .. import solver as S
 from .. import threads
 from ..config import setting
 from ..selection import (IMBALANCE_THRESHOLD, SCORES, Criterion, Holdout, KFold, group_imbalance,
-                         inferred_groups, select_and_refit)
+                         head_logits, inferred_groups, select_and_refit)
 from . import AFFINE, RepairInputs, RepairOutput, register_method
 
 __all__ = ["DFRConfig", "dfr", "fit_balanced_l1", "resolve_groups", "subsample_problems",
@@ -278,11 +278,8 @@ def run_balanced_protocol(inputs: RepairInputs, cfg, problem_builder: Optional[P
                                        cfg.n_tune_refits, cfg, gen, inputs.device, problem_builder)
         return Wt, bt, info
 
-    def predict(f, idx):            # logits (K, n, C): the probability score needs them, accuracy takes their argmax
-        Wt, bt = f[0].to(X.dtype), f[1].to(X.dtype)
-        return torch.matmul(X[idx].unsqueeze(0), Wt.transpose(1, 2)) + bt.unsqueeze(1)
-
-    sel = select_and_refit(len(c_grid), fit, predict, y,
+    # logits (K, n, C): the probability score needs them, the accuracy takes their argmax
+    sel = select_and_refit(len(c_grid), fit, lambda f, idx: head_logits(X[idx], f[0], f[1]), y,
                            criterion=crit, score_strata=groups, scheme=Holdout(cfg.holdout_fraction, clusters=inputs.clusters),
                            seed=gen, refit=False, score=score)
     chosen = c_grid[sel.best]
