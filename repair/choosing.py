@@ -21,6 +21,9 @@ One criterion (:class:`repair.selection.Criterion`) and one scheme decide every 
   is class-level (worst class), which cannot see a group left behind inside a class (a head capped
   by an attribute the classes do not show): there the head's worst inferred group (class x the
   original model right / wrong) must be within :data:`NO_GAP` too. The report says so.
+- **A model repair stops after a fold** when it can no longer win: its criterion with every row
+  the remaining folds will predict counted as right is below the head's score plus the gain it
+  needs. The choice is the one all folds would give; the remaining trainings are not run.
 """
 from __future__ import annotations
 
@@ -363,8 +366,10 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             return Choice(head[0], head[1], rows, _describe(crit, fold_desc, len(y)), notes)
     head_score = best_score                     # None when there is no head to beat
     for c in models:
-        pred = torch.empty(y.numel(), dtype=torch.long)
-        secs, steps, stops = 0.0, 0, []
+        # rows no fold has predicted yet count as right: until the last fold, the criterion of `pred`
+        # is the most the candidate can still score (a bound, exact once every fold is in)
+        pred = y.clone().long()
+        secs, steps, stops, bound = 0.0, 0, [], None
         for k, held in enumerate(parts):
             train = torch.ones(y.numel(), dtype=torch.bool)
             train[held] = False
@@ -373,6 +378,21 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             pred[held] = ctx.model_logits(f, fit_idx[held]).argmax(1)
             secs, steps = secs + f.seconds, steps + f.steps
             stops.append(stopped_by(f))
+            if head_score is not None and k + 1 < len(parts):
+                at_most = float(scores_from_preds(pred[None], y, score_strata)[0][0])
+                if at_most < head_score + need - 1e-12:
+                    bound = (k + 1, at_most)
+                    break
+        if bound is not None:
+            why = (f"cannot beat the head: after {bound[0]} of {len(parts)} folds its {crit.name} is at most "
+                   f"{100 * bound[1]:.1f}% (every row still to predict right), below the "
+                   f"{100 * (head_score + need):.1f}% it needs")
+            rows.append({"candidate": c.label, "kind": "model", "score_at_most": bound[1],
+                         "fit_seconds": round(secs, 4), "steps": steps,
+                         "scored_on": f"{bound[0]} of {fold_desc}", "stopped": why,
+                         **({"stopped_by": stops} if any(stops) else {})})
+            log(f"  {c.label}: stopped, {why}  ({secs:.1f}s)")
+            continue
         w, m = scores_from_preds(pred[None], y, score_strata)
         score, mean = float(w[0]), float(m[0])
         rows.append({"candidate": c.label, "kind": "model", "score": score, "selection_accuracy": mean,

@@ -510,3 +510,68 @@ def test_strength_heldout_probability_takes_the_most_probable_worst_stratum(sess
     diag = settle(sess, start, alphas=(0.5, 1.0), strength="heldout_probability")
     assert all("probability" in c["refit"]["chosen_by"] for c in diag["candidates"])
 
+
+class _FoldCtx:
+    """Just enough of :class:`repair.choosing.FitContext` for :func:`repair.choosing._escalate`: a head
+    that gets ``head_right`` of the rows right whatever it is fitted on, and model repairs whose
+    predictions are ``model_pred`` (each fit recorded)."""
+
+    def __init__(self, y, head_pred, model_pred):
+        self.y, self.model_pred = y, model_pred
+        self.X = torch.nn.functional.one_hot(head_pred, 2).float()       # the head reads these back
+        self.model_fits = []
+
+    def fit(self, cand, idx, config=None):
+        from repair.choosing import Fitted
+
+        if cand.info.kind == "head":
+            return Fitted("head", W=torch.eye(2), b=torch.zeros(2))
+        self.model_fits.append(idx)
+        return Fitted("model", tensors={}, steps=3, seconds=0.0, diagnostics={})
+
+    def model_logits(self, fitted, idx):
+        return torch.nn.functional.one_hot(self.model_pred[idx], 2).float()
+
+
+def test_a_model_repair_stops_after_the_fold_that_shows_it_cannot_win():
+    """auto-ft's model repair is trained fold by fold; once its criterion, counting every row still to
+    predict as right, is below the head's score plus the gain it needs, the remaining folds are not
+    trained and the head is the choice -- the one every fold would have given. A repair that can
+    still win trains on every fold and, winning, once more on the whole fit part."""
+    from types import SimpleNamespace
+
+    from repair.choosing import Chosen, Fitted, _escalate
+    from repair.selection import Criterion, KFold
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    y = torch.arange(n) % 2
+    head_pred = y.clone()
+    head_pred[torch.randperm(n, generator=g)[:30]] ^= 1                  # the head: 85% right
+    head = Chosen("dfr", "dfr")
+    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"))
+    crit = Criterion("worst_class")
+    strata = y.clone()
+
+    def run(model_pred):
+        ctx = _FoldCtx(y, head_pred, model_pred)
+        rows = []
+        choice = _escalate(None, ctx, torch.arange(n), strata, crit, y, y, (head, Fitted("head"), None, [0]),
+                           [head], [model], rows, KFold(2), seed=0, log=lambda m: None)
+        return choice, rows, ctx
+
+    hopeless = 1 - y                                                     # every row wrong
+    choice, rows, ctx = run(hopeless)
+    assert choice.chosen is head and len(ctx.model_fits) == 1
+    row = next(r for r in rows if r["kind"] == "model")
+    assert "cannot beat the head" in row["stopped"] and row["score_at_most"] < 0.6 and "score" not in row
+    assert row["scored_on"].startswith("1 of the same 2 folds")
+    perfect = y.clone()
+    choice, rows, ctx = run(perfect)
+    assert choice.chosen is model and len(ctx.model_fits) == 3           # two folds, then the whole fit part
+    assert next(r for r in rows if r["kind"] == "model")["score"] == 1.0
+    # a repair a little better than the head but short of the gain: every fold trained, then the head
+    close = head_pred.clone()
+    close[(close != y).nonzero().flatten()[:5]] ^= 1
+    choice, rows, ctx = run(close)
+    assert choice.chosen is head and len(ctx.model_fits) == 2
