@@ -106,15 +106,6 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-lpft-wig-last-1se", "mixft", {**_LPFT_WIG_LAST, "settle_strength": "heldout_1se"},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft-wig-last (auto-ft's mixft) with settle_strength heldout_1se"),
-    ModelRow("mixft-prob", "mixft", {"settle_strength": "heldout_probability"}, groups=(False,),
-             note="mixft whose settled bodies' refitted heads take the L2 whose held-out worst stratum has the "
-                  "highest mean true-class probability (settle_strength heldout_probability)"),
-    ModelRow("mixft-stopprob", "mixft", {"stop_score": "probability"}, groups=(False,),
-             note="mixft early-stopped (and its kept state chosen) by the held-out worst stratum's mean true-class "
-                  "probability under its own head (stop_score probability) instead of its accuracy"),
-    ModelRow("mixft-lpft-wig-last-prob", "mixft", {**_LPFT_WIG_LAST, "settle_strength": "heldout_probability"},
-             modalities=("text",), budget="4epochs", tasks=("sst2_capped", "sst2_negation"), groups=(False,),
-             note="mixft-lpft-wig-last (auto-ft's mixft) with settle_strength heldout_probability"),
     ModelRow("mixft-lpft-wig-last-soup3", "mixft", {**_LPFT_WIG_LAST, "members": 3},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft-wig-last (auto-ft's mixft) as a uniform weight-space soup of three seeds' 4-epoch runs "

@@ -481,40 +481,10 @@ def test_keep_last_ends_at_the_last_step_even_when_the_start_scored_best():
     assert rl.best_score == pytest.approx(sl[0]) == pytest.approx(rl.history[-1]["score"])
 
 
-def test_strength_heldout_probability_takes_the_most_probable_worst_stratum(session):
-    """``settle_strength: heldout_probability``: of the refit strengths, the one whose head (fitted on
-    the training part) gives the held-out worst stratum the highest mean probability of the true class
-    -- computed here from each strength's head on its own; the head's reported scores stay the
-    accuracy-based ones settling compares across bodies."""
-    from repair.modelrepair.finetune import REFIT_L2, refit_head, settle
-    from repair.selection import head_logits, probability_scores
-
-    sess, tm = session
-    start = tm.state()
-    _perturb(tm, 0.3, seed=1)
-    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
-    ho = sess.held_idx
-    probs, infos = [], []
-    for l2 in REFIT_L2:
-        W, b, info = refit_head(sess, X, sess.groups, l2=l2)
-        worst, _ = probability_scores(head_logits(X[ho], W, b), sess.y[ho], sess.score_strata[ho])
-        probs.append(float(worst[0]))
-        infos.append(info)
-    assert len(set(probs)) == len(probs)             # the strengths differ: the choice means something
-    want = max(range(len(REFIT_L2)), key=lambda j: probs[j])
-    W, b, got = refit_head(sess, X, sess.groups, score="probability")
-    assert refit_head(sess, X, sess.groups)[2]["l2"] != got["l2"]     # here the accuracy chooses another
-    assert got["l2"] == REFIT_L2[want]
-    assert got["heldout_score"] == pytest.approx(infos[want]["heldout_score"])
-    assert "probability" in got["chosen_by"]
-    diag = settle(sess, start, alphas=(0.5, 1.0), strength="heldout_probability")
-    assert all("probability" in c["refit"]["chosen_by"] for c in diag["candidates"])
-
-
 class _FoldCtx:
     """Just enough of :class:`repair.choosing.FitContext` for :func:`repair.choosing._escalate`: a head
-    that gets ``head_right`` of the rows right whatever it is fitted on, and model repairs whose
-    predictions are ``model_pred`` (each fit recorded)."""
+    that predicts ``head_pred`` whatever rows it is fitted on (the embeddings are its one-hot rows, the
+    head the identity), and model repairs that predict ``model_pred`` (each fit recorded)."""
 
     def __init__(self, y, head_pred, model_pred):
         self.y, self.model_pred = y, model_pred

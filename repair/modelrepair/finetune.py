@@ -140,11 +140,6 @@ class LoopConfig:
                                  "the model with its own head; refit = its body with a group-balanced head "
                                  "refitted on it, the head settling fits (one more pass over the training part "
                                  "per evaluation)")
-    stop_score: str = setting("accuracy", choices=("accuracy", "probability"),
-                              doc="how each held-out evaluation with the model's own head is scored: accuracy = the "
-                                  "worst stratum's (shrunk) accuracy; probability = the worst stratum's mean softmax "
-                                  "probability of the true class, which moves continuously where a small stratum's "
-                                  "accuracy jumps by whole rows (stop_head own only)")
     members: int = setting(1, ge=1, doc="weight-space soup: train this many times from the same start (seeds seed, "
                                         "seed+1, ...; each early-stopped on the held-out part) and average the "
                                         "trained weights into one model; a time budget is shared among them")
@@ -160,7 +155,7 @@ def settle_alphas_setting(default: tuple = (0.5, 1.0)):
 
 
 #: ``settle_strength`` values: how the strength of a refitted head on a moved body is chosen (:func:`settle`)
-SETTLE_STRENGTHS = ("heldout", "heldout_1se", "heldout_probability", "original")
+SETTLE_STRENGTHS = ("heldout", "heldout_1se", "original")
 #: ``settle`` values: which heads of the interpolated bodies :func:`settle` compares (``off``: none)
 SETTLE_MODES = ("off", "interpolate", "refit", "either")
 #: the heads each mode compares: the body's own (interpolated) head, a refitted head, or both
@@ -180,9 +175,7 @@ class SettleSettings:
     settle_strength: str = setting("heldout", choices=SETTLE_STRENGTHS,
                                    doc="the L2 strength of each refitted head: heldout = chosen for each body on "
                                        "the held-out part; heldout_1se = the strongest within one standard error of "
-                                       "that best held-out score; heldout_probability = chosen on the held-out part by "
-                                       "the worst stratum's mean probability of the true class; original = the one "
-                                       "repeated folds over every "
+                                       "that best held-out score; original = the one repeated folds over every "
                                        "repair row choose for the original body, used for every body")
 
 
@@ -436,17 +429,10 @@ class Session:
                                                          clusters=inputs.duplicates)
         self.encoded = self.model.encode(inputs.items)
 
-    def evaluate(self, score: str = "accuracy") -> tuple[float, float]:
-        """(held-out criterion score, held-out mean accuracy) of the model as it is now; ``score``
-        "probability": the criterion's worst stratum scored by its mean probability of the true class
-        (:func:`repair.selection.probability_scores`) instead of its shrunk accuracy."""
+    def evaluate(self) -> tuple[float, float]:
+        """(held-out criterion score, held-out mean accuracy) of the model as it is now."""
         lg = self.model.predict(self.encoded, self.held_idx, self.device)
-        if score == "probability":
-            from ..selection import probability_scores
-
-            worst, mean = probability_scores(lg, self.y[self.held_idx], self.score_strata[self.held_idx])
-        else:
-            worst, mean = self.heldout_scores(lg.argmax(1))
+        worst, mean = self.heldout_scores(lg.argmax(1))
         return float(worst[0]), float(mean[0])
 
     def evaluate_refit(self) -> tuple[float, float]:
@@ -460,12 +446,7 @@ class Session:
 
     def evaluator(self, cfg) -> Callable[[], tuple]:
         """The held-out evaluation ``cfg.stop_head`` names (:class:`LoopConfig`)."""
-        if getattr(cfg, "stop_head", "own") == "refit":
-            if getattr(cfg, "stop_score", "accuracy") != "accuracy":
-                raise ValueError("stop_score probability scores the model's own head: it needs stop_head own")
-            return self.evaluate_refit
-        score = getattr(cfg, "stop_score", "accuracy")
-        return lambda: self.evaluate(score)
+        return self.evaluate_refit if getattr(cfg, "stop_head", "own") == "refit" else self.evaluate
 
     def heldout_scores(self, pred: torch.Tensor) -> tuple:
         """``(worst (K,), mean (K,))`` of predictions (K, n_held) or (n_held,) on the held-out part
@@ -514,7 +495,7 @@ SETTLE_ALPHAS = (0.5, 1.0)
 
 
 def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen: bool = False,
-               l2: Optional[float] = None, one_se: bool = False, score: str = "accuracy") -> tuple:
+               l2: Optional[float] = None, one_se: bool = False) -> tuple:
     """A group-balanced L2 logistic head on embeddings ``X`` (all repair rows) fitted on the
     session's training part, its strength chosen by the session's criterion (DFR's recipe):
     ``(W, b, {"l2", "chosen_by", "heldout_score", "heldout_accuracy"})``; the scores are those of
@@ -534,12 +515,8 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     ``one_se`` (held-out choice only): the strongest penalty whose held-out score is within one
     standard error (:func:`repair.selection.score_standard_error`) of the best one's -- the
     one-standard-error rule of penalised regression, for a held-out part too small to tell the
-    strengths apart. ``score="probability"`` (held-out choice only): the strength whose head gives
-    the held-out worst stratum the highest mean probability of the true class
-    (:func:`repair.selection.probability_scores`, the bagged DFR protocol's score), which moves
-    continuously with the strength where the worst stratum's accuracy moves by whole rows; the
-    reported scores stay the accuracy-based ones :func:`settle` compares across bodies."""
-    from ..selection import KFold, head_logits, head_predictions, pick_best, probability_scores, select_and_refit
+    strengths apart."""
+    from ..selection import KFold, head_predictions, pick_best, select_and_refit
 
     tr, ho = sess.train_idx, sess.held_idx
     if l2 is not None:
@@ -561,16 +538,10 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
             return W[0], b[0], {"l2": REFIT_L2[sel.best], "chosen_by": sel.scheme.describe(),
                                 "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])}
     W, b = _balanced_heads(sess, X, groups, tr, REFIT_L2)
-    logits = head_logits(X[ho], W, b)
-    pred = logits.argmax(-1)
+    pred = head_predictions(X[ho], W, b)
     worst, mean = sess.heldout_scores(pred)
-    if score == "probability":
-        pw, pm = probability_scores(logits, sess.y[ho], sess.score_strata[ho])
-        k = pick_best(pw, pm)
-        chosen_by = "held-out part, by the worst stratum's mean true-class probability"
-    else:
-        k = pick_best(worst, mean)
-        chosen_by = "held-out part"
+    k = pick_best(worst, mean)
+    chosen_by = "held-out part"
     if one_se:
         se = sess.score_standard_error(pred[k])
         k = max((j for j in range(len(REFIT_L2)) if float(worst[j]) >= float(worst[k]) - se - 1e-12),
@@ -686,8 +657,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
                 Wr, br, info = orig
             else:
                 Wr, br, info = refit_head(sess, X, groups, unseen=alpha == 0.0, l2=None if alpha == 0.0 else fixed,
-                                          one_se=strength == "heldout_1se",
-                                          score="probability" if strength == "heldout_probability" else "accuracy")
+                                          one_se=strength == "heldout_1se")
                 if fixed is not None:
                     info["chosen_by"] = "the original body's repeated folds"
             options.append(("refit", Wr, br, info))
