@@ -114,7 +114,8 @@ def fix_table(rep: dict) -> str:
            + (f" by {rep['selection_criterion']}" if rep.get('selection_criterion') else "")]
     if rep["candidates"]:
         out.append(table(["candidate", "selection score", "selection acc", "fit s"],
-                         [[c["candidate"], pct(c.get("score")), pct(c.get("selection_accuracy")),
+                         [[c["candidate"], pct(c.get("score")) if c.get("score_at_most") is None
+                           else f"<= {pct(c['score_at_most'])}", pct(c.get("selection_accuracy")),
                            c.get("fit_seconds", c.get("skipped"))] for c in rep["candidates"]]))
     if rep.get("neurons_suppressed") is not None:
         out.append(f"neurons suppressed: {rep['neurons_suppressed']}")

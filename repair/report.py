@@ -193,6 +193,11 @@ def histogram_svg(h: dict) -> str:
             + (f'<p class="note">largest: {top}</p>' if top else "") + "</figure>")
 
 
+def _score(c: dict) -> str:
+    """A candidate's selection score, or the most it could still reach where its folds stopped early."""
+    return _pct(c.get("score")) if c.get("score_at_most") is None else "≤ " + _pct(c["score_at_most"])
+
+
 def candidates_table(result: dict) -> str:
     rows = result.get("candidates") or []
     if not rows:
@@ -202,8 +207,8 @@ def candidates_table(result: dict) -> str:
     for c in rows:
         mark = ' class="chosen"' if c.get("candidate") == chosen else ""
         body.append(f"<tr{mark}><td>{_e(c.get('candidate'))}{' ✓' if mark else ''}</td><td>{_e(c.get('kind'))}</td>"
-                    f"<td class='num'>{_pct(c.get('score'))}</td><td class='num'>{_pct(c.get('selection_accuracy'))}</td>"
-                    f"<td>{_e(c.get('scored_on') or c.get('skipped') or '')}</td>"
+                    f"<td class='num'>{_score(c)}</td><td class='num'>{_pct(c.get('selection_accuracy'))}</td>"
+                    f"<td>{_e(c.get('stopped') or c.get('scored_on') or c.get('skipped') or '')}</td>"
                     f"<td class='num'>{_e(c.get('fit_seconds', ''))}</td></tr>")
     crit = result.get("selection_criterion")
     return ("<h4>candidates" + (f" <span class='note'>(selected by {_e(crit)})</span>" if crit else "") + "</h4>"

@@ -545,3 +545,26 @@ def test_a_model_repair_stops_after_the_fold_that_shows_it_cannot_win():
     close[(close != y).nonzero().flatten()[:5]] ^= 1
     choice, rows, ctx = run(close)
     assert choice.chosen is head and len(ctx.model_fits) == 2
+
+
+def test_a_stopped_model_repair_shows_the_most_it_could_reach():
+    """The candidates tables (``repair fix`` on stdout, the HTML report) show a model repair stopped
+    after a fold by the score it could at most still have reached, and why it stopped."""
+    from cli.commands import fix_table
+    from repair.report import candidates_table
+
+    rows = [{"candidate": "average of dfr + mix", "kind": "head", "score": 0.7, "selection_accuracy": 0.8,
+             "scored_on": "the same 2 folds (out-of-fold predictions)", "role": "head to beat"},
+            {"candidate": "mixft", "kind": "model", "score_at_most": 0.55, "fit_seconds": 3.0, "steps": 5,
+             "scored_on": "1 of the same 2 folds (out-of-fold predictions)",
+             "stopped": "cannot beat the head: after 1 of 2 folds ..."}]
+    figures = {"accuracy": 0.8, "worst_class_accuracy": 0.7}
+    rep = {"model": {"source": "m"}, "output": "o", "recipe": "auto-ft", "candidate": "average of dfr + mix",
+           "candidates": rows, "before": figures, "after": figures, "measured_on": "the held-out part",
+           "timing": {"total_seconds": 1.0, "embedding_seconds": 0.5, "embedding_from_cache": True,
+                      "fit_seconds": 0.5}}
+    text = fix_table(rep)
+    line = next(s for s in text.splitlines() if s.lstrip().startswith("mixft"))
+    assert "<= 55.0%" in line and "70.0%" not in line
+    html = candidates_table({"candidate": "average of dfr + mix", "candidates": rows})
+    assert "≤ 55.0%" in html and "cannot beat the head" in html
