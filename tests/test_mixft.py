@@ -299,12 +299,14 @@ def test_allow_finetune_escalates_auto_and_reports_both(shortcut_cnn, tmp_path):
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["recipe"] == "auto-ft"
-    compared = [r for r in rep["candidates"] if "the same" in (r.get("scored_on") or "")]
+    compared = [r for r in rep["candidates"] if r["kind"] == "model" and "the same" in (r.get("scored_on") or "")]
     skipped = [r for r in rep["candidates"] if r["kind"] == "model" and r.get("skipped")]
-    assert compared or skipped, rep["candidates"]
+    assert len(compared) + len(skipped) == 1, rep["candidates"]
+    assert [r["kind"] for r in rep["candidates"] if r.get("role") == "head to beat"] == ["head"]
     if compared:
-        assert {r["kind"] for r in compared} == {"head", "model"}
-        assert any(r["candidate"].startswith("mixft") and 2 <= r.get("steps") <= 4 * 2 for r in compared)   # <= 4 steps x 2 folds
+        assert compared[0]["candidate"].startswith("mixft") and 2 <= compared[0]["steps"] <= 4 * 2  # <= 4 steps x 2 folds
+    else:
+        assert "no model repair can win" in skipped[0]["skipped"]
     code, stdout, err = run_cli("fix", model, "--data", val, "--out", tmp_path / "auto", "--json", "-q")
     assert code == 0, err
     auto = json.loads(stdout)
@@ -314,6 +316,31 @@ def test_allow_finetune_escalates_auto_and_reports_both(shortcut_cnn, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     code, _, err = run_cli("fix", model, "--data", val, "--recipe", "dfr", "--allow-finetune", "-q")
     assert code == 2 and "--allow-finetune" in err
+
+
+def test_a_model_repair_is_trained_and_scored_on_the_heads_folds(shortcut_cnn, tmp_path):
+    """A recipe of a head and a model repair whose head leaves room to win: the model repair trains on
+    each fold (or stops after the first that shows it cannot win), is scored out of fold on the head's
+    folds, and the result is the head unless the repair beat it by the gain it needed."""
+    model, val, _ = shortcut_cnn
+    recipe = tmp_path / "weak-ft.yaml"               # a head held back by a very strong penalty
+    recipe.write_text("name: weak-ft\ncandidates:\n  - method: dfr\n    params: {c_grid: [0.00001]}\n"
+                      "  - method: mixft\n    params: {epochs: 1}\n")
+    code, stdout, err = run_cli("fix", model, "--data", val, "--recipe", recipe, "--budget", "3steps",
+                                "--out", tmp_path / "out", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    head = next(r for r in rep["candidates"] if r.get("role") == "head to beat")
+    assert head["score"] + head["required_gain"] < 1.0          # room to win: the repair is tried
+    ft = [r for r in rep["candidates"] if r["kind"] == "model" and r.get("role") != "final fit"]
+    assert len(ft) == 1 and not ft[0].get("skipped") and "the same 2 folds" in ft[0]["scored_on"]
+    if "stopped" in ft[0]:
+        assert ft[0]["scored_on"].startswith("1 of") and ft[0]["score_at_most"] < head["score"] + head["required_gain"]
+        assert 1 <= ft[0]["steps"] <= 3 and rep["kind"] == "head"
+    else:
+        assert 2 <= ft[0]["steps"] <= 3 * 2
+        won = ft[0]["score"] >= head["score"] + head["required_gain"] - 1e-9
+        assert rep["kind"] == ("model" if won else "head")
 
 
 def test_too_small_for_a_held_out_part_is_exit_2(shortcut_cnn, tmp_path):

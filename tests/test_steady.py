@@ -356,29 +356,42 @@ def test_settled_mixft_folds_into_an_ordinary_checkpoint(tmp_path):
     assert float((lg.argmax(1) == y).float().mean()) == pytest.approx(rep["after"]["accuracy"], abs=1e-6)
 
 
-def test_escalation_is_skipped_only_when_no_group_is_left_behind():
-    """auto-ft skips model repairs when the head leaves nothing to lift. Without group labels the
-    criterion is class-level, which cannot see a group left behind inside a class (a capped head:
-    both classes at ~75%, but the rows the original got wrong far lower): the inferred groups
-    (class x original right / wrong) must be within a point of the accuracy too."""
-    from repair.choosing import nothing_left_behind
+def test_escalation_is_skipped_only_when_no_model_repair_can_win():
+    """auto-ft skips model repairs only when even a perfect one could not beat the head: its
+    out-of-fold criterion plus the gain a model repair needs above 100%. An even but capped head (every
+    class at 75%, nothing left behind, the case only a changed network can lift) is not skipped: the
+    model repair trains, and stops after its first fold when that shows it cannot win."""
+    from types import SimpleNamespace
 
-    y = torch.tensor([0] * 100 + [1] * 100)
-    hidden = torch.tensor(([0] * 50 + [1] * 50) * 2)            # original right / wrong, per class
-    # 75% in each class: 50/50 on the rows the original got right, 25/50 on the rows it got wrong
-    pred = y.clone()
-    pred[75:100] = 1
-    pred[175:200] = 0
-    classes = y
-    assert nothing_left_behind("worst_class", pred, y, classes) is not None          # blind to the gap
-    assert nothing_left_behind("worst_class", pred, y, classes, hidden=hidden * 2 + y) is None
-    # the same accuracy spread evenly over the inferred groups: nothing left behind, say why
+    from repair.choosing import Chosen, Fitted, _escalate
+    from repair.selection import Criterion, KFold, required_gain, scores_from_preds
+
+    n = 200
+    y = torch.arange(n) % 2
+    head = Chosen("dfr", "dfr")
+    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"))
+
+    def run(head_pred, model_pred):
+        ctx = _FoldCtx(y, head_pred, model_pred)
+        rows = []
+        choice = _escalate(None, ctx, torch.arange(n), y.clone(), Criterion("worst_class"), y, y,
+                           (head, Fitted("head"), None, [0]), [head], [model], rows, KFold(2), seed=0,
+                           log=lambda m: None)
+        return choice, rows, ctx
+
     even = y.clone()
-    for lo in (0, 50, 100, 150):
-        even[lo:lo + 12] = 1 - even[lo:lo + 12]
-    why = nothing_left_behind("worst_class", even, y, classes, hidden=hidden * 2 + y)
-    assert why is not None and "worst inferred group" in why and "no group is left behind" in why
-    assert nothing_left_behind("worst_group", y.clone(), y, hidden * 2 + y) is not None       # 100%
+    even[torch.arange(0, n, 4)] ^= 1                                  # 75% of each class right
+    even[torch.arange(1, n, 4)] ^= 1
+    choice, rows, ctx = run(even, 1 - y)
+    assert choice.chosen is head and len(ctx.model_fits) == 1         # tried, stopped after one fold
+    assert not any(r.get("skipped") for r in rows)
+    # a head at 100% (or close enough that the gain it asks takes it past 100%): nothing is trained
+    for near in (y.clone(), torch.where(torch.arange(n) == 0, 1 - y, y)):
+        assert float(scores_from_preds(near[None], y, y)[0][0]) + required_gain(near, y, y) > 1.0
+        choice, rows, ctx = run(near, y.clone())
+        assert choice.chosen is head and ctx.model_fits == []
+        skipped = [r for r in rows if r["kind"] == "model"]
+        assert len(skipped) == 1 and "no model repair can win" in skipped[0]["skipped"]
 
 
 def test_a_model_repair_must_beat_the_heads_noise():
