@@ -153,10 +153,34 @@ def test_raises_worst_group_accuracy(m, C, problems):
                                     f"{base:.3f} -> {acc:.3f}")
 
 
-@pytest.mark.parametrize("m", [m for m in METHODS if m.needs_groups], ids=lambda m: m.name)
-def test_needs_groups_refuses_without(m, problems):
-    with pytest.raises(Exception):
-        m(_inputs(problems[2], with_groups=False))
+def test_a_method_that_needs_groups_is_refused_without_them(problems):
+    """A method registered with ``groups="required"`` (none of the built-ins today; a plugin's may be)
+    is never run without group labels: the call is a BadInput naming it, before its code runs."""
+    from repair.errors import BadInput
+    from repair.methods import METHODS as REGISTRY, RepairOutput, register_method
+
+    calls = []
+
+    @dataclasses.dataclass
+    class Nothing:
+        pass
+
+    @register_method("needs_groups_probe", summary="test only", config=Nothing, groups="required")
+    def probe(inputs, config):
+        calls.append(inputs.groups)
+        return RepairOutput(W=inputs.W.clone(), b=inputs.b.clone())
+
+    try:
+        needing = [m for m in list_methods() if m.needs_groups]
+        assert "needs_groups_probe" in [m.name for m in needing]
+        for m in needing:
+            with pytest.raises(BadInput, match=m.name):
+                m(_inputs(problems[2], with_groups=False))
+        assert calls == []
+        REGISTRY.get("needs_groups_probe")(_inputs(problems[2], with_groups=True))
+        assert len(calls) == 1 and calls[0] is not None
+    finally:
+        REGISTRY.unregister("needs_groups_probe")
 
 
 def test_neurontune_masks_spurious_dims_with_zero_weight(problems):

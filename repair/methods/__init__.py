@@ -187,6 +187,10 @@ class MethodInfo:
         return describe(self.config_cls)
 
     def __call__(self, inputs, config=None):
+        if self.needs_groups and getattr(inputs, "groups", None) is None:
+            from ..errors import BadInput
+
+            raise BadInput(f"{self.name} needs group labels (give --group-by)")
         return self.fn(inputs, config if config is not None else self.default_config())
 
 
