@@ -380,8 +380,8 @@ def test_escalation_is_skipped_only_when_no_model_repair_can_win():
         return choice, rows, ctx
 
     even = y.clone()
-    even[torch.arange(0, n, 4)] ^= 1                                  # 75% of each class right
-    even[torch.arange(1, n, 4)] ^= 1
+    even[torch.arange(0, n, 8)] ^= 1                                  # 75% of each class right
+    even[torch.arange(1, n, 8)] ^= 1
     choice, rows, ctx = run(even, 1 - y)
     assert choice.chosen is head and len(ctx.model_fits) == 1         # tried, stopped after one fold
     assert not any(r.get("skipped") for r in rows)
