@@ -163,7 +163,7 @@ def test_a_method_that_needs_groups_is_refused_without_them(problems):
 
     @dataclasses.dataclass
     class Nothing:
-        pass
+        """No settings."""
 
     @register_method("needs_groups_probe", summary="test only", config=Nothing, groups="required")
     def probe(inputs, config):
