@@ -169,3 +169,57 @@ def test_rows_named_after_auto_ft_run_its_mixft_setting():
     assert rows["mixft-lpft-wig-last"] == recipe[0] and len(rows) >= 5
     for label, params in rows.items():   # each variant only adds options the recipe does not set
         assert {k: v for k, v in params.items() if k in recipe[0]} == recipe[0], label
+
+
+def test_the_gpu_check_runs_every_part_in_a_dry_run(tmp_path):
+    """``bench/gpu.sh --dry-run``: the GPU check's every part (demo, extraction, solver, model repair,
+    ONNX export) on the CPU at small sizes, from the checkout (the project need not be installed on the
+    lent machine), its figures in gpu.json and GPU.md under the given folder, ``bench/GPU.md`` (the
+    real run's) untouched, and copies of both in ``$OUT`` (what the device tool brings back)."""
+    import os
+    import subprocess
+
+    gpu_md = ROOT / "bench" / "GPU.md"
+    before = gpu_md.stat().st_mtime_ns if gpu_md.exists() else None
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(tmp_path / "gpu")],
+                       capture_output=True, text=True, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable}, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
+    assert doc["dry_run"] and doc["devices"] == ["cpu", "cpu-ref"]
+    for part in ("demo", "extraction", "solver", "model_repair", "onnx"):
+        assert not (isinstance(doc[part], dict) and doc[part].get("error")), (part, doc[part])
+    for col in ("cpu", "cpu-ref"):
+        assert doc["extraction"][col]["wall_seconds"] > 0 and 0 <= doc["extraction"][col]["worst_group_accuracy"] <= 1
+        assert 0 <= doc["model_repair"][col]["test_worst_group"] <= 1
+    rows = doc["solver"]
+    assert {(x["method"], x["classes"], x["device"]) for x in rows} == {
+        (m, c, d) for m, c in (("dfr", 2), ("mix", 2), ("dfr", 10)) for d in ("cpu", "cpu-ref")}
+    assert all(not x.get("error") and x["test_worst_group"] > 0.3 for x in rows)
+    assert doc["onnx"]["passed"] is True and doc["onnx"]["max_abs_diff"] < 1e-3
+    md = (tmp_path / "gpu" / "GPU.md").read_text()
+    assert "failed" not in md and "| mixft (3steps)" in md
+    assert (gpu_md.stat().st_mtime_ns if gpu_md.exists() else None) == before
+    assert (out / "gpu.json").read_text() == (tmp_path / "gpu" / "gpu.json").read_text()
+    assert (out / "GPU.md").read_text() == md
+
+
+def test_the_gpu_report_marks_a_failed_part_and_keeps_the_others():
+    """One part failing on the lent machine (an exporter missing, a command over its limit) is recorded
+    with its error and shown as failed; the other parts' figures stay in the report."""
+    from types import SimpleNamespace
+
+    from bench.gpu import markdown
+
+    doc = {"date": "d", "gpu": "g", "machine": "m", "versions": {"torch": "x"}, "devices": ["cuda", "cpu"],
+           "demo": {"wall_seconds": 1.0},
+           "extraction": {"cuda": {"wall_seconds": 2.0, "embedding_seconds": 0.5},
+                          "cpu": {"error": "boom", "exit_code": 3}},
+           "solver": [{"method": "dfr", "classes": 2, "device": "cuda", "fit_seconds": 0.4, "test_worst_group": 0.9},
+                      {"method": "dfr", "classes": 2, "device": "cpu", "error": "RuntimeError: x"}],
+           "model_repair": {"error": "RuntimeError: y"}, "onnx": {"error": "over 240 s", "exit_code": None}}
+    md = markdown(doc, SimpleNamespace(classes=[2], n=10, d=4, steps="3steps"))
+    assert "| extraction (eval, no cache): wall s / embedding s | 2.0 / 0.5 | failed (see gpu.json) |" in md
+    assert "| dfr[groups] 10x4, 2 classes: fit s / test WGA | 0.4 / 0.9 | failed (see gpu.json) |" in md
+    assert "Failed parts (errors in gpu.json): model_repair, onnx." in md

@@ -419,7 +419,9 @@ def _toy_graph(kind: str, rng) -> onnx.ModelProto:
     nodes.append(helper.make_node("Identity", ["z"], ["scores"]))
     graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 2, 2])],
                               [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["n", C])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR version 8 (opset 17's): onnx.helper's default is the installed onnx's newest, which an older
+    # onnxruntime refuses (onnx 1.23 writes IR 14, onnxruntime 1.30 reads up to 13)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 @pytest.mark.parametrize("kind", ["gemm_transB0", "gemm_nobias", "matmul_add", "matmul"])

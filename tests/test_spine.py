@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,7 +229,9 @@ def test_probe_scores_find_planted_neuron():
 
 
 def test_console_script_debug_traceback(tmp_path, image_data):
-    exe = shutil.which("repair")
+    # this installation's script (beside the interpreter), not whichever `repair` is first on PATH
+    beside = Path(sys.executable).parent / "repair"
+    exe = str(beside) if beside.exists() else shutil.which("repair")
     if exe is None:
         pytest.skip("console script not installed (pip install -e .)")
     r = subprocess.run([exe, "eval", str(tmp_path / "nope"), "--data", str(image_data)], capture_output=True, text=True)
