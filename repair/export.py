@@ -14,13 +14,15 @@ Verification rule (shared by ``export_onnx`` and ``verify_onnx``, one home:
   shape per batch equals the reference's ``(batch, classes)``;
 * every logit of every verified sample is within the bound (``Bound``)::
 
-      |onnx[i, k] - ref[i, k]| <= atol + rtol * s_i,   s_i = max_k |ref[i, k]|
+      |onnx[i, k] - ref[i, k]| <= atol + rtol * max(|ref[i, k]|, |ref[i, top_i]|)
 
-  like ``numpy.allclose``, except that the relative part scales with the
-  sample's logit scale ``s_i`` rather than with the one logit: float rounding
-  in a network's output is of the order of the activations that feed it, so a
-  logit near zero next to large ones carries the same absolute error as they
-  do. Default (any modality): ``atol = 1e-5, rtol = 1e-3`` (``DEFAULT_BOUND``).
+  with ``top_i`` the reference's top class: like ``numpy.allclose``, except
+  that the relative part is at least the sample's top logit: float rounding in
+  a network's output is of the order of the activations that feed it, so a
+  logit near zero next to a large top logit carries the same absolute error as
+  it does. Not the sample's largest |logit|: a class switched off by a huge
+  negative bias (-1e4) would then allow every other logit of the sample a
+  difference of 10, and a head shifted by 6 would pass. Default (any modality): ``atol = 1e-5, rtol = 1e-3`` (``DEFAULT_BOUND``).
   ``tests/test_onnx_bounds.py`` provokes the largest difference it can between
   runtimes (onnxruntime graph optimisations on/off, 1 vs 2 threads, batch
   sizes 1/3/16, padded sequence lengths, the TorchScript and the dynamo
@@ -29,9 +31,9 @@ Verification rule (shared by ``export_onnx`` and ``verify_onnx``, one home:
   A user's ``--tolerance X`` keeps its documented meaning, an absolute bound
   on the max |diff| (``atol = X, rtol = 0``);
 * argmax agrees on every verified sample, except near-ties: samples where the
-  reference's top class and the ONNX top class are within twice the sample's
-  bound in the reference logits (a difference within the bound can flip
-  those). Given the bound, any flip is such a near-tie, so the argmax figure
+  reference's top class and the ONNX top class are within the sum of their two
+  logits' bounds in the reference logits (a difference within the bound can
+  flip those). Given the bound, any flip is such a near-tie, so the argmax figure
   is reported for information and can never pass a model the bound fails;
 * batches have a size different from the export's example batch (2), so a
   graph that silently baked in the example's batch size fails; text is
@@ -74,24 +76,27 @@ VERIFY_BATCH = 32         # verification batch size (never EXPORT_BATCH)
 
 @dataclass(frozen=True)
 class Bound:
-    """How far an ONNX logit may be from the reference's: ``atol + rtol * s`` with ``s`` the
-    sample's largest |reference logit| (see the module docstring for why and how chosen)."""
+    """How far an ONNX logit may be from the reference's: ``atol + rtol * s`` with ``s`` the larger
+    of the logit's |reference| and the sample's top reference logit's (see the module docstring for
+    why and how chosen)."""
     atol: float
     rtol: float
     source: str
 
     def allowed(self, ref: torch.Tensor) -> torch.Tensor:
-        """Per sample (rows of ``ref``): the largest |diff| any of its logits may have, (N, 1)."""
-        scale = ref.abs().amax(dim=1, keepdim=True) if ref.numel() else ref.new_zeros((ref.shape[0], 1))
-        return self.atol + self.rtol * scale
+        """The largest |diff| each logit of ``ref`` (N, C) may have, (N, C)."""
+        if not ref.numel():
+            return ref.new_full(ref.shape, self.atol)
+        top = ref.gather(1, ref.argmax(1, keepdim=True)).abs()
+        return self.atol + self.rtol * torch.maximum(ref.abs(), top)
 
     def describe(self) -> dict:
-        return {"rule": "|onnx - reference| <= atol + rtol * max_k |reference_k| per logit",
+        return {"rule": "|onnx - reference| <= atol + rtol * max(|reference_k|, |reference_top|) per logit",
                 "atol": self.atol, "rtol": self.rtol, "source": self.source}
 
 
 #: the default bound, any modality. ``tests/test_onnx_bounds.py`` measures the margin: the largest
-#: difference it provokes is ~1e-6 of the logit scale (|diff|/allowed <= 0.0012 on the tests'
+#: difference it provokes is ~1e-6 of the logit scale (|diff|/allowed <= 0.002 on the tests'
 #: models; a real ImageNet MobileNetV2 gave 1.1e-5 at logits ~7, 1.6e-6 of the scale), so the
 #: bound leaves hundreds of times that for CPUs, GPUs and kernels not measured here, while a 1%
 #: change of the head (weight x 1.01, bias + 1% of the scale) is ~10x above it. ``atol`` covers
@@ -340,7 +345,7 @@ class _Worst:
             self.ratio = float(r[i, c])
             self.where = {"sample": int(idx[i]), "class": int(c), "reference": float(ref[i, c]),
                           "onnx": float(got[i, c]), "abs_diff": float(d[i, c]),
-                          "allowed": float(allowed[i, 0])}
+                          "allowed": float(allowed[i, c])}
 
     @property
     def ok(self) -> bool:
@@ -425,7 +430,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                             gap = float(ref[j, a[j]] - ref[j, g[j]])
                             disagreements.append({"sample": idx[j], "reference": int(a[j]), "onnx": int(g[j]),
                                                   "reference_gap": gap,
-                                                  "near_tie": gap <= 2 * float(allowed[j, 0])})
+                                                  "near_tie": gap <= float(allowed[j, a[j]] + allowed[j, g[j]])})
                 if head is not None:
                     with torch.no_grad():
                         emb = reference.embed_batch(batch, dev).float().cpu()

@@ -88,7 +88,7 @@ def provoke(adapter, path: Path, items, *, head_check: bool = False) -> dict:
                 for t, rs in refs.items():
                     for ref in rs:
                         d = np.abs(got.astype(np.float64) - ref)
-                        allowed = DEFAULT_BOUND.atol + DEFAULT_BOUND.rtol * np.abs(ref).max(1, keepdims=True)
+                        allowed = DEFAULT_BOUND.allowed(torch.from_numpy(ref)).double().numpy()   # the one rule
                         a, r = acc.get((opt, thr, t), (0.0, 0.0))
                         acc[(opt, thr, t)] = (max(a, float(d.max())), max(r, float((d / allowed).max())))
         for (opt, thr, t), (a, r) in acc.items():
@@ -194,3 +194,25 @@ def test_tampered_export_fails_through_export_onnx(timm_folder, images, tmp_path
     rep = ei.value.report
     assert rep["bound"]["ratio"] > 1 and rep["bound"]["worst"]["abs_diff"] > rep["bound"]["worst"]["allowed"]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_switched_off_class_does_not_widen_the_bound_of_the_others(timm_folder, images, tmp_path):
+    """A class switched off by a huge negative bias (-1e4) is one large |logit| in every sample: the
+    bound of the other logits still follows the sample's top logit, so an export whose live logits
+    are shifted by 1% of their scale fails (with the largest |logit| as the scale, every logit of
+    the sample would be allowed a difference of 10), while the healthy export passes."""
+    a = load_model(timm_folder)
+    W, b = a.head_params()
+    b = b.clone()
+    b[-1] = -1e4
+    a.set_head(W, b)
+    out = tmp_path / "masked.onnx"
+    rep = export_onnx(a, out, metadata={}, verify_items=images)
+    assert rep["passed"] and rep["bound"]["ratio"] <= 1 / MARGIN
+    with torch.no_grad():
+        lg = a.logits_batch(a.collate(list(images)), CPU)
+    assert bool((lg.argmax(1) != lg.shape[1] - 1).all()) and float(lg.abs().max()) > 9e3
+    live = float(lg[:, :-1].abs().amax(1).median())
+    bad = run_verification(_tampered(out, tmp_path, "bias", live), a, images, own_file=True)
+    assert not bad["passed"] and bad["bound"]["ratio"] > 1 and "exceeds the bound" in bad["problems"][0]
+    assert bad["bound"]["worst"]["allowed"] < 1.0
