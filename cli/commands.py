@@ -24,7 +24,7 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
              expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", rich_help_panel=PANEL_GATE, help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported. Default: every class x value seen.")] = None):
     """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
     from repair.preflight import read_inputs
-    from repair.rules import judge, threshold_option
+    from repair.rules import judge, threshold_option, unmeasured
 
     thresholds = {"worst_group": threshold_option(fail_under_wga, "--fail-under-wga"),
                   "accuracy": threshold_option(fail_under_acc, "--fail-under-acc")}
@@ -38,15 +38,19 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
     from repair.api import evaluate_model
 
     rep = evaluate_model(model, inputs.data, load, columns, runtime)
-    gates = [g for g in (judge(rep, thr, metric) for metric, thr in thresholds.items()) if g is not None]
+    names = None if expected is None else expected_group_names(rep, columns.group_by, expected)
+    gates = [g for g in (judge(rep, thr, metric, names if metric == "worst_group" else None)
+                         for metric, thr in thresholds.items()) if g is not None]
+    for g in gates:
+        if g["unmeasured"] and g["metric"] == "worst_group" and expected is None:
+            g["message"] += " (name the groups to expect with --expect-groups)"
     problems = [g["message"] for g in gates if not g["passed"]]
     if rep.get("absent_groups") is not None:
-        missing = group_check(rep, columns.group_by, expected)
-        if missing and (expected is not None or thresholds["worst_group"] is not None):
-            problems.append(f"group(s) {', '.join(missing)} have no samples in {data}, so worst-group accuracy "
-                            "cannot speak for them" + ("" if expected is not None else
-                                                       " (name the groups to expect with --expect-groups)"))
+        rep["missing_groups"] = missing = unmeasured(rep, "worst_group", names)
+        if missing and expected is not None and thresholds["worst_group"] is None:
+            problems.append(f"group(s) {', '.join(missing)} have no samples in {data}")
     rep["gates"] = gates
+    rep["passed"] = not problems                      # every gate and --expect-groups
     if as_json:
         emit_json(rep)
     else:
@@ -58,24 +62,17 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
         raise GateFailed("; ".join(problems))
 
 
-def group_check(rep: dict, group_by: str, expected: Optional[list]) -> list[str]:
-    """The groups that make the gate fail for having no samples (``rep['missing_groups']``): with
-    ``expected``, those of them without samples; else every class x value with no samples."""
-    present = {g["name"] for g in rep["per_group"]}
+def expected_group_names(rep: dict, group_by: str, expected: list) -> list[str]:
+    """``--expect-groups`` (``class|value`` or ``class|column=value``) as the report's group names;
+    BadInput for a class the model does not have."""
     classes = [c["name"] for c in rep["per_class"]]
-    if expected is None:
-        missing = list(rep["absent_groups"])
-    else:
-        missing = []
-        for g in expected:
-            cls, _, val = g.partition("|")
-            if cls not in classes:
-                raise BadInput(f"--expect-groups: {cls!r} is not a class of the model ({', '.join(classes)})")
-            name = g if val.startswith(f"{group_by}=") else f"{cls}|{group_by}={val}"
-            if name not in present:
-                missing.append(name)
-    rep["missing_groups"] = missing
-    return missing
+    names = []
+    for g in expected:
+        cls, _, val = g.partition("|")
+        if cls not in classes:
+            raise BadInput(f"--expect-groups: {cls!r} is not a class of the model ({', '.join(classes)})")
+        names.append(g if val.startswith(f"{group_by}=") else f"{cls}|{group_by}={val}")
+    return names
 
 
 # ------------------------------------------------------------------ probe

@@ -309,14 +309,28 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     if eval_given:
         eval_group_by = o.eval_group_by if o.eval_group_by is not None else data_opts.group_by
         e_opts = dataclasses.replace(data_opts, group_by=eval_group_by)
-        r_data, e_enc, e_emb = prepare_data(adapter, inputs.eval_data, e_opts, runtime)
+        ev, dropped = inputs.eval_data, sum(bool(o) for o in inputs.eval_overlap)
+        if dropped:               # samples also in the repair set: the figures leave them out
+            ev = ev.subset([i for i, o in enumerate(inputs.eval_overlap) if not o])
+            ctx.warnings.append(f"{dropped} of the {len(inputs.eval_data)} samples of --eval are also in the repair "
+                                "data: left out of the figures, which are measured on the other "
+                                f"{len(ev)}")
+            log(f"warning: {ctx.warnings[-1]}")
+        r_data, e_enc, e_emb = prepare_data(adapter, ev, e_opts, runtime)
         rX, ry, rg, rnames = e_emb.X, e_enc.y, e_enc.groups, e_enc.group_names
-        measured_on = f"separate evaluation data ({len(r_data)} samples)"
+        # groups the evaluation data lacks: its own class x value gaps, and (same column) the repair
+        # set's groups it has no rows of -- a gate on its worst group cannot speak for them
+        absent = list(e_enc.absent_groups or [])
+        if eval_group_by == data_opts.group_by and enc.group_names:
+            absent += [g for g in enc.group_names if g not in set(rnames) and g not in absent]
+        measured_on = f"separate evaluation data ({len(r_data)} samples" + (
+            f"; {dropped} also in the repair set left out)" if dropped else ")")
     else:
         r_data = data.subset(report_idx.tolist())
         rX, ry = X[report_idx], y[report_idx]
         rg = groups[report_idx] if has_groups else None
         rnames = enc.group_names
+        absent = list(enc.absent_groups or [])
         measured_on = (f"held-out {round(100 * o.report_fraction)}% of the repair set ({len(report_idx)} samples) "
                        "that no fitting or selection saw")
     before_logits = rX @ W0.T + b0
@@ -334,6 +348,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         after_logits = r_emb.X @ W1.T + b1
     before = evaluate(before_logits, ry, enc.class_names, rg, rnames)
     after = evaluate(after_logits, ry, enc.class_names, rg, rnames)
+    if rg is not None:
+        before["absent_groups"] = after["absent_groups"] = absent
     if rg is None:  # label-free report: also show inferred groups of the report data (original model's)
         ig = inferred_groups(before_logits, ry)
         named = [f"{n} by original" for n in inferred_group_names(enc.class_names)]

@@ -27,6 +27,7 @@ class Inputs:
     model: Path
     data: RepairData
     eval_data: Optional[RepairData] = None
+    eval_overlap: list = field(default_factory=list)   # per --eval sample: is it also in the repair data
     resources: dict = field(default_factory=dict)
     protected: Protected = field(default_factory=Protected)
 
@@ -59,6 +60,7 @@ def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, ev
         gb = eval_group_by if eval_group_by is not None else data_opts.group_by
         inp.eval_data = read_data(eval_data, dataclasses.replace(data_opts, group_by=gb))
         inp.protected.add_data(inp.eval_data, "evaluation data (--eval)")
+        inp.eval_overlap = eval_overlap(d, inp.eval_data, eval_data)
     for name, value in (resources or {}).items():
         if value is None:
             continue
@@ -72,6 +74,22 @@ def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, ev
             inp.protected.add(value, f"{flag} input")
         inp.resources[name] = v
     return inp
+
+
+def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None) -> list[bool]:
+    """Per ``eval_data`` sample, whether an identical sample (same image bytes, same text) is in the
+    repair ``data``. Figures must be measured on data the repair never touched: an evaluation set
+    that is the repair data (the same path, or every sample a copy) is a BadInput naming it; the
+    samples of a partial overlap are left out of the figures by the caller."""
+    same = Path(str(data.source)).resolve() == Path(str(eval_data.source)).resolve()
+    seen = set(data.content_hashes())
+    overlap = [h in seen for h in eval_data.content_hashes()]
+    if same or (overlap and all(overlap)):
+        raise BadInput("the evaluation data (--eval) is the repair data itself" + ("" if same else
+                       " (every sample is also in --data)") + ": figures measured on it would not be on data the "
+                       "repair never touched; give data kept apart, or leave --eval out to measure on a "
+                       "held-out part of the repair set", where if where is not None else eval_data.source)
+    return overlap
 
 
 # ------------------------------------------------------------------ model-repair inputs
@@ -114,5 +132,6 @@ def fix_outputs(model_path, out: Optional[Any], o, inputs: Inputs,
     return paths
 
 
-__all__ = ["Inputs", "check_model_path", "declared_resource", "declared_resources", "fix_outputs", "read_data",
+__all__ = ["Inputs", "check_model_path", "declared_resource", "declared_resources", "eval_overlap", "fix_outputs",
+           "read_data",
            "read_inputs"]

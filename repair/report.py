@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 
 FIGURE_KEYS = ("n", "accuracy", "worst_class_accuracy", "worst_group_accuracy", "worst_group",
-               "per_group", "per_class", "per_inferred_group")
+               "per_group", "per_class", "per_inferred_group", "absent_groups")
 
 
 # ------------------------------------------------------------------ per-model data

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from .errors import BadInput
 
@@ -379,10 +379,29 @@ def metric_counts(figures: dict, metric: str) -> tuple[Optional[tuple[int, int]]
     return worst, name
 
 
-def judge(figures: Optional[dict], threshold: Any, metric: str = "auto") -> Optional[dict]:
+def unmeasured(figures: dict, metric: str, expected: Optional[Sequence[str]] = None) -> list[str]:
+    """The groups (``worst_group``) or classes (``worst_class``) that ``figures`` cannot speak for:
+    listed without samples (``n`` 0), or, for groups, class x value combinations the evaluation data
+    never had (``absent_groups``). With ``expected`` (group names), only those of them, and any not
+    listed at all. A worst-* figure over the others says nothing about these."""
+    if metric not in ("worst_group", "worst_class"):
+        return []
+    rows = figures.get("per_group" if metric == "worst_group" else "per_class") or []
+    empty = [r.get("name") for r in rows if not r.get("n")]
+    if metric == "worst_group":
+        empty += [g for g in figures.get("absent_groups") or [] if g not in empty]
+    if expected is None:
+        return empty
+    listed = {r.get("name") for r in rows if r.get("n")}
+    return [g for g in expected if g not in listed]
+
+
+def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
+          expected: Optional[Sequence[str]] = None) -> Optional[dict]:
     """The one gate comparison: ``metric`` of ``figures`` (an evaluation) against ``threshold``,
     as exact counts. None when no threshold is set. A model whose figures cannot be computed
-    (no samples, non-finite) fails."""
+    (no samples, non-finite) fails, and so does a worst-group / worst-class gate when a group or
+    class has no samples (:func:`unmeasured`; ``expected`` names the groups that must have some)."""
     if threshold is None:
         return None
     thr = parse_threshold(threshold)
@@ -390,9 +409,18 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto") -> Opti
     name = gate_metric(figures, metric)
     counts, where = metric_counts(figures, name)
     label = METRIC_NAMES[name] + (f" ({where})" if where else "")
+    missing = unmeasured(figures, name, expected)
     if counts is None:
         passed, value = False, None
         message = f"{label} cannot be measured (no samples or non-finite outputs); the gate fails closed"
+    elif missing:
+        k, n = counts
+        passed, value = False, k / n
+        what = "group(s)" if name == "worst_group" else "class(es)"
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        message = (f"{label} {k}/{n} = {_show_pct(Fraction(k, n))}, but {what} {shown} "
+                   f"{'has' if len(missing) == 1 else 'have'} no samples, so it cannot speak for "
+                   f"{'it' if len(missing) == 1 else 'them'}; the gate fails closed")
     else:
         k, n = counts
         passed, value = Fraction(k, n) >= thr.value, k / n
@@ -400,10 +428,10 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto") -> Opti
         message = f"{label} {k}/{n} = {_show_pct(Fraction(k, n))} {sign} {thr.show()}"
     return {"metric": name, "threshold": float(thr.value), "threshold_text": thr.text, "value": value,
             "correct": None if counts is None else counts[0], "n": None if counts is None else counts[1],
-            "where": where, "passed": bool(passed), "message": message}
+            "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}
 
 
 __all__ = ["Protected", "Threshold", "artifacts_output", "check_export_options", "check_format",
            "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "fix_onnx_output",
            "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
-           "threshold_option", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]
+           "threshold_option", "unmeasured", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]

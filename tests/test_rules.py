@@ -50,6 +50,62 @@ def test_gate_fails_closed_on_figures_that_cannot_be_measured():
     assert judge({"per_group": [{"name": "g", "n": 0, "accuracy": None}]}, "0", "worst_group")["passed"] is False
 
 
+def test_a_worst_group_or_class_gate_fails_closed_on_what_it_did_not_measure():
+    """A group or class without samples (listed with n 0, or a class x value the data never had) is
+    not vouched for by the worst figure over the others: the gate fails, naming it; ``expected`` (the
+    groups the user says must be there) limits that to them."""
+    from repair.rules import judge
+
+    ok = {"name": "a|p=x", "n": 4, "accuracy": 1.0}
+    fig = {"per_group": [ok, {"name": "a|p=y", "n": 0, "accuracy": None}], "absent_groups": ["b|p=x"]}
+    g = judge(fig, "50%", "worst_group")
+    assert not g["passed"] and g["unmeasured"] == ["a|p=y", "b|p=x"] and g["value"] == 1.0
+    assert "4/4 = 100%, but group(s) a|p=y, b|p=x have no samples" in g["message"]
+    assert "fails closed" in g["message"]
+    assert judge(fig, "50%", "worst_group", expected=["a|p=x"])["passed"]
+    assert judge(fig, "50%", "worst_group", expected=["a|p=x", "b|p=x"])["unmeasured"] == ["b|p=x"]
+    assert judge({"per_group": [ok]}, "50%", "worst_group")["passed"]
+    # worst class: a class of the model with no samples (no group column, auto -> worst_class)
+    cls = {"per_class": [{"name": "cat", "n": 5, "accuracy": 1.0}, {"name": "fox", "n": 0, "accuracy": None}]}
+    g = judge(cls, "90%", "auto")
+    assert g["metric"] == "worst_class" and not g["passed"] and "class(es) fox has no samples" in g["message"]
+    # accuracy is over every sample there is: nothing unmeasured
+    assert judge({**cls, "n": 5, "accuracy": 1.0}, "90%", "accuracy")["passed"]
+    many = {"per_class": [ok] + [{"name": f"c{i}", "n": 0} for i in range(8)]}
+    assert "c0, c1, c2, c3, c4 and 3 more" in judge(many, "0%", "worst_class")["message"]
+
+
+def test_zoo_and_fix_gates_fail_closed_on_a_group_the_evaluation_lacks(tmp_path, timm_folder, image_data):
+    """The zoo gates as `repair eval` does: an evaluation set without one group's rows fails a
+    worst-group gate in eval mode and in fix mode (exit 1), and `repair fix --eval` lists the group
+    among the figures' absent groups."""
+    test = make_images(tmp_path / "test", seed=1)
+    with open(test / "metadata.csv") as f:
+        rows = [r for r in csv.DictReader(f) if not (r["y"] == "cat" and r["place"] == "water")]
+    with open(test / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(rows)
+    code, out, err = run_cli("eval", timm_folder, "--data", test, "--group-by", "place", "--fail-under-wga", "0%",
+                             "--json", "-q")
+    assert code == 1 and "cat|place=water" in err and json.loads(out)["passed"] is False
+    for mode in ("eval", "fix"):
+        manifest = tmp_path / f"zoo-{mode}.yaml"
+        (tmp_path / f"o-{mode}").mkdir()
+        manifest.write_text(yaml.safe_dump({
+            "defaults": {"group_by": "place", "gate": "0%", "recipe": "dfr", "output_dir": str(tmp_path / f"o-{mode}")},
+            "models": [{"name": "m", "checkpoint": str(timm_folder), "data": str(image_data), "eval": str(test)}]}))
+        code, out, err = run_cli("zoo", manifest, "--mode", mode, "--json", "-q")
+        assert code == 1, (mode, err)
+        gate = json.loads(out)["models"][0]["gate"]
+        assert not gate["passed"] and gate["unmeasured"] == ["cat|place=water"], (mode, gate)
+    code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--group-by", "place", "--recipe", "dfr",
+                             "--eval", test, "--out", tmp_path / "fixed", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["after"]["absent_groups"] == ["cat|place=water"] == rep["before"]["absent_groups"]
+
+
 def test_cli_report_and_zoo_use_the_one_gate():
     """The CLI eval gate, the report's check_gate and zoo go through rules.judge."""
     import inspect
@@ -336,3 +392,35 @@ def test_every_command_reads_its_data_once_and_loads_the_model_once(command, tmp
     code, _, err = run_cli(*args, "-q")
     assert code == 0, err
     assert reads == [image_data.name] and loads == [timm_folder.name], (reads, loads)
+
+
+def test_figures_are_never_measured_on_the_repair_data(tmp_path, timm_folder, image_data):
+    """`--eval` naming the repair data (the same folder, or a copy of every sample) is exit 2 naming
+    it, before any work; an evaluation set sharing some samples with the repair data is measured on
+    the others only, and the report says how many were left out."""
+    copy = tmp_path / "copy"
+    shutil.copytree(image_data, copy)
+    for ev in (image_data, copy):
+        code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--group-by", "place", "--recipe", "dfr",
+                                 "--eval", ev, "--out", tmp_path / "fixed", "-q")
+        assert code == 2 and err.count("\n") == 1 and "is the repair data itself" in err and str(ev) in err, err
+        assert not (tmp_path / "fixed").exists()
+    mixed = make_images(tmp_path / "mixed", seed=1)
+    with open(image_data / "metadata.csv") as f:
+        shared = list(csv.DictReader(f))[:4]
+    with open(mixed / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    for i, r in enumerate(shared):                       # 4 of the repair set's images, under new names
+        shutil.copy(image_data / r["img_filename"], mixed / r["y"] / f"shared{i}.png")
+        rows.append({**r, "img_filename": f"{r['y']}/shared{i}.png"})
+    with open(mixed / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(rows)
+    code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--group-by", "place", "--recipe", "dfr",
+                             "--eval", mixed, "--out", tmp_path / "fixed", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["after"]["n"] == len(rows) - 4 == rep["before"]["n"]
+    assert "4 also in the repair set left out" in rep["measured_on"]
+    assert any("4 of the" in w and "also in the repair data" in w for w in rep["warnings"])
