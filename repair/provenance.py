@@ -19,6 +19,16 @@ from ._version import __version__
 PREFIX = "repair."
 
 
+def merged(source: dict, new: dict) -> dict[str, str]:
+    """A file's metadata: the source checkpoint's entries with ``new`` written over them; when
+    ``new`` is a provenance (``repair.*`` keys), the source's own ``repair.*`` keys go (they describe
+    the run that made the source, not this one: this record names the source by its hash)."""
+    fresh = any(str(k).startswith(PREFIX) for k in new)
+    out = {str(k): str(v) for k, v in source.items() if not (fresh and str(k).startswith(PREFIX))}
+    out.update({str(k): str(v) for k, v in new.items()})
+    return out
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 

@@ -396,6 +396,23 @@ def test_text_onnx_adapter(bert_export, bert_folder, tmp_path):
     assert_within_bound((a.embed_batch(enc, CPU) @ W.T + b).numpy(), a_torch.logits_batch(enc, CPU).numpy())
 
 
+def test_text_onnx_truncates_at_the_models_positions_like_the_torch_model(bert_export, bert_folder, tmp_path):
+    """A tokenizer without a length limit (the tests' BERT has none; its model has 64 positions): the
+    ONNX file in an exported folder (config.json beside it) truncates texts where the transformers
+    adapter does, so a text longer than the positions gives the same logits instead of an
+    onnxruntime error (exit 3)."""
+    a_torch, out, _, _ = bert_export
+    folder = tmp_path / "exported"
+    shutil.copytree(bert_folder, folder)
+    shutil.copy(out, folder / "model.onnx")
+    long_texts = [" ".join(["the movie was great"] * 30), "awful", " ".join(["not fun"] * 50)]
+    a = load_model(folder / "model.onnx")
+    assert a_torch.max_length == 64 == a.max_length
+    enc = a.collate(long_texts)
+    assert enc["input_ids"].shape[1] == 64
+    assert_within_bound(a.logits_batch(enc, CPU).numpy(), a_torch.logits_batch(a_torch.collate(long_texts), CPU).numpy())
+
+
 def _toy_graph(kind: str, rng) -> onnx.ModelProto:
     """pixel (N,3,2,2) -> Flatten -> MatMul(12x6) -> Relu -> head with 4 classes."""
     D, C = 6, 4
@@ -495,3 +512,36 @@ def test_dynamo_failure_falls_back_saying_why_in_one_line(timm_folder, items, tm
     lines = [m for m in said if "exporter failed" in m]
     assert len(lines) == 1 and "\n" not in lines[0]
     assert "simulated dynamo failure" in lines[0] and "deprecated TorchScript" in lines[0]
+
+
+def test_a_repaired_model_records_this_run_not_the_sources(timm_folder, image_data, deployed_onnx, tmp_path):
+    """Repairing a file that already carries a provenance (an export, an earlier repair) writes this
+    run's record only: the source's ``repair.*`` keys (``repair.export`` naming another file and
+    hash) do not survive into it; other metadata of the source does."""
+    from safetensors import safe_open
+
+    st = tmp_path / "exported"
+    code, _, err = run_cli("export", timm_folder, "--format", "safetensors", "--out", st, "-q")
+    assert code == 0, err
+    with safe_open(str(st / "model.safetensors"), framework="pt") as f:
+        assert "repair.export" in f.metadata()
+    fixed = tmp_path / "fixed"
+    code, _, err = run_cli("fix", st, "--data", image_data, "--group-by", "place", "--recipe", "dfr", "--out", fixed,
+                           "-q")
+    assert code == 0, err
+    with safe_open(str(fixed / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["repair.method"] == "dfr" and "repair.export" not in meta and meta["format"] == "pt"
+    # an ONNX model whose metadata holds an earlier run's key and one of its own: the first goes
+    src = tmp_path / "deployed.onnx"
+    proto = onnx.load(str(deployed_onnx))
+    for k, v in (("repair.export", '{"source":"elsewhere.onnx"}'), ("author", "me")):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(src))
+    out = tmp_path / "r.onnx"
+    opts = ["--image-size", "32", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--class-names", "cat,dog,fox"]
+    code, _, err = run_cli("fix", src, *opts, "--data", image_data, "--recipe", "neurontune", "--out", out, "-q")
+    assert code == 0, err
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["repair.method"] == "neurontune" and "repair.export" not in props and props["author"] == "me"

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .. import provenance
 from ..data import DEFAULT_MAX_PIXELS
 from ..errors import BadInput, RepairError
 from ..io import load_state_dict_file, save_safetensors
@@ -315,7 +316,7 @@ class Adapter(ABC):
         else:
             target = out
         save_safetensors(self.state_tensors(), target,
-                         {**self.source_metadata, **self.save_metadata_defaults, **metadata})
+                         provenance.merged(self.source_metadata, {**self.save_metadata_defaults, **metadata}))
         return target
 
     def check_save(self) -> None:

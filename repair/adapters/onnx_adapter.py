@@ -30,7 +30,8 @@ from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
                          metadata_dict, set_metadata)
 from .onnx_runtime import make_session, ort_providers, run_session, session_feeds  # noqa: F401
-from .text import (TOKENIZER_FILES, collate_texts, has_tokenizer_files, load_tokenizer, resolve_max_length,
+from .text import (DEFAULT_MAX_LENGTH, TOKENIZER_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
+                   max_positions_beside, resolve_max_length,
                    tokenizer_preprocess_id)
 
 
@@ -142,7 +143,10 @@ class OnnxAdapter(Adapter):
         if not has_tokenizer_files(folder):
             return
         self.tokenizer = load_tokenizer(folder, "cannot load the tokenizer next to the ONNX model")
-        self.max_length = resolve_max_length(self.tokenizer, max_length)
+        # a tokenizer without a length limit: the model's positions (its config beside the file), as the
+        # transformers adapter does, else the longest text would overflow the position embeddings
+        self.max_length = resolve_max_length(self.tokenizer, max_length,
+                                             fallback=max_positions_beside(folder) or DEFAULT_MAX_LENGTH)
         seq = [s[1] for n, s in self._inputs if n == "input_ids" and len(s) == 2]
         self._fixed_seq = seq[0] if seq and isinstance(seq[0], int) else None
 

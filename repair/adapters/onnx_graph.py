@@ -27,10 +27,12 @@ def metadata_dict(proto) -> dict[str, str]:
 
 
 def set_metadata(proto, metadata: dict[str, str]) -> None:
-    """Merge ``metadata`` into ``metadata_props`` (new values win), in sorted key order (the
-    same metadata gives the same bytes)."""
-    merged = metadata_dict(proto)
-    merged.update({str(k): str(v) for k, v in metadata.items()})
+    """Merge ``metadata`` into ``metadata_props`` (new values win; a new provenance replaces the
+    old one's keys: :func:`repair.provenance.merged`), in sorted key order (the same metadata gives
+    the same bytes)."""
+    from .. import provenance
+
+    merged = provenance.merged(metadata_dict(proto), metadata)
     del proto.metadata_props[:]
     for k, v in sorted(merged.items()):
         entry = proto.metadata_props.add()

@@ -79,6 +79,19 @@ def resolve_max_length(tokenizer, given: Optional[int], fallback: int = DEFAULT_
     return int(min(limit, DEFAULT_MAX_LENGTH))
 
 
+def max_positions_beside(folder: Path) -> Optional[int]:
+    """``max_position_embeddings`` of the transformers ``config.json`` in ``folder`` (an exported
+    model's folder: the ONNX file beside the config), or None: the truncation fallback for a
+    tokenizer without a length limit."""
+    import json
+
+    try:
+        v = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
 def tokenizer_preprocess_id(tokenizer, max_length: Optional[int]) -> dict:
     """JSON-able description of a tokenizer's preprocessing (part of the embedding cache key)."""
     if tokenizer is None:
@@ -113,5 +126,6 @@ def tokenizer_input_names(tokenizer) -> list[str]:
 
 
 __all__ = ["DEFAULT_MAX_LENGTH", "TEXT_INPUTS", "TOKENIZER_FILES", "collate_texts", "first_line",
-           "has_tokenizer_files", "load_tokenizer", "offline", "quiet_transformers", "resolve_max_length",
+           "has_tokenizer_files", "load_tokenizer", "max_positions_beside", "offline", "quiet_transformers",
+           "resolve_max_length",
            "text_input_order", "tokenizer_input_names", "tokenizer_preprocess_id"]
