@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASSES, make_deployed_onnx
+from conftest import CLASSES, make_deployed_onnx, run_cli
 from repair.adapters import FamilyInfo, LoadOptions, list_families, load_model, register_family, unregister_family
 from repair.data import load_data
 from repair.errors import BadInput
@@ -288,7 +289,11 @@ def test_set_tensors_checks_before_changing_anything(timm_folder):
     assert torch.equal(a.model.state_dict()[name], old) and a.changed_tensors() == []
 
 
-def test_head_bias_added_to_a_bias_free_head(tmp_path, request, monkeypatch):
+def test_a_bias_free_head_is_never_written_with_a_bias(tmp_path, monkeypatch, image_data):
+    """A repaired head has a bias; an architecture whose head has none could not load it back (plain
+    load_state_dict: unexpected key). ``repair fix`` refuses such a model before any work (exit 2
+    naming it), and writing one whose head was given a bias in memory is refused (nothing written):
+    never a file that does not load, or loads without the bias and computes other logits."""
     src = FACTORY_SRC.replace("nn.Linear(8, 3))", "nn.Linear(8, 3, bias=False))").replace(
         "def build", "def build_nobias")
     (tmp_path / "contract_nobias.py").write_text(src)
@@ -299,11 +304,18 @@ def test_head_bias_added_to_a_bias_free_head(tmp_path, request, monkeypatch):
     a = load_model(w, LoadOptions(factory="contract_nobias:build_nobias", image_size=32, mean=MEAN, std=STD))
     W, b = a.head_params()
     assert torch.equal(b, torch.zeros(3))
-    a.set_head(W, torch.arange(3.0))
-    assert a.changed_tensors() == [f"{a.head_name}.bias"]
-    a.save(tmp_path / "out.safetensors", {})
-    saved = load_safetensors(tmp_path / "out.safetensors")[0]
-    assert torch.equal(saved[f"{a.head_name}.bias"], torch.arange(3.0))
+    with pytest.raises(BadInput, match="has no bias"):
+        a.check_save()
+    a.set_head(W, torch.arange(3.0))                 # in memory (an ONNX export of it is exact)
+    with pytest.raises(BadInput, match="does not have"):
+        a.save(tmp_path / "out.safetensors", {})
+    assert not (tmp_path / "out.safetensors").exists()
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code, _, err = run_cli("fix", w, "--factory", "contract_nobias:build_nobias", "--image-size", "32", "--mean",
+                           "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--class-names", "cat,dog,fox", "--data",
+                           image_data, "--recipe", "dfr", "--out", tmp_path / "fixed.safetensors", "-q")
+    assert code == 2 and "has no bias" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "fixed.safetensors").exists()
 
 
 # ------------------------------------------------------------------ the registry

@@ -295,6 +295,10 @@ class Adapter(ABC):
         in the file's dtype; the others are the file's, bit for bit."""
         tensors, _ = load_state_dict_file(self.weights_path, allow_pickle=True)
         changed = self.changed_tensors()
+        extra = [n for n in changed if n not in tensors]
+        if extra:
+            raise BadInput(f"the repaired model has {', '.join(extra)}, a tensor this checkpoint's architecture does "
+                           "not have (a bias-free head given a bias): it could not be loaded back", self.source)
         if changed:
             own = self._require_model().state_dict()
             heads = self.head_tensor_names()
@@ -322,9 +326,14 @@ class Adapter(ABC):
     def check_save(self) -> None:
         """Refuse now (:class:`BadInput` naming the entry) what ``save`` would refuse to copy from a
         folder checkpoint: a symlink leaving the folder, a FIFO, device or socket. Writes nothing;
-        call it before any work when the run will write the model."""
+        call it before any work when the run will write the model. A head without a bias is refused
+        too: every repair fits one, and the architecture could not load it back."""
         if Path(self.source).is_dir():
             folder_copy_plan(self.source, self.weights_path)
+        if self.head is not None and self.head.bias is None:
+            raise BadInput(f"the classifier head {self.head_name} has no bias, and a repaired head has one: the "
+                           "repaired weights could not be loaded into this architecture (give a model whose head "
+                           "has a bias, or its ONNX export)", self.source)
 
     def export_proto(self, metadata: dict[str, str]):
         """The model as an ONNX ModelProto with ``metadata`` merged in. Only a model that is
