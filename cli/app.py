@@ -119,6 +119,18 @@ def main_callback(debug: Annotated[bool, typer.Option("--debug", help="Show trac
     STATE["debug"] = debug
 
 
+def _interrupted(e: BaseException) -> bool:
+    """``e`` was raised while handling a Ctrl-C (a lazy ``import onnxruntime`` turns it into an
+    ImportError): an interruption, not an internal error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def command(fn: Callable) -> Callable:
     """Every command's decorator (under ``@app.command``): expands its option bundles (see
     ``options.with_options``) and maps library errors to one line on stderr and the documented
@@ -148,6 +160,9 @@ def command(fn: Callable) -> Callable:
             log("terminated (SIGTERM); nothing partial was left behind")
             raise typer.Exit(143)
         except Exception as e:  # an internal error: one line unless --debug
+            if _interrupted(e):          # Ctrl-C inside an import or a library that wrapped it
+                log("interrupted; nothing partial was left behind")
+                raise typer.Exit(130)
             if STATE["debug"]:
                 traceback.print_exc()
             first = str(e).splitlines()[0] if str(e) else ""

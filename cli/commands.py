@@ -191,8 +191,14 @@ def make_fix_command(inputs_bundle: OptionBundle):
                              resources=o.resources)
         from repair.pipeline import fix_model
 
-        rep = fix_model(model, inputs.data, out, load_opts=load, data_opts=columns, runtime=runtime, options=o,
-                        inputs=inputs, log=logger(runtime))
+        try:
+            rep = fix_model(model, inputs.data, out, load_opts=load, data_opts=columns, runtime=runtime, options=o,
+                            inputs=inputs, log=logger(runtime))
+        except GateFailed as e:             # the ONNX export failed its verification: nothing was written
+            if as_json:
+                emit_json({"passed": False, "error": str(e), "output": None,
+                           "export": getattr(e, "report", None)})
+            raise
         if as_json:
             emit_json(rep.report)
         else:

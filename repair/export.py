@@ -602,7 +602,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
         })
         report["onnx"] = str(out_path)
         if not report["passed"]:
-            report["path"] = None
+            report["path"] = report["onnx"] = None          # no file: nor the staging name it had
             raise _fail(report, "ONNX export verification failed (no file written)")
     return report
 

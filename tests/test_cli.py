@@ -68,3 +68,23 @@ def test_version_and_help_panels():
         assert flag in out, flag
     code, out, _ = run_cli("eval", "--help")
     assert code == 0 and "Gates" in out and "--fail-under-wga" in out
+
+
+def test_ctrl_c_inside_an_import_is_an_interruption_not_an_internal_error():
+    """A Ctrl-C that lands in a lazy import (``import onnxruntime`` re-raises it as ImportError) exits
+    130 like any interruption, not 3 ("internal error")."""
+    import typer
+
+    from repair_cli.app import _interrupted, command
+
+    def lazy_import():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")
+
+    for fn, code in ((lazy_import, 130), (lambda: int("x"), 3)):
+        with pytest.raises(typer.Exit) as ei:
+            command(fn)()
+        assert ei.value.exit_code == code
+    assert not _interrupted(ValueError("x"))

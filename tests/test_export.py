@@ -210,8 +210,18 @@ def test_cli_export_tampered_exit_1(timm_folder, image_data, tmp_path, monkeypat
     code, stdout, stderr = run_cli("export", timm_folder, "--data", image_data, "--out", out, "--json", "-q",
                                    "--exporter", "torchscript")  # the faster exporter: the check is the point
     assert code == 1, stderr
-    assert json.loads(stdout)["passed"] is False
+    doc = json.loads(stdout)
+    assert doc["passed"] is False and doc["onnx"] is None and doc["path"] is None     # no staging name
     assert "FAILED" in stderr and not out.exists()
+    no_leftovers(tmp_path, set())
+    # repair fix --export onnx: the same failure is one JSON document too, and nothing is written
+    fixed = tmp_path / "fixed"
+    code, stdout, stderr = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--export", "onnx",
+                                   "--out", fixed, "--json", "-q")
+    assert code == 1, stderr
+    doc = json.loads(stdout)
+    assert doc["passed"] is False and doc["output"] is None and doc["export"]["passed"] is False
+    assert doc["export"]["onnx"] is None and "verification failed" in doc["error"]
     no_leftovers(tmp_path, set())
 
 
