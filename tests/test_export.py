@@ -555,3 +555,18 @@ def test_a_repaired_model_records_this_run_not_the_sources(timm_folder, image_da
     assert code == 0, err
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["repair.method"] == "neurontune" and "repair.export" not in props and props["author"] == "me"
+
+
+def test_a_fixed_batch_onnx_model_runs_on_any_number_of_samples(tmp_path):
+    """A deployed graph with a fixed batch of 2 runs on an odd number of samples (the last part padded
+    with a copy, its output dropped) and gives the torch model's logits for every one of them."""
+    from repair.adapters.onnx_runtime import make_session, run_session
+
+    path, m = make_deployed_onnx(tmp_path / "fixed.onnx", dynamic_batch=False)
+    sess = make_session(path)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    (got,) = run_session(sess, {"input": x.numpy()})
+    with torch.no_grad():
+        ref = m(x).numpy()
+    assert got.shape == (5, 3)
+    assert_within_bound(got, ref)

@@ -105,7 +105,9 @@ def session_feeds(session, batch: Any, where: Optional[Path] = None) -> dict[str
 
 
 def run_session(session, feeds: dict[str, np.ndarray], output_names: Optional[Sequence[str]] = None) -> list:
-    """Run, splitting the batch when the graph has a fixed batch size smaller than it."""
+    """Run, splitting the batch into the graph's fixed batch size when it has one (a last part that
+    is short is padded with copies of its last row, whose outputs are dropped: rows do not interact
+    at inference)."""
     n = next(iter(feeds.values())).shape[0]
     fixed = None
     for inp in session.get_inputs():
@@ -114,7 +116,11 @@ def run_session(session, feeds: dict[str, np.ndarray], output_names: Optional[Se
     names = list(output_names) if output_names is not None else None
     if fixed is None or fixed == n:
         return session.run(names, feeds)
-    if n % fixed:
-        raise BadInput(f"the ONNX model has a fixed batch size of {fixed}; a batch of {n} cannot be split")
-    parts = [session.run(names, {k: v[i:i + fixed] for k, v in feeds.items()}) for i in range(0, n, fixed)]
+    parts = []
+    for i in range(0, n, fixed):
+        m = min(fixed, n - i)
+        chunk = {k: v[i:i + m] for k, v in feeds.items()}
+        if m < fixed:
+            chunk = {k: np.concatenate([c, np.repeat(c[-1:], fixed - m, axis=0)], axis=0) for k, c in chunk.items()}
+        parts.append([o[:m] for o in session.run(names, chunk)])
     return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
