@@ -23,7 +23,7 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
              fail_under_acc: Annotated[Optional[str], typer.Option("--fail-under-acc", rich_help_panel=PANEL_GATE, help="Exit 1 if accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%). Default: no gate.")] = None,
              expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", rich_help_panel=PANEL_GATE, help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported. Default: every class x value seen.")] = None):
     """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
-    from repair.preflight import read_inputs
+    from repair.preflight import check_cache_dir, read_inputs
     from repair.rules import judge, threshold_option, unmeasured
 
     thresholds = {"worst_group": threshold_option(fail_under_wga, "--fail-under-wga"),
@@ -35,6 +35,7 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
     if expected is not None and (not expected or not all(g.partition("|")[0] and g.partition("|")[2] for g in expected)):
         raise BadInput(f"--expect-groups: give the groups as class|value separated by commas, got {expect_groups!r}")
     inputs = read_inputs(model, data, columns, data_flag="data (--data)")
+    check_cache_dir(inputs.protected, runtime)
     from repair.api import evaluate_model
 
     rep = evaluate_model(model, inputs.data, load, columns, runtime)

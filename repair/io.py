@@ -246,6 +246,8 @@ def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[st
     ``force``), its folder exists and is a folder, and a file can be created there (a real
     probe: permissions, read-only mounts, /proc). Removes stale temps of ours beside it."""
     final = Path(final)
+    if final.name in ("", ".."):                 # '.', '..', 'dir/..': no name to stage it under
+        raise BadInput("an output must be named: a file or folder name, not '.' or '..'", final)
     parent = final.parent if str(final.parent) else Path(".")
     if (final.exists() or final.is_symlink()) and not force:
         raise BadInput("output already exists (use --force to overwrite)", final)

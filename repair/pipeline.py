@@ -45,7 +45,7 @@ from .data import DataOptions, Encoded, RepairData
 from .embeddings import Embeddings, extract, resolve_device
 from .errors import BadInput
 from .metrics import evaluate
-from .preflight import Inputs, fix_outputs, read_inputs
+from .preflight import Inputs, check_cache_dir, fix_outputs, read_inputs
 from .selection import (MIN_FOR_CHOICE, MIN_FOR_REPORT, Criterion, inferred_group_names, inferred_groups,
                         stratified_split, support_warnings)
 
@@ -193,6 +193,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     if inputs is None:
         inputs = read_inputs(model_path, data_path, data_opts, eval_data=o.eval_data,
                              eval_group_by=o.eval_group_by, resources=o.resources)
+    inputs.protected.add_files(recipe.files, "recipe (--recipe)")        # its YAML and plugin files
+    check_cache_dir(inputs.protected, runtime)
     paths = fix_outputs(model_path, out_path, o, inputs, log=log)      # named, apart, replacing no input, writable
     out_path = paths["--out"]
     resources = dict(inputs.resources)

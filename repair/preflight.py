@@ -92,6 +92,18 @@ def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None) -> 
     return overlap
 
 
+def check_cache_dir(protected: Protected, runtime) -> None:
+    """The embedding cache (``--cache-dir``, ``$REPAIR_CACHE_DIR`` or the default) is written to: it
+    must not lie inside an input read as a whole (a model folder: the next repair would copy the cache
+    into its output) nor replace one. BadInput naming it; nothing to check with the cache off."""
+    if runtime is None or not getattr(runtime, "use_cache", True):
+        return
+    from .embeddings import default_cache_dir
+
+    folder = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
+    protected.check(folder / "entry.safetensors", "--cache-dir")
+
+
 # ------------------------------------------------------------------ model-repair inputs
 def declared_resources() -> list:
     """Every model-repair input the registered model repairs declare (name, kind, help):
@@ -127,11 +139,12 @@ def fix_outputs(model_path, out: Optional[Any], o, inputs: Inputs,
     for flag, p in paths.items():
         inputs.protected.check(p, flag.split(" (")[0])
     for flag, p in paths.items():
-        # the report is replaced when it exists (a rerun rewrites it); the model needs --force
-        check_writable(p, force=o.force or flag.startswith("--report"), log=log, flag=flag.split(" (")[0])
+        # every output that exists needs --force, the report and the JSON beside it too (that JSON
+        # is a name the user did not type: replacing a file of theirs unasked is data loss)
+        check_writable(p, force=o.force, log=log, flag=flag.split(" (")[0])
     return paths
 
 
-__all__ = ["Inputs", "check_model_path", "declared_resource", "declared_resources", "eval_overlap", "fix_outputs",
+__all__ = ["Inputs", "check_cache_dir", "check_model_path", "declared_resource", "declared_resources", "eval_overlap", "fix_outputs",
            "read_data",
            "read_inputs"]

@@ -96,6 +96,7 @@ class Recipe:
     description: str = ""
     source: str = ""
     plugins: tuple = ()                 # the recipe's plugins: entries (imported only with allow_plugins)
+    files: tuple = ()                   # every file it was read from: the YAML and its plugin files (inputs)
 
     @property
     def kinds(self) -> set[str]:
@@ -297,7 +298,8 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
         raise BadInput("name must be a non-empty string", p)
     return Recipe(name=name, candidates=_candidates(doc, p, lenient=validate_only and bool(plugins)),
                   selection=selection, folds=folds, **vals, description=str(doc.get("description", "") or ""),
-                  source=p.name, plugins=tuple(plugins))
+                  source=p.name, plugins=tuple(plugins),
+                  files=(p.resolve(), *(t for t in targets if isinstance(t, Path))))
 
 
 def validate_recipe(name_or_path: Union[str, Path]) -> Recipe:

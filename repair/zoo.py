@@ -127,6 +127,7 @@ class Manifest:
     path: Path
     entries: list[ZooEntry]
     datasets: dict = dataclasses.field(default_factory=dict)   # (path, options) -> RepairData read once
+    protected: Any = None             # repair.rules.Protected: every row's inputs and the manifest
 
     def data_of(self, entry: "ZooEntry", key: str):
         """The RepairData of ``entry``'s ``data`` / ``eval`` as read during validation (or None)."""
@@ -206,15 +207,17 @@ class _Problems:
                            self.path)
 
 
-def _validate_recipe(recipe: str, mode: str, allow_plugins: bool) -> None:
+def _validate_recipe(recipe: str, mode: str, allow_plugins: bool) -> tuple:
     """A recipe checked without running anything: its ``plugins:`` are never imported here; in fix mode
-    a recipe with plugins needs ``--allow-plugins`` (refused now, not half-way through the zoo)."""
+    a recipe with plugins needs ``--allow-plugins`` (refused now, not half-way through the zoo).
+    Returns the files it was read from (inputs no output may replace)."""
     from .recipes import validate_recipe
 
     r = validate_recipe(recipe)
     if r.plugins and mode == "fix" and not allow_plugins:
         raise BadInput(f"recipe {r.source or recipe} loads plugin code {r.plugins[0]}; pass --allow-plugins to "
                        "run it")
+    return r.files
 
 
 def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Manifest:
@@ -239,11 +242,13 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
         if k in defaults:
             problems.add("defaults", k, "must be given per row")
     recipes: dict[str, Optional[str]] = {}
+    recipe_files: dict[str, tuple] = {}
     datasets: dict[tuple, Any] = {}
     entries: list[ZooEntry] = []
     names: dict[str, int] = {}
     outputs: dict[Path, int] = {}
     protected = Protected()            # every row's inputs: no row's output may replace one
+    protected.add_file(path, "the manifest")
     resource_names = set(FIELDS) - set(BASE_FIELDS)
 
     def as_path(v) -> Path:
@@ -300,12 +305,14 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             recipe = str(as_path(recipe))
         if recipe not in recipes:
             try:
-                _validate_recipe(recipe, mode, allow_plugins)
+                recipe_files[recipe] = _validate_recipe(recipe, mode, allow_plugins)
                 recipes[recipe] = None
             except BadInput as e:
                 recipes[recipe] = str(e)
         if recipes[recipe]:
             problems.add(where, "recipe", recipes[recipe])
+        else:
+            protected.add_files(recipe_files[recipe], f"recipe of row {n}")
         f["recipe"] = recipe
         if "gate" in r:
             try:
@@ -395,7 +402,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 problems.add(f"row {e.row} ({e.name})", "output", why)
     problems.raise_first()
     return Manifest(path=path, entries=entries,
-                    datasets={k: v for k, v in datasets.items() if not isinstance(v, str)})
+                    datasets={k: v for k, v in datasets.items() if not isinstance(v, str)}, protected=protected)
 
 
 def _as_field_type(name: str, value: Any):
@@ -759,6 +766,13 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
         raise BadInput("folder does not exist", journal.path.parent)
     if journal.path.parent != out_dir:
         check_output(journal.path, force=True)
+    # the report, the journal, the lock and the cache go into no input (a model folder would ship them)
+    for p, flag in ((out_dir / REPORT_NAME, "--out-dir"), (out_dir / "zoo-report.json", "--out-dir"),
+                    (out_dir / LOCK_NAME, "--out-dir"), (journal.path, "--journal")):
+        manifest.protected.check(p, flag)
+    from .preflight import check_cache_dir
+
+    check_cache_dir(manifest.protected, runtime)
     created = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
     lock = _hold_lock(out_dir)                              # one driver per report folder

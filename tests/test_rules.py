@@ -424,3 +424,63 @@ def test_figures_are_never_measured_on_the_repair_data(tmp_path, timm_folder, im
     assert rep["after"]["n"] == len(rows) - 4 == rep["before"]["n"]
     assert "4 also in the repair set left out" in rep["measured_on"]
     assert any("4 of the" in w and "also in the repair data" in w for w in rep["warnings"])
+
+
+def test_every_file_a_run_reads_is_protected_and_reports_need_force(tmp_path, timm_folder, image_data):
+    """The recipe YAML (and its plugin files), a zoo manifest and its rows' recipes are inputs: an
+    output over or around them is exit 2 naming both, before any work, whatever --force says. An
+    existing report, and the JSON beside it (a name the user did not type), is replaced only with
+    --force. The embedding cache and a zoo's report and journal never go into an input model folder."""
+    digest = lambda: digest_tree(tmp_path)                                           # noqa: E731
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "my-recipe.yaml").write_text("candidates:\n  - method: dfr\n")
+    before = digest()
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", b / "my-recipe.yaml", "--out", b,
+                           "--force", "-q")
+    assert code == 2 and "recipe (--recipe)" in err and err.count("\n") == 1, err
+    assert digest() == before
+    # a zoo whose row output is the folder holding the manifest and the row's recipe
+    z = tmp_path / "z"
+    z.mkdir()
+    (z / "r.yaml").write_text("candidates:\n  - method: dfr\n")
+    (z / "zoo.yaml").write_text(yaml.safe_dump({"models": [
+        {"name": "a", "checkpoint": str(timm_folder), "data": str(image_data), "recipe": "r.yaml", "output": str(z)}]}))
+    before = digest()
+    code, _, err = run_cli("zoo", z / "zoo.yaml", "--out-dir", tmp_path / "rep", "--force", "-q")
+    assert code == 2 and ("manifest" in err or "recipe of row 1" in err), err
+    assert digest() == before
+    # reports: an existing one (and its JSON) needs --force
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "r.json").write_text("my notes")
+    (a / "r.html").write_text("my page")
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--out", a / "fixed",
+                           "--report", a / "r.html", "-q")
+    assert code == 2 and "--report" in err and "--force" in err, err
+    assert (a / "r.json").read_text() == "my notes" and (a / "r.html").read_text() == "my page"
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--out", a / "fixed",
+                           "--report", a / "r.html", "--force", "-q")
+    assert code == 0 and (a / "r.html").read_text() != "my page", err
+    # the cache and a zoo's report folder inside an input model folder
+    model = tmp_path / "model"
+    shutil.copytree(timm_folder, model)
+    before = digest_tree(model)
+    code, _, err = run_cli("eval", model, "--data", image_data, "--cache-dir", model / "cache", "-q")
+    assert code == 2 and "--cache-dir" in err and "input model" in err, err
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"models": [{"name": "m", "checkpoint": str(model),
+                                                                 "data": str(image_data)}]}))
+    code, _, err = run_cli("zoo", tmp_path / "m.yaml", "--mode", "eval", "--out-dir", model, "-q")
+    assert code == 2 and "--out-dir" in err, err
+    assert digest_tree(model) == before
+
+
+def test_an_output_named_dot_or_dotdot_is_exit_2_before_any_work(tmp_path, timm_folder, image_data, monkeypatch):
+    inner = tmp_path / "I" / "inner"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    for out in (".", "..", str(inner / "..")):
+        code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--out", out, "--force",
+                               "-q")
+        assert code == 2 and "must be named" in err and err.count("\n") == 1, (out, err)
+    assert list(inner.iterdir()) == [] and [p.name for p in (tmp_path / "I").iterdir()] == ["inner"]
