@@ -215,6 +215,9 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                            f"{Path(model_path).name} is {'an' if adapter.modality[0] in 'aeiou' else 'a'} "
                            f"{adapter.modality} model", Path(model_path))
     log(f"loaded {adapter.family} model {Path(model_path).name}: {len(adapter.class_names)} classes")
+    for name, v in list(resources.items()):      # --train's labels and modality: checked before any work
+        if isinstance(v, RepairData):
+            resources[name] = _train_set(adapter, v, data_opts)
 
     data, enc, emb = prepare_data(adapter, inputs.data, data_opts, runtime)
     where = data.table or data.source
@@ -256,9 +259,6 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                                      what="the reported figures (held-out part of the repair set)")
     for w in warnings:
         log(f"warning: {w}")
-    for name, v in list(resources.items()):
-        if isinstance(v, RepairData):
-            resources[name] = _train_set(adapter, v, data_opts)
     if "model" in recipe.kinds:
         resources["data_root"] = Path(data.source)
         if has_groups:

@@ -81,7 +81,8 @@ def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None) -> 
     repair ``data``. Figures must be measured on data the repair never touched: an evaluation set
     that is the repair data (the same path, or every sample a copy) is a BadInput naming it; the
     samples of a partial overlap are left out of the figures by the caller."""
-    same = Path(str(data.source)).resolve() == Path(str(eval_data.source)).resolve()
+    where_of = lambda d: Path(str(d.table or d.source)).resolve()          # noqa: E731  (a table, else the folder)
+    same = where_of(data) == where_of(eval_data)
     seen = set(data.content_hashes())
     overlap = [h in seen for h in eval_data.content_hashes()]
     if same or (overlap and all(overlap)):

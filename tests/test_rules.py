@@ -426,6 +426,19 @@ def test_figures_are_never_measured_on_the_repair_data(tmp_path, timm_folder, im
     assert any("4 of the" in w and "also in the repair data" in w for w in rep["warnings"])
 
 
+def test_two_tables_in_one_folder_are_two_data_sets(tmp_path, bert_folder):
+    """A repair table and an evaluation table side by side in one folder are different data (the
+    folder is not what identifies a table)."""
+    val = make_texts(tmp_path / "val.csv", n=40, seed=1)
+    test = tmp_path / "test.csv"
+    test.write_text("text,label,negation\nthe plot never was great fun at all,positive,yes\n"
+                    "a boring awful movie is awful,negative,no\n")
+    code, out, err = run_cli("fix", bert_folder, "--data", val, "--recipe", "dfr", "--eval", test,
+                             "--out", tmp_path / "fixed", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["after"]["n"] == 2
+
+
 def test_every_file_a_run_reads_is_protected_and_reports_need_force(tmp_path, timm_folder, image_data):
     """The recipe YAML (and its plugin files), a zoo manifest and its rows' recipes are inputs: an
     output over or around them is exit 2 naming both, before any work, whatever --force says. An
@@ -484,3 +497,20 @@ def test_an_output_named_dot_or_dotdot_is_exit_2_before_any_work(tmp_path, timm_
                                "-q")
         assert code == 2 and "must be named" in err and err.count("\n") == 1, (out, err)
     assert list(inner.iterdir()) == [] and [p.name for p in (tmp_path / "I").iterdir()] == ["inner"]
+
+
+def test_a_train_set_that_cannot_serve_is_refused_before_any_work(tmp_path, timm_folder, image_data, monkeypatch):
+    """--train with the wrong modality or a label the model does not have is exit 2 naming it right
+    after the model loads: before the repair set is embedded or anything is fitted."""
+    import repair.pipeline as pipeline
+
+    def no_work(*a, **k):
+        raise AssertionError("the repair set was embedded before --train was checked")
+
+    monkeypatch.setattr(pipeline, "prepare_data", no_work)
+    texts = make_texts(tmp_path / "t.csv")
+    wolves = make_images(tmp_path / "w", n_per_class=2, classes=("wolf",))
+    for train, words in ((texts, "text"), (wolves, "wolf")):
+        code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "mixft", "--train", train,
+                               "--out", tmp_path / "o", "-q")
+        assert code == 2 and words in err and err.count("\n") == 1, err
