@@ -141,7 +141,9 @@ class RepairData:
         for i, it in enumerate(self.items):
             if self.modality == "image":
                 st = Path(it).stat()
-                h.update(f"{reals[i]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                # the path as the file system holds it: a name that is not valid UTF-8 (bytes kept
+                # as surrogates by Python) hashes as its own bytes
+                h.update(os.fsencode(reals[i]) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             else:
                 h.update(it.encode("utf-8"))
                 h.update(b"\0")
@@ -360,22 +362,79 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
                 raise BadInput(f"line {n} is not valid JSON ({e.msg})", path) from None
             if not isinstance(row, dict):
                 raise BadInput(f"line {n} is not a JSON object", path)
-            rows.append({k: ("" if v is None else str(v)) for k, v in row.items()})
+            row = {k: ("" if v is None else str(v)) for k, v in row.items()}
+            for k, v in row.items():       # JSON's \ud800 escapes decode to what no UTF-8 text holds
+                try:
+                    k.encode("utf-8"), v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadInput(f"line {n}: field {k!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                                   "which is not text", path) from None
+            rows.append(row)
         columns = list(rows[0].keys()) if rows else []
         return columns, rows
+    _raise_csv_field_limit()
+    try:
+        # strict first: it alone notices a quote that is never closed (the lenient reader takes the
+        # rest of the file as one field); what only the strict reader minds (`"a"b`) is read leniently
+        return _read_csv(text, path, strict=True)
+    except _CsvError as e:
+        if e.unterminated:
+            raise BadInput(f"malformed CSV: unterminated quote; the quoted field that starts near "
+                           f"{e.where} is never closed", path) from None
+    try:
+        return _read_csv(text, path, strict=False)
+    except _CsvError as e:
+        raise BadInput(f"malformed CSV near {e.where}: {e.args[0]}", path) from None
+
+
+#: the most characters one CSV field may hold: the csv module's default (128 KiB) refuses a long
+#: review or article; the whole table is in memory already, so no field can be larger than it
+CSV_FIELD_LIMIT = 2 ** 31 - 1
+
+
+def _raise_csv_field_limit() -> None:
+    """Raise the csv module's (process-wide) field limit to :data:`CSV_FIELD_LIMIT`; never lowers it."""
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+
+
+class _CsvError(Exception):
+    """A ``csv.Error`` and where: ``row`` the data row (1 = the first after the header; 0 = the header)
+    and ``line`` the line its record starts on; ``unterminated``: a quoted field runs to the end of the
+    table."""
+
+    def __init__(self, problem: str, row: int, line: int, unterminated: bool):
+        super().__init__(problem)
+        self.row, self.line, self.unterminated = row, line, unterminated
+
+    @property
+    def where(self) -> str:
+        return f"row {self.row} (line {self.line})" if self.row else f"the header (line {self.line})"
+
+
+def _read_csv(text: str, path: Path, strict: bool) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of a CSV/TSV's text; a ``csv.Error`` as :class:`_CsvError`."""
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     # SST-2 style TSVs hold raw quotes inside sentences: do not treat them as quoting
     reader = csv.DictReader(io.StringIO(text), delimiter=delim, restval="",   # a short row: empty cells
-                            quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
-    columns = list(reader.fieldnames or [])
-    twice = sorted({c for c in columns if columns.count(c) > 1})
-    if twice:
-        raise BadInput(f"column {twice[0]!r} appears more than once in the header", path)
-    rows = []
-    for n, row in enumerate(reader, 2):
-        if None in row:
-            raise BadInput(f"line {n} has more fields than the header", path)
-        rows.append(row)
+                            quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL, strict=strict)
+    rows: list = []
+    last_line, header = 0, False     # the line the previous record ended on; the header was read
+    try:
+        columns = list(reader.fieldnames or [])
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise BadInput(f"column {twice[0]!r} appears more than once in the header", path)
+        last_line, header = reader.line_num, True
+        for row in reader:
+            if None in row:
+                raise BadInput(f"line {reader.line_num} has more fields than the header", path)
+            rows.append(row)
+            last_line = reader.line_num
+    except csv.Error as e:
+        problem = str(e).split(" - do you need")[0]      # Python's advice to its own callers
+        raise _CsvError(problem, len(rows) + 1 if header else 0, last_line + 1,
+                        unterminated=strict and "unexpected end of data" in problem) from None
     return columns, rows
 
 
@@ -476,6 +535,8 @@ def _table_image(table: Path, root: Path, root_real: Optional[Path], row: int, r
                        f"{real or p}); move it inside or pass --allow-outside-paths", table)
     if not p.exists() and not p.is_symlink():
         raise BadInput(f"row {row}: image {rel!r} listed in {table.name} not found", p)
+    if p.is_dir():
+        raise BadInput(f"row {row}: image path {rel!r} is a folder, not an image file", table)
     return p, (real if real is not None else p.absolute())
 
 
@@ -536,6 +597,10 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
             subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
             if len(others) == 1 and not subdirs:
                 data = _from_table(others[0], path, o)
+            elif others and not subdirs:
+                names = ", ".join(o.name for o in others)
+                raise BadInput(f"the data folder holds {len(others)} tables ({names}) and no metadata.csv; "
+                               f"name the one to read, e.g. --data {others[0]}", path)
             elif not subdirs:
                 raise BadInput("empty data folder (no class subfolders, metadata.csv or data file)", path)
             else:
@@ -558,6 +623,8 @@ def check_regular(path, what: str = "image") -> None:
         raise BadInput(f"{what} file not found", path) from None
     except OSError as e:
         raise BadInput(f"cannot read the {what} ({e.strerror or e})", path) from None
+    if stat.S_ISDIR(mode):
+        raise BadInput(f"{what} path is a folder, not a file", path)
     if not stat.S_ISREG(mode):
         raise BadInput(f"{what} is not a regular file (a FIFO, device or socket); only regular files "
                        "are read", path)
@@ -577,19 +644,33 @@ def check_group_column(data: RepairData, group_by: str) -> None:
 
 
 # ----------------------------------------------------------------- encoding
+def _class_index(label: str, n_classes: int) -> Optional[int]:
+    """The class index a label written as a number names (ASCII digits only: ``str.isdigit`` also
+    holds for ``²`` or ``٣``, which ``int`` refuses or reads as another digit), or None."""
+    if not (label.isascii() and label.isdigit()) or len(label) > 18:
+        return None
+    i = int(label)
+    return i if i < n_classes else None
+
+
 def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path) -> torch.Tensor:
     import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
     names = [str(c) for c in class_names]
-    exact = {n: i for i, n in enumerate(names)}
-    folded = {n.lower(): i for i, n in enumerate(names)}
+    exact: dict[str, list[int]] = {}
+    folded: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        exact.setdefault(n, []).append(i)
+        folded.setdefault(n.lower(), []).append(i)
     out = []
     for lab in labels:
-        if lab in exact:
-            out.append(exact[lab])
-        elif lab.lower() in folded:
-            out.append(folded[lab.lower()])
-        elif lab.lstrip("-").isdigit() and 0 <= int(lab) < len(names):
-            out.append(int(lab))
+        hit = exact.get(lab) or folded.get(lab.lower())
+        if hit and len(hit) > 1:           # a checkpoint's names may repeat (ImageNet's two "crane")
+            raise BadInput(f"label {lab!r} names {len(hit)} classes of the model ({', '.join(map(str, hit))}); "
+                           "give the class index instead", where)
+        if hit:
+            out.append(hit[0])
+        elif _class_index(lab, len(names)) is not None:
+            out.append(_class_index(lab, len(names)))
         else:
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
             raise BadInput(f"label {lab!r} is not a class of the model (classes: {shown})", where)

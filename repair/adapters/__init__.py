@@ -17,6 +17,7 @@ point is a warning, not an error.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -61,12 +62,29 @@ class LoadOptions:
                 raise BadInput(f"--{name} must be one or three (R,G,B) {what}, got {v!r}")
             setattr(self, name, [float(x) for x in vals] * (3 if len(vals) == 1 else 1))
         if self.class_names is not None:
-            names = [str(c).strip() for c in self.class_names]
-            if not names or not all(names) or len(set(names)) != len(names):
-                raise BadInput(f"--class-names must be distinct, non-empty names, got {self.class_names!r}")
-            self.class_names = names
+            self.class_names = checked_class_names(self.class_names, "--class-names")
         if self.model_args is not None and not isinstance(self.model_args, dict):
             raise BadInput("--model-args must be a JSON object of keyword arguments")
+
+
+def checked_class_names(names, what: str, where=None, *, distinct: bool = True) -> list[str]:
+    """``names`` as stripped strings, or :class:`BadInput` naming ``what`` (``--class-names``, a
+    checkpoint's ``label_names`` / ``id2label``) and ``where`` (its file) when it is not a list of
+    names. The one check for class names, wherever they come from. ``distinct`` (names the user
+    types): every name non-empty and different. Names a checkpoint carries may repeat (ImageNet has
+    two "crane" and two "maillot" classes) and may be empty (shown as the class index): a label that
+    names two classes is refused when the data uses it (:func:`repair.data.match_labels`)."""
+    if isinstance(names, (str, bytes, dict)) or not hasattr(names, "__iter__"):
+        raise BadInput(f"{what} must be a list of class names, got {str(names)[:80]!r}", where)
+    out = [str(c).strip() for c in names]
+    if not distinct:
+        return [n if n else str(i) for i, n in enumerate(out)]
+    twice = sorted(n for n, k in Counter(out).items() if k > 1)
+    if not out or not all(out) or twice:
+        why = f" ({', '.join(map(repr, twice[:5]))} more than once)" if twice else ""
+        shown = repr(out[:8])[:-1] + (", ...]" if len(out) > 8 else "]")
+        raise BadInput(f"{what} must be distinct, non-empty names, got {shown}{why}", where)
+    return out
 
 
 Detect = Callable[[Path, LoadOptions], bool]
@@ -132,8 +150,8 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     raise BadInput("a bare weights file needs --arch NAME (timm) or --factory module:function", path)
 
 
-__all__ = ["Adapter", "FAMILIES", "FamilyInfo", "LoadOptions", "list_families", "load_model", "register_family",
-           "unregister_family"]
+__all__ = ["Adapter", "FAMILIES", "FamilyInfo", "LoadOptions", "checked_class_names", "list_families", "load_model",
+           "register_family", "unregister_family"]
 
 
 def __getattr__(name):                # Adapter (and torch) load on first use: option parsing needs neither

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import provenance
-from ..data import DEFAULT_MAX_PIXELS
+from ..data import DEFAULT_MAX_PIXELS, open_regular
 from ..errors import BadInput, RepairError
 from ..io import load_state_dict_file, save_safetensors
 from .text import tokenizer_input_names
@@ -402,9 +402,10 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where) -> None:
 
 
 def config_unreadable(folder: Path) -> bool:
-    """A folder with a ``config.json`` that is not a JSON object (the loader that claims it says so)."""
+    """A folder with a ``config.json`` that is not a JSON object, or not a readable file (a folder, a
+    FIFO, no permission): the loader that claims it says so."""
     cfg = Path(folder) / "config.json"
-    if not cfg.is_file():
+    if not (cfg.exists() or cfg.is_symlink()):
         return False
     try:
         read_json(cfg)
@@ -496,13 +497,17 @@ def copy_folder_except(src: Path, dst: Path, skip: Path) -> None:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in ``path`` (a model's config.json), or :class:`BadInput` naming it: missing,
+    a folder, unreadable (permissions), a FIFO or device (never opened blocking), not JSON."""
+    if Path(path).is_dir():
+        raise BadInput("is a folder, not a JSON file", path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise BadInput("file not found", path) from None
+        with open_regular(path, "JSON") as f:
+            data = json.loads(f.read().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"not valid JSON ({e})", path) from None
+    except OSError as e:              # a read error after opening
+        raise BadInput(f"cannot read the file ({e.strerror or e})", path) from None
     if not isinstance(data, dict):
         raise BadInput("expected a JSON object", path)
     return data

@@ -12,10 +12,10 @@ from torch import nn
 
 from ..errors import BadInput
 from ..io import load_safetensors
-from . import LoadOptions, register_family
+from . import LoadOptions, checked_class_names, register_family
 from .base import TorchModelAdapter, check_finite, check_model_folder, read_json
-from .text import (DEFAULT_MAX_LENGTH, collate_texts, first_line, load_tokenizer, offline, quiet_transformers,
-                   resolve_max_length, tokenizer_preprocess_id)
+from .text import (collate_texts, first_line, load_tokenizer, offline, quiet_transformers, resolve_max_length,
+                   tokenizer_preprocess_id)
 from .torch_module import module_name
 
 
@@ -45,6 +45,34 @@ def find_head(model: nn.Module, num_labels: int) -> nn.Linear:
     if found is None:
         raise BadInput("cannot find the classification head (a Linear with num_labels outputs)")
     return found
+
+
+def position_limit(model: nn.Module) -> Optional[int]:
+    """How many tokens ``model`` can embed: the rows of its absolute position-embedding table (less
+    RoBERTa's offset: its positions start after the padding index), else the config's
+    ``max_position_embeddings``; None for a model with relative positions only (DeBERTa-v2)."""
+    emb = getattr(getattr(model, "base_model", None), "embeddings", None)
+    table = getattr(emb, "position_embeddings", "absent") if emb is not None else "absent"
+    if isinstance(table, nn.Embedding):
+        n = table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
+        return n if n > 0 else None
+    if table is None:
+        return None
+    v = getattr(model.config, "max_position_embeddings", None)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def check_vocabulary(tokenizer, model: nn.Module, folder: Path) -> None:
+    """:class:`BadInput` naming ``folder`` when the tokenizer can give ids the model's input
+    embeddings have no row for (an IndexError on the first text that uses one)."""
+    try:
+        rows = int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        rows = getattr(model.config, "vocab_size", None)
+    n = len(tokenizer)
+    if isinstance(rows, int) and n > rows:
+        raise BadInput(f"the tokenizer has {n} tokens but the model embeds only {rows} (vocab_size): token ids "
+                       f"from {rows} on have no embedding; give the tokenizer the model was trained with", folder)
 
 
 class HFTextAdapter(TorchModelAdapter):
@@ -107,6 +135,7 @@ class HFTextAdapter(TorchModelAdapter):
                                f"expects {tuple(own_sd[bad[0]].shape)}", weights)
             model.load_state_dict(tensors, strict=False)
         self.tokenizer = load_tokenizer(path, problem)
+        check_vocabulary(self.tokenizer, model, path)
         self.model = model.eval()
         num_labels = int(model.config.num_labels)
         self.head = find_head(model, num_labels)
@@ -123,9 +152,10 @@ class HFTextAdapter(TorchModelAdapter):
         self.source = weights if given else path
         self.weights_path = weights
         id2label = model.config.id2label or {}
-        self.class_names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(num_labels)]
-        self.max_length = resolve_max_length(
-            self.tokenizer, max_length, fallback=getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH))
+        self.class_names = checked_class_names(
+            [id2label.get(i, id2label.get(str(i), i)) for i in range(num_labels)], "id2label", cfg_path, distinct=False)
+        self.max_length = resolve_max_length(self.tokenizer, max_length, positions=position_limit(model),
+                                             where=cfg_path)
         self._init_file_state(tensors)
 
     def preprocess_id(self) -> dict:

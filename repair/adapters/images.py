@@ -23,18 +23,29 @@ PREPROCESS_FILE = "preprocess.json"
 #: 40000 x 40000 inputs is refused naming its config, never a MemoryError
 MAX_INPUT_SIDE = 4096
 MAX_RESIZE_SIDE = 2 * MAX_INPUT_SIDE
+#: the resampling filters timm's eval transform knows (``timm.data.transforms.str_to_interp_mode``)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+#: timm's eval crop modes (anything else would silently be "center")
+CROP_MODES = ("center", "squash", "border")
 
 
 def resolve_image_config(pretrained_cfg: Optional[dict], where=None) -> dict:
-    """timm's data config for ``pretrained_cfg``, checked: ``input_size`` (C, H, W) with H and W
-    from 1 to :data:`MAX_INPUT_SIDE`, ``crop_pct`` > 0 with ``side / crop_pct`` at most
-    :data:`MAX_RESIZE_SIDE`. :class:`BadInput` naming ``where`` (the config file) otherwise."""
-    from timm.data import resolve_data_config
+    """timm's data config for ``pretrained_cfg``, checked: ``input_size`` (3, H, W) with H and W
+    from 1 to :data:`MAX_INPUT_SIDE` (images are read as RGB), ``crop_pct`` > 0 with
+    ``side / crop_pct`` at most :data:`MAX_RESIZE_SIDE`, ``mean`` / ``std`` one or three finite
+    numbers with ``std`` > 0, ``interpolation`` one of :data:`INTERPOLATIONS`, ``crop_mode`` one of
+    :data:`CROP_MODES`, and timm's eval transform built from it. :class:`BadInput` naming ``where``
+    (the config file) otherwise: the one check of an image preprocessing, wherever it comes from."""
+    import math
+
+    from timm.data import create_transform, resolve_data_config
 
     if pretrained_cfg is not None and not isinstance(pretrained_cfg, dict):
         raise BadInput(f"the preprocessing (pretrained_cfg) must be a JSON object, got {type(pretrained_cfg).__name__}",
                        where)
     raw = dict(pretrained_cfg or {})
+    if not raw:
+        raise BadInput("no image preprocessing (pretrained_cfg with input_size, mean, std) is given", where)
     size = raw.get("input_size")
     if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 3 or
                              not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
@@ -45,12 +56,26 @@ def resolve_image_config(pretrained_cfg: Optional[dict], where=None) -> dict:
         out["input_size"] = [int(v) for v in out["input_size"]]
         out["mean"] = [float(v) for v in out["mean"]]
         out["std"] = [float(v) for v in out["std"]]
-    except (TypeError, ValueError) as e:
-        raise BadInput(f"not a usable image preprocessing ({e})", where) from None
+    except Exception as e:    # timm asserts, indexes and converts the user's values (any error type)
+        raise BadInput(f"not a usable image preprocessing ({_why(e)})", where) from None
     c, h, w = out["input_size"]
     if not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE) or c < 1:
         raise BadInput(f"input_size {c}x{h}x{w} is out of range: height and width must be 1 to "
                        f"{MAX_INPUT_SIDE} pixels", where)
+    if c != 3:
+        raise BadInput(f"input_size {c}x{h}x{w} has {c} channel(s); images are read as RGB (3 channels)", where)
+    for key in ("mean", "std"):
+        vals = out[key]
+        if len(vals) not in (1, 3) or not all(math.isfinite(v) for v in vals) or \
+                (key == "std" and not min(vals) > 0):
+            what = "numbers above 0" if key == "std" else "finite numbers"
+            raise BadInput(f"{key} must be one or three (R,G,B) {what}, got {vals}", where)
+    interp = out.get("interpolation")
+    if interp is not None and interp not in INTERPOLATIONS:
+        raise BadInput(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interp!r}", where)
+    mode = out.get("crop_mode")
+    if mode is not None and mode not in CROP_MODES:
+        raise BadInput(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {mode!r}", where)
     crop = out.get("crop_pct")
     if crop is not None:
         if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not crop > 0:
@@ -58,7 +83,16 @@ def resolve_image_config(pretrained_cfg: Optional[dict], where=None) -> dict:
         if max(h, w) / float(crop) > MAX_RESIZE_SIDE:
             raise BadInput(f"crop_pct {crop} would resize images to {int(max(h, w) / float(crop))} pixels "
                            f"(at most {MAX_RESIZE_SIDE})", where)
+    try:                      # what ImageCollate builds: any other value timm cannot use fails here
+        create_transform(**out, is_training=False)
+    except Exception as e:
+        raise BadInput(f"not a usable image preprocessing ({_why(e)})", where) from None
     return out
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def image_config_from_options(size: Optional[int], mean: Optional[Sequence[float]],

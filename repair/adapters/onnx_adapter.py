@@ -22,15 +22,15 @@ import numpy as np
 import torch
 
 from ..errors import BadInput, RepairError
-from . import LoadOptions, register_family
-from .base import Adapter
+from . import LoadOptions, checked_class_names, register_family
+from .base import Adapter, read_json
 from .images import PREPROCESS_FILE, ImageCollate, image_config_from_options, resolve_image_config
 # (the helpers below were defined here before the split; they stay importable from this module)
 from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph_inputs,  # noqa: F401
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
                          metadata_dict, set_metadata)
 from .onnx_runtime import make_session, ort_providers, run_session, session_feeds  # noqa: F401
-from .text import (DEFAULT_MAX_LENGTH, TOKENIZER_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
+from .text import (TOKENIZER_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
                    max_positions_beside, resolve_max_length,
                    tokenizer_preprocess_id)
 
@@ -108,8 +108,8 @@ class OnnxAdapter(Adapter):
             cfg = self.source.parent / "config.json"
             if cfg.exists():
                 try:
-                    id2label = json.loads(cfg.read_text(encoding="utf-8")).get("id2label") or {}
-                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                    id2label = read_json(cfg).get("id2label") or {}
+                except BadInput:          # not a readable JSON object: no names from it
                     id2label = {}
                 if isinstance(id2label, dict) and len(id2label) == C:
                     names = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(C)]
@@ -118,7 +118,7 @@ class OnnxAdapter(Adapter):
             return [str(i) for i in range(C)]
         if len(names) != C:
             raise BadInput(f"{where} has {len(names)} classes, the model's head has {C}", self.source)
-        return names
+        return checked_class_names(names, where, self.source, distinct=False)
 
     def _config_from_metadata(self) -> dict:
         try:
@@ -143,10 +143,10 @@ class OnnxAdapter(Adapter):
         if not has_tokenizer_files(folder):
             return
         self.tokenizer = load_tokenizer(folder, "cannot load the tokenizer next to the ONNX model")
-        # a tokenizer without a length limit: the model's positions (its config beside the file), as the
-        # transformers adapter does, else the longest text would overflow the position embeddings
-        self.max_length = resolve_max_length(self.tokenizer, max_length,
-                                             fallback=max_positions_beside(folder) or DEFAULT_MAX_LENGTH)
+        # the model's positions (its config beside the file) cap the length, as in the transformers adapter:
+        # a longer text would overflow the position embeddings
+        self.max_length = resolve_max_length(self.tokenizer, max_length, positions=max_positions_beside(folder),
+                                             where=folder / "config.json")
         seq = [s[1] for n, s in self._inputs if n == "input_ids" and len(s) == 2]
         self._fixed_seq = seq[0] if seq and isinstance(seq[0], int) else None
 

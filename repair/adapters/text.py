@@ -20,7 +20,7 @@ NO_LIMIT_SENTINEL = 100_000
 #: the usual names of a text model's inputs, in the order ONNX graphs list them
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-                   "spiece.model", "sentencepiece.bpe.model")
+                   "spiece.model", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
 
 
 def offline() -> None:
@@ -57,37 +57,59 @@ def has_tokenizer_files(folder: Path) -> bool:
 
 def load_tokenizer(folder: Path, problem: str):
     """``AutoTokenizer`` from ``folder``, offline and quiet. A failure is a ``BadInput``
-    reading ``problem (first line of the error)`` naming the folder."""
+    reading ``problem (first line of the error)`` naming the folder. A folder without tokenizer
+    files (:data:`TOKENIZER_FILES`), or whose tokenizer knows nothing but its special tokens, is
+    ``BadInput`` too: transformers would build an empty vocabulary from the model's config and turn
+    every word into [UNK], so every text would look the same to the model."""
     offline()
     from transformers import AutoTokenizer
 
+    if not has_tokenizer_files(folder):
+        raise BadInput(f"no tokenizer files in the model folder (one of {', '.join(TOKENIZER_FILES)}); a text "
+                       "model needs the tokenizer it was trained with", folder)
     with quiet_transformers():
         try:
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:
             raise BadInput(f"{problem} ({first_line(e)})", folder) from None
+    special = set(getattr(tok, "all_special_ids", None) or ())
+    if len(tok) <= len(special):
+        raise BadInput(f"the tokenizer has no vocabulary, only its {len(tok)} special token(s) (a vocabulary "
+                       "file is missing?): every word would be unknown", folder)
+    return tok
 
 
-def resolve_max_length(tokenizer, given: Optional[int], fallback: int = DEFAULT_MAX_LENGTH) -> int:
-    """The truncation length: ``given`` when set, else the tokenizer's ``model_max_length``
-    (``fallback`` when that is transformers' "no limit" sentinel), at most 512."""
+def resolve_max_length(tokenizer, given: Optional[int], positions: Optional[int] = None, where=None) -> int:
+    """The truncation length: ``given`` (``--max-length``) when set, else the tokenizer's
+    ``model_max_length`` (``positions`` when that is transformers' "no limit" sentinel), at most 512.
+    ``positions``: how many tokens the model can embed (its ``max_position_embeddings``) when known;
+    the length never exceeds it (a longer text would not fit the position embeddings), and a
+    ``given`` above it is :class:`BadInput` naming the limit and ``where`` (the model's config), as
+    any other out-of-range option is."""
+    if not (isinstance(positions, int) and not isinstance(positions, bool) and positions > 0):
+        positions = None
     if given:
+        if positions is not None and int(given) > positions:
+            raise BadInput(f"--max-length {int(given)} is more than the {positions} tokens the model's position "
+                           f"embeddings hold (max_position_embeddings); give at most {positions}", where)
         return int(given)
-    limit = getattr(tokenizer, "model_max_length", None) or DEFAULT_MAX_LENGTH
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit >= 1:
+        limit = DEFAULT_MAX_LENGTH
     if limit > NO_LIMIT_SENTINEL:
-        limit = fallback or DEFAULT_MAX_LENGTH
-    return int(min(limit, DEFAULT_MAX_LENGTH))
+        limit = positions or DEFAULT_MAX_LENGTH
+    return int(min(limit, DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH))
 
 
 def max_positions_beside(folder: Path) -> Optional[int]:
     """``max_position_embeddings`` of the transformers ``config.json`` in ``folder`` (an exported
     model's folder: the ONNX file beside the config), or None: the truncation fallback for a
     tokenizer without a length limit."""
-    import json
+    from .base import read_json       # (base imports this module)
 
     try:
-        v = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
+        v = read_json(Path(folder) / "config.json").get("max_position_embeddings")
+    except BadInput:                  # none, or not readable: no limit known
         return None
     return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from torch import nn
+
 from ..errors import BadInput
 from ..io import PICKLE_SUFFIXES, load_state_dict_file
-from . import LoadOptions, register_family
+from . import LoadOptions, checked_class_names, register_family
 from .base import check_model_folder, config_unreadable, read_json
 from .images import resolve_image_config
 from .torch_module import TorchImageAdapter, load_weights_strict, module_name
@@ -20,6 +22,29 @@ def _check_arch(arch: str, where: Optional[Path]) -> None:
     # a user path must never reach create_model as a model name (it would try a hub download)
     if not isinstance(arch, str) or not arch or any(c in arch for c in "/\\:") or not timm.is_model(arch):
         raise BadInput(f"unknown timm architecture {arch!r}", where)
+
+
+#: ``timm.create_model`` arguments that load weights from a file (``checkpoint_path``, any
+#: ``torch.load``) or download them (``pretrained``; a ``file`` / ``url`` / hub id in a pretrained
+#: config): never taken from a config.json or --model-args, the weights are the checkpoint's own
+LOADING_ARGS = ("checkpoint_path", "pretrained", "cache_dir")
+PRETRAINED_CFG_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay")
+WEIGHT_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "state_dict")
+
+
+def _check_model_args(args: dict, what: str, where: Optional[Path]) -> None:
+    """:class:`BadInput` naming ``what`` (``model_args`` of ``where``, or ``--model-args``) and the key
+    when an argument would make timm read a file or reach the network."""
+    for key in LOADING_ARGS:
+        if args.get(key):
+            raise BadInput(f"{what} {key}={args[key]!r} is refused: timm would read weights from a file or the "
+                           "network; the weights are the checkpoint's own", where)
+    for key in PRETRAINED_CFG_ARGS:
+        cfg = args.get(key)
+        found = [k for k in WEIGHT_SOURCE_KEYS if isinstance(cfg, dict) and cfg.get(k)]
+        if found:
+            raise BadInput(f"{what} {key} with {found[0]!r} is refused: it names weights timm would read from a "
+                           "file or the network; the weights are the checkpoint's own", where)
 
 
 def is_timm_folder(path: Path) -> bool:
@@ -56,6 +81,8 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     path = Path(path)
     source = path
     args_from = "--model-args" if model_args is not None else None
+    if model_args is not None:
+        _check_model_args(model_args, "--model-args", None)
     if path.is_dir():
         check_model_folder(path)         # a FIFO or device in it: refused before anything is read
         cfg_path = path / "config.json"
@@ -72,6 +99,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         folder_args = cfg.get("model_args") or {}
         if not isinstance(folder_args, dict):
             raise BadInput("model_args must be an object", cfg_path)
+        _check_model_args(folder_args, "model_args", cfg_path)
         model_args = {**folder_args, **(model_args or {})}
         args_from = args_from or cfg_path
         num_classes = cfg.get("num_classes")
@@ -100,7 +128,11 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
             raise BadInput(f"model_args do not fit {arch} ({why})", args_from) from None
         raise BadInput(f"--model-args do not fit {arch} ({why})" if args_from else
                        f"cannot build {arch} ({why})", None if args_from else weights) from None
-    head_name = module_name(model, model.get_classifier())
+    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if not isinstance(head, nn.Module):       # features_only=True, a distilled model's two heads
+        raise BadInput(f"{arch} built with these model_args has no single classifier head",
+                       args_from if isinstance(args_from, Path) else weights)
+    head_name = module_name(model, head)
     key_w = f"{head_name}.weight"
     if key_w not in tensors:
         raise BadInput(f"no head tensor {key_w} for {arch}", weights)
@@ -118,6 +150,8 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
             pretrained_cfg.update(preprocess)
     if names is None:
         names = list(class_names) if class_names else [str(i) for i in range(file_classes)]
+    else:
+        names = checked_class_names(names, "label_names", cfg_path, distinct=False)
     if len(names) != file_classes:
         raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes",
                        cfg_path or weights)
