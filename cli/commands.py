@@ -11,7 +11,7 @@ from repair.errors import BadInput, GateFailed
 from .app import LAZY_COMMANDS, app, command, emit_json, log, logger
 from .format import eval_table, pct, table
 from .options import (PANEL_GATE, OptionBundle, PANEL_INPUTS, PANEL_OUTPUT, PANEL_REPAIR, AsJson, Columns, DataPath, ItemColumns,
-                      Load, ModelArg, Runtime)
+                      DemoSeed, Load, ModelArg, Runtime, Seed)
 
 
 # ------------------------------------------------------------------ eval
@@ -172,8 +172,8 @@ def make_fix_command(inputs_bundle: OptionBundle):
                 eval_data: Annotated[Optional[Path], typer.Option("--eval", rich_help_panel=PANEL_REPAIR, help="Separate test data for the before/after figures (default: a held-out 25% of --data).")] = None,
                 eval_group_by: Annotated[Optional[str], typer.Option("--eval-group-by", rich_help_panel=PANEL_REPAIR, help="Group column of --eval data (default: --group-by).")] = None,
                 export: Annotated[Optional[str], typer.Option("--export", rich_help_panel=PANEL_OUTPUT, help="Also export ONNX and verify it with onnxruntime: onnx (default: no export).")] = None,
-                tolerance: Annotated[Optional[float], typer.Option("--tolerance", rich_help_panel=PANEL_OUTPUT, help="ONNX verification: an absolute max |logit difference| (default: 1e-5 + 1e-3 x each sample's largest |logit|).")] = None,
-                seed: Annotated[int, typer.Option("--seed", min=0, rich_help_panel=PANEL_REPAIR, help="Seed of every split and fit.")] = 0,
+                tolerance: Annotated[Optional[float], typer.Option("--tolerance", rich_help_panel=PANEL_OUTPUT, help="ONNX verification: an absolute max |logit difference| (default: 1e-5 + 1e-3 x the larger of the logit and the sample's top logit).")] = None,
+                seed: Seed = 0,
                 budget: Annotated[Optional[str], typer.Option("--budget", rich_help_panel=PANEL_REPAIR, help="Model repairs: training budget per run, e.g. 300steps, 3epochs, 10min (first reached ends training; default: 10min).")] = None,
                 force: Annotated[bool, typer.Option("--force", rich_help_panel=PANEL_OUTPUT, help="Overwrite an existing output (never an input). Default: refuse.")] = False,
                 allow_finetune: Annotated[bool, typer.Option("--allow-finetune", rich_help_panel=PANEL_REPAIR, help="Recipe auto may escalate to fine-tuning the network (mixft) when it beats the head on the same folds (= --recipe auto-ft). Default: heads only.")] = False,
@@ -258,36 +258,21 @@ def methods_cmd(as_json: AsJson = False):
 # ------------------------------------------------------------------ demo
 @app.command("demo")
 @command
-def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the demo model and data.")] = Path("repair-demo"),
-             seed: Annotated[int, typer.Option("--seed")] = 0,
+def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the demo model and data (new, or empty; written under a temporary name and renamed into place at the end).")] = Path("repair-demo"),
+             seed: DemoSeed = 0,
              size: Annotated[str, typer.Option("--size", help="default | tiny")] = "default",
              recipe: Annotated[str, typer.Option("--recipe", help="Recipe for the repair step.")] = "auto",
-             force: Annotated[bool, typer.Option("--force", help="Rebuild even if the folder exists.")] = False,
+             force: Annotated[bool, typer.Option("--force", help="Rebuild even if the folder exists (only a previous demo folder is replaced).")] = False,
              as_json: AsJson = False):
     """Build a Waterbirds-like task, train a small timm model with ERM, show its shortcut, repair it."""
-    from repair.api import RuntimeOptions, evaluate_model
-    from repair.data import DataOptions
-    from repair.demo import build_demo
-    from repair.pipeline import FixOptions, fix_model
+    from repair.demo import run_demo
 
-    if out.exists() and any(out.iterdir()) and not force:
-        raise BadInput("demo folder exists and is not empty (use --force to rebuild)", out)
-    if size not in ("default", "tiny"):
-        raise BadInput(f"--size must be default or tiny, got {size!r}")
-    art = build_demo(out, seed=seed, size=size, progress=log)
-    rt = RuntimeOptions(progress=False)
-    test = evaluate_model(art.model_dir, art.test_dir, data_opts=DataOptions(group_by="place"), runtime=rt)
-    log("repairing with the validation split as repair set, WITHOUT its group labels ...")
-    fixed = fix_model(art.model_dir, art.val_dir, Path(art.model_dir).with_name("model-repaired"),
-                      runtime=rt, options=FixOptions(recipe=recipe, seed=seed, eval_data=str(art.test_dir),
-                                                     eval_group_by="place", force=True), log=log)
-    doc = {"model": str(art.model_dir), "repaired_model": fixed["output"], "train": str(art.train_dir),
-           "val": str(art.val_dir), "test": str(art.test_dir), "erm_train_seconds": art.erm_train_seconds,
-           "erm_test": test, "fix": fixed.report}
+    doc = run_demo(out, seed=seed, size=size, recipe=recipe, force=force, log=log)
     if as_json:
         emit_json(doc)
         return
-    print(f"demo built in {out} (ERM training {art.erm_train_seconds:.0f}s)")
+    test, fixed = doc["erm_test"], doc["fix"]
+    print(f"demo built in {out} (ERM training {doc['erm_train_seconds']:.0f}s)")
     print(eval_table(test, "\nERM model on the test split (groups = class x place):"))
     gap = (test["accuracy"] - test["worst_group_accuracy"]) * 100
     print(f"\nThe shortcut: worst-group accuracy is {gap:.1f} points below mean accuracy.\n")
@@ -295,4 +280,4 @@ def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the dem
     b, a = fixed["before"], fixed["after"]
     print(f"\nworst-group accuracy {pct(b['worst_group_accuracy'])} -> {pct(a['worst_group_accuracy'])}, "
           f"accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])} on the test split (no group labels used).")
-    print(f"Try: repair eval {fixed['output']} --data {art.test_dir} --group-by place")
+    print(f"Try: repair eval {fixed['output']} --data {doc['test']} --group-by place")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Optional, g
 
 import typer
 
+from repair.config import MAX_SEED
 from repair.errors import BadInput
 
 if TYPE_CHECKING:  # the real classes import torch
@@ -122,6 +123,18 @@ ModelArg = Annotated[Path, typer.Argument(help="Checkpoint: timm hub folder, tra
 DataPath = Annotated[Path, typer.Option("--data", "-d", help="Repair data: image folder / metadata.csv, or text CSV/TSV/JSONL.", rich_help_panel=PANEL_DATA)]
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of tables.", rich_help_panel=PANEL_OUTPUT)]
 
+
+def seed_option(help: str, panel: Optional[str] = PANEL_REPAIR) -> Any:
+    """The ``--seed`` option with a command's own help: a whole number from 0 to
+    :data:`repair.config.MAX_SEED`, a larger one a usage error (exit 2) when the command line is parsed."""
+    return Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, rich_help_panel=panel,
+                                       help=f"{help} A whole number from 0 to {MAX_SEED}.")]
+
+
+#: ``--seed`` of the commands that split and fit (``fix``)
+Seed = seed_option("Seed of every split and fit.")
+#: ``--seed`` of ``repair demo``
+DemoSeed = seed_option("Seed of the drawn images, the ERM training and the repair.", None)
 
 # ------------------------------------------------------------------ model loading -> LoadOptions
 def _floats(s: Optional[str], name: str) -> Optional[list]:

@@ -11,7 +11,10 @@ is declared with :func:`setting` (bounds, choices, non-empty), e.g.::
 :func:`build_config` turns user values (from a recipe YAML or Python) into a config:
 unknown keys, wrong types (a string for a number, a bool for an int) and values out
 of range raise :class:`ConfigError` naming the key, *before* anything runs. Lists
-become tuples, ints are accepted for floats. A config class may add cross-field checks
+become tuples, ints are accepted for floats. Every number (a tuple's elements too) must be
+finite, and at most :data:`LARGEST` in size unless the setting declares its own upper bound
+(``le``/``lt``): an absurd strength (``c_grid: [1.0e+308]``) is refused like an infinite one. A
+setting that declares bounds holds numbers only. A config class may add cross-field checks
 in ``validate(self)`` (raise ``ValueError``).
 """
 from __future__ import annotations
@@ -20,6 +23,26 @@ import dataclasses
 import math
 import typing
 from typing import Any, Optional, Sequence
+
+
+#: the largest seed (``--seed``, a demo's seed): every generator a seed reaches takes it (torch's take
+#: up to 2**64 - 1, but a seed plus an offset must stay below that; numpy's legacy ones stop at 2**32 - 1)
+MAX_SEED = 2 ** 32 - 1
+
+#: the largest size (absolute value) of a number of a setting that declares no upper bound of its
+#: own: far beyond any sensible strength, step count or size, and well inside float32 (a strength
+#: near 1e38 overflows the solvers' float32 arithmetic)
+LARGEST = 1e12
+
+
+def check_seed(seed: Any, flag: str = "--seed") -> int:
+    """``seed`` as a whole number from 0 to :data:`MAX_SEED`; :class:`repair.errors.BadInput` naming
+    ``flag`` otherwise. The one check of a seed (``repair fix``, ``repair demo``, a zoo row, Python)."""
+    from .errors import BadInput
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise BadInput(f"{flag} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return seed
 
 
 class ConfigError(ValueError):
@@ -67,6 +90,13 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _finite(v: Any) -> bool:
+    """A number that is finite (and, a whole number, representable as a float)."""
+    if isinstance(v, int):
+        return abs(v) <= 1.7976931348623157e308
+    return math.isfinite(v)
+
+
 def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> Any:
     if value is None:
         if optional or default is None:
@@ -83,7 +113,7 @@ def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> An
     if kind == "float":
         if not _number(value):
             raise ConfigError(key, f"must be a number, got {value!r}")
-        if not math.isfinite(float(value)):
+        if not _finite(value):
             raise ConfigError(key, f"must be finite, got {value!r}")
         return float(value)
     if kind == "str":
@@ -97,12 +127,28 @@ def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> An
         out = []
         for v in value:
             if proto is not None and _number(proto):
-                if not _number(v) or not math.isfinite(float(v)):
+                if not _number(v):
                     raise ConfigError(key, f"must be a list of numbers, got {value!r}")
+                if not _finite(v):
+                    raise ConfigError(key, f"must be finite, got {v!r}")
                 v = float(v) if isinstance(proto, float) else v
-            out.append(tuple(v) if isinstance(v, list) else v)
+            out.append(_tuples(v))
         return tuple(out)
     return value
+
+
+def _tuples(v: Any) -> Any:
+    """``v`` with every list in it (at any depth) a tuple."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _numbers(v: Any):
+    """Every number in ``v`` (a value, or tuples of them at any depth)."""
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _numbers(x)
+    elif _number(v):
+        yield v
 
 
 def _check(key: str, value: Any, meta: dict) -> None:
@@ -110,12 +156,22 @@ def _check(key: str, value: Any, meta: dict) -> None:
         return
     if meta.get("nonempty") and isinstance(value, tuple) and not value:
         raise ConfigError(key, "must not be empty")
+    capped = meta.get("le") is None and meta.get("lt") is None
+    for v in _numbers(value):          # every number, whatever the setting's type or default
+        if not _finite(v):
+            raise ConfigError(key, f"must be finite, got {v!r}")
+        if capped and abs(v) > LARGEST:
+            raise ConfigError(key, f"must be at most {LARGEST:g} in size, got {v!r}")
     elems = value if isinstance(value, tuple) else (value,)
     choices = meta.get("choices")
+    bounded = any(meta.get(op) is not None for op in ("ge", "gt", "le", "lt"))
     for v in elems:
         if choices is not None and v not in choices:
             raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {v!r}")
         if not _number(v):
+            if bounded:                # a setting with a declared range holds numbers
+                what = "a list of numbers" if isinstance(value, tuple) else "a number"
+                raise ConfigError(key, f"must be {what}, got {value!r}")
             continue
         for op, bound, ok in (("ge", meta.get("ge"), lambda a, b: a >= b), ("gt", meta.get("gt"), lambda a, b: a > b),
                               ("le", meta.get("le"), lambda a, b: a <= b), ("lt", meta.get("lt"), lambda a, b: a < b)):
@@ -167,4 +223,4 @@ def describe(cls: type) -> list[dict]:
     return out
 
 
-__all__ = ["ConfigError", "setting", "build_config", "describe"]
+__all__ = ["ConfigError", "MAX_SEED", "check_seed", "setting", "build_config", "describe"]

@@ -27,6 +27,11 @@ waterbird-on-land group is the one ERM gets wrong most.
 
 ``size="tiny"`` is a seconds-long version for tests (fewer images and epochs,
 and thinner rings so the shape is learnt at all from so little data).
+
+Nothing half-built: the images are drawn and the model trained in memory, then the folder is
+written under a temporary name beside ``out_dir`` and renamed into place (:func:`repair.io.atomic_output`);
+a failure or an interrupt leaves no folder behind. ``out_dir`` may exist only as an empty folder,
+or, with ``force``, as a previous demo (:func:`check_out`).
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from .config import check_seed
+from .errors import BadInput
 
 CLASS_NAMES = ("landbird", "waterbird")
 PLACE_NAMES = ("land", "water")
@@ -53,6 +61,8 @@ BIRD_RADIUS = (0.17, 0.26)     # outer radius of the bird, as a fraction of the 
 RING_THICK = (0.46, 0.64)      # waterbird ring thickness / radius: larger = smaller hole = harder
 PIXEL_NOISE = 0.03
 LANDBIRD_FRAC = 0.75          # class balance of every split (Waterbirds has ~77% landbirds)
+#: what a demo folder holds: the demo's own entries (``repair demo`` adds ``model-repaired``)
+DEMO_ENTRIES = ("model", "data", "model-repaired")
 
 
 @dataclass(frozen=True)
@@ -301,24 +311,55 @@ def save_model(model, model_dir: Path, model_args: Optional[dict] = None) -> Non
 # ----------------------------------------------------------------------------------------------
 
 
+def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:
+    """Check, before any work, that the demo can be written to ``out_dir``: it does not exist, or
+    is an empty folder, or (``force``) a folder holding only a demo's entries (:data:`DEMO_ENTRIES`,
+    and temporary folders of ours); its parent is a folder a file can be created in
+    (:func:`repair.rules.check_writable`). A folder with anything else in it is never replaced,
+    whatever ``force`` says. :class:`BadInput` naming ``flag`` and the path."""
+    from .io import _temp_name_re
+    from .rules import check_writable
+
+    out = Path(out_dir)
+    if out.is_symlink():
+        raise BadInput(f"{flag}: is a symbolic link; name the folder itself", out)
+    if out.exists():
+        if not out.is_dir():
+            raise BadInput(f"{flag}: is a file, not a folder; name a new folder for the demo", out)
+        try:
+            entries = sorted(p.name for p in out.iterdir())
+        except OSError as e:
+            raise BadInput(f"{flag}: cannot read the folder ({e.strerror or e})", out) from None
+        if entries and not force:
+            raise BadInput("demo folder exists and is not empty (use --force to rebuild)", out)
+        ours = [_temp_name_re(n) for n in DEMO_ENTRIES]
+        foreign = [n for n in entries if n not in DEMO_ENTRIES and not any(r.fullmatch(n) for r in ours)]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise BadInput(f"{flag}: the folder holds more than a demo ({shown}); --force rebuilds only a "
+                           f"demo folder (it holds {', '.join(DEMO_ENTRIES)}); choose another folder", out)
+    return check_writable(out, force=True, flag=flag)
+
+
 def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
                progress: Optional[Callable[[str], None]] = None,
-               model_args: Optional[dict] = None) -> DemoArtifacts:
-    """Draw the demo task, train the ERM model and write both under ``out_dir``.
-    ``model_args``: timm arguments of the architecture (default ``MODEL_ARGS``; e.g. another
-    ``channels`` list for a narrower or wider model)."""
-    model_args = dict(MODEL_ARGS if model_args is None else model_args)
-    import torch
+               model_args: Optional[dict] = None, force: bool = False) -> DemoArtifacts:
+    """Draw the demo task, train the ERM model and write both under ``out_dir`` (renamed into place
+    at the end: nothing is left on a failure). ``out_dir`` must not exist or be an empty folder;
+    ``force``: a previous demo there is replaced (:func:`check_out`). ``model_args``: timm
+    arguments of the architecture (default ``MODEL_ARGS``; e.g. another ``channels`` list for a
+    narrower or wider model)."""
+    from .io import atomic_output
 
+    model_args = dict(MODEL_ARGS if model_args is None else model_args)
     if size not in SPECS:
         raise ValueError(f"unknown demo size {size!r}; known: {', '.join(SPECS)}")
+    seed = check_seed(seed, "seed")
+    out_dir = check_out(out_dir, force=force, flag="demo folder")
+    import torch
+
     spec = SPECS[size]
     say = progress or (lambda msg: None)
-    out_dir = Path(out_dir)
-    data_dir = out_dir / "data"
-    model_dir = out_dir / "model"
-    dirs = {name: data_dir / name for name in ("train", "val", "test")}
-
     say(f"drawing {spec.n_train} train / {spec.n_val} val / {spec.n_test} test images "
         f"({IMG_SIZE}x{IMG_SIZE}, seed {seed})")
     splits = {
@@ -326,8 +367,6 @@ def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
         "val": make_split(seed * 1000 + 2, spec.n_val, None, spec.ring_thick),
         "test": make_split(seed * 1000 + 3, spec.n_test, None, spec.ring_thick),
     }
-    for name, (images, y, place) in splits.items():
-        _write_split(dirs[name], images, y, place)
 
     say(f"training {ARCH} {model_args} with ERM for {spec.epochs} epochs on the CPU")
     t0 = time.perf_counter()
@@ -335,7 +374,71 @@ def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
         model = train_erm(splits["train"][0], splits["train"][1], spec, seed, say, model_args)
     train_s = time.perf_counter() - t0
     say(f"ERM training took {train_s:.1f}s")
-    save_model(model, model_dir, model_args)
+    # checked above (an existing out_dir is empty, or a demo replaced with force)
+    with atomic_output(out_dir, force=True, is_dir=True, log=progress) as staged:
+        for name, (images, y, place) in splits.items():
+            _write_split(staged / "data" / name, images, y, place)
+        (staged / "model").mkdir()
+        save_model(model, staged / "model", model_args)
+    data_dir, model_dir = out_dir / "data", out_dir / "model"
     say(f"wrote {model_dir} and {data_dir}")
-    return DemoArtifacts(model_dir=model_dir, train_dir=dirs["train"], val_dir=dirs["val"],
-                         test_dir=dirs["test"], erm_train_seconds=train_s)
+    return DemoArtifacts(model_dir=model_dir, train_dir=data_dir / "train", val_dir=data_dir / "val",
+                         test_dir=data_dir / "test", erm_train_seconds=train_s)
+
+
+def run_demo(out_dir, *, seed: int = 0, size: str = "default", recipe: str = "auto", force: bool = False,
+             log: Optional[Callable[[str], None]] = None) -> dict:
+    """``repair demo``: build the task and its ERM model (:func:`build_demo`), evaluate it on the test
+    split, repair it with ``recipe`` from the validation split without group labels, measured on the
+    test split. Every option and the output place are checked before any work (:func:`check_out`,
+    the recipe loaded); the whole folder is written under a temporary name and renamed into place at
+    the end, so a failure or an interrupt leaves nothing. Returns the JSON document of the command:
+    the paths, ``erm_test`` (the ERM model's evaluation) and ``fix`` (the repair's report), every path
+    as it is after the rename."""
+    import dataclasses
+    import os
+
+    from .errors import BadInput
+    from .io import atomic_output
+    from .recipes import load_recipe
+    from .rules import Protected
+
+    say = log or (lambda msg: None)
+    check_seed(seed)
+    if size not in SPECS:
+        raise BadInput(f"--size must be {' or '.join(SPECS)}, got {size!r}")
+    out = check_out(out_dir, force=force)      # new, empty or (force) a previous demo; writable
+    used = load_recipe(recipe)                 # an unknown recipe or a bad setting: now, not after training
+    Protected().add_files(used.files, "recipe (--recipe)").check(out)
+
+    from .api import RuntimeOptions, evaluate_model
+    from .data import DataOptions
+    from .pipeline import FixOptions, fix_model
+
+    fix_opts = FixOptions(recipe=recipe, seed=seed, force=True)
+    with atomic_output(out, force=True, is_dir=True, log=log) as staged:
+        def staged_say(msg: str) -> None:      # progress names the places as they will be
+            say(str(msg).replace(str(staged), str(out)))
+
+        art = build_demo(staged, seed=seed, size=size, progress=staged_say)
+        rt = RuntimeOptions(progress=False)
+        test = evaluate_model(art.model_dir, art.test_dir, data_opts=DataOptions(group_by="place"), runtime=rt)
+        staged_say("repairing with the validation split as repair set, WITHOUT its group labels ...")
+        fixed = fix_model(art.model_dir, art.val_dir, Path(art.model_dir).with_name("model-repaired"), runtime=rt,
+                          options=dataclasses.replace(fix_opts, eval_data=str(art.test_dir), eval_group_by="place"),
+                          log=staged_say)
+        doc = {"model": str(art.model_dir), "repaired_model": fixed["output"], "train": str(art.train_dir),
+               "val": str(art.val_dir), "test": str(art.test_dir), "erm_train_seconds": art.erm_train_seconds,
+               "erm_test": test, "fix": fixed.report}
+
+    def moved(v):                              # the paths the staged run saw, as they are now
+        if isinstance(v, dict):
+            return {k: moved(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(moved(x) for x in v)
+        if isinstance(v, (str, Path)) and (str(v) == str(staged) or str(v).startswith(str(staged) + os.sep)):
+            return type(v)(str(out) + str(v)[len(str(staged)):])
+        return v
+
+    return moved(doc)
+

@@ -76,8 +76,9 @@ class FixOptions:
 
         if not isinstance(self.recipe, (str, Path)) or not str(self.recipe).strip():
             raise BadInput(f"--recipe must be a recipe name or a YAML path, got {self.recipe!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise BadInput(f"--seed must be a whole number >= 0, got {self.seed!r}")
+        from .config import check_seed
+
+        check_seed(self.seed)
         if not (isinstance(self.report_fraction, (int, float)) and 0 < self.report_fraction < 1):
             raise BadInput(f"report_fraction must be between 0 and 1, got {self.report_fraction!r}")
         if self.selection_folds is not None and (isinstance(self.selection_folds, bool) or

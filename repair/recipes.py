@@ -37,6 +37,7 @@ import re
 import importlib
 import importlib.util
 import itertools
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +171,7 @@ def _import_plugin(spec: str, target: Union[Path, str], where: Path) -> None:
     """Run a plugin (only after the caller allowed it)."""
     try:
         if isinstance(target, Path):
-            mod_name = "repair_plugin_" + hashlib.sha256(str(target).encode()).hexdigest()[:12]
+            mod_name = "repair_plugin_" + hashlib.sha256(os.fsencode(target)).hexdigest()[:12]
             if mod_name in sys.modules:
                 return
             mspec = importlib.util.spec_from_file_location(mod_name, target)

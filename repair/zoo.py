@@ -326,12 +326,15 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             problems.add(where, "gate_metric", "worst_group needs a group column (group_by or eval_group_by)")
         f["gate_metric"] = metric
         if "seed" in r:
+            from .config import check_seed
+
             try:
-                if isinstance(r["seed"], bool) or int(str(r["seed"])) < 0:
-                    raise ValueError
-                f["seed"] = int(str(r["seed"]))
+                seed = r["seed"] if isinstance(r["seed"], (int, bool)) else int(str(r["seed"]))
+                f["seed"] = check_seed(seed, "seed")
             except ValueError:
-                problems.add(where, "seed", f"must be a whole number >= 0, got {r['seed']!r}")
+                problems.add(where, "seed", f"must be a whole number, got {r['seed']!r}")
+            except BadInput as e:
+                problems.add(where, "seed", e.problem.removeprefix("seed "))
         if "budget" in f:
             try:
                 Budget.parse(f["budget"])
