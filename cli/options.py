@@ -147,6 +147,11 @@ def _floats(s: Optional[str], name: str) -> Optional[list]:
         raise BadInput(f"{name} must be comma-separated numbers, got {s!r}") from None
 
 
+def _model_args_file(s: Optional[str]) -> tuple:
+    """The file ``--model-args`` names (an input of the run), or ()."""
+    return (str(Path(s)),) if s is not None and not s.lstrip().startswith("{") else ()
+
+
 def _model_args(s: Optional[str]) -> Optional[dict]:
     """``--model-args``: a JSON object, or a .json file holding one (a timm ``config.json``: its
     ``model_args``)."""
@@ -179,7 +184,7 @@ def _load_options(arch, factory, model_args, allow_pickle, max_length, image_siz
     names = [c.strip() for c in class_names.split(",")] if class_names is not None else None
     return LoadOptions(arch=arch, factory=factory, model_args=_model_args(model_args), allow_pickle=allow_pickle,
                        max_length=max_length, image_size=image_size, mean=_floats(mean, "--mean"),
-                       std=_floats(std, "--std"), class_names=names)
+                       std=_floats(std, "--std"), class_names=names, files=_model_args_file(model_args))
 
 
 def _opt(*decls, help: str, panel: str, **kw):

@@ -514,3 +514,17 @@ def test_a_train_set_that_cannot_serve_is_refused_before_any_work(tmp_path, timm
         code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "mixft", "--train", train,
                                "--out", tmp_path / "o", "-q")
         assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_a_model_args_file_is_an_input(tmp_path, timm_folder, image_data):
+    """``--model-args FILE.json`` is read for the run: an output that would replace it (here the JSON
+    beside ``--report FILE.html``) is exit 2 naming it, whatever --force says, and it is untouched."""
+    d = tmp_path / "d"
+    d.mkdir()
+    shutil.copy(timm_folder / "config.json", d / "args.json")           # a timm config.json: its model_args
+    before = digest_tree(d)
+    code, _, err = run_cli("fix", timm_folder / "model.safetensors", "--arch", "test_resnet", "--class-names",
+                           "cat,dog,fox", "--model-args", d / "args.json", "--data", image_data, "--recipe", "dfr",
+                           "--out", d / "fixed.safetensors", "--report", d / "args.html", "--force", "-q")
+    assert code == 2 and "args.json" in err and err.count("\n") == 1, err
+    assert digest_tree(d) == before

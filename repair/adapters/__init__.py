@@ -38,6 +38,7 @@ class LoadOptions:
     mean: Optional[list] = None
     std: Optional[list] = None
     class_names: Optional[list] = field(default=None)   # for checkpoints that carry none
+    files: tuple = ()                     # files these options were read from (a --model-args .json): inputs
 
     def __post_init__(self):
         """Every value checked here, so Python callers and the command line get the same error."""
@@ -143,7 +144,10 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
             if o.model_args is not None and not fam.model_args:
                 raise BadInput(f"--model-args applies to timm architectures and --factory modules, not to "
                                f"{'an' if fam.name[0] in 'aeiou' else 'a'} {fam.name} model", path)
-            return fam.load(path, o)
+            adapter = fam.load(path, o)
+            if o.files:                       # read for this model: no output may replace them
+                adapter.extra_files = (*adapter.extra_files, *map(Path, o.files))
+            return adapter
     if path.is_dir():
         raise BadInput("not a timm hub folder (config.json with 'architecture') nor a transformers "
                        "folder (config.json with 'architectures')", path)
