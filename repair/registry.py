@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 
@@ -151,11 +151,14 @@ class Resource:
 
     ``kind``: ``file`` (a path to an existing file), ``folder`` (an existing folder),
     ``choice`` (one of ``choices``), ``data`` (labelled data in the ``--data`` formats, read with
-    the same data options; the method receives a :class:`repair.methods.TrainSet`)."""
+    the same data options; the method receives a :class:`repair.methods.TrainSet`). ``validate``
+    (optional, a file or folder): ``validate(path)`` checks its contents when the command starts,
+    before any work (BadInput naming the path), rather than when the method first reads it."""
     name: str
     kind: str
     help: str = ""
     choices: tuple = ()
+    validate: Optional[Callable[[Path], None]] = field(default=None, compare=False)
 
     def __post_init__(self):
         if not self.name.isidentifier() or self.name != self.name.lower():
@@ -199,6 +202,8 @@ class Resource:
             raise BadInput(f"{flag} must be a file", p)
         if self.kind == "data" and not (p.is_file() or p.is_dir()):
             raise BadInput(f"{flag} must be a data folder or file", p)
+        if self.validate is not None:
+            self.validate(p)
         return p
 
 

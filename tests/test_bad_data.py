@@ -226,3 +226,19 @@ def test_fix_and_zoo_refuse_a_seed_the_generators_cannot_take(tmp_path, timm_fol
                                                                  "data": str(image_data), "seed": 2 ** 40}]}))
     code, _, err = run_cli("zoo", tmp_path / "z.yaml", "--mode", "eval", "-q")
     assert code == 2 and "seed" in err and "4294967295" in err, err
+
+
+def test_a_malformed_prompts_file_is_refused_before_any_work(tmp_path, timm_folder, image_data, monkeypatch):
+    """``--prompts`` (recompose) that is not valid YAML, or holds an unknown key, is exit 2 naming it when
+    the command starts (it was found only after the repair set was embedded and a fold trained)."""
+    import repair.pipeline as pipeline
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before --prompts was checked")
+
+    monkeypatch.setattr(pipeline, "load_model", no_work)
+    for text, words in (("a: [", "not valid YAML"), ("colour: red\n", "unknown key 'colour'")):
+        bad = tmp_path / "prompts.yaml"
+        bad.write_text(text)
+        refused("fix", timm_folder, "--data", image_data, "--recipe", "recompose", "--prompts", bad,
+                "--out", tmp_path / "o", words=(str(bad), words))

@@ -50,7 +50,13 @@ GENERATOR = Resource("generator", kind="choice", choices=GENERATORS,
                      help="Image generation for recipes that generate (composite | diffusers).")
 GENERATOR_MODEL = Resource("generator_model", kind="folder",
                            help="A local diffusers inpainting pipeline folder (--generator diffusers).")
-PROMPTS = Resource("prompts", kind="file",
+def check_prompts_file(path: Path) -> None:
+    """The prompts file read as :func:`load_prompts` reads it, without the model's class names (those
+    are checked when the method runs): when ``repair fix`` starts, not after the training it feeds."""
+    load_prompts(path, None, ())
+
+
+PROMPTS = Resource("prompts", kind="file", validate=check_prompts_file,
                    help="A YAML file of generation prompts (overrides the built-in ones).")
 INSTALL_DIFFUSION = "pip install 'repair-toolkit[diffusion]'"
 
@@ -76,9 +82,10 @@ class Prompts:
 PROMPT_KEYS = ("template", "objects", "backgrounds", "negative")
 
 
-def load_prompts(path: Optional[Path], class_names: Sequence[str], background_keys: Sequence[str]) -> Prompts:
+def load_prompts(path: Optional[Path], class_names: Optional[Sequence[str]], background_keys: Sequence[str]) -> Prompts:
     """The built-in prompts, overridden by ``path`` (YAML, :data:`PROMPT_KEYS`). An unknown key, a
-    class or background that does not exist, or a template naming another field is BadInput."""
+    class or background that does not exist, or a template naming another field is BadInput
+    (``class_names`` None: the names are not checked)."""
     p = Prompts()
     if path is None:
         return p
@@ -105,11 +112,12 @@ def load_prompts(path: Optional[Path], class_names: Sequence[str], background_ke
     if not fields <= {"object", "background"}:
         raise BadInput(f"template may use {{object}} and {{background}}, not {{{sorted(fields - {'object', 'background'})[0]}}}",
                        path)
-    for key, known in (("objects", list(class_names)), ("backgrounds", list(background_keys) + list(class_names))):
+    for key, known in (("objects", None if class_names is None else list(class_names)),
+                       ("backgrounds", None if class_names is None else list(background_keys) + list(class_names))):
         val = doc.get(key) or {}
         if not isinstance(val, dict) or not all(isinstance(v, str) for v in val.values()):
             raise BadInput(f"{key!r} must map names to phrases", path)
-        bad = [str(k) for k in val if str(k) not in known]
+        bad = [] if known is None else [str(k) for k in val if str(k) not in known]
         if bad:
             raise BadInput(f"{key}: {bad[0]!r} is not one of {', '.join(known)}", path)
         setattr(p, key, {str(k): v for k, v in val.items()})
