@@ -24,22 +24,21 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
              expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", rich_help_panel=PANEL_GATE, help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported. Default: every class x value seen.")] = None):
     """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
     from repair.preflight import check_cache_dir, read_inputs
-    from repair.rules import judge, threshold_option, unmeasured
+    from repair.rules import (expected_group_names, judge, parse_expected_groups, threshold_option,
+                              unmeasured)
 
     thresholds = {"worst_group": threshold_option(fail_under_wga, "--fail-under-wga"),
                   "accuracy": threshold_option(fail_under_acc, "--fail-under-acc")}
     for flag, given in (("--fail-under-wga", fail_under_wga), ("--expect-groups", expect_groups)):
         if given is not None and columns.group_by is None:
             raise BadInput(f"{flag} needs --group-by (groups are class x the values of that column)")
-    expected = None if expect_groups is None else [g.strip() for g in expect_groups.split(",") if g.strip()]
-    if expected is not None and (not expected or not all(g.partition("|")[0] and g.partition("|")[2] for g in expected)):
-        raise BadInput(f"--expect-groups: give the groups as class|value separated by commas, got {expect_groups!r}")
+    expected = None if expect_groups is None else parse_expected_groups(expect_groups)
     inputs = read_inputs(model, data, columns, data_flag="data (--data)")
     check_cache_dir(inputs.protected, runtime)
     from repair.api import evaluate_model
 
     rep = evaluate_model(model, inputs.data, load, columns, runtime)
-    names = None if expected is None else expected_group_names(rep, columns.group_by, expected)
+    names = None if expected is None else expected_group_names(rep, columns.group_by, expected, "--expect-groups")
     gates = [g for g in (judge(rep, thr, metric, names if metric == "worst_group" else None)
                          for metric, thr in thresholds.items()) if g is not None]
     for g in gates:
@@ -61,19 +60,6 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
             print(("gate passed: " if g["passed"] else "gate FAILED: ") + g["message"])
     if problems:
         raise GateFailed("; ".join(problems))
-
-
-def expected_group_names(rep: dict, group_by: str, expected: list) -> list[str]:
-    """``--expect-groups`` (``class|value`` or ``class|column=value``) as the report's group names;
-    BadInput for a class the model does not have."""
-    classes = [c["name"] for c in rep["per_class"]]
-    names = []
-    for g in expected:
-        cls, _, val = g.partition("|")
-        if cls not in classes:
-            raise BadInput(f"--expect-groups: {cls!r} is not a class of the model ({', '.join(classes)})")
-        names.append(g if val.startswith(f"{group_by}=") else f"{cls}|{group_by}={val}")
-    return names
 
 
 # ------------------------------------------------------------------ probe

@@ -57,12 +57,16 @@ def compact_eval(rep: dict) -> dict:
                        "embedding_from_cache": rep["embedding"]["from_cache"]}}
 
 
-def check_gate(result: dict, threshold, metric: str = "auto") -> Optional[dict]:
+def check_gate(result: dict, threshold, metric: str = "auto", expected=None,
+               group_by: Optional[str] = None) -> Optional[dict]:
     """The gate on the repaired figures (the measured ones for a gate-only run):
-    :func:`repair.rules.judge`."""
-    from .rules import judge
+    :func:`repair.rules.judge`; ``expected`` the groups that must have samples (``group_by`` their
+    column), as ``repair eval --expect-groups``."""
+    from .rules import expected_group_names, judge
 
-    return judge(result.get("after") or result.get("before"), threshold, metric)
+    figures = result.get("after") or result.get("before") or {}
+    names = None if not expected else expected_group_names(figures, group_by, expected)
+    return judge(figures, threshold, metric, names)
 
 
 def model_entry(name: str, result: Optional[dict], *, gate: Optional[dict] = None, status: str = "done",

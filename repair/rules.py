@@ -396,6 +396,31 @@ def unmeasured(figures: dict, metric: str, expected: Optional[Sequence[str]] = N
     return [g for g in expected if g not in listed]
 
 
+def parse_expected_groups(value: Any, flag: str = "--expect-groups") -> list[str]:
+    """Groups a gate requires samples of: ``class|value`` (or ``class|COLUMN=value``), comma-separated
+    or a list; BadInput naming ``flag`` for anything else."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    out = [str(g).strip() for g in items or [] if str(g).strip()]
+    if not out or not all(g.partition("|")[0] and g.partition("|")[2] for g in out):
+        raise BadInput(f"{flag}: give the groups as class|value separated by commas, got {value!r}")
+    return out
+
+
+def expected_group_names(figures: dict, group_by: Optional[str], expected: Sequence[str],
+                         flag: Optional[str] = None) -> list[str]:
+    """``expected`` (:func:`parse_expected_groups`) as the figures' group names
+    (``class|COLUMN=value``). With ``flag``, a class the model does not have is BadInput naming it;
+    without, the name stays as given (no group has it: the gate then fails naming it)."""
+    classes = [c.get("name") for c in figures.get("per_class") or []]
+    names = []
+    for g in expected:
+        cls, _, val = g.partition("|")
+        if flag is not None and cls not in classes:
+            raise BadInput(f"{flag}: {cls!r} is not a class of the model ({', '.join(map(str, classes))})")
+        names.append(g if group_by is None or val.startswith(f"{group_by}=") else f"{cls}|{group_by}={val}")
+    return names
+
+
 def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
           expected: Optional[Sequence[str]] = None) -> Optional[dict]:
     """The one gate comparison: ``metric`` of ``figures`` (an evaluation) against ``threshold``,
@@ -409,7 +434,7 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
     name = gate_metric(figures, metric)
     counts, where = metric_counts(figures, name)
     label = METRIC_NAMES[name] + (f" ({where})" if where else "")
-    missing = unmeasured(figures, name, expected)
+    missing = unmeasured(figures, name, expected if name == "worst_group" else None)
     if counts is None:
         passed, value = False, None
         message = f"{label} cannot be measured (no samples or non-finite outputs); the gate fails closed"
@@ -434,4 +459,4 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
 __all__ = ["Protected", "Threshold", "artifacts_output", "check_export_options", "check_format",
            "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "fix_onnx_output",
            "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
-           "threshold_option", "unmeasured", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]
+           "threshold_option", "unmeasured", "parse_expected_groups", "expected_group_names", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]

@@ -6,7 +6,9 @@ The manifest (YAML, or CSV with one header row) holds one row per model; keys ar
 
     defaults:                   # any field; a row's own value wins
       recipe: auto
-      gate: 0.7                 # a fraction 0-1, or a percentage with its sign ("70%")
+      gate: 0.7                 # a fraction 0-1, or a percentage with its sign ("70%"); a worst-group
+                                # or worst-class gate fails when a group or class has no samples ...
+      expect_groups: [landbird|water, waterbird|land]   # ... or, given, one of these groups has none
       group_by: place
       output_dir: repaired/     # outputs: <output_dir>/<name> unless a row names its `output`
     models:
@@ -71,6 +73,7 @@ def _data_fields() -> tuple:
 #: the data options (repair.data.DataOptions: group_by, label_col, ...) are fields as they are
 DATA_FIELDS = _data_fields()
 BASE_FIELDS = ("name", "checkpoint", "data", "eval", *DATA_FIELDS, "eval_group_by", "recipe", "gate", "gate_metric",
+               "expect_groups",
                "output", "output_dir", "seed", "budget", "export")
 LOCK_NAME = ".zoo-lock"
 
@@ -100,6 +103,7 @@ class ZooEntry:
     recipe: str = "auto"
     gate: Optional[str] = None            # as written ("0.7", "70%"): compared by repair.rules.judge
     gate_metric: str = "auto"
+    expect_groups: tuple = ()             # the groups a worst-group gate requires (repair eval --expect-groups)
     output: Optional[Path] = None
     seed: int = 0
     budget: Optional[str] = None
@@ -109,11 +113,18 @@ class ZooEntry:
     def key(self, mode: str) -> str:
         """Hash of everything that changes the work (not the gate: applied to the figures)."""
         d = {k: str(v) for k, v in dataclasses.asdict(self).items()
-             if k not in ("row", "gate", "gate_metric", "resources", "columns") and v is not None}
+             if k not in ("row", "gate", "gate_metric", "expect_groups", "resources", "columns") and v is not None}
         for name in ("resources", "columns"):
             if getattr(self, name):
                 d[name] = [[k, str(v)] for k, v in getattr(self, name)]
         return hashlib.sha256(json.dumps([mode, d], sort_keys=True).encode()).hexdigest()[:20]
+
+    def judge_gate(self, result: dict) -> Optional[dict]:
+        """This row's gate on ``result`` (:func:`repair.report.check_gate`)."""
+        from .report import check_gate
+
+        return check_gate(result, self.gate, self.gate_metric, self.expect_groups,
+                          self.data_options(eval_data=self.eval is not None).group_by)
 
     def data_options(self, eval_data: bool = False):
         from .data import DataOptions
@@ -227,7 +238,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     from .data import load_data
     from .modelrepair.finetune import Budget
     from .preflight import declared_resource
-    from .rules import GATE_METRICS, Protected, check_writable, fix_output, parse_threshold
+    from .rules import GATE_METRICS, Protected, check_writable, fix_output, parse_expected_groups, parse_threshold
 
     path = Path(path)
     if mode not in MODES:
@@ -325,6 +336,13 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
         elif metric == "worst_group" and not (f.get("group_by") or (f.get("eval_group_by") and "eval" in f)):
             problems.add(where, "gate_metric", "worst_group needs a group column (group_by or eval_group_by)")
         f["gate_metric"] = metric
+        if "expect_groups" in r:
+            try:
+                f["expect_groups"] = tuple(parse_expected_groups(r["expect_groups"], "expect_groups"))
+            except BadInput as e:
+                problems.add(where, "expect_groups", e.problem.removeprefix("expect_groups: "))
+            if not (f.get("group_by") or (f.get("eval_group_by") and "eval" in f)):
+                problems.add(where, "expect_groups", "needs a group column (group_by or eval_group_by)")
         if "seed" in r:
             from .config import check_seed
 
@@ -810,7 +828,7 @@ def _hold_lock(out_dir: Path) -> int:
 
 def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
     from .embeddings import default_cache_dir
-    from .report import check_gate, now, write_report
+    from .report import now, write_report
 
     records = journal.read()
     done = {}
@@ -868,7 +886,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                 commit_staged(e.output)                     # ... then the files go into place
             done[e.name] = rec
             log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: "
-                f"{_progress_line(res['result'], check_gate(res['result'], e.gate, e.gate_metric))} "
+                f"{_progress_line(res['result'], e.judge_gate(res['result']))} "
                 f"({res['seconds']:.1f}s on {res['worker']})")
     except (KeyboardInterrupt, Terminated):
         interrupted = True
@@ -904,11 +922,11 @@ def _output_changed(output: Path, digest: Optional[str]) -> Optional[str]:
 
 def _model_entry(e: ZooEntry, rec: Optional[dict], error: Optional[dict], resumed: bool,
                  redone: Optional[str] = None) -> dict:
-    from .report import check_gate, model_entry
+    from .report import model_entry
 
     if rec is not None:
         extra = {"redone": redone} if redone else {}
-        return model_entry(e.name, rec["result"], gate=check_gate(rec["result"], e.gate, e.gate_metric),
+        return model_entry(e.name, rec["result"], gate=e.judge_gate(rec["result"]),
                            seconds=rec.get("seconds"), worker=rec.get("worker"), resumed=resumed, **extra)
     if error is not None:
         return model_entry(e.name, None, status="error", error=error["error"])

@@ -99,6 +99,21 @@ def test_zoo_and_fix_gates_fail_closed_on_a_group_the_evaluation_lacks(tmp_path,
         assert code == 1, (mode, err)
         gate = json.loads(out)["models"][0]["gate"]
         assert not gate["passed"] and gate["unmeasured"] == ["cat|place=water"], (mode, gate)
+    # a row that names the groups it requires (as repair eval --expect-groups) passes without the others,
+    # and fails naming one it requires that has no samples
+    for expect, ok in (("dog|water,fox|land", True), (["cat|water", "dog|land"], False)):
+        manifest = tmp_path / "zoo-expect.yaml"
+        manifest.write_text(yaml.safe_dump({
+            "defaults": {"group_by": "place", "gate": "0%", "expect_groups": expect},
+            "models": [{"name": "m", "checkpoint": str(timm_folder), "data": str(image_data), "eval": str(test)}]}))
+        code, out, err = run_cli("zoo", manifest, "--mode", "eval", "--out-dir", tmp_path / f"rep-{ok}", "--json", "-q")
+        gate = json.loads(out)["models"][0]["gate"]
+        assert code == (0 if ok else 1) and gate["passed"] is ok, (expect, err, gate)
+        assert gate["unmeasured"] == ([] if ok else ["cat|place=water"])
+    manifest.write_text(yaml.safe_dump({"models": [{"name": "m", "checkpoint": str(timm_folder),
+                                                    "data": str(image_data), "expect_groups": "cat"}]}))
+    code, _, err = run_cli("zoo", manifest, "--mode", "eval", "-q")
+    assert code == 2 and "expect_groups" in err, err
     code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--group-by", "place", "--recipe", "dfr",
                              "--eval", test, "--out", tmp_path / "fixed", "--json", "-q")
     assert code == 0, err
