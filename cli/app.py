@@ -9,7 +9,6 @@ script and ``CliRunner().invoke(app, ...)`` go through it.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import traceback
 from typing import Annotated, Any, Callable
@@ -60,7 +59,9 @@ def install_signal_handlers() -> None:
 
 
 def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    from repair.io import json_text
+
+    sys.stdout.write(json_text(doc, indent=2))
 
 
 #: commands built when they are run (name -> factory of the click command): their options depend on
@@ -94,6 +95,12 @@ class OneLineUsageErrors(typer.core.TyperGroup):
         except typer.Abort:
             log("Aborted!")
             sys.exit(1)
+        except Terminated:       # while a lazy command is built (imports), before its own wrapper runs
+            log("terminated (SIGTERM); nothing partial was left behind")
+            sys.exit(143)
+        except KeyboardInterrupt:
+            log("interrupted; nothing partial was left behind")
+            sys.exit(130)
         # standalone_mode=False returns the exit code of a typer.Exit / ctx.exit (e.g. --help) or
         # the command's return value (None from ours)
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -347,12 +347,18 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
         # rows no fold has predicted yet count as right: until the last fold, the criterion of `pred`
         # is the most the candidate can still score (a bound, exact once every fold is in)
         pred = y.clone().long()
-        secs, steps, stops, bound = 0.0, 0, [], None
+        secs, steps, stops, bound, unfit = 0.0, 0, [], None, None
         for k, held in enumerate(parts):
             train = torch.ones(y.numel(), dtype=torch.bool)
             train[held] = False
             log(f"  {c.label}: fold {k + 1}/{len(parts)}, training on {int(train.sum())} samples")
-            f = ctx.fit(c, fit_idx[train.nonzero().flatten()])
+            try:
+                f = ctx.fit(c, fit_idx[train.nonzero().flatten()])
+            except BadInput as e:
+                if head_score is None:          # nothing to fall back on: the user's error
+                    raise
+                unfit = e.problem               # a fold too small for it: the head stays, as auto returns it
+                break
             pred[held] = ctx.model_logits(f, fit_idx[held]).argmax(1)
             secs, steps = secs + f.seconds, steps + f.steps
             stops.append(stopped_by(f))
@@ -361,6 +367,12 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
                 if at_most < head_score + need - 1e-12:
                     bound = (k + 1, at_most)
                     break
+        if unfit is not None:
+            why = f"cannot be trained on a fold of {int(train.sum())} samples ({unfit}); the head stays"
+            rows.append({"candidate": c.label, "kind": "model", "skipped": why})
+            notes.append(f"{c.label} skipped: {why}")
+            log(f"  {c.label}: skipped, {why}")
+            continue
         if bound is not None:
             why = (f"cannot beat the head: after {bound[0]} of {len(parts)} folds its {crit.name} is at most "
                    f"{100 * bound[1]:.1f}% (every row still to predict right), below the "

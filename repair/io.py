@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 
 from .errors import BadInput
@@ -239,6 +239,25 @@ def user_side(e: BaseException) -> Optional[int]:
     if isinstance(e, OSError) and e.errno in USER_ERRNOS:
         return e.errno
     return None
+
+
+def json_text(doc: Any, indent: int = 2) -> str:
+    """``doc`` as strict JSON (RFC 8259: no NaN or Infinity, which jq and JSON.parse refuse): a
+    non-finite float is written as null; anything else JSON does not know as its ``str``. The one
+    writer of every JSON document the tool prints or saves."""
+    import json
+    import math
+
+    def clean(v):
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(doc), indent=indent, default=str, allow_nan=False) + "\n"
 
 
 def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[str], None]] = None) -> Path:

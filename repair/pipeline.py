@@ -202,6 +202,13 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     if resources and "model" not in recipe.kinds:
         given = ", ".join("--" + k.replace("_", "-") for k in resources)
         raise BadInput(f"{given}: inputs of model repairs, but recipe {recipe.name!r} has none")
+    for name in resources:                   # an input no candidate reads would be ignored in silence
+        if not any(name in {r.name for r in c.info.resources} for c in recipe.candidates if c.info.kind == "model"):
+            from .methods import list_methods
+
+            users = sorted(m.name for m in list_methods("model") if name in {r.name for r in m.resources})
+            raise BadInput(f"--{name.replace('_', '-')}: no candidate of recipe {recipe.name!r} uses it"
+                           + (f" (it is an input of {', '.join(users)})" if users else ""))
     adapter = load_model(model_path, load_opts)
     inputs.protected.add_files(adapter.source_files(), "input model")
     for flag, p in paths.items():
@@ -216,9 +223,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                            f"{Path(model_path).name} is {'an' if adapter.modality[0] in 'aeiou' else 'a'} "
                            f"{adapter.modality} model", Path(model_path))
     log(f"loaded {adapter.family} model {Path(model_path).name}: {len(adapter.class_names)} classes")
+    train_notes: list[str] = []
     for name, v in list(resources.items()):      # --train's labels and modality: checked before any work
         if isinstance(v, RepairData):
-            resources[name] = _train_set(adapter, v, data_opts)
+            resources[name] = _train_set(adapter, v, data_opts, inputs, "--" + name.replace("_", "-"), train_notes)
 
     data, enc, emb = prepare_data(adapter, inputs.data, data_opts, runtime)
     where = data.table or data.source
@@ -243,10 +251,13 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         fit_idx, report_idx = torch.arange(len(y)), None
     else:
         fit_idx, report_idx = stratified_split(strata, [o.report_fraction], o.seed, clusters=clusters)
+        if not report_idx.numel():
+            raise BadInput(f"the repair set ({len(y)} samples) is too small to hold out any for the figures: give "
+                           "--eval data kept apart, or more samples", where)
     fit_dev = str(resolve_device(runtime.device))
     # can this repair set support an honest choice and honest figures? say so when it cannot
     strata_names = list(enc.group_names) if has_groups else inferred_group_names(enc.class_names)
-    warnings = []
+    warnings = list(train_notes)
     if dup_stats["n_duplicates"]:
         warnings.append(f"the repair set holds {dup_stats['n_duplicates']} duplicate sample(s) ({dup_stats['n_unique']} "
                         f"distinct of {dup_stats['n_samples']}): identical samples are kept on one side of every "
@@ -255,8 +266,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         warnings += support_warnings(strata[fit_idx], strata_names, minimum=MIN_FOR_CHOICE,
                                      what="choosing between candidates" if len(recipe.candidates) > 1
                                      else "choosing when to stop training")
-    if report_idx is not None and has_groups:
-        warnings += support_warnings(groups[report_idx], strata_names, minimum=MIN_FOR_REPORT,
+    if report_idx is not None:           # groups, or without labels the inferred groups
+        warnings += support_warnings(strata[report_idx], strata_names, minimum=MIN_FOR_REPORT, among=strata,
                                      what="the reported figures (held-out part of the repair set)")
     for w in warnings:
         log(f"warning: {w}")
@@ -282,14 +293,29 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     return FixResult(report, adapter=adapter, data=data, encoded=enc, embeddings=emb, original_head=(W0, b0))
 
 
-def _train_set(adapter, d: RepairData, data_opts: DataOptions):
+def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, flag: str, notes: list):
     """A data resource (``--train``) with labels matched to the model's classes (groups when the
-    data has the --group-by column)."""
+    data has the --group-by column). Its samples that are also in the repair data or ``--eval`` are
+    left out (``notes`` says how many): the choice and the figures are measured on those, and never
+    on what was trained on; BadInput naming it when that leaves nothing."""
     from .data import encode
     from .methods import TrainSet
 
     check_modality(adapter, d)
     gb = data_opts.group_by if data_opts.group_by in d.attributes else None
+    encode(d, adapter.class_names, gb)            # its labels first: a label the model lacks names itself
+    seen = set(inputs.data.content_hashes())
+    if inputs.eval_data is not None:
+        seen |= set(inputs.eval_data.content_hashes())
+    keep = [i for i, h in enumerate(d.content_hashes()) if h not in seen]
+    if not keep:
+        raise BadInput(f"every sample of {flag} is also in the repair data (--data) or --eval: the choice and the "
+                       "figures are measured there, never on what is trained on; give training data kept apart",
+                       d.table or d.source)
+    if len(keep) < len(d):
+        notes.append(f"{len(d) - len(keep)} of the {len(d)} samples of {flag} are also in the repair data or --eval: "
+                     f"left out of training, which uses the other {len(keep)}")
+        d = d.subset(keep)
     e = encode(d, adapter.class_names, gb)
     return TrainSet(items=list(d.items), y=e.y, groups=e.groups, source=str(d.table or d.source))
 
@@ -334,8 +360,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         rg = groups[report_idx] if has_groups else None
         rnames = enc.group_names
         absent = list(enc.absent_groups or [])
-        measured_on = (f"held-out {round(100 * o.report_fraction)}% of the repair set ({len(report_idx)} samples) "
-                       "that no fitting or selection saw")
+        measured_on = (f"held-out {round(100 * len(report_idx) / len(y))}% of the repair set ({len(report_idx)} "
+                       "samples) that no fitting or selection saw")
     before_logits = rX @ W0.T + b0
 
     # ---- apply the repair

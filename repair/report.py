@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -45,6 +44,7 @@ def compact_fix(rep: dict, delta_histogram: Optional[dict] = None) -> dict:
             "candidates": rep.get("candidates") or [], "neurons_suppressed": rep.get("neurons_suppressed"),
             "measured_on": rep.get("measured_on"), "before": _figures(rep["before"]),
             "after": _figures(rep["after"]), "export": rep.get("export"), "timing": rep.get("timing"),
+            "warnings": list(rep.get("warnings") or []), "duplicates": rep.get("duplicates"),
             "delta_histogram": delta_histogram}
 
 
@@ -228,9 +228,17 @@ def _gate_text(gate: Optional[dict]) -> str:
     return ("passed: " if gate["passed"] else "FAILED: ") + msg
 
 
+def model_anchor(name: str) -> str:
+    """A model's section id: readable, and different for different names ("a.b" and "a-b" too)."""
+    import hashlib
+
+    slug = "".join(ch if ch.isalnum() else "-" for ch in str(name))
+    return f"m-{slug}-{hashlib.sha256(str(name).encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
 def model_section(m: dict) -> str:
     """One model's section: headline figures, gate, bar chart, candidates, delta histogram."""
-    anchor = "m-" + "".join(ch if ch.isalnum() else "-" for ch in m["name"])
+    anchor = model_anchor(m["name"])
     out = [f'<section class="model" id="{anchor}"><h3>{_e(m["name"])}</h3>']
     if m["status"] != "done" or not m.get("result"):
         msg = m.get("error") or "not run yet (the run was interrupted; a rerun resumes it)"
@@ -247,6 +255,8 @@ def model_section(m: dict) -> str:
     if m.get("redone"):
         facts.append(f"run again: {_e(m['redone'])}")
     out.append("<p>" + "; ".join(facts) + "</p>")
+    if r.get("warnings"):              # what the repair set is too small or too odd to support
+        out.append('<ul class="warnings">' + "".join(f"<li>warning: {_e(w)}</li>" for w in r["warnings"]) + "</ul>")
     wb, label = headline(b)
     rows = [("accuracy", b.get("accuracy"), a and a.get("accuracy")),
             ("worst-class accuracy", b.get("worst_class_accuracy"), a and a.get("worst_class_accuracy"))]
@@ -272,7 +282,7 @@ def model_section(m: dict) -> str:
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1a202c;margin:24px auto;max-width:1100px;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px}h3{margin:0 0 6px;font-size:17px}h4{margin:14px 0 4px;font-size:14px}
-.note{color:#718096;font-size:12px}code{font-size:12px;background:#f7fafc;padding:0 3px}
+.note{color:#718096;font-size:12px}.warnings{color:#975a16;font-size:13px;margin:4px 0}code{font-size:12px;background:#f7fafc;padding:0 3px}
 table{border-collapse:collapse;margin:4px 0}th,td{padding:4px 9px;border-bottom:1px solid #e2e8f0;text-align:left}
 th{background:#f7fafc;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" ⇅";color:#a0aec0;font-size:11px}
@@ -313,7 +323,7 @@ def summary_table(models: list[dict], mode: str) -> str:
                      f'{"–" if not gate else ("pass" if gate["passed"] else "FAIL")}'
                      + (f' <span class="note">≥ {_pct(gate["threshold"])}</span>' if gate else "") + "</td>")
         status_cls = m["status"] if m["status"] != "done" else ""
-        anchor = "m-" + "".join(ch if ch.isalnum() else "-" for ch in m["name"])
+        anchor = model_anchor(m["name"])
         cells = [f'<td><a href="#{anchor}">{_e(m["name"])}</a></td>',
                  f'<td class="{status_cls}">{_e(m["status"])}</td>']
         note = "" if label == "WGA" else f' <span class="note">({label})</span>'
@@ -363,7 +373,9 @@ def now() -> str:
 
 
 def report_json(doc: dict) -> str:
-    return json.dumps(doc, indent=1, default=str) + "\n"
+    from .io import json_text
+
+    return json_text(doc, indent=1)
 
 
 def write_report(html_path, doc: dict) -> tuple[Path, Path]:

@@ -641,14 +641,20 @@ MIN_FOR_CHOICE = 20
 MIN_FOR_REPORT = 10
 
 
-def support_warnings(strata: Tensor, names: Sequence[str], *, what: str, minimum: int) -> list[str]:
+def support_warnings(strata: Tensor, names: Sequence[str], *, what: str, minimum: int,
+                     among: Optional[Tensor] = None) -> list[str]:
     """One plain sentence per stratum with fewer than ``minimum`` samples: its accuracy -- and so a
     worst-stratum score -- is then too noisy to rest a choice or a figure on. The standard error
-    of an accuracy near 70% measured on n samples is about 46/sqrt(n) points."""
+    of an accuracy near 70% measured on n samples is about 46/sqrt(n) points. ``among`` (the strata
+    of the whole set ``strata`` was drawn from): a stratum it has that ``strata`` lacks gets a sentence
+    too (no figure speaks for it)."""
     out = []
     counts = torch.bincount(strata.long().cpu(), minlength=len(names))
+    whole = None if among is None else torch.bincount(among.long().cpu(), minlength=len(names)).tolist()
     for i, n in enumerate(counts.tolist()):
-        if 0 < n < minimum:
+        if n == 0 and whole is not None and whole[i] > 0:
+            out.append(f"{what}: group {names[i]} has no samples in it, so no figure speaks for it")
+        elif 0 < n < minimum:
             se = 100 * math.sqrt(0.21 / n)
             out.append(f"{what}: group {names[i]} has only {n} samples (fewer than {minimum}); its accuracy is "
                        f"uncertain by about +-{se:.0f} points, so {'the choice' if 'choos' in what else 'the figure'}"

@@ -88,3 +88,25 @@ def test_ctrl_c_inside_an_import_is_an_interruption_not_an_internal_error():
             command(fn)()
         assert ei.value.exit_code == code
     assert not _interrupted(ValueError("x"))
+
+
+def test_a_sigterm_while_a_command_is_built_exits_143(monkeypatch, capsys):
+    """`repair fix` is built when it runs (its options come from the registry, importing torch): a
+    SIGTERM or Ctrl-C in that window exits 143 / 130 with one line, not 1 ("gate failed") and a
+    traceback."""
+    import typer
+
+    from repair.errors import Terminated
+    from repair_cli import app as cli_app
+    from repair_cli.main import app
+
+    group = typer.main.get_command(app)
+    for exc, code in ((Terminated, 143), (KeyboardInterrupt, 130)):
+        def build(exc=exc):
+            raise exc()
+
+        monkeypatch.setitem(cli_app.LAZY_COMMANDS, "slowcmd", build)
+        with pytest.raises(SystemExit) as ei:
+            group.main(["slowcmd"], prog_name="repair")
+        err = capsys.readouterr().err
+        assert ei.value.code == code and "Traceback" not in err and err.count("\n") <= 1, err

@@ -119,3 +119,29 @@ def test_zoo_page_renders_every_state():
     assert_self_contained_page(html)
     assert "broken &lt;model&gt;" in html and "dfr &lt;b&gt;" in html and "interrupted" in html
     assert html.count('<section class="model"') == 3 and 'data-v="0.900000"' in html
+
+
+def test_model_anchors_differ_for_names_that_slug_alike():
+    from repair.report import model_anchor
+
+    names = ["a.b", "a-b", "a b", "a/b"]
+    anchors = [model_anchor(n) for n in names]
+    assert len(set(anchors)) == len(names) and all(a.startswith("m-a-b-") for a in anchors)
+    assert model_anchor("a.b") == model_anchor("a.b")
+
+
+def test_every_json_document_is_strict_json(capsys):
+    """NaN and infinity (a non-finite ONNX output, an overflowing ratio) are written as null: jq,
+    JSON.parse and Python's strict parsing read every document the tool prints or saves."""
+    from repair.io import json_text
+    from repair.report import report_json
+    from repair_cli.app import emit_json
+
+    doc = {"max_abs_diff": float("nan"), "bound": {"ratio": float("inf"), "worst": [-float("inf"), 1.5]}, "n": 3}
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    emit_json(doc)
+    for text in (capsys.readouterr().out, report_json(doc), json_text(doc)):
+        assert strict(text) == {"max_abs_diff": None, "bound": {"ratio": None, "worst": [None, 1.5]}, "n": 3}

@@ -526,7 +526,7 @@ def test_a_train_set_that_cannot_serve_is_refused_before_any_work(tmp_path, timm
     texts = make_texts(tmp_path / "t.csv")
     wolves = make_images(tmp_path / "w", n_per_class=2, classes=("wolf",))
     for train, words in ((texts, "text"), (wolves, "wolf")):
-        code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "mixft", "--train", train,
+        code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "clp-ablation", "--train", train,
                                "--out", tmp_path / "o", "-q")
         assert code == 2 and words in err and err.count("\n") == 1, err
 
@@ -543,3 +543,58 @@ def test_a_model_args_file_is_an_input(tmp_path, timm_folder, image_data):
                            "--out", d / "fixed.safetensors", "--report", d / "args.html", "--force", "-q")
     assert code == 2 and "args.json" in err and err.count("\n") == 1, err
     assert digest_tree(d) == before
+
+
+def test_training_data_never_holds_what_the_figures_are_measured_on(tmp_path, timm_folder, image_data):
+    """--train samples that are also in the repair data or --eval are left out of training (the choice
+    and the figures are measured there); --train that is the repair data itself is exit 2 naming it."""
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "clp-ablation", "--train", image_data,
+                           "--budget", "2steps", "--out", tmp_path / "o", "-q")
+    assert code == 2 and "every sample of --train" in err and err.count("\n") == 1, err
+    extra = make_images(tmp_path / "extra", n_per_class=2, seed=7)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(image_data, mixed)
+    with open(extra / "metadata.csv") as f:
+        new = list(csv.DictReader(f))
+    for r in new:
+        shutil.copy(extra / r["img_filename"], mixed / r["y"] / ("x" + Path(r["img_filename"]).name))
+    with open(mixed / "metadata.csv", "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writerows({**r, "img_filename": f"{r['y']}/x{Path(r['img_filename']).name}"} for r in new)
+    code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "clp-ablation", "--train", mixed,
+                             "--budget", "2steps", "--out", tmp_path / "o", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(out)
+    n_repair = len(list(csv.DictReader(open(image_data / "metadata.csv"))))
+    assert any(f"{n_repair} of the {n_repair + len(new)} samples of --train" in w for w in rep["warnings"])
+
+
+def test_figures_need_held_out_samples_and_their_warnings_reach_the_report(tmp_path, timm_folder):
+    """A repair set too small to hold out any sample is exit 2 (it printed figures of 0 samples);
+    label-free runs warn about small inferred groups in the figures too; the warnings, the share
+    actually held out and the duplicate counts reach the HTML report and its JSON."""
+    tiny = make_images(tmp_path / "tiny", n_per_class=1, seed=6)
+    code, _, err = run_cli("fix", timm_folder, "--data", tiny, "--recipe", "dfr", "--out", tmp_path / "o", "-q")
+    assert code == 2 and "too small to hold out" in err and err.count("\n") == 1, err
+    small = make_images(tmp_path / "small", n_per_class=2, seed=5)
+    code, out, err = run_cli("fix", timm_folder, "--data", small, "--recipe", "neurontune", "--out", tmp_path / "o",
+                             "--report", tmp_path / "r.html", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(out)
+    held = rep["settings"]["splits"]["report"]
+    assert f"held-out {round(100 * held / 6)}% of the repair set ({held} samples)" in rep["measured_on"]
+    figs = [w for w in rep["warnings"] if w.startswith("the reported figures")]
+    assert figs and all("|correct" in w or "|misclassified" in w for w in figs)     # the inferred groups
+    page = (tmp_path / "r.html").read_text()
+    assert "warning: the reported figures" in page
+    text = (tmp_path / "r.json").read_text()
+    assert all(json.dumps(w) in text for w in rep["warnings"])
+
+
+def test_a_model_repair_input_no_candidate_uses_is_refused(tmp_path, timm_folder, image_data):
+    """--train given to a recipe whose model repairs do not read it (mixft, recompose) is exit 2 naming
+    it and the methods that take it, instead of being ignored in silence."""
+    extra = make_images(tmp_path / "extra", n_per_class=2, seed=7)
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "mixft", "--train", extra,
+                           "--budget", "2steps", "--out", tmp_path / "o", "-q")
+    assert code == 2 and "--train: no candidate of recipe 'mixft' uses it" in err and "clp" in err, err

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_bert_folder, make_texts, run_cli
+from conftest import make_bert_folder, make_images, make_texts, run_cli
 
 
 @pytest.fixture()
@@ -585,3 +585,45 @@ def test_a_stopped_model_repair_shows_the_most_it_could_reach():
     assert "<= 55.0%" in line and "70.0%" not in line
     html = candidates_table({"candidate": "average of dfr + mix", "candidates": rows})
     assert "≤ 55.0%" in html and "cannot beat the head" in html
+
+
+def test_a_model_repair_that_cannot_train_on_a_fold_leaves_the_head(tmp_path, timm_folder):
+    """auto-ft on a repair set whose folds are too small for the model repair (its own held-out part for
+    early stopping): the model repair is skipped, saying why, and the result is the head auto returns
+    (the run failed with exit 2 where auto succeeds). Without a head to fall back on the error stands."""
+    from types import SimpleNamespace
+
+    from repair.choosing import Chosen, Fitted, _escalate
+    from repair.errors import BadInput
+    from repair.selection import Criterion, KFold
+
+    n = 40
+    y = torch.arange(n) % 2
+    head_pred = y.clone()
+    head_pred[:16] ^= 1                                                 # a head at 60%: room to win
+
+    class TooSmall(_FoldCtx):
+        def fit(self, cand, idx, config=None):
+            if cand.info.kind == "model":
+                raise BadInput("the repair set is too small to hold out a part for early stopping")
+            return super().fit(cand, idx, config)
+
+    head = Chosen("dfr", "dfr")
+    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"))
+    rows = []
+    choice = _escalate(None, TooSmall(y, head_pred, y.clone()), torch.arange(n), y.clone(), Criterion("worst_class"),
+                       y, y, (head, Fitted("head"), None, [0]), [head], [model], rows, KFold(2), seed=0,
+                       log=lambda m: None)
+    assert choice.chosen is head
+    row = next(r for r in rows if r["kind"] == "model")
+    assert "cannot be trained on a fold" in row["skipped"] and "too small" in row["skipped"]
+    assert any("mixft skipped" in note for note in choice.notes)
+    with pytest.raises(BadInput, match="too small"):
+        _escalate(None, TooSmall(y, head_pred, y.clone()), torch.arange(n), y.clone(), Criterion("worst_class"), y,
+                  y, None, [], [model], [], KFold(2), seed=0, log=lambda m: None)
+    # end to end: the audit's case, 3 images per class
+    small = make_images(tmp_path / "small", n_per_class=3, seed=5)
+    code, out, err = run_cli("fix", timm_folder, "--data", small, "--recipe", "auto-ft", "--budget", "3steps",
+                             "--out", tmp_path / "o", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "head"

@@ -78,6 +78,8 @@ class Budget:
             if v <= 0:
                 raise BadInput(f"--budget: {part.strip()!r} must be positive")
             if unit == "steps":
+                if v != int(v):
+                    raise BadInput(f"--budget: {part.strip()!r}: steps are counted in whole numbers")
                 kw["steps"] = int(v)
             elif unit == "epochs":
                 kw["epochs"] = v
@@ -352,7 +354,8 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
                 bar.set_postfix(**postfix(), refresh=False)
                 timed_out = budget.seconds is not None and time.perf_counter() - t0 >= budget.seconds
                 if i % eval_every == 0 or i == total or timed_out:
-                    if check():
+                    # at the last step training ends anyway: what ended it is the budget, not patience
+                    if check() and i < total:
                         stopped = "early stopping"
                         break
                     loss_sum, loss_n = 0.0, 0
