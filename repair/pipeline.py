@@ -153,11 +153,17 @@ def check_repair_set(enc: Encoded, num_classes: int, where) -> None:
         # groups = class x attribute value: every combination must have samples
         attr_values = sorted({n.split("|", 1)[1] for n in enc.group_names})
         have = set(enc.group_names)
-        for c in present:
-            for a in attr_values:
-                name = f"{enc.class_names[c]}|{a}"
-                if name not in have:
-                    raise BadInput(f"group {name} has no samples in the repair set", where)
+        missing = [f"{enc.class_names[c]}|{a}" for c in present for a in attr_values
+                   if f"{enc.class_names[c]}|{a}" not in have]
+        if missing:
+            column = attr_values[0].split("=", 1)[0]
+            n = int(enc.y.numel())
+            hint = (f"; the column {column!r} has {len(attr_values)} values for {n} samples: --group-by names an "
+                    "attribute whose few values many samples share (a background, a domain)"
+                    if len(attr_values) > max(2, n // 4) else "")
+            raise BadInput(f"group {missing[0]} has no samples in the repair set"
+                           + (f" ({len(missing)} of the {len(present) * len(attr_values)} class x {column} groups "
+                              "have none)" if len(missing) > 1 else "") + hint, where)
 
 
 def _load_recipe(o: FixOptions):

@@ -242,3 +242,16 @@ def test_a_malformed_prompts_file_is_refused_before_any_work(tmp_path, timm_fold
         bad.write_text(text)
         refused("fix", timm_folder, "--data", image_data, "--recipe", "recompose", "--prompts", bad,
                 "--out", tmp_path / "o", words=(str(bad), words))
+
+
+def test_a_group_column_of_unique_values_says_what_group_by_is_for(tmp_path, timm_folder, image_data):
+    """--group-by naming a column with a value per sample: exit 2 saying how many class x value groups
+    are empty and that --group-by names an attribute many samples share (it named one empty group)."""
+    d = image_copy(image_data, tmp_path / "d")
+    rows = list(csv.DictReader(open(d / "metadata.csv", newline="", encoding="utf-8")))
+    with open(d / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place", "uniq"])
+        w.writeheader()
+        w.writerows({**r, "uniq": f"u{i}"} for i, r in enumerate(rows))
+    refused("fix", timm_folder, "--data", d, "--group-by", "uniq", "--recipe", "dfr", "--out", tmp_path / "o",
+            words=("class x uniq groups have none", f"has {len(rows)} values for {len(rows)} samples"))
