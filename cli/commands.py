@@ -69,9 +69,10 @@ def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load,
               as_json: AsJson = False,
               top: Annotated[int, typer.Option("--top", min=1, help="How many neurons to list.", rich_help_panel=PANEL_OUTPUT)] = 10):
     """Probe embeddings without group labels: spurious neurons, dispersion, pseudo-groups."""
-    from repair.preflight import read_inputs
+    from repair.preflight import check_cache_dir, read_inputs
 
     inputs = read_inputs(model, data, columns, data_flag="data (--data)")
+    check_cache_dir(inputs.protected, runtime)
     from repair.api import probe_model
 
     rep = probe_model(model, inputs.data, load, columns, runtime, top_k=top)

@@ -135,7 +135,10 @@ class RepairData:
         return torch.tensor(ids, dtype=torch.long)
 
     def fingerprint(self) -> str:
-        """Identifies the items (not labels): part of the embedding cache key."""
+        """Identifies the items (not labels): part of the embedding cache key. An image by its
+        path, size, inode, modification and change time (a file replaced by another of the same
+        size with its modification time set back, as ``cp -p`` or ``rsync -t`` do, still gets a
+        new change time and inode); a text by its length and its bytes."""
         h = hashlib.sha256(self.modality.encode())
         reals = self._real_items() if self.modality == "image" else None
         for i, it in enumerate(self.items):
@@ -143,10 +146,12 @@ class RepairData:
                 st = Path(it).stat()
                 # the path as the file system holds it: a name that is not valid UTF-8 (bytes kept
                 # as surrogates by Python) hashes as its own bytes
-                h.update(os.fsencode(reals[i]) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(os.fsencode(reals[i]) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0"
+                                                  f"{st.st_ctime_ns}\n".encode())
             else:
-                h.update(it.encode("utf-8"))
-                h.update(b"\0")
+                b = it.encode("utf-8")
+                h.update(f"{len(b)}:".encode())     # length first: a text holding NUL stays one text
+                h.update(b)
         return h.hexdigest()
 
     def subset(self, idx: Sequence[int]) -> "RepairData":
@@ -591,12 +596,12 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
     else:
         tables = [path / n for n in METADATA_NAMES if (path / n).exists()]
         if tables:
-            data = _from_table(tables[0], path, o)
+            data = _from_table(_found_table(tables[0], path, o), path, o)
         else:
             others = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
             subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
             if len(others) == 1 and not subdirs:
-                data = _from_table(others[0], path, o)
+                data = _from_table(_found_table(others[0], path, o), path, o)
             elif others and not subdirs:
                 names = ", ".join(o.name for o in others)
                 raise BadInput(f"the data folder holds {len(others)} tables ({names}) and no metadata.csv; "
@@ -611,6 +616,15 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
         for p in data.items:           # a stat each (never opened here: a FIFO would block)
             check_regular(p)
     return data
+
+
+def _found_table(table: Path, folder: Path, o: DataOptions) -> Path:
+    """A table the data folder holds (found, not named by the user): a symlink leading outside the
+    folder is refused like an image would be (named directly with ``--data FILE`` it is read)."""
+    if not o.allow_outside_paths and not _inside(_real(folder), _real(table)):
+        raise BadInput(f"the data folder's table is a symlink leading outside the folder {folder} (to "
+                       f"{_real(table) or table}); name it with --data or pass --allow-outside-paths", table)
+    return table
 
 
 def check_regular(path, what: str = "image") -> None:

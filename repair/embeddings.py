@@ -2,8 +2,10 @@
 
 The cache key is the hash of the model's body as it is now (``Adapter.body_hash``:
 every weight but the head, so a repaired head does not change embeddings, while
-a changed body tensor does), the data's fingerprint and the preprocessing, so a
-second run over the same data skips the forward pass.
+a changed body tensor does), how the network was built beside its weights
+(``Adapter.network_id``: architecture arguments, config, module tree), the data's
+fingerprint and the preprocessing (a tokenizer by its content), so a second run
+over the same data skips the forward pass.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from .adapters.base import Adapter
 from .data import RepairData
 from .errors import BadInput
 
-CACHE_FORMAT = 2      # 2: every entry carries the sha256 of its tensor, verified on read
+CACHE_FORMAT = 3      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
+                      # holds the network's build (Adapter.network_id) and the tokenizer's content
 
 
 def default_cache_dir() -> Path:
@@ -73,7 +76,8 @@ class Embeddings:
 
 def cache_key(adapter: Adapter, data: RepairData) -> str:
     desc = {"format": CACHE_FORMAT, "body": adapter.body_hash(), "data": data.fingerprint(),
-            "preprocess": adapter.preprocess_id(), "family": adapter.family}
+            "preprocess": adapter.preprocess_id(), "family": adapter.family,
+            "network": adapter.network_id()}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
@@ -176,16 +180,27 @@ def _write_cache(path: Path, X: torch.Tensor) -> None:
     """Atomic: a temporary sibling renamed into place, with the digest and key in its metadata."""
     from .io import save_safetensors
 
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".tmp", dir=path.parent)
         os.close(fd)
         save_safetensors({"embeddings": X}, tmp, metadata={"repair_version": __version__,
                                                            "sha256": cache_digest(X), "key": path.stem})
+        os.chmod(tmp, 0o666 & ~_umask())     # as any file the user writes (mkstemp makes it 0600)
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:  # a read-only or full cache must not fail the command
         print(f"warning: could not write embedding cache {path.parent} ({e.strerror})", file=sys.stderr)
-        try:
-            os.unlink(tmp)  # type: ignore[possibly-undefined]
-        except Exception:
-            pass
+    finally:              # also on Ctrl-C or SIGTERM: no temporary file is left in the cache
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -103,6 +103,12 @@ def check_cache_dir(protected: Protected, runtime) -> None:
 
     folder = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
     protected.check(folder / "entry.safetensors", "--cache-dir")
+    where = folder.resolve()
+    for ckpt, what in protected.checkpoint_folders.items():
+        if where == ckpt or ckpt in where.parents:
+            raise BadInput(f"--cache-dir is inside the checkpoint folder of the {what} ({ckpt}): the next "
+                           "repair of that folder would copy the cache into its output; choose another "
+                           "--cache-dir", folder)
 
 
 # ------------------------------------------------------------------ model-repair inputs

@@ -124,6 +124,9 @@ class Protected:
         self.files: dict[Path, str] = {}
         self.folders: dict[Path, str] = {}
         self.named: dict[Path, str] = {}      # paths given that are not read whole (a table's folder)
+        #: the checkpoint folder of a weights file given inside one (its config.json beside it): the
+        #: loader reads the folder's files, and the next repair of the folder copies what is in it
+        self.checkpoint_folders: dict[Path, str] = {}
         self._holders: Optional[dict] = None  # every folder holding a protected path -> that path
 
     def add(self, path: Optional[PathLike], what: str) -> "Protected":
@@ -132,6 +135,9 @@ class Protected:
             return self
         p = _norm(path)
         (self.folders if p.is_dir() else self.files).setdefault(p, what)
+        given = Path(path).expanduser()
+        if given.is_file() and (given.parent / "config.json").is_file():
+            self.checkpoint_folders.setdefault(_norm(given.parent), what)
         self._holders = None
         return self
 
@@ -170,6 +176,8 @@ class Protected:
             self.folders.setdefault(p, w)
         for p, w in other.named.items():
             self.named.setdefault(p, w)
+        for p, w in other.checkpoint_folders.items():
+            self.checkpoint_folders.setdefault(p, w)
         self._holders = None
         return self
 

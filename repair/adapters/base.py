@@ -117,6 +117,9 @@ class Adapter(ABC):
 
     #: the checkpoint folder whose files the loader read (config, tokenizer) when there is one
     model_folder: Optional[Path] = None
+    #: how the family built the network beside its weights (the architecture and its arguments, a
+    #: factory, a config), JSON-able: part of the embedding cache key (:meth:`network_id`)
+    build: Mapping[str, Any] = MappingProxyType({})
 
     # ---- identity -------------------------------------------------------
     def source_files(self) -> list[Path]:
@@ -166,6 +169,18 @@ class Adapter(ABC):
             # what save() writes; when that loses precision the model differs from any file: hash it as is
             digests[n] = tensor_digest(as_file if torch.equal(as_file.to(now.dtype), now) else now)
         return combine_digests(digests)
+
+    def network_id(self) -> dict:
+        """Everything beside the weights that decides what the body computes (part of the
+        embedding cache key, with :meth:`body_hash` and :meth:`preprocess_id`): the family's
+        :attr:`build` and, for a torch model, a digest of its module tree (every layer's type and
+        settings: an activation, a norm's epsilon) with the torch version. Two checkpoints with the
+        same tensors but another architecture setting never share cached embeddings."""
+        out: dict = {"build": json.loads(json.dumps(dict(self.build), sort_keys=True, default=str))}
+        if self.model is not None:
+            out["modules"] = hashlib.sha256(repr(self.model).encode()).hexdigest()
+            out["torch"] = torch.__version__
+        return out
 
     @abstractmethod
     def preprocess_id(self) -> dict:

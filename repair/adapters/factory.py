@@ -49,9 +49,24 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
     head_name, head = last_linear(model)
     load_weights_strict(model, tensors, weights, head_name)
     names = list(class_names) if class_names else [str(i) for i in range(head.out_features)]
-    return TorchImageAdapter(family="torch", source=weights, weights_path=weights, model=model,
-                             head_name=head_name, tensors=tensors, metadata=metadata,
-                             class_names=names, data_config=data_config)
+    adapter = TorchImageAdapter(family="torch", source=weights, weights_path=weights, model=model,
+                                head_name=head_name, tensors=tensors, metadata=metadata,
+                                class_names=names, data_config=data_config)
+    adapter.build = {"factory": factory, "model_args": model_args or {}, "code": _code_digest(fn)}
+    return adapter
+
+
+def _code_digest(fn) -> Optional[str]:
+    """sha256 of the file that defines the factory (an edited factory builds another network;
+    part of the embedding cache key), or None when it has no source file."""
+    import inspect
+
+    from .base import sha256_file
+
+    try:
+        return sha256_file(Path(inspect.getsourcefile(fn) or ""))
+    except (OSError, TypeError):
+        return None
 
 
 def detect(path: Path, o: LoadOptions) -> bool:

@@ -146,6 +146,10 @@ class HFTextAdapter(TorchModelAdapter):
         if missing or mismatched:
             raise BadInput(f"the classification head {self.head_name} was not in the weights "
                            "(transformers would use a random head)", weights)
+        body_missing = sorted(set(info.get("missing_keys", [])) - set(tensors))
+        if body_missing:       # transformers would initialise them at random: every run another network
+            raise BadInput(f"{len(body_missing)} weight(s) of the network are not in the file (e.g. "
+                           f"{body_missing[0]}); transformers would fill them with random values", weights)
         self.head_key = f"{self.head_name}.weight"
         if self.head_key not in tensors:
             raise BadInput(f"head tensor {self.head_key} not found by that name in the file", weights)
@@ -157,6 +161,9 @@ class HFTextAdapter(TorchModelAdapter):
         self.max_length = resolve_max_length(self.tokenizer, max_length, positions=position_limit(model),
                                              where=cfg_path)
         self._init_file_state(tensors)
+        import transformers
+
+        self.build = {"config": network_config(model.config), "transformers": transformers.__version__}
 
     def preprocess_id(self) -> dict:
         return tokenizer_preprocess_id(self.tokenizer, self.max_length)
@@ -171,6 +178,17 @@ class HFTextAdapter(TorchModelAdapter):
     @torch.no_grad()
     def logits_batch(self, batch: dict, device: torch.device) -> torch.Tensor:
         return self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+
+
+#: config fields that do not change what the body computes (labels, names, the dtype the file was saved in:
+#: the model is always loaded in float32)
+CONFIG_NOT_NETWORK = frozenset({"id2label", "label2id", "num_labels", "_name_or_path", "transformers_version",
+                                "dtype", "torch_dtype", "architectures", "finetuning_task", "problem_type"})
+
+
+def network_config(config) -> dict:
+    """A transformers config as it decides the network (part of the embedding cache key)."""
+    return {k: v for k, v in config.to_dict().items() if k not in CONFIG_NOT_NETWORK}
 
 
 def _in_folder(path: Path) -> bool:

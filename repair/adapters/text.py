@@ -115,11 +115,39 @@ def max_positions_beside(folder: Path) -> Optional[int]:
 
 
 def tokenizer_preprocess_id(tokenizer, max_length: Optional[int]) -> dict:
-    """JSON-able description of a tokenizer's preprocessing (part of the embedding cache key)."""
+    """JSON-able description of a tokenizer's preprocessing (part of the embedding cache key):
+    its class, the truncation length and a digest of its content (:func:`tokenizer_digest`)."""
     if tokenizer is None:
         return {"tokenizer": None}
     return {"tokenizer": type(tokenizer).__name__, "vocab_size": int(tokenizer.vocab_size),
-            "max_length": max_length, "lowercase": bool(getattr(tokenizer, "do_lower_case", False))}
+            "max_length": max_length, "lowercase": bool(getattr(tokenizer, "do_lower_case", False)),
+            "content": tokenizer_digest(tokenizer)}
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what decides a tokenizer's ids: a fast tokenizer's whole pipeline (vocabulary,
+    merges, normaliser, pre-tokeniser, post-processor, added tokens) or a slow one's vocabulary, and
+    the settings it was built with (truncation and padding side, special tokens, lower-casing); not
+    file names, nor the per-call truncation and padding a batch sets on the backend."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        pipeline.pop("truncation", None)
+        pipeline.pop("padding", None)
+        h.update(json.dumps(pipeline, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    kwargs = {k: v for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+              if not (k.endswith("_file") or k.endswith("_files") or k == "name_or_path")}
+    kwargs["truncation_side"] = getattr(tokenizer, "truncation_side", None)
+    kwargs["padding_side"] = getattr(tokenizer, "padding_side", None)
+    kwargs["input_names"] = list(getattr(tokenizer, "model_input_names", None) or ())
+    h.update(json.dumps(kwargs, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def collate_texts(tokenizer, items: Sequence[Any], max_length: int,
@@ -150,4 +178,4 @@ def tokenizer_input_names(tokenizer) -> list[str]:
 __all__ = ["DEFAULT_MAX_LENGTH", "TEXT_INPUTS", "TOKENIZER_FILES", "collate_texts", "first_line",
            "has_tokenizer_files", "load_tokenizer", "max_positions_beside", "offline", "quiet_transformers",
            "resolve_max_length",
-           "text_input_order", "tokenizer_input_names", "tokenizer_preprocess_id"]
+           "text_input_order", "tokenizer_digest", "tokenizer_input_names", "tokenizer_preprocess_id"]

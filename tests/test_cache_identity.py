@@ -1,0 +1,179 @@
+"""The embedding cache serves a run only embeddings of the very network, preprocessing and data it
+measures: anything that changes what the body computes changes the key (architecture settings, a
+transformers config, a factory, the tokenizer's content, an image replaced with its time set back),
+and the cache never lands where the next repair would ship it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_bert_folder, make_images, make_texts, make_timm_folder, run_cli
+from repair.adapters import LoadOptions, load_model
+from repair.api import RuntimeOptions, prepare
+from repair.data import load_data
+from repair.embeddings import cache_key
+from repair.errors import BadInput
+
+
+def _key(model, data, load=None) -> str:
+    return cache_key(load_model(model, load), load_data(data))
+
+
+def _fresh(rt, model, data, load=None) -> bool:
+    """Whether a run on (model, data) computes its embeddings (True) or takes them from the cache."""
+    return not prepare(model, data, load, runtime=rt).emb.from_cache
+
+
+def test_timm_model_args_change_the_key_and_the_figures_follow(tmp_path):
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=3)
+    rt = RuntimeOptions(cache_dir=str(tmp_path / "c"), progress=False)
+    before = prepare(m, data, runtime=rt)
+    assert not before.emb.from_cache and prepare(m, data, runtime=rt).emb.from_cache
+    cfg = json.loads((m / "config.json").read_text())
+    cfg.setdefault("model_args", {})["act_layer"] = "silu"          # same tensors, another network
+    (m / "config.json").write_text(json.dumps(cfg))
+    after = prepare(m, data, runtime=rt)
+    assert not after.emb.from_cache
+    assert not torch.allclose(after.emb.X, before.emb.X)
+    truth = prepare(m, data, runtime=RuntimeOptions(use_cache=False, progress=False))
+    assert torch.equal(after.emb.X, truth.emb.X)
+
+
+def test_transformers_config_changes_the_key(tmp_path):
+    b = make_bert_folder(tmp_path / "b")
+    texts = make_texts(tmp_path / "t.csv", n=12)
+    k0 = _key(b, texts)
+    assert _key(b, texts) == k0                                     # deterministic
+    for field, value in (("hidden_act", "relu"), ("layer_norm_eps", 10.0), ("num_attention_heads", 1)):
+        c = tmp_path / f"b-{field}"
+        shutil.copytree(b, c)
+        cfg = json.loads((c / "config.json").read_text())
+        cfg[field] = value
+        (c / "config.json").write_text(json.dumps(cfg))
+        assert _key(c, texts) != k0, field
+    c = tmp_path / "b-labels"                                       # labels are not the network
+    shutil.copytree(b, c)
+    cfg = json.loads((c / "config.json").read_text())
+    cfg["id2label"] = {"0": "neg", "1": "pos"}
+    cfg["label2id"] = {"neg": 0, "pos": 1}
+    (c / "config.json").write_text(json.dumps(cfg))
+    assert _key(c, texts) == k0
+
+
+def test_the_tokenizer_content_is_in_the_key(tmp_path):
+    b = make_bert_folder(tmp_path / "b")
+    texts = make_texts(tmp_path / "t.csv", n=12)
+    rt = RuntimeOptions(cache_dir=str(tmp_path / "c"), progress=False)
+    assert _fresh(rt, b, texts) and not _fresh(rt, b, texts)
+    tok = json.loads((b / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["great"], vocab["awful"] = vocab["awful"], vocab["great"]   # same size, other ids
+    (b / "tokenizer.json").write_text(json.dumps(tok))
+    assert _fresh(rt, b, texts)
+    cfg = json.loads((b / "tokenizer_config.json").read_text())
+    cfg["truncation_side"] = "left"
+    (b / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert _fresh(rt, b, texts, LoadOptions(max_length=4))
+    assert not _fresh(rt, b, texts, LoadOptions(max_length=4))
+
+
+def test_a_factory_and_its_arguments_are_in_the_key(tmp_path, monkeypatch):
+    (tmp_path / "facmod_cache.py").write_text(
+        "from torch import nn\n"
+        "def net(act='relu'):\n"
+        "    a = nn.ReLU() if act == 'relu' else nn.Tanh()\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), a, nn.Linear(6, 3))\n"
+        "def other():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.Sigmoid(), nn.Linear(6, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("facmod_cache", None)
+    import facmod_cache
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(facmod_cache.net().state_dict(), str(tmp_path / "w.safetensors"))
+    data = make_images(tmp_path / "d", n_per_class=2, size=8)
+    pre = dict(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    k = {name: _key(tmp_path / "w.safetensors", data, LoadOptions(factory=f"facmod_cache:{fn}", model_args=args, **pre))
+         for name, fn, args in (("relu", "net", None), ("tanh", "net", {"act": "tanh"}), ("other", "other", None))}
+    assert len(set(k.values())) == 3
+
+
+def test_a_transformers_checkpoint_missing_body_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    b = make_bert_folder(tmp_path / "b")
+    t = {k: v for k, v in load_file(str(b / "model.safetensors")).items() if "pooler" not in k}
+    save_file(t, str(b / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BadInput) as e:
+        load_model(b)
+    assert "pooler" in str(e.value) and "random" in str(e.value)
+    code, _, err = run_cli("eval", b, "--data", make_texts(tmp_path / "t.csv", n=8), "-q")
+    assert code == 2 and "model.safetensors" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_image_replaced_with_its_time_set_back_is_not_served_from_the_cache(tmp_path):
+    data = make_images(tmp_path / "d", n_per_class=3)
+    files = sorted(p for p in data.rglob("*.png"))
+    a, b = files[0], files[-1]
+    fp = load_data(data).fingerprint()
+    st = a.stat()
+    body = b.read_bytes()
+    pad = max(0, st.st_size - len(body))
+    a.write_bytes(body + b"\0" * pad)                 # PNG readers ignore trailing bytes
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert load_data(data).fingerprint() != fp
+
+
+def test_texts_holding_nul_do_not_collide(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(json.dumps(r) for r in ({"text": "good\u0000bad", "label": "x"},
+                                                     {"text": "fun", "label": "y"})) + "\n")
+    b.write_text("\n".join(json.dumps(r) for r in ({"text": "good", "label": "x"},
+                                                     {"text": "bad\u0000fun", "label": "y"})) + "\n")
+    assert load_data(a).fingerprint() != load_data(b).fingerprint()
+
+
+def test_the_cache_never_goes_into_a_checkpoint_folder(tmp_path):
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=2)
+    for cmd in ("eval", "probe"):
+        for model, cache in ((m, m / "cache"), (m / "model.safetensors", m / "cache"), (m / "model.safetensors", m)):
+            code, _, err = run_cli(cmd, model, "--data", data, "--cache-dir", cache, "-q")
+            assert code == 2 and "--cache-dir" in err, (cmd, model, cache, err)
+    assert sorted(p.name for p in m.iterdir()) == ["config.json", "model.safetensors"]
+    code, _, err = run_cli("fix", m / "model.safetensors", "--data", data, "--cache-dir", m / "c", "-q",
+                           "--recipe", "dfr")
+    assert code == 2 and "--cache-dir" in err
+    assert sorted(p.name for p in m.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_found_table_that_leads_outside_the_data_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_text("root:x:0:0:root:/root:/bin/bash\nline 2\n")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "metadata.csv").symlink_to(outside / "secret.csv")
+    code, _, err = run_cli("eval", make_timm_folder(tmp_path / "m"), "--data", d, "-q")
+    assert code == 2 and "outside" in err and "root:x" not in err, err
+
+
+def test_no_temporary_file_is_left_when_a_cache_write_is_interrupted(tmp_path, monkeypatch):
+    import repair.io
+    from repair import embeddings
+
+    def boom(*a, **k):
+        Path(a[1]).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repair.io, "save_safetensors", boom)
+    with pytest.raises(KeyboardInterrupt):
+        embeddings._write_cache(tmp_path / "c" / "k.safetensors", torch.zeros(2, 2))
+    assert list((tmp_path / "c").iterdir()) == []
