@@ -58,7 +58,18 @@ def fix(model, data, out=None, *, recipe: str = "auto", seed: int = 0, group_by=
     from .data import DataOptions
     from .pipeline import FixOptions, fix_model
 
-    o = options or FixOptions(recipe=recipe, seed=seed, eval_data=None if eval_data is None else str(eval_data))
+    given = {"recipe": recipe, "seed": seed, "eval_data": None if eval_data is None else str(eval_data)}
+    if options is None:
+        o = FixOptions(**given)
+    else:                       # an argument that says otherwise than ``options`` is never dropped silently
+        from .errors import BadInput
+
+        defaults = {"recipe": "auto", "seed": 0, "eval_data": None}
+        clash = [k for k, v in given.items() if v != defaults[k] and v != getattr(options, k)]
+        if clash:
+            raise BadInput(f"repair.fix: {', '.join(clash)} given both as an argument and in options "
+                           f"(FixOptions) with other values; give it in one place")
+        o = options
     opts = data_options or DataOptions()
     if group_by is not None:
         opts = dataclasses.replace(opts, group_by=group_by)

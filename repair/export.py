@@ -211,11 +211,11 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
         wrapper = _ImageLogits(model)
         args = (example.cpu(),)
     text = isinstance(example, dict)
+    modes = [(m, m.training) for m in model.modules()]     # the caller's module is left as it was given
     wrapper.eval()
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     errors = []
     dev = _model_device(model)
-    was_training = model.training
     model.to("cpu").eval()
     try:
         for kind in order:
@@ -252,7 +252,8 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
                                    f"to torch's deprecated TorchScript exporter")
     finally:
         model.to(dev)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     raise RepairError("ONNX export failed: " + "; ".join(errors))
 
 

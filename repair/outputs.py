@@ -12,6 +12,7 @@ so the identical rerun starts clean.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -165,6 +166,14 @@ def export_provenance(adapter, fmt: str) -> dict[str, str]:
 DEFAULT_MAX_VERIFY = 512
 
 
+def check_device(device: str) -> str:
+    """The device of a verification: :func:`repair.embeddings.check_device` (BadInput for one this
+    machine lacks)."""
+    from .embeddings import check_device as check
+
+    return check(device)
+
+
 def export_model(model, out=None, *, data=None, format: str = "onnx", load_options=None, data_options=None,
                  tolerance: Optional[float] = None, opset: Optional[int] = None, exporter: str = "auto",
                  max_verify: int = DEFAULT_MAX_VERIFY, force: bool = False, device: str = "cpu",
@@ -176,12 +185,11 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
     A failed verification raises :class:`repair.errors.GateFailed` (``.report`` on it) and writes
     nothing. Every check runs before the model is loaded."""
     from .adapters import load_model
-    from .api import check_modality
     from .data import RepairData, load_data
-    from .export import pick_verify_items
     from .rules import Protected, check_export_options, check_format, check_writable, export_output
 
     fmt = check_format(format)
+    check_device(device)
     adapter = None if isinstance(model, (str, Path)) else model
     model_path = Path(model) if adapter is None else Path(adapter.source)
     if adapter is None and not model_path.exists():
@@ -208,8 +216,33 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
     protected.check(out)
     if fmt == "safetensors":
         adapter.check_save()                            # a symlink leaving the folder: refused before writing
-    if loaded is not None:
-        adapter.max_pixels = loaded.max_pixels          # verification decodes with the data's pixel limit
+    with _as_deployed(adapter, loaded):
+        return _export(adapter, fmt, out, loaded, model_path, max_verify, tolerance, device, opset, exporter,
+                       force, log)
+
+
+@contextlib.contextmanager
+def _as_deployed(adapter, data):
+    """The adapter in inference mode (every module ``eval()``), decoding with ``data``'s pixel limit,
+    while it is exported or verified; then as the caller gave it (modes and limit restored)."""
+    pixels = adapter.max_pixels
+    modes = [(m, m.training) for m in adapter.model.modules()] if adapter.model is not None else []
+    if data is not None:
+        adapter.max_pixels = data.max_pixels
+    try:
+        if adapter.model is not None:
+            adapter.model.eval()
+        yield adapter
+    finally:
+        adapter.max_pixels = pixels
+        for m, training in modes:
+            m.training = training
+
+
+def _export(adapter, fmt, out, loaded, model_path, max_verify, tolerance, device, opset, exporter, force, log):
+    from .api import check_modality
+    from .export import pick_verify_items
+
     meta = export_provenance(adapter, fmt)
     t0 = time.perf_counter()
     if fmt == "safetensors":
@@ -260,11 +293,12 @@ def verify_model(onnx_path, reference, data, *, load_options=None, data_options=
     loaded = data if isinstance(data, RepairData) else load_data(data, data_options)
     if tolerance is not None:
         check_tolerance(tolerance)
+    check_device(device)
     ref = load_model(reference, load_options) if isinstance(reference, (str, Path)) else reference
     check_modality(ref, loaded)
-    ref.max_pixels = loaded.max_pixels
-    items = pick_verify_items(loaded.items, max_verify)
-    return verify_onnx(onnx_path, ref, items, tolerance=tolerance, device=device, check=False, progress=log)
+    with _as_deployed(ref, loaded):
+        items = pick_verify_items(loaded.items, max_verify)
+        return verify_onnx(onnx_path, ref, items, tolerance=tolerance, device=device, check=False, progress=log)
 
 
 def _source_files(adapter) -> list:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,14 +19,31 @@ from .images import PREPROCESS_FILE, image_config_from_options
 from .torch_module import TorchImageAdapter, last_linear, load_weights_strict
 
 
+@contextmanager
+def _current_folder_importable():
+    """The current folder on ``sys.path`` while the factory's module is imported and called (users
+    point at a module in the folder they run from), and only then: a module imported later (by
+    the exporter, onnxruntime) never comes from a same-named file there."""
+    added = "" not in sys.path and "." not in sys.path
+    if added:
+        sys.path.insert(0, "")
+    try:
+        yield
+    finally:
+        if added:
+            try:
+                sys.path.remove("")
+            except ValueError:
+                pass
+
+
 def import_factory(spec: str):
     if ":" not in spec:
         raise BadInput(f"--factory must look like package.module:function, got {spec!r}")
     mod_name, fn_name = spec.split(":", 1)
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # let users point at a module in the current folder
     try:
-        mod = importlib.import_module(mod_name)
+        with _current_folder_importable():
+            mod = importlib.import_module(mod_name)
     except Exception as e:
         raise BadInput(f"cannot import factory module {mod_name!r} ({type(e).__name__}: {e})") from None
     fn = getattr(mod, fn_name, None)
@@ -39,7 +57,8 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
                        model_args: Optional[dict] = None) -> TorchImageAdapter:
     fn = import_factory(factory)
     try:
-        model = fn(**(model_args or {}))
+        with _current_folder_importable():
+            model = fn(**(model_args or {}))
     except Exception as e:   # the user's code, called with the user's arguments
         why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise BadInput(f"factory {factory!r}{' with --model-args' if model_args else ''} failed ({why})") from None

@@ -191,7 +191,49 @@ class MethodInfo:
             from ..errors import BadInput
 
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
+        if self.kind == "head":
+            check_inputs(inputs, self.name)
         return self.fn(inputs, config if config is not None else self.default_config())
+
+
+def check_inputs(inputs: "RepairInputs", method: str = "a head repair") -> None:
+    """:class:`repair.errors.BadInput` naming ``method`` and the problem unless ``inputs`` are what a
+    head repair is defined on: torch tensors, ``X`` (N, D) finite floats, ``W`` (C, D), ``b`` (C,),
+    ``y`` (N,) whole class indices in [0, C), ``groups`` / ``clusters`` (N,) whole numbers or None,
+    a valid seed. (The pipeline builds them so; a caller of the library may not.)"""
+    from ..config import check_seed
+    from ..errors import BadInput
+
+    def fail(why: str):
+        raise BadInput(f"{method}: {why}")
+
+    for name in ("X", "y", "W", "b"):
+        if not isinstance(getattr(inputs, name, None), torch.Tensor):
+            fail(f"{name} must be a torch tensor, got {type(getattr(inputs, name, None)).__name__}")
+    X, y, W, b = inputs.X, inputs.y, inputs.W, inputs.b
+    if X.dim() != 2 or not X.is_floating_point():
+        fail(f"X must be an (N, D) float tensor, got {tuple(X.shape)} {X.dtype}")
+    n, d = X.shape
+    if W.dim() != 2 or W.shape[1] != d or not W.is_floating_point():
+        fail(f"W must be a (C, {d}) float tensor for X of {d} columns, got {tuple(W.shape)} {W.dtype}")
+    c = W.shape[0]
+    if tuple(b.shape) != (c,):
+        fail(f"b must have shape ({c},) for W of {c} rows, got {tuple(b.shape)}")
+    for name, t in (("y", y), ("groups", inputs.groups), ("clusters", inputs.clusters)):
+        if t is None and name != "y":
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or t.is_floating_point() or t.is_complex():
+            fail(f"{name} must be an ({n},) integer tensor (one per row of X), got "
+                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if n and (int(y.min()) < 0 or int(y.max()) >= c):
+        fail(f"y holds class indices outside 0..{c - 1} ({int(y.min())}..{int(y.max())})")
+    for name, t in (("X", X), ("W", W), ("b", b)):       # a finite sum is the cheap common case
+        if t.numel() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            fail(f"{name} holds NaN or infinite values")
+    try:
+        check_seed(inputs.seed)
+    except BadInput as e:
+        fail(e.problem)
 
 
 def _check(reg: Registry, info: MethodInfo) -> None:

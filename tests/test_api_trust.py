@@ -1,0 +1,100 @@
+"""The library as a Python user calls it: nothing of the caller's changed (sys.path, a module's mode,
+an adapter's settings), an argument never dropped silently, bad arrays refused by name."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from conftest import make_images, make_timm_folder
+from repair.errors import BadInput
+from repair.methods import RepairInputs, get_method
+
+
+def test_a_factory_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
+    (tmp_path / "facmod_path.py").write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4), nn.ReLU(), nn.Linear(4, 3))\n")
+    (tmp_path / "repair_shadow_probe.py").write_text("raise ImportError('came from the current folder')\n")
+    sys.modules.pop("facmod_path", None)
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    from repair.adapters import LoadOptions, load_model
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(tmp_path))
+    import facmod_path
+    sys.path.remove(str(tmp_path))
+    save_file(facmod_path.net().state_dict(), str(tmp_path / "w.safetensors"))
+    sys.modules.pop("facmod_path", None)
+    before = list(sys.path)
+    a = load_model(tmp_path / "w.safetensors", LoadOptions(factory="facmod_path:net", image_size=8,
+                                                          mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert a.family == "torch"
+    assert sys.path == before
+    with pytest.raises(ModuleNotFoundError):      # a later import never finds a file of the current folder
+        __import__("repair_shadow_probe")
+
+
+def test_export_leaves_the_callers_module_and_adapter_as_given(tmp_path):
+    import repair
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=2)
+    ad = repair.load_model(m)
+    ad.model.train()
+    ad.model.get_submodule(ad.head_name).eval()     # a mixed state is kept too
+    ad.max_pixels = 12345678
+    rep = repair.export_model(ad, tmp_path / "a.onnx", data=data, max_verify=4)
+    assert rep["passed"]
+    assert ad.model.training and not ad.model.get_submodule(ad.head_name).training
+    assert ad.max_pixels == 12345678
+    with pytest.raises(BadInput):
+        repair.export_model(ad, tmp_path / "b.onnx", data=data, device="bogus")
+
+
+def test_fix_never_drops_an_argument_that_contradicts_its_options(tmp_path):
+    import repair
+    from repair.pipeline import FixOptions
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=4)
+    with pytest.raises(BadInput) as e:
+        repair.fix(m, data, tmp_path / "o", recipe="nsf", options=FixOptions(recipe="dfr"))
+    assert "recipe" in str(e.value)
+    with pytest.raises(BadInput) as e:
+        repair.fix(m, data, tmp_path / "o", seed=5, options=FixOptions(recipe="dfr"))
+    assert "seed" in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def _inputs(**kw):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 6, generator=g)
+    base = dict(X=X, y=torch.arange(40) % 2, W=torch.randn(2, 6, generator=g), b=torch.zeros(2),
+                groups=torch.arange(40) % 4)
+    base.update(kw)
+    return RepairInputs(**base)
+
+
+@pytest.mark.parametrize("method", ["dfr", "afr", "mix", "nsf", "neurontune"])
+def test_head_repairs_refuse_unusable_arrays_by_name(method):
+    import numpy as np
+
+    info = get_method(method)
+    bad = {
+        "numpy X": dict(X=np.zeros((40, 6), dtype=np.float32)),
+        "X wider than W": dict(X=torch.randn(40, 7)),
+        "a label out of range": dict(y=torch.tensor([0, 1] * 19 + [0, 5])),
+        "a negative label": dict(y=torch.tensor([0, 1] * 19 + [0, -1])),
+        "NaN in X": dict(X=torch.where(torch.arange(240).reshape(40, 6) == 7, float("nan"), torch.randn(40, 6))),
+        "groups of another length": dict(groups=torch.arange(39) % 4),
+        "a negative seed": dict(seed=-1),
+    }
+    for why, kw in bad.items():
+        with pytest.raises(BadInput) as e:
+            info(_inputs(**kw))
+        assert method in str(e.value), why
+    out = info(_inputs())                             # the sound inputs still repair
+    assert out is not None
