@@ -88,6 +88,8 @@ class FixOptions:
             raise BadInput(f"--export must be onnx, got {self.export!r}")
         if self.tolerance is not None:
             self.tolerance = check_tolerance(self.tolerance)
+            if self.export is None:
+                raise BadInput("--tolerance is the bound of the ONNX verification; give --export onnx too")
         if self.eval_group_by is not None and self.eval_data is None:
             raise BadInput("--eval-group-by names a group column of the --eval data; give --eval too")
         if self.allow_finetune and str(self.recipe) not in ("auto", "auto-ft"):
@@ -385,6 +387,11 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     after = evaluate(after_logits, ry, enc.class_names, rg, rnames)
     if rg is not None:
         before["absent_groups"] = after["absent_groups"] = absent
+    empty = [c["name"] for c in before.get("per_class") or [] if not c.get("n")]
+    if empty:                     # worst-class accuracy then speaks only for the classes present
+        ctx.warnings.append(f"the figures have no samples of class(es) {', '.join(map(str, empty))}: their "
+                            "accuracy is not measured, and worst-class accuracy is over the other classes")
+        log(f"warning: {ctx.warnings[-1]}")
     if rg is None:  # label-free report: also show inferred groups of the report data (original model's)
         ig = inferred_groups(before_logits, ry)
         named = [f"{n} by original" for n in inferred_group_names(enc.class_names)]

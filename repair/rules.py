@@ -425,6 +425,10 @@ def expected_group_names(figures: dict, group_by: Optional[str], expected: Seque
         cls, _, val = g.partition("|")
         if flag is not None and cls not in classes:
             raise BadInput(f"{flag}: {cls!r} is not a class of the model ({', '.join(map(str, classes))})")
+        column, eq, _ = val.partition("=")
+        if flag is not None and group_by is not None and eq and column != group_by:
+            raise BadInput(f"{flag}: {g!r} names the column {column!r}, but the groups are of --group-by "
+                           f"{group_by!r} (write {cls}|VALUE or {cls}|{group_by}=VALUE)")
         names.append(g if group_by is None or val.startswith(f"{group_by}=") else f"{cls}|{group_by}={val}")
     return names
 

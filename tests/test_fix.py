@@ -176,3 +176,19 @@ def test_fix_export_onnx_timm_transformers_and_onnx(timm_folder, repair_images, 
     assert len(a.graph.node) == len(b.graph.node)
     sess = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
     assert sess.get_outputs()[0].name == "logits"
+
+
+def test_fix_warns_when_the_figures_lack_a_class(timm_folder, repair_images, tmp_path):
+    test = make_images(tmp_path / "test2", classes=["cat", "dog"], n_per_class=6, seed=7)
+    code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--eval", test, "--recipe", "dfr",
+                                "--out", tmp_path / "o", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert any("no samples of class(es) fox" in w for w in rep["warnings"]), rep["warnings"]
+    assert "warning: the figures have no samples of class(es) fox" in err
+
+
+def test_fix_refuses_a_tolerance_without_an_export(timm_folder, repair_images, tmp_path):
+    code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--tolerance", "1e-3",
+                           "--out", tmp_path / "o", "-q")
+    assert code == 2 and "--export onnx" in err and not (tmp_path / "o").exists()

@@ -598,3 +598,14 @@ def test_a_model_repair_input_no_candidate_uses_is_refused(tmp_path, timm_folder
     code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "mixft", "--train", extra,
                            "--budget", "2steps", "--out", tmp_path / "o", "-q")
     assert code == 2 and "--train: no candidate of recipe 'mixft' uses it" in err and "clp" in err, err
+
+
+def test_expect_groups_naming_another_column_is_bad_input():
+    from repair.rules import expected_group_names
+
+    fig = {"per_class": [{"name": "a"}, {"name": "b"}]}
+    with pytest.raises(BadInput) as e:
+        expected_group_names(fig, "place", ["a|foo=land"], "--expect-groups")
+    assert "foo" in str(e.value) and "--expect-groups" in str(e.value)
+    assert expected_group_names(fig, "place", ["a|place=land", "b|land"], "--expect-groups") == \
+        ["a|place=land", "b|place=land"]
