@@ -177,3 +177,14 @@ def test_no_temporary_file_is_left_when_a_cache_write_is_interrupted(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         embeddings._write_cache(tmp_path / "c" / "k.safetensors", torch.zeros(2, 2))
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_preprocessing_options_for_a_checkpoint_that_carries_its_own_are_refused(tmp_path):
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=2)
+    for model in (m, m / "model.safetensors"):
+        code, _, err = run_cli("eval", model, "--data", data, "--image-size", "64", "-q")
+        assert code == 2 and "--image-size" in err and "ignored" in err, err
+    b = make_bert_folder(tmp_path / "b")
+    code, _, err = run_cli("eval", b, "--data", make_texts(tmp_path / "t.csv", n=8), "--mean", "0.5", "-q")
+    assert code == 2 and "text model" in err, err

@@ -145,6 +145,13 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
                 raise BadInput(f"--model-args applies to timm architectures and --factory modules, not to "
                                f"{'an' if fam.name[0] in 'aeiou' else 'a'} {fam.name} model", path)
             adapter = fam.load(path, o)
+            given = [f for f, v in (("--image-size", o.image_size), ("--mean", o.mean), ("--std", o.std))
+                     if v is not None]
+            if given and not adapter.preprocess_from_options:
+                raise BadInput(f"{'/'.join(given)} set the preprocessing of a checkpoint that carries none; this "
+                               f"{fam.name} model " + ("is a text model" if adapter.modality == "text" else
+                                                        "carries its own (its config)")
+                               + ", so they would be ignored: leave them out", path)
             if o.files:                       # read for this model: no output may replace them
                 adapter.extra_files = (*adapter.extra_files, *map(Path, o.files))
             return adapter

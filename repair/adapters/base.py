@@ -117,6 +117,9 @@ class Adapter(ABC):
 
     #: the checkpoint folder whose files the loader read (config, tokenizer) when there is one
     model_folder: Optional[Path] = None
+    #: True when the loader took the preprocessing from ``--image-size/--mean/--std`` (a checkpoint that
+    #: carries none); those options given for any other model are refused (``load_model``)
+    preprocess_from_options: bool = False
     #: how the family built the network beside its weights (the architecture and its arguments, a
     #: factory, a config), JSON-able: part of the embedding cache key (:meth:`network_id`)
     build: Mapping[str, Any] = MappingProxyType({})

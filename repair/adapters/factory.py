@@ -99,6 +99,7 @@ def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
                                  class_names=o.class_names, model_args=o.model_args)
     if side_json.is_file():
         adapter.extra_files = [side_json]
+    adapter.preprocess_from_options = True
     return adapter
 
 

@@ -357,6 +357,7 @@ def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
         raise BadInput("ONNX model not found", path)
     cfg = image_config_from_options(o.image_size, o.mean, o.std, path.parent / PREPROCESS_FILE)
     adapter = OnnxAdapter(path, image_config=cfg, class_names=o.class_names, max_length=o.max_length)
+    adapter.preprocess_from_options = adapter.modality == "image"
     # the files beside it that were read: preprocessing, config (id2label), tokenizer
     adapter.extra_files = [path.parent / n for n in (PREPROCESS_FILE, "config.json", *TOKENIZER_FILES)
                            if (path.parent / n).is_file()] + adapter.external_files

@@ -160,6 +160,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
                                 class_names=[str(n) for n in names],
                                 data_config=resolve_image_config(pretrained_cfg, cfg_path or weights))
     adapter.build = {"architecture": arch, "model_args": model_args, "timm": timm.__version__}
+    adapter.preprocess_from_options = bool(preprocess) and not path.is_dir()
     if path.is_dir():
         adapter.model_folder = path
     return adapter
