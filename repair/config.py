@@ -40,9 +40,11 @@ def check_seed(seed: Any, flag: str = "--seed") -> int:
     ``flag`` otherwise. The one check of a seed (``repair fix``, ``repair demo``, a zoo row, Python)."""
     from .errors import BadInput
 
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
         raise BadInput(f"{flag} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
-    return seed
+    return int(seed)                  # a numpy integer too, as a Python int
 
 
 class ConfigError(ValueError):
@@ -184,7 +186,7 @@ def build_config(cls: type, params: Optional[dict] = None):
     """A validated ``cls`` from user ``params`` (see the module docstring)."""
     params = dict(params or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - set(fields))
+    unknown = sorted(set(params) - set(fields), key=str)      # keys of any type: an int next to strings too
     if unknown:
         raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)

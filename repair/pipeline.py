@@ -78,12 +78,13 @@ class FixOptions:
             raise BadInput(f"--recipe must be a recipe name or a YAML path, got {self.recipe!r}")
         from .config import check_seed
 
-        check_seed(self.seed)
+        self.seed = check_seed(self.seed)
         if not (isinstance(self.report_fraction, (int, float)) and 0 < self.report_fraction < 1):
             raise BadInput(f"report_fraction must be between 0 and 1, got {self.report_fraction!r}")
-        if self.selection_folds is not None and (isinstance(self.selection_folds, bool) or
-                                                 not isinstance(self.selection_folds, int) or self.selection_folds < 2):
-            raise BadInput(f"selection_folds must be a whole number >= 2, got {self.selection_folds!r}")
+        if self.selection_folds is not None:
+            from .recipes import check_folds
+
+            check_folds(self.selection_folds, "selection_folds")
         if self.export not in (None, "onnx"):
             raise BadInput(f"--export must be onnx, got {self.export!r}")
         if self.tolerance is not None:

@@ -4,7 +4,10 @@
 package ``repair_recipes``: ``auto``, ``auto-ft``, the ablations, a documented example per
 model repair) or a registered method (a one-candidate recipe with the method's defaults,
 made from the registry: ``dfr``, ``neurontune``, ...); ``--recipe PATH`` reads a user's own
-file::
+file. A name of a built-in recipe or a registered method is always the built-in, whatever the
+current folder holds: a value is read as a file when it looks like a path (it ends in ``.yaml`` or
+``.yml``, holds a path separator, or starts with ``.`` or ``~``: ``./auto`` is a file named ``auto``),
+or, a bare name that names nothing built in, when such a file exists::
 
     name: my-recipe
     description: one line
@@ -20,7 +23,12 @@ file::
 
 Everything is validated when the recipe is loaded, before any model is read: an
 unknown key, an unknown method or setting, or a value out of range is a
-:class:`repair.errors.BadInput` (exit 2) naming the file and the key.
+:class:`repair.errors.BadInput` (exit 2) naming the file and the key. So is anything a recipe
+cannot sensibly be: not a regular file (a FIFO, a device, a folder), larger than
+:data:`MAX_RECIPE_BYTES`, more than :data:`MAX_YAML_VALUES` values once its YAML aliases are
+expanded (or nested deeper than :data:`MAX_YAML_DEPTH`, or an alias inside its own anchor), a key
+given twice in one mapping, a setting given in both ``params`` and ``grid`` of a candidate, or
+more than :data:`MAX_CANDIDATES` candidates once the grids are expanded.
 
 **Plugins run only when asked.** A recipe's ``plugins:`` are code: :func:`load_recipe` imports
 them only with ``allow_plugins=True`` (``--allow-plugins``); otherwise it is a BadInput naming
@@ -37,6 +45,7 @@ import re
 import importlib
 import importlib.util
 import itertools
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -47,6 +56,23 @@ from repair.errors import BadInput
 
 RECIPE_KEYS = ("name", "description", "selection", "folds", "repeats", "ensemble", "plugins", "candidates")
 CANDIDATE_KEYS = ("method", "params", "grid")
+
+#: the largest recipe file read (a recipe is a few dozen lines): checked on the file's size and
+#: bounded on the read itself (a file that grows, or reports no size, is never read past it)
+MAX_RECIPE_BYTES = 1 << 20
+#: the most YAML values (scalars, lists, mappings) a recipe may hold with its aliases expanded: a
+#: few hundred bytes of nested aliases expand to billions, which ``str()`` or a setting's list
+#: conversion would then build in memory
+MAX_YAML_VALUES = 10_000
+#: the deepest nesting of lists and mappings in a recipe (its settings hold lists of lists at most)
+MAX_YAML_DEPTH = 32
+#: the most candidates a recipe may have once its grids are expanded (one candidate's grid as well
+#: as the whole recipe). Every candidate is built and checked when the recipe is loaded, then
+#: fitted once per fold and repeat (up to 20 x 20 fits) and a model repair trains the network each
+#: time; the built-in recipes have at most 5 candidates, and 256 still fits a search of four
+#: settings of four values, while a grid of six settings of ten values (a million candidates) would
+#: take hours and gigabytes before anything is repaired
+MAX_CANDIDATES = 256
 
 
 def _same_value(default: Any, given: Any) -> bool:
@@ -125,14 +151,162 @@ def _one_line(text: str) -> str:
     return re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0]
 
 
-def describe_file(path: Path) -> str:
-    """One line about a recipe file: its ``description:`` (first sentence), else its first comment line."""
+def looks_like_path(value: Union[str, Path]) -> bool:
+    """Whether a ``--recipe`` value is read as a file whatever it names: it ends in ``.yaml`` or
+    ``.yml``, holds a path separator, or starts with ``.`` or ``~``. Any other value that names a
+    built-in recipe or a registered method is the built-in (a file of that name in the current
+    folder never replaces it: ``./auto`` reads one)."""
+    text = str(value)
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return (text.lower().endswith((".yaml", ".yml")) or any(sep in text for sep in seps)
+            or text.startswith((".", "~")))
+
+
+class _Refused(Exception):
+    """Raised by :class:`_RecipeLoader`: ``problem`` at the YAML ``mark``."""
+
+    def __init__(self, problem: str, mark=None):
+        super().__init__(problem)
+        self.problem, self.mark = problem, mark
+
+
+def _loader():
+    """The YAML loader of recipes: PyYAML's safe loader (no tags that construct Python objects) that
+    refuses a key given twice in one mapping and bounds the document (:data:`MAX_YAML_DEPTH` levels,
+    :data:`MAX_YAML_VALUES` values with the aliases expanded, no alias inside its own anchor)."""
+    import yaml
+
+    class _RecipeLoader(yaml.SafeLoader):
+        _depth = 0
+        _nodes = 0
+
+        def compose_node(self, parent, index):
+            self._depth += 1        # the composer recurses once per level: refused before Python's limit
+            self._nodes += 1        # and stopped as soon as the document itself holds too many values
+            try:
+                if self._depth > MAX_YAML_DEPTH:
+                    raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark)
+                if self._nodes > MAX_YAML_VALUES:
+                    raise _Refused(f"more than {MAX_YAML_VALUES:,} values (a recipe holds a few dozen)",
+                                   self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None:
+                _check_expanded(node)
+            return node
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":    # "<<: *base": overriding it is YAML's own
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        again = key in seen
+                    except TypeError:       # an unhashable key: the safe loader's own error follows
+                        continue
+                    if again:
+                        raise _Refused(f"duplicate key {key!r} (a key may appear once in a mapping)",
+                                       key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return _RecipeLoader
+
+
+def _check_expanded(root) -> None:
+    """:class:`_Refused` unless the YAML node graph ``root``, its aliases expanded, holds at most
+    :data:`MAX_YAML_VALUES` values nested at most :data:`MAX_YAML_DEPTH` deep and no alias inside
+    its own anchor. Counted on the graph (each shared node once), never expanded."""
+    import yaml
+
+    sizes: dict[int, tuple[int, int]] = {}      # id(node) -> (values, levels) of a node counted
+    active: set[int] = set()
+
+    def walk(node, level: int) -> int:
+        key = id(node)
+        if key in active:
+            raise _Refused("an alias inside its own anchor (a recursive structure)", node.start_mark)
+        if key not in sizes:
+            if level > MAX_YAML_DEPTH:
+                raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)", node.start_mark)
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            else:
+                children = []
+            active.add(key)
+            total, levels = 1, 1
+            for child in children:
+                total += walk(child, level + 1)
+                levels = max(levels, 1 + sizes[id(child)][1])
+                if total > MAX_YAML_VALUES:
+                    raise _Refused(f"more than {MAX_YAML_VALUES:,} values with its aliases expanded (a recipe "
+                                   "holds a few dozen)", node.start_mark)
+            active.discard(key)
+            sizes[key] = (total, levels)
+        if level - 1 + sizes[key][1] > MAX_YAML_DEPTH:
+            raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)", node.start_mark)
+        return sizes[key][0]
+
+    walk(root, 1)
+
+
+def _read_text(path: Path) -> str:
+    """The text of a recipe file: a regular file only (a FIFO, device or socket is refused without
+    blocking), at most :data:`MAX_RECIPE_BYTES`, UTF-8."""
+    from repair.data import open_regular
+
+    if path.is_dir():
+        raise BadInput("a recipe must be a YAML file, got a folder", path)
+    with open_regular(path, "recipe") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            data = b"" if size > MAX_RECIPE_BYTES else f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as e:
+            raise BadInput(f"cannot read the recipe ({e.strerror or e})", path) from None
+    if size > MAX_RECIPE_BYTES or len(data) > MAX_RECIPE_BYTES:
+        raise BadInput(f"the recipe is larger than {MAX_RECIPE_BYTES // (1 << 20)} MiB (a recipe is a few dozen "
+                       "lines)", path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+
+
+def _parse(text: str, path: Path) -> Any:
+    """The YAML document of a recipe's ``text`` (see :func:`_loader`); :class:`BadInput` naming
+    ``path`` otherwise."""
     import yaml
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
-        doc = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    except _Refused as e:
+        where = f" (line {e.mark.line + 1})" if e.mark is not None else ""
+        raise BadInput(f"{e.problem}{where}", path) from None
+    except yaml.YAMLError as e:
+        raise BadInput(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+
+
+def read_recipe_file(path: Union[str, Path]) -> Any:
+    """The YAML document of the recipe file ``path``, read within the limits of the module
+    docstring (regular file, size, aliases, duplicate keys); :class:`BadInput` naming it otherwise."""
+    path = Path(path)
+    return _parse(_read_text(path), path)
+
+
+def describe_file(path: Path) -> str:
+    """One line about a recipe file: its ``description:`` (first sentence), else its first comment line."""
+    try:
+        text = _read_text(Path(path))
+        doc = _parse(text, Path(path))
+    except (OSError, BadInput):
         return ""
     if isinstance(doc, dict) and doc.get("description"):
         return _one_line(doc["description"])
@@ -167,6 +341,18 @@ def _plugin_target(spec: Any, base: Path, where: Path) -> Union[Path, str]:
     return spec
 
 
+#: the folds of a cross-validation that compares candidates (a recipe's ``folds``, ``FixOptions.selection_folds``)
+MIN_FOLDS, MAX_FOLDS = 2, 20
+
+
+def check_folds(value: Any, what: str = "folds", where: Optional[Path] = None) -> int:
+    """``value`` as a whole number of folds from :data:`MIN_FOLDS` to :data:`MAX_FOLDS`, or
+    BadInput naming ``what`` (and ``where``, the recipe file). The one check of a fold count."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_FOLDS <= value <= MAX_FOLDS:
+        raise BadInput(f"{what} must be a whole number from {MIN_FOLDS} to {MAX_FOLDS}, got {value!r}", where)
+    return value
+
+
 def _import_plugin(spec: str, target: Union[Path, str], where: Path) -> None:
     """Run a plugin (only after the caller allowed it)."""
     try:
@@ -186,7 +372,7 @@ def _import_plugin(spec: str, target: Union[Path, str], where: Path) -> None:
             importlib.import_module(target)
     except BadInput:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:      # a plugin that exits must not end the run as a success
         raise BadInput(f"plugins: cannot load {spec} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                        where) from None
 
@@ -200,11 +386,13 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
     raw = doc.get("candidates")
     if not isinstance(raw, list) or not raw:
         raise BadInput("a recipe needs a non-empty 'candidates' list", path)
+    if len(raw) > MAX_CANDIDATES:
+        raise BadInput(f"candidates: {len(raw)} candidates; a recipe has at most {MAX_CANDIDATES}", path)
     out: list[Candidate] = []
     for n, c in enumerate(raw, 1):
         if not isinstance(c, dict) or "method" not in c:
             raise BadInput(f"candidate {n} needs a 'method'", path)
-        extra = sorted(set(c) - set(CANDIDATE_KEYS))
+        extra = sorted(set(c) - set(CANDIDATE_KEYS), key=str)
         if extra:
             raise BadInput(f"candidate {n}: unknown key {extra[0]!r} (known: {', '.join(CANDIDATE_KEYS)})", path)
         name = str(c["method"])
@@ -218,9 +406,26 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
         for key, val in (("params", params), ("grid", grid)):
             if not isinstance(val, dict):
                 raise BadInput(f"candidate {n} ({name}): '{key}' must be a mapping of setting: value", path)
+            odd = sorted((k for k in val if not isinstance(k, str)), key=str)
+            if odd:
+                raise BadInput(f"candidate {n} ({name}): {key}: unknown setting {odd[0]!r} (setting names are "
+                               "strings)", path)
+        both = sorted(set(params) & set(grid))
+        if both:
+            raise BadInput(f"candidate {n} ({name}): setting {both[0]!r} is in both params and grid; give it in "
+                           "one of them", path)
         for k, v in grid.items():
             if not isinstance(v, list) or not v:
                 raise BadInput(f"candidate {n} ({name}): grid {k!r} must be a non-empty list of values", path)
+        combos_n = math.prod(len(v) for v in grid.values())      # counted before any combination is made
+        if combos_n > MAX_CANDIDATES:
+            raise BadInput(f"candidate {n} ({name}): grid makes {combos_n:,} combinations "
+                           f"({' x '.join(str(len(v)) for v in grid.values())}); a recipe has at most "
+                           f"{MAX_CANDIDATES} candidates", path)
+        if len(out) + combos_n + (len(raw) - n) > MAX_CANDIDATES:
+            raise BadInput(f"candidate {n} ({name}): grid brings the recipe to more than {MAX_CANDIDATES} candidates "
+                           f"({len(out)} before it, {combos_n:,} from its grid, {len(raw) - n} after it); a "
+                           f"recipe has at most {MAX_CANDIDATES}", path)
         combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else [{}]
         for combo in combos:
             merged = {**params, **combo}
@@ -237,39 +442,38 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     """The recipe a ``--recipe`` value names, validated (see the module docstring). A recipe with
     ``plugins:`` is refused unless ``allow_plugins`` (then they are imported, and register their
     methods before the candidates are checked). ``validate_only``: import nothing, even with
-    ``allow_plugins`` (see :func:`validate_recipe`)."""
-    import yaml
-
+    ``allow_plugins`` (see :func:`validate_recipe`). A ``Path`` is taken by its text like a string
+    (:func:`looks_like_path`): ``Path("auto")`` is the built-in, ``Path("auto").absolute()`` the file."""
     from repair.methods import get_method, list_methods
     from repair.selection import SELECTION_NAMES
 
-    p = Path(name_or_path)
-    is_path = p.suffix.lower() in (".yaml", ".yml") or p.exists() or "/" in str(name_or_path)
-    if not is_path:
+    value = str(name_or_path)
+    if looks_like_path(value):
+        p = Path(value)
+        if value.startswith("~"):
+            try:
+                p = p.expanduser()
+            except RuntimeError:            # "~nobody/...": no such user, read as written
+                pass
+    else:
         builtin = _file_recipes()
-        if str(name_or_path) in builtin:
-            p = builtin[str(name_or_path)]
+        if value in builtin:                # a built-in always: a file of that name here never replaces it
+            p = builtin[value]
         else:
             try:
-                info = get_method(str(name_or_path))
+                info = get_method(value)
             except KeyError:
-                raise BadInput(f"unknown recipe {name_or_path!r} (built in: {', '.join(available())}; "
-                               "or give a .yaml path)") from None
-            return Recipe(name=info.name, candidates=[Candidate(info.name, {})],
-                          description=f"the {info.name} method with its default settings", source="registry")
-    if p.is_dir():
-        raise BadInput("a recipe must be a YAML file, got a folder", p)
-    if not p.exists():
-        raise BadInput("recipe file not found", p)
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise BadInput(f"not valid YAML ({str(e).splitlines()[0]})", p) from None
-    except OSError as e:
-        raise BadInput(f"cannot read the recipe ({e.strerror})", p) from None
+                if not value or not os.path.lexists(value):
+                    raise BadInput(f"unknown recipe {value!r} (built in: {', '.join(available())}; or give "
+                                   "the path of a YAML file, such as ./my-recipe.yaml)") from None
+                p = Path(value)             # a bare name of nothing built in, but a file here
+            else:
+                return Recipe(name=info.name, candidates=[Candidate(info.name, {})],
+                              description=f"the {info.name} method with its default settings", source="registry")
+    doc = read_recipe_file(p)
     if not isinstance(doc, dict):
         raise BadInput("a recipe must be a YAML mapping with a 'candidates' list", p)
-    unknown = sorted(set(doc) - set(RECIPE_KEYS))
+    unknown = sorted(set(doc) - set(RECIPE_KEYS), key=str)
     if unknown:
         raise BadInput(f"unknown key {unknown[0]!r} (known: {', '.join(RECIPE_KEYS)})", p)
     plugins = doc.get("plugins") or []
@@ -285,9 +489,7 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     selection = doc.get("selection", "auto")
     if selection not in SELECTION_NAMES:
         raise BadInput(f"selection must be one of {', '.join(SELECTION_NAMES)}, got {selection!r}", p)
-    folds = doc.get("folds", 2)
-    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= 20:
-        raise BadInput(f"folds must be a whole number from 2 to 20, got {folds!r}", p)
+    folds = check_folds(doc.get("folds", 2), "folds", p)
     vals = {}
     for key, lo, hi, default in (("repeats", 1, 20, 1), ("ensemble", 1, 10, 1)):
         v = doc.get(key, default)
@@ -311,4 +513,5 @@ def validate_recipe(name_or_path: Union[str, Path]) -> Recipe:
     return load_recipe(name_or_path, validate_only=True)
 
 
-__all__ = ["Candidate", "Recipe", "available", "describe_file", "load_recipe", "recipes_dir", "validate_recipe"]
+__all__ = ["Candidate", "MAX_CANDIDATES", "MAX_RECIPE_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_VALUES", "Recipe",
+           "available", "describe_file", "load_recipe", "looks_like_path", "read_recipe_file", "recipes_dir", "validate_recipe"]

@@ -98,3 +98,25 @@ def test_head_repairs_refuse_unusable_arrays_by_name(method):
         assert method in str(e.value), why
     out = info(_inputs())                             # the sound inputs still repair
     assert out is not None
+
+
+def test_fold_counts_and_seeds_have_one_check(tmp_path):
+    import numpy as np
+    from repair.pipeline import FixOptions
+
+    with pytest.raises(BadInput) as e:
+        FixOptions(selection_folds=1000)
+    assert "selection_folds" in str(e.value) and "20" in str(e.value)
+    assert FixOptions(seed=np.int64(3)).seed == 3 and type(FixOptions(seed=np.int64(3)).seed) is int
+
+
+def test_a_plugin_that_exits_is_bad_input_not_success(tmp_path):
+    from conftest import run_cli
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=4)
+    (tmp_path / "exit0.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "r.yaml").write_text("plugins: [exit0.py]\ncandidates: [{method: dfr}]\n")
+    code, _, err = run_cli("fix", m, "--data", data, "--recipe", tmp_path / "r.yaml", "--allow-plugins",
+                           "--out", tmp_path / "o", "-q")
+    assert code == 2 and "SystemExit" in err and not (tmp_path / "o").exists()

@@ -1,0 +1,169 @@
+"""Recipes are read as data, within bounds: a name of a built-in is always the built-in (a file of
+that name in the current folder never replaces it), a recipe file is a regular file of bounded
+size whose YAML (aliases included) is bounded, grids are capped, and keys are never ambiguous
+(duplicates, mixed types, a setting in both ``params`` and ``grid``): exit 2 naming the file."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, time_limit
+from repair.errors import BadInput
+from repair.recipes import MAX_CANDIDATES, load_recipe, validate_recipe
+
+BOMB = ("description:\n  - &x0 [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]\n"
+        + "".join(f"  - &x{i} [" + ", ".join([f"*x{i - 1}"] * 10) + "]\n" for i in range(1, 9))
+        + "candidates:\n  - method: dfr\n")
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def _refused(recipe, *needles, validate: bool = False) -> str:
+    """The one-line BadInput message of loading ``recipe`` (validated as a manifest would, too)."""
+    for load in ((load_recipe, validate_recipe) if validate else (load_recipe,)):
+        with time_limit(20), pytest.raises(BadInput) as e:
+            load(recipe)
+        msg = str(e.value)
+        assert "\n" not in msg
+        for needle in needles:
+            assert needle in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------- names: a built-in is never shadowed
+
+def test_a_file_named_like_a_builtin_never_replaces_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, "auto", "name: auto\ncandidates: [{method: nsf}]\n")
+    _write(tmp_path, "nsf", "candidates: [{method: dfr}]\n")
+    (tmp_path / "dfr").mkdir()                        # a folder left over from --out dfr
+    builtin_auto = [c.method for c in load_recipe(str(Path(__file__).parents[1] / "recipes" / "auto.yaml")).candidates]
+    for load in (load_recipe, validate_recipe):
+        r = load("auto")
+        assert r.source == "auto.yaml" and [c.method for c in r.candidates] == builtin_auto
+        assert r.files and Path(r.files[0]).parent.name == "recipes"
+        assert load("dfr").source == "registry" and [c.method for c in load("nsf").candidates] == ["nsf"]
+    # a value that looks like a path is read as a file
+    assert [c.method for c in load_recipe("./auto").candidates] == ["nsf"]
+    assert [c.method for c in load_recipe(str(tmp_path / "auto")).candidates] == ["nsf"]
+    _refused("./dfr", "dfr", "folder")
+    _refused("auto.yaml", "auto.yaml", "not found")
+    # a bare name of nothing built in that is a file here is still read (the user named it)
+    _write(tmp_path, "mine", "candidates: [{method: afr}]\n")
+    assert [c.method for c in load_recipe("mine").candidates] == ["afr"]
+    msg = _refused("nothing-here", "unknown recipe 'nothing-here'")
+    assert "./" in msg                                # the hint names a path, not a bare name
+
+
+def test_fix_never_runs_a_recipe_or_plugin_from_the_current_folder(timm_folder, image_data, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    marker = tmp_path / "PWNED"
+    _write(work, "p.py", f"open({str(marker)!r}, 'w').write('x')\n")
+    for name in ("auto", "dfr"):
+        _write(work, name, "plugins: [p.py]\ncandidates: [{method: nsf}]\n")
+    code, stdout, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--allow-plugins",
+                                "--out", tmp_path / "o1", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["recipe"] == "dfr" and rep["method"] == "dfr"
+    assert not marker.exists()
+    # the library default recipe="auto" names the built-in too
+    from repair.pipeline import FixOptions, _load_recipe
+
+    r = _load_recipe(FixOptions(allow_plugins=True))
+    assert r.source == "auto.yaml" and not r.plugins and not marker.exists()
+
+
+# ---------------------------------------------------------------- reading: bounded, regular files only
+
+def test_a_recipe_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "f.yaml"
+    os.mkfifo(fifo)
+    _refused(fifo, "f.yaml", "not a regular file", validate=True)     # never waits for a writer
+    if Path("/dev/zero").exists():
+        _refused("/dev/zero", "/dev/zero", "not a regular file")       # never read until memory runs out
+    _refused(tmp_path, str(tmp_path), "folder")
+    big = _write(tmp_path, "big.yaml", "candidates: [{method: dfr}]\n" + "#" * (1 << 20) + "\n")
+    _refused(big, "big.yaml", "larger than 1 MiB", validate=True)
+
+
+def test_yaml_aliases_cannot_expand_without_bound(tmp_path):
+    assert len(BOMB) < 600
+    _refused(_write(tmp_path, "laughs.yaml", BOMB), "laughs.yaml", "values", validate=True)
+    # the same bomb under a list setting (converted to tuples when the config is built)
+    bomb = BOMB.replace("  - method: dfr\n", "  - method: dfr\n    params: {c_grid: *x8}\n")
+    _refused(_write(tmp_path, "laughs2.yaml", bomb), "laughs2.yaml", "values")
+    _refused(_write(tmp_path, "self.yaml", "description: &a [1, *a]\ncandidates: [{method: dfr}]\n"),
+             "self.yaml", "alias inside its own anchor")
+    deep = "description: " + "[" * 100_000 + "\ncandidates: [{method: dfr}]\n"
+    _refused(_write(tmp_path, "deep.yaml", deep), "deep.yaml", "nested more than")      # not a RecursionError
+    # aliases within bounds are still YAML as usual
+    ok = _write(tmp_path, "shared.yaml", "candidates:\n  - {method: dfr, params: &p {n_refits: 3}}\n"
+                                         "  - {method: dfr, params: {<<: *p, protocol: fast}}\n")
+    assert [c.params for c in load_recipe(ok).candidates] == [{"n_refits": 3}, {"n_refits": 3, "protocol": "fast"}]
+
+
+def test_grids_and_candidates_are_capped_before_they_are_expanded(tmp_path):
+    six = ", ".join(f"{k}: [{', '.join(str(i + 1) for i in range(10))}]"     # six real settings, ten values each
+                    for k in ("n_refits", "n_tune_refits", "min_subsample_per_group", "tol", "max_iter", "group_cap"))
+    grid6 = _write(tmp_path, "grid6.yaml", f"candidates:\n  - method: dfr\n    grid: {{{six}}}\n")
+    _refused(grid6, "grid6.yaml", "grid makes 1,000,000 combinations", validate=True)   # counted, never made
+
+    def grid(n):
+        return "{n_refits: [" + ", ".join(str(i + 1) for i in range(n)) + "]}"
+
+    two = _write(tmp_path, "two.yaml", f"candidates:\n  - {{method: dfr, grid: {grid(200)}}}\n"
+                                       "  - {method: afr}\n"
+                                       f"  - {{method: dfr, grid: {grid(100)}}}\n")
+    _refused(two, "two.yaml", "candidate 3", "grid", f"more than {MAX_CANDIDATES}")
+    many = _write(tmp_path, "many.yaml", "candidates:\n" + "  - method: dfr\n" * (MAX_CANDIDATES + 1))
+    _refused(many, "many.yaml", f"{MAX_CANDIDATES + 1} candidates", f"at most {MAX_CANDIDATES}")
+    full = _write(tmp_path, "full.yaml", f"candidates:\n  - {{method: dfr, grid: {grid(MAX_CANDIDATES)}}}\n")
+    assert len(load_recipe(full).candidates) == MAX_CANDIDATES
+
+
+# ---------------------------------------------------------------- keys: never ambiguous
+
+def test_keys_of_mixed_types_are_bad_input_not_a_type_error(tmp_path):
+    from repair.config import ConfigError, build_config
+    from repair.methods import get_method
+
+    _refused(_write(tmp_path, "top.yaml", "candidates: [{method: dfr}]\n1: a\nfoo: b\n"), "top.yaml",
+             "unknown key 1", validate=True)
+    _refused(_write(tmp_path, "cand.yaml", "candidates: [{method: dfr, 1: a, foo: b}]\n"), "cand.yaml",
+             "unknown key 1", validate=True)
+    _refused(_write(tmp_path, "params.yaml", "candidates: [{method: dfr, params: {1: a, foo: b}}]\n"),
+             "params.yaml", "setting 1", validate=True)
+    _refused(_write(tmp_path, "grid.yaml", "candidates: [{method: dfr, grid: {2: [a], foo: [b]}}]\n"),
+             "grid.yaml", "setting 2")
+    # a method only a plugin registers is not checked by its config when validating: the names still are
+    _write(tmp_path, "plug.py", "raise SystemExit('never imported')\n")
+    plug = _write(tmp_path, "plug.yaml",
+                  "plugins: [plug.py]\ncandidates: [{method: only_plugin, params: {1: a, b: c}}]\n")
+    with pytest.raises(BadInput, match="plug.yaml: .*setting 1"):
+        validate_recipe(plug)
+    with pytest.raises(ConfigError) as e:           # the config check itself, as Python callers reach it
+        build_config(get_method("dfr").config_cls, {1: "a", "foo": "b"})
+    assert e.value.key == 1
+
+
+def test_duplicate_keys_and_a_setting_in_params_and_grid_are_refused(timm_folder, image_data, tmp_path):
+    _refused(_write(tmp_path, "dup.yaml", "candidates: [{method: dfr}]\ncandidates: [{method: afr}]\n"),
+             "dup.yaml", "duplicate key 'candidates'", "line 2", validate=True)
+    _refused(_write(tmp_path, "dup2.yaml", "candidates:\n  - method: dfr\n    params: {n_refits: 2, n_refits: 3}\n"),
+             "dup2.yaml", "duplicate key 'n_refits'")
+    _refused(_write(tmp_path, "both.yaml",
+                    "candidates: [{method: dfr, params: {c_grid: [1.0, 2.0]}, grid: {c_grid: [[0.5]]}}]\n"),
+             "both.yaml", "'c_grid'", "params and grid", validate=True)
+    code, stdout, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe",
+                                tmp_path / "dup.yaml", "--out", tmp_path / "o", "-q")
+    assert code == 2 and err.count("\n") == 1 and "dup.yaml" in err and "'candidates'" in err, err
