@@ -341,7 +341,13 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     eval_given = inputs.eval_data is not None
     out_path = paths["--out"]
     if len(recipe.candidates) > 1:
-        log(f"chosen: {chosen.label} by {crit.describe()}")
+        if selection:
+            log(f"chosen: {chosen.label} by {crit.describe()}")
+        else:             # too few samples for the folds: no comparison ran, and the log says so
+            log(f"chosen: {chosen.label}, the recipe's first candidate: the fit part is too small for "
+                f"{int(o.selection_folds or recipe.folds)}-fold cross-validation, so no candidate was compared")
+            ctx.warnings.append(f"no candidate was compared (too few samples for the folds): {chosen.label} is the "
+                                "recipe's first")
 
     # ---- the data the figures are measured on (never fitted or selected on)
     if eval_given:

@@ -120,3 +120,16 @@ def test_a_plugin_that_exits_is_bad_input_not_success(tmp_path):
     code, _, err = run_cli("fix", m, "--data", data, "--recipe", tmp_path / "r.yaml", "--allow-plugins",
                            "--out", tmp_path / "o", "-q")
     assert code == 2 and "SystemExit" in err and not (tmp_path / "o").exists()
+
+
+def test_a_choice_no_comparison_could_make_says_so(tmp_path):
+    import repair
+    from repair.pipeline import FixOptions
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=4)
+    logs = []
+    r = repair.fix(m, data, tmp_path / "o", options=FixOptions(recipe="auto", selection_folds=20), log=logs.append)
+    assert r["selection_criterion"] is None                  # 9 fit samples: no 20 folds
+    assert not any(" by " in l for l in logs if l.startswith("chosen:")), logs
+    assert any("no candidate was compared" in w for w in r["warnings"])
