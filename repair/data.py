@@ -146,8 +146,7 @@ class RepairData:
                 st = Path(it).stat()
                 # the path as the file system holds it: a name that is not valid UTF-8 (bytes kept
                 # as surrogates by Python) hashes as its own bytes
-                h.update(os.fsencode(reals[i]) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0"
-                                                  f"{st.st_ctime_ns}\n".encode())
+                h.update(os.fsencode(reals[i]) + f"\0{file_stamp(st)}\n".encode())
             else:
                 b = it.encode("utf-8")
                 h.update(f"{len(b)}:".encode())     # length first: a text holding NUL stays one text
@@ -616,6 +615,14 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
         for p in data.items:           # a stat each (never opened here: a FIFO would block)
             check_regular(p)
     return data
+
+
+def file_stamp(st: os.stat_result) -> str:
+    """A file as its metadata identifies it, nothing read: size, modification time, inode and change
+    time (replaced, edited or copied over, even with its modification time set back as ``cp -p`` or
+    ``rsync -t`` do, it gets a new change time or inode). The one rule of the embedding cache's and a
+    zoo journal's fingerprints."""
+    return f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
 
 
 def _found_table(table: Path, folder: Path, o: DataOptions) -> Path:

@@ -415,3 +415,15 @@ def atomic_output(final: Path, *, force: bool = False, is_dir: bool = False,
     error. An existing ``final`` is replaced only with ``force``. One output of :func:`outputs`."""
     with outputs(force=force, log=log) as tx:
         yield tx.stage(final, is_dir=is_dir)
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (the one file digest: checkpoints, a factory's
+    source, a zoo's inputs and outputs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -89,7 +89,8 @@ def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None) -> 
         raise BadInput("the evaluation data (--eval) is the repair data itself" + ("" if same else
                        " (every sample is also in --data)") + ": figures measured on it would not be on data the "
                        "repair never touched; give data kept apart, or leave --eval out to measure on a "
-                       "held-out part of the repair set", where if where is not None else eval_data.source)
+                       "held-out part of the repair set",
+                       where if isinstance(where, (str, Path)) else eval_data.table or eval_data.source)
     return overlap
 
 

@@ -170,10 +170,11 @@ class _Refused(Exception):
         self.problem, self.mark = problem, mark
 
 
-def _loader():
-    """The YAML loader of recipes: PyYAML's safe loader (no tags that construct Python objects) that
-    refuses a key given twice in one mapping and bounds the document (:data:`MAX_YAML_DEPTH` levels,
-    :data:`MAX_YAML_VALUES` values with the aliases expanded, no alias inside its own anchor)."""
+def _loader(max_values: int = MAX_YAML_VALUES, what: str = "recipe", typical: str = "a few dozen"):
+    """The YAML loader of recipes (and zoo manifests): PyYAML's safe loader (no tags that construct
+    Python objects) that refuses a key given twice in one mapping and bounds the document
+    (:data:`MAX_YAML_DEPTH` levels, ``max_values`` values with the aliases expanded, no alias inside
+    its own anchor)."""
     import yaml
 
     class _RecipeLoader(yaml.SafeLoader):
@@ -186,8 +187,8 @@ def _loader():
             try:
                 if self._depth > MAX_YAML_DEPTH:
                     raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark)
-                if self._nodes > MAX_YAML_VALUES:
-                    raise _Refused(f"more than {MAX_YAML_VALUES:,} values (a recipe holds a few dozen)",
+                if self._nodes > max_values:
+                    raise _Refused(f"more than {max_values:,} values (a {what} holds {typical})",
                                    self.peek_event().start_mark)
                 return super().compose_node(parent, index)
             finally:
@@ -196,7 +197,7 @@ def _loader():
         def get_single_node(self):
             node = super().get_single_node()
             if node is not None:
-                _check_expanded(node)
+                _check_expanded(node, max_values, what, typical)
             return node
 
         def construct_mapping(self, node, deep=False):
@@ -219,9 +220,10 @@ def _loader():
     return _RecipeLoader
 
 
-def _check_expanded(root) -> None:
+def _check_expanded(root, max_values: int = MAX_YAML_VALUES, what: str = "recipe",
+                    typical: str = "a few dozen") -> None:
     """:class:`_Refused` unless the YAML node graph ``root``, its aliases expanded, holds at most
-    :data:`MAX_YAML_VALUES` values nested at most :data:`MAX_YAML_DEPTH` deep and no alias inside
+    ``max_values`` values nested at most :data:`MAX_YAML_DEPTH` deep and no alias inside
     its own anchor. Counted on the graph (each shared node once), never expanded."""
     import yaml
 
@@ -246,9 +248,9 @@ def _check_expanded(root) -> None:
             for child in children:
                 total += walk(child, level + 1)
                 levels = max(levels, 1 + sizes[id(child)][1])
-                if total > MAX_YAML_VALUES:
-                    raise _Refused(f"more than {MAX_YAML_VALUES:,} values with its aliases expanded (a recipe "
-                                   "holds a few dozen)", node.start_mark)
+                if total > max_values:
+                    raise _Refused(f"more than {max_values:,} values with its aliases expanded (a {what} "
+                                   f"holds {typical})", node.start_mark)
             active.discard(key)
             sizes[key] = (total, levels)
         if level - 1 + sizes[key][1] > MAX_YAML_DEPTH:
@@ -258,40 +260,53 @@ def _check_expanded(root) -> None:
     walk(root, 1)
 
 
-def _read_text(path: Path) -> str:
-    """The text of a recipe file: a regular file only (a FIFO, device or socket is refused without
-    blocking), at most :data:`MAX_RECIPE_BYTES`, UTF-8."""
+def read_text_file(path: Path, what: str = "recipe", max_bytes: int = MAX_RECIPE_BYTES,
+                   typical: str = "a few dozen lines", encoding: str = "utf-8") -> str:
+    """The text of a small file the user gives (a recipe, a zoo manifest): a regular file only (a
+    FIFO, device or socket is refused without blocking), at most ``max_bytes`` (checked on its size
+    and bounded on the read), decoded; :class:`BadInput` naming ``path`` otherwise."""
     from repair.data import open_regular
 
     if path.is_dir():
-        raise BadInput("a recipe must be a YAML file, got a folder", path)
-    with open_regular(path, "recipe") as f:
+        raise BadInput(f"a {what} must be a file, got a folder", path)
+    with open_regular(path, what) as f:
         size = os.fstat(f.fileno()).st_size
         try:
-            data = b"" if size > MAX_RECIPE_BYTES else f.read(MAX_RECIPE_BYTES + 1)
+            data = b"" if size > max_bytes else f.read(max_bytes + 1)
         except OSError as e:
-            raise BadInput(f"cannot read the recipe ({e.strerror or e})", path) from None
-    if size > MAX_RECIPE_BYTES or len(data) > MAX_RECIPE_BYTES:
-        raise BadInput(f"the recipe is larger than {MAX_RECIPE_BYTES // (1 << 20)} MiB (a recipe is a few dozen "
-                       "lines)", path)
+            raise BadInput(f"cannot read the {what} ({e.strerror or e})", path) from None
+    if size > max_bytes or len(data) > max_bytes:
+        raise BadInput(f"the {what} is larger than {max_bytes // (1 << 20)} MiB (a {what} is {typical})", path)
     try:
-        return data.decode("utf-8")
+        return data.decode(encoding)
     except UnicodeDecodeError as e:
-        raise BadInput(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+        raise BadInput(f"not UTF-8 text (byte {e.start}: {e.reason})", path) from None
 
 
-def _parse(text: str, path: Path) -> Any:
-    """The YAML document of a recipe's ``text`` (see :func:`_loader`); :class:`BadInput` naming
-    ``path`` otherwise."""
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise BadInput("a recipe must be a YAML file, got a folder", path)
+    return read_text_file(path)
+
+
+def parse_yaml(text: str, path: Path, max_values: int = MAX_YAML_VALUES, what: str = "recipe",
+               typical: str = "a few dozen") -> Any:
+    """The YAML document ``text`` of the file ``path`` (see :func:`_loader`: safe, no duplicate keys,
+    bounded); :class:`BadInput` naming ``path`` otherwise."""
     import yaml
 
     try:
-        return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_loader(max_values, what, typical))  # noqa: S506 - a SafeLoader subclass
     except _Refused as e:
         where = f" (line {e.mark.line + 1})" if e.mark is not None else ""
         raise BadInput(f"{e.problem}{where}", path) from None
     except yaml.YAMLError as e:
         raise BadInput(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+    except (ValueError, RecursionError) as e:         # ValueError: an integer of more than 4,300 digits
+        raise BadInput(f"not valid YAML ({(str(e) or type(e).__name__).splitlines()[0]})", path) from None
+
+
+_parse = parse_yaml
 
 
 def read_recipe_file(path: Union[str, Path]) -> Any:

@@ -34,14 +34,20 @@ killed attempt already extracted.
 
 Journal (``journal.jsonl`` in the report folder): one JSON line per finished model, appended with
 a single ``O_APPEND`` write and fsynced; a torn last line (the driver killed mid-write) is cut off
-when the journal is read. A rerun skips every model whose line is there with the same settings
-(the gate is not a setting: thresholds are applied to the journaled figures, so changing them
-needs no rerun) and starts the others over.
+when the journal is read, once every complete line has been read as a journal record (a file that
+is not a journal is refused untouched). A rerun skips every model whose line is there with the
+same settings (the gate is not a setting: thresholds are applied to the journaled figures, so
+changing them needs no rerun), the same inputs (:func:`input_fingerprints`: the checkpoint's
+files, the data and eval data with their tables, the recipe's files, the model-repair inputs) and,
+in fix mode, every file of its output as written (:func:`output_files`); it starts the others
+over, and the report says why.
 
 Outputs are never half-written nor written twice: a model's files are written by ``fix`` into a
 staging folder beside the output (``.<output>.zoo-staging``, emptied when an attempt starts); the
 driver appends the journal line and only then renames the staged files into place, one atomic
-rename each. A rerun completes a rename that an interrupted driver had not finished.
+rename each. A rerun completes a rename that an interrupted driver had not finished. No output
+nor its staging folder is, holds or lies inside an input, another row's output or staging folder,
+the report folder or the journal (checked before any work).
 """
 from __future__ import annotations
 
@@ -61,6 +67,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from .errors import BadInput, RepairError, Terminated
+from .io import sha256_file
 
 def _data_fields() -> tuple:
     import dataclasses
@@ -139,6 +146,7 @@ class Manifest:
     entries: list[ZooEntry]
     datasets: dict = dataclasses.field(default_factory=dict)   # (path, options) -> RepairData read once
     protected: Any = None             # repair.rules.Protected: every row's inputs and the manifest
+    recipe_files: dict = dataclasses.field(default_factory=dict)   # recipe -> the files it is read from
 
     def data_of(self, entry: "ZooEntry", key: str):
         """The RepairData of ``entry``'s ``data`` / ``eval`` as read during validation (or None)."""
@@ -147,24 +155,22 @@ class Manifest:
 
 
 # ------------------------------------------------------------------ reading the manifest
+#: the largest manifest read (tens of thousands of rows) and the most YAML values it may hold with its
+#: aliases expanded (read by the recipes' bounded loader: no duplicate keys, no alias bomb)
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_MANIFEST_VALUES = 2_000_000
 def _read_rows(path: Path) -> tuple[dict, list[dict]]:
     """(defaults, rows) of a YAML or CSV manifest; values as read."""
     if not path.exists():
         raise BadInput("manifest not found", path)
     if path.is_dir():
         raise BadInput("a manifest must be a .yaml/.yml or .csv file, got a folder", path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"not UTF-8 text (byte {e.start}: {e.reason})", path) from None
+    from .recipes import parse_yaml, read_text_file
+
+    text = read_text_file(path, "manifest", MAX_MANIFEST_BYTES, "a line or a few per model", "utf-8-sig")
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise BadInput(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+        doc = parse_yaml(text, path, MAX_MANIFEST_VALUES, "manifest", "a few values per model")
         if isinstance(doc, list):
             doc = {"models": doc}
         if not isinstance(doc, dict):
@@ -180,6 +186,10 @@ def _read_rows(path: Path) -> tuple[dict, list[dict]]:
         for n, r in enumerate(rows, 1):
             if not isinstance(r, dict):
                 raise BadInput(f"row {n}: must be a mapping of field: value", path)
+        for where, r in (("defaults", defaults), *((f"row {n}", r) for n, r in enumerate(rows, 1))):
+            key = next((k for k in r if not isinstance(k, str)), None)
+            if key is not None:
+                raise BadInput(f"{where}: field names are text, got {key!r}", path)
         return defaults, rows
     if suffix == ".csv":
         lines = text.splitlines()
@@ -190,10 +200,21 @@ def _read_rows(path: Path) -> tuple[dict, list[dict]]:
                 defaults[m.group(1)] = m.group(2)
         reader = csv.DictReader(io.StringIO("\n".join(lines)))
         rows = []
-        for n, r in enumerate(reader, 1):
-            if None in r:
-                raise BadInput(f"row {n}: more fields than the header", path)
-            rows.append({k.strip(): v.strip() for k, v in r.items() if k is not None and v is not None and v.strip()})
+        try:
+            header = [c.strip() for c in (reader.fieldnames or [])]
+        except csv.Error as e:
+            raise BadInput(f"the header: not valid CSV ({e})", path) from None
+        twice = sorted({c for c in header if c and header.count(c) > 1})
+        if twice:
+            raise BadInput(f"the header names column {twice[0]!r} twice", path)
+        try:
+            for n, r in enumerate(reader, 1):
+                if None in r:
+                    raise BadInput(f"row {n}: more fields than the header", path)
+                rows.append({k.strip(): v.strip() for k, v in r.items()
+                             if k is not None and v is not None and v.strip()})
+        except csv.Error as e:                      # a field over csv's limit (128 KiB), ...
+            raise BadInput(f"row {len(rows) + 1}: not valid CSV ({e})", path) from None
         if not rows:
             raise BadInput("a manifest needs at least one model row", path)
         return defaults, rows
@@ -258,6 +279,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     entries: list[ZooEntry] = []
     names: dict[str, int] = {}
     outputs: dict[Path, int] = {}
+    stagings: dict[int, tuple] = {}       # row -> ((what, path), ...): its output and its staging folder
     protected = Protected()            # every row's inputs: no row's output may replace one
     protected.add_file(path, "the manifest")
     resource_names = set(FIELDS) - set(BASE_FIELDS)
@@ -273,6 +295,23 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             Path(os.path.relpath(as_path(r["checkpoint"]), base)).as_posix() if "checkpoint" in r else f"row-{n}")
         where = f"row {n} ({f['name']})"
         before = len(problems.items)
+        for k in sorted(r):
+            v = r[k]
+            if isinstance(v, (list, dict)) and k != "expect_groups":
+                problems.add(where, k, f"must be a single value, got a {'list' if isinstance(v, list) else 'mapping'}")
+            elif isinstance(v, str) and "\0" in v:
+                problems.add(where, k, "contains a NUL character")
+            elif k in ("checkpoint", "data", "eval", "output", "output_dir") or (
+                    k in resource_names and declared_resource(k).kind in ("file", "folder", "data")):
+                try:
+                    os.stat(as_path(v))
+                except (FileNotFoundError, NotADirectoryError):
+                    pass                                    # reported below, by name
+                except OSError as e:                        # a name too long, a loop of symlinks, ...
+                    problems.add(where, k, f"{str(v)[:80]}{'...' if len(str(v)) > 80 else ''}: cannot be used "
+                                           f"as a path ({e.strerror or e})")
+        if len(problems.items) != before:
+            continue
         for k in sorted(set(raw) - set(FIELDS)):
             problems.add(where, repr(k), f"unknown field (known: {', '.join(FIELDS)})")
         for k in ("checkpoint", "data"):
@@ -363,6 +402,15 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
         for k in ("checkpoint", "data", "eval"):
             if k in f and f[k].exists():
                 protected.add(f[k], f"{k} of row {n}")
+        if mode == "fix" and "checkpoint" in f and f["checkpoint"].is_dir():
+            # what the output would copy from the model folder, checked now as `repair fix` does (a
+            # symlink leaving it, a FIFO): not when this model's turn comes, after others ran
+            from .adapters.base import folder_copy_plan
+
+            try:
+                folder_copy_plan(f["checkpoint"], f["checkpoint"] / "model.safetensors")
+            except BadInput as e:
+                problems.add(where, "checkpoint", str(e))
         if mode == "fix" and "checkpoint" in f:
             ck = f["checkpoint"]
             try:
@@ -380,9 +428,16 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             if out is not None:
                 out = out.resolve()
                 clash = next((m for o, m in outputs.items() if o == out or o in out.parents or out in o.parents), None)
+                # the staging folder beside it is written (and emptied) too: it is no other row's place
+                mine = (("output", out), (f"staging folder {staging_dir(out).name}", staging_dir(out)))
+                staged = next(((m, w, v) for m, places in stagings.items() for w, o in places for v, q in mine
+                               if "staging" in w + v and (o == q or o in q.parents or q in o.parents)), None)
                 if clash is not None:
                     rel = "duplicate output" if outputs.get(out) == clash else "output inside (or holding) the output"
                     problems.add(where, "output", f"{rel} {out} (also row {clash})")
+                elif staged is not None:
+                    problems.add(where, "output", f"its {staged[2]} and the {staged[1]} of row {staged[0]} would "
+                                                  "write the same place")
                 elif not out.parent.is_dir():
                     problems.add(where, "output", f"folder {out.parent} does not exist")
                 else:
@@ -391,6 +446,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                     except BadInput as e:
                         problems.add(where, "output", e.problem)
                 outputs.setdefault(out, n)
+                stagings[n] = mine
                 f["output"] = out
         # the data: read once here (cheap: tables and file names, no model) and kept for the work
         if len(problems.items) == before:
@@ -418,12 +474,14 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     # no row's output may replace any row's input (its own or another's)
     for e in entries:
         if e.output is not None:
-            why = protected.why(e.output, "output")
+            why = (protected.why(e.output, "output")
+                   or protected.why(staging_dir(e.output), f"its staging folder {staging_dir(e.output).name}"))
             if why:
                 problems.add(f"row {e.row} ({e.name})", "output", why)
     problems.raise_first()
     return Manifest(path=path, entries=entries,
-                    datasets={k: v for k, v in datasets.items() if not isinstance(v, str)}, protected=protected)
+                    datasets={k: v for k, v in datasets.items() if not isinstance(v, str)}, protected=protected,
+                    recipe_files={k: v for k, v in recipe_files.items() if not recipes.get(k)})
 
 
 def _as_field_type(name: str, value: Any):
@@ -454,31 +512,74 @@ def _missing(flag: str, p: Path):
 
 
 # ------------------------------------------------------------------ journal
+_RECORD_START = b'{"name":'             # how every line Journal.append writes begins
+
+
+def _is_record(rec) -> bool:
+    """A journal line as :func:`_run_locked` writes it: a model's name and mode, its settings' key,
+    the result figures (a mapping), and what its inputs and output were."""
+    return (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("name", "mode", "key"))
+            and isinstance(rec.get("result"), dict) and isinstance(rec.get("result").get("before"), dict)
+            and isinstance(rec.get("inputs", {}), dict) and isinstance(rec.get("output_files") or {}, dict)
+            and isinstance(rec.get("output") or "", str))
+
+
 class Journal:
     """JSONL, one line per finished model; appended atomically, read tolerantly."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
+    def check(self) -> None:
+        """A journal that exists is a regular file (a folder or a FIFO is refused, never opened)."""
+        import stat
+
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise BadInput(f"cannot read the journal ({e.strerror or e})", self.path) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise BadInput("the journal is a folder, not a file", self.path)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadInput("the journal is not a regular file (a FIFO, a device, ...)", self.path)
+
     def read(self) -> dict[tuple[str, str], dict]:
-        """``(name, mode) -> record`` (the last line wins). A torn last line is cut off."""
+        """``(name, mode) -> record`` (the last line wins). Every complete line must be a journal
+        record (else BadInput, the file untouched); only then is a torn last line (the driver
+        killed mid-write) cut off."""
+        self.check()
         if not self.path.exists():
             return {}
-        raw = self.path.read_bytes()
-        if raw and not raw.endswith(b"\n"):
-            keep = raw.rfind(b"\n") + 1
-            with open(self.path, "r+b") as fh:
-                fh.truncate(keep)
-            raw = raw[:keep]
+        try:
+            raw = self.path.read_bytes()
+        except OSError as e:
+            raise BadInput(f"cannot read the journal ({e.strerror or e})", self.path) from None
+        keep = raw.rfind(b"\n") + 1
+        body, tail = raw[:keep], raw[keep:]
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInput(f"not a journal: not UTF-8 text (byte {e.start}: {e.reason})", self.path) from None
         out = {}
-        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-                out[(rec["name"], rec["mode"])] = rec
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise BadInput(f"line {n} is not a journal record (not written by repair zoo?)", self.path) from None
+            except (json.JSONDecodeError, RecursionError):
+                rec = None
+            if not _is_record(rec):
+                raise BadInput(f"line {n} is not a journal record (not written by repair zoo?)", self.path)
+            out[(rec["name"], rec["mode"])] = rec
+        if tail:
+            # a record torn mid-write starts as every record does; anything else is not ours
+            if not (tail.startswith(_RECORD_START) or _RECORD_START.startswith(tail)):
+                raise BadInput(f"line {text.count(chr(10)) + 1} is not a journal record (not written by repair "
+                               "zoo?)", self.path)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(keep)
         return out
 
     def append(self, record: dict) -> None:
@@ -491,6 +592,106 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ------------------------------------------------------------------ what a journal line was made from
+#: files beside a checkpoint file that its loader reads (config, preprocessing, tokenizer)
+_BESIDE_CHECKPOINT = (".json", ".txt", ".model")
+
+
+
+
+def _stat_line(path: Path, rel: str) -> bytes:
+    """A file by its path, size, inode, modification and change time (as
+    :meth:`repair.data.RepairData.fingerprint` identifies an image): replaced, edited or copied
+    over, even with its modification time set back, it gets a new line. Nothing is read."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"{rel}\0unreadable {e.errno}\n".encode()
+    from .data import file_stamp
+
+    return f"{rel}\0{file_stamp(st)}\n".encode()
+
+
+def path_fingerprint(path: Path) -> str:
+    """A file, or every file in a folder tree (the model folder, a mask folder), by
+    :func:`_stat_line`; a checkpoint file with its config, preprocessing and tokenizer files
+    beside it."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            if not f.is_dir():
+                h.update(_stat_line(f, f.relative_to(path).as_posix()))
+    else:
+        h.update(_stat_line(path, path.name))
+        if path.parent.is_dir():
+            for f in sorted(path.parent.iterdir()):
+                if f != path and f.suffix.lower() in _BESIDE_CHECKPOINT and f.is_file():
+                    h.update(_stat_line(f, f.name))
+    return h.hexdigest()
+
+
+def data_fingerprint(data) -> str:
+    """A :class:`repair.data.RepairData`: its items (:meth:`~repair.data.RepairData.fingerprint`)
+    and the content of its table (labels and group columns change figures, not items)."""
+    h = hashlib.sha256(data.fingerprint().encode())
+    if data.table is not None:
+        try:
+            h.update(sha256_file(Path(data.table)).encode())
+        except OSError as e:
+            h.update(f"unreadable {e.errno}".encode())
+    return h.hexdigest()
+
+
+def input_fingerprints(manifest: "Manifest", entry: ZooEntry, mode: str, memo: Optional[dict] = None) -> dict[str, str]:
+    """What ``entry``'s work in ``mode`` reads, one fingerprint each: the checkpoint, the data the
+    figures and (fix) the repair come from, the recipe's files and the model-repair inputs. A
+    journal line is reused only while every one is unchanged (:func:`inputs_changed`). ``memo``
+    (one dict for all rows) computes what rows share once."""
+    from .preflight import declared_resource
+
+    memo = {} if memo is None else memo
+
+    def once(key, compute):
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
+    fp = {"checkpoint": once(("path", str(entry.checkpoint)), lambda: path_fingerprint(entry.checkpoint))}
+    keys = ("data", "eval") if mode == "fix" else ("eval",) if entry.eval is not None else ("data",)
+    for key in keys:
+        if getattr(entry, key) is None:
+            continue
+        data = manifest.data_of(entry, key)
+        fp[key] = (once(("data", id(data)), lambda: data_fingerprint(data)) if data is not None else
+                   once(("path", str(getattr(entry, key))), lambda: path_fingerprint(getattr(entry, key))))
+    if mode == "fix":
+        def recipe() -> str:
+            h = hashlib.sha256()
+            for f in sorted(str(f) for f in manifest.recipe_files.get(entry.recipe, ())):
+                try:
+                    h.update(f"{f}\0{sha256_file(Path(f))}\n".encode())
+                except OSError as e:
+                    h.update(f"{f}\0unreadable {e.errno}\n".encode())
+            return h.hexdigest()
+
+        fp["recipe"] = once(("recipe", entry.recipe), recipe)
+        for name, value in entry.resources:
+            if declared_resource(name).kind in ("file", "folder", "data"):
+                fp[name] = once(("path", value), lambda: path_fingerprint(Path(value)))
+    return fp
+
+
+def inputs_changed(journaled: Optional[dict], now: dict[str, str]) -> Optional[str]:
+    """Why a journal line's inputs are not the inputs of now (None: the same)."""
+    if not isinstance(journaled, dict):
+        return "its inputs were not recorded"
+    changed = [k for k in sorted(set(now) | set(journaled)) if now.get(k) != journaled.get(k)]
+    if changed:
+        return f"its {', '.join(changed)} changed since it was journaled"
+    return None
 
 
 # ------------------------------------------------------------------ outputs
@@ -514,6 +715,25 @@ def commit_staged(output: Path) -> None:
             os.replace(target, old)
         os.replace(child, target)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def output_files(parent: Path, names) -> dict[str, str]:
+    """``relative path -> sha256`` of every file of the outputs ``names`` in ``parent`` (a model
+    folder's every file, an ONNX export beside a weights file, ...): what a journal line says was
+    written. A missing name or a file that is not a regular one has no digest but its state."""
+    parent = Path(parent)
+    out: dict[str, str] = {}
+    for name in sorted(names):
+        p = parent / name
+        if not (p.exists() or p.is_symlink()):
+            out[name] = "missing"
+            continue
+        items = sorted(q for q in p.rglob("*") if q.is_symlink() or not q.is_dir()) if (
+            p.is_dir() and not p.is_symlink()) else [p]
+        for q in items:
+            rel = q.relative_to(parent).as_posix()
+            out[rel] = sha256_file(q) if q.is_file() and not q.is_symlink() else "not a regular file"
+    return out
 
 
 def output_digest(path: Path) -> Optional[str]:
@@ -616,6 +836,9 @@ def _fix(entry: ZooEntry, task: dict) -> dict:
                         runtime=runtime, log=lambda m: None, options=o, inputs=inputs)
         result = compact_fix(_unstage(rep.report, staging, out.parent), rep.delta_histogram())
         result["output_digest"] = output_digest(staging / out.name)
+        # every file the commit will put into place (the driver journals it beside the result)
+        result["output_files"] = output_files(staging, [c.name for c in staging.iterdir()
+                                                        if not c.name.startswith(".")])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)      # nothing of a failed attempt stays behind
         raise
@@ -659,6 +882,25 @@ def import_ray():
     return ray
 
 
+#: how long joining a cluster waits for its address to answer before giving up (Ray's own wait is minutes)
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def _reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """A ``HOST:PORT`` (or ``ray://HOST:PORT``) cluster address answers a TCP connection within
+    ``timeout`` seconds; else BadInput. Other address forms are left to Ray."""
+    m = re.fullmatch(r"(?:[a-z]+://)?(\[[0-9a-fA-F:.]+\]|[^:/\s]+):(\d{1,5})/?", address.strip())
+    if not m:
+        return
+    host, port = m.group(1).strip("[]"), int(m.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        reason = "no answer" if isinstance(e, (socket.timeout, TimeoutError)) else (e.strerror or str(e))
+        raise BadInput(f"cannot join the Ray cluster at {address}: nothing answers at {host}:{port} within "
+                       f"{timeout:g}s ({reason}); is the head node running (ray start --head)?") from None
+
+
 class RayExecutor:
     """One Ray task per model (``max_retries`` when its worker dies; ``num_cpus``/``num_gpus`` per
     task), results as they finish. ``address="auto"`` starts a local Ray with ``workers`` x
@@ -689,6 +931,7 @@ class RayExecutor:
                 self.owned, where = True, f"a local Ray ({n} x {cpus_per_model} CPU)"
             else:
                 log(f"joining the Ray cluster at {address}")
+                _reachable(address)
                 try:
                     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
                 except (ConnectionError, ValueError, RuntimeError) as e:
@@ -756,6 +999,11 @@ class ZooOptions:
             raise BadInput(f"--workers must be a whole number >= 1, got {self.workers!r}")
         if not isinstance(self.gpus_per_model, (int, float)) or self.gpus_per_model < 0:
             raise BadInput(f"--gpus-per-model must be >= 0, got {self.gpus_per_model!r}")
+        if self.ray is None:                    # the local executor runs one model at a time, on the CPU
+            for flag, given in (("--workers", self.workers is not None), ("--gpus-per-model", self.gpus_per_model)):
+                if given:
+                    raise BadInput(f"{flag} needs --ray (auto or a cluster address); without it models run here, "
+                                   "one at a time")
 
 
 REPORT_NAME = "zoo-report.html"
@@ -791,6 +1039,8 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     for p, flag in ((out_dir / REPORT_NAME, "--out-dir"), (out_dir / "zoo-report.json", "--out-dir"),
                     (out_dir / LOCK_NAME, "--out-dir"), (journal.path, "--journal")):
         manifest.protected.check(p, flag)
+    _check_outputs_apart(manifest, mpath, out_dir, journal.path)
+    journal.check()
     from .preflight import check_cache_dir
 
     check_cache_dir(manifest.protected, runtime)
@@ -805,6 +1055,24 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
         raise
     finally:
         os.close(lock)
+
+
+def _check_outputs_apart(manifest: Manifest, mpath: Path, out_dir: Path, journal: Path) -> None:
+    """No row's output nor its staging folder is, holds or lies inside the report folder (the
+    report, the journal, the lock) or the journal: a commit would move them into a model."""
+    from .rules import check_outputs_distinct
+
+    problems = _Problems(mpath)
+    for e in manifest.entries:
+        if e.output is None:
+            continue
+        for what, p in (("output", e.output), (f"staging folder {staging_dir(e.output).name}", staging_dir(e.output))):
+            for flag, z in (("--out-dir", out_dir), ("--journal", journal)):
+                try:
+                    check_outputs_distinct({f"its {what}": p, flag: z})
+                except BadInput as err:
+                    problems.add(f"row {e.row} ({e.name})", "output", err.problem)
+    problems.raise_first()
 
 
 def _hold_lock(out_dir: Path) -> int:
@@ -833,16 +1101,22 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
     records = journal.read()
     done = {}
     redo: dict[str, str] = {}
+    memo: dict = {}
+    inputs = {e.name: input_fingerprints(manifest, e, o.mode, memo) for e in manifest.entries}
     for e in manifest.entries:
         rec = records.get((e.name, o.mode))
         if rec is not None and rec.get("key") == e.key(o.mode):
-            if o.mode == "fix" and rec.get("output"):
-                commit_staged(Path(rec["output"]))          # a rename an interrupted driver had not finished
-                why = _output_changed(Path(rec["output"]), (rec.get("result") or {}).get("output_digest"))
-                if why:
-                    redo[e.name] = why
-                    log(f"{e.name}: journaled, but {why}: running it again")
-                    continue
+            why = inputs_changed(rec.get("inputs"), inputs[e.name])
+            if why is None and o.mode == "fix":
+                if not rec.get("output"):
+                    why = "its output was not recorded"
+                else:
+                    commit_staged(Path(rec["output"]))      # a rename an interrupted driver had not finished
+                    why = _output_changed(Path(rec["output"]), rec.get("output_files"))
+            if why:
+                redo[e.name] = why
+                log(f"{e.name}: journaled, but {why}: running it again")
+                continue
             done[e.name] = rec
     if o.mode == "fix":
         problems = _Problems(mpath)
@@ -878,9 +1152,11 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                 errors[e.name] = res
                 log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {res['error']}")
                 continue
+            files = res["result"].pop("output_files", None)
             rec = {"name": e.name, "mode": o.mode, "key": e.key(o.mode), "status": "done", "finished": now(),
                    "seconds": res["seconds"], "worker": res["worker"],
-                   "output": str(e.output) if o.mode == "fix" else None, "result": res["result"]}
+                   "output": str(e.output) if o.mode == "fix" else None, "inputs": inputs[e.name],
+                   "output_files": files, "result": res["result"]}
             journal.append(rec)                             # the commit point ...
             if o.mode == "fix":
                 commit_staged(e.output)                     # ... then the files go into place
@@ -906,17 +1182,24 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
     return doc
 
 
-def _output_changed(output: Path, digest: Optional[str]) -> Optional[str]:
-    """Why a journaled model's output cannot be trusted any more (None: it is as written)."""
+def _output_changed(output: Path, files: Optional[dict]) -> Optional[str]:
+    """Why a journaled model's output cannot be trusted any more (None: every file it was written
+    with is there, byte for byte, and nothing was added)."""
     if not output.exists():
         return "its output is missing"
-    if digest is not None:
-        try:
-            now_digest = output_digest(output)
-        except RepairError:
-            now_digest = None
-        if now_digest != digest:
-            return "its output differs from what was written"
+    if not isinstance(files, dict) or not files:
+        return "its output's files were not recorded"
+    try:
+        now = output_files(output.parent, {k.split("/")[0] for k in files})
+    except OSError as e:
+        return f"its output cannot be read ({e.strerror or e})"
+    for rel in sorted(set(files) | set(now)):
+        if now.get(rel) in (None, "missing") and files.get(rel) not in (None, "missing"):
+            return f"its output file {rel} is missing"
+    for rel in sorted(set(now) - set(files)):
+        return f"its output holds {rel}, which was not written with it"
+    if now != files:
+        return "its output differs from what was written"
     return None
 
 

@@ -250,11 +250,12 @@ def test_torn_journal_line_is_cut_off(tmp_path):
     from repair.zoo import Journal
 
     j = Journal(tmp_path / "j.jsonl")
-    j.append({"name": "a", "mode": "fix", "key": "k"})
+    result = {"before": {"accuracy": 1.0}}
+    j.append({"name": "a", "mode": "fix", "key": "k", "result": result})
     with open(j.path, "a") as f:
-        f.write('{"name": "b", "mo')                         # the driver died mid-write
+        f.write('{"name":"b","mo')                           # the driver died mid-write
     assert list(j.read()) == [("a", "fix")]
-    j.append({"name": "b", "mode": "fix", "key": "k"})
+    j.append({"name": "b", "mode": "fix", "key": "k", "result": result})
     assert list(j.read()) == [("a", "fix"), ("b", "fix")]
 
 

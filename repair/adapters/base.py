@@ -24,19 +24,10 @@ from torch import nn
 from .. import provenance
 from ..data import DEFAULT_MAX_PIXELS, open_regular
 from ..errors import BadInput, RepairError
-from ..io import load_state_dict_file, save_safetensors
+from ..io import load_state_dict_file, save_safetensors, sha256_file  # noqa: F401  (sha256_file: re-exported)
 from .text import tokenizer_input_names
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def tensor_digest(t: torch.Tensor) -> bytes:

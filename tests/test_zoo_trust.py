@@ -1,0 +1,295 @@
+"""`repair zoo` trusts nothing it did not check: a journal line is reused only while the row's
+inputs (checkpoint, data, eval data, recipe) and every file of its output are as they were; a
+row's output never lands on the zoo's own files; a journal that is not one is refused untouched;
+malformed manifests are exit 2, never an internal error."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_deployed_onnx, make_images, make_timm_folder, run_cli, time_limit
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Two tiny timm models and one small image set, copied per test (the tests change them)."""
+    root = tmp_path_factory.mktemp("zoo-trust")
+    make_timm_folder(root / "m0", seed=0)
+    make_timm_folder(root / "m1", seed=1)
+    make_images(root / "val", n_per_class=6, seed=1)
+    make_images(root / "test", n_per_class=6, seed=2)
+    return root
+
+
+def zoo(tmp_path: Path, parts: Path, rows: list[dict], **defaults) -> Path:
+    """A manifest in ``tmp_path`` over copies of the models and the data (``m0``, ``m1``, ``val``, ``test``)."""
+    for name in ("m0", "m1", "val", "test"):
+        if not (tmp_path / name).exists():
+            shutil.copytree(parts / name, tmp_path / name)
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr", "group_by": "place", "data": "val", **defaults},
+                                    "models": rows}, sort_keys=False))
+    return path
+
+
+def run_json(*args) -> tuple[int, dict, str]:
+    code, out, err = run_cli("zoo", *args, "--json", "-q")
+    return code, (json.loads(out) if out.strip() else {}), err
+
+
+def redone(doc: dict) -> dict:
+    return {m["name"]: m.get("redone") for m in doc["models"] if m.get("redone")}
+
+
+# ------------------------------------------------------------------ 1. resume is bound to the inputs' content
+def _swap_checkpoint(t: Path) -> str:
+    shutil.rmtree(t / "m0")
+    shutil.copytree(t / "m1", t / "m0")                  # another model under the same name
+    return "checkpoint"
+
+
+def _relabel_groups(t: Path, data: str = "val") -> str:
+    table = t / data / "metadata.csv"                    # same images, other group labels
+    table.write_text(table.read_text().replace(",land", ",tmp").replace(",water", ",land").replace(",tmp", ",water"))
+    return "data"
+
+
+def _replace_an_image(t: Path) -> str:
+    img = next((t / "val" / "cat").glob("*.png"))
+    other = next((t / "val" / "dog").glob("*.png"))
+    st = img.stat()
+    shutil.copyfile(other, img)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))    # the modification time set back, as cp -p does
+    return "data"
+
+
+@pytest.mark.parametrize("change", [_swap_checkpoint, _relabel_groups, _replace_an_image],
+                         ids=["checkpoint", "group-labels", "image"])
+def test_eval_mode_never_resumes_figures_of_changed_inputs(tmp_path, parts, change):
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}], gate=0)
+    code, first, err = run_json(path, "--mode", "eval")
+    assert code == 0, err
+    code, again, err = run_json(path, "--mode", "eval")             # unchanged: resumed as it was
+    assert code == 0 and again["models"][0]["resumed"] and not redone(again), err
+    what = change(tmp_path)
+    code, doc, err = run_json(path, "--mode", "eval")
+    assert code == 0, err
+    assert redone(doc) == {"a": f"its {what} changed since it was journaled"}, doc
+    assert not doc["models"][0]["resumed"]
+    if what == "checkpoint":                                        # figures of the model there now
+        assert doc["models"][0]["result"]["before"] != first["models"][0]["result"]["before"]
+    assert f"run again: its {what} changed" in (tmp_path / "zoo-zoo" / "zoo-report.html").read_text()
+
+
+def test_fix_mode_reruns_a_row_whose_recipe_file_changed(tmp_path, parts):
+    (tmp_path / "r.yaml").write_text("name: mine\ncandidates:\n  - method: afr\n")
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0", "recipe": "r.yaml"}], output_dir="out")
+    (tmp_path / "out").mkdir()
+    code, doc, err = run_json(path)
+    assert code == 0 and doc["models"][0]["result"]["candidate"].startswith("afr"), err
+    (tmp_path / "r.yaml").write_text("name: mine\ncandidates:\n  - method: neurontune\n")
+    code, doc, err = run_json(path)
+    assert code == 0, err
+    assert redone(doc) == {"a": "its recipe changed since it was journaled"}
+    assert doc["models"][0]["result"]["candidate"].startswith("neurontune")
+    code, doc, err = run_json(path)                                 # and now it is resumed again
+    assert code == 0 and doc["models"][0]["resumed"] and not redone(doc), err
+
+
+def test_fix_mode_reruns_a_row_whose_eval_data_changed(tmp_path, parts):
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}], output_dir="out", eval="test")
+    (tmp_path / "out").mkdir()
+    assert run_json(path)[0] == 0
+    _relabel_groups(tmp_path, "test")
+    code, doc, err = run_json(path)
+    assert code == 0 and redone(doc) == {"a": "its eval changed since it was journaled"}, (err, doc)
+
+
+# ------------------------------------------------------------------ 2. every file of the output is checked
+def test_fix_reruns_a_row_any_file_of_whose_output_changed(tmp_path, parts):
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}], output_dir="out")
+    (tmp_path / "out").mkdir()
+    assert run_json(path)[0] == 0
+    config = tmp_path / "out" / "a" / "config.json"
+    written = config.read_text()
+    config.write_text(written.replace('"num_classes": 3', '"num_classes": 4'))
+    code, doc, err = run_json(path)
+    assert code == 0 and redone(doc) == {"a": "its output differs from what was written"}, (err, doc)
+    assert config.read_text() == written
+    config.unlink()                                                 # as a deleted model.onnx would be
+    code, doc, err = run_json(path)
+    assert code == 0 and redone(doc) == {"a": "its output file a/config.json is missing"}, (err, doc)
+    assert config.read_text() == written
+    (tmp_path / "out" / "a" / "notes.txt").write_text("mine")     # a file that was never written with it
+    code, doc, err = run_json(path)
+    assert code == 0 and redone(doc) == {"a": "its output holds a/notes.txt, which was not written with it"}, doc
+
+
+def test_a_corrupted_onnx_output_is_run_again_not_an_internal_error(tmp_path, parts):
+    (tmp_path / "net").mkdir()
+    make_deployed_onnx(tmp_path / "net" / "net.onnx")
+    (tmp_path / "net" / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32]}))
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "net/net.onnx", "output": "out/a.onnx",
+                                  "data": "val/by-index.csv"}])
+    table = (tmp_path / "val" / "metadata.csv").read_text()            # an ONNX model's classes are 0, 1, 2
+    (tmp_path / "val" / "by-index.csv").write_text(table.replace(",cat,", ",0,").replace(",dog,", ",1,")
+                                                   .replace(",fox,", ",2,"))
+    (tmp_path / "out").mkdir()
+    assert run_json(path)[0] == 0
+    out = tmp_path / "out" / "a.onnx"
+    out.write_bytes(out.read_bytes()[:100])                         # truncated: no ONNX any more
+    code, doc, err = run_json(path)
+    assert code == 0 and redone(doc) == {"a": "its output differs from what was written"}, err
+
+
+# ------------------------------------------------------------------ 3, 5. outputs apart from the zoo's files and inputs
+def _refused(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err[:2000]
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err[:2000]
+
+
+@pytest.mark.parametrize("case", ["output-is-the-journal", "out-dir-is-the-output", "out-dir-inside-the-output",
+                                  "output-in-the-report-folder", "journal-inside-the-output"])
+def test_a_row_output_never_lands_on_the_report_folder_or_the_journal(tmp_path, parts, case):
+    (tmp_path / "outs").mkdir()
+    name, extra = "a", []
+    if case == "output-is-the-journal":                 # the audit's z-zoo/journal.jsonl row
+        (tmp_path / "zoo-zoo").mkdir()
+        name, output_dir = "journal.jsonl", "zoo-zoo"
+    elif case == "output-in-the-report-folder":
+        output_dir, extra = "outs", ["--out-dir", tmp_path / "outs"]
+    else:
+        output_dir = "outs"
+        extra = {"out-dir-is-the-output": ["--out-dir", tmp_path / "outs" / "a"],
+                 "out-dir-inside-the-output": ["--out-dir", tmp_path / "outs" / "a" / "r"],
+                 "journal-inside-the-output": ["--journal", tmp_path / "outs" / "a" / "j.jsonl"]}[case]
+        (tmp_path / "outs" / "a").mkdir()
+        (tmp_path / "outs" / "a" / "keep.txt").write_text("mine")
+    path = zoo(tmp_path, parts, [{"name": name, "checkpoint": "m0"}], output_dir=output_dir)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    code, _, err = run_cli("zoo", path, *extra, "--force")
+    _refused(code, err, f"row 1 ({name}), output: ", "would write the same place")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before     # nothing ran
+
+
+def test_a_staging_folder_is_never_an_input_or_another_rows_output(tmp_path, parts):
+    (tmp_path / "outs").mkdir()
+    zoo(tmp_path, parts, [])
+    shutil.copytree(tmp_path / "m0", tmp_path / "outs" / ".a.zoo-staging")
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "outs/.a.zoo-staging", "output": "outs/a"}])
+    _refused(*run_cli("zoo", path, "--force")[::2], "row 1 (a), output: ", "staging folder .a.zoo-staging",
+             "checkpoint of row 1")
+    assert (tmp_path / "outs" / ".a.zoo-staging" / "model.safetensors").is_file()   # the input is still there
+    for first, second in (("outs/x", "outs/.x.zoo-staging"), ("outs/.x.zoo-staging", "outs/x")):
+        path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0", "output": first},
+                                     {"name": "b", "checkpoint": "m1", "output": second}])
+        _refused(*run_cli("zoo", path)[::2], "row 2 (b), output: ", "staging folder .x.zoo-staging",
+                 "would write the same place")
+
+
+# ------------------------------------------------------------------ 4, 7. a journal that is not one
+def _not_a_journal(case: str, j: Path) -> None:
+    if case == "notes":
+        j.write_text("line one of my notes\nimportant last line without newline")
+    elif case == "folder":
+        j.mkdir()
+        (j / "x").write_text("x")
+    elif case == "fifo":
+        os.mkfifo(j)
+    elif case == "not-utf8":
+        j.write_bytes(b'{"name":"a","mode":"eval","key":"k","result":{"before":{}}}\n\xff\xfe\n')
+    elif case == "no-result":
+        j.write_text(json.dumps({"name": "a", "mode": "eval", "key": "k"}) + "\n")
+    elif case == "null-result":
+        j.write_text(json.dumps({"name": "a", "mode": "eval", "key": "k", "result": None}) + "\n")
+    elif case == "torn-notes":
+        j.write_text(json.dumps({"name": "a", "mode": "eval", "key": "k", "result": {"before": {}}}) + "\nmy notes")
+
+
+@pytest.mark.parametrize("case", ["notes", "folder", "fifo", "not-utf8", "no-result", "null-result", "torn-notes"])
+def test_a_journal_that_is_not_one_is_exit_2_and_left_as_it_was(tmp_path, parts, case):
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}], gate=0)
+    j = tmp_path / "j.jsonl"
+    _not_a_journal(case, j)
+    was = j.read_bytes() if j.is_file() else None
+    with time_limit(30):                                # a FIFO is never opened (it would block)
+        code, _, err = run_cli("zoo", path, "--mode", "eval", "--journal", j, "--out-dir", tmp_path / "r")
+    _refused(code, err, str(j))
+    assert not (tmp_path / "r").exists()                # the new report folder is not left behind
+    if was is not None:
+        assert j.read_bytes() == was
+
+
+def test_a_journal_entry_of_the_default_journal_that_is_a_folder_is_exit_2(tmp_path, parts):
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}])
+    (tmp_path / "zoo-zoo" / "journal.jsonl").mkdir(parents=True)
+    _refused(*run_cli("zoo", path, "--mode", "eval")[::2], "journal.jsonl", "folder")
+
+
+# ------------------------------------------------------------------ 6. malformed manifests: exit 2, not 3
+@pytest.mark.parametrize("case", ["int-key", "defaults-int-key", "huge-int", "nul-in-path", "nul-in-output",
+                                  "list-output", "duplicate-key", "csv-huge-field", "csv-duplicate-column"])
+def test_malformed_manifest_values_are_exit_2(tmp_path, parts, case):
+    zoo(tmp_path, parts, [])
+    (tmp_path / "outs").mkdir()
+    path = tmp_path / "z.yaml"
+    row = f"{{name: a, checkpoint: {tmp_path / 'm0'}, data: {tmp_path / 'val'}"
+    text = {"int-key": f"models:\n  - {row}, 1: x, foo: y}}\n",
+            "defaults-int-key": f"defaults: {{2: x, foo: y}}\nmodels:\n  - {row}}}\n",
+            "huge-int": f"models:\n  - {row}, seed: 1{'0' * 5000}}}\n",
+            "nul-in-path": 'models:\n  - {name: a, checkpoint: "m\\0b", data: val}\n',
+            "nul-in-output": f'models:\n  - {row}, output: "outs/a\\0b"}}\n',
+            "list-output": f"models:\n  - {row}, output: [x]}}\n",
+            "duplicate-key": f"models:\n  - {row}, seed: 1, seed: 2}}\n"}.get(case)
+    if case == "csv-huge-field":
+        path = tmp_path / "z.csv"
+        text = f"name,checkpoint,data\na,{tmp_path / 'm0'},{'v' * 140_000}\n"
+    elif case == "csv-duplicate-column":
+        path = tmp_path / "z.csv"
+        text = f"name,checkpoint,checkpoint,data\na,{tmp_path / 'm0'},{tmp_path / 'm1'},{tmp_path / 'val'}\n"
+    path.write_text(text)
+    code, _, err = run_cli("zoo", path, "--out-dir", tmp_path / "r")
+    _refused(code, err, str(path))
+    assert not (tmp_path / "r").exists() and not any((tmp_path / "outs").iterdir())
+
+
+# ------------------------------------------------------------------ 9. Ray options
+@pytest.mark.parametrize("option", [["--workers", "2"], ["--gpus-per-model", "1"]])
+def test_ray_options_without_ray_are_exit_2(tmp_path, parts, option):
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}])
+    _refused(*run_cli("zoo", path, "--mode", "eval", *option)[::2], f"{option[0]} needs --ray")
+    assert not (tmp_path / "zoo-zoo").exists()
+
+
+def test_an_address_where_no_ray_answers_is_exit_2_quickly(tmp_path, parts, monkeypatch):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e \".[zoo]\")")
+    import socket
+
+    with socket.socket() as s:                          # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}])
+    with time_limit(120):
+        code, _, err = run_cli("zoo", path, "--mode", "eval", "--ray", f"127.0.0.1:{port}")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and f"127.0.0.1:{port}" in last and "nothing answers" in last, err
+    assert not (tmp_path / "zoo-zoo").exists()
+
+
+# ------------------------------------------------------------------ 8. bad model folders: before any work
+def test_a_symlink_leaving_a_model_folder_is_exit_2_before_any_model_runs(tmp_path, parts):
+    (tmp_path / "outs").mkdir()
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}, {"name": "b", "checkpoint": "m1"}],
+               output_dir="outs")
+    (tmp_path / "secret.txt").write_text("secret")
+    (tmp_path / "m1" / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    code, _, err = run_cli("zoo", path)
+    _refused(code, err, "row 2 (b), checkpoint: ", "notes.txt", "leads outside it")
+    assert not any((tmp_path / "outs").iterdir())       # row a did not run first
