@@ -382,7 +382,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     # ---- apply the repair
     if final.kind == "head":
         adapter.set_head(final.W, final.b)
-        after_logits = rX @ final.W.T + final.b
+        W1, b1 = adapter.head_params()        # as written (a float16 checkpoint rounds the head)
+        after_logits = rX @ W1.T + b1
     else:
         adapter.set_tensors(final.tensors)
         log(f"measuring the repaired network on {len(r_data)} samples")

@@ -231,8 +231,9 @@ class Adapter(ABC):
 
     def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy new values into the model's parameters / buffers by state-dict name. Shapes
-        must match; the model's dtype is kept. All names are checked before anything changes.
-        ``save`` writes every tensor whose value now differs from the file."""
+        must match; the model's dtype is kept, and each value is rounded to the file's dtype first
+        (what ``save`` writes is what is measured and exported). All names are checked before
+        anything changes. ``save`` writes every tensor whose value now differs from the file."""
         own = self._require_model().state_dict(keep_vars=True)
         heads = set(self.head_tensor_names())
         for name, value in tensors.items():
@@ -246,8 +247,10 @@ class Adapter(ABC):
         self._remember_file_values([n for n in tensors if n not in self._file_values], own)
         with torch.no_grad():
             for name, value in tensors.items():
-                own[name].copy_(torch.as_tensor(value).detach().to(device=own[name].device,
-                                                                     dtype=own[name].dtype))
+                # through the file's dtype: the model in memory (measured, exported) is the one ``save``
+                # writes, also for a float16 / bfloat16 checkpoint
+                v = torch.as_tensor(value).detach().to(self._file_values[name].dtype)
+                own[name].copy_(v.to(device=own[name].device, dtype=own[name].dtype))
 
     def _remember_file_values(self, names: Sequence[str], own: dict[str, torch.Tensor]) -> None:
         in_file = [n for n in names if n in self._file_names]
@@ -458,9 +461,12 @@ def _walk(folder: Path):
 
 
 def folder_copy_plan(src: Path, skip: Optional[Path] = None) -> list[Path]:
-    """The entries of ``src`` that :func:`copy_folder_except` copies (hidden ones and ``skip``
-    left out), checked: a symlink whose target lies outside ``src``, a broken one, one to a
+    """The entries of ``src`` that :func:`copy_folder_except` copies (hidden ones, ``skip`` and every
+    other weights file -- the source's weights in another format, an ONNX export of them, which
+    would ship the unrepaired model inside the repaired one -- left out), checked: a symlink whose target lies outside ``src``, a broken one, one to a
     folder, or a FIFO, device or socket is :class:`BadInput` naming it. Writes nothing."""
+    from ..rules import WEIGHT_SUFFIXES
+
     src = Path(src)
     root = src.resolve()
     skip_r = Path(skip).resolve() if skip is not None else None
@@ -468,6 +474,8 @@ def folder_copy_plan(src: Path, skip: Optional[Path] = None) -> list[Path]:
     for item in _walk(src):
         if skip_r is not None and item.resolve() == skip_r:
             continue
+        if item.suffix.lower() in WEIGHT_SUFFIXES or item.name.lower().endswith((".onnx.data", ".onnx_data")):
+            continue      # the source's weights in another format (or an export of them): not the repaired model
         if item.is_symlink():
             try:
                 target = item.resolve(strict=True)

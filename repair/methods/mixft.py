@@ -285,7 +285,8 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
 
     def run(params):
         return train(params, step, sess.evaluator(cfg), cfg, steps_per_epoch=sess.steps_per_epoch(cfg.batch_size),
-                     budget=inputs.budget, seed=inputs.seed, device=dev, progress=inputs.progress, desc="mixft")
+                     budget=inputs.budget, seed=inputs.seed, device=dev, progress=inputs.progress, desc="mixft",
+                     buffers=tm.running_stats(cfg.freeze_bn))
 
     lora_info = None
     if cfg.lora:

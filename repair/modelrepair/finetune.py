@@ -212,7 +212,7 @@ EvalFn = Callable[[], tuple]
 
 def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional[EvalFn], cfg: LoopConfig, *,
           steps_per_epoch: int, budget: Optional[Budget] = None, seed: int = 0, device="cpu",
-          progress: bool = True, desc: str = "fine-tuning") -> LoopResult:
+          progress: bool = True, desc: str = "fine-tuning", buffers: Sequence[torch.Tensor] = ()) -> LoopResult:
     """Run the loop (see the module docstring). ``step(i, generator)`` returns the loss of
     training step ``i`` (the loop calls ``backward`` and steps the optimiser), or a dict
     with that loss under ``"loss"`` and extra scalar metrics (averaged between evaluations,
@@ -220,7 +220,10 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     ``evaluate()`` returns ``(held-out criterion score, held-out mean accuracy)`` with the
     model in whatever mode it needs (the loop restores train mode). The parameters end
     at the best evaluated state (the last state when ``evaluate`` is None or ``cfg.keep`` is
-    ``"last"``; ``best_step`` is then the last step).
+    ``"last"``; ``best_step`` is then the last step). ``buffers``: tensors training changes besides
+    the parameters (BatchNorm's running statistics when it is not frozen,
+    ``TrainableModel.running_stats``): kept, restored and averaged with them, so the state that ends
+    the loop is one that was evaluated.
 
     ``cfg.members > 1``: a uniform weight-space soup (Wortsman et al. 2022, "model soups"): the
     loop runs that many times from the same starting parameters with seeds ``seed, seed + 1,
@@ -232,30 +235,33 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires gradients")
+    buffers = list(buffers)
     default_budget = budget is None
     budget = Budget.default() if default_budget else budget
     k = int(getattr(cfg, "members", 1) or 1)
     if k <= 1:
         return _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device,
-                           progress, desc)
-    start = [p.detach().clone() for p in params]
+                           progress, desc, buffers)
+    state = [*params, *buffers]
+    start = [p.detach().clone() for p in state]
     share = budget if budget.seconds is None else Budget(budget.steps, budget.epochs, budget.seconds / k)
-    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in state]
     runs = []
     t0 = time.perf_counter()
     for m in range(k):
         with torch.no_grad():
-            for p, v in zip(params, start):
+            for p, v in zip(state, start):
                 p.copy_(v)
         r = _train_once(params, step, evaluate, cfg, steps_per_epoch, share, default_budget, int(seed) + m, device,
-                        progress, f"{desc} {m + 1}/{k}")
+                        progress, f"{desc} {m + 1}/{k}", buffers)
         runs.append(r)
         with torch.no_grad():
-            for acc, p in zip(total, params):
+            for acc, p in zip(total, state):
                 acc.add_(p.detach().double())
     with torch.no_grad():
-        for p, acc in zip(params, total):
-            p.copy_((acc / k).to(p.dtype))
+        for p, acc in zip(state, total):
+            mean = acc / k
+            p.copy_((mean if p.is_floating_point() else mean.round()).to(p.dtype))
     score = evaluate() if evaluate is not None else None
     return LoopResult(steps=sum(r.steps for r in runs), best_step=runs[-1].best_step,
                       best_score=None if score is None else float(score[0]),
@@ -268,7 +274,7 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
 
 
 def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device, progress,
-                desc) -> LoopResult:
+                desc, buffers=()) -> LoopResult:
     """One run of the loop (:func:`train`) on ``params`` as they are."""
     total, limit = budget.step_limit(max(1, steps_per_epoch), cfg.epochs)
     eval_every = cfg.eval_every or max(1, steps_per_epoch)
@@ -303,7 +309,7 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
     extra_sum: dict = {}
 
     def snapshot() -> list:
-        return [p.detach().clone() for p in params]
+        return [p.detach().clone() for p in (*params, *buffers)]
 
     def means() -> dict:
         return {"loss": loss_sum / max(1, loss_n), **{k: v / max(1, loss_n) for k, v in extra_sum.items()}}
@@ -368,7 +374,7 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
     keep_best = getattr(cfg, "keep", "best") == "best"
     if best_state is not None and keep_best:
         with torch.no_grad():
-            for p, v in zip(params, best_state):
+            for p, v in zip((*params, *buffers), best_state):
                 p.copy_(v)
     elif history:                                      # the last state: the last evaluation's scores
         best = (history[-1]["score"], history[-1]["accuracy"])

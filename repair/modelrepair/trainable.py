@@ -297,6 +297,15 @@ class TrainableModel:
             for m, t in modes:
                 m.training = t
 
+    def running_stats(self, freeze_bn: bool = True) -> list[torch.Tensor]:
+        """The buffers training changes besides the parameters: every BatchNorm's running statistics
+        (and batch count) unless ``freeze_bn`` keeps them; pass them to the loop (``train(buffers=)``)
+        so the best state it restores and the soups it averages hold them too."""
+        if freeze_bn:
+            return []
+        return [b for m in self.module.modules() if isinstance(m, _BN)
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
     def state(self, names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         """Detached CPU copies of the named tensors (parameters and buffers)."""
         sd = self.module.state_dict()

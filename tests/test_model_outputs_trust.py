@@ -1,0 +1,76 @@
+"""What a repair writes is what it measured and exported: a float16 checkpoint's repaired values are
+the rounded ones in memory too, the state a loop restores holds BatchNorm's statistics with its
+parameters, and the source's weights in another format never ship inside the repaired model."""
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import make_images, make_timm_folder, run_cli
+from repair.modelrepair.finetune import Budget, LoopConfig, train
+
+
+def test_the_best_state_a_loop_restores_includes_the_running_statistics():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).train()
+    bn = net[1]
+    X = torch.randn(32, 4) * 3 + 5
+    start = (bn.running_mean.clone(), bn.running_var.clone())
+    scores = iter([0.9] + [0.1] * 20)            # the start is the best evaluation
+
+    def step(i, gen):
+        return net(X).pow(2).mean()
+
+    def evaluate():
+        return next(scores), 0.5
+
+    cfg = LoopConfig(lr=0.1, eval_every=1, patience=0, warmup_fraction=0.0, schedule="constant", clip_norm=0)
+    res = train(list(net[0].parameters()), step, evaluate, cfg, steps_per_epoch=1, budget=Budget(steps=4),
+                progress=False, buffers=[bn.running_mean, bn.running_var, bn.num_batches_tracked])
+    assert res.best_step == 0
+    assert torch.equal(bn.running_mean, start[0]) and torch.equal(bn.running_var, start[1])
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_a_soup_averages_the_running_statistics_too():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).train()
+    bn = net[1]
+    X = torch.randn(32, 4) * 3 + 5
+
+    def step(i, gen):
+        return net(X + torch.randn(X.shape, generator=gen)).pow(2).mean()
+
+    cfg = LoopConfig(lr=0.1, warmup_fraction=0.0, schedule="constant", clip_norm=0, members=2, keep="last")
+    train(list(net[0].parameters()), step, None, cfg, steps_per_epoch=2, budget=Budget(steps=2), progress=False,
+          buffers=[bn.running_mean, bn.running_var, bn.num_batches_tracked])
+    assert int(bn.num_batches_tracked) == 2 and torch.isfinite(bn.running_var).all()
+
+
+def test_a_float16_checkpoint_is_measured_as_written(tmp_path):
+    import repair
+    from safetensors.torch import load_file, save_file
+
+    m = make_timm_folder(tmp_path / "m")
+    t = load_file(str(m / "model.safetensors"))
+    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in t.items()}, str(m / "model.safetensors"))
+    data = make_images(tmp_path / "d", n_per_class=8)
+    r = repair.fix(m, data, tmp_path / "o", recipe="dfr")
+    W, b = r.adapter.head_params()
+    written = load_file(str(tmp_path / "o" / "model.safetensors"))
+    head = r.adapter.head_name
+    assert written[f"{head}.weight"].dtype == torch.float16
+    assert torch.equal(W, written[f"{head}.weight"].float()) and torch.equal(b, written[f"{head}.bias"].float())
+
+
+def test_the_sources_weights_in_another_format_are_not_shipped(tmp_path):
+    m = make_timm_folder(tmp_path / "m")
+    (m / "pytorch_model.bin").write_bytes(b"the original weights, pickled")
+    (m / "model.onnx").write_bytes(b"an export of the original")
+    (m / "notes.txt").write_text("kept")
+    data = make_images(tmp_path / "d", n_per_class=4)
+    code, out, err = run_cli("fix", m, "--data", data, "--recipe", "dfr", "--out", tmp_path / "o", "--json", "-q")
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert "pytorch_model.bin" not in names and "model.onnx" not in names and "notes.txt" in names
+    assert json.loads(out)["output"]
