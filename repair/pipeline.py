@@ -249,7 +249,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     has_groups = groups is not None
     try:
         crit = Criterion.resolve(recipe.selection, has_groups=has_groups, y=y, ref_logits=orig_logits)
-    except ValueError:
+    except BadInput:
         raise BadInput(f"the recipe selects by {recipe.selection} but no --group-by was given") from None
 
     # ---- splits: strata = groups, else class x original correctness; identical samples together

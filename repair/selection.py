@@ -296,7 +296,7 @@ class Criterion:
                 ref_logits: Optional[Tensor] = None) -> "Criterion":
         """``auto`` -> ``worst_group`` when groups are in use, else :func:`label_free_criterion`
         of ``y`` and the original model's ``ref_logits`` (:data:`LABEL_FREE_DEFAULT` when they are
-        not given). ``worst_group`` without groups is an error (ValueError)."""
+        not given). ``worst_group`` without groups is :class:`repair.errors.BadInput`."""
         if selection == "auto":
             if has_groups:
                 return cls("worst_group")
@@ -305,7 +305,9 @@ class Criterion:
             return cls(LABEL_FREE_DEFAULT)
         crit = cls(selection)
         if crit.name == "worst_group" and not has_groups:
-            raise ValueError("the selection criterion worst_group needs group labels")
+            from .errors import BadInput       # the user's choice of criterion (a recipe, a setting): exit 2
+
+            raise BadInput("the selection criterion worst_group needs group labels (give --group-by)")
         return crit
 
     def strata(self, y: Tensor, ref_logits: Optional[Tensor] = None,

@@ -74,3 +74,50 @@ def test_the_sources_weights_in_another_format_are_not_shipped(tmp_path):
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert "pytorch_model.bin" not in names and "model.onnx" not in names and "notes.txt" in names
     assert json.loads(out)["output"]
+
+
+def test_model_repair_settings_that_cannot_run_are_bad_input(tmp_path):
+    import pytest
+    from repair.errors import BadInput
+    from repair.recipes import load_recipe
+
+    for method, params in (("mixft", {"scope": "last:abc"}), ("mixft", {"scope": "last:0"}),
+                           ("clp", {"scope": "names:["}), ("finetune", {"scope": "last:-1"}),
+                           ("clp", {"settle_alphas": []}), ("recompose", {"scope": "names:("})):
+        r = tmp_path / f"r-{method}.yaml"
+        r.write_text(json.dumps({"candidates": [{"method": method, "params": params}]}))
+        with pytest.raises(BadInput) as e:
+            load_recipe(r)
+        assert str(r) in str(e.value) and next(iter(params)) in str(e.value), (method, params, str(e.value))
+
+
+def test_a_scope_matching_nothing_and_a_grouped_criterion_without_groups_are_exit_2(tmp_path):
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=6)
+    for params, words in (({"scope": "names:zzz_nothing"}, "matches no parameter"),
+                          ({"selection": "worst_group"}, "needs group labels")):
+        r = tmp_path / "r.yaml"
+        r.write_text(json.dumps({"candidates": [{"method": "mixft", "params": params}]}))
+        code, _, err = run_cli("fix", m, "--data", data, "--recipe", r, "--budget", "2steps",
+                               "--out", tmp_path / "o", "-q")
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and words in errors[0], err
+        assert not (tmp_path / "o").exists()
+
+
+def test_a_training_batch_is_bounded(tmp_path):
+    import pytest
+    from repair.errors import BadInput
+    from repair.recipes import load_recipe
+
+    for method, key in (("mixft", "batch_size"), ("clp", "meta_batch_size")):
+        r = tmp_path / f"{method}.yaml"
+        r.write_text(json.dumps({"candidates": [{"method": method, "params": {key: 100_000}}]}))
+        with pytest.raises(BadInput) as e:
+            load_recipe(r)
+        assert key in str(e.value)
+
+
+def test_a_budget_of_one_unit_twice_is_its_smaller_limit():
+    assert Budget.parse("5steps,10steps").steps == 5
+    assert Budget.parse("10min,90s").seconds == 90

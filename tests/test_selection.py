@@ -14,7 +14,9 @@ def test_auto_is_defined_once():
     assert Criterion.resolve("auto", has_groups=True).name == "worst_group"
     assert Criterion.resolve("auto", has_groups=False).name == LABEL_FREE_DEFAULT
     assert Criterion.resolve("worst_inferred_group", has_groups=True).name == "worst_inferred_group"
-    with pytest.raises(ValueError):
+    from repair.errors import BadInput
+
+    with pytest.raises(BadInput):                        # the user's choice: exit 2
         Criterion.resolve("worst_group", has_groups=False)
     with pytest.raises(ValueError):
         Criterion.resolve("best_guess", has_groups=True)

@@ -105,11 +105,11 @@ from torch import nn
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import (SETTLE_ALPHAS_WITH_ORIGINAL, TRAIN, LoopConfig, Session, SettleSettings, draw_batch,
+from ..modelrepair.finetune import (MAX_BATCH, SETTLE_ALPHAS_WITH_ORIGINAL, TRAIN, LoopConfig, Session, SettleSettings, draw_batch,
                                     settle_alphas_setting, settle_by, train)
 from ..modelrepair.masks import MASKS
 from ..selection import SELECTION_NAMES
-from ..modelrepair.trainable import AUGMENTATIONS
+from ..modelrepair.trainable import AUGMENTATIONS, check_scope
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 
 N_CHARACTERISTICS = 10
@@ -134,7 +134,7 @@ class ClpConfig(LoopConfig, SettleSettings):
     masks: str = setting("auto", choices=("auto", "given", "attribution"),
                          doc="auto: --masks when given, else the model's Grad-CAM")
     mask_quantile: float = setting(0.7, gt=0, lt=1, doc="attribution masks: the pixels above this quantile")
-    meta_batch_size: int = setting(32, ge=2)
+    meta_batch_size: int = setting(32, ge=2, le=MAX_BATCH)
     meta_every: int = setting(1, ge=1, doc="a meta step every N training steps")
     meta_lr: float = setting(1e-3, gt=0, doc="Adam learning rate of the perturbation network")
     meta_weight_decay: float = setting(1e-4, ge=0)
@@ -148,8 +148,7 @@ class ClpConfig(LoopConfig, SettleSettings):
     settle_alphas: tuple = settle_alphas_setting(SETTLE_ALPHAS_WITH_ORIGINAL)
 
     def validate(self):
-        if not (self.scope in ("head", "all") or self.scope.startswith(("last:", "names:"))):
-            raise ValueError(f"setting 'scope': must be head, all, last:N or names:REGEX, got {self.scope!r}")
+        check_scope(self.scope)
         if self.batch_size < 2:
             raise ValueError("setting 'batch_size': the perturbation network normalises over a batch; use >= 2")
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..config import setting
 from ..modelrepair.finetune import LoopConfig, Session, train
 from ..selection import SELECTION_NAMES
-from ..modelrepair.trainable import AUGMENTATIONS
+from ..modelrepair.trainable import AUGMENTATIONS, check_scope
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 
 
@@ -35,8 +35,7 @@ class FinetuneConfig(LoopConfig):
     selection: str = setting("auto", choices=SELECTION_NAMES)
 
     def validate(self):
-        if not (self.scope in ("head", "all") or self.scope.startswith(("last:", "names:"))):
-            raise ValueError(f"setting 'scope': must be head, all, last:N or names:REGEX, got {self.scope!r}")
+        check_scope(self.scope)
 
 
 @register_model_repair("finetune", summary="plain fine-tuning of the last blocks on group-balanced batches "

@@ -114,7 +114,7 @@ from ..config import setting
 from ..errors import BadInput
 from ..modelrepair.finetune import LoopConfig, Session, SettleSettings, draw_batch, refit_head, settle_by, train
 from ..selection import SELECTION_NAMES
-from ..modelrepair.trainable import AUGMENTATIONS
+from ..modelrepair.trainable import AUGMENTATIONS, check_scope
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 
 #: what ``scope: auto`` trains, by device and modality (measured; see the module docstring)
@@ -146,8 +146,7 @@ class MixFTConfig(LoopConfig, SettleSettings):
     selection: str = setting("auto", choices=SELECTION_NAMES)
 
     def validate(self):
-        if not (self.scope in ("auto", "head", "all") or self.scope.startswith(("last:", "names:"))):
-            raise ValueError(f"setting 'scope': must be auto, head, all, last:N or names:REGEX, got {self.scope!r}")
+        check_scope(self.scope, ("auto",))
         if self.lora and self.scope == "head":
             raise ValueError("setting 'lora': LoRA adapters need a scope beyond the head")
 

@@ -80,11 +80,12 @@ class Budget:
             if unit == "steps":
                 if v != int(v):
                     raise BadInput(f"--budget: {part.strip()!r}: steps are counted in whole numbers")
-                kw["steps"] = int(v)
+                key, v = "steps", int(v)
             elif unit == "epochs":
-                kw["epochs"] = v
+                key = "epochs"
             else:
-                kw["seconds"] = v * {"seconds": 1, "minutes": 60, "hours": 3600}[unit]
+                key, v = "seconds", v * {"seconds": 1, "minutes": 60, "hours": 3600}[unit]
+            kw[key] = min(kw[key], v) if key in kw else v      # the first limit reached ends a run
         return cls(**kw)
 
     @classmethod
@@ -118,11 +119,16 @@ class Budget:
 HEADS = ("own", "refit")
 
 
+#: the largest training batch a setting may ask for: a batch is drawn with replacement at its full size
+#: and held in memory with its activations (100,000 images killed the process)
+MAX_BATCH = 4096
+
+
 @dataclass
 class LoopConfig:
     """Optimisation settings shared by the model repairs (their configs inherit these)."""
     epochs: float = setting(10.0, gt=0, doc="epochs over the training part (a --budget overrides)")
-    batch_size: int = setting(32, ge=1)
+    batch_size: int = setting(32, ge=1, le=MAX_BATCH, doc=f"rows per training step (at most {MAX_BATCH})")
     lr: float = setting(1e-4, gt=0)
     weight_decay: float = setting(1e-4, ge=0)
     optimizer: str = setting("adamw", choices=("adamw", "sgd"))
@@ -150,7 +156,7 @@ class LoopConfig:
 def settle_alphas_setting(default: tuple = (0.5, 1.0)):
     """The ``settle_alphas`` setting, declared here once (a config may declare it again with
     another default: ``settle_alphas: tuple = settle_alphas_setting(...)``)."""
-    return setting(tuple(default), ge=0, le=1,
+    return setting(tuple(default), ge=0, le=1, nonempty=True,
                    doc="interpolation weights tried by settle (1 = fine-tuned; 0 = the original body, with "
                        "refit only: its refitted head, a head repair, which a moved body must beat by two "
                        "standard errors on the held-out part)")

@@ -35,6 +35,30 @@ _BN = nn.modules.batchnorm._BatchNorm
 AUGMENTATIONS = ("none", "flip", "crop", "flip_crop")
 
 
+def check_scope(scope: Any, extra: Sequence[str] = ()) -> str:
+    """A ``scope`` setting (the one check): ``head``, ``all``, ``last:N`` with N >= 1, ``names:REGEX``
+    with a valid regular expression, or one of ``extra`` (``auto`` for mixft); ValueError naming the
+    setting otherwise (a recipe's error, exit 2)."""
+    known = ("head", "all", *extra)
+    if not isinstance(scope, str):
+        raise ValueError(f"setting 'scope': must be text, got {scope!r}")
+    if scope in known:
+        return scope
+    if scope.startswith("last:"):
+        n = scope.split(":", 1)[1]
+        if not (n.isascii() and n.isdigit() and int(n) >= 1):
+            raise ValueError(f"setting 'scope': last:N needs a whole number N >= 1 (the blocks before the head), "
+                             f"got {scope!r}")
+        return scope
+    if scope.startswith("names:"):
+        try:
+            re.compile(scope.split(":", 1)[1])
+        except re.error as e:
+            raise ValueError(f"setting 'scope': {scope!r} is not a valid regular expression ({e})") from None
+        return scope
+    raise ValueError(f"setting 'scope': must be {', '.join(known)}, last:N or names:REGEX, got {scope!r}")
+
+
 class TrainableModel:
     """See the module docstring. ``adapter``: a torch-module adapter (timm, transformers,
     torch factory)."""
@@ -250,7 +274,9 @@ class TrainableModel:
 
     def select(self, scope: str) -> list[str]:
         """Names of the parameters a scope trains: ``head``; ``all``; ``last:N`` (the head
-        and the N blocks before it); ``names:REGEX`` (parameters whose name matches)."""
+        and the N blocks before it); ``names:REGEX`` (parameters whose name matches; one that
+        matches none is :class:`repair.errors.BadInput`)."""
+        check_scope(scope)
         params = dict(self.module.named_parameters())
         head = [n for n in params if n.startswith(self.head_name + ".")]
         if scope == "head":
@@ -258,17 +284,16 @@ class TrainableModel:
         if scope == "all":
             return list(params)
         if scope.startswith("last:"):
-            try:
-                n = int(scope.split(":", 1)[1])
-            except ValueError:
-                raise ValueError(f"scope last:N needs a whole number, got {scope!r}") from None
+            n = int(scope.split(":", 1)[1])
             body = [b for b in self.blocks() if not all(p in head for p in b[1])]
-            chosen = [p for _, names in body[max(0, len(body) - n):] for p in names] if n > 0 else []
+            chosen = [p for _, names in body[max(0, len(body) - n):] for p in names]
             return [p for p in params if p in set(chosen) | set(head)]
-        if scope.startswith("names:"):
-            rx = re.compile(scope.split(":", 1)[1])
-            return [n for n in params if rx.search(n)]
-        raise ValueError(f"scope must be head, all, last:N or names:REGEX, got {scope!r}")
+        rx = re.compile(scope.split(":", 1)[1])
+        found = [n for n in params if rx.search(n)]
+        if not found:
+            raise BadInput(f"setting 'scope': {scope!r} matches no parameter of the model (its parameters are "
+                           f"named like {', '.join(list(params)[:3])}, ...)")
+        return found
 
     @contextmanager
     def training(self, trainable: Sequence[str], freeze_bn: bool = True) -> Iterator[list[nn.Parameter]]:
