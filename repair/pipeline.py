@@ -415,9 +415,17 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                            "selection": selection and selection.get("scheme"),
                            "report": int(report_idx.numel()) if report_idx is not None else 0}}
     loop = (final.diagnostics or {}).get("loop") or {} if final.kind == "model" else {}
+    trained = final.kind == "model"          # a head chosen trained nothing: no budget applied to it
     model_change = {"changed_tensors": changed, "steps": final.steps,
-                    "budget": loop.get("budget") or (budget.describe() if budget else None),
+                    "budget": (loop.get("budget") or (budget.describe() if budget else None)) if trained else None,
                     "stopped_by": loop.get("stopped_by")}
+    if trained:                              # what shaped the network beside the repair set
+        diag = final.diagnostics or {}
+        if o.resources.get("train") is not None:
+            model_change["train"] = str(o.resources["train"])
+        for k in ("settle", "masks", "data"):
+            if diag.get(k) is not None:
+                model_change[k] = diag[k]
     figures = {"before": _summary(before), "after": _summary(after)}
     meta = provenance.build(source_sha256=adapter.source_sha256(), method=chosen.method, settings=settings,
                             figures=figures, measured_on=measured_on, extra={"model_change": model_change})

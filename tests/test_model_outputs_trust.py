@@ -121,3 +121,24 @@ def test_a_training_batch_is_bounded(tmp_path):
 def test_a_budget_of_one_unit_twice_is_its_smaller_limit():
     assert Budget.parse("5steps,10steps").steps == 5
     assert Budget.parse("10min,90s").seconds == 90
+
+
+def test_provenance_says_what_shaped_the_model_and_nothing_that_did_not(tmp_path):
+    from repair.io import load_safetensors
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=6)
+    code, out, err = run_cli("fix", m, "--data", data, "--recipe", "dfr", "--budget", "5s",
+                             "--out", tmp_path / "h", "--json", "-q")
+    assert code == 0, err
+    _, meta = load_safetensors(tmp_path / "h" / "model.safetensors")
+    assert json.loads(meta["repair.model_change"])["budget"] is None        # a head trained nothing
+    train = make_images(tmp_path / "t", n_per_class=4, seed=3)
+    code, out, err = run_cli("fix", m, "--data", data, "--train", train, "--recipe", "clp", "--budget", "2steps",
+                             "--out", tmp_path / "c", "--json", "-q")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["kind"] == "model"
+    _, meta = load_safetensors(tmp_path / "c" / "model.safetensors")
+    mc = json.loads(meta["repair.model_change"])
+    assert mc["train"] == str(train) and "settle" in mc and mc["budget"]["steps"] == 2
