@@ -124,17 +124,33 @@ def tokenizer_preprocess_id(tokenizer, max_length: Optional[int]) -> dict:
             "content": tokenizer_digest(tokenizer)}
 
 
+#: the files a tokenizer is read from (transformers' names): their content identifies it
+TOKENIZER_DIGEST_FILES = (*TOKENIZER_FILES, "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                          "chat_template.jinja", "chat_template.json")
+
+
 def tokenizer_digest(tokenizer) -> str:
-    """sha256 of what decides a tokenizer's ids: a fast tokenizer's whole pipeline (vocabulary,
-    merges, normaliser, pre-tokeniser, post-processor, added tokens) or a slow one's vocabulary, and
-    the settings it was built with (truncation and padding side, special tokens, lower-casing); not
-    file names, nor the per-call truncation and padding a batch sets on the backend."""
+    """sha256 of what decides a tokenizer's ids, computed once per tokenizer: the content of the
+    files it was read from (:data:`TOKENIZER_DIGEST_FILES` in its folder: vocabulary, merges,
+    normaliser, added and special tokens, its settings) -- or, for one built in memory, its fast
+    pipeline or vocabulary and its init settings (not the per-call truncation and padding a batch
+    sets on the backend) -- and its truncation and padding side."""
     import hashlib
     import json
 
+    cached = getattr(tokenizer, "_repair_digest", None)
+    if cached is not None:
+        return cached
     h = hashlib.sha256()
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    files = [folder / n for n in TOKENIZER_DIGEST_FILES if (folder / n).is_file()] if folder.is_dir() else []
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    if files:
+        from ..io import sha256_file
+
+        for f in files:
+            h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    elif backend is not None:
         pipeline = json.loads(backend.to_str())
         pipeline.pop("truncation", None)
         pipeline.pop("padding", None)
@@ -146,8 +162,15 @@ def tokenizer_digest(tokenizer) -> str:
     kwargs["truncation_side"] = getattr(tokenizer, "truncation_side", None)
     kwargs["padding_side"] = getattr(tokenizer, "padding_side", None)
     kwargs["input_names"] = list(getattr(tokenizer, "model_input_names", None) or ())
-    h.update(json.dumps(kwargs, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+    h.update(json.dumps(kwargs if not files else {k: kwargs[k] for k in ("truncation_side", "padding_side",
+                                                                       "input_names")},
+                        sort_keys=True, default=str).encode())
+    digest = h.hexdigest()
+    try:
+        tokenizer._repair_digest = digest
+    except Exception:                  # a tokenizer that takes no attributes: computed each time
+        pass
+    return digest
 
 
 def collate_texts(tokenizer, items: Sequence[Any], max_length: int,
