@@ -459,7 +459,10 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     if o.export == "onnx":
         # a head repair's logits on the repair set are known from the cached embeddings: the
         # verification then needs no second PyTorch forward pass
-        ref = (X @ final.W.T + final.b) if final.kind == "head" else None
+        ref = None
+        if final.kind == "head":      # the head as written (a float16 checkpoint rounds it)
+            Wh, bh = adapter.head_params()
+            ref = X @ Wh.T + bh
         onnx = OnnxExport(paths.get("--export onnx"), data.items, tolerance=o.tolerance, reference_logits=ref)
     keep = final.artifacts is not None and Path(final.artifacts).exists()
     report = None

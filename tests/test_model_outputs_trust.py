@@ -142,3 +142,17 @@ def test_provenance_says_what_shaped_the_model_and_nothing_that_did_not(tmp_path
     _, meta = load_safetensors(tmp_path / "c" / "model.safetensors")
     mc = json.loads(meta["repair.model_change"])
     assert mc["train"] == str(train) and "settle" in mc and mc["budget"]["steps"] == 2
+
+
+def test_a_float16_checkpoint_head_repair_exports_and_verifies(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = make_timm_folder(tmp_path / "m", arch="resnet18")      # 512 features: rounding shows in the logits
+    t = load_file(str(m / "model.safetensors"))
+    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in t.items()}, str(m / "model.safetensors"))
+    data = make_images(tmp_path / "d", n_per_class=8)
+    code, out, err = run_cli("fix", m, "--data", data, "--recipe", "dfr", "--export", "onnx",
+                             "--out", tmp_path / "o", "--json", "-q")
+    assert code == 0, err
+    code, _, err = run_cli("verify", tmp_path / "o" / "model.onnx", "--reference", tmp_path / "o", "--data", data, "-q")
+    assert code == 0, err
