@@ -49,7 +49,8 @@ def prepare_data(adapter: Adapter, data_path, data_opts: DataOptions, runtime: R
 def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
             data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None) -> Prepared:
     runtime = runtime or RuntimeOptions()
-    adapter = load_model(model_path, load_opts)
+    # a model already loaded (repair.load_model) is used as it is, as export_model and verify_model do
+    adapter = model_path if isinstance(model_path, Adapter) else load_model(model_path, load_opts)
     data, enc, emb = prepare_data(adapter, data_path, data_opts or DataOptions(), runtime)
     return Prepared(adapter, data, enc, emb)
 
@@ -72,6 +73,8 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
 def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
                 data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
                 top_k: int = 10) -> dict:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise BadInput(f"top_k (--top) must be a whole number >= 1, got {top_k!r}")
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)
     W, b = p.adapter.head_params()
     report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k)

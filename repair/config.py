@@ -114,7 +114,14 @@ def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> An
         return int(value)
     if kind == "float":
         if not _number(value):
-            raise ConfigError(key, f"must be a number, got {value!r}")
+            hint = ""
+            if isinstance(value, str):
+                try:
+                    float(value)
+                    hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-9)"
+                except ValueError:
+                    pass
+            raise ConfigError(key, f"must be a number, got {value!r}{hint}")
         if not _finite(value):
             raise ConfigError(key, f"must be finite, got {value!r}")
         return float(value)

@@ -575,8 +575,10 @@ def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
 
 
 def load_data(path, options: Optional[DataOptions] = None) -> RepairData:
+    from .io import as_path
+
     o = options or DataOptions()
-    path = Path(path)
+    path = as_path(path, "the data")
     if not path.exists():
         raise BadInput("data not found", path)
     if not path.is_file() and not path.is_dir():

@@ -417,6 +417,14 @@ def atomic_output(final: Path, *, force: bool = False, is_dir: bool = False,
         yield tx.stage(final, is_dir=is_dir)
 
 
+def as_path(value, what: str) -> Path:
+    """``value`` as a Path, or BadInput naming ``what`` when it is not a path (str or os.PathLike):
+    the one check of a path argument given from Python (None, a number, an array, a DataFrame)."""
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)):
+        raise BadInput(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
+    return Path(value)
+
+
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes, read in chunks (the one file digest: checkpoints, a factory's
     source, a zoo's inputs and outputs)."""

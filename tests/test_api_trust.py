@@ -133,3 +133,30 @@ def test_a_choice_no_comparison_could_make_says_so(tmp_path):
     assert r["selection_criterion"] is None                  # 9 fit samples: no 20 folds
     assert not any(" by " in l for l in logs if l.startswith("chosen:")), logs
     assert any("no candidate was compared" in w for w in r["warnings"])
+
+
+def test_the_top_level_api_refuses_what_is_not_a_path_and_takes_a_loaded_model(tmp_path):
+    import numpy as np
+    import repair
+    from repair.methods import list_methods
+    from repair.recipes import load_recipe
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=2)
+    for bad in (None, 123, np.zeros(3)):
+        with pytest.raises(BadInput):
+            repair.evaluate(bad, data)
+        with pytest.raises(BadInput):
+            repair.evaluate(m, bad)
+    by_path = repair.evaluate(m, data)
+    by_adapter = repair.evaluate(repair.load_model(m), data)
+    assert by_adapter["accuracy"] == by_path["accuracy"]
+    with pytest.raises(BadInput):
+        repair.probe(m, data, top_k=0)
+    with pytest.raises(BadInput):
+        list_methods("bogus")
+    r = tmp_path / "r.yaml"
+    r.write_text("candidates: [{method: mixft, params: {epochs: 1e-9}}]\n")
+    with pytest.raises(BadInput) as e:
+        load_recipe(r)
+    assert "decimal point" in str(e.value)

@@ -133,8 +133,10 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     """The adapter of the first family (by priority) that reads ``path``. A weights file inside
     a timm or transformers folder (``config.json`` beside it) is read as that folder reads its
     own weights, and written back as one file."""
+    from ..io import as_path
+
     o = options or LoadOptions()
-    path = Path(path)
+    path = as_path(path, "the model")
     if not path.exists():
         raise BadInput("model not found", path)
     if not path.is_file() and not path.is_dir():

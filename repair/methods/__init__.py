@@ -286,6 +286,11 @@ def register_model_repair(name: str, *, summary: str, config: type, groups: str 
 
 
 def list_methods(kind: Optional[str] = None) -> list[MethodInfo]:
+    """The registered methods, all or of one ``kind`` (``head`` or ``model``)."""
+    if kind not in (None, "head", "model"):
+        from ..errors import BadInput
+
+        raise BadInput(f"kind must be head or model, got {kind!r}")
     return [m for m in METHODS.values() if kind is None or m.kind == kind]
 
 
