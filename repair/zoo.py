@@ -1193,11 +1193,12 @@ def _output_changed(output: Path, files: Optional[dict]) -> Optional[str]:
         now = output_files(output.parent, {k.split("/")[0] for k in files})
     except OSError as e:
         return f"its output cannot be read ({e.strerror or e})"
-    for rel in sorted(set(files) | set(now)):
-        if now.get(rel) in (None, "missing") and files.get(rel) not in (None, "missing"):
-            return f"its output file {rel} is missing"
-    for rel in sorted(set(now) - set(files)):
-        return f"its output holds {rel}, which was not written with it"
+    gone = [r for r in sorted(files) if files[r] != "missing" and now.get(r) in (None, "missing")]
+    if gone:
+        return f"its output file {gone[0]} is missing"
+    added = sorted(set(now) - set(files))
+    if added:
+        return f"its output holds {added[0]}, which was not written with it"
     if now != files:
         return "its output differs from what was written"
     return None

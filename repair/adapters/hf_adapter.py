@@ -146,7 +146,7 @@ class HFTextAdapter(TorchModelAdapter):
         if missing or mismatched:
             raise BadInput(f"the classification head {self.head_name} was not in the weights "
                            "(transformers would use a random head)", weights)
-        body_missing = sorted(set(info.get("missing_keys", [])) - set(tensors))
+        body_missing = sorted(info.get("missing_keys", []))      # the head's were refused above
         if body_missing:       # transformers would initialise them at random: every run another network
             raise BadInput(f"{len(body_missing)} weight(s) of the network are not in the file (e.g. "
                            f"{body_missing[0]}); transformers would fill them with random values", weights)
