@@ -257,8 +257,9 @@ def run_methods(td: TaskData, seed: int, variants: list) -> dict:
 
 
 def _fix(td: TaskData, seed: int, recipe: str, with_groups: bool, cache_dir: Path, scratch: Path,
-         budget: Optional[str] = None) -> dict:
-    """``repair fix`` in-process on the variant's repair data, before/after on the test split."""
+         budget: Optional[str] = None, device: str = "cpu") -> dict:
+    """``repair fix`` in-process on the variant's repair data, before/after on the test split (on ``device``:
+    the benchmark's rows run on the CPU; the GPU check, ``bench.gpu``, runs model rows on CUDA)."""
     from repair.api import RuntimeOptions
     from repair.data import DataOptions
     from repair.pipeline import FixOptions, fix_model
@@ -269,7 +270,7 @@ def _fix(td: TaskData, seed: int, recipe: str, with_groups: bool, cache_dir: Pat
         rep, secs, mem = measured(lambda: fix_model(
             task.model_dir, td.data, out,
             data_opts=DataOptions(group_by=task.group_by if with_groups else None),
-            runtime=RuntimeOptions(device="cpu", cache_dir=str(cache_dir), use_cache=True, progress=False),
+            runtime=RuntimeOptions(device=device, cache_dir=str(cache_dir), use_cache=True, progress=False),
             options=FixOptions(recipe=recipe, seed=seed, eval_data=str(task.test), eval_group_by=task.group_by,
                                budget=budget, force=True),
             log=lambda m: None))
@@ -341,8 +342,9 @@ def model_rows_for(task: T.Task, only: Optional[list] = None) -> list[ModelRow]:
 
 
 def run_model_rows(td: TaskData, seed: int, rows_spec: list[ModelRow], cache_dir: Path, scratch: Path,
-                   groups: Optional[bool] = None) -> dict:
-    """``groups``: only the runs with (True) or without (False) group labels; None: the row's own."""
+                   groups: Optional[bool] = None, device: str = "cpu") -> dict:
+    """``groups``: only the runs with (True) or without (False) group labels; None: the row's own.
+    ``device``: where ``repair fix`` runs (``cuda`` in the GPU check)."""
     rows = {}
     for spec in rows_spec:
         for with_groups in spec.groups:
@@ -360,7 +362,8 @@ def run_model_rows(td: TaskData, seed: int, rows_spec: list[ModelRow], cache_dir
                 recipe.write_text(yaml.safe_dump({"name": spec.label, "candidates": [
                     {"method": spec.method, **({"params": spec.params} if spec.params else {})}]}))
             try:
-                rows[label] = {**row, **_fix(td, seed, str(recipe), with_groups, cache_dir, scratch, spec.budget)}
+                rows[label] = {**row, **_fix(td, seed, str(recipe), with_groups, cache_dir, scratch, spec.budget,
+                                             device=device)}
             except Exception as e:
                 rows[label] = _failed(row, label, e)
             r = rows[label]

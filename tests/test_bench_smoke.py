@@ -188,18 +188,22 @@ def test_the_gpu_check_runs_every_part_in_a_dry_run(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
     assert doc["dry_run"] and doc["devices"] == ["cpu", "cpu-ref"]
-    for part in ("demo", "extraction", "solver", "model_repair", "onnx"):
+    for part in ("demo", "extraction", "solver", "model_repairs", "onnx"):
         assert not (isinstance(doc[part], dict) and doc[part].get("error")), (part, doc[part])
     for col in ("cpu", "cpu-ref"):
         assert doc["extraction"][col]["wall_seconds"] > 0 and 0 <= doc["extraction"][col]["worst_group_accuracy"] <= 1
-        assert 0 <= doc["model_repair"][col]["test_worst_group"] <= 1
+    # the model repairs: each method on the repair set, seed 0, on both columns, none failed or skipped
+    mr = doc["model_repairs"]["rows"]
+    assert {(r["method"], r["device"], r["variant"], r["seed"]) for r in mr} == {
+        (m, d, "balanced", 0) for m in ("mixft", "clp", "recompose") for d in ("cpu", "cpu-ref")}
+    assert all(0 <= r["test_worst_group"] <= 1 and r["fix_total_seconds"] > 0 for r in mr), mr
     rows = doc["solver"]
     assert {(x["method"], x["classes"], x["device"]) for x in rows} == {
         (m, c, d) for m, c in (("dfr", 2), ("mix", 2), ("dfr", 10)) for d in ("cpu", "cpu-ref")}
     assert all(not x.get("error") and x["test_worst_group"] > 0.3 for x in rows)
     assert doc["onnx"]["passed"] is True and doc["onnx"]["max_abs_diff"] < 1e-3
     md = (tmp_path / "gpu" / "GPU.md").read_text()
-    assert "failed" not in md and "| mixft (3steps)" in md
+    assert "failed" not in md and "skipped" not in md and "| balanced | recompose | " in md
     assert (gpu_md.stat().st_mtime_ns if gpu_md.exists() else None) == before
     assert (out / "gpu.json").read_text() == (tmp_path / "gpu" / "gpu.json").read_text()
     assert (out / "GPU.md").read_text() == md
@@ -218,8 +222,27 @@ def test_the_gpu_report_marks_a_failed_part_and_keeps_the_others():
                           "cpu": {"error": "boom", "exit_code": 3}},
            "solver": [{"method": "dfr", "classes": 2, "device": "cuda", "fit_seconds": 0.4, "test_worst_group": 0.9},
                       {"method": "dfr", "classes": 2, "device": "cpu", "error": "RuntimeError: x"}],
-           "model_repair": {"error": "RuntimeError: y"}, "onnx": {"error": "over 240 s", "exit_code": None}}
-    md = markdown(doc, SimpleNamespace(classes=[2], n=10, d=4, steps="3steps"))
+           "model_repairs": {"error": "RuntimeError: y"}, "onnx": {"error": "over 240 s", "exit_code": None}}
+    md = markdown(doc, SimpleNamespace(classes=[2], n=10, d=4))
     assert "| extraction (eval, no cache): wall s / embedding s | 2.0 / 0.5 | failed (see gpu.json) |" in md
     assert "| dfr[groups] 10x4, 2 classes: fit s / test WGA | 0.4 / 0.9 | failed (see gpu.json) |" in md
-    assert "Failed parts (errors in gpu.json): model_repair, onnx." in md
+    assert "Failed parts (errors in gpu.json): model_repairs, onnx." in md
+
+
+def test_the_gpu_report_tables_the_model_repairs_per_seed_with_the_cpu_beside():
+    """GPU.md's model-repair table: CUDA's figure per seed with mean ± std (sample std), the first seed's
+    time and GPU memory, the CPU's first seed beside it; a run the deadline stopped reads "skipped", a failed
+    one "failed", and neither enters the mean."""
+    from bench.gpu import model_repairs_md
+
+    rows = [{"variant": "skewed", "method": "clp", "seed": s, "device": "cuda", "test_worst_group": w,
+             "fix_total_seconds": 3.0 + s, "cuda_peak_mib": 100.0} for s, w in ((0, 0.8), (1, 0.9))]
+    rows += [{"variant": "skewed", "method": "clp", "seed": 2, "device": "cuda", "skipped": "the time limit"},
+             {"variant": "skewed", "method": "clp", "seed": 0, "device": "cpu", "test_worst_group": 0.85,
+              "fix_total_seconds": 9.5},
+             {"variant": "skewed", "method": "mixft", "seed": 0, "device": "cuda", "error": "RuntimeError: x"}]
+    md = "\n".join(model_repairs_md({"task": "demo", "checkpoint_sha256": "ab" * 32, "budget": None, "rows": rows},
+                                    "cuda", "cpu"))
+    assert "| skewed | clp | 80.0, 90.0, skipped | 85.0 ± 7.1 | 3.0 | 100.0 | 85.0 | 9.5 |" in md
+    assert "| skewed | mixft | failed | – | – | – | – | – |" in md
+    assert "`abababababab`" in md
