@@ -4,9 +4,9 @@
 
 * extraction: ``repair eval`` of the demo model on its test split, ``--device cuda`` against
   ``--device cpu`` (no cache);
-* the solver: ``dfr`` with group labels on a planted-shortcut problem of 50,000 x 2,048 with 2, 10 and
-  1,000 classes (and ``mix``, whose mixed rows are never formed, with 2), on CUDA and on the CPU (fit
-  time, test worst-group accuracy);
+* the solver: ``dfr`` with group labels on the scale benchmark's planted-shortcut problems
+  (``bench.scale.make_problem``) of 50,000 x 2,048 with 2, 10 and 1,000 classes (and ``mix``, whose mixed
+  rows are never formed, with 2), on CUDA and on the CPU (fit time, test worst-group accuracy);
 * the model repairs (``mixft``, ``clp``, ``recompose``, label-free, the methods' defaults) on the
   benchmark's ``demo`` task, both repair sets, exactly as ``bench.run --parts model`` runs them
   (:func:`bench.rows.run_model_rows`) but on CUDA (bfloat16 autocast): seed 0 on CUDA and on the CPU side
@@ -70,43 +70,28 @@ def run(args: list, log, quiet: bool = True) -> tuple[float, dict]:
     return secs, json.loads(r.stdout)
 
 
-def planted(n: int, d: int, classes: int, seed: int = 0):
-    """A planted shortcut: per class a weak core direction, per attribute value a strong one that
-    agrees with the class on 90% of the rows; groups = class x (attribute agrees or not)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    core = torch.randn(classes, d, generator=g)
-    spur = torch.randn(classes, d, generator=g) * 3
-
-    def rows(m: int, agree: float):
-        y = torch.randint(0, classes, (m,), generator=g)
-        same = torch.rand(m, generator=g) < agree
-        a = torch.where(same, y, torch.randint(0, classes, (m,), generator=g))
-        X = (core[y] + spur[a] + torch.randn(m, d, generator=g) * 2).relu()
-        return X, y, (y * 2 + (a != y).long())
-    return rows(n, 0.9), rows(max(n // 5, 2000), 0.5)
-
-
 def solver_rows(classes_list, n: int, d: int, columns, log) -> list[dict]:
-    """``dfr`` (and ``mix`` with two classes) on :func:`planted` problems, once per ``(label, device)``
-    of ``columns``: fit time and test figures, or the error."""
+    """``dfr`` with group labels (and ``mix`` with two classes) on the scale benchmark's planted-shortcut
+    problems (:func:`bench.scale.make_problem`: the problems of ``bench/SCALE.md``, so the figures compare
+    with it), once per ``(label, device)`` of ``columns``: fit time and test figures, or the error."""
     import torch
 
     from repair.methods import RepairInputs, get_method
 
+    from .scale import _scores, make_problem
+
     out = []
     for C in classes_list:
-        (X, y, g), (Xt, yt, gt) = planted(n, d, C)
-        W0, b0 = torch.zeros(C, d), torch.zeros(C)
-        # mix (two classes: its mixed rows never formed, repair.solver.mixing) next to dfr
+        p = make_problem(C, n=n, d=d)
         for method, (label, device) in [(m, c) for m in (("dfr", "mix") if C == 2 else ("dfr",)) for c in columns]:
             row = {"method": method, "classes": C, "device": label}
             try:
                 if device == "cuda":
                     torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
-                res = get_method(method)(RepairInputs(X=X, y=y, W=W0, b=b0, groups=g, device=device))
+                res = get_method(method)(RepairInputs(X=p["X"], y=p["y"], W=p["W0"], b=p["b0"], groups=p["g"],
+                                                      device=device))
                 if device == "cuda":
                     torch.cuda.synchronize()
                 secs = time.perf_counter() - t0
@@ -115,12 +100,13 @@ def solver_rows(classes_list, n: int, d: int, columns, log) -> list[dict]:
                 log(f"{method} {C} classes on {label}: {row['error']}")
                 out.append(row)
                 continue
-            pred = (Xt @ res.W.T + res.b).argmax(1)
-            accs = [float((pred[gt == k] == yt[gt == k]).float().mean()) for k in torch.unique(gt).tolist()]
-            row.update({"fit_seconds": round(secs, 2), "test_worst_group": round(min(accs), 4),
-                        "test_accuracy": round(float((pred == yt).float().mean()), 4)})
+            sc = _scores(p, res.W.cpu(), res.b.cpu())
+            row.update({"fit_seconds": round(secs, 2), "test_worst_group": round(sc["wga"], 4),
+                        "test_accuracy": round(sc["acc"], 4), "solver": res.diagnostics.get("solver")})
+            if device == "cuda":
+                row["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             out.append(row)
-            log(f"{method} {C} classes on {label}: {secs:.1f}s, test WGA {min(accs):.3f}")
+            log(f"{method} {C} classes on {label}: {secs:.1f}s, test WGA {sc['wga']:.3f}")
     return out
 
 

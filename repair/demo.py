@@ -36,6 +36,7 @@ or, with ``force``, as a previous demo (:func:`check_out`).
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -295,8 +296,10 @@ def save_model(model, model_dir: Path, model_args: Optional[dict] = None) -> Non
         "label_names": list(CLASS_NAMES),
         "pretrained_cfg": dict(data_config, input_size=[3, IMG_SIZE, IMG_SIZE], mean=list(MEAN), std=list(STD)),
     }
+    # timm before 1.0.30 takes no data_config (the pretrained_cfg in model_config carries the same values then)
+    extra = {"data_config": data_config} if "data_config" in inspect.signature(save_for_hf).parameters else {}
     save_for_hf(model, str(model_dir), model_config=model_config, model_args=dict(MODEL_ARGS if model_args is None else model_args),
-                safe_serialization=True, data_config=data_config)
+                safe_serialization=True, **extra)
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     # timm records num_classes inside model_args too; it duplicates the root-level num_classes and

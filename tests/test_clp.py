@@ -286,3 +286,30 @@ def test_text_models_are_refused(bert_folder, text_data, tmp_path):
     res = runner.invoke(app, ["fix", str(bert_folder), "--data", str(text_data), "--recipe", "clp", "-q",
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "clp needs an image model" in res.stderr
+
+
+def test_the_model_is_on_the_session_device_before_grad_cam_masks(task, monkeypatch):
+    """On CUDA, clp's Grad-CAM masks (no --masks) ran the model while it was still on the CPU ("Input type
+    (torch.cuda.FloatTensor) and weight type (torch.FloatTensor) should be the same", seen on the lent
+    GPU): the model must be moved to the session's device before any mask is computed. The CPU cannot
+    show a device mismatch, so the spy records whether the move came first."""
+    import repair.modelrepair.masks as M
+    from repair.methods.clp import ClpRun
+
+    inputs = _inputs(task, masks=False)
+    module = inputs.model.module
+    moved, seen = [], []
+    real_to, real_masks = module.to, M.object_masks
+
+    def to(*a, **k):
+        moved.append(a[0] if a else k.get("device"))
+        return real_to(*a, **k)
+
+    def spy(*a, **k):
+        seen.append(list(moved))
+        return real_masks(*a, **k)
+
+    monkeypatch.setattr(module, "to", to)
+    monkeypatch.setattr(M, "object_masks", spy)
+    run = ClpRun(inputs, _config(masks="attribution"))
+    assert seen and all(s and torch.device(s[-1]) == run.dev for s in seen), (seen, run.dev)

@@ -137,3 +137,35 @@ def test_render_is_deterministic():
 def test_unknown_size(tmp_path):
     with pytest.raises(ValueError):
         build_demo(tmp_path, size="huge")
+
+
+def test_demo_writes_its_checkpoint_with_a_timm_that_takes_no_data_config(tmp_path, monkeypatch):
+    """timm before 1.0.30 has ``save_for_hf(model, dir, model_config, model_args, safe_serialization)`` and
+    no ``data_config``: ``repair demo`` ended "internal error: TypeError: save_for_hf() got an unexpected
+    keyword argument 'data_config'" on the lent GPU machine's timm 1.0.29. The checkpoint is written there
+    too, its preprocessing in ``pretrained_cfg`` and ``num_classes`` kept out of ``model_args``."""
+    import inspect
+
+    import timm.models
+
+    from repair.demo import MEAN, STD, save_model
+
+    real = timm.models.save_for_hf
+    calls = []
+
+    def old_save_for_hf(model, save_directory, model_config=None, model_args=None, safe_serialization=False):
+        calls.append(save_directory)
+        return real(model, save_directory, model_config=model_config, model_args=model_args,
+                    safe_serialization=safe_serialization)
+
+    assert "data_config" not in inspect.signature(old_save_for_hf).parameters
+    monkeypatch.setattr(timm.models, "save_for_hf", old_save_for_hf)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=2, channels=(8, 8, 8, 8))
+    out = tmp_path / "model"
+    out.mkdir()
+    save_model(model, out, model_args={"channels": [8, 8, 8, 8]})
+    assert calls == [str(out)]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["mean"] == list(MEAN) and cfg["pretrained_cfg"]["std"] == list(STD)
+    assert cfg["pretrained_cfg"]["crop_pct"] == 1.0 and "num_classes" not in cfg["model_args"]
+    assert (out / "model.safetensors").exists()

@@ -288,6 +288,7 @@ class ClpRun:
         self.sess = sess = Session(inputs, holdout_fraction=cfg.holdout_fraction, selection=cfg.selection)
         self.tm = tm = sess.model
         self.dev = sess.device
+        tm.module.to(self.dev)            # before the masks: Grad-CAM runs the model on the session's device
         self.names = tm.select(cfg.scope)
         C = inputs.num_classes
         train_set = inputs.resources.get("train")
@@ -452,7 +453,6 @@ def clp(inputs: ModelRepairInputs, config: ClpConfig) -> ModelRepairOutput:
     run = ClpRun(inputs, cfg)
     tm = run.tm
     before = tm.state()
-    tm.module.to(run.dev)
     with tm.training(run.names, freeze_bn=cfg.freeze_bn) as params:
         res = train(params, run.step, run.sess.evaluator(cfg), cfg, steps_per_epoch=run.steps_per_epoch,
                     budget=inputs.budget, seed=inputs.seed, device=run.dev, progress=inputs.progress, desc="clp",
