@@ -45,6 +45,7 @@ ROOT = BENCH.parent
 WORK = BENCH / "_work" / "gpu"
 COMMAND_LIMIT_S = 240            # one command; the lent machine's calls are limited to 10 minutes
 MODEL_METHODS = ("mixft", "clp", "recompose")
+PARTS = ("demo", "extraction", "solver", "onnx", "model_repairs")
 
 
 def cli_module() -> str:
@@ -80,6 +81,11 @@ def solver_rows(classes_list, n: int, d: int, columns, log) -> list[dict]:
 
     from .scale import _scores, make_problem
 
+    if any(device == "cuda" for _, device in columns):
+        # CUDA's context and cuBLAS's handle are made by the first call (about a second): not a fit's time
+        a = torch.randn(256, 256, device="cuda")
+        float((a @ a).sum())
+        torch.cuda.synchronize()
     out = []
     for C in classes_list:
         p = make_problem(C, n=n, d=d)
@@ -238,9 +244,20 @@ def markdown(doc: dict, args) -> str:
                                  f"{_cell(r.get(ref), 'fit_seconds', 'test_worst_group')} |")
     else:
         lines.append(f"| solver | {_cell(solver)} | |")
+    if isinstance(solver, list):
+        peaks = [f"{x['classes']} classes {x['cuda_peak_mib']:.0f} MiB" + (" (mix)" if x["method"] == "mix" else "")
+                 for x in solver if x.get("cuda_peak_mib") is not None]
+        if peaks:
+            emb = args.n * args.d * 4 / 2**20
+            lines += ["", f"Peak GPU memory of the solver fits (`torch.cuda.max_memory_allocated`; the embeddings "
+                          f"are {emb:.0f} MiB): " + ", ".join(peaks) + "."]
     onnx = doc.get("onnx") or {}
     lines += ["", f"ONNX export verified: {_cell(onnx, 'providers', 'passed', 'max_abs_diff', 'wall_seconds')} "
               f"(providers / passed / max abs diff / wall s)."]
+    providers = (doc.get("versions") or {}).get("onnxruntime_providers") or []
+    if dev == "cuda" and "CUDAExecutionProvider" not in providers:
+        lines.append("onnxruntime's CUDA provider is not installed on this machine (`pip install "
+                     "repair-toolkit[gpu]` brings onnxruntime-gpu), so the verification ran on the CPU provider.")
     lines += model_repairs_md(doc.get("model_repairs"), dev, ref)
     failed = [k for k in ("demo", "extraction", "solver", "model_repairs", "onnx")
               if isinstance(doc.get(k), dict) and doc[k].get("error")]
@@ -262,8 +279,20 @@ def main(argv=None) -> int:
                     help="seconds from the start after which no further model-repair run is launched "
                          "(default 480: the lent machine's calls stop at 600)")
     ap.add_argument("--dry-run", action="store_true", help="every part on the CPU in place of CUDA, small sizes")
+    ap.add_argument("--parts", nargs="+", default=None, choices=PARTS,
+                    help="only these parts (default: all; extraction, onnx and model_repairs need the demo)")
+    ap.add_argument("--from-json", type=Path, default=None, metavar="GPU_JSON",
+                    help="measure nothing: rewrite bench/GPU.md from a gpu.json a run brought back")
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu.json (default bench/_work/gpu)")
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        doc = json.loads(args.from_json.read_text())
+        given = doc.get("args") or {}
+        solver = doc.get("solver") if isinstance(doc.get("solver"), list) else []
+        args.n, args.d = given.get("n", 50_000), given.get("d", 2_048)     # the defaults before "args" was kept
+        args.classes = given.get("classes") or list(dict.fromkeys(x["classes"] for x in solver))
+        (args.out or BENCH).joinpath("GPU.md").write_text(markdown(doc, args))
+        return 0
     dry = args.dry_run
     args.n = args.n or (3_000 if dry else 50_000)
     args.d = args.d or (64 if dry else 2_048)
@@ -287,7 +316,10 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(),
            "gpu": "none (dry run)" if dry else torch.cuda.get_device_name(0), "versions": versions(),
-           "cpu_threads": torch.get_num_threads(), "devices": [dev, ref], "dry_run": dry}
+           "cpu_threads": torch.get_num_threads(), "devices": [dev, ref], "dry_run": dry,
+           "args": {"n": args.n, "d": args.d, "classes": args.classes, "model_seeds": args.model_seeds,
+                    "variants": args.variants, "deadline": args.deadline},
+           "command": "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv)}
 
     def save(name: str, text: str) -> None:
         # into the check's folder, and into $OUT when set (the device tool brings back only what is there)
@@ -348,14 +380,20 @@ def main(argv=None) -> int:
         return {"wall_seconds": round(secs, 2), "providers": rep.get("providers"), "passed": rep.get("passed"),
                 "max_abs_diff": rep.get("max_abs_diff")}
 
-    demo_ok = lambda: not (isinstance(doc["demo"], dict) and doc["demo"].get("error"))  # noqa: E731
-    part("demo", build_demo)
-    if demo_ok():
+    todo = set(args.parts or PARTS)
+    if todo & {"extraction", "onnx"}:
+        todo.add("demo")
+    demo_ok = lambda: "demo" in doc and not (isinstance(doc["demo"], dict) and doc["demo"].get("error"))  # noqa: E731
+    if "demo" in todo:
+        part("demo", build_demo)
+    if "extraction" in todo and demo_ok():
         part("extraction", extraction)
-    part("solver", lambda: solver_rows(args.classes, args.n, args.d, columns, log))
-    if demo_ok():
+    if "solver" in todo:
+        part("solver", lambda: solver_rows(args.classes, args.n, args.d, columns, log))
+    if "onnx" in todo and demo_ok():
         part("onnx", onnx)
-    part("model_repairs", model_repairs)       # last: it stops launching runs at the deadline
+    if "model_repairs" in todo:
+        part("model_repairs", model_repairs)       # last: it stops launching runs at the deadline
     text = markdown(doc, args)
     save("GPU.md", text)
     if not dry:
