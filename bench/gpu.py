@@ -263,6 +263,8 @@ def markdown(doc: dict, args) -> str:
               if isinstance(doc.get(k), dict) and doc[k].get("error")]
     if failed:
         lines += ["", "Failed parts (errors in gpu.json): " + ", ".join(failed) + "."]
+    for note in doc.get("notes") or []:
+        lines += ["", f"Note: {note}."]
     return "\n".join(lines) + "\n"
 
 
@@ -307,6 +309,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from .measure import code_version
+
     if not dry and not torch.cuda.is_available():
         log("no CUDA device here: nothing measured (run this on the lent GPU machine)")
         return 0
@@ -319,7 +323,8 @@ def main(argv=None) -> int:
            "cpu_threads": torch.get_num_threads(), "devices": [dev, ref], "dry_run": dry,
            "args": {"n": args.n, "d": args.d, "classes": args.classes, "model_seeds": args.model_seeds,
                     "variants": args.variants, "deadline": args.deadline},
-           "command": "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv)}
+           "command": "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
+           "code": code_version()}
 
     def save(name: str, text: str) -> None:
         # into the check's folder, and into $OUT when set (the device tool brings back only what is there)

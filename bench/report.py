@@ -308,6 +308,7 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
     _scale_md(doc, L)
     _targets_md(doc, L)
     _model_targets_md(doc, L)
+    _gpu_md(L)
     L.append("## How it is measured\n")
     L.append("- Embeddings: `repair.api.prepare` (the adapters' head-input capture) once per task and repair set; "
              "every head repair and reference sees the same float32 arrays.")
@@ -325,6 +326,21 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
         L.append("\n## Analysis\n")
         L.append(analysis.strip() + "\n")
     path.write_text("\n".join(L) + "\n", encoding="utf-8")
+
+
+def _gpu_md(L: list, path: Optional[Path] = None) -> None:
+    """The GPU check's figures (``bench/GPU.md``, written by ``bash bench/gpu.sh`` on a lent GPU machine, or
+    by ``python -m bench.gpu --from-json bench/gpu.json``) as a section of the report."""
+    path = path or Path(__file__).resolve().parent / "GPU.md"
+    if not path.exists():
+        L.append("## GPU check\n")
+        L.append("No GPU check recorded: `bash bench/gpu.sh` measures the CUDA paths when a GPU machine is lent.\n")
+        return
+    lines = path.read_text(encoding="utf-8").strip().splitlines()
+    L.append("## " + lines[0].lstrip("# ") + "\n")
+    L.append("From `bench/GPU.md` (figures in `bench/gpu.json`); everything above ran on the CPU.")
+    L += [("#" + x) if x.startswith("#") else x for x in lines[1:]]
+    L.append("")
 
 
 def _costs_md(doc: dict, L: list) -> None:

@@ -246,3 +246,17 @@ def test_the_gpu_report_tables_the_model_repairs_per_seed_with_the_cpu_beside():
     assert "| skewed | clp | 80.0, 90.0, skipped | 85.0 ± 7.1 | 3.0 | 100.0 | 85.0 | 9.5 |" in md
     assert "| skewed | mixft | failed | – | – | – | – | – |" in md
     assert "`abababababab`" in md
+
+
+def test_the_report_carries_the_gpu_check_or_says_there_is_none(tmp_path):
+    """RESULTS.md's "GPU check" section is bench/GPU.md (its title a section, its headings one level down);
+    with no GPU.md it says that no GPU check was recorded rather than leaving the CUDA figures out silently."""
+    from bench.report import _gpu_md
+
+    L: list = []
+    _gpu_md(L, tmp_path / "GPU.md")
+    assert L[0] == "## GPU check\n" and "No GPU check recorded" in L[1]
+    (tmp_path / "GPU.md").write_text("# GPU check (d)\n\n| part | cuda | cpu |\n## sub\n")
+    L = []
+    _gpu_md(L, tmp_path / "GPU.md")
+    assert L[0] == "## GPU check (d)\n" and "| part | cuda | cpu |" in L and "### sub" in L
