@@ -499,17 +499,10 @@ def _train_mobilenet(x, y, spec: dict, seed: int, log):
 
 def save_timm_checkpoint(model, model_dir: Path, label_names, data_config: dict, model_args: dict,
                          tag: Optional[str] = None) -> None:
-    from timm.models import save_for_hf
+    from repair.adapters.timm_adapter import save_timm_folder
 
-    pcfg = dict(data_config, **({"tag": tag} if tag else {}))
-    save_for_hf(model, str(model_dir), model_config={"label_names": list(label_names), "pretrained_cfg": pcfg},
-                model_args=dict(model_args), safe_serialization=True, data_config=dict(data_config))
-    cfg_path = model_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    # timm may record num_classes inside model_args too; keep it only at the root (it would clash
-    # with create_model(arch, num_classes=..., **model_args))
-    cfg.get("model_args", {}).pop("num_classes", None)
-    cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    cfg = save_timm_folder(model, model_dir, label_names=label_names, data_config=data_config,
+                           model_args=model_args, pretrained_cfg={"tag": tag} if tag else None)
     for key in ("architecture", "num_classes", "pretrained_cfg", "model_args", "label_names"):
         if key not in cfg:
             raise RuntimeError(f"saved timm config.json lacks {key!r}")

@@ -171,8 +171,11 @@ def _model_args(s: Optional[str]) -> Optional[dict]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadInput(f"--model-args is not valid JSON ({e.msg}, column {e.colno})", where) from None
-    if where is not None and isinstance(obj, dict) and isinstance(obj.get("model_args"), dict):
-        obj = obj["model_args"]
+    if where is not None and isinstance(obj, dict) and ("model_args" in obj or "architecture" in obj):
+        # a timm config.json: its model_args (timm before 1.0.30 leaves the key out when there are none)
+        obj = obj.get("model_args", {})
+        if not isinstance(obj, dict):
+            raise BadInput("--model-args: the config's model_args must be a JSON object", where)
     if not isinstance(obj, dict):
         raise BadInput("--model-args must be a JSON object of keyword arguments", where)
     return obj

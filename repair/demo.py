@@ -36,7 +36,6 @@ or, with ``force``, as a previous demo (:func:`check_out`).
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -282,29 +281,19 @@ def _train_erm(images: np.ndarray, y: np.ndarray, spec: _Spec, seed: int,
 
 
 def save_model(model, model_dir: Path, model_args: Optional[dict] = None) -> None:
-    from timm.models import save_for_hf
+    from .adapters.timm_adapter import save_timm_folder
 
     data_config = {
-        "input_size": (3, IMG_SIZE, IMG_SIZE),
+        "input_size": [3, IMG_SIZE, IMG_SIZE],
         "interpolation": "bilinear",
-        "mean": MEAN,
-        "std": STD,
+        "mean": list(MEAN),
+        "std": list(STD),
         "crop_pct": 1.0,
         "crop_mode": "center",
     }
-    model_config = {
-        "label_names": list(CLASS_NAMES),
-        "pretrained_cfg": dict(data_config, input_size=[3, IMG_SIZE, IMG_SIZE], mean=list(MEAN), std=list(STD)),
-    }
-    # timm before 1.0.30 takes no data_config (the pretrained_cfg in model_config carries the same values then)
-    extra = {"data_config": data_config} if "data_config" in inspect.signature(save_for_hf).parameters else {}
-    save_for_hf(model, str(model_dir), model_config=model_config, model_args=dict(MODEL_ARGS if model_args is None else model_args),
-                safe_serialization=True, **extra)
+    cfg = save_timm_folder(model, model_dir, label_names=CLASS_NAMES, data_config=data_config,
+                           model_args=dict(MODEL_ARGS if model_args is None else model_args))
     cfg_path = model_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    # timm records num_classes inside model_args too; it duplicates the root-level num_classes and
-    # would clash with `create_model(arch, num_classes=..., **model_args)`, so keep it only at the root.
-    cfg.get("model_args", {}).pop("num_classes", None)
     # the architecture's default pretrained_cfg names its ImageNet weights; these are not those
     for key in ("tag", "hf_hub_id", "origin_url", "paper_ids", "paper_name", "notes", "license"):
         cfg["pretrained_cfg"].pop(key, None)

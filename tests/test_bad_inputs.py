@@ -488,3 +488,30 @@ def test_bare_weights_of_an_architecture_built_with_model_args(image_data, tmp_p
     assert code == 0, err
     a = load_model(tmp_path / "narrow-repaired.safetensors", LoadOptions(arch="test_resnet", model_args=args))
     assert a.head_params()[0].shape == (3, 64)
+
+
+def test_a_model_args_file_is_named_when_its_args_do_not_fit_and_a_timm_config_without_them_gives_none(
+        image_data, timm_folder, tmp_path):
+    """``--model-args FILE.json`` whose arguments the architecture rejects: the one-line error names the file
+    (it said only "--model-args do not fit"). A timm ``config.json`` given as the file stands for its
+    ``model_args``, and timm before 1.0.30 leaves that key out when there are none: no arguments then, not the
+    whole config as keyword arguments ("ResNet.__init__() got an unexpected keyword argument 'architecture'",
+    seen with timm 1.0.29)."""
+    weights = timm_folder / "model.safetensors"
+    bad = tmp_path / "args.json"
+    bad.write_text(json.dumps({"no_such_argument": 1}))
+    code, _, err = run_cli("eval", weights, "--arch", "test_resnet", "--class-names", "cat,dog,fox",
+                           "--model-args", bad, "--data", image_data, "-q")
+    assert code == 2 and err.count("\n") == 1 and str(bad) in err and "do not fit" in err, err
+    cfg = json.loads((timm_folder / "config.json").read_text())
+    cfg.pop("model_args", None)
+    old = tmp_path / "old-timm-config.json"
+    old.write_text(json.dumps(cfg))
+    code, out, err = run_cli("eval", weights, "--arch", "test_resnet", "--class-names", "cat,dog,fox",
+                             "--model-args", old, "--data", image_data, "--json", "-q")
+    assert code == 0 and 0 <= json.loads(out)["accuracy"] <= 1, err
+    cfg["model_args"] = [1]
+    old.write_text(json.dumps(cfg))
+    code, _, err = run_cli("eval", weights, "--arch", "test_resnet", "--class-names", "cat,dog,fox",
+                           "--model-args", old, "--data", image_data, "-q")
+    assert code == 2 and err.count("\n") == 1 and str(old) in err and "model_args" in err, err

@@ -64,7 +64,7 @@ def test_timm_model_args_that_load_weights_are_refused(tmp_path, timm_folder, im
         line = refused("eval", timm_folder, "--data", images, "--model-args", json.dumps({key: value}),
                        words=("--model-args", key, "refused"))
     else:
-        m = copy_with(timm_folder, tmp_path / "m", lambda c: c["model_args"].update({key: value}))
+        m = copy_with(timm_folder, tmp_path / "m", lambda c: c.setdefault("model_args", {}).update({key: value}))
         line = refused("eval", m, "--data", images, words=(m / "config.json", key, "refused"))
     assert "do not fit" not in line
 

@@ -47,6 +47,32 @@ def _check_model_args(args: dict, what: str, where: Optional[Path]) -> None:
                            "file or the network; the weights are the checkpoint's own", where)
 
 
+def save_timm_folder(model, folder: Path, *, label_names: Sequence[str], data_config: dict, model_args: dict,
+                     pretrained_cfg: Optional[dict] = None) -> dict:
+    """Write ``model`` as a timm hub folder (``config.json`` + ``model.safetensors``, timm's
+    ``save_for_hf``) that reads back the same whichever timm wrote it: ``model_args`` always present and
+    without ``num_classes`` (the root's: both would clash in ``create_model``), the preprocessing
+    ``data_config`` (and ``pretrained_cfg``'s extra keys) inside ``pretrained_cfg``. timm before 1.0.30
+    takes no ``data_config`` and leaves ``model_args`` out when there are none. Returns the config."""
+    import inspect
+    import json
+
+    from timm.models import save_for_hf
+
+    pcfg = {**data_config, **(pretrained_cfg or {})}
+    extra = {"data_config": dict(data_config)} if "data_config" in inspect.signature(save_for_hf).parameters else {}
+    save_for_hf(model, str(folder), model_config={"label_names": list(label_names), "pretrained_cfg": dict(pcfg)},
+                model_args=dict(model_args), safe_serialization=True, **extra)
+    cfg_path = Path(folder) / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    args = cfg.get("model_args") or {}
+    args.pop("num_classes", None)
+    cfg["model_args"] = args
+    cfg["pretrained_cfg"] = {**(cfg.get("pretrained_cfg") or {}), **json.loads(json.dumps(pcfg))}
+    cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    return cfg
+
+
 def is_timm_folder(path: Path) -> bool:
     cfg = path / "config.json"
     if not (path.is_dir() and cfg.exists()):
@@ -72,17 +98,19 @@ def _weights_in_folder(folder: Path, allow_pickle: bool) -> Path:
 
 def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = False,
               class_names: Optional[Sequence[str]] = None, model_args: Optional[dict] = None,
-              weights: Optional[Path] = None, preprocess: Optional[dict] = None) -> TorchImageAdapter:
+              weights: Optional[Path] = None, preprocess: Optional[dict] = None,
+              args_file: Optional[Path] = None) -> TorchImageAdapter:
     """``path``: a hub folder (``weights``: another weights file to read with its config; the
     adapter is then that file's) or a bare weights file with ``arch``. ``model_args`` (given by
-    the user) update the folder's; ``preprocess``: input_size/mean/std for a bare file."""
+    the user) update the folder's; ``args_file``: the file they were read from (named in errors);
+    ``preprocess``: input_size/mean/std for a bare file."""
     import timm
 
     path = Path(path)
     source = path
-    args_from = "--model-args" if model_args is not None else None
+    args_from = (Path(args_file) if args_file is not None else "--model-args") if model_args is not None else None
     if model_args is not None:
-        _check_model_args(model_args, "--model-args", None)
+        _check_model_args(model_args, "--model-args", args_file)
     if path.is_dir():
         check_model_folder(path)         # a FIFO or device in it: refused before anything is read
         cfg_path = path / "config.json"
@@ -192,12 +220,14 @@ def _preprocess(o: LoadOptions) -> dict:
 
 
 def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
+    args_file = Path(o.files[0]) if o.files else None       # the --model-args file, when they came from one
     if path.is_dir():
-        return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, model_args=o.model_args)
+        return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, model_args=o.model_args, args_file=args_file)
     if _in_folder(path) and not o.arch:
-        return load_timm(path.parent, allow_pickle=o.allow_pickle, model_args=o.model_args, weights=path)
+        return load_timm(path.parent, allow_pickle=o.allow_pickle, model_args=o.model_args, weights=path,
+                         args_file=args_file)
     return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, class_names=o.class_names,
-                     model_args=o.model_args, preprocess=_preprocess(o))
+                     model_args=o.model_args, preprocess=_preprocess(o), args_file=args_file)
 
 
 register_family("timm", detect=detect, load=load, priority=80, model_args=True,
