@@ -229,6 +229,9 @@ def markdown(doc: dict, args) -> str:
     dev, ref = doc["devices"]
     lines = [f"# GPU check ({doc['date']})", "", f"`python -m bench.gpu` on {doc['gpu']} ({doc['machine']}); "
              f"versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + ".", "",
+             f"The `{ref}` column ran on that machine's CPU ({doc.get('cpu_threads')} torch threads); extraction is "
+             "`repair eval` of the tiny demo (`repair demo --size tiny`) on its test split; the solver rows are the "
+             "scale benchmark's problems (`bench.scale.make_problem`).", "",
              f"| part | {dev} | {ref} |", "|---|---|---|"]
     ext = doc.get("extraction") or {}
     lines.append(f"| extraction (eval, no cache): wall s / embedding s | {_cell(ext.get(dev), 'wall_seconds', 'embedding_seconds')} | "
