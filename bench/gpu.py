@@ -14,7 +14,10 @@
   is the one under ``bench/_work/tasks/demo`` when it is there (carry it to the lent machine: 27 MB, so
   the figures are on the checkpoint of ``bench/RESULTS.md``), else it is built (seed 0, about 30 s);
 * ONNX: ``repair export`` verified with onnxruntime (the report lists the providers it used: CUDA's
-  when ``onnxruntime-gpu`` is installed).
+  when ``onnxruntime-gpu`` is installed);
+* tests: the test files that exercise CUDA there (:data:`CUDA_TESTS`: the two CUDA-only tests and the
+  model repairs' files, where ``--device auto`` is CUDA), each its summary line, in the time left before
+  ``--deadline`` (a dry run: the two CUDA-only tests, which skip on the CPU).
 
 Every part runs whatever another part did (a failing one is recorded with its error, and the rest
 still run), each command under a time limit, so one run on a lent machine says everything it can.
@@ -45,7 +48,11 @@ ROOT = BENCH.parent
 WORK = BENCH / "_work" / "gpu"
 COMMAND_LIMIT_S = 240            # one command; the lent machine's calls are limited to 10 minutes
 MODEL_METHODS = ("mixft", "clp", "recompose")
-PARTS = ("demo", "extraction", "solver", "onnx", "model_repairs")
+PARTS = ("demo", "extraction", "solver", "onnx", "model_repairs", "tests")
+#: the test files that exercise CUDA where it is present (`--device auto` is CUDA there; two tests run only on CUDA)
+CUDA_TESTS = (("tests/test_methods_contract.py", "cuda"), ("tests/test_solver.py", "cuda"), ("tests/test_clp.py", None),
+              ("tests/test_mixft.py", None), ("tests/test_recompose.py", None), ("tests/test_steady.py", None),
+              ("tests/test_model_repair.py", None))
 
 
 def cli_module() -> str:
@@ -199,6 +206,45 @@ def model_repairs_md(mr, dev: str, ref: str) -> list:
     return lines
 
 
+def test_rows(specs, deadline: float, log) -> list[dict]:
+    """``pytest`` on each ``(file, -k expression or None)`` of ``specs`` in a subprocess from the checkout,
+    none started after ``deadline`` (``time.monotonic``) or run past it: its summary line ("9 passed, 1
+    skipped"), exit code and seconds, the output's tail when it failed. The project need not be installed:
+    the CLI package (``cli/``) and the built-in recipes (``recipes/``) are put on the path under their
+    installed names, as the tests import them."""
+    import re
+    import tempfile
+
+    shim = Path(tempfile.mkdtemp(prefix="repair-gpu-"))
+    for name, folder in (("repair_cli", "cli"), ("repair_recipes", "recipes")):
+        if importlib.util.find_spec(name) is None:
+            (shim / name).symlink_to(ROOT / folder, target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(shim),
+                                                                   os.environ.get("PYTHONPATH")) if p)}
+    out = []
+    for path, expr in specs:
+        row = {"file": path, "k": expr}
+        left = deadline - time.monotonic()
+        if left < 15:
+            out.append({**row, "skipped": "the time limit (--deadline)"})
+            continue
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, *(["-k", expr] if expr else [])]
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=left)
+            text, code = r.stdout + r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:
+            text, code = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""), None
+        lines = [x for x in text.strip().splitlines() if re.search(r"\b(passed|failed|error|skipped|deselected)\b", x)]
+        row.update({"exit_code": code, "seconds": round(time.perf_counter() - t0, 1),
+                    "summary": lines[-1].strip("= ") if lines else "no summary (stopped at the time limit)"})
+        if code not in (0, 5):                 # 5: every test deselected
+            row["tail"] = text[-1500:]
+        log(f"{path}{' -k ' + expr if expr else ''}: {row['summary']}")
+        out.append(row)
+    return out
+
+
 def versions() -> dict:
     """The versions of the packages the parts use, and onnxruntime's providers."""
     out = {"python": platform.python_version()}
@@ -262,7 +308,15 @@ def markdown(doc: dict, args) -> str:
         lines.append("onnxruntime's CUDA provider is not installed on this machine (`pip install "
                      "repair-toolkit[gpu]` brings onnxruntime-gpu), so the verification ran on the CPU provider.")
     lines += model_repairs_md(doc.get("model_repairs"), dev, ref)
-    failed = [k for k in ("demo", "extraction", "solver", "model_repairs", "onnx")
+    tests = doc.get("tests")
+    if isinstance(tests, list) and tests:
+        lines += ["", f"Test files run on this machine (`--device auto` is {dev} here): " + "; ".join(
+            f"`{t['file']}{' -k ' + t['k'] if t.get('k') else ''}` "
+            + (t.get("skipped") and f"skipped ({t['skipped']})" or f"{t['summary']}"
+               + ("" if t.get("exit_code") in (0, 5) else " **FAILED**")) for t in tests) + "."]
+    elif isinstance(tests, dict) and tests.get("error"):
+        lines += ["", "Test files: failed (see gpu.json)."]
+    failed = [k for k in ("demo", "extraction", "solver", "model_repairs", "onnx", "tests")
               if isinstance(doc.get(k), dict) and doc[k].get("error")]
     if failed:
         lines += ["", "Failed parts (errors in gpu.json): " + ", ".join(failed) + "."]
@@ -281,8 +335,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=None, choices=("balanced", "skewed"),
                     help="repair sets of the model repairs (default both; dry run balanced)")
     ap.add_argument("--deadline", type=float, default=480.0,
-                    help="seconds from the start after which no further model-repair run is launched "
-                         "(default 480: the lent machine's calls stop at 600)")
+                    help="seconds from the start after which no further model-repair run or test file is "
+                         "launched, and a test file still running is stopped (default 480: the lent machine's "
+                         "calls stop at 600)")
     ap.add_argument("--dry-run", action="store_true", help="every part on the CPU in place of CUDA, small sizes")
     ap.add_argument("--parts", nargs="+", default=None, choices=PARTS,
                     help="only these parts (default: all; extraction, onnx and model_repairs need the demo)")
@@ -401,7 +456,9 @@ def main(argv=None) -> int:
     if "onnx" in todo and demo_ok():
         part("onnx", onnx)
     if "model_repairs" in todo:
-        part("model_repairs", model_repairs)       # last: it stops launching runs at the deadline
+        part("model_repairs", model_repairs)       # it stops launching runs at the deadline
+    if "tests" in todo:                            # last: what time is left (a dry run: the CUDA-only tests)
+        part("tests", lambda: test_rows(CUDA_TESTS[:2] if dry else CUDA_TESTS, t_start + args.deadline, log))
     text = markdown(doc, args)
     save("GPU.md", text)
     if not dry:

@@ -188,7 +188,7 @@ def test_the_gpu_check_runs_every_part_in_a_dry_run(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
     assert doc["dry_run"] and doc["devices"] == ["cpu", "cpu-ref"]
-    for part in ("demo", "extraction", "solver", "model_repairs", "onnx"):
+    for part in ("demo", "extraction", "solver", "model_repairs", "onnx", "tests"):
         assert not (isinstance(doc[part], dict) and doc[part].get("error")), (part, doc[part])
     for col in ("cpu", "cpu-ref"):
         assert doc["extraction"][col]["wall_seconds"] > 0 and 0 <= doc["extraction"][col]["worst_group_accuracy"] <= 1
@@ -203,7 +203,11 @@ def test_the_gpu_check_runs_every_part_in_a_dry_run(tmp_path):
     assert all(not x.get("error") and x["test_worst_group"] > 0.3 for x in rows)
     assert doc["onnx"]["passed"] is True and doc["onnx"]["max_abs_diff"] < 1e-3
     md = (tmp_path / "gpu" / "GPU.md").read_text()
-    assert "failed" not in md and "skipped" not in md and "| balanced | recompose | " in md
+    assert "failed" not in md and "FAILED" not in md and "| balanced | recompose | " in md
+    # the test files: a dry run runs the two CUDA-only tests, which skip on the CPU, from the checkout
+    assert [(t["file"], t["k"], t["exit_code"]) for t in doc["tests"]] == [
+        ("tests/test_methods_contract.py", "cuda", 0), ("tests/test_solver.py", "cuda", 0)]
+    assert all("skipped" in t["summary"] and "deselected" in t["summary"] for t in doc["tests"]), doc["tests"]
     assert (gpu_md.stat().st_mtime_ns if gpu_md.exists() else None) == before
     assert (out / "gpu.json").read_text() == (tmp_path / "gpu" / "gpu.json").read_text()
     assert (out / "GPU.md").read_text() == md
@@ -260,3 +264,22 @@ def test_the_report_carries_the_gpu_check_or_says_there_is_none(tmp_path):
     L = []
     _gpu_md(L, tmp_path / "GPU.md")
     assert L[0] == "## GPU check (d)\n" and "| part | cuda | cpu |" in L and "### sub" in L
+
+
+def test_the_gpu_check_reports_a_failing_test_file_and_one_the_deadline_stopped(tmp_path):
+    """The GPU check's test files: a failing file is recorded with its exit code, summary and output tail and
+    marked FAILED in GPU.md; a file the deadline leaves no time for is skipped, not run."""
+    import time
+
+    from bench.gpu import markdown, test_rows
+
+    bad = tmp_path / "test_fails.py"
+    bad.write_text("def test_one():\n    assert 1 == 2\n")
+    rows = test_rows([(str(bad), None)], time.monotonic() + 120, lambda m: None)
+    assert rows[0]["exit_code"] == 1 and "1 failed" in rows[0]["summary"] and "assert 1 == 2" in rows[0]["tail"]
+    assert test_rows([(str(bad), None)], time.monotonic() + 5, lambda m: None)[0]["skipped"]
+    doc = {"date": "d", "gpu": "g", "machine": "m", "versions": {}, "devices": ["cuda", "cpu"], "tests": rows}
+    from types import SimpleNamespace
+
+    md = markdown(doc, SimpleNamespace(classes=[], n=1, d=1))
+    assert f"`{bad}` " in md and "1 failed" in md and "**FAILED**" in md
