@@ -234,7 +234,9 @@ def test_rows(specs, deadline: float, log) -> list[dict]:
             r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=left)
             text, code = r.stdout + r.stderr, r.returncode
         except subprocess.TimeoutExpired as e:
-            text, code = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""), None
+            partial = e.stdout or ""                # bytes on some Pythons even with text=True
+            text = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+            code = None
         lines = [x for x in text.strip().splitlines() if re.search(r"\b(passed|failed|error|skipped|deselected)\b", x)]
         row.update({"exit_code": code, "seconds": round(time.perf_counter() - t0, 1),
                     "summary": lines[-1].strip("= ") if lines else "no summary (stopped at the time limit)"})
