@@ -40,7 +40,9 @@ same settings (the gate is not a setting: thresholds are applied to the journale
 changing them needs no rerun), the same inputs (:func:`input_fingerprints`: the checkpoint's
 files, the data and eval data with their tables, the recipe's files, the model-repair inputs) and,
 in fix mode, every file of its output as written (:func:`output_files`); it starts the others
-over, and the report says why.
+over, and the report says why. A journaled output that is missing, or missing files, is written
+again; one that was edited since (a file changed or added) is the user's now and is refused like
+any existing output, unless ``--force``.
 
 Outputs are never half-written nor written twice: a model's files are written by ``fix`` into a
 staging folder beside the output (``.<output>.zoo-staging``, emptied when an attempt starts); the
@@ -1099,8 +1101,14 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
     from .report import now, write_report
 
     records = journal.read()
+    others = sorted({r["manifest"] for r in records.values()
+                     if isinstance(r.get("manifest"), str) and r["manifest"] != mpath.name})
+    if others:       # zoo.yaml and zoo.csv side by side share the default <stem>-zoo folder
+        raise BadInput(f"the journal holds the models of another manifest, {others[0]}; give {mpath.name} "
+                       "its own --out-dir", journal.path)
     done = {}
     redo: dict[str, str] = {}
+    edited: dict[str, str] = {}                 # journaled outputs changed since: the user's now
     memo: dict = {}
     inputs = {e.name: input_fingerprints(manifest, e, o.mode, memo) for e in manifest.entries}
     for e in manifest.entries:
@@ -1112,7 +1120,11 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                     why = "its output was not recorded"
                 else:
                     commit_staged(Path(rec["output"]))      # a rename an interrupted driver had not finished
-                    why = _output_changed(Path(rec["output"]), rec.get("output_files"))
+                    changed = _output_changed(Path(rec["output"]), rec.get("output_files"))
+                    why, was_edited = changed or (None, False)
+                    if was_edited and not o.force:
+                        edited[e.name] = why            # the user's now: kept unless --force
+                        continue
             if why:
                 redo[e.name] = why
                 log(f"{e.name}: journaled, but {why}: running it again")
@@ -1121,7 +1133,11 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
     if o.mode == "fix":
         problems = _Problems(mpath)
         for e in manifest.entries:
-            if e.name not in done and e.name not in redo and e.output.exists() and not o.force:
+            if e.name in edited:
+                problems.add(f"row {e.row} ({e.name})", "output",
+                             f"{e.output} was written by this zoo, but {edited[e.name]} since: it is kept "
+                             "(use --force to replace it)")
+            elif e.name not in done and e.name not in redo and e.output.exists() and not o.force:
                 why = ("the journal holds this model with other settings"
                        if (e.name, o.mode) in records else "this zoo's journal did not write it")
                 problems.add(f"row {e.row} ({e.name})", "output",
@@ -1153,7 +1169,8 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                 log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {res['error']}")
                 continue
             files = res["result"].pop("output_files", None)
-            rec = {"name": e.name, "mode": o.mode, "key": e.key(o.mode), "status": "done", "finished": now(),
+            rec = {"name": e.name, "mode": o.mode, "key": e.key(o.mode), "manifest": mpath.name,
+                   "status": "done", "finished": now(),
                    "seconds": res["seconds"], "worker": res["worker"],
                    "output": str(e.output) if o.mode == "fix" else None, "inputs": inputs[e.name],
                    "output_files": files, "result": res["result"]}
@@ -1182,25 +1199,31 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
     return doc
 
 
-def _output_changed(output: Path, files: Optional[dict]) -> Optional[str]:
-    """Why a journaled model's output cannot be trusted any more (None: every file it was written
-    with is there, byte for byte, and nothing was added)."""
+def _output_changed(output: Path, files: Optional[dict]) -> Optional[tuple[str, bool]]:
+    """Why a journaled model's output cannot be trusted any more, and whether it was *edited*
+    (None: every file it was written with is there, byte for byte, and nothing was added). An
+    edited output holds what this zoo did not write (a file changed or added, or files it cannot
+    check): replacing it would lose that, so only ``--force`` does. An output that is only missing,
+    or missing files, is written again as it was."""
     if not output.exists():
-        return "its output is missing"
+        return "its output is missing", False
     if not isinstance(files, dict) or not files:
-        return "its output's files were not recorded"
+        return "its output's files were not recorded", True
     try:
         now = output_files(output.parent, {k.split("/")[0] for k in files})
     except OSError as e:
-        return f"its output cannot be read ({e.strerror or e})"
-    gone = [r for r in sorted(files) if files[r] != "missing" and now.get(r) in (None, "missing")]
-    if gone:
-        return f"its output file {gone[0]} is missing"
+        return f"its output cannot be read ({e.strerror or e})", True
     added = sorted(set(now) - set(files))
     if added:
-        return f"its output holds {added[0]}, which was not written with it"
+        return f"its output holds {added[0]}, which was not written with it", True
+    changed = [r for r in sorted(files) if now.get(r) not in (None, "missing", files[r])]
+    if changed:
+        return f"its output file {changed[0]} differs from what was written", True
+    gone = [r for r in sorted(files) if files[r] != "missing" and now.get(r) in (None, "missing")]
+    if gone:
+        return f"its output file {gone[0]} is missing", False
     if now != files:
-        return "its output differs from what was written"
+        return "its output differs from what was written", True
     return None
 
 

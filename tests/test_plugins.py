@@ -306,3 +306,91 @@ def test_documented_examples_spell_out_every_setting_at_its_default(method):
         if line.startswith("      ") and ":" in line:
             assert "# " in line.split(":", 1)[1], f"setting without a comment: {line}"
     assert [c.label for c in load_recipe(method).candidates] == [method]
+
+
+BAD_HEAD_PLUGIN = '''
+from dataclasses import dataclass
+
+import torch
+
+from repair.config import setting
+from repair.methods import AFFINE, RepairOutput, register_method
+
+
+@dataclass
+class BadHeadConfig:
+    mode: str = setting("shape", choices=("shape", "nan", "type"))
+
+
+@register_method("bad_head", summary="returns what no head is", config=BadHeadConfig, groups="never",
+                 transform=AFFINE)
+def bad_head(inputs, config):
+    W, b = inputs.W.clone(), inputs.b.clone()
+    if config.mode == "shape":
+        return RepairOutput(W=torch.cat([W, W[:1]]), b=torch.cat([b, b[:1]]))
+    if config.mode == "nan":
+        W[0, 0] = float("nan")
+        return RepairOutput(W=W, b=b)
+    return (W, b)
+'''
+
+BAD_MODEL_PLUGIN = '''
+from dataclasses import dataclass
+
+import torch
+
+from repair.config import setting
+from repair.methods import ModelRepairOutput, register_model_repair
+
+
+@dataclass
+class BadModelConfig:
+    mode: str = setting("shape", choices=("shape", "name", "nan"))
+
+
+@register_model_repair("bad_model", summary="returns tensors the model cannot take", config=BadModelConfig,
+                       groups="never")
+def bad_model(inputs, config):
+    tm = inputs.model
+    bias = tm.head_name + ".bias"
+    b = tm.module.state_dict()[bias]
+    new = {"shape": {bias: torch.zeros(b.shape[0] + 1)}, "name": {"no_such.weight": torch.zeros(3)},
+           "nan": {bias: torch.full_like(b, float("nan"))}}[config.mode]
+    return ModelRepairOutput(tensors=new, steps=1)
+'''
+
+
+@pytest.mark.parametrize("plugin,method,mode,why", [
+    (BAD_HEAD_PLUGIN, "bad_head", "shape", "returned a head of shape (4, "),
+    (BAD_HEAD_PLUGIN, "bad_head", "nan", "returned a head holding NaN or infinite values"),
+    (BAD_HEAD_PLUGIN, "bad_head", "type", "returned tuple, not a RepairOutput"),
+    (BAD_MODEL_PLUGIN, "bad_model", "shape", "returned fc.bias of shape (4,), expected (3,)"),
+    (BAD_MODEL_PLUGIN, "bad_model", "name", "returned a tensor 'no_such.weight' the model does not have"),
+    (BAD_MODEL_PLUGIN, "bad_model", "nan", "returned fc.bias holding NaN or infinite values"),
+])
+def test_a_plugin_whose_result_no_model_can_take_is_bad_input_naming_its_file(
+        timm_folder, repair_images, tmp_path, plugin, method, mode, why):
+    """The plugin is the user's code: its broken result is exit 2 naming the method and the file, not an
+    internal error (exit 3) nor a complaint about the model or the data; nothing is written."""
+    from repair.methods import METHODS
+
+    recipe = _recipe(tmp_path, "mine", plugin, method, f"    params: {{mode: {mode}}}\n")
+    try:
+        code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", recipe, "--out",
+                               tmp_path / "out", "-q", "--allow-plugins")
+    finally:
+        METHODS.unregister(method)                  # the next case loads it again from its own file
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"error: method {method} ({tmp_path / 'mine.py'}) {why}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_builtin_methods_broken_result_is_our_bug_not_bad_input():
+    from repair.errors import BadInput
+    from repair.methods import RepairInputs, RepairOutput, check_output, get_method
+
+    inputs = RepairInputs(X=torch.randn(8, 4), y=torch.arange(8) % 2, W=torch.zeros(2, 4), b=torch.zeros(2))
+    check_output(RepairOutput(W=torch.ones(2, 4), b=torch.ones(2)), inputs, get_method("dfr"))    # fine
+    with pytest.raises(RuntimeError, match=r"^method dfr returned a head of shape \(3, 4\)") as e:
+        check_output(RepairOutput(W=torch.zeros(3, 4), b=torch.zeros(3)), inputs, get_method("dfr"))
+    assert not isinstance(e.value, BadInput)

@@ -365,11 +365,16 @@ def test_zoo_redoes_a_journaled_model_whose_output_is_missing_or_changed(tmp_pat
     shutil.rmtree(tmp_path / "out" / "m0")                                  # deleted after it was journaled
     w = next((tmp_path / "out" / "m1").glob("*.safetensors"))
     w.write_bytes(w.read_bytes()[:-8] + b"\x00" * 8)                        # changed after it was journaled
-    code, out, err = run_cli("zoo", m, "--out-dir", r, "--json", "-q")
+    changed = w.read_bytes()
+    code, out, err = run_cli("zoo", m, "--out-dir", r, "--json", "-q")     # m1's is the user's now: kept
+    assert code == 2 and f"{w.name} differs from what was written" in err and "--force" in err, err
+    assert w.read_bytes() == changed and not (tmp_path / "out" / "m0").exists()
+    code, out, err = run_cli("zoo", m, "--out-dir", r, "--json", "-q", "--force")
     assert code == 0, err
     doc = json.loads(out)
     redone = {x["name"]: x.get("redone") for x in doc["models"]}
-    assert redone == {"m0": "its output is missing", "m1": "its output differs from what was written"}, redone
+    assert redone == {"m0": "its output is missing",
+                      "m1": f"its output file m1/{w.name} differs from what was written"}, redone
     assert (tmp_path / "out" / "m0").is_dir()
     assert "run again: its output is missing" in (r / "zoo-report.html").read_text()
 

@@ -111,26 +111,38 @@ def test_fix_mode_reruns_a_row_whose_eval_data_changed(tmp_path, parts):
 
 
 # ------------------------------------------------------------------ 2. every file of the output is checked
-def test_fix_reruns_a_row_any_file_of_whose_output_changed(tmp_path, parts):
+def test_fix_writes_a_lost_output_again_and_keeps_an_edited_one_unless_forced(tmp_path, parts):
     path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}], output_dir="out")
     (tmp_path / "out").mkdir()
     assert run_json(path)[0] == 0
     config = tmp_path / "out" / "a" / "config.json"
     written = config.read_text()
-    config.write_text(written.replace('"num_classes": 3', '"num_classes": 4'))
-    code, doc, err = run_json(path)
-    assert code == 0 and redone(doc) == {"a": "its output differs from what was written"}, (err, doc)
-    assert config.read_text() == written
-    config.unlink()                                                 # as a deleted model.onnx would be
+    config.unlink()                                                 # lost: written again as it was
     code, doc, err = run_json(path)
     assert code == 0 and redone(doc) == {"a": "its output file a/config.json is missing"}, (err, doc)
     assert config.read_text() == written
-    (tmp_path / "out" / "a" / "notes.txt").write_text("mine")     # a file that was never written with it
+    shutil.rmtree(tmp_path / "out" / "a")
     code, doc, err = run_json(path)
-    assert code == 0 and redone(doc) == {"a": "its output holds a/notes.txt, which was not written with it"}, doc
+    assert code == 0 and redone(doc) == {"a": "its output is missing"}, (err, doc)
+    assert config.read_text() == written
+
+    edited = written.replace('"num_classes": 3', '"num_classes": 4')
+    notes = tmp_path / "out" / "a" / "notes.txt"
+    edits = ((lambda: config.write_text(edited), "its output file a/config.json differs from what was written"),
+             (lambda: notes.write_text("mine"), "its output holds a/notes.txt, which was not written with it"))
+    for edit, why in edits:
+        config.write_text(written)
+        edit()
+        before = {p.name: p.read_bytes() for p in (tmp_path / "out" / "a").iterdir()}
+        code, doc, err = run_cli("zoo", path, "--json", "-q")
+        _refused(code, err, "row 1 (a), output", str(tmp_path / "out" / "a"), why, "--force")
+        assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "a").iterdir()} == before   # kept as it is
+        code, doc, err = run_json(path, "--force")
+        assert code == 0 and redone(doc) == {"a": why}, (err, doc)
+        assert config.read_text() == written and not notes.exists()
 
 
-def test_a_corrupted_onnx_output_is_run_again_not_an_internal_error(tmp_path, parts):
+def test_a_corrupted_onnx_output_is_refused_then_run_again_with_force_not_an_internal_error(tmp_path, parts):
     (tmp_path / "net").mkdir()
     make_deployed_onnx(tmp_path / "net" / "net.onnx")
     (tmp_path / "net" / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32]}))
@@ -143,8 +155,12 @@ def test_a_corrupted_onnx_output_is_run_again_not_an_internal_error(tmp_path, pa
     assert run_json(path)[0] == 0
     out = tmp_path / "out" / "a.onnx"
     out.write_bytes(out.read_bytes()[:100])                         # truncated: no ONNX any more
-    code, doc, err = run_json(path)
-    assert code == 0 and redone(doc) == {"a": "its output differs from what was written"}, err
+    code, _, err = run_cli("zoo", path, "--json", "-q")
+    _refused(code, err, "a.onnx differs from what was written", "--force")
+    assert len(out.read_bytes()) == 100
+    code, doc, err = run_json(path, "--force")
+    assert code == 0 and redone(doc) == {"a": "its output file a.onnx differs from what was written"}, err
+    assert len(out.read_bytes()) > 100
 
 
 # ------------------------------------------------------------------ 3, 5. outputs apart from the zoo's files and inputs
@@ -293,3 +309,20 @@ def test_a_symlink_leaving_a_model_folder_is_exit_2_before_any_model_runs(tmp_pa
     code, _, err = run_cli("zoo", path)
     _refused(code, err, "row 2 (b), checkpoint: ", "notes.txt", "leads outside it")
     assert not any((tmp_path / "outs").iterdir())       # row a did not run first
+
+
+def test_two_manifests_of_one_stem_never_share_a_report_folder(tmp_path, parts):
+    """``zoo.yaml`` and ``zoo.csv`` side by side both default to ``zoo-zoo``: the second is refused
+    (naming the first) before it touches the first's journal or report."""
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}], gate=0)
+    code, _, err = run_json(path, "--mode", "eval")
+    assert code == 0, err
+    folder = tmp_path / "zoo-zoo"
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".zoo-lock"}
+    other = tmp_path / "zoo.csv"
+    other.write_text("# recipe: dfr\n# group_by: place\nname,checkpoint,data\nb,m1,val\n")
+    code, _, err = run_cli("zoo", other, "--mode", "eval", "-q")
+    _refused(code, err, "journal.jsonl", "another manifest, zoo.yaml", "give zoo.csv its own --out-dir")
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".zoo-lock"} == before
+    code, doc, err = run_json(other, "--mode", "eval", "--out-dir", tmp_path / "csv-zoo")
+    assert code == 0 and [m["name"] for m in doc["models"]] == ["b"], err

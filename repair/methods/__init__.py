@@ -193,7 +193,79 @@ class MethodInfo:
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
         if self.kind == "head":
             check_inputs(inputs, self.name)
-        return self.fn(inputs, config if config is not None else self.default_config())
+        out = self.fn(inputs, config if config is not None else self.default_config())
+        (check_output if self.kind == "head" else check_model_output)(out, inputs, self)
+        return out
+
+    @property
+    def builtin(self) -> bool:
+        return getattr(self.fn, "__module__", "").startswith(__name__ + ".")
+
+    def where(self) -> str:
+        """``method NAME`` and, for a plugin's, the file that defines it."""
+        import inspect
+
+        if self.builtin:
+            return f"method {self.name}"
+        try:
+            src = inspect.getsourcefile(self.fn)
+        except TypeError:
+            src = None
+        return f"method {self.name} ({src or getattr(self.fn, '__module__', '?')})"
+
+
+def check_output(out, inputs: "RepairInputs", info: MethodInfo) -> None:
+    """A head repair's result is a :class:`RepairOutput` whose ``W`` / ``b`` have the shapes of the
+    head it replaces and hold finite floats. A plugin's that is not is :class:`repair.errors.BadInput`
+    naming the method and its file (the user's code); a built-in's is our bug (``RuntimeError``)."""
+    def shape(t):
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    why = None
+    if not isinstance(out, RepairOutput):
+        why = f"returned {type(out).__name__}, not a RepairOutput"
+    elif not (isinstance(out.W, torch.Tensor) and isinstance(out.b, torch.Tensor)
+              and out.W.shape == inputs.W.shape and out.b.shape == inputs.b.shape):
+        why = (f"returned a head of shape {shape(out.W)} / {shape(out.b)}, expected "
+               f"{tuple(inputs.W.shape)} / {tuple(inputs.b.shape)}")
+    elif not (out.W.is_floating_point() and out.b.is_floating_point()):
+        why = f"returned a head of {out.W.dtype} / {out.b.dtype}, not floats"
+    elif not (bool(torch.isfinite(out.W).all()) and bool(torch.isfinite(out.b).all())):
+        why = "returned a head holding NaN or infinite values"
+    _fail(info, why)
+
+
+def check_model_output(out, inputs: "ModelRepairInputs", info: MethodInfo) -> None:
+    """A model repair's result is a :class:`ModelRepairOutput` whose ``tensors`` name tensors of the
+    model, each with its shape, floating-point ones finite; else as :func:`check_output`."""
+    why = None
+    if not isinstance(out, ModelRepairOutput):
+        why = f"returned {type(out).__name__}, not a ModelRepairOutput"
+    elif not isinstance(out.tensors, dict):
+        why = f"returned tensors as {type(out.tensors).__name__}, not a dict of name -> tensor"
+    else:
+        state = inputs.model.module.state_dict()
+        for name, t in out.tensors.items():
+            if name not in state:
+                why = f"returned a tensor {name!r} the model does not have"
+            elif not isinstance(t, torch.Tensor) or t.shape != state[name].shape:
+                why = (f"returned {name} of shape {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                       f", expected {tuple(state[name].shape)}")
+            elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                why = f"returned {name} holding NaN or infinite values"
+            if why:
+                break
+    _fail(info, why)
+
+
+def _fail(info: MethodInfo, why) -> None:
+    from ..errors import BadInput
+
+    if why is None:
+        return
+    if info.builtin:
+        raise RuntimeError(f"{info.where()} {why}")
+    raise BadInput(f"{info.where()} {why}")
 
 
 def check_inputs(inputs: "RepairInputs", method: str = "a head repair") -> None:
@@ -300,4 +372,4 @@ def get_method(name: str) -> MethodInfo:
 
 __all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "TrainSet", "MethodInfo",
            "register_method", "register_model_repair", "list_methods", "get_method", "MASK", "AFFINE",
-           "Transform", "Resource", "METHODS"]
+           "Transform", "Resource", "METHODS", "check_inputs", "check_output", "check_model_output"]
