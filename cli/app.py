@@ -32,7 +32,18 @@ KEPT_WHEN_QUIET = ("warning", "notice", "error", "FAILED")
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A line on stderr; a user's names in it shown as they are (:func:`repair.io.visible`)."""
+    from repair.io import visible
+
+    print(visible(str(msg)), file=sys.stderr, flush=True)
+
+
+def say(text: str = "") -> None:
+    """A result line on stdout (the text of a command's result; ``--json`` goes through
+    :func:`emit_json`), with a user's names shown as they are (:func:`repair.io.visible`)."""
+    from repair.io import visible
+
+    print(visible(str(text)))
 
 
 def quiet_log(msg: str) -> None:
@@ -59,9 +70,11 @@ def install_signal_handlers() -> None:
 
 
 def emit_json(doc: Any) -> None:
-    from repair.io import json_text
+    """One JSON document on stdout. Controls and invisible characters in strings are written as
+    ``\\uXXXX`` escapes (:func:`repair.io.visible`): a parser reads the same strings, a terminal shows them."""
+    from repair.io import json_text, visible
 
-    sys.stdout.write(json_text(doc, indent=2))
+    sys.stdout.write(visible(json_text(doc, indent=2)))
 
 
 #: commands built when they are run (name -> factory of the click command): their options depend on

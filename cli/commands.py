@@ -8,7 +8,7 @@ import typer
 
 from repair.errors import BadInput, GateFailed
 
-from .app import LAZY_COMMANDS, app, command, emit_json, log, logger
+from .app import LAZY_COMMANDS, app, command, emit_json, log, logger, say
 from .format import eval_table, pct, table
 from .options import (PANEL_GATE, OptionBundle, PANEL_INPUTS, PANEL_OUTPUT, PANEL_REPAIR, AsJson, Columns, DataPath, ItemColumns,
                       DemoSeed, Load, ModelArg, Runtime, Seed)
@@ -51,13 +51,15 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
             problems.append(f"group(s) {', '.join(missing)} have no samples in {data}")
     rep["gates"] = gates
     rep["passed"] = not problems                      # every gate and --expect-groups
+    for w in rep.get("warnings") or []:
+        log(f"warning: {w}")
     if as_json:
         emit_json(rep)
     else:
         src = "cache" if rep["embedding"]["from_cache"] else rep["embedding"]["device"]
-        print(eval_table(rep, f"{model} on {data}  (embeddings: {src}, {rep['embedding']['seconds']:.2f}s)"))
+        say(eval_table(rep, f"{model} on {data}  (embeddings: {src}, {rep['embedding']['seconds']:.2f}s)"))
         for g in gates:
-            print(("gate passed: " if g["passed"] else "gate FAILED: ") + g["message"])
+            say(("gate passed: " if g["passed"] else "gate FAILED: ") + g["message"])
     if problems:
         raise GateFailed("; ".join(problems))
 
@@ -79,17 +81,17 @@ def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load,
     if as_json:
         emit_json(rep)
         return
-    print(f"{model} on {data}: n={rep['n']}  accuracy={pct(rep['accuracy'])}  embedding dim={rep['embedding_dim']}")
-    print("\nper class (dispersion = nearest class prototype is another class):")
-    print(table(["class", "n", "acc", "misclassified", "dispersion", "neurons with delta>0", "max delta"],
+    say(f"{model} on {data}: n={rep['n']}  accuracy={pct(rep['accuracy'])}  embedding dim={rep['embedding_dim']}")
+    say("\nper class (dispersion = nearest class prototype is another class):")
+    say(table(["class", "n", "acc", "misclassified", "dispersion", "neurons with delta>0", "max delta"],
                 [[r["class"], r["n"], pct(r["accuracy"]), r["misclassified"], pct(r["dispersion"]),
                   r["spurious_neurons"], "-" if r["max_delta"] is None else f"{r['max_delta']:.3f}"]
                  for r in rep["per_class"]]))
-    print("\nmost spurious neurons (delta = median activation misclassified - correct, NeuronTune):")
-    print(table(["class", "neuron", "delta", "head weight"],
+    say("\nmost spurious neurons (delta = median activation misclassified - correct, NeuronTune):")
+    say(table(["class", "neuron", "delta", "head weight"],
                 [[t["class"], t["neuron"], f"{t['delta']:.3f}", f"{t['head_weight']:.3f}"] for t in rep["top_spurious_neurons"]]))
-    print("\npseudo-groups (class x correctly/incorrectly classified):")
-    print(table(["group", "n"], [[g["group"], g["n"]] for g in rep["pseudo_groups"]]))
+    say("\npseudo-groups (class x correctly/incorrectly classified):")
+    say(table(["group", "n"], [[g["group"], g["n"]] for g in rep["pseudo_groups"]]))
 
 
 # ------------------------------------------------------------------ fix
@@ -190,7 +192,7 @@ def make_fix_command(inputs_bundle: OptionBundle):
         if as_json:
             emit_json(rep.report)
         else:
-            print(fix_table(rep.report))
+            say(fix_table(rep.report))
 
     fix_cmd.__annotations__["resources"] = Annotated[dict, inputs_bundle]
     return fix_cmd
@@ -233,13 +235,13 @@ def methods_cmd(as_json: AsJson = False):
                    "inputs": [{"name": r.name, "flag": r.flag, "kind": r.kind, "help": r.help} for r in inputs],
                    "recipes": recipes})
         return
-    print(table(["method", "kind", "group labels", "summary"],
+    say(table(["method", "kind", "group labels", "summary"],
                 [[m.name, m.kind, {"required": "required", "optional": "optional", "never": "never used"}[m.groups],
                   m.summary] for m in infos]))
-    print("\nmodel-repair inputs (repair fix options, zoo manifest fields):")
-    print(table(["option", "kind", "help"], [[r.flag, r.kind, r.help] for r in inputs]))
-    print("\nrecipes (--recipe NAME):")
-    print(table(["recipe", "description"], [[k, v] for k, v in recipes.items()]))
+    say("\nmodel-repair inputs (repair fix options, zoo manifest fields):")
+    say(table(["option", "kind", "help"], [[r.flag, r.kind, r.help] for r in inputs]))
+    say("\nrecipes (--recipe NAME):")
+    say(table(["recipe", "description"], [[k, v] for k, v in recipes.items()]))
 
 
 # ------------------------------------------------------------------ demo
@@ -259,12 +261,12 @@ def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the dem
         emit_json(doc)
         return
     test, fixed = doc["erm_test"], doc["fix"]
-    print(f"demo built in {out} (ERM training {doc['erm_train_seconds']:.0f}s)")
-    print(eval_table(test, "\nERM model on the test split (groups = class x place):"))
+    say(f"demo built in {out} (ERM training {doc['erm_train_seconds']:.0f}s)")
+    say(eval_table(test, "\nERM model on the test split (groups = class x place):"))
     gap = (test["accuracy"] - test["worst_group_accuracy"]) * 100
-    print(f"\nThe shortcut: worst-group accuracy is {gap:.1f} points below mean accuracy.\n")
-    print(fix_table(fixed))
+    say(f"\nThe shortcut: worst-group accuracy is {gap:.1f} points below mean accuracy.\n")
+    say(fix_table(fixed))
     b, a = fixed["before"], fixed["after"]
-    print(f"\nworst-group accuracy {pct(b['worst_group_accuracy'])} -> {pct(a['worst_group_accuracy'])}, "
+    say(f"\nworst-group accuracy {pct(b['worst_group_accuracy'])} -> {pct(a['worst_group_accuracy'])}, "
           f"accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])} on the test split (no group labels used).")
-    print(f"Try: repair eval {fixed['output']} --data {doc['test']} --group-by place")
+    say(f"Try: repair eval {fixed['output']} --data {doc['test']} --group-by place")

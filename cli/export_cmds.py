@@ -10,7 +10,7 @@ import typer
 from repair.errors import GateFailed
 from repair.outputs import DEFAULT_MAX_VERIFY
 
-from .app import app, command, emit_json, logger
+from .app import app, command, emit_json, logger, say
 from .format import pct, table
 from .options import PANEL_OUTPUT, AsJson, DataPath, ExportRuntime, ItemColumns, Load, ModelArg
 
@@ -36,8 +36,8 @@ def _verify_rows(rep: dict) -> list[list]:
 
 
 def print_verify_report(rep: dict, title: str) -> None:
-    print(title)
-    print(table(["output", "shape", "max |diff|", "tolerance", "argmax agree", "n"], _verify_rows(rep)))
+    say(title)
+    say(table(["output", "shape", "max |diff|", "tolerance", "argmax agree", "n"], _verify_rows(rep)))
     extra = f"batch sizes {rep.get('batch_sizes')}"
     if rep.get("export_batch_size"):
         extra += f" (export example batch {rep['export_batch_size']})"
@@ -45,8 +45,8 @@ def print_verify_report(rep: dict, title: str) -> None:
         extra += f", {rep['near_ties']} near-tie argmax flip(s)"
     if rep.get("head_check_max_abs_diff") is not None:
         extra += f", embeddings @ W.T + b vs file: {rep['head_check_max_abs_diff']:.3g}"
-    print(f"{extra}; providers {', '.join(rep.get('providers') or [])}")
-    print("PASSED" if rep.get("passed") else "FAILED: " + "; ".join(rep.get("problems") or []))
+    say(f"{extra}; providers {', '.join(rep.get('providers') or [])}")
+    say("PASSED" if rep.get("passed") else "FAILED: " + "; ".join(rep.get("problems") or []))
 
 
 # ------------------------------------------------------------------ export
@@ -74,7 +74,7 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
     if as_json:
         emit_json(rep)
     elif rep.get("format") == "safetensors":
-        print(f"wrote {rep['path']} ({rep['n_tensors']} tensors; metadata {', '.join(rep['metadata_keys'])})")
+        say(f"wrote {rep['path']} ({rep['n_tensors']} tensors; metadata {', '.join(rep['metadata_keys'])})")
     else:
         print_verify_report(rep, f"wrote {rep['path']} ({rep['exporter']} exporter, opset {rep['opset']}, "
                                  f"inputs {', '.join(rep['input_names'])})")

@@ -6,15 +6,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from repair.errors import GateFailed
+from repair.errors import GateFailed, ZooModelsFailed
 
-from .app import app, command, emit_json, logger
+from .app import app, command, emit_json, logger, say
 from .format import pct, table
 from .options import AsJson, Runtime
 
 
 def zoo_table(doc: dict) -> str:
-    from repair.report import headline
+    from repair.report import headline, zoo_summary_line
 
     rows = []
     for m in doc["models"]:
@@ -29,9 +29,8 @@ def zoo_table(doc: dict) -> str:
                      ("redone" if m.get("redone") else "resumed" if m.get("resumed") else "done"),
                      r.get("candidate") or "-", wga if b else "-", pct((a or b or {}).get("accuracy")), gate])
     head = ["model", "status", "method", "WGA before -> after" if doc["mode"] == "fix" else "WGA", "accuracy", "gate"]
-    s = doc["summary"]
     return "\n".join([table(head, rows), "",
-                      f"{s['passed']} of {s['models']} passed; report {doc['report']} (JSON beside it); "
+                      f"{zoo_summary_line(doc)}; report {doc['report']} (JSON beside it); "
                       f"wall time {doc['wall_seconds']:.1f}s"])
 
 
@@ -60,12 +59,18 @@ def zoo_cmd(manifest: Annotated[Path, typer.Argument(help="YAML or CSV: one row 
     if as_json:
         emit_json(doc)
     else:
-        print(zoo_table(doc))
+        say(zoo_table(doc))
     s = doc["summary"]
     if s["failed"] or s["errors"]:
-        gates = {m["name"]: m["gate"] for m in doc["models"]}
-        parts = [f"{n} ({gates[n]['message']})" for n in s["failed"]]
+        by_name = {m["name"]: m for m in doc["models"]}
+        parts = [f"{n} ({by_name[n]['gate']['message']})" for n in s["failed"]]
         msg = (f"gate failed for {len(s['failed'])} model(s): " + ", ".join(parts)) if parts else ""
-        if s["errors"]:
-            msg += ("; " if msg else "") + f"{len(s['errors'])} model(s) could not be run: " + ", ".join(s["errors"])
-        raise GateFailed(msg)
+        if not s["errors"]:
+            raise GateFailed(msg)
+        # a model that could not be run is not a gate result: the worst of its exit codes (2: its
+        # input, 3: our bug), after the others ran and the report was written
+        codes = [int(by_name[n].get("exit_code") or 3) for n in s["errors"]]
+        msg = (f"{len(s['errors'])} model(s) could not be run: "
+               + ", ".join(f"{n} (exit {c})" for n, c in zip(s["errors"], codes)) + (f"; {msg}" if msg else "")
+               + f"; the report {doc['report']} says why")
+        raise ZooModelsFailed(msg, max(codes))

@@ -60,6 +60,10 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)
     report = evaluate(p.logits(), p.enc.y, p.enc.class_names, p.enc.groups, p.enc.group_names)
     report["absent_groups"] = list(p.enc.absent_groups) if p.enc.groups is not None else None
+    from .selection import figure_warnings
+
+    # groups too small for an honest figure, or with none (label-free: no groups to speak of)
+    report["warnings"] = figure_warnings(report, what="the figures")
     report.update({
         "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
         "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality,

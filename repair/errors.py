@@ -27,6 +27,15 @@ class GateFailed(RepairError):
     exit_code = 1
 
 
+class ZooModelsFailed(RepairError):
+    """Models of a zoo that could not be run (after the others ran): the worst of their exit codes,
+    2 (a model's input) or 3 (our bug), not the gate's 1."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = int(exit_code)
+
+
 class Terminated(BaseException):
     """SIGTERM (what CI timeouts and ``kill`` send), raised in the main thread like Ctrl-C so every
     output transaction unwinds and removes its temporaries; the CLI exits 143."""

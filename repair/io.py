@@ -241,6 +241,19 @@ def user_side(e: BaseException) -> Optional[int]:
     return None
 
 
+#: characters shown as escapes wherever a user's name (a class, a group value, a file, a model) reaches a
+#: terminal or a page: C0/C1 controls but tab and newline (ESC sequences drive terminals) and the
+#: invisible format characters (bidi overrides and isolates, zero-width marks), which can make text
+#: read otherwise than it is ("Trojan Source")
+_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def visible(text: str) -> str:
+    """``text`` with every control and invisible format character written as ``\\uXXXX`` (the one rule
+    for what of a user's names is shown as it is: the CLI's messages and the HTML report)."""
+    return _HIDDEN.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def json_text(doc: Any, indent: int = 2) -> str:
     """``doc`` as strict JSON (RFC 8259: no NaN or Infinity, which jq and JSON.parse refuse): a
     non-finite float is written as null; anything else JSON does not know as its ``str``. The one

@@ -46,8 +46,8 @@ from .embeddings import Embeddings, extract, resolve_device
 from .errors import BadInput
 from .metrics import evaluate
 from .preflight import Inputs, check_cache_dir, fix_outputs, read_inputs
-from .selection import (MIN_FOR_CHOICE, MIN_FOR_REPORT, Criterion, inferred_group_names, inferred_groups,
-                        stratified_split, support_warnings)
+from .selection import (MIN_FOR_CHOICE, MIN_FOR_REPORT, Criterion, figure_warnings, inferred_group_names,
+                        inferred_groups, stratified_split, support_warnings)
 
 
 @dataclass
@@ -405,6 +405,13 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         named = [f"{n} by original" for n in inferred_group_names(enc.class_names)]
         before["per_inferred_group"] = evaluate(before_logits, ry, enc.class_names, ig, named)["per_group"]
         after["per_inferred_group"] = evaluate(after_logits, ry, enc.class_names, ig, named)["per_group"]
+    # groups too small for an honest figure, or with none: the held-out part's were checked when it was
+    # drawn (against the whole repair set), what remains there is the column's absent class x value pairs
+    for w in (figure_warnings(before, what="the reported figures (--eval data)") if eval_given else
+              figure_warnings({"absent_groups": absent if rg is not None else []},
+                              what="the reported figures (held-out part of the repair set)")):
+        ctx.warnings.append(w)
+        log(f"warning: {w}")
 
     changed = adapter.changed_tensors()
     settings = {"recipe": recipe.name, "method": chosen.method, "kind": chosen.info.kind,

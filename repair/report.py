@@ -52,7 +52,7 @@ def compact_eval(rep: dict) -> dict:
     """What a report shows of a :func:`repair.api.evaluate_model` result (a gate-only run)."""
     return {"mode": "eval", "model": rep["model"].get("source"), "family": rep["model"].get("family"),
             "measured_on": f"{rep['data']['source']} ({rep['n']} samples)", "before": _figures(rep),
-            "after": None, "candidates": [], "delta_histogram": None,
+            "after": None, "candidates": [], "delta_histogram": None, "warnings": list(rep.get("warnings") or []),
             "timing": {"embedding_seconds": rep["embedding"]["seconds"],
                        "embedding_from_cache": rep["embedding"]["from_cache"]}}
 
@@ -101,7 +101,11 @@ def histogram_of(deltas, class_names: Sequence[str], bins: int = 30, top: int = 
 
 # ------------------------------------------------------------------ formatting helpers
 def _e(x: Any) -> str:
-    return html.escape("" if x is None else str(x), quote=True)
+    """Text for the page: HTML-escaped, a user's controls and invisible characters shown
+    (:func:`repair.io.visible`)."""
+    from .io import visible
+
+    return html.escape(visible("" if x is None else str(x)), quote=True)
 
 
 def _pct(x: Optional[float]) -> str:
@@ -343,16 +347,26 @@ def summary_table(models: list[dict], mode: str) -> str:
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
+def zoo_summary_line(doc: dict) -> str:
+    """How a zoo went, in words (the HTML report's and the command's summary): a model passed only
+    if it had a gate and met it; one without a gate is counted as such, not as passed."""
+    s = doc["summary"]
+    parts = [f"{s['passed']} passed"] if s["passed"] or not s.get("no_gate") else []
+    parts += ([f"{len(s['failed'])} failed the gate"] if s["failed"] else []) + \
+        ([f"{len(s['no_gate'])} without a gate"] if s.get("no_gate") else []) + \
+        ([f"{len(s['errors'])} could not be run"] if s["errors"] else []) + \
+        ([f"{len(s['pending'])} not run"] if s["pending"] else [])
+    return (f"{s['models']} model{'s' if s['models'] != 1 else ''}: " + ", ".join(parts)
+            + (" — the run was interrupted" if doc.get("interrupted") else ""))
+
+
 def render(doc: dict) -> str:
     """The whole page for a report document (``kind``: ``zoo`` or ``fix``)."""
     models = doc["models"]
     if doc["kind"] == "zoo":
         s = doc["summary"]
         title = f"repair zoo — {Path(doc['manifest']).name} ({doc['mode']})"
-        line = (f"{s['models']} models: {s['passed']} passed" + (f", {len(s['failed'])} failed the gate" if s["failed"] else "")
-                + (f", {len(s['errors'])} errors" if s["errors"] else "")
-                + (f", {len(s['pending'])} not run" if s["pending"] else "")
-                + (" — the run was interrupted" if doc.get("interrupted") else ""))
+        line = zoo_summary_line(doc)
         sub = (f"executor: {_e(doc.get('executor'))}; wall time {doc.get('wall_seconds', 0):.1f}s; "
                f"generated {_e(doc.get('generated'))}")
         head = (f"<h1>{_e(title)}</h1><p class='note'>{sub}</p><p class='summary'>{_e(line)}</p>"

@@ -655,16 +655,45 @@ def support_warnings(strata: Tensor, names: Sequence[str], *, what: str, minimum
     whole = None if among is None else torch.bincount(among.long().cpu(), minlength=len(names)).tolist()
     for i, n in enumerate(counts.tolist()):
         if n == 0 and whole is not None and whole[i] > 0:
-            out.append(f"{what}: group {names[i]} has no samples in it, so no figure speaks for it")
+            out.append(_absent(what, names[i]))
         elif 0 < n < minimum:
-            se = 100 * math.sqrt(0.21 / n)
-            out.append(f"{what}: group {names[i]} has only {n} samples (fewer than {minimum}); its accuracy is "
-                       f"uncertain by about +-{se:.0f} points, so {'the choice' if 'choos' in what else 'the figure'}"
-                       " can be wrong")
+            out.append(_too_few(what, names[i], n, minimum))
     return out
 
 
-__all__ = ["IMBALANCE_THRESHOLD", "group_imbalance", "label_free_criterion", "CRITERIA", "MIN_FOR_CHOICE", "MIN_FOR_REPORT", "support_warnings", "SELECTION_NAMES", "LABEL_FREE_DEFAULT", "Criterion", "stratified_split", "Holdout",
+def _absent(what: str, name: str) -> str:
+    return f"{what}: group {name} has no samples in it, so no figure speaks for it"
+
+
+def _too_few(what: str, name: str, n: int, minimum: int) -> str:
+    se = 100 * math.sqrt(0.21 / n)
+    return (f"{what}: group {name} has only {n} samples (fewer than {minimum}); its accuracy is uncertain by about "
+            f"+-{se:.0f} points, so {'the choice' if 'choos' in what else 'the figure'} can be wrong")
+
+
+def figure_warnings(figures: dict, *, what: str, minimum: int = MIN_FOR_REPORT) -> list[str]:
+    """:func:`support_warnings` for figures already measured (a :func:`repair.metrics.evaluate` result,
+    with ``absent_groups`` where the caller knows them): a group with fewer than ``minimum`` samples,
+    and a group of the data's group column with none (``absent_groups``, or listed with ``n`` 0). Without
+    groups, the inferred groups (``per_inferred_group``) with a few samples: one the data has none of is
+    not a group the figures miss (the original model simply made no such errors there)."""
+    out, seen = [], set()
+    given = figures.get("per_group")
+    for g in (given if given is not None else figures.get("per_inferred_group") or []):
+        n = int(g.get("n") or 0)
+        if 0 < n < minimum:
+            out.append(_too_few(what, g["name"], n, minimum))
+        elif n == 0 and given is not None:
+            out.append(_absent(what, g["name"]))
+            seen.add(g["name"])
+    for name in figures.get("absent_groups") or []:
+        if name not in seen:
+            out.append(_absent(what, name))
+            seen.add(name)
+    return out
+
+
+__all__ = ["IMBALANCE_THRESHOLD", "group_imbalance", "label_free_criterion", "CRITERIA", "MIN_FOR_CHOICE", "MIN_FOR_REPORT", "support_warnings", "figure_warnings", "SELECTION_NAMES", "LABEL_FREE_DEFAULT", "Criterion", "stratified_split", "Holdout",
            "KFold", "Given", "Selection", "kfold_parts", "select_and_refit", "pick_best", "scores_from_preds",
            "head_predictions", "head_logits", "inferred_groups", "inferred_group_names", "group_accuracies",
            "worst_group_accuracy", "MIN_GAIN", "REQUIRED_Z", "required_gain", "score_standard_error",

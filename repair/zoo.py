@@ -1236,7 +1236,7 @@ def _model_entry(e: ZooEntry, rec: Optional[dict], error: Optional[dict], resume
         return model_entry(e.name, rec["result"], gate=e.judge_gate(rec["result"]),
                            seconds=rec.get("seconds"), worker=rec.get("worker"), resumed=resumed, **extra)
     if error is not None:
-        return model_entry(e.name, None, status="error", error=error["error"])
+        return model_entry(e.name, None, status="error", error=error["error"], exit_code=error.get("exit_code", 3))
     return model_entry(e.name, None, status="pending")
 
 
@@ -1244,12 +1244,14 @@ def _document(mpath: Path, o: ZooOptions, executor: str, models: list[dict], int
               seconds: float) -> dict:
     from .report import now
 
-    failed = [m["name"] for m in models if m["status"] == "done" and m["gate"] and not m["gate"]["passed"]]
+    done = [m for m in models if m["status"] == "done"]
+    failed = [m["name"] for m in done if m["gate"] and not m["gate"]["passed"]]
     return {"kind": "zoo", "manifest": str(mpath), "mode": o.mode, "executor": executor, "generated": now(),
             "interrupted": interrupted, "wall_seconds": round(seconds, 3),
             "summary": {"models": len(models),
-                        "finished": sum(m["status"] == "done" for m in models),
-                        "passed": sum(m["status"] == "done" and m["name"] not in failed for m in models),
+                        "finished": len(done),
+                        "passed": sum(bool(m["gate"]) and m["gate"]["passed"] for m in done),
+                        "no_gate": [m["name"] for m in done if not m["gate"]],      # finished, nothing to pass
                         "failed": failed,
                         "errors": [m["name"] for m in models if m["status"] == "error"],
                         "pending": [m["name"] for m in models if m["status"] == "pending"]},

@@ -145,3 +145,23 @@ def test_every_json_document_is_strict_json(capsys):
     emit_json(doc)
     for text in (capsys.readouterr().out, report_json(doc), json_text(doc)):
         assert strict(text) == {"max_abs_diff": None, "bound": {"ratio": None, "worst": [None, 1.5]}, "n": 3}
+
+
+def test_controls_and_invisible_characters_in_a_users_names_are_shown_not_obeyed(tmp_path):
+    """A class or group name holding a bidi override (text that reads otherwise than it is), a
+    zero-width space or a terminal escape reaches the page, stderr and stdout as visible escapes; a
+    --json document still parses to the very same strings."""
+    from conftest import make_timm_folder, run_cli
+
+    evil = "cat\u202e\u200bx\x1b[31m"
+    model = make_timm_folder(tmp_path / "m", classes=[evil, "dog", "fox"])
+    data = make_images(tmp_path / "d", n_per_class=12, classes=[evil, "dog", "fox"], seed=3)
+    code, out, err = run_cli("fix", model, "--data", data, "--group-by", "place", "--recipe", "dfr",
+                             "--out", tmp_path / "o", "--report", tmp_path / "r.html")
+    assert code == 0, err
+    html = (tmp_path / "r.html").read_text()
+    for text in (html, out, err):
+        assert "\u202e" not in text and "\u200b" not in text and "\x1b" not in text
+    assert "cat\\u202e\\u200bx\\u001b[31m" in html and "cat\\u202e\\u200bx\\u001b[31m" in out
+    code, out, err = run_cli("eval", model, "--data", data, "--group-by", "place", "--json")
+    assert code == 0 and "\u202e" not in out and json.loads(out)["per_class"][0]["name"] == evil, err

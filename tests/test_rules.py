@@ -614,3 +614,49 @@ def test_expect_groups_naming_another_column_is_bad_input():
     assert "foo" in str(e.value) and "--expect-groups" in str(e.value)
     assert expected_group_names(fig, "place", ["a|place=land", "b|land"], "--expect-groups") == \
         ["a|place=land", "b|place=land"]
+
+
+# ------------------------------------------------------------------ honest figures on --eval data too
+def test_figures_on_few_or_no_samples_are_flagged_wherever_they_are_measured(tmp_path, timm_folder, image_data):
+    """The held-out part's small groups were always flagged; the same sentence now comes for --eval
+    data (fix), for `repair eval` and for a zoo's eval mode, and a group of the column with no samples
+    there is named (its worst-group figure cannot speak for it)."""
+    from repair.selection import figure_warnings
+
+    ev = make_images(tmp_path / "ev", n_per_class=8, seed=5)                 # 4 samples per class x place
+    table = ev / "metadata.csv"
+    table.write_text("\n".join(l for l in table.read_text().splitlines() if not l.endswith("fox,water")) + "\n")
+    code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--group-by", "place", "--eval", ev,
+                             "--recipe", "dfr", "--out", tmp_path / "o", "--json", "-q")
+    assert code == 0, err
+    ws = json.loads(out)["warnings"]
+    small = [w for w in ws if w.startswith("the reported figures (--eval data): group ") and "only 4 samples" in w]
+    assert len(small) == 5, ws
+    assert "the reported figures (--eval data): group fox|place=water has no samples in it, so no figure speaks " \
+           "for it" in ws and "warning: the reported figures (--eval data): group fox|place=water" in err
+    code, out, err = run_cli("eval", timm_folder, "--data", ev, "--group-by", "place", "--json", "-q")
+    assert code == 0 and len(json.loads(out)["warnings"]) == 6, err
+    assert "warning: the figures: group cat|place=land has only 4 samples (fewer than 10)" in err
+    # the rule itself: a group with 10 samples is fine, label-free figures speak of the inferred groups
+    fig = {"per_group": [{"name": "a", "n": 10}, {"name": "b", "n": 9}, {"name": "c", "n": 0}], "absent_groups": ["d"]}
+    assert [w.split(": group ")[1].split(" ")[0] for w in figure_warnings(fig, what="x")] == ["b", "c", "d"]
+    free = {"per_group": None, "per_inferred_group": [{"name": "a by original", "n": 0}, {"name": "b", "n": 3}]}
+    assert [w.split(": group ")[1].split(" ")[0] for w in figure_warnings(free, what="x")] == ["b"]
+
+
+def test_zoo_exit_code_says_whether_a_model_failed_its_gate_or_could_not_be_run(tmp_path, timm_folder, image_data):
+    m = _zoo(tmp_path, timm_folder, image_data, n=3)
+    broken = tmp_path / "broken"
+    shutil.copytree(timm_folder, broken)
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])                 # passes the manifest check
+    doc = yaml.safe_load(m.read_text())
+    doc["models"][2]["checkpoint"] = str(broken)
+    doc["models"][0]["gate"] = 0
+    m.write_text(yaml.safe_dump(doc))
+    code, out, err = run_cli("zoo", m, "--out-dir", tmp_path / "r", "--json", "-q")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: 1 model(s) could not be run: m2 (exit 2)"), err
+    s = json.loads(out)["summary"]
+    assert s["errors"] == ["m2"] and s["passed"] == 1 and s["no_gate"] == ["m1"], s
+    assert "3 models: 1 passed, 1 without a gate, 1 could not be run" in (tmp_path / "r" / "zoo-report.html").read_text()

@@ -158,7 +158,9 @@ def test_local_fix_gates_report_and_resume(zoo, tmp_path):
     report = tmp_path / "zoo-zoo"
     assert journal_names(report / "journal.jsonl") == ["pass", "fail", "nogate"]
     doc = json.loads((report / "zoo-report.json").read_text())
-    assert doc["summary"]["failed"] == ["fail"] and doc["summary"]["passed"] == 2
+    assert doc["summary"]["failed"] == ["fail"] and doc["summary"]["passed"] == 1    # a model without a gate
+    assert doc["summary"]["no_gate"] == ["nogate"]                                   # did not pass one
+    assert "3 models: 1 passed, 1 failed the gate, 1 without a gate; report" in stdout
     for name in ("pass", "fail", "nogate"):                  # the repaired models are written (gate or not)
         assert (out / name / "model.safetensors").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no staging or temporary leftovers
@@ -174,7 +176,7 @@ def test_local_fix_gates_report_and_resume(zoo, tmp_path):
     # thresholds are not settings: a new gate is applied to the journaled figures, nothing reruns
     path.write_text(path.read_text().replace("gate: 0.9", "gate: 0"))
     code, stdout, err = run_cli("zoo", path, "--json")
-    assert code == 0 and "0 to run" in err and json.loads(stdout)["summary"]["passed"] == 3
+    assert code == 0 and "0 to run" in err and json.loads(stdout)["summary"]["passed"] == 2
     # a changed setting reruns that model; its output exists (ours) so it is replaced
     path.write_text(path.read_text().replace("recipe: neurontune", "recipe: dfr"))
     code, stdout, err = run_cli("zoo", path, "--json", "--force")
