@@ -8,6 +8,7 @@ script and ``CliRunner().invoke(app, ...)`` go through it.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 import traceback
@@ -183,6 +184,10 @@ def command(fn: Callable) -> Callable:
             if _interrupted(e):          # Ctrl-C inside an import or a library that wrapped it
                 log("interrupted; nothing partial was left behind")
                 raise typer.Exit(130)
+            if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+                # a path the user gave that no file system takes, wherever it was first looked up
+                log(f"error: {e.filename}: {e.strerror or 'file name too long'}")
+                raise typer.Exit(2)
             if STATE["debug"]:
                 traceback.print_exc()
             first = str(e).splitlines()[0] if str(e) else ""

@@ -30,6 +30,7 @@ import typer
 
 from repair.config import MAX_SEED
 from repair.errors import BadInput
+from repair.io import parse_json
 
 if TYPE_CHECKING:  # the real classes import torch
     from repair.adapters import LoadOptions
@@ -168,7 +169,7 @@ def _model_args(s: Optional[str]) -> Optional[dict]:
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"--model-args: cannot read the file ({e})", where) from None
     try:
-        obj = json.loads(text)
+        obj = parse_json(text)
     except json.JSONDecodeError as e:
         raise BadInput(f"--model-args is not valid JSON ({e.msg}, column {e.colno})", where) from None
     if where is not None and isinstance(obj, dict) and ("model_args" in obj or "architecture" in obj):

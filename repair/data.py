@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 
 from .errors import BadInput
+from .io import parse_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
@@ -361,11 +362,16 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = parse_json(line)
             except json.JSONDecodeError as e:
                 raise BadInput(f"line {n} is not valid JSON ({e.msg})", path) from None
             if not isinstance(row, dict):
                 raise BadInput(f"line {n} is not a JSON object", path)
+            nested = [k for k, v in row.items() if isinstance(v, (list, dict))]
+            if nested:            # a cell is one value, as in a CSV: a list's text would be a guess
+                kind = "array" if isinstance(row[nested[0]], list) else "object"
+                raise BadInput(f"line {n}: field {nested[0]!r} is a JSON {kind}, not a single value (a text, a "
+                               "label, a group value)", path)
             row = {k: ("" if v is None else str(v)) for k, v in row.items()}
             for k, v in row.items():       # JSON's \ud800 escapes decode to what no UTF-8 text holds
                 try:
@@ -532,12 +538,18 @@ def _table_image(table: Path, root: Path, root_real: Optional[Path], row: int, r
     (symlinks followed) unless ``allow_outside_paths``, and an existing regular file."""
     if not rel.strip():
         raise BadInput(f"row {row} has an empty image path", table)
+    if "\x00" in rel:
+        raise BadInput(f"row {row}: image path {rel!r} holds a NUL byte, which no file name can", table)
     p = Path(rel) if Path(rel).is_absolute() else root / rel
-    real = _real(p, folders)
+    try:
+        found = p.exists() or p.is_symlink()
+        real = _real(p, folders)
+    except OSError as e:                # a name too long for the file system, ...
+        raise BadInput(f"row {row}: image path {rel!r} cannot be looked up ({e.strerror or e})", table) from None
     if not o.allow_outside_paths and not _inside(root_real, real):
         raise BadInput(f"row {row}: image path {rel!r} leads outside the data folder {root} (to "
                        f"{real or p}); move it inside or pass --allow-outside-paths", table)
-    if not p.exists() and not p.is_symlink():
+    if not found:
         raise BadInput(f"row {row}: image {rel!r} listed in {table.name} not found", p)
     if p.is_dir():
         raise BadInput(f"row {row}: image path {rel!r} is a folder, not an image file", table)

@@ -187,7 +187,6 @@ def _write_cache(path: Path, X: torch.Tensor) -> None:
         os.close(fd)
         save_safetensors({"embeddings": X}, tmp, metadata={"repair_version": __version__,
                                                            "sha256": cache_digest(X), "key": path.stem})
-        os.chmod(tmp, 0o666 & ~_umask())     # as any file the user writes (mkstemp makes it 0600)
         os.replace(tmp, path)
         tmp = None
     except OSError as e:  # a read-only or full cache must not fail the command
@@ -199,8 +198,3 @@ def _write_cache(path: Path, X: torch.Tensor) -> None:
             except OSError:
                 pass
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

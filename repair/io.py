@@ -115,6 +115,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         raise
     if metadata:
         _sort_header(Path(path))
+    os.chmod(path, 0o666 & ~current_umask())     # as any file the user writes (safetensors makes it 0600)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _sort_header(path: Path) -> None:
@@ -239,6 +246,16 @@ def user_side(e: BaseException) -> Optional[int]:
     if isinstance(e, OSError) and e.errno in USER_ERRNOS:
         return e.errno
     return None
+
+
+def parse_json(text):
+    """``json.loads`` for a file the user gave: a document nested too deeply to parse is a
+    ``json.JSONDecodeError`` too (Python's parser recurses; a ``RecursionError`` would be an internal
+    error), so every caller's "not valid JSON" covers it."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 
 
 #: characters shown as escapes wherever a user's name (a class, a group value, a file, a model) reaches a

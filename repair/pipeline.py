@@ -204,8 +204,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         inputs = read_inputs(model_path, data_path, data_opts, eval_data=o.eval_data,
                              eval_group_by=o.eval_group_by, resources=o.resources)
     inputs.protected.add_files(recipe.files, "recipe (--recipe)")        # its YAML and plugin files
-    check_cache_dir(inputs.protected, runtime)
     paths = fix_outputs(model_path, out_path, o, inputs, log=log)      # named, apart, replacing no input, writable
+    check_cache_dir(inputs.protected, runtime, paths)
     out_path = paths["--out"]
     resources = dict(inputs.resources)
     if resources and "model" not in recipe.kinds:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .data import DataOptions, RepairData, load_data
 from .errors import BadInput
@@ -94,10 +94,12 @@ def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None) -> 
     return overlap
 
 
-def check_cache_dir(protected: Protected, runtime) -> None:
+def check_cache_dir(protected: Protected, runtime, outputs: Optional[Mapping[str, Path]] = None) -> None:
     """The embedding cache (``--cache-dir``, ``$REPAIR_CACHE_DIR`` or the default) is written to: it
     must not lie inside an input read as a whole (a model folder: the next repair would copy the cache
-    into its output) nor replace one. BadInput naming it; nothing to check with the cache off."""
+    into its output) nor replace one, nor be or lie inside one of the run's ``outputs`` (flag -> path:
+    the output would exist before it is written, and hold the cache). BadInput naming it; nothing to
+    check with the cache off."""
     if runtime is None or not getattr(runtime, "use_cache", True):
         return
     from .embeddings import default_cache_dir
@@ -110,6 +112,11 @@ def check_cache_dir(protected: Protected, runtime) -> None:
             raise BadInput(f"--cache-dir is inside the checkpoint folder of the {what} ({ckpt}): the next "
                            "repair of that folder would copy the cache into its output; choose another "
                            "--cache-dir", folder)
+    for flag, out in (outputs or {}).items():
+        out = Path(out).resolve()
+        if where == out or out in where.parents:
+            raise BadInput(f"--cache-dir is {'the' if where == out else 'inside the'} output of {flag} ({out}): "
+                           "the cache would be written into it; choose another --cache-dir", folder)
 
 
 # ------------------------------------------------------------------ model-repair inputs

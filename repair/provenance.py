@@ -15,6 +15,7 @@ import os
 from typing import Any, Optional
 
 from ._version import __version__
+from .io import parse_json
 
 PREFIX = "repair."
 
@@ -81,7 +82,7 @@ def read(meta: dict[str, str]) -> dict[str, Any]:
         if not k.startswith(PREFIX):
             continue
         try:
-            out[k[len(PREFIX):]] = json.loads(v) if v[:1] in "{[" else v
+            out[k[len(PREFIX):]] = parse_json(v) if v[:1] in "{[" else v
         except json.JSONDecodeError:
             out[k[len(PREFIX):]] = v
     return out

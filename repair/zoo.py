@@ -1045,7 +1045,8 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     journal.check()
     from .preflight import check_cache_dir
 
-    check_cache_dir(manifest.protected, runtime)
+    check_cache_dir(manifest.protected, runtime, {f"row {e.row} ({e.name}) output": e.output
+                                                  for e in manifest.entries} if o.mode == "fix" else None)
     created = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
     lock = _hold_lock(out_dir)                              # one driver per report folder

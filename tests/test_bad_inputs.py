@@ -140,6 +140,43 @@ class Case:
     absent: tuple = ()                   # none of these in the stderr line
 
 
+def head_stored_as(e, dtype: str) -> Path:
+    """A copy of the tiny timm folder whose head bias is stored as ``dtype`` (bool, int64)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = copy_of(e.timm, e.tmp / "model")
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["fc.bias"] = tensors["fc.bias"].to(getattr(torch, dtype))
+    save_file(tensors, str(d / "model.safetensors"))
+    return d
+
+
+def deep_config(e) -> Path:
+    d = copy_of(e.timm, e.tmp / "model")
+    (d / "config.json").write_text('{"a": ' + "[" * 100000 + "]" * 100000 + "}")
+    return d
+
+
+def nul_in_a_path(e) -> Path:
+    d = copy_of(e.images, e.tmp / "data")
+    table = d / "metadata.csv"
+    lines = table.read_text().splitlines()
+    lines[1] = lines[1].replace(".png", "\x00.png", 1)
+    table.write_text("\n".join(lines) + "\n")
+    return d
+
+
+def jsonl_texts(e, first: str) -> Path:
+    """The texts as JSONL, the first line replaced by ``first``."""
+    from conftest import make_texts
+
+    path = make_texts(e.tmp / "t.jsonl", fmt="jsonl")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([first] + lines[1:]) + "\n")
+    return path
+
+
 def one(name: str, fn: Callable) -> Callable:
     return lambda e: {name: fn(e)}
 
@@ -306,6 +343,27 @@ CASES: dict[str, Case] = {
                                 lambda e: {"z": zoo_manifest(e, {"data": str(copy_of(e.images, e.tmp / "data")),
                                                                  "output": "data"})}),
     "zoo: --mode foo": Case([ZOO, "{z}", "--mode", "foo"], ("--mode", "'foo'"), lambda e: {"z": zoo_manifest(e, {})}),
+    # ---- found by an audit: each gave exit 3 or wrote a broken model
+    "eval: head bias stored as bool": Case([EVAL, "{model}", "--data", "{images}"],
+                                           ("model.safetensors", "'fc.bias' is stored as bool", "floating-point"),
+                                           lambda e: {"model": head_stored_as(e, "bool")}),
+    "fix: head bias stored as int64": Case([FIX, "{model}", "--data", "{images}", "--out", "{out}/fixed"],
+                                           ("'fc.bias' is stored as int64",), lambda e: {"model": head_stored_as(e, "int64")}),
+    "eval: config.json nested too deeply": Case([EVAL, "{model}", "--data", "{images}"],
+                                                ("config.json", "not valid JSON", "nested too deeply"),
+                                                one("model", deep_config)),
+    "eval: a JSONL line nested too deeply": Case([EVAL, "{bert}", "--data", "{t}"], ("t.jsonl", "line 1", "nested too deeply"),
+                                                 lambda e: {"t": jsonl_texts(e, '{"text": ' + "[" * 100000 + "]" * 100000
+                                                                             + ', "label": "positive"}')}),
+    "eval: a JSONL text that is an array": Case([EVAL, "{bert}", "--data", "{t}"], ("t.jsonl", "line 1", "'text'", "array"),
+                                                lambda e: {"t": jsonl_texts(e, '{"text": ["good", "movie"], '
+                                                                               '"label": "positive"}')}),
+    "eval: NUL in a metadata.csv path": Case([EVAL, "{timm}", "--data", "{d}"], ("metadata.csv", "row 1", "NUL byte"),
+                                             one("d", nul_in_a_path)),
+    "eval: a --data name too long": Case([EVAL, "{timm}", "--data", "{tmp}/" + "a" * 300], ("a" * 300,)),
+    "eval: --model-args of the wrong type": Case([EVAL, *M_I, "--model-args", '{{"drop_rate": "x"}}', "--no-cache"],
+                                                 ("--model-args", "drop_rate='x'", "float")),
+    "fix: --cache-dir is --out": Case([*FIX_OUT, "--cache-dir", "{out}/fixed"], ("--cache-dir", "--out")),
 }
 
 
@@ -343,11 +401,18 @@ def ours(p: Path) -> bool:
     return not str(p).startswith(SPECIAL)
 
 
+def exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:                                  # a name too long to look up
+        return False
+
+
 def watched(e: Env, args: list[str]) -> tuple[list[Path], list[Path]]:
     """(inputs: every existing path argument, the fixtures and the case's folder; the folders the
     outputs would go in)."""
     inputs = {e.tmp, e.timm, e.images, e.bert, e.texts}
-    inputs |= {Path(a) for a in args if a.startswith("/") and ours(Path(a)) and Path(a).exists()}
+    inputs |= {Path(a) for a in args if a.startswith("/") and ours(Path(a)) and exists(Path(a))}
     outs = [Path(args[i + 1]) for i, a in enumerate(args[:-1]) if a in OUTPUT_FLAGS]
     if args[0] in (FIX, EXPORT) and not any(a in ("--out", "-o") for a in args):
         outs.append(Path(args[1]))                  # the default output goes beside the model

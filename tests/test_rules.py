@@ -660,3 +660,19 @@ def test_zoo_exit_code_says_whether_a_model_failed_its_gate_or_could_not_be_run(
     s = json.loads(out)["summary"]
     assert s["errors"] == ["m2"] and s["passed"] == 1 and s["no_gate"] == ["m1"], s
     assert "3 models: 1 passed, 1 without a gate, 1 could not be run" in (tmp_path / "r" / "zoo-report.html").read_text()
+
+
+def test_written_weights_get_the_users_usual_permissions(tmp_path, timm_folder, image_data):
+    """safetensors writes its files 0600; an output (and a cache entry) is any file the user writes:
+    0666 less the umask, as the ONNX file beside it."""
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli("fix", timm_folder / "model.safetensors", "--data", image_data, "--recipe", "dfr",
+                               "--out", tmp_path / "x.safetensors", "--cache-dir", tmp_path / "cache", "-q")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    entries = list((tmp_path / "cache").glob("*.safetensors"))
+    assert entries, "no cache entry written"
+    for p in [tmp_path / "x.safetensors", *entries]:
+        assert oct(p.stat().st_mode & 0o777) == oct(0o644), p

@@ -24,7 +24,7 @@ from torch import nn
 from .. import provenance
 from ..data import DEFAULT_MAX_PIXELS, open_regular
 from ..errors import BadInput, RepairError
-from ..io import load_state_dict_file, save_safetensors, sha256_file  # noqa: F401  (sha256_file: re-exported)
+from ..io import load_state_dict_file, parse_json, save_safetensors, sha256_file  # noqa: F401  (sha256_file: re-exported)
 from .text import tokenizer_input_names
 
 
@@ -401,6 +401,19 @@ def read_tensors(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
     return {n: tensors[n] for n in names}
 
 
+def check_kinds(own: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], where) -> None:
+    """:class:`BadInput` naming the first tensor the file stores as integers or booleans where the
+    model's is floating-point (a head stored as int64 or bool): loaded, its values would be cast, and
+    the repaired values written back in the file's type would be truncated or turned to True/False."""
+    for name, t in tensors.items():
+        mine = own.get(name)
+        if isinstance(t, torch.Tensor) and isinstance(mine, torch.Tensor) and mine.is_floating_point() \
+                and not t.is_floating_point():
+            raise BadInput(f"tensor {name!r} is stored as {str(t.dtype).replace('torch.', '')}, the model's is "
+                           f"floating-point ({str(mine.dtype).replace('torch.', '')}): its values would not survive "
+                           "loading and repair", where)
+
+
 def check_finite(tensors: Mapping[str, torch.Tensor], where) -> None:
     """:class:`BadInput` naming the first tensor holding NaN or infinite values (any floating
     parameter or buffer) and ``where`` (the weights file): such a model's figures are meaningless
@@ -520,7 +533,7 @@ def read_json(path: Path) -> dict:
         raise BadInput("is a folder, not a JSON file", path)
     try:
         with open_regular(path, "JSON") as f:
-            data = json.loads(f.read().decode("utf-8"))
+            data = parse_json(f.read().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"not valid JSON ({e})", path) from None
     except OSError as e:              # a read error after opening

@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import BadInput
 from ..io import load_safetensors
 from . import LoadOptions, checked_class_names, register_family
-from .base import TorchModelAdapter, check_finite, check_model_folder, read_json
+from .base import TorchModelAdapter, check_finite, check_kinds, check_model_folder, read_json
 from .text import (collate_texts, first_line, load_tokenizer, offline, quiet_transformers, resolve_max_length,
                    tokenizer_preprocess_id)
 from .torch_module import module_name
@@ -134,6 +134,7 @@ class HFTextAdapter(TorchModelAdapter):
                 raise BadInput(f"tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, the folder's model "
                                f"expects {tuple(own_sd[bad[0]].shape)}", weights)
             model.load_state_dict(tensors, strict=False)
+        check_kinds(model.state_dict(), tensors, weights)
         self.tokenizer = load_tokenizer(path, problem)
         check_vocabulary(self.tokenizer, model, path)
         self.model = model.eval()

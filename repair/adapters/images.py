@@ -13,6 +13,7 @@ import torch
 
 from ..data import DEFAULT_MAX_PIXELS, open_regular, read_image
 from ..errors import BadInput
+from ..io import parse_json
 
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 PREPROCESS_FILE = "preprocess.json"
@@ -103,7 +104,7 @@ def image_config_from_options(size: Optional[int], mean: Optional[Sequence[float
     if json_path is not None and Path(json_path).exists():
         try:
             with open_regular(json_path, "preprocessing file") as f:
-                cfg = json.loads(f.read().decode("utf-8"))
+                cfg = parse_json(f.read().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadInput(f"not valid JSON ({e})", json_path) from None
         if not isinstance(cfg, dict):

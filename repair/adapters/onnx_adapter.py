@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInput, RepairError
+from ..io import parse_json
 from . import LoadOptions, checked_class_names, register_family
 from .base import Adapter, read_json
 from .images import PREPROCESS_FILE, ImageCollate, image_config_from_options, resolve_image_config
@@ -97,7 +98,7 @@ class OnnxAdapter(Adapter):
             for key in ("class_names", "label_names"):
                 if key in self._source_metadata:
                     try:
-                        val = json.loads(self._source_metadata[key])
+                        val = parse_json(self._source_metadata[key])
                     except json.JSONDecodeError:
                         raise BadInput(f"metadata {key} is not a JSON list", self.source) from None
                     if not isinstance(val, list):

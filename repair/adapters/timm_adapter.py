@@ -47,6 +47,36 @@ def _check_model_args(args: dict, what: str, where: Optional[Path]) -> None:
                            "file or the network; the weights are the checkpoint's own", where)
 
 
+def _check_arg_types(model, args: dict, where: Optional[Path], what: str, arch: str) -> None:
+    """:class:`BadInput` for an argument whose value is not of the kind the architecture takes
+    (``drop_rate: "x"``): timm builds the model with it and fails only in the forward pass. A parameter
+    annotated plainly ``int`` / ``float`` / ``bool`` takes only those (an int for a float); one with a
+    number or bool default and another annotation (``img_size: int | tuple``) refuses only a text;
+    the rest (no default, ``**kwargs``) is left to the constructor."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in args.items():
+        if key not in params:
+            continue
+        default, note = params[key].default, params[key].annotation
+        note = getattr(note, "__name__", note) if isinstance(note, type) else str(note)
+        kinds = {"bool": (bool,), "int": (int,), "float": (int, float)}.get(note)
+        if kinds is not None:
+            ok = isinstance(value, kinds) and (note == "bool" or not isinstance(value, bool))
+        elif isinstance(default, (bool, int, float)):
+            ok = not isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            kind = note if kinds is not None else type(default).__name__
+            raise BadInput(f"{what} {key}={value!r} does not fit {arch}: it takes {kind} values (default "
+                           f"{default!r})", where)
+
+
 def save_timm_folder(model, folder: Path, *, label_names: Sequence[str], data_config: dict, model_args: dict,
                      pretrained_cfg: Optional[dict] = None) -> dict:
     """Write ``model`` as a timm hub folder (``config.json`` + ``model.safetensors``, timm's
@@ -156,6 +186,8 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
             raise BadInput(f"model_args do not fit {arch} ({why})", args_from) from None
         raise BadInput(f"--model-args do not fit {arch} ({why})" if args_from else
                        f"cannot build {arch} ({why})", None if args_from else weights) from None
+    _check_arg_types(model, model_args, args_from if isinstance(args_from, Path) else None,
+                     "model_args" if isinstance(args_from, Path) and args_file is None else "--model-args", arch)
     head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
     if not isinstance(head, nn.Module):       # features_only=True, a distilled model's two heads
         raise BadInput(f"{arch} built with these model_args has no single classifier head",

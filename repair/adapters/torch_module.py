@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from .base import TorchModelAdapter, check_finite
+from .base import TorchModelAdapter, check_finite, check_kinds
 from .images import ImageCollate
 
 
@@ -58,6 +58,7 @@ def load_weights_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path
         if tuple(v.shape) != tuple(tensors[k].shape):
             raise BadInput(f"tensor {k} has shape {tuple(tensors[k].shape)}, the architecture "
                            f"expects {tuple(v.shape)}" + HINT, path)
+    check_kinds(own, tensors, path)
     model.load_state_dict({k: tensors[k] for k in own}, strict=True)
     w = model.get_submodule(head_name).weight
     if not torch.equal(w.detach().cpu().to(tensors[f"{head_name}.weight"].dtype), tensors[f"{head_name}.weight"]):
