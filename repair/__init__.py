@@ -35,7 +35,9 @@ def evaluate(model, data, *, group_by=None, load_options=None, data_options=None
     from .api import evaluate_model
     from .data import DataOptions
 
-    opts = data_options or DataOptions()
+    from .rules import check_options
+
+    opts = check_options(data_options, DataOptions, "data_options") or DataOptions()
     if group_by is not None:
         opts = dataclasses.replace(opts, group_by=group_by)
     return evaluate_model(model, data, load_options, opts, runtime)
@@ -58,6 +60,9 @@ def fix(model, data, out=None, *, recipe: str = "auto", seed: int = 0, group_by=
     from .data import DataOptions
     from .pipeline import FixOptions, fix_model
 
+    from .rules import check_options
+
+    options = check_options(options, FixOptions, "options")
     given = {"recipe": recipe, "seed": seed, "eval_data": None if eval_data is None else str(eval_data)}
     if options is None:
         o = FixOptions(**given)
@@ -70,7 +75,9 @@ def fix(model, data, out=None, *, recipe: str = "auto", seed: int = 0, group_by=
             raise BadInput(f"repair.fix: {', '.join(clash)} given both as an argument and in options "
                            f"(FixOptions) with other values; give it in one place")
         o = options
-    opts = data_options or DataOptions()
+    from .rules import check_options as checked
+
+    opts = checked(data_options, DataOptions, "data_options") or DataOptions()
     if group_by is not None:
         opts = dataclasses.replace(opts, group_by=group_by)
     kw = {} if log is None else {"log": log}

@@ -48,9 +48,14 @@ def prepare_data(adapter: Adapter, data_path, data_opts: DataOptions, runtime: R
 
 def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
             data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None) -> Prepared:
-    runtime = runtime or RuntimeOptions()
+    from .rules import check_options, model_arg
+
+    load_opts = check_options(load_opts, LoadOptions, "load_options")
+    data_opts = check_options(data_opts, DataOptions, "data_options")
+    runtime = check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions()
     # a model already loaded (repair.load_model) is used as it is, as export_model and verify_model do
-    adapter = model_path if isinstance(model_path, Adapter) else load_model(model_path, load_opts)
+    model = model_arg(model_path)
+    adapter = model if isinstance(model, Adapter) else load_model(model, load_opts)
     data, enc, emb = prepare_data(adapter, data_path, data_opts or DataOptions(), runtime)
     return Prepared(adapter, data, enc, emb)
 

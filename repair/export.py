@@ -68,7 +68,7 @@ from torch import nn
 from .adapters.base import Adapter
 from .errors import BadInput, GateFailed, RepairError
 from .io import atomic_output
-from .rules import EXPORTERS, check_export_options, check_tolerance  # noqa: F401  (the one home of these checks)
+from .rules import DYNAMO_MIN_OPSET, EXPORTERS, check_export_options, check_tolerance  # noqa: F401  (the one home of these checks)
 
 EXPORT_BATCH = 2          # example batch size the exporter traces with
 VERIFY_BATCH = 32         # verification batch size (never EXPORT_BATCH)
@@ -214,6 +214,10 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
     modes = [(m, m.training) for m in model.modules()]     # the caller's module is left as it was given
     wrapper.eval()
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    if opset is not None and opset < DYNAMO_MIN_OPSET and exporter == "auto":
+        order = ["torchscript"]
+        _log(progress, f"--opset {opset} is below {DYNAMO_MIN_OPSET}, the oldest torch's current exporter writes: "
+                       "using its TorchScript exporter")
     errors = []
     dev = _model_device(model)
     model.to("cpu").eval()
@@ -241,6 +245,8 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
                                           opset_version=opset or 17, dynamo=False, dynamic_axes=axes,
                                           do_constant_folding=True)
                         proto = onnx.load_from_string(buf.getvalue())
+                if opset is not None and _opset(proto) != opset:
+                    raise RuntimeError(f"it wrote opset {_opset(proto)}, not the {opset} asked for")
                 return proto, kind, names
             except Exception as e:  # try the next exporter; report all if none works
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -358,11 +364,13 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                      expected_outputs: Optional[Sequence[str]] = None,
                      head_check: bool = False, own_file: bool = False, progress=None,
                      reference_logits: Optional[torch.Tensor] = None,
-                     bound: Optional[Bound] = None) -> dict:
+                     bound: Optional[Bound] = None, logits_output: Optional[str] = None) -> dict:
     """The check itself: onnxruntime on ``onnx_path`` vs ``reference.logits_batch`` (or
     ``reference_logits``, row i for ``items[i]``), batched as ``verify_batches`` says, one
     session with as many intra-op threads as torch uses. ``tolerance``: a user's absolute
-    max |diff| (``None``: ``DEFAULT_BOUND``); ``bound`` overrides both."""
+    max |diff| (``None``: ``DEFAULT_BOUND``); ``bound`` overrides both. The logits are the output
+    ``logits_output`` (an ONNX reference's: the one its adapter reads) when the file has it, else
+    ``logits``, else the only output."""
     from .adapters.onnx_runtime import make_session, run_session, session_feeds
     from .embeddings import resolve_device
 
@@ -385,9 +393,10 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
     problems: list[str] = []
     if expected_outputs is not None and out_names != list(expected_outputs):
         problems.append(f"outputs are {out_names}, expected {list(expected_outputs)}")
-    logits_name = "logits" if "logits" in out_names else (out_names[0] if len(out_names) == 1 else None)
+    named = [n for n in (logits_output, "logits") if n is not None and n in out_names]
+    logits_name = named[0] if named else (out_names[0] if len(out_names) == 1 else None)
     if logits_name is None:
-        problems.append(f"no 'logits' output among {out_names}")
+        problems.append(f"no {logits_output or 'logits'!r} output among {out_names}")
     dev = resolve_device(device)
     reference.to(dev)
     batches = verify_batches(reference, items)
@@ -504,9 +513,10 @@ def verify_onnx(onnx_path, reference_adapter: Adapter, items: Sequence[Any], *,
         raise BadInput("ONNX model not found", onnx_path)
     _log(progress, f"verifying {onnx_path.name} on {len(items)} samples")
     # an ONNX reference also checks embeddings @ W.T + b (original graph, new head) vs the file
+    native = reference_adapter.exports_onnx_natively
     report = run_verification(onnx_path, reference_adapter, items, tolerance=tolerance, device=device,
-                              head_check=reference_adapter.exports_onnx_natively,
-                              progress=progress)
+                              head_check=native, progress=progress,
+                              logits_output=reference_adapter.logits_name if native else None)
     report["reference"] = {"family": reference_adapter.family, "source": reference_adapter.source.name}
     if check and not report["passed"]:
         raise _fail(report, "ONNX verification failed")
@@ -567,6 +577,9 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
             _log(progress, "writing the repaired ONNX graph")
             proto = adapter.export_proto(dict(metadata))
             used, input_names, export_batch = "graph-edit", list(adapter.input_names), None
+            if opset is not None and opset != _opset(proto):
+                _log(progress, f"notice: --opset {opset} does not apply to an ONNX model: its graph is edited in "
+                               f"place and keeps opset {_opset(proto)}")
         else:
             _log(progress, f"exporting {adapter.family} model to ONNX")
             example = _example_batch(adapter, items)
@@ -586,6 +599,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
         _log(progress, f"verifying with onnxruntime on {len(items)} samples")
         report = run_verification(tmp, adapter, items, bound=bound, device=device,
                                   expected_outputs=None if native else ["logits"],
+                                  logits_output=adapter.logits_name if native else None,
                                   head_check=native, own_file=True, progress=progress,
                                   reference_logits=reference_logits)
         report.update({

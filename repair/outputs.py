@@ -188,15 +188,22 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
     from .data import RepairData, load_data
     from .rules import Protected, check_export_options, check_format, check_writable, export_output
 
+    from .adapters import LoadOptions
+    from .data import DataOptions
+    from .io import as_path
+    from .rules import check_max_verify, check_options, model_arg
+
     fmt = check_format(format)
     check_device(device)
-    adapter = None if isinstance(model, (str, Path)) else model
-    model_path = Path(model) if adapter is None else Path(adapter.source)
+    model = model_arg(model)
+    adapter = None if isinstance(model, Path) else model
+    model_path = model if adapter is None else Path(adapter.source)
     if adapter is None and not model_path.exists():
         raise BadInput("model not found", model_path)
-    if isinstance(max_verify, bool) or not isinstance(max_verify, int) or max_verify < 1:
-        raise BadInput(f"--max-verify must be a whole number >= 1, got {max_verify!r}")
-    out = export_output(model_path, fmt, out)
+    check_max_verify(max_verify)
+    load_options = check_options(load_options, LoadOptions, "load_options")
+    data_options = check_options(data_options, DataOptions, "data_options")
+    out = export_output(model_path, fmt, None if out is None else as_path(out, "the output (--out)"))
     loaded = None
     protected = Protected()
     if fmt == "onnx":
@@ -282,19 +289,28 @@ def verify_model(onnx_path, reference, data, *, load_options=None, data_options=
     from .export import pick_verify_items, verify_onnx
     from .rules import check_tolerance
 
-    onnx_path = Path(onnx_path)
+    from .adapters import LoadOptions
+    from .data import DataOptions
+    from .io import as_path
+    from .rules import check_max_verify, check_options, model_arg
+
+    onnx_path = as_path(onnx_path, "the ONNX model")
     if onnx_path.suffix.lower() != ".onnx":
         raise BadInput("expected an .onnx file", onnx_path)
     if not onnx_path.is_file():
         raise BadInput("ONNX model not found" if not onnx_path.exists() else "expected an .onnx file, got a folder",
                        onnx_path)
-    if isinstance(reference, (str, Path)) and not Path(reference).exists():
+    reference = model_arg(reference, "the reference model (--reference)")
+    if isinstance(reference, Path) and not reference.exists():
         raise BadInput("reference model not found", reference)
+    check_max_verify(max_verify)
+    load_options = check_options(load_options, LoadOptions, "load_options")
+    data_options = check_options(data_options, DataOptions, "data_options")
     loaded = data if isinstance(data, RepairData) else load_data(data, data_options)
     if tolerance is not None:
         check_tolerance(tolerance)
     check_device(device)
-    ref = load_model(reference, load_options) if isinstance(reference, (str, Path)) else reference
+    ref = load_model(reference, load_options) if isinstance(reference, Path) else reference
     check_modality(ref, loaded)
     with _as_deployed(ref, loaded):
         items = pick_verify_items(loaded.items, max_verify)

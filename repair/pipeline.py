@@ -192,12 +192,17 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     :class:`repair.data.RepairData` already read) and write it to ``out_path`` (default: beside
     the model). ``inputs``: what :func:`repair.preflight.read_inputs` already read (the CLI reads
     before loading torch). Every input is read once and the model loaded once."""
-    from .io import scratch_dir
+    from .io import as_path, scratch_dir
+    from .rules import check_options, model_arg
 
     t_start = time.perf_counter()
-    o = options or FixOptions()
-    runtime = runtime or RuntimeOptions()
-    data_opts = data_opts or DataOptions()
+    model_path = model_arg(model_path, loaded=False)
+    if out_path is not None:
+        out_path = as_path(out_path, "the output (--out)")
+    load_opts = check_options(load_opts, LoadOptions, "load_options")
+    o = check_options(options, FixOptions, "options") or FixOptions()
+    runtime = check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions()
+    data_opts = check_options(data_opts, DataOptions, "data_options") or DataOptions()
     recipe = _load_recipe(o)
     budget = _budget_cls().parse(o.budget)
     if inputs is None:

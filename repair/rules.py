@@ -251,6 +251,42 @@ def check_tolerance(tol: Any) -> float:
     return t
 
 
+# ------------------------------------------------------------------ the library's arguments
+def check_options(value, cls: type, name: str):
+    """``value`` if it is a ``cls`` (``LoadOptions``, ``DataOptions``, ``RuntimeOptions``,
+    ``FixOptions``) or None, else :class:`BadInput` naming the argument: the one check of an options
+    argument of the public functions (a dict there would fail later as an AttributeError)."""
+    if value is None or isinstance(value, cls):
+        return value
+    raise BadInput(f"{name} must be a {cls.__name__} (or None), got {type(value).__name__}")
+
+
+def model_arg(value, what: str = "the model", *, loaded: bool = True):
+    """A model argument of the public functions: an :class:`repair.adapters.Adapter` already loaded
+    (where ``loaded``) or a path; else :class:`BadInput` naming ``what``."""
+    from .adapters.base import Adapter
+    from .io import as_path
+
+    if isinstance(value, Adapter):
+        if loaded:
+            return value
+        raise BadInput(f"{what} must be a checkpoint path: a model already loaded cannot be repaired and written "
+                       f"back in its own format (give the path it was loaded from, {value.source})")
+    return as_path(value, what)
+
+
+def check_max_verify(n) -> int:
+    """How many samples an ONNX file is verified on (``--max-verify``): a whole number >= 1."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BadInput(f"--max-verify must be a whole number >= 1, got {n!r}")
+    return n
+
+
+#: the oldest opset torch's current (dynamo) exporter writes; below it torch exports opset 18 and tries a
+#: version conversion that often fails (the file then stays at 18): older opsets take the TorchScript exporter
+DYNAMO_MIN_OPSET = 18
+
+
 def check_export_options(opset: Optional[int] = None, exporter: str = "auto",
                          tolerance: Optional[float] = None) -> None:
     """The exporter options, checked before any work: a known exporter that is installed, an
@@ -279,6 +315,9 @@ def check_export_options(opset: Optional[int] = None, exporter: str = "auto",
     hi = min(hi_dynamo if dynamo and exporter != "torchscript" else hi_ts, onnx.defs.onnx_opset_version())
     if not lo <= opset <= hi:
         raise BadInput(f"--opset must be from {lo} to {hi} (what the installed exporter writes), got {opset}")
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise BadInput(f"--opset {opset}: --exporter dynamo writes opset {DYNAMO_MIN_OPSET} and above; for an older "
+                       "opset use --exporter torchscript (or auto)")
 
 
 # ------------------------------------------------------------------ gates

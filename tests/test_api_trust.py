@@ -2,6 +2,8 @@
 an adapter's settings), an argument never dropped silently, bad arrays refused by name."""
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 import pytest
@@ -160,3 +162,34 @@ def test_the_top_level_api_refuses_what_is_not_a_path_and_takes_a_loaded_model(t
     with pytest.raises(BadInput) as e:
         load_recipe(r)
     assert "decimal point" in str(e.value)
+
+
+def test_the_library_refuses_what_is_not_an_argument_of_its_kind_by_name(tmp_path):
+    """Found by an audit: a dict for options, a number for a path, None for a reference gave
+    AttributeError / TypeError; a model loaded from a relative path broke after os.chdir."""
+    import repair
+    from repair.errors import BadInput
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=4)
+    cases = [(lambda: repair.fix(None, data, tmp_path / "o"), "the model must be a path"),
+             (lambda: repair.fix(repair.load_model(m), data, tmp_path / "o"), "a model already loaded cannot"),
+             (lambda: repair.fix(m, data, out=5), "the output (--out) must be a path"),
+             (lambda: repair.fix(m, data, tmp_path / "o", options={"recipe": "dfr"}), "options must be a FixOptions"),
+             (lambda: repair.evaluate(m, data, load_options={"image_size": 32}), "load_options must be a LoadOptions"),
+             (lambda: repair.evaluate(m, data, runtime="cpu"), "runtime must be a RuntimeOptions"),
+             (lambda: repair.export_model(m, 5, data=data), "the output (--out) must be a path"),
+             (lambda: repair.verify_model(None, m, data), "the ONNX model must be a path"),
+             (lambda: repair.export_model(m, tmp_path / "x.onnx", data=data, max_verify=0), "--max-verify")]
+    for call, words in cases:
+        with pytest.raises(BadInput, match=re.escape(words)):
+            call()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x.onnx").exists()
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        a = repair.load_model("m")
+        os.chdir(data)
+        assert repair.evaluate(a, data)["n"] == 12
+    finally:
+        os.chdir(here)

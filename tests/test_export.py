@@ -570,3 +570,80 @@ def test_a_fixed_batch_onnx_model_runs_on_any_number_of_samples(tmp_path):
         ref = m(x).numpy()
     assert got.shape == (5, 3)
     assert_within_bound(got, ref)
+
+
+# ------------------------------------------------------------------ found by an audit
+def test_an_opset_below_the_current_exporters_is_written_as_asked_or_refused(timm_folder, items, tmp_path):
+    """Torch's current exporter writes opset 18 and above; asked for less it wrote 18 and printed a
+    traceback. Now `auto` uses the TorchScript exporter for it (the file has the opset asked for),
+    and `--exporter dynamo` with it is refused before any work."""
+    a = load_model(timm_folder)
+    rep = export_onnx(a, tmp_path / "m.onnx", metadata=meta_for(a), verify_items=items[:8], opset=13)
+    assert rep["passed"] and rep["opset"] == 13 and rep["exporter"] == "torchscript"
+    assert [o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import if o.domain in ("", "ai.onnx")] == [13]
+    code, _, err = run_cli("export", timm_folder, "--data", items[0].parent.parent, "--out", tmp_path / "d.onnx",
+                           "--opset", "13", "--exporter", "dynamo")
+    assert code == 2 and "--exporter dynamo writes opset 18" in err and not (tmp_path / "d.onnx").exists(), err
+
+
+def test_an_onnx_model_with_a_second_output_is_verified_on_the_output_it_is_read_by(deployed_onnx, image_data,
+                                                                                  tmp_path):
+    """`fix --export onnx` on an ONNX model whose first output is the logits and a second one the
+    probabilities: verified on the output the adapter reads (it failed after all the work, exit 1)."""
+    proto = onnx.load(str(deployed_onnx))
+    proto.graph.node.append(helper.make_node("Softmax", ["output"], ["probs"], axis=1))
+    proto.graph.output.append(helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["n", 3]))
+    onnx.save(proto, str(tmp_path / "two.onnx"))
+    table = (image_data / "metadata.csv").read_text()
+    for i, c in enumerate(CLASSES):
+        table = table.replace(f",{c},", f",{i},")
+    data = shutil.copytree(image_data, tmp_path / "data")
+    (data / "by-index.csv").write_text(table)
+    code, out, err = run_cli("fix", tmp_path / "two.onnx", "--data", data / "by-index.csv", "--image-size", "32",
+                             "--recipe", "dfr", "--out", tmp_path / "fixed.onnx", "--export", "onnx", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["export"]["passed"]
+    code, _, err = run_cli("export", tmp_path / "two.onnx", "--data", data / "by-index.csv", "--image-size", "32",
+                           "--out", tmp_path / "again.onnx", "--opset", "13")
+    assert code == 0 and "notice: --opset 13 does not apply to an ONNX model" in err, err
+
+
+def test_a_text_onnx_with_a_fixed_sequence_length_verifies_and_with_other_input_names_is_text(
+        bert_folder, text_data, tmp_path):
+    import warnings
+
+    from repair.adapters import load_model as load
+
+    a = load(bert_folder)
+    texts = load_data(text_data).items
+    enc = a.collate(texts[:2])
+    fixed = {k: torch.nn.functional.pad(v, (0, 16 - v.shape[1])) for k, v in enc.items()}
+    folder = tmp_path / "static"
+    folder.mkdir()
+    for f in bert_folder.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(a.model).eval(), tuple(fixed[n] for n in names), str(folder / "model.onnx"),
+                          input_names=names, output_names=["logits"], dynamo=False, opset_version=17)
+    code, _, err = run_cli("verify", folder / "model.onnx", "--reference", bert_folder, "--data", text_data)
+    assert code == 0, err                       # texts of any length fit the 16 fixed positions
+    proto = onnx.load(str(folder / "model.onnx"))
+    for i, n in zip(proto.graph.input, ["ids", "mask", "types"]):
+        for node in proto.graph.node:
+            node.input[:] = [n if x == i.name else x for x in node.input]
+        i.name = n
+    onnx.save(proto, str(folder / "renamed.onnx"))
+    code, _, err = run_cli("eval", folder / "renamed.onnx", "--data", text_data, "--class-names", "negative,positive")
+    assert code == 2 and "needs input 'ids'" in err and "image" not in err, err

@@ -141,6 +141,7 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
         raise BadInput("model not found", path)
     if not path.is_file() and not path.is_dir():
         raise BadInput("expected a checkpoint file or folder, got a device or other special file", path)
+    path = path.absolute()        # a loaded model keeps working after the caller changes folder
     for fam in list_families():
         if fam.detect(path, o):
             if o.model_args is not None and not fam.model_args:

@@ -74,7 +74,10 @@ class OnnxAdapter(Adapter):
         self._sessions: dict = {}
         self._edited = None            # the graph with the current head written in (cached)
         C = int(self._W0.shape[0])
-        self.modality = "text" if any(n == "input_ids" for n, _ in self._inputs) else "image"
+        # a text graph takes token ids (integers, however its inputs are named); an image graph floats
+        ints = {i.name for i in proto.graph.input
+                if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
+        self.modality = "text" if any(n == "input_ids" or n in ints for n, _ in self._inputs) else "image"
         self.class_names = self._class_names(class_names, C)
         self.max_length: Optional[int] = None
         self._fixed_seq: Optional[int] = None

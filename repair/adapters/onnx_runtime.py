@@ -91,7 +91,7 @@ def session_feeds(session, batch: Any, where: Optional[Path] = None) -> dict[str
             else:
                 raise BadInput(f"the ONNX model needs input {inp.name!r}, which the preprocessing does "
                                f"not produce (it gives {', '.join(batch)})", where)
-            feeds[inp.name] = arr
+            feeds[inp.name] = _to_fixed_length(arr, inp, where)
     else:
         if len(inputs) != 1:
             raise BadInput(f"the ONNX model takes {len(inputs)} inputs "
@@ -102,6 +102,21 @@ def session_feeds(session, batch: Any, where: Optional[Path] = None) -> dict[str
         if dt is not None and feeds[inp.name].dtype != dt:
             feeds[inp.name] = feeds[inp.name].astype(dt)
     return feeds
+
+
+def _to_fixed_length(arr: np.ndarray, inp, where: Optional[Path]) -> np.ndarray:
+    """A text batch padded on the right to a graph's fixed sequence length (zeros: the attention mask
+    then hides the added positions, whatever their token ids), so a batch padded to its own longest
+    text runs on a graph exported without a dynamic sequence axis. Longer than that length is
+    :class:`BadInput`: the graph cannot see those tokens."""
+    shape = getattr(inp, "shape", None) or []
+    if arr.ndim != 2 or len(shape) != 2 or not isinstance(shape[1], int) or shape[1] <= 0 or arr.shape[1] == shape[1]:
+        return arr
+    fixed = shape[1]
+    if arr.shape[1] > fixed:
+        raise BadInput(f"the ONNX model's input {inp.name!r} takes exactly {fixed} tokens, but these texts need "
+                       f"{arr.shape[1]}: give texts that fit, or export with a dynamic sequence axis", where)
+    return np.pad(arr, ((0, 0), (0, fixed - arr.shape[1])))
 
 
 def run_session(session, feeds: dict[str, np.ndarray], output_names: Optional[Sequence[str]] = None) -> list:
