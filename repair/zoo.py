@@ -16,7 +16,9 @@ The manifest (YAML, or CSV with one header row) holds one row per model; keys ar
          eval: zoo/demo-s0/data/test}
       - ...
 
-CSV: the columns are field names; ``# key: value`` lines before the header are the defaults.
+CSV: the columns are field names; ``# key: value`` lines before the header (a field name in lower
+case, as the columns are: a misspelt one is an error, not a comment) are the defaults; other ``#``
+lines (``# Note: ...``) are comments.
 
 Everything is validated before any model is touched (paths exist, data columns exist, recipes
 load through :func:`repair.recipes.load_recipe`, thresholds are numbers in range, names and
@@ -119,6 +121,11 @@ class ZooEntry:
     export: Optional[str] = None
     resources: tuple = ()                 # model-repair inputs: ((name, value), ...)
 
+    def places(self) -> list[tuple[str, Path]]:
+        """(what, path) of every place this row's commit writes: the output, the ONNX file an
+        ``export: onnx`` puts beside a file output, and the staging folder (:func:`row_places`)."""
+        return row_places(self.checkpoint, self.output, self.export) if self.output is not None else []
+
     def key(self, mode: str) -> str:
         """Hash of everything that changes the work (not the gate: applied to the figures)."""
         d = {k: str(v) for k, v in dataclasses.asdict(self).items()
@@ -197,8 +204,8 @@ def _read_rows(path: Path) -> tuple[dict, list[dict]]:
         lines = text.splitlines()
         defaults: dict = {}
         while lines and (lines[0].startswith("#") or not lines[0].strip()):
-            m = re.fullmatch(r"#\s*([A-Za-z_]+)\s*[:=]\s*(.*?)\s*", lines.pop(0))
-            if m:                                   # "# key: value": a default; other comments are comments
+            m = re.fullmatch(r"#\s*([a-z_]+)\s*[:=]\s*(.*?)\s*", lines.pop(0))
+            if m:        # "# key: value" (a field name, lower case): a default; "# Note: ..." and others are comments
                 defaults[m.group(1)] = m.group(2)
         reader = csv.DictReader(io.StringIO("\n".join(lines)))
         rows = []
@@ -280,10 +287,10 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     datasets: dict[tuple, Any] = {}
     entries: list[ZooEntry] = []
     names: dict[str, int] = {}
-    outputs: dict[Path, int] = {}
-    stagings: dict[int, tuple] = {}       # row -> ((what, path), ...): its output and its staging folder
+    outputs = _Places()                   # every row's written places (output, ONNX export)
+    staged_at, anywhere = _Places(), _Places()   # every row's staging folder; every place of every row
     protected = Protected()            # every row's inputs: no row's output may replace one
-    protected.add_file(path, "the manifest")
+    protected.add_file(path, "manifest")
     resource_names = set(FIELDS) - set(BASE_FIELDS)
 
     def as_path(v) -> Path:
@@ -424,22 +431,35 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                         ".onnx" if ck.suffix.lower() == ".onnx" else ".safetensors"))))
                 else:
                     out = fix_output(ck)
+                out = out.resolve()
             except BadInput as e:
                 problems.add(where, "output", e.problem)
                 out = None
+            except OSError as e:         # a name too long for the file system (a long row name), ...
+                problems.add(where, "output", f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+                out = None
             if out is not None:
-                out = out.resolve()
-                clash = next((m for o, m in outputs.items() if o == out or o in out.parents or out in o.parents), None)
-                # the staging folder beside it is written (and emptied) too: it is no other row's place
-                mine = (("output", out), (f"staging folder {staging_dir(out).name}", staging_dir(out)))
-                staged = next(((m, w, v) for m, places in stagings.items() for w, o in places for v, q in mine
-                               if "staging" in w + v and (o == q or o in q.parents or q in o.parents)), None)
+                # every place the commit writes (the output, an ONNX export beside it, the staging folder
+                # both are written in): no other row's
+                mine = row_places(ck, out, r.get("export"))
+                written = [(w, q) for w, q in mine if not w.startswith("staging")]
+                clash = next(((hit, w, q) for w, q in written for hit in [outputs.overlapping(q)] if hit), None)
+                # a staging folder is no other row's place, and no other row's staging folder is one of mine
+                staged = next(((hit[0], hit[1], w) for w, q in mine
+                               for hit in [(anywhere if w.startswith("staging") else staged_at).overlapping(q)]
+                               if hit), None)
+                hidden = next((q for _, q in written if q.name.startswith(".")), None)
                 if clash is not None:
-                    rel = "duplicate output" if outputs.get(out) == clash else "output inside (or holding) the output"
-                    problems.add(where, "output", f"{rel} {out} (also row {clash})")
+                    (m, _, same), w, q = clash
+                    rel = "duplicate output" if same else "output inside (or holding) the output"
+                    problems.add(where, "output", f"{rel} {q} (also row {m})" if w == "output" else
+                                 f"its {w} {q} is the output (or inside the output) of row {m}")
                 elif staged is not None:
                     problems.add(where, "output", f"its {staged[2]} and the {staged[1]} of row {staged[0]} would "
                                                   "write the same place")
+                elif hidden is not None:
+                    problems.add(where, "output", f"{hidden.name!r}: a name starting with '.' is taken for a temporary "
+                                                  "file in a zoo's staging; choose another")
                 elif not out.parent.is_dir():
                     problems.add(where, "output", f"folder {out.parent} does not exist")
                 else:
@@ -447,8 +467,11 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                         check_writable(out, force=True)            # the folder can be written
                     except BadInput as e:
                         problems.add(where, "output", e.problem)
-                outputs.setdefault(out, n)
-                stagings[n] = mine
+                    except OSError as e:
+                        problems.add(where, "output", f"{out.name}: {e.strerror or e}")
+                for w, q in mine:
+                    (staged_at if w.startswith("staging") else outputs).add(q, n, w)
+                    anywhere.add(q, n, w)
                 f["output"] = out
         # the data: read once here (cheap: tables and file names, no model) and kept for the work
         if len(problems.items) == before:
@@ -475,11 +498,10 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             entries.append(ZooEntry(row=n, **f))
     # no row's output may replace any row's input (its own or another's)
     for e in entries:
-        if e.output is not None:
-            why = (protected.why(e.output, "output")
-                   or protected.why(staging_dir(e.output), f"its staging folder {staging_dir(e.output).name}"))
-            if why:
-                problems.add(f"row {e.row} ({e.name})", "output", why)
+        why = next((w for w in (protected.why(q, what if what == "output" else f"its {what}")
+                                for what, q in e.places()) if w), None)
+        if why:
+            problems.add(f"row {e.row} ({e.name})", "output", why)
     problems.raise_first()
     return Manifest(path=path, entries=entries,
                     datasets={k: v for k, v in datasets.items() if not isinstance(v, str)}, protected=protected,
@@ -517,13 +539,55 @@ def _missing(flag: str, p: Path):
 _RECORD_START = b'{"name":'             # how every line Journal.append writes begins
 
 
+class _Places:
+    """Paths of the rows (path -> (row, what)), asked whether a path is one of them, inside one or holds
+    one in O(depth) (a manifest of tens of thousands of rows: no row compared with every other)."""
+
+    def __init__(self):
+        self.at: dict[Path, tuple[int, str]] = {}
+        self.above: dict[Path, tuple[int, str]] = {}     # every folder holding a place -> one such place's
+
+    def add(self, path: Path, row: int, what: str) -> None:
+        self.at.setdefault(path, (row, what))
+        for parent in path.parents:
+            self.above.setdefault(parent, (row, what))
+
+    def overlapping(self, path: Path) -> Optional[tuple[int, str, bool]]:
+        """(row, what, the very same path) of a place equal to ``path``, holding it or inside it."""
+        if path in self.at:
+            return (*self.at[path], True)
+        hit = next((self.at[p] for p in path.parents if p in self.at), None) or self.above.get(path)
+        return None if hit is None else (*hit, False)
+
+
 def _is_record(rec) -> bool:
     """A journal line as :func:`_run_locked` writes it: a model's name and mode, its settings' key,
-    the result figures (a mapping), and what its inputs and output were."""
+    the result figures (:func:`_are_figures`: before, and after in fix mode), and what its inputs and
+    output were. A line edited into other types is not one (the report would fail on it)."""
     return (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("name", "mode", "key"))
-            and isinstance(rec.get("result"), dict) and isinstance(rec.get("result").get("before"), dict)
+            and isinstance(rec.get("result"), dict) and _are_figures(rec["result"].get("before"))
+            and (rec["result"].get("after") is None or _are_figures(rec["result"]["after"]))
             and isinstance(rec.get("inputs", {}), dict) and isinstance(rec.get("output_files") or {}, dict)
             and isinstance(rec.get("output") or "", str))
+
+
+def _are_figures(fig) -> bool:
+    """Figures as :func:`repair.metrics.evaluate` gives them, as far as a report reads them: numbers
+    (or null) where numbers go, lists of ``{name, n, accuracy}`` for the breakdowns."""
+    def number(x):
+        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+    def rows(x):
+        return x is None or (isinstance(x, list) and all(
+            isinstance(r, dict) and isinstance(r.get("name"), str) and number(r.get("n")) and number(r.get("accuracy"))
+            for r in x))
+
+    return (isinstance(fig, dict)
+            and all(number(fig.get(k)) for k in ("n", "accuracy", "worst_class_accuracy", "worst_group_accuracy"))
+            and all(rows(fig.get(k)) for k in ("per_group", "per_class", "per_inferred_group"))
+            and (fig.get("worst_group") is None or isinstance(fig["worst_group"], str))
+            and (fig.get("absent_groups") is None or (isinstance(fig["absent_groups"], list)
+                                                      and all(isinstance(g, str) for g in fig["absent_groups"]))))
 
 
 class Journal:
@@ -697,6 +761,19 @@ def inputs_changed(journaled: Optional[dict], now: dict[str, str]) -> Optional[s
 
 
 # ------------------------------------------------------------------ outputs
+def row_places(checkpoint: Path, output: Path, export: Optional[str]) -> list[tuple[str, Path]]:
+    """(what, path) of every place a row's commit writes: its output, the ONNX file ``export: onnx``
+    writes beside a file output (``repair fix``'s rule, :func:`repair.rules.fix_onnx_output`), and
+    the staging folder both are written in first. The one list every output check of a zoo uses."""
+    from .rules import fix_onnx_output
+
+    out = [("output", Path(output))]
+    onnx = fix_onnx_output(checkpoint, output) if export == "onnx" else None
+    if onnx is not None:
+        out.append(("ONNX export", Path(onnx)))
+    return out + [(f"staging folder {staging_dir(output).name}", staging_dir(output))]
+
+
 def staging_dir(output: Path) -> Path:
     output = Path(output)
     return output.parent / f".{output.name}{STAGING_SUFFIX}"
@@ -1037,6 +1114,10 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
         raise BadInput("folder does not exist", journal.path.parent)
     if journal.path.parent != out_dir:
         check_output(journal.path, force=True)
+    from .rules import check_outputs_distinct
+
+    check_outputs_distinct({"--journal": journal.path, "the report": out_dir / REPORT_NAME,          # never one of the
+                            "the report's JSON": out_dir / "zoo-report.json", "the lock": out_dir / LOCK_NAME})  # others
     # the report, the journal, the lock and the cache go into no input (a model folder would ship them)
     for p, flag in ((out_dir / REPORT_NAME, "--out-dir"), (out_dir / "zoo-report.json", "--out-dir"),
                     (out_dir / LOCK_NAME, "--out-dir"), (journal.path, "--journal")):
@@ -1067,9 +1148,7 @@ def _check_outputs_apart(manifest: Manifest, mpath: Path, out_dir: Path, journal
 
     problems = _Problems(mpath)
     for e in manifest.entries:
-        if e.output is None:
-            continue
-        for what, p in (("output", e.output), (f"staging folder {staging_dir(e.output).name}", staging_dir(e.output))):
+        for what, p in e.places():
             for flag, z in (("--out-dir", out_dir), ("--journal", journal)):
                 try:
                     check_outputs_distinct({f"its {what}": p, flag: z})
@@ -1138,11 +1217,14 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                 problems.add(f"row {e.row} ({e.name})", "output",
                              f"{e.output} was written by this zoo, but {edited[e.name]} since: it is kept "
                              "(use --force to replace it)")
-            elif e.name not in done and e.name not in redo and e.output.exists() and not o.force:
-                why = ("the journal holds this model with other settings"
-                       if (e.name, o.mode) in records else "this zoo's journal did not write it")
-                problems.add(f"row {e.row} ({e.name})", "output",
-                             f"{e.output} already exists and {why} (use --force to replace it)")
+            elif e.name not in done and e.name not in redo and not o.force:
+                there = next((q for what, q in e.places() if not what.startswith("staging")
+                              and (q.exists() or q.is_symlink())), None)
+                if there is not None:
+                    why = ("the journal holds this model with other settings"
+                           if (e.name, o.mode) in records else "this zoo's journal did not write it")
+                    problems.add(f"row {e.row} ({e.name})", "output",
+                                 f"{there} already exists and {why} (use --force to replace it)")
         problems.raise_first()
     # ---- validated: from here on, work
     todo = [e for e in manifest.entries if e.name not in done]

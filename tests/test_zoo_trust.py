@@ -203,11 +203,13 @@ def test_a_staging_folder_is_never_an_input_or_another_rows_output(tmp_path, par
     _refused(*run_cli("zoo", path, "--force")[::2], "row 1 (a), output: ", "staging folder .a.zoo-staging",
              "checkpoint of row 1")
     assert (tmp_path / "outs" / ".a.zoo-staging" / "model.safetensors").is_file()   # the input is still there
-    for first, second in (("outs/x", "outs/.x.zoo-staging"), ("outs/.x.zoo-staging", "outs/x")):
-        path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0", "output": first},
-                                     {"name": "b", "checkpoint": "m1", "output": second}])
-        _refused(*run_cli("zoo", path)[::2], "row 2 (b), output: ", "staging folder .x.zoo-staging",
-                 "would write the same place")
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0", "output": "outs/x"},
+                                 {"name": "b", "checkpoint": "m1", "output": "outs/.x.zoo-staging"}])
+    _refused(*run_cli("zoo", path)[::2], "row 2 (b), output: ", "staging folder .x.zoo-staging",
+             "would write the same place")
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0", "output": "outs/.x.zoo-staging"},
+                                 {"name": "b", "checkpoint": "m1", "output": "outs/x"}])
+    _refused(*run_cli("zoo", path)[::2], "row 1 (a), output: ", "a name starting with '.'")   # never an output
 
 
 # ------------------------------------------------------------------ 4, 7. a journal that is not one
@@ -326,3 +328,59 @@ def test_two_manifests_of_one_stem_never_share_a_report_folder(tmp_path, parts):
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".zoo-lock"} == before
     code, doc, err = run_json(other, "--mode", "eval", "--out-dir", tmp_path / "csv-zoo")
     assert code == 0 and [m["name"] for m in doc["models"]] == ["b"], err
+
+
+# ------------------------------------------------------------------ found by an audit
+def test_every_place_a_rows_commit_writes_is_checked_before_any_work(tmp_path, parts):
+    """The ONNX file `export: onnx` writes beside a file output was checked against nothing: it
+    replaced another row's checkpoint, another row's output, the journal or the report folder."""
+    shutil.copytree(parts / "m0", tmp_path / "m0")
+    (tmp_path / "outs").mkdir()
+    (tmp_path / "outs2").mkdir()
+    make_deployed_onnx(tmp_path / "outs" / "a.onnx")
+    before = (tmp_path / "outs" / "a.onnx").read_bytes()
+    row_a = {"name": "a", "checkpoint": "m0/model.safetensors", "export": "onnx", "output_dir": "outs"}
+    cases = [([row_a, {"name": "b", "checkpoint": "outs/a.onnx", "output": "b.onnx"}], (),
+              "row 1 (a), output: its ONNX export would overwrite the checkpoint of row 2"),
+             ([row_a, {"name": "b", "checkpoint": "m0", "output": "outs/a.onnx", "data": "val"}], (),
+              "row 2 (b), output: "),
+             ([{**row_a, "output_dir": "outs2"}], ("--journal", tmp_path / "outs2" / "a.onnx"),
+              "its ONNX export and --journal"),
+             ([{**row_a, "output_dir": "outs2"}], ("--out-dir", tmp_path / "outs2" / "a.onnx"),
+              "its ONNX export and --out-dir"),
+             ([{"name": "a", "checkpoint": "m0", "output": "outs/.hidden"}], (), "a name starting with '.'")]
+    for rows, extra, words in cases:
+        path = zoo(tmp_path, parts, rows)
+        code, _, err = run_cli("zoo", path, *extra, "-q")
+        _refused(code, err, words)
+        assert (tmp_path / "outs" / "a.onnx").read_bytes() == before
+        assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["a.onnx"]
+        assert not list((tmp_path / "outs2").iterdir())
+        assert not (tmp_path / "zoo-zoo").exists()
+    code, _, err = run_cli("zoo", zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}]), "--out-dir",
+                           tmp_path / "r", "--journal", tmp_path / "r" / "zoo-report.json", "-q")
+    _refused(code, err, "--journal and the report's JSON")
+
+
+def test_a_journal_line_edited_into_other_types_is_not_a_record(tmp_path, parts):
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}], gate=0)
+    assert run_json(path, "--mode", "eval")[0] == 0
+    journal = tmp_path / "zoo-zoo" / "journal.jsonl"
+    rec = json.loads(journal.read_text())
+    for edit in ({"accuracy": "x"}, {"per_group": 5}):
+        journal.write_text(json.dumps({**rec, "result": {**rec["result"], "before": {**rec["result"]["before"],
+                                                                                      **edit}}}) + "\n")
+        code, _, err = run_cli("zoo", path, "--mode", "eval", "-q")
+        _refused(code, err, "journal.jsonl", "line 1 is not a journal record")
+
+
+def test_a_csv_comment_that_reads_like_a_setting_is_a_comment_and_a_long_name_names_its_row(tmp_path, parts):
+    zoo(tmp_path, parts, [])
+    (tmp_path / "z.csv").write_text("# Note: this zoo is for birds\n# recipe: dfr\nname,checkpoint,data,group_by\n"
+                                    "a,m0,val,place\n")
+    code, doc, err = run_json(tmp_path / "z.csv", "--mode", "eval")
+    assert code == 0 and doc["models"][0]["name"] == "a", err
+    (tmp_path / "outs").mkdir()
+    (tmp_path / "long.csv").write_text("# output_dir: outs\nname,checkpoint,data\n" + "n" * 300 + ",m0,val\n")
+    code, _, err = run_cli("zoo", tmp_path / "long.csv", "-q")
+    _refused(code, err, "row 1 (" + "n" * 300 + "), output")
