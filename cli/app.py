@@ -39,6 +39,12 @@ def log(msg: str) -> None:
     print(visible(str(msg)), file=sys.stderr, flush=True)
 
 
+def one_line(text: str) -> str:
+    """A failure's line: one line whatever a name in it holds (a newline in a file name is shown as
+    ``\\n``)."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def say(text: str = "") -> None:
     """A result line on stdout (the text of a command's result; ``--json`` goes through
     :func:`emit_json`), with a user's names shown as they are (:func:`repair.io.visible`)."""
@@ -167,7 +173,7 @@ def command(fn: Callable) -> Callable:
         except RepairError as e:
             if STATE["debug"]:
                 traceback.print_exc()
-            log(f"error: {e}" if not isinstance(e, GateFailed) else f"FAILED: {e}")
+            log(one_line(f"error: {e}" if not isinstance(e, GateFailed) else f"FAILED: {e}"))
             raise typer.Exit(e.exit_code)
         except BrokenPipeError:  # stdout closed early (| head): not an error of ours
             import os
@@ -186,11 +192,11 @@ def command(fn: Callable) -> Callable:
                 raise typer.Exit(130)
             if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
                 # a path the user gave that no file system takes, wherever it was first looked up
-                log(f"error: {e.filename}: {e.strerror or 'file name too long'}")
+                log(one_line(f"error: {e.filename}: {e.strerror or 'file name too long'}"))
                 raise typer.Exit(2)
             if STATE["debug"]:
                 traceback.print_exc()
             first = str(e).splitlines()[0] if str(e) else ""
-            log(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
+            log(one_line(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)"))
             raise typer.Exit(3)
     return wrapper

@@ -204,6 +204,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     runtime = check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions()
     data_opts = check_options(data_opts, DataOptions, "data_options") or DataOptions()
     recipe = _load_recipe(o)
+    given = next((c for c in recipe.candidates if c.params.get("group_source") == "given"), None)
+    if given is not None and data_opts.group_by is None:      # before any work, not when its turn comes
+        raise BadInput(f"recipe {recipe.name!r}, candidate {given.label}: group_source 'given' needs group labels "
+                       "(give --group-by)", recipe.source or None)
     budget = _budget_cls().parse(o.budget)
     if inputs is None:
         inputs = read_inputs(model_path, data_path, data_opts, eval_data=o.eval_data,
@@ -347,7 +351,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     out_path = paths["--out"]
     if len(recipe.candidates) > 1:
         if selection:
-            log(f"chosen: {chosen.label} by {crit.describe()}")
+            log(f"chosen: {chosen.label} by {crit.describe(has_groups=enc.groups is not None)}")
         else:             # too few samples for the folds: no comparison ran, and the log says so
             log(f"chosen: {chosen.label}, the recipe's first candidate: the fit part is too small for "
                 f"{int(o.selection_folds or recipe.folds)}-fold cross-validation, so no candidate was compared")
@@ -450,7 +454,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         "kind": chosen.info.kind,
         "candidate": chosen.label,
         "settings": settings,
-        "selection_criterion": (f"{crit.describe()}, on {selection['scheme']}" if selection else None),
+        "selection_criterion": (f"{crit.describe(has_groups=enc.groups is not None)}, on {selection['scheme']}"
+                                if selection else None),
         "candidates": choice.rows,
         "selection_notes": choice.notes,
         "diagnostics": final.diagnostics,

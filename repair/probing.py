@@ -84,7 +84,8 @@ def probe(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
             "max_delta": float(row[finite].max()) if finite.any() else None,
         })
     flat = torch.nan_to_num(delta, nan=float("-inf"))
-    k = min(top_k, int(torch.isfinite(flat).sum()))
+    # only neurons NeuronTune calls spurious (delta > 0): a long --top lists no others under that name
+    k = min(top_k, int((flat > 0).sum()))
     top = []
     if k > 0:
         vals, idx = flat.flatten().topk(k)

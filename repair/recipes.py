@@ -45,6 +45,7 @@ import re
 import importlib
 import importlib.util
 import itertools
+import json
 import math
 import os
 import sys
@@ -404,6 +405,7 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
     if len(raw) > MAX_CANDIDATES:
         raise BadInput(f"candidates: {len(raw)} candidates; a recipe has at most {MAX_CANDIDATES}", path)
     out: list[Candidate] = []
+    seen: dict[tuple, int] = {}
     for n, c in enumerate(raw, 1):
         if not isinstance(c, dict) or "method" not in c:
             raise BadInput(f"candidate {n} needs a 'method'", path)
@@ -444,11 +446,18 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
         combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else [{}]
         for combo in combos:
             merged = {**params, **combo}
+            config = None
             if info is not None:
                 try:
-                    info.make_config(merged)
+                    config = info.make_config(merged)
                 except ConfigError as e:
                     raise BadInput(f"candidate {n} ({name}): {e}", path) from None
+            # the same method with the same settings twice: an ensemble would average a head with itself
+            key = (name, repr(config) if config is not None else json.dumps(merged, sort_keys=True, default=str))
+            if key in seen:
+                raise BadInput(f"candidate {n} ({name}): the same method with the same settings as candidate "
+                               f"{seen[key]}; give each candidate once", path)
+            seen[key] = n
             out.append(Candidate(name, merged))
     return out
 

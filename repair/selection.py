@@ -324,11 +324,14 @@ class Criterion:
             raise ValueError("worst_inferred_group needs the original model's logits")
         return inferred_groups(ref_logits, y)
 
-    def describe(self, groups_source: str = "given") -> str:
+    def describe(self, groups_source: str = "given", has_groups: bool = False) -> str:
+        """In words, for the report. ``has_groups``: group labels were given (a criterion that does not
+        use them was then the recipe's choice, not the want of labels)."""
         if self.name == "worst_group":
             return ("worst-group accuracy (given group labels)" if groups_source == "given"
                     else "worst-group accuracy over the inferred groups")
-        return DESCRIPTIONS[self.name] + " (no group labels" + (f"; {self.reason}" if self.reason else "") + ")"
+        why = "group labels given, not used to select" if has_groups else "no group labels"
+        return DESCRIPTIONS[self.name] + f" ({why}" + (f"; {self.reason}" if self.reason else "") + ")"
 
 
 def group_imbalance(groups: Tensor, y: Tensor) -> float:

@@ -193,3 +193,26 @@ def test_the_library_refuses_what_is_not_an_argument_of_its_kind_by_name(tmp_pat
         assert repair.evaluate(a, data)["n"] == 12
     finally:
         os.chdir(here)
+
+
+def test_probe_lists_only_spurious_neurons_and_a_recipes_criterion_says_whether_labels_were_given(tmp_path):
+    import repair
+    from conftest import run_cli
+
+    from repair.probing import probe
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(90, 8, generator=g), torch.arange(90) % 3
+    rep = probe(X, y, torch.randn(3, 8, generator=g), torch.zeros(3), ["a", "b", "c"], top_k=100000)
+    top = rep["top_spurious_neurons"]
+    assert top and all(t["delta"] > 0 for t in top) and len(top) < 24         # some neurons are not spurious
+    assert len(top) == sum(c["spurious_neurons"] for c in rep["per_class"])
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=8)
+    (tmp_path / "wc.yaml").write_text("selection: worst_class\ncandidates:\n  - method: dfr\n  - method: afr\n")
+    code, out, err = run_cli("fix", m, "--data", data, "--group-by", "place", "--recipe", tmp_path / "wc.yaml",
+                             "--out", tmp_path / "o", "--json", "-q")
+    assert code == 0, err
+    import json
+    crit = json.loads(out)["selection_criterion"]
+    assert "group labels given, not used to select" in crit and "no group labels" not in crit, crit

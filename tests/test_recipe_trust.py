@@ -167,3 +167,43 @@ def test_duplicate_keys_and_a_setting_in_params_and_grid_are_refused(timm_folder
     code, stdout, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe",
                                 tmp_path / "dup.yaml", "--out", tmp_path / "o", "-q")
     assert code == 2 and err.count("\n") == 1 and "dup.yaml" in err and "'candidates'" in err, err
+
+
+# ------------------------------------------------------------------ found by an audit
+@pytest.mark.parametrize("method,setting", [("dfr", "n_refits"), ("dfr", "n_tune_refits"), ("mix", "n_refits"),
+                                            ("mix", "n_mix_per_example"), ("mixft", "lora_rank"),
+                                            ("mixft", "n_clusters"), ("mixft", "members"), ("clp", "hidden_size"),
+                                            ("clp", "num_layers"), ("recompose", "per_image"),
+                                            ("neurontune", "max_iter"), ("afr", "max_iter")])
+def test_an_absurd_count_is_refused_when_the_recipe_is_read(tmp_path, method, setting):
+    """1e12 refits, a LoRA rank of 1e12, 1e12 soup members, ...: refused naming the setting (they
+    passed, then ran out of memory as an internal error or ran for ever)."""
+    path = _write(tmp_path, "r.yaml", f"candidates:\n  - method: {method}\n    params: {{{setting}: 1000000000000}}\n")
+    _refused(path, "r.yaml", setting)
+
+
+def test_a_repeated_candidate_is_refused_and_group_source_given_needs_labels_before_any_work(
+        timm_folder, image_data, tmp_path):
+    path = _write(tmp_path, "r.yaml", "ensemble: 2\ncandidates:\n  - method: dfr\n  - method: dfr\n"
+                                      "    params: {n_refits: 20}\n  - method: afr\n")
+    _refused(path, "r.yaml", "candidate 2 (dfr)", "same settings as candidate 1")
+    given = _write(tmp_path, "g.yaml", "candidates:\n  - method: dfr\n    params: {group_source: given}\n"
+                                       "  - method: afr\n")
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", given, "--out", tmp_path / "o", "-q")
+    assert code == 2 and "group_source 'given' needs group labels" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_plugin_methods_own_error_names_it_and_an_error_line_stays_one_line(timm_folder, image_data, tmp_path):
+    (tmp_path / "boom.py").write_text(
+        "from dataclasses import dataclass\nfrom repair.methods import register_method\n\n\n@dataclass\n"
+        "class C:\n    pass\n\n\n@register_method('boom', summary='fails', config=C, groups='never')\n"
+        "def boom(inputs, config):\n    return 1 / 0\n")
+    recipe = _write(tmp_path, "b.yaml", "plugins: [boom.py]\ncandidates:\n  - method: boom\n")
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", recipe, "--allow-plugins",
+                           "--out", tmp_path / "o", "-q")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"error: method boom ({tmp_path / 'boom.py'}) failed: ZeroDivisionError"), err
+    nl = _write(tmp_path, "n.yaml", 'plugins: ["a\\nb.py"]\ncandidates:\n  - method: dfr\n')
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", nl, "--out", tmp_path / "o", "-q")
+    assert code == 2 and err.count("\n") == 1 and "a\\nb.py" in err, err

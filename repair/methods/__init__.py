@@ -193,7 +193,16 @@ class MethodInfo:
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
         if self.kind == "head":
             check_inputs(inputs, self.name)
-        out = self.fn(inputs, config if config is not None else self.default_config())
+        try:
+            out = self.fn(inputs, config if config is not None else self.default_config())
+        except Exception as e:
+            from ..errors import RepairError
+
+            if self.builtin or isinstance(e, RepairError):
+                raise
+            # a plugin's own failure is the user's code: named with its file, not reported as our bug
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise _bad(f"{self.where()} failed: {type(e).__name__}: {first}") from e
         (check_output if self.kind == "head" else check_model_output)(out, inputs, self)
         return out
 
@@ -256,6 +265,12 @@ def check_model_output(out, inputs: "ModelRepairInputs", info: MethodInfo) -> No
             if why:
                 break
     _fail(info, why)
+
+
+def _bad(message: str):
+    from ..errors import BadInput
+
+    return BadInput(message)
 
 
 def _fail(info: MethodInfo, why) -> None:

@@ -57,7 +57,7 @@ class AFRConfig:
     refit_on_all: bool = True
     standardize: bool = True
     tol: float = setting(1e-4, gt=0)
-    max_iter: int = setting(500, ge=1)
+    max_iter: int = setting(500, ge=1, le=1_000_000)
 
 
 def afr_weights(p_true: torch.Tensor, y: torch.Tensor, num_classes: int, gammas) -> torch.Tensor:

@@ -158,8 +158,8 @@ _DEFAULTS = {"paper": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
 class DFRConfig:
     protocol: str = setting("auto", choices=("auto", "fast", "bagged", "paper"))
     c_grid: Optional[tuple] = setting(None, gt=0, nonempty=True)
-    n_refits: int = setting(20, ge=1)
-    n_tune_refits: int = setting(1, ge=1)
+    n_refits: int = setting(20, ge=1, le=1000)
+    n_tune_refits: int = setting(1, ge=1, le=1000)
     holdout_fraction: float = setting(0.5, gt=0, lt=1)
     tune_score: str = setting("auto", choices=("auto",) + SCORES)
     group_source: str = setting("auto", choices=("auto", "given", "inferred"))
@@ -197,7 +197,9 @@ def resolve_groups(inputs: RepairInputs, group_source: str):
     if group_source not in ("auto", "given", "inferred"):
         raise ValueError(f"group_source must be auto/given/inferred, got {group_source!r}")
     if group_source == "given" and inputs.groups is None:
-        raise ValueError("group_source='given' but no group labels were provided")
+        from ..errors import BadInput
+
+        raise BadInput("group_source 'given' needs group labels (give --group-by)")
     if inputs.groups is not None and group_source in ("auto", "given"):
         return inputs.groups.long().cpu().clone(), "given"
     with torch.no_grad():

@@ -61,10 +61,10 @@ class MixConfig(DFRConfig):
     # partners; measured on the three visible tasks (balanced and skewed repair sets, with and
     # without group labels, seeds 0-2) 10 refits moved test worst-group accuracy by -1.0 ... +1.3
     # points (mean -0.1) and halved mix's time, the costliest of auto's candidates
-    n_refits: int = setting(10, ge=1)
+    n_refits: int = setting(10, ge=1, le=1000)
     mix_weight: float = setting(0.5, ge=0, le=1)
     mix_beta: float = setting(0.0, ge=0)
-    n_mix_per_example: int = setting(1, ge=0)
+    n_mix_per_example: int = setting(1, ge=0, le=100)
 
 
 def make_mix_builder(cfg: MixConfig):

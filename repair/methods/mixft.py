@@ -128,7 +128,7 @@ class MixFTConfig(LoopConfig, SettleSettings):
     epochs: float = setting(8.0, gt=0, doc="epochs over the training part (a --budget overrides)")
     scope: str = setting("auto", doc="auto (device decides) | head | all | last:N | names:REGEX")
     lora: bool = setting(False, doc="train peft LoRA adapters on the scope's layers (merged before saving)")
-    lora_rank: int = setting(8, ge=1)
+    lora_rank: int = setting(8, ge=1, le=4096)
     lora_alpha: float = setting(16.0, gt=0)
     mix_weight: float = setting(0.3, ge=0, le=1, doc="lambda: the partner's share of a mixed input")
     mix_beta: float = setting(0.0, ge=0, doc="> 0: lambda = 2 * mix_weight * Beta(b, b), clipped to [0, 1]")
@@ -137,7 +137,7 @@ class MixFTConfig(LoopConfig, SettleSettings):
     head_init: str = setting("original", choices=("original", "refit"),
                              doc="refit: start from a group-balanced L2 logistic head on the frozen embeddings (LP-FT)")
     inferred: str = setting("errors", choices=("errors", "clusters"), doc="groups without --group-by")
-    n_clusters: int = setting(2, ge=2, doc="inferred: clusters per class")
+    n_clusters: int = setting(2, ge=2, le=1000, doc="inferred: clusters per class")
     mix_point: int = setting(-1, ge=-1, doc="texts: -1 = the input of the first trained layer, 0 = token "
                                             "embeddings, k = output of encoder layer k")
     holdout_fraction: float = setting(0.25, gt=0, lt=1)

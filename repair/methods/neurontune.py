@@ -75,7 +75,7 @@ class NeuronTuneConfig:
     l2: float = setting(1.0, ge=0)
     standardize: bool = True
     tol: float = setting(1e-4, gt=0)
-    max_iter: int = setting(1000, ge=1)
+    max_iter: int = setting(1000, ge=1, le=1_000_000)
     report_top: int = setting(50, ge=0)
 
 

@@ -148,7 +148,7 @@ class LoopConfig:
                                  "the model with its own head; refit = its body with a group-balanced head "
                                  "refitted on it, the head settling fits (one more pass over the training part "
                                  "per evaluation)")
-    members: int = setting(1, ge=1, doc="weight-space soup: train this many times from the same start (seeds seed, "
+    members: int = setting(1, ge=1, le=100, doc="weight-space soup: train this many times from the same start (seeds seed, "
                                         "seed+1, ...; each early-stopped on the held-out part) and average the "
                                         "trained weights into one model; a time budget is shared among them")
 
