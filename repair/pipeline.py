@@ -231,6 +231,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     inputs.protected.add_files(adapter.source_files(), "input model")
     for flag, p in paths.items():
         inputs.protected.check(p, flag.split(" (")[0])
+    if "model" in recipe.kinds:           # a model repair's files go beside a file output: never onto an input
+        from .rules import artifacts_output
+
+        inputs.protected.check(artifacts_output(model_path, out_path), "--out (its -artifacts folder)")
     adapter.check_save()                  # a symlink leaving the model folder: refused before any work
     if "model" in recipe.kinds and not adapter.can_train:
         adapter.trainable()                                   # raises BadInput naming the family
@@ -242,6 +246,9 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                            f"{adapter.modality} model", Path(model_path))
     log(f"loaded {adapter.family} model {Path(model_path).name}: {len(adapter.class_names)} classes")
     train_notes: list[str] = []
+    if o.budget is not None and "model" not in recipe.kinds:     # said, not dropped in silence (a zoo's
+        train_notes.append(f"--budget {o.budget} bounds the training of model repairs; recipe {recipe.name!r} "
+                           "has none, so it does not apply")         # default may hold one for every row)
     for name, v in list(resources.items()):      # --train's labels and modality: checked before any work
         if isinstance(v, RepairData):
             resources[name] = _train_set(adapter, v, data_opts, inputs, "--" + name.replace("_", "-"), train_notes)

@@ -236,3 +236,54 @@ def test_trainable_scopes_and_frozen_bn(timm_folder):
         tm.module(torch.randn(4, 3, 32, 32))
     assert torch.equal(bn.running_mean, stats)
     assert all(p.requires_grad for p in tm.module.parameters())     # restored
+
+
+# ------------------------------------------------------------------ found by an audit
+def test_a_model_repairs_files_never_replace_an_input_and_an_overflowing_budget_is_bad_input(timm_folder, tmp_path):
+    """recompose writes its files to <out stem>-artifacts beside a file output: when that was the
+    repair data, --force replaced it. And a budget of 1e400 steps was an internal error."""
+    import shutil
+
+    from conftest import make_images, run_cli
+
+    out = tmp_path / "d.safetensors"
+    data = make_images(tmp_path / "d-artifacts", n_per_class=6)
+    before = sorted(p.name for p in data.rglob("*"))
+    code, _, err = run_cli("fix", timm_folder / "model.safetensors", "--data", data, "--recipe", "recompose",
+                           "--budget", "2steps", "--out", out, "--force", "-q")
+    assert code == 2 and "would overwrite the repair data" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in data.rglob("*")) == before and not out.exists()
+    code, _, err = run_cli("fix", timm_folder, "--data", data, "--recipe", "mixft", "--budget", "1" + "0" * 400 + "steps",
+                           "--out", tmp_path / "o", "-q")
+    assert code == 2 and "--budget" in err and "more than any run takes" in err, err
+    code, out_json, err = run_cli("fix", timm_folder, "--data", data, "--recipe", "dfr", "--budget", "10steps",
+                                  "--out", tmp_path / "h", "--json", "-q")
+    assert code == 0 and "--budget 10steps bounds the training of model repairs" in err, err
+    shutil.rmtree(tmp_path / "h")
+
+
+def test_a_mask_that_is_a_symlink_out_of_the_masks_folder_is_refused(tmp_path):
+    """As a table's images: a --masks entry leading outside the folder is bad input, not read (its
+    target was then unprotected, and --force on it deleted the masks the links pointed to)."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from conftest import make_images
+    from repair.errors import BadInput
+    from repair.modelrepair.masks import load_masks
+
+    data = make_images(tmp_path / "d", n_per_class=1)
+    items = sorted(data.rglob("*.png"))
+    cfg = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+           "crop_pct": 1.0, "crop_mode": "center"}
+    (tmp_path / "outside").mkdir()
+    for it in items:
+        (tmp_path / "m" / it.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((36, 36), 255, np.uint8)).save(tmp_path / "m" / it.parent.name / it.name)
+    assert load_masks(tmp_path / "m", items, data, cfg).shape == (len(items), 1, 32, 32)
+    first = tmp_path / "m" / items[0].parent.name / items[0].name
+    first.rename(tmp_path / "outside" / "x.png")
+    first.symlink_to(tmp_path / "outside" / "x.png")
+    with pytest.raises(BadInput, match="symlink leading outside the --masks folder"):
+        load_masks(tmp_path / "m", items, data, cfg)

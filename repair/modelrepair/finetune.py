@@ -62,6 +62,9 @@ class Budget:
               "m": "minutes", "min": "minutes", "mins": "minutes", "minutes": "minutes",
               "h": "hours", "hour": "hours", "hours": "hours"}
 
+    #: the largest value of each unit a budget may give (a year of wall clock, a trillion steps)
+    _MOST = {"steps": 1e12, "epochs": 1e6, "seconds": 3.2e7, "minutes": 5.3e5, "hours": 8.8e3}
+
     @classmethod
     def parse(cls, text: Optional[str]) -> Optional["Budget"]:
         """``"300steps"``, ``"3epochs"``, ``"90s"``, ``"10min"``, ``"1h"``, or several joined
@@ -77,6 +80,9 @@ class Budget:
             v = float(m.group(1))
             if v <= 0:
                 raise BadInput(f"--budget: {part.strip()!r} must be positive")
+            if v > cls._MOST[unit]:           # 1e400 steps: no run is that long (and it overflows)
+                raise BadInput(f"--budget: {part.strip()!r} is more than any run takes (at most "
+                               f"{cls._MOST[unit]:g} {unit})")
             if unit == "steps":
                 if v != int(v):
                     raise BadInput(f"--budget: {part.strip()!r}: steps are counted in whole numbers")

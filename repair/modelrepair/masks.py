@@ -85,12 +85,17 @@ def load_masks(mask_dir, items: Sequence, data_root, data_config: dict) -> torch
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise BadInput("--masks must be a folder of mask images", mask_dir)
+    from ..data import _inside, _real
+
     geom = _geometry(data_config)
-    out = []
+    root_real, out = _real(mask_dir), []
     for item in items:
         mf = mask_file(mask_dir, Path(item), Path(data_root))
         if not mf.is_file():
             raise BadInput(f"no mask for image {Path(item).name} (expected {mf})", mask_dir)
+        if not _inside(root_real, _real(mf)):     # as a table's images: a link out of the folder is refused
+            raise BadInput(f"mask {mf} is a symlink leading outside the --masks folder (to {_real(mf) or mf}); "
+                           "copy the mask in", mask_dir)
         try:
             with Image.open(item) as im:
                 size = im.size
