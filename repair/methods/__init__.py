@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import build_config, describe
+from ..errors import BadInput, RepairError
 from ..registry import METHODS_ENTRY_POINTS, Registry, Resource, merge_resources
 from .transforms import AFFINE, MASK, TRANSFORMS, Transform
 
@@ -188,21 +189,17 @@ class MethodInfo:
 
     def __call__(self, inputs, config=None):
         if self.needs_groups and getattr(inputs, "groups", None) is None:
-            from ..errors import BadInput
-
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
         if self.kind == "head":
             check_inputs(inputs, self.name)
         try:
             out = self.fn(inputs, config if config is not None else self.default_config())
         except Exception as e:
-            from ..errors import RepairError
-
             if self.builtin or isinstance(e, RepairError):
                 raise
             # a plugin's own failure is the user's code: named with its file, not reported as our bug
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise _bad(f"{self.where()} failed: {type(e).__name__}: {first}") from e
+            raise BadInput(f"{self.where()} failed: {type(e).__name__}: {first}") from e
         (check_output if self.kind == "head" else check_model_output)(out, inputs, self)
         return out
 
@@ -267,15 +264,7 @@ def check_model_output(out, inputs: "ModelRepairInputs", info: MethodInfo) -> No
     _fail(info, why)
 
 
-def _bad(message: str):
-    from ..errors import BadInput
-
-    return BadInput(message)
-
-
 def _fail(info: MethodInfo, why) -> None:
-    from ..errors import BadInput
-
     if why is None:
         return
     if info.builtin:
@@ -289,8 +278,6 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair") -> None:
     ``y`` (N,) whole class indices in [0, C), ``groups`` / ``clusters`` (N,) whole numbers or None,
     a valid seed. (The pipeline builds them so; a caller of the library may not.)"""
     from ..config import check_seed
-    from ..errors import BadInput
-
     def fail(why: str):
         raise BadInput(f"{method}: {why}")
 
@@ -375,8 +362,6 @@ def register_model_repair(name: str, *, summary: str, config: type, groups: str 
 def list_methods(kind: Optional[str] = None) -> list[MethodInfo]:
     """The registered methods, all or of one ``kind`` (``head`` or ``model``)."""
     if kind not in (None, "head", "model"):
-        from ..errors import BadInput
-
         raise BadInput(f"kind must be head or model, got {kind!r}")
     return [m for m in METHODS.values() if kind is None or m.kind == kind]
 
