@@ -48,7 +48,10 @@ ROOT = BENCH.parent
 WORK = BENCH / "_work" / "gpu"
 COMMAND_LIMIT_S = 240            # one command; the lent machine's calls are limited to 10 minutes
 MODEL_METHODS = ("mixft", "clp", "recompose")
-PARTS = ("demo", "extraction", "solver", "onnx", "model_repairs", "tests")
+PARTS = ("demo", "extraction", "solver", "profile", "onnx", "model_repairs", "tests")
+#: the model rows (``bench.rows.MODEL_ROWS`` labels) the check runs on a text task: the method's defaults, the
+#: capped task's setting (``auto-ft``'s mixft) and ``auto-ft`` itself
+TEXT_ROWS = ("mixft-lpft-wig-last", "mixft", "auto-ft")
 #: the test files that exercise CUDA where it is present (`--device auto` is CUDA there; two tests run only on CUDA)
 CUDA_TESTS = (("tests/test_methods_contract.py", "cuda"), ("tests/test_solver.py", "cuda"), ("tests/test_clp.py", None),
               ("tests/test_mixft.py", None), ("tests/test_recompose.py", None), ("tests/test_steady.py", None),
@@ -123,19 +126,87 @@ def solver_rows(classes_list, n: int, d: int, columns, log) -> list[dict]:
     return out
 
 
-def model_repair_rows(task, columns, *, seeds, variants, budget, work: Path, deadline: float, log) -> dict:
-    """The label-free model repairs (:data:`MODEL_METHODS`) on ``task``'s repair sets through
-    :func:`bench.rows.run_model_rows`: the first seed on every column (device) side by side, then the other
-    seeds on the first column (CUDA), none launched after ``deadline`` (``time.monotonic``). Each column
-    extracts into its own cache, so CUDA's runs read CUDA's embeddings. ``budget`` replaces the rows' own
-    (the dry run's few steps)."""
+def profile_row(C: int, n: int, d: int, device: str, log, repeats: int = 3) -> dict:
+    """``dfr`` with group labels on the scale benchmark's ``C``-class problem on ``device``: the least fit
+    time of ``repeats`` (CUDA warmed up first), then one fit under ``torch.profiler``: the GPU's summed
+    kernel time, the kernel launches, the points where the host waited for the GPU (device-to-host copies
+    and synchronizes) and the costliest operators by self time; and the same fit's time on the CPU, to
+    say where the GPU's time goes when it is slower than the CPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from repair.methods import RepairInputs, get_method
+
+    from .scale import make_problem
+
+    p = make_problem(C, n=n, d=d)
+    fit = get_method("dfr")
+
+    def once(dev):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res = fit(RepairInputs(X=p["X"], y=p["y"], W=p["W0"], b=p["b0"], groups=p["g"], device=dev))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, res
+
+    if device == "cuda":
+        a = torch.randn(256, 256, device="cuda")
+        float((a @ a).sum())
+    times, res = [], None
+    for _ in range(repeats):
+        secs, res = once(device)
+        times.append(secs)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        once(device)
+    ev = prof.key_averages()
+
+    def dev_us(e):
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None
+               and "CUDA" in str(e.device_type)]
+    launch = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    syncs = sum(e.count for e in ev if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                  "cudaEventSynchronize")
+                or (e.key == "cudaMemcpyAsync"))
+    top = sorted(ev, key=lambda e: -(dev_us(e) + e.self_cpu_time_total))[:14]
+    row = {"classes": C, "n": n, "d": d, "device": device, "repeats": repeats,
+           "fit_seconds": round(min(times), 3), "fit_seconds_each": [round(t, 3) for t in times],
+           "solver": res.diagnostics.get("solver"),
+           "kernel_seconds": round(sum(dev_us(e) for e in kernels) / 1e6, 3), "kernels": launch,
+           "host_syncs": syncs, "item_calls": sum(e.count for e in ev if e.key == "aten::_local_scalar_dense"),
+           "top": [{"name": e.key, "calls": e.count, "cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
+                    "cuda_ms": round(dev_us(e) / 1e3, 1)} for e in top]}
+    if device == "cuda":
+        row["cpu_fit_seconds"] = round(min(once("cpu")[0] for _ in range(2)), 3)
+    log(f"profile: dfr {C} classes on {device}: {row['fit_seconds']}s, kernels {row['kernel_seconds']}s "
+        f"({launch} launches), {syncs} host waits; cpu {row.get('cpu_fit_seconds')}s")
+    return row
+
+
+def model_repair_rows(task, columns, *, seeds, variants, budget, work: Path, deadline: float, log,
+                      rows=None) -> dict:
+    """The label-free model repairs on ``task``'s repair sets through :func:`bench.rows.run_model_rows`:
+    ``rows`` (``bench.rows.MODEL_ROWS`` labels; default :data:`MODEL_METHODS` on an image task,
+    :data:`TEXT_ROWS` on a text task), the first seed on every column (device) side by side, then the
+    other seeds on the first column (CUDA), none launched after ``deadline`` (``time.monotonic``). Each
+    column extracts into its own cache, so CUDA's runs read CUDA's embeddings. ``budget`` replaces the
+    rows' own (the dry run's few steps)."""
     import dataclasses
 
     import torch
 
     from . import rows as R
 
-    specs = R.model_rows_for(task, only=list(MODEL_METHODS))
+    if rows is None:
+        rows = TEXT_ROWS if task.info.get("modality") == "text" else MODEL_METHODS
+    specs = R.model_rows_for(task, only=list(rows))
+    specs.sort(key=lambda sp: list(rows).index(sp.label))
+    if not specs:
+        raise ValueError(f"none of the model rows {list(rows)} applies to the task {task.name}")
     if budget:
         specs = [dataclasses.replace(sp, budget=budget) for sp in specs]
     scratch = work / "scratch"
@@ -146,7 +217,7 @@ def model_repair_rows(task, columns, *, seeds, variants, budget, work: Path, dea
     out = []
     for variant, seed, (label, device) in plan:
         for sp in specs:
-            row = {"variant": variant, "method": sp.method, "seed": seed, "device": label}
+            row = {"variant": variant, "method": sp.label, "seed": seed, "device": label}
             if time.monotonic() > deadline:
                 out.append({**row, "skipped": "the time limit (--deadline)"})
                 continue
@@ -167,7 +238,7 @@ def model_repair_rows(task, columns, *, seeds, variants, budget, work: Path, dea
                 + (row.get("error") or f"WGA {row['test_worst_group']:.3f}, {row['fix_total_seconds']:.1f}s"))
             out.append(row)
     return {"task": task.name, "checkpoint_sha256": task.info.get("checkpoint_sha256"), "budget": budget,
-            "rows": out}
+            "carried": task.info.get("carried"), "rows": out}
 
 
 def model_repairs_md(mr, dev: str, ref: str) -> list:
@@ -176,12 +247,15 @@ def model_repairs_md(mr, dev: str, ref: str) -> list:
     if not isinstance(mr, dict) or mr.get("error") or not mr.get("rows"):
         return ["", f"Model repairs: {_cell(mr or {})}."]
     rows = mr["rows"]
+    has_ref = any(r["device"] == ref for r in rows)          # a --cuda-only run has no CPU column
     lines = ["", f"Model repairs on the benchmark's `{mr['task']}` task (checkpoint sha256 "
-             f"`{str(mr.get('checkpoint_sha256'))[:12]}`), label-free, the methods' defaults"
-             + (f" at budget {mr['budget']}" if mr.get("budget") else "") + ": test worst-group %, `repair fix` "
-             f"wall seconds (in-process, as `bench.run --parts model`), peak memory.", "",
+             f"`{str(mr.get('checkpoint_sha256'))[:12]}`), label-free, each row as `bench.rows.MODEL_ROWS` defines "
+             "it" + (f" at budget {mr['budget']}" if mr.get("budget") else "") + ": test worst-group %, `repair fix` "
+             f"wall seconds (in-process, as `bench.run --parts model`), peak memory."
+             + (f" The task's checkpoint: {mr['carried']}." if mr.get("carried") else ""), "",
              f"| repair set | method | {dev}: WGA per seed | {dev}: mean ± std | {dev}: fix s (first seed) | "
-             f"{dev}: peak GPU MiB | {ref}: WGA (first seed) | {ref}: fix s |", "|---|---|---|---|---|---|---|---|"]
+             f"{dev}: peak GPU MiB |" + (f" {ref}: WGA (first seed) | {ref}: fix s |" if has_ref else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if has_ref else "")]
     for variant in dict.fromkeys(r["variant"] for r in rows):
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["variant"] == variant and r["method"] == method]
@@ -202,7 +276,8 @@ def model_repairs_md(mr, dev: str, ref: str) -> list:
             cw = (f"{100 * cf['test_worst_group']:.1f}" if "test_worst_group" in cf
                   else "skipped" if cf.get("skipped") else "failed" if cf else "–")
             lines.append(f"| {variant} | {method} | {per} | {ms} | {first.get('fix_total_seconds', '–')} | "
-                         f"{first.get('cuda_peak_mib', '–')} | {cw} | {cf.get('fix_total_seconds', '–')} |")
+                         f"{first.get('cuda_peak_mib', '–')} |"
+                         + (f" {cw} | {cf.get('fix_total_seconds', '–')} |" if has_ref else ""))
     return lines
 
 
@@ -272,19 +347,39 @@ def _cell(r: dict, *keys) -> str:
     return " / ".join(str(r.get(k)) for k in keys)
 
 
+def profile_md(pr) -> list:
+    """GPU.md's lines for the ``profile`` part."""
+    if not isinstance(pr, dict) or pr.get("error"):
+        return ["", f"Solver profile: {_cell(pr or {})}."]
+    lines = ["", f"Solver profile: `dfr` with group labels, {pr['classes']} classes, {pr['n']}x{pr['d']} "
+             f"(`bench.scale.make_problem`), on {pr['device']}: {pr['fit_seconds']} s a fit (the least of "
+             f"{pr['repeats']}, CUDA warmed up, the solver `{pr.get('solver')}`), of which the GPU's kernels ran "
+             f"{pr['kernel_seconds']} s ({pr['kernels']} kernel launches); {pr['host_syncs']} points where the "
+             f"host waited for the GPU (a device-to-host copy or a synchronize); on that machine's CPU the same fit "
+             f"took {pr.get('cpu_fit_seconds', '–')} s. The costliest operators (self time, from "
+             "`torch.profiler`):", "", "| operator | calls | self CPU ms | self CUDA ms |", "|---|---|---|---|"]
+    for op in pr.get("top", []):
+        lines.append(f"| `{op['name']}` | {op['calls']} | {op['cpu_ms']} | {op['cuda_ms']} |")
+    return lines
+
+
 def markdown(doc: dict, args) -> str:
-    """GPU.md: the figures of ``doc``, a failed part as "failed"."""
+    """GPU.md's section of one run: the figures of ``doc`` (only the parts it ran), a failed part as
+    "failed"."""
     dev, ref = doc["devices"]
-    lines = [f"# GPU check ({doc['date']})", "", f"`python -m bench.gpu` on {doc['gpu']} ({doc['machine']}); "
-             f"versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + ".", "",
-             f"The `{ref}` column ran on that machine's CPU ({doc.get('cpu_threads')} torch threads); extraction is "
-             "`repair eval` of the tiny demo (`repair demo --size tiny`) on its test split; the solver rows are the "
-             "scale benchmark's problems (`bench.scale.make_problem`).", "",
-             f"| part | {dev} | {ref} |", "|---|---|---|"]
-    ext = doc.get("extraction") or {}
-    lines.append(f"| extraction (eval, no cache): wall s / embedding s | {_cell(ext.get(dev), 'wall_seconds', 'embedding_seconds')} | "
-                 f"{_cell(ext.get(ref), 'wall_seconds', 'embedding_seconds')} |")
+    lines = [f"# GPU check ({doc['date']})", "", f"`{doc.get('command', 'python -m bench.gpu')}` on {doc['gpu']} "
+             f"({doc['machine']}); versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + ".", ""]
+    ext = doc.get("extraction")
     solver = doc.get("solver")
+    if ext is not None or solver is not None:
+        lines += [f"The `{ref}` column ran on that machine's CPU ({doc.get('cpu_threads')} torch threads); extraction "
+                  "is `repair eval` of the tiny demo (`repair demo --size tiny`) on its test split; the solver rows "
+                  "are the scale benchmark's problems (`bench.scale.make_problem`).", "",
+                  f"| part | {dev} | {ref} |", "|---|---|---|"]
+    if ext is not None:
+        lines.append(f"| extraction (eval, no cache): wall s / embedding s | "
+                     f"{_cell(ext.get(dev), 'wall_seconds', 'embedding_seconds')} | "
+                     f"{_cell(ext.get(ref), 'wall_seconds', 'embedding_seconds')} |")
     if isinstance(solver, list):
         for C in args.classes:
             for method in ("dfr", "mix"):
@@ -293,23 +388,26 @@ def markdown(doc: dict, args) -> str:
                     lines.append(f"| {method}[groups] {args.n}x{args.d}, {C} classes: fit s / test WGA | "
                                  f"{_cell(r.get(dev), 'fit_seconds', 'test_worst_group')} | "
                                  f"{_cell(r.get(ref), 'fit_seconds', 'test_worst_group')} |")
-    else:
-        lines.append(f"| solver | {_cell(solver)} | |")
-    if isinstance(solver, list):
         peaks = [f"{x['classes']} classes {x['cuda_peak_mib']:.0f} MiB" + (" (mix)" if x["method"] == "mix" else "")
                  for x in solver if x.get("cuda_peak_mib") is not None]
         if peaks:
             emb = args.n * args.d * 4 / 2**20
             lines += ["", f"Peak GPU memory of the solver fits (`torch.cuda.max_memory_allocated`; the embeddings "
                           f"are {emb:.0f} MiB): " + ", ".join(peaks) + "."]
-    onnx = doc.get("onnx") or {}
-    lines += ["", f"ONNX export verified: {_cell(onnx, 'providers', 'passed', 'max_abs_diff', 'wall_seconds')} "
-              f"(providers / passed / max abs diff / wall s)."]
-    providers = (doc.get("versions") or {}).get("onnxruntime_providers") or []
-    if dev == "cuda" and "CUDAExecutionProvider" not in providers:
-        lines.append("onnxruntime's CUDA provider is not installed on this machine (`pip install "
-                     "repair-toolkit[gpu]` brings onnxruntime-gpu), so the verification ran on the CPU provider.")
-    lines += model_repairs_md(doc.get("model_repairs"), dev, ref)
+    elif solver is not None:
+        lines.append(f"| solver | {_cell(solver)} | |")
+    if doc.get("profile") is not None:
+        lines += profile_md(doc["profile"])
+    if doc.get("onnx") is not None:
+        onnx = doc["onnx"]
+        lines += ["", f"ONNX export verified: {_cell(onnx, 'providers', 'passed', 'max_abs_diff', 'wall_seconds')} "
+                  f"(providers / passed / max abs diff / wall s)."]
+        providers = (doc.get("versions") or {}).get("onnxruntime_providers") or []
+        if dev == "cuda" and "CUDAExecutionProvider" not in providers:
+            lines.append("onnxruntime's CUDA provider is not installed on this machine (`pip install "
+                         "repair-toolkit[gpu]` brings onnxruntime-gpu), so the verification ran on the CPU provider.")
+    if doc.get("model_repairs") is not None:
+        lines += model_repairs_md(doc["model_repairs"], dev, ref)
     tests = doc.get("tests")
     if isinstance(tests, list) and tests:
         lines += ["", f"Test files run on this machine (`--device auto` is {dev} here): " + "; ".join(
@@ -318,13 +416,33 @@ def markdown(doc: dict, args) -> str:
                + ("" if t.get("exit_code") in (0, 5) else " **FAILED**")) for t in tests) + "."]
     elif isinstance(tests, dict) and tests.get("error"):
         lines += ["", "Test files: failed (see gpu.json)."]
-    failed = [k for k in ("demo", "extraction", "solver", "model_repairs", "onnx", "tests")
-              if isinstance(doc.get(k), dict) and doc[k].get("error")]
+    failed = [k for k in PARTS if isinstance(doc.get(k), dict) and doc[k].get("error")]
     if failed:
         lines += ["", "Failed parts (errors in gpu.json): " + ", ".join(failed) + "."]
     for note in doc.get("notes") or []:
         lines += ["", f"Note: {note}."]
     return "\n".join(lines) + "\n"
+
+
+def _doc_args(doc: dict, args):
+    """``args`` with the sizes a gpu.json ran at (the defaults before "args" was kept)."""
+    import copy
+
+    a = copy.copy(args)
+    given = doc.get("args") or {}
+    solver = doc.get("solver") if isinstance(doc.get("solver"), list) else []
+    a.n, a.d = given.get("n", 50_000), given.get("d", 2_048)
+    a.classes = given.get("classes") or list(dict.fromkeys(x["classes"] for x in solver))
+    return a
+
+
+def markdown_all(docs: list, args) -> str:
+    """GPU.md from several runs' gpu.json, newest first, each its own section."""
+    docs = sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
+    parts = [markdown(d, _doc_args(d, args)) for d in docs]
+    parts = [p.replace("# GPU check", "# GPU check" if i == 0 else "## Earlier GPU check", 1)
+             for i, p in enumerate(parts)]
+    return "\n".join(parts)
 
 
 def main(argv=None) -> int:
@@ -343,17 +461,23 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="every part on the CPU in place of CUDA, small sizes")
     ap.add_argument("--parts", nargs="+", default=None, choices=PARTS,
                     help="only these parts (default: all; extraction, onnx and model_repairs need the demo)")
-    ap.add_argument("--from-json", type=Path, default=None, metavar="GPU_JSON",
-                    help="measure nothing: rewrite bench/GPU.md from a gpu.json a run brought back")
+    ap.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="GPU_JSON",
+                    help="measure nothing: rewrite bench/GPU.md from the gpu.json files runs brought back "
+                         "(each run its section, newest first)")
+    ap.add_argument("--task", default="demo",
+                    help="the benchmark task of the model repairs (default demo; a text task such as "
+                         "sst2_capped is built here unless bench/_work/tasks/NAME is there: carry it packed, "
+                         "python -m bench.carry)")
+    ap.add_argument("--model-rows", nargs="+", default=None,
+                    help="bench.rows.MODEL_ROWS labels of the model repairs (default mixft clp recompose on an "
+                         "image task, " + " ".join(TEXT_ROWS) + " on a text task)")
+    ap.add_argument("--cuda-only", action="store_true",
+                    help="the model repairs on CUDA alone (no CPU column: the CPU figures are bench/RESULTS.md's)")
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu.json (default bench/_work/gpu)")
     args = ap.parse_args(argv)
     if args.from_json is not None:
-        doc = json.loads(args.from_json.read_text())
-        given = doc.get("args") or {}
-        solver = doc.get("solver") if isinstance(doc.get("solver"), list) else []
-        args.n, args.d = given.get("n", 50_000), given.get("d", 2_048)     # the defaults before "args" was kept
-        args.classes = given.get("classes") or list(dict.fromkeys(x["classes"] for x in solver))
-        (args.out or BENCH).joinpath("GPU.md").write_text(markdown(doc, args))
+        docs = [json.loads(f.read_text()) for f in args.from_json]
+        (args.out or BENCH).joinpath("GPU.md").write_text(markdown_all(docs, args))
         return 0
     dry = args.dry_run
     args.n = args.n or (3_000 if dry else 50_000)
@@ -382,7 +506,8 @@ def main(argv=None) -> int:
            "gpu": "none (dry run)" if dry else torch.cuda.get_device_name(0), "versions": versions(),
            "cpu_threads": torch.get_num_threads(), "devices": [dev, ref], "dry_run": dry,
            "args": {"n": args.n, "d": args.d, "classes": args.classes, "model_seeds": args.model_seeds,
-                    "variants": args.variants, "deadline": args.deadline},
+                    "variants": args.variants, "deadline": args.deadline, "task": args.task,
+                    "model_rows": args.model_rows, "cuda_only": args.cuda_only},
            "command": "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
            "code": code_version()}
 
@@ -431,11 +556,11 @@ def main(argv=None) -> int:
         if dry:          # the tiny demo built above, as a benchmark task (its splits are the demo's)
             task = T.Task(name="demo", root=demo, model_dir=model, val=val, test=test, group_by="place",
                           info={"val": "data/val", "modality": "image"})
-        else:            # the benchmark's demo task (reused when carried, else built: seed 0)
-            task = T.build_task("demo", work_dir=BENCH / "_work", log=log)
-        return model_repair_rows(task, columns, seeds=args.model_seeds, variants=args.variants,
-                                 budget="3steps" if dry else None, work=work, deadline=t_start + args.deadline,
-                                 log=log)
+        else:            # the benchmark's task (reused when carried, else built: seed 0)
+            task = T.build_task(args.task, work_dir=BENCH / "_work", log=log)
+        return model_repair_rows(task, columns[:1] if args.cuda_only else columns, seeds=args.model_seeds,
+                                 variants=args.variants, budget="3steps" if dry else None, work=work,
+                                 deadline=t_start + args.deadline, log=log, rows=args.model_rows)
 
     def onnx():
         secs, rep = run(["export", model, "--data", val, "--device", columns[0][1], "--out", work / "demo.onnx",
@@ -455,6 +580,8 @@ def main(argv=None) -> int:
         part("extraction", extraction)
     if "solver" in todo:
         part("solver", lambda: solver_rows(args.classes, args.n, args.d, columns, log))
+    if "profile" in todo:
+        part("profile", lambda: profile_row(2, args.n, args.d, columns[0][1], log))
     if "onnx" in todo and demo_ok():
         part("onnx", onnx)
     if "model_repairs" in todo:

@@ -202,7 +202,11 @@ def test_the_gpu_check_runs_every_part_in_a_dry_run(tmp_path):
         (m, c, d) for m, c in (("dfr", 2), ("mix", 2), ("dfr", 10)) for d in ("cpu", "cpu-ref")}
     assert all(not x.get("error") and x["test_worst_group"] > 0.3 for x in rows)
     assert doc["onnx"]["passed"] is True and doc["onnx"]["max_abs_diff"] < 1e-3
+    # the solver's profile (on the CPU here: no kernel time), its costliest operators listed
+    pr = doc["profile"]
+    assert pr["fit_seconds"] > 0 and pr["classes"] == 2 and pr["top"] and pr["kernel_seconds"] == 0, pr
     md = (tmp_path / "gpu" / "GPU.md").read_text()
+    assert "Solver profile: `dfr` with group labels, 2 classes, 3000x64" in md
     assert "failed" not in md and "FAILED" not in md and "| balanced | recompose | " in md
     # the test files: a dry run runs the two CUDA-only tests, which skip on the CPU, from the checkout
     assert [(t["file"], t["k"], t["exit_code"]) for t in doc["tests"]] == [
@@ -230,7 +234,7 @@ def test_the_gpu_report_marks_a_failed_part_and_keeps_the_others():
     md = markdown(doc, SimpleNamespace(classes=[2], n=10, d=4))
     assert "| extraction (eval, no cache): wall s / embedding s | 2.0 / 0.5 | failed (see gpu.json) |" in md
     assert "| dfr[groups] 10x4, 2 classes: fit s / test WGA | 0.4 / 0.9 | failed (see gpu.json) |" in md
-    assert "Failed parts (errors in gpu.json): model_repairs, onnx." in md
+    assert "Failed parts (errors in gpu.json): onnx, model_repairs." in md
 
 
 def test_the_gpu_report_tables_the_model_repairs_per_seed_with_the_cpu_beside():
@@ -283,3 +287,32 @@ def test_the_gpu_check_reports_a_failing_test_file_and_one_the_deadline_stopped(
 
     md = markdown(doc, SimpleNamespace(classes=[], n=1, d=1))
     assert f"`{bad}` " in md and "1 failed" in md and "**FAILED**" in md
+
+
+def test_a_packed_text_task_carries_a_smaller_checkpoint_with_the_same_outputs(tmp_path):
+    """``bench.carry``: a text task packed for the lent GPU machine keeps only the word-embedding rows its
+    texts use, and unpacked gives the original's logits on every text of the task, exactly; the rows no
+    text uses are zero, the others and every other tensor the original's."""
+    from safetensors.torch import load_file
+
+    from bench import carry
+    from tests.conftest import make_bert_folder
+
+    task = tmp_path / "task"
+    make_bert_folder(task / "model")
+    (task / "data").mkdir()
+    (task / "data" / "val.csv").write_text("text,label\nthe movie was great,positive\nnot fun,negative\n")
+    (task / "data" / "test.jsonl").write_text('{"text": "the plot is awful", "label": "negative"}\n')
+    (task / "task.json").write_text(json.dumps({"model_dir": "model", "modality": "text"}))
+    packed = carry.pack(task, tmp_path / "packed")
+    assert packed["rows"] == 19 and 5 <= packed["rows_kept"] < 19, packed
+    assert carry.verify(task, tmp_path / "packed") == {"texts": 3, "max_abs_diff": 0.0}
+    carry.unpack(tmp_path / "packed", tmp_path / "back")
+    a = load_file(str(task / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    key = next(k for k in a if k.endswith("word_embeddings.weight"))
+    used = (b[key] != 0).any(1)
+    assert int(used.sum()) == packed["rows_kept"] and bool((a[key][used] == b[key][used]).all())
+    assert all(bool((a[k] == b[k]).all()) for k in a if k != key)
+    assert "carried" in json.loads((tmp_path / "back" / "task.json").read_text())
