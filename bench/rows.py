@@ -110,6 +110,9 @@ MODEL_ROWS: list[ModelRow] = [
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft-wig-last (auto-ft's mixft) as a uniform weight-space soup of three seeds' 4-epoch runs "
                   "from the same LP-FT start (members 3), then settled"),
+    ModelRow("mixft-fp32", "mixft", {"amp": False}, groups=(False,),
+             note="mixft without bfloat16 autocast on CUDA (amp false; on the CPU the same as mixft): what "
+                  "autocast changes"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
              note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
