@@ -110,11 +110,17 @@ MODEL_ROWS: list[ModelRow] = [
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
              note="mixft-lpft-wig-last (auto-ft's mixft) as a uniform weight-space soup of three seeds' 4-epoch runs "
                   "from the same LP-FT start (members 3), then settled"),
+    ModelRow("mixft-all", "mixft", {"scope": "all"}, groups=(False,), modalities=("text",),
+             note="mixft training every layer (scope all, what scope auto picks on CUDA) on the CPU too, where "
+                  "auto trains the last two"),
     ModelRow("mixft-fp32", "mixft", {"amp": False}, groups=(False,),
              note="mixft without bfloat16 autocast on CUDA (amp false; on the CPU the same as mixft): what "
                   "autocast changes"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
              note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
+    ModelRow("auto-ft-defaults", "mixft", {}, groups=(False,),
+             recipe=str(Path(__file__).resolve().parent / "recipes" / "auto-ft-mixft-defaults.yaml"),
+             note="auto-ft with its mixft candidate at mixft's defaults (every layer) instead of the LP-FT setting"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
              note="retraining with causal logit perturbation (attribution masks), the method's defaults"),
     ModelRow("clp-unsettled", "clp", {"settle": "off"}, groups=(False,), modalities=("image",),
