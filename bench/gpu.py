@@ -13,6 +13,13 @@
   by side, then seeds 1 and 2 on CUDA, as long as the time limit (``--deadline``) leaves room. The task
   is the one under ``bench/_work/tasks/demo`` when it is there (carry it to the lent machine: 27 MB, so
   the figures are on the checkpoint of ``bench/RESULTS.md``), else it is built (seed 0, about 30 s);
+* ``--task NAME``: the model repairs on another benchmark task, such as a text task (``sst2_capped``: the
+  rows :data:`TEXT_ROWS`, or ``--model-rows``); its checkpoint is over what the device tool carries, so pack
+  it here (``python -m bench.carry pack bench/_work/tasks/NAME .gpucarry/NAME``: the same outputs on the
+  task's texts in 55 MiB), carry ``.gpucarry`` and unpack it there first; ``--cuda-only`` leaves out the
+  CPU column (the CPU figures are ``bench/RESULTS.md``'s);
+* the solver's profile (``profile``): one 2-class ``dfr`` fit under ``torch.profiler`` -- kernel time,
+  kernel launches, the points where the host waits for the device -- to say where its time goes;
 * ONNX: ``repair export`` verified with onnxruntime (the report lists the providers it used: CUDA's
   when ``onnxruntime-gpu`` is installed);
 * tests: the test files that exercise CUDA there (:data:`CUDA_TESTS`: the two CUDA-only tests and the

@@ -289,8 +289,18 @@ def _fix(td: TaskData, seed: int, recipe: str, with_groups: bool, cache_dir: Pat
             "test": _scores(rep["after"]), "erm_test_by_fix": _scores(rep["before"]),
             "fit_seconds": rep["timing"]["fit_seconds"], "fix_total_seconds": secs, "peak_rss_mib": mem,
             "selection_criterion": rep.get("selection_criterion"), "warnings": rep.get("warnings"),
-            "candidates": _jsonable(rep.get("candidates")), "model_change": _jsonable(rep.get("model_change")),
+            "candidates": _jsonable(rep.get("candidates")), "model_change": _jsonable(_short_change(rep.get("model_change"))),
             "diagnostics": _jsonable(rep.get("diagnostics"))}
+
+
+def _short_change(mc: Optional[dict]) -> Optional[dict]:
+    """``model_change`` with a long list of changed tensors (every layer of a network trained) cut to its
+    count and first names, so the record keeps ``stopped_by`` and the rest whole (a record over
+    :func:`bench.measure._jsonable`'s limit is kept only as truncated text)."""
+    names = (mc or {}).get("changed_tensors")
+    if not isinstance(names, list) or len(names) <= 12:
+        return mc
+    return {**mc, "changed_tensors": {"count": len(names), "first": names[:5]}}
 
 
 def run_auto(td: TaskData, seed: int, with_groups: bool, cache_dir: Path, scratch: Path) -> dict:

@@ -316,3 +316,18 @@ def test_a_packed_text_task_carries_a_smaller_checkpoint_with_the_same_outputs(t
     assert int(used.sum()) == packed["rows_kept"] and bool((a[key][used] == b[key][used]).all())
     assert all(bool((a[k] == b[k]).all()) for k in a if k != key)
     assert "carried" in json.loads((tmp_path / "back" / "task.json").read_text())
+
+
+def test_a_model_repairs_record_keeps_how_training_stopped_when_every_tensor_changed():
+    """A benchmark row's ``model_change`` of a repair that trained every layer (105 tensors of MiniLM) was cut
+    to truncated text by the record's size limit, losing ``stopped_by``; the list is now cut to its count."""
+    from bench.measure import _jsonable
+    from bench.rows import _short_change
+
+    mc = {"changed_tensors": [f"bert.encoder.layer.{i}.attention.self.query.weight" for i in range(105)],
+          "steps": 48, "stopped_by": "early stopping", "settle": {"alpha": 1.0}}
+    assert "stopped_by" not in _jsonable(mc)
+    kept = _jsonable(_short_change(mc))
+    assert kept["stopped_by"] == "early stopping" and kept["changed_tensors"]["count"] == 105
+    assert _short_change({"changed_tensors": ["classifier.weight"], "stopped_by": "epochs"})["changed_tensors"] == [
+        "classifier.weight"]
