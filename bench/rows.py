@@ -54,7 +54,7 @@ class ModelRow:
     recipe: Optional[str] = None           # a built-in recipe to run instead of the one-method recipe
 
 
-#: auto-ft's mixft setting (recipes/auto-ft.yaml): LP-FT start, lr 5e-4, the whole 4-epoch schedule kept at its
+#: auto-ft's mixft setting until the twentieth session (recipes/auto-ft.yaml): LP-FT start, lr 5e-4, the whole 4-epoch schedule kept at its
 #: last step, selected by the worst inferred group; the rows that vary one option of it start from this. Written
 #: out rather than read from the recipe, so that the rows keep the setting they were measured with; a test
 #: (tests/test_bench_smoke.py) says when the recipe moves away from it
@@ -90,13 +90,13 @@ MODEL_ROWS: list[ModelRow] = [
                   "evaluation, which on some seeds was the start; then settled"),
     ModelRow("mixft-lpft-last", "mixft", {**_LPFT_WIG_LAST, "settle": "either"},
              modalities=("image",), budget="4epochs", groups=(False,),
-             note="the capped task's mixft setting (mixft-lpft-wig-last, auto-ft's candidate) on the image tasks"),
+             note="the capped task's mixft setting (mixft-lpft-wig-last, auto-ft's candidate until the twentieth session) on the image tasks"),
     ModelRow("mixft-orig", "mixft", {"settle_strength": "original"}, groups=(False,),
              note="mixft whose settled bodies' refitted heads all take the strength repeated folds choose for "
                   "the original body (settle_strength original) instead of each body's held-out choice"),
     ModelRow("mixft-lpft-wig-last-orig", "mixft", {**_LPFT_WIG_LAST, "settle_strength": "original"},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
-             note="mixft-lpft-wig-last (auto-ft's mixft) with settle_strength original"),
+             note="mixft-lpft-wig-last (auto-ft's mixft until the twentieth session) with settle_strength original"),
     ModelRow("mixft-soup3", "mixft", {"members": 3}, groups=(False,), modalities=("image",),
              note="mixft as a weight-space soup of three seeds' training from the same start (members 3), then "
                   "settled"),
@@ -105,10 +105,10 @@ MODEL_ROWS: list[ModelRow] = [
                   "the best held-out score (settle_strength heldout_1se) instead of the best itself"),
     ModelRow("mixft-lpft-wig-last-1se", "mixft", {**_LPFT_WIG_LAST, "settle_strength": "heldout_1se"},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
-             note="mixft-lpft-wig-last (auto-ft's mixft) with settle_strength heldout_1se"),
+             note="mixft-lpft-wig-last (auto-ft's mixft until the twentieth session) with settle_strength heldout_1se"),
     ModelRow("mixft-lpft-wig-last-soup3", "mixft", {**_LPFT_WIG_LAST, "members": 3},
              modalities=("text",), budget="4epochs", tasks=("sst2_capped",), groups=(False,),
-             note="mixft-lpft-wig-last (auto-ft's mixft) as a uniform weight-space soup of three seeds' 4-epoch runs "
+             note="mixft-lpft-wig-last (auto-ft's mixft until the twentieth session) as a uniform weight-space soup of three seeds' 4-epoch runs "
                   "from the same LP-FT start (members 3), then settled"),
     ModelRow("mixft-all", "mixft", {"scope": "all"}, groups=(False,), modalities=("text",),
              note="mixft training every layer (scope all, what scope auto picks on CUDA) on the CPU too, where "
@@ -120,7 +120,8 @@ MODEL_ROWS: list[ModelRow] = [
              note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
     ModelRow("auto-ft-defaults", "mixft", {}, groups=(False,),
              recipe=str(Path(__file__).resolve().parent / "recipes" / "auto-ft-mixft-defaults.yaml"),
-             note="auto-ft with its mixft candidate at mixft's defaults (every layer) instead of the LP-FT setting"),
+             note="auto-ft with its mixft candidate at mixft's defaults (every layer) instead of the LP-FT setting: "
+                  "what recipe auto-ft runs since the twentieth session (a test keeps the two the same)"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
              note="retraining with causal logit perturbation (attribution masks), the method's defaults"),
     ModelRow("clp-unsettled", "clp", {"settle": "off"}, groups=(False,), modalities=("image",),

@@ -155,20 +155,24 @@ def test_replace_tasks_drops_the_old_build_before_merging():
         parse_args(["--replace-tasks", "t"])
 
 
-def test_rows_named_after_auto_ft_run_its_mixft_setting():
-    # the rows that vary auto-ft's mixft (mixft-lpft-wig-last*, and mixft-lpft-last, its setting on the image
-    # tasks) must measure what the recipe runs: when the recipe's setting moves, this fails, and the rows get a
-    # new setting (and new figures) on purpose
+def test_the_auto_ft_row_of_the_benchmark_runs_what_the_recipe_runs():
+    # auto-ft's candidates (mixft at its defaults since the twentieth session) and the bench recipe of the
+    # row auto-ft-defaults (bench/recipes/auto-ft-mixft-defaults.yaml, which measured it first) must stay the
+    # same: when the recipe moves, this fails, and the row gets new figures on purpose; the rows that vary the
+    # former LP-FT setting (mixft-lpft-wig-last*) keep it whole
     from bench.rows import _LPFT_WIG_LAST, MODEL_ROWS
     from repair.recipes import load_recipe
 
-    recipe = [c.params for c in load_recipe("auto-ft").candidates if c.method == "mixft"]
-    assert recipe == [_LPFT_WIG_LAST]
+    ours = load_recipe("auto-ft")
+    bench = load_recipe(str(ROOT / "bench" / "recipes" / "auto-ft-mixft-defaults.yaml"))
+    assert [(c.method, c.params) for c in ours.candidates] == [(c.method, c.params) for c in bench.candidates]
+    assert [c.params for c in ours.candidates if c.method == "mixft"] == [{}]
+    assert (ours.folds, ours.repeats, ours.ensemble) == (bench.folds, bench.repeats, bench.ensemble)
     rows = {r.label: r.params for r in MODEL_ROWS
             if r.label.startswith("mixft-lpft-wig-last") or r.label == "mixft-lpft-last"}
-    assert rows["mixft-lpft-wig-last"] == recipe[0] and len(rows) >= 5
-    for label, params in rows.items():   # each variant only adds options the recipe does not set
-        assert {k: v for k, v in params.items() if k in recipe[0]} == recipe[0], label
+    assert rows["mixft-lpft-wig-last"] == _LPFT_WIG_LAST and len(rows) >= 5
+    for label, params in rows.items():   # each variant only adds options to the LP-FT setting
+        assert {k: v for k, v in params.items() if k in _LPFT_WIG_LAST} == _LPFT_WIG_LAST, label
 
 
 def test_the_gpu_check_runs_every_part_in_a_dry_run(tmp_path):
