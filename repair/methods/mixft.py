@@ -124,16 +124,12 @@ from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS, check_scope
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
 
-#: what ``scope: auto`` trains, by device and modality (measured; see the module docstring)
-AUTO_SCOPE = {("cpu", "image"): "all", ("cpu", "text"): "all", ("cuda", "image"): "all", ("cuda", "text"): "all"}
-
-
 
 @dataclass
 class MixFTConfig(LoopConfig, SettleSettings):
     lr: float = setting(1e-4, gt=0)
     epochs: float = setting(8.0, gt=0, doc="epochs over the training part (a --budget overrides)")
-    scope: str = setting("auto", doc="auto (device decides) | head | all | last:N | names:REGEX")
+    scope: str = setting("auto", doc="auto (= all: every layer) | head | all | last:N | names:REGEX")
     lora: bool = setting(False, doc="train peft LoRA adapters on the scope's layers (merged before saving)")
     lora_rank: int = setting(8, ge=1, le=4096)
     lora_alpha: float = setting(16.0, gt=0)
@@ -243,12 +239,6 @@ def _mix_point(tm, trained: list, asked: int):
     return max(0, frozen - 1)
 
 
-def resolve_scope(scope: str, device: torch.device, modality: str) -> str:
-    if scope != "auto":
-        return scope
-    return AUTO_SCOPE.get((device.type if device.type == "cuda" else "cpu", modality), "all")
-
-
 @register_model_repair("mixft", summary="data-mixing fine-tuning (Xue et al. 2023): every attribute mixed into every "
                                         "class (label kept), the network fine-tuned on it, early-stopped on the "
                                         "held-out criterion", config=MixFTConfig, groups="optional")
@@ -266,7 +256,7 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
     else:
         groups, source = sess.groups, ("given" if sess.group_source == "given" else "inferred: errors")
     mixer = _Mixer(sess.train_idx, groups, sess.y, cfg)
-    scope = resolve_scope(cfg.scope, dev, tm.modality)
+    scope = "all" if cfg.scope == "auto" else cfg.scope
     names = tm.select(scope)
     point = _mix_point(tm, names, cfg.mix_point)
     before = tm.state()
