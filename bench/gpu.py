@@ -88,21 +88,42 @@ def run(args: list, log, quiet: bool = True) -> tuple[float, dict]:
     return secs, json.loads(r.stdout)
 
 
+def _warm_cuda() -> None:
+    """CUDA's context and cuBLAS's handle are made by the first call (about a second): made here, so no
+    timed fit pays for them."""
+    import torch
+
+    a = torch.randn(256, 256, device="cuda")
+    float((a @ a).sum())
+    torch.cuda.synchronize()
+
+
+def _timed_fit(method: str, p: dict, device: str):
+    """``method`` with group labels on a :func:`bench.scale.make_problem` problem on ``device``: (wall
+    seconds, the result), the device's queue drained before and after."""
+    import torch
+
+    from repair.methods import RepairInputs, get_method
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = get_method(method)(RepairInputs(X=p["X"], y=p["y"], W=p["W0"], b=p["b0"], groups=p["g"], device=device))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, res
+
+
 def solver_rows(classes_list, n: int, d: int, columns, log) -> list[dict]:
     """``dfr`` with group labels (and ``mix`` with two classes) on the scale benchmark's planted-shortcut
     problems (:func:`bench.scale.make_problem`: the problems of ``bench/SCALE.md``, so the figures compare
     with it), once per ``(label, device)`` of ``columns``: fit time and test figures, or the error."""
     import torch
 
-    from repair.methods import RepairInputs, get_method
-
     from .scale import _scores, make_problem
 
     if any(device == "cuda" for _, device in columns):
-        # CUDA's context and cuBLAS's handle are made by the first call (about a second): not a fit's time
-        a = torch.randn(256, 256, device="cuda")
-        float((a @ a).sum())
-        torch.cuda.synchronize()
+        _warm_cuda()
     out = []
     for C in classes_list:
         p = make_problem(C, n=n, d=d)
@@ -110,14 +131,8 @@ def solver_rows(classes_list, n: int, d: int, columns, log) -> list[dict]:
             row = {"method": method, "classes": C, "device": label}
             try:
                 if device == "cuda":
-                    torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                res = get_method(method)(RepairInputs(X=p["X"], y=p["y"], W=p["W0"], b=p["b0"], groups=p["g"],
-                                                      device=device))
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                secs = time.perf_counter() - t0
+                secs, res = _timed_fit(method, p, device)
             except Exception as e:           # recorded; the other rows still run
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"{method} {C} classes on {label}: {row['error']}")
@@ -139,28 +154,17 @@ def profile_row(C: int, n: int, d: int, device: str, log, repeats: int = 3) -> d
     kernel time, the kernel launches, the points where the host waited for the GPU (device-to-host copies
     and synchronizes) and the costliest operators by self time; and the same fit's time on the CPU, to
     say where the GPU's time goes when it is slower than the CPU."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
-
-    from repair.methods import RepairInputs, get_method
 
     from .scale import make_problem
 
     p = make_problem(C, n=n, d=d)
-    fit = get_method("dfr")
 
     def once(dev):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        res = fit(RepairInputs(X=p["X"], y=p["y"], W=p["W0"], b=p["b0"], groups=p["g"], device=dev))
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, res
+        return _timed_fit("dfr", p, dev)
 
     if device == "cuda":
-        a = torch.randn(256, 256, device="cuda")
-        float((a @ a).sum())
+        _warm_cuda()
     times, res = [], None
     for _ in range(repeats):
         secs, res = once(device)

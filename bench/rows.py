@@ -111,8 +111,8 @@ MODEL_ROWS: list[ModelRow] = [
              note="mixft-lpft-wig-last (auto-ft's mixft until the twentieth session) as a uniform weight-space soup of three seeds' 4-epoch runs "
                   "from the same LP-FT start (members 3), then settled"),
     ModelRow("mixft-all", "mixft", {"scope": "all"}, groups=(False,), modalities=("text",),
-             note="mixft training every layer (scope all, what scope auto picks on CUDA) on the CPU too, where "
-                  "auto trains the last two"),
+             note="mixft training every layer (scope all): what scope auto trained on CUDA but not on the CPU (the "
+                  "last two layers of a text model there) until the twentieth session; the same as mixft since"),
     ModelRow("mixft-fp32", "mixft", {"amp": False}, groups=(False,),
              note="mixft without bfloat16 autocast on CUDA (amp false; on the CPU the same as mixft): what "
                   "autocast changes"),
