@@ -113,6 +113,12 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-all", "mixft", {"scope": "all"}, groups=(False,), modalities=("text",),
              note="mixft training every layer (scope all): what scope auto trained on CUDA but not on the CPU (the "
                   "last two layers of a text model there) until the twentieth session; the same as mixft since"),
+    ModelRow("mixft-tail", "mixft", {"keep": "tail", "patience": 0}, groups=(False,),
+             note="mixft run to the end of its schedule, ending at the average of the states at the held-out "
+                  "evaluations of the schedule's second half (keep tail) instead of the best one, then settled"),
+    ModelRow("mixft-last", "mixft", {"keep": "last", "patience": 0}, groups=(False,),
+             note="mixft run to the end of its schedule and ending at its last step (keep last) instead of the "
+                  "best held-out evaluation, then settled"),
     ModelRow("mixft-fp32", "mixft", {"amp": False}, groups=(False,),
              note="mixft without bfloat16 autocast on CUDA (amp false; on the CPU the same as mixft): what "
                   "autocast changes"),

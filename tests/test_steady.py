@@ -498,6 +498,61 @@ def test_keep_last_ends_at_the_last_step_even_when_the_start_scored_best():
     assert rl.best_score == pytest.approx(sl[0]) == pytest.approx(rl.history[-1]["score"])
 
 
+def test_keep_tail_ends_at_the_average_of_the_states_evaluated_after_the_midpoint():
+    """``keep="tail"``: the weights end at the uniform average of the states at the held-out
+    evaluations after the schedule's midpoint (not the last state, not the best), and the reported
+    score is that average's; a run stopped before the midpoint keeps its last state."""
+    from repair.modelrepair.finetune import Budget, LoopConfig, train
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 3, generator=gen)
+    y = (X[:, 0] > 0).long()
+    lin = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in lin.parameters()]
+
+    def step(i, g):
+        return torch.nn.functional.cross_entropy(lin(X), y)
+
+    seen = []
+
+    def evaluate():
+        seen.append([p.detach().clone() for p in lin.parameters()])
+        acc = float((lin(X).argmax(1) == y).float().mean())
+        return acc, acc
+
+    def run(**kw):
+        seen.clear()
+        with torch.no_grad():
+            for p, v in zip(lin.parameters(), start):
+                p.copy_(v)
+        cfg = LoopConfig(epochs=6, lr=0.1, patience=0, keep="tail", warmup_fraction=0.0, **kw)
+        return train(list(lin.parameters()), step, evaluate, cfg, steps_per_epoch=1, progress=False,
+                     budget=Budget(seconds=1000.0))
+
+    r = run()
+    assert r.averaged == [4, 5, 6] and r.steps == 6
+    states = seen[4:7]                                   # evaluations at steps 0..6, then the average's
+    for k, p in enumerate(lin.parameters()):
+        mean = sum(s[k] for s in states) / 3
+        torch.testing.assert_close(p.detach(), mean)
+        assert not torch.allclose(p.detach(), states[-1][k])          # not the last state
+    assert len(seen) == 8 and (r.best_score, r.best_accuracy) == evaluate()
+    assert r.describe()["averaged_steps"] == [4, 5, 6]
+
+    # early stopping (patience 2, a held-out score that never improves) ends the 6-step run at step 2,
+    # before the midpoint: the last state
+    seen.clear()
+    with torch.no_grad():
+        for p, v in zip(lin.parameters(), start):
+            p.copy_(v)
+    r = train(list(lin.parameters()), step, lambda: (evaluate(), (0.5, 0.5))[1],
+              LoopConfig(epochs=6, lr=0.1, patience=2, keep="tail"), steps_per_epoch=1, progress=False,
+              budget=Budget(seconds=1000.0))
+    assert r.averaged is None and r.steps == 2 and r.stopped_by == "early stopping"
+    for p, s in zip(lin.parameters(), seen[-1]):
+        torch.testing.assert_close(p.detach(), s)
+
+
 class _FoldCtx:
     """Just enough of :class:`repair.choosing.FitContext` for :func:`repair.choosing._escalate`: a head
     that predicts ``head_pred`` whatever rows it is fitted on (the embeddings are its one-hot rows, the

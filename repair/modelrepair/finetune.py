@@ -125,6 +125,10 @@ class Budget:
 HEADS = ("own", "refit")
 
 
+#: ``keep`` values: the weights a training run ends with (:func:`train`)
+KEEPS = ("best", "last", "tail")
+
+
 #: the largest training batch a setting may ask for: a batch is drawn with replacement at its full size
 #: and held in memory with its activations (100,000 images killed the process)
 MAX_BATCH = 4096
@@ -145,10 +149,12 @@ class LoopConfig:
     patience: int = setting(3, ge=0, doc="evaluations without improvement before stopping; 0 = never stop early")
     freeze_bn: bool = True
     amp: bool = setting(True, doc="bfloat16 autocast on CUDA (ignored on CPU)")
-    keep: str = setting("best", choices=("best", "last"),
+    keep: str = setting("best", choices=KEEPS,
                         doc="the weights training ends with: best = the best held-out evaluation (the start "
                             "included), last = the last step's (a schedule run to its end; settling still compares "
-                            "them with the start when settle_alphas has 0)")
+                            "them with the start when settle_alphas has 0); tail = the uniform average of the "
+                            "states at the held-out evaluations in the second half of the schedule (the last "
+                            "state when training ended before any)")
     stop_head: str = setting("own", choices=HEADS,
                              doc="what each held-out evaluation (early stopping, the kept state) scores: own = "
                                  "the model with its own head; refit = its body with a group-balanced head "
@@ -211,11 +217,15 @@ class LoopResult:
     stopped_by: str                    # one of STOPPED_BY: what ended training
     history: list = field(default_factory=list)   # [{"step", "loss", extras..., "score", "accuracy"}]
     budget: dict = field(default_factory=dict)    # the budget in force (Budget.describe(), "default": bool)
+    averaged: Optional[list] = None    # keep "tail": the steps whose states were averaged into the result
 
     def describe(self) -> dict:
-        return {"steps": self.steps, "best_step": self.best_step, "best_heldout_score": self.best_score,
-                "best_heldout_accuracy": self.best_accuracy, "seconds": round(self.seconds, 3),
-                "stopped_by": self.stopped_by, "budget": self.budget, "history": self.history}
+        out = {"steps": self.steps, "best_step": self.best_step, "best_heldout_score": self.best_score,
+               "best_heldout_accuracy": self.best_accuracy, "seconds": round(self.seconds, 3),
+               "stopped_by": self.stopped_by, "budget": self.budget, "history": self.history}
+        if self.averaged is not None:
+            out["averaged_steps"] = self.averaged
+        return out
 
 
 StepFn = Callable[[int, torch.Generator], Union[torch.Tensor, dict]]
@@ -232,7 +242,11 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     ``evaluate()`` returns ``(held-out criterion score, held-out mean accuracy)`` with the
     model in whatever mode it needs (the loop restores train mode). The parameters end
     at the best evaluated state (the last state when ``evaluate`` is None or ``cfg.keep`` is
-    ``"last"``; ``best_step`` is then the last step). ``buffers``: tensors training changes besides
+    ``"last"``; ``best_step`` is then the last step). ``cfg.keep == "tail"``: at the uniform
+    average of the states at the evaluations after the schedule's midpoint (tail averaging, a
+    weight-space average along one run in the spirit of SWA, Izmailov et al. 2018: it does not
+    rest on which one noisy held-out evaluation scored best), scored once more; the last state
+    when training ended before the midpoint; the result's ``averaged`` lists the steps averaged. ``buffers``: tensors training changes besides
     the parameters (BatchNorm's running statistics when it is not frozen,
     ``TrainableModel.running_stats``): kept, restored and averaged with them, so the state that ends
     the loop is one that was evaluated.
@@ -315,6 +329,10 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
     best: Optional[tuple] = None
     best_state: Optional[list] = None
     best_step, stale, history = 0, 0, []
+    keep = getattr(cfg, "keep", "best")
+    tail_from = total // 2                 # keep "tail": the evaluations after the schedule's midpoint
+    tail_sum: Optional[list] = None
+    tail_steps: list = []
     stopped = limit
     t0 = time.perf_counter()
     loss_sum, loss_n, i = 0.0, 0, 0
@@ -332,8 +350,21 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
             shown["heldout"] = f"{100 * history[-1]['score']:.1f}%"
         return shown
 
+    def add_to_tail() -> None:
+        nonlocal tail_sum
+        with torch.no_grad():
+            state = [p.detach() for p in (*params, *buffers)]
+            if tail_sum is None:
+                tail_sum = [torch.zeros_like(p, dtype=torch.float32 if p.is_floating_point() else torch.float64)
+                            for p in state]
+            for acc, p in zip(tail_sum, state):
+                acc.add_(p.to(acc.dtype))
+        tail_steps.append(i)
+
     def check() -> bool:
         nonlocal best, best_state, best_step, stale
+        if keep == "tail" and i > tail_from:
+            add_to_tail()
         if evaluate is None:
             return False
         score, acc = evaluate()
@@ -383,18 +414,26 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
                     break
     finally:
         bar.close()
-    keep_best = getattr(cfg, "keep", "best") == "best"
+    keep_best = keep == "best"
     if best_state is not None and keep_best:
         with torch.no_grad():
             for p, v in zip((*params, *buffers), best_state):
                 p.copy_(v)
+    elif keep == "tail" and tail_sum is not None:      # the tail's average, scored once more
+        with torch.no_grad():
+            for p, acc in zip((*params, *buffers), tail_sum):
+                mean = acc / len(tail_steps)
+                p.copy_((mean if p.is_floating_point() else mean.round()).to(p.dtype))
+        if evaluate is not None:
+            best = tuple(float(v) for v in evaluate())
     elif history:                                      # the last state: the last evaluation's scores
         best = (history[-1]["score"], history[-1]["accuracy"])
     return LoopResult(steps=i, best_step=best_step if evaluate is not None and keep_best else i,
                       best_score=None if best is None else best[0],
                       best_accuracy=None if best is None else best[1],
                       seconds=time.perf_counter() - t0, stopped_by=stopped, history=history,
-                      budget={**budget.describe(), "default": default_budget})
+                      budget={**budget.describe(), "default": default_budget},
+                      averaged=tail_steps if keep == "tail" and tail_sum is not None else None)
 
 
 def draw_batch(pool: torch.Tensor, groups: Optional[torch.Tensor], batch_size: int,
