@@ -119,6 +119,14 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-last", "mixft", {"keep": "last", "patience": 0}, groups=(False,),
              note="mixft run to the end of its schedule and ending at its last step (keep last) instead of the "
                   "best held-out evaluation, then settled"),
+    ModelRow("mixft-tail-soup3", "mixft", {"keep": "tail", "patience": 0, "members": 3}, groups=(False,),
+             modalities=("image",),
+             note="mixft-tail as a uniform weight-space soup of three seeds' runs from the same start (members 3), "
+                  "then settled"),
+    ModelRow("mixft-unsettled", "mixft", {"settle": "off"}, groups=(False,),
+             note="mixft's early-stopped weights with their own head, not settled (settle off)"),
+    ModelRow("mixft-tail-unsettled", "mixft", {"keep": "tail", "patience": 0, "settle": "off"}, groups=(False,),
+             note="mixft-tail's averaged weights with their own head, not settled (settle off)"),
     ModelRow("mixft-fp32", "mixft", {"amp": False}, groups=(False,),
              note="mixft without bfloat16 autocast on CUDA (amp false; on the CPU the same as mixft): what "
                   "autocast changes"),

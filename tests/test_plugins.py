@@ -285,7 +285,7 @@ def test_builtin_recipes_live_in_the_top_level_folder_with_one_line_each():
         r = load_recipe(n)                                  # --recipe NAME finds every file
         assert r.source == f"{n}.yaml" and r.plugins == ()
         assert av[n] and "\n" not in av[n] and len(av[n]) < 400, n
-    assert av["auto-ft"] == "auto's head repairs plus data-mixing fine-tuning of the network (mixft, from a refitted head)."
+    assert av["auto-ft"] == "auto's head repairs plus data-mixing fine-tuning of the network (mixft, every layer)."
     assert [c.label for c in load_recipe("clp-ablation").candidates] == ["clp(meta=False)"]
 
 
