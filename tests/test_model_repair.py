@@ -287,3 +287,26 @@ def test_a_mask_that_is_a_symlink_out_of_the_masks_folder_is_refused(tmp_path):
     first.symlink_to(tmp_path / "outside" / "x.png")
     with pytest.raises(BadInput, match="symlink leading outside the --masks folder"):
         load_masks(tmp_path / "m", items, data, cfg)
+
+
+def test_a_mask_is_found_under_the_common_folder_then_the_items_own_then_by_name(tmp_path):
+    """``--data`` and ``--train`` together: a masks folder laid out like the folder both share is read
+    first (two images with the same path under their own folders keep their own masks); one laid out
+    like an item's own folder is read next; a flat folder by file name last."""
+    from repair.modelrepair.masks import mask_file
+
+    data, train, masks = tmp_path / "d" / "val", tmp_path / "d" / "train", tmp_path / "m"
+    for f in (data / "a" / "x.jpg", train / "a" / "x.jpg", data / "a" / "y.jpg", data / "b" / "z.jpg"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"")
+    for f in (masks / "val" / "a" / "x.png", masks / "train" / "a" / "x.png", masks / "a" / "y.png", masks / "z.png"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"")
+    common = tmp_path / "d"
+    assert mask_file(masks, data / "a" / "x.jpg", (common, data)) == masks / "val" / "a" / "x.png"
+    assert mask_file(masks, train / "a" / "x.jpg", (common, train)) == masks / "train" / "a" / "x.png"
+    assert mask_file(masks, data / "a" / "y.jpg", (common, data)) == masks / "a" / "y.png"
+    assert mask_file(masks, data / "b" / "z.jpg", (common, data)) == masks / "z.png"
+    assert mask_file(masks, data / "a" / "y.jpg", data) == masks / "a" / "y.png"       # one folder, as before
+    missing = data / "b" / "w.jpg"
+    assert mask_file(masks, missing, (common, data)) == masks / "val" / "b" / "w.jpg"   # named as the first

@@ -332,8 +332,10 @@ class ClpRun:
             if train_set is not None:
                 troot = Path(train_set.source)
                 troot = troot if troot.is_dir() else troot.parent
-                root = Path(os.path.commonpath([root.resolve(), troot.resolve()]))
-                self.train_pool.masks = self._masks("given", self.train_pool, train_set.items, root)
+                common = Path(os.path.commonpath([root.resolve(), troot.resolve()]))
+                # masks named by the path under the folder both share, else under the item's own folder
+                self.train_pool.masks = self._masks("given", self.train_pool, train_set.items, (common, troot))
+                root = (common, root)
             self.meta_pool.masks = self._masks("given", self.meta_pool, self.inputs.items, root)
             return {"source": f"given (--masks {given})",
                     "foreground_share": round(float(self.meta_pool.masks.mean()), 4)}

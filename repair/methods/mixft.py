@@ -77,6 +77,17 @@ seconds of the fit, wall clock was 4-8x more):
   the development machine's CPU 76.0 in 391 s (1 thread, shared): the gain is the scope, not
   the device or bfloat16 (CUDA without autocast: 77.2 balanced). ``bench/RESULTS.md`` has the
   runs. A time ``--budget`` (10 minutes by default) still bounds a long-text repair set.
+- ``keep: best`` (early stopping at the best held-out evaluation, the default) against ``keep: tail``
+  (the schedule run to its end, the states at the evaluations of its second half averaged) and
+  ``keep: last``, each settled, label-free, test WGA mean +- std over seeds 0-2 (bench rows
+  ``mixft``, ``mixft-tail``, ``mixft-last``; twenty-first session): ``sst2_capped`` balanced 77.2 +- 1.3
+  / 77.5 +- 2.6 / -, skewed 68.3 +- 8.0 / 65.0 +- 4.4 / 66.0 +- 3.5; coloured MNIST balanced 92.8 +- 1.0 /
+  91.2 +- 1.1 / 92.7 +- 1.1, skewed 84.1 +- 4.1 / 80.3 +- 0.3 / 79.8 +- 2.9; demo balanced 80.4 +- 2.8 /
+  81.6 +- 2.2 / 81.7 +- 1.8, skewed 83.3 +- 3.9 / 82.3 +- 4.3 / 80.9 +- 4.8. The averaged run is steadier
+  on two of three skewed sets and lower on all three -> best stays the default. Unsettled (``settle:
+  off``, the run's own head), the averaged run is the steadiest on the skewed demo (87.7 +- 1.3, against
+  81.7 +- 8.7 early-stopped) but far below on the balanced demo (71.2 +- 0.9) and on the capped skewed
+  set (63.0 +- 5.4) -> settling by a refitted head stays.
 - SST-2 is where ``mixft`` does NOT yet reach the issue's target (label-free test WGA >=
   the best last-layer row + 5, about 75): ``head_init: refit`` + last 2 layers, lr 1e-4,
   8 epochs kept the refitted head (68.5 / 77.2, the last-layer level; fine-tuning first

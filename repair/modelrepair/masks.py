@@ -38,21 +38,30 @@ MASK_SOURCES = ("auto", "given", "segmenter", "attribution", "contrast")
 
 #: the user inputs of the mask sources, declared by the model repairs that use them
 MASKS = Resource("masks", kind="folder",
-                 help="Model repairs on images: a folder of foreground masks (white = object), one per image, same name.")
+                 help="Model repairs on images: a folder of foreground masks (white = object), one per image, at the "
+                      "image's path under the data folder (or under the folder --data and --train share), or by "
+                      "its file name; .png or the image's own extension.")
 SEGMENTER = Resource("segmenter", kind="folder",
                      help="Model repairs on images: a local transformers CLIPSeg folder for language-guided masks.")
 
 
-def mask_file(mask_dir: Path, item: Path, data_root: Path) -> Path:
-    """Where the mask of image ``item`` must be (the first candidate that exists, else the
-    first candidate)."""
+def mask_file(mask_dir: Path, item: Path, data_root) -> Path:
+    """Where the mask of image ``item`` must be: its path relative to ``data_root`` (a folder, or
+    several tried in order: ``--data`` and ``--train`` together use their common folder first, then
+    the item's own), then its file name alone, each as it is or as ``.png``; the first candidate
+    that exists, else the first candidate."""
     item = Path(item)
-    try:
-        rel = item.resolve().relative_to(Path(data_root).resolve())
-    except ValueError:
-        rel = Path(item.name)
-    cands = [mask_dir / rel, (mask_dir / rel).with_suffix(".png"), mask_dir / item.name,
-             (mask_dir / item.name).with_suffix(".png")]
+    roots = [data_root] if isinstance(data_root, (str, Path)) else list(data_root)
+    rels = []
+    for root in roots:
+        try:
+            rel = item.resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            continue
+        if rel not in rels:
+            rels.append(rel)
+    rels.append(Path(item.name))
+    cands = [c for rel in rels for c in (mask_dir / rel, (mask_dir / rel).with_suffix(".png"))]
     for c in cands:
         if c.is_file():
             return c
@@ -90,7 +99,7 @@ def load_masks(mask_dir, items: Sequence, data_root, data_config: dict) -> torch
     geom = _geometry(data_config)
     root_real, out = _real(mask_dir), []
     for item in items:
-        mf = mask_file(mask_dir, Path(item), Path(data_root))
+        mf = mask_file(mask_dir, Path(item), data_root)
         if not mf.is_file():
             raise BadInput(f"no mask for image {Path(item).name} (expected {mf})", mask_dir)
         if not _inside(root_real, _real(mf)):     # as a table's images: a link out of the folder is refused
