@@ -310,3 +310,27 @@ def test_a_mask_is_found_under_the_common_folder_then_the_items_own_then_by_name
     assert mask_file(masks, data / "a" / "y.jpg", data) == masks / "a" / "y.png"       # one folder, as before
     missing = data / "b" / "w.jpg"
     assert mask_file(masks, missing, (common, data)) == masks / "val" / "b" / "w.jpg"   # named as the first
+
+
+def test_two_images_that_would_share_one_mask_by_file_name_are_exit_2(tmp_path):
+    """A flat masks folder and two images of one name in different folders: neither silently takes
+    the other's mask; the error names the masks folder."""
+    import numpy as np
+    from PIL import Image
+
+    from repair.errors import BadInput
+    from repair.modelrepair.masks import load_masks
+
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    for sub in ("a", "b"):
+        (data / sub).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / sub / "x.png")
+    masks.mkdir()
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(masks / "x.png")
+    cfg = {"input_size": (3, 8, 8), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+           "crop_pct": 1.0, "crop_mode": "center"}
+    one = load_masks(masks, [data / "a" / "x.png", data / "a" / "x.png"], data, cfg)     # the same image twice
+    assert one.shape == (2, 1, 8, 8) and float(one.min()) == 1.0
+    with pytest.raises(BadInput) as e:
+        load_masks(masks, [data / "a" / "x.png", data / "b" / "x.png"], data, cfg)
+    assert "would both take the mask x.png" in str(e.value) and str(masks) in str(e.value)

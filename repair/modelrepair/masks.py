@@ -97,11 +97,15 @@ def load_masks(mask_dir, items: Sequence, data_root, data_config: dict) -> torch
     from ..data import _inside, _real
 
     geom = _geometry(data_config)
-    root_real, out = _real(mask_dir), []
+    root_real, out, owner = _real(mask_dir), [], {}
     for item in items:
         mf = mask_file(mask_dir, Path(item), data_root)
         if not mf.is_file():
             raise BadInput(f"no mask for image {Path(item).name} (expected {mf})", mask_dir)
+        first = owner.setdefault(mf, Path(item).resolve())
+        if first != Path(item).resolve():          # two images found one mask by their shared file name
+            raise BadInput(f"images {first} and {Path(item).resolve()} would both take the mask {mf.name}; "
+                           "lay the masks folder out like the data folder", mask_dir)
         if not _inside(root_real, _real(mf)):     # as a table's images: a link out of the folder is refused
             raise BadInput(f"mask {mf} is a symlink leading outside the --masks folder (to {_real(mf) or mf}); "
                            "copy the mask in", mask_dir)
