@@ -120,9 +120,8 @@ MODEL_ROWS: list[ModelRow] = [
              note="mixft run to the end of its schedule and ending at its last step (keep last) instead of the "
                   "best held-out evaluation, then settled"),
     ModelRow("mixft-tail-soup3", "mixft", {"keep": "tail", "patience": 0, "members": 3}, groups=(False,),
-             modalities=("image",),
-             note="mixft-tail as a uniform weight-space soup of three seeds' runs from the same start (members 3), "
-                  "then settled"),
+             note="mixft-tail as a uniform weight-space soup of three seeds' runs from the same start (members 3; "
+                  "a time budget is shared among them), then settled"),
     ModelRow("mixft-unsettled", "mixft", {"settle": "off"}, groups=(False,),
              note="mixft's early-stopped weights with their own head, not settled (settle off)"),
     ModelRow("mixft-tail-unsettled", "mixft", {"keep": "tail", "patience": 0, "settle": "off"}, groups=(False,),
