@@ -538,6 +538,7 @@ def test_keep_tail_ends_at_the_average_of_the_states_evaluated_after_the_midpoin
         assert not torch.allclose(p.detach(), states[-1][k])          # not the last state
     assert len(seen) == 8 and (r.best_score, r.best_accuracy) == evaluate()
     assert r.describe()["averaged_steps"] == [4, 5, 6]
+    assert run(members=2).budget["member_averaged_steps"] == [[4, 5, 6], [4, 5, 6]]     # a soup says so per member
 
     # early stopping (patience 2, a held-out score that never improves) ends the 6-step run at step 2,
     # before the midpoint: the last state

@@ -296,7 +296,9 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
                       history=[{"member": m, **h} for m, r in enumerate(runs) for h in r.history],
                       budget={**share.describe(), "default": default_budget, "members": k,
                               "member_scores": [r.best_score for r in runs],
-                              "member_stopped_by": [r.stopped_by for r in runs]})
+                              "member_stopped_by": [r.stopped_by for r in runs],
+                              **({"member_averaged_steps": [r.averaged for r in runs]}
+                                 if any(r.averaged is not None for r in runs) else {})})
 
 
 def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device, progress,
