@@ -334,3 +334,27 @@ def test_two_images_that_would_share_one_mask_by_file_name_are_exit_2(tmp_path):
     with pytest.raises(BadInput) as e:
         load_masks(masks, [data / "a" / "x.png", data / "b" / "x.png"], data, cfg)
     assert "would both take the mask x.png" in str(e.value) and str(masks) in str(e.value)
+
+
+def test_an_image_of_train_never_takes_the_mask_of_an_image_of_data(tmp_path):
+    """``--data`` and ``--train`` with the same path under each and a masks folder laid out like one of
+    them: exit 2 naming the masks folder, not the train image silently masked by the data image's mask;
+    laid out like the folder both share, each image has its own."""
+    from repair.errors import BadInput
+    from repair.modelrepair.masks import mask_files
+
+    data, train, masks = tmp_path / "d" / "val", tmp_path / "d" / "train", tmp_path / "m"
+    for f in (data / "a" / "x.jpg", train / "a" / "x.jpg"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"")
+    (masks / "a").mkdir(parents=True)
+    (masks / "a" / "x.png").write_bytes(b"")
+    common = tmp_path / "d"
+    sets = [([train / "a" / "x.jpg"], (common, train)), ([data / "a" / "x.jpg"], (common, data))]
+    with pytest.raises(BadInput) as e:
+        mask_files(masks, sets)
+    assert "would both take the mask x.png" in str(e.value) and str(masks) in str(e.value)
+    for sub in ("val", "train"):
+        (masks / sub / "a").mkdir(parents=True)
+        (masks / sub / "a" / "x.png").write_bytes(b"")
+    assert mask_files(masks, sets) == [[masks / "train" / "a" / "x.png"], [masks / "val" / "a" / "x.png"]]

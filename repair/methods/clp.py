@@ -332,10 +332,15 @@ class ClpRun:
             if train_set is not None:
                 troot = Path(train_set.source)
                 troot = troot if troot.is_dir() else troot.parent
+                from ..modelrepair.masks import mask_files
+
                 common = Path(os.path.commonpath([root.resolve(), troot.resolve()]))
-                # masks named by the path under the folder both share, else under the item's own folder
-                self.train_pool.masks = self._masks("given", self.train_pool, train_set.items, (common, troot))
+                # masks named by the path under the folder both share, else under the item's own folder;
+                # an image of either set never takes a mask the other set's image takes
                 root = (common, root)
+                if given is not None:
+                    mask_files(Path(given), [(train_set.items, (common, troot)), (self.inputs.items, root)])
+                self.train_pool.masks = self._masks("given", self.train_pool, train_set.items, (common, troot))
             self.meta_pool.masks = self._masks("given", self.meta_pool, self.inputs.items, root)
             return {"source": f"given (--masks {given})",
                     "foreground_share": round(float(self.meta_pool.masks.mean()), 4)}

@@ -68,6 +68,25 @@ def mask_file(mask_dir: Path, item: Path, data_root) -> Path:
     return cands[0]
 
 
+def mask_files(mask_dir: Path, sets: Sequence) -> list:
+    """:func:`mask_file` of every image of ``sets`` (``(items, data_root)`` pairs: the repair set's
+    images, ``--train``'s), one list per set; :class:`BadInput` naming the masks folder when two
+    different images would take one mask (a flat folder and one file name in two folders, or
+    ``--data`` and ``--train`` with the same path under each): neither silently gets the other's."""
+    owner, out = {}, []
+    for items, data_root in sets:
+        files = []
+        for item in items:
+            mf = mask_file(Path(mask_dir), Path(item), data_root)
+            first = owner.setdefault(mf, Path(item).resolve())
+            if first != Path(item).resolve():
+                raise BadInput(f"images {first} and {Path(item).resolve()} would both take the mask {mf.name}; "
+                               "lay the masks folder out like the data folder", mask_dir)
+            files.append(mf)
+        out.append(files)
+    return out
+
+
 def _geometry(data_config: dict):
     """The resize/crop steps of the model's eval preprocessing (no tensor conversion or
     normalisation), as one callable on PIL images."""
@@ -97,15 +116,10 @@ def load_masks(mask_dir, items: Sequence, data_root, data_config: dict) -> torch
     from ..data import _inside, _real
 
     geom = _geometry(data_config)
-    root_real, out, owner = _real(mask_dir), [], {}
-    for item in items:
-        mf = mask_file(mask_dir, Path(item), data_root)
+    root_real, out = _real(mask_dir), []
+    for item, mf in zip(items, mask_files(mask_dir, [(items, data_root)])[0]):
         if not mf.is_file():
             raise BadInput(f"no mask for image {Path(item).name} (expected {mf})", mask_dir)
-        first = owner.setdefault(mf, Path(item).resolve())
-        if first != Path(item).resolve():          # two images found one mask by their shared file name
-            raise BadInput(f"images {first} and {Path(item).resolve()} would both take the mask {mf.name}; "
-                           "lay the masks folder out like the data folder", mask_dir)
         if not _inside(root_real, _real(mf)):     # as a table's images: a link out of the folder is refused
             raise BadInput(f"mask {mf} is a symlink leading outside the --masks folder (to {_real(mf) or mf}); "
                            "copy the mask in", mask_dir)
@@ -209,4 +223,4 @@ def object_masks(source: str, tm, items: Sequence, x: torch.Tensor, y: torch.Ten
     return threshold_masks(attribution_maps(tm, x, y, device, min_side=min_side), quantile), "attribution"
 
 
-__all__ = ["MASKS", "SEGMENTER", "MASK_SOURCES", "mask_file", "load_masks", "contrast_masks", "clipseg_masks", "object_masks"]
+__all__ = ["MASKS", "SEGMENTER", "MASK_SOURCES", "mask_file", "mask_files", "load_masks", "contrast_masks", "clipseg_masks", "object_masks"]
