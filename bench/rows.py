@@ -122,6 +122,12 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-tail-soup3", "mixft", {"keep": "tail", "patience": 0, "members": 3}, groups=(False,),
              note="mixft-tail as a uniform weight-space soup of three seeds' runs from the same start (members 3; "
                   "a time budget is shared among them), then settled"),
+    ModelRow("mixft-avgl2", "mixft", {"settle_strength": "average"}, groups=(False,),
+             note="mixft whose settled bodies' refitted heads average the heads of every L2 strength of the grid "
+                  "(settle_strength average) instead of one strength chosen on the held-out part"),
+    ModelRow("mixft-tail-avgl2", "mixft", {"keep": "tail", "patience": 0, "settle_strength": "average"},
+             groups=(False,), note="mixft-tail with settle_strength average: no held-out choice but the "
+                                   "interpolation weight"),
     ModelRow("mixft-unsettled", "mixft", {"settle": "off"}, groups=(False,),
              note="mixft's early-stopped weights with their own head, not settled (settle off)"),
     ModelRow("mixft-tail-unsettled", "mixft", {"keep": "tail", "patience": 0, "settle": "off"}, groups=(False,),

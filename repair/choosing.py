@@ -38,7 +38,7 @@ import torch
 from . import threads
 from .errors import BadInput
 from .methods import ModelRepairInputs, RepairInputs
-from .selection import (MIN_GAIN, Criterion, KFold, head_predictions, required_gain,
+from .selection import (MIN_GAIN, Criterion, KFold, average_heads, head_predictions, required_gain,
                         scores_from_preds, select_and_refit)
 
 
@@ -155,13 +155,7 @@ def ensemble(cands, fits, X: torch.Tensor):
     """The average of the candidates' heads (``fits``, fitted on rows whose embeddings are
     ``X``), each scaled to unit spread of its (class-centred) logits there, so no head dominates
     by its scale. Heads are linear in the embeddings: the average is one head."""
-    Ws, bs = [], []
-    for f in fits:
-        lg = X @ f.W.T + f.b
-        s = (lg - lg.mean(1, keepdim=True)).std().clamp_min(1e-8)
-        Ws.append(f.W / s)
-        bs.append(f.b / s)
-    W, b = torch.stack(Ws).mean(0), torch.stack(bs).mean(0)
+    W, b = average_heads(torch.stack([f.W for f in fits]), torch.stack([f.b for f in fits]), X)
     label = " + ".join(c.label for c in cands)
     diag = {"ensemble": [c.label for c in cands], "members": {c.label: f.diagnostics for c, f in zip(cands, fits)}}
     config = {"ensemble": {c.label: dataclasses.asdict(f.config) for c, f in zip(cands, fits)}}

@@ -222,6 +222,22 @@ def head_predictions(X: Tensor, W: Tensor, b: Tensor) -> Tensor:
     return head_logits(X, W, b).argmax(-1)
 
 
+def average_heads(W: Tensor, b: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """One head (C,D), (C,) averaging a stack of heads ``W`` (K,C,D), ``b`` (K,C), each first scaled
+    to unit spread of its class-centred logits on embeddings ``X`` so that no head dominates by its
+    scale (a weakly penalised head has larger weights). Heads are linear: the average of their scaled
+    logits is this one head's logits. The one home of the rule (``choosing.ensemble`` averages the
+    best heads of a recipe with it; a refitted head averaged over the strength grid, ``settle_strength:
+    average``)."""
+    Ws, bs = [], []
+    for Wk, bk in zip(W, b):
+        lg = X @ Wk.T + bk
+        s = (lg - lg.mean(1, keepdim=True)).std().clamp_min(1e-8)
+        Ws.append(Wk / s)
+        bs.append(bk / s)
+    return torch.stack(Ws).mean(0), torch.stack(bs).mean(0)
+
+
 def pick_best(worst: Tensor, mean: Tensor, tie: float = 1e-9) -> int:
     """Index of the best candidate: max worst-stratum accuracy, then max mean accuracy,
     then the first."""
@@ -698,6 +714,6 @@ def figure_warnings(figures: dict, *, what: str, minimum: int = MIN_FOR_REPORT) 
 
 __all__ = ["IMBALANCE_THRESHOLD", "group_imbalance", "label_free_criterion", "CRITERIA", "MIN_FOR_CHOICE", "MIN_FOR_REPORT", "support_warnings", "figure_warnings", "SELECTION_NAMES", "LABEL_FREE_DEFAULT", "Criterion", "stratified_split", "Holdout",
            "KFold", "Given", "Selection", "kfold_parts", "select_and_refit", "pick_best", "scores_from_preds",
-           "head_predictions", "head_logits", "inferred_groups", "inferred_group_names", "group_accuracies",
+           "head_predictions", "head_logits", "average_heads", "inferred_groups", "inferred_group_names", "group_accuracies",
            "worst_group_accuracy", "MIN_GAIN", "REQUIRED_Z", "required_gain", "score_standard_error",
            "SCORES", "probability_scores"]

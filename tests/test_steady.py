@@ -683,3 +683,55 @@ def test_a_model_repair_that_cannot_train_on_a_fold_leaves_the_head(tmp_path, ti
                              "--out", tmp_path / "o", "--json", "-q")
     assert code == 0, err
     assert json.loads(out)["kind"] == "head"
+
+
+def test_strength_average_averages_the_heads_of_every_strength(session):
+    """``settle_strength: average``: no strength is chosen; each body's refitted head is the
+    unit-spread average of the group-balanced heads of every strength of the grid (checked against
+    the heads of each strength fitted on their own), the original body's too; the head the model ends
+    with is that average fitted on every repair row."""
+    from repair.modelrepair.finetune import REFIT_L2, refit_head, settle
+    from repair.selection import head_logits, head_predictions
+
+    sess, tm = session
+    start = tm.state()
+    _perturb(tm, 0.3, seed=2)
+    tuned = tm.state()
+    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    tr, ho = sess.train_idx, sess.held_idx
+    from repair.modelrepair.finetune import _balanced_heads
+    Ws, bs = _balanced_heads(sess, X, sess.groups, tr, REFIT_L2)      # one batched fit of the grid
+    heads = list(zip(Ws, bs))
+    # each of them the head refit_head fits at that strength alone (to the solver's tolerance)
+    for l2, (Wk, bk) in zip(REFIT_L2, heads):
+        torch.testing.assert_close(refit_head(sess, X, sess.groups, l2=l2)[0], Wk, rtol=1e-2, atol=1e-2)
+    # the average by hand: each head's class-centred logits on the training rows scaled to unit spread
+    want_W, want_b = 0, 0
+    for W, b in heads:
+        lg = X[tr] @ W.T + b
+        s = (lg - lg.mean(1, keepdim=True)).std()
+        want_W, want_b = want_W + W / s / len(heads), want_b + b / s / len(heads)
+    W, b, info = refit_head(sess, X, sess.groups, average=True)
+    torch.testing.assert_close(W, want_W)
+    torch.testing.assert_close(b, want_b)
+    assert info["l2"] == list(REFIT_L2) and "averaged" in info["chosen_by"]
+    worst, mean = sess.heldout_scores(head_predictions(X[ho], W[None], b[None]))
+    assert info["heldout_score"] == pytest.approx(float(worst[0]))
+    # not any single strength's head: the strengths' heads differ, and the average is none of them
+    assert not torch.allclose(heads[0][0] / heads[0][0].norm(), heads[-1][0] / heads[-1][0].norm(), atol=1e-3)
+    assert not any(torch.allclose(W / W.norm(), Wk / Wk.norm(), atol=1e-4) for Wk, _ in heads)
+    diag = settle(sess, start, alphas=(0.0, 0.5, 1.0), strength="average")
+    assert all(c["refit"]["l2"] == list(REFIT_L2) for c in diag["candidates"])
+    assert {c["alpha"] for c in diag["candidates"]} == {0.0, 0.5, 1.0}
+    # the model ends at the chosen body with the average refitted on every repair row
+    a = diag["alpha"]
+    tm.module.load_state_dict({k: start[k] + a * (tuned[k] - start[k]) if start[k].is_floating_point()
+                               else start[k] for k in start})
+    Xa = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    from repair.modelrepair.finetune import averaged_head
+    Wall, ball = averaged_head(sess, Xa, sess.groups, torch.arange(sess.y.numel()))
+    tm.module.load_state_dict(tuned)
+    settle(sess, start, alphas=(0.0, 0.5, 1.0), strength="average")
+    torch.testing.assert_close(tm.head.weight.detach().float(), Wall)
+    torch.testing.assert_close(head_logits(Xa, Wall, ball), head_logits(Xa, tm.head.weight.detach().float(),
+                                                                           tm.head.bias.detach().float()))

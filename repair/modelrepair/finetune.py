@@ -175,7 +175,7 @@ def settle_alphas_setting(default: tuple = (0.5, 1.0)):
 
 
 #: ``settle_strength`` values: how the strength of a refitted head on a moved body is chosen (:func:`settle`)
-SETTLE_STRENGTHS = ("heldout", "heldout_1se", "original")
+SETTLE_STRENGTHS = ("heldout", "heldout_1se", "original", "average")
 #: ``settle`` values: which heads of the interpolated bodies :func:`settle` compares (``off``: none)
 SETTLE_MODES = ("off", "interpolate", "refit", "either")
 #: the heads each mode compares: the body's own (interpolated) head, a refitted head, or both
@@ -196,7 +196,8 @@ class SettleSettings:
                                    doc="the L2 strength of each refitted head: heldout = chosen for each body on "
                                        "the held-out part; heldout_1se = the strongest within one standard error of "
                                        "that best held-out score; original = the one repeated folds over every "
-                                       "repair row choose for the original body, used for every body")
+                                       "repair row choose for the original body, used for every body; average = "
+                                       "none chosen: the heads of every strength of the grid averaged into one")
 
 
 #: ``settle_alphas`` of the model repairs whose training on a small repair set often does not beat
@@ -557,7 +558,7 @@ SETTLE_ALPHAS = (0.5, 1.0)
 
 
 def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen: bool = False,
-               l2: Optional[float] = None, one_se: bool = False) -> tuple:
+               l2: Optional[float] = None, one_se: bool = False, average: bool = False) -> tuple:
     """A group-balanced L2 logistic head on embeddings ``X`` (all repair rows) fitted on the
     session's training part, its strength chosen by the session's criterion (DFR's recipe):
     ``(W, b, {"l2", "chosen_by", "heldout_score", "heldout_accuracy"})``; the scores are those of
@@ -568,7 +569,7 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     repair rows, such as the original one): chosen by :data:`REFIT_FOLDS`-fold cross-validation over
     every repair row, repeated :data:`REFIT_REPEATS` times on new folds (out-of-fold predictions,
     scores averaged; :func:`repair.selection.select_and_refit`), so that the choice does not hang on
-    one small held-out part. Measured on the benchmark (the original bodies of the image tasks,
+    one small held-out part (``average``: none is chosen, see below). Measured on the benchmark (the original bodies of the image tasks,
     seeds 0-4; test split read by an analysis script only, ``bench/analysis.md``): the strength one
     held-out quarter chose flipped across the grid from seed to seed (test worst-group 78.8-87.2 on
     the skewed demo), the repeated folds' choice kept every set within about 2 points.
@@ -577,10 +578,18 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     ``one_se`` (held-out choice only): the strongest penalty whose held-out score is within one
     standard error (:func:`repair.selection.score_standard_error`) of the best one's -- the
     one-standard-error rule of penalised regression, for a held-out part too small to tell the
-    strengths apart."""
+    strengths apart.
+    ``average``: no strength is chosen; the heads of every strength of :data:`REFIT_L2` are averaged
+    into one (:func:`repair.selection.average_heads`, each scaled to unit logit spread), so no single
+    held-out choice among near-tied strengths moves the result (``l2`` in the result: the grid)."""
     from ..selection import KFold, head_predictions, pick_best, select_and_refit
 
     tr, ho = sess.train_idx, sess.held_idx
+    if average:
+        W, b = averaged_head(sess, X, groups, tr)
+        worst, mean = sess.heldout_scores(head_predictions(X[ho], W[None], b[None]))
+        return W, b, {"l2": list(REFIT_L2), "chosen_by": "none: the heads of every strength averaged",
+                      "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])}
     if l2 is not None:
         W, b = _balanced_heads(sess, X, groups, tr, [float(l2)])
         worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
@@ -620,6 +629,15 @@ def _balanced_heads(sess: "Session", X: torch.Tensor, groups: torch.Tensor, rows
     W, b, _ = fit_logreg(X[rows], sess.y[rows], int(sess.inputs.ref_logits.shape[1]),
                          sample_weight=group_balanced_weights(groups[rows]), l2=tuple(l2s))
     return W, b
+
+
+def averaged_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, rows: torch.Tensor) -> tuple:
+    """The group-balanced heads of every strength of :data:`REFIT_L2` fitted on ``X[rows]``, averaged
+    into one head (C, d), (C,) (``settle_strength: average``)."""
+    from ..selection import average_heads
+
+    W, b = _balanced_heads(sess, X, groups, rows, REFIT_L2)
+    return average_heads(W, b, X[rows])
 
 
 def settle_by(cfg: SettleSettings, sess: "Session", start: dict,
@@ -668,7 +686,9 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     error of that held-out best (``refit_head(..., one_se=True)``); ``"original"``, the strength the repeated folds choose
     for the original body (one more pass over the repair rows when alpha 0 is not a candidate), used
     for every body: the moved bodies' held-out choice flips with a few held-out samples, the original
-    body's does not, and features are standardised before every fit, so one strength carries over.
+    body's does not, and features are standardised before every fit, so one strength carries over;
+    ``"average"``, no strength chosen for any body (the original one included): the heads of the whole
+    grid averaged into one (``refit_head(..., average=True)``).
     ``groups``: the groups a refitted head balances (default: the session's). When a refitted
     head wins, the head the model ends with is fitted again at its strength on *every* repair row
     (training and held-out part: choose on held-out data, then refit on all of it, as the head
@@ -719,7 +739,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
                 Wr, br, info = orig
             else:
                 Wr, br, info = refit_head(sess, X, groups, unseen=alpha == 0.0, l2=None if alpha == 0.0 else fixed,
-                                          one_se=strength == "heldout_1se")
+                                          one_se=strength == "heldout_1se", average=strength == "average")
                 if fixed is not None:
                     info["chosen_by"] = "the original body's repeated folds"
             options.append(("refit", Wr, br, info))
@@ -741,7 +761,11 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     best = eligible[k]
     put(best["alpha"])
     if best["head"] == "refit":
-        Wa, ba = _balanced_heads(sess, embedded[best["alpha"]], groups, every, [best["refit"]["l2"]])
+        if strength == "average":
+            Wa, ba = averaged_head(sess, embedded[best["alpha"]], groups, every)
+            Wa, ba = Wa[None], ba[None]
+        else:
+            Wa, ba = _balanced_heads(sess, embedded[best["alpha"]], groups, every, [best["refit"]["l2"]])
         with torch.no_grad():
             tm.head.weight.copy_(Wa[0].to(tm.head.weight))
             if tm.head.bias is not None:
@@ -754,4 +778,4 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
 
 
 __all__ = ["DEFAULT_BUDGET_SECONDS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
-           "LoopResult", "REFIT_FOLDS", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "train"]
+           "LoopResult", "REFIT_FOLDS", "averaged_head", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "train"]
