@@ -125,6 +125,9 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-avgl2", "mixft", {"settle_strength": "average"}, groups=(False,),
              note="mixft whose settled bodies' refitted heads average the heads of every L2 strength of the grid "
                   "(settle_strength average) instead of one strength chosen on the held-out part"),
+    ModelRow("mixft-avg1se", "mixft", {"settle_strength": "average_1se"}, groups=(False,),
+             note="mixft whose settled bodies' refitted heads average the heads of the L2 strengths within one "
+                  "standard error of the best held-out score (settle_strength average_1se)"),
     ModelRow("mixft-tail-avgl2", "mixft", {"keep": "tail", "patience": 0, "settle_strength": "average"},
              groups=(False,), note="mixft-tail with settle_strength average: no held-out choice but the "
                                    "interpolation weight"),

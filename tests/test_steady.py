@@ -735,3 +735,38 @@ def test_strength_average_averages_the_heads_of_every_strength(session):
     torch.testing.assert_close(tm.head.weight.detach().float(), Wall)
     torch.testing.assert_close(head_logits(Xa, Wall, ball), head_logits(Xa, tm.head.weight.detach().float(),
                                                                            tm.head.bias.detach().float()))
+
+
+def test_strength_average_1se_averages_the_strengths_the_held_out_part_cannot_tell_from_the_best(session,
+                                                                                               monkeypatch):
+    """``settle_strength: average_1se``: the heads of the strengths whose held-out score is within one
+    standard error of the best averaged (given scores: the second is best, the third and fourth within
+    one standard error, the first and fifth not); with the original body too (alpha 0 a candidate); the
+    model ends with that average fitted on every repair row."""
+    from repair.modelrepair import finetune as F
+    from repair.selection import average_heads
+
+    sess, tm = session
+    X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    worst = torch.tensor([0.60, 0.70, 0.66, 0.651, 0.50], dtype=torch.float64)
+    real = type(sess).heldout_scores
+    monkeypatch.setattr(type(sess), "heldout_scores",
+                        lambda self, pred: (worst.clone(), torch.full((5,), 0.8)) if pred.shape[0] == 5
+                        else real(self, pred))
+    monkeypatch.setattr(type(sess), "score_standard_error", lambda self, pred: 0.05)
+    W, b, info = F.refit_head(sess, X, sess.groups, one_se=True, average=True)
+    near = [F.REFIT_L2[j] for j in (1, 2, 3)]
+    assert info["l2"] == near and "within one standard error" in info["chosen_by"]
+    Ws, bs = F._balanced_heads(sess, X, sess.groups, sess.train_idx, F.REFIT_L2)
+    want = average_heads(Ws[1:4], bs[1:4], X[sess.train_idx])
+    torch.testing.assert_close(W, want[0])
+    torch.testing.assert_close(b, want[1])
+    # unseen (the original body) is chosen the same way, on the held-out part
+    assert F.refit_head(sess, X, sess.groups, unseen=True, one_se=True, average=True)[2]["l2"] == near
+    start = tm.state()
+    _perturb(tm, 0.3, seed=2)
+    diag = F.settle(sess, start, alphas=(0.0, 0.5, 1.0), strength="average_1se")
+    assert all(c["refit"]["l2"] == near for c in diag["candidates"])
+    Xa = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
+    Wall, _ = F.averaged_head(sess, Xa, sess.groups, torch.arange(sess.y.numel()), near)
+    torch.testing.assert_close(tm.head.weight.detach().float(), Wall)

@@ -175,7 +175,7 @@ def settle_alphas_setting(default: tuple = (0.5, 1.0)):
 
 
 #: ``settle_strength`` values: how the strength of a refitted head on a moved body is chosen (:func:`settle`)
-SETTLE_STRENGTHS = ("heldout", "heldout_1se", "original", "average")
+SETTLE_STRENGTHS = ("heldout", "heldout_1se", "original", "average", "average_1se")
 #: ``settle`` values: which heads of the interpolated bodies :func:`settle` compares (``off``: none)
 SETTLE_MODES = ("off", "interpolate", "refit", "either")
 #: the heads each mode compares: the body's own (interpolated) head, a refitted head, or both
@@ -197,7 +197,9 @@ class SettleSettings:
                                        "the held-out part; heldout_1se = the strongest within one standard error of "
                                        "that best held-out score; original = the one repeated folds over every "
                                        "repair row choose for the original body, used for every body; average = "
-                                       "none chosen: the heads of every strength of the grid averaged into one")
+                                       "none chosen: the heads of every strength of the grid averaged into one; "
+                                       "average_1se = the heads of the strengths within one standard error of the "
+                                       "best held-out score averaged")
 
 
 #: ``settle_alphas`` of the model repairs whose training on a small repair set often does not beat
@@ -581,11 +583,15 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     strengths apart.
     ``average``: no strength is chosen; the heads of every strength of :data:`REFIT_L2` are averaged
     into one (:func:`repair.selection.average_heads`, each scaled to unit logit spread), so no single
-    held-out choice among near-tied strengths moves the result (``l2`` in the result: the grid)."""
+    held-out choice among near-tied strengths moves the result (``l2`` in the result: the grid).
+    ``average`` with ``one_se``: the heads of the strengths whose held-out score is within one
+    standard error of the best one's averaged (chosen on the held-out part, ``unseen`` or not; ``l2``
+    in the result: those strengths) -- no single choice among the near-tied, none that the held-out
+    part tells apart from the best left in."""
     from ..selection import KFold, head_predictions, pick_best, select_and_refit
 
     tr, ho = sess.train_idx, sess.held_idx
-    if average:
+    if average and not one_se:
         W, b = averaged_head(sess, X, groups, tr)
         worst, mean = sess.heldout_scores(head_predictions(X[ho], W[None], b[None]))
         return W, b, {"l2": list(REFIT_L2), "chosen_by": "none: the heads of every strength averaged",
@@ -595,7 +601,7 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
         worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
         return W[0], b[0], {"l2": float(l2), "chosen_by": "given", "heldout_score": float(worst[0]),
                             "heldout_accuracy": float(mean[0])}
-    if unseen:
+    if unseen and not average:
         def fit(rows, which):
             return _balanced_heads(sess, X, groups, rows, [REFIT_L2[i] for i in which])
 
@@ -613,6 +619,16 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     worst, mean = sess.heldout_scores(pred)
     k = pick_best(worst, mean)
     chosen_by = "held-out part"
+    if one_se and average:
+        from ..selection import average_heads
+
+        se = sess.score_standard_error(pred[k])
+        near = [j for j in range(len(REFIT_L2)) if float(worst[j]) >= float(worst[k]) - se - 1e-12]
+        Wa, ba = average_heads(W[near], b[near], X[tr])
+        wa, ma = sess.heldout_scores(head_predictions(X[ho], Wa[None], ba[None]))
+        return Wa, ba, {"l2": [REFIT_L2[j] for j in near],
+                        "chosen_by": "held-out part, the heads of the strengths within one standard error of the "
+                                     "best averaged", "heldout_score": float(wa[0]), "heldout_accuracy": float(ma[0])}
     if one_se:
         se = sess.score_standard_error(pred[k])
         k = max((j for j in range(len(REFIT_L2)) if float(worst[j]) >= float(worst[k]) - se - 1e-12),
@@ -631,12 +647,14 @@ def _balanced_heads(sess: "Session", X: torch.Tensor, groups: torch.Tensor, rows
     return W, b
 
 
-def averaged_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, rows: torch.Tensor) -> tuple:
-    """The group-balanced heads of every strength of :data:`REFIT_L2` fitted on ``X[rows]``, averaged
-    into one head (C, d), (C,) (``settle_strength: average``)."""
+def averaged_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, rows: torch.Tensor,
+                  l2s: Sequence[float] = REFIT_L2) -> tuple:
+    """The group-balanced heads of strengths ``l2s`` (default: every strength of :data:`REFIT_L2`)
+    fitted on ``X[rows]``, averaged into one head (C, d), (C,) (``settle_strength: average`` and
+    ``average_1se``)."""
     from ..selection import average_heads
 
-    W, b = _balanced_heads(sess, X, groups, rows, REFIT_L2)
+    W, b = _balanced_heads(sess, X, groups, rows, l2s)
     return average_heads(W, b, X[rows])
 
 
@@ -688,7 +706,9 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     for every body: the moved bodies' held-out choice flips with a few held-out samples, the original
     body's does not, and features are standardised before every fit, so one strength carries over;
     ``"average"``, no strength chosen for any body (the original one included): the heads of the whole
-    grid averaged into one (``refit_head(..., average=True)``).
+    grid averaged into one (``refit_head(..., average=True)``); ``"average_1se"``, the heads of the
+    strengths within one standard error of each body's held-out best averaged (``average=True,
+    one_se=True``).
     ``groups``: the groups a refitted head balances (default: the session's). When a refitted
     head wins, the head the model ends with is fitted again at its strength on *every* repair row
     (training and held-out part: choose on held-out data, then refit on all of it, as the head
@@ -739,7 +759,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
                 Wr, br, info = orig
             else:
                 Wr, br, info = refit_head(sess, X, groups, unseen=alpha == 0.0, l2=None if alpha == 0.0 else fixed,
-                                          one_se=strength == "heldout_1se", average=strength == "average")
+                                          one_se=strength in ("heldout_1se", "average_1se"),
+                                          average=strength in ("average", "average_1se"))
                 if fixed is not None:
                     info["chosen_by"] = "the original body's repeated folds"
             options.append(("refit", Wr, br, info))
@@ -761,8 +782,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     best = eligible[k]
     put(best["alpha"])
     if best["head"] == "refit":
-        if strength == "average":
-            Wa, ba = averaged_head(sess, embedded[best["alpha"]], groups, every)
+        if strength in ("average", "average_1se"):
+            Wa, ba = averaged_head(sess, embedded[best["alpha"]], groups, every, best["refit"]["l2"])
             Wa, ba = Wa[None], ba[None]
         else:
             Wa, ba = _balanced_heads(sess, embedded[best["alpha"]], groups, every, [best["refit"]["l2"]])
