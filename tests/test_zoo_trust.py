@@ -384,3 +384,27 @@ def test_a_csv_comment_that_reads_like_a_setting_is_a_comment_and_a_long_name_na
     (tmp_path / "long.csv").write_text("# output_dir: outs\nname,checkpoint,data\n" + "n" * 300 + ",m0,val\n")
     code, _, err = run_cli("zoo", tmp_path / "long.csv", "-q")
     _refused(code, err, "row 1 (" + "n" * 300 + "), output")
+
+
+def test_a_folder_where_a_model_repair_puts_its_files_is_never_replaced_unasked(tmp_path, parts):
+    """A model repair of a file checkpoint writes its files to <output stem>-artifacts beside the
+    output. A zoo staged them and moved them into place without checking that folder: a folder of the
+    user's of that name was replaced and deleted without --force, and another row's output there was
+    not a clash. Now it is one of the places every row's checks cover."""
+    shutil.copytree(parts / "m0", tmp_path / "m0")
+    (tmp_path / "outs").mkdir()
+    mine = tmp_path / "outs" / "a-artifacts"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    row_a = {"name": "a", "checkpoint": "m0/model.safetensors", "output_dir": "outs"}
+    path = zoo(tmp_path, parts, [row_a])
+    code, _, err = run_cli("zoo", path, "-q")
+    _refused(code, err, f"{mine} already exists")
+    assert (mine / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["a-artifacts"]
+    shutil.rmtree(mine)
+    # another row's output where row a's model repair would put its files
+    path = zoo(tmp_path, parts, [row_a, {"name": "b", "checkpoint": "m0", "output": "outs/a-artifacts"}])
+    code, _, err = run_cli("zoo", path, "-q")
+    _refused(code, err, "row 2 (b), output: ")
+    assert not list((tmp_path / "outs").iterdir())
