@@ -213,7 +213,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         inputs = read_inputs(model_path, data_path, data_opts, eval_data=o.eval_data,
                              eval_group_by=o.eval_group_by, resources=o.resources)
     inputs.protected.add_files(recipe.files, "recipe (--recipe)")        # its YAML and plugin files
-    paths = fix_outputs(model_path, out_path, o, inputs, log=log)      # named, apart, replacing no input, writable
+    paths = fix_outputs(model_path, out_path, o, inputs, log=log,      # named, apart, replacing no input, writable
+                        model_repairs="model" in recipe.kinds)
     check_cache_dir(inputs.protected, runtime, paths)
     out_path = paths["--out"]
     resources = dict(inputs.resources)
@@ -229,12 +230,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                            + (f" (it is an input of {', '.join(users)})" if users else ""))
     adapter = load_model(model_path, load_opts)
     inputs.protected.add_files(adapter.source_files(), "input model")
-    for flag, p in paths.items():
+    for flag, p in paths.items():         # the model's files too (a model repair's files folder included)
         inputs.protected.check(p, flag.split(" (")[0])
-    if "model" in recipe.kinds:           # a model repair's files go beside a file output: never onto an input
-        from .rules import artifacts_output
-
-        inputs.protected.check(artifacts_output(model_path, out_path), "--out (its -artifacts folder)")
     adapter.check_save()                  # a symlink leaving the model folder: refused before any work
     if "model" in recipe.kinds and not adapter.can_train:
         adapter.trainable()                                   # raises BadInput naming the family

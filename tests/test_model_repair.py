@@ -262,6 +262,29 @@ def test_a_model_repairs_files_never_replace_an_input_and_an_overflowing_budget_
     shutil.rmtree(tmp_path / "h")
 
 
+def test_an_existing_artifacts_folder_is_refused_before_any_training(timm_folder, tmp_path):
+    """The folder a model repair puts its files in beside a file output was checked only when the
+    outputs were written: an existing one (without --force) was refused after the whole training.
+    Now it is checked with the other outputs, before any work; a head recipe never writes it."""
+    import time
+
+    from conftest import make_images, run_cli
+
+    data = make_images(tmp_path / "d", n_per_class=6)
+    out = tmp_path / "o.safetensors"
+    (tmp_path / "o-artifacts").mkdir()
+    (tmp_path / "o-artifacts" / "notes.txt").write_text("mine")
+    code, _, err = run_cli("fix", timm_folder / "model.safetensors", "--data", data, "--recipe", "recompose",
+                           "--budget", "50steps", "--out", out, "-q")
+    assert code == 2 and "o-artifacts" in err and "--force" in err and err.count("\n") == 1, err
+    assert "warning" not in err and not out.exists()        # refused before training: no stopping warnings
+    assert (tmp_path / "o-artifacts" / "notes.txt").read_text() == "mine"
+    code, _, err = run_cli("fix", timm_folder / "model.safetensors", "--data", data, "--recipe", "dfr",
+                           "--out", out, "-q")
+    assert code == 0 and out.is_file(), err
+    assert [p.name for p in (tmp_path / "o-artifacts").iterdir()] == ["notes.txt"]
+
+
 def test_a_mask_that_is_a_symlink_out_of_the_masks_folder_is_refused(tmp_path):
     """As a table's images: a --masks entry leading outside the folder is bad input, not read (its
     target was then unprotected, and --force on it deleted the masks the links pointed to)."""
