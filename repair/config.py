@@ -127,7 +127,9 @@ def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> An
         return float(value)
     if kind == "str":
         if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}")
+            hint = (" (YAML reads off, no, on and yes written without quotes as false or true: quote the word, "
+                    "e.g. 'off')" if isinstance(value, bool) else "")
+            raise ConfigError(key, f"must be a string, got {value!r}{hint}")
         return value
     if kind == "tuple":
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):

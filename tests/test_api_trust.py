@@ -162,6 +162,12 @@ def test_the_top_level_api_refuses_what_is_not_a_path_and_takes_a_loaded_model(t
     with pytest.raises(BadInput) as e:
         load_recipe(r)
     assert "decimal point" in str(e.value)
+    r.write_text("candidates: [{method: mixft, params: {settle: off}}]\n")       # YAML 1.1: off is false
+    with pytest.raises(BadInput) as e:
+        load_recipe(r)
+    assert "got False" in str(e.value) and "quote the word" in str(e.value) and str(r) in str(e.value)
+    r.write_text("candidates: [{method: mixft, params: {settle: 'off'}}]\n")
+    assert load_recipe(r).candidates[0].config().settle == "off"
 
 
 def test_the_library_refuses_what_is_not_an_argument_of_its_kind_by_name(tmp_path):
