@@ -92,6 +92,16 @@ seconds of the fit, wall clock was 4-8x more):
   / 66.7 +- 2.3, MNIST 92.2 +- 0.9 / 82.7 +- 1.9, demo 82.3 +- 1.3 / 81.9 +- 3.0 (balanced / skewed), lower
   than the default on every skewed set, three times the training (632-669 s per capped run, the 600 s
   budget shared by the members) -> an option, not the default.
+- ``settle_strength: heldout`` (the default: each settled body's refitted head takes the L2 strength
+  its held-out part scores best) against ``average`` (no strength chosen: the heads of the whole grid
+  averaged, each at unit logit spread) and ``average_1se`` (those within one standard error of the
+  best), label-free, test WGA over seeds 0-2 (rows ``mixft-avgl2``, ``mixft-avg1se``; twenty-second
+  session): skewed demo 83.3 +- 3.9 / 83.7 +- 0.8 / 85.1 +- 1.0, skewed coloured MNIST 84.1 +- 4.1 /
+  83.9 +- 1.9 / 84.0 +- 3.5, balanced coloured MNIST 92.8 +- 1.0 / 91.2 +- 2.3 / 91.2 +- 2.3, balanced
+  demo 80.4 +- 2.8 / 81.6 +- 1.8 / 81.6 +- 1.8; ``sst2_capped`` balanced 77.2 +- 1.3 / 75.5 +- 1.3,
+  skewed 68.3 +- 8.0 / 67.2 +- 11.3 (seed 0's early-stopped body is poor with any refitted head). The
+  strength choice was the skewed image sets' spread, not the capped text task's; the balanced sets pay
+  1.6-1.7 points -> options, not the default.
 - SST-2 is where ``mixft`` does NOT yet reach the issue's target (label-free test WGA >=
   the best last-layer row + 5, about 75): ``head_init: refit`` + last 2 layers, lr 1e-4,
   8 epochs kept the refitted head (68.5 / 77.2, the last-layer level; fine-tuning first
