@@ -131,6 +131,10 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-tail-avgl2", "mixft", {"keep": "tail", "patience": 0, "settle_strength": "average"},
              groups=(False,), note="mixft-tail with settle_strength average: no held-out choice but the "
                                    "interpolation weight"),
+    ModelRow("mixft-tail-avgl2-a1", "mixft", {"keep": "tail", "patience": 0, "settle_strength": "average",
+                                              "settle_alphas": [1.0]}, groups=(False,),
+             note="mixft-tail-avgl2 kept at the fine-tuned body (settle_alphas [1.0]): no held-out choice at all, "
+                  "the tail average with the strengths' averaged head refitted on it"),
     ModelRow("mixft-unsettled", "mixft", {"settle": "off"}, groups=(False,),
              note="mixft's early-stopped weights with their own head, not settled (settle off)"),
     ModelRow("mixft-tail-unsettled", "mixft", {"keep": "tail", "patience": 0, "settle": "off"}, groups=(False,),
