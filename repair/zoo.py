@@ -560,6 +560,19 @@ class _Places:
         return None if hit is None else (*hit, False)
 
 
+_TORN = object()
+
+
+def _json_or_none(text: str, default=None):
+    """The JSON document ``text`` (:func:`repair.io.parse_json`), or ``default`` when it is not one."""
+    from .io import parse_json
+
+    try:
+        return parse_json(text)
+    except (ValueError, RecursionError):              # JSONDecodeError is a ValueError, as is a huge integer's
+        return default
+
+
 def _is_record(rec) -> bool:
     """A journal line as :func:`_run_locked` writes it: a model's name and mode, its settings' key,
     the result figures (:func:`_are_figures`: before, and after in fix mode), and what its inputs and
@@ -632,16 +645,18 @@ class Journal:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                rec = None
+            rec = _json_or_none(line)
             if not _is_record(rec):
                 raise BadInput(f"line {n} is not a journal record (not written by repair zoo?)", self.path)
             out[(rec["name"], rec["mode"])] = rec
         if tail:
-            # a record torn mid-write starts as every record does; anything else is not ours
-            if not (tail.startswith(_RECORD_START) or _RECORD_START.startswith(tail)):
+            # a record torn mid-write starts as every record does and is no complete JSON document (a
+            # whole record cut just before its newline is one of ours too); anything else is not ours --
+            # a one-line JSON file without a newline that is not a record is refused, untouched
+            whole = _json_or_none(tail.decode("utf-8", "replace"), _TORN)
+            ours = (_is_record(whole) if whole is not _TORN
+                    else tail.startswith(_RECORD_START) or _RECORD_START.startswith(tail))
+            if not ours:
                 raise BadInput(f"line {text.count(chr(10)) + 1} is not a journal record (not written by repair "
                                "zoo?)", self.path)
             with open(self.path, "r+b") as fh:

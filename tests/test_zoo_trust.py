@@ -229,9 +229,14 @@ def _not_a_journal(case: str, j: Path) -> None:
         j.write_text(json.dumps({"name": "a", "mode": "eval", "key": "k", "result": None}) + "\n")
     elif case == "torn-notes":
         j.write_text(json.dumps({"name": "a", "mode": "eval", "key": "k", "result": {"before": {}}}) + "\nmy notes")
+    elif case == "one-json-line":        # json.dump writes no newline: the whole file was taken for a torn record
+        j.write_text(json.dumps({"name": "exp-42", "lr": 0.1}))
+    elif case == "huge-int":
+        j.write_text('{"name": ' + "9" * 5000 + "}\n")
 
 
-@pytest.mark.parametrize("case", ["notes", "folder", "fifo", "not-utf8", "no-result", "null-result", "torn-notes"])
+@pytest.mark.parametrize("case", ["notes", "folder", "fifo", "not-utf8", "no-result", "null-result", "torn-notes",
+                                  "one-json-line", "huge-int"])
 def test_a_journal_that_is_not_one_is_exit_2_and_left_as_it_was(tmp_path, parts, case):
     path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}], gate=0)
     j = tmp_path / "j.jsonl"
