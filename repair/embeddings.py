@@ -75,9 +75,16 @@ class Embeddings:
 
 
 def cache_key(adapter: Adapter, data: RepairData) -> str:
+    """The cache entry of ``adapter``'s embeddings of ``data``. An image set read under another pixel
+    limit than the default (``--max-pixels``) has its own entries: a hit decodes no image, so an entry
+    made under one limit must not serve a run whose limit would refuse one of its images."""
+    from .data import DEFAULT_MAX_PIXELS
+
     desc = {"format": CACHE_FORMAT, "body": adapter.body_hash(), "data": data.fingerprint(),
             "preprocess": adapter.preprocess_id(), "family": adapter.family,
             "network": adapter.network_id()}
+    if data.modality == "image" and int(data.max_pixels) != DEFAULT_MAX_PIXELS:
+        desc["max_pixels"] = int(data.max_pixels)
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 

@@ -245,6 +245,25 @@ def test_collate_honours_the_datas_pixel_limit(tmp_path, timm_folder):
     assert "more than the limit of 1,599" in e.value.problem and e.value.path == str(data.items[0])
 
 
+def test_a_pixel_limit_refuses_the_same_images_with_a_warm_cache(tmp_path, timm_folder):
+    """Found by an audit: a cache hit decodes no image, so ``--max-pixels`` refused an image only
+    when the cache was cold. An entry made under one limit no longer serves another limit."""
+    from conftest import run_cli
+
+    d = make_images(tmp_path / "data", n_per_class=1, size=36)
+    cache = tmp_path / "cache"
+    code, _, err = run_cli("eval", timm_folder, "--data", d, "--cache-dir", cache, "-q")
+    assert code == 0 and len(list(cache.glob("*.safetensors"))) == 1, err
+    code, _, err = run_cli("eval", timm_folder, "--data", d, "--cache-dir", cache, "--max-pixels", "1", "-q")
+    assert code == 2 and "more than the limit of 1 " in err and err.count("\n") == 1, err
+    # the limit the entry was made under serves its own runs from the cache
+    code, _, err = run_cli("eval", timm_folder, "--data", d, "--cache-dir", cache, "--max-pixels", "1296", "-q")
+    assert code == 0, err
+    entries = len(list(cache.glob("*.safetensors")))
+    code, _, err = run_cli("eval", timm_folder, "--data", d, "--cache-dir", cache, "--max-pixels", "1296", "-q")
+    assert code == 0 and len(list(cache.glob("*.safetensors"))) == entries == 2, err
+
+
 # ================================================================== 2. table paths
 def test_table_paths_outside_the_data_folder_are_refused(tmp_path, timm_folder):
     """``../`` paths, absolute paths elsewhere and symlinks leaving the folder: exit 2 naming the table,
