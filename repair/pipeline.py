@@ -295,6 +295,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         log(f"warning: {w}")
     if "model" in recipe.kinds:
         resources["data_root"] = Path(data.source)
+        resources["data_file"] = Path(data.table or data.source)     # what an error about the repair set names
         if has_groups:
             resources["group_names"] = list(enc.group_names)
     # model repairs get a scratch folder for the files they make (beside the output: the chosen one's

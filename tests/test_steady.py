@@ -770,3 +770,16 @@ def test_strength_average_1se_averages_the_strengths_the_held_out_part_cannot_te
     Xa = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
     Wall, _ = F.averaged_head(sess, Xa, sess.groups, torch.arange(sess.y.numel()), near)
     torch.testing.assert_close(tm.head.weight.detach().float(), Wall)
+
+
+def test_a_repair_set_too_small_to_hold_out_a_part_names_the_data(tmp_path, timm_folder):
+    """Found by an audit: the error said what was too small but not which file."""
+    from conftest import make_images, run_cli
+
+    small = make_images(tmp_path / "small", seed=12, n_per_class=2)
+    code, _, err = run_cli("fix", timm_folder, "--data", small, "--recipe", "mixft", "--budget", "1steps",
+                           "--out", tmp_path / "o", "-q")
+    lines = [l for l in err.splitlines() if not l.startswith("warning:")]
+    assert code == 2 and len(lines) == 1 and "too small to hold out a part" in lines[0], err
+    assert lines[0].startswith(f"error: {small}"), err
+    assert not (tmp_path / "o").exists()

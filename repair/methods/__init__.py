@@ -132,7 +132,8 @@ class ModelRepairInputs:
     # the user inputs the model repairs declare (repair.registry.model_resources()), by name, as
     # Resource.check returned them (Path / str; kind "data": a TrainSet), e.g. "train", "masks",
     # "segmenter", "generator", "generator_model", "prompts"; and from the pipeline: "data_root"
-    # (Path: the repair data's folder, for finding masks), "group_names" (the names of the group
+    # (Path: the repair data's folder, for finding masks), "data_file" (Path: its table, else its
+    # folder: what an error about the repair set names), "group_names" (the names of the group
     # ids, "class|column=value", when --group-by was given)
     duplicates: Optional[torch.Tensor] = None   # (N,) ids of identical samples (same id = same sample):
                                                 # held-out splits keep each id on one side

@@ -488,7 +488,8 @@ class Session:
             raise BadInput(f"the repair set is too small to hold out a part for early stopping: model repairs "
                            f"need at least {self.MIN_PER_STRATUM} samples of every "
                            f"{'group' if given else 'class x correctly/incorrectly classified group'} in the part "
-                           f"they train on ({int(counts[small[0]]) if small else int(y.numel())} in one)")
+                           f"they train on ({int(counts[small[0]]) if small else int(y.numel())} in one)",
+                           (getattr(inputs, "resources", None) or {}).get("data_file"))
         gen = torch.Generator().manual_seed(int(inputs.seed))
         self.train_idx, self.held_idx = stratified_split(self.groups, [holdout_fraction], gen,
                                                          clusters=inputs.duplicates)
