@@ -101,7 +101,10 @@ seconds of the fit, wall clock was 4-8x more):
   demo 80.4 +- 2.8 / 81.6 +- 1.8 / 81.6 +- 1.8; ``sst2_capped`` balanced 77.2 +- 1.3 / 75.5 +- 1.3,
   skewed 68.3 +- 8.0 / 67.2 +- 11.3 (seed 0's early-stopped body is poor with any refitted head). The
   strength choice was the skewed image sets' spread, not the capped text task's; the balanced sets pay
-  1.6-1.7 points -> options, not the default.
+  1.6-1.7 points -> options, not the default. With no held-out choice at all (``keep: tail``,
+  ``settle_alphas: [1.0]``, ``settle_strength: average``; row ``mixft-tail-avgl2-a1``): std <= 3 on five
+  of six sets, 1.1-1.8 points under the default on four, capped skewed 66.5 +- 5.1 (the trained body
+  itself differs by seed there).
 - SST-2 is where ``mixft`` does NOT yet reach the issue's target (label-free test WGA >=
   the best last-layer row + 5, about 75): ``head_init: refit`` + last 2 layers, lr 1e-4,
   8 epochs kept the refitted head (68.5 / 77.2, the last-layer level; fine-tuning first
