@@ -8,6 +8,7 @@ model on it with plain ERM on the CPU and writes
         landbird/00000.png ...  class-per-subfolder tree
         waterbird/00001.png ...
         metadata.csv            img_filename,y,place   (Waterbirds columns)
+    out_dir/repair-demo.json    the marker that says the folder is a demo (what ``--force`` may replace)
 
 The task: a "bird" (the core feature, which decides the class) drawn over a
 background "place" (the spurious attribute). Landbirds are solid blobs
@@ -31,7 +32,8 @@ and thinner rings so the shape is learnt at all from so little data).
 Nothing half-built: the images are drawn and the model trained in memory, then the folder is
 written under a temporary name beside ``out_dir`` and renamed into place (:func:`repair.io.atomic_output`);
 a failure or an interrupt leaves no folder behind. ``out_dir`` may exist only as an empty folder,
-or, with ``force``, as a previous demo (:func:`check_out`).
+or, with ``force``, as a previous demo: a folder holding the demo's marker and only a demo's entries
+(:func:`check_out`).
 """
 from __future__ import annotations
 
@@ -61,8 +63,13 @@ BIRD_RADIUS = (0.17, 0.26)     # outer radius of the bird, as a fraction of the 
 RING_THICK = (0.46, 0.64)      # waterbird ring thickness / radius: larger = smaller hole = harder
 PIXEL_NOISE = 0.03
 LANDBIRD_FRAC = 0.75          # class balance of every split (Waterbirds has ~77% landbirds)
+#: the file every demo folder holds, written with it (:func:`build_demo`): what proves a folder is one
+#: the demo wrote, so that ``--force`` replaces it (:func:`check_out`)
+DEMO_MARKER = "repair-demo.json"
+#: the kind the marker names (a JSON object ``{"kind": DEMO_KIND, ...}``)
+DEMO_KIND = "repair demo folder"
 #: what a demo folder holds: the demo's own entries (``repair demo`` adds ``model-repaired``)
-DEMO_ENTRIES = ("model", "data", "model-repaired")
+DEMO_ENTRIES = ("model", "data", "model-repaired", DEMO_MARKER)
 
 
 @dataclass(frozen=True)
@@ -303,12 +310,28 @@ def save_model(model, model_dir: Path, model_args: Optional[dict] = None) -> Non
 # ----------------------------------------------------------------------------------------------
 
 
+def _is_marker(path: Path) -> bool:
+    """Whether ``path`` is a demo's marker file (:data:`DEMO_MARKER`) as :func:`build_demo` writes it:
+    a regular file (not a link) holding a JSON object of kind :data:`DEMO_KIND`."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        if path.stat().st_size > 64 * 1024:
+            return False
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("kind") == DEMO_KIND
+
+
 def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:
     """Check, before any work, that the demo can be written to ``out_dir``: it does not exist, or
-    is an empty folder, or (``force``) a folder holding only a demo's entries (:data:`DEMO_ENTRIES`,
-    and temporary folders of ours); its parent is a folder a file can be created in
-    (:func:`repair.rules.check_writable`). A folder with anything else in it is never replaced,
-    whatever ``force`` says. :class:`BadInput` naming ``flag`` and the path."""
+    is an empty folder, or (``force``) a previous demo folder: one that holds the demo's marker
+    (:data:`DEMO_MARKER`, written with every demo) and nothing but a demo's entries
+    (:data:`DEMO_ENTRIES`, and temporary folders of ours); its parent is a folder a file can be
+    created in (:func:`repair.rules.check_writable`). Any other folder is never replaced, whatever
+    ``force`` says: names that merely look like a demo's prove nothing (fail closed; a demo folder
+    written before the marker existed is refused too). :class:`BadInput` naming ``flag`` and the path."""
     from .io import _temp_name_re
     from .rules import check_writable
 
@@ -330,7 +353,22 @@ def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             raise BadInput(f"{flag}: the folder holds more than a demo ({shown}); --force rebuilds only a "
                            f"demo folder (it holds {', '.join(DEMO_ENTRIES)}); choose another folder", out)
+        if entries and not _is_marker(out / DEMO_MARKER):
+            raise BadInput(f"{flag}: the folder is not one repair demo wrote (it has no {DEMO_MARKER}, which "
+                           "every demo folder holds), so --force does not replace it; if it is an older demo, "
+                           "delete it yourself, or choose another folder", out)
     return check_writable(out, force=True, flag=flag)
+
+
+def write_marker(folder: Path, *, seed: int, size: str, model_args: dict) -> None:
+    """The demo's marker file (:data:`DEMO_MARKER`) in ``folder``: what :func:`check_out` takes as the
+    proof that a folder is a demo the demo wrote (so ``--force`` may replace it)."""
+    from . import __version__
+
+    doc = {"kind": DEMO_KIND, "note": "written by repair demo; repair demo --force replaces this folder "
+                                      "only while it holds this file and nothing but the demo's entries",
+           "version": __version__, "seed": seed, "size": size, "model_args": model_args}
+    (Path(folder) / DEMO_MARKER).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 
 def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
@@ -372,6 +410,7 @@ def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
             _write_split(staged / "data" / name, images, y, place)
         (staged / "model").mkdir()
         save_model(model, staged / "model", model_args)
+        write_marker(staged, seed=seed, size=size, model_args=model_args)
     data_dir, model_dir = out_dir / "data", out_dir / "model"
     say(f"wrote {model_dir} and {data_dir}")
     return DemoArtifacts(model_dir=model_dir, train_dir=data_dir / "train", val_dir=data_dir / "val",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -360,12 +361,18 @@ def zoo_summary_line(doc: dict) -> str:
             + (" — the run was interrupted" if doc.get("interrupted") else ""))
 
 
+def page_title(doc: dict) -> str:
+    """The title of a report document's page."""
+    if doc["kind"] == "zoo":
+        return f"repair zoo — {Path(doc['manifest']).name} ({doc['mode']})"
+    return f"repair fix — {doc['models'][0]['name']}"
+
+
 def render(doc: dict) -> str:
     """The whole page for a report document (``kind``: ``zoo`` or ``fix``)."""
     models = doc["models"]
+    title = page_title(doc)
     if doc["kind"] == "zoo":
-        s = doc["summary"]
-        title = f"repair zoo — {Path(doc['manifest']).name} ({doc['mode']})"
         line = zoo_summary_line(doc)
         sub = (f"executor: {_e(doc.get('executor'))}; wall time {doc.get('wall_seconds', 0):.1f}s; "
                f"generated {_e(doc.get('generated'))}")
@@ -374,7 +381,6 @@ def render(doc: dict) -> str:
                 + "<p class='note'>WGA = worst-group accuracy (worst-class where the data has no group column); "
                   "click a column to sort.</p>")
     else:
-        title = f"repair fix — {models[0]['name']}"
         head = f"<h1>{_e(title)}</h1><p class='note'>generated {_e(doc.get('generated'))}</p>"
     body = "".join(model_section(m) for m in models)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
@@ -392,14 +398,56 @@ def report_json(doc: dict) -> str:
     return json_text(doc, indent=1)
 
 
-def write_report(html_path, doc: dict) -> tuple[Path, Path]:
+#: the most of a report file :func:`read_report` reads (a report is far smaller)
+_REPORT_MAX_BYTES = 256 * 1024 * 1024
+
+
+def read_report(html_path) -> tuple[Optional[dict], Optional[str]]:
+    """The document of the report :func:`write_report` wrote at ``html_path``: ``(doc, None)`` when the
+    JSON beside it is a report document and the page there (if any) is the one written with it (its
+    title and its ``generated`` stamp); else ``(None, why not)``. Reads only; a caller decides from this
+    whether an existing report is one it may replace."""
+    from .rules import report_outputs
+
+    html_path, json_path = report_outputs(html_path)
+    if json_path.is_symlink() or not json_path.is_file():
+        return None, f"there is no report JSON {json_path.name} with it"
+    try:
+        if json_path.stat().st_size > _REPORT_MAX_BYTES:
+            return None, f"{json_path.name} is not a report (too large)"
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return None, f"{json_path.name} is not a report ({type(e).__name__})"
+    if (not isinstance(doc, dict) or doc.get("kind") not in ("zoo", "fix") or not isinstance(doc.get("generated"), str)
+            or not isinstance(doc.get("models"), list) or (doc["kind"] == "zoo" and not (
+                isinstance(doc.get("manifest"), str) and isinstance(doc.get("mode"), str)))
+            or (doc["kind"] == "fix" and not (doc["models"] and isinstance(doc["models"][0], dict)
+                                              and "name" in doc["models"][0]))):
+        return None, f"{json_path.name} is not a report document of repair"
+    if html_path.exists() or html_path.is_symlink():
+        if html_path.is_symlink() or not html_path.is_file():
+            return None, f"{html_path.name} is not a file"
+        try:
+            if html_path.stat().st_size > _REPORT_MAX_BYTES:
+                return None, f"{html_path.name} is not a report page (too large)"
+            page = html_path.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            return None, f"{html_path.name} cannot be read ({e.strerror or e})"
+        if (f"<title>{_e(page_title(doc))}</title>" not in page
+                or f"generated {_e(doc['generated'])}" not in page):
+            return None, f"{html_path.name} is not the page written with {json_path.name}"
+    return doc, None
+
+
+def write_report(html_path, doc: dict, *, force: bool = False) -> tuple[Path, Path]:
     """Write ``doc`` as the HTML page and as JSON beside it (same name, ``.json``), together
-    (:func:`repair.io.outputs`); an existing report is replaced."""
+    (:func:`repair.io.outputs`). An existing page or JSON is replaced only with ``force`` (the
+    caller has checked, before any work, that it may be: :func:`read_report`)."""
     from .io import outputs
     from .rules import report_outputs
 
     html_path, json_path = report_outputs(html_path)
-    with outputs(force=True) as tx:
+    with outputs(force=force) as tx:
         tx.stage(json_path).write_text(report_json(doc), encoding="utf-8")
         tx.stage(html_path).write_text(render(doc), encoding="utf-8")
     return html_path, json_path

@@ -1161,6 +1161,56 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
         os.close(lock)
 
 
+def _report_not_ours(out_dir: Path, journal: Path, mpath: Path) -> Optional[str]:
+    """Why the report files in ``out_dir`` are not this zoo's own (None: they are, or there are none).
+    They are its own when the JSON is a zoo report of this manifest that names this zoo's journal as
+    the one it was written with (the path as it was written, taken relative to the report it names,
+    so a folder moved whole is still its own), and the page there is the one written with that JSON
+    (:func:`repair.report.read_report`). Anything else is the user's: fail closed."""
+    from .report import read_report
+    from .rules import report_outputs
+
+    html, js = report_outputs(out_dir / REPORT_NAME)
+    if not any(p.exists() or p.is_symlink() for p in (html, js)):
+        return None
+    doc, why = read_report(html)
+    if doc is None:
+        return why
+    if doc.get("kind") != "zoo":
+        return f"{js.name} is the report of a repair {doc.get('kind')}, not of a zoo"
+    if Path(doc["manifest"]).name != mpath.name:
+        return f"{js.name} is the report of {Path(doc['manifest']).name}, not of {mpath.name}"
+    named, report = doc.get("journal"), doc.get("report")
+    if not isinstance(named, str) or not isinstance(report, str) or Path(report).name != REPORT_NAME:
+        return f"{js.name} names no journal it was written with"
+    j, r = Path(named), Path(report)
+    was = out_dir / os.path.relpath(j, r.parent) if j.is_absolute() == r.is_absolute() else j
+    try:
+        same = was.resolve() == journal.resolve()
+    except (OSError, RuntimeError):
+        same = False
+    if not same:
+        return f"{js.name} was written with the journal {named}, not with this zoo's {journal}"
+    return None
+
+
+def _check_report_files(out_dir: Path, journal: Path, mpath: Path, force: bool) -> None:
+    """Before any work: the report files in ``out_dir`` (:data:`REPORT_NAME` and the JSON beside it)
+    can be written, and one that exists is replaced only when it is this zoo's own
+    (:func:`_report_not_ours`: a rerun or a resume) or with ``force``
+    (:func:`repair.rules.check_writable`). BadInput names the file."""
+    from .rules import check_writable, report_outputs
+
+    why = None if force else _report_not_ours(out_dir, journal, mpath)
+    for p in report_outputs(out_dir / REPORT_NAME):
+        try:
+            check_writable(p, force=why is None, flag="--out-dir")
+        except BadInput as e:
+            if why is None or not (p.exists() or p.is_symlink()):
+                raise
+            raise BadInput(f"{e.problem}; it is not this zoo's report ({why})", e.path) from None
+
+
 def _check_outputs_apart(manifest: Manifest, mpath: Path, out_dir: Path, journal: Path) -> None:
     """No row's output nor its staging folder is, holds or lies inside the report folder (the
     report, the journal, the lock) or the journal: a commit would move them into a model."""
@@ -1206,6 +1256,9 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
     if others:       # zoo.yaml and zoo.csv side by side share the default <stem>-zoo folder
         raise BadInput(f"the journal holds the models of another manifest, {others[0]}; give {mpath.name} "
                        "its own --out-dir", journal.path)
+    # an existing report is replaced only when it is this zoo's own, or with --force (under the lock, so
+    # no other driver writes one between this check and the write at the end)
+    _check_report_files(out_dir, journal.path, mpath, o.force)
     done = {}
     redo: dict[str, str] = {}
     edited: dict[str, str] = {}                 # journaled outputs changed since: the user's now
@@ -1295,7 +1348,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                       for e in manifest.entries]
             doc = _document(mpath, o, executor.description, models, interrupted, time.perf_counter() - t0)
             doc["report"], doc["journal"] = str(out_dir / REPORT_NAME), str(journal.path)
-            write_report(out_dir / REPORT_NAME, doc)
+            write_report(out_dir / REPORT_NAME, doc, force=True)     # new, this zoo's or --force: checked above
             if interrupted:
                 log(f"interrupted: {len(done)} of {len(manifest.entries)} models finished; the report "
                     f"{out_dir / REPORT_NAME} shows them, a rerun finishes the rest")
