@@ -1,4 +1,4 @@
-"""Repair sets: image folders / metadata.csv, and text CSV/TSV/JSONL.
+"""Repair sets: image folders / metadata.csv, and text CSV/TSV/JSONL (or a .json array of objects).
 
 ``load_data`` reads the raw items, labels and attribute columns; ``encode``
 matches labels to the model's class order and builds groups (class x attribute).
@@ -357,31 +357,12 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
     except OSError as e:
         raise BadInput(f"cannot read the file ({e.strerror or e})", path) from None
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = parse_json(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"line {n} is not valid JSON ({e.msg})", path) from None
-            if not isinstance(row, dict):
-                raise BadInput(f"line {n} is not a JSON object", path)
-            nested = [k for k, v in row.items() if isinstance(v, (list, dict))]
-            if nested:            # a cell is one value, as in a CSV: a list's text would be a guess
-                kind = "array" if isinstance(row[nested[0]], list) else "object"
-                raise BadInput(f"line {n}: field {nested[0]!r} is a JSON {kind}, not a single value (a text, a "
-                               "label, a group value)", path)
-            row = {k: ("" if v is None else str(v)) for k, v in row.items()}
-            for k, v in row.items():       # JSON's \ud800 escapes decode to what no UTF-8 text holds
-                try:
-                    k.encode("utf-8"), v.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise BadInput(f"line {n}: field {k!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
-                                   "which is not text", path) from None
-            rows.append(row)
-        columns = list(rows[0].keys()) if rows else []
-        return columns, rows
+        rows = [_json_record(rec, where, path) for where, rec in _json_records(text, path)]
+        # the columns: every key of any record, in the order first seen (a record may leave out a
+        # column, as a CSV row may leave a cell empty: it reads as empty, and the row's empty value
+        # is refused where the column is needed)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        return columns, [{c: row.get(c, "") for c in columns} for row in rows]
     _raise_csv_field_limit()
     try:
         # strict first: it alone notices a quote that is never closed (the lenient reader takes the
@@ -395,6 +376,64 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
         return _read_csv(text, path, strict=False)
     except _CsvError as e:
         raise BadInput(f"malformed CSV near {e.where}: {e.args[0]}", path) from None
+
+
+#: what a .json data file may hold (said when it holds something else)
+JSON_TABLE_SHAPES = "a .json data file must be JSON Lines (one object per line) or a JSON array of objects"
+
+
+def _json_records(text: str, path: Path) -> list[tuple[str, object]]:
+    """(where, value) of each record of a JSON table's text: each non-blank line of JSON Lines
+    (``line N``); for a ``.json`` file whose text starts with ``[``, each item of the JSON array it
+    holds (``item N``, the whole file parsed by :func:`repair.io.parse_json`). Text that is not
+    valid JSON is refused naming the line (for a .json, with the shapes it may have)."""
+    is_json = path.suffix.lower() == ".json"
+    shapes = f"; {JSON_TABLE_SHAPES}" if is_json else ""
+    if is_json and text.lstrip().startswith("["):
+        try:
+            doc = parse_json(text)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"not valid JSON ({e.msg}, line {e.lineno} column {e.colno}){shapes}", path) from None
+        return [(f"item {n}", rec) for n, rec in enumerate(doc, 1)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {n}", parse_json(line)))
+        except json.JSONDecodeError as e:
+            if is_json:         # one JSON document over several lines (a model's config.json)?
+                try:
+                    whole = parse_json(text)
+                except json.JSONDecodeError:
+                    pass
+                else:
+                    kind = {dict: "object", list: "array"}.get(type(whole), "value")
+                    raise BadInput(f"holds one JSON {kind} written over several lines, not a table; "
+                                   f"{JSON_TABLE_SHAPES}", path) from None
+            raise BadInput(f"line {n} is not valid JSON ({e.msg}){shapes}", path) from None
+    return out
+
+
+def _json_record(rec, where: str, path: Path) -> dict[str, str]:
+    """One record of a JSON table as a row of texts (null as empty): a JSON object of single values
+    (a text, a label, a group value), else :class:`BadInput` naming ``where`` (``line N``/``item N``)."""
+    if not isinstance(rec, dict):
+        shapes = f"; {JSON_TABLE_SHAPES}" if path.suffix.lower() == ".json" else ""
+        raise BadInput(f"{where} is not a JSON object{shapes}", path)
+    nested = [k for k, v in rec.items() if isinstance(v, (list, dict))]
+    if nested:            # a cell is one value, as in a CSV: a list's text would be a guess
+        kind = "array" if isinstance(rec[nested[0]], list) else "object"
+        raise BadInput(f"{where}: field {nested[0]!r} is a JSON {kind}, not a single value (a text, a "
+                       "label, a group value)", path)
+    row = {k: ("" if v is None else str(v)) for k, v in rec.items()}
+    for k, v in row.items():       # JSON's \ud800 escapes decode to what no UTF-8 text holds
+        try:
+            k.encode("utf-8"), v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadInput(f"{where}: field {k!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                           "which is not text", path) from None
+    return row
 
 
 #: the most characters one CSV field may hold: the csv module's default (128 KiB) refuses a long
@@ -594,7 +633,7 @@ def load_data(path, options: Optional[DataOptions] = None) -> RepairData:
     if not path.exists():
         raise BadInput("data not found", path)
     if not path.is_file() and not path.is_dir():
-        raise BadInput("expected a folder, or a .csv/.tsv/.jsonl file; got a device or other special file", path)
+        raise BadInput("expected a folder, or a .csv/.tsv/.jsonl/.json file; got a device or other special file", path)
     try:
         return _load_data(path, o)
     except PermissionError as e:
@@ -604,7 +643,7 @@ def load_data(path, options: Optional[DataOptions] = None) -> RepairData:
 def _load_data(path: Path, o: DataOptions) -> RepairData:
     if path.is_file():
         if path.suffix.lower() not in TABLE_SUFFIXES:
-            raise BadInput("expected a folder, or a .csv/.tsv/.jsonl file", path)
+            raise BadInput("expected a folder, or a .csv/.tsv/.jsonl/.json file", path)
         data = _from_table(path, path.parent, o)
     else:
         tables = [path / n for n in METADATA_NAMES if (path / n).exists()]

@@ -249,13 +249,23 @@ def user_side(e: BaseException) -> Optional[int]:
 
 
 def parse_json(text):
-    """``json.loads`` for a file the user gave: a document nested too deeply to parse is a
-    ``json.JSONDecodeError`` too (Python's parser recurses; a ``RecursionError`` would be an internal
-    error), so every caller's "not valid JSON" covers it."""
+    """``json.loads`` for a file the user gave: a document nested too deeply to parse, or holding an
+    integer of more digits than Python converts (``sys.get_int_max_str_digits()``, 4300 by default),
+    is a ``json.JSONDecodeError`` too (a ``RecursionError`` or a bare ``ValueError`` would be an
+    internal error), so every caller's "not valid JSON" covers them."""
+    doc = text if isinstance(text, str) else ""
     try:
         return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):     # bytes given: the caller's decode error
+        raise
     except RecursionError:
-        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+        raise json.JSONDecodeError("nested too deeply", doc, 0) from None
+    except ValueError:              # int()'s digit limit: the only other ValueError json raises
+        limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 4300
+        # where: the first run of more digits than the limit (the number int() refused)
+        m = re.search(r"\d{%d,}" % (limit + 1), doc) if limit else None
+        raise json.JSONDecodeError(f"an integer has more than {limit} digits", doc,
+                                   m.start() if m else 0) from None
 
 
 #: characters shown as escapes wherever a user's name (a class, a group value, a file, a model) reaches a
