@@ -95,6 +95,7 @@ class ModelOutputs:
                 w["weights_file"] = str(final / written.relative_to(tmp)) if written != tmp else str(final)
                 if self.artifacts is not None and self.artifacts_to is not None and final in self.artifacts_to.parents:
                     dest = tmp / self.artifacts_to.relative_to(final)
+                    _clear_staged(dest, tmp)     # never nested in (or merged with) another run's record
                     shutil.move(str(self.artifacts), str(dest))
                     w["artifacts"] = str(self.artifacts_to)
                 if self.onnx is not None and a.exports_onnx_natively:
@@ -134,6 +135,22 @@ class ModelOutputs:
                           progress=self.log, reference_logits=o.reference_logits)
         rep["path"] = rep["onnx"] = str(final)
         return rep
+
+
+def _clear_staged(dest: Path, staged: Path) -> None:
+    """Remove ``dest`` -- a path inside ``staged``, the output this transaction staged -- if the
+    model's ``save`` left anything there (a copy of the source's own repair artifacts), so this
+    run's artifacts are moved to exactly ``dest``: ``shutil.move`` into an existing folder would
+    nest them inside the old ones. Nothing outside ``staged`` is touched."""
+    dest, staged = Path(dest), Path(staged)
+    if staged not in dest.parents:
+        raise RepairError(f"the repair artifacts {dest} are not inside the staged output {staged}")
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.is_dir():
+        shutil.rmtree(dest)
+    elif dest.exists():
+        dest.unlink()
 
 
 def _check_metadata(written: Path, metadata: dict) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -448,16 +449,33 @@ def _special(p: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def check_folder_entry(entry: Path, root: Path) -> None:
+    """The one rule for every entry of a model folder, applied when the folder is loaded
+    (:func:`check_model_folder`: ``eval``, ``fix``, ``export``, ``zoo``) and when it is copied
+    (:func:`folder_copy_plan`): a symlink whose target lies outside ``root`` (the folder, resolved)
+    -- the weights, the config or any other file -- and a FIFO, device or socket (or a symlink to
+    one) are :class:`BadInput` naming the entry. Only what the folder holds is read or copied."""
+    entry = Path(entry)
+    if _special(entry):
+        raise BadInput("a FIFO, device or socket in the model folder (only regular files are read or "
+                       "copied); remove it", entry)
+    if entry.is_symlink():
+        target = Path(os.path.realpath(entry))      # never raises; a dangling link: where it would lead
+        if not target.is_relative_to(root):
+            raise BadInput(f"a symlink in the model folder leads outside it (to {target}); only the folder's "
+                           "own files are read or copied: replace it by the file or remove it", entry)
+
+
 def check_model_folder(folder: Path) -> list[Path]:
     """Every regular file of a model folder (recursively, hidden entries skipped as ``save``
-    skips them), resolved. A FIFO, device or socket in it (or a symlink to one) is
-    :class:`BadInput` naming it: reading it could block or never end."""
+    skips them), resolved, each entry checked by :func:`check_folder_entry` (a symlink leaving the
+    folder: reading it would read another file than the folder's; a FIFO or device: reading it could
+    block or never end)."""
     folder = Path(folder)
+    root = folder.resolve()
     out = []
     for entry in _walk(folder):
-        if _special(entry):
-            raise BadInput("a FIFO, device or socket in the model folder (only regular files are "
-                           "read); remove it", entry)
+        check_folder_entry(entry, root)
         if entry.is_file():
             out.append(entry.resolve())
     return out
@@ -474,19 +492,26 @@ def _walk(folder: Path):
 
 
 def folder_copy_plan(src: Path, skip: Optional[Path] = None) -> list[Path]:
-    """The entries of ``src`` that :func:`copy_folder_except` copies (hidden ones, ``skip`` and every
-    other weights file -- the source's weights in another format, an ONNX export of them, which
-    would ship the unrepaired model inside the repaired one -- left out), checked: a symlink whose target lies outside ``src``, a broken one, one to a
-    folder, or a FIFO, device or socket is :class:`BadInput` naming it. Writes nothing."""
-    from ..rules import WEIGHT_SUFFIXES
+    """The entries of ``src`` that :func:`copy_folder_except` copies, checked. Left out: hidden ones,
+    ``skip``, every other weights file (the source's weights in another format, an ONNX export of
+    them, which would ship the unrepaired model inside the repaired one) and the folder's own repair
+    artifacts (:func:`repair.rules.artifacts_output`: the record of the run that made ``src``, not
+    part of the model; a new run writes its own). Every entry, copied or not, passes
+    :func:`check_folder_entry`; a copied symlink that is broken or leads to a folder is
+    :class:`BadInput` naming it too. Writes nothing."""
+    from ..rules import WEIGHT_SUFFIXES, artifacts_output
 
     src = Path(src)
     root = src.resolve()
     skip_r = Path(skip).resolve() if skip is not None else None
+    old_artifacts = artifacts_output(src, src)
     plan = []
     for item in _walk(src):
+        check_folder_entry(item, root)
         if skip_r is not None and item.resolve() == skip_r:
             continue
+        if item == old_artifacts or old_artifacts in item.parents:
+            continue      # the previous run's record: the new output holds only this run's
         if item.suffix.lower() in WEIGHT_SUFFIXES or item.name.lower().endswith((".onnx.data", ".onnx_data")):
             continue      # the source's weights in another format (or an export of them): not the repaired model
         if item.is_symlink():
@@ -494,13 +519,8 @@ def folder_copy_plan(src: Path, skip: Optional[Path] = None) -> list[Path]:
                 target = item.resolve(strict=True)
             except (OSError, RuntimeError):
                 raise BadInput("a broken symlink in the model folder; remove it", item) from None
-            if not target.is_relative_to(root):
-                raise BadInput(f"a symlink in the model folder leads outside it (to {target}); it is not "
-                               "copied into the output: replace it by the file or remove it", item)
             if target.is_dir():
                 raise BadInput("a symlink to a folder in the model folder; replace it by the folder", item)
-        if _special(item):
-            raise BadInput("a FIFO, device or socket in the model folder; only regular files are copied", item)
         plan.append(item)
     return plan
 

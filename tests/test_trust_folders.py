@@ -1,0 +1,180 @@
+"""Trust in model folders: what a run reads from a model folder and what it copies out of one.
+
+- A symlink leaving the model folder -- the weights or the config, not only a side file -- is exit 2
+  naming it whenever the folder is loaded (``eval`` included), and nothing is written: its target
+  (another model, a secret) is never read into a run nor copied into an output.
+- A folder output of a model repair holds only this run's ``repair-artifacts``: the source's own
+  (the record of the run that made it) is not copied into the new output, and the new run's are
+  never nested inside it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import make_timm_folder, run_cli
+from repair.errors import BadInput
+
+
+# ------------------------------------------------------------------ helpers
+def snapshot(*roots: Path) -> dict:
+    """sha256 of every entry under ``roots`` (symlinks as their target text)."""
+    out = {}
+    for root in roots:
+        root = Path(root)
+        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+            if p.is_symlink():
+                out[str(p)] = "link:" + os.readlink(p)
+            elif p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                out[str(p)] = "dir" if p.is_dir() else "other"
+    return out
+
+
+def refused(args, named: Path, *words, inputs=(), out_dir: Path) -> str:
+    """``repair ARGS`` is exit 2 with one error line naming ``named`` and holding ``words``; the
+    inputs are unchanged and ``out_dir`` holds nothing new."""
+    before, before_out = snapshot(*inputs), snapshot(out_dir)
+    rc, _, err = run_cli(*map(str, args), "-q")
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert str(named) in lines[0], err
+    for w in words:
+        assert w in lines[0], err
+    assert snapshot(*inputs) == before
+    assert snapshot(out_dir) == before_out, "something was written"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def secret_model(tmp_path_factory) -> Path:
+    """Another model, outside every folder the runs are given: never read, never copied."""
+    return make_timm_folder(tmp_path_factory.mktemp("elsewhere") / "secret_model", seed=7)
+
+
+# ================================================================== A. symlinks leaving the folder
+def test_a_weights_file_symlinked_out_of_the_folder_is_exit_2_for_fix_export_and_eval(
+        tmp_path, timm_folder, secret_model, image_data):
+    m = tmp_path / "m"
+    m.mkdir()
+    shutil.copy(timm_folder / "config.json", m / "config.json")
+    (m / "model.safetensors").symlink_to(secret_model / "model.safetensors")
+    link = m / "model.safetensors"
+    inputs = [m, secret_model, image_data]
+    refused(["fix", m, "--data", image_data, "--recipe", "dfr"], link, "symlink", "outside",
+            inputs=inputs, out_dir=tmp_path)
+    refused(["fix", m, "--data", image_data, "--recipe", "dfr", "--out", tmp_path / "fixed"], link, "outside",
+            inputs=inputs, out_dir=tmp_path)
+    refused(["export", m, "--format", "safetensors"], link, "outside", inputs=inputs, out_dir=tmp_path)
+    refused(["export", m, "--data", image_data], link, "outside", inputs=inputs, out_dir=tmp_path)
+    refused(["eval", m, "--data", image_data, "--no-cache"], link, "outside", inputs=inputs, out_dir=tmp_path)
+    assert not (tmp_path / "m-repaired").exists() and not (tmp_path / "fixed").exists()
+
+
+def test_a_config_symlinked_out_of_the_folder_is_exit_2_for_eval_fix_and_export(
+        tmp_path, secret_model, image_data):
+    m = tmp_path / "m2"
+    m.mkdir()
+    shutil.copy(secret_model / "model.safetensors", m / "model.safetensors")
+    (m / "config.json").symlink_to(secret_model / "config.json")
+    link = m / "config.json"
+    inputs = [m, secret_model, image_data]
+    refused(["eval", m, "--data", image_data, "--no-cache"], link, "symlink", "outside",
+            inputs=inputs, out_dir=tmp_path)
+    refused(["fix", m, "--data", image_data, "--recipe", "dfr"], link, "outside", inputs=inputs, out_dir=tmp_path)
+    refused(["export", m, "--format", "safetensors"], link, "outside", inputs=inputs, out_dir=tmp_path)
+
+
+def test_one_check_for_every_caller_of_a_model_folder(tmp_path, timm_folder, secret_model):
+    """Loading the folder and planning its copy (``zoo`` plans before any model runs) refuse the
+    same link, naming it; a symlink that stays inside the folder is still read."""
+    from repair.adapters import load_model
+    from repair.adapters.base import check_model_folder, folder_copy_plan
+
+    m = tmp_path / "m"
+    m.mkdir()
+    shutil.copy(timm_folder / "config.json", m / "config.json")
+    (m / "model.safetensors").symlink_to(secret_model / "model.safetensors")
+    for check in (lambda: load_model(m), lambda: check_model_folder(m),
+                  lambda: folder_copy_plan(m, m / "model.safetensors")):
+        with pytest.raises(BadInput) as e:
+            check()
+        assert e.value.path.endswith("model.safetensors") and "outside" in e.value.problem
+    # a dangling link leading outside is refused as leaving too
+    (m / "model.safetensors").unlink()
+    (m / "model.safetensors").symlink_to(tmp_path / "gone" / "model.safetensors")
+    with pytest.raises(BadInput, match="outside"):
+        check_model_folder(m)
+    # inside the folder: allowed as before
+    (m / "model.safetensors").unlink()
+    (m / "store").mkdir()
+    shutil.copy(timm_folder / "model.safetensors", m / "store" / "weights.safetensors")
+    (m / "model.safetensors").symlink_to(m / "store" / "weights.safetensors")
+    a = load_model(m)
+    assert a.class_names and (m / "store" / "weights.safetensors").resolve() in a.source_files()
+
+
+# ================================================================== B. the source's repair artifacts
+RECOMPOSE = ["--group-by", "place", "--recipe", "recompose", "--budget", "2steps", "-q"]
+
+
+def test_a_repaired_folder_repaired_again_holds_only_this_runs_artifacts(tmp_path, timm_folder, image_data):
+    from repair.rules import artifacts_output
+
+    out1, out2, out3 = tmp_path / "out1", tmp_path / "out2", tmp_path / "out3"
+    rc, _, err = run_cli("fix", str(timm_folder), "--data", str(image_data), *RECOMPOSE, "--out", str(out1))
+    assert rc == 0, err
+    arts1 = artifacts_output(timm_folder, out1)
+    first = {p.name for p in arts1.iterdir()}
+    assert arts1.is_dir() and "manifest.json" in first
+    before = snapshot(out1)
+
+    rc, _, err = run_cli("fix", str(out1), "--data", str(image_data), *RECOMPOSE, "--out", str(out2))
+    assert rc == 0, err
+    arts2 = artifacts_output(out1, out2)
+    assert {p.name for p in arts2.iterdir()} == first          # this run's files, nothing nested
+    assert not any(p.is_dir() and (p / "manifest.json").exists() for p in arts2.rglob("*")), \
+        "another run's artifacts nested inside this run's"
+    assert (arts2 / "manifest.json").read_bytes() != (arts1 / "manifest.json").read_bytes()
+    assert snapshot(out1) == before
+
+    # a head repair of the repaired folder writes no artifacts: none are carried over either
+    rc, _, err = run_cli("fix", str(out1), "--data", str(image_data), "--recipe", "dfr", "-q", "--out", str(out3))
+    assert rc == 0, err
+    assert not artifacts_output(out1, out3).exists()
+    assert {p.name for p in out3.iterdir()} == {"config.json", "model.safetensors"}
+    assert snapshot(out1) == before
+
+
+def test_artifacts_are_written_to_their_place_even_when_save_left_something_there(tmp_path, timm_folder):
+    """``ModelOutputs.write`` moves this run's artifacts to exactly ``artifacts_to``: whatever a model's
+    ``save`` put there is replaced, never merged with nor holding the new ones."""
+    from repair.adapters import load_model
+    from repair.outputs import ModelOutputs
+    from repair.rules import artifacts_output
+
+    a = load_model(timm_folder)
+    save = a.save
+
+    def save_with_stale_artifacts(out, metadata):
+        written = save(out, metadata)
+        stale = artifacts_output(timm_folder, out)
+        stale.mkdir()
+        (stale / "old.txt").write_text("previous run\n")
+        return written
+
+    a.save = save_with_stale_artifacts
+    new = tmp_path / "new-artifacts"
+    new.mkdir()
+    (new / "manifest.json").write_text("{}\n")
+    final = tmp_path / "out"
+    w = ModelOutputs(a, {}, model=final, artifacts=new, artifacts_to=artifacts_output(timm_folder, final)).write()
+    arts = artifacts_output(timm_folder, final)
+    assert w["artifacts"] == str(arts)
+    assert sorted(p.name for p in arts.iterdir()) == ["manifest.json"]
