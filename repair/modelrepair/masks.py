@@ -160,14 +160,22 @@ def clipseg_masks(folder: Path, pix: torch.Tensor, phrases: Sequence[str], devic
                   batch: int = 16) -> torch.Tensor:
     """Language-guided masks from a local CLIPSeg folder: sigmoid(logits) >= ``threshold`` (the
     top 30% of an image's pixels when nothing passes), resized to the images' size."""
+    from ..adapters.base import check_model_folder
+
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInput("--segmenter must be a local CLIPSeg folder (nothing is downloaded)", folder)
+    check_model_folder(folder)            # only the folder's own files: no symlink out of it, no FIFO
+    if not any(p.suffix == ".safetensors" for p in folder.iterdir()):
+        # a pickle (pytorch_model.bin) runs code when loaded: never unless the user asked
+        raise BadInput("--segmenter: the folder has no .safetensors weights (pickle weights such as "
+                       "pytorch_model.bin are not loaded: save the model with safe_serialization)", folder)
     try:
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
         proc = CLIPSegProcessor.from_pretrained(str(folder), local_files_only=True)
-        model = CLIPSegForImageSegmentation.from_pretrained(str(folder), local_files_only=True).eval().to(device)
+        model = CLIPSegForImageSegmentation.from_pretrained(str(folder), local_files_only=True,
+                                                            use_safetensors=True).eval().to(device)
     except (OSError, ValueError, KeyError) as e:
         raise BadInput(f"cannot load a CLIPSeg model from this folder ({type(e).__name__})", folder) from None
     from PIL import Image
