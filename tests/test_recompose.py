@@ -132,13 +132,10 @@ def tiny_clip_tokenizer(path: Path):
     return tok
 
 
-def test_language_guided_masks_from_a_local_clipseg(scene, tmp_path):
+def tiny_clipseg(folder: Path):
+    """A tiny CLIPSeg model with its processor saved under ``folder`` (safetensors); returns the model."""
     from transformers import (CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor)
 
-    from repair.modelrepair.generation import Prompts
-    from repair.modelrepair.masks import object_masks
-
-    folder = tmp_path / "clipseg"
     tok = tiny_clip_tokenizer(folder)
     torch.manual_seed(0)
     cfg = CLIPSegConfig(text_config={"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32,
@@ -148,9 +145,19 @@ def test_language_guided_masks_from_a_local_clipseg(scene, tmp_path):
                                        "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
                         projection_dim=16, extract_layers=[0], reduce_dim=8, decoder_num_attention_heads=2,
                         decoder_intermediate_size=16)
-    CLIPSegForImageSegmentation(cfg).save_pretrained(str(folder))
+    model = CLIPSegForImageSegmentation(cfg)
+    model.save_pretrained(str(folder))
     CLIPSegProcessor(image_processor=ViTImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok) \
         .save_pretrained(str(folder))
+    return model
+
+
+def test_language_guided_masks_from_a_local_clipseg(scene, tmp_path):
+    from repair.modelrepair.generation import Prompts
+    from repair.modelrepair.masks import object_masks
+
+    folder = tmp_path / "clipseg"
+    tiny_clipseg(folder)
     ad, tm, items, x, y = _loaded(scene)
     m, src = object_masks("auto", tm, items[:5], x[:5], y[:5], {"segmenter": folder},
                           Prompts(objects={"cat": "a square"}), CLASSES, "cpu")

@@ -58,14 +58,19 @@ def secret_model(tmp_path_factory) -> Path:
     return make_timm_folder(tmp_path_factory.mktemp("elsewhere") / "secret_model", seed=7)
 
 
+def folder_with_link(m: Path, *, copied: Path, linked: Path) -> Path:
+    """A model folder ``m`` holding a copy of ``copied`` and a symlink to ``linked`` (same names)."""
+    m.mkdir()
+    shutil.copy(copied, m / copied.name)
+    (m / linked.name).symlink_to(linked)
+    return m / linked.name
+
+
 # ================================================================== A. symlinks leaving the folder
 def test_a_weights_file_symlinked_out_of_the_folder_is_exit_2_for_fix_export_and_eval(
         tmp_path, timm_folder, secret_model, image_data):
     m = tmp_path / "m"
-    m.mkdir()
-    shutil.copy(timm_folder / "config.json", m / "config.json")
-    (m / "model.safetensors").symlink_to(secret_model / "model.safetensors")
-    link = m / "model.safetensors"
+    link = folder_with_link(m, copied=timm_folder / "config.json", linked=secret_model / "model.safetensors")
     inputs = [m, secret_model, image_data]
     refused(["fix", m, "--data", image_data, "--recipe", "dfr"], link, "symlink", "outside",
             inputs=inputs, out_dir=tmp_path)
@@ -80,10 +85,7 @@ def test_a_weights_file_symlinked_out_of_the_folder_is_exit_2_for_fix_export_and
 def test_a_config_symlinked_out_of_the_folder_is_exit_2_for_eval_fix_and_export(
         tmp_path, secret_model, image_data):
     m = tmp_path / "m2"
-    m.mkdir()
-    shutil.copy(secret_model / "model.safetensors", m / "model.safetensors")
-    (m / "config.json").symlink_to(secret_model / "config.json")
-    link = m / "config.json"
+    link = folder_with_link(m, copied=secret_model / "model.safetensors", linked=secret_model / "config.json")
     inputs = [m, secret_model, image_data]
     refused(["eval", m, "--data", image_data, "--no-cache"], link, "symlink", "outside",
             inputs=inputs, out_dir=tmp_path)
