@@ -102,6 +102,8 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     key = cache_key(adapter, data)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_file = cache_dir / f"{key}.safetensors"
+    if data.modality == "image":     # the pixel limit the data was read with (a model repair's own reads too)
+        adapter.max_pixels = data.max_pixels
     if use_cache and (cache_file.exists() or cache_file.is_symlink()):
         X, why = _read_cache(cache_file, key, len(data))
         if X is not None:
@@ -109,8 +111,6 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
         # always shown (also with -q): a damaged cache is worth knowing about
         print(f"notice: embedding cache entry {cache_file} was corrupt ({why}); recomputed", file=sys.stderr)
     dev = resolve_device(device)
-    if data.modality == "image":     # the pixel limit the data was read with
-        adapter.max_pixels = data.max_pixels
     adapter.to(dev)
     n = len(data)
     order = list(range(n))

@@ -381,3 +381,52 @@ def test_an_image_of_train_never_takes_the_mask_of_an_image_of_data(tmp_path):
         (masks / sub / "a").mkdir(parents=True)
         (masks / sub / "a" / "x.png").write_bytes(b"")
     assert mask_files(masks, sets) == [[masks / "train" / "a" / "x.png"], [masks / "val" / "a" / "x.png"]]
+
+
+def test_a_mask_over_the_pixel_limit_is_exit_2_naming_it(timm_folder, tmp_path):
+    """A --masks PNG over PIL's own pixel limit made ``repair fix`` exit 3 (DecompressionBombError) once
+    training had started: masks are opened as the data's images are (regular file, --max-pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import make_images, run_cli
+
+    data = make_images(tmp_path / "d", n_per_class=6)
+    masks = tmp_path / "masks"
+    for it in sorted(data.rglob("*.png")):
+        (masks / it.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((36, 36), 255, np.uint8)).save(masks / it.parent.name / it.name)
+    bomb = masks / "cat" / "000.png"
+    Image.new("1", (14000, 14000), 0).save(bomb)            # 196 Mpixels: over PIL's 2x limit and ours
+    out = tmp_path / "out"
+    code, _, err = run_cli("fix", timm_folder, "--data", data, "--recipe", "clp", "--budget", "1steps",
+                           "--masks", masks, "--out", out, "-q")
+    errors = [line for line in err.splitlines() if not line.startswith("warning:")]     # -q keeps warnings
+    assert code == 2 and len(errors) == 1, err
+    assert str(bomb) in errors[0] and "--max-pixels" in errors[0] and not out.exists()
+
+
+def test_load_masks_applies_the_datas_pixel_limit(tmp_path):
+    """The limit is the data's ``--max-pixels``: a mask (or its image) over it is refused by name."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import make_images
+    from repair.modelrepair.masks import load_masks
+
+    data = make_images(tmp_path / "d", n_per_class=1)
+    items = sorted(data.rglob("*.png"))
+    cfg = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+           "crop_pct": 1.0, "crop_mode": "center"}
+    for it in items:
+        (tmp_path / "m" / it.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((36, 36), 255, np.uint8)).save(tmp_path / "m" / it.parent.name / it.name)
+    assert load_masks(tmp_path / "m", items, data, cfg, max_pixels=36 * 36).shape == (len(items), 1, 32, 32)
+    with pytest.raises(BadInput, match="more than the limit of 1,000") as e:
+        load_masks(tmp_path / "m", items, data, cfg, max_pixels=1000)
+    assert str(items[0]) in str(e.value)                     # the image first: the data's own rule
+    bad = tmp_path / "m" / items[0].parent.name / items[0].name
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    with pytest.raises(BadInput, match="unreadable image") as e:
+        load_masks(tmp_path / "m", items, data, cfg)
+    assert str(bad) in str(e.value)

@@ -333,3 +333,44 @@ def test_diffusers_generator_through_the_whole_recipe(scene, tmp_path):
 
     with Image.open(art / man["images"][0]["file"]) as im:
         assert im.size == (32, 32) and im.mode == "RGB"
+
+
+BAD_PROMPTS = [
+    ("latin1", b'template: "caf\xe9 {object}"\n', "not UTF-8"),
+    ("intkey", b"1: a\nfoo: b\n", "unknown key 1"),
+    ("deep", b"objects: " + b"[" * 3000 + b"]" * 3000 + b"\n", "nested more than"),
+    ("fmtspec", b'template: "a {object:d} on {background}"\n', "{object:d}"),
+    ("unbalanced", b'template: "a photo of a {object on {background}"\n', "not a valid format string"),
+    ("attribute", b'template: "a {object.upper} on {background}"\n', "{object.upper}"),
+    ("boolkey", b"objects: {no: a cat}\n", "not a name"),
+]
+
+
+@pytest.mark.parametrize("name, body, problem", BAD_PROMPTS, ids=[c[0] for c in BAD_PROMPTS])
+def test_a_bad_prompts_file_is_exit_2_naming_it_before_any_work(scene, tmp_path, name, body, problem):
+    """A prompts file that is not UTF-8, has a key that is not text, nests too deep, or whose template
+    is not plain text with {object} and {background} was exit 3 (some only mid-training): now one
+    line naming the file, exit 2, when the command starts (no training, no output)."""
+    prompts = tmp_path / f"{name}.yaml"
+    prompts.write_bytes(body)
+    out = tmp_path / "out"
+    code, _, err = run_cli("fix", scene["model"], "--data", scene["data"], "--group-by", "place", "--recipe",
+                           "recompose", "--budget", "2steps", "--prompts", prompts, "--out", out, "-q")
+    assert code == 2 and err.count("\n") == 1 and "warning" not in err, err     # before the stopping warnings
+    assert str(prompts) in err and problem in err and not out.exists()
+
+
+def test_prompts_template_checks(tmp_path):
+    from repair.modelrepair.generation import Prompts, load_prompts
+
+    p = tmp_path / "p.yaml"
+    p.write_text("template: '{{literal}} {object} by {background}'\nobjects: {1: one}\n")
+    pr = load_prompts(p, ["1", "cat"], ["land"])
+    assert pr.text("1", "land") == "{literal} one by land" and pr.objects == {"1": "one"}
+    for body, msg in (("template: '{}'\n", r"not \{\}"), ("template: '{object!r}'\n", "no format spec"),
+                      ("template: 'a } b'\n", "Single '}'"), ("template: '{object:>999999999}'\n", "no format spec"),
+                      ("objects: {1: a, '1': b}\n", "given twice"), ("objects: {~: a}\n", "not a name")):
+        p.write_text(body)
+        with pytest.raises(BadInput, match=msg):
+            load_prompts(p, None, ())
+    assert Prompts().text("cat", "water") == "a photo of a cat, water background"

@@ -239,6 +239,11 @@ def test_collate_honours_the_datas_pixel_limit(tmp_path, timm_folder):
     adapter = load_model(timm_folder)
     emb = extract(adapter, data, use_cache=False, progress=False)
     assert adapter.max_pixels == 1600 and emb.X.shape[0] == 3
+    # from the cache too (a model repair then reads the images through the adapter)
+    cached = load_model(timm_folder)
+    extract(cached, data, cache_dir=tmp_path / "c", progress=False)
+    again = load_model(timm_folder)
+    assert extract(again, data, cache_dir=tmp_path / "c", progress=False).from_cache and again.max_pixels == 1600
     adapter.max_pixels = 1599
     with pytest.raises(BadInput) as e:
         adapter.collate(data.items[:1])

@@ -80,27 +80,59 @@ class Prompts:
 
 
 PROMPT_KEYS = ("template", "objects", "backgrounds", "negative")
+TEMPLATE_FIELDS = ("object", "background")
+#: the largest prompts file read, and the most YAML values it may hold with its aliases expanded (a
+#: phrase per class and per background: tens of thousands for the largest label sets)
+MAX_PROMPTS_BYTES = 1 << 20
+MAX_PROMPTS_VALUES = 100_000
+
+
+def check_template(template: str, path: Path) -> None:
+    """:class:`BadInput` naming ``path`` unless ``template`` is text with ``{object}`` and
+    ``{background}`` fields only (``{{`` and ``}}`` for literal braces): no other field, no
+    positional ``{}``, no attribute or index, no conversion or format spec (``{object:d}`` fails on a
+    phrase; a width would pad every prompt), no unbalanced brace -- so :meth:`Prompts.text` cannot
+    fail once training has started."""
+    import string
+
+    allowed = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise BadInput(f"template is not a valid format string ({e}); use {allowed}, and {{{{ }}}} for literal "
+                       "braces", path) from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in TEMPLATE_FIELDS:
+            raise BadInput(f"template may use {allowed}, not {{{name}}}", path)
+        if spec or conversion:
+            raw = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise BadInput(f"template field {raw} takes no format spec or conversion; write {{{name}}}", path)
+    try:                                                 # the trial format Prompts.text will do
+        template.format(**{f: f for f in TEMPLATE_FIELDS})
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        raise BadInput(f"template is not a valid format string ({type(e).__name__}: {e})", path) from None
 
 
 def load_prompts(path: Optional[Path], class_names: Optional[Sequence[str]], background_keys: Sequence[str]) -> Prompts:
-    """The built-in prompts, overridden by ``path`` (YAML, :data:`PROMPT_KEYS`). An unknown key, a
-    class or background that does not exist, or a template naming another field is BadInput
-    (``class_names`` None: the names are not checked)."""
+    """The built-in prompts, overridden by ``path`` (YAML, :data:`PROMPT_KEYS`), read as recipes are
+    (:func:`repair.recipes.read_text_file`, :func:`repair.recipes.parse_yaml`: a regular UTF-8
+    file, bounded in size, values and depth, no duplicate keys). An unknown key, a class or
+    background that does not exist, or a template that is not plain text with its two fields
+    (:func:`check_template`) is BadInput (``class_names`` None: the names are not checked)."""
     p = Prompts()
     if path is None:
         return p
-    import yaml
+    from ..recipes import parse_yaml, read_text_file
 
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise BadInput(f"cannot read the prompts file ({e.strerror or type(e).__name__})", path) from None
-    except yaml.YAMLError as e:
-        raise BadInput(f"not valid YAML ({type(e).__name__})", path) from None
+    text = read_text_file(path, "prompts file", MAX_PROMPTS_BYTES, "a phrase per class and background")
+    doc = parse_yaml(text, path, MAX_PROMPTS_VALUES, "prompts file", "a phrase per class and background")
+    doc = {} if doc is None else doc
     if not isinstance(doc, dict):
         raise BadInput(f"expected a mapping with keys {', '.join(PROMPT_KEYS)}", path)
-    unknown = sorted(set(doc) - set(PROMPT_KEYS))
+    unknown = [k for k in doc if k not in PROMPT_KEYS]         # in file order: keys of any type
     if unknown:
         raise BadInput(f"unknown key {unknown[0]!r}; known: {', '.join(PROMPT_KEYS)}", path)
     for key in ("template", "negative"):
@@ -108,19 +140,23 @@ def load_prompts(path: Optional[Path], class_names: Optional[Sequence[str]], bac
             if not isinstance(doc[key], str):
                 raise BadInput(f"{key!r} must be a string", path)
             setattr(p, key, doc[key])
-    fields = set(re.findall(r"{(\w*)}", p.template))
-    if not fields <= {"object", "background"}:
-        raise BadInput(f"template may use {{object}} and {{background}}, not {{{sorted(fields - {'object', 'background'})[0]}}}",
-                       path)
+    check_template(p.template, path)
     for key, known in (("objects", None if class_names is None else list(class_names)),
                        ("backgrounds", None if class_names is None else list(background_keys) + list(class_names))):
         val = doc.get(key) or {}
         if not isinstance(val, dict) or not all(isinstance(v, str) for v in val.values()):
             raise BadInput(f"{key!r} must map names to phrases", path)
-        bad = [] if known is None else [str(k) for k in val if str(k) not in known]
+        names: dict = {}
+        for k in val:
+            if isinstance(k, (bool, float)) or not isinstance(k, (str, int)):
+                raise BadInput(f"{key}: {k!r} is not a name (write names as text)", path)
+            if str(k) in names:
+                raise BadInput(f"{key}: {str(k)!r} is given twice", path)
+            names[str(k)] = val[k]
+        bad = [] if known is None else [k for k in names if k not in known]
         if bad:
             raise BadInput(f"{key}: {bad[0]!r} is not one of {', '.join(known)}", path)
-        setattr(p, key, {str(k): v for k, v in val.items()})
+        setattr(p, key, names)
     return p
 
 

@@ -23,6 +23,7 @@ preprocessing (resize, crop) so it lines up with the model's input.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -103,17 +104,22 @@ def _geometry(data_config: dict):
     return T.Compose(steps)
 
 
-def load_masks(mask_dir, items: Sequence, data_root, data_config: dict) -> torch.Tensor:
+def load_masks(mask_dir, items: Sequence, data_root, data_config: dict,
+               max_pixels: Optional[int] = None) -> torch.Tensor:
     """(N, 1, H, W) float masks in [0, 1] aligned with the model's input for ``items`` (image
-    paths). Missing masks, unreadable files and size mismatches are :class:`BadInput` naming
-    the file."""
+    paths). Masks (and their images, for their size) are opened as the repair data's images are
+    (:func:`repair.data.open_regular`, :func:`repair.data._open_pil`: a regular file only, at most
+    ``max_pixels`` pixels -- the data's ``--max-pixels``, by default
+    :data:`repair.data.DEFAULT_MAX_PIXELS` -- a supported mode). Missing masks, unreadable files,
+    masks over the limit and size mismatches are :class:`BadInput` naming the file."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
+    from ..data import DEFAULT_MAX_PIXELS, _inside, _open_pil, _real, open_regular
+
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise BadInput("--masks must be a folder of mask images", mask_dir)
-    from ..data import _inside, _real
 
     geom = _geometry(data_config)
     root_real, out = _real(mask_dir), []
@@ -123,18 +129,22 @@ def load_masks(mask_dir, items: Sequence, data_root, data_config: dict) -> torch
         if not _inside(root_real, _real(mf)):     # as a table's images: a link out of the folder is refused
             raise BadInput(f"mask {mf} is a symlink leading outside the --masks folder (to {_real(mf) or mf}); "
                            "copy the mask in", mask_dir)
-        try:
-            with Image.open(item) as im:
+        with open_regular(item) as f:             # its size only (the header): the data read it already
+            with _open_pil(f, Path(item), max_pixels) as im:
                 size = im.size
-            with Image.open(mf) as m:
+        with open_regular(mf, "mask") as f:
+            with _open_pil(f, mf, max_pixels) as m:
                 if m.size != size:
                     raise BadInput(f"mask is {m.size[0]}x{m.size[1]} but its image {Path(item).name} is "
                                    f"{size[0]}x{size[1]}", mf)
-                arr = np.asarray(geom(m.convert("L")), dtype=np.float32) / 255.0
-        except BadInput:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise BadInput(f"unreadable mask ({type(e).__name__})", mf) from None
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        grey = m.convert("L")
+                except Exception as e:   # a truncated or corrupt body (PIL raises many types), as read_image
+                    raise BadInput(f"unreadable mask ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})", mf) from None
+        arr = np.asarray(geom(grey), dtype=np.float32) / 255.0
         out.append(torch.from_numpy(arr.copy()).unsqueeze(0))
     return torch.stack(out) if out else torch.zeros(0, 1, 1, 1)
 
@@ -217,7 +227,8 @@ def object_masks(source: str, tm, items: Sequence, x: torch.Tensor, y: torch.Ten
     if source == "given":
         if not resources.get("masks"):
             raise BadInput(f"{pre}setting masks: given needs --masks DIR")
-        m = load_masks(resources["masks"], items, resources.get("data_root") or Path("."), tm.adapter.data_config)
+        m = load_masks(resources["masks"], items, resources.get("data_root") or Path("."), tm.adapter.data_config,
+                       getattr(tm.adapter, "max_pixels", None))       # the data's --max-pixels
         if m.shape[-2:] != x.shape[-2:]:
             m = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return m.clamp(0, 1), source
