@@ -361,6 +361,8 @@ def parse_threshold(value: Any) -> Threshold:
     is_pct = s.endswith("%")
     body = s[:-1].strip() if is_pct else s
     try:
+        if "_" in body:                    # Python's numbers take 1_0 as 10: a typo, not a threshold
+            raise ValueError
         x = Fraction(repr(float(body)) if isinstance(value, float) else body)
         if not math.isfinite(float(body)):
             raise ValueError

@@ -229,6 +229,8 @@ CASES: dict[str, Case] = {
                                        ("--fail-under-wga", "1.5%")),
     "eval: --fail-under-wga 150%": Case([EVAL, *M_I, "--group-by", "place", "--fail-under-wga", "150%"],
                                         ("--fail-under-wga", "100%")),
+    "eval: --fail-under-wga 1_0%": Case([EVAL, *M_I, "--group-by", "place", "--fail-under-wga", "1_0%"],
+                                        ("--fail-under-wga", "'1_0%'")),
     "eval: --fail-under-wga abc": Case([EVAL, *M_I, "--group-by", "place", "--fail-under-wga", "abc"],
                                        ("--fail-under-wga", "'abc'")),
     "eval: --fail-under-wga without --group-by": Case([EVAL, *M_I, "--fail-under-wga", "0.5"],
