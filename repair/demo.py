@@ -318,7 +318,9 @@ def _is_marker(path: Path) -> bool:
     try:
         if path.stat().st_size > 64 * 1024:
             return False
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        from .io import parse_json
+
+        doc = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("kind") == DEMO_KIND

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -407,6 +406,7 @@ def read_report(html_path) -> tuple[Optional[dict], Optional[str]]:
     JSON beside it is a report document and the page there (if any) is the one written with it (its
     title and its ``generated`` stamp); else ``(None, why not)``. Reads only; a caller decides from this
     whether an existing report is one it may replace."""
+    from .io import parse_json
     from .rules import report_outputs
 
     html_path, json_path = report_outputs(html_path)
@@ -415,7 +415,7 @@ def read_report(html_path) -> tuple[Optional[dict], Optional[str]]:
     try:
         if json_path.stat().st_size > _REPORT_MAX_BYTES:
             return None, f"{json_path.name} is not a report (too large)"
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
+        doc = parse_json(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return None, f"{json_path.name} is not a report ({type(e).__name__})"
     if (not isinstance(doc, dict) or doc.get("kind") not in ("zoo", "fix") or not isinstance(doc.get("generated"), str)

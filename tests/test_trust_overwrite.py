@@ -178,3 +178,16 @@ def test_write_report_does_not_replace_without_force(tmp_path):
     with pytest.raises(BadInput):
         write_report(page, doc)
     assert page.read_text() == "mine" and not (tmp_path / "r.json").exists()
+
+
+def test_a_report_or_marker_nested_too_deeply_is_not_ours_not_an_internal_error(tmp_path):
+    """A user's file in the report's or the marker's place is read to decide whether it is ours: one
+    nested too deeply for Python's parser is not ours (it was a RecursionError)."""
+    from repair.demo import _is_marker
+    from repair.report import read_report
+
+    (tmp_path / "zoo-report.json").write_text("[" * 100_000 + "]" * 100_000)
+    doc, why = read_report(tmp_path / "zoo-report.html")
+    assert doc is None and "not a report" in why
+    (tmp_path / "repair-demo.json").write_text("[" * 30_000 + "]" * 30_000)
+    assert _is_marker(tmp_path / "repair-demo.json") is False
