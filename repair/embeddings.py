@@ -23,7 +23,7 @@ import torch
 
 from ._version import __version__
 from .adapters.base import Adapter
-from .data import RepairData
+from .data import DEFAULT_MAX_PIXELS, RepairData
 from .errors import BadInput
 
 CACHE_FORMAT = 3      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
@@ -78,8 +78,6 @@ def cache_key(adapter: Adapter, data: RepairData) -> str:
     """The cache entry of ``adapter``'s embeddings of ``data``. An image set read under another pixel
     limit than the default (``--max-pixels``) has its own entries: a hit decodes no image, so an entry
     made under one limit must not serve a run whose limit would refuse one of its images."""
-    from .data import DEFAULT_MAX_PIXELS
-
     desc = {"format": CACHE_FORMAT, "body": adapter.body_hash(), "data": data.fingerprint(),
             "preprocess": adapter.preprocess_id(), "family": adapter.family,
             "network": adapter.network_id()}

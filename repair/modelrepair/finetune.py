@@ -592,11 +592,6 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     from ..selection import KFold, head_predictions, pick_best, select_and_refit
 
     tr, ho = sess.train_idx, sess.held_idx
-    if average and not one_se:
-        W, b = averaged_head(sess, X, groups, tr)
-        worst, mean = sess.heldout_scores(head_predictions(X[ho], W[None], b[None]))
-        return W, b, {"l2": list(REFIT_L2), "chosen_by": "none: the heads of every strength averaged",
-                      "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])}
     if l2 is not None:
         W, b = _balanced_heads(sess, X, groups, tr, [float(l2)])
         worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
@@ -619,21 +614,22 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     pred = head_predictions(X[ho], W, b)
     worst, mean = sess.heldout_scores(pred)
     k = pick_best(worst, mean)
-    chosen_by = "held-out part"
-    if one_se and average:
-        from ..selection import average_heads
-
-        se = sess.score_standard_error(pred[k])
-        near = [j for j in range(len(REFIT_L2)) if float(worst[j]) >= float(worst[k]) - se - 1e-12]
-        Wa, ba = average_heads(W[near], b[near], X[tr])
-        wa, ma = sess.heldout_scores(head_predictions(X[ho], Wa[None], ba[None]))
-        return Wa, ba, {"l2": [REFIT_L2[j] for j in near],
-                        "chosen_by": "held-out part, the heads of the strengths within one standard error of the "
-                                     "best averaged", "heldout_score": float(wa[0]), "heldout_accuracy": float(ma[0])}
+    keep = list(range(len(REFIT_L2)))          # the strengths the held-out part cannot tell from the best
     if one_se:
         se = sess.score_standard_error(pred[k])
-        k = max((j for j in range(len(REFIT_L2)) if float(worst[j]) >= float(worst[k]) - se - 1e-12),
-                key=lambda j: REFIT_L2[j])
+        keep = [j for j in keep if float(worst[j]) >= float(worst[k]) - se - 1e-12]
+    if average:
+        from ..selection import average_heads
+
+        Wa, ba = average_heads(W[keep], b[keep], X[tr])
+        wa, ma = sess.heldout_scores(head_predictions(X[ho], Wa[None], ba[None]))
+        how = ("held-out part, the heads of the strengths within one standard error of the best averaged"
+               if one_se else "none: the heads of every strength averaged")
+        return Wa, ba, {"l2": [REFIT_L2[j] for j in keep], "chosen_by": how, "heldout_score": float(wa[0]),
+                        "heldout_accuracy": float(ma[0])}
+    chosen_by = "held-out part"
+    if one_se:
+        k = max(keep, key=lambda j: REFIT_L2[j])
         chosen_by = "held-out part, the strongest within one standard error of the best"
     return W[k], b[k], {"l2": REFIT_L2[k], "chosen_by": chosen_by, "heldout_score": float(worst[k]),
                         "heldout_accuracy": float(mean[k])}
