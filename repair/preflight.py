@@ -141,8 +141,8 @@ def fix_outputs(model_path, out: Optional[Any], o, inputs: Inputs,
     """``repair fix``'s outputs (option -> final path): named by the rules, apart from each other,
     replacing no input, writable. ``o``: the :class:`repair.pipeline.FixOptions`; ``model_repairs``:
     the recipe has a model repair, whose files go beside a file output
-    (:func:`repair.rules.artifacts_output`), so that folder is checked before any work too."""
-    from .rules import (artifacts_output, check_outputs_distinct, check_writable, fix_onnx_output, fix_output,
+    (:func:`repair.rules.artifacts_beside`), so that folder is checked before any work too."""
+    from .rules import (artifacts_beside, check_outputs_distinct, check_writable, fix_onnx_output, fix_output,
                         report_outputs)
 
     out = fix_output(model_path, out)
@@ -151,10 +151,9 @@ def fix_outputs(model_path, out: Optional[Any], o, inputs: Inputs,
         onnx = fix_onnx_output(model_path, out)
         if onnx is not None:
             paths["--export onnx"] = onnx
-    if model_repairs:
-        art = artifacts_output(model_path, out)
-        if out not in art.parents:                 # inside a folder output, it is the output's
-            paths["--out (its -artifacts folder)"] = art
+    art = artifacts_beside(model_path, out) if model_repairs else None
+    if art is not None:
+        paths["--out (its -artifacts folder)"] = art
     if o.report is not None:
         paths["--report"], paths["--report (JSON)"] = report_outputs(o.report)
     check_outputs_distinct(paths)

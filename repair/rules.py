@@ -77,6 +77,13 @@ def artifacts_output(model_path: PathLike, out: Path) -> Path:
     return out / "repair-artifacts" if Path(model_path).is_dir() else out.with_name(out.stem + "-artifacts")
 
 
+def artifacts_beside(model_path: PathLike, out: Path) -> Optional[Path]:
+    """:func:`artifacts_output` when it lies beside the output (a file output: a place of its own that
+    every output check covers), None when it is inside a folder output (the output's own)."""
+    art = artifacts_output(model_path, out)
+    return None if Path(out) in art.parents else art
+
+
 def export_output(model_path: PathLike, fmt: str, out: Optional[PathLike] = None) -> Path:
     """The output of ``repair export``: ``out`` checked, or the default beside the model."""
     model_path = Path(model_path)
@@ -509,7 +516,7 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
             "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}
 
 
-__all__ = ["Protected", "Threshold", "artifacts_output", "check_export_options", "check_format",
+__all__ = ["Protected", "Threshold", "artifacts_beside", "artifacts_output", "check_export_options", "check_format",
            "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "fix_onnx_output",
            "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
            "threshold_option", "unmeasured", "parse_expected_groups", "expected_group_names", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]

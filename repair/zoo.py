@@ -779,17 +779,17 @@ def inputs_changed(journaled: Optional[dict], now: dict[str, str]) -> Optional[s
 def row_places(checkpoint: Path, output: Path, export: Optional[str]) -> list[tuple[str, Path]]:
     """(what, path) of every place a row's commit writes: its output, the ONNX file ``export: onnx``
     writes beside a file output (``repair fix``'s rule, :func:`repair.rules.fix_onnx_output`), the
-    folder of a model repair's files beside a file output (:func:`repair.rules.artifacts_output`;
+    folder of a model repair's files beside a file output (:func:`repair.rules.artifacts_beside`;
     listed whatever the recipe: a plugin's methods are not known before it runs), and the staging
     folder they are all written in first. The one list every output check of a zoo uses."""
-    from .rules import artifacts_output, fix_onnx_output
+    from .rules import artifacts_beside, fix_onnx_output
 
     out = [("output", Path(output))]
     onnx = fix_onnx_output(checkpoint, output) if export == "onnx" else None
     if onnx is not None:
         out.append(("ONNX export", Path(onnx)))
-    art = artifacts_output(checkpoint, output)
-    if Path(output) not in art.parents:           # inside a folder output, it is the output's
+    art = artifacts_beside(checkpoint, output)
+    if art is not None:
         out.append(("repair artifacts folder", art))
     return out + [(f"staging folder {staging_dir(output).name}", staging_dir(output))]
 
