@@ -135,6 +135,10 @@ MODEL_ROWS: list[ModelRow] = [
                                               "settle_alphas": [1.0]}, groups=(False,),
              note="mixft-tail-avgl2 kept at the fine-tuned body (settle_alphas [1.0]): no held-out choice at all, "
                   "the tail average with the strengths' averaged head refitted on it"),
+    ModelRow("mixft-cf2", "mixft", {"cross_fit": 2}, groups=(False,),
+             note="mixft cross-fitted (cross_fit 2): two members, each trained on one half of the repair set and "
+                  "early-stopped on the other, averaged into one model; settled on the out-of-fold predictions "
+                  "of every repair row instead of one held-out quarter"),
     ModelRow("mixft-unsettled", "mixft", {"settle": "off"}, groups=(False,),
              note="mixft's early-stopped weights with their own head, not settled (settle off)"),
     ModelRow("mixft-tail-unsettled", "mixft", {"keep": "tail", "patience": 0, "settle": "off"}, groups=(False,),

@@ -314,11 +314,11 @@ def test_the_one_standard_error_rule_on_given_scores(session, monkeypatch):
     sess, tm = session
     X = tm.embed(sess.encoded, torch.arange(sess.y.numel()), "cpu")
     worst = torch.tensor([0.60, 0.70, 0.66, 0.651, 0.50], dtype=torch.float64)
-    monkeypatch.setattr(type(sess), "heldout_scores", lambda self, pred: (worst.clone(), torch.full((5,), 0.8)))
-    monkeypatch.setattr(type(sess), "score_standard_error", lambda self, pred: 0.05)
+    monkeypatch.setattr(type(sess), "heldout_scores", lambda self, pred, rows=None: (worst.clone(), torch.full((5,), 0.8)))
+    monkeypatch.setattr(type(sess), "score_standard_error", lambda self, pred, rows=None: 0.05)
     assert F.refit_head(sess, X, sess.groups)[2]["l2"] == F.REFIT_L2[1]
     assert F.refit_head(sess, X, sess.groups, one_se=True)[2]["l2"] == F.REFIT_L2[3]
-    monkeypatch.setattr(type(sess), "score_standard_error", lambda self, pred: 0.01)
+    monkeypatch.setattr(type(sess), "score_standard_error", lambda self, pred, rows=None: 0.01)
     assert F.refit_head(sess, X, sess.groups, one_se=True)[2]["l2"] == F.REFIT_L2[1]
 
 
@@ -751,9 +751,9 @@ def test_strength_average_1se_averages_the_strengths_the_held_out_part_cannot_te
     worst = torch.tensor([0.60, 0.70, 0.66, 0.651, 0.50], dtype=torch.float64)
     real = type(sess).heldout_scores
     monkeypatch.setattr(type(sess), "heldout_scores",
-                        lambda self, pred: (worst.clone(), torch.full((5,), 0.8)) if pred.shape[0] == 5
+                        lambda self, pred, rows=None: (worst.clone(), torch.full((5,), 0.8)) if pred.shape[0] == 5
                         else real(self, pred))
-    monkeypatch.setattr(type(sess), "score_standard_error", lambda self, pred: 0.05)
+    monkeypatch.setattr(type(sess), "score_standard_error", lambda self, pred, rows=None: 0.05)
     W, b, info = F.refit_head(sess, X, sess.groups, one_se=True, average=True)
     near = [F.REFIT_L2[j] for j in (1, 2, 3)]
     assert info["l2"] == near and "within one standard error" in info["chosen_by"]

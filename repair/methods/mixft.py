@@ -147,7 +147,8 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import LoopConfig, Session, SettleSettings, draw_batch, refit_head, settle_by, train
+from ..modelrepair.finetune import (LoopConfig, Session, SettleSettings, cross_fit, draw_batch, refit_head,
+                                    settle_by, train)
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS, check_scope
 from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
@@ -175,11 +176,19 @@ class MixFTConfig(LoopConfig, SettleSettings):
     sampling: str = setting("balanced", choices=("balanced", "uniform"))
     augment: str = setting("none", choices=AUGMENTATIONS)
     selection: str = setting("auto", choices=SELECTION_NAMES)
+    cross_fit: int = setting(1, ge=1, le=10,
+                             doc="k > 1: cross-fitting -- k members, each trained on all folds but one and "
+                                 "early-stopped on that one, averaged into one model; settling judged on the "
+                                 "out-of-fold predictions of every repair row (k trainings; holdout_fraction "
+                                 "unused)")
 
     def validate(self):
         check_scope(self.scope, ("auto",))
         if self.lora and self.scope == "head":
             raise ValueError("setting 'lora': LoRA adapters need a scope beyond the head")
+        if self.cross_fit > 1 and (self.lora or self.members > 1):
+            raise ValueError("setting 'cross_fit': not with 'lora' or 'members' > 1 (cross-fitting's members "
+                             "are its soup)")
 
 
 def _kmeans_groups(X: torch.Tensor, y: torch.Tensor, k: int, gen: torch.Generator, iters: int = 25) -> torch.Tensor:
@@ -288,7 +297,9 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
     names = tm.select(scope)
     point = _mix_point(tm, names, cfg.mix_point)
     before = tm.state()
-    refit = _refit_head(tm, sess, X, groups) if cfg.head_init == "refit" else None
+    refit = None
+    if cfg.head_init == "refit" and cfg.cross_fit == 1:
+        refit = _refit_head(tm, sess, X, groups)
     n_mix = int(round(cfg.mix_fraction * cfg.batch_size))
 
     def step(i: int, g: torch.Generator) -> torch.Tensor:
@@ -307,10 +318,24 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
             parts.append(tm.logits(x))
         return F.cross_entropy(torch.cat(parts), sess.y[idx].to(dev))
 
-    def run(params):
+    def run(params, budget=inputs.budget, seed=inputs.seed, desc="mixft"):
         return train(params, step, sess.evaluator(cfg), cfg, steps_per_epoch=sess.steps_per_epoch(cfg.batch_size),
-                     budget=inputs.budget, seed=inputs.seed, device=dev, progress=inputs.progress, desc="mixft",
+                     budget=budget, seed=seed, device=dev, progress=inputs.progress, desc=desc,
                      buffers=tm.running_stats(cfg.freeze_bn))
+
+    members, member_heads = None, []
+    if cfg.cross_fit > 1:
+        def run_member(j: int, budget):
+            # this member's fold is the session's split now: its mixing pool, its LP-FT head
+            nonlocal mixer
+            mixer = _Mixer(sess.train_idx, groups, sess.y, cfg)
+            if cfg.head_init == "refit":
+                member_heads.append(_refit_head(tm, sess, X, groups))
+            return run(params, budget, int(inputs.seed) + j, f"mixft {j + 1}/{cfg.cross_fit}")
+
+        with tm.training(names, freeze_bn=cfg.freeze_bn) as params:
+            res, members = cross_fit(sess, cfg.cross_fit, params, run_member, budget=inputs.budget,
+                                     buffers=tm.running_stats(cfg.freeze_bn))
 
     lora_info = None
     if cfg.lora:
@@ -320,12 +345,17 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
             with tm.training(adapters + head, freeze_bn=cfg.freeze_bn) as params:
                 res = run(params)
         lora_info = {"wrapped_layers": len(targets), "adapter_tensors": len(adapters), "rank": cfg.lora_rank}
-    else:
+    elif members is None:
         with tm.training(names, freeze_bn=cfg.freeze_bn) as params:
             res = run(params)
-    settled = settle_by(cfg, sess, before, groups)
+    settled = settle_by(cfg, sess, before, groups, members=members)
     changed = tm.changed(before)
-    counts = torch.bincount(groups[sess.train_idx]).tolist()
+    counts = torch.bincount(groups[sess.train_idx] if members is None else groups).tolist()
+    session = sess.describe()
+    if members is not None:
+        session = {**session, "n_train": None, "n_heldout": None, "cross_fit": cfg.cross_fit,
+                   "fold_sizes": [int(ho.numel()) for _, _, ho in members]}
+        refit = member_heads or None
     return ModelRepairOutput(tensors=changed, steps=res.steps, diagnostics={
         "scope": scope, "lora": lora_info, "head_refit": refit, "trainable_tensors": len(names), "groups": source,
         "mixing": {"partner": cfg.partner, "mix_weight": cfg.mix_weight, "mix_beta": cfg.mix_beta,
@@ -333,4 +363,4 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
                    "space": "token embeddings" if point == 0 else (
                        f"output of layer {point}" if tm.modality == "text" else "preprocessed pixels"),
                    "group_sizes_train": [c for c in counts if c > 0]},
-        "settle": settled, "session": sess.describe(), "loop": res.describe()})
+        "settle": settled, "session": session, "loop": res.describe()})

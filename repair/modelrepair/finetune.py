@@ -25,7 +25,7 @@ import math
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -292,16 +292,66 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
             mean = acc / k
             p.copy_((mean if p.is_floating_point() else mean.round()).to(p.dtype))
     score = evaluate() if evaluate is not None else None
+    return _members_result(runs, score, time.perf_counter() - t0, {**share.describe(), "default": default_budget})
+
+
+def _members_result(runs: list, score: Optional[tuple], seconds: float, budget: dict) -> LoopResult:
+    """The result of training several members whose weights were averaged into one (a soup, or
+    cross-fitting's members): steps add up, the history has each entry's ``member``, the budget
+    each member's best score and what stopped it; ``score``: the average's (score, accuracy), if
+    it was scored."""
     return LoopResult(steps=sum(r.steps for r in runs), best_step=runs[-1].best_step,
                       best_score=None if score is None else float(score[0]),
                       best_accuracy=None if score is None else float(score[1]),
-                      seconds=time.perf_counter() - t0, stopped_by=runs[-1].stopped_by,
+                      seconds=seconds, stopped_by=runs[-1].stopped_by,
                       history=[{"member": m, **h} for m, r in enumerate(runs) for h in r.history],
-                      budget={**share.describe(), "default": default_budget, "members": k,
+                      budget={**budget, "members": len(runs),
                               "member_scores": [r.best_score for r in runs],
                               "member_stopped_by": [r.stopped_by for r in runs],
                               **({"member_averaged_steps": [r.averaged for r in runs]}
                                  if any(r.averaged is not None for r in runs) else {})})
+
+
+def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run_member: Callable[[int, "Budget"], LoopResult],
+              *, budget: Optional["Budget"] = None, buffers: Sequence[torch.Tensor] = ()) -> tuple:
+    """Cross-fitted training: the repair rows cut into ``k`` folds (:meth:`Session.fold_parts`);
+    member ``j`` trains from the same starting weights on every fold but ``j`` and is early-stopped
+    on fold ``j`` (``run_member(j, budget)`` runs the loop with the session's split set to that
+    member's, :meth:`Session.split`); the weights end at the uniform average of the members' (a
+    soup of models that together saw every row). Each row is then held out of exactly one member,
+    so settling (:func:`settle` with ``members``) judges every candidate on the out-of-fold
+    predictions of every repair row instead of one held-out part -- ``k`` / holdout_fraction times
+    the rows, what makes its choices noisy on a small or skewed repair set. A time budget is split
+    evenly among the members. Returns ``(LoopResult, members)``, ``members`` =
+    ``[(moved tensors by name, train_idx, held_idx), ...]`` as :func:`settle` takes them."""
+    params = [p for p in params if p.requires_grad]
+    state = [*params, *buffers]
+    names: dict = {}                     # a tensor's names in the state dict (tied weights have several)
+    for n, t in sess.model.module.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(n)
+    start = [p.detach().clone() for p in state]
+    parts = sess.fold_parts(k)
+    default_budget = budget is None
+    budget = Budget.default() if default_budget else budget
+    share = budget if budget.seconds is None else Budget(budget.steps, budget.epochs, budget.seconds / k)
+    runs, kept = [], []
+    t0 = time.perf_counter()
+    for j, (tr, ho) in enumerate(parts):
+        with torch.no_grad():
+            for p, v in zip(state, start):
+                p.copy_(v)
+        with sess.split(tr, ho):
+            runs.append(run_member(j, share))
+        kept.append([p.detach().cpu().clone() for p in state])
+    with torch.no_grad():
+        for i, p in enumerate(state):
+            mean = torch.stack([m[i].double() for m in kept]).mean(0)
+            p.copy_((mean if p.is_floating_point() else mean.round()).to(p.dtype))
+    members = [({n: m[i] for i, p in enumerate(state) for n in names.get(id(p), ())}, tr, ho)
+               for m, (tr, ho) in zip(kept, parts)]
+    res = _members_result(runs, None, time.perf_counter() - t0,
+                          {**share.describe(), "default": default_budget, "cross_fit": k})
+    return res, members
 
 
 def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device, progress,
@@ -514,27 +564,68 @@ class Session:
         """The held-out evaluation ``cfg.stop_head`` names (:class:`LoopConfig`)."""
         return self.evaluate_refit if getattr(cfg, "stop_head", "own") == "refit" else self.evaluate
 
-    def heldout_scores(self, pred: torch.Tensor) -> tuple:
+    def heldout_scores(self, pred: torch.Tensor, rows: Optional[torch.Tensor] = None) -> tuple:
         """``(worst (K,), mean (K,))`` of predictions (K, n_held) or (n_held,) on the held-out part
         by the session's criterion, small strata shrunk toward their classes
-        (:func:`repair.selection.shrunk_scores`): what early stopping and settling compare."""
+        (:func:`repair.selection.shrunk_scores`): what early stopping and settling compare.
+        ``rows``: the repair rows the predictions are of (default: the held-out part; cross-fitting
+        scores the out-of-fold predictions of every fold, :meth:`fold_parts`)."""
         from ..selection import SHRINK_SAMPLES, shrunk_scores
 
-        return shrunk_scores(pred, self.y[self.held_idx], self.score_strata[self.held_idx], SHRINK_SAMPLES)
+        rows = self.held_idx if rows is None else rows
+        return shrunk_scores(pred, self.y[rows], self.score_strata[rows], SHRINK_SAMPLES)
 
-    def score_standard_error(self, pred: torch.Tensor) -> float:
+    def score_standard_error(self, pred: torch.Tensor, rows: Optional[torch.Tensor] = None) -> float:
         """One standard error of the held-out score of predictions ``pred`` (n_held,) on their worst
-        stratum (:func:`repair.selection.score_standard_error`)."""
+        stratum (:func:`repair.selection.score_standard_error`); ``rows`` as in :meth:`heldout_scores`."""
         from ..selection import SHRINK_SAMPLES, score_standard_error
 
-        return score_standard_error(pred, self.y[self.held_idx], self.score_strata[self.held_idx], SHRINK_SAMPLES)
+        rows = self.held_idx if rows is None else rows
+        return score_standard_error(pred, self.y[rows], self.score_strata[rows], SHRINK_SAMPLES)
 
-    def required_gain(self, pred: torch.Tensor) -> float:
+    def required_gain(self, pred: torch.Tensor, rows: Optional[torch.Tensor] = None) -> float:
         """The held-out edge over predictions ``pred`` (n_held,) that a change needs, on the scores
-        :meth:`heldout_scores` gives (:func:`repair.selection.required_gain`)."""
+        :meth:`heldout_scores` gives (:func:`repair.selection.required_gain`); ``rows`` as there."""
         from ..selection import SHRINK_SAMPLES, required_gain
 
-        return required_gain(pred, self.y[self.held_idx], self.score_strata[self.held_idx], SHRINK_SAMPLES)
+        rows = self.held_idx if rows is None else rows
+        return required_gain(pred, self.y[rows], self.score_strata[rows], SHRINK_SAMPLES)
+
+    def fold_parts(self, k: int) -> list:
+        """``k`` folds of every repair row for cross-fitting, stratified by the session's groups (and
+        keeping identical samples together) as the held-out split is: ``[(train_idx, held_idx), ...]``,
+        fold ``j`` held out of member ``j``'s training. Seeded from the repair's seed (its own stream,
+        not the held-out split's). A BadInput naming the data when a fold would leave a group out of a
+        member's training part."""
+        from ..selection import stratified_split
+
+        gen = torch.Generator().manual_seed(int(self.inputs.seed) + 104729)
+        folds = stratified_split(self.groups, [1.0 / k] * (k - 1), gen, clusters=self.inputs.duplicates)
+        every = torch.arange(self.y.numel())
+        out = []
+        for held in folds:
+            keep = torch.ones(self.y.numel(), dtype=torch.bool)
+            keep[held] = False
+            out.append((every[keep], held))
+        present = torch.unique(self.groups)
+        for tr, ho in out:
+            if ho.numel() == 0 or torch.unique(self.groups[tr]).numel() < present.numel():
+                raise BadInput(f"the repair set is too small for {k}-fold cross-fitting: a fold leaves a "
+                               f"{'group' if self.group_source == 'given' else 'class x correctly/incorrectly classified group'} "
+                               f"out of a member's training part (use fewer folds)",
+                               (getattr(self.inputs, "resources", None) or {}).get("data_file"))
+        return out
+
+    @contextmanager
+    def split(self, train_idx: torch.Tensor, held_idx: torch.Tensor):
+        """The session with another training / held-out split for the duration (a cross-fitting
+        member's fold): batches, steps per epoch, evaluations and refitted heads use it."""
+        saved = self.train_idx, self.held_idx
+        self.train_idx, self.held_idx = train_idx, held_idx
+        try:
+            yield self
+        finally:
+            self.train_idx, self.held_idx = saved
 
     def batches(self, batch_size: int, balanced: bool, generator: torch.Generator) -> torch.Tensor:
         """Indices (into the repair samples) of one training batch: groups drawn uniformly,
@@ -589,7 +680,7 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
     standard error of the best one's averaged (chosen on the held-out part, ``unseen`` or not; ``l2``
     in the result: those strengths) -- no single choice among the near-tied, none that the held-out
     part tells apart from the best left in."""
-    from ..selection import KFold, head_predictions, pick_best, select_and_refit
+    from ..selection import KFold, head_predictions, select_and_refit
 
     tr, ho = sess.train_idx, sess.held_idx
     if l2 is not None:
@@ -610,29 +701,45 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
             worst, mean = sess.heldout_scores(head_predictions(X[ho], W, b))
             return W[0], b[0], {"l2": REFIT_L2[sel.best], "chosen_by": sel.scheme.describe(),
                                 "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])}
-    W, b = _balanced_heads(sess, X, groups, tr, REFIT_L2)
-    pred = head_predictions(X[ho], W, b)
-    worst, mean = sess.heldout_scores(pred)
+    heads, info, _ = _refit_parts(sess, [(X, tr, ho)], groups, REFIT_L2, one_se=one_se, average=average)
+    return heads[0][0], heads[0][1], info
+
+
+def _refit_parts(sess: "Session", parts: Sequence[tuple], groups: torch.Tensor, l2s: Sequence[float], *,
+                 one_se: bool = False, average: bool = False, where: str = "held-out part") -> tuple:
+    """The strength choice of :func:`refit_head` (on the held-out part) over one or more parts
+    ``[(X, train_rows, held_rows), ...]``: each part's heads of every strength in ``l2s`` fitted on its
+    training rows and predicting its held rows, the predictions of all parts scored together (one
+    part: the session's held-out part; cross-fitting's members: their out-of-fold predictions, each
+    member's body embedding its own part). Returns ``([(W, b) per part], info, predictions of the
+    chosen head(s) over the parts' held rows in order)``; ``where`` names the rows in ``chosen_by``."""
+    from ..selection import average_heads, head_predictions, pick_best
+
+    l2s = [float(v) for v in l2s]
+    fits = [_balanced_heads(sess, X, groups, tr, l2s) for X, tr, _ in parts]
+    rows = torch.cat([ho for _, _, ho in parts])
+    pred = torch.cat([head_predictions(X[ho], W, b) for (X, _, ho), (W, b) in zip(parts, fits)], dim=1)
+    worst, mean = sess.heldout_scores(pred, rows)
     k = pick_best(worst, mean)
-    keep = list(range(len(REFIT_L2)))          # the strengths the held-out part cannot tell from the best
+    keep = list(range(len(l2s)))          # the strengths the held-out rows cannot tell from the best
     if one_se:
-        se = sess.score_standard_error(pred[k])
+        se = sess.score_standard_error(pred[k], rows)
         keep = [j for j in keep if float(worst[j]) >= float(worst[k]) - se - 1e-12]
     if average:
-        from ..selection import average_heads
-
-        Wa, ba = average_heads(W[keep], b[keep], X[tr])
-        wa, ma = sess.heldout_scores(head_predictions(X[ho], Wa[None], ba[None]))
-        how = ("held-out part, the heads of the strengths within one standard error of the best averaged"
+        heads = [average_heads(W[keep], b[keep], X[tr]) for (X, tr, _), (W, b) in zip(parts, fits)]
+        pa = torch.cat([head_predictions(X[ho], Wa[None], ba[None]) for (X, _, ho), (Wa, ba) in zip(parts, heads)],
+                       dim=1)
+        wa, ma = sess.heldout_scores(pa, rows)
+        how = (f"{where}, the heads of the strengths within one standard error of the best averaged"
                if one_se else "none: the heads of every strength averaged")
-        return Wa, ba, {"l2": [REFIT_L2[j] for j in keep], "chosen_by": how, "heldout_score": float(wa[0]),
-                        "heldout_accuracy": float(ma[0])}
-    chosen_by = "held-out part"
+        return heads, {"l2": [l2s[j] for j in keep], "chosen_by": how, "heldout_score": float(wa[0]),
+                       "heldout_accuracy": float(ma[0])}, pa[0]
+    chosen_by = where
     if one_se:
-        k = max(keep, key=lambda j: REFIT_L2[j])
-        chosen_by = "held-out part, the strongest within one standard error of the best"
-    return W[k], b[k], {"l2": REFIT_L2[k], "chosen_by": chosen_by, "heldout_score": float(worst[k]),
-                        "heldout_accuracy": float(mean[k])}
+        k = max(keep, key=lambda j: l2s[j])
+        chosen_by = f"{where}, the strongest within one standard error of the best"
+    return [(W[k], b[k]) for W, b in fits], {"l2": l2s[k], "chosen_by": chosen_by, "heldout_score": float(worst[k]),
+                                             "heldout_accuracy": float(mean[k])}, pred[k]
 
 
 def _balanced_heads(sess: "Session", X: torch.Tensor, groups: torch.Tensor, rows: torch.Tensor, l2s) -> tuple:
@@ -656,17 +763,18 @@ def averaged_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, rows: 
 
 
 def settle_by(cfg: SettleSettings, sess: "Session", start: dict,
-              groups: Optional[torch.Tensor] = None) -> Optional[dict]:
-    """:func:`settle` as ``cfg`` says (None when ``cfg.settle`` is off)."""
+              groups: Optional[torch.Tensor] = None, members: Optional[Sequence[tuple]] = None) -> Optional[dict]:
+    """:func:`settle` as ``cfg`` says (None when ``cfg.settle`` is off); ``members``: cross-fitting's
+    (:func:`cross_fit`)."""
     if cfg.settle == "off":
         return None
     return settle(sess, start, alphas=cfg.settle_alphas, heads=SETTLE_HEADS[cfg.settle], groups=groups,
-                  strength=cfg.settle_strength)
+                  strength=cfg.settle_strength, members=members)
 
 
 def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALPHAS,
            heads: Sequence[str] = ("refit",), groups: Optional[torch.Tensor] = None,
-           strength: str = "heldout") -> dict:
+           strength: str = "heldout", members: Optional[Sequence[tuple]] = None) -> dict:
     """Where a fine-tuned model ends: weight-space interpolation between the starting weights
     ``start`` (name -> tensor, as :meth:`TrainableModel.state` gives them) and the current,
     fine-tuned ones, ``start + alpha * (tuned - start)`` for each ``alpha`` (WiSE-FT, Wortsman
@@ -710,7 +818,15 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     head wins, the head the model ends with is fitted again at its strength on *every* repair row
     (training and held-out part: choose on held-out data, then refit on all of it, as the head
     repairs do); the held-out scores are those of the head fitted on the training part. Returns the
-    diagnostics (the choice and every candidate's held-out scores)."""
+    diagnostics (the choice and every candidate's held-out scores).
+
+    ``members`` (cross-fitting, :func:`cross_fit`): ``[(tensors by name, train_idx, held_idx), ...]``,
+    each member's trained weights and its fold; the model's current weights are their average. Every
+    candidate point is then judged on the out-of-fold predictions of every repair row: member ``j``'s
+    body interpolated at that alpha, its own head or a head refitted on its training rows, predicting
+    the fold it did not train on, all folds scored together (a refitted head's strength chosen on
+    those predictions too). The chosen point is applied to the averaged weights, its head refitted
+    on every repair row."""
     from ..selection import head_predictions, pick_best
 
     heads = tuple(heads)
@@ -722,78 +838,124 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     tm = sess.model
     sd = tm.module.state_dict()
     tuned = {k: sd[k].detach().cpu().clone() for k in start}
-    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
+    # the bodies each candidate point is judged on: the trained one on the held-out part, or each
+    # cross-fitting member on the fold it did not train on (out-of-fold predictions)
+    bodies = ([(tuned, sess.train_idx, sess.held_idx)] if not members
+              else [({k: m[0].get(k, start[k]) for k in start}, m[1], m[2]) for m in members])
+    moved = [k for k in start if start[k].is_floating_point()
+             and any(not torch.equal(start[k], st[k]) for st in (tuned, *(bd[0] for bd in bodies)))]
     groups = sess.groups if groups is None else groups
-    every, ho = torch.arange(sess.y.numel()), sess.held_idx
+    every = torch.arange(sess.y.numel())
+    rows = torch.cat([ho for _, _, ho in bodies])
+    where = "held-out part" if not members else f"out-of-fold predictions of {len(bodies)} cross-fitted members"
+    one_se, average = strength in ("heldout_1se", "average_1se"), strength in ("average", "average_1se")
 
-    def put(alpha: float) -> None:
+    def put(state: dict, alpha: float) -> None:
         with torch.no_grad():
             for k in moved:
-                sd[k].copy_((start[k] + alpha * (tuned[k] - start[k])).to(sd[k]))
+                sd[k].copy_((start[k] + alpha * (state[k] - start[k])).to(sd[k]))
+
+    def own_head() -> tuple:
+        W = tm.head.weight.detach().float().cpu()
+        b = tm.head.bias.detach().float().cpu() if tm.head.bias is not None else torch.zeros(W.shape[0])
+        return W, b
 
     cands = []
     points = sorted({float(a) for a in alphas} if moved else {1.0}, reverse=True)
     if not refit:
         points = [a for a in points if a > 0] or [1.0]
-    embedded = {}
+    embedded = {}             # alpha -> the embeddings of every repair row by the (single) trained body
     orig, fixed = None, None  # strength="original": the original body's refitted head and its strength
-    if refit and strength == "original" and moved:
-        put(0.0)
-        embedded[0.0] = tm.embed(sess.encoded, every, sess.device)
-        orig = refit_head(sess, embedded[0.0], groups, unseen=True)
-        fixed = orig[2]["l2"]
+    x0 = None                 # the original body's embeddings (alpha 0)
+    if refit and (strength == "original" or 0.0 in points) and moved:
+        put(tuned, 0.0)
+        x0 = embedded[0.0] = tm.embed(sess.encoded, every, sess.device)
+        if strength == "original":
+            orig = refit_head(sess, x0, groups, unseen=True)
+            fixed = orig[2]["l2"]
     for alpha in points:
-        put(alpha)
-        X = embedded[alpha] if alpha in embedded else tm.embed(sess.encoded, every, sess.device)
-        embedded[alpha] = X
-        W = tm.head.weight.detach().float().cpu()
-        b = tm.head.bias.detach().float().cpu() if tm.head.bias is not None else torch.zeros(W.shape[0])
+        parts, owns = [], []
+        for state, tr, ho in bodies:
+            put(state, alpha)
+            if alpha == 0.0 and x0 is not None:
+                X = x0
+            elif not members and alpha in embedded:
+                X = embedded[alpha]
+            else:
+                X = tm.embed(sess.encoded, every, sess.device)
+            if not members:
+                embedded[alpha] = X
+            parts.append((X, tr, ho))
+            owns.append(own_head())
         # alpha 0 is the original body: its own head is the original model, only a refitted head
         # is a candidate there (the model repair then ends as a head repair on the original body)
-        options = [("fine-tuned", W, b, None)] if alpha > 0 and "own" in heads else []
-        if refit:
+        options = []
+        if alpha > 0 and "own" in heads:
+            pred = torch.cat([head_predictions(X[ho], W[None], b[None])[0] for (X, _, ho), (W, b) in zip(parts, owns)])
+            options.append(("fine-tuned", None, pred))
+        if refit and not members:
+            X = parts[0][0]
             if alpha == 0.0 and orig is not None:
                 Wr, br, info = orig
             else:
                 Wr, br, info = refit_head(sess, X, groups, unseen=alpha == 0.0, l2=None if alpha == 0.0 else fixed,
-                                          one_se=strength in ("heldout_1se", "average_1se"),
-                                          average=strength in ("average", "average_1se"))
+                                          one_se=one_se, average=average)
                 if fixed is not None:
                     info["chosen_by"] = "the original body's repeated folds"
-            options.append(("refit", Wr, br, info))
-        for kind, Wk, bk, info in options:
-            pred = head_predictions(X[ho], Wk[None], bk[None])
-            worst, mean = sess.heldout_scores(pred)
-            cands.append({"alpha": alpha, "head": kind, "W": Wk, "b": bk, "refit": info, "pred": pred[0],
+            options.append(("refit", info, head_predictions(X[sess.held_idx], Wr[None], br[None])[0]))
+        elif refit:
+            if alpha == 0.0:      # the strength the repeated folds over every row choose for the original body
+                l2s = (orig[2]["l2"] if orig is not None else
+                       refit_head(sess, parts[0][0], groups, unseen=True, one_se=one_se, average=average)[2]["l2"])
+                l2s = l2s if isinstance(l2s, list) else [l2s]
+                _, info, pred = _refit_parts(sess, parts, groups, l2s, average=average, where=where)
+                info["chosen_by"] = "the original body's repeated folds"
+            elif fixed is not None:
+                _, info, pred = _refit_parts(sess, parts, groups, [fixed], where=where)
+                info["chosen_by"] = "the original body's repeated folds"
+            else:
+                _, info, pred = _refit_parts(sess, parts, groups, REFIT_L2, one_se=one_se, average=average,
+                                             where=where)
+            options.append(("refit", info, pred))
+        for kind, info, pred in options:
+            worst, mean = sess.heldout_scores(pred, rows)
+            cands.append({"alpha": alpha, "head": kind, "refit": info, "pred": pred,
                           "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])})
     # the original body (alpha 0, refitted head) is the simpler choice: a moved body replaces it only
     # with a held-out edge of required_gain (the rule auto-ft applies between a head and a model repair)
     base = next((c for c in cands if c["alpha"] == 0.0), None)
     need = None
     if base is not None and len(cands) > 1:
-        need = sess.required_gain(base["pred"])
+        need = sess.required_gain(base["pred"], rows)
     eligible = [c for c in cands if need is None or c is base
                 or c["heldout_score"] >= base["heldout_score"] + need - 1e-12]
     k = pick_best(torch.tensor([c["heldout_score"] for c in eligible]),
                   torch.tensor([c["heldout_accuracy"] for c in eligible]))
     best = eligible[k]
-    put(best["alpha"])
+    put(tuned, best["alpha"])
     if best["head"] == "refit":
-        if strength in ("average", "average_1se"):
-            Wa, ba = averaged_head(sess, embedded[best["alpha"]], groups, every, best["refit"]["l2"])
+        a = best["alpha"]
+        X = x0 if a == 0.0 and x0 is not None else (
+            embedded[a] if not members else tm.embed(sess.encoded, every, sess.device))
+        l2 = best["refit"]["l2"]
+        if isinstance(l2, list):
+            Wa, ba = averaged_head(sess, X, groups, every, l2)
             Wa, ba = Wa[None], ba[None]
         else:
-            Wa, ba = _balanced_heads(sess, embedded[best["alpha"]], groups, every, [best["refit"]["l2"]])
+            Wa, ba = _balanced_heads(sess, X, groups, every, [l2])
         with torch.no_grad():
             tm.head.weight.copy_(Wa[0].to(tm.head.weight))
             if tm.head.bias is not None:
                 tm.head.bias.copy_(ba[0].to(tm.head.bias))
-    return {"alpha": best["alpha"], "head": best["head"], "refit": best["refit"],
-            "head_rows": "all repair rows" if best["head"] == "refit" else None,
-            "heldout_score": best["heldout_score"], "heldout_accuracy": best["heldout_accuracy"],
-            "required_gain": need,
-            "candidates": [{k2: v for k2, v in c.items() if k2 not in ("W", "b", "pred")} for c in cands]}
+    out = {"alpha": best["alpha"], "head": best["head"], "refit": best["refit"],
+           "head_rows": "all repair rows" if best["head"] == "refit" else None,
+           "heldout_score": best["heldout_score"], "heldout_accuracy": best["heldout_accuracy"],
+           "required_gain": need,
+           "candidates": [{k2: v for k2, v in c.items() if k2 != "pred"} for c in cands]}
+    if members:
+        out["scored_on"] = where
+    return out
 
 
 __all__ = ["DEFAULT_BUDGET_SECONDS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
-           "LoopResult", "REFIT_FOLDS", "averaged_head", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "train"]
+           "LoopResult", "REFIT_FOLDS", "averaged_head", "cross_fit", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "train"]
