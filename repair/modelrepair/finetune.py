@@ -855,9 +855,9 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
             for k in moved:
                 sd[k].copy_((start[k] + alpha * (state[k] - start[k])).to(sd[k]))
 
-    def own_head() -> tuple:
-        W = tm.head.weight.detach().float().cpu()
-        b = tm.head.bias.detach().float().cpu() if tm.head.bias is not None else torch.zeros(W.shape[0])
+    def own_head() -> tuple:             # copies: the next body's weights overwrite the live head
+        W = tm.head.weight.detach().float().cpu().clone()
+        b = tm.head.bias.detach().float().cpu().clone() if tm.head.bias is not None else torch.zeros(W.shape[0])
         return W, b
 
     cands = []

@@ -1,0 +1,188 @@
+"""Cross-fitted model repairs (``mixft``'s ``cross_fit``): members trained on all folds but one,
+averaged into one model, and settling judged on out-of-fold predictions of every repair row."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import make_bert_folder, make_texts, run_cli
+from test_steady import _perturb, session  # noqa: F401  (the fixture)
+
+
+def _trainable(tm):
+    return [p for n, p in tm.module.named_parameters() if ".encoder." in n or n.startswith(tm.head_name)]
+
+
+def test_members_train_on_their_folds_from_one_start_and_end_at_their_average(session):  # noqa: F811
+    from repair.modelrepair.finetune import LoopResult, cross_fit
+
+    sess, tm = session
+    params = _trainable(tm)
+    for p in params:
+        p.requires_grad_(True)
+    start = [p.detach().clone() for p in params]
+    split = (sess.train_idx.clone(), sess.held_idx.clone())
+    seen, trained = [], []
+
+    def run_member(j, budget):
+        seen.append((sess.train_idx.clone(), sess.held_idx.clone(), budget.seconds))
+        for p, s in zip(params, start):                      # every member starts where the first did
+            assert torch.equal(p, s)
+        gen = torch.Generator().manual_seed(10 + j)
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        trained.append([p.detach().clone() for p in params])
+        return LoopResult(steps=3, best_step=2, best_score=0.5 + j / 10, best_accuracy=0.7, seconds=0.0,
+                          stopped_by="epochs")
+
+    res, members = cross_fit(sess, 3, params, run_member)
+    # the folds: disjoint held parts covering every row once, each member training on the rest
+    n = sess.y.numel()
+    held = torch.cat([ho for _, ho, _ in seen])
+    assert sorted(held.tolist()) == list(range(n))
+    for tr, ho, secs in seen:
+        assert sorted(torch.cat([tr, ho]).tolist()) == list(range(n))
+        assert secs == pytest.approx(600.0 / 3)                # the default time budget shared
+        # stratified: every group's share of a fold is within one row of a third
+        for g in torch.unique(sess.groups).tolist():
+            assert abs(int((sess.groups[ho] == g).sum()) - int((sess.groups == g).sum()) / 3) <= 1
+    # the session's own split is back
+    assert torch.equal(sess.train_idx, split[0]) and torch.equal(sess.held_idx, split[1])
+    # the weights end at the members' average; each member's weights and fold are returned
+    for i, p in enumerate(params):
+        torch.testing.assert_close(p.detach(), torch.stack([t[i] for t in trained]).mean(0))
+    names = {id(p): n for n, p in tm.module.named_parameters()}
+    for (state, tr, ho), t, s in zip(members, trained, seen):
+        assert torch.equal(tr, s[0]) and torch.equal(ho, s[1])
+        for p, v in zip(params, t):
+            assert torch.equal(state[names[id(p)]], v)
+    assert res.steps == 9 and res.budget["member_scores"] == [0.5, 0.6, 0.7] and res.budget["cross_fit"] == 3
+
+
+def test_settle_judges_every_point_on_out_of_fold_predictions(session):  # noqa: F811
+    """Each candidate's score is that of the members' bodies at its alpha, each with its own head or
+    a head refitted on its training rows (strength chosen on the pooled out-of-fold predictions),
+    predicting the fold it did not train on; the model ends at the average at the chosen alpha with
+    the head refitted on every repair row."""
+    from repair.modelrepair.finetune import REFIT_L2, _balanced_heads, settle
+    from repair.selection import head_predictions, pick_best, shrunk_scores, SHRINK_SAMPLES
+
+    sess, tm = session
+    start = tm.state()
+    parts = sess.fold_parts(2)
+    members = []
+    for j, (tr, ho) in enumerate(parts):
+        tm.module.load_state_dict(start)
+        _perturb(tm, 0.3, seed=20 + j)
+        members.append((tm.state(), tr, ho))
+    soup = {k: torch.stack([m[0][k].double() for m in members]).mean(0).to(start[k].dtype)
+            if start[k].is_floating_point() else start[k] for k in start}
+    every = torch.arange(sess.y.numel())
+    rows = torch.cat([ho for _, ho in parts])
+
+    def at(state, a):
+        return {k: start[k] + a * (state[k] - start[k]) if start[k].is_floating_point() else start[k] for k in start}
+
+    def scores(pred):
+        w, m = shrunk_scores(pred[None], sess.y[rows], sess.score_strata[rows], SHRINK_SAMPLES)
+        return float(w[0]), float(m[0])
+
+    want = {}
+    for a in (0.5, 1.0):
+        own, grid = [], []
+        for state, tr, ho in members:
+            tm.module.load_state_dict(at(state, a))
+            X = tm.embed(sess.encoded, every, "cpu")
+            own.append(head_predictions(X[ho], tm.head.weight.detach().float(), tm.head.bias.detach().float()))
+            W, b = _balanced_heads(sess, X, sess.groups, tr, REFIT_L2)
+            grid.append(head_predictions(X[ho], W, b))
+        want[(a, "fine-tuned")] = scores(torch.cat(own))
+        pooled = torch.cat(grid, dim=1)
+        per = [scores(p) for p in pooled]
+        k = pick_best(torch.tensor([s[0] for s in per]), torch.tensor([s[1] for s in per]))
+        want[(a, "refit")] = per[k] + (REFIT_L2[k],)
+    tm.module.load_state_dict(soup)
+    diag = settle(sess, start, alphas=(0.5, 1.0), heads=("own", "refit"), members=members)
+    assert diag["scored_on"].startswith("out-of-fold predictions of 2")
+    assert len(diag["candidates"]) == 4
+    for c in diag["candidates"]:
+        w = want[(c["alpha"], c["head"])]
+        assert (c["heldout_score"], c["heldout_accuracy"]) == pytest.approx(w[:2])
+        if c["head"] == "refit":
+            assert c["refit"]["l2"] == w[2]
+    # the model ends at the soup moved to the chosen alpha, with the chosen head
+    a = diag["alpha"]
+    got = tm.state()
+    for k in start:
+        if start[k].is_floating_point() and not k.startswith(tm.head_name):
+            torch.testing.assert_close(got[k], at(soup, a)[k], atol=1e-6, rtol=0)
+    if diag["head"] == "refit":
+        tm.module.load_state_dict(at(soup, a))
+        X = tm.embed(sess.encoded, every, "cpu")
+        W, b = _balanced_heads(sess, X, sess.groups, every, [diag["refit"]["l2"]])
+        torch.testing.assert_close(got[tm.head_name + ".weight"], W[0].to(got[tm.head_name + ".weight"]))
+
+
+def test_settle_on_one_member_is_settle_on_the_held_out_part(session):  # noqa: F811
+    """One member trained on the session's own split is exactly the ordinary settle."""
+    from repair.modelrepair.finetune import settle
+
+    sess, tm = session
+    start = tm.state()
+    _perturb(tm, 0.3, seed=5)
+    tuned = tm.state()
+    plain = settle(sess, start, alphas=(0.0, 0.5, 1.0), heads=("own", "refit"))
+    after = tm.state()
+    tm.module.load_state_dict(tuned)
+    one = settle(sess, start, alphas=(0.0, 0.5, 1.0), heads=("own", "refit"),
+                 members=[(tuned, sess.train_idx, sess.held_idx)])
+    strip = [{k: v for k, v in c.items() if k != "refit"} for c in plain["candidates"]]
+    assert strip == [{k: v for k, v in c.items() if k != "refit"} for c in one["candidates"]]
+    assert (one["alpha"], one["head"]) == (plain["alpha"], plain["head"])
+    for k, v in tm.state().items():
+        torch.testing.assert_close(v, after[k])
+
+
+def test_cross_fitted_mixft_folds_into_an_ordinary_checkpoint(tmp_path):
+    """``repair fix`` with mixft ``cross_fit: 2``: the report says how it was fitted, and plain
+    transformers reloads the output and computes what ``repair eval`` measures."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = make_bert_folder(tmp_path / "bert", seed=3)
+    data = make_texts(tmp_path / "val.csv", n=48, seed=1)
+    test = make_texts(tmp_path / "test.csv", n=24, seed=2)
+    recipe = tmp_path / "cf.yaml"
+    recipe.write_text("name: cf\ncandidates:\n  - method: mixft\n    params: {epochs: 2, batch_size: 8, lr: 0.001, "
+                      "cross_fit: 2, head_init: refit}\n")
+    out = tmp_path / "fixed"
+    code, stdout, err = run_cli("fix", model, "--data", data, "--recipe", recipe, "--eval", test, "--out", out,
+                                "--seed", "0", "--json", "-q")
+    assert code == 0, err
+    d = json.loads(stdout)["diagnostics"]
+    assert d["session"]["cross_fit"] == 2 and len(d["session"]["fold_sizes"]) == 2
+    assert d["loop"]["budget"]["members"] == 2 and len(d["head_refit"]) == 2
+    assert d["settle"]["scored_on"].startswith("out-of-fold")
+    seen = {r["text"] for r in csv.DictReader(open(data))}
+    texts = [r["text"] for r in csv.DictReader(open(test)) if r["text"] not in seen]
+    rep = json.loads(stdout)
+    plain = AutoModelForSequenceClassification.from_pretrained(str(out), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    with torch.no_grad():
+        lg = plain(**tok(texts, padding=True, return_tensors="pt")).logits
+    y = torch.tensor([1 if r["label"] == "positive" else 0 for r in csv.DictReader(open(test))
+                      if r["text"] not in seen])
+    assert float((lg.argmax(1) == y).float().mean()) == pytest.approx(rep["after"]["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("extra", ["lora: true", "members: 2"])
+def test_cross_fit_with_lora_or_a_soup_is_refused_before_any_work(tmp_path, extra):
+    model = make_bert_folder(tmp_path / "bert", seed=3)
+    data = make_texts(tmp_path / "val.csv", n=48, seed=1)
+    recipe = tmp_path / "cf.yaml"
+    recipe.write_text(f"name: cf\ncandidates:\n  - method: mixft\n    params: {{cross_fit: 2, {extra}}}\n")
+    code, _, err = run_cli("fix", model, "--data", data, "--recipe", recipe, "--out", tmp_path / "o", "-q")
+    assert code == 2 and "cross_fit" in err and not (tmp_path / "o").exists()
