@@ -139,6 +139,9 @@ MODEL_ROWS: list[ModelRow] = [
              note="mixft cross-fitted (cross_fit 2): two members, each trained on one half of the repair set and "
                   "early-stopped on the other, averaged into one model; settled on the out-of-fold predictions "
                   "of every repair row instead of one held-out quarter"),
+    ModelRow("mixft-cf2-p0", "mixft", {"cross_fit": 2, "patience": 0}, groups=(False,),
+             note="mixft-cf2 whose members run their whole schedule (patience 0; each still keeps its best "
+                  "held-out evaluation): a member whose held-out score collapses early is not stopped at the start"),
     ModelRow("mixft-unsettled", "mixft", {"settle": "off"}, groups=(False,),
              note="mixft's early-stopped weights with their own head, not settled (settle off)"),
     ModelRow("mixft-tail-unsettled", "mixft", {"keep": "tail", "patience": 0, "settle": "off"}, groups=(False,),
