@@ -186,3 +186,14 @@ def test_cross_fit_with_lora_or_a_soup_is_refused_before_any_work(tmp_path, extr
     recipe.write_text(f"name: cf\ncandidates:\n  - method: mixft\n    params: {{cross_fit: 2, {extra}}}\n")
     code, _, err = run_cli("fix", model, "--data", data, "--recipe", recipe, "--out", tmp_path / "o", "-q")
     assert code == 2 and "cross_fit" in err and not (tmp_path / "o").exists()
+
+
+def test_the_built_in_cross_fitted_recipe_is_what_the_benchmark_measured():
+    """``--recipe mixft-crossfit`` is the benchmark's row ``mixft-cf2-p0`` (the figures its comment quotes)."""
+    from bench.rows import MODEL_ROWS
+    from repair.recipes import load_recipe
+
+    (cand,) = load_recipe("mixft-crossfit").candidates
+    row = next(r for r in MODEL_ROWS if r.label == "mixft-cf2-p0")
+    assert cand.method == row.method == "mixft"
+    assert dict(cand.params) == dict(row.params) == {"cross_fit": 2, "patience": 0}
