@@ -23,8 +23,8 @@ TARGET_AUTOFT_LOSS = 0.5       # points: auto-ft at most this below auto, every 
 TARGET_AUTOFT_CAPPED = 3.0     # points: auto-ft over auto on the capped text task
 TARGET_MODEL_RSS = 2048.0      # MiB: peak RSS increase of a model repair
 CAPPED_TASK = "sst2_capped"
-#: the model rows the issue-19 table reports (label-free), in table order
-STEADY_ROWS = ("auto-ft", "mixft", "mixft-lpft-wig", "mixft-lpft-wig-last", "clp", "recompose")
+#: the model rows the issue-19 table reports (label-free), in table order (mixft-cf2-p0: the recipe mixft-crossfit)
+STEADY_ROWS = ("auto-ft", "mixft", "mixft-cf2-p0", "mixft-lpft-wig", "mixft-lpft-wig-last", "clp", "recompose")
 
 
 # ============================================================================ summaries

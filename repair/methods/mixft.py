@@ -108,7 +108,7 @@ seconds of the fit, wall clock was 4-8x more):
 - ``cross_fit: 2`` (twenty-third session; rows ``mixft-cf2``, ``mixft-cf2-p0`` = the built-in recipe
   ``mixft-crossfit``, ``patience: 0``), label-free, test WGA over seeds 0-2, against the default:
   capped balanced 76.0 +- 5.3 / 78.7 +- 1.2 (default 77.2 +- 1.3), capped skewed 65.0 +- 7.3 /
-  69.7 +- 4.5 (68.3 +- 8.0), coloured MNIST balanced 91.4 +- 3.4 / 92.2 +- 2.2 (92.8 +- 1.0), skewed
+  69.7 +- 4.5 (68.3 +- 8.0), coloured MNIST balanced 91.4 +- 3.5 / 92.2 +- 2.3 (92.8 +- 1.0), skewed
   85.8 +- 0.8 / 82.9 +- 2.6 (84.1 +- 4.1), demo balanced 79.1 +- 1.7 both (80.4 +- 2.8), skewed
   87.2 +- 2.4 both (83.3 +- 3.9). With early stopping, member 1 of the capped skewed seed 2 collapsed
   to one class for two evaluations and stopped at the start (58.0; 72.0 with patience 0). Twice the
