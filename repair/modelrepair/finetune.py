@@ -271,28 +271,39 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     if k <= 1:
         return _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device,
                            progress, desc, buffers)
-    state = [*params, *buffers]
-    start = [p.detach().clone() for p in state]
     share = budget if budget.seconds is None else Budget(budget.steps, budget.epochs, budget.seconds / k)
-    total = [torch.zeros_like(p, dtype=torch.float64) for p in state]
-    runs = []
     t0 = time.perf_counter()
+    runs, _ = _soup([*params, *buffers], k, lambda m: _train_once(
+        params, step, evaluate, cfg, steps_per_epoch, share, default_budget, int(seed) + m, device, progress,
+        f"{desc} {m + 1}/{k}", buffers))
+    score = evaluate() if evaluate is not None else None
+    return _members_result(runs, score, time.perf_counter() - t0, {**share.describe(), "default": default_budget})
+
+
+def _soup(state: list, k: int, run: Callable[[int], "LoopResult"], keep: bool = False) -> tuple:
+    """Train ``k`` members (``run(m)``), each from the tensors ``state`` as they are now, and leave
+    ``state`` at the uniform average of the members' (integer tensors rounded). Returns ``(results,
+    members)``: ``members`` holds each member's CPU copies of ``state`` when ``keep`` (cross-fitting
+    settles on them), else None (a running float64 sum is all the average needs)."""
+    start = [p.detach().clone() for p in state]
+    total = None if keep else [torch.zeros_like(p, dtype=torch.float64) for p in state]
+    runs, kept = [], []
     for m in range(k):
         with torch.no_grad():
             for p, v in zip(state, start):
                 p.copy_(v)
-        r = _train_once(params, step, evaluate, cfg, steps_per_epoch, share, default_budget, int(seed) + m, device,
-                        progress, f"{desc} {m + 1}/{k}", buffers)
-        runs.append(r)
+        runs.append(run(m))
         with torch.no_grad():
-            for acc, p in zip(total, state):
-                acc.add_(p.detach().double())
+            if keep:
+                kept.append([p.detach().cpu().clone() for p in state])
+            else:
+                for acc, p in zip(total, state):
+                    acc.add_(p.detach().double())
     with torch.no_grad():
-        for p, acc in zip(state, total):
-            mean = acc / k
-            p.copy_((mean if p.is_floating_point() else mean.round()).to(p.dtype))
-    score = evaluate() if evaluate is not None else None
-    return _members_result(runs, score, time.perf_counter() - t0, {**share.describe(), "default": default_budget})
+        for i, p in enumerate(state):
+            mean = torch.stack([m[i].double() for m in kept]).mean(0) if keep else total[i] / k
+            p.copy_((mean if p.is_floating_point() else mean.round()).to(p.device, p.dtype))
+    return runs, (kept if keep else None)
 
 
 def _members_result(runs: list, score: Optional[tuple], seconds: float, budget: dict) -> LoopResult:
@@ -329,24 +340,17 @@ def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run
     names: dict = {}                     # a tensor's names in the state dict (tied weights have several)
     for n, t in sess.model.module.state_dict(keep_vars=True).items():
         names.setdefault(id(t), []).append(n)
-    start = [p.detach().clone() for p in state]
     parts = sess.fold_parts(k)
     default_budget = budget is None
     budget = Budget.default() if default_budget else budget
     share = budget if budget.seconds is None else Budget(budget.steps, budget.epochs, budget.seconds / k)
-    runs, kept = [], []
     t0 = time.perf_counter()
-    for j, (tr, ho) in enumerate(parts):
-        with torch.no_grad():
-            for p, v in zip(state, start):
-                p.copy_(v)
-        with sess.split(tr, ho):
-            runs.append(run_member(j, share))
-        kept.append([p.detach().cpu().clone() for p in state])
-    with torch.no_grad():
-        for i, p in enumerate(state):
-            mean = torch.stack([m[i].double() for m in kept]).mean(0)
-            p.copy_((mean if p.is_floating_point() else mean.round()).to(p.dtype))
+
+    def member(j: int) -> LoopResult:
+        with sess.split(*parts[j]):
+            return run_member(j, share)
+
+    runs, kept = _soup(state, k, member, keep=True)
     members = [({n: m[i] for i, p in enumerate(state) for n in names.get(id(p), ())}, tr, ho)
                for m, (tr, ho) in zip(kept, parts)]
     res = _members_result(runs, None, time.perf_counter() - t0,
