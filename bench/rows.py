@@ -150,11 +150,13 @@ MODEL_ROWS: list[ModelRow] = [
              note="mixft without bfloat16 autocast on CUDA (amp false; on the CPU the same as mixft): what "
                   "autocast changes"),
     ModelRow("auto-ft", "mixft", {}, groups=(False,), recipe="auto-ft",
-             note="recipe auto-ft: auto's heads, then mixft scored on the same folds and kept only if it wins"),
+             note="recipe auto-ft: auto's heads, then mixft cross-fitted on the same folds (cross_fit 2, patience 0), "
+                  "its out-of-fold predictions scored against the head, the members' average kept only if it wins"),
     ModelRow("auto-ft-defaults", "mixft", {}, groups=(False,),
              recipe=str(Path(__file__).resolve().parent / "recipes" / "auto-ft-mixft-defaults.yaml"),
-             note="auto-ft with its mixft candidate at mixft's defaults (every layer) instead of the LP-FT setting: "
-                  "what recipe auto-ft runs since the twentieth session (a test keeps the two the same)"),
+             note="auto-ft with its mixft candidate at mixft's defaults (every layer), trained fold by fold and once "
+                  "more on the whole fit part when it wins: recipe auto-ft from the twentieth session to the "
+                  "twenty-fourth"),
     ModelRow("clp", "clp", {}, groups=(False,), modalities=("image",),
              note="retraining with causal logit perturbation (attribution masks), the method's defaults"),
     ModelRow("clp-unsettled", "clp", {"settle": "off"}, groups=(False,), modalities=("image",),

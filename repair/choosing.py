@@ -15,6 +15,11 @@ One criterion (:class:`repair.selection.Criterion`) and one scheme decide every 
   head than the same recipe without them. A model repair is chosen only when it scores higher by
   two standard errors of the head's worst-stratum accuracy (and at least a point:
   :func:`repair.selection.required_gain`); it is then trained once more on the whole fit part.
+- **A model repair that cross-fits** over as many folds as the recipe's (mixft's ``cross_fit: k``;
+  recipe ``auto-ft``) is run *once* with those folds as its own: member ``j`` trains on every fold but
+  ``j``, each row is predicted by the member that did not train on it (``Fitted.oof_pred``), and
+  those out-of-fold predictions are scored as above. When it wins, its members' average is the model:
+  no further training (the fold-by-fold path trains K + 1 times).
 - **Escalation is skipped** when it cannot win: when the returned head's out-of-fold criterion
   plus the gain a model repair needs is above 100% (the report says so).
 - **A model repair stops after a fold** when it can no longer win: its criterion with every row
@@ -54,6 +59,7 @@ class Fitted:
     steps: int = 0
     seconds: float = 0.0
     artifacts: Optional[Path] = None           # model repairs: files to keep beside the output
+    oof_pred: Optional[torch.Tensor] = None    # a cross-fitted model repair: each row's out-of-fold prediction
 
 
 @dataclass
@@ -106,7 +112,9 @@ class FitContext:
             self._tm = self.adapter.trainable()
         return self._tm
 
-    def fit(self, cand, idx: torch.Tensor, config=None) -> Fitted:
+    def fit(self, cand, idx: torch.Tensor, config=None, folds: Optional[list] = None) -> Fitted:
+        """``cand`` fitted on rows ``idx``; ``folds`` (model repairs): ``[(train, held), ...]`` positions
+        within ``idx`` that a cross-fitting repair takes as its folds (``ModelRepairInputs.folds``)."""
         info, cfg = cand.info, (config if config is not None else cand.config())
         g = self.groups[idx] if (self.groups is not None and info.uses_groups) else None
         t0 = time.perf_counter()
@@ -131,13 +139,13 @@ class FitContext:
                                          y=self.y[idx], ref_logits=self.X[idx] @ self.W0.T + self.b0,
                                          groups=g, budget=self.budget, seed=self.seed, device=self.device,
                                          progress=self.progress, class_names=list(self.adapter.class_names),
-                                         resources=self.resources, workdir=work, **extra), cfg)
+                                         resources=self.resources, workdir=work, folds=folds, **extra), cfg)
         finally:
             tm.module.load_state_dict(start)        # every candidate starts from the original weights
         secs = time.perf_counter() - t0
         self.seconds += secs
         return Fitted("model", tensors=out.tensors, diagnostics=out.diagnostics, config=cfg, steps=out.steps,
-                      seconds=secs, artifacts=out.artifacts)
+                      seconds=secs, artifacts=out.artifacts, oof_pred=out.oof_pred)
 
     def model_logits(self, fitted: Fitted, idx: torch.Tensor) -> torch.Tensor:
         """Logits of a model repair's network on rows ``idx`` (the original weights restored after)."""
@@ -337,11 +345,38 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
                 rows.append({"candidate": c.label, "kind": "model", "skipped": why})
             return Choice(head[0], head[1], rows, _describe(crit, fold_desc, len(y)), notes)
     head_score = best_score                     # None when there is no head to beat
+    fitted: dict = {}                           # a cross-fitted candidate's run: it is also its final model
     for c in models:
         # rows no fold has predicted yet count as right: until the last fold, the criterion of `pred`
         # is the most the candidate can still score (a bound, exact once every fold is in)
         pred = y.clone().long()
         secs, steps, stops, bound, unfit = 0.0, 0, [], None, None
+        crossed = _cross_fitted(c, ctx, fit_idx, parts, y, log) if _cross_fits(c, parts) else None
+        if isinstance(crossed, BadInput):
+            if head_score is None:
+                raise crossed
+            why = f"cannot be cross-fitted on these {len(parts)} folds ({crossed.problem}); the head stays"
+            rows.append({"candidate": c.label, "kind": "model", "skipped": why})
+            notes.append(f"{c.label} skipped: {why}")
+            log(f"  {c.label}: skipped, {why}")
+            continue
+        if crossed is not None:
+            fitted[id(c)] = crossed
+            w, m = scores_from_preds(crossed.oof_pred[None], y, score_strata)
+            score, mean = float(w[0]), float(m[0])
+            loop = (crossed.diagnostics or {}).get("loop") or {}
+            member_stops = (loop.get("budget") or {}).get("member_stopped_by") or []
+            rows.append({"candidate": c.label, "kind": "model", "score": score, "selection_accuracy": mean,
+                         "fit_seconds": round(crossed.seconds, 4), "steps": crossed.steps,
+                         "scored_on": f"{fold_desc}; cross-fitted: each fold predicted by the member that did "
+                                      f"not train on it",
+                         **({"stopped_by": member_stops} if any(member_stops) else {})})
+            log(f"  {c.label:<40} {crit.name}={100 * score:.1f}%  acc={100 * mean:.1f}%  ({crossed.seconds:.1f}s, "
+                f"cross-fitted)")
+            beats_head = head_score is None or score >= head_score + need
+            if beats_head and (best is None or best[0] == "head" or (score, mean) > (best_score, best_mean)):
+                best_score, best_mean, best = score, mean, ("model", c)
+            continue
         for k, held in enumerate(parts):
             train = torch.ones(y.numel(), dtype=torch.bool)
             train[held] = False
@@ -389,11 +424,54 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
     if best[0] == "head":
         return Choice(head[0], head[1], rows, _describe(crit, fold_desc, len(y)), notes)
     c = best[1]
+    if id(c) in fitted:                     # the cross-fitted members' average is the model: no further training
+        final = fitted[id(c)]
+        log(f"  {c.label}: chosen; its cross-fitted members' average is the model")
+        rows.append({"candidate": c.label, "kind": "model", "role": "final fit",
+                     "final": "the cross-fitted members' average, settled (every fit-part row seen by a member; "
+                              "no further training)", "fit_seconds": 0.0, "steps": 0})
+        return Choice(c, final, rows, _describe(crit, fold_desc, len(y)), notes)
     log(f"  {c.label}: chosen; training on the whole fit part ({fit_idx.numel()} samples)")
     final = ctx.fit(c, fit_idx)
     rows.append({"candidate": c.label, "kind": "model", "role": "final fit", "fit_seconds": round(final.seconds, 4),
                  "steps": final.steps, **_stop_info(final)})
     return Choice(c, final, rows, _describe(crit, fold_desc, len(y)), notes)
+
+
+def _cross_fits(cand, parts) -> bool:
+    """Whether model repair ``cand`` cross-fits over as many folds as there are ``parts`` (mixft's
+    ``cross_fit: k`` with k the recipe's folds): then one cross-fitted run on those folds gives both its
+    out-of-fold predictions and its model (:func:`_cross_fitted`)."""
+    cfg = cand.config()
+    k = getattr(cfg, "cross_fit", 1)
+    return isinstance(k, int) and k > 1 and k == len(parts) and getattr(cfg, "settle", None) != "off"
+
+
+def _cross_fitted(cand, ctx, fit_idx, parts, y, log):
+    """One cross-fitted run of ``cand`` on the fit part with the recipe's folds ``parts`` as its
+    folds: member ``j`` trains on every fold but ``j``; each row is predicted by the member that did
+    not train on it, at the point its settling chose (``Fitted.oof_pred``), and the members' average is
+    the model. Returns the Fitted, a BadInput the fit raised (a fold too small for it), or None when
+    the run gave no out-of-fold predictions (settling off): the caller then trains fold by fold.
+
+    What the out-of-fold predictions have seen: member ``j`` keeps its best evaluation on fold ``j``
+    and settling chooses its point on the predictions of every fold (a few candidates), as each head
+    method's inner selection (a penalty, a threshold) is made on the whole fit part before its folds
+    are refitted; the model repair still needs the same edge over the head (:func:`required_gain`)."""
+    folds = []
+    for held in parts:
+        train = torch.ones(y.numel(), dtype=torch.bool)
+        train[held] = False
+        folds.append((train.nonzero().flatten(), held))
+    log(f"  {cand.label}: cross-fitted on the same {len(parts)} folds ({fit_idx.numel()} samples)")
+    try:
+        f = ctx.fit(cand, fit_idx, folds=folds)
+    except BadInput as e:
+        return e
+    if f.oof_pred is None or bool((f.oof_pred < 0).any()):
+        log(f"  {cand.label}: no out-of-fold predictions (settling off); trained fold by fold instead")
+        return None
+    return f
 
 
 def _describe(crit: Criterion, scheme: str, n: int) -> dict:

@@ -156,17 +156,22 @@ def test_replace_tasks_drops_the_old_build_before_merging():
 
 
 def test_the_auto_ft_row_of_the_benchmark_runs_what_the_recipe_runs():
-    # auto-ft's candidates (mixft at its defaults since the twentieth session) and the bench recipe of the
-    # row auto-ft-defaults (bench/recipes/auto-ft-mixft-defaults.yaml, which measured it first) must stay the
-    # same: when the recipe moves, this fails, and the row gets new figures on purpose; the rows that vary the
-    # former LP-FT setting (mixft-lpft-wig-last*) keep it whole
+    # auto-ft's mixft is the built-in recipe mixft-crossfit's (bench row mixft-cf2-p0) since the twenty-fourth
+    # session, with the same heads and scheme as the bench recipe of the row auto-ft-defaults
+    # (bench/recipes/auto-ft-mixft-defaults.yaml: auto-ft from the twentieth session to the twenty-fourth, mixft
+    # at its defaults): when the recipe moves, this fails, and the rows get new figures on purpose; the rows that
+    # vary the former LP-FT setting (mixft-lpft-wig-last*) keep it whole
     from bench.rows import _LPFT_WIG_LAST, MODEL_ROWS
     from repair.recipes import load_recipe
 
     ours = load_recipe("auto-ft")
     bench = load_recipe(str(ROOT / "bench" / "recipes" / "auto-ft-mixft-defaults.yaml"))
-    assert [(c.method, c.params) for c in ours.candidates] == [(c.method, c.params) for c in bench.candidates]
-    assert [c.params for c in ours.candidates if c.method == "mixft"] == [{}]
+    heads = [(c.method, c.params) for c in ours.candidates if c.method != "mixft"]
+    assert heads == [(c.method, c.params) for c in bench.candidates if c.method != "mixft"]
+    assert [c.params for c in bench.candidates if c.method == "mixft"] == [{}]
+    crossfit = dict(next(r for r in MODEL_ROWS if r.label == "mixft-cf2-p0").params)
+    assert [dict(c.params) for c in ours.candidates if c.method == "mixft"] == [crossfit]
+    assert crossfit["cross_fit"] == ours.folds                 # cross-fitted on auto-ft's own folds
     assert (ours.folds, ours.repeats, ours.ensemble) == (bench.folds, bench.repeats, bench.ensemble)
     rows = {r.label: r.params for r in MODEL_ROWS
             if r.label.startswith("mixft-lpft-wig-last") or r.label == "mixft-lpft-last"}

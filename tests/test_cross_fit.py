@@ -197,3 +197,128 @@ def test_the_built_in_cross_fitted_recipe_is_what_the_benchmark_measured():
     row = next(r for r in MODEL_ROWS if r.label == "mixft-cf2-p0")
     assert cand.method == row.method == "mixft"
     assert dict(cand.params) == dict(row.params) == {"cross_fit": 2, "patience": 0}
+
+
+class _CrossCtx:
+    """Just enough of :class:`repair.choosing.FitContext` for :func:`repair.choosing._escalate` with a
+    cross-fitting model repair: the head predicts ``head_pred`` (its embeddings are one-hot rows of it),
+    the model repair's one run returns ``model_pred`` as its out-of-fold predictions (each fit recorded
+    with the folds it was given); ``fail`` makes the model's fit a BadInput."""
+
+    def __init__(self, y, head_pred, model_pred, fail=None):
+        self.y, self.model_pred, self.fail = y, model_pred, fail
+        self.X = torch.nn.functional.one_hot(head_pred, 2).float()
+        self.model_fits = []
+
+    def fit(self, cand, idx, config=None, folds=None):
+        from repair.choosing import Fitted
+        from repair.errors import BadInput
+
+        if cand.info.kind == "head":
+            return Fitted("head", W=torch.eye(2), b=torch.zeros(2))
+        self.model_fits.append((idx, folds))
+        if self.fail:
+            raise BadInput(self.fail)
+        return Fitted("model", tensors={"w": torch.ones(1)}, steps=7, seconds=1.5,
+                      diagnostics={"loop": {"budget": {"member_stopped_by": ["epochs", "epochs"]}}},
+                      oof_pred=self.model_pred.clone())
+
+    def model_logits(self, fitted, idx):
+        raise AssertionError("a cross-fitted repair is scored on its own out-of-fold predictions")
+
+
+def test_auto_ft_cross_fits_its_model_repair_on_the_heads_folds_and_keeps_the_members_average():
+    """A model repair that cross-fits over as many folds as the recipe's (mixft ``cross_fit: 2`` in
+    auto-ft) is run once with the heads' folds as its folds; its out-of-fold predictions are scored by
+    the same criterion against the head, and when it wins that run is the model -- no third training.
+    When it does not win by the gain it needs, the head stays; a fold too small for it leaves the head."""
+    from types import SimpleNamespace
+
+    from repair.choosing import Chosen, Fitted, _escalate
+    from repair.selection import Criterion, KFold, required_gain, scores_from_preds
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    y = torch.arange(n) % 2
+    head_pred = y.clone()
+    head_pred[torch.randperm(n, generator=g)[:40]] ^= 1                  # the head: 80% right
+    head = Chosen("dfr", "dfr")
+    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"),
+                            config=lambda: SimpleNamespace(cross_fit=2, settle="refit"))
+    crit = Criterion("worst_class")
+
+    def run(model_pred, fail=None):
+        ctx = _CrossCtx(y, head_pred, model_pred, fail)
+        rows = []
+        choice = _escalate(None, ctx, torch.arange(n), y.clone(), crit, y, y, (head, Fitted("head"), None, [0]),
+                           [head], [model], rows, KFold(2), seed=0, log=lambda m: None)
+        return choice, rows, ctx
+
+    better = y.clone()
+    better[torch.randperm(n, generator=g)[:4]] ^= 1                      # 98% right
+    choice, rows, ctx = run(better)
+    assert choice.chosen is model and len(ctx.model_fits) == 1         # one run, no final fit
+    idx, folds = ctx.model_fits[0]
+    assert torch.equal(idx, torch.arange(n)) and len(folds) == 2
+    held = torch.cat([ho for _, ho in folds])
+    assert sorted(held.tolist()) == list(range(n))                       # every row held out once
+    for tr, ho in folds:
+        assert sorted(torch.cat([tr, ho]).tolist()) == list(range(n))
+    assert choice.final.oof_pred is not None and choice.final.tensors == {"w": torch.ones(1)}
+    scored = next(r for r in rows if r["kind"] == "model" and "score" in r)
+    assert scored["score"] == pytest.approx(float(scores_from_preds(better[None], y, y)[0][0]))
+    assert "cross-fitted" in scored["scored_on"] and scored["stopped_by"] == ["epochs", "epochs"]
+    final = next(r for r in rows if r.get("role") == "final fit")
+    assert final["steps"] == 0 and "no further training" in final["final"]
+    # the folds are the heads' own: the head to beat was scored on exactly these held-out parts
+    beat = next(r for r in rows if r.get("role") == "head to beat")
+    assert beat["score"] == pytest.approx(float(scores_from_preds(head_pred[None], y, y)[0][0]))
+    # a little better than the head, short of the gain it needs: the head stays, one run all the same
+    close = head_pred.clone()
+    close[(close != y).nonzero().flatten()[:3]] ^= 1
+    assert (float(scores_from_preds(close[None], y, y)[0][0]) <
+            float(scores_from_preds(head_pred[None], y, y)[0][0]) + required_gain(head_pred, y, y))
+    choice, rows, ctx = run(close)
+    assert choice.chosen is head and len(ctx.model_fits) == 1
+    # a fold too small for the model repair: skipped, saying why; the head stays
+    choice, rows, ctx = run(better, fail="the repair set is too small for 2-fold cross-fitting")
+    assert choice.chosen is head
+    assert "cannot be cross-fitted" in next(r for r in rows if r["kind"] == "model")["skipped"]
+
+
+def test_mixft_cross_fits_on_the_folds_it_is_given_and_returns_its_out_of_fold_predictions(session):  # noqa: F811
+    """``ModelRepairInputs.folds``: cross-fitting takes the caller's folds instead of drawing its own;
+    folds that do not hold out every row exactly once are refused; settling returns the chosen point's
+    out-of-fold prediction of every row."""
+    from repair.modelrepair.finetune import settle
+
+    sess, tm = session
+    n = sess.y.numel()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    given = [(perm[n // 2:], perm[:n // 2]), (perm[:n // 2], perm[n // 2:])]
+    sess.inputs.folds = given
+    try:
+        parts = sess.fold_parts(2)
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(parts, given))
+        with pytest.raises(ValueError, match="folds given"):
+            sess.fold_parts(3)
+        sess.inputs.folds = [(perm[n // 2:], perm[:n // 2]), (perm[:n // 2], perm[n // 2 + 1:])]
+        with pytest.raises(ValueError, match="exactly once"):
+            sess.fold_parts(2)
+    finally:
+        sess.inputs.folds = None
+    start = tm.state()
+    members = []
+    for j, (tr, ho) in enumerate(given):
+        tm.module.load_state_dict(start)
+        _perturb(tm, 0.3, seed=30 + j)
+        members.append((tm.state(), tr, ho))
+    diag = settle(sess, start, alphas=(0.5, 1.0), heads=("refit",), members=members)
+    oof = diag.pop("oof_pred")
+    assert oof.shape == (n,) and bool((oof >= 0).all())
+    chosen = next(c for c in diag["candidates"] if c["alpha"] == diag["alpha"] and c["head"] == diag["head"])
+    from repair.selection import SHRINK_SAMPLES, shrunk_scores
+
+    w, m = shrunk_scores(oof[None], sess.y, sess.score_strata, SHRINK_SAMPLES)
+    assert (float(w[0]), float(m[0])) == pytest.approx((chosen["heldout_score"], chosen["heldout_accuracy"]))
+    json.dumps(diag)                                                     # the rest is reportable

@@ -373,7 +373,7 @@ def test_escalation_is_skipped_only_when_no_model_repair_can_win():
     n = 200
     y = torch.arange(n) % 2
     head = Chosen("dfr", "dfr")
-    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"))
+    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"), config=lambda: None)
 
     def run(head_pred, model_pred):
         ctx = _FoldCtx(y, head_pred, model_pred)
@@ -592,7 +592,7 @@ def test_a_model_repair_stops_after_the_fold_that_shows_it_cannot_win():
     head_pred = y.clone()
     head_pred[torch.randperm(n, generator=g)[:30]] ^= 1                  # the head: 85% right
     head = Chosen("dfr", "dfr")
-    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"))
+    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"), config=lambda: None)
     crit = Criterion("worst_class")
     strata = y.clone()
 
@@ -665,7 +665,7 @@ def test_a_model_repair_that_cannot_train_on_a_fold_leaves_the_head(tmp_path, ti
             return super().fit(cand, idx, config)
 
     head = Chosen("dfr", "dfr")
-    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"))
+    model = SimpleNamespace(label="mixft", info=SimpleNamespace(kind="model"), config=lambda: None)
     rows = []
     choice = _escalate(None, TooSmall(y, head_pred, y.clone()), torch.arange(n), y.clone(), Criterion("worst_class"),
                        y, y, (head, Fitted("head"), None, [0]), [head], [model], rows, KFold(2), seed=0,

@@ -139,6 +139,9 @@ class ModelRepairInputs:
                                                 # held-out splits keep each id on one side
     workdir: Optional[Path] = None  # an empty folder for files the repair makes (kept beside the output
                                     # when the repair is chosen: return it as ``artifacts``)
+    folds: Optional[list] = None    # [(train_idx, held_idx), ...] over ``items``: the folds a caller scores the
+                                    # repair on (recipe auto-ft); a repair that cross-fits takes them as its folds
+                                    # (mixft's cross_fit, when their number matches) and returns ``oof_pred``
 
     @property
     def num_classes(self) -> int:
@@ -151,6 +154,9 @@ class ModelRepairOutput:
     diagnostics: dict[str, Any] = field(default_factory=dict)   # JSON-serialisable
     steps: int = 0                          # optimiser steps taken
     artifacts: Optional[Path] = None        # a folder of files to keep beside the output (inside ``workdir``)
+    # a cross-fitted repair: (N,) each row's out-of-fold class prediction (the member that did not train
+    # on the row, at the point settling chose), so a caller can score the repair as it scores heads
+    oof_pred: Optional[torch.Tensor] = None
 
 
 @dataclass

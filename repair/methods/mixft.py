@@ -358,18 +358,21 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
         with tm.training(names, freeze_bn=cfg.freeze_bn) as params:
             res = run(params)
     settled = settle_by(cfg, sess, before, groups, members=members)
+    oof = settled.pop("oof_pred", None) if settled else None
     changed = tm.changed(before)
-    counts = torch.bincount(groups[sess.train_idx] if members is None else groups).tolist()
+    counts = (torch.bincount(groups[sess.train_idx]).tolist() if members is None else
+              [torch.bincount(groups[tr]).tolist() for _, tr, _ in members])
     session = sess.describe()
     if members is not None:
         session = {**session, "n_train": None, "n_heldout": None, "cross_fit": cfg.cross_fit,
                    "fold_sizes": [int(ho.numel()) for _, _, ho in members]}
         refit = member_heads or None
-    return ModelRepairOutput(tensors=changed, steps=res.steps, diagnostics={
+    sizes = ([c for c in counts if c > 0] if members is None else [[c for c in m if c > 0] for m in counts])
+    return ModelRepairOutput(tensors=changed, steps=res.steps, oof_pred=oof, diagnostics={
         "scope": scope, "lora": lora_info, "head_refit": refit, "trainable_tensors": len(names), "groups": source,
         "mixing": {"partner": cfg.partner, "mix_weight": cfg.mix_weight, "mix_beta": cfg.mix_beta,
                    "mix_fraction": cfg.mix_fraction, "mix_point": point,
                    "space": "token embeddings" if point == 0 else (
                        f"output of layer {point}" if tm.modality == "text" else "preprocessed pixels"),
-                   "group_sizes_train": [c for c in counts if c > 0]},
+                   "group_sizes_train": sizes},
         "settle": settled, "session": session, "loop": res.describe()})

@@ -599,18 +599,28 @@ class Session:
         """``k`` folds of every repair row for cross-fitting, stratified by the session's groups (and
         keeping identical samples together) as the held-out split is: ``[(train_idx, held_idx), ...]``,
         fold ``j`` held out of member ``j``'s training. Seeded from the repair's seed (its own stream,
-        not the held-out split's). A BadInput naming the data when a fold would leave a group out of a
-        member's training part."""
+        not the held-out split's). When the caller gave its own ``k`` folds (``inputs.folds``: the folds
+        auto-ft scores every candidate on), those. A BadInput naming the data when a fold would leave a
+        group out of a member's training part."""
         from ..selection import stratified_split
 
-        gen = torch.Generator().manual_seed(int(self.inputs.seed) + 104729)
-        folds = stratified_split(self.groups, [1.0 / k] * (k - 1), gen, clusters=self.inputs.duplicates)
-        every = torch.arange(self.y.numel())
-        out = []
-        for held in folds:
-            keep = torch.ones(self.y.numel(), dtype=torch.bool)
-            keep[held] = False
-            out.append((every[keep], held))
+        given = getattr(self.inputs, "folds", None)
+        if given:
+            if len(given) != k:
+                raise ValueError(f"{len(given)} folds given for {k}-fold cross-fitting")
+            out = [(torch.as_tensor(tr).long(), torch.as_tensor(ho).long()) for tr, ho in given]
+            cover = torch.cat([ho for _, ho in out]).sort().values
+            if not torch.equal(cover, torch.arange(self.y.numel())):
+                raise ValueError("the given folds must hold out every repair row exactly once")
+        else:
+            gen = torch.Generator().manual_seed(int(self.inputs.seed) + 104729)
+            folds = stratified_split(self.groups, [1.0 / k] * (k - 1), gen, clusters=self.inputs.duplicates)
+            every = torch.arange(self.y.numel())
+            out = []
+            for held in folds:
+                keep = torch.ones(self.y.numel(), dtype=torch.bool)
+                keep[held] = False
+                out.append((every[keep], held))
         present = torch.unique(self.groups)
         for tr, ho in out:
             if ho.numel() == 0 or torch.unique(self.groups[tr]).numel() < present.numel():
@@ -830,7 +840,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     body interpolated at that alpha, its own head or a head refitted on its training rows, predicting
     the fold it did not train on, all folds scored together (a refitted head's strength chosen on
     those predictions too). The chosen point is applied to the averaged weights, its head refitted
-    on every repair row."""
+    on every repair row; the returned dict then holds ``"oof_pred"``, the (N,) out-of-fold predictions
+    of the chosen point by repair row (a tensor: a caller takes it out before reporting)."""
     from ..selection import head_predictions, pick_best
 
     heads = tuple(heads)
@@ -958,6 +969,9 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
            "candidates": [{k2: v for k2, v in c.items() if k2 != "pred"} for c in cands]}
     if members:
         out["scored_on"] = where
+        oof = torch.full((sess.y.numel(),), -1, dtype=torch.long)
+        oof[rows] = best["pred"].long()
+        out["oof_pred"] = oof
     return out
 
 
