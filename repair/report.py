@@ -216,7 +216,7 @@ def candidates_table(result: dict) -> str:
         mark = ' class="chosen"' if c.get("candidate") == chosen else ""
         body.append(f"<tr{mark}><td>{_e(c.get('candidate'))}{' ✓' if mark else ''}</td><td>{_e(c.get('kind'))}</td>"
                     f"<td class='num'>{_score(c)}</td><td class='num'>{_pct(c.get('selection_accuracy'))}</td>"
-                    f"<td>{_e(c.get('stopped') or c.get('scored_on') or c.get('skipped') or '')}</td>"
+                    f"<td>{_e(c.get('stopped') or c.get('scored_on') or c.get('skipped') or c.get('final') or '')}</td>"
                     f"<td class='num'>{_e(c.get('fit_seconds', ''))}</td></tr>")
     crit = result.get("selection_criterion")
     return ("<h4>candidates" + (f" <span class='note'>(selected by {_e(crit)})</span>" if crit else "") + "</h4>"

@@ -322,3 +322,25 @@ def test_mixft_cross_fits_on_the_folds_it_is_given_and_returns_its_out_of_fold_p
     w, m = shrunk_scores(oof[None], sess.y, sess.score_strata, SHRINK_SAMPLES)
     assert (float(w[0]), float(m[0])) == pytest.approx((chosen["heldout_score"], chosen["heldout_accuracy"]))
     json.dumps(diag)                                                     # the rest is reportable
+
+
+def test_a_fold_that_leaves_a_group_out_of_a_members_training_is_refused(session):  # noqa: F811
+    """Identical samples stay on one side of a fold; when all of a group's rows are one such cluster,
+    the member whose fold holds them would never train on the group: a BadInput naming the problem
+    (and the data file), not a member trained without it."""
+    from repair.errors import BadInput
+
+    sess, _ = session
+    present, counts = torch.unique(sess.groups, return_counts=True)
+    g = int(present[counts.argmin()])                                 # the smallest group
+    dup = torch.arange(sess.y.numel())
+    dup[sess.groups == g] = -1                                        # its rows: one cluster
+    sess.inputs.duplicates = dup
+    sess.inputs.resources = {"data_file": "val.csv"}
+    try:
+        with pytest.raises(BadInput, match="too small for 2-fold cross-fitting") as e:
+            sess.fold_parts(2)
+        assert e.value.path == "val.csv"
+    finally:
+        sess.inputs.duplicates, sess.inputs.resources = None, {}
+    assert len(sess.fold_parts(2)) == 2                               # without the cluster it folds

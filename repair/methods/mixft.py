@@ -113,7 +113,9 @@ seconds of the fit, wall clock was 4-8x more):
   87.2 +- 2.4 both (83.3 +- 3.9). With early stopping, member 1 of the capped skewed seed 2 collapsed
   to one class for two evaluations and stopped at the start (58.0; 72.0 with patience 0). Twice the
   training; skewed sst2_negation 56.2 +- 3.0 (default 60.3 +- 2.5) -> an option and a recipe, not the
-  default (auto-ft, which runs mixft at its defaults, not measured with it).
+  default. Since the twenty-fourth session recipe ``auto-ft`` runs it on its own two folds
+  (``ModelRepairInputs.folds``): the members' out-of-fold predictions are what auto-ft scores against the
+  head, and the members' average is the model it returns (bench row ``auto-ft``, bench/analysis.md).
 - SST-2 is where ``mixft`` does NOT yet reach the issue's target (label-free test WGA >=
   the best last-layer row + 5, about 75): ``head_init: refit`` + last 2 layers, lr 1e-4,
   8 epochs kept the refitted head (68.5 / 77.2, the last-layer level; fine-tuning first
