@@ -278,6 +278,33 @@ def test_recompose_refuses_text_models_and_bad_generators(scene, bert_folder, tm
         assert "diffusers" in err or "composite" in err or "--generator-model" in err
 
 
+def test_a_generator_folder_with_pickle_only_weights_is_refused_before_any_work(scene, tmp_path):
+    """--generator-model is loaded safetensors-only: a component whose weights are pickles only (which
+    would run code when loaded) is exit 2 naming that file when the command starts -- whether or not
+    diffusers is installed -- and a folder without model_index.json likewise."""
+    from repair.modelrepair.generation import check_generator_folder
+
+    pipe = tmp_path / "pipe"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "text_encoder").mkdir()
+    (pipe / "model_index.json").write_text('{"_class_name": "StableDiffusionInpaintPipeline"}')
+    (pipe / "text_encoder" / "model.safetensors").write_bytes(b"x")
+    (pipe / "text_encoder" / "pytorch_model.bin").write_bytes(b"x")        # beside safetensors: not loaded
+    bad = pipe / "unet" / "diffusion_pytorch_model.bin"
+    bad.write_bytes(b"not a pickle")
+    out = tmp_path / "out"
+    code, _, err = run_cli("fix", scene["model"], "--data", scene["data"], "--recipe", "recompose", "--group-by",
+                           "place", "--generator", "diffusers", "--generator-model", pipe, "--out", out, "-q")
+    errors = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert code == 2 and len(errors) == 1 and str(bad) in err and "pickles only" in err, err
+    assert not out.exists() and bad.read_bytes() == b"not a pickle"
+    (pipe / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    check_generator_folder(pipe)                                         # safetensors beside it: accepted
+    (pipe / "model_index.json").unlink()
+    with pytest.raises(BadInput, match="model_index.json"):
+        check_generator_folder(pipe)
+
+
 def test_without_diffusers_the_message_says_how_to_install(monkeypatch):
     from repair.modelrepair.generation import make_generator
 

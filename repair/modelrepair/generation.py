@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
+from ..io import PICKLE_SUFFIXES
 from ..registry import Resource
 from .pixels import _blur, _dilate, _erode
 
@@ -48,7 +49,36 @@ GENERATORS = ("composite", "diffusers")
 #: the user inputs of image generation, declared by the model repairs that generate
 GENERATOR = Resource("generator", kind="choice", choices=GENERATORS,
                      help="Image generation for recipes that generate (composite | diffusers).")
-GENERATOR_MODEL = Resource("generator_model", kind="folder",
+
+
+def check_generator_folder(folder: Path) -> None:
+    """A local diffusers pipeline folder that loads without running a pickle: ``model_index.json``
+    present, and no component folder whose weights are pickles only (``.bin``, ``.pt``, ...; a
+    pickle can run code when loaded, and the pipeline loads with ``use_safetensors=True``, so such a
+    component would fail mid-run), and no entry that leaves the folder (a model folder's rule,
+    :func:`repair.adapters.base.check_model_folder`). Checked when ``repair fix`` starts and again on
+    loading."""
+    from ..adapters.base import check_model_folder
+
+    folder = Path(folder)
+    if not folder.is_dir() or not (folder / "model_index.json").is_file():
+        raise BadInput("--generator-model must be a local diffusers pipeline folder (with model_index.json)",
+                       folder)
+    check_model_folder(folder)            # only the folder's own files: no symlink out of it, no FIFO
+    for comp in sorted(folder.iterdir()):
+        if not comp.is_dir():
+            continue
+        files = [f for f in comp.iterdir() if f.is_file()]
+        if any(f.suffix.lower() == ".safetensors" for f in files):
+            continue
+        pickles = sorted(f for f in files if f.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise BadInput("--generator-model: this component's weights are pickles only (a pickle can run "
+                           "code when loaded); save the pipeline with safetensors (save_pretrained's default)",
+                           pickles[0])
+
+
+GENERATOR_MODEL = Resource("generator_model", kind="folder", validate=check_generator_folder,
                            help="A local diffusers inpainting pipeline folder (--generator diffusers).")
 def check_prompts_file(path: Path) -> None:
     """The prompts file read as :func:`load_prompts` reads it, without the model's class names (those
@@ -252,9 +282,7 @@ class DiffusersGenerator(Generator):
             raise BadInput("--generator diffusers needs --generator-model PATH (a local inpainting pipeline folder; "
                            "nothing is downloaded)")
         folder = Path(folder)
-        if not folder.is_dir() or not (folder / "model_index.json").is_file():
-            raise BadInput("--generator-model must be a local diffusers pipeline folder (with model_index.json)",
-                           folder)
+        check_generator_folder(folder)
         import json
 
         self.device = torch.device(device)
@@ -273,7 +301,7 @@ class DiffusersGenerator(Generator):
             for b in bars:                                           # the loading bars: stderr stays quiet
                 b.disable_progress_bar()
             try:
-                pipe = Loader.from_pretrained(str(folder), local_files_only=True, **kw)
+                pipe = Loader.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, **kw)
             finally:
                 for b in bars:
                     b.enable_progress_bar()

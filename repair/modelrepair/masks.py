@@ -42,7 +42,25 @@ MASKS = Resource("masks", kind="folder",
                  help="Model repairs on images: a folder of foreground masks (white = object), one per image, at the "
                       "image's path under the data folder (or under the folder --data and --train share), or by "
                       "its file name; .png or the image's own extension.")
-SEGMENTER = Resource("segmenter", kind="folder",
+
+
+def check_segmenter_folder(folder: Path) -> None:
+    """A local CLIPSeg folder that loads without running a pickle: only the folder's own files (no
+    symlink out of it, no FIFO) and ``.safetensors`` weights. Checked when ``repair fix`` starts and
+    again on loading (:func:`clipseg_masks`)."""
+    from ..adapters.base import check_model_folder
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInput("--segmenter must be a local CLIPSeg folder (nothing is downloaded)", folder)
+    check_model_folder(folder)
+    if not any(p.suffix == ".safetensors" for p in folder.iterdir()):
+        # a pickle (pytorch_model.bin) runs code when loaded: never unless the user asked
+        raise BadInput("--segmenter: the folder has no .safetensors weights (pickle weights such as "
+                       "pytorch_model.bin are not loaded: save the model with safe_serialization)", folder)
+
+
+SEGMENTER = Resource("segmenter", kind="folder", validate=check_segmenter_folder,
                      help="Model repairs on images: a local transformers CLIPSeg folder for language-guided masks.")
 
 
@@ -170,16 +188,8 @@ def clipseg_masks(folder: Path, pix: torch.Tensor, phrases: Sequence[str], devic
                   batch: int = 16) -> torch.Tensor:
     """Language-guided masks from a local CLIPSeg folder: sigmoid(logits) >= ``threshold`` (the
     top 30% of an image's pixels when nothing passes), resized to the images' size."""
-    from ..adapters.base import check_model_folder
-
     folder = Path(folder)
-    if not folder.is_dir():
-        raise BadInput("--segmenter must be a local CLIPSeg folder (nothing is downloaded)", folder)
-    check_model_folder(folder)            # only the folder's own files: no symlink out of it, no FIFO
-    if not any(p.suffix == ".safetensors" for p in folder.iterdir()):
-        # a pickle (pytorch_model.bin) runs code when loaded: never unless the user asked
-        raise BadInput("--segmenter: the folder has no .safetensors weights (pickle weights such as "
-                       "pytorch_model.bin are not loaded: save the model with safe_serialization)", folder)
+    check_segmenter_folder(folder)
     try:
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
