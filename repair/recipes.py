@@ -405,7 +405,7 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
     if len(raw) > MAX_CANDIDATES:
         raise BadInput(f"candidates: {len(raw)} candidates; a recipe has at most {MAX_CANDIDATES}", path)
     out: list[Candidate] = []
-    seen: dict[tuple, int] = {}
+    seen: list[tuple] = []                   # (method, its settings, candidate number), compared by value
     for n, c in enumerate(raw, 1):
         if not isinstance(c, dict) or "method" not in c:
             raise BadInput(f"candidate {n} needs a 'method'", path)
@@ -452,12 +452,17 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
                     config = info.make_config(merged)
                 except ConfigError as e:
                     raise BadInput(f"candidate {n} ({name}): {e}", path) from None
-            # the same method with the same settings twice: an ensemble would average a head with itself
-            key = (name, repr(config) if config is not None else json.dumps(merged, sort_keys=True, default=str))
-            if key in seen:
+            # the same method with the same settings twice: an ensemble would average a head with itself.
+            # Settings compare by value (c_grid [1] and [1.0] are one grid), not by how they are written.
+            ident = config if config is not None else json.dumps(merged, sort_keys=True, default=str)
+            twin = next((m for nm, other, m in seen if nm == name and other == ident), None)
+            if twin == n:
+                raise BadInput(f"candidate {n} ({name}): its grid gives the same settings twice ({combo}); give "
+                               "each value once", path)
+            if twin is not None:
                 raise BadInput(f"candidate {n} ({name}): the same method with the same settings as candidate "
-                               f"{seen[key]}; give each candidate once", path)
-            seen[key] = n
+                               f"{twin}; give each candidate once", path)
+            seen.append((name, ident, n))
             out.append(Candidate(name, merged))
     return out
 

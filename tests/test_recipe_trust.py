@@ -187,6 +187,9 @@ def test_a_repeated_candidate_is_refused_and_group_source_given_needs_labels_bef
     path = _write(tmp_path, "r.yaml", "ensemble: 2\ncandidates:\n  - method: dfr\n  - method: dfr\n"
                                       "    params: {n_refits: 20}\n  - method: afr\n")
     _refused(path, "r.yaml", "candidate 2 (dfr)", "same settings as candidate 1")
+    # the same grid written with a whole number and a decimal is the same candidate
+    grid = _write(tmp_path, "grid.yaml", "candidates:\n  - method: dfr\n    grid: {c_grid: [[1.0], [1]]}\n")
+    _refused(grid, "grid.yaml", "candidate 1 (dfr)", "grid gives the same settings twice")
     given = _write(tmp_path, "g.yaml", "candidates:\n  - method: dfr\n    params: {group_source: given}\n"
                                        "  - method: afr\n")
     code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", given, "--out", tmp_path / "o", "-q")
