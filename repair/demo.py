@@ -8,7 +8,8 @@ model on it with plain ERM on the CPU and writes
         landbird/00000.png ...  class-per-subfolder tree
         waterbird/00001.png ...
         metadata.csv            img_filename,y,place   (Waterbirds columns)
-    out_dir/repair-demo.json    the marker that says the folder is a demo (what ``--force`` may replace)
+    out_dir/repair-demo.json    the marker that says the folder is a demo and lists the files it wrote
+                                (what ``--force`` may replace)
 
 The task: a "bird" (the core feature, which decides the class) drawn over a
 background "place" (the spurious attribute). Landbirds are solid blobs
@@ -32,8 +33,8 @@ and thinner rings so the shape is learnt at all from so little data).
 Nothing half-built: the images are drawn and the model trained in memory, then the folder is
 written under a temporary name beside ``out_dir`` and renamed into place (:func:`repair.io.atomic_output`);
 a failure or an interrupt leaves no folder behind. ``out_dir`` may exist only as an empty folder,
-or, with ``force``, as a previous demo: a folder holding the demo's marker and only a demo's entries
-(:func:`check_out`).
+or, with ``force``, as a previous demo: a folder holding the demo's marker and nothing but the files
+the marker lists, at their sizes (:func:`check_out`).
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ DEMO_MARKER = "repair-demo.json"
 DEMO_KIND = "repair demo folder"
 #: what a demo folder holds: the demo's own entries (``repair demo`` adds ``model-repaired``)
 DEMO_ENTRIES = ("model", "data", "model-repaired", DEMO_MARKER)
+#: the largest marker read (it lists every file of the demo: ~0.3 MB for the default size)
+MARKER_MAX_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -313,24 +316,55 @@ def save_model(model, model_dir: Path, model_args: Optional[dict] = None) -> Non
 def _is_marker(path: Path) -> bool:
     """Whether ``path`` is a demo's marker file (:data:`DEMO_MARKER`) as :func:`build_demo` writes it:
     a regular file (not a link) holding a JSON object of kind :data:`DEMO_KIND`."""
+    return _marker_doc(path) is not None
+
+
+def _marker_doc(path: Path) -> Optional[dict]:
+    """The marker's JSON object when ``path`` is a demo's marker (:func:`_is_marker`), else None."""
     if path.is_symlink() or not path.is_file():
-        return False
+        return None
     try:
-        if path.stat().st_size > 64 * 1024:
-            return False
+        if path.stat().st_size > MARKER_MAX_BYTES:
+            return None
         from .io import parse_json
 
         doc = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get("kind") == DEMO_KIND
+        return None
+    return doc if isinstance(doc, dict) and doc.get("kind") == DEMO_KIND else None
+
+
+def demo_files(folder: Path) -> dict:
+    """What the marker lists (:func:`write_marker`) and ``--force`` compares with: every entry under
+    ``folder`` but the marker and folders, as its path relative to ``folder`` (``/``-separated) ->
+    its size in bytes, or -1 for a symbolic link or special file (never one the demo writes).
+    Folders are not descended into through links."""
+    import os
+
+    root = Path(folder)
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        for name in dirnames:
+            p = here / name
+            if p.is_symlink():
+                out[p.relative_to(root).as_posix()] = -1
+        for name in filenames:
+            p = here / name
+            rel = p.relative_to(root).as_posix()
+            if rel == DEMO_MARKER:
+                continue
+            out[rel] = p.stat().st_size if (p.is_file() and not p.is_symlink()) else -1
+    return out
 
 
 def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:
     """Check, before any work, that the demo can be written to ``out_dir``: it does not exist, or
     is an empty folder, or (``force``) a previous demo folder: one that holds the demo's marker
     (:data:`DEMO_MARKER`, written with every demo) and nothing but a demo's entries
-    (:data:`DEMO_ENTRIES`, and temporary folders of ours); its parent is a folder a file can be
+    (:data:`DEMO_ENTRIES`, and temporary folders of ours), every file in them one the marker lists at
+    its size (:func:`demo_files`: a user's file put inside the demo's data folder is never deleted;
+    a demo file removed is fine); its parent is a folder a file can be
     created in (:func:`repair.rules.check_writable`). Any other folder is never replaced, whatever
     ``force`` says: names that merely look like a demo's prove nothing (fail closed; a demo folder
     written before the marker existed is refused too). :class:`BadInput` naming ``flag`` and the path."""
@@ -355,10 +389,26 @@ def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             raise BadInput(f"{flag}: the folder holds more than a demo ({shown}); --force rebuilds only a "
                            f"demo folder (it holds {', '.join(DEMO_ENTRIES)}); choose another folder", out)
-        if entries and not _is_marker(out / DEMO_MARKER):
-            raise BadInput(f"{flag}: the folder is not one repair demo wrote (it has no {DEMO_MARKER}, which "
-                           "every demo folder holds), so --force does not replace it; if it is an older demo, "
-                           "delete it yourself, or choose another folder", out)
+        if entries:
+            doc = _marker_doc(out / DEMO_MARKER)
+            if doc is None:
+                raise BadInput(f"{flag}: the folder is not one repair demo wrote (it has no {DEMO_MARKER}, which "
+                               "every demo folder holds), so --force does not replace it; if it is an older demo, "
+                               "delete it yourself, or choose another folder", out)
+            listed = doc.get("files")
+            if not isinstance(listed, dict):
+                raise BadInput(f"{flag}: the folder's {DEMO_MARKER} does not list the demo's files (an older "
+                               "repair demo wrote it), so --force does not replace it; delete it yourself, or "
+                               "choose another folder", out)
+            temps = {n for n in entries if any(r.fullmatch(n) for r in ours) and n not in DEMO_ENTRIES}
+            for rel, size in sorted(demo_files(out).items()):
+                if rel.split("/", 1)[0] in temps:
+                    continue
+                if size < 0 or listed.get(rel) != size:
+                    why = "is a link or special file" if size < 0 else (
+                        "is not a file the demo wrote" if rel not in listed else "changed since the demo wrote it")
+                    raise BadInput(f"{flag}: {rel} {why}; --force replaces a demo folder only while it holds "
+                                   "nothing but what the demo wrote; move it out, or choose another folder", out)
     return check_writable(out, force=True, flag=flag)
 
 
@@ -368,9 +418,20 @@ def write_marker(folder: Path, *, seed: int, size: str, model_args: dict) -> Non
     from . import __version__
 
     doc = {"kind": DEMO_KIND, "note": "written by repair demo; repair demo --force replaces this folder "
-                                      "only while it holds this file and nothing but the demo's entries",
-           "version": __version__, "seed": seed, "size": size, "model_args": model_args}
-    (Path(folder) / DEMO_MARKER).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+                                      "only while it holds this file and nothing but the files listed here, "
+                                      "at these sizes",
+           "version": __version__, "seed": seed, "size": size, "model_args": model_args,
+           "files": demo_files(folder)}
+    (Path(folder) / DEMO_MARKER).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+
+
+def relist_marker(folder: Path) -> None:
+    """The marker of the demo in ``folder`` rewritten to list every file there now (``repair demo``
+    calls it once the repaired model is written beside the demo's)."""
+    doc = _marker_doc(Path(folder) / DEMO_MARKER)
+    if doc is None:
+        raise ValueError(f"{folder} holds no demo marker")
+    write_marker(folder, seed=doc["seed"], size=doc["size"], model_args=doc["model_args"])
 
 
 def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
@@ -460,6 +521,7 @@ def run_demo(out_dir, *, seed: int = 0, size: str = "default", recipe: str = "au
         fixed = fix_model(art.model_dir, art.val_dir, Path(art.model_dir).with_name("model-repaired"), runtime=rt,
                           options=dataclasses.replace(fix_opts, eval_data=str(art.test_dir), eval_group_by="place"),
                           log=staged_say)
+        relist_marker(staged)                  # the repaired model is the demo's too
         doc = {"model": str(art.model_dir), "repaired_model": fixed["output"], "train": str(art.train_dir),
                "val": str(art.val_dir), "test": str(art.test_dir), "erm_train_seconds": art.erm_train_seconds,
                "erm_test": test, "fix": fixed.report}

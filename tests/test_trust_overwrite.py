@@ -70,12 +70,15 @@ def test_demo_force_refuses_a_marker_that_is_not_the_demos_or_a_folder_with_more
     with pytest.raises(BadInput) as e:
         check_out(proj, force=True)
     assert e.value.path == str(proj)
-    (proj / DEMO_MARKER).write_text(json.dumps({"kind": "repair demo folder"}))  # a marker ...
+    (proj / DEMO_MARKER).write_text(json.dumps({"kind": "repair demo folder", "files": {}}))  # a marker ...
     (proj / "thesis.txt").write_text("mine")                                      # ... and more than a demo
     with pytest.raises(BadInput):
         check_out(proj, force=True)
     (proj / "thesis.txt").unlink()
     assert check_out(proj, force=True) == proj                                    # a demo folder: replaced
+    (proj / DEMO_MARKER).write_text(json.dumps({"kind": "repair demo folder"}))  # an older marker: no list
+    with pytest.raises(BadInput, match="does not list"):
+        check_out(proj, force=True)
 
 
 def test_demo_writes_its_marker_and_force_rebuilds_its_own_folder(tmp_path, monkeypatch):
@@ -91,6 +94,21 @@ def test_demo_writes_its_marker_and_force_rebuilds_its_own_folder(tmp_path, monk
     assert json.loads((proj / demo.DEMO_MARKER).read_text())["kind"] == demo.DEMO_KIND
     code, _, err = run_cli("demo", "--out", proj, "--size", "tiny", "--recipe", "dfr")
     _one_line_naming(code, err, proj, "--force")                                  # not without --force
+    listed = json.loads((proj / demo.DEMO_MARKER).read_text())["files"]
+    assert listed == demo.demo_files(proj) and any(k.startswith("model-repaired/") for k in listed)
+    # a file of the user's inside a demo's folder, or a demo file changed, is not replaced (it was: only
+    # the top-level names were checked)
+    mine = proj / "data" / "val" / "my-notes.txt"
+    mine.write_text("mine\n")
+    code, _, err = run_cli("demo", "--out", proj, "--size", "tiny", "--recipe", "dfr", "--force")
+    _one_line_naming(code, err, proj, "data/val/my-notes.txt", "not a file the demo wrote")
+    mine.unlink()
+    cfg = proj / "model" / "config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    code, _, err = run_cli("demo", "--out", proj, "--size", "tiny", "--recipe", "dfr", "--force")
+    _one_line_naming(code, err, proj, "model/config.json", "changed since")
+    cfg.write_text(cfg.read_text()[:-1])
+    shutil.rmtree(proj / "model-repaired")                  # removing what the demo wrote is fine
     code, _, err = run_cli("demo", "--out", proj, "--size", "tiny", "--recipe", "dfr", "--force")
     assert code == 0, err
     assert (proj / demo.DEMO_MARKER).is_file() and (proj / "model-repaired").is_dir()
