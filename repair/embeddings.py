@@ -74,15 +74,20 @@ class Embeddings:
     device: str
 
 
-def cache_key(adapter: Adapter, data: RepairData) -> str:
+def cache_key(adapter: Adapter, data: RepairData, device: Optional[torch.device] = None) -> str:
     """The cache entry of ``adapter``'s embeddings of ``data``. An image set read under another pixel
     limit than the default (``--max-pixels``) has its own entries: a hit decodes no image, so an entry
-    made under one limit must not serve a run whose limit would refuse one of its images."""
+    made under one limit must not serve a run whose limit would refuse one of its images. Embeddings
+    computed on another kind of device than the CPU (``device``: CUDA's kernels round differently) have
+    their own entries too, so a ``--device cpu`` run reproduces a CPU run's figures (the CPU's keys are
+    the same as before devices were in the key)."""
     desc = {"format": CACHE_FORMAT, "body": adapter.body_hash(), "data": data.fingerprint(),
             "preprocess": adapter.preprocess_id(), "family": adapter.family,
             "network": adapter.network_id()}
     if data.modality == "image" and int(data.max_pixels) != DEFAULT_MAX_PIXELS:
         desc["max_pixels"] = int(data.max_pixels)
+    if device is not None and torch.device(device).type != "cpu":
+        desc["device"] = torch.device(device).type
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
@@ -97,7 +102,8 @@ def _progress(total: int, enabled: bool, desc: str):
 def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device: str = "auto",
             cache_dir: Optional[Path] = None, use_cache: bool = True, progress: bool = True) -> Embeddings:
     t0 = time.perf_counter()
-    key = cache_key(adapter, data)
+    dev = resolve_device(device)
+    key = cache_key(adapter, data, dev)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_file = cache_dir / f"{key}.safetensors"
     if data.modality == "image":     # the pixel limit the data was read with (a model repair's own reads too)
@@ -108,7 +114,6 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
             return Embeddings(X, key, True, time.perf_counter() - t0, "cache")
         # always shown (also with -q): a damaged cache is worth knowing about
         print(f"notice: embedding cache entry {cache_file} was corrupt ({why}); recomputed", file=sys.stderr)
-    dev = resolve_device(device)
     adapter.to(dev)
     n = len(data)
     order = list(range(n))

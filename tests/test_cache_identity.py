@@ -188,3 +188,15 @@ def test_preprocessing_options_for_a_checkpoint_that_carries_its_own_are_refused
     b = make_bert_folder(tmp_path / "b")
     code, _, err = run_cli("eval", b, "--data", make_texts(tmp_path / "t.csv", n=8), "--mean", "0.5", "-q")
     assert code == 2 and "text model" in err, err
+
+
+def test_embeddings_of_another_device_kind_have_their_own_entry(tmp_path):
+    """An entry made on CUDA never serves a CPU run (the kernels round differently: a --device cpu run
+    must reproduce a CPU run's figures); the CPU's key is the one without a device."""
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=3)
+    adapter, d = load_model(m), load_data(data)
+    cpu = cache_key(adapter, d)
+    assert cache_key(adapter, d, torch.device("cpu")) == cpu
+    assert cache_key(adapter, d, torch.device("cuda")) != cpu
+    assert cache_key(adapter, d, torch.device("cuda", 0)) == cache_key(adapter, d, torch.device("cuda"))
