@@ -970,7 +970,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     if members:
         out["scored_on"] = where
         oof = torch.full((sess.y.numel(),), -1, dtype=torch.long)
-        oof[rows] = best["pred"].long()
+        oof[rows.cpu()] = best["pred"].long().cpu()      # on the CPU whatever device the members ran on
         out["oof_pred"] = oof
     return out
 
