@@ -72,6 +72,8 @@ def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, ev
             inp.protected.add_data(v, f"{flag} data")
         elif res.kind in ("file", "folder"):
             inp.protected.add(value, f"{flag} input")
+            if res.validate_data is not None:
+                res.validate_data(v, d)
         inp.resources[name] = v
     return inp
 

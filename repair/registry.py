@@ -153,12 +153,15 @@ class Resource:
     ``choice`` (one of ``choices``), ``data`` (labelled data in the ``--data`` formats, read with
     the same data options; the method receives a :class:`repair.methods.TrainSet`). ``validate``
     (optional, a file or folder): ``validate(path)`` checks its contents when the command starts,
-    before any work (BadInput naming the path), rather than when the method first reads it."""
+    before any work (BadInput naming the path), rather than when the method first reads it;
+    ``validate_data(path, data)`` (optional) checks it against the repair set once that is read (a
+    mask for every image), still before any work."""
     name: str
     kind: str
     help: str = ""
     choices: tuple = ()
     validate: Optional[Callable[[Path], None]] = field(default=None, compare=False)
+    validate_data: Optional[Callable[[Path, Any], None]] = field(default=None, compare=False)
 
     def __post_init__(self):
         if not self.name.isidentifier() or self.name != self.name.lower():

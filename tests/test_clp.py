@@ -262,24 +262,29 @@ def _fix(task, masks, out, *extra):
     return res.exit_code, res.stderr
 
 
-def test_bad_masks_are_exit_2_naming_the_file(task, tmp_path):
+def test_bad_masks_are_exit_2_naming_the_file_before_any_work(task, tmp_path):
+    """A mask of the wrong size or a missing one: exit 2 naming it when the command starts (checked
+    against the repair set as it is read), not once the embeddings are computed and clp reads them."""
     import shutil
 
     from PIL import Image
 
+    cache = tmp_path / "cache"
     wrong = tmp_path / "wrong"
     shutil.copytree(task["masks"], wrong)
     victim = sorted((wrong / "vertical").glob("*.png"))[3]
     Image.new("L", (SIZE + 4, SIZE)).save(victim)
-    code, err = _fix(task, wrong, tmp_path / "o1")
+    code, err = _fix(task, wrong, tmp_path / "o1", "--cache-dir", cache)
     assert code == 2 and victim.name in err and "20x16" in err and err.count("\n") == 1, err
 
     missing = tmp_path / "missing"
     shutil.copytree(task["masks"], missing)
     gone = sorted((missing / "horizontal").glob("*.png"))[5]
     gone.unlink()
-    code, err = _fix(task, missing, tmp_path / "o2")
+    code, err = _fix(task, missing, tmp_path / "o2", "--cache-dir", cache)
     assert code == 2 and "no mask" in err and gone.name in err and err.count("\n") == 1, err
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))          # no embeddings computed
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
 def test_text_models_are_refused(bert_folder, text_data, tmp_path):

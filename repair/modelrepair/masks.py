@@ -38,7 +38,7 @@ from .pixels import _blur, _dilate, _erode, to_pixels
 MASK_SOURCES = ("auto", "given", "segmenter", "attribution", "contrast")
 
 #: the user inputs of the mask sources, declared by the model repairs that use them
-MASKS = Resource("masks", kind="folder",
+MASKS = Resource("masks", kind="folder", validate_data=lambda path, data: check_masks_for_data(path, data),
                  help="Model repairs on images: a folder of foreground masks (white = object), one per image, at the "
                       "image's path under the data folder (or under the folder --data and --train share), or by "
                       "its file name; .png or the image's own extension.")
@@ -132,15 +132,37 @@ def load_masks(mask_dir, items: Sequence, data_root, data_config: dict,
     masks over the limit and size mismatches are :class:`BadInput` naming the file."""
     import numpy as np
 
+    geom = _geometry(data_config)
+    out = []
+    for grey in _read_masks(mask_dir, items, data_root, max_pixels, convert=True):
+        arr = np.asarray(geom(grey), dtype=np.float32) / 255.0
+        out.append(torch.from_numpy(arr.copy()).unsqueeze(0))
+    return torch.stack(out) if out else torch.zeros(0, 1, 1, 1)
+
+
+def check_masks_for_data(mask_dir: Path, data) -> None:
+    """``--masks`` against the repair set ``data`` when the command starts (the resource's
+    ``validate_data``): every image has its mask, inside the folder, a regular file of the image's
+    size (headers only: nothing is decoded) -- what :func:`load_masks` refuses, before the embeddings
+    and the training rather than when the masks are first used. Text data: nothing to check (the
+    model repairs that read masks refuse text models themselves)."""
+    if getattr(data, "modality", None) != "image":
+        return
+    for _ in _read_masks(mask_dir, data.items, Path(data.source), getattr(data, "max_pixels", None),
+                         convert=False):
+        pass
+
+
+def _read_masks(mask_dir, items: Sequence, data_root, max_pixels: Optional[int], convert: bool):
+    """The one home of the mask checks (see :func:`load_masks`): yields each image's mask as a
+    greyscale PIL image (``convert``) or None once its file and size are checked."""
     from ..data import DEFAULT_MAX_PIXELS, _inside, _open_pil, _real, open_regular
 
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise BadInput("--masks must be a folder of mask images", mask_dir)
-
-    geom = _geometry(data_config)
-    root_real, out = _real(mask_dir), []
+    root_real = _real(mask_dir)
     for item, mf in zip(items, mask_files(mask_dir, [(items, data_root)])[0]):
         if not mf.is_file():
             raise BadInput(f"no mask for image {Path(item).name} (expected {mf})", mask_dir)
@@ -155,16 +177,17 @@ def load_masks(mask_dir, items: Sequence, data_root, data_config: dict,
                 if m.size != size:
                     raise BadInput(f"mask is {m.size[0]}x{m.size[1]} but its image {Path(item).name} is "
                                    f"{size[0]}x{size[1]}", mf)
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        grey = m.convert("L")
-                except Exception as e:   # a truncated or corrupt body (PIL raises many types), as read_image
-                    raise BadInput(f"unreadable mask ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''})", mf) from None
-        arr = np.asarray(geom(grey), dtype=np.float32) / 255.0
-        out.append(torch.from_numpy(arr.copy()).unsqueeze(0))
-    return torch.stack(out) if out else torch.zeros(0, 1, 1, 1)
+                if not convert:
+                    grey = None
+                else:
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            grey = m.convert("L")
+                    except Exception as e:   # a truncated or corrupt body (PIL raises many types), as read_image
+                        raise BadInput(f"unreadable mask ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''})", mf) from None
+        yield grey
 
 
 def contrast_masks(pix: torch.Tensor, border: int = 2, margin: float = 1.5, smooth: int = 3) -> torch.Tensor:
