@@ -48,7 +48,7 @@ def test_loop_stops_early_and_restores_the_best_state():
     cfg = LoopConfig(lr=0.5, eval_every=1, patience=3, warmup_fraction=0.0, schedule="constant", clip_norm=0)
     res = train([p], step, evaluate, cfg, steps_per_epoch=1, budget=Budget(steps=10), progress=False)
     assert res.stopped_by == "early stopping" and res.steps == 5 and res.best_step == 2
-    assert res.best_score == 0.9 and float(p) == values[2] != values[-1]
+    assert res.best_score == 0.9 and float(p.detach()) == values[2] != values[-1]
     assert [h["step"] for h in res.history] == [0, 1, 2, 3, 4, 5]
 
 
