@@ -39,15 +39,14 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
 
     rep = evaluate_model(model, inputs.data, load, columns, runtime)
     names = None if expected is None else expected_group_names(rep, columns.group_by, expected, "--expect-groups")
-    gates = [g for g in (judge(rep, thr, metric, names if metric == "worst_group" else None)
-                         for metric, thr in thresholds.items()) if g is not None]
+    gates = [g for g in (judge(rep, thr, metric, names) for metric, thr in thresholds.items()) if g is not None]
     for g in gates:
         if g["unmeasured"] and g["metric"] == "worst_group" and expected is None:
             g["message"] += " (name the groups to expect with --expect-groups)"
     problems = [g["message"] for g in gates if not g["passed"]]
     if rep.get("absent_groups") is not None:
         rep["missing_groups"] = missing = unmeasured(rep, "worst_group", names)
-        if missing and expected is not None and thresholds["worst_group"] is None:
+        if missing and expected is not None and not gates:      # --expect-groups alone: its own check
             problems.append(f"group(s) {', '.join(missing)} have no samples in {data}")
     rep["gates"] = gates
     rep["passed"] = not problems                      # every gate and --expect-groups

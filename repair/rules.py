@@ -18,6 +18,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -370,6 +371,10 @@ def parse_threshold(value: Any) -> Threshold:
     try:
         if "_" in body:                    # Python's numbers take 1_0 as 10: a typo, not a threshold
             raise ValueError
+        exp = re.search(r"[eE]([+-]?\d+)$", body)
+        if len(body) > 64 or (exp and abs(int(exp.group(1))) > 64):
+            # Fraction("1e-100000000") builds a 100-million-digit integer: refused, not computed
+            raise ValueError
         x = Fraction(repr(float(body)) if isinstance(value, float) else body)
         if not math.isfinite(float(body)):
             raise ValueError
@@ -486,7 +491,8 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
     """The one gate comparison: ``metric`` of ``figures`` (an evaluation) against ``threshold``,
     as exact counts. None when no threshold is set. A model whose figures cannot be computed
     (no samples, non-finite) fails, and so does a worst-group / worst-class gate when a group or
-    class has no samples (:func:`unmeasured`; ``expected`` names the groups that must have some)."""
+    class has no samples (:func:`unmeasured`), and any gate when one of the ``expected`` groups (the
+    groups that must have samples) has none."""
     if threshold is None:
         return None
     thr = parse_threshold(threshold)
@@ -495,13 +501,19 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
     counts, where = metric_counts(figures, name)
     label = METRIC_NAMES[name] + (f" ({where})" if where else "")
     missing = unmeasured(figures, name, expected if name == "worst_group" else None)
+    # the groups the user requires (--expect-groups, a zoo row's expect_groups) hold whatever the
+    # metric: an accuracy or worst-class gate does not vouch for a group the data lacks either
+    required = [] if expected is None or name == "worst_group" else [
+        g for g in unmeasured(figures, "worst_group", expected) if g not in missing]
+    what = "group(s)" if name == "worst_group" or not missing else (
+        "class(es)" if not required else "class(es) / expected group(s)")
+    missing = missing + required
     if counts is None:
         passed, value = False, None
         message = f"{label} cannot be measured (no samples or non-finite outputs); the gate fails closed"
     elif missing:
         k, n = counts
         passed, value = False, k / n
-        what = "group(s)" if name == "worst_group" else "class(es)"
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         message = (f"{label} {k}/{n} = {_show_pct(Fraction(k, n))}, but {what} {shown} "
                    f"{'has' if len(missing) == 1 else 'have'} no samples, so it cannot speak for "

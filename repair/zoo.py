@@ -391,6 +391,9 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 problems.add(where, "expect_groups", e.problem.removeprefix("expect_groups: "))
             if not (f.get("group_by") or (f.get("eval_group_by") and "eval" in f)):
                 problems.add(where, "expect_groups", "needs a group column (group_by or eval_group_by)")
+            elif f.get("gate") is None:
+                problems.add(where, "expect_groups", "needs a gate: the groups a gate requires (gate: 0% checks "
+                                                     "only that they have samples)")
         if "seed" in r:
             from .config import check_seed
 

@@ -110,10 +110,30 @@ def test_zoo_and_fix_gates_fail_closed_on_a_group_the_evaluation_lacks(tmp_path,
         gate = json.loads(out)["models"][0]["gate"]
         assert code == (0 if ok else 1) and gate["passed"] is ok, (expect, err, gate)
         assert gate["unmeasured"] == ([] if ok else ["cat|place=water"])
+    # ... whatever the gate's metric (accuracy and worst class ignored expect_groups: exit 0 on a set
+    # without a group the row requires, where repair eval --expect-groups exits 1)
+    for metric in ("accuracy", "worst_class"):
+        manifest.write_text(yaml.safe_dump({
+            "defaults": {"group_by": "place", "gate": "0%", "gate_metric": metric, "expect_groups": ["cat|water"]},
+            "models": [{"name": "m", "checkpoint": str(timm_folder), "data": str(image_data), "eval": str(test)}]}))
+        code, out, err = run_cli("zoo", manifest, "--mode", "eval", "--out-dir", tmp_path / f"rep-{metric}",
+                                 "--json", "-q")
+        gate = json.loads(out)["models"][0]["gate"]
+        assert code == 1 and not gate["passed"] and gate["unmeasured"] == ["cat|place=water"], (metric, err, gate)
+    code, out, err = run_cli("eval", timm_folder, "--data", test, "--group-by", "place", "--fail-under-acc", "0%",
+                             "--expect-groups", "cat|water", "--json", "-q")
+    failed = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert code == 1 and json.loads(out)["passed"] is False, err
+    assert len(failed) == 1 and failed[0].count("cat|place=water") == 1, err           # one problem, once
     manifest.write_text(yaml.safe_dump({"models": [{"name": "m", "checkpoint": str(timm_folder),
                                                     "data": str(image_data), "expect_groups": "cat"}]}))
     code, _, err = run_cli("zoo", manifest, "--mode", "eval", "-q")
     assert code == 2 and "expect_groups" in err, err
+    # a row that requires groups but has no gate to fail is refused, not listed as "no gate"
+    manifest.write_text(yaml.safe_dump({"models": [{"name": "m", "checkpoint": str(timm_folder), "group_by": "place",
+                                                    "data": str(image_data), "expect_groups": "cat|water"}]}))
+    code, _, err = run_cli("zoo", manifest, "--mode", "eval", "-q")
+    assert code == 2 and "expect_groups" in err and "needs a gate" in err and err.count("\n") == 1, err
     code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--group-by", "place", "--recipe", "dfr",
                              "--eval", test, "--out", tmp_path / "fixed", "--json", "-q")
     assert code == 0, err
@@ -676,3 +696,18 @@ def test_written_weights_get_the_users_usual_permissions(tmp_path, timm_folder, 
     assert entries, "no cache entry written"
     for p in [tmp_path / "x.safetensors", *entries]:
         assert oct(p.stat().st_mode & 0o777) == oct(0o644), p
+
+
+def test_a_threshold_with_a_huge_exponent_is_refused_at_once():
+    """``--fail-under-wga 1e-100000000`` built a 100-million-digit fraction (a hang at full CPU);
+    now refused like any malformed threshold, and ordinary exponents still read exactly."""
+    import time
+
+    from repair.rules import parse_threshold
+
+    t0 = time.perf_counter()
+    for bad in ("1e-100000000", "1e+99999999%", "0." + "0" * 200 + "1"):
+        with pytest.raises(ValueError):
+            parse_threshold(bad)
+    assert time.perf_counter() - t0 < 5.0
+    assert float(parse_threshold("7e-1")) == 0.7 and float(parse_threshold("1e-5")) == 1e-5
