@@ -41,7 +41,7 @@ from . import provenance
 from .adapters import LoadOptions, load_model
 from .api import RuntimeOptions, check_modality, prepare_data
 from .choosing import FitContext, choose
-from .data import DataOptions, Encoded, RepairData
+from .data import DataOptions, Encoded, RepairData, encode
 from .embeddings import Embeddings, extract, resolve_device
 from .errors import BadInput
 from .metrics import evaluate
@@ -381,6 +381,12 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         absent = list(e_enc.absent_groups or [])
         if eval_group_by == data_opts.group_by and enc.group_names:
             absent += [g for g in enc.group_names if g not in set(rnames) and g not in absent]
+        if dropped and e_enc.groups is not None:
+            # the groups --eval holds whose every row was also in the repair set (left out above): no
+            # figure speaks for them either, whichever column the repair set was grouped by
+            full = encode(inputs.eval_data, adapter.class_names, eval_group_by)
+            absent += [g for g in [*full.group_names, *(full.absent_groups or [])]
+                       if g not in set(rnames) and g not in absent]
         measured_on = f"separate evaluation data ({len(r_data)} samples" + (
             f"; {dropped} also in the repair set left out)" if dropped else ")")
     else:

@@ -141,6 +141,45 @@ def test_zoo_and_fix_gates_fail_closed_on_a_group_the_evaluation_lacks(tmp_path,
     assert rep["after"]["absent_groups"] == ["cat|place=water"] == rep["before"]["absent_groups"]
 
 
+def test_eval_groups_left_out_as_repair_samples_are_absent_and_the_gate_fails_closed(tmp_path, timm_folder,
+                                                                                    image_data):
+    """Found by an audit: --eval rows that are also in the repair set are left out of the figures; when
+    that left out every row of one value of the --eval group column (the repair itself grouped by
+    nothing, as the README's zoo and CI examples run it), those groups were not listed as absent and
+    a worst-group gate passed on the others. Now they are absent, and the gate fails naming them."""
+    test = make_images(tmp_path / "test", seed=1)
+    ev = tmp_path / "ev"
+    rows = []
+    for src, keep, suffix in ((test, "land", ""), (image_data, "water", "_w")):
+        with open(src / "metadata.csv") as f:
+            for r in csv.DictReader(f):
+                if r["place"] != keep:
+                    continue
+                rel = r["img_filename"].replace(".png", f"{suffix}.png")
+                (ev / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src / r["img_filename"], ev / rel)          # water rows: the repair set's own images
+                rows.append({**r, "img_filename": rel})
+    with open(ev / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(rows)
+    code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--eval", ev,
+                             "--eval-group-by", "place", "--out", tmp_path / "fixed", "--json", "-q")
+    assert code == 0, err
+    after = json.loads(out)["after"]
+    water = ["cat|place=water", "dog|place=water", "fox|place=water"]
+    assert sorted(after["absent_groups"]) == water and all("water" not in g["name"] for g in after["per_group"])
+    manifest = tmp_path / "zoo.yaml"
+    (tmp_path / "o").mkdir()
+    manifest.write_text(yaml.safe_dump({
+        "defaults": {"recipe": "dfr", "gate": "0%", "output_dir": str(tmp_path / "o")},
+        "models": [{"name": "m", "checkpoint": str(timm_folder), "data": str(image_data), "eval": str(ev),
+                    "eval_group_by": "place"}]}))
+    code, out, err = run_cli("zoo", manifest, "--mode", "fix", "--json", "-q")
+    gate = json.loads(out)["models"][0]["gate"]
+    assert code == 1 and not gate["passed"] and sorted(gate["unmeasured"]) == water, (err, gate)
+
+
 def test_cli_report_and_zoo_use_the_one_gate():
     """The CLI eval gate, the report's check_gate and zoo go through rules.judge."""
     import inspect
