@@ -348,3 +348,37 @@ def test_a_new_family_is_one_registration(timm_folder, tmp_path):
         unregister_family("fake")
     with pytest.raises(BadInput, match="--arch"):
         load_model(marker)
+
+
+def test_a_module_whose_forward_changes_the_logits_after_its_head_is_refused(tmp_path, monkeypatch, image_data):
+    """Found by an audit: a --factory module whose forward subtracts a prior after its last nn.Linear
+    never predicted the last class itself, yet `repair eval` measured `embeddings @ W.T + b` and a
+    gate passed at 100%. The module's output must be its head's output: exit 2 naming the file."""
+    src = FACTORY_SRC + '''
+import torch
+class Adjusted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = build()
+    def forward(self, x):
+        return self.net(x) - torch.tensor([0.0, 0.0, 50.0])
+def build_adjusted():
+    return Adjusted()
+'''
+    (tmp_path / "contract_adjusted.py").write_text(src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = importlib.import_module("contract_adjusted").build_adjusted()
+    w = tmp_path / "adjusted.safetensors"
+    save_safetensors(model.state_dict(), w, {})
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["--factory", "contract_adjusted:build_adjusted", "--image-size", "32", "--mean", "0.5,0.5,0.5", "--std",
+            "0.25,0.25,0.25", "--class-names", "cat,dog,fox", "--data", image_data, "--cache-dir", tmp_path / "c"]
+    code, _, err = run_cli("eval", w, *args, "--fail-under-acc", "0%", "-q")
+    assert code == 2 and "not its head" in err and str(w) in err and err.count("\n") == 1, err
+    # the same network without the adjustment is measured as before
+    plain = tmp_path / "plain.safetensors"
+    save_safetensors(model.net.state_dict(), plain, {})
+    (tmp_path / "contract_plain.py").write_text(FACTORY_SRC)
+    args[1] = "contract_plain:build"
+    code, _, err = run_cli("eval", plain, *args, "-q")
+    assert code == 0, err

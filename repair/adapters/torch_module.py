@@ -103,7 +103,32 @@ class TorchImageAdapter(TorchModelAdapter):
     # compute
     @torch.no_grad()
     def embed_batch(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self.capture_head_input(lambda: self.model(batch.to(device)))
+        out: dict = {}
+        emb = self.capture_head_input(lambda: out.setdefault("y", self.model(batch.to(device))))
+        self._check_output_is_head(out.get("y"), emb)
+        return emb
+
+    def _check_output_is_head(self, y: Any, emb: torch.Tensor) -> None:
+        """The module's output must be its head's output: every figure and every repair works on
+        ``embeddings @ W.T + b``, so a forward that changes the logits after the head (a prior or
+        temperature adjustment, a mask) would be measured and repaired as another model. Checked on
+        every batch the embeddings are computed from; :class:`BadInput` naming the weights file."""
+        if not isinstance(y, torch.Tensor):
+            raise BadInput(f"the model's forward returns a {type(y).__name__}, not a logits tensor; the classifier "
+                           f"must end in its head {self.head_name}", self.weights_path)
+        head = self.head(emb.to(self.head.weight.dtype)).float()
+        y = y.float()
+        if not (bool(torch.isfinite(head).all()) and bool(torch.isfinite(y).all())):
+            return                     # non-finite outputs: refused by name where the embeddings are checked
+        if y.shape != head.shape:
+            raise BadInput(f"the model's output has shape {tuple(y.shape)}, its head {self.head_name}'s "
+                           f"{tuple(head.shape)}: the forward does more after the head", self.weights_path)
+        diff = float((y - head).abs().max()) if y.numel() else 0.0
+        if not diff <= 1e-3 * (1.0 + float(head.abs().max())):
+            raise BadInput(f"the model's output is not its head {self.head_name}'s output (they differ by up to "
+                           f"{diff:.3g}): its forward changes the logits after the head, and repair would measure "
+                           "and repair another model than the one you deploy; make the head the forward's last "
+                           "step", self.weights_path)
 
     @torch.no_grad()
     def logits_batch(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
