@@ -21,7 +21,8 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
              as_json: AsJson = False,
              fail_under_wga: Annotated[Optional[str], typer.Option("--fail-under-wga", rich_help_panel=PANEL_GATE, help="Exit 1 if worst-group accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%), compared as exact counts (42 of 60 passes 70%). Also exit 1 if a group has no samples, unless --expect-groups names the groups to expect. Default: no gate.")] = None,
              fail_under_acc: Annotated[Optional[str], typer.Option("--fail-under-acc", rich_help_panel=PANEL_GATE, help="Exit 1 if accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%). Default: no gate.")] = None,
-             expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", rich_help_panel=PANEL_GATE, help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported. Default: every class x value seen.")] = None):
+             expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", rich_help_panel=PANEL_GATE, help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported. Default: every class x value seen.")] = None,
+             exclude: Annotated[Optional[Path], typer.Option("--exclude", rich_help_panel=PANEL_GATE, help="Data (a folder or table, read with the same column options) whose samples are left out of the figures: the repair set a model was repaired on, so a re-gate on held-out data never counts a sample the repair fitted on. Groups left without samples fail a worst-group gate. Default: none.")] = None):
     """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
     from repair.preflight import check_cache_dir, read_inputs
     from repair.rules import (expected_group_names, judge, parse_expected_groups, threshold_option,
@@ -34,10 +35,18 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
             raise BadInput(f"{flag} needs --group-by (groups are class x the values of that column)")
     expected = None if expect_groups is None else parse_expected_groups(expect_groups)
     inputs = read_inputs(model, data, columns, data_flag="data (--data)")
+    excluded = None
+    if exclude is not None:
+        import dataclasses
+
+        from repair.preflight import read_data
+
+        excluded = read_data(exclude, dataclasses.replace(columns, group_by=None))
+        inputs.protected.add_data(excluded, "excluded data (--exclude)")
     check_cache_dir(inputs.protected, runtime)
     from repair.api import evaluate_model
 
-    rep = evaluate_model(model, inputs.data, load, columns, runtime)
+    rep = evaluate_model(model, inputs.data, load, columns, runtime, exclude=excluded)
     names = None if expected is None else expected_group_names(rep, columns.group_by, expected, "--expect-groups")
     gates = [g for g in (judge(rep, thr, metric, names) for metric, thr in thresholds.items()) if g is not None]
     for g in gates:

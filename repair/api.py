@@ -1,6 +1,7 @@
 """Public library functions; the CLI commands are thin shims over these."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,15 +61,53 @@ def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     return Prepared(adapter, data, enc, emb)
 
 
+def left_out_groups(full: RepairData, class_names, group_by: Optional[str], kept) -> list[str]:
+    """The groups (class x value of ``group_by``) of data ``full``, and its class x value gaps, that
+    are not among ``kept`` (the group names of the rows a figure is measured on, once some of
+    ``full``'s rows were left out): the figure cannot speak for them. The one home of that rule
+    (``repair fix --eval`` leaving out repair-set samples, ``repair eval --exclude``)."""
+    if group_by is None:
+        return []
+    f = encode(full, class_names, group_by)
+    kept = set(kept or [])
+    return [g for g in [*f.group_names, *(f.absent_groups or [])] if g not in kept]
+
+
 def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
-                   data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None) -> dict:
+                   data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
+                   exclude=None) -> dict:
+    """Figures of the model on ``data_path``. ``exclude`` (a path, or data already read): samples
+    identical to one of its samples (same image bytes, same text) are left out of the figures -- the
+    repair set a model was repaired on, so that a re-gate on held-out data never counts a sample the
+    repair fitted on; the groups that leaves without rows are absent (a worst-group gate fails closed
+    on them), and data that is all such samples is a BadInput."""
+    data_opts = data_opts or DataOptions()
+    left_out = None
+    if exclude is not None:
+        from .preflight import eval_overlap, read_data
+
+        data = read_data(data_path, data_opts)
+        ex = read_data(exclude, dataclasses.replace(data_opts, group_by=None))     # read as the data is
+        overlap = eval_overlap(ex, data, data.table or data.source, exclude_flag="--exclude")
+        left_out = sum(bool(o) for o in overlap)
+        full, data_path = data, (data.subset([i for i, o in enumerate(overlap) if not o]) if left_out else data)
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)
     report = evaluate(p.logits(), p.enc.y, p.enc.class_names, p.enc.groups, p.enc.group_names)
     report["absent_groups"] = list(p.enc.absent_groups) if p.enc.groups is not None else None
+    if left_out:
+        report["absent_groups"] += [g for g in left_out_groups(full, p.enc.class_names, data_opts.group_by,
+                                                               p.enc.group_names)
+                                    if g not in report["absent_groups"]]
     from .selection import figure_warnings
 
     # groups too small for an honest figure, or with none (label-free: no groups to speak of)
     report["warnings"] = figure_warnings(report, what="the figures")
+    if exclude is not None:
+        report["excluded"] = {"data": str(exclude if not isinstance(exclude, RepairData) else
+                                          (exclude.table or exclude.source)), "n": left_out}
+        if left_out:
+            report["warnings"].insert(0, f"{left_out} of the {len(full)} samples are also in {report['excluded']['data']}: "
+                                         f"left out of the figures, which are measured on the other {len(full) - left_out}")
     report.update({
         "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
         "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality,

@@ -39,9 +39,9 @@ import torch
 
 from . import provenance
 from .adapters import LoadOptions, load_model
-from .api import RuntimeOptions, check_modality, prepare_data
+from .api import RuntimeOptions, check_modality, left_out_groups, prepare_data
 from .choosing import FitContext, choose
-from .data import DataOptions, Encoded, RepairData, encode
+from .data import DataOptions, Encoded, RepairData
 from .embeddings import Embeddings, extract, resolve_device
 from .errors import BadInput
 from .metrics import evaluate
@@ -384,9 +384,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         if dropped and e_enc.groups is not None:
             # the groups --eval holds whose every row was also in the repair set (left out above): no
             # figure speaks for them either, whichever column the repair set was grouped by
-            full = encode(inputs.eval_data, adapter.class_names, eval_group_by)
-            absent += [g for g in [*full.group_names, *(full.absent_groups or [])]
-                       if g not in set(rnames) and g not in absent]
+            absent += [g for g in left_out_groups(inputs.eval_data, adapter.class_names, eval_group_by, rnames)
+                       if g not in absent]
         measured_on = f"separate evaluation data ({len(r_data)} samples" + (
             f"; {dropped} also in the repair set left out)" if dropped else ")")
     else:

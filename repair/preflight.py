@@ -78,21 +78,26 @@ def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, ev
     return inp
 
 
-def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None) -> list[bool]:
+def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None, *,
+                 exclude_flag: Optional[str] = None) -> list[bool]:
     """Per ``eval_data`` sample, whether an identical sample (same image bytes, same text) is in the
     repair ``data``. Figures must be measured on data the repair never touched: an evaluation set
     that is the repair data (the same path, or every sample a copy) is a BadInput naming it; the
-    samples of a partial overlap are left out of the figures by the caller."""
+    samples of a partial overlap are left out of the figures by the caller. ``exclude_flag``: the
+    option that named ``data`` when it is not ``--data`` (``repair eval --exclude``)."""
     where_of = lambda d: Path(str(d.table or d.source)).resolve()          # noqa: E731  (a table, else the folder)
     same = where_of(data) == where_of(eval_data)
     seen = set(data.content_hashes())
     overlap = [h in seen for h in eval_data.content_hashes()]
     if same or (overlap and all(overlap)):
+        place = where if isinstance(where, (str, Path)) else eval_data.table or eval_data.source
+        if exclude_flag is not None:
+            raise BadInput(f"every sample of the data is also in {exclude_flag}" + (" (the same data)" if same else "")
+                           + ": nothing would be left to measure", place)
         raise BadInput("the evaluation data (--eval) is the repair data itself" + ("" if same else
                        " (every sample is also in --data)") + ": figures measured on it would not be on data the "
                        "repair never touched; give data kept apart, or leave --eval out to measure on a "
-                       "held-out part of the repair set",
-                       where if isinstance(where, (str, Path)) else eval_data.table or eval_data.source)
+                       "held-out part of the repair set", place)
     return overlap
 
 

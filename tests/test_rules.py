@@ -178,6 +178,17 @@ def test_eval_groups_left_out_as_repair_samples_are_absent_and_the_gate_fails_cl
     code, out, err = run_cli("zoo", manifest, "--mode", "fix", "--json", "-q")
     gate = json.loads(out)["models"][0]["gate"]
     assert code == 1 and not gate["passed"] and sorted(gate["unmeasured"]) == water, (err, gate)
+    # the re-gate of examples/ci/gate.sh: repair eval --exclude REPAIR_DATA leaves the copies out as fix
+    # does (without it, the water rows -- repair samples -- were counted), and fails naming the groups
+    code, out, err = run_cli("eval", tmp_path / "fixed", "--data", ev, "--group-by", "place", "--exclude", image_data,
+                             "--fail-under-wga", "0%", "--json", "-q")
+    rep = json.loads(out)
+    assert code == 1 and rep["excluded"]["n"] == len(rows) // 2 and sorted(rep["absent_groups"]) == water, err
+    assert rep["n"] == len(rows) // 2 and "also in" in err
+    code, out, err = run_cli("eval", tmp_path / "fixed", "--data", ev, "--group-by", "place", "--exclude", ev, "-q")
+    assert code == 2 and "also in --exclude" in err and err.count("\n") == 1, err
+    code, out, err = run_cli("eval", tmp_path / "fixed", "--data", ev, "--exclude", tmp_path / "nowhere", "-q")
+    assert code == 2 and "nowhere" in err and err.count("\n") == 1, err
 
 
 def test_cli_report_and_zoo_use_the_one_gate():
