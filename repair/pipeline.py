@@ -39,7 +39,7 @@ import torch
 
 from . import provenance
 from .adapters import LoadOptions, load_model
-from .api import RuntimeOptions, check_modality, left_out_groups, prepare_data
+from .api import RuntimeOptions, check_modality, left_out_groups, mark_duplicates, prepare_data
 from .choosing import FitContext, choose
 from .data import DataOptions, Encoded, RepairData
 from .embeddings import Embeddings, extract, resolve_device
@@ -412,6 +412,12 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         after_logits = r_emb.X @ W1.T + b1
     before = evaluate(before_logits, ry, enc.class_names, rg, rnames)
     after = evaluate(after_logits, ry, enc.class_names, rg, rnames)
+    if eval_given:                # copies within --eval count in its figures: say so (and count them once below)
+        dup_note = mark_duplicates(before, r_data, rg)
+        mark_duplicates(after, r_data, rg)
+        if dup_note:
+            ctx.warnings.append(f"--eval: {dup_note}")
+            log(f"warning: {ctx.warnings[-1]}")
     if rg is not None:
         before["absent_groups"] = after["absent_groups"] = absent
     empty = [c["name"] for c in before.get("per_class") or [] if not c.get("n")]

@@ -700,7 +700,11 @@ def figure_warnings(figures: dict, *, what: str, minimum: int = MIN_FOR_REPORT) 
     given = figures.get("per_group")
     for g in (given if given is not None else figures.get("per_inferred_group") or []):
         n = int(g.get("n") or 0)
-        if 0 < n < minimum:
+        distinct = g.get("n_distinct")              # copies of one sample count once (repair.api.mark_duplicates)
+        if distinct is not None and 0 < int(distinct) < min(n, minimum):
+            out.append(_too_few(what, g["name"], int(distinct), minimum).replace(
+                f"has only {int(distinct)} samples", f"has only {int(distinct)} distinct samples ({n} rows)"))
+        elif 0 < n < minimum:
             out.append(_too_few(what, g["name"], n, minimum))
         elif n == 0 and given is not None:
             out.append(_absent(what, g["name"]))

@@ -761,3 +761,24 @@ def test_a_threshold_with_a_huge_exponent_is_refused_at_once():
             parse_threshold(bad)
     assert time.perf_counter() - t0 < 5.0
     assert float(parse_threshold("7e-1")) == 0.7 and float(parse_threshold("1e-5")) == 1e-5
+
+
+def test_copies_in_the_measured_data_are_said_and_counted_once_for_the_small_group_warning(tmp_path, timm_folder):
+    """Found by an audit: `repair eval` on a table listing one image 12 times per group passed a 100% gate
+    with n=12 and no warning (fix warns about duplicates; eval did not). Now the figures say how many
+    copies there are, and a group of one distinct sample is warned about as such."""
+    data = make_images(tmp_path / "d", n_per_class=3)
+    with open(data / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    firsts = {}
+    for r in rows:
+        firsts.setdefault((r["y"], r["place"]), r)
+    with open(data / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows([r for r in firsts.values() for _ in range(12)])
+    code, out, err = run_cli("eval", timm_folder, "--data", data, "--group-by", "place", "--json", "-q")
+    rep = json.loads(out)
+    assert code == 0 and rep["duplicates"]["n_unique"] == len(firsts) and rep["n"] == 12 * len(firsts), err
+    assert all(g["n"] == 12 and g["n_distinct"] == 1 for g in rep["per_group"])
+    assert "duplicate sample(s)" in err and "has only 1 distinct samples (12 rows)" in err, err
