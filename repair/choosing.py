@@ -346,6 +346,12 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             return Choice(head[0], head[1], rows, _describe(crit, fold_desc, len(y)), notes)
     head_score = best_score                     # None when there is no head to beat
     fitted: dict = {}                           # a cross-fitted candidate's run: it is also its final model
+
+    def skip(cand, why: str) -> None:           # a model repair that could not be compared: the head stays
+        rows.append({"candidate": cand.label, "kind": "model", "skipped": why})
+        notes.append(f"{cand.label} skipped: {why}")
+        log(f"  {cand.label}: skipped, {why}")
+
     for c in models:
         # rows no fold has predicted yet count as right: until the last fold, the criterion of `pred`
         # is the most the candidate can still score (a bound, exact once every fold is in)
@@ -355,10 +361,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
         if isinstance(crossed, BadInput):
             if head_score is None:
                 raise crossed
-            why = f"cannot be cross-fitted on these {len(parts)} folds ({crossed.problem}); the head stays"
-            rows.append({"candidate": c.label, "kind": "model", "skipped": why})
-            notes.append(f"{c.label} skipped: {why}")
-            log(f"  {c.label}: skipped, {why}")
+            skip(c, f"cannot be cross-fitted on these {len(parts)} folds ({crossed.problem}); the head stays")
             continue
         if crossed is not None:
             fitted[id(c)] = crossed
@@ -397,10 +400,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
                     bound = (k + 1, at_most)
                     break
         if unfit is not None:
-            why = f"cannot be trained on a fold of {int(train.sum())} samples ({unfit}); the head stays"
-            rows.append({"candidate": c.label, "kind": "model", "skipped": why})
-            notes.append(f"{c.label} skipped: {why}")
-            log(f"  {c.label}: skipped, {why}")
+            skip(c, f"cannot be trained on a fold of {int(train.sum())} samples ({unfit}); the head stays")
             continue
         if bound is not None:
             why = (f"cannot beat the head: after {bound[0]} of {len(parts)} folds its {crit.name} is at most "
