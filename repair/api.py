@@ -61,6 +61,26 @@ def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     return Prepared(adapter, data, enc, emb)
 
 
+def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap: list,
+                 where=None, exclude_flag: Optional[str] = None) -> list:
+    """``overlap`` (per sample of ``other``: an identical sample, byte for byte, is in ``data``) widened
+    to the samples the model reads as one of ``data``'s (:meth:`Adapter.input_keys`: a text that
+    differs only in case or spacing the tokenizer drops). Data whose every sample is then in ``data``
+    is refused as :func:`repair.preflight.eval_overlap` refuses it."""
+    from .preflight import refuse_full_overlap
+
+    if not len(other) or not len(data):
+        return list(overlap)
+    mine, theirs = adapter.input_keys(data.items), adapter.input_keys(other.items)
+    if mine is None or theirs is None:
+        return list(overlap)
+    seen = set(mine)
+    wider = [bool(o) or k in seen for o, k in zip(overlap, theirs)]
+    if wider != list(map(bool, overlap)):
+        refuse_full_overlap(wider, other, where, exclude_flag=exclude_flag, how=", as the model reads them")
+    return wider
+
+
 def left_out_groups(full: RepairData, class_names, group_by: Optional[str], kept) -> list[str]:
     """The groups (class x value of ``group_by``) of data ``full``, and its class x value gaps, that
     are not among ``kept`` (the group names of the rows a figure is measured on, once some of
@@ -109,12 +129,18 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
         data = read_data(data_path, data_opts)
         ex = read_data(exclude, dataclasses.replace(data_opts, group_by=None))     # read as the data is
         overlap = eval_overlap(ex, data, data.table or data.source, exclude_flag="--exclude")
+        from .rules import check_options, model_arg
+
+        model = model_arg(model_path)            # loaded once: it also says which texts it reads as the same
+        model_path = model if isinstance(model, Adapter) else load_model(
+            model, check_options(load_opts, LoadOptions, "load_options"))
+        overlap = read_as_same(model_path, ex, data, overlap, data.table or data.source, exclude_flag="--exclude")
         left_out = sum(bool(o) for o in overlap)
         full, data_path = data, (data.subset([i for i, o in enumerate(overlap) if not o]) if left_out else data)
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)
     report = evaluate(p.logits(), p.enc.y, p.enc.class_names, p.enc.groups, p.enc.group_names)
     report["absent_groups"] = list(p.enc.absent_groups) if p.enc.groups is not None else None
-    if left_out:
+    if left_out and report["absent_groups"] is not None:
         report["absent_groups"] += [g for g in left_out_groups(full, p.enc.class_names, data_opts.group_by,
                                                                p.enc.group_names)
                                     if g not in report["absent_groups"]]

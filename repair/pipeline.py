@@ -39,7 +39,7 @@ import torch
 
 from . import provenance
 from .adapters import LoadOptions, load_model
-from .api import RuntimeOptions, check_modality, left_out_groups, mark_duplicates, prepare_data
+from .api import RuntimeOptions, check_modality, left_out_groups, mark_duplicates, prepare_data, read_as_same
 from .choosing import FitContext, choose
 from .data import DataOptions, Encoded, RepairData
 from .embeddings import Embeddings, extract, resolve_device
@@ -242,6 +242,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                            f"{Path(model_path).name} is {'an' if adapter.modality[0] in 'aeiou' else 'a'} "
                            f"{adapter.modality} model", Path(model_path))
     log(f"loaded {adapter.family} model {Path(model_path).name}: {len(adapter.class_names)} classes")
+    if inputs.eval_data is not None:      # --eval samples the model reads as repair samples count as those
+        inputs.eval_overlap = read_as_same(adapter, inputs.data, inputs.eval_data, inputs.eval_overlap, o.eval_data)
     train_notes: list[str] = []
     if o.budget is not None and "model" not in recipe.kinds:     # said, not dropped in silence (a zoo's
         train_notes.append(f"--budget {o.budget} bounds the training of model repairs; recipe {recipe.name!r} "
@@ -367,9 +369,9 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     if eval_given:
         eval_group_by = o.eval_group_by if o.eval_group_by is not None else data_opts.group_by
         e_opts = dataclasses.replace(data_opts, group_by=eval_group_by)
-        ev, dropped = inputs.eval_data, sum(bool(o) for o in inputs.eval_overlap)
+        ev, dropped = inputs.eval_data, sum(bool(x) for x in inputs.eval_overlap)
         if dropped:               # samples also in the repair set: the figures leave them out
-            ev = ev.subset([i for i, o in enumerate(inputs.eval_overlap) if not o])
+            ev = ev.subset([i for i, x in enumerate(inputs.eval_overlap) if not x])
             ctx.warnings.append(f"{dropped} of the {len(inputs.eval_data)} samples of --eval are also in the repair "
                                 "data: left out of the figures, which are measured on the other "
                                 f"{len(ev)}")

@@ -89,16 +89,24 @@ def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None, *,
     same = where_of(data) == where_of(eval_data)
     seen = set(data.content_hashes())
     overlap = [h in seen for h in eval_data.content_hashes()]
-    if same or (overlap and all(overlap)):
-        place = where if isinstance(where, (str, Path)) else eval_data.table or eval_data.source
-        if exclude_flag is not None:
-            raise BadInput(f"every sample of the data is also in {exclude_flag}" + (" (the same data)" if same else "")
-                           + ": nothing would be left to measure", place)
-        raise BadInput("the evaluation data (--eval) is the repair data itself" + ("" if same else
-                       " (every sample is also in --data)") + ": figures measured on it would not be on data the "
-                       "repair never touched; give data kept apart, or leave --eval out to measure on a "
-                       "held-out part of the repair set", place)
+    refuse_full_overlap(overlap, eval_data, where, exclude_flag=exclude_flag, same=same)
     return overlap
+
+
+def refuse_full_overlap(overlap: list[bool], eval_data: RepairData, where: Any = None, *,
+                        exclude_flag: Optional[str] = None, same: bool = False, how: str = "") -> None:
+    """:class:`BadInput` when every sample of ``eval_data`` is also in the repair data (``overlap`` all
+    true, or ``same`` data), see :func:`eval_overlap`; ``how`` says how they were found the same."""
+    if not (same or (overlap and all(overlap))):
+        return
+    place = where if isinstance(where, (str, Path)) else eval_data.table or eval_data.source
+    if exclude_flag is not None:
+        raise BadInput(f"every sample of the data is also in {exclude_flag}{how}" + (" (the same data)" if same else "")
+                       + ": nothing would be left to measure", place)
+    raise BadInput("the evaluation data (--eval) is the repair data itself" + ("" if same else
+                   f" (every sample is also in --data{how})") + ": figures measured on it would not be on data the "
+                   "repair never touched; give data kept apart, or leave --eval out to measure on a "
+                   "held-out part of the repair set", place)
 
 
 def check_cache_dir(protected: Protected, runtime, outputs: Optional[Mapping[str, Path]] = None) -> None:

@@ -782,3 +782,41 @@ def test_copies_in_the_measured_data_are_said_and_counted_once_for_the_small_gro
     assert code == 0 and rep["duplicates"]["n_unique"] == len(firsts) and rep["n"] == 12 * len(firsts), err
     assert all(g["n"] == 12 and g["n_distinct"] == 1 for g in rep["per_group"])
     assert "duplicate sample(s)" in err and "has only 1 distinct samples (12 rows)" in err, err
+
+
+def test_evaluation_texts_the_model_reads_as_repair_texts_are_left_out(tmp_path, bert_folder):
+    """Found by an audit: --eval texts that differ from repair texts only in case and spacing (which the
+    lowercasing tokenizer drops) were "separate evaluation data" with the repair texts' own figures.
+    The model reads them as the same samples: left out like byte-identical copies, and an --eval that
+    is all such copies is refused (exit 2), by `repair fix --eval` and `repair eval --exclude`."""
+    repair = make_texts(tmp_path / "r.csv", n=60, seed=0)
+    with open(repair) as f:
+        rrows = list(csv.DictReader(f))
+    norm = lambda t: " ".join(t.lower().split())                           # noqa: E731
+    copies = tmp_path / "copies.csv"
+    with open(copies, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label", "negation"])
+        w.writeheader()
+        w.writerows({**r, "text": r["text"].upper() + "  "} for r in rrows)
+    code, _, err = run_cli("fix", bert_folder, "--data", repair, "--recipe", "dfr", "--eval", copies,
+                           "--out", tmp_path / "o1", "-q")
+    assert code == 2 and "as the model reads them" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o1").exists()
+    fresh = make_texts(tmp_path / "f.csv", n=60, seed=5)
+    with open(fresh) as f:
+        frows = list(csv.DictReader(f))
+    mixed = tmp_path / "mixed.csv"
+    erows = frows + [{**r, "text": " " + r["text"].title()} for r in rrows[:10]]
+    with open(mixed, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label", "negation"])
+        w.writeheader()
+        w.writerows(erows)
+    same = sum(norm(r["text"]) in {norm(x["text"]) for x in rrows} for r in erows)
+    assert 10 <= same < len(erows)
+    code, out, err = run_cli("fix", bert_folder, "--data", repair, "--recipe", "dfr", "--eval", mixed,
+                             "--out", tmp_path / "o2", "--json", "-q")
+    rep = json.loads(out)
+    assert code == 0 and rep["after"]["n"] == len(erows) - same, err
+    assert f"{same} also in the repair set left out" in rep["measured_on"]
+    code, out, err = run_cli("eval", bert_folder, "--data", mixed, "--exclude", repair, "--json", "-q")
+    assert code == 0 and json.loads(out)["excluded"]["n"] == same and json.loads(out)["n"] == len(erows) - same, err

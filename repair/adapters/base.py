@@ -374,6 +374,18 @@ class TorchModelAdapter(Adapter):
 
         return TrainableModel(self)
 
+    def input_keys(self, items: Sequence[Any]) -> Optional[list]:
+        """Each item as the model reads it, hashed, where that is known without running the model: a
+        text's token ids (after the tokenizer's normalisation and truncation: two texts that differ only
+        in what the tokenizer drops are one sample to the model). None where it is not (images: decoding
+        them is what it would cost). :func:`repair.api.read_as_same` widens the byte-level overlap of
+        evaluation and repair data with it."""
+        tok = getattr(self, "tokenizer", None)
+        if tok is None or getattr(self, "modality", None) != "text" or not items:
+            return None
+        ids = tok(list(items), truncation=True, max_length=int(self.max_length))["input_ids"]
+        return [hashlib.sha256(json.dumps([int(t) for t in x]).encode()).hexdigest() for x in ids]
+
     def capture_head_input(self, forward: Callable[[], Any]) -> torch.Tensor:
         """Run ``forward()`` and return the head's input as a (batch, features) float32 matrix."""
         cap = HeadCapture(self.head)
