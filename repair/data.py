@@ -131,8 +131,19 @@ class RepairData:
         by first appearance (0, 1, ...). Pass it as ``clusters=`` to the splitters of
         :mod:`repair.selection` so copies of one sample never fall on both sides of a split."""
         import torch  # noqa: lazy
-        first: dict[str, int] = {}
-        ids = [first.setdefault(h, len(first)) for h in self.content_hashes()]
+        if self.modality == "image" and self._hashes is None:
+            # only files of a size another file has can be copies: the others are never read (a warm
+            # `repair eval` of a large image set reads no image at all)
+            sizes = [Path(p).stat().st_size for p in self.items]
+            count: dict[int, int] = {}
+            for z in sizes:
+                count[z] = count.get(z, 0) + 1
+            keys = [(z, hashlib.sha256(read_image_bytes(p)).hexdigest()) if count[z] > 1 else (z, i)
+                    for i, (p, z) in enumerate(zip(self.items, sizes))]
+        else:
+            keys = self.content_hashes()
+        first: dict = {}
+        ids = [first.setdefault(k, len(first)) for k in keys]
         return torch.tensor(ids, dtype=torch.long)
 
     def fingerprint(self) -> str:

@@ -407,6 +407,17 @@ def assert_clusters_whole(ids: torch.Tensor, parts) -> None:
 
 def test_duplicate_ids_and_stats(tmp_path):
     d = duplicated_image_data(tmp_path / "data")
+    unread = load_data(d, DataOptions(group_by="place"))
+    from PIL import Image
+
+    lone = tmp_path / "lone"                                         # files of distinct sizes: none is read
+    for k, side in enumerate((8, 12, 16, 20)):
+        (lone / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (side, side), (k * 40, 10, 10)).save(lone / f"c{k % 2}" / f"{k}.png")
+    solo = load_data(lone)
+    assert len({Path(p).stat().st_size for p in solo.items}) == len(solo) == 4
+    assert solo.duplicate_ids().tolist() == [0, 1, 2, 3] and solo._hashes is None
+    assert unread.duplicate_ids().tolist() == load_data(d, DataOptions(group_by="place")).duplicate_ids().tolist()
     data = load_data(d, DataOptions(group_by="place"))
     ids = data.duplicate_ids()
     assert ids.dtype == torch.long and ids.shape == (len(data),)
@@ -419,7 +430,9 @@ def test_duplicate_ids_and_stats(tmp_path):
     assert stats["n_samples"] == len(data) and stats["n_unique"] == n_unique == 18
     assert stats["n_duplicates"] == len(data) - n_unique and stats["n_clusters"] == 12   # 4 of 6 per class repeat
     assert stats["largest_cluster"] == 6
-    # a subset keeps the hashes it had (each image is read once)
+    # duplicate_ids reads only the images whose size another image has (here: all of them); a subset
+    # keeps the hashes the data had (each image is read once)
+    data.content_hashes()
     sub = data.subset(list(range(6)))
     first: dict = {}
     assert sub.duplicate_ids().tolist() == [first.setdefault(int(i), len(first)) for i in ids[:6]]
