@@ -142,6 +142,13 @@ MODEL_ROWS: list[ModelRow] = [
     ModelRow("mixft-cf2-p0", "mixft", {"cross_fit": 2, "patience": 0}, groups=(False,),
              note="mixft-cf2 whose members run their whole schedule (patience 0; each still keeps its best "
                   "held-out evaluation): a member whose held-out score collapses early is not stopped at the start"),
+    ModelRow("mixft-cf2-tail", "mixft", {"cross_fit": 2, "patience": 0, "keep": "tail"}, groups=(False,),
+             note="mixft-cf2-p0 whose members end at the average of their second half's evaluated states (keep "
+                  "tail) instead of their best evaluation: two averagings, along each run and across the members"),
+    ModelRow("mixft-cf2-p0-avg1se", "mixft", {"cross_fit": 2, "patience": 0, "settle_strength": "average_1se"},
+             groups=(False,),
+             note="mixft-cf2-p0 settled with the heads of the strengths the out-of-fold rows cannot tell from "
+                  "the best averaged (settle_strength average_1se)"),
     ModelRow("mixft-unsettled", "mixft", {"settle": "off"}, groups=(False,),
              note="mixft's early-stopped weights with their own head, not settled (settle off)"),
     ModelRow("mixft-tail-unsettled", "mixft", {"keep": "tail", "patience": 0, "settle": "off"}, groups=(False,),
