@@ -24,7 +24,11 @@ One criterion (:class:`repair.selection.Criterion`) and one scheme decide every 
   plus the gain a model repair needs is above 100% (the report says so).
 - **A model repair stops after a fold** when it can no longer win: its criterion with every row
   the remaining folds will predict counted as right is below the head's score plus the gain it
-  needs. The choice is the one all folds would give; the remaining trainings are not run. (This
+  needs. The choice is the one all folds would give; the remaining trainings are not run. A
+  cross-fitting repair is bounded the same way after each member but the last, at the best of every
+  point its settling could still choose (each interpolation weight, head and strength:
+  ``ModelRepairInputs.stop_check``, :class:`repair.methods.CannotWin`); the members not yet trained
+  are not. (This
   replaced a rule that skipped escalation when the head's criterion was within a point of its
   accuracy -- "no group left behind" -- which could not tell an even but capped head, one that only
   a changed network can lift, from a good one: ``bench/analysis.md``.)
@@ -42,7 +46,7 @@ import torch
 
 from . import threads
 from .errors import BadInput
-from .methods import ModelRepairInputs, RepairInputs
+from .methods import CannotWin, ModelRepairInputs, RepairInputs
 from .selection import (MIN_GAIN, Criterion, KFold, average_heads, head_predictions, required_gain,
                         scores_from_preds, select_and_refit)
 
@@ -112,9 +116,12 @@ class FitContext:
             self._tm = self.adapter.trainable()
         return self._tm
 
-    def fit(self, cand, idx: torch.Tensor, config=None, folds: Optional[list] = None) -> Fitted:
+    def fit(self, cand, idx: torch.Tensor, config=None, folds: Optional[list] = None,
+            stop_check: Optional[Callable] = None) -> Fitted:
         """``cand`` fitted on rows ``idx``; ``folds`` (model repairs): ``[(train, held), ...]`` positions
-        within ``idx`` that a cross-fitting repair takes as its folds (``ModelRepairInputs.folds``)."""
+        within ``idx`` that a cross-fitting repair takes as its folds (``ModelRepairInputs.folds``), and
+        ``stop_check`` its bound after each member (``ModelRepairInputs.stop_check``: a repair that
+        stops raises :class:`repair.methods.CannotWin`, its ``seconds`` set here)."""
         info, cfg = cand.info, (config if config is not None else cand.config())
         g = self.groups[idx] if (self.groups is not None and info.uses_groups) else None
         t0 = time.perf_counter()
@@ -139,7 +146,12 @@ class FitContext:
                                          y=self.y[idx], ref_logits=self.X[idx] @ self.W0.T + self.b0,
                                          groups=g, budget=self.budget, seed=self.seed, device=self.device,
                                          progress=self.progress, class_names=list(self.adapter.class_names),
-                                         resources=self.resources, workdir=work, folds=folds, **extra), cfg)
+                                         resources=self.resources, workdir=work, folds=folds,
+                                         stop_check=stop_check, **extra), cfg)
+        except CannotWin as e:
+            e.seconds = time.perf_counter() - t0
+            self.seconds += e.seconds
+            raise
         finally:
             tm.module.load_state_dict(start)        # every candidate starts from the original weights
         secs = time.perf_counter() - t0
@@ -357,7 +369,33 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
         # is the most the candidate can still score (a bound, exact once every fold is in)
         pred = y.clone().long()
         secs, steps, stops, bound, unfit = 0.0, 0, [], None, None
-        crossed = _cross_fitted(c, ctx, fit_idx, parts, y, log) if _cross_fits(c, parts) else None
+        at_most: list = []
+        calls: list = []
+
+        def stop_check(rows_idx: torch.Tensor, points: torch.Tensor) -> Optional[str]:
+            # the cross-fitted members so far predict their folds' rows at every point the run could end
+            # at; the rows still to predict count as right: the most the finished run can score
+            calls.append(1)
+            P = points.shape[0]
+            full = y.long().view(1, -1).repeat(P, 1)
+            full[:, rows_idx.long().cpu()] = points.long().cpu()
+            best = float(scores_from_preds(full, y, score_strata)[0].max())
+            if best >= head_score + need - 1e-12:
+                return None
+            at_most.append(best)
+            return (f"cannot beat the head: after {len(calls)} of {len(parts)} cross-fitted members its "
+                    f"{crit.name} is at most {100 * best:.1f}% (at the best of the {P} points settling "
+                    f"could choose, every row still to predict right), below the {100 * (head_score + need):.1f}% "
+                    f"it needs")
+
+        crossed = (_cross_fitted(c, ctx, fit_idx, parts, y, log, stop_check if head_score is not None else None)
+                   if _cross_fits(c, parts) else None)
+        if isinstance(crossed, CannotWin):
+            rows.append({"candidate": c.label, "kind": "model", "score_at_most": at_most[-1],
+                         "fit_seconds": round(crossed.seconds, 4), "steps": crossed.steps,
+                         "scored_on": f"{crossed.members} of {fold_desc}; cross-fitted", "stopped": crossed.reason})
+            log(f"  {c.label}: stopped, {crossed.reason}  ({crossed.seconds:.1f}s)")
+            continue
         if isinstance(crossed, BadInput):
             if head_score is None:
                 raise crossed
@@ -447,7 +485,7 @@ def _cross_fits(cand, parts) -> bool:
     return isinstance(k, int) and k > 1 and k == len(parts) and getattr(cfg, "settle", None) != "off"
 
 
-def _cross_fitted(cand, ctx, fit_idx, parts, y, log):
+def _cross_fitted(cand, ctx, fit_idx, parts, y, log, stop_check=None):
     """One cross-fitted run of ``cand`` on the fit part with the recipe's folds ``parts`` as its
     folds: member ``j`` trains on every fold but ``j``; each row is predicted by the member that did
     not train on it, at the point its settling chose (``Fitted.oof_pred``), and the members' average is
@@ -457,7 +495,9 @@ def _cross_fitted(cand, ctx, fit_idx, parts, y, log):
     What the out-of-fold predictions have seen: member ``j`` keeps its best evaluation on fold ``j``
     and settling chooses its point on the predictions of every fold (a few candidates), as each head
     method's inner selection (a penalty, a threshold) is made on the whole fit part before its folds
-    are refitted; the model repair still needs the same edge over the head (:func:`required_gain`)."""
+    are refitted; the model repair still needs the same edge over the head (:func:`required_gain`).
+    ``stop_check``: the bound after each member but the last (``ModelRepairInputs.stop_check``); a run
+    it ends is returned as the :class:`repair.methods.CannotWin`."""
     folds = []
     for held in parts:
         train = torch.ones(y.numel(), dtype=torch.bool)
@@ -465,8 +505,8 @@ def _cross_fitted(cand, ctx, fit_idx, parts, y, log):
         folds.append((train.nonzero().flatten(), held))
     log(f"  {cand.label}: cross-fitted on the same {len(parts)} folds ({fit_idx.numel()} samples)")
     try:
-        f = ctx.fit(cand, fit_idx, folds=folds)
-    except BadInput as e:
+        f = ctx.fit(cand, fit_idx, folds=folds, stop_check=stop_check)
+    except (BadInput, CannotWin) as e:
         return e
     if f.oof_pred is None or bool((f.oof_pred < 0).any()):
         log(f"  {cand.label}: no out-of-fold predictions (settling off); trained fold by fold instead")

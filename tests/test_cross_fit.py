@@ -210,15 +210,26 @@ class _CrossCtx:
         self.X = torch.nn.functional.one_hot(head_pred, 2).float()
         self.model_fits = []
 
-    def fit(self, cand, idx, config=None, folds=None):
+    def fit(self, cand, idx, config=None, folds=None, stop_check=None):
         from repair.choosing import Fitted
         from repair.errors import BadInput
+        from repair.methods import CannotWin
 
         if cand.info.kind == "head":
             return Fitted("head", W=torch.eye(2), b=torch.zeros(2))
         self.model_fits.append((idx, folds))
+        self.checked = []
         if self.fail:
             raise BadInput(self.fail)
+        if stop_check is not None:        # after the first member: its fold at every point (here: two)
+            held = folds[0][1]
+            points = torch.stack([self.model_pred[held], self.model_pred[held]])
+            why = stop_check(held, points)
+            self.checked.append(why)
+            if why:
+                e = CannotWin(why)
+                e.steps, e.members, e.seconds = 3, 1, 0.7
+                raise e
         return Fitted("model", tensors={"w": torch.ones(1)}, steps=7, seconds=1.5,
                       diagnostics={"loop": {"budget": {"member_stopped_by": ["epochs", "epochs"]}}},
                       oof_pred=self.model_pred.clone())
@@ -280,6 +291,16 @@ def test_auto_ft_cross_fits_its_model_repair_on_the_heads_folds_and_keeps_the_me
             float(scores_from_preds(head_pred[None], y, y)[0][0]) + required_gain(head_pred, y, y))
     choice, rows, ctx = run(close)
     assert choice.chosen is head and len(ctx.model_fits) == 1
+    # after the first member the caller bounds the run: a close one goes on (the bound counts the
+    # second fold's rows right), a hopeless one stops there -- the head stays, as the whole run would
+    # have left it, and the row says at most what it could have scored
+    assert ctx.checked == [None]
+    choice, rows, ctx = run(1 - y)
+    assert choice.chosen is head and len(ctx.model_fits) == 1 and ctx.checked[0]
+    row = next(r for r in rows if r["kind"] == "model")
+    assert "cannot beat the head: after 1 of 2 cross-fitted members" in row["stopped"] and "score" not in row
+    assert row["score_at_most"] < beat["score"] + beat["required_gain"] and row["steps"] == 3
+    assert row["scored_on"].startswith("1 of the same 2 folds") and row["fit_seconds"] == 0.7
     # a fold too small for the model repair: skipped, saying why; the head stays
     choice, rows, ctx = run(better, fail="the repair set is too small for 2-fold cross-fitting")
     assert choice.chosen is head
@@ -344,3 +365,48 @@ def test_a_fold_that_leaves_a_group_out_of_a_members_training_is_refused(session
     finally:
         sess.inputs.duplicates, sess.inputs.resources = None, {}
     assert len(sess.fold_parts(2)) == 2                               # without the cluster it folds
+
+
+def test_a_cross_fitted_run_is_bounded_after_its_first_member(tmp_path):
+    """``ModelRepairInputs.stop_check``: after the first member, mixft hands its caller the member's
+    fold and the predictions there of every point settling could still choose. The finished run's
+    out-of-fold predictions on that fold are one of those points (so the caller's bound holds), a check
+    that lets the run go on changes nothing, and one that gives a reason ends the run (CannotWin) with
+    the steps taken and the members trained."""
+    from repair.adapters import load_model
+    from repair.methods import CannotWin, ModelRepairInputs, get_method
+
+    model = make_bert_folder(tmp_path / "bert", seed=3)
+    rows = list(csv.DictReader(open(make_texts(tmp_path / "texts.csv", n=48, seed=1))))
+    tm = load_model(model).trainable()
+    texts = [r["text"] for r in rows]
+    y = torch.tensor([1 if r["label"] == "positive" else 0 for r in rows])
+    ref = tm.predict(tm.encode(texts), torch.arange(len(texts)), "cpu")
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(4))
+    folds = [(perm[24:], perm[:24]), (perm[:24], perm[24:])]
+    info = get_method("mixft")
+    cfg = info.make_config({"epochs": 2, "batch_size": 8, "lr": 1e-3, "cross_fit": 2, "patience": 0})
+    start = tm.state()
+
+    def run(check):
+        tm.module.load_state_dict(start)
+        return info(ModelRepairInputs(model=tm, items=texts, y=y, ref_logits=ref, seed=0, device="cpu",
+                                      progress=False, class_names=["negative", "positive"], folds=folds,
+                                      stop_check=check), cfg)
+
+    seen = []
+    bounded = run(lambda r, p: seen.append((r.clone(), p.clone())))
+    plain = run(None)
+    assert len(seen) == 1
+    held, points = seen[0]
+    assert torch.equal(held.sort().values, folds[0][1].sort().values)
+    assert points.dim() == 2 and points.shape[0] > 2 and points.shape[1] == held.numel()
+    assert any(torch.equal(p, bounded.oof_pred[held]) for p in points)
+    assert torch.equal(bounded.oof_pred, plain.oof_pred) and bounded.steps == plain.steps
+    assert set(bounded.tensors) == set(plain.tensors)
+    for k, v in plain.tensors.items():
+        assert torch.equal(bounded.tensors[k], v), k
+    with pytest.raises(CannotWin) as e:
+        run(lambda r, p: "cannot beat the head")
+    assert e.value.reason == "cannot beat the head" and e.value.members == 1
+    assert 0 < e.value.steps < plain.steps

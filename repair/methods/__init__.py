@@ -142,10 +142,25 @@ class ModelRepairInputs:
     folds: Optional[list] = None    # [(train_idx, held_idx), ...] over ``items``: the folds a caller scores the
                                     # repair on (recipe auto-ft); a repair that cross-fits takes them as its folds
                                     # (mixft's cross_fit, when their number matches) and returns ``oof_pred``
+    # cross-fitting with the caller's folds: ``stop_check(rows, points)`` after each member but the last,
+    # ``points`` (P, len(rows)) the out-of-fold predictions of the members so far on their folds' rows at
+    # every point the finished run could end at; a reason it returns ends the run (CannotWin is raised)
+    stop_check: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[str]]] = None
 
     @property
     def num_classes(self) -> int:
         return int(self.ref_logits.shape[1])
+
+
+class CannotWin(Exception):
+    """A model repair ended early because its caller's ``stop_check`` showed that it cannot be chosen
+    (:data:`ModelRepairInputs.stop_check`). ``steps``: optimiser steps taken; ``members``: members
+    trained; ``seconds``: set by the caller that timed the run."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.steps, self.members, self.seconds = 0, 0, 0.0
 
 
 @dataclass
@@ -377,6 +392,6 @@ def get_method(name: str) -> MethodInfo:
     return METHODS.get(name)
 
 
-__all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "TrainSet", "MethodInfo",
+__all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "CannotWin", "TrainSet", "MethodInfo",
            "register_method", "register_model_repair", "list_methods", "get_method", "MASK", "AFFINE",
            "Transform", "Resource", "METHODS", "check_inputs", "check_output", "check_model_output"]

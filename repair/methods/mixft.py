@@ -117,6 +117,9 @@ seconds of the fit, wall clock was 4-8x more):
   default. Since the twenty-fourth session recipe ``auto-ft`` runs it on its own two folds
   (``ModelRepairInputs.folds``): the members' out-of-fold predictions are what auto-ft scores against the
   head, and the members' average is the model it returns (bench row ``auto-ft``, bench/analysis.md).
+  Twenty-sixth session: after each member but the last, the caller's ``stop_check`` gets that member's
+  fold predicted at every point settling could choose (``settle(..., every_point=True)``) and can end the
+  run (``CannotWin``): auto-ft's bound, as its fold-by-fold path had one.
 - SST-2 is where ``mixft`` does NOT yet reach the issue's target (label-free test WGA >=
   the best last-layer row + 5, about 75): ``head_init: refit`` + last 2 layers, lr 1e-4,
   8 epochs kept the refitted head (68.5 / 77.2, the last-layer level; fine-tuning first
@@ -163,7 +166,7 @@ from ..modelrepair.finetune import (LoopConfig, Session, SettleSettings, cross_f
                                     settle_by, train)
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS, check_scope
-from . import ModelRepairInputs, ModelRepairOutput, register_model_repair
+from . import CannotWin, ModelRepairInputs, ModelRepairOutput, register_model_repair
 
 
 @dataclass
@@ -345,9 +348,17 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
                 member_heads.append(_refit_head(tm, sess, X, groups))
             return run(params, budget, int(inputs.seed) + j, f"mixft {j + 1}/{cfg.cross_fit}")
 
+        def after_member(done: list) -> None:
+            # the caller's bound (auto-ft): the members so far, at every point settling could choose
+            pts = settle_by(cfg, sess, before, groups, members=done, every_point=True)
+            why = None if pts is None else inputs.stop_check(pts["rows"], pts["points"])
+            if why:
+                raise CannotWin(why)
+
+        check = after_member if inputs.stop_check is not None and inputs.folds is not None else None
         with tm.training(names, freeze_bn=cfg.freeze_bn) as params:
             res, members = cross_fit(sess, cfg.cross_fit, params, run_member, budget=inputs.budget,
-                                     buffers=tm.running_stats(cfg.freeze_bn))
+                                     buffers=tm.running_stats(cfg.freeze_bn), after_member=check)
 
     lora_info = None
     if cfg.lora:

@@ -280,11 +280,14 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     return _members_result(runs, score, time.perf_counter() - t0, {**share.describe(), "default": default_budget})
 
 
-def _soup(state: list, k: int, run: Callable[[int], "LoopResult"], keep: bool = False) -> tuple:
+def _soup(state: list, k: int, run: Callable[[int], "LoopResult"], keep: bool = False,
+          after: Optional[Callable[[int, list], None]] = None) -> tuple:
     """Train ``k`` members (``run(m)``), each from the tensors ``state`` as they are now, and leave
     ``state`` at the uniform average of the members' (integer tensors rounded). Returns ``(results,
     members)``: ``members`` holds each member's CPU copies of ``state`` when ``keep`` (cross-fitting
-    settles on them), else None (a running float64 sum is all the average needs)."""
+    settles on them), else None (a running float64 sum is all the average needs). ``after(m, copy)``
+    (with ``keep``): called after each member but the last with its copy; what it raises ends the soup
+    (``state`` is then left at that member's weights)."""
     start = [p.detach().clone() for p in state]
     total = None if keep else [torch.zeros_like(p, dtype=torch.float64) for p in state]
     runs, kept = [], []
@@ -296,6 +299,8 @@ def _soup(state: list, k: int, run: Callable[[int], "LoopResult"], keep: bool = 
         with torch.no_grad():
             if keep:
                 kept.append([p.detach().cpu().clone() for p in state])
+                if after is not None and m + 1 < k:
+                    after(m, kept[-1])
             else:
                 for acc, p in zip(total, state):
                     acc.add_(p.detach().double())
@@ -324,7 +329,8 @@ def _members_result(runs: list, score: Optional[tuple], seconds: float, budget: 
 
 
 def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run_member: Callable[[int, "Budget"], LoopResult],
-              *, budget: Optional["Budget"] = None, buffers: Sequence[torch.Tensor] = ()) -> tuple:
+              *, budget: Optional["Budget"] = None, buffers: Sequence[torch.Tensor] = (),
+              after_member: Optional[Callable[[list], None]] = None) -> tuple:
     """Cross-fitted training: the repair rows cut into ``k`` folds (:meth:`Session.fold_parts`);
     member ``j`` trains from the same starting weights on every fold but ``j`` and is early-stopped
     on fold ``j`` (``run_member(j, budget)`` runs the loop with the session's split set to that
@@ -334,7 +340,12 @@ def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run
     predictions of every repair row instead of one held-out part -- ``k`` / holdout_fraction times
     the rows, what makes its choices noisy on a small or skewed repair set. A time budget is split
     evenly among the members. Returns ``(LoopResult, members)``, ``members`` =
-    ``[(moved tensors by name, train_idx, held_idx), ...]`` as :func:`settle` takes them."""
+    ``[(moved tensors by name, train_idx, held_idx), ...]`` as :func:`settle` takes them.
+    ``after_member(members so far)``: called after each member but the last; a
+    :class:`repair.methods.CannotWin` it raises ends the run there (the members not trained are
+    not), with the steps taken so far on it."""
+    from ..methods import CannotWin
+
     params = [p for p in params if p.requires_grad]
     state = [*params, *buffers]
     names: dict = {}                     # a tensor's names in the state dict (tied weights have several)
@@ -346,13 +357,29 @@ def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run
     share = budget if budget.seconds is None else Budget(budget.steps, budget.epochs, budget.seconds / k)
     t0 = time.perf_counter()
 
+    done: list = []
+
     def member(j: int) -> LoopResult:
         with sess.split(*parts[j]):
-            return run_member(j, share)
+            done.append(run_member(j, share))
+        return done[-1]
 
-    runs, kept = _soup(state, k, member, keep=True)
-    members = [({n: m[i] for i, p in enumerate(state) for n in names.get(id(p), ())}, tr, ho)
-               for m, (tr, ho) in zip(kept, parts)]
+    def by_name(m: list) -> dict:
+        return {n: m[i] for i, p in enumerate(state) for n in names.get(id(p), ())}
+
+    copies: list = []
+
+    def after(j: int, m: list) -> None:
+        copies.append(m)
+        if after_member is not None:
+            after_member([(by_name(c), *parts[i]) for i, c in enumerate(copies)])
+
+    try:
+        runs, kept = _soup(state, k, member, keep=True, after=after)
+    except CannotWin as e:
+        e.steps, e.members = sum(r.steps for r in done), len(done)
+        raise
+    members = [(by_name(m), tr, ho) for m, (tr, ho) in zip(kept, parts)]
     res = _members_result(runs, None, time.perf_counter() - t0,
                           {**share.describe(), "default": default_budget, "cross_fit": k})
     return res, members
@@ -720,19 +747,27 @@ def refit_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, *, unseen
 
 
 def _refit_parts(sess: "Session", parts: Sequence[tuple], groups: torch.Tensor, l2s: Sequence[float], *,
-                 one_se: bool = False, average: bool = False, where: str = "held-out part") -> tuple:
+                 one_se: bool = False, average: bool = False, where: str = "held-out part",
+                 every: bool = False):
     """The strength choice of :func:`refit_head` (on the held-out part) over one or more parts
     ``[(X, train_rows, held_rows), ...]``: each part's heads of every strength in ``l2s`` fitted on its
     training rows and predicting its held rows, the predictions of all parts scored together (one
     part: the session's held-out part; cross-fitting's members: their out-of-fold predictions, each
     member's body embedding its own part). Returns ``([(W, b) per part], info, predictions of the
-    chosen head(s) over the parts' held rows in order)``; ``where`` names the rows in ``chosen_by``."""
+    chosen head(s) over the parts' held rows in order)``; ``where`` names the rows in ``chosen_by``.
+    ``every`` (not with ``one_se`` and ``average`` together): nothing is chosen; returns the (P, rows)
+    predictions of every head the choice could end at (each strength's, or the one averaged head)."""
     from ..selection import average_heads, head_predictions, pick_best
 
     l2s = [float(v) for v in l2s]
     fits = [_balanced_heads(sess, X, groups, tr, l2s) for X, tr, _ in parts]
     rows = torch.cat([ho for _, _, ho in parts])
     pred = torch.cat([head_predictions(X[ho], W, b) for (X, _, ho), (W, b) in zip(parts, fits)], dim=1)
+    if every and not average:
+        return pred
+    if every and not one_se:
+        return torch.cat([head_predictions(X[ho], Wa[None], ba[None]) for (X, tr, ho), (W, b) in zip(parts, fits)
+                          for Wa, ba in [average_heads(W, b, X[tr])]], dim=1)
     worst, mean = sess.heldout_scores(pred, rows)
     k = pick_best(worst, mean)
     keep = list(range(len(l2s)))          # the strengths the held-out rows cannot tell from the best
@@ -777,18 +812,20 @@ def averaged_head(sess: "Session", X: torch.Tensor, groups: torch.Tensor, rows: 
 
 
 def settle_by(cfg: SettleSettings, sess: "Session", start: dict,
-              groups: Optional[torch.Tensor] = None, members: Optional[Sequence[tuple]] = None) -> Optional[dict]:
+              groups: Optional[torch.Tensor] = None, members: Optional[Sequence[tuple]] = None,
+              every_point: bool = False) -> Optional[dict]:
     """:func:`settle` as ``cfg`` says (None when ``cfg.settle`` is off); ``members``: cross-fitting's
-    (:func:`cross_fit`)."""
+    (:func:`cross_fit`); ``every_point``: :func:`settle`'s."""
     if cfg.settle == "off":
         return None
     return settle(sess, start, alphas=cfg.settle_alphas, heads=SETTLE_HEADS[cfg.settle], groups=groups,
-                  strength=cfg.settle_strength, members=members)
+                  strength=cfg.settle_strength, members=members, every_point=every_point)
 
 
 def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALPHAS,
            heads: Sequence[str] = ("refit",), groups: Optional[torch.Tensor] = None,
-           strength: str = "heldout", members: Optional[Sequence[tuple]] = None) -> dict:
+           strength: str = "heldout", members: Optional[Sequence[tuple]] = None,
+           every_point: bool = False) -> Optional[dict]:
     """Where a fine-tuned model ends: weight-space interpolation between the starting weights
     ``start`` (name -> tensor, as :meth:`TrainableModel.state` gives them) and the current,
     fine-tuned ones, ``start + alpha * (tuned - start)`` for each ``alpha`` (WiSE-FT, Wortsman
@@ -841,7 +878,15 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     the fold it did not train on, all folds scored together (a refitted head's strength chosen on
     those predictions too). The chosen point is applied to the averaged weights, its head refitted
     on every repair row; the returned dict then holds ``"oof_pred"``, the (N,) out-of-fold predictions
-    of the chosen point by repair row (a tensor: a caller takes it out before reporting)."""
+    of the chosen point by repair row (a tensor: a caller takes it out before reporting).
+
+    ``every_point`` (with ``members``, which may be the first members only): nothing is chosen and the
+    model is left as it is but for the moved tensors (the caller restores them); returns ``{"rows":
+    held rows, "points": (P, rows)}``, the members' out-of-fold predictions at every point the choice
+    could end at (each alpha with each head and each strength it could choose), so that a caller can
+    bound what the finished run can score (:data:`repair.methods.ModelRepairInputs.stop_check`); None
+    when that set is not known in advance (``strength: average_1se``, whose averaged strengths are
+    chosen on all the members' predictions)."""
     from ..selection import head_predictions, pick_best
 
     heads = tuple(heads)
@@ -850,6 +895,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     if strength not in SETTLE_STRENGTHS:
         raise ValueError(f"settle strength must be one of {SETTLE_STRENGTHS}, got {strength!r}")
     refit = "refit" in heads
+    if every_point and (not members or (refit and strength == "average_1se")):
+        return None
     tm = sess.model
     sd = tm.module.state_dict()
     tuned = {k: sd[k].detach().cpu().clone() for k in start}
@@ -919,23 +966,32 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
                     info["chosen_by"] = "the original body's repeated folds"
             options.append(("refit", info, head_predictions(X[sess.held_idx], Wr[None], br[None])[0]))
         elif refit:
+            # the strengths this point's refitted head is chosen among (or averages), one home for both uses
             if alpha == 0.0:      # the strength the repeated folds over every row choose for the original body
                 l2s = (orig[2]["l2"] if orig is not None else
                        refit_head(sess, parts[0][0], groups, unseen=True, one_se=one_se, average=average)[2]["l2"])
-                l2s = l2s if isinstance(l2s, list) else [l2s]
-                _, info, pred = _refit_parts(sess, parts, groups, l2s, average=average, where=where)
-                info["chosen_by"] = "the original body's repeated folds"
+                l2s, kw = (l2s if isinstance(l2s, list) else [l2s]), {"average": average}
             elif fixed is not None:
-                _, info, pred = _refit_parts(sess, parts, groups, [fixed], where=where)
-                info["chosen_by"] = "the original body's repeated folds"
+                l2s, kw = [fixed], {}
             else:
-                _, info, pred = _refit_parts(sess, parts, groups, REFIT_L2, one_se=one_se, average=average,
-                                             where=where)
-            options.append(("refit", info, pred))
+                l2s, kw = REFIT_L2, {"one_se": one_se, "average": average}
+            if every_point:       # every head the choice below could end at
+                options.extend(("refit", None, p) for p in _refit_parts(sess, parts, groups, l2s, every=True,
+                                                                        average=kw.get("average", False)))
+            else:
+                _, info, pred = _refit_parts(sess, parts, groups, l2s, where=where, **kw)
+                if alpha == 0.0 or fixed is not None:
+                    info["chosen_by"] = "the original body's repeated folds"
+                options.append(("refit", info, pred))
+        if every_point:
+            cands.extend({"pred": pred} for _, _, pred in options)
+            continue
         for kind, info, pred in options:
             worst, mean = sess.heldout_scores(pred, rows)
             cands.append({"alpha": alpha, "head": kind, "refit": info, "pred": pred,
                           "heldout_score": float(worst[0]), "heldout_accuracy": float(mean[0])})
+    if every_point:
+        return {"rows": rows, "points": torch.stack([c["pred"].long().cpu() for c in cands])}
     # the original body (alpha 0, refitted head) is the simpler choice: a moved body replaces it only
     # with a held-out edge of required_gain (the rule auto-ft applies between a head and a model repair)
     base = next((c for c in cands if c["alpha"] == 0.0), None)
