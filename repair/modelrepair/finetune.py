@@ -281,13 +281,13 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
 
 
 def _soup(state: list, k: int, run: Callable[[int], "LoopResult"], keep: bool = False,
-          after: Optional[Callable[[int, list], None]] = None) -> tuple:
+          after: Optional[Callable[[list], None]] = None) -> tuple:
     """Train ``k`` members (``run(m)``), each from the tensors ``state`` as they are now, and leave
     ``state`` at the uniform average of the members' (integer tensors rounded). Returns ``(results,
     members)``: ``members`` holds each member's CPU copies of ``state`` when ``keep`` (cross-fitting
-    settles on them), else None (a running float64 sum is all the average needs). ``after(m, copy)``
-    (with ``keep``): called after each member but the last with its copy; what it raises ends the soup
-    (``state`` is then left at that member's weights)."""
+    settles on them), else None (a running float64 sum is all the average needs). ``after(copies)``
+    (with ``keep``): called after each member but the last with the members' copies so far; what it
+    raises ends the soup (``state`` is then left at that member's weights)."""
     start = [p.detach().clone() for p in state]
     total = None if keep else [torch.zeros_like(p, dtype=torch.float64) for p in state]
     runs, kept = [], []
@@ -300,7 +300,7 @@ def _soup(state: list, k: int, run: Callable[[int], "LoopResult"], keep: bool = 
             if keep:
                 kept.append([p.detach().cpu().clone() for p in state])
                 if after is not None and m + 1 < k:
-                    after(m, kept[-1])
+                    after(kept)
             else:
                 for acc, p in zip(total, state):
                     acc.add_(p.detach().double())
@@ -367,15 +367,11 @@ def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run
     def by_name(m: list) -> dict:
         return {n: m[i] for i, p in enumerate(state) for n in names.get(id(p), ())}
 
-    copies: list = []
-
-    def after(j: int, m: list) -> None:
-        copies.append(m)
-        if after_member is not None:
-            after_member([(by_name(c), *parts[i]) for i, c in enumerate(copies)])
+    def after(copies: list) -> None:
+        after_member([(by_name(c), *parts[i]) for i, c in enumerate(copies)])
 
     try:
-        runs, kept = _soup(state, k, member, keep=True, after=after)
+        runs, kept = _soup(state, k, member, keep=True, after=after if after_member is not None else None)
     except CannotWin as e:
         e.steps, e.members = sum(r.steps for r in done), len(done)
         raise
@@ -759,6 +755,8 @@ def _refit_parts(sess: "Session", parts: Sequence[tuple], groups: torch.Tensor, 
     predictions of every head the choice could end at (each strength's, or the one averaged head)."""
     from ..selection import average_heads, head_predictions, pick_best
 
+    if every and one_se and average:
+        raise ValueError("every: the averaged strengths of one_se are chosen on the predictions, not known in advance")
     l2s = [float(v) for v in l2s]
     fits = [_balanced_heads(sess, X, groups, tr, l2s) for X, tr, _ in parts]
     rows = torch.cat([ho for _, _, ho in parts])
