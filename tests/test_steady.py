@@ -783,3 +783,35 @@ def test_a_repair_set_too_small_to_hold_out_a_part_names_the_data(tmp_path, timm
     assert code == 2 and len(lines) == 1 and "too small to hold out a part" in lines[0], err
     assert lines[0].startswith(f"error: {small}"), err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("selection, applied", [("worst_inferred_group", "average"), ("worst_class", "heldout")])
+def test_strength_auto_averages_under_the_worst_inferred_group_and_chooses_otherwise(session, selection, applied):
+    """``settle_strength: auto`` (mixft's default): under the worst inferred group criterion (a skewed
+    repair set, label-free) it is ``average``, under any other ``heldout`` -- the same candidates, scores
+    and final head as that strength given by name, and the result says which was applied and why."""
+    from repair.methods import get_method
+    from repair.modelrepair.finetune import Session, settle, settle_strength_for
+
+    _, tm = session
+    sess = Session(session[0].inputs, holdout_fraction=0.5, selection=selection)
+    assert sess.criterion.name == selection
+    start = tm.state()
+    _perturb(tm, 0.3, seed=2)
+    tuned = tm.state()
+    out = {}
+    for strength in ("auto", applied):
+        tm.module.load_state_dict(tuned)
+        diag = settle(sess, start, alphas=(0.0, 0.5, 1.0), strength=strength)
+        out[strength] = (diag, {k: v.clone() for k, v in tm.state().items()})
+    (auto, w_auto), (named, w_named) = out["auto"], out[applied]
+    assert auto.pop("strength") == {"applied": applied, "why": settle_strength_for("auto", selection)[1]}
+    assert "strength" not in named and auto == named
+    # average: every refitted head is the grid's average (its l2 the whole grid); heldout: one strength each
+    assert all(isinstance(c["refit"]["l2"], list) == (applied == "average") for c in auto["candidates"])
+    assert all(torch.equal(w_auto[k], w_named[k]) for k in w_auto)
+    # the rule's one home, and who uses it by default: mixft; clp and recompose keep heldout
+    assert settle_strength_for("auto", "worst_group")[0] == "heldout"
+    assert settle_strength_for("average_1se", "worst_inferred_group") == ("average_1se", None)
+    assert get_method("mixft").default_config().settle_strength == "auto"
+    assert {get_method(m).default_config().settle_strength for m in ("clp", "recompose")} == {"heldout"}

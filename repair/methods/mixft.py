@@ -162,8 +162,8 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import (LoopConfig, Session, SettleSettings, cross_fit, draw_batch, refit_head,
-                                    settle_by, train)
+from ..modelrepair.finetune import (SETTLE_STRENGTHS, LoopConfig, Session, SettleSettings, cross_fit, draw_batch,
+                                    refit_head, settle_by, train)
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS, check_scope
 from . import CannotWin, ModelRepairInputs, ModelRepairOutput, register_model_repair
@@ -172,6 +172,12 @@ from . import CannotWin, ModelRepairInputs, ModelRepairOutput, register_model_re
 @dataclass
 class MixFTConfig(LoopConfig, SettleSettings):
     lr: float = setting(1e-4, gt=0)
+    # mixft's own default (clp and recompose keep heldout): see the notes above and settle_strength_for
+    settle_strength: str = setting("auto", choices=SETTLE_STRENGTHS,
+                                   doc="the L2 strength of each refitted head: auto (the default) = average "
+                                       "under the worst inferred group criterion (a skewed repair set, label-free), "
+                                       "else heldout; heldout = chosen for each body on the held-out part; "
+                                       "heldout_1se, original, average, average_1se: see SettleSettings")
     epochs: float = setting(8.0, gt=0, doc="epochs over the training part (a --budget overrides)")
     scope: str = setting("auto", doc="auto (= all: every layer) | head | all | last:N | names:REGEX")
     lora: bool = setting(False, doc="train peft LoRA adapters on the scope's layers (merged before saving)")

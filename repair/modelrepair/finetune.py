@@ -174,8 +174,25 @@ def settle_alphas_setting(default: tuple = (0.5, 1.0)):
                        "standard errors on the held-out part)")
 
 
-#: ``settle_strength`` values: how the strength of a refitted head on a moved body is chosen (:func:`settle`)
-SETTLE_STRENGTHS = ("heldout", "heldout_1se", "original", "average", "average_1se")
+#: ``settle_strength`` values: how the strength of a refitted head on a moved body is chosen (:func:`settle`;
+#: ``auto`` is resolved by :func:`settle_strength_for`)
+SETTLE_STRENGTHS = ("auto", "heldout", "heldout_1se", "original", "average", "average_1se")
+#: the criterion under which ``settle_strength: auto`` averages the strengths instead of choosing one: the
+#: worst *inferred* group (label-free, a skewed repair set), whose held-out score rests on the few rows the
+#: original model gets wrong -- too few to choose a strength on (bench/analysis.md, twenty-seventh session)
+AVERAGE_STRENGTHS_UNDER = ("worst_inferred_group",)
+
+
+def settle_strength_for(strength: str, criterion) -> tuple:
+    """``(strength, why)``: the ``settle_strength`` :func:`settle` applies. ``"auto"`` is ``"average"``
+    when the session's ``criterion`` (a :class:`repair.selection.Criterion`, or its name) is one of
+    :data:`AVERAGE_STRENGTHS_UNDER`, else ``"heldout"``; any other value is itself (``why`` None)."""
+    if strength != "auto":
+        return strength, None
+    name = getattr(criterion, "name", criterion)
+    if name in AVERAGE_STRENGTHS_UNDER:
+        return "average", f"auto: the criterion is {name} (too few held-out rows to choose a strength on)"
+    return "heldout", f"auto: the criterion is {name}"
 #: ``settle`` values: which heads of the interpolated bodies :func:`settle` compares (``off``: none)
 SETTLE_MODES = ("off", "interpolate", "refit", "either")
 #: the heads each mode compares: the body's own (interpolated) head, a refitted head, or both
@@ -193,7 +210,9 @@ class SettleSettings:
                               "refitted on it instead; either = both heads of every point")
     settle_alphas: tuple = settle_alphas_setting()
     settle_strength: str = setting("heldout", choices=SETTLE_STRENGTHS,
-                                   doc="the L2 strength of each refitted head: heldout = chosen for each body on "
+                                   doc="the L2 strength of each refitted head: auto = average under the worst "
+                                       "inferred group criterion (a skewed repair set, label-free), else heldout; "
+                                       "heldout = chosen for each body on "
                                        "the held-out part; heldout_1se = the strongest within one standard error of "
                                        "that best held-out score; original = the one repeated folds over every "
                                        "repair row choose for the original body, used for every body; average = "
@@ -862,7 +881,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     ``"average"``, no strength chosen for any body (the original one included): the heads of the whole
     grid averaged into one (``refit_head(..., average=True)``); ``"average_1se"``, the heads of the
     strengths within one standard error of each body's held-out best averaged (``average=True,
-    one_se=True``).
+    one_se=True``); ``"auto"``, ``"average"`` under the worst inferred group criterion and ``"heldout"``
+    under any other (:func:`settle_strength_for`; the result's ``strength`` says which and why).
     ``groups``: the groups a refitted head balances (default: the session's). When a refitted
     head wins, the head the model ends with is fitted again at its strength on *every* repair row
     (training and held-out part: choose on held-out data, then refit on all of it, as the head
@@ -892,6 +912,7 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
         raise ValueError(f"settle heads must be 'own' and/or 'refit', got {heads!r}")
     if strength not in SETTLE_STRENGTHS:
         raise ValueError(f"settle strength must be one of {SETTLE_STRENGTHS}, got {strength!r}")
+    strength, strength_why = settle_strength_for(strength, sess.criterion)
     refit = "refit" in heads
     if every_point and (not members or (refit and strength == "average_1se")):
         return None
@@ -1021,6 +1042,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
            "heldout_score": best["heldout_score"], "heldout_accuracy": best["heldout_accuracy"],
            "required_gain": need,
            "candidates": [{k2: v for k2, v in c.items() if k2 != "pred"} for c in cands]}
+    if strength_why is not None:
+        out["strength"] = {"applied": strength, "why": strength_why}
     if members:
         out["scored_on"] = where
         oof = torch.full((sess.y.numel(),), -1, dtype=torch.long)
@@ -1029,5 +1052,5 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     return out
 
 
-__all__ = ["DEFAULT_BUDGET_SECONDS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
-           "LoopResult", "REFIT_FOLDS", "averaged_head", "cross_fit", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "train"]
+__all__ = ["DEFAULT_BUDGET_SECONDS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "AVERAGE_STRENGTHS_UNDER", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
+           "LoopResult", "REFIT_FOLDS", "averaged_head", "cross_fit", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "settle_strength_for", "train"]
