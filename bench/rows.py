@@ -191,13 +191,18 @@ MODEL_ROWS: list[ModelRow] = [
 ]
 
 
-#: mixft's ``settle_strength`` default became ``auto`` in the twenty-seventh session (the heads of every strength
-#: averaged under the worst inferred group criterion, the skewed sets'): the rows measured before it that left the
-#: strength at its default keep the one they were measured with (``mixft`` itself is the default, whatever it is)
+#: mixft's defaults that changed in the twenty-seventh session: ``settle_strength`` ``auto`` (the heads of every
+#: strength averaged under the worst inferred group criterion, the skewed sets') and ``early_stop`` ``after_gain``
+#: (no early stop back at the start). The rows measured before that left them at their defaults keep the values
+#: they were measured with (``mixft`` itself is the default, whatever it is); a setting that cannot act on a row
+#: (no settling, no early stopping) is left out
 for _row in MODEL_ROWS:
-    if (_row.method == "mixft" and _row.label != "mixft" and _row.recipe is None
-            and "settle_strength" not in _row.params and _row.params.get("settle") != "off"):
+    if _row.method != "mixft" or _row.label == "mixft" or _row.recipe is not None:
+        continue
+    if "settle_strength" not in _row.params and _row.params.get("settle") != "off":
         _row.params = {**_row.params, "settle_strength": "heldout"}
+    if "early_stop" not in _row.params and _row.params.get("patience", 3) != 0:
+        _row.params = {**_row.params, "early_stop": "anytime"}
 del _row
 
 # ============================================================================ data

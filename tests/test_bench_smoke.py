@@ -168,7 +168,7 @@ def test_the_auto_ft_row_of_the_benchmark_runs_what_the_recipe_runs():
     bench = load_recipe(str(ROOT / "bench" / "recipes" / "auto-ft-mixft-defaults.yaml"))
     heads = [(c.method, c.params) for c in ours.candidates if c.method != "mixft"]
     assert heads == [(c.method, c.params) for c in bench.candidates if c.method != "mixft"]
-    assert [c.params for c in bench.candidates if c.method == "mixft"] == [{"settle_strength": "heldout"}]
+    assert [c.params for c in bench.candidates if c.method == "mixft"] == [{"settle_strength": "heldout", "early_stop": "anytime"}]
     crossfit = dict(next(r for r in MODEL_ROWS if r.label == "mixft-cf2-p0").params)
     assert [dict(c.params) for c in ours.candidates if c.method == "mixft"] == [crossfit]
     assert crossfit["cross_fit"] == ours.folds                 # cross-fitted on auto-ft's own folds
@@ -177,6 +177,7 @@ def test_the_auto_ft_row_of_the_benchmark_runs_what_the_recipe_runs():
             if r.label.startswith("mixft-lpft-wig-last") or r.label == "mixft-lpft-last"}
     # (with the settle strength they were measured with: bench/rows.py pins it where they left it at its default)
     assert rows["mixft-lpft-wig-last"] == {**_LPFT_WIG_LAST, "settle_strength": "heldout"} and len(rows) >= 5
+    # (_LPFT_WIG_LAST runs its whole schedule, patience 0: early_stop cannot act on it and is not pinned)
     for label, params in rows.items():   # each variant only adds options to the LP-FT setting
         assert {k: v for k, v in params.items() if k in _LPFT_WIG_LAST} == _LPFT_WIG_LAST, label
         assert params["settle_strength"] != "auto", label

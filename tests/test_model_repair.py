@@ -79,6 +79,30 @@ def _quadratic():
     return p, (lambda i, gen: (p - 3.0).pow(2).sum())
 
 
+def test_after_gain_never_stops_early_back_at_the_start():
+    """``early_stop: after_gain`` (mixft's default): a held-out score that collapses below the start's
+    for longer than the patience does not end the run while the start is still the best evaluation --
+    ``anytime`` stops there and keeps the start; once an evaluation has beaten the start, patience
+    counts as usual. A run whose evaluations never beat the start runs its schedule and keeps the start."""
+    from repair.modelrepair.finetune import LoopConfig, train
+
+    def run(scores, early_stop, steps=8):
+        p, step = _quadratic()
+        it = iter(scores)
+        cfg = LoopConfig(epochs=steps, patience=2, warmup_fraction=0.0, eval_every=1, early_stop=early_stop)
+        return train([p], step, lambda: (next(it), 0.5), cfg, steps_per_epoch=1, budget=Budget(),
+                     progress=False), float(p)
+
+    collapse = [0.5, 0.1, 0.0, 0.2, 0.7, 0.6, 0.6, 0.6, 0.6]           # the start, then steps 1..8
+    res, _ = run(collapse, "anytime")
+    assert (res.stopped_by, res.steps, res.best_step) == ("early stopping", 2, 0)
+    res, p = run(collapse, "after_gain")
+    assert (res.stopped_by, res.steps, res.best_step) == ("early stopping", 6, 4) and p != 0.0
+    never = [0.5] + [0.1] * 8
+    res, p = run(never, "after_gain")
+    assert (res.stopped_by, res.steps, res.best_step, p) == ("epochs", 8, 0, 0.0)    # the start kept
+
+
 def test_loop_says_what_ended_training(monkeypatch):
     import time
 

@@ -162,7 +162,7 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import (SETTLE_STRENGTHS, LoopConfig, Session, SettleSettings, cross_fit, draw_batch,
+from ..modelrepair.finetune import (EARLY_STOPS, SETTLE_STRENGTHS, LoopConfig, Session, SettleSettings, cross_fit, draw_batch,
                                     refit_head, settle_by, train)
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS, check_scope
@@ -172,7 +172,12 @@ from . import CannotWin, ModelRepairInputs, ModelRepairOutput, register_model_re
 @dataclass
 class MixFTConfig(LoopConfig, SettleSettings):
     lr: float = setting(1e-4, gt=0)
-    # mixft's own default (clp and recompose keep heldout): see the notes above and settle_strength_for
+    # mixft's own defaults (clp and recompose keep anytime and heldout): see the notes above
+    early_stop: str = setting("after_gain", choices=EARLY_STOPS,
+                              doc="anytime = patience counts from the start; after_gain (the default) = only once "
+                                  "an evaluation has beaten the start: a run never stops early back at its starting "
+                                  "point (on skewed sets the held-out score often collapses for a few epochs before "
+                                  "it recovers)")
     settle_strength: str = setting("auto", choices=SETTLE_STRENGTHS,
                                    doc="the L2 strength of each refitted head: auto (the default) = average "
                                        "under the worst inferred group criterion (a skewed repair set, label-free), "

@@ -134,6 +134,10 @@ KEEPS = ("best", "last", "tail")
 MAX_BATCH = 4096
 
 
+#: ``early_stop`` values (:class:`LoopConfig`): when ``patience`` may end a run
+EARLY_STOPS = ("anytime", "after_gain")
+
+
 @dataclass
 class LoopConfig:
     """Optimisation settings shared by the model repairs (their configs inherit these)."""
@@ -147,6 +151,11 @@ class LoopConfig:
     clip_norm: float = setting(1.0, ge=0, doc="max gradient norm; 0 = no clipping")
     eval_every: int = setting(0, ge=0, doc="held-out evaluations every N steps; 0 = once per epoch")
     patience: int = setting(3, ge=0, doc="evaluations without improvement before stopping; 0 = never stop early")
+    early_stop: str = setting("anytime", choices=EARLY_STOPS,
+                              doc="anytime = patience counts from the start; after_gain = only once an evaluation "
+                                  "has beaten the start: a run never stops early back at its starting point (a "
+                                  "held-out score that collapses for a few epochs before it recovers does not end "
+                                  "it; the start can still be kept, at the schedule's end)")
     freeze_bn: bool = True
     amp: bool = setting(True, doc="bfloat16 autocast on CUDA (ignored on CPU)")
     keep: str = setting("best", choices=KEEPS,
@@ -476,7 +485,9 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
             best, best_state, best_step, stale = (float(score), float(acc)), snapshot(), i, 0
         else:
             stale += 1
-        return cfg.patience > 0 and stale >= cfg.patience
+        # after_gain: no early stop while the start is still the best evaluation (best_step 0)
+        return (cfg.patience > 0 and stale >= cfg.patience
+                and (getattr(cfg, "early_stop", "anytime") == "anytime" or best_step > 0))
 
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -1052,5 +1063,5 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     return out
 
 
-__all__ = ["DEFAULT_BUDGET_SECONDS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "AVERAGE_STRENGTHS_UNDER", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
+__all__ = ["DEFAULT_BUDGET_SECONDS", "EARLY_STOPS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "AVERAGE_STRENGTHS_UNDER", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
            "LoopResult", "REFIT_FOLDS", "averaged_head", "cross_fit", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "settle_strength_for", "train"]
