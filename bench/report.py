@@ -24,7 +24,7 @@ TARGET_AUTOFT_CAPPED = 3.0     # points: auto-ft over auto on the capped text ta
 TARGET_MODEL_RSS = 2048.0      # MiB: peak RSS increase of a model repair
 CAPPED_TASK = "sst2_capped"
 #: the model rows the issue-19 table reports (label-free), in table order (mixft-cf2-p0: the recipe mixft-crossfit)
-STEADY_ROWS = ("auto-ft", "mixft", "mixft-cf2-p0", "mixft-lpft-wig", "mixft-lpft-wig-last", "clp", "recompose")
+STEADY_ROWS = ("auto-ft", "mixft", "mixft-heldout", "mixft-cf2-p0", "mixft-lpft-wig", "mixft-lpft-wig-last", "clp", "recompose")
 
 
 # ============================================================================ summaries

@@ -68,6 +68,9 @@ _LPFT_WIG_LAST = {"head_init": "refit", "lr": 5e-4, "epochs": 4.0, "patience": 0
 MODEL_ROWS: list[ModelRow] = [
     ModelRow("finetune", "finetune", {}, note="plain fine-tuning of the last block (the simplest model repair)"),
     ModelRow("mixft", "mixft", {}, note="data-mixing fine-tuning (Xue et al. 2023), the method's defaults"),
+    ModelRow("mixft-heldout", "mixft", {"settle_strength": "heldout", "early_stop": "anytime"}, groups=(False,),
+             note="mixft's defaults until the twenty-seventh session: the refitted head's strength chosen on the "
+                  "held-out part under every criterion, and early stopping free to end a run at its start"),
     ModelRow("mixft-a0", "mixft", {"settle_alphas": (0.0, 0.5, 1.0)}, groups=(False,),
              note="mixft settled with the original body among the candidates (alpha 0, a moved body needs "
                   "two standard errors over it)"),
@@ -180,6 +183,9 @@ MODEL_ROWS: list[ModelRow] = [
              note="ablation: the same loop and data without the perturbation network (plain fine-tuning)"),
     ModelRow("recompose", "recompose", {}, modalities=("image",),
              note="composite counterfactuals (contrast masks), pruned, retrained"),
+    ModelRow("recompose-ag", "recompose", {"early_stop": "after_gain"}, groups=(False,), modalities=("image",),
+             note="recompose with mixft's early stopping (early_stop after_gain): no early stop while the start is "
+                  "still the best evaluation"),
     ModelRow("recompose-unsettled", "recompose", {"settle": "off"}, groups=(False,), modalities=("image",),
              note="recompose with the early-stopped weights as they are (settle off): what settling changes"),
     ModelRow("recompose-no-a0", "recompose", {"settle_alphas": (0.5, 1.0), "settle": "either"}, groups=(False,), modalities=("image",),
