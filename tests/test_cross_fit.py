@@ -196,7 +196,7 @@ def test_the_built_in_cross_fitted_recipe_is_what_the_benchmark_measured():
     (cand,) = load_recipe("mixft-crossfit").candidates
     row = next(r for r in MODEL_ROWS if r.label == "mixft-cf2-p0")
     assert cand.method == row.method == "mixft"
-    assert dict(cand.params) == dict(row.params) == {"cross_fit": 2, "patience": 0}
+    assert dict(cand.params) == dict(row.params) == {"cross_fit": 2, "patience": 0, "settle_strength": "heldout"}
 
 
 class _CrossCtx:
