@@ -181,8 +181,8 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..errors import BadInput
-from ..modelrepair.finetune import (EARLY_STOPS, SETTLE_STRENGTHS, LoopConfig, Session, SettleSettings, cross_fit, draw_batch,
-                                    refit_head, settle_by, train)
+from ..modelrepair.finetune import (EARLY_STOPS, SETTLE_STRENGTHS, LoopConfig, Session, SettleSettings, cross_fit,
+                                    draw_batch, refit_head, settle_by, train)
 from ..selection import SELECTION_NAMES
 from ..modelrepair.trainable import AUGMENTATIONS, check_scope
 from . import CannotWin, ModelRepairInputs, ModelRepairOutput, register_model_repair

@@ -202,6 +202,8 @@ def settle_strength_for(strength: str, criterion) -> tuple:
     if name in AVERAGE_STRENGTHS_UNDER:
         return "average", f"auto: the criterion is {name} (too few held-out rows to choose a strength on)"
     return "heldout", f"auto: the criterion is {name}"
+
+
 #: ``settle`` values: which heads of the interpolated bodies :func:`settle` compares (``off``: none)
 SETTLE_MODES = ("off", "interpolate", "refit", "either")
 #: the heads each mode compares: the body's own (interpolated) head, a refitted head, or both
