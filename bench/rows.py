@@ -202,12 +202,18 @@ MODEL_ROWS: list[ModelRow] = [
 #: (no early stop back at the start). The rows measured before that left them at their defaults keep the values
 #: they were measured with (``mixft`` itself is the default, whatever it is); a setting that cannot act on a row
 #: (no settling, no early stopping) is left out
+def _mixft_patience() -> int:
+    from repair.methods import get_method
+
+    return get_method("mixft").default_config().patience
+
+
 for _row in MODEL_ROWS:
     if _row.method != "mixft" or _row.label == "mixft" or _row.recipe is not None:
         continue
     if "settle_strength" not in _row.params and _row.params.get("settle") != "off":
         _row.params = {**_row.params, "settle_strength": "heldout"}
-    if "early_stop" not in _row.params and _row.params.get("patience", 3) != 0:
+    if "early_stop" not in _row.params and _row.params.get("patience", _mixft_patience()) != 0:
         _row.params = {**_row.params, "early_stop": "anytime"}
 del _row
 

@@ -168,7 +168,8 @@ def test_the_auto_ft_row_of_the_benchmark_runs_what_the_recipe_runs():
     bench = load_recipe(str(ROOT / "bench" / "recipes" / "auto-ft-mixft-defaults.yaml"))
     heads = [(c.method, c.params) for c in ours.candidates if c.method != "mixft"]
     assert heads == [(c.method, c.params) for c in bench.candidates if c.method != "mixft"]
-    assert [c.params for c in bench.candidates if c.method == "mixft"] == [{"settle_strength": "heldout", "early_stop": "anytime"}]
+    assert [c.params for c in bench.candidates if c.method == "mixft"] == [{"settle_strength": "heldout",
+                                                                           "early_stop": "anytime"}]
     crossfit = dict(next(r for r in MODEL_ROWS if r.label == "mixft-cf2-p0").params)
     assert [dict(c.params) for c in ours.candidates if c.method == "mixft"] == [crossfit]
     assert crossfit["cross_fit"] == ours.folds                 # cross-fitted on auto-ft's own folds
