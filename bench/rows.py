@@ -199,21 +199,23 @@ MODEL_ROWS: list[ModelRow] = [
 
 #: mixft's defaults that changed in the twenty-seventh session: ``settle_strength`` ``auto`` (the heads of every
 #: strength averaged under the worst inferred group criterion, the skewed sets') and ``early_stop`` ``after_gain``
-#: (no early stop back at the start). The rows measured before that left them at their defaults keep the values
-#: they were measured with (``mixft`` itself is the default, whatever it is); a setting that cannot act on a row
-#: (no settling, no early stopping) is left out
-def _mixft_patience() -> int:
+#: (no early stop back at the start); the other model repairs' ``early_stop`` default that changed in the
+#: twenty-eighth: ``auto`` (``after_gain`` under the worst inferred group criterion), ``anytime`` before. The rows
+#: measured before that left them at their defaults keep the values they were measured with (a row named as its
+#: method is the default, whatever it is); a setting that cannot act on a row (no settling, no early stopping) is
+#: left out
+def _default_patience(method: str) -> int:
     from repair.methods import get_method
 
-    return get_method("mixft").default_config().patience
+    return get_method(method).default_config().patience
 
 
 for _row in MODEL_ROWS:
-    if _row.method != "mixft" or _row.label == "mixft" or _row.recipe is not None:
+    if _row.label == _row.method or _row.recipe is not None:
         continue
-    if "settle_strength" not in _row.params and _row.params.get("settle") != "off":
+    if _row.method == "mixft" and "settle_strength" not in _row.params and _row.params.get("settle") != "off":
         _row.params = {**_row.params, "settle_strength": "heldout"}
-    if "early_stop" not in _row.params and _row.params.get("patience", _mixft_patience()) != 0:
+    if "early_stop" not in _row.params and _row.params.get("patience", _default_patience(_row.method)) != 0:
         _row.params = {**_row.params, "early_stop": "anytime"}
 del _row
 

@@ -159,6 +159,7 @@ def test_mixft_repairs_a_cnn_shortcut_with_group_labels(shortcut_cnn, tmp_path):
     diag = rep["diagnostics"]
     assert diag["groups"] == "given" and diag["mixing"]["space"] == "preprocessed pixels"
     assert diag["session"]["criterion"] == "worst_group"
+    assert diag["loop"]["early_stop"] == {"applied": "after_gain", "why": None}     # mixft's own default
     # the backbone changed (not only the head), BatchNorm statistics are bit-identical
     before, _ = load_safetensors(model / "model.safetensors")
     after, meta = load_safetensors(out / "model.safetensors")

@@ -103,6 +103,43 @@ def test_after_gain_never_stops_early_back_at_the_start():
     assert (res.stopped_by, res.steps, res.best_step, p) == ("epochs", 8, 0, 0.0)    # the start kept
 
 
+def test_early_stop_auto_waits_for_a_gain_only_under_the_worst_inferred_group():
+    """``early_stop: auto`` (the loop's default; clp's, recompose's and finetune's): ``after_gain`` under the
+    worst inferred group criterion (a skewed label-free repair set), ``anytime`` under any other criterion or
+    none; the rule applied and why are in the loop's diagnostics. The same scripted collapse as above ends
+    at step 2 under worst_class and runs on to step 6 under worst_inferred_group."""
+    from repair.methods import get_method
+    from repair.modelrepair.finetune import AFTER_GAIN_UNDER, LoopConfig, early_stop_for, train
+    from repair.selection import Criterion
+
+    assert LoopConfig().early_stop == "auto" and AFTER_GAIN_UNDER == ("worst_inferred_group",)
+    for name, cfg_rule in (("clp", "auto"), ("recompose", "auto"), ("finetune", "auto"), ("mixft", "after_gain")):
+        assert get_method(name).default_config().early_stop == cfg_rule, name
+    assert early_stop_for("auto", "worst_inferred_group")[0] == "after_gain"
+    assert early_stop_for("auto", "worst_class")[0] == "anytime"
+    assert early_stop_for("auto", None) == ("anytime", "auto: no criterion given")
+    assert early_stop_for("anytime", "worst_inferred_group") == ("anytime", None)
+    assert early_stop_for("after_gain", "worst_class") == ("after_gain", None)
+    y = torch.tensor([0, 0, 1, 1, 0, 1])
+    ref = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    crit = Criterion.resolve("worst_inferred_group", has_groups=False, y=y, ref_logits=ref)
+    assert early_stop_for("auto", crit)[0] == "after_gain"              # a Criterion, not only its name
+
+    def run(criterion):
+        p, step = _quadratic()
+        it = iter([0.5, 0.1, 0.0, 0.2, 0.7, 0.6, 0.6, 0.6, 0.6])
+        cfg = LoopConfig(epochs=8, patience=2, warmup_fraction=0.0, eval_every=1)
+        return train([p], step, lambda: (next(it), 0.5), cfg, steps_per_epoch=1, budget=Budget(),
+                     progress=False, criterion=criterion)
+
+    res = run("worst_class")
+    assert (res.steps, res.best_step) == (2, 0)
+    assert res.describe()["early_stop"] == {"applied": "anytime", "why": "auto: the criterion is worst_class"}
+    res = run("worst_inferred_group")
+    assert (res.steps, res.best_step) == (6, 4) and res.describe()["early_stop"]["applied"] == "after_gain"
+    assert (run(None).steps, run(None).early_stop["applied"]) == (2, "anytime")
+
+
 def test_loop_says_what_ended_training(monkeypatch):
     import time
 
@@ -192,6 +229,7 @@ def test_finetune_through_fix_writes_a_loadable_model(timm_folder, repair_images
     assert mc["steps"] > 0 and mc["changed_tensors"]
     loop = rep["diagnostics"]["loop"]
     assert loop["steps"] == mc["steps"] and loop["history"]
+    assert "early_stop" not in loop                    # patience 0: no early-stopping rule to apply
     # only the head and the last block changed; BatchNorm statistics are bit-identical
     before, _ = load_safetensors(timm_folder / "model.safetensors")
     after, meta = load_safetensors(out / "model.safetensors")

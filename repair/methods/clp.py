@@ -463,7 +463,7 @@ def clp(inputs: ModelRepairInputs, config: ClpConfig) -> ModelRepairOutput:
     with tm.training(run.names, freeze_bn=cfg.freeze_bn) as params:
         res = train(params, run.step, run.sess.evaluator(cfg), cfg, steps_per_epoch=run.steps_per_epoch,
                     budget=inputs.budget, seed=inputs.seed, device=run.dev, progress=inputs.progress, desc="clp",
-                    buffers=tm.running_stats(cfg.freeze_bn))
+                    buffers=tm.running_stats(cfg.freeze_bn), criterion=run.sess.criterion)
     settled = settle_by(cfg, run.sess, before)
     changed = tm.changed(before)
     return ModelRepairOutput(tensors=changed, steps=res.steps, diagnostics={

@@ -60,7 +60,7 @@ def finetune(inputs: ModelRepairInputs, config: FinetuneConfig) -> ModelRepairOu
     with tm.training(names, freeze_bn=cfg.freeze_bn) as params:
         res = train(params, step, sess.evaluate, cfg, steps_per_epoch=sess.steps_per_epoch(cfg.batch_size),
                     budget=inputs.budget, seed=inputs.seed, device=dev, progress=inputs.progress,
-                    desc="finetune", buffers=tm.running_stats(cfg.freeze_bn))
+                    desc="finetune", buffers=tm.running_stats(cfg.freeze_bn), criterion=sess.criterion)
     changed = tm.changed(before)
     return ModelRepairOutput(tensors=changed, steps=res.steps,
                              diagnostics={"scope": cfg.scope, "trainable_tensors": len(names),

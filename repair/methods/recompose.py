@@ -225,7 +225,7 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
     with tm.training(trainable, freeze_bn=cfg.freeze_bn) as params:
         loop = train(params, step, sess.evaluator(cfg), cfg, steps_per_epoch=spe, budget=inputs.budget, seed=inputs.seed,
                      device=dev, progress=inputs.progress, desc="recompose",
-                     buffers=tm.running_stats(cfg.freeze_bn))
+                     buffers=tm.running_stats(cfg.freeze_bn), criterion=sess.criterion)
     settled = settle_by(cfg, sess, before)
     n_gen = int(target.numel())
     return ModelRepairOutput(

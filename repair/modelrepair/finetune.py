@@ -134,8 +134,29 @@ KEEPS = ("best", "last", "tail")
 MAX_BATCH = 4096
 
 
-#: ``early_stop`` values (:class:`LoopConfig`): when ``patience`` may end a run
-EARLY_STOPS = ("anytime", "after_gain")
+#: ``early_stop`` values (:class:`LoopConfig`): when ``patience`` may end a run (``auto`` is resolved by
+#: :func:`early_stop_for`)
+EARLY_STOPS = ("auto", "anytime", "after_gain")
+#: the criteria under which ``early_stop: auto`` waits for a gain before patience counts: the worst *inferred*
+#: group (label-free, a skewed repair set), whose held-out score rests on the dozen or so rows the original
+#: model gets wrong and often collapses for a few epochs before it recovers -- such a group must not end a run
+#: back at the original model (issue 19; bench/analysis.md, twenty-seventh and twenty-eighth sessions)
+AFTER_GAIN_UNDER = ("worst_inferred_group",)
+
+
+def early_stop_for(early_stop: str, criterion) -> tuple:
+    """``(early_stop, why)``: the rule :func:`train` applies. ``"auto"`` is ``"after_gain"`` when the
+    held-out ``criterion`` (a :class:`repair.selection.Criterion`, or its name) is one of
+    :data:`AFTER_GAIN_UNDER`, else (no criterion given included) ``"anytime"``; any other value is itself
+    (``why`` None)."""
+    if early_stop != "auto":
+        return early_stop, None
+    if criterion is None:
+        return "anytime", "auto: no criterion given"
+    name = getattr(criterion, "name", criterion)
+    if name in AFTER_GAIN_UNDER:
+        return "after_gain", f"auto: the criterion is {name} (a few rows' collapse must not end the run at its start)"
+    return "anytime", f"auto: the criterion is {name}"
 
 
 @dataclass
@@ -151,11 +172,13 @@ class LoopConfig:
     clip_norm: float = setting(1.0, ge=0, doc="max gradient norm; 0 = no clipping")
     eval_every: int = setting(0, ge=0, doc="held-out evaluations every N steps; 0 = once per epoch")
     patience: int = setting(3, ge=0, doc="evaluations without improvement before stopping; 0 = never stop early")
-    early_stop: str = setting("anytime", choices=EARLY_STOPS,
+    early_stop: str = setting("auto", choices=EARLY_STOPS,
                               doc="anytime = patience counts from the start; after_gain = only once an evaluation "
                                   "has beaten the start: a run never stops early back at its starting point (a "
                                   "held-out score that collapses for a few epochs before it recovers does not end "
-                                  "it; the start can still be kept, at the schedule's end)")
+                                  "it; the start can still be kept, at the schedule's end); auto = after_gain "
+                                  "under the worst inferred group criterion (a skewed repair set, label-free), "
+                                  "else anytime")
     freeze_bn: bool = True
     amp: bool = setting(True, doc="bfloat16 autocast on CUDA (ignored on CPU)")
     keep: str = setting("best", choices=KEEPS,
@@ -251,11 +274,14 @@ class LoopResult:
     history: list = field(default_factory=list)   # [{"step", "loss", extras..., "score", "accuracy"}]
     budget: dict = field(default_factory=dict)    # the budget in force (Budget.describe(), "default": bool)
     averaged: Optional[list] = None    # keep "tail": the steps whose states were averaged into the result
+    early_stop: Optional[dict] = None  # the early_stop rule applied ({"applied", "why"}: early_stop_for)
 
     def describe(self) -> dict:
         out = {"steps": self.steps, "best_step": self.best_step, "best_heldout_score": self.best_score,
                "best_heldout_accuracy": self.best_accuracy, "seconds": round(self.seconds, 3),
                "stopped_by": self.stopped_by, "budget": self.budget, "history": self.history}
+        if self.early_stop is not None:
+            out["early_stop"] = self.early_stop
         if self.averaged is not None:
             out["averaged_steps"] = self.averaged
         return out
@@ -267,7 +293,8 @@ EvalFn = Callable[[], tuple]
 
 def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional[EvalFn], cfg: LoopConfig, *,
           steps_per_epoch: int, budget: Optional[Budget] = None, seed: int = 0, device="cpu",
-          progress: bool = True, desc: str = "fine-tuning", buffers: Sequence[torch.Tensor] = ()) -> LoopResult:
+          progress: bool = True, desc: str = "fine-tuning", buffers: Sequence[torch.Tensor] = (),
+          criterion=None) -> LoopResult:
     """Run the loop (see the module docstring). ``step(i, generator)`` returns the loss of
     training step ``i`` (the loop calls ``backward`` and steps the optimiser), or a dict
     with that loss under ``"loss"`` and extra scalar metrics (averaged between evaluations,
@@ -290,8 +317,15 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     and the parameters end at the average of the members' (one ordinary set of weights: nothing to
     fold). A time budget is split evenly among the members; steps and epochs are per member. The
     result's steps add up, its history has each entry's ``member``, its held-out score is the
-    soup's."""
+    soup's.
+
+    ``criterion``: the held-out criterion ``evaluate`` scores by (the session's), which resolves
+    ``cfg.early_stop: auto`` (:func:`early_stop_for`); the rule applied is in the result's
+    ``early_stop``."""
     params = [p for p in params if p.requires_grad]
+    rule, why = early_stop_for(getattr(cfg, "early_stop", "anytime"), criterion) if evaluate is not None \
+        else ("anytime", None)
+    rule_info = None if evaluate is None or cfg.patience == 0 else {"applied": rule, "why": why}
     if not params:
         raise ValueError("nothing to train: no parameter requires gradients")
     buffers = list(buffers)
@@ -299,15 +333,19 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
     budget = Budget.default() if default_budget else budget
     k = int(getattr(cfg, "members", 1) or 1)
     if k <= 1:
-        return _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device,
-                           progress, desc, buffers)
+        res = _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device,
+                          progress, desc, buffers, rule)
+        res.early_stop = rule_info
+        return res
     share = budget if budget.seconds is None else Budget(budget.steps, budget.epochs, budget.seconds / k)
     t0 = time.perf_counter()
     runs, _ = _soup([*params, *buffers], k, lambda m: _train_once(
         params, step, evaluate, cfg, steps_per_epoch, share, default_budget, int(seed) + m, device, progress,
-        f"{desc} {m + 1}/{k}", buffers))
+        f"{desc} {m + 1}/{k}", buffers, rule))
     score = evaluate() if evaluate is not None else None
-    return _members_result(runs, score, time.perf_counter() - t0, {**share.describe(), "default": default_budget})
+    res = _members_result(runs, score, time.perf_counter() - t0, {**share.describe(), "default": default_budget})
+    res.early_stop = rule_info
+    return res
 
 
 def _soup(state: list, k: int, run: Callable[[int], "LoopResult"], keep: bool = False,
@@ -355,7 +393,8 @@ def _members_result(runs: list, score: Optional[tuple], seconds: float, budget: 
                               "member_scores": [r.best_score for r in runs],
                               "member_stopped_by": [r.stopped_by for r in runs],
                               **({"member_averaged_steps": [r.averaged for r in runs]}
-                                 if any(r.averaged is not None for r in runs) else {})})
+                                 if any(r.averaged is not None for r in runs) else {})},
+                      early_stop=runs[-1].early_stop)
 
 
 def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run_member: Callable[[int, "Budget"], LoopResult],
@@ -412,8 +451,9 @@ def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run
 
 
 def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_budget, seed, device, progress,
-                desc, buffers=()) -> LoopResult:
-    """One run of the loop (:func:`train`) on ``params`` as they are."""
+                desc, buffers=(), early_stop: str = "anytime") -> LoopResult:
+    """One run of the loop (:func:`train`) on ``params`` as they are; ``early_stop`` resolved
+    (``anytime`` or ``after_gain``)."""
     total, limit = budget.step_limit(max(1, steps_per_epoch), cfg.epochs)
     eval_every = cfg.eval_every or max(1, steps_per_epoch)
     dev = torch.device(device)
@@ -488,8 +528,7 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
         else:
             stale += 1
         # after_gain: no early stop while the start is still the best evaluation (best_step 0)
-        return (cfg.patience > 0 and stale >= cfg.patience
-                and (getattr(cfg, "early_stop", "anytime") == "anytime" or best_step > 0))
+        return cfg.patience > 0 and stale >= cfg.patience and (early_stop == "anytime" or best_step > 0)
 
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -1065,5 +1104,5 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     return out
 
 
-__all__ = ["DEFAULT_BUDGET_SECONDS", "EARLY_STOPS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "AVERAGE_STRENGTHS_UNDER", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig",
+__all__ = ["AFTER_GAIN_UNDER", "DEFAULT_BUDGET_SECONDS", "EARLY_STOPS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "AVERAGE_STRENGTHS_UNDER", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig", "early_stop_for",
            "LoopResult", "REFIT_FOLDS", "averaged_head", "cross_fit", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "settle_strength_for", "train"]
