@@ -224,6 +224,9 @@ MODEL_ROWS += [
     ModelRow("mixft-wu30", "mixft", {"warmup_fraction": 0.3}, groups=(False,),
              note="mixft with three times the learning-rate warm-up (warmup_fraction 0.3 instead of 0.1): the "
                   "held-out collapse of the skewed sets comes in the first epochs at the peak rate"),
+    ModelRow("recompose-anytime", "recompose", {"early_stop": "anytime"}, groups=(False,), modalities=("image",),
+             note="recompose's early stopping until the twenty-eighth session (anytime: patience counts from the "
+                  "start), beside the default's auto (after_gain under the worst inferred group criterion)"),
     ModelRow("mixft-soup3t", "mixft", {"members": 3}, groups=(False,), modalities=("text",), tasks=("sst2_capped",),
              note="mixft at its defaults as a weight-space soup of three seeds' training from the same start "
                   "(members 3), then settled, on the capped text task (mixft-soup3 is the image rows, measured "
