@@ -117,9 +117,9 @@ seconds of the fit, wall clock was 4-8x more):
   poor with any head). ``clp`` and ``recompose`` keep ``heldout``.
 - ``early_stop: after_gain`` (the default since the twenty-seventh session; ``anytime`` before; the
   other model repairs' ``auto`` since the twenty-eighth applies it under the worst inferred group
-  criterion only, where mixft's collapse was measured; mixft keeps it everywhere): patience counts only once an evaluation has beaten the start. At lr 1e-4 the
-  held-out score of a skewed set often collapses (the model predicts one class) for one to three
-  epochs and then recovers; with ``anytime`` a collapse as long as the patience ended the run at its
+  criterion only, where mixft's collapse was measured; mixft keeps it everywhere): patience counts
+  only once an evaluation has beaten the start. At lr 1e-4 the held-out score of a skewed set often
+  collapses (the model predicts one class) for one to three epochs and then recovers; with ``anytime`` a collapse as long as the patience ended the run at its
   start, the original model (``sst2_capped`` skewed seed 3: 59.5, and 55.0 averaged; with
   ``after_gain`` 70.5). No run of seeds 0-2 on the visible sets stopped there, so their figures are
   unchanged. A third of the learning rate (lr 3e-5, row ``mixft-lr3e5``) collapsed longer and stopped
