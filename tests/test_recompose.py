@@ -220,8 +220,9 @@ def test_recompose_keeps_everything_at_zero_and_writes_its_files(scene, tmp_path
     recipe = _recipe(tmp_path / "r0.yaml", **{**FAST, "patience": 5}, min_probability=0, min_attribution=0, sheet=4)
     out = tmp_path / "fixed"
     rep = _fix(scene, out, recipe, "--group-by", "place", "--masks", scene["masks"])
-    crit = rep["diagnostics"]["session"]["criterion"]           # early_stop auto, by the session's criterion
-    assert rep["diagnostics"]["loop"]["early_stop"] == {"applied": "anytime", "why": f"auto: the criterion is {crit}"}
+    # early_stop auto, by the session's criterion: with group labels, anytime
+    assert rep["diagnostics"]["session"]["criterion"] == "worst_group"
+    assert rep["diagnostics"]["loop"]["early_stop"] == {"applied": "anytime", "why": "auto: the criterion is worst_group"}
     assert rep["method"] == "recompose" and rep["kind"] == "model"
     gen = rep["diagnostics"]["generation"]
     n_train = rep["diagnostics"]["session"]["n_train"]
