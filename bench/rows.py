@@ -231,6 +231,10 @@ MODEL_ROWS += [
              note="mixft with 40% of the repair set held out (25% by default): a skewed set's held-out part has "
                   "about 13 rows of each group the original model gets wrong, and the spread over seeds follows the "
                   "split"),
+    ModelRow("mixft-cf3-p0", "mixft", {"cross_fit": 3, "patience": 0, "settle_strength": "heldout"}, groups=(False,),
+             modalities=("text",), tasks=("sst2_capped",),
+             note="the recipe mixft-crossfit with three folds instead of two: each member trains on two thirds of "
+                  "the repair set, every row scored out of fold"),
     ModelRow("mixft-soup3t", "mixft", {"members": 3}, groups=(False,), modalities=("text",), tasks=("sst2_capped",),
              note="mixft at its defaults as a weight-space soup of three seeds' training from the same start "
                   "(members 3), then settled, on the capped text task (mixft-soup3 is the image rows, measured "
