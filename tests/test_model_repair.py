@@ -109,7 +109,8 @@ def test_early_stop_auto_waits_for_a_gain_only_under_the_worst_inferred_group():
     none; the rule applied and why are in the loop's diagnostics. The same scripted collapse as above ends
     at step 2 under worst_class and runs on to step 6 under worst_inferred_group."""
     from repair.methods import get_method
-    from repair.modelrepair.finetune import AFTER_GAIN_UNDER, LoopConfig, early_stop_for, train
+    from repair.modelrepair.finetune import (AFTER_GAIN_UNDER, AVERAGE_STRENGTHS_UNDER, LoopConfig, early_stop_for,
+                                             settle_strength_for, train)
     from repair.selection import Criterion
 
     assert LoopConfig().early_stop == "auto" and AFTER_GAIN_UNDER == ("worst_inferred_group",)
@@ -120,6 +121,11 @@ def test_early_stop_auto_waits_for_a_gain_only_under_the_worst_inferred_group():
     assert early_stop_for("auto", None) == ("anytime", "auto: no criterion given")
     assert early_stop_for("anytime", "worst_inferred_group") == ("anytime", None)
     assert early_stop_for("after_gain", "worst_class") == ("after_gain", None)
+    # one rule for both auto settings: the same criteria, the same resolution
+    assert AVERAGE_STRENGTHS_UNDER is AFTER_GAIN_UNDER
+    for name in ("worst_inferred_group", "worst_class", "worst_group", None):
+        few = early_stop_for("auto", name)[0] == "after_gain"
+        assert (settle_strength_for("auto", name)[0] == "average") == few, name
     y = torch.tensor([0, 0, 1, 1, 0, 1])
     ref = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
     crit = Criterion.resolve("worst_inferred_group", has_groups=False, y=y, ref_logits=ref)

@@ -137,26 +137,37 @@ MAX_BATCH = 4096
 #: ``early_stop`` values (:class:`LoopConfig`): when ``patience`` may end a run (``auto`` is resolved by
 #: :func:`early_stop_for`)
 EARLY_STOPS = ("auto", "anytime", "after_gain")
-#: the criteria under which ``early_stop: auto`` waits for a gain before patience counts: the worst *inferred*
-#: group (label-free, a skewed repair set), whose held-out score rests on the dozen or so rows the original
-#: model gets wrong and often collapses for a few epochs before it recovers -- such a group must not end a run
-#: back at the original model (issue 19; bench/analysis.md, twenty-seventh and twenty-eighth sessions)
-AFTER_GAIN_UNDER = ("worst_inferred_group",)
+#: the held-out criteria whose score rests on a few rows: the worst *inferred* group (label-free, a skewed
+#: repair set), scored on the dozen or so held-out rows of each group the original model gets wrong. Under them
+#: the ``auto`` settings resolve differently (:func:`resolve_auto`): early stopping waits for a gain (such a
+#: score often collapses for a few epochs before it recovers, and must not end a run back at the original
+#: model) and settling averages the refitted heads' strengths (too few rows to choose one on);
+#: bench/analysis.md, twenty-seventh and twenty-eighth sessions
+FEW_ROW_CRITERIA = ("worst_inferred_group",)
+#: ``early_stop: auto`` is ``after_gain`` under these criteria (:func:`early_stop_for`)
+AFTER_GAIN_UNDER = FEW_ROW_CRITERIA
+
+
+def resolve_auto(value: str, criterion, under_few_rows: str, otherwise: str, reason: str) -> tuple:
+    """``(value, why)``: an ``auto`` setting resolved by the held-out ``criterion`` (a
+    :class:`repair.selection.Criterion`, its name, or None): ``under_few_rows`` under one of
+    :data:`FEW_ROW_CRITERIA` (``why`` gives ``reason``), else ``otherwise``; any other value is itself
+    (``why`` None). The one home of the rule both :func:`early_stop_for` and :func:`settle_strength_for` apply."""
+    if value != "auto":
+        return value, None
+    if criterion is None:
+        return otherwise, "auto: no criterion given"
+    name = getattr(criterion, "name", criterion)
+    if name in FEW_ROW_CRITERIA:
+        return under_few_rows, f"auto: the criterion is {name} ({reason})"
+    return otherwise, f"auto: the criterion is {name}"
 
 
 def early_stop_for(early_stop: str, criterion) -> tuple:
-    """``(early_stop, why)``: the rule :func:`train` applies. ``"auto"`` is ``"after_gain"`` when the
-    held-out ``criterion`` (a :class:`repair.selection.Criterion`, or its name) is one of
-    :data:`AFTER_GAIN_UNDER`, else (no criterion given included) ``"anytime"``; any other value is itself
-    (``why`` None)."""
-    if early_stop != "auto":
-        return early_stop, None
-    if criterion is None:
-        return "anytime", "auto: no criterion given"
-    name = getattr(criterion, "name", criterion)
-    if name in AFTER_GAIN_UNDER:
-        return "after_gain", f"auto: the criterion is {name} (a few rows' collapse must not end the run at its start)"
-    return "anytime", f"auto: the criterion is {name}"
+    """``(early_stop, why)``: the rule :func:`train` applies: ``"auto"`` is ``"after_gain"`` under
+    :data:`FEW_ROW_CRITERIA`, else (no criterion given included) ``"anytime"`` (:func:`resolve_auto`)."""
+    return resolve_auto(early_stop, criterion, "after_gain", "anytime",
+                        "a few rows' collapse must not end the run at its start")
 
 
 @dataclass
@@ -209,22 +220,15 @@ def settle_alphas_setting(default: tuple = (0.5, 1.0)):
 #: ``settle_strength`` values: how the strength of a refitted head on a moved body is chosen (:func:`settle`;
 #: ``auto`` is resolved by :func:`settle_strength_for`)
 SETTLE_STRENGTHS = ("auto", "heldout", "heldout_1se", "original", "average", "average_1se")
-#: the criterion under which ``settle_strength: auto`` averages the strengths instead of choosing one: the
-#: worst *inferred* group (label-free, a skewed repair set), whose held-out score rests on the few rows the
-#: original model gets wrong -- too few to choose a strength on (bench/analysis.md, twenty-seventh session)
-AVERAGE_STRENGTHS_UNDER = ("worst_inferred_group",)
+#: ``settle_strength: auto`` averages the strengths instead of choosing one under these criteria
+#: (:func:`settle_strength_for`)
+AVERAGE_STRENGTHS_UNDER = FEW_ROW_CRITERIA
 
 
 def settle_strength_for(strength: str, criterion) -> tuple:
-    """``(strength, why)``: the ``settle_strength`` :func:`settle` applies. ``"auto"`` is ``"average"``
-    when the session's ``criterion`` (a :class:`repair.selection.Criterion`, or its name) is one of
-    :data:`AVERAGE_STRENGTHS_UNDER`, else ``"heldout"``; any other value is itself (``why`` None)."""
-    if strength != "auto":
-        return strength, None
-    name = getattr(criterion, "name", criterion)
-    if name in AVERAGE_STRENGTHS_UNDER:
-        return "average", f"auto: the criterion is {name} (too few held-out rows to choose a strength on)"
-    return "heldout", f"auto: the criterion is {name}"
+    """``(strength, why)``: the ``settle_strength`` :func:`settle` applies: ``"auto"`` is ``"average"``
+    under :data:`FEW_ROW_CRITERIA`, else ``"heldout"`` (:func:`resolve_auto`)."""
+    return resolve_auto(strength, criterion, "average", "heldout", "too few held-out rows to choose a strength on")
 
 
 #: ``settle`` values: which heads of the interpolated bodies :func:`settle` compares (``off``: none)
@@ -1104,5 +1108,5 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
     return out
 
 
-__all__ = ["AFTER_GAIN_UNDER", "DEFAULT_BUDGET_SECONDS", "EARLY_STOPS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "AVERAGE_STRENGTHS_UNDER", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig", "early_stop_for",
-           "LoopResult", "REFIT_FOLDS", "averaged_head", "cross_fit", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "settle_strength_for", "train"]
+__all__ = ["AFTER_GAIN_UNDER", "FEW_ROW_CRITERIA", "DEFAULT_BUDGET_SECONDS", "EARLY_STOPS", "HEADS", "REFIT_L2", "SETTLE_ALPHAS", "SETTLE_ALPHAS_WITH_ORIGINAL", "SETTLE_HEADS", "SETTLE_MODES", "SETTLE_STRENGTHS", "AVERAGE_STRENGTHS_UNDER", "STOPPED_BY", "TRAIN", "Budget", "LoopConfig", "early_stop_for",
+           "LoopResult", "REFIT_FOLDS", "averaged_head", "cross_fit", "REFIT_REPEATS", "Session", "SettleSettings", "draw_batch", "refit_head", "settle", "settle_alphas_setting", "settle_by", "resolve_auto", "settle_strength_for", "train"]
