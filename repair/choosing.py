@@ -47,8 +47,8 @@ import torch
 from . import threads
 from .errors import BadInput
 from .methods import CannotWin, ModelRepairInputs, RepairInputs
-from .selection import (MIN_GAIN, Criterion, KFold, average_heads, head_predictions, required_gain,
-                        scores_from_preds, select_and_refit)
+from .selection import (MIN_GAIN, Criterion, KFold, average_heads, head_predictions, inferred_groups,
+                        required_gain, scores_from_preds, select_and_refit)
 
 
 @dataclass
@@ -191,6 +191,48 @@ def _erm_check(ctx: FitContext, sel, fit_idx, y, score_strata, crit) -> None:
     if best <= float(erm[0]) + 1e-9:
         ctx.warnings.append(f"no candidate beats the original model on {crit.name} ({100 * best:.1f}% vs "
                             f"{100 * float(erm[0]):.1f}%): the repair set gives no evidence that a repair helps")
+
+
+def selection_basis(selection: str, y: torch.Tensor, ref_logits: torch.Tensor,
+                    groups: Optional[torch.Tensor]) -> tuple[Criterion, torch.Tensor]:
+    """What a recipe's choice is made by: its criterion (:meth:`Criterion.resolve` of the recipe's
+    ``selection``; :class:`BadInput` when it needs group labels that were not given) and the strata
+    every split is stratified by: the group labels, else the original model's inferred groups (class
+    x correctly classified; ``ref_logits`` its logits)."""
+    has_groups = groups is not None
+    try:
+        crit = Criterion.resolve(selection, has_groups=has_groups, y=y, ref_logits=ref_logits)
+    except BadInput:
+        raise BadInput(f"the recipe selects by {selection} but no --group-by was given") from None
+    return crit, (groups if has_groups else inferred_groups(ref_logits, y))
+
+
+def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0: torch.Tensor,
+                 groups: Optional[torch.Tensor] = None, *, seed: int = 0, device: str = "cpu",
+                 folds: Optional[int] = None, clusters: Optional[torch.Tensor] = None,
+                 log: Optional[Callable[[str], None]] = None) -> Choice:
+    """A recipe of head repairs chosen and fitted on embeddings alone (arrays in, a head out; no
+    model, no files): what ``repair fix`` does once the embeddings are extracted, with every row in
+    the fit part (as with ``--eval``). ``recipe``: a name, a path or a loaded recipe; ``X`` (N, D)
+    embeddings, ``y`` (N,) labels, ``W0``/``b0`` the original head, ``groups`` (N,) group ids or
+    None (label-free), ``clusters`` ids of identical samples (kept in one fold). Returns the
+    :class:`Choice`: ``final.W`` / ``final.b`` the head, ``rows`` every candidate's score."""
+    from .recipes import load_recipe
+
+    if not hasattr(recipe, "candidates"):
+        recipe = load_recipe(recipe)
+    if "model" in recipe.kinds:
+        raise ValueError(f"recipe {recipe.name!r} has model repairs: they need the model "
+                         "(repair.pipeline.fix_model)")
+    X, y = torch.as_tensor(X).float(), torch.as_tensor(y).long()
+    W0, b0 = torch.as_tensor(W0).float(), torch.as_tensor(b0).float()
+    groups = None if groups is None else torch.as_tensor(groups).long()
+    log = log or (lambda m: None)
+    ref_logits = X @ W0.T + b0
+    crit, strata = selection_basis(recipe.selection, y, ref_logits, groups)
+    ctx = FitContext(None, None, X, y, groups, W0, b0, seed, device, None, False, log, clusters=clusters)
+    return choose(recipe, ctx, torch.arange(y.numel()), strata, crit, ref_logits, int(folds or recipe.folds),
+                  seed, log)
 
 
 def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor, crit: Criterion,
@@ -518,4 +560,4 @@ def _describe(crit: Criterion, scheme: str, n: int) -> dict:
     return {"criterion": crit.name, "scheme": scheme, "n_fit": int(n), "n_heldout": int(n)}
 
 
-__all__ = ["Choice", "Chosen", "FitContext", "Fitted", "choose", "ensemble"]
+__all__ = ["Choice", "Chosen", "FitContext", "Fitted", "choose", "choose_heads", "ensemble", "selection_basis"]

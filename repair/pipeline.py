@@ -40,13 +40,13 @@ import torch
 from . import provenance
 from .adapters import LoadOptions, load_model
 from .api import RuntimeOptions, check_modality, left_out_groups, mark_duplicates, prepare_data, read_as_same
-from .choosing import FitContext, choose
+from .choosing import FitContext, choose, selection_basis
 from .data import DataOptions, Encoded, RepairData
 from .embeddings import Embeddings, extract, resolve_device
 from .errors import BadInput
 from .metrics import evaluate
 from .preflight import Inputs, check_cache_dir, fix_outputs, read_inputs
-from .selection import (MIN_FOR_CHOICE, MIN_FOR_REPORT, Criterion, figure_warnings, inferred_group_names,
+from .selection import (MIN_FOR_CHOICE, MIN_FOR_REPORT, figure_warnings, inferred_group_names,
                         inferred_groups, stratified_split, support_warnings)
 
 
@@ -262,13 +262,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     X, y, groups = emb.X, enc.y, enc.groups
     orig_logits = X @ W0.T + b0
     has_groups = groups is not None
-    try:
-        crit = Criterion.resolve(recipe.selection, has_groups=has_groups, y=y, ref_logits=orig_logits)
-    except BadInput:
-        raise BadInput(f"the recipe selects by {recipe.selection} but no --group-by was given") from None
-
     # ---- splits: strata = groups, else class x original correctness; identical samples together
-    strata = groups if has_groups else inferred_groups(orig_logits, y)
+    crit, strata = selection_basis(recipe.selection, y, orig_logits, groups)
     clusters, dup_stats = _duplicates(data)
     eval_given = inputs.eval_data is not None
     if eval_given:

@@ -170,3 +170,34 @@ def test_candidates_side_by_side_choose_exactly_what_one_at_a_time_does(timm_fol
     assert heads[0] and heads[0].keys() == heads[1].keys()
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
     assert {"fit_seconds", "fit_seconds_summed"} <= set(reps[1]["timing"])   # wall clock, and every fit's own
+
+
+@pytest.mark.parametrize("group_by", ["place", None])
+def test_choose_heads_on_embeddings_is_what_fix_chooses(timm_folder, skewed_images, tmp_path, group_by):
+    """``repair.choosing.choose_heads`` (arrays in, a head out) makes the choice ``repair fix`` makes on
+    the same embeddings with every row in the fit part (``--eval`` given): the same criterion, the
+    same candidate scores, the same head, with and without group labels."""
+    from repair.api import RuntimeOptions
+    from repair.choosing import choose_heads
+    from repair.data import DataOptions
+    from repair.pipeline import FixOptions, fix_model
+
+    evals = make_images(tmp_path / "eval", n_per_class=8, seed=11)
+    res = fix_model(timm_folder, skewed_images, tmp_path / "out", data_opts=DataOptions(group_by=group_by),
+                    runtime=RuntimeOptions(progress=False),
+                    options=FixOptions(recipe="auto", eval_data=str(evals), eval_group_by="place"),
+                    log=lambda m: None)
+    W0, b0 = res.original_head
+    groups = res.encoded.groups
+    assert (groups is not None) == (group_by is not None)
+    choice = choose_heads("auto", res.embeddings.X, res.encoded.y, W0, b0, groups, seed=0)
+    assert choice.chosen.label == res["candidate"]
+    strip = lambda rows: [{k: v for k, v in c.items() if k != "fit_seconds"} for c in rows]  # noqa: E731
+    assert strip(choice.rows) == strip(res["candidates"])
+    assert choice.selection["criterion"] == res["settings"]["selection"]
+    assert choice.selection["criterion"] == ("worst_group" if group_by else "worst_class")
+    W, b = res.adapter.head_params()
+    assert torch.allclose(choice.final.W, W, atol=1e-6) and torch.allclose(choice.final.b, b, atol=1e-6)
+    assert not torch.equal(W, W0)                     # a repair was made, not the original head
+    with pytest.raises(ValueError, match="model repairs"):
+        choose_heads("auto-ft", res.embeddings.X, res.encoded.y, W0, b0, groups)

@@ -84,7 +84,11 @@ def test_bench_smoke_writes_complete_finite_results(tmp_path):
     for p in scale.values():
         assert _finite_number(p["speedup"]) and p["speedup"] > 0 and _finite_number(p["memory_ratio"])
         assert 0.0 <= p["rows"]["dfr[groups]"]["wga"] <= 1.0
+        for lab in ("auto[groups]", "auto[no-groups]"):      # auto's whole selection against the protocol
+            assert 0.0 <= p["rows"][lab]["wga"] <= 1.0 and p["rows"][lab]["chosen"]["candidate"]
+            assert _finite_number(p["auto_over_protocol"][lab]) and p["auto_over_protocol"][lab] > 0
     md = (out / "RESULTS.md").read_text()
+    assert "| auto[no-groups] |" in md and "of the protocol" in md
     assert "## Solver at scale" in md and "## Targets" in md and "skewed WGA" in md
 
 
