@@ -278,19 +278,24 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
                 # each head's fit on the whole fit part (it fixes the settings its fold fits reuse),
                 # then its fit on every training set of every repeat; side by side, a head's fold fits
                 # start when its own whole fit is done (mix's averaged refits cost several dfr fits)
+                # (a head already fitted on the whole fit part, the further repeats of the candidates
+                # still in contention, keeps that fit)
                 which = list(which)
                 then = [lambda i, f, t=t: ctx.fit(heads[i], fit_idx[t], config=frozen(i, f)) for t in trains]
-                firsts, thens = threads.map_chains(lambda i: ctx.fit(heads[i], fit_idx), then, which, workers)
+                fresh = {i for i in which if full[i] is None}
+                firsts, thens = threads.map_chains(lambda i: ctx.fit(heads[i], fit_idx) if i in fresh else full[i],
+                                                   then, which, workers)
                 for i, f, fs in zip(which, firsts, thens):
                     full[i] = f
-                    secs[i] += f.seconds + sum(g.seconds for g in fs)
+                    secs[i] += (f.seconds if i in fresh else 0.0) + sum(g.seconds for g in fs)
                 return [[thens[n][k] for n in range(len(which))] for k in range(len(trains))]
 
             sel = select_and_refit(len(heads), lambda idx, which: fit_folds([idx], which)[0],
                                    lambda fs, idx: torch.stack([head_predictions(ctx.X[fit_idx[idx]], f.W, f.b)
                                                                 for f in fs]), y,
                                    criterion=crit, score_strata=score_strata, split_strata=strata,
-                                   scheme=scheme, seed=seed + 1, refit=False, fit_folds=fit_folds)
+                                   scheme=scheme, seed=seed + 1, refit=False, fit_folds=fit_folds,
+                                   contend=max(1, int(recipe.ensemble)))
             missing = [i for i, f in enumerate(full) if f is None]
             if missing:                  # nothing was cross-validated (too few rows): the whole fits alone
                 for i, f in zip(missing, threads.map_tasks(lambda i: ctx.fit(heads[i], fit_idx), missing, workers)):
@@ -298,9 +303,11 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
             for i, c in enumerate(heads):
                 row = {"candidate": c.label, "kind": "head", "fit_seconds": round(secs[i], 4)}
                 if sel.worst is not None:
+                    one = i in sel.dropped              # scored on the first repeat only
                     row.update({"score": float(sel.worst[i]), "selection_accuracy": float(sel.mean[i]),
-                                "score_se": None if sel.worst_se is None else float(sel.worst_se[i]),
-                                "scored_on": scheme.describe()})
+                                "score_se": None if sel.worst_se is None or one else float(sel.worst_se[i]),
+                                "scored_on": scheme.describe() if not one else
+                                f"{scheme.describe()}: the first repeat only ({sel.dropped[i]})"})
                     log(f"  {c.label:<40} {folds}-fold {crit.name}={100 * sel.worst[i]:.1f}%  "
                         f"acc={100 * sel.mean[i]:.1f}%  ({secs[i]:.2f}s)")
                 rows.append(row)

@@ -533,12 +533,18 @@ class Selection:
     fold_fits: list = field(default_factory=list)
     folds: list = field(default_factory=list)
     worst_se: Optional[Tensor] = None       # standard error of ``worst`` over repeated folds
+    #: candidates left out of the repeats after the first (``select_and_refit(contend=...)``): index ->
+    #: why; their scores are their first repeat's, and they rank below every candidate kept
+    dropped: dict = field(default_factory=dict)
+    repeats_scored: Optional[list] = None   # per candidate: repeats its score averages
 
     def ranked(self) -> list[int]:
-        """Candidate indices from best to worst (``pick_best``'s order: worst, then mean, then first)."""
+        """Candidate indices from best to worst (``pick_best``'s order: worst, then mean, then first;
+        the candidates ``dropped`` after the first repeat last)."""
         if self.worst is None:
             return [self.best]
-        return sorted(range(self.worst.numel()), key=lambda i: (-float(self.worst[i]), -float(self.mean[i]), i))
+        return sorted(range(self.worst.numel()),
+                      key=lambda i: (i in self.dropped, -float(self.worst[i]), -float(self.mean[i]), i))
 
     def candidates(self, labels: Sequence[Any]) -> list[dict]:
         """One row per candidate (the diagnostics vocabulary): ``candidate``,
@@ -579,7 +585,7 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
                      criterion: Criterion, score_strata: Tensor, split_strata: Optional[Tensor] = None,
                      scheme: Scheme = Holdout(0.5), seed: Union[int, torch.Generator] = 0,
                      refit: bool = True, fit_folds: Optional[Callable[[list, list], list]] = None,
-                     score: str = "accuracy") -> Selection:
+                     score: str = "accuracy", contend: Optional[int] = None) -> Selection:
     """Choose among ``n_candidates`` on held-out data, then refit the chosen one on everything.
 
     ``fit(train_idx, which)``: fit candidates ``which`` (a list of indices) on rows
@@ -592,7 +598,15 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
     repeat in one call (a batched solver, or fits run side by side); default: ``fit`` once per fold.
     ``score`` (:data:`SCORES`): "accuracy" (the default) scores each stratum by its accuracy;
     "probability" by the mean probability of the true class (:func:`probability_scores`;
-    ``predict`` must then return logits)."""
+    ``predict`` must then return logits).
+
+    ``contend`` (repeated K-fold only): how many of the best candidates the caller takes (an
+    ensemble of the best ``contend``). Every candidate is scored on the first repeat; one whose score
+    there is below the ``contend``-th best's by more than the gain a change needs
+    (:func:`required_gain` of that candidate's out-of-fold predictions: two standard errors of its
+    worst stratum, at least :data:`MIN_GAIN`) is not refitted on the further repeats, which only
+    firm up the order of close candidates: its score is its first repeat's, it ranks below every
+    candidate kept, and ``Selection.dropped`` says why. None: every candidate on every repeat."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     soft = score == "probability"
@@ -604,21 +618,17 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
     sel = Selection(best=0, criterion=criterion, scheme=scheme, n_fit=N)
     if n_candidates > 1:
         if isinstance(scheme, KFold):
-            worsts, means = [], []
             repeats = kfold_parts(scheme, split_strata, gen)
             trains = [[torch.sort(torch.cat([p for j, p in enumerate(parts) if j != k])).values
                        for k in range(len(parts))] for parts in repeats]
-            flat = [t for ts in trains for t in ts]
-            # every repeat's fold fits in one call: a batched or parallel fit_folds has them all at once
-            fits_flat = (fit_folds(flat, every) if fit_folds is not None else [fit(t, every) for t in flat]) if flat else []
-            at = 0
-            for parts in repeats:
-                fits = fits_flat[at:at + len(parts)]
-                at += len(parts)
-                if not sel.fold_fits:            # the first repeat's fits and folds are kept
-                    sel.fold_fits, sel.folds = list(fits), parts
-                pred = torch.empty(n_candidates, N, dtype=torch.long)
-                prob = torch.empty(n_candidates, N, dtype=torch.float64) if soft else None
+
+            def fit_all(sets, which):
+                return (fit_folds(sets, which) if fit_folds is not None else [fit(t, which) for t in sets]) if sets else []
+
+            def scored(fits, parts, which):
+                # out-of-fold predictions of candidates ``which`` on one repeat: their (worst, mean), preds
+                pred = torch.empty(len(which), N, dtype=torch.long)
+                prob = torch.empty(len(which), N, dtype=torch.float64) if soft else None
                 for f, held in zip(fits, parts):
                     out = predict(f, held)
                     pred[:, held] = _as_preds(out).cpu()
@@ -627,13 +637,51 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
                 w, m = scores_from_preds(pred, y, score_strata)
                 if soft:
                     w = _worst_stratum_mean(prob, score_strata)
-                worsts.append(w)
-                means.append(m)
-            if worsts:
-                W_, M_ = torch.stack(worsts), torch.stack(means)
-                sel.worst, sel.mean = W_.mean(0), M_.mean(0)
-                sel.worst_se = (W_.std(0, unbiased=True) / len(worsts) ** 0.5 if len(worsts) > 1
-                                else torch.zeros_like(sel.worst))
+                return w, m, pred
+
+            racing = contend is not None and len(repeats) > 1
+            # every repeat's fold fits in one call (a batched or parallel fit_folds has them all at once);
+            # racing: the first repeat's first, then the further repeats of the candidates kept
+            flat = [t for ts in (trains[:1] if racing else trains) for t in ts]
+            fits_flat = fit_all(flat, every)
+            per = [[] for _ in every]            # per candidate: its (worst, mean) on every repeat it had
+            at = 0
+            for r, parts in enumerate(repeats[:1] if racing else repeats):
+                fits = fits_flat[at:at + len(parts)]
+                at += len(parts)
+                if not sel.fold_fits:            # the first repeat's fits and folds are kept
+                    sel.fold_fits, sel.folds = list(fits), parts
+                w, m, pred = scored(fits, parts, every)
+                for i in every:
+                    per[i].append((w[i], m[i]))
+            if racing:
+                w1, m1 = torch.stack([p[0][0] for p in per]), torch.stack([p[0][1] for p in per])
+                order = sorted(every, key=lambda i: (-float(w1[i]), -float(m1[i]), i))
+                kth = order[min(max(1, int(contend)), n_candidates) - 1]
+                for i in every:
+                    need = required_gain(pred[i], y, score_strata)
+                    if float(w1[i]) + need < float(w1[kth]) - 1e-12:
+                        sel.dropped[i] = (f"{100 * (float(w1[kth]) - float(w1[i])):.1f} points below the "
+                                          f"{_ordinal(order.index(kth) + 1)} best on the first repeat, more than "
+                                          f"the {100 * need:.1f} it would need: not refitted on the further repeats")
+                kept = [i for i in every if i not in sel.dropped]
+                rest = [t for ts in trains[1:] for t in ts]
+                fits_rest = fit_all(rest, kept)
+                at = 0
+                for parts in repeats[1:]:
+                    fits = fits_rest[at:at + len(parts)]
+                    at += len(parts)
+                    w, m, _ = scored(fits, parts, kept)
+                    for j, i in enumerate(kept):
+                        per[i].append((w[j], m[j]))
+            if any(per):
+                # each candidate's mean (and standard error) over the repeats it was scored on
+                W_ = [torch.stack([a for a, _ in p]) for p in per]
+                sel.worst = torch.stack([v.mean(0) for v in W_])
+                sel.mean = torch.stack([torch.stack([b for _, b in p]).mean(0) for p in per])
+                sel.worst_se = torch.stack([v.std(0, unbiased=True) / len(v) ** 0.5 if len(v) > 1
+                                            else torch.zeros_like(v[0]) for v in W_])
+                sel.repeats_scored = [len(p) for p in per]
                 sel.n_heldout = N
         else:
             if isinstance(scheme, Given):
@@ -649,10 +697,14 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
                 sel.n_fit, sel.n_heldout = int(rest.numel()), int(held.numel())
                 sel.folds = [held]
         if sel.worst is not None:
-            sel.best = pick_best(sel.worst, sel.mean)
+            sel.best = sel.ranked()[0] if sel.dropped else pick_best(sel.worst, sel.mean)
     if refit:
         sel.final = fit(all_idx, [sel.best])
     return sel
+
+
+def _ordinal(k: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
 
 
 # ----------------------------------------------------------------------------- honesty checks

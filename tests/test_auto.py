@@ -48,6 +48,46 @@ def test_repeated_folds_average_and_report_the_spread():
     assert [r["heldout_worst_se"] >= 0 for r in sel.candidates(cands)] == [True] * 3
 
 
+def test_a_candidate_out_of_contention_is_not_refitted_on_the_further_repeats():
+    """``contend=k``: every candidate is scored on the first repeat; one that falls short of the k-th
+    best there by more than the gain rule (two standard errors, at least a point) is not fitted on the
+    further repeats, and ranks last; the candidates kept get exactly the scores of the full run."""
+    g = torch.Generator().manual_seed(0)
+    n = 4000                                     # large strata: a standard error of about a point
+    x = torch.rand(n, generator=g)
+    y = (x + 0.1 * torch.randn(n, generator=g) > 0.5).long()
+    cands = [0.5, 0.45, 0.1, 0.9]                # two good thresholds, two hopeless ones
+
+    def noisy(t, idx):                           # a fold's predictions: the threshold, blurred per fold
+        blur = torch.randn(idx.numel(), generator=torch.Generator().manual_seed(int(idx.sum())))
+        return (x[idx] + 0.02 * blur > t).long()
+
+    fitted = []
+
+    def fit(idx, which):
+        fitted.append(list(which))
+        return [(cands[i], idx) for i in which]
+
+    def fit_folds(sets, which):
+        return [fit(t, which) for t in sets]
+
+    predict = lambda fs, idx: torch.stack([noisy(t, idx) for t, _ in fs])  # noqa: E731
+    kw = dict(criterion=Criterion("worst_class"), score_strata=y, scheme=KFold(2, 3), seed=0, refit=False)
+    full = select_and_refit(4, fit, predict, y, fit_folds=fit_folds, **kw)
+    fitted.clear()
+    raced = select_and_refit(4, fit, predict, y, fit_folds=fit_folds, contend=2, **kw)
+    assert set(raced.dropped) == {2, 3} and all("first repeat" in why for why in raced.dropped.values())
+    assert fitted[:2] == [[0, 1, 2, 3]] * 2 and fitted[2:] == [[0, 1]] * 4     # 2 folds x (1 + 2 repeats)
+    assert raced.repeats_scored == [3, 3, 1, 1] and full.repeats_scored == [3, 3, 3, 3]
+    for i in (0, 1):                             # the kept candidates: the full run's scores
+        assert float(raced.worst[i]) == float(full.worst[i]) and float(raced.worst_se[i]) == float(full.worst_se[i])
+    assert raced.ranked()[:2] == full.ranked()[:2] and set(raced.ranked()[2:]) == {2, 3}
+    assert raced.best == full.best
+    # the k-th best itself and everything within the gain rule of it stays: with k = 4 nothing is dropped
+    every = select_and_refit(4, fit, predict, y, fit_folds=fit_folds, contend=4, **kw)
+    assert not every.dropped and every.repeats_scored == [3, 3, 3, 3]
+
+
 @pytest.fixture(scope="module")
 def skewed_images(tmp_path_factory):
     """A repair set where one class has only 6 samples of its minority attribute."""
