@@ -109,9 +109,12 @@ def fix_table(rep: dict) -> str:
            + (f" by {rep['selection_criterion']}" if rep.get('selection_criterion') else "")]
     if rep["candidates"]:
         out.append(table(["candidate", "selection score", "selection acc", "fit s"],
-                         [[c["candidate"], pct(c.get("score")) if c.get("score_at_most") is None
-                           else f"<= {pct(c['score_at_most'])}", pct(c.get("selection_accuracy")),
-                           c.get("fit_seconds", c.get("skipped"))] for c in rep["candidates"]]))
+                         [[c["candidate"], (pct(c.get("score")) + ("*" if c.get("out_of_contention") else ""))
+                           if c.get("score_at_most") is None else f"<= {pct(c['score_at_most'])}",
+                           pct(c.get("selection_accuracy")), c.get("fit_seconds", c.get("skipped"))]
+                          for c in rep["candidates"]]))
+        if any(c.get("out_of_contention") for c in rep["candidates"]):
+            out.append("* out of contention after the first repeat, scored on it alone (not refitted on the others)")
     if rep.get("neurons_suppressed") is not None:
         out.append(f"neurons suppressed: {rep['neurons_suppressed']}")
     b, a = rep["before"], rep["after"]

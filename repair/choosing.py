@@ -308,6 +308,8 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
                                 "score_se": None if sel.worst_se is None or one else float(sel.worst_se[i]),
                                 "scored_on": scheme.describe() if not one else
                                 f"{scheme.describe()}: the first repeat only ({sel.dropped[i]})"})
+                    if one:
+                        row["out_of_contention"] = sel.dropped[i]
                     log(f"  {c.label:<40} {folds}-fold {crit.name}={100 * sel.worst[i]:.1f}%  "
                         f"acc={100 * sel.mean[i]:.1f}%  ({secs[i]:.2f}s)")
                 rows.append(row)

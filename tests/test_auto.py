@@ -241,3 +241,32 @@ def test_choose_heads_on_embeddings_is_what_fix_chooses(timm_folder, skewed_imag
     assert not torch.equal(W, W0)                     # a repair was made, not the original head
     with pytest.raises(ValueError, match="model repairs"):
         choose_heads("auto-ft", res.embeddings.X, res.encoded.y, W0, b0, groups)
+
+
+def test_auto_leaves_a_hopeless_head_out_of_the_second_repeat_and_says_so(monkeypatch):
+    """On a repair set large enough to tell (3,000 rows, a planted shortcut), ``auto`` does not refit a
+    head far behind the best two on the second repeat; the choice and the head are those of the full
+    run, and the candidates table marks the head scored on the first repeat alone."""
+    import repair.choosing as ch
+    from bench.scale import make_problem
+    from cli.commands import fix_table
+
+    p = make_problem(2, 3000, 32, 0)
+    args = ("auto", p["X"], p["y"], p["W0"], p["b0"], p["g"])
+    raced = ch.choose_heads(*args)
+    out = {r["candidate"]: r for r in raced.rows}
+    dropped = [c for c, r in out.items() if r.get("out_of_contention")]
+    assert dropped and all(out[c]["score_se"] is None and "first repeat only" in out[c]["scored_on"] for c in dropped)
+    assert all(out[c]["score_se"] is not None for c in out if c not in dropped)
+    real = ch.select_and_refit
+    monkeypatch.setattr(ch, "select_and_refit", lambda *a, contend=None, **k: real(*a, **k))
+    full = ch.choose_heads(*args)
+    assert full.chosen.label == raced.chosen.label and not any(r.get("out_of_contention") for r in full.rows)
+    assert torch.equal(full.final.W, raced.final.W) and torch.equal(full.final.b, raced.final.b)
+    figures = {"accuracy": 0.9, "worst_class_accuracy": 0.9}
+    text = fix_table({"model": {"source": "m"}, "output": "o", "recipe": "auto", "candidate": raced.chosen.label,
+                      "candidates": raced.rows, "before": figures, "after": figures, "measured_on": "x",
+                      "timing": {"total_seconds": 1.0, "embedding_seconds": 0.5, "embedding_from_cache": True,
+                                 "fit_seconds": 0.5}})
+    assert any(line.lstrip().startswith(dropped[0]) and "*" in line for line in text.splitlines())
+    assert "out of contention after the first repeat" in text
