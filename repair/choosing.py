@@ -227,6 +227,14 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     X, y = torch.as_tensor(X).float(), torch.as_tensor(y).long()
     W0, b0 = torch.as_tensor(W0).float(), torch.as_tensor(b0).float()
     groups = None if groups is None else torch.as_tensor(groups).long()
+    if X.dim() != 2 or W0.dim() != 2 or b0.shape != (W0.shape[0],) or W0.shape[1] != X.shape[1]:
+        raise ValueError(f"choose_heads: X must be (N, D) with W0 (C, D) and b0 (C,); got X {tuple(X.shape)}, "
+                         f"W0 {tuple(W0.shape)}, b0 {tuple(b0.shape)}")
+    for name, v in (("y", y), ("groups", groups)):
+        if v is not None and v.shape != (X.shape[0],):
+            raise ValueError(f"choose_heads: {name} must be ({X.shape[0]},), one per row of X; got {tuple(v.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= W0.shape[0]):
+        raise ValueError(f"choose_heads: labels must lie in [0, {W0.shape[0]}) (the head's classes)")
     log = log or (lambda m: None)
     ref_logits = X @ W0.T + b0
     crit, strata = selection_basis(recipe.selection, y, ref_logits, groups)

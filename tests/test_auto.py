@@ -241,6 +241,12 @@ def test_choose_heads_on_embeddings_is_what_fix_chooses(timm_folder, skewed_imag
     assert not torch.equal(W, W0)                     # a repair was made, not the original head
     with pytest.raises(ValueError, match="model repairs"):
         choose_heads("auto-ft", res.embeddings.X, res.encoded.y, W0, b0, groups)
+    X, y = res.embeddings.X, res.encoded.y
+    for bad, match in (((X, y[:-1], W0, b0), "y must be"), ((X, y, W0[:, :-1], b0), "X must be"),
+                       ((X, y + W0.shape[0], W0, b0), "labels must lie"),
+                       ((X, y, W0, b0, torch.zeros(3, dtype=torch.long)), "groups must be")):
+        with pytest.raises(ValueError, match=match):
+            choose_heads("auto", *bad)
 
 
 def test_auto_leaves_a_hopeless_head_out_of_the_second_repeat_and_says_so(monkeypatch):
