@@ -351,3 +351,17 @@ def test_a_model_repairs_record_keeps_how_training_stopped_when_every_tensor_cha
     assert kept["stopped_by"] == "early stopping" and kept["changed_tensors"]["count"] == 105
     assert _short_change({"changed_tensors": ["classifier.weight"], "stopped_by": "epochs"})["changed_tensors"] == [
         "classifier.weight"]
+
+
+def test_auto_ft_against_auto_is_paired_on_the_seeds_both_ran():
+    """`auto-ft − auto` compares the two on the same splits: the mean of each seed's difference over the
+    seeds both ran, not the difference of means over different seed sets."""
+    from bench.report import paired_pts
+
+    def run(seed, **wga):
+        return {"seed": seed, "rows": {lab: {"test": {"worst_group_accuracy": w}} for lab, w in wga.items()}}
+
+    runs = [run(0, a=0.70, b=0.60), run(1, a=0.80, b=0.75), run(2, b=0.10), run(3, a=0.5)]
+    diff, n = paired_pts(runs, "a", "b")
+    assert n == 2 and abs(diff - 7.5) < 1e-9          # seeds 0 and 1 only: (10 + 5) / 2
+    assert paired_pts(runs, "a", "missing") == (None, 0)
