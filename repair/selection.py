@@ -646,7 +646,7 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
             fits_flat = fit_all(flat, every)
             per = [[] for _ in every]            # per candidate: its (worst, mean) on every repeat it had
             at = 0
-            for r, parts in enumerate(repeats[:1] if racing else repeats):
+            for parts in (repeats[:1] if racing else repeats):
                 fits = fits_flat[at:at + len(parts)]
                 at += len(parts)
                 if not sel.fold_fits:            # the first repeat's fits and folds are kept
@@ -656,13 +656,13 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
                     per[i].append((w[i], m[i]))
             if racing:
                 w1, m1 = torch.stack([p[0][0] for p in per]), torch.stack([p[0][1] for p in per])
-                order = sorted(every, key=lambda i: (-float(w1[i]), -float(m1[i]), i))
-                kth = order[min(max(1, int(contend)), n_candidates) - 1]
+                k = min(max(1, int(contend)), n_candidates)
+                kth = sorted(every, key=lambda i: (-float(w1[i]), -float(m1[i]), i))[k - 1]
                 for i in every:
                     need = required_gain(pred[i], y, score_strata)
                     if float(w1[i]) + need < float(w1[kth]) - 1e-12:
                         sel.dropped[i] = (f"{100 * (float(w1[kth]) - float(w1[i])):.1f} points below the "
-                                          f"{_ordinal(order.index(kth) + 1)} best on the first repeat, more than "
+                                          f"{_ordinal(k)} best on the first repeat, more than "
                                           f"the {100 * need:.1f} it would need: not refitted on the further repeats")
                 kept = [i for i in every if i not in sel.dropped]
                 rest = [t for ts in trains[1:] for t in ts]
