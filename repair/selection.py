@@ -606,10 +606,13 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
     (:func:`required_gain` of that candidate's out-of-fold predictions: two standard errors of its
     worst stratum, at least :data:`MIN_GAIN`) is not refitted on the further repeats, which only
     firm up the order of close candidates: its score is its first repeat's, it ranks below every
-    candidate kept, and ``Selection.dropped`` says why. None: every candidate on every repeat."""
+    candidate kept, and ``Selection.dropped`` says why. None: every candidate on every repeat. Needs
+    ``score="accuracy"`` (the gain rule is in accuracy points)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     soft = score == "probability"
+    if soft and contend is not None:          # the gain rule is in accuracy points
+        raise ValueError("contend needs score='accuracy'")
     N = int(y.shape[0])
     all_idx = torch.arange(N)
     split_strata = score_strata if split_strata is None else split_strata
@@ -639,21 +642,25 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
                     w = _worst_stratum_mean(prob, score_strata)
                 return w, m, pred
 
-            racing = contend is not None and len(repeats) > 1
-            # every repeat's fold fits in one call (a batched or parallel fit_folds has them all at once);
-            # racing: the first repeat's first, then the further repeats of the candidates kept
-            flat = [t for ts in (trains[:1] if racing else trains) for t in ts]
-            fits_flat = fit_all(flat, every)
             per = [[] for _ in every]            # per candidate: its (worst, mean) on every repeat it had
-            at = 0
-            for parts in (repeats[:1] if racing else repeats):
-                fits = fits_flat[at:at + len(parts)]
-                at += len(parts)
-                if not sel.fold_fits:            # the first repeat's fits and folds are kept
-                    sel.fold_fits, sel.folds = list(fits), parts
-                w, m, pred = scored(fits, parts, every)
-                for i in every:
-                    per[i].append((w[i], m[i]))
+
+            def run_repeats(reps, tr, which):
+                # every fold fit of repeats ``reps`` in one call (a batched or parallel fit_folds has them all
+                # at once), then each repeat scored; returns the last repeat's predictions
+                fits_flat, at, pred = fit_all([t for ts in tr for t in ts], which), 0, None
+                for parts in reps:
+                    fits = fits_flat[at:at + len(parts)]
+                    at += len(parts)
+                    if not sel.fold_fits:        # the first repeat's fits and folds are kept
+                        sel.fold_fits, sel.folds = list(fits), parts
+                    w, m, pred = scored(fits, parts, which)
+                    for j, i in enumerate(which):
+                        per[i].append((w[j], m[j]))
+                return pred
+
+            racing = contend is not None and len(repeats) > 1
+            # racing: the first repeat for every candidate, then the further repeats of the candidates kept
+            pred = run_repeats(repeats[:1] if racing else repeats, trains[:1] if racing else trains, every)
             if racing:
                 w1, m1 = torch.stack([p[0][0] for p in per]), torch.stack([p[0][1] for p in per])
                 k = min(max(1, int(contend)), n_candidates)
@@ -664,16 +671,7 @@ def select_and_refit(n_candidates: int, fit: FitFn, predict: PredictFn, y: Tenso
                         sel.dropped[i] = (f"{100 * (float(w1[kth]) - float(w1[i])):.1f} points below the "
                                           f"{_ordinal(k)} best on the first repeat, more than "
                                           f"the {100 * need:.1f} it would need: not refitted on the further repeats")
-                kept = [i for i in every if i not in sel.dropped]
-                rest = [t for ts in trains[1:] for t in ts]
-                fits_rest = fit_all(rest, kept)
-                at = 0
-                for parts in repeats[1:]:
-                    fits = fits_rest[at:at + len(parts)]
-                    at += len(parts)
-                    w, m, _ = scored(fits, parts, kept)
-                    for j, i in enumerate(kept):
-                        per[i].append((w[j], m[j]))
+                run_repeats(repeats[1:], trains[1:], [i for i in every if i not in sel.dropped])
             if any(per):
                 # each candidate's mean (and standard error) over the repeats it was scored on
                 W_ = [torch.stack([a for a, _ in p]) for p in per]

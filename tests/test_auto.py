@@ -86,6 +86,8 @@ def test_a_candidate_out_of_contention_is_not_refitted_on_the_further_repeats():
     # the k-th best itself and everything within the gain rule of it stays: with k = 4 nothing is dropped
     every = select_and_refit(4, fit, predict, y, fit_folds=fit_folds, contend=4, **kw)
     assert not every.dropped and every.repeats_scored == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="accuracy"):     # the gain rule is in accuracy points
+        select_and_refit(4, fit, predict, y, fit_folds=fit_folds, contend=2, score="probability", **kw)
 
 
 @pytest.fixture(scope="module")
