@@ -50,7 +50,21 @@ def say(text: str = "") -> None:
     :func:`emit_json`), with a user's names shown as they are (:func:`repair.io.visible`)."""
     from repair.io import visible
 
-    print(visible(str(text)))
+    _stdout(visible(str(text)) + "\n")
+
+
+def _stdout(text: str) -> None:
+    """Every result's write to stdout (:func:`say`, :func:`emit_json`), flushed at once. A reader
+    that closed the pipe early (``| head``, ``| grep -q``) does not end the command: the rest of
+    its output goes to /dev/null and it runs on to its gate or verification, so a failure still
+    exits 1 (the exit code is the command's, never 0 because nobody read the table)."""
+    import os
+
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def quiet_log(msg: str) -> None:
@@ -81,7 +95,7 @@ def emit_json(doc: Any) -> None:
     ``\\uXXXX`` escapes (:func:`repair.io.visible`): a parser reads the same strings, a terminal shows them."""
     from repair.io import json_text, visible
 
-    sys.stdout.write(visible(json_text(doc, indent=2)))
+    _stdout(visible(json_text(doc, indent=2)))
 
 
 #: commands built when they are run (name -> factory of the click command): their options depend on
@@ -175,7 +189,7 @@ def command(fn: Callable) -> Callable:
                 traceback.print_exc()
             log(one_line(f"error: {e}" if not isinstance(e, GateFailed) else f"FAILED: {e}"))
             raise typer.Exit(e.exit_code)
-        except BrokenPipeError:  # stdout closed early (| head): not an error of ours
+        except BrokenPipeError:  # stdout closed early, written outside say/emit_json (click's own output)
             import os
 
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -186,6 +186,27 @@ def test_eval_json_and_gate(timm_folder, image_data):
     assert code == 0
 
 
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_gate_fails_closed_when_the_reader_closes_stdout_early(timm_folder, image_data, json_out):
+    """``repair eval ... | grep -q`` / ``| head``: the reader is gone before the table is written.
+    The gate is still checked and a failure still exits 1 (a pipefail CI step must not pass)."""
+    import subprocess
+    import sys
+
+    def run(gate):
+        args = [sys.executable, "-m", "repair_cli.main", "eval", str(timm_folder), "--data", str(image_data),
+                "--group-by", "place", "-q", "--fail-under-wga", gate] + (["--json"] if json_out else [])
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.close()                    # before the command has written anything: its writes get EPIPE
+        err = p.stderr.read().decode()
+        return p.wait(timeout=300), err
+
+    code, err = run("100%")
+    assert code == 1 and "FAILED: worst-group" in err and "Traceback" not in err
+    code, err = run("0%")
+    assert code == 0 and "FAILED" not in err and "Traceback" not in err
+
+
 def test_eval_text_model(bert_folder, text_data):
     code, out, err = run_cli("eval", bert_folder, "--data", text_data, "--group-by", "negation", "--json", "-q")
     assert code == 0, err
