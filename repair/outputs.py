@@ -13,6 +13,7 @@ so the identical rerun starts clean.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -320,6 +321,9 @@ def verify_model(onnx_path, reference, data, *, load_options=None, data_options=
     reference = model_arg(reference, "the reference model (--reference)")
     if isinstance(reference, Path) and not reference.exists():
         raise BadInput("reference model not found", reference)
+    if isinstance(reference, Path) and reference.is_file() and os.path.samefile(reference, onnx_path):
+        raise BadInput("the reference is the ONNX file being checked (it would pass against itself); "
+                       "give the model it was exported from", reference)
     check_max_verify(max_verify)
     load_options = check_options(load_options, LoadOptions, "load_options")
     data_options = check_options(data_options, DataOptions, "data_options")

@@ -173,6 +173,8 @@ def test_github_actions_job_is_self_contained():
     for s in runs:
         assert "${{" not in s["run"], s["id"]   # paths come from the environment only
     assert "--fail-under-wga" in runs[1]["run"] and "--export onnx" in runs[2]["run"]
+    # the re-gate never counts a held-out sample the repair was fitted on (as gate.sh)
+    assert '--exclude "$REPAIR_DATA"' in runs[3]["run"] and '--exclude "$REPAIR_DATA"' in GATE_SH.read_text()
 
 
 def job_env(job: dict, repair_bin: Path, root: Path, **paths: str) -> dict:

@@ -243,6 +243,12 @@ def test_cli_export_and_verify(cnn_export, timm_folder, image_data, tmp_path):
     assert code == 0 and "PASSED" in stdout
     code, stdout, stderr = run_cli("verify", onnx_file, "--reference", timm_folder, "--data", image_data, "--json")
     assert code == 1 and json.loads(stdout)["passed"] is False and "FAILED" in stderr
+    # a reference that is the checked file itself (or a link to it) would pass whatever the file holds
+    (tmp_path / "same.onnx").symlink_to(onnx_file)
+    for ref in (onnx_file, tmp_path / "same.onnx"):
+        code, stdout, stderr = run_cli("verify", onnx_file, "--reference", ref, "--data", image_data)
+        assert code == 2 and "the ONNX file being checked" in stderr and len(stderr.strip().splitlines()) == 1
+        assert stdout == ""
     # ... but matches the repaired model once it is written as safetensors
     st = tmp_path / "repaired"
     export_safetensors(a, st, meta_for(a))
