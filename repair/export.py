@@ -510,7 +510,7 @@ def verify_onnx(onnx_path, reference_adapter: Adapter, items: Sequence[Any], *,
     (the report is on the exception as ``.report``)."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise BadInput("ONNX model not found", onnx_path)
+        raise BadInput("expected an .onnx file, got a folder" if onnx_path.is_dir() else "ONNX model not found", onnx_path)
     _log(progress, f"verifying {onnx_path.name} on {len(items)} samples")
     # an ONNX reference also checks embeddings @ W.T + b (original graph, new head) vs the file
     native = reference_adapter.exports_onnx_natively

@@ -190,6 +190,8 @@ NEG_C = "candidates:\n  - method: dfr\n    params: {c_grid: [-1.0]}\n"
 CASES: dict[str, Case] = {
     # ---- eval: the model
     "eval: missing model": Case([EVAL, "{tmp}/nope", "--data", "{images}"], ("nope", "not found")),
+    "eval: a folder named .onnx": Case([EVAL, "{d}", "--data", "{images}"], ("m.onnx", "got a folder"),
+                                       lambda e: {"d": (e.tmp / "m.onnx").mkdir() or e.tmp / "m.onnx"}),
     "eval: truncated safetensors": Case([EVAL, "{model}", "--data", "{images}"], ("model.safetensors", "safetensors"),
                                         one("model", truncated)),
     "eval: unknown timm architecture": Case([EVAL, "{model}", "--data", "{images}"], ("unknown timm architecture",),

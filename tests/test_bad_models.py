@@ -200,5 +200,10 @@ def test_a_label_naming_two_classes_of_a_checkpoint_is_refused(tmp_path, timm_fo
     with open(tmp_path / "x.csv", "w") as f:
         f.write("text,label\nthe movie was great,x\nawful plot,x\n")
     refused("eval", b, "--data", tmp_path / "x.csv", words=("'x' names 2 classes",))
+    # id2label keys that are not the head's indices: the config is named, not the data
+    k = copy_with(bert_folder, tmp_path / "k", lambda c: c.update(id2label={"0": "negative", "5": "positive"},
+                                                                    label2id={"negative": 0, "positive": 5}))
+    refused("eval", k, "--data", text_data, words=(str(k / "config.json"), "id2label's keys (0, 5)",
+                                                   "class indices (0 to 1)"))
     code, _, err = run_cli("eval", timm_folder, "--data", two, "--class-names", "cat,dog,cat", "-q")
     assert code == 2 and "--class-names must be distinct" in err, err

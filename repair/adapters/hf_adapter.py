@@ -157,6 +157,10 @@ class HFTextAdapter(TorchModelAdapter):
         self.source = weights if given else path
         self.weights_path = weights
         id2label = model.config.id2label or {}
+        keys = sorted(str(k) for k in id2label)
+        if id2label and keys != sorted(str(i) for i in range(num_labels)):
+            raise BadInput(f"id2label's keys ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}) are not "
+                           f"the head's {num_labels} class indices (0 to {num_labels - 1})", cfg_path)
         self.class_names = checked_class_names(
             [id2label.get(i, id2label.get(str(i), i)) for i in range(num_labels)], "id2label", cfg_path, distinct=False)
         self.max_length = resolve_max_length(self.tokenizer, max_length, positions=position_limit(model),

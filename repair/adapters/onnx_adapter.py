@@ -358,7 +358,7 @@ def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
     o = options or LoadOptions()
     path = Path(path)
     if not path.is_file():
-        raise BadInput("ONNX model not found", path)
+        raise BadInput("expected an .onnx file, got a folder" if path.is_dir() else "ONNX model not found", path)
     cfg = image_config_from_options(o.image_size, o.mean, o.std, path.parent / PREPROCESS_FILE)
     adapter = OnnxAdapter(path, image_config=cfg, class_names=o.class_names, max_length=o.max_length)
     adapter.preprocess_from_options = adapter.modality == "image"
