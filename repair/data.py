@@ -402,7 +402,7 @@ def _json_records(text: str, path: Path) -> list[tuple[str, object]]:
     shapes = f"; {JSON_TABLE_SHAPES}" if is_json else ""
     if is_json and text.lstrip().startswith("["):
         try:
-            doc = parse_json(text)
+            doc = parse_json(text, unique_keys=True)
         except json.JSONDecodeError as e:
             raise BadInput(f"not valid JSON ({e.msg}, line {e.lineno} column {e.colno}){shapes}", path) from None
         return [(f"item {n}", rec) for n, rec in enumerate(doc, 1)]
@@ -411,11 +411,11 @@ def _json_records(text: str, path: Path) -> list[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            out.append((f"line {n}", parse_json(line)))
+            out.append((f"line {n}", parse_json(line, unique_keys=True)))
         except json.JSONDecodeError as e:
             if is_json:         # one JSON document over several lines (a model's config.json)?
                 try:
-                    whole = parse_json(text)
+                    whole = parse_json(text, unique_keys=True)
                 except json.JSONDecodeError:
                     pass
                 else:
@@ -529,6 +529,7 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
                        f"{', '.join(columns)}); name it with --path-col (images) or --text-col (texts)", table)
     if is_image:
         path_col = _pick(columns, o.path_col, PATH_COLUMNS, "path", table)
+        _apart(label_col, path_col, "image paths", "--path-col", table)
         root_real, folders = _real(root), {}
         checked = [_table_image(table, root, root_real, n, row.get(path_col, ""), o, folders)
                    for n, row in enumerate(rows, 1)]
@@ -537,6 +538,7 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
         modality = "image"
     else:
         text_col = _pick(columns, o.text_col, TEXT_COLUMNS, "text", table)
+        _apart(label_col, text_col, "texts", "--text-col", table)
         items = [row.get(text_col, "") for row in rows]
         used = {label_col, text_col}
         modality = "text"
@@ -547,6 +549,13 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
     attrs = {c: [str(row.get(c, "")).strip() for row in rows] for c in columns if c not in used}
     return RepairData(source=root, modality=modality, items=items, labels=labels, attributes=attrs,
                       table=table, max_pixels=o.max_pixels, _real=reals if modality == "image" else None)
+
+
+def _apart(label_col: str, col: str, what: str, flag: str, table: Path) -> None:
+    """The labels and the items (``what``) must be two columns of the table."""
+    if col == label_col:
+        raise BadInput(f"the {what} and the labels are the same column ({label_col!r}); name them apart with "
+                       f"{flag} and --label-col", table)
 
 
 def _real(p: Path, folders: Optional[dict] = None) -> Optional[Path]:

@@ -248,14 +248,31 @@ def user_side(e: BaseException) -> Optional[int]:
     return None
 
 
-def parse_json(text):
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def parse_json(text, unique_keys: bool = False):
     """``json.loads`` for a file the user gave: a document nested too deeply to parse, or holding an
     integer of more digits than Python converts (``sys.get_int_max_str_digits()``, 4300 by default),
     is a ``json.JSONDecodeError`` too (a ``RecursionError`` or a bare ``ValueError`` would be an
-    internal error), so every caller's "not valid JSON" covers them."""
+    internal error), so every caller's "not valid JSON" covers them. ``unique_keys``: an object
+    that names a key twice is one too (``json`` keeps the last value silently; a data record whose
+    ``label`` is given twice has no one label)."""
     doc = text if isinstance(text, str) else ""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys) if unique_keys else json.loads(text)
+    except _DuplicateKey as e:
+        raise json.JSONDecodeError(f"the key {e.args[0]!r} is given twice in one object", doc, 0) from None
     except (json.JSONDecodeError, UnicodeDecodeError):     # bytes given: the caller's decode error
         raise
     except RecursionError:

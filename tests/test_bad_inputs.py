@@ -220,6 +220,12 @@ CASES: dict[str, Case] = {
                                 lambda e: {"d": make_images(e.tmp / "data", classes=["cat", "wolf"], n_per_class=2)}),
     "eval: unreadable image": Case([EVAL, "{timm}", "--data", "{d}", "--no-cache"], ("000.png", "unreadable image"),
                                    one("d", unreadable_image)),
+    "eval: --text-col the label column": Case([EVAL, "{bert}", "--data", "{t}", "--text-col", "label"],
+                                              ("t.csv", "the same column ('label')", "--text-col"),
+                                              lambda e: {"t": text_file(e, "t.csv", "text,label\ngood,positive\n")}),
+    "eval: --path-col the label column": Case([EVAL, "{timm}", "--data", "{t}", "--path-col", "label"],
+                                              ("metadata.csv", "the same column ('label')", "--path-col"),
+                                              lambda e: {"t": text_file(e, "metadata.csv", "path,label\na.png,cat\n")}),
     "eval: non-UTF-8 text": Case([EVAL, "{bert}", "--data", "{d}"], ("latin.csv", "not UTF-8"), one("d", latin1_texts)),
     "eval: missing group column": Case([EVAL, *M_I, "--group-by", "season"], ("no group column 'season'",)),
     "eval: image metadata.csv without a path column": Case(
@@ -356,6 +362,10 @@ CASES: dict[str, Case] = {
     "eval: config.json nested too deeply": Case([EVAL, "{model}", "--data", "{images}"],
                                                 ("config.json", "not valid JSON", "nested too deeply"),
                                                 one("model", deep_config)),
+    "eval: a JSONL line naming a key twice": Case([EVAL, "{bert}", "--data", "{t}"],
+                                                  ("t.jsonl", "line 2", "'label' is given twice"),
+                                                  lambda e: {"t": text_file(e, "t.jsonl", '{"text": "good", "label": "positive"}\n'
+                                                                            '{"text": "bad", "label": "negative", "label": "positive"}\n')}),
     "eval: a JSONL line nested too deeply": Case([EVAL, "{bert}", "--data", "{t}"], ("t.jsonl", "line 1", "nested too deeply"),
                                                  lambda e: {"t": jsonl_texts(e, '{"text": ' + "[" * 100000 + "]" * 100000
                                                                              + ', "label": "positive"}')}),
