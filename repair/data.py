@@ -374,17 +374,25 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
         # is refused where the column is needed)
         columns = list(dict.fromkeys(k for row in rows for k in row))
         return columns, [{c: row.get(c, "") for c in columns} for row in rows]
+    return read_csv_text(text, path)
+
+
+def read_csv_text(text: str, path: Path, first_line: int = 1) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of the text of a CSV (a TSV by ``path``'s suffix): the one home of how a table
+    the user gave is read (data tables, ``repair zoo``'s CSV manifests). A malformed table is a
+    :class:`BadInput` naming ``path`` and where; ``first_line``: the file's line number of the text's
+    first line (a caller that took leading lines off)."""
     _raise_csv_field_limit()
     try:
         # strict first: it alone notices a quote that is never closed (the lenient reader takes the
         # rest of the file as one field); what only the strict reader minds (`"a"b`) is read leniently
-        return _read_csv(text, path, strict=True)
+        return _read_csv(text, path, strict=True, first_line=first_line)
     except _CsvError as e:
         if e.unterminated:
             raise BadInput(f"malformed CSV: unterminated quote; the quoted field that starts near "
                            f"{e.where} is never closed", path) from None
     try:
-        return _read_csv(text, path, strict=False)
+        return _read_csv(text, path, strict=False, first_line=first_line)
     except _CsvError as e:
         raise BadInput(f"malformed CSV near {e.where}: {e.args[0]}", path) from None
 
@@ -472,8 +480,9 @@ class _CsvError(Exception):
         return f"row {self.row} (line {self.line})" if self.row else f"the header (line {self.line})"
 
 
-def _read_csv(text: str, path: Path, strict: bool) -> tuple[list[str], list[dict]]:
+def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1) -> tuple[list[str], list[dict]]:
     """(columns, rows) of a CSV/TSV's text; a ``csv.Error`` as :class:`_CsvError`."""
+    skip = first_line - 1            # the file's lines before the text's first
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     # SST-2 style TSVs hold raw quotes inside sentences: do not treat them as quoting
     reader = csv.DictReader(io.StringIO(text), delimiter=delim, restval="",   # a short row: empty cells
@@ -488,12 +497,12 @@ def _read_csv(text: str, path: Path, strict: bool) -> tuple[list[str], list[dict
         last_line, header = reader.line_num, True
         for row in reader:
             if None in row:
-                raise BadInput(f"line {reader.line_num} has more fields than the header", path)
+                raise BadInput(f"line {reader.line_num + skip} has more fields than the header", path)
             rows.append(row)
             last_line = reader.line_num
     except csv.Error as e:
         problem = str(e).split(" - do you need")[0]      # Python's advice to its own callers
-        raise _CsvError(problem, len(rows) + 1 if header else 0, last_line + 1,
+        raise _CsvError(problem, len(rows) + 1 if header else 0, last_line + 1 + skip,
                         unterminated=strict and "unexpected end of data" in problem) from None
     return columns, rows
 

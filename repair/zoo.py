@@ -55,10 +55,8 @@ the report folder or the journal (checked before any work).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import re
@@ -201,29 +199,22 @@ def _read_rows(path: Path) -> tuple[dict, list[dict]]:
                 raise BadInput(f"{where}: field names are text, got {key!r}", path)
         return defaults, rows
     if suffix == ".csv":
+        from .data import read_csv_text
+
         lines = text.splitlines()
         defaults: dict = {}
         while lines and (lines[0].startswith("#") or not lines[0].strip()):
             m = re.fullmatch(r"#\s*([a-z_]+)\s*[:=]\s*(.*?)\s*", lines.pop(0))
             if m:        # "# key: value" (a field name, lower case): a default; "# Note: ..." and others are comments
                 defaults[m.group(1)] = m.group(2)
-        reader = csv.DictReader(io.StringIO("\n".join(lines)))
-        rows = []
-        try:
-            header = [c.strip() for c in (reader.fieldnames or [])]
-        except csv.Error as e:
-            raise BadInput(f"the header: not valid CSV ({e})", path) from None
+        skipped = len(text.splitlines()) - len(lines)
+        columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1)
+        header = [c.strip() for c in columns]
         twice = sorted({c for c in header if c and header.count(c) > 1})
         if twice:
             raise BadInput(f"the header names column {twice[0]!r} twice", path)
-        try:
-            for n, r in enumerate(reader, 1):
-                if None in r:
-                    raise BadInput(f"row {n}: more fields than the header", path)
-                rows.append({k.strip(): v.strip() for k, v in r.items()
-                             if k is not None and v is not None and v.strip()})
-        except csv.Error as e:                      # a field over csv's limit (128 KiB), ...
-            raise BadInput(f"row {len(rows) + 1}: not valid CSV ({e})", path) from None
+        rows = [{k.strip(): v.strip() for k, v in r.items() if isinstance(k, str) and isinstance(v, str) and v.strip()}
+                for r in table]
         if not rows:
             raise BadInput("a manifest needs at least one model row", path)
         return defaults, rows

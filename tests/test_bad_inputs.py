@@ -341,6 +341,9 @@ CASES: dict[str, Case] = {
     # ---- zoo MANIFEST
     "zoo: manifest not found": Case([ZOO, "{tmp}/zoo.yaml"], ("zoo.yaml", "not found")),
     "zoo: manifest is a folder": Case([ZOO, "{tmp}"], ("got a folder",)),
+    "zoo: CSV manifest with an unterminated quote": Case(
+        [ZOO, "{z}"], ("zoo.csv", "unterminated quote", "line 3"),
+        lambda e: {"z": text_file(e, "zoo.csv", '# gate: 0.5\nname,checkpoint,data\n"a,m,d\n')}),
     "zoo: unknown field": Case([ZOO, "{z}", "--out-dir", "{tmp}/report"], ("row 2", "'grup_by'", "unknown field"),
                                lambda e: {"z": zoo_manifest(e, {"grup_by": "place"})}),
     "zoo: duplicate name": Case([ZOO, "{z}", "--out-dir", "{tmp}/report"], ("row 2", "duplicate name 'first'"),
