@@ -64,20 +64,27 @@ def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
 def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap: list,
                  where=None, exclude_flag: Optional[str] = None) -> list:
     """``overlap`` (per sample of ``other``: an identical sample, byte for byte, is in ``data``) widened
-    to the samples the model reads as one of ``data``'s (:meth:`Adapter.input_keys`: a text that
-    differs only in case or spacing the tokenizer drops). Data whose every sample is then in ``data``
-    is refused as :func:`repair.preflight.eval_overlap` refuses it."""
+    to the samples the model reads as one of ``data``'s: a text that differs only in case or spacing
+    the tokenizer drops (:meth:`Adapter.input_keys`), an image with the same pixels in another file
+    format or encoding (:func:`repair.data.same_pixel_keys`). Data whose every sample is then in
+    ``data`` is refused as :func:`repair.preflight.eval_overlap` refuses it."""
     from .preflight import refuse_full_overlap
 
     if not len(other) or not len(data):
         return list(overlap)
-    mine, theirs = adapter.input_keys(data.items), adapter.input_keys(other.items)
+    if data.modality == "image" and other.modality == "image":
+        from .data import same_pixel_keys
+
+        (mine, theirs), how = same_pixel_keys(data, other), ", pixel for pixel (the same images in other files)"
+    else:
+        mine, theirs = adapter.input_keys(data.items), adapter.input_keys(other.items)
+        how = ", as the model reads them"
     if mine is None or theirs is None:
         return list(overlap)
     seen = set(mine)
     wider = [bool(o) or k in seen for o, k in zip(overlap, theirs)]
     if wider != list(map(bool, overlap)):
-        refuse_full_overlap(wider, other, where, exclude_flag=exclude_flag, how=", as the model reads them")
+        refuse_full_overlap(wider, other, where, exclude_flag=exclude_flag, how=how)
     return wider
 
 
@@ -117,7 +124,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
                    data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
                    exclude=None) -> dict:
     """Figures of the model on ``data_path``. ``exclude`` (a path, or data already read): samples
-    identical to one of its samples (same image bytes, same text) are left out of the figures -- the
+    identical to one of its samples (the same image bytes or pixels, the same text or tokens) are left out of the figures -- the
     repair set a model was repaired on, so that a re-gate on held-out data never counts a sample the
     repair fitted on; the groups that leaves without rows are absent (a worst-group gate fails closed
     on them), and data that is all such samples is a BadInput."""

@@ -287,6 +287,40 @@ def check_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         _open_pil(f, Path(path), max_pixels).close()
 
 
+def image_size(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image from its header, refused as :func:`check_image` refuses."""
+    with open_regular(path) as f:
+        im = _open_pil(f, Path(path), max_pixels)
+        try:
+            return im.size
+        finally:
+            im.close()
+
+
+def pixel_digest(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """sha256 of an image as the model is fed it: its size and its 8-bit RGB pixels (:func:`read_image`).
+    The same picture saved in another format, with other metadata or another compression has other
+    bytes and the same digest."""
+    im = read_image(path, max_pixels)
+    try:
+        return hashlib.sha256(f"{im.width}x{im.height}\0".encode() + im.tobytes()).hexdigest()
+    finally:
+        im.close()
+
+
+def same_pixel_keys(a: "RepairData", b: "RepairData") -> tuple[list, list]:
+    """Keys of the images of ``a`` and of ``b``, equal for two images exactly when they decode to the
+    same pixels (:func:`pixel_digest`): what a byte-level comparison misses (a PNG saved again as a
+    BMP). The one home of that rule (``repair fix --eval``, ``repair eval --exclude``, through
+    :func:`repair.api.read_as_same`). Only the images whose size the other data also has are decoded
+    (a header read tells the size); the others get a key no image shares."""
+    sa = [image_size(p, a.max_pixels) for p in a.items]
+    sb = [image_size(p, b.max_pixels) for p in b.items]
+    common = set(sa) & set(sb)
+    return ([pixel_digest(p, a.max_pixels) if z in common else ("a", i) for i, (p, z) in enumerate(zip(a.items, sa))],
+            [pixel_digest(p, b.max_pixels) if z in common else ("b", i) for i, (p, z) in enumerate(zip(b.items, sb))])
+
+
 def _scale_to_8bit(a, mode: str, path: Path):
     """A high-bit-depth single-channel image as uint8, scaled, never clipped: 16-bit modes
     (``I;16*``) by their bit depth (v * 255 / 65535); ``I`` (32-bit integers) as 8-bit values when

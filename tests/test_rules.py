@@ -820,3 +820,72 @@ def test_evaluation_texts_the_model_reads_as_repair_texts_are_left_out(tmp_path,
     assert f"{same} also in the repair set left out" in rep["measured_on"]
     code, out, err = run_cli("eval", bert_folder, "--data", mixed, "--exclude", repair, "--json", "-q")
     assert code == 0 and json.loads(out)["excluded"]["n"] == same and json.loads(out)["n"] == len(erows) - same, err
+
+
+def _resave(src: Path, dst: Path, fmt: str, rows=None) -> Path:
+    """``src``'s images (or those of ``rows``) saved again as ``fmt``: the same pixels, other bytes."""
+    from PIL import Image
+
+    with open(src / "metadata.csv") as f:
+        all_rows = list(csv.DictReader(f))
+    out = []
+    for r in (rows if rows is not None else all_rows):
+        rel = str(Path(r["img_filename"]).with_suffix("." + fmt.lower()))
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(src / r["img_filename"]) as im:
+            im.save(dst / rel, format=fmt)
+        out.append({**r, "img_filename": rel})
+    return out
+
+
+def test_evaluation_images_with_the_repair_images_pixels_are_left_out(tmp_path, timm_folder):
+    """Found by an audit: the repair set's images saved again in another format (the same pixels,
+    other bytes) were "separate evaluation data" with the repair set's own figures. They are the same
+    samples to the model: left out like byte-identical copies, and an --eval that is all such copies
+    is refused (exit 2), by `repair fix --eval` and `repair eval --exclude`."""
+    import hashlib
+
+    repair = make_images(tmp_path / "r", n_per_class=4, seed=0)
+    copies = tmp_path / "copies"
+    rows = _resave(repair, copies, "BMP")
+    with open(copies / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(rows)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()          # noqa: E731
+    assert not {digest(p) for p in copies.rglob("*.bmp")} & {digest(p) for p in repair.rglob("*.png")}
+    code, _, err = run_cli("fix", timm_folder, "--data", repair, "--recipe", "dfr", "--eval", copies,
+                           "--out", tmp_path / "o1", "-q")
+    assert code == 2 and "pixel for pixel" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o1").exists()
+    code, _, err = run_cli("eval", timm_folder, "--data", copies, "--exclude", repair, "-q")
+    assert code == 2 and "pixel for pixel" in err, err
+    # fresh images of another size (not decoded: no repair image has it) and five re-encoded repair images
+    mixed = make_images(tmp_path / "m", n_per_class=3, seed=7, size=40)
+    with open(mixed / "metadata.csv") as f:
+        fresh = list(csv.DictReader(f))
+    with open(repair / "metadata.csv") as f:
+        rrows = list(csv.DictReader(f))
+    again = _resave(repair, mixed, "TIFF", rows=rrows[:5])
+    with open(mixed / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(fresh + again)
+    code, out, err = run_cli("fix", timm_folder, "--data", repair, "--recipe", "dfr", "--eval", mixed,
+                             "--out", tmp_path / "o2", "--json", "-q")
+    rep = json.loads(out)
+    assert code == 0 and rep["after"]["n"] == len(fresh), err
+    assert "5 also in the repair set left out" in rep["measured_on"]
+    code, out, err = run_cli("eval", timm_folder, "--data", mixed, "--exclude", repair, "--json", "-q")
+    doc = json.loads(out)
+    assert code == 0 and doc["excluded"]["n"] == 5 and doc["n"] == len(fresh), err
+    # a changed pixel is another image
+    from PIL import Image
+
+    one = mixed / again[0]["img_filename"]
+    with Image.open(one) as im:
+        px = im.convert("RGB")
+    px.putpixel((0, 0), tuple((v + 1) % 256 for v in px.getpixel((0, 0))))
+    px.save(one, format="TIFF")
+    code, out, err = run_cli("eval", timm_folder, "--data", mixed, "--exclude", repair, "--json", "-q")
+    assert code == 0 and json.loads(out)["excluded"]["n"] == 4, err
