@@ -100,15 +100,17 @@ def left_out_groups(full: RepairData, class_names, group_by: Optional[str], kept
     return [g for g in [*f.group_names, *(f.absent_groups or [])] if g not in kept]
 
 
-def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tensor]) -> Optional[str]:
-    """Identical samples (same image bytes, same text) in the data a figure is measured on: each copy
+def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tensor],
+                    inputs: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Identical samples (same image bytes or model input -- ``inputs``, the embeddings' input
+    digests --, same text) in the data a figure is measured on: each copy
     counts in the figure, so it is surer than its distinct samples allow. ``report["duplicates"]`` gets
     the counts (:func:`repair.data.duplicate_stats`) and, with any, each group row its ``n_distinct``
     (what the small-group warnings count, :func:`repair.selection.figure_warnings`). Returns the
     warning to show, or None."""
     from .data import duplicate_stats
 
-    ids = data.duplicate_ids()
+    ids = data.duplicate_ids(inputs)
     st = duplicate_stats(ids)
     report["duplicates"] = st
     if not st["n_duplicates"]:
@@ -153,7 +155,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
                                     if g not in report["absent_groups"]]
     from .selection import figure_warnings
 
-    dup_note = mark_duplicates(report, p.data, p.enc.groups)
+    dup_note = mark_duplicates(report, p.data, p.enc.groups, p.emb.inputs)
     # groups too small for an honest figure, or with none (label-free: no groups to speak of)
     report["warnings"] = figure_warnings(report, what="the figures") + ([dup_note] if dup_note else [])
     if exclude is not None:

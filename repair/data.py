@@ -126,11 +126,19 @@ class RepairData:
                 self._hashes = [hashlib.sha256(str(t).encode("utf-8")).hexdigest() for t in self.items]
         return self._hashes
 
-    def duplicate_ids(self) -> "torch.Tensor":
+    def duplicate_ids(self, inputs: Optional["torch.Tensor"] = None) -> "torch.Tensor":
         """(N,) int64: identical samples (same image bytes, same text) share an id, ids numbered
         by first appearance (0, 1, ...). Pass it as ``clusters=`` to the splitters of
-        :mod:`repair.selection` so copies of one sample never fall on both sides of a split."""
+        :mod:`repair.selection` so copies of one sample never fall on both sides of a split.
+        ``inputs`` (images: :attr:`repair.embeddings.Embeddings.inputs`, one digest row per image of
+        the model's input): images the model is fed identically share an id too (the same picture
+        saved in another format has other bytes)."""
         import torch  # noqa: lazy
+        if inputs is not None and self.modality == "image":
+            if tuple(inputs.shape[:1]) != (len(self.items),):
+                raise ValueError(f"duplicate_ids: {len(self.items)} images, {tuple(inputs.shape)} input digests")
+            first_: dict = {}
+            return torch.tensor([first_.setdefault(bytes(r), len(first_)) for r in inputs.numpy()], dtype=torch.long)
         if self.modality == "image" and self._hashes is None:
             # only files of a size another file has can be copies: the others are never read (a warm
             # `repair eval` of a large image set reads no image at all)

@@ -26,8 +26,9 @@ from .adapters.base import Adapter
 from .data import DEFAULT_MAX_PIXELS, RepairData
 from .errors import BadInput
 
-CACHE_FORMAT = 3      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
-                      # holds the network's build (Adapter.network_id) and the tokenizer's content
+CACHE_FORMAT = 4      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
+                      # holds the network's build (Adapter.network_id) and the tokenizer's content;
+                      # 4: an image set's entry also holds each image's input digest (Embeddings.inputs)
 
 
 def default_cache_dir() -> Path:
@@ -72,6 +73,19 @@ class Embeddings:
     from_cache: bool
     seconds: float             # time spent extracting (or loading from cache)
     device: str
+    #: images: (N, 16) uint8, each sample's model input (the preprocessed tensor) hashed: equal rows
+    #: are one sample to the model, whatever their files' bytes (a picture saved in two formats);
+    #: None for texts (their bytes, or their tokens, say it without the model)
+    inputs: Optional[torch.Tensor] = None
+
+
+def input_digests(batch) -> torch.Tensor:
+    """(B, 16) uint8: the first 16 bytes of the sha256 of each row of an image batch (a tensor)."""
+    import numpy as np
+
+    a = batch.detach().cpu().contiguous().numpy() if torch.is_tensor(batch) else np.ascontiguousarray(batch)
+    return torch.tensor([list(hashlib.sha256(a[i].tobytes()).digest()[:16]) for i in range(a.shape[0])],
+                        dtype=torch.uint8).reshape(a.shape[0], 16)
 
 
 def cache_key(adapter: Adapter, data: RepairData, device: Optional[torch.device] = None) -> str:
@@ -108,10 +122,11 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     cache_file = cache_dir / f"{key}.safetensors"
     if data.modality == "image":     # the pixel limit the data was read with (a model repair's own reads too)
         adapter.max_pixels = data.max_pixels
+    image = data.modality == "image"
     if use_cache and (cache_file.exists() or cache_file.is_symlink()):
-        X, why = _read_cache(cache_file, key, len(data))
+        X, inputs, why = _read_cache(cache_file, key, len(data), with_inputs=image)
         if X is not None:
-            return Embeddings(X, key, True, time.perf_counter() - t0, "cache")
+            return Embeddings(X, key, True, time.perf_counter() - t0, "cache", inputs)
         # always shown (also with -q): a damaged cache is worth knowing about
         print(f"notice: embedding cache entry {cache_file} was corrupt ({why}); recomputed", file=sys.stderr)
     adapter.to(dev)
@@ -120,6 +135,7 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     if data.modality == "text":  # length buckets: far less padding
         order.sort(key=lambda i: len(data.items[i]))
     X: Optional[torch.Tensor] = None
+    inputs = torch.zeros((n, 16), dtype=torch.uint8) if image else None
     bar = _progress(n, progress, "embedding")
     try:
         for start in range(0, n, batch_size):
@@ -129,14 +145,16 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
             if X is None:
                 X = torch.empty((n, emb.shape[1]), dtype=torch.float32)
             X[torch.tensor(idx)] = emb
+            if inputs is not None:
+                inputs[torch.tensor(idx)] = input_digests(batch)
             bar.update(len(idx))
     finally:
         bar.close()
     assert X is not None
     check_finite_embeddings(X, adapter, data)
     if use_cache:
-        _write_cache(cache_file, X)
-    return Embeddings(X, key, False, time.perf_counter() - t0, str(dev))
+        _write_cache(cache_file, X, inputs)
+    return Embeddings(X, key, False, time.perf_counter() - t0, str(dev), inputs)
 
 
 def check_finite_embeddings(X: torch.Tensor, adapter: Adapter, data: RepairData) -> None:
@@ -157,37 +175,44 @@ def cache_digest(X: torch.Tensor) -> str:
     return tensor_digest(X).hex()
 
 
-def _read_cache(path: Path, key: str, n: int) -> tuple[Optional[torch.Tensor], str]:
-    """``(X, "")`` for a sound entry; ``(None, why)`` for anything else: not a regular file,
-    unreadable, not safetensors, another tensor or shape, no digest, or a digest mismatch."""
+def _read_cache(path: Path, key: str, n: int, with_inputs: bool = False
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], str]:
+    """``(X, inputs, "")`` for a sound entry (``inputs``: the input digests, with ``with_inputs``, else
+    None); ``(None, None, why)`` for anything else: not a regular file, unreadable, not safetensors,
+    other tensors or shapes, no digest, or a digest mismatch."""
     import stat as stat_
 
     from safetensors import safe_open
 
+    want = ["embeddings", "inputs"] if with_inputs else ["embeddings"]
     try:
         if not stat_.S_ISREG(path.stat().st_mode):
-            return None, "not a regular file"
+            return None, None, "not a regular file"
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            keys = list(f.keys())
-            if keys != ["embeddings"]:
-                return None, f"holds {keys} instead of the embeddings"
+            keys = sorted(f.keys())
+            if keys != want:
+                return None, None, f"holds {keys} instead of {want}"
             X = f.get_tensor("embeddings")
+            inputs = f.get_tensor("inputs") if with_inputs else None
     except Exception as e:       # safetensors raises its own error types; OSError for the rest
-        return None, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return None, None, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if X.dtype != torch.float32 or X.dim() != 2 or X.shape[0] != n:
-        return None, f"holds a {str(X.dtype).replace('torch.', '')} tensor of shape {tuple(X.shape)}, expected {n} rows"
+        return None, None, (f"holds a {str(X.dtype).replace('torch.', '')} tensor of shape {tuple(X.shape)}, "
+                            f"expected {n} rows")
+    if inputs is not None and (inputs.dtype != torch.uint8 or tuple(inputs.shape) != (n, 16)):
+        return None, None, f"holds input digests of shape {tuple(inputs.shape)}, expected ({n}, 16)"
     if meta.get("key") != key:
-        return None, "written for another key"
+        return None, None, "written for another key"
     if "sha256" not in meta:
-        return None, "no digest"
-    if meta["sha256"] != cache_digest(X):
-        return None, "digest mismatch"
-    return X, ""
+        return None, None, "no digest"
+    if meta["sha256"] != cache_digest(X) or (inputs is not None and meta.get("inputs_sha256") != cache_digest(inputs)):
+        return None, None, "digest mismatch"
+    return X, inputs, ""
 
 
-def _write_cache(path: Path, X: torch.Tensor) -> None:
-    """Atomic: a temporary sibling renamed into place, with the digest and key in its metadata."""
+def _write_cache(path: Path, X: torch.Tensor, inputs: Optional[torch.Tensor] = None) -> None:
+    """Atomic: a temporary sibling renamed into place, with the digests and key in its metadata."""
     from .io import save_safetensors
 
     tmp = None
@@ -195,8 +220,11 @@ def _write_cache(path: Path, X: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        save_safetensors({"embeddings": X}, tmp, metadata={"repair_version": __version__,
-                                                           "sha256": cache_digest(X), "key": path.stem})
+        tensors, meta = {"embeddings": X}, {"repair_version": __version__, "sha256": cache_digest(X), "key": path.stem}
+        if inputs is not None:
+            tensors["inputs"] = inputs
+            meta["inputs_sha256"] = cache_digest(inputs)
+        save_safetensors(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
         tmp = None
     except OSError as e:  # a read-only or full cache must not fail the command

@@ -175,11 +175,12 @@ def _load_recipe(o: FixOptions):
     return load_recipe("auto-ft" if o.allow_finetune else o.recipe, allow_plugins=o.allow_plugins)
 
 
-def _duplicates(data: RepairData):
-    """(ids of identical samples, their counts for the report)."""
+def _duplicates(data: RepairData, emb):
+    """(ids of identical samples, their counts for the report): an image by its model input (the
+    embeddings' input digests: a copy in another format too), a text by its bytes."""
     from .data import duplicate_stats
 
-    ids = data.duplicate_ids()
+    ids = data.duplicate_ids(getattr(emb, "inputs", None))
     return ids, duplicate_stats(ids)
 
 
@@ -264,7 +265,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     has_groups = groups is not None
     # ---- splits: strata = groups, else class x original correctness; identical samples together
     crit, strata = selection_basis(recipe.selection, y, orig_logits, groups)
-    clusters, dup_stats = _duplicates(data)
+    clusters, dup_stats = _duplicates(data, emb)
     eval_given = inputs.eval_data is not None
     if eval_given:
         fit_idx, report_idx = torch.arange(len(y)), None
@@ -410,8 +411,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     before = evaluate(before_logits, ry, enc.class_names, rg, rnames)
     after = evaluate(after_logits, ry, enc.class_names, rg, rnames)
     if eval_given:                # copies within --eval count in its figures: say so (and count them once below)
-        dup_note = mark_duplicates(before, r_data, rg)
-        mark_duplicates(after, r_data, rg)
+        dup_note = mark_duplicates(before, r_data, rg, e_emb.inputs)
+        mark_duplicates(after, r_data, rg, e_emb.inputs)
         if dup_note:
             ctx.warnings.append(f"--eval: {dup_note}")
             log(f"warning: {ctx.warnings[-1]}")

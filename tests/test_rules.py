@@ -889,3 +889,38 @@ def test_evaluation_images_with_the_repair_images_pixels_are_left_out(tmp_path, 
     px.save(one, format="TIFF")
     code, out, err = run_cli("eval", timm_folder, "--data", mixed, "--exclude", repair, "--json", "-q")
     assert code == 0 and json.loads(out)["excluded"]["n"] == 4, err
+
+
+def test_a_repair_image_saved_again_in_another_format_is_one_sample_to_the_splits(tmp_path, timm_folder):
+    """The repair set holding its images twice, once as PNG and once as BMP (other bytes, the same
+    pixels): the copies were separate samples, so a copy could sit in the fitted part and its twin in
+    the held-out part the figures are measured on. The model is fed them identically: one sample
+    (the embeddings' input digests, cached with them: a warm run finds the same)."""
+    import torch
+
+    from repair.adapters import load_model
+    from repair.data import load_data
+    from repair.embeddings import extract
+
+    data = make_images(tmp_path / "d", n_per_class=4, seed=0)
+    with open(data / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    copies = _resave(data, data, "BMP")
+    with open(data / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(rows + copies)
+    d, a = load_data(data), load_model(timm_folder)
+    assert int(d.duplicate_ids().unique().numel()) == 2 * len(rows)          # bytes: all distinct
+    cold = extract(a, d, cache_dir=tmp_path / "c", progress=False)
+    warm = extract(a, d, cache_dir=tmp_path / "c", progress=False)
+    assert not cold.from_cache and warm.from_cache and torch.equal(cold.inputs, warm.inputs)
+    ids = d.duplicate_ids(warm.inputs)
+    assert ids[:len(rows)].tolist() == list(range(len(rows))) and ids[len(rows):].tolist() == list(range(len(rows)))
+    code, out, err = run_cli("fix", timm_folder, "--data", data, "--recipe", "dfr", "--out", tmp_path / "o",
+                             "--json", "-q", "--cache-dir", tmp_path / "c2")
+    rep = json.loads(out)
+    assert code == 0 and rep["duplicates"]["n_duplicates"] == len(rows), err
+    assert "duplicate sample(s)" in err
+    code, out, err = run_cli("eval", timm_folder, "--data", data, "--json", "-q")
+    assert code == 0 and json.loads(out)["duplicates"]["n_unique"] == len(rows), err
