@@ -61,31 +61,49 @@ def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     return Prepared(adapter, data, enc, emb)
 
 
-def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap: list,
-                 where=None, exclude_flag: Optional[str] = None) -> list:
-    """``overlap`` (per sample of ``other``: an identical sample, byte for byte, is in ``data``) widened
-    to the samples the model reads as one of ``data``'s: a text that differs only in case or spacing
-    the tokenizer drops (:meth:`Adapter.input_keys`), an image with the same pixels in another file
-    format or encoding (:func:`repair.data.same_pixel_keys`). Data whose every sample is then in
-    ``data`` is refused as :func:`repair.preflight.eval_overlap` refuses it."""
-    from .preflight import refuse_full_overlap
-
+def _model_keys(adapter: Adapter, data: RepairData, other: RepairData):
+    """(keys of ``data``'s samples, keys of ``other``'s, how they were found the same): equal keys for
+    two samples the model reads as one -- a text that differs only in case or spacing the tokenizer
+    drops (:meth:`Adapter.input_keys`), an image with the same pixels in another file format or
+    encoding (:func:`repair.data.same_pixel_keys`); None where nothing is known beyond the bytes."""
     if not len(other) or not len(data):
-        return list(overlap)
+        return None
     if data.modality == "image" and other.modality == "image":
         from .data import same_pixel_keys
 
-        (mine, theirs), how = same_pixel_keys(data, other), ", pixel for pixel (the same images in other files)"
-    else:
-        mine, theirs = adapter.input_keys(data.items), adapter.input_keys(other.items)
-        how = ", as the model reads them"
-    if mine is None or theirs is None:
+        return (*same_pixel_keys(data, other), ", pixel for pixel (the same images in other files)")
+    mine, theirs = adapter.input_keys(data.items), adapter.input_keys(other.items)
+    return None if mine is None or theirs is None else (mine, theirs, ", as the model reads them")
+
+
+def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap: list,
+                 where=None, exclude_flag: Optional[str] = None) -> list:
+    """``overlap`` (per sample of ``other``: an identical sample, byte for byte, is in ``data``) widened
+    to the samples the model reads as one of ``data``'s (:func:`_model_keys`). Data whose every sample
+    is then in ``data`` is refused as :func:`repair.preflight.eval_overlap` refuses it."""
+    from .preflight import refuse_full_overlap
+
+    keys = _model_keys(adapter, data, other)
+    if keys is None:
         return list(overlap)
+    mine, theirs, how = keys
     seen = set(mine)
     wider = [bool(o) or k in seen for o, k in zip(overlap, theirs)]
     if wider != list(map(bool, overlap)):
         refuse_full_overlap(wider, other, where, exclude_flag=exclude_flag, how=how)
     return wider
+
+
+def same_samples(adapter: Adapter, data: RepairData, other: RepairData) -> list[bool]:
+    """Per sample of ``other``: whether it is one of ``data``'s, byte for byte or as the model reads it
+    (:func:`read_as_same`'s rule, refusing nothing): what ``--train`` leaves out of training."""
+    seen = set(data.content_hashes())
+    same = [h in seen for h in other.content_hashes()]
+    keys = _model_keys(adapter, data, other)
+    if keys is None:
+        return same
+    mine = set(keys[0])
+    return [s or k in mine for s, k in zip(same, keys[1])]
 
 
 def left_out_groups(full: RepairData, class_names, group_by: Optional[str], kept) -> list[str]:

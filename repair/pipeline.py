@@ -39,7 +39,8 @@ import torch
 
 from . import provenance
 from .adapters import LoadOptions, load_model
-from .api import RuntimeOptions, check_modality, left_out_groups, mark_duplicates, prepare_data, read_as_same
+from .api import (RuntimeOptions, check_modality, left_out_groups, mark_duplicates, prepare_data, read_as_same,
+                  same_samples)
 from .choosing import FitContext, choose, selection_basis
 from .data import DataOptions, Encoded, RepairData
 from .embeddings import Embeddings, extract, resolve_device
@@ -325,10 +326,10 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
     check_modality(adapter, d)
     gb = data_opts.group_by if data_opts.group_by in d.attributes else None
     encode(d, adapter.class_names, gb)            # its labels first: a label the model lacks names itself
-    seen = set(inputs.data.content_hashes())
+    taken = same_samples(adapter, inputs.data, d)
     if inputs.eval_data is not None:
-        seen |= set(inputs.eval_data.content_hashes())
-    keep = [i for i, h in enumerate(d.content_hashes()) if h not in seen]
+        taken = [a or b for a, b in zip(taken, same_samples(adapter, inputs.eval_data, d))]
+    keep = [i for i, t in enumerate(taken) if not t]
     if not keep:
         raise BadInput(f"every sample of {flag} is also in the repair data (--data) or --eval: the choice and the "
                        "figures are measured there, never on what is trained on; give training data kept apart",

@@ -642,6 +642,20 @@ def test_training_data_never_holds_what_the_figures_are_measured_on(tmp_path, ti
     rep = json.loads(out)
     n_repair = len(list(csv.DictReader(open(image_data / "metadata.csv"))))
     assert any(f"{n_repair} of the {n_repair + len(new)} samples of --train" in w for w in rep["warnings"])
+    # the repair images saved again as BMP (other bytes, the same pixels) are the repair samples too
+    bmp = tmp_path / "bmp"
+    rows = _resave(image_data, bmp, "BMP") + [{**r, "img_filename": f"{r['y']}/x{Path(r['img_filename']).name}"}
+                                              for r in new]
+    for r in new:
+        shutil.copy(extra / r["img_filename"], bmp / r["y"] / ("x" + Path(r["img_filename"]).name))
+    with open(bmp / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(rows)
+    code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "clp-ablation", "--train", bmp,
+                             "--budget", "2steps", "--out", tmp_path / "o", "--json", "-q", "--force")
+    assert code == 0, err
+    assert any(f"{n_repair} of the {n_repair + len(new)} samples of --train" in w for w in json.loads(out)["warnings"])
 
 
 def test_figures_need_held_out_samples_and_their_warnings_reach_the_report(tmp_path, timm_folder):
