@@ -833,6 +833,14 @@ def test_cache_entry_carries_and_checks_its_digest(tmp_path, timm_folder, images
     with time_limit(60):
         e3 = extract(adapter, data, cache_dir=cache, progress=False)
     assert not e3.from_cache and entry.is_file() and torch.equal(e3.X, e1.X)
+    # an image set's entry holds its input digests, checked as the embeddings are: other digests are
+    # not trusted (they decide which samples are copies of one another)
+    with safe_open(str(entry), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["inputs_sha256"] == cache_digest(f.get_tensor("inputs")) == cache_digest(e1.inputs)
+    save_file({"embeddings": e1.X, "inputs": e1.inputs ^ 1}, str(entry), metadata=meta)
+    e4 = extract(adapter, data, cache_dir=cache, progress=False)
+    assert not e4.from_cache and torch.equal(e4.inputs, e1.inputs)
 
 
 def test_nan_initializer_in_an_onnx_model(tmp_path):
