@@ -161,6 +161,9 @@ def _model_args(s: Optional[str]) -> Optional[dict]:
     text, where = s, None
     if not s.lstrip().startswith("{"):
         where = Path(s)
+        if where.is_dir():
+            raise BadInput("--model-args names a folder; give a .json file, or a JSON object like "
+                           "'{\"channels\": [16, 32]}'", where)
         if not where.is_file():
             raise BadInput(f"--model-args must be a JSON object like '{{\"channels\": [16, 32]}}' or a .json file, "
                            f"got {s!r}")

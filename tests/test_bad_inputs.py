@@ -206,6 +206,8 @@ CASES: dict[str, Case] = {
                                                 ("w.pt", "allow-pickle"), one("w", pickle_weights)),
     "eval: --model-args not JSON": Case([EVAL, *M_I, "--model-args", "{{not json"], ("--model-args", "not valid JSON")),
     "eval: --model-args not an object": Case([EVAL, *M_I, "--model-args", "[1, 2]"], ("--model-args", "JSON object")),
+    "eval: --model-args a folder": Case([EVAL, *M_I, "--model-args", "{d}"], ("args.json", "--model-args names a folder"),
+                                        lambda e: {"d": (e.tmp / "args.json").mkdir() or e.tmp / "args.json"}),
     "eval: --arch and --factory": Case([EVAL, *M_I, "--arch", "test_resnet", "--factory", "m:f"],
                                        ("--arch", "--factory")),
     "eval: --std 0": Case([EVAL, *M_I, "--std", "0"], ("--std", "positive")),
