@@ -216,7 +216,10 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     the fit part (as with ``--eval``). ``recipe``: a name, a path or a loaded recipe; ``X`` (N, D)
     embeddings, ``y`` (N,) labels, ``W0``/``b0`` the original head, ``groups`` (N,) group ids or
     None (label-free), ``clusters`` ids of identical samples (kept in one fold). Returns the
-    :class:`Choice`: ``final.W`` / ``final.b`` the head, ``rows`` every candidate's score."""
+    :class:`Choice`: ``final.W`` / ``final.b`` the head, ``rows`` every candidate's score. Arrays of
+    the wrong shape or kind (labels, groups or clusters that are not whole ids from 0 up, no rows)
+    raise ValueError; ``folds`` (2 to 20), ``device`` and ``seed`` are checked as the CLI's options
+    are (:class:`repair.errors.BadInput`)."""
     from .recipes import load_recipe
 
     if not hasattr(recipe, "candidates"):
@@ -224,23 +227,39 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     if "model" in recipe.kinds:
         raise ValueError(f"recipe {recipe.name!r} has model repairs: they need the model "
                          "(repair.pipeline.fix_model)")
-    X, y = torch.as_tensor(X).float(), torch.as_tensor(y).long()
-    W0, b0 = torch.as_tensor(W0).float(), torch.as_tensor(b0).float()
-    groups = None if groups is None else torch.as_tensor(groups).long()
+    from .config import check_seed
+    from .embeddings import check_device
+    from .recipes import check_folds
+
+    X, W0, b0 = torch.as_tensor(X).float(), torch.as_tensor(W0).float(), torch.as_tensor(b0).float()
     if X.dim() != 2 or W0.dim() != 2 or b0.shape != (W0.shape[0],) or W0.shape[1] != X.shape[1]:
         raise ValueError(f"choose_heads: X must be (N, D) with W0 (C, D) and b0 (C,); got X {tuple(X.shape)}, "
                          f"W0 {tuple(W0.shape)}, b0 {tuple(b0.shape)}")
-    for name, v in (("y", y), ("groups", groups)):
-        if v is not None and v.shape != (X.shape[0],):
+    if not X.shape[0]:
+        raise ValueError("choose_heads: X has no rows")
+    ids = {}
+    for name, v in (("y", y), ("groups", groups), ("clusters", clusters)):
+        if v is None:
+            continue
+        v = torch.as_tensor(v)
+        if v.shape != (X.shape[0],):
             raise ValueError(f"choose_heads: {name} must be ({X.shape[0]},), one per row of X; got {tuple(v.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= W0.shape[0]):
+        if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            raise ValueError(f"choose_heads: {name} must hold integer ids, got {v.dtype}")
+        if int(v.min()) < 0:
+            raise ValueError(f"choose_heads: {name} must be ids from 0 up, got {int(v.min())}")
+        ids[name] = v.long()
+    y, groups, clusters = ids["y"], ids.get("groups"), ids.get("clusters")
+    if int(y.max()) >= W0.shape[0]:
         raise ValueError(f"choose_heads: labels must lie in [0, {W0.shape[0]}) (the head's classes)")
+    folds = recipe.folds if folds is None else check_folds(folds)
+    check_device(device)
+    check_seed(seed)
     log = log or (lambda m: None)
     ref_logits = X @ W0.T + b0
     crit, strata = selection_basis(recipe.selection, y, ref_logits, groups)
     ctx = FitContext(None, None, X, y, groups, W0, b0, seed, device, None, False, log, clusters=clusters)
-    return choose(recipe, ctx, torch.arange(y.numel()), strata, crit, ref_logits, int(folds or recipe.folds),
-                  seed, log)
+    return choose(recipe, ctx, torch.arange(y.numel()), strata, crit, ref_logits, int(folds), seed, log)
 
 
 def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor, crit: Criterion,

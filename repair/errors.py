@@ -22,6 +22,14 @@ class BadInput(RepairError):
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+class UnknownName(BadInput, KeyError):
+    """A name no registry holds (a method, a model family): a bad input, and a ``KeyError`` for the
+    callers that look a name up and fall back."""
+
+    def __str__(self) -> str:          # KeyError's own would quote the message
+        return BadInput.__str__(self)
+
+
 class GateFailed(RepairError):
     """A CI gate (--fail-under-*) or an export verification did not pass."""
     exit_code = 1

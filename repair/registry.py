@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 
-from .errors import BadInput
+from .errors import BadInput, UnknownName
 
 T = TypeVar("T")
 
@@ -124,7 +124,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.what} {name!r}; known: {', '.join(sorted(self._entries))}") from None
+            raise UnknownName(f"unknown {self.what} {name!r}; known: {', '.join(sorted(self._entries))}") from None
 
     def values(self) -> list[T]:
         """Every entry, by name."""

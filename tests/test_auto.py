@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import make_images, run_cli
+from repair.errors import BadInput
 from repair.selection import (IMBALANCE_THRESHOLD, Criterion, KFold, group_imbalance, label_free_criterion,
                               select_and_refit)
 
@@ -246,9 +247,18 @@ def test_choose_heads_on_embeddings_is_what_fix_chooses(timm_folder, skewed_imag
     X, y = res.embeddings.X, res.encoded.y
     for bad, match in (((X, y[:-1], W0, b0), "y must be"), ((X, y, W0[:, :-1], b0), "X must be"),
                        ((X, y + W0.shape[0], W0, b0), "labels must lie"),
-                       ((X, y, W0, b0, torch.zeros(3, dtype=torch.long)), "groups must be")):
+                       ((X, y, W0, b0, torch.zeros(3, dtype=torch.long)), "groups must be"),
+                       ((X[:0], y[:0], W0, b0), "no rows"),
+                       ((X, y.float() + 0.7, W0, b0), "y must hold integer ids"),
+                       ((X, y, W0, b0, torch.zeros_like(y) - 1), "groups must be ids from 0 up")):
         with pytest.raises(ValueError, match=match):
             choose_heads("auto", *bad)
+    with pytest.raises(ValueError, match="clusters must be"):
+        choose_heads("auto", X, y, W0, b0, clusters=torch.zeros(5, dtype=torch.long))
+    for kw, match in (({"folds": 1}, "folds must be a whole number from 2 to 20"), ({"folds": 2.7}, "folds"),
+                      ({"folds": 1000}, "folds"), ({"device": "bogus"}, "--device"), ({"seed": -1}, "seed")):
+        with pytest.raises(BadInput, match=match):
+            choose_heads("auto", X, y, W0, b0, **kw)
 
 
 def test_auto_leaves_a_hopeless_head_out_of_the_second_repeat_and_says_so(monkeypatch):

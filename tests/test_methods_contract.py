@@ -348,3 +348,36 @@ def test_identical_samples_stay_on_one_side_of_a_methods_own_splits(m, problems,
                               clusters=dup.clone())
         m(inputs)
     assert seen, f"{m.name} made no split of its rows (then this test checks nothing for it)"
+
+
+@pytest.mark.parametrize("m", METHODS, ids=IDS)
+def test_inputs_no_method_is_defined_on_are_refused_before_it_runs(m, problems):
+    """Found by an audit of the library: no rows, negative group ids and a device the machine lacks
+    crashed deep inside some methods (or ran); a config given as a dict of settings was an
+    AttributeError. Every head method: a one-line BadInput naming it; a dict is read as settings."""
+    from repair.errors import BadInput
+
+    p = problems[2]
+    base = dict(X=p["X"], y=p["y"], W=p["W"], b=p["b"], groups=p["groups"])
+    for change, match in (({"X": p["X"][:0], "y": p["y"][:0], "groups": p["groups"][:0]}, "no rows"),
+                          ({"groups": p["groups"] - 1}, "groups must be ids from 0 up"),
+                          ({"y": p["y"].float()}, "torch.float32"),
+                          ({"device": "bogus"}, "--device")):
+        with pytest.raises(BadInput, match=match) as e:
+            m(RepairInputs(**{**base, **change}))
+        assert str(e.value).startswith(m.name) and "\n" not in str(e.value)
+    default = m(RepairInputs(**base))
+    as_dict = m(RepairInputs(**base), dataclasses.asdict(m.default_config()))
+    assert torch.equal(default.W, as_dict.W) and torch.equal(default.b, as_dict.b)
+    with pytest.raises(TypeError, match="config must be"):
+        m(RepairInputs(**base), object())
+
+
+def test_an_unknown_method_name_is_a_bad_input_and_a_key_error():
+    from repair.errors import BadInput
+    from repair.methods import get_method
+
+    for name in ("nope", None):
+        with pytest.raises(BadInput, match="unknown repair method") as e:
+            get_method(name)
+        assert isinstance(e.value, KeyError) and not str(e.value).startswith("'")

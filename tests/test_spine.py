@@ -291,3 +291,16 @@ def test_real_mobilenet_model_args_and_predictions(tmp_path):
         f_naive = naive.forward_head(naive.forward_features(x), pre_logits=True)
     rel = (f_ok - f_naive).norm() / f_ok.norm()
     assert rel > 0.05, f"pad_type made no difference ({rel:.4f})"
+
+
+def test_loading_a_model_leaves_the_callers_random_stream_alone(timm_folder, bert_folder):
+    """Found by an audit: building the network before its weights are read drew from torch's global
+    generator, so ``repair.load_model`` (and every call that loads one) moved the caller's stream."""
+    import torch
+
+    from repair.adapters import load_model
+
+    for folder in (timm_folder, bert_folder):
+        before = torch.random.get_rng_state()
+        load_model(folder)
+        assert torch.equal(before, torch.random.get_rng_state()), folder

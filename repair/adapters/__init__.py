@@ -147,7 +147,12 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
             if o.model_args is not None and not fam.model_args:
                 raise BadInput(f"--model-args applies to timm architectures and --factory modules, not to "
                                f"{'an' if fam.name[0] in 'aeiou' else 'a'} {fam.name} model", path)
-            adapter = fam.load(path, o)
+            import torch
+
+            # building a network draws its initial weights (then replaced by the file's) from torch's
+            # global generator: the caller's random stream is left where it was
+            with torch.random.fork_rng(devices=[]):
+                adapter = fam.load(path, o)
             given = [f for f, v in (("--image-size", o.image_size), ("--mean", o.mean), ("--std", o.std))
                      if v is not None]
             if given and not adapter.preprocess_from_options:

@@ -214,6 +214,11 @@ class MethodInfo:
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
         if self.kind == "head":
             check_inputs(inputs, self.name)
+        if isinstance(config, dict):          # settings by name, as a recipe gives them: validated
+            config = self.make_config(config)
+        elif config is not None and not isinstance(config, self.config_cls):
+            raise TypeError(f"{self.name}: config must be a {self.config_cls.__name__} (or a dict of its "
+                            f"settings), got {type(config).__name__}")
         try:
             out = self.fn(inputs, config if config is not None else self.default_config())
         except Exception as e:
@@ -300,6 +305,8 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair") -> None:
     ``y`` (N,) whole class indices in [0, C), ``groups`` / ``clusters`` (N,) whole numbers or None,
     a valid seed. (The pipeline builds them so; a caller of the library may not.)"""
     from ..config import check_seed
+    from ..embeddings import check_device
+
     def fail(why: str):
         raise BadInput(f"{method}: {why}")
 
@@ -310,6 +317,8 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair") -> None:
     if X.dim() != 2 or not X.is_floating_point():
         fail(f"X must be an (N, D) float tensor, got {tuple(X.shape)} {X.dtype}")
     n, d = X.shape
+    if n == 0:
+        fail("X has no rows: a head repair needs samples")
     if W.dim() != 2 or W.shape[1] != d or not W.is_floating_point():
         fail(f"W must be a (C, {d}) float tensor for X of {d} columns, got {tuple(W.shape)} {W.dtype}")
     c = W.shape[0]
@@ -320,14 +329,17 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair") -> None:
             continue
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or t.is_floating_point() or t.is_complex():
             fail(f"{name} must be an ({n},) integer tensor (one per row of X), got "
-                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if n and (int(y.min()) < 0 or int(y.max()) >= c):
+                 f"{f'{tuple(t.shape)} {t.dtype}' if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if name != "y" and int(t.min()) < 0:
+            fail(f"{name} must be ids from 0 up, got {int(t.min())}")
+    if int(y.min()) < 0 or int(y.max()) >= c:
         fail(f"y holds class indices outside 0..{c - 1} ({int(y.min())}..{int(y.max())})")
     for name, t in (("X", X), ("W", W), ("b", b)):       # a finite sum is the cheap common case
         if t.numel() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             fail(f"{name} holds NaN or infinite values")
     try:
         check_seed(inputs.seed)
+        check_device(getattr(inputs, "device", "cpu"))
     except BadInput as e:
         fail(e.problem)
 
