@@ -191,6 +191,7 @@ def _erm_check(ctx: FitContext, sel, fit_idx, y, score_strata, crit) -> None:
     if best <= float(erm[0]) + 1e-9:
         ctx.warnings.append(f"no candidate beats the original model on {crit.name} ({100 * best:.1f}% vs "
                             f"{100 * float(erm[0]):.1f}%): the repair set gives no evidence that a repair helps")
+        ctx.log(f"warning: {ctx.warnings[-1]}")     # on stderr with the others, not only in the results
 
 
 def selection_basis(selection: str, y: torch.Tensor, ref_logits: torch.Tensor,

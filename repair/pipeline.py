@@ -361,6 +361,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                 f"{int(o.selection_folds or recipe.folds)}-fold cross-validation, so no candidate was compared")
             ctx.warnings.append(f"no candidate was compared (too few samples for the folds): {chosen.label} is the "
                                 "recipe's first")
+            log(f"warning: {ctx.warnings[-1]}")
 
     # ---- the data the figures are measured on (never fitted or selected on)
     if eval_given:
@@ -385,9 +386,11 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
             # figure speaks for them either, whichever column the repair set was grouped by
             absent += [g for g in left_out_groups(inputs.eval_data, adapter.class_names, eval_group_by, rnames)
                        if g not in absent]
+        eval_identity = provenance.data_identity(r_data, eval_group_by, e_emb.inputs)
         measured_on = f"separate evaluation data ({len(r_data)} samples" + (
             f"; {dropped} also in the repair set left out)" if dropped else ")")
     else:
+        eval_identity = None
         r_data = data.subset(report_idx.tolist())
         rX, ry = X[report_idx], y[report_idx]
         rg = groups[report_idx] if has_groups else None
@@ -444,7 +447,13 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                 "seed": o.seed, "group_labels": "given" if has_groups else "none",
                 "splits": {"fit": int(fit_idx.numel()),
                            "selection": selection and selection.get("scheme"),
-                           "report": int(report_idx.numel()) if report_idx is not None else 0}}
+                           "report": int(report_idx.numel()) if report_idx is not None else 0},
+                # the data, by content and never by path: what a rerun must be given to reproduce this
+                "data": provenance.data_identity(data, data_opts.group_by, emb.inputs),
+                "eval": eval_identity}
+    if final.kind == "model":        # a trained network's numbers depend on where and on how many threads
+        settings["device"] = str(resolve_device(runtime.device))
+        settings["threads"] = torch.get_num_threads()
     loop = (final.diagnostics or {}).get("loop") or {} if final.kind == "model" else {}
     trained = final.kind == "model"          # a head chosen trained nothing: no budget applied to it
     model_change = {"changed_tensors": changed, "steps": final.steps,
@@ -458,8 +467,10 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
             if diag.get(k) is not None:
                 model_change[k] = diag[k]
     figures = {"before": _summary(before), "after": _summary(after)}
+    code = provenance.code_identity()
     meta = provenance.build(source_sha256=adapter.source_sha256(), method=chosen.method, settings=settings,
-                            figures=figures, measured_on=measured_on, extra={"model_change": model_change})
+                            figures=figures, measured_on=measured_on, extra={"model_change": model_change,
+                                                                             "code": code})
 
     result = {
         "model": {**adapter.describe(), "sha256": adapter.source_sha256()},
@@ -469,6 +480,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         "kind": chosen.info.kind,
         "candidate": chosen.label,
         "settings": settings,
+        "code": code,
         "selection_criterion": (f"{crit.describe(has_groups=enc.groups is not None)}, on {selection['scheme']}"
                                 if selection else None),
         "candidates": choice.rows,

@@ -60,6 +60,53 @@ def build(*, source_sha256: str, method: str, settings: Optional[dict] = None,
     return meta
 
 
+_CODE: dict = {}
+
+
+def code_identity() -> dict:
+    """What code made a file, beyond ``repair.version`` (which does not change with every commit):
+    ``sources_sha256``, the sha256 of the package's sources and built-in recipes (names and bytes),
+    and the versions of the libraries whose numerics shape the weights. Computed once per process."""
+    if not _CODE:
+        import hashlib
+        from pathlib import Path
+
+        import torch
+
+        from .recipes import recipes_dir
+
+        h = hashlib.sha256()
+        for name, root in (("repair", Path(__file__).resolve().parent), ("recipes", recipes_dir())):
+            for f in sorted(root.rglob("*")):
+                if f.is_file() and f.suffix in (".py", ".yaml"):
+                    h.update(f"{name}/{f.relative_to(root).as_posix()}\0".encode())
+                    h.update(f.read_bytes())
+        _CODE["sources_sha256"] = h.hexdigest()
+        _CODE["torch"] = torch.__version__
+        for mod in ("timm", "transformers"):
+            try:
+                _CODE[mod] = __import__(mod).__version__
+            except Exception:                 # not installed: nothing of it shaped the weights
+                pass
+    return dict(_CODE)
+
+
+def data_identity(data, group_by: Optional[str] = None, inputs=None) -> dict:
+    """What data a run used, with no path: its size, the ``--group-by`` column, and ``content_sha256``
+    over every row's sample, label and group value in order -- a text by its bytes, an image by its
+    model input (``inputs``, the embeddings' input digests: no image is read again) or, without them,
+    its file's bytes. The same data gives the same digest on any machine."""
+    import hashlib
+
+    h = hashlib.sha256()
+    keys = ([bytes(r).hex() for r in inputs.numpy()] if inputs is not None and data.modality == "image"
+            else data.content_hashes())
+    groups = data.attributes.get(group_by) if group_by else None
+    for i, k in enumerate(keys):
+        h.update(f"{k}\0{data.labels[i]}\0{groups[i] if groups is not None else ''}\n".encode())
+    return {"n": len(data), "group_by": group_by, "content_sha256": h.hexdigest()}
+
+
 def source_date() -> Optional[str]:
     """``SOURCE_DATE_EPOCH`` as an ISO time in UTC, or None when it is unset or not a number."""
     raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()

@@ -1331,6 +1331,8 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
             log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: "
                 f"{_progress_line(res['result'], e.judge_gate(res['result']))} "
                 f"({res['seconds']:.1f}s on {res['worker']})")
+            for w in res["result"].get("warnings") or []:     # as `repair fix` / `eval` say them
+                log(f"warning: {e.name}: {w}")
     except (KeyboardInterrupt, Terminated):
         interrupted = True
         raise

@@ -133,6 +133,27 @@ def test_provenance_says_what_shaped_the_model_and_nothing_that_did_not(tmp_path
     assert code == 0, err
     _, meta = load_safetensors(tmp_path / "h" / "model.safetensors")
     assert json.loads(meta["repair.model_change"])["budget"] is None        # a head trained nothing
+    # the data by content, never by path; the code by its sources (its version string never changes)
+    settings, code_ = json.loads(meta["repair.settings"]), json.loads(meta["repair.code"])
+    assert settings == json.loads(out)["settings"] and code_ == json.loads(out)["code"]
+    assert settings["data"]["n"] == 18 and settings["data"]["group_by"] is None and settings["eval"] is None
+    assert len(code_["sources_sha256"]) == 64 and code_["torch"] and "threads" not in settings
+    assert str(data) not in meta["repair.settings"]
+    import shutil
+
+    shutil.copytree(data, tmp_path / "d2")
+    code, out2, err = run_cli("fix", m, "--data", tmp_path / "d2", "--recipe", "dfr", "--group-by", "place",
+                              "--eval", data, "--out", tmp_path / "h2", "--json", "-q")
+    assert code == 2, err            # --eval is a copy of the repair data: refused, as ever
+    code, out2, err = run_cli("fix", m, "--data", tmp_path / "d2", "--recipe", "dfr", "--out", tmp_path / "h2",
+                              "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out2)["settings"]["data"] == settings["data"]        # another folder, the same data
+    code, out3, err = run_cli("fix", m, "--data", tmp_path / "d2", "--recipe", "dfr", "--group-by", "place",
+                              "--out", tmp_path / "h3", "--json", "-q")
+    assert code == 0, err
+    d3 = json.loads(out3)["settings"]["data"]
+    assert d3["group_by"] == "place" and d3["content_sha256"] != settings["data"]["content_sha256"]  # groups in it
     train = make_images(tmp_path / "t", n_per_class=4, seed=3)
     code, out, err = run_cli("fix", m, "--data", data, "--train", train, "--recipe", "clp", "--budget", "2steps",
                              "--out", tmp_path / "c", "--json", "-q")
@@ -142,6 +163,8 @@ def test_provenance_says_what_shaped_the_model_and_nothing_that_did_not(tmp_path
     _, meta = load_safetensors(tmp_path / "c" / "model.safetensors")
     mc = json.loads(meta["repair.model_change"])
     assert mc["train"] == str(train) and "settle" in mc and mc["budget"]["steps"] == 2
+    settings = json.loads(meta["repair.settings"])       # a trained network: where, and on how many threads
+    assert settings["device"] == "cpu" and isinstance(settings["threads"], int) and settings["threads"] >= 1
 
 
 def test_a_float16_checkpoint_head_repair_exports_and_verifies(tmp_path):

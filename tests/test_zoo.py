@@ -197,6 +197,9 @@ def test_eval_mode_gates_and_writes_only_the_report(zoo, tmp_path):
     assert sorted(os.listdir(tmp_path / "r")) == [".zoo-lock", "journal.jsonl", "zoo-report.html", "zoo-report.json"]
     doc = json.loads(stdout)
     assert [m["result"]["after"] for m in doc["models"]] == [None, None]
+    # each model's warnings (small groups, copies) are said on stderr too, named, as fix and eval say them
+    said = [(m["name"], w) for m in doc["models"] for w in m["result"].get("warnings") or []]
+    assert said and all(f"warning: {n}: {w}" in err for n, w in said), err
     rows[1]["gate"] = 0
     path = manifest(tmp_path / "m", rows)
     assert run_cli("zoo", path, "--mode", "eval", "--out-dir", tmp_path / "r")[0] == 0
