@@ -291,8 +291,7 @@ def check_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Refuse, naming the image, what :func:`read_image` would refuse that the header tells: not a
     regular file, not an image, more than ``max_pixels`` pixels, an unsupported mode. Reads only
     the header."""
-    with open_regular(path) as f:
-        _open_pil(f, Path(path), max_pixels).close()
+    image_size(path, max_pixels)
 
 
 def image_size(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
