@@ -61,29 +61,35 @@ def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     return Prepared(adapter, data, enc, emb)
 
 
-def _model_keys(adapter: Adapter, data: RepairData, other: RepairData):
+def _model_keys(adapter: Adapter, data: RepairData, other: RepairData, runtime=None):
     """(keys of ``data``'s samples, keys of ``other``'s, how they were found the same): equal keys for
     two samples the model reads as one -- a text that differs only in case or spacing the tokenizer
     drops (:meth:`Adapter.input_keys`), an image with the same pixels in another file format or
-    encoding (:func:`repair.data.same_pixel_keys`); None where nothing is known beyond the bytes."""
+    encoding (:func:`repair.data.same_pixel_keys`; the images' digests kept in ``runtime``'s cache
+    when it is on); None where nothing is known beyond the bytes."""
     if not len(other) or not len(data):
         return None
     if data.modality == "image" and other.modality == "image":
         from .data import same_pixel_keys
+        from .embeddings import pixel_digests
 
-        return (*same_pixel_keys(data, other), ", pixel for pixel (the same images in other files)")
+        cached = None
+        if runtime is not None and runtime.use_cache:
+            cached = lambda d: pixel_digests(d, runtime.cache_dir)       # noqa: E731
+        return (*same_pixel_keys(data, other, cached), ", pixel for pixel (the same images in other files)")
     mine, theirs = adapter.input_keys(data.items), adapter.input_keys(other.items)
     return None if mine is None or theirs is None else (mine, theirs, ", as the model reads them")
 
 
 def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap: list,
-                 where=None, exclude_flag: Optional[str] = None) -> list:
+                 where=None, exclude_flag: Optional[str] = None, runtime=None) -> list:
     """``overlap`` (per sample of ``other``: an identical sample, byte for byte, is in ``data``) widened
-    to the samples the model reads as one of ``data``'s (:func:`_model_keys`). Data whose every sample
-    is then in ``data`` is refused as :func:`repair.preflight.eval_overlap` refuses it."""
+    to the samples the model reads as one of ``data``'s (:func:`_model_keys`; ``runtime``: its cache).
+    Data whose every sample is then in ``data`` is refused as :func:`repair.preflight.eval_overlap`
+    refuses it."""
     from .preflight import refuse_full_overlap
 
-    keys = _model_keys(adapter, data, other)
+    keys = _model_keys(adapter, data, other, runtime)
     if keys is None:
         return list(overlap)
     mine, theirs, how = keys
@@ -94,12 +100,12 @@ def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap:
     return wider
 
 
-def same_samples(adapter: Adapter, data: RepairData, other: RepairData) -> list[bool]:
+def same_samples(adapter: Adapter, data: RepairData, other: RepairData, runtime=None) -> list[bool]:
     """Per sample of ``other``: whether it is one of ``data``'s, byte for byte or as the model reads it
     (:func:`read_as_same`'s rule, refusing nothing): what ``--train`` leaves out of training."""
     seen = set(data.content_hashes())
     same = [h in seen for h in other.content_hashes()]
-    keys = _model_keys(adapter, data, other)
+    keys = _model_keys(adapter, data, other, runtime)
     if keys is None:
         return same
     mine = set(keys[0])
@@ -161,7 +167,8 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
         model = model_arg(model_path)            # loaded once: it also says which texts it reads as the same
         model_path = model if isinstance(model, Adapter) else load_model(
             model, check_options(load_opts, LoadOptions, "load_options"))
-        overlap = read_as_same(model_path, ex, data, overlap, data.table or data.source, exclude_flag="--exclude")
+        overlap = read_as_same(model_path, ex, data, overlap, data.table or data.source, exclude_flag="--exclude",
+                               runtime=check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions())
         left_out = sum(bool(o) for o in overlap)
         full, data_path = data, (data.subset([i for i, o in enumerate(overlap) if not o]) if left_out else data)
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)

@@ -23,7 +23,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 from .errors import BadInput
@@ -315,12 +315,17 @@ def pixel_digest(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
         im.close()
 
 
-def same_pixel_keys(a: "RepairData", b: "RepairData") -> tuple[list, list]:
+def same_pixel_keys(a: "RepairData", b: "RepairData",
+                    digests: Optional[Callable[["RepairData"], list]] = None) -> tuple[list, list]:
     """Keys of the images of ``a`` and of ``b``, equal for two images exactly when they decode to the
     same pixels (:func:`pixel_digest`): what a byte-level comparison misses (a PNG saved again as a
-    BMP). The one home of that rule (``repair fix --eval``, ``repair eval --exclude``, through
-    :func:`repair.api.read_as_same`). Only the images whose size the other data also has are decoded
-    (a header read tells the size); the others get a key no image shares."""
+    BMP). The one home of that rule (``repair fix --eval``, ``repair eval --exclude``, ``--train``,
+    through :func:`repair.api.read_as_same`). ``digests``: every image's :func:`pixel_digest` of a
+    data set, from a cache (:func:`repair.embeddings.pixel_digests`); without it only the images whose
+    size the other data also has are decoded (a header read tells the size), the others get a key no
+    image shares."""
+    if digests is not None:
+        return list(digests(a)), list(digests(b))
     sa = [image_size(p, a.max_pixels) for p in a.items]
     sb = [image_size(p, b.max_pixels) for p in b.items]
     common = set(sa) & set(sb)

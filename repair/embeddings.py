@@ -157,6 +157,50 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     return Embeddings(X, key, False, time.perf_counter() - t0, str(dev), inputs)
 
 
+PIXELS_FORMAT = 1
+
+
+def pixel_digests(data: RepairData, cache_dir: Optional[Path] = None) -> list[str]:
+    """Every image's :func:`repair.data.pixel_digest`, in order, kept in the cache beside the
+    embeddings (``pixels-<key>.json``, keyed as an embedding entry is by the data's fingerprint: a
+    changed file is another entry), so a warm ``fix --eval`` or ``eval --exclude`` decodes no image.
+    An entry that does not read back as ``len(data)`` sha256 digests is recomputed; one that cannot
+    be written is a warning-free miss (the digests are returned all the same)."""
+    from .data import pixel_digest
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha256(json.dumps({"format": PIXELS_FORMAT, "data": data.fingerprint(),
+                                     "max_pixels": int(data.max_pixels)}, sort_keys=True).encode()).hexdigest()[:40]
+    path = cache_dir / f"pixels-{key}.json"
+    try:
+        if path.is_file() and not path.is_symlink():
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            got = doc.get("digests") if isinstance(doc, dict) and doc.get("key") == key else None
+            if (isinstance(got, list) and len(got) == len(data)
+                    and all(isinstance(x, str) and len(x) == 64 and set(x) <= set("0123456789abcdef") for x in got)):
+                return got
+    except (OSError, ValueError):
+        pass
+    got = [pixel_digest(p, data.max_pixels) for p in data.items]
+    tmp = None
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".pix-", suffix=".tmp", dir=cache_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "digests": got}, f)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return got
+
+
 def check_finite_embeddings(X: torch.Tensor, adapter: Adapter, data: RepairData) -> None:
     """:class:`BadInput` naming the model and the data when any embedding is NaN or infinite (a
     model that overflows on this data): nothing downstream can be fitted or measured on it."""

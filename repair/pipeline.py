@@ -245,14 +245,16 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                            f"{adapter.modality} model", Path(model_path))
     log(f"loaded {adapter.family} model {Path(model_path).name}: {len(adapter.class_names)} classes")
     if inputs.eval_data is not None:      # --eval samples the model reads as repair samples count as those
-        inputs.eval_overlap = read_as_same(adapter, inputs.data, inputs.eval_data, inputs.eval_overlap, o.eval_data)
+        inputs.eval_overlap = read_as_same(adapter, inputs.data, inputs.eval_data, inputs.eval_overlap, o.eval_data,
+                                           runtime=runtime)
     train_notes: list[str] = []
     if o.budget is not None and "model" not in recipe.kinds:     # said, not dropped in silence (a zoo's
         train_notes.append(f"--budget {o.budget} bounds the training of model repairs; recipe {recipe.name!r} "
                            "has none, so it does not apply")         # default may hold one for every row)
     for name, v in list(resources.items()):      # --train's labels and modality: checked before any work
         if isinstance(v, RepairData):
-            resources[name] = _train_set(adapter, v, data_opts, inputs, "--" + name.replace("_", "-"), train_notes)
+            resources[name] = _train_set(adapter, v, data_opts, inputs, "--" + name.replace("_", "-"), train_notes,
+                                         runtime)
 
     data, enc, emb = prepare_data(adapter, inputs.data, data_opts, runtime)
     where = data.table or data.source
@@ -315,7 +317,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     return FixResult(report, adapter=adapter, data=data, encoded=enc, embeddings=emb, original_head=(W0, b0))
 
 
-def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, flag: str, notes: list):
+def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, flag: str, notes: list,
+               runtime=None):
     """A data resource (``--train``) with labels matched to the model's classes (groups when the
     data has the --group-by column). Its samples that are also in the repair data or ``--eval`` are
     left out (``notes`` says how many): the choice and the figures are measured on those, and never
@@ -326,9 +329,9 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
     check_modality(adapter, d)
     gb = data_opts.group_by if data_opts.group_by in d.attributes else None
     encode(d, adapter.class_names, gb)            # its labels first: a label the model lacks names itself
-    taken = same_samples(adapter, inputs.data, d)
+    taken = same_samples(adapter, inputs.data, d, runtime)
     if inputs.eval_data is not None:
-        taken = [a or b for a, b in zip(taken, same_samples(adapter, inputs.eval_data, d))]
+        taken = [a or b for a, b in zip(taken, same_samples(adapter, inputs.eval_data, d, runtime))]
     keep = [i for i, t in enumerate(taken) if not t]
     if not keep:
         raise BadInput(f"every sample of {flag} is also in the repair data (--data) or --eval: the choice and the "

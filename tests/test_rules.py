@@ -893,6 +893,9 @@ def test_evaluation_images_with_the_repair_images_pixels_are_left_out(tmp_path, 
     code, out, err = run_cli("eval", timm_folder, "--data", mixed, "--exclude", repair, "--json", "-q")
     doc = json.loads(out)
     assert code == 0 and doc["excluded"]["n"] == 5 and doc["n"] == len(fresh), err
+    # without the cache: only the images of a size both sets have are decoded, and the copies still found
+    code, out, err = run_cli("eval", timm_folder, "--data", mixed, "--exclude", repair, "--json", "-q", "--no-cache")
+    assert code == 0 and json.loads(out)["excluded"]["n"] == 5, err
     # a changed pixel is another image
     from PIL import Image
 
@@ -938,3 +941,35 @@ def test_a_repair_image_saved_again_in_another_format_is_one_sample_to_the_split
     assert "duplicate sample(s)" in err
     code, out, err = run_cli("eval", timm_folder, "--data", data, "--json", "-q")
     assert code == 0 and json.loads(out)["duplicates"]["n_unique"] == len(rows), err
+
+
+def test_pixel_digests_are_cached_beside_the_embeddings(tmp_path, monkeypatch):
+    """A warm `fix --eval` / `eval --exclude` of image data decodes no image: every image's pixel
+    digest is kept in the cache, keyed by the data's fingerprint (a changed file is another entry);
+    an entry that does not read back whole is recomputed."""
+    import repair.data as rdata
+    from repair.data import load_data, pixel_digest
+    from repair.embeddings import pixel_digests
+
+    data = make_images(tmp_path / "d", n_per_class=2, seed=0)
+    d, cache = load_data(data), tmp_path / "c"
+    first = pixel_digests(d, cache)
+    assert first == [pixel_digest(p) for p in d.items]
+    (entry,) = list(cache.glob("pixels-*.json"))
+
+    def boom(*a, **k):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(rdata, "pixel_digest", boom)
+    assert pixel_digests(load_data(data), cache) == first                  # warm: nothing decoded
+    monkeypatch.undo()
+    doc = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**doc, "digests": doc["digests"][:-1]}))  # a short entry: recomputed
+    assert pixel_digests(load_data(data), cache) == first
+    assert len(json.loads(entry.read_text())["digests"]) == len(first)
+    from PIL import Image
+
+    one = Path(d.items[0])
+    Image.new("RGB", (36, 36), (1, 2, 3)).save(one)                      # a changed file: another entry
+    again = pixel_digests(load_data(data), cache)
+    assert again[0] != first[0] and again[1:] == first[1:] and len(list(cache.glob("pixels-*.json"))) == 2
