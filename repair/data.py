@@ -326,11 +326,14 @@ def same_pixel_keys(a: "RepairData", b: "RepairData",
     image shares."""
     if digests is not None:
         return list(digests(a)), list(digests(b))
-    sa = [image_size(p, a.max_pixels) for p in a.items]
-    sb = [image_size(p, b.max_pixels) for p in b.items]
-    common = set(sa) & set(sb)
-    return ([pixel_digest(p, a.max_pixels) if z in common else ("a", i) for i, (p, z) in enumerate(zip(a.items, sa))],
-            [pixel_digest(p, b.max_pixels) if z in common else ("b", i) for i, (p, z) in enumerate(zip(b.items, sb))])
+    sizes = {side: [image_size(p, d.max_pixels) for p in d.items] for side, d in (("a", a), ("b", b))}
+    common = set(sizes["a"]) & set(sizes["b"])
+
+    def keys(side: str, d: "RepairData") -> list:
+        return [pixel_digest(p, d.max_pixels) if z in common else (side, i)
+                for i, (p, z) in enumerate(zip(d.items, sizes[side]))]
+
+    return keys("a", a), keys("b", b)
 
 
 def _scale_to_8bit(a, mode: str, path: Path):
