@@ -126,8 +126,8 @@ def left_out_groups(full: RepairData, class_names, group_by: Optional[str], kept
 
 def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tensor],
                     inputs: Optional[torch.Tensor] = None) -> Optional[str]:
-    """Identical samples (same image bytes or model input -- ``inputs``, the embeddings' input
-    digests --, same text) in the data a figure is measured on: each copy
+    """Identical samples (the same model input -- ``inputs``, the embeddings' input digests: an
+    image's pixels as preprocessed, a text's tokens --, else the same bytes) in the data a figure is measured on: each copy
     counts in the figure, so it is surer than its distinct samples allow. ``report["duplicates"]`` gets
     the counts (:func:`repair.data.duplicate_stats`) and, with any, each group row its ``n_distinct``
     (what the small-group warnings count, :func:`repair.selection.figure_warnings`). Returns the

@@ -127,16 +127,17 @@ class RepairData:
         return self._hashes
 
     def duplicate_ids(self, inputs: Optional["torch.Tensor"] = None) -> "torch.Tensor":
-        """(N,) int64: identical samples (same image bytes, same text) share an id, ids numbered
+        """(N,) int64: identical samples (the same bytes) share an id, ids numbered
         by first appearance (0, 1, ...). Pass it as ``clusters=`` to the splitters of
         :mod:`repair.selection` so copies of one sample never fall on both sides of a split.
-        ``inputs`` (images: :attr:`repair.embeddings.Embeddings.inputs`, one digest row per image of
-        the model's input): images the model is fed identically share an id too (the same picture
-        saved in another format has other bytes)."""
+        ``inputs`` (:attr:`repair.embeddings.Embeddings.inputs`, one digest row per sample of the
+        model's input): samples the model is fed identically share an id too (the same picture saved
+        in another format has other bytes; a text in upper case reads as the same tokens to a
+        lowercasing tokenizer)."""
         import torch  # noqa: lazy
-        if inputs is not None and self.modality == "image":
+        if inputs is not None:
             if tuple(inputs.shape[:1]) != (len(self.items),):
-                raise ValueError(f"duplicate_ids: {len(self.items)} images, {tuple(inputs.shape)} input digests")
+                raise ValueError(f"duplicate_ids: {len(self.items)} samples, {tuple(inputs.shape)} input digests")
             first_: dict = {}
             return torch.tensor([first_.setdefault(bytes(r), len(first_)) for r in inputs.numpy()], dtype=torch.long)
         if self.modality == "image" and self._hashes is None:

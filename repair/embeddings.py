@@ -73,9 +73,10 @@ class Embeddings:
     from_cache: bool
     seconds: float             # time spent extracting (or loading from cache)
     device: str
-    #: images: (N, 16) uint8, each sample's model input (the preprocessed tensor) hashed: equal rows
-    #: are one sample to the model, whatever their files' bytes (a picture saved in two formats);
-    #: None for texts (their bytes, or their tokens, say it without the model)
+    #: (N, 16) uint8, each sample's model input hashed: equal rows are one sample to the model, whatever
+    #: their bytes (a picture saved in two formats; a text in upper case to a lowercasing tokenizer). An
+    #: image's preprocessed tensor (cached with the embeddings); a text's token ids
+    #: (:func:`text_input_digests`, tokenized again each run: cheap); None where the adapter cannot say
     inputs: Optional[torch.Tensor] = None
 
 
@@ -86,6 +87,16 @@ def input_digests(batch) -> torch.Tensor:
     a = batch.detach().cpu().contiguous().numpy() if torch.is_tensor(batch) else np.ascontiguousarray(batch)
     return torch.tensor([list(hashlib.sha256(a[i].tobytes()).digest()[:16]) for i in range(a.shape[0])],
                         dtype=torch.uint8).reshape(a.shape[0], 16)
+
+
+def text_input_digests(adapter: Adapter, data: RepairData) -> Optional[torch.Tensor]:
+    """(N, 16) uint8: the first 16 bytes of each text's :meth:`input_keys` (its token ids as the model
+    reads them, hashed); None for other data or an adapter that cannot tell."""
+    keys_of = getattr(adapter, "input_keys", None)
+    keys = keys_of(data.items) if keys_of is not None and data.modality == "text" and len(data) else None
+    if keys is None:
+        return None
+    return torch.tensor([list(bytes.fromhex(k)[:16]) for k in keys], dtype=torch.uint8).reshape(len(keys), 16)
 
 
 def cache_key(adapter: Adapter, data: RepairData, device: Optional[torch.device] = None) -> str:
@@ -126,6 +137,8 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     if use_cache and (cache_file.exists() or cache_file.is_symlink()):
         X, inputs, why = _read_cache(cache_file, key, len(data), with_inputs=image)
         if X is not None:
+            if not image:
+                inputs = text_input_digests(adapter, data)
             return Embeddings(X, key, True, time.perf_counter() - t0, "cache", inputs)
         # always shown (also with -q): a damaged cache is worth knowing about
         print(f"notice: embedding cache entry {cache_file} was corrupt ({why}); recomputed", file=sys.stderr)
@@ -154,6 +167,8 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     check_finite_embeddings(X, adapter, data)
     if use_cache:
         _write_cache(cache_file, X, inputs)
+    if not image:
+        inputs = text_input_digests(adapter, data)
     return Embeddings(X, key, False, time.perf_counter() - t0, str(dev), inputs)
 
 

@@ -177,8 +177,9 @@ def _load_recipe(o: FixOptions):
 
 
 def _duplicates(data: RepairData, emb):
-    """(ids of identical samples, their counts for the report): an image by its model input (the
-    embeddings' input digests: a copy in another format too), a text by its bytes."""
+    """(ids of identical samples, their counts for the report): a sample by its model input (the
+    embeddings' input digests: an image's copy in another format, a text the tokenizer reads as the
+    same tokens), else by its bytes."""
     from .data import duplicate_stats
 
     ids = data.duplicate_ids(getattr(emb, "inputs", None))

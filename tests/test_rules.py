@@ -943,6 +943,42 @@ def test_a_repair_image_saved_again_in_another_format_is_one_sample_to_the_split
     assert code == 0 and json.loads(out)["duplicates"]["n_unique"] == len(rows), err
 
 
+def test_a_repair_text_the_tokenizer_reads_as_another_is_one_sample_to_the_splits(tmp_path, bert_folder):
+    """Found by an audit: a repair set holding each text twice, once in upper case (other bytes, the
+    same tokens to a lowercasing tokenizer): the copies were separate samples to the splits, so most of
+    the held-out rows behind the figure were, as the model reads them, rows the repair trained on --
+    while `--eval` and `--train` already counted such texts as one. One rule now: the model's input
+    (token ids) joins them, cold or warm, in `fix`'s splits and in `eval`'s duplicate counts."""
+    import torch
+
+    from repair.adapters import load_model
+    from repair.data import load_data
+    from repair.embeddings import extract
+
+    src = make_texts(tmp_path / "r.csv", n=30, seed=0)
+    with open(src) as f:
+        rows = list(csv.DictReader(f))
+    data = tmp_path / "twice.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows + [{**r, "text": r["text"].upper()} for r in rows])
+    d, a = load_data(data), load_model(bert_folder)
+    assert int(d.duplicate_ids().unique().numel()) == 2 * len(rows)          # bytes: all distinct
+    cold = extract(a, d, cache_dir=tmp_path / "c", progress=False)
+    warm = extract(a, d, cache_dir=tmp_path / "c", progress=False)
+    assert not cold.from_cache and warm.from_cache and torch.equal(cold.inputs, warm.inputs)
+    ids = d.duplicate_ids(warm.inputs)
+    assert ids[len(rows):].tolist() == ids[:len(rows)].tolist()
+    assert int(ids.unique().numel()) == int(d.duplicate_ids()[:len(rows)].unique().numel())
+    code, out, err = run_cli("fix", bert_folder, "--data", data, "--recipe", "dfr", "--out", tmp_path / "o",
+                             "--json", "-q", "--no-cache")
+    rep = json.loads(out)
+    assert code == 0 and rep["duplicates"]["n_duplicates"] >= len(rows), err
+    code, out, err = run_cli("eval", bert_folder, "--data", data, "--json", "-q", "--no-cache")
+    assert code == 0 and json.loads(out)["duplicates"]["n_unique"] <= len(rows), err
+
+
 def test_pixel_digests_are_cached_beside_the_embeddings(tmp_path, monkeypatch):
     """A warm `fix --eval` / `eval --exclude` of image data decodes no image: every image's pixel
     digest is kept in the cache, keyed by the data's fingerprint (a changed file is another entry);
