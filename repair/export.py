@@ -537,10 +537,12 @@ def pick_verify_items(items: Sequence[Any], max_items: Optional[int], seed: int 
 # ------------------------------------------------------------------ export
 def export_metadata(adapter: Adapter, metadata: dict[str, str]) -> dict[str, str]:
     """Provenance plus what a later ``load_model(x.onnx)`` needs: class names and the
-    image preprocessing (the caller's keys win)."""
+    image preprocessing, or a text model's truncation length (the caller's keys win)."""
     extra = {"class_names": json.dumps(list(adapter.class_names))}
     if adapter.modality == "image" and adapter.data_config is not None:
         extra["preprocess"] = json.dumps(adapter.data_config)
+    if adapter.modality == "text" and getattr(adapter, "max_length", None):
+        extra["max_length"] = str(int(adapter.max_length))
     return {**extra, **{str(k): str(v) for k, v in metadata.items()}}
 
 

@@ -454,7 +454,10 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                            "report": int(report_idx.numel()) if report_idx is not None else 0},
                 # the data, by content and never by path: what a rerun must be given to reproduce this
                 "data": provenance.data_identity(data, data_opts.group_by, emb.inputs),
-                "eval": eval_identity}
+                "eval": eval_identity,
+                # how the model read the data (an image's size and normalisation, a text's truncation):
+                # the figures were measured so, and a --max-length or --image-size changes them
+                "preprocess": adapter.preprocess_id()}
     if final.kind == "model":        # a trained network's numbers depend on where and on how many threads
         settings["device"] = str(resolve_device(runtime.device))
         settings["threads"] = torch.get_num_threads()

@@ -179,3 +179,41 @@ def test_a_float16_checkpoint_head_repair_exports_and_verifies(tmp_path):
     assert code == 0, err
     code, _, err = run_cli("verify", tmp_path / "o" / "model.onnx", "--reference", tmp_path / "o", "--data", data, "-q")
     assert code == 0, err
+
+
+def test_a_given_truncation_length_travels_with_the_written_model(tmp_path, bert_folder, text_data):
+    """Found by an audit: `fix --max-length 4` measured its figures on texts cut to 4 tokens, but nothing
+    recorded the length and the written folder's tokenizer kept its own, so the model a user reloads
+    (plain transformers, a later `repair eval`, its ONNX export) read longer texts than the figures'.
+    Now the provenance says how the model read the data, the written tokenizer truncates as measured,
+    and an ONNX export carries the length for a later load; the source folder is untouched."""
+    import hashlib
+
+    import onnx
+    from transformers import AutoTokenizer
+
+    from repair.adapters import load_model
+
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bert_folder.iterdir() if p.is_file()}
+    out = tmp_path / "o"
+    code, so, err = run_cli("fix", bert_folder, "--data", text_data, "--recipe", "dfr", "--max-length", "4",
+                            "--out", out, "--export", "onnx", "--json", "-q", "--no-cache")
+    assert code == 0, err
+    rep = json.loads(so)
+    assert rep["settings"]["preprocess"]["max_length"] == 4
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 4
+    assert load_model(out).max_length == 4
+    onnx_file = next(out.glob("*.onnx"))
+    assert {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["max_length"] == "4"
+    assert load_model(onnx_file).max_length == 4
+    code, so2, err = run_cli("eval", out, "--data", text_data, "--json", "-q", "--no-cache")
+    code4, so4, err4 = run_cli("eval", out, "--data", text_data, "--max-length", "4", "--json", "-q", "--no-cache")
+    assert code == code4 == 0 and json.loads(so2)["per_class"] == json.loads(so4)["per_class"], err + err4
+    assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bert_folder.iterdir() if p.is_file()}
+    # without --max-length nothing of the tokenizer is rewritten: its file is the source's, byte for byte
+    out2 = tmp_path / "o2"
+    code, _, err = run_cli("fix", bert_folder, "--data", text_data, "--recipe", "dfr", "--out", out2, "-q", "--no-cache")
+    assert code == 0, err
+    src_cfg = bert_folder / "tokenizer_config.json"
+    assert (out2 / "tokenizer_config.json").read_bytes() == src_cfg.read_bytes() if src_cfg.exists() \
+        else not (out2 / "tokenizer_config.json").exists()

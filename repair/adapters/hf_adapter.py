@@ -14,8 +14,8 @@ from ..errors import BadInput
 from ..io import load_safetensors
 from . import LoadOptions, checked_class_names, register_family
 from .base import TorchModelAdapter, check_finite, check_kinds, check_model_folder, read_json
-from .text import (collate_texts, first_line, load_tokenizer, offline, quiet_transformers, resolve_max_length,
-                   tokenizer_preprocess_id)
+from .text import (collate_texts, first_line, load_tokenizer, offline, quiet_transformers, record_max_length,
+                   resolve_max_length, tokenizer_preprocess_id)
 from .torch_module import module_name
 
 
@@ -165,6 +165,7 @@ class HFTextAdapter(TorchModelAdapter):
             [id2label.get(i, id2label.get(str(i), i)) for i in range(num_labels)], "id2label", cfg_path, distinct=False)
         self.max_length = resolve_max_length(self.tokenizer, max_length, positions=position_limit(model),
                                              where=cfg_path)
+        self.max_length_given = max_length is not None     # --max-length: the written tokenizer keeps it
         self._init_file_state(tensors)
         import transformers
 
@@ -172,6 +173,14 @@ class HFTextAdapter(TorchModelAdapter):
 
     def preprocess_id(self) -> dict:
         return tokenizer_preprocess_id(self.tokenizer, self.max_length)
+
+    def save(self, out: Path, metadata: dict[str, str]) -> Path:
+        """The folder as :meth:`TorchModelAdapter.save` writes it; with ``--max-length`` given, its
+        tokenizer truncates at that length, as the run measured (:func:`record_max_length`)."""
+        target = super().save(out, metadata)
+        if self.max_length_given:
+            record_max_length(Path(out), self.max_length)
+        return target
 
     def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         return collate_texts(self.tokenizer, items, self.max_length)

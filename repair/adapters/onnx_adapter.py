@@ -89,7 +89,7 @@ class OnnxAdapter(Adapter):
             self._check_image_shape()
         else:
             self._collate = None
-            self._load_tokenizer(max_length)
+            self._load_tokenizer(max_length if max_length is not None else self._max_length_from_metadata())
 
     # ---- set-up helpers
     def _class_names(self, given, C: int) -> list[str]:
@@ -141,6 +141,16 @@ class OnnxAdapter(Adapter):
         if len(shape) == 4 and all(isinstance(d, int) for d in shape[1:]) and list(shape[1:]) != want:
             raise BadInput(f"the preprocessing gives {'x'.join(map(str, want))} images but the model's "
                            f"input is {'x'.join(map(str, shape[1:]))}", self.source)
+
+    def _max_length_from_metadata(self) -> Optional[int]:
+        """The truncation length ``repair export`` recorded (metadata ``max_length``: what the exported
+        model was measured with), or None."""
+        raw = self._source_metadata.get("max_length")
+        if raw is None:
+            return None
+        if not raw.strip().isdigit() or int(raw) < 1:
+            raise BadInput(f"metadata max_length is {raw!r}, not a whole number >= 1", self.source)
+        return int(raw)
 
     def _load_tokenizer(self, max_length: Optional[int]) -> None:
         folder = self.source.parent

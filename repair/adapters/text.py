@@ -6,6 +6,7 @@ transformers is imported and every ``from_pretrained`` is ``local_files_only``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -99,6 +100,21 @@ def resolve_max_length(tokenizer, given: Optional[int], positions: Optional[int]
     if limit > NO_LIMIT_SENTINEL:
         limit = positions or DEFAULT_MAX_LENGTH
     return int(min(limit, DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH))
+
+
+def record_max_length(folder: Path, max_length: int) -> None:
+    """Set ``model_max_length`` in the ``tokenizer_config.json`` of ``folder`` (a model being written,
+    not yet in place) to ``max_length``: the truncation a run was given (``--max-length``) and measured
+    its figures with, so the written model's tokenizer truncates as they were measured (plain
+    ``transformers`` and a later ``repair eval`` alike). The file is made when the folder has none."""
+    from .base import read_json       # (base imports this module)
+
+    path = Path(folder) / "tokenizer_config.json"
+    cfg = read_json(path) if path.exists() else {}
+    if cfg.get("model_max_length") == int(max_length):
+        return
+    cfg["model_max_length"] = int(max_length)
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def max_positions_beside(folder: Path) -> Optional[int]:
