@@ -136,7 +136,9 @@ def fix_table(rep: dict) -> str:
                    f"over {e.get('n_verified')} samples")
     mc = rep.get("model_change") or {}
     if mc.get("stopped_by"):
-        out.append(f"training ended by {mc['stopped_by']}" + (f" (budget {mc['budget']})" if mc.get("budget") else ""))
+        out.append(f"training ended by {mc['stopped_by']}" + (f" (budget {mc['budget']})" if mc.get("budget") else "")
+                   + ("; the body kept is the original one: only the head changed" if mc.get("body_changed") is False
+                      else ""))
     for n in rep.get("selection_notes") or []:
         out.append(n)
     if rep.get("report"):

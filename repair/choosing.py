@@ -480,6 +480,13 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
                 raise crossed
             skip(c, f"cannot be cross-fitted on these {len(parts)} folds ({crossed.problem}); the head stays")
             continue
+        if crossed is not None and ((crossed.diagnostics or {}).get("settle") or {}).get("body") == "original":
+            # every member kept its start, or settling chose the original body: what is left is a head
+            # refitted on the original body, its strength chosen on these very out-of-fold predictions --
+            # a head repair, scored with an edge the heads are not given: not a model repair to compare
+            skip(c, "its cross-fitted members kept the original body (no training step beat the start, or "
+                    "settling chose the original body): a head repair, which the heads cover; the head stays")
+            continue
         if crossed is not None:
             fitted[id(c)] = crossed
             w, m = scores_from_preds(crossed.oof_pred[None], y, score_strata)

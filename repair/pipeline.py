@@ -467,6 +467,17 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                     "budget": (loop.get("budget") or (budget.describe() if budget else None)) if trained else None,
                     "stopped_by": loop.get("stopped_by")}
     if trained:                              # what shaped the network beside the repair set
+        # whether anything but the head differs from the source: a model repair whose training found no
+        # state better than its start (best_step 0), or whose settling chose the original body, changed
+        # only the head -- said so, not reported as a fine-tuned network
+        heads = set(adapter.head_tensor_names())
+        model_change["body_changed"] = any(n not in heads for n in changed)
+        model_change["best_step"] = loop.get("best_step")
+        if not model_change["body_changed"]:
+            w = (f"{chosen.method} kept the original body (the network's tensors but the head are the source's: "
+                 f"no training step beat the start, or settling chose the original body); only the head changed")
+            ctx.warnings.append(w)
+            log(f"warning: {w}")
         diag = final.diagnostics or {}
         if o.resources.get("train") is not None:
             model_change["train"] = str(o.resources["train"])

@@ -217,3 +217,49 @@ def test_a_given_truncation_length_travels_with_the_written_model(tmp_path, bert
     src_cfg = bert_folder / "tokenizer_config.json"
     assert (out2 / "tokenizer_config.json").read_bytes() == src_cfg.read_bytes() if src_cfg.exists() \
         else not (out2 / "tokenizer_config.json").exists()
+
+
+def test_a_model_repair_that_kept_the_original_body_says_so(tmp_path):
+    """Found by an audit: a model repair whose training found nothing better than its start, or whose
+    settling chose the original body, was reported as a fine-tuned network ("training ended by
+    budget:epochs", kind model) although only the head changed. Now `model_change.body_changed` is
+    false, a warning says so, and the table says so. And `auto-ft` does not compare such a run with the
+    heads as a model repair: a head refitted on the original body with its strength chosen on the same
+    out-of-fold predictions is a head repair scored with an edge the heads are not given -- skipped."""
+    from conftest import make_bert_folder, make_texts
+
+    model = make_bert_folder(tmp_path / "bert", seed=3)
+    data = make_texts(tmp_path / "val.csv", n=64, seed=1)
+    recipe = tmp_path / "orig.yaml"
+    recipe.write_text("name: orig\ncandidates:\n  - method: mixft\n    params: {epochs: 1, batch_size: 8, "
+                      "settle: refit, settle_alphas: [0.0]}\n")
+    code, out, err = run_cli("fix", model, "--data", data, "--recipe", recipe, "--out", tmp_path / "o", "--seed", "0",
+                             "--json", "--no-cache")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["model_change"]["body_changed"] is False and rep["diagnostics"]["settle"]["body"] == "original"
+    assert any("kept the original body" in w for w in rep["warnings"]) and "kept the original body" in err
+    code, out, err = run_cli("fix", model, "--data", data, "--recipe", recipe, "--out", tmp_path / "o2", "--seed", "0",
+                             "-q", "--no-cache")
+    assert code == 0 and "only the head changed" in out, out + err
+    # a moved body is said to be one
+    moved = tmp_path / "moved.yaml"
+    moved.write_text("name: moved\ncandidates:\n  - method: mixft\n    params: {epochs: 1, batch_size: 8, "
+                     "settle: refit, settle_alphas: [1.0], patience: 0, keep: last}\n")
+    code, out, err = run_cli("fix", model, "--data", data, "--recipe", moved, "--out", tmp_path / "o3", "--seed", "0",
+                             "--json", "-q", "--no-cache")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["model_change"]["body_changed"] is True and rep["diagnostics"]["settle"]["body"] == "moved"
+    assert not any("kept the original body" in w for w in rep["warnings"])
+    # auto-ft's escalation: the cross-fitted run that kept the original body is skipped, the head stays
+    aft = tmp_path / "aft.yaml"
+    aft.write_text("name: aft\nselection: auto\nfolds: 2\nrepeats: 1\ncandidates:\n  - method: dfr\n"
+                   "  - method: mixft\n    params: {epochs: 1, batch_size: 8, cross_fit: 2, patience: 0, "
+                   "settle: refit, settle_alphas: [0.0]}\n")
+    code, out, err = run_cli("fix", model, "--data", data, "--recipe", aft, "--out", tmp_path / "o4", "--seed", "0",
+                             "--json", "-q", "--no-cache")
+    assert code == 0, err
+    rep = json.loads(out)
+    rows = [r for r in rep["candidates"] if str(r.get("candidate", "")).startswith("mixft")]
+    assert rep["method"] == "dfr" and rows and all("kept the original body" in r.get("skipped", "") for r in rows), rows

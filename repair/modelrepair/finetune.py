@@ -1094,6 +1094,8 @@ def settle(sess: "Session", start: dict, *, alphas: Sequence[float] = SETTLE_ALP
             if tm.head.bias is not None:
                 tm.head.bias.copy_(ba[0].to(tm.head.bias))
     out = {"alpha": best["alpha"], "head": best["head"], "refit": best["refit"],
+           # "original": nothing training changed is kept (no tensor moved, or alpha 0): a head repair
+           "body": "moved" if moved and best["alpha"] > 0 else "original",
            "head_rows": "all repair rows" if best["head"] == "refit" else None,
            "heldout_score": best["heldout_score"], "heldout_accuracy": best["heldout_accuracy"],
            "required_gain": need,
