@@ -470,6 +470,9 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         # whether anything but the head differs from the source: a model repair whose training found no
         # state better than its start (best_step 0), or whose settling chose the original body, changed
         # only the head -- said so, not reported as a fine-tuned network
+        for w in (final.diagnostics or {}).get("warnings") or []:     # a model repair's own (recompose's)
+            ctx.warnings.append(w)
+            log(f"warning: {w}")
         heads = set(adapter.head_tensor_names())
         model_change["body_changed"] = any(n not in heads for n in changed)
         model_change["best_step"] = loop.get("best_step")

@@ -238,6 +238,7 @@ def test_recompose_keeps_everything_at_zero_and_writes_its_files(scene, tmp_path
     st = rep["diagnostics"]["settle"]                           # settled on the real held-out images
     assert st["head"] == "refit" and {c["alpha"] for c in st["candidates"]} <= {0.5, 1.0}
     assert {c["head"] for c in st["candidates"]} == {"refit"}
+    assert not any(w.startswith("recompose:") for w in rep["warnings"])     # every image kept: nothing to say
     art = Path(rep["artifacts"])
     assert art.parent == out and art.is_dir()
     man = json.loads((art / "manifest.json").read_text())
@@ -267,6 +268,8 @@ def test_pruning_at_one_keeps_nothing_and_still_retrains(scene, tmp_path):
     assert not any(r["kept"] for r in man["images"])
     assert rep["model_change"]["steps"] > 0
     assert rep["diagnostics"]["generated_in_training"] == 0 and rep["diagnostics"]["generated_per_batch"] == 0
+    # said, not only recorded (an audit found it only in a progress line): the run was plain fine-tuning
+    assert any("none of the" in w and "real images only" in w for w in rep["warnings"]), rep["warnings"]
 
 
 def test_recompose_refuses_text_models_and_bad_generators(scene, bert_folder, tmp_path):

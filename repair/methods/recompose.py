@@ -228,9 +228,17 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
                      buffers=tm.running_stats(cfg.freeze_bn), criterion=sess.criterion)
     settled = settle_by(cfg, sess, before)
     n_gen = int(target.numel())
+    said = []                      # what the user should hear: the run did less than recompose means
+    if not bool(usable.any()):
+        said.append(f"recompose: no training image's mask covers {cfg.mask_area[0]:g}-{cfg.mask_area[1]:g} of it "
+                    "(mask_area): every image was used as a source and as a background regardless")
+    if not keep_idx.numel():
+        said.append(f"recompose: none of the {n_gen} generated images passed the filters (p >= "
+                    f"{cfg.min_probability:g}, attribution >= {cfg.min_attribution:g}): the network was "
+                    "fine-tuned on the real images only")
     return ModelRepairOutput(
         tensors=tm.changed(before), steps=loop.steps, artifacts=artifacts,
-        diagnostics={"scope": cfg.scope, "trainable_tensors": len(trainable), "settle": settled,
+        diagnostics={"scope": cfg.scope, "trainable_tensors": len(trainable), "settle": settled, "warnings": said,
                      "session": sess.describe(),
                      "generated_in_training": int(keep_idx.numel()), "generated_per_batch": n_syn,
                      "loop": loop.describe(), "generation": {
