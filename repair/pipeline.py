@@ -276,7 +276,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     else:
         fit_idx, report_idx = stratified_split(strata, [o.report_fraction], o.seed, clusters=clusters)
         if not report_idx.numel():
-            raise BadInput(f"the repair set ({len(y)} samples) is too small to hold out any for the figures: give "
+            distinct = int(clusters.unique().numel())
+            size = (f"{len(y)} samples" if distinct == len(y) else
+                    f"{len(y)} samples, {distinct} distinct: copies of one sample stay on one side of the split")
+            raise BadInput(f"the repair set ({size}) is too small to hold out any for the figures: give "
                            "--eval data kept apart, or more samples", where)
     fit_dev = str(resolve_device(runtime.device))
     # can this repair set support an honest choice and honest figures? say so when it cannot

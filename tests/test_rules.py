@@ -665,6 +665,16 @@ def test_figures_need_held_out_samples_and_their_warnings_reach_the_report(tmp_p
     tiny = make_images(tmp_path / "tiny", n_per_class=1, seed=6)
     code, _, err = run_cli("fix", timm_folder, "--data", tiny, "--recipe", "dfr", "--out", tmp_path / "o", "-q")
     assert code == 2 and "too small to hold out" in err and err.count("\n") == 1, err
+    # every row one sample (an audit: the message spoke of size only): it says the copies are why
+    same = make_images(tmp_path / "same", n_per_class=1, seed=6)
+    with open(same / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(same / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([r for r in rows for _ in range(8)])
+    code, _, err = run_cli("fix", timm_folder, "--data", same, "--recipe", "dfr", "--out", tmp_path / "o", "-q")
+    assert code == 2 and f"{8 * len(rows)} samples, {len(rows)} distinct" in err and err.count("\n") == 1, err
     small = make_images(tmp_path / "small", n_per_class=2, seed=5)
     code, out, err = run_cli("fix", timm_folder, "--data", small, "--recipe", "neurontune", "--out", tmp_path / "o",
                              "--report", tmp_path / "r.html", "--json", "-q")
