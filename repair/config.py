@@ -57,10 +57,14 @@ class ConfigError(ValueError):
 
 def setting(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None,
             le: Optional[float] = None, lt: Optional[float] = None, choices: Optional[Sequence] = None,
-            nonempty: bool = False, doc: str = ""):
-    """A dataclass field with validation metadata (bounds apply to every element of a tuple)."""
+            nonempty: bool = False, doc: str = "", only_if: Optional[dict] = None):
+    """A dataclass field with validation metadata (bounds apply to every element of a tuple).
+    ``only_if``: ``{other setting: the values under which this one has an effect}``; a config that
+    sets this one to other than its default while another makes it do nothing is refused
+    (:func:`build_config`), rather than recorded in the provenance as if it had been used."""
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None,
-            "nonempty": nonempty, "doc": doc}
+            "nonempty": nonempty, "doc": doc,
+            "only_if": {k: tuple(v) for k, v in only_if.items()} if only_if else None}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"check": meta})
     return dataclasses.field(default=default, metadata={"check": meta})
@@ -209,6 +213,16 @@ def build_config(cls: type, params: Optional[dict] = None):
         value = _coerce(name, kind, optional, params[name], default) if name in params else default
         _check(name, value, dict(f.metadata.get("check") or {}))
         values[name] = value
+    for name in params:                # a setting changed where another makes it do nothing: refused
+        f = fields[name]               # (its default restated, as a recipe listing every setting does, is not)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if values[name] == _tuples(default):
+            continue
+        for other, allowed in ((f.metadata.get("check") or {}).get("only_if") or {}).items():
+            if values.get(other) not in allowed:
+                raise ConfigError(name, f"has no effect with {other}: {values.get(other)!r} (it applies with "
+                                        f"{other}: {' or '.join(map(repr, allowed))}); leave it out or change {other}")
     try:
         cfg = cls(**values)
     except (TypeError, ValueError) as e:

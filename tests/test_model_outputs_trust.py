@@ -83,12 +83,22 @@ def test_model_repair_settings_that_cannot_run_are_bad_input(tmp_path):
 
     for method, params in (("mixft", {"scope": "last:abc"}), ("mixft", {"scope": "last:0"}),
                            ("clp", {"scope": "names:["}), ("finetune", {"scope": "last:-1"}),
-                           ("clp", {"settle_alphas": []}), ("recompose", {"scope": "names:("})):
+                           ("clp", {"settle_alphas": []}), ("recompose", {"scope": "names:("}),
+                           # settings another setting makes do nothing (an audit: they were recorded as if used)
+                           ("mixft", {"lora_rank": 4}), ("mixft", {"n_clusters": 3}),
+                           ("mixft", {"settle_alphas": [1.0], "settle": "off"}),
+                           ("mixft", {"settle_strength": "average", "settle": "interpolate"}),
+                           ("clp", {"meta_lr": 0.01, "meta": False})):
         r = tmp_path / f"r-{method}.yaml"
         r.write_text(json.dumps({"candidates": [{"method": method, "params": params}]}))
         with pytest.raises(BadInput) as e:
             load_recipe(r)
         assert str(r) in str(e.value) and next(iter(params)) in str(e.value), (method, params, str(e.value))
+    # a default restated (a recipe listing every setting, as the built-in mixft.yaml does) is not refused
+    r = tmp_path / "restated.yaml"
+    r.write_text(json.dumps({"candidates": [{"method": "mixft", "params": {"lora": False, "lora_rank": 8,
+                                                                          "inferred": "errors", "n_clusters": 2}}]}))
+    load_recipe(r)
 
 
 def test_a_scope_matching_nothing_and_a_grouped_criterion_without_groups_are_exit_2(tmp_path):

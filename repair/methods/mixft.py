@@ -198,7 +198,7 @@ class MixFTConfig(LoopConfig, SettleSettings):
                                   "an evaluation has beaten the start: a run never stops early back at its starting "
                                   "point (on skewed sets the held-out score often collapses for a few epochs before "
                                   "it recovers); auto = after_gain under the worst inferred group criterion only")
-    settle_strength: str = setting("auto", choices=SETTLE_STRENGTHS,
+    settle_strength: str = setting("auto", choices=SETTLE_STRENGTHS, only_if={"settle": ("refit", "either")},
                                    doc="the L2 strength of each refitted head: auto (the default) = average "
                                        "under the worst inferred group criterion (a skewed repair set, label-free), "
                                        "else heldout; heldout = chosen for each body on the held-out part; "
@@ -206,8 +206,8 @@ class MixFTConfig(LoopConfig, SettleSettings):
     epochs: float = setting(8.0, gt=0, doc="epochs over the training part (a --budget overrides)")
     scope: str = setting("auto", doc="auto (= all: every layer) | head | all | last:N | names:REGEX")
     lora: bool = setting(False, doc="train peft LoRA adapters on the scope's layers (merged before saving)")
-    lora_rank: int = setting(8, ge=1, le=4096)
-    lora_alpha: float = setting(16.0, gt=0)
+    lora_rank: int = setting(8, ge=1, le=4096, only_if={"lora": (True,)})
+    lora_alpha: float = setting(16.0, gt=0, only_if={"lora": (True,)})
     mix_weight: float = setting(0.3, ge=0, le=1, doc="lambda: the partner's share of a mixed input")
     mix_beta: float = setting(0.0, ge=0, doc="> 0: lambda = 2 * mix_weight * Beta(b, b), clipped to [0, 1]")
     mix_fraction: float = setting(1.0, ge=0, le=1, doc="share of each batch that is mixed")
@@ -215,7 +215,7 @@ class MixFTConfig(LoopConfig, SettleSettings):
     head_init: str = setting("original", choices=("original", "refit"),
                              doc="refit: start from a group-balanced L2 logistic head on the frozen embeddings (LP-FT)")
     inferred: str = setting("errors", choices=("errors", "clusters"), doc="groups without --group-by")
-    n_clusters: int = setting(2, ge=2, le=1000, doc="inferred: clusters per class")
+    n_clusters: int = setting(2, ge=2, le=1000, doc="inferred: clusters per class", only_if={"inferred": ("clusters",)})
     mix_point: int = setting(-1, ge=-1, doc="texts: -1 = the input of the first trained layer, 0 = token "
                                             "embeddings, k = output of encoder layer k")
     holdout_fraction: float = setting(0.25, gt=0, lt=1)

@@ -212,6 +212,7 @@ def settle_alphas_setting(default: tuple = (0.5, 1.0)):
     """The ``settle_alphas`` setting, declared here once (a config may declare it again with
     another default: ``settle_alphas: tuple = settle_alphas_setting(...)``)."""
     return setting(tuple(default), ge=0, le=1, nonempty=True,
+                   only_if={"settle": [m for m in SETTLE_MODES if m != "off"]},
                    doc="interpolation weights tried by settle (1 = fine-tuned; 0 = the original body, with "
                        "refit only: its refitted head, a head repair, which a moved body must beat by two "
                        "standard errors on the held-out part)")
@@ -247,7 +248,7 @@ class SettleSettings:
                               "head, on the held-out part; refit = each of those bodies with a group-balanced head "
                               "refitted on it instead; either = both heads of every point")
     settle_alphas: tuple = settle_alphas_setting()
-    settle_strength: str = setting("heldout", choices=SETTLE_STRENGTHS,
+    settle_strength: str = setting("heldout", choices=SETTLE_STRENGTHS, only_if={"settle": ("refit", "either")},
                                    doc="the L2 strength of each refitted head: auto = average under the worst "
                                        "inferred group criterion (a skewed repair set, label-free), else heldout; "
                                        "heldout = chosen for each body on "
