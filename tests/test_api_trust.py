@@ -222,3 +222,34 @@ def test_probe_lists_only_spurious_neurons_and_a_recipes_criterion_says_whether_
     import json
     crit = json.loads(out)["selection_criterion"]
     assert "group labels given, not used to select" in crit and "no group labels" not in crit, crit
+
+
+def test_a_transformers_folder_naming_its_own_code_is_refused_even_when_stdin_says_yes(tmp_path):
+    """Found by an audit: a folder whose config.json has an ``auto_map`` (classes from a Python file in
+    the folder) made transformers ask on stdout "Do you wish to run the custom code? [y/N]"; `yes |
+    repair eval` ran that file (and used its model). Now exit 2 naming config.json before transformers
+    reads the folder, whatever stdin says, and nothing of the folder's code runs; the same for a
+    tokenizer_config.json with one."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import make_bert_folder, make_texts
+
+    marker = tmp_path / "ran"
+    for name in ("config.json", "tokenizer_config.json"):
+        folder = make_bert_folder(tmp_path / f"m-{name}")
+        (folder / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                          "from transformers import BertConfig\n"
+                                          "class CustomConfig(BertConfig):\n    model_type = 'custom-x'\n")
+        path = folder / name
+        cfg = json.loads(path.read_text()) if path.exists() else {}
+        cfg["auto_map"] = {"AutoConfig": "custom.CustomConfig", "AutoTokenizer": ["custom.CustomConfig", None]}
+        if name == "config.json":
+            cfg["model_type"] = "custom-x"
+        path.write_text(json.dumps(cfg))
+        data = make_texts(tmp_path / "t.csv", n=12)
+        r = subprocess.run([sys.executable, "-m", "repair_cli.main", "eval", str(folder), "--data", str(data), "--json"],
+                           input="y\n" * 50, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert r.returncode == 2 and "auto_map" in r.stderr and str(path) in r.stderr, (name, r.stdout, r.stderr)
+        assert r.stdout == "" and not marker.exists(), (name, r.stdout)

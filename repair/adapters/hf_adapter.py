@@ -15,7 +15,7 @@ from ..io import load_safetensors
 from . import LoadOptions, checked_class_names, register_family
 from .base import TorchModelAdapter, check_finite, check_kinds, check_model_folder, read_json
 from .text import (collate_texts, first_line, load_tokenizer, offline, quiet_transformers, record_max_length,
-                   resolve_max_length, tokenizer_preprocess_id)
+                   refuse_remote_code, resolve_max_length, tokenizer_preprocess_id)
 from .torch_module import module_name
 
 
@@ -90,6 +90,7 @@ class HFTextAdapter(TorchModelAdapter):
         self.model_folder = path
         cfg_path = path / "config.json"
         cfg = read_json(cfg_path)
+        refuse_remote_code(path)           # before transformers reads it: never a prompt, never the code
         archs = cfg.get("architectures") or []
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
             raise BadInput(f"not a sequence-classification model (architectures: {archs})", cfg_path)
@@ -124,7 +125,8 @@ class HFTextAdapter(TorchModelAdapter):
         with quiet_transformers():
             try:
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True)
+                    str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True,
+                    trust_remote_code=False)
             except Exception as e:
                 raise BadInput(f"{problem} ({type(e).__name__}: {first_line(e)})", path) from None
         if other:

@@ -56,6 +56,30 @@ def has_tokenizer_files(folder: Path) -> bool:
     return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
 
 
+#: the files of a transformers folder whose ``auto_map`` would name Python code in the folder to run
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """:class:`BadInput` naming the file when a transformers folder's ``config.json`` or
+    ``tokenizer_config.json`` has an ``auto_map`` (classes to import from Python files in the folder):
+    repair never runs a model's own code. Checked before transformers reads the folder, whose own
+    check asks on stdin ("Do you wish to run the custom code? [y/N]") and runs the code on "y"; every
+    ``from_pretrained`` also passes ``trust_remote_code=False``."""
+    from .base import read_json       # (base imports this module)
+
+    for name in REMOTE_CODE_FILES:
+        path = Path(folder) / name
+        if not path.exists():
+            continue
+        cfg = read_json(path)
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            names = cfg["auto_map"] if isinstance(cfg["auto_map"], dict) else {}
+            raise BadInput(f"auto_map names custom code ({', '.join(map(str, names)) or 'classes'} from the folder's "
+                           "Python files); repair never runs a model's own code: give a model whose architecture "
+                           "transformers ships", path)
+
+
 def load_tokenizer(folder: Path, problem: str):
     """``AutoTokenizer`` from ``folder``, offline and quiet. A failure is a ``BadInput``
     reading ``problem (first line of the error)`` naming the folder. A folder without tokenizer
@@ -68,9 +92,10 @@ def load_tokenizer(folder: Path, problem: str):
     if not has_tokenizer_files(folder):
         raise BadInput(f"no tokenizer files in the model folder (one of {', '.join(TOKENIZER_FILES)}); a text "
                        "model needs the tokenizer it was trained with", folder)
+    refuse_remote_code(folder)
     with quiet_transformers():
         try:
-            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise BadInput(f"{problem} ({first_line(e)})", folder) from None
     special = set(getattr(tok, "all_special_ids", None) or ())
