@@ -180,3 +180,44 @@ def test_artifacts_are_written_to_their_place_even_when_save_left_something_ther
     arts = artifacts_output(timm_folder, final)
     assert w["artifacts"] == str(arts)
     assert sorted(p.name for p in arts.iterdir()) == ["manifest.json"]
+
+
+def test_files_read_beside_an_onnx_model_are_held_to_the_folder_rule(tmp_path, image_data, bert_folder):
+    """Found by an audit: the files read beside an ONNX file (its preprocess.json; a text model's
+    config.json and tokenizer files) were read through symlinks leading out of its folder, where a model
+    folder's are refused: another file decided the preprocessing, the tokenization, the class names.
+    Now the same rule (`repair.adapters.base.files_beside` -> `check_folder_entry`): exit 2 naming the
+    link, nothing written; the same files as regular files load."""
+    from conftest import make_deployed_onnx
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "preprocess.json").write_text('{"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], '
+                                            '"std": [0.5, 0.5, 0.5]}')
+    o = tmp_path / "o"
+    o.mkdir()
+    onnx_file, _ = make_deployed_onnx(o / "model.onnx")
+    (o / "preprocess.json").symlink_to(secret / "preprocess.json")
+    refused(["eval", onnx_file, "--data", image_data, "--class-names", "cat,dog,fox", "--no-cache"],
+            o / "preprocess.json", "outside", inputs=[o, secret, image_data], out_dir=tmp_path)
+    (o / "preprocess.json").unlink()
+    shutil.copy(secret / "preprocess.json", o / "preprocess.json")
+    rc, _, err = run_cli("eval", onnx_file, "--data", image_data, "--class-names", "cat,dog,fox", "--no-cache", "-q")
+    assert rc == 0, err
+    # a text model's tokenizer beside its ONNX file
+    from conftest import make_texts
+
+    texts = make_texts(tmp_path / "t.csv", n=12)
+    t = tmp_path / "t"
+    t.mkdir()
+    rc, _, err = run_cli("export", bert_folder, "--data", texts, "--format", "onnx", "--out", t / "model.onnx", "-q")
+    assert rc == 0, err
+    tok = tmp_path / "tok"
+    shutil.copytree(bert_folder, tok)
+    for f in bert_folder.iterdir():
+        if f.name != "model.safetensors":
+            (t / f.name).symlink_to(tok / f.name)
+    linked = sorted(p for p in t.iterdir() if p.is_symlink())
+    line = refused(["eval", t / "model.onnx", "--data", texts, "--no-cache"], t, "outside",
+                   inputs=[t, tok, texts], out_dir=tmp_path)
+    assert any(str(p) in line for p in linked), line

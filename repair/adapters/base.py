@@ -478,6 +478,23 @@ def check_folder_entry(entry: Path, root: Path) -> None:
                            "own files are read or copied: replace it by the file or remove it", entry)
 
 
+def files_beside(folder: Path, names: Sequence[str]) -> list[Path]:
+    """The files ``names`` of ``folder`` that exist -- what is read beside a model file (an ONNX file's
+    or a ``--factory`` model's preprocessing, config and tokenizer) --, each checked by
+    :func:`check_folder_entry` against ``folder`` before anything reads it: a symlink leading out of
+    the folder, a FIFO or device, is :class:`BadInput` naming it, as in a model folder."""
+    folder = Path(folder)
+    root = folder.resolve()
+    out = []
+    for name in names:
+        entry = folder / name
+        if entry.exists() or entry.is_symlink():
+            check_folder_entry(entry, root)
+            if entry.is_file():
+                out.append(entry)
+    return out
+
+
 def check_model_folder(folder: Path) -> list[Path]:
     """Every regular file of a model folder (recursively, hidden entries skipped as ``save``
     skips them), resolved, each entry checked by :func:`check_folder_entry` (a symlink leaving the

@@ -16,6 +16,7 @@ from ..errors import BadInput
 from ..io import load_state_dict_file
 from . import LoadOptions, register_family
 from .images import PREPROCESS_FILE, image_config_from_options
+from .base import files_beside
 from .torch_module import TorchImageAdapter, last_linear, load_weights_strict
 
 
@@ -94,6 +95,7 @@ def detect(path: Path, o: LoadOptions) -> bool:
 
 def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
     side_json = (path if path.is_dir() else path.parent) / PREPROCESS_FILE
+    files_beside(side_json.parent, (PREPROCESS_FILE,))      # a symlink leading out of the folder: refused
     cfg = image_config_from_options(o.image_size, o.mean, o.std, side_json)
     adapter = load_factory_model(path, o.factory, allow_pickle=o.allow_pickle, data_config=cfg,
                                  class_names=o.class_names, model_args=o.model_args)

@@ -24,14 +24,14 @@ import torch
 from ..errors import BadInput, RepairError
 from ..io import parse_json
 from . import LoadOptions, checked_class_names, register_family
-from .base import Adapter, read_json
+from .base import Adapter, files_beside, read_json
 from .images import PREPROCESS_FILE, ImageCollate, image_config_from_options, resolve_image_config
 # (the helpers below were defined here before the split; they stay importable from this module)
 from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph_inputs,  # noqa: F401
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
                          metadata_dict, set_metadata)
 from .onnx_runtime import make_session, ort_providers, run_session, session_feeds  # noqa: F401
-from .text import (TOKENIZER_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
+from .text import (TOKENIZER_DIGEST_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
                    max_positions_beside, resolve_max_length,
                    tokenizer_preprocess_id)
 
@@ -369,12 +369,13 @@ def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
     path = Path(path)
     if not path.is_file():
         raise BadInput("expected an .onnx file, got a folder" if path.is_dir() else "ONNX model not found", path)
+    # the files beside it that are read (preprocessing, config: id2label and positions, tokenizer), checked
+    # first: a symlink among them leading out of the folder is refused, as in a model folder
+    beside = files_beside(path.parent, (PREPROCESS_FILE, "config.json", *TOKENIZER_DIGEST_FILES))
     cfg = image_config_from_options(o.image_size, o.mean, o.std, path.parent / PREPROCESS_FILE)
     adapter = OnnxAdapter(path, image_config=cfg, class_names=o.class_names, max_length=o.max_length)
     adapter.preprocess_from_options = adapter.modality == "image"
-    # the files beside it that were read: preprocessing, config (id2label), tokenizer
-    adapter.extra_files = [path.parent / n for n in (PREPROCESS_FILE, "config.json", *TOKENIZER_FILES)
-                           if (path.parent / n).is_file()] + adapter.external_files
+    adapter.extra_files = beside + adapter.external_files
     return adapter
 
 
