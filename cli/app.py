@@ -90,6 +90,18 @@ def install_signal_handlers() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def settle_signals() -> None:
+    """Once a command is over (its outputs committed, or none written; its result and exit code
+    decided), a SIGTERM during the interpreter's shutdown is ignored: it raised inside torch's exit
+    hooks ("Exception ignored ...") or turned a finished run's exit code into 143, so a CI job could
+    not tell a complete run from a cut one. Called by the console script only (the process ends)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def emit_json(doc: Any) -> None:
     """One JSON document on stdout. Controls and invisible characters in strings are written as
     ``\\uXXXX`` escapes (:func:`repair.io.visible`): a parser reads the same strings, a terminal shows them."""

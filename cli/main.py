@@ -19,10 +19,13 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    from .app import install_signal_handlers
+    from .app import install_signal_handlers, settle_signals
 
     install_signal_handlers()
-    app()
+    try:
+        app()
+    finally:
+        settle_signals()
 
 
 if __name__ == "__main__":

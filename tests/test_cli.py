@@ -110,3 +110,20 @@ def test_a_sigterm_while_a_command_is_built_exits_143(monkeypatch, capsys):
             group.main(["slowcmd"], prog_name="repair")
         err = capsys.readouterr().err
         assert ei.value.code == code and "Traceback" not in err and err.count("\n") <= 1, err
+
+
+def test_a_sigterm_after_the_command_is_over_leaves_its_exit_code_alone():
+    """Found by an audit: a SIGTERM that reached `repair` after its outputs were committed and its result
+    printed (during the interpreter's shutdown) raised inside torch's exit hooks ("Exception ignored in
+    atexit callback ... Terminated") or made a finished run exit 143. Now the command's own exit code
+    stands, with no noise: here a gate that fails (1) and a run that passes (0), each sent SIGTERM from an
+    exit hook."""
+    code = ("import atexit, os, signal, sys, time\n"
+            "import torch  # noqa: F401  (its exit hooks, as in every real run)\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.3)))\n"
+            "sys.argv = ['repair', *sys.argv[1:]]\n"
+            "from repair_cli.main import main\nmain()\n")
+    for args, want in ((["methods"], 0), (["methods", "--no-such-flag"], 2)):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == want and "Exception ignored" not in r.stderr and "Terminated" not in r.stderr, \
+            (args, r.returncode, r.stderr[-800:])
