@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -200,6 +201,7 @@ def pixel_digests(data: RepairData, cache_dir: Optional[Path] = None) -> list[st
     tmp = None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        sweep_cache_temps(cache_dir)
         fd, tmp = tempfile.mkstemp(prefix=".pix-", suffix=".tmp", dir=cache_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"key": key, "digests": got}, f)
@@ -270,6 +272,31 @@ def _read_cache(path: Path, key: str, n: int, with_inputs: bool = False
     return X, inputs, ""
 
 
+#: the temporary files a cache write makes beside its entry (renamed into place when whole)
+CACHE_TEMP_PREFIXES = (".emb-", ".pix-")
+
+
+def sweep_cache_temps(cache_dir: Path, older_than: float = 3600.0) -> None:
+    """Remove this user's cache temporaries (:data:`CACHE_TEMP_PREFIXES`) in ``cache_dir`` older than
+    ``older_than`` seconds: a run killed outright (SIGKILL, a power cut) while writing an entry leaves
+    one, which nothing else would ever remove; a write in progress (seconds old) is left alone."""
+    try:
+        entries = list(Path(cache_dir).iterdir())
+    except OSError:
+        return
+    now = time.time()
+    for p in entries:
+        if not (p.name.startswith(CACHE_TEMP_PREFIXES) and p.name.endswith(".tmp")):
+            continue
+        try:
+            st = p.lstat()
+            if (stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than
+                    and (not hasattr(os, "geteuid") or st.st_uid == os.geteuid())):
+                p.unlink()
+        except OSError:
+            pass
+
+
 def _write_cache(path: Path, X: torch.Tensor, inputs: Optional[torch.Tensor] = None) -> None:
     """Atomic: a temporary sibling renamed into place, with the digests and key in its metadata."""
     from .io import save_safetensors
@@ -277,6 +304,7 @@ def _write_cache(path: Path, X: torch.Tensor, inputs: Optional[torch.Tensor] = N
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_cache_temps(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tensors, meta = {"embeddings": X}, {"repair_version": __version__, "sha256": cache_digest(X), "key": path.stem}

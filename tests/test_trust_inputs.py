@@ -905,3 +905,26 @@ def test_resolving_with_a_folder_cache_is_resolve(tmp_path):
             ref = None
         assert _real(c, cache) == ref, c
     assert cache, "the folder cache was used"
+
+
+def test_a_cache_temporary_left_by_a_killed_run_is_swept_by_the_next_write(tmp_path, timm_folder, image_data):
+    """An audit's note: a run killed outright while writing a cache entry leaves its `.emb-*.tmp`
+    (`finally` never runs), and nothing removed it. The next cache write removes this user's
+    temporaries older than an hour and leaves a young one (a write in progress) alone."""
+    import os
+    import time
+
+    from repair.adapters import load_model
+    from repair.data import load_data
+    from repair.embeddings import extract
+
+    cache = tmp_path / "c"
+    cache.mkdir()
+    old, young, other = cache / ".emb-abc.tmp", cache / ".emb-def.tmp", cache / "notes.tmp"
+    for p in (old, young, other):
+        p.write_bytes(b"partial")
+    long_ago = time.time() - 2 * 3600
+    os.utime(old, (long_ago, long_ago))
+    os.utime(other, (long_ago, long_ago))
+    extract(load_model(timm_folder), load_data(image_data), cache_dir=cache, progress=False)
+    assert not old.exists() and young.exists() and other.exists()
