@@ -515,19 +515,47 @@ def _model_targets_md(doc: dict, L: list) -> None:
                 lines.append(f"| {task} | {vname} | {name} | {r.get('n_seeds')} | {_pct(w, sd)} | {_ok(steady)} | "
                              f"{bl} {_pct(blw)} | {_f(over_head)} | {_ok(_at_least(over_head, -1e-9))} | "
                              f"{_f(over_erm)} | {_ok(erm_ok)} | {_f(vs_auto)} | {_ok(auto_ok)} | "
-                             f"{_f(rss_max, '{:.0f}')} | {_ok(None if rss_max is None else rss_max <= TARGET_MODEL_RSS)} |")
+                             f"{_f(rss_max, '{:.0f}')} | {_ok(None if rss_max is None else rss_max <= TARGET_MODEL_RSS)} | "
+                             f"{body_unchanged_count(v.get('runs'), lab)} |")
     if not lines:
         return
     L.append(f"Issue 19 (label-free model repairs): std over seeds ≤ {TARGET_MODEL_STD:.0f} points on every task and "
              f"repair set; each of mixft, clp, recompose ≥ the best label-free head on at least one task and ≥ ERM + "
              f"{TARGET_OVER_ERM:.0f} on every skewed set; `auto-ft` ≥ `auto` − {TARGET_AUTOFT_LOSS} everywhere and ≥ "
              f"`auto` + {TARGET_AUTOFT_CAPPED:.0f} on `{CAPPED_TASK}` (paired: the mean difference on the seeds both "
-             f"ran); peak RSS ≤ {TARGET_MODEL_RSS / 1024:.0f} GB.\n")
+             f"ran); peak RSS ≤ {TARGET_MODEL_RSS / 1024:.0f} GB. \"original body\": of the runs whose record says, "
+             f"those that returned the source network with only its head changed (a model repair whose training "
+             f"found nothing better than its start or whose settling chose the original body -- a head repair in "
+             f"effect -- or, for `auto-ft`, a head chosen).\n")
     L.append("| task | repair set | row | seeds | WGA | std ≤ 3 | best label-free head | − it (pt) | ≥ | − ERM (pt) | "
-             "skewed ≥ +20 | − auto (pt) | auto-ft target | peak RSS (MiB) | ≤ 2 GB |")
-    L.append("|" + "---|" * 15)
+             "skewed ≥ +20 | − auto (pt) | auto-ft target | peak RSS (MiB) | ≤ 2 GB | original body (runs) |")
+    L.append("|" + "---|" * 16)
     L.extend(lines)
     L.append("")
+
+
+def body_unchanged(row: Optional[dict]) -> Optional[bool]:
+    """Whether a run's model is the original network but for its head: a model repair whose training found
+    no state better than its start or whose settling chose the original body (``model_change.body_changed``,
+    recorded since the thirty-first session; before, read off the changed tensors when they were kept: at
+    most the head's two), or a head chosen (``auto-ft``). None when the record does not say."""
+    mc = (row or {}).get("model_change")
+    if not isinstance(mc, dict):
+        return None
+    if "body_changed" in mc:
+        return not mc["body_changed"]
+    names = mc.get("changed_tensors")
+    if isinstance(names, dict) and isinstance(names.get("count"), int):
+        return names["count"] <= 2
+    if isinstance(names, list):
+        return len(names) <= 2
+    return None
+
+
+def body_unchanged_count(runs, label: str) -> str:
+    """``k/n``: of the ``n`` runs of ``label`` whose record says, ``k`` returned the original body."""
+    known = [b for b in (body_unchanged((r.get("rows") or {}).get(label)) for r in runs or []) if b is not None]
+    return f"{sum(known)}/{len(known)}" if known else "–"
 
 
 # ============================================================================ plot

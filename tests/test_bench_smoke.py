@@ -365,3 +365,19 @@ def test_auto_ft_against_auto_is_paired_on_the_seeds_both_ran():
     diff, n = paired_pts(runs, "a", "b")
     assert n == 2 and abs(diff - 7.5) < 1e-9          # seeds 0 and 1 only: (10 + 5) / 2
     assert paired_pts(runs, "a", "missing") == (None, 0)
+
+
+def test_the_report_says_which_runs_returned_the_original_body():
+    """The issue-19 table's "original body (runs)": from `model_change.body_changed` when recorded, else
+    from the changed tensors (at most the head's two: the original body; a count kept for a long list:
+    trained); a record that does not say is not counted."""
+    from bench.report import body_unchanged, body_unchanged_count
+
+    assert body_unchanged({"model_change": {"body_changed": False, "changed_tensors": ["a", "b", "c"]}}) is True
+    assert body_unchanged({"model_change": {"body_changed": True}}) is False
+    assert body_unchanged({"model_change": {"changed_tensors": ["fc.weight", "fc.bias"]}}) is True
+    assert body_unchanged({"model_change": {"changed_tensors": {"count": 40, "first": []}}}) is False
+    assert body_unchanged({"model_change": {"truncated": "..."}}) is None and body_unchanged(None) is None
+    runs = [{"rows": {"r": {"model_change": {"body_changed": False}}}}, {"rows": {"r": {"model_change": {}}}},
+            {"rows": {"r": {"model_change": {"changed_tensors": {"count": 13}}}}}, {"rows": {}}]
+    assert body_unchanged_count(runs, "r") == "1/2" and body_unchanged_count([], "r") == "–"
