@@ -206,7 +206,7 @@ def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
         raise BadInput(f"top_k (--top) must be a whole number >= 1, got {top_k!r}")
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)
     W, b = p.adapter.head_params()
-    report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k)
+    report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k, where=p.adapter.source)
     report.update({
         "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
         "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality},

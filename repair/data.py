@@ -814,6 +814,19 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path)
     for i, n in enumerate(names):
         exact.setdefault(n, []).append(i)
         folded.setdefault(n.lower(), []).append(i)
+    # one reading for the whole table: a label that is no class name but an index means the table gives
+    # indices, and then a label that is both a class name and the index of another class is ambiguous
+    # (classes named "1", "2", "3" and labels 0, 1, 2: "1" would be class "1" by name, index 1 is "2")
+    by_index = [lab for lab in dict.fromkeys(labels) if not (exact.get(lab) or folded.get(lab.lower()))
+                and _class_index(lab, len(names)) is not None]
+    if by_index:
+        for lab in dict.fromkeys(labels):
+            hit = exact.get(lab) or folded.get(lab.lower())
+            j = _class_index(lab, len(names))
+            if hit and j is not None and j != hit[0]:
+                raise BadInput(f"labels mix class names and indices: {by_index[0]!r} is read as a class index, "
+                               f"but {lab!r} is both the class named {names[hit[0]]!r} (index {hit[0]}) and index "
+                               f"{j} ({names[j]!r}); give every label as a class name", where)
     out = []
     for lab in labels:
         hit = exact.get(lab) or folded.get(lab.lower())

@@ -61,9 +61,12 @@ def nearest_class(Z: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 
 def probe(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
-          class_names: Sequence[str], top_k: int = 10) -> dict:
+          class_names: Sequence[str], top_k: int = 10, where=None) -> dict:
+    from .metrics import check_finite_logits
+
     C = W.shape[0]
     logits = X @ W.T + b
+    check_finite_logits(logits, where)     # no figure rests on NaN or infinite logits (as in eval)
     pred = logits.argmax(1)
     delta, _ = neuron_deltas(X, y, pred, C)
     nearest = nearest_class(X, class_prototypes(X, y, C))
@@ -97,7 +100,8 @@ def probe(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
              [{"group": f"{r['class']}|misclassified", "n": r["misclassified"]} for r in per_class]
     return {
         "n": int(y.numel()), "embedding_dim": int(X.shape[1]),
-        "accuracy": float((pred == y).float().mean()),
+        "n_correct": int((pred == y).sum()),
+        "accuracy": int((pred == y).sum()) / int(y.numel()) if int(y.numel()) else None,   # exact k/n, as eval
         "per_class": per_class,
         "top_spurious_neurons": top,
         "pseudo_groups": pseudo,

@@ -255,3 +255,28 @@ def test_a_group_column_of_unique_values_says_what_group_by_is_for(tmp_path, tim
         w.writerows({**r, "uniq": f"u{i}"} for i, r in enumerate(rows))
     refused("fix", timm_folder, "--data", d, "--group-by", "uniq", "--recipe", "dfr", "--out", tmp_path / "o",
             words=("class x uniq groups have none", f"has {len(rows)} values for {len(rows)} samples"))
+
+
+def test_labels_that_could_be_names_or_indices_are_read_one_way(tmp_path):
+    """Found by an audit: with classes named "1", "2", "3" and a table of indices 0, 1, 2, each label
+    was looked up alone -- "0" as index 0 (class "1"), "1" as the name "1" (index 0 again), "2" as the
+    name "2" -- so two classes merged and one vanished, exit 0. One reading per table now: a table that
+    needs index reading and holds a label that is both a name and another class's index is exit 2."""
+    from conftest import make_images, make_timm_folder
+
+    names = ["1", "2", "3"]
+    m = make_timm_folder(tmp_path / "m", classes=names)
+    d = make_images(tmp_path / "d", n_per_class=4, classes=names)
+    with open(d / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    as_names = [r["y"] for r in rows]
+    for r in rows:
+        r["y"] = str(names.index(r["y"]) if r["y"] in names else int(r["y"]) - 1)
+    with open(d / "idx.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    refused("eval", m, "--data", d / "idx.csv", words=("idx.csv", "labels mix class names and indices"))
+    code, out, err = run_cli("eval", m, "--data", d, "--json", "-q", "--no-cache")      # names: read as names
+    assert code == 0, err
+    assert [c["n"] for c in json.loads(out)["per_class"]] == [as_names.count(n) for n in names]

@@ -567,6 +567,29 @@ def test_evaluate_refuses_non_finite_logits(bad):
     assert "non-finite" in e.value.problem and "1 of 6" in e.value.problem and e.value.path == "model/"
 
 
+def test_probe_refuses_a_head_whose_logits_overflow_as_eval_does(tmp_path, timm_folder, images):
+    """Found by an audit: finite head weights of ~3e38 give infinite logits; `repair eval` is exit 2, but
+    `repair probe` printed an accuracy and a per-class table from them (exit 0). Now the same exit 2;
+    and its accuracy is the exact k/n with its count, as eval's."""
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(timm_folder, big)
+    sd = load_file(str(big / "model.safetensors"))
+    w = sd["fc.weight"]
+    sd["fc.weight"] = (w / w.abs().max() * 3e38).contiguous()
+    sd["fc.bias"] = torch.full_like(sd["fc.bias"], 3.3e38)
+    save_file(sd, str(big / "model.safetensors"))
+    for cmd in ("eval", "probe"):
+        code, out, err = run_cli(cmd, big, "--data", images, "-q", "--no-cache")
+        assert code == 2 and "non-finite" in err and err.count("\n") == 1, (cmd, err)
+    code, out, err = run_cli("probe", timm_folder, "--data", images, "--json", "-q", "--no-cache")
+    code2, out2, _ = run_cli("eval", timm_folder, "--data", images, "--json", "-q", "--no-cache")
+    assert code == code2 == 0, err
+    p, e = json.loads(out), json.loads(out2)
+    assert (p["n_correct"], p["accuracy"]) == (e["n_correct"], e["accuracy"])
+
+
 # ================================================================== 5. non-finite, config.json, input_size
 def timm_copy(src: Path, dst: Path, change=None, config=None) -> Path:
     """A copy of a timm folder with tensors changed (``change(tensors)``) or config.json updated."""
