@@ -348,14 +348,19 @@ class Threshold:
         return _show_pct(self.value)
 
 
-def _show_pct(frac: Fraction) -> str:
-    """A fraction as a percentage with as many digits as it needs (70%, 68.33%, 99.995%)."""
+def _show_pct(frac: Fraction, unlike: Optional[str] = None) -> str:
+    """A fraction as a percentage with as many digits as it needs (70%, 68.33%, 99.995%); with
+    ``unlike`` (the threshold as shown), more digits until the two read differently, so a gate's
+    line never says "66.67% < 66.67%" (24/36 against a 66.67% gate)."""
     x = 100 * frac
     for digits in (0, 2, 4, 6):
         s = f"{float(x):.{digits}f}"
         if Fraction(s) == x:
             return s + "%"
-    return f"{float(x):.2f}%"
+    digits = 2
+    while f"{float(x):.{digits}f}%" == unlike and digits < 12:
+        digits += 2
+    return f"{float(x):.{digits}f}%"
 
 
 def parse_threshold(value: Any) -> Threshold:
@@ -522,7 +527,7 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
         k, n = counts
         passed, value = Fraction(k, n) >= thr.value, k / n
         sign = ">=" if passed else "<"
-        message = f"{label} {k}/{n} = {_show_pct(Fraction(k, n))} {sign} {thr.show()}"
+        message = f"{label} {k}/{n} = {_show_pct(Fraction(k, n), unlike=thr.show())} {sign} {thr.show()}"
     return {"metric": name, "threshold": float(thr.value), "threshold_text": thr.text, "value": value,
             "correct": None if counts is None else counts[0], "n": None if counts is None else counts[1],
             "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}

@@ -39,6 +39,8 @@ def test_gate_compares_exact_counts_and_shows_the_digits():
     fig = {"per_group": [{"name": "a|w", "n": 3, "accuracy": 2 / 3}, {"name": "b|w", "n": 7, "accuracy": 5 / 7}]}
     g = judge(fig, "2/3" if False else "66.67%", "worst_group")
     assert g["where"] == "a|w" and g["correct"] == 2 and not g["passed"]     # 2/3 < 66.67%
+    # the line shows the digits that tell them apart (an audit: it read "66.67% < 66.67%")
+    assert "2/3 = 66.6667% < 66.67%" in g["message"], g["message"]
     assert judge(fig, "66.66%", "worst_group")["passed"]
 
 
