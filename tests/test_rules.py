@@ -920,17 +920,28 @@ def test_evaluation_images_with_the_repair_images_pixels_are_left_out(tmp_path, 
     assert code == 0 and json.loads(out)["excluded"]["n"] == 4, err
 
 
-def test_a_repair_image_saved_again_in_another_format_is_one_sample_to_the_splits(tmp_path, timm_folder):
-    """The repair set holding its images twice, once as PNG and once as BMP (other bytes, the same
-    pixels): the copies were separate samples, so a copy could sit in the fitted part and its twin in
-    the held-out part the figures are measured on. The model is fed them identically: one sample
-    (the embeddings' input digests, cached with them: a warm run finds the same)."""
+def _model_input_ids(data, model, cache, n_bytes_distinct: int):
+    """(the data, its duplicate ids by model input): checks that its bytes are all distinct and that a
+    cold and a warm extraction (``cache``) give the same input digests."""
     import torch
 
     from repair.adapters import load_model
     from repair.data import load_data
     from repair.embeddings import extract
 
+    d, a = load_data(data), load_model(model)
+    assert int(d.duplicate_ids().unique().numel()) == n_bytes_distinct          # bytes: all distinct
+    cold = extract(a, d, cache_dir=cache, progress=False)
+    warm = extract(a, d, cache_dir=cache, progress=False)
+    assert not cold.from_cache and warm.from_cache and torch.equal(cold.inputs, warm.inputs)
+    return d, d.duplicate_ids(warm.inputs)
+
+
+def test_a_repair_image_saved_again_in_another_format_is_one_sample_to_the_splits(tmp_path, timm_folder):
+    """The repair set holding its images twice, once as PNG and once as BMP (other bytes, the same
+    pixels): the copies were separate samples, so a copy could sit in the fitted part and its twin in
+    the held-out part the figures are measured on. The model is fed them identically: one sample
+    (the embeddings' input digests, cached with them: a warm run finds the same)."""
     data = make_images(tmp_path / "d", n_per_class=4, seed=0)
     with open(data / "metadata.csv") as f:
         rows = list(csv.DictReader(f))
@@ -939,12 +950,7 @@ def test_a_repair_image_saved_again_in_another_format_is_one_sample_to_the_split
         w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
         w.writeheader()
         w.writerows(rows + copies)
-    d, a = load_data(data), load_model(timm_folder)
-    assert int(d.duplicate_ids().unique().numel()) == 2 * len(rows)          # bytes: all distinct
-    cold = extract(a, d, cache_dir=tmp_path / "c", progress=False)
-    warm = extract(a, d, cache_dir=tmp_path / "c", progress=False)
-    assert not cold.from_cache and warm.from_cache and torch.equal(cold.inputs, warm.inputs)
-    ids = d.duplicate_ids(warm.inputs)
+    d, ids = _model_input_ids(data, timm_folder, tmp_path / "c", 2 * len(rows))
     assert ids[:len(rows)].tolist() == list(range(len(rows))) and ids[len(rows):].tolist() == list(range(len(rows)))
     code, out, err = run_cli("fix", timm_folder, "--data", data, "--recipe", "dfr", "--out", tmp_path / "o",
                              "--json", "-q", "--cache-dir", tmp_path / "c2")
@@ -961,12 +967,6 @@ def test_a_repair_text_the_tokenizer_reads_as_another_is_one_sample_to_the_split
     the held-out rows behind the figure were, as the model reads them, rows the repair trained on --
     while `--eval` and `--train` already counted such texts as one. One rule now: the model's input
     (token ids) joins them, cold or warm, in `fix`'s splits and in `eval`'s duplicate counts."""
-    import torch
-
-    from repair.adapters import load_model
-    from repair.data import load_data
-    from repair.embeddings import extract
-
     src = make_texts(tmp_path / "r.csv", n=30, seed=0)
     with open(src) as f:
         rows = list(csv.DictReader(f))
@@ -975,12 +975,7 @@ def test_a_repair_text_the_tokenizer_reads_as_another_is_one_sample_to_the_split
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows + [{**r, "text": r["text"].upper()} for r in rows])
-    d, a = load_data(data), load_model(bert_folder)
-    assert int(d.duplicate_ids().unique().numel()) == 2 * len(rows)          # bytes: all distinct
-    cold = extract(a, d, cache_dir=tmp_path / "c", progress=False)
-    warm = extract(a, d, cache_dir=tmp_path / "c", progress=False)
-    assert not cold.from_cache and warm.from_cache and torch.equal(cold.inputs, warm.inputs)
-    ids = d.duplicate_ids(warm.inputs)
+    d, ids = _model_input_ids(data, bert_folder, tmp_path / "c", 2 * len(rows))
     assert ids[len(rows):].tolist() == ids[:len(rows)].tolist()
     assert int(ids.unique().numel()) == int(d.duplicate_ids()[:len(rows)].unique().numel())
     code, out, err = run_cli("fix", bert_folder, "--data", data, "--recipe", "dfr", "--out", tmp_path / "o",
