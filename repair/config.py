@@ -203,9 +203,9 @@ def build_config(cls: type, params: Optional[dict] = None):
     if unknown:
         raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
-    values = {}
+    values, defaults = {}, {}
     for name, f in fields.items():
-        default = f.default if f.default is not dataclasses.MISSING else (
+        default = defaults[name] = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         kind, optional = _kind(hints.get(name, Any))
         if kind == "any" and default is not None:
@@ -214,12 +214,9 @@ def build_config(cls: type, params: Optional[dict] = None):
         _check(name, value, dict(f.metadata.get("check") or {}))
         values[name] = value
     for name in params:                # a setting changed where another makes it do nothing: refused
-        f = fields[name]               # (its default restated, as a recipe listing every setting does, is not)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        if values[name] == _tuples(default):
+        if values[name] == _tuples(defaults[name]):     # its default restated (a recipe listing every setting)
             continue
-        for other, allowed in ((f.metadata.get("check") or {}).get("only_if") or {}).items():
+        for other, allowed in ((fields[name].metadata.get("check") or {}).get("only_if") or {}).items():
             if values.get(other) not in allowed:
                 raise ConfigError(name, f"has no effect with {other}: {values.get(other)!r} (it applies with "
                                         f"{other}: {' or '.join(map(repr, allowed))}); leave it out or change {other}")

@@ -349,6 +349,12 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
     return TrainSet(items=list(d.items), y=e.y, groups=e.groups, source=str(d.table or d.source))
 
 
+def _warn(ctx, log, w: str) -> None:
+    """A warning of the run: in the results (``ctx.warnings``) and on stderr, said once."""
+    ctx.warnings.append(w)
+    log(f"warning: {w}")
+
+
 def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts, inputs, fit_idx, report_idx,
             model_path, paths, budget, ctx, dup_stats, t_start, log) -> dict:
     from .outputs import HtmlReport, ModelOutputs, OnnxExport
@@ -366,9 +372,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         else:             # too few samples for the folds: no comparison ran, and the log says so
             log(f"chosen: {chosen.label}, the recipe's first candidate: the fit part is too small for "
                 f"{int(o.selection_folds or recipe.folds)}-fold cross-validation, so no candidate was compared")
-            ctx.warnings.append(f"no candidate was compared (too few samples for the folds): {chosen.label} is the "
-                                "recipe's first")
-            log(f"warning: {ctx.warnings[-1]}")
+            _warn(ctx, log, f"no candidate was compared (too few samples for the folds): {chosen.label} is the "
+                            "recipe's first")
 
     # ---- the data the figures are measured on (never fitted or selected on)
     if eval_given:
@@ -377,10 +382,9 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         ev, dropped = inputs.eval_data, sum(bool(x) for x in inputs.eval_overlap)
         if dropped:               # samples also in the repair set: the figures leave them out
             ev = ev.subset([i for i, x in enumerate(inputs.eval_overlap) if not x])
-            ctx.warnings.append(f"{dropped} of the {len(inputs.eval_data)} samples of --eval are also in the repair "
-                                "data: left out of the figures, which are measured on the other "
-                                f"{len(ev)}")
-            log(f"warning: {ctx.warnings[-1]}")
+            _warn(ctx, log, f"{dropped} of the {len(inputs.eval_data)} samples of --eval are also in the repair "
+                            "data: left out of the figures, which are measured on the other "
+                            f"{len(ev)}")
         r_data, e_enc, e_emb = prepare_data(adapter, ev, e_opts, runtime)
         rX, ry, rg, rnames = e_emb.X, e_enc.y, e_enc.groups, e_enc.group_names
         # groups the evaluation data lacks: its own class x value gaps, and (same column) the repair
@@ -425,15 +429,13 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         dup_note = mark_duplicates(before, r_data, rg, e_emb.inputs)
         mark_duplicates(after, r_data, rg, e_emb.inputs)
         if dup_note:
-            ctx.warnings.append(f"--eval: {dup_note}")
-            log(f"warning: {ctx.warnings[-1]}")
+            _warn(ctx, log, f"--eval: {dup_note}")
     if rg is not None:
         before["absent_groups"] = after["absent_groups"] = absent
     empty = [c["name"] for c in before.get("per_class") or [] if not c.get("n")]
     if empty:                     # worst-class accuracy then speaks only for the classes present
-        ctx.warnings.append(f"the figures have no samples of class(es) {', '.join(map(str, empty))}: their "
-                            "accuracy is not measured, and worst-class accuracy is over the other classes")
-        log(f"warning: {ctx.warnings[-1]}")
+        _warn(ctx, log, f"the figures have no samples of class(es) {', '.join(map(str, empty))}: their "
+                        "accuracy is not measured, and worst-class accuracy is over the other classes")
     if rg is None:  # label-free report: also show inferred groups of the report data (original model's)
         ig = inferred_groups(before_logits, ry)
         named = [f"{n} by original" for n in inferred_group_names(enc.class_names)]
@@ -444,8 +446,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     for w in (figure_warnings(before, what="the reported figures (--eval data)") if eval_given else
               figure_warnings({"absent_groups": absent if rg is not None else []},
                               what="the reported figures (held-out part of the repair set)")):
-        ctx.warnings.append(w)
-        log(f"warning: {w}")
+        _warn(ctx, log, w)
 
     changed = adapter.changed_tensors()
     settings = {"recipe": recipe.name, "method": chosen.method, "kind": chosen.info.kind,
@@ -474,16 +475,14 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         # state better than its start (best_step 0), or whose settling chose the original body, changed
         # only the head -- said so, not reported as a fine-tuned network
         for w in (final.diagnostics or {}).get("warnings") or []:     # a model repair's own (recompose's)
-            ctx.warnings.append(w)
-            log(f"warning: {w}")
+            _warn(ctx, log, w)
         heads = set(adapter.head_tensor_names())
         model_change["body_changed"] = any(n not in heads for n in changed)
         model_change["best_step"] = loop.get("best_step")
         if not model_change["body_changed"]:
             w = (f"{chosen.method} kept the original body (the network's tensors but the head are the source's: "
                  f"no training step beat the start, or settling chose the original body); only the head changed")
-            ctx.warnings.append(w)
-            log(f"warning: {w}")
+            _warn(ctx, log, w)
         diag = final.diagnostics or {}
         if o.resources.get("train") is not None:
             model_change["train"] = str(o.resources["train"])

@@ -148,7 +148,7 @@ class OnnxAdapter(Adapter):
         raw = self._source_metadata.get("max_length")
         if raw is None:
             return None
-        if not raw.strip().isdigit() or int(raw) < 1:
+        if not (raw.strip().isascii() and raw.strip().isdigit()) or int(raw) < 1:
             raise BadInput(f"metadata max_length is {raw!r}, not a whole number >= 1", self.source)
         return int(raw)
 
