@@ -132,7 +132,7 @@ def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tenso
     the counts (:func:`repair.data.duplicate_stats`) and, with any, each group row its ``n_distinct``
     (what the small-group warnings count, :func:`repair.selection.figure_warnings`). Returns the
     warning to show, or None."""
-    from .data import duplicate_stats
+    from .data import duplicate_stats, label_conflicts
 
     ids = data.duplicate_ids(inputs)
     st = duplicate_stats(ids)
@@ -142,8 +142,10 @@ def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tenso
     if groups is not None:
         for i, row in enumerate(report.get("per_group") or []):
             row["n_distinct"] = int(ids[groups == i].unique().numel())
+    conflicts = label_conflicts(data, ids)
     return (f"the data holds {st['n_duplicates']} duplicate sample(s) ({st['n_unique']} distinct of "
-            f"{st['n_samples']}): every copy counts in the figures, which are no surer than the distinct samples")
+            f"{st['n_samples']}): every copy counts in the figures, which are no surer than the distinct samples"
+            + (f"; {conflicts}, and counts in the figures" if conflicts else ""))
 
 
 def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,

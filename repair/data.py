@@ -17,7 +17,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import stat
 import threading
 import warnings
@@ -30,6 +32,10 @@ from .errors import BadInput
 from .io import parse_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+#: the formats PIL may decode an image file as (by its content, whatever its name): those of
+#: :data:`IMAGE_SUFFIXES` (PIL's JPEG opener also reads a camera's multi-picture JPEG). No other
+#: decoder runs: PIL's EPS plugin, for one, starts Ghostscript on the file
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 PATH_COLUMNS = ("img_filename", "filename", "image", "image_path", "img_path", "path", "file")
 LABEL_COLUMNS = ("y", "label", "labels", "class", "target")
@@ -98,6 +104,13 @@ class RepairData:
     _hashes: Optional[list] = field(default=None, repr=False, compare=False)
     #: every image item resolved (symlinks followed), as the loader checked it: resolved once
     _real: Optional[list] = field(default=None, repr=False, compare=False)
+    #: how messages name each sample read from a table: its row and its place in the file
+    #: (``row 3 (line 5)``: blank lines and texts over several lines make them differ), :meth:`row_at`
+    _rows: Optional[list] = field(default=None, repr=False, compare=False)
+
+    def row_at(self, i: int) -> str:
+        """How a message names sample ``i`` (0-based): its table row and line, else ``row i+1``."""
+        return self._rows[i] if self._rows is not None and i < len(self._rows) else f"row {i + 1}"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,7 +192,8 @@ class RepairData:
             self, items=[self.items[i] for i in idx], labels=[self.labels[i] for i in idx],
             attributes={k: [v[i] for i in idx] for k, v in self.attributes.items()},
             _hashes=None if self._hashes is None else [self._hashes[i] for i in idx],
-            _real=None if self._real is None or len(self._real) != len(self.items) else [self._real[i] for i in idx])
+            _real=None if self._real is None or len(self._real) != len(self.items) else [self._real[i] for i in idx],
+            _rows=None if self._rows is None or len(self._rows) != len(self.items) else [self._rows[i] for i in idx])
 
 
 def duplicate_stats(ids) -> dict:
@@ -195,6 +209,29 @@ def duplicate_stats(ids) -> dict:
     return {"n_samples": int(ids.numel()), "n_unique": int(counts.numel()),
             "n_duplicates": int(ids.numel() - counts.numel()), "n_clusters": int((counts > 1).sum()),
             "largest_cluster": int(counts.max())}
+
+
+def label_conflicts(data: RepairData, ids) -> Optional[str]:
+    """What to say of identical samples (``ids``: :meth:`RepairData.duplicate_ids`) that carry different
+    labels -- one copy's label is wrong, and it counts in the figures and in what is fitted --, naming
+    the first such pair by its rows; None when every set of copies agrees."""
+    first: dict = {}
+    pairs = []
+    for i, (k, lab) in enumerate(zip(torch_list(ids), data.labels)):
+        j = first.setdefault(k, i)
+        if j != i and data.labels[j] != lab and (not pairs or pairs[-1][2] != k):
+            pairs.append((j, i, k))
+    n = len({k for _, _, k in pairs})
+    if not n:
+        return None
+    j, i, _ = pairs[0]
+    return (f"{n} set(s) of identical samples carry different labels (e.g. {data.row_at(j)} "
+            f"{data.labels[j]!r} and {data.row_at(i)} {data.labels[i]!r}): one copy of each is mislabelled")
+
+
+def torch_list(ids) -> list:
+    """``ids`` (a tensor or a sequence) as a list of Python ints."""
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
 
 
 @dataclass
@@ -250,7 +287,8 @@ def read_image_bytes(path) -> bytes:
 
 
 def _open_pil(f, path: Path, max_pixels: int):
-    """``PIL.Image.open`` with our pixel limit instead of PIL's (PIL's own error names no file)."""
+    """``PIL.Image.open`` of the formats of :data:`IMAGE_FORMATS` only, with our pixel limit instead of
+    PIL's (PIL's own error names no file). The one place an image file is opened."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -260,11 +298,11 @@ def _open_pil(f, path: Path, max_pixels: int):
                 with _PIL_LIMIT_LOCK:     # PIL refuses above 2x its limit: lift it for this open only
                     old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
                     try:
-                        im = Image.open(f)
+                        im = Image.open(f, formats=IMAGE_FORMATS)
                     finally:
                         Image.MAX_IMAGE_PIXELS = old
             else:
-                im = Image.open(f)
+                im = Image.open(f, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:      # PIL's own limit, below ours
         import re
 
@@ -272,7 +310,9 @@ def _open_pil(f, path: Path, max_pixels: int):
         size = f" ({int(m.group(1)):,} pixels)" if m else ""
         raise BadInput(f"image is larger{size} than the limit of {max_pixels:,} pixels (a decompression "
                        "bomb?); raise --max-pixels to read it", path) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise BadInput(_not_an_image(f), path) from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise BadInput(f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                        path) from None
     w, h = im.size
@@ -286,6 +326,17 @@ def _open_pil(f, path: Path, max_pixels: int):
         raise BadInput(f"image mode {mode!r} is not supported (supported: {', '.join(sorted(IMAGE_MODES))}); "
                        "convert the image to RGB", path)
     return im
+
+
+def _not_an_image(f) -> str:
+    """Why PIL could not identify the file ``f``: it is empty, or not of :data:`IMAGE_FORMATS`."""
+    try:
+        empty = os.fstat(f.fileno()).st_size == 0
+    except (AttributeError, OSError, ValueError):
+        empty = False
+    if empty:
+        return "empty file, not an image"
+    return f"not an image of a format read here ({', '.join(IMAGE_FORMATS)}), or a damaged one"
 
 
 def check_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -409,7 +460,8 @@ def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "PIL.Image.Image":
 
 
 # ------------------------------------------------------------------ reading
-def _read_table(path: Path) -> tuple[list[str], list[dict]]:
+def _read_table(path: Path) -> tuple[list[str], list[dict], list[str]]:
+    """(columns, rows, where each row is in the file: ``line L`` or ``item N``) of a data table."""
     try:
         with open_regular(path, "data table") as f:
             text = f.read().decode("utf-8-sig")
@@ -418,31 +470,36 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
     except OSError as e:
         raise BadInput(f"cannot read the file ({e.strerror or e})", path) from None
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = [_json_record(rec, where, path) for where, rec in _json_records(text, path)]
+        records = _json_records(text, path)
+        rows = [_json_record(rec, where, path) for where, rec in records]
         # the columns: every key of any record, in the order first seen (a record may leave out a
         # column, as a CSV row may leave a cell empty: it reads as empty, and the row's empty value
         # is refused where the column is needed)
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        return columns, [{c: row.get(c, "") for c in columns} for row in rows]
-    return read_csv_text(text, path)
+        return columns, [{c: row.get(c, "") for c in columns} for row in rows], [w for w, _ in records]
+    lines: list = []
+    columns, rows = read_csv_text(text, path, lines=lines)
+    return columns, rows, [f"line {n}" for n in lines]
 
 
-def read_csv_text(text: str, path: Path, first_line: int = 1) -> tuple[list[str], list[dict]]:
+def read_csv_text(text: str, path: Path, first_line: int = 1,
+                  lines: Optional[list] = None) -> tuple[list[str], list[dict]]:
     """(columns, rows) of the text of a CSV (a TSV by ``path``'s suffix): the one home of how a table
     the user gave is read (data tables, ``repair zoo``'s CSV manifests). A malformed table is a
     :class:`BadInput` naming ``path`` and where; ``first_line``: the file's line number of the text's
-    first line (a caller that took leading lines off)."""
+    first line (a caller that took leading lines off); ``lines``, given: filled with the file's line
+    number of each row's start."""
     _raise_csv_field_limit()
     try:
         # strict first: it alone notices a quote that is never closed (the lenient reader takes the
         # rest of the file as one field); what only the strict reader minds (`"a"b`) is read leniently
-        return _read_csv(text, path, strict=True, first_line=first_line)
+        return _read_csv(text, path, strict=True, first_line=first_line, lines=lines)
     except _CsvError as e:
         if e.unterminated:
             raise BadInput(f"malformed CSV: unterminated quote; the quoted field that starts near "
                            f"{e.where} is never closed", path) from None
     try:
-        return _read_csv(text, path, strict=False, first_line=first_line)
+        return _read_csv(text, path, strict=False, first_line=first_line, lines=lines)
     except _CsvError as e:
         raise BadInput(f"malformed CSV near {e.where}: {e.args[0]}", path) from None
 
@@ -465,7 +522,10 @@ def _json_records(text: str, path: Path) -> list[tuple[str, object]]:
             raise BadInput(f"not valid JSON ({e.msg}, line {e.lineno} column {e.colno}){shapes}", path) from None
         return [(f"item {n}", rec) for n, rec in enumerate(doc, 1)]
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # only a line feed ends a record: str.splitlines would also split inside a text holding U+2028,
+    # U+2029 or U+0085, which JSON writers leave unescaped
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line
         if not line.strip():
             continue
         try:
@@ -495,7 +555,7 @@ def _json_record(rec, where: str, path: Path) -> dict[str, str]:
         kind = "array" if isinstance(rec[nested[0]], list) else "object"
         raise BadInput(f"{where}: field {nested[0]!r} is a JSON {kind}, not a single value (a text, a "
                        "label, a group value)", path)
-    row = {k: ("" if v is None else str(v)) for k, v in rec.items()}
+    row = {k: _json_cell(v, k, where, path) for k, v in rec.items()}
     for k, v in row.items():       # JSON's \ud800 escapes decode to what no UTF-8 text holds
         try:
             k.encode("utf-8"), v.encode("utf-8")
@@ -503,6 +563,29 @@ def _json_record(rec, where: str, path: Path) -> dict[str, str]:
             raise BadInput(f"{where}: field {k!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
                            "which is not text", path) from None
     return row
+
+
+def _json_cell(v, key: str, where: str, path: Path) -> str:
+    """One JSON value as the text a CSV cell would hold: null and NaN (what pandas and ``json.dumps``
+    write for a missing value) as empty, an infinity refused (no label or group value)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float) and math.isinf(v):
+        raise BadInput(f"{where}: field {key!r} is {'-' if v < 0 else ''}Infinity, not a value", path)
+    return str(v)
+
+
+_WHOLE_NUMBER = re.compile(r"([+-]?)(\d+)\.0+")
+
+
+def cell_value(v) -> str:
+    """A label or group value as the data's tables give it, read one way: trimmed, and a whole number
+    written with a zero fraction (``1.0``, what pandas writes for a number column that has a gap) as the
+    integer (``1``), so that ``1`` and ``1.0`` in two tables -- or in one -- are one class or group. The
+    one home of that rule."""
+    v = str(v).strip()
+    m = _WHOLE_NUMBER.fullmatch(v)
+    return str(int(m.group(1) + m.group(2))) if m else v
 
 
 #: the most characters one CSV field may hold: the csv module's default (128 KiB) refuses a long
@@ -530,8 +613,10 @@ class _CsvError(Exception):
         return f"row {self.row} (line {self.line})" if self.row else f"the header (line {self.line})"
 
 
-def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1) -> tuple[list[str], list[dict]]:
-    """(columns, rows) of a CSV/TSV's text; a ``csv.Error`` as :class:`_CsvError`."""
+def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
+              lines: Optional[list] = None) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of a CSV/TSV's text (``lines``, given: the line each row starts on); a
+    ``csv.Error`` as :class:`_CsvError`."""
     skip = first_line - 1            # the file's lines before the text's first
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     # SST-2 style TSVs hold raw quotes inside sentences: do not treat them as quoting
@@ -549,6 +634,8 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1) -> tuple
             if None in row:
                 raise BadInput(f"line {reader.line_num + skip} has more fields than the header", path)
             rows.append(row)
+            if lines is not None:     # the record ends on line_num; its fields' line breaks tell where it began
+                lines.append(reader.line_num + skip - sum(str(v).count("\n") for v in row.values()))
             last_line = reader.line_num
     except csv.Error as e:
         problem = str(e).split(" - do you need")[0]      # Python's advice to its own callers
@@ -571,13 +658,24 @@ def _pick(columns: Sequence[str], wanted: Optional[str], defaults: Sequence[str]
 
 
 def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
-    columns, rows = _read_table(table)
+    columns, rows, lines = _read_table(table)
     if not rows:
         raise BadInput("no rows", table)
+    header = 0 if table.suffix.lower() in (".jsonl", ".json") else 1
+
+    def at(i: int) -> str:          # RepairData.row_at's words: the line when it is not the row's own
+        same = lines[i] == f"line {i + 1 + header}"
+        return f"row {i + 1}" + ("" if same else f" ({lines[i]})")
     label_col = _pick(columns, o.label_col, LABEL_COLUMNS, "label", table)
+    paths = [c for c in PATH_COLUMNS if c in columns]
+    texts = [c for c in TEXT_COLUMNS if c in columns]
     if o.path_col is not None or o.text_col is not None:
         is_image = o.path_col is not None
-    elif any(c in columns for c in PATH_COLUMNS):
+    elif paths and texts and table.stem.lower() != "metadata":
+        raise BadInput(f"cannot tell whether the table holds images or texts: it has a column of image paths "
+                       f"({paths[0]!r}) and one of texts ({texts[0]!r}); name the one to read with --path-col "
+                       "(images) or --text-col (texts)", table)
+    elif paths:
         is_image = True
     elif any(c in columns for c in TEXT_COLUMNS):
         is_image = False
@@ -590,8 +688,8 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
         path_col = _pick(columns, o.path_col, PATH_COLUMNS, "path", table)
         _apart(label_col, path_col, "image paths", "--path-col", table)
         root_real, folders = _real(root), {}
-        checked = [_table_image(table, root, root_real, n, row.get(path_col, ""), o, folders)
-                   for n, row in enumerate(rows, 1)]
+        checked = [_table_image(table, root, root_real, at(n), row.get(path_col, ""), o, folders)
+                   for n, row in enumerate(rows)]
         items, reals = [c[0] for c in checked], [c[1] for c in checked]
         used = {label_col, path_col}
         modality = "image"
@@ -599,15 +697,20 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
         text_col = _pick(columns, o.text_col, TEXT_COLUMNS, "text", table)
         _apart(label_col, text_col, "texts", "--text-col", table)
         items = [row.get(text_col, "") for row in rows]
+        empty = [n for n, t in enumerate(items) if not str(t).strip()]
+        if empty:                # a misspelt key in JSON Lines reads as an empty text: never a sample
+            raise BadInput(f"{at(empty[0])} has an empty text ({text_col!r}); {len(empty)} row(s) without "
+                           "one", table)
         used = {label_col, text_col}
         modality = "text"
-    labels = [str(row.get(label_col, "")).strip() for row in rows]
+    labels = [cell_value(row.get(label_col, "")) for row in rows]
     for n, lab in enumerate(labels):
         if lab == "":
-            raise BadInput(f"row {n + 1} has an empty label", table)
-    attrs = {c: [str(row.get(c, "")).strip() for row in rows] for c in columns if c not in used}
+            raise BadInput(f"{at(n)} has an empty label", table)
+    attrs = {c: [cell_value(row.get(c, "")) for row in rows] for c in columns if c not in used}
     return RepairData(source=root, modality=modality, items=items, labels=labels, attributes=attrs,
-                      table=table, max_pixels=o.max_pixels, _real=reals if modality == "image" else None)
+                      table=table, max_pixels=o.max_pixels, _real=reals if modality == "image" else None,
+                      _rows=[at(i) for i in range(len(rows))])
 
 
 def _apart(label_col: str, col: str, what: str, flag: str, table: Path) -> None:
@@ -650,27 +753,27 @@ def _inside(root_real: Optional[Path], real: Optional[Path]) -> bool:
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
-def _table_image(table: Path, root: Path, root_real: Optional[Path], row: int, rel: str,
+def _table_image(table: Path, root: Path, root_real: Optional[Path], row: str, rel: str,
                  o: DataOptions, folders: Optional[dict] = None) -> tuple[Path, Path]:
-    """The image a table row lists and its resolved path: relative to the data folder, inside it
-    (symlinks followed) unless ``allow_outside_paths``, and an existing regular file."""
+    """The image a table row (``row``: how messages name it) lists and its resolved path: relative to the
+    data folder, inside it (symlinks followed) unless ``allow_outside_paths``, and an existing regular file."""
     if not rel.strip():
-        raise BadInput(f"row {row} has an empty image path", table)
+        raise BadInput(f"{row} has an empty image path", table)
     if "\x00" in rel:
-        raise BadInput(f"row {row}: image path {rel!r} holds a NUL byte, which no file name can", table)
+        raise BadInput(f"{row}: image path {rel!r} holds a NUL byte, which no file name can", table)
     p = Path(rel) if Path(rel).is_absolute() else root / rel
     try:
         found = p.exists() or p.is_symlink()
         real = _real(p, folders)
     except OSError as e:                # a name too long for the file system, ...
-        raise BadInput(f"row {row}: image path {rel!r} cannot be looked up ({e.strerror or e})", table) from None
+        raise BadInput(f"{row}: image path {rel!r} cannot be looked up ({e.strerror or e})", table) from None
     if not o.allow_outside_paths and not _inside(root_real, real):
-        raise BadInput(f"row {row}: image path {rel!r} leads outside the data folder {root} (to "
+        raise BadInput(f"{row}: image path {rel!r} leads outside the data folder {root} (to "
                        f"{real or p}); move it inside or pass --allow-outside-paths", table)
     if not found:
-        raise BadInput(f"row {row}: image {rel!r} listed in {table.name} not found", p)
+        raise BadInput(f"{row}: image {rel!r} listed in {table.name} not found", p)
     if p.is_dir():
-        raise BadInput(f"row {row}: image path {rel!r} is a folder, not an image file", table)
+        raise BadInput(f"{row}: image path {rel!r} is a folder, not an image file", table)
     return p, (real if real is not None else p.absolute())
 
 
@@ -690,7 +793,10 @@ def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
             raise BadInput(f"class folder is a symlink leading outside the data folder {root} (to "
                            f"{_real(sub) or sub}); pass --allow-outside-paths to read it", sub)
         for f in sorted(sub.rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir():
+            # hidden files and folders (.ipynb_checkpoints/, macOS's ._x.png) are not samples, as
+            # hidden class folders are not classes
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir() and \
+                    not any(part.startswith(".") for part in f.relative_to(sub).parts):
                 real = _real(f, folders)
                 if not o.allow_outside_paths and not _inside(root_real, real):
                     raise BadInput(f"image is a symlink leading outside the data folder {root} (to "
@@ -729,7 +835,8 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
         if tables:
             data = _from_table(_found_table(tables[0], path, o), path, o)
         else:
-            others = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
+            others = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES
+                            and not p.name.startswith("."))
             subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
             if len(others) == 1 and not subdirs:
                 data = _from_table(_found_table(others[0], path, o), path, o)
@@ -792,7 +899,7 @@ def check_group_column(data: RepairData, group_by: str) -> None:
         raise BadInput(f"no group column {group_by!r} (attribute columns: {cols})", where)
     empty = [i for i, v in enumerate(data.attributes[group_by]) if not v]
     if empty:
-        raise BadInput(f"row {empty[0] + 1} has an empty {group_by!r} value (--group-by {group_by}); "
+        raise BadInput(f"{data.row_at(empty[0])} has an empty {group_by!r} value (--group-by {group_by}); "
                        f"{len(empty)} row(s) without a group", where)
 
 

@@ -42,7 +42,7 @@ from .adapters import LoadOptions, load_model
 from .api import (RuntimeOptions, check_modality, left_out_groups, mark_duplicates, prepare_data, read_as_same,
                   same_samples)
 from .choosing import FitContext, choose, selection_basis
-from .data import DataOptions, Encoded, RepairData
+from .data import DataOptions, Encoded, RepairData, label_conflicts
 from .embeddings import Embeddings, extract, resolve_device
 from .errors import BadInput
 from .metrics import evaluate
@@ -289,6 +289,9 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         warnings.append(f"the repair set holds {dup_stats['n_duplicates']} duplicate sample(s) ({dup_stats['n_unique']} "
                         f"distinct of {dup_stats['n_samples']}): identical samples are kept on one side of every "
                         "split, so no figure is measured on a sample that was fitted on")
+        conflicts = label_conflicts(data, clusters)
+        if conflicts:
+            warnings.append(f"the repair set: {conflicts}, and is fitted on")
     if len(recipe.candidates) > 1 or "model" in recipe.kinds:
         warnings += support_warnings(strata[fit_idx], strata_names, minimum=MIN_FOR_CHOICE,
                                      what="choosing between candidates" if len(recipe.candidates) > 1

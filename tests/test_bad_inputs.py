@@ -220,7 +220,7 @@ CASES: dict[str, Case] = {
     "eval: empty data folder": Case([EVAL, "{timm}", "--data", "{d}"], ("empty data folder",), one("d", empty_folder)),
     "eval: unknown label": Case([EVAL, "{timm}", "--data", "{d}"], ("'wolf' is not a class",),
                                 lambda e: {"d": make_images(e.tmp / "data", classes=["cat", "wolf"], n_per_class=2)}),
-    "eval: unreadable image": Case([EVAL, "{timm}", "--data", "{d}", "--no-cache"], ("000.png", "unreadable image"),
+    "eval: unreadable image": Case([EVAL, "{timm}", "--data", "{d}", "--no-cache"], ("000.png", "not an image of a format read here"),
                                    one("d", unreadable_image)),
     "eval: --text-col the label column": Case([EVAL, "{bert}", "--data", "{t}", "--text-col", "label"],
                                               ("t.csv", "the same column ('label')", "--text-col"),

@@ -496,6 +496,6 @@ def test_load_masks_applies_the_datas_pixel_limit(tmp_path):
     assert str(items[0]) in str(e.value)                     # the image first: the data's own rule
     bad = tmp_path / "m" / items[0].parent.name / items[0].name
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
-    with pytest.raises(BadInput, match="unreadable image") as e:
+    with pytest.raises(BadInput, match="or a damaged one") as e:
         load_masks(tmp_path / "m", items, data, cfg)
     assert str(bad) in str(e.value)

@@ -334,9 +334,13 @@ def test_empty_path_cell_and_empty_group_cell_name_the_row(tmp_path, timm_folder
     with pytest.raises(BadInput) as e:
         load_data(d)
     assert e.value.problem == "row 3 has an empty label" and e.value.path.endswith("metadata.csv")
-    t = tmp_path / "t.jsonl"                                # a JSONL row without the text key
+    t = tmp_path / "t.jsonl"                                # a JSONL row without the text key: no sample
     t.write_text('{"text": "good", "label": "positive"}\n{"label": "negative"}\n{"text": "x"}\n')
     with pytest.raises(BadInput) as e:
+        load_data(t)
+    assert e.value.problem == "row 2 has an empty text ('text'); 1 row(s) without one" and e.value.path == str(t)
+    t.write_text('{"text": "good", "label": "positive"}\n{"text": "bad", "label": "negative"}\n{"text": "x"}\n')
+    with pytest.raises(BadInput) as e:                      # ... nor without the label key
         load_data(t)
     assert e.value.problem == "row 3 has an empty label" and e.value.path == str(t)
 

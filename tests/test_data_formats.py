@@ -1,0 +1,139 @@
+"""How data files are read: only the image formats the data's names promise, texts and group values
+read one way, and nothing in hidden files taken as data."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from repair.data import DataOptions, load_data, read_image
+from repair.errors import BadInput
+
+
+def test_an_image_of_another_format_never_reaches_its_decoder(tmp_path, monkeypatch):
+    """PIL's EPS plugin runs Ghostscript on the file: an .png holding PostScript must be refused before
+    any program starts (a stand-in ``gs`` on PATH records whether it ran)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "gs.log"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\necho ran >> {log}\nexit 1\n")
+    gs.chmod(gs.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    eps = tmp_path / "a.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(BadInput, match="not an image of a format read here") as e:
+        read_image(eps)
+    assert e.value.path == eps or str(eps) in str(e.value)
+    assert not log.exists(), "a decoder outside the image formats ran a program on the file"
+    empty = tmp_path / "b.png"
+    empty.write_bytes(b"")
+    with pytest.raises(BadInput, match="empty file, not an image"):
+        read_image(empty)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_row_without_its_text_is_refused_naming_its_row_and_line(tmp_path):
+    """A misspelt key (``txt``) or an empty cell is no sample: scored as an empty text it would count in
+    every figure. Rows are named as the file holds them (a blank line moves the line, not the row)."""
+    t = _write(tmp_path / "t.jsonl", '{"text": "good", "label": "positive"}\n\n'
+                                     '{"txt": "bad", "label": "negative"}\n')
+    with pytest.raises(BadInput) as e:
+        load_data(t)
+    assert e.value.problem == "row 2 (line 3) has an empty text ('text'); 1 row(s) without one"
+    c = _write(tmp_path / "t.csv", 'text,label\ngood,positive\n"two\nlines",negative\n"   ",negative\n')
+    with pytest.raises(BadInput) as e:
+        load_data(c)
+    assert e.value.problem == "row 3 (line 5) has an empty text ('text'); 1 row(s) without one"
+    g = _write(tmp_path / "g.jsonl", '{"text": "a", "label": "positive", "neg": 1}\n\n'
+                                     '{"text": "b", "label": "negative"}\n')
+    with pytest.raises(BadInput) as e:
+        load_data(g, DataOptions(group_by="neg"))
+    assert e.value.problem.startswith("row 2 (line 3) has an empty 'neg' value")
+
+
+def test_a_jsonl_text_holding_a_unicode_line_separator_is_one_record(tmp_path):
+    t = tmp_path / "t.jsonl"
+    t.write_text('{"text": "one\u2028two\u2029three\u0085four", "label": "positive"}\r\n'
+                 '{"text": "five", "label": "negative"}\r\n', encoding="utf-8")
+    d = load_data(t)
+    assert d.items == ["one\u2028two\u2029three\u0085four", "five"] and d.labels == ["positive", "negative"]
+
+
+def test_numbers_written_two_ways_are_one_group_and_nan_is_missing(tmp_path):
+    """``1`` and ``1.0`` (pandas writes a number column with a gap as floats) are one label and one
+    group, in one table and across a JSON and a CSV table; NaN is a missing value, as null is."""
+    j = _write(tmp_path / "a.jsonl", "\n".join([
+        '{"text": "a", "label": 1.0, "neg": 0}', '{"text": "b", "label": 0, "neg": 0.0}',
+        '{"text": "c", "label": "1", "neg": 1.00}', '{"text": "d", "label": 0.0, "neg": " 1 "}',
+        '{"text": "e", "label": 1, "neg": 2.5, "other": NaN}']) + "\n")
+    d = load_data(j)
+    assert d.labels == ["1", "0", "1", "0", "1"]
+    assert d.attributes["neg"] == ["0", "0", "1", "1", "2.5"] and d.attributes["other"][4] == ""
+    c = load_data(_write(tmp_path / "b.csv", "text,label,neg\na,1.0,0.0\nb,0,-0.00\nc,1,1\n"))
+    assert c.labels == ["1", "0", "1"] and c.attributes["neg"] == ["0", "0", "1"]
+    n = _write(tmp_path / "n.jsonl", '{"text": "a", "label": NaN}\n')
+    with pytest.raises(BadInput, match="row 1 has an empty label"):
+        load_data(n)
+    inf = _write(tmp_path / "i.jsonl", '{"text": "a", "label": 1, "neg": -Infinity}\n')
+    with pytest.raises(BadInput, match="line 1: field 'neg' is -Infinity, not a value"):
+        load_data(inf)
+
+
+def _png(path: Path, value: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def test_hidden_files_in_a_class_folder_are_no_samples(tmp_path):
+    root = tmp_path / "d"
+    for i, cls in enumerate(["cat", "dog"]):
+        _png(root / cls / "a.png", 40 * i)
+    _png(root / "cat" / ".ipynb_checkpoints" / "b.png", 200)      # a notebook's copy: no cat
+    (root / "dog" / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    _png(root / ".trash" / "c.png", 100)
+    d = load_data(root)
+    assert sorted(map(str, d.items)) == [str(root / "cat" / "a.png"), str(root / "dog" / "a.png")]
+    t = tmp_path / "t"
+    t.mkdir()
+    _write(t / "texts.csv", "text,label\ngood,positive\n")
+    (t / "._texts.csv").write_bytes(b"\x00\x05\x16\x07")
+    assert load_data(t).table == t / "texts.csv"
+
+
+def test_a_table_with_both_image_paths_and_texts_names_the_choice(tmp_path):
+    t = _write(tmp_path / "reviews.csv", "text,label,file\ngood,positive,r1.txt\n")
+    with pytest.raises(BadInput, match="column of image paths \\('file'\\) and one of texts \\('text'\\)"):
+        load_data(t)
+
+    assert load_data(t, DataOptions(text_col="text")).items == ["good"]
+
+
+def test_one_sample_listed_with_two_labels_is_said(tmp_path, timm_folder):
+    """Identical samples with different labels: one copy is mislabelled, counts in the figures and is
+    fitted on. ``eval`` and ``fix`` say so, naming the rows."""
+    from conftest import make_images, run_cli
+
+    d = make_images(tmp_path / "data", n_per_class=4)
+    lines = (d / "metadata.csv").read_text().splitlines()
+    first = lines[1].split(",")
+    other = next(ln.split(",") for ln in lines[2:] if ln.split(",")[1] != first[1])
+    lines.append(",".join([first[0], other[1], *first[2:]]))       # row 1's image under another label
+    (d / "metadata.csv").write_text("\n".join(lines) + "\n")
+    n = len(lines) - 1
+    code, out, err = run_cli("eval", timm_folder, "--data", d, "--no-cache")
+    assert code == 0, err
+    assert f"1 set(s) of identical samples carry different labels (e.g. row 1 {first[1]!r} and row {n} " \
+           f"{other[1]!r})" in err, err
+    code, out, err = run_cli("fix", timm_folder, "--data", d, "--recipe", "dfr", "--out", tmp_path / "o",
+                             "--no-cache")
+    assert code == 0, err
+    assert "the repair set: 1 set(s) of identical samples carry different labels" in err, err
