@@ -28,15 +28,11 @@ except ImportError:  # older typer runs on click itself
 
 STATE = {"debug": False}
 
-#: messages that survive ``--quiet``: only progress goes, warnings and notices stay
-KEPT_WHEN_QUIET = ("warning", "notice", "error", "FAILED")
-
-
 def log(msg: str) -> None:
     """A line on stderr; a user's names in it shown as they are (:func:`repair.io.visible`)."""
-    from repair.io import visible
+    from repair.runtime import stderr_log
 
-    print(visible(str(msg)), file=sys.stderr, flush=True)
+    stderr_log(True)(msg)
 
 
 def one_line(text: str) -> str:
@@ -69,13 +65,16 @@ def _stdout(text: str) -> None:
 
 def quiet_log(msg: str) -> None:
     """``log`` under ``--quiet``: warnings and notices only."""
-    if msg.lstrip().startswith(KEPT_WHEN_QUIET):
-        log(msg)
+    from repair.runtime import stderr_log
+
+    stderr_log(False)(msg)
 
 
 def logger(runtime) -> Callable[[str], None]:
     """The log a command hands the library: everything, or (``--quiet``) warnings and notices."""
-    return log if runtime.progress else quiet_log
+    from repair.runtime import stderr_log
+
+    return stderr_log(runtime.progress)
 
 
 def _on_sigterm(signum, frame):

@@ -134,11 +134,11 @@ def fix_table(rep: dict) -> str:
         out.append(f"\nONNX {e.get('path')}: verified={e.get('passed')}  max|diff|={e.get('max_abs_diff')} "
                    f"(tolerance {e.get('tolerance')})  argmax agreement={pct(e.get('argmax_agreement'))} "
                    f"over {e.get('n_verified')} samples")
-    mc = rep.get("model_change") or {}
-    if mc.get("stopped_by"):
-        out.append(f"training ended by {mc['stopped_by']}" + (f" (budget {mc['budget']})" if mc.get("budget") else "")
-                   + ("; the body kept is the original one: only the head changed" if mc.get("body_changed") is False
-                      else ""))
+    from repair.report import training_sentence
+
+    trained = training_sentence(rep.get("model_change"))
+    if trained:
+        out.append(trained)
     for n in rep.get("selection_notes") or []:
         out.append(n)
     if rep.get("report"):

@@ -70,7 +70,11 @@ def fix(model, data, out=None, *, recipe: str = "auto", seed: int = 0, group_by=
         from .errors import BadInput
 
         defaults = {"recipe": "auto", "seed": 0, "eval_data": None}
-        clash = [k for k, v in given.items() if v != defaults[k] and v != getattr(options, k)]
+        def same(k, v):          # a path given as a str in one place and a Path in the other is one path
+            have = getattr(options, k)
+            return v == (str(have) if k == "eval_data" and have is not None else have)
+
+        clash = [k for k, v in given.items() if v != defaults[k] and not same(k, v)]
         if clash:
             raise BadInput(f"repair.fix: {', '.join(clash)} given both as an argument and in options "
                            f"(FixOptions) with other values; give it in one place")

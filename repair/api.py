@@ -47,8 +47,23 @@ def prepare_data(adapter: Adapter, data_path, data_opts: DataOptions, runtime: R
     return data, enc, emb
 
 
+def _check_cache_dir(adapter: Adapter, model, data: list, runtime: RuntimeOptions) -> None:
+    """:func:`repair.preflight.check_cache_dir` for a library call (the CLI checks before the model
+    loads): the cache never goes into the model's folder or the data read."""
+    from .preflight import check_cache_dir
+    from .rules import Protected
+
+    protected = Protected().add(adapter.source if isinstance(model, Adapter) else model, "input model")
+    for d in data:
+        protected.add_data(d, "data")
+    check_cache_dir(protected, runtime)
+
+
 def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
-            data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None) -> Prepared:
+            data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
+            also: tuple = ()) -> Prepared:
+    """The model loaded, the data read and encoded, its embeddings (cached). ``also``: other data the
+    run reads (:class:`RepairData`), which the cache may not go into either."""
     from .rules import check_options, model_arg
 
     load_opts = check_options(load_opts, LoadOptions, "load_options")
@@ -57,7 +72,9 @@ def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     # a model already loaded (repair.load_model) is used as it is, as export_model and verify_model do
     model = model_arg(model_path)
     adapter = model if isinstance(model, Adapter) else load_model(model, load_opts)
-    data, enc, emb = prepare_data(adapter, data_path, data_opts or DataOptions(), runtime)
+    data = data_path if isinstance(data_path, RepairData) else load_data(data_path, data_opts or DataOptions())
+    _check_cache_dir(adapter, model, [data, *also], runtime)
+    data, enc, emb = prepare_data(adapter, data, data_opts or DataOptions(), runtime)
     return Prepared(adapter, data, enc, emb)
 
 
@@ -173,7 +190,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
                                runtime=check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions())
         left_out = sum(bool(o) for o in overlap)
         full, data_path = data, (data.subset([i for i, o in enumerate(overlap) if not o]) if left_out else data)
-    p = prepare(model_path, data_path, load_opts, data_opts, runtime)
+    p = prepare(model_path, data_path, load_opts, data_opts, runtime, also=(ex,) if exclude is not None else ())
     report = evaluate(p.logits(), p.enc.y, p.enc.class_names, p.enc.groups, p.enc.group_names)
     report["absent_groups"] = list(p.enc.absent_groups) if p.enc.groups is not None else None
     if left_out and report["absent_groups"] is not None:
@@ -192,7 +209,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
             report["warnings"].insert(0, f"{left_out} of the {len(full)} samples are also in {report['excluded']['data']}: "
                                          f"left out of the figures, which are measured on the other {len(full) - left_out}")
     report.update({
-        "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
+        "model": {**p.adapter.describe(), **p.adapter.identity()},
         "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality,
                  "group_by": (data_opts or DataOptions()).group_by},
         "embedding": {"from_cache": p.emb.from_cache, "seconds": round(p.emb.seconds, 4),
@@ -210,7 +227,7 @@ def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     W, b = p.adapter.head_params()
     report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k, where=p.adapter.source)
     report.update({
-        "model": {**p.adapter.describe(), "sha256": p.adapter.source_sha256()},
+        "model": {**p.adapter.describe(), **p.adapter.identity()},
         "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality},
         "embedding": {"from_cache": p.emb.from_cache, "seconds": round(p.emb.seconds, 4),
                       "device": p.emb.device},

@@ -169,8 +169,10 @@ def _check_metadata(written: Path, metadata: dict) -> None:
 
 
 def export_provenance(adapter, fmt: str) -> dict[str, str]:
-    """Provenance of an export: a repaired model keeps its own and notes the export; any other
-    model gets a record saying nothing was repaired."""
+    """Provenance of an export: a repaired model keeps its own and notes the export (``repair fix``'s
+    model in memory too: :meth:`~repair.adapters.Adapter.adopt_provenance`); a model whose tensors a
+    caller changed in memory gets a record saying so (method ``unrecorded``, the tensors' names); any
+    other model a record saying nothing was repaired."""
     export_info = {"format": fmt, "source": adapter.source.name, "source_sha256": adapter.source_sha256()}
     src = dict(getattr(adapter, "source_metadata", {}) or {})
     if any(k.startswith(provenance.PREFIX) for k in src):
@@ -178,6 +180,10 @@ def export_provenance(adapter, fmt: str) -> dict[str, str]:
         meta["format"] = "pt"
         meta[f"{provenance.PREFIX}export"] = provenance.canonical_json(export_info)
         return meta
+    changed = adapter.changed_tensors()
+    if changed:
+        return provenance.build(source_sha256=adapter.source_sha256(), method="unrecorded",
+                                extra={"export": export_info, "changed_tensors": changed})
     return provenance.build(source_sha256=adapter.source_sha256(), method="none", extra={"export": export_info})
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -190,7 +189,7 @@ def _duplicates(data: RepairData, emb):
 def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadOptions] = None,
               data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
               options: Optional[FixOptions] = None, inputs: Optional[Inputs] = None,
-              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> FixResult:
+              log: Optional[Callable[[str], None]] = None) -> FixResult:
     """Repair ``model_path`` from the repair set ``data_path`` (a path, or the
     :class:`repair.data.RepairData` already read) and write it to ``out_path`` (default: beside
     the model). ``inputs``: what :func:`repair.preflight.read_inputs` already read (the CLI reads
@@ -205,6 +204,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     load_opts = check_options(load_opts, LoadOptions, "load_options")
     o = check_options(options, FixOptions, "options") or FixOptions()
     runtime = check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions()
+    if log is None:                # progress as runtime says (--quiet: warnings and notices only)
+        from .runtime import stderr_log
+
+        log = stderr_log(runtime.progress)
     data_opts = check_options(data_opts, DataOptions, "data_options") or DataOptions()
     recipe = _load_recipe(o)
     given = next((c for c in recipe.candidates if c.params.get("group_source") == "given"), None)
@@ -553,6 +556,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                         "fit_seconds": round(ctx.wall_seconds, 4),          # choosing and fitting, wall clock
                         "fit_seconds_summed": round(ctx.seconds, 4)}       # every fit's own time, added up
     result.update(_written(mo.write()))
+    adapter.adopt_provenance(meta)       # the model in memory is the one written: an export of it says so
     result["timing"]["total_seconds"] = round(time.perf_counter() - t_start, 4)
     return result
 

@@ -35,6 +35,21 @@ def _figures(rep: Optional[dict]) -> Optional[dict]:
     return None if rep is None else {k: rep.get(k) for k in FIGURE_KEYS}
 
 
+#: what a report keeps of a fix's ``model_change`` (the network's change, for a model repair)
+MODEL_CHANGE_KEYS = ("steps", "stopped_by", "budget", "body_changed", "best_step")
+
+
+def training_sentence(model_change: Optional[dict]) -> Optional[str]:
+    """What ended a model repair's training, its budget, and whether the network's body changed -- the
+    line the table, the HTML report and the zoo report show; None for a head repair (nothing trained)."""
+    mc = model_change or {}
+    if not mc.get("stopped_by"):
+        return None
+    return (f"training ended by {mc['stopped_by']}" + (f" (budget {mc['budget']})" if mc.get("budget") else "")
+            + ("; the body kept is the original one: only the head changed" if mc.get("body_changed") is False
+               else ""))
+
+
 def compact_fix(rep: dict, delta_histogram: Optional[dict] = None) -> dict:
     """What a report shows of a :func:`repair.pipeline.fix_model` result."""
     return {"mode": "fix", "model": rep["model"].get("source"), "family": rep["model"].get("family"),
@@ -45,6 +60,7 @@ def compact_fix(rep: dict, delta_histogram: Optional[dict] = None) -> dict:
             "measured_on": rep.get("measured_on"), "before": _figures(rep["before"]),
             "after": _figures(rep["after"]), "export": rep.get("export"), "timing": rep.get("timing"),
             "warnings": list(rep.get("warnings") or []), "duplicates": rep.get("duplicates"),
+            "model_change": {k: (rep.get("model_change") or {}).get(k) for k in MODEL_CHANGE_KEYS},
             "delta_histogram": delta_histogram}
 
 
@@ -278,6 +294,9 @@ def model_section(m: dict) -> str:
         out.append(candidates_table(r))
         if r.get("neurons_suppressed") is not None:
             out.append(f"<p class='note'>neurons suppressed: {_e(r['neurons_suppressed'])}</p>")
+        trained = training_sentence(r.get("model_change"))
+        if trained:
+            out.append(f"<p class='note'>{_e(trained)}</p>")
         out.append("<h4>probe</h4>" + histogram_svg(r.get("delta_histogram")))
     out.append("</section>")
     return "".join(out)

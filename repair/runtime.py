@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from .errors import BadInput
 
@@ -33,4 +34,20 @@ class RuntimeOptions:
             self.cache_dir = str(self.cache_dir)
 
 
-__all__ = ["RuntimeOptions"]
+#: messages that survive ``progress=False`` (``--quiet``): only progress goes, warnings and notices stay
+KEPT_WHEN_QUIET = ("warning", "notice", "error", "FAILED")
+
+
+def stderr_log(progress: bool = True) -> Callable[[str], None]:
+    """The log a run writes to stderr (a user's names shown as they are, :func:`repair.io.visible`):
+    every line, or without ``progress`` warnings and notices only. The one home of that rule (the
+    command line's ``--quiet``, a library call's ``RuntimeOptions(progress=False)``)."""
+    def log(msg: str) -> None:
+        from .io import visible
+
+        if progress or str(msg).lstrip().startswith(KEPT_WHEN_QUIET):
+            print(visible(str(msg)), file=sys.stderr, flush=True)
+    return log
+
+
+__all__ = ["KEPT_WHEN_QUIET", "RuntimeOptions", "stderr_log"]

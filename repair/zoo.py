@@ -1103,7 +1103,7 @@ REPORT_NAME = "zoo-report.html"
 
 
 def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
-            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+            log: Optional[Callable[[str], None]] = None) -> dict:
     """Validate the manifest, run every unfinished model, journal each as it finishes, write the
     report; returns the report document (``summary.failed`` / ``summary.errors`` name the models
     that did not pass)."""
@@ -1112,6 +1112,10 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
 
     o = options or ZooOptions()
     runtime = runtime or RuntimeOptions()
+    if log is None:                # progress as runtime says (--quiet: warnings and notices only)
+        from .runtime import stderr_log
+
+        log = stderr_log(runtime.progress)
     t0 = time.perf_counter()
     if o.ray is not None:
         import_ray()                                        # before anything else: exit 2 with the hint

@@ -134,8 +134,9 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     a timm or transformers folder (``config.json`` beside it) is read as that folder reads its
     own weights, and written back as one file."""
     from ..io import as_path
+    from ..rules import check_options
 
-    o = options or LoadOptions()
+    o = check_options(options, LoadOptions, "options") or LoadOptions()
     path = as_path(path, "the model")
     if not path.exists():
         raise BadInput("model not found", path)

@@ -147,6 +147,20 @@ class Adapter(ABC):
         """The checkpoint's own metadata (safetensors header, ONNX ``metadata_props``); {} if none."""
         return dict(self._source_metadata)
 
+    def identity(self) -> dict:
+        """What a report says the figures were measured on: the checkpoint file's ``sha256``, or, once
+        tensors were changed in memory (a repair not written back, a caller's ``set_head``), no sha256 of
+        any file but the one they were changed from and their names."""
+        changed = self.changed_tensors()
+        if not changed:
+            return {"sha256": self.source_sha256()}
+        return {"sha256": None, "changed_from_sha256": self.source_sha256(), "changed_tensors": changed}
+
+    def adopt_provenance(self, metadata: Mapping[str, str]) -> None:
+        """The provenance of the model as it now is (what ``repair fix`` wrote of it): an export of this
+        adapter in memory records the repair, not the checkpoint it was loaded from."""
+        self._source_metadata = MappingProxyType(provenance.merged(self.source_metadata, dict(metadata)))
+
     def body_hash(self) -> str:
         """Hash of everything but the head, as the weights are *now*: embeddings depend only
         on this (the embedding cache is keyed by it). Equals the file's body hash until

@@ -1,0 +1,80 @@
+"""The library as the command line is: the same checks (the cache never in an input), honest identity
+of a model changed in memory, progress as asked, and a report that says what ended training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_images, make_timm_folder, run_cli
+
+import repair
+from repair.errors import BadInput
+from repair.runtime import RuntimeOptions
+
+
+def _tree(p: Path) -> dict:
+    return {str(f.relative_to(p)): f.stat().st_mtime_ns for f in sorted(p.rglob("*"))}
+
+
+def test_the_cache_never_goes_into_the_model_folder_from_the_library_either(tmp_path, image_data):
+    model = make_timm_folder(tmp_path / "m")
+    before = _tree(model)
+    for call in (repair.evaluate, repair.probe):
+        with pytest.raises(BadInput, match="--cache-dir is inside the checkpoint folder|inside the input model"):
+            call(model, image_data, runtime=RuntimeOptions(cache_dir=str(model / "cache"), progress=False))
+        assert _tree(model) == before
+
+
+def test_a_model_changed_in_memory_is_never_credited_to_its_file(tmp_path, capsys):
+    """``repair.fix``'s model in memory exports with the repair's provenance; evaluated, its figures name
+    no file's sha256; a caller's own change exports as ``unrecorded``. Quiet means warnings only."""
+    from safetensors import safe_open
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=8, seed=4)
+    quiet = RuntimeOptions(progress=False)
+    capsys.readouterr()
+    res = repair.fix(model, data, tmp_path / "out", recipe="dfr", runtime=quiet)
+    err = capsys.readouterr().err
+    assert all(ln.startswith(("warning", "notice")) for ln in err.splitlines() if ln.strip()), err
+    original = repair.evaluate(model, data, runtime=quiet)["model"]
+    repaired = repair.evaluate(res.adapter, data, runtime=quiet)["model"]
+    assert repaired["sha256"] is None and repaired["changed_from_sha256"] == original["sha256"]
+    assert repaired["changed_tensors"]
+    out = tmp_path / "mem"
+    repair.export_model(res.adapter, out, format="safetensors")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["repair.method"] == "dfr" and json.loads(meta["repair.settings"])["recipe"] == "dfr"
+    own = repair.load_model(model)
+    W, b = own.head_params()
+    own.set_head(W * 0.5, b)
+    out2 = tmp_path / "own"
+    repair.export_model(own, out2, format="safetensors")
+    with safe_open(str(out2 / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["repair.method"] == "unrecorded" and json.loads(meta["repair.changed_tensors"])
+
+
+def test_library_arguments_are_checked_and_compared_as_the_cli_does(tmp_path, image_data):
+    model = make_timm_folder(tmp_path / "m")
+    with pytest.raises(BadInput, match="options must be a LoadOptions"):
+        repair.load_model(model, {"arch": "resnet18"})
+    from repair.pipeline import FixOptions
+
+    held = make_images(tmp_path / "t", n_per_class=4, seed=9)
+    res = repair.fix(model, image_data, tmp_path / "o", eval_data=held,
+                     options=FixOptions(recipe="dfr", eval_data=held), runtime=RuntimeOptions(progress=False))
+    assert res["after"]["n"] == 4 * 3
+
+
+def test_the_report_says_what_ended_training(tmp_path, timm_folder, image_data):
+    code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "mixft", "--budget", "2steps",
+                             "--out", tmp_path / "o", "--report", tmp_path / "r.html", "--json", "-q")
+    assert code == 0, err
+    stopped = json.loads(out)["model_change"]["stopped_by"]
+    doc = json.loads((tmp_path / "r.json").read_text())
+    mc = doc["models"][0]["result"]["model_change"]
+    assert mc["stopped_by"] == stopped and mc["budget"]
+    assert f"training ended by {stopped}" in (tmp_path / "r.html").read_text()
