@@ -29,7 +29,7 @@ from .images import PREPROCESS_FILE, ImageCollate, image_config_from_options, re
 # (the helpers below were defined here before the split; they stay importable from this module)
 from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph_inputs,  # noqa: F401
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
-                         metadata_dict, set_metadata)
+                         metadata_dict, set_metadata, training_mode_node)
 from .onnx_runtime import make_session, ort_providers, run_session, session_feeds  # noqa: F401
 from .text import (TOKENIZER_DIGEST_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
                    max_positions_beside, resolve_max_length,
@@ -64,6 +64,10 @@ class OnnxAdapter(Adapter):
         if proto.ByteSize() > MAX_PROTO_BYTES:
             raise BadInput("ONNX models over 2 GB are not supported", path)
         _check_finite_initializers(proto, path)
+        training = training_mode_node(proto)
+        if training:
+            raise BadInput(f"the graph's {training} runs in training mode, so its outputs change from run to "
+                           "run; export the model in inference mode (model.eval())", path)
         self.proto = proto
         self.spec = find_head(proto, path)
         self._W0, self._b0 = head_from_graph(proto, self.spec)
@@ -78,6 +82,13 @@ class OnnxAdapter(Adapter):
         ints = {i.name for i in proto.graph.input
                 if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
         self.modality = "text" if any(n == "input_ids" or n in ints for n, _ in self._inputs) else "image"
+        if self.modality == "image":      # the preprocessing gives floats: normalised pixels
+            floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+            for i in proto.graph.input:
+                if i.name in dict(self._inputs) and i.type.tensor_type.elem_type not in floats:
+                    dt = onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower()
+                    raise BadInput(f"the model's image input {i.name!r} takes {dt}; images are given as "
+                                   "normalised float pixels (float32, float64 or float16 inputs)", path)
         self.class_names = self._class_names(class_names, C)
         self.max_length: Optional[int] = None
         self._fixed_seq: Optional[int] = None
@@ -148,7 +159,7 @@ class OnnxAdapter(Adapter):
         raw = self._source_metadata.get("max_length")
         if raw is None:
             return None
-        if not (raw.strip().isascii() and raw.strip().isdigit()) or int(raw) < 1:
+        if not (raw.strip().isascii() and raw.strip().isdigit()) or len(raw.strip()) > 9 or int(raw) < 1:
             raise BadInput(f"metadata max_length is {raw!r}, not a whole number >= 1", self.source)
         return int(raw)
 
@@ -248,6 +259,11 @@ class OnnxAdapter(Adapter):
         if tuple(W.shape) != tuple(self._W0.shape) or b.shape[0] != W.shape[0]:
             raise RepairError(f"new head has shape {tuple(W.shape)} / {tuple(b.shape)}, expected "
                               f"{tuple(self._W0.shape)} / ({self._W0.shape[0]},)")
+        # as the file will hold them: a float16 head is rounded to float16 (figures measured on the
+        # head as written, as a float16 torch checkpoint's are)
+        W = torch.from_numpy(W.numpy().astype(self.spec.weight_dtype).astype(np.float32))
+        bias_dtype = init_array(self.proto, self.spec.bias_name).dtype if self.spec.bias_name else self.spec.weight_dtype
+        b = torch.from_numpy(b.numpy().astype(bias_dtype).astype(np.float32))
         self._W, self._b = W.clone(), b.clone()
         self._edited = None
         self._sessions = {k: v for k, v in self._sessions.items() if k[0] != "modified"}
@@ -307,19 +323,21 @@ class OnnxAdapter(Adapter):
         return self._edited
 
     def export_proto(self, metadata: dict[str, str]):
-        """A copy of the graph with the current head written in and ``metadata`` merged
-        into ``metadata_props`` (the model's own entries are kept)."""
+        """A copy of the graph with the current head written in and ``metadata`` merged into
+        ``metadata_props``. The model's other entries are kept; how this run read the model -- its class
+        names, image preprocessing or truncation length, whether from the file, ``preprocess.json``
+        or options -- is written over the file's own (:func:`repair.export.export_metadata`): the
+        written model reads its input as the figures measured it."""
         import onnx
+
+        from ..export import export_metadata
 
         p = onnx.ModelProto()
         p.CopyFrom(self._edited_proto())
-        meta = self._source_metadata
-        extra = {}
-        if "class_names" not in meta and "label_names" not in meta:
-            extra["class_names"] = json.dumps(self.class_names)
-        if self.modality == "image" and self.data_config is not None and "preprocess" not in meta:
-            extra["preprocess"] = json.dumps(self.data_config)
-        set_metadata(p, {**extra, **metadata})
+        meta = export_metadata(self, metadata)
+        if "label_names" in self._source_metadata:      # one list of names: the one written
+            meta.setdefault("label_names", meta["class_names"])
+        set_metadata(p, meta)
         return p
 
     def save(self, out: Path, metadata: dict[str, str]) -> Path:
@@ -333,6 +351,18 @@ class OnnxAdapter(Adapter):
         d = super().describe()
         d["head_node"] = self.proto.graph.node[self.spec.node].op_type
         return d
+
+    @property
+    def head_dtype(self) -> np.dtype:
+        """The dtype the graph's head computes in (its weight initializer's)."""
+        return np.dtype(self.spec.weight_dtype)
+
+    def network_id(self) -> dict:
+        """The graph is hashed with the weights (:meth:`body_hash`); the runtime that computes it is
+        here, as torch's version is for a torch model."""
+        import onnxruntime
+
+        return {**super().network_id(), "onnxruntime": onnxruntime.__version__}
 
 
 def external_data_files(proto, base: Path) -> list[Path]:

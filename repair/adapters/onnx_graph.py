@@ -175,8 +175,48 @@ def head_from_graph(proto, spec: HeadSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return W, linear_bias(spec, bias, W.shape[0])
 
 
+def _graph_nodes(graph):
+    """Every node of ``graph`` and of the subgraphs its nodes hold (``If`` branches, ``Loop`` and
+    ``Scan`` bodies), which read the outer graph's tensors by name."""
+    import onnx
+
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _graph_nodes(g)
+
+
 def _uses(proto, name: str) -> int:
-    return sum(1 for n in proto.graph.node for i in n.input if i == name)
+    """How many times the graph reads tensor ``name``: node inputs at any depth (a subgraph's too) and
+    the graph's outputs."""
+    return (sum(1 for n in _graph_nodes(proto.graph) for i in n.input if i == name)
+            + sum(1 for o in proto.graph.output if o.name == name))
+
+
+def training_mode_node(proto) -> Optional[str]:
+    """A node that runs in training mode -- a ``Dropout`` whose ``training_mode`` input is a true
+    constant or initializer, a ``BatchNormalization`` with ``training_mode=1`` --, named with its op,
+    or None. Such a graph gives other outputs on every run: no figure of it repeats."""
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in proto.graph.initializer}
+    for n in _graph_nodes(proto.graph):
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+    for n in _graph_nodes(proto.graph):
+        label = f"{n.op_type} node {n.name or n.output[0]!r}"
+        if n.op_type == "Dropout" and len(n.input) > 2 and n.input[2] in consts:
+            if bool(np.asarray(numpy_helper.to_array(consts[n.input[2]])).reshape(-1)[:1].any()):
+                return label
+        if n.op_type == "BatchNormalization" and _attr(n, "training_mode", 0):
+            return label
+    return None
 
 
 def _unique_name(proto, base: str) -> str:
@@ -246,13 +286,15 @@ def apply_head(proto, spec: HeadSpec, W: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def graph_structure_hash(proto, skip_inits: Sequence[str], head: Optional[HeadSpec]) -> str:
-    """sha256 of every initializer but the head's and of the graph structure (nodes,
-    inputs, outputs, opsets); the head node counts by op type and input only."""
+    """sha256 of everything that shapes the embeddings: every initializer (dense and sparse) but the
+    head's -- a head tensor that anything else reads too, a subgraph's node included, counts, as the
+    body reads it --, the graph structure (nodes with their subgraphs, inputs, outputs), the model's
+    local functions and the opsets; the head node counts by op type and input only."""
     import onnx
     from onnx import numpy_helper
 
     h = hashlib.sha256()
-    skip = set(skip_inits)
+    skip = {n for n in skip_inits if _uses(proto, n) == 1}
     for t in sorted(proto.graph.initializer, key=lambda t: t.name):
         if t.name in skip:
             continue
@@ -277,6 +319,10 @@ def graph_structure_hash(proto, skip_inits: Sequence[str], head: Optional[HeadSp
             del add.input[:]
             add.input.extend(keep)
     h.update(g.SerializeToString(deterministic=True))
+    for sp in sorted(proto.graph.sparse_initializer, key=lambda t: t.values.name):
+        h.update(b"sparse\0" + sp.SerializeToString(deterministic=True))
+    for f in sorted(proto.functions, key=lambda f: (f.domain, f.name)):
+        h.update(b"function\0" + f.SerializeToString(deterministic=True))
     for op in sorted((o.domain, o.version) for o in proto.opset_import):
         h.update(f"{op[0]}:{op[1]}".encode())
     return h.hexdigest()
