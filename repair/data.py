@@ -40,7 +40,7 @@ TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 PATH_COLUMNS = ("img_filename", "filename", "image", "image_path", "img_path", "path", "file")
 LABEL_COLUMNS = ("y", "label", "labels", "class", "target")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "sentence1")
-METADATA_NAMES = ("metadata.csv", "metadata.tsv", "metadata.jsonl")
+METADATA_NAMES = ("metadata.csv", "metadata.tsv", "metadata.jsonl", "metadata.json")
 #: the default pixel limit of one image (width x height): a larger one is refused (a decompression
 #: bomb is a small file that decodes to billions of pixels)
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -831,7 +831,11 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
             raise BadInput("expected a folder, or a .csv/.tsv/.jsonl/.json file", path)
         data = _from_table(path, path.parent, o)
     else:
-        tables = [path / n for n in METADATA_NAMES if (path / n).exists()]
+        # the folder's table, by name in any case (Metadata.csv); two of them: which one is meant?
+        tables = sorted(p for p in path.iterdir() if p.name.lower() in METADATA_NAMES and not p.is_dir())
+        if len(tables) > 1:
+            raise BadInput(f"the data folder holds {len(tables)} metadata tables ({', '.join(t.name for t in tables)}); "
+                           f"name the one to read, e.g. --data {tables[0]}", path)
         if tables:
             data = _from_table(_found_table(tables[0], path, o), path, o)
         else:

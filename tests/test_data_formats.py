@@ -137,3 +137,20 @@ def test_one_sample_listed_with_two_labels_is_said(tmp_path, timm_folder):
                              "--no-cache")
     assert code == 0, err
     assert "the repair set: 1 set(s) of identical samples carry different labels" in err, err
+
+
+def test_a_data_folders_metadata_table_is_found_whatever_its_case_or_format(tmp_path):
+    root = tmp_path / "d"
+    for i, cls in enumerate(["cat", "dog"]):
+        _png(root / cls / "a.png", 40 * i)
+    rows = [{"img_filename": "cat/a.png", "y": "cat", "place": "land"},
+            {"img_filename": "dog/a.png", "y": "dog", "place": "water"}]
+    import json
+
+    (root / "metadata.json").write_text(json.dumps(rows))
+    assert load_data(root, DataOptions(group_by="place")).attributes["place"] == ["land", "water"]
+    (root / "metadata.json").rename(root / "Metadata.JSON")
+    assert load_data(root, DataOptions(group_by="place")).table == root / "Metadata.JSON"
+    _write(root / "metadata.csv", "img_filename,y,place\ncat/a.png,cat,land\n")
+    with pytest.raises(BadInput, match="holds 2 metadata tables"):
+        load_data(root)
