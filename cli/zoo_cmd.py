@@ -14,7 +14,7 @@ from .options import AsJson, Runtime
 
 
 def zoo_table(doc: dict) -> str:
-    from repair.report import headline, zoo_summary_line
+    from repair.report import gate_summary, headline, zoo_summary_line
 
     rows = []
     for m in doc["models"]:
@@ -23,7 +23,7 @@ def zoo_table(doc: dict) -> str:
         wb, label = headline(b)
         wa, _ = headline(a)
         g = m.get("gate")
-        gate = "-" if not g else f"{'pass' if g['passed'] else 'FAIL'} (>= {pct(g['threshold'])})"
+        gate = "-" if not g else f"{'pass' if g['passed'] else 'FAIL'} ({gate_summary(g)})"
         wga = (f"{pct(wb)} -> {pct(wa)}" if a else pct(wb)) + ("" if label == "WGA" or not b else f" ({label})")
         rows.append([m["name"], m["status"] if m["status"] != "done" else
                      ("redone" if m.get("redone") else "resumed" if m.get("resumed") else "done"),

@@ -240,6 +240,33 @@ def candidates_table(result: dict) -> str:
             f"<th>scored on</th><th>fit s</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
+def gate_summary(gate: dict) -> str:
+    """A gate in a few words for a table cell (the zoo's HTML summary, ``repair zoo``'s table and
+    progress lines): its metric, the figure with the digits that tell it from the threshold
+    (:func:`repair.rules._show_pct`, as the gate's message shows it) and the threshold as written,
+    e.g. ``worst-group accuracy 71.33% < 71.34%``, never ``71.3% < 71.3%``."""
+    from fractions import Fraction
+
+    from .rules import METRIC_NAMES, _show_pct, parse_threshold
+
+    try:
+        thr = parse_threshold(gate["threshold_text"]).show()
+    except (KeyError, TypeError, ValueError):            # a document written before threshold_text
+        thr = _pct(gate.get("threshold"))
+    name = METRIC_NAMES.get(gate.get("metric"), str(gate.get("metric") or "gate"))
+    k, n = gate.get("correct"), gate.get("n")
+    if k is not None and n:
+        figure = _show_pct(Fraction(k, n), unlike=thr)
+    elif gate.get("value") is not None:                    # a document written before the counts
+        figure = _pct(gate["value"])
+    else:
+        return f"{name} not measurable, gate {thr}"
+    missing = gate.get("unmeasured") or []
+    if missing:
+        return f"{name} {figure}, but {len(missing)} without samples; gate {thr}"
+    return f"{name} {figure} {'>=' if gate['passed'] else '<'} {thr}"
+
+
 def _gate_text(gate: Optional[dict]) -> str:
     if not gate:
         return "–"
@@ -344,7 +371,7 @@ def summary_table(models: list[dict], mode: str) -> str:
         gate_v = "" if not gate else ("1" if gate["passed"] else "0")
         gate_cell = (f'<td data-v="{gate_v}" class="{"pass" if gate and gate["passed"] else "fail" if gate else ""}">'
                      f'{"–" if not gate else ("pass" if gate["passed"] else "FAIL")}'
-                     + (f' <span class="note">≥ {_pct(gate["threshold"])}</span>' if gate else "") + "</td>")
+                     + (f' <span class="note">{_e(gate_summary(gate))}</span>' if gate else "") + "</td>")
         status_cls = m["status"] if m["status"] != "done" else ""
         anchor = model_anchor(m["name"])
         cells = [f'<td><a href="#{anchor}">{_e(m["name"])}</a></td>',

@@ -61,8 +61,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -793,6 +795,13 @@ def staging_dir(output: Path) -> Path:
     return output.parent / f".{output.name}{STAGING_SUFFIX}"
 
 
+def discard_staged(output: Path) -> None:
+    """Remove ``output``'s staging folder and whatever an attempt left in it (a no-op when there is
+    none): an attempt starting over, a failed one, and the driver for every row not journaled once
+    its executor has closed (a Ray task cancelled by force never runs its own cleanup)."""
+    shutil.rmtree(staging_dir(output), ignore_errors=True)
+
+
 def commit_staged(output: Path) -> None:
     """Move a finished model's staged files into place (one atomic rename each; an existing target
     is replaced: the manifest check refused it unless --force). A no-op once done."""
@@ -880,21 +889,22 @@ def run_model(task: dict) -> dict:
     except RepairError as e:
         return {"status": "error", "error": str(e), "exit_code": e.exit_code, "worker": worker}
     except Exception as e:
-        if _interrupted(e):                 # Ctrl-C that a library wrapped: an interrupt, not a model error
-            raise KeyboardInterrupt from e
+        _raise_interrupt(e)                 # Ctrl-C that a library wrapped: an interrupt, not a model error
         first = str(e).splitlines()[0] if str(e) else ""
         return {"status": "error", "error": f"internal error: {type(e).__name__}: {first}", "exit_code": 3,
                 "worker": worker}
 
 
-def _interrupted(e: BaseException) -> bool:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, (KeyboardInterrupt, Terminated)):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
+def _raise_interrupt(e: BaseException) -> None:
+    """Raise the interrupt (KeyboardInterrupt, or :class:`Terminated` for SIGTERM) that ``e`` wraps, if
+    any (a library that caught it; Ray's compiled ``wait`` turns one raised by a signal handler into
+    a SystemError), so it unwinds as an interrupt, not as a model's error or our bug."""
+    seen, x = set(), e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, (KeyboardInterrupt, Terminated)):
+            raise type(x)() from e
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
 
 
 def _eval(entry: ZooEntry, task: dict) -> dict:
@@ -915,7 +925,7 @@ def _fix(entry: ZooEntry, task: dict) -> dict:
 
     out = Path(entry.output)
     staging = staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)          # a killed attempt's leftovers: start over
+    discard_staged(out)                                 # a killed attempt's leftovers: start over
     staging.mkdir()
     runtime = _runtime(task)
     try:
@@ -933,7 +943,7 @@ def _fix(entry: ZooEntry, task: dict) -> dict:
         result["output_files"] = output_files(staging, [c.name for c in staging.iterdir()
                                                         if not c.name.startswith(".")])
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)      # nothing of a failed attempt stays behind
+        discard_staged(out)                             # nothing of a failed attempt stays behind
         raise
     return result
 
@@ -977,15 +987,33 @@ def import_ray():
 
 #: how long joining a cluster waits for its address to answer before giving up (Ray's own wait is minutes)
 RAY_CONNECT_TIMEOUT_S = 10.0
+#: how long joining a cluster (``ray.init``) may take once its address answers: a port that answers
+#: but is no Ray (a web server, the dashboard's port) would otherwise keep ``ray.init`` waiting for ever
+RAY_JOIN_TIMEOUT_S = 60.0
+#: how long the driver waits for the tasks it cancelled (by force) to end before it goes on
+RAY_CANCEL_WAIT_S = 10.0
+_RAY_ADDRESS = re.compile(r"(?:(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://)?"
+                          r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})/?")
+
+
+def ray_address(address: str) -> Optional[tuple[str, int]]:
+    """The one check of ``--ray``: ``auto`` (None: start a local Ray) or a cluster address
+    ``[SCHEME://]HOST:PORT`` (``ray://head:10001``, ``10.0.0.5:6379``, ``[::1]:6379``), returned as
+    (host, port). Anything else is BadInput (a space, an empty host, a port out of range, ``local``)."""
+    if address == "auto":
+        return None
+    m = _RAY_ADDRESS.fullmatch(address) if isinstance(address, str) else None
+    port = int(m.group("port")) if m else 0
+    if not m or not 1 <= port <= 65535:
+        raise BadInput(f"--ray must be auto or a cluster address [ray://]HOST:PORT (a port from 1 to 65535), "
+                       f"got {address!r}")
+    return m.group("host").strip("[]"), port
 
 
 def _reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """A ``HOST:PORT`` (or ``ray://HOST:PORT``) cluster address answers a TCP connection within
-    ``timeout`` seconds; else BadInput. Other address forms are left to Ray."""
-    m = re.fullmatch(r"(?:[a-z]+://)?(\[[0-9a-fA-F:.]+\]|[^:/\s]+):(\d{1,5})/?", address.strip())
-    if not m:
-        return
-    host, port = m.group(1).strip("[]"), int(m.group(2))
+    """A cluster address (:func:`ray_address`) answers a TCP connection within ``timeout`` seconds;
+    else BadInput."""
+    host, port = ray_address(address)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
@@ -994,12 +1022,70 @@ def _reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
                        f"{timeout:g}s ({reason}); is the head node running (ray start --head)?") from None
 
 
+class _KeepSignals:
+    """``ray.init`` installs its own SIGTERM handler (``sys.exit``, which ended the driver with 134
+    and no report): the handlers of SIGTERM and SIGINT as they were before (the command line's
+    ``Terminated``, Python's ``KeyboardInterrupt``) are put back when the block ends, however."""
+
+    def __enter__(self):
+        main = threading.current_thread() is threading.main_thread()
+        self.saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.saved.items():
+            if handler is not None:            # None: set from outside Python, cannot be put back
+                signal.signal(s, handler)
+        return False
+
+
+def _join_within(ray, address: str, timeout: float, **kwargs) -> None:
+    """``ray.init(address=address, **kwargs)`` given ``timeout`` seconds (run in a thread: Ray has no
+    overall deadline of its own); BadInput when it takes longer or refuses the address."""
+    box: dict = {}
+
+    def join():
+        try:
+            ray.init(address=address, **kwargs)
+        except BaseException as e:                          # noqa: B036 - handed to the driver's thread
+            box["error"] = e
+
+    import logging
+
+    def not_the_thread_notice(record) -> bool:      # Ray's word that a joining thread sets no handler: ours stay
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+    worker_log = logging.getLogger("ray._private.worker")
+    worker_log.addFilter(not_the_thread_notice)
+    t = threading.Thread(target=join, name="ray-join", daemon=True)
+    try:
+        t.start()
+        t.join(timeout)
+    finally:
+        worker_log.removeFilter(not_the_thread_notice)
+    if t.is_alive():
+        raise BadInput(f"cannot join the Ray cluster at {address}: something answers there, but no Ray "
+                       f"cluster joined within {timeout:g}s; is it the head's address (ray start --head "
+                       "prints it; ray:// takes the client port, 10001 by default)?")
+    e = box.get("error")
+    if e is None:
+        return
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "ray[client]" in str(e):
+        raise BadInput(f"--ray {address}: a ray:// address needs Ray's client (ray[client]), which is not "
+                       f"installed: {RAY_HINT}") from None
+    if isinstance(e, (ConnectionError, ValueError, RuntimeError, TimeoutError)):
+        raise BadInput(f"cannot join the Ray cluster at {address} ({first})") from None
+    raise e
+
+
 class RayExecutor:
     """One Ray task per model (``max_retries`` when its worker dies; ``num_cpus``/``num_gpus`` per
     task), results as they finish. ``address="auto"`` starts a local Ray with ``workers`` x
     ``cpus_per_model`` CPUs; anything else joins that cluster (every node must see the manifest's
-    paths at the same place and have ``repair`` installed). A process already connected to Ray
-    uses that connection."""
+    paths at the same place and have ``repair`` installed) within :data:`RAY_JOIN_TIMEOUT_S`. A
+    process already connected to Ray uses that connection. The SIGTERM and SIGINT handlers stay
+    the caller's (:class:`_KeepSignals`)."""
 
     def __init__(self, address: str, *, workers: Optional[int] = None, cpus_per_model: int = 1,
                  gpus_per_model: float = 0, max_retries: int = 3, log: Callable[[str], None] = print):
@@ -1007,29 +1093,29 @@ class RayExecutor:
         import logging
 
         ray = import_ray()
-        self.ray, self.owned = ray, False
+        self.ray, self.owned, self.owned_local = ray, False, False
         # Ray's driver prints worker deaths and the like to sys.stdout from a thread of its own:
         # stdout carries our results only, so it is sent to stderr while Ray is in use
         self._quiet = contextlib.redirect_stdout(sys.stderr)
         self._quiet.__enter__()
         self.cpus, self.gpus, self.max_retries = cpus_per_model, gpus_per_model, max_retries
         try:
-            if ray.is_initialized():
-                where = "the Ray instance this process is connected to"
-            elif address == "auto":
-                n = workers or os.cpu_count() or 1
-                log(f"starting a local Ray with {n} worker slot(s) of {cpus_per_model} CPU(s)")
-                ray.init(address="local", num_cpus=n * cpus_per_model, include_dashboard=False,
-                         logging_level=logging.WARNING, log_to_driver=False)
-                self.owned, where = True, f"a local Ray ({n} x {cpus_per_model} CPU)"
-            else:
-                log(f"joining the Ray cluster at {address}")
-                _reachable(address)
-                try:
-                    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-                except (ConnectionError, ValueError, RuntimeError) as e:
-                    raise BadInput(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0]})") from None
-                self.owned, where = True, f"the Ray cluster at {address}"
+            with _KeepSignals():
+                if ray.is_initialized():
+                    where = "the Ray instance this process is connected to"
+                elif ray_address(address) is None:
+                    n = workers or os.cpu_count() or 1
+                    log(f"starting a local Ray with {n} worker slot(s) of {cpus_per_model} CPU(s)")
+                    ray.init(address="local", num_cpus=n * cpus_per_model, include_dashboard=False,
+                             logging_level=logging.WARNING, log_to_driver=False)
+                    self.owned = self.owned_local = True
+                    where = f"a local Ray ({n} x {cpus_per_model} CPU)"
+                else:
+                    log(f"joining the Ray cluster at {address}")
+                    _reachable(address)
+                    _join_within(ray, address, RAY_JOIN_TIMEOUT_S, logging_level=logging.WARNING,
+                                 log_to_driver=False)
+                    self.owned, where = True, f"the Ray cluster at {address}"
         except BaseException:
             self._quiet.__exit__(None, None, None)
             raise
@@ -1043,18 +1129,32 @@ class RayExecutor:
         pending = list(index)
         try:
             while pending:
-                done, pending = ray.wait(pending, num_returns=1)
+                try:
+                    done, pending = ray.wait(pending, num_returns=1)
+                except Exception as e:
+                    _raise_interrupt(e)
+                    raise
                 for ref in done:
                     try:
                         res = ray.get(ref)
                     except Exception as e:                    # the worker died more than max_retries times
+                        _raise_interrupt(e)
                         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                         res = {"status": "error", "error": f"Ray: {type(e).__name__}: {first}", "exit_code": 3}
                     yield index[ref], res
         finally:
-            for ref in pending:
+            # a Ray this driver started is shut down by close(), its workers with it (cancelling by
+            # force there raced a finishing task's reply and aborted the driver inside Ray); on a
+            # cluster the tasks still running are cancelled and waited for (a while), so their
+            # workers are gone before the driver clears their staging folders
+            if pending and not self.owned_local:
+                for ref in pending:
+                    try:
+                        ray.cancel(ref, force=True)
+                    except Exception:
+                        pass
                 try:
-                    ray.cancel(ref, force=True)
+                    ray.wait(pending, num_returns=len(pending), timeout=RAY_CANCEL_WAIT_S)
                 except Exception:
                     pass
 
@@ -1092,6 +1192,8 @@ class ZooOptions:
             raise BadInput(f"--workers must be a whole number >= 1, got {self.workers!r}")
         if not isinstance(self.gpus_per_model, (int, float)) or self.gpus_per_model < 0:
             raise BadInput(f"--gpus-per-model must be >= 0, got {self.gpus_per_model!r}")
+        if self.ray is not None:
+            ray_address(self.ray)               # auto or [ray://]HOST:PORT, before anything else
         if self.ray is None:                    # the local executor runs one model at a time, on the CPU
             for flag, given in (("--workers", self.workers is not None), ("--gpus-per-model", self.gpus_per_model)):
                 if given:
@@ -1142,8 +1244,13 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
         manifest.protected.check(p, flag)
     _check_outputs_apart(manifest, mpath, out_dir, journal.path)
     journal.check()
+    from .embeddings import default_cache_dir
     from .preflight import check_cache_dir
 
+    # the cache folder as the driver sees it: a relative one is taken from here, not from the folder
+    # each Ray worker happens to run in
+    runtime = dataclasses.replace(runtime, cache_dir=str(
+        (Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()).absolute()))
     check_cache_dir(manifest.protected, runtime, {f"row {e.row} ({e.name}) output": e.output
                                                   for e in manifest.entries} if o.mode == "fix" else None)
     created = not out_dir.exists()
@@ -1245,7 +1352,6 @@ def _hold_lock(out_dir: Path) -> int:
 
 
 def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
-    from .embeddings import default_cache_dir
     from .report import now, write_report
 
     records = journal.read()
@@ -1299,8 +1405,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
         problems.raise_first()
     # ---- validated: from here on, work
     todo = [e for e in manifest.entries if e.name not in done]
-    cache_dir = str(Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir())
-    rt = {"device": runtime.device, "batch_size": runtime.batch_size, "cache_dir": cache_dir,
+    rt = {"device": runtime.device, "batch_size": runtime.batch_size, "cache_dir": runtime.cache_dir,
           "use_cache": runtime.use_cache}
     tasks = [{"entry": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(e).items()},
               "mode": o.mode, "runtime": rt, "threads": o.cpus_per_model, "allow_plugins": o.allow_plugins,
@@ -1315,6 +1420,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
         f"(journal {journal.path}), {len(todo)} to run on {executor.description}")
     interrupted = False
     resumed = set(done)
+    journaled: set[str] = set()             # rows whose staged files the journal vouches for
     try:
         for i, res in executor.map(tasks):
             e = todo[i]
@@ -1328,6 +1434,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                    "seconds": res["seconds"], "worker": res["worker"],
                    "output": str(e.output) if o.mode == "fix" else None, "inputs": inputs[e.name],
                    "output_files": files, "result": res["result"]}
+            journaled.add(e.name)                           # (kept staged should the append be cut)
             journal.append(rec)                             # the commit point ...
             if o.mode == "fix":
                 commit_staged(e.output)                     # ... then the files go into place
@@ -1344,6 +1451,10 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
         try:
             executor.close()
         finally:
+            if o.mode == "fix":         # what an attempt staged and the journal does not vouch for
+                for e in todo:
+                    if e.name not in journaled:
+                        discard_staged(e.output)
             models = [_model_entry(e, done.get(e.name), errors.get(e.name), e.name in resumed, redo.get(e.name))
                       for e in manifest.entries]
             doc = _document(mpath, o, executor.description, models, interrupted, time.perf_counter() - t0)
@@ -1415,7 +1526,7 @@ def _document(mpath: Path, o: ZooOptions, executor: str, models: list[dict], int
 
 
 def _progress_line(result: dict, gate: Optional[dict]) -> str:
-    from .report import headline
+    from .report import gate_summary, headline
 
     b, a = result["before"], result.get("after")
     wb, label = headline(b)
@@ -1426,5 +1537,5 @@ def _progress_line(result: dict, gate: Optional[dict]) -> str:
     else:
         s = f"{label} {pct(wb)}, accuracy {pct(b['accuracy'])}"
     if gate:
-        s += f", gate {'pass' if gate['passed'] else 'FAIL'} (>= {pct(gate['threshold'])})"
+        s += f", gate {'pass' if gate['passed'] else 'FAIL'} ({gate_summary(gate)})"
     return s

@@ -154,7 +154,7 @@ def test_local_fix_gates_report_and_resume(zoo, tmp_path):
     code, stdout, err = run_cli("zoo", path)
     assert code == 1, err
     assert err.strip().splitlines()[-1].startswith("FAILED: gate failed for 1 model(s): fail (")
-    assert "pass" in stdout and "FAIL (>= 90.0%)" in stdout
+    assert "pass" in stdout and "FAIL (accuracy " in stdout and "% < 90%)" in stdout
     report = tmp_path / "zoo-zoo"
     assert journal_names(report / "journal.jsonl") == ["pass", "fail", "nogate"]
     doc = json.loads((report / "zoo-report.json").read_text())
@@ -363,3 +363,80 @@ def test_sigterm_is_143_with_nothing_partial_and_a_rerun_finishes(zoo, tmp_path)
     block.unlink()
     code, _, err = run_cli("zoo", path, "--allow-plugins")
     assert code == 0 and "1 finished before" in err, err
+
+
+# ------------------------------------------------------------------ a plugin method that exits
+EXIT_PLUGIN = '''
+import sys
+from dataclasses import dataclass
+
+from repair.config import setting
+from repair.methods import AFFINE, register_method
+
+
+@dataclass
+class ExitConfig:
+    l2: float = setting(1.0, gt=0)
+
+
+@register_method({method!r}, summary="calls sys.exit", config=ExitConfig, groups="never", transform=AFFINE)
+def exiter(inputs, config):
+    sys.exit(5)
+'''
+
+
+def exit_recipe(folder: Path, method: str) -> Path:
+    (folder / "exiter.py").write_text(EXIT_PLUGIN.format(method=method))
+    (folder / "exiter.yaml").write_text(f"name: exiter\nplugins: [exiter.py]\ncandidates:\n  - method: {method}\n")
+    return folder / "exiter.yaml"
+
+
+def test_a_plugin_method_that_exits_is_exit_2_naming_it_in_fix(zoo, tmp_path):
+    recipe = exit_recipe(tmp_path, "zoo_exiter_fix")
+    code, _, err = run_cli("fix", zoo / "m0", "--data", zoo / "val", "--recipe", recipe, "--allow-plugins",
+                           "--out", tmp_path / "fixed", "-q")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and "method zoo_exiter_fix" in last and "exiter.py" in last, err
+    assert "SystemExit: 5" in last and not (tmp_path / "fixed").exists()
+
+
+def test_a_plugin_method_that_exits_is_that_models_exit_2_in_a_zoo(zoo, tmp_path):
+    """The other models run, the report says why; no staging folder stays (local executor; on Ray
+    the same BadInput is the task's result, so its worker is not killed and retried)."""
+    recipe = exit_recipe(tmp_path, "zoo_exiter_zoo")
+    (tmp_path / "out").mkdir()
+    rows = [{"name": "exits", "checkpoint": str(zoo / "m0"), "data": str(zoo / "val"), "recipe": str(recipe)},
+            {"name": "good", "checkpoint": str(zoo / "m1"), "data": str(zoo / "val")}]
+    path = manifest(tmp_path, rows, output_dir="out")
+    code, _, err = run_cli("zoo", path, "--allow-plugins")
+    assert code == 2 and "exits (exit 2)" in err.strip().splitlines()[-1], err
+    doc = json.loads((tmp_path / "zoo-zoo" / "zoo-report.json").read_text())
+    by_name = {m["name"]: m for m in doc["models"]}
+    assert by_name["exits"]["exit_code"] == 2 and "method zoo_exiter_zoo" in by_name["exits"]["error"]
+    assert by_name["good"]["status"] == "done" and journal_names(tmp_path / "zoo-zoo" / "journal.jsonl") == ["good"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good"]
+
+
+# ------------------------------------------------------------------ the gate in the tables
+def test_zoo_tables_show_the_gates_metric_and_the_digits_that_decide_it():
+    """A row gated at 71.34% with 71.33% measured: the HTML summary, the command's table and the
+    progress line say so with the gate message's digits (rules._show_pct), never 71.3% >= 71.3%."""
+    from repair.report import model_entry, summary_table
+    from repair.rules import judge
+    from repair.zoo import ZooOptions, _document, _progress_line
+    from repair_cli.zoo_cmd import zoo_table
+
+    figs = {"n": 10000, "accuracy": 0.7133, "worst_group_accuracy": 0.7133, "worst_class_accuracy": 0.7133,
+            "worst_group": "x|g=1", "per_group": [{"name": "x|g=1", "n": 10000, "accuracy": 0.7133}],
+            "per_class": []}
+    result = {"mode": "eval", "before": figs, "after": None, "candidate": None}
+    gate = judge(figs, "71.34%", "worst_group")
+    assert not gate["passed"]
+    doc = _document(Path("z.yaml"), ZooOptions(mode="eval"), "local", [model_entry("m", result, gate=gate)], False, 1.0)
+    doc["report"] = "z-zoo/zoo-report.html"
+    said = "worst-group accuracy 71.33% < 71.34%"
+    assert f"FAIL ({said})" in zoo_table(doc)
+    assert f'FAIL <span class="note">{said.replace("<", "&lt;")}</span>' in summary_table(doc["models"], "eval")
+    assert f"gate FAIL ({said})" in _progress_line(result, gate)
+    passed = judge(figs, "0.7", "accuracy")
+    assert "pass (accuracy 71.33% >= 70%)" in zoo_table({**doc, "models": [model_entry("m", result, gate=passed)]})

@@ -221,12 +221,14 @@ class MethodInfo:
                             f"settings), got {type(config).__name__}")
         try:
             out = self.fn(inputs, config if config is not None else self.default_config())
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             if self.builtin or isinstance(e, RepairError):
                 raise
-            # a plugin's own failure is the user's code: named with its file, not reported as our bug
+            # a plugin's own failure is the user's code: named with its file, not reported as our bug;
+            # one that exits (sys.exit) must neither end the command with its own code nor a Ray worker
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise BadInput(f"{self.where()} failed: {type(e).__name__}: {first}") from e
+            what = "exited" if isinstance(e, SystemExit) else "failed"
+            raise BadInput(f"{self.where()} {what}: {type(e).__name__}: {first}") from e
         (check_output if self.kind == "head" else check_model_output)(out, inputs, self)
         return out
 
