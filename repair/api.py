@@ -142,7 +142,7 @@ def left_out_groups(full: RepairData, class_names, group_by: Optional[str], kept
 
 
 def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tensor],
-                    inputs: Optional[torch.Tensor] = None) -> Optional[str]:
+                    inputs: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None) -> Optional[str]:
     """Identical samples (the same model input -- ``inputs``, the embeddings' input digests: an
     image's pixels as preprocessed, a text's tokens --, else the same bytes) in the data a figure is measured on: each copy
     counts in the figure, so it is surer than its distinct samples allow. ``report["duplicates"]`` gets
@@ -159,7 +159,7 @@ def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tenso
     if groups is not None:
         for i, row in enumerate(report.get("per_group") or []):
             row["n_distinct"] = int(ids[groups == i].unique().numel())
-    conflicts = label_conflicts(data, ids)
+    conflicts = None if y is None else label_conflicts(data, ids, y)
     return (f"the data holds {st['n_duplicates']} duplicate sample(s) ({st['n_unique']} distinct of "
             f"{st['n_samples']}): every copy counts in the figures, which are no surer than the distinct samples"
             + (f"; {conflicts}, and counts in the figures" if conflicts else ""))
@@ -199,7 +199,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
                                     if g not in report["absent_groups"]]
     from .selection import figure_warnings
 
-    dup_note = mark_duplicates(report, p.data, p.enc.groups, p.emb.inputs)
+    dup_note = mark_duplicates(report, p.data, p.enc.groups, p.emb.inputs, p.enc.y)
     # groups too small for an honest figure, or with none (label-free: no groups to speak of)
     report["warnings"] = figure_warnings(report, what="the figures") + ([dup_note] if dup_note else [])
     if exclude is not None:

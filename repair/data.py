@@ -211,22 +211,29 @@ def duplicate_stats(ids) -> dict:
             "largest_cluster": int(counts.max())}
 
 
-def label_conflicts(data: RepairData, ids) -> Optional[str]:
-    """What to say of identical samples (``ids``: :meth:`RepairData.duplicate_ids`) that carry different
-    labels -- one copy's label is wrong, and it counts in the figures and in what is fitted --, naming
-    the first such pair by its rows; None when every set of copies agrees."""
+def label_conflicts(data: RepairData, ids, y) -> Optional[str]:
+    """What to say of identical samples (``ids``: :meth:`RepairData.duplicate_ids`) whose labels name
+    different classes (``y``: the encoded classes; ``cat`` and ``Cat`` are one) -- one copy's label is
+    wrong, and it counts in the figures and in what is fitted --, naming the first such pair by its
+    rows (or, without a table, its files); None when every set of copies agrees."""
     first: dict = {}
-    pairs = []
-    for i, (k, lab) in enumerate(zip(torch_list(ids), data.labels)):
+    pairs, said, ys = [], set(), torch_list(y)
+    for i, k in enumerate(torch_list(ids)):
         j = first.setdefault(k, i)
-        if j != i and data.labels[j] != lab and (not pairs or pairs[-1][2] != k):
+        if j != i and ys[j] != ys[i] and k not in said:
             pairs.append((j, i, k))
-    n = len({k for _, _, k in pairs})
-    if not n:
+            said.add(k)
+    if not pairs:
         return None
     j, i, _ = pairs[0]
-    return (f"{n} set(s) of identical samples carry different labels (e.g. {data.row_at(j)} "
-            f"{data.labels[j]!r} and {data.row_at(i)} {data.labels[i]!r}): one copy of each is mislabelled")
+
+    def name(x: int) -> str:
+        if data.table is None and data.modality == "image":
+            return repr(str(Path(data.items[x]).relative_to(data.source))
+                        if Path(data.items[x]).is_relative_to(data.source) else str(data.items[x]))
+        return data.row_at(x)
+    return (f"{len(pairs)} set(s) of identical samples carry labels of different classes (e.g. {name(j)} "
+            f"{data.labels[j]!r} and {name(i)} {data.labels[i]!r}): one copy of each is mislabelled")
 
 
 def torch_list(ids) -> list:
@@ -522,10 +529,9 @@ def _json_records(text: str, path: Path) -> list[tuple[str, object]]:
             raise BadInput(f"not valid JSON ({e.msg}, line {e.lineno} column {e.colno}){shapes}", path) from None
         return [(f"item {n}", rec) for n, rec in enumerate(doc, 1)]
     out = []
-    # only a line feed ends a record: str.splitlines would also split inside a text holding U+2028,
-    # U+2029 or U+0085, which JSON writers leave unescaped
-    for n, line in enumerate(text.split("\n"), 1):
-        line = line[:-1] if line.endswith("\r") else line
+    # only a line end ends a record (CRLF, LF or CR: JSON holds no raw one inside a string): str.splitlines
+    # would also split inside a text holding U+2028, U+2029 or U+0085, which JSON writers leave unescaped
+    for n, line in enumerate(re.split(r"\r\n|\n|\r", text), 1):
         if not line.strip():
             continue
         try:
@@ -567,11 +573,9 @@ def _json_record(rec, where: str, path: Path) -> dict[str, str]:
 
 def _json_cell(v, key: str, where: str, path: Path) -> str:
     """One JSON value as the text a CSV cell would hold: null and NaN (what pandas and ``json.dumps``
-    write for a missing value) as empty, an infinity refused (no label or group value)."""
+    write for a missing value) as empty; an infinity as ``inf`` (as a CSV writes it)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
-    if isinstance(v, float) and math.isinf(v):
-        raise BadInput(f"{where}: field {key!r} is {'-' if v < 0 else ''}Infinity, not a value", path)
     return str(v)
 
 
@@ -832,7 +836,8 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
         data = _from_table(path, path.parent, o)
     else:
         # the folder's table, by name in any case (Metadata.csv); two of them: which one is meant?
-        tables = sorted(p for p in path.iterdir() if p.name.lower() in METADATA_NAMES and not p.is_dir())
+        tables = sorted(p for p in path.iterdir() if p.name.lower() in METADATA_NAMES and not p.is_dir()
+                        and _is_table_file(p))
         if len(tables) > 1:
             raise BadInput(f"the data folder holds {len(tables)} metadata tables ({', '.join(t.name for t in tables)}); "
                            f"name the one to read, e.g. --data {tables[0]}", path)
@@ -866,6 +871,19 @@ def file_stamp(st: os.stat_result) -> str:
     ``rsync -t`` do, it gets a new change time or inode). The one rule of the embedding cache's and a
     zoo journal's fingerprints."""
     return f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
+
+
+def _is_table_file(p: Path) -> bool:
+    """A data folder's ``metadata.*`` holds a table: any ``.csv``/``.tsv``/``.jsonl``; a ``.json`` only when
+    it is a JSON array (of records) -- a dataset's description (``{"name": ...}``) is no table."""
+    if p.suffix.lower() != ".json":
+        return True
+    try:
+        with open_regular(p, "data table") as f:
+            head = f.read(4096).decode("utf-8-sig", errors="replace")
+    except (BadInput, OSError):
+        return True                      # unreadable: reading it says why, naming it
+    return head.lstrip().startswith("[")
 
 
 def _found_table(table: Path, folder: Path, o: DataOptions) -> Path:
@@ -925,6 +943,10 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path)
     for i, n in enumerate(names):
         exact.setdefault(n, []).append(i)
         folded.setdefault(n.lower(), []).append(i)
+    for i, n in enumerate(names):        # a class named "1.0" is the label 1, as the data's 1.0 reads 1
+        v = cell_value(n)
+        if v != n and v not in exact:
+            exact[v] = [i]
     # one reading for the whole table: a label that is no class name but an index means the table gives
     # indices, and then a label that is both a class name and the index of another class is ambiguous
     # (classes named "1", "2", "3" and labels 0, 1, 2: "1" would be class "1" by name, index 1 is "2")

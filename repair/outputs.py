@@ -175,15 +175,18 @@ def export_provenance(adapter, fmt: str) -> dict[str, str]:
     other model a record saying nothing was repaired."""
     export_info = {"format": fmt, "source": adapter.source.name, "source_sha256": adapter.source_sha256()}
     src = dict(getattr(adapter, "source_metadata", {}) or {})
-    if any(k.startswith(provenance.PREFIX) for k in src):
+    recorded = any(k.startswith(provenance.PREFIX) for k in src)
+    if recorded and not adapter.changed_since_provenance():
         meta = {k: v for k, v in src.items() if k.startswith(provenance.PREFIX)}
         meta["format"] = "pt"
         meta[f"{provenance.PREFIX}export"] = provenance.canonical_json(export_info)
         return meta
     changed = adapter.changed_tensors()
-    if changed:
-        return provenance.build(source_sha256=adapter.source_sha256(), method="unrecorded",
-                                extra={"export": export_info, "changed_tensors": changed})
+    if changed or recorded:          # changed in memory after what the record describes: no record of how
+        extra = {"export": export_info, "changed_tensors": changed}
+        if recorded:
+            extra["changed_after"] = src.get(f"{provenance.PREFIX}method", "")
+        return provenance.build(source_sha256=adapter.source_sha256(), method="unrecorded", extra=extra)
     return provenance.build(source_sha256=adapter.source_sha256(), method="none", extra={"export": export_info})
 
 

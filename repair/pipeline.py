@@ -292,7 +292,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         warnings.append(f"the repair set holds {dup_stats['n_duplicates']} duplicate sample(s) ({dup_stats['n_unique']} "
                         f"distinct of {dup_stats['n_samples']}): identical samples are kept on one side of every "
                         "split, so no figure is measured on a sample that was fitted on")
-        conflicts = label_conflicts(data, clusters)
+        conflicts = label_conflicts(data, clusters, y)
         if conflicts:
             warnings.append(f"the repair set: {conflicts}, and is fitted on")
     if len(recipe.candidates) > 1 or "model" in recipe.kinds:
@@ -432,7 +432,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     before = evaluate(before_logits, ry, enc.class_names, rg, rnames)
     after = evaluate(after_logits, ry, enc.class_names, rg, rnames)
     if eval_given:                # copies within --eval count in its figures: say so (and count them once below)
-        dup_note = mark_duplicates(before, r_data, rg, e_emb.inputs)
+        dup_note = mark_duplicates(before, r_data, rg, e_emb.inputs, ry)
         mark_duplicates(after, r_data, rg, e_emb.inputs)
         if dup_note:
             _warn(ctx, log, f"--eval: {dup_note}")

@@ -487,7 +487,11 @@ def expected_group_names(figures: dict, group_by: Optional[str], expected: Seque
         if flag is not None and group_by is not None and eq and column != group_by:
             raise BadInput(f"{flag}: {g!r} names the column {column!r}, but the groups are of --group-by "
                            f"{group_by!r} (write {cls}|VALUE or {cls}|{group_by}=VALUE)")
-        names.append(g if group_by is None or val.startswith(f"{group_by}=") else f"{cls}|{group_by}={val}")
+        from .data import cell_value         # the value read as the data's values are (1.0 is 1)
+
+        if group_by is not None and val.startswith(f"{group_by}="):
+            val = val[len(group_by) + 1:]
+        names.append(g if group_by is None else f"{cls}|{group_by}={cell_value(val)}")
     return names
 
 

@@ -47,6 +47,13 @@ def test_a_model_changed_in_memory_is_never_credited_to_its_file(tmp_path, capsy
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert meta["repair.method"] == "dfr" and json.loads(meta["repair.settings"])["recipe"] == "dfr"
+    W, b = res.adapter.head_params()              # changed after the repair: its record no longer holds
+    res.adapter.set_head(W + 1, b)
+    out3 = tmp_path / "after"
+    repair.export_model(res.adapter, out3, format="safetensors")
+    with safe_open(str(out3 / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["repair.method"] == "unrecorded" and meta["repair.changed_after"] == "dfr"
     own = repair.load_model(model)
     W, b = own.head_params()
     own.set_head(W * 0.5, b)

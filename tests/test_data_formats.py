@@ -81,8 +81,32 @@ def test_numbers_written_two_ways_are_one_group_and_nan_is_missing(tmp_path):
     with pytest.raises(BadInput, match="row 1 has an empty label"):
         load_data(n)
     inf = _write(tmp_path / "i.jsonl", '{"text": "a", "label": 1, "neg": -Infinity}\n')
-    with pytest.raises(BadInput, match="line 1: field 'neg' is -Infinity, not a value"):
-        load_data(inf)
+    assert load_data(inf).attributes["neg"] == ["-inf"]                # as a CSV's -inf reads
+
+
+def test_a_class_named_like_a_number_is_the_label_written_as_that_number(tmp_path):
+    """Class names "1.0", "2.0", "3.0" and labels 1.0, 2.0: read by name (1.0 reads as 1, and so does the
+    class name), never as the indices 1 and 2."""
+    from repair.data import match_labels
+
+    d = load_data(_write(tmp_path / "t.csv", "text,label\na,1.0\nb,2.0\nc,1.0\n"))
+    assert match_labels(d.labels, ["1.0", "2.0", "3.0"], tmp_path).tolist() == [0, 1, 0]
+    from repair.rules import expected_group_names
+
+    figures = {"per_class": [{"name": "pos"}, {"name": "neg"}]}
+    assert expected_group_names(figures, "site", ["pos|1.0", "neg|site=2.00"], "--expect-groups") == \
+        ["pos|site=1", "neg|site=2"]
+
+
+def test_jsonl_with_carriage_return_line_ends_and_a_folder_description_are_read_as_meant(tmp_path):
+    t = tmp_path / "t.jsonl"
+    t.write_bytes(b'{"text": "a", "label": "x"}\r{"text": "b", "label": "y"}\r')
+    assert load_data(t).items == ["a", "b"]
+    root = tmp_path / "d"
+    for i, cls in enumerate(["cat", "dog"]):
+        _png(root / cls / "a.png", 40 * i)
+    _write(root / "metadata.json", '{"name": "my birds", "license": "cc-by"}')     # a description, no table
+    assert load_data(root).labels == ["cat", "dog"]
 
 
 def _png(path: Path, value: int) -> None:
@@ -131,12 +155,16 @@ def test_one_sample_listed_with_two_labels_is_said(tmp_path, timm_folder):
     n = len(lines) - 1
     code, out, err = run_cli("eval", timm_folder, "--data", d, "--no-cache")
     assert code == 0, err
-    assert f"1 set(s) of identical samples carry different labels (e.g. row 1 {first[1]!r} and row {n} " \
-           f"{other[1]!r})" in err, err
+    assert f"1 set(s) of identical samples carry labels of different classes (e.g. row 1 {first[1]!r} and " \
+           f"row {n} {other[1]!r})" in err, err
     code, out, err = run_cli("fix", timm_folder, "--data", d, "--recipe", "dfr", "--out", tmp_path / "o",
                              "--no-cache")
     assert code == 0, err
-    assert "the repair set: 1 set(s) of identical samples carry different labels" in err, err
+    assert "the repair set: 1 set(s) of identical samples carry labels of different classes" in err, err
+    lines[-1] = ",".join([first[0], first[1].upper(), *first[2:]])     # the same class in other case: no conflict
+    (d / "metadata.csv").write_text("\n".join(lines) + "\n")
+    code, out, err = run_cli("eval", timm_folder, "--data", d, "--no-cache")
+    assert code == 0 and "different classes" not in err and "duplicate" in err, err
 
 
 def test_a_data_folders_metadata_table_is_found_whatever_its_case_or_format(tmp_path):

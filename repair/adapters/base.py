@@ -158,8 +158,31 @@ class Adapter(ABC):
 
     def adopt_provenance(self, metadata: Mapping[str, str]) -> None:
         """The provenance of the model as it now is (what ``repair fix`` wrote of it): an export of this
-        adapter in memory records the repair, not the checkpoint it was loaded from."""
+        adapter in memory records the repair, not the checkpoint it was loaded from -- as long as its
+        tensors stay as they are now (:meth:`changed_since_provenance`)."""
         self._source_metadata = MappingProxyType(provenance.merged(self.source_metadata, dict(metadata)))
+        self._provenance_digest = self._tensors_digest()
+
+    def _tensors_digest(self) -> str:
+        """A digest of the head and of every tensor that differs from the file, as they are now."""
+        h = hashlib.sha256()
+        W, b = self.head_params()
+        for t in (W, b):
+            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+        names = self.changed_tensors()
+        own = self.model.state_dict() if self.model is not None else {}
+        for n in names:
+            h.update(n.encode() + b"\0")
+            if n in own:
+                h.update(own[n].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def changed_since_provenance(self) -> bool:
+        """Whether the tensors differ from what :attr:`source_metadata`'s provenance describes: since
+        :meth:`adopt_provenance`, or, for the file's own record, since the file was read."""
+        if getattr(self, "_provenance_digest", None) is not None:
+            return self._tensors_digest() != self._provenance_digest
+        return bool(self.changed_tensors())
 
     def body_hash(self) -> str:
         """Hash of everything but the head, as the weights are *now*: embeddings depend only
