@@ -144,7 +144,8 @@ def targets(doc: dict) -> list[dict]:
             stds = [100 * x for x in (_stat(s, auto0, "wga", "std"), _stat(s, auto1, "wga", "std")) if x is not None]
             r["auto_std_max"] = max(stds) if stds else None
             r["auto_n_seeds"] = min([(s.get(k) or {}).get("n_seeds", 0) for k in (auto0, auto1)])
-            r["t9_std"] = None if not stds else (max(stds) <= TARGET_STD and r["auto_n_seeds"] >= 5)
+            # over fewer than 5 seeds the target is not measured: "–", neither met nor missed
+            r["t9_std"] = None if not stds or r["auto_n_seeds"] < 5 else max(stds) <= TARGET_STD
             t_auto, t_ref = _stat(s, auto0, "fit_seconds"), _stat(s, REF_DFR, "fit_seconds")
             r["auto_fit_over_ref_time"] = None if not (t_auto and t_ref) else t_auto / t_ref
             r["t9_auto_not_slower"] = None if r["auto_fit_over_ref_time"] is None else r["auto_fit_over_ref_time"] <= 1.0
@@ -164,7 +165,7 @@ def targets(doc: dict) -> list[dict]:
                     r["mixft_minus_best_free"] = _pts(w, bl_free_w)
                     r["t10_mixft"] = _all(_at_least(r["mixft_minus_best_free"], TARGET_MIXFT_TEXT),
                                           _at_least(_pts(acc, ref_acc), -TARGET_ACC_COST))
-                    secs = _stat(s, mix0, "total_seconds")
+                    secs = _stat(s, mix0, "total_seconds", "max")      # "per run": the slowest seed
                     r["mixft_seconds"] = secs
                     r["t10_mixft_time"] = None if secs is None else secs <= TARGET_MIXFT_TIME
                 else:
@@ -230,6 +231,8 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
     m = doc["meta"]
     L: list[str] = ["# Benchmark results: repair on real shortcut models\n"]
     L.append(f"Last written by `{m['command']}` on {m['date']}"
+             + (" (the report regenerated from the recorded runs: no figure was measured by it)"
+                if m.get("report_only") else "")
              + (" **SMOKE RUN: tiny synthetic data, numbers are meaningless.**" if m.get("smoke") else "") + ".\n")
     parts = m.get("parts") or {}
     if parts:
@@ -424,7 +427,11 @@ def scale_table(sc: dict) -> list:
                 continue
             ours = lab == "dfr[groups]"
             if ours and "seconds_met" in p:          # the many-class target: time and accuracy
-                target = f"≤ 5 min {_ok(p['seconds_met'])}, accuracy {_ok(p.get('accuracy_met'))}"
+                from .scale import accuracy_met       # recomputed from the rows: the rule of today, not of the run
+
+                ref = (p["rows"] or {}).get("ref:sklearn-lbfgs") or {}
+                acc_ok = None if "wga" not in ref else accuracy_met(r, ref)
+                target = f"≤ 5 min {_ok(p['seconds_met'])}, accuracy {_ok(acc_ok)}"
             else:
                 target = _ok(p.get("speedup_met")) if ours else ""
             chosen = (r.get("chosen") or {}).get("C")
@@ -467,8 +474,11 @@ def _targets_md(doc: dict, L: list) -> None:
                  f"{TARGET_MIXFT_TIME / 60:.0f} min; on images ≥ the best last-layer row with ≤ "
                  f"{TARGET_ACC_COST:.0f} points of accuracy cost; `clp[no-groups]` ≥ its ablation (plain fine-tuning) "
                  f"+ {TARGET_CLP_OVER_FT:.0f} and ≥ ERM + {TARGET_OVER_ERM:.0f}; `recompose[no-groups]` ≥ ERM + "
-                 f"{TARGET_OVER_ERM:.0f} and ≥ the best head repair on at least one task.\n")
-        L.append("| task | repair set | best head row: label-free / any | mixft − it (pt): label-free / with labels | mixft | mixft time | clp − ablation (pt) | clp − ERM (pt) | clp | recompose − ERM (pt) | recompose − best head (pt) | recompose ≥ ERM+20 | ≥ best head |")
+                 f"{TARGET_OVER_ERM:.0f} and ≥ the best head repair on at least one task. \"Best head row\": the "
+                 "head row with the highest mean test worst-group accuracy -- a comparator chosen on the test split, "
+                 "so biased upward (against the model repairs; no product choice ever sees it); \"mixft time\": "
+                 "the slowest seed's run.\n")
+        L.append("| task | repair set | best head row: label-free / any | mixft − it (pt): label-free / with labels | mixft | mixft time (slowest run) | clp − ablation (pt) | clp − ERM (pt) | clp | recompose − ERM (pt) | recompose − best head (pt) | recompose ≥ ERM+20 | ≥ best head |")
         L.append("|" + "---|" * 13)
         for r in mrows:
             mx = _f(r.get("mixft_minus_best_free", r.get("mixft_minus_best_head")))
@@ -512,24 +522,30 @@ def _model_targets_md(doc: dict, L: list) -> None:
                 else:
                     auto_ok = _at_least(vs_auto, -TARGET_AUTOFT_LOSS)
                 rss_max = _stat(s, lab, "peak_rss_mib", "max")            # the worst seed
+                slowest = _stat(s, lab, "total_seconds", "max")
+                time_ok = None if task != CAPPED_TASK or slowest is None else slowest <= TARGET_MIXFT_TIME
                 lines.append(f"| {task} | {vname} | {name} | {r.get('n_seeds')} | {_pct(w, sd)} | {_ok(steady)} | "
                              f"{bl} {_pct(blw)} | {_f(over_head)} | {_ok(_at_least(over_head, -1e-9))} | "
                              f"{_f(over_erm)} | {_ok(erm_ok)} | {_f(vs_auto)} | {_ok(auto_ok)} | "
                              f"{_f(rss_max, '{:.0f}')} | {_ok(None if rss_max is None else rss_max <= TARGET_MODEL_RSS)} | "
-                             f"{body_unchanged_count(v.get('runs'), lab)} |")
+                             f"{_secs(slowest)} | {_ok(time_ok)} | {body_unchanged_count(v.get('runs'), lab)} |")
     if not lines:
         return
     L.append(f"Issue 19 (label-free model repairs): std over seeds ≤ {TARGET_MODEL_STD:.0f} points on every task and "
              f"repair set; each of mixft, clp, recompose ≥ the best label-free head on at least one task and ≥ ERM + "
              f"{TARGET_OVER_ERM:.0f} on every skewed set; `auto-ft` ≥ `auto` − {TARGET_AUTOFT_LOSS} everywhere and ≥ "
              f"`auto` + {TARGET_AUTOFT_CAPPED:.0f} on `{CAPPED_TASK}` (paired: the mean difference on the seeds both "
-             f"ran); peak RSS ≤ {TARGET_MODEL_RSS / 1024:.0f} GB. \"original body\": of the runs whose record says, "
+             f"ran); peak RSS ≤ {TARGET_MODEL_RSS / 1024:.0f} GB; on `{CAPPED_TASK}` ≤ {TARGET_MIXFT_TIME / 60:.0f} min "
+             f"per run (the slowest seed's; `–` elsewhere). \"Best label-free head\": the head row with the highest "
+             f"mean test worst-group accuracy, a comparator chosen on the test split (biased upward, against the "
+             f"model repairs). \"original body\": of the runs whose record says, "
              f"those that returned the source network with only its head changed (a model repair whose training "
              f"found nothing better than its start or whose settling chose the original body -- a head repair in "
              f"effect -- or, for `auto-ft`, a head chosen).\n")
     L.append("| task | repair set | row | seeds | WGA | std ≤ 3 | best label-free head | − it (pt) | ≥ | − ERM (pt) | "
-             "skewed ≥ +20 | − auto (pt) | auto-ft target | peak RSS (MiB) | ≤ 2 GB | original body (runs) |")
-    L.append("|" + "---|" * 16)
+             "skewed ≥ +20 | − auto (pt) | auto-ft target | peak RSS (MiB) | ≤ 2 GB | slowest run (s) | ≤ 10 min | "
+             "original body (runs) |")
+    L.append("|" + "---|" * 18)
     L.extend(lines)
     L.append("")
 

@@ -247,12 +247,17 @@ def run(args) -> dict:
                         if "test" in r and part == "head":
                             log(f"    {label:<32} WGA {100 * r['test']['worst_group_accuracy']:5.1f}  acc "
                                 f"{100 * r['test']['accuracy']:5.1f}  fit {r.get('fit_seconds') or 0:.3f}s")
-                v["runs"] = [r for r in v["runs"] if r["seed"] in set(args.seeds) | set(args.model_seeds)]
+                # runs of other seeds stay, with every row they hold (a partial rerun drops nothing)
                 v["runs"].sort(key=lambda r: r["seed"])
                 v["summary"] = Rep.summarise(v["runs"])
             _write_outputs(doc, out_dir, args, final=False)      # partial results survive a crash
         info.update({"wall_minutes": (time.perf_counter() - t_part) / 60, "load_end": load_average(),
                      "seeds": args.seeds if part == "head" else args.model_seeds if part == "model" else None})
+        earlier = doc["meta"]["parts"].get(part)
+        if earlier:                  # the rows of earlier runs are kept: so are their lines
+            also = earlier.get("also") or []
+            also = also if isinstance(also, list) else [also]
+            info["also"] = also + [{k: x for k, x in earlier.items() if k != "also"}]
         doc["meta"]["parts"][part] = info
     doc["meta"]["wall_minutes"] = (time.perf_counter() - t_start) / 60
     _write_outputs(doc, out_dir, args, final=True)
@@ -410,6 +415,9 @@ def report_only(args) -> dict:
         for v in (t.get("variants") or {}).values():
             v["summary"] = Rep.summarise(v.get("runs", []))
     doc["targets"] = Rep.targets(doc)
+    # the header names the command that wrote this report; the figures' runs are each part's lines
+    doc["meta"] = {**doc.get("meta", {}), "command": "python -m bench.run " + " ".join(args.argv),
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "report_only": True}
     _write_outputs(doc, out_dir, args, final=True)
     return doc
 

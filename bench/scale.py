@@ -71,6 +71,12 @@ AUTO_ROWS = ("auto[groups]", "auto[no-groups]")
 REF_TIMEOUT = 3600
 
 
+def accuracy_met(ours: dict, ref: dict) -> bool:
+    """The many-class target's "no less accurate than the reference", as the issue says it: test
+    worst-group accuracy and accuracy each at least the reference's (no tolerance)."""
+    return ours["wga"] >= ref["wga"] and ours["acc"] >= ref["acc"]
+
+
 def make_problem(num_classes: int, n: int = N, d: int = D, seed: int = 0) -> dict:
     import torch
 
@@ -286,7 +292,7 @@ def run_scale(num_classes_list=None, n: int = N, d: int = D, seed: int = 0, spuc
                     prob["speedup_met"] = prob["speedup"] >= TARGET_SPEEDUP and ours["wga"] >= ref["wga"] - 0.01
                 else:
                     prob["seconds_met"] = ours["seconds"] <= TARGET_MANY_SECONDS
-                    prob["accuracy_met"] = ours["wga"] >= ref["wga"] - 0.005 and ours["acc"] >= ref["acc"] - 0.005
+                    prob["accuracy_met"] = accuracy_met(ours, ref)
                     prob["speedup_met"] = prob["seconds_met"] and prob["accuracy_met"]
             elif "skipped" not in ours and C > MANY:
                 prob["seconds_met"] = ours["seconds"] <= TARGET_MANY_SECONDS
