@@ -9,7 +9,9 @@ chose before) and K-fold cross-validation over every row repeated R times.
 
     python -m bench.refit_strength [--tasks demo mnist_color] [--seeds 0 1 2 3 4] [--work-dir bench/_work]
 
-It reads the test split: an analysis, not a selection.
+It scores on the held-out half of the repair set (``--split dev``, the default: fitted on the other half;
+``bench.rows.development_data``); ``--split test`` reads the report's test split, to describe a figure of the
+report, never to choose a setting (the tenth session's analysis read it).
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", nargs="+", default=["demo", "mnist_color"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--work-dir", default="bench/_work")
+    ap.add_argument("--split", choices=R.ANALYSIS_SPLITS, default="dev",
+                    help="dev: the held-out half of the repair set; test: the report's test split (never to choose)")
     a = ap.parse_args(argv)
-    for name, variant, td in R.analysis_sets(a.tasks, T.VARIANTS, a.work_dir):
+    for name, variant, td in R.analysis_sets(a.tasks, T.VARIANTS, a.work_dir, a.split):
         X, y = td.X_val.float(), td.y_val.long()
         ref = X @ td.W0.T.float() + td.b0.float()
         g = inferred_groups(ref, y)
@@ -48,7 +52,7 @@ def main(argv=None) -> None:
 
         W, b = fit(torch.arange(len(y)), REFIT_L2)
         test = [100 * R.score(td, W[k], b[k])["worst_group_accuracy"] for k in range(len(REFIT_L2))]
-        print(f"{name} {variant} ({crit.name}): test WGA per L2 "
+        print(f"{name} {variant} ({crit.name}): {a.split} WGA per L2 "
               + ", ".join(f"{l2:g}: {t:.1f}" for l2, t in zip(REFIT_L2, test)))
         for seed in a.seeds:
             tr, ho = stratified_split(g, [0.25], torch.Generator().manual_seed(seed))

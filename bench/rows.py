@@ -259,6 +259,7 @@ class TaskData:
     b0: Any
     embed_seconds: dict
     group_counts: Optional[dict] = None
+    val_group_names: Optional[list] = None     # the repair set's group names (``g_val``'s ids)
 
 
 def load_task_data(task: T.Task, variant: str, cache_dir: Path) -> TaskData:
@@ -275,20 +276,45 @@ def load_task_data(task: T.Task, variant: str, cache_dir: Path) -> TaskData:
                     list(enc_t.group_names), list(p.enc.class_names), W0, b0,
                     {"val": round(p.emb.seconds, 3), "val_from_cache": p.emb.from_cache,
                      "test": round(emb_t.seconds, 3), "test_from_cache": emb_t.from_cache},
-                    v.get("group_counts"))
+                    v.get("group_counts"), list(p.enc.group_names))
 
 
-def analysis_sets(tasks, variants, work_dir):
+#: the splits an analysis script scores on: ``dev`` (the default) the held-out half of the repair set,
+#: ``test`` the report's test split -- for describing a figure of the report, never for choosing a setting
+ANALYSIS_SPLITS = ("dev", "test")
+
+
+def development_data(td: TaskData, seed: int = 0) -> TaskData:
+    """``td`` for a development analysis: the repair set cut in two halves stratified by group (seeded),
+    fitted on one and scored on the other (``X_test``/``y_test``/``g_test`` become the held-out half, so
+    :func:`score` and every script reading them score there). A default chosen so never saw the test split
+    the report measures on."""
+    import dataclasses
+
+    from repair.selection import stratified_split
+
+    fit, held = stratified_split(td.g_val, 0.5, seed)
+    return dataclasses.replace(td, X_val=td.X_val[fit], y_val=td.y_val[fit], g_val=td.g_val[fit],
+                               X_test=td.X_val[held], y_test=td.y_val[held], g_test=td.g_val[held],
+                               test_group_names=list(td.val_group_names or []))
+
+
+def analysis_sets(tasks, variants, work_dir, split: str = "dev"):
     """``(task name, variant, TaskData)`` for every task (built or reused under ``work_dir``) and repair set an
-    analysis script reads (``bench.refit_strength``, ``bench.tune_score``), torch on one thread."""
+    analysis script reads (``bench.refit_strength``, ``bench.tune_score``, ``bench.mix_refits``), torch on one
+    thread; ``split`` (:data:`ANALYSIS_SPLITS`): ``dev`` scores on the held-out half of the repair set
+    (:func:`development_data`), ``test`` on the report's test split."""
     import torch
 
+    if split not in ANALYSIS_SPLITS:
+        raise ValueError(f"split must be one of {ANALYSIS_SPLITS}, got {split!r}")
     torch.set_num_threads(1)
     work = Path(work_dir)
     for name in tasks:
         task = T.build_task(name, work_dir=work)
         for variant in variants:
-            yield name, variant, load_task_data(task, variant, work / "cache")
+            td = load_task_data(task, variant, work / "cache")
+            yield name, variant, (development_data(td) if split == "dev" else td)
 
 
 def score(td: TaskData, W, b) -> dict:

@@ -10,7 +10,9 @@ mean of the paired differences (probability - accuracy, same seed: same split an
     python -m bench.tune_score [--tasks sst2_capped ...] [--variants balanced skewed] [--seeds 0 1 ... 9]
                                [--work-dir bench/_work]
 
-It reads the test split: an analysis, not a selection.
+It scores on the held-out half of the repair set (``--split dev``, the default: fitted on the other half;
+``bench.rows.development_data``); ``--split test`` reads the report's test split, to describe a figure of the
+report, never to choose a setting.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", nargs="+", default=list(T.VARIANTS))
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     ap.add_argument("--work-dir", default="bench/_work")
+    ap.add_argument("--split", choices=R.ANALYSIS_SPLITS, default="dev")
     a = ap.parse_args(argv)
-    for name, variant, td in R.analysis_sets(a.tasks, a.variants, a.work_dir):
+    for name, variant, td in R.analysis_sets(a.tasks, a.variants, a.work_dir, a.split):
         for with_groups in (False, True):
             for method in ("dfr", "mix"):
                 info = get_method(method)
@@ -52,7 +55,7 @@ def main(argv=None) -> None:
                 diff = [p - q for p, q in zip(got["probability"], got["accuracy"])]
                 cells = "  ".join(f"{s} {statistics.mean(v):.1f} +- {statistics.stdev(v):.1f} "
                                   f"(min {min(v):.1f})" for s, v in got.items())
-                print(f"{label}: {cells}  paired diff {statistics.mean(diff):+.1f}  per seed "
+                print(f"{label} ({a.split}): {cells}  paired diff {statistics.mean(diff):+.1f}  per seed "
                       f"acc {[round(v, 1) for v in got['accuracy']]} prob {[round(v, 1) for v in got['probability']]}",
                       flush=True)
 

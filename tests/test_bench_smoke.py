@@ -426,3 +426,21 @@ def test_marks_rest_on_what_the_target_says():
                                                                "acc": 0.869}}}}}
     assert any("accuracy **missed**" in line for line in scale_table(sc))      # the recorded mark is not trusted
 
+
+
+def test_development_analyses_score_on_the_repair_set_never_on_test():
+    """`bench.rows.development_data`: the analysis scripts' default split is the repair set cut in two
+    halves by group; nothing of the test split is in it."""
+    from bench.rows import TaskData, development_data
+
+    g = torch.tensor([0] * 10 + [1] * 6 + [2] * 4)
+    X = torch.arange(20, dtype=torch.float32)[:, None].repeat(1, 3)
+    td = TaskData(task=None, variant="balanced", data=Path("."), X_val=X, y_val=g % 2, g_val=g,
+                  X_test=torch.full((5, 3), -1.0), y_test=torch.zeros(5, dtype=torch.long),
+                  g_test=torch.zeros(5, dtype=torch.long), test_group_names=["t"], class_names=["a", "b"],
+                  W0=torch.zeros(2, 3), b0=torch.zeros(2), embed_seconds={}, val_group_names=["x", "y", "z"])
+    d = development_data(td, seed=3)
+    fit, held = d.X_val[:, 0].long().tolist(), d.X_test[:, 0].long().tolist()
+    assert sorted(fit + held) == list(range(20)) and not set(fit) & set(held)
+    assert set(d.g_val.tolist()) == set(d.g_test.tolist()) == {0, 1, 2}
+    assert d.test_group_names == ["x", "y", "z"] and (d.X_test >= 0).all()
