@@ -217,3 +217,21 @@ def test_a_common_offset_of_every_logit_widens_no_near_tie():
     small = torch.tensor([[0.3, 0.3 + 2e-6, -1.0]])             # a genuine tie stays one
     t = DEFAULT_BOUND.tie_allowed(small)
     assert 2e-6 <= float(t[0, 0] + t[0, 1])
+
+
+def test_a_repaired_bias_less_matmul_head_keeps_the_cache_key(tmp_path):
+    """A MatMul head without a bias gets an Add when its repair has one: the body is the same, so the
+    written file's embeddings are served from the source's cache entry."""
+    nodes, inits = _body()
+    nodes.append(helper.make_node("MatMul", ["emb", "head.w"], ["logits"]))
+    inits.append(_init("head.w", np.random.default_rng(5).normal(0, 1, (D, 3))))
+    src = _save(tmp_path / "m" / "m.onnx", nodes, inits)
+    a = load_model(src)
+    W, b = a.head_params()
+    a.set_head(W, b + 1)
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    (out.parent / "preprocess.json").write_text((src.parent / "preprocess.json").read_text())
+    a.save(out, {})
+    assert [n.op_type for n in onnx.load(str(out)).graph.node][-2:] == ["MatMul", "Add"]
+    assert _key(out) == _key(src)

@@ -313,11 +313,10 @@ def graph_structure_hash(proto, skip_inits: Sequence[str], head: Optional[HeadSp
         node = g.node[head.node]
         del node.attribute[:]
         del node.input[1:]
-        if head.add_node is not None:
-            add = g.node[head.add_node]
-            keep = [i for i in add.input if i != head.bias_name]
-            del add.input[:]
-            add.input.extend(keep)
+        if head.add_node is not None:   # MatMul + Add: hashed as the MatMul alone, writing the Add's output
+            # (a bias-less MatMul head gets an Add when repaired: the same body, the same key)
+            node.output[0] = g.node[head.add_node].output[0]
+            del g.node[head.add_node]
     h.update(g.SerializeToString(deterministic=True))
     for sp in sorted(proto.graph.sparse_initializer, key=lambda t: t.values.name):
         h.update(b"sparse\0" + sp.SerializeToString(deterministic=True))
