@@ -253,15 +253,28 @@ def run(args) -> dict:
             _write_outputs(doc, out_dir, args, final=False)      # partial results survive a crash
         info.update({"wall_minutes": (time.perf_counter() - t_part) / 60, "load_end": load_average(),
                      "seeds": args.seeds if part == "head" else args.model_seeds if part == "model" else None})
-        earlier = doc["meta"]["parts"].get(part)
-        if earlier:                  # the rows of earlier runs are kept: so are their lines
-            also = earlier.get("also") or []
-            also = also if isinstance(also, list) else [also]
-            info["also"] = also + [{k: x for k, x in earlier.items() if k != "also"}]
+        kept = earlier_lines(doc["meta"]["parts"].get(part), info, args, part)
+        if kept:
+            info["also"] = kept
         doc["meta"]["parts"][part] = info
     doc["meta"]["wall_minutes"] = (time.perf_counter() - t_start) / 60
     _write_outputs(doc, out_dir, args, final=True)
     return doc
+
+
+def earlier_lines(earlier: Optional[dict], info: dict, args, part: str) -> list:
+    """The lines of a part's earlier runs that a rerun (``info``, ``args``) keeps: the rows of earlier runs
+    stay in the report, so do their lines -- unless this run re-measured all they measured (every task,
+    repair set and row, on all of their seeds)."""
+    if not earlier:
+        return []
+    also = earlier.get("also") or []
+    also = also if isinstance(also, list) else [also]
+    whole = args.tasks is None and args.variants is None and not (
+        part == "model" and (args.model_rows or args.model_groups != "both"))
+    mine = set(info.get("seeds") or [])
+    return [e for e in also + [{k: x for k, x in earlier.items() if k != "also"}]
+            if not (whole and (e.get("seeds") is None or set(e.get("seeds") or []) <= mine))]
 
 
 def _write_outputs(doc: dict, out_dir: Path, args, final: bool) -> None:

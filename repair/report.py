@@ -247,20 +247,23 @@ def gate_summary(gate: dict) -> str:
     e.g. ``worst-group accuracy 71.33% < 71.34%``, never ``71.3% < 71.3%``."""
     from fractions import Fraction
 
-    from .rules import METRIC_NAMES, _show_pct, parse_threshold
+    from .errors import BadInput
+    from .rules import METRIC_NAMES, _threshold_pct, parse_threshold, show_against
 
     try:
-        thr = parse_threshold(gate["threshold_text"]).show()
-    except (KeyError, TypeError, ValueError):            # a document written before threshold_text
-        thr = _pct(gate.get("threshold"))
+        tv = parse_threshold(gate["threshold_text"]).value
+    except (KeyError, TypeError, ValueError, BadInput):     # a document written before threshold_text
+        tv = None if gate.get("threshold") is None else Fraction(gate["threshold"]).limit_denominator(10 ** 9)
     name = METRIC_NAMES.get(gate.get("metric"), str(gate.get("metric") or "gate"))
+    thr = "–" if tv is None else _threshold_pct(tv)
     k, n = gate.get("correct"), gate.get("n")
     if k is not None and n:
-        figure = _show_pct(Fraction(k, n), unlike=thr)
+        fv = Fraction(k, n)
     elif gate.get("value") is not None:                    # a document written before the counts
-        figure = _pct(gate["value"])
+        fv = Fraction(gate["value"]).limit_denominator(10 ** 12)
     else:
         return f"{name} not measurable, gate {thr}"
+    figure, thr = (_show_pct(fv), thr) if tv is None else show_against(fv, tv)
     missing = gate.get("unmeasured") or []
     if missing:
         return f"{name} {figure}, but {len(missing)} without samples; gate {thr}"

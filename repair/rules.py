@@ -345,22 +345,48 @@ class Threshold:
         return float(self.value)
 
     def show(self) -> str:
-        return _show_pct(self.value)
+        return _threshold_pct(self.value)
 
 
-def _show_pct(frac: Fraction, unlike: Optional[str] = None) -> str:
-    """A fraction as a percentage with as many digits as it needs (70%, 68.33%, 99.995%); with
-    ``unlike`` (the threshold as shown), more digits until the two read differently, so a gate's
-    line never says "66.67% < 66.67%" (24/36 against a 66.67% gate)."""
+def _show_pct(frac: Fraction) -> str:
+    """A fraction as a percentage with as many digits as it needs (70%, 68.33%, 99.995%)."""
     x = 100 * frac
     for digits in (0, 2, 4, 6):
         s = f"{float(x):.{digits}f}"
         if Fraction(s) == x:
             return s + "%"
+    return f"{float(x):.2f}%"
+
+
+def _threshold_pct(value: Fraction) -> str:
+    """A threshold as a percentage with every digit it has (70%, 71.34%, 12.3456789%), up to 12."""
+    x = 100 * value
+    for digits in range(13):
+        s = f"{float(x):.{digits}f}"
+        if Fraction(s) == x:
+            return s + "%"
+    return f"{float(x):.12f}%"
+
+
+def show_against(figure: Fraction, threshold: Fraction) -> tuple[str, str]:
+    """(figure, threshold) as percentages for a gate's line: the threshold with its digits, the figure with
+    the digits that keep the two in their true order and tell them apart -- never "66.67% < 66.67%"
+    (24/36 against 66.67%) nor "70.00% < 70%" (20999/30000 against 70%). The one home of that rule (the
+    gate's message, the zoo's tables)."""
+    figure, threshold = Fraction(figure), Fraction(threshold)
+    t = _threshold_pct(threshold)
+    tv = Fraction(t[:-1]) / 100
+    if figure == threshold:
+        return t, t
+    f = _show_pct(figure)
     digits = 2
-    while f"{float(x):.{digits}f}%" == unlike and digits < 12:
-        digits += 2
-    return f"{float(x):.{digits}f}%"
+    while digits <= 15:
+        fv = Fraction(f[:-1]) / 100
+        if (fv >= tv) == (figure >= threshold) and fv != tv:
+            return f, t
+        f = f"{float(100 * figure):.{digits}f}%"
+        digits += 1
+    return f, t
 
 
 def parse_threshold(value: Any) -> Threshold:
@@ -531,7 +557,8 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
         k, n = counts
         passed, value = Fraction(k, n) >= thr.value, k / n
         sign = ">=" if passed else "<"
-        message = f"{label} {k}/{n} = {_show_pct(Fraction(k, n), unlike=thr.show())} {sign} {thr.show()}"
+        shown_figure, shown_threshold = show_against(Fraction(k, n), thr.value)
+        message = f"{label} {k}/{n} = {shown_figure} {sign} {shown_threshold}"
     return {"metric": name, "threshold": float(thr.value), "threshold_text": thr.text, "value": value,
             "correct": None if counts is None else counts[0], "n": None if counts is None else counts[1],
             "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}

@@ -993,7 +993,7 @@ RAY_JOIN_TIMEOUT_S = 60.0
 #: how long the driver waits for the tasks it cancelled (by force) to end before it goes on
 RAY_CANCEL_WAIT_S = 10.0
 _RAY_ADDRESS = re.compile(r"(?:(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://)?"
-                          r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})/?")
+                          r"(?P<host>\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._-]+)?\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})/?")
 
 
 def ray_address(address: str) -> Optional[tuple[str, int]]:
@@ -1043,12 +1043,22 @@ def _join_within(ray, address: str, timeout: float, **kwargs) -> None:
     """``ray.init(address=address, **kwargs)`` given ``timeout`` seconds (run in a thread: Ray has no
     overall deadline of its own); BadInput when it takes longer or refuses the address."""
     box: dict = {}
+    lock = threading.Lock()
 
     def join():
         try:
             ray.init(address=address, **kwargs)
         except BaseException as e:                          # noqa: B036 - handed to the driver's thread
             box["error"] = e
+            return
+        with lock:                 # a join the driver gave up on is undone: no cluster it refused stays joined
+            box["joined"] = True
+            abandoned = box.get("abandoned", False)
+        if abandoned:
+            try:
+                ray.shutdown()
+            except Exception:      # noqa: BLE001 - the process is leaving that cluster either way
+                pass
 
     import logging
 
@@ -1063,7 +1073,11 @@ def _join_within(ray, address: str, timeout: float, **kwargs) -> None:
         t.join(timeout)
     finally:
         worker_log.removeFilter(not_the_thread_notice)
-    if t.is_alive():
+    with lock:
+        late = t.is_alive() and not box.get("joined")
+        if late:
+            box["abandoned"] = True
+    if late:
         raise BadInput(f"cannot join the Ray cluster at {address}: something answers there, but no Ray "
                        f"cluster joined within {timeout:g}s; is it the head's address (ray start --head "
                        "prints it; ray:// takes the client port, 10001 by default)?")

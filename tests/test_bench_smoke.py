@@ -444,3 +444,19 @@ def test_development_analyses_score_on_the_repair_set_never_on_test():
     assert sorted(fit + held) == list(range(20)) and not set(fit) & set(held)
     assert set(d.g_val.tolist()) == set(d.g_test.tolist()) == {0, 1, 2}
     assert d.test_group_names == ["x", "y", "z"] and (d.X_test >= 0).all()
+
+
+def test_a_rerun_keeps_the_lines_of_the_runs_whose_rows_stay():
+    """A part's earlier lines stay while rows they measured stay; a rerun of every task and row on all
+    their seeds replaces them (a review: each rerun appended a line for rows it had replaced)."""
+    from types import SimpleNamespace
+
+    from bench.run import earlier_lines
+
+    args = SimpleNamespace(tasks=None, variants=None, model_rows=None, model_groups="both")
+    earlier = {"seeds": [0, 1], "date": "d1", "also": [{"seeds": [3], "date": "d0"}]}
+    assert earlier_lines(earlier, {"seeds": [0, 1]}, args, "head") == [{"seeds": [3], "date": "d0"}]
+    assert earlier_lines(earlier, {"seeds": [0, 1, 3]}, args, "head") == []
+    some = SimpleNamespace(**{**vars(args), "tasks": ["demo"]})
+    assert [e["date"] for e in earlier_lines(earlier, {"seeds": [0, 1, 3]}, some, "head")] == ["d0", "d1"]
+    assert earlier_lines(None, {"seeds": [0]}, args, "head") == []

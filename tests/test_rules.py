@@ -40,8 +40,18 @@ def test_gate_compares_exact_counts_and_shows_the_digits():
     g = judge(fig, "2/3" if False else "66.67%", "worst_group")
     assert g["where"] == "a|w" and g["correct"] == 2 and not g["passed"]     # 2/3 < 66.67%
     # the line shows the digits that tell them apart (an audit: it read "66.67% < 66.67%")
-    assert "2/3 = 66.6667% < 66.67%" in g["message"], g["message"]
+    assert "2/3 = 66.667% < 66.67%" in g["message"], g["message"]
     assert judge(fig, "66.66%", "worst_group")["passed"]
+    # a figure that rounds onto the threshold, and a threshold with more digits than two (a review)
+    near = judge({"n": 30000, "accuracy": 20999 / 30000}, "70%", "accuracy")
+    assert "20999/30000 = 69.997% < 70%" in near["message"], near["message"]
+    fine = judge({"n": 100000, "accuracy": 12346 / 100000}, "0.123456789", "accuracy")
+    assert fine["passed"] and "12.3460% >= 12.3456789%" in fine["message"], fine["message"]
+    from repair.report import gate_summary
+
+    old = {k: v for k, v in judge({"n": 10000, "accuracy": 0.7133}, "71.34%", "accuracy").items()
+           if k not in ("threshold_text", "correct")}                # a report written before the counts
+    assert gate_summary(old) == "accuracy 71.33% < 71.34%"
 
 
 def test_gate_fails_closed_on_figures_that_cannot_be_measured():

@@ -233,3 +233,21 @@ def test_a_relative_cache_dir_reaches_every_task_absolute(parts, tmp_path, monke
     assert code == 0, err
     assert [t["runtime"]["cache_dir"] for _, t in fake.tasks.values()] == [str(tmp_path / "cwd" / "rel")] * 2
     assert (tmp_path / "cwd" / "rel").is_dir()
+
+
+def test_a_join_given_up_on_leaves_the_process_joined_to_no_cluster():
+    """A join slower than the deadline is refused, and when it completes later it is undone: a later
+    run must not find itself on the cluster this one refused (a review)."""
+    import repair.zoo as zoo
+    from repair.errors import BadInput
+
+    fake = FakeRay(on_init=lambda address: time.sleep(0.6))
+    with pytest.raises(BadInput, match="no Ray cluster joined within 0.2s"):
+        zoo._join_within(fake, "127.0.0.1:1", 0.2)
+    deadline = time.time() + 10
+    while time.time() < deadline and not fake.shut:
+        time.sleep(0.05)
+    assert fake.shut and not fake.is_initialized()
+    from repair.zoo import ray_address
+
+    assert ray_address("[fe80::1%eth0]:6379") == ("fe80::1%eth0", 6379)
