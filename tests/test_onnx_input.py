@@ -235,3 +235,60 @@ def test_a_repaired_bias_less_matmul_head_keeps_the_cache_key(tmp_path):
     a.save(out, {})
     assert [n.op_type for n in onnx.load(str(out)).graph.node][-2:] == ["MatMul", "Add"]
     assert _key(out) == _key(src)
+
+
+def test_model_families_refuse_what_they_cannot_measure_faithfully(tmp_path, bert_folder, monkeypatch):
+    """A multi-label transformers model decides by a sigmoid per label, not the argmax the figures use:
+    refused by name. A network whose own forward pass fails on the data is bad input (exit 2), not an
+    internal error (an audit)."""
+    import shutil
+    import sys
+
+    from repair.adapters import load_model
+
+    ml = tmp_path / "ml"
+    shutil.copytree(bert_folder, ml)
+    cfg = json.loads((ml / "config.json").read_text())
+    (ml / "config.json").write_text(json.dumps({**cfg, "problem_type": "multi_label_classification"}))
+    with pytest.raises(BadInput, match="problem_type is 'multi_label_classification'"):
+        load_model(ml)
+
+    (tmp_path / "badnet.py").write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 3))\n")     # the head fed a 4-D map
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("badnet", None)
+    import badnet
+    from safetensors.torch import save_file
+
+    save_file(badnet.net().state_dict(), str(tmp_path / "w.safetensors"))
+    a = load_model(tmp_path / "w.safetensors", LoadOptions(factory="badnet:net", image_size=8,
+                                                          mean=(0.5,) * 3, std=(0.5,) * 3))
+    with pytest.raises(BadInput, match="the model's forward pass fails on this data"):
+        a.embed_batch(torch.zeros(2, 3, 8, 8), "cpu")
+
+
+def test_an_onnx_text_model_reads_at_the_length_its_export_recorded(tmp_path, bert_folder, text_data):
+    """The length an export was measured with (metadata ``max_length``) is used as it is: a model with
+    relative positions (DeBERTa) records more than its config's max_position_embeddings, and a later
+    load must not refuse it as if the user had given --max-length (an audit)."""
+    from conftest import run_cli
+
+    from repair.adapters import load_model
+
+    out = tmp_path / "o"
+    code, _, err = run_cli("fix", bert_folder, "--data", text_data, "--recipe", "dfr", "--out", out,
+                           "--export", "onnx", "-q", "--no-cache")
+    assert code == 0, err
+    onnx_file = next(out.glob("*.onnx"))
+    m = onnx.load(str(onnx_file))
+    for p in m.metadata_props:
+        if p.key == "max_length":
+            p.value = "24"
+    onnx.save(m, str(onnx_file))
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 16}))
+    assert load_model(onnx_file).max_length == 24
+    with pytest.raises(BadInput, match="--max-length 20 is more than the 16 tokens"):
+        load_model(onnx_file, LoadOptions(max_length=20))           # a length the user gives is checked

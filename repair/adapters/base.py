@@ -428,6 +428,16 @@ class TorchModelAdapter(Adapter):
         cap = HeadCapture(self.head)
         try:
             forward()
+        except BadInput:
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            # the network itself fails on this input (a head fed the wrong shape, a layer that cannot take
+            # these images or tokens): the checkpoint and the data do not fit, not our bug
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise BadInput(f"the model's forward pass fails on this data ({type(e).__name__}: {msg})",
+                           self.source) from None
         finally:
             cap.remove()
         emb = cap.value

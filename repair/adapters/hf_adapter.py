@@ -94,6 +94,12 @@ class HFTextAdapter(TorchModelAdapter):
         archs = cfg.get("architectures") or []
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
             raise BadInput(f"not a sequence-classification model (architectures: {archs})", cfg_path)
+        ptype = cfg.get("problem_type")
+        if ptype not in (None, "single_label_classification"):
+            # a multi-label model decides by a sigmoid per label, a regression one has no classes: the
+            # figures (argmax of the logits) and a softmax-fitted head would misstate how it decides
+            raise BadInput(f"problem_type is {ptype!r}: repair measures and repairs single-label classifiers "
+                           "(the class is the argmax of the logits)", cfg_path)
         own = path / "model.safetensors"
         given = weights is not None
         other = given and Path(weights).resolve() != own.resolve()

@@ -100,7 +100,8 @@ class OnnxAdapter(Adapter):
             self._check_image_shape()
         else:
             self._collate = None
-            self._load_tokenizer(max_length if max_length is not None else self._max_length_from_metadata())
+            recorded = self._max_length_from_metadata() if max_length is None else None
+            self._load_tokenizer(max_length if max_length is not None else recorded, recorded=recorded is not None)
 
     # ---- set-up helpers
     def _class_names(self, given, C: int) -> list[str]:
@@ -163,15 +164,18 @@ class OnnxAdapter(Adapter):
             raise BadInput(f"metadata max_length is {raw!r}, not a whole number >= 1", self.source)
         return int(raw)
 
-    def _load_tokenizer(self, max_length: Optional[int]) -> None:
+    def _load_tokenizer(self, max_length: Optional[int], recorded: bool = False) -> None:
         folder = self.source.parent
         if not has_tokenizer_files(folder):
             return
         self.tokenizer = load_tokenizer(folder, "cannot load the tokenizer next to the ONNX model")
-        # the model's positions (its config beside the file) cap the length, as in the transformers adapter:
-        # a longer text would overflow the position embeddings
-        self.max_length = resolve_max_length(self.tokenizer, max_length, positions=max_positions_beside(folder),
-                                             where=folder / "config.json")
+        if recorded:     # the length the export was measured and verified with: as it is (a model with
+            self.max_length = int(max_length)     # relative positions, DeBERTa, has no position cap)
+        else:
+            # the model's positions (its config beside the file) cap the length, as in the transformers
+            # adapter: a longer text would overflow the position embeddings
+            self.max_length = resolve_max_length(self.tokenizer, max_length, positions=max_positions_beside(folder),
+                                                 where=folder / "config.json")
         seq = [s[1] for n, s in self._inputs if n == "input_ids" and len(s) == 2]
         self._fixed_seq = seq[0] if seq and isinstance(seq[0], int) else None
 
