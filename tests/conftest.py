@@ -157,6 +157,17 @@ def make_texts(path: Path, n: int = 40, seed: int = 0, fmt: str = "csv") -> Path
     return path
 
 
+def make_zoo_parts(root: Path, with_test: bool = False) -> Path:
+    """What the zoo tests' manifests name: two tiny timm models (``m0``, ``m1``), a small image repair set
+    (``val``) and, ``with_test``, a held-out set (``test``)."""
+    make_timm_folder(root / "m0", seed=0)
+    make_timm_folder(root / "m1", seed=1)
+    make_images(root / "val", n_per_class=6, seed=1)
+    if with_test:
+        make_images(root / "test", n_per_class=6, seed=2)
+    return root
+
+
 @pytest.fixture(scope="session")
 def timm_folder(tmp_path_factory) -> Path:
     return make_timm_folder(tmp_path_factory.mktemp("models") / "tiny-timm")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_images, make_timm_folder, run_cli, time_limit
+from conftest import make_zoo_parts, run_cli, time_limit
 
 
 class FakeRay(types.ModuleType):
@@ -79,11 +79,7 @@ class FakeRay(types.ModuleType):
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo-ray")
-    make_timm_folder(root / "m0", seed=0)
-    make_timm_folder(root / "m1", seed=1)
-    make_images(root / "val", n_per_class=6, seed=1)
-    return root
+    return make_zoo_parts(tmp_path_factory.mktemp("zoo-ray"))
 
 
 def manifest(tmp_path: Path, parts: Path, **defaults) -> Path:

@@ -12,18 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_deployed_onnx, make_images, make_timm_folder, run_cli, time_limit
+from conftest import make_deployed_onnx, make_zoo_parts, run_cli, time_limit
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Two tiny timm models and one small image set, copied per test (the tests change them)."""
-    root = tmp_path_factory.mktemp("zoo-trust")
-    make_timm_folder(root / "m0", seed=0)
-    make_timm_folder(root / "m1", seed=1)
-    make_images(root / "val", n_per_class=6, seed=1)
-    make_images(root / "test", n_per_class=6, seed=2)
-    return root
+    return make_zoo_parts(tmp_path_factory.mktemp("zoo-trust"), with_test=True)
 
 
 def zoo(tmp_path: Path, parts: Path, rows: list[dict], **defaults) -> Path:
