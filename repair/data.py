@@ -561,7 +561,7 @@ def _json_record(rec, where: str, path: Path) -> dict[str, str]:
         kind = "array" if isinstance(rec[nested[0]], list) else "object"
         raise BadInput(f"{where}: field {nested[0]!r} is a JSON {kind}, not a single value (a text, a "
                        "label, a group value)", path)
-    row = {k: _json_cell(v, k, where, path) for k, v in rec.items()}
+    row = {k: _json_cell(v) for k, v in rec.items()}
     for k, v in row.items():       # JSON's \ud800 escapes decode to what no UTF-8 text holds
         try:
             k.encode("utf-8"), v.encode("utf-8")
@@ -571,7 +571,7 @@ def _json_record(rec, where: str, path: Path) -> dict[str, str]:
     return row
 
 
-def _json_cell(v, key: str, where: str, path: Path) -> str:
+def _json_cell(v) -> str:
     """One JSON value as the text a CSV cell would hold: null and NaN (what pandas and ``json.dumps``
     write for a missing value) as empty; an infinity as ``inf`` (as a CSV writes it)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
