@@ -502,11 +502,15 @@ def test_dfr_lbfgs_and_newton_agree():
     assert torch.allclose(la, ln, atol=2e-2 * float(ln.abs().max()))
 
 
-def test_dfr_fast_protocol_refits_on_all_rows_for_more_classes():
-    # more than two classes: the strength is chosen by the 2-fold path as for two classes, but the
-    # head is one fit on all rows at that strength (a half holds few rows of each class when there
-    # are many), i.e. the head dfr gives when that strength is the only one; two classes keep the
-    # average of the fold heads
+def test_dfr_fast_protocol_head_for_more_classes_is_sklearns_multinomial_fit():
+    # more than two classes: the strength is chosen by the 2-fold one-vs-rest path as for two
+    # classes, but the head is ONE multinomial fit on all rows at that strength: the group-balanced
+    # (expected weights) L2 softmax regression scikit-learn's lbfgs fits on the standardised rows;
+    # two classes keep the average of the fold heads
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     from repair.methods import RepairInputs, get_method
     from repair.methods.dfr import DFRConfig
 
@@ -514,14 +518,22 @@ def test_dfr_fast_protocol_refits_on_all_rows_for_more_classes():
     X, y = _multi(n=600, d=12, C=4, seed=5)
     g = y * 2 + (X[:, 0] > X[:, 0].median()).long()
     inp = RepairInputs(X=X, y=y, W=torch.zeros(4, 12), b=torch.zeros(4), groups=g, seed=0)
+    w = S.expected_balanced_weights(g).numpy().astype(np.float64)
+    sc = StandardScaler().fit(X.numpy())
     for solver in ("newton", "lbfgs"):
         out = dfr(inp, DFRConfig(protocol="fast", c_grid=(3.0, 0.03), solver=solver, group_cap=None, tol=1e-8))
         C = out.diagnostics["chosen"]["C"]
-        one = dfr(inp, DFRConfig(protocol="fast", c_grid=(C,), solver=solver, group_cap=None, tol=1e-8))
-        assert out.diagnostics["head_from"] == one.diagnostics["head_from"] == "one fit on all rows"
-        la, lb = X @ out.W.T + out.b, X @ one.W.T + one.b
-        assert float((la.argmax(1) == lb.argmax(1)).float().mean()) >= 0.99
-        assert torch.allclose(la, lb, atol=1e-2 * float(lb.abs().max()))
+        assert out.diagnostics["head_from"] == "one multinomial fit on all rows"
+        assert out.diagnostics["head_converged"]
+        ref = LogisticRegression(C=C, solver="lbfgs", tol=1e-10, max_iter=10_000).fit(
+            sc.transform(X.numpy()), y.numpy(), sample_weight=w)
+        Wr = torch.as_tensor(ref.coef_ / sc.scale_, dtype=torch.float32)
+        br = torch.as_tensor(ref.intercept_ - (ref.coef_ / sc.scale_) @ sc.mean_, dtype=torch.float32)
+        la, lr = X @ out.W.T + out.b, X @ Wr.T + br
+        # softmax is shift-invariant per row: compare centred logits
+        la, lr = la - la.mean(1, keepdim=True), lr - lr.mean(1, keepdim=True)
+        assert float((la.argmax(1) == lr.argmax(1)).float().mean()) >= 0.99
+        assert torch.allclose(la, lr, atol=1e-2 * float(lr.abs().max()))
     X2, y2 = _multi(n=600, d=12, C=2, seed=5)
     two = dfr(RepairInputs(X=X2, y=y2, W=torch.zeros(2, 12), b=torch.zeros(2), groups=y2 * 2 + (X2[:, 0] > 0).long(),
                            seed=0), DFRConfig(protocol="fast", c_grid=(3.0, 0.03)))
