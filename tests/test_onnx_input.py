@@ -292,3 +292,21 @@ def test_an_onnx_text_model_reads_at_the_length_its_export_recorded(tmp_path, be
     assert load_model(onnx_file).max_length == 24
     with pytest.raises(BadInput, match="--max-length 20 is more than the 16 tokens"):
         load_model(onnx_file, LoadOptions(max_length=20))           # a length the user gives is checked
+
+
+def test_position_limit_beside_an_onnx_file_leaves_out_robertas_padding_offset(tmp_path):
+    """RoBERTa-like configs count the rows before the padding index + 1 in max_position_embeddings
+    (514 rows hold 512 tokens): the limit read beside an ONNX file is what the table can embed, as
+    the torch adapter reads it off the table itself (a length of 513 would index past it)."""
+    from repair.adapters.text import max_positions_beside
+
+    def limit(**cfg):
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        return max_positions_beside(tmp_path)
+
+    assert limit(model_type="roberta", max_position_embeddings=514, pad_token_id=1) == 512
+    assert limit(model_type="xlm-roberta", max_position_embeddings=130) == 128        # pad id 1 by default
+    assert limit(model_type="camembert", max_position_embeddings=20, pad_token_id=3) == 16
+    assert limit(model_type="bert", max_position_embeddings=512, pad_token_id=0) == 512
+    assert limit(model_type="roberta", max_position_embeddings=2) is None
+    assert limit(max_position_embeddings=True) is None

@@ -149,10 +149,24 @@ def max_positions_beside(folder: Path) -> Optional[int]:
     from .base import read_json       # (base imports this module)
 
     try:
-        v = read_json(Path(folder) / "config.json").get("max_position_embeddings")
+        cfg = read_json(Path(folder) / "config.json")
     except BadInput:                  # none, or not readable: no limit known
         return None
-    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+    v = cfg.get("max_position_embeddings")
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        return None
+    if cfg.get("model_type") in PADDING_OFFSET_POSITIONS:
+        # positions count from the padding index + 1 (RoBERTa: 514 rows hold 512 tokens), as
+        # :func:`repair.adapters.hf_adapter.position_limit` reads off the table itself
+        pad = cfg.get("pad_token_id", 1)
+        v -= (pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 1) + 1
+    return v if v > 0 else None
+
+
+#: transformers model types whose position ids start after the padding index (their
+#: ``max_position_embeddings`` counts those unused rows)
+PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+                                      "data2vec-text", "xmod", "ibert", "roberta-prelayernorm", "mpnet"})
 
 
 def tokenizer_preprocess_id(tokenizer, max_length: Optional[int]) -> dict:
