@@ -177,7 +177,7 @@ def make_fix_command(inputs_bundle: OptionBundle):
                 tolerance: Annotated[Optional[float], typer.Option("--tolerance", rich_help_panel=PANEL_OUTPUT, help="ONNX verification: an absolute max |logit difference| (default: 1e-5 + 1e-3 x the larger of the logit and the sample's top logit).")] = None,
                 seed: Seed = 0,
                 budget: Annotated[Optional[str], typer.Option("--budget", rich_help_panel=PANEL_REPAIR, help="Model repairs: training budget per run, e.g. 300steps, 3epochs, 10min (first reached ends training; default: 10min).")] = None,
-                force: Annotated[bool, typer.Option("--force", rich_help_panel=PANEL_OUTPUT, help="Overwrite an existing output (never an input). Default: refuse.")] = False,
+                force: Annotated[bool, typer.Option("--force", rich_help_panel=PANEL_OUTPUT, help="Overwrite an existing output (never an input; a folder only when empty or written by repair). Default: refuse.")] = False,
                 allow_finetune: Annotated[bool, typer.Option("--allow-finetune", rich_help_panel=PANEL_REPAIR, help="Recipe auto may escalate to fine-tuning the network (mixft) when it beats the head on the same folds (= --recipe auto-ft). Default: heads only.")] = False,
                 allow_plugins: Annotated[bool, typer.Option("--allow-plugins", rich_help_panel=PANEL_REPAIR, help="Let the recipe's plugins: (Python files) run. Default: refused, since they are code.")] = False,
                 report: Annotated[Optional[Path], typer.Option("--report", rich_help_panel=PANEL_OUTPUT, help="Also write an HTML report (and .json beside it): figures, per-group bars, candidates, the probe's neuron deltas. Default: none.")] = None,

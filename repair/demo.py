@@ -409,7 +409,9 @@ def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:
                         "is not a file the demo wrote" if rel not in listed else "changed since the demo wrote it")
                     raise BadInput(f"{flag}: {rel} {why}; --force replaces a demo folder only while it holds "
                                    "nothing but what the demo wrote; move it out, or choose another folder", out)
-    return check_writable(out, force=True, flag=flag)
+    # verified above: new, an empty folder or a previous demo (its marker), which the general rule of what
+    # --force replaces (an empty folder, or a model output repair wrote) would not know as repair's
+    return check_writable(out, force=True, flag=flag, kind="folder", owned=True)
 
 
 def write_marker(folder: Path, *, seed: int, size: str, model_args: dict) -> None:
@@ -468,7 +470,7 @@ def build_demo(out_dir: Path, *, seed: int = 0, size: str = "default",
     train_s = time.perf_counter() - t0
     say(f"ERM training took {train_s:.1f}s")
     # checked above (an existing out_dir is empty, or a demo replaced with force)
-    with atomic_output(out_dir, force=True, is_dir=True, log=progress) as staged:
+    with atomic_output(out_dir, force=True, is_dir=True, log=progress, owned=True) as staged:
         for name, (images, y, place) in splits.items():
             _write_split(staged / "data" / name, images, y, place)
         (staged / "model").mkdir()
@@ -510,7 +512,7 @@ def run_demo(out_dir, *, seed: int = 0, size: str = "default", recipe: str = "au
     from .pipeline import FixOptions, fix_model
 
     fix_opts = FixOptions(recipe=recipe, seed=seed, force=True)
-    with atomic_output(out, force=True, is_dir=True, log=log) as staged:
+    with atomic_output(out, force=True, is_dir=True, log=log, owned=True) as staged:   # checked by check_out
         def staged_say(msg: str) -> None:      # progress names the places as they will be
             say(str(msg).replace(str(staged), str(out)))
 

@@ -9,6 +9,13 @@ host, ``flock``-ed while the owner runs). The next run writing the same output r
 the ones whose owner is gone (:func:`clean_stale_temps`) and says so on stderr; a folder
 whose lock is held (a run in progress, in any process) is left alone, and nothing not
 named like ours is ever touched.
+
+What ``force`` may replace is one rule, :func:`replace_refused`, applied by :func:`check_output` (before
+any work) and by :meth:`OutputSet.stage` (when writing): a symbolic link (the link, never its target), a
+regular file (unless the output is a folder), an empty folder, or a folder repair wrote -- a model
+output (``model.safetensors`` carrying repair's provenance) or a model repair's files (their
+``manifest.json``). Any other folder is the user's and is never replaced: :class:`BadInput`, nothing
+written or deleted.
 """
 from __future__ import annotations
 
@@ -124,13 +131,31 @@ def current_umask() -> int:
     return mask
 
 
+#: the largest safetensors header read (safetensors' own limit)
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _read_header(f, size: Optional[int] = None) -> tuple[int, dict]:
+    """The length and the JSON header of the safetensors file open as ``f`` (at its start), reading
+    nothing past the header. ``ValueError`` when it is not one (``size``: the file's size, to check
+    the header fits in it)."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise ValueError("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES or (size is not None and n > size - 8):
+        raise ValueError("not a safetensors header length")
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the safetensors header is not a JSON object")
+    return n, header
+
+
 def _sort_header(path: Path) -> None:
     """Rewrite a safetensors header in place: ``__metadata__`` first with sorted keys, the
     tensors in data order. The header keeps its length (safetensors pads it with spaces)."""
     with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(n)
-        header = json.loads(raw)
+        n, header = _read_header(f)
         meta = header.pop("__metadata__", None)
         out = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
         out.update(sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])))
@@ -317,16 +342,154 @@ def json_text(doc: Any, indent: int = 2) -> str:
     return json.dumps(clean(doc), indent=indent, default=str, allow_nan=False) + "\n"
 
 
-def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[str], None]] = None) -> Path:
-    """Check, before any work, that ``final`` can be written: it does not exist (unless
-    ``force``), its folder exists and is a folder, and a file can be created there (a real
-    probe: permissions, read-only mounts, /proc). Removes stale temps of ours beside it."""
+# ------------------------------------------------------------------ what --force may replace
+#: the weights file of every folder output of a model (``repair fix``, ``repair export --format safetensors``
+#: of a folder, a zoo's model): its safetensors header carries repair's provenance (``repair.tool``)
+MODEL_WEIGHTS = "model.safetensors"
+#: the record a model repair writes in its files' folder (``<output>-artifacts``), with these keys
+ARTIFACTS_RECORD = "manifest.json"
+ARTIFACTS_KEYS = frozenset({"generator", "mask_source", "generated", "kept", "images"})
+#: the largest artifacts record read (a generated image is one short entry in it)
+MAX_RECORD_BYTES = 64 << 20
+#: what an output is: a file, a folder, or not known to the caller (None)
+OUTPUT_KINDS = ("file", "folder")
+_NOT_OURS = ("is a folder that is not one repair wrote (no model.safetensors with repair's provenance, nor a "
+             "model repair's manifest.json), so --force does not replace it; choose another output or delete "
+             "it yourself")
+
+
+def _open_entry(dir_fd: int, name: str):
+    """The regular file ``name`` in the folder open as ``dir_fd``, opened for reading with its size
+    (a symlink is never followed, a FIFO never blocks); None when it is anything else or missing."""
+    import stat as stat_
+
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat_.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb"), st.st_size
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _has_provenance(dir_fd: int) -> bool:
+    """The folder's ``model.safetensors`` is a regular file whose header says repair wrote it (only the
+    header is read)."""
+    opened = _open_entry(dir_fd, MODEL_WEIGHTS)
+    if opened is None:
+        return False
+    f, size = opened
+    with f:
+        try:
+            _, header = _read_header(f, size)
+        except (ValueError, OSError):
+            return False
+    meta = header.get("__metadata__")
+    return isinstance(meta, dict) and meta.get("repair.tool") == "repair"
+
+
+def _has_artifacts_record(dir_fd: int) -> bool:
+    """The folder holds a model repair's record (``manifest.json``: a JSON object with its keys)."""
+    opened = _open_entry(dir_fd, ARTIFACTS_RECORD)
+    if opened is None:
+        return False
+    f, size = opened
+    with f:
+        if size > MAX_RECORD_BYTES:
+            return False
+        try:
+            doc = json.loads(f.read(MAX_RECORD_BYTES + 1))
+        except (ValueError, OSError, RecursionError):
+            return False
+    return isinstance(doc, dict) and ARTIFACTS_KEYS <= set(doc)
+
+
+def repair_wrote(folder: Path) -> bool:
+    """Whether ``folder`` (a folder itself, not a link to one) is an output repair writes: a model
+    (``model.safetensors`` whose header carries ``repair.tool: repair``) or a model repair's files
+    (``manifest.json``, the record of what it generated). Reads a header or a record, never follows a
+    symlink."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        dfd = os.open(folder, flags)
+    except OSError:
+        return False
+    try:
+        return _has_provenance(dfd) or _has_artifacts_record(dfd)
+    finally:
+        os.close(dfd)
+
+
+def replace_refused(final: Path, kind: Optional[str] = None) -> Optional[str]:
+    """Why ``--force`` may not replace what is at ``final`` (None: it may, or nothing is there): the
+    one rule of every output. ``kind``: what the output is (``"file"``, ``"folder"``; None: not known).
+
+    - a symbolic link: the link is replaced, never its target;
+    - a regular file: replaced, unless the output is a folder;
+    - a folder: replaced only when it is empty, or, for an output that is not a file, when repair
+      wrote it (:func:`repair_wrote`); anything else in it is the user's;
+    - a device, FIFO or socket: never."""
+    import stat as stat_
+
+    if kind is not None and kind not in OUTPUT_KINDS:
+        raise ValueError(f"an output is a file or a folder, not {kind!r}")
+    try:
+        st = os.lstat(final)
+    except OSError:
+        return None                  # nothing there (or nothing that can be reached: the write probe says)
+    if stat_.S_ISLNK(st.st_mode):
+        return None
+    if stat_.S_ISREG(st.st_mode):
+        return (None if kind != "folder" else
+                "is a file, and the output is a folder, so --force does not replace it; choose another "
+                "output or delete it yourself")
+    if not stat_.S_ISDIR(st.st_mode):
+        return ("is a device, FIFO or socket, not a file or folder, so --force does not replace it; choose "
+                "another output")
+    try:
+        with os.scandir(final) as it:
+            empty = next(it, None) is None
+    except OSError as e:
+        return f"is a folder that cannot be read ({e.strerror or e}), so --force does not replace it"
+    if empty:
+        return None
+    if kind == "file":
+        return ("is a folder, and the output is a file, so --force does not replace it (only an empty "
+                "folder); choose another output or delete it yourself")
+    return None if repair_wrote(final) else _NOT_OURS
+
+
+def check_replace(final: Path, *, kind: Optional[str] = None) -> None:
+    """:class:`BadInput` naming ``final`` when ``--force`` may not replace what is there
+    (:func:`replace_refused`)."""
+    why = replace_refused(Path(final), kind)
+    if why:
+        raise BadInput(why, final)
+
+
+def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[str], None]] = None,
+                 kind: Optional[str] = None, owned: bool = False) -> Path:
+    """Check, before any work, that ``final`` can be written: it does not exist (unless ``force``,
+    and then what is there is one ``force`` may replace: :func:`replace_refused`, given the output's
+    ``kind`` where the caller knows it), its folder exists and is a folder, and a file can be created
+    there (a real probe: permissions, read-only mounts, /proc). Removes stale temps of ours beside it.
+    ``owned``: the caller has itself verified that what is at ``final`` is an output of its own (the
+    demo's marker check), so the rule is not applied again."""
     final = Path(final)
     if final.name in ("", ".."):                 # '.', '..', 'dir/..': no name to stage it under
         raise BadInput("an output must be named: a file or folder name, not '.' or '..'", final)
     parent = final.parent if str(final.parent) else Path(".")
     if (final.exists() or final.is_symlink()) and not force:
         raise BadInput("output already exists (use --force to overwrite)", final)
+    if not owned:
+        check_replace(final, kind=kind)
     if not parent.is_dir():
         for anc in (parent, *parent.parents):
             if anc.exists() or anc.is_symlink():
@@ -383,14 +546,19 @@ class OutputSet:
         self.force, self.log = force, log
         self._staged: list[tuple[Path, Path, int, Path]] = []      # (final, tmp folder, lock fd, target)
 
-    def stage(self, final: Path, *, is_dir: bool = False, force: Optional[bool] = None) -> Path:
+    def stage(self, final: Path, *, is_dir: bool = False, force: Optional[bool] = None,
+              kind: Optional[str] = None, owned: bool = False) -> Path:
         """A not-yet-existing path (an empty folder with ``is_dir``) to write ``final``'s content to.
-        ``force``: replace an existing ``final`` (default: the set's ``force``)."""
+        ``force``: replace an existing ``final`` (default: the set's ``force``) -- only one that
+        :func:`replace_refused` allows for an output of ``kind`` (``"folder"`` with ``is_dir``), unless
+        the caller ``owned`` it (see :func:`check_output`)."""
         final = Path(final)
         if any(f == final for f, *_ in self._staged):
             raise ValueError(f"{final} staged twice")
         if (final.exists() or final.is_symlink()) and not (self.force if force is None else force):
             raise BadInput("output already exists (use --force to overwrite)", final)
+        if not owned:
+            check_replace(final, kind="folder" if is_dir else kind)
         parent = final.parent if str(final.parent) else Path(".")
         if not parent.exists():
             raise BadInput("output folder does not exist", parent)
@@ -466,12 +634,15 @@ def _final_of(tx: OutputSet, where) -> Optional[Path]:
 
 @contextlib.contextmanager
 def atomic_output(final: Path, *, force: bool = False, is_dir: bool = False,
-                  log: Optional[Callable[[str], None]] = None) -> Iterator[Path]:
+                  log: Optional[Callable[[str], None]] = None, kind: Optional[str] = None,
+                  owned: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final`` (inside a locked ``.<name>.<random>.tmp``
     folder; with ``is_dir`` an empty folder); rename it into place on success, remove it on any
-    error. An existing ``final`` is replaced only with ``force``. One output of :func:`outputs`."""
+    error. An existing ``final`` is replaced only with ``force``, and only one that
+    :func:`replace_refused` allows (``kind``, ``owned``: see :meth:`OutputSet.stage`). One output of
+    :func:`outputs`."""
     with outputs(force=force, log=log) as tx:
-        yield tx.stage(final, is_dir=is_dir)
+        yield tx.stage(final, is_dir=is_dir, kind=kind, owned=owned)
 
 
 def as_path(value, what: str) -> Path:

@@ -109,7 +109,7 @@ class ModelOutputs:
                 elif self.onnx is not None and self.onnx.path is None:
                     w["export"] = self._export(tmp / "model.onnx", final / "model.onnx")
             if self.onnx is not None and self.onnx.path is not None and w["export"] is None:
-                w["export"] = self._export(tx.stage(Path(self.onnx.path)), Path(self.onnx.path))
+                w["export"] = self._export(tx.stage(Path(self.onnx.path), kind="file"), Path(self.onnx.path))
             if self.artifacts is not None and w["artifacts"] is None and self.artifacts_to is not None:
                 adir = tx.stage(Path(self.artifacts_to), is_dir=True)
                 for child in Path(self.artifacts).iterdir():
@@ -122,8 +122,8 @@ class ModelOutputs:
                 html, js = report_outputs(self.report.path)
                 w["report"] = str(html)
                 doc = self.report.build(dict(w))
-                tx.stage(js, force=True).write_text(report_json(doc), encoding="utf-8")
-                tx.stage(html, force=True).write_text(render(doc), encoding="utf-8")
+                tx.stage(js, force=True, kind="file").write_text(report_json(doc), encoding="utf-8")
+                tx.stage(html, force=True, kind="file").write_text(render(doc), encoding="utf-8")
         self.written = w
         return w
 
@@ -213,7 +213,7 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
     nothing. Every check runs before the model is loaded."""
     from .adapters import load_model
     from .data import RepairData, load_data
-    from .rules import Protected, check_export_options, check_format, check_writable, export_output
+    from .rules import Protected, check_export_options, check_format, check_writable, export_output, model_output_kind
 
     from .adapters import LoadOptions
     from .data import DataOptions
@@ -243,7 +243,7 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
         protected.add(data, "data (--data)")
     protected.add(model_path, "input model")
     protected.check(out)
-    check_writable(out, force=force, log=log)
+    check_writable(out, force=force, log=log, kind="file" if fmt == "onnx" else model_output_kind(model_path))
     if adapter is None:
         adapter = load_model(model_path, load_options)
     protected.add_files(_source_files(adapter), "input model")

@@ -158,7 +158,7 @@ def fix_outputs(model_path, out: Optional[Any], o, inputs: Inputs,
     the recipe has a model repair, whose files go beside a file output
     (:func:`repair.rules.artifacts_beside`), so that folder is checked before any work too."""
     from .rules import (artifacts_beside, check_outputs_distinct, check_writable, fix_onnx_output, fix_output,
-                        report_outputs)
+                        model_output_kind, report_outputs)
 
     out = fix_output(model_path, out)
     paths: dict[str, Path] = {"--out": out}
@@ -174,10 +174,13 @@ def fix_outputs(model_path, out: Optional[Any], o, inputs: Inputs,
     check_outputs_distinct(paths)
     for flag, p in paths.items():
         inputs.protected.check(p, flag.split(" (")[0])
+    # what each output is: with --force a folder is replaced only by a folder output, and only when it
+    # is empty or one repair wrote; a file only by a file output (repair.io.replace_refused)
+    kinds = {"--out": model_output_kind(model_path), "--out (its -artifacts folder)": "folder"}
     for flag, p in paths.items():
         # every output that exists needs --force, the report and the JSON beside it too (that JSON
         # is a name the user did not type: replacing a file of theirs unasked is data loss)
-        check_writable(p, force=o.force, log=log, flag=flag.split(" (")[0])
+        check_writable(p, force=o.force, log=log, flag=flag.split(" (")[0], kind=kinds.get(flag, "file"))
     return paths
 
 

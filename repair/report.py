@@ -497,8 +497,8 @@ def write_report(html_path, doc: dict, *, force: bool = False) -> tuple[Path, Pa
 
     html_path, json_path = report_outputs(html_path)
     with outputs(force=force) as tx:
-        tx.stage(json_path).write_text(report_json(doc), encoding="utf-8")
-        tx.stage(html_path).write_text(render(doc), encoding="utf-8")
+        tx.stage(json_path, kind="file").write_text(report_json(doc), encoding="utf-8")
+        tx.stage(html_path, kind="file").write_text(render(doc), encoding="utf-8")
     return html_path, json_path
 
 

@@ -8,7 +8,8 @@ and every caller (``fix``, ``export``, ``verify``, ``eval``, ``zoo``, the report
   model-repair inputs, and across a zoo manifest every row's inputs); :meth:`Protected.check`
   refuses an output that is one of them, a folder holding one, or a path inside a folder read as
   a whole. :func:`check_outputs_distinct` keeps a run's outputs apart from each other.
-- **Writability**: :func:`check_writable` (a real probe, stale temps of ours removed).
+- **Writability**: :func:`check_writable` (a real probe, stale temps of ours removed; what ``--force``
+  may replace: an empty folder or one repair wrote, never another folder: :func:`repair.io.replace_refused`).
 - **Option checks**: :func:`check_tolerance`, :func:`check_export_options`.
 - **Gates**: :func:`parse_threshold` and :func:`judge`: exact counts (k of n) against the
   threshold as written, so 42 of 60 passes a 70% gate, with the digits that show why.
@@ -227,13 +228,22 @@ def check_outputs_distinct(outputs: dict[str, Optional[PathLike]]) -> None:
                 raise BadInput(f"{fa} and {fb} would write the same place ({a} / {b})", pb)
 
 
+def model_output_kind(model_path: PathLike) -> str:
+    """What the model output of ``repair fix`` / ``repair export --format safetensors`` of
+    ``model_path`` is (:func:`fix_output`, :func:`export_output`): a folder for a folder checkpoint,
+    else one file."""
+    return "folder" if Path(model_path).is_dir() else "file"
+
+
 def check_writable(out: PathLike, *, force: bool = False, log: Optional[Callable[[str], None]] = None,
-                   flag: Optional[str] = None) -> Path:
-    """The output can be written (see :func:`repair.io.check_output`); errors name ``flag``."""
+                   flag: Optional[str] = None, kind: Optional[str] = None, owned: bool = False) -> Path:
+    """The output can be written, and with ``force`` what is there is one ``force`` may replace, given
+    the output's ``kind`` (``"file"``, ``"folder"``, None: not known) -- see
+    :func:`repair.io.check_output` and :func:`repair.io.replace_refused`; errors name ``flag``."""
     from .io import check_output
 
     try:
-        return check_output(Path(out), force=force, log=log)
+        return check_output(Path(out), force=force, log=log, kind=kind, owned=owned)
     except BadInput as e:
         if flag is None:
             raise
@@ -565,6 +575,6 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
 
 
 __all__ = ["Protected", "Threshold", "artifacts_beside", "artifacts_output", "check_export_options", "check_format",
-           "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "fix_onnx_output",
+           "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "model_output_kind", "fix_onnx_output",
            "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
            "threshold_option", "unmeasured", "parse_expected_groups", "expected_group_names", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]

@@ -44,7 +44,9 @@ files, the data and eval data with their tables, the recipe's files, the model-r
 in fix mode, every file of its output as written (:func:`output_files`); it starts the others
 over, and the report says why. A journaled output that is missing, or missing files, is written
 again; one that was edited since (a file changed or added) is the user's now and is refused like
-any existing output, unless ``--force``.
+any existing output, unless ``--force`` -- which, like every output's, replaces no folder but an empty one
+or one repair wrote (:func:`repair.io.replace_refused`): a folder of the user's at a row's output is
+refused before any work.
 
 Outputs are never half-written nor written twice: a model's files are written by ``fix`` into a
 staging folder beside the output (``.<output>.zoo-staging``, emptied when an attempt starts); the
@@ -460,7 +462,9 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                     problems.add(where, "output", f"folder {out.parent} does not exist")
                 else:
                     try:
-                        check_writable(out, force=True)            # the folder can be written
+                        # the folder can be written (a probe); whether what is there may be replaced is
+                        # decided with the journal, which knows this zoo's own outputs (_run_locked)
+                        check_writable(out, force=True, owned=True)
                     except BadInput as e:
                         problems.add(where, "output", e.problem)
                     except OSError as e:
@@ -1323,7 +1327,7 @@ def _check_report_files(out_dir: Path, journal: Path, mpath: Path, force: bool) 
     why = None if force else _report_not_ours(out_dir, journal, mpath)
     for p in report_outputs(out_dir / REPORT_NAME):
         try:
-            check_writable(p, force=why is None, flag="--out-dir")
+            check_writable(p, force=why is None, flag="--out-dir", kind="file")
         except BadInput as e:
             if why is None or not (p.exists() or p.is_symlink()):
                 raise
@@ -1380,6 +1384,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
     done = {}
     redo: dict[str, str] = {}
     edited: dict[str, str] = {}                 # journaled outputs changed since: the user's now
+    vouched: set[str] = set()                   # outputs the journal says are this zoo's, as written (or less)
     memo: dict = {}
     inputs = {e.name: input_fingerprints(manifest, e, o.mode, memo) for e in manifest.entries}
     for e in manifest.entries:
@@ -1393,6 +1398,8 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                     commit_staged(Path(rec["output"]))      # a rename an interrupted driver had not finished
                     changed = _output_changed(Path(rec["output"]), rec.get("output_files"))
                     why, was_edited = changed or (None, False)
+                    if not was_edited:
+                        vouched.add(e.name)
                     if was_edited and not o.force:
                         edited[e.name] = why            # the user's now: kept unless --force
                         continue
@@ -1416,6 +1423,12 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                            if (e.name, o.mode) in records else "this zoo's journal did not write it")
                     problems.add(f"row {e.row} ({e.name})", "output",
                                  f"{there} already exists and {why} (use --force to replace it)")
+            elif e.name not in done and e.name not in vouched:
+                # --force, or a rerun of a model the journal does not vouch for as written: only what the
+                # rule of every output lets --force replace (never a folder of the user's)
+                why = _replace_refused(e)
+                if why:
+                    problems.add(f"row {e.row} ({e.name})", "output", why)
         problems.raise_first()
     # ---- validated: from here on, work
     todo = [e for e in manifest.entries if e.name not in done]
@@ -1478,6 +1491,22 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                 log(f"interrupted: {len(done)} of {len(manifest.entries)} models finished; the report "
                     f"{out_dir / REPORT_NAME} shows them, a rerun finishes the rest")
     return doc
+
+
+def _replace_refused(e: ZooEntry) -> Optional[str]:
+    """Why a row's commit may not replace what is at one of its places (its output, the ONNX export or
+    the artifacts folder beside a file output): :func:`repair.io.replace_refused` for each, the output
+    being what the checkpoint makes (:func:`repair.rules.model_output_kind`). None: it may."""
+    from .io import replace_refused
+    from .rules import model_output_kind
+
+    kinds = {"output": model_output_kind(e.checkpoint), "ONNX export": "file", "repair artifacts folder": "folder"}
+    for what, q in e.places():
+        if what in kinds:
+            why = replace_refused(q, kinds[what])
+            if why:
+                return f"{q} {why}"
+    return None
 
 
 def _output_changed(output: Path, files: Optional[dict]) -> Optional[tuple[str, bool]]:

@@ -1,0 +1,273 @@
+"""What ``--force`` may replace (one rule, :func:`repair.io.replace_refused`, behind every output): a
+symlink (the link itself), a regular file where a file goes, an empty folder, or a folder repair wrote
+(a model output whose ``model.safetensors`` carries repair's provenance, a model repair's files). A
+user's folder -- ``repair fix model --out ~/projects --force`` -- is never replaced: exit 2, one line
+naming it, nothing written or deleted."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import make_timm_folder, run_cli
+from repair.errors import BadInput
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): (b"<dir>" if p.is_dir() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
+
+
+def _one_line_naming(code: int, err: str, path: Path, *words: str) -> str:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert str(path) in lines[0], lines[0]
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def _fix(model, data, out, *extra):
+    return run_cli("fix", model, "--data", data, "--recipe", "dfr", "--out", out, "-q", *extra)
+
+
+@pytest.fixture(scope="module")
+def previous_fix(tmp_path_factory, timm_folder, image_data) -> Path:
+    """A `repair fix` output folder, written once (each test copies it)."""
+    out = tmp_path_factory.mktemp("prev") / "fixed"
+    code, _, err = _fix(timm_folder, image_data, out)
+    assert code == 0, err
+    return out
+
+
+# ------------------------------------------------------------------ (a) a previous repair output
+def test_force_replaces_a_previous_fix_output(tmp_path, timm_folder, image_data, previous_fix):
+    out = tmp_path / "fixed"
+    shutil.copytree(previous_fix, out)
+    (out / "stale.txt").write_text("from the old output\n")      # part of what repair wrote there: replaced
+    code, _, err = _fix(timm_folder, image_data, out, "--force")
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
+
+
+def test_force_replaces_an_empty_folder(tmp_path, timm_folder, image_data):
+    out = tmp_path / "empty"
+    out.mkdir()
+    code, _, err = _fix(timm_folder, image_data, out, "--force")
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ (b) a folder of the user's
+def test_force_refuses_a_users_folder(tmp_path, timm_folder, image_data):
+    """The reported loss: ``--out ~/projects --force`` deleted the whole folder."""
+    projects = tmp_path / "projects"
+    (projects / "thesis").mkdir(parents=True)
+    (projects / "thesis" / "chapter1.tex").write_text("my work\n")
+    (projects / "notes.md").write_text("mine\n")
+    before = _tree(projects)
+    code, _, err = _fix(timm_folder, image_data, projects, "--force")
+    _one_line_naming(code, err, projects, "--out", "not one repair wrote", "--force")
+    assert _tree(projects) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projects"]      # nothing staged left beside it
+
+
+def test_force_refuses_a_checkpoint_folder_repair_did_not_write(tmp_path, timm_folder, image_data):
+    """A model folder the user trained (a model.safetensors without repair's provenance) is theirs."""
+    mine = make_timm_folder(tmp_path / "mine", seed=5)
+    before = _tree(mine)
+    code, _, err = _fix(timm_folder, image_data, mine, "--force")
+    _one_line_naming(code, err, mine, "not one repair wrote")
+    assert _tree(mine) == before
+
+
+def test_force_never_follows_a_symlinked_weights_file(tmp_path, timm_folder, image_data, previous_fix):
+    """A folder whose model.safetensors is a link to a repair output's is not known by the link."""
+    out = tmp_path / "linked"
+    out.mkdir()
+    (out / "model.safetensors").symlink_to(previous_fix / "model.safetensors")
+    (out / "data.csv").write_text("mine\n")
+    before = _tree(out)
+    code, _, err = _fix(timm_folder, image_data, out, "--force")
+    _one_line_naming(code, err, out, "not one repair wrote")
+    assert _tree(out) == before
+
+
+def test_export_force_refuses_a_users_folder(tmp_path, timm_folder):
+    """``repair export --format safetensors`` of a folder writes a folder: the same rule."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine\n")
+    code, _, err = run_cli("export", timm_folder, "--format", "safetensors", "--out", mine, "--force", "-q")
+    _one_line_naming(code, err, mine, "not one repair wrote")
+    assert (mine / "keep.txt").read_text() == "mine\n" and sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+
+
+def test_export_force_replaces_its_previous_export(tmp_path, timm_folder):
+    out = tmp_path / "exported"
+    for _ in range(2):
+        code, _, err = run_cli("export", timm_folder, "--format", "safetensors", "--out", out, "--force", "-q")
+        assert code == 0, err
+    assert (out / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ (d) a file where a folder goes, and back
+def test_force_refuses_a_file_where_a_folder_output_goes(tmp_path, timm_folder, image_data):
+    f = tmp_path / "fixed"
+    f.write_text("a file of mine\n")
+    code, _, err = _fix(timm_folder, image_data, f, "--force")
+    _one_line_naming(code, err, f, "is a file", "folder")
+    assert f.read_text() == "a file of mine\n"
+
+
+def test_force_refuses_a_folder_where_a_file_output_goes(tmp_path, timm_folder, image_data, previous_fix):
+    """``--out x.safetensors`` of a weights file, where x.safetensors is a folder (even one repair wrote)."""
+    weights = timm_folder / "model.safetensors"
+    bare = tmp_path / "bare.safetensors"
+    shutil.copyfile(weights, bare)
+    out = tmp_path / "x.safetensors"
+    shutil.copytree(previous_fix, out)
+    before = _tree(out)
+    code, _, err = run_cli("export", bare, "--arch", "test_resnet", "--format", "safetensors", "--out", out,
+                            "--force", "-q")
+    _one_line_naming(code, err, out, "is a folder", "file")
+    assert _tree(out) == before
+
+
+def test_force_refuses_a_folder_where_the_report_goes(tmp_path, timm_folder, image_data):
+    """The JSON beside ``--report`` is a name the user did not type: a folder there is theirs."""
+    report = tmp_path / "r.html"
+    (tmp_path / "r.json").mkdir()
+    (tmp_path / "r.json" / "keep.txt").write_text("mine\n")
+    out = tmp_path / "fixed"
+    code, _, err = _fix(timm_folder, image_data, out, "--force", "--report", report)
+    _one_line_naming(code, err, tmp_path / "r.json", "is a folder")
+    assert (tmp_path / "r.json" / "keep.txt").read_text() == "mine\n"
+    assert not out.exists() and not report.exists()
+
+
+def test_force_replaces_a_file_and_a_symlink(tmp_path, timm_folder, image_data):
+    """A file the user named is replaced as before; a symlink is replaced itself, never its target."""
+    bare = tmp_path / "bare.safetensors"
+    shutil.copyfile(timm_folder / "model.safetensors", bare)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"old")
+    code, _, err = run_cli("export", bare, "--arch", "test_resnet", "--format", "safetensors", "--out", out,
+                            "--force", "-q")
+    assert code == 0, err
+    assert out.stat().st_size > 3
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine\n")
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    code, _, err = run_cli("export", timm_folder, "--format", "safetensors", "--out", link, "--force", "-q")
+    assert code == 0, err
+    assert not link.is_symlink() and (link / "model.safetensors").is_file()
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+
+
+# ------------------------------------------------------------------ (e) the library
+def test_atomic_output_refuses_a_users_folder(tmp_path):
+    from repair.io import atomic_output
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine\n")
+    with pytest.raises(BadInput, match="not one repair wrote") as e:
+        with atomic_output(mine, force=True, is_dir=True) as staged:
+            (staged / "x").write_text("new")
+    assert e.value.path == str(mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+
+
+def test_library_rule_kinds(tmp_path, previous_fix):
+    from repair.io import atomic_output, check_output, replace_refused
+
+    ours = tmp_path / "ours"
+    shutil.copytree(previous_fix, ours)
+    assert replace_refused(ours) is None and replace_refused(ours, "folder") is None
+    assert "is a folder" in replace_refused(ours, "file")
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert replace_refused(f) is None and "is a file" in replace_refused(f, "folder")
+    with pytest.raises(BadInput, match="is a file"):
+        check_output(f, force=True, kind="folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert replace_refused(empty, "file") is None
+    # a folder whose model.safetensors is not safetensors at all, or has no provenance
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert "not one repair wrote" in replace_refused(fake)
+    with pytest.raises(BadInput, match="not one repair wrote"):
+        check_output(fake, force=True)
+    assert (fake / "model.safetensors").read_bytes() == b"\xff" * 64
+    # the caller that verified ownership itself (the demo's marker check) says so
+    with atomic_output(fake, force=True, is_dir=True, owned=True) as staged:
+        (staged / "new").write_text("n")
+    assert sorted(p.name for p in fake.iterdir()) == ["new"]
+    # a model repair's files: known by their record
+    art = tmp_path / "x-artifacts"
+    (art / "images").mkdir(parents=True)
+    (art / "manifest.json").write_text('{"generator": {}, "mask_source": "given", "min_probability": 0.5, '
+                                       '"min_attribution": 0.1, "generated": 0, "kept": 0, "images": []}')
+    assert replace_refused(art, "folder") is None
+    (art / "manifest.json").write_text('{"my": "notes"}')
+    assert "not one repair wrote" in replace_refused(art, "folder")
+
+
+# ------------------------------------------------------------------ the zoo: its own outputs, never a user's folder
+def _zoo(tmp_path: Path, parts: Path) -> Path:
+    import yaml
+
+    for name in ("m0", "val"):
+        shutil.copytree(parts / name, tmp_path / name)
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr", "group_by": "place", "data": "val",
+                                                 "output_dir": "out"},
+                                    "models": [{"name": "a", "checkpoint": "m0"}]}, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def zoo_parts(tmp_path_factory):
+    from conftest import make_zoo_parts
+
+    return make_zoo_parts(tmp_path_factory.mktemp("zoo-force"))
+
+
+def test_zoo_force_refuses_a_users_folder_at_a_rows_output(tmp_path, zoo_parts):
+    path = _zoo(tmp_path, zoo_parts)
+    mine = tmp_path / "out" / "a"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine\n")
+    code, _, err = run_cli("zoo", path, "--force", "-q")
+    _one_line_naming(code, err, path, str(mine), "not one repair wrote")
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+
+
+def test_zoo_rerun_and_force_over_its_own_outputs(tmp_path, zoo_parts):
+    """A zoo's own output: a rerun writes a lost weights file again (the journal vouches for the rest),
+    and an output edited since (the user's now, kept without --force) is replaced with --force: it is a
+    model output repair wrote."""
+    path = _zoo(tmp_path, zoo_parts)
+    code, _, err = run_cli("zoo", path, "-q")
+    assert code == 0, err
+    weights = tmp_path / "out" / "a" / "model.safetensors"
+    weights.unlink()
+    code, _, err = run_cli("zoo", path, "-q")
+    assert code == 0, err
+    assert weights.is_file()
+    notes = tmp_path / "out" / "a" / "notes.txt"
+    notes.write_text("added\n")
+    code, _, err = run_cli("zoo", path, "-q")
+    assert code == 2 and "use --force" in err, err
+    code, _, err = run_cli("zoo", path, "--force", "-q")
+    assert code == 0, err
+    assert weights.is_file() and not notes.exists()
