@@ -410,9 +410,11 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
         # the head itself: ONE multinomial (softmax) fit on all rows at the chosen strength -- the
         # model a many-class head is (the one-vs-rest fits only score the strengths: at 1,000 classes
         # their refit on all rows was 0.3 worst-group points below scikit-learn's multinomial fit)
-        info = infos[-1]
         del fit_folds, predict, head     # and with them the path's copy of the rows
         W, b, softmax_info = _softmax_head(X, y, groups, keep, active, cfg, C, 1.0 / chosen, dev)
+        # one strength (or too few rows for two folds): no path was fitted, the head is the only fit
+        info = infos[-1] if infos else {"form": "softmax", "n_iter": [softmax_info["n_iter"]],
+                                        "converged": [softmax_info["converged"]], "n_factor": [0]}
     else:
         fits = fit_folds([torch.arange(N)], None, upto=pos[sel.best]) if refit else sel.fold_fits
         W, b = head(fits, j)
