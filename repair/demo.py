@@ -496,7 +496,7 @@ def run_demo(out_dir, *, seed: int = 0, size: str = "default", recipe: str = "au
 
     from .errors import BadInput
     from .io import atomic_output
-    from .recipes import load_recipe
+    from .recipes import group_labels_needed, load_recipe
     from .rules import Protected
 
     say = log or (lambda msg: None)
@@ -505,6 +505,10 @@ def run_demo(out_dir, *, seed: int = 0, size: str = "default", recipe: str = "au
         raise BadInput(f"--size must be {' or '.join(SPECS)}, got {size!r}")
     out = check_out(out_dir, force=force)      # new, empty or (force) a previous demo; writable
     used = load_recipe(recipe)                 # an unknown recipe or a bad setting: now, not after training
+    why = group_labels_needed(used)
+    if why:
+        raise BadInput(f"{why}, and the demo repairs without them (its groups are for the figures only)",
+                       used.source if used.source not in ("", "registry") else None)
     Protected().add_files(used.files, "recipe (--recipe)").check(out)
 
     from .api import RuntimeOptions, evaluate_model

@@ -210,10 +210,11 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         log = stderr_log(runtime.progress)
     data_opts = check_options(data_opts, DataOptions, "data_options") or DataOptions()
     recipe = _load_recipe(o)
-    given = next((c for c in recipe.candidates if c.params.get("group_source") == "given"), None)
-    if given is not None and data_opts.group_by is None:      # before any work, not when its turn comes
-        raise BadInput(f"recipe {recipe.name!r}, candidate {given.label}: group_source 'given' needs group labels "
-                       "(give --group-by)", recipe.source or None)
+    from .recipes import group_labels_needed
+
+    why = group_labels_needed(recipe) if data_opts.group_by is None else None
+    if why:                                  # before any work, not when its turn comes
+        raise BadInput(f"{why} (give --group-by)", recipe.source or None)
     budget = _budget_cls().parse(o.budget)
     if inputs is None:
         inputs = read_inputs(model_path, data_path, data_opts, eval_data=o.eval_data,

@@ -126,9 +126,91 @@ class Recipe:
     plugins: tuple = ()                 # the recipe's plugins: entries (imported only with allow_plugins)
     files: tuple = ()                   # every file it was read from: the YAML and its plugin files (inputs)
 
+    def __post_init__(self):
+        # a recipe built in Python is held to the rules of a recipe file (one home: check_fields)
+        check_fields(self.name, self.selection, self.folds, self.repeats, self.ensemble)
+        if not isinstance(self.candidates, list) or not self.candidates:
+            raise BadInput("a recipe needs a non-empty list of candidates")
+        if len(self.candidates) > MAX_CANDIDATES:
+            raise BadInput(f"{len(self.candidates)} candidates; a recipe has at most {MAX_CANDIDATES}")
+        seen: list[tuple] = []
+        for n, c in enumerate(self.candidates, 1):
+            if not isinstance(c, Candidate) or not isinstance(c.method, str) or not isinstance(c.params, dict):
+                raise BadInput(f"candidate {n} must be a Candidate(method name, params mapping), got {c!r}")
+            ident = candidate_identity(c.method, c.params, f"candidate {n} ({c.method})")
+            twin = next((m for nm, other, m in seen if nm == c.method and other == ident), None)
+            if twin is not None:
+                raise BadInput(f"candidate {n} ({c.method}): the same method with the same settings as candidate "
+                               f"{twin}; give each candidate once")
+            seen.append((c.method, ident, n))
+
     @property
     def kinds(self) -> set[str]:
         return {c.info.kind for c in self.candidates}
+
+
+def candidate_identity(method: str, params: dict, what: str, where: Optional[Path] = None):
+    """What two candidates are compared by: the method's config built from ``params`` (settings by
+    value: c_grid [1] and [1.0] are one grid), or the settings as written when the method is not
+    registered (a plugin not run). A setting the method refuses is :class:`BadInput` naming ``what``."""
+    from repair.config import ConfigError
+    from repair.methods import get_method
+
+    try:
+        info = get_method(method)
+    except KeyError:
+        return json.dumps(params, sort_keys=True, default=str)
+    try:
+        return info.make_config(params)
+    except ConfigError as e:
+        raise BadInput(f"{what}: {e}", where) from None
+
+
+def group_labels_needed(recipe: "Recipe") -> Optional[str]:
+    """Why ``recipe`` cannot run without group labels, or None: the one check, made before any work
+    (``repair fix`` without ``--group-by``, the demo, which repairs label-free). It needs them when
+    it selects by a criterion measured on groups, when a candidate's own ``selection`` is one or its
+    ``group_source`` is ``given``, or when every candidate is a method that needs groups (one that
+    does beside others is skipped without them, as the choice does)."""
+    from repair.selection import needs_group_labels
+
+    if needs_group_labels(recipe.selection):
+        return f"recipe {recipe.name!r} selects by {recipe.selection}, which needs group labels"
+    runnable = 0
+    for c in recipe.candidates:
+        sel = c.params.get("selection")
+        if isinstance(sel, str) and needs_group_labels(sel):
+            return f"recipe {recipe.name!r}, candidate {c.label}: selection {sel} needs group labels"
+        if c.params.get("group_source") == "given":
+            return f"recipe {recipe.name!r}, candidate {c.label}: group_source 'given' needs group labels"
+        try:
+            runnable += not c.info.needs_groups
+        except KeyError:                        # a plugin's method not registered: taken as runnable
+            runnable += 1
+    if not runnable:
+        return f"recipe {recipe.name!r}: every candidate needs group labels"
+    return None
+
+
+#: a recipe's ``repeats`` and ``ensemble``: (lowest, highest)
+REPEATS_RANGE, ENSEMBLE_RANGE = (1, 20), (1, 10)
+
+
+def check_fields(name: Any, selection: Any, folds: Any, repeats: Any, ensemble: Any,
+                 where: Optional[Path] = None) -> None:
+    """The recipe-level settings (a recipe file's and a :class:`Recipe` built in Python alike): a
+    printable name, a known selection, the folds (:func:`check_folds`), repeats and ensemble size in
+    range; :class:`BadInput` naming ``where``."""
+    from repair.selection import SELECTION_NAMES
+
+    if not isinstance(name, str) or not name or not name.isprintable():
+        raise BadInput(f"name must be a non-empty string of printable characters, got {name!r}", where)
+    if not isinstance(selection, str) or selection not in SELECTION_NAMES:
+        raise BadInput(f"selection must be one of {', '.join(SELECTION_NAMES)}, got {selection!r}", where)
+    check_folds(folds, "folds", where)
+    for key, v, (lo, hi) in (("repeats", repeats, REPEATS_RANGE), ("ensemble", ensemble, ENSEMBLE_RANGE)):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise BadInput(f"{key} must be a whole number from {lo} to {hi}, got {v!r}", where)
 
 
 def recipes_dir() -> Path:
@@ -161,6 +243,28 @@ def looks_like_path(value: Union[str, Path]) -> bool:
     seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
     return (text.lower().endswith((".yaml", ".yml")) or any(sep in text for sep in seps)
             or text.startswith((".", "~")))
+
+
+def names_file(value: Union[str, Path], resolve=Path) -> bool:
+    """Whether a recipe value names a file, the rule of :func:`load_recipe`: it looks like a path
+    (:func:`looks_like_path`), or it is a bare name of no built-in recipe and no registered method
+    that exists as ``resolve(value)`` (a zoo manifest resolves it beside the manifest)."""
+    text = str(value)
+    if looks_like_path(text):
+        return True
+    if not text or text in _file_recipes():
+        return False
+    from repair.methods import get_method
+
+    try:
+        get_method(text)
+        return False
+    except KeyError:
+        pass
+    try:
+        return os.path.lexists(resolve(text))
+    except (OSError, ValueError):
+        return False
 
 
 class _Refused(Exception):
@@ -314,7 +418,11 @@ def read_recipe_file(path: Union[str, Path]) -> Any:
     """The YAML document of the recipe file ``path``, read within the limits of the module
     docstring (regular file, size, aliases, duplicate keys); :class:`BadInput` naming it otherwise."""
     path = Path(path)
-    return _parse(_read_text(path), path)
+    try:
+        text = _read_text(path)
+    except OSError as e:                     # a name too long, and other failures of the name itself
+        raise BadInput(f"cannot read the recipe ({e.strerror or e})", path) from None
+    return _parse(text, path)
 
 
 def describe_file(path: Path) -> str:
@@ -349,6 +457,10 @@ def _plugin_target(spec: Any, base: Path, where: Path) -> Union[Path, str]:
         raise BadInput(f"plugins: entries must be file names or module names, got {spec!r}", where)
     if spec.endswith(".py"):
         path = (base / spec).resolve()
+        if Path(spec).is_absolute() or not path.is_relative_to(base.resolve()):
+            # nothing outside the paths the user gave is read: a plugin lies in its recipe's folder
+            raise BadInput(f"plugins: {spec} is outside the recipe's folder ({base}); a plugin file lies beside "
+                           "its recipe or below it", where)
         if not path.is_file():
             raise BadInput(f"plugins: file {spec} not found (looked in {base})", where)
         return path
@@ -396,7 +508,6 @@ def _import_plugin(spec: str, target: Union[Path, str], where: Path) -> None:
 def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]:
     """The candidates, validated. ``lenient``: a method not registered is taken as it is (its settings
     unchecked): a plugin the caller did not run may register it."""
-    from repair.config import ConfigError
     from repair.methods import get_method
 
     raw = doc.get("candidates")
@@ -419,7 +530,8 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
             if not lenient:
                 raise BadInput(f"candidate {n}: {e.args[0]}", path) from None
             info = None
-        params, grid = c.get("params") or {}, c.get("grid") or {}
+        params = {} if c.get("params") is None else c["params"]      # only null or no key is "none"
+        grid = {} if c.get("grid") is None else c["grid"]
         for key, val in (("params", params), ("grid", grid)):
             if not isinstance(val, dict):
                 raise BadInput(f"candidate {n} ({name}): '{key}' must be a mapping of setting: value", path)
@@ -446,15 +558,9 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
         combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else [{}]
         for combo in combos:
             merged = {**params, **combo}
-            config = None
-            if info is not None:
-                try:
-                    config = info.make_config(merged)
-                except ConfigError as e:
-                    raise BadInput(f"candidate {n} ({name}): {e}", path) from None
             # the same method with the same settings twice: an ensemble would average a head with itself.
             # Settings compare by value (c_grid [1] and [1.0] are one grid), not by how they are written.
-            ident = config if config is not None else json.dumps(merged, sort_keys=True, default=str)
+            ident = candidate_identity(name, merged, f"candidate {n} ({name})", path)
             twin = next((m for nm, other, m in seen if nm == name and other == ident), None)
             if twin == n:
                 raise BadInput(f"candidate {n} ({name}): its grid gives the same settings twice ({combo}); give "
@@ -474,9 +580,10 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     ``allow_plugins`` (see :func:`validate_recipe`). A ``Path`` is taken by its text like a string
     (:func:`looks_like_path`): ``Path("auto")`` is the built-in, ``Path("auto").absolute()`` the file."""
     from repair.methods import get_method, list_methods
-    from repair.selection import SELECTION_NAMES
 
     value = str(name_or_path)
+    if "\x00" in value:
+        raise BadInput("a recipe name or path cannot hold a NUL character", value.replace("\x00", "\\0"))
     if looks_like_path(value):
         p = Path(value)
         if value.startswith("~"):
@@ -505,33 +612,30 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     unknown = sorted(set(doc) - set(RECIPE_KEYS), key=str)
     if unknown:
         raise BadInput(f"unknown key {unknown[0]!r} (known: {', '.join(RECIPE_KEYS)})", p)
-    plugins = doc.get("plugins") or []
+    plugins = [] if doc.get("plugins") is None else doc["plugins"]     # only null or no key is "none"
     if not isinstance(plugins, list):
         raise BadInput("plugins must be a list of Python files or module names", p)
     targets = [_plugin_target(spec, p.parent, p) for spec in plugins]     # checked, nothing imported
+    selection, folds = doc.get("selection", "auto"), doc.get("folds", 2)
+    vals = {"repeats": doc.get("repeats", 1), "ensemble": doc.get("ensemble", 1)}
+    name = doc.get("name", p.stem)
+    description = "" if doc.get("description") is None else doc["description"]
+    if not isinstance(description, str):
+        raise BadInput(f"description must be text, got {type(description).__name__}", p)
+    check_fields(name, selection, folds, vals["repeats"], vals["ensemble"], p)    # before any plugin runs
     if plugins and not validate_only:
         if not allow_plugins:
             raise BadInput(f"recipe {p.name} loads plugin code {plugins[0]}; pass --allow-plugins to run it", p)
         list_methods()                  # built-ins first: a plugin cannot shadow them silently
         for spec, target in zip(plugins, targets):
             _import_plugin(spec, target, p)
-    selection = doc.get("selection", "auto")
-    if selection not in SELECTION_NAMES:
-        raise BadInput(f"selection must be one of {', '.join(SELECTION_NAMES)}, got {selection!r}", p)
-    folds = check_folds(doc.get("folds", 2), "folds", p)
-    vals = {}
-    for key, lo, hi, default in (("repeats", 1, 20, 1), ("ensemble", 1, 10, 1)):
-        v = doc.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise BadInput(f"{key} must be a whole number from {lo} to {hi}, got {v!r}", p)
-        vals[key] = v
-    name = doc.get("name", p.stem)
-    if not isinstance(name, str) or not name:
-        raise BadInput("name must be a non-empty string", p)
-    return Recipe(name=name, candidates=_candidates(doc, p, lenient=validate_only and bool(plugins)),
-                  selection=selection, folds=folds, **vals, description=str(doc.get("description", "") or ""),
-                  source=p.name, plugins=tuple(plugins),
-                  files=(p.resolve(), *(t for t in targets if isinstance(t, Path))))
+    candidates = _candidates(doc, p, lenient=validate_only and bool(plugins))
+    try:
+        return Recipe(name=name, candidates=candidates, selection=selection, folds=folds, **vals,
+                      description=description, source=p.name, plugins=tuple(plugins),
+                      files=(p.resolve(), *(t for t in targets if isinstance(t, Path))))
+    except BadInput as e:
+        raise BadInput(e.problem, e.path or p) from None
 
 
 def validate_recipe(name_or_path: Union[str, Path]) -> Recipe:
@@ -543,4 +647,4 @@ def validate_recipe(name_or_path: Union[str, Path]) -> Recipe:
 
 
 __all__ = ["Candidate", "MAX_CANDIDATES", "MAX_RECIPE_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_VALUES", "Recipe",
-           "available", "describe_file", "load_recipe", "looks_like_path", "read_recipe_file", "recipes_dir", "validate_recipe"]
+           "available", "describe_file", "group_labels_needed", "load_recipe", "looks_like_path", "names_file", "read_recipe_file", "recipes_dir", "validate_recipe"]

@@ -110,7 +110,7 @@ class Registry(Generic[T]):
                     self.register(obj)
                 elif callable(obj) and not isinstance(obj, type):
                     obj()
-            except Exception as e:
+            except (Exception, SystemExit) as e:      # one that exits must not end the run as a success
                 self._report(where, e)
 
     def _report(self, where: str, e: BaseException) -> None:

@@ -69,6 +69,12 @@ DESCRIPTIONS = {
 
 
 # ----------------------------------------------------------------------------- scoring helpers
+def needs_group_labels(selection: str) -> bool:
+    """Whether the selection criterion ``selection`` (a recipe's or a method's ``selection``) is
+    measured on the group labels, so that it cannot run without them."""
+    return selection == "worst_group"
+
+
 def _as_preds(logits_or_preds: Tensor) -> Tensor:
     if logits_or_preds.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool):
         return logits_or_preds.long()
@@ -320,7 +326,7 @@ class Criterion:
                 return label_free_criterion(y, ref_logits)
             return cls(LABEL_FREE_DEFAULT)
         crit = cls(selection)
-        if crit.name == "worst_group" and not has_groups:
+        if needs_group_labels(crit.name) and not has_groups:
             from .errors import BadInput       # the user's choice of criterion (a recipe, a setting): exit 2
 
             raise BadInput("the selection criterion worst_group needs group labels (give --group-by)")

@@ -264,6 +264,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     from .modelrepair.finetune import Budget
     from .preflight import declared_resource
     from .rules import GATE_METRICS, Protected, check_writable, fix_output, parse_expected_groups, parse_threshold
+    from .recipes import names_file
 
     path = Path(path)
     if mode not in MODES:
@@ -355,7 +356,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             problems.add(where, "name", f"duplicate name {f['name']!r} (also row {names[f['name']]})")
         names.setdefault(f["name"], n)
         recipe = str(r.get("recipe", "auto"))
-        if recipe.lower().endswith((".yaml", ".yml")) or "/" in recipe:
+        if names_file(recipe, as_path):
             recipe = str(as_path(recipe))
         if recipe not in recipes:
             try:

@@ -210,3 +210,109 @@ def test_a_plugin_methods_own_error_names_it_and_an_error_line_stays_one_line(ti
     nl = _write(tmp_path, "n.yaml", 'plugins: ["a\\nb.py"]\ncandidates:\n  - method: dfr\n')
     code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", nl, "--out", tmp_path / "o", "-q")
     assert code == 2 and err.count("\n") == 1 and "a\\nb.py" in err, err
+
+
+# ---------------------------------------------------------------- one home for the recipe-level rules
+def test_a_recipe_built_in_python_is_held_to_the_rules_of_a_file():
+    """``Recipe`` objects reach the library (``choose_heads`` takes a loaded recipe): built in Python
+    they are checked as a recipe file is (an audit: folds=1000, repeats=-5, ensemble=0 and a candidate
+    twice ran, averaging a head with itself)."""
+    from repair.recipes import Candidate, Recipe
+
+    ok = Recipe("two", [Candidate("dfr"), Candidate("mix")], folds=3, repeats=2, ensemble=2)
+    assert ok.folds == 3
+    for kwargs, needle in (({"folds": 1000}, "folds must be a whole number from 2 to 20"),
+                           ({"folds": 2.5}, "folds must be"), ({"repeats": 0}, "repeats must be"),
+                           ({"repeats": -5}, "repeats must be"), ({"ensemble": 0}, "ensemble must be"),
+                           ({"selection": "best"}, "selection must be one of"),
+                           ({"name": "a\nb"}, "printable"), ({"name": ""}, "name must be")):
+        args = {"name": "r", "candidates": [Candidate("dfr")], **kwargs}
+        with pytest.raises(BadInput, match=needle):
+            Recipe(**args)
+    with pytest.raises(BadInput, match="same method with the same settings as candidate 1"):
+        Recipe("twice", [Candidate("dfr"), Candidate("dfr", {"c_grid": None})])     # the default, by value
+    with pytest.raises(BadInput, match="non-empty list of candidates"):
+        Recipe("none", [])
+    with pytest.raises(BadInput, match="candidate 1 \\(dfr\\)"):
+        Recipe("bad", [Candidate("dfr", {"n_refits": -1})])
+    with pytest.raises(BadInput, match="Candidate"):
+        Recipe("raw", ["dfr"])
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("candidates: [{method: dfr, params: 0}]\n", "'params' must be a mapping"),
+    ("candidates: [{method: dfr, params: ''}]\n", "'params' must be a mapping"),
+    ("candidates: [{method: dfr, grid: false}]\n", "'grid' must be a mapping"),
+    ("candidates: [{method: dfr, grid: []}]\n", "'grid' must be a mapping"),
+    ("plugins: 0\ncandidates: [{method: dfr}]\n", "plugins must be a list"),
+    ("plugins: false\ncandidates: [{method: dfr}]\n", "plugins must be a list"),
+    ("description: [1, 2]\ncandidates: [{method: dfr}]\n", "description must be text"),
+    ("name: \"a\\nb\"\ncandidates: [{method: dfr}]\n", "printable"),
+])
+def test_a_wrong_type_is_refused_not_read_as_empty(tmp_path, text, needle):
+    """Only null or a missing key means "none": ``params: 0`` ran dfr at its defaults (an audit)."""
+    _refused(_write(tmp_path, "r.yaml", text), needle, "r.yaml", validate=True)
+    ok = _write(tmp_path, "ok.yaml", "plugins:\ndescription:\ncandidates: [{method: dfr, params: , grid: }]\n")
+    assert load_recipe(ok).candidates[0].params == {}
+
+
+def test_plugins_run_only_after_the_recipe_is_checked_and_only_from_its_folder(tmp_path):
+    """A recipe with a bad field is refused before its plugin runs; a plugin file outside the recipe's
+    folder (``../x.py``, an absolute path, a link leading out) is refused, nothing imported."""
+    marker = tmp_path / "ran"
+    plug = f"open({str(marker)!r}, 'w').close()\n"
+    _write(tmp_path, "p.py", plug)
+    bad = _write(tmp_path, "bad.yaml", "folds: 99\nplugins: [p.py]\ncandidates: [{method: dfr}]\n")
+    with pytest.raises(BadInput, match="folds must be"):
+        load_recipe(bad, allow_plugins=True)
+    assert not marker.exists()
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "link.py").symlink_to(tmp_path / "p.py")
+    for spec in ("../p.py", str(tmp_path / "p.py"), "link.py"):
+        r = _write(sub, "r.yaml", f"plugins: [{json.dumps(spec)}]\ncandidates: [{{method: dfr}}]\n")
+        with pytest.raises(BadInput, match="outside the recipe's folder"):
+            load_recipe(r, allow_plugins=True)
+        assert not marker.exists()
+
+
+def test_a_recipe_name_with_a_nul_or_too_long_is_bad_input(tmp_path):
+    _refused("a\x00b.yaml", "NUL")
+    _refused("./" + "x" * 5000 + ".yaml", "cannot read the recipe")
+
+
+def test_a_setting_that_does_nothing_under_cross_fitting_is_refused():
+    from repair.config import ConfigError
+    from repair.methods import get_method
+
+    info = get_method("mixft")
+    assert info.make_config({"holdout_fraction": 0.4}).holdout_fraction == 0.4
+    with pytest.raises(ConfigError, match="holdout_fraction"):
+        info.make_config({"cross_fit": 2, "holdout_fraction": 0.4})
+
+
+def test_group_labels_a_recipe_needs_are_asked_for_before_any_work(tmp_path, monkeypatch, bert_folder, text_data):
+    """``selection: worst_group`` (the recipe's or a candidate's), ``group_source: given``, or only
+    methods that need groups: without --group-by, exit 2 naming the recipe before the model is loaded
+    (an audit: it came after every embedding was extracted), and the demo (label-free) refuses such a
+    recipe before it builds anything."""
+    from repair.recipes import Candidate, Recipe, group_labels_needed
+
+    assert group_labels_needed(load_recipe("auto")) is None
+    assert "selects by worst_group" in group_labels_needed(Recipe("w", [Candidate("dfr")], selection="worst_group"))
+    assert "selection worst_group" in group_labels_needed(
+        Recipe("a", [Candidate("afr", {"selection": "worst_group"})]))
+    assert "group_source 'given'" in group_labels_needed(Recipe("g", [Candidate("dfr", {"group_source": "given"})]))
+    r = _write(tmp_path, "w.yaml", "selection: worst_group\ncandidates: [{method: dfr}, {method: mix}]\n")
+    import repair.pipeline as pipeline
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the recipe's needs were checked")
+
+    monkeypatch.setattr(pipeline, "load_model", never)
+    code, out, err = run_cli("fix", bert_folder, "--data", text_data, "--recipe", r, "--out", tmp_path / "o")
+    assert code == 2 and "w.yaml" in err and "selects by worst_group" in err and "--group-by" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    code, out, err = run_cli("demo", "--out", tmp_path / "d", "--recipe", r)
+    assert code == 2 and "selects by worst_group" in err and "without them" in err, err
+    assert not (tmp_path / "d").exists()

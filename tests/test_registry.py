@@ -280,3 +280,14 @@ def test_an_outside_model_repairs_input_is_a_fix_option_and_a_zoo_field(tmp_path
         assert code == 2 and "row 1 (d), depth_maps" in err and "not found" in err, err
     finally:
         METHODS.unregister("depth_repair")
+
+
+def test_an_entry_point_that_exits_is_a_warning_not_the_end_of_the_run(installed):
+    """An installed plugin whose module calls sys.exit(0) while loading must not end ``repair fix``
+    as a silent success (exit 0, nothing written): it is skipped with a warning, the built-ins stay."""
+    from repair.methods import METHODS, list_methods
+
+    with pytest.warns(registry.PluginWarning, match=r"exits_plugin.*SystemExit"):
+        installed("repair.plugins", "exits", "exits_plugin", "import sys\nsys.exit(0)\n")
+    assert any("exits" in b for b in METHODS.broken)
+    assert {"dfr", "mixft"} <= {m.name for m in list_methods()}

@@ -440,3 +440,26 @@ def test_zoo_tables_show_the_gates_metric_and_the_digits_that_decide_it():
     assert f"gate FAIL ({said})" in _progress_line(result, gate)
     passed = judge(figs, "0.7", "accuracy")
     assert "pass (accuracy 71.33% >= 70%)" in zoo_table({**doc, "models": [model_entry("m", result, gate=passed)]})
+
+
+def test_a_recipe_named_relatively_is_read_beside_the_manifest(zoo, tmp_path, monkeypatch):
+    """The manifest's relative paths are relative to its folder, recipes too, by the one rule of what a
+    recipe value names as a file (``recipes.names_file``): a bare name of no built-in that exists beside
+    the manifest, and a name starting with a dot (an audit: both were read from the current folder)."""
+    from repair.zoo import load_manifest
+
+    m = tmp_path / "M"
+    m.mkdir()
+    (m / "myrec").write_text("candidates: [{method: dfr}]\n")
+    (m / ".r").write_text("candidates: [{method: mix}]\n")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "myrec").write_text("bogus: 1\n")                  # a file of that name here is not the one
+    (cwd / ".r").write_text("bogus: 1\n")
+    monkeypatch.chdir(cwd)
+    rows = "".join(f"{n},{zoo / 'm0'},{zoo / 'val'},{r}\n" for n, r in (("a", "myrec"), ("b", ".r"), ("c", "dfr")))
+    path = m / "zoo.csv"
+    path.write_text("name,checkpoint,data,recipe\n" + rows)
+    a, b, c = load_manifest(path, "eval").entries
+    assert Path(a.recipe) == m / "myrec" and Path(b.recipe) == m / ".r"
+    assert c.recipe == "dfr"                                   # a built-in stays the built-in

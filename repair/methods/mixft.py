@@ -218,7 +218,7 @@ class MixFTConfig(LoopConfig, SettleSettings):
     n_clusters: int = setting(2, ge=2, le=1000, doc="inferred: clusters per class", only_if={"inferred": ("clusters",)})
     mix_point: int = setting(-1, ge=-1, doc="texts: -1 = the input of the first trained layer, 0 = token "
                                             "embeddings, k = output of encoder layer k")
-    holdout_fraction: float = setting(0.25, gt=0, lt=1)
+    holdout_fraction: float = setting(0.25, gt=0, lt=1, only_if={"cross_fit": (1,)})
     sampling: str = setting("balanced", choices=("balanced", "uniform"))
     augment: str = setting("none", choices=AUGMENTATIONS)
     selection: str = setting("auto", choices=SELECTION_NAMES)
