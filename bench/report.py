@@ -432,6 +432,9 @@ def scale_table(sc: dict) -> list:
                 ref = (p["rows"] or {}).get("ref:sklearn-lbfgs") or {}
                 acc_ok = None if "wga" not in ref else accuracy_met(r, ref)
                 target = f"≤ 5 min {_ok(p['seconds_met'])}, accuracy {_ok(acc_ok)}"
+                if acc_ok is not None:      # the differences unrounded: the table's one decimal can hide them
+                    target += (f" (WGA {100 * (r['wga'] - ref['wga']):+.2f}, accuracy "
+                               f"{100 * (r['acc'] - ref['acc']):+.2f} points)")
             else:
                 target = _ok(p.get("speedup_met")) if ours else ""
             chosen = (r.get("chosen") or {}).get("C")

@@ -410,7 +410,8 @@ def merge_docs(doc: dict, other: dict) -> dict:
         doc["scale"] = other["scale"]
     parts = doc.setdefault("meta", {}).setdefault("parts", {})
     for part, info in (other.get("meta", {}).get("parts") or {}).items():
-        if part not in parts:
+        if part not in parts or (part == "scale" and "scale" in other):
+            # new, or a scale run: it replaces the whole scale section (no row of the earlier run is left)
             parts[part] = {**info, "merged_from": other.get("meta", {}).get("command")}
         else:                                    # every merged run of the part is listed
             also = parts[part].get("also") or []

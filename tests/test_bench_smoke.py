@@ -460,3 +460,20 @@ def test_a_rerun_keeps_the_lines_of_the_runs_whose_rows_stay():
     some = SimpleNamespace(**{**vars(args), "tasks": ["demo"]})
     assert [e["date"] for e in earlier_lines(earlier, {"seeds": [0, 1, 3]}, some, "head")] == ["d0", "d1"]
     assert earlier_lines(None, {"seeds": [0]}, args, "head") == []
+
+
+def test_a_merged_scale_run_is_the_scale_parts_only_run_in_the_header():
+    # the scale section is replaced whole by a merged scale run: the header names that run alone (the
+    # earlier one has no row left), where a merged cost or head run is listed beside the earlier ones
+    from bench.run import merge_docs
+
+    def doc(when, command, parts):
+        return {"tasks": {}, "scale": {"problems": {"2": {"rows": {"dfr[groups]": {"seconds": when}}}}},
+                "meta": {"command": command, "parts": {p: {"date": when} for p in parts}}}
+
+    old = doc(1, "old", ("scale", "cost"))
+    new = doc(2, "new", ("scale", "cost"))
+    merged = merge_docs(old, new)
+    assert merged["scale"]["problems"]["2"]["rows"]["dfr[groups]"]["seconds"] == 2
+    assert merged["meta"]["parts"]["scale"] == {"date": 2, "merged_from": "new"}
+    assert merged["meta"]["parts"]["cost"]["date"] == 1 and merged["meta"]["parts"]["cost"]["also"][0]["date"] == 2
