@@ -143,6 +143,16 @@ class Recipe:
                 raise BadInput(f"candidate {n} ({c.method}): the same method with the same settings as candidate "
                                f"{twin}; give each candidate once")
             seen.append((c.method, ident, n))
+        if self.ensemble > 1:
+            from repair.methods import get_method
+
+            try:
+                heads = sum(get_method(c.method).kind == "head" for c in self.candidates)
+            except KeyError:                    # a plugin's method not registered yet: counted when run
+                heads = None
+            if heads is not None and heads < self.ensemble:
+                raise BadInput(f"ensemble {self.ensemble} averages the best {self.ensemble} head repairs, but the "
+                               f"recipe has {heads} head candidate{'s' if heads != 1 else ''}")
 
     @property
     def kinds(self) -> set[str]:

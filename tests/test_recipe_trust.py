@@ -237,6 +237,10 @@ def test_a_recipe_built_in_python_is_held_to_the_rules_of_a_file():
         Recipe("bad", [Candidate("dfr", {"n_refits": -1})])
     with pytest.raises(BadInput, match="Candidate"):
         Recipe("raw", ["dfr"])
+    # ensemble averages head repairs: more than the recipe has is a setting that does nothing
+    with pytest.raises(BadInput, match="ensemble 3 averages the best 3 head repairs, but the recipe has 2"):
+        Recipe("e", [Candidate("dfr"), Candidate("mix"), Candidate("mixft")], ensemble=3)
+    assert load_recipe("auto-ft").ensemble == 2
 
 
 @pytest.mark.parametrize("text, needle", [
