@@ -320,3 +320,15 @@ def test_group_labels_a_recipe_needs_are_asked_for_before_any_work(tmp_path, mon
     code, out, err = run_cli("demo", "--out", tmp_path / "d", "--recipe", r)
     assert code == 2 and "selects by worst_group" in err and "without them" in err, err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("method, key, value", [
+    ("dfr", "max_iter", 10 ** 12), ("dfr", "min_subsample_per_group", 10 ** 12), ("nsf", "max_iter", 10 ** 12),
+    ("neurontune", "report_top", 10 ** 12), ("mixft", "mix_point", 10 ** 9), ("mixft", "eval_every", 10 ** 12),
+    ("recompose", "size", 10 ** 6), ("recompose", "diffusion_steps", 10 ** 9), ("recompose", "sheet", 10 ** 9),
+    ("recompose", "max_images", 10 ** 12), ("recompose", "inversion_steps", 10 ** 12),
+    ("clp", "saliency_batch", 10 ** 9), ("clp", "meta_every", 10 ** 12)])
+def test_absurd_counts_are_refused(tmp_path, method, key, value):
+    """Every count has an upper bound (an audit: these took up to 1e12 without a word)."""
+    _refused(_write(tmp_path, "r.yaml", f"candidates: [{{method: {method}, params: {{{key}: {value}}}}}]\n"),
+             key, "must be <=")

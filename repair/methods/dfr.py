@@ -165,10 +165,10 @@ class DFRConfig:
     holdout_fraction: float = setting(0.5, gt=0, lt=1)
     tune_score: str = setting("auto", choices=("auto",) + SCORES)
     group_source: str = setting("auto", choices=("auto", "given", "inferred"))
-    min_subsample_per_group: int = setting(0, ge=0)
+    min_subsample_per_group: int = setting(0, ge=0, le=10_000_000)
     standardize: bool = True
     tol: Optional[float] = setting(None, gt=0)
-    max_iter: Optional[int] = setting(None, ge=1)
+    max_iter: Optional[int] = setting(None, ge=1, le=1_000_000)
     group_cap: Optional[float] = setting(4.0, ge=0)
     solver: str = setting("auto", choices=("auto", "newton", "lbfgs"))
 

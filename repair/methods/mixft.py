@@ -216,7 +216,7 @@ class MixFTConfig(LoopConfig, SettleSettings):
                              doc="refit: start from a group-balanced L2 logistic head on the frozen embeddings (LP-FT)")
     inferred: str = setting("errors", choices=("errors", "clusters"), doc="groups without --group-by")
     n_clusters: int = setting(2, ge=2, le=1000, doc="inferred: clusters per class", only_if={"inferred": ("clusters",)})
-    mix_point: int = setting(-1, ge=-1, doc="texts: -1 = the input of the first trained layer, 0 = token "
+    mix_point: int = setting(-1, ge=-1, le=1000, doc="texts: -1 = the input of the first trained layer, 0 = token "
                                             "embeddings, k = output of encoder layer k")
     holdout_fraction: float = setting(0.25, gt=0, lt=1, only_if={"cross_fit": (1,)})
     sampling: str = setting("balanced", choices=("balanced", "uniform"))

@@ -76,7 +76,7 @@ class NeuronTuneConfig:
     standardize: bool = True
     tol: float = setting(1e-4, gt=0)
     max_iter: int = setting(1000, ge=1, le=1_000_000)
-    report_top: int = setting(50, ge=0)
+    report_top: int = setting(50, ge=0, le=100_000)
 
 
 def _freeze(cfg: NeuronTuneConfig, diag: dict) -> NeuronTuneConfig:

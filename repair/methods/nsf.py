@@ -62,7 +62,7 @@ class NSFConfig:
     l2: float = setting(1.0, ge=0)
     min_scale: float = setting(0.0, ge=0)
     tol: float = setting(1e-4, gt=0)
-    max_iter: int = setting(1000, ge=1)
+    max_iter: int = setting(1000, ge=1, le=1_000_000)
 
 
 def class_targets(Z: torch.Tensor, y: torch.Tensor, num_classes: int):

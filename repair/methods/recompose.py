@@ -62,7 +62,7 @@ class RecomposeConfig(FinetuneConfig, SettleSettings):
                              "segmenter | attribution (Grad-CAM) | contrast (weight-free boundary prior)")
     mask_quantile: float = setting(0.7, gt=0, lt=1, doc="attribution masks: the top (1 - q) of each map")
     per_image: int = setting(1, ge=1, le=1000, doc="generated images per training image")
-    max_images: int = setting(0, ge=0, doc="at most this many generated images (a seeded random subset); 0 = no cap")
+    max_images: int = setting(0, ge=0, le=10_000_000, doc="at most this many generated images (a seeded random subset); 0 = no cap")
     mask_area: tuple = setting((0.005, 0.6), ge=0, le=1,
                                doc="images whose object mask covers a share of the image outside [low, high] "
                                    "(object not found, or everything) are used neither as sources nor as backgrounds")
@@ -72,12 +72,12 @@ class RecomposeConfig(FinetuneConfig, SettleSettings):
     synthetic_fraction: float = setting(0.5, ge=0, lt=1, doc="share of each batch drawn from kept generated images")
     harmonize: float = setting(0.25, ge=0, le=1, doc="share of the background colour change applied to the object")
     # diffusers generator
-    diffusion_steps: int = setting(25, ge=1)
+    diffusion_steps: int = setting(25, ge=1, le=10_000)
     strength: float = setting(0.8, gt=0, le=1, doc="diffusers: how far the background is repainted")
     guidance: float = setting(7.5, ge=0)
-    size: int = setting(0, ge=0, doc="diffusers: generation size in pixels; 0 = the pipeline's own")
-    inversion_steps: int = setting(0, ge=0, doc="diffusers: textual inversion steps per run; 0 = off")
-    sheet: int = setting(48, ge=0, doc="generated images shown on the contact sheet")
+    size: int = setting(0, ge=0, le=8192, doc="diffusers: generation size in pixels; 0 = the pipeline's own")
+    inversion_steps: int = setting(0, ge=0, le=1_000_000, doc="diffusers: textual inversion steps per run; 0 = off")
+    sheet: int = setting(48, ge=0, le=10_000, doc="generated images shown on the contact sheet")
     settle_alphas: tuple = settle_alphas_setting(SETTLE_ALPHAS_WITH_ORIGINAL)
 
     def validate(self):

@@ -181,7 +181,7 @@ class LoopConfig:
     schedule: str = setting("cosine", choices=("cosine", "constant"))
     warmup_fraction: float = setting(0.1, ge=0, lt=1)
     clip_norm: float = setting(1.0, ge=0, doc="max gradient norm; 0 = no clipping")
-    eval_every: int = setting(0, ge=0, doc="held-out evaluations every N steps; 0 = once per epoch")
+    eval_every: int = setting(0, ge=0, le=10_000_000, doc="held-out evaluations every N steps; 0 = once per epoch")
     patience: int = setting(3, ge=0, doc="evaluations without improvement before stopping; 0 = never stop early")
     early_stop: str = setting("auto", choices=EARLY_STOPS,
                               doc="anytime = patience counts from the start; after_gain = only once an evaluation "
