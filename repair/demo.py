@@ -508,7 +508,7 @@ def run_demo(out_dir, *, seed: int = 0, size: str = "default", recipe: str = "au
     why = group_labels_needed(used)
     if why:
         raise BadInput(f"{why}, and the demo repairs without them (its groups are for the figures only)",
-                       used.source if used.source not in ("", "registry") else None)
+                       used.files[0] if used.files else None)
     Protected().add_files(used.files, "recipe (--recipe)").check(out)
 
     from .api import RuntimeOptions, evaluate_model

@@ -12,9 +12,10 @@ named like ours is ever touched.
 
 What ``force`` may replace is one rule, :func:`replace_refused`, applied by :func:`check_output` (before
 any work) and by :meth:`OutputSet.stage` (when writing): a symbolic link (the link, never its target), a
-regular file (unless the output is a folder), an empty folder, or a folder repair wrote -- a model
-output (``model.safetensors`` carrying repair's provenance) or a model repair's files (their
-``manifest.json``). Any other folder is the user's and is never replaced: :class:`BadInput`, nothing
+regular file (unless the output is a folder), an empty folder, or a folder repair wrote that holds
+nothing else: every folder output gets a record of the files written in it (:data:`OUTPUT_RECORD`,
+written as it is put in place), and a folder is replaced only while each file in it is one the record
+lists at its size. Any other folder is the user's and is never replaced: :class:`BadInput`, nothing
 written or deleted.
 """
 from __future__ import annotations
@@ -343,19 +344,15 @@ def json_text(doc: Any, indent: int = 2) -> str:
 
 
 # ------------------------------------------------------------------ what --force may replace
-#: the weights file of every folder output of a model (``repair fix``, ``repair export --format safetensors``
-#: of a folder, a zoo's model): its safetensors header carries repair's provenance (``repair.tool``)
-MODEL_WEIGHTS = "model.safetensors"
-#: the record a model repair writes in its files' folder (``<output>-artifacts``), with these keys
-ARTIFACTS_RECORD = "manifest.json"
-ARTIFACTS_KEYS = frozenset({"generator", "mask_source", "generated", "kept", "images"})
-#: the largest artifacts record read (a generated image is one short entry in it)
+#: the record every folder output holds (written by :meth:`OutputSet.commit` as the folder is put in
+#: place): each file repair wrote in it, by its path in the folder, with its size
+OUTPUT_RECORD = ".repair-output.json"
+#: the largest output record read (a line per file written)
 MAX_RECORD_BYTES = 64 << 20
 #: what an output is: a file, a folder, or not known to the caller (None)
 OUTPUT_KINDS = ("file", "folder")
-_NOT_OURS = ("is a folder that is not one repair wrote (no model.safetensors with repair's provenance, nor a "
-             "model repair's manifest.json), so --force does not replace it; choose another output or delete "
-             "it yourself")
+_NOT_OURS = (f"is a folder that repair did not write (it has no {OUTPUT_RECORD}, the record of the files repair "
+             "writes in its folders), so --force does not replace it; choose another output or delete it yourself")
 
 
 def _open_entry(dir_fd: int, name: str):
@@ -379,52 +376,67 @@ def _open_entry(dir_fd: int, name: str):
         return None
 
 
-def _has_provenance(dir_fd: int) -> bool:
-    """The folder's ``model.safetensors`` is a regular file whose header says repair wrote it (only the
-    header is read)."""
-    opened = _open_entry(dir_fd, MODEL_WEIGHTS)
-    if opened is None:
-        return False
-    f, size = opened
-    with f:
-        try:
-            _, header = _read_header(f, size)
-        except (ValueError, OSError):
-            return False
-    meta = header.get("__metadata__")
-    return isinstance(meta, dict) and meta.get("repair.tool") == "repair"
+def folder_entries(folder: Path) -> dict[str, int]:
+    """Every entry below ``folder`` but folders (and the record itself): its path relative to the folder
+    (``/``-separated) -> its size, or -1 for anything not a regular file (a link, a FIFO, ...). Links are
+    never followed."""
+    out: dict[str, int] = {}
+
+    def walk(d: Path, rel: str) -> None:
+        with os.scandir(d) as it:
+            for e in it:
+                r = f"{rel}{e.name}"
+                if e.is_dir(follow_symlinks=False):
+                    walk(Path(e.path), r + "/")
+                elif r != OUTPUT_RECORD:
+                    out[r] = e.stat(follow_symlinks=False).st_size if e.is_file(follow_symlinks=False) else -1
+
+    walk(Path(folder), "")
+    return dict(sorted(out.items()))
 
 
-def _has_artifacts_record(dir_fd: int) -> bool:
-    """The folder holds a model repair's record (``manifest.json``: a JSON object with its keys)."""
-    opened = _open_entry(dir_fd, ARTIFACTS_RECORD)
-    if opened is None:
-        return False
-    f, size = opened
-    with f:
-        if size > MAX_RECORD_BYTES:
-            return False
-        try:
-            doc = json.loads(f.read(MAX_RECORD_BYTES + 1))
-        except (ValueError, OSError, RecursionError):
-            return False
-    return isinstance(doc, dict) and ARTIFACTS_KEYS <= set(doc)
+def write_output_record(folder: Path) -> None:
+    """Write :data:`OUTPUT_RECORD` in ``folder`` (a staged output, complete): what is in it now."""
+    doc = {"written_by": "repair", "files": folder_entries(folder)}
+    (Path(folder) / OUTPUT_RECORD).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def repair_wrote(folder: Path) -> bool:
-    """Whether ``folder`` (a folder itself, not a link to one) is an output repair writes: a model
-    (``model.safetensors`` whose header carries ``repair.tool: repair``) or a model repair's files
-    (``manifest.json``, the record of what it generated). Reads a header or a record, never follows a
-    symlink."""
+def repair_wrote(folder: Path) -> Optional[str]:
+    """None when ``folder`` (a folder itself, not a link to one) is an output repair wrote and holds
+    nothing else: its :data:`OUTPUT_RECORD` lists every file in it at its size (a file of the output
+    deleted since is fine); else why not. Never follows a symlink."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
         dfd = os.open(folder, flags)
-    except OSError:
-        return False
+    except OSError as e:
+        return f"is a folder that cannot be read ({e.strerror or e}), so --force does not replace it"
     try:
-        return _has_provenance(dfd) or _has_artifacts_record(dfd)
+        opened = _open_entry(dfd, OUTPUT_RECORD)
+        if opened is None:
+            return _NOT_OURS
+        f, size = opened
+        with f:
+            try:
+                doc = json.loads(f.read(MAX_RECORD_BYTES + 1)) if size <= MAX_RECORD_BYTES else None
+            except (ValueError, OSError, RecursionError):
+                doc = None
     finally:
         os.close(dfd)
+    listed = doc.get("files") if isinstance(doc, dict) and doc.get("written_by") == "repair" else None
+    if not isinstance(listed, dict):
+        return _NOT_OURS
+    try:
+        now = folder_entries(folder)
+    except OSError as e:
+        return f"is a folder that cannot be read ({e.strerror or e}), so --force does not replace it"
+    for rel, n in now.items():
+        if listed.get(rel) != n or n < 0:
+            why = ("is not a file repair wrote there" if rel not in listed else
+                   "is a link or special file" if n < 0 else "changed since repair wrote it")
+            return (f"is a folder repair wrote, but {rel} {why}, so --force does not replace it (it replaces "
+                    "an output only while it holds nothing but what repair wrote); move it out, or choose "
+                    "another output")
+    return None
 
 
 def replace_refused(final: Path, kind: Optional[str] = None) -> Optional[str]:
@@ -434,7 +446,7 @@ def replace_refused(final: Path, kind: Optional[str] = None) -> Optional[str]:
     - a symbolic link: the link is replaced, never its target;
     - a regular file: replaced, unless the output is a folder;
     - a folder: replaced only when it is empty, or, for an output that is not a file, when repair
-      wrote it (:func:`repair_wrote`); anything else in it is the user's;
+      wrote it and it holds nothing else (:func:`repair_wrote`); anything else in it is the user's;
     - a device, FIFO or socket: never."""
     import stat as stat_
 
@@ -463,7 +475,12 @@ def replace_refused(final: Path, kind: Optional[str] = None) -> Optional[str]:
     if kind == "file":
         return ("is a folder, and the output is a file, so --force does not replace it (only an empty "
                 "folder); choose another output or delete it yourself")
-    return None if repair_wrote(final) else _NOT_OURS
+    return repair_wrote(final)
+
+
+def _exists_message(why: Optional[str]) -> str:
+    """An existing output without ``--force``: how to replace it, or why even ``--force`` would not."""
+    return f"output already exists and {why}" if why else "output already exists (use --force to overwrite)"
 
 
 def check_replace(final: Path, *, kind: Optional[str] = None) -> None:
@@ -487,7 +504,7 @@ def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[st
         raise BadInput("an output must be named: a file or folder name, not '.' or '..'", final)
     parent = final.parent if str(final.parent) else Path(".")
     if (final.exists() or final.is_symlink()) and not force:
-        raise BadInput("output already exists (use --force to overwrite)", final)
+        raise BadInput(_exists_message(None if owned else replace_refused(final, kind)), final)
     if not owned:
         check_replace(final, kind=kind)
     if not parent.is_dir():
@@ -545,6 +562,8 @@ class OutputSet:
     def __init__(self, *, force: bool = False, log: Optional[Callable[[str], None]] = None):
         self.force, self.log = force, log
         self._staged: list[tuple[Path, Path, int, Path]] = []      # (final, tmp folder, lock fd, target)
+        self._owned: set[Path] = set()          # staged by a caller with a record of its own (the demo)
+        self._kinds: dict[Path, Optional[str]] = {}     # the others: what each output is
 
     def stage(self, final: Path, *, is_dir: bool = False, force: Optional[bool] = None,
               kind: Optional[str] = None, owned: bool = False) -> Path:
@@ -555,10 +574,11 @@ class OutputSet:
         final = Path(final)
         if any(f == final for f, *_ in self._staged):
             raise ValueError(f"{final} staged twice")
+        kind = "folder" if is_dir else kind
         if (final.exists() or final.is_symlink()) and not (self.force if force is None else force):
-            raise BadInput("output already exists (use --force to overwrite)", final)
+            raise BadInput(_exists_message(None if owned else replace_refused(final, kind)), final)
         if not owned:
-            check_replace(final, kind="folder" if is_dir else kind)
+            check_replace(final, kind=kind)
         parent = final.parent if str(final.parent) else Path(".")
         if not parent.exists():
             raise BadInput("output folder does not exist", parent)
@@ -566,16 +586,25 @@ class OutputSet:
         tmp, fd = _make_temp(parent, f".{final.name}.", ".tmp", final)
         target = tmp / final.name
         self._staged.append((final, tmp, fd, target))
+        if owned:
+            self._owned.add(final)
+        else:
+            self._kinds[final] = kind
         if is_dir:
             target.mkdir()
         return target
 
     def commit(self) -> None:
+        for final, _tmp, _fd, target in self._staged:       # every folder output says what repair wrote in it
+            if final not in self._owned and target.is_dir() and not target.is_symlink():
+                write_output_record(target)
         done: list[tuple[Path, Path, Optional[Path]]] = []        # (final, target, replaced copy)
         try:
             for final, tmp, _fd, target in self._staged:
                 replaced = None
                 if final.exists() or final.is_symlink():
+                    if final in self._kinds:      # again: a user may have put something there meanwhile
+                        check_replace(final, kind=self._kinds[final])
                     replaced = tmp / f".replaced-{final.name}"
                     os.replace(final, replaced)
                 try:

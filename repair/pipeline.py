@@ -214,7 +214,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
 
     why = group_labels_needed(recipe) if data_opts.group_by is None else None
     if why:                                  # before any work, not when its turn comes
-        raise BadInput(f"{why} (give --group-by)", recipe.source or None)
+        raise BadInput(f"{why} (give --group-by)", recipe.files[0] if recipe.files else None)
     budget = _budget_cls().parse(o.budget)
     if inputs is None:
         inputs = read_inputs(model_path, data_path, data_opts, eval_data=o.eval_data,

@@ -255,10 +255,11 @@ def looks_like_path(value: Union[str, Path]) -> bool:
             or text.startswith((".", "~")))
 
 
-def names_file(value: Union[str, Path], resolve=Path) -> bool:
-    """Whether a recipe value names a file, the rule of :func:`load_recipe`: it looks like a path
-    (:func:`looks_like_path`), or it is a bare name of no built-in recipe and no registered method
-    that exists as ``resolve(value)`` (a zoo manifest resolves it beside the manifest)."""
+def names_file(value: Union[str, Path]) -> bool:
+    """Whether a recipe value in a zoo manifest names a file (resolved beside the manifest): it looks
+    like a path (:func:`looks_like_path`), or it names no built-in recipe and no registered method. (On
+    the command line a bare name of neither is read from the current folder if it exists there, else it
+    is an unknown recipe: :func:`load_recipe`.)"""
     text = str(value)
     if looks_like_path(text):
         return True
@@ -270,11 +271,7 @@ def names_file(value: Union[str, Path], resolve=Path) -> bool:
         get_method(text)
         return False
     except KeyError:
-        pass
-    try:
-        return os.path.lexists(resolve(text))
-    except (OSError, ValueError):
-        return False
+        return True
 
 
 class _Refused(Exception):
@@ -634,6 +631,7 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
         raise BadInput(f"description must be text, got {type(description).__name__}", p)
     check_fields(name, selection, folds, vals["repeats"], vals["ensemble"], p)    # before any plugin runs
     if plugins and not validate_only:
+        _candidates(doc, p, lenient=True)  # the candidates too: their shape, the built-in methods' settings
         if not allow_plugins:
             raise BadInput(f"recipe {p.name} loads plugin code {plugins[0]}; pass --allow-plugins to run it", p)
         list_methods()                  # built-ins first: a plugin cannot shadow them silently

@@ -264,7 +264,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     from .modelrepair.finetune import Budget
     from .preflight import declared_resource
     from .rules import GATE_METRICS, Protected, check_writable, fix_output, parse_expected_groups, parse_threshold
-    from .recipes import names_file
+    from .recipes import looks_like_path, names_file
 
     path = Path(path)
     if mode not in MODES:
@@ -356,8 +356,11 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             problems.add(where, "name", f"duplicate name {f['name']!r} (also row {names[f['name']]})")
         names.setdefault(f["name"], n)
         recipe = str(r.get("recipe", "auto"))
-        if names_file(recipe, as_path):
-            recipe = str(as_path(recipe))
+        if names_file(recipe):
+            bare, recipe = recipe, str(as_path(recipe))
+            if not looks_like_path(bare) and not os.path.lexists(recipe):     # never read from the current folder
+                recipes.setdefault(recipe, f"unknown recipe {bare!r}: neither built in (repair methods lists them) nor a "
+                                           f"file beside the manifest ({recipe})")
         if recipe not in recipes:
             try:
                 recipe_files[recipe] = _validate_recipe(recipe, mode, allow_plugins)
@@ -810,12 +813,15 @@ def discard_staged(output: Path) -> None:
 def commit_staged(output: Path) -> None:
     """Move a finished model's staged files into place (one atomic rename each; an existing target
     is replaced: the manifest check refused it unless --force). A no-op once done."""
+    from .io import check_replace
+
     staging = staging_dir(output)
     if not staging.exists():
         return
-    for child in sorted(staging.iterdir()):
-        if child.name.startswith("."):
-            continue                            # an attempt's temporary leftovers
+    children = [c for c in sorted(staging.iterdir()) if not c.name.startswith(".")]   # not an attempt's leftovers
+    for child in children:                      # again at the rename: what a user put there meanwhile stays
+        check_replace(staging.parent / child.name, kind="folder" if child.is_dir() else "file")
+    for child in children:
         target = staging.parent / child.name
         if target.exists():
             old = staging / f".replaced-{child.name}"
@@ -1415,7 +1421,8 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
             if e.name in edited:
                 problems.add(f"row {e.row} ({e.name})", "output",
                              f"{e.output} was written by this zoo, but {edited[e.name]} since: it is kept "
-                             "(use --force to replace it)")
+                             "(use --force to replace it; --force never replaces a file added to it: move "
+                             "that out first)")
             elif e.name not in done and e.name not in redo and not o.force:
                 there = next((q for what, q in e.places() if not what.startswith("staging")
                               and (q.exists() or q.is_symlink())), None)

@@ -1,6 +1,6 @@
 """What ``--force`` may replace (one rule, :func:`repair.io.replace_refused`, behind every output): a
 symlink (the link itself), a regular file where a file goes, an empty folder, or a folder repair wrote
-(a model output whose ``model.safetensors`` carries repair's provenance, a model repair's files). A
+that holds nothing else (its ``.repair-output.json`` lists every file in it at its size). A
 user's folder -- ``repair fix model --out ~/projects --force`` -- is never replaced: exit 2, one line
 naming it, nothing written or deleted."""
 from __future__ import annotations
@@ -45,11 +45,45 @@ def previous_fix(tmp_path_factory, timm_folder, image_data) -> Path:
 # ------------------------------------------------------------------ (a) a previous repair output
 def test_force_replaces_a_previous_fix_output(tmp_path, timm_folder, image_data, previous_fix):
     out = tmp_path / "fixed"
-    shutil.copytree(previous_fix, out)
-    (out / "stale.txt").write_text("from the old output\n")      # part of what repair wrote there: replaced
+    shutil.copytree(previous_fix, out, symlinks=True)
+    (out / "config.json").unlink()                    # a file of the output deleted since: still ours
     code, _, err = _fix(timm_folder, image_data, out, "--force")
     assert code == 0, err
-    assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("change", ["added", "edited", "nested"])
+def test_force_refuses_a_previous_output_holding_what_repair_did_not_write(tmp_path, timm_folder, image_data,
+                                                                           previous_fix, change):
+    """A file put in (or changed in) a previous output is the user's: the folder is refused whole."""
+    out = tmp_path / "fixed"
+    shutil.copytree(previous_fix, out, symlinks=True)
+    if change == "added":
+        (out / "notes.md").write_text("mine\n")
+    elif change == "edited":
+        (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    else:
+        (out / "results").mkdir()
+        (out / "results" / "a.csv").write_text("1\n")
+    before = _tree(out)
+    code, _, err = _fix(timm_folder, image_data, out, "--force")
+    _one_line_naming(code, err, out, "--out", "repair wrote", "--force")
+    assert _tree(out) == before
+
+
+def test_force_refuses_a_users_folder_holding_a_repaired_weights_file(tmp_path, timm_folder, image_data,
+                                                                     previous_fix):
+    """The review's case: repaired weights (a model.safetensors carrying repair's provenance, e.g. a bare
+    .safetensors output written there) in the user's own folder do not make the folder repair's."""
+    proj = tmp_path / "proj"
+    (proj / "results").mkdir(parents=True)
+    (proj / "thesis.tex").write_text("x\n")
+    (proj / "results" / "a.csv").write_text("1\n")
+    shutil.copy(previous_fix / "model.safetensors", proj / "model.safetensors")
+    before = _tree(proj)
+    code, _, err = _fix(timm_folder, image_data, proj, "--force")
+    _one_line_naming(code, err, proj, "--out", "did not write", "--force")
+    assert _tree(proj) == before
 
 
 def test_force_replaces_an_empty_folder(tmp_path, timm_folder, image_data):
@@ -69,7 +103,7 @@ def test_force_refuses_a_users_folder(tmp_path, timm_folder, image_data):
     (projects / "notes.md").write_text("mine\n")
     before = _tree(projects)
     code, _, err = _fix(timm_folder, image_data, projects, "--force")
-    _one_line_naming(code, err, projects, "--out", "not one repair wrote", "--force")
+    _one_line_naming(code, err, projects, "--out", "repair did not write", "--force")
     assert _tree(projects) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["projects"]      # nothing staged left beside it
 
@@ -79,7 +113,7 @@ def test_force_refuses_a_checkpoint_folder_repair_did_not_write(tmp_path, timm_f
     mine = make_timm_folder(tmp_path / "mine", seed=5)
     before = _tree(mine)
     code, _, err = _fix(timm_folder, image_data, mine, "--force")
-    _one_line_naming(code, err, mine, "not one repair wrote")
+    _one_line_naming(code, err, mine, "repair did not write")
     assert _tree(mine) == before
 
 
@@ -91,7 +125,7 @@ def test_force_never_follows_a_symlinked_weights_file(tmp_path, timm_folder, ima
     (out / "data.csv").write_text("mine\n")
     before = _tree(out)
     code, _, err = _fix(timm_folder, image_data, out, "--force")
-    _one_line_naming(code, err, out, "not one repair wrote")
+    _one_line_naming(code, err, out, "repair did not write")
     assert _tree(out) == before
 
 
@@ -101,7 +135,7 @@ def test_export_force_refuses_a_users_folder(tmp_path, timm_folder):
     mine.mkdir()
     (mine / "keep.txt").write_text("mine\n")
     code, _, err = run_cli("export", timm_folder, "--format", "safetensors", "--out", mine, "--force", "-q")
-    _one_line_naming(code, err, mine, "not one repair wrote")
+    _one_line_naming(code, err, mine, "repair did not write")
     assert (mine / "keep.txt").read_text() == "mine\n" and sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
 
 
@@ -176,7 +210,7 @@ def test_atomic_output_refuses_a_users_folder(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "keep.txt").write_text("mine\n")
-    with pytest.raises(BadInput, match="not one repair wrote") as e:
+    with pytest.raises(BadInput, match="repair did not write") as e:
         with atomic_output(mine, force=True, is_dir=True) as staged:
             (staged / "x").write_text("new")
     assert e.value.path == str(mine)
@@ -203,22 +237,27 @@ def test_library_rule_kinds(tmp_path, previous_fix):
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "model.safetensors").write_bytes(b"\xff" * 64)
-    assert "not one repair wrote" in replace_refused(fake)
-    with pytest.raises(BadInput, match="not one repair wrote"):
+    assert "repair did not write" in replace_refused(fake)
+    with pytest.raises(BadInput, match="repair did not write"):
         check_output(fake, force=True)
     assert (fake / "model.safetensors").read_bytes() == b"\xff" * 64
     # the caller that verified ownership itself (the demo's marker check) says so
     with atomic_output(fake, force=True, is_dir=True, owned=True) as staged:
         (staged / "new").write_text("n")
     assert sorted(p.name for p in fake.iterdir()) == ["new"]
-    # a model repair's files: known by their record
+    # every folder written through the outputs carries the record of its files; the owned one does not
+    assert not (fake / ".repair-output.json").exists()
     art = tmp_path / "x-artifacts"
-    (art / "images").mkdir(parents=True)
-    (art / "manifest.json").write_text('{"generator": {}, "mask_source": "given", "min_probability": 0.5, '
-                                       '"min_attribution": 0.1, "generated": 0, "kept": 0, "images": []}')
+    with atomic_output(art, is_dir=True) as staged:
+        (staged / "images").mkdir()
+        (staged / "images" / "a.png").write_bytes(b"png")
+        (staged / "manifest.json").write_text("{}")
     assert replace_refused(art, "folder") is None
-    (art / "manifest.json").write_text('{"my": "notes"}')
-    assert "not one repair wrote" in replace_refused(art, "folder")
+    (art / "images" / "b.png").write_bytes(b"mine")
+    assert "images/b.png is not a file repair wrote" in replace_refused(art, "folder")
+    (art / "images" / "b.png").unlink()
+    (art / ".repair-output.json").write_text('{"written_by": "me"}')         # a record not repair's
+    assert "repair did not write" in replace_refused(art, "folder")
 
 
 # ------------------------------------------------------------------ the zoo: its own outputs, never a user's folder
@@ -248,14 +287,14 @@ def test_zoo_force_refuses_a_users_folder_at_a_rows_output(tmp_path, zoo_parts):
     mine.mkdir()
     (mine / "keep.txt").write_text("mine\n")
     code, _, err = run_cli("zoo", path, "--force", "-q")
-    _one_line_naming(code, err, path, str(mine), "not one repair wrote")
+    _one_line_naming(code, err, path, str(mine), "repair did not write")
     assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
 
 
 def test_zoo_rerun_and_force_over_its_own_outputs(tmp_path, zoo_parts):
-    """A zoo's own output: a rerun writes a lost weights file again (the journal vouches for the rest),
-    and an output edited since (the user's now, kept without --force) is replaced with --force: it is a
-    model output repair wrote."""
+    """A zoo's own output: a rerun writes a lost weights file again (the journal vouches for the rest);
+    a file the user put in it makes it the user's (refused with or without --force, kept); without it,
+    --force replaces the output."""
     path = _zoo(tmp_path, zoo_parts)
     code, _, err = run_cli("zoo", path, "-q")
     assert code == 0, err
@@ -266,8 +305,11 @@ def test_zoo_rerun_and_force_over_its_own_outputs(tmp_path, zoo_parts):
     assert weights.is_file()
     notes = tmp_path / "out" / "a" / "notes.txt"
     notes.write_text("added\n")
-    code, _, err = run_cli("zoo", path, "-q")
-    assert code == 2 and "use --force" in err, err
+    for force, says in (((), "holds a/notes.txt"), (("--force",), "notes.txt is not a file repair wrote")):
+        code, _, err = run_cli("zoo", path, *force, "-q")         # a file of the user's in it: never replaced
+        assert code == 2 and says in err, err
+        assert notes.is_file() and weights.is_file()
+    notes.unlink()
     code, _, err = run_cli("zoo", path, "--force", "-q")
     assert code == 0, err
-    assert weights.is_file() and not notes.exists()
+    assert weights.is_file()

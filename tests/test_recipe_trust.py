@@ -332,3 +332,14 @@ def test_absurd_counts_are_refused(tmp_path, method, key, value):
     """Every count has an upper bound (an audit: these took up to 1e12 without a word)."""
     _refused(_write(tmp_path, "r.yaml", f"candidates: [{{method: {method}, params: {{{key}: {value}}}}}]\n"),
              key, "must be <=")
+
+
+@pytest.mark.parametrize("bad", ["candidates: 5\n", "candidates: [{method: dfr, params: {c_grid: -1}}]\n",
+                                 "candidates: [{method: dfr, params: {bogus: 1}}]\n"])
+def test_no_plugin_runs_before_the_candidates_are_checked(tmp_path, bad):
+    marker = tmp_path / "ran"
+    _write(tmp_path, "p.py", f"open({str(marker)!r}, 'w').close()\n")
+    r = _write(tmp_path, "r.yaml", "plugins: [p.py]\n" + bad)
+    with pytest.raises(BadInput):
+        load_recipe(r, allow_plugins=True)
+    assert not marker.exists()

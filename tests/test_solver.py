@@ -537,7 +537,10 @@ def test_dfr_fast_protocol_head_for_more_classes_is_sklearns_multinomial_fit():
         # that strength alone (no path to score, nothing fitted before the head): the same head
         one = dfr(inp, DFRConfig(protocol="fast", c_grid=(C,), solver=solver, group_cap=None))
         assert one.diagnostics["head_from"] == "one multinomial fit on all rows"
-        assert torch.allclose(X @ one.W.T + one.b, X @ out.W.T + out.b, atol=1e-5 * float(lr.abs().max()) + 1e-5)
+        assert one.diagnostics["solver"] == "lbfgs" and "only the multinomial head" in one.diagnostics["solver_rule"]
+        lo = X @ one.W.T + one.b
+        lo = lo - lo.mean(1, keepdim=True)
+        assert torch.allclose(lo, lr, atol=1e-2 * float(lr.abs().max()))          # scikit-learn's fit again
     X2, y2 = _multi(n=600, d=12, C=2, seed=5)
     two = dfr(RepairInputs(X=X2, y=y2, W=torch.zeros(2, 12), b=torch.zeros(2), groups=y2 * 2 + (X2[:, 0] > 0).long(),
                            seed=0), DFRConfig(protocol="fast", c_grid=(3.0, 0.03)))

@@ -150,7 +150,7 @@ def test_a_repaired_folder_repaired_again_holds_only_this_runs_artifacts(tmp_pat
     rc, _, err = run_cli("fix", str(out1), "--data", str(image_data), "--recipe", "dfr", "-q", "--out", str(out3))
     assert rc == 0, err
     assert not artifacts_output(out1, out3).exists()
-    assert {p.name for p in out3.iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in out3.iterdir()} == {"config.json", "model.safetensors", ".repair-output.json"}
     assert snapshot(out1) == before
 
 

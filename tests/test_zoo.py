@@ -446,6 +446,7 @@ def test_a_recipe_named_relatively_is_read_beside_the_manifest(zoo, tmp_path, mo
     """The manifest's relative paths are relative to its folder, recipes too, by the one rule of what a
     recipe value names as a file (``recipes.names_file``): a bare name of no built-in that exists beside
     the manifest, and a name starting with a dot (an audit: both were read from the current folder)."""
+    from repair.errors import BadInput
     from repair.zoo import load_manifest
 
     m = tmp_path / "M"
@@ -463,3 +464,8 @@ def test_a_recipe_named_relatively_is_read_beside_the_manifest(zoo, tmp_path, mo
     a, b, c = load_manifest(path, "eval").entries
     assert Path(a.recipe) == m / "myrec" and Path(b.recipe) == m / ".r"
     assert c.recipe == "dfr"                                   # a built-in stays the built-in
+    # a bare name found only in the current folder is not read from there (the review's case)
+    (cwd / "onlyhere").write_text("candidates: [{method: mix}]\n")
+    path.write_text(f"name,checkpoint,data,recipe\na,{zoo / 'm0'},{zoo / 'val'},onlyhere\n")
+    with pytest.raises(BadInput, match="unknown recipe .onlyhere.: neither built in"):
+        load_manifest(path, "eval")

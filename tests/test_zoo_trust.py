@@ -132,6 +132,14 @@ def test_fix_writes_a_lost_output_again_and_keeps_an_edited_one_unless_forced(tm
         code, doc, err = run_cli("zoo", path, "--json", "-q")
         _refused(code, err, "row 1 (a), output", str(tmp_path / "out" / "a"), why, "--force")
         assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "a").iterdir()} == before   # kept as it is
+        if notes.exists():                  # a file added: the user's; --force never replaces it
+            code, doc, err = run_cli("zoo", path, "--json", "--force", "-q")
+            _refused(code, err, "row 1 (a), output", "notes.txt is not a file repair wrote")
+            assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "a").iterdir()} == before
+            notes.unlink()
+            code, doc, err = run_json(path, "--force")
+            assert code == 0 and config.read_text() == written, (err, doc)
+            continue
         code, doc, err = run_json(path, "--force")
         assert code == 0 and redone(doc) == {"a": why}, (err, doc)
         assert config.read_text() == written and not notes.exists()

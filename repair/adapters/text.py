@@ -166,7 +166,8 @@ def max_positions_beside(folder: Path) -> Optional[int]:
 #: transformers model types whose position ids start after the padding index (their
 #: ``max_position_embeddings`` counts those unused rows)
 PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
-                                      "data2vec-text", "xmod", "ibert", "roberta-prelayernorm", "mpnet"})
+                                      "data2vec-text", "xmod", "ibert", "roberta-prelayernorm", "mpnet", "luke",
+                                      "markuplm", "esm"})
 
 
 def tokenizer_preprocess_id(tokenizer, max_length: Optional[int]) -> dict:

@@ -413,6 +413,8 @@ def _run_fast(inputs, cfg, c_grid, tol, max_iter, dev, method_name):
         del fit_folds, predict, head     # and with them the path's copy of the rows
         W, b, softmax_info = _softmax_head(X, y, groups, keep, active, cfg, C, 1.0 / chosen, dev)
         # one strength (or too few rows for two folds): no path was fitted, the head is the only fit
+        if not infos:
+            solver, why = "lbfgs", "one strength: only the multinomial head was fitted"
         info = infos[-1] if infos else {"form": "softmax", "n_iter": [softmax_info["n_iter"]],
                                         "converged": [softmax_info["converged"]], "n_factor": [0]}
     else:
