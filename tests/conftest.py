@@ -33,6 +33,17 @@ def run_cli(*args) -> tuple[int, str, str]:
     return res.exit_code, res.stdout, res.stderr
 
 
+def one_line_naming(code: int, err: str, path, *words: str) -> str:
+    """A refusal as the CLI must give it: exit 2, one line on stderr naming ``path`` and ``words``."""
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert str(path) in lines[0], lines[0]
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
 @contextlib.contextmanager
 def time_limit(seconds: int):
     """Fail (instead of hanging the suite) if the block runs longer than ``seconds``."""

@@ -10,23 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_timm_folder, run_cli
+from conftest import one_line_naming, make_timm_folder, run_cli
 from repair.errors import BadInput
 
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): (b"<dir>" if p.is_dir() else p.read_bytes())
             for p in sorted(root.rglob("*"))}
-
-
-def _one_line_naming(code: int, err: str, path: Path, *words: str) -> str:
-    assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert str(path) in lines[0], lines[0]
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def _fix(model, data, out, *extra):
@@ -67,7 +57,7 @@ def test_force_refuses_a_previous_output_holding_what_repair_did_not_write(tmp_p
         (out / "results" / "a.csv").write_text("1\n")
     before = _tree(out)
     code, _, err = _fix(timm_folder, image_data, out, "--force")
-    _one_line_naming(code, err, out, "--out", "repair wrote", "--force")
+    one_line_naming(code, err, out, "--out", "repair wrote", "--force")
     assert _tree(out) == before
 
 
@@ -82,7 +72,7 @@ def test_force_refuses_a_users_folder_holding_a_repaired_weights_file(tmp_path, 
     shutil.copy(previous_fix / "model.safetensors", proj / "model.safetensors")
     before = _tree(proj)
     code, _, err = _fix(timm_folder, image_data, proj, "--force")
-    _one_line_naming(code, err, proj, "--out", "did not write", "--force")
+    one_line_naming(code, err, proj, "--out", "did not write", "--force")
     assert _tree(proj) == before
 
 
@@ -103,7 +93,7 @@ def test_force_refuses_a_users_folder(tmp_path, timm_folder, image_data):
     (projects / "notes.md").write_text("mine\n")
     before = _tree(projects)
     code, _, err = _fix(timm_folder, image_data, projects, "--force")
-    _one_line_naming(code, err, projects, "--out", "repair did not write", "--force")
+    one_line_naming(code, err, projects, "--out", "repair did not write", "--force")
     assert _tree(projects) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["projects"]      # nothing staged left beside it
 
@@ -113,7 +103,7 @@ def test_force_refuses_a_checkpoint_folder_repair_did_not_write(tmp_path, timm_f
     mine = make_timm_folder(tmp_path / "mine", seed=5)
     before = _tree(mine)
     code, _, err = _fix(timm_folder, image_data, mine, "--force")
-    _one_line_naming(code, err, mine, "repair did not write")
+    one_line_naming(code, err, mine, "repair did not write")
     assert _tree(mine) == before
 
 
@@ -125,7 +115,7 @@ def test_force_never_follows_a_symlinked_weights_file(tmp_path, timm_folder, ima
     (out / "data.csv").write_text("mine\n")
     before = _tree(out)
     code, _, err = _fix(timm_folder, image_data, out, "--force")
-    _one_line_naming(code, err, out, "repair did not write")
+    one_line_naming(code, err, out, "repair did not write")
     assert _tree(out) == before
 
 
@@ -135,7 +125,7 @@ def test_export_force_refuses_a_users_folder(tmp_path, timm_folder):
     mine.mkdir()
     (mine / "keep.txt").write_text("mine\n")
     code, _, err = run_cli("export", timm_folder, "--format", "safetensors", "--out", mine, "--force", "-q")
-    _one_line_naming(code, err, mine, "repair did not write")
+    one_line_naming(code, err, mine, "repair did not write")
     assert (mine / "keep.txt").read_text() == "mine\n" and sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
 
 
@@ -152,7 +142,7 @@ def test_force_refuses_a_file_where_a_folder_output_goes(tmp_path, timm_folder, 
     f = tmp_path / "fixed"
     f.write_text("a file of mine\n")
     code, _, err = _fix(timm_folder, image_data, f, "--force")
-    _one_line_naming(code, err, f, "is a file", "folder")
+    one_line_naming(code, err, f, "is a file", "folder")
     assert f.read_text() == "a file of mine\n"
 
 
@@ -166,7 +156,7 @@ def test_force_refuses_a_folder_where_a_file_output_goes(tmp_path, timm_folder, 
     before = _tree(out)
     code, _, err = run_cli("export", bare, "--arch", "test_resnet", "--format", "safetensors", "--out", out,
                             "--force", "-q")
-    _one_line_naming(code, err, out, "is a folder", "file")
+    one_line_naming(code, err, out, "is a folder", "file")
     assert _tree(out) == before
 
 
@@ -177,7 +167,7 @@ def test_force_refuses_a_folder_where_the_report_goes(tmp_path, timm_folder, ima
     (tmp_path / "r.json" / "keep.txt").write_text("mine\n")
     out = tmp_path / "fixed"
     code, _, err = _fix(timm_folder, image_data, out, "--force", "--report", report)
-    _one_line_naming(code, err, tmp_path / "r.json", "is a folder")
+    one_line_naming(code, err, tmp_path / "r.json", "is a folder")
     assert (tmp_path / "r.json" / "keep.txt").read_text() == "mine\n"
     assert not out.exists() and not report.exists()
 
@@ -287,7 +277,7 @@ def test_zoo_force_refuses_a_users_folder_at_a_rows_output(tmp_path, zoo_parts):
     mine.mkdir()
     (mine / "keep.txt").write_text("mine\n")
     code, _, err = run_cli("zoo", path, "--force", "-q")
-    _one_line_naming(code, err, path, str(mine), "repair did not write")
+    one_line_naming(code, err, path, str(mine), "repair did not write")
     assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
 
 

@@ -11,23 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_images, make_timm_folder, run_cli
+from conftest import one_line_naming, make_images, make_timm_folder, run_cli
 
 
 def _tree(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` with its bytes (but a zoo driver's lock file, which holds its pid)."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != ".zoo-lock"}
-
-
-def _one_line_naming(code: int, err: str, path: Path, *words: str) -> str:
-    assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert str(path) in lines[0], lines[0]
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 # ------------------------------------------------------------------ repair demo --force
@@ -41,7 +31,7 @@ def test_demo_force_refuses_a_user_folder_whose_names_look_like_a_demo(tmp_path)
     (proj / "model" / "notes.md").write_text("mine\n")
     before = _tree(proj)
     code, out, err = run_cli("demo", "--out", proj, "--force", "--size", "tiny", "--recipe", "dfr")
-    _one_line_naming(code, err, proj, "repair-demo.json", "--force")
+    one_line_naming(code, err, proj, "repair-demo.json", "--force")
     assert _tree(proj) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]        # nothing left beside it
 
@@ -55,7 +45,7 @@ def test_demo_force_refuses_a_folder_without_the_marker_and_says_what_to_do(tmp_
         (proj / d / "x.txt").write_text(d)
     before = _tree(proj)
     code, _, err = run_cli("demo", "--out", proj, "--force", "--size", "tiny")
-    line = _one_line_naming(code, err, proj, "delete it")
+    line = one_line_naming(code, err, proj, "delete it")
     assert "another folder" in line or "another --out" in line
     assert _tree(proj) == before
 
@@ -93,7 +83,7 @@ def test_demo_writes_its_marker_and_force_rebuilds_its_own_folder(tmp_path, monk
     assert sorted(p.name for p in proj.iterdir()) == ["data", "model", "model-repaired", demo.DEMO_MARKER]
     assert json.loads((proj / demo.DEMO_MARKER).read_text())["kind"] == demo.DEMO_KIND
     code, _, err = run_cli("demo", "--out", proj, "--size", "tiny", "--recipe", "dfr")
-    _one_line_naming(code, err, proj, "--force")                                  # not without --force
+    one_line_naming(code, err, proj, "--force")                                  # not without --force
     listed = json.loads((proj / demo.DEMO_MARKER).read_text())["files"]
     assert listed == demo.demo_files(proj) and any(k.startswith("model-repaired/") for k in listed)
     # a file of the user's inside a demo's folder, or a demo file changed, is not replaced (it was: only
@@ -101,12 +91,12 @@ def test_demo_writes_its_marker_and_force_rebuilds_its_own_folder(tmp_path, monk
     mine = proj / "data" / "val" / "my-notes.txt"
     mine.write_text("mine\n")
     code, _, err = run_cli("demo", "--out", proj, "--size", "tiny", "--recipe", "dfr", "--force")
-    _one_line_naming(code, err, proj, "data/val/my-notes.txt", "not a file the demo wrote")
+    one_line_naming(code, err, proj, "data/val/my-notes.txt", "not a file the demo wrote")
     mine.unlink()
     cfg = proj / "model" / "config.json"
     cfg.write_text(cfg.read_text() + " ")
     code, _, err = run_cli("demo", "--out", proj, "--size", "tiny", "--recipe", "dfr", "--force")
-    _one_line_naming(code, err, proj, "model/config.json", "changed since")
+    one_line_naming(code, err, proj, "model/config.json", "changed since")
     cfg.write_text(cfg.read_text()[:-1])
     shutil.rmtree(proj / "model-repaired")                  # removing what the demo wrote is fine
     code, _, err = run_cli("demo", "--out", proj, "--size", "tiny", "--recipe", "dfr", "--force")
@@ -147,7 +137,7 @@ def test_zoo_refuses_to_replace_report_files_it_did_not_write(tmp_path, parts, w
     before = _tree(docs)
     code, out, err = run_cli("zoo", path, "--out-dir", docs, "-q")
     named = docs / ("zoo-report.html" if which == "both" else which)
-    _one_line_naming(code, err, named, "--force")
+    one_line_naming(code, err, named, "--force")
     assert _tree(docs) == before
     assert sorted(p.name for p in docs.iterdir() if p.name != ".zoo-lock") == sorted(before)   # the driver's lock
     assert not (tmp_path / "out-a").exists()                                     # refused before any model ran
@@ -163,11 +153,11 @@ def test_zoo_refuses_another_zoos_report_and_an_edited_page_but_reruns_into_its_
     other = _zoo(tmp_path, parts, "other.yaml")                                   # another manifest's report
     before = _tree(r)
     code, _, err = run_cli("zoo", other, "--out-dir", r, "--journal", tmp_path / "other.jsonl", "-q")
-    _one_line_naming(code, err, r / "zoo-report.html", "--force")
+    one_line_naming(code, err, r / "zoo-report.html", "--force")
     assert _tree(r) == before
     (r / "zoo-report.html").write_text("<p>my notes</p>\n")                       # the page is the user's now
     code, _, err = run_cli("zoo", path, "--out-dir", r, "-q")
-    _one_line_naming(code, err, r / "zoo-report.html", "not the page written with")
+    one_line_naming(code, err, r / "zoo-report.html", "not the page written with")
     assert (r / "zoo-report.html").read_text() == "<p>my notes</p>\n"
     code, _, err = run_cli("zoo", path, "--out-dir", r, "-q", "--force")          # --force replaces it
     assert code == 0, err
