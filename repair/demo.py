@@ -338,24 +338,10 @@ def demo_files(folder: Path) -> dict:
     """What the marker lists (:func:`write_marker`) and ``--force`` compares with: every entry under
     ``folder`` but the marker and folders, as its path relative to ``folder`` (``/``-separated) ->
     its size in bytes, or -1 for a symbolic link or special file (never one the demo writes).
-    Folders are not descended into through links."""
-    import os
+    Folders are not descended into through links (:func:`repair.io.folder_entries`)."""
+    from .io import folder_entries
 
-    root = Path(folder)
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        for name in dirnames:
-            p = here / name
-            if p.is_symlink():
-                out[p.relative_to(root).as_posix()] = -1
-        for name in filenames:
-            p = here / name
-            rel = p.relative_to(root).as_posix()
-            if rel == DEMO_MARKER:
-                continue
-            out[rel] = p.stat().st_size if (p.is_file() and not p.is_symlink()) else -1
-    return out
+    return folder_entries(folder, skip=DEMO_MARKER)
 
 
 def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:

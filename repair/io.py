@@ -376,10 +376,11 @@ def _open_entry(dir_fd: int, name: str):
         return None
 
 
-def folder_entries(folder: Path) -> dict[str, int]:
-    """Every entry below ``folder`` but folders (and the record itself): its path relative to the folder
-    (``/``-separated) -> its size, or -1 for anything not a regular file (a link, a FIFO, ...). Links are
-    never followed."""
+def folder_entries(folder: Path, skip: str = OUTPUT_RECORD) -> dict[str, int]:
+    """Every entry below ``folder`` but folders (and ``skip``, the record at its top that lists them):
+    its path relative to the folder (``/``-separated) -> its size, or -1 for anything not a regular file
+    (a link, a FIFO, ...). Links are never followed. The listing of every record of what was written (this
+    module's, the demo's marker)."""
     out: dict[str, int] = {}
 
     def walk(d: Path, rel: str) -> None:
@@ -388,7 +389,7 @@ def folder_entries(folder: Path) -> dict[str, int]:
                 r = f"{rel}{e.name}"
                 if e.is_dir(follow_symlinks=False):
                     walk(Path(e.path), r + "/")
-                elif r != OUTPUT_RECORD:
+                elif r != skip:
                     out[r] = e.stat(follow_symlinks=False).st_size if e.is_file(follow_symlinks=False) else -1
 
     walk(Path(folder), "")
