@@ -161,26 +161,28 @@ def fix_outputs(model_path, out: Optional[Any], o, inputs: Inputs,
                         model_output_kind, report_outputs)
 
     out = fix_output(model_path, out)
+    # each output with what it is: with --force a folder is replaced only by a folder output, and only
+    # when it is empty or one repair wrote; a file only by a file output (repair.io.replace_refused)
     paths: dict[str, Path] = {"--out": out}
+    kinds: dict[str, str] = {"--out": model_output_kind(model_path)}
     if o.export == "onnx":
         onnx = fix_onnx_output(model_path, out)
         if onnx is not None:
-            paths["--export onnx"] = onnx
+            paths["--export onnx"], kinds["--export onnx"] = onnx, "file"
     art = artifacts_beside(model_path, out) if model_repairs else None
     if art is not None:
-        paths["--out (its -artifacts folder)"] = art
+        flag = "--out (its -artifacts folder)"
+        paths[flag], kinds[flag] = art, "folder"
     if o.report is not None:
         paths["--report"], paths["--report (JSON)"] = report_outputs(o.report)
+        kinds["--report"] = kinds["--report (JSON)"] = "file"
     check_outputs_distinct(paths)
     for flag, p in paths.items():
         inputs.protected.check(p, flag.split(" (")[0])
-    # what each output is: with --force a folder is replaced only by a folder output, and only when it
-    # is empty or one repair wrote; a file only by a file output (repair.io.replace_refused)
-    kinds = {"--out": model_output_kind(model_path), "--out (its -artifacts folder)": "folder"}
     for flag, p in paths.items():
         # every output that exists needs --force, the report and the JSON beside it too (that JSON
         # is a name the user did not type: replacing a file of theirs unasked is data loss)
-        check_writable(p, force=o.force, log=log, flag=flag.split(" (")[0], kind=kinds.get(flag, "file"))
+        check_writable(p, force=o.force, log=log, flag=flag.split(" (")[0], kind=kinds[flag])
     return paths
 
 

@@ -780,6 +780,13 @@ def inputs_changed(journaled: Optional[dict], now: dict[str, str]) -> Optional[s
 
 
 # ------------------------------------------------------------------ outputs
+#: the places of a row's commit (:func:`row_places`) that are outputs, by what each is: its output (what the
+#: checkpoint makes, :func:`repair.rules.model_output_kind`: None here), the ONNX file beside a file output,
+#: the artifacts folder beside one; the staging folder is the zoo's own
+PLACE_OUTPUT, PLACE_ONNX, PLACE_ARTIFACTS = "output", "ONNX export", "repair artifacts folder"
+PLACE_KINDS = {PLACE_OUTPUT: None, PLACE_ONNX: "file", PLACE_ARTIFACTS: "folder"}
+
+
 def row_places(checkpoint: Path, output: Path, export: Optional[str]) -> list[tuple[str, Path]]:
     """(what, path) of every place a row's commit writes: its output, the ONNX file ``export: onnx``
     writes beside a file output (``repair fix``'s rule, :func:`repair.rules.fix_onnx_output`), the
@@ -788,13 +795,13 @@ def row_places(checkpoint: Path, output: Path, export: Optional[str]) -> list[tu
     folder they are all written in first. The one list every output check of a zoo uses."""
     from .rules import artifacts_beside, fix_onnx_output
 
-    out = [("output", Path(output))]
+    out = [(PLACE_OUTPUT, Path(output))]
     onnx = fix_onnx_output(checkpoint, output) if export == "onnx" else None
     if onnx is not None:
-        out.append(("ONNX export", Path(onnx)))
+        out.append((PLACE_ONNX, Path(onnx)))
     art = artifacts_beside(checkpoint, output)
     if art is not None:
-        out.append(("repair artifacts folder", art))
+        out.append((PLACE_ARTIFACTS, art))
     return out + [(f"staging folder {staging_dir(output).name}", staging_dir(output))]
 
 
@@ -1508,7 +1515,7 @@ def _replace_refused(e: ZooEntry) -> Optional[str]:
     from .io import replace_refused
     from .rules import model_output_kind
 
-    kinds = {"output": model_output_kind(e.checkpoint), "ONNX export": "file", "repair artifacts folder": "folder"}
+    kinds = {**PLACE_KINDS, PLACE_OUTPUT: model_output_kind(e.checkpoint)}
     for what, q in e.places():
         if what in kinds:
             why = replace_refused(q, kinds[what])
