@@ -364,6 +364,7 @@ def _warn(ctx, log, w: str) -> None:
 
 def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts, inputs, fit_idx, report_idx,
             model_path, paths, budget, ctx, dup_stats, t_start, log) -> dict:
+    from .methods import head_notes
     from .outputs import HtmlReport, ModelOutputs, OnnxExport
     from .rules import artifacts_output
 
@@ -474,6 +475,9 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         settings["threads"] = torch.get_num_threads()
     loop = (final.diagnostics or {}).get("loop") or {} if final.kind == "model" else {}
     trained = final.kind == "model"          # a head chosen trained nothing: no budget applied to it
+    if not trained:                          # what the head's fit asks the user to know (its cap reached)
+        for w in head_notes(chosen.label, final.diagnostics):
+            _warn(ctx, log, w)
     model_change = {"changed_tensors": changed, "steps": final.steps,
                     "budget": (loop.get("budget") or (budget.describe() if budget else None)) if trained else None,
                     "stopped_by": loop.get("stopped_by")}

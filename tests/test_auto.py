@@ -288,3 +288,16 @@ def test_auto_leaves_a_hopeless_head_out_of_the_second_repeat_and_says_so(monkey
                                  "fit_seconds": 0.5}})
     assert any(line.lstrip().startswith(dropped[0]) and "*" in line for line in text.splitlines())
     assert "out of contention after the first repeat" in text
+
+
+def test_head_notes_name_the_member_whose_fit_stopped_at_its_cap():
+    from repair.methods import head_notes
+
+    avg = {"ensemble": ["dfr", "mix"],
+           "members": {"dfr": {"solver_converged": False, "head_converged": False},
+                       "mix": {"solver_converged": True, "warnings": ["mix: a group had one row"]}}}
+    notes = head_notes("average of dfr + mix", avg)
+    assert notes[0] == "mix: a group had one row" or notes[1] == "mix: a group had one row"
+    capped = [n for n in notes if "iteration cap" in n]
+    assert len(capped) == 1 and capped[0].startswith("dfr:") and "solver_converged, head_converged" in capped[0]
+    assert head_notes("dfr", {"solver_converged": True}) == [] and head_notes("dfr", None) == []

@@ -521,7 +521,7 @@ def test_dfr_fast_protocol_head_for_more_classes_is_sklearns_multinomial_fit():
     w = S.expected_balanced_weights(g).numpy().astype(np.float64)
     sc = StandardScaler().fit(X.numpy())
     for solver in ("newton", "lbfgs"):
-        out = dfr(inp, DFRConfig(protocol="fast", c_grid=(3.0, 0.03), solver=solver, group_cap=None, tol=1e-8))
+        out = dfr(inp, DFRConfig(protocol="fast", c_grid=(3.0, 0.03), solver=solver, group_cap=None, tol=1e-5))
         C = out.diagnostics["chosen"]["C"]
         assert out.diagnostics["head_from"] == "one multinomial fit on all rows"
         assert out.diagnostics["head_converged"]

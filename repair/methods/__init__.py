@@ -406,6 +406,29 @@ def get_method(name: str) -> MethodInfo:
     return METHODS.get(name)
 
 
+#: the diagnostics keys in which a head repair says whether its solver's fits converged (``False``:
+#: a fit stopped at its iteration cap, and the head is its last iterate)
+CONVERGED_KEYS = ("solver_converged", "final_solver_converged", "head_converged")
+
+
+def head_notes(label: str, diagnostics: Optional[dict]) -> list[str]:
+    """What a chosen head repair's diagnostics ask the user to know: its own ``warnings``, and a
+    fit that stopped at the iteration cap before converging (:data:`CONVERGED_KEYS`), for the head
+    and, in an average, for each member (``diagnostics["members"]``). One home of the rule for
+    every head repair; the pipeline says them as warnings of the run."""
+    d = diagnostics or {}
+    notes = [str(w) for w in d.get("warnings") or []]
+    off = [k for k in CONVERGED_KEYS if d.get(k) is False]
+    if off:
+        notes.append(f"{label}: its solver stopped at the iteration cap before converging ({', '.join(off)} "
+                     "false in the diagnostics); the head is the last iterate -- raise max_iter (or tol) in "
+                     "the recipe's params")
+    for name, member in (d.get("members") or {}).items():
+        notes += head_notes(str(name), member if isinstance(member, dict) else None)
+    return notes
+
+
 __all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "CannotWin", "TrainSet", "MethodInfo",
            "register_method", "register_model_repair", "list_methods", "get_method", "MASK", "AFFINE",
-           "Transform", "Resource", "METHODS", "check_inputs", "check_output", "check_model_output"]
+           "Transform", "Resource", "METHODS", "check_inputs", "check_output", "check_model_output",
+           "CONVERGED_KEYS", "head_notes"]

@@ -116,7 +116,9 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   iteration cap. fast (1e-3, 50): Newton decrement (predicted objective gap) per unit
   of sample weight, Newton steps per path point (L-BFGS: its quasi-Newton decrement and
   last decrease, 10x as many iterations); paper (1e-4, 2000): gradient-mapping
-  norm of the mean loss, FISTA iterations.
+  norm of the mean loss, FISTA iterations. The fast protocol's many-class head (one
+  multinomial L-BFGS fit) stops at the largest gradient entry of the mean objective: 1e-4
+  and 1,000 iterations unless ``tol`` / ``max_iter`` are set, which then apply to it too.
 """
 from __future__ import annotations
 
@@ -458,7 +460,8 @@ def _softmax_head(X, y, groups, keep, active, cfg, C, l2, dev):
     (:func:`repair.solver.lbfgs.fit_softmax_l2_lbfgs`), the standardisation folded into the
     parameters (never formed; constant features get ``scale = shift = 0``). Memory beyond the
     embeddings: the kept rows' copy when the group cap thinned them, and (rows x classes) logits.
-    Returns ``(W (C, D), b (C,), info)`` acting on raw rows."""
+    Stops at :data:`SOFTMAX_TOL` / :data:`SOFTMAX_MAX_ITER`, or the configuration's ``tol`` /
+    ``max_iter`` when set. Returns ``(W (C, D), b (C,), info)`` acting on raw rows."""
     D = X.shape[1]
     if cfg.standardize:
         scale, shift = S.standardization(X)          # statistics over all rows given (before any thinning)
@@ -469,8 +472,10 @@ def _softmax_head(X, y, groups, keep, active, cfg, C, l2, dev):
     scale, shift = torch.where(on, scale, 0.0), torch.where(on, shift, 0.0)
     Xr = X if keep is None else X.index_select(0, keep.to(dev))
     w = S.expected_balanced_weights(groups, int(cfg.min_subsample_per_group))
+    tol = SOFTMAX_TOL if cfg.tol is None else float(cfg.tol)                 # the user's, when set
+    max_iter = SOFTMAX_MAX_ITER if cfg.max_iter is None else int(cfg.max_iter)
     Wi, bi, info = S.lbfgs.fit_softmax_l2_lbfgs(Xr, y.to(dev), w.to(dev), C, l2, scale=scale, shift=shift,
-                                                tol=SOFTMAX_TOL, max_iter=SOFTMAX_MAX_ITER)
+                                                tol=tol, max_iter=max_iter)
     W, b = S.fold_affine(Wi, bi, scale.double(), shift.double())
     return W, b, info
 
