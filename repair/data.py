@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 
 from .errors import BadInput
-from .io import parse_json
+from .io import check_one_line, parse_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 #: the formats PIL may decode an image file as (by its content, whatever its name): those of
@@ -923,6 +923,9 @@ def check_group_column(data: RepairData, group_by: str) -> None:
     if empty:
         raise BadInput(f"{data.row_at(empty[0])} has an empty {group_by!r} value (--group-by {group_by}); "
                        f"{len(empty)} row(s) without a group", where)
+    for i, v in enumerate(data.attributes[group_by]):       # a group's name is shown inside lines
+        if "\n" in v:
+            check_one_line(v, f"{data.row_at(i)}: the {group_by!r} value", where)
 
 
 # ----------------------------------------------------------------- encoding

@@ -318,6 +318,19 @@ def parse_json(text, unique_keys: bool = False):
 _HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
+def check_one_line(name: str, what: str, where=None) -> str:
+    """``name`` (a class name, a group value: a name the output shows inside its lines), or
+    :class:`BadInput` naming ``what`` and ``where`` when it holds a line break. A newline is the one
+    control character :func:`visible` leaves as it is (it separates the lines of every message), so a
+    name holding one would print lines of its own -- a group value ``"x\\ngate passed: ..."`` a
+    forged gate line in a CI log. The one home of that rule (the class names' check, the group
+    column's, a zoo row's name)."""
+    if "\n" in name:
+        raise BadInput(f"{what} {name!r} holds a line break; every name is shown on one line of the "
+                       "output", where)
+    return name
+
+
 def visible(text: str) -> str:
     """``text`` with every control and invisible format character written as ``\\uXXXX`` (the one rule
     for what of a user's names is shown as it is: the CLI's messages and the HTML report)."""

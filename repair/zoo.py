@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from .errors import BadInput, RepairError, Terminated
-from .io import sha256_file
+from .io import check_one_line, sha256_file
 
 def _data_fields() -> tuple:
     import dataclasses
@@ -352,6 +352,10 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             if decl.kind in ("file", "folder", "data"):
                 protected.add(value, f"{k} of row {n}")
         f["resources"] = tuple(res)
+        try:                              # a row's name is shown inside the tables' and the log's lines
+            check_one_line(f["name"], "the name")
+        except BadInput as e:
+            problems.add(where, "name", e.problem)
         if f["name"] in names:
             problems.add(where, "name", f"duplicate name {f['name']!r} (also row {names[f['name']]})")
         names.setdefault(f["name"], n)

@@ -165,3 +165,39 @@ def test_controls_and_invisible_characters_in_a_users_names_are_shown_not_obeyed
     assert "cat\\u202e\\u200bx\\u001b[31m" in html and "cat\\u202e\\u200bx\\u001b[31m" in out
     code, out, err = run_cli("eval", model, "--data", data, "--group-by", "place", "--json")
     assert code == 0 and "\u202e" not in out and json.loads(out)["per_class"][0]["name"] == evil, err
+
+
+def test_a_line_break_in_a_users_name_is_refused_before_it_can_print_a_line_of_its_own(tmp_path):
+    """Every control character of a name is shown as an escape but the newline, which separates the
+    lines of every message: a group value, a class name or a zoo row's name holding one would print a
+    forged line ("gate passed: ...") among the output's. Exit 2 naming the file and the row, with
+    nothing on stdout."""
+    import csv
+
+    import yaml
+    from conftest import make_timm_folder, one_line_naming, run_cli
+
+    forged = "land\ngate passed: worst-group accuracy (x) 50/50 = 100% >= 90%"
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=8, seed=3)
+    rows = list(csv.DictReader(open(data / "metadata.csv")))
+    with open(data / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, "place": forged if r["place"] == "land" else r["place"]} for r in rows])
+    code, out, err = run_cli("eval", model, "--data", data, "--group-by", "place", "--fail-under-wga", "90%")
+    one_line_naming(code, err, data / "metadata.csv", "row 1", "'place' value", "line break")
+    assert "gate passed" not in out and not out.strip()
+    # without --group-by the column is no name the output shows: the data is read as before
+    code, out, err = run_cli("eval", model, "--data", data)
+    assert code == 0, err
+    # a checkpoint's class name
+    bad = make_timm_folder(tmp_path / "m2", classes=["cat", "dog\nfox", "fox"])
+    code, out, err = run_cli("eval", bad, "--data", data)
+    assert code == 2 and "class 1's name" in err and "line break" in err and len(err.strip().splitlines()) == 1, err
+    # a zoo row's name: the manifest is refused before any work
+    man = tmp_path / "zoo.yaml"
+    man.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr"}, "models": [
+        {"name": "a\ngate passed", "checkpoint": str(model), "data": str(data), "output": str(tmp_path / "z")}]}))
+    code, out, err = run_cli("zoo", man)
+    assert code == 2 and "line break" in err and not (tmp_path / "z").exists(), err

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import BadInput
+from ..io import check_one_line
 from ..registry import FAMILIES_ENTRY_POINTS, Registry
 
 
@@ -78,6 +79,8 @@ def checked_class_names(names, what: str, where=None, *, distinct: bool = True) 
     if isinstance(names, (str, bytes, dict)) or not hasattr(names, "__iter__"):
         raise BadInput(f"{what} must be a list of class names, got {str(names)[:80]!r}", where)
     out = [str(c).strip() for c in names]
+    for i, n in enumerate(out):
+        check_one_line(n, f"{what}: class {i}'s name", where)
     if not distinct:
         return [n if n else str(i) for i, n in enumerate(out)]
     twice = sorted(n for n, k in Counter(out).items() if k > 1)
