@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .. import threads
+
 Tensor = torch.Tensor
 
 
@@ -74,17 +76,21 @@ def chunk_moments(chunks, n: int, d: int, dtype: torch.dtype, device, max_rows: 
     rule every standardisation's statistics follow (:func:`feature_moments`, and mixed rows that
     are never formed, :meth:`repair.solver.mixing.RowMix.moments`)."""
     # column sums as thin products with a ones vector (far faster than a reduction over rows on
-    # CPU), float32 within a chunk, float64 across chunks
+    # CPU), float32 within a chunk, float64 across chunks. On one CPU thread: BLAS splits such a
+    # product's rows among its threads, and the float32 partial sums then depend on their number
+    # (1 vs 2 threads: means 2e-6 apart, and a head's bytes with them); a head's numbers must not
+    # (README: provenance records no thread count for a head). 50,000 x 2,048: 0.03 s against 0.015.
     ones = torch.ones(1, max(1, int(max_rows)), dtype=dtype, device=device)
     tot = torch.zeros(d, dtype=torch.float64, device=device)
-    for ch in chunks():
-        tot += (ones[:, :ch.shape[0]] @ ch).squeeze(0).double()
-    mu = tot / n
-    mu_x = mu.to(dtype)
-    ss = torch.zeros_like(tot)
-    for ch in chunks():
-        dv = ch - mu_x
-        ss += (ones[:, :ch.shape[0]] @ dv.mul_(dv)).squeeze(0).double()
+    with threads.limited(1 if torch.device(device).type == "cpu" else None):
+        for ch in chunks():
+            tot += (ones[:, :ch.shape[0]] @ ch).squeeze(0).double()
+        mu = tot / n
+        mu_x = mu.to(dtype)
+        ss = torch.zeros_like(tot)
+        for ch in chunks():
+            dv = ch - mu_x
+            ss += (ones[:, :ch.shape[0]] @ dv.mul_(dv)).squeeze(0).double()
     return mu_x, (ss / n).sqrt_().to(dtype)
 
 
