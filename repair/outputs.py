@@ -249,7 +249,9 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
     protected.add_files(_source_files(adapter), "input model")
     protected.check(out)
     if fmt == "safetensors":
-        adapter.check_save()                            # a symlink leaving the folder: refused before writing
+        left_out = adapter.check_save()                 # a symlink leaving the folder: refused before writing
+        if left_out:                                    # the source's weights in other formats: not copied
+            log(left_out)
     with _as_deployed(adapter, loaded):
         return _export(adapter, fmt, out, loaded, model_path, max_verify, tolerance, device, opset, exporter,
                        force, log)

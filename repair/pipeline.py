@@ -239,7 +239,9 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     inputs.protected.add_files(adapter.source_files(), "input model")
     for flag, p in paths.items():         # the model's files too (a model repair's files folder included)
         inputs.protected.check(p, flag.split(" (")[0])
-    adapter.check_save()                  # a symlink leaving the model folder: refused before any work
+    left_out = adapter.check_save()       # a symlink leaving the model folder: refused before any work
+    if left_out:                          # the source's weights in other formats: not in the output
+        log(left_out)
     if "model" in recipe.kinds and not adapter.can_train:
         adapter.trainable()                                   # raises BadInput naming the family
     for c in recipe.candidates:
@@ -470,9 +472,12 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                 # how the model read the data (an image's size and normalisation, a text's truncation):
                 # the figures were measured so, and a --max-length or --image-size changes them
                 "preprocess": adapter.preprocess_id()}
-    if final.kind == "model":        # a trained network's numbers depend on where and on how many threads
-        settings["device"] = str(resolve_device(runtime.device))
-        settings["threads"] = torch.get_num_threads()
+    # where, and on how many threads: a trained network's numbers depend on them, and so do a head's last
+    # digits on a large repair set (BLAS splits a fit's sums over the rows among its threads: dfr at
+    # 20,000 x 1,024, 1 vs 2 threads, weights 0.1% apart); on the same device and thread count the
+    # same inputs give the same bytes
+    settings["device"] = str(resolve_device(runtime.device))
+    settings["threads"] = torch.get_num_threads()
     loop = (final.diagnostics or {}).get("loop") or {} if final.kind == "model" else {}
     trained = final.kind == "model"          # a head chosen trained nothing: no budget applied to it
     if not trained:                          # what the head's fit asks the user to know (its cap reached)

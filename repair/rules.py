@@ -33,6 +33,27 @@ from .io import PICKLE_SUFFIXES  # noqa: E402  (which files are pickles: the loa
 
 #: suffixes that say "one weights file" (a folder output must not end in one)
 WEIGHT_SUFFIXES = {".onnx", ".safetensors", *PICKLE_SUFFIXES}
+#: weights files of other frameworks and runtimes a checkpoint folder may hold beside the one repair
+#: reads -- a Hub folder's ``tf_model.h5``, ``flax_model.msgpack``, ``rust_model.ot``, a ``.gguf``, a
+#: ``.tflite``, Keras, Core ML, Paddle, TensorRT, NumPy (JAX) weights, a TF checkpoint's pieces
+OTHER_WEIGHT_SUFFIXES = {".h5", ".hdf5", ".keras", ".msgpack", ".ot", ".gguf", ".ggml", ".tflite", ".lite",
+                         ".mlmodel", ".mlpackage", ".pdparams", ".pdmodel", ".engine", ".npz"}
+
+
+def source_weights_copy(path: Path) -> bool:
+    """Whether ``path`` (an entry of a checkpoint folder) holds the source's weights in some format --
+    a weights file (:data:`WEIGHT_SUFFIXES`, :data:`OTHER_WEIGHT_SUFFIXES`), an ONNX file's external
+    data, a TF checkpoint's pieces (``*.ckpt.index``, ``*.ckpt.data-*``), an OpenVINO model (the
+    ``.xml`` beside its ``.bin``), a Core ML package: the repaired folder leaves them out, for each
+    would ship the unrepaired model inside the repaired one (a TF or Rust loader reading its own file
+    silently). The one home of that rule (:func:`repair.adapters.base.folder_copy_plan`)."""
+    name = path.name.lower()
+    suffix = path.suffix.lower()
+    if suffix in WEIGHT_SUFFIXES or suffix in OTHER_WEIGHT_SUFFIXES:
+        return True
+    if name.endswith((".onnx.data", ".onnx_data")) or ".ckpt." in name:
+        return True
+    return suffix == ".xml" and path.with_suffix(".bin").exists()
 EXPORT_FORMATS = ("onnx", "safetensors")
 EXPORTERS = ("auto", "dynamo", "torchscript")
 

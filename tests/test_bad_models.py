@@ -207,3 +207,16 @@ def test_a_label_naming_two_classes_of_a_checkpoint_is_refused(tmp_path, timm_fo
                                                    "class indices (0 to 1)"))
     code, _, err = run_cli("eval", timm_folder, "--data", two, "--class-names", "cat,dog,cat", "-q")
     assert code == 2 and "--class-names must be distinct" in err, err
+
+
+def test_timm_label_names_written_as_an_index_dict_are_read_by_index(tmp_path, timm_folder):
+    """timm's ``save_for_hf`` writes ``label_names`` as ``{id: name}`` where the ids have gaps: read by
+    index (a missing name shown as its index), where it was refused as "not a list"; a key that is no
+    index of the head is exit 2 naming it."""
+    data = make_images(tmp_path / "d", n_per_class=2, classes=["fox", "cat"])
+    t = copy_with(timm_folder, tmp_path / "t", lambda c: c.update(label_names={"2": "fox", "0": "cat"}))
+    code, out, err = run_cli("eval", t, "--data", data, "--json", "-q")
+    assert code == 0, err
+    assert [(c["name"], c["n"]) for c in json.loads(out)["per_class"]] == [("cat", 2), ("1", 0), ("fox", 2)]
+    bad = copy_with(timm_folder, tmp_path / "b", lambda c: c.update(label_names={"0": "cat", "7": "fox"}))
+    refused("eval", bad, "--data", data, words=("label_names's keys (0, 7)", "0 to 2"))

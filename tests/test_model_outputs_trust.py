@@ -74,6 +74,23 @@ def test_the_sources_weights_in_another_format_are_not_shipped(tmp_path):
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert "pytorch_model.bin" not in names and "model.onnx" not in names and "notes.txt" in names
     assert json.loads(out)["output"]
+    # the other frameworks' files a Hub folder ships beside the safetensors (a TF or Rust loader reads
+    # its own and would get the unrepaired model), an OpenVINO pair, a folder holding only an export:
+    # left out, and the run names them in a notice (-q keeps it); any other file is copied
+    others = ["tf_model.h5", "flax_model.msgpack", "rust_model.ot", "model.gguf", "model.tflite",
+              "ckpt/model.ckpt.index", "ckpt/model.ckpt.data-00000-of-00001", "vino/openvino_model.xml",
+              "vino/openvino_model.bin", "onnx/model_quantized.onnx", "weights.npz"]
+    for rel in others + ["docs/model.xml", "docs/card.md"]:
+        (m / rel).parent.mkdir(parents=True, exist_ok=True)
+        (m / rel).write_bytes(b"the original weights in another format")
+    code, out, err = run_cli("fix", m, "--data", data, "--recipe", "dfr", "--out", tmp_path / "o2", "-q")
+    assert code == 0, err
+    o2 = tmp_path / "o2"
+    kept = sorted(p.relative_to(o2).as_posix() for p in o2.rglob("*"))
+    assert not any(rel in kept for rel in others) and not {"onnx", "ckpt", "vino"} & set(kept), kept
+    assert {"notes.txt", "docs/model.xml", "docs/card.md", "model.safetensors"} <= set(kept), kept
+    notice = [line for line in err.splitlines() if line.startswith("notice: left out of the repaired folder")]
+    assert len(notice) == 1 and "flax_model.msgpack" in notice[0] and "unrepaired model" in notice[0], err
 
 
 def test_model_repair_settings_that_cannot_run_are_bad_input(tmp_path):
@@ -147,7 +164,9 @@ def test_provenance_says_what_shaped_the_model_and_nothing_that_did_not(tmp_path
     settings, code_ = json.loads(meta["repair.settings"]), json.loads(meta["repair.code"])
     assert settings == json.loads(out)["settings"] and code_ == json.loads(out)["code"]
     assert settings["data"]["n"] == 18 and settings["data"]["group_by"] is None and settings["eval"] is None
-    assert len(code_["sources_sha256"]) == 64 and code_["torch"] and "threads" not in settings
+    assert len(code_["sources_sha256"]) == 64 and code_["torch"]
+    # a head's last digits depend on the thread count too (BLAS splits the fits' sums): recorded
+    assert settings["device"] == "cpu" and settings["threads"] == torch.get_num_threads()
     assert str(data) not in meta["repair.settings"]
     import shutil
 

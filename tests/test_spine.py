@@ -93,6 +93,42 @@ def test_pickle_refused_unless_allowed(timm_folder, tmp_path):
     assert len(a.class_names) == 3
 
 
+def test_a_pickle_only_transformers_folder_loads_with_allow_pickle_and_is_written_as_safetensors(
+        bert_folder, text_data, tmp_path):
+    """An older Hub model holds only pytorch_model.bin: refused without --allow-pickle (as any pickle),
+    read weights-only with it (the flag was ignored for transformers folders: "re-save"), and the
+    repaired folder holds model.safetensors, never the source's pickle; it reloads with plain
+    transformers to the figures fix printed."""
+    from repair.io import load_safetensors
+    from transformers import AutoModelForSequenceClassification
+
+    d = tmp_path / "pickled"
+    shutil.copytree(bert_folder, d)
+    tensors, _ = load_safetensors(d / "model.safetensors")
+    torch.save(tensors, d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(BadInput, match="allow-pickle"):
+        load_model(d)
+    a = load_model(d, LoadOptions(allow_pickle=True))
+    assert a.class_names == ["negative", "positive"] and a.weights_path.name == "pytorch_model.bin"
+    texts = load_data(text_data).items[:4]
+    b = load_model(bert_folder)
+    torch.testing.assert_close(full_logits(a, texts), full_logits(b, texts))
+    out = tmp_path / "o"
+    code, stdout, err = run_cli("fix", d, "--data", text_data, "--recipe", "dfr", "--allow-pickle", "--out", out,
+                                "--json", "-q")
+    assert code == 0, err
+    assert (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
+    m = AutoModelForSequenceClassification.from_pretrained(str(out), local_files_only=True).eval()
+    c = load_model(out)
+    with torch.no_grad():
+        enc = c.collate(texts)
+        torch.testing.assert_close(m(**enc).logits, full_logits(c, texts), atol=1e-5, rtol=1e-5)
+    code, stdout2, err = run_cli("eval", out, "--data", text_data, "--json", "-q")
+    again = json.loads(stdout2)
+    assert code == 0 and again["n"] == len(load_data(text_data).items), err
+
+
 def test_transformers_folder(bert_folder, text_data):
     a = load_model(bert_folder)
     assert a.family == "transformers" and a.class_names == ["negative", "positive"]

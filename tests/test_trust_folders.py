@@ -93,6 +93,27 @@ def test_a_config_symlinked_out_of_the_folder_is_exit_2_for_eval_fix_and_export(
     refused(["export", m, "--format", "safetensors"], link, "outside", inputs=inputs, out_dir=tmp_path)
 
 
+def test_a_hugging_face_cache_snapshot_is_refused_saying_how_to_copy_it(tmp_path, timm_folder, image_data):
+    """A Hub cache snapshot (models--org--name/snapshots/<rev>/) holds links into the cache's blobs/,
+    outside the folder given: refused by the folder rule, with the way out a user needs (copy the
+    files with ``cp -rL``), not "replace the link" (which would edit their cache); the copy runs."""
+    cache = tmp_path / "hub" / "models--org--tiny"
+    snap = cache / "snapshots" / "abc123"
+    (cache / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in sorted(timm_folder.iterdir()):
+        blob = cache / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    line = refused(["eval", snap, "--data", image_data, "--no-cache"], snap, "Hugging Face cache snapshot",
+                   f"cp -rL {snap.resolve()} DIR", inputs=[cache, image_data], out_dir=tmp_path)
+    assert "replace it by the file" not in line
+    copy = tmp_path / "copy"
+    shutil.copytree(snap, copy, symlinks=False)                # what cp -rL does
+    rc, _, err = run_cli("eval", copy, "--data", image_data, "--no-cache", "-q")
+    assert rc == 0, err
+
+
 def test_one_check_for_every_caller_of_a_model_folder(tmp_path, timm_folder, secret_model):
     """Loading the folder and planning its copy (``zoo`` plans before any model runs) refuse the
     same link, naming it; a symlink that stays inside the folder is still read."""

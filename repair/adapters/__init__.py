@@ -69,6 +69,25 @@ class LoadOptions:
             raise BadInput("--model-args must be a JSON object of keyword arguments")
 
 
+def names_by_index(mapping: dict, n: int, what: str, where=None, *, gaps: bool = False) -> list:
+    """A checkpoint's ``{index: name}`` class names (transformers' ``id2label``, timm's ``label_names``
+    written as a dict) as the list of the head's ``n`` classes, or :class:`BadInput` naming ``what``
+    and ``where`` when a key is no index of the head or, unless ``gaps`` (timm: "a dict id: name if
+    there are id gaps"), an index has no name. A missing name is ``""`` (shown as the class index by
+    :func:`checked_class_names`). The one reading of such a mapping."""
+    out: list = [""] * n
+    for k, v in mapping.items():
+        i = int(str(k)) if str(k).isascii() and str(k).isdigit() and len(str(k)) < 19 else None
+        if i is None or i >= n:
+            shown = ", ".join(map(str, list(mapping)[:6])) + (", ..." if len(mapping) > 6 else "")
+            raise BadInput(f"{what}'s keys ({shown}) are not the head's {n} class indices (0 to {n - 1})", where)
+        out[i] = v
+    if not gaps and len({str(int(str(k))) for k in mapping}) != n:
+        shown = ", ".join(map(str, list(mapping)[:6])) + (", ..." if len(mapping) > 6 else "")
+        raise BadInput(f"{what}'s keys ({shown}) are not the head's {n} class indices (0 to {n - 1})", where)
+    return out
+
+
 def checked_class_names(names, what: str, where=None, *, distinct: bool = True) -> list[str]:
     """``names`` as stripped strings, or :class:`BadInput` naming ``what`` (``--class-names``, a
     checkpoint's ``label_names`` / ``id2label``) and ``where`` (its file) when it is not a list of

@@ -373,17 +373,23 @@ class Adapter(ABC):
                          provenance.merged(self.source_metadata, {**self.save_metadata_defaults, **metadata}))
         return target
 
-    def check_save(self) -> None:
+    def check_save(self) -> Optional[str]:
         """Refuse now (:class:`BadInput` naming the entry) what ``save`` would refuse to copy from a
         folder checkpoint: a symlink leaving the folder, a FIFO, device or socket. Writes nothing;
         call it before any work when the run will write the model. A head without a bias is refused
-        too: every repair fits one, and the architecture could not load it back."""
+        too: every repair fits one, and the architecture could not load it back. Returns the notice
+        naming the source's weights files in other formats that the output leaves out
+        (:func:`left_out_notice`), or None."""
+        notice = None
         if Path(self.source).is_dir():
-            folder_copy_plan(self.source, self.weights_path)
+            left: list = []
+            folder_copy_plan(self.source, self.weights_path, left)
+            notice = left_out_notice(Path(self.source), left)
         if self.head is not None and self.head.bias is None:
             raise BadInput(f"the classifier head {self.head_name} has no bias, and a repaired head has one: the "
                            "repaired weights could not be loaded into this architecture (give a model whose head "
                            "has a bias, or its ONNX export)", self.source)
+        return notice
 
     def export_proto(self, metadata: dict[str, str]):
         """The model as an ONNX ModelProto with ``metadata`` merged in. Only a model that is
@@ -521,8 +527,14 @@ def check_folder_entry(entry: Path, root: Path) -> None:
     if entry.is_symlink():
         target = Path(os.path.realpath(entry))      # never raises; a dangling link: where it would lead
         if not target.is_relative_to(root):
+            # a Hugging Face cache snapshot (models--org--name/snapshots/<rev>/) is links into its blobs/
+            hub = target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+            how = (f"a Hugging Face cache snapshot links its files into {target.parent}: copy it with "
+                   f"`cp -rL {root} DIR` (the files, not the links) and give DIR" if hub else
+                   "replace it by the file (`cp -rL` copies a folder with the files its links lead to) or "
+                   "remove it")
             raise BadInput(f"a symlink in the model folder leads outside it (to {target}); only the folder's "
-                           "own files are read or copied: replace it by the file or remove it", entry)
+                           f"own files are read or copied: {how}", entry)
 
 
 def files_beside(folder: Path, names: Sequence[str]) -> list[Path]:
@@ -567,29 +579,34 @@ def _walk(folder: Path):
             yield from _walk(item)
 
 
-def folder_copy_plan(src: Path, skip: Optional[Path] = None) -> list[Path]:
+def folder_copy_plan(src: Path, skip: Optional[Path] = None, left_out: Optional[list] = None) -> list[Path]:
     """The entries of ``src`` that :func:`copy_folder_except` copies, checked. Left out: hidden ones,
     ``skip``, every other weights file (the source's weights in another format, an ONNX export of
     them, which would ship the unrepaired model inside the repaired one) and the folder's own repair
     artifacts (:func:`repair.rules.artifacts_output`: the record of the run that made ``src``, not
     part of the model; a new run writes its own). Every entry, copied or not, passes
     :func:`check_folder_entry`; a copied symlink that is broken or leads to a folder is
-    :class:`BadInput` naming it too. Writes nothing."""
-    from ..rules import WEIGHT_SUFFIXES, artifacts_output
+    :class:`BadInput` naming it too. ``left_out``: gets the weights files left out
+    (:func:`repair.rules.source_weights_copy`), for the run's notice; a folder left empty by them is
+    left out too. Writes nothing."""
+    from ..rules import artifacts_output, source_weights_copy
 
     src = Path(src)
     root = src.resolve()
     skip_r = Path(skip).resolve() if skip is not None else None
     old_artifacts = artifacts_output(src, src)
-    plan = []
+    plan, dropped = [], []
     for item in _walk(src):
         check_folder_entry(item, root)
         if skip_r is not None and item.resolve() == skip_r:
             continue
         if item == old_artifacts or old_artifacts in item.parents:
             continue      # the previous run's record: the new output holds only this run's
-        if item.suffix.lower() in WEIGHT_SUFFIXES or item.name.lower().endswith((".onnx.data", ".onnx_data")):
-            continue      # the source's weights in another format (or an export of them): not the repaired model
+        if any(d in item.parents for d in dropped):
+            continue      # inside a weights package left out
+        if source_weights_copy(item):
+            dropped.append(item)     # the source's weights in another format (or an export of them)
+            continue
         if item.is_symlink():
             try:
                 target = item.resolve(strict=True)
@@ -598,7 +615,24 @@ def folder_copy_plan(src: Path, skip: Optional[Path] = None) -> list[Path]:
             if target.is_dir():
                 raise BadInput("a symlink to a folder in the model folder; replace it by the folder", item)
         plan.append(item)
+    if dropped:                   # a folder that held only what was left out (an onnx/ export) goes too
+        held = {p for item in plan if not item.is_dir() for p in item.parents}
+        plan = [item for item in plan
+                if not (item.is_dir() and item not in held and any(item in d.parents for d in dropped))]
+    if left_out is not None:
+        left_out.extend(dropped)
     return plan
+
+
+def left_out_notice(src: Path, left_out: list) -> Optional[str]:
+    """The run's notice naming the weights files of the source folder its output leaves out, or None."""
+    if not left_out:
+        return None
+    names = [Path(p).relative_to(src).as_posix() for p in left_out]
+    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    return (f"notice: left out of the repaired folder: {shown} -- the source's weights in "
+            f"{'another format' if len(names) == 1 else 'other formats'}, which hold the unrepaired model "
+            "(the repaired one is model.safetensors; repair export writes ONNX)")
 
 
 def copy_folder_except(src: Path, dst: Path, skip: Path) -> None:

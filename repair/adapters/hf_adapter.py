@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..io import load_safetensors
-from . import LoadOptions, checked_class_names, register_family
+from ..io import load_state_dict_file
+from . import LoadOptions, checked_class_names, names_by_index, register_family
 from .base import TorchModelAdapter, check_finite, check_kinds, check_model_folder, read_json
 from .text import (collate_texts, first_line, load_tokenizer, offline, quiet_transformers, record_max_length,
                    refuse_remote_code, resolve_max_length, tokenizer_preprocess_id)
@@ -81,7 +81,8 @@ class HFTextAdapter(TorchModelAdapter):
     # transformers 4.x refuses safetensors metadata without format: pt
     save_metadata_defaults = MappingProxyType({"format": "pt"})
 
-    def __init__(self, path: Path, *, max_length: Optional[int] = None, weights: Optional[Path] = None):
+    def __init__(self, path: Path, *, max_length: Optional[int] = None, weights: Optional[Path] = None,
+                 allow_pickle: bool = False):
         offline()
         from transformers import AutoModelForSequenceClassification
 
@@ -104,15 +105,19 @@ class HFTextAdapter(TorchModelAdapter):
         given = weights is not None
         other = given and Path(weights).resolve() != own.resolve()
         weights = Path(weights) if given else own
+        pickled = path / "pytorch_model.bin"
         if not own.exists():
-            if (path / "model.safetensors.index.json").exists():
+            if (path / "model.safetensors.index.json").exists() or (path / "pytorch_model.bin.index.json").exists():
                 raise BadInput("sharded checkpoints are not supported yet; save with a single "
-                               "model.safetensors", path)
-            if (path / "pytorch_model.bin").exists():
-                raise BadInput("only a pickle weights file here; re-save with safe_serialization=True "
-                               "(model.safetensors)", path / "pytorch_model.bin")
-            raise BadInput("no model.safetensors in the transformers folder", path)
-        tensors, metadata = load_safetensors(weights)  # clear error on truncation/corruption
+                               "model.safetensors (save_pretrained(..., max_shard_size=\"100GB\"))", path)
+            if not pickled.exists():
+                raise BadInput("no model.safetensors in the transformers folder", path)
+            if given:
+                raise BadInput("a weights file beside a pickle-only transformers folder; give the folder", weights)
+            # an older Hub model: its weights pickled only; read weights-only with --allow-pickle (as
+            # transformers reads it), the repaired folder holds model.safetensors
+            weights = pickled
+        tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)   # clear error on corruption
         check_finite(tensors, weights)
         if other:
             from safetensors import safe_open
@@ -165,12 +170,8 @@ class HFTextAdapter(TorchModelAdapter):
         self.source = weights if given else path
         self.weights_path = weights
         id2label = model.config.id2label or {}
-        keys = sorted(str(k) for k in id2label)
-        if id2label and keys != sorted(str(i) for i in range(num_labels)):
-            raise BadInput(f"id2label's keys ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}) are not "
-                           f"the head's {num_labels} class indices (0 to {num_labels - 1})", cfg_path)
-        self.class_names = checked_class_names(
-            [id2label.get(i, id2label.get(str(i), i)) for i in range(num_labels)], "id2label", cfg_path, distinct=False)
+        named = names_by_index(id2label, num_labels, "id2label", cfg_path) if id2label else list(range(num_labels))
+        self.class_names = checked_class_names(named, "id2label", cfg_path, distinct=False)
         self.max_length = resolve_max_length(self.tokenizer, max_length, positions=position_limit(model),
                                              where=cfg_path)
         self.max_length_given = max_length is not None     # --max-length: the written tokenizer keeps it
@@ -225,7 +226,7 @@ def detect(path: Path, o: LoadOptions) -> bool:
 def load(path: Path, o: LoadOptions) -> HFTextAdapter:
     if path.is_file():
         return HFTextAdapter(path.parent, max_length=o.max_length, weights=path)
-    return HFTextAdapter(path, max_length=o.max_length)
+    return HFTextAdapter(path, max_length=o.max_length, allow_pickle=o.allow_pickle)
 
 
 register_family("transformers", detect=detect, load=load, priority=70,

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import BadInput
 from ..io import PICKLE_SUFFIXES, load_state_dict_file
-from . import LoadOptions, checked_class_names, register_family
+from . import LoadOptions, checked_class_names, names_by_index, register_family
 from .base import check_model_folder, config_unreadable, read_json
 from .images import resolve_image_config
 from .torch_module import TorchImageAdapter, load_weights_strict, module_name
@@ -210,7 +210,9 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
             pretrained_cfg.update(preprocess)
     if names is None:
         names = list(class_names) if class_names else [str(i) for i in range(file_classes)]
-    else:
+    else:                 # timm writes a dict {index: name} where the indices have gaps
+        if isinstance(names, dict):
+            names = names_by_index(names, file_classes, "label_names", cfg_path, gaps=True)
         names = checked_class_names(names, "label_names", cfg_path, distinct=False)
     if len(names) != file_classes:
         raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes",
