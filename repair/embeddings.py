@@ -173,30 +173,41 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     return Embeddings(X, key, False, time.perf_counter() - t0, str(dev), inputs)
 
 
-PIXELS_FORMAT = 1
+PIXELS_FORMAT = 2                 # 2: the entry carries the sha256 of its digests
 
 
 def pixel_digests(data: RepairData, cache_dir: Optional[Path] = None) -> list[str]:
     """Every image's :func:`repair.data.pixel_digest`, in order, kept in the cache beside the
     embeddings (``pixels-<key>.json``, keyed as an embedding entry is by the data's fingerprint: a
     changed file is another entry), so a warm ``fix --eval`` or ``eval --exclude`` decodes no image.
-    An entry that does not read back as ``len(data)`` sha256 digests is recomputed; one that cannot
-    be written is a warning-free miss (the digests are returned all the same)."""
+    An entry that does not read back as ``len(data)`` sha256 digests whose own sha256 it carries
+    is recomputed, with a notice when it was there but damaged (a flipped digit would name other
+    images, and ``--eval`` would leave out other samples); one that cannot be written is a
+    warning-free miss (the digests are returned all the same)."""
     from .data import pixel_digest
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = hashlib.sha256(json.dumps({"format": PIXELS_FORMAT, "data": data.fingerprint(),
                                      "max_pixels": int(data.max_pixels)}, sort_keys=True).encode()).hexdigest()[:40]
     path = cache_dir / f"pixels-{key}.json"
+
+    def seal(digests: list) -> str:
+        return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+    damaged = False
     try:
         if path.is_file() and not path.is_symlink():
+            damaged = True
             doc = json.loads(path.read_text(encoding="utf-8"))
             got = doc.get("digests") if isinstance(doc, dict) and doc.get("key") == key else None
             if (isinstance(got, list) and len(got) == len(data)
-                    and all(isinstance(x, str) and len(x) == 64 and set(x) <= set("0123456789abcdef") for x in got)):
+                    and all(isinstance(x, str) and len(x) == 64 and set(x) <= set("0123456789abcdef") for x in got)
+                    and doc.get("sha256") == seal(got)):
                 return got
     except (OSError, ValueError):
         pass
+    if damaged:           # always shown (also with -q), as a damaged embedding entry is
+        print(f"notice: pixel-digest cache entry {path} was corrupt; recomputed", file=sys.stderr)
     got = [pixel_digest(p, data.max_pixels) for p in data.items]
     tmp = None
     try:
@@ -204,7 +215,7 @@ def pixel_digests(data: RepairData, cache_dir: Optional[Path] = None) -> list[st
         sweep_cache_temps(cache_dir)
         fd, tmp = tempfile.mkstemp(prefix=".pix-", suffix=".tmp", dir=cache_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "digests": got}, f)
+            json.dump({"key": key, "digests": got, "sha256": seal(got)}, f)
         os.replace(tmp, path)
         tmp = None
     except OSError:

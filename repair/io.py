@@ -492,6 +492,11 @@ def replace_refused(final: Path, kind: Optional[str] = None) -> Optional[str]:
     return repair_wrote(final)
 
 
+#: an output that was not there when the run began, and is now: another run's (or the user's)
+_APPEARED = ("output appeared while this run worked (another run writing the same path?); nothing of this "
+             "run was written (use --force to overwrite)")
+
+
 def _exists_message(why: Optional[str]) -> str:
     """An existing output without ``--force``: how to replace it, or why even ``--force`` would not."""
     return f"output already exists and {why}" if why else "output already exists (use --force to overwrite)"
@@ -567,6 +572,40 @@ def scratch_dir(final: Path, log: Optional[Callable[[str], None]] = None) -> Ite
         os.close(fd)
 
 
+_RENAME_NOREPLACE: Any = None        # libc's renameat2, looked up once (False: not there)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only when ``dst`` does not exist: atomically where the kernel can
+    (Linux ``renameat2(RENAME_NOREPLACE)``), else checked just before the rename. ``FileExistsError``
+    when ``dst`` exists -- another run put its output there meanwhile, and a plain rename would
+    replace it unasked (a file, an empty folder) or merge into it."""
+    global _RENAME_NOREPLACE
+    if _RENAME_NOREPLACE is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            _RENAME_NOREPLACE = fn
+        except (OSError, AttributeError):
+            _RENAME_NOREPLACE = False
+    if _RENAME_NOREPLACE:
+        import ctypes
+
+        at_fdcwd, noreplace = -100, 1
+        if _RENAME_NOREPLACE(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), noreplace) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), str(dst)) if code != errno.EEXIST else \
+                FileExistsError(code, os.strerror(code), str(dst))
+    if os.path.lexists(dst):          # no atomic way on this system: checked, then renamed
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
 class OutputSet:
     """Several outputs written all or nothing: each is staged in a locked temporary folder beside
     its final name (``.<name>.<random>.tmp``); :meth:`commit` renames them all into place, and if
@@ -578,6 +617,7 @@ class OutputSet:
         self._staged: list[tuple[Path, Path, int, Path]] = []      # (final, tmp folder, lock fd, target)
         self._owned: set[Path] = set()          # staged by a caller with a record of its own (the demo)
         self._kinds: dict[Path, Optional[str]] = {}     # the others: what each output is
+        self._may_replace: dict[Path, bool] = {}        # --force given for it
 
     def stage(self, final: Path, *, is_dir: bool = False, force: Optional[bool] = None,
               kind: Optional[str] = None, owned: bool = False) -> Path:
@@ -589,7 +629,8 @@ class OutputSet:
         if any(f == final for f, *_ in self._staged):
             raise ValueError(f"{final} staged twice")
         kind = "folder" if is_dir else kind
-        if (final.exists() or final.is_symlink()) and not (self.force if force is None else force):
+        force = self.force if force is None else force
+        if (final.exists() or final.is_symlink()) and not force:
             raise BadInput(_exists_message(None if owned else replace_refused(final, kind)), final)
         if not owned:
             check_replace(final, kind=kind)
@@ -600,6 +641,7 @@ class OutputSet:
         tmp, fd = _make_temp(parent, f".{final.name}.", ".tmp", final)
         target = tmp / final.name
         self._staged.append((final, tmp, fd, target))
+        self._may_replace[final] = bool(force)
         if owned:
             self._owned.add(final)
         else:
@@ -617,12 +659,18 @@ class OutputSet:
             for final, tmp, _fd, target in self._staged:
                 replaced = None
                 if final.exists() or final.is_symlink():
+                    if not self._may_replace.get(final):     # it appeared while this run worked
+                        raise BadInput(_APPEARED, final)
                     if final in self._kinds:      # again: a user may have put something there meanwhile
                         check_replace(final, kind=self._kinds[final])
                     replaced = tmp / f".replaced-{final.name}"
                     os.replace(final, replaced)
                 try:
-                    os.replace(target, final)
+                    rename_noreplace(target, final)   # never onto what another run put there meanwhile
+                except FileExistsError:
+                    if replaced is not None:
+                        os.replace(replaced, final)
+                    raise BadInput(_APPEARED, final) from None
                 except BaseException:
                     if replaced is not None:
                         os.replace(replaced, final)

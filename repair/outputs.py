@@ -122,8 +122,8 @@ class ModelOutputs:
                 html, js = report_outputs(self.report.path)
                 w["report"] = str(html)
                 doc = self.report.build(dict(w))
-                tx.stage(js, force=True, kind="file").write_text(report_json(doc), encoding="utf-8")
-                tx.stage(html, force=True, kind="file").write_text(render(doc), encoding="utf-8")
+                tx.stage(js, kind="file").write_text(report_json(doc), encoding="utf-8")
+                tx.stage(html, kind="file").write_text(render(doc), encoding="utf-8")
         self.written = w
         return w
 

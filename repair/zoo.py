@@ -1291,15 +1291,21 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
                                                   for e in manifest.entries} if o.mode == "fix" else None)
     created = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
-    lock = _hold_lock(out_dir)                              # one driver per report folder
+    locks = [_hold_lock(out_dir)]                           # one driver per report folder
     try:
+        if o.mode == "fix":          # ... and per folder the rows' outputs go in (another manifest's too)
+            for parent in sorted({e.output.parent.resolve() for e in manifest.entries if e.output is not None}
+                                 - {out_dir.resolve()}):
+                if parent.is_dir():
+                    locks.append(_hold_lock(parent, outputs=True))
         return _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log)
     except BadInput:                                        # refused before any work: leave nothing
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:
-        os.close(lock)
+        for lock in locks:
+            os.close(lock)
 
 
 def _report_not_ours(out_dir: Path, journal: Path, mpath: Path) -> Optional[str]:
@@ -1368,9 +1374,12 @@ def _check_outputs_apart(manifest: Manifest, mpath: Path, out_dir: Path, journal
     problems.raise_first()
 
 
-def _hold_lock(out_dir: Path) -> int:
+def _hold_lock(out_dir: Path, outputs: bool = False) -> int:
     """Hold ``<out_dir>/.zoo-lock`` for this driver; a second driver on the same folder gets
-    BadInput naming the holder. Released when the driver ends in any way (the OS drops the lock)."""
+    BadInput naming the holder. Released when the driver ends in any way (the OS drops the lock).
+    ``outputs``: the folder is one the rows' outputs are written in (and their staging folders,
+    whose names are fixed so that a rerun completes an interrupted rename): a second driver there
+    would remove and commit the first one's staged files."""
     import fcntl
 
     path = out_dir / LOCK_NAME
@@ -1380,6 +1389,9 @@ def _hold_lock(out_dir: Path) -> int:
     except OSError:
         holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
+        if outputs:
+            raise BadInput(f"another repair zoo is writing models' outputs in this folder (held by {holder}); "
+                           "wait for it, or give this manifest's rows other outputs", out_dir) from None
         raise BadInput(f"another repair zoo is running on this folder (held by {holder}); wait for it or "
                        "use another --out-dir", out_dir) from None
     os.ftruncate(fd, 0)

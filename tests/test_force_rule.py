@@ -303,3 +303,47 @@ def test_zoo_rerun_and_force_over_its_own_outputs(tmp_path, zoo_parts):
     code, _, err = run_cli("zoo", path, "--force", "-q")
     assert code == 0, err
     assert weights.is_file()
+
+
+def test_an_output_that_appears_while_a_run_works_is_never_replaced_without_force(tmp_path):
+    """Two runs writing one --out at once: each checked the path before its work, when it was free;
+    the one that commits second found the other's output there and replaced it (exit 0 both, the first
+    result lost). Now it is exit 2 naming the path, nothing of it written, the other's output intact;
+    with --force it replaces what repair wrote, as ever."""
+    from repair.io import atomic_output, rename_noreplace
+
+    for is_dir in (True, False):
+        final = tmp_path / ("folder" if is_dir else "file.json")
+        with pytest.raises(BadInput, match="appeared while this run worked") as e:
+            with atomic_output(final, is_dir=is_dir) as staged:
+                (staged / "x").write_text("mine") if is_dir else staged.write_text("mine")
+                if is_dir:                            # the other run commits first: its own output
+                    final.mkdir()
+                    (final / "theirs").write_text("theirs")
+                else:
+                    final.write_text("theirs")
+        assert e.value.path == str(final)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []    # no temp left
+        assert (final / "theirs").read_text() == "theirs" if is_dir else final.read_text() == "theirs"
+    # an empty folder appearing: a plain rename would have taken its place silently
+    empty = tmp_path / "empty"
+    with pytest.raises(BadInput, match="appeared"):
+        with atomic_output(empty, is_dir=True) as staged:
+            (staged / "x").write_text("mine")
+            empty.mkdir()
+    assert list(empty.iterdir()) == []
+    # --force: the file that appeared is replaced (a file where a file output goes)
+    f = tmp_path / "forced.json"
+    with atomic_output(f, force=True) as staged:
+        staged.write_text("mine")
+        f.write_text("theirs")
+    assert f.read_text() == "mine"
+    # the rename itself never replaces
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("a")
+    b.write_text("b")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(a, b)
+    assert b.read_text() == "b" and a.read_text() == "a"
+    rename_noreplace(a, tmp_path / "c")
+    assert (tmp_path / "c").read_text() == "a" and not a.exists()

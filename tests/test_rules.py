@@ -996,7 +996,7 @@ def test_a_repair_text_the_tokenizer_reads_as_another_is_one_sample_to_the_split
     assert code == 0 and json.loads(out)["duplicates"]["n_unique"] <= len(rows), err
 
 
-def test_pixel_digests_are_cached_beside_the_embeddings(tmp_path, monkeypatch):
+def test_pixel_digests_are_cached_beside_the_embeddings(tmp_path, monkeypatch, capsys):
     """A warm `fix --eval` / `eval --exclude` of image data decodes no image: every image's pixel
     digest is kept in the cache, keyed by the data's fingerprint (a changed file is another entry);
     an entry that does not read back whole is recomputed."""
@@ -1020,6 +1020,14 @@ def test_pixel_digests_are_cached_beside_the_embeddings(tmp_path, monkeypatch):
     entry.write_text(json.dumps({**doc, "digests": doc["digests"][:-1]}))  # a short entry: recomputed
     assert pixel_digests(load_data(data), cache) == first
     assert len(json.loads(entry.read_text())["digests"]) == len(first)
+    # a well-formed entry with one digit changed (it would name another image: --eval would leave out
+    # other samples, the figures changed silently): its sha256 no longer holds, recomputed with a notice
+    doc = json.loads(entry.read_text())
+    flipped = ("0" if doc["digests"][1][0] != "0" else "1") + doc["digests"][1][1:]
+    entry.write_text(json.dumps({**doc, "digests": [doc["digests"][0], flipped, *doc["digests"][2:]]}))
+    capsys.readouterr()
+    assert pixel_digests(load_data(data), cache) == first
+    assert "pixel-digest cache entry" in capsys.readouterr().err and json.loads(entry.read_text()) == doc
     from PIL import Image
 
     one = Path(d.items[0])
