@@ -1294,10 +1294,9 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     locks = [_hold_lock(out_dir)]                           # one driver per report folder
     try:
         if o.mode == "fix":          # ... and per folder the rows' outputs go in (another manifest's too)
-            for parent in sorted({e.output.parent.resolve() for e in manifest.entries if e.output is not None}
-                                 - {out_dir.resolve()}):
+            for parent in sorted({e.output.parent.resolve() for e in manifest.entries if e.output is not None}):
                 if parent.is_dir():
-                    locks.append(_hold_lock(parent, outputs=True))
+                    locks.append(_hold_outputs_lock(parent))
         return _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log)
     except BadInput:                                        # refused before any work: leave nothing
         if created:
@@ -1374,12 +1373,27 @@ def _check_outputs_apart(manifest: Manifest, mpath: Path, out_dir: Path, journal
     problems.raise_first()
 
 
-def _hold_lock(out_dir: Path, outputs: bool = False) -> int:
+def _hold_outputs_lock(folder: Path) -> int:
+    """Hold a lock on ``folder`` itself (the folder's own descriptor: no file is left in it), a folder
+    the rows' outputs are written in, with their staging folders -- whose names are fixed so that a
+    rerun completes an interrupted rename: a second driver writing there (the same manifest with
+    another --out-dir, or another manifest's rows) would remove and commit the first one's staged
+    files. It gets BadInput naming the folder. Released when the driver ends in any way."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise BadInput("another repair zoo is writing models' outputs in this folder; wait for it, or give "
+                       "this manifest's rows other outputs", folder) from None
+    return fd
+
+
+def _hold_lock(out_dir: Path) -> int:
     """Hold ``<out_dir>/.zoo-lock`` for this driver; a second driver on the same folder gets
-    BadInput naming the holder. Released when the driver ends in any way (the OS drops the lock).
-    ``outputs``: the folder is one the rows' outputs are written in (and their staging folders,
-    whose names are fixed so that a rerun completes an interrupted rename): a second driver there
-    would remove and commit the first one's staged files."""
+    BadInput naming the holder. Released when the driver ends in any way (the OS drops the lock)."""
     import fcntl
 
     path = out_dir / LOCK_NAME
@@ -1389,9 +1403,6 @@ def _hold_lock(out_dir: Path, outputs: bool = False) -> int:
     except OSError:
         holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
-        if outputs:
-            raise BadInput(f"another repair zoo is writing models' outputs in this folder (held by {holder}); "
-                           "wait for it, or give this manifest's rows other outputs", out_dir) from None
         raise BadInput(f"another repair zoo is running on this folder (held by {holder}); wait for it or "
                        "use another --out-dir", out_dir) from None
     os.ftruncate(fd, 0)

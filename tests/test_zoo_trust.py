@@ -423,15 +423,16 @@ def test_a_second_zoo_writing_the_same_rows_outputs_is_exit_2_before_any_work(tm
     folders (fixed names, so that a rerun completes a rename): the second removed and committed the
     first one's staged files (a model folder without its weights, reported done with exit 0). The folder
     the outputs go in is locked like the report folder: the second driver is exit 2 naming it."""
-    from repair.zoo import _hold_lock
+    from repair.zoo import _hold_outputs_lock
 
     path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0"}], output_dir="out")
     (tmp_path / "out").mkdir()
-    held = _hold_lock(tmp_path / "out", outputs=True)       # as a first driver holds it, in this process
+    held = _hold_outputs_lock(tmp_path / "out")             # as a first driver holds it, in this process
     try:
         code, doc, err = run_json(path, "--out-dir", tmp_path / "other")
         _refused(code, err, str(tmp_path / "out"), "another repair zoo is writing models' outputs")
         assert not (tmp_path / "out" / "a").exists() and not (tmp_path / "other").exists()
+        assert not list((tmp_path / "out").iterdir())                     # no lock file left in it
     finally:
         os.close(held)
     code, doc, err = run_json(path, "--out-dir", tmp_path / "other")        # released: it runs
