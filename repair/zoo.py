@@ -51,7 +51,8 @@ refused before any work.
 Outputs are never half-written nor written twice: a model's files are written by ``fix`` into a
 staging folder beside the output (``.<output>.zoo-staging``, emptied when an attempt starts); the
 driver appends the journal line and only then renames the staged files into place, one atomic
-rename each. A rerun completes a rename that an interrupted driver had not finished. No output
+rename each. A rerun completes a rename that an interrupted driver had not finished. A driver locks
+every folder its rows' outputs go in (another driver writing there is exit 2). No output
 nor its staging folder is, holds or lies inside an input, another row's output or staging folder,
 the report folder or the journal (checked before any work).
 """
