@@ -219,9 +219,18 @@ def command(fn: Callable) -> Callable:
                 # a path the user gave that no file system takes, wherever it was first looked up
                 log(one_line(f"error: {e.filename}: {e.strerror or 'file name too long'}"))
                 raise typer.Exit(2)
-            if STATE["debug"]:
-                traceback.print_exc()
-            first = str(e).splitlines()[0] if str(e) else ""
-            log(one_line(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)"))
-            raise typer.Exit(3)
+            _internal(e)
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # a library's own BaseException (a Rust panic through pyo3): internal too
+            _internal(e)
     return wrapper
+
+
+def _internal(e: BaseException) -> None:
+    """An internal error: one line on stderr (the traceback with --debug), exit 3."""
+    if STATE["debug"]:
+        traceback.print_exc()
+    first = str(e).splitlines()[0] if str(e) else ""
+    log(one_line(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)"))
+    raise typer.Exit(3)

@@ -300,7 +300,9 @@ def _open_pil(f, path: Path, max_pixels: int):
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # PIL's own warnings (a decompression bomb under our limit, a TIFF's "Corrupt EXIF data"):
+            # a file that cannot be read is refused by name below; one that can needs no noise
+            warnings.simplefilter("ignore")
             if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= Image.MAX_IMAGE_PIXELS:
                 with _PIL_LIMIT_LOCK:     # PIL refuses above 2x its limit: lift it for this open only
                     old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels

@@ -220,3 +220,23 @@ def test_timm_label_names_written_as_an_index_dict_are_read_by_index(tmp_path, t
     assert [(c["name"], c["n"]) for c in json.loads(out)["per_class"]] == [("cat", 2), ("1", 0), ("fox", 2)]
     bad = copy_with(timm_folder, tmp_path / "b", lambda c: c.update(label_names={"0": "cat", "7": "fox"}))
     refused("eval", bad, "--data", data, words=("label_names's keys (0, 7)", "0 to 2"))
+
+
+def test_a_class_count_the_weights_disagree_with_is_refused_before_the_network_is_built(tmp_path, timm_folder,
+                                                                                        monkeypatch):
+    """config.json saying 10^7 classes over a 3-class head: the network was built first (a 10^7-row
+    head, 4.5 GB) and refused after; now refused from the weights' head shape, nothing built."""
+    import timm
+
+    from repair.adapters import load_model
+    from repair.errors import BadInput
+
+    t = copy_with(timm_folder, tmp_path / "t", lambda c: c.update(num_classes=10_000_000))
+
+    def boom(*a, **k):
+        raise AssertionError("the network was built")
+
+    monkeypatch.setattr(timm, "create_model", boom)
+    with pytest.raises(BadInput) as e:
+        load_model(t)
+    assert "has 3 classes" in str(e.value) and "num_classes=10000000" in str(e.value)

@@ -310,3 +310,21 @@ def test_position_limit_beside_an_onnx_file_leaves_out_robertas_padding_offset(t
     assert limit(model_type="bert", max_position_embeddings=512, pad_token_id=0) == 512
     assert limit(model_type="roberta", max_position_embeddings=2) is None
     assert limit(max_position_embeddings=True) is None
+
+
+def test_an_initializer_whose_data_do_not_fit_its_dims_is_exit_2_naming_it(tmp_path):
+    """A broken write: an initializer's dims say 2^31 x 2^31 over its few values -- an internal error
+    (a numpy reshape) wherever it was first read; now BadInput naming the file and the initializer."""
+    from conftest import make_deployed_onnx
+
+    path, _ = make_deployed_onnx(tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    init = next(i for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2)
+    del init.dims[:]
+    init.dims.extend([2 ** 31, 2 ** 31])
+    bad = tmp_path / "bad" / "m.onnx"
+    bad.parent.mkdir()
+    onnx.save(proto, str(bad))
+    with pytest.raises(BadInput) as e:
+        load_model(bad)
+    assert str(bad) in str(e.value) and repr(init.name) in str(e.value) and "dims" in str(e.value)

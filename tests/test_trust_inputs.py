@@ -955,3 +955,64 @@ def test_a_cache_temporary_left_by_a_killed_run_is_swept_by_the_next_write(tmp_p
     os.utime(other, (long_ago, long_ago))
     extract(load_model(timm_folder), load_data(image_data), cache_dir=cache, progress=False)
     assert not old.exists() and young.exists() and other.exists()
+
+
+def test_a_huge_text_is_cut_before_it_is_tokenized_to_the_very_same_tokens(bert_folder):
+    """A tokenizer reads a whole text before truncating it: one 200 MB field took 4 GB and aborted the
+    process (SIGABRT). A text is cut first to what decides its first tokens -- the same ids, whether it
+    is dense, sparse (a long run of spaces: cut, tokenized, widened until it holds enough tokens) or
+    short -- and the tokenizer never sees more than the bound of a dense one."""
+    from repair.adapters import load_model
+    from repair.adapters.text import MIN_CHARS_KEPT, bounded_texts, collate_texts
+
+    tok = load_model(bert_folder).tokenizer
+    dense = "great movie , truly not bad " * 20000
+    sparse = " " * 300000 + "great movie " * 100
+    texts = [dense, sparse, "short", dense[:5000]]
+    for n in (8, 32):
+        mine = collate_texts(tok, texts, n)["input_ids"]
+        whole = tok(texts, padding=True, truncation=True, max_length=n, return_tensors="pt")["input_ids"]
+        assert torch.equal(mine, whole)
+    cut = bounded_texts(tok, texts, 32)
+    assert len(cut[0]) == MIN_CHARS_KEPT and cut[2] == "short" and cut[1] == sparse
+    seen = []
+
+    class Recording:
+        def __call__(self, t, **kw):
+            seen.append(max(map(len, [t] if isinstance(t, str) else t)))
+            return tok(t, **kw)
+
+    collate_texts(Recording(), [dense * 10], 32)
+    assert max(seen) == MIN_CHARS_KEPT
+
+
+def test_a_tokenizer_that_panics_on_the_data_is_one_line_exit_2(bert_folder, tmp_path, capfd):
+    """A tokenizer.json whose pre-tokenizer regex backtracks past the regex engine's limit: the
+    tokenizers library panics (a BaseException, past every ``except Exception``) and Rust prints a few
+    lines per thread -- it was exit 1 (a gate's code: CI went on) with a 100-line traceback. Now exit 2,
+    one line naming the tokenizer."""
+    d = tmp_path / "m"
+    shutil.copytree(bert_folder, d)
+    t = json.loads((d / "tokenizer.json").read_text())
+    t["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False},
+        {"type": "BertPreTokenizer"}]}
+    (d / "tokenizer.json").write_text(json.dumps(t))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    data = tmp_path / "t.csv"
+    write_csv(data, [{"text": "a" * 30 + "! " + ("great" if i % 2 else "awful"),
+                      "label": "positive" if i % 2 else "negative"} for i in range(6)], fields=("text", "label"))
+    with time_limit(120):
+        code, out, err = run_cli("eval", d, "--data", data, "-q")
+    assert code == 2 and "panicked" in one_error_line(err) and str(d) in err, err
+    assert "panicked at" not in capfd.readouterr().err          # Rust's own lines on descriptor 2 are dropped
+
+
+def test_a_damaged_tiff_is_one_error_line_without_pils_warning(tmp_path, timm_folder, capfd):
+    """A TIFF header claiming 65,535 directory entries: PIL warns ("Corrupt EXIF data") while opening
+    it, and that warning came on stderr before the error line."""
+    data = make_images(tmp_path / "d", n_per_class=2)
+    (data / "cat" / "000.png").write_bytes(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 65535) + b"\x00" * 120)
+    cli_refuses(["eval", timm_folder, "--data", data], "cat/000.png", "not an image")
+    assert "Warning" not in capfd.readouterr().err

@@ -426,7 +426,9 @@ class TorchModelAdapter(Adapter):
         tok = getattr(self, "tokenizer", None)
         if tok is None or getattr(self, "modality", None) != "text" or not items:
             return None
-        ids = tok(list(items), truncation=True, max_length=int(self.max_length))["input_ids"]
+        from .text import tokenize_texts
+
+        ids = tokenize_texts(tok, list(items), int(self.max_length))["input_ids"]
         return [hashlib.sha256(json.dumps([int(t) for t in x]).encode()).hexdigest() for x in ids]
 
     def capture_head_input(self, forward: Callable[[], Any]) -> torch.Tensor:

@@ -383,16 +383,24 @@ def external_data_files(proto, base: Path) -> list[Path]:
 
 
 def _check_finite_initializers(proto, path: Path) -> None:
-    """Non-finite values in any floating initializer: :class:`BadInput` naming it (cf.
-    ``base.check_finite`` for torch models)."""
+    """Every initializer readable as its dims and type say (data that do not fit them -- a broken
+    write, dims of 2^31 x 2^31 over 288 values -- were an internal error wherever it was first read),
+    and non-finite values in any floating one: :class:`BadInput` naming it (cf. ``base.check_finite``
+    for torch models)."""
     import onnx
     from onnx import numpy_helper
 
     floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                 onnx.TensorProto.BFLOAT16}
     for init in proto.graph.initializer:
+        try:
+            values = numpy_helper.to_array(init)
+        except (ValueError, TypeError, OverflowError, MemoryError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"initializer {init.name!r} cannot be read as its dims {list(init.dims)} and type say "
+                           f"({why[:200]})", path) from None
         if init.data_type in floating:
-            arr = np.asarray(numpy_helper.to_array(init), dtype=np.float64)
+            arr = np.asarray(values, dtype=np.float64)
             if not np.isfinite(arr).all():
                 raise BadInput(f"initializer {init.name!r} holds {int((~np.isfinite(arr)).sum())} non-finite "
                                "value(s) (NaN or infinite); the model cannot be evaluated or repaired", path)

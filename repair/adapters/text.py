@@ -229,16 +229,102 @@ def tokenizer_digest(tokenizer) -> str:
     return digest
 
 
+#: characters per token of the truncation length beyond which a text is cut before it is tokenized
+#: (at least :data:`MIN_CHARS_KEPT`): a tokenizer reads the whole text before truncating, and one
+#: 200 MB field took it 4 GB and then aborted the process; the cut keeps what decides the tokens read
+CHARS_PER_TOKEN = 64
+MIN_CHARS_KEPT = 4096
+
+
+@contextlib.contextmanager
+def _stderr_held():
+    """File descriptor 2 held in a temporary file for the block, written out after it: a Rust panic
+    prints its message (one per worker thread, each a few lines) to the descriptor itself, past
+    Python's ``sys.stderr``. Yields a list: put True in it to drop what was held."""
+    import sys
+    import tempfile
+
+    drop: list = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):          # no descriptor 2 to hold (a closed stderr)
+        yield drop
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield drop
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not drop:
+                held.seek(0)
+                data = held.read()
+                if data:
+                    os.write(2, data)
+
+
+def _run(tokenizer, texts, **kw):
+    """``tokenizer(texts, **kw)``; a tokenizer that fails on the data (a Rust panic of the tokenizers
+    library, a ``BaseException`` that ``except Exception`` never sees: a pre-tokenizer's regex that
+    backtracks past its limit) is :class:`BadInput` naming its folder, and the panic's own lines on
+    the descriptor are dropped (one line on stderr)."""
+    try:
+        with _stderr_held() as drop:
+            try:
+                return tokenizer(texts, **kw)
+            except BaseException as e:
+                if type(e).__name__ == "PanicException":
+                    drop.append(True)
+                raise
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        raise BadInput(f"the tokenizer fails on this data (the tokenizers library panicked: {why})",
+                       getattr(tokenizer, "name_or_path", None) or None) from None
+
+
+def bounded_texts(tokenizer, texts: Sequence[Any], length: int) -> list[str]:
+    """``texts`` as the tokenizer reads their first ``length`` tokens, a long one cut before it is
+    tokenized: to ``CHARS_PER_TOKEN x length`` characters (at least ``MIN_CHARS_KEPT``), or four times
+    as many, and so on, until the cut holds more than twice ``length`` tokens (tokens are read left
+    to right: the ones before the cut's last word are the whole text's), else the whole text. A text
+    within the bound is as given. Memory and time then scale with ``length``, not the text."""
+    bound = max(MIN_CHARS_KEPT, CHARS_PER_TOKEN * int(length))
+    need = 2 * int(length) + 8
+    out = []
+    for t in texts:
+        t = str(t)
+        cut = bound
+        while cut < len(t):
+            n = len(_run(tokenizer, t[:cut], add_special_tokens=False, truncation=True, max_length=need)["input_ids"])
+            if n >= need:
+                break
+            cut *= 4
+        out.append(t[:cut] if cut < len(t) else t)
+    return out
+
+
+def tokenize_texts(tokenizer, texts: Sequence[Any], length: int, **kw):
+    """The one call of a text model's tokenizer on data: truncated at ``length`` (``kw``: padding,
+    tensors), long texts cut first (:func:`bounded_texts`), a tokenizer's failure :class:`BadInput`."""
+    return _run(tokenizer, bounded_texts(tokenizer, texts, length), truncation=True, max_length=int(length), **kw)
+
+
 def collate_texts(tokenizer, items: Sequence[Any], max_length: int,
                   fixed_length: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Tokenize a batch: padded to the longest text (truncated at ``max_length``), or to
     exactly ``fixed_length`` tokens for a graph with a fixed sequence axis."""
     if fixed_length:
-        enc = tokenizer(list(items), padding="max_length", truncation=True, max_length=fixed_length,
-                        return_tensors="pt")
+        enc = tokenize_texts(tokenizer, list(items), fixed_length, padding="max_length", return_tensors="pt")
     else:
-        enc = tokenizer(list(items), padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenize_texts(tokenizer, list(items), max_length, padding=True, return_tensors="pt")
     return dict(enc)
 
 
@@ -254,7 +340,8 @@ def tokenizer_input_names(tokenizer) -> list[str]:
     return text_input_order(names)
 
 
-__all__ = ["DEFAULT_MAX_LENGTH", "TEXT_INPUTS", "TOKENIZER_FILES", "collate_texts", "first_line",
+__all__ = ["DEFAULT_MAX_LENGTH", "TEXT_INPUTS", "TOKENIZER_FILES", "bounded_texts", "collate_texts", "first_line",
            "has_tokenizer_files", "load_tokenizer", "max_positions_beside", "offline", "quiet_transformers",
            "resolve_max_length",
-           "text_input_order", "tokenizer_digest", "tokenizer_input_names", "tokenizer_preprocess_id"]
+           "text_input_order", "tokenize_texts", "tokenizer_digest", "tokenizer_input_names",
+           "tokenizer_preprocess_id"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
 from ..errors import BadInput
@@ -126,6 +127,35 @@ def _weights_in_folder(folder: Path, allow_pickle: bool) -> Path:
     raise BadInput("no model.safetensors in the timm folder", folder)
 
 
+def _check_classes_before_building(arch: str, pretrained_cfg: Optional[dict], tensors: dict, num_classes,
+                                   weights: Path) -> None:
+    """A class count (config.json's ``num_classes`` or ``model_args``) the weights' head disagrees
+    with is refused before the network is built: built first, a config saying 10^7 classes allocated
+    a 10^7-row head (4.5 GB) only to be refused after. The head is found by the pretrained config's
+    ``classifier`` (the folder's, else the architecture's); when it names none, the check after the
+    build stands alone."""
+    import timm
+
+    try:
+        wanted = int(num_classes) if num_classes is not None else None
+    except (TypeError, ValueError):
+        return                                # the build refuses it, naming it
+    if not wanted:
+        return
+    names = (pretrained_cfg or {}).get("classifier")
+    if not names:
+        try:
+            default = timm.models.get_pretrained_cfg(arch)
+        except Exception:
+            default = None
+        names = getattr(default, "classifier", None)
+    for name in ([names] if isinstance(names, str) else list(names or ())):
+        w = tensors.get(f"{name}.weight")
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and int(w.shape[0]) != wanted:
+            raise BadInput(f"head {name}.weight has {int(w.shape[0])} classes but the configuration says "
+                           f"num_classes={wanted}", weights)
+
+
 def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = False,
               class_names: Optional[Sequence[str]] = None, model_args: Optional[dict] = None,
               weights: Optional[Path] = None, preprocess: Optional[dict] = None,
@@ -177,6 +207,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     args_classes = model_args.pop("num_classes", None)
     if num_classes is None:
         num_classes = args_classes
+    _check_classes_before_building(arch, pretrained_cfg, tensors, num_classes, weights)
     try:
         model = timm.create_model(arch, pretrained=False, **({"num_classes": int(num_classes)} if num_classes else {}),
                                   **model_args)
