@@ -324,14 +324,16 @@ def _verify_batch_size(n: int) -> int:
 def _token_lengths(adapter: Adapter, items: Sequence[Any]) -> Optional[list[int]]:
     """Each text's token count (one tokenizer call, no padding, no tensors); None when the
     adapter has no tokenizer."""
+    from .adapters.text import DEFAULT_MAX_LENGTH, tokenize_texts
+
     tok = getattr(adapter, "tokenizer", None)
     if tok is None:
         return None
-    kw: dict = {"truncation": True}
-    if getattr(adapter, "max_length", None):
-        kw["max_length"] = int(adapter.max_length)
-    try:
-        return [len(ids) for ids in tok([str(t) for t in items], **kw)["input_ids"]]
+    length = int(getattr(adapter, "max_length", None) or DEFAULT_MAX_LENGTH)
+    try:          # as the model reads them (a long text cut first; a tokenizer's panic is BadInput)
+        return [len(ids) for ids in tokenize_texts(tok, [str(t) for t in items], length)["input_ids"]]
+    except BadInput:
+        raise
     except Exception:
         return None
 

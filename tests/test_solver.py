@@ -576,9 +576,9 @@ def test_feature_moments_match_two_pass():
 
 
 def test_feature_moments_and_a_heads_bytes_do_not_depend_on_the_thread_count():
-    # the README's rule: a head's numbers do not depend on the torch threads (provenance records none
-    # for a head). The moments' float32 column sums were BLAS products split among the threads: at 1
-    # vs 2 threads the means differed by ~2e-6, and mix's head (its rows' statistics) with them
+    # the standardisation statistics do not depend on the torch threads: their float32 column sums
+    # were BLAS products split among the threads (at 1 vs 2 threads the means differed by ~2e-6), and
+    # mix's head (its rows' statistics) with them, on a set where every other head was the same
     from repair.methods import RepairInputs, get_method
     from repair.threads import limited
 

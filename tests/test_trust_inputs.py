@@ -984,6 +984,36 @@ def test_a_huge_text_is_cut_before_it_is_tokenized_to_the_very_same_tokens(bert_
 
     collate_texts(Recording(), [dense * 10], 32)
     assert max(seen) == MIN_CHARS_KEPT
+    # a tokenizer that truncates on the left keeps the text's last tokens: the cut keeps its tail
+    left = load_model(bert_folder).tokenizer
+    left.truncation_side = "left"
+    tail = dense + " ".join(["awful never"] * 50)
+    mine = collate_texts(left, [tail, sparse], 16)["input_ids"]
+    assert torch.equal(mine, left([tail, sparse], padding=True, truncation=True, max_length=16,
+                                  return_tensors="pt")["input_ids"])
+    assert bounded_texts(left, [tail], 16)[0] == tail[-MIN_CHARS_KEPT:]
+
+
+def test_tokenizing_in_threads_leaves_the_processs_stderr_as_it_was(bert_folder):
+    """Descriptor 2 is held only while the main thread tokenizes: threads that tokenize at once
+    swapped it in turns, and one could leave the process's stderr on a deleted temporary file."""
+    import threading
+
+    from repair.adapters import load_model
+    from repair.adapters.text import collate_texts
+
+    tok = load_model(bert_folder).tokenizer
+    before = os.fstat(2)
+    workers = [threading.Thread(target=lambda: [collate_texts(tok, ["great movie"] * 8, 16) for _ in range(200)])
+               for _ in range(3)]
+    for w in workers:
+        w.start()
+    for _ in range(200):
+        collate_texts(tok, ["awful plot"] * 8, 16)
+    for w in workers:
+        w.join()
+    after = os.fstat(2)
+    assert (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino)
 
 
 def test_a_tokenizer_that_panics_on_the_data_is_one_line_exit_2(bert_folder, tmp_path, capfd):

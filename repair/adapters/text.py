@@ -244,7 +244,12 @@ def _stderr_held():
     import sys
     import tempfile
 
+    import threading
+
     drop: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield drop          # the descriptor is the process's: only the main thread swaps it (no race)
+        return
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -291,23 +296,27 @@ def _run(tokenizer, texts, **kw):
 
 
 def bounded_texts(tokenizer, texts: Sequence[Any], length: int) -> list[str]:
-    """``texts`` as the tokenizer reads their first ``length`` tokens, a long one cut before it is
+    """``texts`` as the tokenizer reads the ``length`` tokens it keeps, a long one cut before it is
     tokenized: to ``CHARS_PER_TOKEN x length`` characters (at least ``MIN_CHARS_KEPT``), or four times
-    as many, and so on, until the cut holds more than twice ``length`` tokens (tokens are read left
-    to right: the ones before the cut's last word are the whole text's), else the whole text. A text
-    within the bound is as given. Memory and time then scale with ``length``, not the text."""
+    as many, and so on, until the cut holds more than twice ``length`` tokens (tokens are read in
+    order: the ones away from the cut's split word are the whole text's), else the whole text. The cut
+    keeps the text's head, or its tail for a tokenizer that truncates on the left
+    (``truncation_side``). A text within the bound is as given. Memory and time then scale with
+    ``length``, not the text."""
     bound = max(MIN_CHARS_KEPT, CHARS_PER_TOKEN * int(length))
     need = 2 * int(length) + 8
+    tail = getattr(tokenizer, "truncation_side", "right") == "left"
     out = []
     for t in texts:
         t = str(t)
         cut = bound
         while cut < len(t):
-            n = len(_run(tokenizer, t[:cut], add_special_tokens=False, truncation=True, max_length=need)["input_ids"])
+            part = t[-cut:] if tail else t[:cut]
+            n = len(_run(tokenizer, part, add_special_tokens=False, truncation=True, max_length=need)["input_ids"])
             if n >= need:
                 break
             cut *= 4
-        out.append(t[:cut] if cut < len(t) else t)
+        out.append(t if cut >= len(t) else (t[-cut:] if tail else t[:cut]))
     return out
 
 

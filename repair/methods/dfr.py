@@ -118,7 +118,7 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   last decrease, 10x as many iterations); paper (1e-4, 2000): gradient-mapping
   norm of the mean loss, FISTA iterations. The fast protocol's many-class head (one
   multinomial L-BFGS fit) stops at the largest gradient entry of the mean objective: 1e-4
-  and 1,000 iterations unless ``tol`` / ``max_iter`` are set, which then apply to it too.
+  (or ``tol`` when tighter) and 1,000 iterations (or 10x ``max_iter`` when set, as the path).
 """
 from __future__ import annotations
 
@@ -460,8 +460,8 @@ def _softmax_head(X, y, groups, keep, active, cfg, C, l2, dev):
     (:func:`repair.solver.lbfgs.fit_softmax_l2_lbfgs`), the standardisation folded into the
     parameters (never formed; constant features get ``scale = shift = 0``). Memory beyond the
     embeddings: the kept rows' copy when the group cap thinned them, and (rows x classes) logits.
-    Stops at :data:`SOFTMAX_TOL` / :data:`SOFTMAX_MAX_ITER`, or the configuration's ``tol`` /
-    ``max_iter`` when set. Returns ``(W (C, D), b (C,), info)`` acting on raw rows."""
+    Stops at :data:`SOFTMAX_TOL` (or the configuration's ``tol`` when tighter) / :data:`SOFTMAX_MAX_ITER`
+    (or ten L-BFGS iterations per ``max_iter`` step when set). Returns ``(W (C, D), b (C,), info)`` acting on raw rows."""
     D = X.shape[1]
     if cfg.standardize:
         scale, shift = S.standardization(X)          # statistics over all rows given (before any thinning)
@@ -472,8 +472,11 @@ def _softmax_head(X, y, groups, keep, active, cfg, C, l2, dev):
     scale, shift = torch.where(on, scale, 0.0), torch.where(on, shift, 0.0)
     Xr = X if keep is None else X.index_select(0, keep.to(dev))
     w = S.expected_balanced_weights(groups, int(cfg.min_subsample_per_group))
-    tol = SOFTMAX_TOL if cfg.tol is None else float(cfg.tol)                 # the user's, when set
-    max_iter = SOFTMAX_MAX_ITER if cfg.max_iter is None else int(cfg.max_iter)
+    # the user's, when set, as the L-BFGS path takes them: max_iter counts Newton steps (L-BFGS gets ten
+    # per step), and tol only tightens the head's own (the path's tol is another rule: spelling out the
+    # fast protocol's default 1e-3 must not loosen the head)
+    tol = SOFTMAX_TOL if cfg.tol is None else min(SOFTMAX_TOL, float(cfg.tol))
+    max_iter = SOFTMAX_MAX_ITER if cfg.max_iter is None else S.lbfgs.ITERS_PER_NEWTON_STEP * int(cfg.max_iter)
     Wi, bi, info = S.lbfgs.fit_softmax_l2_lbfgs(Xr, y.to(dev), w.to(dev), C, l2, scale=scale, shift=shift,
                                                 tol=tol, max_iter=max_iter)
     W, b = S.fold_affine(Wi, bi, scale.double(), shift.double())
