@@ -34,7 +34,7 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
         if given is not None and columns.group_by is None:
             raise BadInput(f"{flag} needs --group-by (groups are class x the values of that column)")
     expected = None if expect_groups is None else parse_expected_groups(expect_groups)
-    inputs = read_inputs(model, data, columns, data_flag="data (--data)")
+    inputs = read_inputs(model, data, columns, data_flag="data (--data)", load_opts=load)
     excluded = None
     if exclude is not None:
         import dataclasses
@@ -81,7 +81,7 @@ def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load,
     """Probe embeddings without group labels: spurious neurons, dispersion, pseudo-groups."""
     from repair.preflight import check_cache_dir, read_inputs
 
-    inputs = read_inputs(model, data, columns, data_flag="data (--data)")
+    inputs = read_inputs(model, data, columns, data_flag="data (--data)", load_opts=load)
     check_cache_dir(inputs.protected, runtime)
     from repair.api import probe_model
 
@@ -175,6 +175,7 @@ def make_fix_command(inputs_bundle: OptionBundle):
                 eval_group_by: Annotated[Optional[str], typer.Option("--eval-group-by", rich_help_panel=PANEL_REPAIR, help="Group column of --eval data (default: --group-by).")] = None,
                 export: Annotated[Optional[str], typer.Option("--export", rich_help_panel=PANEL_OUTPUT, help="Also export ONNX and verify it with onnxruntime: onnx (default: no export).")] = None,
                 tolerance: Annotated[Optional[float], typer.Option("--tolerance", rich_help_panel=PANEL_OUTPUT, help="ONNX verification: an absolute max |logit difference| (default: 1e-5 + 1e-3 x the larger of the logit and the sample's top logit).")] = None,
+                max_verify: Annotated[Optional[int], typer.Option("--max-verify", min=1, rich_help_panel=PANEL_OUTPUT, help="ONNX verification: samples of --data to verify on (default: 512).")] = None,
                 seed: Seed = 0,
                 budget: Annotated[Optional[str], typer.Option("--budget", rich_help_panel=PANEL_REPAIR, help="Model repairs: training budget per run, e.g. 300steps, 3epochs, 10min (first reached ends training; default: 10min).")] = None,
                 force: Annotated[bool, typer.Option("--force", rich_help_panel=PANEL_OUTPUT, help="Overwrite an existing output (never an input; a folder only when empty or written by repair and holding nothing else). Default: refuse.")] = False,
@@ -187,11 +188,12 @@ def make_fix_command(inputs_bundle: OptionBundle):
         from repair.preflight import read_inputs
 
         o = FixOptions(recipe=recipe, seed=seed, eval_data=None if eval_data is None else str(eval_data),
-                       eval_group_by=eval_group_by, export=export, tolerance=tolerance, budget=budget,
+                       eval_group_by=eval_group_by, export=export, tolerance=tolerance, max_verify=max_verify,
+                       budget=budget,
                        resources=resources, report=None if report is None else str(report), force=force,
                        allow_finetune=allow_finetune, allow_plugins=allow_plugins)
         inputs = read_inputs(model, data, columns, eval_data=o.eval_data, eval_group_by=eval_group_by,
-                             resources=o.resources)
+                             resources=o.resources, load_opts=load)
         from repair.pipeline import fix_model
 
         try:
@@ -265,11 +267,13 @@ def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the dem
              size: Annotated[str, typer.Option("--size", help="default | tiny")] = "default",
              recipe: Annotated[str, typer.Option("--recipe", help="Recipe for the repair step.")] = "auto",
              force: Annotated[bool, typer.Option("--force", help="Rebuild even if the folder exists (only a previous demo folder is replaced).")] = False,
+             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (warnings and errors still show).")] = False,
              as_json: AsJson = False):
     """Build a Waterbirds-like task, train a small timm model with ERM, show its shortcut, repair it."""
     from repair.demo import run_demo
+    from repair.runtime import stderr_log
 
-    doc = run_demo(out, seed=seed, size=size, recipe=recipe, force=force, log=log)
+    doc = run_demo(out, seed=seed, size=size, recipe=recipe, force=force, log=stderr_log(not quiet))
     if as_json:
         emit_json(doc)
         return

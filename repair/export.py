@@ -562,15 +562,20 @@ def verify_onnx(onnx_path, reference_adapter: Adapter, items: Sequence[Any], *,
     return report
 
 
-def pick_verify_items(items: Sequence[Any], max_items: Optional[int], seed: int = 0) -> list:
-    """At most ``max_items`` samples, a seeded random subset in the data's order (so every
-    class has a fair chance to be represented); all of them when there are fewer."""
-    items = list(items)
-    if max_items is None or max_items <= 0 or len(items) <= max_items:
-        return items
+def pick_verify_indices(n: int, max_items: Optional[int], seed: int = 0) -> list[int]:
+    """The indices of at most ``max_items`` of ``n`` samples, a seeded random subset in the data's
+    order (so every class has a fair chance to be represented); all of them when there are fewer.
+    The one rule of which samples an ONNX file is verified on (``export``, ``verify``, ``fix --export``)."""
+    if max_items is None or max_items <= 0 or n <= max_items:
+        return list(range(n))
     g = torch.Generator().manual_seed(seed)
-    idx = sorted(torch.randperm(len(items), generator=g)[:max_items].tolist())
-    return [items[i] for i in idx]
+    return sorted(torch.randperm(n, generator=g)[:max_items].tolist())
+
+
+def pick_verify_items(items: Sequence[Any], max_items: Optional[int], seed: int = 0) -> list:
+    """The samples :func:`pick_verify_indices` picks."""
+    items = list(items)
+    return [items[i] for i in pick_verify_indices(len(items), max_items, seed)]
 
 
 # ------------------------------------------------------------------ export
@@ -691,5 +696,5 @@ def export_safetensors(adapter: Adapter, out_path, metadata: dict[str, str], for
 
 
 __all__ = ["Bound", "DEFAULT_BOUND", "check_export_options", "check_tolerance", "export_metadata", "export_onnx",
-           "export_safetensors", "pick_verify_items", "resolve_bound", "run_verification", "torch_to_onnx",
+           "export_safetensors", "pick_verify_indices", "pick_verify_items", "resolve_bound", "run_verification", "torch_to_onnx",
            "verify_batches", "verify_onnx"]

@@ -492,6 +492,9 @@ def replace_refused(final: Path, kind: Optional[str] = None) -> Optional[str]:
     return repair_wrote(final)
 
 
+#: an output whose folder is missing: nothing creates the folders above an output
+NO_PARENT = "output folder does not exist (the folder an output goes in must exist: create it first)"
+
 #: an output that was not there when the run began, and is now: another run's (or the user's)
 _APPEARED = ("output appeared while this run worked (another run writing the same path?); nothing of this "
              "run was written (use --force to overwrite)")
@@ -532,7 +535,7 @@ def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[st
                 if not anc.is_dir():
                     raise BadInput(f"cannot write below {anc}: it is a file, not a folder", final)
                 break
-        raise BadInput("output folder does not exist", parent)
+        raise BadInput(NO_PARENT, parent)
     clean_stale_temps(final, log)
     try:
         probe = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
@@ -562,7 +565,7 @@ def scratch_dir(final: Path, log: Optional[Callable[[str], None]] = None) -> Ite
     final = Path(final)
     parent = final.parent if str(final.parent) else Path(".")
     if not parent.is_dir():
-        raise BadInput("output folder does not exist", parent)
+        raise BadInput(NO_PARENT, parent)
     clean_stale_temps(final, log)
     tmp, fd = _make_temp(parent, f".{final.name}.work-", "", final)
     try:
@@ -636,7 +639,7 @@ class OutputSet:
             check_replace(final, kind=kind)
         parent = final.parent if str(final.parent) else Path(".")
         if not parent.exists():
-            raise BadInput("output folder does not exist", parent)
+            raise BadInput(NO_PARENT, parent)
         clean_stale_temps(final, self.log)
         tmp, fd = _make_temp(parent, f".{final.name}.", ".tmp", final)
         target = tmp / final.name

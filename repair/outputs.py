@@ -298,12 +298,29 @@ def _export(adapter, fmt, out, loaded, model_path, max_verify, tolerance, device
     mo = ModelOutputs(adapter, meta, onnx=OnnxExport(out, items, tolerance=tolerance, device=device, opset=opset,
                                                      exporter=exporter), force=force, log=log)
     try:
-        return mo.write()["export"]
+        rep = mo.write()["export"]
     except GateFailed as e:
         rep = getattr(e, "report", None)
         if rep is not None:
             rep["path"] = None
         raise
+    if adapter.modality == "text" and log is not None:
+        from .adapters.text import has_tokenizer_files
+
+        if not has_tokenizer_files(Path(out).parent):   # the graph takes token ids: it reads no text alone
+            log(f"notice: {out} takes token ids: to read texts with it (repair eval, a zoo, a deployment), put the "
+                f"model's tokenizer files beside it ({', '.join(_tokenizer_names(adapter))}); repair fix "
+                "--export onnx writes model.onnx into the repaired folder, beside them")
+    return rep
+
+
+def _tokenizer_names(adapter) -> list[str]:
+    """The tokenizer files of a text model's folder, by name (the ones to copy beside its ONNX export)."""
+    from .adapters.text import TOKENIZER_DIGEST_FILES
+
+    folder = Path(getattr(adapter, "model_folder", None) or Path(adapter.source).parent)
+    names = [f for f in TOKENIZER_DIGEST_FILES if (folder / f).exists()]
+    return names or ["tokenizer.json", "tokenizer_config.json"]
 
 
 def verify_model(onnx_path, reference, data, *, load_options=None, data_options=None,

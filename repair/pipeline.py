@@ -62,6 +62,7 @@ class FixOptions:
     eval_group_by: Optional[str] = None   # group column of the eval data (default: --group-by)
     export: Optional[str] = None          # "onnx": also export and verify ONNX
     tolerance: Optional[float] = None     # ONNX verification tolerance override
+    max_verify: Optional[int] = None      # ONNX verification: at most this many samples (default 512)
     budget: Optional[str] = None          # model repairs: "300steps", "3epochs", "10min"
     #: inputs of model repairs by the name they are declared with (``repair methods``; e.g.
     #: ``{"masks": "masks/", "train": "train.csv"}``): each method checks the ones it uses
@@ -91,6 +92,12 @@ class FixOptions:
             self.tolerance = check_tolerance(self.tolerance)
             if self.export is None:
                 raise BadInput("--tolerance is the bound of the ONNX verification; give --export onnx too")
+        if self.max_verify is not None:
+            from .rules import check_max_verify
+
+            self.max_verify = check_max_verify(self.max_verify)
+            if self.export is None:
+                raise BadInput("--max-verify is the ONNX verification's sample count; give --export onnx too")
         if self.eval_group_by is not None and self.eval_data is None:
             raise BadInput("--eval-group-by names a group column of the --eval data; give --eval too")
         if self.allow_finetune and str(self.recipe) not in ("auto", "auto-ft"):
@@ -218,7 +225,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     budget = _budget_cls().parse(o.budget)
     if inputs is None:
         inputs = read_inputs(model_path, data_path, data_opts, eval_data=o.eval_data,
-                             eval_group_by=o.eval_group_by, resources=o.resources)
+                             eval_group_by=o.eval_group_by, resources=o.resources,
+                             load_opts=load_opts or LoadOptions())
     inputs.protected.add_files(recipe.files, "recipe (--recipe)")        # its YAML and plugin files
     paths = fix_outputs(model_path, out_path, o, inputs, log=log,      # named, apart, replacing no input, writable
                         model_repairs="model" in recipe.kinds)
@@ -542,11 +550,17 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     if o.export == "onnx":
         # a head repair's logits on the repair set are known from the cached embeddings: the
         # verification then needs no second PyTorch forward pass
+        from .export import pick_verify_indices
+        from .outputs import DEFAULT_MAX_VERIFY
+
+        # verified on at most --max-verify samples of the repair set, picked as export and verify pick them
+        idx = pick_verify_indices(len(data.items), o.max_verify or DEFAULT_MAX_VERIFY)
         ref = None
         if final.kind == "head":      # the head as written (a float16 checkpoint rounds it)
             Wh, bh = adapter.head_params()
-            ref = X @ Wh.T + bh
-        onnx = OnnxExport(paths.get("--export onnx"), data.items, tolerance=o.tolerance, reference_logits=ref)
+            ref = (X @ Wh.T + bh)[torch.as_tensor(idx, dtype=torch.long)]
+        onnx = OnnxExport(paths.get("--export onnx"), [data.items[i] for i in idx], tolerance=o.tolerance,
+                          reference_logits=ref)
     keep = final.artifacts is not None and Path(final.artifacts).exists()
     report = None
     if o.report is not None:

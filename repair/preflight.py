@@ -32,12 +32,20 @@ class Inputs:
     protected: Protected = field(default_factory=Protected)
 
 
-def check_model_path(model_path) -> Path:
+def check_model_path(model_path, load_opts=None) -> Path:
+    """The model path exists, and, with ``load_opts`` (the run's loading options), a folder is one a
+    model family reads (its config only: nothing built) -- checked before any work, so a folder that
+    is no model is told so, not refused for a cache or an output placed under it."""
     p = Path(model_path)
     if not p.exists() and not p.is_symlink():
         raise BadInput("model not found", p)
     if not p.exists():
         raise BadInput("model not found (a broken symbolic link)", p)
+    if load_opts is not None and p.is_dir():
+        from .adapters import family_for, not_a_model
+
+        if family_for(p.absolute(), load_opts) is None:
+            raise not_a_model(p)
     return p
 
 
@@ -48,11 +56,12 @@ def read_data(data, options: Optional[DataOptions] = None) -> RepairData:
 
 def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, eval_data=None,
                 eval_group_by: Optional[str] = None, resources: Optional[dict] = None,
-                data_flag: str = "repair data (--data)") -> Inputs:
-    """The model path exists; the data, ``--eval`` data and the model-repair inputs read (in the
-    command line's order). Data already read (a :class:`RepairData`) is not read again."""
+                data_flag: str = "repair data (--data)", load_opts=None) -> Inputs:
+    """The model path exists (a folder one a family reads, given ``load_opts``); the data, ``--eval``
+    data and the model-repair inputs read (in the command line's order). Data already read (a
+    :class:`RepairData`) is not read again."""
     data_opts = data_opts or DataOptions()
-    model = check_model_path(model_path)
+    model = check_model_path(model_path, load_opts)
     d = read_data(data, data_opts)
     inp = Inputs(model=model, data=d)
     inp.protected.add(model, "input model").add_data(d, data_flag)

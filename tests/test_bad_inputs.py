@@ -599,3 +599,21 @@ def test_a_model_args_file_is_named_when_its_args_do_not_fit_and_a_timm_config_w
     code, _, err = run_cli("eval", weights, "--arch", "test_resnet", "--class-names", "cat,dog,fox",
                            "--model-args", old, "--data", image_data, "-q")
     assert code == 2 and err.count("\n") == 1 and str(old) in err and "model_args" in err, err
+
+
+def test_a_model_given_as_data_and_a_folder_that_is_no_model_are_told_so(tmp_path, timm_folder, bert_folder):
+    """Model and data swapped: the model folder's config.json and tokenizer.json read as "tables"
+    (advice: --data minilm-cls/config.json); a parent folder given as the model, with the cache under
+    it: refused for the cache. Each is now told what it is, before any work."""
+    from conftest import make_images, make_texts, one_line_naming, run_cli
+
+    texts = make_texts(tmp_path / "t.csv")
+    code, _, err = run_cli("eval", texts, "--data", bert_folder, "-q")
+    one_line_naming(code, err, bert_folder, "is a model folder", "first argument")
+    images = make_images(tmp_path / "imgs", n_per_class=2)
+    parent = tmp_path / "work"
+    parent.mkdir()
+    for cmd in (["eval"], ["probe"], ["fix", "--out", tmp_path / "o"]):
+        code, _, err = run_cli(cmd[0], parent, "--data", images, *cmd[1:], "--cache-dir", parent / "cache", "-q")
+        one_line_naming(code, err, parent, "not a timm hub folder")
+    assert not (parent / "cache").exists() and not (tmp_path / "o").exists()

@@ -653,3 +653,27 @@ def test_a_text_onnx_with_a_fixed_sequence_length_verifies_and_with_other_input_
     onnx.save(proto, str(folder / "renamed.onnx"))
     code, _, err = run_cli("eval", folder / "renamed.onnx", "--data", text_data, "--class-names", "negative,positive")
     assert code == 2 and "needs input 'ids'" in err and "image" not in err, err
+
+
+def test_exporting_a_text_model_to_a_folder_without_its_tokenizer_says_what_to_put_beside_it(
+        bert_folder, text_data, tmp_path):
+    """A text model's ONNX takes token ids: exported alone, repair eval (and a deployment) could not read
+    texts with it, and nothing said so. A notice names the tokenizer files to put beside it; with them
+    the export reads texts (none when they are there already)."""
+    from conftest import run_cli
+
+    out = tmp_path / "alone" / "m.onnx"
+    out.parent.mkdir()
+    code, _, err = run_cli("export", bert_folder, "--data", text_data, "--out", out, "-q")
+    assert code == 0, err
+    notice = [ln for ln in err.splitlines() if ln.startswith("notice:") and "tokenizer files beside it" in ln]
+    assert len(notice) == 1 and "tokenizer.json" in notice[0], err
+    code, _, err = run_cli("eval", out, "--data", text_data, "-q")
+    assert code == 2 and "tokenizer" in err
+    for name in notice[0].split("beside it (")[1].split(")")[0].split(", "):
+        shutil.copy(bert_folder / name, out.parent / name)
+    code, _, err = run_cli("eval", out, "--data", text_data, "-q")
+    assert code == 0, err
+    again = tmp_path / "alone" / "m2.onnx"
+    code, _, err = run_cli("export", bert_folder, "--data", text_data, "--out", again, "-q")
+    assert code == 0 and "notice:" not in err, err

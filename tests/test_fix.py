@@ -213,3 +213,22 @@ def test_fix_warns_when_the_chosen_heads_solver_stops_at_its_cap(timm_folder, re
                                 "--out", tmp_path / "o2", "--json", "-q")
     assert code == 0, err
     assert not [w for w in json.loads(stdout)["warnings"] if "iteration cap" in w]
+
+
+def test_fix_export_verifies_at_most_max_verify_samples_picked_as_export_picks_them(timm_folder, repair_images,
+                                                                                    tmp_path):
+    """README: the verification runs on real samples of --data, up to --max-verify (default 512); fix's
+    ran on every sample of the repair set, and had no --max-verify."""
+    from repair.data import load_data
+    from repair.outputs import DEFAULT_MAX_VERIFY
+
+    n = len(load_data(repair_images).items)
+    code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", "dfr", "--out", tmp_path / "a",
+                                "--export", "onnx", "--max-verify", "5", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(stdout)["export"]["n_verified"] == 5 < n
+    code, stdout, err = run_cli("fix", timm_folder, "--data", repair_images, "--recipe", "dfr", "--out", tmp_path / "b",
+                                "--export", "onnx", "--json", "-q")
+    assert code == 0 and json.loads(stdout)["export"]["n_verified"] == min(n, DEFAULT_MAX_VERIFY), err
+    code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--max-verify", "5", "--out", tmp_path / "c")
+    assert code == 2 and "--export onnx" in err and not (tmp_path / "c").exists()

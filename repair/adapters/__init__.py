@@ -165,34 +165,48 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     if not path.is_file() and not path.is_dir():
         raise BadInput("expected a checkpoint file or folder, got a device or other special file", path)
     path = path.absolute()        # a loaded model keeps working after the caller changes folder
-    for fam in list_families():
-        if fam.detect(path, o):
-            if o.model_args is not None and not fam.model_args:
-                raise BadInput(f"--model-args applies to timm architectures and --factory modules, not to "
-                               f"{'an' if fam.name[0] in 'aeiou' else 'a'} {fam.name} model", path)
-            import torch
+    fam = family_for(path, o)
+    if fam is None:
+        raise not_a_model(path)
+    if o.model_args is not None and not fam.model_args:
+        raise BadInput(f"--model-args applies to timm architectures and --factory modules, not to "
+                       f"{'an' if fam.name[0] in 'aeiou' else 'a'} {fam.name} model", path)
+    import torch
 
-            # building a network draws its initial weights (then replaced by the file's) from torch's
-            # global generator: the caller's random stream is left where it was
-            with torch.random.fork_rng(devices=[]):
-                adapter = fam.load(path, o)
-            given = [f for f, v in (("--image-size", o.image_size), ("--mean", o.mean), ("--std", o.std))
-                     if v is not None]
-            if given and not adapter.preprocess_from_options:
-                raise BadInput(f"{'/'.join(given)} set the preprocessing of a checkpoint that carries none; this "
-                               f"{fam.name} model " + ("is a text model" if adapter.modality == "text" else
-                                                        "carries its own (its config)")
-                               + ", so they would be ignored: leave them out", path)
-            if o.files:                       # read for this model: no output may replace them
-                adapter.extra_files = (*adapter.extra_files, *map(Path, o.files))
-            return adapter
-    if path.is_dir():
-        raise BadInput("not a timm hub folder (config.json with 'architecture') nor a transformers "
-                       "folder (config.json with 'architectures')", path)
-    raise BadInput("a bare weights file needs --arch NAME (timm) or --factory module:function", path)
+    # building a network draws its initial weights (then replaced by the file's) from torch's
+    # global generator: the caller's random stream is left where it was
+    with torch.random.fork_rng(devices=[]):
+        adapter = fam.load(path, o)
+    given = [f for f, v in (("--image-size", o.image_size), ("--mean", o.mean), ("--std", o.std))
+             if v is not None]
+    if given and not adapter.preprocess_from_options:
+        raise BadInput(f"{'/'.join(given)} set the preprocessing of a checkpoint that carries none; this "
+                       f"{fam.name} model " + ("is a text model" if adapter.modality == "text" else
+                                                "carries its own (its config)")
+                       + ", so they would be ignored: leave them out", path)
+    if o.files:                       # read for this model: no output may replace them
+        adapter.extra_files = (*adapter.extra_files, *map(Path, o.files))
+    return adapter
 
 
-__all__ = ["Adapter", "FAMILIES", "FamilyInfo", "LoadOptions", "checked_class_names", "list_families", "load_model",
+def family_for(path: Path, options: Optional[LoadOptions] = None) -> Optional["FamilyInfo"]:
+    """The first family (by priority) that reads ``path`` with ``options`` -- its ``detect`` only (a
+    config read, nothing built) -- or None."""
+    o = options or LoadOptions()
+    return next((fam for fam in list_families() if fam.detect(Path(path), o)), None)
+
+
+def not_a_model(path: Path) -> BadInput:
+    """What a path no family reads is told (:func:`load_model`, and before any work
+    :func:`repair.preflight.check_model_path`)."""
+    if Path(path).is_dir():
+        return BadInput("not a timm hub folder (config.json with 'architecture') nor a transformers "
+                        "folder (config.json with 'architectures')", path)
+    return BadInput("a bare weights file needs --arch NAME (timm) or --factory module:function", path)
+
+
+__all__ = ["Adapter", "FAMILIES", "FamilyInfo", "LoadOptions", "checked_class_names", "family_for", "list_families",
+           "load_model", "names_by_index", "not_a_model",
            "register_family", "unregister_family"]
 
 

@@ -37,7 +37,7 @@ from ..registry import Resource
 
 
 #: extra labelled training data (``repair fix --train``), declared by the model repairs that train on it
-TRAIN = Resource("train", kind="data", help="Model repairs: extra training data (same format as --data).")
+TRAIN = Resource("train", kind="data", help="Model repairs: extra training data.")
 
 
 #: the training time a model repair gets when the user gives no ``--budget`` (seconds)
