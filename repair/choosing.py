@@ -253,6 +253,9 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     y, groups, clusters = ids["y"], ids.get("groups"), ids.get("clusters")
     if int(y.max()) >= W0.shape[0]:
         raise ValueError(f"choose_heads: labels must lie in [0, {W0.shape[0]}) (the head's classes)")
+    from .data import check_classes_present
+
+    check_classes_present(y, [str(c) for c in range(W0.shape[0])])     # as repair fix refuses it
     folds = recipe.folds if folds is None else check_folds(folds)
     check_device(device)
     check_seed(seed)

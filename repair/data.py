@@ -985,6 +985,24 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path)
     return torch.tensor(out, dtype=torch.long)
 
 
+def check_classes_present(y, class_names: Sequence[str], where=None) -> None:
+    """Every class of the head has samples in the repair set ``y`` (class ids): a head refit without
+    a class's samples pushes it away (its recall 0, silently), and one class alone is no head at
+    all -- :class:`BadInput` naming the missing. The one rule (``repair fix``'s check of the repair
+    set, :func:`repair.choosing.choose_heads`)."""
+    import torch  # noqa: lazy
+
+    present = torch.unique(torch.as_tensor(y)).tolist()
+    if len(present) < 2:
+        raise BadInput(f"the repair set has only one class ({class_names[present[0]] if present else 'none'}); "
+                       "a head cannot be refit from it", where)
+    if len(present) < len(class_names):
+        missing = [class_names[c] for c in range(len(class_names)) if c not in present]
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise BadInput(f"the repair set covers {len(present)} of the model's {len(class_names)} classes "
+                       f"(no samples of {shown}); the head cannot be refit for absent classes", where)
+
+
 def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str] = None) -> Encoded:
     import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
     where = data.table or data.source

@@ -150,15 +150,10 @@ class FixResult(Mapping):
 
 # ------------------------------------------------------------------- checks
 def check_repair_set(enc: Encoded, num_classes: int, where) -> None:
+    from .data import check_classes_present
+
+    check_classes_present(enc.y, list(enc.class_names)[:num_classes], where)
     present = torch.unique(enc.y).tolist()
-    if len(present) < 2:
-        raise BadInput(f"the repair set has only one class ({enc.class_names[present[0]]}); "
-                       "a head cannot be refit from it", where)
-    if len(present) < num_classes:
-        missing = [enc.class_names[c] for c in range(num_classes) if c not in present]
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise BadInput(f"the repair set covers {len(present)} of the model's {num_classes} classes "
-                       f"(no samples of {shown}); the head cannot be refit for absent classes", where)
     if enc.groups is not None:
         # groups = class x attribute value: every combination must have samples
         attr_values = sorted({n.split("|", 1)[1] for n in enc.group_names})

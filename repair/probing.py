@@ -60,6 +60,17 @@ def nearest_class(Z: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return d.argmin(1)
 
 
+def dispersed(Z: torch.Tensor, y: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: rows whose own class's centre is farther than another class's -- strictly: a tie
+    (classes whose centres coincide, constant embeddings) disperses nothing, where the nearest by
+    index made the first class look compact and every other one wholly dispersed."""
+    d = torch.cdist(Z, torch.nan_to_num(centres, nan=0.0))
+    d[:, torch.isnan(centres[:, 0])] = float("inf")
+    own = d.gather(1, y.long().view(-1, 1)).squeeze(1)
+    d.scatter_(1, y.long().view(-1, 1), float("inf"))
+    return d.min(1).values < own
+
+
 def probe(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
           class_names: Sequence[str], top_k: int = 10, where=None) -> dict:
     from .metrics import check_finite_logits
@@ -69,13 +80,13 @@ def probe(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
     check_finite_logits(logits, where)     # no figure rests on NaN or infinite logits (as in eval)
     pred = logits.argmax(1)
     delta, _ = neuron_deltas(X, y, pred, C)
-    nearest = nearest_class(X, class_prototypes(X, y, C))
+    out = dispersed(X, y, class_prototypes(X, y, C))
     per_class = []
     for c in range(C):
         m = y == c
         n = int(m.sum())
         n_wrong = int((m & (pred != c)).sum())
-        n_out = int((m & (nearest != c)).sum())
+        n_out = int((m & out).sum())
         row = delta[c]
         finite = torch.isfinite(row)
         per_class.append({

@@ -301,3 +301,19 @@ def test_head_notes_name_the_member_whose_fit_stopped_at_its_cap():
     capped = [n for n in notes if "iteration cap" in n]
     assert len(capped) == 1 and capped[0].startswith("dfr:") and "solver_converged, head_converged" in capped[0]
     assert head_notes("dfr", {"solver_converged": True}) == [] and head_notes("dfr", None) == []
+
+
+def test_choose_heads_refuses_a_repair_set_missing_a_class_as_fix_does():
+    """The library's arrays-in call is what ``repair fix`` does after extraction: a class without samples
+    was fitted away silently (the returned head never predicted it: recall 0), where fix refuses."""
+    from repair.choosing import choose_heads
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(90, 8, generator=g)
+    y = torch.arange(90) % 2                    # classes 0 and 1 of a 3-class head: class 2 absent
+    W0, b0 = torch.randn(3, 8, generator=g), torch.zeros(3)
+    with pytest.raises(BadInput, match="covers 2 of the model's 3 classes"):
+        choose_heads("dfr", X, y, W0, b0)
+    with pytest.raises(BadInput, match="only one class"):
+        choose_heads("dfr", X, torch.zeros(90, dtype=torch.long), W0, b0)
+    assert choose_heads("dfr", X, torch.arange(90) % 3, W0, b0).final.W.shape == (3, 8)

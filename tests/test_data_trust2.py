@@ -113,10 +113,13 @@ def test_json_array_evaluates_from_the_cli(tmp_path, bert_folder):
     assert code == 0, (code, out, err)
 
 
-def test_model_folder_given_as_data_is_refused_by_shape(timm_folder, image_data):
-    # the folder's one table is its config.json: one object over several lines, not a table
-    line = refused("eval", image_data, "--data", timm_folder, words=("config.json", SHAPES))
-    assert "line 1 is not valid JSON" not in line
+def test_model_folder_given_as_data_is_refused_by_what_it_is(timm_folder, image_data):
+    # model and data swapped: the first argument is no model (told before any data is read), and a
+    # model folder read as data is a model folder -- not a table of one JSON object (its config.json)
+    refused("eval", image_data, "--data", timm_folder, words=(str(image_data), "not a timm hub folder"))
+    with pytest.raises(BadInput) as e:
+        load_data(timm_folder)
+    assert "is a model folder" in str(e.value) and "first argument" in str(e.value)
 
 
 @pytest.mark.parametrize("text, words", [

@@ -340,3 +340,19 @@ def test_loading_a_model_leaves_the_callers_random_stream_alone(timm_folder, ber
         before = torch.random.get_rng_state()
         load_model(folder)
         assert torch.equal(before, torch.random.get_rng_state()), folder
+
+
+def test_probe_dispersion_counts_a_tie_as_no_dispersion():
+    """Coinciding class prototypes (constant embeddings): the nearest by index made the first class
+    look compact (0%) and every other one wholly dispersed (100%); a tie disperses nothing."""
+    from repair.probing import probe
+
+    X = torch.ones(12, 4)
+    y = torch.arange(12) % 3
+    rep = probe(X, y, torch.randn(3, 4), torch.zeros(3), ["a", "b", "c"])
+    assert [c["dispersion"] for c in rep["per_class"]] == [0.0, 0.0, 0.0]
+    X2 = torch.cat([torch.zeros(4, 2), torch.ones(4, 2) * 5])
+    X2[3] = 5.0                                  # a row of class 0 sitting on class 1's prototype
+    y2 = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    rep = probe(X2, y2, torch.randn(2, 2), torch.zeros(2), ["a", "b"])
+    assert [c["dispersed"] for c in rep["per_class"]] == [1, 0]
