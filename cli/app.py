@@ -215,6 +215,13 @@ def command(fn: Callable) -> Callable:
             if _interrupted(e):          # Ctrl-C inside an import or a library that wrapped it
                 log("interrupted; nothing partial was left behind")
                 raise typer.Exit(130)
+            if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+                # the machine's limit, not our bug: what to change (torch's CUDA/CPU out-of-memory too)
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                log(one_line(f"error: out of memory ({type(e).__name__}{': ' + first if first else ''}); a smaller "
+                             "--batch-size (a model repair: batch_size in its recipe params), fewer samples, or "
+                             "another --device"))
+                raise typer.Exit(2)
             if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
                 # a path the user gave that no file system takes, wherever it was first looked up
                 log(one_line(f"error: {e.filename}: {e.strerror or 'file name too long'}"))

@@ -290,6 +290,9 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                     f"{len(y)} samples, {distinct} distinct: copies of one sample stay on one side of the split")
             raise BadInput(f"the repair set ({size}) is too small to hold out any for the figures: give "
                            "--eval data kept apart, or more samples", where)
+        # the criterion is a choice: made on the fit part alone (the split's strata are the rows' labels)
+        crit, _ = selection_basis(recipe.selection, y[fit_idx], orig_logits[fit_idx],
+                                  None if groups is None else groups[fit_idx])
     fit_dev = str(resolve_device(runtime.device))
     # can this repair set support an honest choice and honest figures? say so when it cannot
     strata_names = list(enc.group_names) if has_groups else inferred_group_names(enc.class_names)
@@ -495,10 +498,19 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         # only the head -- said so, not reported as a fine-tuned network
         for w in (final.diagnostics or {}).get("warnings") or []:     # a model repair's own (recompose's)
             _warn(ctx, log, w)
+        from .modelrepair.finetune import DIVERGED
+
+        if loop.get("stopped_by") == DIVERGED:
+            _warn(ctx, log, f"{chosen.method}'s training diverged (its loss or weights were no longer finite by step "
+                            f"{loop.get('steps')}): it went back to its best evaluated state, or its start; a lower "
+                            "lr (or clip_norm) trains")
         heads = set(adapter.head_tensor_names())
         model_change["body_changed"] = any(n not in heads for n in changed)
         model_change["best_step"] = loop.get("best_step")
-        if not model_change["body_changed"]:
+        if not changed:
+            _warn(ctx, log, f"{chosen.method} changed nothing: the output is the source model as it was (no "
+                            "training step beat the start, and its head was kept)")
+        elif not model_change["body_changed"]:
             w = (f"{chosen.method} kept the original body (the network's tensors but the head are the source's: "
                  f"no training step beat the start, or settling chose the original body); only the head changed")
             _warn(ctx, log, w)

@@ -45,8 +45,10 @@ def training_sentence(model_change: Optional[dict]) -> Optional[str]:
     mc = model_change or {}
     if not mc.get("stopped_by"):
         return None
+    unchanged = mc.get("changed_tensors") == []
     return (f"training ended by {mc['stopped_by']}" + (f" (budget {mc['budget']})" if mc.get("budget") else "")
-            + ("; the body kept is the original one: only the head changed" if mc.get("body_changed") is False
+            + ("; nothing changed: the output is the source model" if unchanged else
+               "; the body kept is the original one: only the head changed" if mc.get("body_changed") is False
                else ""))
 
 

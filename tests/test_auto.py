@@ -317,3 +317,26 @@ def test_choose_heads_refuses_a_repair_set_missing_a_class_as_fix_does():
     with pytest.raises(BadInput, match="only one class"):
         choose_heads("dfr", X, torch.zeros(90, dtype=torch.long), W0, b0)
     assert choose_heads("dfr", X, torch.arange(90) % 3, W0, b0).final.W.shape == (3, 8)
+
+
+def test_fix_resolves_the_selection_criterion_on_the_fit_part_alone(tmp_path, monkeypatch):
+    """`selection: auto` picks worst-class or worst-inferred-group by the original model's errors: a
+    choice, so made on the fit part only -- it was resolved on every row, the held-out report part
+    included (near the threshold the report part decided it, and a model repair's own Session, on the
+    fit rows, chose the other)."""
+    import repair.pipeline as P
+    from conftest import make_images, make_timm_folder
+
+    seen = []
+    real = P.selection_basis
+
+    def spy(selection, y, ref_logits, groups):
+        seen.append(int(y.numel()))
+        return real(selection, y, ref_logits, groups)
+
+    monkeypatch.setattr(P, "selection_basis", spy)
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=12)
+    res = P.fix_model(model, data, tmp_path / "o", options=P.FixOptions(recipe="dfr"), log=lambda m: None)
+    fit = res.report["splits"]["fit"] if "splits" in res.report else res.report["settings"]["splits"]["fit"]
+    assert seen[-1] == fit < 36, (seen, fit)

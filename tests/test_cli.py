@@ -127,3 +127,21 @@ def test_a_sigterm_after_the_command_is_over_leaves_its_exit_code_alone():
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == want and "Exception ignored" not in r.stderr and "Terminated" not in r.stderr, \
             (args, r.returncode, r.stderr[-800:])
+
+
+def test_running_out_of_memory_is_exit_2_saying_what_to_change(timm_folder, image_data, monkeypatch):
+    """An out-of-memory error (torch's, on CUDA or the CPU) is the machine's limit, not an internal
+    error to report: one line naming it and what to change, exit 2."""
+    import torch
+    from conftest import run_cli
+
+    import repair.pipeline as P
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(P, "choose", oom)
+    code, out, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "-q")
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: out of memory"), err
+    assert "--batch-size" in lines[0] and "internal error" not in err

@@ -105,7 +105,10 @@ def test_model_repair_settings_that_cannot_run_are_bad_input(tmp_path):
                            ("mixft", {"lora_rank": 4}), ("mixft", {"n_clusters": 3}),
                            ("mixft", {"settle_alphas": [1.0], "settle": "off"}),
                            ("mixft", {"settle_strength": "average", "settle": "interpolate"}),
-                           ("clp", {"meta_lr": 0.01, "meta": False})):
+                           ("clp", {"meta_lr": 0.01, "meta": False}),
+                           # clp's meta images and its saliency term's sample count, where they are off
+                           ("clp", {"infill": "shuffle", "meta": False}), ("clp", {"factual": False, "meta": False}),
+                           ("clp", {"counterfactual_weight": 3.0, "meta": False}), ("clp", {"saliency_batch": 4})):
         r = tmp_path / f"r-{method}.yaml"
         r.write_text(json.dumps({"candidates": [{"method": method, "params": params}]}))
         with pytest.raises(BadInput) as e:

@@ -499,3 +499,59 @@ def test_load_masks_applies_the_datas_pixel_limit(tmp_path):
     with pytest.raises(BadInput, match="or a damaged one") as e:
         load_masks(tmp_path / "m", items, data, cfg)
     assert str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("keep, evaluated, how", [("best", True, "loss"), ("last", True, "loss"), ("tail", True, "loss"),
+                                                 ("best", False, "loss"), ("best", True, "weights"),
+                                                 ("tail", True, "weights")])
+def test_a_diverging_loop_stops_and_goes_back_to_a_finite_state(keep, evaluated, how):
+    """A learning rate too high: the loss, or the weights, no longer finite. It ran on to a Cholesky
+    failure in the head refit or a NaN network (exit 3); now the loop stops ("diverged") and the
+    weights go back to the best evaluated state (keep best) or the start -- never a NaN state kept,
+    scored or averaged."""
+    p = torch.nn.Parameter(torch.ones(3))
+    scores = iter([0.2, 0.6, 0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0])
+    seen = []
+
+    def step(i, gen):
+        if i >= 3 and how == "weights":
+            with torch.no_grad():
+                p.fill_(float("nan"))
+        loss = (p - 5.0).pow(2).sum()
+        return loss * float("inf") if (i >= 3 and how == "loss") else loss
+
+    def evaluate():
+        seen.append(p.detach().clone())
+        return next(scores), 0.5
+
+    cfg = LoopConfig(lr=0.1, eval_every=1, patience=0, warmup_fraction=0.0, schedule="constant", clip_norm=0,
+                     keep=keep)
+    res = train([p], step, evaluate if evaluated else None, cfg, steps_per_epoch=1, budget=Budget(steps=8),
+                progress=False)
+    assert res.stopped_by == "diverged" and res.steps < 8
+    assert bool(torch.isfinite(p).all()) and all(bool(torch.isfinite(v).all()) for v in seen)
+    if keep == "best" and evaluated:
+        assert res.best_step == 1 and torch.equal(p.detach(), seen[1])
+    else:
+        assert torch.equal(p.detach(), torch.ones(3)) and res.best_step == 0
+
+
+def test_finetune_honours_stop_head_refit(timm_folder, repair_images, tmp_path, monkeypatch):
+    """finetune accepted `stop_head: refit`, wrote it into the provenance and scored every evaluation
+    with its own head all the same (it passed the session's plain evaluation)."""
+    from repair.modelrepair import finetune as ft
+
+    calls = []
+    real = ft.Session.evaluate_refit
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ft.Session, "evaluate_refit", spy)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\ncandidates:\n  - method: finetune\n    params: {stop_head: refit, eval_every: 1}\n")
+    res = CliRunner().invoke(app, ["fix", str(timm_folder), "--data", str(repair_images), "--recipe", str(recipe),
+                                   "--budget", "3steps", "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert len(calls) >= 2

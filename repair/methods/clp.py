@@ -117,6 +117,10 @@ CHARACTERISTICS = ("loss", "margin", "one_minus_softmax_norm", "feature_class_co
                    "class_last_epoch_loss", "class_weight_norm", "relative_loss", "relative_margin")
 
 
+#: samples of each batch the saliency term is computed on (its default)
+SALIENCY_BATCH = 8
+
+
 @dataclass
 class ClpConfig(LoopConfig, SettleSettings):
     lr: float = setting(1e-3, gt=0)
@@ -130,7 +134,7 @@ class ClpConfig(LoopConfig, SettleSettings):
     selection: str = setting("auto", choices=SELECTION_NAMES)
     meta: bool = setting(True, doc="learn the perturbation network (false: no perturbation, no meta step)")
     saliency_weight: float = setting(0.0, ge=0, doc="weight of the background input-gradient share; 0 = off")
-    saliency_batch: int = setting(8, ge=0, le=MAX_BATCH, doc="samples of each batch the saliency term is computed on; 0 = all")
+    saliency_batch: int = setting(SALIENCY_BATCH, ge=0, le=MAX_BATCH, doc="samples of each batch the saliency term is computed on; 0 = all")
     masks: str = setting("auto", choices=("auto", "given", "attribution"),
                          doc="auto: --masks when given, else the model's Grad-CAM")
     mask_quantile: float = setting(0.7, gt=0, lt=1, doc="attribution masks: the pixels above this quantile")
@@ -142,15 +146,21 @@ class ClpConfig(LoopConfig, SettleSettings):
     hidden_size: int = setting(100, ge=1, le=65536, only_if={"meta": (True,)})
     num_layers: int = setting(2, ge=1, le=64, only_if={"meta": (True,)})
     perturbation_scale: float = setting(2.0, gt=0, doc="bound on each logit offset", only_if={"meta": (True,)})
-    factual: bool = setting(True, doc="meta images: object pasted on another class's background")
-    counterfactual_weight: float = setting(1.0, ge=0, doc="weight of the 'not y' loss on object-less meta images")
-    infill: str = setting("mean", choices=("mean", "shuffle"), doc="how the object is removed")
+    factual: bool = setting(True, doc="meta images: object pasted on another class's background",
+                            only_if={"meta": (True,)})
+    counterfactual_weight: float = setting(1.0, ge=0, doc="weight of the 'not y' loss on object-less meta images",
+                                           only_if={"meta": (True,)})
+    infill: str = setting("mean", choices=("mean", "shuffle"), doc="how the object is removed",
+                          only_if={"meta": (True,)})
     settle_alphas: tuple = settle_alphas_setting(SETTLE_ALPHAS_WITH_ORIGINAL)
 
     def validate(self):
         check_scope(self.scope)
         if self.batch_size < 2:
             raise ValueError("setting 'batch_size': the perturbation network normalises over a batch; use >= 2")
+        if self.saliency_weight == 0 and self.saliency_batch != SALIENCY_BATCH:
+            raise ValueError("setting 'saliency_batch': has no effect with saliency_weight: 0 (the saliency term "
+                             "is off); leave it out or give saliency_weight")
 
 
 class PerturbationNet(nn.Module):

@@ -58,7 +58,7 @@ def finetune(inputs: ModelRepairInputs, config: FinetuneConfig) -> ModelRepairOu
         return F.cross_entropy(tm.logits(x), sess.y[idx].to(dev))
 
     with tm.training(names, freeze_bn=cfg.freeze_bn) as params:
-        res = train(params, step, sess.evaluate, cfg, steps_per_epoch=sess.steps_per_epoch(cfg.batch_size),
+        res = train(params, step, sess.evaluator(cfg), cfg, steps_per_epoch=sess.steps_per_epoch(cfg.batch_size),
                     budget=inputs.budget, seed=inputs.seed, device=dev, progress=inputs.progress,
                     desc="finetune", buffers=tm.running_stats(cfg.freeze_bn), criterion=sess.criterion)
     changed = tm.changed(before)

@@ -44,7 +44,10 @@ TRAIN = Resource("train", kind="data", help="Model repairs: extra training data.
 DEFAULT_BUDGET_SECONDS = 600.0
 
 #: what ended a training run (:attr:`LoopResult.stopped_by`)
-STOPPED_BY = ("budget:time", "budget:steps", "budget:epochs", "early stopping", "epochs")
+STOPPED_BY = ("budget:time", "budget:steps", "budget:epochs", "early stopping", "epochs", "diverged")
+#: a loss or weights that are no longer finite (a learning rate too high): training stops, and the
+#: network goes back to its best evaluated state (keep best) or its start; never kept nor measured
+DIVERGED = "diverged"
 
 
 @dataclass(frozen=True)
@@ -498,6 +501,13 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
     def snapshot() -> list:
         return [p.detach().clone() for p in (*params, *buffers)]
 
+    def finite() -> bool:                      # every trained weight (at an evaluation: not per step)
+        return all(bool(torch.isfinite(p).all()) for p in params if p.is_floating_point())
+
+    # what a diverged run goes back to when no evaluated state is kept (keep last / tail, no held-out)
+    start_state = snapshot() if (keep != "best" or evaluate is None) else None
+    diverged_at: Optional[int] = None
+
     def means() -> dict:
         return {"loss": loss_sum / max(1, loss_n), **{k: v / max(1, loss_n) for k, v in extra_sum.items()}}
 
@@ -519,7 +529,10 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
         tail_steps.append(i)
 
     def check() -> bool:
-        nonlocal best, best_state, best_step, stale
+        nonlocal best, best_state, best_step, stale, diverged_at
+        if not finite():                       # never averaged, scored or kept
+            diverged_at = i
+            return True
         if keep == "tail" and i > tail_from:
             add_to_tail()
         if evaluate is None:
@@ -548,6 +561,9 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
                         if k != "loss":
                             extra_sum[k] = extra_sum.get(k, 0.0) + float(v)
                     loss = loss["loss"]
+                if not bool(torch.isfinite(loss.detach()).all()):
+                    diverged_at = i
+                    break
                 opt.zero_grad(set_to_none=True)
                 loss.float().backward()
                 if cfg.clip_norm > 0:
@@ -562,7 +578,7 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
                 timed_out = budget.seconds is not None and time.perf_counter() - t0 >= budget.seconds
                 if i % eval_every == 0 or i == total or timed_out:
                     # at the last step training ends anyway: what ended it is the budget, not patience
-                    if check() and i < total:
+                    if check() and (i < total or diverged_at is not None):
                         stopped = "early stopping"
                         break
                     loss_sum, loss_n = 0.0, 0
@@ -573,6 +589,19 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
     finally:
         bar.close()
     keep_best = keep == "best"
+    if diverged_at is not None:                        # back to the best evaluated state, or the start
+        stopped = DIVERGED
+        back = best_state if (keep_best and best_state is not None) else start_state
+        with torch.no_grad():
+            for p, v in zip((*params, *buffers), back):
+                p.copy_(v)
+        if back is start_state:
+            best_step, tail_sum = 0, None
+            best = None if evaluate is None else tuple(float(v) for v in evaluate())
+        return LoopResult(steps=i, best_step=best_step, best_score=None if best is None else best[0],
+                          best_accuracy=None if best is None else best[1], seconds=time.perf_counter() - t0,
+                          stopped_by=stopped, history=history, budget={**budget.describe(), "default": default_budget},
+                          averaged=None)
     if best_state is not None and keep_best:
         with torch.no_grad():
             for p, v in zip((*params, *buffers), best_state):
