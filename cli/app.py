@@ -217,6 +217,8 @@ def command(fn: Callable) -> Callable:
                 raise typer.Exit(130)
             if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
                 # the machine's limit, not our bug: what to change (torch's CUDA/CPU out-of-memory too)
+                if STATE["debug"]:
+                    traceback.print_exc()
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 log(one_line(f"error: out of memory ({type(e).__name__}{': ' + first if first else ''}); a smaller "
                              "--batch-size (a model repair: batch_size in its recipe params), fewer samples, or "

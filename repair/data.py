@@ -837,13 +837,15 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
             raise BadInput("expected a folder, or a .csv/.tsv/.jsonl/.json file", path)
         data = _from_table(path, path.parent, o)
     else:
-        weights = [f for f in ("model.safetensors", "pytorch_model.bin", "model.onnx") if (path / f).is_file()]
-        if weights and (path / "config.json").is_file():        # the model given where the data goes
-            raise BadInput(f"is a model folder (config.json, {weights[0]}), not data: the model is the command's "
-                           "first argument, the repair data --data", path)
         # the folder's table, by name in any case (Metadata.csv); two of them: which one is meant?
         tables = sorted(p for p in path.iterdir() if p.name.lower() in METADATA_NAMES and not p.is_dir()
                         and _is_table_file(p))
+        if not tables:                 # no data table: a checkpoint folder given where the data goes?
+            from .adapters import family_for
+
+            if family_for(path.absolute()) is not None:
+                raise BadInput("is a model folder (a checkpoint's config.json), not data: the model is the "
+                               "command's first argument, the repair data --data", path)
         if len(tables) > 1:
             raise BadInput(f"the data folder holds {len(tables)} metadata tables ({', '.join(t.name for t in tables)}); "
                            f"name the one to read, e.g. --data {tables[0]}", path)

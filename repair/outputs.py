@@ -304,14 +304,23 @@ def _export(adapter, fmt, out, loaded, model_path, max_verify, tolerance, device
         if rep is not None:
             rep["path"] = None
         raise
-    if adapter.modality == "text" and log is not None:
-        from .adapters.text import has_tokenizer_files
-
-        if not has_tokenizer_files(Path(out).parent):   # the graph takes token ids: it reads no text alone
-            log(f"notice: {out} takes token ids: to read texts with it (repair eval, a zoo, a deployment), put the "
-                f"model's tokenizer files beside it ({', '.join(_tokenizer_names(adapter))}); repair fix "
-                "--export onnx writes model.onnx into the repaired folder, beside them")
+    notice = tokenizer_notice(adapter, Path(out))
+    if notice and log is not None:
+        log(notice)
     return rep
+
+
+def tokenizer_notice(adapter, onnx_path: Path) -> Optional[str]:
+    """The notice for a text model's ONNX written where no tokenizer files are (the graph takes token
+    ids: repair eval, a zoo or a deployment cannot read texts with it), naming the files to copy
+    beside it; None for an image model or when they are there (``repair export``, ``fix --export``)."""
+    from .adapters.text import has_tokenizer_files
+
+    if adapter.modality != "text" or has_tokenizer_files(Path(onnx_path).parent):
+        return None
+    return (f"notice: {onnx_path} takes token ids: to read texts with it (repair eval, a zoo, a deployment), put "
+            f"the model's tokenizer files beside it ({', '.join(_tokenizer_names(adapter))}); repair fix --export "
+            "onnx of a model folder writes model.onnx into the repaired folder, beside them")
 
 
 def _tokenizer_names(adapter) -> list[str]:

@@ -501,9 +501,11 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         from .modelrepair.finetune import DIVERGED
 
         if loop.get("stopped_by") == DIVERGED:
-            _warn(ctx, log, f"{chosen.method}'s training diverged (its loss or weights were no longer finite by step "
-                            f"{loop.get('steps')}): it went back to its best evaluated state, or its start; a lower "
-                            "lr (or clip_norm) trains")
+            members = (loop.get("budget") or {}).get("member_stopped_by")
+            which = (f"member(s) {', '.join(str(k) for k, m in enumerate(members) if m == DIVERGED)} of "
+                     if members else "")
+            _warn(ctx, log, f"{which}{chosen.method}'s training diverged (a loss or weights no longer finite): it "
+                            "went back to its best evaluated state, or its start; a lower lr (or clip_norm) trains")
         heads = set(adapter.head_tensor_names())
         model_change["body_changed"] = any(n not in heads for n in changed)
         model_change["best_step"] = loop.get("best_step")
@@ -587,6 +589,13 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                         "fit_seconds": round(ctx.wall_seconds, 4),          # choosing and fitting, wall clock
                         "fit_seconds_summed": round(ctx.seconds, 4)}       # every fit's own time, added up
     result.update(_written(mo.write()))
+    onnx_at = (result.get("export") or {}).get("path") if o.export == "onnx" else None
+    if onnx_at:                          # a text model's ONNX beside a weights file: no tokenizer there
+        from .outputs import tokenizer_notice
+
+        notice = tokenizer_notice(adapter, Path(onnx_at))
+        if notice:
+            log(notice)
     adapter.adopt_provenance(meta)       # the model in memory is the one written: an export of it says so
     result["timing"]["total_seconds"] = round(time.perf_counter() - t_start, 4)
     return result

@@ -122,6 +122,20 @@ def test_model_folder_given_as_data_is_refused_by_what_it_is(timm_folder, image_
     assert "is a model folder" in str(e.value) and "first argument" in str(e.value)
 
 
+def test_a_data_folder_holding_its_onnx_model_and_config_is_read_as_data(tmp_path):
+    """The model beside its data (a model.onnx, its config.json of class names) in one folder with a
+    metadata.csv: data, as ever -- only a folder a model family reads, with no table of its own, is
+    refused as a model given for data."""
+    import json
+
+    from conftest import make_images
+
+    d = make_images(tmp_path / "proj", n_per_class=3)
+    (d / "model.onnx").write_bytes(b"an ONNX model")
+    (d / "config.json").write_text(json.dumps({"id2label": {"0": "cat", "1": "dog", "2": "fox"}}))
+    assert len(load_data(d).items) == 9
+
+
 @pytest.mark.parametrize("text, words", [
     ('[{"text": "a", "label": "x"}, 3]', ("item 2 is not a JSON object", SHAPES)),
     ('[{"text": "a", "label": "x"},', ("not valid JSON", "line 1 column", SHAPES)),

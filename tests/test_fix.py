@@ -232,3 +232,17 @@ def test_fix_export_verifies_at_most_max_verify_samples_picked_as_export_picks_t
     assert code == 0 and json.loads(stdout)["export"]["n_verified"] == min(n, DEFAULT_MAX_VERIFY), err
     code, _, err = run_cli("fix", timm_folder, "--data", repair_images, "--max-verify", "5", "--out", tmp_path / "c")
     assert code == 2 and "--export onnx" in err and not (tmp_path / "c").exists()
+
+
+def test_fix_export_of_a_text_weights_file_says_the_onnx_needs_its_tokenizer(bert_folder, repair_texts, tmp_path):
+    """fix of a transformers weights file writes a bare .safetensors and its ONNX beside it, where no
+    tokenizer is: the same notice as repair export (the README said the ONNX always sits beside it)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_cli("fix", bert_folder / "model.safetensors", "--data", repair_texts, "--recipe", "dfr",
+                           "--out", out / "fixed.safetensors", "--export", "onnx", "--max-verify", "8", "-q")
+    assert code == 0, err
+    assert (out / "fixed.onnx").exists() and "tokenizer files beside it" in err
+    code, _, err = run_cli("fix", bert_folder, "--data", repair_texts, "--recipe", "dfr", "--out", tmp_path / "f",
+                           "--export", "onnx", "--max-verify", "8", "-q")
+    assert code == 0 and "tokenizer files beside it" not in err, err

@@ -530,10 +530,29 @@ def test_a_diverging_loop_stops_and_goes_back_to_a_finite_state(keep, evaluated,
                 progress=False)
     assert res.stopped_by == "diverged" and res.steps < 8
     assert bool(torch.isfinite(p).all()) and all(bool(torch.isfinite(v).all()) for v in seen)
-    if keep == "best" and evaluated:
+    if evaluated:                               # the best evaluated state, whatever keep says
         assert res.best_step == 1 and torch.equal(p.detach(), seen[1])
     else:
         assert torch.equal(p.detach(), torch.ones(3)) and res.best_step == 0
+
+
+def test_a_diverged_member_is_said_for_the_soup_and_a_non_finite_start_is_refused():
+    """A soup's (or cross-fitting's) result said what stopped its last member only: a member that
+    diverged went unsaid (no warning). And weights not finite before any step leave nothing to go back
+    to: a clear error, not a TypeError."""
+    from repair.modelrepair.finetune import _members_result
+
+    def run(stop):
+        return type("R", (), {"steps": 3, "best_step": 1, "best_score": 0.5, "stopped_by": stop, "history": [],
+                              "averaged": None, "early_stop": None})()
+
+    res = _members_result([run("diverged"), run("epochs")], None, 1.0, {})
+    assert res.stopped_by == "diverged" and res.budget["member_stopped_by"] == ["diverged", "epochs"]
+    p = torch.nn.Parameter(torch.tensor([float("nan"), 1.0]))
+    cfg = LoopConfig(lr=0.1, eval_every=1, patience=0, warmup_fraction=0.0, schedule="constant", clip_norm=0)
+    with pytest.raises(BadInput, match="not finite before any training step"):
+        train([p], lambda i, g: (p - 1).pow(2).sum(), lambda: (0.5, 0.5), cfg, steps_per_epoch=1,
+              budget=Budget(steps=3), progress=False)
 
 
 def test_finetune_honours_stop_head_refit(timm_folder, repair_images, tmp_path, monkeypatch):

@@ -395,7 +395,9 @@ def _members_result(runs: list, score: Optional[tuple], seconds: float, budget: 
     return LoopResult(steps=sum(r.steps for r in runs), best_step=runs[-1].best_step,
                       best_score=None if score is None else float(score[0]),
                       best_accuracy=None if score is None else float(score[1]),
-                      seconds=seconds, stopped_by=runs[-1].stopped_by,
+                      # a member that diverged is said for the whole (it went back to a state of its own)
+                      seconds=seconds, stopped_by=(DIVERGED if any(r.stopped_by == DIVERGED for r in runs)
+                                                   else runs[-1].stopped_by),
                       history=[{"member": m, **h} for m, r in enumerate(runs) for h in r.history],
                       budget={**budget, "members": len(runs),
                               "member_scores": [r.best_score for r in runs],
@@ -504,8 +506,8 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
     def finite() -> bool:                      # every trained weight (at an evaluation: not per step)
         return all(bool(torch.isfinite(p).all()) for p in params if p.is_floating_point())
 
-    # what a diverged run goes back to when no evaluated state is kept (keep last / tail, no held-out)
-    start_state = snapshot() if (keep != "best" or evaluate is None) else None
+    # what a diverged run goes back to when nothing was evaluated (no held-out part): its start
+    start_state = snapshot() if evaluate is None else None
     diverged_at: Optional[int] = None
 
     def means() -> dict:
@@ -591,7 +593,10 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
     keep_best = keep == "best"
     if diverged_at is not None:                        # back to the best evaluated state, or the start
         stopped = DIVERGED
-        back = best_state if (keep_best and best_state is not None) else start_state
+        back = best_state if best_state is not None else start_state
+        if back is None:
+            raise BadInput("the network's trained weights are not finite before any training step: there is no "
+                           "state to go back to")
         with torch.no_grad():
             for p, v in zip((*params, *buffers), back):
                 p.copy_(v)
