@@ -36,6 +36,9 @@ class FinetuneConfig(LoopConfig):
 
     def validate(self):
         check_scope(self.scope)
+        if self.stop_head == "refit":
+            raise ValueError("setting 'stop_head': refit scores each state with the head settling refits, and "
+                             "finetune does not settle (it ships the network's own head): leave it out")
 
 
 @register_model_repair("finetune", summary="plain fine-tuning of the last blocks on group-balanced batches "
@@ -58,7 +61,7 @@ def finetune(inputs: ModelRepairInputs, config: FinetuneConfig) -> ModelRepairOu
         return F.cross_entropy(tm.logits(x), sess.y[idx].to(dev))
 
     with tm.training(names, freeze_bn=cfg.freeze_bn) as params:
-        res = train(params, step, sess.evaluator(cfg), cfg, steps_per_epoch=sess.steps_per_epoch(cfg.batch_size),
+        res = train(params, step, sess.evaluate, cfg, steps_per_epoch=sess.steps_per_epoch(cfg.batch_size),
                     budget=inputs.budget, seed=inputs.seed, device=dev, progress=inputs.progress,
                     desc="finetune", buffers=tm.running_stats(cfg.freeze_bn), criterion=sess.criterion)
     changed = tm.changed(before)
