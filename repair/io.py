@@ -670,9 +670,7 @@ class OutputSet:
                     os.replace(final, replaced)
                 try:
                     rename_noreplace(target, final)   # never onto what another run put there meanwhile
-                except FileExistsError:
-                    if replaced is not None:
-                        os.replace(replaced, final)
+                except FileExistsError:           # what appeared stays (with --force, the old one goes)
                     raise BadInput(_APPEARED, final) from None
                 except BaseException:
                     if replaced is not None:

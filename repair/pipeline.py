@@ -567,7 +567,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         ref = None
         if final.kind == "head":      # the head as written (a float16 checkpoint rounds it)
             Wh, bh = adapter.head_params()
-            ref = (X @ Wh.T + bh)[torch.as_tensor(idx, dtype=torch.long)]
+            ref = X[torch.as_tensor(idx, dtype=torch.long)] @ Wh.T + bh
         onnx = OnnxExport(paths.get("--export onnx"), [data.items[i] for i in idx], tolerance=o.tolerance,
                           reference_logits=ref)
     keep = final.artifacts is not None and Path(final.artifacts).exists()

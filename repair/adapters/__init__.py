@@ -75,16 +75,18 @@ def names_by_index(mapping: dict, n: int, what: str, where=None, *, gaps: bool =
     and ``where`` when a key is no index of the head or, unless ``gaps`` (timm: "a dict id: name if
     there are id gaps"), an index has no name. A missing name is ``""`` (shown as the class index by
     :func:`checked_class_names`). The one reading of such a mapping."""
+    shown = ", ".join(map(str, list(mapping)[:6])) + (", ..." if len(mapping) > 6 else "")
+    refused = BadInput(f"{what}'s keys ({shown}) are not the head's {n} class indices (0 to {n - 1})", where)
     out: list = [""] * n
+    named: set = set()
     for k, v in mapping.items():
         i = int(str(k)) if str(k).isascii() and str(k).isdigit() and len(str(k)) < 19 else None
         if i is None or i >= n:
-            shown = ", ".join(map(str, list(mapping)[:6])) + (", ..." if len(mapping) > 6 else "")
-            raise BadInput(f"{what}'s keys ({shown}) are not the head's {n} class indices (0 to {n - 1})", where)
+            raise refused
         out[i] = v
-    if not gaps and len({str(int(str(k))) for k in mapping}) != n:
-        shown = ", ".join(map(str, list(mapping)[:6])) + (", ..." if len(mapping) > 6 else "")
-        raise BadInput(f"{what}'s keys ({shown}) are not the head's {n} class indices (0 to {n - 1})", where)
+        named.add(i)
+    if not gaps and len(named) != n:
+        raise refused
     return out
 
 

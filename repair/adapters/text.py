@@ -243,7 +243,6 @@ def _stderr_held():
     Python's ``sys.stderr``. Yields a list: put True in it to drop what was held."""
     import sys
     import tempfile
-
     import threading
 
     drop: list = []

@@ -46,7 +46,8 @@ DEFAULT_BUDGET_SECONDS = 600.0
 #: what ended a training run (:attr:`LoopResult.stopped_by`)
 STOPPED_BY = ("budget:time", "budget:steps", "budget:epochs", "early stopping", "epochs", "diverged")
 #: a loss or weights that are no longer finite (a learning rate too high): training stops, and the
-#: network goes back to its best evaluated state (keep best) or its start; never kept nor measured
+#: network goes back to its best evaluated state (whatever ``keep`` says), or its start when nothing
+#: was evaluated; a non-finite state is never kept, scored nor averaged
 DIVERGED = "diverged"
 
 
