@@ -305,11 +305,12 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         if conflicts:
             warnings.append(f"the repair set: {conflicts}, and is fitted on")
     if len(recipe.candidates) > 1 or "model" in recipe.kinds:
-        warnings += support_warnings(strata[fit_idx], strata_names, minimum=MIN_FOR_CHOICE,
+        warnings += support_warnings(strata[fit_idx], strata_names, minimum=MIN_FOR_CHOICE, clusters=clusters[fit_idx],
                                      what="choosing between candidates" if len(recipe.candidates) > 1
                                      else "choosing when to stop training")
     if report_idx is not None:           # groups, or without labels the inferred groups
         warnings += support_warnings(strata[report_idx], strata_names, minimum=MIN_FOR_REPORT, among=strata,
+                                     clusters=clusters[report_idx],
                                      what="the reported figures (held-out part of the repair set)")
     for w in warnings:
         log(f"warning: {w}")
@@ -446,6 +447,11 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         mark_duplicates(after, r_data, rg, e_emb.inputs)
         if dup_note:
             _warn(ctx, log, f"--eval: {dup_note}")
+    elif dup_stats["n_duplicates"]:  # the held-out part's copies: counted once in its groups' n_distinct (the
+        held_inputs = getattr(emb, "inputs", None)       # warnings were given when the part was drawn)
+        held_inputs = None if held_inputs is None else held_inputs[report_idx]
+        for fig in (before, after):
+            mark_duplicates(fig, r_data, rg, held_inputs)
     if rg is not None:
         before["absent_groups"] = after["absent_groups"] = absent
     empty = [c["name"] for c in before.get("per_class") or [] if not c.get("n")]

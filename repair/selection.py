@@ -719,18 +719,23 @@ MIN_FOR_REPORT = 10
 
 
 def support_warnings(strata: Tensor, names: Sequence[str], *, what: str, minimum: int,
-                     among: Optional[Tensor] = None) -> list[str]:
+                     among: Optional[Tensor] = None, clusters: Optional[Tensor] = None) -> list[str]:
     """One plain sentence per stratum with fewer than ``minimum`` samples: its accuracy -- and so a
     worst-stratum score -- is then too noisy to rest a choice or a figure on. The standard error
     of an accuracy near 70% measured on n samples is about 46/sqrt(n) points. ``among`` (the strata
     of the whole set ``strata`` was drawn from): a stratum it has that ``strata`` lacks gets a sentence
-    too (no figure speaks for it)."""
+    too (no figure speaks for it). ``clusters`` (one id per row of ``strata``, identical samples sharing
+    one): copies of one sample count once, as :func:`figure_warnings` counts them."""
     out = []
-    counts = torch.bincount(strata.long().cpu(), minlength=len(names))
+    strata = strata.long().cpu()
+    counts = torch.bincount(strata, minlength=len(names))
     whole = None if among is None else torch.bincount(among.long().cpu(), minlength=len(names)).tolist()
     for i, n in enumerate(counts.tolist()):
+        distinct = None if clusters is None or n == 0 else int(clusters.cpu()[strata == i].unique().numel())
         if n == 0 and whole is not None and whole[i] > 0:
             out.append(_absent(what, names[i]))
+        elif distinct is not None and distinct < min(n, minimum):
+            out.append(_too_few_distinct(what, names[i], distinct, n, minimum))
         elif 0 < n < minimum:
             out.append(_too_few(what, names[i], n, minimum))
     return out
@@ -746,6 +751,11 @@ def _too_few(what: str, name: str, n: int, minimum: int) -> str:
             f"+-{se:.0f} points, so {'the choice' if 'choos' in what else 'the figure'} can be wrong")
 
 
+def _too_few_distinct(what: str, name: str, distinct: int, n: int, minimum: int) -> str:
+    return _too_few(what, name, distinct, minimum).replace(
+        f"has only {distinct} samples", f"has only {distinct} distinct samples ({n} rows)")
+
+
 def figure_warnings(figures: dict, *, what: str, minimum: int = MIN_FOR_REPORT) -> list[str]:
     """:func:`support_warnings` for figures already measured (a :func:`repair.metrics.evaluate` result,
     with ``absent_groups`` where the caller knows them): a group with fewer than ``minimum`` samples,
@@ -758,8 +768,7 @@ def figure_warnings(figures: dict, *, what: str, minimum: int = MIN_FOR_REPORT) 
         n = int(g.get("n") or 0)
         distinct = g.get("n_distinct")              # copies of one sample count once (repair.api.mark_duplicates)
         if distinct is not None and 0 < int(distinct) < min(n, minimum):
-            out.append(_too_few(what, g["name"], int(distinct), minimum).replace(
-                f"has only {int(distinct)} samples", f"has only {int(distinct)} distinct samples ({n} rows)"))
+            out.append(_too_few_distinct(what, g["name"], int(distinct), n, minimum))
         elif 0 < n < minimum:
             out.append(_too_few(what, g["name"], n, minimum))
         elif n == 0 and given is not None:

@@ -1034,3 +1034,26 @@ def test_pixel_digests_are_cached_beside_the_embeddings(tmp_path, monkeypatch, c
     Image.new("RGB", (36, 36), (1, 2, 3)).save(one)                      # a changed file: another entry
     again = pixel_digests(load_data(data), cache)
     assert again[0] != first[0] and again[1:] == first[1:] and len(list(cache.glob("pixels-*.json"))) == 2
+
+
+def test_the_held_out_part_counts_copies_once_for_the_small_group_warning(tmp_path, timm_folder):
+    """Found by an audit: without --eval, fix checked the held-out part's groups by rows only; copies
+    stay together in the split, so a group whose held-out rows were 10 copies of one image got no
+    warning (eval and --eval warned). The held-out figures now count each group's distinct samples."""
+    data = make_images(tmp_path / "d", n_per_class=40)
+    with open(data / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    one = [r for r in rows if (r["y"], r["place"]) == (rows[0]["y"], rows[0]["place"])]
+    keep = [r for r in rows if r not in one] + [r for r in one[:4] for _ in range(10)]  # 4 images x 10 rows
+    with open(data / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(keep)
+    code, out, err = run_cli("fix", timm_folder, "--data", data, "--group-by", "place", "--recipe", "dfr",
+                             "--out", tmp_path / "o", "--json")
+    rep = json.loads(out)
+    assert code == 0, err
+    name = f"{rows[0]['y']}|place={rows[0]['place']}"
+    held = next(g for g in rep["after"]["per_group"] if g["name"] == name)
+    assert held["n"] >= 10 and held["n_distinct"] < 10 and held["n_distinct"] < held["n"], held
+    assert f"group {name} has only {held['n_distinct']} distinct samples ({held['n']} rows)" in err, err
