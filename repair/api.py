@@ -81,19 +81,19 @@ def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
 def _model_keys(adapter: Adapter, data: RepairData, other: RepairData, runtime=None):
     """(keys of ``data``'s samples, keys of ``other``'s, how they were found the same): equal keys for
     two samples the model reads as one -- a text that differs only in case or spacing the tokenizer
-    drops (:meth:`Adapter.input_keys`), an image with the same pixels in another file format or
-    encoding (:func:`repair.data.same_pixel_keys`; the images' digests kept in ``runtime``'s cache
-    when it is on); None where nothing is known beyond the bytes."""
+    drops (:meth:`Adapter.input_keys`), an image the model is fed identically (the same picture in
+    another file format or encoding, or saved at another size the model's resize reads the same:
+    :func:`repair.embeddings.image_input_keys`, the rule the repair set's own splits apply; kept in
+    ``runtime``'s cache when it is on); None where nothing is known beyond the bytes."""
     if not len(other) or not len(data):
         return None
     if data.modality == "image" and other.modality == "image":
-        from .data import same_pixel_keys
-        from .embeddings import pixel_digests
+        from .embeddings import image_input_keys
 
-        cached = None
-        if runtime is not None and runtime.use_cache:
-            cached = lambda d: pixel_digests(d, runtime.cache_dir)       # noqa: E731
-        return (*same_pixel_keys(data, other, cached), ", pixel for pixel (the same images in other files)")
+        cached = dict(use_cache=False) if runtime is None else dict(cache_dir=runtime.cache_dir,
+                                                                      use_cache=runtime.use_cache)
+        return (image_input_keys(adapter, data, **cached), image_input_keys(adapter, other, **cached),
+                ", as the model reads them (the same images in other files)")
     mine, theirs = adapter.input_keys(data.items), adapter.input_keys(other.items)
     return None if mine is None or theirs is None else (mine, theirs, ", as the model reads them")
 

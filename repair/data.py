@@ -365,38 +365,6 @@ def image_size(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
             im.close()
 
 
-def pixel_digest(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
-    """sha256 of an image as the model is fed it: its size and its 8-bit RGB pixels (:func:`read_image`).
-    The same picture saved in another format, with other metadata or another compression has other
-    bytes and the same digest."""
-    im = read_image(path, max_pixels)
-    try:
-        return hashlib.sha256(f"{im.width}x{im.height}\0".encode() + im.tobytes()).hexdigest()
-    finally:
-        im.close()
-
-
-def same_pixel_keys(a: "RepairData", b: "RepairData",
-                    digests: Optional[Callable[["RepairData"], list]] = None) -> tuple[list, list]:
-    """Keys of the images of ``a`` and of ``b``, equal for two images exactly when they decode to the
-    same pixels (:func:`pixel_digest`): what a byte-level comparison misses (a PNG saved again as a
-    BMP). The one home of that rule (``repair fix --eval``, ``repair eval --exclude``, ``--train``,
-    through :func:`repair.api.read_as_same`). ``digests``: every image's :func:`pixel_digest` of a
-    data set, from a cache (:func:`repair.embeddings.pixel_digests`); without it only the images whose
-    size the other data also has are decoded (a header read tells the size), the others get a key no
-    image shares."""
-    if digests is not None:
-        return list(digests(a)), list(digests(b))
-    sizes = {side: [image_size(p, d.max_pixels) for p in d.items] for side, d in (("a", a), ("b", b))}
-    common = set(sizes["a"]) & set(sizes["b"])
-
-    def keys(side: str, d: "RepairData") -> list:
-        return [pixel_digest(p, d.max_pixels) if z in common else (side, i)
-                for i, (p, z) in enumerate(zip(d.items, sizes[side]))]
-
-    return keys("a", a), keys("b", b)
-
-
 def _scale_to_8bit(a, mode: str, path: Path):
     """A high-bit-depth single-channel image as uint8, scaled, never clipped: 16-bit modes
     (``I;16*``) by their bit depth (v * 255 / 65535); ``I`` (32-bit integers) as 8-bit values when

@@ -173,23 +173,40 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     return Embeddings(X, key, False, time.perf_counter() - t0, str(dev), inputs)
 
 
-PIXELS_FORMAT = 2                 # 2: the entry carries the sha256 of its digests
+INPUTS_FORMAT = 1                 # an image set's model-input digests (``inputs-<key>.json``)
 
 
-def pixel_digests(data: RepairData, cache_dir: Optional[Path] = None) -> list[str]:
-    """Every image's :func:`repair.data.pixel_digest`, in order, kept in the cache beside the
-    embeddings (``pixels-<key>.json``, keyed as an embedding entry is by the data's fingerprint: a
-    changed file is another entry), so a warm ``fix --eval`` or ``eval --exclude`` decodes no image.
-    An entry that does not read back as ``len(data)`` sha256 digests whose own sha256 it carries
-    is recomputed, with a notice when it was there but damaged (a flipped digit would name other
+def _image_input_keys(adapter: Adapter, data: RepairData, batch_size: int = 64) -> list[str]:
+    """Every image's model input, hashed as :attr:`Embeddings.inputs` hashes it (hex)."""
+    adapter.max_pixels = data.max_pixels          # the limit the data was read with, as extract sets it
+    out = []
+    for start in range(0, len(data), batch_size):
+        batch = adapter.collate(list(data.items[start:start + batch_size]))
+        out += [bytes(row.tolist()).hex() for row in input_digests(batch)]
+    return out
+
+
+def image_input_keys(adapter: Adapter, data: RepairData, cache_dir: Optional[Path] = None,
+                     use_cache: bool = True) -> list[str]:
+    """Every image of ``data`` as ``adapter``'s model is fed it (its preprocessed input), hashed as
+    :attr:`Embeddings.inputs` hashes it, in order: the one rule of "the same image" within a repair
+    set (its splits) and between data sets (``fix --eval``, ``eval --exclude``, ``--train``,
+    :func:`repair.api.read_as_same`). The same picture in another format, with other metadata or
+    saved at another size the model's resize reads identically has other bytes and the same key.
+    Kept in the cache beside the embeddings (``inputs-<key>.json``, keyed by the data's fingerprint
+    and the model's preprocessing: a changed file is another entry), so a warm run decodes no image.
+    An entry that does not read back as ``len(data)`` digests whose own sha256 it carries is
+    recomputed, with a notice when it was there but damaged (a flipped digit would name other
     images, and ``--eval`` would leave out other samples); one that cannot be written is a
-    warning-free miss (the digests are returned all the same)."""
-    from .data import pixel_digest
-
+    warning-free miss (the keys are returned all the same)."""
+    if not use_cache:
+        return _image_input_keys(adapter, data)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = hashlib.sha256(json.dumps({"format": PIXELS_FORMAT, "data": data.fingerprint(),
-                                     "max_pixels": int(data.max_pixels)}, sort_keys=True).encode()).hexdigest()[:40]
-    path = cache_dir / f"pixels-{key}.json"
+    key = hashlib.sha256(json.dumps({"format": INPUTS_FORMAT, "data": data.fingerprint(),
+                                     "preprocess": adapter.preprocess_id(), "family": adapter.family,
+                                     "max_pixels": int(data.max_pixels)},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:40]
+    path = cache_dir / f"inputs-{key}.json"
 
     def seal(digests: list) -> str:
         return hashlib.sha256("\n".join(digests).encode()).hexdigest()
@@ -201,19 +218,19 @@ def pixel_digests(data: RepairData, cache_dir: Optional[Path] = None) -> list[st
             doc = json.loads(path.read_text(encoding="utf-8"))
             got = doc.get("digests") if isinstance(doc, dict) and doc.get("key") == key else None
             if (isinstance(got, list) and len(got) == len(data)
-                    and all(isinstance(x, str) and len(x) == 64 and set(x) <= set("0123456789abcdef") for x in got)
+                    and all(isinstance(x, str) and len(x) == 32 and set(x) <= set("0123456789abcdef") for x in got)
                     and doc.get("sha256") == seal(got)):
                 return got
     except (OSError, ValueError):
         pass
     if damaged:           # always shown (also with -q), as a damaged embedding entry is
-        print(f"notice: pixel-digest cache entry {path} was corrupt; recomputed", file=sys.stderr)
-    got = [pixel_digest(p, data.max_pixels) for p in data.items]
+        print(f"notice: input-digest cache entry {path} was corrupt; recomputed", file=sys.stderr)
+    got = _image_input_keys(adapter, data)
     tmp = None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         sweep_cache_temps(cache_dir)
-        fd, tmp = tempfile.mkstemp(prefix=".pix-", suffix=".tmp", dir=cache_dir)
+        fd, tmp = tempfile.mkstemp(prefix=".inp-", suffix=".tmp", dir=cache_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"key": key, "digests": got, "sha256": seal(got)}, f)
         os.replace(tmp, path)
@@ -284,7 +301,7 @@ def _read_cache(path: Path, key: str, n: int, with_inputs: bool = False
 
 
 #: the temporary files a cache write makes beside its entry (renamed into place when whole)
-CACHE_TEMP_PREFIXES = (".emb-", ".pix-")
+CACHE_TEMP_PREFIXES = (".emb-", ".pix-", ".inp-")
 
 
 def sweep_cache_temps(cache_dir: Path, older_than: float = 3600.0) -> None:

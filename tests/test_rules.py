@@ -892,10 +892,10 @@ def test_evaluation_images_with_the_repair_images_pixels_are_left_out(tmp_path, 
     assert not {digest(p) for p in copies.rglob("*.bmp")} & {digest(p) for p in repair.rglob("*.png")}
     code, _, err = run_cli("fix", timm_folder, "--data", repair, "--recipe", "dfr", "--eval", copies,
                            "--out", tmp_path / "o1", "-q")
-    assert code == 2 and "pixel for pixel" in err and err.count("\n") == 1, err
+    assert code == 2 and "as the model reads them" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o1").exists()
     code, _, err = run_cli("eval", timm_folder, "--data", copies, "--exclude", repair, "-q")
-    assert code == 2 and "pixel for pixel" in err, err
+    assert code == 2 and "as the model reads them" in err, err
     # fresh images of another size (not decoded: no repair image has it) and five re-encoded repair images
     mixed = make_images(tmp_path / "m", n_per_class=3, seed=7, size=40)
     with open(mixed / "metadata.csv") as f:
@@ -996,29 +996,33 @@ def test_a_repair_text_the_tokenizer_reads_as_another_is_one_sample_to_the_split
     assert code == 0 and json.loads(out)["duplicates"]["n_unique"] <= len(rows), err
 
 
-def test_pixel_digests_are_cached_beside_the_embeddings(tmp_path, monkeypatch, capsys):
-    """A warm `fix --eval` / `eval --exclude` of image data decodes no image: every image's pixel
-    digest is kept in the cache, keyed by the data's fingerprint (a changed file is another entry);
-    an entry that does not read back whole is recomputed."""
-    import repair.data as rdata
-    from repair.data import load_data, pixel_digest
-    from repair.embeddings import pixel_digests
+def test_image_input_keys_are_cached_beside_the_embeddings(tmp_path, timm_folder, monkeypatch, capsys):
+    """A warm `fix --eval` / `eval --exclude` of image data decodes no image: every image's model-input
+    digest is kept in the cache, keyed by the data's fingerprint and the model's preprocessing (a
+    changed file is another entry); an entry that does not read back whole is recomputed. The keys
+    are the embeddings' input digests (one rule of "the same image" within a set and across sets)."""
+    import repair.embeddings as remb
+    from repair.adapters import load_model
+    from repair.data import load_data
+    from repair.embeddings import extract, image_input_keys
 
     data = make_images(tmp_path / "d", n_per_class=2, seed=0)
+    adapter = load_model(timm_folder)
     d, cache = load_data(data), tmp_path / "c"
-    first = pixel_digests(d, cache)
-    assert first == [pixel_digest(p) for p in d.items]
-    (entry,) = list(cache.glob("pixels-*.json"))
+    first = image_input_keys(adapter, d, cache)
+    inputs = extract(adapter, d, cache_dir=tmp_path / "e", progress=False).inputs
+    assert first == [bytes(r.tolist()).hex() for r in inputs]
+    (entry,) = list(cache.glob("inputs-*.json"))
 
     def boom(*a, **k):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(rdata, "pixel_digest", boom)
-    assert pixel_digests(load_data(data), cache) == first                  # warm: nothing decoded
+    monkeypatch.setattr(remb, "_image_input_keys", boom)
+    assert image_input_keys(adapter, load_data(data), cache) == first          # warm: nothing decoded
     monkeypatch.undo()
     doc = json.loads(entry.read_text())
     entry.write_text(json.dumps({**doc, "digests": doc["digests"][:-1]}))  # a short entry: recomputed
-    assert pixel_digests(load_data(data), cache) == first
+    assert image_input_keys(adapter, load_data(data), cache) == first
     assert len(json.loads(entry.read_text())["digests"]) == len(first)
     # a well-formed entry with one digit changed (it would name another image: --eval would leave out
     # other samples, the figures changed silently): its sha256 no longer holds, recomputed with a notice
@@ -1026,14 +1030,54 @@ def test_pixel_digests_are_cached_beside_the_embeddings(tmp_path, monkeypatch, c
     flipped = ("0" if doc["digests"][1][0] != "0" else "1") + doc["digests"][1][1:]
     entry.write_text(json.dumps({**doc, "digests": [doc["digests"][0], flipped, *doc["digests"][2:]]}))
     capsys.readouterr()
-    assert pixel_digests(load_data(data), cache) == first
-    assert "pixel-digest cache entry" in capsys.readouterr().err and json.loads(entry.read_text()) == doc
+    assert image_input_keys(adapter, load_data(data), cache) == first
+    assert "input-digest cache entry" in capsys.readouterr().err and json.loads(entry.read_text()) == doc
     from PIL import Image
 
     one = Path(d.items[0])
     Image.new("RGB", (36, 36), (1, 2, 3)).save(one)                      # a changed file: another entry
-    again = pixel_digests(load_data(data), cache)
-    assert again[0] != first[0] and again[1:] == first[1:] and len(list(cache.glob("pixels-*.json"))) == 2
+    again = image_input_keys(adapter, load_data(data), cache)
+    assert again[0] != first[0] and again[1:] == first[1:] and len(list(cache.glob("inputs-*.json"))) == 2
+    assert image_input_keys(adapter, load_data(data), use_cache=False) == again
+
+
+def test_a_repair_image_saved_again_at_the_models_input_size_is_left_out_of_the_figures(tmp_path, timm_folder):
+    """Found by an audit: images were compared across data sets by their decoded pixels before the
+    model's resize, within a repair set by the model's input; a repair image saved again at the model's
+    input size was one sample to the splits but "separate evaluation data" to `fix --eval` (its figures
+    counting 12 rows the head was fitted on), `eval --exclude` and `--train`. One rule now: the model's
+    input."""
+    import json as _json
+
+    from PIL import Image
+    from timm.data import create_transform
+
+    repair = make_images(tmp_path / "r", n_per_class=12, size=64, seed=1)
+    ev = make_images(tmp_path / "e", n_per_class=12, size=64, seed=2)
+    cfg = _json.loads((Path(timm_folder) / "config.json").read_text())["pretrained_cfg"]
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    resize = create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=False).transforms[0]
+    with open(repair / "metadata.csv") as f:
+        rrows = list(csv.DictReader(f))
+    with open(ev / "metadata.csv") as f:
+        erows = list(csv.DictReader(f))
+    for r in rrows[:12]:
+        rel = r["img_filename"].replace(".png", "_small.png")
+        with Image.open(repair / r["img_filename"]) as im:
+            resize(im.convert("RGB")).save(ev / rel)
+        erows.append({**r, "img_filename": rel})
+    with open(ev / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(erows)
+    code, out, err = run_cli("fix", timm_folder, "--data", repair, "--eval", ev, "--group-by", "place",
+                             "--recipe", "dfr", "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["before"]["n"] == len(erows) - 12 and "12 of the" in err, (rep["measured_on"], err)
+    code, out, err = run_cli("eval", timm_folder, "--data", ev, "--group-by", "place", "--exclude", repair,
+                             "--json", "-q", "--no-cache")
+    assert code == 0 and json.loads(out)["n"] == len(erows) - 12, err
 
 
 def test_the_held_out_part_counts_copies_once_for_the_small_group_warning(tmp_path, timm_folder):
