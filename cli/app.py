@@ -115,14 +115,41 @@ def emit_json(doc: Any) -> None:
 LAZY_COMMANDS: dict[str, Callable[[], Any]] = {}
 
 
+def _once_each(cmd):
+    """``cmd`` refusing an option given twice (a usage error, exit 2): click keeps the last value, so
+    ``--fail-under-wga 90% ... --fail-under-wga 0%`` (a CI template with a local line appended) would
+    quietly weaken a gate, and ``--out a ... --out b`` write where one of them did not say. Options
+    that take several values (``multiple``), counters and plain on-flags may repeat."""
+    if cmd is None or getattr(cmd, "_once_each", False):
+        return cmd
+    plain = cmd.parse_args
+
+    def parse_args(ctx, args):
+        try:
+            _, _, order = cmd.make_parser(ctx).parse_args(args=list(args))
+        except ClickException:
+            order = []               # click's own parse below says what is wrong
+        seen = set()
+        for p in order:
+            if (getattr(p, "param_type_name", None) != "option" or p.multiple or p.count
+                    or (p.is_flag and not p.secondary_opts)):
+                continue
+            if p.name in seen:
+                raise typer.BadParameter("given more than once; give it once", ctx=ctx, param=p)
+            seen.add(p.name)
+        return plain(ctx, args)
+
+    cmd.parse_args, cmd._once_each = parse_args, True
+    return cmd
+
+
 class OneLineUsageErrors(typer.core.TyperGroup):
     """The app's click group: usage errors as one ``error: ...`` line on stderr instead of click's
     usage box. Everything else behaves as in standalone mode."""
 
     def get_command(self, ctx, cmd_name):
-        if cmd_name in LAZY_COMMANDS:
-            return LAZY_COMMANDS[cmd_name]()
-        return super().get_command(ctx, cmd_name)
+        cmd = LAZY_COMMANDS[cmd_name]() if cmd_name in LAZY_COMMANDS else super().get_command(ctx, cmd_name)
+        return _once_each(cmd)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         run = functools.partial(super().main, args, prog_name, complete_var, standalone_mode=False, **extra)

@@ -145,3 +145,21 @@ def test_running_out_of_memory_is_exit_2_saying_what_to_change(timm_folder, imag
     lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("warning:")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: out of memory"), err
     assert "--batch-size" in lines[0] and "internal error" not in err
+
+
+def test_an_option_given_twice_is_refused(tmp_path, timm_folder, image_data):
+    """Found by an audit: click keeps an option's last value, so `--fail-under-wga 90% ...
+    --fail-under-wga 0%` (a CI template with a local line appended) passed a gate the first value
+    fails. An option given twice is now a usage error (exit 2, one line), on every command; flags
+    that only switch something on, and options that take several values, may repeat."""
+    from conftest import run_cli
+
+    code, out, err = run_cli("eval", timm_folder, "--data", image_data, "--group-by", "place",
+                             "--fail-under-wga", "90%", "--fail-under-wga", "0%")
+    assert code == 2 and "--fail-under-wga" in err and "more than once" in err and err.count("\n") == 1, err
+    assert out == ""
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--out", tmp_path / "a",
+                           "--out", tmp_path / "b")
+    assert code == 2 and "--out" in err and not (tmp_path / "a").exists() and not (tmp_path / "b").exists(), err
+    code, _, err = run_cli("eval", timm_folder, "--data", image_data, "-q", "-q", "--no-cache", "--no-cache")
+    assert code == 0, err
