@@ -2,7 +2,9 @@
 locally or on Ray, resumable, with one HTML report.
 
 The manifest (YAML, or CSV with one header row) holds one row per model; keys are the
-``FIELDS`` below. Relative paths are relative to the manifest's folder. YAML::
+``FIELDS`` below. Relative paths are relative to the manifest's folder: the folder of the path given
+(a manifest given through a symlink: the link's folder, not its target's), where the report folder
+goes too. YAML::
 
     defaults:                   # any field; a row's own value wins
       recipe: auto
@@ -51,7 +53,10 @@ refused before any work.
 Outputs are never half-written nor written twice: a model's files are written by ``fix`` into a
 staging folder beside the output (``.<output>.zoo-staging``, emptied when an attempt starts); the
 driver appends the journal line and only then renames the staged files into place, one atomic
-rename each. A rerun completes a rename that an interrupted driver had not finished. A driver locks
+rename each. A rerun completes a rename that an interrupted driver had not finished. What appeared at
+a row's place while the zoo worked is refused when that row finishes (:func:`check_commit`, before its
+journal line): that row's own error (exit 2, its staged files discarded), the others go on, the journal
+and report stay (only a refusal before any work leaves nothing behind). A driver locks
 every folder its rows' outputs go in (another driver writing there is exit 2). No output
 nor its staging folder is, holds or lies inside an input, another row's output or staging folder,
 the report folder or the journal (checked before any work).
@@ -272,7 +277,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
         raise BadInput(f"--mode must be fix or eval, got {mode!r}")
     defaults, rows = _read_rows(path)
     FIELDS = fields()
-    base = path.resolve().parent
+    base = path.absolute().parent        # the folder of the path given (a link's own, not its target's)
     problems = _Problems(path)
     for k in sorted(set(defaults) - set(FIELDS)):
         problems.add("defaults", repr(k), f"unknown field (known: {', '.join(FIELDS)})")
@@ -438,7 +443,10 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                         ".onnx" if ck.suffix.lower() == ".onnx" else ".safetensors"))))
                 else:
                     out = fix_output(ck)
-                out = out.resolve()
+                # its folder resolved (rows compare their places), itself as given: an output that is a
+                # symlink is that link (refused as existing unless --force, which replaces the link, as
+                # `repair fix --out`'s rule), never followed to write into its target
+                out = out.parent.resolve() / out.name
             except BadInput as e:
                 problems.add(where, "output", e.problem)
                 out = None
@@ -822,23 +830,49 @@ def discard_staged(output: Path) -> None:
     shutil.rmtree(staging_dir(output), ignore_errors=True)
 
 
-def commit_staged(output: Path) -> None:
-    """Move a finished model's staged files into place (one atomic rename each; an existing target
-    is replaced: the manifest check refused it unless --force). A no-op once done."""
-    from .io import check_replace
+def _staged_children(staging: Path) -> list[Path]:
+    """What a staging folder holds to be put into place (not an attempt's leftovers, named ``.``)."""
+    return [c for c in sorted(staging.iterdir()) if not c.name.startswith(".")]
+
+
+def check_commit(output: Path, *, may_replace: bool = True) -> None:
+    """BadInput naming the place when a finished model's staged files may not go into place: what is
+    at a place now is one ``--force`` never replaces (:func:`repair.io.check_replace`), or, unless
+    ``may_replace`` (``--force``, or this zoo's own output written again), anything at all -- it
+    appeared while the zoo worked (the rule of every output: :class:`repair.io.OutputSet`). The
+    driver asks before it journals a model (the model is then that row's error, its staged files
+    discarded); :func:`commit_staged` asks again at the rename."""
+    from .io import _APPEARED, check_replace
+
+    staging = staging_dir(output)
+    if not staging.is_dir():
+        return
+    for child in _staged_children(staging):     # again at the rename: what a user put there meanwhile stays
+        target = staging.parent / child.name
+        check_replace(target, kind="folder" if child.is_dir() else "file")
+        if not may_replace and os.path.lexists(target):
+            raise BadInput(_APPEARED, target)
+
+
+def commit_staged(output: Path, *, may_replace: bool = True) -> None:
+    """Move a finished model's staged files into place (one rename each, never onto what appeared at
+    a place meanwhile: :func:`repair.io.rename_noreplace`); what is there is replaced only as
+    :func:`check_commit` allows. A no-op once done. BadInput naming a place refused; the staged
+    files not yet moved stay staged (the journal vouches for them: a rerun completes the commit)."""
+    from .io import _APPEARED, rename_noreplace
 
     staging = staging_dir(output)
     if not staging.exists():
         return
-    children = [c for c in sorted(staging.iterdir()) if not c.name.startswith(".")]   # not an attempt's leftovers
-    for child in children:                      # again at the rename: what a user put there meanwhile stays
-        check_replace(staging.parent / child.name, kind="folder" if child.is_dir() else "file")
-    for child in children:
+    check_commit(output, may_replace=may_replace)
+    for child in _staged_children(staging):
         target = staging.parent / child.name
-        if target.exists():
-            old = staging / f".replaced-{child.name}"
-            os.replace(target, old)
-        os.replace(child, target)
+        if os.path.lexists(target):             # a link is replaced, never its target
+            os.replace(target, staging / f".replaced-{child.name}")
+        try:
+            rename_noreplace(child, target)
+        except FileExistsError:
+            raise BadInput(_APPEARED, target) from None
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -1260,7 +1294,7 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
         import_ray()                                        # before anything else: exit 2 with the hint
     manifest = load_manifest(manifest_path, o.mode, allow_plugins=o.allow_plugins)
     mpath = Path(manifest_path)
-    out_dir = Path(o.out_dir) if o.out_dir is not None else mpath.resolve().parent / f"{mpath.stem}-zoo"
+    out_dir = Path(o.out_dir) if o.out_dir is not None else mpath.absolute().parent / f"{mpath.stem}-zoo"
     if not out_dir.parent.is_dir():
         raise BadInput("folder does not exist", out_dir.parent)
     if out_dir.exists() and not out_dir.is_dir():
@@ -1292,16 +1326,17 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
                                                   for e in manifest.entries} if o.mode == "fix" else None)
     created = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
+    working: list = []                                      # _run_locked appends once it begins work
     locks = [_hold_lock(out_dir)]                           # one driver per report folder
     try:
         if o.mode == "fix":          # ... and per folder the rows' outputs go in (another manifest's too)
             for parent in sorted({e.output.parent.resolve() for e in manifest.entries if e.output is not None}):
                 if parent.is_dir():
                     locks.append(_hold_outputs_lock(parent))
-        return _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log)
-    except BadInput:                                        # refused before any work: leave nothing
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        return _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working)
+    except BadInput:
+        if created and not working:                         # refused before any work: leave nothing
+            shutil.rmtree(out_dir, ignore_errors=True)      # (once work began, the journal and report stay)
         raise
     finally:
         for lock in locks:
@@ -1411,7 +1446,7 @@ def _hold_lock(out_dir: Path) -> int:
     return fd
 
 
-def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
+def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working: list) -> dict:
     from .report import now, write_report
 
     records = journal.read()
@@ -1490,6 +1525,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
         f"(journal {journal.path}), {len(todo)} to run on {executor.description}")
     interrupted = False
     resumed = set(done)
+    working.append(True)                    # from here on the journal and the report are kept, whatever
     journaled: set[str] = set()             # rows whose staged files the journal vouches for
     try:
         for i, res in executor.map(tasks):
@@ -1498,6 +1534,15 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                 errors[e.name] = res
                 log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {res['error']}")
                 continue
+            if o.mode == "fix":
+                # what is at its places now may be replaced (something may have appeared there while the
+                # zoo worked): else this row's own error, its staged files discarded, the others go on
+                refused = _refused_commit(e, o.force or e.name in redo)
+                if refused is not None:
+                    discard_staged(e.output)
+                    errors[e.name] = {**res, "status": "error", "error": str(refused), "exit_code": refused.exit_code}
+                    log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {refused}")
+                    continue
             files = res["result"].pop("output_files", None)
             rec = {"name": e.name, "mode": o.mode, "key": e.key(o.mode), "manifest": mpath.name,
                    "status": "done", "finished": now(),
@@ -1506,8 +1551,13 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                    "output_files": files, "result": res["result"]}
             journaled.add(e.name)                           # (kept staged should the append be cut)
             journal.append(rec)                             # the commit point ...
-            if o.mode == "fix":
-                commit_staged(e.output)                     # ... then the files go into place
+            if o.mode == "fix":                             # ... then the files go into place
+                refused = _refused_commit(e, o.force or e.name in redo, commit=True)
+                if refused is not None:     # refused since the check above: this row's error, its files kept
+                    errors[e.name] = {**res, "status": "error", "error": str(refused),   # staged (the journal
+                                      "exit_code": refused.exit_code}   # vouches for them: a rerun completes
+                    log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {refused}")
+                    continue                                # the rename once the place is free)
             done[e.name] = rec
             log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: "
                 f"{_progress_line(res['result'], e.judge_gate(res['result']))} "
@@ -1534,6 +1584,16 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log) -> dict:
                 log(f"interrupted: {len(done)} of {len(manifest.entries)} models finished; the report "
                     f"{out_dir / REPORT_NAME} shows them, a rerun finishes the rest")
     return doc
+
+
+def _refused_commit(e: ZooEntry, may_replace: bool, commit: bool = False) -> Optional[BadInput]:
+    """The refusal (None: none) of putting row ``e``'s staged files into place (:func:`check_commit`),
+    or, with ``commit``, of doing it (:func:`commit_staged`)."""
+    try:
+        (commit_staged if commit else check_commit)(e.output, may_replace=may_replace)
+    except BadInput as refused:
+        return refused
+    return None
 
 
 def _replace_refused(e: ZooEntry) -> Optional[str]:

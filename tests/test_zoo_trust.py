@@ -437,3 +437,119 @@ def test_a_second_zoo_writing_the_same_rows_outputs_is_exit_2_before_any_work(tm
         os.close(held)
     code, doc, err = run_json(path, "--out-dir", tmp_path / "other")        # released: it runs
     assert code == 0 and (tmp_path / "out" / "a" / "model.safetensors").exists(), err
+
+
+# ------------------------------------------------------------------ found by an audit: refusals while working, links
+REPORT = "zoo-report.html"
+
+
+def journal_names(path: Path) -> list[str]:
+    return [json.loads(line)["name"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("report_folder", ["new", "there"])
+def test_an_output_refused_while_the_zoo_works_is_that_rows_error_and_the_others_finish(tmp_path, parts, monkeypatch,
+                                                                                         report_folder):
+    """A folder of the user's that appears at a later row's output while the zoo works refused that
+    row's commit with a BadInput that reached the handler meant for "refused before any work": on a
+    first run the report folder (journal and report) was deleted, the committed outputs orphaned (a
+    rerun refused them as not this zoo's), a staging folder left and the rows after it never run; with
+    the report folder there, the run stopped and reported the rest as pending. Now that row is its own
+    error (exit 2 after the others ran, the report says why), its staged files are discarded, the
+    others finish, and a rerun resumes them."""
+    import repair.zoo as zoo_mod
+
+    rows = [{"name": "a", "checkpoint": "m0"}, {"name": "b", "checkpoint": "m1"},
+            {"name": "c", "checkpoint": "m0", "seed": 1}, {"name": "d", "checkpoint": "m1", "seed": 1}]
+    path = zoo(tmp_path, parts, rows, eval="test", eval_group_by="place", output_dir="out", gate="10%")
+    out, folder = tmp_path / "out", tmp_path / "zoo-zoo"
+    out.mkdir()
+    if report_folder == "there":
+        folder.mkdir()
+    commit = zoo_mod.commit_staged
+
+    def commit_then_a_folder_of_the_users_appears(output, *args, **kwargs):
+        commit(output, *args, **kwargs)
+        if Path(output).name == "a":                   # once row a is in place, before row c finishes
+            (out / "c").mkdir()
+            (out / "c" / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(zoo_mod, "commit_staged", commit_then_a_folder_of_the_users_appears)
+    code, _, err = run_json(path)
+    assert code == 2, err
+    assert "1 model(s) could not be run: c (exit 2)" in err, err
+    doc = json.loads((folder / "zoo-report.json").read_text())
+    assert (folder / REPORT).is_file() and journal_names(folder / "journal.jsonl") == ["a", "b", "d"]
+    by = {m["name"]: m for m in doc["models"]}
+    assert {n: m["status"] for n, m in by.items()} == {"a": "done", "b": "done", "c": "error", "d": "done"}, doc
+    assert by["c"]["exit_code"] == 2 and str(out / "c") in by["c"]["error"], by["c"]
+    assert doc["interrupted"] is False and doc["summary"]["errors"] == ["c"] and not doc["summary"]["pending"]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c", "d"]      # no staging folder left
+    assert [p.name for p in (out / "c").iterdir()] == ["notes.txt"] and (out / "c" / "notes.txt").read_text() == "mine"
+    for n in "abd":
+        assert (out / n / "model.safetensors").is_file()
+    monkeypatch.setattr(zoo_mod, "commit_staged", commit)
+    # a rerun: the user's folder is still refused (by name, before any work), the zoo's own outputs are not
+    code, _, err = run_cli("zoo", path, "-q")
+    _refused(code, err, "row 3 (c), output: ", str(out / "c"), "already exists")
+    assert "row 1" not in err and "(and " not in err
+    assert journal_names(folder / "journal.jsonl") == ["a", "b", "d"] and (folder / REPORT).is_file()
+    shutil.rmtree(out / "c")                           # moved out of the way: the rerun resumes a, b, d and runs c
+    code, doc, err = run_json(path)
+    assert code == 0, err
+    assert {m["name"]: (m["status"], m.get("resumed")) for m in doc["models"]} == {
+        "a": ("done", True), "b": ("done", True), "c": ("done", False), "d": ("done", True)}, doc
+    assert (out / "c" / "model.safetensors").is_file() and sorted(p.name for p in out.iterdir()) == ["a", "b", "c", "d"]
+
+
+def test_a_row_output_that_is_a_symlink_is_an_existing_output_never_written_through(tmp_path, parts):
+    """A row's output that is a symlink was resolved before any check and the model written into the
+    link's target (exit 0). It is an existing output, as for `repair fix --out`: exit 2 naming the path
+    the manifest gave unless --force, which replaces the link and never writes into its target."""
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "m0", "output": "out/x"}])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "out" / "x"
+    link.symlink_to("../elsewhere/x")                  # a link to nothing yet
+    code, _, err = run_cli("zoo", path, "-q")
+    _refused(code, err, f"row 1 (a), output: {link} already exists", "--force")
+    assert link.is_symlink() and not list((tmp_path / "elsewhere").iterdir())
+    assert not (tmp_path / "zoo-zoo").exists()
+    (tmp_path / "elsewhere" / "x").mkdir()             # a link to a folder of the user's: the same
+    (tmp_path / "elsewhere" / "x" / "notes.txt").write_text("mine")
+    code, _, err = run_cli("zoo", path, "-q")
+    _refused(code, err, f"row 1 (a), output: {link} already exists", "--force")
+    code, doc, err = run_json(path, "--force")         # --force replaces the link, never its target
+    assert code == 0, err
+    assert not link.is_symlink() and (link / "model.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "elsewhere" / "x").iterdir()] == ["notes.txt"]
+    assert doc["models"][0]["result"]["output"] == str(link)            # the path the manifest gave
+    assert json.loads((tmp_path / "zoo-zoo" / "journal.jsonl").read_text())["output"] == str(link)
+
+
+def test_a_manifest_given_through_a_symlink_reads_and_reports_beside_the_link(tmp_path, parts):
+    """A manifest given through a symlink had its default report folder, and its rows' relative paths,
+    taken from the link target's folder; README says "beside the manifest": the folder of the path
+    given, for both."""
+    from repair.zoo import load_manifest
+
+    user, shared = tmp_path / "user", tmp_path / "shared"
+    user.mkdir()
+    shared.mkdir()
+    path = zoo(user, parts, [{"name": "a", "checkpoint": str(user / "m0")}], gate=0, data=str(user / "val"))
+    os.replace(path, shared / "zoo.yaml")
+    path.symlink_to(shared / "zoo.yaml")
+    code, doc, err = run_json(path, "--mode", "eval")
+    assert code == 0, err
+    assert Path(doc["report"]) == user / "zoo-zoo" / REPORT and (user / "zoo-zoo" / REPORT).is_file()
+    assert not (shared / "zoo-zoo").exists()
+    # relative paths: from the link's folder too (a checkpoint of that name beside the target is not read)
+    path.unlink()
+    zoo(user, parts, [{"name": "a", "checkpoint": "m0"}], gate=0)
+    os.replace(path, shared / "zoo.yaml")
+    path.symlink_to(shared / "zoo.yaml")
+    shutil.copytree(user / "m1", shared / "m0")
+    entry = load_manifest(path, "eval").entries[0]
+    assert entry.checkpoint == user / "m0" and entry.data == user / "val"
+    code, doc, err = run_json(path, "--mode", "eval")
+    assert code == 0 and doc["models"][0]["resumed"], err          # the same model as above: resumed
