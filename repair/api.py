@@ -165,6 +165,30 @@ def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tenso
             + (f"; {conflicts}, and counts in the figures" if conflicts else ""))
 
 
+def refuse_own_repair_set(adapter: Adapter, data: RepairData, inputs=None) -> None:
+    """A repaired model measured on the very repair set it was fitted on (its provenance,
+    ``repair.settings``, records that set's :func:`repair.provenance.data_identity`: the same samples,
+    labels and group values in the same order -- a copy of the folder too) is a BadInput: no figure
+    is measured on data the repair touched, and a gate on it would pass on fitted rows. ``inputs``:
+    the embeddings' input digests (an image by what the model is fed). Data that differs in any row
+    (another order, a subset) is not recognised here; ``--exclude`` leaves such rows out."""
+    from . import provenance
+
+    if adapter.changed_since_provenance():
+        return
+    rec = provenance.read(adapter.source_metadata).get("settings")
+    ident = rec.get("data") if isinstance(rec, dict) else None
+    if not isinstance(ident, dict) or not ident.get("content_sha256") or ident.get("n") != len(data):
+        return
+    group_by = ident.get("group_by")
+    if group_by is not None and group_by not in data.attributes:
+        return
+    if provenance.data_identity(data, group_by, inputs)["content_sha256"] == ident["content_sha256"]:
+        raise BadInput("is the repair set this model was repaired on (its provenance records the same samples, "
+                       "labels and groups): figures on it would count samples the repair fitted on; measure on "
+                       "data the repair never touched", data.table or data.source)
+
+
 def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
                    data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
                    exclude=None) -> dict:
@@ -191,6 +215,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
         left_out = sum(bool(o) for o in overlap)
         full, data_path = data, (data.subset([i for i, o in enumerate(overlap) if not o]) if left_out else data)
     p = prepare(model_path, data_path, load_opts, data_opts, runtime, also=(ex,) if exclude is not None else ())
+    refuse_own_repair_set(p.adapter, p.data, p.emb.inputs)
     report = evaluate(p.logits(), p.enc.y, p.enc.class_names, p.enc.groups, p.enc.group_names)
     report["absent_groups"] = list(p.enc.absent_groups) if p.enc.groups is not None else None
     if left_out and report["absent_groups"] is not None:

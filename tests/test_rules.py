@@ -1101,3 +1101,25 @@ def test_the_held_out_part_counts_copies_once_for_the_small_group_warning(tmp_pa
     held = next(g for g in rep["after"]["per_group"] if g["name"] == name)
     assert held["n"] >= 10 and held["n_distinct"] < 10 and held["n_distinct"] < held["n"], held
     assert f"group {name} has only {held['n_distinct']} distinct samples ({held['n']} rows)" in err, err
+
+
+def test_eval_of_a_repaired_model_on_its_own_repair_set_is_refused(tmp_path, timm_folder):
+    """Found by an audit: `repair eval REPAIRED --data REPAIR_SET --fail-under-wga 50%` passed the gate on
+    the rows the repair was fitted on (and on a copy of the folder), though the model's provenance
+    records that set. It is now exit 2; other data, and the original model on the set, are measured."""
+    data = make_images(tmp_path / "d", n_per_class=8, seed=3)
+    other = make_images(tmp_path / "e", n_per_class=8, seed=4)
+    code, _, err = run_cli("fix", timm_folder, "--data", data, "--group-by", "place", "--recipe", "dfr",
+                           "--out", tmp_path / "rep", "-q")
+    assert code == 0, err
+    shutil.copytree(data, tmp_path / "copy")
+    for d in (data, tmp_path / "copy"):
+        code, out, err = run_cli("eval", tmp_path / "rep", "--data", d, "--group-by", "place",
+                                 "--fail-under-wga", "0%", "-q")
+        assert code == 2 and "is the repair set this model was repaired on" in err and err.count("\n") == 1, err
+        assert "gate passed" not in out
+    code, _, err = run_cli("eval", tmp_path / "rep", "--data", data, "-q")          # no --group-by: the same rows
+    assert code == 2, err
+    for model, d in ((tmp_path / "rep", other), (timm_folder, data)):
+        code, _, err = run_cli("eval", model, "--data", d, "--group-by", "place", "-q")
+        assert code == 0, err
