@@ -557,9 +557,43 @@ def verify_onnx(onnx_path, reference_adapter: Adapter, items: Sequence[Any], *,
                               head_check=native, progress=progress,
                               logits_output=reference_adapter.logits_name if native else None)
     report["reference"] = {"family": reference_adapter.family, "source": reference_adapter.source.name}
+    differs = metadata_mismatches(onnx_path, reference_adapter)
+    if differs:
+        report["problems"] = [*report.get("problems", []), *differs]
+        report["passed"] = False
     if check and not report["passed"]:
         raise _fail(report, "ONNX verification failed")
     return report
+
+
+def metadata_mismatches(onnx_path: Path, reference: Adapter) -> list[str]:
+    """How the ONNX file at ``onnx_path`` says it is read -- the class names (in order), the image
+    preprocessing, a text model's truncation length, as :func:`export_metadata` writes them and
+    ``load_model(x.onnx)`` reads them -- where it differs from ``reference``: matching logits on the
+    reference's own inputs do not make a file that repair (or a deployment reading its metadata)
+    would read as another classifier pass. A key the file does not carry is not compared (a file
+    exported by other tools; whoever reads it supplies them)."""
+    import onnx
+
+    from .adapters.onnx_graph import metadata_dict
+
+    try:
+        got = metadata_dict(onnx.load(str(onnx_path), load_external_data=False))
+    except Exception as e:               # run_verification already said why the file does not load
+        return [] if isinstance(e, (OSError, ValueError)) or "protobuf" in type(e).__module__ else []
+    want = export_metadata(reference, {})
+    out = []
+    for key in ("class_names", "preprocess", "max_length"):
+        if key not in got or key not in want:
+            continue
+        try:
+            same = json.loads(got[key]) == json.loads(want[key])
+        except ValueError:
+            same = False
+        if not same:
+            out.append(f"the file's {key} ({got[key][:120]}) differ from the reference's ({want[key][:120]}): "
+                       "it would be read as another classifier")
+    return out
 
 
 def pick_verify_indices(n: int, max_items: Optional[int], seed: int = 0) -> list[int]:

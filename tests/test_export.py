@@ -257,6 +257,31 @@ def test_cli_export_and_verify(cnn_export, timm_folder, image_data, tmp_path):
     assert json.loads(stdout)["argmax_agreement"] == 1.0
 
 
+def test_verify_fails_a_file_that_says_it_is_read_as_another_classifier(timm_folder, image_data, tmp_path):
+    """Found by an audit: `repair verify` fed the ONNX file the reference's own inputs and compared
+    logits by position, so a file whose metadata swap the class names or change the normalisation
+    -- which repair (and a deployment reading the metadata) reads as another classifier -- PASSED.
+    Its class names, preprocessing and truncation length must match the reference's."""
+    out = tmp_path / "plain.onnx"
+    code, _, err = run_cli("export", timm_folder, "--data", image_data, "--out", out, "--max-verify", 5,
+                           "--exporter", "torchscript", "-q")
+    assert code == 0, err
+    for key, change in (("class_names", lambda v: json.dumps(list(reversed(json.loads(v))))),
+                        ("preprocess", lambda v: json.dumps({**json.loads(v), "mean": [0, 0, 0], "std": [1, 1, 1]}))):
+        m = onnx.load(str(out))
+        for p in m.metadata_props:
+            if p.key == key:
+                p.value = change(p.value)
+        bad = tmp_path / f"{key}.onnx"
+        onnx.save(m, str(bad))
+        code, stdout, err = run_cli("verify", bad, "--reference", timm_folder, "--data", image_data, "--json",
+                                    "--max-verify", 5)
+        rep = json.loads(stdout)
+        assert code == 1 and rep["passed"] is False and any(f"the file's {key}" in p for p in rep["problems"]), err
+    code, _, err = run_cli("verify", out, "--reference", timm_folder, "--data", image_data, "--max-verify", 5)
+    assert code == 0, err
+
+
 # ------------------------------------------------------------------ safetensors export
 def test_safetensors_export_timm_loads_unchanged(cnn_export, tmp_path):
     import timm
