@@ -579,8 +579,8 @@ def metadata_mismatches(onnx_path: Path, reference: Adapter) -> list[str]:
 
     try:
         got = metadata_dict(onnx.load(str(onnx_path), load_external_data=False))
-    except Exception as e:               # run_verification already said why the file does not load
-        return [] if isinstance(e, (OSError, ValueError)) or "protobuf" in type(e).__module__ else []
+    except Exception:                    # run_verification already said why the file does not load
+        return []
     want = export_metadata(reference, {})
     out = []
     for key in ("class_names", "preprocess", "max_length"):

@@ -404,6 +404,21 @@ class Adapter(ABC):
                 "num_classes": len(self.class_names), "embedding_dim": int(W.shape[1]),
                 "class_names": list(self.class_names)}
 
+    def input_keys(self, items: Sequence[Any]) -> Optional[list]:
+        """Each item as the model reads it, hashed, where that is known without running the model: a
+        text's token ids (after the tokenizer's normalisation and truncation: two texts that differ only
+        in what the tokenizer drops are one sample to the model). None where it is not (images: decoding
+        them is what it would cost). :func:`repair.api.read_as_same` widens the byte-level overlap of
+        evaluation and repair data with it. Every family (an ONNX text model too: the tokenizer beside it)."""
+        tok = getattr(self, "tokenizer", None)
+        if (tok is None or getattr(self, "modality", None) != "text" or not items
+                or getattr(self, "max_length", None) is None):
+            return None
+        from .text import tokenize_texts
+
+        ids = tokenize_texts(tok, list(items), int(self.max_length))["input_ids"]
+        return [hashlib.sha256(json.dumps([int(t) for t in x]).encode()).hexdigest() for x in ids]
+
 
 class TorchModelAdapter(Adapter):
     """An adapter whose model is a torch ``nn.Module`` (timm, transformers, factories):
@@ -416,20 +431,6 @@ class TorchModelAdapter(Adapter):
         from ..modelrepair.trainable import TrainableModel
 
         return TrainableModel(self)
-
-    def input_keys(self, items: Sequence[Any]) -> Optional[list]:
-        """Each item as the model reads it, hashed, where that is known without running the model: a
-        text's token ids (after the tokenizer's normalisation and truncation: two texts that differ only
-        in what the tokenizer drops are one sample to the model). None where it is not (images: decoding
-        them is what it would cost). :func:`repair.api.read_as_same` widens the byte-level overlap of
-        evaluation and repair data with it."""
-        tok = getattr(self, "tokenizer", None)
-        if tok is None or getattr(self, "modality", None) != "text" or not items:
-            return None
-        from .text import tokenize_texts
-
-        ids = tokenize_texts(tok, list(items), int(self.max_length))["input_ids"]
-        return [hashlib.sha256(json.dumps([int(t) for t in x]).encode()).hexdigest() for x in ids]
 
     def capture_head_input(self, forward: Callable[[], Any]) -> torch.Tensor:
         """Run ``forward()`` and return the head's input as a (batch, features) float32 matrix."""
