@@ -593,8 +593,16 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
     ``csv.Error`` as :class:`_CsvError`."""
     skip = first_line - 1            # the file's lines before the text's first
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    # the file's line ends are those of its header: a CR-only file (classic Mac, Excel's "CSV (Macintosh)")
+    # is read with newline="" (as the csv docs ask: every CR, LF and CRLF ends a line, one inside quotes
+    # is the field's); an LF or CRLF file splits at LF only (CRLF is one line end), so a bare CR inside
+    # an unquoted field stays malformed, never a silent extra row
+    first_end = re.search(r"\r\n|\n|\r", text)
+    cr_only = first_end is not None and first_end.group() == "\r"
+    breaks = re.compile(r"\r\n|\r|\n" if cr_only else r"\n")     # the line ends inside a record's fields
     # SST-2 style TSVs hold raw quotes inside sentences: do not treat them as quoting
-    reader = csv.DictReader(io.StringIO(text), delimiter=delim, restval="",   # a short row: empty cells
+    reader = csv.DictReader(io.StringIO(text, newline="" if cr_only else "\n"), delimiter=delim,
+                            restval="",   # a short row: empty cells
                             quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL, strict=strict)
     rows: list = []
     last_line, header = 0, False     # the line the previous record ended on; the header was read
@@ -609,7 +617,7 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
                 raise BadInput(f"line {reader.line_num + skip} has more fields than the header", path)
             rows.append(row)
             if lines is not None:     # the record ends on line_num; its fields' line breaks tell where it began
-                lines.append(reader.line_num + skip - sum(str(v).count("\n") for v in row.values()))
+                lines.append(reader.line_num + skip - sum(len(breaks.findall(str(v))) for v in row.values()))
             last_line = reader.line_num
     except csv.Error as e:
         problem = str(e).split(" - do you need")[0]      # Python's advice to its own callers
@@ -766,11 +774,10 @@ def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
         if not o.allow_outside_paths and not _inside(root_real, _real(sub)):
             raise BadInput(f"class folder is a symlink leading outside the data folder {root} (to "
                            f"{_real(sub) or sub}); pass --allow-outside-paths to read it", sub)
-        for f in sorted(sub.rglob("*")):
+        for f in _class_folder_files(sub, root, root_real, o):
             # hidden files and folders (.ipynb_checkpoints/, macOS's ._x.png) are not samples, as
             # hidden class folders are not classes
-            if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir() and \
-                    not any(part.startswith(".") for part in f.relative_to(sub).parts):
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir():
                 real = _real(f, folders)
                 if not o.allow_outside_paths and not _inside(root_real, real):
                     raise BadInput(f"image is a symlink leading outside the data folder {root} (to "
@@ -782,6 +789,37 @@ def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
         raise BadInput("no images found (expected class subfolders or a metadata.csv)", root)
     return RepairData(source=root, modality="image", items=items, labels=labels, max_pixels=o.max_pixels,
                       _real=reals)
+
+
+def _class_folder_files(sub: Path, root: Path, root_real: Optional[Path], o: DataOptions) -> list[Path]:
+    """Every file under the class folder ``sub`` but hidden ones, sorted (as ``sorted(sub.rglob("*"))``
+    lists them), its symlinked folders entered as its symlinked class folders are: one leading outside the
+    data folder is refused naming it (unless ``allow_outside_paths``), as is one leading back to a folder
+    the walk is in (a loop, which would list its images without end). A folder that cannot be listed is
+    refused (a ``PermissionError`` the caller names), never skipped."""
+    def fail(e: OSError):
+        raise e
+
+    out: list[Path] = []
+    chain: dict[str, tuple] = {}         # each folder walked: the resolved folders on the way to it
+    top = _real(sub)
+    chain[os.fspath(sub)] = (top,) if top is not None else ()
+    for here, dirs, files in os.walk(sub, onerror=fail, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        above = chain.pop(here)
+        for d in dirs:
+            link = Path(os.path.join(here, d))
+            real = _real(link)
+            if os.path.islink(link):
+                if real is None or any(r == real or r.is_relative_to(real) for r in above):
+                    raise BadInput(f"folder is a symlink leading back to a folder it is in (to {real or link}; "
+                                   "a loop); remove the link", link)
+                if not o.allow_outside_paths and not _inside(root_real, real):
+                    raise BadInput(f"folder is a symlink leading outside the data folder {root} (to {real}); "
+                                   "pass --allow-outside-paths to read it", link)
+            chain[os.path.join(here, d)] = above + ((real,) if real is not None else ())
+        out.extend(Path(os.path.join(here, f)) for f in files if not f.startswith("."))
+    return sorted(out)
 
 
 def load_data(path, options: Optional[DataOptions] = None) -> RepairData:
@@ -806,8 +844,9 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
         data = _from_table(path, path.parent, o)
     else:
         # the folder's table, by name in any case (Metadata.csv); two of them: which one is meant?
+        # a link leading out of the folder is refused before anything of it is read (_found_table)
         tables = sorted(p for p in path.iterdir() if p.name.lower() in METADATA_NAMES and not p.is_dir()
-                        and _is_table_file(p))
+                        and _is_table_file(_found_table(p, path, o)))
         if not tables:                 # no data table: a checkpoint folder given where the data goes?
             from .adapters import family_for
 
@@ -850,16 +889,25 @@ def file_stamp(st: os.stat_result) -> str:
 
 
 def _is_table_file(p: Path) -> bool:
-    """A data folder's ``metadata.*`` holds a table: any ``.csv``/``.tsv``/``.jsonl``; a ``.json`` only when
-    it is a JSON array (of records) -- a dataset's description (``{"name": ...}``) is no table."""
+    """A data folder's ``metadata.*`` holds a table: any ``.csv``/``.tsv``/``.jsonl``; a ``.json`` unless the
+    whole file is one JSON object -- a dataset's description (``{"name": ..., "license": ...}``, a Hugging
+    Face ``dataset_info``), which is no table. JSON Lines (one object a line), a JSON array, and text that is
+    no JSON at all are tables (reading one says what is wrong with it, naming it). Call it only on a file
+    :func:`_found_table` let through: it reads the file."""
     if p.suffix.lower() != ".json":
         return True
     try:
         with open_regular(p, "data table") as f:
-            head = f.read(4096).decode("utf-8-sig", errors="replace")
-    except (BadInput, OSError):
+            raw = f.read(4096)
+            if not raw.decode("utf-8-sig", errors="replace").lstrip().startswith("{"):
+                return True              # an array, or no JSON object: no description
+            text = (raw + f.read()).decode("utf-8-sig")
+    except (BadInput, OSError, UnicodeDecodeError):
         return True                      # unreadable: reading it says why, naming it
-    return head.lstrip().startswith("[")
+    try:
+        return not isinstance(parse_json(text), dict)
+    except json.JSONDecodeError:         # JSON Lines (several objects), or damaged: read as a table
+        return True
 
 
 def _found_table(table: Path, folder: Path, o: DataOptions) -> Path:
@@ -914,8 +962,23 @@ def _class_index(label: str, n_classes: int) -> Optional[int]:
     return i if i < n_classes else None
 
 
-def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path) -> torch.Tensor:
+def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path,
+                 row_at: Optional[Callable[[int], str]] = None) -> torch.Tensor:
+    """Each label's class index in ``class_names`` (by name, any case, or by index), :class:`BadInput`
+    naming ``where`` otherwise. ``row_at``: how a message names label ``i``'s row
+    (:meth:`RepairData.row_at`, ``row 3 (line 5)``), put before the problem; None: no row is named."""
     import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
+
+    def rows(lab: str) -> str:      # the first row holding the label, and how many more do
+        hits = [i for i, x in enumerate(labels) if x == lab]
+        return row_at(hits[0]) + (f" and {len(hits) - 1} more row(s)" if len(hits) > 1 else "")
+
+    def at(lab: str) -> str:        # the rows as a message's start
+        return f"{rows(lab)}: " if row_at is not None else ""
+
+    def of(lab: str) -> str:        # the rows after a label the message quotes
+        return f" ({rows(lab)})" if row_at is not None else ""
+
     names = [str(c) for c in class_names]
     exact: dict[str, list[int]] = {}
     folded: dict[str, list[int]] = {}
@@ -936,22 +999,23 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path)
             hit = exact.get(lab) or folded.get(lab.lower())
             j = _class_index(lab, len(names))
             if hit and j is not None and j != hit[0]:
-                raise BadInput(f"labels mix class names and indices: {by_index[0]!r} is read as a class index, "
-                               f"but {lab!r} is both the class named {names[hit[0]]!r} (index {hit[0]}) and index "
-                               f"{j} ({names[j]!r}); give every label as a class name", where)
+                raise BadInput(f"labels mix class names and indices: {by_index[0]!r}{of(by_index[0])} is read as "
+                               f"a class index, but {lab!r}{of(lab)} is both the class named {names[hit[0]]!r} "
+                               f"(index {hit[0]}) and index {j} ({names[j]!r}); give every label as a class name",
+                               where)
     out = []
     for lab in labels:
         hit = exact.get(lab) or folded.get(lab.lower())
         if hit and len(hit) > 1:           # a checkpoint's names may repeat (ImageNet's two "crane")
-            raise BadInput(f"label {lab!r} names {len(hit)} classes of the model ({', '.join(map(str, hit))}); "
-                           "give the class index instead", where)
+            raise BadInput(f"{at(lab)}label {lab!r} names {len(hit)} classes of the model "
+                           f"({', '.join(map(str, hit))}); give the class index instead", where)
         if hit:
             out.append(hit[0])
         elif _class_index(lab, len(names)) is not None:
             out.append(_class_index(lab, len(names)))
         else:
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-            raise BadInput(f"label {lab!r} is not a class of the model (classes: {shown})", where)
+            raise BadInput(f"{at(lab)}label {lab!r} is not a class of the model (classes: {shown})", where)
     return torch.tensor(out, dtype=torch.long)
 
 
@@ -976,7 +1040,8 @@ def check_classes_present(y, class_names: Sequence[str], where=None) -> None:
 def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str] = None) -> Encoded:
     import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
     where = data.table or data.source
-    y = match_labels(data.labels, class_names, where)
+    # a table's rows are named (row 3 (line 5)); a class folder's label is the folder's own name
+    y = match_labels(data.labels, class_names, where, data.row_at if data.table is not None else None)
     if group_by is None:
         return Encoded(y=y, class_names=list(class_names), groups=None, group_names=[])
     check_group_column(data, group_by)

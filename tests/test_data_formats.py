@@ -182,3 +182,82 @@ def test_a_data_folders_metadata_table_is_found_whatever_its_case_or_format(tmp_
     _write(root / "metadata.csv", "img_filename,y,place\ncat/a.png,cat,land\n")
     with pytest.raises(BadInput, match="holds 2 metadata tables"):
         load_data(root)
+
+
+def test_a_json_lines_metadata_json_beside_class_folders_is_the_table(tmp_path):
+    """A ``metadata.json`` in JSON Lines form is a table (the README: a .json data file may be JSON Lines or
+    a JSON array), also beside class folders: it was taken for a description and the class folders were
+    read instead, its rows and columns dropped silently. Only a file that is one JSON object, on one line
+    or over several, is a description."""
+    import json
+
+    root = tmp_path / "d"
+    for i, cls in enumerate(["cat", "dog"]):
+        _png(root / cls / "a.png", 40 * i)
+        _png(root / cls / "b.png", 40 * i + 10)
+    rows = [{"img_filename": "cat/a.png", "y": "cat", "place": "land"},
+            {"img_filename": "dog/b.png", "y": "dog", "place": "water"}]
+    _write(root / "metadata.json", "".join(json.dumps(r) + "\n" for r in rows))
+    d = load_data(root, DataOptions(group_by="place"))
+    assert d.table == root / "metadata.json" and d.attributes["place"] == ["land", "water"]
+    assert d.items == [root / "cat" / "a.png", root / "dog" / "b.png"]
+    _write(root / "metadata.json", json.dumps({"name": "my birds", "features": {"y": "label"}}, indent=2))
+    assert load_data(root).table is None and len(load_data(root).items) == 4     # a description
+    _write(root / "metadata.json", '{"name": "my birds", "license": ')           # damaged: said, not skipped
+    with pytest.raises(BadInput, match="line 1 is not valid JSON") as e:
+        load_data(root)
+    assert str(e.value.path).endswith("metadata.json")
+
+
+def test_a_class_of_the_model_a_label_is_not_is_refused_naming_its_row(tmp_path):
+    """An unknown label (a typo among 1001 rows), labels that mix names and indices, and a label naming two
+    classes of a checkpoint are refused naming the row (and its line where they differ), as every other
+    error of a row is; a class folder's label is its folder's own name."""
+    from repair.data import encode
+
+    c = _write(tmp_path / "t.csv", "text,label\ngood,positive\n\nbad,postive\nawful,negative\n")
+    with pytest.raises(BadInput) as e:
+        encode(load_data(c), ["negative", "positive"])
+    assert e.value.problem.startswith("row 2 (line 4): label 'postive' is not a class of the model"), e.value
+    j = _write(tmp_path / "t.jsonl", '{"text": "a", "label": "positive"}\n{"text": "b", "label": "pos"}\n'
+                                     '{"text": "c", "label": "pos"}\n')
+    with pytest.raises(BadInput) as e:
+        encode(load_data(j), ["negative", "positive"])
+    assert e.value.problem.startswith("row 2 and 1 more row(s): label 'pos' is not a class"), e.value
+    m = _write(tmp_path / "m.csv", "text,label\na,0\nb,0\nc,1\n")
+    with pytest.raises(BadInput) as e:
+        encode(load_data(m), ["1", "2", "3"])
+    assert "labels mix class names and indices: '0' (row 1 and 1 more row(s)) is read as a class index, " \
+           "but '1' (row 3) is both the class named '1'" in e.value.problem, e.value
+    with pytest.raises(BadInput) as e:
+        encode(load_data(_write(tmp_path / "x.csv", "text,label\na,y\nb,x\n")), ["x", "y", "x"])
+    assert e.value.problem.startswith("row 2: label 'x' names 2 classes of the model (0, 2)"), e.value
+    root = tmp_path / "d"
+    for i, cls in enumerate(["cat", "dog"]):
+        _png(root / cls / "a.png", 40 * i)
+    with pytest.raises(BadInput) as e:
+        encode(load_data(root), ["cat", "fox"])
+    assert e.value.problem.startswith("label 'dog' is not a class of the model"), e.value
+
+
+def test_a_csv_with_carriage_return_line_ends_is_read_as_its_jsonl_is(tmp_path):
+    """Classic Mac line ends (Excel's "CSV (Macintosh)"): every CR ends a line, as in JSON Lines (it was
+    refused: "new-line character seen in unquoted field"); rows are named by their lines as in an LF or
+    CRLF file, a quoted field keeps its line break, and in an LF/CRLF file a bare CR inside an unquoted
+    field stays malformed (never a silent extra row)."""
+    c = tmp_path / "t.csv"
+    c.write_bytes(b'text,label,neg\rthe movie was great,positive,no\r"two\rlines",negative,yes\r')
+    d = load_data(c)
+    assert d.items == ["the movie was great", "two\rlines"] and d.labels == ["positive", "negative"]
+    assert d.attributes["neg"] == ["no", "yes"]
+    t = tmp_path / "t.tsv"
+    t.write_bytes(b"text\tlabel\rgood\tpositive\rbad\tnegative\r")
+    assert load_data(t).labels == ["positive", "negative"]
+    for nl in (b"\n", b"\r\n", b"\r"):
+        c.write_bytes(nl.join([b"text,label", b"a,x", b'"two', b'lines",y', b"", b"   ,x", b""]))
+        with pytest.raises(BadInput) as e:
+            load_data(c)
+        assert e.value.problem == "row 3 (line 6) has an empty text ('text'); 1 row(s) without one", (nl, e.value)
+    c.write_bytes(b"text,label\r\ngood,positive\r\nthe\rplot,negative\r\n")
+    with pytest.raises(BadInput, match=r"malformed CSV near row 2"):
+        load_data(c)

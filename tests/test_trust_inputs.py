@@ -320,6 +320,55 @@ def test_symlink_out_of_a_class_folder_tree_is_refused(tmp_path):
     assert secret.resolve() in load_data(d, DataOptions(allow_outside_paths=True)).files()
 
 
+def test_a_symlinked_folder_inside_a_class_folder_is_read_by_the_class_folder_rule(tmp_path):
+    """A symlinked folder inside a class folder is entered as a symlinked class folder is (its images were
+    skipped silently, even with ``allow_outside_paths``): leading outside the data folder it is refused
+    naming it, unless allowed; inside it is read; one leading back to a folder it is in (a loop) is refused."""
+    d = make_images(tmp_path / "data", n_per_class=4, with_metadata=False)
+    extra = tmp_path / "extra_cats"
+    extra.mkdir()
+    for name in ("002.png", "003.png"):
+        shutil.move(d / "cat" / name, extra / name)
+    (d / "cat" / "more").symlink_to(extra)
+    with pytest.raises(BadInput) as e:
+        load_data(d)
+    assert e.value.path == str(d / "cat" / "more") and "outside the data folder" in e.value.problem, e.value
+    data = load_data(d, DataOptions(allow_outside_paths=True))
+    cats = [p for p, y in zip(data.items, data.labels) if y == "cat"]
+    assert cats == [d / "cat" / "000.png", d / "cat" / "001.png", d / "cat" / "more" / "002.png",
+                    d / "cat" / "more" / "003.png"]
+    assert (extra / "002.png").resolve() in data.files()
+    (d / "cat" / "more").unlink()
+    shutil.move(extra, d / ".store")                    # a hidden folder inside the data folder: no class
+    (d / "cat" / "more").symlink_to(d / ".store")
+    assert [p for p, y in zip(load_data(d).items, load_data(d).labels) if y == "cat"] == cats
+    (d / "dog" / "again").symlink_to(d / "dog")
+    with pytest.raises(BadInput) as e:
+        load_data(d, DataOptions(allow_outside_paths=True))
+    assert e.value.path == str(d / "dog" / "again") and "a loop" in e.value.problem, e.value
+
+
+def test_a_metadata_json_symlinked_out_of_the_data_folder_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """The folder's ``metadata.json`` leading outside it was opened (to tell a table from a description)
+    before the containment check, then ignored: refused now, naming it, nothing of it read."""
+    import repair.data as data_mod
+
+    d = make_images(tmp_path / "data", n_per_class=2, with_metadata=False)
+    outside = tmp_path / "outside" / "notes.json"
+    outside.parent.mkdir()
+    outside.write_text('{"note": "a file outside the data folder"}')
+    (d / "metadata.json").symlink_to(outside)
+    opened = []
+    real_open = data_mod.open_regular
+    monkeypatch.setattr(data_mod, "open_regular", lambda p, *a, **k: opened.append(Path(p)) or real_open(p, *a, **k))
+    with pytest.raises(BadInput) as e:
+        load_data(d)
+    assert e.value.path == str(d / "metadata.json") and "leading outside the folder" in e.value.problem, e.value
+    assert opened == [], opened
+    data = load_data(d, DataOptions(allow_outside_paths=True))        # allowed: read, a description
+    assert data.table is None and len(data.items) == 6
+
+
 def test_empty_path_cell_and_empty_group_cell_name_the_row(tmp_path, timm_folder):
     d = make_images(tmp_path / "data", n_per_class=2)
     rows = list(csv.DictReader(open(d / "metadata.csv")))
