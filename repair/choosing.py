@@ -217,10 +217,14 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     the fit part (as with ``--eval``). ``recipe``: a name, a path or a loaded recipe; ``X`` (N, D)
     embeddings, ``y`` (N,) labels, ``W0``/``b0`` the original head, ``groups`` (N,) group ids or
     None (label-free), ``clusters`` ids of identical samples (kept in one fold). Returns the
-    :class:`Choice`: ``final.W`` / ``final.b`` the head, ``rows`` every candidate's score. Arrays of
-    the wrong shape or kind (labels, groups or clusters that are not whole ids from 0 up, no rows)
-    raise ValueError; ``folds`` (2 to 20), ``device`` and ``seed`` are checked as the CLI's options
-    are (:class:`repair.errors.BadInput`)."""
+    :class:`Choice`: ``final.W`` / ``final.b`` the head, ``rows`` every candidate's score. The arrays
+    (numpy arrays, tensors or lists) are checked by the rules of every head repair's inputs
+    (:func:`repair.methods.check_inputs`, which a method called directly applies too): arrays of the
+    wrong shape or kind (labels that are not the head's class indices -- label names included --,
+    groups or clusters that are not whole ids from 0 up, no rows, values that are not finite in
+    float32, what the fits compute in) raise :class:`repair.methods.BadArrays`, a ValueError and a
+    :class:`repair.errors.BadInput`; ``folds`` (2 to 20), ``device`` and ``seed`` are checked as the
+    CLI's options are (:class:`repair.errors.BadInput`)."""
     from .recipes import load_recipe
 
     if not hasattr(recipe, "candidates"):
@@ -228,37 +232,35 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     if "model" in recipe.kinds:
         raise ValueError(f"recipe {recipe.name!r} has model repairs: they need the model "
                          "(repair.pipeline.fix_model)")
-    from .config import check_seed
-    from .embeddings import check_device
+    from .methods import BadArrays, RepairInputs, check_inputs
     from .recipes import check_folds
 
-    X, W0, b0 = torch.as_tensor(X).float(), torch.as_tensor(W0).float(), torch.as_tensor(b0).float()
-    if X.dim() != 2 or W0.dim() != 2 or b0.shape != (W0.shape[0],) or W0.shape[1] != X.shape[1]:
-        raise ValueError(f"choose_heads: X must be (N, D) with W0 (C, D) and b0 (C,); got X {tuple(X.shape)}, "
-                         f"W0 {tuple(W0.shape)}, b0 {tuple(b0.shape)}")
-    if not X.shape[0]:
-        raise ValueError("choose_heads: X has no rows")
-    ids = {}
-    for name, v in (("y", y), ("groups", groups), ("clusters", clusters)):
-        if v is None:
-            continue
-        v = torch.as_tensor(v)
-        if v.shape != (X.shape[0],):
-            raise ValueError(f"choose_heads: {name} must be ({X.shape[0]},), one per row of X; got {tuple(v.shape)}")
-        if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
-            raise ValueError(f"choose_heads: {name} must hold integer ids, got {v.dtype}")
-        if int(v.min()) < 0:
-            raise ValueError(f"choose_heads: {name} must be ids from 0 up, got {int(v.min())}")
-        ids[name] = v.long()
-    y, groups, clusters = ids["y"], ids.get("groups"), ids.get("clusters")
-    if int(y.max()) >= W0.shape[0]:
-        raise ValueError(f"choose_heads: labels must lie in [0, {W0.shape[0]}) (the head's classes)")
+    def tensor(name, v):
+        if v is None or isinstance(v, torch.Tensor):
+            return v
+        try:
+            return torch.as_tensor(v)
+        except (TypeError, ValueError, RuntimeError):       # strings, ragged lists, objects
+            kind = "class indices" if name == "y" else "ids" if name in ("groups", "clusters") else "numbers"
+            got = f"{type(v).__name__}{f' of {v.dtype}' if hasattr(v, 'dtype') else ''}"
+            raise BadArrays(f"choose_heads: {name} must be an array or tensor of {kind}, got {got}"
+                            + ("; map label names to the head's class indices first" if name == "y" else "")
+                            ) from None
+
+    # the arrays are checked as a head repair's inputs are (one home: repair.methods.check_inputs), in
+    # the caller's dtypes (X's finiteness as the float32 the fits compute in)
+    arrays = {k: tensor(k, v) for k, v in (("X", X), ("y", y), ("W0", W0), ("b0", b0), ("groups", groups),
+                                           ("clusters", clusters))}
+    check_inputs(RepairInputs(X=arrays["X"], y=arrays["y"], W=arrays["W0"], b=arrays["b0"],
+                              groups=arrays["groups"], clusters=arrays["clusters"], seed=seed, device=device),
+                 "choose_heads", names={"W": "W0", "b": "b0"})
+    X, W0, b0 = arrays["X"].float(), arrays["W0"].float(), arrays["b0"].float()
+    y = arrays["y"].long()
+    groups, clusters = (None if v is None else v.long() for v in (arrays["groups"], arrays["clusters"]))
     from .data import check_classes_present
 
     check_classes_present(y, [str(c) for c in range(W0.shape[0])])     # as repair fix refuses it
     folds = recipe.folds if folds is None else check_folds(folds)
-    check_device(device)
-    check_seed(seed)
     log = log or (lambda m: None)
     ref_logits = X @ W0.T + b0
     crit, strata = selection_basis(recipe.selection, y, ref_logits, groups)

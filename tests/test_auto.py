@@ -245,11 +245,11 @@ def test_choose_heads_on_embeddings_is_what_fix_chooses(timm_folder, skewed_imag
     with pytest.raises(ValueError, match="model repairs"):
         choose_heads("auto-ft", res.embeddings.X, res.encoded.y, W0, b0, groups)
     X, y = res.embeddings.X, res.encoded.y
-    for bad, match in (((X, y[:-1], W0, b0), "y must be"), ((X, y, W0[:, :-1], b0), "X must be"),
-                       ((X, y + W0.shape[0], W0, b0), "labels must lie"),
+    for bad, match in (((X, y[:-1], W0, b0), "y must be"), ((X, y, W0[:, :-1], b0), "W0 must be a"),
+                       ((X, y + W0.shape[0], W0, b0), "labels must be the head's classes"),
                        ((X, y, W0, b0, torch.zeros(3, dtype=torch.long)), "groups must be"),
                        ((X[:0], y[:0], W0, b0), "no rows"),
-                       ((X, y.float() + 0.7, W0, b0), "y must hold integer ids"),
+                       ((X, y.float() + 0.7, W0, b0), "y must be an .* integer tensor"),
                        ((X, y, W0, b0, torch.zeros_like(y) - 1), "groups must be ids from 0 up")):
         with pytest.raises(ValueError, match=match):
             choose_heads("auto", *bad)
@@ -340,3 +340,42 @@ def test_fix_resolves_the_selection_criterion_on_the_fit_part_alone(tmp_path, mo
     res = P.fix_model(model, data, tmp_path / "o", options=P.FixOptions(recipe="dfr"), log=lambda m: None)
     fit = res.report["splits"]["fit"] if "splits" in res.report else res.report["settings"]["splits"]["fit"]
     assert seen[-1] == fit < 36, (seen, fit)
+
+
+def test_choose_heads_checks_its_arrays_as_the_methods_do():
+    """Found by an audit: choose_heads kept its own copy of the input rules, with other results than
+    the methods' (repair.methods.check_inputs): label names were a TypeError from torch, y=None a
+    KeyError, bool labels refused where the methods take them, and finite float64 values beyond
+    float32's range a false "holds NaN or infinite values". One home now: both entry points agree,
+    and a refusal is a BadInput (and a ValueError, as choose_heads documents) naming the problem."""
+    import numpy as np
+
+    from repair.choosing import choose_heads
+    from repair.methods import RepairInputs, get_method
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 4))
+    y = np.arange(40) % 2
+    X[:, 0] += 2 * y
+    W, b = rng.normal(size=(2, 4)), np.zeros(2)
+    for labels, match in ((np.array(["a", "b"])[y], "choose_heads: y must be an array or tensor of class indices"),
+                          (None, "choose_heads: y must be a torch tensor"),
+                          (list(np.array(["a", "b"])[y]), "choose_heads: y must be")):
+        with pytest.raises(BadInput, match=match) as e:
+            choose_heads("dfr", X, labels, W, b)
+        assert isinstance(e.value, ValueError)
+    dfr = get_method("dfr")
+    tensors = dict(X=torch.tensor(X).float(), W=torch.tensor(W).float(), b=torch.zeros(2))
+    as_bool = choose_heads("dfr", X, y.astype(bool), W, b)
+    as_int = choose_heads("dfr", X, y, W, b)
+    assert torch.equal(as_bool.final.W, as_int.final.W) and torch.equal(as_bool.final.b, as_int.final.b)
+    direct = dfr(RepairInputs(y=torch.tensor(y).bool(), **tensors))
+    assert torch.equal(direct.W, dfr(RepairInputs(y=torch.tensor(y), **tensors)).W)
+    huge = torch.tensor(X) * 1e39                                  # finite float64, beyond float32
+    with pytest.raises(BadInput, match="choose_heads: X holds values beyond float32's range") as e:
+        choose_heads("dfr", huge, y, W / 1e39, b)
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(BadInput, match="dfr: X holds values beyond float32's range"):
+        dfr(RepairInputs(X=huge, y=torch.tensor(y), W=torch.tensor(W) / 1e39, b=torch.zeros(2)))
+    with pytest.raises(BadInput, match="choose_heads: X holds NaN or infinite values"):
+        choose_heads("dfr", np.where(np.arange(160).reshape(40, 4) == 3, np.nan, X), y, W, b)

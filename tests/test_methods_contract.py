@@ -373,6 +373,33 @@ def test_inputs_no_method_is_defined_on_are_refused_before_it_runs(m, problems):
         m(RepairInputs(**base), object())
 
 
+@pytest.mark.parametrize("m", METHODS, ids=IDS)
+def test_embeddings_at_any_float32_scale_and_beyond_it(m, problems):
+    """Found by an audit of the library: finite float32 embeddings around 1e19 gave every method an
+    all-zero head, silently (the standardisation's squares overflowed float32; from 1e18 some
+    features), and finite float64 ones beyond float32's range (1e39) crashed inside the methods
+    (_LinAlgError, "returned a head holding NaN"). Scaled embeddings (with the head scaled back) give
+    the same predictions; values beyond float32's range, what the methods compute in, are a BadInput
+    saying so (checked once, after the cast), for X and for the head."""
+    from repair.errors import BadInput
+
+    p = problems[2]
+    X, y, gr = p["X"][:600], p["y"][:600], p["groups"][:600]
+    base = m(RepairInputs(X=X, y=y, W=p["W"], b=p["b"], groups=gr))
+    pred = (X @ base.W.T + base.b).argmax(1)
+    for s in (1e18, 1e19):
+        Xs = X * s
+        out = m(RepairInputs(X=Xs, y=y, W=p["W"] / s, b=p["b"], groups=gr))
+        assert bool(out.W.abs().max() > 0), s
+        agree = float(((Xs.double() @ out.W.double().T + out.b.double()).argmax(1) == pred).float().mean())
+        assert agree >= 0.99, (s, agree)
+    for change, name in (({"X": X.double() * 1e39, "W": p["W"].double() / 1e39}, "X"),
+                         ({"W": p["W"].double() * 1e39}, "W")):
+        kw = {"X": X, "y": y, "W": p["W"], "b": p["b"], "groups": gr, **change}
+        with pytest.raises(BadInput, match=f"{m.name}: {name} holds values beyond float32's range"):
+            m(RepairInputs(**kw))
+
+
 def test_an_unknown_method_name_is_a_bad_input_and_a_key_error():
     from repair.errors import BadInput
     from repair.methods import get_method

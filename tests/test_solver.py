@@ -678,3 +678,79 @@ def test_lbfgs_penalty_per_problem_and_offsets():
             assert abs(float(c[0, task, j]) - float(c1[0, 0, 0])) < 1e-3
     with pytest.raises(ValueError):
         S.fit_binary_l2_path_lbfgs(X, [(0, 200)], t, w, [1.0], offset=off[:, :1])
+
+
+def test_moments_of_huge_float32_embeddings_do_not_overflow():
+    """Found by an audit: finite float32 embeddings around 1e19 had their centred values squared in
+    float32 (inf): the standard deviation was inf, every feature's scale 1 / inf = 0 and the head all
+    zeros, silently (at 1e18 some features already). The moments are right at any finite scale (a pass
+    whose float32 sums overflow is redone in float64), on one thread whatever the thread count, and a
+    spread that is still not a finite number is refused, never a zero scale."""
+    from repair.errors import BadInput
+    from repair.solver.weights import standardization_from_moments
+    from repair.threads import limited
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3000, 5, generator=g) * torch.tensor([1.0, 2.0, 3.0, 0.5, 4.0]) + 1
+    mu, sd = S.feature_moments(X)
+    y = (X[:, 0] + X[:, 1] + 0.5 * torch.randn(3000, generator=g) > 2).long()
+    W1, b1, _ = S.fit_logreg(X, y, 2, l2=1.0)
+    for s in (1e18, 1e19, 1e30, 1e37):
+        Xs = X * s
+        assert bool(torch.isfinite(Xs).all())
+        with limited(1):
+            one = S.feature_moments(Xs, chunk_rows=1000)
+        with limited(2):
+            two = S.feature_moments(Xs, chunk_rows=1000)
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+        assert torch.allclose(one[0].double() / s, mu.double(), rtol=1e-5), s
+        assert torch.allclose(one[1].double() / s, sd.double(), rtol=1e-5), s
+        a, c = S.standardization(Xs)
+        assert bool(torch.isfinite(a).all() and (a > 0).all() and torch.isfinite(c).all()), s
+        assert torch.allclose(Xs * a + c, (X - mu) / sd, atol=1e-4), s
+        Ws, bs, _ = S.fit_logreg(Xs, y, 2, l2=1.0)        # the same head, in the embeddings' units
+        assert torch.allclose(_logits(Xs, Ws[0], bs[0]), _logits(X, W1[0], b1[0]), atol=1e-3), s
+    with pytest.raises(BadInput, match="too large to standardise"):
+        standardization_from_moments(torch.zeros(3), torch.tensor([1.0, float("inf"), 1.0]))
+
+
+def test_two_class_smooth_fits_honour_tol_and_max_iter(monkeypatch):
+    """Found by an audit: fit_logreg's two-class L2 path (Newton, and L-BFGS on large problems) ran
+    with its own stopping rule whatever the caller's tol and max_iter (max_iter=1 reported 7 steps;
+    neurontune / nsf / afr's settings changed nothing). tol is now Newton's decrement for a gradient of
+    that size (10 tol^2: the default 1e-4 is the 1e-7 it always used, so default heads are unchanged)
+    and max_iter counts Newton steps (L-BFGS gets ten iterations per step)."""
+    import repair.solver.lbfgs as LB
+    from repair.methods import RepairInputs, get_method
+
+    X, y = _binary(n=200, d=8, seed=1)
+    W, b, info = S.fit_logreg(X, y, 2, l2=1.0)
+    Wd, bd, infod = S.fit_logreg(X, y, 2, l2=1.0, tol=1e-4, max_iter=100)
+    assert info["algorithm"] == "newton" and torch.equal(W, Wd) and torch.equal(b, bd)
+    its = {}
+    for tol in (1e-2, 1e-4, 1e-6):
+        _, _, inf = S.fit_logreg(X, y, 2, l2=1.0, tol=tol)
+        assert inf["algorithm"] == "newton" and all(inf["converged"])
+        its[tol] = inf["n_iter"][0]
+    assert its[1e-2] < its[1e-4] < its[1e-6], its
+    _, _, one = S.fit_logreg(X, y, 2, l2=1.0, max_iter=1)
+    assert one["n_iter"] == [1] and one["converged"] == [False]
+    monkeypatch.setattr(LB, "path_solver", lambda *a, **k: ("lbfgs", "test"))
+    Xl, yl = _binary()                                     # L-BFGS needs 13 iterations here
+    _, _, lb = S.fit_logreg(Xl, yl, 2, l2=1e-2, max_iter=1)
+    assert lb["algorithm"] == "lbfgs" and lb["n_iter"] == [LB.ITERS_PER_NEWTON_STEP] and lb["converged"] == [False]
+    monkeypatch.undo()
+    # the methods' own settings reach the solver
+    g = torch.Generator().manual_seed(1)
+    Xm = torch.randn(200, 8, generator=g)
+    ym = torch.arange(200) % 2
+    Xm[:, 0] += 1.5 * ym
+    inp = RepairInputs(X=Xm, y=ym, W=torch.randn(2, 8, generator=g), b=torch.randn(2, generator=g))
+    for name in ("neurontune", "nsf"):
+        m = get_method(name)
+        base, capped = m(inp), m(inp, {"max_iter": 1})
+        assert base.diagnostics["solver_converged"] and not capped.diagnostics["solver_converged"], name
+        assert not torch.equal(base.W, capped.W), name
+    from repair.solver.newton import HEADS_TOL, heads_tol
+
+    assert heads_tol(1e-4) == HEADS_TOL == 1e-7

@@ -301,44 +301,65 @@ def _fail(info: MethodInfo, why) -> None:
     raise BadInput(f"{info.where()} {why}")
 
 
-def check_inputs(inputs: "RepairInputs", method: str = "a head repair") -> None:
+class BadArrays(BadInput, ValueError):
+    """Arrays a head repair is not defined on (:func:`check_inputs`): a :class:`repair.errors.BadInput`
+    (a bad input, exit 2 from the CLI) and a ``ValueError`` (what :func:`repair.choosing.choose_heads`
+    documents for arrays of the wrong shape or kind)."""
+
+
+def check_inputs(inputs: "RepairInputs", method: str = "a head repair", names: Optional[dict] = None) -> None:
     """:class:`repair.errors.BadInput` naming ``method`` and the problem unless ``inputs`` are what a
-    head repair is defined on: torch tensors, ``X`` (N, D) finite floats, ``W`` (C, D), ``b`` (C,),
-    ``y`` (N,) whole class indices in [0, C), ``groups`` / ``clusters`` (N,) whole numbers or None,
-    a valid seed. (The pipeline builds them so; a caller of the library may not.)"""
+    head repair is defined on: torch tensors, ``X`` (N, D) floats, ``W`` (C, D), ``b`` (C,), all
+    finite in float32 (what the methods compute in: a float64 value beyond its range is refused
+    as such), ``y`` (N,) whole class indices in [0, C) (integer or bool tensors), ``groups`` /
+    ``clusters`` (N,) whole numbers or None, a valid seed and device. (The pipeline builds them so;
+    a caller of the library may not.) The one home of these rules: :func:`repair.choosing.choose_heads`
+    checks its arrays here too. Raises :class:`BadArrays` (a BadInput and a ValueError). ``names``:
+    what the caller calls ``X`` / ``W`` / ``b`` / ``y`` in the messages (choose_heads: ``W0``, ``b0``)."""
     from ..config import check_seed
     from ..embeddings import check_device
 
     def fail(why: str):
-        raise BadInput(f"{method}: {why}")
+        raise BadArrays(f"{method}: {why}")
+
+    nm = {"X": "X", "y": "y", "W": "W", "b": "b", **(names or {})}
 
     for name in ("X", "y", "W", "b"):
         if not isinstance(getattr(inputs, name, None), torch.Tensor):
-            fail(f"{name} must be a torch tensor, got {type(getattr(inputs, name, None)).__name__}")
+            fail(f"{nm[name]} must be a torch tensor, got {type(getattr(inputs, name, None)).__name__}")
     X, y, W, b = inputs.X, inputs.y, inputs.W, inputs.b
     if X.dim() != 2 or not X.is_floating_point():
-        fail(f"X must be an (N, D) float tensor, got {tuple(X.shape)} {X.dtype}")
+        fail(f"{nm['X']} must be an (N, D) float tensor, got {tuple(X.shape)} {X.dtype}")
     n, d = X.shape
     if n == 0:
-        fail("X has no rows: a head repair needs samples")
+        fail(f"{nm['X']} has no rows: a head repair needs samples")
     if W.dim() != 2 or W.shape[1] != d or not W.is_floating_point():
-        fail(f"W must be a (C, {d}) float tensor for X of {d} columns, got {tuple(W.shape)} {W.dtype}")
+        fail(f"{nm['W']} must be a (C, {d}) float tensor for {nm['X']} of {d} columns, got "
+             f"{tuple(W.shape)} {W.dtype}")
     c = W.shape[0]
     if tuple(b.shape) != (c,):
-        fail(f"b must have shape ({c},) for W of {c} rows, got {tuple(b.shape)}")
+        fail(f"{nm['b']} must have shape ({c},) for {nm['W']} of {c} rows, got {tuple(b.shape)}")
     for name, t in (("y", y), ("groups", inputs.groups), ("clusters", inputs.clusters)):
         if t is None and name != "y":
             continue
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or t.is_floating_point() or t.is_complex():
-            fail(f"{name} must be an ({n},) integer tensor (one per row of X), got "
+            fail(f"{nm.get(name, name)} must be an ({n},) integer tensor (one per row of {nm['X']}), got "
                  f"{f'{tuple(t.shape)} {t.dtype}' if isinstance(t, torch.Tensor) else type(t).__name__}")
         if name != "y" and int(t.min()) < 0:
             fail(f"{name} must be ids from 0 up, got {int(t.min())}")
     if int(y.min()) < 0 or int(y.max()) >= c:
-        fail(f"y holds class indices outside 0..{c - 1} ({int(y.min())}..{int(y.max())})")
-    for name, t in (("X", X), ("W", W), ("b", b)):       # a finite sum is the cheap common case
-        if t.numel() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-            fail(f"{name} holds NaN or infinite values")
+        fail(f"{nm['y']} holds class indices outside 0..{c - 1} ({int(y.min())}..{int(y.max())}): labels must "
+             "be the head's classes")
+    for name, t in (("X", X), ("W", W), ("b", b)):
+        # checked as the methods compute on it (cpu_tensors: float32), so a finite float64 value beyond
+        # float32's range is named here, not met as inf inside a solver; a finite sum is the cheap common case
+        t32 = t.float()
+        if t32.numel() and not bool(torch.isfinite(t32.sum())) and not bool(torch.isfinite(t32).all()):
+            if t32 is not t and bool(torch.isfinite(t).all()):
+                fail(f"{nm[name]} holds values beyond float32's range (|x| > {torch.finfo(torch.float32).max:.2g}), "
+                     "which head repairs compute in: rescale them")
+            fail(f"{nm[name]} holds NaN or infinite values")
+        del t32
     try:
         check_seed(inputs.seed)
         check_device(getattr(inputs, "device", "cpu"))
@@ -430,5 +451,5 @@ def head_notes(label: str, diagnostics: Optional[dict]) -> list[str]:
 
 __all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "CannotWin", "TrainSet", "MethodInfo",
            "register_method", "register_model_repair", "list_methods", "get_method", "MASK", "AFFINE",
-           "Transform", "Resource", "METHODS", "check_inputs", "check_output", "check_model_output",
+           "Transform", "Resource", "METHODS", "BadArrays", "check_inputs", "check_output", "check_model_output",
            "CONVERGED_KEYS", "head_notes"]

@@ -220,7 +220,13 @@ def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
     same objective and stopping rule: the gradient of the mean objective; only that problem's
     rows are copied); everything else by FISTA. ``"fista"`` / ``"newton"`` / ``"lbfgs"`` force one.
     With Newton the intercept is not pulled to ``ref_b`` (only ``W``), as sklearn never
-    penalises it.
+    penalises it. On that two-class path ``tol`` and ``max_iter`` keep their meaning in Newton's
+    terms: ``tol`` becomes the Newton decrement per unit weight (the predicted objective gap) that a
+    gradient of that size stands for, ``10 tol^2`` (:func:`repair.solver.newton.heads_tol`; the
+    default 1e-4 is 1e-7, the rule this path always used; no tighter than round-off lets each route
+    reach, :data:`repair.solver.newton.TOL_FLOOR`), and ``max_iter`` counts Newton steps, at most 100
+    (L-BFGS blocks get ten iterations per step); ``info["n_iter"]`` counts those steps (L-BFGS
+    iterations).
 
     ``num_threads``: CPU threads for torch during the fit (restored afterwards);
     ``"auto"`` uses 1 thread when a data pass is small (< 5e7 multiply-adds), where
@@ -338,7 +344,10 @@ def _fit_logreg(X, y, num_classes, *, sample_weight, l1, l2, ref_pull, init_W, i
         Wz, bz = Wr, br
         if s is not None or t is not None:  # head on z -> head on x~ = z*s + t
             if s is not None:
-                nz = s.abs() > 1e-12
+                # a masked feature (scale exactly 0) has no internal weight; any other scale is inverted,
+                # however small (the standardisation of embeddings around 1e18 scales by 1e-18: a cut at
+                # 1e-12 dropped the reference head's weights there, and AFR's pull went to 0)
+                nz = s != 0
                 Wi = torch.where(nz.unsqueeze(1), Wz / torch.where(nz, s, torch.ones_like(s)).unsqueeze(1),
                                  torch.zeros_like(Wz))
             else:
@@ -382,9 +391,12 @@ def _fit_logreg(X, y, num_classes, *, sample_weight, l1, l2, ref_pull, init_W, i
                            feature_shift=feature_shift, standardize=standardize, max_iter=max_iter, tol=tol,
                            device=device, dtype=dtype, gather=gather, working_set=working_set, algorithm=algorithm)
     if newton_now:
-        from .newton import binary_heads
+        from .newton import HEADS_MAX_ITER, binary_heads, heads_tol
 
+        # the caller's stopping rule, in Newton's terms: tol as the decrement it stands for, max_iter
+        # as Newton steps (at most HEADS_MAX_ITER; the defaults give the rule this path always used)
         W_out, b_out, info = binary_heads(Z, y, wfull.expand(K, N), l2n * S, pulln * S, Wref, bref, s, t,
+                                          tol=heads_tol(tol), max_iter=min(HEADS_MAX_ITER, int(max_iter)),
                                           row_mix=row_mix)
         We, be = fold_affine(W_out, b_out, s, t)
         info.update({"seconds": time.perf_counter() - t0, "gathered": False, "working_set": False, "n_outer": 0,

@@ -13,6 +13,43 @@ from .. import threads
 Tensor = torch.Tensor
 
 
+#: :func:`binary_heads`'s stopping rule at :func:`repair.solver.fit_logreg`'s default ``tol`` (1e-4):
+#: the Newton decrement per unit of sample weight (see :func:`heads_tol`)
+HEADS_TOL = 1e-7
+#: the default ``tol`` of :func:`repair.solver.fit_logreg` that :data:`HEADS_TOL` stands for
+FIT_LOGREG_TOL = 1e-4
+#: most Newton steps :func:`binary_heads` takes (L-BFGS: ``ITERS_PER_NEWTON_STEP`` iterations per step)
+HEADS_MAX_ITER = 100
+
+
+def heads_tol(tol: float) -> float:
+    """:func:`repair.solver.fit_logreg`'s ``tol`` as the stopping rule of its two-class smooth path
+    (:func:`binary_heads`: Newton, or L-BFGS on large problems).
+
+    ``fit_logreg``'s ``tol`` bounds the largest gradient entry of the *mean* objective; Newton stops
+    on the decrement ``g^T H^-1 g / 2`` per unit weight (the predicted objective gap), which for a
+    gradient of size ``g`` along a direction of curvature ``h`` is ``g^2 / (2 h)``: quadratic in the
+    gradient. So the rule scales as ``tol^2``, calibrated so that the default ``tol`` (1e-4) is
+    :data:`HEADS_TOL` (1e-7), the rule this path always used (heads at the default settings are
+    unchanged): ``10 tol^2`` (tol 1e-3: 1e-5, tol 1e-5: 1e-9). :func:`binary_heads` asks no route for
+    less than it reaches (:data:`TOL_FLOOR`), and L-BFGS caps its tolerance at
+    :data:`repair.solver.lbfgs.MAX_TOL` (a looser quasi-Newton certificate measured worse)."""
+    return HEADS_TOL * (float(tol) / FIT_LOGREG_TOL) ** 2
+
+
+#: the tightest decrement per unit weight each route of :func:`binary_heads` is asked for, with the
+#: data in float32 / float64: below it round-off stops the iterations short of the rule and they
+#: only run to the cap (measured on pulled, weakly penalised, n < d and separable problems: Newton
+#: reached 1e-14 / 1e-18 on all of them and failed 1e-16 / 1e-20 on one; L-BFGS reached 1e-7 / 1e-14
+#: and failed 1e-9 / 1e-16). A caller's tighter ``tol`` gets these; the default (1e-7) is above all
+TOL_FLOOR = {("newton", False): 1e-12, ("newton", True): 1e-16, ("lbfgs", False): 1e-7, ("lbfgs", True): 1e-12}
+
+
+def _reachable(tol: float, solver: str, dtype: torch.dtype) -> float:
+    """``tol`` no tighter than :data:`TOL_FLOOR` for ``solver`` on data of ``dtype``."""
+    return max(float(tol), TOL_FLOOR[(solver, dtype == torch.float64)])
+
+
 def newton_cost(n: int, d: int, mixed_rows: int = 0) -> tuple:
     """(multiply-adds per Newton iteration, form) of :func:`fit_binary_l2_path` for ``n``
     rows and ``d`` features: the primal form builds a (d+1)^2 Hessian (``n d^2``),
@@ -346,7 +383,8 @@ def _shared_rows_lbfgs(Z, y, w, l2, pull, Wref, bref, scale, shift, tol, max_ite
     tgt = (y == 1).to(dt).view(N, 1).expand(N, K)
     V, cl, info = fit_binary_l2_path_lbfgs(Z, [(0, N)], tgt, w.T.to(dt), ((l2 + pull) / 2.0).view(1, 1, K),
                                            scale=None if scale is None else scale[0],
-                                           shift=None if shift is None else shift[0], offset=offset, tol=tol,
+                                           shift=None if shift is None else shift[0], offset=offset,
+                                           tol=_reachable(tol, "lbfgs", dt),
                                            max_iter=ITERS_PER_NEWTON_STEP * max_iter)
     return _two_class_heads(V[0, :, 0].double(), cl[0, :, 0], center, Wref, bref,
                             lambda W, b: _internal_logits(Z, W, b, scale, shift), y.view(1, N).expand(K, N), w,
@@ -354,7 +392,7 @@ def _shared_rows_lbfgs(Z, y, w, l2, pull, Wref, bref, scale, shift, tol, max_ite
 
 
 def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref=None, bref=None,
-                 scale=None, shift=None, tol: float = 1e-7, max_iter: int = 100, row_mix=None):
+                 scale=None, shift=None, tol: float = HEADS_TOL, max_iter: int = HEADS_MAX_ITER, row_mix=None):
     """Two-class multinomial heads with smooth penalties, solved as binary problems by Newton.
 
     The multinomial objective of :func:`repair.solver.fit_logreg` for two classes,
@@ -365,7 +403,10 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
     Wref_0)``. ``Z`` (N, D) are the (internal) features, ``scale``/``shift`` (K, D) optional
     per-problem feature maps, ``w`` (K, N) sample weights, ``row_mix``
     (:class:`repair.solver.mixing.RowMix`, indices into ``Z``'s rows) mixed rows each problem also
-    has, never formed. Returns internal ``(W (K,2,D), b (K,2), info)``; the intercept is not
+    has, never formed. ``tol``: the Newton decrement per unit weight at which a problem is done
+    (:func:`heads_tol` maps ``fit_logreg``'s ``tol`` to it; no route is asked for less than
+    :data:`TOL_FLOOR`); ``max_iter``: most Newton steps (L-BFGS gets ``ITERS_PER_NEWTON_STEP``
+    iterations per step). Returns internal ``(W (K,2,D), b (K,2), info)``; the intercept is not
     pulled."""
     K, N = w.shape
     D = Z.shape[1]
@@ -420,12 +461,13 @@ def binary_heads(Z: Tensor, y: Tensor, w: Tensor, l2: Tensor, pull: Tensor, Wref
         # every problem's rows are one block of the (K*N, D) copy already made (no pull: no offsets)
         Vl, cl, info = fit_binary_l2_path_lbfgs(Xk.view(K * N, D), [(k * N, (k + 1) * N) for k in range(K)],
                                                 tgt.reshape(-1, 1), w.reshape(-1).to(Xk.dtype), lam.view(1, K),
-                                                tol=tol, max_iter=ITERS_PER_NEWTON_STEP * max_iter,
+                                                tol=_reachable(tol, "lbfgs", Xk.dtype),
+                                                max_iter=ITERS_PER_NEWTON_STEP * max_iter,
                                                 mix=None if mix is None else [mix.take(k, k + 1) for k in range(K)])
         V, c = Vl[:, 0].double(), cl[:, 0]
     else:
-        V, c, info = fit_binary_l2_path(Xk, tgt, w, lam.view(1, K), tol=tol, max_iter=max_iter, offset=offset,
-                                        num_threads=None, mix=mix)
+        V, c, info = fit_binary_l2_path(Xk, tgt, w, lam.view(1, K), tol=_reachable(tol, "newton", Xk.dtype),
+                                        max_iter=max_iter, offset=offset, num_threads=None, mix=mix)
 
     def logits(W, b):                                        # (K, rows, 2) on every row, mixed ones too
         lg = torch.bmm(Xk.double(), W.transpose(1, 2)) + b.unsqueeze(1)

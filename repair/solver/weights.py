@@ -47,7 +47,24 @@ def standardization(X: Tensor, rows: Optional[Tensor] = None, eps: float = 1e-6,
 
 
 def standardization_from_moments(mu: Tensor, sd: Tensor, eps: float = 1e-6):
-    """:func:`standardization`'s ``(scale, shift)`` from per-feature mean and standard deviation."""
+    """:func:`standardization`'s ``(scale, shift)`` from per-feature mean and standard deviation.
+
+    A spread that is not a finite number is :class:`repair.errors.BadInput` (embeddings so large that
+    their standard deviation is beyond the dtype's range, or holding NaN / inf): its scale ``1 / sd``
+    would be 0 and silently zero the feature (float32 embeddings at 1e19 once did so to every feature:
+    an all-zero head)."""
+    bad = ~torch.isfinite(sd) | ~torch.isfinite(mu)
+    if bool(bad.any()):
+        from ..errors import BadInput
+
+        j = int(torch.nonzero(bad).flatten()[0])
+        where = (f"{int(bad.sum())} feature(s), e.g. feature {j}: mean {float(mu[j]):.3g}, "
+                 f"standard deviation {float(sd[j]):.3g}")
+        if bool(torch.isnan(mu[bad]).any() | torch.isnan(sd[bad]).any()):
+            raise BadInput(f"the embeddings hold NaN or infinite values ({where})")
+        dt = str(sd.dtype).removeprefix("torch.")
+        raise BadInput(f"the embeddings are too large to standardise: their spread is beyond {dt}'s range "
+                       f"({where}); rescale the embeddings")
     sd = torch.where(constant_features(sd, mu, eps), torch.ones_like(sd), sd)
     return 1.0 / sd, -mu / sd
 
@@ -74,23 +91,44 @@ def chunk_moments(chunks, n: int, d: int, dtype: torch.dtype, device, max_rows: 
     """Per-feature mean and (population) standard deviation, in ``dtype``, of the ``n`` rows that
     ``chunks()`` yields in (at most ``max_rows``-row) pieces, by two passes with float64 sums: the
     rule every standardisation's statistics follow (:func:`feature_moments`, and mixed rows that
-    are never formed, :meth:`repair.solver.mixing.RowMix.moments`)."""
+    are never formed, :meth:`repair.solver.mixing.RowMix.moments`).
+
+    Within a chunk the sums run in ``dtype`` (fast); a pass whose ``dtype`` sums overflow (a chunk's
+    column sum or sum of centred squares beyond float32's range: embeddings around 1e17 and more,
+    where ``x * x`` alone passes 3.4e38 at 1.8e19) is redone with the chunks in float64, so the moments
+    of any finite embeddings are right (the sums of non-negative squares only ever overflow to inf,
+    never to a wrong finite value, so ordinary scales keep the ``dtype`` pass and its bytes). A
+    standard deviation still beyond ``dtype``'s range comes back inf (and
+    :func:`standardization_from_moments` refuses it)."""
     # column sums as thin products with a ones vector (far faster than a reduction over rows on
-    # CPU), float32 within a chunk, float64 across chunks. On one CPU thread: BLAS splits such a
+    # CPU), in dtype within a chunk, float64 across chunks. On one CPU thread: BLAS splits such a
     # product's rows among its threads, and the float32 partial sums then depend on their number
     # (1 vs 2 threads: means 2e-6 apart, and mix's head bytes with them on 4,000 x 512 rows, where every
-    # other head was the same). 50,000 x 2,048: 0.03 s against 0.015.
-    ones = torch.ones(1, max(1, int(max_rows)), dtype=dtype, device=device)
-    tot = torch.zeros(d, dtype=torch.float64, device=device)
+    # other head was the same); the float64 redo runs on that thread too. 50,000 x 2,048: 0.03 s against 0.015.
+    rows = max(1, int(max_rows))
+    ones = torch.ones(1, rows, dtype=dtype, device=device)
+    ones64 = None
     with threads.limited(1 if torch.device(device).type == "cpu" else None):
+        tot = torch.zeros(d, dtype=torch.float64, device=device)
         for ch in chunks():
             tot += (ones[:, :ch.shape[0]] @ ch).squeeze(0).double()
+        if not bool(torch.isfinite(tot).all()):             # a chunk's sum overflowed dtype
+            ones64 = torch.ones(1, rows, dtype=torch.float64, device=device)
+            tot.zero_()
+            for ch in chunks():
+                tot += (ones64[:, :ch.shape[0]] @ ch.double()).squeeze(0)
         mu = tot / n
         mu_x = mu.to(dtype)
         ss = torch.zeros_like(tot)
         for ch in chunks():
             dv = ch - mu_x
             ss += (ones[:, :ch.shape[0]] @ dv.mul_(dv)).squeeze(0).double()
+        if not bool(torch.isfinite(ss).all()):              # centred values or their squares overflowed dtype
+            ones64 = torch.ones(1, rows, dtype=torch.float64, device=device) if ones64 is None else ones64
+            ss.zero_()
+            for ch in chunks():
+                dv = ch.double() - mu
+                ss += (ones64[:, :ch.shape[0]] @ dv.mul_(dv)).squeeze(0)
     return mu_x, (ss / n).sqrt_().to(dtype)
 
 
