@@ -38,8 +38,9 @@ def test_a_model_changed_in_memory_is_never_credited_to_its_file(tmp_path, capsy
     res = repair.fix(model, data, tmp_path / "out", recipe="dfr", runtime=quiet)
     err = capsys.readouterr().err
     assert all(ln.startswith(("warning", "notice")) for ln in err.splitlines() if ln.strip()), err
-    original = repair.evaluate(model, data, runtime=quiet)["model"]
-    repaired = repair.evaluate(res.adapter, data, runtime=quiet)["model"]
+    other = make_images(tmp_path / "e", n_per_class=8, seed=5)      # not the repair set (that is refused)
+    original = repair.evaluate(model, other, runtime=quiet)["model"]
+    repaired = repair.evaluate(res.adapter, other, runtime=quiet)["model"]
     assert repaired["sha256"] is None and repaired["changed_from_sha256"] == original["sha256"]
     assert repaired["changed_tensors"]
     out = tmp_path / "mem"
