@@ -18,9 +18,11 @@ goes too. YAML::
          eval: zoo/demo-s0/data/test}
       - ...
 
-CSV: the columns are field names; ``# key: value`` lines before the header (a field name in lower
-case, as the columns are: a misspelt one is an error, not a comment) are the defaults; other ``#``
-lines (``# Note: ...``) are comments.
+CSV: the columns are field names; ``# key: value`` (or ``# key = value``) lines before the header (a
+field name in lower case, as the columns are: a misspelt one is an error, not a comment) are the
+defaults; a ``#`` line whose first word is a field name in any other form (``# Gate: 90%``,
+``# gate 90%``) is an error naming the line, never a comment that drops a gate; other ``#`` lines
+(``# Note: ...``) are comments.
 
 Everything is validated before any model is touched (paths exist, data columns exist, recipes
 load through :func:`repair.recipes.load_recipe`, thresholds are numbers in range, names and
@@ -176,8 +178,9 @@ class Manifest:
 #: aliases expanded (read by the recipes' bounded loader: no duplicate keys, no alias bomb)
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_MANIFEST_VALUES = 2_000_000
-def _read_rows(path: Path) -> tuple[dict, list[dict]]:
-    """(defaults, rows) of a YAML or CSV manifest; values as read."""
+def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
+    """(defaults, rows) of a YAML or CSV manifest; values as read. ``field_names``: the manifest's
+    fields (a CSV ``#`` line whose first word is one of them, in any case, must be a default)."""
     if not path.exists():
         raise BadInput("manifest not found", path)
     if path.is_dir():
@@ -213,11 +216,23 @@ def _read_rows(path: Path) -> tuple[dict, list[dict]]:
 
         lines = text.splitlines()
         defaults: dict = {}
+        by_lower = {k.lower(): k for k in field_names}
+        skipped = 0
         while lines and (lines[0].startswith("#") or not lines[0].strip()):
-            m = re.fullmatch(r"#\s*([a-z_]+)\s*[:=]\s*(.*?)\s*", lines.pop(0))
-            if m:        # "# key: value" (a field name, lower case): a default; "# Note: ..." and others are comments
-                defaults[m.group(1)] = m.group(2)
-        skipped = len(text.splitlines()) - len(lines)
+            line = lines.pop(0)
+            skipped += 1
+            m = re.fullmatch(r"#\s*(\w+)\s*([:=]?)\s*(.*?)\s*", line)
+            if m is None:                                       # blank, or "#" then no word: a comment
+                continue
+            word, sep, value = m.groups()
+            if sep and (word in field_names or re.fullmatch(r"[a-z_]+", word)):
+                defaults[word] = value      # "# key: value" (lower case): a default (an unknown key is refused)
+            elif word.lower() in by_lower:  # "# Gate: 90%", "# gate 90%": never a comment that drops a setting
+                shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
+                raise BadInput(f"line {skipped}: {shown!r} names the field {by_lower[word.lower()]!r} but is not "
+                               f"a default: write '# {by_lower[word.lower()]}: VALUE' (the field name in lower case, "
+                               "then ':' or '='), or word the comment so it does not start with a field name", path)
+            # other "#" lines ("# Note: ...") are comments
         columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1)
         header = [c.strip() for c in columns]
         twice = sorted({c for c in header if c and header.count(c) > 1})
@@ -249,17 +264,31 @@ class _Problems:
                            self.path)
 
 
-def _validate_recipe(recipe: str, mode: str, allow_plugins: bool) -> tuple:
+def _validate_recipe(recipe: str, mode: str, allow_plugins: bool):
     """A recipe checked without running anything: its ``plugins:`` are never imported here; in fix mode
     a recipe with plugins needs ``--allow-plugins`` (refused now, not half-way through the zoo).
-    Returns the files it was read from (inputs no output may replace)."""
+    Returns the :class:`repair.recipes.Recipe` as validated (``.files``: the files it was read from,
+    inputs no output may replace)."""
     from .recipes import validate_recipe
 
     r = validate_recipe(recipe)
     if r.plugins and mode == "fix" and not allow_plugins:
         raise BadInput(f"recipe {r.source or recipe} loads plugin code {r.plugins[0]}; pass --allow-plugins to "
                        "run it")
-    return r.files
+    return r
+
+
+def _fix_options_refused(**values) -> Optional[str]:
+    """Why :class:`repair.pipeline.FixOptions` (the one home of ``repair fix``'s option rules) refuses
+    ``values``, its flags written as the manifest's fields (``--eval-group-by`` -> ``eval_group_by``);
+    None: it takes them."""
+    from .pipeline import FixOptions
+
+    try:
+        FixOptions(**values)
+    except BadInput as e:
+        return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), e.problem)
+    return None
 
 
 def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Manifest:
@@ -270,13 +299,13 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     from .modelrepair.finetune import Budget
     from .preflight import declared_resource
     from .rules import GATE_METRICS, Protected, check_writable, fix_output, parse_expected_groups, parse_threshold
-    from .recipes import looks_like_path, names_file
+    from .recipes import group_labels_needed, looks_like_path, names_file
 
     path = Path(path)
     if mode not in MODES:
         raise BadInput(f"--mode must be fix or eval, got {mode!r}")
-    defaults, rows = _read_rows(path)
     FIELDS = fields()
+    defaults, rows = _read_rows(path, FIELDS)
     base = path.absolute().parent        # the folder of the path given (a link's own, not its target's)
     problems = _Problems(path)
     for k in sorted(set(defaults) - set(FIELDS)):
@@ -286,6 +315,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             problems.add("defaults", k, "must be given per row")
     recipes: dict[str, Optional[str]] = {}
     recipe_files: dict[str, tuple] = {}
+    recipe_needs: dict[str, Optional[str]] = {}    # recipe -> why it needs group labels (None: it does not)
     datasets: dict[tuple, Any] = {}
     entries: list[ZooEntry] = []
     names: dict[str, int] = {}
@@ -337,6 +367,11 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
         for k in ("group_by", "eval_group_by", "budget", "export"):
             if k in r:
                 f[k] = str(r[k])
+        if "eval_group_by" in f:            # in every mode: else eval quietly gates the data's own groups
+            why = _fix_options_refused(eval_data=str(f["eval"]) if "eval" in f else None,
+                                       eval_group_by=f["eval_group_by"])
+            if why:
+                problems.add(where, "eval_group_by", why)
         cols = []
         for k in DATA_FIELDS:
             if k in r and k != "group_by":
@@ -373,7 +408,9 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                                            f"file beside the manifest ({recipe})")
         if recipe not in recipes:
             try:
-                recipe_files[recipe] = _validate_recipe(recipe, mode, allow_plugins)
+                checked = _validate_recipe(recipe, mode, allow_plugins)
+                recipe_files[recipe] = checked.files
+                recipe_needs[recipe] = group_labels_needed(checked)     # the check `repair fix` makes
                 recipes[recipe] = None
             except BadInput as e:
                 recipes[recipe] = str(e)
@@ -381,6 +418,9 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             problems.add(where, "recipe", recipes[recipe])
         else:
             protected.add_files(recipe_files[recipe], f"recipe of row {n}")
+            if mode == "fix" and f.get("group_by") is None and recipe_needs[recipe]:
+                # now, not when this row's turn comes after others were repaired and written
+                problems.add(where, "recipe", f"{recipe_needs[recipe]} (give group_by)")
         f["recipe"] = recipe
         if "gate" in r:
             try:
