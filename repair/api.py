@@ -61,16 +61,17 @@ def _check_cache_dir(adapter: Adapter, model, data: list, runtime: RuntimeOption
 
 def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
             data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
-            also: tuple = ()) -> Prepared:
+            also: tuple = (), _adopt: bool = True) -> Prepared:
     """The model loaded, the data read and encoded, its embeddings (cached). ``also``: other data the
-    run reads (:class:`RepairData`), which the cache may not go into either."""
+    run reads (:class:`RepairData`), which the cache may not go into either. ``_adopt``: a model given
+    loaded has its in-place changes registered (False: the caller did it, or loaded it itself)."""
     from .rules import check_options, model_arg
 
     load_opts = check_options(load_opts, LoadOptions, "load_options")
     data_opts = check_options(data_opts, DataOptions, "data_options")
     runtime = check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions()
     # a model already loaded (repair.load_model) is used as it is, as export_model and verify_model do
-    model = model_arg(model_path)
+    model = model_arg(model_path, adopt=_adopt)
     adapter = model if isinstance(model, Adapter) else load_model(model, load_opts)
     data = data_path if isinstance(data_path, RepairData) else load_data(data_path, data_opts or DataOptions())
     _check_cache_dir(adapter, model, [data, *also], runtime)
@@ -214,7 +215,8 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
                                runtime=check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions())
         left_out = sum(bool(o) for o in overlap)
         full, data_path = data, (data.subset([i for i, o in enumerate(overlap) if not o]) if left_out else data)
-    p = prepare(model_path, data_path, load_opts, data_opts, runtime, also=(ex,) if exclude is not None else ())
+    p = prepare(model_path, data_path, load_opts, data_opts, runtime, also=(ex,) if exclude is not None else (),
+                _adopt=exclude is None)       # with --exclude the model was taken (and adopted) above
     refuse_own_repair_set(p.adapter, p.data, p.emb.inputs)
     report = evaluate(p.logits(), p.enc.y, p.enc.class_names, p.enc.groups, p.enc.group_names)
     report["absent_groups"] = list(p.enc.absent_groups) if p.enc.groups is not None else None

@@ -152,16 +152,17 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device:
     inputs = torch.zeros((n, 16), dtype=torch.uint8) if image else None
     bar = _progress(n, progress, "embedding")
     try:
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            batch = adapter.collate([data.items[i] for i in idx])
-            emb = adapter.embed_batch(batch, dev).cpu()
-            if X is None:
-                X = torch.empty((n, emb.shape[1]), dtype=torch.float32)
-            X[torch.tensor(idx)] = emb
-            if inputs is not None:
-                inputs[torch.tensor(idx)] = input_digests(batch)
-            bar.update(len(idx))
+        with adapter.inference():
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                batch = adapter.collate([data.items[i] for i in idx])
+                emb = adapter.embed_batch(batch, dev).cpu()
+                if X is None:
+                    X = torch.empty((n, emb.shape[1]), dtype=torch.float32)
+                X[torch.tensor(idx)] = emb
+                if inputs is not None:
+                    inputs[torch.tensor(idx)] = input_digests(batch)
+                bar.update(len(idx))
     finally:
         bar.close()
     assert X is not None

@@ -262,17 +262,13 @@ def _as_deployed(adapter, data):
     """The adapter in inference mode (every module ``eval()``), decoding with ``data``'s pixel limit,
     while it is exported or verified; then as the caller gave it (modes and limit restored)."""
     pixels = adapter.max_pixels
-    modes = [(m, m.training) for m in adapter.model.modules()] if adapter.model is not None else []
     if data is not None:
         adapter.max_pixels = data.max_pixels
     try:
-        if adapter.model is not None:
-            adapter.model.eval()
-        yield adapter
+        with adapter.inference():
+            yield adapter
     finally:
         adapter.max_pixels = pixels
-        for m, training in modes:
-            m.training = training
 
 
 def _export(adapter, fmt, out, loaded, model_path, max_verify, tolerance, device, opset, exporter, force, log):

@@ -300,14 +300,18 @@ def check_options(value, cls: type, name: str):
     raise BadInput(f"{name} must be a {cls.__name__} (or None), got {type(value).__name__}")
 
 
-def model_arg(value, what: str = "the model", *, loaded: bool = True):
+def model_arg(value, what: str = "the model", *, loaded: bool = True, adopt: bool = True):
     """A model argument of the public functions: an :class:`repair.adapters.Adapter` already loaded
-    (where ``loaded``) or a path; else :class:`BadInput` naming ``what``."""
+    (where ``loaded``) or a path; else :class:`BadInput` naming ``what``. A loaded model's tensors
+    changed in place since it was loaded are registered first (:meth:`Adapter.adopt_changes_in_place`;
+    ``adopt=False`` for one a function loaded itself)."""
     from .adapters.base import Adapter
     from .io import as_path
 
     if isinstance(value, Adapter):
         if loaded:
+            if adopt:
+                value.adopt_changes_in_place()
             return value
         raise BadInput(f"{what} must be a checkpoint path: a model already loaded cannot be repaired and written "
                        f"back in its own format (give the path it was loaded from, {value.source})")

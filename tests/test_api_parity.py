@@ -86,3 +86,39 @@ def test_the_report_says_what_ended_training(tmp_path, timm_folder, image_data):
     mc = doc["models"][0]["result"]["model_change"]
     assert mc["stopped_by"] == stopped and mc["budget"]
     assert f"training ended by {stopped}" in (tmp_path / "r.html").read_text()
+
+
+def test_a_loaded_model_changed_in_place_or_left_in_train_mode_is_measured_as_it_is(tmp_path):
+    """Found by an audit: `evaluate` of a model given loaded ran it in whatever mode the caller left
+    (train: BatchNorm statistics moved, the user's model changed) and keyed the cache by the file's body
+    hash, so the next run from the file's path read those embeddings (0.17 where the file gives 0.33);
+    a body edited in place was measured with the file's cached embeddings, named by the file's sha256
+    and exported as the file's body. In-place changes are now registered (identity, cache key, export),
+    and the forward passes run in eval mode with the caller's modes restored."""
+    import torch
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=8, seed=4)
+    quiet = RuntimeOptions(progress=False, cache_dir=tmp_path / "cache")
+    fresh = repair.evaluate(model, data, runtime=RuntimeOptions(progress=False, use_cache=False))
+    a = repair.load_model(model)
+    a.model.train()
+    before = {k: v.clone() for k, v in a.model.state_dict().items()}
+    rep = repair.evaluate(a, data, runtime=quiet)
+    assert a.model.training and all(m.training for m in a.model.modules())        # modes restored
+    assert all(torch.equal(v, before[k]) for k, v in a.model.state_dict().items())  # nothing moved
+    assert rep["model"]["sha256"] == fresh["model"]["sha256"] and rep["accuracy"] == fresh["accuracy"]
+    again = repair.evaluate(model, data, runtime=quiet)                             # the file, from the cache
+    assert again["embedding"]["from_cache"] and again["accuracy"] == fresh["accuracy"]
+    # a body tensor edited in place (outside set_tensors)
+    a.model.eval()
+    name = next(n for n, p in a.model.named_parameters() if p.ndim == 4)
+    with torch.no_grad():
+        dict(a.model.named_parameters())[name].mul_(-3.0)
+    mine = repair.evaluate(a, data, runtime=quiet)
+    assert mine["model"]["sha256"] is None and name in mine["model"]["changed_tensors"]
+    assert not mine["embedding"]["from_cache"]
+    out = tmp_path / "edited"
+    repair.export_model(a, out, format="safetensors")
+    written = repair.evaluate(out, data, runtime=RuntimeOptions(progress=False, use_cache=False))
+    assert written["accuracy"] == mine["accuracy"] and written["per_class"] == mine["per_class"]

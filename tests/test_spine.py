@@ -124,9 +124,10 @@ def test_a_pickle_only_transformers_folder_loads_with_allow_pickle_and_is_writte
     with torch.no_grad():
         enc = c.collate(texts)
         torch.testing.assert_close(m(**enc).logits, full_logits(c, texts), atol=1e-5, rtol=1e-5)
-    code, stdout2, err = run_cli("eval", out, "--data", text_data, "--json", "-q")
+    other = make_texts(tmp_path / "other.csv", n=30, seed=11)     # not the repair set (that is refused)
+    code, stdout2, err = run_cli("eval", out, "--data", other, "--json", "-q")
     again = json.loads(stdout2)
-    assert code == 0 and again["n"] == len(load_data(text_data).items), err
+    assert code == 0 and again["n"] == 30, err
 
 
 def test_transformers_folder(bert_folder, text_data):

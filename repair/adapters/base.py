@@ -10,6 +10,7 @@ Families register themselves with ``repair.adapters.register_family``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -296,6 +297,41 @@ class Adapter(ABC):
         for n in names:
             if n not in self._file_values:  # a head bias the file does not have: it was zero
                 self._file_values[n] = torch.zeros(own[n].shape, dtype=own[n].dtype)
+
+    def adopt_changes_in_place(self) -> list[str]:
+        """Tensors changed in place since the model was loaded, outside :meth:`set_tensors` (a caller's
+        own training loop or ``no_grad`` edit, BatchNorm statistics a train-mode forward moved): each is
+        registered as :meth:`set_tensors` registers a change, so :meth:`body_hash` (the embedding cache
+        key), :meth:`identity` (what the figures name) and ``save`` / export account for it -- never the
+        file's cached embeddings or the file's sha256 for weights that are not the file's. Compares every
+        tensor the file holds that is not registered yet with its value there (one read of the file);
+        the public functions call it on a model they are given already loaded
+        (:func:`repair.rules.model_arg`). Returns the names found changed."""
+        if self.model is None or not getattr(self, "_file_names", None):
+            return []
+        own = self.model.state_dict()
+        names = sorted(n for n in self._file_names if n in own and n not in self._file_values)
+        if not names:
+            return []
+        stored = read_tensors(self.weights_path, names)
+        changed = [n for n in names if n in stored
+                   and not torch.equal(own[n].detach().cpu(), stored[n].to(own[n].dtype))]
+        self._file_values.update({n: stored[n] for n in changed})
+        return changed
+
+    @contextlib.contextmanager
+    def inference(self):
+        """The model in inference mode (every module ``eval()``) while embeddings or logits are computed,
+        exported or verified; then as the caller left it (each module's mode restored). The one home of
+        that rule: a model left in train mode would move BatchNorm statistics and drop activations."""
+        modes = [(m, m.training) for m in self.model.modules()] if self.model is not None else []
+        try:
+            if self.model is not None:
+                self.model.eval()
+            yield self
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def changed_tensors(self) -> list[str]:
         """Sorted state-dict names whose current values differ from the file's."""
