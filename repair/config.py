@@ -55,16 +55,39 @@ class ConfigError(ValueError):
         super().__init__(f"setting {key!r}: {problem}" if key else problem)
 
 
+class When:
+    """An ``only_if`` condition other than a list of values: the setting applies where ``test(value)``
+    holds; ``words`` say so in a refusal (``"> 0"``). ``value in when`` tests it, as a list's values are."""
+
+    def __init__(self, test, words: str):
+        self.test, self.words = test, words
+
+    def __contains__(self, value: Any) -> bool:
+        try:
+            return bool(self.test(value))
+        except TypeError:                    # None or a value of another type: it does not hold
+            return False
+
+    def __repr__(self) -> str:
+        return f"When({self.words!r})"
+
+
+def above(bound: float) -> When:
+    """The ``only_if`` condition "the other setting is greater than ``bound``" (``patience > 0``)."""
+    return When(lambda v: v > bound, f"> {bound:g}")
+
+
 def setting(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None,
             le: Optional[float] = None, lt: Optional[float] = None, choices: Optional[Sequence] = None,
             nonempty: bool = False, doc: str = "", only_if: Optional[dict] = None):
     """A dataclass field with validation metadata (bounds apply to every element of a tuple).
-    ``only_if``: ``{other setting: the values under which this one has an effect}``; a config that
-    sets this one to other than its default while another makes it do nothing is refused
-    (:func:`build_config`), rather than recorded in the provenance as if it had been used."""
+    ``only_if``: ``{other setting: the values under which this one has an effect}`` (a list of values,
+    or a :class:`When` condition such as ``above(0)``); a config that sets this one to other than its
+    default while another makes it do nothing is refused (:func:`build_config`), rather than recorded
+    in the provenance as if it had been used. The one home of that rule."""
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None,
             "nonempty": nonempty, "doc": doc,
-            "only_if": {k: tuple(v) for k, v in only_if.items()} if only_if else None}
+            "only_if": {k: v if isinstance(v, When) else tuple(v) for k, v in only_if.items()} if only_if else None}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"check": meta})
     return dataclasses.field(default=default, metadata={"check": meta})
@@ -134,7 +157,7 @@ def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> An
             hint = (" (YAML reads off, no, on and yes written without quotes as false or true: quote the word, "
                     "e.g. 'off')" if isinstance(value, bool) else "")
             raise ConfigError(key, f"must be a string, got {value!r}{hint}")
-        return value
+        return _one_line(key, value)
     if kind == "tuple":
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"must be a list, got {value!r}")
@@ -147,9 +170,23 @@ def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> An
                 if not _finite(v):
                     raise ConfigError(key, f"must be finite, got {v!r}")
                 v = float(v) if isinstance(proto, float) else v
-            out.append(_tuples(v))
+            out.append(_tuples(_one_line(key, v) if isinstance(v, str) else v))
         return tuple(out)
     return value
+
+
+def _one_line(key: str, text: str) -> str:
+    """``text``, or :class:`ConfigError` naming ``key`` when it holds a line break: a setting's text is
+    shown inside the output's lines (a candidate's label, the progress lines), where a line break would
+    print a line of its own (``scope: "names:fc|\\ngate passed: ..."``, a forged gate line). The rule is
+    :func:`repair.io.check_one_line`'s (other control characters are escaped where text is shown)."""
+    from .errors import BadInput
+    from .io import check_one_line
+
+    try:
+        return check_one_line(text, "the text")
+    except BadInput as e:
+        raise ConfigError(key, e.problem) from None
 
 
 def _tuples(v: Any) -> Any:
@@ -217,9 +254,20 @@ def build_config(cls: type, params: Optional[dict] = None):
         if values[name] == _tuples(defaults[name]):     # its default restated (a recipe listing every setting)
             continue
         for other, allowed in ((fields[name].metadata.get("check") or {}).get("only_if") or {}).items():
-            if values.get(other) not in allowed:
-                raise ConfigError(name, f"has no effect with {other}: {values.get(other)!r} (it applies with "
-                                        f"{other}: {' or '.join(map(repr, allowed))}); leave it out or change {other}")
+            if values.get(other) in allowed:
+                continue
+            if isinstance(allowed, When):
+                when = f"{other} {allowed.words}"
+            else:
+                when = f"{other}: {' or '.join(map(repr, allowed))}"
+                choices = (fields[other].metadata.get("check") or {}).get("choices") if other in fields else None
+                if choices is not None and not any(a in choices for a in allowed):
+                    # a setting inherited from a config whose other values this one never takes (mix's
+                    # protocols and dfr's fast-only settings)
+                    raise ConfigError(name, f"has no effect here: it applies only with {when}, which this method "
+                                            f"never runs ({other}: {' or '.join(map(repr, choices))}); leave it out")
+            raise ConfigError(name, f"has no effect with {other}: {values.get(other)!r} (it applies with "
+                                    f"{when}); leave it out or change {other}")
     try:
         cfg = cls(**values)
     except (TypeError, ValueError) as e:
@@ -245,4 +293,4 @@ def describe(cls: type) -> list[dict]:
     return out
 
 
-__all__ = ["ConfigError", "MAX_SEED", "check_seed", "setting", "build_config", "describe"]
+__all__ = ["ConfigError", "MAX_SEED", "When", "above", "check_seed", "setting", "build_config", "describe"]

@@ -15,7 +15,7 @@ or, a bare name that names nothing built in, when such a file exists::
     folds: 2                 # K of the cross-validation that compares candidates
     repeats: 2               # the cross-validation repeated on new folds, scores averaged
     ensemble: 2              # average the heads of the best N head candidates (1: keep the best)
-    plugins: [my_method.py]  # Python files (relative to this file) or modules that register methods
+    plugins: [my_method.py]  # Python files or module names (in this file's folder) that register methods
     candidates:
       - method: dfr
         params: {n_refits: 20}
@@ -55,6 +55,8 @@ from typing import Any, Optional, Union
 
 from repair.errors import BadInput
 
+#: a recipe's settings when its file leaves them out
+RECIPE_DEFAULTS = {"selection": "auto", "folds": 2, "repeats": 1, "ensemble": 1}
 RECIPE_KEYS = ("name", "description", "selection", "folds", "repeats", "ensemble", "plugins", "candidates")
 CANDIDATE_KEYS = ("method", "params", "grid")
 
@@ -117,10 +119,10 @@ class Candidate:
 class Recipe:
     name: str
     candidates: list[Candidate]
-    selection: str = "auto"
-    folds: int = 2
-    repeats: int = 1
-    ensemble: int = 1
+    selection: str = RECIPE_DEFAULTS["selection"]
+    folds: int = RECIPE_DEFAULTS["folds"]
+    repeats: int = RECIPE_DEFAULTS["repeats"]
+    ensemble: int = RECIPE_DEFAULTS["ensemble"]
     description: str = ""
     source: str = ""
     plugins: tuple = ()                 # the recipe's plugins: entries (imported only with allow_plugins)
@@ -143,16 +145,25 @@ class Recipe:
                 raise BadInput(f"candidate {n} ({c.method}): the same method with the same settings as candidate "
                                f"{twin}; give each candidate once")
             seen.append((c.method, ident, n))
-        if self.ensemble > 1:
-            from repair.methods import get_method
+        # settings that compare candidates do nothing without candidates to compare (the choice,
+        # repair.choosing.choose: one candidate is fitted once on the fit part, no folds made; the repeats
+        # only score two or more heads, a model repair is compared on the first repeat's folds alone)
+        if self.folds != RECIPE_DEFAULTS["folds"] and len(self.candidates) == 1:
+            raise BadInput(f"folds {self.folds} compares candidates, but the recipe has one candidate (it is fitted "
+                           "once, no folds are made); leave folds out")
+        from repair.methods import get_method
 
-            try:
-                heads = sum(get_method(c.method).kind == "head" for c in self.candidates)
-            except KeyError:                    # a plugin's method not registered yet: counted when run
-                heads = None
-            if heads is not None and heads < self.ensemble:
-                raise BadInput(f"ensemble {self.ensemble} averages the best {self.ensemble} head repairs, but the "
-                               f"recipe has {heads} head candidate{'s' if heads != 1 else ''}")
+        try:
+            heads = sum(get_method(c.method).kind == "head" for c in self.candidates)
+        except KeyError:                        # a plugin's method not registered yet: counted when run
+            heads = None
+        if heads is not None and self.repeats != RECIPE_DEFAULTS["repeats"] and heads < 2:
+            raise BadInput(f"repeats {self.repeats} repeats the cross-validation that compares head repairs, but the "
+                           f"recipe has {heads} head candidate{'s' if heads != 1 else ''} (model repairs are compared "
+                           "on the first repeat's folds); leave repeats out")
+        if heads is not None and self.ensemble > 1 and heads < self.ensemble:
+            raise BadInput(f"ensemble {self.ensemble} averages the best {self.ensemble} head repairs, but the "
+                           f"recipe has {heads} head candidate{'s' if heads != 1 else ''}")
 
     @property
     def kinds(self) -> set[str]:
@@ -315,8 +326,13 @@ def _loader(max_values: int = MAX_YAML_VALUES, what: str = "recipe", typical: st
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 seen = set()
+                merged = False
                 for key_node, _ in node.value:
                     if key_node.tag == "tag:yaml.org,2002:merge":    # "<<: *base": overriding it is YAML's own
+                        if merged:      # a second "<<" in one mapping: which one wins is the loader's guess
+                            raise _Refused("duplicate key '<<' (a key may appear once in a mapping; merge "
+                                           "several mappings with one '<<: [*a, *b]')", key_node.start_mark)
+                        merged = True
                         continue
                     key = self.construct_object(key_node, deep=True)
                     try:
@@ -457,23 +473,35 @@ def available() -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def _plugin_target(spec: Any, base: Path, where: Path) -> Union[Path, str]:
-    """What a ``plugins:`` entry names, checked without importing it: a Python file (relative to the
-    recipe's folder; it must exist) or a module name."""
+def _plugin_target(spec: Any, base: Path, where: Path) -> Path:
+    """The file a ``plugins:`` entry names, checked without importing it: a Python file (relative to
+    the recipe's folder) or a module name, found only in the recipe's folder or below it (``pkg.mod``
+    is ``pkg/mod.py`` or ``pkg/mod/__init__.py`` there; never the current folder or ``sys.path``: an
+    installed package registers its methods through the ``repair.plugins`` entry point). It must
+    exist, and lie (links followed) in that folder."""
     if not isinstance(spec, str) or not spec:
         raise BadInput(f"plugins: entries must be file names or module names, got {spec!r}", where)
+    root = base.resolve()
     if spec.endswith(".py"):
-        path = (base / spec).resolve()
-        if Path(spec).is_absolute() or not path.is_relative_to(base.resolve()):
+        tries = [spec]
+    elif all(part.isidentifier() for part in spec.split(".")):
+        rel = Path(*spec.split("."))
+        tries = [str(rel.with_name(rel.name + ".py")), str(rel / "__init__.py")]
+    else:
+        raise BadInput(f"plugins: {spec!r} is neither a .py file nor a module name", where)
+    for rel in tries:
+        path = (base / rel).resolve()
+        if Path(rel).is_absolute() or not path.is_relative_to(root):
             # nothing outside the paths the user gave is read: a plugin lies in its recipe's folder
             raise BadInput(f"plugins: {spec} is outside the recipe's folder ({base}); a plugin file lies beside "
                            "its recipe or below it", where)
-        if not path.is_file():
-            raise BadInput(f"plugins: file {spec} not found (looked in {base})", where)
-        return path
-    if not all(part.isidentifier() for part in spec.split(".")):
-        raise BadInput(f"plugins: {spec!r} is neither a .py file nor a module name", where)
-    return spec
+        if path.is_file():
+            return path
+    if len(tries) == 1:
+        raise BadInput(f"plugins: file {spec} not found (looked in {base})", where)
+    raise BadInput(f"plugins: module {spec} not found in the recipe's folder (looked for {' or '.join(tries)} in "
+                   f"{base}); a plugin module lies beside its recipe or below it (an installed package registers "
+                   "its methods through the repair.plugins entry point)", where)
 
 
 #: the folds of a cross-validation that compares candidates (a recipe's ``folds``, ``FixOptions.selection_folds``)
@@ -488,23 +516,22 @@ def check_folds(value: Any, what: str = "folds", where: Optional[Path] = None) -
     return value
 
 
-def _import_plugin(spec: str, target: Union[Path, str], where: Path) -> None:
-    """Run a plugin (only after the caller allowed it)."""
+def _import_plugin(spec: str, target: Path, where: Path) -> None:
+    """Run a plugin (only after the caller allowed it): the file :func:`_plugin_target` found, imported
+    from its path (a package's ``__init__.py`` as that package, its relative imports within its folder)."""
     try:
-        if isinstance(target, Path):
-            mod_name = "repair_plugin_" + hashlib.sha256(os.fsencode(target)).hexdigest()[:12]
-            if mod_name in sys.modules:
-                return
-            mspec = importlib.util.spec_from_file_location(mod_name, target)
-            mod = importlib.util.module_from_spec(mspec)
-            sys.modules[mod_name] = mod
-            try:
-                mspec.loader.exec_module(mod)  # type: ignore[union-attr]
-            except BaseException:
-                sys.modules.pop(mod_name, None)
-                raise
-        else:
-            importlib.import_module(target)
+        mod_name = "repair_plugin_" + hashlib.sha256(os.fsencode(target)).hexdigest()[:12]
+        if mod_name in sys.modules:
+            return
+        package = [str(target.parent)] if target.name == "__init__.py" else None
+        mspec = importlib.util.spec_from_file_location(mod_name, target, submodule_search_locations=package)
+        mod = importlib.util.module_from_spec(mspec)
+        sys.modules[mod_name] = mod
+        try:
+            mspec.loader.exec_module(mod)  # type: ignore[union-attr]
+        except BaseException:
+            sys.modules.pop(mod_name, None)
+            raise
     except BadInput:
         raise
     except (Exception, SystemExit) as e:      # a plugin that exits must not end the run as a success
@@ -623,8 +650,8 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     if not isinstance(plugins, list):
         raise BadInput("plugins must be a list of Python files or module names", p)
     targets = [_plugin_target(spec, p.parent, p) for spec in plugins]     # checked, nothing imported
-    selection, folds = doc.get("selection", "auto"), doc.get("folds", 2)
-    vals = {"repeats": doc.get("repeats", 1), "ensemble": doc.get("ensemble", 1)}
+    selection, folds = doc.get("selection", RECIPE_DEFAULTS["selection"]), doc.get("folds", RECIPE_DEFAULTS["folds"])
+    vals = {"repeats": doc.get("repeats", RECIPE_DEFAULTS["repeats"]), "ensemble": doc.get("ensemble", RECIPE_DEFAULTS["ensemble"])}
     name = doc.get("name", p.stem)
     description = "" if doc.get("description") is None else doc["description"]
     if not isinstance(description, str):
@@ -641,7 +668,7 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     try:
         return Recipe(name=name, candidates=candidates, selection=selection, folds=folds, **vals,
                       description=description, source=p.name, plugins=tuple(plugins),
-                      files=(p.resolve(), *(t for t in targets if isinstance(t, Path))))
+                      files=(p.resolve(), *targets))
     except BadInput as e:
         raise BadInput(e.problem, e.path or p) from None
 

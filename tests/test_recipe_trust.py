@@ -4,6 +4,7 @@ size whose YAML (aliases included) is bounded, grids are capped, and keys are ne
 (duplicates, mixed types, a setting in both ``params`` and ``grid``): exit 2 naming the file."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -107,9 +108,10 @@ def test_yaml_aliases_cannot_expand_without_bound(tmp_path):
     deep = "description: " + "[" * 100_000 + "\ncandidates: [{method: dfr}]\n"
     _refused(_write(tmp_path, "deep.yaml", deep), "deep.yaml", "nested more than")      # not a RecursionError
     # aliases within bounds are still YAML as usual
-    ok = _write(tmp_path, "shared.yaml", "candidates:\n  - {method: dfr, params: &p {n_refits: 3}}\n"
+    ok = _write(tmp_path, "shared.yaml", "candidates:\n  - {method: dfr, params: &p {min_subsample_per_group: 3}}\n"
                                          "  - {method: dfr, params: {<<: *p, protocol: fast}}\n")
-    assert [c.params for c in load_recipe(ok).candidates] == [{"n_refits": 3}, {"n_refits": 3, "protocol": "fast"}]
+    assert [c.params for c in load_recipe(ok).candidates] == [{"min_subsample_per_group": 3},
+                                                              {"min_subsample_per_group": 3, "protocol": "fast"}]
 
 
 def test_grids_and_candidates_are_capped_before_they_are_expanded(tmp_path):
@@ -343,3 +345,161 @@ def test_no_plugin_runs_before_the_candidates_are_checked(tmp_path, bad):
     with pytest.raises(BadInput):
         load_recipe(r, allow_plugins=True)
     assert not marker.exists()
+
+
+# ------------------------------------------------------- settings that do nothing, names, plugin modules
+# (found by an audit: each was accepted, recorded in the provenance, and changed nothing)
+
+@pytest.mark.parametrize("method, params, key", [
+    # dfr: the subsample protocols' settings under the fast protocol, the fast protocol's under the others
+    ("dfr", {"protocol": "fast", "n_refits": 500}, "n_refits"),
+    ("dfr", {"protocol": "fast", "n_tune_refits": 7}, "n_tune_refits"),
+    ("dfr", {"protocol": "fast", "holdout_fraction": 0.9}, "holdout_fraction"),
+    ("dfr", {"protocol": "fast", "tune_score": "probability"}, "tune_score"),
+    ("dfr", {"protocol": "paper", "solver": "lbfgs"}, "solver"),
+    ("dfr", {"protocol": "bagged", "group_cap": 1.0}, "group_cap"),
+    # mix runs the subsample protocols only; its coefficient is drawn when mix_beta > 0; no copies, no mixing
+    ("mix", {"solver": "lbfgs"}, "solver"), ("mix", {"protocol": "paper", "group_cap": 1.0}, "group_cap"),
+    ("mix", {"mix_beta": 0.5, "mix_weight": 0.1}, "mix_weight"),
+    ("mix", {"n_mix_per_example": 0, "mix_weight": 0.1}, "mix_weight"),
+    ("mix", {"n_mix_per_example": 0, "mix_beta": 1.0}, "mix_beta"),
+    # the model repairs: the early-stopping rule without early stopping, mixft's mixing without mixing
+    ("mixft", {"patience": 0, "early_stop": "anytime"}, "early_stop"),
+    ("finetune", {"patience": 0, "early_stop": "after_gain"}, "early_stop"),
+    ("recompose", {"patience": 0, "early_stop": "anytime"}, "early_stop"),
+    ("clp", {"early_stop": "anytime"}, "early_stop"),                      # clp's patience is 0 by default
+    ("mixft", {"mix_fraction": 0.0, "mix_weight": 0.9}, "mix_weight"),
+    ("mixft", {"mix_fraction": 0.0, "mix_beta": 1.0}, "mix_beta"),
+    ("mixft", {"mix_fraction": 0.0, "partner": "any_class"}, "partner"),
+    ("mixft", {"mix_fraction": 0.0, "mix_point": 0}, "mix_point"),
+])
+def test_a_setting_another_setting_makes_do_nothing_is_refused(tmp_path, method, params, key):
+    """README: a setting changed from its default where another setting makes it do nothing is exit 2
+    naming the file and the key (these were recorded in the provenance, the model unchanged by them)."""
+    from repair.config import ConfigError
+    from repair.methods import get_method
+
+    info = get_method(method)
+    with pytest.raises(ConfigError) as e:
+        info.make_config(params)
+    assert e.value.key == key and "has no effect" in str(e.value), str(e.value)
+    _refused(_write(tmp_path, "r.yaml", json.dumps({"candidates": [{"method": method, "params": params}]})),
+             "r.yaml", repr(key), "has no effect", validate=True)
+    # the same setting where it acts, and its default restated where it does not, are taken
+    others = {k: v for k, v in params.items() if k != key}
+    info.make_config({**others, key: dataclasses.asdict(info.default_config())[key]})
+    if (method, key) not in (("mix", "solver"), ("mix", "group_cap")):       # never: mix has no fast protocol
+        info.make_config({key: params[key]} if method != "clp" else {key: params[key], "patience": 2})
+
+
+def test_settings_taken_under_protocol_auto_and_where_mixing_runs():
+    """``protocol: auto`` may run either protocol: it takes every one of dfr's settings; mixft's mixing
+    settings act as soon as a share of the batch is mixed, and early_stop as soon as patience > 0."""
+    from repair.methods import get_method
+
+    dfr = get_method("dfr").make_config({"n_refits": 5, "n_tune_refits": 2, "holdout_fraction": 0.4,
+                                         "tune_score": "accuracy", "solver": "newton", "group_cap": 2.0})
+    assert dfr.protocol == "auto" and dfr.n_refits == 5 and dfr.solver == "newton"
+    assert get_method("dfr").make_config({"protocol": "paper", "n_refits": 5}).n_refits == 5
+    assert get_method("dfr").make_config({"protocol": "fast", "solver": "lbfgs", "group_cap": 0.0}).solver == "lbfgs"
+    assert get_method("mix").make_config({"mix_beta": 0.5, "n_mix_per_example": 2}).mix_beta == 0.5
+    cfg = get_method("mixft").make_config({"mix_fraction": 0.25, "mix_weight": 0.9, "partner": "any_class",
+                                           "patience": 1, "early_stop": "anytime"})
+    assert (cfg.mix_weight, cfg.early_stop) == (0.9, "anytime")
+
+
+def test_a_line_break_in_a_text_setting_is_refused_naming_the_key(timm_folder, image_data, tmp_path):
+    """A text setting is shown inside the output's lines (a candidate's label): a line break printed
+    a forged line of its own (``scope: "names:fc|\\ngate passed: ..."``) on stdout and stderr."""
+    from dataclasses import dataclass
+
+    from repair.config import ConfigError, build_config
+
+    forged = "names:fc|\ngate passed: worst-group 99.0%"
+    path = _write(tmp_path, "nl.yaml", json.dumps({"candidates": [{"method": "dfr"}, {"method": "mixft", "params": {
+        "epochs": 1.0, "scope": forged}}]}))
+    _refused(path, "nl.yaml", "'scope'", "line break", validate=True)
+    code, stdout, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", path, "--out", tmp_path / "o",
+                                "--budget", "5steps")
+    assert code == 2 and "gate passed" not in stdout and err.count("\n") == 1 and "'scope'" in err, (stdout, err)
+    assert not any(line.startswith("gate passed") for line in err.splitlines())
+
+    @dataclass
+    class Texts:
+        names: tuple = ("a",)
+        one: str = "x"
+
+    with pytest.raises(ConfigError) as e:
+        build_config(Texts, {"names": ["ok", "b\nc"]})
+    assert e.value.key == "names"
+    assert build_config(Texts, {"names": ["ok"], "one": "a\tb"}).one == "a\tb"     # tab: shown escaped, one line
+
+
+def test_a_plugin_module_name_is_found_only_in_the_recipes_folder(tmp_path, monkeypatch):
+    """README: plugins run only from the recipe's folder or below it. A module name was imported from
+    wherever sys.path reached (the current folder under ``python -m``): now it names a file there."""
+    marker = tmp_path / "RAN_FROM_ELSEWHERE"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _write(elsewhere, "helper_mod_xyz.py", f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.syspath_prepend(str(elsewhere))
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    r = _write(recipes, "r.yaml", "plugins: [helper_mod_xyz]\ncandidates:\n  - method: dfr\n")
+    for load in (lambda: load_recipe(r, allow_plugins=True), lambda: validate_recipe(r)):
+        with pytest.raises(BadInput, match="module helper_mod_xyz not found in the recipe's folder"):
+            load()
+        assert not marker.exists()
+    # a module beside the recipe (a file, or a package below it) is imported from there, and is one of its files
+    ran = tmp_path / "ran"
+    reg = ("from dataclasses import dataclass\nfrom repair.methods import register_method\n\n\n@dataclass\n"
+           "class C:\n    pass\n\n\n@register_method({name!r}, summary='x', config=C, groups='never')\n"
+           "def m(inputs, config):\n    return None\n")
+    _write(recipes, "plug_mod_xyz.py", reg.format(name="plug_mod_method") + f"open({str(ran)!r}, 'w').close()\n")
+    (recipes / "pkg_xyz" / "sub").mkdir(parents=True)
+    _write(recipes / "pkg_xyz" / "sub", "__init__.py", "from .impl import *\n")
+    _write(recipes / "pkg_xyz" / "sub", "impl.py", reg.format(name="pkg_mod_method"))
+    r2 = _write(recipes, "r2.yaml", "plugins: [plug_mod_xyz, pkg_xyz.sub]\ncandidates:\n  - method: plug_mod_method\n"
+                                    "  - method: pkg_mod_method\n")
+    from repair.methods import METHODS
+
+    try:
+        rec = load_recipe(r2, allow_plugins=True)
+        assert ran.exists() and [c.method for c in rec.candidates] == ["plug_mod_method", "pkg_mod_method"]
+        assert (recipes / "plug_mod_xyz.py").resolve() in rec.files
+        assert (recipes / "pkg_xyz" / "sub" / "__init__.py").resolve() in rec.files
+    finally:                            # registered for this test only (the benchmark lists every method)
+        for name in ("plug_mod_method", "pkg_mod_method"):
+            METHODS.unregister(name)
+
+
+def test_folds_and_repeats_that_compare_nothing_are_refused(tmp_path):
+    """One candidate is fitted once (no folds are made: the choice has nothing to compare), and the
+    repeats score two or more head repairs only (a model repair is compared with a head on the first
+    repeat's folds): changed from their defaults there, they did nothing and were accepted."""
+    from repair.recipes import Candidate, Recipe
+
+    for text, needle in (("folds: 20\ncandidates:\n  - method: afr\n", "folds 20"),
+                         ("folds: 3\ncandidates:\n  - method: mixft\n", "folds 3"),
+                         ("repeats: 20\ncandidates:\n  - method: afr\n", "repeats 20"),
+                         ("repeats: 2\ncandidates:\n  - method: dfr\n  - method: mixft\n", "repeats 2"),
+                         ("repeats: 2\ncandidates:\n  - method: mixft\n  - method: clp\n", "repeats 2")):
+        _refused(_write(tmp_path, "r.yaml", text), "r.yaml", needle, validate=True)
+    with pytest.raises(BadInput, match="folds 5"):
+        Recipe("one", [Candidate("dfr")], folds=5)
+    # where they act (several candidates; two heads for repeats), and their defaults restated, are taken
+    assert load_recipe(_write(tmp_path, "ok.yaml", "folds: 2\nrepeats: 1\ncandidates:\n  - method: afr\n")).folds == 2
+    assert load_recipe(_write(tmp_path, "ok2.yaml", "folds: 3\ncandidates:\n  - method: dfr\n"
+                                                    "  - method: mixft\n")).folds == 3
+    assert Recipe("two", [Candidate("dfr"), Candidate("afr")], folds=4, repeats=3).repeats == 3
+
+
+def test_two_merge_keys_in_one_mapping_are_a_duplicate_key(tmp_path):
+    """``<<: {protocol: paper}`` then ``<<: {protocol: fast}`` in one mapping: one silently won."""
+    _refused(_write(tmp_path, "dup.yaml", "name: x\ncandidates:\n  - method: dfr\n    params:\n"
+                                          "      <<: {protocol: paper}\n      <<: {protocol: fast}\n"),
+             "dup.yaml", "duplicate key '<<'", "line 6", validate=True)
+    ok = _write(tmp_path, "ok.yaml", "candidates:\n  - method: dfr\n    params:\n"
+                                     "      <<: [{protocol: paper}, {min_subsample_per_group: 2}]\n")
+    assert load_recipe(ok).candidates[0].params == {"protocol": "paper", "min_subsample_per_group": 2}

@@ -89,8 +89,8 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   weights lose their effect on nearly separable data, subsampling does not (Idrissi et al. 2022).
 - ``c_grid`` (None = the protocol's grid): inverse penalty strengths tried (sklearn
   ``C``); fast: L2, (10, 3, 1, .3, .1, .03); paper: L1, (1, .7, .3, .1, .07, .03, .01).
-- ``n_refits`` (20): paper only: balanced refits averaged into the final head.
-- ``n_tune_refits`` (1): paper only: balanced subsamples per ``C`` during tuning.
+- ``n_refits`` (20): paper and bagged only: balanced refits averaged into the final head.
+- ``n_tune_refits`` (1): paper and bagged only: balanced subsamples per ``C`` during tuning.
 - ``tune_score`` ("auto"): how the held-out part scores each ``C`` in the subsample protocols:
   "accuracy" (worst-group accuracy, the paper's), "probability" (the worst group's mean
   probability of the true class, :func:`repair.selection.probability_scores`), or "auto":
@@ -99,7 +99,11 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   capped text set 64.4 +- 4.8 test worst-group with accuracy, 66.7 +- 4.6 with probability
   (``mix``: 63.0 +- 6.4 -> 65.8 +- 3.9); over all 24 bagged settings +0.7 on average, at most 1.0
   lower (the skewed demo, label-free). The fast protocol's two-fold choice always scores by accuracy.
-- ``holdout_fraction`` (0.5): paper only: share of ``inputs`` held out to score the
+
+  These four settings, changed from their defaults with ``protocol: fast``, and ``group_cap`` or
+  ``solver`` changed with ``protocol: paper`` or ``bagged``, are refused (they would do nothing);
+  ``protocol: auto`` takes them all (it runs either).
+- ``holdout_fraction`` (0.5): paper and bagged only: share of ``inputs`` held out to score the
   strengths during tuning (the fast protocol always uses two halves, each scoring the other).
 - ``group_source`` ("auto"): "auto" (given if available else inferred), "given", "inferred".
 - ``min_subsample_per_group`` (0): floor of the per-group subsample size (paper, bagged) /
@@ -153,6 +157,8 @@ BAG_ROWS_PER_FEATURE = 4
 #: balanced subsample holds a row or two of each class (1,000 classes, 50 rows each), too few to fit
 #: a head on, and each of the bagged refits is a full C-way fit (the 1,000-class scale benchmark)
 BAG_MIN_ROWS_PER_CLASS = 10
+#: the protocols that may run the subsample protocol (its refits, held-out part and score) and the fast one
+SUBSAMPLE_PROTOCOLS, FAST_PROTOCOLS = ("auto", "bagged", "paper"), ("auto", "fast")
 _DEFAULTS = {"paper": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
              "bagged": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
              "fast": {"c_grid": FAST_C_GRID, "tol": 1e-3, "max_iter": 50}}
@@ -162,17 +168,19 @@ _DEFAULTS = {"paper": {"c_grid": PAPER_C_GRID, "tol": 1e-4, "max_iter": 2000},
 class DFRConfig:
     protocol: str = setting("auto", choices=("auto", "fast", "bagged", "paper"))
     c_grid: Optional[tuple] = setting(None, gt=0, nonempty=True)
-    n_refits: int = setting(20, ge=1, le=1000)
-    n_tune_refits: int = setting(1, ge=1, le=1000)
-    holdout_fraction: float = setting(0.5, gt=0, lt=1)
-    tune_score: str = setting("auto", choices=("auto",) + SCORES)
+    # the subsample protocols' settings (run_balanced_protocol), and the fast protocol's (_run_fast): one
+    # that another protocol never reads is refused when changed (``auto`` may run either)
+    n_refits: int = setting(20, ge=1, le=1000, only_if={"protocol": SUBSAMPLE_PROTOCOLS})
+    n_tune_refits: int = setting(1, ge=1, le=1000, only_if={"protocol": SUBSAMPLE_PROTOCOLS})
+    holdout_fraction: float = setting(0.5, gt=0, lt=1, only_if={"protocol": SUBSAMPLE_PROTOCOLS})
+    tune_score: str = setting("auto", choices=("auto",) + SCORES, only_if={"protocol": SUBSAMPLE_PROTOCOLS})
     group_source: str = setting("auto", choices=("auto", "given", "inferred"))
     min_subsample_per_group: int = setting(0, ge=0, le=10_000_000)
     standardize: bool = True
     tol: Optional[float] = setting(None, gt=0)
     max_iter: Optional[int] = setting(None, ge=1, le=1_000_000)
-    group_cap: Optional[float] = setting(4.0, ge=0)
-    solver: str = setting("auto", choices=("auto", "newton", "lbfgs"))
+    group_cap: Optional[float] = setting(4.0, ge=0, only_if={"protocol": FAST_PROTOCOLS})
+    solver: str = setting("auto", choices=("auto", "newton", "lbfgs"), only_if={"protocol": FAST_PROTOCOLS})
 
 
 def resolved(cfg, name: str):

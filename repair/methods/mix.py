@@ -29,10 +29,13 @@ solver call each) with this builder instead of DFR's plain subsampling.
 Config fields (:class:`MixConfig`): all of :class:`repair.methods.dfr.DFRConfig`
 (``protocol`` is ``"bagged"`` (default, L2) or ``"paper"`` (L1): the mixed training sets are
 built per balanced subsample, so the fast protocol's single weighted fit does not apply;
-``c_grid``/``tol``/``max_iter`` left at None take the paper protocol's defaults) plus
+``c_grid``/``tol``/``max_iter`` left at None take the paper protocol's defaults; the fast protocol's
+``solver`` and ``group_cap`` do nothing here and are refused when changed) plus
 
-- ``mix_weight`` (0.5): the mixing coefficient ``s`` when ``mix_beta == 0``.
-- ``mix_beta`` (0.0): if > 0, draw ``s ~ Beta(mix_beta, mix_beta)`` per mixed example.
+- ``mix_weight`` (0.5): the mixing coefficient ``s`` when ``mix_beta == 0`` (refused when changed
+  with ``mix_beta > 0`` or ``n_mix_per_example: 0``).
+- ``mix_beta`` (0.0): if > 0, draw ``s ~ Beta(mix_beta, mix_beta)`` per mixed example (refused when
+  changed with ``n_mix_per_example: 0``).
 - ``n_mix_per_example`` (1): mixed copies per balanced example.
 - ``n_refits`` (10, DFR's is 20): averaged refits with the chosen strength.
 """
@@ -45,7 +48,7 @@ import torch
 
 from .. import solver as S
 from ..solver.mixing import RowMix
-from ..config import setting
+from ..config import above, setting
 from . import AFFINE, RepairInputs, RepairOutput, register_method
 from .dfr import DFRConfig, run_balanced_protocol
 
@@ -62,8 +65,11 @@ class MixConfig(DFRConfig):
     # without group labels, seeds 0-2) 10 refits moved test worst-group accuracy by -1.0 ... +1.3
     # points (mean -0.1) and halved mix's time, the costliest of auto's candidates
     n_refits: int = setting(10, ge=1, le=1000)
-    mix_weight: float = setting(0.5, ge=0, le=1)
-    mix_beta: float = setting(0.0, ge=0)
+    # (dfr's fast-protocol settings, solver and group_cap, are refused when changed: mix never runs it)
+    # mix_weight is the coefficient only while mix_beta is 0 (else s ~ Beta); neither mixes anything
+    # without mixed copies (n_mix_per_example 0)
+    mix_weight: float = setting(0.5, ge=0, le=1, only_if={"mix_beta": (0.0,), "n_mix_per_example": above(0)})
+    mix_beta: float = setting(0.0, ge=0, only_if={"n_mix_per_example": above(0)})
     n_mix_per_example: int = setting(1, ge=0, le=100)
 
 

@@ -180,7 +180,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import setting
+from ..config import above, setting
 from ..errors import BadInput
 from ..modelrepair.finetune import (EARLY_STOPS, SETTLE_STRENGTHS, LoopConfig, Session, SettleSettings, cross_fit,
                                     draw_batch, refit_head, settle_by, train)
@@ -193,7 +193,7 @@ from . import CannotWin, ModelRepairInputs, ModelRepairOutput, register_model_re
 class MixFTConfig(LoopConfig, SettleSettings):
     lr: float = setting(1e-4, gt=0)
     # mixft's own defaults (the other model repairs: early_stop auto, settle_strength heldout): see the notes above
-    early_stop: str = setting("after_gain", choices=EARLY_STOPS,
+    early_stop: str = setting("after_gain", choices=EARLY_STOPS, only_if={"patience": above(0)},
                               doc="anytime = patience counts from the start; after_gain (the default) = only once "
                                   "an evaluation has beaten the start: a run never stops early back at its starting "
                                   "point (on skewed sets the held-out score often collapses for a few epochs before "
@@ -208,16 +208,20 @@ class MixFTConfig(LoopConfig, SettleSettings):
     lora: bool = setting(False, doc="train peft LoRA adapters on the scope's layers (merged before saving)")
     lora_rank: int = setting(8, ge=1, le=4096, only_if={"lora": (True,)})
     lora_alpha: float = setting(16.0, gt=0, only_if={"lora": (True,)})
-    mix_weight: float = setting(0.3, ge=0, le=1, doc="lambda: the partner's share of a mixed input")
-    mix_beta: float = setting(0.0, ge=0, doc="> 0: lambda = 2 * mix_weight * Beta(b, b), clipped to [0, 1]")
+    # the mixing settings do nothing when no row of a batch is mixed (mix_fraction 0): refused when changed
+    mix_weight: float = setting(0.3, ge=0, le=1, doc="lambda: the partner's share of a mixed input",
+                                only_if={"mix_fraction": above(0)})
+    mix_beta: float = setting(0.0, ge=0, doc="> 0: lambda = 2 * mix_weight * Beta(b, b), clipped to [0, 1]",
+                              only_if={"mix_fraction": above(0)})
     mix_fraction: float = setting(1.0, ge=0, le=1, doc="share of each batch that is mixed")
-    partner: str = setting("same_class", choices=("same_class", "any_class"))
+    partner: str = setting("same_class", choices=("same_class", "any_class"), only_if={"mix_fraction": above(0)})
     head_init: str = setting("original", choices=("original", "refit"),
                              doc="refit: start from a group-balanced L2 logistic head on the frozen embeddings (LP-FT)")
     inferred: str = setting("errors", choices=("errors", "clusters"), doc="groups without --group-by")
     n_clusters: int = setting(2, ge=2, le=1000, doc="inferred: clusters per class", only_if={"inferred": ("clusters",)})
     mix_point: int = setting(-1, ge=-1, le=1000, doc="texts: -1 = the input of the first trained layer, 0 = token "
-                                            "embeddings, k = output of encoder layer k")
+                                            "embeddings, k = output of encoder layer k",
+                             only_if={"mix_fraction": above(0)})
     holdout_fraction: float = setting(0.25, gt=0, lt=1, only_if={"cross_fit": (1,)})
     sampling: str = setting("balanced", choices=("balanced", "uniform"))
     augment: str = setting("none", choices=AUGMENTATIONS)

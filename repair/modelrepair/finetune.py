@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..config import setting
+from ..config import above, setting
 from ..errors import BadInput
 from ..registry import Resource
 
@@ -187,7 +187,7 @@ class LoopConfig:
     clip_norm: float = setting(1.0, ge=0, doc="max gradient norm; 0 = no clipping")
     eval_every: int = setting(0, ge=0, le=10_000_000, doc="held-out evaluations every N steps; 0 = once per epoch")
     patience: int = setting(3, ge=0, doc="evaluations without improvement before stopping; 0 = never stop early")
-    early_stop: str = setting("auto", choices=EARLY_STOPS,
+    early_stop: str = setting("auto", choices=EARLY_STOPS, only_if={"patience": above(0)},
                               doc="anytime = patience counts from the start; after_gain = only once an evaluation "
                                   "has beaten the start: a run never stops early back at its starting point (a "
                                   "held-out score that collapses for a few epochs before it recovers does not end "
