@@ -18,9 +18,17 @@ from .app import app
 __all__ = ["app", "main"]
 
 
+#: set for the command line's own process before anything imports transformers / huggingface_hub: no
+#: network at run time (every from_pretrained is local_files_only too; the library leaves os.environ alone)
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def main() -> None:
+    import os
+
     from .app import install_signal_handlers, settle_signals
 
+    os.environ.update(OFFLINE_ENV)
     install_signal_handlers()
     try:
         app()

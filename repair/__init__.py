@@ -30,17 +30,9 @@ _LAZY = {
 
 def evaluate(model, data, *, group_by=None, load_options=None, data_options=None, runtime=None) -> dict:
     """Accuracy, per-class and per-group accuracy of ``model`` on ``data`` (paths)."""
-    import dataclasses
-
     from .api import evaluate_model
-    from .data import DataOptions
 
-    from .rules import check_options
-
-    opts = check_options(data_options, DataOptions, "data_options") or DataOptions()
-    if group_by is not None:
-        opts = dataclasses.replace(opts, group_by=group_by)
-    return evaluate_model(model, data, load_options, opts, runtime)
+    return evaluate_model(model, data, load_options, _data_options("repair.evaluate", group_by, data_options), runtime)
 
 
 def probe(model, data, *, top_k: int = 10, load_options=None, data_options=None, runtime=None) -> dict:
@@ -55,37 +47,69 @@ def fix(model, data, out=None, *, recipe: str = "auto", seed: int = 0, group_by=
     """Repair ``model`` from the repair set ``data`` and write it to ``out`` (see :mod:`repair.pipeline`).
     Returns a :class:`repair.pipeline.FixResult` (read it like the JSON document: ``result["after"]``;
     ``result.adapter`` is the repaired model in memory)."""
-    import dataclasses
-
-    from .data import DataOptions
     from .pipeline import FixOptions, fix_model
-
     from .rules import check_options
 
     options = check_options(options, FixOptions, "options")
-    given = {"recipe": recipe, "seed": seed, "eval_data": None if eval_data is None else str(eval_data)}
+    opts = _data_options("repair.fix", group_by, data_options)
+    given = {"recipe": recipe, "seed": seed, "eval_data": eval_data}     # a RepairData passes through as it is
     if options is None:
         o = FixOptions(**given)
-    else:                       # an argument that says otherwise than ``options`` is never dropped silently
-        from .errors import BadInput
-
-        defaults = {"recipe": "auto", "seed": 0, "eval_data": None}
-        def same(k, v):          # a path given as a str in one place and a Path in the other is one path
-            have = getattr(options, k)
-            return v == (str(have) if k == "eval_data" and have is not None else have)
-
-        clash = [k for k, v in given.items() if v != defaults[k] and not same(k, v)]
-        if clash:
-            raise BadInput(f"repair.fix: {', '.join(clash)} given both as an argument and in options "
-                           f"(FixOptions) with other values; give it in one place")
+    else:
+        _no_clash("repair.fix", given, options, "options", FixOptions)
         o = options
-    from .rules import check_options as checked
-
-    opts = checked(data_options, DataOptions, "data_options") or DataOptions()
-    if group_by is not None:
-        opts = dataclasses.replace(opts, group_by=group_by)
     kw = {} if log is None else {"log": log}
     return fix_model(model, data, out, load_opts=load_options, data_opts=opts, runtime=runtime, options=o, **kw)
+
+
+def _same(a, b) -> bool:
+    """Whether an argument and an options field say the same: a path given as a str in one place and a
+    Path in the other is one path; data already read (a RepairData) is the same only as itself."""
+    import os
+
+    def norm(v):
+        return os.fspath(v) if isinstance(v, (str, os.PathLike)) else v
+
+    a, b = norm(a), norm(b)
+    scalars = (str, int, float, type(None))
+    return a == b if isinstance(a, scalars) and isinstance(b, scalars) else a is b
+
+
+def _no_clash(verb: str, given: dict, options, name: str, cls) -> None:
+    """An argument beside an options object that has the same field (``recipe`` / ``seed`` / ``eval_data``
+    and ``options``, ``group_by`` and ``data_options``) is never dropped silently, nor does it silently
+    override the options: one not at its default must say what the options say, else :class:`BadInput`
+    naming both values. The one home of that rule for every verb here."""
+    import dataclasses
+
+    from .errors import BadInput
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    clash = [k for k, v in given.items() if not _same(v, defaults[k]) and not _same(v, getattr(options, k))]
+    if clash:
+        said = "; ".join(f"{k}={_shown(given[k])} but {name}.{k}={_shown(getattr(options, k))}" for k in clash)
+        raise BadInput(f"{verb}: {', '.join(clash)} given both as an argument and in {name} ({cls.__name__}) with "
+                       f"other values ({said}); give it in one place")
+
+
+def _shown(v) -> str:
+    from .data import RepairData
+
+    return f"RepairData({v.source})" if isinstance(v, RepairData) else repr(v)
+
+
+def _data_options(verb: str, group_by, data_options):
+    """``data_options`` with the ``group_by`` argument in it (:func:`_no_clash`'s rule where both are given)."""
+    import dataclasses
+
+    from .data import DataOptions
+    from .rules import check_options
+
+    opts = check_options(data_options, DataOptions, "data_options")
+    if opts is not None:
+        _no_clash(verb, {"group_by": group_by}, opts, "data_options", DataOptions)
+        return opts if group_by is None else dataclasses.replace(opts, group_by=group_by)
+    return DataOptions(group_by=group_by)
 
 
 def __getattr__(name: str):

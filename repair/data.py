@@ -86,8 +86,17 @@ class DataOptions:
         mp = self.max_pixels
         if isinstance(mp, bool) or not isinstance(mp, int) or mp <= 0:
             raise BadInput(f"--max-pixels must be a positive whole number, got {mp!r}")
-        if not isinstance(self.allow_outside_paths, bool):
-            raise BadInput(f"--allow-outside-paths must be true or false, got {self.allow_outside_paths!r}")
+        check_bool(self.allow_outside_paths, "--allow-outside-paths")
+
+
+def check_bool(value, flag: str) -> bool:
+    """A yes/no option or argument (``force``, ``allow_plugins``, ``allow_pickle``, ``use_cache``, ...): True
+    or False only, else :class:`BadInput` naming ``flag`` -- a string ``"no"`` is truthy, so accepting any
+    value would turn on what it says off (run a recipe's plugin code, replace an output). The one home of
+    that rule: every options class and public verb checks its yes/no values here (no torch imported)."""
+    if not isinstance(value, bool):
+        raise BadInput(f"{flag} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass

@@ -642,9 +642,20 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
 
     from .adapters.onnx_graph import MAX_PROTO_BYTES, set_metadata
 
-    out_path = Path(out_path)
+    from .data import check_bool
+    from .io import as_path
+    from .rules import Protected, model_arg
+
+    loaded = model_arg(adapter, "the model", adopt=False)      # the export reads the tensors as they are
+    if not isinstance(loaded, Adapter):
+        raise BadInput("export_onnx exports a model already loaded (repair.load_model(path)); to export a "
+                       "checkpoint path use repair.export_model", loaded)
+    out_path = as_path(out_path, "the output (--out)")
     if out_path.suffix.lower() != ".onnx":
         raise BadInput("the ONNX output file name must end in .onnx", out_path)
+    check_bool(force, "--force")
+    protected = Protected().add(adapter.source, "input model")    # never the model it exports (as export_model)
+    protected.add_files(adapter.source_files(), "input model").check(out_path)
     items = list(verify_items)
     if not items:
         raise BadInput("no samples to verify the export on")

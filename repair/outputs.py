@@ -210,7 +210,8 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
     :class:`repair.data.RepairData`) before it is moved into place -- or as safetensors in the
     model's own format. Returns the export report (``passed``, ``path``, the verification figures).
     A failed verification raises :class:`repair.errors.GateFailed` (``.report`` on it) and writes
-    nothing. Every check runs before the model is loaded."""
+    nothing. Every check runs before the model is loaded. ``log``: progress, warnings and notices
+    (default: stderr, as :func:`repair.fix` writes them). ``force``: True or False."""
     from .adapters import load_model
     from .data import RepairData, load_data
     from .rules import Protected, check_export_options, check_format, check_writable, export_output, model_output_kind
@@ -220,8 +221,15 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
     from .io import as_path
     from .rules import check_max_verify, check_options, model_arg
 
+    from .data import check_bool
+
     fmt = check_format(format)
     check_device(device)
+    check_bool(force, "--force")
+    if log is None:                # as a library fix logs: warnings and notices (a weights file left out) never lost
+        from .runtime import stderr_log
+
+        log = stderr_log()
     model = model_arg(model)
     adapter = None if isinstance(model, Path) else model
     model_path = model if adapter is None else Path(adapter.source)

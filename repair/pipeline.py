@@ -73,8 +73,12 @@ class FixOptions:
     allow_plugins: bool = False           # a recipe's ``plugins:`` may run (they are code)
 
     def __post_init__(self):
+        from .data import check_bool
         from .rules import check_tolerance
 
+        for name, flag in (("force", "--force"), ("allow_finetune", "--allow-finetune"),
+                           ("allow_plugins", "--allow-plugins")):
+            check_bool(getattr(self, name), flag)
         if not isinstance(self.recipe, (str, Path)) or not str(self.recipe).strip():
             raise BadInput(f"--recipe must be a recipe name or a YAML path, got {self.recipe!r}")
         from .config import check_seed

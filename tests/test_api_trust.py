@@ -253,3 +253,168 @@ def test_a_transformers_folder_naming_its_own_code_is_refused_even_when_stdin_sa
                            input="y\n" * 50, capture_output=True, text=True, cwd=tmp_path, timeout=300)
         assert r.returncode == 2 and "auto_map" in r.stderr and str(path) in r.stderr, (name, r.stdout, r.stderr)
         assert r.stdout == "" and not marker.exists(), (name, r.stdout)
+
+
+def test_a_yes_no_option_is_true_or_false_never_any_truthy_value(tmp_path):
+    """Found by an audit: ``FixOptions(allow_plugins="no")`` ran a recipe's plugin code and ``force="no"``
+    replaced an output (a string is truthy). Every yes/no option and argument has one check."""
+    import repair
+    from repair.adapters import LoadOptions
+    from repair.data import DataOptions
+    from repair.pipeline import FixOptions
+    from repair.runtime import RuntimeOptions
+
+    makers = [(lambda v: FixOptions(allow_plugins=v), "--allow-plugins"), (lambda v: FixOptions(force=v), "--force"),
+              (lambda v: FixOptions(allow_finetune=v), "--allow-finetune"),
+              (lambda v: LoadOptions(allow_pickle=v), "--allow-pickle"),
+              (lambda v: RuntimeOptions(use_cache=v), "use_cache"), (lambda v: RuntimeOptions(progress=v), "progress"),
+              (lambda v: DataOptions(allow_outside_paths=v), "--allow-outside-paths")]
+    for make, flag in makers:
+        for bad in ("no", "false", 0, 1, None):
+            with pytest.raises(BadInput, match=re.escape(flag) + r".* must be true or false, got " + re.escape(repr(bad))):
+                make(bad)
+        make(True), make(False)
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=4)
+    (tmp_path / "mark.py").write_text("from pathlib import Path\nPath(__file__).with_name('RAN').write_text('x')\n")
+    (tmp_path / "r.yaml").write_text("plugins: [mark.py]\ncandidates:\n  - method: dfr\n")
+    with pytest.raises(BadInput, match="--allow-plugins must be true or false"):
+        repair.fix(m, data, tmp_path / "o", options=FixOptions(recipe=str(tmp_path / "r.yaml"), allow_plugins="no"))
+    assert not (tmp_path / "RAN").exists() and not (tmp_path / "o").exists()
+    (tmp_path / "x.onnx").write_bytes(b"theirs")
+    with pytest.raises(BadInput, match="--force must be true or false"):
+        repair.export_model(m, tmp_path / "x.onnx", data=data, force="no")
+    a = repair.load_model(m)
+    with pytest.raises(BadInput, match="--force must be true or false"):
+        repair.export_onnx(a, tmp_path / "x.onnx", metadata={}, verify_items=[data / "cat" / "000.png"], force="no")
+    assert (tmp_path / "x.onnx").read_bytes() == b"theirs"
+
+
+def test_export_onnx_never_replaces_the_model_it_exports(tmp_path):
+    """Found by an audit: ``repair.export_onnx(adapter, its own file, force=True)`` overwrote its input model
+    (the CLI refuses it: the Protected rule of export_model); a path for the model was an AttributeError."""
+    import hashlib
+
+    import repair
+    from conftest import make_deployed_onnx
+    from repair.adapters import LoadOptions
+    from repair.data import DataOptions, load_data
+
+    p, _ = make_deployed_onnx(tmp_path / "dep.onnx")
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    a = repair.load_model(p, LoadOptions(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
+    items = load_data(make_images(tmp_path / "d", n_per_class=2), DataOptions()).items[:4]
+    W, b = a.head_params()
+    a.set_head(W * 0, b)                                   # a change in memory: the export would differ
+    with pytest.raises(BadInput, match="would overwrite the input model"):
+        repair.export_onnx(a, p, metadata={}, verify_items=items, force=True)
+    assert hashlib.sha256(p.read_bytes()).hexdigest() == digest
+    m = make_timm_folder(tmp_path / "m")
+    with pytest.raises(BadInput, match="inside the input model"):
+        repair.export_onnx(repair.load_model(m), m / "x.onnx", metadata={}, verify_items=items, force=True)
+    assert not (m / "x.onnx").exists()
+    with pytest.raises(BadInput, match=re.escape("a model already loaded (repair.load_model(path))")):
+        repair.export_onnx(str(p), tmp_path / "y.onnx", metadata={}, verify_items=items)
+    rep = repair.export_onnx(a, tmp_path / "y.onnx", metadata={}, verify_items=items)
+    assert rep["passed"]
+
+
+def test_a_safetensors_export_names_the_weights_it_leaves_out_without_a_log(tmp_path, capsys):
+    """Found by an audit: ``export_model(format="safetensors")`` of a folder holding another format's weights
+    (a Hub folder's tf_model.h5) was a TypeError with the default ``log=None``; the notice goes to stderr."""
+    import repair
+
+    m = make_timm_folder(tmp_path / "m")
+    (m / "tf_model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    capsys.readouterr()
+    rep = repair.export_model(m, tmp_path / "out", format="safetensors")
+    assert rep["passed"] and not (tmp_path / "out" / "tf_model.h5").exists()
+    assert "tf_model.h5" in capsys.readouterr().err
+
+
+def test_fix_takes_eval_data_already_read(tmp_path):
+    """Found by an audit: ``fix(eval_data=<RepairData>)`` was "data not found" with the whole repr (the
+    argument was made a str); a clash with ``options.eval_data`` is one short line."""
+    import repair
+    from repair.data import DataOptions, load_data
+    from repair.pipeline import FixOptions
+    from repair.runtime import RuntimeOptions
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=8, seed=1)
+    held = load_data(make_images(tmp_path / "t", n_per_class=4, seed=2), DataOptions(group_by="place"))
+    quiet = RuntimeOptions(progress=False)
+    res = repair.fix(m, data, tmp_path / "o", recipe="dfr", group_by="place", eval_data=held, runtime=quiet)
+    assert res["after"]["n"] == len(held.items) == 12
+    res = repair.fix(m, data, tmp_path / "o2", eval_data=held, runtime=quiet,
+                     options=FixOptions(recipe="dfr", eval_data=held))            # the same data: no clash
+    assert res["after"]["n"] == 12
+    with pytest.raises(BadInput) as e:
+        repair.fix(m, data, tmp_path / "o3", eval_data=held, options=FixOptions(recipe="dfr", eval_data=str(data)))
+    assert "eval_data" in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 400
+    assert not (tmp_path / "o3").exists()
+
+
+def test_a_group_by_argument_never_silently_overrides_data_options(tmp_path):
+    """Found by an audit: ``group_by`` silently overrode ``data_options.group_by`` in evaluate and fix
+    while fix refused such a clash of recipe / seed / eval_data (one rule now)."""
+    import repair
+    from repair.data import DataOptions
+    from repair.runtime import RuntimeOptions
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=8, seed=1)
+    quiet = RuntimeOptions(progress=False)
+    for verb, call in (("repair.evaluate", lambda **kw: repair.evaluate(m, data, runtime=quiet, **kw)),
+                       ("repair.fix", lambda **kw: repair.fix(m, data, tmp_path / "o4", recipe="dfr", runtime=quiet,
+                                                              **kw))):
+        for opts in (DataOptions(group_by="y"), DataOptions(label_col="y")):
+            with pytest.raises(BadInput, match=re.escape(f"{verb}: group_by given both as an argument and in "
+                                                         "data_options (DataOptions)")):
+                call(group_by="place", data_options=opts)
+    assert not (tmp_path / "o4").exists()
+    r = repair.evaluate(m, data, group_by="place", data_options=DataOptions(group_by="place"), runtime=quiet)
+    assert r["data"]["group_by"] == "place"
+    assert repair.evaluate(m, data, data_options=DataOptions(group_by="place"), runtime=quiet)["data"]["group_by"] == "place"
+
+
+def test_loading_a_text_model_leaves_the_callers_environment_and_reaches_no_network(tmp_path):
+    """Found by an audit: a library load_model of a transformers folder left HF_HUB_OFFLINE=1 /
+    TRANSFORMERS_OFFLINE=1 in os.environ for the rest of the caller's process. Reading stays offline
+    (every from_pretrained is local_files_only, checked here with the sockets refused); the command line
+    sets the variables for its own process."""
+    import subprocess
+
+    from conftest import make_bert_folder
+
+    bert = make_bert_folder(tmp_path / "bert")
+    script = (
+        "import os, socket, json\n"
+        "tried = []\n"
+        "def refuse(*a, **k):\n"
+        "    tried.append(repr(a)[:80]); raise OSError('no network in this test')\n"
+        "socket.socket.connect = socket.getaddrinfo = socket.create_connection = refuse\n"
+        "before = dict(os.environ)\n"
+        "import repair\n"
+        f"a = repair.load_model({str(bert)!r})\n"
+        "print(json.dumps({'family': a.family, 'changed': sorted(k for k in set(before) | set(os.environ)\n"
+        "                  if before.get(k) != os.environ.get(k)), 'tried': tried}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"family": "transformers", "changed": [], "tried": []}, got
+
+
+def test_the_command_line_process_is_offline(monkeypatch):
+    from repair_cli import main as cli_main
+
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(sys, "argv", ["repair", "--help"])
+    with pytest.raises(SystemExit):
+        cli_main.main()
+    assert os.environ.get("HF_HUB_OFFLINE") == "1" and os.environ.get("TRANSFORMERS_OFFLINE") == "1"

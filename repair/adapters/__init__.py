@@ -45,6 +45,9 @@ class LoadOptions:
         """Every value checked here, so Python callers and the command line get the same error."""
         import math
 
+        from ..data import check_bool
+
+        check_bool(self.allow_pickle, "--allow-pickle")
         if self.arch and self.factory:
             raise BadInput("give --arch (a timm architecture) or --factory (a module), not both")
         for name, flag in (("max_length", "--max-length"), ("image_size", "--image-size")):

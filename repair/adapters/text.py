@@ -1,7 +1,9 @@
 """Tokenizer handling shared by the text adapters (transformers folders, text ONNX models).
 
-Everything is offline: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` are set before
-transformers is imported and every ``from_pretrained`` is ``local_files_only``.
+Everything is offline: every ``from_pretrained`` is ``local_files_only`` (and ``trust_remote_code=False``).
+The library leaves ``os.environ`` as the caller has it (:func:`offline`); the command line's process
+also sets ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` before anything imports transformers
+(``repair_cli.main``).
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 
 def offline() -> None:
-    """Never let transformers reach the network (set before importing it)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """Called before transformers is imported. Changes nothing of the caller's process: setting
+    ``HF_HUB_OFFLINE`` here stayed set for the rest of it (and huggingface_hub reads it once, at its
+    import), turning off the caller's own downloads. Reading a model never reaches the network
+    because every ``from_pretrained`` of repair passes ``local_files_only=True``; the command line sets
+    the variables for its own process (``repair_cli.main.main``)."""
 
 
 @contextlib.contextmanager
