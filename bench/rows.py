@@ -501,7 +501,7 @@ def run_model_rows(td: TaskData, seed: int, rows_spec: list[ModelRow], cache_dir
                 import yaml
 
                 recipe = scratch / f"recipe-{spec.label}.yaml"
-                recipe.write_text(yaml.safe_dump({"name": spec.label, "candidates": [
+                recipe.write_text(yaml.safe_dump({"name": f"bench-{spec.label}", "candidates": [
                     {"method": spec.method, **({"params": spec.params} if spec.params else {})}]}))
             try:
                 rows[label] = {**row, **_fix(td, seed, str(recipe), with_groups, cache_dir, scratch, spec.budget,

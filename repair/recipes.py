@@ -666,11 +666,51 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
             _import_plugin(spec, target, p)
     candidates = _candidates(doc, p, lenient=validate_only and bool(plugins))
     try:
-        return Recipe(name=name, candidates=candidates, selection=selection, folds=folds, **vals,
-                      description=description, source=p.name, plugins=tuple(plugins),
-                      files=(p.resolve(), *targets))
+        recipe = Recipe(name=name, candidates=candidates, selection=selection, folds=folds, **vals,
+                        description=description, source=p.name, plugins=tuple(plugins),
+                        files=(p.resolve(), *targets))
     except BadInput as e:
         raise BadInput(e.problem, e.path or p) from None
+    _check_builtin_name(recipe, p, "name" in doc and doc["name"] is not None)
+    return recipe
+
+
+def _builtin(name: str) -> Optional[Recipe]:
+    """The built-in recipe ``--recipe name`` is (a file of ``recipes/``, or a method of this package as a
+    one-candidate recipe), or None."""
+    from repair.methods import get_method
+
+    if name in _file_recipes():
+        return load_recipe(name)
+    try:
+        info = get_method(name)
+    except KeyError:
+        return None
+    if not getattr(info.fn, "__module__", "").startswith("repair."):      # a plugin's or an installed one
+        return None
+    return load_recipe(name)
+
+
+def _check_builtin_name(recipe: Recipe, path: Path, named: bool) -> None:
+    """A recipe file read from elsewhere may carry a built-in recipe's name only when it is that recipe
+    (the same selection, folds, repeats, ensemble and candidates, settings compared by value, no plugins:
+    a copy of ``mixft.yaml``): the outputs record a recipe by its name, and ``auto`` must mean the
+    built-in ``auto``. BadInput naming ``path`` otherwise."""
+    builtin = _file_recipes().get(recipe.name)
+    if builtin is not None and path.resolve() == builtin.resolve():
+        return
+    ref = _builtin(recipe.name)
+    if ref is None:
+        return
+
+    def shape(r: Recipe):
+        return ((r.selection, r.folds, r.repeats, r.ensemble, r.plugins),
+                [(c.method, candidate_identity(c.method, c.params, c.method)) for c in r.candidates])
+
+    if shape(recipe) != shape(ref):
+        whose = "the name" if named else "its file's name (no name: given)"
+        raise BadInput(f"recipe {recipe.name!r}: {whose} is a built-in recipe's, and this file is another recipe; "
+                       "the outputs record a recipe by its name: give it a name of its own (name: ...)", path)
 
 
 def validate_recipe(name_or_path: Union[str, Path]) -> Recipe:

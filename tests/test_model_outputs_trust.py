@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import make_images, make_timm_folder, run_cli
+from conftest import make_images, make_texts, make_timm_folder, run_cli
 from repair.modelrepair.finetune import Budget, LoopConfig, train
 
 
@@ -238,8 +238,9 @@ def test_a_given_truncation_length_travels_with_the_written_model(tmp_path, bert
     onnx_file = next(out.glob("*.onnx"))
     assert {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["max_length"] == "4"
     assert load_model(onnx_file).max_length == 4
-    code, so2, err = run_cli("eval", out, "--data", text_data, "--json", "-q", "--no-cache")
-    code4, so4, err4 = run_cli("eval", out, "--data", text_data, "--max-length", "4", "--json", "-q", "--no-cache")
+    other = make_texts(tmp_path / "other.csv", n=30, seed=12)     # not the repair set (that is refused)
+    code, so2, err = run_cli("eval", out, "--data", other, "--json", "-q", "--no-cache")
+    code4, so4, err4 = run_cli("eval", out, "--data", other, "--max-length", "4", "--json", "-q", "--no-cache")
     assert code == code4 == 0 and json.loads(so2)["per_class"] == json.loads(so4)["per_class"], err + err4
     assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bert_folder.iterdir() if p.is_file()}
     # without --max-length nothing of the tokenizer is rewritten: its file is the source's, byte for byte
