@@ -1292,8 +1292,12 @@ class ZooOptions:
     allow_plugins: bool = False             # recipes' plugins: may run (they are code)
 
     def __post_init__(self):
+        from .data import check_bool
+
         if self.mode not in MODES:
             raise BadInput(f"--mode must be fix or eval, got {self.mode!r}")
+        for name, flag in (("force", "--force"), ("allow_plugins", "--allow-plugins")):   # every bool field
+            check_bool(getattr(self, name), flag)
         for name, flag, lo in (("cpus_per_model", "--cpus-per-model", 1), ("max_retries", "--max-retries", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:

@@ -469,3 +469,20 @@ def test_a_recipe_named_relatively_is_read_beside_the_manifest(zoo, tmp_path, mo
     path.write_text(f"name,checkpoint,data,recipe\na,{zoo / 'm0'},{zoo / 'val'},onlyhere\n")
     with pytest.raises(BadInput, match="unknown recipe .onlyhere.: neither built in"):
         load_manifest(path, "eval")
+
+
+def test_zoo_options_yes_no_fields_are_true_or_false_only():
+    """A string "no" is truthy: ZooOptions(force="no") must not replace outputs, nor allow_plugins="no"
+    run a recipe's plugin code. Every bool field goes through data.check_bool (BadInput naming it)."""
+    import dataclasses
+
+    from repair.errors import BadInput
+    from repair.zoo import ZooOptions
+
+    bools = [f.name for f in dataclasses.fields(ZooOptions) if f.type in (bool, "bool")]
+    assert set(bools) >= {"force", "allow_plugins"}
+    for name in bools:
+        for bad in ("no", "yes", 1, 0, None):
+            with pytest.raises(BadInput, match=f"--{name.replace('_', '-')} must be true or false"):
+                ZooOptions(**{name: bad})
+        assert getattr(ZooOptions(**{name: True}), name) is True
