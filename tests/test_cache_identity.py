@@ -200,3 +200,66 @@ def test_embeddings_of_another_device_kind_have_their_own_entry(tmp_path):
     assert cache_key(adapter, d, torch.device("cpu")) == cpu
     assert cache_key(adapter, d, torch.device("cuda")) != cpu
     assert cache_key(adapter, d, torch.device("cuda", 0)) == cache_key(adapter, d, torch.device("cuda"))
+
+
+def _phobert_folder(path: Path) -> Path:
+    """A tiny PhoBERT-style folder: its BPE merges are in ``bpe.codes``, a file no other family names."""
+    from transformers import PhobertTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    path.mkdir(parents=True)
+    words = ["good", "bad", "great", "awful", "not", "movie", "plot", "fun", "boring", "the", "a", "was", "is"]
+    chars = sorted({c for w in words for c in w})
+    pieces = {w[:i] + "@@" for w in words for i in range(1, len(w))} | set(words) | set(chars)
+    toks = sorted(pieces | {c + "@@" for c in chars})
+    (path / "vocab.txt").write_text("".join(f"{t} 1\n" for t in toks))
+    merges: list = []
+    for w in words:
+        cur = list(w)
+        while len(cur) > 1:
+            if (cur[0], cur[1]) not in merges:
+                merges.append((cur[0], cur[1]))
+            cur = [cur[0] + cur[1]] + cur[2:]
+    (path / "bpe.codes").write_text("".join(f"{a} {b} 1\n" for a, b in merges))
+    tok = PhobertTokenizer(vocab_file=str(path / "vocab.txt"), merges_file=str(path / "bpe.codes"))
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=70, num_labels=2, pad_token_id=tok.pad_token_id,
+                        initializer_range=0.2, id2label={0: "negative", 1: "positive"},
+                        label2id={"negative": 0, "positive": 1})
+    RobertaForSequenceClassification(cfg).eval().save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    assert (path / "bpe.codes").is_file()
+    return path
+
+
+def test_every_file_the_tokenizer_reads_is_in_the_key(tmp_path):
+    """A tokenizer file outside the usual names (PhoBERT's ``bpe.codes``, a sentencepiece model, LUKE's
+    entity vocabulary) is in the key: other merges are other token ids, never the old entry's figures."""
+    from repair.adapters.text import tokenizer_digest
+
+    p = _phobert_folder(tmp_path / "pho")
+    texts = tmp_path / "t.csv"
+    texts.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in (
+        ("the movie was great", "positive"), ("the plot was boring", "negative"), ("not fun", "negative"),
+        ("a good movie", "positive"), ("awful", "negative"), ("great fun", "positive"))))
+    rt = RuntimeOptions(cache_dir=str(tmp_path / "c"), progress=False)
+    assert _fresh(rt, p, texts) and not _fresh(rt, p, texts)
+    adapter = load_model(p)
+    before = tokenizer_digest(adapter.tokenizer)
+    codes = (p / "bpe.codes").read_text().splitlines(keepends=True)
+    (p / "bpe.codes").write_text("".join(codes[: len(codes) // 2]))     # fewer merges: other pieces
+    assert tokenizer_digest(load_model(p).tokenizer) != before          # the digest ONNX's tokenizer shares
+    after = prepare(p, texts, runtime=rt)
+    assert not after.emb.from_cache
+    truth = prepare(p, texts, runtime=RuntimeOptions(use_cache=False, progress=False))
+    assert torch.equal(after.emb.X, truth.emb.X)
+    # a tokenizer file leading out of the folder is refused, as any entry of a model folder is
+    from repair.adapters.text import tokenizer_files
+
+    assert "bpe.codes" in [f.name for f in tokenizer_files(adapter.tokenizer)]
+    outside = tmp_path / "elsewhere.codes"
+    outside.write_text("".join(codes))
+    (p / "bpe.codes").unlink()
+    (p / "bpe.codes").symlink_to(outside)
+    with pytest.raises(BadInput, match="outside"):
+        tokenizer_files(adapter.tokenizer)

@@ -33,7 +33,7 @@ from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph
 from .onnx_runtime import make_session, ort_providers, run_session, session_feeds  # noqa: F401
 from .text import (TOKENIZER_DIGEST_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
                    max_positions_beside, resolve_max_length,
-                   tokenizer_preprocess_id)
+                   tokenizer_files, tokenizer_preprocess_id)
 
 
 class OnnxAdapter(Adapter):
@@ -417,7 +417,10 @@ def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
     cfg = image_config_from_options(o.image_size, o.mean, o.std, path.parent / PREPROCESS_FILE)
     adapter = OnnxAdapter(path, image_config=cfg, class_names=o.class_names, max_length=o.max_length)
     adapter.preprocess_from_options = adapter.modality == "image"
-    adapter.extra_files = beside + adapter.external_files
+    # and the other files its tokenizer read (bpe.codes, a sentencepiece model...), checked the same way
+    tok = getattr(adapter, "tokenizer", None)
+    extra = [f for f in (tokenizer_files(tok) if tok is not None else []) if f not in beside]
+    adapter.extra_files = beside + extra + adapter.external_files
     return adapter
 
 

@@ -189,10 +189,40 @@ TOKENIZER_DIGEST_FILES = (*TOKENIZER_FILES, "merges.txt", "special_tokens_map.js
                           "chat_template.jinja", "chat_template.json")
 
 
+def tokenizer_files(tokenizer) -> list[Path]:
+    """The files of its folder a tokenizer was read from: :data:`TOKENIZER_DIGEST_FILES` and every file
+    its class reads (``vocab_files_names``: PhoBERT's ``bpe.codes``, LUKE's ``entity_vocab.json``, a
+    ``sentencepiece.model``...; a name its settings give, when it lies in the folder), those that exist,
+    each checked as a model folder's entries are (:func:`check_folder_entry`: a symlink leading out of
+    the folder, a FIFO or device, is :class:`BadInput`): only the folder's own files are read. [] for a
+    tokenizer not read from a folder."""
+    import os
+
+    from .base import files_beside
+
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if not str(folder) or not folder.is_dir():
+        return []
+    root = os.path.realpath(folder)
+    extra: set = set()
+    given = getattr(tokenizer, "init_kwargs", None) or {}
+    for key, default in (getattr(type(tokenizer), "vocab_files_names", None) or {}).items():
+        for name in (default, given.get(key)):
+            if not isinstance(name, str) or not name:
+                continue
+            p = Path(name)
+            if len(p.parts) == 1:
+                extra.add(name)
+            elif os.path.realpath(p.parent) == root:          # a path in the folder, by its name there
+                extra.add(p.name)
+    names = [*TOKENIZER_DIGEST_FILES, *sorted(extra - set(TOKENIZER_DIGEST_FILES))]
+    return files_beside(folder, names)
+
+
 def tokenizer_digest(tokenizer) -> str:
     """sha256 of what decides a tokenizer's ids, computed once per tokenizer: the content of the
-    files it was read from (:data:`TOKENIZER_DIGEST_FILES` in its folder: vocabulary, merges,
-    normaliser, added and special tokens, its settings) -- or, for one built in memory, its fast
+    files it was read from (:func:`tokenizer_files`: vocabulary, merges or BPE codes, sentencepiece
+    model, normaliser, added and special tokens, its settings) -- or, for one built in memory, its fast
     pipeline or vocabulary and its init settings (not the per-call truncation and padding a batch
     sets on the backend) -- and its truncation and padding side."""
     import hashlib
@@ -202,8 +232,7 @@ def tokenizer_digest(tokenizer) -> str:
     if cached is not None:
         return cached
     h = hashlib.sha256()
-    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
-    files = [folder / n for n in TOKENIZER_DIGEST_FILES if (folder / n).is_file()] if folder.is_dir() else []
+    files = tokenizer_files(tokenizer)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if files:
         from ..io import sha256_file
@@ -355,5 +384,5 @@ def tokenizer_input_names(tokenizer) -> list[str]:
 __all__ = ["DEFAULT_MAX_LENGTH", "TEXT_INPUTS", "TOKENIZER_FILES", "bounded_texts", "collate_texts", "first_line",
            "has_tokenizer_files", "load_tokenizer", "max_positions_beside", "offline", "quiet_transformers",
            "resolve_max_length",
-           "text_input_order", "tokenize_texts", "tokenizer_digest", "tokenizer_input_names",
+           "text_input_order", "tokenize_texts", "tokenizer_digest", "tokenizer_files", "tokenizer_input_names",
            "tokenizer_preprocess_id"]
