@@ -6,8 +6,11 @@ The statistics here are the single definitions the repair methods use too, so
 - NeuronTune spuriousness (Zheng et al. 2025), :func:`neuron_deltas`: per class y and
   dimension i, ``delta_i^y = median(v_i | y, misclassified) - median(v_i | y, correct)``.
   Positive: high activation goes with errors.
-- NSF dispersion (Li et al. 2025), :func:`class_prototypes` / :func:`nearest_class`:
-  samples whose nearest class prototype (class mean) is another class.
+- NSF dispersion (Li et al. 2025), :func:`nsf_space` / :func:`dispersion`: on the standardised
+  embeddings (per-feature zero mean, unit std, as ``nsf`` fits), samples whose own class's prototype
+  (class mean) is farther than another class's. ``nsf`` finds its outliers with these same two
+  functions, so the dispersion ``repair probe`` reports is the one ``nsf`` acts on (on raw
+  embeddings a wide feature dominates the distances and the two could differ).
 - Pseudo-groups: class x (correctly / incorrectly classified).
 """
 from __future__ import annotations
@@ -71,6 +74,24 @@ def dispersed(Z: torch.Tensor, y: torch.Tensor, centres: torch.Tensor) -> torch.
     return d.min(1).values < own
 
 
+def nsf_space(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Z, scale, shift)``: the standardised embeddings ``Z = X * scale + shift`` (statistics of
+    ``X``; :func:`repair.solver.standardization`) in which NSF's dispersion is defined -- the one
+    home of that space, for ``repair probe`` and the ``nsf`` method alike."""
+    from .solver.weights import standardization
+
+    a, sh = standardization(X)
+    return X * a + sh, a, sh
+
+
+def dispersion(Z: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prototypes, outlier)``: the class prototypes of ``Z`` and the (N,) bool of rows whose own
+    class's prototype is farther than another class's (:func:`dispersed`) -- NSF's outliers, as
+    ``nsf`` finds them and ``repair probe`` counts them."""
+    protos = class_prototypes(Z, y, num_classes)
+    return protos, dispersed(Z, y, protos)
+
+
 def probe(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
           class_names: Sequence[str], top_k: int = 10, where=None) -> dict:
     from .metrics import check_finite_logits
@@ -80,7 +101,7 @@ def probe(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
     check_finite_logits(logits, where)     # no figure rests on NaN or infinite logits (as in eval)
     pred = logits.argmax(1)
     delta, _ = neuron_deltas(X, y, pred, C)
-    out = dispersed(X, y, class_prototypes(X, y, C))
+    _, out = dispersion(nsf_space(X.float())[0], y, C)     # NSF's space and outliers (one code path)
     per_class = []
     for c in range(C):
         m = y == c

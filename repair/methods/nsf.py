@@ -3,8 +3,8 @@
 No group labels are ever used. All geometry happens on standardised embeddings
 ``z = x * a + c`` (statistics of ``inputs``; folded back at the end).
 
-1. Class prototypes = class means of ``z``. *Outliers* of a class are its samples whose
-   nearest prototype (euclidean) belongs to another class.
+1. Class prototypes = class means of ``z``. *Outliers* of a class are its samples whose own
+   prototype is farther (euclidean) than another class's.
 2. Target of class ``k``: midpoint of the class's inlier mean and outlier mean (the
    inlier mean when the class has <= 1 outlier). Pulling every sample toward a point
    between the two modes of its class removes what separates the modes (spurious)
@@ -27,7 +27,8 @@ No group labels are ever used. All geometry happens on standardised embeddings
    the label-free default; ``"worst_inferred_group"``: class x correct/incorrect under
    the original head); all candidates are one batched solver call (per-problem feature
    maps). The final map and head are refitted on all of ``inputs`` with the chosen
-   strength. Prototypes and nearest-prototype outliers are those of :mod:`repair.probing`.
+   strength. The standardisation, prototypes and outliers are :mod:`repair.probing`'s
+   (``nsf_space``, ``dispersion``): ``repair probe`` reports the same dispersion.
 
 Config fields (:class:`NSFConfig`):
 
@@ -47,7 +48,7 @@ import torch
 
 from .. import solver as S
 from ..config import setting
-from ..probing import class_prototypes, nearest_class
+from ..probing import dispersion, nearest_class, nsf_space
 from ..selection import Criterion, Holdout, head_predictions, select_and_refit
 from . import AFFINE, RepairInputs, RepairOutput, register_method
 
@@ -68,8 +69,7 @@ class NSFConfig:
 def class_targets(Z: torch.Tensor, y: torch.Tensor, num_classes: int):
     """Prototypes, outlier flags and per-class targets (see module docstring).
     Classes absent from ``y`` get a NaN prototype and are never nearest."""
-    protos = class_prototypes(Z, y, num_classes)
-    outlier = nearest_class(Z, protos) != y
+    protos, outlier = dispersion(Z, y, num_classes)     # repair probe's dispersion, one code path
     targets = protos.clone()
     n_out = []
     for c in range(num_classes):
@@ -135,8 +135,7 @@ def nsf(inputs: RepairInputs, cfg: NSFConfig) -> RepairOutput:
     C = W0.shape[0]
     pred0 = lg0.argmax(1)
     crit = Criterion.resolve(cfg.selection, has_groups=False, y=y, ref_logits=lg0)
-    a, sh = S.standardization(X)
-    Z = X * a + sh
+    Z, a, sh = nsf_space(X)                 # the space repair probe measures dispersion in
     rhos = [float(r) for r in cfg.identity_reg_grid]
 
     def fit(idx, which):
