@@ -4,7 +4,7 @@ The public verbs (imported lazily, so ``import repair`` stays cheap)::
 
     import repair
     model = repair.load_model("model/")                       # an Adapter (timm, transformers, torch, ONNX)
-    report = repair.evaluate("model/", "test/", group_by="place")
+    report = repair.evaluate("model/", "test/", group_by="place", exclude="val/")   # repair-set samples left out
     probe = repair.probe("model/", "val/")
     result = repair.fix("model/", "val/", out="model-repaired/", recipe="auto")
     repair.export_model("model-repaired/", "model.onnx", data="val/")   # export + verify, all or nothing
@@ -28,11 +28,19 @@ _LAZY = {
 }
 
 
-def evaluate(model, data, *, group_by=None, load_options=None, data_options=None, runtime=None) -> dict:
-    """Accuracy, per-class and per-group accuracy of ``model`` on ``data`` (paths)."""
+def evaluate(model, data, *, group_by=None, exclude=None, load_options=None, data_options=None,
+             runtime=None) -> dict:
+    """Accuracy, per-class and per-group accuracy of ``model`` on ``data`` (paths).
+
+    ``exclude`` (a path, or data already read; as ``repair eval --exclude``): samples of ``data``
+    that are also in it (the same image bytes or pixels, the same text or tokens) are left out of the
+    figures -- give the repair set a model was repaired on, so that its figure on held-out data never
+    counts a sample the repair fitted on. A group left without samples is absent (``absent_groups``;
+    a worst-group gate fails closed on it); data that is all such samples is a BadInput."""
     from .api import evaluate_model
 
-    return evaluate_model(model, data, load_options, _data_options("repair.evaluate", group_by, data_options), runtime)
+    return evaluate_model(model, data, load_options, _data_options("repair.evaluate", group_by, data_options), runtime,
+                          exclude=exclude)
 
 
 def probe(model, data, *, top_k: int = 10, load_options=None, data_options=None, runtime=None) -> dict:

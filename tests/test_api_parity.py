@@ -122,3 +122,36 @@ def test_a_loaded_model_changed_in_place_or_left_in_train_mode_is_measured_as_it
     repair.export_model(a, out, format="safetensors")
     written = repair.evaluate(out, data, runtime=RuntimeOptions(progress=False, use_cache=False))
     assert written["accuracy"] == mine["accuracy"] and written["per_class"] == mine["per_class"]
+
+
+def test_evaluate_leaves_out_the_samples_of_exclude_as_repair_eval_does(tmp_path):
+    """Found by an audit: repair.evaluate had no ``exclude`` (repair.api.evaluate_model and
+    ``repair eval --exclude`` have), so the Python API example counted repair-set samples that are
+    also in the test data in its "after" figure, silently."""
+    import shutil
+
+    from repair.api import evaluate_model
+    from repair.data import DataOptions
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "test", n_per_class=6)
+    repair_set = tmp_path / "repair-set"
+    for rel in ("cat/000.png", "cat/002.png", "dog/001.png"):      # 3 of the test images, byte for byte
+        (repair_set / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data / rel, repair_set / rel)
+    make_images(tmp_path / "other", n_per_class=2, seed=7)            # and samples the test data lacks
+    for f in (tmp_path / "other").rglob("*.png"):
+        dst = repair_set / f.parent.name / f"other-{f.name}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst)
+    quiet = RuntimeOptions(progress=False)
+    full = repair.evaluate(model, data, group_by="place", runtime=quiet)
+    rep = repair.evaluate(model, data, group_by="place", exclude=repair_set, runtime=quiet)
+    assert full["n"] == 18 and rep["n"] == 15
+    same = evaluate_model(model, data, None, DataOptions(group_by="place"), quiet, exclude=repair_set)
+    assert [(g["name"], g["n"], g["accuracy"]) for g in rep["per_group"]] == \
+        [(g["name"], g["n"], g["accuracy"]) for g in same["per_group"]]
+    code, out, err = run_cli("eval", model, "--data", data, "--group-by", "place", "--exclude", repair_set,
+                             "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["n"] == rep["n"]
