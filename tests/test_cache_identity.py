@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_bert_folder, make_images, make_texts, make_timm_folder, run_cli
+from conftest import CLASSES, make_bert_folder, make_images, make_texts, make_timm_folder, run_cli
 from repair.adapters import LoadOptions, load_model
 from repair.api import RuntimeOptions, prepare
 from repair.data import load_data
@@ -263,3 +263,45 @@ def test_every_file_the_tokenizer_reads_is_in_the_key(tmp_path):
     (p / "bpe.codes").symlink_to(outside)
     with pytest.raises(BadInput, match="outside"):
         tokenizer_files(adapter.tokenizer)
+
+
+def test_a_factory_network_class_from_another_file_is_in_the_key(tmp_path, monkeypatch):
+    """A factory importing its network from a sibling module: an edited forward() (same layers, same
+    tensors, same repr) computes other embeddings, never the old entry's."""
+    (tmp_path / "netdef_cache.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))\n"
+        "        self.head = nn.Linear(6, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(torch.relu(self.body(x)))\n")
+    (tmp_path / "facnet_cache.py").write_text("from netdef_cache import Net\ndef build():\n    return Net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def fresh_import():
+        for m in ("netdef_cache", "facnet_cache"):
+            sys.modules.pop(m, None)
+
+    fresh_import()
+    import facnet_cache
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(facnet_cache.build().state_dict(), str(tmp_path / "w.safetensors"))
+    data = make_images(tmp_path / "d", n_per_class=2, size=8)
+    load = LoadOptions(factory="facnet_cache:build", class_names=CLASSES, image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    rt = RuntimeOptions(cache_dir=str(tmp_path / "c"), progress=False)
+    w = tmp_path / "w.safetensors"
+    before = prepare(w, data, load, runtime=rt)
+    assert not before.emb.from_cache and prepare(w, data, load, runtime=rt).emb.from_cache
+    src = (tmp_path / "netdef_cache.py").read_text().replace("torch.relu(", "torch.tanh(")
+    (tmp_path / "netdef_cache.py").write_text(src)
+    fresh_import()
+    after = prepare(w, data, load, runtime=rt)
+    assert not after.emb.from_cache
+    assert not torch.allclose(after.emb.X, before.emb.X)
+    fresh_import()
+    truth = prepare(w, data, load, runtime=RuntimeOptions(use_cache=False, progress=False))
+    assert torch.equal(after.emb.X, truth.emb.X)

@@ -73,6 +73,9 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
                                 class_names=names, data_config=data_config)
     adapter.build = {"factory": factory, "model_args": model_args or {}, "code": _code_digest(fn)}
+    classes = _classes_code_digest(model, fn)
+    if classes is not None:
+        adapter.build["classes_code"] = classes
     return adapter
 
 
@@ -87,6 +90,67 @@ def _code_digest(fn) -> Optional[str]:
         return sha256_file(Path(inspect.getsourcefile(fn) or ""))
     except (OSError, TypeError):
         return None
+
+
+def _installed_roots() -> list[str]:
+    """The folders of Python's standard library and installed packages (resolved)."""
+    import os
+    import site
+    import sysconfig
+
+    roots = [sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+    try:
+        roots += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:                 # a virtualenv's old site module
+        pass
+    return [os.path.realpath(r) for r in roots if r]
+
+
+def _classes_code_digest(model: nn.Module, fn) -> Optional[str]:
+    """sha256 of the source files of the module classes in ``model``'s tree that the user wrote (a
+    network class imported by the factory from another file: its ``forward`` is code ``repr(model)``
+    never sees), by content only -- never their paths --, in a stable order; the factory's own file
+    and the classes of installed packages and the standard library (torch, timm, transformers: their
+    versions are in the key) are left out. None when there is no such file (the key of a factory
+    defining its network in its own file is as before)."""
+    import inspect
+    import os
+
+    from .base import sha256_file
+
+    roots = _installed_roots()
+    try:
+        own = os.path.realpath(inspect.getsourcefile(fn) or "")
+    except TypeError:
+        own = ""
+    files: set = set()
+    for cls in {type(m) for m in model.modules()}:
+        try:
+            src = inspect.getsourcefile(cls)
+        except (TypeError, OSError):         # a built-in or generated class: no source file
+            continue
+        if not src:
+            continue
+        real = os.path.realpath(src)
+        parts = Path(real).parts
+        if (real == own or "site-packages" in parts or "dist-packages" in parts
+                or any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)):
+            continue
+        if os.path.isfile(real):
+            files.add(real)
+    if not files:
+        return None
+    digests = []
+    for f in files:
+        try:
+            digests.append(sha256_file(Path(f)))
+        except OSError:
+            continue
+    if not digests:
+        return None
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
 
 
 def detect(path: Path, o: LoadOptions) -> bool:
