@@ -29,7 +29,10 @@ from .errors import BadInput
 
 CACHE_FORMAT = 4      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
                       # holds the network's build (Adapter.network_id) and the tokenizer's content;
-                      # 4: an image set's entry also holds each image's input digest (Embeddings.inputs)
+                      # 4: an image set's entry also holds each image's input digest (Embeddings.inputs);
+                      # 5: the key holds the batch size (a batch's rounding depends on it: an entry made
+                      # with another --batch-size differs in its last bits)
+DEFAULT_BATCH_SIZE = 64
 
 
 def default_cache_dir() -> Path:
@@ -100,16 +103,20 @@ def text_input_digests(adapter: Adapter, data: RepairData) -> Optional[torch.Ten
     return torch.tensor([list(bytes.fromhex(k)[:16]) for k in keys], dtype=torch.uint8).reshape(len(keys), 16)
 
 
-def cache_key(adapter: Adapter, data: RepairData, device: Optional[torch.device] = None) -> str:
+def cache_key(adapter: Adapter, data: RepairData, device: Optional[torch.device] = None,
+              batch_size: int = DEFAULT_BATCH_SIZE) -> str:
     """The cache entry of ``adapter``'s embeddings of ``data``. An image set read under another pixel
     limit than the default (``--max-pixels``) has its own entries: a hit decodes no image, so an entry
     made under one limit must not serve a run whose limit would refuse one of its images. Embeddings
     computed on another kind of device than the CPU (``device``: CUDA's kernels round differently) have
     their own entries too, so a ``--device cpu`` run reproduces a CPU run's figures (the CPU's keys are
-    the same as before devices were in the key)."""
+    the same as before devices were in the key). The ``batch_size`` the embeddings are computed with
+    is in every key: a batch's sums round according to its size (and a text batch's padding), so an
+    entry made with another ``--batch-size`` differs in its last bits, and a run must give the same
+    bytes whatever an earlier run left in the cache."""
     desc = {"format": CACHE_FORMAT, "body": adapter.body_hash(), "data": data.fingerprint(),
             "preprocess": adapter.preprocess_id(), "family": adapter.family,
-            "network": adapter.network_id()}
+            "network": adapter.network_id(), "batch_size": int(batch_size)}
     if data.modality == "image" and int(data.max_pixels) != DEFAULT_MAX_PIXELS:
         desc["max_pixels"] = int(data.max_pixels)
     if device is not None and torch.device(device).type != "cpu":
@@ -125,11 +132,11 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 @torch.no_grad()
-def extract(adapter: Adapter, data: RepairData, *, batch_size: int = 64, device: str = "auto",
+def extract(adapter: Adapter, data: RepairData, *, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
             cache_dir: Optional[Path] = None, use_cache: bool = True, progress: bool = True) -> Embeddings:
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    key = cache_key(adapter, data, dev)
+    key = cache_key(adapter, data, dev, batch_size)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_file = cache_dir / f"{key}.safetensors"
     if data.modality == "image":     # the pixel limit the data was read with (a model repair's own reads too)

@@ -488,12 +488,14 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                 # how the model read the data (an image's size and normalisation, a text's truncation):
                 # the figures were measured so, and a --max-length or --image-size changes them
                 "preprocess": adapter.preprocess_id()}
-    # where, and on how many threads: a trained network's numbers depend on them, and so do a head's last
-    # digits on a large repair set (BLAS splits a fit's sums over the rows among its threads: dfr at
-    # 20,000 x 1,024, 1 vs 2 threads, weights 0.1% apart); on the same device and thread count the
+    # where, on how many threads and in batches of how many: a trained network's numbers depend on them,
+    # and so do a head's last digits on a large repair set (BLAS splits a fit's sums over the rows among
+    # its threads: dfr at 20,000 x 1,024, 1 vs 2 threads, weights 0.1% apart) and the embeddings' last
+    # bits (a batch's sums round by its size); on the same device, thread count and batch size the
     # same inputs give the same bytes
     settings["device"] = str(resolve_device(runtime.device))
     settings["threads"] = torch.get_num_threads()
+    settings["batch_size"] = int(runtime.batch_size)
     loop = (final.diagnostics or {}).get("loop") or {} if final.kind == "model" else {}
     trained = final.kind == "model"          # a head chosen trained nothing: no budget applied to it
     if not trained:                          # what the head's fit asks the user to know (its cap reached)

@@ -305,3 +305,30 @@ def test_a_factory_network_class_from_another_file_is_in_the_key(tmp_path, monke
     fresh_import()
     truth = prepare(w, data, load, runtime=RuntimeOptions(use_cache=False, progress=False))
     assert torch.equal(after.emb.X, truth.emb.X)
+
+
+def test_the_batch_size_is_in_the_key_and_eval_and_fix_share_the_default(tmp_path):
+    """Another --batch-size rounds a batch's sums otherwise (its embeddings differ in their last bits):
+    it has its own entry, so a run gives the same bytes whatever an earlier run left in the cache; every
+    command's default is the same, so a fix after an eval reads the eval's entry."""
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=3)
+    c = str(tmp_path / "c")
+    small, default = (RuntimeOptions(cache_dir=c, progress=False, batch_size=4),
+                      RuntimeOptions(cache_dir=c, progress=False))
+    assert default.batch_size == 64                                        # the CLI's default too
+    assert _fresh(small, m, data) and _fresh(default, m, data)
+    assert not _fresh(small, m, data) and not _fresh(default, m, data)
+    truth = prepare(m, data, runtime=RuntimeOptions(use_cache=False, progress=False))
+    assert torch.equal(prepare(m, data, runtime=default).emb.X, truth.emb.X)
+    adapter, d = load_model(m), load_data(data)
+    assert cache_key(adapter, d, batch_size=4) != cache_key(adapter, d) == cache_key(adapter, d, batch_size=64)
+    c2 = tmp_path / "c2"
+    code, _, err = run_cli("eval", m, "--data", data, "--cache-dir", c2, "-q")
+    assert code == 0, err
+    entries = sorted(p.name for p in c2.iterdir())
+    code, out, err = run_cli("fix", m, "--data", data, "--recipe", "dfr", "--out", tmp_path / "h",
+                             "--cache-dir", c2, "--json", "-q")
+    assert code == 0, err
+    assert sorted(p.name for p in c2.iterdir()) == entries                # the eval's entry served the fix
+    assert json.loads(out)["settings"]["batch_size"] == 64

@@ -170,6 +170,7 @@ def test_provenance_says_what_shaped_the_model_and_nothing_that_did_not(tmp_path
     assert len(code_["sources_sha256"]) == 64 and code_["torch"]
     # a head's last digits depend on the thread count too (BLAS splits the fits' sums): recorded
     assert settings["device"] == "cpu" and settings["threads"] == torch.get_num_threads()
+    assert settings["batch_size"] == 64             # and the embeddings' last bits on the batch size
     assert str(data) not in meta["repair.settings"]
     import shutil
 
@@ -178,9 +179,10 @@ def test_provenance_says_what_shaped_the_model_and_nothing_that_did_not(tmp_path
                               "--eval", data, "--out", tmp_path / "h2", "--json", "-q")
     assert code == 2, err            # --eval is a copy of the repair data: refused, as ever
     code, out2, err = run_cli("fix", m, "--data", tmp_path / "d2", "--recipe", "dfr", "--out", tmp_path / "h2",
-                              "--json", "-q")
+                              "--batch-size", "5", "--json", "-q")
     assert code == 0, err
     assert json.loads(out2)["settings"]["data"] == settings["data"]        # another folder, the same data
+    assert json.loads(out2)["settings"]["batch_size"] == 5
     code, out3, err = run_cli("fix", m, "--data", tmp_path / "d2", "--recipe", "dfr", "--group-by", "place",
                               "--out", tmp_path / "h3", "--json", "-q")
     assert code == 0, err
