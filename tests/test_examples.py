@@ -268,8 +268,8 @@ def test_python_api_example(root: Path, tmp_path: Path, capsys):
     out = tmp_path / "api-repaired"
     assert load_script().main([str(root / "demo"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "verified=True" in printed and "worst-group" in printed
-    assert (out / "model.safetensors").is_file() and (tmp_path / "api-repaired.onnx").is_file()
+    assert "verified=True" in printed and "worst-group" in printed and "gate passed: " in printed
+    assert (out / "model.safetensors").is_file() and (out / "model.onnx").is_file()   # written together
 
 
 def test_python_api_example_bad_input(root: Path, tmp_path: Path, capsys):
@@ -279,4 +279,107 @@ def test_python_api_example_bad_input(root: Path, tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as e:
         script.main([str(root / "demo"), "--out", str(tmp_path / "out"), "--gate", "70"])
     assert e.value.code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def demo_with_test(root: Path, where: Path, rows) -> Path:
+    """A demo folder at ``where``: the demo's model and repair set, and a test split of the ``rows``
+    of the demo's test metadata (``rows(list of dict) -> list of dict``; images copied)."""
+    import csv
+
+    (where / "data").mkdir(parents=True)
+    shutil.copytree(root / "demo" / "model", where / "model")
+    shutil.copytree(root / "demo" / "data" / "val", where / "data" / "val")
+    test = where / "data" / "test"
+    shutil.copytree(root / "demo" / "data" / "test", test)
+    with open(test / "metadata.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    table = rows(table, test)
+    with open(test / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    return where
+
+
+def printed_n(printed: str) -> int:
+    return sum(int(m) for m in re.findall(r"^  \S+\s+n=(\d+)", printed, re.M))
+
+
+def test_python_api_example_gate_fails_closed_on_a_group_without_samples(root: Path, tmp_path: Path, capsys):
+    """Found by an audit: a test split without one group's samples passed the example's gate (a raw
+    float comparison over the groups there were), where `repair eval --fail-under-wga` fails closed
+    (exit 1). The example gates with repair.rules.judge, and prints the figures' warnings."""
+    demo = demo_with_test(root, tmp_path / "demo",
+                          lambda t, _: [r for r in t if (str(r["y"]), r["place"]) not in (("1", "land"), ("waterbird", "land"))])
+    out = tmp_path / "repaired"
+    assert load_script().main([str(demo), "--out", str(out), "--gate", "0.01"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: " in err and "no samples" in err and "waterbird|place=land" in err and "fails closed" in err
+    assert (out / "model.onnx").is_file()          # the repair itself went through; only the gate failed
+
+
+def test_python_api_example_leaves_out_repair_set_samples_of_the_test_split(root: Path, tmp_path: Path, capsys):
+    """Found by an audit: test images that are also repair-set images were counted in the "after"
+    figure, silently. They are left out of both figures (repair.evaluate(..., exclude=val)), with a
+    warning on stderr."""
+    import csv
+
+    val = root / "demo" / "data" / "val"
+    with open(val / "metadata.csv", newline="") as f:
+        val_rows = list(csv.DictReader(f))[:40]
+    n_test = len(list(csv.DictReader(open(root / "demo" / "data" / "test" / "metadata.csv", newline=""))))
+
+    def add_val(table, test):
+        (test / "fromval").mkdir()
+        extra = []
+        for i, r in enumerate(val_rows):
+            shutil.copyfile(val / r["img_filename"], test / "fromval" / f"{i:05d}.png")
+            extra.append({**{k: r.get(k, "") for k in table[0]}, "img_filename": f"fromval/{i:05d}.png"})
+        return table + extra
+
+    demo = demo_with_test(root, tmp_path / "demo", add_val)
+    assert load_script().main([str(demo), "--out", str(tmp_path / "repaired")]) == 0
+    captured = capsys.readouterr()
+    assert printed_n(captured.out) == n_test                  # the 40 repair-set copies counted nowhere
+    assert "warning: 40 of the" in captured.err and "left out of the figures" in captured.err
+
+
+def test_python_api_example_writes_model_and_onnx_together(root: Path, tmp_path: Path, capsys, monkeypatch):
+    """Found by an audit: the model folder was written by repair.fix and the ONNX file by a later
+    export_model, so an existing OUT.onnx or a failed verification left OUT/ without its ONNX file
+    (and the rerun refused OUT). The export is part of the fix now: all or nothing."""
+    import repair.export
+    from repair.errors import GateFailed
+
+    out = tmp_path / "api-repaired"
+    (tmp_path / "api-repaired.onnx").write_bytes(b"an older export")   # blocked the old script's export
+    real = repair.export.export_onnx
+
+    def mismatch(*a, **k):
+        raise GateFailed("ONNX verification failed: max |diff| 0.5 > 1e-5 (simulated)")
+
+    monkeypatch.setattr(repair.export, "export_onnx", mismatch)
+    script = load_script()
+    assert script.main([str(root / "demo"), "--out", str(out)]) == 1
+    assert "ONNX verification failed" in capsys.readouterr().err
+    assert not out.exists()                       # nothing half-written: the rerun is not blocked
+    monkeypatch.setattr(repair.export, "export_onnx", real)
+    assert script.main([str(root / "demo"), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "model.onnx").is_file()
+    assert (tmp_path / "api-repaired.onnx").read_bytes() == b"an older export"
+
+
+def test_python_api_example_internal_error_is_exit_3_in_one_line(root: Path, tmp_path: Path, capsys, monkeypatch):
+    """Found by an audit: a bug (not a RepairError) was exit 1 with a traceback, where the docstring
+    (and the command line) promise 3 and one line."""
+    import repair
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated internal bug\nsecond line")
+
+    monkeypatch.setattr(repair, "evaluate", boom)
+    assert load_script().main([str(root / "demo"), "--out", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert err == "internal error: RuntimeError: simulated internal bug\n"
     assert not (tmp_path / "out").exists()
