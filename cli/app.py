@@ -129,6 +129,8 @@ def _once_each(cmd):
             _, _, order = cmd.make_parser(ctx).parse_args(args=list(args))
         except ClickException:
             order = []               # click's own parse below says what is wrong
+        if any(getattr(p, "is_eager", False) for p in order):
+            return plain(ctx, args)          # --help / --version answer whatever else is given
         seen = set()
         for p in order:
             if (getattr(p, "param_type_name", None) != "option" or p.multiple or p.count

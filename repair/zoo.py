@@ -227,7 +227,9 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
             word, sep, value = m.groups()
             if sep and (word in field_names or re.fullmatch(r"[a-z_]+", word)):
                 defaults[word] = value      # "# key: value" (lower case): a default (an unknown key is refused)
-            elif word.lower() in by_lower:  # "# Gate: 90%", "# gate 90%": never a comment that drops a setting
+            elif word.lower() in by_lower and (sep or (value and len(value.split()) == 1)):
+                # "# Gate: 90%", "# gate 90%": a setting written otherwise, never a comment that drops it
+                # (prose that starts with a field name, "# Data for each row lives here", is a comment)
                 shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
                 raise BadInput(f"line {skipped}: {shown!r} names the field {by_lower[word.lower()]!r} but is not "
                                f"a default: write '# {by_lower[word.lower()]}: VALUE' (the field name in lower case, "

@@ -163,3 +163,5 @@ def test_an_option_given_twice_is_refused(tmp_path, timm_folder, image_data):
     assert code == 2 and "--out" in err and not (tmp_path / "a").exists() and not (tmp_path / "b").exists(), err
     code, _, err = run_cli("eval", timm_folder, "--data", image_data, "-q", "-q", "--no-cache", "--no-cache")
     assert code == 0, err
+    code, out, err = run_cli("eval", "--data", "a", "--data", "b", "--help")     # the help answers first
+    assert code == 0 and "Usage" in out, err

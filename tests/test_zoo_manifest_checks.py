@@ -119,3 +119,16 @@ def test_a_recipe_needing_group_labels_without_group_by_is_exit_2_before_any_wor
     path.write_text(yaml.safe_dump({"models": [good, {**bad, "group_by": "place"}]}, sort_keys=False))
     load_manifest(path, "fix", allow_plugins=True)          # with group labels it runs
     assert not marker.exists()
+
+
+def test_a_csv_comment_in_prose_that_starts_with_a_field_name_stays_a_comment(tmp_path, parts):
+    """Found by a review: every '#' line whose first word was a field name ('# Data for each row lives
+    next to this file', '# Seed 0 everywhere') was refused; only a setting written otherwise is."""
+    from repair.zoo import load_manifest
+
+    copy_parts(tmp_path, parts)
+    path = tmp_path / "z.csv"
+    path.write_text("# Data for each row lives next to this file\n# Seed 0 everywhere, as usual\n# Name\n"
+                    "# gate: 90%\nname,checkpoint,data,group_by\na,m0,val,place\n")
+    (e,) = load_manifest(path, "eval").entries
+    assert e.gate == "90%"
