@@ -475,7 +475,9 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         _warn(ctx, log, w)
 
     changed = adapter.changed_tensors()
-    settings = {"recipe": recipe.name, "method": chosen.method, "kind": chosen.info.kind,
+    # the recipe by its name and where it came from: a file's by the sha256 of its bytes (and its plugins')
+    settings = {"recipe": recipe.name, "recipe_source": provenance.recipe_identity(recipe),
+                "method": chosen.method, "kind": chosen.info.kind,
                 "config": final.config if isinstance(final.config, dict) else dataclasses.asdict(final.config),
                 "selection": selection and crit.name,
                 "seed": o.seed, "group_labels": "given" if has_groups else "none",

@@ -63,6 +63,42 @@ def build(*, source_sha256: str, method: str, settings: Optional[dict] = None,
 _CODE: dict = {}
 
 
+def recipe_identity(recipe) -> dict:
+    """What a run's recipe was beside its name (``settings.recipe_source``), never by path: ``built-in``
+    (a file of the package's ``recipes/`` or one of its methods: ``code.sources_sha256`` covers it),
+    ``file`` with the ``sha256`` of the recipe file's bytes and each ``plugins:`` entry as written with
+    its file's sha256 (its candidates, folds and repeats are that file's), ``method`` for a method
+    registered by another module (named), or ``python`` for a recipe built in Python, with its
+    settings and candidates."""
+    from pathlib import Path
+
+    from .io import sha256_file
+    from .recipes import recipes_dir
+
+    files = [Path(f) for f in (getattr(recipe, "files", None) or ())]
+    if files:
+        main = files[0]
+        if main.resolve().parent == recipes_dir().resolve():
+            return {"kind": "built-in"}
+        out: dict = {"kind": "file", "sha256": sha256_file(main)}
+        if recipe.plugins:
+            out["plugins"] = [{"entry": str(spec), "sha256": sha256_file(f)}
+                              for spec, f in zip(recipe.plugins, files[1:])]
+        return out
+    if getattr(recipe, "source", "") == "registry":
+        from .methods import get_method
+
+        try:
+            module = str(getattr(get_method(recipe.name).fn, "__module__", "") or "")
+        except KeyError:
+            module = ""
+        return {"kind": "built-in"} if module.startswith("repair.") else {"kind": "method", "module": module}
+    return {"kind": "python", "selection": recipe.selection, "folds": recipe.folds, "repeats": recipe.repeats,
+            "ensemble": recipe.ensemble,
+            "candidates": [{"method": c.method, "params": json.loads(canonical_json(c.params))}
+                           for c in recipe.candidates]}
+
+
 def code_identity() -> dict:
     """What code made a file, beyond ``repair.version`` (which does not change with every commit):
     ``sources_sha256``, the sha256 of the package's sources and built-in recipes (names and bytes),

@@ -298,3 +298,41 @@ def test_a_model_repair_that_kept_the_original_body_says_so(tmp_path):
     rep = json.loads(out)
     rows = [r for r in rep["candidates"] if str(r.get("candidate", "")).startswith("mixft")]
     assert rep["method"] == "dfr" and rows and all("kept the original body" in r.get("skipped", "") for r in rows), rows
+
+
+def test_provenance_says_where_the_recipe_came_from_and_a_files_bytes(tmp_path):
+    """A recipe is recorded beside its name as built-in or as a file with the sha256 of its bytes (its
+    candidates, folds and repeats are that file's) and its plugin files' -- never by path: the same
+    recipe in another folder gives the same record, another candidate another digest."""
+    import hashlib
+
+    from repair.io import load_safetensors
+    from repair.recipes import load_recipe
+
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=6)
+    text = ("name: mine\nselection: worst_class\nfolds: 2\n"
+            "candidates:\n  - method: dfr\n    params: {c_grid: [1.0]}\n  - method: dfr\n    params: {c_grid: [0.1]}\n")
+    sources = {}
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "mine.yaml").write_text(text)
+        code, out, err = run_cli("fix", m, "--data", data, "--recipe", tmp_path / where / "mine.yaml",
+                                 "--out", tmp_path / f"h{where}", "--json", "-q")
+        assert code == 0, err
+        _, meta = load_safetensors(tmp_path / f"h{where}" / "model.safetensors")
+        settings = json.loads(meta["repair.settings"])
+        assert settings["recipe"] == "mine" and str(tmp_path) not in meta["repair.settings"]
+        sources[where] = settings["recipe_source"]
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    assert sources["a"] == sources["b"] == {"kind": "file", "sha256": digest}
+    from repair.provenance import recipe_identity
+
+    (tmp_path / "a" / "mine.yaml").write_text(text.replace("0.1", "0.01"))
+    assert recipe_identity(load_recipe(tmp_path / "a" / "mine.yaml"))["sha256"] != digest
+    assert recipe_identity(load_recipe("auto")) == recipe_identity(load_recipe("dfr")) == {"kind": "built-in"}
+    (tmp_path / "a" / "plug.py").write_text("# registers nothing\n")
+    (tmp_path / "a" / "p.yaml").write_text("plugins: [plug.py]\ncandidates: [{method: dfr}]\n")
+    ident = recipe_identity(load_recipe(tmp_path / "a" / "p.yaml", validate_only=True))
+    assert ident["plugins"] == [{"entry": "plug.py",
+                                 "sha256": hashlib.sha256(b"# registers nothing\n").hexdigest()}]
