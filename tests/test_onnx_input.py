@@ -362,3 +362,29 @@ def test_an_onnx_text_model_reads_texts_as_its_tokenizer_does_across_sets_and_sp
         assert code == 0, err
         dups[out_name] = json.loads(out)["duplicates"]
     assert dups["b.onnx"] == dups["b"] and dups["b"]["n_unique"] <= len(rows), dups
+
+
+def test_running_an_onnx_model_writes_no_onnxruntime_telemetry(tmp_path):
+    """onnxruntime writes a device id and a telemetry database under the user's cache folder
+    (``Microsoft/DeveloperTools/.onnxruntime``) unless ORT_DISABLE_TELEMETRY is set before it is first
+    imported: repair sets it (keeping the user's own value), so an eval writes nothing there."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import make_deployed_onnx, make_images
+
+    o = tmp_path / "o"
+    o.mkdir()
+    onnx_file, _ = make_deployed_onnx(o / "model.onnx")
+    (o / "preprocess.json").write_text('{"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}')
+    data = make_images(tmp_path / "d", n_per_class=2, size=32)
+    xdg, home = tmp_path / "xdg", tmp_path / "home"
+    xdg.mkdir()
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(XDG_CACHE_HOME=str(xdg), HOME=str(home), REPAIR_CACHE_DIR=str(tmp_path / "c"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "repair_cli.main", "eval", str(onnx_file), "--data", str(data),
+                        "--class-names", "cat,dog,fox", "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [p for p in (*xdg.rglob("*"), *home.rglob("*"))] == []

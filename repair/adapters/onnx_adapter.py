@@ -30,7 +30,7 @@ from .images import PREPROCESS_FILE, ImageCollate, image_config_from_options, re
 from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph_inputs,  # noqa: F401
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
                          metadata_dict, set_metadata, training_mode_node)
-from .onnx_runtime import make_session, ort_providers, run_session, session_feeds  # noqa: F401
+from .onnx_runtime import make_session, onnxruntime, ort_providers, run_session, session_feeds  # noqa: F401
 from .text import (TOKENIZER_DIGEST_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
                    max_positions_beside, resolve_max_length,
                    tokenizer_files, tokenizer_preprocess_id)
@@ -364,9 +364,7 @@ class OnnxAdapter(Adapter):
     def network_id(self) -> dict:
         """The graph is hashed with the weights (:meth:`body_hash`); the runtime that computes it is
         here, as torch's version is for a torch model."""
-        import onnxruntime
-
-        return {**super().network_id(), "onnxruntime": onnxruntime.__version__}
+        return {**super().network_id(), "onnxruntime": onnxruntime().__version__}
 
 
 def external_data_files(proto, base: Path) -> list[Path]:

@@ -17,10 +17,24 @@ _ORT_TYPES = {
 }
 
 
+def onnxruntime():
+    """The ``onnxruntime`` module, imported here only (one home): its telemetry is off unless the
+    user's environment says otherwise (``ORT_DISABLE_TELEMETRY``, set before the first import; else
+    onnxruntime writes a device id and a database under ``~/.cache/Microsoft/DeveloperTools``)."""
+    import os
+    import sys
+
+    if "onnxruntime" not in sys.modules:
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime as ort
+
+    return ort
+
+
 def ort_providers(prefer_cuda: bool = True, device: Optional[Union[str, torch.device]] = None) -> list:
     """CPUExecutionProvider, with CUDAExecutionProvider first when onnxruntime has it.
     TF32 is switched off so that GPU results stay comparable to float32 references."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     providers: list = []
     if prefer_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -41,7 +55,7 @@ def make_session(model: Union[str, Path, bytes, "onnx.ModelProto"], *, prefer_cu
     torch's count so both runtimes get the same CPUs); ``optimize=False`` switches
     onnxruntime's graph optimisations off; ``spin=False``: idle worker threads sleep instead of
     spinning (batch throughput on a busy or small machine: measured faster there)."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
