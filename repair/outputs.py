@@ -329,10 +329,13 @@ def tokenizer_notice(adapter, onnx_path: Path) -> Optional[str]:
 
 def _tokenizer_names(adapter) -> list[str]:
     """The tokenizer files of a text model's folder, by name (the ones to copy beside its ONNX export)."""
-    from .adapters.text import TOKENIZER_DIGEST_FILES
+    from .adapters.text import TOKENIZER_DIGEST_FILES, tokenizer_files
 
-    folder = Path(getattr(adapter, "model_folder", None) or Path(adapter.source).parent)
-    names = [f for f in TOKENIZER_DIGEST_FILES if (folder / f).exists()]
+    tok = getattr(adapter, "tokenizer", None)
+    names = [p.name for p in tokenizer_files(tok)] if tok is not None else []   # the files it reads (bpe.codes...)
+    if not names:
+        folder = Path(getattr(adapter, "model_folder", None) or Path(adapter.source).parent)
+        names = [f for f in TOKENIZER_DIGEST_FILES if (folder / f).exists()]
     return names or ["tokenizer.json", "tokenizer_config.json"]
 
 

@@ -332,3 +332,15 @@ def test_the_batch_size_is_in_the_key_and_eval_and_fix_share_the_default(tmp_pat
     assert code == 0, err
     assert sorted(p.name for p in c2.iterdir()) == entries                # the eval's entry served the fix
     assert json.loads(out)["settings"]["batch_size"] == 64
+
+
+def test_the_onnx_notice_names_every_tokenizer_file_to_copy(tmp_path):
+    """Found by a fixer: the notice naming the tokenizer files to put beside a text model's ONNX export
+    listed a fixed set, so a PhoBERT export was told to copy files that cannot read texts without
+    ``bpe.codes``. It names the files the tokenizer reads (one home: ``tokenizer_files``)."""
+    from repair.adapters import load_model
+    from repair.outputs import _tokenizer_names
+
+    p = _phobert_folder(tmp_path / "pho")
+    names = _tokenizer_names(load_model(p))
+    assert "bpe.codes" in names and "vocab.txt" in names, names
