@@ -27,7 +27,7 @@ from .adapters.base import Adapter
 from .data import DEFAULT_MAX_PIXELS, RepairData
 from .errors import BadInput
 
-CACHE_FORMAT = 4      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
+CACHE_FORMAT = 5      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
                       # holds the network's build (Adapter.network_id) and the tokenizer's content;
                       # 4: an image set's entry also holds each image's input digest (Embeddings.inputs);
                       # 5: the key holds the batch size (a batch's rounding depends on it: an entry made

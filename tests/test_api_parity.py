@@ -157,25 +157,31 @@ def test_evaluate_leaves_out_the_samples_of_exclude_as_repair_eval_does(tmp_path
     assert json.loads(out)["n"] == rep["n"]
 
 
-def test_a_loaded_model_is_read_back_from_its_file_only_where_a_tensor_moved(tmp_path, monkeypatch):
-    """Found by a review: every public call on a loaded model read the whole weights file back to look
-    for in-place changes (85% of a warm evaluate of a ResNet-50). Only tensors whose storage or in-place
-    version moved since loading are read back now."""
+def test_every_kind_of_in_place_edit_of_a_loaded_model_is_seen(tmp_path):
+    """Found by a review: finding in-place changes by torch's version counters (to spare reading the file
+    back) missed writes through ``.data``, through numpy and fused optimizer steps: the old cached
+    embeddings were served and the file's weights exported. Every edit is seen (the file is compared)."""
     import torch
-
-    import repair.adapters.base as base
 
     model = make_timm_folder(tmp_path / "m")
     data = make_images(tmp_path / "d", n_per_class=4, seed=4)
     quiet = RuntimeOptions(progress=False, cache_dir=tmp_path / "cache")
-    a = repair.load_model(model)
-    read = []
-    plain = base.read_tensors
-    monkeypatch.setattr(base, "read_tensors", lambda path, names: read.append(list(names)) or plain(path, names))
-    repair.evaluate(a, data, runtime=quiet)
-    assert read == []
-    name = next(n for n, p in a.model.named_parameters() if p.ndim == 4)
-    with torch.no_grad():
-        dict(a.model.named_parameters())[name].add_(1.0)
-    rep = repair.evaluate(a, data, runtime=quiet)
-    assert read == [[name]] and rep["model"]["changed_tensors"] == [name]
+    base = repair.evaluate(model, data, runtime=quiet)
+    for k, edit in enumerate(("data", "numpy")):
+        a = repair.load_model(model)
+        repair.evaluate(a, data, runtime=quiet)
+        name = next(n for n, p in a.model.named_parameters() if p.ndim == 4)
+        p = dict(a.model.named_parameters())[name]
+        if edit == "data":
+            p.data.mul_(-3.0)
+        else:
+            p.detach().numpy()[...] *= 2.0          # another body than the .data edit's
+        rep = repair.evaluate(a, data, runtime=quiet)
+        assert rep["model"]["changed_tensors"] == [name] and not rep["embedding"]["from_cache"], edit
+        out = tmp_path / f"e{k}"
+        repair.export_model(a, out, format="safetensors")
+        from repair.io import load_safetensors
+
+        written, _ = load_safetensors(out / "model.safetensors")
+        assert torch.equal(written[name], p.detach().to(written[name].dtype)), edit
+    assert base["model"]["sha256"] is not None

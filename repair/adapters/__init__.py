@@ -191,7 +191,6 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
                        + ", so they would be ignored: leave them out", path)
     if o.files:                       # read for this model: no output may replace them
         adapter.extra_files = (*adapter.extra_files, *map(Path, o.files))
-    adapter.note_tensor_versions()    # as the file holds them: a later in-place change is seen cheaply
     return adapter
 
 

@@ -310,26 +310,16 @@ class Adapter(ABC):
         if self.model is None or not getattr(self, "_file_names", None):
             return []
         own = self.model.state_dict()
-        seen = getattr(self, "_tensor_versions", None) or {}
-        # only a tensor whose storage or in-place version counter moved since it was last known to hold
-        # the file's value is read back (torch counts every in-place write: an optimizer step, a
-        # no_grad edit, BatchNorm statistics, load_state_dict)
-        names = sorted(n for n in self._file_names if n in own and n not in self._file_values
-                       and seen.get(n) != _version_of(own[n]))
+        # every tensor not registered yet is compared with the file (torch's in-place version counters
+        # would be cheaper but miss writes through .data, through numpy, and fused optimizer steps)
+        names = sorted(n for n in self._file_names if n in own and n not in self._file_values)
         if not names:
             return []
         stored = read_tensors(self.weights_path, names)
         changed = [n for n in names if n in stored
                    and not torch.equal(own[n].detach().cpu(), stored[n].to(own[n].dtype))]
         self._file_values.update({n: stored[n] for n in changed})
-        self.note_tensor_versions()
         return changed
-
-    def note_tensor_versions(self) -> None:
-        """Remember each tensor's storage and in-place version (:meth:`adopt_changes_in_place` then
-        reads back only what moved since); called once the weights are the file's."""
-        if self.model is not None:
-            self._tensor_versions = {n: _version_of(t) for n, t in self.model.state_dict().items()}
 
     @contextlib.contextmanager
     def inference(self):
@@ -502,11 +492,6 @@ class TorchModelAdapter(Adapter):
             raise BadInput(f"the head's input is not a (batch, features) matrix "
                            f"(got {None if emb is None else tuple(emb.shape)})", self.source)
         return emb.float()
-
-
-def _version_of(t: torch.Tensor) -> tuple:
-    """A tensor's storage and in-place version counter (shared with its views and ``detach()``)."""
-    return (t.device.type, t.data_ptr(), t._version)
 
 
 def read_tensors(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
