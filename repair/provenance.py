@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
 from typing import Any, Optional
 
 from ._version import __version__
@@ -80,10 +81,12 @@ def recipe_identity(recipe) -> dict:
         main = files[0]
         if main.resolve().parent == recipes_dir().resolve():
             return {"kind": "built-in"}
-        out: dict = {"kind": "file", "sha256": sha256_file(main)}
+        digests = tuple(getattr(recipe, "digests", None) or ())      # as read when the recipe was loaded
+        if len(digests) != len(files):
+            digests = tuple(sha256_file(f) for f in files)
+        out: dict = {"kind": "file", "sha256": digests[0]}
         if recipe.plugins:
-            out["plugins"] = [{"entry": str(spec), "sha256": sha256_file(f)}
-                              for spec, f in zip(recipe.plugins, files[1:])]
+            out["plugins"] = [{"entry": str(spec), "sha256": d} for spec, d in zip(recipe.plugins, digests[1:])]
         return out
     if getattr(recipe, "source", "") == "registry":
         from .methods import get_method
@@ -92,7 +95,12 @@ def recipe_identity(recipe) -> dict:
             module = str(getattr(get_method(recipe.name).fn, "__module__", "") or "")
         except KeyError:
             module = ""
-        return {"kind": "built-in"} if module.startswith("repair.") else {"kind": "method", "module": module}
+        if module.startswith("repair."):
+            return {"kind": "built-in"}
+        plugin = sys.modules.get(module)
+        if module.startswith("repair_plugin_") and getattr(plugin, "__repair_sha256__", None):
+            return {"kind": "plugin", "sha256": plugin.__repair_sha256__}   # its file by content, not by path
+        return {"kind": "method", "module": module}
     return {"kind": "python", "selection": recipe.selection, "folds": recipe.folds, "repeats": recipe.repeats,
             "ensemble": recipe.ensemble,
             "candidates": [{"method": c.method, "params": json.loads(canonical_json(c.params))}

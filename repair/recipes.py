@@ -127,6 +127,7 @@ class Recipe:
     source: str = ""
     plugins: tuple = ()                 # the recipe's plugins: entries (imported only with allow_plugins)
     files: tuple = ()                   # every file it was read from: the YAML and its plugin files (inputs)
+    digests: tuple = ()                 # the sha256 of each of ``files`` as it was read (what the provenance records)
 
     def __post_init__(self):
         # a recipe built in Python is held to the rules of a recipe file (one home: check_fields)
@@ -526,6 +527,9 @@ def _import_plugin(spec: str, target: Path, where: Path) -> None:
         package = [str(target.parent)] if target.name == "__init__.py" else None
         mspec = importlib.util.spec_from_file_location(mod_name, target, submodule_search_locations=package)
         mod = importlib.util.module_from_spec(mspec)
+        from .io import sha256_file
+
+        mod.__repair_sha256__ = sha256_file(target)     # what a method it registers is recorded by (not its path)
         sys.modules[mod_name] = mod
         try:
             mspec.loader.exec_module(mod)  # type: ignore[union-attr]
@@ -650,6 +654,9 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     if not isinstance(plugins, list):
         raise BadInput("plugins must be a list of Python files or module names", p)
     targets = [_plugin_target(spec, p.parent, p) for spec in plugins]     # checked, nothing imported
+    from .io import sha256_file
+
+    digests = tuple(sha256_file(f) for f in (p, *targets))     # as read now, not when the run ends
     selection, folds = doc.get("selection", RECIPE_DEFAULTS["selection"]), doc.get("folds", RECIPE_DEFAULTS["folds"])
     vals = {"repeats": doc.get("repeats", RECIPE_DEFAULTS["repeats"]), "ensemble": doc.get("ensemble", RECIPE_DEFAULTS["ensemble"])}
     name = doc.get("name", p.stem)
@@ -668,7 +675,7 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     try:
         recipe = Recipe(name=name, candidates=candidates, selection=selection, folds=folds, **vals,
                         description=description, source=p.name, plugins=tuple(plugins),
-                        files=(p.resolve(), *targets))
+                        files=(p.resolve(), *targets), digests=digests)
     except BadInput as e:
         raise BadInput(e.problem, e.path or p) from None
     _check_builtin_name(recipe, p, "name" in doc and doc["name"] is not None)

@@ -227,9 +227,10 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
             word, sep, value = m.groups()
             if sep and (word in field_names or re.fullmatch(r"[a-z_]+", word)):
                 defaults[word] = value      # "# key: value" (lower case): a default (an unknown key is refused)
-            elif word.lower() in by_lower and (sep or (value and len(value.split()) == 1)):
-                # "# Gate: 90%", "# gate 90%": a setting written otherwise, never a comment that drops it
-                # (prose that starts with a field name, "# Data for each row lives here", is a comment)
+            elif word.lower() in by_lower and (sep or _looks_like_a_value(value)):
+                # "# Gate: 90%", "# gate 90% (CI)", "# recipe mixft for all rows": a setting written
+                # otherwise, never a comment that drops it (prose such as "# Data for each row lives
+                # here" is a comment)
                 shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
                 raise BadInput(f"line {skipped}: {shown!r} names the field {by_lower[word.lower()]!r} but is not "
                                f"a default: write '# {by_lower[word.lower()]}: VALUE' (the field name in lower case, "
@@ -246,6 +247,21 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
             raise BadInput("a manifest needs at least one model row", path)
         return defaults, rows
     raise BadInput("a manifest must be a .yaml/.yml or .csv file", path)
+
+
+def _looks_like_a_value(rest: str) -> bool:
+    """Whether the words after a field name on a CSV manifest's ``#`` line start with a value rather than
+    prose: a single word, a number or threshold (``90``, ``0.9``, ``90%``), a path (``a/b``, ``m.onnx``),
+    or a built-in recipe or method name (``# recipe mixft for all rows``)."""
+    words = rest.split()
+    if not words:
+        return False
+    first = words[0].strip("()[],;'\"")
+    if len(words) == 1 or re.search(r"[0-9%/\\.~]", first):
+        return True
+    from .recipes import available
+
+    return first in set(available())
 
 
 def _slug(name: str) -> str:

@@ -336,3 +336,37 @@ def test_provenance_says_where_the_recipe_came_from_and_a_files_bytes(tmp_path):
     ident = recipe_identity(load_recipe(tmp_path / "a" / "p.yaml", validate_only=True))
     assert ident["plugins"] == [{"entry": "plug.py",
                                  "sha256": hashlib.sha256(b"# registers nothing\n").hexdigest()}]
+
+
+def test_the_recipe_is_recorded_as_it_was_read_and_a_plugin_method_by_its_files_content(tmp_path):
+    """Found by a review: the recipe file was hashed when the run ended (an edit during a long run was
+    recorded as what ran; a file deleted meanwhile lost the run to an internal error), and a plugin's
+    method used by name was recorded by a module name made from the plugin's path."""
+    import hashlib
+
+    from repair import provenance
+    from repair.methods import METHODS
+    from repair.recipes import load_recipe
+
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: mine\ncandidates:\n  - method: dfr\n  - method: afr\n")
+    read = hashlib.sha256(f.read_bytes()).hexdigest()
+    recipe = load_recipe(str(f))
+    f.write_text("name: mine\ncandidates:\n  - method: afr\n")
+    assert provenance.recipe_identity(recipe) == {"kind": "file", "sha256": read}
+    f.unlink()
+    assert provenance.recipe_identity(recipe)["sha256"] == read
+    plug = tmp_path / "p" / "plug_rec_xyz.py"
+    plug.parent.mkdir()
+    plug.write_text("from dataclasses import dataclass\nfrom repair.methods import register_method\n\n\n@dataclass\n"
+                    "class C:\n    pass\n\n\n@register_method('plug_rec_xyz', summary='same head', config=C, groups='never')\n"
+                    "def m(inputs, config):\n    return inputs.W, inputs.b\n")
+    (tmp_path / "p" / "r.yaml").write_text("plugins: [plug_rec_xyz.py]\ncandidates:\n  - method: plug_rec_xyz\n")
+    try:
+        load_recipe(str(tmp_path / "p" / "r.yaml"), allow_plugins=True)
+        by_name = load_recipe("plug_rec_xyz")
+        assert provenance.recipe_identity(by_name) == {"kind": "plugin",
+                                                       "sha256": hashlib.sha256(plug.read_bytes()).hexdigest()}
+    finally:
+        if "plug_rec_xyz" in METHODS:
+            METHODS.unregister("plug_rec_xyz")

@@ -62,7 +62,8 @@ def test_eval_group_by_without_eval_is_exit_2_before_any_work_in_every_mode(tmp_
 
 
 # ------------------------------------------------------------------ 2. CSV defaults lines
-@pytest.mark.parametrize("line", ["# Gate: 90%", "# gate 90%", "# GATE = 90%", "#Recipe dfr", "# Gate_Metric: accuracy"])
+@pytest.mark.parametrize("line", ["# Gate: 90%", "# gate 90%", "# GATE = 90%", "#Recipe dfr", "# Gate_Metric: accuracy",
+                                  "# Gate 90 %", "# gate 90% (CI)", "# recipe mixft for all rows", "# Seed 0 everywhere"])
 def test_a_csv_hash_line_starting_with_a_field_name_is_a_default_or_exit_2_naming_the_line(tmp_path, parts, line):
     """`# Gate: 90%` or `# gate 90%` was read as a comment: the zoo ran with no gate and exit 0. A `#`
     line whose first word is a field name (in any case) is a default, written exactly, or exit 2."""
@@ -128,7 +129,7 @@ def test_a_csv_comment_in_prose_that_starts_with_a_field_name_stays_a_comment(tm
 
     copy_parts(tmp_path, parts)
     path = tmp_path / "z.csv"
-    path.write_text("# Data for each row lives next to this file\n# Seed 0 everywhere, as usual\n# Name\n"
+    path.write_text("# Data for each row lives next to this file\n# Output goes beside it, as usual\n# Name\n"
                     "# gate: 90%\nname,checkpoint,data,group_by\na,m0,val,place\n")
     (e,) = load_manifest(path, "eval").entries
     assert e.gate == "90%"
