@@ -147,6 +147,20 @@ def make_bert_folder(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def texts_with_upper_copies(src: Path, dst: Path) -> list[dict]:
+    """``dst``: the CSV ``src``'s rows and then each again in upper case (texts a lowercasing tokenizer
+    reads as the same tokens); returns ``src``'s rows."""
+    import csv
+
+    with open(src) as f:
+        rows = list(csv.DictReader(f))
+    with open(dst, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows + [{**r, "text": r["text"].upper()} for r in rows])
+    return rows
+
+
 def make_texts(path: Path, n: int = 40, seed: int = 0, fmt: str = "csv") -> Path:
     rng = np.random.default_rng(seed)
     rows = []

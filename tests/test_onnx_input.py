@@ -334,9 +334,7 @@ def test_an_onnx_text_model_reads_texts_as_its_tokenizer_does_across_sets_and_sp
     """Found by an audit: the ONNX adapter had no input_keys, so `fix --eval` and `eval --exclude` of a
     text ONNX model were exit 3 (AttributeError), and texts its lowercasing tokenizer reads as one
     ("good movie" / "GOOD MOVIE") crossed the held-out split (the transformers folder kept them together)."""
-    import csv
-
-    from conftest import make_texts, run_cli
+    from conftest import make_texts, run_cli, texts_with_upper_copies
 
     texts, test = make_texts(tmp_path / "t.csv", n=80, seed=0), make_texts(tmp_path / "e.csv", n=40, seed=5)
     code, _, err = run_cli("fix", bert_folder, "--data", texts, "--recipe", "dfr", "--out", tmp_path / "o",
@@ -348,13 +346,8 @@ def test_an_onnx_text_model_reads_texts_as_its_tokenizer_does_across_sets_and_sp
     assert code == 0, err
     code, out, err = run_cli("eval", onnx_file, "--data", test, "--exclude", texts, "-q")
     assert code == 0, err
-    with open(texts) as f:
-        rows = list(csv.DictReader(f))
     case = tmp_path / "case.csv"
-    with open(case, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows + [dict(r, text=r["text"].upper()) for r in rows])
+    rows = texts_with_upper_copies(texts, case)
     dups = {}
     for model, out_name in ((bert_folder, "b"), (onnx_file, "b.onnx")):
         code, out, err = run_cli("fix", model, "--data", case, "--recipe", "dfr", "--group-by", "negation",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_images, make_texts, run_cli
+from conftest import make_images, make_texts, run_cli, texts_with_upper_copies
 from repair.errors import BadInput
 
 
@@ -978,13 +978,8 @@ def test_a_repair_text_the_tokenizer_reads_as_another_is_one_sample_to_the_split
     while `--eval` and `--train` already counted such texts as one. One rule now: the model's input
     (token ids) joins them, cold or warm, in `fix`'s splits and in `eval`'s duplicate counts."""
     src = make_texts(tmp_path / "r.csv", n=30, seed=0)
-    with open(src) as f:
-        rows = list(csv.DictReader(f))
     data = tmp_path / "twice.csv"
-    with open(data, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows + [{**r, "text": r["text"].upper()} for r in rows])
+    rows = texts_with_upper_copies(src, data)
     d, ids = _model_input_ids(data, bert_folder, tmp_path / "c", 2 * len(rows))
     assert ids[len(rows):].tolist() == ids[:len(rows)].tolist()
     assert int(ids.unique().numel()) == int(d.duplicate_ids()[:len(rows)].unique().numel())
