@@ -97,7 +97,7 @@ def recipe_identity(recipe) -> dict:
             module = ""
         if module.startswith("repair."):
             return {"kind": "built-in"}
-        plugin = sys.modules.get(module)
+        plugin = sys.modules.get(module.split(".")[0])         # a package plugin's method: its package
         if module.startswith("repair_plugin_") and getattr(plugin, "__repair_sha256__", None):
             return {"kind": "plugin", "sha256": plugin.__repair_sha256__}   # its file by content, not by path
         return {"kind": "method", "module": module}

@@ -517,25 +517,39 @@ def check_folds(value: Any, what: str = "folds", where: Optional[Path] = None) -
     return value
 
 
-def _import_plugin(spec: str, target: Path, where: Path) -> None:
+def plugin_digest(target: Path) -> str:
+    """The sha256 of a plugin's code: its file, or for a package (``__init__.py``) every ``.py`` file of
+    its folder, by relative path and content in sorted order."""
+    from .io import sha256_file
+
+    target = Path(target)
+    if target.name != "__init__.py":
+        return sha256_file(target)
+    h = hashlib.sha256()
+    for f in sorted(target.parent.rglob("*.py")):
+        if f.is_file() and not f.is_symlink():
+            h.update(f.relative_to(target.parent).as_posix().encode() + b"\0" + bytes.fromhex(sha256_file(f)) + b"\n")
+    return h.hexdigest()
+
+
+def _import_plugin(spec: str, target: Path, where: Path) -> Optional[str]:
     """Run a plugin (only after the caller allowed it): the file :func:`_plugin_target` found, imported
     from its path (a package's ``__init__.py`` as that package, its relative imports within its folder)."""
     try:
         mod_name = "repair_plugin_" + hashlib.sha256(os.fsencode(target)).hexdigest()[:12]
-        if mod_name in sys.modules:
-            return
+        if mod_name in sys.modules:             # imported already in this process: that code runs
+            return getattr(sys.modules[mod_name], "__repair_sha256__", None) or plugin_digest(target)
         package = [str(target.parent)] if target.name == "__init__.py" else None
         mspec = importlib.util.spec_from_file_location(mod_name, target, submodule_search_locations=package)
         mod = importlib.util.module_from_spec(mspec)
-        from .io import sha256_file
-
-        mod.__repair_sha256__ = sha256_file(target)     # what a method it registers is recorded by (not its path)
+        digest = mod.__repair_sha256__ = plugin_digest(target)   # what its methods are recorded by (not a path)
         sys.modules[mod_name] = mod
         try:
             mspec.loader.exec_module(mod)  # type: ignore[union-attr]
         except BaseException:
             sys.modules.pop(mod_name, None)
             raise
+        return digest
     except BadInput:
         raise
     except (Exception, SystemExit) as e:      # a plugin that exits must not end the run as a success
@@ -656,7 +670,8 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     targets = [_plugin_target(spec, p.parent, p) for spec in plugins]     # checked, nothing imported
     from .io import sha256_file
 
-    digests = tuple(sha256_file(f) for f in (p, *targets))     # as read now, not when the run ends
+    # as read now, not when the run ends (a plugin's: the code that runs, once imported, below)
+    digests = (sha256_file(p), *(plugin_digest(t) for t in targets))
     selection, folds = doc.get("selection", RECIPE_DEFAULTS["selection"]), doc.get("folds", RECIPE_DEFAULTS["folds"])
     vals = {"repeats": doc.get("repeats", RECIPE_DEFAULTS["repeats"]), "ensemble": doc.get("ensemble", RECIPE_DEFAULTS["ensemble"])}
     name = doc.get("name", p.stem)
@@ -669,8 +684,8 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
         if not allow_plugins:
             raise BadInput(f"recipe {p.name} loads plugin code {plugins[0]}; pass --allow-plugins to run it", p)
         list_methods()                  # built-ins first: a plugin cannot shadow them silently
-        for spec, target in zip(plugins, targets):
-            _import_plugin(spec, target, p)
+        ran = [_import_plugin(spec, target, p) for spec, target in zip(plugins, targets)]
+        digests = (digests[0], *(r or d for r, d in zip(ran, digests[1:])))
     candidates = _candidates(doc, p, lenient=validate_only and bool(plugins))
     try:
         recipe = Recipe(name=name, candidates=candidates, selection=selection, folds=folds, **vals,

@@ -227,7 +227,7 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
             word, sep, value = m.groups()
             if sep and (word in field_names or re.fullmatch(r"[a-z_]+", word)):
                 defaults[word] = value      # "# key: value" (lower case): a default (an unknown key is refused)
-            elif word.lower() in by_lower and (sep or _looks_like_a_value(value)):
+            elif word.lower() in by_lower and (sep or _looks_like_a_value(by_lower[word.lower()], value)):
                 # "# Gate: 90%", "# gate 90% (CI)", "# recipe mixft for all rows": a setting written
                 # otherwise, never a comment that drops it (prose such as "# Data for each row lives
                 # here" is a comment)
@@ -249,19 +249,31 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
     raise BadInput("a manifest must be a .yaml/.yml or .csv file", path)
 
 
-def _looks_like_a_value(rest: str) -> bool:
-    """Whether the words after a field name on a CSV manifest's ``#`` line start with a value rather than
-    prose: a single word, a number or threshold (``90``, ``0.9``, ``90%``), a path (``a/b``, ``m.onnx``),
-    or a built-in recipe or method name (``# recipe mixft for all rows``)."""
+#: fields whose value is a number or a threshold, and those whose value is a path (a CSV '#' line's rule)
+_NUMBER_FIELDS = ("gate", "seed", "budget", "max_pixels")
+_PATH_SUFFIXES = (".csv", ".jsonl", ".json", ".yaml", ".yml", ".onnx", ".safetensors", ".bin", ".pt", ".pth")
+
+
+def _looks_like_a_value(field: str, rest: str) -> bool:
+    """Whether the words after ``field`` on a CSV manifest's ``#`` line start with a value of that field
+    rather than prose: a single word; for a number field (gate, seed, budget) a number or threshold
+    (``90``, ``0.9``, ``90%``); for the recipe a built-in recipe or method name; for any field a path
+    (``a/b``, ``./m``, ``m.onnx``). ``# Data v2, cleaned by hand`` or ``# Train 3 models`` stay comments."""
     words = rest.split()
     if not words:
         return False
-    first = words[0].strip("()[],;'\"")
-    if len(words) == 1 or re.search(r"[0-9%/\\.~]", first):
+    if len(words) == 1:
         return True
-    from .recipes import available
+    first = words[0].strip("()[],;'\"")
+    if re.search(r"[/\\]", first) or first.startswith("~") or first.lower().endswith(_PATH_SUFFIXES):
+        return True
+    if field in _NUMBER_FIELDS and re.match(r"[-+]?(\d|\.\d)", first):
+        return True
+    if field == "recipe":
+        from .recipes import available
 
-    return first in set(available())
+        return first in set(available())
+    return False
 
 
 def _slug(name: str) -> str:

@@ -185,3 +185,26 @@ def test_every_kind_of_in_place_edit_of_a_loaded_model_is_seen(tmp_path):
         written, _ = load_safetensors(out / "model.safetensors")
         assert torch.equal(written[name], p.detach().to(written[name].dtype)), edit
     assert base["model"]["sha256"] is not None
+
+
+def test_a_loaded_model_whose_file_is_gone_is_still_measured(tmp_path):
+    """Found by a review: looking for in-place edits read the weights file back on every call, so a
+    model loaded from a folder since removed (a temporary download) failed every call with an internal
+    FileNotFoundError. Unchanged tensors are told by the digests taken when the file was read; a changed
+    one whose file is gone is a BadInput naming it."""
+    import shutil
+
+    import torch
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=4, seed=4)
+    quiet = RuntimeOptions(progress=False, use_cache=False)
+    a = repair.load_model(model)
+    first = repair.evaluate(a, data, runtime=quiet)
+    shutil.move(str(model), str(tmp_path / "gone"))
+    again = repair.evaluate(a, data, runtime=quiet)
+    assert again["accuracy"] == first["accuracy"] and again["model"]["sha256"] == first["model"]["sha256"]
+    with torch.no_grad():
+        next(p for p in a.model.parameters() if p.ndim == 4).mul_(2.0)
+    with pytest.raises(BadInput, match="cannot be read"):
+        repair.evaluate(a, data, runtime=quiet)

@@ -362,11 +362,23 @@ def test_the_recipe_is_recorded_as_it_was_read_and_a_plugin_method_by_its_files_
                     "class C:\n    pass\n\n\n@register_method('plug_rec_xyz', summary='same head', config=C, groups='never')\n"
                     "def m(inputs, config):\n    return inputs.W, inputs.b\n")
     (tmp_path / "p" / "r.yaml").write_text("plugins: [plug_rec_xyz.py]\ncandidates:\n  - method: plug_rec_xyz\n")
+    ran = hashlib.sha256(plug.read_bytes()).hexdigest()
+    pkg = tmp_path / "p" / "pkg_rec_xyz"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import methods\n")
+    (pkg / "methods.py").write_text(plug.read_text().replace("plug_rec_xyz", "pkg_rec_xyz"))
+    (tmp_path / "p" / "q.yaml").write_text("plugins: [pkg_rec_xyz]\ncandidates:\n  - method: pkg_rec_xyz\n")
     try:
-        load_recipe(str(tmp_path / "p" / "r.yaml"), allow_plugins=True)
+        first = load_recipe(str(tmp_path / "p" / "r.yaml"), allow_plugins=True)
         by_name = load_recipe("plug_rec_xyz")
-        assert provenance.recipe_identity(by_name) == {"kind": "plugin",
-                                                       "sha256": hashlib.sha256(plug.read_bytes()).hexdigest()}
+        assert provenance.recipe_identity(by_name) == {"kind": "plugin", "sha256": ran}
+        assert provenance.recipe_identity(first)["plugins"] == [{"entry": "plug_rec_xyz.py", "sha256": ran}]
+        plug.write_text(plug.read_text() + "# edited after it was imported: the first import's code runs\n")
+        second = load_recipe(str(tmp_path / "p" / "r.yaml"), allow_plugins=True)
+        assert provenance.recipe_identity(second)["plugins"] == [{"entry": "plug_rec_xyz.py", "sha256": ran}]
+        load_recipe(str(tmp_path / "p" / "q.yaml"), allow_plugins=True)
+        assert provenance.recipe_identity(load_recipe("pkg_rec_xyz"))["kind"] == "plugin"
     finally:
-        if "plug_rec_xyz" in METHODS:
-            METHODS.unregister("plug_rec_xyz")
+        for name in ("plug_rec_xyz", "pkg_rec_xyz"):
+            if name in METHODS:
+                METHODS.unregister(name)

@@ -259,6 +259,8 @@ class Adapter(ABC):
         skip = set(self.head_tensor_names())
         self._file_digests = {n: tensor_digest(t) for n, t in tensors.items() if n not in skip}
         self._file_body_hash = combine_digests(self._file_digests)
+        self._head_digests = {n: tensor_digest(t) for n, t in tensors.items() if n in skip}
+        self._file_dtypes = {n: t.dtype for n, t in tensors.items()}
         self._file_names = frozenset(tensors)
         self._file_values: dict[str, torch.Tensor] = {}   # the file's value of every tensor set so far
 
@@ -310,13 +312,29 @@ class Adapter(ABC):
         if self.model is None or not getattr(self, "_file_names", None):
             return []
         own = self.model.state_dict()
-        # every tensor not registered yet is compared with the file (torch's in-place version counters
-        # would be cheaper but miss writes through .data, through numpy, and fused optimizer steps)
-        names = sorted(n for n in self._file_names if n in own and n not in self._file_values)
-        if not names:
+        # every tensor not registered yet is compared with the file's, by the digests taken when it was
+        # read (torch's in-place version counters would miss writes through .data, numpy and fused
+        # optimizer steps; reading the file back would fail once it is gone): only one that differs is
+        # read back, for the value save() and body_hash() compare with
+        digests = {**self._file_digests, **(getattr(self, "_head_digests", None) or {})}
+        dtypes = getattr(self, "_file_dtypes", None) or {}
+        moved = []
+        for n in sorted(x for x in self._file_names if x in own and x not in self._file_values):
+            now = own[n].detach().cpu()
+            if n not in digests or n not in dtypes:
+                moved.append(n)
+                continue
+            as_file = now.to(dtypes[n])
+            if tensor_digest(as_file) != digests[n] or not torch.equal(as_file.to(now.dtype), now):
+                moved.append(n)
+        if not moved:
             return []
-        stored = read_tensors(self.weights_path, names)
-        changed = [n for n in names if n in stored
+        try:
+            stored = read_tensors(self.weights_path, moved)
+        except OSError as e:
+            raise BadInput(f"the model's tensors changed since it was loaded and its weights file cannot be read "
+                           f"to tell which ({e.strerror or e}): load it again", self.weights_path) from None
+        changed = [n for n in moved if n in stored
                    and not torch.equal(own[n].detach().cpu(), stored[n].to(own[n].dtype))]
         self._file_values.update({n: stored[n] for n in changed})
         return changed
