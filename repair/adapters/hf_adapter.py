@@ -14,7 +14,7 @@ from ..errors import BadInput
 from ..io import load_state_dict_file
 from . import LoadOptions, checked_class_names, names_by_index, register_family
 from .base import TorchModelAdapter, check_finite, check_kinds, check_model_folder, read_json
-from .text import (collate_texts, first_line, load_tokenizer, offline, quiet_transformers, record_max_length,
+from .text import (collate_texts, first_line, load_tokenizer, quiet_transformers, record_max_length,
                    refuse_remote_code, resolve_max_length, tokenizer_preprocess_id)
 from .torch_module import module_name
 
@@ -83,7 +83,6 @@ class HFTextAdapter(TorchModelAdapter):
 
     def __init__(self, path: Path, *, max_length: Optional[int] = None, weights: Optional[Path] = None,
                  allow_pickle: bool = False):
-        offline()
         from transformers import AutoModelForSequenceClassification
 
         path = Path(path)

@@ -1,7 +1,7 @@
 """Tokenizer handling shared by the text adapters (transformers folders, text ONNX models).
 
 Everything is offline: every ``from_pretrained`` is ``local_files_only`` (and ``trust_remote_code=False``).
-The library leaves ``os.environ`` as the caller has it (:func:`offline`); the command line's process
+The library leaves ``os.environ`` as the caller has it; the command line's process
 also sets ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` before anything imports transformers
 (``repair_cli.main``).
 """
@@ -26,18 +26,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
 
 
-def offline() -> None:
-    """Called before transformers is imported. Changes nothing of the caller's process: setting
-    ``HF_HUB_OFFLINE`` here stayed set for the rest of it (and huggingface_hub reads it once, at its
-    import), turning off the caller's own downloads. Reading a model never reaches the network
-    because every ``from_pretrained`` of repair passes ``local_files_only=True``; the command line sets
-    the variables for its own process (``repair_cli.main.main``)."""
-
-
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """transformers' logging at error level and its progress bars off, restored after."""
-    offline()
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -90,7 +81,6 @@ def load_tokenizer(folder: Path, problem: str):
     files (:data:`TOKENIZER_FILES`), or whose tokenizer knows nothing but its special tokens, is
     ``BadInput`` too: transformers would build an empty vocabulary from the model's config and turn
     every word into [UNK], so every text would look the same to the model."""
-    offline()
     from transformers import AutoTokenizer
 
     if not has_tokenizer_files(folder):
@@ -382,7 +372,7 @@ def tokenizer_input_names(tokenizer) -> list[str]:
 
 
 __all__ = ["DEFAULT_MAX_LENGTH", "TEXT_INPUTS", "TOKENIZER_FILES", "bounded_texts", "collate_texts", "first_line",
-           "has_tokenizer_files", "load_tokenizer", "max_positions_beside", "offline", "quiet_transformers",
+           "has_tokenizer_files", "load_tokenizer", "max_positions_beside", "quiet_transformers",
            "resolve_max_length",
            "text_input_order", "tokenize_texts", "tokenizer_digest", "tokenizer_files", "tokenizer_input_names",
            "tokenizer_preprocess_id"]
