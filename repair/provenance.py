@@ -68,12 +68,12 @@ def recipe_identity(recipe) -> dict:
     """What a run's recipe was beside its name (``settings.recipe_source``), never by path: ``built-in``
     (a file of the package's ``recipes/`` or one of its methods: ``code.sources_sha256`` covers it),
     ``file`` with the ``sha256`` of the recipe file's bytes and each ``plugins:`` entry as written with
-    its file's sha256 (its candidates, folds and repeats are that file's), ``method`` for a method
+    its code's sha256 as read when the recipe was loaded (:attr:`Recipe.digests`), ``plugin`` for a
+    method a plugin registered (its code's sha256), ``method`` for a method
     registered by another module (named), or ``python`` for a recipe built in Python, with its
     settings and candidates."""
     from pathlib import Path
 
-    from .io import sha256_file
     from .recipes import recipes_dir
 
     files = [Path(f) for f in (getattr(recipe, "files", None) or ())]
@@ -81,9 +81,7 @@ def recipe_identity(recipe) -> dict:
         main = files[0]
         if main.resolve().parent == recipes_dir().resolve():
             return {"kind": "built-in"}
-        digests = tuple(getattr(recipe, "digests", None) or ())      # as read when the recipe was loaded
-        if len(digests) != len(files):
-            digests = tuple(sha256_file(f) for f in files)
+        digests = recipe.digests           # as read when the recipe was loaded (load_recipe sets both)
         out: dict = {"kind": "file", "sha256": digests[0]}
         if recipe.plugins:
             out["plugins"] = [{"entry": str(spec), "sha256": d} for spec, d in zip(recipe.plugins, digests[1:])]

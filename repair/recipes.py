@@ -532,17 +532,19 @@ def plugin_digest(target: Path) -> str:
     return h.hexdigest()
 
 
-def _import_plugin(spec: str, target: Path, where: Path) -> Optional[str]:
+def _import_plugin(spec: str, target: Path, where: Path, digest: str) -> str:
     """Run a plugin (only after the caller allowed it): the file :func:`_plugin_target` found, imported
-    from its path (a package's ``__init__.py`` as that package, its relative imports within its folder)."""
+    from its path (a package's ``__init__.py`` as that package, its relative imports within its folder).
+    ``digest``: its :func:`plugin_digest` as read now. Returns the digest of the code that runs: this one,
+    or an earlier import's in this process (a file edited since does not run again)."""
     try:
         mod_name = "repair_plugin_" + hashlib.sha256(os.fsencode(target)).hexdigest()[:12]
         if mod_name in sys.modules:             # imported already in this process: that code runs
-            return getattr(sys.modules[mod_name], "__repair_sha256__", None) or plugin_digest(target)
+            return getattr(sys.modules[mod_name], "__repair_sha256__", None) or digest
         package = [str(target.parent)] if target.name == "__init__.py" else None
         mspec = importlib.util.spec_from_file_location(mod_name, target, submodule_search_locations=package)
         mod = importlib.util.module_from_spec(mspec)
-        digest = mod.__repair_sha256__ = plugin_digest(target)   # what its methods are recorded by (not a path)
+        mod.__repair_sha256__ = digest          # what its methods are recorded by (not a path)
         sys.modules[mod_name] = mod
         try:
             mspec.loader.exec_module(mod)  # type: ignore[union-attr]
@@ -684,8 +686,8 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
         if not allow_plugins:
             raise BadInput(f"recipe {p.name} loads plugin code {plugins[0]}; pass --allow-plugins to run it", p)
         list_methods()                  # built-ins first: a plugin cannot shadow them silently
-        ran = [_import_plugin(spec, target, p) for spec, target in zip(plugins, targets)]
-        digests = (digests[0], *(r or d for r, d in zip(ran, digests[1:])))
+        digests = (digests[0], *(_import_plugin(spec, target, p, d)
+                                 for spec, target, d in zip(plugins, targets, digests[1:])))
     candidates = _candidates(doc, p, lenient=validate_only and bool(plugins))
     try:
         recipe = Recipe(name=name, candidates=candidates, selection=selection, folds=folds, **vals,

@@ -257,9 +257,9 @@ class Adapter(ABC):
     def _init_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Record what the weights file holds (called by subclasses once ``head_name`` is set)."""
         skip = set(self.head_tensor_names())
-        self._file_digests = {n: tensor_digest(t) for n, t in tensors.items() if n not in skip}
+        self._tensor_digests = {n: tensor_digest(t) for n, t in tensors.items()}   # every tensor, as read
+        self._file_digests = {n: d for n, d in self._tensor_digests.items() if n not in skip}
         self._file_body_hash = combine_digests(self._file_digests)
-        self._head_digests = {n: tensor_digest(t) for n, t in tensors.items() if n in skip}
         self._file_dtypes = {n: t.dtype for n, t in tensors.items()}
         self._file_names = frozenset(tensors)
         self._file_values: dict[str, torch.Tensor] = {}   # the file's value of every tensor set so far
@@ -306,8 +306,8 @@ class Adapter(ABC):
         registered as :meth:`set_tensors` registers a change, so :meth:`body_hash` (the embedding cache
         key), :meth:`identity` (what the figures name) and ``save`` / export account for it -- never the
         file's cached embeddings or the file's sha256 for weights that are not the file's. Compares every
-        tensor the file holds that is not registered yet with its value there (one read of the file);
-        the public functions call it on a model they are given already loaded
+        tensor the file holds that is not registered yet with the digest taken when the file was read
+        (only a changed one is read back); the public functions call it on a model they are given loaded
         (:func:`repair.rules.model_arg`). Returns the names found changed."""
         if self.model is None or not getattr(self, "_file_names", None):
             return []
@@ -316,16 +316,11 @@ class Adapter(ABC):
         # read (torch's in-place version counters would miss writes through .data, numpy and fused
         # optimizer steps; reading the file back would fail once it is gone): only one that differs is
         # read back, for the value save() and body_hash() compare with
-        digests = {**self._file_digests, **(getattr(self, "_head_digests", None) or {})}
-        dtypes = getattr(self, "_file_dtypes", None) or {}
         moved = []
         for n in sorted(x for x in self._file_names if x in own and x not in self._file_values):
             now = own[n].detach().cpu()
-            if n not in digests or n not in dtypes:
-                moved.append(n)
-                continue
-            as_file = now.to(dtypes[n])
-            if tensor_digest(as_file) != digests[n] or not torch.equal(as_file.to(now.dtype), now):
+            as_file = now.to(self._file_dtypes[n])
+            if tensor_digest(as_file) != self._tensor_digests[n] or not torch.equal(as_file.to(now.dtype), now):
                 moved.append(n)
         if not moved:
             return []
