@@ -382,3 +382,18 @@ def test_the_recipe_is_recorded_as_it_was_read_and_a_plugin_method_by_its_files_
         for name in ("plug_rec_xyz", "pkg_rec_xyz"):
             if name in METHODS:
                 METHODS.unregister(name)
+
+
+def test_the_library_versions_are_recorded_without_importing_an_unused_library():
+    """A timm model's ``repair fix`` recorded transformers' version by importing transformers (a quarter
+    of a second of every run): the installed version is read from its metadata, and a library the run
+    imported is recorded by the module that ran."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json, importlib.metadata as md; import timm; from repair.provenance import code_identity; "
+            "c = code_identity(); print(json.dumps([c.get('transformers'), md.version('transformers'), "
+            "c.get('timm') == timm.__version__, 'transformers' in sys.modules]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    recorded, installed, timm_ok, imported = json.loads(r.stdout)
+    assert recorded == installed and timm_ok and not imported
