@@ -211,8 +211,10 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
         model = model_arg(model_path)            # loaded once: it also says which texts it reads as the same
         model_path = model if isinstance(model, Adapter) else load_model(
             model, check_options(load_opts, LoadOptions, "load_options"))
+        rt = check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions()
+        _check_cache_dir(model_path, model, [data, ex], rt)       # before the input keys are cached
         overlap = read_as_same(model_path, ex, data, overlap, data.table or data.source, exclude_flag="--exclude",
-                               runtime=check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions())
+                               runtime=rt)
         left_out = sum(bool(o) for o in overlap)
         full, data_path = data, (data.subset([i for i, o in enumerate(overlap) if not o]) if left_out else data)
     p = prepare(model_path, data_path, load_opts, data_opts, runtime, also=(ex,) if exclude is not None else (),

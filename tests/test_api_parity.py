@@ -208,3 +208,41 @@ def test_a_loaded_model_whose_file_is_gone_is_still_measured(tmp_path):
         next(p for p in a.model.parameters() if p.ndim == 4).mul_(2.0)
     with pytest.raises(BadInput, match="cannot be read"):
         repair.evaluate(a, data, runtime=quiet)
+
+
+def test_a_loaded_model_changed_in_place_and_saved_over_its_file_is_not_served_the_old_figures(tmp_path):
+    """Found by a review: a model changed in place and then saved over its own weights file matched the
+    file when the changed tensors were read back, so it counted as unchanged: the load-time cache key and
+    sha256 served the old weights' figures (67.8% where the weights give 69.8%). A file rewritten since it
+    was loaded is a BadInput asking to load it again."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=4, seed=4)
+    quiet = RuntimeOptions(progress=False, cache_dir=tmp_path / "cache")
+    a = repair.load_model(model)
+    repair.evaluate(a, data, runtime=quiet)
+    with torch.no_grad():
+        next(p for p in a.model.parameters() if p.ndim == 4).mul_(-1.0)
+    save_file({k: v.contiguous() for k, v in a.model.state_dict().items()}, str(model / "model.safetensors"))
+    with pytest.raises(BadInput, match="changed since the model was loaded"):
+        repair.evaluate(a, data, runtime=quiet)
+    fresh = repair.load_model(model)                 # loaded again: the new file, its own cache entry
+    rep = repair.evaluate(fresh, data, runtime=quiet)
+    assert rep["model"]["sha256"] is not None and not rep["embedding"]["from_cache"]
+
+
+def test_evaluate_with_exclude_refuses_a_cache_in_the_model_folder_before_writing_there(tmp_path):
+    """Found by a review: ``repair.evaluate(exclude=...)`` cached the images' input keys in the cache
+    folder before checking it, so a cache folder inside the input model wrote files into the model's
+    folder, then refused it. Refused before anything is written."""
+    import os
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "test", n_per_class=4)
+    other = make_images(tmp_path / "other", n_per_class=2, seed=7)
+    before = sorted(os.listdir(model))
+    with pytest.raises(BadInput, match="inside the input model"):
+        repair.evaluate(model, data, exclude=other, runtime=RuntimeOptions(progress=False, cache_dir=model))
+    assert sorted(os.listdir(model)) == before

@@ -329,6 +329,11 @@ class Adapter(ABC):
         except OSError as e:
             raise BadInput(f"the model's tensors changed since it was loaded and its weights file cannot be read "
                            f"to tell which ({e.strerror or e}): load it again", self.weights_path) from None
+        rewritten = sorted(n for n in moved if n in stored and tensor_digest(stored[n]) != self._tensor_digests[n])
+        if rewritten:       # saved over since it was read: the file no longer says what was loaded
+            raise BadInput(f"the weights file changed since the model was loaded (tensor {rewritten[0]!r} differs "
+                           "from the value read then) and the model was changed in place: load it again",
+                           self.weights_path)
         changed = [n for n in moved if n in stored
                    and not torch.equal(own[n].detach().cpu(), stored[n].to(own[n].dtype))]
         self._file_values.update({n: stored[n] for n in changed})
