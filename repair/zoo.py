@@ -221,7 +221,9 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
         while lines and (lines[0].startswith("#") or not lines[0].strip()):
             line = lines.pop(0)
             skipped += 1
-            m = re.fullmatch(r"#\s*(\w+)\s*([:=]?)\s*(.*?)\s*", line)
+            # the first word ends at a space, ':' / '=' or the line's end ("# eval/test split ..." and
+            # "# data.csv was cleaned by hand" do not start with a field name)
+            m = re.fullmatch(r"#\s*(\w+)(?=[\s:=]|$)\s*([:=]?)\s*(.*?)\s*", line)
             if m is None:                                       # blank, or "#" then no word: a comment
                 continue
             word, sep, value = m.groups()
@@ -257,7 +259,7 @@ _PATH_SUFFIXES = (".csv", ".jsonl", ".json", ".yaml", ".yml", ".onnx", ".safeten
 def _looks_like_a_value(field: str, rest: str) -> bool:
     """Whether the words after ``field`` on a CSV manifest's ``#`` line start with a value of that field
     rather than prose: a single word; for a number field (gate, seed, budget) a number or threshold
-    (``90``, ``0.9``, ``90%``); for the recipe a built-in recipe or method name; for any field a path
+    anywhere on the line (``90``, ``0.9``, ``>= 90%``: any doubt is a setting); for the recipe a built-in recipe or method name; for any field a path
     (``a/b``, ``./m``, ``m.onnx``). ``# Data v2, cleaned by hand`` or ``# Train 3 models`` stay comments."""
     words = rest.split()
     if not words:
@@ -267,8 +269,8 @@ def _looks_like_a_value(field: str, rest: str) -> bool:
     first = words[0].strip("()[],;'\"")
     if re.search(r"[/\\]", first) or first.startswith("~") or first.lower().endswith(_PATH_SUFFIXES):
         return True
-    if field in _NUMBER_FIELDS and re.match(r"[-+]?(\d|\.\d)", first):
-        return True
+    if field in _NUMBER_FIELDS and re.search(r"(?<![^\W\d_])[-+]?(\d|\.\d)", rest):
+        return True             # a number anywhere after it: "# gate >= 90% for all rows", "# Gate (CI) 90%"
     if field == "recipe":
         from .recipes import available
 
