@@ -167,19 +167,29 @@ def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tenso
 
 
 def refuse_own_repair_set(adapter: Adapter, data: RepairData, inputs=None) -> None:
-    """A repaired model measured on the very repair set it was fitted on (its provenance,
-    ``repair.settings``, records that set's :func:`repair.provenance.data_identity`: the same samples,
-    labels and group values in the same order -- a copy of the folder too) is a BadInput: no figure
-    is measured on data the repair touched, and a gate on it would pass on fitted rows. ``inputs``:
-    the embeddings' input digests (an image by what the model is fed). Data that differs in any row
-    (another order, a subset) is not recognised here; ``--exclude`` leaves such rows out."""
+    """A repaired model measured on the very repair set it was fitted on is a BadInput: no figure is
+    measured on data the repair touched, and a gate on it would pass on fitted rows. Its provenance
+    (``repair.settings``) records that set's :func:`repair.provenance.data_identity`; data holding the
+    same distinct samples is refused however its rows are ordered, labelled (names or indices), grouped
+    or repeated -- a copy of the folder or table too. ``inputs``: the embeddings' input digests (an image
+    by what the model is fed). A subset or a superset is not recognised here; ``--exclude`` leaves such
+    rows out. Provenance written before ``samples_sha256`` is compared row for row (``content_sha256``)."""
     from . import provenance
 
     if adapter.changed_since_provenance():
         return
     rec = provenance.read(adapter.source_metadata).get("settings")
     ident = rec.get("data") if isinstance(rec, dict) else None
-    if not isinstance(ident, dict) or not ident.get("content_sha256") or ident.get("n") != len(data):
+    if not isinstance(ident, dict):
+        return
+    where = data.table or data.source
+    if isinstance(ident.get("samples_sha256"), str):
+        if provenance.data_identity(data, None, inputs)["samples_sha256"] == ident["samples_sha256"]:
+            raise BadInput("holds the samples of the repair set this model was repaired on (its provenance records "
+                           "them): figures on it would count samples the repair fitted on; measure on data the "
+                           "repair never touched", where)
+        return
+    if not ident.get("content_sha256") or ident.get("n") != len(data):
         return
     group_by = ident.get("group_by")
     if group_by is not None and group_by not in data.attributes:
@@ -187,7 +197,7 @@ def refuse_own_repair_set(adapter: Adapter, data: RepairData, inputs=None) -> No
     if provenance.data_identity(data, group_by, inputs)["content_sha256"] == ident["content_sha256"]:
         raise BadInput("is the repair set this model was repaired on (its provenance records the same samples, "
                        "labels and groups): figures on it would count samples the repair fitted on; measure on "
-                       "data the repair never touched", data.table or data.source)
+                       "data the repair never touched", where)
 
 
 def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
@@ -253,6 +263,7 @@ def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise BadInput(f"top_k (--top) must be a whole number >= 1, got {top_k!r}")
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)
+    refuse_own_repair_set(p.adapter, p.data, p.emb.inputs)       # its accuracies are figures too
     W, b = p.adapter.head_params()
     report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k, where=p.adapter.source)
     report.update({

@@ -152,7 +152,9 @@ def data_identity(data, group_by: Optional[str] = None, inputs=None) -> dict:
     """What data a run used, with no path: its size, the ``--group-by`` column, and ``content_sha256``
     over every row's sample, label and group value in order -- a text by its bytes, an image by its
     model input (``inputs``, the embeddings' input digests: no image is read again) or, without them,
-    its file's bytes. The same data gives the same digest on any machine."""
+    its file's bytes. ``samples_sha256``: over the distinct samples alone, in no order (the same samples
+    however ordered, labelled, grouped or repeated: what :func:`repair.api.refuse_own_repair_set`
+    compares). The same data gives the same digests on any machine."""
     import hashlib
 
     h = hashlib.sha256()
@@ -161,7 +163,9 @@ def data_identity(data, group_by: Optional[str] = None, inputs=None) -> dict:
     groups = data.attributes.get(group_by) if group_by else None
     for i, k in enumerate(keys):
         h.update(f"{k}\0{data.labels[i]}\0{groups[i] if groups is not None else ''}\n".encode())
-    return {"n": len(data), "group_by": group_by, "content_sha256": h.hexdigest()}
+    samples = hashlib.sha256("".join(f"{k}\n" for k in sorted(set(keys))).encode())
+    return {"n": len(data), "group_by": group_by, "content_sha256": h.hexdigest(),
+            "samples_sha256": samples.hexdigest()}
 
 
 def source_date() -> Optional[str]:
