@@ -458,10 +458,6 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
             mark_duplicates(fig, r_data, rg, held_inputs)
     if rg is not None:
         before["absent_groups"] = after["absent_groups"] = absent
-    empty = [c["name"] for c in before.get("per_class") or [] if not c.get("n")]
-    if empty:                     # worst-class accuracy then speaks only for the classes present
-        _warn(ctx, log, f"the figures have no samples of class(es) {', '.join(map(str, empty))}: their "
-                        "accuracy is not measured, and worst-class accuracy is over the other classes")
     if rg is None:  # label-free report: also show inferred groups of the report data (original model's)
         ig = inferred_groups(before_logits, ry)
         named = [f"{n} by original" for n in inferred_group_names(enc.class_names)]
@@ -470,7 +466,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     # groups too small for an honest figure, or with none: the held-out part's were checked when it was
     # drawn (against the whole repair set), what remains there is the column's absent class x value pairs
     for w in (figure_warnings(before, what="the reported figures (--eval data)") if eval_given else
-              figure_warnings({"absent_groups": absent if rg is not None else []},
+              figure_warnings({"absent_groups": absent if rg is not None else [], "per_group": [],
+                               "per_class": before.get("per_class")},   # its groups were checked when drawn
                               what="the reported figures (held-out part of the repair set)")):
         _warn(ctx, log, w)
 

@@ -745,9 +745,9 @@ def _absent(what: str, name: str) -> str:
     return f"{what}: group {name} has no samples in it, so no figure speaks for it"
 
 
-def _too_few(what: str, name: str, n: int, minimum: int) -> str:
+def _too_few(what: str, name: str, n: int, minimum: int, kind: str = "group") -> str:
     se = 100 * math.sqrt(0.21 / n)
-    return (f"{what}: group {name} has only {n} samples (fewer than {minimum}); its accuracy is uncertain by about "
+    return (f"{what}: {kind} {name} has only {n} samples (fewer than {minimum}); its accuracy is uncertain by about "
             f"+-{se:.0f} points, so {'the choice' if 'choos' in what else 'the figure'} can be wrong")
 
 
@@ -761,8 +761,18 @@ def figure_warnings(figures: dict, *, what: str, minimum: int = MIN_FOR_REPORT) 
     with ``absent_groups`` where the caller knows them): a group with fewer than ``minimum`` samples,
     and a group of the data's group column with none (``absent_groups``, or listed with ``n`` 0). Without
     groups, the inferred groups (``per_inferred_group``) with a few samples: one the data has none of is
-    not a group the figures miss (the original model simply made no such errors there)."""
+    not a group the figures miss (the original model simply made no such errors there). A class of the
+    model with no samples (its accuracy unmeasured: worst-class accuracy is over the others) and, where
+    worst-class accuracy is the headline (no groups, given or inferred), a class with a few."""
     out, seen = [], set()
+    classes = figures.get("per_class") or []
+    empty = [str(c["name"]) for c in classes if not c.get("n")]
+    if empty:
+        out.append(f"{what}: no samples of class(es) {', '.join(empty)}, so their accuracy is not measured and "
+                   "worst-class accuracy is over the other classes")
+    if figures.get("per_group") is None and not figures.get("per_inferred_group"):
+        out += [_too_few(what, c["name"], int(c["n"]), minimum, kind="class") for c in classes
+                if 0 < int(c.get("n") or 0) < minimum]
     given = figures.get("per_group")
     for g in (given if given is not None else figures.get("per_inferred_group") or []):
         n = int(g.get("n") or 0)
