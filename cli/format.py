@@ -5,7 +5,9 @@ from typing import Any, Optional, Sequence
 
 
 def pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    from repair.display import percent
+
+    return percent(x)
 
 
 def _is_number(s: str) -> bool:

@@ -127,7 +127,9 @@ def _e(x: Any) -> str:
 
 
 def _pct(x: Optional[float]) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
+    from .display import percent
+
+    return percent(x, missing="–")
 
 
 def headline(figures: Optional[dict]) -> tuple[Optional[float], str]:

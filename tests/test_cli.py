@@ -165,3 +165,17 @@ def test_an_option_given_twice_is_refused(tmp_path, timm_folder, image_data):
     assert code == 0, err
     code, out, err = run_cli("eval", "--data", "a", "--data", "b", "--help")     # the help answers first
     assert code == 0 and "Usage" in out, err
+
+
+def test_a_figure_with_errors_is_never_shown_as_100_percent():
+    """Found by an audit: the tables rounded to one decimal, so 2499/2500 showed as 100.0% beside a gate
+    line saying 99.96% < 100%, and 1/2500 as 0.0%. One formatter (repair.display.percent) for the
+    stdout tables and the HTML report, with more digits where one would round to 0 or 100."""
+    from repair.display import percent
+    from repair.report import _pct
+
+    from repair_cli.format import pct
+
+    assert pct(2499 / 2500) == "99.96%" and pct(1 / 2500) == "0.04%" and pct(1.0) == "100.0%" and pct(0.0) == "0.0%"
+    assert pct(0.5) == "50.0%" and pct(None) == "-" and _pct(None) == "–"
+    assert all(pct(x) == _pct(x) == percent(x) for x in (2499 / 2500, 0.123456, 1 / 3, 0.99999))
