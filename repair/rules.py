@@ -562,7 +562,8 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
     as exact counts. None when no threshold is set. A model whose figures cannot be computed
     (no samples, non-finite) fails, and so does a worst-group / worst-class gate when a group or
     class has no samples (:func:`unmeasured`), and any gate when one of the ``expected`` groups (the
-    groups that must have samples) has none."""
+    groups that must have samples) has none; with ``expected``, a worst-group gate still fails on a class
+    of the model with no samples."""
     if threshold is None:
         return None
     thr = parse_threshold(threshold)
@@ -575,9 +576,13 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
     # metric: an accuracy or worst-class gate does not vouch for a group the data lacks either
     required = [] if expected is None or name == "worst_group" else [
         g for g in unmeasured(figures, "worst_group", expected) if g not in missing]
-    what = "group(s)" if name == "worst_group" or not missing else (
-        "class(es)" if not required else "class(es) / expected group(s)")
-    missing = missing + required
+    # naming the groups that must be there never waives a class of the model that has no samples
+    classes = [] if expected is None or name != "worst_group" else unmeasured(figures, "worst_class")
+    if name == "worst_group":
+        what = "group(s)" if not classes else "class(es)" if not missing else "group(s) / class(es)"
+    else:
+        what = "group(s)" if not missing else "class(es)" if not required else "class(es) / expected group(s)"
+    missing = missing + classes + required
     if counts is None:
         passed, value = False, None
         message = f"{label} cannot be measured (no samples or non-finite outputs); the gate fails closed"

@@ -1158,3 +1158,23 @@ def test_eval_and_probe_refuse_an_edited_copy_of_the_repair_set(tmp_path, bert_f
         assert code == 0, err
         code, _, err = run_cli(cmd, bert_folder, "--data", data, "-q")       # the original model: measured
         assert code == 0, err
+
+
+def test_expect_groups_never_waives_a_class_of_the_model_with_no_samples(tmp_path, timm_folder):
+    """Found by an audit: `--expect-groups` naming only the groups of the classes present let a
+    worst-group gate pass on data with no samples of a class of the model at all (README: a worst-group
+    gate fails when a class of the model has no samples). It fails closed, naming the class."""
+    from repair.rules import judge
+
+    data = make_images(tmp_path / "d", classes=["cat", "dog"], n_per_class=8)
+    code, out, err = run_cli("eval", timm_folder, "--data", data, "--group-by", "place", "--fail-under-wga", "0%",
+                             "--expect-groups", "cat|land,cat|water,dog|land,dog|water", "--json", "-q")
+    doc = json.loads(out)
+    assert code == 1 and doc["passed"] is False and "class(es) fox has no samples" in err, err
+    figures = {"per_group": [{"name": "a|g=x", "n": 4, "n_correct": 4}],
+               "per_class": [{"name": "a", "n": 4, "n_correct": 4}, {"name": "b", "n": 0, "n_correct": 0}],
+               "worst_group_accuracy": 1.0}
+    assert judge(figures, "0%", "worst_group", expected=["a|g=x"])["unmeasured"] == ["b"]
+    figures["per_class"][1]["n"] = 3
+    figures["per_group"].append({"name": "b|g=x", "n": 3, "n_correct": 3})
+    assert judge(figures, "0%", "worst_group", expected=["a|g=x"])["passed"]
