@@ -31,7 +31,9 @@ from typing import Callable, Optional, Sequence
 from .errors import BadInput
 from .io import check_one_line, parse_json
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+#: the names of image files (a class folder's other files are no samples: each load warns of them,
+#: :class:`SkippedFilesWarning`); ``.jfif`` (what Chrome saves a JPEG as) and ``.jpe`` are JPEG names too
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 #: the formats PIL may decode an image file as (by its content, whatever its name): those of
 #: :data:`IMAGE_SUFFIXES` (PIL's JPEG opener also reads a camera's multi-picture JPEG). No other
 #: decoder runs: PIL's EPS plugin, for one, starts Ghostscript on the file
@@ -375,32 +377,60 @@ def image_size(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
 
 
 def _scale_to_8bit(a, mode: str, path: Path):
-    """A high-bit-depth single-channel image as uint8, scaled, never clipped: 16-bit modes
-    (``I;16*``) by their bit depth (v * 255 / 65535); ``I`` (32-bit integers) as 8-bit values when
-    they lie in 0..255, as 16-bit ones when in 0..65535, else by the image's own range (min..max);
-    ``F`` (floats) as 0..1 values when they lie there, as 0..255 ones when there, else by the
-    image's own range. Non-finite floats are refused."""
+    """A high-bit-depth single-channel image as uint8, scaled by its mode alone (never by what its
+    pixels hold: two files of one source map one value alike), never clipped:
+
+    - ``I;16*`` and ``I`` (a 16-bit PNG, which older Pillow opens as ``I``, or a 32-bit integer TIFF,
+      mostly 16-bit data in a wider container) as 16-bit values, v * 255 / 65535; an ``I`` image with
+      a value outside 0..65535 has no depth its file declares that shows it unclipped: refused naming it;
+    - ``F`` (32-bit floats) as 0..1 values (the float image convention), v * 255; a value outside
+      0..1 (a float image of 0..255 values, of any other range) is refused naming it, as are non-finite
+      values.
+    """
     import numpy as np
 
     a = np.asarray(a, dtype=np.float64)
     if not np.isfinite(a).all():
         raise BadInput("image holds non-finite (NaN or infinite) pixel values", path)
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if mode.startswith("I;16"):
-        out = a * (255.0 / 65535.0)
-    elif mode == "I" and lo >= 0 and hi <= 255:
-        out = a
-    elif mode == "I" and lo >= 0 and hi <= 65535:
-        out = a * (255.0 / 65535.0)
-    elif mode == "F" and lo >= 0 and hi <= 1:
+    if mode == "F":
+        if lo < -FLOAT_SLACK or hi > 1 + FLOAT_SLACK:
+            raise BadInput(f"float image (mode 'F') holds values from {lo:g} to {hi:g}; float images are read as "
+                           "0..1 values (never stretched by their own range): save it as 8 or 16 bits, or "
+                           "as floats in 0..1", path)
         out = a * 255.0
-    elif mode == "F" and lo >= 0 and hi <= 255:
-        out = a
-    elif hi > lo:
-        out = (a - lo) * (255.0 / (hi - lo))
     else:
-        out = np.zeros_like(a)
+        if lo < 0 or hi > 65535:
+            raise BadInput(f"integer image (mode {mode!r}) holds values from {lo:g} to {hi:g}; deep integer "
+                           "images are read as 16-bit values (0..65535, never stretched by their own range): "
+                           "save it as 8 or 16 bits", path)
+        out = a * (255.0 / 65535.0)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+#: how far a float image's values may stray outside 0..1 by rounding (read as 0 and 1)
+FLOAT_SLACK = 1e-6
+
+
+def deep_to_grey(im, path) -> "PIL.Image.Image":
+    """A high-bit-depth single-channel image (a mode of :data:`DEEP_MODES`) as 8-bit greyscale (``L``),
+    by :func:`_scale_to_8bit`: the one conversion of a deep image, of the repair data and of a mask."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(_scale_to_8bit(np.asarray(im), im.mode, Path(path)), "L")
+
+
+def to_grey(im, path) -> "PIL.Image.Image":
+    """A mask (or any single-channel reading of an image) as 8-bit greyscale: a deep mode by
+    :func:`deep_to_grey` (a 16-bit or float mask keeps its meaning: 0..1 floats are not near-black,
+    a soft 16-bit mask is not white), any other supported mode by PIL's ``convert("L")``."""
+    if im.mode in DEEP_MODES:
+        return deep_to_grey(im, path)
+    if im.mode not in IMAGE_MODES:
+        raise BadInput(f"image mode {im.mode!r} is not supported (supported: {', '.join(sorted(IMAGE_MODES))}); "
+                       "convert the image to RGB", path)
+    return im.convert("L")
 
 
 def to_rgb(im, path) -> "PIL.Image.Image":
@@ -410,9 +440,7 @@ def to_rgb(im, path) -> "PIL.Image.Image":
 
     mode = im.mode
     if mode in DEEP_MODES:
-        import numpy as np
-
-        return Image.fromarray(_scale_to_8bit(np.asarray(im), mode, Path(path)), "L").convert("RGB")
+        return deep_to_grey(im, path).convert("RGB")
     if mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info) or \
             (mode in ("L", "RGB") and "transparency" in im.info):
         rgba = im.convert("RGBA")
@@ -424,14 +452,52 @@ def to_rgb(im, path) -> "PIL.Image.Image":
                    "convert the image to RGB", path)
 
 
-def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "PIL.Image.Image":
+#: timm's crop share when a preprocessing gives none (``timm.data.DEFAULT_CROP_PCT``)
+DEFAULT_CROP_PCT = 0.875
+
+
+def resized_size(size: tuple, data_config: dict) -> tuple[int, int]:
+    """(width, height) the model's eval preprocessing (timm's, for ``data_config``: see
+    :func:`repair.adapters.images.resolve_image_config`) resizes an image of ``size`` (width, height)
+    to before it crops: ``center`` keeps the aspect ratio and covers the resize size (a square input:
+    the short side to ``side / crop_pct``, the long side by the same factor), ``border`` keeps it and
+    fits inside, ``squash`` is the resize size itself."""
+    _, th, tw = data_config["input_size"]
+    crop = float(data_config.get("crop_pct") or DEFAULT_CROP_PCT)
+    sh, sw = math.floor(th / crop), math.floor(tw / crop)
+    mode = data_config.get("crop_mode") or "center"
+    if mode == "squash":
+        return sw, sh
+    w, h = max(1, int(size[0])), max(1, int(size[1]))
+    r = (min if mode == "border" else max)(sh / h, sw / w)
+    return max(1, round(w * r)), max(1, round(h * r))
+
+
+def check_resized(size: tuple, data_config: Optional[dict], max_pixels: int, path) -> None:
+    """The pixel limit (``--max-pixels``) of an image as the model's preprocessing makes it, before it
+    is decoded: a tiny, very thin image (10000 x 1) is resized to millions of pixels per side's worth
+    (2,560,000 x 256 on a 224 model: gigabytes); :class:`BadInput` naming ``path``, as a decompression
+    bomb is. ``data_config`` None: no resize to check."""
+    if data_config is None:
+        return
+    rw, rh = resized_size(size, data_config)
+    if rw * rh > max_pixels:
+        raise BadInput(f"image is {size[0]}x{size[1]}, which the model's preprocessing resizes to {rw}x{rh} = "
+                       f"{rw * rh:,} pixels, more than the limit of {max_pixels:,} (a very thin image?); raise "
+                       "--max-pixels to read it", path)
+
+
+def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               data_config: Optional[dict] = None) -> "PIL.Image.Image":
     """Decode one image file as 8-bit RGB (:func:`to_rgb`): a regular file only, at most
-    ``max_pixels`` pixels, :class:`BadInput` naming the image otherwise. The one place an image of
+    ``max_pixels`` pixels -- also as the model's preprocessing ``data_config`` resizes it, when given
+    (:func:`check_resized`) --, :class:`BadInput` naming the image otherwise. The one place an image of
     the repair data is opened."""
     path = Path(path)
     with open_regular(path) as f:
         im = _open_pil(f, path, max_pixels)
         try:
+            check_resized(im.size, data_config, max_pixels, path)       # from the header, before decoding
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")       # PIL's palette-transparency advice: handled here
                 im.load()
@@ -450,9 +516,10 @@ def _read_table(path: Path) -> tuple[list[str], list[dict], list[str]]:
     """(columns, rows, where each row is in the file: ``line L`` or ``item N``) of a data table."""
     try:
         with open_regular(path, "data table") as f:
-            text = f.read().decode("utf-8-sig")
+            raw = f.read()
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise BadInput(f"not UTF-8 text (byte {e.start}: {e.reason})", path) from None
+        raise BadInput(not_utf8(raw, e), path) from None
     except OSError as e:
         raise BadInput(f"cannot read the file ({e.strerror or e})", path) from None
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -466,6 +533,17 @@ def _read_table(path: Path) -> tuple[list[str], list[dict], list[str]]:
     lines: list = []
     columns, rows = read_csv_text(text, path, lines=lines)
     return columns, rows, [f"line {n}" for n in lines]
+
+
+def not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
+    """What to say of a file whose bytes ``raw`` are not UTF-8 text (``e``: the error decoding them,
+    with or without a UTF-8 byte-order mark): a UTF-16 file (its byte-order mark) is named so; else
+    the line (the newlines before the bad byte, plus one) and the byte's offset in the file."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "is UTF-16 text, not UTF-8 (it opens with a UTF-16 byte-order mark); save it as UTF-8"
+    at = e.start + (len(raw) - len(e.object))       # utf-8-sig reports offsets after its BOM
+    line = raw.count(b"\n", 0, at) + 1
+    return f"not UTF-8 text (line {line}, byte {at}: {e.reason}); save it as UTF-8"
 
 
 def read_csv_text(text: str, path: Path, first_line: int = 1,
@@ -776,8 +854,13 @@ def _has_images(root: Path) -> bool:
         return False
 
 
+class SkippedFilesWarning(UserWarning):
+    """A class folder holds files whose names are not those of images (:data:`IMAGE_SUFFIXES`): they
+    are no samples, and the load says so (hidden files are ignored without a word)."""
+
+
 def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
-    items, labels, reals = [], [], []
+    items, labels, reals, skipped = [], [], [], []
     root_real, folders = _real(root), {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not o.allow_outside_paths and not _inside(root_real, _real(sub)):
@@ -794,8 +877,17 @@ def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
                 items.append(f)     # a FIFO or device named like an image is refused by check_image
                 labels.append(sub.name)
                 reals.append(real if real is not None else f.absolute())
+            elif not f.is_dir():
+                skipped.append(f)
     if not items:
         raise BadInput("no images found (expected class subfolders or a metadata.csv)", root)
+    if skipped:
+        kinds = sorted({f.suffix.lower() or "no extension" for f in skipped})
+        warnings.warn(SkippedFilesWarning(
+            f"{root}: {len(skipped)} file(s) in the class folders are not read as images, their names not "
+            f"being those of images ({', '.join(kinds[:5])}{' ...' if len(kinds) > 5 else ''}; e.g. "
+            f"{skipped[0].relative_to(root)}); images are read by the extensions "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}"), stacklevel=3)
     return RepairData(source=root, modality="image", items=items, labels=labels, max_pixels=o.max_pixels,
                       _real=reals)
 

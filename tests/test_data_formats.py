@@ -261,3 +261,54 @@ def test_a_csv_with_carriage_return_line_ends_is_read_as_its_jsonl_is(tmp_path):
     c.write_bytes(b"text,label\r\ngood,positive\r\nthe\rplot,negative\r\n")
     with pytest.raises(BadInput, match=r"malformed CSV near row 2"):
         load_data(c)
+
+
+def test_jpeg_files_named_jfif_or_jpe_are_images_and_other_files_are_said(tmp_path):
+    """Found by an audit: Chrome saves JPEGs as ``.jfif`` (``.jpe`` is a JPEG name too): a class folder's
+    such files were skipped in silence, as was any file of another name. Now they are images; a file whose
+    name is not an image's is still no sample (a README, Thumbs.db), but the load says so by a warning
+    naming one; hidden files are ignored without a word."""
+    import warnings
+
+    from PIL import Image
+
+    from repair.data import SkippedFilesWarning
+
+    root = tmp_path / "d"
+    for i, cls in enumerate(["cat", "dog"]):
+        _png(root / cls / "a.png", 40 * i)
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "cat" / "chrome.jfif", "JPEG")
+    Image.new("RGB", (8, 8), (7, 7, 7)).save(root / "dog" / "old.JPE", "JPEG")
+    (root / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # only hidden files beside the images: nothing said
+        d = load_data(root)
+    assert sorted(p.name for p in d.items) == ["a.png", "a.png", "chrome.jfif", "old.JPE"]
+    assert read_image(root / "cat" / "chrome.jfif").size == (8, 8)
+    (root / "dog" / "notes.txt").write_text("where these came from")
+    with pytest.warns(SkippedFilesWarning) as w:
+        d = load_data(root)
+    assert len(d) == 4 and len(w) == 1
+    said = str(w[0].message)
+    assert str(root) in said and "dog/notes.txt" in said and ".txt" in said and "1 file(s)" in said
+
+
+def test_a_table_that_is_not_utf8_is_named_with_its_line_or_as_utf16(tmp_path):
+    """Found by an audit: a Latin-1 table's error gave a byte offset alone; a UTF-16 one (Excel's "Unicode
+    text") said nothing of UTF-16. Now the line is named (and the byte, counted in the file), and a UTF-16
+    file is said to be one, with what to do."""
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("text,label\ngood,positive\nbad,negative\ncaf\u00e9,positive\n".encode("latin-1"))
+    with pytest.raises(BadInput) as e:
+        load_data(latin)
+    assert e.value.path.endswith("latin1.csv") and "line 4" in e.value.problem and "byte 41" in e.value.problem
+    bom = tmp_path / "bom.csv"                          # a UTF-8 byte-order mark: offsets still in the file
+    bom.write_bytes(b"\xef\xbb\xbf" + "text,label\ncaf\u00e9,positive\n".encode("latin-1"))
+    with pytest.raises(BadInput) as e:
+        load_data(bom)
+    assert "line 2" in e.value.problem and "byte 17" in e.value.problem
+    wide = tmp_path / "wide.tsv"
+    wide.write_bytes("text\tlabel\ngood\tpositive\n".encode("utf-16"))
+    with pytest.raises(BadInput) as e:
+        load_data(wide)
+    assert e.value.path.endswith("wide.tsv") and "UTF-16" in e.value.problem and "save it as UTF-8" in e.value.problem

@@ -121,22 +121,85 @@ def test_16bit_and_float_images_are_scaled_not_clipped(tmp_path):
 
     as_i = Image.fromarray(ramp16.astype(np.int32), "I")      # 32-bit integers holding 16-bit values
     assert np.array_equal(np.asarray(read_image(save(as_i, tmp_path / "i.tif")))[..., 0], expect)
-    small_i = Image.fromarray((ramp16 // 257).astype(np.int32), "I")   # 8-bit values: kept as they are
-    assert np.array_equal(np.asarray(read_image(save(small_i, tmp_path / "i8.tif")))[..., 0],
-                          (ramp16 // 257).astype(np.uint8))
 
     unit = (ramp16 / 65535.0).astype(np.float32)              # floats in 0..1
     got = np.asarray(read_image(save(Image.fromarray(unit, "F"), tmp_path / "f.tif")))[..., 0]
     assert np.abs(got.astype(int) - expect.astype(int)).max() <= 1
-    wide = (ramp16.astype(np.float32) - 30000.0)              # floats in their own range
-    got = np.asarray(read_image(save(Image.fromarray(wide, "F"), tmp_path / "fw.tif")))[..., 0]
-    assert got.min() == 0 and got.max() == 255 and np.all(np.diff(got.reshape(-1).astype(int)) >= 0)
 
     nan = unit.copy()
     nan[3, 3] = np.nan
     with pytest.raises(BadInput) as e:
         read_image(save(Image.fromarray(nan, "F"), tmp_path / "nan.tif"))
     assert e.value.path.endswith("nan.tif") and "non-finite" in e.value.problem
+
+
+def test_deep_images_are_scaled_by_their_mode_never_by_their_content(tmp_path):
+    """Found by an audit: a 32-bit integer (``I``) image was read as 8-bit when every pixel was 0..255,
+    else as 16-bit, and a float (``F``) one as 0..1 or 0..255 values by its range: two files of one
+    16-bit source mapped the raw value 200 to 200 in one, to 1 in the other. Now the mode decides:
+    ``I`` as 16-bit values, ``F`` as 0..1 values; a value outside that range is refused naming the
+    image (never stretched by the image's own range)."""
+    from PIL import Image
+
+    a = np.full((4, 4), 200, np.int32)
+    b = a.copy()
+    b[0, 0] = 300                                 # the same source, one brighter pixel
+    ga = np.asarray(read_image(save(Image.fromarray(a, "I"), tmp_path / "a.tif")))[..., 0]
+    gb = np.asarray(read_image(save(Image.fromarray(b, "I"), tmp_path / "b.tif")))[..., 0]
+    assert ga[1, 1] == gb[1, 1] == round(200 * 255 / 65535)          # 200 -> 1 in both
+    with Image.open(tmp_path / "a.tif") as im:
+        assert im.mode == "I"
+    for bad, what in ((np.full((4, 4), 70000, np.int32), "70000"), (np.full((4, 4), -5, np.int32), "-5")):
+        with pytest.raises(BadInput) as e:
+            read_image(save(Image.fromarray(bad, "I"), tmp_path / "wide.tif"))
+        assert e.value.path.endswith("wide.tif") and what in e.value.problem and "16-bit" in e.value.problem
+
+    f = np.full((4, 4), 0.5, np.float32)
+    g = f.copy()
+    g[0, 0] = 1.0
+    fa = np.asarray(read_image(save(Image.fromarray(f, "F"), tmp_path / "f.tif")))[..., 0]
+    fb = np.asarray(read_image(save(Image.fromarray(g, "F"), tmp_path / "g.tif")))[..., 0]
+    assert fa[1, 1] == fb[1, 1] == 128
+    for bad in (np.full((4, 4), 200.0, np.float32), np.full((4, 4), -0.5, np.float32)):
+        with pytest.raises(BadInput) as e:       # 0..255 floats, or any other range: no guess
+            read_image(save(Image.fromarray(bad, "F"), tmp_path / "fw.tif"))
+        assert e.value.path.endswith("fw.tif") and "0..1" in e.value.problem
+
+
+def test_a_thin_image_is_refused_by_the_size_the_models_resize_makes_of_it(tmp_path, timm_folder):
+    """Found by an audit: ``--max-pixels`` checked the image's own size, not what the model's resize
+    makes of it: a 10000 x 1 PNG of 114 bytes became 2,560,000 x 256 pixels on a 224 model (+2.6 GB),
+    50000 x 1 got the run killed for memory. Now the resized size is checked from the header, before
+    anything is decoded or resized: exit 2 naming the image."""
+    from PIL import Image
+
+    from repair.adapters import load_model
+
+    config = {"input_size": [3, 224, 224], "crop_pct": 0.875, "crop_mode": "center",
+              "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    thin = save(Image.fromarray(np.zeros((1, 10000, 3), np.uint8)), tmp_path / "thin.png")
+    with pytest.raises(BadInput) as e:
+        read_image(thin, data_config=config)
+    assert e.value.path.endswith("thin.png") and "2560000x256" in e.value.problem and "limit" in e.value.problem
+    assert read_image(thin).size == (10000, 1)                     # read alone (no resize): within the limit
+    tall = save(Image.fromarray(np.zeros((10000, 1, 3), np.uint8)), tmp_path / "tall.png")
+    with pytest.raises(BadInput, match="256x2560000"):
+        read_image(tall, data_config=config)
+    assert read_image(tall, data_config={**config, "crop_mode": "squash"}).size == (1, 10000)
+
+    # through a model (32 x 32, crop 1.0: 320000 x 32 = 10,240,000 pixels) and the command line
+    d = make_images(tmp_path / "data", n_per_class=2)
+    Image.fromarray(np.zeros((1, 10000, 3), np.uint8)).save(d / "cat" / "thin.png")
+    write_csv(d / "metadata.csv", [{"img_filename": f"{c}/{i:03d}.png", "y": c, "place": "land"}
+                                   for c in ("cat", "dog", "fox") for i in range(2)]
+              + [{"img_filename": "cat/thin.png", "y": "cat", "place": "land"}])
+    adapter = load_model(timm_folder)
+    adapter.max_pixels = 10_000_000
+    with pytest.raises(BadInput) as e:
+        adapter.collate([d / "cat" / "thin.png"])
+    assert "320000x32 = 10,240,000 pixels" in e.value.problem
+    cli_refuses(["eval", timm_folder, "--data", d, "--no-cache", "--max-pixels", "10000000"], "thin.png",
+                "320000x32", "--max-pixels", inputs=[d, timm_folder])
 
 
 def test_alpha_palette_bilevel_and_cmyk_modes(tmp_path):

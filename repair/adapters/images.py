@@ -134,6 +134,6 @@ class ImageCollate:
 
     def __call__(self, items: Sequence[Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """The eval transform of each image, decoded by :func:`repair.data.read_image` (every PIL
-        mode converted by its meaning or refused by name, at most ``max_pixels`` pixels, regular
-        files only)."""
-        return torch.stack([self.transform(read_image(p, max_pixels)) for p in items])
+        mode converted by its meaning or refused by name, at most ``max_pixels`` pixels, as read and
+        as this preprocessing resizes it, regular files only)."""
+        return torch.stack([self.transform(read_image(p, max_pixels, self.data_config)) for p in items])

@@ -94,7 +94,6 @@ cross-entropy ignores); here ``g`` persists, emits one offset per class (bounded
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -338,20 +337,18 @@ class ClpRun:
         if source == "auto":
             source = "given" if given is not None else "attribution"
         if source == "given":                  # object_masks says so when --masks is missing
-            root = Path(self.inputs.resources.get("data_root") or Path(self.inputs.items[0]).parent)
-            if train_set is not None:
-                troot = Path(train_set.source)
-                troot = troot if troot.is_dir() else troot.parent
-                from ..modelrepair.masks import mask_files
+            from ..modelrepair.masks import mask_files, mask_sets
 
-                common = Path(os.path.commonpath([root.resolve(), troot.resolve()]))
-                # masks named by the path under the folder both share, else under the item's own folder;
-                # an image of either set never takes a mask the other set's image takes
-                root = (common, root)
-                if given is not None:
-                    mask_files(Path(given), [(train_set.items, (common, troot)), (self.inputs.items, root)])
-                self.train_pool.masks = self._masks("given", self.train_pool, train_set.items, (common, troot))
-            self.meta_pool.masks = self._masks("given", self.meta_pool, self.inputs.items, root)
+            root = Path(self.inputs.resources.get("data_root") or Path(self.inputs.items[0]).parent)
+            # where each image's mask is: the one rule the check at the start applies too (mask_sets); an
+            # image of either set never takes a mask the other set's image takes
+            sets = mask_sets(self.inputs.items, root, None if train_set is None else train_set.items,
+                             None if train_set is None else train_set.source)
+            if given is not None:
+                mask_files(Path(given), sets)
+            if train_set is not None:
+                self.train_pool.masks = self._masks("given", self.train_pool, train_set.items, sets[0][1])
+            self.meta_pool.masks = self._masks("given", self.meta_pool, self.inputs.items, sets[-1][1])
             return {"source": f"given (--masks {given})",
                     "foreground_share": round(float(self.meta_pool.masks.mean()), 4)}
         side = self._min_side()

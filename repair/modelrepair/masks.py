@@ -23,6 +23,7 @@ preprocessing (resize, crop) so it lines up with the model's input.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -87,6 +88,33 @@ def mask_file(mask_dir: Path, item: Path, data_root) -> Path:
     return cands[0]
 
 
+def mask_roots(own, other=None) -> tuple:
+    """The folders the mask of an image of one set is looked up under (:func:`mask_file`), in order:
+    ``own`` is the set's folder (a table: its folder), ``other`` the other set's when ``--data`` and
+    ``--train`` are both given: then the folder both share first, then the set's own. The one rule of
+    where a mask is, used by the check when the command starts (:func:`check_masks_for_data`) and by
+    the model repairs that read the masks (clp, recompose)."""
+    def folder(p) -> Path:
+        p = Path(p)
+        return p if p.is_dir() or not p.suffix else p.parent
+
+    own = folder(own)
+    if other is None:
+        return (own,)
+    common = Path(os.path.commonpath([own.resolve(), folder(other).resolve()]))
+    return (common, own)
+
+
+def mask_sets(data_items: Sequence, data_root, train_items: Optional[Sequence] = None, train_root=None) -> list:
+    """The ``(items, roots)`` pairs of :func:`mask_files` for the repair set (``data_items`` under
+    ``data_root``) and, with ``--train``, its set (``train_items`` under ``train_root``): train first,
+    each set's roots by :func:`mask_roots`."""
+    if train_items is None:
+        return [(list(data_items), mask_roots(data_root))]
+    return [(list(train_items), mask_roots(train_root, data_root)),
+            (list(data_items), mask_roots(data_root, train_root))]
+
+
 def mask_files(mask_dir: Path, sets: Sequence) -> list:
     """:func:`mask_file` of every image of ``sets`` (``(items, data_root)`` pairs: the repair set's
     images, ``--train``'s), one list per set; :class:`BadInput` naming the masks folder when two
@@ -125,69 +153,84 @@ def _geometry(data_config: dict):
 def load_masks(mask_dir, items: Sequence, data_root, data_config: dict,
                max_pixels: Optional[int] = None) -> torch.Tensor:
     """(N, 1, H, W) float masks in [0, 1] aligned with the model's input for ``items`` (image
-    paths). Masks (and their images, for their size) are opened as the repair data's images are
-    (:func:`repair.data.open_regular`, :func:`repair.data._open_pil`: a regular file only, at most
-    ``max_pixels`` pixels -- the data's ``--max-pixels``, by default
-    :data:`repair.data.DEFAULT_MAX_PIXELS` -- a supported mode). Missing masks, unreadable files,
-    masks over the limit and size mismatches are :class:`BadInput` naming the file."""
+    paths; ``data_root``: their folder, or the roots of :func:`mask_roots`). Masks (and their images,
+    for their size) are opened as the repair data's images are (:func:`repair.data.open_regular`,
+    :func:`repair.data._open_pil`: a regular file only, at most ``max_pixels`` pixels -- the data's
+    ``--max-pixels``, by default :data:`repair.data.DEFAULT_MAX_PIXELS` -- also as the preprocessing
+    resizes them, a supported mode) and read as greyscale as the images are converted
+    (:func:`repair.data.to_grey`: a 16-bit or float mask by its depth). Missing masks, unreadable
+    files, masks over the limit and size mismatches are :class:`BadInput` naming the file."""
     import numpy as np
 
     geom = _geometry(data_config)
     out = []
-    for grey in _read_masks(mask_dir, items, data_root, max_pixels, convert=True):
+    for grey in _read_masks(mask_dir, [(items, data_root)], max_pixels, convert=True, data_config=data_config):
         arr = np.asarray(geom(grey), dtype=np.float32) / 255.0
         out.append(torch.from_numpy(arr.copy()).unsqueeze(0))
     return torch.stack(out) if out else torch.zeros(0, 1, 1, 1)
 
 
-def check_masks_for_data(mask_dir: Path, data) -> None:
-    """``--masks`` against the repair set ``data`` when the command starts (the resource's
+def check_masks_for_data(mask_dir: Path, data, train=None) -> None:
+    """``--masks`` against the repair set ``data`` (and ``train``, the ``--train`` data, when given: its
+    images need masks too, and the masks of both are looked up under the folder they share first,
+    :func:`mask_sets`, as the training reads them) when the command starts (the resource's
     ``validate_data``): every image has its mask, inside the folder, a regular file of the image's
-    size (headers only: nothing is decoded) -- what :func:`load_masks` refuses, before the embeddings
-    and the training rather than when the masks are first used. Text data: nothing to check (the
-    model repairs that read masks refuse text models themselves)."""
+    size (headers only: nothing is decoded), no two images take one mask -- what :func:`load_masks`
+    refuses, before the embeddings and the training rather than when the masks are first used. Text
+    data: nothing to check (the model repairs that read masks refuse text models themselves)."""
     if getattr(data, "modality", None) != "image":
         return
-    for _ in _read_masks(mask_dir, data.items, Path(data.source), getattr(data, "max_pixels", None),
-                         convert=False):
+    if train is not None and getattr(train, "modality", None) != "image":
+        train = None
+    sets = mask_sets(data.items, Path(data.source), None if train is None else train.items,
+                     None if train is None else Path(train.source))
+    for _ in _read_masks(mask_dir, sets, getattr(data, "max_pixels", None), convert=False):
         pass
 
 
-def _read_masks(mask_dir, items: Sequence, data_root, max_pixels: Optional[int], convert: bool):
-    """The one home of the mask checks (see :func:`load_masks`): yields each image's mask as a
-    greyscale PIL image (``convert``) or None once its file and size are checked."""
-    from ..data import DEFAULT_MAX_PIXELS, _inside, _open_pil, _real, open_regular
+def _read_masks(mask_dir, sets: Sequence, max_pixels: Optional[int], convert: bool,
+                data_config: Optional[dict] = None):
+    """The one home of the mask checks (see :func:`load_masks`): yields each image's mask (``sets``:
+    ``(items, roots)`` pairs as :func:`mask_files` takes them, set after set) as a greyscale PIL image
+    (``convert``) or None once its file and size are checked."""
+    from ..data import DEFAULT_MAX_PIXELS, _inside, _open_pil, _real, check_resized, open_regular, to_grey
 
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise BadInput("--masks must be a folder of mask images", mask_dir)
     root_real = _real(mask_dir)
-    for item, mf in zip(items, mask_files(mask_dir, [(items, data_root)])[0]):
-        if not mf.is_file():
-            raise BadInput(f"no mask for image {Path(item).name} (expected {mf})", mask_dir)
-        if not _inside(root_real, _real(mf)):     # as a table's images: a link out of the folder is refused
-            raise BadInput(f"mask {mf} is a symlink leading outside the --masks folder (to {_real(mf) or mf}); "
-                           "copy the mask in", mask_dir)
-        with open_regular(item) as f:             # its size only (the header): the data read it already
-            with _open_pil(f, Path(item), max_pixels) as im:
-                size = im.size
-        with open_regular(mf, "mask") as f:
-            with _open_pil(f, mf, max_pixels) as m:
-                if m.size != size:
-                    raise BadInput(f"mask is {m.size[0]}x{m.size[1]} but its image {Path(item).name} is "
-                                   f"{size[0]}x{size[1]}", mf)
-                if not convert:
-                    grey = None
-                else:
-                    try:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            grey = m.convert("L")
-                    except Exception as e:   # a truncated or corrupt body (PIL raises many types), as read_image
-                        raise BadInput(f"unreadable mask ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0] if str(e) else ''})", mf) from None
-        yield grey
+    found = mask_files(mask_dir, sets)
+    for (items, _), files in zip(sets, found):
+        for item, mf in zip(items, files):
+            if not mf.is_file():
+                raise BadInput(f"no mask for image {Path(item).name} (expected {mf})", mask_dir)
+            if not _inside(root_real, _real(mf)):     # as a table's images: a link out of the folder is refused
+                raise BadInput(f"mask {mf} is a symlink leading outside the --masks folder (to {_real(mf) or mf}); "
+                               "copy the mask in", mask_dir)
+            with open_regular(item) as f:             # its size only (the header): the data read it already
+                with _open_pil(f, Path(item), max_pixels) as im:
+                    size = im.size
+            with open_regular(mf, "mask") as f:
+                with _open_pil(f, mf, max_pixels) as m:
+                    if m.size != size:
+                        raise BadInput(f"mask is {m.size[0]}x{m.size[1]} but its image {Path(item).name} is "
+                                       f"{size[0]}x{size[1]}", mf)
+                    check_resized(m.size, data_config, max_pixels, mf)
+                    if not convert:
+                        grey = None
+                    else:
+                        try:
+                            with warnings.catch_warnings():
+                                warnings.simplefilter("ignore")
+                                m.load()
+                                grey = to_grey(m, mf)      # the images' one conversion (a deep mode by its depth)
+                        except BadInput:
+                            raise
+                        except Exception as e:   # a truncated or corrupt body (PIL raises many types), as read_image
+                            raise BadInput(f"unreadable mask ({type(e).__name__}: "
+                                           f"{str(e).splitlines()[0] if str(e) else ''})", mf) from None
+            yield grey
 
 
 def contrast_masks(pix: torch.Tensor, border: int = 2, margin: float = 1.5, smooth: int = 3) -> torch.Tensor:
@@ -275,4 +318,4 @@ def object_masks(source: str, tm, items: Sequence, x: torch.Tensor, y: torch.Ten
     return threshold_masks(attribution_maps(tm, x, y, device, min_side=min_side), quantile), "attribution"
 
 
-__all__ = ["MASKS", "SEGMENTER", "MASK_SOURCES", "mask_file", "mask_files", "load_masks", "contrast_masks", "clipseg_masks", "object_masks"]
+__all__ = ["MASKS", "SEGMENTER", "MASK_SOURCES", "mask_file", "mask_files", "mask_roots", "mask_sets", "load_masks", "contrast_masks", "clipseg_masks", "object_masks"]
