@@ -81,9 +81,11 @@ def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, ev
             inp.protected.add_data(v, f"{flag} data")
         elif res.kind in ("file", "folder"):
             inp.protected.add(value, f"{flag} input")
-            if res.validate_data is not None:
-                res.validate_data(v, d)
         inp.resources[name] = v
+    for name, v in inp.resources.items():      # once every input is read: a check may need another (--train)
+        res = declared_resource(name)
+        if res.kind in ("file", "folder") and res.validate_data is not None:
+            res.check_data(v, d, inp.resources)
     return inp
 
 

@@ -155,13 +155,28 @@ class Resource:
     (optional, a file or folder): ``validate(path)`` checks its contents when the command starts,
     before any work (BadInput naming the path), rather than when the method first reads it;
     ``validate_data(path, data)`` (optional) checks it against the repair set once that is read (a
-    mask for every image), still before any work."""
+    mask for every image), still before any work; one taking a third argument also gets the other
+    inputs read (name -> value: the ``--train`` data, whose images need masks too)."""
     name: str
     kind: str
     help: str = ""
     choices: tuple = ()
     validate: Optional[Callable[[Path], None]] = field(default=None, compare=False)
     validate_data: Optional[Callable[[Path, Any], None]] = field(default=None, compare=False)
+
+    def check_data(self, value, data, resources: dict) -> None:
+        """:attr:`validate_data` of ``value`` against the repair set ``data`` (and the other inputs read,
+        ``resources``, for a check that takes them)."""
+        import inspect
+
+        try:
+            takes_all = len(inspect.signature(self.validate_data).parameters) >= 3
+        except (TypeError, ValueError):
+            takes_all = False
+        if takes_all:
+            self.validate_data(value, data, {k: v for k, v in resources.items() if k != self.name})
+        else:
+            self.validate_data(value, data)
 
     def __post_init__(self):
         if not self.name.isidentifier() or self.name != self.name.lower():

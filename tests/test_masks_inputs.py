@@ -79,3 +79,37 @@ def test_the_start_check_and_the_training_find_masks_by_one_rule_with_train(tmp_
     for c in ("a", "b"):
         _image(own / c / "x.png")
     check_masks_for_data(own, vdata)
+
+
+def test_repair_fix_with_train_accepts_the_shared_mask_layout_and_checks_the_train_masks(tmp_path):
+    """The command's start check is given the ``--train`` data (every input is read before the checks
+    that compare them run): the layout ``--masks``' help describes for --data and --train sharing a
+    folder was exit 2 at start; a train image without its mask is exit 2 naming it, before any work."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_images, make_timm_folder, run_cli
+    from PIL import Image
+
+    model = make_timm_folder(tmp_path / "m")
+    val = make_images(tmp_path / "d" / "val", n_per_class=6, seed=1)
+    train = make_images(tmp_path / "d" / "train", n_per_class=2, seed=9, with_metadata=False)
+    masks = tmp_path / "masks"
+    for root in (val, train):
+        for f in root.rglob("*.png"):
+            m = masks / root.name / f.relative_to(root)
+            m.parent.mkdir(parents=True, exist_ok=True)
+            a = np.zeros((36, 36), np.uint8)
+            a[8:28, 8:28] = 255
+            Image.fromarray(a).save(m)
+    recipe = tmp_path / "clp-given.yaml"
+    recipe.write_text("name: clp-given-test\ncandidates:\n  - method: clp\n    params:\n      masks: given\n")
+    args = ["fix", model, "--data", val, "--train", train, "--masks", masks, "--recipe", recipe,
+            "--budget", "2steps", "--group-by", "place", "--out", tmp_path / "o", "-q"]
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    gone = masks / "train" / "dog" / "001.png"
+    gone.unlink()
+    code, _, err = run_cli(*args[:-3], "--out", tmp_path / "o2", "-q")
+    assert code == 2 and "no mask" in err and str(gone) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o2").exists()

@@ -39,7 +39,8 @@ from .pixels import _blur, _dilate, _erode, to_pixels
 MASK_SOURCES = ("auto", "given", "segmenter", "attribution", "contrast")
 
 #: the user inputs of the mask sources, declared by the model repairs that use them
-MASKS = Resource("masks", kind="folder", validate_data=lambda path, data: check_masks_for_data(path, data),
+MASKS = Resource("masks", kind="folder",
+                 validate_data=lambda path, data, others: check_masks_for_data(path, data, others.get("train")),
                  help="Model repairs on images: a folder of foreground masks (white = object), one per image, at the "
                       "image's path under the data folder (or under the folder --data and --train share), or by "
                       "its file name; .png or the image's own extension.")
