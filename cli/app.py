@@ -145,6 +145,16 @@ def _once_each(cmd):
     return cmd
 
 
+def _warning_line(shown, message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` while a command runs: a warning of the repair library (its class defined
+    there: a class folder's files that are no images, a plugin that failed to load) is one ``warning:``
+    line on stderr, as the command's other warnings are; any other is given to ``shown`` (as before)."""
+    if (getattr(category, "__module__", "") or "").split(".")[0] == "repair":
+        log("warning: " + " ".join(str(message).split()))
+    else:
+        shown(message, category, filename, lineno, file, line)
+
+
 class OneLineUsageErrors(typer.core.TyperGroup):
     """The app's click group: usage errors as one ``error: ...`` line on stderr instead of click's
     usage box. Everything else behaves as in standalone mode."""
@@ -154,6 +164,13 @@ class OneLineUsageErrors(typer.core.TyperGroup):
         return _once_each(cmd)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import warnings
+
+        with warnings.catch_warnings():         # the library's own warnings as the CLI's warning lines
+            warnings.showwarning = functools.partial(_warning_line, warnings.showwarning)
+            return self._main(args, prog_name, complete_var, standalone_mode, **extra)
+
+    def _main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         run = functools.partial(super().main, args, prog_name, complete_var, standalone_mode=False, **extra)
         if not standalone_mode:  # the caller handles click's exceptions itself
             return run()

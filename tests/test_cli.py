@@ -179,3 +179,19 @@ def test_a_figure_with_errors_is_never_shown_as_100_percent():
     assert pct(2499 / 2500) == "99.96%" and pct(1 / 2500) == "0.04%" and pct(1.0) == "100.0%" and pct(0.0) == "0.0%"
     assert pct(0.5) == "50.0%" and pct(None) == "-" and _pct(None) == "–"
     assert all(pct(x) == _pct(x) == percent(x) for x in (2499 / 2500, 0.123456, 1 / 3, 0.99999))
+
+
+def test_a_library_warning_is_one_warning_line_of_the_command(tmp_path):
+    """A warning the library raises with ``warnings.warn`` (a class folder's file that is not an image) was
+    printed by Python as two lines naming a source file of repair (``.../data.py:886: SkippedFilesWarning:
+    ...`` and the code line): the CLI shows it as its other warnings, one ``warning:`` line."""
+    from conftest import make_images, make_timm_folder, run_cli
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=4, with_metadata=False)
+    (data / "cat" / "notes.txt").write_text("where these came from")
+    code, _, err = run_cli("eval", model, "--data", data, "-q")
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "notes.txt" in line]
+    assert len(said) == 1 and said[0].startswith("warning: ") and "SkippedFilesWarning" not in err, err
+    assert "data.py" not in err, err
