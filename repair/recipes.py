@@ -409,7 +409,9 @@ def read_text_file(path: Path, what: str = "recipe", max_bytes: int = MAX_RECIPE
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
-        raise BadInput(f"not UTF-8 text (byte {e.start}: {e.reason})", path) from None
+        from .data import not_utf8
+
+        raise BadInput(not_utf8(data, e), path) from None
 
 
 def _read_text(path: Path) -> str:

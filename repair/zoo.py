@@ -729,7 +729,9 @@ class Journal:
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise BadInput(f"not a journal: not UTF-8 text (byte {e.start}: {e.reason})", self.path) from None
+            from .data import not_utf8
+
+            raise BadInput(f"not a journal: {not_utf8(body, e)}", self.path) from None
         out = {}
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():

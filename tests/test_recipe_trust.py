@@ -532,3 +532,21 @@ def test_two_merge_keys_in_one_mapping_are_a_duplicate_key(tmp_path):
     ok = _write(tmp_path, "ok.yaml", "candidates:\n  - method: dfr\n    params:\n"
                                      "      <<: [{protocol: paper}, {min_subsample_per_group: 2}]\n")
     assert load_recipe(ok).candidates[0].params == {"protocol": "paper", "min_subsample_per_group": 2}
+
+
+def test_a_recipe_or_journal_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    """Tables said the line of a byte that is not UTF-8 (repair.data.not_utf8); a recipe file and a zoo
+    journal said only the byte's offset: one message for all three."""
+    from repair.zoo import Journal
+
+    f = tmp_path / "r.yaml"
+    f.write_bytes(b"name: x\ncandidates:\n  - method: dfr  # caf\xe9\n")
+    with pytest.raises(BadInput, match=r"not UTF-8 text \(line 3, byte 42"):
+        load_recipe(f)
+    f.write_bytes(b"\xff\xfen\x00a\x00")
+    with pytest.raises(BadInput, match="is UTF-16 text"):
+        load_recipe(f)
+    j = tmp_path / "journal.jsonl"
+    j.write_bytes(b'{"a": 1}\n{"b": "caf\xe9"}\n')
+    with pytest.raises(BadInput, match=r"not a journal: not UTF-8 text \(line 2,"):
+        Journal(j).read()
