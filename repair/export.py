@@ -154,10 +154,54 @@ def _log(progress: Optional[Callable[[str], None]], msg: str) -> None:
 
 @contextlib.contextmanager
 def _quiet_stdout():
-    """Exporters print and warn; keep stdout for results (``--json``)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr if sys.stderr else io.StringIO()):
+    """Exporters print and warn; keep stdout for results (``--json``): Python's prints go to stderr, and
+    what torch's C++ side writes on the stdout descriptor is dropped (:func:`_stdout_descriptor_dropped`)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr if sys.stderr else io.StringIO()), \
+            _stdout_descriptor_dropped():
         warnings.simplefilter("ignore")
         yield
+
+
+def _c_flush() -> None:
+    """``fflush(NULL)``: what the C library holds for any stream, written to its descriptor now."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+@contextlib.contextmanager
+def _stdout_descriptor_dropped():
+    """File descriptor 1 pointed at the null device for the block: the TorchScript exporter dumps the
+    whole graph there on a failure ("Torch IR graph at exception", from C++, past ``sys.stdout``, whatever
+    its log setting), into the results on stdout. Only the main thread swaps the process's descriptor."""
+    import os
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        if sys.__stdout__ is not None:
+            sys.__stdout__.flush()
+        _c_flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):          # no descriptor 1 (a closed stdout)
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+        finally:
+            os.close(null)
+        yield
+    finally:
+        _c_flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -286,6 +330,7 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
                 return proto, kind, names
             except Exception as e:  # try the next exporter; report all if none works
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                msg = msg.split("[Caused by")[0].strip()     # (the TorchScript exporter's IR of the value)
                 errors.append(f"{kind}: {type(e).__name__}: {msg[:300]}")
                 if failures is not None:
                     failures.append(errors[-1])
@@ -296,6 +341,9 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
         model.to(dev)
         for m, training in modes:
             m.training = training
+    if opset is not None:     # the user's option: a model the exporter cannot write at that opset
+        raise BadInput(f"--opset {opset}: the model cannot be exported at this opset ({'; '.join(errors)}); "
+                       "give a newer opset, or leave --opset out")
     raise RepairError("ONNX export failed: " + "; ".join(errors))
 
 

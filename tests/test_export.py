@@ -498,7 +498,8 @@ def test_onnx_head_layouts(kind, tmp_path):
     a.save(tmp_path / "out.onnx", {"repair.method": "x"})
     got = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     assert_within_bound(got, (emb @ W2.T + b2).numpy())
-    assert load_model(tmp_path / "out.onnx", LoadOptions(image_size=2)).body_hash() == a.body_hash() or kind == "matmul"
+    # (the written file carries its preprocessing: --image-size for it is refused, it is read as it records)
+    assert load_model(tmp_path / "out.onnx").body_hash() == a.body_hash() or kind == "matmul"
 
 
 # ------------------------------------------------------------------ the bound and the batches

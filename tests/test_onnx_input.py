@@ -136,17 +136,26 @@ def test_a_head_weight_a_subgraph_also_reads_is_not_changed_under_it(tmp_path):
 
 
 def test_the_written_onnx_reads_its_input_as_the_figures_measured_it(tmp_path):
-    """Class names given as options and a preprocess.json over the file's own metadata: the written
-    file carries what the run used, not the source's entries."""
+    """Class names given as options over the file's own metadata: the written file carries what the run
+    used. Its preprocessing is the file's own (metadata ``preprocess``): a preprocess.json beside it that
+    says otherwise is BadInput naming the file (it won before, and the figures were measured with it)."""
     nodes, inits = _body()
     hn, hi = _head()
-    src = _save(tmp_path / "m" / "m.onnx", nodes + hn, inits + hi, metadata={
-        "preprocess": json.dumps({"input_size": [3, SIZE, SIZE], "mean": [0, 0, 0], "std": [1, 1, 1]})})
+    own = {"input_size": [3, SIZE, SIZE], "mean": [0, 0, 0], "std": [1, 1, 1], "crop_pct": 1.0}
+    src = _save(tmp_path / "m" / "m.onnx", nodes + hn, inits + hi, metadata={"preprocess": json.dumps(own)})
+    with pytest.raises(BadInput, match="preprocess.json disagrees with it") as e:
+        load_model(src, LoadOptions(class_names=("dog", "cat", "fox")))
+    assert str(src) in str(e.value) and "std [0.25, 0.25, 0.25] in it, [1.0, 1.0, 1.0] in the model" in str(e.value)
+    (src.parent / "preprocess.json").write_text(json.dumps(own))          # one that agrees is read
     a = load_model(src, LoadOptions(class_names=("dog", "cat", "fox")))
-    assert a.data_config["std"] == [0.25] * 3                      # preprocess.json beside it read
+    assert a.data_config["std"] == [1.0] * 3
     meta = {e.key: e.value for e in a.export_proto({}).metadata_props}
     assert json.loads(meta["class_names"]) == ["dog", "cat", "fox"]
-    assert json.loads(meta["preprocess"])["std"] == [0.25] * 3
+    assert json.loads(meta["preprocess"])["std"] == [1.0] * 3
+    (src.parent / "preprocess.json").unlink()
+    assert load_model(src).data_config["mean"] == [0.0] * 3
+    with pytest.raises(BadInput, match=r"--mean set the preprocessing .* carries its own \(its metadata 'preprocess'\)"):
+        load_model(src, LoadOptions(mean=(0.5,) * 3))
 
 
 @pytest.mark.parametrize("case", ["dropout", "batchnorm", "uint8", "max_length"])
@@ -381,3 +390,175 @@ def test_running_an_onnx_model_writes_no_onnxruntime_telemetry(tmp_path):
                         "--class-names", "cat,dog,fox", "-q"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert [p for p in (*xdg.rglob("*"), *home.rglob("*"))] == []
+
+
+# ------------------------------------------------------------------ found by an audit
+def test_a_repaired_onnx_is_read_with_the_preprocessing_it_records_not_a_preprocess_json_beside_it(tmp_path):
+    """`fix` of a third-party ONNX with --mean/--std wrote the repaired file beside the source's
+    preprocess.json; its metadata recorded the options' normalisation (figures 100%), but `eval` of it
+    read the preprocess.json (0%, silently). Now the file is read as it records: the disagreeing
+    preprocess.json, or --mean for it, is one line, exit 2, naming the file; elsewhere it gives the
+    figures the fix measured."""
+    import shutil
+
+    from conftest import make_deployed_onnx, make_images, one_line_naming, run_cli
+
+    dep = tmp_path / "dep2"
+    dep.mkdir()
+    make_deployed_onnx(dep / "model.onnx")
+    (dep / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}))
+    data, test = make_images(tmp_path / "img", n_per_class=8, size=32, seed=1), make_images(tmp_path / "t", size=32, seed=2)
+    code, out, err = run_cli("fix", dep / "model.onnx", "--data", data, "--class-names", "cat,dog,fox", "--group-by",
+                             "place", "--eval", test, "--recipe", "dfr", "--mean", "0.9,0.1,0.9", "--std", "0.1,0.1,0.1",
+                             "--json", "-q")
+    assert code == 0, err
+    repaired = dep / "model-repaired.onnx"
+    assert json.loads(onnx_meta(repaired)["preprocess"])["mean"] == [0.9, 0.1, 0.9]
+    code, _, err = run_cli("eval", repaired, "--data", test, "--group-by", "place", "-q")
+    one_line_naming(code, err, repaired, "preprocess.json", "mean [0.5, 0.5, 0.5] in it, [0.9, 0.1, 0.9] in the model")
+    code, _, err = run_cli("eval", repaired, "--data", test, "--group-by", "place", "--mean", "0.9,0.1,0.9", "-q")
+    one_line_naming(code, err, repaired, "--mean", "carries its own")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(repaired, alone / "m.onnx")
+    code, ev, err = run_cli("eval", alone / "m.onnx", "--data", test, "--group-by", "place", "--json", "-q")
+    assert code == 0, err
+    fixed, evaluated = json.loads(out), json.loads(ev)
+    assert load_model(alone / "m.onnx").data_config["mean"] == [0.9, 0.1, 0.9]
+    assert evaluated["per_group"] == fixed["after"]["per_group"], (fixed["after"], evaluated)
+
+
+def onnx_meta(path: Path) -> dict:
+    return {e.key: e.value for e in onnx.load(str(path)).metadata_props}
+
+
+def _fixed_length_bert_onnx(bert_folder: Path, folder: Path, length: int = 64) -> Path:
+    """``bert_folder``'s network exported with a fixed sequence axis of ``length`` tokens (a dynamic
+    batch), its tokenizer files and config beside it."""
+    import shutil
+    import warnings
+
+    from transformers import BertForSequenceClassification
+
+    shutil.copytree(bert_folder, folder)
+    (folder / "model.safetensors").unlink()
+    m = BertForSequenceClassification.from_pretrained(str(bert_folder)).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.ones(2, length, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(m), (ids, ids, torch.zeros_like(ids)), str(folder / "model.onnx"), input_names=names,
+                          output_names=["logits"], dynamic_axes={n: {0: "n"} for n in [*names, "logits"]},
+                          dynamo=False, opset_version=17)
+    return folder / "model.onnx"
+
+
+def test_a_text_onnx_with_a_fixed_sequence_axis_reads_texts_at_the_length_it_records(tmp_path, bert_folder):
+    """A graph exported with a fixed sequence axis of 64 tokens, loaded with --max-length 4, read every
+    text up to 64 tokens while its figures, cache key and export recorded 4. Now texts are cut at the
+    truncation length and padded (masked) to the graph's 64: the logits are the transformers model's at
+    max_length 4; a length beyond the graph's (given or recorded) is BadInput naming the file."""
+    from repair.export import export_metadata
+
+    path = _fixed_length_bert_onnx(bert_folder, tmp_path / "fixed")
+    long_text = "the movie was not great the plot is a fun movie and never boring"
+    a = load_model(path, LoadOptions(max_length=4))
+    batch = a.collate([long_text, "good"])
+    assert batch["input_ids"].shape == (2, 64) and batch["attention_mask"].sum(1).tolist() == [4, 3]
+    ref = load_model(bert_folder, LoadOptions(max_length=4))
+    torch.testing.assert_close(a.logits_batch(batch, "cpu"),
+                               ref.logits_batch(ref.collate([long_text, "good"]), "cpu"), atol=1e-4, rtol=1e-4)
+    assert a.preprocess_id()["max_length"] == 4 and export_metadata(a, {})["max_length"] == "4"
+    assert load_model(path).max_length == 64                      # the default: at most what the graph takes
+    with pytest.raises(BadInput, match="--max-length 65 is more than the 64 tokens the graph's input 'input_ids' "
+                                       "takes") as e:
+        load_model(path, LoadOptions(max_length=65))
+    assert str(path) in str(e.value)
+    m = onnx.load(str(path))
+    helper.set_model_props(m, {"max_length": "100"})
+    onnx.save(m, str(path))
+    with pytest.raises(BadInput, match="metadata max_length 100 is more than the 64 tokens") as e:
+        load_model(path)
+    assert str(path) in str(e.value)
+
+
+def _bad_conv_onnx(tmp_path: Path) -> Path:
+    """A deployed ONNX whose first Conv weight takes 4 input channels (the images have 3): onnxruntime
+    loads it and fails in session.run."""
+    from conftest import make_deployed_onnx
+
+    src, _ = make_deployed_onnx(tmp_path / "src.onnx")
+    p = onnx.load(str(src))
+    conv = next(n for n in p.graph.node if n.op_type == "Conv")
+    init = next(i for i in p.graph.initializer if i.name == conv.input[1])
+    w = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array(np.concatenate([w, w[:, :1]], axis=1).astype(np.float32), init.name))
+    bad = tmp_path / "bad" / "model.onnx"
+    bad.parent.mkdir()
+    onnx.save(p, str(bad))
+    (bad.parent / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32], "mean": [0.5] * 3,
+                                                            "std": [0.5] * 3}))
+    return bad
+
+
+def test_an_onnx_graph_that_fails_on_the_data_is_exit_2_in_one_line(tmp_path, monkeypatch):
+    """A graph that fails when onnxruntime runs it on the data (a Conv weight with the wrong input
+    channels) was exit 3 `internal error`, after onnxruntime's own `[E:onnxruntime...]` log line on
+    stderr. It is the model and the data that do not fit, as a torch network whose forward pass fails:
+    exit 2, one line naming the file and onnxruntime's message. A failure of our own code stays exit 3."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import make_images, run_cli
+
+    bad = _bad_conv_onnx(tmp_path)
+    data = make_images(tmp_path / "d", n_per_class=2, size=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REPAIR_CACHE_DIR": str(tmp_path / "c")}
+    r = subprocess.run([sys.executable, "-m", "repair_cli.main", "eval", str(bad), "--data", str(data),
+                        "--class-names", "cat,dog,fox", "-q"], capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert str(bad) in lines[0] and "forward pass fails on this data" in lines[0] and "Conv" in lines[0], lines[0]
+    assert "[E:onnxruntime" not in r.stderr
+
+    import repair.adapters.onnx_adapter as oa
+
+    def broken(*a, **k):
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr(oa, "run_session", broken)
+    (bad.parent / "model.onnx").write_bytes((tmp_path / "src.onnx").read_bytes())
+    code, _, err = run_cli("eval", bad, "--data", data, "--class-names", "cat,dog,fox", "-q", "--no-cache")
+    assert code == 3 and "internal error: KeyError" in err, err
+
+
+def test_an_opset_the_model_cannot_be_exported_at_is_exit_2_naming_the_option(tmp_path, bert_folder, text_data):
+    """`repair export` of a BERT at --opset 7 (its TorchScript exporter cannot write a dynamic Slice
+    there) was exit 3 `error: ONNX export failed`, with torch's whole IR graph dumped on stdout. The
+    opset is the user's option: exit 2, one line naming it and the exporter's reason, stdout empty,
+    nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "b7.onnx"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REPAIR_CACHE_DIR": str(tmp_path / "c")}
+    r = subprocess.run([sys.executable, "-m", "repair_cli.main", "export", str(bert_folder), "--data", str(text_data),
+                        "--format", "onnx", "--opset", "7", "--out", str(out), "-q"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: --opset 7: the model cannot be exported at this opset (torchscript: "), lines[0]
+    assert "Slice" in lines[0] and "Caused by" not in lines[0], lines[0]
+    assert r.stdout == "" and not out.exists(), r.stdout[:500]
+    assert list(tmp_path.glob("*.onnx*")) == []

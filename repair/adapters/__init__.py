@@ -185,9 +185,10 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     given = [f for f, v in (("--image-size", o.image_size), ("--mean", o.mean), ("--std", o.std))
              if v is not None]
     if given and not adapter.preprocess_from_options:
+        home = getattr(adapter, "preprocess_home", "its config")      # where the model's own preprocessing is
         raise BadInput(f"{'/'.join(given)} set the preprocessing of a checkpoint that carries none; this "
                        f"{fam.name} model " + ("is a text model" if adapter.modality == "text" else
-                                                "carries its own (its config)")
+                                                f"carries its own ({home})")
                        + ", so they would be ignored: leave them out", path)
     if o.files:                       # read for this model: no output may replace them
         adapter.extra_files = (*adapter.extra_files, *map(Path, o.files))

@@ -498,11 +498,7 @@ class TorchModelAdapter(Adapter):
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             if isinstance(e, torch.OutOfMemoryError):
                 raise
-            # the network itself fails on this input (a head fed the wrong shape, a layer that cannot take
-            # these images or tokens): the checkpoint and the data do not fit, not our bug
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise BadInput(f"the model's forward pass fails on this data ({type(e).__name__}: {msg})",
-                           self.source) from None
+            raise forward_failure(e, self.source) from None
         finally:
             cap.remove()
         emb = cap.value
@@ -510,6 +506,16 @@ class TorchModelAdapter(Adapter):
             raise BadInput(f"the head's input is not a (batch, features) matrix "
                            f"(got {None if emb is None else tuple(emb.shape)})", self.source)
         return emb.float()
+
+
+def forward_failure(e: BaseException, source, runtime: str = "") -> BadInput:
+    """What a network that itself fails on the data is told (a head fed the wrong shape, a layer that
+    cannot take these images or tokens; a torch module's forward pass, an ONNX graph run by ``runtime``):
+    the checkpoint and the data do not fit, not our bug -- :class:`BadInput` naming ``source`` and the
+    failure's first line."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    what = f"{runtime} {type(e).__name__}" if runtime else type(e).__name__
+    return BadInput(f"the model's forward pass fails on this data ({what}: {msg[:400]})", source)
 
 
 def read_tensors(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:

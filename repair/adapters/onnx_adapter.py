@@ -7,10 +7,12 @@ the same graph: only the head's initializers (and ``alpha``/``beta``, normalised
 to 1) change; inputs, outputs and every other initializer stay as they are. No
 other tensor can change and the model cannot be trained.
 
-Preprocessing: images need ``--image-size/--mean/--std`` or a
-``preprocess.json`` next to the model (or the ``preprocess`` metadata entry
-``repair export`` writes); text models need the tokenizer files in the model's
-folder.
+Preprocessing: a file carrying the ``preprocess`` metadata entry ``repair export``
+writes is read with it (``--image-size/--mean/--std`` for it, or a ``preprocess.json``
+next to it that says otherwise, are refused); any other image model needs those
+options or a ``preprocess.json``. Text models need the tokenizer files in the model's
+folder; a graph with a fixed sequence axis reads texts at the truncation length,
+padded (masked) to its axis.
 """
 from __future__ import annotations
 
@@ -24,13 +26,15 @@ import torch
 from ..errors import BadInput, RepairError
 from ..io import parse_json
 from . import LoadOptions, checked_class_names, register_family
-from .base import Adapter, files_beside, read_json
-from .images import PREPROCESS_FILE, ImageCollate, image_config_from_options, resolve_image_config
+from .base import Adapter, files_beside, forward_failure, read_json
+from .images import (DATA_CONFIG_KEYS, PREPROCESS_FILE, ImageCollate, image_config_from_options,
+                     resolve_image_config)
 # (the helpers below were defined here before the split; they stay importable from this module)
 from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph_inputs,  # noqa: F401
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
                          metadata_dict, set_metadata, training_mode_node)
-from .onnx_runtime import make_session, onnxruntime, ort_providers, run_session, session_feeds  # noqa: F401
+from .onnx_runtime import (make_session, onnxruntime, ort_errors, ort_providers, run_session,  # noqa: F401
+                           session_feeds)
 from .text import (TOKENIZER_DIGEST_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
                    max_positions_beside, resolve_max_length,
                    tokenizer_files, tokenizer_preprocess_id)
@@ -43,6 +47,10 @@ class OnnxAdapter(Adapter):
     can_train = False
     #: the external-data files the graph's initializers were read from
     external_files: list = []
+    #: an image model's own preprocessing (metadata ``preprocess``), or None: see :meth:`use_preprocessing`
+    own_preprocess: Optional[dict] = None
+    #: where a model's own preprocessing is (``load_model`` names it refusing --image-size/--mean/--std)
+    preprocess_home = "its metadata 'preprocess'"
 
     def __init__(self, path: Path, *, image_config: Optional[dict] = None, class_names=None,
                  max_length: Optional[int] = None):
@@ -93,11 +101,11 @@ class OnnxAdapter(Adapter):
         self.max_length: Optional[int] = None
         self._fixed_seq: Optional[int] = None
         if self.modality == "image":
-            self.data_config = image_config
-            if self.data_config is None and "preprocess" in self._source_metadata:
-                self.data_config = self._config_from_metadata()
-            self._collate = ImageCollate(self.data_config) if self.data_config is not None else None
-            self._check_image_shape()
+            self.data_config, self._collate = None, None
+            #: the preprocessing the file carries (metadata ``preprocess``: what its figures were measured
+            #: with); it is what the file is read with, nothing from outside the file replaces it
+            self.own_preprocess = self._config_from_metadata() if "preprocess" in self._source_metadata else None
+            self.use_preprocessing(self.own_preprocess if image_config is None else image_config)
         else:
             self._collate = None
             recorded = self._max_length_from_metadata() if max_length is None else None
@@ -145,6 +153,24 @@ class OnnxAdapter(Adapter):
             raise BadInput("metadata 'preprocess' is not a valid image preprocessing description",
                            self.source) from None
 
+    def use_preprocessing(self, cfg: Optional[dict], where=None) -> None:
+        """Read images with ``cfg`` (a checked config, :func:`resolve_image_config`), given from outside
+        the file (``--image-size/--mean/--std``, a ``preprocess.json`` beside it: ``where``). A file that
+        carries its own preprocessing keeps it: another one is :class:`BadInput` naming the file and what
+        differs (reading it otherwise would measure other figures than the ones it records)."""
+        own = self.own_preprocess
+        if own is not None and cfg is not None and cfg != own:
+            diff = "; ".join(f"{k} {cfg.get(k)!r} in it, {own.get(k)!r} in the model"
+                             for k in DATA_CONFIG_KEYS if cfg.get(k) != own.get(k))
+            raise BadInput(f"the model carries its own image preprocessing (metadata 'preprocess'), and "
+                           f"{where or 'the preprocessing given'} disagrees with it ({diff}); the file is read "
+                           f"as it records: remove or correct {where or 'it'}", self.source)
+        if own is not None:
+            cfg = own
+        self.data_config = cfg
+        self._collate = ImageCollate(cfg) if cfg is not None else None
+        self._check_image_shape()
+
     def _check_image_shape(self) -> None:
         if self.data_config is None or len(self._inputs) != 1:
             return
@@ -169,15 +195,26 @@ class OnnxAdapter(Adapter):
         if not has_tokenizer_files(folder):
             return
         self.tokenizer = load_tokenizer(folder, "cannot load the tokenizer next to the ONNX model")
+        # a graph exported without a dynamic sequence axis takes exactly this many tokens: texts are cut at
+        # the truncation length and padded to it (collate_texts), so the length used is the one recorded
+        seq = [s[1] for n, s in self._inputs if n == "input_ids" and len(s) == 2]
+        fixed = self._fixed_seq = seq[0] if seq and isinstance(seq[0], int) and seq[0] > 0 else None
+        over = (f"is more than the {fixed} tokens the graph's input 'input_ids' takes (a fixed sequence axis)"
+                if fixed is not None and max_length and int(max_length) > fixed else None)
         if recorded:     # the length the export was measured and verified with: as it is (a model with
-            self.max_length = int(max_length)     # relative positions, DeBERTa, has no position cap)
+            if over:     # relative positions, DeBERTa, has no position cap)
+                raise BadInput(f"metadata max_length {int(max_length)} {over}: the file cannot have been measured "
+                               "with it", self.source)
+            self.max_length = int(max_length)
         else:
+            if over:
+                raise BadInput(f"--max-length {int(max_length)} {over}; give at most {fixed}", self.source)
             # the model's positions (its config beside the file) cap the length, as in the transformers
             # adapter: a longer text would overflow the position embeddings
             self.max_length = resolve_max_length(self.tokenizer, max_length, positions=max_positions_beside(folder),
                                                  where=folder / "config.json")
-        seq = [s[1] for n, s in self._inputs if n == "input_ids" and len(s) == 2]
-        self._fixed_seq = seq[0] if seq and isinstance(seq[0], int) else None
+            if fixed is not None:      # the default length: at most what the graph takes
+                self.max_length = min(self.max_length, fixed)
 
     # ---- identity
     def body_hash(self) -> str:
@@ -238,7 +275,11 @@ class OnnxAdapter(Adapter):
 
     def _run(self, which: str, batch, device, outputs: Sequence[str]) -> list:
         sess = self._session(which, device)
-        return run_session(sess, session_feeds(sess, batch, self.source), outputs)
+        feeds = session_feeds(sess, batch, self.source)
+        try:
+            return run_session(sess, feeds, outputs)
+        except ort_errors() as e:      # the graph itself fails on this input: as a torch network's forward
+            raise forward_failure(e, self.source, "onnxruntime") from None
 
     # ---- compute
     def embed_batch(self, batch, device) -> torch.Tensor:
@@ -329,9 +370,9 @@ class OnnxAdapter(Adapter):
     def export_proto(self, metadata: dict[str, str]):
         """A copy of the graph with the current head written in and ``metadata`` merged into
         ``metadata_props``. The model's other entries are kept; how this run read the model -- its class
-        names, image preprocessing or truncation length, whether from the file, ``preprocess.json``
-        or options -- is written over the file's own (:func:`repair.export.export_metadata`): the
-        written model reads its input as the figures measured it."""
+        names, image preprocessing (the file's own, else ``preprocess.json`` or options) or truncation
+        length -- is written over the file's own (:func:`repair.export.export_metadata`): the written
+        model reads its input as the figures measured it."""
         import onnx
 
         from ..export import export_metadata
@@ -412,9 +453,15 @@ def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
     # the files beside it that are read (preprocessing, config: id2label and positions, tokenizer), checked
     # first: a symlink among them leading out of the folder is refused, as in a model folder
     beside = files_beside(path.parent, (PREPROCESS_FILE, "config.json", *TOKENIZER_DIGEST_FILES))
-    cfg = image_config_from_options(o.image_size, o.mean, o.std, path.parent / PREPROCESS_FILE)
-    adapter = OnnxAdapter(path, image_config=cfg, class_names=o.class_names, max_length=o.max_length)
-    adapter.preprocess_from_options = adapter.modality == "image"
+    adapter = OnnxAdapter(path, class_names=o.class_names, max_length=o.max_length)
+    if adapter.modality == "image":
+        side = path.parent / PREPROCESS_FILE
+        if adapter.own_preprocess is None:    # it carries none: the options, else a preprocess.json beside it
+            adapter.use_preprocessing(image_config_from_options(o.image_size, o.mean, o.std, side))
+            adapter.preprocess_from_options = True
+        elif o.image_size is None and o.mean is None and o.std is None:
+            # (options given for it are refused by load_model, as for any model that carries its own)
+            adapter.use_preprocessing(image_config_from_options(None, None, None, side), where=side)
     # and the other files its tokenizer read (bpe.codes, a sentencepiece model...), checked the same way
     tok = getattr(adapter, "tokenizer", None)
     extra = [f for f in (tokenizer_files(tok) if tok is not None else []) if f not in beside]

@@ -58,7 +58,9 @@ def make_session(model: Union[str, Path, bytes, "onnx.ModelProto"], *, prefer_cu
     ort = onnxruntime()
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    # fatal only: onnxruntime's own ERROR lines (a node failing on the data) would go to stderr beside
+    # the one line the failure is reported as (its message is in the exception)
+    so.log_severity_level = 4
     if threads is not None and threads > 0:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
@@ -82,6 +84,17 @@ def make_session(model: Union[str, Path, bytes, "onnx.ModelProto"], *, prefer_cu
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadInput(f"onnxruntime cannot load this model ({msg})", where) from None
+
+
+def ort_errors() -> tuple:
+    """The exception types onnxruntime raises for a session that fails (``onnxruntime.capi`` pybind state:
+    ``Fail``, ``InvalidArgument``, ``RuntimeException``...), as opposed to an error of the code feeding it."""
+    import inspect
+
+    onnxruntime()
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(c for c in vars(state).values() if inspect.isclass(c) and issubclass(c, Exception))
 
 
 def _to_numpy(v: Any) -> np.ndarray:

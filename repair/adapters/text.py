@@ -350,10 +350,12 @@ def tokenize_texts(tokenizer, texts: Sequence[Any], length: int, **kw):
 
 def collate_texts(tokenizer, items: Sequence[Any], max_length: int,
                   fixed_length: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """Tokenize a batch: padded to the longest text (truncated at ``max_length``), or to
-    exactly ``fixed_length`` tokens for a graph with a fixed sequence axis."""
+    """Tokenize a batch, truncated at ``max_length``: padded to the longest text, or to exactly
+    ``fixed_length`` tokens for a graph with a fixed sequence axis (truncated at the shorter of the two;
+    the padding is masked: a text is read as at ``max_length``, never at the graph's longer length)."""
     if fixed_length:
-        enc = tokenize_texts(tokenizer, list(items), fixed_length, padding="max_length", return_tensors="pt")
+        enc = tokenize_texts(tokenizer, list(items), min(int(max_length), int(fixed_length)))
+        enc = tokenizer.pad(enc, padding="max_length", max_length=int(fixed_length), return_tensors="pt")
     else:
         enc = tokenize_texts(tokenizer, list(items), max_length, padding=True, return_tensors="pt")
     return dict(enc)
