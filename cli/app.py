@@ -244,7 +244,11 @@ def command(fn: Callable) -> Callable:
         except RepairError as e:
             if STATE["debug"]:
                 traceback.print_exc()
-            log(one_line(f"error: {e}" if not isinstance(e, GateFailed) else f"FAILED: {e}"))
+            # exit 3 is ours (README: "internal error: ..."), whether the library raised it knowingly or not
+            # (a zoo's summary of its rows' failures is not one: it says which rows failed and why)
+            prefix = ("FAILED: " if isinstance(e, GateFailed) else "internal error: " if type(e) is RepairError
+                      else "error: ")
+            log(one_line(f"{prefix}{e}"))
             raise typer.Exit(e.exit_code)
         except BrokenPipeError:  # stdout closed early, written outside say/emit_json (click's own output)
             import os

@@ -195,3 +195,22 @@ def test_a_library_warning_is_one_warning_line_of_the_command(tmp_path):
     said = [line for line in err.splitlines() if "notes.txt" in line]
     assert len(said) == 1 and said[0].startswith("warning: ") and "SkippedFilesWarning" not in err, err
     assert "data.py" not in err, err
+
+
+def test_an_exit_3_the_library_raises_itself_reads_internal_error(monkeypatch, tmp_path):
+    """README: exit 3 prints ``internal error: ...``; a RepairError the library raised knowingly (an
+    export every exporter failed) printed ``error: ...`` with exit 3, as if the input were bad."""
+    import repair.export as ex
+    from conftest import make_timm_folder, run_cli
+    from repair.errors import RepairError
+
+    def fail(*a, **k):
+        raise RepairError("ONNX export failed: torchscript: boom")
+
+    monkeypatch.setattr(ex, "torch_to_onnx", fail)
+    from conftest import make_images
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=2)
+    code, _, err = run_cli("export", model, "--data", data, "--out", tmp_path / "m.onnx", "-q")
+    assert code == 3 and err.startswith("internal error: ONNX export failed") and err.count("\n") == 1, err
