@@ -767,12 +767,6 @@ class Journal:
 
 
 # ------------------------------------------------------------------ what a journal line was made from
-#: files beside a checkpoint file that its loader reads (config, preprocessing, tokenizer)
-_BESIDE_CHECKPOINT = (".json", ".txt", ".model")
-
-
-
-
 def _stat_line(path: Path, rel: str) -> bytes:
     """A file by its path, size, inode, modification and change time (as
     :meth:`repair.data.RepairData.fingerprint` identifies an image): replaced, edited or copied
@@ -786,10 +780,12 @@ def _stat_line(path: Path, rel: str) -> bytes:
     return f"{rel}\0{file_stamp(st)}\n".encode()
 
 
-def path_fingerprint(path: Path) -> str:
+def path_fingerprint(path: Path, skip=frozenset()) -> str:
     """A file, or every file in a folder tree (the model folder, a mask folder), by
-    :func:`_stat_line`; a checkpoint file with its config, preprocessing and tokenizer files
-    beside it."""
+    :func:`_stat_line`; a checkpoint file with every file beside it (any of them may be read with it:
+    a config, the preprocessing, tokenizer files such as ``bpe.codes``, an ONNX file's external
+    weights -- and those an ONNX file names in a subfolder) but ``skip``, the places the zoo itself
+    writes (its rows' outputs): any doubt, and the row runs again."""
     path = Path(path)
     h = hashlib.sha256()
     if path.is_dir():
@@ -798,11 +794,26 @@ def path_fingerprint(path: Path) -> str:
                 h.update(_stat_line(f, f.relative_to(path).as_posix()))
     else:
         h.update(_stat_line(path, path.name))
-        if path.parent.is_dir():
-            for f in sorted(path.parent.iterdir()):
-                if f != path and f.suffix.lower() in _BESIDE_CHECKPOINT and f.is_file():
-                    h.update(_stat_line(f, f.name))
+        beside = sorted(f for f in path.parent.iterdir() if f != path and f.is_file()) if path.parent.is_dir() else []
+        for f in beside + [f for f in _external_data(path) if f.parent != path.parent]:
+            if f.absolute() not in skip:
+                h.update(_stat_line(f, os.path.relpath(f, path.parent)))
     return h.hexdigest()
+
+
+def _external_data(path: Path) -> list[Path]:
+    """The files an ONNX checkpoint's initializers name as their external data (its graph read, not
+    its weights); [] for any other file or one that does not parse (its own stat line covers it)."""
+    if path.suffix.lower() != ".onnx":
+        return []
+    try:
+        import onnx
+
+        from .adapters.onnx_adapter import external_data_files
+
+        return external_data_files(onnx.load(str(path), load_external_data=False), path.parent)
+    except Exception:           # not an ONNX file the loader reads: running the row says so
+        return []
 
 
 def data_fingerprint(data) -> str:
@@ -831,7 +842,8 @@ def input_fingerprints(manifest: "Manifest", entry: ZooEntry, mode: str, memo: O
             memo[key] = compute()
         return memo[key]
 
-    fp = {"checkpoint": once(("path", str(entry.checkpoint)), lambda: path_fingerprint(entry.checkpoint))}
+    written = once("written", lambda: frozenset(p.absolute() for e in manifest.entries for _, p in e.places()))
+    fp = {"checkpoint": once(("path", str(entry.checkpoint)), lambda: path_fingerprint(entry.checkpoint, written))}
     keys = ("data", "eval") if mode == "fix" else ("eval",) if entry.eval is not None else ("data",)
     for key in keys:
         if getattr(entry, key) is None:
@@ -1750,11 +1762,11 @@ def _document(mpath: Path, o: ZooOptions, executor: str, models: list[dict], int
 
 
 def _progress_line(result: dict, gate: Optional[dict]) -> str:
+    from .display import percent as pct
     from .report import gate_summary, headline
 
     b, a = result["before"], result.get("after")
     wb, label = headline(b)
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     if a is not None:
         wa, _ = headline(a)
         s = f"{result.get('candidate')}: {label} {pct(wb)} -> {pct(wa)}, accuracy {pct(a['accuracy'])}"

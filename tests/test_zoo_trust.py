@@ -553,3 +553,65 @@ def test_a_manifest_given_through_a_symlink_reads_and_reports_beside_the_link(tm
     assert entry.checkpoint == user / "m0" and entry.data == user / "val"
     code, doc, err = run_json(path, "--mode", "eval")
     assert code == 0 and doc["models"][0]["resumed"], err          # the same model as above: resumed
+
+
+def _external_onnx(folder: Path, seed: int, location: str) -> Path:
+    import onnx
+    from conftest import make_deployed_onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    first, _ = make_deployed_onnx(folder / f"first{seed}.onnx", seed=seed)
+    proto = onnx.load(str(first))
+    proto.metadata_props.add(key="class_names", value=json.dumps(["cat", "dog", "fox"]))
+    out = folder / "m.onnx"
+    (folder / location).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    first.unlink()
+    (folder / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32], "mean": [0.5] * 3,
+                                                        "std": [0.25] * 3}))
+    return out
+
+
+@pytest.mark.parametrize("location", ["weights.bin", "sub/w.data"])
+def test_a_checkpoint_files_external_weights_changed_since_it_was_journaled_run_again(tmp_path, parts, location):
+    """Found by an audit: a checkpoint given as a file was fingerprinted with its siblings of a few
+    suffixes only (.json, .txt, .model), so an ONNX file whose weights sit beside it (weights.bin, or in a
+    subfolder) was resumed with the old weights' figures after the weights changed: a gate passed on a
+    model that no longer scores so. Every file beside it counts, and those its graph names elsewhere."""
+    import onnx  # noqa: F401  (the helper needs it)
+
+    other = _external_onnx(tmp_path / "build7", 7, location)
+    model = _external_onnx(tmp_path / "model", 3, location)
+    assert other.read_bytes() == model.read_bytes()              # only the weights differ
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "model/m.onnx"}], gate=0)
+    code, first, err = run_json(path, "--mode", "eval")
+    assert code == 0, err
+    code, again, err = run_json(path, "--mode", "eval")
+    assert code == 0 and again["models"][0]["resumed"], err
+    shutil.copyfile(tmp_path / "build7" / location, tmp_path / "model" / location)
+    code, doc, err = run_json(path, "--mode", "eval")
+    assert code == 0 and redone(doc) == {"a": "its checkpoint changed since it was journaled"}, (err, doc)
+    assert doc["models"][0]["result"]["before"] != first["models"][0]["result"]["before"]
+
+
+def test_a_rows_output_beside_its_checkpoint_file_does_not_make_it_run_again(tmp_path, parts):
+    """Every file beside a checkpoint file counts for the resume but the places the zoo writes: a row
+    whose output sits beside its ONNX checkpoint is resumed, not run again because of its own output."""
+    _external_onnx(tmp_path / "model", 3, "weights.bin")
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "model/m.onnx", "output": "model/m-fixed.onnx"}])
+    code, doc, err = run_json(path)
+    assert code == 0 and (tmp_path / "model" / "m-fixed.onnx").is_file(), err
+    code, doc, err = run_json(path)
+    assert code == 0 and doc["models"][0]["resumed"] and not redone(doc), (err, doc)
+
+
+def test_the_progress_line_never_rounds_a_figure_with_errors_to_100_percent():
+    """Found by an audit: the zoo's progress line had its own one-decimal formatter (2499/2500 showed as
+    'accuracy 100.0%' beside 'gate FAIL (accuracy 99.96% < 100%)'); it uses repair.display.percent."""
+    from repair.zoo import _progress_line
+
+    line = _progress_line({"before": {"accuracy": 2499 / 2500, "worst_class_accuracy": 0.0,
+                                      "per_class": [{"name": "cat", "n": 2499, "accuracy": 1.0},
+                                                    {"name": "dog", "n": 1, "accuracy": 0.0}]}}, None)
+    assert "accuracy 99.96%" in line and "100.0%" not in line, line
