@@ -147,6 +147,29 @@ def make_bert_folder(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def bert_onnx(model, path: Path, example: tuple, dynamic_batch: bool = False) -> Path:
+    """A transformers BERT classifier ``model`` exported to ``path`` as a plain ONNX graph of its logits
+    (inputs ``input_ids``, ``attention_mask``, ``token_type_ids``; opset 17, TorchScript exporter) with
+    the sequence length of ``example`` fixed, and a dynamic batch axis if asked."""
+    import warnings
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "n"} for n in [*names, "logits"]} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(model).eval(), tuple(example), str(path), input_names=names,
+                          output_names=["logits"], dynamic_axes=axes, dynamo=False, opset_version=17)
+    return Path(path)
+
+
 def texts_with_upper_copies(src: Path, dst: Path) -> list[dict]:
     """``dst``: the CSV ``src``'s rows and then each again in upper case (texts a lowercasing tokenizer
     reads as the same tokens); returns ``src``'s rows."""

@@ -642,8 +642,7 @@ def test_an_onnx_model_with_a_second_output_is_verified_on_the_output_it_is_read
 
 def test_a_text_onnx_with_a_fixed_sequence_length_verifies_and_with_other_input_names_is_text(
         bert_folder, text_data, tmp_path):
-    import warnings
-
+    from conftest import bert_onnx
     from repair.adapters import load_model as load
 
     a = load(bert_folder)
@@ -655,20 +654,7 @@ def test_a_text_onnx_with_a_fixed_sequence_length_verifies_and_with_other_input_
     for f in bert_folder.iterdir():
         if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
             shutil.copy(f, folder / f.name)
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
-
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Logits(a.model).eval(), tuple(fixed[n] for n in names), str(folder / "model.onnx"),
-                          input_names=names, output_names=["logits"], dynamo=False, opset_version=17)
+    bert_onnx(a.model, folder / "model.onnx", tuple(fixed[n] for n in ("input_ids", "attention_mask", "token_type_ids")))
     code, _, err = run_cli("verify", folder / "model.onnx", "--reference", bert_folder, "--data", text_data)
     assert code == 0, err                       # texts of any length fit the 16 fixed positions
     proto = onnx.load(str(folder / "model.onnx"))

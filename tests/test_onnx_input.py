@@ -436,29 +436,15 @@ def _fixed_length_bert_onnx(bert_folder: Path, folder: Path, length: int = 64) -
     """``bert_folder``'s network exported with a fixed sequence axis of ``length`` tokens (a dynamic
     batch), its tokenizer files and config beside it."""
     import shutil
-    import warnings
 
+    from conftest import bert_onnx
     from transformers import BertForSequenceClassification
 
     shutil.copytree(bert_folder, folder)
     (folder / "model.safetensors").unlink()
     m = BertForSequenceClassification.from_pretrained(str(bert_folder)).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
-
-    names = ["input_ids", "attention_mask", "token_type_ids"]
     ids = torch.ones(2, length, dtype=torch.long)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Logits(m), (ids, ids, torch.zeros_like(ids)), str(folder / "model.onnx"), input_names=names,
-                          output_names=["logits"], dynamic_axes={n: {0: "n"} for n in [*names, "logits"]},
-                          dynamo=False, opset_version=17)
+    bert_onnx(m, folder / "model.onnx", (ids, ids, torch.zeros_like(ids)), dynamic_batch=True)
     return folder / "model.onnx"
 
 
