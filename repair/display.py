@@ -11,8 +11,9 @@ def percent(x: Optional[float], missing: str = "-") -> str:
     if x is None:
         return missing
     v = 100 * float(x)
-    for digits in (1, 2, 3):
+    digits = 1
+    while True:          # as many digits as it takes to keep 0 < v < 100 off 0 and 100 (at most 15)
         s = f"{v:.{digits}f}"
-        if not (0 < v < 100 and float(s) in (0.0, 100.0)):
+        if not (0 < v < 100 and float(s) in (0.0, 100.0)) or digits >= 15:
             return s + "%"
-    return f"{v:.4f}%"
+        digits += 1

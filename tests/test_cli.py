@@ -178,6 +178,7 @@ def test_a_figure_with_errors_is_never_shown_as_100_percent():
 
     assert pct(2499 / 2500) == "99.96%" and pct(1 / 2500) == "0.04%" and pct(1.0) == "100.0%" and pct(0.0) == "0.0%"
     assert pct(0.5) == "50.0%" and pct(None) == "-" and _pct(None) == "–"
+    assert pct(2999999 / 3000000) == "99.99997%" and pct(1 / 3000000) == "0.00003%"     # found by a review
     assert all(pct(x) == _pct(x) == percent(x) for x in (2499 / 2500, 0.123456, 1 / 3, 0.99999))
 
 
