@@ -170,8 +170,9 @@ def refuse_own_repair_set(adapter: Adapter, data: RepairData, inputs=None) -> No
     """A repaired model measured on the very repair set it was fitted on is a BadInput: no figure is
     measured on data the repair touched, and a gate on it would pass on fitted rows. Its provenance
     (``repair.settings``) records that set's :func:`repair.provenance.data_identity`; data holding the
-    same distinct samples is refused however its rows are ordered, labelled (names or indices), grouped
-    or repeated -- a copy of the folder or table too. ``inputs``: the embeddings' input digests (an image
+    same distinct samples as the model reads them (a text by its tokens: case or spacing its tokenizer
+    drops aside) is refused however its rows are ordered, labelled (names or indices), grouped or
+    repeated -- a copy of the folder or table too. ``inputs``: the embeddings' input digests (an image
     by what the model is fed). A subset or a superset is not recognised here; ``--exclude`` leaves such
     rows out. Provenance written before ``samples_sha256`` is compared row for row (``content_sha256``)."""
     from . import provenance
@@ -184,7 +185,7 @@ def refuse_own_repair_set(adapter: Adapter, data: RepairData, inputs=None) -> No
         return
     where = data.table or data.source
     if isinstance(ident.get("samples_sha256"), str):
-        if provenance.data_identity(data, None, inputs)["samples_sha256"] == ident["samples_sha256"]:
+        if provenance.data_identity(data, None, inputs, adapter)["samples_sha256"] == ident["samples_sha256"]:
             raise BadInput("holds the samples of the repair set this model was repaired on (its provenance records "
                            "them): figures on it would count samples the repair fitted on; measure on data the "
                            "repair never touched", where)

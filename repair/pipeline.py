@@ -418,7 +418,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
             # figure speaks for them either, whichever column the repair set was grouped by
             absent += [g for g in left_out_groups(inputs.eval_data, adapter.class_names, eval_group_by, rnames)
                        if g not in absent]
-        eval_identity = provenance.data_identity(r_data, eval_group_by, e_emb.inputs)
+        eval_identity = provenance.data_identity(r_data, eval_group_by, e_emb.inputs, adapter)
         measured_on = f"separate evaluation data ({len(r_data)} samples" + (
             f"; {dropped} also in the repair set left out)" if dropped else ")")
     else:
@@ -482,7 +482,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                            "selection": selection and selection.get("scheme"),
                            "report": int(report_idx.numel()) if report_idx is not None else 0},
                 # the data, by content and never by path: what a rerun must be given to reproduce this
-                "data": provenance.data_identity(data, data_opts.group_by, emb.inputs),
+                "data": provenance.data_identity(data, data_opts.group_by, emb.inputs, adapter),
                 "eval": eval_identity,
                 # how the model read the data (an image's size and normalisation, a text's truncation):
                 # the figures were measured so, and a --max-length or --image-size changes them

@@ -148,13 +148,15 @@ def _library_version(mod: str) -> dict:
         return {}
 
 
-def data_identity(data, group_by: Optional[str] = None, inputs=None) -> dict:
+def data_identity(data, group_by: Optional[str] = None, inputs=None, adapter=None) -> dict:
     """What data a run used, with no path: its size, the ``--group-by`` column, and ``content_sha256``
     over every row's sample, label and group value in order -- a text by its bytes, an image by its
     model input (``inputs``, the embeddings' input digests: no image is read again) or, without them,
-    its file's bytes. ``samples_sha256``: over the distinct samples alone, in no order (the same samples
-    however ordered, labelled, grouped or repeated: what :func:`repair.api.refuse_own_repair_set`
-    compares). The same data gives the same digests on any machine."""
+    its file's bytes. ``samples_sha256``: over the distinct samples alone as the model reads them, in no
+    order (the same samples however ordered, labelled, grouped or repeated, a text in another case or
+    spacing its tokenizer drops -- ``adapter``'s :meth:`~repair.adapters.base.Adapter.input_keys` -- an
+    image by its model input: what :func:`repair.api.refuse_own_repair_set` compares). The same data
+    gives the same digests on any machine."""
     import hashlib
 
     h = hashlib.sha256()
@@ -163,7 +165,9 @@ def data_identity(data, group_by: Optional[str] = None, inputs=None) -> dict:
     groups = data.attributes.get(group_by) if group_by else None
     for i, k in enumerate(keys):
         h.update(f"{k}\0{data.labels[i]}\0{groups[i] if groups is not None else ''}\n".encode())
-    samples = hashlib.sha256("".join(f"{k}\n" for k in sorted(set(keys))).encode())
+    read = adapter.input_keys(data.items) if adapter is not None and data.modality == "text" else None
+    read = keys if read is None else [str(k) for k in read]
+    samples = hashlib.sha256("".join(f"{k}\n" for k in sorted(set(read))).encode())
     return {"n": len(data), "group_by": group_by, "content_sha256": h.hexdigest(),
             "samples_sha256": samples.hexdigest()}
 

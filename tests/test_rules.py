@@ -1137,7 +1137,10 @@ def test_eval_and_probe_refuse_an_edited_copy_of_the_repair_set(tmp_path, bert_f
                 "indices": [{**r, "label": str(classes.index(r["label"]))} for r in rows],
                 "upper": [{**r, "label": r["label"].upper()} for r in rows],
                 "no-groups": [{"text": r["text"], "label": r["label"]} for r in rows],
-                "repeated": rows + rows[:5]}
+                "repeated": rows + rows[:5],
+                # found by a review: texts as the model reads them (its tokenizer drops case and spacing)
+                "upper-texts": [{**r, "text": r["text"].upper()} for r in rows],
+                "spaced-texts": [{**r, "text": r["text"] + " "} for r in rows[::-1]]}
     for name, vrows in variants.items():
         f = tmp_path / f"{name}.csv"
         with open(f, "w", newline="") as fh:
