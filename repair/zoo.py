@@ -780,12 +780,25 @@ def _stat_line(path: Path, rel: str) -> bytes:
     return f"{rel}\0{file_stamp(st)}\n".encode()
 
 
+#: the names of files beside a checkpoint file that a loader may read with it (its config, preprocessing,
+#: tokenizer: ``vocab.txt``, ``tokenizer.json``, ``spiece.model``, PhoBERT's ``bpe.codes``, a ``.spm``, a
+#: chat template), by suffix; the loaders' fixed names are added to them (:func:`_read_beside`)
+_BESIDE_SUFFIXES = (".json", ".txt", ".model", ".codes", ".spm", ".jinja")
+
+
+def _read_beside(f: Path) -> bool:
+    from .adapters.images import PREPROCESS_FILE
+    from .adapters.text import TOKENIZER_DIGEST_FILES
+
+    return f.suffix.lower() in _BESIDE_SUFFIXES or f.name in (PREPROCESS_FILE, "config.json", *TOKENIZER_DIGEST_FILES)
+
+
 def path_fingerprint(path: Path, skip=frozenset()) -> str:
     """A file, or every file in a folder tree (the model folder, a mask folder), by
-    :func:`_stat_line`; a checkpoint file with every file beside it (any of them may be read with it:
-    a config, the preprocessing, tokenizer files such as ``bpe.codes``, an ONNX file's external
-    weights -- and those an ONNX file names in a subfolder) but ``skip``, the places the zoo itself
-    writes (its rows' outputs): any doubt, and the row runs again."""
+    :func:`_stat_line`; a checkpoint file with the files beside it a loader may read with it (config,
+    preprocessing, tokenizer: :func:`_read_beside`) and the external weights its ONNX graph names (beside
+    it or in a subfolder), but ``skip``, the places the zoo itself writes. Other files beside it -- the
+    manifest, other models -- are not read with it and change nothing."""
     path = Path(path)
     h = hashlib.sha256()
     if path.is_dir():
@@ -794,9 +807,10 @@ def path_fingerprint(path: Path, skip=frozenset()) -> str:
                 h.update(_stat_line(f, f.relative_to(path).as_posix()))
     else:
         h.update(_stat_line(path, path.name))
-        beside = sorted(f for f in path.parent.iterdir() if f != path and f.is_file()) if path.parent.is_dir() else []
-        for f in beside + [f for f in _external_data(path) if f.parent != path.parent]:
-            if f.absolute() not in skip:
+        beside = sorted(f for f in path.parent.iterdir() if f != path and _read_beside(f) and f.is_file()) \
+            if path.parent.is_dir() else []
+        for f in dict.fromkeys(beside + _external_data(path)):
+            if f.absolute() not in skip and f != path:
                 h.update(_stat_line(f, os.path.relpath(f, path.parent)))
     return h.hexdigest()
 

@@ -615,3 +615,22 @@ def test_the_progress_line_never_rounds_a_figure_with_errors_to_100_percent():
                                       "per_class": [{"name": "cat", "n": 2499, "accuracy": 1.0},
                                                     {"name": "dog", "n": 1, "accuracy": 0.0}]}}, None)
     assert "accuracy 99.96%" in line and "100.0%" not in line, line
+
+
+def test_a_file_checkpoints_resume_ignores_files_beside_it_no_loader_reads(tmp_path, parts):
+    """Found by a review: fingerprinting every file beside a checkpoint file made a row run again after
+    any change in its folder -- a row added to the manifest beside it, a comment, another model dropped
+    there. Only the files a loader may read with it count (and its external weights)."""
+    _external_onnx(tmp_path / "model", 3, "weights.bin")
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "model/m.onnx"}], gate=0)
+    manifest = tmp_path / "model" / "zoo.yaml"
+    manifest.write_text(path.read_text().replace("model/m.onnx", "m.onnx").replace("data: val", "data: ../val"))
+    assert run_json(manifest, "--mode", "eval")[0] == 0
+    manifest.write_text("# reviewed\n" + manifest.read_text())
+    shutil.copyfile(tmp_path / "model" / "m.onnx", tmp_path / "model" / "other.onnx")
+    code, doc, err = run_json(manifest, "--mode", "eval")
+    assert code == 0 and doc["models"][0]["resumed"] and not redone(doc), (err, doc)
+    (tmp_path / "model" / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32], "mean": [0.4] * 3,
+                                                                      "std": [0.25] * 3}))
+    code, doc, err = run_json(manifest, "--mode", "eval")            # what the loader reads: run again
+    assert code == 0 and redone(doc) == {"a": "its checkpoint changed since it was journaled"}, (err, doc)
