@@ -636,14 +636,18 @@ def _json_cell(v) -> str:
     return str(v)
 
 
-_WHOLE_NUMBER = re.compile(r"([+-]?)(\d+)\.0+")
+#: a whole number as pandas writes it with a zero fraction: its integer part as ``str(int)`` writes one (no
+#: sign but ``-``, no leading zero), so that ``1.0`` reads as ``1`` while ``01.0`` and ``+1.0`` stay as
+#: written, as ``01`` and ``+1`` do (a code such as ``01`` is not the number 1)
+_WHOLE_NUMBER = re.compile(r"(-?)(0|[1-9]\d*)\.0+")
 
 
 def cell_value(v) -> str:
     """A label or group value as the data's tables give it, read one way: trimmed, and a whole number
     written with a zero fraction (``1.0``, what pandas writes for a number column that has a gap) as the
-    integer (``1``), so that ``1`` and ``1.0`` in two tables -- or in one -- are one class or group. The
-    one home of that rule."""
+    integer (``1``), so that ``1`` and ``1.0`` in two tables -- or in one -- are one class or group; a
+    value an integer would not be written as (``01.0``, ``+1.0``) stays as written, as ``01`` and ``+1``
+    do. The one home of that rule."""
     v = str(v).strip()
     m = _WHOLE_NUMBER.fullmatch(v)
     return str(int(m.group(1) + m.group(2))) if m else v

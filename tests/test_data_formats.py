@@ -312,3 +312,15 @@ def test_a_table_that_is_not_utf8_is_named_with_its_line_or_as_utf16(tmp_path):
     with pytest.raises(BadInput) as e:
         load_data(wide)
     assert e.value.path.endswith("wide.tsv") and "UTF-16" in e.value.problem and "save it as UTF-8" in e.value.problem
+
+
+def test_a_group_value_is_read_as_a_whole_number_only_when_written_as_one():
+    """Found by an audit: ``01.0`` read as ``1`` and ``+1.0`` as ``1`` while ``01`` and ``+1`` stayed as
+    written, so one column holding ``01.0``, ``01`` and ``1`` made two groups out of three spellings
+    inconsistently. A zero fraction is dropped only from an integer written as ``str(int)`` writes it."""
+    from repair.data import cell_value
+
+    assert [cell_value(v) for v in ("1.0", "1.00", "-2.0", "0.0", "-0.0", " 3.0 ", "10.0")] == \
+        ["1", "1", "-2", "0", "0", "3", "10"]
+    assert [cell_value(v) for v in ("01.0", "01", "+1.0", "+1", "1.5", "1e0", "abc")] == \
+        ["01.0", "01", "+1.0", "+1", "1.5", "1e0", "abc"]
