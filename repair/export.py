@@ -483,6 +483,11 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
     logits_name = named[0] if named else (out_names[0] if len(out_names) == 1 else None)
     if logits_name is None:
         problems.append(f"no {logits_output or 'logits'!r} output among {out_names}")
+    elif logits_output is None and out_names[0] != logits_name:
+        # a torch model's export has one output, its logits: a file whose first output is another (a
+        # softmax put first) hands a deployment that takes the first output something never verified
+        problems.append(f"the first output is {out_names[0]!r}, not the {logits_name!r} verified: a deployment "
+                        "taking the first output would read something else")
     dev = resolve_device(device)
     reference.to(dev)
     batches = verify_batches(reference, items)

@@ -282,6 +282,37 @@ def test_verify_fails_a_file_that_says_it_is_read_as_another_classifier(timm_fol
     assert code == 0, err
 
 
+def test_verify_fails_a_file_whose_first_output_is_not_the_verified_logits(timm_folder, image_data, tmp_path):
+    """Found by an audit: a file given a Softmax output listed before its logits passed `repair verify`
+    (the logits were found by name and compared), though a deployment taking the first output reads
+    probabilities. The first output of a torch model's file must be the logits verified."""
+    from onnx import helper
+
+    out = tmp_path / "plain.onnx"
+    code, _, err = run_cli("export", timm_folder, "--data", image_data, "--out", out, "--max-verify", 5,
+                           "--exporter", "torchscript", "-q")
+    assert code == 0, err
+    m = onnx.load(str(out))
+    logits = m.graph.output[0]
+    m.graph.node.append(helper.make_node("Softmax", [logits.name], ["probs"], axis=1))
+    probs = helper.make_tensor_value_info("probs", logits.type.tensor_type.elem_type, None)
+    kept = list(m.graph.output)
+    del m.graph.output[:]
+    m.graph.output.extend([probs, *kept])
+    bad = tmp_path / "probs-first.onnx"
+    onnx.save(m, str(bad))
+    code, stdout, err = run_cli("verify", bad, "--reference", timm_folder, "--data", image_data, "--json",
+                                "--max-verify", 5)
+    rep = json.loads(stdout)
+    assert code == 1 and any("the first output is 'probs'" in p for p in rep["problems"]), (err, rep.get("problems"))
+    del m.graph.output[:]
+    m.graph.output.extend([*kept, probs])                  # logits first, probabilities after: passes
+    onnx.save(m, str(tmp_path / "probs-last.onnx"))
+    code, _, err = run_cli("verify", tmp_path / "probs-last.onnx", "--reference", timm_folder, "--data", image_data,
+                           "--max-verify", 5)
+    assert code == 0, err
+
+
 # ------------------------------------------------------------------ safetensors export
 def test_safetensors_export_timm_loads_unchanged(cnn_export, tmp_path):
     import timm
