@@ -815,12 +815,21 @@ def path_fingerprint(path: Path, skip=frozenset()) -> str:
     return h.hexdigest()
 
 
+#: an ONNX checkpoint larger than this is not parsed to find its external data on every zoo run (a
+#: file that keeps its weights outside is a small graph): every file beside it counts instead
+_PARSE_ONNX_BYTES = 64 << 20
+
+
 def _external_data(path: Path) -> list[Path]:
     """The files an ONNX checkpoint's initializers name as their external data (its graph read, not
-    its weights); [] for any other file or one that does not parse (its own stat line covers it)."""
+    its weights); [] for any other file or one that does not parse (its own stat line covers it). A
+    large ONNX file is not parsed (every resume would read it whole): every regular file beside it is
+    returned instead -- a change there runs the row again, never the other way round."""
     if path.suffix.lower() != ".onnx":
         return []
     try:
+        if path.stat().st_size > _PARSE_ONNX_BYTES:
+            return sorted(f for f in path.parent.iterdir() if f.is_file())
         import onnx
 
         from .adapters.onnx_adapter import external_data_files

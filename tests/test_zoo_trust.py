@@ -634,3 +634,25 @@ def test_a_file_checkpoints_resume_ignores_files_beside_it_no_loader_reads(tmp_p
                                                                       "std": [0.25] * 3}))
     code, doc, err = run_json(manifest, "--mode", "eval")            # what the loader reads: run again
     assert code == 0 and redone(doc) == {"a": "its checkpoint changed since it was journaled"}, (err, doc)
+
+
+def test_a_large_onnx_checkpoint_is_not_parsed_on_resume_and_every_file_beside_it_counts(tmp_path, parts,
+                                                                                          monkeypatch):
+    """The resume check parsed every ONNX checkpoint to find its external data, reading a large file whole
+    on every zoo run. Above a size it is not parsed: every file beside it counts (a change there runs the
+    row again, never the other way round)."""
+    import repair.zoo as zoo_mod
+
+    _external_onnx(tmp_path / "model", 3, "weights.bin")
+    _external_onnx(tmp_path / "build7", 7, "weights.bin")
+    monkeypatch.setattr(zoo_mod, "_PARSE_ONNX_BYTES", 0)
+    monkeypatch.setattr("onnx.load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("parsed")), raising=True)
+    assert zoo_mod._external_data(tmp_path / "model" / "m.onnx") == sorted(
+        f for f in (tmp_path / "model").iterdir() if f.is_file())
+    monkeypatch.undo()
+    monkeypatch.setattr(zoo_mod, "_PARSE_ONNX_BYTES", 0)
+    path = zoo(tmp_path, parts, [{"name": "a", "checkpoint": "model/m.onnx"}], gate=0)
+    assert run_json(path, "--mode", "eval")[0] == 0
+    shutil.copyfile(tmp_path / "build7" / "weights.bin", tmp_path / "model" / "weights.bin")
+    code, doc, err = run_json(path, "--mode", "eval")
+    assert code == 0 and redone(doc) == {"a": "its checkpoint changed since it was journaled"}, (err, doc)
