@@ -86,6 +86,8 @@ def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load,
     from repair.api import probe_model
 
     rep = probe_model(model, inputs.data, load, columns, runtime, top_k=top)
+    for w in rep.get("warnings") or []:
+        log(f"warning: {w}")
     if as_json:
         emit_json(rep)
         return

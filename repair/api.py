@@ -166,39 +166,64 @@ def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tenso
             + (f"; {conflicts}, and counts in the figures" if conflicts else ""))
 
 
-def refuse_own_repair_set(adapter: Adapter, data: RepairData, inputs=None) -> None:
-    """A repaired model measured on the very repair set it was fitted on is a BadInput: no figure is
-    measured on data the repair touched, and a gate on it would pass on fitted rows. Its provenance
-    (``repair.settings``) records that set's :func:`repair.provenance.data_identity`; data holding the
-    same distinct samples as the model reads them (a text by its tokens: case or spacing its tokenizer
-    drops aside) is refused however its rows are ordered, labelled (names or indices), grouped or
-    repeated -- a copy of the folder or table too. ``inputs``: the embeddings' input digests (an image
-    by what the model is fed). A subset or a superset is not recognised here; ``--exclude`` leaves such
-    rows out. Provenance written before ``samples_sha256`` is compared row for row (``content_sha256``)."""
+def repair_set_rows(adapter: Adapter, data: RepairData, inputs=None) -> Optional[list]:
+    """Per row of ``data``: whether its sample is one of the repair set this model was repaired on, by
+    its provenance (``repair.samples``, :func:`repair.provenance.samples_record`: the samples as the
+    model reads them -- a text by its tokens, an image by its model input, ``inputs`` being the
+    embeddings' input digests). Data that is all such samples is a BadInput -- no figure is measured on
+    data the repair touched, and a gate on it would pass on fitted rows -- however its rows are ordered,
+    labelled, grouped or repeated; :func:`evaluate_model` and :func:`probe_model` leave the other
+    rows out of their figures. None when nothing is recorded (not a repaired model, or one changed
+    since). Provenance written before the record: the whole set by its ``samples_sha256``; before that,
+    row for row (``content_sha256``)."""
     from . import provenance
 
     if adapter.changed_since_provenance():
-        return
-    rec = provenance.read(adapter.source_metadata).get("settings")
+        return None
+    meta = provenance.read(adapter.source_metadata)
+    rec = meta.get("settings")
     ident = rec.get("data") if isinstance(rec, dict) else None
     if not isinstance(ident, dict):
-        return
+        return None
     where = data.table or data.source
+    keys = provenance.sample_keys(data, inputs, adapter)
+    rows = provenance.in_samples_record(keys, meta.get("samples"))
+    if rows is not None and len(data) and all(rows):
+        raise BadInput("holds only samples of the repair set this model was repaired on (its provenance records "
+                       "them): figures on it would count samples the repair fitted on; measure on data the "
+                       "repair never touched", where)
+    if rows is not None:
+        return rows
     if isinstance(ident.get("samples_sha256"), str):
-        if provenance.data_identity(data, None, inputs, adapter)["samples_sha256"] == ident["samples_sha256"]:
+        if provenance.data_identity(data, None, inputs, adapter, keys=keys)["samples_sha256"] == ident["samples_sha256"]:
             raise BadInput("holds the samples of the repair set this model was repaired on (its provenance records "
                            "them): figures on it would count samples the repair fitted on; measure on data the "
                            "repair never touched", where)
-        return
+        return None
     if not ident.get("content_sha256") or ident.get("n") != len(data):
-        return
+        return None
     group_by = ident.get("group_by")
     if group_by is not None and group_by not in data.attributes:
-        return
-    if provenance.data_identity(data, group_by, inputs)["content_sha256"] == ident["content_sha256"]:
+        return None
+    if provenance.data_identity(data, group_by, inputs, keys=keys)["content_sha256"] == ident["content_sha256"]:
         raise BadInput("is the repair set this model was repaired on (its provenance records the same samples, "
                        "labels and groups): figures on it would count samples the repair fitted on; measure on "
                        "data the repair never touched", where)
+    return None
+
+
+def _without_repair_set(p: Prepared, group_by: Optional[str]) -> tuple[Prepared, int]:
+    """``p`` with the rows :func:`repair_set_rows` finds in the model's repair set left out (their
+    embeddings too: nothing is read again), and how many were."""
+    rows = repair_set_rows(p.adapter, p.data, p.emb.inputs)
+    if not rows or not any(rows):
+        return p, 0
+    keep = [i for i, r in enumerate(rows) if not r]
+    idx = torch.as_tensor(keep, dtype=torch.long)
+    sub = p.data.subset(keep)
+    emb = dataclasses.replace(p.emb, X=p.emb.X[idx],
+                              inputs=None if p.emb.inputs is None else p.emb.inputs[idx])
+    return Prepared(p.adapter, sub, encode(sub, p.adapter.class_names, group_by), emb), len(rows) - len(keep)
 
 
 def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
@@ -230,10 +255,13 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
         full, data_path = data, (data.subset([i for i, o in enumerate(overlap) if not o]) if left_out else data)
     p = prepare(model_path, data_path, load_opts, data_opts, runtime, also=(ex,) if exclude is not None else (),
                 _adopt=exclude is None)       # with --exclude the model was taken (and adopted) above
-    refuse_own_repair_set(p.adapter, p.data, p.emb.inputs)
+    before = p.data
+    p, in_repair_set = _without_repair_set(p, data_opts.group_by)
+    if in_repair_set and not left_out:
+        full = before                                # the groups it leaves without rows are absent too
     report = evaluate(p.logits(), p.enc.y, p.enc.class_names, p.enc.groups, p.enc.group_names)
     report["absent_groups"] = list(p.enc.absent_groups) if p.enc.groups is not None else None
-    if left_out and report["absent_groups"] is not None:
+    if (left_out or in_repair_set) and report["absent_groups"] is not None:
         report["absent_groups"] += [g for g in left_out_groups(full, p.enc.class_names, data_opts.group_by,
                                                                p.enc.group_names)
                                     if g not in report["absent_groups"]]
@@ -248,6 +276,11 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
         if left_out:
             report["warnings"].insert(0, f"{left_out} of the {len(full)} samples are also in {report['excluded']['data']}: "
                                          f"left out of the figures, which are measured on the other {len(full) - left_out}")
+    report["in_repair_set"] = in_repair_set
+    if in_repair_set:
+        report["warnings"].insert(0, f"{in_repair_set} of the {len(before)} samples are in the repair set this model "
+                                     "was repaired on (its provenance records them): left out of the figures, which "
+                                     f"are measured on the other {len(p.data)}")
     report.update({
         "model": {**p.adapter.describe(), **p.adapter.identity()},
         "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality,
@@ -264,9 +297,15 @@ def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise BadInput(f"top_k (--top) must be a whole number >= 1, got {top_k!r}")
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)
-    refuse_own_repair_set(p.adapter, p.data, p.emb.inputs)       # its accuracies are figures too
+    n = len(p.data)
+    p, in_repair_set = _without_repair_set(p, (data_opts or DataOptions()).group_by)   # its accuracies are figures too
     W, b = p.adapter.head_params()
     report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k, where=p.adapter.source)
+    report["in_repair_set"] = in_repair_set
+    if in_repair_set:
+        report.setdefault("warnings", []).insert(
+            0, f"{in_repair_set} of the {n} samples are in the repair set this model was repaired on (its "
+               f"provenance records them): left out of the accuracies, which are measured on the other {len(p.data)}")
     report.update({
         "model": {**p.adapter.describe(), **p.adapter.identity()},
         "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality},

@@ -472,6 +472,9 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         _warn(ctx, log, w)
 
     changed = adapter.changed_tensors()
+    # the repair set's samples as the model reads them: its digest in the settings, and the per-sample
+    # record (repair.samples) by which eval and probe leave them out of their figures
+    sample_keys = provenance.sample_keys(data, emb.inputs, adapter)
     # the recipe by its name and where it came from: a file's by the sha256 of its bytes (and its plugins')
     settings = {"recipe": recipe.name, "recipe_source": provenance.recipe_identity(recipe),
                 "method": chosen.method, "kind": chosen.info.kind,
@@ -482,7 +485,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                            "selection": selection and selection.get("scheme"),
                            "report": int(report_idx.numel()) if report_idx is not None else 0},
                 # the data, by content and never by path: what a rerun must be given to reproduce this
-                "data": provenance.data_identity(data, data_opts.group_by, emb.inputs, adapter),
+                "data": provenance.data_identity(data, data_opts.group_by, emb.inputs, adapter, keys=sample_keys),
                 "eval": eval_identity,
                 # how the model read the data (an image's size and normalisation, a text's truncation):
                 # the figures were measured so, and a --max-length or --image-size changes them
@@ -535,9 +538,12 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                 model_change[k] = diag[k]
     figures = {"before": _summary(before), "after": _summary(after)}
     code = provenance.code_identity()
+    extra = {"model_change": model_change, "code": code}
+    record = provenance.samples_record(sample_keys)
+    if record is not None:
+        extra["samples"] = record
     meta = provenance.build(source_sha256=adapter.source_sha256(), method=chosen.method, settings=settings,
-                            figures=figures, measured_on=measured_on, extra={"model_change": model_change,
-                                                                             "code": code})
+                            figures=figures, measured_on=measured_on, extra=extra)
 
     result = {
         "model": {**adapter.describe(), "sha256": adapter.source_sha256()},

@@ -148,28 +148,96 @@ def _library_version(mod: str) -> dict:
         return {}
 
 
-def data_identity(data, group_by: Optional[str] = None, inputs=None, adapter=None) -> dict:
+def sample_keys(data, inputs=None, adapter=None) -> list:
+    """Each row's sample as the model reads it, a string per row: a text by its tokens (``adapter``'s
+    :meth:`~repair.adapters.base.Adapter.input_keys`: case or spacing its tokenizer drops aside), an
+    image by its model input (``inputs``, the embeddings' input digests), else the sample's bytes
+    (:meth:`~repair.data.RepairData.content_hashes`). The one rule of "the same sample" that
+    :func:`data_identity`'s ``samples_sha256`` and :func:`samples_record` apply."""
+    if inputs is not None and data.modality == "image":
+        return [bytes(r).hex() for r in inputs.numpy()]
+    read = adapter.input_keys(data.items) if adapter is not None and data.modality == "text" else None
+    return [str(k) for k in read] if read is not None else list(data.content_hashes())
+
+
+def data_identity(data, group_by: Optional[str] = None, inputs=None, adapter=None, keys=None) -> dict:
     """What data a run used, with no path: its size, the ``--group-by`` column, and ``content_sha256``
     over every row's sample, label and group value in order -- a text by its bytes, an image by its
     model input (``inputs``, the embeddings' input digests: no image is read again) or, without them,
-    its file's bytes. ``samples_sha256``: over the distinct samples alone as the model reads them, in no
-    order (the same samples however ordered, labelled, grouped or repeated, a text in another case or
-    spacing its tokenizer drops -- ``adapter``'s :meth:`~repair.adapters.base.Adapter.input_keys` -- an
-    image by its model input: what :func:`repair.api.refuse_own_repair_set` compares). The same data
-    gives the same digests on any machine."""
+    its file's bytes. ``samples_sha256``: over the distinct samples alone as the model reads them
+    (:func:`sample_keys`, or ``keys`` when the caller has them), in no order (the same samples however
+    ordered, labelled, grouped or repeated). The same data gives the same digests on any machine."""
     import hashlib
 
     h = hashlib.sha256()
-    keys = ([bytes(r).hex() for r in inputs.numpy()] if inputs is not None and data.modality == "image"
+    rows = ([bytes(r).hex() for r in inputs.numpy()] if inputs is not None and data.modality == "image"
             else data.content_hashes())
     groups = data.attributes.get(group_by) if group_by else None
-    for i, k in enumerate(keys):
+    for i, k in enumerate(rows):
         h.update(f"{k}\0{data.labels[i]}\0{groups[i] if groups is not None else ''}\n".encode())
-    read = adapter.input_keys(data.items) if adapter is not None and data.modality == "text" else None
-    read = keys if read is None else [str(k) for k in read]
+    read = sample_keys(data, inputs, adapter) if keys is None else keys
     samples = hashlib.sha256("".join(f"{k}\n" for k in sorted(set(read))).encode())
     return {"n": len(data), "group_by": group_by, "content_sha256": h.hexdigest(),
             "samples_sha256": samples.hexdigest()}
+
+
+#: the repair set's per-sample record (``repair.samples``): this scheme, then the base64 of the sorted
+#: first 8 bytes of each distinct sample key's sha256 (11 characters a sample: 20,000 samples 214 KB; two
+#: samples of 10^6 share a prefix by chance with probability about 3e-8)
+SAMPLES_SCHEME = "sha256/8:"
+#: more distinct samples than this and no per-sample record is written (10.7 MB of metadata): the
+#: whole-set digest (``samples_sha256``) alone then recognises the repair set
+SAMPLES_RECORD_MAX = 1_000_000
+
+
+def _prefixes(keys) -> "Any":
+    import hashlib
+
+    import numpy as np
+
+    raw = b"".join(hashlib.sha256(str(k).encode()).digest()[:8] for k in keys)
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+
+def samples_record(keys) -> Optional[str]:
+    """The record of the samples a repair read (:func:`sample_keys` of its repair set), for
+    :func:`in_samples_record`: which rows of other data the repair touched. None above
+    :data:`SAMPLES_RECORD_MAX` distinct samples."""
+    import base64
+
+    import numpy as np
+
+    distinct = set(keys)
+    if len(distinct) > SAMPLES_RECORD_MAX:
+        return None
+    p = np.unique(_prefixes(sorted(distinct)))
+    return SAMPLES_SCHEME + base64.b64encode(p.astype(">u8").tobytes()).decode("ascii")
+
+
+def in_samples_record(keys, record) -> Optional[list]:
+    """Per key (:func:`sample_keys` of other data): whether :func:`samples_record` ``record`` holds it.
+    None when ``record`` is not such a record (absent, another scheme, damaged): nothing is known."""
+    import base64
+    import binascii
+
+    import numpy as np
+
+    if not isinstance(record, str) or not record.startswith(SAMPLES_SCHEME):
+        return None
+    try:
+        raw = base64.b64decode(record[len(SAMPLES_SCHEME):], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) % 8:
+        return None
+    held = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+    if held.size > 1 and not bool(np.all(held[1:] > held[:-1])):
+        return None
+    q = _prefixes(keys)
+    if not held.size or not q.size:
+        return [False] * len(q)
+    pos = np.minimum(np.searchsorted(held, q), held.size - 1)
+    return (held[pos] == q).tolist()
 
 
 def source_date() -> Optional[str]:

@@ -1151,16 +1151,61 @@ def test_eval_and_probe_refuse_an_edited_copy_of_the_repair_set(tmp_path, bert_f
             code, out, err = run_cli(cmd[0], tmp_path / "rep", "--data", f, *cmd[1:], "-q")
             assert code == 2 and "the repair set this model was repaired on" in err, (name, cmd, err)
             assert err.count("\n") == 1 and "gate passed" not in out, (name, err)
-    sub = tmp_path / "subset.csv"                   # other data (here a part of it) is measured
-    with open(sub, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows[:30])
     for cmd in ("eval", "probe"):
-        code, _, err = run_cli(cmd, tmp_path / "rep", "--data", sub, "-q")
-        assert code == 0, err
         code, _, err = run_cli(cmd, bert_folder, "--data", data, "-q")       # the original model: measured
         assert code == 0, err
+
+
+def test_eval_and_probe_leave_the_repair_sets_samples_out_of_a_subset_or_superset(tmp_path, bert_folder):
+    """Left alone last session, done now: a strict subset of the repair set passed `repair eval` (a gate
+    on fitted rows) and a superset counted its fitted rows in the figures. The provenance records each
+    sample the repair read (`repair.samples`); a subset is refused, a superset is measured on its other
+    rows, says how many were left out, and the groups left without rows are absent (a gate fails closed)."""
+    import csv
+
+    data = make_texts(tmp_path / "d.csv", n=40, seed=1)
+    code, _, err = run_cli("fix", bert_folder, "--data", data, "--group-by", "negation", "--recipe", "dfr",
+                           "--out", tmp_path / "rep", "-q")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(data, newline="")))
+    other = list(csv.DictReader(open(make_texts(tmp_path / "o.csv", n=120, seed=7), newline="")))
+    fitted = {r["text"].lower().strip() for r in rows}
+    new = [r for r in other if r["text"].lower().strip() not in fitted]
+    assert 10 <= len(new)
+
+    def write(name, rs):
+        f = tmp_path / name
+        with open(f, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rs)
+        return f
+
+    sub = write("subset.csv", rows[:30])
+    for cmd in (["eval", "--fail-under-acc", "0%"], ["probe"]):
+        code, out, err = run_cli(cmd[0], tmp_path / "rep", "--data", sub, *cmd[1:], "-q")
+        assert code == 2 and "only samples of the repair set this model was repaired on" in err, (cmd, err)
+        assert err.count("\n") == 1 and "gate passed" not in out, err
+    sup = write("superset.csv", [{**r, "text": r["text"].upper()} for r in rows[:25]] + new)
+    code, out, err = run_cli("eval", tmp_path / "rep", "--data", sup, "--group-by", "negation", "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["in_repair_set"] == 25 and doc["n"] == len(new), doc["in_repair_set"]
+    assert f"25 of the {25 + len(new)} samples are in the repair set" in err, err
+    alone = json.loads(run_cli("eval", tmp_path / "rep", "--data", write("new.csv", new), "--group-by", "negation",
+                               "--json", "-q")[1])
+    assert alone["in_repair_set"] == 0
+    assert doc["accuracy"] == alone["accuracy"] and doc["per_group"] == alone["per_group"]
+    code, out, err = run_cli("probe", tmp_path / "rep", "--data", sup, "--json", "-q")
+    assert code == 0 and json.loads(out)["in_repair_set"] == 25 and json.loads(out)["n"] == len(new), err
+    # the group whose every row is a fitted one: absent, so a worst-group gate cannot pass over it
+    neg = [r for r in rows if r["negation"] == "yes"][:3]
+    only = write("mixed.csv", neg + [r for r in new if r["negation"] == "no"])
+    code, out, err = run_cli("eval", tmp_path / "rep", "--data", only, "--group-by", "negation",
+                             "--fail-under-wga", "0%", "--json", "-q")
+    doc = json.loads(out)
+    assert code == 1 and doc["passed"] is False and doc["in_repair_set"] == 3, err
+    assert any("yes" in g for g in doc["absent_groups"]), doc["absent_groups"]
 
 
 def test_expect_groups_never_waives_a_class_of_the_model_with_no_samples(tmp_path, timm_folder):
@@ -1181,3 +1226,17 @@ def test_expect_groups_never_waives_a_class_of_the_model_with_no_samples(tmp_pat
     figures["per_class"][1]["n"] = 3
     figures["per_group"].append({"name": "b|g=x", "n": 3, "n_correct": 3})
     assert judge(figures, "0%", "worst_group", expected=["a|g=x"])["passed"]
+
+
+def test_the_samples_record_answers_membership_and_knows_nothing_when_damaged():
+    from repair import provenance as P
+
+    rec = P.samples_record(["a", "b", "b", "c"])
+    assert rec.startswith(P.SAMPLES_SCHEME) and len(rec) == len(P.SAMPLES_SCHEME) + 32      # 3 x 8 bytes
+    assert P.in_samples_record(["c", "x", "a", "a"], rec) == [True, False, True, True]
+    assert P.in_samples_record([], rec) == []
+    assert P.in_samples_record(["a"], P.samples_record([])) == [False]
+    # damaged, of another scheme or absent: nothing is known (the whole-set digest then decides)
+    for bad in (None, 42, "md5:" + rec.split(":", 1)[1], rec[:-2], rec[:-4] + "!!!!",
+                P.SAMPLES_SCHEME + __import__("base64").b64encode(bytes(range(16))[::-1]).decode()):
+        assert P.in_samples_record(["a"], bad) is None, bad
