@@ -149,15 +149,17 @@ def _library_version(mod: str) -> dict:
 
 
 def sample_keys(data, inputs=None, adapter=None) -> list:
-    """Each row's sample as the model reads it, a string per row: a text by its tokens (``adapter``'s
-    :meth:`~repair.adapters.base.Adapter.input_keys`: case or spacing its tokenizer drops aside), an
-    image by its model input (``inputs``, the embeddings' input digests), else the sample's bytes
+    """Each row's sample as the model reads it, a string per row: its model-input digest (``inputs``,
+    the embeddings' :attr:`~repair.embeddings.Embeddings.inputs`: an image's preprocessed input, a text's
+    token ids -- case or spacing its tokenizer drops aside -- hashed), or without them a text's
+    ``adapter`` :meth:`~repair.adapters.base.Adapter.input_keys` cut to the same 16 bytes (the same key:
+    nothing is tokenized twice when the embeddings have them), else the sample's bytes
     (:meth:`~repair.data.RepairData.content_hashes`). The one rule of "the same sample" that
     :func:`data_identity`'s ``samples_sha256`` and :func:`samples_record` apply."""
-    if inputs is not None and data.modality == "image":
+    if inputs is not None and data.modality in ("image", "text"):
         return [bytes(r).hex() for r in inputs.numpy()]
     read = adapter.input_keys(data.items) if adapter is not None and data.modality == "text" else None
-    return [str(k) for k in read] if read is not None else list(data.content_hashes())
+    return [str(k)[:32] for k in read] if read is not None else list(data.content_hashes())
 
 
 def data_identity(data, group_by: Optional[str] = None, inputs=None, adapter=None, keys=None) -> dict:

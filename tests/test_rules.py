@@ -1240,3 +1240,39 @@ def test_the_samples_record_answers_membership_and_knows_nothing_when_damaged():
     for bad in (None, 42, "md5:" + rec.split(":", 1)[1], rec[:-2], rec[:-4] + "!!!!",
                 P.SAMPLES_SCHEME + __import__("base64").b64encode(bytes(range(16))[::-1]).decode()):
         assert P.in_samples_record(["a"], bad) is None, bad
+
+
+def test_a_model_repaired_before_the_samples_record_is_still_recognised_by_its_whole_set_digest(tmp_path, bert_folder):
+    """The record came with a shorter text key (the embeddings' 16-byte input digest: no second
+    tokenization); a model written before it (no ``repair.samples``, ``samples_sha256`` over the whole
+    input_keys digests) still has its repair set refused."""
+    import csv
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from repair import load_model
+    from repair.data import DataOptions, load_data
+
+    data = make_texts(tmp_path / "d.csv", n=40, seed=1)
+    assert run_cli("fix", bert_folder, "--data", data, "--recipe", "dfr", "--out", tmp_path / "rep", "-q")[0] == 0
+    f = next((tmp_path / "rep").glob("*.safetensors"))
+    with safe_open(str(f), "pt") as sf:
+        meta, tensors = dict(sf.metadata()), {k: sf.get_tensor(k) for k in sf.keys()}
+    keys = load_model(tmp_path / "rep").input_keys(load_data(data, DataOptions()).items)
+    old = hashlib.sha256("".join(f"{k}\n" for k in sorted(set(keys))).encode()).hexdigest()
+    settings = json.loads(meta["repair.settings"])
+    assert settings["data"]["samples_sha256"] != old            # the key is another now
+    settings["data"]["samples_sha256"] = old
+    meta["repair.settings"] = json.dumps(settings)
+    del meta["repair.samples"]
+    save_file(tensors, str(f), metadata=meta)
+    rows = list(csv.DictReader(open(data, newline="")))
+    rev = tmp_path / "rev.csv"
+    with open(rev, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows[::-1])
+    code, _, err = run_cli("eval", tmp_path / "rep", "--data", rev, "-q")
+    assert code == 2 and "the samples of the repair set this model was repaired on" in err, err
