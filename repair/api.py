@@ -187,13 +187,15 @@ def repair_set_rows(adapter: Adapter, data: RepairData, inputs=None) -> Optional
         return None
     where = data.table or data.source
     keys = provenance.sample_keys(data, inputs, adapter)
-    rows = provenance.in_samples_record(keys, meta.get("samples"))
+    rows = recorded_repair_rows(adapter, data, inputs, keys)
     if rows is not None and len(data) and all(rows):
         raise BadInput("holds only samples of the repair set this model was repaired on (its provenance records "
                        "them): figures on it would count samples the repair fitted on; measure on data the "
                        "repair never touched", where)
     if rows is not None:
         return rows
+    # before the record: the whole set by its distinct samples, or row for row by its bytes (which no
+    # --max-length or --image-size of this run changes)
     if isinstance(ident.get("samples_sha256"), str):
         # a text's key was its whole input_keys digest before the record was written (cut to 16 bytes now)
         full = adapter.input_keys(data.items) if data.modality == "text" else None
@@ -202,7 +204,6 @@ def repair_set_rows(adapter: Adapter, data: RepairData, inputs=None) -> Optional
             raise BadInput("holds the samples of the repair set this model was repaired on (its provenance records "
                            "them): figures on it would count samples the repair fitted on; measure on data the "
                            "repair never touched", where)
-        return None
     if not ident.get("content_sha256") or ident.get("n") != len(data):
         return None
     group_by = ident.get("group_by")
@@ -213,6 +214,21 @@ def repair_set_rows(adapter: Adapter, data: RepairData, inputs=None) -> Optional
                        "labels and groups): figures on it would count samples the repair fitted on; measure on "
                        "data the repair never touched", where)
     return None
+
+
+def recorded_repair_rows(adapter: Adapter, data: RepairData, inputs=None, keys=None) -> Optional[list]:
+    """Per row of ``data``: whether the model's provenance records its sample among the repair set its
+    file was repaired on (``repair.samples``: :func:`repair.provenance.recorded_rows`), whatever was
+    done to the model since; None when the file records none. ``keys``: the rows'
+    :func:`repair.provenance.sample_keys` when the caller has them. What :func:`repair_set_rows`
+    reads, and what ``repair fix`` of a repaired model keeps out of its figures."""
+    from . import provenance
+
+    record = provenance.read(getattr(adapter, "source_metadata", None) or {}).get("samples")
+    if record is None:
+        return None
+    keys = provenance.sample_keys(data, inputs, adapter) if keys is None else keys
+    return provenance.recorded_rows(data, keys, record)
 
 
 def _without_repair_set(p: Prepared, group_by: Optional[str]) -> tuple[Prepared, int]:

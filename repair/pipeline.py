@@ -39,9 +39,10 @@ import torch
 from . import provenance
 from .adapters import LoadOptions, load_model
 from .api import (RuntimeOptions, check_modality, left_out_groups, mark_duplicates, prepare_data, read_as_same,
+                  recorded_repair_rows,
                   same_samples)
 from .choosing import FitContext, choose, selection_basis
-from .data import DataOptions, Encoded, RepairData, label_conflicts
+from .data import DataOptions, Encoded, RepairData, encode, label_conflicts
 from .embeddings import Embeddings, extract, resolve_device
 from .errors import BadInput
 from .metrics import evaluate
@@ -288,6 +289,21 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         fit_idx, report_idx = torch.arange(len(y)), None
     else:
         fit_idx, report_idx = stratified_split(strata, [o.report_fraction], o.seed, clusters=clusters)
+        # a repaired model repaired again: the samples its own repair fitted on are fitted again, never
+        # measured (its provenance records them)
+        earlier = recorded_repair_rows(adapter, data, emb.inputs)
+        moved = [i for i in report_idx.tolist() if earlier[i]] if earlier is not None else []
+        if moved:
+            report_idx = torch.tensor([i for i in report_idx.tolist() if not earlier[i]], dtype=torch.long)
+            fit_idx = torch.cat([fit_idx, torch.tensor(moved, dtype=torch.long)]).sort().values
+            if not report_idx.numel():
+                raise BadInput(f"every sample held out for the figures is in the repair set {Path(model_path).name} "
+                               "was itself repaired on (its provenance records them): give --eval data neither "
+                               "repair touched, or repair the original model", where)
+            train_notes.append(f"{len(moved)} samples of the repair set are in the repair set "
+                                f"{Path(model_path).name} was itself repaired on (its provenance records them): "
+                                f"fitted on, never measured; the figures are measured on the other {report_idx.numel()} "
+                                "held out")
         if not report_idx.numel():
             distinct = int(clusters.unique().numel())
             size = (f"{len(y)} samples" if distinct == len(y) else
@@ -407,6 +423,21 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                             "data: left out of the figures, which are measured on the other "
                             f"{len(ev)}")
         r_data, e_enc, e_emb = prepare_data(adapter, ev, e_opts, runtime)
+        # and the samples the source model's own repair fitted on (a repaired model repaired again)
+        earlier_eval = recorded_repair_rows(adapter, r_data, e_emb.inputs)
+        if earlier_eval is not None and any(earlier_eval):
+            keep = [i for i, e in enumerate(earlier_eval) if not e]
+            if not keep:
+                raise BadInput(f"holds only samples of the repair set {Path(model_path).name} was itself repaired on "
+                               "(its provenance records them): measure on data neither repair touched", o.eval_data)
+            idx = torch.as_tensor(keep, dtype=torch.long)
+            _warn(ctx, log, f"{len(earlier_eval) - len(keep)} of the {len(r_data)} samples of --eval are in the repair "
+                            f"set {Path(model_path).name} was itself repaired on: left out of the figures, which are "
+                            f"measured on the other {len(keep)}")
+            dropped += len(earlier_eval) - len(keep)
+            r_data = r_data.subset(keep)
+            e_emb = dataclasses.replace(e_emb, X=e_emb.X[idx], inputs=None if e_emb.inputs is None else e_emb.inputs[idx])
+            e_enc = encode(r_data, adapter.class_names, eval_group_by)
         rX, ry, rg, rnames = e_emb.X, e_enc.y, e_enc.groups, e_enc.group_names
         # groups the evaluation data lacks: its own class x value gaps, and (same column) the repair
         # set's groups it has no rows of -- a gate on its worst group cannot speak for them
@@ -539,7 +570,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     figures = {"before": _summary(before), "after": _summary(after)}
     code = provenance.code_identity()
     extra = {"model_change": model_change, "code": code}
-    record = provenance.samples_record(sample_keys)
+    record = provenance.samples_record(data, sample_keys)
     if record is not None:
         extra["samples"] = record
     meta = provenance.build(source_sha256=adapter.source_sha256(), method=chosen.method, settings=settings,

@@ -201,23 +201,36 @@ def _prefixes(keys) -> "Any":
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
 
-def samples_record(keys) -> Optional[str]:
-    """The record of the samples a repair read (:func:`sample_keys` of its repair set), for
-    :func:`in_samples_record`: which rows of other data the repair touched. None above
+def samples_record(data, keys) -> Optional[str]:
+    """The record of the samples a repair read, for :func:`recorded_rows`: each sample of its repair set
+    ``data`` by :func:`sample_keys` (``keys``: as the model read it) and by its bytes (a text or image
+    file, whatever another run's ``--max-length`` or ``--image-size`` makes of it). None above
     :data:`SAMPLES_RECORD_MAX` distinct samples."""
+    return _record([*keys, *data.content_hashes()]) if len(set(keys)) <= SAMPLES_RECORD_MAX else None
+
+
+def recorded_rows(data, keys, record) -> Optional[list]:
+    """Per row of ``data`` (``keys``: its :func:`sample_keys`): whether :func:`samples_record`
+    ``record`` holds its sample, as the model reads it or byte for byte. None when ``record`` is not
+    such a record (absent, another scheme, damaged): nothing is known."""
+    read = in_samples_record(keys, record)
+    if read is None:
+        return None
+    return [a or b for a, b in zip(read, in_samples_record(data.content_hashes(), record))]
+
+
+def _record(keys) -> str:
     import base64
 
     import numpy as np
 
     distinct = set(keys)
-    if len(distinct) > SAMPLES_RECORD_MAX:
-        return None
     p = np.unique(_prefixes(sorted(distinct)))
     return SAMPLES_SCHEME + base64.b64encode(p.astype(">u8").tobytes()).decode("ascii")
 
 
 def in_samples_record(keys, record) -> Optional[list]:
-    """Per key (:func:`sample_keys` of other data): whether :func:`samples_record` ``record`` holds it.
+    """Per key: whether record ``record`` (:func:`_record`) holds it.
     None when ``record`` is not such a record (absent, another scheme, damaged): nothing is known."""
     import base64
     import binascii

@@ -1182,10 +1182,12 @@ def test_eval_and_probe_leave_the_repair_sets_samples_out_of_a_subset_or_superse
         return f
 
     sub = write("subset.csv", rows[:30])
-    for cmd in (["eval", "--fail-under-acc", "0%"], ["probe"]):
-        code, out, err = run_cli(cmd[0], tmp_path / "rep", "--data", sub, *cmd[1:], "-q")
-        assert code == 2 and "only samples of the repair set this model was repaired on" in err, (cmd, err)
-        assert err.count("\n") == 1 and "gate passed" not in out, err
+    # found by a review: a --max-length that cuts a text changed its tokens, and the repair file itself passed
+    for cmd in (["eval", "--fail-under-acc", "0%"], ["probe"], ["eval", "--max-length", "3"], ["probe", "--max-length", "4"]):
+        for f in (sub, data):
+            code, out, err = run_cli(cmd[0], tmp_path / "rep", "--data", f, *cmd[1:], "-q")
+            assert code == 2 and "only samples of the repair set this model was repaired on" in err, (cmd, err)
+            assert err.count("\n") == 1 and "gate passed" not in out, err
     sup = write("superset.csv", [{**r, "text": r["text"].upper()} for r in rows[:25]] + new)
     code, out, err = run_cli("eval", tmp_path / "rep", "--data", sup, "--group-by", "negation", "--json", "-q")
     assert code == 0, err
@@ -1231,11 +1233,11 @@ def test_expect_groups_never_waives_a_class_of_the_model_with_no_samples(tmp_pat
 def test_the_samples_record_answers_membership_and_knows_nothing_when_damaged():
     from repair import provenance as P
 
-    rec = P.samples_record(["a", "b", "b", "c"])
+    rec = P._record(["a", "b", "b", "c"])
     assert rec.startswith(P.SAMPLES_SCHEME) and len(rec) == len(P.SAMPLES_SCHEME) + 32      # 3 x 8 bytes
     assert P.in_samples_record(["c", "x", "a", "a"], rec) == [True, False, True, True]
     assert P.in_samples_record([], rec) == []
-    assert P.in_samples_record(["a"], P.samples_record([])) == [False]
+    assert P.in_samples_record(["a"], P._record([])) == [False]
     # damaged, of another scheme or absent: nothing is known (the whole-set digest then decides)
     for bad in (None, 42, "md5:" + rec.split(":", 1)[1], rec[:-2], rec[:-4] + "!!!!",
                 P.SAMPLES_SCHEME + __import__("base64").b64encode(bytes(range(16))[::-1]).decode()):
@@ -1276,3 +1278,57 @@ def test_a_model_repaired_before_the_samples_record_is_still_recognised_by_its_w
         w.writerows(rows[::-1])
     code, _, err = run_cli("eval", tmp_path / "rep", "--data", rev, "-q")
     assert code == 2 and "the samples of the repair set this model was repaired on" in err, err
+
+
+def test_a_repaired_model_repaired_again_never_measures_on_its_earlier_repair_set(tmp_path, bert_folder):
+    """Found by a review: `repair fix` of a repaired model measured its figures (the held-out part, or
+    --eval) on samples the source's own repair had fitted on. Its provenance records them: they are
+    fitted on again, never measured, and data holding only them is refused."""
+    import csv
+
+    a = make_texts(tmp_path / "a.csv", n=40, seed=1)
+    assert run_cli("fix", bert_folder, "--data", a, "--recipe", "dfr", "--out", tmp_path / "rep1", "-q")[0] == 0
+    rows = list(csv.DictReader(open(a, newline="")))
+    seen = {r["text"].lower().strip() for r in rows}
+    new = [r for r in csv.DictReader(open(make_texts(tmp_path / "o.csv", n=200, seed=9), newline=""))
+           if r["text"].lower().strip() not in seen]
+    new = list({r["text"]: r for r in new}.values())
+
+    def write(name, rs):
+        f = tmp_path / name
+        with open(f, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rs)
+        return f
+
+    code, _, err = run_cli("fix", tmp_path / "rep1", "--data", a, "--recipe", "dfr", "--out", tmp_path / "x", "-q")
+    assert code == 2 and "was itself repaired on" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
+    both = write("both.csv", rows + new)
+    code, out, err = run_cli("fix", tmp_path / "rep1", "--data", both, "--recipe", "dfr", "--out", tmp_path / "rep2",
+                             "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert "was itself repaired on" in err and any("was itself repaired on" in w for w in doc["warnings"])
+    held = doc["settings"]["splits"]["report"]
+    assert 0 < held and doc["after"]["n"] == held
+    # the figures' rows are new ones only: measured again on those alone, the same figure
+    from repair import load_model
+    from repair.api import recorded_repair_rows
+    from repair.data import DataOptions, load_data
+
+    d = load_data(both, DataOptions())
+    earlier = recorded_repair_rows(load_model(tmp_path / "rep1"), d)
+    assert sum(earlier) == len(rows)
+    # --eval: its samples of the earlier repair set are left out, and --eval of only those is refused
+    ev = write("ev.csv", rows[:10] + new[:20])
+    code, out, err = run_cli("fix", tmp_path / "rep1", "--data", write("b.csv", new[20:]), "--eval", ev,
+                             "--recipe", "dfr", "--out", tmp_path / "rep3", "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["after"]["n"] == 20 and "10 of the 30 samples of --eval are in the repair set" in err, err
+    code, _, err = run_cli("fix", tmp_path / "rep1", "--data", write("b2.csv", new[20:]), "--eval",
+                           write("ev2.csv", rows[:10]), "--recipe", "dfr", "--out", tmp_path / "rep4", "-q")
+    assert code == 2 and "was itself repaired on" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "rep4").exists()
