@@ -160,6 +160,9 @@ def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tenso
     if groups is not None:
         for i, row in enumerate(report.get("per_group") or []):
             row["n_distinct"] = int(ids[groups == i].unique().numel())
+    if y is not None:
+        for i, row in enumerate(report.get("per_class") or []):
+            row["n_distinct"] = int(ids[y == i].unique().numel())
     conflicts = None if y is None else label_conflicts(data, ids, y)
     return (f"the data holds {st['n_duplicates']} duplicate sample(s) ({st['n_unique']} distinct of "
             f"{st['n_samples']}): every copy counts in the figures, which are no surer than the distinct samples"

@@ -751,9 +751,22 @@ def _too_few(what: str, name: str, n: int, minimum: int, kind: str = "group") ->
             f"+-{se:.0f} points, so {'the choice' if 'choos' in what else 'the figure'} can be wrong")
 
 
-def _too_few_distinct(what: str, name: str, distinct: int, n: int, minimum: int) -> str:
-    return _too_few(what, name, distinct, minimum).replace(
+def _too_few_distinct(what: str, name: str, distinct: int, n: int, minimum: int, kind: str = "group") -> str:
+    return _too_few(what, name, distinct, minimum, kind).replace(
         f"has only {distinct} samples", f"has only {distinct} distinct samples ({n} rows)")
+
+
+def _support(what: str, row: dict, minimum: int, kind: str = "group") -> Optional[str]:
+    """The warning for a figure's row (a group or a class) with fewer than ``minimum`` samples, copies of
+    one sample counted once (its ``n_distinct``, :func:`repair.api.mark_duplicates`); None with enough
+    or none."""
+    n = int(row.get("n") or 0)
+    distinct = row.get("n_distinct")
+    if distinct is not None and 0 < int(distinct) < min(n, minimum):
+        return _too_few_distinct(what, row["name"], int(distinct), n, minimum, kind)
+    if 0 < n < minimum:
+        return _too_few(what, row["name"], n, minimum, kind)
+    return None
 
 
 def figure_warnings(figures: dict, *, what: str, minimum: int = MIN_FOR_REPORT) -> list[str]:
@@ -771,16 +784,13 @@ def figure_warnings(figures: dict, *, what: str, minimum: int = MIN_FOR_REPORT) 
         out.append(f"{what}: no samples of class(es) {', '.join(empty)}, so their accuracy is not measured and "
                    "worst-class accuracy is over the other classes")
     if figures.get("per_group") is None and not figures.get("per_inferred_group"):
-        out += [_too_few(what, c["name"], int(c["n"]), minimum, kind="class") for c in classes
-                if 0 < int(c.get("n") or 0) < minimum]
+        out += [w for w in (_support(what, c, minimum, kind="class") for c in classes) if w]
     given = figures.get("per_group")
     for g in (given if given is not None else figures.get("per_inferred_group") or []):
         n = int(g.get("n") or 0)
-        distinct = g.get("n_distinct")              # copies of one sample count once (repair.api.mark_duplicates)
-        if distinct is not None and 0 < int(distinct) < min(n, minimum):
-            out.append(_too_few_distinct(what, g["name"], int(distinct), n, minimum))
-        elif 0 < n < minimum:
-            out.append(_too_few(what, g["name"], n, minimum))
+        w = _support(what, g, minimum)
+        if w:
+            out.append(w)
         elif n == 0 and given is not None:
             out.append(_absent(what, g["name"]))
             seen.add(g["name"])

@@ -266,3 +266,25 @@ def test_eval_warns_when_the_figures_lack_a_class_or_rest_on_a_few_samples_of_on
     warnings = json.loads(out)["warnings"]
     assert any("class fox has only 1 samples" in w for w in warnings), warnings
     assert not any("class cat" in w for w in warnings), warnings
+
+
+def test_a_class_of_a_few_distinct_samples_is_warned_of_however_many_copies(tmp_path, timm_folder):
+    """Found by a review: the class warning of `repair eval` (no groups: worst-class accuracy is the
+    headline) counted every copy of a sample, so twelve copies of one picture read as twelve samples and
+    no warning was given; groups already counted copies once. Classes now do too."""
+    from repair.selection import figure_warnings
+
+    data = make_images(tmp_path / "d", n_per_class=12, with_metadata=False)
+    cats = sorted((data / "cat").iterdir())
+    for f in cats[1:]:
+        shutil.copy(cats[0], f)
+    code, out, err = run_cli("eval", timm_folder, "--data", data, "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    cat = next(c for c in doc["per_class"] if c["name"] == "cat")
+    assert cat["n"] == 12 and cat["n_distinct"] == 1
+    assert "class cat has only 1 distinct samples (12 rows)" in err, err
+    assert not any("class dog" in w for w in doc["warnings"])
+    rows = {"per_class": [{"name": "a", "n": 12, "n_distinct": 12}, {"name": "b", "n": 12, "n_distinct": 3}],
+            "per_group": None}
+    assert [w.split(":")[1].split(" has")[0] for w in figure_warnings(rows, what="x")] == [" class b"]
