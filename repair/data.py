@@ -1060,8 +1060,9 @@ def check_group_column(data: RepairData, group_by: str) -> None:
 # ----------------------------------------------------------------- encoding
 def _class_index(label: str, n_classes: int) -> Optional[int]:
     """The class index a label written as a number names (ASCII digits only: ``str.isdigit`` also
-    holds for ``²`` or ``٣``, which ``int`` refuses or reads as another digit), or None."""
-    if not (label.isascii() and label.isdigit()) or len(label) > 18:
+    holds for ``²`` or ``٣``, which ``int`` refuses or reads as another digit), or None. Written as
+    ``str(int)`` writes it, as :func:`cell_value` reads numbers: ``01`` is a code, not the index 1."""
+    if not (label.isascii() and label.isdigit()) or len(label) > 18 or str(int(label)) != label:
         return None
     i = int(label)
     return i if i < n_classes else None
