@@ -184,10 +184,11 @@ def data_identity(data, group_by: Optional[str] = None, inputs=None, adapter=Non
 
 
 #: the repair set's per-sample record (``repair.samples``): this scheme, then the base64 of the sorted
-#: first 8 bytes of each distinct sample key's sha256 (11 characters a sample: 20,000 samples 214 KB; two
-#: samples of 10^6 share a prefix by chance with probability about 3e-8)
+#: first 8 bytes of the sha256 of each distinct key -- a sample as the model reads it and its bytes, two
+#: keys a sample (about 22 characters a sample: 20,000 samples 430 KB; a key of other data matches one of
+#: 2 x 10^6 by chance with probability about 1e-13)
 SAMPLES_SCHEME = "sha256/8:"
-#: more distinct samples than this and no per-sample record is written (10.7 MB of metadata): the
+#: more distinct samples than this and no per-sample record is written (about 21 MB of metadata): the
 #: whole-set digest (``samples_sha256``) alone then recognises the repair set
 SAMPLES_RECORD_MAX = 1_000_000
 
