@@ -221,9 +221,10 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
         while lines and (lines[0].startswith("#") or not lines[0].strip()):
             line = lines.pop(0)
             skipped += 1
-            # the first word ends at a space, ':' / '=' or the line's end ("# eval/test split ..." and
-            # "# data.csv was cleaned by hand" do not start with a field name)
-            m = re.fullmatch(r"#\s*(\w+)(?=[\s:=]|$)\s*([:=]?)\s*(.*?)\s*", line)
+            # the first word ends at any character that is not a word's, but '/' and '.' ("# eval/test
+            # split ..." and "# data.csv was cleaned by hand" do not start with a field name, while
+            # "# gate>=90%" and "# gate, 90% for all rows" do)
+            m = re.fullmatch(r"#\s*(\w+)(?=[^\w/.]|$)\s*([:=]?)\s*(.*?)\s*", line)
             if m is None:                                       # blank, or "#" then no word: a comment
                 continue
             word, sep, value = m.groups()

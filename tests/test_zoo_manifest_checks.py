@@ -66,7 +66,9 @@ def test_eval_group_by_without_eval_is_exit_2_before_any_work_in_every_mode(tmp_
                                   "# Gate 90 %", "# gate 90% (CI)", "# recipe mixft for all rows", "# Seed 0 everywhere",
                                   # found by a review: a number after other words was prose (no gate, exit 0)
                                   "# gate >= 90% for all rows", "# Gate - 90%", "# gate is 90%", "# gate ≥ 90%",
-                                  "# Gate (all rows) 90%"])
+                                  "# Gate (all rows) 90%",
+                                  # found by a review: the first word had to end at a space, ':' or '=': no gate
+                                  "# gate>=90%", "# gate, 90% for all rows", "# gate(CI) 90%", "# seed;0"])
 def test_a_csv_hash_line_starting_with_a_field_name_is_a_default_or_exit_2_naming_the_line(tmp_path, parts, line):
     """`# Gate: 90%` or `# gate 90%` was read as a comment: the zoo ran with no gate and exit 0. A `#`
     line whose first word is a field name (in any case) is a default, written exactly, or exit 2."""
