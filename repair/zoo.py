@@ -1348,6 +1348,10 @@ class RayExecutor:
 
 
 # ------------------------------------------------------------------ the driver
+#: the most threads per model, workers, GPUs per model or retries a zoo option may ask for
+MAX_COUNT = 1024
+
+
 @dataclass
 class ZooOptions:
     mode: str = "fix"
@@ -1368,15 +1372,19 @@ class ZooOptions:
             raise BadInput(f"--mode must be fix or eval, got {self.mode!r}")
         for name, flag in (("force", "--force"), ("allow_plugins", "--allow-plugins")):   # every bool field
             check_bool(getattr(self, name), flag)
-        for name, flag, lo in (("cpus_per_model", "--cpus-per-model", 1), ("max_retries", "--max-retries", 0)):
+        # a thread, worker or retry count beyond these is a typo, not a machine (torch.set_num_threads of
+        # 10^5 crashed the process; 10^11 overflowed)
+        for name, flag, lo, hi in (("cpus_per_model", "--cpus-per-model", 1, MAX_COUNT),
+                                   ("max_retries", "--max-retries", 0, MAX_COUNT),
+                                   ("workers", "--workers", 1, MAX_COUNT)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise BadInput(f"{flag} must be a whole number >= {lo}, got {v!r}")
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
-                                         or self.workers < 1):
-            raise BadInput(f"--workers must be a whole number >= 1, got {self.workers!r}")
-        if not isinstance(self.gpus_per_model, (int, float)) or self.gpus_per_model < 0:
-            raise BadInput(f"--gpus-per-model must be >= 0, got {self.gpus_per_model!r}")
+            if v is None and name == "workers":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise BadInput(f"{flag} must be a whole number from {lo} to {hi}, got {v!r}")
+        g = self.gpus_per_model
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= MAX_COUNT:
+            raise BadInput(f"--gpus-per-model must be a number from 0 to {MAX_COUNT}, got {g!r}")
         if self.ray is not None:
             ray_address(self.ray)               # auto or [ray://]HOST:PORT, before anything else
         if self.ray is None:                    # the local executor runs one model at a time, on the CPU

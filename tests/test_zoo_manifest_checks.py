@@ -143,3 +143,17 @@ def test_a_csv_comment_in_prose_that_starts_with_a_field_name_stays_a_comment(tm
                     "# gate: 90%\nname,checkpoint,data,group_by\na,m0,val,place\n")
     (e,) = load_manifest(path, "eval").entries
     assert e.gate == "90%"
+
+
+@pytest.mark.parametrize("option", [["--cpus-per-model", "100000"], ["--cpus-per-model", "99999999999"],
+                                    ["--max-retries", "5000"], ["--gpus-per-model", "nan"],
+                                    ["--gpus-per-model", "1e9"]])
+def test_a_thread_or_worker_count_no_machine_has_is_exit_2_before_any_work(tmp_path, parts, option):
+    """Found by an audit: `--cpus-per-model 100000` crashed the zoo (segfault in torch.set_num_threads)
+    and 99999999999 was an internal error in each row; `--gpus-per-model nan` was taken. Exit 2 naming
+    the option, before any model runs."""
+    copy_parts(tmp_path, parts)
+    path = tmp_path / "z.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "a", "checkpoint": "m0", "data": "val"}]}))
+    code, _, err = run_cli("zoo", path, "--mode", "eval", "-q", *option)
+    refused_before_any_work(code, err, tmp_path, option[0])
