@@ -290,6 +290,12 @@ def _internal(e: BaseException) -> None:
     """An internal error: one line on stderr (the traceback with --debug), exit 3."""
     if STATE["debug"]:
         traceback.print_exc()
-    first = str(e).splitlines()[0] if str(e) else ""
-    log(one_line(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)"))
+    log(_internal_error_line(e))
     raise typer.Exit(3)
+
+
+def _internal_error_line(e: BaseException) -> str:
+    """``internal error: Type: the message's first line that says something (a message may open with a
+    newline) (rerun ...)``."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return one_line(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")

@@ -111,8 +111,16 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     A failed write is an ``OSError`` with its errno (safetensors wraps it in its own error)."""
     from safetensors.torch import save_file
 
+    # tensors that share memory (a pickle checkpoint's tied weights: safetensors refuses them) are
+    # written each as its own copy, under every name the checkpoint gave them
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else 0
+        out[k] = v.clone() if ptr and ptr in seen else v
+        seen.add(ptr)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        save_file(out, str(path), metadata=metadata)
     except OSError:
         raise
     except Exception as e:

@@ -408,6 +408,16 @@ class Adapter(ABC):
         if changed:
             own = self._require_model().state_dict()
             heads = self.head_tensor_names()
+
+            def where(t):                      # a tensor's memory: names sharing it are one tensor
+                return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+            # a changed tensor the model also holds under another name the file stores (a module
+            # reachable twice, `self.classifier = self.fc`): every name gets the new value, else the
+            # file's old value under the other name is what a plain load_state_dict keeps
+            moved = {where(own[n]) for n in changed if n in own}
+            changed = changed + [n for n in tensors if n not in changed and n in own and own[n].numel()
+                                 and where(own[n]) in moved]
             for n in changed:
                 like = tensors.get(n, tensors.get(heads[0]) if heads else None)
                 dtype = like.dtype if like is not None else own[n].dtype

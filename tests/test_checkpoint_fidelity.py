@@ -1,0 +1,93 @@
+"""What `repair fix` writes is the checkpoint it read with only the repaired tensors changed, however the
+checkpoint names or shares its tensors (found by an audit of the written files)."""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+
+import torch
+
+from conftest import run_cli
+
+ALIASED_SRC = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 3)
+        self.classifier = self.fc      # an old name kept for old code: the same module, the same tensors
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+'''
+
+
+def test_a_head_the_checkpoint_stores_under_two_names_is_written_under_both(tmp_path, image_data, monkeypatch):
+    """The head reachable as `fc` and `classifier` (one module): the file got the new `fc.*` and the old
+    `classifier.*`, so a plain `load_state_dict` (the later key wins) gave the ORIGINAL head, and
+    `repair.load_model` refused the output. Every name of a changed tensor now gets its new value."""
+    from safetensors.torch import load_file, save_file
+
+    from repair import load_model
+    from repair.adapters import LoadOptions
+
+    (tmp_path / "aliased_net.py").write_text(ALIASED_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    model = importlib.import_module("aliased_net").build()
+    w = tmp_path / "net.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(w))
+    out = tmp_path / "fixed.safetensors"
+    opts = ["--factory", "aliased_net:build", "--image-size", "32", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
+            "--class-names", "cat,dog,fox"]
+    code, _, err = run_cli("fix", w, *opts, "--data", image_data, "--recipe", "dfr", "--out", out, "-q")
+    assert code == 0, err
+    before, after = load_file(str(w)), load_file(str(out))
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+    for n in ("weight", "bias"):
+        assert torch.equal(after[f"classifier.{n}"], after[f"fc.{n}"]), n
+    plain = importlib.import_module("aliased_net").build()
+    plain.load_state_dict(after)
+    assert torch.equal(plain.fc.weight.detach(), after["fc.weight"])
+    a = load_model(out, LoadOptions(factory="aliased_net:build", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                    class_names=["cat", "dog", "fox"]))
+    assert torch.equal(a.head_params()[0], after["fc.weight"].float())
+
+
+def test_a_pickle_checkpoint_whose_tensors_share_memory_is_written(tmp_path, bert_folder, text_data):
+    """An old BERT pickle ties `cls.predictions.decoder.weight` to the word embeddings (one storage):
+    safetensors refused to write it, and the run ended in exit 3 with an empty message. Each name is
+    written as its own copy, and the output reloads."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    src = tmp_path / "bertpk"
+    shutil.copytree(bert_folder, src)
+    t = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    emb = "bert.embeddings.word_embeddings.weight"
+    t["cls.predictions.decoder.weight"] = t[emb]              # tied: one tensor under two names
+    torch.save(t, src / "pytorch_model.bin")
+    out = tmp_path / "out"
+    code, _, err = run_cli("fix", src, "--data", text_data, "--recipe", "dfr", "--allow-pickle", "--out", out, "-q")
+    assert code == 0, err
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("cls.predictions.decoder.weight"), f.get_tensor(emb))
+        assert torch.equal(f.get_tensor(emb), t[emb])
+
+
+def test_an_internal_error_line_names_the_first_line_of_a_message_that_starts_with_a_newline():
+    from cli.app import _internal_error_line
+
+    line = _internal_error_line(RuntimeError("\n  Some tensors share memory\nmore"))
+    assert "Some tensors share memory" in line and "\n" not in line
