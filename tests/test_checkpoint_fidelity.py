@@ -91,3 +91,29 @@ def test_an_internal_error_line_names_the_first_line_of_a_message_that_starts_wi
 
     line = _internal_error_line(RuntimeError("\n  Some tensors share memory\nmore"))
     assert "Some tensors share memory" in line and "\n" not in line
+
+
+def test_model_args_given_to_a_timm_folder_are_in_the_output_folders_config(tmp_path, timm_folder, image_data):
+    """`--model-args '{"act_layer": "gelu"}'` built, measured and repaired a GELU network, but the output
+    folder's config.json was the source's: a plain timm load built the ReLU one (logits 47.7 apart in the
+    audit's repro). The config now carries the arguments the network was built with."""
+    import json
+
+    import timm
+
+    from repair import load_model
+
+    out = tmp_path / "out"
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--model-args",
+                           '{"act_layer": "gelu"}', "--out", out, "-q")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["model_args"]["act_layer"] == "gelu"
+    plain = timm.create_model("local-dir:" + str(out.resolve()), pretrained=True).eval()
+    a = load_model(out)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), a.model.eval()(x), atol=1e-5)
+    # without --model-args the source's config.json is copied as it is, byte for byte
+    out2 = tmp_path / "out2"
+    assert run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--out", out2, "-q")[0] == 0
+    assert (out2 / "config.json").read_bytes() == (timm_folder / "config.json").read_bytes()

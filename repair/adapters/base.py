@@ -432,12 +432,24 @@ class Adapter(ABC):
         out = Path(out)
         if self.source.is_dir():
             copy_folder_except(self.source, out, self.weights_path)
+            self._update_config(out / "config.json")
             target = out / "model.safetensors"
         else:
             target = out
         save_safetensors(self.state_tensors(), target,
                          provenance.merged(self.source_metadata, {**self.save_metadata_defaults, **metadata}))
         return target
+
+    #: entries the output folder's config.json takes over the source's (the family's loader sets them:
+    #: timm's ``model_args`` given with ``--model-args``), so a plain load builds the network measured
+    config_updates: Mapping[str, Any] = MappingProxyType({})
+
+    def _update_config(self, path: Path) -> None:
+        if not self.config_updates or not path.is_file():
+            return
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg.update(self.config_updates)
+        path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
     def check_save(self) -> Optional[str]:
         """Refuse now (:class:`BadInput` naming the entry) what ``save`` would refuse to copy from a

@@ -188,7 +188,11 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         if not isinstance(folder_args, dict):
             raise BadInput("model_args must be an object", cfg_path)
         _check_model_args(folder_args, "model_args", cfg_path)
+        given = model_args
         model_args = {**folder_args, **(model_args or {})}
+        # --model-args change the network measured and repaired: the output folder's config.json says
+        # so, or a plain timm load of it would build the folder's network
+        config_updates = {"model_args": dict(model_args)} if given and model_args != folder_args else {}
         args_from = args_from or cfg_path
         num_classes = cfg.get("num_classes")
         pretrained_cfg = cfg.get("pretrained_cfg") or {}
@@ -201,6 +205,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
             raise BadInput("expected a .safetensors file (or a pickle with --allow-pickle)", path)
         weights, cfg_path, num_classes, pretrained_cfg, names = path, None, None, None, None
         model_args = dict(model_args or {})
+        config_updates = {}
 
     tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)
     model_args = dict(model_args)
@@ -253,6 +258,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
                                 class_names=[str(n) for n in names],
                                 data_config=resolve_image_config(pretrained_cfg, cfg_path or weights))
     adapter.build = {"architecture": arch, "model_args": model_args, "timm": timm.__version__}
+    adapter.config_updates = config_updates
     adapter.preprocess_from_options = bool(preprocess) and not path.is_dir()
     if path.is_dir():
         adapter.model_folder = path
