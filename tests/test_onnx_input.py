@@ -156,6 +156,14 @@ def test_the_written_onnx_reads_its_input_as_the_figures_measured_it(tmp_path):
     assert load_model(src).data_config["mean"] == [0.0] * 3
     with pytest.raises(BadInput, match=r"--mean set the preprocessing .* carries its own \(its metadata 'preprocess'\)"):
         load_model(src, LoadOptions(mean=(0.5,) * 3))
+    # found by a review: one description without crop_pct read as 1.0 from preprocess.json and as timm's
+    # 0.875 from the metadata, so the same JSON in both places was refused as disagreeing
+    bare = {"input_size": [3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3}
+    src2 = _save(tmp_path / "m2" / "m.onnx", nodes + hn, inits + hi, metadata={"preprocess": json.dumps(bare)})
+    (src2.parent / "preprocess.json").write_text(json.dumps(bare))
+    assert load_model(src2).data_config["crop_pct"] == 1.0
+    (src2.parent / "preprocess.json").unlink()
+    assert load_model(src2).data_config["crop_pct"] == 1.0
 
 
 @pytest.mark.parametrize("case", ["dropout", "batchnorm", "uint8", "max_length"])

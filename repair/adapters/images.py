@@ -120,9 +120,16 @@ def image_config_from_options(size: Optional[int], mean: Optional[Sequence[float
         cfg["std"] = list(std)
     if not cfg:
         return None
-    cfg.setdefault("crop_pct", 1.0)
-    return resolve_image_config(cfg, json_path if json_path is not None and Path(json_path).exists() and
-                                size is None else "--image-size" if size is not None else None)
+    return described_image_config(cfg, json_path if json_path is not None and Path(json_path).exists() and
+                                  size is None else "--image-size" if size is not None else None)
+
+
+def described_image_config(cfg: dict, where=None) -> dict:
+    """:func:`resolve_image_config` of a preprocessing DESCRIBED for a checkpoint that carries none of
+    timm's (a ``preprocess.json``, the options, an ONNX file's ``preprocess`` metadata): no
+    ``crop_pct`` there means no crop (1.0), not timm's default 0.875 -- the one home of that rule, so one
+    description reads the same from any of them."""
+    return resolve_image_config({"crop_pct": 1.0, **cfg} if isinstance(cfg, dict) else cfg, where)
 
 
 class ImageCollate:

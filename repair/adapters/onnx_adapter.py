@@ -27,8 +27,8 @@ from ..errors import BadInput, RepairError
 from ..io import parse_json
 from . import LoadOptions, checked_class_names, register_family
 from .base import Adapter, files_beside, forward_failure, read_json
-from .images import (DATA_CONFIG_KEYS, PREPROCESS_FILE, ImageCollate, image_config_from_options,
-                     resolve_image_config)
+from .images import (DATA_CONFIG_KEYS, PREPROCESS_FILE, ImageCollate, described_image_config,
+                     image_config_from_options)
 # (the helpers below were defined here before the split; they stay importable from this module)
 from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph_inputs,  # noqa: F401
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
@@ -148,7 +148,7 @@ class OnnxAdapter(Adapter):
         try:
             cfg = json.loads(self._source_metadata["preprocess"])
             cfg = cfg.get("image", cfg) if isinstance(cfg, dict) else None
-            return resolve_image_config(cfg)
+            return described_image_config(cfg)
         except Exception:
             raise BadInput("metadata 'preprocess' is not a valid image preprocessing description",
                            self.source) from None
