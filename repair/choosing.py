@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import threads
+from .display import percent
 from .errors import BadInput
 from .methods import CannotWin, ModelRepairInputs, RepairInputs
 from .selection import (MIN_GAIN, Criterion, KFold, average_heads, head_predictions, inferred_groups,
@@ -189,8 +190,8 @@ def _erm_check(ctx: FitContext, sel, fit_idx, y, score_strata, crit) -> None:
     erm, _ = scores_from_preds(head_predictions(ctx.X[fit_idx], ctx.W0, ctx.b0), y, score_strata)
     best = float(sel.worst[sel.best])
     if best <= float(erm[0]) + 1e-9:
-        ctx.warnings.append(f"no candidate beats the original model on {crit.name} ({100 * best:.1f}% vs "
-                            f"{100 * float(erm[0]):.1f}%): the repair set gives no evidence that a repair helps")
+        ctx.warnings.append(f"no candidate beats the original model on {crit.name} ({percent(best)} vs "
+                            f"{percent(float(erm[0]))}): the repair set gives no evidence that a repair helps")
         ctx.log(f"warning: {ctx.warnings[-1]}")     # on stderr with the others, not only in the results
 
 
@@ -343,8 +344,8 @@ def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor,
                                 f"{scheme.describe()}: the first repeat only ({sel.dropped[i]})"})
                     if one:
                         row["out_of_contention"] = sel.dropped[i]
-                    log(f"  {c.label:<40} {folds}-fold {crit.name}={100 * sel.worst[i]:.1f}%  "
-                        f"acc={100 * sel.mean[i]:.1f}%  ({secs[i]:.2f}s)")
+                    log(f"  {c.label:<40} {folds}-fold {crit.name}={percent(sel.worst[i])}  "
+                        f"acc={percent(sel.mean[i])}  ({secs[i]:.2f}s)")
                 rows.append(row)
             if sel.worst is None:
                 head = (heads[sel.best], full[sel.best], None, [sel.best])
@@ -431,9 +432,9 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
         rows.append({"candidate": head[0].label, "kind": "head", "score": best_score,
                      "selection_accuracy": best_mean, "scored_on": fold_desc, "role": "head to beat",
                      "required_gain": need})
-        log(f"  head to beat: {head[0].label}  {crit.name}={100 * best_score:.1f}%  acc={100 * best_mean:.1f}%")
+        log(f"  head to beat: {head[0].label}  {crit.name}={percent(best_score)}  acc={percent(best_mean)}")
         if best_score + need > 1.0 + 1e-12:
-            why = (f"the head's out-of-fold {crit.name} ({100 * best_score:.1f}%) plus the {100 * need:.1f} points "
+            why = (f"the head's out-of-fold {crit.name} ({percent(best_score)}) plus the {100 * need:.1f} points "
                    f"a model repair must gain is above 100%: no model repair can win")
             notes.append(f"model repairs skipped: {why}")
             log(f"  model repairs skipped: {why}")
@@ -468,8 +469,8 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
                 return None
             at_most.append(best)
             return (f"cannot beat the head: after {len(calls)} of {len(parts)} cross-fitted members its "
-                    f"{crit.name} is at most {100 * best:.1f}% (at the best of the {P} points settling "
-                    f"could choose, every row still to predict right), below the {100 * (head_score + need):.1f}% "
+                    f"{crit.name} is at most {percent(best)} (at the best of the {P} points settling "
+                    f"could choose, every row still to predict right), below the {percent(head_score + need)} "
                     f"it needs")
 
         crossed = (_cross_fitted(c, ctx, fit_idx, parts, y, log, stop_check if head_score is not None else None)
@@ -503,7 +504,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
                          "scored_on": f"{fold_desc}; cross-fitted: each fold predicted by the member that did "
                                       f"not train on it",
                          **({"stopped_by": member_stops} if any(member_stops) else {})})
-            log(f"  {c.label:<40} {crit.name}={100 * score:.1f}%  acc={100 * mean:.1f}%  ({crossed.seconds:.1f}s, "
+            log(f"  {c.label:<40} {crit.name}={percent(score)}  acc={percent(mean)}  ({crossed.seconds:.1f}s, "
                 f"cross-fitted)")
             beats_head = head_score is None or score >= head_score + need
             if beats_head and (best is None or best[0] == "head" or (score, mean) > (best_score, best_mean)):
@@ -533,8 +534,8 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             continue
         if bound is not None:
             why = (f"cannot beat the head: after {bound[0]} of {len(parts)} folds its {crit.name} is at most "
-                   f"{100 * bound[1]:.1f}% (every row still to predict right), below the "
-                   f"{100 * (head_score + need):.1f}% it needs")
+                   f"{percent(bound[1])} (every row still to predict right), below the "
+                   f"{percent(head_score + need)} it needs")
             rows.append({"candidate": c.label, "kind": "model", "score_at_most": bound[1],
                          "fit_seconds": round(secs, 4), "steps": steps,
                          "scored_on": f"{bound[0]} of {fold_desc}", "stopped": why,
@@ -546,7 +547,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
         rows.append({"candidate": c.label, "kind": "model", "score": score, "selection_accuracy": mean,
                      "fit_seconds": round(secs, 4), "steps": steps, "scored_on": fold_desc,
                      **({"stopped_by": stops} if any(stops) else {})})
-        log(f"  {c.label:<40} {crit.name}={100 * score:.1f}%  acc={100 * mean:.1f}%  ({secs:.1f}s)")
+        log(f"  {c.label:<40} {crit.name}={percent(score)}  acc={percent(mean)}  ({secs:.1f}s)")
         beats_head = head_score is None or score >= head_score + need
         if beats_head and (best is None or best[0] == "head" or (score, mean) > (best_score, best_mean)):
             best_score, best_mean, best = score, mean, ("model", c)

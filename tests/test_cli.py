@@ -215,3 +215,19 @@ def test_an_exit_3_the_library_raises_itself_reads_internal_error(monkeypatch, t
     data = make_images(tmp_path / "d", n_per_class=2)
     code, _, err = run_cli("export", model, "--data", data, "--out", tmp_path / "m.onnx", "-q")
     assert code == 3 and err.startswith("internal error: ONNX export failed") and err.count("\n") == 1, err
+
+
+def test_the_no_gain_warning_writes_its_figures_with_the_one_formatter():
+    """Found by a review: `no candidate beats the original model (X% vs Y%)` wrote 99.96% as 100.0% (its
+    own `:.1f`), beside tables that say 99.96%: every accuracy shown goes through repair.display.percent."""
+    import inspect
+
+    from repair import choosing
+    from repair.modelrepair import finetune
+
+    for mod in (choosing, finetune):
+        src = inspect.getsource(mod)
+        assert ":.1f}%" not in src, mod.__name__
+    from repair.display import percent
+
+    assert f"({percent(0.9996)} vs {percent(1.0)})" == "(99.96% vs 100.0%)"

@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..config import above, setting
+from ..display import percent
 from ..errors import BadInput
 from ..registry import Resource
 
@@ -517,7 +518,7 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
     def postfix() -> dict:          # the running means and the last held-out criterion
         shown = {k: f"{v:.3f}" for k, v in means().items()}
         if history:
-            shown["heldout"] = f"{100 * history[-1]['score']:.1f}%"
+            shown["heldout"] = f"{percent(history[-1]['score'])}"
         return shown
 
     def add_to_tail() -> None:
