@@ -3,6 +3,7 @@ checkpoint names or shares its tensors (found by an audit of the written files).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 
@@ -62,6 +63,45 @@ def test_a_head_the_checkpoint_stores_under_two_names_is_written_under_both(tmp_
     a = load_model(out, LoadOptions(factory="aliased_net:build", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
                                     class_names=["cat", "dog", "fox"]))
     assert torch.equal(a.head_params()[0], after["fc.weight"].float())
+    # the provenance names every tensor the file holds changed: the head under both its names
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        changed = json.loads(f.metadata()["repair.model_change"])["changed_tensors"]
+    assert set(changed) == {"fc.weight", "fc.bias", "classifier.weight", "classifier.bias"}
+
+
+def test_a_tensor_held_under_two_names_is_one_tensor_changed_under_both(tmp_path, monkeypatch):
+    """The alias group rule, at the API: setting the head changes `classifier.*` too -- counted changed
+    under both names, as the head (the body hash, the embedding cache key, stays the file's), and written
+    under both -- and a body tensor changed in place under one name is written under both as well."""
+    from safetensors.torch import save_file
+
+    from repair import load_model
+    from repair.adapters import LoadOptions
+
+    (tmp_path / "aliased_net2.py").write_text(ALIASED_SRC.replace("self.fc = nn.Linear(8, 3)",
+                                                                  "self.fc = nn.Linear(8, 3)\n        self.body2 = self.body"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = importlib.import_module("aliased_net2").build()
+    w = tmp_path / "net.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(w))
+    a = load_model(w, LoadOptions(factory="aliased_net2:build", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                  class_names=["cat", "dog", "fox"]))
+    body = a.body_hash()
+    assert set(a.head_tensor_names()) == {"fc.weight", "fc.bias", "classifier.weight", "classifier.bias"}
+    W, b = a.head_params()
+    a.set_head(W + 1, b)
+    assert a.changed_tensors() == ["classifier.weight", "fc.weight"]
+    assert a.body_hash() == body and a.head_changed
+    out = a.state_tensors()
+    assert torch.equal(out["classifier.weight"], W + 1) and torch.equal(out["fc.weight"], W + 1)
+    with torch.no_grad():
+        a.model.body[0].weight.add_(1)                 # a body tensor, changed in place under one name
+    assert {"body.0.weight", "body2.0.weight"} <= set(a.adopt_changes_in_place() + a.changed_tensors())
+    assert a.body_hash() != body
+    out = a.state_tensors()
+    assert torch.equal(out["body2.0.weight"], out["body.0.weight"])
 
 
 def test_a_pickle_checkpoint_whose_tensors_share_memory_is_written(tmp_path, bert_folder, text_data):
@@ -117,3 +157,20 @@ def test_model_args_given_to_a_timm_folder_are_in_the_output_folders_config(tmp_
     out2 = tmp_path / "out2"
     assert run_cli("fix", timm_folder, "--data", image_data, "--recipe", "dfr", "--out", out2, "-q")[0] == 0
     assert (out2 / "config.json").read_bytes() == (timm_folder / "config.json").read_bytes()
+
+
+def test_a_model_folders_hidden_files_are_carried_over_but_not_its_hidden_folders(tmp_path, bert_folder, text_data):
+    """A Hugging Face folder's `.gitattributes` (its LFS rules) was silently not copied into the
+    repaired folder. Hidden files are copied; hidden folders (a `.git` holding the unrepaired weights)
+    and repair's own records are not."""
+    src = tmp_path / "src"
+    shutil.copytree(bert_folder, src)
+    (src / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    (src / ".git").mkdir()
+    (src / ".git" / "weights-object").write_bytes(b"old weights")
+    (src / ".repair-lock").write_text("")
+    out = tmp_path / "out"
+    code, _, err = run_cli("fix", src, "--data", text_data, "--recipe", "dfr", "--out", out, "-q")
+    assert code == 0, err
+    assert (out / ".gitattributes").read_bytes() == (src / ".gitattributes").read_bytes()
+    assert not (out / ".git").exists() and not (out / ".repair-lock").exists()

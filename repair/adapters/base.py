@@ -265,10 +265,32 @@ class Adapter(ABC):
         self._file_values: dict[str, torch.Tensor] = {}   # the file's value of every tensor set so far
 
     def head_tensor_names(self) -> list[str]:
-        """The head's tensor names (weight, bias) in the model's state dict / the file."""
+        """The head's tensor names (weight, bias) in the model's state dict / the file, then every other
+        name the model holds the same tensors under (:meth:`tensor_aliases`: a head reachable twice,
+        ``self.classifier = self.fc``, is the head under either name)."""
         if self.head_name is None:
             return []
-        return [f"{self.head_name}.weight", f"{self.head_name}.bias"]
+        names = [f"{self.head_name}.weight", f"{self.head_name}.bias"]
+        aliases = self.tensor_aliases()
+        return names + [a for n in names for a in aliases.get(n, ()) if a not in names]
+
+    def tensor_aliases(self) -> dict[str, tuple[str, ...]]:
+        """Each state-dict name the model holds one tensor under with another name (one module reachable
+        under two names, tied weights): name -> the other names of its group. A group is the names whose
+        tensors in ``state_dict(keep_vars=True)`` are one memory (same storage, offset, shape, strides and
+        dtype). The one home of that rule: ``set_tensors`` and ``adopt_changes_in_place`` register a
+        change under every name of its group, so ``changed_tensors``, ``body_hash`` and ``save`` (every
+        name gets the new value; a plain ``load_state_dict`` keeps the later key) count and write it
+        under all of them."""
+        if self.model is None:
+            return {}
+        groups: dict[tuple, list[str]] = {}
+        for n, t in self.model.state_dict(keep_vars=True).items():
+            if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
+                key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                       tuple(t.stride()), t.dtype)
+                groups.setdefault(key, []).append(n)
+        return {n: tuple(m for m in g if m != n) for g in groups.values() if len(g) > 1 for n in g}
 
     def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy new values into the model's parameters / buffers by state-dict name. Shapes
@@ -294,6 +316,10 @@ class Adapter(ABC):
                 own[name].copy_(v.to(device=own[name].device, dtype=own[name].dtype))
 
     def _remember_file_values(self, names: Sequence[str], own: dict[str, torch.Tensor]) -> None:
+        # a tensor the model holds under other names too changes under all of them (tensor_aliases)
+        aliases = self.tensor_aliases()
+        names = list(dict.fromkeys([*names, *(a for n in names for a in aliases.get(n, ())
+                                             if a in self._file_names and a not in self._file_values)]))
         in_file = [n for n in names if n in self._file_names]
         self._file_values.update(read_tensors(self.weights_path, in_file))
         for n in names:
@@ -408,16 +434,6 @@ class Adapter(ABC):
         if changed:
             own = self._require_model().state_dict()
             heads = self.head_tensor_names()
-
-            def where(t):                      # a tensor's memory: names sharing it are one tensor
-                return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-
-            # a changed tensor the model also holds under another name the file stores (a module
-            # reachable twice, `self.classifier = self.fc`): every name gets the new value, else the
-            # file's old value under the other name is what a plain load_state_dict keeps
-            moved = {where(own[n]) for n in changed if n in own}
-            changed = changed + [n for n in tensors if n not in changed and n in own and own[n].numel()
-                                 and where(own[n]) in moved]
             for n in changed:
                 like = tensors.get(n, tensors.get(heads[0]) if heads else None)
                 dtype = like.dtype if like is not None else own[n].dtype
@@ -656,10 +672,18 @@ def check_model_folder(folder: Path) -> list[Path]:
     return out
 
 
+def _own_hidden(name: str) -> bool:
+    """A hidden name a model folder may hold that is not the model's: repair's own records and locks
+    (``.repair-*``) and temporaries (``*.tmp``, ``.NAME.work-*``)."""
+    return name.startswith(".repair") or name.endswith(".tmp") or ".work-" in name
+
+
 def _walk(folder: Path):
-    """The non-hidden entries under ``folder``, not descending into symlinked folders."""
+    """The entries under ``folder`` a copy of it holds, not descending into symlinked folders: hidden
+    files too (a Hugging Face folder's ``.gitattributes``: its LFS rules), but not hidden folders (a
+    ``.git`` or ``.cache`` holds the unrepaired weights) nor :func:`_own_hidden` names."""
     for item in sorted(folder.iterdir()):
-        if item.name.startswith("."):
+        if item.name.startswith(".") and (_own_hidden(item.name) or item.is_dir()):
             continue
         yield item
         if item.is_dir() and not item.is_symlink():
@@ -667,8 +691,8 @@ def _walk(folder: Path):
 
 
 def folder_copy_plan(src: Path, skip: Optional[Path] = None, left_out: Optional[list] = None) -> list[Path]:
-    """The entries of ``src`` that :func:`copy_folder_except` copies, checked. Left out: hidden ones,
-    ``skip``, every other weights file (the source's weights in another format, an ONNX export of
+    """The entries of ``src`` that :func:`copy_folder_except` copies, checked. Left out: hidden folders
+    and repair's own hidden files (:func:`_walk`), ``skip``, every other weights file (the source's weights in another format, an ONNX export of
     them, which would ship the unrepaired model inside the repaired one) and the folder's own repair
     artifacts (:func:`repair.rules.artifacts_output`: the record of the run that made ``src``, not
     part of the model; a new run writes its own). Every entry, copied or not, passes
@@ -724,7 +748,7 @@ def left_out_notice(src: Path, left_out: list) -> Optional[str]:
 
 def copy_folder_except(src: Path, dst: Path, skip: Path) -> None:
     """Create ``dst`` with every entry of ``src`` but ``skip`` (the weights file that is
-    rewritten) and hidden files, as regular files and folders only. A symlink whose target lies
+    rewritten), hidden folders and repair's own hidden files, as regular files and folders only. A symlink whose target lies
     outside ``src`` (a secret, ``/dev/zero``) or a FIFO, device or socket is :class:`BadInput`
     naming it, before anything is written: an output holds only what the source folder holds as
     regular files."""
