@@ -412,6 +412,20 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                     cols.append((k, _as_field_type(k, r[k])))
                 except ValueError as e:
                     problems.add(where, k, str(e))
+        if len(cols) == len([k for k in DATA_FIELDS if k in r and k != "group_by"]):
+            from .data import OPTION_FLAGS, DataOptions
+
+            # the data options' own checks (their one home, naming the CLI flag), each reported under its
+            # field as gate, seed and budget are (max_pixels 0 was blamed on `data`, named --max-pixels)
+            for gb_field in ("group_by", "eval_group_by"):
+                given = {**dict(cols), "group_by": f.get(gb_field)}
+                try:
+                    DataOptions(**given)
+                except BadInput as e:
+                    k = next((k for k in given if e.problem.startswith(OPTION_FLAGS[k] + " ")), None)
+                    problems.add(where, (gb_field if k == "group_by" else k) or "data",
+                                 e.problem.removeprefix(f"{OPTION_FLAGS[k]} ") if k else e.problem)
+                    break
         f["columns"] = tuple(cols)
         res = []
         for k in sorted(resource_names & set(r)):

@@ -157,3 +157,23 @@ def test_a_thread_or_worker_count_no_machine_has_is_exit_2_before_any_work(tmp_p
     path.write_text(yaml.safe_dump({"models": [{"name": "a", "checkpoint": "m0", "data": "val"}]}))
     code, _, err = run_cli("zoo", path, "--mode", "eval", "-q", *option)
     refused_before_any_work(code, err, tmp_path, option[0])
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("max_pixels", 0, "max_pixels: must be a positive whole number, got 0"),
+    ("max_pixels", -5, "max_pixels: must be a positive whole number, got -5"),
+    ("max_pixels", float("inf"), "max_pixels: must be a whole number, got inf"),
+    ("max_pixels", "many", "max_pixels: must be a whole number, got 'many'"),
+    ("label_col", " ", "label_col: must be a non-empty column name"),
+    ("group_by", " ", "group_by: must be a non-empty column name"),
+])
+def test_a_bad_data_option_in_a_row_is_reported_under_its_own_field(tmp_path, parts, field, value, needle):
+    """Found by a review: `max_pixels: 0` was `row 1 (a), data: --max-pixels must be a positive whole
+    number, got 0` (blamed on the data, named by the CLI flag) while `.inf` was under `max_pixels:`.
+    One check (DataOptions), reported under the row's field as gate, seed and budget are."""
+    copy_parts(tmp_path, parts)
+    path = tmp_path / "z.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "a", "checkpoint": "m0", "data": "val", field: value}]}))
+    code, _, err = run_cli("zoo", path, "--mode", "eval", "-q")
+    refused_before_any_work(code, err, tmp_path, f"row 1 (a), {needle}")
+    assert ", data:" not in err and "--" not in err.split("row 1")[1], err
