@@ -174,3 +174,36 @@ def test_a_model_folders_hidden_files_are_carried_over_but_not_its_hidden_folder
     assert code == 0, err
     assert (out / ".gitattributes").read_bytes() == (src / ".gitattributes").read_bytes()
     assert not (out / ".git").exists() and not (out / ".repair-lock").exists()
+
+
+def test_model_args_given_for_a_bare_weights_file_are_in_its_provenance(tmp_path, timm_folder, image_data):
+    """A bare safetensors output has no config.json to carry `--model-args`: they were written nowhere, so
+    nothing said which network the file's tensors were repaired for. The provenance records them, and a
+    plain timm build with them reloads the output to repair's logits."""
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from repair import load_model
+    from repair.adapters import LoadOptions
+
+    out = tmp_path / "fixed.safetensors"
+    code, _, err = run_cli("fix", timm_folder / "model.safetensors", "--data", image_data, "--recipe", "dfr",
+                           "--model-args", '{"act_layer": "gelu"}', "--out", out, "-q")
+    assert code == 0, err
+    with safe_open(str(out), "pt") as f:
+        args = json.loads(f.metadata()["repair.model_args"])
+    assert args["act_layer"] == "gelu"
+    arch = json.loads((timm_folder / "config.json").read_text())["architecture"]
+    plain = timm.create_model(arch, num_classes=3, **args).eval()
+    plain.load_state_dict(load_file(str(out)))
+    a = load_model(out, LoadOptions(arch=arch, model_args={"act_layer": "gelu"}))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), a.model.eval()(x), atol=1e-5)
+    # without --model-args nothing is recorded
+    out2 = tmp_path / "plain.safetensors"
+    assert run_cli("fix", timm_folder / "model.safetensors", "--data", image_data, "--recipe", "dfr",
+                   "--out", out2, "-q")[0] == 0
+    with safe_open(str(out2), "pt") as f:
+        assert "repair.model_args" not in f.metadata()

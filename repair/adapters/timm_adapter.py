@@ -4,11 +4,13 @@ folder: the folder's config with that file's weights), or a bare weights file + 
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from .. import provenance
 from ..errors import BadInput
 from ..io import PICKLE_SUFFIXES, load_state_dict_file
 from . import LoadOptions, checked_class_names, names_by_index, register_family
@@ -168,6 +170,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
 
     path = Path(path)
     source = path
+    given = model_args               # --model-args (a file's model_args are the folder's own)
     args_from = (Path(args_file) if args_file is not None else "--model-args") if model_args is not None else None
     if model_args is not None:
         _check_model_args(model_args, "--model-args", args_file)
@@ -188,7 +191,6 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         if not isinstance(folder_args, dict):
             raise BadInput("model_args must be an object", cfg_path)
         _check_model_args(folder_args, "model_args", cfg_path)
-        given = model_args
         model_args = {**folder_args, **(model_args or {})}
         # --model-args change the network measured and repaired: the output folder's config.json says
         # so, or a plain timm load of it would build the folder's network
@@ -259,6 +261,9 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
                                 data_config=resolve_image_config(pretrained_cfg, cfg_path or weights))
     adapter.build = {"architecture": arch, "model_args": model_args, "timm": timm.__version__}
     adapter.config_updates = config_updates
+    if given:   # the network measured: recorded in the output's provenance, the one record a bare file has
+        adapter.save_metadata_defaults = MappingProxyType(
+            {f"{provenance.PREFIX}model_args": provenance.canonical_json(model_args)})
     adapter.preprocess_from_options = bool(preprocess) and not path.is_dir()
     if path.is_dir():
         adapter.model_folder = path
