@@ -177,3 +177,15 @@ def test_a_bad_data_option_in_a_row_is_reported_under_its_own_field(tmp_path, pa
     code, _, err = run_cli("zoo", path, "--mode", "eval", "-q")
     refused_before_any_work(code, err, tmp_path, f"row 1 (a), {needle}")
     assert ", data:" not in err and "--" not in err.split("row 1")[1], err
+
+
+@pytest.mark.parametrize("name, value, flag", [("workers", 5000, "--workers"), ("gpus_per_model", float("nan"), "--gpus-per-model"),
+                                               ("gpus_per_model", 1e9, "--gpus-per-model"),
+                                               ("cpus_per_model", 100000, "--cpus-per-model")])
+def test_a_count_no_machine_has_is_refused_with_ray_too(name, value, flag):
+    """The ceiling holds where the option is used (with --ray; Ray itself is not needed for the check)."""
+    from repair.errors import BadInput
+    from repair.zoo import ZooOptions
+
+    with pytest.raises(BadInput, match=flag):
+        ZooOptions(mode="eval", ray="auto", **{name: value})
