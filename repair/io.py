@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -105,10 +106,14 @@ def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[s
     return load_safetensors(path)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str],
+                     mode_of: Optional[Path] = None) -> None:
     """``safetensors.torch.save_file`` with the metadata in sorted key order (safetensors writes
     it in hash order, which differs from process to process), so equal inputs give equal bytes.
-    A failed write is an ``OSError`` with its errno (safetensors wraps it in its own error)."""
+    A failed write is an ``OSError`` with its errno (safetensors wraps it in its own error).
+    ``mode_of``: the file whose permission bits the written one takes (a repaired checkpoint's: its
+    source weights file, as the files copied beside it keep theirs -- a 0600 checkpoint is not
+    written readable by all); without it, those of any file the user writes (0666 less the umask)."""
     from safetensors.torch import save_file
 
     # tensors that share memory (a pickle checkpoint's tied weights: safetensors refuses them) are
@@ -131,7 +136,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         raise
     if metadata:
         _sort_header(Path(path))
-    os.chmod(path, 0o666 & ~current_umask())     # as any file the user writes (safetensors makes it 0600)
+    mode = stat.S_IMODE(os.stat(mode_of).st_mode) & 0o777 if mode_of is not None else 0o666 & ~current_umask()
+    os.chmod(path, mode)     # safetensors makes it 0600
 
 
 def current_umask() -> int:

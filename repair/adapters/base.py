@@ -453,7 +453,8 @@ class Adapter(ABC):
         else:
             target = out
         save_safetensors(self.state_tensors(), target,
-                         provenance.merged(self.source_metadata, {**self.save_metadata_defaults, **metadata}))
+                         provenance.merged(self.source_metadata, {**self.save_metadata_defaults, **metadata}),
+                         mode_of=self.weights_path)
         return target
 
     #: entries the output folder's config.json takes over the source's (the family's loader sets them:
