@@ -227,6 +227,8 @@ def check_fields(name: Any, selection: Any, folds: Any, repeats: Any, ensemble: 
 
     if not isinstance(name, str) or not name or not name.isprintable():
         raise BadInput(f"name must be a non-empty string of printable characters, got {name!r}", where)
+    if name != name.strip():          # "mixft " printed as the built-in mixft, and passed its name check
+        raise BadInput(f"name must not start or end with a space, got {name!r}", where)
     if not isinstance(selection, str) or selection not in SELECTION_NAMES:
         raise BadInput(f"selection must be one of {', '.join(SELECTION_NAMES)}, got {selection!r}", where)
     check_folds(folds, "folds", where)

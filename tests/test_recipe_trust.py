@@ -550,3 +550,12 @@ def test_a_recipe_or_journal_that_is_not_utf8_is_named_with_its_line(tmp_path):
     j.write_bytes(b'{"a": 1}\n{"b": "caf\xe9"}\n')
     with pytest.raises(BadInput, match=r"not a journal: not UTF-8 text \(line 2,"):
         Journal(j).read()
+
+
+def test_a_recipe_name_with_a_space_around_it_is_refused(tmp_path):
+    """Found by an audit: `name: "mixft "` (a changed copy of mixft.yaml) passed the built-in name check
+    and printed as the built-in `recipe mixft`. A name never starts or ends with a space."""
+    src = (Path(__file__).parents[1] / "recipes" / "mixft.yaml").read_text()
+    for name in ('"mixft "', '" mixft"', '"my recipe "'):
+        f = _write(tmp_path, "r.yaml", src.replace("name: mixft", f"name: {name}", 1).replace("0.0001", "0.001", 1))
+        _refused(str(f), "r.yaml", "must not start or end with a space", validate=True)
