@@ -221,22 +221,26 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
         while lines and (lines[0].startswith("#") or not lines[0].strip()):
             line = lines.pop(0)
             skipped += 1
-            # the first word ends at any character that is not a word's, but '/' and '.' ("# eval/test
-            # split ..." and "# data.csv was cleaned by hand" do not start with a field name, while
-            # "# gate>=90%" and "# gate, 90% for all rows" do)
-            m = re.fullmatch(r"#\s*(\w+)(?=[^\w/.]|$)\s*([:=]?)\s*(.*?)\s*", line)
+            # the first word ends at any character that is not a word's ("# gate>=90%", "# gate, 90% for
+            # all rows", "# gate(CI) 90%" start with the field name gate)
+            m = re.fullmatch(r"#\s*(\w+)(?=\W|$)\s*([:=]?)\s*(.*?)\s*", line)
             if m is None:                                       # blank, or "#" then no word: a comment
                 continue
             word, sep, value = m.groups()
+            field = by_lower.get(word.lower())
+            if line[m.end(1):m.end(1) + 1] in ("/", ".") and not (field in _NUMBER_FIELDS and _A_NUMBER.search(value)):
+                # a path or a file name ("# eval/test split ...", "# data.csv was cleaned by hand") is prose,
+                # unless a number follows a number field ("# gate/CI 90%", "# gate.90": any doubt is a setting)
+                continue
             if sep and (word in field_names or re.fullmatch(r"[a-z_]+", word)):
                 defaults[word] = value      # "# key: value" (lower case): a default (an unknown key is refused)
-            elif word.lower() in by_lower and (sep or _looks_like_a_value(by_lower[word.lower()], value)):
+            elif field is not None and (sep or _looks_like_a_value(field, value)):
                 # "# Gate: 90%", "# gate 90% (CI)", "# recipe mixft for all rows": a setting written
                 # otherwise, never a comment that drops it (prose such as "# Data for each row lives
                 # here" is a comment)
                 shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
-                raise BadInput(f"line {skipped}: {shown!r} names the field {by_lower[word.lower()]!r} but is not "
-                               f"a default: write '# {by_lower[word.lower()]}: VALUE' (the field name in lower case, "
+                raise BadInput(f"line {skipped}: {shown!r} names the field {field!r} but is not "
+                               f"a default: write '# {field}: VALUE' (the field name in lower case, "
                                "then ':' or '='), or word the comment so it does not start with a field name", path)
             # other "#" lines ("# Note: ...") are comments
         columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1)
@@ -254,6 +258,8 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
 
 #: fields whose value is a number or a threshold, and those whose value is a path (a CSV '#' line's rule)
 _NUMBER_FIELDS = ("gate", "seed", "budget", "max_pixels")
+#: a number or threshold in a '#' line's words ("90", ".9", ">= 90%", "(CI) 90%"), not a digit inside a word ("v2")
+_A_NUMBER = re.compile(r"(?<![^\W\d_])[-+]?(\d|\.\d)")
 _PATH_SUFFIXES = (".csv", ".jsonl", ".json", ".yaml", ".yml", ".onnx", ".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -270,7 +276,7 @@ def _looks_like_a_value(field: str, rest: str) -> bool:
     first = words[0].strip("()[],;'\"")
     if re.search(r"[/\\]", first) or first.startswith("~") or first.lower().endswith(_PATH_SUFFIXES):
         return True
-    if field in _NUMBER_FIELDS and re.search(r"(?<![^\W\d_])[-+]?(\d|\.\d)", rest):
+    if field in _NUMBER_FIELDS and _A_NUMBER.search(rest):
         return True             # a number anywhere after it: "# gate >= 90% for all rows", "# Gate (CI) 90%"
     if field == "recipe":
         from .recipes import available
