@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import socket
-import stat
 import struct
 import sys
 import tempfile
@@ -106,14 +105,10 @@ def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[s
     return load_safetensors(path)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str],
-                     mode_of: Optional[Path] = None) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """``safetensors.torch.save_file`` with the metadata in sorted key order (safetensors writes
     it in hash order, which differs from process to process), so equal inputs give equal bytes.
-    A failed write is an ``OSError`` with its errno (safetensors wraps it in its own error).
-    ``mode_of``: the file whose permission bits the written one takes (a repaired checkpoint's: its
-    source weights file, as the files copied beside it keep theirs -- a 0600 checkpoint is not
-    written readable by all); without it, those of any file the user writes (0666 less the umask)."""
+    A failed write is an ``OSError`` with its errno (safetensors wraps it in its own error)."""
     from safetensors.torch import save_file
 
     # tensors that share memory (a pickle checkpoint's tied weights: safetensors refuses them) are
@@ -136,8 +131,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         raise
     if metadata:
         _sort_header(Path(path))
-    mode = stat.S_IMODE(os.stat(mode_of).st_mode) & 0o777 if mode_of is not None else 0o666 & ~current_umask()
-    os.chmod(path, mode)     # safetensors makes it 0600
+    os.chmod(path, 0o666 & ~current_umask())     # as any file the user writes (safetensors makes it 0600)
 
 
 def current_umask() -> int:

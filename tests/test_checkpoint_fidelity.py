@@ -207,30 +207,3 @@ def test_model_args_given_for_a_bare_weights_file_are_in_its_provenance(tmp_path
                    "--out", out2, "-q")[0] == 0
     with safe_open(str(out2), "pt") as f:
         assert "repair.model_args" not in f.metadata()
-
-
-def test_the_repaired_weights_file_takes_the_source_weights_files_mode(tmp_path, bert_folder, timm_folder,
-                                                                        text_data, image_data):
-    """A 0600 checkpoint (private weights) was written 0644 -- readable by all -- while the files copied
-    beside it kept their modes. The written weights file takes the source weights file's mode, for a
-    folder output and a bare-file output alike."""
-    import stat
-
-    def mode(p):
-        return stat.S_IMODE(os.stat(p).st_mode)
-
-    src = tmp_path / "src"
-    shutil.copytree(bert_folder, src)
-    os.chmod(src / "model.safetensors", 0o600)
-    os.chmod(src / "config.json", 0o640)
-    out = tmp_path / "out"
-    code, _, err = run_cli("fix", src, "--data", text_data, "--recipe", "dfr", "--out", out, "-q")
-    assert code == 0, err
-    assert mode(out / "model.safetensors") == 0o600 and mode(out / "config.json") == 0o640
-    w = tmp_path / "timm" / "model.safetensors"
-    shutil.copytree(timm_folder, w.parent)
-    os.chmod(w, 0o640)
-    out2 = tmp_path / "fixed.safetensors"
-    code, _, err = run_cli("fix", w, "--data", image_data, "--recipe", "dfr", "--out", out2, "-q")
-    assert code == 0, err
-    assert mode(out2) == 0o640

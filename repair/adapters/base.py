@@ -453,8 +453,7 @@ class Adapter(ABC):
         else:
             target = out
         save_safetensors(self.state_tensors(), target,
-                         provenance.merged(self.source_metadata, {**self.save_metadata_defaults, **metadata}),
-                         mode_of=self.weights_path)
+                         provenance.merged(self.source_metadata, {**self.save_metadata_defaults, **metadata}))
         return target
 
     #: entries the output folder's config.json takes over the source's (the family's loader sets them:
