@@ -71,6 +71,48 @@ def test_a_head_the_checkpoint_stores_under_two_names_is_written_under_both(tmp_
     assert set(changed) == {"fc.weight", "fc.bias", "classifier.weight", "classifier.bias"}
 
 
+def test_a_model_repair_of_a_checkpoint_storing_its_head_under_two_names_writes_both(tmp_path, image_data,
+                                                                                    monkeypatch):
+    """A model repair (fine-tuning every tensor) of the aliased head's checkpoint: the body and the head
+    under both names get the trained values, a plain `load_state_dict` gives repair's logits, and the
+    provenance names both names of the head as changed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from repair import load_model
+    from repair.adapters import LoadOptions
+
+    (tmp_path / "aliased_net3.py").write_text(ALIASED_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = importlib.import_module("aliased_net3").build()
+    w = tmp_path / "net.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(w))
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text("name: tiny-finetune\ncandidates:\n  - method: finetune\n"
+                      "    params: {epochs: 3, batch_size: 8, lr: 0.05, patience: 0}\n")
+    out = tmp_path / "fixed.safetensors"
+    opts = ["--factory", "aliased_net3:build", "--image-size", "32", "--mean", "0.5,0.5,0.5", "--std",
+            "0.5,0.5,0.5", "--class-names", "cat,dog,fox"]
+    code, _, err = run_cli("fix", w, *opts, "--data", image_data, "--recipe", recipe, "--seed", "3", "--out", out,
+                           "-q")
+    assert code == 0, err
+    before, after = load_file(str(w)), load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        changed = set(json.loads(f.metadata()["repair.model_change"])["changed_tensors"])
+    assert {"fc.weight", "classifier.weight"} <= changed
+    for n in ("weight", "bias"):
+        assert torch.equal(after[f"classifier.{n}"], after[f"fc.{n}"]), n
+        assert (f"fc.{n}" in changed) == (f"classifier.{n}" in changed) == (not torch.equal(after[f"fc.{n}"],
+                                                                                               before[f"fc.{n}"]))
+    plain = importlib.import_module("aliased_net3").build().eval()
+    plain.load_state_dict(after)
+    a = load_model(out, LoadOptions(factory="aliased_net3:build", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                    class_names=["cat", "dog", "fox"]))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain(x), a.logits_batch(x, torch.device("cpu")))
+
+
 def test_a_tensor_held_under_two_names_is_one_tensor_changed_under_both(tmp_path, monkeypatch):
     """The alias group rule, at the API: setting the head changes `classifier.*` too -- counted changed
     under both names, as the head (the body hash, the embedding cache key, stays the file's), and written
