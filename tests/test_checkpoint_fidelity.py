@@ -249,3 +249,26 @@ def test_model_args_given_for_a_bare_weights_file_are_in_its_provenance(tmp_path
                    "--out", out2, "-q")[0] == 0
     with safe_open(str(out2), "pt") as f:
         assert "repair.model_args" not in f.metadata()
+
+
+def test_a_head_tied_to_another_module_is_refused_before_any_work(tmp_path, image_data, monkeypatch):
+    """Noticed by the fixer of the aliasing rule: a head whose weight is also another module's (tied to an
+    input embedding) would change that module when repaired, and with it the features the head was fitted
+    on (the embedding cache key ignores head tensors). Refused naming the tied tensor; a module reachable
+    twice is not such a tie."""
+    from safetensors.torch import save_file
+
+    src = ALIASED_SRC.replace("self.classifier = self.fc      # an old name kept for old code: the same module, the same tensors",
+                              "self.classifier = nn.Linear(8, 3)\n        self.classifier.weight = self.fc.weight")
+    (tmp_path / "tied_net.py").write_text(src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    model = importlib.import_module("tied_net").build()
+    w = tmp_path / "net.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(w))
+    out = tmp_path / "fixed.safetensors"
+    code, _, err = run_cli("fix", w, "--factory", "tied_net:build", "--image-size", "32", "--mean", "0.5,0.5,0.5",
+                           "--std", "0.5,0.5,0.5", "--class-names", "cat,dog,fox", "--data", image_data, "--recipe",
+                           "dfr", "--out", out, "-q")
+    assert code == 2 and "tied weights" in err and err.count("\n") == 1, err
+    assert not out.exists()

@@ -483,7 +483,29 @@ class Adapter(ABC):
             raise BadInput(f"the classifier head {self.head_name} has no bias, and a repaired head has one: the "
                            "repaired weights could not be loaded into this architecture (give a model whose head "
                            "has a bias, or its ONNX export)", self.source)
+        tied = self.head_tied_elsewhere()
+        if tied:
+            raise BadInput(f"the classifier head's tensor is also {tied} (tied weights): a repaired head would change "
+                           "that module too, and with it the features the head was fitted on", self.source)
         return notice
+
+    def head_tied_elsewhere(self) -> Optional[str]:
+        """A name the head's tensors also have in another module than the head (weights tied to an input
+        embedding), or None. A module reachable under two names (``self.classifier = self.fc``) is the head
+        under both (:meth:`tensor_aliases`)."""
+        if self.model is None or self.head is None or self.head_name is None:
+            return None
+        aliases = self.tensor_aliases()
+        for n in (f"{self.head_name}.weight", f"{self.head_name}.bias"):
+            for other in aliases.get(n, ()):
+                owner = other.rsplit(".", 1)[0] if "." in other else ""
+                try:
+                    module = self.model.get_submodule(owner)
+                except AttributeError:
+                    return other
+                if module is not self.head:
+                    return other
+        return None
 
     def export_proto(self, metadata: dict[str, str]):
         """The model as an ONNX ModelProto with ``metadata`` merged in. Only a model that is
