@@ -121,7 +121,7 @@ def test_cnn_export_verified_with_provenance(cnn_export, items):
     assert (b["atol"], b["rtol"], b["source"]) == (DEFAULT_BOUND.atol, DEFAULT_BOUND.rtol, "default")
     assert 0 <= b["ratio"] <= 1 and b["worst"]["abs_diff"] <= b["worst"]["allowed"]
     assert rep["max_abs_diff"] <= rep["tolerance"]
-    assert rep["argmax_agreement"] == 1.0 and rep["n_verified"] == len(items)
+    assert rep["argmax_disagreements"] == rep["near_ties"] and rep["n_verified"] == len(items)  # a near tie may flip on another CPU
     assert rep["export_batch_size"] == EXPORT_BATCH and EXPORT_BATCH != rep["verify_batch_size"]
     assert "CPUExecutionProvider" in rep["providers"]
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -149,7 +149,7 @@ def test_vit_export(tmp_path, items):
     repair_head(a)
     out = tmp_path / "vit.onnx"
     rep = export_onnx(a, out, metadata=meta_for(a), verify_items=items[:7])
-    assert rep["passed"] and rep["bound"]["ratio"] <= 1 and rep["argmax_agreement"] == 1.0
+    assert rep["passed"] and rep["bound"]["ratio"] <= 1 and rep["argmax_disagreements"] == rep["near_ties"]
     assert rep["n_verified"] == 7 and rep["batch_sizes"] == [7]
     for n in (1, 3):
         x = a.collate(items[:n])
@@ -160,7 +160,7 @@ def test_bert_export_dynamic_batch_and_sequence(bert_export):
     a, out, rep, texts = bert_export
     assert rep["passed"] and rep["bound"]["ratio"] <= 1 and rep["bound"]["rtol"] == DEFAULT_BOUND.rtol
     assert rep["exporter"] == "dynamo"   # torch's current exporter (onnxscript is a dependency)
-    assert rep["argmax_agreement"] == 1.0 and rep["n_verified"] == len(texts)
+    assert rep["argmax_disagreements"] == rep["near_ties"] and rep["n_verified"] == len(texts)
     assert rep["input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == rep["input_names"]
@@ -254,7 +254,8 @@ def test_cli_export_and_verify(cnn_export, timm_folder, image_data, tmp_path):
     export_safetensors(a, st, meta_for(a))
     code, stdout, stderr = run_cli("verify", onnx_file, "--reference", st, "--data", image_data, "--json")
     assert code == 0, stderr
-    assert json.loads(stdout)["argmax_agreement"] == 1.0
+    v = json.loads(stdout)
+    assert v["argmax_disagreements"] == v["near_ties"]          # a near tie may flip on another CPU
 
 
 def test_verify_fails_a_file_that_says_it_is_read_as_another_classifier(timm_folder, image_data, tmp_path):
