@@ -33,21 +33,31 @@ def build():
 '''
 
 
+def _factory_checkpoint(tmp_path, monkeypatch, module: str, src: str):
+    """``src`` as module ``module`` beside the test (importable here and by the CLI) and its ``build()``'s
+    state dict as ``net.safetensors`` (each tensor its own copy: safetensors refuses shared memory).
+    Returns (the weights file, the model built)."""
+    from safetensors.torch import save_file
+
+    (tmp_path / f"{module}.py").write_text(src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    model = importlib.import_module(module).build()
+    w = tmp_path / "net.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(w))
+    return w, model
+
+
 def test_a_head_the_checkpoint_stores_under_two_names_is_written_under_both(tmp_path, image_data, monkeypatch):
     """The head reachable as `fc` and `classifier` (one module): the file got the new `fc.*` and the old
     `classifier.*`, so a plain `load_state_dict` (the later key wins) gave the ORIGINAL head, and
     `repair.load_model` refused the output. Every name of a changed tensor now gets its new value."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from repair import load_model
     from repair.adapters import LoadOptions
 
-    (tmp_path / "aliased_net.py").write_text(ALIASED_SRC)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    model = importlib.import_module("aliased_net").build()
-    w = tmp_path / "net.safetensors"
-    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(w))
+    w, model = _factory_checkpoint(tmp_path, monkeypatch, "aliased_net", ALIASED_SRC)
     out = tmp_path / "fixed.safetensors"
     opts = ["--factory", "aliased_net:build", "--image-size", "32", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
             "--class-names", "cat,dog,fox"]
@@ -256,16 +266,9 @@ def test_a_head_tied_to_another_module_is_refused_before_any_work(tmp_path, imag
     input embedding) would change that module when repaired, and with it the features the head was fitted
     on (the embedding cache key ignores head tensors). Refused naming the tied tensor; a module reachable
     twice is not such a tie."""
-    from safetensors.torch import save_file
-
     src = ALIASED_SRC.replace("self.classifier = self.fc      # an old name kept for old code: the same module, the same tensors",
                               "self.classifier = nn.Linear(8, 3)\n        self.classifier.weight = self.fc.weight")
-    (tmp_path / "tied_net.py").write_text(src)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    model = importlib.import_module("tied_net").build()
-    w = tmp_path / "net.safetensors"
-    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(w))
+    w, model = _factory_checkpoint(tmp_path, monkeypatch, "tied_net", src)
     out = tmp_path / "fixed.safetensors"
     code, _, err = run_cli("fix", w, "--factory", "tied_net:build", "--image-size", "32", "--mean", "0.5,0.5,0.5",
                            "--std", "0.5,0.5,0.5", "--class-names", "cat,dog,fox", "--data", image_data, "--recipe",
