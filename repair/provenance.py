@@ -184,11 +184,11 @@ def data_identity(data, group_by: Optional[str] = None, inputs=None, adapter=Non
 
 
 #: the repair set's per-sample record (``repair.samples``): this scheme, then the base64 of the sorted
-#: first 8 bytes of the sha256 of each distinct key -- a sample as the model reads it and its bytes, two
-#: keys a sample (about 22 characters a sample: 20,000 samples 430 KB; a key of other data matches one of
-#: 2 x 10^6 by chance with probability about 1e-13)
+#: first 8 bytes of the sha256 of each distinct key -- a sample as the model reads it, and a text's bytes
+#: too (11 characters a key: 20,000 texts 430 KB, 20,000 images 214 KB; a key of other data matches one
+#: of 2 x 10^6 by chance with probability about 1e-13)
 SAMPLES_SCHEME = "sha256/8:"
-#: more distinct samples than this and no per-sample record is written (about 21 MB of metadata): the
+#: more distinct samples than this and no per-sample record is written (at most about 21 MB of metadata): the
 #: whole-set digest (``samples_sha256``) alone then recognises the repair set
 SAMPLES_RECORD_MAX = 1_000_000
 
@@ -202,22 +202,28 @@ def _prefixes(keys) -> "Any":
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
 
+def _byte_keys(data) -> list:
+    """A text's bytes (sha256), which no ``--max-length`` changes; none for images: their model input is
+    their key (reading every image file again would cost a warm run what the embedding cache spares it)."""
+    return list(data.content_hashes()) if data.modality == "text" else []
+
+
 def samples_record(data, keys) -> Optional[str]:
     """The record of the samples a repair read, for :func:`recorded_rows`: each sample of its repair set
-    ``data`` by :func:`sample_keys` (``keys``: as the model read it) and by its bytes (a text or image
-    file, whatever another run's ``--max-length`` or ``--image-size`` makes of it). None above
-    :data:`SAMPLES_RECORD_MAX` distinct samples."""
-    return _record([*keys, *data.content_hashes()]) if len(set(keys)) <= SAMPLES_RECORD_MAX else None
+    ``data`` by :func:`sample_keys` (``keys``: as the model read it) and a text by its bytes too (whatever
+    another run's ``--max-length`` makes of it). None above :data:`SAMPLES_RECORD_MAX` distinct samples."""
+    return _record([*keys, *_byte_keys(data)]) if len(set(keys)) <= SAMPLES_RECORD_MAX else None
 
 
 def recorded_rows(data, keys, record) -> Optional[list]:
     """Per row of ``data`` (``keys``: its :func:`sample_keys`): whether :func:`samples_record`
-    ``record`` holds its sample, as the model reads it or byte for byte. None when ``record`` is not
-    such a record (absent, another scheme, damaged): nothing is known."""
+    ``record`` holds its sample, as the model reads it or (a text) byte for byte. None when ``record``
+    is not such a record (absent, another scheme, damaged): nothing is known."""
     read = in_samples_record(keys, record)
     if read is None:
         return None
-    return [a or b for a, b in zip(read, in_samples_record(data.content_hashes(), record))]
+    raw = _byte_keys(data)
+    return [a or b for a, b in zip(read, in_samples_record(raw, record))] if raw else read
 
 
 def _record(keys) -> str:

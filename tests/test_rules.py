@@ -1333,3 +1333,22 @@ def test_a_repaired_model_repaired_again_never_measures_on_its_earlier_repair_se
                            write("ev2.csv", rows[:10]), "--recipe", "dfr", "--out", tmp_path / "rep4", "-q")
     assert code == 2 and "was itself repaired on" in err and err.count("\n") == 1, err
     assert not (tmp_path / "rep4").exists()
+
+
+def test_warm_runs_of_a_repaired_image_model_read_no_image_file(tmp_path, timm_folder, monkeypatch):
+    """The per-sample record first keyed every sample by its bytes too, so each `repair fix` and each
+    `repair eval` of a repaired model read every image file again, where the embedding cache spares a
+    warm run any image read. Images are keyed by their model input alone (texts by their bytes too)."""
+    import repair.data as D
+
+    data, other = make_images(tmp_path / "d", n_per_class=8, seed=1), make_images(tmp_path / "o", n_per_class=8, seed=2)
+    cache = ["--cache-dir", tmp_path / "cache"]
+    args = ["fix", timm_folder, "--data", data, "--group-by", "place", "--recipe", "dfr", "-q", *cache]
+    assert run_cli(*args, "--out", tmp_path / "r1")[0] == 0
+    assert run_cli("eval", tmp_path / "r1", "--data", other, "-q", *cache)[0] == 0        # cold: reads them
+    reads = []
+    real = D.read_image_bytes
+    monkeypatch.setattr(D, "read_image_bytes", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    assert run_cli(*args, "--out", tmp_path / "r2")[0] == 0
+    assert run_cli("eval", tmp_path / "r1", "--data", other, "-q", *cache)[0] == 0
+    assert reads == [], reads[:3]
