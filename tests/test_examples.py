@@ -83,7 +83,7 @@ def test_yaml_manifest_repairs_every_model_and_gates(root: Path):
         assert m["status"] == "done" and m["gate"]["passed"], m
         assert m["gate"]["metric"] == "worst_group"           # eval_group_by: place
         r = m["result"]
-        assert r["after"]["worst_group_accuracy"] > r["before"]["worst_group_accuracy"], m["name"]
+        assert r["after"]["worst_group_accuracy"] >= r["before"]["worst_group_accuracy"] + 0.2, m["name"]
         assert (root / "demo" / m["name"] / "model.safetensors").is_file()
     recipes = {m["name"]: m["result"]["recipe"] for m in doc["models"]}
     assert len(set(recipes.values())) >= 3, recipes            # several recipes, a model repair among them
@@ -101,7 +101,8 @@ def test_yaml_manifest_repairs_every_model_and_gates(root: Path):
     assert "FAILED: gate failed for" in err
 
     # examples/README.md states the tiny demo's repaired figures (an audit measured 40% where it said
-    # 50-70%): every repaired row is inside the stated band, give or take the few points CPUs move
+    # 50-70%): every repaired row is inside the stated band, which spans what other CPUs' kernels train
+    # (dfr 30% with MKL held to AVX2, auto 80% with SSE; the band is 30-80, checked with 5 points to spare)
     lo, hi = map(int, re.search(r"repaired models reach about (\d+)-(\d+)%",
                                 " ".join((EXAMPLES / "README.md").read_text().split())).groups())
     for m in doc["models"]:
@@ -118,7 +119,7 @@ def test_csv_manifest_gates_the_zoo(root: Path):
     demo = (root / "demo").resolve()
     from repair.rules import parse_threshold
 
-    assert all(float(parse_threshold(e.gate)) == pytest.approx(0.3) and e.eval.resolve() == demo / "data" / "test" for e in entries)
+    assert all(float(parse_threshold(e.gate)) == pytest.approx(0.2) and e.eval.resolve() == demo / "data" / "test" for e in entries)
     assert all(e.output == demo / e.name for e in entries)
     assert any(e.export == "onnx" for e in entries) and any(e.group_by == "place" for e in entries)
 
