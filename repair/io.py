@@ -508,6 +508,13 @@ _APPEARED = ("output appeared while this run worked (another run writing the sam
              "run was written (use --force to overwrite)")
 
 
+def _appeared(why: Optional[str]) -> str:
+    """What appeared at an output while the run worked: how to replace it, or why even ``--force`` would
+    not (:func:`replace_refused`)."""
+    return _APPEARED if not why else (f"output appeared while this run worked (another run writing the same "
+                                      f"path?) and {why}; nothing of this run was written")
+
+
 def _exists_message(why: Optional[str]) -> str:
     """An existing output without ``--force``: how to replace it, or why even ``--force`` would not."""
     return f"output already exists and {why}" if why else "output already exists (use --force to overwrite)"
@@ -617,6 +624,48 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
+def check_place(final: Path, *, may_replace: bool, kind: Optional[str] = None, owned: bool = False) -> bool:
+    """Whether something is at ``final`` that putting an output there replaces (False: nothing is); BadInput
+    naming ``final`` when it may not be replaced: unless ``may_replace`` (``--force``, or the caller's own
+    output written again) anything there appeared while the run worked, and unless the caller ``owned`` it
+    (see :func:`check_output`) only what :func:`replace_refused` allows for an output of ``kind`` is replaced
+    -- asked again at the commit, as a user may have put something there meanwhile. The one rule of a
+    commit's place: :meth:`OutputSet.commit` and a zoo's staged commit (:func:`repair.zoo.check_commit`)."""
+    final = Path(final)
+    if not os.path.lexists(final):
+        return False
+    why = None if owned else replace_refused(final, kind)
+    if not may_replace:
+        raise BadInput(_appeared(why), final)
+    if why:
+        raise BadInput(why, final)
+    return True
+
+
+def put_in_place(staged: Path, final: Path, aside: Path, *, may_replace: bool, kind: Optional[str] = None,
+                 owned: bool = False) -> Optional[Path]:
+    """Rename ``staged`` to ``final``: the one step of every commit (:meth:`OutputSet.commit`, a zoo's
+    :func:`repair.zoo.commit_staged`). What is at ``final`` is replaced only as :func:`check_place` allows:
+    it is moved to ``aside`` first (a link is moved, never its target) and ``aside`` returned, for a caller
+    that undoes its commit (None: nothing was there). The rename never replaces what appeared meanwhile
+    (:func:`rename_noreplace`; BadInput naming ``final``, what appeared stays); any other failure of it puts
+    the replaced one back."""
+    final = Path(final)
+    replaced = None
+    if check_place(final, may_replace=may_replace, kind=kind, owned=owned):
+        os.replace(final, aside)
+        replaced = Path(aside)
+    try:
+        rename_noreplace(staged, final)
+    except FileExistsError:               # what appeared stays (with --force, the old one goes)
+        raise BadInput(_APPEARED, final) from None
+    except BaseException:
+        if replaced is not None:
+            os.replace(replaced, final)
+        raise
+    return replaced
+
+
 class OutputSet:
     """Several outputs written all or nothing: each is staged in a locked temporary folder beside
     its final name (``.<name>.<random>.tmp``); :meth:`commit` renames them all into place, and if
@@ -668,22 +717,9 @@ class OutputSet:
         done: list[tuple[Path, Path, Optional[Path]]] = []        # (final, target, replaced copy)
         try:
             for final, tmp, _fd, target in self._staged:
-                replaced = None
-                if final.exists() or final.is_symlink():
-                    if not self._may_replace.get(final):     # it appeared while this run worked
-                        raise BadInput(_APPEARED, final)
-                    if final in self._kinds:      # again: a user may have put something there meanwhile
-                        check_replace(final, kind=self._kinds[final])
-                    replaced = tmp / f".replaced-{final.name}"
-                    os.replace(final, replaced)
-                try:
-                    rename_noreplace(target, final)   # never onto what another run put there meanwhile
-                except FileExistsError:           # what appeared stays (with --force, the old one goes)
-                    raise BadInput(_APPEARED, final) from None
-                except BaseException:
-                    if replaced is not None:
-                        os.replace(replaced, final)
-                    raise
+                replaced = put_in_place(target, final, tmp / f".replaced-{final.name}",
+                                        may_replace=self._may_replace.get(final, False),
+                                        kind=self._kinds.get(final), owned=final in self._owned)
                 done.append((final, target, replaced))
         except BaseException:
             for final, target, replaced in reversed(done):    # undo: nothing half-committed

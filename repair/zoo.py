@@ -965,44 +965,41 @@ def _staged_children(staging: Path) -> list[Path]:
     return [c for c in sorted(staging.iterdir()) if not c.name.startswith(".")]
 
 
+def _staged_kind(child: Path) -> str:
+    """What a staged file is as an output (the rule :func:`repair.io.replace_refused` applies to it)."""
+    return "folder" if child.is_dir() else "file"
+
+
 def check_commit(output: Path, *, may_replace: bool = True) -> None:
     """BadInput naming the place when a finished model's staged files may not go into place: what is
-    at a place now is one ``--force`` never replaces (:func:`repair.io.check_replace`), or, unless
-    ``may_replace`` (``--force``, or this zoo's own output written again), anything at all -- it
-    appeared while the zoo worked (the rule of every output: :class:`repair.io.OutputSet`). The
-    driver asks before it journals a model (the model is then that row's error, its staged files
-    discarded); :func:`commit_staged` asks again at the rename."""
-    from .io import _APPEARED, check_replace
+    at a place now is one ``--force`` never replaces, or, unless ``may_replace`` (``--force``, or this
+    zoo's own output written again), anything at all -- it appeared while the zoo worked (the rule of
+    every output's commit: :func:`repair.io.check_place`). The driver asks before it journals a model
+    (the model is then that row's error, its staged files discarded); :func:`commit_staged` asks again
+    at the rename."""
+    from .io import check_place
 
     staging = staging_dir(output)
     if not staging.is_dir():
         return
     for child in _staged_children(staging):     # again at the rename: what a user put there meanwhile stays
-        target = staging.parent / child.name
-        check_replace(target, kind="folder" if child.is_dir() else "file")
-        if not may_replace and os.path.lexists(target):
-            raise BadInput(_APPEARED, target)
+        check_place(staging.parent / child.name, may_replace=may_replace, kind=_staged_kind(child))
 
 
 def commit_staged(output: Path, *, may_replace: bool = True) -> None:
-    """Move a finished model's staged files into place (one rename each, never onto what appeared at
-    a place meanwhile: :func:`repair.io.rename_noreplace`); what is there is replaced only as
-    :func:`check_commit` allows. A no-op once done. BadInput naming a place refused; the staged
-    files not yet moved stay staged (the journal vouches for them: a rerun completes the commit)."""
-    from .io import _APPEARED, rename_noreplace
+    """Move a finished model's staged files into place, one :func:`repair.io.put_in_place` each (the
+    step of every output's commit: never onto what appeared at a place meanwhile); what is there is
+    replaced only as :func:`check_commit` allows. A no-op once done. BadInput naming a place refused; the
+    staged files not yet moved stay staged (the journal vouches for them: a rerun completes the commit)."""
+    from .io import put_in_place
 
     staging = staging_dir(output)
     if not staging.exists():
         return
     check_commit(output, may_replace=may_replace)
     for child in _staged_children(staging):
-        target = staging.parent / child.name
-        if os.path.lexists(target):             # a link is replaced, never its target
-            os.replace(target, staging / f".replaced-{child.name}")
-        try:
-            rename_noreplace(child, target)
-        except FileExistsError:
-            raise BadInput(_APPEARED, target) from None
+        put_in_place(child, staging.parent / child.name, staging / f".replaced-{child.name}",
+                     may_replace=may_replace, kind=_staged_kind(child))
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -1073,13 +1070,23 @@ def run_model(task: dict) -> dict:
             result = _fix(entry, task) if task["mode"] == "fix" else _eval(entry, task)
         return {"status": "done", "result": result, "worker": worker,
                 "seconds": round(time.perf_counter() - t0, 3)}
-    except RepairError as e:
-        return {"status": "error", "error": str(e), "exit_code": e.exit_code, "worker": worker}
     except Exception as e:
-        _raise_interrupt(e)                 # Ctrl-C that a library wrapped: an interrupt, not a model error
-        first = str(e).splitlines()[0] if str(e) else ""
-        return {"status": "error", "error": f"internal error: {type(e).__name__}: {first}", "exit_code": 3,
-                "worker": worker}
+        if not isinstance(e, RepairError):
+            _raise_interrupt(e)             # Ctrl-C that a library wrapped: an interrupt, not a model error
+        return error_record(e, worker=worker)
+
+
+def error_record(e: BaseException, what: str = "internal error", **rest) -> dict:
+    """A row's error record (``{"status": "error", "error": ..., "exit_code": ...}``, beside ``rest``) from
+    the exception that ended it: the one turn of an exception into a row's error -- a model's own run
+    (:func:`run_model`), a Ray task lost (:class:`RayExecutor`), a commit refused (the driver). A
+    :class:`repair.errors.RepairError` is its message and exit code; anything else is our bug or the
+    executor's, exit 3: ``what``, its type and the first line of its message."""
+    if isinstance(e, RepairError):
+        return {**rest, "status": "error", "error": str(e), "exit_code": e.exit_code}
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return {**rest, "status": "error", "error": f"{what}: {type(e).__name__}: {first}", "exit_code": 3}
 
 
 def _raise_interrupt(e: BaseException) -> None:
@@ -1340,8 +1347,7 @@ class RayExecutor:
                         res = ray.get(ref)
                     except Exception as e:                    # the worker died more than max_retries times
                         _raise_interrupt(e)
-                        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                        res = {"status": "error", "error": f"Ray: {type(e).__name__}: {first}", "exit_code": 3}
+                        res = error_record(e, "Ray")
                     yield index[ref], res
         finally:
             # a Ray this driver started is shut down by close(), its workers with it (cancelling by
@@ -1669,12 +1675,17 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
     resumed = set(done)
     working.append(True)                    # from here on the journal and the report are kept, whatever
     journaled: set[str] = set()             # rows whose staged files the journal vouches for
+
+    def row_error(e: ZooEntry, record: dict) -> None:
+        """Row ``e`` ended with an error (:func:`error_record`): recorded for the report, and said."""
+        errors[e.name] = record
+        log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {record['error']}")
+
     try:
         for i, res in executor.map(tasks):
             e = todo[i]
             if res["status"] != "done":
-                errors[e.name] = res
-                log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {res['error']}")
+                row_error(e, res)
                 continue
             if o.mode == "fix":
                 # what is at its places now may be replaced (something may have appeared there while the
@@ -1682,8 +1693,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
                 refused = _refused_commit(e, o.force or e.name in redo)
                 if refused is not None:
                     discard_staged(e.output)
-                    errors[e.name] = {**res, "status": "error", "error": str(refused), "exit_code": refused.exit_code}
-                    log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {refused}")
+                    row_error(e, error_record(refused, **res))
                     continue
             files = res["result"].pop("output_files", None)
             rec = {"name": e.name, "mode": o.mode, "key": e.key(o.mode), "manifest": mpath.name,
@@ -1696,10 +1706,8 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
             if o.mode == "fix":                             # ... then the files go into place
                 refused = _refused_commit(e, o.force or e.name in redo, commit=True)
                 if refused is not None:     # refused since the check above: this row's error, its files kept
-                    errors[e.name] = {**res, "status": "error", "error": str(refused),   # staged (the journal
-                                      "exit_code": refused.exit_code}   # vouches for them: a rerun completes
-                    log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: error: {refused}")
-                    continue                                # the rename once the place is free)
+                    row_error(e, error_record(refused, **res))   # staged (the journal vouches for them: a
+                    continue                                # rerun completes the rename once the place is free)
             done[e.name] = rec
             log(f"[{len(done) + len(errors)}/{len(manifest.entries)}] {e.name}: "
                 f"{_progress_line(res['result'], e.judge_gate(res['result']))} "
