@@ -73,49 +73,64 @@ class FixOptions:
     allow_finetune: bool = False          # recipe auto may escalate to a model repair (runs recipe auto-ft)
     allow_plugins: bool = False           # a recipe's ``plugins:`` may run (they are code)
 
+    #: the flags (:func:`repair.rules.cli_flag`) of the options named otherwise than ``--field-name``
+    FLAGS = {"eval_data": "--eval", "report_fraction": "report_fraction", "resources": "resources"}
+
     def __post_init__(self):
+        """Each refusal is :class:`repair.rules.OptionRefused` naming the option (``.option``: the field), in
+        the flags' words; a zoo names the manifest's field and words it in fields (:meth:`~OptionRefused.worded`)."""
+        from .rules import OptionRefused, cli_flag
+
+        def refuse(option: str, rule: str, subject: bool = True, **values):
+            return OptionRefused(option, rule, values, self.FLAGS, subject=subject)
+
+        def check(option: str, rule: Callable, *args):
+            try:
+                return rule(*args)
+            except BadInput as e:        # a rule of its own (check_seed, ...), naming the flag itself
+                raise OptionRefused.of(option, e) from None
+
         from .data import check_bool
         from .rules import check_tolerance
 
-        for name, flag in (("force", "--force"), ("allow_finetune", "--allow-finetune"),
-                           ("allow_plugins", "--allow-plugins")):
-            check_bool(getattr(self, name), flag)
+        for name in ("force", "allow_finetune", "allow_plugins"):
+            check(name, check_bool, getattr(self, name), cli_flag(name))
         if not isinstance(self.recipe, (str, Path)) or not str(self.recipe).strip():
-            raise BadInput(f"--recipe must be a recipe name or a YAML path, got {self.recipe!r}")
+            raise refuse("recipe", "must be a recipe name or a YAML path, got {got}", got=repr(self.recipe))
         from .config import check_seed
 
-        self.seed = check_seed(self.seed)
+        self.seed = check("seed", check_seed, self.seed)
         if not (isinstance(self.report_fraction, (int, float)) and 0 < self.report_fraction < 1):
-            raise BadInput(f"report_fraction must be between 0 and 1, got {self.report_fraction!r}")
+            raise refuse("report_fraction", "must be between 0 and 1, got {got}", got=repr(self.report_fraction))
         if self.selection_folds is not None:
             from .recipes import check_folds
 
-            check_folds(self.selection_folds, "selection_folds")
+            check("selection_folds", check_folds, self.selection_folds, "selection_folds")
         if self.export not in (None, "onnx"):
-            raise BadInput(f"--export must be onnx, got {self.export!r}")
+            raise refuse("export", "must be onnx, got {got}", got=repr(self.export))
         if self.tolerance is not None:
-            self.tolerance = check_tolerance(self.tolerance)
+            self.tolerance = check("tolerance", check_tolerance, self.tolerance)
             if self.export is None:
-                raise BadInput("--tolerance is the bound of the ONNX verification; give --export onnx too")
+                raise refuse("tolerance", "is the bound of the ONNX verification; give {export} onnx too")
         if self.max_verify is not None:
             from .rules import check_max_verify
 
-            self.max_verify = check_max_verify(self.max_verify)
+            self.max_verify = check("max_verify", check_max_verify, self.max_verify)
             if self.export is None:
-                raise BadInput("--max-verify is the ONNX verification's sample count; give --export onnx too")
+                raise refuse("max_verify", "is the ONNX verification's sample count; give {export} onnx too")
         if self.eval_group_by is not None and self.eval_data is None:
-            raise BadInput("--eval-group-by names a group column of the --eval data; give --eval too")
+            raise refuse("eval_group_by", "names a group column of the {eval_data} data; give {eval_data} too")
         if self.allow_finetune and str(self.recipe) not in ("auto", "auto-ft"):
-            raise BadInput(f"--allow-finetune applies to --recipe auto, not {self.recipe!r}")
+            raise refuse("allow_finetune", "applies to {recipe} auto, not {got}", got=repr(self.recipe))
         if not isinstance(self.resources, dict):
-            raise BadInput("resources must be a mapping of model-repair input name -> value")
+            raise refuse("resources", "must be a mapping of model-repair input name -> value")
         self.resources = {k: v for k, v in self.resources.items() if v is not None}
         if self.budget is not None:
-            _budget_cls().parse(self.budget)
+            check("budget", _budget_cls().parse, self.budget)
         if self.report is not None:
             from .rules import report_outputs
 
-            report_outputs(self.report)
+            check("report", report_outputs, self.report)
 
 
 def _budget_cls():

@@ -290,6 +290,51 @@ def check_tolerance(tol: Any) -> float:
     return t
 
 
+# ------------------------------------------------------------------ an option refused, naming the option
+def cli_flag(name: str, flags: Optional[dict] = None) -> str:
+    """The command-line flag of an option field: ``flags[name]`` where an options class names it otherwise
+    (``eval_data`` -> ``--eval``; a Python-only option by its own name), else ``--name-with-dashes``."""
+    return (flags or {}).get(name) or "--" + name.replace("_", "-")
+
+
+class OptionRefused(BadInput):
+    """A bad value of a named option, the names carried with it, never read back from the text. ``option``:
+    the option refused, by its options-class field (``eval_group_by``, ``max_pixels``); ``rule``: the problem
+    with every option it names written ``{field}`` and the values given in ``values`` (put in as they are,
+    never read as names); ``subject``: the message is "<the option> <rule>". The message (``problem``,
+    ``str``) names options by their command-line flags (:func:`cli_flag` with ``flags``): ``--eval-group-by
+    names a group column of the --eval data``; :meth:`worded` names them as another caller calls them (a
+    zoo manifest's fields) -- the one rule, worded by each caller, its blame by :attr:`option`."""
+
+    def __init__(self, option: str, rule: str, values: Optional[dict] = None, flags: Optional[dict] = None,
+                 path=None, subject: bool = True):
+        self.option, self.rule, self.values, self.flags, self.subject = option, rule, dict(values or {}), \
+            dict(flags or {}), subject
+        super().__init__(self.worded(lambda n: cli_flag(n, self.flags)), path)
+
+    def worded(self, name: Callable[[str], str], *, with_subject: bool = True) -> str:
+        """The message with each option named ``name(field)``; without the option's own name first where
+        ``with_subject`` is False (a caller that names it already: ``row 1 (a), max_pixels: must be ...``)."""
+        text = re.sub(r"\{(\w+)\}", lambda m: str(self.values[m.group(1)]) if m.group(1) in self.values
+                      else name(m.group(1)), self.rule)
+        return f"{name(self.option)} {text}" if self.subject and with_subject else text
+
+    @classmethod
+    def of(cls, option: str, e: BadInput) -> "OptionRefused":
+        """``e``, a refusal of ``option`` by a check that names it by its flag itself (``check_seed``,
+        ``check_tolerance``): its own words, ``option`` carried."""
+        return e if isinstance(e, OptionRefused) else cls(option, "{message}", {"message": e.problem},
+                                                          path=e.path, subject=False)
+
+    def __reduce__(self):                  # pickled whole (its arguments are not BadInput's)
+        return _option_refused, (type(self), self.option, self.rule, self.values, self.flags, self.path,
+                                 self.subject)
+
+
+def _option_refused(cls, option, rule, values, flags, path, subject):
+    return cls(option, rule, values, flags, path, subject)
+
+
 # ------------------------------------------------------------------ the library's arguments
 def check_options(value, cls: type, name: str):
     """``value`` if it is a ``cls`` (``LoadOptions``, ``DataOptions``, ``RuntimeOptions``,

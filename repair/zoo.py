@@ -317,16 +317,50 @@ def _validate_recipe(recipe: str, mode: str, allow_plugins: bool):
     return r
 
 
-def _fix_options_refused(**values) -> Optional[str]:
+#: the manifest's field of each option field of FixOptions / DataOptions named otherwise (the others: as named)
+_OPTION_FIELDS = {"eval_data": "eval"}
+
+
+def _option_refused(refused: BadInput, **fields) -> tuple[Optional[str], str]:
+    """The manifest field an option's refusal blames and its problem in the manifest's words: the option the
+    rule names (:attr:`repair.rules.OptionRefused.option`, never read back from the message) as its field
+    (``fields``: this check's own, as ``group_by`` checked for ``eval_group_by``), the message naming
+    every option by its field. (None, the message as it is): a refusal naming no option."""
+    from .rules import OptionRefused
+
+    if not isinstance(refused, OptionRefused):
+        return None, refused.problem
+
+    def field(name: str) -> str:
+        return fields.get(name) or _OPTION_FIELDS.get(name, name)
+
+    return field(refused.option), refused.worded(field, with_subject=False)
+
+
+def _flag_first(refused: BadInput, given: dict, gb_field: str) -> tuple[Optional[str], str]:
+    """A DataOptions refusal that does not carry its option (:class:`repair.rules.OptionRefused`): the option
+    whose flag its message starts with, that flag left out. Only while repair.data.DataOptions raises plain
+    BadInput; a message naming no option first (``give --path-col ... or --text-col ..., not both``) is
+    blamed on ``data``, in the flags' words."""
+    from .data import OPTION_FLAGS
+
+    k = next((k for k in given if refused.problem.startswith(OPTION_FLAGS[k] + " ")), None)
+    if k is None:
+        return None, refused.problem
+    return (gb_field if k == "group_by" else k), refused.problem.removeprefix(f"{OPTION_FLAGS[k]} ")
+
+
+def _fix_options_refused(**values) -> Optional[tuple[str, str]]:
     """Why :class:`repair.pipeline.FixOptions` (the one home of ``repair fix``'s option rules) refuses
-    ``values``, its flags written as the manifest's fields (``--eval-group-by`` -> ``eval_group_by``);
-    None: it takes them."""
+    ``values``: the manifest field it blames and the problem, every option named by its field
+    (:func:`_option_refused`); None: it takes them."""
     from .pipeline import FixOptions
 
     try:
         FixOptions(**values)
     except BadInput as e:
-        return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), e.problem)
+        field, problem = _option_refused(e)
+        return field or "eval_group_by", problem
     return None
 
 
@@ -410,27 +444,30 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             why = _fix_options_refused(eval_data=str(f["eval"]) if "eval" in f else None,
                                        eval_group_by=f["eval_group_by"])
             if why:
-                problems.add(where, "eval_group_by", why)
-        cols = []
+                problems.add(where, *why)
+        cols, typed = [], True
         for k in DATA_FIELDS:
             if k in r and k != "group_by":
                 try:
                     cols.append((k, _as_field_type(k, r[k])))
                 except ValueError as e:
                     problems.add(where, k, str(e))
-        if len(cols) == len([k for k in DATA_FIELDS if k in r and k != "group_by"]):
-            from .data import OPTION_FLAGS, DataOptions
+                    typed = False
+        if typed:                         # each data option given is of its type: their rules next
+            from .data import DataOptions
 
-            # the data options' own checks (their one home, naming the CLI flag), each reported under its
-            # field as gate, seed and budget are (max_pixels 0 was blamed on `data`, named --max-pixels)
+            # the data options' own checks (their one home), each reported under the field the rule names
+            # as gate, seed and budget are (max_pixels 0 was blamed on `data`, named --max-pixels); the
+            # group column checked as each of the row's group fields
             for gb_field in ("group_by", "eval_group_by"):
                 given = {**dict(cols), "group_by": f.get(gb_field)}
                 try:
                     DataOptions(**given)
                 except BadInput as e:
-                    k = next((k for k in given if e.problem.startswith(OPTION_FLAGS[k] + " ")), None)
-                    problems.add(where, (gb_field if k == "group_by" else k) or "data",
-                                 e.problem.removeprefix(f"{OPTION_FLAGS[k]} ") if k else e.problem)
+                    field, problem = _option_refused(e, group_by=gb_field)
+                    if field is None:
+                        field, problem = _flag_first(e, given, gb_field)
+                    problems.add(where, field or "data", problem)
                     break
         f["columns"] = tuple(cols)
         res = []

@@ -104,3 +104,95 @@ def test_an_internal_error_names_its_message_however_it_starts(tmp_path, monkeyp
     assert zoo_mod.error_record(ValueError("\nthe reason"), "Ray")["error"] == "Ray: ValueError: the reason"
     assert zoo_mod.error_record(GateFailed("below the gate")) == {"status": "error", "error": "below the gate",
                                                                   "exit_code": 1}
+
+
+# ------------------------------------------------------------------ 2. an option's refusal names its option
+@pytest.mark.parametrize("given, option, cli, zoo", [
+    ({"eval_group_by": "place"}, "eval_group_by",
+     "--eval-group-by names a group column of the --eval data; give --eval too",
+     "names a group column of the eval data; give eval too"),
+    ({"allow_finetune": True, "recipe": "dfr"}, "allow_finetune",
+     "--allow-finetune applies to --recipe auto, not 'dfr'", "applies to recipe auto, not 'dfr'"),
+    ({"tolerance": 1e-3}, "tolerance", "--tolerance is the bound of the ONNX verification; give --export onnx too",
+     "is the bound of the ONNX verification; give export onnx too"),
+    ({"export": "{eval_data}"}, "export", "--export must be onnx, got '{eval_data}'",   # a value is never a name
+     "must be onnx, got '{eval_data}'"),
+    ({"report_fraction": 2}, "report_fraction", "report_fraction must be between 0 and 1, got 2",
+     "must be between 0 and 1, got 2"),
+    ({"seed": -1}, "seed", "--seed must be a whole number from 0 to 4294967295, got -1", None),   # check_seed's words
+])
+def test_fix_options_refusal_carries_its_option_the_cli_and_the_zoo_word_it(given, option, cli, zoo):
+    """FixOptions' refusal names the option it refuses (``.option``): the CLI says it in flags, as it
+    always did; the zoo blames that option's manifest field and words the rule in fields -- it used to
+    rewrite every ``--flag`` of the message's text into a field name."""
+    from repair.pipeline import FixOptions
+    from repair.rules import OptionRefused
+    from repair.zoo import _option_refused
+
+    with pytest.raises(OptionRefused) as e:
+        FixOptions(**given)
+    assert e.value.option == option and e.value.problem == cli and str(e.value) == cli
+    field, problem = _option_refused(e.value)
+    assert field == option and problem == (cli if zoo is None else zoo)
+
+
+def test_an_option_refusal_survives_pickling():
+    """A refusal crossing a process (a Ray worker) keeps its option and its words."""
+    import pickle
+
+    from repair.pipeline import FixOptions
+    from repair.rules import OptionRefused
+
+    with pytest.raises(OptionRefused) as e:
+        FixOptions(eval_group_by="place")
+    back = pickle.loads(pickle.dumps(e.value))
+    assert type(back) is OptionRefused and back.option == "eval_group_by" and str(back) == str(e.value)
+
+
+def test_a_zoo_row_blames_the_field_the_rule_names_not_the_first_word_of_its_message():
+    """The blame comes from the rule (``.option``), however its message starts: a rule whose message
+    names other options first is still blamed on its own option, every option named by its field
+    (``eval_data`` is the manifest's ``eval``); a data-option rule checked for ``eval_group_by`` blames
+    ``eval_group_by``."""
+    from repair.rules import OptionRefused
+    from repair.zoo import _option_refused
+
+    rule = OptionRefused("eval_group_by", "give {eval_data} too: {eval_group_by} is its column", subject=False)
+    assert str(rule) == "give --eval-data too: --eval-group-by is its column"     # no flags given: --field-name
+    assert _option_refused(rule) == ("eval_group_by", "give eval too: eval_group_by is its column")
+    col = OptionRefused("group_by", "must be a non-empty column name, got {got}", {"got": "' '"},
+                        {"group_by": "--group-by"})
+    assert _option_refused(col, group_by="eval_group_by") == ("eval_group_by",
+                                                              "must be a non-empty column name, got ' '")
+    assert _option_refused(BadInput("no option named")) == (None, "no option named")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from conftest import make_zoo_parts
+
+    return make_zoo_parts(tmp_path_factory.mktemp("zoo-one-home"), with_test=True)
+
+
+@pytest.mark.xfail(strict=True, reason="repair.data.DataOptions raises a plain BadInput (flag first) until it "
+                                       "raises repair.rules.OptionRefused: the zoo's interim _flag_first blames "
+                                       "`data`, in the flags' words")
+def test_path_col_and_text_col_together_are_blamed_on_a_column_field_in_the_manifests_words(tmp_path, parts):
+    """``path_col`` and ``text_col`` both given: DataOptions' message ("give --path-col (image data) or
+    --text-col (text data), not both") starts with no flag, so the zoo's match of the message's first
+    word blamed the row's ``data`` and showed CLI flags in a manifest's message."""
+    import shutil
+
+    import yaml
+
+    from repair.zoo import load_manifest
+
+    for name in ("m0", "val"):
+        shutil.copytree(parts / name, tmp_path / name)
+    path = tmp_path / "z.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "a", "checkpoint": "m0", "data": "val",
+                                                "path_col": "img", "text_col": "text"}]}))
+    with pytest.raises(BadInput) as e:
+        load_manifest(path, "eval")
+    assert "row 1 (a), text_col: give path_col (image data) or text_col (text data), not both" in e.value.problem
+    assert "--" not in e.value.problem
