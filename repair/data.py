@@ -30,6 +30,8 @@ from typing import Callable, Optional, Sequence
 
 from .errors import BadInput
 from .io import check_one_line, parse_json
+# (check_bool lived here before it moved to the option rules; importable from here for code that imports it)
+from .rules import check_bool  # noqa: E402,F401
 
 #: the names of image files (a class folder's other files are no samples: each load warns of them,
 #: :class:`SkippedFilesWarning`); ``.jfif`` (what Chrome saves a JPEG as) and ``.jpe`` are JPEG names too
@@ -89,16 +91,6 @@ class DataOptions:
         if isinstance(mp, bool) or not isinstance(mp, int) or mp <= 0:
             raise BadInput(f"--max-pixels must be a positive whole number, got {mp!r}")
         check_bool(self.allow_outside_paths, "--allow-outside-paths")
-
-
-def check_bool(value, flag: str) -> bool:
-    """A yes/no option or argument (``force``, ``allow_plugins``, ``allow_pickle``, ``use_cache``, ...): True
-    or False only, else :class:`BadInput` naming ``flag`` -- a string ``"no"`` is truthy, so accepting any
-    value would turn on what it says off (run a recipe's plugin code, replace an output). The one home of
-    that rule: every options class and public verb checks its yes/no values here (no torch imported)."""
-    if not isinstance(value, bool):
-        raise BadInput(f"{flag} must be true or false, got {value!r}")
-    return value
 
 
 @dataclass

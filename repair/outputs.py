@@ -219,9 +219,7 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
     from .adapters import LoadOptions
     from .data import DataOptions
     from .io import as_path
-    from .rules import check_max_verify, check_options, model_arg
-
-    from .data import check_bool
+    from .rules import check_bool, check_max_verify, check_options, model_arg
 
     fmt = check_format(format)
     check_device(device)

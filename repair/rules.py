@@ -272,6 +272,16 @@ def check_writable(out: PathLike, *, force: bool = False, log: Optional[Callable
 
 
 # ------------------------------------------------------------------ option checks
+def check_bool(value, flag: str) -> bool:
+    """A yes/no option or argument (``force``, ``allow_plugins``, ``allow_pickle``, ``use_cache``, ...): True
+    or False only, else :class:`BadInput` naming ``flag`` -- a string ``"no"`` is truthy, so accepting any
+    value would turn on what it says off (run a recipe's plugin code, replace an output). The one home of
+    that rule: every options class and public verb checks its yes/no values here (no torch imported)."""
+    if not isinstance(value, bool):
+        raise BadInput(f"{flag} must be true or false, got {value!r}")
+    return value
+
+
 def check_format(fmt: str) -> str:
     f = str(fmt).lower()
     if f not in EXPORT_FORMATS:
@@ -649,7 +659,7 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
             "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}
 
 
-__all__ = ["Protected", "Threshold", "artifacts_beside", "artifacts_output", "check_export_options", "check_format",
+__all__ = ["Protected", "Threshold", "artifacts_beside", "artifacts_output", "check_bool", "check_export_options", "check_format",
            "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "model_output_kind", "fix_onnx_output",
            "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
            "threshold_option", "unmeasured", "parse_expected_groups", "expected_group_names", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]
