@@ -24,6 +24,8 @@ import math
 import typing
 from typing import Any, Optional, Sequence
 
+from .errors import BadInput
+
 
 #: the largest seed (``--seed``, a demo's seed): every generator a seed reaches takes it (torch's take
 #: up to 2**64 - 1, but a seed plus an offset must stay below that; numpy's legacy ones stop at 2**32 - 1)
@@ -45,6 +47,13 @@ def check_seed(seed: Any, flag: str = "--seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
         raise BadInput(f"{flag} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     return int(seed)                  # a numpy integer too, as a Python int
+
+
+class SettingRefused(BadInput):
+    """A setting valid as written that the model it runs on refuses (a model repair's ``scope:
+    "names:REGEX"`` matching none of the model's parameters): a :class:`repair.errors.BadInput` (exit 2)
+    raised where the model is at hand, with no file; :meth:`repair.methods.MethodInfo.__call__` names the
+    recipe file (or the recipe) and the candidate the setting came from (``Candidate.origin``)."""
 
 
 class ConfigError(ValueError):
@@ -293,4 +302,4 @@ def describe(cls: type) -> list[dict]:
     return out
 
 
-__all__ = ["ConfigError", "MAX_SEED", "When", "above", "check_seed", "setting", "build_config", "describe"]
+__all__ = ["ConfigError", "MAX_SEED", "SettingRefused", "When", "above", "check_seed", "setting", "build_config", "describe"]

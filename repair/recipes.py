@@ -89,6 +89,10 @@ def _same_value(default: Any, given: Any) -> bool:
 class Candidate:
     method: str
     params: dict[str, Any] = field(default_factory=dict)
+    #: where it was written, ``(recipe file or None, what)`` (``what``: "candidate 2 (mixft)"), so a setting
+    #: the model refuses when it runs is named with its recipe (:meth:`repair.methods.MethodInfo.from_recipe`);
+    #: set by :func:`load_recipe`, or by :class:`Recipe` for one built in Python
+    origin: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -109,7 +113,8 @@ class Candidate:
     def info(self):
         from repair.methods import get_method
 
-        return get_method(self.method)
+        info = get_method(self.method)
+        return info.from_recipe(self.origin) if self.origin else info
 
     def config(self):
         return self.info.make_config(self.params)
@@ -146,6 +151,10 @@ class Recipe:
                 raise BadInput(f"candidate {n} ({c.method}): the same method with the same settings as candidate "
                                f"{twin}; give each candidate once")
             seen.append((c.method, ident, n))
+        # a candidate built in Python: named by the recipe's name where a setting is refused when it runs
+        self.candidates = [c if c.origin else dataclasses.replace(c, origin=(None, f"recipe {self.name!r}, candidate "
+                                                                                  f"{n} ({c.method})"))
+                           for n, c in enumerate(self.candidates, 1)]
         # settings that compare candidates do nothing without candidates to compare (the choice,
         # repair.choosing.choose: one candidate is fitted once on the fit part, no folds made; the repeats
         # only score two or more heads, a model repair is compared on the first repeat's folds alone)
@@ -575,6 +584,12 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
         raise BadInput(f"candidates: {len(raw)} candidates; a recipe has at most {MAX_CANDIDATES}", path)
     out: list[Candidate] = []
     seen: list[tuple] = []                   # (method, its settings, candidate number), compared by value
+    builtin = next((k for k, f in _file_recipes().items() if f.resolve() == path.resolve()), None)
+
+    def origin(n: int, name: str) -> tuple:  # where a setting refused at run time was written
+        if builtin is not None:              # the built-in recipe by its name, not a path in the install
+            return None, f"recipe {builtin!r} (built in), candidate {n} ({name})"
+        return path, f"candidate {n} ({name})"
     for n, c in enumerate(raw, 1):
         if not isinstance(c, dict) or "method" not in c:
             raise BadInput(f"candidate {n} needs a 'method'", path)
@@ -627,7 +642,7 @@ def _candidates(doc: dict, path: Path, lenient: bool = False) -> list[Candidate]
                 raise BadInput(f"candidate {n} ({name}): the same method with the same settings as candidate "
                                f"{twin}; give each candidate once", path)
             seen.append((name, ident, n))
-            out.append(Candidate(name, merged))
+            out.append(Candidate(name, merged, origin=origin(n, name)))
     return out
 
 

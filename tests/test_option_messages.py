@@ -20,3 +20,43 @@ def test_check_bool_is_an_option_rule_and_still_importable_from_data():
     with pytest.raises(BadInput, match="--force must be true or false"):
         rules.check_bool("no", "--force")
     assert data.check_bool is rules.check_bool          # code that imports it from data keeps working
+
+
+# ---------------------------------------------------------------- a recipe's scope on the model
+def _scope_recipe(path, scope):
+    path.write_text(json.dumps({"candidates": [{"method": "mixft", "params": {"scope": scope, "epochs": 1}}]}))
+    return path
+
+
+def test_a_scope_matching_no_parameter_names_its_recipe_file(tmp_path):
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=6)
+    r = _scope_recipe(tmp_path / "narrow.yaml", "names:zzz_nothing")
+    code, _, err = run_cli("fix", m, "--data", data, "--recipe", r, "--budget", "2steps", "--out", tmp_path / "o",
+                           "-q")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    for words in (str(r), "candidate 1 (mixft)", "setting 'scope'", "matches no parameter"):
+        assert words in errors[0], errors[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_recipe_built_in_python_is_named_by_its_name_when_its_scope_matches_nothing():
+    from repair.config import SettingRefused
+    from repair.errors import BadInput
+    from repair.methods import get_method
+    from repair.recipes import Candidate, Recipe
+
+    recipe = Recipe(name="mine", candidates=[Candidate("finetune", {"scope": "names:zzz"})])
+    info = recipe.candidates[0].info
+    assert info.origin == (None, "recipe 'mine', candidate 1 (finetune)")
+    assert info == get_method("finetune")        # the same method, whatever recipe it came from
+
+    def refuse(inputs, config):
+        raise SettingRefused("setting 'scope': 'names:zzz' matches no parameter of the model")
+
+    import dataclasses
+
+    with pytest.raises(BadInput) as e:
+        dataclasses.replace(info, fn=refuse)(object(), info.default_config())
+    assert str(e.value).startswith("recipe 'mine', candidate 1 (finetune): setting 'scope'"), str(e.value)

@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import build_config, describe
+from ..config import SettingRefused, build_config, describe
 from ..errors import BadInput, RepairError
 from ..registry import METHODS_ENTRY_POINTS, Registry, Resource, merge_resources
 from .transforms import AFFINE, MASK, TRANSFORMS, Transform
@@ -186,6 +186,9 @@ class MethodInfo:
     modalities: tuple = ("image", "text")      # model repairs: the data they can train on
     freeze: Optional[Callable[[Any, dict], Any]] = None
     resources: tuple = ()                      # model repairs: the user inputs they take (Resource)
+    #: where the settings it is called with were written, ``(file or None, what)``: a recipe candidate's
+    #: (``Candidate.info``), so a setting the model refuses at run time names them (:meth:`from_recipe`)
+    origin: tuple = field(default=(), compare=False, repr=False)
     # head repairs with an inner choice (a penalty, a threshold): ``freeze(config, diagnostics)``
     # returns the config that refits with the settings the inner selection chose, so a
     # cross-validation of methods can refit each one cheaply instead of re-running its selection
@@ -209,6 +212,12 @@ class MethodInfo:
     def settings(self) -> list[dict]:
         return describe(self.config_cls)
 
+    def from_recipe(self, origin: tuple) -> "MethodInfo":
+        """This method, called with the settings of a recipe candidate ``origin`` = ``(file or None,
+        what)`` (``what``: the candidate, as the recipe's own errors name it): a setting the model refuses
+        when it runs (:class:`repair.config.SettingRefused`) is a BadInput naming the file and candidate."""
+        return dataclasses.replace(self, origin=tuple(origin))
+
     def __call__(self, inputs, config=None):
         if self.needs_groups and getattr(inputs, "groups", None) is None:
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
@@ -221,6 +230,11 @@ class MethodInfo:
                             f"settings), got {type(config).__name__}")
         try:
             out = self.fn(inputs, config if config is not None else self.default_config())
+        except SettingRefused as e:
+            if not self.origin or e.path is not None:
+                raise
+            where, what = self.origin         # the recipe file (or recipe) the setting was written in
+            raise BadInput(f"{what}: {e.problem}", where) from None
         except (Exception, SystemExit) as e:
             if self.builtin or isinstance(e, RepairError):
                 raise

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..config import SettingRefused
 from ..errors import BadInput
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -274,8 +275,8 @@ class TrainableModel:
 
     def select(self, scope: str) -> list[str]:
         """Names of the parameters a scope trains: ``head``; ``all``; ``last:N`` (the head
-        and the N blocks before it); ``names:REGEX`` (parameters whose name matches; one that
-        matches none is :class:`repair.errors.BadInput`)."""
+        and the N blocks before it); ``names:REGEX`` (parameters whose name matches; one that matches none is
+        :class:`repair.config.SettingRefused`, a BadInput the caller names the recipe of)."""
         check_scope(scope)
         params = dict(self.module.named_parameters())
         head = [n for n in params if n.startswith(self.head_name + ".")]
@@ -291,8 +292,8 @@ class TrainableModel:
         rx = re.compile(scope.split(":", 1)[1])
         found = [n for n in params if rx.search(n)]
         if not found:
-            raise BadInput(f"setting 'scope': {scope!r} matches no parameter of the model (its parameters are "
-                           f"named like {', '.join(list(params)[:3])}, ...)")
+            raise SettingRefused(f"setting 'scope': {scope!r} matches no parameter of the model (its parameters "
+                                 f"are named like {', '.join(list(params)[:3])}, ...)")
         return found
 
     @contextmanager
