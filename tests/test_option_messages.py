@@ -60,3 +60,28 @@ def test_a_recipe_built_in_python_is_named_by_its_name_when_its_scope_matches_no
     with pytest.raises(BadInput) as e:
         dataclasses.replace(info, fn=refuse)(object(), info.default_config())
     assert str(e.value).startswith("recipe 'mine', candidate 1 (finetune): setting 'scope'"), str(e.value)
+
+
+def test_a_last_n_scope_deeper_than_the_model_is_said_on_stderr_and_in_the_report(tmp_path):
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=6)
+    r = _scope_recipe(tmp_path / "deep.yaml", "last:20")
+    code, out, err = run_cli("fix", m, "--data", data, "--recipe", r, "--budget", "2steps", "--out", tmp_path / "o",
+                             "-q", "--json")
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "last:20" in line]
+    assert len(said) == 1 and said[0].startswith("warning:") and "blocks before its head" in said[0], err
+    assert "all of them are trained" in said[0]
+    report = json.loads(out)
+    assert [w for w in report["warnings"] if "last:20" in w and "blocks before its head" in w], report["warnings"]
+
+
+def test_a_last_n_scope_within_the_model_says_nothing(timm_folder):
+    from repair.adapters import load_model
+
+    tm = load_model(timm_folder).trainable()
+    k = len([b for b in tm.blocks() if b[0] != "head"])
+    assert tm.scope_notes(f"last:{k}", "mixft") == [] and tm.scope_notes("all") == []
+    note = tm.scope_notes(f"last:{k + 1}", "mixft")
+    assert len(note) == 1 and note[0].startswith(f"mixft: scope last:{k + 1}: the model has {k} blocks"), note
+    assert set(tm.select(f"last:{k + 1}")) == set(tm.select("all"))

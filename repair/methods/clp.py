@@ -475,6 +475,7 @@ def clp(inputs: ModelRepairInputs, config: ClpConfig) -> ModelRepairOutput:
     changed = tm.changed(before)
     return ModelRepairOutput(tensors=changed, steps=res.steps, diagnostics={
         "scope": cfg.scope, "trainable_tensors": len(run.names), "data": run.data_note, "masks": run.mask_note,
+        "warnings": tm.scope_notes(cfg.scope, "clp"),
         "meta": cfg.meta, "meta_steps": run.meta_steps, "saliency_weight": cfg.saliency_weight,
         "characteristics": list(CHARACTERISTICS), "settle": settled, "session": run.sess.describe(),
         "loop": res.describe()})

@@ -67,4 +67,5 @@ def finetune(inputs: ModelRepairInputs, config: FinetuneConfig) -> ModelRepairOu
     changed = tm.changed(before)
     return ModelRepairOutput(tensors=changed, steps=res.steps,
                              diagnostics={"scope": cfg.scope, "trainable_tensors": len(names),
+                                          "warnings": tm.scope_notes(cfg.scope, "finetune"),
                                           "session": sess.describe(), "loop": res.describe()})

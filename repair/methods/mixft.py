@@ -419,6 +419,7 @@ def mixft(inputs: ModelRepairInputs, config: MixFTConfig) -> ModelRepairOutput:
     sizes = ([c for c in counts if c > 0] if members is None else [[c for c in m if c > 0] for m in counts])
     return ModelRepairOutput(tensors=changed, steps=res.steps, oof_pred=oof, diagnostics={
         "scope": scope, "lora": lora_info, "head_refit": refit, "trainable_tensors": len(names), "groups": source,
+        "warnings": tm.scope_notes(scope, "mixft"),
         "mixing": {"partner": cfg.partner, "mix_weight": cfg.mix_weight, "mix_beta": cfg.mix_beta,
                    "mix_fraction": cfg.mix_fraction, "mix_point": point,
                    "space": "token embeddings" if point == 0 else (

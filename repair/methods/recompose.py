@@ -228,7 +228,7 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
                      buffers=tm.running_stats(cfg.freeze_bn), criterion=sess.criterion)
     settled = settle_by(cfg, sess, before)
     n_gen = int(target.numel())
-    said = []                      # what the user should hear: the run did less than recompose means
+    said = tm.scope_notes(cfg.scope, "recompose")    # what the user should hear: the run did less or other
     if not bool(usable.any()):
         said.append(f"recompose: no training image's mask covers {cfg.mask_area[0]:g}-{cfg.mask_area[1]:g} of it "
                     "(mask_area): every image was used as a source and as a background regardless")

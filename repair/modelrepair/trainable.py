@@ -275,7 +275,8 @@ class TrainableModel:
 
     def select(self, scope: str) -> list[str]:
         """Names of the parameters a scope trains: ``head``; ``all``; ``last:N`` (the head
-        and the N blocks before it); ``names:REGEX`` (parameters whose name matches; one that matches none is
+        and the N blocks before it: all of them when the model has fewer, see :meth:`scope_notes`);
+        ``names:REGEX`` (parameters whose name matches; one that matches none is
         :class:`repair.config.SettingRefused`, a BadInput the caller names the recipe of)."""
         check_scope(scope)
         params = dict(self.module.named_parameters())
@@ -286,7 +287,7 @@ class TrainableModel:
             return list(params)
         if scope.startswith("last:"):
             n = int(scope.split(":", 1)[1])
-            body = [b for b in self.blocks() if not all(p in head for p in b[1])]
+            body = self._body(head)
             chosen = [p for _, names in body[max(0, len(body) - n):] for p in names]
             return [p for p in params if p in set(chosen) | set(head)]
         rx = re.compile(scope.split(":", 1)[1])
@@ -295,6 +296,25 @@ class TrainableModel:
             raise SettingRefused(f"setting 'scope': {scope!r} matches no parameter of the model (its parameters "
                                  f"are named like {', '.join(list(params)[:3])}, ...)")
         return found
+
+    def scope_notes(self, scope: str, who: str = "") -> list[str]:
+        """What the user should hear of ``scope`` on this model (a model repair puts them in its
+        diagnostics' ``warnings``, which the run says on stderr and in its report): ``last:N`` with N
+        above the blocks before the head trains every one of them -- said, not refused, as one recipe
+        serves models of different depths. ``who``: the method, put before each note."""
+        if not (isinstance(scope, str) and scope.startswith("last:")):
+            return []
+        n = int(check_scope(scope).split(":", 1)[1])
+        head = [p for p, _ in self.module.named_parameters() if p.startswith(self.head_name + ".")]
+        k = len(self._body(head))
+        if n <= k:
+            return []
+        return [f"{who + ': ' if who else ''}scope {scope}: the model has {k} block{'' if k == 1 else 's'} before "
+                f"its head; all of them are trained (as scope all)"]
+
+    def _body(self, head: Sequence[str]) -> list[tuple[str, list[str]]]:
+        """The parameter blocks before the head (:meth:`blocks` without the head's)."""
+        return [b for b in self.blocks() if not all(p in head for p in b[1])]
 
     @contextmanager
     def training(self, trainable: Sequence[str], freeze_bn: bool = True) -> Iterator[list[nn.Parameter]]:
