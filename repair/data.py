@@ -479,6 +479,24 @@ def check_resized(size: tuple, data_config: Optional[dict], max_pixels: int, pat
                        "--max-pixels to read it", path)
 
 
+def check_limit_fits(data_config: Optional[dict], max_pixels: int) -> None:
+    """The pixel limit (``--max-pixels``) leaves room for the model's own resize: the preprocessing
+    resizes an image shaped as its input to ``side / crop_pct`` per side before it crops (a 224 model
+    with crop_pct 0.875: 256x256), and :func:`check_resized` holds that size to the limit too, so a limit
+    below it would refuse every image, one by one. :class:`repair.rules.OptionRefused` (a BadInput) naming
+    the option, its value and the model's input size, before any image is read. ``data_config`` None: no resize to check."""
+    if data_config is None:
+        return
+    _, h, w = data_config["input_size"]
+    rw, rh = resized_size((w, h), data_config)
+    if rw * rh > max_pixels:
+        from .rules import OptionRefused
+
+        raise OptionRefused("max_pixels", f"{max_pixels:,} is below the {rw}x{rh} = {rw * rh:,} pixels the model's "
+                            f"preprocessing resizes an image of its input size ({w}x{h}) to before its crop: every "
+                            f"image would be refused; give at least {rw * rh:,}")
+
+
 def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS,
                data_config: Optional[dict] = None) -> "PIL.Image.Image":
     """Decode one image file as 8-bit RGB (:func:`to_rgb`): a regular file only, at most

@@ -85,3 +85,16 @@ def test_a_last_n_scope_within_the_model_says_nothing(timm_folder):
     note = tm.scope_notes(f"last:{k + 1}", "mixft")
     assert len(note) == 1 and note[0].startswith(f"mixft: scope last:{k + 1}: the model has {k} blocks"), note
     assert set(tm.select(f"last:{k + 1}")) == set(tm.select("all"))
+
+
+# ---------------------------------------------------------------- --max-pixels below the model's own resize
+def test_a_max_pixels_below_the_models_resize_is_one_line_naming_the_option(tmp_path):
+    m = make_timm_folder(tmp_path / "m", size=32)            # crop_pct 1.0: resized to 32x32 = 1,024 pixels
+    data = make_images(tmp_path / "d", n_per_class=6, size=20)     # 400-pixel images: under any limit here
+    for cmd in (("fix", m, "--data", data, "--recipe", "dfr", "--out", tmp_path / "o"), ("eval", m, "--data", data)):
+        code, _, err = run_cli(*cmd, "--max-pixels", "500", "-q", "--no-cache")
+        line = one_line_naming(code, err, "--max-pixels", "500", "32x32", "1,024")
+        assert str(data) not in line, line                  # not blamed on an image
+        assert not (tmp_path / "o").exists()
+    code, _, err = run_cli("eval", m, "--data", data, "--max-pixels", "1024", "-q", "--no-cache")
+    assert code == 0, err                                   # a limit the resize meets reads every image

@@ -263,12 +263,13 @@ def test_decompression_bomb_is_exit_2_naming_the_image(tmp_path, timm_folder):
     line = cli_refuses(["eval", timm_folder, "--data", d, "--no-cache"], "001.png", "pixels", "limit",
                        inputs=[d, timm_folder])
     assert "DecompressionBomb" not in line
-    # the limit is an option: a 36 x 36 image is over a 1000-pixel limit, and within the default
+    # the limit is an option: a 36 x 36 image is over a 1100-pixel limit (one the 32 x 32 model's own resize,
+    # 1,024 pixels, meets: a lower one is refused once, naming --max-pixels), and within the default
     from repair.adapters import load_model
     from repair.embeddings import extract
 
-    small = load_data(make_images(tmp_path / "small", n_per_class=1), DataOptions(max_pixels=1000))
-    assert small.max_pixels == 1000
+    small = load_data(make_images(tmp_path / "small", n_per_class=1), DataOptions(max_pixels=1100))
+    assert small.max_pixels == 1100
     with pytest.raises(BadInput) as e:
         extract(load_model(timm_folder), small, use_cache=False, progress=False)
     assert "1,296 pixels" in e.value.problem and e.value.path.endswith(".png")
@@ -322,8 +323,9 @@ def test_a_pixel_limit_refuses_the_same_images_with_a_warm_cache(tmp_path, timm_
     cache = tmp_path / "cache"
     code, _, err = run_cli("eval", timm_folder, "--data", d, "--cache-dir", cache, "-q")
     assert code == 0 and len(list(cache.glob("*.safetensors"))) == 1, err
-    code, _, err = run_cli("eval", timm_folder, "--data", d, "--cache-dir", cache, "--max-pixels", "1", "-q")
-    assert code == 2 and "more than the limit of 1 " in err and err.count("\n") == 1, err
+    # (a limit the model's own 32 x 32 resize meets: a lower one is refused once, naming --max-pixels)
+    code, _, err = run_cli("eval", timm_folder, "--data", d, "--cache-dir", cache, "--max-pixels", "1100", "-q")
+    assert code == 2 and "more than the limit of 1,100 " in err and err.count("\n") == 1, err
     # the limit the entry was made under serves its own runs from the cache
     code, _, err = run_cli("eval", timm_folder, "--data", d, "--cache-dir", cache, "--max-pixels", "1296", "-q")
     assert code == 0, err

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..data import DEFAULT_MAX_PIXELS, open_regular, read_image
+from ..data import DEFAULT_MAX_PIXELS, check_limit_fits, open_regular, read_image
 from ..errors import BadInput
 from ..io import parse_json
 
@@ -142,5 +142,7 @@ class ImageCollate:
     def __call__(self, items: Sequence[Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """The eval transform of each image, decoded by :func:`repair.data.read_image` (every PIL
         mode converted by its meaning or refused by name, at most ``max_pixels`` pixels, as read and
-        as this preprocessing resizes it, regular files only)."""
+        as this preprocessing resizes it, regular files only). A limit no image of this preprocessing
+        can meet is refused once, naming ``--max-pixels`` (:func:`repair.data.check_limit_fits`)."""
+        check_limit_fits(self.data_config, max_pixels)
         return torch.stack([self.transform(read_image(p, max_pixels, self.data_config)) for p in items])
