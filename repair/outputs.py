@@ -86,6 +86,9 @@ class ModelOutputs:
         w: dict[str, Any] = {"model": None, "weights_file": None, "export": None, "artifacts": None,
                              "report": None}
         a = self.adapter
+        check_beside = getattr(a, "check_written_beside", None)     # an ONNX model: what is beside it is read
+        if self.model is not None and check_beside is not None:     # with it (nothing is written yet)
+            check_beside(Path(self.model))
         with outputs(force=self.force, log=self.log) as tx:
             if self.model is not None:
                 final = Path(self.model)

@@ -417,7 +417,8 @@ def test_a_repaired_onnx_is_read_with_the_preprocessing_it_records_not_a_preproc
     preprocess.json; its metadata recorded the options' normalisation (figures 100%), but `eval` of it
     read the preprocess.json (0%, silently). Now the file is read as it records: the disagreeing
     preprocess.json, or --mean for it, is one line, exit 2, naming the file; elsewhere it gives the
-    figures the fix measured."""
+    figures the fix measured. And `fix` no longer writes it there (one error naming the output and the
+    preprocess.json, nothing written: tests/test_option_messages.py); written elsewhere, it is read back."""
     import shutil
 
     from conftest import make_deployed_onnx, make_images, one_line_naming, run_cli
@@ -427,11 +428,17 @@ def test_a_repaired_onnx_is_read_with_the_preprocessing_it_records_not_a_preproc
     make_deployed_onnx(dep / "model.onnx")
     (dep / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}))
     data, test = make_images(tmp_path / "img", n_per_class=8, size=32, seed=1), make_images(tmp_path / "t", size=32, seed=2)
-    code, out, err = run_cli("fix", dep / "model.onnx", "--data", data, "--class-names", "cat,dog,fox", "--group-by",
-                             "place", "--eval", test, "--recipe", "dfr", "--mean", "0.9,0.1,0.9", "--std", "0.1,0.1,0.1",
-                             "--json", "-q")
+    args = ("fix", dep / "model.onnx", "--data", data, "--class-names", "cat,dog,fox", "--group-by", "place", "--eval",
+            test, "--recipe", "dfr", "--mean", "0.9,0.1,0.9", "--std", "0.1,0.1,0.1", "--json", "-q")
+    code, out, err = run_cli(*args)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "model-repaired.onnx" in errors[0] and "preprocess.json" in errors[0], err
+    assert not (dep / "model-repaired.onnx").exists()
+    (tmp_path / "elsewhere").mkdir()
+    code, out, err = run_cli(*args, "--out", tmp_path / "elsewhere" / "model-repaired.onnx")
     assert code == 0, err
-    repaired = dep / "model-repaired.onnx"
+    repaired = dep / "model-repaired.onnx"          # put beside the preprocess.json by hand
+    shutil.copy(tmp_path / "elsewhere" / "model-repaired.onnx", repaired)
     assert json.loads(onnx_meta(repaired)["preprocess"])["mean"] == [0.9, 0.1, 0.9]
     code, _, err = run_cli("eval", repaired, "--data", test, "--group-by", "place", "-q")
     one_line_naming(code, err, repaired, "preprocess.json", "mean [0.5, 0.5, 0.5] in it, [0.9, 0.1, 0.9] in the model")

@@ -98,3 +98,36 @@ def test_a_max_pixels_below_the_models_resize_is_one_line_naming_the_option(tmp_
         assert not (tmp_path / "o").exists()
     code, _, err = run_cli("eval", m, "--data", data, "--max-pixels", "1024", "-q", "--no-cache")
     assert code == 0, err                                   # a limit the resize meets reads every image
+
+
+# ---------------------------------------------------------------- an ONNX output beside a preprocess.json
+def test_an_onnx_fix_refuses_to_write_beside_a_preprocess_json_its_output_disagrees_with(tmp_path):
+    from conftest import make_deployed_onnx
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    src, _ = make_deployed_onnx(folder / "m.onnx")
+    side = folder / "preprocess.json"
+    side.write_text(json.dumps({"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}))
+    data = make_images(tmp_path / "d", n_per_class=6)
+    other = make_images(tmp_path / "e", n_per_class=3, seed=7)          # data the repairs never touched
+    common = ("--data", data, "--recipe", "dfr", "--class-names", "cat,dog,fox", "-q", "--no-cache")
+    # --mean wins over the preprocess.json for the source (it carries none); the output would record it
+    code, _, err = run_cli("fix", src, *common, "--mean", "0.4,0.4,0.4")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]     # (the run's warnings before it)
+    assert code == 2 and len(errors) == 1, err
+    for words in (str(side), "m-repaired.onnx", "disagrees", "mean [0.5, 0.5, 0.5] in it", "--out"):
+        assert words in errors[0], errors[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "preprocess.json"]      # nothing written
+    # written to another folder, it is read back as it records
+    out = tmp_path / "o" / "m.onnx"
+    out.parent.mkdir()
+    code, _, err = run_cli("fix", src, *common, "--mean", "0.4,0.4,0.4", "--out", out)
+    assert code == 0, err
+    code, _, err = run_cli("eval", out, "--data", other, "-q", "--no-cache")
+    assert code == 0, err
+    # a preprocess.json that agrees with the options (or the run read it): written beside it as before
+    code, _, err = run_cli("fix", src, *common)
+    assert code == 0, err
+    code, _, err = run_cli("eval", folder / "m-repaired.onnx", "--data", other, "-q", "--no-cache")
+    assert code == 0, err

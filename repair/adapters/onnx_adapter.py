@@ -159,9 +159,8 @@ class OnnxAdapter(Adapter):
         carries its own preprocessing keeps it: another one is :class:`BadInput` naming the file and what
         differs (reading it otherwise would measure other figures than the ones it records)."""
         own = self.own_preprocess
-        if own is not None and cfg is not None and cfg != own:
-            diff = "; ".join(f"{k} {cfg.get(k)!r} in it, {own.get(k)!r} in the model"
-                             for k in DATA_CONFIG_KEYS if cfg.get(k) != own.get(k))
+        diff = preprocess_disagreement(cfg, own)
+        if diff:
             raise BadInput(f"the model carries its own image preprocessing (metadata 'preprocess'), and "
                            f"{where or 'the preprocessing given'} disagrees with it ({diff}); the file is read "
                            f"as it records: remove or correct {where or 'it'}", self.source)
@@ -170,6 +169,24 @@ class OnnxAdapter(Adapter):
         self.data_config = cfg
         self._collate = ImageCollate(cfg) if cfg is not None else None
         self._check_image_shape()
+
+    def check_written_beside(self, out: Path) -> None:
+        """The model written to ``out`` records the preprocessing it was read with (metadata
+        ``preprocess``), and a ``preprocess.json`` beside ``out`` is read with it -- by the one rule of
+        :meth:`use_preprocessing`: one that disagrees makes the written file unreadable (``repair eval`` of
+        it is refused). :class:`BadInput` naming the output and that file, before anything is written."""
+        if self.modality != "image" or self.data_config is None:
+            return
+        side = Path(out).parent / PREPROCESS_FILE
+        if not side.exists():
+            return
+        beside = image_config_from_options(None, None, None, side)
+        diff = preprocess_disagreement(beside, described_image_config(dict(self.data_config)))
+        if diff:
+            raise BadInput(f"the repaired model would be written beside {side}, which disagrees with the image "
+                           f"preprocessing the model was read with and records ({diff}): reading it back "
+                           f"(repair eval) would be refused; remove or correct {side.name}, or write the "
+                           "output to another folder (--out)", out)
 
     def _check_image_shape(self) -> None:
         if self.data_config is None or len(self._inputs) != 1:
@@ -406,6 +423,18 @@ class OnnxAdapter(Adapter):
         """The graph is hashed with the weights (:meth:`body_hash`); the runtime that computes it is
         here, as torch's version is for a torch model."""
         return {**super().network_id(), "onnxruntime": onnxruntime().__version__}
+
+
+def preprocess_disagreement(cfg: Optional[dict], own: Optional[dict]) -> Optional[str]:
+    """How ``cfg`` (a ``preprocess.json``, the options: a checked config) differs from the preprocessing
+    a model carries, ``own``: ``"mean [..] in it, [..] in the model; ..."``, or None where they agree
+    (or either is None). The one rule of a model's own preprocessing against one from outside it:
+    :meth:`OnnxAdapter.use_preprocessing` (reading a model) and :meth:`OnnxAdapter.check_written_beside`
+    (writing one)."""
+    if own is None or cfg is None or cfg == own:
+        return None
+    return "; ".join(f"{k} {cfg.get(k)!r} in it, {own.get(k)!r} in the model"
+                     for k in DATA_CONFIG_KEYS if cfg.get(k) != own.get(k))
 
 
 def external_data_files(proto, base: Path) -> list[Path]:
