@@ -37,14 +37,33 @@ def check_modality(adapter: Adapter, data: RepairData) -> None:
 
 
 def prepare_data(adapter: Adapter, data_path, data_opts: DataOptions, runtime: RuntimeOptions,
-                 group_by: Optional[str] = None) -> tuple[RepairData, Encoded, Embeddings]:
-    """``data_path``: a path, or the :class:`RepairData` already read from it."""
+                 group_by: Optional[str] = None, emb=None) -> tuple[RepairData, Encoded, Embeddings]:
+    """``data_path``: a path, or the :class:`RepairData` already read from it. ``emb``: its embeddings
+    when the caller has them, or a function giving them (called once the data is encoded: its labels
+    are checked before any embedding)."""
     data = data_path if isinstance(data_path, RepairData) else load_data(data_path, data_opts)
     check_modality(adapter, data)
     enc = encode(data, adapter.class_names, group_by if group_by is not None else data_opts.group_by)
-    emb = extract(adapter, data, batch_size=runtime.batch_size, device=runtime.device,
-                  cache_dir=runtime.cache_dir, use_cache=runtime.use_cache, progress=runtime.progress)
+    emb = emb() if callable(emb) else emb
+    if emb is None:
+        emb = embed(adapter, data, runtime)
+    elif emb.X.shape[0] != len(data):
+        raise ValueError(f"prepare_data: {len(data)} samples, {emb.X.shape[0]} embeddings")
     return data, enc, emb
+
+
+def embed(adapter: Adapter, data: RepairData, runtime: RuntimeOptions) -> Embeddings:
+    """:func:`repair.embeddings.extract` as ``runtime`` says (its cache, device, batch size, progress)."""
+    return extract(adapter, data, batch_size=runtime.batch_size, device=runtime.device,
+                   cache_dir=runtime.cache_dir, use_cache=runtime.use_cache, progress=runtime.progress)
+
+
+def embedding_rows(emb: Embeddings, keep) -> Embeddings:
+    """``emb`` restricted to the rows ``keep`` (indices, in order): data some of whose samples are left
+    out of a figure is embedded whole and masked, so its cache entry is the one a plain run of that data
+    uses, and nothing is embedded twice."""
+    idx = torch.as_tensor(list(keep), dtype=torch.long)
+    return dataclasses.replace(emb, X=emb.X[idx], inputs=None if emb.inputs is None else emb.inputs[idx])
 
 
 def _check_cache_dir(adapter: Adapter, model, data: list, runtime: RuntimeOptions) -> None:
@@ -61,10 +80,11 @@ def _check_cache_dir(adapter: Adapter, model, data: list, runtime: RuntimeOption
 
 def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
             data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
-            also: tuple = (), _adopt: bool = True) -> Prepared:
+            also: tuple = (), _adopt: bool = True, _emb=None) -> Prepared:
     """The model loaded, the data read and encoded, its embeddings (cached). ``also``: other data the
     run reads (:class:`RepairData`), which the cache may not go into either. ``_adopt``: a model given
-    loaded has its in-place changes registered (False: the caller did it, or loaded it itself)."""
+    loaded has its in-place changes registered (False: the caller did it, or loaded it itself).
+    ``_emb``: the data's embeddings where the caller has them (:func:`prepare_data`)."""
     from .rules import check_options, model_arg
 
     load_opts = check_options(load_opts, LoadOptions, "load_options")
@@ -75,39 +95,43 @@ def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     adapter = model if isinstance(model, Adapter) else load_model(model, load_opts)
     data = data_path if isinstance(data_path, RepairData) else load_data(data_path, data_opts or DataOptions())
     _check_cache_dir(adapter, model, [data, *also], runtime)
-    data, enc, emb = prepare_data(adapter, data, data_opts or DataOptions(), runtime)
+    data, enc, emb = prepare_data(adapter, data, data_opts or DataOptions(), runtime, emb=_emb)
     return Prepared(adapter, data, enc, emb)
 
 
-def _model_keys(adapter: Adapter, data: RepairData, other: RepairData, runtime=None):
+def _model_keys(adapter: Adapter, data: RepairData, other: RepairData, runtime=None, inputs=(None, None)):
     """(keys of ``data``'s samples, keys of ``other``'s, how they were found the same): equal keys for
     two samples the model reads as one -- a text that differs only in case or spacing the tokenizer
     drops (:meth:`Adapter.input_keys`), an image the model is fed identically (the same picture in
     another file format or encoding, or saved at another size the model's resize reads the same:
     :func:`repair.embeddings.image_input_keys`, the rule the repair set's own splits apply; kept in
-    ``runtime``'s cache when it is on); None where nothing is known beyond the bytes."""
+    ``runtime``'s cache when it is on); None where nothing is known beyond the bytes. ``inputs``: the
+    input digests (:attr:`Embeddings.inputs`) of ``data`` and of ``other`` where the caller embedded
+    them: an image's key is then read from them, and the image is not decoded again."""
     if not len(other) or not len(data):
         return None
     if data.modality == "image" and other.modality == "image":
-        from .embeddings import image_input_keys
+        from .embeddings import digest_keys, image_input_keys
 
-        cached = dict(use_cache=False) if runtime is None else dict(cache_dir=runtime.cache_dir,
-                                                                      use_cache=runtime.use_cache)
-        return (image_input_keys(adapter, data, **cached), image_input_keys(adapter, other, **cached),
-                ", as the model reads them (the same images in other files)")
+        cached = dict(use_cache=False) if runtime is None else dict(
+            cache_dir=runtime.cache_dir, use_cache=runtime.use_cache, batch_size=runtime.batch_size,
+            device=runtime.device)
+        mine, theirs = (digest_keys(i) if i is not None else image_input_keys(adapter, d, **cached)
+                        for d, i in zip((data, other), inputs))
+        return mine, theirs, ", as the model reads them (the same images in other files)"
     mine, theirs = adapter.input_keys(data.items), adapter.input_keys(other.items)
     return None if mine is None or theirs is None else (mine, theirs, ", as the model reads them")
 
 
 def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap: list,
-                 where=None, exclude_flag: Optional[str] = None, runtime=None) -> list:
+                 where=None, exclude_flag: Optional[str] = None, runtime=None, inputs=(None, None)) -> list:
     """``overlap`` (per sample of ``other``: an identical sample, byte for byte, is in ``data``) widened
-    to the samples the model reads as one of ``data``'s (:func:`_model_keys`; ``runtime``: its cache).
-    Data whose every sample is then in ``data`` is refused as :func:`repair.preflight.eval_overlap`
-    refuses it."""
+    to the samples the model reads as one of ``data``'s (:func:`_model_keys`; ``runtime``: its cache;
+    ``inputs``: the input digests of ``data`` and ``other`` the caller has). Data whose every sample is
+    then in ``data`` is refused as :func:`repair.preflight.eval_overlap` refuses it."""
     from .preflight import refuse_full_overlap
 
-    keys = _model_keys(adapter, data, other, runtime)
+    keys = _model_keys(adapter, data, other, runtime, inputs)
     if keys is None:
         return list(overlap)
     mine, theirs, how = keys
@@ -118,12 +142,13 @@ def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap:
     return wider
 
 
-def same_samples(adapter: Adapter, data: RepairData, other: RepairData, runtime=None) -> list[bool]:
+def same_samples(adapter: Adapter, data: RepairData, other: RepairData, runtime=None,
+                 inputs=(None, None)) -> list[bool]:
     """Per sample of ``other``: whether it is one of ``data``'s, byte for byte or as the model reads it
     (:func:`read_as_same`'s rule, refusing nothing): what ``--train`` leaves out of training."""
     seen = set(data.content_hashes())
     same = [h in seen for h in other.content_hashes()]
-    keys = _model_keys(adapter, data, other, runtime)
+    keys = _model_keys(adapter, data, other, runtime, inputs)
     if keys is None:
         return same
     mine = set(keys[0])
@@ -241,11 +266,9 @@ def _without_repair_set(p: Prepared, group_by: Optional[str]) -> tuple[Prepared,
     if not rows or not any(rows):
         return p, 0
     keep = [i for i, r in enumerate(rows) if not r]
-    idx = torch.as_tensor(keep, dtype=torch.long)
     sub = p.data.subset(keep)
-    emb = dataclasses.replace(p.emb, X=p.emb.X[idx],
-                              inputs=None if p.emb.inputs is None else p.emb.inputs[idx])
-    return Prepared(p.adapter, sub, encode(sub, p.adapter.class_names, group_by), emb), len(rows) - len(keep)
+    return (Prepared(p.adapter, sub, encode(sub, p.adapter.class_names, group_by), embedding_rows(p.emb, keep)),
+            len(rows) - len(keep))
 
 
 def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
@@ -258,6 +281,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
     on them), and data that is all such samples is a BadInput."""
     data_opts = data_opts or DataOptions()
     left_out = None
+    emb_of = None
     if exclude is not None:
         from .preflight import eval_overlap, read_data
 
@@ -271,12 +295,26 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
             model, check_options(load_opts, LoadOptions, "load_options"))
         rt = check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions()
         _check_cache_dir(model_path, model, [data, ex], rt)       # before the input keys are cached
+        first = None
+        if data.modality == "image" and ex.modality == "image":
+            # an image's key is its model input, which embedding it computes: the data is embedded
+            # first (whole, each image decoded once) and its keys read from the embeddings; a text's
+            # keys are its tokens (cheap): data that is all --exclude is refused before any embedding
+            check_modality(model_path, data)
+            first = embed(model_path, data, rt)
         overlap = read_as_same(model_path, ex, data, overlap, data.table or data.source, exclude_flag="--exclude",
-                               runtime=rt)
+                               runtime=rt, inputs=(None, None if first is None else first.inputs))
         left_out = sum(bool(o) for o in overlap)
-        full, data_path = data, (data.subset([i for i, o in enumerate(overlap) if not o]) if left_out else data)
+        keep = [i for i, o in enumerate(overlap) if not o]
+        full, data_path = data, (data.subset(keep) if left_out else data)
+
+        def whole(e=first, keep=keep, masked=bool(left_out), adapter=model_path):
+            """The whole data embedded (its cache entry is a plain eval's), the rows left out masked."""
+            e = e if e is not None else embed(adapter, full, rt)
+            return embedding_rows(e, keep) if masked else e
+        emb_of = whole
     p = prepare(model_path, data_path, load_opts, data_opts, runtime, also=(ex,) if exclude is not None else (),
-                _adopt=exclude is None)       # with --exclude the model was taken (and adopted) above
+                _adopt=exclude is None, _emb=emb_of)      # with --exclude the model was taken (and adopted) above
     before = p.data
     p, in_repair_set = _without_repair_set(p, data_opts.group_by)
     if in_repair_set and not left_out:

@@ -190,12 +190,18 @@ def _image_input_keys(adapter: Adapter, data: RepairData, batch_size: int = 64) 
     out = []
     for start in range(0, len(data), batch_size):
         batch = adapter.collate(list(data.items[start:start + batch_size]))
-        out += [bytes(row.tolist()).hex() for row in input_digests(batch)]
+        out += digest_keys(input_digests(batch))
     return out
 
 
+def digest_keys(inputs: torch.Tensor) -> list[str]:
+    """:attr:`Embeddings.inputs` as the hex keys :func:`image_input_keys` gives (one per row)."""
+    return [bytes(row.tolist()).hex() for row in inputs]
+
+
 def image_input_keys(adapter: Adapter, data: RepairData, cache_dir: Optional[Path] = None,
-                     use_cache: bool = True) -> list[str]:
+                     use_cache: bool = True, batch_size: Optional[int] = None,
+                     device: Optional[str] = None) -> list[str]:
     """Every image of ``data`` as ``adapter``'s model is fed it (its preprocessed input), hashed as
     :attr:`Embeddings.inputs` hashes it, in order: the one rule of "the same image" within a repair
     set (its splits) and between data sets (``fix --eval``, ``eval --exclude``, ``--train``,
@@ -206,10 +212,18 @@ def image_input_keys(adapter: Adapter, data: RepairData, cache_dir: Optional[Pat
     An entry that does not read back as ``len(data)`` digests whose own sha256 it carries is
     recomputed, with a notice when it was there but damaged (a flipped digit would name other
     images, and ``--eval`` would leave out other samples); one that cannot be written is a
-    warning-free miss (the keys are returned all the same)."""
+    warning-free miss (the keys are returned all the same). ``batch_size`` and ``device``: those a run
+    embeds with; with them, a sound embedding cache entry of ``data`` (:func:`extract`'s, which holds
+    the same digests) serves too, and nothing is decoded or written."""
     if not use_cache:
         return _image_input_keys(adapter, data)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if batch_size is not None:
+        entry = cache_dir / f"{cache_key(adapter, data, resolve_device(device or 'auto'), batch_size)}.safetensors"
+        if entry.is_file() and not entry.is_symlink():
+            _, inputs, _ = _read_cache(entry, entry.stem, len(data), with_inputs=True)
+            if inputs is not None:
+                return digest_keys(inputs)
     key = hashlib.sha256(json.dumps({"format": INPUTS_FORMAT, "data": data.fingerprint(),
                                      "preprocess": adapter.preprocess_id(), "family": adapter.family,
                                      "max_pixels": int(data.max_pixels)},

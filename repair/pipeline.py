@@ -38,7 +38,8 @@ import torch
 
 from . import provenance
 from .adapters import LoadOptions, load_model
-from .api import (RuntimeOptions, check_modality, left_out_groups, mark_duplicates, prepare_data, read_as_same,
+from .api import (RuntimeOptions, check_modality, embed, embedding_rows, left_out_groups, mark_duplicates,
+                  prepare_data, read_as_same,
                   recorded_repair_rows,
                   same_samples)
 from .choosing import FitContext, choose, selection_basis
@@ -274,19 +275,35 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                            f"{Path(model_path).name} is {'an' if adapter.modality[0] in 'aeiou' else 'a'} "
                            f"{adapter.modality} model", Path(model_path))
     log(f"loaded {adapter.family} model {Path(model_path).name}: {len(adapter.class_names)} classes")
-    if inputs.eval_data is not None:      # --eval samples the model reads as repair samples count as those
+    # an image's key (which --eval samples the model reads as repair samples) is its model input, which
+    # embedding it computes: images are embedded first, each decoded once, and their keys read from the
+    # embeddings; a text's keys are its tokens (cheap): an --eval that is all repair texts is refused
+    # before any embedding
+    image = adapter.modality == "image" and inputs.data.modality == "image"
+    if inputs.eval_data is not None and not image:   # --eval samples the model reads as repair samples count as those
         inputs.eval_overlap = read_as_same(adapter, inputs.data, inputs.eval_data, inputs.eval_overlap, o.eval_data,
                                            runtime=runtime)
     train_notes: list[str] = []
     if o.budget is not None and "model" not in recipe.kinds:     # said, not dropped in silence (a zoo's
         train_notes.append(f"--budget {o.budget} bounds the training of model repairs; recipe {recipe.name!r} "
                            "has none, so it does not apply")         # default may hold one for every row)
-    for name, v in list(resources.items()):      # --train's labels and modality: checked before any work
-        if isinstance(v, RepairData):
-            resources[name] = _train_set(adapter, v, data_opts, inputs, "--" + name.replace("_", "-"), train_notes,
-                                         runtime)
-
-    data, enc, emb = prepare_data(adapter, inputs.data, data_opts, runtime)
+    trains = [name for name, v in resources.items() if isinstance(v, RepairData)]
+    for name in trains:                          # --train's labels and modality: checked before any work
+        _check_train_set(adapter, resources[name], data_opts)
+    emb = eval_emb = None
+    if image:
+        data, enc, emb = prepare_data(adapter, inputs.data, data_opts, runtime)
+        if inputs.eval_data is not None:     # embedded whole (its cache entry is a plain eval's), copies masked
+            check_modality(adapter, inputs.eval_data)
+            eval_emb = embed(adapter, inputs.eval_data, runtime)
+            inputs.eval_overlap = read_as_same(adapter, inputs.data, inputs.eval_data, inputs.eval_overlap,
+                                               o.eval_data, runtime=runtime, inputs=(emb.inputs, eval_emb.inputs))
+    for name in trains:
+        resources[name] = _train_set(adapter, resources[name], data_opts, inputs, "--" + name.replace("_", "-"),
+                                     train_notes, runtime, digests=(None if emb is None else emb.inputs,
+                                                                    None if eval_emb is None else eval_emb.inputs))
+    if emb is None:
+        data, enc, emb = prepare_data(adapter, inputs.data, data_opts, runtime)
     where = data.table or data.source
     C = len(adapter.class_names)
     check_repair_set(enc, C, where)
@@ -368,25 +385,35 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         for n in choice.notes:
             log(n)
         report = _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts, inputs, fit_idx,
-                         report_idx, model_path, paths, budget, ctx, dup_stats, t_start, log)
+                         report_idx, model_path, paths, budget, ctx, dup_stats, t_start, log, eval_emb=eval_emb)
     return FixResult(report, adapter=adapter, data=data, encoded=enc, embeddings=emb, original_head=(W0, b0))
 
 
+def _check_train_set(adapter, d: RepairData, data_opts: DataOptions) -> None:
+    """A data resource's (``--train``) modality and labels (matched to the model's classes): checked
+    before any work, a label the model lacks naming itself."""
+    from .data import encode
+
+    check_modality(adapter, d)
+    encode(d, adapter.class_names, data_opts.group_by if data_opts.group_by in d.attributes else None)
+
+
 def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, flag: str, notes: list,
-               runtime=None):
+               runtime=None, digests=(None, None)):
     """A data resource (``--train``) with labels matched to the model's classes (groups when the
     data has the --group-by column). Its samples that are also in the repair data or ``--eval`` are
     left out (``notes`` says how many): the choice and the figures are measured on those, and never
-    on what was trained on; BadInput naming it when that leaves nothing."""
+    on what was trained on; BadInput naming it when that leaves nothing. ``digests``: the input
+    digests of the repair data and of --eval where they were embedded already (not decoded again)."""
     from .data import encode
     from .methods import TrainSet
 
-    check_modality(adapter, d)
+    _check_train_set(adapter, d, data_opts)
     gb = data_opts.group_by if data_opts.group_by in d.attributes else None
-    encode(d, adapter.class_names, gb)            # its labels first: a label the model lacks names itself
-    taken = same_samples(adapter, inputs.data, d, runtime)
+    taken = same_samples(adapter, inputs.data, d, runtime, inputs=(digests[0], None))
     if inputs.eval_data is not None:
-        taken = [a or b for a, b in zip(taken, same_samples(adapter, inputs.eval_data, d, runtime))]
+        taken = [a or b for a, b in zip(taken, same_samples(adapter, inputs.eval_data, d, runtime,
+                                                            inputs=(digests[1], None)))]
     keep = [i for i, t in enumerate(taken) if not t]
     if not keep:
         raise BadInput(f"every sample of {flag} is also in the repair data (--data) or --eval: the choice and the "
@@ -407,7 +434,10 @@ def _warn(ctx, log, w: str) -> None:
 
 
 def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts, inputs, fit_idx, report_idx,
-            model_path, paths, budget, ctx, dup_stats, t_start, log) -> dict:
+            model_path, paths, budget, ctx, dup_stats, t_start, log, eval_emb=None) -> dict:
+    """The figures, the outputs and the report of a fit :func:`fix_model` made. ``eval_emb``: the whole
+    --eval set's embeddings where they were taken before the fitting (an image set's: its input keys
+    are read from them)."""
     from .methods import head_notes
     from .outputs import HtmlReport, ModelOutputs, OnnxExport
     from .rules import artifacts_output
@@ -432,12 +462,19 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         eval_group_by = o.eval_group_by if o.eval_group_by is not None else data_opts.group_by
         e_opts = dataclasses.replace(data_opts, group_by=eval_group_by)
         ev, dropped = inputs.eval_data, sum(bool(x) for x in inputs.eval_overlap)
+        keep = [i for i, x in enumerate(inputs.eval_overlap) if not x]
         if dropped:               # samples also in the repair set: the figures leave them out
-            ev = ev.subset([i for i, x in enumerate(inputs.eval_overlap) if not x])
+            ev = ev.subset(keep)
             _warn(ctx, log, f"{dropped} of the {len(inputs.eval_data)} samples of --eval are also in the repair "
                             "data: left out of the figures, which are measured on the other "
                             f"{len(ev)}")
-        r_data, e_enc, e_emb = prepare_data(adapter, ev, e_opts, runtime)
+
+        def eval_rows(e=eval_emb, keep=keep, masked=bool(dropped)):
+            """--eval embedded whole (its cache entry is a plain eval's; an image set's was embedded
+            already), the rows also in the repair set masked."""
+            e = e if e is not None else embed(adapter, inputs.eval_data, runtime)
+            return embedding_rows(e, keep) if masked else e
+        r_data, e_enc, e_emb = prepare_data(adapter, ev, e_opts, runtime, emb=eval_rows)
         # and the samples the source model's own repair fitted on (a repaired model repaired again)
         earlier_eval = recorded_repair_rows(adapter, r_data, e_emb.inputs)
         if earlier_eval is not None and any(earlier_eval):
@@ -445,13 +482,12 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
             if not keep:
                 raise BadInput(f"holds only samples of the repair set {Path(model_path).name} was itself repaired on "
                                "(its provenance records them): measure on data neither repair touched", o.eval_data)
-            idx = torch.as_tensor(keep, dtype=torch.long)
             _warn(ctx, log, f"{len(earlier_eval) - len(keep)} of the {len(r_data)} samples of --eval are in the repair "
                             f"set {Path(model_path).name} was itself repaired on: left out of the figures, which are "
                             f"measured on the other {len(keep)}")
             dropped += len(earlier_eval) - len(keep)
             r_data = r_data.subset(keep)
-            e_emb = dataclasses.replace(e_emb, X=e_emb.X[idx], inputs=None if e_emb.inputs is None else e_emb.inputs[idx])
+            e_emb = embedding_rows(e_emb, keep)
             e_enc = encode(r_data, adapter.class_names, eval_group_by)
         rX, ry, rg, rnames = e_emb.X, e_enc.y, e_enc.groups, e_enc.group_names
         # groups the evaluation data lacks: its own class x value gaps, and (same column) the repair

@@ -1,0 +1,148 @@
+"""Issue 20: `repair fix`'s fixed cost -- nothing loaded or computed twice. Each test counts the work
+(images decoded for the model, ONNX files parsed, duplicate ids computed) rather than timing it."""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import make_images, run_cli
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts every image decoded for the model's input (its eval preprocessing), per file."""
+    import repair.adapters.images as images
+
+    seen: Counter = Counter()
+    real = images.read_image
+
+    def counting(p, *a, **k):
+        seen[str(Path(p).resolve())] += 1
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(images, "read_image", counting)
+    return seen
+
+
+def _mixed_eval(tmp_path: Path, repair: Path, n_copies: int = 3) -> Path:
+    """Fresh images plus ``n_copies`` of the repair images saved again in another format (other bytes,
+    the same pixels: the model reads them as repair samples)."""
+    from PIL import Image
+
+    ev = make_images(tmp_path / "ev", n_per_class=3, seed=7)
+    with open(ev / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(repair / "metadata.csv") as f:
+        rrows = list(csv.DictReader(f))
+    for r in rrows[:n_copies]:
+        rel = str(Path(r["img_filename"]).with_suffix(".bmp"))
+        with Image.open(repair / r["img_filename"]) as im:
+            im.save(ev / rel, format="BMP")
+        rows.append({**r, "img_filename": rel})
+    with open(ev / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(rows)
+    return ev
+
+
+def test_a_cold_fix_eval_decodes_each_image_once(tmp_path, timm_folder, decodes):
+    """A cold `fix --eval` of an image model preprocessed every image twice: once for the input keys
+    (the check that an --eval the model reads as repair samples is left out or refused) and once to
+    embed it. Now the keys are the embeddings' input digests: each image is decoded once, and the
+    copies are still found and left out."""
+    repair = make_images(tmp_path / "r", n_per_class=4, seed=0)
+    ev = _mixed_eval(tmp_path, repair)
+    code, out, err = run_cli("fix", timm_folder, "--data", repair, "--eval", ev, "--recipe", "dfr",
+                             "--out", tmp_path / "o", "--json", "-q", "--cache-dir", tmp_path / "c")
+    rep = json.loads(out)
+    assert code == 0, err
+    assert "3 also in the repair set left out" in rep["measured_on"] and rep["after"]["n"] == 9
+    files = {str(p.resolve()) for d in (repair, ev) for p in d.rglob("*") if p.suffix in (".png", ".bmp")}
+    assert set(decodes) == files
+    assert max(decodes.values()) == 1, {k: v for k, v in decodes.items() if v > 1}
+    # the --eval set's cache entry is the whole set's: a later plain eval of it decodes nothing
+    decodes.clear()
+    code, out, err = run_cli("eval", tmp_path / "o", "--data", ev, "--json", "-q", "--cache-dir", tmp_path / "c")
+    assert code == 0 and json.loads(out)["embedding"]["from_cache"], err
+    assert not decodes
+
+
+def test_a_cold_fix_eval_all_copies_is_refused_decoding_each_image_once(tmp_path, timm_folder, decodes):
+    """An --eval that is all repair images as the model reads them is refused (exit 2, one line), with
+    each image decoded at most once and nothing written."""
+    from PIL import Image
+
+    repair = make_images(tmp_path / "r", n_per_class=3, seed=0)
+    copies = tmp_path / "copies"
+    with open(repair / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    out_rows = []
+    for r in rows:
+        rel = str(Path(r["img_filename"]).with_suffix(".bmp"))
+        (copies / rel).parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(repair / r["img_filename"]) as im:
+            im.save(copies / rel, format="BMP")
+        out_rows.append({**r, "img_filename": rel})
+    with open(copies / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows(out_rows)
+    code, _, err = run_cli("fix", timm_folder, "--data", repair, "--recipe", "dfr", "--eval", copies,
+                           "--out", tmp_path / "o", "-q", "--cache-dir", tmp_path / "c")
+    assert code == 2 and "as the model reads them" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+    assert decodes and max(decodes.values()) == 1, decodes
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_cold_eval_exclude_decodes_each_image_once_and_shares_the_plain_evals_entry(
+        tmp_path, timm_folder, decodes, cache):
+    """A cold `eval --exclude` of image data decoded every image of --data twice (its input keys, then
+    the embedding of the rows kept), and cached the embeddings of the kept rows only: a later plain
+    `eval` of the same data embedded it again. Now the whole set is embedded once and the excluded rows
+    masked: the same figures, each image decoded once, and the entry is the plain eval's."""
+    repair = make_images(tmp_path / "r", n_per_class=4, seed=0)
+    ev = _mixed_eval(tmp_path, repair)
+    flags = ["--cache-dir", tmp_path / "c"] if cache else ["--no-cache"]
+    code, out, err = run_cli("eval", timm_folder, "--data", ev, "--exclude", repair, "--json", "-q", *flags)
+    doc = json.loads(out)
+    assert code == 0 and doc["excluded"]["n"] == 3 and doc["n"] == 9, err
+    ev_files = {str(p.resolve()) for p in ev.rglob("*") if p.suffix in (".png", ".bmp")}
+    assert ev_files <= set(decodes)
+    assert max(decodes.values()) == 1, {k: v for k, v in decodes.items() if v > 1}
+    if not cache:
+        return
+    decodes.clear()
+    code, out, err = run_cli("eval", timm_folder, "--data", ev, "--json", "-q", *flags)
+    plain = json.loads(out)
+    assert code == 0 and plain["embedding"]["from_cache"] and plain["n"] == 12, err
+    assert not decodes
+    assert plain["embedding"]["cache_key"] == doc["embedding"]["cache_key"]
+
+
+def test_the_gates_eval_exclude_after_fix_decodes_no_repair_image(tmp_path, timm_folder, decodes):
+    """The re-gate after a repair (`repair eval FIXED --data HELD_OUT --exclude REPAIR_SET`): the repair
+    set's input keys are read from the embedding entry `fix` left (a head repair keeps the body, so the
+    entry is the fixed model's too) -- no repair image is decoded again, and the cache holds no second
+    copy of its digests (no inputs-*.json)."""
+    repair = make_images(tmp_path / "r", n_per_class=4, seed=0)
+    ev = _mixed_eval(tmp_path, repair)
+    cache = tmp_path / "c"
+    code, out, err = run_cli("fix", timm_folder, "--data", repair, "--recipe", "dfr", "--out", tmp_path / "o",
+                             "-q", "--cache-dir", cache)
+    assert code == 0, err
+    decodes.clear()
+    code, out, err = run_cli("eval", tmp_path / "o", "--data", ev, "--exclude", repair, "--json", "-q",
+                             "--cache-dir", cache)
+    doc = json.loads(out)
+    assert code == 0 and doc["excluded"]["n"] == 3 and doc["n"] == 9, err
+    repair_files = {str(p.resolve()) for p in repair.rglob("*.png")}
+    assert not repair_files & set(decodes), sorted(repair_files & set(decodes))
+    assert max(decodes.values()) == 1
+    assert not list(cache.glob("inputs-*.json"))
+
