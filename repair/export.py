@@ -450,13 +450,15 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                      expected_outputs: Optional[Sequence[str]] = None,
                      head_check: bool = False, own_file: bool = False, progress=None,
                      reference_logits: Optional[torch.Tensor] = None,
-                     bound: Optional[Bound] = None, logits_output: Optional[str] = None) -> dict:
+                     bound: Optional[Bound] = None, logits_output: Optional[str] = None,
+                     metadata: Optional[dict] = None) -> dict:
     """The check itself: onnxruntime on ``onnx_path`` vs ``reference.logits_batch`` (or
     ``reference_logits``, row i for ``items[i]``), batched as ``verify_batches`` says, one
     session with as many intra-op threads as torch uses. ``tolerance``: a user's absolute
     max |diff| (``None``: ``DEFAULT_BOUND``); ``bound`` overrides both. The logits are the output
     ``logits_output`` (an ONNX reference's: the one its adapter reads) when the file has it, else
-    ``logits``, else the only output."""
+    ``logits``, else the only output. ``metadata``: a dict given is filled with the file's metadata
+    (``metadata_props``) as the session read them -- the file is not parsed a second time for them."""
     from .adapters.onnx_runtime import make_session, run_session, session_feeds
     from .embeddings import resolve_device
 
@@ -475,6 +477,8 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
             raise
         # a file we just wrote that onnxruntime cannot load is a failed export, not bad input
         return _failed_load_report(onnx_path, bnd, device, e.problem, t0)
+    if metadata is not None:
+        metadata.update(sess.get_modelmeta().custom_metadata_map)
     out_names = [o.name for o in sess.get_outputs()]
     problems: list[str] = []
     if expected_outputs is not None and out_names != list(expected_outputs):
@@ -606,11 +610,12 @@ def verify_onnx(onnx_path, reference_adapter: Adapter, items: Sequence[Any], *,
     _log(progress, f"verifying {onnx_path.name} on {len(items)} samples")
     # an ONNX reference also checks embeddings @ W.T + b (original graph, new head) vs the file
     native = reference_adapter.exports_onnx_natively
+    meta: dict = {}                     # the file's metadata, as the session read it (the file is read once)
     report = run_verification(onnx_path, reference_adapter, items, tolerance=tolerance, device=device,
                               head_check=native, progress=progress,
-                              logits_output=reference_adapter.logits_name if native else None)
+                              logits_output=reference_adapter.logits_name if native else None, metadata=meta)
     report["reference"] = {"family": reference_adapter.family, "source": reference_adapter.source.name}
-    differs = metadata_mismatches(onnx_path, reference_adapter)
+    differs = metadata_mismatches(onnx_path, reference_adapter, meta)
     if differs:
         report["problems"] = [*report.get("problems", []), *differs]
         report["passed"] = False
@@ -619,21 +624,23 @@ def verify_onnx(onnx_path, reference_adapter: Adapter, items: Sequence[Any], *,
     return report
 
 
-def metadata_mismatches(onnx_path: Path, reference: Adapter) -> list[str]:
+def metadata_mismatches(onnx_path: Path, reference: Adapter, got: Optional[dict] = None) -> list[str]:
     """How the ONNX file at ``onnx_path`` says it is read -- the class names (in order), the image
     preprocessing, a text model's truncation length, as :func:`export_metadata` writes them and
     ``load_model(x.onnx)`` reads them -- where it differs from ``reference``: matching logits on the
     reference's own inputs do not make a file that repair (or a deployment reading its metadata)
     would read as another classifier pass. A key the file does not carry is not compared (a file
-    exported by other tools; whoever reads it supplies them)."""
-    import onnx
+    exported by other tools; whoever reads it supplies them). ``got``: the file's metadata where the
+    caller read them already (:func:`run_verification`'s session); else the file is parsed for them."""
+    if got is None:
+        import onnx
 
-    from .adapters.onnx_graph import metadata_dict
+        from .adapters.onnx_graph import metadata_dict
 
-    try:
-        got = metadata_dict(onnx.load(str(onnx_path), load_external_data=False))
-    except Exception:                    # run_verification already said why the file does not load
-        return []
+        try:
+            got = metadata_dict(onnx.load(str(onnx_path), load_external_data=False))
+        except Exception:                # run_verification already said why the file does not load
+            return []
     want = export_metadata(reference, {})
     out = []
     for key in ("class_names", "preprocess", "max_length"):

@@ -146,3 +146,45 @@ def test_the_gates_eval_exclude_after_fix_decodes_no_repair_image(tmp_path, timm
     assert max(decodes.values()) == 1
     assert not list(cache.glob("inputs-*.json"))
 
+
+def test_verify_reads_the_onnx_file_once(tmp_path, timm_folder, monkeypatch):
+    """`repair verify` parsed the ONNX file a second time (onnx.load, for its metadata) after the
+    onnxruntime session had read it. The metadata now come from that session: the file is read once,
+    and a file whose metadata name other classes still fails."""
+    import onnx
+
+    import repair.adapters.onnx_runtime as ort_mod
+
+    data = make_images(tmp_path / "d", n_per_class=2, seed=0)
+    out = tmp_path / "m.onnx"
+    code, _, err = run_cli("export", timm_folder, "--data", data, "--out", out, "--exporter", "torchscript", "-q")
+    assert code == 0, err
+    m = onnx.load(str(out))
+    for p in m.metadata_props:
+        if p.key == "class_names":
+            p.value = json.dumps(list(reversed(json.loads(p.value))))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    reads: Counter = Counter()
+    real_load, real_session = onnx.load, ort_mod.make_session
+
+    def load(f, *a, **k):
+        reads[("onnx.load", Path(str(f)).name)] += 1
+        return real_load(f, *a, **k)
+
+    def session(model, *a, **k):
+        reads[("session", Path(str(model)).name if isinstance(model, (str, Path)) else "bytes")] += 1
+        return real_session(model, *a, **k)
+
+    monkeypatch.setattr(onnx, "load", load)
+    monkeypatch.setattr(onnx, "load_model", load)
+    monkeypatch.setattr(ort_mod, "make_session", session)
+    code, stdout, err = run_cli("verify", out, "--reference", timm_folder, "--data", data, "--json")
+    assert code == 0 and json.loads(stdout)["passed"], err
+    assert dict(reads) == {("session", "m.onnx"): 1}, reads
+    reads.clear()
+    code, stdout, err = run_cli("verify", bad, "--reference", timm_folder, "--data", data, "--json")
+    rep = json.loads(stdout)
+    assert code == 1 and any("the file's class_names" in p for p in rep["problems"]), err
+    assert dict(reads) == {("session", "bad.onnx"): 1}, reads
+
