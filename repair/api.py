@@ -168,16 +168,22 @@ def left_out_groups(full: RepairData, class_names, group_by: Optional[str], kept
 
 
 def mark_duplicates(report: dict, data: RepairData, groups: Optional[torch.Tensor],
-                    inputs: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None) -> Optional[str]:
+                    inputs: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
+                    ids: Optional[torch.Tensor] = None) -> Optional[str]:
     """Identical samples (the same model input -- ``inputs``, the embeddings' input digests: an
     image's pixels as preprocessed, a text's tokens --, else the same bytes) in the data a figure is measured on: each copy
     counts in the figure, so it is surer than its distinct samples allow. ``report["duplicates"]`` gets
     the counts (:func:`repair.data.duplicate_stats`) and, with any, each group row its ``n_distinct``
     (what the small-group warnings count, :func:`repair.selection.figure_warnings`). Returns the
-    warning to show, or None."""
+    warning to show, or None. ``ids``: the rows' duplicate ids where the caller has them
+    (:meth:`RepairData.duplicate_ids`, or a part of a larger set's: any numbering), else computed
+    from ``inputs``."""
     from .data import duplicate_stats, label_conflicts
 
-    ids = data.duplicate_ids(inputs)
+    if ids is None:
+        ids = data.duplicate_ids(inputs)
+    elif tuple(ids.shape) != (len(data),):
+        raise ValueError(f"mark_duplicates: {len(data)} samples, ids of shape {tuple(ids.shape)}")
     st = duplicate_stats(ids)
     report["duplicates"] = st
     if not st["n_duplicates"]:

@@ -529,15 +529,15 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     before = evaluate(before_logits, ry, enc.class_names, rg, rnames)
     after = evaluate(after_logits, ry, enc.class_names, rg, rnames)
     if eval_given:                # copies within --eval count in its figures: say so (and count them once below)
-        dup_note = mark_duplicates(before, r_data, rg, e_emb.inputs, ry)
-        mark_duplicates(after, r_data, rg, e_emb.inputs)
+        ids = r_data.duplicate_ids(e_emb.inputs)          # computed once for both figures
+        dup_note = mark_duplicates(before, r_data, rg, y=ry, ids=ids)
+        mark_duplicates(after, r_data, rg, ids=ids)
         if dup_note:
             _warn(ctx, log, f"--eval: {dup_note}")
     elif dup_stats["n_duplicates"]:  # the held-out part's copies: counted once in its groups' n_distinct (the
-        held_inputs = getattr(emb, "inputs", None)       # warnings were given when the part was drawn)
-        held_inputs = None if held_inputs is None else held_inputs[report_idx]
+        held = ctx.clusters[report_idx]      # warnings were given when the part was drawn): the split's ids
         for fig in (before, after):
-            mark_duplicates(fig, r_data, rg, held_inputs)
+            mark_duplicates(fig, r_data, rg, ids=held)
     if rg is not None:
         before["absent_groups"] = after["absent_groups"] = absent
     if rg is None:  # label-free report: also show inferred groups of the report data (original model's)

@@ -188,3 +188,40 @@ def test_verify_reads_the_onnx_file_once(tmp_path, timm_folder, monkeypatch):
     assert code == 1 and any("the file's class_names" in p for p in rep["problems"]), err
     assert dict(reads) == {("session", "bad.onnx"): 1}, reads
 
+
+def _with_copies(root: Path, times: int = 3) -> Path:
+    """``root``'s metadata with every image listed ``times`` times (copies of one sample)."""
+    with open(root / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(root / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
+        w.writeheader()
+        w.writerows([r for r in rows for _ in range(times)])
+    return root
+
+
+@pytest.mark.parametrize("with_eval", [False, True])
+def test_fix_computes_each_sets_duplicate_ids_once(tmp_path, timm_folder, monkeypatch, with_eval):
+    """`fix` computed the duplicate ids of the rows its figures are measured on once per figure (before
+    and after), though it held them already (the held-out part's: the split's clusters). Now each set's
+    ids are computed once, and the figures still count each group's distinct samples."""
+    from repair.data import RepairData
+
+    repair = _with_copies(make_images(tmp_path / "r", n_per_class=8, seed=0))
+    ev = _with_copies(make_images(tmp_path / "e", n_per_class=4, seed=3)) if with_eval else None
+    calls: list = []
+    real = RepairData.duplicate_ids
+
+    def counting(self, *a, **k):
+        calls.append(len(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RepairData, "duplicate_ids", counting)
+    code, out, err = run_cli("fix", timm_folder, "--data", repair, "--group-by", "place", "--recipe", "dfr",
+                             "--out", tmp_path / "o", "--json", "-q", *(["--eval", ev] if with_eval else []))
+    assert code == 0, err
+    rep = json.loads(out)
+    for fig in ("before", "after"):
+        rows = rep[fig]["per_group"]
+        assert rows and all(g["n_distinct"] * 3 == g["n"] for g in rows), rows
+    assert calls == ([72, 36] if with_eval else [72]), calls
