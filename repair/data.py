@@ -81,16 +81,25 @@ class DataOptions:
     allow_outside_paths: bool = False
 
     def __post_init__(self):
+        from .rules import OptionRefused      # naming the option refused (a zoo blames its field)
+
+        def refuse(option: str, rule: str, subject: bool = True, **values) -> OptionRefused:
+            return OptionRefused(option, rule, values, OPTION_FLAGS, subject=subject)
+
         for name in ("label_col", "path_col", "text_col", "group_by"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v.strip()):
-                raise BadInput(f"{OPTION_FLAGS[name]} must be a non-empty column name, got {v!r}")
+                raise refuse(name, "must be a non-empty column name, got {got}", got=repr(v))
         if self.path_col is not None and self.text_col is not None:
-            raise BadInput("give --path-col (image data) or --text-col (text data), not both")
+            raise refuse("text_col", "give {path_col} (image data) or {text_col} (text data), not both",
+                         subject=False)
         mp = self.max_pixels
         if isinstance(mp, bool) or not isinstance(mp, int) or mp <= 0:
-            raise BadInput(f"--max-pixels must be a positive whole number, got {mp!r}")
-        check_bool(self.allow_outside_paths, "--allow-outside-paths")
+            raise refuse("max_pixels", "must be a positive whole number, got {got}", got=repr(mp))
+        try:
+            check_bool(self.allow_outside_paths, "--allow-outside-paths")
+        except BadInput as e:
+            raise OptionRefused.of("allow_outside_paths", e) from None
 
 
 @dataclass

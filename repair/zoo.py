@@ -337,19 +337,6 @@ def _option_refused(refused: BadInput, **fields) -> tuple[Optional[str], str]:
     return field(refused.option), refused.worded(field, with_subject=False)
 
 
-def _flag_first(refused: BadInput, given: dict, gb_field: str) -> tuple[Optional[str], str]:
-    """A DataOptions refusal that does not carry its option (:class:`repair.rules.OptionRefused`): the option
-    whose flag its message starts with, that flag left out. Only while repair.data.DataOptions raises plain
-    BadInput; a message naming no option first (``give --path-col ... or --text-col ..., not both``) is
-    blamed on ``data``, in the flags' words."""
-    from .data import OPTION_FLAGS
-
-    k = next((k for k in given if refused.problem.startswith(OPTION_FLAGS[k] + " ")), None)
-    if k is None:
-        return None, refused.problem
-    return (gb_field if k == "group_by" else k), refused.problem.removeprefix(f"{OPTION_FLAGS[k]} ")
-
-
 def _fix_options_refused(**values) -> Optional[tuple[str, str]]:
     """Why :class:`repair.pipeline.FixOptions` (the one home of ``repair fix``'s option rules) refuses
     ``values``: the manifest field it blames and the problem, every option named by its field
@@ -465,8 +452,6 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                     DataOptions(**given)
                 except BadInput as e:
                     field, problem = _option_refused(e, group_by=gb_field)
-                    if field is None:
-                        field, problem = _flag_first(e, given, gb_field)
                     problems.add(where, field or "data", problem)
                     break
         f["columns"] = tuple(cols)
@@ -1429,7 +1414,7 @@ class ZooOptions:
     allow_plugins: bool = False             # recipes' plugins: may run (they are code)
 
     def __post_init__(self):
-        from .data import check_bool
+        from .rules import check_bool
 
         if self.mode not in MODES:
             raise BadInput(f"--mode must be fix or eval, got {self.mode!r}")

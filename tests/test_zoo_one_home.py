@@ -174,9 +174,6 @@ def parts(tmp_path_factory):
     return make_zoo_parts(tmp_path_factory.mktemp("zoo-one-home"), with_test=True)
 
 
-@pytest.mark.xfail(strict=True, reason="repair.data.DataOptions raises a plain BadInput (flag first) until it "
-                                       "raises repair.rules.OptionRefused: the zoo's interim _flag_first blames "
-                                       "`data`, in the flags' words")
 def test_path_col_and_text_col_together_are_blamed_on_a_column_field_in_the_manifests_words(tmp_path, parts):
     """``path_col`` and ``text_col`` both given: DataOptions' message ("give --path-col (image data) or
     --text-col (text data), not both") starts with no flag, so the zoo's match of the message's first
