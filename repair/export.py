@@ -702,7 +702,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
 
     from .adapters.onnx_graph import MAX_PROTO_BYTES, set_metadata
 
-    from .data import check_bool
+    from .rules import check_bool
     from .io import as_path
     from .rules import Protected, model_arg
 

@@ -32,7 +32,7 @@ class RuntimeOptions:
             raise BadInput(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
         if self.cache_dir is not None:
             self.cache_dir = str(self.cache_dir)
-        from .data import check_bool
+        from .rules import check_bool
 
         check_bool(self.use_cache, "use_cache (--no-cache)")
         check_bool(self.progress, "progress (--quiet)")

@@ -45,7 +45,7 @@ class LoadOptions:
         """Every value checked here, so Python callers and the command line get the same error."""
         import math
 
-        from ..data import check_bool
+        from ..rules import check_bool
 
         check_bool(self.allow_pickle, "--allow-pickle")
         if self.arch and self.factory:
