@@ -91,7 +91,7 @@ class FixOptions:
             except BadInput as e:        # a rule of its own (check_seed, ...), naming the flag itself
                 raise OptionRefused.of(option, e) from None
 
-        from .data import check_bool
+        from .rules import check_bool
         from .rules import check_tolerance
 
         for name in ("force", "allow_finetune", "allow_plugins"):
@@ -264,6 +264,9 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     for flag, p in paths.items():         # the model's files too (a model repair's files folder included)
         inputs.protected.check(p, flag.split(" (")[0])
     left_out = adapter.check_save()       # a symlink leaving the model folder: refused before any work
+    check_beside = getattr(adapter, "check_written_beside", None)   # an ONNX model: a preprocess.json where
+    if check_beside is not None:                                    # it is written would be read with it
+        check_beside(Path(out_path))
     if left_out:                          # the source's weights in other formats: not in the output
         log(left_out)
     if "model" in recipe.kinds and not adapter.can_train:

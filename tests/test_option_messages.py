@@ -131,3 +131,27 @@ def test_an_onnx_fix_refuses_to_write_beside_a_preprocess_json_its_output_disagr
     assert code == 0, err
     code, _, err = run_cli("eval", folder / "m-repaired.onnx", "--data", other, "-q", "--no-cache")
     assert code == 0, err
+
+
+def test_an_onnx_fix_beside_a_disagreeing_preprocess_json_is_refused_before_any_embedding(tmp_path, monkeypatch):
+    """The refusal above comes before the repair set is read through the model (pipeline.fix_model calls the
+    adapter's check_written_beside with check_save), not once the outputs are written."""
+    from conftest import make_deployed_onnx
+
+    import repair.pipeline as pipeline
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    src, _ = make_deployed_onnx(folder / "m.onnx")
+    (folder / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32], "mean": [0.5] * 3,
+                                                        "std": [0.5] * 3}))
+    data = make_images(tmp_path / "d", n_per_class=6)
+
+    def no_work(*a, **k):
+        raise AssertionError("the repair set was embedded before the refusal")
+
+    monkeypatch.setattr(pipeline, "prepare_data", no_work)
+    code, _, err = run_cli("fix", src, "--data", data, "--recipe", "dfr", "--class-names", "cat,dog,fox", "-q",
+                           "--no-cache", "--mean", "0.4,0.4,0.4")
+    assert code == 2 and "disagrees" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "preprocess.json"]
