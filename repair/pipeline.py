@@ -301,10 +301,12 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
             eval_emb = embed(adapter, inputs.eval_data, runtime)
             inputs.eval_overlap = read_as_same(adapter, inputs.data, inputs.eval_data, inputs.eval_overlap,
                                                o.eval_data, runtime=runtime, inputs=(emb.inputs, eval_emb.inputs))
+    trained_on: dict = {}       # a data resource's samples a model repair trains on: recorded if one does
     for name in trains:
         resources[name] = _train_set(adapter, resources[name], data_opts, inputs, "--" + name.replace("_", "-"),
                                      train_notes, runtime, digests=(None if emb is None else emb.inputs,
-                                                                    None if eval_emb is None else eval_emb.inputs))
+                                                                    None if eval_emb is None else eval_emb.inputs),
+                                     kept=trained_on.setdefault(name, []))
     if emb is None:
         data, enc, emb = prepare_data(adapter, inputs.data, data_opts, runtime)
     where = data.table or data.source
@@ -388,7 +390,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         for n in choice.notes:
             log(n)
         report = _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts, inputs, fit_idx,
-                         report_idx, model_path, paths, budget, ctx, dup_stats, t_start, log, eval_emb=eval_emb)
+                         report_idx, model_path, paths, budget, ctx, dup_stats, t_start, log, eval_emb=eval_emb,
+                         trained_on=trained_on)
     return FixResult(report, adapter=adapter, data=data, encoded=enc, embeddings=emb, original_head=(W0, b0))
 
 
@@ -402,12 +405,14 @@ def _check_train_set(adapter, d: RepairData, data_opts: DataOptions) -> None:
 
 
 def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, flag: str, notes: list,
-               runtime=None, digests=(None, None)):
+               runtime=None, digests=(None, None), kept: Optional[list] = None):
     """A data resource (``--train``) with labels matched to the model's classes (groups when the
     data has the --group-by column). Its samples that are also in the repair data or ``--eval`` are
     left out (``notes`` says how many): the choice and the figures are measured on those, and never
     on what was trained on; BadInput naming it when that leaves nothing. ``digests``: the input
-    digests of the repair data and of --eval where they were embedded already (not decoded again)."""
+    digests of the repair data and of --eval where they were embedded already (not decoded again).
+    ``kept``: given the data and the indices of the samples kept for training (what the repaired
+    model's provenance records when a model repair trains on them)."""
     from .data import encode
     from .methods import TrainSet
 
@@ -422,12 +427,29 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
         raise BadInput(f"every sample of {flag} is also in the repair data (--data) or --eval: the choice and the "
                        "figures are measured there, never on what is trained on; give training data kept apart",
                        d.table or d.source)
+    if kept is not None:
+        kept[:] = [d, keep]
     if len(keep) < len(d):
         notes.append(f"{len(d) - len(keep)} of the {len(d)} samples of {flag} are also in the repair data or --eval: "
                      f"left out of training, which uses the other {len(keep)}")
         d = d.subset(keep)
     e = encode(d, adapter.class_names, gb)
     return TrainSet(items=list(d.items), y=e.y, groups=e.groups, source=str(d.table or d.source))
+
+
+def _kept_samples(adapter, d: RepairData, keep: list, runtime) -> tuple:
+    """(the samples ``keep`` of data resource ``d``, their keys as the model reads them): by the record's
+    rule (:func:`repair.provenance.sample_keys`), an image's by its model input (the cache the check for
+    the repair set's copies filled, when it is on), a text's by its tokens."""
+    if d.modality == "image":
+        from .embeddings import image_input_keys
+
+        keys = image_input_keys(adapter, d, cache_dir=runtime.cache_dir, use_cache=runtime.use_cache,
+                                batch_size=runtime.batch_size, device=runtime.device)
+    else:
+        keys = provenance.sample_keys(d, None, adapter)
+    sub = d if len(keep) == len(d) else d.subset(keep)
+    return sub, [keys[i] for i in keep]
 
 
 def _warn(ctx, log, w: str) -> None:
@@ -437,10 +459,11 @@ def _warn(ctx, log, w: str) -> None:
 
 
 def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts, inputs, fit_idx, report_idx,
-            model_path, paths, budget, ctx, dup_stats, t_start, log, eval_emb=None) -> dict:
+            model_path, paths, budget, ctx, dup_stats, t_start, log, eval_emb=None, trained_on=None) -> dict:
     """The figures, the outputs and the report of a fit :func:`fix_model` made. ``eval_emb``: the whole
     --eval set's embeddings where they were taken before the fitting (an image set's: its input keys
-    are read from them)."""
+    are read from them). ``trained_on``: per data resource (``--train``), the data and the indices of
+    its samples a model repair could train on."""
     from .methods import head_notes
     from .outputs import HtmlReport, ModelOutputs, OnnxExport
     from .rules import artifacts_output
@@ -624,7 +647,12 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     figures = {"before": _summary(before), "after": _summary(after)}
     code = provenance.code_identity()
     extra = {"model_change": model_change, "code": code}
-    record = provenance.samples_record(data, sample_keys)
+    # every sample the model's lineage fitted or trained on: the repair set, a model repair's --train
+    # samples, and the source's own record (a repaired model repaired again)
+    also = [_kept_samples(adapter, *v, runtime) for v in (trained_on or {}).values() if v] if trained else []
+    record = provenance.samples_record(data, sample_keys, also=also,
+                                       earlier=provenance.read(getattr(adapter, "source_metadata", None) or {}
+                                                               ).get("samples"))
     if record is not None:
         extra["samples"] = record
     meta = provenance.build(source_sha256=adapter.source_sha256(), method=chosen.method, settings=settings,

@@ -208,11 +208,23 @@ def _byte_keys(data) -> list:
     return list(data.content_hashes()) if data.modality == "text" else []
 
 
-def samples_record(data, keys) -> Optional[str]:
+def samples_record(data, keys, *, also=(), earlier=None) -> Optional[str]:
     """The record of the samples a repair read, for :func:`recorded_rows`: each sample of its repair set
     ``data`` by :func:`sample_keys` (``keys``: as the model read it) and a text by its bytes too (whatever
-    another run's ``--max-length`` makes of it). None above :data:`SAMPLES_RECORD_MAX` distinct samples."""
-    return _record([*keys, *_byte_keys(data)]) if len(set(keys)) <= SAMPLES_RECORD_MAX else None
+    another run's ``--max-length`` makes of it). ``also``: (data, keys) pairs of other samples the repair
+    trained on (``--train``), recorded the same way; ``earlier``: the source model's own record (a repaired
+    model repaired again: the samples its lineage fitted stay recorded, or figures on them would pass). None
+    above :data:`SAMPLES_RECORD_MAX` distinct samples in all (the whole-set digest alone then applies)."""
+    import numpy as np
+
+    pairs = [(data, keys), *also]
+    prior = _held(earlier)
+    if sum(len(set(k)) for _, k in pairs) + (0 if prior is None else prior.size // 2) > SAMPLES_RECORD_MAX:
+        return None
+    held = [_prefixes([*k, *_byte_keys(d)]) for d, k in pairs]
+    if prior is not None:
+        held.append(prior)
+    return _encode(np.unique(np.concatenate(held)))
 
 
 def recorded_rows(data, keys, record) -> Optional[list]:
@@ -227,18 +239,20 @@ def recorded_rows(data, keys, record) -> Optional[list]:
 
 
 def _record(keys) -> str:
-    import base64
-
     import numpy as np
 
-    distinct = set(keys)
-    p = np.unique(_prefixes(sorted(distinct)))
-    return SAMPLES_SCHEME + base64.b64encode(p.astype(">u8").tobytes()).decode("ascii")
+    return _encode(np.unique(_prefixes(sorted(set(keys)))))
 
 
-def in_samples_record(keys, record) -> Optional[list]:
-    """Per key: whether record ``record`` (:func:`_record`) holds it.
-    None when ``record`` is not such a record (absent, another scheme, damaged): nothing is known."""
+def _encode(prefixes) -> str:
+    import base64
+
+    return SAMPLES_SCHEME + base64.b64encode(prefixes.astype(">u8").tobytes()).decode("ascii")
+
+
+def _held(record) -> "Any":
+    """The sorted key prefixes record ``record`` (:func:`_record`) holds, or None when it is not such a
+    record (absent, another scheme, damaged)."""
     import base64
     import binascii
 
@@ -254,6 +268,17 @@ def in_samples_record(keys, record) -> Optional[list]:
         return None
     held = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
     if held.size > 1 and not bool(np.all(held[1:] > held[:-1])):
+        return None
+    return held
+
+
+def in_samples_record(keys, record) -> Optional[list]:
+    """Per key: whether record ``record`` (:func:`_record`) holds it.
+    None when ``record`` is not such a record (absent, another scheme, damaged): nothing is known."""
+    import numpy as np
+
+    held = _held(record)
+    if held is None:
         return None
     q = _prefixes(keys)
     if not held.size or not q.size:

@@ -1,0 +1,82 @@
+"""The repaired model's per-sample record (``repair.samples``) holds every sample the model's lineage fitted
+or trained on: the repair set, ``--train``'s samples a model repair trained on, and the source's own record
+when a repaired model is repaired again. ``repair eval`` leaves them out of its figures (found by a review:
+both were missing, and a gate passed on trained samples)."""
+from __future__ import annotations
+
+import csv
+import json
+
+from conftest import make_images, make_texts, run_cli
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_a_model_repaired_twice_keeps_its_first_repair_sets_samples_out_of_the_figures(tmp_path, bert_folder):
+    a = make_texts(tmp_path / "a.csv", n=40, seed=1)
+    seen = {r["text"].lower().strip() for r in _rows(a)}
+    new = [r for r in _rows(make_texts(tmp_path / "o.csv", n=200, seed=7)) if r["text"].lower().strip() not in seen]
+    new = list({r["text"]: r for r in new}.values())
+    b = _write(tmp_path / "b.csv", new[:60])
+    assert run_cli("fix", bert_folder, "--data", a, "--recipe", "dfr", "--out", tmp_path / "rep1", "-q")[0] == 0
+    code, _, err = run_cli("fix", tmp_path / "rep1", "--data", b, "--recipe", "afr", "--out", tmp_path / "rep2", "-q")
+    assert code == 0, err
+    # the first repair set alone: every sample was fitted in the model's lineage
+    code, _, err = run_cli("eval", tmp_path / "rep2", "--data", a, "--fail-under-acc", "0%", "-q")
+    assert code == 2 and "repair set" in err and err.count("\n") == 1, err
+    # mixed with new samples: the first repair set's rows are left out of the figures
+    mixed = _write(tmp_path / "m.csv", _rows(a)[:10] + new[60:80])
+    code, out, err = run_cli("eval", tmp_path / "rep2", "--data", mixed, "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["n"] == 20 and doc["in_repair_set"] == 10, doc
+    # a third repair on the first repair set and the second's: nothing of either is measured
+    both = _write(tmp_path / "both.csv", _rows(a) + new[:60])
+    code, _, err = run_cli("fix", tmp_path / "rep2", "--data", both, "--recipe", "dfr", "--out", tmp_path / "rep3", "-q")
+    assert code == 2 and "was itself repaired on" in err, err
+
+
+def test_samples_a_model_repair_trained_on_through_train_are_recorded(tmp_path, timm_folder):
+    data = make_images(tmp_path / "d", n_per_class=8, seed=1)
+    train = make_images(tmp_path / "t", n_per_class=6, seed=5)
+    code, out, err = run_cli("fix", timm_folder, "--data", data, "--train", train, "--recipe", "clp",
+                             "--budget", "2steps", "--out", tmp_path / "c", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "model"
+    code, _, err = run_cli("eval", tmp_path / "c", "--data", train, "--fail-under-acc", "0%", "-q")
+    assert code == 2 and "repair set" in err and err.count("\n") == 1, err
+    other = make_images(tmp_path / "e", n_per_class=4, seed=9)
+    code, out, err = run_cli("eval", tmp_path / "c", "--data", other, "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out).get("in_repair_set", 0) == 0
+
+
+def test_samples_record_merges_the_earlier_record_and_other_trained_samples(monkeypatch):
+    from types import SimpleNamespace
+
+    import repair.provenance as P
+
+    texts = SimpleNamespace(modality="text", content_hashes=lambda: ["t1", "t2"])
+    images = SimpleNamespace(modality="image", content_hashes=lambda: ["never read"])
+    earlier = P._record(["old1", "old2"])
+    rec = P.samples_record(texts, ["k1", "k2"], also=[(images, ["i1"])], earlier=earlier)
+    assert P.in_samples_record(["k1", "k2", "t1", "t2", "i1", "old1", "old2", "new", "never read"], rec) == \
+        [True] * 7 + [False, False]
+    # a damaged earlier record adds nothing (and breaks nothing)
+    rec2 = P.samples_record(texts, ["k1"], earlier=earlier[:-3] + "!!!")
+    assert P.in_samples_record(["k1", "t1", "old1"], rec2) == [True, True, False]
+    # over the ceiling, counting the earlier record's samples: no record (the whole-set digest applies)
+    monkeypatch.setattr(P, "SAMPLES_RECORD_MAX", 3)
+    assert P.samples_record(texts, ["k1", "k2"], earlier=P._record(["a", "b", "c", "d"])) is None
+    assert P.samples_record(texts, ["k1", "k2"], earlier=earlier) is not None
