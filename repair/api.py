@@ -336,17 +336,21 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
     dup_note = mark_duplicates(report, p.data, p.enc.groups, p.emb.inputs, p.enc.y)
     # groups too small for an honest figure, or with none (label-free: no groups to speak of)
     report["warnings"] = figure_warnings(report, what="the figures") + ([dup_note] if dup_note else [])
+    # what was left out, in the order it was (--exclude, then the model's own repair set), each count with
+    # what it is a count of, and the figures' rows said once, last
+    left: list[str] = []
     if exclude is not None:
         report["excluded"] = {"data": str(exclude if not isinstance(exclude, RepairData) else
                                           (exclude.table or exclude.source)), "n": left_out}
         if left_out:
-            report["warnings"].insert(0, f"{left_out} of the {len(full)} samples are also in {report['excluded']['data']}: "
-                                         f"left out of the figures, which are measured on the other {len(full) - left_out}")
+            left.append(f"{left_out} of the {len(full)} samples are also in {report['excluded']['data']}")
     report["in_repair_set"] = in_repair_set
     if in_repair_set:
-        report["warnings"].insert(0, f"{in_repair_set} of the {len(before)} samples are in the repair set this model "
-                                     "was repaired on (its provenance records them): left out of the figures, which "
-                                     f"are measured on the other {len(p.data)}")
+        left.append(f"{in_repair_set} of the {len(before)} samples{' left' if left_out else ''} are in the repair set "
+                    "this model was repaired on (its provenance records them)")
+    report["warnings"][:0] = [f"{w}: left out of the figures" + (f", which are measured on the other {len(p.data)}"
+                                                                 if k == len(left) else "")
+                              for k, w in enumerate(left, 1)]
     report.update({
         "model": {**p.adapter.describe(), **p.adapter.identity()},
         "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality,

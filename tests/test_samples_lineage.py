@@ -80,3 +80,23 @@ def test_samples_record_merges_the_earlier_record_and_other_trained_samples(monk
     monkeypatch.setattr(P, "SAMPLES_RECORD_MAX", 3)
     assert P.samples_record(texts, ["k1", "k2"], earlier=P._record(["a", "b", "c", "d"])) is None
     assert P.samples_record(texts, ["k1", "k2"], earlier=earlier) is not None
+
+
+def test_eval_says_what_exclude_and_the_repair_set_each_left_out_and_the_rows_measured_once(tmp_path, bert_folder):
+    """Found by a review: with --exclude and the model's own repair-set rows both left out, the --exclude
+    warning said the figures were measured on more rows than they were, and the warnings came in reverse."""
+    a = make_texts(tmp_path / "a.csv", n=40, seed=1)
+    seen = {r["text"].lower().strip() for r in _rows(a)}
+    new = [r for r in _rows(make_texts(tmp_path / "o.csv", n=200, seed=7)) if r["text"].lower().strip() not in seen]
+    new = list({r["text"].lower().strip(): r for r in new}.values())
+    assert run_cli("fix", bert_folder, "--data", a, "--recipe", "dfr", "--out", tmp_path / "rep", "-q")[0] == 0
+    data = _write(tmp_path / "d.csv", _rows(a)[:10] + new[:20])
+    ex = _write(tmp_path / "ex.csv", new[:5])
+    code, out, err = run_cli("eval", tmp_path / "rep", "--data", data, "--exclude", ex, "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["n"] == 15 and doc["in_repair_set"] == 10 and doc["excluded"]["n"] == 5, doc
+    w = doc["warnings"]
+    assert w[0].startswith("5 of the 30 samples are also in") and w[0].endswith("left out of the figures"), w
+    assert w[1].startswith("10 of the 25 samples left are in the repair set") and w[1].endswith(
+        "left out of the figures, which are measured on the other 15"), w
