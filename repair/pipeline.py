@@ -337,10 +337,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                 raise BadInput(f"every sample held out for the figures is in the repair set {Path(model_path).name} "
                                "was itself repaired on (its provenance records them): give --eval data neither "
                                "repair touched, or repair the original model", where)
-            train_notes.append(f"{len(moved)} samples of the repair set are in the repair set "
-                                f"{Path(model_path).name} was itself repaired on (its provenance records them): "
-                                f"fitted on, never measured; the figures are measured on the other {report_idx.numel()} "
-                                "held out")
+            train_notes.append(f"{sum(map(bool, earlier))} of the {len(y)} samples of the repair set are in the repair "
+                                f"set {Path(model_path).name} was itself repaired on (its provenance records them): "
+                                f"fitted on, never measured (the {len(moved)} of them drawn for the held-out part "
+                                f"too); the figures are measured on the other {report_idx.numel()} held out")
         if not report_idx.numel():
             distinct = int(clusters.unique().numel())
             size = (f"{len(y)} samples" if distinct == len(y) else

@@ -1312,6 +1312,9 @@ def test_a_repaired_model_repaired_again_never_measures_on_its_earlier_repair_se
     assert code == 0, err
     doc = json.loads(out)
     assert "was itself repaired on" in err and any("was itself repaired on" in w for w in doc["warnings"])
+    # the count is of the repair set's samples the earlier repair fitted, not only those drawn for the held-out part
+    assert any(w.startswith(f"{len(rows)} of the {len(rows) + len(new)} samples of the repair set are in the repair set")
+               for w in doc["warnings"]), doc["warnings"]
     held = doc["settings"]["splits"]["report"]
     assert 0 < held and doc["after"]["n"] == held
     # the figures' rows are new ones only: measured again on those alone, the same figure
