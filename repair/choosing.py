@@ -46,6 +46,7 @@ import torch
 
 from . import threads
 from .display import percent
+from .config import SettingRefused
 from .errors import BadInput
 from .methods import CannotWin, ModelRepairInputs, RepairInputs
 from .selection import (MIN_GAIN, Criterion, KFold, average_heads, head_predictions, inferred_groups,
@@ -482,7 +483,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             log(f"  {c.label}: stopped, {crossed.reason}  ({crossed.seconds:.1f}s)")
             continue
         if isinstance(crossed, BadInput):
-            if head_score is None:
+            if head_score is None or isinstance(crossed, SettingRefused):   # the user's error, not the fold's
                 raise crossed
             skip(c, f"cannot be cross-fitted on these {len(parts)} folds ({crossed.problem}); the head stays")
             continue
@@ -517,7 +518,9 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             try:
                 f = ctx.fit(c, fit_idx[train.nonzero().flatten()])
             except BadInput as e:
-                if head_score is None:          # nothing to fall back on: the user's error
+                # nothing to fall back on, or a setting the model refuses (a scope matching none of its
+                # parameters) whatever the fold: the user's error
+                if head_score is None or isinstance(e, SettingRefused):
                     raise
                 unfit = e.problem               # a fold too small for it: the head stays, as auto returns it
                 break

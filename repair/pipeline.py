@@ -271,6 +271,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         log(left_out)
     if "model" in recipe.kinds and not adapter.can_train:
         adapter.trainable()                                   # raises BadInput naming the family
+    _check_scopes(recipe, adapter)
     for c in recipe.candidates:
         if c.info.kind == "model" and adapter.modality not in c.info.modalities:
             kinds = " or ".join(c.info.modalities)
@@ -393,6 +394,24 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                          report_idx, model_path, paths, budget, ctx, dup_stats, t_start, log, eval_emb=eval_emb,
                          trained_on=trained_on)
     return FixResult(report, adapter=adapter, data=data, encoded=enc, embeddings=emb, original_head=(W0, b0))
+
+
+def _check_scopes(recipe, adapter) -> None:
+    """A model repair's ``scope: "names:REGEX"`` that matches none of the model's parameters: refused
+    before any work (:class:`repair.config.SettingRefused` naming the recipe and candidate), whether or
+    not the selection would have trained that candidate."""
+    from .config import SettingRefused
+
+    named = [c for c in recipe.candidates if c.info.kind == "model" and isinstance(c.params.get("scope"), str)
+             and c.params["scope"].startswith("names:")]
+    if not named or not adapter.can_train:
+        return
+    model = adapter.trainable()
+    for c in named:
+        try:
+            model.select(c.params["scope"])
+        except SettingRefused as e:
+            raise c.info.named(e) from None
 
 
 def _check_train_set(adapter, d: RepairData, data_opts: DataOptions) -> None:

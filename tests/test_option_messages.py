@@ -41,6 +41,24 @@ def test_a_scope_matching_no_parameter_names_its_recipe_file(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_scope_matching_nothing_beside_a_head_candidate_is_refused_not_skipped_as_a_fold_problem(tmp_path):
+    """Noticed by the fixer: with a head candidate in the recipe, auto-ft's escalation read a model repair's
+    BadInput as "cannot be trained on a fold of N samples" and kept the head (exit 0): a scope matching no
+    parameter is the recipe's error whatever the fold, exit 2 naming the recipe."""
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=8)
+    r = tmp_path / "both.yaml"
+    r.write_text(json.dumps({"selection": "auto", "candidates": [
+        {"method": "dfr"}, {"method": "mixft", "params": {"scope": "names:zzz_nothing", "epochs": 1}}]}))
+    code, _, err = run_cli("fix", m, "--data", data, "--recipe", r, "--budget", "2steps", "--out", tmp_path / "o",
+                           "-q")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    for words in (str(r), "setting 'scope'", "matches no parameter"):
+        assert words in errors[0], errors[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_recipe_built_in_python_is_named_by_its_name_when_its_scope_matches_nothing():
     from repair.config import SettingRefused
     from repair.errors import BadInput

@@ -218,6 +218,15 @@ class MethodInfo:
         when it runs (:class:`repair.config.SettingRefused`) is a BadInput naming the file and candidate."""
         return dataclasses.replace(self, origin=tuple(origin))
 
+    def named(self, e: SettingRefused) -> SettingRefused:
+        """``e``, a setting the model refuses, named with the recipe file (or recipe) and the candidate the
+        setting was written in (:attr:`origin`) -- still a :class:`SettingRefused`, which no fallback reads
+        as a fold's or a sample's problem."""
+        if not self.origin or e.path is not None:
+            return e
+        where, what = self.origin
+        return SettingRefused(f"{what}: {e.problem}", where)
+
     def __call__(self, inputs, config=None):
         if self.needs_groups and getattr(inputs, "groups", None) is None:
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
@@ -231,10 +240,7 @@ class MethodInfo:
         try:
             out = self.fn(inputs, config if config is not None else self.default_config())
         except SettingRefused as e:
-            if not self.origin or e.path is not None:
-                raise
-            where, what = self.origin         # the recipe file (or recipe) the setting was written in
-            raise BadInput(f"{what}: {e.problem}", where) from None
+            raise self.named(e) from None
         except (Exception, SystemExit) as e:
             if self.builtin or isinstance(e, RepairError):
                 raise
