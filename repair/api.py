@@ -258,11 +258,23 @@ def recorded_repair_rows(adapter: Adapter, data: RepairData, inputs=None, keys=N
     reads, and what ``repair fix`` of a repaired model keeps out of its figures."""
     from . import provenance
 
-    record = provenance.read(getattr(adapter, "source_metadata", None) or {}).get("samples")
+    meta = provenance.read(getattr(adapter, "source_metadata", None) or {})
+    record = meta.get("samples")
     if record is None:
         return None
     keys = provenance.sample_keys(data, inputs, adapter) if keys is None else keys
-    return provenance.recorded_rows(data, keys, record)
+    rows = provenance.recorded_rows(data, keys, record)
+    # texts read at another --max-length than the repair's: their tokens there are other keys (and a
+    # case or spacing variant's bytes too), so they are also read as the repair read them
+    settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
+    at = (settings.get("preprocess") or {}).get("max_length") if isinstance(settings.get("preprocess"), dict) else None
+    if (rows is not None and not all(rows) and data.modality == "text" and isinstance(at, int)
+            and not isinstance(at, bool) and at > 0 and at != getattr(adapter, "max_length", None)):
+        again = adapter.input_keys(data.items, max_length=at)
+        if again is not None:
+            there = provenance.in_samples_record([str(k)[:32] for k in again], record)
+            rows = [a or b for a, b in zip(rows, there)]
+    return rows
 
 
 def _without_repair_set(p: Prepared, group_by: Optional[str]) -> tuple[Prepared, int]:

@@ -100,3 +100,28 @@ def test_eval_says_what_exclude_and_the_repair_set_each_left_out_and_the_rows_me
     assert w[0].startswith("5 of the 30 samples are also in") and w[0].endswith("left out of the figures"), w
     assert w[1].startswith("10 of the 25 samples left are in the repair set") and w[1].endswith(
         "left out of the figures, which are measured on the other 15"), w
+
+
+def test_texts_read_at_another_max_length_are_recognised_as_the_repair_read_them(tmp_path, bert_folder):
+    """Found by a review: upper-cased copies of the repair texts evaluated at another --max-length than the
+    repair's were neither the same tokens (truncated elsewhere) nor the same bytes, so a gate passed on them.
+    They are read again at the repair's recorded length."""
+    a = make_texts(tmp_path / "a.csv", n=40, seed=1)
+    upper = _write(tmp_path / "upper.csv", [{**r, "text": r["text"].upper()} for r in _rows(a)])
+    assert run_cli("fix", bert_folder, "--data", a, "--recipe", "dfr", "--out", tmp_path / "rep", "-q")[0] == 0
+    for ml in ("4", "64"):
+        code, _, err = run_cli("eval", tmp_path / "rep", "--data", upper, "--max-length", ml, "--fail-under-acc", "0%",
+                               "-q")
+        assert code == 2 and "repair set" in err and err.count("\n") == 1, (ml, err)
+    assert run_cli("fix", bert_folder, "--data", a, "--recipe", "dfr", "--max-length", "5", "--out", tmp_path / "rep5",
+                   "-q")[0] == 0
+    seen = {r["text"].lower().strip() for r in _rows(a)}
+    new = [r for r in _rows(make_texts(tmp_path / "o.csv", n=120, seed=7)) if r["text"].lower().strip() not in seen]
+    new = list({r["text"].lower().strip(): r for r in new}.values())[:20]
+    mixed = _write(tmp_path / "mixed.csv", [{**r, "text": r["text"].upper()} for r in _rows(a)] + new)
+    code, out, err = run_cli("eval", tmp_path / "rep5", "--data", mixed, "--max-length", "64", "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    # every upper-cased repair text is left out; a new text whose first five tokens are a repair text's is
+    # one sample to the model the repair fitted (it read five)
+    assert doc["in_repair_set"] >= 40 and doc["n"] == 60 - doc["in_repair_set"], doc

@@ -520,19 +520,20 @@ class Adapter(ABC):
                 "num_classes": len(self.class_names), "embedding_dim": int(W.shape[1]),
                 "class_names": list(self.class_names)}
 
-    def input_keys(self, items: Sequence[Any]) -> Optional[list]:
+    def input_keys(self, items: Sequence[Any], max_length: Optional[int] = None) -> Optional[list]:
         """Each item as the model reads it, hashed, where that is known without running the model: a
         text's token ids (after the tokenizer's normalisation and truncation: two texts that differ only
         in what the tokenizer drops are one sample to the model). None where it is not (images: decoding
         them is what it would cost). :func:`repair.api.read_as_same` widens the byte-level overlap of
-        evaluation and repair data with it. Every family (an ONNX text model too: the tokenizer beside it)."""
+        evaluation and repair data with it. Every family (an ONNX text model too: the tokenizer beside it).
+        ``max_length``: truncated at that length instead of the model's (how another run read them)."""
         tok = getattr(self, "tokenizer", None)
-        if (tok is None or getattr(self, "modality", None) != "text" or not items
-                or getattr(self, "max_length", None) is None):
+        length = max_length if max_length is not None else getattr(self, "max_length", None)
+        if tok is None or getattr(self, "modality", None) != "text" or not items or length is None:
             return None
         from .text import tokenize_texts
 
-        ids = tokenize_texts(tok, list(items), int(self.max_length))["input_ids"]
+        ids = tokenize_texts(tok, list(items), int(length))["input_ids"]
         return [hashlib.sha256(json.dumps([int(t) for t in x]).encode()).hexdigest() for x in ids]
 
 
