@@ -274,6 +274,22 @@ def recorded_repair_rows(adapter: Adapter, data: RepairData, inputs=None, keys=N
         if again is not None:
             there = provenance.in_samples_record([str(k)[:32] for k in again], record)
             rows = [a or b for a, b in zip(rows, there)]
+    # images read with other preprocessing than the repair's (another --image-size, --mean, --std): their
+    # model inputs are other keys, so they are also read as the repair read them (decoded once more)
+    cfg = (settings.get("preprocess") or {}).get("image") if isinstance(settings.get("preprocess"), dict) else None
+    mine = (adapter.preprocess_id() or {}).get("image") if data.modality == "image" else None
+    if (rows is not None and not all(rows) and isinstance(cfg, dict) and isinstance(mine, dict)
+            and provenance.canonical_json(cfg) != provenance.canonical_json(mine)):
+        from .embeddings import image_input_keys_read_as
+
+        try:
+            again = image_input_keys_read_as(data, cfg)
+        except BadInput:
+            raise                               # an image that cannot be read: named, as any read
+        except Exception:                       # a recorded preprocessing this install cannot build
+            again = None
+        if again is not None:
+            rows = [a or b for a, b in zip(rows, provenance.in_samples_record(again, record))]
     return rows
 
 

@@ -194,6 +194,19 @@ def _image_input_keys(adapter: Adapter, data: RepairData, batch_size: int = 64) 
     return out
 
 
+def image_input_keys_read_as(data: RepairData, data_config: dict, batch_size: int = 64) -> list[str]:
+    """Every image of ``data`` as a model whose image preprocessing is ``data_config`` is fed it, hashed as
+    :attr:`Embeddings.inputs` hashes it: the keys another run read them with (a repair at another
+    ``--image-size``, whose provenance records its preprocessing). Decodes every image (not cached)."""
+    from .adapters.images import ImageCollate
+
+    collate = ImageCollate(dict(data_config))
+    out = []
+    for start in range(0, len(data), batch_size):
+        out += digest_keys(input_digests(collate(list(data.items[start:start + batch_size]), data.max_pixels)))
+    return out
+
+
 def digest_keys(inputs: torch.Tensor) -> list[str]:
     """:attr:`Embeddings.inputs` as the hex keys :func:`image_input_keys` gives (one per row)."""
     return [bytes(row.tolist()).hex() for row in inputs]

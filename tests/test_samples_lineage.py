@@ -125,3 +125,53 @@ def test_texts_read_at_another_max_length_are_recognised_as_the_repair_read_them
     # every upper-cased repair text is left out; a new text whose first five tokens are a repair text's is
     # one sample to the model the repair fitted (it read five)
     assert doc["in_repair_set"] >= 40 and doc["n"] == 60 - doc["in_repair_set"], doc
+
+
+SIZED_NET = '''
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+'''
+
+
+def test_images_read_at_another_image_size_are_recognised_as_the_repair_read_them(tmp_path, monkeypatch):
+    """A bare checkpoint's preprocessing is the user's options: a repair set evaluated at another --image-size
+    than the repair's gave other model inputs, so its images were not recognised and a gate passed on them.
+    They are read again with the repair's recorded preprocessing."""
+    import importlib
+    import os
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "sized_net.py").write_text(SIZED_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    w = tmp_path / "net.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in importlib.import_module("sized_net").build().state_dict().items()},
+              str(w))
+    opts = ["--factory", "sized_net:build", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
+            "--class-names", "cat,dog,fox"]
+    data = make_images(tmp_path / "d", n_per_class=8, seed=1)
+    out = tmp_path / "fixed.safetensors"
+    code, _, err = run_cli("fix", w, *opts, "--image-size", "32", "--data", data, "--recipe", "dfr", "--out", out, "-q")
+    assert code == 0, err
+    code, _, err = run_cli("eval", out, *opts, "--image-size", "24", "--data", data, "--fail-under-acc", "0%", "-q")
+    assert code == 2 and "repair set" in err and err.count("\n") == 1, err
+    other = make_images(tmp_path / "e", n_per_class=4, seed=9)
+    code, out_json, err = run_cli("eval", out, *opts, "--image-size", "24", "--data", other, "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out_json)["in_repair_set"] == 0
