@@ -209,6 +209,20 @@ def _duplicates(data: RepairData, emb):
 
 
 # ---------------------------------------------------------------------- main
+def _with_autograd(fn):
+    """``fn`` run with autograd on, as the command runs it, whatever the caller's mode: a notebook's
+    ``with torch.no_grad():`` or ``torch.inference_mode()`` around ``repair.fix`` would leave a model
+    repair's loss without gradients (the head repairs need none; the extraction turns them off itself)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+    return run
+
+
+@_with_autograd
 def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadOptions] = None,
               data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
               options: Optional[FixOptions] = None, inputs: Optional[Inputs] = None,
