@@ -26,3 +26,24 @@ def test_a_model_repair_runs_as_the_command_does_inside_a_callers_no_grad_or_inf
         assert inside.report["kind"] == plain.report["kind"] == "model"
         b = load_file(str(tmp_path / mode / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), mode
+
+
+def test_a_model_cast_to_bfloat16_in_memory_is_not_the_files_model(tmp_path):
+    """Found by the library audit: a loaded model cast in memory (`.to(torch.bfloat16)`) was taken for the
+    float32 file's model: an evaluate after the file's embeddings were cached reported the file's figures
+    and sha256 for weights that are not the file's. The lossy cast is a change, as an in-place edit is."""
+    import repair
+    from repair.errors import BadInput
+
+    m = make_timm_folder(tmp_path / "m")
+    d = make_images(tmp_path / "d", n_per_class=4, seed=1)
+    repair.evaluate(m, d)                                # the file's embeddings cached
+    model = repair.load_model(m)
+    model.model.to(torch.bfloat16)
+    changed = model.adopt_changes_in_place()
+    assert changed and all(n in changed for n in ("fc.weight", "fc.bias")), changed
+    try:
+        rep = repair.evaluate(model, d)
+    except BadInput:                                     # its forward pass on float32 inputs fails: said so
+        return
+    assert not rep["embedding"]["from_cache"] and rep["model"]["sha256"] != repair.evaluate(m, d)["model"]["sha256"]

@@ -360,8 +360,9 @@ class Adapter(ABC):
             raise BadInput(f"the weights file changed since the model was loaded (tensor {rewritten[0]!r} differs "
                            "from the value read then) and the model was changed in place: load it again",
                            self.weights_path)
-        changed = [n for n in moved if n in stored
-                   and not torch.equal(own[n].detach().cpu(), stored[n].to(own[n].dtype))]
+        # compared where both are exact (a model cast to bfloat16 in memory is not the float32 file's, though
+        # the file's values rounded to bfloat16 are its values): a changed dtype that changed a value counts
+        changed = [n for n in moved if n in stored and not _same_values(own[n].detach().cpu(), stored[n])]
         self._file_values.update({n: stored[n] for n in changed})
         return changed
 
@@ -384,8 +385,7 @@ class Adapter(ABC):
         if self.model is None or not self._file_values:
             return []
         own = self.model.state_dict()
-        return sorted(n for n, orig in self._file_values.items()
-                      if not torch.equal(own[n].detach().cpu(), orig.to(own[n].dtype)))
+        return sorted(n for n, orig in self._file_values.items() if not _same_values(own[n].detach().cpu(), orig))
 
     def trainable(self):
         """The model set up for fine-tuning (model-level repairs)."""
@@ -535,6 +535,16 @@ class Adapter(ABC):
 
         ids = tokenize_texts(tok, list(items), int(length))["input_ids"]
         return [hashlib.sha256(json.dumps([int(t) for t in x]).encode()).hexdigest() for x in ids]
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether tensors ``a`` and ``b`` (of any dtypes) hold the same values: floating ones compared in float64,
+    which holds every float16, bfloat16 and float32 value exactly, so neither is rounded to the other's dtype."""
+    if a.shape != b.shape:
+        return False
+    if a.is_floating_point() or b.is_floating_point():
+        return torch.equal(a.to(torch.float64), b.to(torch.float64))
+    return torch.equal(a, b.to(a.dtype))
 
 
 class TorchModelAdapter(Adapter):
