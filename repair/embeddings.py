@@ -142,7 +142,8 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = DEFAULT_BAT
     if data.modality == "image":     # the pixel limit the data was read with (a model repair's own reads too)
         adapter.max_pixels = data.max_pixels
     image = data.modality == "image"
-    if use_cache and (cache_file.exists() or cache_file.is_symlink()):
+    # lexists: False also where the folder cannot be entered (the write then warns, as a read-only one does)
+    if use_cache and os.path.lexists(cache_file):
         X, inputs, why = _read_cache(cache_file, key, len(data), with_inputs=image)
         if X is not None:
             if not image:
@@ -233,7 +234,7 @@ def image_input_keys(adapter: Adapter, data: RepairData, cache_dir: Optional[Pat
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if batch_size is not None:
         entry = cache_dir / f"{cache_key(adapter, data, resolve_device(device or 'auto'), batch_size)}.safetensors"
-        if entry.is_file() and not entry.is_symlink():
+        if os.path.isfile(entry) and not os.path.islink(entry):     # False where it cannot be looked up
             _, inputs, _ = _read_cache(entry, entry.stem, len(data), with_inputs=True)
             if inputs is not None:
                 return digest_keys(inputs)
@@ -248,7 +249,7 @@ def image_input_keys(adapter: Adapter, data: RepairData, cache_dir: Optional[Pat
 
     damaged = False
     try:
-        if path.is_file() and not path.is_symlink():
+        if os.path.isfile(path) and not os.path.islink(path):
             damaged = True
             doc = json.loads(path.read_text(encoding="utf-8"))
             got = doc.get("digests") if isinstance(doc, dict) and doc.get("key") == key else None

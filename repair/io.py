@@ -528,6 +528,21 @@ def check_replace(final: Path, *, kind: Optional[str] = None) -> None:
         raise BadInput(why, final)
 
 
+def check_reachable(final: Path) -> None:
+    """:class:`BadInput` naming ``final`` when whether anything is there cannot even be looked up: a
+    folder above it that cannot be entered (no search permission), the same refusal as a folder that
+    takes no new file (``cannot write in FOLDER (Permission denied)``). Every output's first check
+    (:func:`check_output`, :meth:`OutputSet.stage`): ``Path.exists()`` raises there, which was an
+    internal error."""
+    final = Path(final)
+    try:
+        os.lstat(final)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            parent = final.parent if str(final.parent) else Path(".")
+            raise BadInput(f"cannot write in {parent} ({_reason(e)})", final) from None
+
+
 def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[str], None]] = None,
                  kind: Optional[str] = None, owned: bool = False) -> Path:
     """Check, before any work, that ``final`` can be written: it does not exist (unless ``force``,
@@ -540,6 +555,7 @@ def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[st
     if final.name in ("", ".."):                 # '.', '..', 'dir/..': no name to stage it under
         raise BadInput("an output must be named: a file or folder name, not '.' or '..'", final)
     parent = final.parent if str(final.parent) else Path(".")
+    check_reachable(final)
     if (final.exists() or final.is_symlink()) and not force:
         raise BadInput(_exists_message(None if owned else replace_refused(final, kind)), final)
     if not owned:
@@ -690,6 +706,7 @@ class OutputSet:
             raise ValueError(f"{final} staged twice")
         kind = "folder" if is_dir else kind
         force = self.force if force is None else force
+        check_reachable(final)
         if (final.exists() or final.is_symlink()) and not force:
             raise BadInput(_exists_message(None if owned else replace_refused(final, kind)), final)
         if not owned:

@@ -1450,7 +1450,7 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     """Validate the manifest, run every unfinished model, journal each as it finishes, write the
     report; returns the report document (``summary.failed`` / ``summary.errors`` name the models
     that did not pass)."""
-    from .io import check_output
+    from .io import check_output, check_reachable
     from .runtime import RuntimeOptions
 
     o = options or ZooOptions()
@@ -1465,6 +1465,9 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
     manifest = load_manifest(manifest_path, o.mode, allow_plugins=o.allow_plugins)
     mpath = Path(manifest_path)
     out_dir = Path(o.out_dir) if o.out_dir is not None else mpath.absolute().parent / f"{mpath.stem}-zoo"
+    check_reachable(out_dir)                        # a folder above it that cannot be entered
+    if o.journal is not None:
+        check_reachable(Path(o.journal))
     if not out_dir.parent.is_dir():
         raise BadInput("folder does not exist", out_dir.parent)
     if out_dir.exists() and not out_dir.is_dir():

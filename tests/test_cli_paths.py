@@ -1,0 +1,120 @@
+"""Paths the CLI is given that it cannot use: a folder above an output or the cache that cannot be
+entered, an empty path, a weights file that cannot be read; and help texts that say what happens.
+Found by a CLI audit; each test fails on the code before its fix."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_images, make_timm_folder, one_line_naming, run_cli
+
+# ------------------------------------------------------------------ running as a user who cannot enter a folder
+#: runs CLI command lines in-process (CliRunner) in a child process, printing [[code, stdout, stderr], ...];
+#: "skip" when the child can still enter the mode-000 folder (root with its capabilities)
+_CHILD = r"""
+import json, os, sys
+if os.access(sys.argv[1], os.X_OK):
+    print(json.dumps("skip")); sys.exit(0)
+from typer.testing import CliRunner
+from repair_cli.main import app
+out = []
+for args in json.loads(sys.argv[2]):
+    r = CliRunner().invoke(app, args)
+    out.append([r.exit_code, r.stdout, r.stderr + ("" if r.exception is None or isinstance(r.exception, SystemExit)
+                                                   else repr(r.exception))])
+print(json.dumps(out))
+"""
+
+
+def _as_user_without_dac(cwd: Path, locked: Path, commands: list[list[str]]) -> list[tuple[int, str, str]]:
+    """``commands`` run by a process that file modes bind: root drops CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH (``setpriv``); another user is bound already. Skips where it is not so."""
+    prefix: list[str] = []
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root and setpriv is not installed: a mode-000 folder can be entered")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))   # this test's repair, repair_cli
+    res = subprocess.run(prefix + [sys.executable, "-c", _CHILD, str(locked), json.dumps(commands)], cwd=cwd,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    if doc == "skip":
+        pytest.skip("this process can still enter a mode-000 folder (os.access says so)")
+    return [tuple(r) for r in doc]
+
+
+@pytest.fixture
+def locked(tmp_path):
+    """``tmp_path/nrdir``: a folder that cannot be entered (mode 000), opened again afterwards."""
+    d = tmp_path / "nrdir"
+    d.mkdir()
+    d.chmod(0)
+    yield d
+    d.chmod(0o755)
+
+
+def test_an_output_under_a_folder_that_cannot_be_entered_is_exit_2_as_a_read_only_one(tmp_path, locked):
+    """`-o nrdir/out` (nrdir at mode 000) was exit 3 "internal error: PermissionError" for fix, its
+    --report, export (ONNX and safetensors), demo and zoo --out-dir; `ro/out` (mode 555) was already
+    `error: ro/out: --out: cannot write in ro (Permission denied)`. Now the same refusal, nothing on stdout,
+    nothing written; `--cache-dir nrdir/c` warns as a read-only cache does and the run goes on (exit 0)."""
+    model = make_timm_folder(tmp_path / "model")
+    make_images(tmp_path / "data")
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({"models": [
+        {"name": "a", "checkpoint": "model", "data": "data", "group_by": "place"}]}))
+    outputs = {"nrdir/out": ["fix", "model", "-d", "data", "--group-by", "place", "-o", "nrdir/out"],
+               "nrdir/r.html": ["fix", "model", "-d", "data", "--group-by", "place", "-o", "fixed",
+                                "--report", "nrdir/r.html"],
+               "nrdir/x.onnx": ["export", "model", "-d", "data", "-o", "nrdir/x.onnx"],
+               "nrdir/x": ["export", "model", "-f", "safetensors", "-o", "nrdir/x"],
+               "nrdir/d": ["demo", "--size", "tiny", "--out", "nrdir/d"],
+               "nrdir/z": ["zoo", "zoo.yaml", "--mode", "eval", "--out-dir", "nrdir/z"],
+               "nrdir/j.jsonl": ["zoo", "zoo.yaml", "--mode", "eval", "--journal", "nrdir/j.jsonl"]}
+    cache = ["eval", "model", "-d", "data", "--group-by", "place", "-q", "--cache-dir", "nrdir/c"]
+    results = _as_user_without_dac(tmp_path, locked, list(outputs.values()) + [cache])
+    for (where, args), (code, out, err) in zip(outputs.items(), results):
+        line = one_line_naming(code, err, where, "Permission denied")
+        assert "internal error" not in line, (args, line)
+        if where != "nrdir/d":            # the demo checks its folder itself first (repair/demo.py)
+            assert "cannot write in nrdir (Permission denied)" in line, (args, line)
+        assert out == "", (args, out)
+    code, out, err = results[-1]
+    assert code == 0, err
+    assert "warning: could not write embedding cache nrdir/c (Permission denied)" in err, err
+    assert "n=18" in out
+    assert not (tmp_path / "fixed").exists() and not (tmp_path / "zoo-zoo").exists()
+    locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
+    del model
+
+
+def test_check_output_refuses_a_path_whose_folder_cannot_be_entered(tmp_path, monkeypatch):
+    """The one home of the rule (repair.io.check_output, which fix, export, --report, the zoo's report and
+    journal and the demo go through): a lookup of the output refused by the file system (EACCES) is
+    BadInput naming it, as a folder that takes no new file is."""
+    from repair.errors import BadInput
+    from repair.io import check_output
+
+    final = tmp_path / "nrdir" / "out"
+    real_lstat, real_stat = os.lstat, os.stat
+
+    def refused(real):
+        def call(p, *a, **kw):
+            if str(p).startswith(str(final.parent)):
+                raise PermissionError(errno.EACCES, "Permission denied", str(p))
+            return real(p, *a, **kw)
+        return call
+
+    monkeypatch.setattr(os, "lstat", refused(real_lstat))
+    monkeypatch.setattr(os, "stat", refused(real_stat))
+    with pytest.raises(BadInput, match=r"cannot write in .*nrdir \(Permission denied\)"):
+        check_output(final)
