@@ -115,22 +115,75 @@ def emit_json(doc: Any) -> None:
 LAZY_COMMANDS: dict[str, Callable[[], Any]] = {}
 
 
+class EmptyPath(typer.BadParameter):
+    """An empty string given for a path (``--cache-dir ''``): one line naming the option, exit 2."""
+
+    def format_message(self) -> str:
+        return f"{self.param_hint}: {self.message}"
+
+
+def _is_path(annotation: Any) -> bool:
+    """``annotation`` (``Annotated[...]`` unwrapped) is a path type or an optional one."""
+    import pathlib
+    import typing
+
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is not None else (annotation,)
+    return any(isinstance(a, type) and issubclass(a, pathlib.PurePath) for a in args)
+
+
+def path_parameters(cmd) -> set[str]:
+    """The names of ``cmd``'s parameters typed as a path (arguments and options; Typer turns ``''``
+    into ``Path('.')`` for them, the current folder, which nobody means by an empty string)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(cmd.callback, eval_str=True)
+    except Exception:           # an annotation that does not evaluate: Typer's own record of the type below
+        sig = None
+    names = {name for name, p in sig.parameters.items() if _is_path(p.annotation)} if sig is not None else set()
+    return names | {p.name for p in cmd.params
+                    if _is_path(getattr(getattr(p, "type_descriptor", None), "annotation", None))}
+
+
+def _refuse_empty_paths(cmd, ctx, opts: dict) -> None:
+    """The one rule of an empty path on the command line: every path-typed argument and option of
+    every command given ``''`` is a usage error naming it (never the current folder)."""
+    names = path_parameters(cmd)
+    for p in cmd.params:
+        value = opts.get(p.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if p.name in names and any(isinstance(v, str) and v == "" for v in values):
+            raise EmptyPath("an empty path names no file or folder; give one ('.' is the current folder)",
+                            ctx=ctx, param=p, param_hint=_hint(p))
+
+
+def _hint(p) -> str:
+    """How the command line names ``p``: its longest flag (``--data``), or an argument's metavar (``MODEL``)."""
+    if getattr(p, "param_type_name", None) == "option" and p.opts:
+        return max(p.opts, key=len)
+    return (p.metavar or p.name or "").upper()
+
+
 def _once_each(cmd):
     """``cmd`` refusing an option given twice (a usage error, exit 2): click keeps the last value, so
     ``--fail-under-wga 90% ... --fail-under-wga 0%`` (a CI template with a local line appended) would
     quietly weaken a gate, and ``--out a ... --out b`` write where one of them did not say. Options
-    that take several values (``multiple``), counters and plain on-flags may repeat."""
+    that take several values (``multiple``), counters and plain on-flags may repeat. And an empty
+    path refused (:func:`_refuse_empty_paths`)."""
     if cmd is None or getattr(cmd, "_once_each", False):
         return cmd
     plain = cmd.parse_args
 
     def parse_args(ctx, args):
         try:
-            _, _, order = cmd.make_parser(ctx).parse_args(args=list(args))
+            opts, _, order = cmd.make_parser(ctx).parse_args(args=list(args))
         except ClickException:
-            order = []               # click's own parse below says what is wrong
+            opts, order = {}, []     # click's own parse below says what is wrong
         if any(getattr(p, "is_eager", False) for p in order):
             return plain(ctx, args)          # --help / --version answer whatever else is given
+        _refuse_empty_paths(cmd, ctx, opts)
         seen = set()
         for p in order:
             if (getattr(p, "param_type_name", None) != "option" or p.multiple or p.count

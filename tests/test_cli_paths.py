@@ -118,3 +118,71 @@ def test_check_output_refuses_a_path_whose_folder_cannot_be_entered(tmp_path, mo
     monkeypatch.setattr(os, "stat", refused(real_stat))
     with pytest.raises(BadInput, match=r"cannot write in .*nrdir \(Permission denied\)"):
         check_output(final)
+
+
+# ------------------------------------------------------------------ an empty path
+def _path_typed(cmd) -> list:
+    """``cmd``'s click parameters whose Python type is a path (``Path`` or ``Optional[Path]``)."""
+    import inspect
+    import pathlib
+    import typing
+
+    def is_path(ann) -> bool:
+        if typing.get_origin(ann) is typing.Annotated:
+            ann = typing.get_args(ann)[0]
+        args = typing.get_args(ann) if typing.get_origin(ann) is not None else (ann,)
+        return any(isinstance(a, type) and issubclass(a, pathlib.PurePath) for a in args)
+
+    sig = inspect.signature(cmd.callback, eval_str=True)
+    return [p for p in cmd.params if p.name in sig.parameters and is_path(sig.parameters[p.name].annotation)]
+
+
+def test_an_empty_path_is_refused_for_every_path_argument_and_option_of_every_command(tmp_path, monkeypatch):
+    """Typer turns '' into Path('.'): `eval M -d D --cache-dir ''` wrote the cache into the current folder,
+    `zoo Z --out-dir ''` its lock, journal and report beside the inputs, `-d ''`, `--exclude ''` and
+    `--eval ''` read the current folder as the data. One rule for every path-typed argument and option of
+    every command (fix with its model-repair inputs too): exit 2, one line naming it, nothing on stdout."""
+    import typer
+
+    from repair_cli.app import LAZY_COMMANDS
+    from repair_cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    group = typer.main.get_command(app)
+    seen, problems = set(), []
+    for name in group.commands:
+        cmd = LAZY_COMMANDS[name]() if name in LAZY_COMMANDS else group.commands[name]
+        for p in _path_typed(cmd):
+            seen.add((name, p.name))
+            args = [name]
+            for q in cmd.params:           # every required parameter given (a name nothing has), p given ''
+                value = "" if q is p else "missing-x" if q.required else None
+                if value is None:
+                    continue
+                args += [value] if q.param_type_name == "argument" else [max(q.opts, key=len), value]
+            code, out, err = run_cli(*args)
+            flag = max(p.opts, key=len) if p.param_type_name == "option" else p.name.upper()
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+            if not (code == 2 and out == "" and len(lines) == 1 and lines[0].startswith(f"error: {flag}: ")
+                    and "empty path" in lines[0]):
+                problems.append(f"{args}: exit {code}: {err.strip()[:300]}")
+    assert {("eval", "cache_dir"), ("eval", "data"), ("eval", "exclude"), ("eval", "model"), ("fix", "eval_data"),
+            ("fix", "out"), ("fix", "report"), ("zoo", "out_dir"), ("zoo", "journal"), ("zoo", "manifest"),
+            ("demo", "out"), ("export", "out"), ("verify", "reference")} <= seen, seen
+    assert not problems, "\n".join(problems)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_an_empty_cache_dir_or_zoo_out_dir_writes_nothing_in_the_current_folder(tmp_path, monkeypatch):
+    """The audit's two cases with real inputs: nothing is written where the command runs."""
+    make_timm_folder(tmp_path / "model")
+    make_images(tmp_path / "data")
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({"models": [
+        {"name": "a", "checkpoint": "model", "data": "data", "group_by": "place"}]}))
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = run_cli("eval", "model", "-d", "data", "-q", "--cache-dir", "")
+    assert one_line_naming(code, err, "--cache-dir", "empty path") and out == ""
+    code, out, err = run_cli("zoo", "zoo.yaml", "--mode", "eval", "-q", "--out-dir", "")
+    assert one_line_naming(code, err, "--out-dir", "empty path") and out == ""
+    assert sorted(os.listdir(tmp_path)) == before
