@@ -190,9 +190,32 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
                        f"{fam.name} model " + ("is a text model" if adapter.modality == "text" else
                                                 f"carries its own ({home})")
                        + ", so they would be ignored: leave them out", path)
+    check_option_scope(adapter, o, fam.name, path)
     if o.files:                       # read for this model: no output may replace them
         adapter.extra_files = (*adapter.extra_files, *map(Path, o.files))
     return adapter
+
+
+def check_option_scope(adapter, o: LoadOptions, family: str, path=None) -> None:
+    """The one rule for the reading options a model would ignore: each is refused with one line naming
+    it and why. ``--max-length`` on an image model (no tokenizer); ``--class-names`` whose count is not
+    the head's, or on a checkpoint that names its classes itself (``class_names_home``: where) with
+    other names -- its own names given again are harmless."""
+    if o.max_length is not None and adapter.modality != "text":
+        raise BadInput(f"--max-length sets where a text model's tokenizer truncates; this {family} model is "
+                       f"{'an' if adapter.modality[0] in 'aeiou' else 'a'} {adapter.modality} model, "
+                       "so it would be ignored: leave it out", path)
+    if o.class_names is None:
+        return
+    own = [str(n) for n in adapter.class_names]
+    given = [str(n) for n in o.class_names]
+    if len(given) != len(own):
+        raise BadInput(f"--class-names has {len(given)} classes, the model's head has {len(own)}", path)
+    if given != own:
+        home = getattr(adapter, "class_names_home", None) or "its config"
+        shown = ",".join(own[:6]) + (",..." if len(own) > 6 else "")
+        raise BadInput(f"--class-names names the classes of a checkpoint that names none; this {family} model "
+                       f"names its own ({shown}, in {home}), so they would be ignored: leave them out", path)
 
 
 def family_for(path: Path, options: Optional[LoadOptions] = None) -> Optional["FamilyInfo"]:
@@ -211,7 +234,7 @@ def not_a_model(path: Path) -> BadInput:
     return BadInput("a bare weights file needs --arch NAME (timm) or --factory module:function", path)
 
 
-__all__ = ["Adapter", "FAMILIES", "FamilyInfo", "LoadOptions", "checked_class_names", "family_for", "list_families",
+__all__ = ["Adapter", "FAMILIES", "FamilyInfo", "LoadOptions", "check_option_scope", "checked_class_names", "family_for", "list_families",
            "load_model", "names_by_index", "not_a_model",
            "register_family", "unregister_family"]
 

@@ -82,7 +82,7 @@ class HFTextAdapter(TorchModelAdapter):
     save_metadata_defaults = MappingProxyType({"format": "pt"})
 
     def __init__(self, path: Path, *, max_length: Optional[int] = None, weights: Optional[Path] = None,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, class_names: Optional[Sequence[str]] = None):
         from transformers import AutoModelForSequenceClassification
 
         path = Path(path)
@@ -171,6 +171,14 @@ class HFTextAdapter(TorchModelAdapter):
         id2label = model.config.id2label or {}
         named = names_by_index(id2label, num_labels, "id2label", cfg_path) if id2label else list(range(num_labels))
         self.class_names = checked_class_names(named, "id2label", cfg_path, distinct=False)
+        if not id2label or self.class_names == generic_labels(num_labels):   # transformers' LABEL_0..: no names of its own
+            if class_names is not None and len(class_names) == num_labels:   # (load_model checks the count)
+                self.class_names = [str(n) for n in class_names]
+                # the written folder names them, as the run read them
+                self.config_updates = {"id2label": dict(enumerate(self.class_names)),
+                                       "label2id": {n: i for i, n in enumerate(self.class_names)}}
+        else:
+            self.class_names_home = "config.json id2label"
         self.max_length = resolve_max_length(self.tokenizer, max_length, positions=position_limit(model),
                                              where=cfg_path)
         self.max_length_given = max_length is not None     # --max-length: the written tokenizer keeps it
@@ -222,10 +230,15 @@ def detect(path: Path, o: LoadOptions) -> bool:
     return is_hf_folder(path) or _in_folder(path)
 
 
+def generic_labels(n: int) -> list[str]:
+    """The names transformers gives the classes of a config without ``id2label`` (``LABEL_0``, ...)."""
+    return [f"LABEL_{i}" for i in range(n)]
+
+
 def load(path: Path, o: LoadOptions) -> HFTextAdapter:
     if path.is_file():
-        return HFTextAdapter(path.parent, max_length=o.max_length, weights=path)
-    return HFTextAdapter(path, max_length=o.max_length, allow_pickle=o.allow_pickle)
+        return HFTextAdapter(path.parent, max_length=o.max_length, weights=path, class_names=o.class_names)
+    return HFTextAdapter(path, max_length=o.max_length, allow_pickle=o.allow_pickle, class_names=o.class_names)
 
 
 register_family("transformers", detect=detect, load=load, priority=70,

@@ -246,21 +246,25 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         pretrained_cfg = dict(model.pretrained_cfg or {})
         if preprocess:     # the user's preprocessing for a bare file (which carries none)
             pretrained_cfg.update(preprocess)
-    if names is None:
-        names = list(class_names) if class_names else [str(i) for i in range(file_classes)]
+    own_names = names is not None
+    if names is None:     # --class-names name a checkpoint that names none (load_model checks their count)
+        names = (list(class_names) if class_names and len(class_names) == file_classes
+                 else [str(i) for i in range(file_classes)])
     else:                 # timm writes a dict {index: name} where the indices have gaps
         if isinstance(names, dict):
             names = names_by_index(names, file_classes, "label_names", cfg_path, gaps=True)
         names = checked_class_names(names, "label_names", cfg_path, distinct=False)
-    if len(names) != file_classes:
-        raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes",
-                       cfg_path or weights)
+        if len(names) != file_classes:
+            raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes",
+                           cfg_path or weights)
     adapter = TorchImageAdapter(family="timm", source=source, weights_path=weights, model=model,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
                                 class_names=[str(n) for n in names],
                                 data_config=resolve_image_config(pretrained_cfg, cfg_path or weights))
     adapter.build = {"architecture": arch, "model_args": model_args, "timm": timm.__version__}
     adapter.config_updates = config_updates
+    if own_names:
+        adapter.class_names_home = f"{cfg_path.name} label_names"
     if given:   # the network measured: recorded in the output's provenance, the one record a bare file has
         adapter.save_metadata_defaults = MappingProxyType(
             {f"{provenance.PREFIX}model_args": provenance.canonical_json(model_args)})
@@ -298,10 +302,11 @@ def _preprocess(o: LoadOptions) -> dict:
 def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
     args_file = Path(o.files[0]) if o.files else None       # the --model-args file, when they came from one
     if path.is_dir():
-        return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, model_args=o.model_args, args_file=args_file)
+        return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, class_names=o.class_names,
+                         model_args=o.model_args, args_file=args_file)
     if _in_folder(path) and not o.arch:
-        return load_timm(path.parent, allow_pickle=o.allow_pickle, model_args=o.model_args, weights=path,
-                         args_file=args_file)
+        return load_timm(path.parent, allow_pickle=o.allow_pickle, class_names=o.class_names,
+                         model_args=o.model_args, weights=path, args_file=args_file)
     return load_timm(path, arch=o.arch, allow_pickle=o.allow_pickle, class_names=o.class_names,
                      model_args=o.model_args, preprocess=_preprocess(o), args_file=args_file)
 
