@@ -64,6 +64,7 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise BadInput("expected a .safetensors file, got a folder", path)
     if not path.is_file():
         raise BadInput("expected a .safetensors file, got a device or other special file", path)
+    check_readable_weights(path)
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as f:
@@ -78,6 +79,17 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
+def check_readable_weights(path: Path) -> None:
+    """:class:`BadInput` naming ``path`` when the weights file cannot be opened for reading (no read
+    permission): said as such, not as the loader's own text (safetensors reports it as "No such file or
+    directory")."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise BadInput(f"cannot read the weights file ({e.strerror or e})", path) from None
+
+
 def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors always; pickle files only with ``allow_pickle`` and then ``weights_only=True``."""
     import torch
@@ -90,6 +102,7 @@ def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[s
             raise BadInput("file not found", path)
         if not path.is_file():
             raise BadInput("expected a weights file, got a folder or special file", path)
+        check_readable_weights(path)
         try:
             with warnings.catch_warnings():     # torch warns on some refused pickles: the error says it all
                 warnings.simplefilter("ignore")

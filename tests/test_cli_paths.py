@@ -18,10 +18,10 @@ from conftest import make_images, make_timm_folder, one_line_naming, run_cli
 
 # ------------------------------------------------------------------ running as a user who cannot enter a folder
 #: runs CLI command lines in-process (CliRunner) in a child process, printing [[code, stdout, stderr], ...];
-#: "skip" when the child can still enter the mode-000 folder (root with its capabilities)
+#: "skip" when the child can still read the mode-000 folder or file (root with its capabilities)
 _CHILD = r"""
 import json, os, sys
-if os.access(sys.argv[1], os.X_OK):
+if os.access(sys.argv[1], os.R_OK):
     print(json.dumps("skip")); sys.exit(0)
 from typer.testing import CliRunner
 from repair_cli.main import app
@@ -186,3 +186,39 @@ def test_an_empty_cache_dir_or_zoo_out_dir_writes_nothing_in_the_current_folder(
     code, out, err = run_cli("zoo", "zoo.yaml", "--mode", "eval", "-q", "--out-dir", "")
     assert one_line_naming(code, err, "--out-dir", "empty path") and out == ""
     assert sorted(os.listdir(tmp_path)) == before
+
+
+# ------------------------------------------------------------------ an unreadable weights file
+def test_an_unreadable_weights_file_is_said_to_be_unreadable_not_missing(tmp_path):
+    """model.safetensors at mode 000 was `not a readable safetensors file (No such file or directory: ...)`
+    (safetensors' own text); a table or an image that cannot be read was already said so."""
+    make_timm_folder(tmp_path / "model")
+    make_images(tmp_path / "data")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.chmod(0)
+    try:
+        ((code, out, err),) = _as_user_without_dac(tmp_path, weights, [["eval", "model", "-d", "data", "-q"]])
+    finally:
+        weights.chmod(0o644)
+    line = one_line_naming(code, err, weights, "cannot read the weights file (Permission denied)")
+    assert "No such file" not in line and out == ""
+
+
+def test_load_safetensors_says_a_file_it_may_not_open_cannot_be_read(tmp_path, timm_folder, monkeypatch):
+    import builtins
+
+    from repair.errors import BadInput
+    from repair.io import load_state_dict_file
+
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(timm_folder / "model.safetensors", weights)
+    real_open = builtins.open
+
+    def refused(file, *a, **kw):
+        if str(file) == str(weights):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", refused)
+    with pytest.raises(BadInput, match=r"cannot read the weights file \(Permission denied\)"):
+        load_state_dict_file(weights)
