@@ -273,6 +273,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
             users = sorted(m.name for m in list_methods("model") if name in {r.name for r in m.resources})
             raise BadInput(f"--{name.replace('_', '-')}: no candidate of recipe {recipe.name!r} uses it"
                            + (f" (it is an input of {', '.join(users)})" if users else ""))
+    _check_extras(recipe, resources)      # an optional package the run needs: asked for before any work
     adapter = load_model(model_path, load_opts)
     inputs.protected.add_files(adapter.source_files(), "input model")
     for flag, p in paths.items():         # the model's files too (a model repair's files folder included)
@@ -426,6 +427,28 @@ def _check_scopes(recipe, adapter) -> None:
             model.select(c.params["scope"])
         except SettingRefused as e:
             raise c.info.named(e) from None
+
+
+def _check_extras(recipe, resources: dict) -> None:
+    """The optional packages this run needs (a model repair's ``lora: true``: peft; ``--generator
+    diffusers``: diffusers), importable -- or :class:`BadInput` saying how to install them, before any work."""
+    from .modelrepair.trainable import require_package
+
+    for c in recipe.candidates:
+        if c.info.kind != "model":
+            continue
+        try:
+            cfg = c.config()
+        except Exception:                      # its settings are refused where the recipe is checked
+            cfg = None
+        where, what = tuple(c.origin) if c.origin else (None, c.method)
+        if (c.params.get("lora") if cfg is None else getattr(cfg, "lora", False)) is True:
+            require_package("peft", f"{what}: lora: true", "peft", where)
+        uses = "generator" in {r.name for r in c.info.resources}
+        if uses and resources.get("generator") == "diffusers":
+            require_package("diffusers", "--generator diffusers", "diffusion")
+        elif uses and resources.get("generator") is None and getattr(cfg, "generator", None) == "diffusers":
+            require_package("diffusers", f"{what}: generator: diffusers", "diffusion", where)
 
 
 def _check_train_set(adapter, d: RepairData, data_opts: DataOptions) -> None:

@@ -62,3 +62,62 @@ def test_max_length_on_an_image_model_is_refused(timm_folder, image_data, tmp_pa
                            "--std", "0.25,0.25,0.25", "--max-length", "5", "-q", "--no-cache")
     one_line_naming(code, err, onnx, "--max-length", "image model", "leave it out")
 
+
+# ---------------------------------------------------------------- 2. optional packages: one wording, before any work
+def _no_work(monkeypatch):
+    """The model is never loaded: a refusal that comes after it fails the test."""
+    import repair.pipeline as pipeline
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the missing package was reported")
+
+    monkeypatch.setattr(pipeline, "load_model", loaded)
+
+
+HINT = "pip install 'repair-toolkit[{0}]' (in a checkout: pip install -e \".[{0}]\")"
+
+
+def test_lora_without_peft_is_refused_before_any_work(timm_folder, image_data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)          # as if not installed
+    _no_work(monkeypatch)
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text("name: lora\ncandidates:\n  - method: mixft\n    params: {lora: true, scope: \"last:1\"}\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", recipe, "--out", out, "-q")
+    line = one_line_naming(code, err, recipe, "lora: true", "peft", HINT.format("peft"))
+    assert line.startswith("error: ") and not out.exists(), line
+
+
+def test_diffusers_generator_without_diffusers_is_refused_before_any_work(timm_folder, image_data, tmp_path,
+                                                                         monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    _no_work(monkeypatch)
+    pipe = tmp_path / "pipe"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "model_index.json").write_text('{"_class_name": "StableDiffusionInpaintPipeline"}')
+    (pipe / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    out = tmp_path / "out"
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", "recompose", "--generator",
+                           "diffusers", "--generator-model", pipe, "--out", out, "-q")
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "--generator diffusers needs the optional diffusers package: " + HINT.format("diffusion") in errors[0]
+    assert not out.exists()
+    recipe = tmp_path / "gen.yaml"                    # the recipe's own setting, likewise
+    recipe.write_text("name: gen\ncandidates:\n  - method: recompose\n    params: {generator: diffusers}\n")
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", recipe, "--generator-model", pipe,
+                           "--out", out, "-q")
+    one_line_naming(code, err, recipe, "generator: diffusers", HINT.format("diffusion"))
+    assert not out.exists()
+
+
+def test_the_install_hints_have_one_wording():
+    from repair.modelrepair.generation import INSTALL_DIFFUSION
+    from repair.modelrepair.trainable import install_hint
+
+    assert INSTALL_DIFFUSION == install_hint("diffusion") == HINT.format("diffusion")
+

@@ -43,6 +43,7 @@ from ..errors import BadInput
 from ..io import PICKLE_SUFFIXES
 from ..registry import Resource
 from .pixels import _blur, _dilate, _erode
+from .trainable import install_hint, missing_package
 
 GENERATORS = ("composite", "diffusers")
 
@@ -88,7 +89,7 @@ def check_prompts_file(path: Path) -> None:
 
 PROMPTS = Resource("prompts", kind="file", validate=check_prompts_file,
                    help="A YAML file of generation prompts (overrides the built-in ones).")
-INSTALL_DIFFUSION = "pip install 'repair-toolkit[diffusion]'"
+INSTALL_DIFFUSION = install_hint("diffusion")
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -277,7 +278,7 @@ class DiffusersGenerator(Generator):
         try:
             import diffusers
         except ImportError:
-            raise BadInput(f"--generator diffusers needs the diffusers package: {INSTALL_DIFFUSION}") from None
+            raise BadInput(missing_package("diffusers", "--generator diffusers", "diffusion")) from None
         if folder is None:
             raise BadInput("--generator diffusers needs --generator-model PATH (a local inpainting pipeline folder; "
                            "nothing is downloaded)")

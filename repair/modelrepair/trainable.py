@@ -33,6 +33,31 @@ from ..config import SettingRefused
 from ..errors import BadInput
 
 _BN = nn.modules.batchnorm._BatchNorm
+
+
+def install_hint(extra: str) -> str:
+    """How to install the optional extra ``extra`` (pyproject's ``[project.optional-dependencies]``): the
+    one wording of every missing-extra message, for an installed toolkit and for a checkout."""
+    return f"pip install 'repair-toolkit[{extra}]' (in a checkout: pip install -e \".[{extra}]\")"
+
+
+def missing_package(module: str, needed_by: str, extra: str) -> str:
+    """The message for ``needed_by`` (an option, a setting) needing the optional package ``module`` of the
+    extra ``extra``, not installed."""
+    return f"{needed_by} needs the optional {module} package: {install_hint(extra)}"
+
+
+def require_package(module: str, needed_by: str, extra: str, where=None) -> None:
+    """:class:`BadInput` (:func:`missing_package`, naming ``where``) unless ``module`` is importable; it
+    imports nothing, so a run checks it before any work."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):          # a broken parent package, a module without a spec
+        found = False
+    if not found:
+        raise BadInput(missing_package(module, needed_by, extra), where)
 AUGMENTATIONS = ("none", "flip", "crop", "flip_crop")
 
 
@@ -245,7 +270,7 @@ class TrainableModel:
             from peft import LoraConfig
             from peft.tuners.lora import LoraModel
         except ImportError:
-            raise BadInput('LoRA needs the optional peft package: pip install -e ".[peft]"') from None
+            raise BadInput(missing_package("peft", "LoRA (lora: true)", "peft")) from None
         if not modules:
             raise BadInput("LoRA: no Linear or Conv2d layer in the chosen scope to put adapters on")
         req = {n: p.requires_grad for n, p in self.module.named_parameters()}
