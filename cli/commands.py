@@ -153,6 +153,12 @@ def fix_table(rep: dict) -> str:
     return "\n".join(out)
 
 
+def resource_kind(r) -> str:
+    """A model-repair input's kind as shown (help, ``repair methods``): a choice's choices (``a | b``), said
+    here only -- an input's own help leaves them out."""
+    return " | ".join(getattr(r, "choices", ()) or ()) if r.kind == "choice" else r.kind
+
+
 def resources_bundle() -> OptionBundle:
     """The ``fix`` options of the model-repair inputs: one per input a registered model repair
     declares (``repair methods`` lists them), so a plugin's new input is an option here too."""
@@ -160,10 +166,11 @@ def resources_bundle() -> OptionBundle:
 
     opts = {}
     for r in declared_resources():
-        kind = {"file": "a file", "folder": "a folder", "data": "data (same format as --data)",
-                "choice": " | ".join(getattr(r, "choices", ()) or ())}.get(r.kind, r.kind)
+        kind = {"file": "a file", "folder": "a folder", "data": "data (same format as --data)"}.get(r.kind,
+                                                                                                 resource_kind(r))
         opts[r.name] = (Annotated[Optional[str], typer.Option(
-            r.flag, help=f"{r.help} ({kind}; default: none).", rich_help_panel=PANEL_INPUTS)], None)
+            r.flag, help=f"{r.help.rstrip().rstrip('.')} ({kind}; default: none).", rich_help_panel=PANEL_INPUTS)],
+            None)
     return OptionBundle("resources", opts, lambda **kw: {k: v for k, v in kw.items() if v is not None})
 
 
@@ -249,14 +256,15 @@ def methods_cmd(as_json: AsJson = False):
                                 "resources": [r.name for r in getattr(m, "resources", ()) or ()],
                                 "config": dataclasses.asdict(m.default_config())}
                                for m in infos],
-                   "inputs": [{"name": r.name, "flag": r.flag, "kind": r.kind, "help": r.help} for r in inputs],
+                   "inputs": [{"name": r.name, "flag": r.flag, "kind": r.kind, "help": r.help,
+                               **({"choices": list(r.choices)} if r.kind == "choice" else {})} for r in inputs],
                    "recipes": recipes})
         return
     say(table(["method", "kind", "group labels", "summary"],
                 [[m.name, m.kind, {"required": "required", "optional": "optional", "never": "never used"}[m.groups],
                   m.summary] for m in infos]))
     say("\nmodel-repair inputs (repair fix options, zoo manifest fields):")
-    say(table(["option", "kind", "help"], [[r.flag, r.kind, r.help] for r in inputs]))
+    say(table(["option", "kind", "help"], [[r.flag, resource_kind(r), r.help] for r in inputs]))
     say("\nrecipes (--recipe NAME):")
     say(table(["recipe", "description"], [[k, v] for k, v in recipes.items()]))
 

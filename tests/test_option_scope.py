@@ -121,3 +121,16 @@ def test_the_install_hints_have_one_wording():
 
     assert INSTALL_DIFFUSION == install_hint("diffusion") == HINT.format("diffusion")
 
+
+# ---------------------------------------------------------------- 3. a choice's choices said once
+def test_fix_help_says_the_generator_choices_once():
+    from repair_cli.commands import fix_command
+
+    fix = fix_command()
+    fix = getattr(fix, "commands", {}).get("fix", fix)
+    text = next(p.help for p in fix.params if "--generator" in p.opts)
+    assert text.count("composite") == 1 and "(composite | diffusers; default: none)." in text, text
+    code, out, err = run_cli("methods", "--json")
+    assert code == 0, err
+    gen = next(r for r in json.loads(out)["inputs"] if r["name"] == "generator")
+    assert gen["choices"] == ["composite", "diffusers"] and "composite" not in gen["help"], gen

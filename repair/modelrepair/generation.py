@@ -49,7 +49,7 @@ GENERATORS = ("composite", "diffusers")
 
 #: the user inputs of image generation, declared by the model repairs that generate
 GENERATOR = Resource("generator", kind="choice", choices=GENERATORS,
-                     help="Image generation for recipes that generate (composite | diffusers).")
+                     help="Image generation for recipes that generate.")
 
 
 def check_generator_folder(folder: Path) -> None:
