@@ -198,15 +198,22 @@ def _opt(*decls, help: str, panel: str, **kw):
     return typer.Option(*decls, help=help, rich_help_panel=panel, **kw)
 
 
+#: --image-size, --mean, --std: where they apply, and what applies without them (repair.adapters: timm_adapter
+#: _preprocess, onnx_adapter and factory through images.image_config_from_options)
+_NO_PREPROCESSING = ("for a checkpoint that carries no preprocessing (bare timm weights, ONNX files, factories; one "
+                     "that carries its own refuses it). Default")
+_NONE_GIVEN = (". An ONNX file or a factory with no preprocess.json and none of --image-size, --mean, --std is "
+               "refused.")
+
 LOAD_OPTIONS = OptionBundle("load", {
     "arch": (Annotated[Optional[str], _opt("--arch", help="timm architecture of a bare weights file (default: none).", panel=PANEL_LOAD)], None),
     "factory": (Annotated[Optional[str], _opt("--factory", help="package.module:function returning the nn.Module (default: none).", panel=PANEL_LOAD)], None),
     "model_args": (Annotated[Optional[str], _opt("--model-args", help="Keyword arguments of the architecture (--arch) or factory, as a JSON object ('{\"channels\": [16, 32, 64, 128]}') or a .json file (a timm config.json: its model_args). Default: none.", panel=PANEL_LOAD)], None),
     "allow_pickle": (Annotated[bool, _opt("--allow-pickle", help="Accept .pt/.pth/.bin (loaded with weights_only=True). Default: refused.", panel=PANEL_LOAD)], False),
     "max_length": (Annotated[Optional[int], _opt("--max-length", min=1, help="Text: tokenizer truncation length in tokens (default: the tokenizer's).", panel=PANEL_LOAD)], None),
-    "image_size": (Annotated[Optional[int], _opt("--image-size", min=1, help="Input side in pixels for checkpoints without preprocessing (ONNX, factories, bare timm weights; default: the checkpoint's, else 224).", panel=PANEL_LOAD)], None),
-    "mean": (Annotated[Optional[str], _opt("--mean", help="Normalisation mean per channel on the 0-1 pixel scale, e.g. 0.485,0.456,0.406 (default: the checkpoint's).", panel=PANEL_LOAD)], None),
-    "std": (Annotated[Optional[str], _opt("--std", help="Normalisation std per channel on the 0-1 pixel scale, e.g. 0.229,0.224,0.225 (default: the checkpoint's).", panel=PANEL_LOAD)], None),
+    "image_size": (Annotated[Optional[int], _opt("--image-size", min=1, help=f"Input side in pixels {_NO_PREPROCESSING}: the architecture's for bare timm weights; for an ONNX file or a factory, its preprocess.json's, else 224 once --mean/--std are given{_NONE_GIVEN}", panel=PANEL_LOAD)], None),
+    "mean": (Annotated[Optional[str], _opt("--mean", help=f"Normalisation mean per channel on the 0-1 pixel scale, e.g. 0.485,0.456,0.406, {_NO_PREPROCESSING}: the architecture's for bare timm weights; for an ONNX file or a factory, its preprocess.json's, else ImageNet's 0.485,0.456,0.406 once --image-size/--std are given{_NONE_GIVEN}", panel=PANEL_LOAD)], None),
+    "std": (Annotated[Optional[str], _opt("--std", help=f"Normalisation std per channel on the 0-1 pixel scale, e.g. 0.229,0.224,0.225, {_NO_PREPROCESSING}: the architecture's for bare timm weights; for an ONNX file or a factory, its preprocess.json's, else ImageNet's 0.229,0.224,0.225 once --image-size/--mean are given{_NONE_GIVEN}", panel=PANEL_LOAD)], None),
     "class_names": (Annotated[Optional[str], _opt("--class-names", help="Comma-separated class names in the head's order, for checkpoints that carry none (bare weights, factories, ONNX; default: 0,1,...).", panel=PANEL_LOAD)], None),
 }, _load_options)
 
@@ -249,7 +256,7 @@ def _runtime_options(device, batch_size, cache_dir, no_cache, quiet) -> RuntimeO
 RUNTIME_OPTIONS = OptionBundle("runtime", {
     "device": (Annotated[str, _opt("--device", help="auto, cpu, cuda, cuda:N (auto: CUDA when present).", panel=PANEL_RUNTIME)], "auto"),
     "batch_size": (Annotated[int, _opt("--batch-size", min=1, help="Samples per forward pass.", panel=PANEL_RUNTIME)], 64),
-    "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", help="Embedding cache folder (default ~/.cache/repair/embeddings or $REPAIR_CACHE_DIR).", panel=PANEL_RUNTIME)], None),
+    "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", help="Embedding cache folder (default: $REPAIR_CACHE_DIR, else $XDG_CACHE_HOME/repair/embeddings, else ~/.cache/repair/embeddings).", panel=PANEL_RUNTIME)], None),
     "no_cache": (Annotated[bool, _opt("--no-cache", help="Neither read nor write the embedding cache (default: use it).", panel=PANEL_RUNTIME)], False),
     "quiet": (Annotated[bool, _opt("--quiet", "-q", help="No progress on stderr (warnings and errors still show).", panel=PANEL_RUNTIME)], False),
 }, _runtime_options)

@@ -222,3 +222,39 @@ def test_load_safetensors_says_a_file_it_may_not_open_cannot_be_read(tmp_path, t
     monkeypatch.setattr(builtins, "open", refused)
     with pytest.raises(BadInput, match=r"cannot read the weights file \(Permission denied\)"):
         load_state_dict_file(weights)
+
+
+# ------------------------------------------------------------------ help that says what happens
+def _option_help(command: str, flag: str) -> str:
+    import typer
+
+    from repair_cli.main import app
+
+    cmd = typer.main.get_command(app).commands[command]
+    (p,) = [p for p in cmd.params if flag in getattr(p, "opts", ())]
+    return " ".join(p.help.split())
+
+
+def test_cache_dir_help_names_every_place_the_default_comes_from():
+    """repair.embeddings.default_cache_dir honours $REPAIR_CACHE_DIR, then $XDG_CACHE_HOME; the help
+    named only the first and ~/.cache."""
+    code, out, _ = run_cli("eval", "--help")
+    assert code == 0 and "XDG_CACHE_HOME" in out
+    text = _option_help("eval", "--cache-dir")
+    assert text.index("REPAIR_CACHE_DIR") < text.index("XDG_CACHE_HOME") < text.index("~/.cache"), text
+
+
+def test_preprocessing_help_says_what_applies_without_the_options():
+    """--image-size said "default: the checkpoint's, else 224", but an ONNX file or a factory with no
+    preprocessing and none of --image-size/--mean/--std is refused; once one is given the others default
+    to 224 and ImageNet's mean and std (repair.adapters.images.image_config_from_options)."""
+    from repair.adapters.images import image_config_from_options
+
+    cfg = image_config_from_options(32, None, None, None)
+    size, mean, std = (_option_help("eval", f) for f in ("--image-size", "--mean", "--std"))
+    for text in (size, mean, std):
+        assert "refused" in text and "preprocess.json" in text and "ONNX" in text, text
+        assert "the checkpoint's, else 224" not in text and "(default: the checkpoint's)" not in text, text
+    assert "224" in size
+    for text, key in ((mean, "mean"), (std, "std")):     # the example, and the default once another is given
+        assert text.count(",".join(f"{v:g}" for v in cfg[key])) == 2, text
