@@ -43,7 +43,7 @@ def zoo_cmd(manifest: Annotated[Path, typer.Argument(help="YAML or CSV: one row 
             ray: Annotated[Optional[str], typer.Option("--ray", help="auto: start a local Ray; ADDRESS: join that cluster (default: run locally, one model at a time). Needs Ray: pip install -e \".\\[zoo]\".", rich_help_panel="Ray")] = None,
             workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="--ray auto: how many models at once (default: CPU count). Needs --ray.", rich_help_panel="Ray")] = None,
             cpus_per_model: Annotated[int, typer.Option("--cpus-per-model", min=1, help="CPU threads per model (Ray: num_cpus per task).", rich_help_panel="Zoo")] = 1,
-            gpus_per_model: Annotated[float, typer.Option("--gpus-per-model", min=0, help="Ray: GPUs per task (fractions allowed). Needs --ray.", rich_help_panel="Ray")] = 0,
+            gpus_per_model: Annotated[float, typer.Option("--gpus-per-model", help="Ray: GPUs per task, a finite number from 0 (fractions allowed). Needs --ray.", rich_help_panel="Ray")] = 0,
             max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Ray: retries of a model whose worker died.", rich_help_panel="Ray")] = 3,
             force: Annotated[bool, typer.Option("--force", help="Replace outputs that exist and this zoo's journal did not write (never an input; a folder only when empty or written by repair and holding nothing else). Default: refuse.")] = False,
             allow_plugins: Annotated[bool, typer.Option("--allow-plugins", help="Let the recipes' plugins: (Python files) run. Default: refused, since a manifest or a shared recipe is data you may not have written.")] = False,

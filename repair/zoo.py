@@ -1432,7 +1432,12 @@ class ZooOptions:
                 raise BadInput(f"{flag} must be a whole number from {lo} to {hi}, got {v!r}")
         g = self.gpus_per_model
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= MAX_COUNT:
-            raise BadInput(f"--gpus-per-model must be a number from 0 to {MAX_COUNT}, got {g!r}")
+            import math
+
+            why = ("" if isinstance(g, bool) or not isinstance(g, (int, float)) or math.isfinite(g) else
+                   " (not a number)" if math.isnan(g) else " (infinite)")
+            raise BadInput(f"--gpus-per-model must be a finite number from 0 to {MAX_COUNT} (fractions allowed), "
+                           f"got {g!r}{why}")
         if self.ray is not None:
             ray_address(self.ray)               # auto or [ray://]HOST:PORT, before anything else
         if self.ray is None:                    # the local executor runs one model at a time, on the CPU

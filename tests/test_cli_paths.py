@@ -258,3 +258,13 @@ def test_preprocessing_help_says_what_applies_without_the_options():
     assert "224" in size
     for text, key in ((mean, "mean"), (std, "std")):     # the example, and the default once another is given
         assert text.count(",".join(f"{v:g}" for v in cfg[key])) == 2, text
+
+
+# ------------------------------------------------------------------ the zoo's float option
+@pytest.mark.parametrize("value, why", [("nan", "not a number"), ("inf", "infinite"), ("-inf", "infinite")])
+def test_gpus_per_model_not_a_finite_number_is_refused_saying_so(tmp_path, value, why):
+    """`--gpus-per-model nan` was "Input should be greater than or equal to 0" (the option's min=0 of the
+    parser); now the zoo's own rule (ZooOptions), which says the value is not a finite number."""
+    code, out, err = run_cli("zoo", tmp_path / "z.yaml", "--mode", "eval", f"--gpus-per-model={value}")
+    line = one_line_naming(code, err, "--gpus-per-model", "finite number", why)
+    assert "greater than or equal" not in line and out == ""
