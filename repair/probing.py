@@ -25,7 +25,7 @@ def neuron_deltas(X: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, num_clas
     """Per-class deltas (C, D) -- NaN rows for a class with no misclassified or no correct
     sample -- and per-class counts. ``delta_scale="std"`` divides by each dimension's std."""
     D = X.shape[1]
-    deltas = torch.full((num_classes, D), float("nan"))
+    deltas = torch.full((num_classes, D), float("nan"), dtype=X.dtype)
     if delta_scale == "std":
         sd = X.std(0, unbiased=False).clamp_min(1e-8)
     elif delta_scale == "raw":
@@ -48,7 +48,7 @@ def neuron_deltas(X: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, num_clas
 
 def class_prototypes(Z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class means (C, D); NaN rows for classes absent from ``y``."""
-    protos = torch.full((num_classes, Z.shape[1]), float("nan"))
+    protos = torch.full((num_classes, Z.shape[1]), float("nan"), dtype=Z.dtype)
     for c in range(num_classes):
         m = y == c
         if bool(m.any()):

@@ -105,8 +105,9 @@ def group_accuracies(logits_or_preds: Tensor, y: Tensor, groups: Tensor,
     if squeeze:
         pred = pred.unsqueeze(0)
     correct = (pred == y.unsqueeze(0)).float()
-    counts = torch.zeros(G, device=pred.device).index_add_(0, groups, torch.ones_like(groups, dtype=torch.float))
-    hits = torch.zeros(pred.shape[0], G, device=pred.device).index_add_(1, groups, correct)
+    counts = torch.zeros(G, dtype=torch.float32, device=pred.device).index_add_(
+        0, groups, torch.ones_like(groups, dtype=torch.float32))
+    hits = torch.zeros(pred.shape[0], G, dtype=torch.float32, device=pred.device).index_add_(1, groups, correct)
     acc = hits / counts.unsqueeze(0)
     acc[:, counts == 0] = float("nan")
     return acc[0] if squeeze else acc

@@ -102,7 +102,7 @@ def afr(inputs: RepairInputs, cfg: AFRConfig) -> RepairOutput:
     def fit(idx, which):
         cs = [cand[i] for i in which]
         w = afr_weights(p_true[idx], y[idx], C, [g for g, _ in cs])
-        pull = torch.tensor([p for _, p in cs])
+        pull = torch.tensor([p for _, p in cs], dtype=torch.float32)
         W, b, info = S.fit_logreg(X[idx], y[idx], C, sample_weight=w, l2=cfg.l2, ref_pull=pull,
                                   init_W=W0, init_b=b0, ref_W=W0, ref_b=b0, standardize=cfg.standardize,
                                   tol=cfg.tol, max_iter=cfg.max_iter, device=inputs.device)

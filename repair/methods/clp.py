@@ -252,8 +252,8 @@ class _ClassStats:
 
     def __init__(self, num_classes: int, steps_per_epoch: int):
         self.every = max(1, steps_per_epoch)
-        self.sums = torch.zeros(2, num_classes)
-        self.counts = torch.zeros(num_classes)
+        self.sums = torch.zeros(2, num_classes, dtype=torch.float32)
+        self.counts = torch.zeros(num_classes, dtype=torch.float32)
         self.last: Optional[torch.Tensor] = None
 
     def means(self) -> torch.Tensor:

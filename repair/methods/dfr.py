@@ -242,7 +242,7 @@ def fit_balanced_l1(X: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_
     c_values = [float(c) for c in c_values]
     K = len(c_values) * n_per_c
     Xf, yf, w, row_mix = builder(X, y, groups, K, generator, int(cfg.min_subsample_per_group))
-    inv = torch.tensor([1.0 / c for c in c_values for _ in range(n_per_c)])
+    inv = torch.tensor([1.0 / c for c in c_values for _ in range(n_per_c)], dtype=torch.float32)
     pen = {"l1": inv} if cfg.protocol == "paper" else {"l2": inv}      # bagged: L2 (batched Newton)
     W, b, info = S.fit_logreg(Xf, yf, num_classes, sample_weight=w, **pen,
                               standardize=cfg.standardize, tol=float(resolved(cfg, "tol")),
@@ -322,7 +322,7 @@ def _fold_problems(Z, y, groups, folds, num_classes, min_per_group):
         pad = n - f.numel()
         w = S.expected_balanced_weights(groups[f], min_per_group)
         idx.append(torch.cat([f, f[:1].expand(pad)]) if pad else f)
-        ws.append(torch.cat([w, torch.zeros(pad)]) if pad else w)
+        ws.append(torch.cat([w, torch.zeros(pad, dtype=w.dtype)]) if pad else w)
     idx = torch.stack(idx)                                              # (F,n)
     Zf = Z.index_select(0, idx.flatten().to(Z.device)).view(len(folds), 1, n, -1)
     Zf = Zf.expand(-1, len(tasks), -1, -1).reshape(len(folds) * len(tasks), n, -1)
@@ -474,7 +474,7 @@ def _softmax_head(X, y, groups, keep, active, cfg, C, l2, dev):
     if cfg.standardize:
         scale, shift = S.standardization(X)          # statistics over all rows given (before any thinning)
     else:
-        scale, shift = torch.ones(D, device=dev), torch.zeros(D, device=dev)
+        scale, shift = torch.ones(D, dtype=X.dtype, device=dev), torch.zeros(D, dtype=X.dtype, device=dev)
     on = torch.zeros(D, dtype=torch.bool, device=dev)
     on[active] = True
     scale, shift = torch.where(on, scale, 0.0), torch.where(on, shift, 0.0)
@@ -504,7 +504,8 @@ def _newton_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, 
         Z = Xa * scale + shift
     else:
         Z = Xa
-        scale, shift = torch.ones(active.numel(), device=dev), torch.zeros(active.numel(), device=dev)
+        scale, shift = (torch.ones(active.numel(), dtype=X.dtype, device=dev),
+                        torch.zeros(active.numel(), dtype=X.dtype, device=dev))
     Da = Z.shape[1]
     L = len(l2)
     infos = []
@@ -531,7 +532,7 @@ def _newton_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, 
         cs = torch.stack([f[1][:, j] for f in fits]).mean(0)
         Wi, bi = _head_from_binary(Vs, cs, C)
         Wa, b = S.fold_affine(Wi, bi, scale, shift)
-        return torch.zeros(Wa.shape[0], D, device=dev).index_copy_(1, active, Wa), b
+        return torch.zeros(Wa.shape[0], D, dtype=Wa.dtype, device=dev).index_copy_(1, active, Wa), b
 
     return fit_folds, predict, head, infos
 
@@ -551,7 +552,7 @@ def _lbfgs_fits(X, y, groups, keep, active, cfg, C, T, l2, pos, tol, max_iter, d
     if cfg.standardize:
         scale, shift = S.standardization(X)          # statistics over all rows given, in chunks
     else:
-        scale, shift = torch.ones(D, device=dev), torch.zeros(D, device=dev)
+        scale, shift = torch.ones(D, dtype=X.dtype, device=dev), torch.zeros(D, dtype=X.dtype, device=dev)
     if active.numel() != D:
         on = torch.zeros(D, dtype=torch.bool, device=dev)
         on[active] = True

@@ -104,7 +104,7 @@ def make_mix_builder(cfg: MixConfig):
                     off = torch.randint(1, n, (n,), generator=generator)
                     partner[pos] = idx[pos[(torch.arange(n) + off) % n]]
                 if cfg.mix_beta <= 0:
-                    s = torch.full((idx.numel(),), float(cfg.mix_weight))
+                    s = torch.full((idx.numel(),), float(cfg.mix_weight), dtype=torch.float32)
                 else:
                     s = _beta_sample(idx.numel(), float(cfg.mix_beta), generator)
                 fk.append(idx)
@@ -127,13 +127,13 @@ def make_mix_builder(cfg: MixConfig):
 def _beta_sample(n: int, a: float, generator: torch.Generator) -> torch.Tensor:
     """``n`` samples of a symmetric Beta(a, a) by Johnk's rejection method, driven by
     ``generator`` so that runs are reproducible (torch.distributions is not)."""
-    out = torch.full((n,), 0.5)
+    out = torch.full((n,), 0.5, dtype=torch.float32)
     todo = torch.arange(n)
     for _ in range(200):
         if todo.numel() == 0:
             break
-        u1 = torch.rand(todo.numel(), generator=generator) ** (1.0 / a)
-        u2 = torch.rand(todo.numel(), generator=generator) ** (1.0 / a)
+        u1 = torch.rand(todo.numel(), generator=generator, dtype=torch.float32) ** (1.0 / a)
+        u2 = torch.rand(todo.numel(), generator=generator, dtype=torch.float32) ** (1.0 / a)
         s = u1 + u2
         ok = (s <= 1.0) & (s > 0)
         out[todo[ok]] = u1[ok] / s[ok]

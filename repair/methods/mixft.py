@@ -289,10 +289,10 @@ class _Mixer:
         if self.cfg.mix_beta > 0:
             # Beta(b, b) as Ga / (Ga + Gb), drawn from the private generator (torch.distributions
             # would use the global RNG)
-            b = torch.full((n,), float(self.cfg.mix_beta))
+            b = torch.full((n,), float(self.cfg.mix_beta), dtype=torch.float32)
             ga, gb = torch._standard_gamma(b, generator=gen), torch._standard_gamma(b, generator=gen)
             return (2 * self.cfg.mix_weight * ga / (ga + gb)).clamp(0.0, 1.0)
-        return torch.full((n,), float(self.cfg.mix_weight))
+        return torch.full((n,), float(self.cfg.mix_weight), dtype=torch.float32)
 
 
 def _refit_head(tm, sess, X: torch.Tensor, groups: torch.Tensor) -> dict:

@@ -102,7 +102,7 @@ def neurontune(inputs: RepairInputs, cfg: NeuronTuneConfig) -> RepairOutput:
         dv = deltas[valid]
         agg = dv.max(0).values if cfg.aggregation == "union" else dv.min(0).values
     else:
-        agg = torch.full((D,), float("-inf"))
+        agg = torch.full((D,), float("-inf"), dtype=deltas.dtype)
     pos = agg[agg > 0]
     lambdas, quantiles = [], []
     if cfg.include_no_mask or pos.numel() == 0 or not cfg.threshold_quantiles:
@@ -115,7 +115,7 @@ def neurontune(inputs: RepairInputs, cfg: NeuronTuneConfig) -> RepairOutput:
             if all(abs(lam - l) > 1e-12 for l in lambdas):
                 lambdas.append(float(lam))
                 quantiles.append(float(qv))
-    masks = torch.stack([(agg > lam).logical_not().float() if lam != float("inf") else torch.ones(D)
+    masks = torch.stack([(agg > lam).logical_not().float() if lam != float("inf") else torch.ones(D, dtype=torch.float32)
                          for lam in lambdas])                       # (K, D) 1 = keep
 
     def fit(idx, which):

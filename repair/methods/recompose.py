@@ -175,8 +175,8 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
         im, om = generator.generate(pix[s], masks[s], pix[b], masks[b], texts[i:i + 64], seed=inputs.seed + i)
         made.append(im)
         obj_masks.append(om)
-    gen_pix = torch.cat(made) if made else torch.zeros(0, *pix.shape[1:])
-    gen_mask = torch.cat(obj_masks) if obj_masks else torch.zeros(0, 1, *pix.shape[-2:])
+    gen_pix = torch.cat(made) if made else torch.zeros(0, *pix.shape[1:], dtype=pix.dtype)
+    gen_mask = torch.cat(obj_masks) if obj_masks else torch.zeros(0, 1, *pix.shape[-2:], dtype=torch.float32)
     gen_seconds = time.perf_counter() - t0
     target = y_tr[src]
 
@@ -186,9 +186,9 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
 
     gen_x = to_model(gen_pix, dc)
     logits = tm.predict(gen_x, torch.arange(gen_x.shape[0]), dev)
-    prob = torch.softmax(logits, 1).gather(1, target.view(-1, 1)).flatten() if gen_x.shape[0] else torch.zeros(0)
+    prob = torch.softmax(logits, 1).gather(1, target.view(-1, 1)).flatten() if gen_x.shape[0] else torch.zeros(0, dtype=torch.float32)
     cams = attribution_maps(tm, gen_x, target, dev)
-    mass = attribution_mass(cams, gen_mask) if gen_x.shape[0] else torch.zeros(0)
+    mass = attribution_mass(cams, gen_mask) if gen_x.shape[0] else torch.zeros(0, dtype=torch.float32)
     del cams
     kept = _passes(prob, cfg.min_probability) & _passes(mass, cfg.min_attribution)
     score_seconds = time.perf_counter() - t0

@@ -31,12 +31,13 @@ class Transform:
 
 
 def _mask_example(D: int, g: torch.Generator) -> dict:
-    return {"mask": (torch.rand(D, generator=g) > 0.3).float()}
+    return {"mask": (torch.rand(D, generator=g, dtype=torch.float32) > 0.3).float()}
 
 
 def _affine_example(D: int, g: torch.Generator) -> dict:
-    scale, shift = standardization(torch.randn(50, D, generator=g) * 3 + 1)
-    return {"scale": scale * (torch.rand(D, generator=g) * 2), "shift": shift + torch.randn(D, generator=g)}
+    scale, shift = standardization(torch.randn(50, D, generator=g, dtype=torch.float32) * 3 + 1)
+    return {"scale": scale * (torch.rand(D, generator=g, dtype=torch.float32) * 2),
+            "shift": shift + torch.randn(D, generator=g, dtype=torch.float32)}
 
 
 MASK = Transform("mask", apply=lambda X, t: X * t["mask"],

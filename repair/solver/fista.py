@@ -143,8 +143,8 @@ class _Batch:
         D = self.X.shape[1]
         g = torch.Generator(device="cpu").manual_seed(generator_seed)
         pd = self.l1.dtype
-        v = torch.randn(K, 1, D, generator=g).to(self.X.device, pd)
-        vb = torch.randn(K, 1, generator=g).to(self.X.device, pd)
+        v = torch.randn(K, 1, D, generator=g, dtype=torch.float32).to(self.X.device, pd)
+        vb = torch.randn(K, 1, generator=g, dtype=torch.float32).to(self.X.device, pd)
         lam = torch.ones(K, device=self.X.device, dtype=pd)
         w = self.w
         for _ in range(n_power):

@@ -145,10 +145,10 @@ def group_balanced_weights(groups: Tensor, mask: Optional[Tensor] = None) -> Ten
     groups = groups.long()
     used = torch.ones_like(groups, dtype=torch.bool) if mask is None else mask.bool()
     G = int(groups.max()) + 1 if groups.numel() else 0
-    counts = torch.zeros(G, device=groups.device).index_add_(0, groups[used],
-                                                               torch.ones(int(used.sum()), device=groups.device))
+    counts = torch.zeros(G, dtype=torch.float32, device=groups.device).index_add_(
+        0, groups[used], torch.ones(int(used.sum()), dtype=torch.float32, device=groups.device))
     present = int((counts > 0).sum())
-    w = torch.zeros(groups.shape[0], device=groups.device)
+    w = torch.zeros(groups.shape[0], dtype=torch.float32, device=groups.device)
     if present == 0:
         return w
     n = float(used.sum())
@@ -171,7 +171,7 @@ def balanced_subsample_weights(groups: Tensor, n_problems: int, generator: torch
     used = torch.ones(N, dtype=torch.bool) if mask is None else mask.bool().cpu()
     ids = [torch.nonzero(used & (groups == g)).flatten() for g in torch.unique(groups[used]).tolist()]
     ids = [i for i in ids if i.numel() > 0]
-    out = torch.zeros(n_problems, N)
+    out = torch.zeros(n_problems, N, dtype=torch.float32)
     if not ids:
         return out
     n_g = max(min(i.numel() for i in ids), int(min_per_group))
@@ -195,7 +195,7 @@ def expected_balanced_weights(groups: Tensor, min_per_group: int = 0,
     has for a subsample. ``mask`` restricts to a subset (others get weight 0)."""
     groups = groups.long().cpu()
     used = torch.ones_like(groups, dtype=torch.bool) if mask is None else mask.bool().cpu()
-    w = torch.zeros(groups.shape[0])
+    w = torch.zeros(groups.shape[0], dtype=torch.float32)
     if not bool(used.any()):
         return w
     counts = torch.bincount(groups[used], minlength=int(groups.max()) + 1).double()

@@ -1,0 +1,92 @@
+"""Library inputs as a Python caller gives them: a float64 default dtype, sparse or unsigned group
+ids, negative-stride numpy views, numpy integers for whole-number parameters."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+import repair
+from repair.choosing import choose_heads
+from repair.errors import BadInput
+from repair.methods import BadArrays, RepairInputs, check_inputs, get_method, list_methods
+
+TOL = dict(rtol=1e-5, atol=1e-6)       # float32 results of one path; any CPU
+
+
+@contextlib.contextmanager
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def arrays(n: int = 60, d: int = 8, c: int = 2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % c
+    g = (np.arange(n) // c) % 2
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    X[:, 0] += 2.0 * y - 1.0
+    X[:, 1] += 2.0 * g - 1.0
+    W = rng.normal(size=(c, d)).astype(np.float32)
+    b = np.zeros(c, dtype=np.float32)
+    return X, y, W, b, g
+
+
+def head_inputs(groups=True, **kw):
+    X, y, W, b, g = arrays()
+    return RepairInputs(X=torch.from_numpy(X), y=torch.from_numpy(y), W=torch.from_numpy(W), b=torch.from_numpy(b),
+                        groups=torch.from_numpy(g) if groups else None, seed=1, **kw)
+
+
+def same_head(a, b):
+    torch.testing.assert_close(a.W, b.W, **TOL)
+    torch.testing.assert_close(a.b, b.b, **TOL)
+
+
+# ----------------------------------------------------------------------------- 1. float64 default dtype
+def test_choose_heads_under_a_float64_default_dtype_gives_the_float32_result():
+    X, y, W, b, g = arrays()
+    ref = choose_heads("auto", X, y, W, b, g, seed=1)
+    with float64_default():
+        got = choose_heads("auto", X, y, W, b, g, seed=1)
+    assert got.final.W.dtype == torch.float32
+    same_head(got.final, ref.final)
+
+
+@pytest.mark.parametrize("name", [m.name for m in list_methods("head")])
+def test_each_head_repair_under_a_float64_default_dtype_gives_the_float32_result(name):
+    info = get_method(name)
+    ref = info(head_inputs())
+    with float64_default():
+        got = info(head_inputs())
+    assert got.W.dtype == ref.W.dtype
+    same_head(got, ref)
+
+
+def test_probe_under_a_float64_default_dtype(timm_folder, image_data):
+    ref = repair.probe(timm_folder, image_data, top_k=3)
+    with float64_default():
+        got = repair.probe(timm_folder, image_data, top_k=3)
+    for key in ("accuracy", "per_class", "top_spurious_neurons", "pseudo_groups"):
+        assert got[key] == ref[key], key
+    np.testing.assert_allclose(np.array(got["neuron_spuriousness"], dtype=float),
+                               np.array(ref["neuron_spuriousness"], dtype=float), rtol=1e-4, atol=1e-5)
+
+
+def test_fix_under_a_float64_default_dtype(timm_folder, image_data, tmp_path):
+    ref = repair.fix(timm_folder, image_data, out=tmp_path / "ref", recipe="dfr", seed=1)
+    with float64_default():
+        got = repair.fix(timm_folder, image_data, out=tmp_path / "fixed", recipe="dfr", seed=1)
+    assert (tmp_path / "fixed").exists()
+    W, b = got.adapter.head_params()
+    W0, b0 = ref.adapter.head_params()
+    torch.testing.assert_close(W.float(), W0.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.float(), b0.float(), rtol=1e-4, atol=1e-5)
+
+
