@@ -392,8 +392,9 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
 def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
                 data_opts: Optional[DataOptions] = None, runtime: Optional[RuntimeOptions] = None,
                 top_k: int = 10) -> dict:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise BadInput(f"top_k (--top) must be a whole number >= 1, got {top_k!r}")
+    from .rules import whole_number
+
+    top_k = whole_number(top_k, "top_k (--top)", 1)
     p = prepare(model_path, data_path, load_opts, data_opts, runtime)
     n = len(p.data)
     p, in_repair_set = _without_repair_set(p, (data_opts or DataOptions()).group_by)   # its accuracies are figures too

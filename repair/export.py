@@ -704,7 +704,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
 
     from .rules import check_bool
     from .io import as_path
-    from .rules import Protected, model_arg
+    from .rules import Protected, model_arg, whole_number
 
     loaded = model_arg(adapter, "the model", adopt=False)      # the export reads the tensors as they are
     if not isinstance(loaded, Adapter):
@@ -714,6 +714,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
     if out_path.suffix.lower() != ".onnx":
         raise BadInput("the ONNX output file name must end in .onnx", out_path)
     check_bool(force, "--force")
+    opset = None if opset is None else whole_number(opset, "--opset")     # a numpy integer as a Python int
     protected = Protected().add(adapter.source, "input model")    # never the model it exports (as export_model)
     protected.add_files(adapter.source_files(), "input model").check(out_path)
     items = list(verify_items)

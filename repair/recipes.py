@@ -525,9 +525,9 @@ MIN_FOLDS, MAX_FOLDS = 2, 20
 def check_folds(value: Any, what: str = "folds", where: Optional[Path] = None) -> int:
     """``value`` as a whole number of folds from :data:`MIN_FOLDS` to :data:`MAX_FOLDS`, or
     BadInput naming ``what`` (and ``where``, the recipe file). The one check of a fold count."""
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_FOLDS <= value <= MAX_FOLDS:
-        raise BadInput(f"{what} must be a whole number from {MIN_FOLDS} to {MAX_FOLDS}, got {value!r}", where)
-    return value
+    from .rules import whole_number
+
+    return whole_number(value, what, MIN_FOLDS, MAX_FOLDS, where)
 
 
 def plugin_digest(target: Path) -> str:

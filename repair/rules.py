@@ -373,11 +373,28 @@ def model_arg(value, what: str = "the model", *, loaded: bool = True, adopt: boo
     return as_path(value, what)
 
 
+def whole_number(value: Any, what: str, lo: Optional[int] = None, hi: Optional[int] = None,
+                 where: Optional[Path] = None) -> int:
+    """``value`` as a Python int: a whole number -- a Python or numpy integer (``numbers.Integral``),
+    never a bool (nor a float, a string or None) -- from ``lo`` to ``hi`` (either may be None: no bound);
+    otherwise :class:`repair.errors.BadInput` "WHAT must be a whole number [from LO to HI | >= LO], got
+    VALUE" (``where``: the file it was read from). The one rule of a whole-number parameter (folds,
+    ``top_k``, ``--max-verify``, ``--opset``), as :func:`repair.config.check_seed` reads a seed."""
+    import numbers
+
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Integral)
+    if ok and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        ok = False
+    if not ok:
+        bounds = (f" from {lo} to {hi}" if lo is not None and hi is not None else f" >= {lo}" if lo is not None
+                  else f" <= {hi}" if hi is not None else "")
+        raise BadInput(f"{what} must be a whole number{bounds}, got {value!r}", where)
+    return int(value)
+
+
 def check_max_verify(n) -> int:
     """How many samples an ONNX file is verified on (``--max-verify``): a whole number >= 1."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise BadInput(f"--max-verify must be a whole number >= 1, got {n!r}")
-    return n
+    return whole_number(n, "--max-verify", 1)
 
 
 #: the oldest opset torch's current (dynamo) exporter writes; below it torch exports opset 18 and tries a
@@ -401,8 +418,7 @@ def check_export_options(opset: Optional[int] = None, exporter: str = "auto",
         check_tolerance(tolerance)
     if opset is None:
         return
-    if isinstance(opset, bool) or not isinstance(opset, int):
-        raise BadInput(f"--opset must be a whole number, got {opset!r}")
+    opset = whole_number(opset, "--opset")
     import onnx
 
     try:

@@ -90,3 +90,36 @@ def test_fix_under_a_float64_default_dtype(timm_folder, image_data, tmp_path):
     torch.testing.assert_close(b.float(), b0.float(), rtol=1e-4, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- 5. numpy integers
+def test_whole_number_parameters_take_numpy_integers():
+    from repair.recipes import check_folds
+    from repair.rules import check_export_options, check_max_verify, whole_number
+
+    assert check_folds(np.int64(3)) == 3 and type(check_folds(np.int64(3))) is int
+    assert check_max_verify(np.int64(5)) == 5 and type(check_max_verify(np.int32(5))) is int
+    check_export_options(opset=np.int64(17))
+    assert whole_number(np.uint8(4), "n", 1) == 4
+    for bad in (True, np.bool_(True), 2.0, "3", None):
+        with pytest.raises(BadInput, match="folds must be a whole number"):
+            check_folds(bad)
+        with pytest.raises(BadInput, match="--max-verify must be a whole number"):
+            check_max_verify(bad)
+    with pytest.raises(BadInput, match="--opset must be a whole number"):
+        check_export_options(opset=True)
+    X, y, W, b, g = arrays()
+    ref = choose_heads("dfr", X, y, W, b, g, seed=1, folds=3)
+    same_head(choose_heads("dfr", X, y, W, b, g, seed=1, folds=np.int64(3)).final, ref.final)
+
+
+def test_probe_top_k_takes_a_numpy_integer(timm_folder, image_data):
+    ref = repair.probe(timm_folder, image_data, top_k=3)
+    got = repair.probe(timm_folder, image_data, top_k=np.int64(3))
+    assert got["per_class"] == ref["per_class"]
+    with pytest.raises(BadInput, match="top_k"):
+        repair.probe(timm_folder, image_data, top_k=True)
+
+
+def test_export_takes_numpy_integers(timm_folder, image_data, tmp_path):
+    report = repair.export_model(timm_folder, tmp_path / "m.onnx", data=image_data, max_verify=np.int64(5),
+                                 opset=np.int64(17))
+    assert report["passed"] and report["n_verified"] == 5 and report["opset"] == 17
