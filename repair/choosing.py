@@ -253,12 +253,11 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     # the caller's dtypes (X's finiteness as the float32 the fits compute in)
     arrays = {k: tensor(k, v) for k, v in (("X", X), ("y", y), ("W0", W0), ("b0", b0), ("groups", groups),
                                            ("clusters", clusters))}
-    check_inputs(RepairInputs(X=arrays["X"], y=arrays["y"], W=arrays["W0"], b=arrays["b0"],
-                              groups=arrays["groups"], clusters=arrays["clusters"], seed=seed, device=device),
-                 "choose_heads", names={"W": "W0", "b": "b0"})
+    checked = check_inputs(RepairInputs(X=arrays["X"], y=arrays["y"], W=arrays["W0"], b=arrays["b0"],
+                                        groups=arrays["groups"], clusters=arrays["clusters"], seed=seed,
+                                        device=device), "choose_heads", names={"W": "W0", "b": "b0"})
     X, W0, b0 = arrays["X"].float(), arrays["W0"].float(), arrays["b0"].float()
-    y = arrays["y"].long()
-    groups, clusters = (None if v is None else v.long() for v in (arrays["groups"], arrays["clusters"]))
+    y, groups, clusters = checked.y, checked.groups, checked.clusters     # int64
     from .data import check_classes_present
 
     check_classes_present(y, [str(c) for c in range(W0.shape[0])])     # as repair fix refuses it

@@ -90,6 +90,34 @@ def test_fix_under_a_float64_default_dtype(timm_folder, image_data, tmp_path):
     torch.testing.assert_close(b.float(), b0.float(), rtol=1e-4, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- 3. unsigned integers
+@pytest.mark.parametrize("dt", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_unsigned_numpy_labels_and_groups(dt):
+    X, y, W, b, g = arrays()
+    ref = choose_heads("dfr", X, y, W, b, g, seed=1)
+    got = choose_heads("dfr", X, y.astype(dt), W, b, g.astype(dt), seed=1)
+    same_head(got.final, ref.final)
+
+
+@pytest.mark.parametrize("dt", [torch.uint8, torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_torch_labels_and_groups_in_a_direct_call(dt):
+    ref = get_method("dfr")(head_inputs())
+    inp = head_inputs()
+    inp.y, inp.groups = inp.y.to(dt), inp.groups.to(dt)
+    same_head(get_method("dfr")(inp), ref)
+
+
+def test_unsigned_ids_beyond_int64():
+    inp = head_inputs()
+    ref = get_method("dfr")(head_inputs())
+    inp.groups = torch.from_numpy(np.where(np.arange(60) // 2 % 2 == 0, 2 ** 63, 2 ** 64 - 1).astype(np.uint64))
+    same_head(get_method("dfr")(inp), ref)        # the same partition, in the same (unsigned) order
+    inp = head_inputs()
+    inp.y = torch.from_numpy(np.where(np.arange(60) % 2 == 0, 0, 2 ** 64 - 1).astype(np.uint64))
+    with pytest.raises(BadArrays, match=r"^dfr: y holds class indices outside 0\.\.1 \(values of 2\*\*63 and more\)"):
+        get_method("dfr")(inp)
+
+
 # ----------------------------------------------------------------------------- 5. numpy integers
 def test_whole_number_parameters_take_numpy_integers():
     from repair.recipes import check_folds

@@ -231,7 +231,7 @@ class MethodInfo:
         if self.needs_groups and getattr(inputs, "groups", None) is None:
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
         if self.kind == "head":
-            check_inputs(inputs, self.name)
+            inputs = check_inputs(inputs, self.name)      # ids as int64 (a copy where they were not)
         if isinstance(config, dict):          # settings by name, as a recipe gives them: validated
             config = self.make_config(config)
         elif config is not None and not isinstance(config, self.config_cls):
@@ -327,15 +327,20 @@ class BadArrays(BadInput, ValueError):
     documents for arrays of the wrong shape or kind)."""
 
 
-def check_inputs(inputs: "RepairInputs", method: str = "a head repair", names: Optional[dict] = None) -> None:
+def check_inputs(inputs: "RepairInputs", method: str = "a head repair", names: Optional[dict] = None) -> "RepairInputs":
     """:class:`repair.errors.BadInput` naming ``method`` and the problem unless ``inputs`` are what a
     head repair is defined on: torch tensors, ``X`` (N, D) floats, ``W`` (C, D), ``b`` (C,), all
     finite in float32 (what the methods compute in: a float64 value beyond its range is refused
-    as such), ``y`` (N,) whole class indices in [0, C) (integer or bool tensors), ``groups`` /
-    ``clusters`` (N,) whole numbers or None, a valid seed and device. (The pipeline builds them so;
-    a caller of the library may not.) The one home of these rules: :func:`repair.choosing.choose_heads`
-    checks its arrays here too. Raises :class:`BadArrays` (a BadInput and a ValueError). ``names``:
-    what the caller calls ``X`` / ``W`` / ``b`` / ``y`` in the messages (choose_heads: ``W0``, ``b0``)."""
+    as such), ``y`` (N,) whole class indices in [0, C) (integer -- signed or unsigned -- or bool
+    tensors), ``groups`` / ``clusters`` (N,) whole ids from 0 up (unsigned too) or None, a
+    valid seed and device. (The pipeline builds them so; a caller of the library may not.) The one
+    home of these rules: :func:`repair.choosing.choose_heads` checks its arrays here too. Raises
+    :class:`BadArrays` (a BadInput and a ValueError). ``names``: what the caller calls ``X`` / ``W`` /
+    ``b`` / ``y`` in the messages (choose_heads: ``W0``, ``b0``).
+
+    Returns the inputs a head repair runs on: ``inputs`` itself when ``y`` / ``groups`` / ``clusters``
+    are int64 tensors (as the pipeline gives them), else a copy (``inputs`` is never modified) in which
+    they are int64."""
     from ..config import check_seed
     from ..embeddings import check_device
 
@@ -359,16 +364,19 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair", names: O
     c = W.shape[0]
     if tuple(b.shape) != (c,):
         fail(f"{nm['b']} must have shape ({c},) for {nm['W']} of {c} rows, got {tuple(b.shape)}")
+    ids = {}
     for name, t in (("y", y), ("groups", inputs.groups), ("clusters", inputs.clusters)):
         if t is None and name != "y":
             continue
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or t.is_floating_point() or t.is_complex():
             fail(f"{nm.get(name, name)} must be an ({n},) integer tensor (one per row of {nm['X']}), got "
                  f"{f'{tuple(t.shape)} {t.dtype}' if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if name != "y" and int(t.min()) < 0:
-            fail(f"{name} must be ids from 0 up, got {int(t.min())}")
-    if int(y.min()) < 0 or int(y.max()) >= c:
-        fail(f"{nm['y']} holds class indices outside 0..{c - 1} ({int(y.min())}..{int(y.max())}): labels must "
+        ids[name] = t if t.dtype == torch.int64 else _as_int64(t, nm.get(name, name), c, fail)
+        if name != "y" and int(ids[name].min()) < 0:
+            fail(f"{name} must be ids from 0 up, got {int(ids[name].min())}")
+    yl = ids["y"]
+    if int(yl.min()) < 0 or int(yl.max()) >= c:
+        fail(f"{nm['y']} holds class indices outside 0..{c - 1} ({int(yl.min())}..{int(yl.max())}): labels must "
              "be the head's classes")
     for name, t in (("X", X), ("W", W), ("b", b)):
         # checked as the methods compute on it (cpu_tensors: float32), so a finite float64 value beyond
@@ -385,6 +393,25 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair", names: O
         check_device(getattr(inputs, "device", "cpu"))
     except BadInput as e:
         fail(e.problem)
+    if all(ids[k] is getattr(inputs, k) for k in ids):
+        return inputs
+    return dataclasses.replace(inputs, **ids)
+
+
+def _as_int64(t: torch.Tensor, name: str, c: int, fail) -> torch.Tensor:
+    """Integer or bool ids ``t`` as an int64 copy (unsigned tensors have few operations in torch). A
+    uint64 id of 2**63 or more does not fit: a class index is then out of range; group / cluster ids
+    are then renumbered 0, 1, ... in their (unsigned) order (the same partition)."""
+    if t.dtype != torch.uint64:
+        return t.long()
+    s = t.view(torch.int64)                  # the same bits: ids >= 2**63 read negative
+    if not bool((s < 0).any()):
+        return s.clone()
+    if name in ("groups", "clusters"):
+        flipped = s ^ torch.iinfo(torch.int64).min     # the top bit flipped: unsigned order as signed order
+        return torch.unique(flipped, sorted=True, return_inverse=True)[1].reshape(t.shape)
+    fail(f"{name} holds class indices outside 0..{c - 1} (values of 2**63 and more): labels must be the "
+         "head's classes")
 
 
 def _check(reg: Registry, info: MethodInfo) -> None:
