@@ -223,7 +223,8 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     (numpy arrays, tensors or lists) are checked by the rules of every head repair's inputs
     (:func:`repair.methods.check_inputs`, which a method called directly applies too): arrays of the
     wrong shape or kind (labels that are not the head's class indices -- label names included --,
-    groups or clusters that are not whole ids from 0 up, no rows, values that are not finite in
+    groups or clusters that are not whole ids from 0 up (ids of any size are the same partition as
+    compact ones: see check_inputs), no rows, values that are not finite in
     float32, what the fits compute in) raise :class:`repair.methods.BadArrays`, a ValueError and a
     :class:`repair.errors.BadInput`; ``folds`` (2 to 20), ``device`` and ``seed`` are checked as the
     CLI's options are (:class:`repair.errors.BadInput`)."""
@@ -257,7 +258,7 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
                                         groups=arrays["groups"], clusters=arrays["clusters"], seed=seed,
                                         device=device), "choose_heads", names={"W": "W0", "b": "b0"})
     X, W0, b0 = arrays["X"].float(), arrays["W0"].float(), arrays["b0"].float()
-    y, groups, clusters = checked.y, checked.groups, checked.clusters     # int64
+    y, groups, clusters = checked.y, checked.groups, checked.clusters     # int64; ids >= N renumbered
     from .data import check_classes_present
 
     check_classes_present(y, [str(c) for c in range(W0.shape[0])])     # as repair fix refuses it

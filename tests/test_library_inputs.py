@@ -90,6 +90,39 @@ def test_fix_under_a_float64_default_dtype(timm_folder, image_data, tmp_path):
     torch.testing.assert_close(b.float(), b0.float(), rtol=1e-4, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- 2. sparse group ids
+@pytest.mark.parametrize("big", [10 ** 7, 10 ** 10])
+def test_huge_group_ids_are_the_same_partition_as_compact_ones(big):
+    from conftest import time_limit
+
+    X, y, W, b, g = arrays()
+    ref = choose_heads("auto", X, y, W, b, g, seed=1)
+    sparse = np.where(g == 0, 0, big)
+    before = sparse.copy()
+    with time_limit(60):
+        got = choose_heads("auto", X, y, W, b, sparse, seed=1)
+    same_head(got.final, ref.final)
+    assert np.array_equal(sparse, before)                  # the caller's array is not modified
+
+
+@pytest.mark.parametrize("name", ["dfr", "afr", "mix"])
+def test_a_head_repair_called_directly_takes_huge_group_and_cluster_ids(name):
+    info = get_method(name)
+    ref = info(head_inputs(clusters=torch.arange(60)))
+    inp = head_inputs(clusters=torch.arange(60) * 10 ** 9)
+    inp.groups = inp.groups * 10 ** 9
+    before = inp.groups.clone()
+    got = info(inp)
+    same_head(got, ref)
+    assert torch.equal(inp.groups, before)
+
+
+def test_check_inputs_leaves_compact_ids_as_they_are():
+    inp = head_inputs(clusters=torch.arange(60))
+    out = check_inputs(inp)
+    assert out.groups is inp.groups and out.clusters is inp.clusters
+
+
 # ----------------------------------------------------------------------------- 3. unsigned integers
 @pytest.mark.parametrize("dt", [np.uint8, np.uint16, np.uint32, np.uint64])
 def test_unsigned_numpy_labels_and_groups(dt):

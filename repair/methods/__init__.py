@@ -231,7 +231,7 @@ class MethodInfo:
         if self.needs_groups and getattr(inputs, "groups", None) is None:
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
         if self.kind == "head":
-            inputs = check_inputs(inputs, self.name)      # ids as int64 (a copy where they were not)
+            inputs = check_inputs(inputs, self.name)      # ids as int64, huge ids renumbered (a copy)
         if isinstance(config, dict):          # settings by name, as a recipe gives them: validated
             config = self.make_config(config)
         elif config is not None and not isinstance(config, self.config_cls):
@@ -332,15 +332,20 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair", names: O
     head repair is defined on: torch tensors, ``X`` (N, D) floats, ``W`` (C, D), ``b`` (C,), all
     finite in float32 (what the methods compute in: a float64 value beyond its range is refused
     as such), ``y`` (N,) whole class indices in [0, C) (integer -- signed or unsigned -- or bool
-    tensors), ``groups`` / ``clusters`` (N,) whole ids from 0 up (unsigned too) or None, a
+    tensors), ``groups`` / ``clusters`` (N,) whole ids from 0 up (any size; unsigned too) or None, a
     valid seed and device. (The pipeline builds them so; a caller of the library may not.) The one
     home of these rules: :func:`repair.choosing.choose_heads` checks its arrays here too. Raises
     :class:`BadArrays` (a BadInput and a ValueError). ``names``: what the caller calls ``X`` / ``W`` /
     ``b`` / ``y`` in the messages (choose_heads: ``W0``, ``b0``).
 
     Returns the inputs a head repair runs on: ``inputs`` itself when ``y`` / ``groups`` / ``clusters``
-    are int64 tensors (as the pipeline gives them), else a copy (``inputs`` is never modified) in which
-    they are int64."""
+    are int64 tensors with ids below the number of rows N (as the pipeline gives them), else a copy
+    (``inputs`` is never modified) in which they are int64 and ``groups`` / ``clusters`` holding an id
+    >= N are renumbered 0, 1, ... in the order of their ids (``torch.unique``): the same partition of
+    the rows, so the same head as with those compact ids -- only per-group figures in a method's
+    diagnostics (``group_counts``) are indexed by the new numbers. Ids are only ever read as a
+    partition; what the user sees of groups (names, per-group figures of a report) comes from the
+    pipeline, whose ids are already below N."""
     from ..config import check_seed
     from ..embeddings import check_device
 
@@ -378,6 +383,10 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair", names: O
     if int(yl.min()) < 0 or int(yl.max()) >= c:
         fail(f"{nm['y']} holds class indices outside 0..{c - 1} ({int(yl.min())}..{int(yl.max())}): labels must "
              "be the head's classes")
+    for name in ("groups", "clusters"):
+        t = ids.get(name)
+        if t is not None and int(t.max()) >= n:       # dense sizes follow the ids: renumbered, the same partition
+            ids[name] = torch.unique(t, sorted=True, return_inverse=True)[1].reshape(t.shape)
     for name, t in (("X", X), ("W", W), ("b", b)):
         # checked as the methods compute on it (cpu_tensors: float32), so a finite float64 value beyond
         # float32's range is named here, not met as inf inside a solver; a finite sum is the cheap common case
@@ -401,7 +410,7 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair", names: O
 def _as_int64(t: torch.Tensor, name: str, c: int, fail) -> torch.Tensor:
     """Integer or bool ids ``t`` as an int64 copy (unsigned tensors have few operations in torch). A
     uint64 id of 2**63 or more does not fit: a class index is then out of range; group / cluster ids
-    are then renumbered 0, 1, ... in their (unsigned) order (the same partition)."""
+    are then renumbered 0, 1, ... in their (unsigned) order, as :func:`check_inputs` renumbers ids >= N."""
     if t.dtype != torch.uint64:
         return t.long()
     s = t.view(torch.int64)                  # the same bits: ids >= 2**63 read negative
