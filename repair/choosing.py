@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from . import threads
@@ -241,6 +242,8 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     def tensor(name, v):
         if v is None or isinstance(v, torch.Tensor):
             return v
+        if isinstance(v, np.ndarray) and any(s < 0 for s in v.strides):
+            v = np.ascontiguousarray(v)         # a reversed view (X[::-1]): torch reads only a copy of it
         try:
             return torch.as_tensor(v)
         except (TypeError, ValueError, RuntimeError):       # strings, ragged lists, objects

@@ -151,6 +151,18 @@ def test_unsigned_ids_beyond_int64():
         get_method("dfr")(inp)
 
 
+# ----------------------------------------------------------------------------- 4. negative strides
+def test_negative_stride_views_are_read():
+    X, y, W, b, g = arrays()
+    ref = choose_heads("dfr", np.ascontiguousarray(X[::-1]), np.ascontiguousarray(y[::-1]), W, b,
+                       np.ascontiguousarray(g[::-1]), seed=1)
+    got = choose_heads("dfr", X[::-1], y[::-1], W[::1], b[::-1][::-1], g[::-1], seed=1)
+    same_head(got.final, ref.final)
+    ref = choose_heads("dfr", np.ascontiguousarray(X[::-1]), np.ascontiguousarray(y[::-1]), W, b)
+    got = choose_heads("dfr", X[::-1], y[::-1], W, b)
+    same_head(got.final, ref.final)
+
+
 # ----------------------------------------------------------------------------- 5. numpy integers
 def test_whole_number_parameters_take_numpy_integers():
     from repair.recipes import check_folds
