@@ -263,6 +263,8 @@ class Adapter(ABC):
         self._file_dtypes = {n: t.dtype for n, t in tensors.items()}
         self._file_names = frozenset(tensors)
         self._file_values: dict[str, torch.Tensor] = {}   # the file's value of every tensor set so far
+        model = getattr(self, "model", None)                # the dtype each tensor was loaded in
+        self._loaded_dtypes = ({n: t.dtype for n, t in model.state_dict().items()} if model is not None else {})
 
     def head_tensor_names(self) -> list[str]:
         """The head's tensor names (weight, bias) in the model's state dict / the file, then every other
@@ -338,6 +340,13 @@ class Adapter(ABC):
         if self.model is None or not getattr(self, "_file_names", None):
             return []
         own = self.model.state_dict()
+        cast = sorted(n for n, d in getattr(self, "_loaded_dtypes", {}).items() if n in own and own[n].dtype != d)
+        if cast:            # a model cast after loading computes in another precision than the one measured
+            n = cast[0]     # and written (values the cast kept would even pass for the file's): refused
+            raise BadInput(f"the model's tensors were cast after it was loaded ({n} is {str(own[n].dtype)[6:]}, "
+                           f"loaded as {str(self._loaded_dtypes[n])[6:]}): figures, the cache and exports describe "
+                           "the model as loaded; cast it back, or save it in that precision and load that file",
+                           self.source)
         # every tensor not registered yet is compared with the file's, by the digests taken when it was
         # read (torch's in-place version counters would miss writes through .data, numpy and fused
         # optimizer steps; reading the file back would fail once it is gone): only one that differs is
