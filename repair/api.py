@@ -284,10 +284,9 @@ def recorded_repair_rows(adapter: Adapter, data: RepairData, inputs=None, keys=N
 
         try:
             again = image_input_keys_read_as(data, cfg)
-        except BadInput:
-            raise                               # an image that cannot be read: named, as any read
-        except Exception:                       # a recorded preprocessing this install cannot build
-            again = None
+        except Exception:       # the images cannot be read as the repair read them (a --max-pixels this run's
+            again = None        # preprocessing meets and the repair's does not, a preprocessing this install
+            #                     cannot build): this run's own reading of them is what decides
         if again is not None:
             rows = [a or b for a, b in zip(rows, provenance.in_samples_record(again, record))]
     return rows

@@ -175,3 +175,10 @@ def test_images_read_at_another_image_size_are_recognised_as_the_repair_read_the
     code, out_json, err = run_cli("eval", out, *opts, "--image-size", "24", "--data", other, "--json", "-q")
     assert code == 0, err
     assert json.loads(out_json)["in_repair_set"] == 0
+    # a --max-pixels this run's preprocessing meets and the repair's does not: the images are read as this
+    # run reads them, not refused for the repair's (found by the review)
+    small = make_images(tmp_path / "s", n_per_class=4, size=24, seed=9)
+    code, out_json, err = run_cli("eval", out, *opts, "--image-size", "24", "--max-pixels", "1000", "--data", small,
+                                  "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out_json)["n"] == 12
