@@ -705,7 +705,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     extra = {"model_change": model_change, "code": code}
     # every sample the model's lineage fitted or trained on: the repair set, a model repair's --train
     # samples, and the source's own record (a repaired model repaired again)
-    also = [_kept_samples(adapter, *v, runtime) for v in (trained_on or {}).values() if v] if trained else []
+    reads = {r.name for r in chosen.info.resources} if trained else set()     # the chosen repair's inputs alone
+    also = [_kept_samples(adapter, *v, runtime) for name, v in (trained_on or {}).items() if v and name in reads]
     record = provenance.samples_record(data, sample_keys, also=also,
                                        earlier=provenance.read(getattr(adapter, "source_metadata", None) or {}
                                                                ).get("samples"))

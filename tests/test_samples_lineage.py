@@ -182,3 +182,24 @@ def test_images_read_at_another_image_size_are_recognised_as_the_repair_read_the
                                   "--json", "-q")
     assert code == 0, err
     assert json.loads(out_json)["n"] == 12
+
+
+def test_train_samples_are_recorded_only_when_the_chosen_repair_reads_them(tmp_path, timm_folder):
+    """Found by the review: --train's samples were recorded whenever a model repair was chosen, also one that
+    never reads --train (finetune beside clp), so eval of them was refused as repair samples."""
+    data = make_images(tmp_path / "d", n_per_class=8, seed=1)
+    train = make_images(tmp_path / "t", n_per_class=6, seed=5)
+    r = tmp_path / "r.yaml"      # clp at a learning rate that diverges: finetune, which reads no --train, wins
+    r.write_text(json.dumps({"name": "two", "candidates": [
+        {"method": "finetune"},
+        {"method": "clp", "params": {"lr": 1e6, "warmup_fraction": 0.0, "keep": "last", "settle": "off",
+                                     "clip_norm": 0.0}}]}))
+    code, out, err = run_cli("fix", timm_folder, "--data", data, "--train", train, "--recipe", r, "--budget", "2steps",
+                             "--out", tmp_path / "o", "--json", "-q")
+    assert code == 0, err
+    chosen = json.loads(out)["method"]
+    code, out, err = run_cli("eval", tmp_path / "o", "--data", train, "--json", "-q")
+    if chosen == "clp":                      # it trained on --train: its samples are the repair's
+        assert code == 2 and "repair set" in err, err
+    else:
+        assert code == 0 and json.loads(out)["in_repair_set"] == 0, (chosen, err)
