@@ -7,10 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from repair.errors import GateFailed, ZooModelsFailed
+from repair.rules import install_hint
 
 from .app import app, command, emit_json, logger, say
 from .format import pct, table
 from .options import AsJson, Runtime
+
+_RAY_INSTALL = install_hint("zoo").replace("[", "\\[")      # rich reads [zoo] as markup
 
 
 def zoo_table(doc: dict) -> str:
@@ -40,7 +43,7 @@ def zoo_cmd(manifest: Annotated[Path, typer.Argument(help="YAML or CSV: one row 
             mode: Annotated[str, typer.Option("--mode", help="fix: repair every model; eval: gate only (nothing written but the report).", rich_help_panel="Zoo")] = "fix",
             out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Report and journal folder (default: <manifest>-zoo beside the manifest).", rich_help_panel="Output")] = None,
             journal: Annotated[Optional[Path], typer.Option("--journal", help="The resume journal (default: <out-dir>/journal.jsonl).", rich_help_panel="Output")] = None,
-            ray: Annotated[Optional[str], typer.Option("--ray", help="auto: start a local Ray; ADDRESS: join that cluster (default: run locally, one model at a time). Needs Ray: pip install -e \".\\[zoo]\".", rich_help_panel="Ray")] = None,
+            ray: Annotated[Optional[str], typer.Option("--ray", help="auto: start a local Ray; ADDRESS: join that cluster (default: run locally, one model at a time). Needs Ray: " + _RAY_INSTALL + ".", rich_help_panel="Ray")] = None,
             workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="--ray auto: how many models at once (default: CPU count). Needs --ray.", rich_help_panel="Ray")] = None,
             cpus_per_model: Annotated[int, typer.Option("--cpus-per-model", min=1, help="CPU threads per model (Ray: num_cpus per task).", rich_help_panel="Zoo")] = 1,
             gpus_per_model: Annotated[float, typer.Option("--gpus-per-model", help="Ray: GPUs per task, a finite number from 0 (fractions allowed). Needs --ray.", rich_help_panel="Ray")] = 0,

@@ -300,6 +300,12 @@ def check_tolerance(tol: Any) -> float:
     return t
 
 
+def install_hint(extra: str) -> str:
+    """How to install the optional extra ``extra`` (pyproject's ``[project.optional-dependencies]``): the
+    one wording of every missing-extra message and help text, for an installed toolkit and for a checkout."""
+    return f"pip install 'repair-toolkit[{extra}]' (in a checkout: pip install -e \".[{extra}]\")"
+
+
 # ------------------------------------------------------------------ an option refused, naming the option
 def cli_flag(name: str, flags: Optional[dict] = None) -> str:
     """The command-line flag of an option field: ``flags[name]`` where an options class names it otherwise
@@ -675,7 +681,7 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
             "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}
 
 
-__all__ = ["Protected", "Threshold", "artifacts_beside", "artifacts_output", "check_bool", "check_export_options", "check_format",
+__all__ = ["Protected", "Threshold", "install_hint", "artifacts_beside", "artifacts_output", "check_bool", "check_export_options", "check_format",
            "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "model_output_kind", "fix_onnx_output",
            "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
            "threshold_option", "unmeasured", "parse_expected_groups", "expected_group_names", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]

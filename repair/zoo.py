@@ -82,6 +82,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .errors import BadInput, RepairError, Terminated
 from .io import check_one_line, sha256_file
+from .rules import install_hint
 
 def _data_fields() -> tuple:
     import dataclasses
@@ -107,7 +108,7 @@ def fields() -> tuple:
     return BASE_FIELDS + tuple(r.name for r in declared_resources() if r.name not in BASE_FIELDS)
 MODES = ("fix", "eval")
 STAGING_SUFFIX = ".zoo-staging"
-RAY_HINT = "pip install 'repair-toolkit[zoo]' (in a checkout: pip install -e \".[zoo]\")"
+RAY_HINT = install_hint("zoo")
 
 
 @dataclass(frozen=True)

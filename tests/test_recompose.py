@@ -344,7 +344,9 @@ def tiny_inpainting_pipeline(folder: Path) -> Path:
 
 
 def test_diffusers_generator_through_the_whole_recipe(scene, tmp_path):
-    pytest.importorskip("diffusers", reason="diffusers is not installed (pip install 'repair-toolkit[diffusion]')")
+    from repair.rules import install_hint
+
+    pytest.importorskip("diffusers", reason=f"diffusers is not installed ({install_hint('diffusion')})")
     pipe = tiny_inpainting_pipeline(tmp_path / "inpaint")
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text("objects: {cat: a square cat}\nbackgrounds: {water: a blue lake}\n")

@@ -35,10 +35,7 @@ from ..errors import BadInput
 _BN = nn.modules.batchnorm._BatchNorm
 
 
-def install_hint(extra: str) -> str:
-    """How to install the optional extra ``extra`` (pyproject's ``[project.optional-dependencies]``): the
-    one wording of every missing-extra message, for an installed toolkit and for a checkout."""
-    return f"pip install 'repair-toolkit[{extra}]' (in a checkout: pip install -e \".[{extra}]\")"
+from ..rules import install_hint  # noqa: E402  (the one wording of an extra's install command)
 
 
 def missing_package(module: str, needed_by: str, extra: str) -> str:
