@@ -354,10 +354,11 @@ def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:
     created in (:func:`repair.rules.check_writable`). Any other folder is never replaced, whatever
     ``force`` says: names that merely look like a demo's prove nothing (fail closed; a demo folder
     written before the marker existed is refused too). :class:`BadInput` naming ``flag`` and the path."""
-    from .io import _temp_name_re
+    from .io import _temp_name_re, check_reachable
     from .rules import check_writable
 
     out = Path(out_dir)
+    check_reachable(out)            # a folder above it that cannot be entered: said as every output says it
     if out.is_symlink():
         raise BadInput(f"{flag}: is a symbolic link; name the folder itself", out)
     if out.exists():

@@ -17,6 +17,10 @@ from ..io import parse_json
 
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 PREPROCESS_FILE = "preprocess.json"
+#: what a model with no image preprocessing of its own asks for (ONNX files, factories, bare weights):
+#: --image-size alone is enough, --mean/--std then default to ImageNet's
+GIVE_PREPROCESSING = (f"give --image-size (--mean and --std default to ImageNet's), or put a {PREPROCESS_FILE} "
+                      "(input_size, mean, std) next to it")
 
 
 #: the largest input side (height or width) a model's preprocessing may ask for, and the largest

@@ -27,7 +27,7 @@ from ..errors import BadInput, RepairError
 from ..io import parse_json
 from . import LoadOptions, checked_class_names, register_family
 from .base import Adapter, files_beside, forward_failure, read_json
-from .images import (DATA_CONFIG_KEYS, PREPROCESS_FILE, ImageCollate, described_image_config,
+from .images import (DATA_CONFIG_KEYS, GIVE_PREPROCESSING, PREPROCESS_FILE, ImageCollate, described_image_config,
                      image_config_from_options)
 # (the helpers below were defined here before the split; they stay importable from this module)
 from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph_inputs,  # noqa: F401
@@ -258,9 +258,7 @@ class OnnxAdapter(Adapter):
     def collate(self, items: Sequence[Any]):
         if self.modality == "image":
             if self._collate is None:
-                raise BadInput("this ONNX model carries no preprocessing: give --image-size, --mean and "
-                               f"--std, or put a {PREPROCESS_FILE} (input_size, mean, std) next to it",
-                               self.source)
+                raise BadInput(f"this ONNX model carries no preprocessing: {GIVE_PREPROCESSING}", self.source)
             return self._collate(items, self.max_pixels)
         if self.tokenizer is None:
             raise BadInput("a text ONNX model needs its tokenizer files (tokenizer.json or vocab.txt, "

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import BadInput
 from .base import TorchModelAdapter, check_finite, check_kinds
-from .images import ImageCollate
+from .images import GIVE_PREPROCESSING, ImageCollate
 
 
 def module_name(model: nn.Module, target: nn.Module) -> str:
@@ -96,8 +96,7 @@ class TorchImageAdapter(TorchModelAdapter):
     # data
     def collate(self, items: Sequence[Any]) -> torch.Tensor:
         if self._collate is None:
-            raise BadInput("this checkpoint carries no preprocessing: give --image-size/--mean/--std "
-                           "or a preprocess.json next to it", self.source)
+            raise BadInput(f"this checkpoint carries no preprocessing: {GIVE_PREPROCESSING}", self.source)
         return self._collate(items, self.max_pixels)
 
     # compute
