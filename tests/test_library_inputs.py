@@ -90,6 +90,20 @@ def test_fix_under_a_float64_default_dtype(timm_folder, image_data, tmp_path):
     torch.testing.assert_close(b.float(), b0.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_export_under_a_float64_default_dtype_verifies_and_leaves_the_default_as_it_was(timm_folder, image_data,
+                                                                                        tmp_path):
+    """The network was built in float64 under the caller's default and the image inputs followed it, so the
+    exported graph mixed double and float (onnxruntime refused it): models are built, and images read, in
+    float32 whatever the default; the caller's default is left as it was."""
+    with float64_default():
+        repair.export_model(timm_folder, tmp_path / "m.onnx", data=image_data)
+        assert torch.get_default_dtype() == torch.float64
+        m = repair.load_model(timm_folder)
+        assert torch.get_default_dtype() == torch.float64
+    assert {p.dtype for p in m.model.parameters()} == {torch.float32}
+    assert (tmp_path / "m.onnx").is_file()
+
+
 # ----------------------------------------------------------------------------- 2. sparse group ids
 @pytest.mark.parametrize("big", [10 ** 7, 10 ** 10])
 def test_huge_group_ids_are_the_same_partition_as_compact_ones(big):

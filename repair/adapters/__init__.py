@@ -179,9 +179,16 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     import torch
 
     # building a network draws its initial weights (then replaced by the file's) from torch's
-    # global generator: the caller's random stream is left where it was
+    # global generator: the caller's random stream is left where it was; and it is built in float32 (the
+    # file's values then copied in), whatever default dtype the caller set (a notebook's
+    # torch.set_default_dtype(torch.float64) built a float64 network no ONNX export could run)
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
-        adapter = fam.load(path, o)
+        torch.set_default_dtype(torch.float32)
+        try:
+            adapter = fam.load(path, o)
+        finally:
+            torch.set_default_dtype(default)
     given = [f for f, v in (("--image-size", o.image_size), ("--mean", o.mean), ("--std", o.std))
              if v is not None]
     if given and not adapter.preprocess_from_options:

@@ -149,4 +149,5 @@ class ImageCollate:
         as this preprocessing resizes it, regular files only). A limit no image of this preprocessing
         can meet is refused once, naming ``--max-pixels`` (:func:`repair.data.check_limit_fits`)."""
         check_limit_fits(self.data_config, max_pixels)
-        return torch.stack([self.transform(read_image(p, max_pixels, self.data_config)) for p in items])
+        # float32 whatever default dtype the caller set (timm's Normalize follows it): the model input
+        return torch.stack([self.transform(read_image(p, max_pixels, self.data_config)) for p in items]).float()
