@@ -40,13 +40,9 @@ LARGEST = 1e12
 def check_seed(seed: Any, flag: str = "--seed") -> int:
     """``seed`` as a whole number from 0 to :data:`MAX_SEED`; :class:`repair.errors.BadInput` naming
     ``flag`` otherwise. The one check of a seed (``repair fix``, ``repair demo``, a zoo row, Python)."""
-    from .errors import BadInput
+    from .rules import whole_number
 
-    import numbers
-
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
-        raise BadInput(f"{flag} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
-    return int(seed)                  # a numpy integer too, as a Python int
+    return whole_number(seed, flag, 0, MAX_SEED)     # a numpy integer too, as a Python int
 
 
 class SettingRefused(BadInput):
