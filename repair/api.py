@@ -284,9 +284,16 @@ def recorded_repair_rows(adapter: Adapter, data: RepairData, inputs=None, keys=N
 
         try:
             again = image_input_keys_read_as(data, cfg)
-        except Exception:       # the images cannot be read as the repair read them (a --max-pixels this run's
-            again = None        # preprocessing meets and the repair's does not, a preprocessing this install
-            #                     cannot build): this run's own reading of them is what decides
+        except BadInput as e:   # an image the repair's preprocessing refuses: whether it is one of the repair's
+            # samples cannot be told, so no figure is measured (fail closed), saying what to give
+            raise BadInput("cannot tell which of these images the repair fitted: read as the repair read them "
+                           f"(its recorded preprocessing, input {cfg.get('input_size')}), {e.problem}; evaluate "
+                           "with the repair's preprocessing", e.path or data.table or data.source) from None
+        except Exception as e:  # a recorded preprocessing this install cannot build: the same
+            raise BadInput("cannot tell which of these images the repair fitted: its recorded preprocessing "
+                           f"({provenance.canonical_json(cfg)[:200]}) cannot be rebuilt here ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); evaluate with the "
+                           "repair's preprocessing", data.table or data.source) from None
         if again is not None:
             rows = [a or b for a, b in zip(rows, provenance.in_samples_record(again, record))]
     return rows

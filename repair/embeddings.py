@@ -200,11 +200,17 @@ def image_input_keys_read_as(data: RepairData, data_config: dict, batch_size: in
     :attr:`Embeddings.inputs` hashes it: the keys another run read them with (a repair at another
     ``--image-size``, whose provenance records its preprocessing). Decodes every image (not cached)."""
     from .adapters.images import ImageCollate
+    from .data import resized_size
 
     collate = ImageCollate(dict(data_config))
+    # this run's --max-pixels, raised to the repair's own resize if it is below it (a limit this run's
+    # preprocessing meets need not meet the repair's; the source images are still held to it)
+    _, h, w = collate.data_config["input_size"]
+    rw, rh = resized_size((w, h), collate.data_config)
+    limit = max(int(data.max_pixels), rw * rh)
     out = []
     for start in range(0, len(data), batch_size):
-        out += digest_keys(input_digests(collate(list(data.items[start:start + batch_size]), data.max_pixels)))
+        out += digest_keys(input_digests(collate(list(data.items[start:start + batch_size]), limit)))
     return out
 
 

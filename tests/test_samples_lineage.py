@@ -182,6 +182,16 @@ def test_images_read_at_another_image_size_are_recognised_as_the_repair_read_the
                                   "--json", "-q")
     assert code == 0, err
     assert json.loads(out_json)["n"] == 12
+    # and the repair set itself under such a limit is still recognised (found by the review of that fix: a
+    # read that failed under this run's --max-pixels let every repair image through as clean data): the
+    # repair's own resize is allowed for the second reading
+    out48 = tmp_path / "fixed48.safetensors"
+    code, _, err = run_cli("fix", w, *opts, "--image-size", "48", "--data", data, "--recipe", "dfr", "--out", out48,
+                           "-q")
+    assert code == 0, err
+    code, _, err = run_cli("eval", out48, *opts, "--image-size", "24", "--max-pixels", "1296", "--data", data,
+                           "--fail-under-acc", "0%", "-q")
+    assert code == 2 and "repair set" in err and err.count("\n") == 1, err
 
 
 def test_train_samples_are_recorded_only_when_the_chosen_repair_reads_them(tmp_path, timm_folder):
