@@ -210,14 +210,17 @@ def _duplicates(data: RepairData, emb):
 
 # ---------------------------------------------------------------------- main
 def _with_autograd(fn):
-    """``fn`` run with autograd on, as the command runs it, whatever the caller's mode: a notebook's
-    ``with torch.no_grad():`` or ``torch.inference_mode()`` around ``repair.fix`` would leave a model
-    repair's loss without gradients (the head repairs need none; the extraction turns them off itself)."""
+    """``fn`` run with autograd on and float32 the default dtype, as the command runs it, whatever the
+    caller's modes: a notebook's ``with torch.no_grad():`` or ``torch.inference_mode()`` around
+    ``repair.fix`` would leave a model repair's loss without gradients (the head repairs need none; the
+    extraction turns them off itself), and a float64 default would promote what a layer makes."""
     import functools
+
+    from .adapters.base import float32_default
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), float32_default():
             return fn(*args, **kwargs)
     return run
 

@@ -104,6 +104,55 @@ def test_export_under_a_float64_default_dtype_verifies_and_leaves_the_default_as
     assert (tmp_path / "m.onnx").is_file()
 
 
+MAKES_A_TENSOR = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        return self.fc(h + torch.zeros(h.shape[0], 8))      # a tensor made without a dtype
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+def test_a_model_that_makes_tensors_in_forward_runs_under_a_float64_default(image_data, tmp_path, monkeypatch):
+    """Found by the late review: the network was built in float32, but a tensor its forward made without a
+    dtype followed the caller's float64 default and the forward failed (with a cold cache; a warm one hid
+    it). Forward passes and training run under a float32 default too."""
+    import importlib
+    import os
+
+    from safetensors.torch import save_file
+
+    from repair.adapters import LoadOptions
+    from repair.api import RuntimeOptions
+
+    (tmp_path / "makes_a_tensor.py").write_text(MAKES_A_TENSOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    w = tmp_path / "f.safetensors"
+    save_file(dict(importlib.import_module("makes_a_tensor").build().state_dict()), str(w))
+    lo = LoadOptions(factory="makes_a_tensor:build", image_size=32, class_names=["cat", "dog", "fox"])
+    rt = RuntimeOptions(use_cache=False)
+    ref = repair.evaluate(w, image_data, load_options=lo, runtime=rt)
+    with float64_default():
+        got = repair.evaluate(w, image_data, load_options=lo, runtime=rt)
+        fixed = repair.fix(w, image_data, out=tmp_path / "o.safetensors", recipe="dfr", load_options=lo, runtime=rt)
+        assert torch.get_default_dtype() == torch.float64
+    assert got["accuracy"] == ref["accuracy"] and fixed.report["kind"] == "head"
+
+
 # ----------------------------------------------------------------------------- 2. sparse group ids
 @pytest.mark.parametrize("big", [10 ** 7, 10 ** 10])
 def test_huge_group_ids_are_the_same_partition_as_compact_ones(big):

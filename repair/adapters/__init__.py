@@ -182,13 +182,10 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     # global generator: the caller's random stream is left where it was; and it is built in float32 (the
     # file's values then copied in), whatever default dtype the caller set (a notebook's
     # torch.set_default_dtype(torch.float64) built a float64 network no ONNX export could run)
-    default = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]):
-        torch.set_default_dtype(torch.float32)
-        try:
-            adapter = fam.load(path, o)
-        finally:
-            torch.set_default_dtype(default)
+    from .base import float32_default
+
+    with torch.random.fork_rng(devices=[]), float32_default():
+        adapter = fam.load(path, o)
     given = [f for f, v in (("--image-size", o.image_size), ("--mean", o.mean), ("--std", o.std))
              if v is not None]
     if given and not adapter.preprocess_from_options:

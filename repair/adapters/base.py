@@ -384,7 +384,8 @@ class Adapter(ABC):
         try:
             if self.model is not None:
                 self.model.eval()
-            yield self
+            with float32_default():          # a tensor the forward makes without a dtype is float32 too
+                yield self
         finally:
             for m, training in modes:
                 m.training = training
@@ -544,6 +545,21 @@ class Adapter(ABC):
 
         ids = tokenize_texts(tok, list(items), int(length))["input_ids"]
         return [hashlib.sha256(json.dumps([int(t) for t in x]).encode()).hexdigest() for x in ids]
+
+
+@contextlib.contextmanager
+def float32_default():
+    """torch's default dtype float32 while a network is built, run or trained, whatever the caller set
+    (a notebook's ``torch.set_default_dtype(torch.float64)``): the models and inputs are float32, and a
+    tensor a layer makes without a dtype would otherwise promote its activations. The caller's default
+    is restored after. The one home of that rule (:func:`repair.adapters.load_model`,
+    :meth:`Adapter.inference`, :func:`repair.pipeline.fix_model`)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
