@@ -134,3 +134,25 @@ def test_fix_help_says_the_generator_choices_once():
     assert code == 0, err
     gen = next(r for r in json.loads(out)["inputs"] if r["name"] == "generator")
     assert gen["choices"] == ["composite", "diffusers"] and "composite" not in gen["help"], gen
+
+
+def test_class_names_given_to_a_timm_folder_that_names_none_are_written_into_the_output(tmp_path):
+    """Found by the late review: --class-names now name a timm folder without label_names, but the repaired
+    folder's config.json did not keep them, so `repair eval` of the output could not read the data's
+    labels. They are written as label_names, and the output reads them with no option."""
+    import json as _json
+
+    from conftest import make_images, make_timm_folder, run_cli
+
+    m = make_timm_folder(tmp_path / "m")
+    cfg = _json.loads((m / "config.json").read_text())
+    cfg.pop("label_names", None)
+    (m / "config.json").write_text(_json.dumps(cfg))
+    data = make_images(tmp_path / "d", n_per_class=6)
+    code, _, err = run_cli("fix", m, "--data", data, "--class-names", "cat,dog,fox", "--recipe", "dfr",
+                           "--out", tmp_path / "o", "-q")
+    assert code == 0, err
+    assert _json.loads((tmp_path / "o" / "config.json").read_text())["label_names"] == ["cat", "dog", "fox"]
+    other = make_images(tmp_path / "e", n_per_class=3, seed=9)
+    code, _, err = run_cli("eval", tmp_path / "o", "--data", other, "-q")
+    assert code == 0, err

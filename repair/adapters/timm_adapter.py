@@ -250,6 +250,9 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     if names is None:     # --class-names name a checkpoint that names none (load_model checks their count)
         names = (list(class_names) if class_names and len(class_names) == file_classes
                  else [str(i) for i in range(file_classes)])
+        if class_names and len(class_names) == file_classes and cfg_path is not None:
+            # the written folder names them, as the run read them (a later eval reads them from there)
+            config_updates = {**config_updates, "label_names": [str(n) for n in class_names]}
     else:                 # timm writes a dict {index: name} where the indices have gaps
         if isinstance(names, dict):
             names = names_by_index(names, file_classes, "label_names", cfg_path, gaps=True)
