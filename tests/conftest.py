@@ -170,6 +170,15 @@ def bert_onnx(model, path: Path, example: tuple, dynamic_batch: bool = False) ->
     return Path(path)
 
 
+def write_rows(path: Path, rows: list[dict], fieldnames=None) -> Path:
+    """``rows`` (dicts) as a CSV table at ``path`` (columns: ``fieldnames``, else the first row's keys)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fieldnames or rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return Path(path)
+
+
 def texts_with_upper_copies(src: Path, dst: Path) -> list[dict]:
     """``dst``: the CSV ``src``'s rows and then each again in upper case (texts a lowercasing tokenizer
     reads as the same tokens); returns ``src``'s rows."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_images, run_cli
+from conftest import make_images, run_cli, write_rows
 
 
 @pytest.fixture
@@ -43,10 +43,7 @@ def _mixed_eval(tmp_path: Path, repair: Path, n_copies: int = 3) -> Path:
         with Image.open(repair / r["img_filename"]) as im:
             im.save(ev / rel, format="BMP")
         rows.append({**r, "img_filename": rel})
-    with open(ev / "metadata.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(ev / "metadata.csv", rows, ["img_filename", "y", "place"])
     return ev
 
 
@@ -88,10 +85,7 @@ def test_a_cold_fix_eval_all_copies_is_refused_decoding_each_image_once(tmp_path
         with Image.open(repair / r["img_filename"]) as im:
             im.save(copies / rel, format="BMP")
         out_rows.append({**r, "img_filename": rel})
-    with open(copies / "metadata.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "place"])
-        w.writeheader()
-        w.writerows(out_rows)
+    write_rows(copies / "metadata.csv", out_rows, ["img_filename", "y", "place"])
     code, _, err = run_cli("fix", timm_folder, "--data", repair, "--recipe", "dfr", "--eval", copies,
                            "--out", tmp_path / "o", "-q", "--cache-dir", tmp_path / "c")
     assert code == 2 and "as the model reads them" in err and err.count("\n") == 1, err

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_images, make_texts, run_cli, texts_with_upper_copies
+from conftest import make_images, make_texts, run_cli, texts_with_upper_copies, write_rows
 from repair.errors import BadInput
 
 
@@ -1156,17 +1156,6 @@ def test_eval_and_probe_refuse_an_edited_copy_of_the_repair_set(tmp_path, bert_f
         assert code == 0, err
 
 
-def _write_rows(path, rows):
-    """``rows`` (dicts with the same keys) as a CSV table at ``path``."""
-    import csv
-
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 def test_eval_and_probe_leave_the_repair_sets_samples_out_of_a_subset_or_superset(tmp_path, bert_folder):
     """Left alone last session, done now: a strict subset of the repair set passed `repair eval` (a gate
     on fitted rows) and a superset counted its fitted rows in the figures. The provenance records each
@@ -1185,7 +1174,7 @@ def test_eval_and_probe_leave_the_repair_sets_samples_out_of_a_subset_or_superse
     assert 10 <= len(new)
 
     def write(name, rs):
-        return _write_rows(tmp_path / name, rs)
+        return write_rows(tmp_path / name, rs)
 
     sub = write("subset.csv", rows[:30])
     # found by a review: a --max-length that cuts a text changed its tokens, and the repair file itself passed
@@ -1301,7 +1290,7 @@ def test_a_repaired_model_repaired_again_never_measures_on_its_earlier_repair_se
     new = list({r["text"]: r for r in new}.values())
 
     def write(name, rs):
-        return _write_rows(tmp_path / name, rs)
+        return write_rows(tmp_path / name, rs)
 
     code, _, err = run_cli("fix", tmp_path / "rep1", "--data", a, "--recipe", "dfr", "--out", tmp_path / "x", "-q")
     assert code == 2 and "was itself repaired on" in err and err.count("\n") == 1, err

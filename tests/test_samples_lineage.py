@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import json
 
-from conftest import make_images, make_texts, run_cli
+from conftest import make_images, make_texts, run_cli, write_rows
 
 
 def _rows(path):
@@ -15,20 +15,12 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
-def _write(path, rows):
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 def test_a_model_repaired_twice_keeps_its_first_repair_sets_samples_out_of_the_figures(tmp_path, bert_folder):
     a = make_texts(tmp_path / "a.csv", n=40, seed=1)
     seen = {r["text"].lower().strip() for r in _rows(a)}
     new = [r for r in _rows(make_texts(tmp_path / "o.csv", n=200, seed=7)) if r["text"].lower().strip() not in seen]
     new = list({r["text"]: r for r in new}.values())
-    b = _write(tmp_path / "b.csv", new[:60])
+    b = write_rows(tmp_path / "b.csv", new[:60])
     assert run_cli("fix", bert_folder, "--data", a, "--recipe", "dfr", "--out", tmp_path / "rep1", "-q")[0] == 0
     code, _, err = run_cli("fix", tmp_path / "rep1", "--data", b, "--recipe", "afr", "--out", tmp_path / "rep2", "-q")
     assert code == 0, err
@@ -36,13 +28,13 @@ def test_a_model_repaired_twice_keeps_its_first_repair_sets_samples_out_of_the_f
     code, _, err = run_cli("eval", tmp_path / "rep2", "--data", a, "--fail-under-acc", "0%", "-q")
     assert code == 2 and "repair set" in err and err.count("\n") == 1, err
     # mixed with new samples: the first repair set's rows are left out of the figures
-    mixed = _write(tmp_path / "m.csv", _rows(a)[:10] + new[60:80])
+    mixed = write_rows(tmp_path / "m.csv", _rows(a)[:10] + new[60:80])
     code, out, err = run_cli("eval", tmp_path / "rep2", "--data", mixed, "--json", "-q")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["n"] == 20 and doc["in_repair_set"] == 10, doc
     # a third repair on the first repair set and the second's: nothing of either is measured
-    both = _write(tmp_path / "both.csv", _rows(a) + new[:60])
+    both = write_rows(tmp_path / "both.csv", _rows(a) + new[:60])
     code, _, err = run_cli("fix", tmp_path / "rep2", "--data", both, "--recipe", "dfr", "--out", tmp_path / "rep3", "-q")
     assert code == 2 and "was itself repaired on" in err, err
 
@@ -90,8 +82,8 @@ def test_eval_says_what_exclude_and_the_repair_set_each_left_out_and_the_rows_me
     new = [r for r in _rows(make_texts(tmp_path / "o.csv", n=200, seed=7)) if r["text"].lower().strip() not in seen]
     new = list({r["text"].lower().strip(): r for r in new}.values())
     assert run_cli("fix", bert_folder, "--data", a, "--recipe", "dfr", "--out", tmp_path / "rep", "-q")[0] == 0
-    data = _write(tmp_path / "d.csv", _rows(a)[:10] + new[:20])
-    ex = _write(tmp_path / "ex.csv", new[:5])
+    data = write_rows(tmp_path / "d.csv", _rows(a)[:10] + new[:20])
+    ex = write_rows(tmp_path / "ex.csv", new[:5])
     code, out, err = run_cli("eval", tmp_path / "rep", "--data", data, "--exclude", ex, "--json", "-q")
     assert code == 0, err
     doc = json.loads(out)
@@ -107,7 +99,7 @@ def test_texts_read_at_another_max_length_are_recognised_as_the_repair_read_them
     repair's were neither the same tokens (truncated elsewhere) nor the same bytes, so a gate passed on them.
     They are read again at the repair's recorded length."""
     a = make_texts(tmp_path / "a.csv", n=40, seed=1)
-    upper = _write(tmp_path / "upper.csv", [{**r, "text": r["text"].upper()} for r in _rows(a)])
+    upper = write_rows(tmp_path / "upper.csv", [{**r, "text": r["text"].upper()} for r in _rows(a)])
     assert run_cli("fix", bert_folder, "--data", a, "--recipe", "dfr", "--out", tmp_path / "rep", "-q")[0] == 0
     for ml in ("4", "64"):
         code, _, err = run_cli("eval", tmp_path / "rep", "--data", upper, "--max-length", ml, "--fail-under-acc", "0%",
@@ -118,7 +110,7 @@ def test_texts_read_at_another_max_length_are_recognised_as_the_repair_read_them
     seen = {r["text"].lower().strip() for r in _rows(a)}
     new = [r for r in _rows(make_texts(tmp_path / "o.csv", n=120, seed=7)) if r["text"].lower().strip() not in seen]
     new = list({r["text"].lower().strip(): r for r in new}.values())[:20]
-    mixed = _write(tmp_path / "mixed.csv", [{**r, "text": r["text"].upper()} for r in _rows(a)] + new)
+    mixed = write_rows(tmp_path / "mixed.csv", [{**r, "text": r["text"].upper()} for r in _rows(a)] + new)
     code, out, err = run_cli("eval", tmp_path / "rep5", "--data", mixed, "--max-length", "64", "--json", "-q")
     assert code == 0, err
     doc = json.loads(out)
