@@ -99,28 +99,43 @@ def prepare(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     return Prepared(adapter, data, enc, emb)
 
 
-def _model_keys(adapter: Adapter, data: RepairData, other: RepairData, runtime=None, inputs=(None, None)):
-    """(keys of ``data``'s samples, keys of ``other``'s, how they were found the same): equal keys for
-    two samples the model reads as one -- a text that differs only in case or spacing the tokenizer
-    drops (:meth:`Adapter.input_keys`), an image the model is fed identically (the same picture in
-    another file format or encoding, or saved at another size the model's resize reads the same:
-    :func:`repair.embeddings.image_input_keys`, the rule the repair set's own splits apply; kept in
-    ``runtime``'s cache when it is on); None where nothing is known beyond the bytes. ``inputs``: the
-    input digests (:attr:`Embeddings.inputs`) of ``data`` and of ``other`` where the caller embedded
-    them: an image's key is then read from them, and the image is not decoded again."""
-    if not len(other) or not len(data):
-        return None
-    if data.modality == "image" and other.modality == "image":
+def model_keys(adapter: Adapter, data: RepairData, runtime=None, digests=None) -> Optional[list]:
+    """Each sample of ``data`` as ``adapter``'s model reads it, a key per row: an image's model input
+    (:func:`repair.embeddings.image_input_keys`, kept in ``runtime``'s cache when it is on; read from
+    ``digests``, its :attr:`Embeddings.inputs`, when the caller embedded it: nothing decoded again), a
+    text's tokens (:meth:`Adapter.input_keys`); None where nothing is known beyond the bytes. The one
+    home of that rule for one data set (:func:`_model_keys` compares two; ``--train`` computes its own
+    once, for the overlap checks and the provenance)."""
+    if data.modality == "image":
         from .embeddings import digest_keys, image_input_keys
 
+        if digests is not None:
+            return digest_keys(digests)
         cached = dict(use_cache=False) if runtime is None else dict(
             cache_dir=runtime.cache_dir, use_cache=runtime.use_cache, batch_size=runtime.batch_size,
             device=runtime.device)
-        mine, theirs = (digest_keys(i) if i is not None else image_input_keys(adapter, d, **cached)
-                        for d, i in zip((data, other), inputs))
-        return mine, theirs, ", as the model reads them (the same images in other files)"
-    mine, theirs = adapter.input_keys(data.items), adapter.input_keys(other.items)
-    return None if mine is None or theirs is None else (mine, theirs, ", as the model reads them")
+        return image_input_keys(adapter, data, **cached)
+    return adapter.input_keys(data.items)
+
+
+def _model_keys(adapter: Adapter, data: RepairData, other: RepairData, runtime=None, inputs=(None, None),
+                keys=(None, None)):
+    """(keys of ``data``'s samples, keys of ``other``'s, how they were found the same): equal keys for
+    two samples the model reads as one -- a text that differs only in case or spacing the tokenizer
+    drops, an image the model is fed identically (the same picture in another file format or encoding,
+    or saved at another size the model's resize reads the same): :func:`model_keys`, the rule the repair
+    set's own splits apply; None where nothing is known beyond the bytes. ``inputs``: the input digests
+    (:attr:`Embeddings.inputs`) of ``data`` and of ``other`` where the caller embedded them; ``keys``:
+    their :func:`model_keys` where the caller has them (neither is decoded or tokenized again)."""
+    if not len(other) or not len(data) or data.modality != other.modality:
+        return None
+    mine, theirs = (k if k is not None else model_keys(adapter, d, runtime, i)
+                    for d, i, k in zip((data, other), inputs, keys))
+    if mine is None or theirs is None:
+        return None
+    how = ", as the model reads them (the same images in other files)" if data.modality == "image" else \
+        ", as the model reads them"
+    return mine, theirs, how
 
 
 def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap: list,
@@ -143,12 +158,13 @@ def read_as_same(adapter: Adapter, data: RepairData, other: RepairData, overlap:
 
 
 def same_samples(adapter: Adapter, data: RepairData, other: RepairData, runtime=None,
-                 inputs=(None, None)) -> list[bool]:
+                 inputs=(None, None), keys=(None, None)) -> list[bool]:
     """Per sample of ``other``: whether it is one of ``data``'s, byte for byte or as the model reads it
-    (:func:`read_as_same`'s rule, refusing nothing): what ``--train`` leaves out of training."""
+    (:func:`read_as_same`'s rule, refusing nothing): what ``--train`` leaves out of training. ``inputs``,
+    ``keys``: as :func:`_model_keys` takes them."""
     seen = set(data.content_hashes())
     same = [h in seen for h in other.content_hashes()]
-    keys = _model_keys(adapter, data, other, runtime, inputs)
+    keys = _model_keys(adapter, data, other, runtime, inputs, keys)
     if keys is None:
         return same
     mine = set(keys[0])

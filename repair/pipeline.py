@@ -39,9 +39,7 @@ import torch
 from . import provenance
 from .adapters import LoadOptions, load_model
 from .api import (RuntimeOptions, check_modality, embed, embedding_rows, left_out_groups, mark_duplicates,
-                  prepare_data, read_as_same,
-                  recorded_repair_rows,
-                  same_samples)
+                  model_keys, prepare_data, read_as_same, recorded_repair_rows, same_samples)
 from .choosing import FitContext, choose, selection_basis
 from .data import DataOptions, Encoded, RepairData, encode, label_conflicts
 from .embeddings import Embeddings, extract, resolve_device
@@ -470,24 +468,25 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
     left out (``notes`` says how many): the choice and the figures are measured on those, and never
     on what was trained on; BadInput naming it when that leaves nothing. ``digests``: the input
     digests of the repair data and of --eval where they were embedded already (not decoded again).
-    ``kept``: given the data and the indices of the samples kept for training (what the repaired
-    model's provenance records when a model repair trains on them)."""
+    ``kept``: given the data, the indices of the samples kept for training and their :func:`model_keys`
+    (what the repaired model's provenance records when a model repair trains on them)."""
     from .data import encode
     from .methods import TrainSet
 
     _check_train_set(adapter, d, data_opts)
     gb = data_opts.group_by if data_opts.group_by in d.attributes else None
-    taken = same_samples(adapter, inputs.data, d, runtime, inputs=(digests[0], None))
+    mine = model_keys(adapter, d, runtime)         # its samples as the model reads them, once (and recorded)
+    taken = same_samples(adapter, inputs.data, d, runtime, inputs=(digests[0], None), keys=(None, mine))
     if inputs.eval_data is not None:
         taken = [a or b for a, b in zip(taken, same_samples(adapter, inputs.eval_data, d, runtime,
-                                                            inputs=(digests[1], None)))]
+                                                            inputs=(digests[1], None), keys=(None, mine)))]
     keep = [i for i, t in enumerate(taken) if not t]
     if not keep:
         raise BadInput(f"every sample of {flag} is also in the repair data (--data) or --eval: the choice and the "
                        "figures are measured there, never on what is trained on; give training data kept apart",
                        d.table or d.source)
     if kept is not None:
-        kept[:] = [d, keep]
+        kept[:] = [d, keep, mine]
     if len(keep) < len(d):
         notes.append(f"{len(d) - len(keep)} of the {len(d)} samples of {flag} are also in the repair data or --eval: "
                      f"left out of training, which uses the other {len(keep)}")
@@ -496,19 +495,14 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
     return TrainSet(items=list(d.items), y=e.y, groups=e.groups, source=str(d.table or d.source))
 
 
-def _kept_samples(adapter, d: RepairData, keep: list, runtime) -> tuple:
-    """(the samples ``keep`` of data resource ``d``, their keys as the model reads them): by the record's
-    rule (:func:`repair.provenance.sample_keys`), an image's by its model input (the cache the check for
-    the repair set's copies filled, when it is on), a text's by its tokens."""
-    if d.modality == "image":
-        from .embeddings import image_input_keys
-
-        keys = image_input_keys(adapter, d, cache_dir=runtime.cache_dir, use_cache=runtime.use_cache,
-                                batch_size=runtime.batch_size, device=runtime.device)
-    else:
-        keys = provenance.sample_keys(d, None, adapter)
+def _kept_samples(adapter, d: RepairData, keep: list, keys: Optional[list]) -> tuple:
+    """(the samples ``keep`` of data resource ``d``, their keys by the record's rule,
+    :func:`repair.provenance.sample_keys`): ``keys``, their :func:`repair.api.model_keys` that
+    ``_train_set`` computed (nothing decoded or tokenized again)."""
     sub = d if len(keep) == len(d) else d.subset(keep)
-    return sub, [keys[i] for i in keep]
+    if d.modality == "image" and keys is not None:
+        return sub, [keys[i] for i in keep]          # a model input's digest: the record's key as it is
+    return sub, provenance.sample_keys(sub, None, None, read=None if keys is None else [keys[i] for i in keep])
 
 
 def _warn(ctx, log, w: str) -> None:
@@ -709,7 +703,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     # every sample the model's lineage fitted or trained on: the repair set, a model repair's --train
     # samples, and the source's own record (a repaired model repaired again)
     reads = {r.name for r in chosen.info.resources} if trained else set()     # the chosen repair's inputs alone
-    also = [_kept_samples(adapter, *v, runtime) for name, v in (trained_on or {}).items() if v and name in reads]
+    also = [_kept_samples(adapter, *v) for name, v in (trained_on or {}).items() if v and name in reads]
     record = provenance.samples_record(data, sample_keys, also=also,
                                        earlier=provenance.read(getattr(adapter, "source_metadata", None) or {}
                                                                ).get("samples"))

@@ -148,17 +148,19 @@ def _library_version(mod: str) -> dict:
         return {}
 
 
-def sample_keys(data, inputs=None, adapter=None) -> list:
+def sample_keys(data, inputs=None, adapter=None, read=None) -> list:
     """Each row's sample as the model reads it, a string per row: its model-input digest (``inputs``,
     the embeddings' :attr:`~repair.embeddings.Embeddings.inputs`: an image's preprocessed input, a text's
     token ids -- case or spacing its tokenizer drops aside -- hashed), or without them a text's
     ``adapter`` :meth:`~repair.adapters.base.Adapter.input_keys` cut to the same 16 bytes (the same key:
     nothing is tokenized twice when the embeddings have them), else the sample's bytes
-    (:meth:`~repair.data.RepairData.content_hashes`). The one rule of "the same sample" that
+    (:meth:`~repair.data.RepairData.content_hashes`); ``read``: a text's input keys when the caller has
+    them. The one rule of "the same sample" that
     :func:`data_identity`'s ``samples_sha256`` and :func:`samples_record` apply."""
     if inputs is not None and data.modality in ("image", "text"):
         return [bytes(r).hex() for r in inputs.numpy()]
-    read = adapter.input_keys(data.items) if adapter is not None and data.modality == "text" else None
+    if read is None and adapter is not None and data.modality == "text":
+        read = adapter.input_keys(data.items)
     return [str(k)[:32] for k in read] if read is not None else list(data.content_hashes())
 
 

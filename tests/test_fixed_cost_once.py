@@ -219,3 +219,20 @@ def test_fix_computes_each_sets_duplicate_ids_once(tmp_path, timm_folder, monkey
         rows = rep[fig]["per_group"]
         assert rows and all(g["n_distinct"] * 3 == g["n"] for g in rows), rows
     assert calls == ([72, 36] if with_eval else [72]), calls
+
+
+def test_train_images_are_keyed_once_for_the_overlap_checks_and_the_record(tmp_path, timm_folder, decodes):
+    """--train's images were decoded for its overlap with the repair data, again for its overlap with
+    --eval, and (with no cache) once more for the provenance's record of what a model repair trained on:
+    its keys are taken once (the training's own pass decodes them once more)."""
+    data = make_images(tmp_path / "d", n_per_class=8, seed=1)
+    train = make_images(tmp_path / "t", n_per_class=6, seed=5)
+    ev = make_images(tmp_path / "e", n_per_class=2, seed=7)
+    code, out, err = run_cli("fix", timm_folder, "--data", data, "--train", train, "--eval", ev, "--recipe", "clp",
+                             "--budget", "2steps", "--out", tmp_path / "o", "--json", "-q", "--no-cache")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "model"
+    per_train_image = {n for p, n in decodes.items() if p.startswith(str(train.resolve()))}
+    assert per_train_image == {2}, per_train_image        # keys once, training once
+    code, _, err = run_cli("eval", tmp_path / "o", "--data", train, "-q", "--no-cache")
+    assert code == 2 and "repair set" in err, err         # and the record still holds them
