@@ -351,12 +351,15 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
             model, check_options(load_opts, LoadOptions, "load_options"))
         rt = check_options(runtime, RuntimeOptions, "runtime") or RuntimeOptions()
         _check_cache_dir(model_path, model, [data, ex], rt)       # before the input keys are cached
+        # --exclude data the model cannot read (texts beside an image model) would match no sample and
+        # leave every figure as it was: refused as --eval data of the other kind is
+        check_modality(model_path, data)
+        check_modality(model_path, ex)
         first = None
-        if data.modality == "image" and ex.modality == "image":
+        if data.modality == "image":
             # an image's key is its model input, which embedding it computes: the data is embedded
             # first (whole, each image decoded once) and its keys read from the embeddings; a text's
             # keys are its tokens (cheap): data that is all --exclude is refused before any embedding
-            check_modality(model_path, data)
             first = embed(model_path, data, rt)
         overlap = read_as_same(model_path, ex, data, overlap, data.table or data.source, exclude_flag="--exclude",
                                runtime=rt, inputs=(None, None if first is None else first.inputs))

@@ -983,8 +983,9 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
         if tables:
             data = _from_table(_found_table(tables[0], path, o), path, o)
         else:
+            # a .json that is one JSON object is the set's description (metadata.json, info.json), no table
             others = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES
-                            and not p.name.startswith("."))
+                            and not p.name.startswith(".") and _is_table_file(_found_table(p, path, o)))
             subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
             if len(others) == 1 and not subdirs:
                 data = _from_table(_found_table(others[0], path, o), path, o)

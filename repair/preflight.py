@@ -131,7 +131,10 @@ def check_cache_dir(protected: Protected, runtime, outputs: Optional[Mapping[str
     from .embeddings import default_cache_dir
 
     folder = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
-    protected.check(folder / "entry.safetensors", "--cache-dir")
+    # an entry written in it is what must not touch an input; the message names the folder the user gave
+    reason = protected.why(folder / "entry.safetensors", "--cache-dir")
+    if reason:
+        raise BadInput(f"{reason}; choose another --cache-dir", folder)
     where = folder.resolve()
     for ckpt, what in protected.checkpoint_folders.items():
         if where == ckpt or ckpt in where.parents:
