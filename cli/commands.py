@@ -183,7 +183,7 @@ def make_fix_command(inputs_bundle: OptionBundle):
                 eval_data: Annotated[Optional[Path], typer.Option("--eval", rich_help_panel=PANEL_REPAIR, help="Separate test data for the before/after figures (default: a held-out 25% of --data).")] = None,
                 eval_group_by: Annotated[Optional[str], typer.Option("--eval-group-by", rich_help_panel=PANEL_REPAIR, help="Group column of --eval data (default: --group-by).")] = None,
                 export: Annotated[Optional[str], typer.Option("--export", rich_help_panel=PANEL_OUTPUT, help="Also export ONNX and verify it with onnxruntime: onnx (default: no export).")] = None,
-                tolerance: Annotated[Optional[float], typer.Option("--tolerance", rich_help_panel=PANEL_OUTPUT, help="ONNX verification: an absolute max |logit difference| (default: 1e-5 + 1e-3 x the larger of the logit and the sample's top logit).")] = None,
+                tolerance: Annotated[Optional[float], typer.Option("--tolerance", rich_help_panel=PANEL_OUTPUT, help="ONNX verification: an absolute max |logit difference| (default: 1e-5 + 1e-3 x the larger of the logit and the sample's top logit, each less the head's bias, + 1e-5 x their magnitude).")] = None,
                 max_verify: Annotated[Optional[int], typer.Option("--max-verify", min=1, rich_help_panel=PANEL_OUTPUT, help="ONNX verification: samples of --data to verify on (default: 512).")] = None,
                 seed: Seed = 0,
                 budget: Annotated[Optional[str], typer.Option("--budget", rich_help_panel=PANEL_REPAIR, help="Model repairs: training budget per run, e.g. 300steps, 3epochs, 10min (first reached ends training; default: 10min).")] = None,

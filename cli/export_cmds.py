@@ -18,7 +18,7 @@ PANEL_VERIFY = "Verification"
 Format = Annotated[str, typer.Option("--format", "-f", rich_help_panel=PANEL_OUTPUT, help="onnx | safetensors.")]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", rich_help_panel=PANEL_OUTPUT, help="Output path (default: beside the model: <name>.onnx, or <name>-export / <name>.export.safetensors).")]
 Tolerance = Annotated[Optional[float], typer.Option(
-    "--tolerance", rich_help_panel=PANEL_VERIFY, help="An absolute max |logit difference| ONNX vs PyTorch, in logit units (default: 1e-5 + 1e-3 x the larger of the logit and the sample's top logit; the JSON says which bound applied).")]
+    "--tolerance", rich_help_panel=PANEL_VERIFY, help="An absolute max |logit difference| ONNX vs PyTorch, in logit units (default: 1e-5 + 1e-3 x the larger of the logit and the sample's top logit, each less the head's bias, + 1e-5 x their magnitude; the JSON says which bound applied).")]
 Force = Annotated[bool, typer.Option("--force", rich_help_panel=PANEL_OUTPUT, help="Overwrite an existing output (never an input; a folder only when empty or written by repair and holding nothing else). Default: refuse.")]
 MaxVerify = Annotated[int, typer.Option(
     "--max-verify", min=1, rich_help_panel=PANEL_VERIFY, help="Samples of the data to verify on (argmax agreement and max difference over all of them).")]

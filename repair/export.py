@@ -14,7 +14,13 @@ Verification rule (shared by ``export_onnx`` and ``verify_onnx``, one home:
   shape per batch equals the reference's ``(batch, classes)``;
 * every logit of every verified sample is within the bound (``Bound``)::
 
-      |onnx[i, k] - ref[i, k]| <= atol + rtol * max(|ref[i, k]|, |ref[i, top_i]|)
+      |onnx[i, k] - ref[i, k]| <= atol + rtol * max(|ref[i, k] - b_k|, |ref[i, top_i] - b_top_i|)
+                                  + ROUNDING * max(|ref[i, k]|, |ref[i, top_i]|)
+
+  with ``b`` the reference head's bias (an error of the network follows what the head computes from the
+  embedding; the bias, added last, only brings float32's rounding of its magnitude: a bias of 1e4 on
+  every class must not allow every logit a difference of 10), and, for a reference without a head to
+  name, ``atol + rtol * max(|ref[i, k]|, |ref[i, top_i]|)``,
 
   with ``top_i`` the reference's top class: like ``numpy.allclose``, except
   that the relative part is at least the sample's top logit: float rounding in
@@ -86,12 +92,22 @@ class Bound:
     rtol: float
     source: str
 
-    def allowed(self, ref: torch.Tensor) -> torch.Tensor:
-        """The largest |diff| each logit of ``ref`` (N, C) may have, (N, C)."""
+    def allowed(self, ref: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The largest |diff| each logit of ``ref`` (N, C) may have, (N, C). ``bias`` (C,): the head's
+        bias, when the reference has one: a network's error in a logit follows what the head computes from
+        the embedding (``ref - bias``), not the bias added at the end, which only adds float32's rounding of
+        its magnitude (:data:`ROUNDING`). Without it a bias of 1e4 on every class (which changes no
+        prediction) allowed every logit a difference of 10, and a file with a 40x sharper softmax passed."""
         if not ref.numel():
             return ref.new_full(ref.shape, self.atol)
-        top = ref.gather(1, ref.argmax(1, keepdim=True)).abs()
-        return self.atol + self.rtol * torch.maximum(ref.abs(), top)
+        if bias is None or not self.rtol:
+            top = ref.gather(1, ref.argmax(1, keepdim=True)).abs()
+            return self.atol + self.rtol * torch.maximum(ref.abs(), top)
+        at = ref.argmax(1, keepdim=True)
+        lin = ref - bias.reshape(1, -1).to(ref.dtype)
+        scale = torch.maximum(lin.abs(), lin.gather(1, at).abs())
+        magnitude = torch.maximum(ref.abs(), ref.gather(1, at).abs())
+        return self.atol + self.rtol * scale + ROUNDING * magnitude
 
     def tie_allowed(self, ref: torch.Tensor) -> torch.Tensor:
         """The |diff| of each logit of ``ref`` (N, C) that may flip a near-tie: the bound's relative part
@@ -107,7 +123,9 @@ class Bound:
         return self.atol + self.rtol * height + rounding
 
     def describe(self) -> dict:
-        return {"rule": "|onnx - reference| <= atol + rtol * max(|reference_k|, |reference_top|) per logit",
+        return {"rule": "|onnx - reference| <= atol + rtol * max(|reference_k - bias_k|, |reference_top - bias_top|) "
+                        "+ 1e-5 * max(|reference_k|, |reference_top|) per logit (bias: the reference head's; "
+                        "without one, atol + rtol * max(|reference_k|, |reference_top|))",
                 "atol": self.atol, "rtol": self.rtol, "source": self.source}
 
 
@@ -503,6 +521,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
     if head_check:
         W, b = reference.head_params()
         head_bnd = head_check_bound(bnd, reference)
+    bias = _reference_bias(reference)
     if logits_name is not None:
         with _no_tf32():
             for idx in batches:
@@ -525,7 +544,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                     problems.append(f"output {logits_name} has shape {list(got_t.shape)} for a batch of "
                                     f"{len(idx)}, the model gives {list(ref.shape)}")
                     break
-                allowed, tie = bnd.allowed(ref), bnd.tie_allowed(ref)
+                allowed, tie = bnd.allowed(ref, bias), bnd.tie_allowed(ref)
                 worst.add(ref, got_t, allowed, idx)
                 if got_t.numel():
                     a, g = ref.argmax(1), got_t.argmax(1)
@@ -541,7 +560,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                     with torch.no_grad():
                         emb = reference.embed_batch(batch, dev).float().cpu()
                     lin = emb @ W.T + b
-                    head.add(lin, got_t, head_bnd.allowed(lin), idx)
+                    head.add(lin, got_t, head_bnd.allowed(lin, b), idx)
                 if not worst.finite:
                     break
     n_done = sum(batch_sizes)
@@ -590,6 +609,15 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
         report["head_check_max_abs_diff"] = head.max_diff if n_done else None
         report["head_check_ratio"] = (head.ratio if head.finite else None) if n_done else None
     return report
+
+
+def _reference_bias(reference: Adapter) -> Optional[torch.Tensor]:
+    """The bias of the head whose output is ``reference``'s logits (:meth:`Adapter.head_params`), for
+    :meth:`Bound.allowed`; None when the reference has no head it can name."""
+    try:
+        return reference.head_params()[1].float().cpu().reshape(-1)
+    except Exception:              # a reference without a head to name: the bound without a bias
+        return None
 
 
 def _fail(report: dict, what: str) -> GateFailed:
@@ -641,17 +669,22 @@ def metadata_mismatches(onnx_path: Path, reference: Adapter, got: Optional[dict]
             got = metadata_dict(onnx.load(str(onnx_path), load_external_data=False))
         except Exception:                # run_verification already said why the file does not load
             return []
+    from .adapters.onnx_adapter import CLASS_NAME_KEYS
+
     want = export_metadata(reference, {})
     out = []
     for key in ("class_names", "preprocess", "max_length"):
-        if key not in got or key not in want:
+        # the class names as the file would be read: its first key of CLASS_NAME_KEYS (label_names when
+        # it has no class_names)
+        have = next((k for k in CLASS_NAME_KEYS if k in got), None) if key == "class_names" else key
+        if have not in got or key not in want:
             continue
         try:
-            same = json.loads(got[key]) == json.loads(want[key])
+            same = json.loads(got[have]) == json.loads(want[key])
         except ValueError:
             same = False
         if not same:
-            out.append(f"the file's {key} ({got[key][:120]}) differ from the reference's ({want[key][:120]}): "
+            out.append(f"the file's {have} ({got[have][:120]}) differ from the reference's {key} ({want[key][:120]}): "
                        "it would be read as another classifier")
     return out
 

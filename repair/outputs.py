@@ -89,6 +89,10 @@ class ModelOutputs:
         check_beside = getattr(a, "check_written_beside", None)     # an ONNX model: what is beside it is read
         if self.model is not None and check_beside is not None:     # with it (nothing is written yet)
             check_beside(Path(self.model))
+        if self.onnx is not None and self.onnx.path is not None:   # any model's ONNX export, as well
+            from .adapters.onnx_adapter import check_onnx_written_beside
+
+            check_onnx_written_beside(a, Path(self.onnx.path))     # its place follows --out
         with outputs(force=self.force, log=self.log) as tx:
             if self.model is not None:
                 final = Path(self.model)

@@ -283,6 +283,10 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     check_beside = getattr(adapter, "check_written_beside", None)   # an ONNX model: a preprocess.json where
     if check_beside is not None:                                    # it is written would be read with it
         check_beside(Path(out_path))
+    if paths.get("--export onnx") is not None:                      # any model's ONNX export, as well
+        from .adapters.onnx_adapter import check_onnx_written_beside
+
+        check_onnx_written_beside(adapter, Path(paths["--export onnx"]))     # beside --out
     if left_out:                          # the source's weights in other formats: not in the output
         log(left_out)
     if "model" in recipe.kinds and not adapter.can_train:
@@ -413,19 +417,25 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
 
 
 def _check_scopes(recipe, adapter) -> None:
-    """A model repair's ``scope: "names:REGEX"`` that matches none of the model's parameters: refused
-    before any work (:class:`repair.config.SettingRefused` naming the recipe and candidate), whether or
-    not the selection would have trained that candidate."""
+    """A model repair's settings that the model refuses: ``scope: "names:REGEX"`` that matches none of
+    its parameters, a text model's ``mix_point`` beyond its last layer -- refused before any work
+    (:class:`repair.config.SettingRefused` naming the recipe and candidate), whether or not the
+    selection would have trained that candidate."""
     from .config import SettingRefused
 
     named = [c for c in recipe.candidates if c.info.kind == "model" and isinstance(c.params.get("scope"), str)
              and c.params["scope"].startswith("names:")]
-    if not named or not adapter.can_train:
+    points = [c for c in recipe.candidates if c.info.kind == "model" and isinstance(c.params.get("mix_point"), int)
+              and not isinstance(c.params["mix_point"], bool) and c.params["mix_point"] >= 0]
+    if not (named or points) or not adapter.can_train:
         return
     model = adapter.trainable()
-    for c in named:
+    for c in named + points:
         try:
-            model.select(c.params["scope"])
+            if c in named:
+                model.select(c.params["scope"])
+            if c in points:
+                model.check_mix_point(c.params["mix_point"])
         except SettingRefused as e:
             raise c.info.named(e) from None
 

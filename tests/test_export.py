@@ -279,6 +279,25 @@ def test_verify_fails_a_file_that_says_it_is_read_as_another_classifier(timm_fol
                                     "--max-verify", 5)
         rep = json.loads(stdout)
         assert code == 1 and rep["passed"] is False and any(f"the file's {key}" in p for p in rep["problems"]), err
+    # the names under label_names, which the loader reads when a file has no class_names (found by a later
+    # audit: verify compared class_names only, and passed a file repair reads with two classes swapped)
+    m = onnx.load(str(out))
+    names = next(json.loads(p.value) for p in m.metadata_props if p.key == "class_names")
+    props = [(p.key, p.value) for p in m.metadata_props if p.key != "class_names"]
+    for swapped in ([names[1], names[0], *names[2:]], names):
+        del m.metadata_props[:]
+        for k, v in props + [("label_names", json.dumps(swapped))]:
+            e = m.metadata_props.add()
+            e.key, e.value = k, v
+        bad = tmp_path / "label_names.onnx"
+        onnx.save(m, str(bad))
+        code, stdout, err = run_cli("verify", bad, "--reference", timm_folder, "--data", image_data, "--json",
+                                    "--max-verify", 5)
+        rep = json.loads(stdout)
+        if swapped == names:          # the right names under the other key: it is read as the reference
+            assert code == 0 and rep["passed"], err
+        else:
+            assert code == 1 and any("the file's label_names" in p for p in rep["problems"]), err
     code, _, err = run_cli("verify", out, "--reference", timm_folder, "--data", image_data, "--max-verify", 5)
     assert code == 0, err
 

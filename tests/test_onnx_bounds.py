@@ -78,6 +78,7 @@ def provoke(adapter, path: Path, items, *, head_check: bool = False) -> dict:
                 for opt, thr in itertools.product((True, False), (1, 2))}
     shapes = TEXT_SHAPES if adapter.modality == "text" else [(bs, None) for bs in BATCH_SIZES]
     rows, worst_abs, worst_ratio = [], 0.0, 0.0
+    bias = adapter.head_params()[1]          # the bound as verification applies it (Bound.allowed)
     for bs, pad in shapes:
         acc: dict = {}
         for batch in _batches(adapter, items, bs, pad):
@@ -88,7 +89,7 @@ def provoke(adapter, path: Path, items, *, head_check: bool = False) -> dict:
                 for t, rs in refs.items():
                     for ref in rs:
                         d = np.abs(got.astype(np.float64) - ref)
-                        allowed = DEFAULT_BOUND.allowed(torch.from_numpy(ref)).double().numpy()   # the one rule
+                        allowed = DEFAULT_BOUND.allowed(torch.from_numpy(ref), bias).double().numpy()   # the one rule
                         a, r = acc.get((opt, thr, t), (0.0, 0.0))
                         acc[(opt, thr, t)] = (max(a, float(d.max())), max(r, float((d / allowed).max())))
         for (opt, thr, t), (a, r) in acc.items():
@@ -216,3 +217,27 @@ def test_a_switched_off_class_does_not_widen_the_bound_of_the_others(timm_folder
     bad = run_verification(_tampered(out, tmp_path, "bias", live), a, images, own_file=True)
     assert not bad["passed"] and bad["bound"]["ratio"] > 1 and "exceeds the bound" in bad["problems"][0]
     assert bad["bound"]["worst"]["allowed"] < 1.0
+
+
+def test_a_bias_common_to_every_class_does_not_widen_the_bound(timm_folder, images, tmp_path):
+    """Found by an audit: the bound's relative part followed each logit's magnitude, so a bias of 1e4 on
+    every class (which changes no prediction) allowed every logit a difference of about 10, and a file
+    whose softmax was 40x sharper than the reference's passed ``repair verify``. The network's error
+    follows what the head computes from the embedding, not the bias added last: the reference with the
+    offset still verifies its own export, and the sharper file fails."""
+    ref = load_model(timm_folder)
+    W, b = ref.head_params()
+    ref.set_head(W, b + 1e4)
+    good = tmp_path / "good.onnx"
+    rep = export_onnx(ref, good, metadata={}, verify_items=images)
+    assert rep["passed"] and rep["bound"]["ratio"] <= 1 / MARGIN, rep["bound"]
+    sharp = load_model(timm_folder)
+    sharp.set_head(W * 40, b * 40 + 1e4)
+    bad_file = tmp_path / "sharp.onnx"
+    export_onnx(sharp, bad_file, metadata={}, verify_items=images)
+    with torch.no_grad():
+        lg = ref.logits_batch(ref.collate(list(images)), CPU)
+        lg2 = sharp.logits_batch(sharp.collate(list(images)), CPU)
+    assert bool((lg.argmax(1) == lg2.argmax(1)).all())          # the same predictions, another model
+    bad = run_verification(bad_file, ref, images, own_file=True)
+    assert not bad["passed"] and bad["bound"]["ratio"] > 1 and "exceeds the bound" in bad["problems"][0], bad

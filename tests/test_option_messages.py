@@ -59,6 +59,26 @@ def test_a_scope_matching_nothing_beside_a_head_candidate_is_refused_not_skipped
     assert not (tmp_path / "o").exists()
 
 
+def test_a_mix_point_beyond_the_models_layers_names_its_recipe_before_any_work(tmp_path, bert_folder, text_data,
+                                                                              monkeypatch):
+    """Found by an audit: ``mix_point: 50`` on a 2-layer text model was refused only once mixft started
+    training (after the repair set was embedded and every head candidate fitted), naming neither the recipe
+    file nor the setting. Now checked with the scopes, before any embedding."""
+    import repair.pipeline as pipeline
+
+    def no_work(*a, **k):
+        raise AssertionError("the repair set was embedded before the refusal")
+
+    monkeypatch.setattr(pipeline, "prepare_data", no_work)
+    r = tmp_path / "mp.yaml"
+    r.write_text(json.dumps({"name": "mp", "candidates": [{"method": "dfr"},
+                                                          {"method": "mixft", "params": {"mix_point": 50}}]}))
+    code, _, err = run_cli("fix", bert_folder, "--data", text_data, "--recipe", r, "--budget", "2steps",
+                           "--out", tmp_path / "o", "-q", "--no-cache")
+    line = one_line_naming(code, err, r, "candidate 2 (mixft)", "setting 'mix_point'", "50", "0..2")
+    assert line.startswith("error:") and not (tmp_path / "o").exists()
+
+
 def test_a_recipe_built_in_python_is_named_by_its_name_when_its_scope_matches_nothing():
     from repair.config import SettingRefused
     from repair.errors import BadInput
@@ -173,3 +193,26 @@ def test_an_onnx_fix_beside_a_disagreeing_preprocess_json_is_refused_before_any_
                            "--no-cache", "--mean", "0.4,0.4,0.4")
     assert code == 2 and "disagrees" in err, err
     assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "preprocess.json"]
+
+
+def test_an_onnx_export_beside_a_disagreeing_preprocess_json_is_refused(tmp_path, timm_folder):
+    """Found by an audit: ``repair export`` (and ``fix --export onnx``) of a timm model wrote its ONNX file
+    beside a ``preprocess.json`` that disagrees with the preprocessing the file records, exit 0, and
+    ``repair eval`` of the file was then refused; ``fix --out`` of an ONNX model refused it before writing.
+    One rule for every ONNX file written (onnx_adapter.check_onnx_written_beside), before any work."""
+    data = make_images(tmp_path / "d", n_per_class=3)
+    pj = tmp_path / "pj"
+    pj.mkdir()
+    (pj / "preprocess.json").write_text(json.dumps({"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3}))
+    code, _, err = run_cli("export", timm_folder, "--data", data, "--out", pj / "t.onnx", "-q")
+    assert code == 2 and "disagrees" in err and "preprocess.json" in err and err.count("\n") == 1, err
+    # fix --export onnx of a bare weights file: its ONNX file goes beside --out, refused before any work
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes((timm_folder / "model.safetensors").read_bytes())
+    code, _, err = run_cli("fix", bare, "--arch", "test_resnet", "--image-size", "32", "--data", data, "--recipe",
+                           "dfr", "--out", pj / "fixed.safetensors", "--export", "onnx", "-q", "--no-cache")
+    assert code == 2 and "disagrees" in err and str(pj / "fixed.onnx") in err, err
+    assert sorted(p.name for p in pj.iterdir()) == ["preprocess.json"]
+    # beside an agreeing one (the file's own preprocessing), or in another folder: written as before
+    code, _, err = run_cli("export", timm_folder, "--data", data, "--out", tmp_path / "t.onnx", "-q")
+    assert code == 0, err

@@ -40,6 +40,32 @@ from .text import (TOKENIZER_DIGEST_FILES, collate_texts, has_tokenizer_files, l
                    tokenizer_files, tokenizer_preprocess_id)
 
 
+
+#: the metadata keys an ONNX file's class names are read from, the first present: ``class_names``
+#: (what ``repair export`` writes), else ``label_names`` (the one home of the rule: the adapter reads
+#: them so, and ``repair verify`` compares what a file would be read as)
+CLASS_NAME_KEYS = ("class_names", "label_names")
+
+
+def check_onnx_written_beside(adapter, out: Path) -> None:
+    """An ONNX file written to ``out`` (a repaired ONNX model, or any image model's ONNX export) records the
+    preprocessing the model was read with (metadata ``preprocess``), and a ``preprocess.json`` beside
+    ``out`` is read with it -- by the one rule of :meth:`OnnxAdapter.use_preprocessing`: one that disagrees
+    makes the written file unreadable (``repair eval`` of it is refused). :class:`BadInput` naming the
+    output and that file, before anything is written."""
+    if adapter.modality != "image" or adapter.data_config is None:
+        return
+    side = Path(out).parent / PREPROCESS_FILE
+    if not side.exists():
+        return
+    beside = image_config_from_options(None, None, None, side)
+    diff = preprocess_disagreement(beside, described_image_config(dict(adapter.data_config)))
+    if diff:
+        raise BadInput(f"the ONNX file would be written beside {side}, which disagrees with the image "
+                       f"preprocessing the model was read with and the file records ({diff}): reading it back "
+                       f"(repair eval) would be refused; remove or correct {side.name}, or write the "
+                       "output to another folder (--out)", out)
+
 class OnnxAdapter(Adapter):
     family = "onnx"
     #: ``repair.export.export_onnx`` saves the edited graph instead of re-exporting a torch model
@@ -118,7 +144,7 @@ class OnnxAdapter(Adapter):
             names = [str(n) for n in given]
             where = "--class-names"
         else:
-            for key in ("class_names", "label_names"):
+            for key in CLASS_NAME_KEYS:
                 if key in self._source_metadata:
                     try:
                         val = parse_json(self._source_metadata[key])
@@ -171,22 +197,8 @@ class OnnxAdapter(Adapter):
         self._check_image_shape()
 
     def check_written_beside(self, out: Path) -> None:
-        """The model written to ``out`` records the preprocessing it was read with (metadata
-        ``preprocess``), and a ``preprocess.json`` beside ``out`` is read with it -- by the one rule of
-        :meth:`use_preprocessing`: one that disagrees makes the written file unreadable (``repair eval`` of
-        it is refused). :class:`BadInput` naming the output and that file, before anything is written."""
-        if self.modality != "image" or self.data_config is None:
-            return
-        side = Path(out).parent / PREPROCESS_FILE
-        if not side.exists():
-            return
-        beside = image_config_from_options(None, None, None, side)
-        diff = preprocess_disagreement(beside, described_image_config(dict(self.data_config)))
-        if diff:
-            raise BadInput(f"the repaired model would be written beside {side}, which disagrees with the image "
-                           f"preprocessing the model was read with and records ({diff}): reading it back "
-                           f"(repair eval) would be refused; remove or correct {side.name}, or write the "
-                           "output to another folder (--out)", out)
+        """The model written to ``out``: :func:`check_onnx_written_beside`."""
+        check_onnx_written_beside(self, out)
 
     def _check_image_shape(self) -> None:
         if self.data_config is None or len(self._inputs) != 1:

@@ -181,7 +181,6 @@ import torch
 import torch.nn.functional as F
 
 from ..config import above, setting
-from ..errors import BadInput
 from ..modelrepair.finetune import (EARLY_STOPS, SETTLE_STRENGTHS, LoopConfig, Session, SettleSettings, cross_fit,
                                     draw_batch, refit_head, settle_by, train)
 from ..selection import SELECTION_NAMES
@@ -311,9 +310,8 @@ def _mix_point(tm, trained: list, asked: int):
     output of the last frozen one; the token embeddings when they train). Images: None."""
     if tm.modality != "text":
         return None
+    tm.check_mix_point(asked)          # also checked before any work (pipeline._check_scopes)
     points = tm.mix_points()
-    if asked >= len(points):
-        raise BadInput(f"mixft: mix_point {asked} is beyond this model's last layer ({len(points) - 1})")
     if asked >= 0:
         return asked
     params = dict(tm.module.named_parameters())

@@ -190,6 +190,17 @@ class TrainableModel:
             self._mix_points = _text_mix_points(self.module)
         return self._mix_points
 
+    def check_mix_point(self, asked: int) -> None:
+        """A text model's ``mix_point`` setting (0 = token embeddings, k = output of layer k; -1 = chosen
+        from what trains) within this model's layers: :class:`SettingRefused` otherwise (the caller names
+        the recipe and candidate). Images mix in pixel space: any value is ignored there."""
+        if self.modality != "text" or int(asked) < 0:
+            return
+        n = len(self.mix_points())
+        if int(asked) >= n:
+            raise SettingRefused(f"setting 'mix_point': {int(asked)} is beyond this model's last layer (mix points "
+                                 f"0..{n - 1}: 0 = token embeddings, k = the output of layer k)")
+
     def mixed_logits(self, encoded, idx: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor, device, *,
                      point: int = 0, augment: str = "none",
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
