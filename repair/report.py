@@ -366,6 +366,8 @@ def _num(x: Optional[float]) -> str:
 
 def summary_table(models: list[dict], mode: str) -> str:
     """The sortable summary: model, method chosen, WGA before -> after, mean accuracy, gate."""
+    from .display import points_delta
+
     head = (["model", "status", "method chosen", "WGA before → after", "Δ WGA", "mean accuracy", "gate"]
             if mode == "fix" else ["model", "status", "WGA", "mean accuracy", "gate"])
     rows = []
@@ -389,7 +391,7 @@ def summary_table(models: list[dict], mode: str) -> str:
             cls = "" if d is None else ("up" if d > 0 else "down" if d < 0 else "")
             cells += [f"<td>{_e(r.get('candidate') or '–')}</td>",
                       f'<td class="num" data-v="{_num(wa)}">{_pct(wb)} → <b>{_pct(wa)}</b>{note}</td>',
-                      f'<td class="num {cls}" data-v="{_num(d)}">{"–" if d is None else f"{100 * d:+.1f}"}</td>',
+                      f'<td class="num {cls}" data-v="{_num(d)}">{points_delta(wb, wa, missing="–")}</td>',
                       f'<td class="num" data-v="{_num(a and a.get("accuracy"))}">{_pct(a and a.get("accuracy"))}</td>']
         else:
             cells += [f'<td class="num" data-v="{_num(wb)}">{_pct(wb)}{note}</td>',

@@ -66,6 +66,7 @@ the report folder or the journal (checked before any work).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -742,16 +743,23 @@ class Journal:
     def __init__(self, path: Path):
         self.path = Path(path)
 
+    #: a journal at a symbolic link: appended to, its target (outside the paths given) would be written
+    LINK = ("the journal is a symbolic link, and a journal is appended to, never through a link (its target "
+            "would be written); name the file itself")
+
     def check(self) -> None:
-        """A journal that exists is a regular file (a folder or a FIFO is refused, never opened)."""
+        """A journal that exists is a regular file (a symbolic link, dangling or not, a folder or a FIFO
+        is refused, never opened)."""
         import stat
 
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
         except FileNotFoundError:
             return
         except OSError as e:
             raise BadInput(f"cannot read the journal ({e.strerror or e})", self.path) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise BadInput(self.LINK, self.path)
         if stat.S_ISDIR(st.st_mode):
             raise BadInput("the journal is a folder, not a file", self.path)
         if not stat.S_ISREG(st.st_mode):
@@ -765,7 +773,8 @@ class Journal:
         if not self.path.exists():
             return {}
         try:
-            raw = self.path.read_bytes()
+            with os.fdopen(self._open(os.O_RDONLY), "rb") as fh:
+                raw = fh.read()
         except OSError as e:
             raise BadInput(f"cannot read the journal ({e.strerror or e})", self.path) from None
         keep = raw.rfind(b"\n") + 1
@@ -794,13 +803,26 @@ class Journal:
             if not ours:
                 raise BadInput(f"line {text.count(chr(10)) + 1} is not a journal record (not written by repair "
                                "zoo?)", self.path)
-            with open(self.path, "r+b") as fh:
-                fh.truncate(keep)
+            fd = self._open(os.O_WRONLY)
+            try:
+                os.ftruncate(fd, keep)
+            finally:
+                os.close(fd)
         return out
+
+    def _open(self, flags: int) -> int:
+        """The journal opened with ``flags``, never through a symbolic link (one put at its path after
+        :meth:`check`: :attr:`LINK`, its target untouched)."""
+        try:
+            return os.open(self.path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EMLINK) or self.path.is_symlink():
+                raise BadInput(self.LINK, self.path) from None
+            raise
 
     def append(self, record: dict) -> None:
         data = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             written = os.write(fd, data)
             if written != len(data):
