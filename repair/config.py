@@ -84,15 +84,21 @@ def above(bound: float) -> When:
 
 def setting(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None,
             le: Optional[float] = None, lt: Optional[float] = None, choices: Optional[Sequence] = None,
-            nonempty: bool = False, doc: str = "", only_if: Optional[dict] = None):
+            nonempty: Any = False, doc: str = "", only_if: Optional[dict] = None):
     """A dataclass field with validation metadata (bounds apply to every element of a tuple).
+    ``nonempty``: True (a list that must hold something), or ``{other setting: the values under which
+    it must}`` (as ``only_if`` writes them): a grid that another setting may make up for when empty
+    (neurontune's ``threshold_quantiles``, whose candidates ``include_no_mask: true`` adds to).
     ``only_if``: ``{other setting: the values under which this one has an effect}`` (a list of values,
     or a :class:`When` condition such as ``above(0)``); a config that sets this one to other than its
     default while another makes it do nothing is refused (:func:`build_config`), rather than recorded
     in the provenance as if it had been used. The one home of that rule."""
+    def conditions(d: dict) -> dict:
+        return {k: v if isinstance(v, When) else tuple(v) for k, v in d.items()}
+
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None,
-            "nonempty": nonempty, "doc": doc,
-            "only_if": {k: v if isinstance(v, When) else tuple(v) for k, v in only_if.items()} if only_if else None}
+            "nonempty": conditions(nonempty) if isinstance(nonempty, dict) else bool(nonempty), "doc": doc,
+            "only_if": conditions(only_if) if only_if else None}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"check": meta})
     return dataclasses.field(default=default, metadata={"check": meta})
@@ -146,14 +152,7 @@ def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> An
         return int(value)
     if kind == "float":
         if not _number(value):
-            hint = ""
-            if isinstance(value, str):
-                try:
-                    float(value)
-                    hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-9)"
-                except ValueError:
-                    pass
-            raise ConfigError(key, f"must be a number, got {value!r}{hint}")
+            raise ConfigError(key, f"must be a number, got {value!r}{_text_number_hint(value)}")
         if not _finite(value):
             raise ConfigError(key, f"must be finite, got {value!r}")
         return float(value)
@@ -171,13 +170,24 @@ def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> An
         for v in value:
             if proto is not None and _number(proto):
                 if not _number(v):
-                    raise ConfigError(key, f"must be a list of numbers, got {value!r}")
+                    raise ConfigError(key, f"must be a list of numbers, got {_lists(value)!r}{_text_number_hint(v)}")
                 if not _finite(v):
                     raise ConfigError(key, f"must be finite, got {v!r}")
                 v = float(v) if isinstance(proto, float) else v
             out.append(_tuples(_one_line(key, v) if isinstance(v, str) else v))
         return tuple(out)
     return value
+
+
+def _text_number_hint(value: Any) -> str:
+    """The hint for a number YAML read as text (``1e-3``: YAML 1.1 wants a decimal point), or ""."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-9)"
+    return ""
 
 
 def _one_line(key: str, text: str) -> str:
@@ -199,6 +209,11 @@ def _tuples(v: Any) -> Any:
     return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
+def _lists(v: Any) -> Any:
+    """``v`` with every tuple in it (at any depth) a list: a value shown as the recipe wrote it."""
+    return [_lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def _numbers(v: Any):
     """Every number in ``v`` (a value, or tuples of them at any depth)."""
     if isinstance(v, (list, tuple)):
@@ -211,7 +226,7 @@ def _numbers(v: Any):
 def _check(key: str, value: Any, meta: dict) -> None:
     if value is None:
         return
-    if meta.get("nonempty") and isinstance(value, tuple) and not value:
+    if meta.get("nonempty") is True and isinstance(value, tuple) and not value:
         raise ConfigError(key, "must not be empty")
     capped = meta.get("le") is None and meta.get("lt") is None
     for v in _numbers(value):          # every number, whatever the setting's type or default
@@ -228,7 +243,7 @@ def _check(key: str, value: Any, meta: dict) -> None:
         if not _number(v):
             if bounded:                # a setting with a declared range holds numbers
                 what = "a list of numbers" if isinstance(value, tuple) else "a number"
-                raise ConfigError(key, f"must be {what}, got {value!r}")
+                raise ConfigError(key, f"must be {what}, got {_lists(value)!r}{_text_number_hint(v)}")
             continue
         for op, bound, ok in (("ge", meta.get("ge"), lambda a, b: a >= b), ("gt", meta.get("gt"), lambda a, b: a > b),
                               ("le", meta.get("le"), lambda a, b: a <= b), ("lt", meta.get("lt"), lambda a, b: a < b)):
@@ -255,6 +270,12 @@ def build_config(cls: type, params: Optional[dict] = None):
         value = _coerce(name, kind, optional, params[name], default) if name in params else default
         _check(name, value, dict(f.metadata.get("check") or {}))
         values[name] = value
+    for name, f in fields.items():     # a grid left empty where the other settings add no candidate either
+        need = (f.metadata.get("check") or {}).get("nonempty")
+        if isinstance(need, dict) and values[name] == () and all(values.get(o) in a for o, a in need.items()):
+            which = ", ".join(f"{o}: {values.get(o)!r}" for o in need)
+            raise ConfigError(name, f"must not be empty with {which}: that leaves no candidate; give at least "
+                                    f"one or change {' or '.join(need)}")
     for name in params:                # a setting changed where another makes it do nothing: refused
         if values[name] == _tuples(defaults[name]):     # its default restated (a recipe listing every setting)
             continue

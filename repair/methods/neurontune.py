@@ -39,7 +39,7 @@ Config fields (:class:`NeuronTuneConfig`):
   rest identifies the spurious neurons and fits the candidate heads.
 - ``aggregation`` ("union"): "union" | "all" (see above).
 - ``threshold_quantiles`` (0.5, 0.75, 0.9, 0.95, 0.98): lambda candidates as quantiles
-  of the positive aggregated deltas.
+  of the positive aggregated deltas; empty only with ``include_no_mask`` (no candidate else).
 - ``include_no_mask`` (True): also consider masking nothing.
 - ``delta_scale`` ("raw"): "raw" | "std".
 - ``selection`` ("auto"): the criterion of :mod:`repair.selection` (NeuronTune never
@@ -68,7 +68,8 @@ __all__ = ["NeuronTuneConfig", "neurontune"]
 class NeuronTuneConfig:
     holdout_fraction: float = setting(0.5, gt=0, lt=1)
     aggregation: str = setting("union", choices=("union", "all"))
-    threshold_quantiles: tuple = setting((0.5, 0.75, 0.9, 0.95, 0.98), ge=0, le=1)
+    threshold_quantiles: tuple = setting((0.5, 0.75, 0.9, 0.95, 0.98), ge=0, le=1,
+                                         nonempty={"include_no_mask": (False,)})   # else no candidate
     include_no_mask: bool = True
     delta_scale: str = setting("raw", choices=("raw", "std"))
     selection: str = setting("auto", choices=("auto", "worst_class", "worst_inferred_group"))
