@@ -49,7 +49,7 @@ from . import threads
 from .display import percent
 from .config import SettingRefused
 from .errors import BadInput
-from .methods import CannotWin, ModelRepairInputs, RepairInputs
+from .methods import CannotWin, FoldInputs, ModelRepairInputs, RepairInputs
 from .selection import (MIN_GAIN, Criterion, KFold, average_heads, head_predictions, inferred_groups,
                         required_gain, scores_from_preds, select_and_refit)
 
@@ -91,6 +91,14 @@ class Choice:
     rows: list = field(default_factory=list)
     selection: Optional[dict] = None
     notes: list = field(default_factory=list)
+    #: what the repair set is too small to support or gives no evidence of (:func:`choose_heads`; a
+    #: ``repair fix`` report carries them with its other warnings)
+    warnings: list = field(default_factory=list)
+
+
+def not_compared(label: str) -> str:
+    """The warning of a recipe with several candidates whose fit part was too small for its folds."""
+    return f"no candidate was compared (too few samples for the folds): {label} is the recipe's first"
 
 
 class FitContext:
@@ -129,7 +137,7 @@ class FitContext:
         g = self.groups[idx] if (self.groups is not None and info.uses_groups) else None
         t0 = time.perf_counter()
         if info.kind == "head":
-            out = info(RepairInputs(X=self.X[idx], y=self.y[idx], W=self.W0, b=self.b0, groups=g,
+            out = info(FoldInputs(X=self.X[idx], y=self.y[idx], W=self.W0, b=self.b0, groups=g,
                                     seed=self.seed, device=self.device,
                                     clusters=None if self.clusters is None else self.clusters[idx]), cfg)
             secs = time.perf_counter() - t0
@@ -270,7 +278,12 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     ref_logits = X @ W0.T + b0
     crit, strata = selection_basis(recipe.selection, y, ref_logits, groups)
     ctx = FitContext(None, None, X, y, groups, W0, b0, seed, device, None, False, log, clusters=clusters)
-    return choose(recipe, ctx, torch.arange(y.numel()), strata, crit, ref_logits, int(folds), seed, log)
+    choice = choose(recipe, ctx, torch.arange(y.numel()), strata, crit, ref_logits, int(folds), seed, log)
+    if len(recipe.candidates) > 1 and not choice.selection:
+        ctx.warnings.append(not_compared(choice.chosen.label))
+        log(f"warning: {ctx.warnings[-1]}")
+    choice.warnings = list(ctx.warnings)       # a caller without a log keeps them (the default log drops all)
+    return choice
 
 
 def choose(recipe, ctx: FitContext, fit_idx: torch.Tensor, strata: torch.Tensor, crit: Criterion,

@@ -527,6 +527,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     --eval set's embeddings where they were taken before the fitting (an image set's: its input keys
     are read from them). ``trained_on``: per data resource (``--train``), the data and the indices of
     its samples a model repair could train on."""
+    from .choosing import not_compared
     from .methods import head_notes
     from .outputs import HtmlReport, ModelOutputs, OnnxExport
     from .rules import artifacts_output
@@ -543,8 +544,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         else:             # too few samples for the folds: no comparison ran, and the log says so
             log(f"chosen: {chosen.label}, the recipe's first candidate: the fit part is too small for "
                 f"{int(o.selection_folds or recipe.folds)}-fold cross-validation, so no candidate was compared")
-            _warn(ctx, log, f"no candidate was compared (too few samples for the folds): {chosen.label} is the "
-                            "recipe's first")
+            _warn(ctx, log, not_compared(chosen.label))
 
     # ---- the data the figures are measured on (never fitted or selected on)
     if eval_given:

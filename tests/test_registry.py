@@ -111,7 +111,7 @@ def test_method_from_an_entry_point_object(installed):
     try:
         m = get_method("keep_head")
         assert m.kind == "head" and "keep_head" in [x.name for x in list_methods("head")]
-        out = m(RepairInputs(X=torch.zeros(2, 3), y=torch.zeros(2, dtype=torch.long), W=torch.ones(2, 3),
+        out = m(RepairInputs(X=torch.zeros(2, 3), y=torch.tensor([0, 1]), W=torch.ones(2, 3),
                              b=torch.zeros(2)), m.make_config({"scale": 2.0}))
         assert torch.equal(out.W, 2 * torch.ones(2, 3))
         # installed methods are the user's own installation: recipes use them without --allow-plugins

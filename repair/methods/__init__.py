@@ -88,6 +88,14 @@ class RepairInputs:
 
 
 @dataclass
+class FoldInputs(RepairInputs):
+    """A head repair's inputs inside a selection (:meth:`repair.choosing.FitContext.fit`): the training
+    rows of a fold, of a repair set that covers every class of the head (checked there). A small class
+    may be absent from a fold -- its out-of-fold score says what that costs -- so these inputs are not
+    held to :meth:`MethodInfo.__call__`'s rule that every class has samples."""
+
+
+@dataclass
 class Prepared:
     gen: torch.Generator
     X: torch.Tensor
@@ -232,6 +240,15 @@ class MethodInfo:
             raise BadInput(f"{self.name} needs group labels (give --group-by)")
         if self.kind == "head":
             inputs = check_inputs(inputs, self.name)      # ids as int64, huge ids renumbered (a copy)
+            if not isinstance(inputs, FoldInputs):
+                # a head refit without a class's samples pushes that class away (its recall 0, silently);
+                # one class alone is no head: the rule repair fix and choose_heads apply (one home)
+                from ..data import check_classes_present
+
+                try:
+                    check_classes_present(inputs.y, [f"class {c}" for c in range(inputs.num_classes)])
+                except BadInput as e:
+                    raise BadArrays(f"{self.name}: {e.problem}") from None
         if isinstance(config, dict):          # settings by name, as a recipe gives them: validated
             config = self.make_config(config)
         elif config is not None and not isinstance(config, self.config_cls):
@@ -505,7 +522,7 @@ def head_notes(label: str, diagnostics: Optional[dict]) -> list[str]:
     return notes
 
 
-__all__ = ["RepairInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "CannotWin", "TrainSet", "MethodInfo",
+__all__ = ["RepairInputs", "FoldInputs", "RepairOutput", "ModelRepairInputs", "ModelRepairOutput", "CannotWin", "TrainSet", "MethodInfo",
            "register_method", "register_model_repair", "list_methods", "get_method", "MASK", "AFFINE",
            "Transform", "Resource", "METHODS", "BadArrays", "check_inputs", "check_output", "check_model_output",
            "CONVERGED_KEYS", "head_notes"]
