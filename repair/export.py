@@ -83,20 +83,25 @@ EXPORT_BATCH = 2          # example batch size the exporter traces with
 VERIFY_BATCH = 32         # verification batch size (never EXPORT_BATCH)
 
 
+#: float32 rounding of a logit's magnitude (about 84 x its machine epsilon) in a near-tie's bound
+ROUNDING = 1e-5
+
 @dataclass(frozen=True)
 class Bound:
     """How far an ONNX logit may be from the reference's: ``atol + rtol * s`` with ``s`` the larger
     of the logit's |reference| and the sample's top reference logit's (see the module docstring for
-    why and how chosen)."""
+    why and how chosen). ``rounding``: the relative rounding of a logit's whole magnitude (bias included)
+    the computation may add -- float32's (:data:`ROUNDING`), or a float16 head's."""
     atol: float
     rtol: float
     source: str
+    rounding: float = ROUNDING
 
     def allowed(self, ref: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The largest |diff| each logit of ``ref`` (N, C) may have, (N, C). ``bias`` (C,): the head's
         bias, when the reference has one: a network's error in a logit follows what the head computes from
         the embedding (``ref - bias``), not the bias added at the end, which only adds float32's rounding of
-        its magnitude (:data:`ROUNDING`). Without it a bias of 1e4 on every class (which changes no
+        its magnitude (``rounding``). Without it a bias of 1e4 on every class (which changes no
         prediction) allowed every logit a difference of 10, and a file with a 40x sharper softmax passed."""
         if not ref.numel():
             return ref.new_full(ref.shape, self.atol)
@@ -107,7 +112,7 @@ class Bound:
         lin = ref - bias.reshape(1, -1).to(ref.dtype)
         scale = torch.maximum(lin.abs(), lin.gather(1, at).abs())
         magnitude = torch.maximum(ref.abs(), ref.gather(1, at).abs())
-        return self.atol + self.rtol * scale + ROUNDING * magnitude
+        return self.atol + self.rtol * scale + self.rounding * magnitude
 
     def tie_allowed(self, ref: torch.Tensor) -> torch.Tensor:
         """The |diff| of each logit of ``ref`` (N, C) that may flip a near-tie: the bound's relative part
@@ -119,18 +124,15 @@ class Bound:
             return ref.new_full(ref.shape, self.atol)
         top = ref.gather(1, ref.argmax(1, keepdim=True))
         height = (top - ref.median(1, keepdim=True).values).abs()
-        rounding = ROUNDING * torch.maximum(ref.abs(), top.abs()) if self.rtol else 0.0
+        rounding = self.rounding * torch.maximum(ref.abs(), top.abs()) if self.rtol else 0.0
         return self.atol + self.rtol * height + rounding
 
     def describe(self) -> dict:
         return {"rule": "|onnx - reference| <= atol + rtol * max(|reference_k - bias_k|, |reference_top - bias_top|) "
-                        "+ 1e-5 * max(|reference_k|, |reference_top|) per logit (bias: the reference head's; "
+                        "+ rounding * max(|reference_k|, |reference_top|) per logit (bias: the reference head's; "
                         "without one, atol + rtol * max(|reference_k|, |reference_top|))",
-                "atol": self.atol, "rtol": self.rtol, "source": self.source}
+                "atol": self.atol, "rtol": self.rtol, "rounding": self.rounding, "source": self.source}
 
-
-#: float32 rounding of a logit's magnitude (about 84 x its machine epsilon) in a near-tie's bound
-ROUNDING = 1e-5
 
 #: the relative part of the head check's bound for a graph whose head computes in float16 (its
 #: epsilon is ~1e-3: the file's own rounding of a logit is of the order of the default bound)
@@ -146,7 +148,8 @@ def head_check_bound(bound: Bound, reference) -> Bound:
     dtype = getattr(reference, "head_dtype", None)
     if dtype is None or np.dtype(dtype) != np.float16 or not bound.rtol:
         return bound
-    return Bound(atol=bound.atol, rtol=max(bound.rtol, HALF_RTOL), source=f"{bound.source}, float16 head")
+    return Bound(atol=bound.atol, rtol=max(bound.rtol, HALF_RTOL), source=f"{bound.source}, float16 head",
+                 rounding=max(bound.rounding, HALF_RTOL))     # float16 rounds the whole logit, bias included
 
 
 #: the default bound, any modality. ``tests/test_onnx_bounds.py`` measures the margin: the largest
@@ -669,6 +672,7 @@ def metadata_mismatches(onnx_path: Path, reference: Adapter, got: Optional[dict]
             got = metadata_dict(onnx.load(str(onnx_path), load_external_data=False))
         except Exception:                # run_verification already said why the file does not load
             return []
+    from .adapters import checked_class_names
     from .adapters.onnx_adapter import CLASS_NAME_KEYS
 
     want = export_metadata(reference, {})
@@ -680,8 +684,11 @@ def metadata_mismatches(onnx_path: Path, reference: Adapter, got: Optional[dict]
         if have not in got or key not in want:
             continue
         try:
-            same = json.loads(got[have]) == json.loads(want[key])
-        except ValueError:
+            theirs = json.loads(got[have])
+            if key == "class_names":        # read as the loader reads them: stripped text, "" its index
+                theirs = checked_class_names(theirs, have, distinct=False)
+            same = theirs == json.loads(want[key])
+        except (ValueError, BadInput):
             same = False
         if not same:
             out.append(f"the file's {have} ({got[have][:120]}) differ from the reference's {key} ({want[key][:120]}): "

@@ -114,6 +114,9 @@ class ModelOutputs:
                     rep["path"] = str(final)
                     w["export"] = rep
                 elif self.onnx is not None and self.onnx.path is None:
+                    from .adapters.onnx_adapter import check_onnx_written_beside
+
+                    check_onnx_written_beside(a, tmp / "model.onnx")       # beside what save copied
                     w["export"] = self._export(tmp / "model.onnx", final / "model.onnx")
             if self.onnx is not None and self.onnx.path is not None and w["export"] is None:
                 w["export"] = self._export(tx.stage(Path(self.onnx.path), kind="file"), Path(self.onnx.path))

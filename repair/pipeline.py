@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -283,10 +284,14 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     check_beside = getattr(adapter, "check_written_beside", None)   # an ONNX model: a preprocess.json where
     if check_beside is not None:                                    # it is written would be read with it
         check_beside(Path(out_path))
-    if paths.get("--export onnx") is not None:                      # any model's ONNX export, as well
-        from .adapters.onnx_adapter import check_onnx_written_beside
+    if o.export == "onnx" and not adapter.exports_onnx_natively:   # any model's ONNX export, as well
+        from .adapters.onnx_adapter import PREPROCESS_FILE, check_onnx_written_beside
 
-        check_onnx_written_beside(adapter, Path(paths["--export onnx"]))     # beside --out
+        if paths.get("--export onnx") is not None:                  # a file beside --out
+            check_onnx_written_beside(adapter, Path(paths["--export onnx"]))
+        elif isinstance(model_path, (str, os.PathLike)) and Path(model_path).is_dir():   # model.onnx in the output folder, beside
+            check_onnx_written_beside(adapter, Path(out_path) / "model.onnx",        # the copy of the source's
+                                      side=Path(model_path) / PREPROCESS_FILE)
     if left_out:                          # the source's weights in other formats: not in the output
         log(left_out)
     if "model" in recipe.kinds and not adapter.can_train:
@@ -425,17 +430,22 @@ def _check_scopes(recipe, adapter) -> None:
 
     named = [c for c in recipe.candidates if c.info.kind == "model" and isinstance(c.params.get("scope"), str)
              and c.params["scope"].startswith("names:")]
-    points = [c for c in recipe.candidates if c.info.kind == "model" and isinstance(c.params.get("mix_point"), int)
-              and not isinstance(c.params["mix_point"], bool) and c.params["mix_point"] >= 0]
+    points = []                  # (candidate, mix_point) as its config reads it (3.0 is the whole number 3)
+    for c in recipe.candidates:
+        if c.info.kind == "model" and "mix_point" in c.params:
+            try:
+                p = getattr(c.config(), "mix_point", None)
+            except Exception:    # its settings are refused where the recipe is checked
+                p = None
+            if isinstance(p, int) and p >= 0:
+                points.append((c, p))
     if not (named or points) or not adapter.can_train:
         return
     model = adapter.trainable()
-    for c in named + points:
+    for c, check in [(c, lambda c=c: model.select(c.params["scope"])) for c in named] + \
+                    [(c, lambda p=p: model.check_mix_point(p)) for c, p in points]:
         try:
-            if c in named:
-                model.select(c.params["scope"])
-            if c in points:
-                model.check_mix_point(c.params["mix_point"])
+            check()
         except SettingRefused as e:
             raise c.info.named(e) from None
 

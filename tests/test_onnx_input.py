@@ -221,6 +221,27 @@ def test_a_float16_head_is_written_as_measured_and_exports_verified(tmp_path):
     assert code == 0, err
 
 
+@pytest.mark.parametrize("scale,bias", [(0.03, 100.0), (0.1, 10.0)])
+def test_a_float16_head_with_a_large_bias_exports_verified(tmp_path, scale, bias):
+    """Found by a review: with the bound's relative part taken from the logits less the bias, a float16
+    head's check (embeddings @ W.T + b against the file) kept float32's rounding for the bias-sized part of
+    the logit, and a correct export of a head whose bias is ~20x its linear part failed (ratio 14). A
+    float16 head rounds the whole logit, bias included (head_check_bound's rounding)."""
+    from conftest import make_images, run_cli
+
+    nodes, inits = _body(dtype=np.float16)
+    rng = np.random.default_rng(5)
+    hn = [helper.make_node("Gemm", ["emb", "head.w", "head.b"], ["logits"], transB=1)]
+    hi = [_init("head.w", rng.normal(0, scale, (3, D)), np.float16),
+          _init("head.b", np.array([bias, bias + 0.5, bias - 0.5]), np.float16)]
+    nodes[0:0] = [helper.make_node("Cast", ["input"], ["input_h"], to=TensorProto.FLOAT16)]
+    nodes[1] = helper.make_node("Flatten", ["input_h"], ["flat"], axis=1)
+    src = _save(tmp_path / "m" / "m.onnx", nodes + hn, inits + hi, dtype=TensorProto.FLOAT16)
+    data = make_images(tmp_path / "d", n_per_class=4, size=SIZE)
+    code, out, err = run_cli("export", src, "--data", data, "--format", "onnx", "--out", tmp_path / "e.onnx")
+    assert code == 0, err
+
+
 def test_a_common_offset_of_every_logit_widens_no_near_tie():
     """Two classes swapped behind logits of 20,000: every |diff| is within the per-logit bound (whose
     relative part the offset inflates), but no flip is a near-tie."""

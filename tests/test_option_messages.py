@@ -71,12 +71,13 @@ def test_a_mix_point_beyond_the_models_layers_names_its_recipe_before_any_work(t
 
     monkeypatch.setattr(pipeline, "prepare_data", no_work)
     r = tmp_path / "mp.yaml"
-    r.write_text(json.dumps({"name": "mp", "candidates": [{"method": "dfr"},
-                                                          {"method": "mixft", "params": {"mix_point": 50}}]}))
-    code, _, err = run_cli("fix", bert_folder, "--data", text_data, "--recipe", r, "--budget", "2steps",
-                           "--out", tmp_path / "o", "-q", "--no-cache")
-    line = one_line_naming(code, err, r, "candidate 2 (mixft)", "setting 'mix_point'", "50", "0..2")
-    assert line.startswith("error:") and not (tmp_path / "o").exists()
+    for point in (50, 3.0):          # a whole number written as a float is read as one (review of the first version)
+        r.write_text(json.dumps({"name": "mp", "candidates": [{"method": "dfr"},
+                                                              {"method": "mixft", "params": {"mix_point": point}}]}))
+        code, _, err = run_cli("fix", bert_folder, "--data", text_data, "--recipe", r, "--budget", "2steps",
+                               "--out", tmp_path / "o", "-q", "--no-cache")
+        line = one_line_naming(code, err, r, "candidate 2 (mixft)", "setting 'mix_point'", str(int(point)), "0..2")
+        assert line.startswith("error:") and not (tmp_path / "o").exists()
 
 
 def test_a_recipe_built_in_python_is_named_by_its_name_when_its_scope_matches_nothing():
@@ -213,6 +214,20 @@ def test_an_onnx_export_beside_a_disagreeing_preprocess_json_is_refused(tmp_path
                            "dfr", "--out", pj / "fixed.safetensors", "--export", "onnx", "-q", "--no-cache")
     assert code == 2 and "disagrees" in err and str(pj / "fixed.onnx") in err, err
     assert sorted(p.name for p in pj.iterdir()) == ["preprocess.json"]
+    # fix --export onnx of a folder checkpoint holding such a preprocess.json: model.onnx would sit in the
+    # output folder beside its copy (found by a review of the first version, which checked file outputs only)
+    import shutil
+
+    folder = tmp_path / "tf"
+    shutil.copytree(timm_folder, folder)
+    shutil.copy(pj / "preprocess.json", folder / "preprocess.json")
+    code, _, err = run_cli("fix", folder, "--data", data, "--recipe", "dfr", "--out", tmp_path / "of",
+                           "--export", "onnx", "-q", "--no-cache")
+    assert code == 2 and "disagrees" in err and "preprocess.json" in err, err
+    assert not (tmp_path / "of").exists()
     # beside an agreeing one (the file's own preprocessing), or in another folder: written as before
     code, _, err = run_cli("export", timm_folder, "--data", data, "--out", tmp_path / "t.onnx", "-q")
     assert code == 0, err
+    code, _, err = run_cli("fix", timm_folder, "--data", data, "--recipe", "dfr", "--out", tmp_path / "ok",
+                           "--export", "onnx", "-q", "--no-cache")
+    assert code == 0 and (tmp_path / "ok" / "model.onnx").is_file(), err

@@ -47,15 +47,16 @@ from .text import (TOKENIZER_DIGEST_FILES, collate_texts, has_tokenizer_files, l
 CLASS_NAME_KEYS = ("class_names", "label_names")
 
 
-def check_onnx_written_beside(adapter, out: Path) -> None:
+def check_onnx_written_beside(adapter, out: Path, side: Optional[Path] = None) -> None:
     """An ONNX file written to ``out`` (a repaired ONNX model, or any image model's ONNX export) records the
     preprocessing the model was read with (metadata ``preprocess``), and a ``preprocess.json`` beside
     ``out`` is read with it -- by the one rule of :meth:`OnnxAdapter.use_preprocessing`: one that disagrees
     makes the written file unreadable (``repair eval`` of it is refused). :class:`BadInput` naming the
-    output and that file, before anything is written."""
+    output and that file, before anything is written. ``side``: the ``preprocess.json`` that will be beside
+    it, when it is not there yet (a folder checkpoint's, copied into the output folder with the model)."""
     if adapter.modality != "image" or adapter.data_config is None:
         return
-    side = Path(out).parent / PREPROCESS_FILE
+    side = Path(side) if side is not None else Path(out).parent / PREPROCESS_FILE
     if not side.exists():
         return
     beside = image_config_from_options(None, None, None, side)
