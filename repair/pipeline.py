@@ -442,10 +442,11 @@ def _check_scopes(recipe, adapter) -> None:
     if not (named or points) or not adapter.can_train:
         return
     model = adapter.trainable()
-    for c, check in [(c, lambda c=c: model.select(c.params["scope"])) for c in named] + \
-                    [(c, lambda p=p: model.check_mix_point(p)) for c, p in points]:
+    checks = [(c, model.select, c.params["scope"]) for c in named] + \
+             [(c, model.check_mix_point, p) for c, p in points]
+    for c, check, value in checks:
         try:
-            check()
+            check(value)
         except SettingRefused as e:
             raise c.info.named(e) from None
 
