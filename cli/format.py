@@ -4,10 +4,13 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 
-def pct(x: Optional[float]) -> str:
+def pct(x: Optional[float], against: Sequence[float] = ()) -> str:
     from repair.display import percent
 
-    return percent(x)
+    return percent(x, against=against)
+
+
+_pct = pct
 
 
 def _is_number(s: str) -> bool:
@@ -32,6 +35,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def eval_table(rep: dict, title: str = "") -> str:
+    from repair.display import gate_thresholds
+
+    marks = gate_thresholds(rep.get("gates") or [])     # no figure shown as meeting a gate it fails
+
+    def pct(x):
+        return _pct(x, marks)
+
     out = []
     if title:
         out.append(title)

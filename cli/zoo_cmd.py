@@ -17,6 +17,7 @@ _RAY_INSTALL = install_hint("zoo").replace("[", "\\[")      # rich reads [zoo] a
 
 
 def zoo_table(doc: dict) -> str:
+    from repair.display import gate_thresholds
     from repair.report import gate_summary, headline, zoo_summary_line
 
     rows = []
@@ -27,10 +28,12 @@ def zoo_table(doc: dict) -> str:
         wa, _ = headline(a)
         g = m.get("gate")
         gate = "-" if not g else f"{'pass' if g['passed'] else 'FAIL'} ({gate_summary(g)})"
-        wga = (f"{pct(wb)} -> {pct(wa)}" if a else pct(wb)) + ("" if label == "WGA" or not b else f" ({label})")
+        marks = gate_thresholds([g])
+        wga = (f"{pct(wb, marks)} -> {pct(wa, marks)}" if a else pct(wb, marks)) + (
+            "" if label == "WGA" or not b else f" ({label})")
         rows.append([m["name"], m["status"] if m["status"] != "done" else
                      ("redone" if m.get("redone") else "resumed" if m.get("resumed") else "done"),
-                     r.get("candidate") or "-", wga if b else "-", pct((a or b or {}).get("accuracy")), gate])
+                     r.get("candidate") or "-", wga if b else "-", pct((a or b or {}).get("accuracy"), marks), gate])
     head = ["model", "status", "method", "WGA before -> after" if doc["mode"] == "fix" else "WGA", "accuracy", "gate"]
     return "\n".join([table(head, rows), "",
                       f"{zoo_summary_line(doc)}; report {doc['report']} (JSON beside it); "

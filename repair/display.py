@@ -1,28 +1,43 @@
 """How figures are written for people (stdout tables, the HTML report): one home, no torch."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 
-def _fixed(v: float, avoid: tuple[float, ...], sign: str = "") -> str:
-    """``v`` with one decimal -- more where one decimal would round it onto one of ``avoid`` (the
-    figures it is not: at most 15 decimals). ``sign``: ``"+"`` to sign it."""
+def _side(a: float, b: float) -> int:
+    """-1, 0 or 1: ``a`` below, at or above ``b`` (equal within float rounding of a ratio)."""
+    d = a - b
+    return 0 if abs(d) <= 1e-9 * max(1.0, abs(b)) else (1 if d > 0 else -1)
+
+
+def _fixed(v: float, marks: tuple[float, ...], sign: str = "") -> str:
+    """``v`` with one decimal -- more where one decimal would move it onto or across one of ``marks``
+    (the values it is judged against: 0, 100, a gate's threshold), at most 15 decimals. ``sign``:
+    ``"+"`` to sign it."""
     digits = 1
     while True:
         s = f"{v:{sign}.{digits}f}"
-        if float(s) not in avoid or digits >= 15:
+        if all(_side(float(s), m) == _side(v, m) for m in marks) or digits >= 15:
             return s
         digits += 1
 
 
-def percent(x: Optional[float], missing: str = "-") -> str:
-    """``x`` (a fraction) as a percentage with one decimal -- more where one decimal would round a
-    figure with errors up to ``100.0%`` or one with hits down to ``0.0%`` (2499/2500 is ``99.96%``, never
-    ``100.0%`` beside a gate line saying it is below 100%). ``missing`` for None."""
+def percent(x: Optional[float], missing: str = "-", against: Iterable[float] = ()) -> str:
+    """``x`` (a fraction) as a percentage with one decimal -- more where one decimal would round it onto
+    or across a figure it is judged against: ``100.0%`` for a figure with errors, ``0.0%`` for one with
+    hits, and each threshold in ``against`` (fractions: the gates beside the figure). 2499/2500 is
+    ``99.96%``, never ``100.0%``; 1999/2500 beside an 80% gate is ``79.96%``, never ``80.0%``.
+    ``missing`` for None."""
     if x is None:
         return missing
     v = 100 * float(x)
-    return _fixed(v, (0.0, 100.0) if 0 < v < 100 else ()) + "%"
+    return _fixed(v, (0.0, 100.0) + tuple(100 * float(t) for t in against)) + "%"
+
+
+def gate_thresholds(gates: Iterable[Optional[dict]]) -> tuple[float, ...]:
+    """The thresholds (fractions) of gate results (:func:`repair.rules.judge`'s dicts; None skipped):
+    what :func:`percent`'s ``against`` takes for the figures shown beside them."""
+    return tuple(float(g["threshold"]) for g in gates if g and g.get("threshold") is not None)
 
 
 def points_delta(before: Optional[float], after: Optional[float], missing: str = "-") -> str:

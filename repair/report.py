@@ -126,10 +126,12 @@ def _e(x: Any) -> str:
     return html.escape(visible("" if x is None else str(x)), quote=True)
 
 
-def _pct(x: Optional[float]) -> str:
-    from .display import percent
+def _pct(x: Optional[float], gate: Optional[dict] = None) -> str:
+    """A figure for the page; ``gate``: the gate judged beside it (never shown as meeting a threshold it
+    fails)."""
+    from .display import gate_thresholds, percent
 
-    return percent(x, missing="–")
+    return percent(x, missing="–", against=gate_thresholds([gate]))
 
 
 def headline(figures: Optional[dict]) -> tuple[Optional[float], str]:
@@ -149,7 +151,7 @@ def _breakdown(figures: dict) -> tuple[str, list[dict]]:
     return "per class", []
 
 
-def bar_chart(before: dict, after: Optional[dict]) -> str:
+def bar_chart(before: dict, after: Optional[dict], gate: Optional[dict] = None) -> str:
     """Horizontal per-group bars, before (grey) and after (blue), as inline SVG."""
     title, rows = _breakdown(before)
     rows_after = {r["name"]: r for r in _breakdown(after)[1]} if after else {}
@@ -176,9 +178,9 @@ def bar_chart(before: dict, after: Optional[dict]) -> str:
             by_ = y + k * bar_h
             w = 0 if acc is None else bar_w * acc
             parts.append(f'<rect x="{label_w}" y="{by_}" width="{w:.1f}" height="{bar_h - 1}" fill="{colour}">'
-                         f'<title>{_e(name)} {sname}: {_pct(acc)}</title></rect>'
+                         f'<title>{_e(name)} {sname}: {_pct(acc, gate)}</title></rect>'
                          f'<text x="{label_w + w + 4:.1f}" y="{by_ + bar_h - 2}" font-size="10" '
-                         f'fill="#2d3748">{_pct(acc)}</text>')
+                         f'fill="#2d3748">{_pct(acc, gate)}</text>')
         y += row_h
     parts.append("</svg>")
     legend = " ".join(f'<span class="key" style="background:{c}"></span>{n}' for n, c, _ in series)
@@ -317,13 +319,13 @@ def model_section(m: dict) -> str:
     if b.get("worst_group_accuracy") is not None:
         rows.append(("worst-group accuracy", b.get("worst_group_accuracy"), a and a.get("worst_group_accuracy")))
     head = "<tr><th></th><th>before</th><th>after</th></tr>" if a else "<tr><th></th><th>measured</th></tr>"
-    body = "".join(f"<tr><td>{n}</td><td class='num'>{_pct(x)}</td>" + (f"<td class='num'>{_pct(y)}</td>" if a else "")
-                   + "</tr>" for n, x, y in rows)
     gate = m.get("gate")
+    body = "".join(f"<tr><td>{n}</td><td class='num'>{_pct(x, gate)}</td>" + (f"<td class='num'>{_pct(y, gate)}</td>" if a else "")
+                   + "</tr>" for n, x, y in rows)
     gate_html = "" if not gate else (f'<p class="gate {"pass" if gate["passed"] else "fail"}">gate: '
                                      f'{_e(_gate_text(gate))}</p>')
     out.append(f'<div class="row"><div><table class="figs"><thead>{head}</thead><tbody>{body}</tbody></table>'
-               f'{gate_html}</div><div>{bar_chart(b, a)}</div></div>')
+               f'{gate_html}</div><div>{bar_chart(b, a, gate)}</div></div>')
     if r.get("mode") == "fix":
         out.append(candidates_table(r))
         if r.get("neurons_suppressed") is not None:
@@ -390,12 +392,12 @@ def summary_table(models: list[dict], mode: str) -> str:
             d = None if wb is None or wa is None else wa - wb
             cls = "" if d is None else ("up" if d > 0 else "down" if d < 0 else "")
             cells += [f"<td>{_e(r.get('candidate') or '–')}</td>",
-                      f'<td class="num" data-v="{_num(wa)}">{_pct(wb)} → <b>{_pct(wa)}</b>{note}</td>',
+                      f'<td class="num" data-v="{_num(wa)}">{_pct(wb, gate)} → <b>{_pct(wa, gate)}</b>{note}</td>',
                       f'<td class="num {cls}" data-v="{_num(d)}">{points_delta(wb, wa, missing="–")}</td>',
-                      f'<td class="num" data-v="{_num(a and a.get("accuracy"))}">{_pct(a and a.get("accuracy"))}</td>']
+                      f'<td class="num" data-v="{_num(a and a.get("accuracy"))}">{_pct(a and a.get("accuracy"), gate)}</td>']
         else:
-            cells += [f'<td class="num" data-v="{_num(wb)}">{_pct(wb)}{note}</td>',
-                      f'<td class="num" data-v="{_num(b and b.get("accuracy"))}">{_pct(b and b.get("accuracy"))}</td>']
+            cells += [f'<td class="num" data-v="{_num(wb)}">{_pct(wb, gate)}{note}</td>',
+                      f'<td class="num" data-v="{_num(b and b.get("accuracy"))}">{_pct(b and b.get("accuracy"), gate)}</td>']
         cells.append(gate_cell)
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<table class="sortable" id="summary"><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr></thead>'
