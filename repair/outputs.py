@@ -229,7 +229,7 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
     from .adapters import LoadOptions
     from .data import DataOptions
     from .io import as_path
-    from .rules import check_bool, check_max_verify, check_options, model_arg
+    from .rules import ONNX_ONLY, check_bool, check_max_verify, check_options, model_arg, onnx_only_given
 
     fmt = check_format(format)
     check_device(device)
@@ -255,8 +255,13 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
         loaded = data if isinstance(data, RepairData) else load_data(data, data_options)
         check_export_options(opset, exporter, tolerance)
         protected.add_data(loaded, "data (--data)")
-    elif isinstance(data, (str, Path)):
-        protected.add(data, "data (--data)")
+    else:
+        for name in onnx_only_given(tolerance=tolerance, max_verify=max_verify, opset=opset, exporter=exporter,
+                                    max_verify_default=DEFAULT_MAX_VERIFY):
+            raise BadInput(f"--{name.replace('_', '-')} is {ONNX_ONLY[name]}; it applies to --format onnx, "
+                           f"not {fmt}")
+        if isinstance(data, (str, Path)):
+            protected.add(data, "data (--data)")
     protected.add(model_path, "input model")
     protected.check(out)
     check_writable(out, force=force, log=log, kind="file" if fmt == "onnx" else model_output_kind(model_path))

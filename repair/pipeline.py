@@ -106,18 +106,19 @@ class FixOptions:
             from .recipes import check_folds
 
             check("selection_folds", check_folds, self.selection_folds, "selection_folds")
-        if self.export not in (None, "onnx"):
-            raise refuse("export", "must be onnx, got {got}", got=repr(self.export))
+        from .rules import ONNX_ONLY, check_format, onnx_only_given
+
+        if self.export is not None:
+            self.export = check("export", check_format, self.export, cli_flag("export"), ("onnx",))
         if self.tolerance is not None:
             self.tolerance = check("tolerance", check_tolerance, self.tolerance)
-            if self.export is None:
-                raise refuse("tolerance", "is the bound of the ONNX verification; give {export} onnx too")
         if self.max_verify is not None:
             from .rules import check_max_verify
 
             self.max_verify = check("max_verify", check_max_verify, self.max_verify)
-            if self.export is None:
-                raise refuse("max_verify", "is the ONNX verification's sample count; give {export} onnx too")
+        if self.export is None:
+            for name in onnx_only_given(tolerance=self.tolerance, max_verify=self.max_verify):
+                raise refuse(name, f"is {ONNX_ONLY[name]}; give {{export}} onnx too")
         if self.eval_group_by is not None and self.eval_data is None:
             raise refuse("eval_group_by", "names a group column of the {eval_data} data; give {eval_data} too")
         if self.allow_finetune and str(self.recipe) not in ("auto", "auto-ft"):

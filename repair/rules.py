@@ -282,11 +282,29 @@ def check_bool(value, flag: str) -> bool:
     return value
 
 
-def check_format(fmt: str) -> str:
-    f = str(fmt).lower()
-    if f not in EXPORT_FORMATS:
-        raise BadInput(f"--format must be onnx or safetensors, got {fmt!r}")
+def check_format(fmt: str, flag: str = "--format", allowed: Sequence[str] = EXPORT_FORMATS) -> str:
+    """An export format by name, in any case (``ONNX`` is ``onnx``): one of ``allowed``, else
+    :class:`BadInput` naming ``flag``. The one home of that rule: ``repair export --format``, ``repair fix
+    --export`` (``allowed``: onnx alone) and a zoo row's ``export``."""
+    f = fmt.lower() if isinstance(fmt, str) else None
+    if f not in allowed:
+        raise BadInput(f"{flag} must be {' or '.join(allowed)}, got {fmt!r}")
     return f
+
+
+#: the options of the ONNX export and its verification, and what each is (for the refusal of one given
+#: where no ONNX file is written)
+ONNX_ONLY = {"tolerance": "the bound of the ONNX verification", "max_verify": "the ONNX verification's sample count",
+             "opset": "the opset of the ONNX file", "exporter": "the ONNX exporter"}
+
+
+def onnx_only_given(*, tolerance=None, max_verify=None, opset=None, exporter="auto", max_verify_default=None) -> list[str]:
+    """Which of the ONNX export's options (:data:`ONNX_ONLY`) were given (not at their defaults): an
+    export or fix writing no ONNX file refuses each of them rather than ignore it (a ``--tolerance -1``
+    beside a safetensors export is a mistake, not a setting). The one home of that rule."""
+    given = {"tolerance": tolerance is not None, "max_verify": max_verify is not None and max_verify != max_verify_default,
+             "opset": opset is not None, "exporter": exporter not in (None, "auto")}
+    return [k for k in ONNX_ONLY if given[k]]
 
 
 def check_tolerance(tol: Any) -> float:
@@ -681,7 +699,7 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
             "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}
 
 
-__all__ = ["Protected", "Threshold", "install_hint", "artifacts_beside", "artifacts_output", "check_bool", "check_export_options", "check_format",
+__all__ = ["Protected", "Threshold", "install_hint", "artifacts_beside", "artifacts_output", "check_bool", "check_export_options", "check_format", "onnx_only_given", "ONNX_ONLY",
            "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "model_output_kind", "fix_onnx_output",
            "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
            "threshold_option", "unmeasured", "parse_expected_groups", "expected_group_names", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]
