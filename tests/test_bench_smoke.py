@@ -57,22 +57,28 @@ def test_bench_smoke_writes_complete_finite_results(tmp_path):
             expected.add(variant_label(m.name, False))
     from bench import tasks as T
     smoke = T._load_task("smoke", Path(task["paths"]["model"]).parent, task["info"])
-    for spec in model_rows_for(smoke):
-        for g in spec.groups:
-            expected.add(variant_label(spec.label, g))
-    assert any(k.startswith("finetune") for k in expected)
+    # every model row on the first repair set; on the others, each method's own row and the built-in
+    # recipes' (a smoke run's rows that vary options run once)
+    first = VARIANTS[0]                                     # the run names no --variants: all, in order
+    model_rows = {v: {variant_label(s.label, g) for s in model_rows_for(smoke) for g in s.groups
+                      if v == first or s.label == s.method or s.recipe is not None} for v in VARIANTS}
+    assert any(k.startswith("finetune") for k in model_rows[VARIANTS[-1]])
+    assert {"mixft[no-groups]", "clp[no-groups]", "recompose[no-groups]", "auto-ft[no-groups]"} <= model_rows[VARIANTS[-1]]
+    assert len(model_rows[first]) > len(model_rows[VARIANTS[-1]])
     for vname, v in task["variants"].items():
         assert len(v["runs"]) == 1 and v["runs"][0]["seed"] == 0
         rows = v["runs"][0]["rows"]
-        missing = expected - set(rows)
+        want = expected | model_rows[vname]
+        missing = want - set(rows)
         assert not missing, (vname, missing)
-        for label in expected:
+        assert not {k for k, r in rows.items() if r.get("kind") == "model"} - model_rows[vname], vname
+        for label in want:
             row = rows[label]
             assert "error" not in row, (vname, label, row.get("error"), row.get("traceback"))
             t = row["test"]
             assert 0.0 <= t["worst_group_accuracy"] <= t["accuracy"] <= 1.0, label
             assert len(t["per_group"]) == 4 and all(_finite_number(x) for x in t["per_group"].values())
-        for label in expected:
+        for label in want:
             s = v["summary"][label]
             assert s["n_seeds"] == 1
             for key in ("wga", "acc"):
