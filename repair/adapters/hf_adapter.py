@@ -3,6 +3,7 @@
 folder (the folder's model and tokenizer with that file's weights)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Optional, Sequence
@@ -75,6 +76,30 @@ def check_vocabulary(tokenizer, model: nn.Module, folder: Path) -> None:
                        f"from {rows} on have no embedding; give the tokenizer the model was trained with", folder)
 
 
+def _shape_disagreement(path: Path, tensors: dict) -> Optional[str]:
+    """Why a folder's weights do not fit the network its config.json builds, in words: the first tensor
+    whose shape differs (the head of a config with more or fewer labels than the weights have rows),
+    or None when none differs or the network cannot be built (built on the meta device: no memory)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        with quiet_transformers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            with torch.device("meta"):
+                own = AutoModelForSequenceClassification.from_config(config).state_dict()
+    except Exception:
+        return None
+    for k, v in tensors.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            labels = getattr(config, "num_labels", None)
+            return (f"the weights' {k} has shape {tuple(v.shape)}, but this config builds it "
+                    f"{tuple(own[k].shape)}" + (f" (num_labels {labels}: id2label / num_labels must give "
+                                                "the head's number of classes)" if labels is not None
+                                                and tuple(own[k].shape)[:1] == (labels,) else ""))
+    return None
+
+
 class HFTextAdapter(TorchModelAdapter):
     family = "transformers"
     modality = "text"
@@ -132,13 +157,21 @@ class HFTextAdapter(TorchModelAdapter):
                                f"e.g. {odd[0]})", weights)
         self._source_metadata = metadata
         problem = "transformers cannot load this folder"
-        with quiet_transformers():
+        with quiet_transformers(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
                 model, info = AutoModelForSequenceClassification.from_pretrained(
                     str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True,
                     trust_remote_code=False)
             except Exception as e:
+                # the refusal is the one line: what transformers warned on the way (a zero-size layer of
+                # num_labels 0) is not shown, and a shape its config gives a tensor is named
+                shape = _shape_disagreement(path, tensors)
+                if shape is not None:
+                    raise BadInput(shape, cfg_path) from None
                 raise BadInput(f"{problem} ({type(e).__name__}: {first_line(e)})", path) from None
+        for w in caught:                    # a load that succeeded: its warnings as they would have been
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if other:
             own_sd = model.state_dict()
             bad = [k for k, v in tensors.items() if tuple(own_sd[k].shape) != tuple(v.shape)]

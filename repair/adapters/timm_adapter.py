@@ -3,6 +3,7 @@ folder: the folder's config with that file's weights), or a bare weights file + 
 (+ ``--model-args``)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import MappingProxyType
 from typing import Optional, Sequence
@@ -198,6 +199,14 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         args_from = args_from or cfg_path
         num_classes = cfg.get("num_classes")
         pretrained_cfg = cfg.get("pretrained_cfg") or {}
+        if not isinstance(pretrained_cfg, dict):
+            raise BadInput(f"pretrained_cfg must be an object (timm's pretrained configuration), got "
+                           f"{type(pretrained_cfg).__name__} {json.dumps(pretrained_cfg)[:60]}", cfg_path)
+        clf = pretrained_cfg.get("classifier")
+        if clf is not None and not (isinstance(clf, str) or (
+                isinstance(clf, list) and all(isinstance(c, str) for c in clf))):
+            raise BadInput(f"pretrained_cfg.classifier must be the head's module name or a list of them, got "
+                           f"{json.dumps(clf)[:60]}", cfg_path)
         names = cfg.get("label_names")
     else:
         if arch is None:
