@@ -10,8 +10,6 @@ def pct(x: Optional[float], against: Sequence[float] = ()) -> str:
     return percent(x, against=against)
 
 
-_pct = pct
-
 
 def _is_number(s: str) -> bool:
     try:
@@ -39,19 +37,19 @@ def eval_table(rep: dict, title: str = "") -> str:
 
     marks = gate_thresholds(rep.get("gates") or [])     # no figure shown as meeting a gate it fails
 
-    def pct(x):
-        return _pct(x, marks)
+    def shown(x):
+        return pct(x, marks)
 
     out = []
     if title:
         out.append(title)
-    out.append(f"n={rep['n']}  accuracy={pct(rep['accuracy'])}  worst-class={pct(rep['worst_class_accuracy'])}"
-               + (f"  worst-group={pct(rep['worst_group_accuracy'])} ({rep['worst_group']})"
+    out.append(f"n={rep['n']}  accuracy={shown(rep['accuracy'])}  worst-class={shown(rep['worst_class_accuracy'])}"
+               + (f"  worst-group={shown(rep['worst_group_accuracy'])} ({rep['worst_group']})"
                   if rep.get("per_group") is not None else "  worst-group=- (no --group-by)"))
     if rep.get("per_group") is not None:
-        out.append(table(["group", "n", "accuracy"], [[r["name"], r["n"], pct(r["accuracy"])] for r in rep["per_group"]]
+        out.append(table(["group", "n", "accuracy"], [[r["name"], r["n"], shown(r["accuracy"])] for r in rep["per_group"]]
                          + [[g, 0, "-"] for g in rep.get("absent_groups") or []]))
         if rep.get("absent_groups"):
             out.append(f"no samples (in no figure): {', '.join(rep['absent_groups'])}")
-    out.append(table(["class", "n", "accuracy"], [[r["name"], r["n"], pct(r["accuracy"])] for r in rep["per_class"]]))
+    out.append(table(["class", "n", "accuracy"], [[r["name"], r["n"], shown(r["accuracy"])] for r in rep["per_class"]]))
     return "\n".join(out)
