@@ -21,19 +21,17 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
              as_json: AsJson = False,
              fail_under_wga: Annotated[Optional[str], typer.Option("--fail-under-wga", rich_help_panel=PANEL_GATE, help="Exit 1 if worst-group accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%), compared as exact counts (42 of 60 passes 70%). Also exit 1 if a group has no samples, unless --expect-groups names the groups to expect. Default: no gate.")] = None,
              fail_under_acc: Annotated[Optional[str], typer.Option("--fail-under-acc", rich_help_panel=PANEL_GATE, help="Exit 1 if accuracy is below this: a fraction 0-1 (0.8) or a percentage (80%). Default: no gate.")] = None,
-             expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", rich_help_panel=PANEL_GATE, help="Comma-separated groups the data must hold (class|value or class|COL=value); exit 1 if one has no samples. Other empty groups are then only reported (a class of the model with no samples still fails a worst-group gate). Default: every class x value seen.")] = None,
+             expect_groups: Annotated[Optional[str], typer.Option("--expect-groups", rich_help_panel=PANEL_GATE, help="Comma-separated groups the data must hold (class|value or class|COL=value): the groups a gate requires (needs --fail-under-wga or --fail-under-acc; --fail-under-acc 0% checks only that they have samples); exit 1 if one has no samples. Other empty groups are then only reported (a class of the model with no samples still fails a worst-group gate). Default: every class x value seen.")] = None,
              exclude: Annotated[Optional[Path], typer.Option("--exclude", rich_help_panel=PANEL_GATE, help="Data (a folder or table, read with the same column options) whose samples are left out of the figures: the repair set a model was repaired on, so a re-gate on held-out data never counts a sample the repair fitted on. Groups left without samples fail a worst-group gate. Default: none.")] = None):
     """Accuracy, per-class and per-group accuracy, worst-group / worst-class; a CI gate."""
     from repair.preflight import check_cache_dir, read_inputs
-    from repair.rules import (expected_group_names, judge, parse_expected_groups, threshold_option,
-                              unmeasured)
+    from repair.rules import check_gate_options, judge_gates, threshold_option
 
     thresholds = {"worst_group": threshold_option(fail_under_wga, "--fail-under-wga"),
                   "accuracy": threshold_option(fail_under_acc, "--fail-under-acc")}
-    for flag, given in (("--fail-under-wga", fail_under_wga), ("--expect-groups", expect_groups)):
-        if given is not None and columns.group_by is None:
-            raise BadInput(f"{flag} needs --group-by (groups are class x the values of that column)")
-    expected = None if expect_groups is None else parse_expected_groups(expect_groups)
+    if fail_under_wga is not None and columns.group_by is None:
+        raise BadInput("--fail-under-wga needs --group-by (groups are class x the values of that column)")
+    expected = check_gate_options(thresholds, expect_groups, columns.group_by)     # before any work
     inputs = read_inputs(model, data, columns, data_flag="data (--data)", load_opts=load)
     excluded = None
     if exclude is not None:
@@ -47,18 +45,11 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
     from repair.api import evaluate_model
 
     rep = evaluate_model(model, inputs.data, load, columns, runtime, exclude=excluded)
-    names = None if expected is None else expected_group_names(rep, columns.group_by, expected, "--expect-groups")
-    gates = [g for g in (judge(rep, thr, metric, names) for metric, thr in thresholds.items()) if g is not None]
-    for g in gates:
-        if g["unmeasured"] and g["metric"] == "worst_group" and expected is None:
-            g["message"] += " (name the groups to expect with --expect-groups)"
-    problems = [g["message"] for g in gates if not g["passed"]]
-    if rep.get("absent_groups") is not None:
-        rep["missing_groups"] = missing = unmeasured(rep, "worst_group", names)
-        if missing and expected is not None and not gates:      # --expect-groups alone: its own check
-            problems.append(f"group(s) {', '.join(missing)} have no samples in {data}")
+    gates, problems, missing = judge_gates(rep, thresholds, expected, columns.group_by)    # the one home of gates
+    if missing is not None:
+        rep["missing_groups"] = missing
     rep["gates"] = gates
-    rep["passed"] = not problems                      # every gate and --expect-groups
+    rep["passed"] = not problems                      # every gate, the groups --expect-groups requires included
     for w in rep.get("warnings") or []:
         log(f"warning: {w}")
     if as_json:

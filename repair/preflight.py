@@ -169,24 +169,22 @@ def fix_outputs(model_path, out: Optional[Any], o, inputs: Inputs,
                 log: Optional[Callable[[str], None]] = None, model_repairs: bool = False) -> dict[str, Path]:
     """``repair fix``'s outputs (option -> final path): named by the rules, apart from each other,
     replacing no input, writable. ``o``: the :class:`repair.pipeline.FixOptions`; ``model_repairs``:
-    the recipe has a model repair, whose files go beside a file output
-    (:func:`repair.rules.artifacts_beside`), so that folder is checked before any work too."""
-    from .rules import (artifacts_beside, check_outputs_distinct, check_writable, fix_onnx_output, fix_output,
-                        model_output_kind, report_outputs)
+    the recipe has a model repair, whose files go beside a file output, so that folder is checked before any
+    work too (:func:`repair.rules.fix_places`, the rule a zoo row's places follow as well)."""
+    from .rules import (check_outputs_distinct, check_writable, fix_output, fix_places, model_output_kind,
+                        report_outputs)
 
     out = fix_output(model_path, out)
     # each output with what it is: with --force a folder is replaced only by a folder output, and only
     # when it is empty or one repair wrote; a file only by a file output (repair.io.replace_refused)
-    paths: dict[str, Path] = {"--out": out}
+    places = fix_places(model_path, out, o.export, bool(model_repairs))     # the one rule of a fix's places
+    paths: dict[str, Path] = {"--out": places["output"]}
     kinds: dict[str, str] = {"--out": model_output_kind(model_path)}
-    if o.export == "onnx":
-        onnx = fix_onnx_output(model_path, out)
-        if onnx is not None:
-            paths["--export onnx"], kinds["--export onnx"] = onnx, "file"
-    art = artifacts_beside(model_path, out) if model_repairs else None
-    if art is not None:
+    if "onnx" in places:
+        paths["--export onnx"], kinds["--export onnx"] = places["onnx"], "file"
+    if "artifacts" in places:
         flag = "--out (its -artifacts folder)"
-        paths[flag], kinds[flag] = art, "folder"
+        paths[flag], kinds[flag] = places["artifacts"], "folder"
     if o.report is not None:
         paths["--report"], paths["--report (JSON)"] = report_outputs(o.report)
         kinds["--report"] = kinds["--report (JSON)"] = "file"

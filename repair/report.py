@@ -76,15 +76,17 @@ def compact_eval(rep: dict) -> dict:
 
 
 def check_gate(result: dict, threshold, metric: str = "auto", expected=None,
-               group_by: Optional[str] = None) -> Optional[dict]:
-    """The gate on the repaired figures (the measured ones for a gate-only run):
-    :func:`repair.rules.judge`; ``expected`` the groups that must have samples (``group_by`` their
-    column), as ``repair eval --expect-groups``."""
-    from .rules import expected_group_names, judge
+               group_by: Optional[str] = None, names=None) -> Optional[dict]:
+    """The gate on the repaired figures (the measured ones for a gate-only run): :func:`repair.rules.judge_gates`,
+    the one home of gates (:func:`repair.rules.judge` for the comparison); ``expected`` the groups that must
+    have samples (``group_by`` their column), as ``repair eval --expect-groups``, named in a refusal as
+    ``names`` says (:class:`repair.rules.GateNames`; default: a manifest's ``expect_groups``)."""
+    from .rules import GateNames, judge_gates
 
     figures = result.get("after") or result.get("before") or {}
-    names = None if not expected else expected_group_names(figures, group_by, expected)
-    return judge(figures, threshold, metric, names)
+    gates = judge_gates(figures, {metric: threshold}, expected or None, group_by,
+                        names or GateNames.manifest()).gates
+    return gates[0] if gates else None
 
 
 def model_entry(name: str, result: Optional[dict], *, gate: Optional[dict] = None, status: str = "done",

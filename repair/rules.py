@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 from .errors import BadInput
 
@@ -105,6 +105,25 @@ def artifacts_beside(model_path: PathLike, out: Path) -> Optional[Path]:
     every output check covers), None when it is inside a folder output (the output's own)."""
     art = artifacts_output(model_path, out)
     return None if Path(out) in art.parents else art
+
+
+def fix_places(model_path: PathLike, out: PathLike, export: Optional[str] = None,
+               model_repairs: Optional[bool] = True) -> dict[str, Path]:
+    """Every place a fix writes to ``out`` (named by :func:`fix_output`), by what it is: ``output``; ``onnx``,
+    the ONNX file ``export`` onnx writes beside a file output (:func:`fix_onnx_output`); ``artifacts``, the
+    folder of a model repair's files beside a file output (:func:`artifacts_beside`) when the recipe has a
+    model repair -- ``model_repairs``; None: not known before it runs (a plugin's methods), listed to be
+    safe. A head-only recipe writes no such folder, so one there is none of its business. The one home of
+    the rule: ``repair fix`` (:func:`repair.preflight.fix_outputs`) and a zoo row
+    (:func:`repair.zoo.row_places`)."""
+    places = {"output": Path(out)}
+    onnx = fix_onnx_output(model_path, out) if export == "onnx" else None
+    if onnx is not None:
+        places["onnx"] = Path(onnx)
+    art = artifacts_beside(model_path, out) if model_repairs is not False else None
+    if art is not None:
+        places["artifacts"] = art
+    return places
 
 
 def export_output(model_path: PathLike, fmt: str, out: Optional[PathLike] = None) -> Path:
@@ -629,26 +648,117 @@ def parse_expected_groups(value: Any, flag: str = "--expect-groups") -> list[str
 
 
 def expected_group_names(figures: dict, group_by: Optional[str], expected: Sequence[str],
-                         flag: Optional[str] = None) -> list[str]:
+                         flag: Optional[str] = None, *, path: Optional[PathLike] = None,
+                         column: str = "--group-by") -> list[str]:
     """``expected`` (:func:`parse_expected_groups`) as the figures' group names
-    (``class|COLUMN=value``). With ``flag``, a class the model does not have is BadInput naming it;
-    without, the name stays as given (no group has it: the gate then fails naming it)."""
-    classes = [c.get("name") for c in figures.get("per_class") or []]
+    (``class|COLUMN=value``). With ``flag`` (where the groups came from: ``--expect-groups``, a manifest's
+    ``row 3 (a), expect_groups``; ``path`` its file), a class the model does not have (where the figures
+    list the model's classes) and a group naming another column than ``group_by`` (the option
+    ``column``) are BadInput naming it; without, the name stays as given (no group has it: the gate then
+    fails naming it)."""
+    per_class = figures.get("per_class")
+    classes = [c.get("name") for c in per_class or []]
     names = []
     for g in expected:
         cls, _, val = g.partition("|")
-        if flag is not None and cls not in classes:
-            raise BadInput(f"{flag}: {cls!r} is not a class of the model ({', '.join(map(str, classes))})")
-        column, eq, _ = val.partition("=")
-        if flag is not None and group_by is not None and eq and column != group_by:
-            raise BadInput(f"{flag}: {g!r} names the column {column!r}, but the groups are of --group-by "
-                           f"{group_by!r} (write {cls}|VALUE or {cls}|{group_by}=VALUE)")
+        if flag is not None and per_class is not None and cls not in classes:
+            raise BadInput(f"{flag}: {cls!r} is not a class of the model ({', '.join(map(str, classes))})", path)
+        if flag is not None:
+            _check_expected_column(g, group_by, flag, path, column)
         from .data import cell_value         # the value read as the data's values are (1.0 is 1)
 
         if group_by is not None and val.startswith(f"{group_by}="):
             val = val[len(group_by) + 1:]
         names.append(g if group_by is None else f"{cls}|{group_by}={cell_value(val)}")
     return names
+
+
+def _check_expected_column(group: str, group_by: Optional[str], flag: str, path: Optional[PathLike],
+                           column: str) -> None:
+    cls, _, val = group.partition("|")
+    name, eq, _ = val.partition("=")
+    if group_by is not None and eq and name != group_by:
+        raise BadInput(f"{flag}: {group!r} names the column {name!r}, but the groups are of {column} "
+                       f"{group_by!r} (write {cls}|VALUE or {cls}|{group_by}=VALUE)", path)
+
+
+@dataclass(frozen=True)
+class GateNames:
+    """How a caller names a gate's options in its messages (the rules are the same for every caller):
+    ``expected``, where the expected groups came from (``--expect-groups``; a manifest's ``row 3 (a),
+    expect_groups``) and ``path`` the file it is in; ``column``, the option holding the group column;
+    ``no_column`` / ``gate`` / ``zero``, what to give when the groups have no column / no gate (and the
+    gate that only checks that they have samples); ``hint``, the option a failed worst-group gate on a
+    group without samples suggests (None: no hint). :meth:`manifest`: a zoo row's fields."""
+    expected: str = "--expect-groups"
+    column: str = "--group-by"
+    no_column: str = "--group-by (groups are class x the values of that column)"
+    gate: str = "a gate (--fail-under-wga or --fail-under-acc)"
+    zero: str = "--fail-under-acc 0%"
+    hint: Optional[str] = "--expect-groups"
+    path: Optional[str] = None
+
+    @classmethod
+    def manifest(cls, where: Optional[str] = None, column: str = "group_by",
+                 path: Optional[PathLike] = None) -> "GateNames":
+        """A manifest row's names: ``where`` the row (``row 3 (a)``; None: the field alone), ``column`` the
+        field holding its group column (``group_by``, or ``eval_group_by`` for its ``eval`` data)."""
+        return cls(expected=f"{where}, expect_groups" if where else "expect_groups", column=column,
+                   no_column="a group column (group_by or eval_group_by)", gate="a gate", zero="gate: 0%",
+                   hint=None, path=None if path is None else str(path))
+
+
+CLI_GATE_NAMES = GateNames()
+
+
+def check_gate_options(thresholds: dict, expected: Any, group_by: Optional[str],
+                       names: GateNames = CLI_GATE_NAMES) -> Optional[list[str]]:
+    """The rules of a gate's expected groups that need no model, checked before any work: given
+    (``--expect-groups``, a zoo row's ``expect_groups``), they are ``class|value`` groups, need a group
+    column, a gate (``thresholds``: metric -> threshold or None; the groups are what a gate requires: a
+    0% gate checks only that they have samples) and name no other column than ``group_by``. Returns them
+    parsed (None: none given); BadInput naming ``names.expected`` otherwise."""
+    if expected is None:
+        return None
+    expected = parse_expected_groups(expected, names.expected)
+    if group_by is None:
+        raise BadInput(f"{names.expected}: needs {names.no_column}", names.path)
+    if all(t is None for t in thresholds.values()):
+        raise BadInput(f"{names.expected}: needs {names.gate}: the groups a gate requires ({names.zero} checks "
+                       "only that they have samples)", names.path)
+    for g in expected:
+        _check_expected_column(g, group_by, names.expected, names.path, names.column)
+    return expected
+
+
+class Gates(NamedTuple):
+    """What :func:`judge_gates` found: the gates judged (:func:`judge`'s dicts), the problems (each failed
+    gate's message: the command fails with exit 1 when there is one) and the expected groups (else every
+    group) without samples where the figures list the groups the data lacks (``absent_groups``; else None)."""
+    gates: list
+    problems: list
+    missing: Optional[list]
+
+
+def judge_gates(figures: Optional[dict], thresholds: dict, expected: Any = None, group_by: Optional[str] = None,
+                names: GateNames = CLI_GATE_NAMES) -> Gates:
+    """The one home of a command's gates (``repair eval``'s ``--fail-under-*`` and ``--expect-groups``, a zoo
+    row's ``gate``, ``gate_metric`` and ``expect_groups``): ``thresholds`` (metric -> threshold, None: no gate
+    of it) judged on ``figures`` by :func:`judge`, ``expected`` (the groups that must have samples, of the
+    column ``group_by``) first held to :func:`check_gate_options` and to the model's classes: an expected
+    group of a class the model lacks, or of another column, is bad input naming ``names.expected``
+    (BadInput, exit 2), never a gate that fails. Fails closed as :func:`judge` does."""
+    expected = check_gate_options(thresholds, expected, group_by, names)
+    figures = figures or {}
+    wanted = None if expected is None else expected_group_names(figures, group_by, expected, names.expected,
+                                                                path=names.path, column=names.column)
+    gates = [g for g in (judge(figures, thr, metric, wanted) for metric, thr in thresholds.items()) if g is not None]
+    for g in gates:
+        if g["unmeasured"] and g["metric"] == "worst_group" and expected is None and names.hint:
+            g["message"] += f" (name the groups to expect with {names.hint})"
+    problems = [g["message"] for g in gates if not g["passed"]]
+    missing = None if figures.get("absent_groups") is None else unmeasured(figures, "worst_group", wanted)
+    return Gates(gates, problems, missing)
 
 
 def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
@@ -702,4 +812,5 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
 __all__ = ["Protected", "Threshold", "install_hint", "artifacts_beside", "artifacts_output", "check_bool", "check_export_options", "check_format", "onnx_only_given", "ONNX_ONLY",
            "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "model_output_kind", "fix_onnx_output",
            "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
-           "threshold_option", "unmeasured", "parse_expected_groups", "expected_group_names", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]
+           "threshold_option", "unmeasured", "parse_expected_groups", "expected_group_names", "GateNames", "Gates",
+           "check_gate_options", "judge_gates", "fix_places", "GATE_METRICS", "METRIC_NAMES", "WEIGHT_SUFFIXES", "PICKLE_SUFFIXES"]

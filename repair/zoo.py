@@ -132,27 +132,42 @@ class ZooEntry:
     budget: Optional[str] = None
     export: Optional[str] = None
     resources: tuple = ()                 # model-repair inputs: ((name, value), ...)
+    model_repairs: Optional[bool] = None  # the recipe has a model repair (None: not known before it runs)
 
     def places(self) -> list[tuple[str, Path]]:
         """(what, path) of every place this row's commit writes: the output, the ONNX file an
-        ``export: onnx`` puts beside a file output, and the staging folder (:func:`row_places`)."""
-        return row_places(self.checkpoint, self.output, self.export) if self.output is not None else []
+        ``export: onnx`` puts beside a file output, the artifacts folder a model repair puts beside one,
+        and the staging folder (:func:`row_places`)."""
+        return row_places(self.checkpoint, self.output, self.export, self.model_repairs) \
+            if self.output is not None else []
 
     def key(self, mode: str) -> str:
         """Hash of everything that changes the work (not the gate: applied to the figures)."""
         d = {k: str(v) for k, v in dataclasses.asdict(self).items()
-             if k not in ("row", "gate", "gate_metric", "expect_groups", "resources", "columns") and v is not None}
+             if k not in ("row", "gate", "gate_metric", "expect_groups", "resources", "columns", "model_repairs")
+             and v is not None}
         for name in ("resources", "columns"):
             if getattr(self, name):
                 d[name] = [[k, str(v)] for k, v in getattr(self, name)]
         return hashlib.sha256(json.dumps([mode, d], sort_keys=True).encode()).hexdigest()[:20]
 
-    def judge_gate(self, result: dict) -> Optional[dict]:
-        """This row's gate on ``result`` (:func:`repair.report.check_gate`)."""
+    def judge_gate(self, result: dict, manifest: Optional[Path] = None) -> Optional[dict]:
+        """This row's gate on ``result`` (:func:`repair.report.check_gate`, :func:`repair.rules.judge_gates`):
+        an expected group of a class the model lacks is BadInput naming ``manifest``, this row and its
+        ``expect_groups`` (the worker checks it as the row's work ends: the row's error, not a gate failure)."""
         from .report import check_gate
 
-        return check_gate(result, self.gate, self.gate_metric, self.expect_groups,
-                          self.data_options(eval_data=self.eval is not None).group_by)
+        return check_gate(result, self.gate, self.gate_metric, self.expect_groups or None,
+                          self.data_options(eval_data=self.eval is not None).group_by,
+                          self.gate_names(manifest))
+
+    def gate_names(self, manifest: Optional[Path] = None):
+        """How this row's gate names its options (:class:`repair.rules.GateNames`): its row, the field of the
+        group column its gate is judged by (``eval_group_by`` for ``eval`` data given one) and the manifest."""
+        from .rules import GateNames
+
+        column = "eval_group_by" if self.eval is not None and self.eval_group_by is not None else "group_by"
+        return GateNames.manifest(f"row {self.row} ({self.name})", column, manifest)
 
     def data_options(self, eval_data: bool = False):
         from .data import DataOptions
@@ -319,6 +334,18 @@ def _validate_recipe(recipe: str, mode: str, allow_plugins: bool):
     return r
 
 
+def _has_model_repairs(recipe) -> Optional[bool]:
+    """Whether a validated recipe has a model repair (whose files go beside a file output): None where that
+    is not known before it runs -- a recipe that loads plugins (never imported here: its methods may be
+    none registered yet, or registered again by the plugin)."""
+    if recipe.plugins:
+        return None
+    try:
+        return "model" in recipe.kinds
+    except KeyError:                      # a method not registered (validation only)
+        return None
+
+
 #: the manifest's field of each option field of FixOptions / DataOptions named otherwise (the others: as named)
 _OPTION_FIELDS = {"eval_data": "eval"}
 
@@ -360,7 +387,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     from .data import load_data
     from .modelrepair.finetune import Budget
     from .preflight import declared_resource
-    from .rules import GATE_METRICS, Protected, check_writable, fix_output, parse_expected_groups, parse_threshold
+    from .rules import GATE_METRICS, GateNames, Protected, check_gate_options, check_writable, fix_output, parse_threshold
     from .recipes import group_labels_needed, looks_like_path, names_file
 
     path = Path(path)
@@ -378,6 +405,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     recipes: dict[str, Optional[str]] = {}
     recipe_files: dict[str, tuple] = {}
     recipe_needs: dict[str, Optional[str]] = {}    # recipe -> why it needs group labels (None: it does not)
+    recipe_models: dict[str, Optional[bool]] = {}  # recipe -> it has a model repair (None: not known before it runs)
     datasets: dict[tuple, Any] = {}
     entries: list[ZooEntry] = []
     names: dict[str, int] = {}
@@ -488,6 +516,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 checked = _validate_recipe(recipe, mode, allow_plugins)
                 recipe_files[recipe] = checked.files
                 recipe_needs[recipe] = group_labels_needed(checked)     # the check `repair fix` makes
+                recipe_models[recipe] = _has_model_repairs(checked)
                 recipes[recipe] = None
             except BadInput as e:
                 recipes[recipe] = str(e)
@@ -499,6 +528,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 # now, not when this row's turn comes after others were repaired and written
                 problems.add(where, "recipe", f"{recipe_needs[recipe]} (give group_by)")
         f["recipe"] = recipe
+        f["model_repairs"] = recipe_models.get(recipe)
         if "gate" in r:
             try:
                 f["gate"] = parse_threshold(r["gate"]).text
@@ -511,15 +541,14 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             problems.add(where, "gate_metric", "worst_group needs a group column (group_by or eval_group_by)")
         f["gate_metric"] = metric
         if "expect_groups" in r:
+            # the rules of expected groups that need no model (repair eval --expect-groups' too: one home):
+            # a group column, a gate, no other column named; the model's classes are checked as it runs
+            column = "eval_group_by" if "eval" in f and f.get("eval_group_by") else "group_by"
             try:
-                f["expect_groups"] = tuple(parse_expected_groups(r["expect_groups"], "expect_groups"))
+                f["expect_groups"] = tuple(check_gate_options({metric: r.get("gate")}, r["expect_groups"],
+                                                              f.get(column), GateNames.manifest(column=column)))
             except BadInput as e:
                 problems.add(where, "expect_groups", e.problem.removeprefix("expect_groups: "))
-            if not (f.get("group_by") or (f.get("eval_group_by") and "eval" in f)):
-                problems.add(where, "expect_groups", "needs a group column (group_by or eval_group_by)")
-            elif f.get("gate") is None:
-                problems.add(where, "expect_groups", "needs a gate: the groups a gate requires (gate: 0% checks "
-                                                     "only that they have samples)")
         if "seed" in r:
             from .config import check_seed
 
@@ -573,7 +602,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             if out is not None:
                 # every place the commit writes (the output, an ONNX export beside it, the staging folder
                 # both are written in): no other row's
-                mine = row_places(ck, out, r.get("export"))
+                mine = row_places(ck, out, r.get("export"), f["model_repairs"])
                 written = [(w, q) for w, q in mine if not w.startswith("staging")]
                 clash = next(((hit, w, q) for w, q in written for hit in [outputs.overlapping(q)] if hit), None)
                 # a staging folder is no other row's place, and no other row's staging folder is one of mine
@@ -975,21 +1004,17 @@ PLACE_OUTPUT, PLACE_ONNX, PLACE_ARTIFACTS = "output", "ONNX export", "repair art
 PLACE_KINDS = {PLACE_OUTPUT: None, PLACE_ONNX: "file", PLACE_ARTIFACTS: "folder"}
 
 
-def row_places(checkpoint: Path, output: Path, export: Optional[str]) -> list[tuple[str, Path]]:
-    """(what, path) of every place a row's commit writes: its output, the ONNX file ``export: onnx``
-    writes beside a file output (``repair fix``'s rule, :func:`repair.rules.fix_onnx_output`), the
-    folder of a model repair's files beside a file output (:func:`repair.rules.artifacts_beside`;
-    listed whatever the recipe: a plugin's methods are not known before it runs), and the staging
-    folder they are all written in first. The one list every output check of a zoo uses."""
-    from .rules import artifacts_beside, fix_onnx_output
+def row_places(checkpoint: Path, output: Path, export: Optional[str],
+               model_repairs: Optional[bool] = None) -> list[tuple[str, Path]]:
+    """(what, path) of every place a row's commit writes: ``repair fix``'s places
+    (:func:`repair.rules.fix_places`, the one rule: its output, the ONNX file ``export: onnx`` writes beside
+    a file output, the folder of a model repair's files beside a file output when the recipe has a model
+    repair -- ``model_repairs``; None: not known before it runs, listed), and the staging folder they are
+    all written in first. The one list every output check of a zoo uses."""
+    from .rules import fix_places
 
-    out = [(PLACE_OUTPUT, Path(output))]
-    onnx = fix_onnx_output(checkpoint, output) if export == "onnx" else None
-    if onnx is not None:
-        out.append((PLACE_ONNX, Path(onnx)))
-    art = artifacts_beside(checkpoint, output)
-    if art is not None:
-        out.append((PLACE_ARTIFACTS, art))
+    what = {"output": PLACE_OUTPUT, "onnx": PLACE_ONNX, "artifacts": PLACE_ARTIFACTS}
+    out = [(what[k], p) for k, p in fix_places(checkpoint, output, export, model_repairs).items()]
     return out + [(f"staging folder {staging_dir(output).name}", staging_dir(output))]
 
 
@@ -1154,7 +1179,9 @@ def _eval(entry: ZooEntry, task: dict) -> dict:
     data = task.get(key) or getattr(entry, key)         # as read when the manifest was checked
     rep = evaluate_model(entry.checkpoint, data, data_opts=entry.data_options(eval_data=entry.eval is not None),
                          runtime=_runtime(task))
-    return compact_eval(rep)
+    result = compact_eval(rep)
+    entry.judge_gate(result, task.get("manifest"))     # its expected groups against the model's classes
+    return result
 
 
 def _fix(entry: ZooEntry, task: dict) -> dict:
@@ -1177,6 +1204,7 @@ def _fix(entry: ZooEntry, task: dict) -> dict:
         rep = fix_model(entry.checkpoint, inputs.data, staging / out.name, data_opts=entry.data_options(),
                         runtime=runtime, log=lambda m: None, options=o, inputs=inputs)
         result = compact_fix(_unstage(rep.report, staging, out.parent), rep.delta_histogram())
+        entry.judge_gate(result, task.get("manifest"))  # its expected groups against the model's classes
         result["output_digest"] = output_digest(staging / out.name)
         # every file the commit will put into place (the driver journals it beside the result)
         result["output_files"] = output_files(staging, [c.name for c in staging.iterdir()
@@ -1686,6 +1714,15 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
                 log(f"{e.name}: journaled, but {why}: running it again")
                 continue
             done[e.name] = rec
+    # a journaled row's expected groups against its model's classes (known from its record), before any work
+    problems = _Problems(mpath)
+    for e in manifest.entries:
+        if e.name in done:
+            try:
+                e.judge_gate(done[e.name].get("result") or {}, mpath)
+            except BadInput as err:
+                problems.items.append(err.problem)
+    problems.raise_first()
     if o.mode == "fix":
         problems = _Problems(mpath)
         for e in manifest.entries:
@@ -1716,7 +1753,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
     tasks = [{"entry": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(e).items()},
               "mode": o.mode, "runtime": rt, "threads": o.cpus_per_model, "allow_plugins": o.allow_plugins,
               "data": manifest.data_of(e, "data"), "eval": manifest.data_of(e, "eval") if e.eval else None,
-              "force": o.force or e.name in redo}
+              "force": o.force or e.name in redo, "manifest": str(mpath)}
              for e in todo]
     errors: dict[str, dict] = {}
     executor = (LocalExecutor() if o.ray is None else

@@ -204,15 +204,18 @@ def test_eval_groups_left_out_as_repair_samples_are_absent_and_the_gate_fails_cl
 
 
 def test_cli_report_and_zoo_use_the_one_gate():
-    """The CLI eval gate, the report's check_gate and zoo go through rules.judge."""
+    """The CLI eval gate, the report's check_gate and zoo go through rules.judge_gates (and it through
+    rules.judge)."""
     import inspect
 
     import repair.report as report
+    import repair.rules as rules
     import repair.zoo as zoo
     from repair_cli import commands
 
-    assert "judge(" in inspect.getsource(commands.eval_cmd) if hasattr(commands, "eval_cmd") else True
-    assert "judge(" in inspect.getsource(report.check_gate)
+    assert "judge(" in inspect.getsource(rules.judge_gates)
+    assert "judge_gates(" in inspect.getsource(commands.eval_cmd) if hasattr(commands, "eval_cmd") else True
+    assert "judge_gates(" in inspect.getsource(report.check_gate)
     assert "check_gate(" in inspect.getsource(zoo)
     figures = {"n": 60, "accuracy": 42 / 60}
     assert report.check_gate({"after": figures}, "70%", "accuracy")["passed"]

@@ -398,13 +398,14 @@ def test_a_folder_where_a_model_repair_puts_its_files_is_never_replaced_unasked(
     """A model repair of a file checkpoint writes its files to <output stem>-artifacts beside the
     output. A zoo staged them and moved them into place without checking that folder: a folder of the
     user's of that name was replaced and deleted without --force, and another row's output there was
-    not a clash. Now it is one of the places every row's checks cover."""
+    not a clash. Now it is one of the places every row's checks cover -- for a recipe with a model repair
+    (a head-only recipe writes no such folder: tests/test_gate_home.py)."""
     shutil.copytree(parts / "m0", tmp_path / "m0")
     (tmp_path / "outs").mkdir()
     mine = tmp_path / "outs" / "a-artifacts"
     mine.mkdir()
     (mine / "notes.txt").write_text("the user's")
-    row_a = {"name": "a", "checkpoint": "m0/model.safetensors", "output_dir": "outs"}
+    row_a = {"name": "a", "checkpoint": "m0/model.safetensors", "output_dir": "outs", "recipe": "mixft"}
     path = zoo(tmp_path, parts, [row_a])
     code, _, err = run_cli("zoo", path, "-q")
     _refused(code, err, f"{mine} already exists")
