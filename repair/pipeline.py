@@ -109,7 +109,10 @@ class FixOptions:
         from .rules import ONNX_ONLY, check_format, onnx_only_given
 
         if self.export is not None:
-            self.export = check("export", check_format, self.export, cli_flag("export"), ("onnx",))
+            try:                                  # the rule is check_format's; the words name the option
+                self.export = check_format(self.export, "export", ("onnx",))
+            except BadInput:
+                raise refuse("export", "must be onnx, got {got}", got=repr(self.export)) from None
         if self.tolerance is not None:
             self.tolerance = check("tolerance", check_tolerance, self.tolerance)
         if self.max_verify is not None:

@@ -387,7 +387,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     from .data import load_data
     from .modelrepair.finetune import Budget
     from .preflight import declared_resource
-    from .rules import GATE_METRICS, GateNames, Protected, check_gate_options, check_writable, fix_output, parse_threshold
+    from .rules import GATE_METRICS, GateNames, Protected, check_format, check_gate_options, check_writable, fix_output, parse_threshold
     from .recipes import group_labels_needed, looks_like_path, names_file
 
     path = Path(path)
@@ -564,8 +564,11 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 Budget.parse(f["budget"])
             except (BadInput, ValueError) as e:
                 problems.add(where, "budget", getattr(e, "problem", str(e)))
-        if f.get("export") not in (None, "onnx"):
-            problems.add(where, "export", f"must be onnx, got {f['export']!r}")
+        if f.get("export") is not None:          # read as repair fix --export reads it (ONNX is onnx)
+            try:
+                f["export"] = check_format(f["export"], "export", ("onnx",))
+            except BadInput:
+                problems.add(where, "export", f"must be onnx, got {f['export']!r}")
         for k in ("checkpoint", "data", "eval"):
             if k in f and f[k].exists():
                 protected.add(f[k], f"{k} of row {n}")
@@ -602,7 +605,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             if out is not None:
                 # every place the commit writes (the output, an ONNX export beside it, the staging folder
                 # both are written in): no other row's
-                mine = row_places(ck, out, r.get("export"), f["model_repairs"])
+                mine = row_places(ck, out, f.get("export"), f["model_repairs"])
                 written = [(w, q) for w, q in mine if not w.startswith("staging")]
                 clash = next(((hit, w, q) for w, q in written for hit in [outputs.overlapping(q)] if hit), None)
                 # a staging folder is no other row's place, and no other row's staging folder is one of mine

@@ -39,3 +39,19 @@ def test_a_fix_without_an_onnx_export_refuses_its_options(option, value):
     with pytest.raises(BadInput, match="give --export onnx too"):
         FixOptions(**{option: value})
     assert getattr(FixOptions(export="onnx", **{option: value}), option) == value
+
+
+def test_a_zoo_rows_export_is_read_as_fix_reads_it(tmp_path):
+    from conftest import make_zoo_parts
+    from repair.zoo import load_manifest
+
+    parts = make_zoo_parts(tmp_path / "parts")
+    (tmp_path / "outs").mkdir()
+    path = tmp_path / "zoo.yaml"
+    path.write_text(f"defaults:\n  recipe: dfr\nmodels:\n  - name: a\n    checkpoint: {parts / 'm0'}\n    data: {parts / 'val'}\n"
+                    f"    group_by: place\n    export: ONNX\n    output: {tmp_path / 'outs' / 'a'}\n")
+    (entry,) = load_manifest(path).entries
+    assert entry.export == "onnx"
+    path.write_text(path.read_text().replace("export: ONNX", "export: safetensors"))
+    with pytest.raises(BadInput, match="export: must be onnx, got 'safetensors'"):
+        load_manifest(path)
