@@ -480,7 +480,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
     ``logits_output`` (an ONNX reference's: the one its adapter reads) when the file has it, else
     ``logits``, else the only output. ``metadata``: a dict given is filled with the file's metadata
     (``metadata_props``) as the session read them -- the file is not parsed a second time for them."""
-    from .adapters.onnx_runtime import make_session, run_session, session_feeds
+    from .adapters.onnx_runtime import make_session, run_batch
     from .embeddings import resolve_device
 
     t0 = time.perf_counter()
@@ -533,7 +533,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                     ref = (reference_logits[idx].float().cpu() if reference_logits is not None
                            else reference.logits_batch(batch, dev).float().cpu())
                 try:
-                    (got,) = run_session(sess, session_feeds(sess, batch, onnx_path), [logits_name])
+                    (got,) = run_batch(sess, batch, [logits_name], onnx_path)
                 except BadInput:
                     raise
                 except Exception as e:

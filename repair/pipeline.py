@@ -798,11 +798,14 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                         "fit_seconds": round(ctx.wall_seconds, 4),          # choosing and fitting, wall clock
                         "fit_seconds_summed": round(ctx.seconds, 4)}       # every fit's own time, added up
     result.update(_written(mo.write()))
-    onnx_at = (result.get("export") or {}).get("path") if o.export == "onnx" else None
-    if onnx_at:                          # a text model's ONNX beside a weights file: no tokenizer there
-        from .outputs import tokenizer_notice
+    # a text model's ONNX written where no tokenizer is (an export beside a weights file, the repaired
+    # ONNX model itself in another folder): say which files to put beside it
+    onnx_at = [(result.get("export") or {}).get("path") if o.export == "onnx" else None,
+               out_path if Path(out_path).suffix.lower() == ".onnx" else None]
+    from .outputs import tokenizer_notice
 
-        notice = tokenizer_notice(adapter, Path(onnx_at))
+    for at in dict.fromkeys(str(a) for a in onnx_at if a):
+        notice = tokenizer_notice(adapter, Path(at))
         if notice:
             log(notice)
     adapter.adopt_provenance(meta)       # the model in memory is the one written: an export of it says so

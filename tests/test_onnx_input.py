@@ -569,7 +569,7 @@ def test_an_onnx_graph_that_fails_on_the_data_is_exit_2_in_one_line(tmp_path, mo
     def broken(*a, **k):
         raise KeyError("a bug of ours")
 
-    monkeypatch.setattr(oa, "run_session", broken)
+    monkeypatch.setattr(oa, "run_batch", broken)
     (bad.parent / "model.onnx").write_bytes((tmp_path / "src.onnx").read_bytes())
     code, _, err = run_cli("eval", bad, "--data", data, "--class-names", "cat,dog,fox", "-q", "--no-cache")
     assert code == 3 and "internal error: KeyError" in err, err

@@ -38,15 +38,47 @@ def _current_folder_importable():
                 pass
 
 
+#: the user's source files each factory module brought in when it was imported (its helpers: code the
+#: network may call that no module class defines), by module name: part of the embedding cache key
+_IMPORTED_FILES: dict = {}
+
+
+@contextmanager
+def _users_code(what: str):
+    """Around the user's code (the factory module's import, the factory's call): what it prints goes to
+    stderr, never into stdout (``--json`` is one document), shown after it succeeded; its ``sys.exit`` (a
+    module that parses arguments when imported) is :class:`BadInput` naming it, never this command's
+    exit status, with the last line it printed -- a gate must not pass, nor fail, by the factory's exit."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    buf = io.StringIO()
+    try:
+        with redirect_stdout(buf), redirect_stderr(buf):
+            yield
+    except SystemExit as e:
+        said = [ln.strip() for ln in buf.getvalue().splitlines() if ln.strip()]
+        raise BadInput(f"{what} exited (SystemExit {e.code!r})" + (f"; it printed: {said[-1][:200]}" if said else "")
+                       ) from None
+    else:
+        if buf.getvalue():
+            sys.stderr.write(buf.getvalue())
+
+
 def import_factory(spec: str):
     if ":" not in spec:
         raise BadInput(f"--factory must look like package.module:function, got {spec!r}")
     mod_name, fn_name = spec.split(":", 1)
+    before = set(sys.modules)
     try:
-        with _current_folder_importable():
+        with _current_folder_importable(), _users_code(f"factory module {mod_name!r}, imported,"):
             mod = importlib.import_module(mod_name)
+    except BadInput:
+        raise
     except Exception as e:
         raise BadInput(f"cannot import factory module {mod_name!r} ({type(e).__name__}: {e})") from None
+    if mod_name not in _IMPORTED_FILES:
+        _IMPORTED_FILES[mod_name] = _users_files(sys.modules[n] for n in set(sys.modules) - before)
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise BadInput(f"factory {spec!r}: {fn_name!r} is not a function in {mod_name}")
@@ -58,22 +90,27 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
                        model_args: Optional[dict] = None) -> TorchImageAdapter:
     fn = import_factory(factory)
     try:
-        with _current_folder_importable():
+        with _current_folder_importable(), _users_code(f"factory {factory!r}"):
             model = fn(**(model_args or {}))
+    except BadInput:
+        raise
     except Exception as e:   # the user's code, called with the user's arguments
         why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise BadInput(f"factory {factory!r}{' with --model-args' if model_args else ''} failed ({why})") from None
     if not isinstance(model, nn.Module):
         raise BadInput(f"factory {factory!r} returned {type(model).__name__}, not a torch nn.Module")
     tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)
-    head_name, head = last_linear(model)
+    try:
+        head_name, head = last_linear(model)
+    except BadInput as e:
+        raise BadInput(f"factory {factory!r}: {e.problem}", weights) from None
     load_weights_strict(model, tensors, weights, head_name)
     names = list(class_names) if class_names else [str(i) for i in range(head.out_features)]
     adapter = TorchImageAdapter(family="torch", source=weights, weights_path=weights, model=model,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
                                 class_names=names, data_config=data_config)
     adapter.build = {"factory": factory, "model_args": model_args or {}, "code": _code_digest(fn)}
-    classes = _classes_code_digest(model, fn)
+    classes = _classes_code_digest(model, fn, _IMPORTED_FILES.get(factory.split(":", 1)[0], ()))
     if classes is not None:
         adapter.build["classes_code"] = classes
     return adapter
@@ -106,13 +143,36 @@ def _installed_roots() -> list[str]:
     return [os.path.realpath(r) for r in roots if r]
 
 
-def _classes_code_digest(model: nn.Module, fn) -> Optional[str]:
-    """sha256 of the source files of the module classes in ``model``'s tree that the user wrote (a
-    network class imported by the factory from another file: its ``forward`` is code ``repr(model)``
-    never sees), by content only -- never their paths --, in a stable order; the factory's own file
-    and the classes of installed packages and the standard library (torch, timm, transformers: their
-    versions are in the key) are left out. None when there is no such file (the key of a factory
-    defining its network in its own file is as before)."""
+def _users_file(src: Optional[str], roots: Sequence[str]) -> Optional[str]:
+    """``src`` resolved when it is a source file the user wrote: not of an installed package or the
+    standard library (torch, timm, transformers: their versions are in the key), nor of repair."""
+    import os
+
+    if not src:
+        return None
+    real = os.path.realpath(src)
+    parts = Path(real).parts
+    here = os.path.realpath(Path(__file__).parents[1])          # the repair package
+    if ("site-packages" in parts or "dist-packages" in parts or real.startswith(here + os.sep)
+            or any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)):
+        return None
+    return real if os.path.isfile(real) else None
+
+
+def _users_files(modules) -> frozenset:
+    """The user's source files among ``modules`` (those a factory module's import brought in)."""
+    roots = _installed_roots()
+    return frozenset(f for f in (_users_file(getattr(m, "__file__", None), roots) for m in modules) if f)
+
+
+def _classes_code_digest(model: nn.Module, fn, imported: Sequence[str] = ()) -> Optional[str]:
+    """sha256 of the source files the user wrote that the network may run, other than the factory's own
+    file: those of the module classes in ``model``'s tree (a network class imported by the factory from
+    another file: its ``forward`` is code ``repr(model)`` never sees) and ``imported``, the user's modules
+    the factory's import brought in (a helper function a ``forward`` calls); by content only -- never
+    their paths --, in a stable order; installed packages, the standard library and repair left out.
+    None when there is no such file (the key of a factory defining its network in its own file is as
+    before)."""
     import inspect
     import os
 
@@ -123,20 +183,14 @@ def _classes_code_digest(model: nn.Module, fn) -> Optional[str]:
         own = os.path.realpath(inspect.getsourcefile(fn) or "")
     except TypeError:
         own = ""
-    files: set = set()
+    files: set = {f for f in imported if f != own}
     for cls in {type(m) for m in model.modules()}:
         try:
             src = inspect.getsourcefile(cls)
         except (TypeError, OSError):         # a built-in or generated class: no source file
             continue
-        if not src:
-            continue
-        real = os.path.realpath(src)
-        parts = Path(real).parts
-        if (real == own or "site-packages" in parts or "dist-packages" in parts
-                or any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)):
-            continue
-        if os.path.isfile(real):
+        real = _users_file(src, roots)
+        if real is not None and real != own:
             files.add(real)
     if not files:
         return None

@@ -33,7 +33,7 @@ from .images import (DATA_CONFIG_KEYS, GIVE_PREPROCESSING, PREPROCESS_FILE, Imag
 from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph_inputs,  # noqa: F401
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
                          metadata_dict, set_metadata, training_mode_node)
-from .onnx_runtime import (make_session, onnxruntime, ort_errors, ort_providers, run_session,  # noqa: F401
+from .onnx_runtime import (make_session, onnxruntime, ort_errors, ort_providers, run_batch, run_session,  # noqa: F401
                            session_feeds)
 from .text import (TOKENIZER_DIGEST_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
                    max_positions_beside, resolve_max_length,
@@ -303,9 +303,8 @@ class OnnxAdapter(Adapter):
 
     def _run(self, which: str, batch, device, outputs: Sequence[str]) -> list:
         sess = self._session(which, device)
-        feeds = session_feeds(sess, batch, self.source)
         try:
-            return run_session(sess, feeds, outputs)
+            return run_batch(sess, batch, outputs, self.source)
         except ort_errors() as e:      # the graph itself fails on this input: as a torch network's forward
             raise forward_failure(e, self.source, "onnxruntime") from None
 

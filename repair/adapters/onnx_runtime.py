@@ -146,6 +146,38 @@ def _to_fixed_length(arr: np.ndarray, inp, where: Optional[Path]) -> np.ndarray:
     return np.pad(arr, ((0, 0), (0, fixed - arr.shape[1])))
 
 
+def run_batch(session, batch: Any, output_names: Optional[Sequence[str]] = None, where: Optional[Path] = None) -> list:
+    """A collated batch through ``session`` (:func:`session_feeds`, :func:`run_session`). A text batch for
+    a graph that takes no ``attention_mask`` and has a dynamic sequence axis is run text by text length:
+    each text unpadded, the texts of one length together -- such a graph reads the padding as tokens, so a
+    padded text would give other outputs, and the figures would change with the batch size (a deployment
+    feeding one text reads it unpadded). The one home of that rule (embeddings, logits, verification)."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    ids = next((i for i in session.get_inputs() if i.name == "input_ids"), None)
+    shape = list(getattr(ids, "shape", None) or [])
+    dynamic = len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] > 0)
+    if mask is None or not dynamic or "attention_mask" in {i.name for i in session.get_inputs()}:
+        return run_session(session, session_feeds(session, batch, where), output_names)
+    m = _to_numpy(mask).astype(bool)
+    lengths = m.sum(1)
+    if bool((lengths == m.shape[1]).all()):                      # nothing padded in this batch
+        return run_session(session, session_feeds(session, batch, where), output_names)
+    results = None
+    for n_tokens in np.unique(lengths):
+        rows = np.flatnonzero(lengths == n_tokens)
+        part = {}
+        for k, v in batch.items():
+            a = _to_numpy(v)
+            # the tokens of each text (right or left padding alike: the positions its mask keeps)
+            part[k] = (a[rows][m[rows]].reshape(len(rows), int(n_tokens)) if a.shape == m.shape else a[rows])
+        outs = run_session(session, session_feeds(session, part, where), output_names)
+        if results is None:
+            results = [np.empty((len(lengths),) + tuple(o.shape[1:]), dtype=o.dtype) for o in outs]
+        for r, o in zip(results, outs):
+            r[rows] = o
+    return results
+
+
 def run_session(session, feeds: dict[str, np.ndarray], output_names: Optional[Sequence[str]] = None) -> list:
     """Run, splitting the batch into the graph's fixed batch size when it has one (a last part that
     is short is padded with copies of its last row, whose outputs are dropped: rows do not interact
