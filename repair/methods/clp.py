@@ -344,12 +344,13 @@ class ClpRun:
             # image of either set never takes a mask the other set's image takes
             sets = mask_sets(self.inputs.items, root, None if train_set is None else train_set.items,
                              None if train_set is None else train_set.source)
-            if given is not None:
-                mask_files(Path(given), sets)
+            found = mask_files(Path(given), sets) if given is not None else []
             if train_set is not None:
                 self.train_pool.masks = self._masks("given", self.train_pool, train_set.items, sets[0][1])
             self.meta_pool.masks = self._masks("given", self.meta_pool, self.inputs.items, sets[-1][1])
-            return {"source": f"given (--masks {given})",
+            # no machine path in what the model records (its provenance is the same for the same
+            # inputs in another folder): the masks by how many were read
+            return {"source": "given (--masks)", "mask_files": int(sum(len(f) for f in found)),
                     "foreground_share": round(float(self.meta_pool.masks.mean()), 4)}
         side = self._min_side()
         for pool in {id(p): p for p in (self.meta_pool, self.train_pool)}.values():

@@ -253,6 +253,17 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
                          "mean_attribution": round(float(mass.mean()), 4) if n_gen else None}})
 
 
+def _within(path, root: Path) -> str:
+    """``path`` as the manifest names it: relative to the folder it was given in (the data, the masks), so
+    that the same inputs in another folder give the same manifest (no machine path in an output); its
+    file name when it lies elsewhere."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path(root).resolve()).as_posix()
+    except (ValueError, OSError):
+        return p.name
+
+
 def _write(work: Path, inputs, tr, src, bg, gen_pix, gen_mask, pix, masks, target, keys, texts, prob, mass, kept,
            names, mask_source, gen_info, cfg) -> Path:
     """Generated images, their object masks, manifest.json and contact_sheet.png under ``work``."""
@@ -267,10 +278,11 @@ def _write(work: Path, inputs, tr, src, bg, gen_pix, gen_mask, pix, masks, targe
         f, m = f"images/{k:05d}.png", f"masks/{k:05d}.png"
         save_png(work / f, gen_pix[k])
         save_png(work / m, gen_mask[k])
-        given = (str(mask_file(Path(res["masks"]), Path(items[s]), Path(res.get("data_root") or ".")))
+        root = Path(res.get("data_root") or ".")
+        given = (_within(mask_file(Path(res["masks"]), Path(items[s]), root), Path(res["masks"]))
                  if mask_source == "given" else None)
-        rows.append({"file": f, "mask": m, "class": names[int(target[k])], "source": str(items[s]),
-                     "source_mask": given or mask_source, "background": str(items[b]),
+        rows.append({"file": f, "mask": m, "class": names[int(target[k])], "source": _within(items[s], root),
+                     "source_mask": given or mask_source, "background": _within(items[b], root),
                      "background_attribute": keys[b], "prompt": texts[k],
                      "probability": round(float(prob[k]), 5), "attribution_mass": round(float(mass[k]), 5),
                      "kept": bool(kept[k])})

@@ -417,7 +417,7 @@ class DiffusersGenerator(Generator):
         return prompt
 
     def describe(self) -> dict:
-        return {"generator": self.name, "model": str(self.folder), "steps": self.steps, "strength": self.strength,
+        return {"generator": self.name, "model": Path(self.folder).name, "steps": self.steps, "strength": self.strength,
                 "guidance": self.guidance, "size": self.size, "device": str(self.device),
                 "textual_inversion": sorted(self.tokens.values())}
 
