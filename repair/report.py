@@ -447,7 +447,11 @@ def render(doc: dict) -> str:
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    """When a report is generated: ``SOURCE_DATE_EPOCH`` when set (as the model's metadata honours it:
+    reproducible builds), else the clock, in UTC."""
+    from .provenance import source_date
+
+    return source_date() or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def report_json(doc: dict) -> str:

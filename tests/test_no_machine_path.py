@@ -33,3 +33,12 @@ def test_the_same_inputs_in_another_folder_give_the_same_files(tmp_path, monkeyp
         a, b = (one / "out" / f).read_bytes(), (two / "out" / f).read_bytes()
         assert a == b, f
         assert str(tmp_path).encode() not in a, f
+
+
+def test_a_reports_time_is_source_date_epoch_when_set(monkeypatch):
+    from repair.report import now
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "86400")
+    assert now() == "1970-01-02T00:00:00+00:00"
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert now().startswith("20")
