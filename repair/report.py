@@ -446,12 +446,17 @@ def render(doc: dict) -> str:
             f"<body>{head}{body}<script>{SORT_JS}</script></body></html>\n")
 
 
+def clock() -> str:
+    """The time now, in UTC, to the second (a run's record: a zoo journal's ``finished``)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
 def now() -> str:
     """When a report is generated: ``SOURCE_DATE_EPOCH`` when set (as the model's metadata honours it:
-    reproducible builds), else the clock, in UTC."""
+    reproducible builds), else :func:`clock`."""
     from .provenance import source_date
 
-    return source_date() or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return source_date() or clock()
 
 
 def report_json(doc: dict) -> str:

@@ -1679,7 +1679,7 @@ def _hold_lock(out_dir: Path) -> int:
 
 
 def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working: list) -> dict:
-    from .report import now, write_report
+    from .report import clock, now, write_report
 
     records = journal.read()
     others = sorted({r["manifest"] for r in records.values()
@@ -1790,7 +1790,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
                     continue
             files = res["result"].pop("output_files", None)
             rec = {"name": e.name, "mode": o.mode, "key": e.key(o.mode), "manifest": mpath.name,
-                   "status": "done", "finished": now(),
+                   "status": "done", "finished": clock(),
                    "seconds": res["seconds"], "worker": res["worker"],
                    "output": str(e.output) if o.mode == "fix" else None, "inputs": inputs[e.name],
                    "output_files": files, "result": res["result"]}
@@ -1915,8 +1915,11 @@ def _document(mpath: Path, o: ZooOptions, executor: str, models: list[dict], int
 
 
 def _progress_line(result: dict, gate: Optional[dict]) -> str:
-    from .display import percent as pct
+    from .display import gate_thresholds, percent
     from .report import gate_summary, headline
+
+    def pct(x):                         # never shown as meeting the gate it fails
+        return percent(x, against=gate_thresholds([gate]))
 
     b, a = result["before"], result.get("after")
     wb, label = headline(b)

@@ -71,3 +71,13 @@ def test_the_html_report_shows_the_failing_figure_as_the_gate_line_does():
            "models": [model_entry("m", result, gate=gate)]}
     html = render(doc)
     assert "79.96%" in html and "80.0%" not in html
+
+
+def test_the_zoos_progress_line_shows_the_failing_figure_as_the_gate_line_does():
+    from repair.rules import judge
+    from repair.zoo import _progress_line
+
+    rep = _figures(1999, 2500)
+    gate = judge(rep, "80%", "worst_group")
+    line = _progress_line({"before": rep}, gate)
+    assert "79.96%" in line and "80.0%" not in line, line

@@ -42,3 +42,10 @@ def test_a_reports_time_is_source_date_epoch_when_set(monkeypatch):
     assert now() == "1970-01-02T00:00:00+00:00"
     monkeypatch.delenv("SOURCE_DATE_EPOCH")
     assert now().startswith("20")
+
+
+def test_a_zoo_journals_finished_time_is_the_clock_whatever_source_date_epoch_says(monkeypatch):
+    from repair.report import clock
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "86400")
+    assert clock().startswith("20")

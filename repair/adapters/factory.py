@@ -38,38 +38,52 @@ def _current_folder_importable():
                 pass
 
 
-#: the user's source files each factory module brought in when it was imported (its helpers: code the
-#: network may call that no module class defines), by module name: part of the embedding cache key
-_IMPORTED_FILES: dict = {}
+class _ToStderr:
+    """A stream the user's code writes to while it runs inside repair: every write goes on, at once, to
+    the stderr of the moment it was made (never stdout: ``--json`` is one document), and the last line
+    written is kept (to name it when the code exits). A handler the code creates (``logging.basicConfig``
+    at import) keeps writing through it, to stderr, for the rest of the run."""
+
+    def __init__(self, target):
+        self.target, self.last = target, ""
+
+    def write(self, text: str) -> int:
+        lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+        if lines:
+            self.last = lines[-1]
+        return self.target.write(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
 
 
 @contextmanager
 def _users_code(what: str):
     """Around the user's code (the factory module's import, the factory's call): what it prints goes to
-    stderr, never into stdout (``--json`` is one document), shown after it succeeded; its ``sys.exit`` (a
-    module that parses arguments when imported) is :class:`BadInput` naming it, never this command's
-    exit status, with the last line it printed -- a gate must not pass, nor fail, by the factory's exit."""
-    import io
+    stderr as it prints it; its ``sys.exit`` (a module that parses arguments when imported) is
+    :class:`BadInput` naming it with the last line it printed, never this command's exit status -- a
+    gate must not pass, nor fail, by the factory's exit."""
     from contextlib import redirect_stderr, redirect_stdout
 
-    buf = io.StringIO()
+    out = _ToStderr(sys.stderr)
     try:
-        with redirect_stdout(buf), redirect_stderr(buf):
+        with redirect_stdout(out), redirect_stderr(out):
             yield
     except SystemExit as e:
-        said = [ln.strip() for ln in buf.getvalue().splitlines() if ln.strip()]
-        raise BadInput(f"{what} exited (SystemExit {e.code!r})" + (f"; it printed: {said[-1][:200]}" if said else "")
-                       ) from None
-    else:
-        if buf.getvalue():
-            sys.stderr.write(buf.getvalue())
+        raise BadInput(f"{what} exited (SystemExit {e.code!r})" + (f"; it printed: {out.last[:200]}" if out.last
+                                                                    else "")) from None
 
 
 def import_factory(spec: str):
     if ":" not in spec:
         raise BadInput(f"--factory must look like package.module:function, got {spec!r}")
     mod_name, fn_name = spec.split(":", 1)
-    before = set(sys.modules)
     try:
         with _current_folder_importable(), _users_code(f"factory module {mod_name!r}, imported,"):
             mod = importlib.import_module(mod_name)
@@ -77,8 +91,6 @@ def import_factory(spec: str):
         raise
     except Exception as e:
         raise BadInput(f"cannot import factory module {mod_name!r} ({type(e).__name__}: {e})") from None
-    if mod_name not in _IMPORTED_FILES:
-        _IMPORTED_FILES[mod_name] = _users_files(sys.modules[n] for n in set(sys.modules) - before)
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise BadInput(f"factory {spec!r}: {fn_name!r} is not a function in {mod_name}")
@@ -110,7 +122,7 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
                                 class_names=names, data_config=data_config)
     adapter.build = {"factory": factory, "model_args": model_args or {}, "code": _code_digest(fn)}
-    classes = _classes_code_digest(model, fn, _IMPORTED_FILES.get(factory.split(":", 1)[0], ()))
+    classes = _classes_code_digest(model, fn, _reachable_users_files(sys.modules.get(factory.split(":", 1)[0])))
     if classes is not None:
         adapter.build["classes_code"] = classes
     return adapter
@@ -159,10 +171,31 @@ def _users_file(src: Optional[str], roots: Sequence[str]) -> Optional[str]:
     return real if os.path.isfile(real) else None
 
 
-def _users_files(modules) -> frozenset:
-    """The user's source files among ``modules`` (those a factory module's import brought in)."""
+def _reachable_users_files(module) -> frozenset:
+    """The source files the user wrote that the factory's module reaches through its names -- a module
+    it imported (``import helpers``), the module of a function or class it imported (``from helpers
+    import act``) --, and so on from each of those files: code its network may run that no module class
+    defines. Found from the modules themselves, so the same whatever this process imported before."""
+    import inspect
+    import types
+
+    if module is None:
+        return frozenset()
     roots = _installed_roots()
-    return frozenset(f for f in (_users_file(getattr(m, "__file__", None), roots) for m in modules) if f)
+    seen, files, todo = {id(module)}, set(), [module]
+    while todo:
+        mod = todo.pop()
+        for value in list(vars(mod).values()):
+            target = value if isinstance(value, types.ModuleType) else inspect.getmodule(value) \
+                if isinstance(value, (types.FunctionType, type)) else None
+            if target is None or id(target) in seen:
+                continue
+            seen.add(id(target))
+            f = _users_file(getattr(target, "__file__", None), roots)
+            if f is not None:
+                files.add(f)
+                todo.append(target)
+    return frozenset(files)
 
 
 def _classes_code_digest(model: nn.Module, fn, imported: Sequence[str] = ()) -> Optional[str]:

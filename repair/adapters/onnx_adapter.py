@@ -253,7 +253,16 @@ class OnnxAdapter(Adapter):
     def preprocess_id(self) -> dict:
         if self.modality == "image":
             return {"image": self.data_config}
-        return tokenizer_preprocess_id(self.tokenizer, self.max_length)
+        pid = tokenizer_preprocess_id(self.tokenizer, self.max_length)
+        if self._fed_unpadded():      # how its texts are fed (run_batch): embeddings of padded texts differ
+            pid = {**pid, "fed": "unpadded"}
+        return pid
+
+    def _fed_unpadded(self) -> bool:
+        """A text graph that takes no attention_mask, with a dynamic sequence axis: its texts are fed
+        unpadded (:func:`repair.adapters.onnx_runtime.run_batch`)."""
+        names = [n for n, _ in self._inputs]
+        return "attention_mask" not in names and self._fixed_seq is None and "input_ids" in names
 
     @property
     def input_names(self) -> list[str]:
