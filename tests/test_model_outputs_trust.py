@@ -89,8 +89,8 @@ def test_the_sources_weights_in_another_format_are_not_shipped(tmp_path):
     kept = sorted(p.relative_to(o2).as_posix() for p in o2.rglob("*"))
     assert not any(rel in kept for rel in others) and not {"onnx", "ckpt", "vino"} & set(kept), kept
     assert {"notes.txt", "docs/model.xml", "docs/card.md", "model.safetensors"} <= set(kept), kept
-    notice = [line for line in err.splitlines() if line.startswith("notice: left out of the repaired folder")]
-    assert len(notice) == 1 and "flax_model.msgpack" in notice[0] and "unrepaired model" in notice[0], err
+    notice = [line for line in err.splitlines() if line.startswith("notice: left out of the output folder")]
+    assert len(notice) == 1 and "flax_model.msgpack" in notice[0] and "the source's weights" in notice[0], err
 
 
 def test_model_repair_settings_that_cannot_run_are_bad_input(tmp_path):

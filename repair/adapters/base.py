@@ -799,9 +799,9 @@ def left_out_notice(src: Path, left_out: list) -> Optional[str]:
         return None
     names = [Path(p).relative_to(src).as_posix() for p in left_out]
     shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
-    return (f"notice: left out of the repaired folder: {shown} -- weights files (or pickles) of the source, "
-            "in formats repair does not rewrite: the weights in them are the unrepaired model (the repaired "
-            "one is model.safetensors; repair export writes ONNX)")
+    return (f"notice: left out of the output folder: {shown} -- weights files (or pickles) of the source, "
+            "in formats repair does not rewrite: they hold the source's weights, not necessarily this output's "
+            "(the output's are in model.safetensors; repair export writes ONNX)")
 
 
 def copy_folder_except(src: Path, dst: Path, skip: Path) -> None:
