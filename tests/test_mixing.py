@@ -162,3 +162,25 @@ def test_mix_equals_mix_on_its_formed_training_sets(C, params):
     assert out.diagnostics["final_rows_per_refit"] == ref.diagnostics["final_rows_per_refit"]
     assert float((out.W - ref.W).abs().max()) <= 1e-3 * float(ref.W.abs().max())
     assert float((out.b - ref.b).abs().max()) <= 1e-3 * max(1.0, float(ref.b.abs().max()))
+
+
+def test_problems_whose_mixed_rows_are_formed_are_solved_a_chunk_at_a_time(monkeypatch):
+    """With more than two classes the mixed rows are formed, one block per problem, disjoint: batched
+    on every problem's rows at once (the shared layout) each problem read K times its rows -- 16,000 rows
+    of 96 features took 10 s against 1.4 s for 8,000. Problems whose blocks exceed the budget are solved
+    a chunk at a time, each chunk's blocks read per problem: the same heads."""
+    import repair.solver.fista as F
+
+    X, y, w, mix = _problem(K=4, N=80, m=50)
+    y3 = (X[:, 2] > 0.4).long() + y                      # three classes
+    kw = dict(sample_weight=w.float(), row_mix=mix, l2=[1.0, 2.0, 4.0, 8.0], tol=1e-7, max_iter=5000)
+    W0, b0, info0 = F.fit_logreg(X.float(), y3, 3, **kw)
+    assert "chunks" not in info0                         # small: all at once
+    per = int(((w > 0).sum(1) + (mix.w > 0).sum(1)).max()) * X.shape[1] * 4
+    monkeypatch.setattr(F, "_MIN_BUDGET", 2 * per)       # as if each block were large: two per chunk
+    assert F._formed_rows_chunks(X, w, mix) == [(0, 2), (2, 4)]
+    W1, b1, info1 = F.fit_logreg(X.float(), y3, 3, **kw)
+    assert info1["chunks"] == 2
+    assert torch.allclose(W0, W1, atol=1e-3, rtol=1e-3) and torch.allclose(b0, b1, atol=1e-3, rtol=1e-3)
+    # two classes with smooth penalties never form them: no chunks of that kind
+    assert not F._forms_mixed_rows(2, 0.0, "auto") and F._forms_mixed_rows(3, 0.0, "auto")
