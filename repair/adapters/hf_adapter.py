@@ -224,10 +224,14 @@ class HFTextAdapter(TorchModelAdapter):
         return tokenizer_preprocess_id(self.tokenizer, self.max_length)
 
     def save(self, out: Path, metadata: dict[str, str]) -> Path:
-        """The folder as :meth:`TorchModelAdapter.save` writes it; with ``--max-length`` given, its
-        tokenizer truncates at that length, as the run measured (:func:`record_max_length`)."""
+        """The folder as :meth:`TorchModelAdapter.save` writes it; its tokenizer truncates at the length
+        the run measured with (:func:`record_max_length`) whenever its own limit says otherwise: a
+        ``--max-length`` given, or the default (at most 512 tokens, the model's positions) where the
+        tokenizer has no limit or a longer one -- else plain transformers reads longer texts than the
+        figures were measured on (or fails on them past the positions)."""
         target = super().save(out, metadata)
-        if self.max_length_given:
+        own = getattr(self.tokenizer, "model_max_length", None)
+        if Path(out).is_dir() and (self.max_length_given or own != self.max_length):   # a folder written
             record_max_length(Path(out), self.max_length)
         return target
 
