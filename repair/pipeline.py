@@ -313,6 +313,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     # embeddings; a text's keys are its tokens (cheap): an --eval that is all repair texts is refused
     # before any embedding
     image = adapter.modality == "image" and inputs.data.modality == "image"
+    if inputs.eval_data is not None:     # --eval of the other kind: refused before any work, for either kind
+        check_modality(adapter, inputs.eval_data)
     if inputs.eval_data is not None and not image:   # --eval samples the model reads as repair samples count as those
         inputs.eval_overlap = read_as_same(adapter, inputs.data, inputs.eval_data, inputs.eval_overlap, o.eval_data,
                                            runtime=runtime)

@@ -39,6 +39,17 @@ def _figures(rep: Optional[dict]) -> Optional[dict]:
 MODEL_CHANGE_KEYS = ("steps", "stopped_by", "budget", "body_changed", "best_step")
 
 
+def budget_text(budget) -> str:
+    """A training budget as ``--budget`` writes it (``200steps``, ``3epochs``, ``2s``, joined by commas;
+    ``default`` when it was the default), from its record (``{"seconds": 2.0, "default": False}``)."""
+    if not isinstance(budget, dict):
+        return str(budget)
+    units = (("steps", "steps"), ("epochs", "epochs"), ("seconds", "s"))
+    parts = [f"{budget[k]:g}{u}" if isinstance(budget[k], (int, float)) else f"{budget[k]}{u}"
+             for k, u in units if budget.get(k) is not None]
+    return ",".join(parts) + (" (default)" if budget.get("default") else "") if parts else str(budget)
+
+
 def training_sentence(model_change: Optional[dict]) -> Optional[str]:
     """What ended a model repair's training, its budget, and whether the network's body changed -- the
     line the table, the HTML report and the zoo report show; None for a head repair (nothing trained)."""
@@ -46,7 +57,7 @@ def training_sentence(model_change: Optional[dict]) -> Optional[str]:
     if not mc.get("stopped_by"):
         return None
     unchanged = mc.get("changed_tensors") == []
-    return (f"training ended by {mc['stopped_by']}" + (f" (budget {mc['budget']})" if mc.get("budget") else "")
+    return (f"training ended by {mc['stopped_by']}" + (f" (budget {budget_text(mc['budget'])})" if mc.get("budget") else "")
             + ("; nothing changed: the output is the source model" if unchanged else
                "; the body kept is the original one: only the head changed" if mc.get("body_changed") is False
                else ""))

@@ -45,3 +45,14 @@ def test_a_folders_json_description_is_not_read_as_its_data_table(tmp_path, timm
     (flat / "rows.json").write_text(json.dumps([{"path": "a.png", "label": "cat"}]))
     code, _, err = run_cli("eval", timm_folder, "--data", flat, "-q")
     assert code == 0, err
+
+
+def test_fix_of_a_text_model_refuses_image_eval_data_before_any_training(tmp_path, bert_folder, text_data,
+                                                                         image_data):
+    """Found by an audit: ``repair fix`` of a text model with an image ``--eval`` trained its model repair
+    for the whole budget before refusing it (an image model given texts was refused at once)."""
+    code, _, err = run_cli("fix", bert_folder, "--data", text_data, "--recipe", "mixft", "--budget", "200steps",
+                           "--eval", image_data, "--out", tmp_path / "o")
+    assert code == 2 and "training" not in err, err
+    assert str(image_data) in err.strip().splitlines()[-1] and "text" in err, err
+    assert not (tmp_path / "o").exists()

@@ -201,3 +201,13 @@ def test_a_line_break_in_a_users_name_is_refused_before_it_can_print_a_line_of_i
         {"name": "a\ngate passed", "checkpoint": str(model), "data": str(data), "output": str(tmp_path / "z")}]}))
     code, out, err = run_cli("zoo", man)
     assert code == 2 and "line break" in err and not (tmp_path / "z").exists(), err
+
+
+def test_the_training_sentence_writes_the_budget_as_it_is_given():
+    """It showed the budget's record, a Python dict (``budget {'seconds': 2.0, 'default': False}``)."""
+    from repair.report import training_sentence
+
+    line = training_sentence({"stopped_by": "budget:time", "budget": {"seconds": 2.0, "default": False}})
+    assert line == "training ended by budget:time (budget 2s)"
+    line = training_sentence({"stopped_by": "epochs", "budget": {"steps": 200, "seconds": 600.0, "default": True}})
+    assert line == "training ended by epochs (budget 200steps,600s (default))"
