@@ -39,15 +39,27 @@ def _figures(rep: Optional[dict]) -> Optional[dict]:
 MODEL_CHANGE_KEYS = ("steps", "stopped_by", "budget", "body_changed", "best_step")
 
 
+def _plain_number(v) -> str:
+    """A number as ``--budget`` reads it: no exponent, no trailing zeros (1000000, 28800000, 2.5)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if float(v).is_integer():
+        return str(int(v))
+    return f"{v:f}".rstrip("0").rstrip(".")
+
+
 def budget_text(budget) -> str:
     """A training budget as ``--budget`` writes it (``200steps``, ``3epochs``, ``2s``, joined by commas;
-    ``default`` when it was the default), from its record (``{"seconds": 2.0, "default": False}``)."""
+    ``(default)`` when it was the default; ``none`` without a limit), from its record (``{"seconds": 2.0,
+    "default": False}``); a budget shared among runs (``members``, ``cross_fit``) is each run's share."""
     if not isinstance(budget, dict):
         return str(budget)
     units = (("steps", "steps"), ("epochs", "epochs"), ("seconds", "s"))
-    parts = [f"{budget[k]:g}{u}" if isinstance(budget[k], (int, float)) else f"{budget[k]}{u}"
-             for k, u in units if budget.get(k) is not None]
-    return ",".join(parts) + (" (default)" if budget.get("default") else "") if parts else str(budget)
+    parts = ",".join(f"{_plain_number(budget[k])}{u}" for k, u in units if budget.get(k) is not None) or "none"
+    runs = budget.get("members") or budget.get("cross_fit")
+    if isinstance(runs, int) and not isinstance(runs, bool) and runs > 1:
+        parts += f" for each of {runs} {'members' if budget.get('members') else 'cross-fit runs'}"
+    return parts + (" (default)" if budget.get("default") else "")
 
 
 def training_sentence(model_change: Optional[dict]) -> Optional[str]:

@@ -259,6 +259,9 @@ def test_a_given_truncation_length_travels_with_the_written_model(tmp_path, bert
     written = json.loads((out2 / "tokenizer_config.json").read_text())
     assert written == {**src_cfg, "model_max_length": used}
     assert AutoTokenizer.from_pretrained(out2).model_max_length == used == load_model(out2).max_length
+    # the same tokenizer read at the same length: evaluating the repaired folder reuses the source's
+    # cached embeddings (the body is the same too)
+    assert load_model(out2).preprocess_id() == load_model(bert_folder).preprocess_id()
 
 
 def test_a_model_repair_that_kept_the_original_body_says_so(tmp_path):

@@ -211,3 +211,13 @@ def test_the_training_sentence_writes_the_budget_as_it_is_given():
     assert line == "training ended by budget:time (budget 2s)"
     line = training_sentence({"stopped_by": "epochs", "budget": {"steps": 200, "seconds": 600.0, "default": True}})
     assert line == "training ended by epochs (budget 200steps,600s (default))"
+    from repair.modelrepair.finetune import Budget
+    from repair.report import budget_text
+
+    for given in ("1000000steps", "8000h", "1234567s", "2.5s", "3epochs,90s"):     # read back as given
+        shown = budget_text(Budget.parse(given).describe())
+        assert Budget.parse(shown).describe() == Budget.parse(given).describe(), (given, shown)
+    assert budget_text({"default": False}) == "none"
+    assert budget_text({"seconds": 300.0, "default": True, "cross_fit": 2}) == \
+        "300s for each of 2 cross-fit runs (default)"
+    assert budget_text({"seconds": 1.0, "default": False, "members": 2}) == "1s for each of 2 members"

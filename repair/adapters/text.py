@@ -228,6 +228,18 @@ def tokenizer_digest(tokenizer) -> str:
         from ..io import sha256_file
 
         for f in files:
+            if f.name == "tokenizer_config.json":
+                # its truncation length is the key's own max_length (the one used): a repaired folder
+                # whose config records the length its figures were read at is the same tokenizer
+                try:
+                    cfg = json.loads(f.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    cfg = None
+                if isinstance(cfg, dict):
+                    cfg.pop("model_max_length", None)
+                    if cfg:
+                        h.update(f"{f.name}\0{json.dumps(cfg, sort_keys=True, default=str)}\n".encode())
+                    continue
             h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     elif backend is not None:
         pipeline = json.loads(backend.to_str())

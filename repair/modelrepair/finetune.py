@@ -353,7 +353,8 @@ def train(params: Sequence[torch.nn.Parameter], step: StepFn, evaluate: Optional
         params, step, evaluate, cfg, steps_per_epoch, share, default_budget, int(seed) + m, device, progress,
         f"{desc} {m + 1}/{k}", buffers, rule))
     score = evaluate() if evaluate is not None else None
-    res = _members_result(runs, score, time.perf_counter() - t0, {**share.describe(), "default": default_budget})
+    res = _members_result(runs, score, time.perf_counter() - t0,
+                          {**share.describe(), "default": default_budget, "members": k})
     res.early_stop = rule_info
     return res
 
