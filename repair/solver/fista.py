@@ -266,7 +266,7 @@ def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
         macs = X_.shape[0] * X_.shape[1] * K_ * int(num_classes)
     chunks = _problem_chunks(X_, sw_, K_, int(num_classes))
     if chunks is None and row_mix is not None and _forms_mixed_rows(int(num_classes), l1, algorithm):
-        chunks = _formed_rows_chunks(X_, sw_, row_mix)
+        chunks = _formed_rows_chunks(X_, sw_, row_mix, int(num_classes), l1, l2, ref_W, algorithm)
     if chunks is not None:
         # the per-problem copies of the rows would exceed the memory budget: independent
         # problems, solved a chunk at a time (same results, bounded memory)
@@ -536,7 +536,8 @@ def _forms_mixed_rows(C: int, l1, algorithm: str) -> bool:
     return C > 2 or algorithm in ("fista", "lbfgs") or bool((torch.as_tensor(l1) != 0).any())
 
 
-def _formed_rows_chunks(X: Tensor, sw: Optional[Tensor], row_mix) -> Optional[list]:
+def _formed_rows_chunks(X: Tensor, sw: Optional[Tensor], row_mix, C: int = 3, l1=0.0, l2=1.0, ref_W=None,
+                        algorithm: str = "auto") -> Optional[list]:
     """Ranges of problems to solve one after the other when their mixed rows are formed
     (:meth:`repair.solver.mixing.RowMix.materialize`), or None (all at once). The formed rows are
     every problem's own block, disjoint from the others': batched, each problem must read its block
@@ -544,12 +545,17 @@ def _formed_rows_chunks(X: Tensor, sw: Optional[Tensor], row_mix) -> Optional[li
     cliff from 8,000 to 16,000 rows of 96 features, 1.4 s to 10 s). A chunk's blocks stay within
     :data:`_MIN_BUDGET`, under which the gathered layout is taken; a problem larger than that is
     solved alone (its rows are then all its own). Same results, bounded memory: one chunk's blocks
-    are formed at a time, not every problem's."""
+    are formed at a time, not every problem's. None where the formed problems go to L-BFGS one at a
+    time anyway (:func:`_softmax_lbfgs_ok`: it starts each from the previous one's solution)."""
     if sw is None or sw.dim() != 2 or sw.shape[0] < 2 or X.dim() != 2:
         return None
     K, D = sw.shape[0], X.shape[1]
     mixed = (row_mix.w > 0).sum(1)
-    per = int(((sw > 0).sum(1) + (mixed if mixed.numel() == K else mixed.expand(K))).max()) * D * 4
+    rows = int(((sw > 0).sum(1) + (mixed if mixed.numel() == K else mixed.expand(K))).max())
+    smooth = ref_W is None and bool((torch.as_tensor(l1) == 0).all()) and bool((torch.as_tensor(l2) > 0).all())
+    if algorithm == "lbfgs" or (algorithm == "auto" and C > 2 and smooth and rows * D * C >= SOFTMAX_LBFGS_WORK):
+        return None
+    per = rows * D * 4
     k = max(1, int(_MIN_BUDGET // max(per, 1)))
     if k >= K:
         return None
