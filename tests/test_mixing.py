@@ -185,7 +185,7 @@ def test_problems_whose_mixed_rows_are_formed_are_solved_a_chunk_at_a_time(monke
     # two classes with smooth penalties never form them: no chunks of that kind
     assert not F._forms_mixed_rows(2, 0.0, "auto") and F._forms_mixed_rows(3, 0.0, "auto")
     # problems L-BFGS solves one at a time anyway (each from the previous one's solution) are not split:
-    # split, each started from zero (10 classes, 50,000 x 2,048: auto's mix took 1.7x as long)
+    # they keep the path bench/RESULTS.md measured (10 classes, 50,000 x 2,048)
     assert F._formed_rows_chunks(X, w, mix, 3, 0.0, 1.0, None, "lbfgs") is None
     monkeypatch.setattr(F, "SOFTMAX_LBFGS_WORK", 1)
     assert F._formed_rows_chunks(X, w, mix, 3, 0.0, 1.0, None, "auto") is None
