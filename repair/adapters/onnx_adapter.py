@@ -33,7 +33,7 @@ from .images import (DATA_CONFIG_KEYS, GIVE_PREPROCESSING, PREPROCESS_FILE, Imag
 from .onnx_graph import (MAX_PROTO_BYTES, HeadSpec, apply_head, find_head, graph_inputs,  # noqa: F401
                          graph_structure_hash, head_from_graph, init_array, linear_bias, linear_weight,
                          metadata_dict, set_metadata, training_mode_node)
-from .onnx_runtime import (make_session, onnxruntime, ort_errors, ort_providers, run_batch, run_session,  # noqa: F401
+from .onnx_runtime import (make_session, onnxruntime, ort_errors, ort_providers, fed_unpadded, run_batch, run_session,  # noqa: F401
                            session_feeds)
 from .text import (TOKENIZER_DIGEST_FILES, collate_texts, has_tokenizer_files, load_tokenizer,
                    max_positions_beside, resolve_max_length,
@@ -254,15 +254,9 @@ class OnnxAdapter(Adapter):
         if self.modality == "image":
             return {"image": self.data_config}
         pid = tokenizer_preprocess_id(self.tokenizer, self.max_length)
-        if self._fed_unpadded():      # how its texts are fed (run_batch): embeddings of padded texts differ
+        if fed_unpadded(self._inputs):   # how its texts are fed (run_batch): embeddings of padded texts differ
             pid = {**pid, "fed": "unpadded"}
         return pid
-
-    def _fed_unpadded(self) -> bool:
-        """A text graph that takes no attention_mask, with a dynamic sequence axis: its texts are fed
-        unpadded (:func:`repair.adapters.onnx_runtime.run_batch`)."""
-        names = [n for n, _ in self._inputs]
-        return "attention_mask" not in names and self._fixed_seq is None and "input_ids" in names
 
     @property
     def input_names(self) -> list[str]:

@@ -146,6 +146,16 @@ def _to_fixed_length(arr: np.ndarray, inp, where: Optional[Path]) -> np.ndarray:
     return np.pad(arr, ((0, 0), (0, fixed - arr.shape[1])))
 
 
+def fed_unpadded(inputs) -> bool:
+    """Whether a graph with these inputs (``(name, shape)`` pairs) has its texts fed unpadded
+    (:func:`run_batch`): it takes ``input_ids`` with a dynamic sequence axis and no ``attention_mask``.
+    The one home of that rule (the feeding, and the embedding cache key that says so)."""
+    shapes = {n: list(s or []) for n, s in inputs}
+    ids = shapes.get("input_ids")
+    return (ids is not None and "attention_mask" not in shapes and len(ids) == 2
+            and not (isinstance(ids[1], int) and ids[1] > 0))
+
+
 def run_batch(session, batch: Any, output_names: Optional[Sequence[str]] = None, where: Optional[Path] = None) -> list:
     """A collated batch through ``session`` (:func:`session_feeds`, :func:`run_session`). A text batch for
     a graph that takes no ``attention_mask`` and has a dynamic sequence axis is run text by text length:
@@ -153,10 +163,7 @@ def run_batch(session, batch: Any, output_names: Optional[Sequence[str]] = None,
     padded text would give other outputs, and the figures would change with the batch size (a deployment
     feeding one text reads it unpadded). The one home of that rule (embeddings, logits, verification)."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    ids = next((i for i in session.get_inputs() if i.name == "input_ids"), None)
-    shape = list(getattr(ids, "shape", None) or [])
-    dynamic = len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] > 0)
-    if mask is None or not dynamic or "attention_mask" in {i.name for i in session.get_inputs()}:
+    if mask is None or not fed_unpadded([(i.name, i.shape) for i in session.get_inputs()]):
         return run_session(session, session_feeds(session, batch, where), output_names)
     m = _to_numpy(mask).astype(bool)
     lengths = m.sum(1)
