@@ -566,23 +566,26 @@ def not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
 
 
 def read_csv_text(text: str, path: Path, first_line: int = 1,
-                  lines: Optional[list] = None) -> tuple[list[str], list[dict]]:
+                  lines: Optional[list] = None, short_rows: bool = True) -> tuple[list[str], list[dict]]:
     """(columns, rows) of the text of a CSV (a TSV by ``path``'s suffix): the one home of how a table
     the user gave is read (data tables, ``repair zoo``'s CSV manifests). A malformed table is a
     :class:`BadInput` naming ``path`` and where; ``first_line``: the file's line number of the text's
     first line (a caller that took leading lines off); ``lines``, given: filled with the file's line
-    number of each row's start."""
+    number of each row's start. A row with more fields than the header is refused; one with fewer
+    reads the missing cells as empty when ``short_rows`` (a data table: an empty cell that matters,
+    a label or a group, is refused where it is read), else it is refused too (a table where an empty
+    cell means "the default", a zoo manifest: a row cut off before its gate must not run ungated)."""
     _raise_csv_field_limit()
     try:
         # strict first: it alone notices a quote that is never closed (the lenient reader takes the
         # rest of the file as one field); what only the strict reader minds (`"a"b`) is read leniently
-        return _read_csv(text, path, strict=True, first_line=first_line, lines=lines)
+        return _read_csv(text, path, strict=True, first_line=first_line, lines=lines, short_rows=short_rows)
     except _CsvError as e:
         if e.unterminated:
             raise BadInput(f"malformed CSV: unterminated quote; the quoted field that starts near "
                            f"{e.where} is never closed", path) from None
     try:
-        return _read_csv(text, path, strict=False, first_line=first_line, lines=lines)
+        return _read_csv(text, path, strict=False, first_line=first_line, lines=lines, short_rows=short_rows)
     except _CsvError as e:
         raise BadInput(f"malformed CSV near {e.where}: {e.args[0]}", path) from None
 
@@ -697,8 +700,12 @@ class _CsvError(Exception):
         return f"row {self.row} (line {self.line})" if self.row else f"the header (line {self.line})"
 
 
+#: a cell a short row does not have (read as empty, or the row refused: :func:`read_csv_text`)
+_NO_CELL = object()
+
+
 def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
-              lines: Optional[list] = None) -> tuple[list[str], list[dict]]:
+              lines: Optional[list] = None, short_rows: bool = True) -> tuple[list[str], list[dict]]:
     """(columns, rows) of a CSV/TSV's text (``lines``, given: the line each row starts on); a
     ``csv.Error`` as :class:`_CsvError`."""
     skip = first_line - 1            # the file's lines before the text's first
@@ -712,7 +719,7 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
     breaks = re.compile(r"\r\n|\r|\n" if cr_only else r"\n")     # the line ends inside a record's fields
     # SST-2 style TSVs hold raw quotes inside sentences: do not treat them as quoting
     reader = csv.DictReader(io.StringIO(text, newline="" if cr_only else "\n"), delimiter=delim,
-                            restval="",   # a short row: empty cells
+                            restval=_NO_CELL,   # a short row's missing cells
                             quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL, strict=strict)
     rows: list = []
     last_line, header = 0, False     # the line the previous record ended on; the header was read
@@ -725,6 +732,13 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
         for row in reader:
             if None in row:
                 raise BadInput(f"line {reader.line_num + skip} has more fields than the header", path)
+            missing = [k for k, v in row.items() if v is _NO_CELL]
+            if missing:
+                if not short_rows:
+                    raise BadInput(f"line {reader.line_num + skip} has fewer fields than the header "
+                                   f"({len(columns) - len(missing)} of {len(columns)}; no {missing[0]!r} cell): "
+                                   "write every field, an empty one as nothing between its commas", path)
+                row = {k: ("" if v is _NO_CELL else v) for k, v in row.items()}
             rows.append(row)
             if lines is not None:     # the record ends on line_num; its fields' line breaks tell where it began
                 lines.append(reader.line_num + skip - sum(len(breaks.findall(str(v))) for v in row.values()))

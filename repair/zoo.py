@@ -260,7 +260,7 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
                                f"a default: write '# {field}: VALUE' (the field name in lower case, "
                                "then ':' or '='), or word the comment so it does not start with a field name", path)
             # other "#" lines ("# Note: ...") are comments
-        columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1)
+        columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1, short_rows=False)
         header = [c.strip() for c in columns]
         twice = sorted({c for c in header if c and header.count(c) > 1})
         if twice:

@@ -1,0 +1,56 @@
+"""Trust fixes of the forty-first session, each with the case that failed before it."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import make_zoo_parts, run_cli
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Two tiny timm models, a small image repair set and a held-out set (``m0``, ``m1``, ``val``, ``test``)."""
+    return make_zoo_parts(tmp_path_factory.mktemp("zoo-s41"), with_test=True)
+
+
+def copy_parts(tmp_path: Path, parts: Path) -> Path:
+    for name in ("m0", "m1", "val", "test"):
+        shutil.copytree(parts / name, tmp_path / name)
+    (tmp_path / "outs").mkdir()
+    return tmp_path
+
+
+# ------------------------------------------------------------------ a zoo CSV row cut off before its gate
+def test_a_csv_manifest_row_with_fewer_cells_than_the_header_is_exit_2_naming_the_line(tmp_path, parts):
+    """A CSV manifest row with fewer cells than the header read the missing ones as empty: a row cut off
+    before its `gate` cell (an editor, a script trimming trailing fields) ran ungated, exit 0 below the
+    threshold every other row is held to. It is refused before any work, naming the line and the cell;
+    a row that writes the empty cell (`a,m0,val,place,`) still means "no gate"."""
+    copy_parts(tmp_path, parts)
+    path = tmp_path / "z.csv"
+    path.write_text("name,checkpoint,data,group_by,gate\na,m0,val,place,1%\nb,m1,val,place\n")
+    code, out, err = run_cli("zoo", path, "--mode", "eval", "-q")
+    assert code == 2, err[:2000]
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(path) in err, err
+    assert "line 3 has fewer fields than the header (4 of 5; no 'gate' cell)" in err, err
+    assert not list(tmp_path.glob("*-zoo")) and not any((tmp_path / "outs").iterdir())
+    from repair.zoo import load_manifest
+
+    path.write_text("name,checkpoint,data,group_by,gate\na,m0,val,place,1%\nb,m1,val,place,\n")
+    a, b = load_manifest(path, "eval").entries
+    assert (a.gate, b.gate) == ("1%", None)
+
+
+def test_a_data_table_short_row_still_reads_missing_cells_as_empty(tmp_path):
+    """Data tables keep reading a short row's missing cells as empty (refused where they matter: a label,
+    a group); only the zoo's manifest, where an empty cell is a setting, refuses the row itself."""
+    from repair.data import read_csv_text
+    from repair.errors import BadInput
+
+    cols, rows = read_csv_text("path,label,note\na.png,cat\n", tmp_path / "t.csv")
+    assert cols == ["path", "label", "note"] and rows == [{"path": "a.png", "label": "cat", "note": ""}]
+    with pytest.raises(BadInput) as e:
+        read_csv_text("path,label,note\na.png,cat\n", tmp_path / "t.csv", short_rows=False)
+    assert e.value.problem.startswith("line 2 has fewer fields than the header (2 of 3; no 'note' cell)")
