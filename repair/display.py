@@ -5,9 +5,10 @@ from typing import Iterable, Optional
 
 
 def _side(a: float, b: float) -> int:
-    """-1, 0 or 1: ``a`` below, at or above ``b`` (equal within float rounding of a ratio)."""
+    """-1, 0 or 1: ``a`` below, at or above ``b`` (equal within float rounding of a ratio: a few units in
+    the last place, so a threshold written with many digits, 0.666666667 beside 2/3, is still a side)."""
     d = a - b
-    return 0 if abs(d) <= 1e-9 * max(1.0, abs(b)) else (1 if d > 0 else -1)
+    return 0 if abs(d) <= 1e-12 * max(1.0, abs(b)) else (1 if d > 0 else -1)
 
 
 def _fixed(v: float, marks: tuple[float, ...], sign: str = "") -> str:

@@ -54,3 +54,18 @@ def test_a_data_table_short_row_still_reads_missing_cells_as_empty(tmp_path):
     with pytest.raises(BadInput) as e:
         read_csv_text("path,label,note\na.png,cat\n", tmp_path / "t.csv", short_rows=False)
     assert e.value.problem.startswith("line 2 has fewer fields than the header (2 of 3; no 'note' cell)")
+
+
+# ------------------------------------------------------------------ a figure on its side of a many-digit gate
+@pytest.mark.parametrize("threshold, figure", [(0.666666667, 2 / 3), (0.66666666, 2 / 3), (0.333333333, 1 / 3),
+                                               (0.142857143, 1 / 7), (0.9999999, 9999998 / 10000000)])
+def test_a_figure_is_shown_on_its_side_of_a_threshold_written_with_many_digits(threshold, figure):
+    """`--fail-under-wga 0.666666667` with a worst group at 2/3: the gate failed (2/3 < 0.666666667) while
+    the table beside it showed `66.6666667%`, the threshold itself (equal within 1e-9 of the percentage,
+    more than float rounding). The figure's digits now go on until it is on its own side."""
+    from repair.display import percent
+
+    shown = percent(figure, against=[threshold])
+    v = float(shown.rstrip("%"))
+    assert (v < 100 * threshold) == (figure < threshold) and (v > 100 * threshold) == (figure > threshold), shown
+    assert percent(0.8, against=[0.8]) == "80.0%" and percent(1999 / 2500, against=[0.8]) == "79.96%"
