@@ -90,22 +90,25 @@ def read_inputs(model_path, data, data_opts: Optional[DataOptions] = None, *, ev
 
 
 def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None, *,
-                 exclude_flag: Optional[str] = None) -> list[bool]:
+                 exclude_flag: Optional[str] = None, eval_flag: str = "--eval", data_flag: str = "--data") -> list[bool]:
     """Per ``eval_data`` sample, whether an identical sample (same image bytes, same text) is in the
     repair ``data``. Figures must be measured on data the repair never touched: an evaluation set
     that is the repair data (the same path, or every sample a copy) is a BadInput naming it; the
     samples of a partial overlap are left out of the figures by the caller. ``exclude_flag``: the
-    option that named ``data`` when it is not ``--data`` (``repair eval --exclude``)."""
+    option that named ``data`` when it is not ``--data`` (``repair eval --exclude``); ``eval_flag`` /
+    ``data_flag``: how the refusal names the two (a zoo manifest's ``eval`` / ``data`` fields)."""
     where_of = lambda d: Path(str(d.table or d.source)).resolve()          # noqa: E731  (a table, else the folder)
     same = where_of(data) == where_of(eval_data)
     seen = set(data.content_hashes())
     overlap = [h in seen for h in eval_data.content_hashes()]
-    refuse_full_overlap(overlap, eval_data, where, exclude_flag=exclude_flag, same=same)
+    refuse_full_overlap(overlap, eval_data, where, exclude_flag=exclude_flag, same=same, eval_flag=eval_flag,
+                        data_flag=data_flag)
     return overlap
 
 
 def refuse_full_overlap(overlap: list[bool], eval_data: RepairData, where: Any = None, *,
-                        exclude_flag: Optional[str] = None, same: bool = False, how: str = "") -> None:
+                        exclude_flag: Optional[str] = None, same: bool = False, how: str = "",
+                        eval_flag: str = "--eval", data_flag: str = "--data") -> None:
     """:class:`BadInput` when every sample of ``eval_data`` is also in the repair data (``overlap`` all
     true, or ``same`` data), see :func:`eval_overlap`; ``how`` says how they were found the same."""
     if not (same or (overlap and all(overlap))):
@@ -114,9 +117,9 @@ def refuse_full_overlap(overlap: list[bool], eval_data: RepairData, where: Any =
     if exclude_flag is not None:
         raise BadInput(f"every sample of the data is also in {exclude_flag}{how}" + (" (the same data)" if same else "")
                        + ": nothing would be left to measure", place)
-    raise BadInput("the evaluation data (--eval) is the repair data itself" + ("" if same else
-                   f" (every sample is also in --data{how})") + ": figures measured on it would not be on data the "
-                   "repair never touched; give data kept apart, or leave --eval out to measure on a "
+    raise BadInput(f"the evaluation data ({eval_flag}) is the repair data itself" + ("" if same else
+                   f" (every sample is also in {data_flag}{how})") + ": figures measured on it would not be on data "
+                   f"the repair never touched; give data kept apart, or leave {eval_flag} out to measure on a "
                    "held-out part of the repair set", place)
 
 

@@ -689,7 +689,8 @@ class GateNames:
     expect_groups``) and ``path`` the file it is in; ``column``, the option holding the group column;
     ``no_column`` / ``gate`` / ``zero``, what to give when the groups have no column / no gate (and the
     gate that only checks that they have samples); ``hint``, the option a failed worst-group gate on a
-    group without samples suggests (None: no hint). :meth:`manifest`: a zoo row's fields."""
+    group without samples suggests (None: no hint); ``metric``, where a gate metric chosen apart from its
+    threshold came from (a manifest's ``gate_metric``). :meth:`manifest`: a zoo row's fields."""
     expected: str = "--expect-groups"
     column: str = "--group-by"
     no_column: str = "--group-by (groups are class x the values of that column)"
@@ -697,6 +698,7 @@ class GateNames:
     zero: str = "--fail-under-acc 0%"
     hint: Optional[str] = "--expect-groups"
     path: Optional[str] = None
+    metric: str = "the gate metric"
 
     @classmethod
     def manifest(cls, where: Optional[str] = None, column: str = "group_by",
@@ -705,25 +707,33 @@ class GateNames:
         field holding its group column (``group_by``, or ``eval_group_by`` for its ``eval`` data)."""
         return cls(expected=f"{where}, expect_groups" if where else "expect_groups", column=column,
                    no_column="a group column (group_by or eval_group_by)", gate="a gate", zero="gate: 0%",
-                   hint=None, path=None if path is None else str(path))
+                   hint=None, path=None if path is None else str(path),
+                   metric=f"{where}, gate_metric" if where else "gate_metric")
 
 
 CLI_GATE_NAMES = GateNames()
 
 
 def check_gate_options(thresholds: dict, expected: Any, group_by: Optional[str],
-                       names: GateNames = CLI_GATE_NAMES) -> Optional[list[str]]:
-    """The rules of a gate's expected groups that need no model, checked before any work: given
-    (``--expect-groups``, a zoo row's ``expect_groups``), they are ``class|value`` groups, need a group
-    column, a gate (``thresholds``: metric -> threshold or None; the groups are what a gate requires: a
-    0% gate checks only that they have samples) and name no other column than ``group_by``. Returns them
-    parsed (None: none given); BadInput naming ``names.expected`` otherwise."""
+                       names: GateNames = CLI_GATE_NAMES, *, metric: str = "auto") -> Optional[list[str]]:
+    """The rules of a gate's options that need no model, checked before any work. ``metric``, a gate
+    metric chosen apart from its threshold (a zoo row's ``gate_metric``): one other than ``auto`` needs a
+    gate (``thresholds``: metric -> threshold or None), else the row would run ungated -- BadInput naming
+    ``names.metric`` (``repair eval``'s thresholds each name their own metric: no such option). The
+    expected groups, given (``--expect-groups``, a zoo row's ``expect_groups``), are ``class|value``
+    groups, need a group column, a gate (the groups are what a gate requires: a 0% gate checks only that
+    they have samples) and name no other column than ``group_by``. Returns them parsed (None: none
+    given); BadInput naming ``names.expected`` otherwise."""
+    ungated = all(t is None for t in thresholds.values())
+    if metric != "auto" and ungated:
+        raise BadInput(f"{names.metric}: {metric!r} needs {names.gate}: a gate metric without a threshold "
+                       "gates nothing", names.path)
     if expected is None:
         return None
     expected = parse_expected_groups(expected, names.expected)
     if group_by is None:
         raise BadInput(f"{names.expected}: needs {names.no_column}", names.path)
-    if all(t is None for t in thresholds.values()):
+    if ungated:
         raise BadInput(f"{names.expected}: needs {names.gate}: the groups a gate requires ({names.zero} checks "
                        "only that they have samples)", names.path)
     for g in expected:

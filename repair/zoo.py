@@ -238,24 +238,36 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
         while lines and (lines[0].startswith("#") or not lines[0].strip()):
             line = lines.pop(0)
             skipped += 1
-            # the first word ends at any character that is not a word's ("# gate>=90%", "# gate, 90% for
-            # all rows", "# gate(CI) 90%" start with the field name gate)
-            m = re.fullmatch(r"#\s*(\w+)(?=\W|$)\s*([:=]?)\s*(.*?)\s*", line)
-            if m is None:                                       # blank, or "#" then no word: a comment
+            shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
+            exact = re.fullmatch(r"#\s*([a-z_][a-z0-9_]*)\s*([:=])\s*(.*?)\s*", line)
+            if exact is not None:           # "# key: value" (lower case): a default
+                key, _, value = exact.groups()
+                if field_names and key not in field_names:
+                    raise BadInput(f"line {skipped}: {shown!r} sets {key!r}, which is not a field (known: "
+                                   f"{', '.join(field_names)}); a comment must not start with a lower-case "
+                                   "word and ':' or '='", path)
+                defaults[key] = value
                 continue
-            word, sep, value = m.groups()
+            # any other line: its first word, past more '#'s, a list marker ("- ", "* ") and a quote ("## gate",
+            # "# - gate", "# 'gate'"), ends at any character that is not a word's ("# gate>=90%", "# gate, 90%
+            # for all rows", "# gate(CI) 90%") or at the digits that end it ("# gate80%": the field gate)
+            m = re.match(r"#[#\s]*(?:[-*+]\s+)?([\"'`]?)([^\W\d]\w*?)(?=\d*(?:\W|$))", line)
+            if m is None:                                       # blank, "#" then no word, a ruler: a comment
+                continue
+            quote, word = m.groups()
+            rest = line[m.end():]
+            if quote and rest.startswith(quote):
+                rest = rest[1:]
+            sep, value = re.fullmatch(r"\s*([:=]?)\s*(.*?)\s*", rest).groups()
             field = by_lower.get(word.lower())
-            if line[m.end(1):m.end(1) + 1] in ("/", ".") and not (field in _NUMBER_FIELDS and _A_NUMBER.search(value)):
+            if rest[:1] in ("/", ".") and not (field in _NUMBER_FIELDS and _A_NUMBER.search(value)):
                 # a path or a file name ("# eval/test split ...", "# data.csv was cleaned by hand") is prose,
                 # unless a number follows a number field ("# gate/CI 90%", "# gate.90": any doubt is a setting)
                 continue
-            if sep and (word in field_names or re.fullmatch(r"[a-z_]+", word)):
-                defaults[word] = value      # "# key: value" (lower case): a default (an unknown key is refused)
-            elif field is not None and (sep or _looks_like_a_value(field, value)):
+            if field is not None and (sep or _looks_like_a_value(field, value)):
                 # "# Gate: 90%", "# gate 90% (CI)", "# recipe mixft for all rows": a setting written
                 # otherwise, never a comment that drops it (prose such as "# Data for each row lives
                 # here" is a comment)
-                shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
                 raise BadInput(f"line {skipped}: {shown!r} names the field {field!r} but is not "
                                f"a default: write '# {field}: VALUE' (the field name in lower case, "
                                "then ':' or '='), or word the comment so it does not start with a field name", path)
@@ -386,7 +398,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
     (``Manifest.datasets``), and handed to the work."""
     from .data import load_data
     from .modelrepair.finetune import Budget
-    from .preflight import declared_resource
+    from .preflight import declared_resource, eval_overlap
     from .rules import GATE_METRICS, GateNames, Protected, check_format, check_gate_options, check_writable, fix_output, parse_threshold
     from .recipes import group_labels_needed, looks_like_path, names_file
 
@@ -540,15 +552,19 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
         elif metric == "worst_group" and not (f.get("group_by") or (f.get("eval_group_by") and "eval" in f)):
             problems.add(where, "gate_metric", "worst_group needs a group column (group_by or eval_group_by)")
         f["gate_metric"] = metric
-        if "expect_groups" in r:
-            # the rules of expected groups that need no model (repair eval --expect-groups' too: one home):
-            # a group column, a gate, no other column named; the model's classes are checked as it runs
+        if metric in GATE_METRICS:
+            # the rules of a gate's options that need no model (repair eval --expect-groups' too: one home):
+            # a gate_metric other than auto needs a gate (else the row runs ungated); expected groups need a
+            # group column, a gate, no other column named; the model's classes are checked as it runs
             column = "eval_group_by" if "eval" in f and f.get("eval_group_by") else "group_by"
             try:
-                f["expect_groups"] = tuple(check_gate_options({metric: r.get("gate")}, r["expect_groups"],
-                                                              f.get(column), GateNames.manifest(column=column)))
+                expected = check_gate_options({metric: r.get("gate")}, r.get("expect_groups"), f.get(column),
+                                              GateNames.manifest(column=column), metric=metric)
+                if expected is not None:
+                    f["expect_groups"] = tuple(expected)
             except BadInput as e:
-                problems.add(where, "expect_groups", e.problem.removeprefix("expect_groups: "))
+                field = "gate_metric" if e.problem.startswith("gate_metric: ") else "expect_groups"
+                problems.add(where, field, e.problem.removeprefix(f"{field}: "))
         if "seed" in r:
             from .config import check_seed
 
@@ -641,6 +657,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 f["output"] = out
         # the data: read once here (cheap: tables and file names, no model) and kept for the work
         if len(problems.items) == before:
+            read: dict[str, Any] = {}
             for key, is_eval in (("data", False), ("eval", True)):
                 if key not in f:
                     continue
@@ -660,6 +677,15 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                     problems.add(where, key, datasets[dk])
                 else:
                     protected.add_data(datasets[dk], f"{key} of row {n}")
+                    data = read.get("data")
+                    if is_eval and mode == "fix" and data is not None and not isinstance(data, str):
+                        # an eval that is the repair data (the same, or every sample a copy): refused now, as
+                        # `repair fix` refuses it (its one home), not at this row's turn after others ran
+                        try:
+                            eval_overlap(data, datasets[dk], f[key], eval_flag="eval", data_flag="data")
+                        except BadInput as e:
+                            problems.add(where, key, f"{f[key]}: {e.problem}")
+                read[key] = datasets[dk]
         if len(problems.items) == before:
             entries.append(ZooEntry(row=n, **f))
     # no row's output may replace any row's input (its own or another's)
