@@ -578,16 +578,25 @@ def read_csv_text(text: str, path: Path, first_line: int = 1,
     _raise_csv_field_limit()
     try:
         # strict first: it alone notices a quote that is never closed (the lenient reader takes the
-        # rest of the file as one field); what only the strict reader minds (`"a"b`) is read leniently
+        # rest of the file as one field); what only the strict reader minds (`"a"b`) is read leniently,
+        # on one line only: a record the lenient reader reads over several lines must read strictly there
+        # (a quote opened on one line and closed by another row's would make two records one, silently)
         return _read_csv(text, path, strict=True, first_line=first_line, lines=lines, short_rows=short_rows)
     except _CsvError as e:
         if e.unterminated:
-            raise BadInput(f"malformed CSV: unterminated quote; the quoted field that starts near "
-                           f"{e.where} is never closed", path) from None
+            raise BadInput(_unterminated(e), path) from None
+    if lines is not None:
+        lines.clear()                   # what the strict reading filled before it failed
     try:
         return _read_csv(text, path, strict=False, first_line=first_line, lines=lines, short_rows=short_rows)
     except _CsvError as e:
+        if e.unterminated:
+            raise BadInput(_unterminated(e), path) from None
         raise BadInput(f"malformed CSV near {e.where}: {e.args[0]}", path) from None
+
+
+def _unterminated(e: "_CsvError") -> str:
+    return f"malformed CSV: unterminated quote; the quoted field that starts near {e.where} is never closed"
 
 
 #: what a .json data file may hold (said when it holds something else)
@@ -652,9 +661,13 @@ def _json_record(rec, where: str, path: Path) -> dict[str, str]:
 
 def _json_cell(v) -> str:
     """One JSON value as the text a CSV cell would hold: null and NaN (what pandas and ``json.dumps``
-    write for a missing value) as empty; an infinity as ``inf`` (as a CSV writes it)."""
+    write for a missing value) as empty; an infinity as ``inf`` (as a CSV writes it); a boolean as JSON
+    spells it (``true``/``false``: the string ``"true"`` and the JSON ``true`` are one value, as ``1`` and
+    ``"1"`` are; a label matches a class name in any case)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
     return str(v)
 
 
@@ -716,11 +729,24 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
     # an unquoted field stays malformed, never a silent extra row
     first_end = re.search(r"\r\n|\n|\r", text)
     cr_only = first_end is not None and first_end.group() == "\r"
-    breaks = re.compile(r"\r\n|\r|\n" if cr_only else r"\n")     # the line ends inside a record's fields
+    newline = "" if cr_only else "\n"
+    ends = ("\r", "\n") if cr_only else ("\n",)        # the line ends the reader splits at
     # SST-2 style TSVs hold raw quotes inside sentences: do not treat them as quoting
-    reader = csv.DictReader(io.StringIO(text, newline="" if cr_only else "\n"), delimiter=delim,
+    quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
+    physical = list(io.StringIO(text, newline=newline))     # the lines as the reader gets them
+    if not strict and physical and not physical[-1].endswith(ends):
+        # a last line without its line end: given one, a quote it leaves open reads as a field over
+        # several lines, which the strict check below refuses (never closed) as it refuses one that is not
+        physical[-1] += "\r" if cr_only else "\n"
+    reader = csv.DictReader(iter(physical), delimiter=delim,
                             restval=_NO_CELL,   # a short row's missing cells
-                            quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL, strict=strict)
+                            quoting=quoting, strict=strict)
+
+    def start_after(n: int) -> int:  # the line a record read after line n starts on (blank lines are no record)
+        while n < len(physical) and not physical[n].strip("\r\n"):
+            n += 1
+        return n + 1
+
     rows: list = []
     last_line, header = 0, False     # the line the previous record ended on; the header was read
     try:
@@ -730,24 +756,54 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
             raise BadInput(f"column {twice[0]!r} appears more than once in the header", path)
         last_line, header = reader.line_num, True
         for row in reader:
+            start = start_after(last_line)       # the record ends on line_num
+            # over several lines, or one ending in a quoted field's line end (a quote never closed on the
+            # file's last line): the record must read strictly there
+            if not strict and (start < reader.line_num or any(isinstance(v, str) and v.endswith(ends)
+                                                              for v in row.values())):
+                _strictly(physical[start - 1:reader.line_num], delim, quoting, newline,
+                          len(rows) + 1, start, skip)
             if None in row:
-                raise BadInput(f"line {reader.line_num + skip} has more fields than the header", path)
+                raise BadInput(f"line {start + skip} has more fields than the header", path)
             missing = [k for k, v in row.items() if v is _NO_CELL]
             if missing:
                 if not short_rows:
-                    raise BadInput(f"line {reader.line_num + skip} has fewer fields than the header "
+                    raise BadInput(f"line {start + skip} has fewer fields than the header "
                                    f"({len(columns) - len(missing)} of {len(columns)}; no {missing[0]!r} cell): "
                                    "write every field, an empty one as nothing between its commas", path)
                 row = {k: ("" if v is _NO_CELL else v) for k, v in row.items()}
             rows.append(row)
-            if lines is not None:     # the record ends on line_num; its fields' line breaks tell where it began
-                lines.append(reader.line_num + skip - sum(len(breaks.findall(str(v))) for v in row.values()))
+            if lines is not None:
+                lines.append(start + skip)
             last_line = reader.line_num
     except csv.Error as e:
         problem = str(e).split(" - do you need")[0]      # Python's advice to its own callers
-        raise _CsvError(problem, len(rows) + 1 if header else 0, last_line + 1 + skip,
+        raise _CsvError(problem, len(rows) + 1 if header else 0,
+                        (start_after(last_line) if header else 1) + skip,
                         unterminated=strict and "unexpected end of data" in problem) from None
     return columns, rows
+
+
+def _strictly(record: list[str], delim: str, quoting: int, newline: str, row: int, start: int, skip: int) -> None:
+    """A record the lenient reader read over several lines, or up to the file's end inside a quoted field
+    (``record``: its lines; ``row``, ``start``: its row and first line in the text), reads strictly there,
+    else :class:`_CsvError` naming its row and line, and the line where its quoted field goes wrong (its
+    quote closed by text that is not the field's end, such as another row's opening quote), or
+    ``unterminated`` (never closed)."""
+    reader = csv.reader(io.StringIO("".join(record), newline=newline), delimiter=delim, quoting=quoting,
+                        strict=True)
+    try:
+        for _ in reader:
+            pass
+    except csv.Error as e:
+        problem = str(e).split(" - do you need")[0]
+        if "unexpected end of data" in problem:
+            raise _CsvError(problem, row, start + skip, unterminated=True) from None
+        first, last, bad = start + skip, start + skip + len(record) - 1, start + skip + reader.line_num - 1
+        span = (f"runs over lines {first}-{last} through a quoted field" if last > first
+                else "leaves a quoted field open at the end of the file")
+        raise _CsvError(f"the record {span}, and line {bad} has a quote out of place ({problem}); a quote "
+                        'inside a quoted field is written twice ("")', row, first, unterminated=False) from None
 
 
 def _pick(columns: Sequence[str], wanted: Optional[str], defaults: Sequence[str], what: str,
@@ -892,8 +948,9 @@ def _has_images(root: Path) -> bool:
 
 
 class SkippedFilesWarning(UserWarning):
-    """A class folder holds files whose names are not those of images (:data:`IMAGE_SUFFIXES`): they
-    are no samples, and the load says so (hidden files are ignored without a word)."""
+    """A class folder holds files whose names are not those of images (:data:`IMAGE_SUFFIXES`), or images
+    lie beside the class folders, in none (no label): they are no samples, and the load says so (hidden
+    files are ignored without a word)."""
 
 
 def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
@@ -918,13 +975,22 @@ def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
                 skipped.append(f)
     if not items:
         raise BadInput("no images found (expected class subfolders or a metadata.csv)", root)
+    # images beside the class folders are in none: no label, no sample (the folder's own files, its
+    # metadata.* description, config.json or a README, are no images; hidden files are not samples)
+    loose = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.is_dir())
+    said = []
     if skipped:
         kinds = sorted({f.suffix.lower() or "no extension" for f in skipped})
-        warnings.warn(SkippedFilesWarning(
-            f"{root}: {len(skipped)} file(s) in the class folders are not read as images, their names not "
-            f"being those of images ({', '.join(kinds[:5])}{' ...' if len(kinds) > 5 else ''}; e.g. "
-            f"{skipped[0].relative_to(root)}); images are read by the extensions "
-            f"{', '.join(sorted(IMAGE_SUFFIXES))}"), stacklevel=3)
+        said.append(f"{len(skipped)} file(s) in the class folders are not read as images, their names not "
+                    f"being those of images ({', '.join(kinds[:5])}{' ...' if len(kinds) > 5 else ''}; e.g. "
+                    f"{skipped[0].relative_to(root)}); images are read by the extensions "
+                    f"{', '.join(sorted(IMAGE_SUFFIXES))}")
+    if loose:
+        said.append(f"{len(loose)} image(s) beside the class folders are not read (not in a class folder: no "
+                    f"label; e.g. {loose[0].name}); move each into its class's folder")
+    if said:
+        warnings.warn(SkippedFilesWarning(f"{root}: {'; and '.join(said)}"), stacklevel=3)
     return RepairData(source=root, modality="image", items=items, labels=labels, max_pixels=o.max_pixels,
                       _real=reals)
 
@@ -988,6 +1054,14 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
         if not tables:                 # no data table: a checkpoint folder given where the data goes?
             from .adapters import family_for
 
+            # its config.json tells; a link leading outside the folder is refused before it is read, as
+            # the folder's metadata.* is (nothing outside the paths given is read)
+            cfg = path / "config.json"
+            if (not o.allow_outside_paths and (cfg.is_symlink() or cfg.exists())
+                    and not _inside(_real(path), _real(cfg))):
+                raise BadInput(f"the data folder's config.json is a symlink leading outside the folder {path} "
+                               f"(to {_real(cfg) or cfg}); it is not read: remove the link or pass "
+                               "--allow-outside-paths", cfg)
             if family_for(path.absolute()) is not None:
                 raise BadInput("is a model folder (a checkpoint's config.json), not data: the model is the "
                                "command's first argument, the repair data --data", path)
