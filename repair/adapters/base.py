@@ -52,6 +52,114 @@ def combine_digests(digests: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+#: safetensors' dtype names -> torch dtypes (those this torch has)
+_SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
+    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    if hasattr(torch, attr)}
+
+
+def _as_bytes(t: torch.Tensor):
+    """A tensor's bytes as a flat uint8 numpy array (no copy for a contiguous CPU tensor)."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+
+
+def loaded_file_sha256(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                       chunk: int = 1 << 22) -> str:
+    """sha256 of the weights file ``path``, taken when the model is loaded from it, and checked in the
+    same single read to hold exactly ``tensors`` (every name, dtype, shape and byte) and ``metadata``:
+    the tensors the loader read from it. The one home of a weights file's identity (``source_sha256``,
+    the provenance ``source_sha256``, an export's record). A file saved over between the loader's read
+    and this one is :class:`BadInput` naming it ("changed while it was read"). Memory: one chunk (and
+    for a pickle, which cannot be read in parts, the file once more)."""
+    import io as _io
+    import struct
+
+    import numpy as np
+
+    path = Path(path)
+    changed = BadInput("the weights file changed while it was read (saved over during the load?); load it "
+                       "again once it is written", path)
+    h = hashlib.sha256()
+    if path.suffix.lower() != ".safetensors":              # a pickle: hashed and parsed from the same bytes
+        with open(path, "rb") as f:
+            data = f.read()
+        h.update(data)
+        import warnings
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception:
+            raise changed from None
+        del data
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or set(obj) != set(tensors) or metadata:
+            raise changed
+        for n, t in tensors.items():
+            o = obj[n]
+            if not isinstance(o, torch.Tensor) or o.dtype != t.dtype or tuple(o.shape) != tuple(t.shape) \
+                    or (t.numel() and not np.array_equal(_as_bytes(o), _as_bytes(t))):
+                raise changed
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        h.update(head)
+        if len(head) != 8:
+            raise changed
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:                                  # safetensors' own header limit
+            raise changed
+        raw = f.read(n)
+        h.update(raw)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            raise changed from None
+        if not isinstance(header, dict):
+            raise changed
+        meta = header.pop("__metadata__", None) or {}
+        if dict(meta) != dict(metadata) or set(header) != set(tensors):
+            raise changed
+        spans = []
+        for name, info in header.items():
+            t = tensors[name]
+            try:
+                start, end = (int(x) for x in info["data_offsets"])
+                same = (_SAFETENSORS_DTYPES.get(info["dtype"]) == t.dtype
+                        and tuple(int(x) for x in info["shape"]) == tuple(t.shape))
+            except (KeyError, TypeError, ValueError):
+                raise changed from None
+            if not same or end - start != t.numel() * t.element_size():
+                raise changed
+            if end > start:
+                spans.append((start, end, _as_bytes(t)))
+        spans.sort(key=lambda s: s[0])
+        pos, k = 0, 0
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            buf = np.frombuffer(block, dtype=np.uint8)
+            stop = pos + len(block)
+            while k < len(spans) and spans[k][1] <= pos:
+                k += 1
+            j = k
+            while j < len(spans) and spans[j][0] < stop:
+                start, end, mine = spans[j]
+                a, b = max(start, pos), min(end, stop)
+                if not np.array_equal(buf[a - pos:b - pos], mine[a - start:b - start]):
+                    raise changed
+                j += 1
+            pos = stop
+        if spans and spans[-1][1] > pos:                     # the file is shorter than its tensors now
+            raise changed
+    return h.hexdigest()
+
+
 class HeadCapture:
     """Forward pre-hook on the head that records its input (the embedding)."""
 
@@ -139,9 +247,23 @@ class Adapter(ABC):
         return [Path(p) for p in self.extra_files if Path(p).is_file()]
 
     def source_sha256(self) -> str:
-        if not hasattr(self, "_source_sha"):
-            self._source_sha = sha256_file(self.weights_path)
-        return self._source_sha
+        """sha256 of the checkpoint file as it was loaded: taken when the family read it
+        (:meth:`_init_file_state`, or the family's own load, :meth:`_read_source`), never from what the
+        file holds by the time a report, a provenance record or an export asks (a file saved over since)."""
+        sha = getattr(self, "_source_sha", None)
+        if sha is None:
+            raise RepairError(f"the {self.family} adapter took no sha256 of {self.weights_path} when it loaded it")
+        return sha
+
+    def _read_source(self, path: Path) -> bytes:
+        """The bytes of the checkpoint file ``path``, read once: the model is parsed from them and
+        :meth:`source_sha256` is their digest (a family that parses a file's bytes itself: ONNX)."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise BadInput(f"cannot read the model file ({e.strerror or e})", path) from None
+        self._source_sha = hashlib.sha256(data).hexdigest()
+        return data
 
     @property
     def source_metadata(self) -> dict[str, str]:
@@ -261,6 +383,25 @@ class Adapter(ABC):
         self._file_digests = {n: d for n, d in self._tensor_digests.items() if n not in skip}
         self._file_body_hash = combine_digests(self._file_digests)
         self._file_dtypes = {n: t.dtype for n, t in tensors.items()}
+        # the file's identity, from the bytes that hold what was read: hashed now, and checked to hold
+        # exactly these tensors (and the metadata read with them) -- a file saved over since it was read
+        # is refused, never named for weights it does not hold
+        self._source_sha = loaded_file_sha256(self.weights_path, tensors, dict(self._source_metadata))
+        # safetensors' tensors map the file (a file rewritten in place shows through them): the model's
+        # own copy, what was loaded, must hold them too (a tensor the model ties to another: its group's)
+        model = getattr(self, "model", None)
+        if model is not None:
+            import numpy as np
+
+            own, tied = model.state_dict(), self.tensor_aliases()
+            for n, t in tensors.items():
+                m = own.get(n)
+                if m is None or n in tied or m.device.type == "meta" or tuple(m.shape) != tuple(t.shape):
+                    continue
+                m = m.detach().cpu()
+                if not (np.array_equal(_as_bytes(m), _as_bytes(t)) if m.dtype == t.dtype else _same_values(m, t)):
+                    raise BadInput("the weights file changed while it was read (saved over during the load?); "
+                                   "load it again once it is written", self.weights_path)
         self._file_names = frozenset(tensors)
         self._file_values: dict[str, torch.Tensor] = {}   # the file's value of every tensor set so far
         model = getattr(self, "model", None)                # the dtype each tensor was loaded in

@@ -90,7 +90,8 @@ class OnnxAdapter(Adapter):
         self.head = None
         try:
             # as onnx.load does, in two steps: the external data files are source files too
-            proto = onnx.load(str(path), load_external_data=False)
+            # read once: the graph is parsed from the bytes :meth:`source_sha256` is the digest of
+            proto = onnx.load_model_from_string(self._read_source(path))
             self.external_files = external_data_files(proto, path.parent)
             onnx.load_external_data_for_model(proto, str(path.parent))
         except Exception as e:

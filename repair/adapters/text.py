@@ -87,6 +87,12 @@ def load_tokenizer(folder: Path, problem: str):
         raise BadInput(f"no tokenizer files in the model folder (one of {', '.join(TOKENIZER_FILES)}); a text "
                        "model needs the tokenizer it was trained with", folder)
     refuse_remote_code(folder)
+    from .base import files_beside
+
+    # the tokenizer's identity (:func:`tokenizer_digest`) is taken now, from the files as they are read:
+    # hashed before and after transformers reads them, a change in between refused
+    before = {f.name: _file_sha256(f) for f in files_beside(folder, TOKENIZER_DIGEST_FILES)}
+    stats = _folder_stats(folder)
     with quiet_transformers():
         try:
             tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
@@ -96,7 +102,40 @@ def load_tokenizer(folder: Path, problem: str):
     if len(tok) <= len(special):
         raise BadInput(f"the tokenizer has no vocabulary, only its {len(tok)} special token(s) (a vocabulary "
                        "file is missing?): every word would be unknown", folder)
+    digest, read = _digest_of(tok)
+    now = _folder_stats(folder)
+    changed = sorted({n for n in set(before) | (set(read) & set(TOKENIZER_DIGEST_FILES)) if before.get(n) != read.get(n)}
+                     | {n for n in set(read) - set(TOKENIZER_DIGEST_FILES) if stats.get(n) is None
+                        or stats.get(n) != now.get(n)})
+    if changed:
+        raise BadInput(f"the tokenizer files changed while they were read ({', '.join(changed)}); load the model "
+                       "again once they are written", folder)
+    _remember_digest(tok, digest)
     return tok
+
+
+def _file_sha256(path: Path) -> str:
+    from ..io import sha256_file
+
+    return sha256_file(path)
+
+
+def _folder_stats(folder: Path) -> dict:
+    """name -> (device, inode, size, modification and change times) of each regular file of ``folder``:
+    what tells a file rewritten between two looks (for tokenizer files hashed only after the read)."""
+    out: dict = {}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            st = e.stat()
+        except OSError:
+            continue
+        if not e.is_dir():
+            out[e.name] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
 
 
 def resolve_max_length(tokenizer, given: Optional[int], positions: Optional[int] = None, where=None) -> int:
@@ -210,37 +249,55 @@ def tokenizer_files(tokenizer) -> list[Path]:
 
 
 def tokenizer_digest(tokenizer) -> str:
-    """sha256 of what decides a tokenizer's ids, computed once per tokenizer: the content of the
-    files it was read from (:func:`tokenizer_files`: vocabulary, merges or BPE codes, sentencepiece
-    model, normaliser, added and special tokens, its settings) -- or, for one built in memory, its fast
-    pipeline or vocabulary and its init settings (not the per-call truncation and padding a batch
-    sets on the backend) -- and its truncation and padding side."""
-    import hashlib
-    import json
-
+    """sha256 of what decides a tokenizer's ids: the content of the files it was read from
+    (:func:`tokenizer_files`: vocabulary, merges or BPE codes, sentencepiece model, normaliser, added
+    and special tokens, its settings) -- or, for one built in memory, its fast pipeline or vocabulary
+    and its init settings (not the per-call truncation and padding a batch sets on the backend) -- and
+    its truncation and padding side. Taken when the tokenizer is loaded (:func:`load_tokenizer`, from
+    the files as they were read: files changed on disk later never change it); a tokenizer not loaded
+    there (built in memory) is digested once, the first time."""
     cached = getattr(tokenizer, "_repair_digest", None)
     if cached is not None:
         return cached
+    digest, _ = _digest_of(tokenizer)
+    _remember_digest(tokenizer, digest)
+    return digest
+
+
+def _remember_digest(tokenizer, digest: str) -> None:
+    try:
+        tokenizer._repair_digest = digest
+    except Exception:                  # a tokenizer that takes no attributes: computed each time
+        pass
+
+
+def _digest_of(tokenizer) -> tuple[str, dict]:
+    """:func:`tokenizer_digest`'s value computed now, and name -> sha256 of each file it read (each
+    file read once: its digest and, for ``tokenizer_config.json``, its settings come from those bytes)."""
+    import hashlib
+    import json
+
     h = hashlib.sha256()
     files = tokenizer_files(tokenizer)
+    read: dict = {}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if files:
-        from ..io import sha256_file
-
         for f in files:
+            data = f.read_bytes()
+            read[f.name] = hashlib.sha256(data).hexdigest()
             if f.name == "tokenizer_config.json":
                 # its truncation length is the key's own max_length (the one used): a repaired folder
                 # whose config records the length its figures were read at is the same tokenizer
                 try:
-                    cfg = json.loads(f.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
+                    cfg = json.loads(data.decode("utf-8"))
+                except ValueError:
                     cfg = None
                 if isinstance(cfg, dict):
                     cfg.pop("model_max_length", None)
                     if cfg:
                         h.update(f"{f.name}\0{json.dumps(cfg, sort_keys=True, default=str)}\n".encode())
                     continue
-            h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+            h.update(f"{f.name}\0{read[f.name]}\n".encode())
     elif backend is not None:
         pipeline = json.loads(backend.to_str())
         pipeline.pop("truncation", None)
@@ -256,12 +313,7 @@ def tokenizer_digest(tokenizer) -> str:
     h.update(json.dumps(kwargs if not files else {k: kwargs[k] for k in ("truncation_side", "padding_side",
                                                                        "input_names")},
                         sort_keys=True, default=str).encode())
-    digest = h.hexdigest()
-    try:
-        tokenizer._repair_digest = digest
-    except Exception:                  # a tokenizer that takes no attributes: computed each time
-        pass
-    return digest
+    return h.hexdigest(), read
 
 
 #: characters per token of the truncation length beyond which a text is cut before it is tokenized
