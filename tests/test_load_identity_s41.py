@@ -200,3 +200,29 @@ def test_a_weights_file_rewritten_in_place_after_the_model_copied_it_is_refused(
     monkeypatch.setattr(torch_module.TorchImageAdapter, "__init__", late)
     with pytest.raises(BadInput, match="changed while it was read"):
         load_model(t)
+
+
+def test_a_checkpoint_saved_over_after_loading_is_refused_when_the_repaired_model_is_written(tmp_path):
+    """`save` writes the unchanged tensors from the weights file, bit for bit: a file saved over after the
+    model was loaded (`repair.load_model`; or during a long `repair fix`) gave the output the new file's
+    body beside a head fitted on the old one's embeddings -- a model nobody measured. It is refused naming
+    the file, and nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    t = make_timm_folder(tmp_path / "timm")
+    f = t / "model.safetensors"
+    m = repair.load_model(t)
+    sd = load_file(str(f))
+    body = next(n for n in sd if not n.startswith("fc.") and sd[n].is_floating_point() and bool(sd[n].abs().sum() > 0))
+    sd[body] = sd[body] * 2                                      # a later epoch saved over the file
+    save_file(sd, str(f), metadata={"format": "pt"})
+    from repair.export import export_safetensors
+
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match="changed since the model was loaded") as e:
+        export_safetensors(m, out, {})
+    assert "model.safetensors" in str(e.value) and not out.exists()
+    save_file(load_file(str(tmp_path / "timm" / "model.safetensors")), str(f), metadata={"format": "pt"})
+    fresh = repair.load_model(t)                                 # loaded again: written as it is now
+    export_safetensors(fresh, out, {})
+    assert (out / "model.safetensors").is_file()

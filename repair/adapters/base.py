@@ -577,6 +577,13 @@ class Adapter(ABC):
         """The weights file's tensors with every changed tensor replaced by its current value,
         in the file's dtype; the others are the file's, bit for bit."""
         tensors, _ = load_state_dict_file(self.weights_path, allow_pickle=True)
+        # the unchanged tensors are written from the file: it must still hold what was loaded (a training
+        # script that saved its next epoch over it since would give the output tensors never measured)
+        known = getattr(self, "_tensor_digests", None)
+        if known is not None and (set(tensors) != set(known)
+                                  or any(tensor_digest(t) != known[n] for n, t in tensors.items())):
+            raise BadInput("the weights file changed since the model was loaded (saved over?): its tensors are "
+                           "not the ones measured; load it again", self.weights_path)
         changed = self.changed_tensors()
         extra = [n for n in changed if n not in tensors]
         if extra:
