@@ -78,7 +78,10 @@ def training_sentence(model_change: Optional[dict]) -> Optional[str]:
 def compact_fix(rep: dict, delta_histogram: Optional[dict] = None) -> dict:
     """What a report shows of a :func:`repair.pipeline.fix_model` result."""
     return {"mode": "fix", "model": rep["model"].get("source"), "family": rep["model"].get("family"),
-            "output": rep.get("output"), "recipe": rep.get("recipe"), "method": rep.get("method"),
+            "output": rep.get("output"), "recipe": rep.get("recipe"),
+            # what a rerun must give to reproduce the repair (the report stands alone, as the provenance does)
+            "recipe_source": (rep.get("settings") or {}).get("recipe_source"),
+            "seed": (rep.get("settings") or {}).get("seed"), "method": rep.get("method"),
             "kind": rep.get("kind"), "candidate": rep.get("candidate"),
             "selection_criterion": rep.get("selection_criterion"),
             "candidates": rep.get("candidates") or [], "neurons_suppressed": rep.get("neurons_suppressed"),
@@ -329,7 +332,8 @@ def model_section(m: dict) -> str:
     b, a = r["before"], r.get("after")
     facts = [f"{_e(r.get('family'))} model <code>{_e(r.get('model'))}</code>"]
     if r.get("mode") == "fix":
-        facts.append(f"recipe <b>{_e(r.get('recipe'))}</b> chose <b>{_e(r.get('candidate'))}</b> ({_e(r.get('kind'))} repair)")
+        facts.append(f"recipe <b>{_e(r.get('recipe'))}</b> chose <b>{_e(r.get('candidate'))}</b> ({_e(r.get('kind'))} repair)"
+                     + (f", seed {_e(r['seed'])}" if r.get("seed") is not None else ""))
         if r.get("output"):
             facts.append(f"output <code>{_e(r['output'])}</code>")
     facts.append(f"measured on {_e(r.get('measured_on'))}")

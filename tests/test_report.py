@@ -59,7 +59,8 @@ def repair_images(tmp_path_factory):
 def test_fix_report_page_and_json(timm_folder, repair_images, tmp_path):
     html_path = tmp_path / "fix.html"
     res = runner.invoke(app, ["fix", str(timm_folder), "--data", str(repair_images), "--group-by", "place",
-                              "--out", str(tmp_path / "fixed"), "--report", str(html_path), "--json", "-q"])
+                              "--out", str(tmp_path / "fixed"), "--report", str(html_path), "--json", "-q",
+                              "--seed", "3"])
     assert res.exit_code == 0, res.stderr
     rep = json.loads(res.stdout)
     assert rep["report"] == str(html_path)
@@ -67,6 +68,9 @@ def test_fix_report_page_and_json(timm_folder, repair_images, tmp_path):
     assert doc["kind"] == "fix" and len(doc["models"]) == 1
     m = doc["models"][0]["result"]
     assert m["candidate"] == rep["candidate"] and m["after"]["per_group"] == rep["after"]["per_group"]
+    # the report stands alone: what a rerun must give to reproduce the repair (its seed and recipe's source)
+    assert m["seed"] == rep["settings"]["seed"] == 3 and m["recipe_source"] == rep["settings"]["recipe_source"]
+    assert f"chose <b>{rep['candidate']}</b> (head repair), seed 3" in html_path.read_text()
     assert m["delta_histogram"]["dims"] == rep["model"]["embedding_dim"]
     html = html_path.read_text()
     assert_self_contained_page(html)
