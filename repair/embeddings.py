@@ -27,11 +27,13 @@ from .adapters.base import Adapter
 from .data import DEFAULT_MAX_PIXELS, RepairData
 from .errors import BadInput
 
-CACHE_FORMAT = 5      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
+CACHE_FORMAT = 6      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
                       # holds the network's build (Adapter.network_id) and the tokenizer's content;
                       # 4: an image set's entry also holds each image's input digest (Embeddings.inputs);
                       # 5: the key holds the batch size (a batch's rounding depends on it: an entry made
-                      # with another --batch-size differs in its last bits)
+                      # with another --batch-size differs in its last bits); 6: on the CPU, the key
+                      # holds the thread count the forward pass runs on (a convolution's sums are split
+                      # among the threads: 1 and 2 threads give embeddings a few last bits apart)
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -103,6 +105,13 @@ def text_input_digests(adapter: Adapter, data: RepairData) -> Optional[torch.Ten
     return torch.tensor([list(bytes.fromhex(k)[:16]) for k in keys], dtype=torch.uint8).reshape(len(keys), 16)
 
 
+def forward_threads() -> int:
+    """The CPU threads a forward pass runs on: torch's intra-op count (onnxruntime's embedding sessions
+    are given the same, :meth:`repair.adapters.onnx_adapter.OnnxAdapter._session`); the one home of the
+    count the embedding cache key holds."""
+    return int(torch.get_num_threads())
+
+
 def cache_key(adapter: Adapter, data: RepairData, device: Optional[torch.device] = None,
               batch_size: int = DEFAULT_BATCH_SIZE) -> str:
     """The cache entry of ``adapter``'s embeddings of ``data``. An image set read under another pixel
@@ -113,7 +122,10 @@ def cache_key(adapter: Adapter, data: RepairData, device: Optional[torch.device]
     the same as before devices were in the key). The ``batch_size`` the embeddings are computed with
     is in every key: a batch's sums round according to its size (and a text batch's padding), so an
     entry made with another ``--batch-size`` differs in its last bits, and a run must give the same
-    bytes whatever an earlier run left in the cache."""
+    bytes whatever an earlier run left in the cache. On the CPU so is the thread count the forward pass
+    runs on (:func:`forward_threads`), for the same reason: a run on one thread (``repair zoo``'s
+    ``--cpus-per-model 1``, ``OMP_NUM_THREADS=1``) is never served a two-thread run's embeddings, and the
+    threads its provenance records are those its embeddings were computed on."""
     desc = {"format": CACHE_FORMAT, "body": adapter.body_hash(), "data": data.fingerprint(),
             "preprocess": adapter.preprocess_id(), "family": adapter.family,
             "network": adapter.network_id(), "batch_size": int(batch_size)}
@@ -121,6 +133,8 @@ def cache_key(adapter: Adapter, data: RepairData, device: Optional[torch.device]
         desc["max_pixels"] = int(data.max_pixels)
     if device is not None and torch.device(device).type != "cpu":
         desc["device"] = torch.device(device).type
+    else:
+        desc["threads"] = forward_threads()
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 

@@ -69,3 +69,39 @@ def test_a_figure_is_shown_on_its_side_of_a_threshold_written_with_many_digits(t
     v = float(shown.rstrip("%"))
     assert (v < 100 * threshold) == (figure < threshold) and (v > 100 * threshold) == (figure > threshold), shown
     assert percent(0.8, against=[0.8]) == "80.0%" and percent(1999 / 2500, against=[0.8]) == "79.96%"
+
+
+# ------------------------------------------------------------------ the embedding cache and the thread count
+def test_an_embedding_cache_entry_is_keyed_by_the_cpu_threads_the_forward_pass_ran_on(tmp_path):
+    """A convolution's sums are split among the threads: timm's embeddings on 1 and 2 threads differ in
+    their last bits, and a one-thread `repair fix` served a two-thread run's cached embeddings wrote other
+    weights (2e-3 apart) than the same run on a fresh cache, with `threads: 1` in its provenance. The
+    thread count is in the CPU's cache key (an ONNX model's sessions run on the same count)."""
+    import torch
+    from conftest import make_images, make_timm_folder
+
+    import repair
+    from repair.embeddings import cache_key, forward_threads
+    from repair.runtime import RuntimeOptions
+
+    t = make_timm_folder(tmp_path / "m")
+    img = make_images(tmp_path / "img", n_per_class=2, size=32)
+    rt = RuntimeOptions(cache_dir=str(tmp_path / "cache"), progress=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not repair.evaluate(t, img, runtime=rt)["embedding"]["from_cache"]
+        torch.set_num_threads(1)
+        assert forward_threads() == 1
+        assert not repair.evaluate(t, img, runtime=rt)["embedding"]["from_cache"]      # not the 2-thread entry
+        assert repair.evaluate(t, img, runtime=rt)["embedding"]["from_cache"]          # its own
+        m = repair.load_model(t)
+        from repair.data import load_data
+
+        d = load_data(img)
+        one = cache_key(m, d, torch.device("cpu"))
+        torch.set_num_threads(2)
+        assert cache_key(m, d, torch.device("cpu")) != one
+        assert cache_key(m, d, torch.device("cuda")) == cache_key(m, d, torch.device("cuda"))
+    finally:
+        torch.set_num_threads(before)

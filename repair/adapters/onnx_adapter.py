@@ -284,15 +284,20 @@ class OnnxAdapter(Adapter):
 
     # ---- sessions
     def _session(self, which: str, device):
+        from ..embeddings import forward_threads
+
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        key = (which, dev.type, dev.index)
+        # on the CPU, the threads the embedding cache key names (torch's count; onnxruntime's own default
+        # is one per physical core whatever the run was given)
+        threads = forward_threads() if dev.type == "cpu" else None
+        key = (which, dev.type, dev.index, threads)
         if key not in self._sessions:
             if which == "embed":
                 proto = self._with_embedding_output()
             else:
                 proto = self._edited_proto()
             self._sessions[key] = make_session(proto, prefer_cuda=dev.type == "cuda", device=dev,
-                                               where=self.source)
+                                               where=self.source, threads=threads)
         return self._sessions[key]
 
     def _with_embedding_output(self):
