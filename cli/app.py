@@ -291,6 +291,9 @@ def command(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            from repair.provenance import source_date
+
+            source_date()               # a malformed SOURCE_DATE_EPOCH: exit 2 before any work, not once it ran
             return fn(*args, **kwargs)
         except typer.Exit:
             raise

@@ -12,10 +12,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import sys
 from typing import Any, Optional
 
 from ._version import __version__
+from .errors import BadInput
 from .io import parse_json
 
 PREFIX = "repair."
@@ -290,11 +292,22 @@ def in_samples_record(keys, record) -> Optional[list]:
 
 
 def source_date() -> Optional[str]:
-    """``SOURCE_DATE_EPOCH`` as an ISO time in UTC, or None when it is unset or not a number."""
+    """``SOURCE_DATE_EPOCH`` (reproducible builds: the time every record and report names) as an ISO time
+    in UTC, or None when it is unset or empty. A value that is not a whole number of seconds since
+    1970-01-01 that a date can hold (``abc``, ``1.5``, ``²``, past the year 9999) is a
+    :class:`BadInput` naming the variable, as the convention asks (a malformed value fails the build):
+    the command line checks it before any work, never once the repair ran."""
     raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    if not raw.isdigit():
+    if not raw:
         return None
-    return _dt.datetime.fromtimestamp(int(raw), _dt.timezone.utc).isoformat()
+    why = "not a whole number of seconds since 1970-01-01 (UTC)"
+    if re.fullmatch(r"[0-9]+", raw):
+        try:
+            return _dt.datetime.fromtimestamp(int(raw), _dt.timezone.utc).isoformat()
+        except (OverflowError, ValueError, OSError):
+            why = "past the last date a record can hold (9999-12-31)"
+    shown = raw if len(raw) <= 24 else raw[:21] + "..."
+    raise BadInput(f"SOURCE_DATE_EPOCH={shown!r}: {why}; unset it or give one")
 
 
 def merge(existing: Optional[dict], new: dict[str, str]) -> dict[str, str]:

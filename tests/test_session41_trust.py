@@ -105,3 +105,30 @@ def test_an_embedding_cache_entry_is_keyed_by_the_cpu_threads_the_forward_pass_r
         assert cache_key(m, d, torch.device("cuda")) == cache_key(m, d, torch.device("cuda"))
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ SOURCE_DATE_EPOCH checked before any work
+@pytest.mark.parametrize("value, words", [("99999999999999999999", "past the last date"),
+                                          ("253402300800", "past the last date"),
+                                          ("\u00b2", "not a whole number"), ("1.5", "not a whole number")])
+def test_a_malformed_source_date_epoch_is_exit_2_before_any_work(tmp_path, monkeypatch, value, words):
+    """A SOURCE_DATE_EPOCH past what a date holds (or `²`, which str.isdigit accepts) was an internal error
+    (exit 3) raised when the provenance was written, after the whole repair ran. It is exit 2 naming the
+    variable before any work; unset or empty it is no date, and a whole number of seconds is the date."""
+    from conftest import make_images, make_timm_folder
+
+    from repair.errors import BadInput
+    from repair.provenance import source_date
+
+    t = make_timm_folder(tmp_path / "m")
+    img = make_images(tmp_path / "img", n_per_class=2, size=32)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", value)
+    code, out, err = run_cli("fix", t, "--data", img, "--recipe", "dfr", "--out", tmp_path / "o", "-q")
+    assert code == 2 and err.count("\n") == 1 and "SOURCE_DATE_EPOCH=" in err and words in err, err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(BadInput, match=words):
+        source_date()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", " ")
+    assert source_date() is None
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "86400")
+    assert source_date() == "1970-01-02T00:00:00+00:00"
