@@ -35,8 +35,17 @@ def _verify_rows(rep: dict) -> list[list]:
              rep.get("n_verified", 0)]]
 
 
+def fallback_line(rep: dict) -> Optional[str]:
+    """Why an export used the TorchScript exporter (the report's ``exporter_fallback``), as the human output
+    says it; None when it was not a fallback. Part of the result, on stdout (``--quiet`` too)."""
+    why = rep.get("exporter_fallback")
+    return f"TorchScript exporter used: {why}" if why else None
+
+
 def print_verify_report(rep: dict, title: str) -> None:
     say(title)
+    if fallback_line(rep):
+        say(fallback_line(rep))
     say(table(["output", "shape", "max |diff|", "tolerance", "argmax agree", "n"], _verify_rows(rep)))
     extra = f"batch sizes {rep.get('batch_sizes')}"
     if rep.get("export_batch_size"):

@@ -290,8 +290,9 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
     """Export ``adapter.model`` to an in-memory ModelProto with inputs named
     ``adapter.input_names`` and one output ``logits``. Returns (proto, exporter used, input
     names). ``auto``: the torch.export-based exporter (dynamo), falling back to the
-    TorchScript one if it fails (one progress line says why; ``failures`` collects the
-    reasons); the verification decides either way."""
+    TorchScript one if it fails or cannot write the opset asked for (one progress line says why;
+    ``failures`` collects the reasons, the first is the report's ``exporter_fallback``); the
+    verification decides either way."""
     import onnx
 
     if exporter not in EXPORTERS:
@@ -317,8 +318,10 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     if opset is not None and opset < DYNAMO_MIN_OPSET and exporter == "auto":
         order = ["torchscript"]
-        _log(progress, f"--opset {opset} is below {DYNAMO_MIN_OPSET}, the oldest torch's current exporter writes: "
-                       "using its TorchScript exporter")
+        why = f"--opset {opset} is below {DYNAMO_MIN_OPSET}, the oldest torch's current exporter writes"
+        if failures is not None:            # the report's exporter_fallback: why TorchScript was used
+            failures.append(f"dynamo: {why}")
+        _log(progress, f"{why}: using its TorchScript exporter")
     errors = []
     dev = _model_device(model)
     model.to("cpu").eval()
@@ -631,17 +634,18 @@ def _fail(report: dict, what: str) -> GateFailed:
 
 def verify_onnx(onnx_path, reference_adapter: Adapter, items: Sequence[Any], *,
                 tolerance: Optional[float] = None, device: str = "cpu", check: bool = True,
-                progress=None) -> dict:
+                progress=None, metadata: Optional[dict] = None) -> dict:
     """Standalone verification of an ONNX file against a reference model (any family,
     ONNX included) on ``items``. ``check``: raise ``GateFailed`` when it does not pass
-    (the report is on the exception as ``.report``)."""
+    (the report is on the exception as ``.report``). ``metadata``: a dict given is filled with the
+    file's metadata as the verification read them."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise BadInput("expected an .onnx file, got a folder" if onnx_path.is_dir() else "ONNX model not found", onnx_path)
     _log(progress, f"verifying {onnx_path.name} on {len(items)} samples")
     # an ONNX reference also checks embeddings @ W.T + b (original graph, new head) vs the file
     native = reference_adapter.exports_onnx_natively
-    meta: dict = {}                     # the file's metadata, as the session read it (the file is read once)
+    meta: dict = {} if metadata is None else metadata    # the file's metadata, as the session read it (read once)
     report = run_verification(onnx_path, reference_adapter, items, tolerance=tolerance, device=device,
                               head_check=native, progress=progress,
                               logits_output=reference_adapter.logits_name if native else None, metadata=meta)
@@ -794,24 +798,50 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
                                   logits_output=adapter.logits_name if native else None,
                                   head_check=native, own_file=True, progress=progress,
                                   reference_logits=reference_logits)
-        report.update({
-            "format": "onnx",
-            "path": str(out_path),
-            "exporter": used,
-            "exporter_fallback": failures[0] if failures else None,
-            "opset": opset_used,
-            "input_names": input_names,
-            "export_batch_size": export_batch,
-            "metadata_keys": metadata_keys,
-            "export_seconds": round(export_s, 3),
-            "verify_seconds": report["seconds"],
-            "seconds": round(time.perf_counter() - t0, 3),
-        })
-        report["onnx"] = str(out_path)
+        export_report(report, out_path, exporter=used, exporter_fallback=failures[0] if failures else None,
+                      opset=opset_used, input_names=input_names, export_batch_size=export_batch,
+                      metadata_keys=metadata_keys, export_seconds=export_s, t0=t0)
         if not report["passed"]:
-            report["path"] = report["onnx"] = None          # no file: nor the staging name it had
+            name_export_file(report, None)          # no file: nor the staging name it had
             raise _fail(report, "ONNX export verification failed (no file written)")
     return report
+
+
+#: the fields of an ONNX export's report that name the file written
+EXPORT_PATH_FIELDS = ("path", "onnx")
+
+
+def name_export_file(report: dict, path) -> dict:
+    """Every field of an ONNX export's report that names the file (:data:`EXPORT_PATH_FIELDS`) names
+    ``path``: the final path the caller reads, never the staging name it was written and verified under;
+    None where no file was written."""
+    for k in EXPORT_PATH_FIELDS:
+        report[k] = None if path is None else str(path)
+    return report
+
+
+def export_report(report: dict, path, *, exporter: str, opset: Optional[int], input_names: Sequence[str],
+                  metadata_keys: Sequence[str], export_seconds: float, t0: float,
+                  exporter_fallback: Optional[str] = None, export_batch_size: Optional[int] = None) -> dict:
+    """The one shape of an ONNX export's report -- ``repair export``, and ``repair fix --export onnx`` of any
+    model, an ONNX model's own repaired file included: the verification's ``report`` (``run_verification``)
+    with what was written (``format``, the ``exporter`` -- ``graph-edit`` for an ONNX model --, why the
+    TorchScript exporter was used, ``exporter_fallback``, the ``opset``, the ``input_names``, the example
+    batch of a torch export, the file's ``metadata_keys``, the times since ``t0``), and the file's final
+    ``path`` in every field naming it (:func:`name_export_file`)."""
+    report.update({
+        "format": "onnx",
+        "exporter": exporter,
+        "exporter_fallback": exporter_fallback,
+        "opset": opset,
+        "input_names": list(input_names),
+        "export_batch_size": export_batch_size,
+        "metadata_keys": sorted(metadata_keys),
+        "export_seconds": round(export_seconds, 3),
+        "verify_seconds": report["seconds"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+    return name_export_file(report, path)
 
 
 def export_safetensors(adapter: Adapter, out_path, metadata: dict[str, str], force: bool = False) -> dict:
@@ -841,6 +871,7 @@ def export_safetensors(adapter: Adapter, out_path, metadata: dict[str, str], for
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-__all__ = ["Bound", "DEFAULT_BOUND", "check_export_options", "check_tolerance", "export_metadata", "export_onnx",
+__all__ = ["Bound", "DEFAULT_BOUND", "EXPORT_PATH_FIELDS", "check_export_options", "check_tolerance", "export_metadata",
+           "export_onnx", "export_report", "name_export_file",
            "export_safetensors", "pick_verify_indices", "pick_verify_items", "resolve_bound", "run_verification", "torch_to_onnx",
            "verify_batches", "verify_onnx"]

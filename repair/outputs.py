@@ -97,7 +97,9 @@ class ModelOutputs:
             if self.model is not None:
                 final = Path(self.model)
                 tmp = tx.stage(final)
+                t0 = time.perf_counter()
                 written = Path(a.save(tmp, dict(self.metadata)))
+                saved_s = time.perf_counter() - t0
                 _check_metadata(written, self.metadata)
                 w["model"] = str(final)
                 w["weights_file"] = str(final / written.relative_to(tmp)) if written != tmp else str(final)
@@ -107,12 +109,8 @@ class ModelOutputs:
                     shutil.move(str(self.artifacts), str(dest))
                     w["artifacts"] = str(self.artifacts_to)
                 if self.onnx is not None and a.exports_onnx_natively:
-                    from .export import verify_onnx
-
                     # the repaired model is itself the ONNX file: verify what was written
-                    rep = verify_onnx(written, a, list(self.onnx.verify_items), tolerance=self.onnx.tolerance)
-                    rep["path"] = str(final)
-                    w["export"] = rep
+                    w["export"] = self._native_export(written, final, saved_s, t0)
                 elif self.onnx is not None and self.onnx.path is None:
                     from .adapters.onnx_adapter import check_onnx_written_beside
 
@@ -138,14 +136,28 @@ class ModelOutputs:
         return w
 
     def _export(self, target: Path, final: Path) -> dict:
-        from .export import export_onnx
+        from .export import export_onnx, name_export_file
 
         o = self.onnx
         rep = export_onnx(self.adapter, target, metadata=self.metadata, verify_items=list(o.verify_items),
                           tolerance=o.tolerance, opset=o.opset, device=o.device, exporter=o.exporter,
                           progress=self.log, reference_logits=o.reference_logits)
-        rep["path"] = rep["onnx"] = str(final)
-        return rep
+        return name_export_file(rep, final)
+
+    def _native_export(self, written: Path, final: Path, saved_s: float, t0: float) -> dict:
+        """The report of an ONNX model's repaired file, ``written`` (staged) for ``final``: verified as
+        written, with the fields ``repair export`` of it gives (:func:`repair.export.export_report`)."""
+        from .export import _opset, export_report, name_export_file, verify_onnx
+
+        a, o, meta = self.adapter, self.onnx, {}
+        try:
+            rep = verify_onnx(written, a, list(o.verify_items), tolerance=o.tolerance, metadata=meta)
+        except GateFailed as e:
+            if getattr(e, "report", None) is not None:
+                name_export_file(e.report, None)          # nothing is written: nor its staging name
+            raise
+        return export_report(rep, final, exporter="graph-edit", opset=_opset(a.proto), input_names=a.input_names,
+                             metadata_keys=meta, export_seconds=saved_s, t0=t0)
 
 
 def _clear_staged(dest: Path, staged: Path) -> None:

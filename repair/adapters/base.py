@@ -248,22 +248,13 @@ class Adapter(ABC):
 
     def source_sha256(self) -> str:
         """sha256 of the checkpoint file as it was loaded: taken when the family read it
-        (:meth:`_init_file_state`, or the family's own load, :meth:`_read_source`), never from what the
-        file holds by the time a report, a provenance record or an export asks (a file saved over since)."""
+        (:meth:`_init_file_state`, or the family's own load: an ONNX model's graph and its external data,
+        :func:`repair.adapters.onnx_adapter.read_onnx`), never from what the files hold by the time a
+        report, a provenance record or an export asks (a file saved over since)."""
         sha = getattr(self, "_source_sha", None)
         if sha is None:
             raise RepairError(f"the {self.family} adapter took no sha256 of {self.weights_path} when it loaded it")
         return sha
-
-    def _read_source(self, path: Path) -> bytes:
-        """The bytes of the checkpoint file ``path``, read once: the model is parsed from them and
-        :meth:`source_sha256` is their digest (a family that parses a file's bytes itself: ONNX)."""
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise BadInput(f"cannot read the model file ({e.strerror or e})", path) from None
-        self._source_sha = hashlib.sha256(data).hexdigest()
-        return data
 
     @property
     def source_metadata(self) -> dict[str, str]:

@@ -88,15 +88,8 @@ class OnnxAdapter(Adapter):
         self.weights_path = path
         self.model = None
         self.head = None
-        try:
-            # as onnx.load does, in two steps: the external data files are source files too
-            # read once: the graph is parsed from the bytes :meth:`source_sha256` is the digest of
-            proto = onnx.load_model_from_string(self._read_source(path))
-            self.external_files = external_data_files(proto, path.parent)
-            onnx.load_external_data_for_model(proto, str(path.parent))
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BadInput(f"not a readable ONNX model ({msg})", path) from None
+        # the graph and its external data, read once: :meth:`source_sha256` is the digest of the bytes read
+        proto, self._source_sha, self.external_files = read_onnx(path)
         if proto.ByteSize() > MAX_PROTO_BYTES:
             raise BadInput("ONNX models over 2 GB are not supported", path)
         _check_finite_initializers(proto, path)
@@ -456,17 +449,110 @@ def preprocess_disagreement(cfg: Optional[dict], own: Optional[dict]) -> Optiona
                      for k in DATA_CONFIG_KEYS if cfg.get(k) != own.get(k))
 
 
+def _external_tensors(proto):
+    """The tensors of ``proto`` that keep their data outside the graph, in the order onnx loads them
+    (``onnx.external_data_helper``: initializers, subgraphs' included, then attribute tensors)."""
+    from onnx import external_data_helper as edh
+
+    every = getattr(edh, "_get_all_tensors", None)
+    tensors = every(proto) if every is not None else proto.graph.initializer
+    return [t for t in tensors if edh.uses_external_data(t)]
+
+
+def _external_location(tensor) -> Optional[str]:
+    return {e.key: e.value for e in tensor.external_data}.get("location")
+
+
 def external_data_files(proto, base: Path) -> list[Path]:
-    """The files an ONNX model's external-data initializers name (``location``), under ``base``."""
+    """The files an ONNX model's external-data tensors name (``location``), under ``base``, each once, in
+    the order onnx lists them (the order :func:`read_onnx` hashes them in)."""
+    out = []
+    for t in _external_tensors(proto):
+        loc = _external_location(t)
+        if loc and Path(base, loc) not in out:
+            out.append(Path(base, loc))
+    return out
+
+
+def read_onnx(path: Path, chunk: int = 1 << 22):
+    """An ONNX model file and its external data, read: ``(proto with its external data loaded, sha256,
+    the external files)``. The one home of an ONNX model's identity (``source_sha256``: a report's
+    ``model.sha256``, the provenance ``source_sha256``, an export's record; the embedding cache key follows
+    the graph and weights loaded): the sha256 of the graph file's bytes followed by each external file's
+    bytes, in the order onnx lists them (:func:`external_data_files`) -- for a model without external data,
+    the file's own sha256. The graph is parsed from the bytes hashed; each external file is read once more
+    right after onnx loaded the tensors from it, hashed, and checked in that same read to hold every byte
+    onnx loaded from it: a file saved over between the two reads is :class:`BadInput` naming it ("changed
+    while it was read"), as for a weights file (:func:`repair.adapters.base.loaded_file_sha256`). Memory:
+    one chunk, and the tensor being compared."""
+    import hashlib
+    import warnings
+
     import onnx
 
-    out = []
-    for init in proto.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            loc = {e.key: e.value for e in init.external_data}.get("location")
-            if loc and Path(base, loc) not in out:
-                out.append(Path(base, loc))
-    return out
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInput(f"cannot read the model file ({e.strerror or e})", path) from None
+    h = hashlib.sha256(data)
+    try:
+        # as onnx.load does, in two steps: the external data files are source files too
+        proto = onnx.load_model_from_string(data)
+        del data
+        files = external_data_files(proto, path.parent)
+        spans: dict[Path, list] = {f: [] for f in files}        # where onnx reads each tensor from
+        for t in _external_tensors(proto):
+            loc = _external_location(t)
+            if loc:
+                with warnings.catch_warnings():          # (onnx's load says it once)
+                    warnings.simplefilter("ignore")
+                    info = onnx.external_data_helper.ExternalDataInfo(t)
+                spans[Path(path.parent, loc)].append((int(info.offset or 0), info.length is None, t))
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"not a readable ONNX model ({msg})", path) from None
+    for f in files:
+        _hash_external_file(h, f, spans[f], chunk)
+    return proto, h.hexdigest(), files
+
+
+def _hash_external_file(h, path: Path, spans: list, chunk: int) -> None:
+    """Add ``path``'s bytes to ``h``, in one read that checks each tensor of ``spans`` (offset, read to the
+    end, the tensor onnx loaded) holds the bytes at its place in the file."""
+    changed = BadInput("the model's external data file changed while it was read (saved over during the "
+                       "load?); load the model again once it is written", path)
+    # (start, end, to_end, tensor) by start; a tensor's loaded bytes are fetched when the read reaches them
+    todo = sorted(((o, o + len(t.raw_data), to_end, t) for o, to_end, t in spans), key=lambda s: s[0])
+    active: list = []          # [start, end, to_end, bytes] being compared
+    k, pos = 0, 0
+    try:
+        f = open(path, "rb")
+    except OSError:
+        raise changed from None
+    with f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            buf = np.frombuffer(block, dtype=np.uint8)
+            stop = pos + len(block)
+            while k < len(todo) and todo[k][0] < stop:
+                start, end, to_end, t = todo[k]
+                active.append((start, end, to_end, np.frombuffer(t.raw_data, dtype=np.uint8)))
+                k += 1
+            for start, end, _, mine in active:
+                a, b = max(start, pos), min(end, stop)
+                if a < b and not np.array_equal(buf[a - pos:b - pos], mine[a - start:b - start]):
+                    raise changed
+            active = [s for s in active if s[1] > stop]
+            pos = stop
+    # a tensor beyond the end of the file now, or one read to the end of a file that grew since
+    if k < len(todo) and any(s[1] > s[0] for s in todo[k:]) or any(s[1] > pos for s in active) \
+            or any(to_end and end != pos for _, end, to_end, _ in todo):
+        raise changed
 
 
 def _check_finite_initializers(proto, path: Path) -> None:
