@@ -127,6 +127,10 @@ def fix_table(rep: dict) -> str:
         out.append(f"\nONNX {e.get('path')}: verified={e.get('passed')}  max|diff|={e.get('max_abs_diff')} "
                    f"(tolerance {e.get('tolerance')})  argmax agreement={pct(e.get('argmax_agreement'))} "
                    f"over {e.get('n_verified')} samples")
+        from .export_cmds import fallback_line
+
+        if fallback_line(e):                # why the TorchScript exporter was used, as `repair export` says it
+            out.append(fallback_line(e))
     from repair.report import training_sentence
 
     trained = training_sentence(rep.get("model_change"))

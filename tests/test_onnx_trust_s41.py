@@ -146,3 +146,7 @@ def test_a_dynamo_failure_is_said_in_the_human_output_under_quiet(timm_and_image
     assert code == 0, err
     e = json.loads(stdout)["export"]
     assert e["exporter"] == "torchscript" and "simulated dynamo failure" in fallback_line(e)
+    code, stdout, err = run_cli("fix", timm, "--data", data, "--recipe", "dfr", "--out", tmp_path / "fixed2",
+                                "--export", "onnx", "-q")
+    assert code == 0, err
+    assert "TorchScript exporter used:" in stdout and "simulated dynamo failure" in stdout, stdout
