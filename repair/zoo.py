@@ -251,20 +251,31 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
             # any other line: its first word, past more '#'s, a list marker ("- ", "* ") and a quote ("## gate",
             # "# - gate", "# 'gate'"), ends at any character that is not a word's ("# gate>=90%", "# gate, 90%
             # for all rows", "# gate(CI) 90%") or at the digits that end it ("# gate80%": the field gate)
-            m = re.match(r"#[#\s]*(?:[-*+]\s+)?([\"'`]?)([^\W\d]\w*?)(?=\d*(?:\W|$))", line)
+            m = re.match(r"#[#\s]*([-*+]\s+)?([\"'`]?)([^\W\d]\w*?)(?=\d*(?:\W|$))", line)
             if m is None:                                       # blank, "#" then no word, a ruler: a comment
                 continue
-            quote, word = m.groups()
+            marker, quote, word = m.groups()
             rest = line[m.end():]
             if quote and rest.startswith(quote):
                 rest = rest[1:]
-            sep, value = re.fullmatch(r"\s*([:=]?)\s*(.*?)\s*", rest).groups()
             field = by_lower.get(word.lower())
+            glued = re.match(r"\d+", rest)
+            if glued is not None:
+                # digits glued to a number field's name: its value ("# gate80%", "# gate80"), or a number after
+                # them ("# Gate2 80%"); otherwise another word ("# data2.csv is a copy", "# eval2024/test",
+                # "# seed2024 experiments")
+                after = rest[glued.end():].strip()
+                if not (field in _NUMBER_FIELDS and (after == "" or after.startswith("%")
+                                                     or _A_NUMBER.search(after))):
+                    continue
+            sep, value = re.fullmatch(r"\s*([:=]?)\s*(.*?)\s*", rest).groups()
             if rest[:1] in ("/", ".") and not (field in _NUMBER_FIELDS and _A_NUMBER.search(value)):
                 # a path or a file name ("# eval/test split ...", "# data.csv was cleaned by hand") is prose,
                 # unless a number follows a number field ("# gate/CI 90%", "# gate.90": any doubt is a setting)
                 continue
-            if field is not None and (sep or _looks_like_a_value(field, value)):
+            # a list item ("# - gate: 80%") is a setting when what follows is that field's value; a column
+            # legend ("# - name: a unique label per row", "# * data: folder of images") stays a comment
+            if field is not None and ((sep and not marker) or _looks_like_a_value(field, value)):
                 # "# Gate: 90%", "# gate 90% (CI)", "# recipe mixft for all rows": a setting written
                 # otherwise, never a comment that drops it (prose such as "# Data for each row lives
                 # here" is a comment)
@@ -431,6 +442,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
         p = Path(os.path.expanduser(str(v)))
         return p if p.is_absolute() else base / p
 
+    any_gate = any(g not in (None, "") for g in [defaults.get("gate"), *(raw.get("gate") for raw in rows)])
     for n, raw in enumerate(rows, 1):
         r = {**defaults, **{k: v for k, v in raw.items() if v is not None and v != ""}}
         f: dict[str, Any] = {}
@@ -557,9 +569,12 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             # a gate_metric other than auto needs a gate (else the row runs ungated); expected groups need a
             # group column, a gate, no other column named; the model's classes are checked as it runs
             column = "eval_group_by" if "eval" in f and f.get("eval_group_by") else "group_by"
+            # a gate_metric from the defaults is how the gated rows are judged: a row left ungated on purpose
+            # (an empty gate cell) is not refused for it, unless no row and no default has a gate at all
+            own = raw.get("gate_metric") not in (None, "") or not any_gate
             try:
                 expected = check_gate_options({metric: r.get("gate")}, r.get("expect_groups"), f.get(column),
-                                              GateNames.manifest(column=column), metric=metric)
+                                              GateNames.manifest(column=column), metric=metric if own else "auto")
                 if expected is not None:
                     f["expect_groups"] = tuple(expected)
             except BadInput as e:

@@ -35,8 +35,12 @@ def test_csv_prose_and_rulers_with_decorations_stay_comments(tmp_path, parts):
 
     copy_parts(tmp_path, parts)
     path = tmp_path / "z.csv"
+    # (a review found numbered file names and column legends refused by the first version of this fix)
     path.write_text("## Notes\n# - data lives beside this file\n# v2 of the zoo\n# Data2024 snapshot, cleaned\n"
                     "# -- recipe: a ruler line\n# * Name 1st column is the row name\n###\n# gate: 90%\n"
+                    "# data2.csv is a copy of data.csv\n# data2/ holds the second split\n# eval2024/test is held out\n"
+                    "# checkpoint1.safetensors and checkpoint2.safetensors\n# seed2024 experiments\n"
+                    "# - name: a unique label per row\n# * data: folder of images\n"
                     "name,checkpoint,data,group_by\na,m0,val,place\n")
     (e,) = load_manifest(path, "eval").entries
     assert (e.gate, e.recipe) == ("90%", "auto")
@@ -94,3 +98,25 @@ def test_fix_row_whose_eval_is_its_repair_data_is_exit_2_before_any_work(tmp_pat
     load_manifest(path, "eval")                             # eval repairs nothing: not refused
     path.write_text(yaml.safe_dump({"models": [good, {**bad, "eval": "test"}]}, sort_keys=False))
     load_manifest(path, "fix")                              # data kept apart: fine
+
+
+def test_a_default_gate_metric_leaves_a_row_ungated_on_purpose_alone(tmp_path, parts):
+    """A `gate_metric` among the defaults is how the gated rows are judged: a row whose gate cell is empty on
+    purpose (a baseline) is not refused for it (a review found the first version of the rule refusing it,
+    naming a field the row does not have); with no gate anywhere the default metric gates nothing: exit 2."""
+    from repair.zoo import load_manifest
+
+    copy_parts(tmp_path, parts)
+    path = tmp_path / "z.csv"
+    path.write_text("# gate_metric: worst_group\nname,checkpoint,data,group_by,gate\nbaseline,m0,val,place,\n"
+                    "candidate,m1,val,place,70%\n")
+    a, b = load_manifest(path, "eval").entries
+    assert (a.gate, b.gate, a.gate_metric, b.gate_metric) == (None, "70%", "worst_group", "worst_group")
+    path.write_text("# gate_metric: worst_group\nname,checkpoint,data,group_by,gate\nbaseline,m0,val,place,\n"
+                    "candidate,m1,val,place,\n")
+    code, _, err = run_cli("zoo", path, "--mode", "eval", "-q")
+    refused_before_any_work(code, err, tmp_path, "gate_metric: ", "needs a gate")
+    path.write_text("name,checkpoint,data,group_by,gate,gate_metric\nbaseline,m0,val,place,,worst_group\n"
+                    "candidate,m1,val,place,70%,\n")                # the row's own metric: refused
+    code, _, err = run_cli("zoo", path, "--mode", "eval", "-q")
+    refused_before_any_work(code, err, tmp_path, "row 1 (baseline), gate_metric: ", "needs a gate")
