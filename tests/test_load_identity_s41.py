@@ -226,3 +226,45 @@ def test_a_checkpoint_saved_over_after_loading_is_refused_when_the_repaired_mode
     fresh = repair.load_model(t)                                 # loaded again: written as it is now
     export_safetensors(fresh, out, {})
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_family_of_yours_that_takes_no_sha256_as_it_reads_still_has_one_taken_at_load(tmp_path):
+    """A family registered with `register_family` whose adapter does not call `_init_file_state` had
+    `source_sha256()` raise an internal error once `repair fix` had run (a review of the load-time change).
+    `load_model` takes the file's sha256 right after the family's load; an adapter built by hand gets it when
+    first asked, as before."""
+    from repair.adapters import register_family, unregister_family
+    from repair.adapters.base import Adapter
+
+    class Mine(Adapter):
+        family, modality = "mine", "image"
+
+        def __init__(self, p):
+            self.source = self.weights_path = Path(p)
+            self.class_names = ["a", "b"]
+
+        def collate(self, items):
+            pass
+
+        def embed_batch(self, b, d):
+            pass
+
+        def preprocess_id(self):
+            return {}
+
+        def changed_tensors(self):
+            return []
+
+    w = tmp_path / "w.mine"
+    w.write_bytes(b"weights as loaded")
+    at_load = _sha(w)
+    register_family("mine_s41", detect=lambda p, o: p.suffix == ".mine", load=lambda p, o: Mine(p), priority=96,
+                    summary="a test family")
+    try:
+        m = load_model(w)
+        w.write_bytes(b"weights saved over")
+        assert m.source_sha256() == at_load and m.identity() == {"sha256": at_load}
+    finally:
+        unregister_family("mine_s41")
+    by_hand = Mine(w)
+    assert by_hand.source_sha256() == _sha(w)

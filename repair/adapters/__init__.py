@@ -186,6 +186,7 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
 
     with torch.random.fork_rng(devices=[]), float32_default():
         adapter = fam.load(path, o)
+    adapter.take_source_sha256()     # a family of yours that took none as it read the file: now, at load
     given = [f for f, v in (("--image-size", o.image_size), ("--mean", o.mean), ("--std", o.std))
              if v is not None]
     if given and not adapter.preprocess_from_options:

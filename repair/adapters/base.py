@@ -251,9 +251,16 @@ class Adapter(ABC):
         (:meth:`_init_file_state`, or the family's own load: an ONNX model's graph and its external data,
         :func:`repair.adapters.onnx_adapter.read_onnx`), never from what the files hold by the time a
         report, a provenance record or an export asks (a file saved over since)."""
+        return self.take_source_sha256()
+
+    def take_source_sha256(self) -> str:
+        """The stored sha256 of the checkpoint as it was loaded; for an adapter whose family took none as it
+        read the file (a family registered with :func:`repair.adapters.register_family` that does not call
+        :meth:`_init_file_state`), the file's sha256 now, stored: :func:`repair.adapters.load_model` calls
+        this right after the family's load, so such a family's identity is still taken at load."""
         sha = getattr(self, "_source_sha", None)
         if sha is None:
-            raise RepairError(f"the {self.family} adapter took no sha256 of {self.weights_path} when it loaded it")
+            sha = self._source_sha = sha256_file(self.weights_path)
         return sha
 
     @property
