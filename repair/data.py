@@ -1057,11 +1057,8 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
             # its config.json tells; a link leading outside the folder is refused before it is read, as
             # the folder's metadata.* is (nothing outside the paths given is read)
             cfg = path / "config.json"
-            if (not o.allow_outside_paths and (cfg.is_symlink() or cfg.exists())
-                    and not _inside(_real(path), _real(cfg))):
-                raise BadInput(f"the data folder's config.json is a symlink leading outside the folder {path} "
-                               f"(to {_real(cfg) or cfg}); it is not read: remove the link or pass "
-                               "--allow-outside-paths", cfg)
+            if cfg.is_symlink() or cfg.exists():
+                _found_table(cfg, path, o, "config.json", "it is not read: remove the link or pass --allow-outside-paths")
             if family_for(path.absolute()) is not None:
                 raise BadInput("is a model folder (a checkpoint's config.json), not data: the model is the "
                                "command's first argument, the repair data --data", path)
@@ -1123,12 +1120,14 @@ def _is_table_file(p: Path) -> bool:
         return True
 
 
-def _found_table(table: Path, folder: Path, o: DataOptions) -> Path:
-    """A table the data folder holds (found, not named by the user): a symlink leading outside the
-    folder is refused like an image would be (named directly with ``--data FILE`` it is read)."""
+def _found_table(table: Path, folder: Path, o: DataOptions, what: str = "table",
+                 instead: str = "name it with --data or pass --allow-outside-paths") -> Path:
+    """A file the data folder holds (found, not named by the user: its table, its config.json): a symlink
+    leading outside the folder is refused like an image would be, before anything of it is read (a
+    table named directly with ``--data FILE`` is read). The one home of that rule for a folder's files."""
     if not o.allow_outside_paths and not _inside(_real(folder), _real(table)):
-        raise BadInput(f"the data folder's table is a symlink leading outside the folder {folder} (to "
-                       f"{_real(table) or table}); name it with --data or pass --allow-outside-paths", table)
+        raise BadInput(f"the data folder's {what} is a symlink leading outside the folder {folder} (to "
+                       f"{_real(table) or table}); {instead}", table)
     return table
 
 
