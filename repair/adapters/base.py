@@ -65,6 +65,12 @@ def _as_bytes(t: torch.Tensor):
     return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
 
 
+def changed_while_read(path) -> BadInput:
+    """The refusal of a weights file that changed while it was read (one wording)."""
+    return BadInput("the weights file changed while it was read (saved over during the load?); load it again "
+                    "once it is written", path)
+
+
 def loaded_file_sha256(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                        chunk: int = 1 << 22) -> str:
     """sha256 of the weights file ``path``, taken when the model is loaded from it, and checked in the
@@ -79,8 +85,7 @@ def loaded_file_sha256(path: Path, tensors: Mapping[str, torch.Tensor], metadata
     import numpy as np
 
     path = Path(path)
-    changed = BadInput("the weights file changed while it was read (saved over during the load?); load it "
-                       "again once it is written", path)
+    changed = changed_while_read(path)
     h = hashlib.sha256()
     if path.suffix.lower() != ".safetensors":              # a pickle: hashed and parsed from the same bytes
         with open(path, "rb") as f:
@@ -398,8 +403,7 @@ class Adapter(ABC):
                     continue
                 m = m.detach().cpu()
                 if not (np.array_equal(_as_bytes(m), _as_bytes(t)) if m.dtype == t.dtype else _same_values(m, t)):
-                    raise BadInput("the weights file changed while it was read (saved over during the load?); "
-                                   "load it again once it is written", self.weights_path)
+                    raise changed_while_read(self.weights_path)
         self._file_names = frozenset(tensors)
         self._file_values: dict[str, torch.Tensor] = {}   # the file's value of every tensor set so far
         model = getattr(self, "model", None)                # the dtype each tensor was loaded in
