@@ -90,6 +90,15 @@ def check_readable_weights(path: Path) -> None:
         raise BadInput(f"cannot read the weights file ({e.strerror or e})", path) from None
 
 
+def pickled_state_dict(obj):
+    """What a weights pickle holds as its state dict: ``obj``, or its ``state_dict`` entry (a training
+    checkpoint's ``{"state_dict": ..., "epoch": ...}``): the one home of that rule (loading, and the
+    check that the file still holds what was loaded)."""
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        return obj["state_dict"]
+    return obj
+
+
 def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors always; pickle files only with ``allow_pickle`` and then ``weights_only=True``."""
     import torch
@@ -110,8 +119,7 @@ def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[s
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadInput(f"not a loadable weights-only pickle ({first})", path) from None
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
+        obj = pickled_state_dict(obj)
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise BadInput("pickle does not hold a state dict of tensors", path)
         return dict(obj), {}

@@ -26,7 +26,7 @@ from torch import nn
 from .. import provenance
 from ..data import DEFAULT_MAX_PIXELS, open_regular
 from ..errors import BadInput, RepairError
-from ..io import load_state_dict_file, parse_json, save_safetensors, sha256_file  # noqa: F401  (sha256_file: re-exported)
+from ..io import load_state_dict_file, parse_json, pickled_state_dict, save_safetensors, sha256_file  # noqa: F401  (sha256_file: re-exported)
 from .text import tokenizer_input_names
 
 
@@ -99,8 +99,7 @@ def loaded_file_sha256(path: Path, tensors: Mapping[str, torch.Tensor], metadata
         except Exception:
             raise changed from None
         del data
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
+        obj = pickled_state_dict(obj)
         if not isinstance(obj, dict) or set(obj) != set(tensors) or metadata:
             raise changed
         for n, t in tensors.items():
