@@ -4,8 +4,11 @@
 """
 from __future__ import annotations
 
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 
 class RepairError(Exception):
@@ -47,3 +50,74 @@ class ZooModelsFailed(RepairError):
 class Terminated(BaseException):
     """SIGTERM (what CI timeouts and ``kill`` send), raised in the main thread like Ctrl-C so every
     output transaction unwinds and removes its temporaries; the CLI exits 143."""
+
+
+# ------------------------------------------------------------------ running the user's code
+class _ToStderr:
+    """The stream ``sys.stdout`` and ``sys.stderr`` are while the user's code runs inside repair
+    (:func:`users_code`): every write goes on, at once, to the stderr of the moment the code started
+    (never stdout: ``--json`` is one document), and the last line each thread wrote is kept (to name it
+    when the code exits). A handler the code creates (``logging.basicConfig`` at import) keeps writing
+    through it, to stderr, for the rest of the run."""
+
+    def __init__(self, target):
+        self.target, self._last = target, threading.local()
+
+    @property
+    def last(self) -> str:
+        """The last non-blank line the calling thread wrote through this stream."""
+        return getattr(self._last, "line", "")
+
+    def write(self, text: str) -> int:
+        lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+        if lines:
+            self._last.line = lines[-1]
+        return self.target.write(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+
+_USERS_LOCK = threading.Lock()
+_users_running: Optional[list] = None     # [the stream, the stdout and stderr it replaced, how many run]
+
+
+@contextmanager
+def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[None]:
+    """Around the user's code (a ``--factory`` module's import and call, a recipe plugin's import, a
+    plugin method's call): what it prints goes to stderr as it prints it; its ``sys.exit`` (a module that
+    parses arguments when imported) is :class:`BadInput` -- ``"{what} exited (SystemExit CODE); it
+    printed: LAST LINE"``, with ``path`` -- never this command's exit status (a gate must not pass, nor
+    fail, by it), nor a Ray worker's.
+
+    Safe in threads (``auto`` fits candidates side by side, :mod:`repair.threads`): the streams are
+    swapped once, by the first of the blocks running at the same time, and put back by the last, so two
+    blocks ending in another order never leave stdout pointing at stderr. While any runs, whatever
+    prints -- in any thread -- goes to stderr: nothing but the results belongs on stdout, and they are
+    written after every block has ended."""
+    global _users_running
+    with _USERS_LOCK:
+        if _users_running is None:
+            out = _ToStderr(sys.stderr)
+            _users_running = [out, sys.stdout, sys.stderr, 0]
+            sys.stdout = sys.stderr = out
+        _users_running[3] += 1
+        out = _users_running[0]
+    out._last.line = ""
+    try:
+        yield
+    except SystemExit as e:
+        raise BadInput(f"{what} exited (SystemExit {e.code!r})" + (f"; it printed: {out.last[:200]}" if out.last
+                                                                    else ""), path) from None
+    finally:
+        with _USERS_LOCK:
+            _users_running[3] -= 1
+            if _users_running[3] == 0:
+                sys.stdout, sys.stderr = _users_running[1], _users_running[2]
+                _users_running = None

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from repair.errors import BadInput
+from repair.errors import BadInput, users_code
 
 #: a recipe's settings when its file leaves them out
 RECIPE_DEFAULTS = {"selection": "auto", "folds": 2, "repeats": 1, "ensemble": 1}
@@ -560,14 +560,16 @@ def _import_plugin(spec: str, target: Path, where: Path, digest: str) -> str:
         mod.__repair_sha256__ = digest          # what its methods are recorded by (not a path)
         sys.modules[mod_name] = mod
         try:
-            mspec.loader.exec_module(mod)  # type: ignore[union-attr]
+            # the user's code: what it prints goes to stderr; its sys.exit is a BadInput naming it
+            with users_code(f"plugins: {spec}, imported,", where):
+                mspec.loader.exec_module(mod)  # type: ignore[union-attr]
         except BaseException:
             sys.modules.pop(mod_name, None)
             raise
         return digest
     except BadInput:
         raise
-    except (Exception, SystemExit) as e:      # a plugin that exits must not end the run as a success
+    except Exception as e:
         raise BadInput(f"plugins: cannot load {spec} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                        where) from None
 

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from ..errors import BadInput
+from ..errors import BadInput, users_code
 from ..io import load_state_dict_file
 from . import LoadOptions, register_family
 from .images import PREPROCESS_FILE, image_config_from_options
@@ -36,48 +36,6 @@ def _current_folder_importable():
                 sys.path.remove("")
             except ValueError:
                 pass
-
-
-class _ToStderr:
-    """A stream the user's code writes to while it runs inside repair: every write goes on, at once, to
-    the stderr of the moment it was made (never stdout: ``--json`` is one document), and the last line
-    written is kept (to name it when the code exits). A handler the code creates (``logging.basicConfig``
-    at import) keeps writing through it, to stderr, for the rest of the run."""
-
-    def __init__(self, target):
-        self.target, self.last = target, ""
-
-    def write(self, text: str) -> int:
-        lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-        if lines:
-            self.last = lines[-1]
-        return self.target.write(text)
-
-    def flush(self) -> None:
-        self.target.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.target, name)
-
-
-@contextmanager
-def _users_code(what: str):
-    """Around the user's code (the factory module's import, the factory's call): what it prints goes to
-    stderr as it prints it; its ``sys.exit`` (a module that parses arguments when imported) is
-    :class:`BadInput` naming it with the last line it printed, never this command's exit status -- a
-    gate must not pass, nor fail, by the factory's exit."""
-    from contextlib import redirect_stderr, redirect_stdout
-
-    out = _ToStderr(sys.stderr)
-    try:
-        with redirect_stdout(out), redirect_stderr(out):
-            yield
-    except SystemExit as e:
-        raise BadInput(f"{what} exited (SystemExit {e.code!r})" + (f"; it printed: {out.last[:200]}" if out.last
-                                                                    else "")) from None
 
 
 # What repair saw of each module of the code a factory's network may run, the first time it met the
@@ -124,7 +82,7 @@ def import_factory(spec: str):
     names = sorted({mod_name} | set(_REACHED.get(mod_name, ())))
     _drop_changed(_reachable([sys.modules.get(n) for n in names]), mod_name)
     try:
-        with _current_folder_importable(), _users_code(f"factory module {mod_name!r}, imported,"):
+        with _current_folder_importable(), users_code(f"factory module {mod_name!r}, imported,"):
             mod = importlib.import_module(mod_name)
     except BadInput:
         raise
@@ -144,7 +102,7 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
     for attempt in (1, 2):
         fn = import_factory(factory)
         try:
-            with _current_folder_importable(), _users_code(f"factory {factory!r}"):
+            with _current_folder_importable(), users_code(f"factory {factory!r}"):
                 model = fn(**(model_args or {}))
         except BadInput:
             raise

@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import SettingRefused, build_config, describe
-from ..errors import BadInput, RepairError
+from ..errors import BadInput, RepairError, users_code
 from ..registry import METHODS_ENTRY_POINTS, Registry, Resource, merge_resources
 from .transforms import AFFINE, MASK, TRANSFORMS, Transform
 
@@ -255,23 +255,29 @@ class MethodInfo:
             raise TypeError(f"{self.name}: config must be a {self.config_cls.__name__} (or a dict of its "
                             f"settings), got {type(config).__name__}")
         try:
-            out = self.fn(inputs, config if config is not None else self.default_config())
+            config = config if config is not None else self.default_config()
+            if self.builtin:
+                out = self.fn(inputs, config)
+            else:
+                # a plugin's method is the user's code: what it prints goes to stderr (never into the
+                # --json document), its sys.exit is a BadInput naming it (neither the command's exit
+                # code nor a Ray worker's end). Only around a plugin's call: built-in methods never print
+                with users_code(self.where()):
+                    out = self.fn(inputs, config)
         except SettingRefused as e:
             raise self.named(e) from None
-        except (Exception, SystemExit) as e:
+        except Exception as e:
             if self.builtin or isinstance(e, RepairError):
                 raise
-            # a plugin's own failure is the user's code: named with its file, not reported as our bug;
-            # one that exits (sys.exit) must neither end the command with its own code nor a Ray worker
+            # a plugin's own failure is the user's code: named with its file, not reported as our bug
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            what = "exited" if isinstance(e, SystemExit) else "failed"
-            raise BadInput(f"{self.where()} {what}: {type(e).__name__}: {first}") from e
+            raise BadInput(f"{self.where()} failed: {type(e).__name__}: {first}") from e
         (check_output if self.kind == "head" else check_model_output)(out, inputs, self)
         return out
 
     @property
     def builtin(self) -> bool:
-        return getattr(self.fn, "__module__", "").startswith(__name__ + ".")
+        return (getattr(self.fn, "__module__", None) or "").startswith(__name__ + ".")   # None: exec'd code
 
     def where(self) -> str:
         """``method NAME`` and, for a plugin's, the file that defines it."""
