@@ -9,6 +9,7 @@ convention: that time, in UTC).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -291,12 +292,32 @@ def in_samples_record(keys, record) -> Optional[list]:
     return (held[pos] == q).tolist()
 
 
+#: the date :func:`source_date` gives inside :func:`dated` (a 1-tuple; None: read the environment)
+_carried: Optional[tuple[Optional[str]]] = None
+
+
+@contextlib.contextmanager
+def dated(created: Optional[str]):
+    """Within the block, :func:`source_date` is ``created`` -- its value where the work was asked for (a
+    zoo's driver), whatever this process's environment holds: a Ray worker's environment is its
+    cluster's, not the driver's (None: the driver had no ``SOURCE_DATE_EPOCH``)."""
+    global _carried
+    saved, _carried = _carried, (created,)
+    try:
+        yield
+    finally:
+        _carried = saved
+
+
 def source_date() -> Optional[str]:
     """``SOURCE_DATE_EPOCH`` (reproducible builds: the time every record and report names) as an ISO time
     in UTC, or None when it is unset or empty. A value that is not a whole number of seconds since
     1970-01-01 that a date can hold (``abc``, ``1.5``, ``²``, past the year 9999) is a
     :class:`BadInput` naming the variable, as the convention asks (a malformed value fails the build):
-    the command line checks it before any work, never once the repair ran."""
+    the command line checks it before any work, never once the repair ran. Inside :func:`dated`, the
+    value it carries."""
+    if _carried is not None:
+        return _carried[0]
     raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
     if not raw:
         return None

@@ -1172,7 +1172,9 @@ def run_model(task: dict) -> dict:
     """One model's work: ``fix`` into its staging folder, or ``eval``. Returns
     ``{"status": "done", "result": ...}`` or ``{"status": "error", "error": ...}``; never raises
     for a model's own problem (a Ray task's exception would lose its exit code)."""
-    from . import threads
+    import contextlib
+
+    from . import provenance, threads
 
     t0 = time.perf_counter()
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -1180,7 +1182,9 @@ def run_model(task: dict) -> dict:
                             tuple(tuple(x) for x in v) if k == "resources" else v)
                         for k, v in task["entry"].items()})
     try:
-        with threads.limited(task["threads"]):
+        # SOURCE_DATE_EPOCH as the driver read it (a Ray worker's environment is its cluster's)
+        dated = provenance.dated(task["source_date"]) if "source_date" in task else contextlib.nullcontext()
+        with threads.limited(task["threads"]), dated:
             result = _fix(entry, task) if task["mode"] == "fix" else _eval(entry, task)
         return {"status": "done", "result": result, "worker": worker,
                 "seconds": round(time.perf_counter() - t0, 3)}
@@ -1303,6 +1307,8 @@ RAY_CONNECT_TIMEOUT_S = 10.0
 RAY_JOIN_TIMEOUT_S = 60.0
 #: how long the driver waits for the tasks it cancelled (by force) to end before it goes on
 RAY_CANCEL_WAIT_S = 10.0
+#: seconds between the driver's checks for a finished task (and for a signal to act on)
+RAY_WAIT_POLL_S = 0.5
 _RAY_ADDRESS = re.compile(r"(?:(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://)?"
                           r"(?P<host>\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._-]+)?\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})/?")
 
@@ -1441,11 +1447,35 @@ class RayExecutor:
                     _join_within(ray, address, RAY_JOIN_TIMEOUT_S, logging_level=logging.WARNING,
                                  log_to_driver=False)
                     self.owned, where = True, f"the Ray cluster at {address}"
+            self._check_resources(address, log)
         except BaseException:
-            self._quiet.__exit__(None, None, None)
+            try:
+                if self.owned:
+                    ray.shutdown()
+            finally:
+                self._quiet.__exit__(None, None, None)
             raise
         self.description = (f"Ray: {where}; per model {cpus_per_model} CPU" + (f", {gpus_per_model} GPU" if gpus_per_model else "")
                             + f", max_retries={max_retries}")
+
+    def _check_resources(self, address: str, log: Callable[[str], None]) -> None:
+        """A task asking for more CPUs or GPUs than the cluster has can never run (the driver waited for
+        ever): on a local Ray this command started, BadInput naming the option; on a cluster joined, a
+        warning (an autoscaler may add the nodes)."""
+        try:
+            have = self.ray.cluster_resources()
+        except Exception:          # noqa: BLE001 - what it has cannot be told: the tasks say it by running
+            return
+        what = ("the local Ray cluster" if self.owned_local else f"the Ray cluster at {address}" if self.owned
+                else "the Ray cluster this process is connected to")
+        for flag, want, key in (("--cpus-per-model", self.cpus, "CPU"), ("--gpus-per-model", self.gpus, "GPU")):
+            n = float(have.get(key, 0) or 0)
+            if want and n < want:
+                why = (f"{flag} {want:g}: {what} has no {key}" if n == 0 else
+                       f"{flag} {want:g}: {what} has only {n:g} {key}s")
+                if self.owned_local:
+                    raise BadInput(f"{why}; no model could ever run there (lower {flag})")
+                log(f"warning: {why} now; the models wait until it has (or lower {flag})")
 
     def map(self, tasks: list[dict]) -> Iterator[tuple[int, dict]]:
         ray = self.ray
@@ -1455,7 +1485,9 @@ class RayExecutor:
         try:
             while pending:
                 try:
-                    done, pending = ray.wait(pending, num_returns=1)
+                    # with a timeout: a signal's Python handler (SIGTERM's Terminated) runs only when the
+                    # wait returns, so an unbounded wait held SIGTERM until a model finished
+                    done, pending = ray.wait(pending, num_returns=1, timeout=RAY_WAIT_POLL_S)
                 except Exception as e:
                     _raise_interrupt(e)
                     raise
@@ -1720,6 +1752,7 @@ def _hold_lock(out_dir: Path) -> int:
 
 
 def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working: list) -> dict:
+    from .provenance import source_date
     from .report import clock, now, write_report
 
     records = journal.read()
@@ -1794,10 +1827,11 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
     todo = [e for e in manifest.entries if e.name not in done]
     rt = {"device": runtime.device, "batch_size": runtime.batch_size, "cache_dir": runtime.cache_dir,
           "use_cache": runtime.use_cache}
+    created = source_date()         # read here, once: a Ray worker's environment is its cluster's, not ours
     tasks = [{"entry": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(e).items()},
               "mode": o.mode, "runtime": rt, "threads": o.cpus_per_model, "allow_plugins": o.allow_plugins,
               "data": manifest.data_of(e, "data"), "eval": manifest.data_of(e, "eval") if e.eval else None,
-              "force": o.force or e.name in redo, "manifest": str(mpath)}
+              "force": o.force or e.name in redo, "manifest": str(mpath), "source_date": created}
              for e in todo]
     errors: dict[str, dict] = {}
     executor = (LocalExecutor() if o.ray is None else
