@@ -397,7 +397,7 @@ def test_a_plugin_method_that_exits_is_exit_2_naming_it_in_fix(zoo, tmp_path):
                            "--out", tmp_path / "fixed", "-q")
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ") and "method zoo_exiter_fix" in last and "exiter.py" in last, err
-    assert "SystemExit: 5" in last and not (tmp_path / "fixed").exists()
+    assert "exited (SystemExit 5)" in last and not (tmp_path / "fixed").exists()
 
 
 def test_a_plugin_method_that_exits_is_that_models_exit_2_in_a_zoo(zoo, tmp_path):
