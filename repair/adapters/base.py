@@ -140,28 +140,40 @@ def loaded_file_sha256(path: Path, tensors: Mapping[str, torch.Tensor], metadata
                 raise changed
             if end > start:
                 spans.append((start, end, _as_bytes(t)))
-        spans.sort(key=lambda s: s[0])
-        pos, k = 0, 0
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-            buf = np.frombuffer(block, dtype=np.uint8)
-            stop = pos + len(block)
-            while k < len(spans) and spans[k][1] <= pos:
-                k += 1
-            j = k
-            while j < len(spans) and spans[j][0] < stop:
-                start, end, mine = spans[j]
-                a, b = max(start, pos), min(end, stop)
-                if not np.array_equal(buf[a - pos:b - pos], mine[a - start:b - start]):
-                    raise changed
-                j += 1
-            pos = stop
-        if spans and spans[-1][1] > pos:                     # the file is shorter than its tensors now
-            raise changed
+        read_checking(f, h, spans, chunk, changed)
     return h.hexdigest()
+
+
+def read_checking(f, h, spans: list, chunk: int, changed: Exception) -> int:
+    """Read the rest of the open file ``f`` in chunks of ``chunk`` bytes into the hash ``h``, checking in
+    the same read that each span ``(start, end, bytes)`` (offsets from where ``f`` stands; ``bytes`` a uint8
+    array of what was loaded from there) holds those bytes; raise ``changed`` where one does not, or lies
+    past the end of the file. Returns the bytes read. The one home of "hash a weights file once, checking
+    it still holds what was loaded" (a safetensors file's tensors, an ONNX model's external data)."""
+    import numpy as np
+
+    todo = sorted(spans, key=lambda s: s[0])
+    active: list = []              # the spans the read has reached and not passed
+    k, pos = 0, 0
+    while True:
+        block = f.read(chunk)
+        if not block:
+            break
+        h.update(block)
+        buf = np.frombuffer(block, dtype=np.uint8)
+        stop = pos + len(block)
+        while k < len(todo) and todo[k][0] < stop:
+            active.append(todo[k])
+            k += 1
+        for start, end, mine in active:
+            a, b = max(start, pos), min(end, stop)
+            if a < b and not np.array_equal(buf[a - pos:b - pos], mine[a - start:b - start]):
+                raise changed
+        active = [sp for sp in active if sp[1] > stop]
+        pos = stop
+    if active or any(sp[1] > sp[0] for sp in todo[k:]):     # the file is shorter than what was loaded now
+        raise changed
+    return pos
 
 
 class HeadCapture:

@@ -523,35 +523,17 @@ def _hash_external_file(h, path: Path, spans: list, chunk: int) -> None:
     end, the tensor onnx loaded) holds the bytes at its place in the file."""
     changed = BadInput("the model's external data file changed while it was read (saved over during the "
                        "load?); load the model again once it is written", path)
-    # (start, end, to_end, tensor) by start; a tensor's loaded bytes are fetched when the read reaches them
-    todo = sorted(((o, o + len(t.raw_data), to_end, t) for o, to_end, t in spans), key=lambda s: s[0])
-    active: list = []          # [start, end, to_end, bytes] being compared
-    k, pos = 0, 0
+    from .base import read_checking
+
+    spans_ = [(o, o + len(t.raw_data), np.frombuffer(t.raw_data, dtype=np.uint8)) for o, _, t in spans]
     try:
         f = open(path, "rb")
     except OSError:
         raise changed from None
     with f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-            buf = np.frombuffer(block, dtype=np.uint8)
-            stop = pos + len(block)
-            while k < len(todo) and todo[k][0] < stop:
-                start, end, to_end, t = todo[k]
-                active.append((start, end, to_end, np.frombuffer(t.raw_data, dtype=np.uint8)))
-                k += 1
-            for start, end, _, mine in active:
-                a, b = max(start, pos), min(end, stop)
-                if a < b and not np.array_equal(buf[a - pos:b - pos], mine[a - start:b - start]):
-                    raise changed
-            active = [s for s in active if s[1] > stop]
-            pos = stop
-    # a tensor beyond the end of the file now, or one read to the end of a file that grew since
-    if k < len(todo) and any(s[1] > s[0] for s in todo[k:]) or any(s[1] > pos for s in active) \
-            or any(to_end and end != pos for _, end, to_end, _ in todo):
+        pos = read_checking(f, h, spans_, chunk, changed)
+    # a tensor read to the end of a file that grew since
+    if any(to_end and o + len(t.raw_data) != pos for o, to_end, t in spans):
         raise changed
 
 
