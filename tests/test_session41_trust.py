@@ -1,25 +1,16 @@
 """Trust fixes of the forty-first session, each with the case that failed before it."""
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 from conftest import make_zoo_parts, run_cli
+from test_zoo_manifest_checks import copy_parts
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Two tiny timm models, a small image repair set and a held-out set (``m0``, ``m1``, ``val``, ``test``)."""
     return make_zoo_parts(tmp_path_factory.mktemp("zoo-s41"), with_test=True)
-
-
-def copy_parts(tmp_path: Path, parts: Path) -> Path:
-    for name in ("m0", "m1", "val", "test"):
-        shutil.copytree(parts / name, tmp_path / name)
-    (tmp_path / "outs").mkdir()
-    return tmp_path
 
 
 # ------------------------------------------------------------------ a zoo CSV row cut off before its gate
