@@ -194,10 +194,15 @@ def test_candidates_side_by_side_choose_exactly_what_one_at_a_time_does(timm_fol
 
     from repair import threads
 
+    import repair.embeddings
+
     calls = []
     real = threads.map_chains
     monkeypatch.setattr(threads, "map_chains",
                         lambda first, then, items, workers: calls.append(workers) or real(first, then, items, workers))
+    # the same embeddings for both runs (the serial run's cache entry: the key's thread count held at one),
+    # so only the fits differ in how they run (embeddings computed on 2 threads differ in their last bits)
+    monkeypatch.setattr(repair.embeddings, "forward_threads", lambda: 1)
     reps, heads = [], []
     for n in (1, 2):
         out = tmp_path / f"t{n}"
