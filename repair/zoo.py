@@ -248,10 +248,10 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
                                    "word and ':' or '='", path)
                 defaults[key] = value
                 continue
-            # any other line: its first word, past more '#'s, a list marker ("- ", "* ") and a quote ("## gate",
-            # "# - gate", "# 'gate'"), ends at any character that is not a word's ("# gate>=90%", "# gate, 90%
+            # any other line: its first word, past more '#'s, a list marker or rule of them ("- ", "* ", "-- ",
+            # "=> ") and a quote ("## gate", "# - gate", "# -- gate", "# 'gate'"), ends at any character that is not a word's ("# gate>=90%", "# gate, 90%
             # for all rows", "# gate(CI) 90%") or at the digits that end it ("# gate80%": the field gate)
-            m = re.match(r"#[#\s]*([-*+]\s+)?([\"'`]?)([^\W\d]\w*?)(?=\d*(?:\W|$))", line)
+            m = re.match(r"#[#\s]*([-*+>=~]+\s+)?([\"'`]?)([^\W\d]\w*?)(?=\d*(?:\W|$))", line)
             if m is None:                                       # blank, "#" then no word, a ruler: a comment
                 continue
             marker, quote, word = m.groups()
@@ -283,8 +283,16 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
                                f"a default: write '# {field}: VALUE' (the field name in lower case, "
                                "then ':' or '='), or word the comment so it does not start with a field name", path)
             # other "#" lines ("# Note: ...") are comments
-        columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1, short_rows=False)
+        starts: list = []
+        columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1, lines=starts, short_rows=False)
         header = [c.strip() for c in columns]
+        for r, at in zip(table, starts):
+            first = r.get(columns[0]) if columns else None
+            if isinstance(first, str) and first.lstrip().startswith("#"):
+                # a row "commented out" after the header is a row: it would run (as a model named "#b")
+                shown = first.strip() if len(first.strip()) <= 40 else first.strip()[:37] + "..."
+                raise BadInput(f"line {at}: the row starts with '#' ({shown!r}): '#' lines are comments only "
+                               "before the header; to leave a model out, delete its row", path)
         twice = sorted({c for c in header if c and header.count(c) > 1})
         if twice:
             raise BadInput(f"the header names column {twice[0]!r} twice", path)
