@@ -1202,6 +1202,39 @@ def run_model(task: dict) -> dict:
         return error_record(e, worker=worker)
 
 
+#: most characters of what a model's run wrote to stderr on a Ray worker that come back to the driver
+#: (the end kept: the last lines say the most)
+WORKER_OUTPUT_MAX = 20_000
+
+
+def run_model_on_worker(task: dict) -> dict:
+    """:func:`run_model` as a Ray task runs it: what the model's run writes to Python's stderr there (a
+    ``notice:`` line, a plugin's prints, which :func:`repair.errors.users_code` sends to stderr, a
+    warning shown) is kept and returned in the record's ``"output"`` (its last
+    :data:`WORKER_OUTPUT_MAX` characters) for the driver to print (a worker's own stderr is not shown
+    there: ``log_to_driver=False``). A worker runs one task at a time, so its ``sys.stderr`` is the
+    task's while it runs."""
+    import io
+
+    buf, old = io.StringIO(), sys.stderr
+    sys.stderr = buf
+    try:
+        res = run_model(task)
+    finally:
+        sys.stderr = old
+    text = buf.getvalue()
+    if text.strip():
+        res["output"] = text[-WORKER_OUTPUT_MAX:]
+    return res
+
+
+def worker_output_lines(name: str, res: dict) -> list:
+    """The lines a row's run printed on a worker (:func:`run_model_on_worker`), each prefixed with the
+    row's name, taken out of ``res`` (none for a local run: its lines were printed as they came)."""
+    text = res.pop("output", None) or ""
+    return [f"{name}: {line}" for line in text.splitlines() if line.strip()]
+
+
 def error_record(e: BaseException, what: str = "internal error", **rest) -> dict:
     """A row's error record (``{"status": "error", "error": ..., "exit_code": ...}``, beside ``rest``) from
     the exception that ended it: the one turn of an exception into a row's error -- a model's own run
@@ -1487,7 +1520,7 @@ class RayExecutor:
 
     def map(self, tasks: list[dict]) -> Iterator[tuple[int, dict]]:
         ray = self.ray
-        remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries)(run_model)
+        remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries)(run_model_on_worker)
         index = {remote.remote(t): i for i, t in enumerate(tasks)}
         pending = list(index)
         try:
@@ -1860,6 +1893,8 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
     try:
         for i, res in executor.map(tasks):
             e = todo[i]
+            for line in worker_output_lines(e.name, res):   # what it printed on a Ray worker, as a local
+                print(line, file=sys.stderr, flush=True)    # run prints it (whatever -q: notices, a plugin's)
             if res["status"] != "done":
                 row_error(e, res)
                 continue

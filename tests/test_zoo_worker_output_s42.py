@@ -1,0 +1,78 @@
+"""What a model's run prints on a Ray worker (a notice, a plugin's lines) comes back with its result and
+is printed by the driver, each line after the row's name (log_to_driver=False dropped it all); stdout
+keeps the results only."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import make_zoo_parts, run_cli
+from test_plugin_output_s41 import plugin_recipe  # noqa: F401  (the fixture)
+
+
+def test_run_model_on_worker_returns_what_the_run_printed_to_stderr(monkeypatch):
+    import repair.zoo as zoo_mod
+
+    def chatty(task):
+        print("notice: embedding cache entry x was corrupt; recomputed", file=sys.stderr)
+        print("PLUGIN-LINE", file=sys.stderr)
+        return {"status": "done", "result": {}, "worker": "w", "seconds": 0.0}
+
+    monkeypatch.setattr(zoo_mod, "run_model", chatty)
+    before = sys.stderr
+    res = zoo_mod.run_model_on_worker({})
+    assert sys.stderr is before
+    assert zoo_mod.worker_output_lines("a", res) == [
+        "a: notice: embedding cache entry x was corrupt; recomputed", "a: PLUGIN-LINE"]
+    assert "output" not in res                                     # taken out: never journaled
+    assert zoo_mod.worker_output_lines("a", {"status": "done"}) == []
+
+    monkeypatch.setattr(zoo_mod, "run_model", lambda task: (print("x" * 30 + "\n" + "y" * zoo_mod.WORKER_OUTPUT_MAX,
+                                                                  file=sys.stderr), {"status": "error"})[1])
+    res = zoo_mod.run_model_on_worker({})
+    assert len(res["output"]) == zoo_mod.WORKER_OUTPUT_MAX and "x" not in res["output"]   # the end kept
+
+
+def _manifest(tmp_path, recipe):
+    parts = make_zoo_parts(tmp_path / "parts")
+    (tmp_path / "out").mkdir()
+    man = tmp_path / "zoo.yaml"
+    man.write_text(yaml.safe_dump({"defaults": {"recipe": str(recipe), "output_dir": str(tmp_path / "out")},
+                                   "models": [{"name": "a", "checkpoint": str(parts / "m0"),
+                                               "data": str(parts / "val")}]}, sort_keys=False))
+    return man
+
+
+def test_the_driver_prints_a_workers_lines_after_the_rows_name(tmp_path, plugin_recipe, monkeypatch):  # noqa: F811
+    """The Ray path without Ray: each row run as a Ray task runs it (its stderr kept and returned)."""
+    import repair.zoo as zoo_mod
+
+    def as_on_a_worker(self, tasks):
+        for i, t in enumerate(tasks):
+            yield i, zoo_mod.run_model_on_worker(t)
+
+    monkeypatch.setattr(zoo_mod.LocalExecutor, "map", as_on_a_worker)
+    recipe = plugin_recipe("worker_chat_s42", in_call="print('WORKER-CALL')")
+    code, out, err = run_cli("zoo", _manifest(tmp_path, recipe), "--allow-plugins", "--json", "-q")
+    assert code == 0, err
+    json.loads(out)
+    assert "WORKER-" not in out
+    assert "a: WORKER-CALL" in err.splitlines(), err
+
+
+def test_a_plugins_prints_on_a_real_ray_worker_reach_the_drivers_stderr(tmp_path, plugin_recipe):  # noqa: F811
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e \".[zoo]\")")
+    recipe = plugin_recipe("ray_chat_s42", in_call="print('RAY-CALL')")
+    man = _manifest(tmp_path, recipe)
+    cli = 'import sys; sys.argv[0] = "repair"; from repair_cli.main import main; main()'
+    p = subprocess.run([sys.executable, "-c", cli, "zoo", str(man), "--allow-plugins", "--json", "--ray", "auto",
+                        "--workers", "1"], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    json.loads(p.stdout)
+    assert "a: RAY-CALL" in p.stderr.splitlines(), p.stderr
