@@ -85,7 +85,51 @@ class _ToStderr:
 
 
 _USERS_LOCK = threading.Lock()
-_users_running: Optional[list] = None     # [the stream, the stdout and stderr it replaced, how many run]
+_users_running: Optional[list] = None     # [the stream, the stdout and stderr it replaced, how many run, fd 1 saved]
+
+
+def _fd1_to_fd2() -> Optional[int]:
+    """File descriptor 1 pointed at descriptor 2 (what the user's code writes past Python's streams --
+    ``os.write(1, ...)``, a C extension's ``printf``, a subprocess it starts -- goes to stderr too);
+    returns a copy of the old descriptor 1 for :func:`_fd1_back` (None: nothing done, one of them is
+    not open). What Python buffered for stdout is flushed first, so it lands where it was meant to."""
+    import os
+
+    for stream in (sys.stdout, sys.__stdout__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        saved = os.dup(1)
+    except OSError:
+        return None
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        os.close(saved)
+        return None
+    return saved
+
+
+def _fd1_back(saved: Optional[int]) -> None:
+    """Descriptor 1 put back (:func:`_fd1_to_fd2`), after the C library's buffered output (a C
+    extension's ``printf`` into a pipe waits in it) is flushed to where the code wrote it: stderr."""
+    import os
+
+    if saved is None:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except Exception:            # noqa: BLE001 - no C library to ask (the streams then flush on their own)
+        pass
+    try:
+        os.dup2(saved, 1)
+    finally:
+        os.close(saved)
 
 
 @contextmanager
@@ -100,12 +144,15 @@ def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[N
     swapped once, by the first of the blocks running at the same time, and put back by the last, so two
     blocks ending in another order never leave stdout pointing at stderr. While any runs, whatever
     prints -- in any thread -- goes to stderr: nothing but the results belongs on stdout, and they are
-    written after every block has ended."""
+    written after every block has ended. That holds past Python's streams too: file descriptor 1 points
+    at descriptor 2 meanwhile (a C extension's output, ``os.write(1, ...)``, a subprocess the code starts
+    without capturing its output)."""
     global _users_running
     with _USERS_LOCK:
         if _users_running is None:
             out = _ToStderr(sys.stderr)
-            _users_running = [out, sys.stdout, sys.stderr, 0]
+            saved_fd = _fd1_to_fd2()
+            _users_running = [out, sys.stdout, sys.stderr, 0, saved_fd]
             sys.stdout = sys.stderr = out
         _users_running[3] += 1
         out = _users_running[0]
@@ -120,4 +167,9 @@ def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[N
             _users_running[3] -= 1
             if _users_running[3] == 0:
                 sys.stdout, sys.stderr = _users_running[1], _users_running[2]
-                _users_running = None
+                saved_fd, _users_running = _users_running[4], None
+                try:
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+                _fd1_back(saved_fd)

@@ -76,3 +76,36 @@ def test_a_plugins_prints_on_a_real_ray_worker_reach_the_drivers_stderr(tmp_path
     assert p.returncode == 0, p.stderr
     json.loads(p.stdout)
     assert "a: RAY-CALL" in p.stderr.splitlines(), p.stderr
+
+
+FD_PLUGIN_CALL = ("import os, subprocess, ctypes; os.write(1, b'FD1-WRITE\\n'); "
+                  "subprocess.run([sys.executable, '-c', 'print(\"CHILD-PROC\")']); "
+                  "ctypes.CDLL(None).printf(b'C-PRINTF\\n')")
+
+
+def test_what_a_plugin_writes_past_pythons_streams_stays_out_of_the_json(timm_folder, image_data, tmp_path,
+                                                                        plugin_recipe):  # noqa: F811
+    """``os.write(1, ...)``, a subprocess it starts and a C ``printf`` (buffered in the C library for a
+    pipe) wrote into stdout: ``repair fix --json`` printed them around its JSON document."""
+    recipe = plugin_recipe("fd_chat_s42", in_call=FD_PLUGIN_CALL)
+    cli = 'import sys; sys.argv[0] = "repair"; from repair_cli.main import main; main()'
+    p = subprocess.run([sys.executable, "-c", cli, "fix", str(timm_folder), "--data", str(image_data), "--recipe",
+                        str(recipe), "--allow-plugins", "--out", str(tmp_path / "o"), "--json"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)                      # one document, nothing before or after it
+    assert doc["method"] == "fd_chat_s42"
+    for line in ("FD1-WRITE", "CHILD-PROC", "C-PRINTF"):
+        assert line in p.stderr, p.stderr
+
+
+def test_users_code_puts_file_descriptor_1_back(capfd):
+    import os
+
+    from repair.errors import users_code
+
+    with users_code("a plugin"):
+        os.write(1, b"INSIDE\n")
+    os.write(1, b"AFTER\n")
+    out, err = capfd.readouterr()
+    assert "INSIDE" in err and "INSIDE" not in out and "AFTER" in out
