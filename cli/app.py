@@ -12,7 +12,7 @@ import errno
 import functools
 import sys
 import traceback
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 import typer.core
@@ -282,6 +282,19 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
+def _interrupt_line(what: str, mark: Optional[int]) -> str:
+    """The line an interrupted command ends with: what it wrote, when it was interrupted after committing
+    outputs (they are complete, and a rerun needs ``--force`` to replace them), else that nothing was."""
+    from repair.io import committed_since
+
+    done = committed_since(mark) if mark is not None else []
+    if not done:
+        return f"{what}; nothing partial was left behind"
+    shown = ", ".join(str(p) for p in done[:3]) + (f" and {len(done) - 3} more" if len(done) > 3 else "")
+    return (f"{what} after writing {shown} (complete: a rerun needs --force to replace "
+            f"{'it' if len(done) == 1 else 'them'}); nothing partial was left behind")
+
+
 def command(fn: Callable) -> Callable:
     """Every command's decorator (under ``@app.command``): expands its option bundles (see
     ``options.with_options``) and maps library errors to one line on stderr and the documented
@@ -290,8 +303,12 @@ def command(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        mark = None
         try:
+            from repair.io import commit_mark
             from repair.provenance import source_date
+
+            mark = commit_mark()
 
             source_date()               # a malformed SOURCE_DATE_EPOCH: exit 2 before any work, not once it ran
             return fn(*args, **kwargs)
@@ -312,14 +329,14 @@ def command(fn: Callable) -> Callable:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0)
         except KeyboardInterrupt:
-            log("interrupted; nothing partial was left behind")
+            log(_interrupt_line("interrupted", mark))
             raise typer.Exit(130)
         except Terminated:
-            log("terminated (SIGTERM); nothing partial was left behind")
+            log(_interrupt_line("terminated (SIGTERM)", mark))
             raise typer.Exit(143)
         except Exception as e:  # an internal error: one line unless --debug
             if _interrupted(e):          # Ctrl-C inside an import or a library that wrapped it
-                log("interrupted; nothing partial was left behind")
+                log(_interrupt_line("interrupted", mark))
                 raise typer.Exit(130)
             if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
                 # the machine's limit, not our bug: what to change (torch's CUDA/CPU out-of-memory too)

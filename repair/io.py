@@ -703,6 +703,21 @@ def put_in_place(staged: Path, final: Path, aside: Path, *, may_replace: bool, k
     return replaced
 
 
+#: every output an :class:`OutputSet` committed in this process, in order: a command interrupted after
+#: its commit says what it wrote (:func:`committed_since`)
+_COMMITTED: list = []
+
+
+def commit_mark() -> int:
+    """A mark for :func:`committed_since`: take it when a command starts."""
+    return len(_COMMITTED)
+
+
+def committed_since(mark: int) -> list:
+    """The outputs committed (renamed into place, complete) since ``mark``."""
+    return list(_COMMITTED[mark:])
+
+
 class OutputSet:
     """Several outputs written all or nothing: each is staged in a locked temporary folder beside
     its final name (``.<name>.<random>.tmp``); :meth:`commit` renames them all into place, and if
@@ -759,6 +774,7 @@ class OutputSet:
                                         may_replace=self._may_replace.get(final, False),
                                         kind=self._kinds.get(final), owned=final in self._owned)
                 done.append((final, target, replaced))
+            _COMMITTED.extend(final for final, _t, _r in done)
         except BaseException:
             for final, target, replaced in reversed(done):    # undo: nothing half-committed
                 with contextlib.suppress(OSError):
