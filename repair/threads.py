@@ -53,14 +53,54 @@ def for_small_work(macs: float, device: Union[str, torch.device] = "cpu",
     return limited(for_work(macs, device, setting, small))
 
 
+#: a task's working set in multiples of its data (``macs`` float32 values), for :func:`workers_for`'s
+#: memory check: measured, ``auto``'s four head candidates on 50,000 x 2,048 embeddings (391 MiB) raised
+#: peak RSS by ~1 GiB one at a time and ~2.1 GiB two side by side
+TASK_MEMORY_FACTOR = 3.0
+
+
+def memory_bytes() -> Optional[int]:
+    """The memory this process may use: the machine's physical memory, or a smaller cgroup limit (a
+    container's); None when it cannot be told."""
+    import os
+
+    try:
+        total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        total = None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = int(value) if total is None else min(total, int(value))
+        break
+    return total
+
+
 def workers_for(n_tasks: int, macs: float, device: Union[str, torch.device] = "cpu") -> int:
-    """How many independent CPU tasks of ``macs`` multiply-adds per pass to run at once: small work
-    runs on one thread (:func:`for_work`), so with several threads to spare as many tasks as
-    threads run side by side (``auto``'s candidates on a repair set: ~1.7x on 2 cores); large work
-    keeps every thread for one task at a time."""
-    if torch.device(device).type != "cpu" or n_tasks < 2 or macs >= SMALL_WORK:
+    """How many independent CPU tasks of ``macs`` multiply-adds per pass to run at once, each on one
+    thread. Small work runs on one thread (:func:`for_work`), so with several threads to spare as many
+    tasks as threads run side by side (``auto``'s candidates on a repair set: ~1.7x on 2 cores). Large
+    work runs side by side only where that keeps every thread busy (no more threads than tasks) and
+    every task's working set (:data:`TASK_MEMORY_FACTOR` x its data) fits in half the memory
+    (:func:`memory_bytes`): its passes over the data are thin matrix products, which one thread each
+    runs faster than all threads on one (measured on 2 cores, ``auto`` at 50,000 x 2,048: 38 s side
+    by side against 53-60 s one at a time, ``bench/RESULTS.md``); otherwise one task at a time with
+    every thread."""
+    if torch.device(device).type != "cpu" or n_tasks < 2:
         return 1
-    return max(1, min(int(n_tasks), torch.get_num_threads()))
+    n = torch.get_num_threads()
+    if macs < SMALL_WORK:
+        return max(1, min(int(n_tasks), n))
+    if n < 2 or n > int(n_tasks):
+        return 1
+    mem = memory_bytes()
+    if mem is None or n * TASK_MEMORY_FACTOR * 4.0 * float(macs) > 0.5 * mem:
+        return 1
+    return n
 
 
 def map_tasks(fn, items, workers: int) -> list:
@@ -107,4 +147,5 @@ def map_chains(first, then: list, items, workers: int) -> tuple[list, list]:
     return firsts, thens
 
 
-__all__ = ["limited", "for_work", "for_small_work", "workers_for", "map_tasks", "map_chains", "SMALL_WORK"]
+__all__ = ["limited", "for_work", "for_small_work", "workers_for", "map_tasks", "map_chains", "SMALL_WORK",
+           "memory_bytes"]
