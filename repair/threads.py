@@ -54,8 +54,8 @@ def for_small_work(macs: float, device: Union[str, torch.device] = "cpu",
 
 
 #: a task's working set in multiples of its data (``macs`` float32 values), for :func:`workers_for`'s
-#: memory check: measured, ``auto``'s four head candidates on 50,000 x 2,048 embeddings (391 MiB) raised
-#: peak RSS by ~1 GiB one at a time and ~2.1 GiB two side by side
+#: memory check: measured (``bench/SCALE.md``), ``auto``'s four head candidates on 50,000 x 2,048 embeddings
+#: (391 MiB) raised peak RSS by 0.9-1.3 GiB one at a time and 1.7-2.2 GiB two side by side
 TASK_MEMORY_FACTOR = 3.0
 
 
@@ -87,7 +87,7 @@ def workers_for(n_tasks: int, macs: float, device: Union[str, torch.device] = "c
     work runs side by side only where that keeps every thread busy (no more threads than tasks) and
     every task's working set (:data:`TASK_MEMORY_FACTOR` x its data) fits in half the memory
     (:func:`memory_bytes`): its passes over the data are thin matrix products, which one thread each
-    runs faster than all threads on one (measured on 2 cores, ``auto`` at 50,000 x 2,048: 38 s side
+    runs faster than all threads on one (measured on 2 cores, ``auto`` at 50,000 x 2,048: 40 s side
     by side against 53-60 s one at a time, ``bench/RESULTS.md``); otherwise one task at a time with
     every thread."""
     if torch.device(device).type != "cpu" or n_tasks < 2:
