@@ -88,6 +88,16 @@ _USERS_LOCK = threading.Lock()
 _users_running: Optional[list] = None     # [the stream, the stdout and stderr it replaced, how many run, fd 1 saved]
 
 
+def flush_c_stdio() -> None:
+    """The C library's buffered output flushed (``fflush(NULL)``) to the descriptors it was written for."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except Exception:            # noqa: BLE001 - no C library to ask (the streams then flush on their own)
+        pass
+
+
 def _fd1_to_fd2() -> Optional[int]:
     """File descriptor 1 pointed at descriptor 2 (what the user's code writes past Python's streams --
     ``os.write(1, ...)``, a C extension's ``printf``, a subprocess it starts -- goes to stderr too);
@@ -101,6 +111,7 @@ def _fd1_to_fd2() -> Optional[int]:
                 stream.flush()
         except (OSError, ValueError):
             pass
+    flush_c_stdio()                    # what C code wrote before: to the stdout it was meant for
     try:
         saved = os.dup(1)
     except OSError:
@@ -120,12 +131,7 @@ def _fd1_back(saved: Optional[int]) -> None:
 
     if saved is None:
         return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).fflush(None)
-    except Exception:            # noqa: BLE001 - no C library to ask (the streams then flush on their own)
-        pass
+    flush_c_stdio()
     try:
         os.dup2(saved, 1)
     finally:

@@ -703,9 +703,13 @@ def put_in_place(staged: Path, final: Path, aside: Path, *, may_replace: bool, k
     return replaced
 
 
-#: every output an :class:`OutputSet` committed in this process, in order: a command interrupted after
-#: its commit says what it wrote (:func:`committed_since`)
+#: every output an :class:`OutputSet` committed in this process into a place of the user's, in order: a
+#: command interrupted after its commit says what it wrote (:func:`committed_since`). Not recorded: an
+#: output committed inside another set's staging folder (the demo's parts: that set commits them, or
+#: nothing), nor anything under :func:`not_recorded` (a zoo: its journal says what is done)
 _COMMITTED: list = []
+_STAGING: set = set()                     # the staging folders of the sets not yet closed
+_UNRECORDED = [0]
 
 
 def commit_mark() -> int:
@@ -714,8 +718,28 @@ def commit_mark() -> int:
 
 
 def committed_since(mark: int) -> list:
-    """The outputs committed (renamed into place, complete) since ``mark``."""
-    return list(_COMMITTED[mark:])
+    """The outputs committed (renamed into place, complete) since ``mark`` that are still there."""
+    return [p for p in _COMMITTED[mark:] if os.path.lexists(p)]
+
+
+@contextlib.contextmanager
+def not_recorded() -> Iterator[None]:
+    """Commits in the block are not recorded for :func:`committed_since` (work whose own record says
+    what is done and what a rerun does: a zoo's journal)."""
+    _UNRECORDED[0] += 1
+    try:
+        yield
+    finally:
+        _UNRECORDED[0] -= 1
+
+
+def _record_commits(finals) -> None:
+    if _UNRECORDED[0]:
+        return
+    for final in finals:
+        a = os.path.abspath(final)
+        if not any(a.startswith(os.path.join(os.path.abspath(t), "")) for t in list(_STAGING)):
+            _COMMITTED.append(final)
 
 
 class OutputSet:
@@ -754,6 +778,7 @@ class OutputSet:
         tmp, fd = _make_temp(parent, f".{final.name}.", ".tmp", final)
         target = tmp / final.name
         self._staged.append((final, tmp, fd, target))
+        _STAGING.add(tmp)
         self._may_replace[final] = bool(force)
         if owned:
             self._owned.add(final)
@@ -774,7 +799,7 @@ class OutputSet:
                                         may_replace=self._may_replace.get(final, False),
                                         kind=self._kinds.get(final), owned=final in self._owned)
                 done.append((final, target, replaced))
-            _COMMITTED.extend(final for final, _t, _r in done)
+            _record_commits(final for final, _t, _r in done)
         except BaseException:
             for final, target, replaced in reversed(done):    # undo: nothing half-committed
                 with contextlib.suppress(OSError):
@@ -785,6 +810,7 @@ class OutputSet:
 
     def close(self) -> None:
         for _final, tmp, fd, _target in self._staged:
+            _STAGING.discard(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.close(fd)

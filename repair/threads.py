@@ -68,7 +68,7 @@ def memory_bytes() -> Optional[int]:
         total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
         total = None
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for limit in _cgroup_limit_files():
         try:
             with open(limit) as f:
                 value = f.read().strip()
@@ -76,8 +76,31 @@ def memory_bytes() -> Optional[int]:
             continue
         if value.isdigit():
             total = int(value) if total is None else min(total, int(value))
-        break
     return total
+
+
+def _cgroup_limit_files() -> list:
+    """The memory-limit files of this process's cgroup and every cgroup above it (v2: ``memory.max``;
+    v1: ``memory.limit_in_bytes``): a job's or a slice's limit, not only the root's."""
+    import os
+
+    out = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [ln.rstrip("\n").split(":", 2) for ln in f if ln.count(":") >= 2]
+    except OSError:
+        entries = []
+    for _, controllers, rel in entries:
+        if controllers == "":
+            base, name = "/sys/fs/cgroup", "memory.max"                    # v2
+        elif "memory" in controllers.split(","):
+            base, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"  # v1
+        else:
+            continue
+        parts = [p for p in rel.split("/") if p]
+        for k in range(len(parts), -1, -1):
+            out.append(os.path.join(base, *parts[:k], name))
+    return out or ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
 
 
 def workers_for(n_tasks: int, macs: float, device: Union[str, torch.device] = "cpu") -> int:

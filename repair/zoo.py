@@ -81,7 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import BadInput, RepairError, Terminated
+from .errors import BadInput, RepairError, Terminated, flush_c_stdio
 from .io import check_one_line, sha256_file
 from .rules import install_hint
 
@@ -248,10 +248,12 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
                                    "word and ':' or '='", path)
                 defaults[key] = value
                 continue
-            # any other line: its first word, past more '#'s, a list marker or rule of them ("- ", "* ", "-- ",
-            # "=> ") and a quote ("## gate", "# - gate", "# -- gate", "# 'gate'"), ends at any character that is not a word's ("# gate>=90%", "# gate, 90%
+            # any other line: its first word, past more '#'s, any run of list markers, rules and brackets ("- ",
+            # "--", "=> ", "• ", "| ", "(", "1. ", "a) ") and a quote ("## gate", "# - gate", "# --gate",
+            # "# 1. gate", "# (gate", "# 'gate'"), ends at any character that is not a word's ("# gate>=90%", "# gate, 90%
             # for all rows", "# gate(CI) 90%") or at the digits that end it ("# gate80%": the field gate)
-            m = re.match(r"#[#\s]*([-*+>=~]+\s+)?([\"'`]?)([^\W\d]\w*?)(?=\d*(?:\W|$))", line)
+            m = re.match(r"#[#\s]*((?:(?:[^\w\s\"'`]+|\d+[.)]|[A-Za-z][.)](?=\s))\s*)+)?([\"'`]?)([^\W\d]\w*?)"
+                         r"(?=\d*(?:\W|$))", line)
             if m is None:                                       # blank, "#" then no word, a ruler: a comment
                 continue
             marker, quote, word = m.groups()
@@ -283,16 +285,16 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
                                f"a default: write '# {field}: VALUE' (the field name in lower case, "
                                "then ':' or '='), or word the comment so it does not start with a field name", path)
             # other "#" lines ("# Note: ...") are comments
-        starts: list = []
-        columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1, lines=starts, short_rows=False)
+        for at, line in enumerate(lines[1:], skipped + 2):
+            if line.lstrip().startswith("#"):
+                # a row "commented out" after the header is a row (it would run, as a model named "#b"), and
+                # a comment there a short row: '#' lines are comments only before the header (a quoted
+                # cell, "#1", is a name)
+                shown = line.strip() if len(line.strip()) <= 40 else line.strip()[:37] + "..."
+                raise BadInput(f"line {at}: {shown!r} starts with '#' after the header: '#' lines are comments "
+                               "only before it; to leave a model out, delete its row", path)
+        columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1, short_rows=False)
         header = [c.strip() for c in columns]
-        for r, at in zip(table, starts):
-            first = r.get(columns[0]) if columns else None
-            if isinstance(first, str) and first.lstrip().startswith("#"):
-                # a row "commented out" after the header is a row: it would run (as a model named "#b")
-                shown = first.strip() if len(first.strip()) <= 40 else first.strip()[:37] + "..."
-                raise BadInput(f"line {at}: the row starts with '#' ({shown!r}): '#' lines are comments only "
-                               "before the header; to leave a model out, delete its row", path)
         twice = sorted({c for c in header if c and header.count(c) > 1})
         if twice:
             raise BadInput(f"the header names column {twice[0]!r} twice", path)
@@ -1208,23 +1210,43 @@ WORKER_OUTPUT_MAX = 20_000
 
 
 def run_model_on_worker(task: dict) -> dict:
-    """:func:`run_model` as a Ray task runs it: what the model's run writes to Python's stderr there (a
+    """:func:`run_model` as a Ray task runs it: what the model's run writes to stderr there (a
     ``notice:`` line, a plugin's prints, which :func:`repair.errors.users_code` sends to stderr, a
-    warning shown) is kept and returned in the record's ``"output"`` (its last
-    :data:`WORKER_OUTPUT_MAX` characters) for the driver to print (a worker's own stderr is not shown
-    there: ``log_to_driver=False``). A worker runs one task at a time, so its ``sys.stderr`` is the
-    task's while it runs."""
+    warning shown, a subprocess's or a C extension's lines) is kept and returned in the record's
+    ``"output"`` (its last :data:`WORKER_OUTPUT_MAX` characters) for the driver to print (a worker's
+    own stderr is not shown there: ``log_to_driver=False``). File descriptor 2 points at a temporary
+    file for the task, and ``sys.stderr`` is a real stream on it (code that asks for its ``fileno()``
+    works as locally); a worker runs one task at a time, so both are the task's while it runs."""
     import io
+    import tempfile
 
-    buf, old = io.StringIO(), sys.stderr
-    sys.stderr = buf
-    try:
-        res = run_model(task)
-    finally:
-        sys.stderr = old
-    text = buf.getvalue()
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    with tempfile.TemporaryFile() as tmp:
+        saved_fd, saved_stream = os.dup(2), sys.stderr
+        os.dup2(tmp.fileno(), 2)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="replace",
+                                      line_buffering=True, write_through=True)
+        try:
+            res = run_model(task)
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            sys.stderr = saved_stream
+            flush_c_stdio()                         # a C extension's buffered lines, into the file
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+        size = tmp.seek(0, 2)
+        tmp.seek(max(0, size - 4 * WORKER_OUTPUT_MAX))
+        text = tmp.read().decode("utf-8", "replace")[-WORKER_OUTPUT_MAX:]
     if text.strip():
-        res["output"] = text[-WORKER_OUTPUT_MAX:]
+        res["output"] = text
     return res
 
 
@@ -1622,7 +1644,15 @@ def run_zoo(manifest_path, options: Optional[ZooOptions] = None, runtime=None,
             log: Optional[Callable[[str], None]] = None) -> dict:
     """Validate the manifest, run every unfinished model, journal each as it finishes, write the
     report; returns the report document (``summary.failed`` / ``summary.errors`` name the models
-    that did not pass)."""
+    that did not pass). Its commits are not recorded for an interrupted command's last line
+    (:func:`repair.io.not_recorded`): the zoo says itself what finished, and a rerun resumes."""
+    from .io import not_recorded
+
+    with not_recorded():
+        return _run_zoo(manifest_path, options, runtime, log)
+
+
+def _run_zoo(manifest_path, options, runtime, log) -> dict:
     from .io import check_output, check_reachable
     from .runtime import RuntimeOptions
 

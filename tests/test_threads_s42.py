@@ -29,3 +29,20 @@ def test_memory_bytes_is_a_positive_size_or_none():
     m = T.memory_bytes()
     assert m is None or m > 0
     assert torch.get_num_threads() >= 1
+
+
+def test_a_cgroup_limit_below_the_machine_is_the_memory(tmp_path, monkeypatch):
+    """A job's (nested cgroup's) limit counts, not only the root's; "max" means none."""
+    lim, unlimited = tmp_path / "memory.max", tmp_path / "parent.max"
+    lim.write_text("1073741824\n")
+    unlimited.write_text("max\n")
+    monkeypatch.setattr(T, "_cgroup_limit_files", lambda: [str(lim), str(unlimited), str(tmp_path / "absent")])
+    assert T.memory_bytes() == 1073741824
+    monkeypatch.setattr(T, "_cgroup_limit_files", lambda: [str(unlimited)])
+    m = T.memory_bytes()
+    assert m is None or m > 1073741824
+
+
+def test_the_cgroup_files_walk_up_from_this_process(monkeypatch):
+    files = T._cgroup_limit_files()
+    assert files and all(f.endswith(("memory.max", "memory.limit_in_bytes")) for f in files)

@@ -24,7 +24,10 @@ def test_a_row_commented_out_after_the_header_is_exit_2(tmp_path, parts, row):
         refused_before_any_work(code, err, tmp_path, f"{path}: line 4: ", "starts with '#'")
 
 
-@pytest.mark.parametrize("line", ["# -- gate: 80%", "# --- gate = 80%", "# => gate: 80%", "# ** gate: 80%"])
+@pytest.mark.parametrize("line", ["# -- gate: 80%", "# --- gate = 80%", "# => gate: 80%", "# ** gate: 80%",
+                                  # (the review: still comments after the first version of this fix)
+                                  "# 1. gate: 80%", "# • gate: 80%", "# -gate: 80%", "# --gate 80%", "# --gate=80%",
+                                  "# — gate: 80%", "# | gate | 80% |", "# (gate: 80%)", "# a) gate: 80%"])
 def test_a_gate_default_behind_a_rule_of_markers_is_exit_2(tmp_path, parts, line):
     """Read as a comment: the zoo ran ungated."""
     copy_parts(tmp_path, parts)
@@ -39,7 +42,17 @@ def test_a_name_with_a_hash_inside_and_rulers_stay_as_they_were(tmp_path, parts)
 
     copy_parts(tmp_path, parts)
     path = tmp_path / "z.csv"
-    path.write_text("# -- recipe: a ruler line\n# ----------\n# => see the README\n# gate: 90%\n"
-                    "name,checkpoint,data,group_by\na#1,m0,val,place\n")
-    (e,) = load_manifest(path, "eval").entries
-    assert (e.name, e.gate) == ("a#1", "90%")
+    path.write_text("# -- recipe: a ruler line\n# ----------\n# => see the README\n# 1) name: a unique label\n"
+                    "# (see data/README) Data lives here\n# ./data is the folder\n# gate: 90%\n"
+                    "name,checkpoint,data,group_by\na#1,m0,val,place\n\"#2\",m1,val,place\n")
+    a, b = load_manifest(path, "eval").entries
+    assert (a.name, a.gate, b.name) == ("a#1", "90%", "#2")        # a quoted "#2" is a name, as in YAML
+
+
+def test_a_comment_after_the_header_says_so(tmp_path, parts):
+    """It was refused as a short row ("fewer fields than the header"), which misleads."""
+    copy_parts(tmp_path, parts)
+    path = tmp_path / "z.csv"
+    path.write_text("name,checkpoint,data,group_by\na,m0,val,place\n# staging models below\n")
+    code, _, err = run_cli("zoo", path, "--mode", "eval", "-q")
+    refused_before_any_work(code, err, tmp_path, f"{path}: line 3: ", "starts with '#' after the header")

@@ -78,6 +78,47 @@ def test_a_plugins_prints_on_a_real_ray_worker_reach_the_drivers_stderr(tmp_path
     assert "a: RAY-CALL" in p.stderr.splitlines(), p.stderr
 
 
+def _buffered_env() -> dict:
+    """The environment without PYTHONUNBUFFERED (the test harness may set it; it makes C stdio unbuffered
+    too, and a C ``printf`` into a pipe must wait in its buffer here, as it does for a user)."""
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "OMP_NUM_THREADS": "1"}
+
+
+def test_c_output_written_before_users_code_stays_on_stdout(tmp_path):
+    """What C code had buffered for stdout before the user's code ran went to stderr (flushed while fd 1
+    pointed there)."""
+    script = tmp_path / "s.py"
+    script.write_text("import ctypes, sys\nfrom repair.errors import users_code\n"
+                      "ctypes.CDLL(None).printf(b'RESULT-BEFORE\\n')\n"
+                      "with users_code('a plugin'):\n    print('PLUGIN-LINE')\n"
+                      "sys.stdout.write('RESULT-AFTER\\n')\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env=_buffered_env())
+    assert p.returncode == 0, p.stderr
+    assert "RESULT-BEFORE" in p.stdout and "RESULT-AFTER" in p.stdout, (p.stdout, p.stderr)
+    assert "PLUGIN-LINE" in p.stderr and "PLUGIN-LINE" not in p.stdout
+
+
+def test_a_workers_capture_is_a_real_stream_and_takes_what_bypasses_python(monkeypatch, capfd):
+    """The first capture was a StringIO: code asking for ``sys.stderr.fileno()`` (a subprocess given
+    ``stderr=sys.stderr``) failed on Ray and ran locally; what bypassed Python (``os.write(2)``, a
+    subprocess) was lost."""
+    import repair.zoo as zoo_mod
+
+    def run(task):
+        print("PY-LINE", file=sys.stderr)
+        os.write(2, b"FD2-LINE\n")
+        subprocess.run([sys.executable, "-c", "import sys; print('CHILD-LINE', file=sys.stderr)"],
+                       stderr=sys.stderr, check=True)
+        return {"status": "done", "result": {}, "worker": "w", "seconds": 0.0}
+
+    monkeypatch.setattr(zoo_mod, "run_model", run)
+    res = zoo_mod.run_model_on_worker({})
+    assert zoo_mod.worker_output_lines("a", res) == ["a: PY-LINE", "a: FD2-LINE", "a: CHILD-LINE"]
+    os.write(2, b"AFTER\n")
+    assert "AFTER" in capfd.readouterr().err                   # descriptor 2 is back
+
+
 FD_PLUGIN_CALL = ("import os, subprocess, ctypes; os.write(1, b'FD1-WRITE\\n'); "
                   "subprocess.run([sys.executable, '-c', 'print(\"CHILD-PROC\")']); "
                   "ctypes.CDLL(None).printf(b'C-PRINTF\\n')")
@@ -91,7 +132,7 @@ def test_what_a_plugin_writes_past_pythons_streams_stays_out_of_the_json(timm_fo
     cli = 'import sys; sys.argv[0] = "repair"; from repair_cli.main import main; main()'
     p = subprocess.run([sys.executable, "-c", cli, "fix", str(timm_folder), "--data", str(image_data), "--recipe",
                         str(recipe), "--allow-plugins", "--out", str(tmp_path / "o"), "--json"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=300, env=_buffered_env())
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)                      # one document, nothing before or after it
     assert doc["method"] == "fd_chat_s42"
