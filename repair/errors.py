@@ -98,6 +98,18 @@ def flush_c_stdio() -> None:
         pass
 
 
+def flush_all(*streams) -> None:
+    """Python's ``streams`` (None or closed ones skipped), then the C library's buffers, flushed: before
+    a file descriptor is pointed elsewhere, what was written lands where it was meant to."""
+    for stream in streams:
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    flush_c_stdio()
+
+
 def _fd1_to_fd2() -> Optional[int]:
     """File descriptor 1 pointed at descriptor 2 (what the user's code writes past Python's streams --
     ``os.write(1, ...)``, a C extension's ``printf``, a subprocess it starts -- goes to stderr too);
@@ -105,13 +117,7 @@ def _fd1_to_fd2() -> Optional[int]:
     not open). What Python buffered for stdout is flushed first, so it lands where it was meant to."""
     import os
 
-    for stream in (sys.stdout, sys.__stdout__):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
-    flush_c_stdio()                    # what C code wrote before: to the stdout it was meant for
+    flush_all(sys.stdout, sys.__stdout__)      # what Python and C code wrote before: to the stdout it was meant for
     try:
         saved = os.dup(1)
     except OSError:

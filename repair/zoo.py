@@ -81,7 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import BadInput, RepairError, Terminated, flush_c_stdio
+from .errors import BadInput, RepairError, Terminated, flush_all
 from .io import check_one_line, sha256_file
 from .rules import install_hint
 
@@ -1220,12 +1220,7 @@ def run_model_on_worker(task: dict) -> dict:
     import io
     import tempfile
 
-    for stream in (sys.stderr, sys.__stderr__):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
+    flush_all(sys.stderr, sys.__stderr__)
     with tempfile.TemporaryFile() as tmp:
         saved_fd, saved_stream = os.dup(2), sys.stderr
         os.dup2(tmp.fileno(), 2)
@@ -1234,12 +1229,8 @@ def run_model_on_worker(task: dict) -> dict:
         try:
             res = run_model(task)
         finally:
-            try:
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
+            flush_all(sys.stderr)                   # (and a C extension's buffered lines) into the file
             sys.stderr = saved_stream
-            flush_c_stdio()                         # a C extension's buffered lines, into the file
             os.dup2(saved_fd, 2)
             os.close(saved_fd)
         size = tmp.seek(0, 2)
