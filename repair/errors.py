@@ -137,7 +137,7 @@ def _fd1_back(saved: Optional[int]) -> None:
 
     if saved is None:
         return
-    flush_c_stdio()
+    flush_all(sys.__stdout__, sys.stdout)      # what the code wrote through them: to stderr, where it printed
     try:
         os.dup2(saved, 1)
     finally:

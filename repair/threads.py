@@ -79,17 +79,20 @@ def memory_bytes() -> Optional[int]:
     return total
 
 
-def _cgroup_limit_files() -> list:
+def _cgroup_limit_files(table: Optional[str] = None) -> list:
     """The memory-limit files of this process's cgroup and every cgroup above it (v2: ``memory.max``;
-    v1: ``memory.limit_in_bytes``): a job's or a slice's limit, not only the root's."""
+    v1: ``memory.limit_in_bytes``): a job's or a slice's limit, not only the root's. ``table``: the text of
+    ``/proc/self/cgroup`` (read when None)."""
     import os
 
+    if table is None:
+        try:
+            with open("/proc/self/cgroup") as f:
+                table = f.read()
+        except OSError:
+            table = ""
+    entries = [ln.split(":", 2) for ln in table.splitlines() if ln.count(":") >= 2]
     out = []
-    try:
-        with open("/proc/self/cgroup") as f:
-            entries = [ln.rstrip("\n").split(":", 2) for ln in f if ln.count(":") >= 2]
-    except OSError:
-        entries = []
     for _, controllers, rel in entries:
         if controllers == "":
             base, name = "/sys/fs/cgroup", "memory.max"                    # v2

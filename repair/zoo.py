@@ -248,12 +248,17 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
                                    "word and ':' or '='", path)
                 defaults[key] = value
                 continue
-            # any other line: its first word, past more '#'s, any run of list markers, rules and brackets ("- ",
-            # "--", "=> ", "• ", "| ", "(", "1. ", "a) ") and a quote ("## gate", "# - gate", "# --gate",
-            # "# 1. gate", "# (gate", "# 'gate'"), ends at any character that is not a word's ("# gate>=90%", "# gate, 90%
+            # a number field's value behind any decoration ("# --gate 80%", "# 1. gate: 80%", "# (gate: 80%)",
+            # "# [1] gate 80%", "# | gate | 80% |"): a setting, never a comment that drops a gate (other fields'
+            # lines keep the rule below: a legend such as "# 1. name: required" is a comment)
+            # any other line: its first word, past more '#'s, a list marker ("- ", "* ") and a quote ("## gate",
+            # "# - gate", "# 'gate'"), ends at any character that is not a word's ("# gate>=90%", "# gate, 90%
             # for all rows", "# gate(CI) 90%") or at the digits that end it ("# gate80%": the field gate)
-            m = re.match(r"#[#\s]*((?:(?:[^\w\s\"'`]+|\d+[.)]|[A-Za-z][.)](?=\s))\s*)+)?([\"'`]?)([^\W\d]\w*?)"
-                         r"(?=\d*(?:\W|$))", line)
+            if _a_number_setting(line):
+                raise BadInput(f"line {skipped}: {shown!r} sets a number field (gate, seed, budget, max_pixels) "
+                               "but is not a default: write '# FIELD: VALUE' (the field name in lower case, then "
+                               "':' or '='), or word the comment without a number after the field", path)
+            m = re.match(r"#[#\s]*([-*+]\s+)?([\"'`]?)([^\W\d]\w*?)(?=\d*(?:\W|$))", line)
             if m is None:                                       # blank, "#" then no word, a ruler: a comment
                 continue
             marker, quote, word = m.groups()
@@ -308,6 +313,21 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
 
 #: fields whose value is a number or a threshold, and those whose value is a path (a CSV '#' line's rule)
 _NUMBER_FIELDS = ("gate", "seed", "budget", "max_pixels")
+_NUMBER_FIELD = r"(?:gate|seed|budget|max_pixels)"
+_NUMBER_VALUE = r"[<>=]*\s*[-+]?(?:\d|\.\d)"
+#: a number field then ':' or '=' then a number, anywhere on a '#' line ("# ii) gate: 80%", "# e.g. gate = 0.8")
+_SET_ANYWHERE = re.compile(rf"(?<!\w){_NUMBER_FIELD}\s*[:=]\s*{_NUMBER_VALUE}", re.IGNORECASE)
+#: a number field first (past '#'s, list markers, rules, brackets, numbering) and a number after it, past
+#: anything but letters ("# --gate 80%", "# [1] gate 80%", "# | gate | 80% |", "# Gate >= 90%")
+_SET_FIRST = re.compile(rf"#(?:[\W_]|\d+(?:\.\d+)*[.):\]]?(?=\W)|[ivxlcIVXLC]+[.)]|[A-Za-z][.)](?=\s))*"
+                        rf"{_NUMBER_FIELD}(?!\w)[^\w]*?{_NUMBER_VALUE}", re.IGNORECASE)
+
+
+def _a_number_setting(line: str) -> bool:
+    """Whether a CSV manifest's ``#`` line before the header sets a number field (a gate, above all)
+    however it is decorated: ``FIELD: NUMBER`` anywhere on it, or the field first past any decoration
+    with a number after it. Any doubt is a setting: a gate must never be read as a comment."""
+    return bool(_SET_ANYWHERE.search(line) or _SET_FIRST.match(line))
 #: a number or threshold in a '#' line's words ("90", ".9", ">= 90%", "(CI) 90%"), not a digit inside a word ("v2")
 _A_NUMBER = re.compile(r"(?<![^\W\d_])[-+]?(\d|\.\d)")
 _PATH_SUFFIXES = (".csv", ".jsonl", ".json", ".yaml", ".yml", ".onnx", ".safetensors", ".bin", ".pt", ".pth")

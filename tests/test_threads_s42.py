@@ -43,6 +43,11 @@ def test_a_cgroup_limit_below_the_machine_is_the_memory(tmp_path, monkeypatch):
     assert m is None or m > 1073741824
 
 
-def test_the_cgroup_files_walk_up_from_this_process(monkeypatch):
-    files = T._cgroup_limit_files()
-    assert files and all(f.endswith(("memory.max", "memory.limit_in_bytes")) for f in files)
+def test_the_cgroup_files_walk_up_from_this_process():
+    v1 = "9:name=systemd:/\n4:memory:/slice/job7\n1:cpu:/\n"
+    assert T._cgroup_limit_files(v1) == ["/sys/fs/cgroup/memory/slice/job7/memory.limit_in_bytes",
+                                         "/sys/fs/cgroup/memory/slice/memory.limit_in_bytes",
+                                         "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+    assert T._cgroup_limit_files("0::/user.slice/job\n") == ["/sys/fs/cgroup/user.slice/job/memory.max",
+                                                              "/sys/fs/cgroup/user.slice/memory.max",
+                                                              "/sys/fs/cgroup/memory.max"]

@@ -27,7 +27,10 @@ def test_a_row_commented_out_after_the_header_is_exit_2(tmp_path, parts, row):
 @pytest.mark.parametrize("line", ["# -- gate: 80%", "# --- gate = 80%", "# => gate: 80%", "# ** gate: 80%",
                                   # (the review: still comments after the first version of this fix)
                                   "# 1. gate: 80%", "# • gate: 80%", "# -gate: 80%", "# --gate 80%", "# --gate=80%",
-                                  "# — gate: 80%", "# | gate | 80% |", "# (gate: 80%)", "# a) gate: 80%"])
+                                  "# — gate: 80%", "# | gate | 80% |", "# (gate: 80%)", "# a) gate: 80%",
+                                  # (the second review)
+                                  "# ii) gate: 80%", "# iv. gate: 80%", "# [1] gate: 80%", "# 1 - gate: 80%",
+                                  "# 1: gate: 80%", "# #1 gate: 80%", "# 1.1 gate: 80%"])
 def test_a_gate_default_behind_a_rule_of_markers_is_exit_2(tmp_path, parts, line):
     """Read as a comment: the zoo ran ungated."""
     copy_parts(tmp_path, parts)
@@ -42,8 +45,13 @@ def test_a_name_with_a_hash_inside_and_rulers_stay_as_they_were(tmp_path, parts)
 
     copy_parts(tmp_path, parts)
     path = tmp_path / "z.csv"
+    # (the second review: legends and bracketed words, comments before this session, refused by its first
+    # version of the number-setting rule)
     path.write_text("# -- recipe: a ruler line\n# ----------\n# => see the README\n# 1) name: a unique label\n"
-                    "# (see data/README) Data lives here\n# ./data is the folder\n# gate: 90%\n"
+                    "# (see data/README) Data lives here\n# ./data is the folder\n# 1. name: required\n"
+                    "# 2. checkpoint: required\n# (name: required)\n# [data]\n# (gate)\n# *name*\n"
+                    "# ... data folder\n# ~/data images\n# <checkpoint>\n# *Note*: gate defaults to none\n"
+                    "# | name | checkpoint |\n# gate: 90%\n"
                     "name,checkpoint,data,group_by\na#1,m0,val,place\n\"#2\",m1,val,place\n")
     a, b = load_manifest(path, "eval").entries
     assert (a.name, a.gate, b.name) == ("a#1", "90%", "#2")        # a quoted "#2" is a name, as in YAML

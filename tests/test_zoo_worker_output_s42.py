@@ -91,12 +91,14 @@ def test_c_output_written_before_users_code_stays_on_stdout(tmp_path):
     script.write_text("import ctypes, sys\nfrom repair.errors import users_code\n"
                       "ctypes.CDLL(None).printf(b'RESULT-BEFORE\\n')\n"
                       "with users_code('a plugin'):\n    print('PLUGIN-LINE')\n"
+                      "    print('DUNDER-LINE', file=sys.__stdout__)\n"
                       "sys.stdout.write('RESULT-AFTER\\n')\n")
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                        env=_buffered_env())
     assert p.returncode == 0, p.stderr
     assert "RESULT-BEFORE" in p.stdout and "RESULT-AFTER" in p.stdout, (p.stdout, p.stderr)
     assert "PLUGIN-LINE" in p.stderr and "PLUGIN-LINE" not in p.stdout
+    assert "DUNDER-LINE" in p.stderr and "DUNDER-LINE" not in p.stdout     # sys.__stdout__ too (the review)
 
 
 def test_a_workers_capture_is_a_real_stream_and_takes_what_bypasses_python(monkeypatch, capfd):
