@@ -331,7 +331,7 @@ def run_scale(num_classes_list=None, n: int = N, d: int = D, seed: int = 0, spuc
                     rows[lab] = (_run_child(lab, path, seed, C_ref=c_ref) if c_ref is not None
                                  else {"skipped": "dfr failed"})
                 ref = rows[REF_MANY_TARGET]
-                rows["ref:dfr-protocol"] = {"skipped": "27 liblinear fits of 1,000 one-vs-rest problems: not "
+                rows["ref:dfr-protocol"] = {"skipped": f"27 liblinear fits of {C:,} one-vs-rest problems: not "
                                                        "feasible on 2 cores"}
             log(f"  {C} classes reference: {ref}")
             prob = {"embeddings_mib": emb_mib, "rows": rows}
