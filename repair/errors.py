@@ -131,8 +131,8 @@ def _fd1_to_fd2() -> Optional[int]:
 
 
 def _fd1_back(saved: Optional[int]) -> None:
-    """Descriptor 1 put back (:func:`_fd1_to_fd2`), after the C library's buffered output (a C
-    extension's ``printf`` into a pipe waits in it) is flushed to where the code wrote it: stderr."""
+    """Descriptor 1 put back (:func:`_fd1_to_fd2`), after what the code left buffered (in
+    ``sys.__stdout__``, or a C extension's ``printf`` into a pipe) is flushed to where it printed: stderr."""
     import os
 
     if saved is None:
@@ -180,8 +180,4 @@ def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[N
             if _users_running[3] == 0:
                 sys.stdout, sys.stderr = _users_running[1], _users_running[2]
                 saved_fd, _users_running = _users_running[4], None
-                try:
-                    sys.stderr.flush()
-                except (OSError, ValueError):
-                    pass
                 _fd1_back(saved_fd)
