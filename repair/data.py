@@ -1265,4 +1265,13 @@ def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str]
     names = [f"{class_names[c]}|{group_by}={a}" for c, a in keys]
     absent = [f"{class_names[c]}|{group_by}={a}" for c in range(len(class_names)) for a in sorted(set(attr))
               if (c, a) not in index]
+    seen: dict = {}
+    for name, key in zip(names + absent, keys + [None] * len(absent)):
+        if name in seen:
+            # a class name holding "|COLUMN=" (class "a|g=b", value "c" beside class "a", value "b|g=c"): one
+            # name for two groups would give one group's figures (a report's bars, a gate's group) to the other
+            raise BadInput(f"two groups are both named {name!r} (a class name or a {group_by!r} value holds "
+                           f"'|{group_by}='): rename the class or the values so every group has its own name",
+                           where)
+        seen[name] = key
     return Encoded(y=y, class_names=list(class_names), groups=groups, group_names=names, absent_groups=absent)

@@ -507,33 +507,55 @@ def _show_pct(frac: Fraction) -> str:
     return f"{float(x):.2f}%"
 
 
+def _pct_digits(x: Fraction, digits: int) -> str:
+    """``x`` (a percentage, exact) rounded to ``digits`` decimals, exactly (no float on the way)."""
+    q = round(x * 10 ** digits)
+    sign, q = ("-" if q < 0 else ""), abs(q)
+    whole, frac = divmod(q, 10 ** digits)
+    return f"{sign}{whole}" + (f".{frac:0{digits}d}" if digits else "")
+
+
 def _threshold_pct(value: Fraction) -> str:
     """A threshold as a percentage with every digit it has (70%, 71.34%, 12.3456789%), up to 12."""
-    x = 100 * value
+    x = 100 * Fraction(value)
     for digits in range(13):
-        s = f"{float(x):.{digits}f}"
+        s = _pct_digits(x, digits)
         if Fraction(s) == x:
             return s + "%"
-    return f"{float(x):.12f}%"
+    return _pct_digits(x, 12) + "%"
+
+
+#: the most decimals a gate's line shows a figure or a threshold with (two exact fractions that differ
+#: are told apart well before: a figure is k/n of at most millions of samples)
+_MAX_DIGITS = 40
 
 
 def show_against(figure: Fraction, threshold: Fraction) -> tuple[str, str]:
     """(figure, threshold) as percentages for a gate's line: the threshold with its digits, the figure with
     the digits that keep the two in their true order and tell them apart -- never "66.67% < 66.67%"
-    (24/36 against 66.67%) nor "70.00% < 70%" (20999/30000 against 70%). The one home of that rule (the
-    gate's message, the zoo's tables)."""
+    (24/36 against 66.67%) nor "70.00% < 70%" (20999/30000 against 70%). A threshold with more than 12
+    decimals is shown with as many as keep it on its true side of the figure (12/36 against
+    0.3333333333333334 is "33.33% < 33.33333333333334%", never "< 33.333333333333%", which the figure is
+    above). Exact decimal arithmetic throughout. The one home of that rule (the gate's
+    message, the zoo's tables)."""
     figure, threshold = Fraction(figure), Fraction(threshold)
     t = _threshold_pct(threshold)
-    tv = Fraction(t[:-1]) / 100
     if figure == threshold:
         return t, t
+    above = figure >= threshold
+    digits = 12
+    tv = Fraction(t[:-1]) / 100
+    while ((figure >= tv) != above or figure == tv) and digits < _MAX_DIGITS:
+        digits += 1                      # the threshold, rounded, crossed (or met) the figure: more digits
+        t = _pct_digits(100 * threshold, digits) + "%"
+        tv = Fraction(t[:-1]) / 100
     f = _show_pct(figure)
     digits = 2
-    while digits <= 15:
+    while digits <= _MAX_DIGITS:
         fv = Fraction(f[:-1]) / 100
-        if (fv >= tv) == (figure >= threshold) and fv != tv:
+        if (fv >= tv) == above and fv != tv:
             return f, t
-        f = f"{float(100 * figure):.{digits}f}%"
+        f = _pct_digits(100 * figure, digits) + "%"
         digits += 1
     return f, t
 
