@@ -128,6 +128,9 @@ class Bound:
         return self.atol + self.rtol * height + rounding
 
     def describe(self) -> dict:
+        if not self.rtol:           # an absolute bound (--tolerance): no relative or rounding term applies
+            return {"rule": "|onnx - reference| <= atol per logit", "atol": self.atol, "rtol": 0.0, "rounding": 0.0,
+                    "source": self.source}
         return {"rule": "|onnx - reference| <= atol + rtol * max(|reference_k - bias_k|, |reference_top - bias_top|) "
                         "+ rounding * max(|reference_k|, |reference_top|) per logit (bias: the reference head's; "
                         "without one, atol + rtol * max(|reference_k|, |reference_top|))",

@@ -50,3 +50,19 @@ def test_a_threshold_of_many_decimals_is_shown_on_its_true_side(k, n, thr, op):
     shown = Fraction(t[:-1]) / 100
     assert (figure >= shown) == (figure >= threshold) and figure != shown, (f, t)      # the true figure's side
     assert (Fraction(f[:-1]) >= Fraction(t[:-1])) == (op == ">="), (f, t)               # and the shown one's
+
+
+def test_an_absolute_tolerance_is_described_as_it_is_applied():
+    """`--tolerance X` bounds |difference| by X alone (no rounding term), but the JSON's bound described
+    the relative rule with rounding 1e-05 (README audit)."""
+    import torch
+
+    from repair.export import Bound
+
+    b = Bound(atol=1e-12, rtol=0.0, source="--tolerance (absolute max |diff|)")
+    d = b.describe()
+    assert d["rule"] == "|onnx - reference| <= atol per logit" and d["rounding"] == 0.0 and d["rtol"] == 0.0
+    ref = torch.tensor([[1e4, 3.0]])
+    assert torch.all(b.allowed(ref, bias=torch.tensor([1e4, 0.0])) == 1e-12)          # what applies: atol alone
+    rel = Bound(atol=1e-6, rtol=1e-4, source="default").describe()
+    assert "rtol" in rel["rule"] and rel["rounding"] > 0
