@@ -26,15 +26,44 @@ from ._version import __version__
 from .adapters.base import Adapter
 from .data import DEFAULT_MAX_PIXELS, RepairData
 from .errors import BadInput
+from .io import parse_json
 
-CACHE_FORMAT = 6      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
+CACHE_FORMAT = 7      # 2: every entry carries the sha256 of its tensor, verified on read; 3: the key
                       # holds the network's build (Adapter.network_id) and the tokenizer's content;
                       # 4: an image set's entry also holds each image's input digest (Embeddings.inputs);
                       # 5: the key holds the batch size (a batch's rounding depends on it: an entry made
                       # with another --batch-size differs in its last bits); 6: on the CPU, the key
                       # holds the thread count the forward pass runs on (a convolution's sums are split
-                      # among the threads: 1 and 2 threads give embeddings a few last bits apart)
+                      # among the threads: 1 and 2 threads give embeddings a few last bits apart);
+                      # 7: the key holds the code that computes embeddings (:func:`code_key`)
 DEFAULT_BATCH_SIZE = 64
+
+#: installed libraries whose code reads a sample (decodes, resizes, tokenizes) or runs a network beside
+#: torch (whose version :meth:`Adapter.network_id` holds): their versions are in every cache key
+CODE_LIBRARIES = ("numpy", "pillow", "torchvision", "timm", "tokenizers", "transformers", "onnxruntime",
+                  "onnxruntime-gpu")
+_CODE_KEY: dict = {}
+
+
+def code_key() -> dict:
+    """The code that computes embeddings beside the model, for every cache key: this package's sources
+    (``code.sources_sha256`` of the provenance, :func:`repair.provenance.code_identity`: an upgrade or a
+    local change of repair's reading or preprocessing is never served the old code's numbers) and the
+    installed versions of :data:`CODE_LIBRARIES` (read from their metadata: nothing is imported for it).
+    Computed once per process."""
+    if not _CODE_KEY:
+        from importlib import metadata
+
+        from .provenance import code_identity
+
+        libs = {}
+        for name in CODE_LIBRARIES:
+            try:
+                libs[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                libs[name] = None
+        _CODE_KEY.update({"repair": __version__, "sources": code_identity()["sources_sha256"], "libraries": libs})
+    return dict(_CODE_KEY)
 
 
 def default_cache_dir() -> Path:
@@ -128,7 +157,7 @@ def cache_key(adapter: Adapter, data: RepairData, device: Optional[torch.device]
     threads its provenance records are those its embeddings were computed on."""
     desc = {"format": CACHE_FORMAT, "body": adapter.body_hash(), "data": data.fingerprint(),
             "preprocess": adapter.preprocess_id(), "family": adapter.family,
-            "network": adapter.network_id(), "batch_size": int(batch_size)}
+            "network": adapter.network_id(), "batch_size": int(batch_size), "code": code_key()}
     if data.modality == "image" and int(data.max_pixels) != DEFAULT_MAX_PIXELS:
         desc["max_pixels"] = int(data.max_pixels)
     if device is not None and torch.device(device).type != "cpu":
@@ -260,7 +289,7 @@ def image_input_keys(adapter: Adapter, data: RepairData, cache_dir: Optional[Pat
                 return digest_keys(inputs)
     key = hashlib.sha256(json.dumps({"format": INPUTS_FORMAT, "data": data.fingerprint(),
                                      "preprocess": adapter.preprocess_id(), "family": adapter.family,
-                                     "max_pixels": int(data.max_pixels)},
+                                     "max_pixels": int(data.max_pixels), "code": code_key()},
                                     sort_keys=True, default=str).encode()).hexdigest()[:40]
     path = cache_dir / f"inputs-{key}.json"
 
@@ -271,7 +300,7 @@ def image_input_keys(adapter: Adapter, data: RepairData, cache_dir: Optional[Pat
     try:
         if os.path.isfile(path) and not os.path.islink(path):
             damaged = True
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = parse_json(path.read_text(encoding="utf-8"))     # too deep to parse: damaged too
             got = doc.get("digests") if isinstance(doc, dict) and doc.get("key") == key else None
             if (isinstance(got, list) and len(got) == len(data)
                     and all(isinstance(x, str) and len(x) == 32 and set(x) <= set("0123456789abcdef") for x in got)

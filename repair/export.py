@@ -354,6 +354,7 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
                         proto = onnx.load_from_string(buf.getvalue())
                 if opset is not None and _opset(proto) != opset:
                     raise RuntimeError(f"it wrote opset {_opset(proto)}, not the {opset} asked for")
+                drop_export_traces(proto)
                 return proto, kind, names
             except Exception as e:  # try the next exporter; report all if none works
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -372,6 +373,47 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
         raise BadInput(f"--opset {opset}: the model cannot be exported at this opset ({'; '.join(errors)}); "
                        "give a newer opset, or leave --opset out")
     raise RepairError("ONNX export failed: " + "; ".join(errors))
+
+
+def drop_export_traces(proto) -> None:
+    """Remove what torch's exporters record about the export itself from ``proto``, in place: every
+    node's ``metadata_props`` (the dynamo exporter's ``pkg.torch.onnx.stack_trace`` names the files of
+    the user's network code, this package and the Python installation by their absolute paths;
+    ``fx_node``, ``class_hierarchy``, ``name_scopes``, rewriter rule names) and ``doc_string``, in the
+    graph, its subgraphs and its functions, and the graph's and value infos' ``pkg.torch.*`` entries. A
+    file we write holds no machine path, and the same model exported from another folder is the same
+    file. The model's own ``metadata_props`` (the provenance) are not touched."""
+    import onnx
+
+    def graph(g) -> None:
+        nodes(g.node)
+        for v in list(g.value_info) + list(g.input) + list(g.output):
+            v.doc_string = ""
+            keep = [(p.key, p.value) for p in v.metadata_props if not p.key.startswith("pkg.")]
+            del v.metadata_props[:]
+            for k, val in keep:
+                v.metadata_props.add(key=k, value=val)
+        keep = [(p.key, p.value) for p in g.metadata_props if not p.key.startswith("pkg.")]
+        del g.metadata_props[:]
+        for k, val in keep:
+            g.metadata_props.add(key=k, value=val)
+        g.doc_string = ""
+
+    def nodes(ns) -> None:
+        for n in ns:
+            del n.metadata_props[:]
+            n.doc_string = ""
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    graph(a.g)
+                for sub in a.graphs:
+                    graph(sub)
+
+    graph(proto.graph)
+    for f in proto.functions:
+        nodes(f.node)
+        del f.metadata_props[:]
+        f.doc_string = ""
 
 
 def _opset(proto) -> Optional[int]:
@@ -418,14 +460,46 @@ def verify_batches(adapter: Adapter, items: Sequence[Any]) -> list[list[int]]:
     batch, padded to its own longest text, is verified at (about) its real lengths and the
     padding costs next to nothing; images in the data's order. No batch has the export's
     example size unless it is the last, smaller one."""
+    return _verify_plan(adapter, items)[0]
+
+
+def _verify_plan(adapter: Adapter, items: Sequence[Any]) -> tuple[list[list[int]], Optional[list[int]]]:
+    """:func:`verify_batches` and each text's token count (None: images, or no tokenizer)."""
     n = len(items)
     order = list(range(n))
+    lengths = None
     if adapter.modality == "text":
         lengths = _token_lengths(adapter, items)
         key = (lambda i: lengths[i]) if lengths is not None else (lambda i: len(str(items[i])))
         order.sort(key=key)
     vb = _verify_batch_size(n)
-    return [order[s:s + vb] for s in range(0, n, vb)]
+    return [order[s:s + vb] for s in range(0, n, vb)], lengths
+
+
+def padding_pair(adapter: Adapter, items: Sequence[Any], batches: list[list[int]],
+                 lengths: Optional[list[int]]) -> Optional[dict]:
+    """Two texts of different token counts for one more verification batch, when none of ``batches``
+    padded a text (every batch's texts of one length: all texts as long, or cut at the maximum length):
+    a file that ignores its attention mask, or that has one sequence length baked in, would otherwise
+    pass. The longest text and the shortest; when every text has one length, the longest beside a text
+    made from it (its first half, or it twice), which reference and file then read alike. None when a
+    batch already padded, or no text of another length can be made (a one-token text at the limit)."""
+    if lengths is None or not items:
+        return None
+    if any(len({lengths[i] for i in b}) > 1 for b in batches):
+        return None
+    hi = max(range(len(items)), key=lambda i: lengths[i])
+    lo = min(range(len(items)), key=lambda i: lengths[i])
+    if lengths[lo] != lengths[hi]:
+        return {"items": [items[hi], items[lo]], "samples": [hi, lo], "lengths": [lengths[hi], lengths[lo]],
+                "made": False}
+    text = str(items[hi])
+    for made in (text[: len(text) // 2], f"{text} {text}"):
+        got = _token_lengths(adapter, [made]) if made.strip() else None
+        if got and got[0] != lengths[hi]:
+            pair = sorted([(lengths[hi], items[hi]), (got[0], made)], key=lambda x: -x[0])
+            return {"items": [t for _, t in pair], "samples": [hi], "lengths": [n for n, _ in pair], "made": True}
+    return None
 
 
 def _failed_load_report(onnx_path: Path, bound: Bound, device, problem: str, t0: float) -> dict:
@@ -521,7 +595,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                         "taking the first output would read something else")
     dev = resolve_device(device)
     reference.to(dev)
-    batches = verify_batches(reference, items)
+    batches, lengths = _verify_plan(reference, items)
     worst, head = _Worst(), (_Worst() if head_check else None)
     agree = 0
     disagreements: list[dict] = []
@@ -573,6 +647,13 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                 if not worst.finite:
                     break
     n_done = sum(batch_sizes)
+    padded = None
+    if n_done and not problems and worst.finite:
+        pair = padding_pair(reference, items, batches, lengths)
+        if pair is not None:
+            padded = _padded_batch_check(sess, onnx_path, reference, pair, logits_name, bnd, bias, dev)
+            if padded.get("problem"):
+                problems.append(padded["problem"])
     if n_done and not problems:
         if not worst.ok:
             w = worst.where or {}
@@ -614,10 +695,48 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
         "problems": problems,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    report["padded_batch"] = None if padded is None else {k: v for k, v in padded.items() if k != "problem"}
     if head is not None:
         report["head_check_max_abs_diff"] = head.max_diff if n_done else None
         report["head_check_ratio"] = (head.ratio if head.finite else None) if n_done else None
     return report
+
+
+def _padded_batch_check(sess, onnx_path: Path, reference: Adapter, pair: dict, logits_name: str, bnd: Bound,
+                        bias, dev) -> dict:
+    """One batch of two texts of different lengths (:func:`padding_pair`), the shorter padded: the file's
+    logits against the reference's on it, under the verification's bound. Returns what the report shows
+    (``lengths``, ``samples`` (indices of the real texts), ``made`` (a text made from a sample),
+    ``max_abs_diff``, ``passed``) and ``problem`` when it fails."""
+    from .adapters.onnx_runtime import run_batch
+
+    batch = reference.collate(list(pair["items"]))
+    out = {"lengths": pair["lengths"], "samples": pair["samples"], "made": pair["made"]}
+    with _no_tf32(), torch.no_grad():
+        ref = reference.logits_batch(batch, dev).float().cpu()
+    try:
+        (got,) = run_batch(sess, batch, [logits_name], onnx_path)
+    except BadInput:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return {**out, "max_abs_diff": None, "passed": False,
+                "problem": f"onnxruntime failed on a padded batch (texts of {pair['lengths'][0]} and "
+                           f"{pair['lengths'][1]} tokens: {msg[:300]})"}
+    got_t = torch.from_numpy(got).float()
+    if got_t.shape != ref.shape:
+        return {**out, "max_abs_diff": None, "passed": False,
+                "problem": f"output {logits_name} has shape {list(got_t.shape)} on a padded batch of 2, the "
+                           f"model gives {list(ref.shape)}"}
+    w = _Worst()
+    w.add(ref, got_t, bnd.allowed(ref, bias), list(range(2)))
+    out.update({"max_abs_diff": w.max_diff, "passed": w.ok})
+    if not w.ok:
+        out["problem"] = (f"on a batch padding a text of {pair['lengths'][1]} tokens to {pair['lengths'][0]}, max "
+                          f"|diff| {w.max_diff:.3g} exceeds the bound (ratio {w.ratio:.3g}): the file does not read "
+                          "padded texts as the model does (its attention mask, or a sequence length built in); "
+                          "no batch of the samples padded a text")
+    return out
 
 
 def _reference_bias(reference: Adapter) -> Optional[torch.Tensor]:

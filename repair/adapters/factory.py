@@ -133,7 +133,36 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
                                 class_names=names, data_config=data_config)
     adapter.build = {"factory": factory, "model_args": model_args or {}, **code}
+    named = _files_named(model_args)
+    if named:
+        adapter.build["model_args_files"] = named
     return adapter
+
+
+def _files_named(value, found: Optional[dict] = None) -> dict:
+    """``{path: sha256}`` of every existing file a string in ``value`` (``--model-args``, at any depth)
+    names, as the factory's process sees it (relative to the working directory): a network shaped by a
+    config file its factory reads is another network when that file changes, so its digest is in the
+    embedding cache key (:meth:`repair.adapters.base.Adapter.network_id` holds ``build``). A folder is not
+    walked; a file that cannot be read is left out (the factory's own read decides about it)."""
+    import os
+
+    from ..io import sha256_file
+
+    found = {} if found is None else found
+    if isinstance(value, str):
+        try:
+            if value and value not in found and os.path.isfile(value):
+                found[value] = sha256_file(value)
+        except (OSError, ValueError):
+            pass
+    elif isinstance(value, dict):
+        for v in value.values():
+            _files_named(v, found)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _files_named(v, found)
+    return found
 
 
 def _code_digest(fn) -> Optional[str]:
