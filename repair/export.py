@@ -802,7 +802,7 @@ def metadata_mismatches(onnx_path: Path, reference: Adapter, got: Optional[dict]
     from .adapters.onnx_adapter import CLASS_NAME_KEYS
 
     want = export_metadata(reference, {})
-    out = []
+    out = _beside_mismatches(Path(onnx_path), reference, got, want)
     for key in ("class_names", "preprocess", "max_length"):
         # the class names as the file would be read: its first key of CLASS_NAME_KEYS (label_names when
         # it has no class_names)
@@ -839,6 +839,41 @@ def pick_verify_items(items: Sequence[Any], max_items: Optional[int], seed: int 
 
 
 # ------------------------------------------------------------------ export
+def _beside_mismatches(onnx_path: Path, reference: Adapter, got: dict, want: dict) -> list[str]:
+    """What a file without class names or image preprocessing in its metadata is read with from the files
+    beside it, as ``load_model(x.onnx)`` reads them (a ``config.json``'s ``id2label``, a
+    ``preprocess.json``), where it differs from ``reference``: a file that passes is read as the
+    classifier it was verified as. A file that a loader could not read so (an unreadable side file) is
+    left to that loader's refusal."""
+    from .adapters import checked_class_names
+    from .adapters.images import PREPROCESS_FILE, image_config_from_options
+    from .adapters.onnx_adapter import CLASS_NAME_KEYS, names_beside
+
+    out = []
+    ref_names = [str(c) for c in reference.class_names]
+    if not any(k in got for k in CLASS_NAME_KEYS):
+        try:
+            theirs = names_beside(onnx_path, len(ref_names))
+            theirs = None if theirs is None else checked_class_names(theirs, "config.json id2label", distinct=False)
+        except BadInput:
+            theirs = None
+        if theirs is not None and theirs != ref_names:
+            out.append(f"the class names beside the file (config.json id2label: {json.dumps(theirs)[:120]}) differ "
+                       f"from the reference's ({json.dumps(ref_names)[:120]}): it would be read as another classifier")
+    if "preprocess" not in got and "preprocess" in want:
+        side = onnx_path.parent / PREPROCESS_FILE
+        try:
+            theirs = image_config_from_options(None, None, None, side) if side.exists() else None
+        except BadInput:
+            theirs = None
+        norm = lambda c: json.loads(json.dumps(c, sort_keys=True, default=str))
+        if theirs is not None and norm(theirs) != norm(reference.data_config):
+            out.append(f"the preprocessing beside the file ({PREPROCESS_FILE}: {json.dumps(norm(theirs))[:120]}) "
+                       f"differs from the reference's ({want['preprocess'][:120]}): it would be read as another "
+                       "classifier")
+    return out
+
+
 def export_metadata(adapter: Adapter, metadata: dict[str, str]) -> dict[str, str]:
     """Provenance plus what a later ``load_model(x.onnx)`` needs: class names and the
     image preprocessing, or a text model's truncation length (the caller's keys win)."""

@@ -677,7 +677,9 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                 "eval": eval_identity,
                 # how the model read the data (an image's size and normalisation, a text's truncation):
                 # the figures were measured so, and a --max-length or --image-size changes them
-                "preprocess": adapter.preprocess_id()}
+                "preprocess": adapter.preprocess_id(),
+                # what built the network and which class each head row is: a bare weights file says neither
+                "network": adapter.network_record(), "classes": [str(c) for c in adapter.class_names]}
     # where, on how many threads and in batches of how many: a trained network's numbers depend on them,
     # and so do a head's last digits on a large repair set (BLAS splits a fit's sums over the rows among
     # its threads: dfr at 20,000 x 1,024, 1 vs 2 threads, weights 0.1% apart) and the embeddings' last

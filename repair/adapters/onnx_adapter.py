@@ -150,15 +150,8 @@ class OnnxAdapter(Adapter):
                     names, where = [str(v) for v in val], f"metadata {key}"
                     break
         if names is None:
-            cfg = self.source.parent / "config.json"
-            if cfg.exists():
-                try:
-                    id2label = read_json(cfg).get("id2label") or {}
-                except BadInput:          # not a readable JSON object: no names from it
-                    id2label = {}
-                if isinstance(id2label, dict) and len(id2label) == C:
-                    names = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(C)]
-                    where = "config.json id2label"
+            names = names_beside(self.source, C)
+            where = "config.json id2label"
         if names is None:
             return [str(i) for i in range(C)]
         if len(names) != C:
@@ -559,6 +552,22 @@ def _check_finite_initializers(proto, path: Path) -> None:
             if not np.isfinite(arr).all():
                 raise BadInput(f"initializer {init.name!r} holds {int((~np.isfinite(arr)).sum())} non-finite "
                                "value(s) (NaN or infinite); the model cannot be evaluated or repaired", path)
+
+
+def names_beside(onnx_path: Path, C: int) -> Optional[list[str]]:
+    """The class names an ONNX file without them in its metadata is read with: ``id2label`` of a
+    ``config.json`` beside it, when that holds ``C`` classes (the one home of this rule: the loader and
+    :func:`repair.export.metadata_mismatches` read it so); None otherwise."""
+    cfg = Path(onnx_path).parent / "config.json"
+    if not cfg.exists():
+        return None
+    try:
+        id2label = read_json(cfg).get("id2label") or {}
+    except BadInput:          # not a readable JSON object: no names from it
+        return None
+    if isinstance(id2label, dict) and len(id2label) == C:
+        return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(C)]
+    return None
 
 
 def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
