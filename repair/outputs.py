@@ -195,7 +195,9 @@ def export_provenance(adapter, fmt: str) -> dict[str, str]:
     model in memory too: :meth:`~repair.adapters.Adapter.adopt_provenance`); a model whose tensors a
     caller changed in memory gets a record saying so (method ``unrecorded``, the tensors' names); any
     other model a record saying nothing was repaired."""
-    export_info = {"format": fmt, "source": adapter.source.name, "source_sha256": adapter.source_sha256()}
+    # the source by its content, never by its name: the same model exported from another folder is the
+    # same file
+    export_info = {"format": fmt, "source_sha256": adapter.source_sha256()}
     src = dict(getattr(adapter, "source_metadata", {}) or {})
     recorded = any(k.startswith(provenance.PREFIX) for k in src)
     if recorded and not adapter.changed_since_provenance():

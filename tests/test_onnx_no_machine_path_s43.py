@@ -56,3 +56,19 @@ def test_a_factory_networks_source_path_is_not_in_its_onnx_export(tmp_path, monk
     assert code == 0, err
     blob = (tmp_path / "x.onnx").read_bytes()
     assert _machine_paths(blob, proj, "alicenet43.py") == []
+
+
+def test_an_export_does_not_name_the_folder_it_came_from(tmp_path):
+    m = make_timm_folder(tmp_path / "alice-customer-acme")
+    data = make_images(tmp_path / "d", n_per_class=3)
+    shutil.copytree(m, tmp_path / "other")
+    outs = {}
+    for src in ("alice-customer-acme", "other"):
+        for fmt, name in (("onnx", "x.onnx"), ("safetensors", "x")):
+            out = tmp_path / f"{src}-{name}"
+            code, _, err = run_cli("export", tmp_path / src, "--data", data, "--format", fmt, "--out", out, "-q")
+            assert code == 0, err
+            outs[(src, fmt)] = (out if fmt == "onnx" else out / "model.safetensors").read_bytes()
+    for fmt in ("onnx", "safetensors"):
+        assert b"alice-customer-acme" not in outs[("alice-customer-acme", fmt)]
+        assert outs[("alice-customer-acme", fmt)] == outs[("other", fmt)], fmt
