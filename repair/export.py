@@ -560,7 +560,7 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
     ``logits_output`` (an ONNX reference's: the one its adapter reads) when the file has it, else
     ``logits``, else the only output. ``metadata``: a dict given is filled with the file's metadata
     (``metadata_props``) as the session read them -- the file is not parsed a second time for them."""
-    from .adapters.onnx_runtime import make_session, run_batch
+    from .adapters.onnx_runtime import make_session
     from .embeddings import resolve_device
 
     t0 = time.perf_counter()
@@ -612,15 +612,10 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
                 with torch.no_grad():
                     ref = (reference_logits[idx].float().cpu() if reference_logits is not None
                            else reference.logits_batch(batch, dev).float().cpu())
-                try:
-                    (got,) = run_batch(sess, batch, [logits_name], onnx_path)
-                except BadInput:
-                    raise
-                except Exception as e:
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    problems.append(f"onnxruntime failed on a batch of {len(idx)} ({msg[:300]})")
+                got_t, failed = _file_logits(sess, batch, logits_name, onnx_path)
+                if failed:
+                    problems.append(f"onnxruntime failed on a batch of {len(idx)} ({failed})")
                     break
-                got_t = torch.from_numpy(got).float()
                 batch_sizes.append(len(idx))
                 observed_shape = list(got_t.shape)
                 if got_t.shape != ref.shape:
@@ -702,28 +697,36 @@ def run_verification(onnx_path: Path, reference: Adapter, items: Sequence[Any], 
     return report
 
 
-def _padded_batch_check(sess, onnx_path: Path, reference: Adapter, pair: dict, logits_name: str, bnd: Bound,
-                        bias, dev) -> dict:
-    """One batch of two texts of different lengths (:func:`padding_pair`), the shorter padded: the file's
-    logits against the reference's on it, under the verification's bound. Returns what the report shows
-    (``lengths``, ``samples`` (indices of the real texts), ``made`` (a text made from a sample),
-    ``max_abs_diff``, ``passed``) and ``problem`` when it fails."""
+def _file_logits(sess, batch, logits_name: str, onnx_path: Path) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """The file's ``logits_name`` output on ``batch`` (float32), or None and onnxruntime's reason when it
+    fails on it (bad input stays :class:`BadInput`)."""
     from .adapters.onnx_runtime import run_batch
 
-    batch = reference.collate(list(pair["items"]))
-    out = {"lengths": pair["lengths"], "samples": pair["samples"], "made": pair["made"]}
-    with _no_tf32(), torch.no_grad():
-        ref = reference.logits_batch(batch, dev).float().cpu()
     try:
         (got,) = run_batch(sess, batch, [logits_name], onnx_path)
     except BadInput:
         raise
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, msg[:300]
+    return torch.from_numpy(got).float(), None
+
+
+def _padded_batch_check(sess, onnx_path: Path, reference: Adapter, pair: dict, logits_name: str, bnd: Bound,
+                        bias, dev) -> dict:
+    """One batch of two texts of different lengths (:func:`padding_pair`), the shorter padded: the file's
+    logits against the reference's on it, under the verification's bound. Returns what the report shows
+    (``lengths``, ``samples`` (indices of the real texts), ``made`` (a text made from a sample),
+    ``max_abs_diff``, ``passed``) and ``problem`` when it fails."""
+    batch = reference.collate(list(pair["items"]))
+    out = {"lengths": pair["lengths"], "samples": pair["samples"], "made": pair["made"]}
+    with _no_tf32(), torch.no_grad():
+        ref = reference.logits_batch(batch, dev).float().cpu()
+    got_t, failed = _file_logits(sess, batch, logits_name, onnx_path)
+    if failed:
         return {**out, "max_abs_diff": None, "passed": False,
                 "problem": f"onnxruntime failed on a padded batch (texts of {pair['lengths'][0]} and "
-                           f"{pair['lengths'][1]} tokens: {msg[:300]})"}
-    got_t = torch.from_numpy(got).float()
+                           f"{pair['lengths'][1]} tokens: {failed})"}
     if got_t.shape != ref.shape:
         return {**out, "max_abs_diff": None, "passed": False,
                 "problem": f"output {logits_name} has shape {list(got_t.shape)} on a padded batch of 2, the "
