@@ -530,18 +530,45 @@ def check_folds(value: Any, what: str = "folds", where: Optional[Path] = None) -
     return whole_number(value, what, MIN_FOLDS, MAX_FOLDS, where)
 
 
-def plugin_digest(target: Path) -> str:
-    """The sha256 of a plugin's code: its file, or for a package (``__init__.py``) every ``.py`` file of
-    its folder, by relative path and content in sorted order."""
+def plugin_files(target: Path, root: Optional[Path] = None, where: Optional[Path] = None) -> list[Path]:
+    """The files a plugin's code is imported from: its file, or for a package (``__init__.py``) every
+    ``.py`` file under its folder (its relative imports load them), links within ``root`` (the recipe's
+    folder, resolved; default the package's own folder) followed. A link there -- a file or a folder --
+    that leads out of ``root`` is :class:`BadInput` naming it (``where``: the recipe): nothing outside the
+    recipe's folder runs, and every file that can run is in :func:`plugin_digest` and the recipe's
+    :attr:`Recipe.files`."""
+    target = Path(target)
+    if target.name != "__init__.py":
+        return [target]
+    pkg = target.parent
+    root = Path(os.path.realpath(root if root is not None else pkg))
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(pkg, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:                      # a link back up the tree: walked once
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        for name in sorted(dirnames) + sorted(filenames):
+            entry = Path(dirpath) / name
+            if not Path(os.path.realpath(entry)).is_relative_to(root):
+                raise BadInput(f"plugins: {entry.relative_to(pkg.parent)} leads out of the recipe's folder "
+                               f"({root}): a plugin's code lies in its recipe's folder or below it", where)
+        out += [Path(dirpath) / f for f in filenames if f.endswith(".py") and os.path.isfile(Path(dirpath) / f)]
+    return sorted(out, key=lambda f: f.relative_to(pkg).as_posix())
+
+
+def plugin_digest(target: Path, root: Optional[Path] = None, where: Optional[Path] = None) -> str:
+    """The sha256 of a plugin's code: its file, or for a package (``__init__.py``) every ``.py`` file
+    :func:`plugin_files` finds under its folder, by relative path and content in sorted order."""
     from .io import sha256_file
 
     target = Path(target)
     if target.name != "__init__.py":
         return sha256_file(target)
     h = hashlib.sha256()
-    for f in sorted(target.parent.rglob("*.py")):
-        if f.is_file() and not f.is_symlink():
-            h.update(f.relative_to(target.parent).as_posix().encode() + b"\0" + bytes.fromhex(sha256_file(f)) + b"\n")
+    for f in plugin_files(target, root, where):
+        h.update(f.relative_to(target.parent).as_posix().encode() + b"\0" + bytes.fromhex(sha256_file(f)) + b"\n")
     return h.hexdigest()
 
 
@@ -694,7 +721,7 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     from .io import sha256_file
 
     # as read now, not when the run ends (a plugin's: the code that runs, once imported, below)
-    digests = (sha256_file(p), *(plugin_digest(t) for t in targets))
+    digests = (sha256_file(p), *(plugin_digest(t, p.parent.resolve(), p) for t in targets))
     selection, folds = doc.get("selection", RECIPE_DEFAULTS["selection"]), doc.get("folds", RECIPE_DEFAULTS["folds"])
     vals = {"repeats": doc.get("repeats", RECIPE_DEFAULTS["repeats"]), "ensemble": doc.get("ensemble", RECIPE_DEFAULTS["ensemble"])}
     name = doc.get("name", p.stem)
@@ -713,7 +740,9 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     try:
         recipe = Recipe(name=name, candidates=candidates, selection=selection, folds=folds, **vals,
                         description=description, source=p.name, plugins=tuple(plugins),
-                        files=(p.resolve(), *targets), digests=digests)
+                        files=(p.resolve(), *[f.resolve() for t in targets
+                                                      for f in plugin_files(t, p.parent.resolve(), p)]),
+                        digests=digests)
     except BadInput as e:
         raise BadInput(e.problem, e.path or p) from None
     _check_builtin_name(recipe, p, "name" in doc and doc["name"] is not None)

@@ -89,6 +89,8 @@ def load_tokenizer(folder: Path, problem: str):
     refuse_remote_code(folder)
     from .base import files_beside
 
+    _check_tokenizer_folder(folder)
+
     # the tokenizer's identity (:func:`tokenizer_digest`) is taken now, from the files as they are read:
     # hashed before and after transformers reads them, a change in between refused
     before = {f.name: _file_sha256(f) for f in files_beside(folder, TOKENIZER_DIGEST_FILES)}
@@ -211,6 +213,25 @@ def tokenizer_preprocess_id(tokenizer, max_length: Optional[int]) -> dict:
     return {"tokenizer": type(tokenizer).__name__, "vocab_size": int(tokenizer.vocab_size),
             "max_length": max_length, "lowercase": bool(getattr(tokenizer, "do_lower_case", False)),
             "content": tokenizer_digest(tokenizer)}
+
+
+def _check_tokenizer_folder(folder: Path) -> None:
+    """Every file at the top of a tokenizer's folder checked as a model folder's entries are
+    (:func:`repair.adapters.base.check_folder_entry`: a symlink leading out of the folder, a FIFO or
+    device, is :class:`BadInput` naming it) before the tokenizer reads any: its class reads files by names
+    of its own (``vocab_files_names``: PhoBERT's ``bpe.codes``, LUKE's ``entity_vocab.json``...), known
+    only once it is built, so the check after it (:func:`tokenizer_files`) came after the read. A
+    tokenizer reads no folder and no hidden name: those are not checked here (a model folder's own check,
+    :func:`repair.adapters.base.check_model_folder`, covers them)."""
+    import os
+
+    from .base import check_folder_entry
+
+    root = Path(os.path.realpath(folder))
+    for entry in sorted(Path(folder).iterdir()):
+        if entry.name.startswith(".") or entry.is_dir():
+            continue
+        check_folder_entry(entry, root)
 
 
 #: the files a tokenizer is read from (transformers' names): their content identifies it

@@ -1,0 +1,98 @@
+"""A plugin package is every ``.py`` file under its folder (session 43's code-execution audit): a module
+of it that is a link out of the recipe's folder ran (only the package's ``__init__.py`` was checked) and
+was left out of the recorded digest, and a zoo resumed a row whose package module had changed."""
+from __future__ import annotations
+
+import json
+import os
+
+from conftest import make_images, make_timm_folder, run_cli
+from test_plugins import HEAD_PLUGIN
+
+
+def _package(rec, method, helper_text=None):
+    (rec / "pkg").mkdir(parents=True)
+    (rec / "pkg" / "__init__.py").write_text("from . import helper\n")
+    if helper_text is not None:
+        (rec / "pkg" / "helper.py").write_text(helper_text)
+    (rec / "r.yaml").write_text(f"name: pkg43\nplugins: [pkg]\ncandidates:\n  - method: {method}\n")
+    return rec / "r.yaml"
+
+
+def test_a_package_module_linked_out_of_the_recipes_folder_is_refused_before_it_runs(tmp_path):
+    m = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=3)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    marker = tmp_path / "ran"
+    (outside / "helper.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                       + HEAD_PLUGIN.replace("balanced_lr", "balanced_lr_s43out"))
+    recipe = _package(tmp_path / "rec", "balanced_lr_s43out")
+    os.symlink(outside / "helper.py", tmp_path / "rec" / "pkg" / "helper.py")
+    code, out, err = run_cli("fix", m, "--data", data, "--recipe", recipe, "--allow-plugins", "--out", tmp_path / "o",
+                             "-q")
+    assert code == 2, err
+    assert "helper.py" in err and "leads out of the recipe's folder" in err
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_every_module_of_a_package_is_in_its_digest_and_its_files(tmp_path):
+    from repair.recipes import load_recipe
+
+    recipe = _package(tmp_path / "rec", "balanced_lr_s43dig", HEAD_PLUGIN.replace("balanced_lr", "balanced_lr_s43dig"))
+    first = load_recipe(str(recipe), validate_only=True)
+    assert (tmp_path / "rec" / "pkg" / "helper.py").resolve() in first.files
+    (tmp_path / "rec" / "pkg" / "helper.py").write_text(
+        HEAD_PLUGIN.replace("balanced_lr", "balanced_lr_s43dig").replace("setting(1.0", "setting(50.0"))
+    assert load_recipe(str(recipe), validate_only=True).digests[1] != first.digests[1]
+
+
+def test_a_zoo_runs_again_a_row_whose_plugin_package_module_changed(tmp_path):
+    make_timm_folder(tmp_path / "timm")
+    make_images(tmp_path / "images", n_per_class=3)
+    text = HEAD_PLUGIN.replace("balanced_lr", "balanced_lr_s43zoo")
+    _package(tmp_path / "rec", "balanced_lr_s43zoo", text)
+    manifest = tmp_path / "zoo.yaml"
+    manifest.write_text("models:\n  - {name: a, checkpoint: timm, data: images, recipe: rec/r.yaml}\n")
+    code, out, err = run_cli("zoo", manifest, "--allow-plugins", "--json", "-q")
+    assert code == 0, err
+    code, out, err = run_cli("zoo", manifest, "--allow-plugins", "--json", "-q")
+    assert code == 0 and json.loads(out)["models"][0]["resumed"], err          # nothing changed: resumed
+    (tmp_path / "rec" / "pkg" / "helper.py").write_text(text.replace("setting(1.0", "setting(50.0"))
+    code, out, err = run_cli("zoo", manifest, "--allow-plugins", "--json", "-q")
+    assert code == 0, err
+    assert not json.loads(out)["models"][0]["resumed"]
+
+
+def test_a_text_onnx_models_tokenizer_file_linked_outside_is_refused_before_any_is_read(tmp_path, monkeypatch):
+    """(the same audit) a file a tokenizer class reads by a name of its own (PhoBERT's ``bpe.codes``) was
+    checked only after the tokenizer had read it through the link."""
+    import torch
+    import transformers
+    from conftest import bert_onnx, make_bert_folder
+    from repair.adapters import load_model
+    from repair.errors import BadInput
+
+    b = make_bert_folder(tmp_path / "bert")
+    m = transformers.BertForSequenceClassification.from_pretrained(str(b)).eval()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    ids = torch.ones(1, 12, dtype=torch.long)
+    bert_onnx(m, folder / "model.onnx", (ids, torch.ones_like(ids), torch.zeros_like(ids)), dynamic_batch=True)
+    from conftest import WORDS
+
+    (folder / "vocab.txt").write_text("".join(f"{w} 1\n" for w in WORDS[:10]))      # PhoBERT's format
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PhobertTokenizer", "model_max_length": 12}')
+    (tmp_path / "outside.codes").write_text("g o 1\n")
+    os.symlink(tmp_path / "outside.codes", folder / "bpe.codes")
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    try:
+        load_model(folder / "model.onnx")
+    except BadInput as e:
+        assert "bpe.codes" in str(e) and "leads outside" in str(e)
+    else:
+        raise AssertionError("a link out of the model's folder was read")
+    assert calls == []
