@@ -482,7 +482,8 @@ def padding_pair(adapter: Adapter, items: Sequence[Any], batches: list[list[int]
     padded a text (every batch's texts of one length: all texts as long, or cut at the maximum length):
     a file that ignores its attention mask, or that has one sequence length baked in, would otherwise
     pass. The longest text and the shortest; when every text has one length, the longest beside a text
-    made from it (its first half, or it twice), which reference and file then read alike. None when a
+    made from it (its first half, halved again until it is read shorter, or it twice), which reference
+    and file then read alike. None when a
     batch already padded, or no text of another length can be made (a one-token text at the limit)."""
     if lengths is None or not items:
         return None
@@ -494,7 +495,17 @@ def padding_pair(adapter: Adapter, items: Sequence[Any], batches: list[list[int]
         return {"items": [items[hi], items[lo]], "samples": [hi, lo], "lengths": [lengths[hi], lengths[lo]],
                 "made": False}
     text = str(items[hi])
-    for made in (text[: len(text) // 2], f"{text} {text}"):
+
+    def made_texts():
+        # halves of the text until one is read shorter (a text cut at the maximum length stays cut until
+        # its half is below it: a long text takes a few halvings), then the text twice (a short text)
+        cut = text
+        while len(cut) > 1:
+            cut = cut[: len(cut) // 2]
+            yield cut
+        yield f"{text} {text}"
+
+    for made in made_texts():
         got = _token_lengths(adapter, [made]) if made.strip() else None
         if got and got[0] != lengths[hi]:
             pair = sorted([(lengths[hi], items[hi]), (got[0], made)], key=lambda x: -x[0])
@@ -846,11 +857,11 @@ def _beside_mismatches(onnx_path: Path, reference: Adapter, got: dict, want: dic
     """What a file without class names or image preprocessing in its metadata is read with from the files
     beside it, as ``load_model(x.onnx)`` reads them (a ``config.json``'s ``id2label``, a
     ``preprocess.json``), where it differs from ``reference``: a file that passes is read as the
-    classifier it was verified as. A file that a loader could not read so (an unreadable side file) is
-    left to that loader's refusal."""
+    classifier it was verified as; a side file the loader would refuse (a link leading out, not a
+    description) fails it too: the file would not load."""
     from .adapters import checked_class_names
-    from .adapters.images import PREPROCESS_FILE, image_config_from_options
-    from .adapters.onnx_adapter import CLASS_NAME_KEYS, names_beside
+    from .adapters.images import PREPROCESS_FILE
+    from .adapters.onnx_adapter import CLASS_NAME_KEYS, names_beside, preprocess_beside
 
     out = []
     ref_names = [str(c) for c in reference.class_names]
@@ -858,16 +869,19 @@ def _beside_mismatches(onnx_path: Path, reference: Adapter, got: dict, want: dic
         try:
             theirs = names_beside(onnx_path, len(ref_names))
             theirs = None if theirs is None else checked_class_names(theirs, "config.json id2label", distinct=False)
-        except BadInput:
+        except BadInput as e:
+            out.append(f"the class names beside the file cannot be read as the loader reads them ({e.problem}): "
+                       "it would not load")
             theirs = None
         if theirs is not None and theirs != ref_names:
             out.append(f"the class names beside the file (config.json id2label: {json.dumps(theirs)[:120]}) differ "
                        f"from the reference's ({json.dumps(ref_names)[:120]}): it would be read as another classifier")
     if "preprocess" not in got and "preprocess" in want:
-        side = onnx_path.parent / PREPROCESS_FILE
         try:
-            theirs = image_config_from_options(None, None, None, side) if side.exists() else None
-        except BadInput:
+            theirs = preprocess_beside(onnx_path)
+        except BadInput as e:
+            out.append(f"the preprocessing beside the file cannot be read as the loader reads it ({e.problem}): "
+                       "it would not load")
             theirs = None
         norm = lambda c: json.loads(json.dumps(c, sort_keys=True, default=str))
         if theirs is not None and norm(theirs) != norm(reference.data_config):

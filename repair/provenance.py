@@ -344,20 +344,23 @@ def lineage(source: Optional[dict]) -> Optional[list]:
     record repaired (``source_sha256``), the method and recipe, repair's version, the repair data's
     content digest and the sha256 of the whole record (its ``repair.*`` entries). A repair of it writes a
     record of its own in place of the source's (:func:`merged`); the lineage keeps the chain back to the
-    first checkpoint. None for a source without a record."""
+    first checkpoint (a record of an export of an unrepaired model, method ``none``, adds no entry). None
+    for a source without a record of a repair."""
     import hashlib
 
     raw = {k: v for k, v in (source or {}).items() if str(k).startswith(PREFIX)}
     rec = read(raw)
     if not isinstance(rec.get("method"), str) or not isinstance(rec.get("source_sha256"), str):
         return None
-    earlier = rec.get("lineage") if isinstance(rec.get("lineage"), list) else []
+    earlier = [e for e in rec.get("lineage") if isinstance(e, dict)] if isinstance(rec.get("lineage"), list) else []
+    if rec["method"] == "none":           # an export of an unrepaired model: no repair to add
+        return earlier or None
     settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
     data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
     entry = {"source_sha256": rec["source_sha256"], "method": rec["method"], "recipe": settings.get("recipe"),
              "version": rec.get("version"), "data_sha256": data.get("content_sha256"),
              "record_sha256": hashlib.sha256(canonical_json(sorted(raw.items())).encode()).hexdigest()}
-    return [e for e in earlier if isinstance(e, dict)] + [entry]
+    return earlier + [entry]
 
 
 def read(meta: dict[str, str]) -> dict[str, Any]:

@@ -532,42 +532,64 @@ def check_folds(value: Any, what: str = "folds", where: Optional[Path] = None) -
 
 def plugin_files(target: Path, root: Optional[Path] = None, where: Optional[Path] = None) -> list[Path]:
     """The files a plugin's code is imported from: its file, or for a package (``__init__.py``) every
-    ``.py`` file under its folder (its relative imports load them), links within ``root`` (the recipe's
-    folder, resolved; default the package's own folder) followed. A link there -- a file or a folder --
-    that leads out of ``root`` is :class:`BadInput` naming it (``where``: the recipe): nothing outside the
-    recipe's folder runs, and every file that can run is in :func:`plugin_digest` and the recipe's
-    :attr:`Recipe.files`."""
+    module file under its folder (``.py``, and a compiled or sourceless module: any of
+    ``importlib.machinery.all_suffixes()``; its relative imports load them), hidden folders and
+    ``__pycache__`` aside (nothing imports from them), links within ``root`` (the recipe's folder,
+    resolved; default the package's own folder) followed. A link leading out of ``root`` to a module file
+    or to a folder (code could be imported through it) is :class:`BadInput` naming it (``where``: the
+    recipe): nothing outside the recipe's folder runs, and every file that can run is in
+    :func:`plugin_digest` and the recipe's :attr:`Recipe.files`. Other files (data, assets) are neither
+    looked into nor refused. In a stable order (relative path)."""
+    import importlib.machinery
+
     target = Path(target)
     if target.name != "__init__.py":
         return [target]
     pkg = target.parent
     root = Path(os.path.realpath(root if root is not None else pkg))
+    suffixes = tuple(importlib.machinery.all_suffixes())
     out, seen = [], set()
+
+    def leads_out(entry: Path) -> bool:
+        return entry.is_symlink() and not Path(os.path.realpath(entry)).is_relative_to(root)
+
     for dirpath, dirnames, filenames in os.walk(pkg, followlinks=True):
+        dirnames.sort()
         real = os.path.realpath(dirpath)
-        if real in seen:                      # a link back up the tree: walked once
+        if real in seen:                      # a link back up the tree, or two links to one folder: once
             dirnames[:] = []
             continue
         seen.add(real)
-        for name in sorted(dirnames) + sorted(filenames):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+        for name in dirnames:
+            if leads_out(Path(dirpath) / name):
+                raise BadInput(f"plugins: {(Path(dirpath) / name).relative_to(pkg.parent)} is a link to a folder out "
+                               f"of the recipe's folder ({root}): a plugin's code lies in its recipe's folder or "
+                               "below it", where)
+        for name in sorted(filenames):
             entry = Path(dirpath) / name
-            if not Path(os.path.realpath(entry)).is_relative_to(root):
+            if not name.endswith(suffixes):
+                continue
+            if leads_out(entry):
                 raise BadInput(f"plugins: {entry.relative_to(pkg.parent)} leads out of the recipe's folder "
                                f"({root}): a plugin's code lies in its recipe's folder or below it", where)
-        out += [Path(dirpath) / f for f in filenames if f.endswith(".py") and os.path.isfile(Path(dirpath) / f)]
+            if entry.is_file():
+                out.append(entry)
     return sorted(out, key=lambda f: f.relative_to(pkg).as_posix())
 
 
-def plugin_digest(target: Path, root: Optional[Path] = None, where: Optional[Path] = None) -> str:
-    """The sha256 of a plugin's code: its file, or for a package (``__init__.py``) every ``.py`` file
-    :func:`plugin_files` finds under its folder, by relative path and content in sorted order."""
+def plugin_digest(target: Path, root: Optional[Path] = None, where: Optional[Path] = None,
+                  files: Optional[list] = None) -> str:
+    """The sha256 of a plugin's code: its file, or for a package (``__init__.py``) every module file
+    :func:`plugin_files` finds under its folder (``files``: that list, when the caller has it), by
+    relative path and content in sorted order."""
     from .io import sha256_file
 
     target = Path(target)
     if target.name != "__init__.py":
         return sha256_file(target)
     h = hashlib.sha256()
-    for f in plugin_files(target, root, where):
+    for f in (files if files is not None else plugin_files(target, root, where)):
         h.update(f.relative_to(target.parent).as_posix().encode() + b"\0" + bytes.fromhex(sha256_file(f)) + b"\n")
     return h.hexdigest()
 
@@ -721,7 +743,8 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     from .io import sha256_file
 
     # as read now, not when the run ends (a plugin's: the code that runs, once imported, below)
-    digests = (sha256_file(p), *(plugin_digest(t, p.parent.resolve(), p) for t in targets))
+    code_files = [plugin_files(t, p.parent.resolve(), p) for t in targets]      # one walk of each package
+    digests = (sha256_file(p), *(plugin_digest(t, files=fs) for t, fs in zip(targets, code_files)))
     selection, folds = doc.get("selection", RECIPE_DEFAULTS["selection"]), doc.get("folds", RECIPE_DEFAULTS["folds"])
     vals = {"repeats": doc.get("repeats", RECIPE_DEFAULTS["repeats"]), "ensemble": doc.get("ensemble", RECIPE_DEFAULTS["ensemble"])}
     name = doc.get("name", p.stem)
@@ -740,8 +763,7 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     try:
         recipe = Recipe(name=name, candidates=candidates, selection=selection, folds=folds, **vals,
                         description=description, source=p.name, plugins=tuple(plugins),
-                        files=(p.resolve(), *[f.resolve() for t in targets
-                                                      for f in plugin_files(t, p.parent.resolve(), p)]),
+                        files=(p.resolve(), *[f.resolve() for fs in code_files for f in fs]),
                         digests=digests)
     except BadInput as e:
         raise BadInput(e.problem, e.path or p) from None

@@ -96,3 +96,30 @@ def test_a_text_onnx_models_tokenizer_file_linked_outside_is_refused_before_any_
     else:
         raise AssertionError("a link out of the model's folder was read")
     assert calls == []
+
+
+def test_files_beside_a_text_onnx_model_that_its_tokenizer_does_not_read_may_be_links(tmp_path):
+    """(the session's review) the check before the tokenizer reads only what its class may read: the
+    model file itself as a link, or an unrelated link beside it, still load."""
+    import shutil
+
+    import torch
+    import transformers
+    from conftest import bert_onnx, make_bert_folder
+    from repair.adapters import load_model
+
+    b = make_bert_folder(tmp_path / "bert")
+    m = transformers.BertForSequenceClassification.from_pretrained(str(b)).eval()
+    store = tmp_path / "store"
+    store.mkdir()
+    ids = torch.ones(1, 12, dtype=torch.long)
+    bert_onnx(m, store / "model.onnx", (ids, torch.ones_like(ids), torch.zeros_like(ids)), dynamic_batch=True)
+    f = tmp_path / "f"
+    f.mkdir()
+    for n in ("vocab.txt", "tokenizer_config.json", "config.json"):
+        if (b / n).exists():
+            shutil.copy(b / n, f / n)
+    os.symlink(store / "model.onnx", f / "model.onnx")
+    (tmp_path / "notes.txt").write_text("x")
+    os.symlink(tmp_path / "notes.txt", f / "README.md")
+    assert load_model(f / "model.onnx").modality == "text"

@@ -32,3 +32,15 @@ def test_a_second_repair_records_the_first_in_its_lineage(tmp_path):
     _, third = load_safetensors(tmp_path / "three" / "model.safetensors")
     chain3 = json.loads(third["repair.lineage"])
     assert [e["method"] for e in chain3] == ["dfr", "afr"] and chain3[0] == chain[0]
+
+
+def test_an_export_of_an_unrepaired_model_is_no_repair_in_the_lineage():
+    from repair import provenance
+
+    none = provenance.build(source_sha256="a" * 64, method="none", extra={"export": {"format": "onnx"}})
+    assert provenance.lineage(none) is None
+    fixed = provenance.build(source_sha256="b" * 64, method="dfr", settings={"recipe": "dfr"})
+    chain = provenance.lineage(fixed)
+    assert [e["method"] for e in chain] == ["dfr"]
+    again = provenance.build(source_sha256="c" * 64, method="none", extra={"lineage": chain})
+    assert provenance.lineage(again) == chain

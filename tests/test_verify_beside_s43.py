@@ -67,3 +67,18 @@ def test_preprocessing_beside_the_file_that_differs_fails_and_the_same_passes(ma
     f, _ = _without(made, "pp_same", ("preprocess",), {"preprocess.json": pp})
     code, rep, err = _verify(made, f)
     assert code == 0, err
+
+
+def test_a_side_file_the_loader_refuses_fails_the_verification(made):
+    """(the session's review) a preprocess.json linked from outside the folder: the loader refuses the file,
+    so its verification does not pass it."""
+    import os
+
+    _, props = _without(made, "probe2", (), {})
+    outside = made["root"] / "outside_pp.json"
+    outside.write_text(props["preprocess"])
+    f, _ = _without(made, "pp_link", ("preprocess",), {})
+    os.symlink(outside, f.parent / "preprocess.json")
+    code, rep, err = _verify(made, f)
+    assert code == 1, err
+    assert any("would not load" in p for p in rep["problems"])

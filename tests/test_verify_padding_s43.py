@@ -88,3 +88,14 @@ def test_no_extra_batch_when_the_samples_pad_one_another(files):
     assert rep["padded_batch"] is None
     code, rep, _ = _verify(files, "bad", "mixed")        # the batches themselves catch it
     assert code == 1 and rep["padded_batch"] is None
+
+
+def test_texts_all_cut_at_the_maximum_length_still_get_a_padded_batch(files, tmp_path):
+    """(the session's review) every text cut at --max-length: the text made from one is halved until it
+    is read shorter."""
+    long = _texts(tmp_path / "long.csv", [40] * 12)
+    code, out, err = run_cli("verify", str(files["bad"]), "--reference", str(files["bert"]), "--data", str(long),
+                             "--max-length", "8", "--json")
+    rep = json.loads(out)
+    assert code == 1, err
+    assert rep["padded_batch"]["passed"] is False and rep["padded_batch"]["lengths"][0] == 8

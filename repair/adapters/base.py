@@ -355,15 +355,12 @@ class Adapter(ABC):
         """What built the network beside its weights, for a repaired model's provenance
         (``settings.network``): a bare weights file carries nothing else that says it. A timm
         architecture and its ``model_args``; a ``--factory`` by its name, its ``--model-args`` as given
-        (as ``--train`` is recorded) and the digests of its code and of the files those arguments name.
+        (as ``--train`` is recorded) and the digests of its code.
         None where the output carries it itself (a transformers folder's ``config.json``) or the file is
         the network (ONNX)."""
         b = json.loads(json.dumps(dict(self.build), sort_keys=True, default=str))
         if "factory" in b:
-            out = {k: b[k] for k in ("factory", "model_args", "code", "classes_code", "packages") if k in b}
-            if b.get("model_args_files"):
-                out["model_args_files_sha256"] = sorted(b["model_args_files"].values())
-            return out
+            return {k: b[k] for k in ("factory", "model_args", "code", "classes_code", "packages") if k in b}
         if "architecture" in b:
             return {"architecture": b["architecture"], "model_args": b.get("model_args") or {}}
         return None

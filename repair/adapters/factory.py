@@ -99,6 +99,7 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
                        data_config: Optional[dict], class_names: Optional[Sequence[str]] = None,
                        model_args: Optional[dict] = None) -> TorchImageAdapter:
     mod_name = factory.split(":", 1)[0]
+    named = _files_named(model_args)          # before the factory reads them (a later write changes them)
     for attempt in (1, 2):
         fn = import_factory(factory)
         try:
@@ -133,27 +134,27 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
                                 class_names=names, data_config=data_config)
     adapter.build = {"factory": factory, "model_args": model_args or {}, **code}
-    named = _files_named(model_args)
     if named:
         adapter.build["model_args_files"] = named
     return adapter
 
 
 def _files_named(value, found: Optional[dict] = None) -> dict:
-    """``{path: sha256}`` of every existing file a string in ``value`` (``--model-args``, at any depth)
-    names, as the factory's process sees it (relative to the working directory): a network shaped by a
-    config file its factory reads is another network when that file changes, so its digest is in the
-    embedding cache key (:meth:`repair.adapters.base.Adapter.network_id` holds ``build``). A folder is not
-    walked; a file that cannot be read is left out (the factory's own read decides about it)."""
+    """``{path: [size, mtime_ns, ctime_ns, inode]}`` of every existing file a string in ``value``
+    (``--model-args``, at any depth) names, as the factory's process sees it (relative to the working
+    directory), taken before the factory runs: a network shaped by a config file its factory reads is
+    another network when that file changes, so this is in the embedding cache key (:meth:`network_id`
+    holds ``build``), as a data file's fingerprint is (by its metadata, not its bytes: a large file named
+    there costs nothing; a write changes its change time, which cannot be set back). A folder is not
+    walked; a name that cannot be looked up is left out (the factory's own read decides about it)."""
     import os
-
-    from ..io import sha256_file
 
     found = {} if found is None else found
     if isinstance(value, str):
         try:
             if value and value not in found and os.path.isfile(value):
-                found[value] = sha256_file(value)
+                st = os.stat(value)
+                found[value] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         except (OSError, ValueError):
             pass
     elif isinstance(value, dict):

@@ -559,7 +559,7 @@ def names_beside(onnx_path: Path, C: int) -> Optional[list[str]]:
     ``config.json`` beside it, when that holds ``C`` classes (the one home of this rule: the loader and
     :func:`repair.export.metadata_mismatches` read it so); None otherwise."""
     cfg = Path(onnx_path).parent / "config.json"
-    if not cfg.exists():
+    if not files_beside(cfg.parent, ("config.json",)):        # (a link leading out: BadInput)
         return None
     try:
         id2label = read_json(cfg).get("id2label") or {}
@@ -568,6 +568,17 @@ def names_beside(onnx_path: Path, C: int) -> Optional[list[str]]:
     if isinstance(id2label, dict) and len(id2label) == C:
         return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(C)]
     return None
+
+
+def preprocess_beside(onnx_path: Path) -> Optional[dict]:
+    """The image preprocessing an ONNX file without it in its metadata (and no options given) is read
+    with: a ``preprocess.json`` beside it, described as the loader reads it; None without one. The one
+    home of this rule: the loader and :func:`repair.export.metadata_mismatches` read it so. A link
+    leading out of the folder, or a file that is not a preprocessing description, is :class:`BadInput`."""
+    side = Path(onnx_path).parent / PREPROCESS_FILE
+    if not files_beside(side.parent, (PREPROCESS_FILE,)):
+        return None
+    return image_config_from_options(None, None, None, side)
 
 
 def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
@@ -586,7 +597,7 @@ def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
             adapter.preprocess_from_options = True
         elif o.image_size is None and o.mean is None and o.std is None:
             # (options given for it are refused by load_model, as for any model that carries its own)
-            adapter.use_preprocessing(image_config_from_options(None, None, None, side), where=side)
+            adapter.use_preprocessing(preprocess_beside(path), where=side)
     # and the other files its tokenizer read (bpe.codes, a sentencepiece model...), checked the same way
     tok = getattr(adapter, "tokenizer", None)
     extra = [f for f in (tokenizer_files(tok) if tok is not None else []) if f not in beside]

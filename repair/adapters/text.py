@@ -216,22 +216,58 @@ def tokenizer_preprocess_id(tokenizer, max_length: Optional[int]) -> dict:
 
 
 def _check_tokenizer_folder(folder: Path) -> None:
-    """Every file at the top of a tokenizer's folder checked as a model folder's entries are
+    """The files a tokenizer of ``folder`` may read, checked as a model folder's entries are
     (:func:`repair.adapters.base.check_folder_entry`: a symlink leading out of the folder, a FIFO or
-    device, is :class:`BadInput` naming it) before the tokenizer reads any: its class reads files by names
-    of its own (``vocab_files_names``: PhoBERT's ``bpe.codes``, LUKE's ``entity_vocab.json``...), known
-    only once it is built, so the check after it (:func:`tokenizer_files`) came after the read. A
-    tokenizer reads no folder and no hidden name: those are not checked here (a model folder's own check,
-    :func:`repair.adapters.base.check_model_folder`, covers them)."""
+    device, is :class:`BadInput` naming it) before the tokenizer reads any: beside
+    :data:`TOKENIZER_DIGEST_FILES`, its class reads files by names of its own (``vocab_files_names``:
+    PhoBERT's ``bpe.codes``, LUKE's ``entity_vocab.json``...) and its settings may name others
+    (``vocab_file``...), so the check after it (:func:`tokenizer_files`) came after the read. The class is
+    the one ``tokenizer_config.json`` names, else the one the ``config.json`` model type maps to, as
+    ``AutoTokenizer`` picks it; other files of the folder (an ONNX model beside it, a README) are not the
+    tokenizer's and are not checked here."""
     import os
 
-    from .base import check_folder_entry
+    from .base import check_folder_entry, files_beside, read_json
 
-    root = Path(os.path.realpath(folder))
-    for entry in sorted(Path(folder).iterdir()):
-        if entry.name.startswith(".") or entry.is_dir():
+    folder = Path(folder)
+    files_beside(folder, (*TOKENIZER_DIGEST_FILES, "config.json"))     # checked before they are read below
+    names = set(TOKENIZER_DIGEST_FILES)
+
+    def settings(name: str) -> dict:
+        try:
+            doc = read_json(folder / name) if (folder / name).is_file() else {}
+        except BadInput:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    tok_cfg = settings("tokenizer_config.json")
+    wanted = tok_cfg.get("tokenizer_class")
+    if not isinstance(wanted, str):
+        try:
+            from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+            wanted = TOKENIZER_MAPPING_NAMES.get(settings("config.json").get("model_type"))
+        except Exception:
+            wanted = None
+    for cls_name in ([wanted] if isinstance(wanted, str) else list(wanted or [])):
+        if not isinstance(cls_name, str):
             continue
-        check_folder_entry(entry, root)
+        for n in {cls_name, cls_name[:-4] if cls_name.endswith("Fast") else cls_name + "Fast"}:
+            try:
+                from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+                cls = tokenizer_class_from_name(n)
+            except Exception:
+                cls = None
+            names |= {v for v in (getattr(cls, "vocab_files_names", None) or {}).values() if isinstance(v, str)}
+    names |= {v for k, v in tok_cfg.items() if k.endswith("_file") and isinstance(v, str)}
+    root = Path(os.path.realpath(folder))
+    for name in sorted(names):
+        if not name or len(Path(name).parts) != 1:
+            continue                       # a path elsewhere: transformers reads only the folder's own names
+        entry = folder / name
+        if os.path.lexists(entry):
+            check_folder_entry(entry, root)
 
 
 #: the files a tokenizer is read from (transformers' names): their content identifies it

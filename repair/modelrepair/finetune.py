@@ -672,17 +672,32 @@ class Session:
         self.group_source = "given" if given else "inferred"
         self.criterion = Criterion.resolve(selection, has_groups=given, y=y, ref_logits=ref)
         self.score_strata = self.criterion.strata(y, ref, inputs.groups)
-        counts = torch.bincount(self.groups)
+        # distinct samples: copies of one sample stay on one side of the split (``inputs.duplicates``), so a
+        # group of copies of one sample cannot be both trained on and held out
+        dup = getattr(inputs, "duplicates", None)
+        if dup is not None:
+            pairs = torch.unique(torch.stack([self.groups, dup.long().cpu()], 1), dim=0)
+            counts = torch.bincount(pairs[:, 0], minlength=int(self.groups.max()) + 1)
+            total = int(torch.unique(dup).numel())
+        else:
+            counts, total = torch.bincount(self.groups), int(y.numel())
         small = [int(g) for g in torch.nonzero((counts > 0) & (counts < self.MIN_PER_STRATUM)).flatten()]
-        if small or y.numel() < 2 * self.MIN_PER_STRATUM:
-            raise BadInput(f"the repair set is too small to hold out a part for early stopping: model repairs "
-                           f"need at least {self.MIN_PER_STRATUM} samples of every "
-                           f"{'group' if given else 'class x correctly/incorrectly classified group'} in the part "
-                           f"they train on ({int(counts[small[0]]) if small else int(y.numel())} in one)",
-                           (getattr(inputs, "resources", None) or {}).get("data_file"))
+
+        def too_small(n: int):
+            return BadInput(f"the repair set is too small to hold out a part for early stopping: model repairs "
+                            f"need at least {self.MIN_PER_STRATUM} {'distinct ' if dup is not None else ''}samples "
+                            f"of every {'group' if given else 'class x correctly/incorrectly classified group'} in "
+                            f"the part they train on ({n} in one)",
+                            (getattr(inputs, "resources", None) or {}).get("data_file"))
+
+        if small or total < 2 * self.MIN_PER_STRATUM:
+            raise too_small(int(counts[small[0]]) if small else total)
         gen = torch.Generator().manual_seed(int(inputs.seed))
         self.train_idx, self.held_idx = stratified_split(self.groups, [holdout_fraction], gen,
                                                          clusters=inputs.duplicates)
+        if not self.held_idx.numel() or not self.train_idx.numel():
+            # copies of a few samples: no whole sample of any group fits the held-out part
+            raise too_small(int(counts[counts > 0].min()))
         self.encoded = self.model.encode(inputs.items)
 
     def evaluate(self) -> tuple[float, float]:
