@@ -123,3 +123,60 @@ def test_files_beside_a_text_onnx_model_that_its_tokenizer_does_not_read_may_be_
     (tmp_path / "notes.txt").write_text("x")
     os.symlink(tmp_path / "notes.txt", f / "README.md")
     assert load_model(f / "model.onnx").modality == "text"
+
+
+def test_a_package_is_imported_from_its_sources_not_a_pycache_that_leads_out(tmp_path):
+    """(the session's second review) a package's __pycache__ linked out of the recipe's folder held bytecode
+    matching its source's time and size: Python ran that bytecode, code outside the recipe's folder."""
+    import py_compile
+
+    from repair.recipes import load_recipe
+
+    rec, out = tmp_path / "rec", tmp_path / "outside"
+    (rec / "pkg").mkdir(parents=True)
+    out.mkdir()
+    marker = tmp_path / "ran_outside_code"
+    evil = f"open({str(marker)!r}, 'w')\n"
+    good = "X = 1\n"
+    good = good + "#" * (len(evil) - len(good) - 1) + "\n"
+    (rec / "pkg" / "__init__.py").write_text("from . import helper\n")
+    (rec / "pkg" / "helper.py").write_text(good)
+    (out / "helper.py").write_text(evil)
+    st = os.stat(rec / "pkg" / "helper.py")
+    os.utime(out / "helper.py", ns=(st.st_atime_ns, st.st_mtime_ns))
+    py_compile.compile(str(out / "helper.py"))
+    os.remove(out / "helper.py")
+    os.symlink(out / "__pycache__", rec / "pkg" / "__pycache__")
+    (rec / "r.yaml").write_text("name: pyc43\nplugins: [pkg]\ncandidates:\n  - method: dfr\n")
+    load_recipe(str(rec / "r.yaml"), allow_plugins=True)
+    assert not marker.exists()
+    assert not list((rec / "pkg").glob("*.pyc"))
+
+
+def test_every_top_level_file_a_tokenizer_may_read_is_checked_first(tmp_path, monkeypatch):
+    """(the session's second review) the class a tokenizer is built as, and the files it reads, are
+    transformers' to decide (config.json's tokenizer_class, a versioned fast tokenizer file): a link out
+    named for any of them is refused before transformers reads anything."""
+    import transformers
+    from conftest import make_bert_folder
+    from repair.adapters.text import load_tokenizer
+    from repair.errors import BadInput
+
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    (tmp_path / "outside.json").write_text("{}")
+    for name in ("tokenizer.4.0.0.json", "bpe.codes"):
+        b = make_bert_folder(tmp_path / name)
+        cfg = json.loads((b / "tokenizer_config.json").read_text())
+        cfg["fast_tokenizer_files"] = ["tokenizer.4.0.0.json"]
+        (b / "tokenizer_config.json").write_text(json.dumps(cfg))
+        os.symlink(tmp_path / "outside.json", b / name)
+        try:
+            load_tokenizer(b, "no tokenizer")
+        except BadInput as e:
+            assert name in str(e) and "leads outside" in str(e)
+        else:
+            raise AssertionError(f"{name}: a link out of the folder was read")
+    assert calls == []

@@ -82,3 +82,16 @@ def test_a_side_file_the_loader_refuses_fails_the_verification(made):
     code, rep, err = _verify(made, f)
     assert code == 1, err
     assert any("would not load" in p for p in rep["problems"])
+
+
+def test_a_preprocess_json_that_is_a_folder_fails_the_verification_as_the_loader_refuses_it(made):
+    from repair.adapters import load_model
+    from repair.errors import BadInput
+
+    f, _ = _without(made, "pp_dir", ("preprocess",), {})
+    (f.parent / "preprocess.json").mkdir()
+    with pytest.raises(BadInput):
+        load_model(f)
+    code, rep, err = _verify(made, f)
+    assert code == 1, err
+    assert any("would not load" in p for p in rep["problems"])

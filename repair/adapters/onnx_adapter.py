@@ -570,15 +570,18 @@ def names_beside(onnx_path: Path, C: int) -> Optional[list[str]]:
     return None
 
 
-def preprocess_beside(onnx_path: Path) -> Optional[dict]:
-    """The image preprocessing an ONNX file without it in its metadata (and no options given) is read
-    with: a ``preprocess.json`` beside it, described as the loader reads it; None without one. The one
-    home of this rule: the loader and :func:`repair.export.metadata_mismatches` read it so. A link
-    leading out of the folder, or a file that is not a preprocessing description, is :class:`BadInput`."""
+def preprocess_beside(onnx_path: Path, size=None, mean=None, std=None) -> Optional[dict]:
+    """The image preprocessing an ONNX file without it in its metadata is read with: the options
+    (``--image-size``, ``--mean``, ``--std``) over a ``preprocess.json`` beside it, described as the loader
+    reads it; None with neither. The one home of this rule: the loader and
+    :func:`repair.export.metadata_mismatches` read it so. A ``preprocess.json`` that is not a regular file
+    or leads out of the folder, or is not a preprocessing description, is :class:`BadInput`."""
+    import os
+
     side = Path(onnx_path).parent / PREPROCESS_FILE
-    if not files_beside(side.parent, (PREPROCESS_FILE,)):
-        return None
-    return image_config_from_options(None, None, None, side)
+    if os.path.lexists(side) and not files_beside(side.parent, (PREPROCESS_FILE,)):
+        raise BadInput("not a regular file (a preprocessing description is a JSON file)", side)
+    return image_config_from_options(size, mean, std, side)
 
 
 def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
@@ -593,7 +596,7 @@ def load_onnx(path, options: Optional[LoadOptions] = None) -> OnnxAdapter:
     if adapter.modality == "image":
         side = path.parent / PREPROCESS_FILE
         if adapter.own_preprocess is None:    # it carries none: the options, else a preprocess.json beside it
-            adapter.use_preprocessing(image_config_from_options(o.image_size, o.mean, o.std, side))
+            adapter.use_preprocessing(preprocess_beside(path, o.image_size, o.mean, o.std))
             adapter.preprocess_from_options = True
         elif o.image_size is None and o.mean is None and o.std is None:
             # (options given for it are refused by load_model, as for any model that carries its own)

@@ -44,7 +44,9 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    """The first line of an error's message that says something (a message may start with a blank
+    line: transformers' missing-backend errors), else its type's name."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
 def has_tokenizer_files(folder: Path) -> bool:
@@ -215,64 +217,33 @@ def tokenizer_preprocess_id(tokenizer, max_length: Optional[int]) -> dict:
             "content": tokenizer_digest(tokenizer)}
 
 
+#: files at the top of a text model's folder that no tokenizer reads (the ONNX model itself, documentation):
+#: :func:`_check_tokenizer_folder` leaves them to the loader's own rules
+NOT_TOKENIZER_SUFFIXES = (".onnx", ".md")
+
+
 def _check_tokenizer_folder(folder: Path) -> None:
-    """The files a tokenizer of ``folder`` may read, checked as a model folder's entries are
-    (:func:`repair.adapters.base.check_folder_entry`: a symlink leading out of the folder, a FIFO or
-    device, is :class:`BadInput` naming it) before the tokenizer reads any: beside
-    :data:`TOKENIZER_DIGEST_FILES`, its class reads files by names of its own (``vocab_files_names``:
-    PhoBERT's ``bpe.codes``, LUKE's ``entity_vocab.json``...) and its settings may name others
-    (``vocab_file``...), so the check after it (:func:`tokenizer_files`) came after the read. The class is
-    the one ``tokenizer_config.json`` names, else the one the ``config.json`` model type maps to, as
-    ``AutoTokenizer`` picks it; other files of the folder (an ONNX model beside it, a README) are not the
-    tokenizer's and are not checked here."""
+    """Every file at the top of a tokenizer's folder -- but :data:`NOT_TOKENIZER_SUFFIXES`, hidden names
+    and folders -- checked as a model folder's entries are (:func:`repair.adapters.base.check_folder_entry`:
+    a symlink leading out of the folder, a FIFO or device, is :class:`BadInput` naming it) before the
+    tokenizer reads any. Which files a tokenizer reads is transformers' to decide and changes with its
+    releases (a class's ``vocab_files_names``: PhoBERT's ``bpe.codes``; ``fast_tokenizer_files``; names
+    found by listing the folder), known only after the read, so every file it could read is checked first
+    (the check after it, :func:`tokenizer_files`, names what it did read, for the digest)."""
     import os
 
-    from .base import check_folder_entry, files_beside, read_json
+    from .base import check_folder_entry
 
-    folder = Path(folder)
-    files_beside(folder, (*TOKENIZER_DIGEST_FILES, "config.json"))     # checked before they are read below
-    names = set(TOKENIZER_DIGEST_FILES)
-
-    def settings(name: str) -> dict:
-        try:
-            doc = read_json(folder / name) if (folder / name).is_file() else {}
-        except BadInput:
-            return {}
-        return doc if isinstance(doc, dict) else {}
-
-    tok_cfg = settings("tokenizer_config.json")
-    wanted = tok_cfg.get("tokenizer_class")
-    if not isinstance(wanted, str):
-        try:
-            from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
-
-            wanted = TOKENIZER_MAPPING_NAMES.get(settings("config.json").get("model_type"))
-        except Exception:
-            wanted = None
-    for cls_name in ([wanted] if isinstance(wanted, str) else list(wanted or [])):
-        if not isinstance(cls_name, str):
-            continue
-        for n in {cls_name, cls_name[:-4] if cls_name.endswith("Fast") else cls_name + "Fast"}:
-            try:
-                from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
-                cls = tokenizer_class_from_name(n)
-            except Exception:
-                cls = None
-            names |= {v for v in (getattr(cls, "vocab_files_names", None) or {}).values() if isinstance(v, str)}
-    names |= {v for k, v in tok_cfg.items() if k.endswith("_file") and isinstance(v, str)}
     root = Path(os.path.realpath(folder))
-    for name in sorted(names):
-        if not name or len(Path(name).parts) != 1:
-            continue                       # a path elsewhere: transformers reads only the folder's own names
-        entry = folder / name
-        if os.path.lexists(entry):
-            check_folder_entry(entry, root)
+    for entry in sorted(Path(folder).iterdir()):
+        if entry.name.startswith(".") or entry.is_dir() or entry.name.lower().endswith(NOT_TOKENIZER_SUFFIXES):
+            continue
+        check_folder_entry(entry, root)
 
 
 #: the files a tokenizer is read from (transformers' names): their content identifies it
 TOKENIZER_DIGEST_FILES = (*TOKENIZER_FILES, "merges.txt", "special_tokens_map.json", "added_tokens.json",
-                          "chat_template.jinja", "chat_template.json")
+                          "chat_template.jinja", "chat_template.json", "tekken.json", "tiktoken.model")
 
 
 def tokenizer_files(tokenizer) -> list[Path]:
@@ -301,6 +272,16 @@ def tokenizer_files(tokenizer) -> list[Path]:
                 extra.add(name)
             elif os.path.realpath(p.parent) == root:          # a path in the folder, by its name there
                 extra.add(p.name)
+    # a versioned fast tokenizer file its settings name (``fast_tokenizer_files``: transformers reads the
+    # one for its version in place of tokenizer.json)
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        versions = cfg.get("fast_tokenizer_files") if isinstance(cfg, dict) else None
+    except (OSError, ValueError):
+        versions = None
+    for name in versions if isinstance(versions, list) else []:
+        if isinstance(name, str) and name and len(Path(name).parts) == 1:
+            extra.add(name)
     names = [*TOKENIZER_DIGEST_FILES, *sorted(extra - set(TOKENIZER_DIGEST_FILES))]
     return files_beside(folder, names)
 

@@ -696,8 +696,10 @@ class Session:
         self.train_idx, self.held_idx = stratified_split(self.groups, [holdout_fraction], gen,
                                                          clusters=inputs.duplicates)
         if not self.held_idx.numel() or not self.train_idx.numel():
-            # copies of a few samples: no whole sample of any group fits the held-out part
-            raise too_small(int(counts[counts > 0].min()))
+            # copies of a few samples: no sample's copies fit the held-out part of any group
+            raise BadInput("the repair set is too small to hold out a part for early stopping: its samples are "
+                           "copies of a few, and no sample's copies fit the part held out of its group (give more "
+                           "distinct samples)", (getattr(inputs, "resources", None) or {}).get("data_file"))
         self.encoded = self.model.encode(inputs.items)
 
     def evaluate(self) -> tuple[float, float]:
