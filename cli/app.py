@@ -91,7 +91,7 @@ def install_signal_handlers() -> None:
 
 def settle_signals() -> None:
     """Once a command is over (its outputs committed, or none written; its result and exit code
-    decided), a SIGTERM during the interpreter's shutdown is ignored: it raised inside torch's exit
+    decided), a SIGTERM or SIGINT during the interpreter's shutdown is ignored: it raised inside torch's exit
     hooks ("Exception ignored ...") or turned a finished run's exit code into 143, so a CI job could
     not tell a complete run from a cut one. Called by the console script only (the process ends)."""
     import signal
@@ -99,6 +99,7 @@ def settle_signals() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)      # (a cancelled CI job sends SIGINT: the same)
 
 
 def emit_json(doc: Any) -> None:
@@ -225,6 +226,7 @@ class OneLineUsageErrors(typer.core.TyperGroup):
 
     def _main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         run = functools.partial(super().main, args, prog_name, complete_var, standalone_mode=False, **extra)
+        _SAID_INTERRUPTED[0] = False
         if not standalone_mode:  # the caller handles click's exceptions itself
             return run()
         try:
@@ -247,6 +249,10 @@ class OneLineUsageErrors(typer.core.TyperGroup):
             sys.exit(130)
         # standalone_mode=False returns the exit code of a typer.Exit / ctx.exit (e.g. --help) or
         # the command's return value (None from ours)
+        if rv == 130 and not _SAID_INTERRUPTED[0]:
+            # typer's own answer to a Ctrl-C before a command's wrapper ran (its options being parsed, a
+            # lazy command imported); a command's wrapper ends an interrupt with a line of its own
+            log("interrupted; nothing partial was left behind")
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -280,6 +286,10 @@ def _interrupted(e: BaseException) -> bool:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
+
+
+#: whether a command's wrapper has said that it was interrupted (its line names what it wrote)
+_SAID_INTERRUPTED = [False]
 
 
 def _interrupt_line(what: str, mark: Optional[int]) -> str:
@@ -330,6 +340,7 @@ def command(fn: Callable) -> Callable:
             raise typer.Exit(0)
         except KeyboardInterrupt:
             log(_interrupt_line("interrupted", mark))
+            _SAID_INTERRUPTED[0] = True
             raise typer.Exit(130)
         except Terminated:
             log(_interrupt_line("terminated (SIGTERM)", mark))
@@ -337,6 +348,7 @@ def command(fn: Callable) -> Callable:
         except Exception as e:  # an internal error: one line unless --debug
             if _interrupted(e):          # Ctrl-C inside an import or a library that wrapped it
                 log(_interrupt_line("interrupted", mark))
+                _SAID_INTERRUPTED[0] = True
                 raise typer.Exit(130)
             if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
                 # the machine's limit, not our bug: what to change (torch's CUDA/CPU out-of-memory too)

@@ -578,6 +578,9 @@ def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[st
     parent = final.parent if str(final.parent) else Path(".")
     check_reachable(final)
     if (final.exists() or final.is_symlink()) and not force:
+        # an interrupted run's temporaries beside it go first (a refused rerun left them until a --force)
+        if parent.is_dir():
+            clean_stale_temps(final, log)
         raise BadInput(_exists_message(None if owned else replace_refused(final, kind)), final)
     if not owned:
         check_replace(final, kind=kind)
@@ -742,6 +745,32 @@ def _record_commits(finals) -> None:
             _COMMITTED.append(final)
 
 
+def _commit_locks(finals) -> list:
+    """Exclusive locks (``flock``) on every output name of a commit, taken in one order (no two commits
+    wait on each other), held while its outputs are renamed into place: two runs writing the same
+    outputs (``--force``, two CI jobs) commit one after the other, so one run's whole set ends in place,
+    never the model of one beside the report of the other. The lock files live in the system's temporary
+    folder (``repair-commit-locks-<uid>``, one per output path by its hash: nothing is written beside the
+    outputs); where they cannot be made or locked, the commit goes on without (as before). Returns the
+    open descriptors (closing one releases its lock)."""
+    import fcntl
+    import hashlib
+
+    names = sorted({os.path.realpath(f) for f in finals})
+    fds: list = []
+    try:
+        folder = os.path.join(tempfile.gettempdir(), f"repair-commit-locks-{os.getuid()}")
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        for name in names:
+            path = os.path.join(folder, hashlib.sha256(os.fsencode(name)).hexdigest()[:32] + ".lock")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    return fds
+
+
 class OutputSet:
     """Several outputs written all or nothing: each is staged in a locked temporary folder beside
     its final name (``.<name>.<random>.tmp``); :meth:`commit` renames them all into place, and if
@@ -794,6 +823,7 @@ class OutputSet:
                 write_output_record(target)
         done: list[tuple[Path, Path, Optional[Path]]] = []        # (final, target, replaced copy)
         try:
+            locks = _commit_locks([final for final, _tmp, _fd, _target in self._staged])
             for final, tmp, _fd, target in self._staged:
                 replaced = put_in_place(target, final, tmp / f".replaced-{final.name}",
                                         may_replace=self._may_replace.get(final, False),
@@ -807,6 +837,10 @@ class OutputSet:
                     if replaced is not None:
                         os.replace(replaced, final)
             raise
+        finally:
+            for fd in locals().get("locks") or []:
+                with contextlib.suppress(OSError):
+                    os.close(fd)                # (closing releases the lock)
 
     def close(self) -> None:
         for _final, tmp, fd, _target in self._staged:
