@@ -751,24 +751,48 @@ def _commit_locks(finals) -> list:
     outputs (``--force``, two CI jobs) commit one after the other, so one run's whole set ends in place,
     never the model of one beside the report of the other. The lock files live in the system's temporary
     folder (``repair-commit-locks-<uid>``, one per output path by its hash: nothing is written beside the
-    outputs); where they cannot be made or locked, the commit goes on without (as before). Returns the
-    open descriptors (closing one releases its lock)."""
-    import fcntl
+    outputs; the folder must be this user's own, private, and no link: a planted one is not used); where
+    they cannot be made or locked, the commit goes on without (as before). Returns ``(descriptor, path)``
+    of each, for :func:`_release_commit_locks`."""
     import hashlib
+    import stat as stat_
 
     names = sorted({os.path.realpath(f) for f in finals})
     fds: list = []
     try:
+        import fcntl
+
         folder = os.path.join(tempfile.gettempdir(), f"repair-commit-locks-{os.getuid()}")
         os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+        if not stat_.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return fds                  # not our own private folder (planted, shared): no locks
         for name in names:
             path = os.path.join(folder, hashlib.sha256(os.fsencode(name)).hexdigest()[:32] + ".lock")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            fds.append(fd)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:                # (else the holder before us removed it: lock the one there now)
+                    fds.append((fd, path))
+                    break
+                os.close(fd)
+    except (OSError, ImportError, AttributeError):       # (no fcntl / getuid: not a POSIX system)
         pass
     return fds
+
+
+def _release_commit_locks(held: list) -> None:
+    """Remove each lock file while still holding it, then release it (a run waiting on it then finds
+    another file at its name and locks that one: :func:`_commit_locks`): nothing piles up."""
+    for fd, path in reversed(held):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class OutputSet:
@@ -838,9 +862,7 @@ class OutputSet:
                         os.replace(replaced, final)
             raise
         finally:
-            for fd in locals().get("locks") or []:
-                with contextlib.suppress(OSError):
-                    os.close(fd)                # (closing releases the lock)
+            _release_commit_locks(locals().get("locks") or [])
 
     def close(self) -> None:
         for _final, tmp, fd, _target in self._staged:

@@ -26,11 +26,11 @@ def test_a_commit_waits_for_another_commit_of_the_same_outputs(tmp_path):
         time.sleep(0.5)
         assert t.is_alive() and not final.exists()     # waits: never interleaves its renames with the other's
     finally:
-        for fd in held:
-            os.close(fd)
+        io._release_commit_locks(held)
         t.join(10)
         tx.close()
     assert final.read_text() == "new"
+    assert not os.path.exists(held[0][1])          # lock files do not pile up in the temporary folder
 
 
 def test_a_refused_rerun_removes_an_interrupted_runs_temporaries(tmp_path):
