@@ -227,6 +227,9 @@ class OneLineUsageErrors(typer.core.TyperGroup):
     def _main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         run = functools.partial(super().main, args, prog_name, complete_var, standalone_mode=False, **extra)
         _SAID_INTERRUPTED[0] = False
+        from repair.io import commit_mark
+
+        mark = commit_mark()
         if not standalone_mode:  # the caller handles click's exceptions itself
             return run()
         try:
@@ -252,7 +255,7 @@ class OneLineUsageErrors(typer.core.TyperGroup):
         if rv == 130 and not _SAID_INTERRUPTED[0]:
             # typer's own answer to a Ctrl-C before a command's wrapper ran (its options being parsed, a
             # lazy command imported); a command's wrapper ends an interrupt with a line of its own
-            log("interrupted; nothing partial was left behind")
+            log(_interrupt_line("interrupted", mark))      # (after a commit, if one was over: names it)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

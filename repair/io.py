@@ -745,19 +745,24 @@ def _record_commits(finals) -> None:
             _COMMITTED.append(final)
 
 
-def _commit_locks(finals) -> list:
+def _commit_locks(finals, log: Optional[Callable[[str], None]] = None) -> list:
     """Exclusive locks (``flock``) on every output name of a commit, taken in one order (no two commits
     wait on each other), held while its outputs are renamed into place: two runs writing the same
     outputs (``--force``, two CI jobs) commit one after the other, so one run's whole set ends in place,
     never the model of one beside the report of the other. The lock files live in the system's temporary
     folder (``repair-commit-locks-<uid>``, one per output path by its hash: nothing is written beside the
     outputs; the folder must be this user's own, private, and no link: a planted one is not used); where
-    they cannot be made or locked, the commit goes on without (as before). Returns ``(descriptor, path)``
-    of each, for :func:`_release_commit_locks`."""
+    they cannot be made or locked, the commit goes on without (as before). A commit that must wait says
+    so (``log``, default stderr). The lock is per user and temporary folder: two users, two ``$TMPDIR``
+    or two hosts on a shared disk are not serialized. Returns ``(descriptor, path)`` of each, for
+    :func:`_release_commit_locks`; interrupted while waiting, it releases those it took."""
     import hashlib
     import stat as stat_
 
-    names = sorted({os.path.realpath(f) for f in finals})
+    # an output by its folder's real path and its own name (an output that is a link is replaced, not
+    # followed)
+    names = sorted({os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(f))), os.path.basename(f))
+                    for f in finals})
     fds: list = []
     try:
         import fcntl
@@ -771,7 +776,15 @@ def _commit_locks(finals) -> list:
             path = os.path.join(folder, hashlib.sha256(os.fsencode(name)).hexdigest()[:32] + ".lock")
             while True:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    (log or _stderr_line)(f"notice: waiting for another run that is writing {name}")
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX)
+                    except BaseException:
+                        os.close(fd)
+                        raise
                 try:
                     same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:
@@ -782,7 +795,14 @@ def _commit_locks(finals) -> list:
                 os.close(fd)
     except (OSError, ImportError, AttributeError):       # (no fcntl / getuid: not a POSIX system)
         pass
+    except BaseException:               # interrupted while waiting: the locks taken are released
+        _release_commit_locks(fds)
+        raise
     return fds
+
+
+def _stderr_line(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _release_commit_locks(held: list) -> None:
@@ -847,7 +867,7 @@ class OutputSet:
                 write_output_record(target)
         done: list[tuple[Path, Path, Optional[Path]]] = []        # (final, target, replaced copy)
         try:
-            locks = _commit_locks([final for final, _tmp, _fd, _target in self._staged])
+            locks = _commit_locks([final for final, _tmp, _fd, _target in self._staged], self.log)
             for final, tmp, _fd, target in self._staged:
                 replaced = put_in_place(target, final, tmp / f".replaced-{final.name}",
                                         may_replace=self._may_replace.get(final, False),

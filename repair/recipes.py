@@ -39,7 +39,6 @@ a method only a plugin would register is then checked at run time.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import re
@@ -535,9 +534,9 @@ def plugin_files(target: Path, root: Optional[Path] = None, where: Optional[Path
     """The files a plugin's code is imported from: its file, or for a package (``__init__.py``) every
     module file under its folder (``.py``, and a compiled or sourceless module: any of
     ``importlib.machinery.all_suffixes()``; its relative imports load them), hidden folders and
-    ``__pycache__`` aside (a plugin is imported from its sources: :func:`_from_source`), links within ``root`` (the recipe's folder,
+    ``__pycache__`` aside (Python's own bytecode of those sources), links within ``root`` (the recipe's folder,
     resolved; default the package's own folder) followed. A link leading out of ``root`` to a module file
-    or to a folder (code could be imported through it) is :class:`BadInput` naming it (``where``: the
+    or to a folder -- ``__pycache__`` included: Python runs the bytecode it finds there -- is :class:`BadInput` naming it (``where``: the
     recipe): nothing outside the recipe's folder runs, and every file that can run is in
     :func:`plugin_digest` and the recipe's :attr:`Recipe.files`. Other files (data, assets) are neither
     looked into nor refused. In a stable order (relative path)."""
@@ -561,12 +560,12 @@ def plugin_files(target: Path, root: Optional[Path] = None, where: Optional[Path
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
-        for name in dirnames:
+        for name in dirnames:           # any folder, a hidden one or __pycache__ too (Python reads bytecode there)
             if leads_out(Path(dirpath) / name):
                 raise BadInput(f"plugins: {(Path(dirpath) / name).relative_to(pkg.parent)} is a link to a folder out "
                                f"of the recipe's folder ({root}): a plugin's code lies in its recipe's folder or "
                                "below it", where)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
         for name in sorted(filenames):
             entry = Path(dirpath) / name
             if not name.endswith(suffixes):
@@ -595,23 +594,6 @@ def plugin_digest(target: Path, root: Optional[Path] = None, where: Optional[Pat
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _from_source():
-    """Imports in the block compile their source files: bytecode caches are looked for (and would be
-    written) under an empty temporary folder (``sys.pycache_prefix``), never in a plugin's ``__pycache__``,
-    which could hold other code than its sources (the files its digest holds) or lead out of the recipe's
-    folder."""
-    import tempfile
-
-    old_prefix, old_dont = sys.pycache_prefix, sys.dont_write_bytecode
-    with tempfile.TemporaryDirectory(prefix="repair-pycache-") as empty:
-        sys.pycache_prefix, sys.dont_write_bytecode = empty, True
-        try:
-            yield
-        finally:
-            sys.pycache_prefix, sys.dont_write_bytecode = old_prefix, old_dont
-
-
 def _import_plugin(spec: str, target: Path, where: Path, digest: str) -> str:
     """Run a plugin (only after the caller allowed it): the file :func:`_plugin_target` found, imported
     from its path (a package's ``__init__.py`` as that package, its relative imports within its folder).
@@ -627,9 +609,8 @@ def _import_plugin(spec: str, target: Path, where: Path, digest: str) -> str:
         mod.__repair_sha256__ = digest          # what its methods are recorded by (not a path)
         sys.modules[mod_name] = mod
         try:
-            # the user's code: what it prints goes to stderr; its sys.exit is a BadInput naming it; imported
-            # from its source files (those the digest holds), no __pycache__ read or written
-            with users_code(f"plugins: {spec}, imported,", where), _from_source():
+            # the user's code: what it prints goes to stderr; its sys.exit is a BadInput naming it
+            with users_code(f"plugins: {spec}, imported,", where):
                 mspec.loader.exec_module(mod)  # type: ignore[union-attr]
         except BaseException:
             sys.modules.pop(mod_name, None)

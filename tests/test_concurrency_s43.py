@@ -74,3 +74,29 @@ def test_a_ctrl_c_before_the_commands_wrapper_is_one_line(monkeypatch, capsys):
         group.main(["eval"], standalone_mode=True)
     assert e.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted; nothing partial was left behind"
+
+
+def test_a_commit_interrupted_while_it_waits_releases_the_locks_it_took(tmp_path, monkeypatch):
+    """(the session's third review) a Ctrl-C while waiting for the second lock lost the first: a later commit
+    of that output in the same process waited forever."""
+    import fcntl
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    other = io._commit_locks([b])                  # another run holds b
+    real = fcntl.flock
+
+    def interrupted(fd, op):
+        if not op & fcntl.LOCK_NB:
+            raise KeyboardInterrupt
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", interrupted)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        io._commit_locks([a, b], lines.append)
+    monkeypatch.setattr(fcntl, "flock", real)
+    assert lines and "waiting for another run" in lines[0]
+    again = io._commit_locks([a])                  # a's lock was released: taken at once
+    assert again
+    io._release_commit_locks(again)
+    io._release_commit_locks(other)

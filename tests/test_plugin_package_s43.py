@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from conftest import make_images, make_timm_folder, run_cli
 from test_plugins import HEAD_PLUGIN
 
@@ -125,11 +127,13 @@ def test_files_beside_a_text_onnx_model_that_its_tokenizer_does_not_read_may_be_
     assert load_model(f / "model.onnx").modality == "text"
 
 
-def test_a_package_is_imported_from_its_sources_not_a_pycache_that_leads_out(tmp_path):
-    """(the session's second review) a package's __pycache__ linked out of the recipe's folder held bytecode
-    matching its source's time and size: Python ran that bytecode, code outside the recipe's folder."""
+def test_a_packages_pycache_that_leads_out_is_refused_before_anything_runs(tmp_path):
+    """(the session's second and third reviews) a package's __pycache__ linked out of the recipe's folder held
+    bytecode matching its source's time and size: Python ran that bytecode, code outside the recipe's
+    folder (also when a method imports the module lazily, at call time)."""
     import py_compile
 
+    from repair.errors import BadInput
     from repair.recipes import load_recipe
 
     rec, out = tmp_path / "rec", tmp_path / "outside"
@@ -139,7 +143,7 @@ def test_a_package_is_imported_from_its_sources_not_a_pycache_that_leads_out(tmp
     evil = f"open({str(marker)!r}, 'w')\n"
     good = "X = 1\n"
     good = good + "#" * (len(evil) - len(good) - 1) + "\n"
-    (rec / "pkg" / "__init__.py").write_text("from . import helper\n")
+    (rec / "pkg" / "__init__.py").write_text("def later():\n    from . import helper\n")      # a lazy import
     (rec / "pkg" / "helper.py").write_text(good)
     (out / "helper.py").write_text(evil)
     st = os.stat(rec / "pkg" / "helper.py")
@@ -148,9 +152,9 @@ def test_a_package_is_imported_from_its_sources_not_a_pycache_that_leads_out(tmp
     os.remove(out / "helper.py")
     os.symlink(out / "__pycache__", rec / "pkg" / "__pycache__")
     (rec / "r.yaml").write_text("name: pyc43\nplugins: [pkg]\ncandidates:\n  - method: dfr\n")
-    load_recipe(str(rec / "r.yaml"), allow_plugins=True)
+    with pytest.raises(BadInput, match="__pycache__"):
+        load_recipe(str(rec / "r.yaml"), allow_plugins=True)
     assert not marker.exists()
-    assert not list((rec / "pkg").glob("*.pyc"))
 
 
 def test_every_top_level_file_a_tokenizer_may_read_is_checked_first(tmp_path, monkeypatch):
