@@ -866,6 +866,7 @@ class OutputSet:
             if final not in self._owned and target.is_dir() and not target.is_symlink():
                 write_output_record(target)
         done: list[tuple[Path, Path, Optional[Path]]] = []        # (final, target, replaced copy)
+        locks: list = []
         try:
             locks = _commit_locks([final for final, _tmp, _fd, _target in self._staged], self.log)
             for final, tmp, _fd, target in self._staged:
@@ -882,7 +883,7 @@ class OutputSet:
                         os.replace(replaced, final)
             raise
         finally:
-            _release_commit_locks(locals().get("locks") or [])
+            _release_commit_locks(locks)
 
     def close(self) -> None:
         for _final, tmp, fd, _target in self._staged:

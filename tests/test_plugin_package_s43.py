@@ -66,22 +66,30 @@ def test_a_zoo_runs_again_a_row_whose_plugin_package_module_changed(tmp_path):
     assert not json.loads(out)["models"][0]["resumed"]
 
 
-def test_a_text_onnx_models_tokenizer_file_linked_outside_is_refused_before_any_is_read(tmp_path, monkeypatch):
-    """(the same audit) a file a tokenizer class reads by a name of its own (PhoBERT's ``bpe.codes``) was
-    checked only after the tokenizer had read it through the link."""
+def _bert_onnx(tmp_path, onnx_path):
+    """A tiny BERT folder (``tmp_path / "bert"``, returned) and its logits exported to ``onnx_path``."""
     import torch
     import transformers
     from conftest import bert_onnx, make_bert_folder
-    from repair.adapters import load_model
-    from repair.errors import BadInput
 
     b = make_bert_folder(tmp_path / "bert")
     m = transformers.BertForSequenceClassification.from_pretrained(str(b)).eval()
-    folder = tmp_path / "m"
-    folder.mkdir()
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
     ids = torch.ones(1, 12, dtype=torch.long)
-    bert_onnx(m, folder / "model.onnx", (ids, torch.ones_like(ids), torch.zeros_like(ids)), dynamic_batch=True)
+    bert_onnx(m, onnx_path, (ids, torch.ones_like(ids), torch.zeros_like(ids)), dynamic_batch=True)
+    return b
+
+
+def test_a_text_onnx_models_tokenizer_file_linked_outside_is_refused_before_any_is_read(tmp_path, monkeypatch):
+    """(the same audit) a file a tokenizer class reads by a name of its own (PhoBERT's ``bpe.codes``) was
+    checked only after the tokenizer had read it through the link."""
+    import transformers
     from conftest import WORDS
+    from repair.adapters import load_model
+    from repair.errors import BadInput
+
+    folder = tmp_path / "m"
+    _bert_onnx(tmp_path, folder / "model.onnx")
 
     (folder / "vocab.txt").write_text("".join(f"{w} 1\n" for w in WORDS[:10]))      # PhoBERT's format
     (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PhobertTokenizer", "model_max_length": 12}')
@@ -101,21 +109,14 @@ def test_a_text_onnx_models_tokenizer_file_linked_outside_is_refused_before_any_
 
 
 def test_files_beside_a_text_onnx_model_that_its_tokenizer_does_not_read_may_be_links(tmp_path):
-    """(the session's review) the check before the tokenizer reads only what its class may read: the
-    model file itself as a link, or an unrelated link beside it, still load."""
+    """(the session's review) the check before the tokenizer reads leaves out the model file and Markdown:
+    the model file itself as a link, or a README linked beside it, still load."""
     import shutil
 
-    import torch
-    import transformers
-    from conftest import bert_onnx, make_bert_folder
     from repair.adapters import load_model
 
-    b = make_bert_folder(tmp_path / "bert")
-    m = transformers.BertForSequenceClassification.from_pretrained(str(b)).eval()
     store = tmp_path / "store"
-    store.mkdir()
-    ids = torch.ones(1, 12, dtype=torch.long)
-    bert_onnx(m, store / "model.onnx", (ids, torch.ones_like(ids), torch.zeros_like(ids)), dynamic_batch=True)
+    b = _bert_onnx(tmp_path, store / "model.onnx")
     f = tmp_path / "f"
     f.mkdir()
     for n in ("vocab.txt", "tokenizer_config.json", "config.json"):
