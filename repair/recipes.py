@@ -534,12 +534,12 @@ def plugin_files(target: Path, root: Optional[Path] = None, where: Optional[Path
     """The files a plugin's code is imported from: its file, or for a package (``__init__.py``) every
     module file under its folder (``.py``, and a compiled or sourceless module: any of
     ``importlib.machinery.all_suffixes()``; its relative imports load them), hidden folders and
-    ``__pycache__`` aside (Python's own bytecode of those sources), links within ``root`` (the recipe's folder,
-    resolved; default the package's own folder) followed. A link leading out of ``root`` to a module file
-    or to a folder -- ``__pycache__`` included: Python runs the bytecode it finds there -- is :class:`BadInput` naming it (``where``: the
-    recipe): nothing outside the recipe's folder runs, and every file that can run is in
-    :func:`plugin_digest` and the recipe's :attr:`Recipe.files`. Other files (data, assets) are neither
-    looked into nor refused. In a stable order (relative path)."""
+    ``__pycache__`` aside (Python's own bytecode of those sources), links within ``root`` (the recipe's
+    folder, resolved; default the package's own folder) followed. A link leading out of ``root`` to a
+    module file or to a folder -- ``__pycache__`` included: Python runs the bytecode it finds there -- is
+    :class:`BadInput` naming it (``where``: the recipe): nothing outside the recipe's folder runs, and
+    every file that can run is in :func:`plugin_digest` and the recipe's :attr:`Recipe.files`. Other
+    files (data, assets) are neither looked into nor refused. In a stable order (relative path)."""
     import importlib.machinery
 
     target = Path(target)
