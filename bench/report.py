@@ -335,7 +335,8 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
              "groups = class x original-model correctness, sklearn L2, C by the worst pseudo-group on a held-out "
              "half, 20 balanced refits averaged).")
     L.append("- Time: `time.perf_counter`. Memory: peak increase of the process RSS over its value at the start, "
-             "sampled every 2 ms from `/proc/self/statm` after `gc.collect()` + `malloc_trim(0)`.")
+             "sampled every 2 ms from `/proc/self/statm` after `gc.collect()` + `malloc_trim(0)` (what survived a collection is frozen, so each start's collection "
+             "scans only what was allocated since).")
     for n in doc.get("notes", []):
         L.append(f"- {n}")
     if analysis:

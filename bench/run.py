@@ -31,7 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from . import report as Rep  # noqa: E402
 from . import rows as R  # noqa: E402
 from . import tasks as T  # noqa: E402
-from .measure import code_version, fit_threads, load_average, log, machine_info  # noqa: E402
+from .measure import code_version, fit_threads, load_average, log, machine_info, release_frozen  # noqa: E402
 from .rows import AUTO, ERM, REF_DFR, variant_label  # noqa: E402,F401  (re-exported for the tests)
 
 MODEL_GROUPS = {"both": None, "no-groups": False, "groups": True}
@@ -457,7 +457,10 @@ def _finite(obj) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    doc = report_only(args) if args.report_only else run(args)
+    try:
+        doc = report_only(args) if args.report_only else run(args)
+    finally:
+        release_frozen()
     bad = [n for n, t in doc["tasks"].items() for v in (t.get("variants") or {}).values()
            if not _finite(v.get("summary", {}))]
     if bad:

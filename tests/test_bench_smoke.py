@@ -31,6 +31,8 @@ def test_bench_smoke_writes_complete_finite_results(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
+    import gc
+    assert gc.get_freeze_count() == 0       # the objects the measurements froze are handed back
     out = tmp_path / "out"
     assert (out / "RESULTS.md").read_text().startswith("# Benchmark results")
     if importlib.util.find_spec("matplotlib") is not None:  # an optional (bench extra) dependency

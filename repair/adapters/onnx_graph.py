@@ -77,6 +77,47 @@ class HeadSpec:
         return [n for n in (self.weight_name, self.bias_name) if n]
 
 
+#: operators that keep the top class of the class axis: a first output computed from the logits output
+#: through these alone predicts what the logits predict
+TOP_CLASS_KEEPING = ("Identity", "Softmax", "LogSoftmax", "Sigmoid", "ArgMax")
+
+
+def _check_first_output(graph, first: str, logits: str, producer: dict, where: Optional[Path]) -> None:
+    """The file's first output (what a deployment reads first) when repair measures and repairs the
+    output named ``logits`` instead: it must not depend on those logits, or be computed from them by
+    :data:`TOP_CLASS_KEEPING` operators on the class axis alone (probabilities, a label); else its
+    predictions are not the measured ones (a prior added, a threshold) and the file is refused."""
+    nodes = graph.node
+    # does the first output depend on the logits at all? (an embedding output does not)
+    seen, stack, depends = set(), [first], False
+    while stack:
+        t = stack.pop()
+        if t == logits:
+            depends = True
+            break
+        i = producer.get(t)
+        if i is None or i in seen:
+            continue
+        seen.add(i)
+        stack.extend(x for x in nodes[i].input if x)
+    if not depends:
+        return
+    t = first
+    while t != logits:
+        i = producer.get(t)
+        node = None if i is None else nodes[i]
+        ok = (node is not None and node.op_type in TOP_CLASS_KEEPING
+              and len([x for x in node.input if x]) == 1
+              and (node.op_type in ("Identity", "Sigmoid") or _attr(node, "axis", -1) in (-1, 1)))
+        if not ok:
+            what = "an input" if node is None else f"a {node.op_type} node"
+            raise BadInput(f"the first output {first!r} is computed from the {logits!r} output through {what} "
+                           f"that can change the top class: a deployment reading the first output gets other "
+                           f"predictions than the {logits!r} output repair would measure and repair (export "
+                           f"the logits as the first output, or leave out the output named {logits!r})", where)
+        t = node.input[0]
+
+
 def find_head(proto, where: Optional[Path] = None) -> HeadSpec:
     graph = proto.graph
     outputs = [o.name for o in graph.output]
@@ -88,6 +129,8 @@ def find_head(proto, where: Optional[Path] = None) -> HeadSpec:
         for o in node.output:
             producer[o] = i
     inits = {t.name for t in graph.initializer}
+    if out != outputs[0]:
+        _check_first_output(graph, outputs[0], out, producer, where)
 
     def expect(cond: bool, problem: str) -> None:
         if not cond:
