@@ -17,7 +17,7 @@ from ..io import PICKLE_SUFFIXES, load_state_dict_file
 from . import LoadOptions, checked_class_names, names_by_index, register_family
 from .base import check_model_folder, config_unreadable, read_json
 from .images import resolve_image_config
-from .torch_module import TorchImageAdapter, load_weights_strict, module_name
+from .torch_module import TorchImageAdapter, linear_head, load_weights_strict, module_name
 
 
 def _check_arch(arch: str, where: Optional[Path]) -> None:
@@ -55,7 +55,8 @@ def _check_arg_types(model, args: dict, where: Optional[Path], what: str, arch: 
     """:class:`BadInput` for an argument whose value is not of the kind the architecture takes
     (``drop_rate: "x"``): timm builds the model with it and fails only in the forward pass. A parameter
     annotated plainly ``int`` / ``float`` / ``bool`` takes only those (an int for a float); one with a
-    number or bool default and another annotation (``img_size: int | tuple``) refuses only a text;
+    number or bool default and another annotation (``img_size: int | tuple``) refuses only a text; a
+    list or tuple of numbers fits a number (``to_2tuple`` sizes; a wrong one fails the forward pass, exit 2);
     the rest (no default, ``**kwargs``) is left to the constructor."""
     import inspect
 
@@ -70,7 +71,12 @@ def _check_arg_types(model, args: dict, where: Optional[Path], what: str, arch: 
         note = getattr(note, "__name__", note) if isinstance(note, type) else str(note)
         kinds = {"bool": (bool,), "int": (int,), "float": (int, float)}.get(note)
         if kinds is not None:
-            ok = isinstance(value, kinds) and (note == "bool" or not isinstance(value, bool))
+            def fits(v):
+                return isinstance(v, kinds) and (note == "bool" or not isinstance(v, bool))
+            # a list or tuple of them too, for a number: timm's constructors take sizes through to_2tuple
+            # (``img_size: int = 224`` given (32, 32)), and its save_for_hf writes img_size as a list
+            ok = fits(value) or (note != "bool" and isinstance(value, (list, tuple)) and bool(value)
+                                 and all(fits(v) for v in value))
         elif isinstance(default, (bool, int, float)):
             ok = not isinstance(value, str)
         else:
@@ -240,6 +246,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         raise BadInput(f"{arch} built with these model_args has no single classifier head",
                        args_from if isinstance(args_from, Path) else weights)
     head_name = module_name(model, head)
+    linear_head(head, head_name, weights)     # a NormLinear or a Conv2d head: said as such, not as a missing tensor
     key_w = f"{head_name}.weight"
     if key_w not in tensors:
         raise BadInput(f"no head tensor {key_w} for {arch}", weights)

@@ -65,6 +65,15 @@ def load_weights_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path
         raise BadInput(f"head {head_name} did not load from the file", path)
 
 
+def linear_head(head: nn.Module, head_name: str, where: Optional[Path]) -> nn.Linear:
+    """``head`` when it is an ``nn.Linear``; else :class:`BadInput` naming its kind (the one home of
+    that rule: a loader checks it before it looks for the head's tensors by a Linear's names)."""
+    if not isinstance(head, nn.Linear):
+        raise BadInput(f"the classifier {head_name} is a {type(head).__name__}, not nn.Linear; "
+                       "only linear heads can be repaired", where)
+    return head
+
+
 class TorchImageAdapter(TorchModelAdapter):
     """An image classifier module whose weights live in one state-dict file."""
 
@@ -78,11 +87,7 @@ class TorchImageAdapter(TorchModelAdapter):
         self.weights_path = Path(weights_path)
         self.model = model.eval()
         self.head_name = head_name
-        head = model.get_submodule(head_name)
-        if not isinstance(head, nn.Linear):
-            raise BadInput(f"the classifier {head_name} is a {type(head).__name__}, not nn.Linear; "
-                           "only linear heads can be repaired", weights_path)
-        self.head = head
+        self.head = linear_head(model.get_submodule(head_name), head_name, weights_path)
         self.class_names = list(class_names)
         self._source_metadata = dict(metadata)
         self._init_file_state(tensors)
