@@ -354,6 +354,9 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
                         proto = onnx.load_from_string(buf.getvalue())
                 if opset is not None and _opset(proto) != opset:
                     raise RuntimeError(f"it wrote opset {_opset(proto)}, not the {opset} asked for")
+                fixed = fixed_axes(proto, names, 2 if text else 1)
+                if fixed:       # a traced length or batch the graph now assumes (the dynamo exporter on Funnel)
+                    raise RuntimeError(f"it fixed the {fixed[0]} asked to be dynamic")
                 drop_export_traces(proto)
                 return proto, kind, names
             except Exception as e:  # try the next exporter; report all if none works
@@ -373,6 +376,19 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
         raise BadInput(f"--opset {opset}: the model cannot be exported at this opset ({'; '.join(errors)}); "
                        "give a newer opset, or leave --opset out")
     raise RepairError("ONNX export failed: " + "; ".join(errors))
+
+
+def fixed_axes(proto, names, n_axes: int) -> list[str]:
+    """The axes among the first ``n_axes`` of graph inputs ``names`` (batch; and tokens, for a text
+    model) that ``proto`` fixed to a number instead of leaving them named (dynamic), as
+    ``"axis K of input NAME (at N)"``: an export must not bake in the example's batch or length."""
+    dims = {i.name: list(i.type.tensor_type.shape.dim) for i in proto.graph.input}
+    out = []
+    for name in names:
+        for k, d in enumerate(dims.get(name, [])[:n_axes]):
+            if d.HasField("dim_value"):
+                out.append(f"axis {k} of input {name!r} (at {d.dim_value})")
+    return out
 
 
 def drop_export_traces(proto) -> None:
@@ -725,8 +741,9 @@ def _file_logits(sess, batch, logits_name: str, onnx_path: Path) -> tuple[Option
 
 def _padded_batch_check(sess, onnx_path: Path, reference: Adapter, pair: dict, logits_name: str, bnd: Bound,
                         bias, dev) -> dict:
-    """One batch of two texts of different lengths (:func:`padding_pair`), the shorter padded: the file's
-    logits against the reference's on it, under the verification's bound. Returns what the report shows
+    """One batch of two texts of different lengths (:func:`padding_pair`), the shorter padded, then the
+    shorter alone (a length no batch had): the file's logits against the reference's on them, under the
+    verification's bound. Returns what the report shows
     (``lengths``, ``samples`` (indices of the real texts), ``made`` (a text made from a sample),
     ``max_abs_diff``, ``passed``) and ``problem`` when it fails."""
     batch = reference.collate(list(pair["items"]))
@@ -750,6 +767,25 @@ def _padded_batch_check(sess, onnx_path: Path, reference: Adapter, pair: dict, l
                           f"|diff| {w.max_diff:.3g} exceeds the bound (ratio {w.ratio:.3g}): the file does not read "
                           "padded texts as the model does (its attention mask, or a sequence length built in); "
                           "no batch of the samples padded a text")
+        return out
+    # the shorter text alone, unpadded: a length no batch had (every batch was as long as the longest text),
+    # which a file with the samples' sequence length built in (a traced reshape) cannot read
+    one = reference.collate([pair["items"][1]])
+    with _no_tf32(), torch.no_grad():
+        ref1 = reference.logits_batch(one, dev).float().cpu()
+    got1, failed = _file_logits(sess, one, logits_name, onnx_path)
+    if failed or got1.shape != ref1.shape:
+        why = failed or f"its output {logits_name} has shape {list(got1.shape)}, the model gives {list(ref1.shape)}"
+        out.update({"passed": False, "problem": f"onnxruntime failed on a text of {pair['lengths'][1]} tokens alone "
+                                                f"({why}): a sequence length built in; every batch of the samples "
+                                                f"was {pair['lengths'][0]} tokens long"})
+        return out
+    w.add(ref1, got1, bnd.allowed(ref1, bias), [0])       # (the pair passed: a failure now is this text's)
+    out.update({"max_abs_diff": w.max_diff, "passed": w.ok})
+    if not w.ok:
+        out["problem"] = (f"on a text of {pair['lengths'][1]} tokens alone, max |diff| {w.max_diff:.3g} exceeds the "
+                          f"bound (ratio {w.ratio:.3g}): a sequence length built in; every batch of the samples was "
+                          f"{pair['lengths'][0]} tokens long")
     return out
 
 

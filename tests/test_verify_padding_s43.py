@@ -99,3 +99,51 @@ def test_texts_all_cut_at_the_maximum_length_still_get_a_padded_batch(files, tmp
     rep = json.loads(out)
     assert code == 1, err
     assert rep["padded_batch"]["passed"] is False and rep["padded_batch"]["lengths"][0] == 8
+
+
+class _BakedLength(torch.nn.Module):
+    """The export example's sequence length built into the graph (a traced reshape): it reads every text of
+    that length right, any other length not at all."""
+
+    def __init__(self, m, length):
+        super().__init__()
+        self.m, self.length = m, length
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids.reshape(-1, self.length),
+                      attention_mask=attention_mask.reshape(-1, self.length)).logits
+
+
+def test_a_file_with_the_samples_length_built_in_fails_on_the_shorter_text_alone(files, tmp_path):
+    """(session 44's transformers audit: the dynamo exporter fixed Funnel's sequence length) every sample
+    read at one length pads nothing; the shorter text of the padded batch, run alone, is a length the file
+    cannot read."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    m = AutoModelForSequenceClassification.from_pretrained(str(files["bert"])).eval()
+    tok = AutoTokenizer.from_pretrained(str(files["bert"]))
+    n = len(tok("the movie was great")["input_ids"])          # 4 words: the length of every "same" text
+    baked = _export(_BakedLength(m, n), tok, tmp_path / "baked.onnx")
+    code, out, err = run_cli("verify", str(baked), "--reference", str(files["bert"]), "--data", str(files["same"]),
+                             "--json")
+    rep = json.loads(out)
+    assert code == 1, err
+    pb = rep["padded_batch"]
+    assert pb["passed"] is False and pb["lengths"][0] == n and pb["lengths"][1] < n
+    assert any("alone" in p and "sequence length built in" in p for p in rep["problems"]), rep["problems"]
+
+
+def test_fixed_axes_names_an_axis_an_export_fixed():
+    from onnx import TensorProto, helper
+
+    from repair.export import fixed_axes
+
+    def proto(dims):
+        g = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, dims)],
+                              [helper.make_tensor_value_info("logits", TensorProto.INT64, dims)])
+        return helper.make_model(g)
+
+    assert fixed_axes(proto(["batch", "seq"]), ["input_ids"], 2) == []
+    assert fixed_axes(proto(["batch", 8]), ["input_ids"], 2) == ["axis 1 of input 'input_ids' (at 8)"]
+    assert fixed_axes(proto([1, 8]), ["input_ids"], 1) == ["axis 0 of input 'input_ids' (at 1)"]

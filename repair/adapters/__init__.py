@@ -187,6 +187,12 @@ def load_model(path, options: Optional[LoadOptions] = None) -> Adapter:
     with torch.random.fork_rng(devices=[]), float32_default():
         adapter = fam.load(path, o)
     adapter.take_source_sha256()     # a family of yours that took none as it read the file: now, at load
+    if len(adapter.class_names) < 2:
+        # one output: a regression head (transformers' num_labels=1) or one sigmoid logit; read as one
+        # softmax class it is 100% accurate on anything labelled with it, and a gate would pass it
+        raise BadInput(f"the head has {len(adapter.class_names)} output: a regression or single-logit model; "
+                       "repair measures and repairs classifiers with one output per class (two or more)",
+                       adapter.weights_path or path)
     given = [f for f, v in (("--image-size", o.image_size), ("--mean", o.mean), ("--std", o.std))
              if v is not None]
     if given and not adapter.preprocess_from_options:

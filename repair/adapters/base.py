@@ -29,7 +29,9 @@ from ..errors import BadInput, RepairError
 from ..io import load_state_dict_file, parse_json, pickled_state_dict, save_safetensors, sha256_file  # noqa: F401  (sha256_file: re-exported)
 from .text import tokenizer_input_names
 
-
+#: why a model whose head scores every token cannot be read (its measure, its repair and its ONNX)
+POOLS_AFTER_HEAD = ("a classifier whose head scores every token and which pools after it (GPT-2, Llama and "
+                    "other decoder sequence classifiers: the last token's score) is not supported")
 
 
 def tensor_digest(t: torch.Tensor) -> bytes:
@@ -667,7 +669,8 @@ class Adapter(ABC):
         if self.head is not None and self.head.bias is None:
             raise BadInput(f"the classifier head {self.head_name} has no bias, and a repaired head has one: the "
                            "repaired weights could not be loaded into this architecture (give a model whose head "
-                           "has a bias, or its ONNX export)", self.source)
+                           "has a bias, or its ONNX export if its head reads one feature vector per sample: "
+                           f"{POOLS_AFTER_HEAD})", self.source)
         tied = self.head_tied_elsewhere()
         if tied:
             raise BadInput(f"the classifier head's tensor is also {tied} (tied weights): a repaired head would change "
@@ -775,7 +778,8 @@ class TorchModelAdapter(Adapter):
         emb = cap.value
         if emb is None or emb.dim() != 2:
             raise BadInput(f"the head's input is not a (batch, features) matrix "
-                           f"(got {None if emb is None else tuple(emb.shape)})", self.source)
+                           f"(got {None if emb is None else tuple(emb.shape)})"
+                           + (f": {POOLS_AFTER_HEAD}" if emb is not None and emb.dim() == 3 else ""), self.source)
         return emb.float()
 
 
