@@ -375,6 +375,10 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
     if opset is not None:     # the user's option: a model the exporter cannot write at that opset
         raise BadInput(f"--opset {opset}: the model cannot be exported at this opset ({'; '.join(errors)}); "
                        "give a newer opset, or leave --opset out")
+    if exporter != "auto":    # the user's choice of exporter, which cannot write this model
+        other = next(e for e in EXPORTERS if e not in ("auto", exporter))
+        raise BadInput(f"--exporter {exporter}: the model cannot be exported with it ({'; '.join(errors)}); give "
+                       f"--exporter {other}, or leave --exporter out")
     raise RepairError("ONNX export failed: " + "; ".join(errors))
 
 
