@@ -513,7 +513,7 @@ def padding_pair(adapter: Adapter, items: Sequence[Any], batches: list[list[int]
     lo = min(range(len(items)), key=lambda i: lengths[i])
     if lengths[lo] != lengths[hi]:
         return {"items": [items[hi], items[lo]], "samples": [hi, lo], "lengths": [lengths[hi], lengths[lo]],
-                "made": False}
+                "made": False, "alone": False}      # (each length was some batch's: nothing to run alone)
     text = str(items[hi])
 
     def made_texts():
@@ -529,7 +529,9 @@ def padding_pair(adapter: Adapter, items: Sequence[Any], batches: list[list[int]
         got = _token_lengths(adapter, [made]) if made.strip() else None
         if got and got[0] != lengths[hi]:
             pair = sorted([(lengths[hi], items[hi]), (got[0], made)], key=lambda x: -x[0])
-            return {"items": [t for _, t in pair], "samples": [hi], "lengths": [n for n, _ in pair], "made": True}
+            # the made text shorter: a length no batch had, run alone too (:func:`_padded_batch_check`)
+            return {"items": [t for _, t in pair], "samples": [hi], "lengths": [n for n, _ in pair], "made": True,
+                    "alone": got[0] < lengths[hi]}
     return None
 
 
@@ -746,9 +748,9 @@ def _file_logits(sess, batch, logits_name: str, onnx_path: Path) -> tuple[Option
 def _padded_batch_check(sess, onnx_path: Path, reference: Adapter, pair: dict, logits_name: str, bnd: Bound,
                         bias, dev) -> dict:
     """One batch of two texts of different lengths (:func:`padding_pair`), the shorter padded, then the
-    shorter alone (a length no batch had): the file's logits against the reference's on them, under the
-    verification's bound. Returns what the report shows
-    (``lengths``, ``samples`` (indices of the real texts), ``made`` (a text made from a sample),
+    shorter alone when no batch had its length (``pair["alone"]``: a text made shorter): the file's
+    logits against the reference's on them, under the verification's bound. Returns what the report
+    shows (``lengths``, ``samples`` (indices of the real texts), ``made`` (a text made from a sample),
     ``max_abs_diff``, ``passed``) and ``problem`` when it fails."""
     batch = reference.collate(list(pair["items"]))
     out = {"lengths": pair["lengths"], "samples": pair["samples"], "made": pair["made"]}
@@ -772,8 +774,10 @@ def _padded_batch_check(sess, onnx_path: Path, reference: Adapter, pair: dict, l
                           "padded texts as the model does (its attention mask, or a sequence length built in); "
                           "no batch of the samples padded a text")
         return out
-    # the shorter text alone, unpadded: a length no batch had (every batch was as long as the longest text),
-    # which a file with the samples' sequence length built in (a traced reshape) cannot read
+    if not pair.get("alone"):
+        return out
+    # the made text alone, unpadded: a length no batch had (every sample is as long), which a file with the
+    # samples' sequence length built in (a traced reshape) cannot read
     one = reference.collate([pair["items"][1]])
     with _no_tf32(), torch.no_grad():
         ref1 = reference.logits_batch(one, dev).float().cpu()

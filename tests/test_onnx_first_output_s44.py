@@ -27,7 +27,8 @@ def _model(path: Path, first: str, extra_nodes, extra_inits=()) -> Path:
              helper.make_node("Gemm", ["emb", "head.w", "head.b"], ["logits"], transB=1), *extra_nodes]
     inits = [init("body.w", rng.normal(0, 0.3, (D, 3 * SIZE * SIZE))), init("body.b", rng.normal(0, 0.1, D)),
              init("head.w", rng.normal(0, 1, (C, D))), init("head.b", np.zeros(C)),
-             *[init(n, a) for n, a in extra_inits]]
+             *[numpy_helper.from_array(np.asarray(a, dtype=np.float32 if np.asarray(a).dtype.kind == "f" else None), n)
+               for n, a in extra_inits]]
     out_type = TensorProto.INT64 if first == "label" else TensorProto.FLOAT
     first_shape = ["n"] if first == "label" else ["n", D if first == "emb" else C]
     outputs = [helper.make_tensor_value_info(first, out_type, first_shape),
@@ -50,9 +51,17 @@ def _model(path: Path, first: str, extra_nodes, extra_inits=()) -> Path:
     ("probs", [helper.make_node("Identity", ["logits"], ["l2"]), helper.make_node("LogSoftmax", ["l2"], ["probs"], axis=1)]),
     ("label", [helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0)]),
     ("emb", []),                                         # the embedding output: not a prediction
+    # (the session's review) a temperature, a cast, a label squeezed, cast and looked up in a table of names
+    ("probs", [helper.make_node("Div", ["logits", "T"], ["z"]), helper.make_node("Softmax", ["z"], ["p"], axis=-1),
+               helper.make_node("Cast", ["p"], ["probs"], to=TensorProto.FLOAT)]),
+    ("label", [helper.make_node("ArgMax", ["logits"], ["k"], axis=-1, keepdims=1),
+               helper.make_node("Squeeze", ["k", "one"], ["k2"]), helper.make_node("Cast", ["k2"], ["k3"], to=TensorProto.INT32),
+               helper.make_node("Cast", ["k3"], ["k4"], to=TensorProto.INT64),
+               helper.make_node("Gather", ["names", "k4"], ["label"])]),
 ])
 def test_a_first_output_that_keeps_the_logits_top_class_is_accepted(tmp_path, name, nodes):
-    a = load_model(_model(tmp_path / "m" / "m.onnx", name, nodes))
+    inits = [("T", np.array([2.0])), ("one", np.array([1])), ("names", np.array([10, 20, 30]))]
+    a = load_model(_model(tmp_path / "m" / "m.onnx", name, nodes, inits))
     assert a.class_names == ["cat", "dog", "fox"]
 
 
@@ -62,6 +71,17 @@ def test_a_first_output_that_keeps_the_logits_top_class_is_accepted(tmp_path, na
      [("prior", np.array([[3.0, -1.0, 0.0]]))], "Add"),
     # a softmax over the batch axis is not the class's probability
     ([helper.make_node("Softmax", ["logits"], ["probs"], axis=0)], [], "Softmax"),
+    # ArgMax's default axis is 0, the batch's; a negative temperature turns the order over
+    ([helper.make_node("ArgMax", ["logits"], ["k"], keepdims=0), helper.make_node("Cast", ["k"], ["probs"], to=TensorProto.FLOAT)],
+     [], "ArgMax"),
+    ([helper.make_node("Mul", ["logits", "T"], ["probs"])], [("T", np.array([-1.0]))], "Mul"),
+    # a branch that adds a prior, reading the logits from inside an If
+    ([helper.make_node("If", ["cond"], ["probs"],
+                       then_branch=helper.make_graph([helper.make_node("Add", ["logits", "prior"], ["a"])], "t", [],
+                                                     [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)]),
+                       else_branch=helper.make_graph([helper.make_node("Identity", ["logits"], ["b"])], "e", [],
+                                                     [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)]))],
+     [("cond", np.array(True)), ("prior", np.array([[3.0, -1.0, 0.0]]))], "If"),
 ])
 def test_a_first_output_that_can_move_the_top_class_is_refused_by_name(tmp_path, nodes, inits, op):
     path = _model(tmp_path / "m" / "m.onnx", "probs", nodes, inits)

@@ -54,3 +54,17 @@ def test_a_head_that_is_not_a_linear_layer_is_named_by_its_kind(tmp_path):
         load_model(folder)
     msg = str(e.value)
     assert "model.safetensors" in msg and "NormLinear, not nn.Linear" in msg and "no head tensor" not in msg
+
+
+def test_a_list_for_a_number_that_is_not_a_size_is_refused_naming_the_argument(tmp_path):
+    """(the session's review) only sizes take a list: ``drop_rate: [0.1]``, which the architecture builds
+    with and fails on only in the forward pass, is refused by the kind check naming it, as before."""
+    from conftest import make_timm_folder
+
+    folder = make_timm_folder(tmp_path / "t")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_args"] = {"drop_rate": [0.1]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInput) as e:
+        load_model(folder)
+    assert "config.json" in str(e.value) and "drop_rate=[0.1]" in str(e.value) and "float" in str(e.value)

@@ -77,45 +77,109 @@ class HeadSpec:
         return [n for n in (self.weight_name, self.bias_name) if n]
 
 
-#: operators that keep the top class of the class axis: a first output computed from the logits output
-#: through these alone predicts what the logits predict
-TOP_CLASS_KEEPING = ("Identity", "Softmax", "LogSoftmax", "Sigmoid", "ArgMax")
+#: what may lie between the logits and a first output that is not them: (state, operator) -> the next
+#: state. "scores" (one per class, on the class axis) keep the top class through these; an ArgMax on the
+#: class axis makes a "label" (a class index), which may be cast, squeezed or looked up in a table of names
+FIRST_OUTPUT_STEPS = {("scores", "Identity"): "scores", ("scores", "Sigmoid"): "scores",
+                      ("scores", "Softmax"): "scores", ("scores", "LogSoftmax"): "scores",
+                      ("scores", "Cast"): "scores", ("scores", "Mul"): "scores", ("scores", "Div"): "scores",
+                      ("scores", "ArgMax"): "label", ("label", "Identity"): "label", ("label", "Cast"): "label",
+                      ("label", "Squeeze"): "label", ("label", "Unsqueeze"): "label", ("label", "Gather"): "label"}
+
+
+def _subgraph_reads(node) -> set:
+    """The tensors the subgraphs of ``node`` (If branches, Loop and Scan bodies) read by name, the outer
+    graph's among them."""
+    import onnx
+
+    subs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    subs += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+    return {i for g in subs for n in _graph_nodes(g) for i in n.input if i}
+
+
+def _constant_values(graph) -> dict:
+    """Initializers and Constant nodes' values, by tensor name."""
+    from onnx import numpy_helper
+
+    out = {t.name: t for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t
+    return {k: numpy_helper.to_array(v) for k, v in out.items()}
+
+
+def _step_keeps_top_class(node, state: str, chain_input: str, consts: dict) -> bool:
+    """Whether ``node`` (reading the chain's tensor ``chain_input``; its other inputs constants) keeps
+    the top class of ``state`` ("scores" or "label") -- see :data:`FIRST_OUTPUT_STEPS`."""
+    from onnx import TensorProto
+
+    op, ins = node.op_type, [x for x in node.input if x]
+    others = [x for x in ins if x != chain_input]
+    if op in ("Softmax", "LogSoftmax"):       # opset < 13: default axis 1; from 13: -1 -- the class axis of (N, C)
+        return _attr(node, "axis", -1) in (-1, 1)
+    if op == "ArgMax":                        # its default axis is 0, the batch: only the class axis named
+        return _attr(node, "axis", 0) in (-1, 1) and not _attr(node, "select_last_index", 0)
+    if op == "Cast" and state == "scores":    # to a floating type only (an integer cast ties the scores)
+        return _attr(node, "to", 0) in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
+                                         TensorProto.BFLOAT16)
+    if op in ("Mul", "Div"):                  # a temperature: a positive scalar constant (x / T, x * s)
+        if len(others) != 1 or others[0] not in consts or (op == "Div" and ins[0] != chain_input):
+            return False
+        v = np.asarray(consts[others[0]])
+        return v.size == 1 and np.issubdtype(v.dtype, np.number) and float(v.reshape(-1)[0]) > 0
+    if op == "Gather":                        # a table of class names looked up by the label
+        return len(ins) == 2 and ins[1] == chain_input and ins[0] in consts and np.asarray(consts[ins[0]]).ndim == 1
+    return all(x in consts for x in others)   # Identity, Sigmoid, Cast of a label, Squeeze/Unsqueeze (axes)
 
 
 def _check_first_output(graph, first: str, logits: str, producer: dict, where: Optional[Path]) -> None:
     """The file's first output (what a deployment reads first) when repair measures and repairs the
-    output named ``logits`` instead: it must not depend on those logits, or be computed from them by
-    :data:`TOP_CLASS_KEEPING` operators on the class axis alone (probabilities, a label); else its
-    predictions are not the measured ones (a prior added, a threshold) and the file is refused."""
+    output named ``logits`` instead: it must not depend on those logits, or be computed from them only
+    by steps that keep their top class (:data:`FIRST_OUTPUT_STEPS`: probabilities, a temperature, a
+    label, its name); else its predictions need not be the measured ones (a class prior added) and the
+    file is refused naming the step."""
     nodes = graph.node
-    # does the first output depend on the logits at all? (an embedding output does not)
-    seen, stack, depends = set(), [first], False
-    while stack:
-        t = stack.pop()
-        if t == logits:
-            depends = True
-            break
-        i = producer.get(t)
-        if i is None or i in seen:
-            continue
-        seen.add(i)
-        stack.extend(x for x in nodes[i].input if x)
-    if not depends:
+    def depends(t: str) -> bool:     # on the logits, through any node (a subgraph's reads included)
+        stack, seen = [t], set()
+        while stack:
+            x = stack.pop()
+            if x == logits:
+                return True
+            i = producer.get(x)
+            if i is None or i in seen:
+                continue
+            seen.add(i)
+            stack.extend([y for y in nodes[i].input if y] + sorted(_subgraph_reads(nodes[i])))
+        return False
+
+    if not depends(first):           # an embedding output: not a prediction
         return
-    t = first
+    consts = _constant_values(graph)
+    steps, t = [], first             # the chain, from the first output back to the logits
     while t != logits:
         i = producer.get(t)
         node = None if i is None else nodes[i]
-        ok = (node is not None and node.op_type in TOP_CLASS_KEEPING
-              and len([x for x in node.input if x]) == 1
-              and (node.op_type in ("Identity", "Sigmoid") or _attr(node, "axis", -1) in (-1, 1)))
-        if not ok:
+        chain = [] if node is None or _subgraph_reads(node) else [x for x in node.input if x and depends(x)]
+        if node is None or len(chain) != 1:
             what = "an input" if node is None else f"a {node.op_type} node"
-            raise BadInput(f"the first output {first!r} is computed from the {logits!r} output through {what} "
-                           f"that can change the top class: a deployment reading the first output gets other "
-                           f"predictions than the {logits!r} output repair would measure and repair (export "
-                           f"the logits as the first output, or leave out the output named {logits!r})", where)
-        t = node.input[0]
+            raise BadInput(_first_output_problem(first, logits, what), where)
+        steps.append((node, chain[0]))
+        t = chain[0]
+    state = "scores"
+    for node, chain_input in reversed(steps):
+        nxt = FIRST_OUTPUT_STEPS.get((state, node.op_type))
+        if nxt is None or not _step_keeps_top_class(node, state, chain_input, consts):
+            raise BadInput(_first_output_problem(first, logits, f"a {node.op_type} node"), where)
+        state = nxt
+
+
+def _first_output_problem(first: str, logits: str, what: str) -> str:
+    return (f"the first output {first!r} is computed from the {logits!r} output through {what} that repair cannot "
+            f"tell keeps the top class: a deployment reading the first output could get other predictions than "
+            f"the {logits!r} output repair would measure and repair (export the logits as the first output, or "
+            f"leave out the output named {logits!r})")
 
 
 def find_head(proto, where: Optional[Path] = None) -> HeadSpec:

@@ -56,7 +56,7 @@ def _check_arg_types(model, args: dict, where: Optional[Path], what: str, arch: 
     (``drop_rate: "x"``): timm builds the model with it and fails only in the forward pass. A parameter
     annotated plainly ``int`` / ``float`` / ``bool`` takes only those (an int for a float); one with a
     number or bool default and another annotation (``img_size: int | tuple``) refuses only a text; a
-    list or tuple of numbers fits a number (``to_2tuple`` sizes; a wrong one fails the forward pass, exit 2);
+    size (an ``int`` parameter named ``*size``) may be a list or tuple of ints (``to_2tuple``);
     the rest (no default, ``**kwargs``) is left to the constructor."""
     import inspect
 
@@ -73,10 +73,10 @@ def _check_arg_types(model, args: dict, where: Optional[Path], what: str, arch: 
         if kinds is not None:
             def fits(v):
                 return isinstance(v, kinds) and (note == "bool" or not isinstance(v, bool))
-            # a list or tuple of them too, for a number: timm's constructors take sizes through to_2tuple
+            # a size may be a list or tuple of them: timm's constructors take sizes through to_2tuple
             # (``img_size: int = 224`` given (32, 32)), and its save_for_hf writes img_size as a list
-            ok = fits(value) or (note != "bool" and isinstance(value, (list, tuple)) and bool(value)
-                                 and all(fits(v) for v in value))
+            ok = fits(value) or (note == "int" and key.endswith("size") and isinstance(value, (list, tuple))
+                                 and bool(value) and all(fits(v) for v in value))
         elif isinstance(default, (bool, int, float)):
             ok = not isinstance(value, str)
         else:
