@@ -335,7 +335,7 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
              "groups = class x original-model correctness, sklearn L2, C by the worst pseudo-group on a held-out "
              "half, 20 balanced refits averaged).")
     L.append("- Time: `time.perf_counter`. Memory: peak increase of the process RSS over its value at the start, "
-             "sampled every 2 ms from `/proc/self/statm` after `gc.collect()` + `malloc_trim(0)` (what survived a collection is frozen until the run ends: each "
+             "sampled every 2 ms from `/proc/self/statm` after `gc.collect()` + `malloc_trim(0)` (runs from commit 2e0e593 on: what survived a collection is frozen until the run ends: each "
              "start's collection, and the collector's automatic ones during a row, scan only what was allocated "
              "since; a cycle through a frozen object waits for the run's end).")
     for n in doc.get("notes", []):
