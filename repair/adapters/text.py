@@ -359,6 +359,10 @@ def _digest_of(tokenizer) -> tuple[str, dict]:
 #: 200 MB field took it 4 GB and then aborted the process; the cut keeps what decides the tokens read
 CHARS_PER_TOKEN = 64
 MIN_CHARS_KEPT = 4096
+#: most characters of one text read to find its tokens: a cut that holds too few tokens grows fourfold up to
+#: here (a field of one huge word or of blanks gave few tokens at any cut, and the whole 30 MB was read:
+#: 103 s and 3.2 GB); beyond it the text is read as cut here
+MAX_CHARS_READ = 1 << 20
 
 
 @contextlib.contextmanager
@@ -423,23 +427,25 @@ def bounded_texts(tokenizer, texts: Sequence[Any], length: int) -> list[str]:
     """``texts`` as the tokenizer reads the ``length`` tokens it keeps, a long one cut before it is
     tokenized: to ``CHARS_PER_TOKEN x length`` characters (at least ``MIN_CHARS_KEPT``), or four times
     as many, and so on, until the cut holds more than twice ``length`` tokens (tokens are read in
-    order: the ones away from the cut's split word are the whole text's), else the whole text. The cut
+    order: the ones away from the cut's split word are the whole text's), else the whole text -- or
+    its first :data:`MAX_CHARS_READ` characters (the bound, if larger), where the growing stops. The cut
     keeps the text's head, or its tail for a tokenizer that truncates on the left
     (``truncation_side``). A text within the bound is as given. Memory and time then scale with
     ``length``, not the text."""
     bound = max(MIN_CHARS_KEPT, CHARS_PER_TOKEN * int(length))
+    most = max(bound, MAX_CHARS_READ)
     need = 2 * int(length) + 8
     tail = getattr(tokenizer, "truncation_side", "right") == "left"
     out = []
     for t in texts:
         t = str(t)
         cut = bound
-        while cut < len(t):
+        while cut < len(t) and cut < most:
             part = t[-cut:] if tail else t[:cut]
             n = len(_run(tokenizer, part, add_special_tokens=False, truncation=True, max_length=need)["input_ids"])
             if n >= need:
                 break
-            cut *= 4
+            cut = min(cut * 4, most)
         out.append(t if cut >= len(t) else (t[-cut:] if tail else t[:cut]))
     return out
 
