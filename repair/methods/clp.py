@@ -426,6 +426,26 @@ class ClpRun:
         return loss
 
     def step(self, i: int, gen: torch.Generator) -> dict:
+        """One training step (:meth:`_step`) with the network differentiable twice, as the meta step and the
+        saliency penalty need: attention by torch's math kernel (the fused ones have no double backward; a
+        timm ViT was an internal error), and an operator torch cannot differentiate twice named with the
+        setting that reaches it."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                return self._step(i, gen)
+        except (RuntimeError, NotImplementedError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if "derivative for" not in msg or "not implemented" not in msg:
+                raise
+            op = msg.split("derivative for", 1)[1].split(" is not implemented")[0].strip()
+            raise BadInput(f"clp differentiates the network twice (its meta step and saliency penalty) and torch "
+                           f"has no second derivative of {op}, which this model runs within scope "
+                           f"{self.cfg.scope!r}: give a scope that leaves those layers out (the default, last:2), or "
+                           "another recipe") from None
+
+    def _step(self, i: int, gen: torch.Generator) -> dict:
         cfg = self.cfg
         x, y, m = self._batch(self.train_pool, cfg.batch_size, cfg.sampling == "balanced", gen)
         feat, z = self.tm.features_and_logits(x)
