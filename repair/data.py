@@ -870,6 +870,7 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
         if lab == "":
             raise BadInput(f"{at(n)} has an empty label", table)
     attrs = {c: [cell_value(row.get(c, "")) for row in rows] for c in columns if c not in used}
+    _warn_if_several_splits(table, attrs)
     return RepairData(source=root, modality=modality, items=items, labels=labels, attributes=attrs,
                       table=table, max_pixels=o.max_pixels, _real=reals if modality == "image" else None,
                       _rows=[at(i) for i in range(len(rows))])
@@ -945,6 +946,32 @@ def _has_images(root: Path) -> bool:
                    if not p.name.startswith("."))
     except OSError:
         return False
+
+
+#: column names that say which split of a dataset a row belongs to (Waterbirds' and MultiNLI's ``split``,
+#: CelebA's ``partition``, CivilComments' ``split``): a table holding several is every split at once
+SPLIT_COLUMNS = ("split", "partition", "fold", "subset")
+
+
+class SeveralSplitsWarning(UserWarning):
+    """A data table whose split column holds several values: every row is read, whichever split."""
+
+
+def _warn_if_several_splits(table: Path, attrs: dict) -> None:
+    """One warning when a column named as a split (:data:`SPLIT_COLUMNS`, any case) holds several
+    values: the official metadata of Waterbirds, MultiNLI or CivilComments lists the training, validation
+    and test rows together, and repair reads every row of the table it is given -- a repair set holding the
+    model's training rows, or figures measured on them, would say nothing true."""
+    for col, values in attrs.items():
+        if col.strip().lower() in SPLIT_COLUMNS:
+            seen = sorted(set(values))
+            if len(seen) > 1:
+                shown = ", ".join(repr(v) for v in seen[:5]) + (", ..." if len(seen) > 5 else "")
+                warnings.warn(SeveralSplitsWarning(
+                    f"{table}: its column {col!r} holds {len(seen)} values ({shown}): every row is read, whichever "
+                    "split it is in; give a table of one split's rows (a repair set or figures holding the "
+                    "model's training or test rows say nothing true)"), stacklevel=4)
+                return
 
 
 class SkippedFilesWarning(UserWarning):
