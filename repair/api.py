@@ -388,7 +388,8 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
 
     dup_note = mark_duplicates(report, p.data, p.enc.groups, p.emb.inputs, p.enc.y)
     # groups too small for an honest figure, or with none (label-free: no groups to speak of)
-    report["warnings"] = figure_warnings(report, what="the figures") + ([dup_note] if dup_note else [])
+    report["warnings"] = (list(p.data.notes) + figure_warnings(report, what="the figures")
+                          + ([dup_note] if dup_note else []))
     # what was left out, in the order it was (--exclude, then the model's own repair set), each count with
     # what it is a count of, and the figures' rows said once, last
     left: list[str] = []

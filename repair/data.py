@@ -112,6 +112,9 @@ class RepairData:
     table: Optional[Path] = None       # the metadata/text file read, if any
     #: the pixel limit the images were checked against (``DataOptions.max_pixels``)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: what the reader found worth saying about the data as a whole (a table of several splits): the
+    #: commands put it among their warnings (stderr, ``--json``, a repair's output record, a zoo row)
+    notes: list = field(default_factory=list, compare=False)
     #: content hash of every item (filled by :meth:`duplicate_ids`, each image read once)
     _hashes: Optional[list] = field(default=None, repr=False, compare=False)
     #: every image item resolved (symlinks followed), as the loader checked it: resolved once
@@ -870,8 +873,8 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
         if lab == "":
             raise BadInput(f"{at(n)} has an empty label", table)
     attrs = {c: [cell_value(row.get(c, "")) for row in rows] for c in columns if c not in used}
-    _warn_if_several_splits(table, attrs)
     return RepairData(source=root, modality=modality, items=items, labels=labels, attributes=attrs,
+                      notes=several_splits(table, attrs, o.group_by),
                       table=table, max_pixels=o.max_pixels, _real=reals if modality == "image" else None,
                       _rows=[at(i) for i in range(len(rows))])
 
@@ -948,30 +951,26 @@ def _has_images(root: Path) -> bool:
         return False
 
 
-#: column names that say which split of a dataset a row belongs to (Waterbirds' and MultiNLI's ``split``,
-#: CelebA's ``partition``, CivilComments' ``split``): a table holding several is every split at once
-SPLIT_COLUMNS = ("split", "partition", "fold", "subset")
+#: column names that say which split of a dataset a row belongs to (Waterbirds', MultiNLI's and
+#: CivilComments' ``split``, CelebA's ``partition``): a table holding several is every split at once
+SPLIT_COLUMNS = ("split", "partition")
 
 
-class SeveralSplitsWarning(UserWarning):
-    """A data table whose split column holds several values: every row is read, whichever split."""
-
-
-def _warn_if_several_splits(table: Path, attrs: dict) -> None:
-    """One warning when a column named as a split (:data:`SPLIT_COLUMNS`, any case) holds several
-    values: the official metadata of Waterbirds, MultiNLI or CivilComments lists the training, validation
-    and test rows together, and repair reads every row of the table it is given -- a repair set holding the
-    model's training rows, or figures measured on them, would say nothing true."""
+def several_splits(table: Path, attrs: dict, group_by: Optional[str] = None) -> list[str]:
+    """A note when a column named as a split (:data:`SPLIT_COLUMNS`, any case; not the ``--group-by``
+    column, which the user reads as groups on purpose) holds several values: the official metadata of
+    Waterbirds, MultiNLI or CivilComments lists the training, validation and test rows together, and
+    repair reads every row of the table it is given -- a repair set holding the model's training rows, or
+    figures measured on them, would say nothing true. [] otherwise."""
     for col, values in attrs.items():
-        if col.strip().lower() in SPLIT_COLUMNS:
+        if col.strip().lower() in SPLIT_COLUMNS and col != group_by:
             seen = sorted(set(values))
             if len(seen) > 1:
                 shown = ", ".join(repr(v) for v in seen[:5]) + (", ..." if len(seen) > 5 else "")
-                warnings.warn(SeveralSplitsWarning(
-                    f"{table}: its column {col!r} holds {len(seen)} values ({shown}): every row is read, whichever "
-                    "split it is in; give a table of one split's rows (a repair set or figures holding the "
-                    "model's training or test rows say nothing true)"), stacklevel=4)
-                return
+                return [f"{table}: its column {col!r} holds {len(seen)} values ({shown}): every row is read, "
+                        "whichever split it is in; give a table of one split's rows (a repair set or figures "
+                        "holding the model's training or test rows say nothing true)"]
+    return []
 
 
 class SkippedFilesWarning(UserWarning):

@@ -385,7 +385,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
     fit_dev = str(resolve_device(runtime.device))
     # can this repair set support an honest choice and honest figures? say so when it cannot
     strata_names = list(enc.group_names) if has_groups else inferred_group_names(enc.class_names)
-    warnings = list(train_notes)
+    warnings = list(inputs.data.notes) + list(getattr(inputs.eval_data, "notes", None) or []) + list(train_notes)
     if dup_stats["n_duplicates"]:
         warnings.append(f"the repair set holds {dup_stats['n_duplicates']} duplicate sample(s) ({dup_stats['n_unique']} "
                         f"distinct of {dup_stats['n_samples']}): identical samples are kept on one side of every "

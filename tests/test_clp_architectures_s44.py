@@ -63,3 +63,16 @@ def test_an_operator_without_a_second_derivative_in_scope_is_exit_2_naming_it(da
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "hardsigmoid" in lines[0] and "'all'" in lines[0] and "last:2" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_saliency_penalty_through_such_an_operator_is_exit_2_whatever_the_scope(data, tmp_path):
+    """(the session's review) the penalty's input gradient runs through the whole network, and its second
+    derivative is taken by the loop's backward, outside a step: the default scope, saliency on."""
+    net = _folder(tmp_path / "mnv3", "mobilenetv3_small_050")
+    recipe = tmp_path / "clp-sal.yaml"
+    recipe.write_text("name: clp-sal\ncandidates:\n  - method: clp\n    params: {saliency_weight: 1.0}\n")
+    code, err = _fix(net, data, tmp_path / "out", recipe)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "hardsigmoid" in lines[0] and "saliency_weight: 0" in lines[0] and "last:2" not in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -93,6 +93,7 @@ cross-entropy ignores); here ``g`` persists, emits one offset per class (bounded
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,26 +427,6 @@ class ClpRun:
         return loss
 
     def step(self, i: int, gen: torch.Generator) -> dict:
-        """One training step (:meth:`_step`) with the network differentiable twice, as the meta step and the
-        saliency penalty need: attention by torch's math kernel (the fused ones have no double backward; a
-        timm ViT was an internal error), and an operator torch cannot differentiate twice named with the
-        setting that reaches it."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        try:
-            with sdpa_kernel(SDPBackend.MATH):
-                return self._step(i, gen)
-        except (RuntimeError, NotImplementedError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            if "derivative for" not in msg or "not implemented" not in msg:
-                raise
-            op = msg.split("derivative for", 1)[1].split(" is not implemented")[0].strip()
-            raise BadInput(f"clp differentiates the network twice (its meta step and saliency penalty) and torch "
-                           f"has no second derivative of {op}, which this model runs within scope "
-                           f"{self.cfg.scope!r}: give a scope that leaves those layers out (the default, last:2), or "
-                           "another recipe") from None
-
-    def _step(self, i: int, gen: torch.Generator) -> dict:
         cfg = self.cfg
         x, y, m = self._batch(self.train_pool, cfg.batch_size, cfg.sampling == "balanced", gen)
         feat, z = self.tm.features_and_logits(x)
@@ -478,6 +459,33 @@ class ClpRun:
         return out
 
 
+@contextlib.contextmanager
+def twice_differentiable(cfg: "ClpConfig"):
+    """clp's training differentiates the network twice (the meta step's virtual update, the saliency
+    penalty's input gradient): attention runs by torch's math kernel meanwhile (the fused ones have no
+    double backward; clp on a timm ViT was an internal error), and an operator torch cannot differentiate
+    twice is exit 2 naming it with the setting that reaches it (MobileNetV3's hard sigmoid: within
+    ``scope: all`` for the meta step, anywhere for the saliency penalty)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    except (RuntimeError, NotImplementedError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "derivative for" not in msg or "not implemented" not in msg:
+            raise
+        op = msg.split("derivative for", 1)[1].split(" is not implemented")[0].strip()
+        if cfg.saliency_weight > 0:
+            how = ("its saliency penalty differentiates the input gradient through the whole network, whatever "
+                   "the scope: give saliency_weight: 0, or another recipe")
+        else:
+            how = (f"its meta step reaches it within scope {cfg.scope!r}: give a scope that leaves those layers "
+                   "out (the default, last:2), meta: false, or another recipe")
+        raise BadInput(f"clp differentiates the network twice and torch has no second derivative of {op}, which "
+                       f"this model runs; {how}") from None
+
+
 @register_model_repair("clp", summary="retraining with Causal Logit Perturbation (Zhou et al. 2025): a meta-learnt "
                                      "per-sample logit perturbation, a background saliency penalty and "
                                      "counterfactual/factual meta data from foreground masks (--masks, else Grad-CAM)",
@@ -488,7 +496,7 @@ def clp(inputs: ModelRepairInputs, config: ClpConfig) -> ModelRepairOutput:
     run = ClpRun(inputs, cfg)
     tm = run.tm
     before = tm.state()
-    with tm.training(run.names, freeze_bn=cfg.freeze_bn) as params:
+    with tm.training(run.names, freeze_bn=cfg.freeze_bn) as params, twice_differentiable(cfg):
         res = train(params, run.step, run.sess.evaluator(cfg), cfg, steps_per_epoch=run.steps_per_epoch,
                     budget=inputs.budget, seed=inputs.seed, device=run.dev, progress=inputs.progress, desc="clp",
                     buffers=tm.running_stats(cfg.freeze_bn), criterion=run.sess.criterion)
