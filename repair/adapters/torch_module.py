@@ -45,6 +45,11 @@ def load_weights_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path
     values in any tensor are refused naming it."""
     check_finite(tensors, path)
     own = model.state_dict()
+    if f"{head_name}.weight" not in own:      # weight_norm's weight_g / weight_v, a parametrisation's original0
+        raise BadInput(f"the head {head_name}'s weight is not one tensor of the state dict (a weight-normalised "
+                       "or otherwise parametrised head: "
+                       f"{', '.join(k for k in own if k.startswith(head_name + '.'))[:120]}); only a plain linear "
+                       "head can be measured and repaired", path)
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:
@@ -120,7 +125,9 @@ class TorchImageAdapter(TorchModelAdapter):
         if not isinstance(y, torch.Tensor):
             raise BadInput(f"the model's forward returns a {type(y).__name__}, not a logits tensor; the classifier "
                            f"must end in its head {self.head_name}", self.weights_path)
-        head = self.head(emb.to(self.head.weight.dtype)).float()
+        # the head's own math, as every figure computes it (``embeddings @ W.T + b``), not its module's call: a
+        # subclass with its own forward (a cosine classifier) or a hook on it (a prior added) is another model
+        head = torch.nn.functional.linear(emb.to(self.head.weight.dtype), self.head.weight, self.head.bias).float()
         y = y.float()
         if not (bool(torch.isfinite(head).all()) and bool(torch.isfinite(y).all())):
             return                     # non-finite outputs: refused by name where the embeddings are checked
@@ -128,11 +135,14 @@ class TorchImageAdapter(TorchModelAdapter):
             raise BadInput(f"the model's output has shape {tuple(y.shape)}, its head {self.head_name}'s "
                            f"{tuple(head.shape)}: the forward does more after the head", self.weights_path)
         diff = float((y - head).abs().max()) if y.numel() else 0.0
-        if not diff <= 1e-3 * (1.0 + float(head.abs().max())):
+        # the same math in the same dtype gives the same numbers; the bound only absorbs another kernel's
+        # rounding (a forward written ``x @ W.T + b``), never a prior (3.43 on logits of ~6,800 passed 1e-3)
+        if not diff <= 1e-5 * (1.0 + float(head.abs().max())):
             raise BadInput(f"the model's output is not its head {self.head_name}'s output (they differ by up to "
-                           f"{diff:.3g}): its forward changes the logits after the head, and repair would measure "
-                           "and repair another model than the one you deploy; make the head the forward's last "
-                           "step", self.weights_path)
+                           f"{diff:.3g}): its forward changes the logits after the head (or the head's own module "
+                           "does more than x @ W.T + b: a subclass's forward, a hook), and repair would measure "
+                           "and repair another model than the one you deploy; make a plain nn.Linear head the "
+                           "forward's last step", self.weights_path)
 
     @torch.no_grad()
     def logits_batch(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
