@@ -97,23 +97,22 @@ def _subgraph_reads(node) -> set:
     return {i for g in subs for n in _graph_nodes(g) for i in n.input if i}
 
 
-def _constant_values(graph) -> dict:
-    """Initializers and Constant nodes' values, by tensor name."""
-    from onnx import numpy_helper
-
+def _constants(graph) -> dict:
+    """Initializers and Constant nodes' tensors (TensorProto, read as arrays only where a step needs one:
+    a large model's weights are not copied), by tensor name."""
     out = {t.name: t for t in graph.initializer}
     for n in graph.node:
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value":
                     out[n.output[0]] = a.t
-    return {k: numpy_helper.to_array(v) for k, v in out.items()}
+    return out
 
 
 def _step_keeps_top_class(node, state: str, chain_input: str, consts: dict) -> bool:
     """Whether ``node`` (reading the chain's tensor ``chain_input``; its other inputs constants) keeps
     the top class of ``state`` ("scores" or "label") -- see :data:`FIRST_OUTPUT_STEPS`."""
-    from onnx import TensorProto
+    from onnx import TensorProto, numpy_helper
 
     op, ins = node.op_type, [x for x in node.input if x]
     others = [x for x in ins if x != chain_input]
@@ -127,10 +126,10 @@ def _step_keeps_top_class(node, state: str, chain_input: str, consts: dict) -> b
     if op in ("Mul", "Div"):                  # a temperature: a positive scalar constant (x / T, x * s)
         if len(others) != 1 or others[0] not in consts or (op == "Div" and ins[0] != chain_input):
             return False
-        v = np.asarray(consts[others[0]])
+        v = np.asarray(numpy_helper.to_array(consts[others[0]]))
         return v.size == 1 and np.issubdtype(v.dtype, np.number) and float(v.reshape(-1)[0]) > 0
     if op == "Gather":                        # a table of class names looked up by the label
-        return len(ins) == 2 and ins[1] == chain_input and ins[0] in consts and np.asarray(consts[ins[0]]).ndim == 1
+        return len(ins) == 2 and ins[1] == chain_input and ins[0] in consts and len(consts[ins[0]].dims) == 1
     return all(x in consts for x in others)   # Identity, Sigmoid, Cast of a label, Squeeze/Unsqueeze (axes)
 
 
@@ -141,6 +140,7 @@ def _check_first_output(graph, first: str, logits: str, producer: dict, where: O
     label, its name); else its predictions need not be the measured ones (a class prior added) and the
     file is refused naming the step."""
     nodes = graph.node
+
     def depends(t: str) -> bool:     # on the logits, through any node (a subgraph's reads included)
         stack, seen = [t], set()
         while stack:
@@ -156,7 +156,7 @@ def _check_first_output(graph, first: str, logits: str, producer: dict, where: O
 
     if not depends(first):           # an embedding output: not a prediction
         return
-    consts = _constant_values(graph)
+    consts = _constants(graph)
     steps, t = [], first             # the chain, from the first output back to the logits
     while t != logits:
         i = producer.get(t)
