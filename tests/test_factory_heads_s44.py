@@ -49,6 +49,20 @@ class Scaled(nn.Module):          # a prior 3e-4 of the largest logit (3.43 on ~
 def scaled():
     return Scaled()
 
+class Autocast(nn.Module):        # the head run in half precision: its output rounded, no prior
+    def __init__(self, dtype):
+        super().__init__()
+        self.net, self.dtype = plain(), dtype
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=self.dtype):
+            return self.net(x)
+
+def half():
+    return Autocast(torch.float16)
+
+def bhalf():
+    return Autocast(torch.bfloat16)
+
 def weightnorm():
     m = plain()
     m[-1] = nn.utils.parametrizations.weight_norm(m[-1])
@@ -81,6 +95,9 @@ def test_a_head_that_is_not_plain_linear_math_is_exit_2_naming_the_file(factory,
     assert code == 2 and words in err and str(w) in err and err.count("\n") == 1, err
 
 
-def test_a_plain_head_is_measured(factory, tmp_path, image_data):
-    code, err, _ = _eval(factory, tmp_path, image_data, "plain")
+@pytest.mark.parametrize("name", ["plain", "half", "bhalf"])
+def test_a_plain_head_is_measured_also_run_under_autocast(factory, tmp_path, image_data, name):
+    """(the session's review) a head run under autocast outputs half-precision logits: the bound allows
+    that dtype's rounding, as the ONNX path allows a float16 head's."""
+    code, err, _ = _eval(factory, tmp_path, image_data, name)
     assert code == 0, err
