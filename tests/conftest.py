@@ -128,6 +128,24 @@ def make_images(root: Path, n_per_class: int = 6, classes=CLASSES, size: int = 3
 WORDS = ["good", "bad", "great", "awful", "not", "movie", "plot", "fun", "boring", "never", "the", "a", "was", "is"]
 
 
+def factory_weights(folder: Path, module: str, source: str, monkeypatch, build: str = "build") -> Path:
+    """A ``--factory`` module for a test: ``source`` written as ``folder/module.py``, importable from this
+    process (``folder`` on ``sys.path``, a stale import of that name dropped), and the state dict of its
+    ``build()``, built under seed 0, saved as ``folder/w.safetensors`` (returned)."""
+    import importlib
+    import sys
+
+    from safetensors.torch import save_file
+
+    (folder / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop(module, None)
+    importlib.invalidate_caches()
+    torch.manual_seed(0)
+    save_file(getattr(importlib.import_module(module), build)().state_dict(), str(folder / "w.safetensors"))
+    return folder / "w.safetensors"
+
+
 def make_bert_folder(path: Path, seed: int = 0) -> Path:
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 

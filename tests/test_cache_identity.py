@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, make_bert_folder, make_images, make_texts, make_timm_folder, run_cli
+from conftest import CLASSES, factory_weights, make_bert_folder, make_images, make_texts, make_timm_folder, run_cli
 from repair.adapters import LoadOptions, load_model
 from repair.api import RuntimeOptions, prepare
 from repair.data import load_data
@@ -84,20 +84,13 @@ def test_the_tokenizer_content_is_in_the_key(tmp_path):
 
 
 def test_a_factory_and_its_arguments_are_in_the_key(tmp_path, monkeypatch):
-    (tmp_path / "facmod_cache.py").write_text(
-        "from torch import nn\n"
-        "def net(act='relu'):\n"
-        "    a = nn.ReLU() if act == 'relu' else nn.Tanh()\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), a, nn.Linear(6, 3))\n"
-        "def other():\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.Sigmoid(), nn.Linear(6, 3))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("facmod_cache", None)
-    import facmod_cache
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    save_file(facmod_cache.net().state_dict(), str(tmp_path / "w.safetensors"))
+    factory_weights(tmp_path, "facmod_cache", "from torch import nn\n"
+                    "def net(act='relu'):\n"
+                    "    a = nn.ReLU() if act == 'relu' else nn.Tanh()\n"
+                    "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), a, nn.Linear(6, 3))\n"
+                    "def other():\n"
+                    "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.Sigmoid(), nn.Linear(6, 3))\n",
+                    monkeypatch, build="net")
     data = make_images(tmp_path / "d", n_per_class=2, size=8)
     pre = dict(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     k = {name: _key(tmp_path / "w.safetensors", data, LoadOptions(factory=f"facmod_cache:{fn}", model_args=args, **pre))

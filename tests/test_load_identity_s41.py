@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, make_bert_folder, make_deployed_onnx, make_images, make_texts, make_timm_folder
+from conftest import (CLASSES, factory_weights, make_bert_folder, make_deployed_onnx, make_images, make_texts,
+                      make_timm_folder)
 
 import repair
 from repair.adapters import LoadOptions, load_model
@@ -119,18 +119,10 @@ def test_a_checkpoint_saved_over_after_loading_keeps_the_sha256_of_what_was_load
 
 
 def _factory(tmp_path, monkeypatch):
-    (tmp_path / "facmod_s41.py").write_text(
-        "from torch import nn\n"
-        "def net():\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 6), nn.ReLU(), nn.Linear(6, 3))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("facmod_s41", None)
-    import facmod_s41
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    w = tmp_path / "w.safetensors"
-    save_file(facmod_s41.net().state_dict(), str(w))
+    w = factory_weights(tmp_path, "facmod_s41", "from torch import nn\n"
+                        "def net():\n"
+                        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 6), nn.ReLU(), nn.Linear(6, 3))\n",
+                        monkeypatch, build="net")
     return w, LoadOptions(factory="facmod_s41:net", class_names=CLASSES, **PRE)
 
 

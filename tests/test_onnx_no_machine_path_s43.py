@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import repair
-from conftest import make_images, make_timm_folder, run_cli
+from conftest import factory_weights, make_images, make_timm_folder, run_cli
 
 
 def _machine_paths(blob: bytes, *extra) -> list:
@@ -34,21 +34,12 @@ def test_the_same_model_exported_from_two_folders_is_the_same_onnx_file(tmp_path
 
 
 def test_a_factory_networks_source_path_is_not_in_its_onnx_export(tmp_path, monkeypatch):
-    import torch
-    from safetensors.torch import save_file
-
     proj = tmp_path / "home" / "alice" / "proj"
     proj.mkdir(parents=True)
-    (proj / "alicenet43.py").write_text(
-        "from torch import nn\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.ReLU(), nn.Linear(6, 3))\n")
-    monkeypatch.syspath_prepend(str(proj))
-    sys.modules.pop("alicenet43", None)
-    import alicenet43
-
-    torch.manual_seed(0)
-    save_file(alicenet43.build().state_dict(), str(proj / "w.safetensors"))
+    factory_weights(proj, "alicenet43", "from torch import nn\n"
+                    "def build():\n"
+                    "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.ReLU(), nn.Linear(6, 3))\n",
+                    monkeypatch)
     data = make_images(tmp_path / "d", n_per_class=3, size=8)
     code, _, err = run_cli("export", proj / "w.safetensors", "--factory", "alicenet43:build", "--image-size", "8",
                            "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--class-names", "cat,dog,fox",

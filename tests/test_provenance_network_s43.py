@@ -4,26 +4,16 @@
 from __future__ import annotations
 
 import json
-import sys
 
-import torch
-from conftest import make_images, run_cli
+from conftest import factory_weights, make_images, run_cli
 
 
 def _factory(tmp_path, monkeypatch):
-    (tmp_path / "provnet43.py").write_text(
-        "from torch import nn\n"
-        "def build(act='relu'):\n"
-        "    a = nn.ReLU() if act == 'relu' else nn.Tanh()\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), a, nn.Linear(6, 3))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("provnet43", None)
-    import provnet43
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    save_file(provnet43.build().state_dict(), str(tmp_path / "w.safetensors"))
-    return tmp_path / "w.safetensors"
+    return factory_weights(tmp_path, "provnet43", "from torch import nn\n"
+                           "def build(act='relu'):\n"
+                           "    a = nn.ReLU() if act == 'relu' else nn.Tanh()\n"
+                           "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), a, nn.Linear(6, 3))\n",
+                           monkeypatch)
 
 
 def _settings(path):
