@@ -84,13 +84,22 @@ def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load,
         return
     say(f"{model} on {data}: n={rep['n']}  accuracy={pct(rep['accuracy'])}  embedding dim={rep['embedding_dim']}")
     say("\nper class (dispersion = nearest class prototype is another class):")
-    say(table(["class", "n", "acc", "misclassified", "dispersion", "neurons with delta>0", "max delta"],
+    say(table(["class", "n", "acc", "misclassified", "dispersion", "neurons with delta>0", "significant", "max delta"],
                 [[r["class"], r["n"], pct(r["accuracy"]), r["misclassified"], pct(r["dispersion"]),
-                  r["spurious_neurons"], "-" if r["max_delta"] is None else f"{r['max_delta']:.3f}"]
+                  r["positive_delta_neurons"], r["spurious_neurons"],
+                  "-" if r["max_delta"] is None else f"{r['max_delta']:.3f}"]
                  for r in rep["per_class"]]))
-    say("\nmost spurious neurons (delta = median activation misclassified - correct, NeuronTune):")
-    say(table(["class", "neuron", "delta", "head weight"],
-                [[t["class"], t["neuron"], f"{t['delta']:.3f}", f"{t['head_weight']:.3f}"] for t in rep["top_spurious_neurons"]]))
+    sig = rep["significance"]
+    say(f"\nneurons whose activation is significantly higher in a class's misclassified samples than in its "
+        f"correct ones (delta = median misclassified - correct, NeuronTune; p: {sig['test']}, level "
+        f"{sig['level']:g} over {sig['tests']} tests). Candidates for a shortcut, not proof: a class feature "
+        "that is weak in the misclassified samples can show here too")
+    if rep["top_spurious_neurons"]:
+        say(table(["class", "neuron", "delta", "p", "head weight"],
+                  [[t["class"], t["neuron"], f"{t['delta']:.3f}", f"{t['p_value']:.2g}", f"{t['head_weight']:.3f}"]
+                   for t in rep["top_spurious_neurons"]]))
+    else:
+        say("none: no neuron separates misclassified from correct samples beyond what chance gives")
     say("\npseudo-groups (class x correctly/incorrectly classified):")
     say(table(["group", "n"], [[g["group"], g["n"]] for g in rep["pseudo_groups"]]))
 

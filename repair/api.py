@@ -33,7 +33,7 @@ class Prepared:
 def check_modality(adapter: Adapter, data: RepairData) -> None:
     if adapter.modality != data.modality:
         raise BadInput(f"the model takes {adapter.modality} input but the data holds {data.modality}s",
-                       data.table or data.source)
+                       data.where)
 
 
 def prepare_data(adapter: Adapter, data_path, data_opts: DataOptions, runtime: RuntimeOptions,
@@ -235,7 +235,7 @@ def repair_set_rows(adapter: Adapter, data: RepairData, inputs=None) -> Optional
     ident = rec.get("data") if isinstance(rec, dict) else None
     if not isinstance(ident, dict):
         return None
-    where = data.table or data.source
+    where = data.where
     keys = provenance.sample_keys(data, inputs, adapter)
     rows = recorded_repair_rows(adapter, data, inputs, keys)
     if rows is not None and len(data) and all(rows):
@@ -304,12 +304,12 @@ def recorded_repair_rows(adapter: Adapter, data: RepairData, inputs=None, keys=N
             # samples cannot be told, so no figure is measured (fail closed), saying what to give
             raise BadInput("cannot tell which of these images the repair fitted: read as the repair read them "
                            f"(its recorded preprocessing, input {cfg.get('input_size')}), {e.problem}; evaluate "
-                           "with the repair's preprocessing", e.path or data.table or data.source) from None
+                           "with the repair's preprocessing", e.path or data.where) from None
         except Exception as e:  # a recorded preprocessing this install cannot build: the same
             raise BadInput("cannot tell which of these images the repair fitted: its recorded preprocessing "
                            f"({provenance.canonical_json(cfg)[:200]}) cannot be rebuilt here ({type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); evaluate with the "
-                           "repair's preprocessing", data.table or data.source) from None
+                           "repair's preprocessing", data.where) from None
         if again is not None:
             rows = [a or b for a, b in zip(rows, provenance.in_samples_record(again, record))]
     return rows
@@ -343,7 +343,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
 
         data = read_data(data_path, data_opts)
         ex = read_data(exclude, dataclasses.replace(data_opts, group_by=None))     # read as the data is
-        overlap = eval_overlap(ex, data, data.table or data.source, exclude_flag="--exclude")
+        overlap = eval_overlap(ex, data, data.where, exclude_flag="--exclude")
         from .rules import check_options, model_arg
 
         model = model_arg(model_path)            # loaded once: it also says which texts it reads as the same
@@ -361,7 +361,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
             # first (whole, each image decoded once) and its keys read from the embeddings; a text's
             # keys are its tokens (cheap): data that is all --exclude is refused before any embedding
             first = embed(model_path, data, rt)
-        overlap = read_as_same(model_path, ex, data, overlap, data.table or data.source, exclude_flag="--exclude",
+        overlap = read_as_same(model_path, ex, data, overlap, data.where, exclude_flag="--exclude",
                                runtime=rt, inputs=(None, None if first is None else first.inputs))
         left_out = sum(bool(o) for o in overlap)
         keep = [i for i, o in enumerate(overlap) if not o]
@@ -395,7 +395,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
     left: list[str] = []
     if exclude is not None:
         report["excluded"] = {"data": str(exclude if not isinstance(exclude, RepairData) else
-                                          (exclude.table or exclude.source)), "n": left_out}
+                                          (exclude.where)), "n": left_out}
         if left_out:
             left.append(f"{left_out} of the {len(full)} samples are also in {report['excluded']['data']}")
     report["in_repair_set"] = in_repair_set
@@ -407,7 +407,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
                               for k, w in enumerate(left, 1)]
     report.update({
         "model": {**p.adapter.describe(), **p.adapter.identity()},
-        "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality,
+        "data": {"source": str(p.data.where), "n": len(p.data), "modality": p.data.modality,
                  "group_by": (data_opts or DataOptions()).group_by},
         "embedding": {"from_cache": p.emb.from_cache, "seconds": round(p.emb.seconds, 4),
                       "device": p.emb.device, "cache_key": p.emb.key},
@@ -426,6 +426,13 @@ def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     p, in_repair_set = _without_repair_set(p, (data_opts or DataOptions()).group_by)   # its accuracies are figures too
     W, b = p.adapter.head_params()
     report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k, where=p.adapter.source)
+    from .selection import figure_warnings
+
+    # the same warnings eval gives its figures: a class with no or a few samples, a pseudo-group
+    # (class x correct/misclassified) with a few, and what the reader said of the data as a whole
+    figs = {"per_class": [{"name": r["class"], "n": r["n"]} for r in report["per_class"]],
+            "per_inferred_group": [{"name": g["group"], "n": g["n"]} for g in report["pseudo_groups"]]}
+    report["warnings"] = list(p.data.notes) + figure_warnings(figs, what="the probe's figures")
     report["in_repair_set"] = in_repair_set
     if in_repair_set:
         report.setdefault("warnings", []).insert(
@@ -433,7 +440,7 @@ def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
                f"provenance records them): left out of the accuracies, which are measured on the other {len(p.data)}")
     report.update({
         "model": {**p.adapter.describe(), **p.adapter.identity()},
-        "data": {"source": str(p.data.source), "n": len(p.data), "modality": p.data.modality},
+        "data": {"source": str(p.data.where), "n": len(p.data), "modality": p.data.modality},
         "embedding": {"from_cache": p.emb.from_cache, "seconds": round(p.emb.seconds, 4),
                       "device": p.emb.device},
     })

@@ -130,6 +130,12 @@ class RepairData:
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def where(self) -> Path:
+        """What was read, as messages and reports name it: the table (metadata.csv, a text CSV/JSONL)
+        when the data came from one, else the folder. The one home of that rule."""
+        return self.table if self.table is not None else self.source
+
     def files(self) -> list[Path]:
         """Every file this data reads, resolved (symlinks followed): the table, if any, and every
         image. The inputs an output must never replace."""
@@ -1177,7 +1183,7 @@ def check_regular(path, what: str = "image") -> None:
 def check_group_column(data: RepairData, group_by: str) -> None:
     """The group column exists and has a value in every row (:class:`BadInput` naming the
     table and the first row without one)."""
-    where = data.table or data.source
+    where = data.where
     if group_by not in data.attributes:
         cols = ", ".join(data.attributes) or "none"
         raise BadInput(f"no group column {group_by!r} (attribute columns: {cols})", where)
@@ -1278,7 +1284,7 @@ def check_classes_present(y, class_names: Sequence[str], where=None) -> None:
 
 def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str] = None) -> Encoded:
     import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
-    where = data.table or data.source
+    where = data.where
     # a table's rows are named (row 3 (line 5)); a class folder's label is the folder's own name
     y = match_labels(data.labels, class_names, where, data.row_at if data.table is not None else None)
     if group_by is None:

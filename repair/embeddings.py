@@ -339,7 +339,7 @@ def check_finite_embeddings(X: torch.Tensor, adapter: Adapter, data: RepairData)
         i = int(torch.nonzero(bad)[0])
         item = data.items[i] if data.modality == "image" else f"text {i + 1}"
         raise BadInput(f"the model {adapter.source} gives non-finite (NaN or infinite) embeddings for "
-                       f"{int(bad.sum())} of {len(data)} samples (first: {item})", data.table or data.source)
+                       f"{int(bad.sum())} of {len(data)} samples (first: {item})", data.where)
 
 
 def cache_digest(X: torch.Tensor) -> str:

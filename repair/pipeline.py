@@ -341,7 +341,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                                      kept=trained_on.setdefault(name, []))
     if emb is None:
         data, enc, emb = prepare_data(adapter, inputs.data, data_opts, runtime)
-    where = data.table or data.source
+    where = data.where
     C = len(adapter.class_names)
     check_repair_set(enc, C, where)
     log(f"repair set: {len(data)} samples, embeddings {'from cache' if emb.from_cache else 'extracted'} "
@@ -405,7 +405,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         log(f"warning: {w}")
     if "model" in recipe.kinds:
         resources["data_root"] = Path(data.source)
-        resources["data_file"] = Path(data.table or data.source)     # what an error about the repair set names
+        resources["data_file"] = Path(data.where)     # what an error about the repair set names
         if has_groups:
             resources["group_names"] = list(enc.group_names)
     # model repairs get a scratch folder for the files they make (beside the output: the chosen one's
@@ -511,7 +511,7 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
     if not keep:
         raise BadInput(f"every sample of {flag} is also in the repair data (--data) or --eval: the choice and the "
                        "figures are measured there, never on what is trained on; give training data kept apart",
-                       d.table or d.source)
+                       d.where)
     if kept is not None:
         kept[:] = [d, keep, mine]
     if len(keep) < len(d):
@@ -519,7 +519,7 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
                      f"left out of training, which uses the other {len(keep)}")
         d = d.subset(keep)
     e = encode(d, adapter.class_names, gb)
-    return TrainSet(items=list(d.items), y=e.y, groups=e.groups, source=str(d.table or d.source))
+    return TrainSet(items=list(d.items), y=e.y, groups=e.groups, source=str(d.where))
 
 
 def _kept_samples(adapter, d: RepairData, keep: list, keys: Optional[list]) -> tuple:

@@ -97,7 +97,7 @@ def eval_overlap(data: RepairData, eval_data: RepairData, where: Any = None, *,
     samples of a partial overlap are left out of the figures by the caller. ``exclude_flag``: the
     option that named ``data`` when it is not ``--data`` (``repair eval --exclude``); ``eval_flag`` /
     ``data_flag``: how the refusal names the two (a zoo manifest's ``eval`` / ``data`` fields)."""
-    where_of = lambda d: Path(str(d.table or d.source)).resolve()          # noqa: E731  (a table, else the folder)
+    where_of = lambda d: Path(str(d.where)).resolve()          # noqa: E731  (a table, else the folder)
     same = where_of(data) == where_of(eval_data)
     seen = set(data.content_hashes())
     overlap = [h in seen for h in eval_data.content_hashes()]
@@ -113,7 +113,7 @@ def refuse_full_overlap(overlap: list[bool], eval_data: RepairData, where: Any =
     true, or ``same`` data), see :func:`eval_overlap`; ``how`` says how they were found the same."""
     if not (same or (overlap and all(overlap))):
         return
-    place = where if isinstance(where, (str, Path)) else eval_data.table or eval_data.source
+    place = where if isinstance(where, (str, Path)) else eval_data.where
     if exclude_flag is not None:
         raise BadInput(f"every sample of the data is also in {exclude_flag}{how}" + (" (the same data)" if same else "")
                        + ": nothing would be left to measure", place)

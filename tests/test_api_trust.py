@@ -208,10 +208,15 @@ def test_probe_lists_only_spurious_neurons_and_a_recipes_criterion_says_whether_
     from repair.probing import probe
 
     g = torch.Generator().manual_seed(0)
-    X, y = torch.randn(90, 8, generator=g), torch.arange(90) % 3
-    rep = probe(X, y, torch.randn(3, 8, generator=g), torch.zeros(3), ["a", "b", "c"], top_k=100000)
+    X, y = torch.randn(300, 8, generator=g), torch.arange(300) % 3
+    W = torch.randn(3, 8, generator=g)
+    W[:, 5] = 0                                         # neuron 5 does not move the predictions...
+    wrong = (X @ W.T).argmax(1) != y
+    X[wrong, 5] += 3.0                                  # ...but sits high in every misclassified sample
+    rep = probe(X, y, W, torch.zeros(3), ["a", "b", "c"], top_k=100000)
     top = rep["top_spurious_neurons"]
     assert top and all(t["delta"] > 0 for t in top) and len(top) < 24         # some neurons are not spurious
+    assert {t["neuron"] for t in top} >= {5}
     assert len(top) == sum(c["spurious_neurons"] for c in rep["per_class"])
     m = make_timm_folder(tmp_path / "m")
     data = make_images(tmp_path / "d", n_per_class=8)

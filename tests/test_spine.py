@@ -269,7 +269,7 @@ def test_probe_cli(timm_folder, image_data, bert_folder, text_data):
     assert len(rep["neuron_spuriousness"]) == 3 and len(rep["per_class"]) == 3
     assert sum(g["n"] for g in rep["pseudo_groups"]) == 18
     code, out, err = run_cli("probe", bert_folder, "--data", text_data, "-q")
-    assert code == 0 and "most spurious neurons" in out
+    assert code == 0 and "significantly higher in a class's misclassified samples" in out
 
 
 def test_probe_scores_find_planted_neuron():
