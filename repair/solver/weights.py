@@ -28,10 +28,19 @@ def fold_affine(W: Tensor, b: Tensor, scale: Optional[Tensor] = None,
 
 
 def constant_features(sd: Tensor, mu: Tensor, eps: float = 1e-6, rel: float = 1e-3) -> Tensor:
-    """Features that are (numerically) constant: spread below ``eps`` or below ``rel`` of their
-    magnitude. Standardising those would multiply float32 rounding noise into huge head weights
-    that cancel against the bias (an exported model then disagrees with itself at 1e-4)."""
-    return sd <= torch.maximum(torch.full_like(sd, eps), rel * mu.abs())
+    """Features that are (numerically) constant: spread below ``rel`` of their magnitude, or below
+    ``eps`` -- in units of the embeddings' own scale when that is below 1 (the largest spread or
+    magnitude of any feature): embeddings that are all about 1e-6 are not all constant. Standardising
+    constant features would multiply float32 rounding noise into huge head weights that cancel
+    against the bias (an exported model then disagrees with itself at 1e-4).
+
+    (An absolute ``eps`` called every feature of a model whose embeddings are ~1e-6 constant: the
+    fit ran on the raw features, its L2 penalty zeroed the weights and every head repair returned a
+    one-class model, silently.)"""
+    finite = torch.isfinite(sd) & torch.isfinite(mu)
+    ref = torch.maximum(sd, mu.abs())[finite].max() if bool(finite.any()) else sd.new_tensor(1.0)
+    floor = eps * torch.clamp(ref, max=1.0)
+    return sd <= torch.maximum(floor.expand_as(sd), rel * mu.abs())
 
 
 #: bytes of one row chunk of the moment passes: small enough to stay in cache between the chunk's
