@@ -880,7 +880,7 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
             raise BadInput(f"{at(n)} has an empty label", table)
     attrs = {c: [cell_value(row.get(c, "")) for row in rows] for c in columns if c not in used}
     return RepairData(source=root, modality=modality, items=items, labels=labels, attributes=attrs,
-                      notes=several_splits(table, attrs, o.group_by),
+                      notes=several_splits(table, attrs, o.group_by) + one_group(table, attrs, o.group_by),
                       table=table, max_pixels=o.max_pixels, _real=reals if modality == "image" else None,
                       _rows=[at(i) for i in range(len(rows))])
 
@@ -976,6 +976,18 @@ def several_splits(table: Path, attrs: dict, group_by: Optional[str] = None) -> 
                 return [f"{table}: its column {col!r} holds {len(seen)} values ({shown}): every row is read, "
                         "whichever split it is in; give a table of one split's rows (a repair set or figures "
                         "holding the model's training or test rows say nothing true)"]
+    return []
+
+
+def one_group(table: Path, attrs: dict, group_by: Optional[str]) -> list[str]:
+    """A note when the ``--group-by`` column holds one value: the groups are then the classes (class x
+    that value), so worst-group accuracy is worst-class accuracy and a group-balanced repair balances
+    classes only -- a misspelt or wrong column, or a subset of one group, looks like groups given. []
+    otherwise."""
+    values = attrs.get(group_by) if group_by is not None else None
+    if values and len(set(values)) == 1:
+        return [f"{table}: its --group-by column {group_by!r} holds one value ({values[0]!r}) in all {len(values)} "
+                "rows: the groups are the classes, so worst-group accuracy is worst-class accuracy"]
     return []
 
 

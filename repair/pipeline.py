@@ -393,10 +393,14 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         conflicts = label_conflicts(data, clusters, y)
         if conflicts:
             warnings.append(f"the repair set: {conflicts}, and is fitted on")
-    if len(recipe.candidates) > 1 or "model" in recipe.kinds:
+    # every choice made on the fit part's strata: between candidates, when to stop training, or a
+    # head method's own inner choice (dfr's strength, afr's weighting: those with a ``freeze``)
+    tuned = [c for c in recipe.candidates if c.info.kind == "head" and c.info.freeze is not None]
+    if len(recipe.candidates) > 1 or "model" in recipe.kinds or tuned:
         warnings += support_warnings(strata[fit_idx], strata_names, minimum=MIN_FOR_CHOICE, clusters=clusters[fit_idx],
                                      what="choosing between candidates" if len(recipe.candidates) > 1
-                                     else "choosing when to stop training")
+                                     else "choosing when to stop training" if "model" in recipe.kinds
+                                     else f"choosing {tuned[0].method}'s settings")
     if report_idx is not None:           # groups, or without labels the inferred groups
         warnings += support_warnings(strata[report_idx], strata_names, minimum=MIN_FOR_REPORT, among=strata,
                                      clusters=clusters[report_idx],
