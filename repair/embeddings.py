@@ -38,10 +38,9 @@ CACHE_FORMAT = 7      # 2: every entry carries the sha256 of its tensor, verifie
                       # 7: the key holds the code that computes embeddings (:func:`code_key`)
 DEFAULT_BATCH_SIZE = 64
 
-#: installed libraries whose code reads a sample (decodes, resizes, tokenizes) or runs a network beside
-#: torch (whose version :meth:`Adapter.network_id` holds): their versions are in every cache key
-CODE_LIBRARIES = ("numpy", "pillow", "torchvision", "timm", "tokenizers", "transformers", "onnxruntime",
-                  "onnxruntime-gpu")
+#: installed libraries whose code reads a sample or runs a network beside torch (whose version
+#: :meth:`Adapter.network_id` holds): their versions are in every cache key (the list's home is provenance)
+from .provenance import CODE_LIBRARIES  # noqa: E402
 _CODE_KEY: dict = {}
 
 

@@ -946,6 +946,22 @@ def export_metadata(adapter: Adapter, metadata: dict[str, str]) -> dict[str, str
     return {**extra, **{str(k): str(v) for k, v in metadata.items()}}
 
 
+def _with_exporter(metadata: dict, exporter: str, opset: Optional[int]) -> dict:
+    """``metadata`` with, beside a provenance (``repair.*`` keys), how the file was written:
+    ``repair.exporter`` -- the exporter (``dynamo``, the deprecated ``torchscript`` fallback, or
+    ``graph-edit`` for an ONNX model's own graph), the opset and the torch and onnx versions -- so that
+    a file says what produced it, not only what it was produced from."""
+    from . import provenance
+
+    out = dict(metadata)
+    if any(str(k).startswith(provenance.PREFIX) for k in out):
+        import onnx
+
+        out[f"{provenance.PREFIX}exporter"] = provenance.canonical_json(
+            {"exporter": exporter, "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__})
+    return out
+
+
 def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_items: Sequence[Any],
                 tolerance: Optional[float] = None, opset: Optional[int] = None, force: bool = False,
                 device: str = "cpu", exporter: str = "auto", progress: Optional[Callable[[str], None]] = None,
@@ -989,7 +1005,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
     with atomic_output(out_path, force=force) as tmp:
         if native:
             _log(progress, "writing the repaired ONNX graph")
-            proto = adapter.export_proto(dict(metadata))
+            proto = adapter.export_proto(_with_exporter(metadata, "graph-edit", None))
             used, input_names, export_batch = "graph-edit", list(adapter.input_names), None
             if opset is not None and opset != _opset(proto):
                 _log(progress, f"notice: --opset {opset} does not apply to an ONNX model: its graph is edited in "
@@ -1000,7 +1016,7 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
             proto, used, input_names = torch_to_onnx(adapter, example, opset=opset, exporter=exporter,
                                                      progress=progress, failures=failures)
             export_batch = EXPORT_BATCH
-            set_metadata(proto, export_metadata(adapter, metadata))
+            set_metadata(proto, export_metadata(adapter, _with_exporter(metadata, used, _opset(proto))))
         if _tamper is not None:
             _tamper(proto)
         if proto.ByteSize() > MAX_PROTO_BYTES:

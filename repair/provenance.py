@@ -121,16 +121,51 @@ def code_identity() -> dict:
         from .recipes import recipes_dir
 
         h = hashlib.sha256()
-        for name, root in (("repair", Path(__file__).resolve().parent), ("recipes", recipes_dir())):
+        for name, root in (("repair", Path(__file__).resolve().parent), ("recipes", recipes_dir()),
+                           ("cli", _cli_dir())):
+            if root is None:
+                continue
             for f in sorted(root.rglob("*")):
                 if f.is_file() and f.suffix in (".py", ".yaml"):
                     h.update(f"{name}/{f.relative_to(root).as_posix()}\0".encode())
                     h.update(f.read_bytes())
         _CODE["sources_sha256"] = h.hexdigest()
         _CODE["torch"] = torch.__version__
-        for mod in ("timm", "transformers"):
+        for mod in CODE_LIBRARIES:
             _CODE.update(_library_version(mod))
+        # what else makes the last bits differ between two machines (README: numerics): the
+        # interpreter, the architecture and the SIMD kernels torch picked on this CPU
+        import platform
+
+        _CODE["python"] = platform.python_version()
+        _CODE["machine"] = platform.machine()
+        try:
+            _CODE["cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())
+        except Exception:                # an old torch without it: nothing to record
+            pass
     return dict(_CODE)
+
+
+#: installed libraries whose code reads a sample (decodes, resizes, tokenizes) or runs a network beside
+#: torch: their versions are in every embedding cache key and in every written model's provenance
+#: (``code``), the one list of both
+CODE_LIBRARIES = ("numpy", "pillow", "torchvision", "timm", "tokenizers", "transformers", "onnxruntime",
+                  "onnxruntime-gpu")
+
+
+def _cli_dir():
+    """The command line's sources (``repair_cli``: what turns options into settings), or None when it is
+    not installed beside the library."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("repair_cli")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
 def _library_version(mod: str) -> dict:
