@@ -94,7 +94,9 @@ def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load,
         f"correct ones (delta = median misclassified - correct, NeuronTune; p: {sig['test']}, level "
         f"{sig['level']:g} over {sig['tests']} tests). Candidates for a shortcut, not proof: a class feature "
         "that is weak in the misclassified samples can show here too")
-    if rep["top_spurious_neurons"]:
+    if not sig["tests"]:
+        say("none tested: no class has both misclassified and correctly classified samples")
+    elif rep["top_spurious_neurons"]:
         say(table(["class", "neuron", "delta", "p", "head weight"],
                   [[t["class"], t["neuron"], f"{t['delta']:.3f}", f"{t['p_value']:.2g}", f"{t['head_weight']:.3f}"]
                    for t in rep["top_spurious_neurons"]]))

@@ -428,10 +428,10 @@ def probe_model(model_path, data_path, load_opts: Optional[LoadOptions] = None,
     report = probe(p.emb.X, p.enc.y, W, b, p.enc.class_names, top_k=top_k, where=p.adapter.source)
     from .selection import figure_warnings
 
-    # the same warnings eval gives its figures: a class with no or a few samples, a pseudo-group
-    # (class x correct/misclassified) with a few, and what the reader said of the data as a whole
-    figs = {"per_class": [{"name": r["class"], "n": r["n"]} for r in report["per_class"]],
-            "per_inferred_group": [{"name": g["group"], "n": g["n"]} for g in report["pseudo_groups"]]}
+    # the warnings eval gives its figures where they apply: a class with no or a few samples (its
+    # accuracy), and what the reader said of the data as a whole. Not a pseudo-group's (class x
+    # misclassified is 0% by definition): how few errors a class has is the neuron test's to weigh
+    figs = {"per_class": [{"name": r["class"], "n": r["n"]} for r in report["per_class"]]}
     report["warnings"] = list(p.data.notes) + figure_warnings(figs, what="the probe's figures")
     report["in_repair_set"] = in_repair_set
     if in_repair_set:

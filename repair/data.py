@@ -980,13 +980,13 @@ def several_splits(table: Path, attrs: dict, group_by: Optional[str] = None) -> 
 
 
 def one_group(table: Path, attrs: dict, group_by: Optional[str]) -> list[str]:
-    """A note when the ``--group-by`` column holds one value: the groups are then the classes (class x
+    """A note when the group column (``--group-by``, ``--eval-group-by``, a zoo row's ``group_by``) holds one value: the groups are then the classes (class x
     that value), so worst-group accuracy is worst-class accuracy and a group-balanced repair balances
     classes only -- a misspelt or wrong column, or a subset of one group, looks like groups given. []
     otherwise."""
     values = attrs.get(group_by) if group_by is not None else None
     if values and len(set(values)) == 1:
-        return [f"{table}: its --group-by column {group_by!r} holds one value ({values[0]!r}) in all {len(values)} "
+        return [f"{table}: its group column {group_by!r} holds one value ({values[0]!r}) in all {len(values)} "
                 "rows: the groups are the classes, so worst-group accuracy is worst-class accuracy"]
     return []
 

@@ -51,17 +51,10 @@ def code_key() -> dict:
     installed versions of :data:`CODE_LIBRARIES` (read from their metadata: nothing is imported for it).
     Computed once per process."""
     if not _CODE_KEY:
-        from importlib import metadata
+        from .provenance import code_identity, library_versions
 
-        from .provenance import code_identity
-
-        libs = {}
-        for name in CODE_LIBRARIES:
-            try:
-                libs[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                libs[name] = None
-        _CODE_KEY.update({"repair": __version__, "sources": code_identity()["sources_sha256"], "libraries": libs})
+        _CODE_KEY.update({"repair": __version__, "sources": code_identity()["sources_sha256"],
+                          "libraries": library_versions()})
     return dict(_CODE_KEY)
 
 

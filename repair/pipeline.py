@@ -394,13 +394,17 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         if conflicts:
             warnings.append(f"the repair set: {conflicts}, and is fitted on")
     # every choice made on the fit part's strata: between candidates, when to stop training, or a
-    # head method's own inner choice (dfr's strength, afr's weighting: those with a ``freeze``)
-    tuned = [c for c in recipe.candidates if c.info.kind == "head" and c.info.freeze is not None]
-    if len(recipe.candidates) > 1 or "model" in recipe.kinds or tuned:
+    # lone head method's own inner choice (dfr's strength, afr's weighting), said once its fit shows
+    # it had more than one setting to choose from (its diagnostics' ``candidates``; _finish)
+    inner_choice = []
+    if len(recipe.candidates) > 1 or "model" in recipe.kinds:
         warnings += support_warnings(strata[fit_idx], strata_names, minimum=MIN_FOR_CHOICE, clusters=clusters[fit_idx],
                                      what="choosing between candidates" if len(recipe.candidates) > 1
-                                     else "choosing when to stop training" if "model" in recipe.kinds
-                                     else f"choosing {tuned[0].method}'s settings")
+                                     else "choosing when to stop training")
+    else:
+        inner_choice = support_warnings(strata[fit_idx], strata_names, minimum=MIN_FOR_CHOICE,
+                                        clusters=clusters[fit_idx],
+                                        what=f"choosing {recipe.candidates[0].method}'s settings")
     if report_idx is not None:           # groups, or without labels the inferred groups
         warnings += support_warnings(strata[report_idx], strata_names, minimum=MIN_FOR_REPORT, among=strata,
                                      clusters=clusters[report_idx],
@@ -419,6 +423,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         ctx = FitContext(adapter, data, X, y, groups, W0, b0, o.seed, fit_dev, budget, runtime.progress, log,
                          resources=resources, workdir=None if work is None else Path(work), clusters=clusters)
         ctx.warnings = warnings
+        ctx.inner_choice_warnings = inner_choice
         folds = int(o.selection_folds or recipe.folds)
         t_fit = time.perf_counter()
         choice = choose(recipe, ctx, fit_idx, strata[fit_idx], crit, orig_logits, folds, o.seed, log)
@@ -695,6 +700,10 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
     loop = (final.diagnostics or {}).get("loop") or {} if final.kind == "model" else {}
     trained = final.kind == "model"          # a head chosen trained nothing: no budget applied to it
     if not trained:                          # what the head's fit asks the user to know (its cap reached)
+        # a lone head's own choice among its settings rests on the fit part's groups too
+        if len((final.diagnostics or {}).get("candidates") or []) > 1:
+            for w in ctx.inner_choice_warnings:
+                _warn(ctx, log, w)
         for w in head_notes(chosen.label, final.diagnostics):
             _warn(ctx, log, w)
     model_change = {"changed_tensors": changed, "steps": final.steps,

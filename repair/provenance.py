@@ -131,8 +131,7 @@ def code_identity() -> dict:
                     h.update(f.read_bytes())
         _CODE["sources_sha256"] = h.hexdigest()
         _CODE["torch"] = torch.__version__
-        for mod in CODE_LIBRARIES:
-            _CODE.update(_library_version(mod))
+        _CODE.update({k: v for k, v in library_versions().items() if v is not None})
         # what else makes the last bits differ between two machines (README: numerics): the
         # interpreter, the architecture and the SIMD kernels torch picked on this CPU
         import platform
@@ -168,22 +167,26 @@ def _cli_dir():
     return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
-def _library_version(mod: str) -> dict:
-    """``{mod: version}``: the imported module's own ``__version__`` when this process imported it (the
-    code that ran), else the installed distribution's version read from its metadata -- importing a
-    library only to read its version cost a quarter of a second of every ``repair fix`` (transformers
-    on an image model). ``{}`` when it is not installed: nothing of it shaped the weights."""
-    import sys
+_VERSIONS: dict = {}
 
-    loaded = sys.modules.get(mod)
-    if loaded is not None and isinstance(getattr(loaded, "__version__", None), str):
-        return {mod: loaded.__version__}
-    from importlib import metadata
 
-    try:
-        return {mod: metadata.version(mod)}
-    except metadata.PackageNotFoundError:
-        return {}
+def library_versions() -> dict:
+    """``{name: version or None}`` of every library of :data:`CODE_LIBRARIES`, as its installed
+    distribution's metadata says (None: not installed) -- the one reading of them, for the embedding
+    cache key and the provenance's ``code`` alike. Never from what this process happened to import
+    (``torchvision.__version__`` is ``0.29.1+cu130`` where its metadata says ``0.29.1``: a record read
+    from the module differed with which commands ran first), and nothing is imported for it (importing
+    transformers only to read its version cost a quarter of a second of every ``repair fix`` of an image
+    model). Read once per process."""
+    if not _VERSIONS:
+        from importlib import metadata
+
+        for name in CODE_LIBRARIES:
+            try:
+                _VERSIONS[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                _VERSIONS[name] = None
+    return dict(_VERSIONS)
 
 
 def sample_keys(data, inputs=None, adapter=None, read=None) -> list:

@@ -16,6 +16,12 @@ def test_a_single_head_method_warns_that_its_own_choice_rests_on_few_samples(tmp
     assert code == 0, err
     warned = json.loads(out)["warnings"]
     assert any(w.startswith("choosing dfr's settings:") and "fewer than 20" in w for w in warned), warned
+    # one strength given: nothing to choose, nothing said of the choice (review)
+    (tmp_path / "fixed.yaml").write_text("candidates:\n  - method: dfr\n    params: {protocol: fast, c_grid: [1.0]}\n")
+    code, out, err = run_cli("fix", m, "--data", data, "--recipe", tmp_path / "fixed.yaml", "--out", tmp_path / "o2",
+                             "--json", "-q")
+    assert code == 0, err
+    assert not any("choosing" in w for w in json.loads(out)["warnings"]), json.loads(out)["warnings"]
 
 
 def test_a_group_column_of_one_value_is_said(tmp_path):
@@ -31,7 +37,7 @@ def test_a_group_column_of_one_value_is_said(tmp_path):
     code, out, err = run_cli("eval", m, "--data", data, "--group-by", "place", "--json", "-q")
     assert code == 0, err
     warned = json.loads(out)["warnings"]
-    assert any("--group-by column 'place' holds one value ('land')" in w for w in warned), warned
+    assert any("group column 'place' holds one value ('land')" in w for w in warned), warned
     # a column with two values says nothing of the kind
     data2 = make_images(tmp_path / "d2", n_per_class=8)
     code, out, err = run_cli("eval", m, "--data", data2, "--group-by", "place", "--json", "-q")

@@ -40,3 +40,22 @@ def test_constant_features_are_still_found_at_every_scale():
         mu = torch.tensor([0.0, 3.0, 0.0, 2e3]) * s
         # exactly constant, spread 1e-10 of the others', spread far below its own magnitude
         assert constant_features(sd, mu).tolist() == [False, True, True, True], s
+
+
+def test_one_large_feature_beside_small_ones_does_not_make_them_constant(problem):
+    """The review's case: a bias-like constant 1.0 column beside ~1e-6 features (the largest feature
+    set the scale, and every other one counted as constant again: dfr returned a one-class head)."""
+    from repair.methods import get_method
+
+    p = problem
+    s = 1e-6
+    X = torch.cat([p["X"] * s, torch.ones(len(p["X"]), 1)], 1)
+    W = torch.cat([p["W"] / s, torch.zeros(p["W"].shape[0], 1)], 1)
+    out = get_method("dfr")(RepairInputs(X=X, y=p["y"], W=W, b=p["b"], groups=p["groups"], seed=0))
+    Xt, yt, gt = p["test"]
+    from repair import selection as Sel
+
+    wga = float(Sel.worst_group_accuracy(torch.cat([Xt * s, torch.ones(len(Xt), 1)], 1) @ out.W.T + out.b, yt, gt))
+    assert wga > float(_wga(p, p["W"], p["b"])) + 0.1, wga
+    assert constant_features(torch.tensor([3e-7, 5e-7, 8e-7, 0.0]), torch.tensor([1e-6, 2e-6, 0.0, 1.0])).tolist() \
+        == [False, False, False, True]

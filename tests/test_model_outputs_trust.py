@@ -396,8 +396,8 @@ def test_the_recipe_is_recorded_as_it_was_read_and_a_plugin_method_by_its_files_
 
 def test_the_library_versions_are_recorded_without_importing_an_unused_library():
     """A timm model's ``repair fix`` recorded transformers' version by importing transformers (a quarter
-    of a second of every run): the installed version is read from its metadata, and a library the run
-    imported is recorded by the module that ran."""
+    of a second of every run): the installed version is read from its metadata, for a library the run
+    imported too (the same record whichever modules a run imported first)."""
     import subprocess
     import sys
 

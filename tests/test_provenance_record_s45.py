@@ -22,6 +22,19 @@ def test_the_code_record_holds_every_library_of_the_cache_key_and_the_machine():
     assert code["python"].count(".") == 2 and code["machine"] and code["torch"]
 
 
+def test_the_code_record_is_the_same_whatever_was_imported_first():
+    """torchvision's module says 0.29.1+cu130 where its metadata says 0.29.1: the record read the module
+    once it was imported, so two runs of one install recorded different versions (review)."""
+    import subprocess
+    import sys
+
+    prog = ("import json, sys\n{pre}from repair.provenance import code_identity\n"
+            "c = code_identity(); c.pop('sources_sha256'); print(json.dumps(c, sort_keys=True))")
+    runs = [subprocess.run([sys.executable, "-c", prog.format(pre=pre)], capture_output=True, text=True,
+                           check=True).stdout for pre in ("", "import torchvision, timm, numpy, PIL\n")]
+    assert runs[0] == runs[1], runs
+
+
 def test_the_source_digest_covers_the_command_line(tmp_path, monkeypatch):
     cli = tmp_path / "cli"
     cli.mkdir()

@@ -29,16 +29,19 @@ def fold_affine(W: Tensor, b: Tensor, scale: Optional[Tensor] = None,
 
 def constant_features(sd: Tensor, mu: Tensor, eps: float = 1e-6, rel: float = 1e-3) -> Tensor:
     """Features that are (numerically) constant: spread below ``rel`` of their magnitude, or below
-    ``eps`` -- in units of the embeddings' own scale when that is below 1 (the largest spread or
-    magnitude of any feature): embeddings that are all about 1e-6 are not all constant. Standardising
+    ``eps`` -- in units of the embeddings' own scale when that is below 1 (the median over features
+    of the larger of spread and magnitude): embeddings that are all about 1e-6 are not all constant. Standardising
     constant features would multiply float32 rounding noise into huge head weights that cancel
     against the bias (an exported model then disagrees with itself at 1e-4).
 
     (An absolute ``eps`` called every feature of a model whose embeddings are ~1e-6 constant: the
     fit ran on the raw features, its L2 penalty zeroed the weights and every head repair returned a
     one-class model, silently.)"""
-    finite = torch.isfinite(sd) & torch.isfinite(mu)
-    ref = torch.maximum(sd, mu.abs())[finite].max() if bool(finite.any()) else sd.new_tensor(1.0)
+    size = torch.maximum(sd, mu.abs())
+    size = size[torch.isfinite(size) & (size > 0)]
+    # the typical feature's size (the median of the non-zero ones: one large feature beside ~1e-6 ones,
+    # a bias-like constant 1.0, must not make the others constant)
+    ref = size.median() if size.numel() else sd.new_tensor(1.0)
     floor = eps * torch.clamp(ref, max=1.0)
     return sd <= torch.maximum(floor.expand_as(sd), rel * mu.abs())
 
