@@ -255,6 +255,13 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
             return v
         if isinstance(v, np.ndarray) and any(s < 0 for s in v.strides):
             v = np.ascontiguousarray(v)         # a reversed view (X[::-1]): torch reads only a copy of it
+        if not isinstance(v, (np.ndarray, np.generic, list, tuple)) and (hasattr(v, "to_numpy")
+                                                                          or hasattr(v, "toarray")):
+            # a DataFrame or Series, a scipy sparse matrix: torch would iterate it (a frame by its
+            # column names: KeyError) or fail deep inside
+            raise BadArrays(f"choose_heads: {name} must be a numpy array, a list or a torch tensor, got "
+                            f"{type(v).__module__.split('.')[0]}.{type(v).__name__} (pass "
+                            f"{'.to_numpy()' if hasattr(v, 'to_numpy') else '.toarray()'})")
         try:
             return torch.as_tensor(v)
         except (TypeError, ValueError, RuntimeError):       # strings, ragged lists, objects
@@ -275,7 +282,10 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
     y, groups, clusters = checked.y, checked.groups, checked.clusters     # int64; ids >= N renumbered
     from .data import check_classes_present
 
-    check_classes_present(y, [str(c) for c in range(W0.shape[0])])     # as repair fix refuses it
+    try:
+        check_classes_present(y, [str(c) for c in range(W0.shape[0])])     # as repair fix refuses it
+    except BadInput as e:                  # an array's problem: BadArrays, as a method call raises it
+        raise BadArrays(f"choose_heads: {e.problem}") from None
     folds = recipe.folds if folds is None else check_folds(folds)
     log = log or (lambda m: None)
     ref_logits = X @ W0.T + b0

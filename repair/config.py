@@ -138,6 +138,8 @@ def _finite(v: Any) -> bool:
 
 
 def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> Any:
+    if type(value).__module__ == "numpy" and callable(getattr(value, "tolist", None)):
+        value = value.tolist()       # a numpy scalar or array from a notebook: its Python value(s)
     if value is None:
         if optional or default is None:
             return None
@@ -252,13 +254,10 @@ def _check(key: str, value: Any, meta: dict) -> None:
                 raise ConfigError(key, f"must be {sym} {bound:g}, got {v!r}")
 
 
-def build_config(cls: type, params: Optional[dict] = None):
-    """A validated ``cls`` from user ``params`` (see the module docstring)."""
-    params = dict(params or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - set(fields), key=str)      # keys of any type: an int next to strings too
-    if unknown:
-        raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(sorted(fields))}")
+def _field_values(cls: type, params: dict, fields: dict) -> tuple[dict, dict]:
+    """``(values, defaults)`` of every field of ``cls``: each of ``params`` coerced to its field's kind
+    and checked against its declared range (the others their defaults) -- the per-setting rules, one
+    home for a config built from settings by name and a config given whole."""
     hints = typing.get_type_hints(cls)
     values, defaults = {}, {}
     for name, f in fields.items():
@@ -270,12 +269,56 @@ def build_config(cls: type, params: Optional[dict] = None):
         value = _coerce(name, kind, optional, params[name], default) if name in params else default
         _check(name, value, dict(f.metadata.get("check") or {}))
         values[name] = value
+    return values, defaults
+
+
+def _nonempty_grids(fields: dict, values: dict) -> None:
     for name, f in fields.items():     # a grid left empty where the other settings add no candidate either
         need = (f.metadata.get("check") or {}).get("nonempty")
         if isinstance(need, dict) and values[name] == () and all(values.get(o) in a for o, a in need.items()):
             which = ", ".join(f"{o}: {values.get(o)!r}" for o in need)
             raise ConfigError(name, f"must not be empty with {which}: that leaves no candidate; give at least "
                                     f"one or change {' or '.join(need)}")
+
+
+def _validated(cfg):
+    """``cfg`` after its own ``validate()`` (a ValueError is a :class:`ConfigError`)."""
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(None, str(e)) from None
+    return cfg
+
+
+def check_config(cfg):
+    """A config given whole (the method's own dataclass, built in Python) checked by the rules a config
+    built from settings by name gets (:func:`build_config`): each value's kind, range, choices and
+    finiteness, a grid left with no candidate, the config's own ``validate()`` -- a ConfigError naming
+    the setting, never a method failing deep inside on ``gamma_grid=(-5.0,)`` or ``n_refits=0``. Returns
+    the config with its values coerced as :func:`build_config` would (a whole number as a float where
+    the setting is a float). Not the rule that refuses a setting another makes ineffective: a config
+    given whole holds every setting, the ineffective ones at whatever value."""
+    cls = type(cfg)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values, _ = _field_values(cls, {k: getattr(cfg, k) for k in fields}, fields)
+    _nonempty_grids(fields, values)
+    changed = {k: v for k, v in values.items() if v is not getattr(cfg, k)}
+    return _validated(dataclasses.replace(cfg, **changed) if changed else cfg)
+
+
+def build_config(cls: type, params: Optional[dict] = None):
+    """A validated ``cls`` from user ``params`` (see the module docstring)."""
+    params = dict(params or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields), key=str)      # keys of any type: an int next to strings too
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(sorted(fields))}")
+    values, defaults = _field_values(cls, params, fields)
+    _nonempty_grids(fields, values)
     for name in params:                # a setting changed where another makes it do nothing: refused
         if values[name] == _tuples(defaults[name]):     # its default restated (a recipe listing every setting)
             continue
@@ -298,15 +341,7 @@ def build_config(cls: type, params: Optional[dict] = None):
         cfg = cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(None, str(e)) from None
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(None, str(e)) from None
-    return cfg
+    return _validated(cfg)
 
 
 def describe(cls: type) -> list[dict]:

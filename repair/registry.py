@@ -69,11 +69,17 @@ class Registry(Generic[T]):
     # ------------------------------------------------------------------ registration
     def register(self, entry: T) -> T:
         name = getattr(entry, "name")
+        # the built-ins first, whatever registers when: a user's entry named like a built-in is refused
+        # here, not accepted now and found to clash at the first lookup (which left the registry half
+        # loaded for the rest of the process, the user's entry in the built-in's place)
+        self._load_builtins()
         if self._validate is not None:
             self._validate(self, entry)
         old = self._entries.get(name)
         if old is not None and not self._same(old, entry):
-            raise ValueError(f"{self.what} {name!r} registered twice")
+            where = getattr(getattr(old, "fn", None), "__module__", None)
+            raise ValueError(f"{self.what} {name!r} is already registered" + (f" (by {where})" if where else "")
+                             + "; register yours under another name")
         self._entries[name] = entry
         return entry
 
@@ -81,12 +87,17 @@ class Registry(Generic[T]):
         self._entries.pop(name, None)
 
     # ------------------------------------------------------------------ loading
-    def load(self) -> None:
-        """Import the built-in modules, then the entry points (each once)."""
+    def _load_builtins(self) -> None:
+        """Import the built-in modules, once (each registers its entries as it is imported; the flag is
+        set first, so their own registrations do not import them again)."""
         if not self._builtins_loaded:
             self._builtins_loaded = True
             for mod in self.builtins:
                 importlib.import_module(f"{self.package}.{mod}")
+
+    def load(self) -> None:
+        """Import the built-in modules, then the entry points (each once)."""
+        self._load_builtins()
         if not self._plugins_loaded:
             self._plugins_loaded = True
             self._load_entry_points()

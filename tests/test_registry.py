@@ -140,7 +140,7 @@ def test_a_name_registered_twice_is_refused():
     from repair.adapters import register_family
     from repair.methods import get_method
 
-    with pytest.raises(ValueError, match="registered twice"):
+    with pytest.raises(ValueError, match="is already registered"):
         register_family("timm", detect=lambda p, o: False, load=lambda p, o: None, priority=0)
     with pytest.raises(KeyError, match="unknown repair method 'nope'; known: .*dfr"):
         get_method("nope")

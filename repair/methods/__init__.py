@@ -41,6 +41,7 @@ A new method is one new file calling the registration (the registry is
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -254,6 +255,10 @@ class MethodInfo:
         elif config is not None and not isinstance(config, self.config_cls):
             raise TypeError(f"{self.name}: config must be a {self.config_cls.__name__} (or a dict of its "
                             f"settings), got {type(config).__name__}")
+        elif config is not None:              # given whole: the same checks of each value
+            from ..config import check_config
+
+            config = check_config(config)
         try:
             config = config if config is not None else self.default_config()
             if self.builtin:
@@ -380,6 +385,11 @@ def check_inputs(inputs: "RepairInputs", method: str = "a head repair", names: O
     for name in ("X", "y", "W", "b"):
         if not isinstance(getattr(inputs, name, None), torch.Tensor):
             fail(f"{nm[name]} must be a torch tensor, got {type(getattr(inputs, name, None)).__name__}")
+    for name in ("X", "y", "W", "b", "groups", "clusters"):
+        t = getattr(inputs, name, None)
+        if isinstance(t, torch.Tensor) and (t.is_meta or t.layout != torch.strided):
+            fail(f"{nm.get(name, name)} must be a dense tensor holding its values, got a "
+                 f"{'meta' if t.is_meta else str(t.layout).removeprefix('torch.')} tensor")
     X, y, W, b = inputs.X, inputs.y, inputs.W, inputs.b
     if X.dim() != 2 or not X.is_floating_point():
         fail(f"{nm['X']} must be an (N, D) float tensor, got {tuple(X.shape)} {X.dtype}")
@@ -446,7 +456,29 @@ def _as_int64(t: torch.Tensor, name: str, c: int, fail) -> torch.Tensor:
          "head's classes")
 
 
+#: what a method's name may be: it is written in recipes (``method: NAME``), given to ``--recipe NAME``
+#: and shown in tables and reports
+METHOD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+
+
+def _check_name(name, builtin: bool = False) -> None:
+    """A method's name is a short word (:data:`METHOD_NAME`) that ``--recipe`` reads as a method: not a
+    path (``x.yaml``), nor, for a method not built in, a built-in recipe's name (``auto``: that recipe
+    would always be taken; a built-in model repair's recipe of its own name, ``mixft``, is its own)."""
+    from ..recipes import _file_recipes, looks_like_path
+
+    if not isinstance(name, str) or not METHOD_NAME.fullmatch(name):
+        raise ValueError(f"a repair method's name must be 1-64 letters, digits, '_', '.', '+' or '-' (not first), "
+                         f"got {name!r}")
+    if looks_like_path(name):
+        raise ValueError(f"repair method {name!r}: --recipe {name} would read a file, never the method")
+    if name in _file_recipes() and not builtin:
+        raise ValueError(f"repair method {name!r}: a built-in recipe has that name (--recipe {name} is the "
+                         "recipe); register the method under another name")
+
+
 def _check(reg: Registry, info: MethodInfo) -> None:
+    _check_name(info.name, builtin=str(getattr(info.fn, "__module__", "")).startswith(__name__ + "."))
     if info.groups not in GROUP_USE:
         raise ValueError(f"groups must be one of {GROUP_USE}, got {info.groups!r}")
     if not dataclasses.is_dataclass(info.config_cls):

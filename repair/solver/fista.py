@@ -3,6 +3,9 @@ reference head, per-problem feature maps): :func:`fit_logreg`. See :mod:`repair.
 for the objective and conventions."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import time
 from typing import Optional, Sequence, Union
 
@@ -193,6 +196,55 @@ def _lead(v, dims: int):
     return v.shape[0] if v.dim() == dims + 1 else None
 
 
+def _check_args(X, y, C: int, sample_weight, penalties: dict, heads: dict, biases: dict, max_iter, tol, device,
+                num_threads) -> None:
+    """:func:`fit_logreg`'s arguments as a caller of the library may give them wrong: a ValueError naming
+    the argument (a NaN penalty or weight gave a NaN head with only ``converged`` False; labels 0.5 and
+    1.5 were truncated to 0 and 1; a transposed ``init_W``, an unknown device or ``num_threads=0`` failed
+    inside torch)."""
+    X = torch.as_tensor(X)
+    if X.dim() != 2:
+        raise ValueError(f"X must be (N, D), got shape {tuple(X.shape)}")
+    D = X.shape[1]
+    if C < 1:
+        raise ValueError(f"num_classes must be at least 1, got {C}")
+    yt = torch.as_tensor(y)
+    if yt.is_floating_point() and yt.numel() and not bool((yt == yt.round()).all()):
+        raise ValueError("y must hold whole class indices (got fractional values)")
+    for name, v in penalties.items():
+        if v is None:
+            continue
+        t = torch.as_tensor(v).double()
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise ValueError(f"{name} must be finite and non-negative, got {v!r}")
+    if sample_weight is not None:
+        w = torch.as_tensor(sample_weight)
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError("sample_weight must be finite and non-negative")
+    for name, v in heads.items():
+        if v is not None and tuple(torch.as_tensor(v).shape[-2:]) != (C, D):
+            raise ValueError(f"{name} must be ({C}, {D}) (or (K, {C}, {D})): num_classes x the columns of X, got "
+                             f"{tuple(torch.as_tensor(v).shape)}")
+    for name, v in biases.items():
+        if v is not None and tuple(torch.as_tensor(v).shape[-1:]) != (C,):
+            raise ValueError(f"{name} must be ({C},) (or (K, {C})), got {tuple(torch.as_tensor(v).shape)}")
+    try:
+        whole = not isinstance(max_iter, bool) and operator.index(max_iter) >= 1
+    except TypeError:
+        whole = False
+    if not whole:
+        raise ValueError(f"max_iter must be a whole number >= 1, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol <= 0:
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    if num_threads not in ("auto", None) and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                                or num_threads < 1):
+        raise ValueError(f"num_threads must be 'auto', None or a whole number >= 1, got {num_threads!r}")
+
+
 def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
                sample_weight: Optional[Tensor] = None,
                l1: Union[Number, Sequence[Number], Tensor] = 0.0,
@@ -238,7 +290,13 @@ def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
     of its rows, the label of the first). The standardisation's statistics are those of the rows
     the problems use, mixed ones included (of the formed training sets). Two classes with smooth
     penalties never form them (:mod:`.mixing`); other problems get them formed.
+
+    Arguments are checked first (:func:`_check_args`): a ValueError naming the argument, never a
+    NaN head or an error from deep inside torch.
     """
+    _check_args(X, y, int(num_classes), sample_weight, {"l1": l1, "l2": l2, "ref_pull": ref_pull},
+                {"init_W": init_W, "ref_W": ref_W}, {"init_b": init_b, "ref_b": ref_b}, max_iter, tol, device,
+                num_threads)
     if row_mix is not None:
         sw_ = None if sample_weight is None else torch.as_tensor(sample_weight)
         if sw_ is None or sw_.dim() != 2 or (row_mix.K not in (1, sw_.shape[0])):
