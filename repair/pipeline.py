@@ -159,6 +159,16 @@ class FixResult(Mapping):
     def __getitem__(self, key):
         return self.report[key]
 
+    def __repr__(self) -> str:
+        """One line a notebook can show: what was repaired, where it went, what was chosen and the
+        figures (the default dumped the adapter, every sample path and the embeddings)."""
+        r = self.report
+        after = r.get("after") or {}
+        figs = ", ".join(f"{k}={after[k]:.4g}" for k in ("accuracy", "worst_group_accuracy", "worst_class_accuracy")
+                         if isinstance(after.get(k), (int, float)))
+        model = (r.get("model") or {}).get("source")
+        return f"FixResult(model={model!r}, output={r.get('output')!r}, chosen={r.get('candidate')!r}, after: {figs})"
+
     def __iter__(self):
         return iter(self.report)
 

@@ -123,3 +123,39 @@ def test_fractional_labels_are_refused_not_truncated():
         fit_logreg(torch.from_numpy(X), torch.from_numpy(y).float() + 0.5, 2, l2=1.0)
     Wf, _, _ = fit_logreg(torch.from_numpy(X), torch.from_numpy(y).float(), 2, l2=1.0)      # whole floats: fine
     assert torch.isfinite(Wf).all()
+
+
+def test_set_head_refuses_what_it_would_write_wrong_for_every_family(tmp_path):
+    """A transposed head was an internal error (exit 3), a NaN head was written, an integer head
+    truncated the weights; the ONNX family took numpy (one rule now, repair.adapters.base.new_head)."""
+    import repair
+    from conftest import make_deployed_onnx, make_timm_folder
+
+    from repair.adapters import LoadOptions
+    from repair.errors import BadInput
+
+    src, _ = make_deployed_onnx(tmp_path / "m.onnx")
+    for m in (repair.load_model(make_timm_folder(tmp_path / "timm")),
+              repair.load_model(src, LoadOptions(image_size=32, mean=[0.5] * 3, std=[0.25] * 3,
+                                                 class_names=["cat", "dog", "fox"]))):
+        W, b = m.head_params()
+        for bad, match in (((W.T, b), "has shape"), ((W.numpy(), b), "W must be a float tensor"),
+                           ((W, None), "b must be a float tensor"), ((W * float("nan"), b), "NaN"),
+                           ((W.long(), b), "W must be a float tensor, got torch.int64")):
+            with pytest.raises(BadInput, match=match):
+                m.set_head(*bad)
+            assert torch.equal(m.head_params()[0], W)              # nothing written
+        m.set_head(W.double().requires_grad_() * 0.5, b)
+        assert torch.allclose(m.head_params()[0], W * 0.5)
+
+
+def test_a_fix_result_and_a_model_show_in_one_line(tmp_path):
+    import repair
+    from conftest import make_images, make_timm_folder
+
+    m = make_timm_folder(tmp_path / "m")
+    r = repair.fix(m, make_images(tmp_path / "d", n_per_class=10), out=tmp_path / "o")
+    text = repr(r)
+    assert text.startswith("FixResult(") and "\n" not in text and len(text) < 400, text
+    assert str(tmp_path / "o") in text and r["candidate"] in text and "accuracy=" in text
+    assert repr(repair.load_model(m)) == f"<TorchImageAdapter timm {str(m)!r}, 3 classes>"

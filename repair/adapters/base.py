@@ -196,6 +196,23 @@ class HeadCapture:
         self._handle.remove()
 
 
+def new_head(W, b, shape: tuple, where) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, b)`` for :meth:`Adapter.set_head` of a head of ``shape`` (C, D), checked -- a head from the
+    caller (a choose_heads result in a notebook): float tensors of the head's shapes holding finite
+    values, or a BadInput naming the problem and ``where`` (the model); never truncated to integers,
+    never NaN written into the model. Detached, ``b`` flat. The one home of the rule, for every family."""
+    for name, t in (("W", W), ("b", b)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = f"{t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise BadInput(f"set_head: {name} must be a float tensor, got {got}", where)
+    if tuple(W.shape) != tuple(shape) or tuple(b.reshape(-1).shape) != tuple(shape)[:1]:
+        raise BadInput(f"set_head: the new head has shape {tuple(W.shape)} / {tuple(b.shape)}, the model's is "
+                       f"{tuple(shape)} / ({shape[0]},)", where)
+    if not bool(torch.isfinite(W).all()) or not bool(torch.isfinite(b).all()):
+        raise BadInput("set_head: the new head holds NaN or infinite values", where)
+    return W.detach(), b.detach().reshape(-1)
+
+
 class Adapter(ABC):
     """The protocol every model family implements. Subclasses set the instance
     attributes in ``__init__``; the class attributes below are the documented
@@ -207,6 +224,11 @@ class Adapter(ABC):
     ``_init_file_state`` with the file's tensors); an adapter without a torch
     model (ONNX) overrides it.
     """
+
+    def __repr__(self) -> str:
+        names = list(getattr(self, "class_names", None) or [])
+        return (f"<{type(self).__name__} {getattr(self, 'family', '?')} {str(getattr(self, 'source', ''))!r}, "
+                f"{len(names)} classes>")
 
     family: str                  # the registered family name: "timm" | "transformers" | "torch" | "onnx"
     modality: str                # "image" | "text"
@@ -587,12 +609,10 @@ class Adapter(ABC):
     def set_head(self, W: torch.Tensor, b: torch.Tensor) -> None:
         """``set_tensors`` on the head's weight and bias (a bias is added to a bias-free head
         when ``b`` is not zero)."""
-        assert self.head is not None and self.head_name is not None
+        if self.head is None or self.head_name is None:
+            raise RepairError(f"this {self.family} model has no linear head to set")
         shape = tuple(self.head.weight.shape)
-        if tuple(W.shape) != shape or tuple(b.reshape(-1).shape) != shape[:1]:
-            raise RepairError(f"new head has shape {tuple(W.shape)} / {tuple(b.shape)}, expected "
-                              f"{shape} / ({shape[0]},)")
-        b = b.reshape(-1)
+        W, b = new_head(W, b, shape, self.source)
         if self.head.bias is None and torch.any(b != 0):
             w = self.head.weight
             self.head.bias = nn.Parameter(torch.zeros(shape[0], dtype=w.dtype, device=w.device))

@@ -321,11 +321,10 @@ class OnnxAdapter(Adapter):
         return self._W.clone(), self._b.clone()
 
     def set_head(self, W: torch.Tensor, b: torch.Tensor) -> None:
-        W = torch.as_tensor(W).detach().float().cpu()
-        b = torch.as_tensor(b).detach().float().cpu().reshape(-1)
-        if tuple(W.shape) != tuple(self._W0.shape) or b.shape[0] != W.shape[0]:
-            raise RepairError(f"new head has shape {tuple(W.shape)} / {tuple(b.shape)}, expected "
-                              f"{tuple(self._W0.shape)} / ({self._W0.shape[0]},)")
+        from .base import new_head
+
+        W, b = new_head(W, b, tuple(self._W0.shape), self.source)
+        W, b = W.float().cpu(), b.float().cpu()
         # as the file will hold them: a float16 head is rounded to float16 (figures measured on the
         # head as written, as a float16 torch checkpoint's are)
         W = torch.from_numpy(W.numpy().astype(self.spec.weight_dtype).astype(np.float32))
