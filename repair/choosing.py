@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -255,15 +256,20 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
             return v
         if isinstance(v, np.ndarray) and any(s < 0 for s in v.strides):
             v = np.ascontiguousarray(v)         # a reversed view (X[::-1]): torch reads only a copy of it
-        if not isinstance(v, (np.ndarray, np.generic, list, tuple)) and (hasattr(v, "to_numpy")
-                                                                          or hasattr(v, "toarray")):
-            # a DataFrame or Series, a scipy sparse matrix: torch would iterate it (a frame by its
-            # column names: KeyError) or fail deep inside
-            raise BadArrays(f"choose_heads: {name} must be a numpy array, a list or a torch tensor, got "
-                            f"{type(v).__module__.split('.')[0]}.{type(v).__name__} (pass "
-                            f"{'.to_numpy()' if hasattr(v, 'to_numpy') else '.toarray()'})")
+        if not isinstance(v, (np.ndarray, np.generic, list, tuple)):
+            if hasattr(v, "toarray"):          # a scipy sparse matrix: its dense copy is the caller's call
+                raise BadArrays(f"choose_heads: {name} must be a dense array or tensor, got "
+                                f"{type(v).__module__.split('.')[0]}.{type(v).__name__} (pass .toarray())")
+            if callable(getattr(v, "to_numpy", None)):
+                # a DataFrame, Series or Index (pandas, polars, xarray): its values (torch iterated a
+                # DataFrame by its column names: KeyError deep inside)
+                v = v.to_numpy()
         try:
-            return torch.as_tensor(v)
+            with warnings.catch_warnings():
+                # a read-only array (pandas' values) is shared, never written: torch's warning about
+                # writing to it does not apply
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.as_tensor(v)
         except (TypeError, ValueError, RuntimeError):       # strings, ragged lists, objects
             kind = "class indices" if name == "y" else "ids" if name in ("groups", "clusters") else "numbers"
             got = f"{type(v).__name__}{f' of {v.dtype}' if hasattr(v, 'dtype') else ''}"

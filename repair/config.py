@@ -298,16 +298,27 @@ def check_config(cfg):
     """A config given whole (the method's own dataclass, built in Python) checked by the rules a config
     built from settings by name gets (:func:`build_config`): each value's kind, range, choices and
     finiteness, a grid left with no candidate, the config's own ``validate()`` -- a ConfigError naming
-    the setting, never a method failing deep inside on ``gamma_grid=(-5.0,)`` or ``n_refits=0``. Returns
-    the config with its values coerced as :func:`build_config` would (a whole number as a float where
-    the setting is a float). Not the rule that refuses a setting another makes ineffective: a config
-    given whole holds every setting, the ineffective ones at whatever value."""
+    the setting, never a method failing deep inside on ``gamma_grid=(-5.0,)`` or ``n_refits=0``. As
+    there, a setting at its default is not checked (a plugin's default is its author's), and the config
+    is returned as it was given (not rebuilt: a list stays a list, ``__post_init__`` does not run
+    again). Not the rule that refuses a setting another makes ineffective: a config given whole holds
+    every setting, the ineffective ones at whatever value."""
     cls = type(cfg)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    values, _ = _field_values(cls, {k: getattr(cfg, k) for k in fields}, fields)
+    given = {}
+    for k, f in fields.items():           # a setting at its default is not checked (build_config's rule too)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        value = getattr(cfg, k)
+        try:
+            same = bool(_tuples(value) == _tuples(default))
+        except Exception:                 # a value that cannot say (an array): checked
+            same = False
+        if not same:
+            given[k] = value
+    values, _ = _field_values(cls, given, fields)
     _nonempty_grids(fields, values)
-    changed = {k: v for k, v in values.items() if v is not getattr(cfg, k)}
-    return _validated(dataclasses.replace(cfg, **changed) if changed else cfg)
+    return _validated(cfg)
 
 
 def build_config(cls: type, params: Optional[dict] = None):

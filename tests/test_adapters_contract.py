@@ -342,7 +342,7 @@ def test_a_new_family_is_one_registration(timm_folder, tmp_path):
     try:
         assert load_model(marker).family == "timm" and calls == [marker]
         register_family("fake", detect=detect, load=load, priority=95)  # the same again: fine
-        with pytest.raises(ValueError, match="registered twice"):
+        with pytest.raises(ValueError, match="is already registered"):
             register_family("fake", detect=lambda p, o: False, load=load, priority=1)
     finally:
         unregister_family("fake")

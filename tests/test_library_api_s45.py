@@ -85,6 +85,13 @@ def test_numpy_values_are_settings_as_python_values_are():
     assert get_method("dfr").make_config({"c_grid": np.array([0.1, 1.0])}).c_grid == (0.1, 1.0)
 
 
+class _FakeSparse:
+    """What a scipy sparse matrix offers (scipy is not a dependency)."""
+
+    def toarray(self):
+        raise AssertionError("never densified by the library")
+
+
 def test_arrays_of_the_wrong_kind_are_bad_arrays_naming_them():
     from repair.choosing import choose_heads
 
@@ -95,9 +102,13 @@ def test_arrays_of_the_wrong_kind_are_bad_arrays_naming_them():
                                        b=torch.from_numpy(b), seed=0))
     with pytest.raises(BadArrays, match="sparse"):
         choose_heads("auto", Xt.to_sparse(), y, W, b)
+    with pytest.raises(BadArrays, match=r"pass .toarray\(\)"):
+        choose_heads("auto", _FakeSparse(), y, W, b)
     pd = pytest.importorskip("pandas")
-    with pytest.raises(BadArrays, match=r"X must be .*pandas.DataFrame \(pass .to_numpy\(\)\)"):
-        choose_heads("auto", pd.DataFrame(X), y, W, b)
+    # a DataFrame (torch iterated it by its column names: KeyError), a Series, an Index: their values
+    ref = choose_heads("dfr", X, y, W, b)
+    got = choose_heads("dfr", pd.DataFrame(X), pd.Series(y, index=np.arange(len(y))[::-1]), W, pd.Series(b))
+    assert torch.equal(got.final.W, ref.final.W) and torch.equal(got.final.b, ref.final.b)
     with pytest.raises(BadArrays, match="only one class"):            # a ValueError, as a method call raises
         choose_heads("auto", X, np.zeros_like(y), W, b)
 
@@ -139,7 +150,7 @@ def test_set_head_refuses_what_it_would_write_wrong_for_every_family(tmp_path):
               repair.load_model(src, LoadOptions(image_size=32, mean=[0.5] * 3, std=[0.25] * 3,
                                                  class_names=["cat", "dog", "fox"]))):
         W, b = m.head_params()
-        for bad, match in (((W.T, b), "has shape"), ((W.numpy(), b), "W must be a float tensor"),
+        for bad, match in (((W.T, b), "has shape"), ((W.long().numpy(), b), "W must be a float tensor"),
                            ((W, None), "b must be a float tensor"), ((W * float("nan"), b), "NaN"),
                            ((W.long(), b), "W must be a float tensor, got torch.int64")):
             with pytest.raises(BadInput, match=match):
@@ -147,6 +158,8 @@ def test_set_head_refuses_what_it_would_write_wrong_for_every_family(tmp_path):
             assert torch.equal(m.head_params()[0], W)              # nothing written
         m.set_head(W.double().requires_grad_() * 0.5, b)
         assert torch.allclose(m.head_params()[0], W * 0.5)
+        m.set_head(W.numpy() * 0.25, b.numpy())                   # numpy floats: taken as tensors
+        assert torch.allclose(m.head_params()[0], W * 0.25)
 
 
 def test_a_fix_result_and_a_model_show_in_one_line(tmp_path):
@@ -159,3 +172,32 @@ def test_a_fix_result_and_a_model_show_in_one_line(tmp_path):
     assert text.startswith("FixResult(") and "\n" not in text and len(text) < 400, text
     assert str(tmp_path / "o") in text and r["candidate"] in text and "accuracy=" in text
     assert repr(repair.load_model(m)) == f"<TorchImageAdapter timm {str(m)!r}, 3 classes>"
+
+
+def test_a_config_given_whole_is_checked_not_rebuilt_and_its_defaults_are_its_authors():
+    """A plugin's config whose default the per-setting rules would refuse (a line break in a text)
+    runs as it did; a list stays a list and __post_init__ does not run again (review)."""
+    from repair.config import check_config
+
+    @dataclasses.dataclass
+    class Cfg:
+        note: str = "first line\nsecond line"
+        grid: list = dataclasses.field(default_factory=lambda: [1.0, 2.0])
+        runs: int = 0
+
+        def __post_init__(self):
+            self.runs += 1
+
+    c = Cfg(grid=[1.0, 3.0])
+    out = check_config(c)
+    assert out is c and out.grid == [1.0, 3.0] and out.runs == 1
+    with pytest.raises(ConfigError, match="grid"):
+        check_config(Cfg(grid=[1.0, float("nan")]))
+
+
+def test_the_solver_takes_numbers_in_the_forms_it_always_took():
+    X, y, W, b, g = _arrays()
+    for kw in ({"tol": torch.tensor(1e-4)}, {"max_iter": 100.0}, {"num_threads": np.int64(1)},
+               {"tol": np.float32(1e-4)}, {"l2": torch.tensor([0.1, 1.0])}):
+        Wk, bk, info = fit_logreg(torch.from_numpy(X), torch.from_numpy(y), 2, **{"l2": 1.0, **kw})
+        assert torch.isfinite(Wk).all(), kw

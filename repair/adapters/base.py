@@ -201,6 +201,10 @@ def new_head(W, b, shape: tuple, where) -> tuple[torch.Tensor, torch.Tensor]:
     caller (a choose_heads result in a notebook): float tensors of the head's shapes holding finite
     values, or a BadInput naming the problem and ``where`` (the model); never truncated to integers,
     never NaN written into the model. Detached, ``b`` flat. The one home of the rule, for every family."""
+    import numpy as np
+
+    W, b = (torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) and t.dtype.kind == "f" else t
+            for t in (W, b))                 # a numpy float array is taken as its tensor
     for name, t in (("W", W), ("b", b)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             got = f"{t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__

@@ -458,7 +458,7 @@ def _as_int64(t: torch.Tensor, name: str, c: int, fail) -> torch.Tensor:
 
 #: what a method's name may be: it is written in recipes (``method: NAME``), given to ``--recipe NAME``
 #: and shown in tables and reports
-METHOD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+METHOD_NAME = re.compile(r"\w[\w.+-]{0,99}")
 
 
 def _check_name(name, builtin: bool = False) -> None:
@@ -468,7 +468,7 @@ def _check_name(name, builtin: bool = False) -> None:
     from ..recipes import _file_recipes, looks_like_path
 
     if not isinstance(name, str) or not METHOD_NAME.fullmatch(name):
-        raise ValueError(f"a repair method's name must be 1-64 letters, digits, '_', '.', '+' or '-' (not first), "
+        raise ValueError(f"a repair method's name must be 1-100 letters, digits, '_', '.', '+' or '-' (not first), "
                          f"got {name!r}")
     if looks_like_path(name):
         raise ValueError(f"repair method {name!r}: --recipe {name} would read a file, never the method")

@@ -4,7 +4,6 @@ for the objective and conventions."""
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 import time
 from typing import Optional, Sequence, Union
@@ -214,7 +213,9 @@ def _check_args(X, y, C: int, sample_weight, penalties: dict, heads: dict, biase
     for name, v in penalties.items():
         if v is None:
             continue
-        t = torch.as_tensor(v).double()
+        # checked where and as it is (no float64 copy: not every device has float64); a Python number
+        # in float64, so a large but finite penalty is not read as infinite
+        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
         if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
             raise ValueError(f"{name} must be finite and non-negative, got {v!r}")
     if sample_weight is not None:
@@ -228,21 +229,32 @@ def _check_args(X, y, C: int, sample_weight, penalties: dict, heads: dict, biase
     for name, v in biases.items():
         if v is not None and tuple(torch.as_tensor(v).shape[-1:]) != (C,):
             raise ValueError(f"{name} must be ({C},) (or (K, {C})), got {tuple(torch.as_tensor(v).shape)}")
-    try:
-        whole = not isinstance(max_iter, bool) and operator.index(max_iter) >= 1
-    except TypeError:
-        whole = False
-    if not whole:
+    def number(v):
+        """``v`` as a float (a Python or numpy number, a one-value tensor), or None."""
+        if isinstance(v, bool):
+            return None
+        try:
+            return float(v)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+
+    mi = number(max_iter)
+    if mi is None or not math.isfinite(mi) or mi != int(mi) or mi < 1:
         raise ValueError(f"max_iter must be a whole number >= 1, got {max_iter!r}")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol <= 0:
+    tl = number(tol)
+    if tl is None or not math.isfinite(tl) or tl <= 0:
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     try:
         torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"device {device!r} is not a torch device ({str(e).splitlines()[0]})") from None
-    if num_threads not in ("auto", None) and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                                or num_threads < 1):
-        raise ValueError(f"num_threads must be 'auto', None or a whole number >= 1, got {num_threads!r}")
+    if not (isinstance(num_threads, str) and num_threads == "auto") and num_threads is not None:
+        try:
+            ok = not isinstance(num_threads, bool) and operator.index(num_threads) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"num_threads must be 'auto', None or a whole number >= 1, got {num_threads!r}")
 
 
 def fit_logreg(X: Tensor, y: Tensor, num_classes: int, *,
