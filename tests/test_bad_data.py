@@ -145,7 +145,7 @@ def test_demo_options_and_output_are_checked_before_any_work(tmp_path, case):
         (out / "notes.txt").write_text("mine")
         args += ["--force"]
         words = (str(out), "--out", "notes.txt")
-    with time_limit(20):                                  # no image is drawn, no model trained
+    with time_limit(60):                                  # no image is drawn, no model trained (a demo trains for minutes)
         refused(*args, words=words)
     if case == "out_is_a_file":
         assert out.read_text() == "mine"
@@ -177,7 +177,7 @@ def test_a_demo_that_fails_after_the_build_leaves_nothing_and_blocks_no_rerun(tm
 # 6 -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [str(2 ** 64), str(2 ** 32)])
 def test_a_seed_too_large_for_the_generators_is_refused_at_once(tmp_path, seed):
-    with time_limit(20):
+    with time_limit(60):
         line = refused("demo", "--size", "tiny", "--out", tmp_path / "demo", "--seed", seed, words=("--seed",))   # at parse time
     assert "4294967295" in line
     _nothing_beside(tmp_path, "demo")

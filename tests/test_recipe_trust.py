@@ -29,7 +29,7 @@ def _write(folder: Path, name: str, text: str) -> Path:
 def _refused(recipe, *needles, validate: bool = False) -> str:
     """The one-line BadInput message of loading ``recipe`` (validated as a manifest would, too)."""
     for load in ((load_recipe, validate_recipe) if validate else (load_recipe,)):
-        with time_limit(20), pytest.raises(BadInput) as e:
+        with time_limit(60), pytest.raises(BadInput) as e:
             load(recipe)
         msg = str(e.value)
         assert "\n" not in msg

@@ -111,7 +111,9 @@ def test_sigterm_to_a_ray_driver_acts_while_a_model_runs(parts, tmp_path):
         time.sleep(1)
         t0 = time.time()
         p.send_signal(signal.SIGTERM)
-        got = end(p, 20)
+        # the row is blocked until the test unblocks it: an exit at all shows SIGTERM was not held (a
+        # generous bound: Ray's shutdown is slow on a loaded machine)
+        got = end(p, 90)
         took = time.time() - t0
     finally:
         block.unlink(missing_ok=True)
@@ -122,7 +124,7 @@ def test_sigterm_to_a_ray_driver_acts_while_a_model_runs(parts, tmp_path):
         pytest.fail(f"SIGTERM was held while the model ran (still running {time.time() - t0:.0f}s after it)")
     code, err = got
     assert code == 143 and "SIGTERM" in err, err
-    assert took < 15, took
+    assert took < 90, took
     report = json.loads((tmp_path / "zoo-zoo" / "zoo-report.json").read_text())
     assert report["interrupted"]
     assert not (tmp_path / "out" / "a").exists()

@@ -245,7 +245,7 @@ def test_a_journal_that_is_not_one_is_exit_2_and_left_as_it_was(tmp_path, parts,
     j = tmp_path / "j.jsonl"
     _not_a_journal(case, j)
     was = j.read_bytes() if j.is_file() else None
-    with time_limit(30):                                # a FIFO is never opened (it would block)
+    with time_limit(60):                                # a FIFO is never opened (it would block)
         code, _, err = run_cli("zoo", path, "--mode", "eval", "--journal", j, "--out-dir", tmp_path / "r")
     _refused(code, err, str(j))
     assert not (tmp_path / "r").exists()                # the new report folder is not left behind
