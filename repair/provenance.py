@@ -34,6 +34,27 @@ def merged(source: dict, new: dict) -> dict[str, str]:
     return out
 
 
+def recorded_classes(metadata) -> Optional[list]:
+    """The class names a file written by ``repair fix`` records (``repair.settings`` ``classes``), or
+    None: the names of a bare weights file, which has no config to hold them -- read back as the file's
+    own, so a later run neither needs ``--class-names`` again nor takes them in another order."""
+    raw = (metadata or {}).get(f"{PREFIX}settings")
+    if not isinstance(raw, str):
+        return None
+    try:
+        settings = json.loads(raw)
+    except ValueError:
+        return None
+    names = settings.get("classes") if isinstance(settings, dict) else None
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
+#: where a bare file's recorded names are, as messages name it
+RECORDED_CLASSES_HOME = "its repair.settings classes (recorded by repair fix)"
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 

@@ -136,13 +136,15 @@ def test_a_head_weight_a_subgraph_also_reads_is_not_changed_under_it(tmp_path):
 
 
 def test_the_written_onnx_reads_its_input_as_the_figures_measured_it(tmp_path):
-    """Class names given as options over the file's own metadata: the written file carries what the run
-    used. Its preprocessing is the file's own (metadata ``preprocess``): a preprocess.json beside it that
+    """Class names given as options over placeholder names in the file's metadata (0, 1, 2; names of its
+    own are refused in another order: tests/test_class_names_s45.py): the written file carries what the
+    run used. Its preprocessing is the file's own (metadata ``preprocess``): a preprocess.json beside it that
     says otherwise is BadInput naming the file (it won before, and the figures were measured with it)."""
     nodes, inits = _body()
     hn, hi = _head()
     own = {"input_size": [3, SIZE, SIZE], "mean": [0, 0, 0], "std": [1, 1, 1], "crop_pct": 1.0}
-    src = _save(tmp_path / "m" / "m.onnx", nodes + hn, inits + hi, metadata={"preprocess": json.dumps(own)})
+    src = _save(tmp_path / "m" / "m.onnx", nodes + hn, inits + hi,
+                metadata={"preprocess": json.dumps(own), "class_names": json.dumps(["0", "1", "2"])})
     with pytest.raises(BadInput, match="preprocess.json disagrees with it") as e:
         load_model(src, LoadOptions(class_names=("dog", "cat", "fox")))
     assert str(src) in str(e.value) and "std [0.25, 0.25, 0.25] in it, [1.0, 1.0, 1.0] in the model" in str(e.value)

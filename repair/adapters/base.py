@@ -196,6 +196,19 @@ class HeadCapture:
         self._handle.remove()
 
 
+def generic_labels(n: int) -> list[str]:
+    """The names transformers gives the classes of a config without ``id2label`` (``LABEL_0``, ...)."""
+    return [f"LABEL_{i}" for i in range(n)]
+
+
+def names_of_its_own(names, n: int) -> bool:
+    """Whether class names a checkpoint carries name its classes (then a ``--class-names`` in another
+    order is refused), rather than only number them: transformers' ``LABEL_0``.. or the indices
+    ``0``..``n-1`` are placeholders the user's names may replace. One rule for every family."""
+    names = [str(x) for x in names]
+    return names not in (generic_labels(n), [str(i) for i in range(n)])
+
+
 def new_head(W, b, shape: tuple, where) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W, b)`` for :meth:`Adapter.set_head` of a head of ``shape`` (C, D), checked -- a head from the
     caller (a choose_heads result in a notebook): float tensors of the head's shapes holding finite

@@ -12,11 +12,12 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+from .. import provenance
 from ..errors import BadInput, users_code
 from ..io import load_state_dict_file
 from . import LoadOptions, register_family
 from .images import PREPROCESS_FILE, image_config_from_options
-from .base import files_beside
+from .base import files_beside, names_of_its_own
 from .torch_module import TorchImageAdapter, last_linear, load_weights_strict
 
 
@@ -129,10 +130,16 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
     except BadInput as e:
         raise BadInput(f"factory {factory!r}: {e.problem}", weights) from None
     load_weights_strict(model, tensors, weights, head_name)
-    names = list(class_names) if class_names else [str(i) for i in range(head.out_features)]
+    # a file repair fix wrote records its classes: its own names (a --class-names in another order is
+    # refused by load_model, as for a checkpoint with a config that names them)
+    rec = provenance.recorded_classes(metadata)
+    own = rec if rec is not None and len(rec) == head.out_features and names_of_its_own(rec, len(rec)) else None
+    names = own or (list(class_names) if class_names else [str(i) for i in range(head.out_features)])
     adapter = TorchImageAdapter(family="torch", source=weights, weights_path=weights, model=model,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
                                 class_names=names, data_config=data_config)
+    if own is not None:
+        adapter.class_names_home = provenance.RECORDED_CLASSES_HOME
     adapter.build = {"factory": factory, "model_args": model_args or {}, **code}
     if named:
         adapter.build["model_args_files"] = named

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import BadInput
 from ..io import load_state_dict_file
 from . import LoadOptions, checked_class_names, names_by_index, register_family
-from .base import TorchModelAdapter, check_finite, check_kinds, check_model_folder, read_json
+from .base import TorchModelAdapter, check_finite, check_kinds, check_model_folder, names_of_its_own, read_json
 from .text import (collate_texts, first_line, load_tokenizer, quiet_transformers, record_max_length,
                    refuse_remote_code, resolve_max_length, tokenizer_preprocess_id)
 from .torch_module import module_name
@@ -204,7 +204,7 @@ class HFTextAdapter(TorchModelAdapter):
         id2label = model.config.id2label or {}
         named = names_by_index(id2label, num_labels, "id2label", cfg_path) if id2label else list(range(num_labels))
         self.class_names = checked_class_names(named, "id2label", cfg_path, distinct=False)
-        if not id2label or self.class_names == generic_labels(num_labels):   # transformers' LABEL_0..: no names of its own
+        if not id2label or not names_of_its_own(self.class_names, num_labels):   # LABEL_0.., 0..: no names of its own
             if class_names is not None and len(class_names) == num_labels:   # (load_model checks the count)
                 self.class_names = [str(n) for n in class_names]
                 # the written folder names them, as the run read them
@@ -265,11 +265,6 @@ def _in_folder(path: Path) -> bool:
 
 def detect(path: Path, o: LoadOptions) -> bool:
     return is_hf_folder(path) or _in_folder(path)
-
-
-def generic_labels(n: int) -> list[str]:
-    """The names transformers gives the classes of a config without ``id2label`` (``LABEL_0``, ...)."""
-    return [f"LABEL_{i}" for i in range(n)]
 
 
 def load(path: Path, o: LoadOptions) -> HFTextAdapter:

@@ -134,24 +134,30 @@ class OnnxAdapter(Adapter):
 
     # ---- set-up helpers
     def _class_names(self, given, C: int) -> list[str]:
+        """The file's own names (its metadata, else a config.json id2label beside it) -- then
+        ``class_names_home`` says where, and a ``--class-names`` that differs is refused by load_model as
+        for every family (it silently replaced them: a fix refit the head on swapped labels) -- else the
+        names given, else the indices."""
         names = None
-        if given:
-            names = [str(n) for n in given]
-            where = "--class-names"
-        else:
-            for key in CLASS_NAME_KEYS:
-                if key in self._source_metadata:
-                    try:
-                        val = parse_json(self._source_metadata[key])
-                    except json.JSONDecodeError:
-                        raise BadInput(f"metadata {key} is not a JSON list", self.source) from None
-                    if not isinstance(val, list):
-                        raise BadInput(f"metadata {key} is not a JSON list", self.source)
-                    names, where = [str(v) for v in val], f"metadata {key}"
-                    break
+        for key in CLASS_NAME_KEYS:
+            if key in self._source_metadata:
+                try:
+                    val = parse_json(self._source_metadata[key])
+                except json.JSONDecodeError:
+                    raise BadInput(f"metadata {key} is not a JSON list", self.source) from None
+                if not isinstance(val, list):
+                    raise BadInput(f"metadata {key} is not a JSON list", self.source)
+                names, where = [str(v) for v in val], f"metadata {key}"
+                break
         if names is None:
             names = names_beside(self.source, C)
             where = "config.json id2label"
+        from .base import names_of_its_own
+
+        if names is not None and names_of_its_own(names, C):
+            self.class_names_home = where
+        elif given:                     # no names, or placeholders (LABEL_0.., 0..): the user's
+            names, where = [str(n) for n in given], "--class-names"
         if names is None:
             return [str(i) for i in range(C)]
         if len(names) != C:

@@ -15,7 +15,7 @@ from .. import provenance
 from ..errors import BadInput
 from ..io import PICKLE_SUFFIXES, load_state_dict_file
 from . import LoadOptions, checked_class_names, names_by_index, register_family
-from .base import check_model_folder, config_unreadable, read_json
+from .base import check_model_folder, config_unreadable, names_of_its_own, read_json
 from .images import resolve_image_config
 from .torch_module import TorchImageAdapter, linear_head, load_weights_strict, module_name
 
@@ -262,6 +262,11 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         pretrained_cfg = dict(model.pretrained_cfg or {})
         if preprocess:     # the user's preprocessing for a bare file (which carries none)
             pretrained_cfg.update(preprocess)
+    home = None if names is None else f"{cfg_path.name} label_names"
+    if names is None and cfg_path is None:     # a bare file repair fix wrote records its classes
+        rec = provenance.recorded_classes(metadata)
+        if rec is not None and len(rec) == file_classes and names_of_its_own(rec, file_classes):
+            names, home = rec, provenance.RECORDED_CLASSES_HOME
     own_names = names is not None
     if names is None:     # --class-names name a checkpoint that names none (load_model checks their count)
         names = (list(class_names) if class_names and len(class_names) == file_classes
@@ -272,7 +277,8 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     else:                 # timm writes a dict {index: name} where the indices have gaps
         if isinstance(names, dict):
             names = names_by_index(names, file_classes, "label_names", cfg_path, gaps=True)
-        names = checked_class_names(names, "label_names", cfg_path, distinct=False)
+        names = checked_class_names(names, "label_names" if cfg_path is not None else home, cfg_path or weights,
+                                    distinct=False)
         if len(names) != file_classes:
             raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes",
                            cfg_path or weights)
@@ -283,7 +289,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     adapter.build = {"architecture": arch, "model_args": model_args, "timm": timm.__version__}
     adapter.config_updates = config_updates
     if own_names:
-        adapter.class_names_home = f"{cfg_path.name} label_names"
+        adapter.class_names_home = home
     if given:   # the network measured: recorded in the output's provenance, the one record a bare file has
         adapter.save_metadata_defaults = MappingProxyType(
             {f"{provenance.PREFIX}model_args": provenance.canonical_json(model_args)})
