@@ -521,6 +521,10 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
 
     _check_train_set(adapter, d, data_opts)
     gb = data_opts.group_by if data_opts.group_by in d.attributes else None
+    if data_opts.group_by is not None and gb is None:
+        # said, not silent: a repair that balances its training by group balances these rows by class
+        notes.append(f"{flag} has no {data_opts.group_by!r} column (--group-by): its samples carry no group labels, "
+                     "so a model repair that balances its training by group balances them by class only")
     mine = model_keys(adapter, d, runtime)         # its samples as the model reads them, once (and recorded)
     taken = same_samples(adapter, inputs.data, d, runtime, inputs=(digests[0], None), keys=(None, mine))
     if inputs.eval_data is not None:
@@ -725,7 +729,11 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         # only the head -- said so, not reported as a fine-tuned network
         for w in (final.diagnostics or {}).get("warnings") or []:     # a model repair's own (recompose's)
             _warn(ctx, log, w)
-        from .modelrepair.finetune import DIVERGED
+        from .modelrepair.finetune import DIVERGED, schedule_cut_short
+
+        cut = schedule_cut_short(loop)
+        if cut:
+            _warn(ctx, log, f"{chosen.method}: {cut}")
 
         if loop.get("stopped_by") == DIVERGED:
             members = (loop.get("budget") or {}).get("member_stopped_by")
@@ -746,6 +754,12 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
         diag = final.diagnostics or {}
         if o.resources.get("train") is not None:
             model_change["train"] = str(o.resources["train"])
+        # the chosen repair's file and folder inputs by content (masks, prompts, a segmenter or generator):
+        # a rerun with other masks gave byte-identical provenance beside other weights
+        given = {r.name: o.resources.get(r.name) for r in chosen.info.resources
+                 if r.kind in ("file", "folder") and o.resources.get(r.name) is not None}
+        if given:
+            model_change["inputs"] = {k: {"sha256": provenance.input_digest(v)} for k, v in sorted(given.items())}
         for k in ("settle", "masks", "data"):
             if diag.get(k) is not None:
                 model_change[k] = diag[k]

@@ -51,6 +51,31 @@ def recorded_classes(metadata) -> Optional[list]:
     return None
 
 
+def input_digest(path) -> str:
+    """sha256 of a model repair's file or folder input (``--masks``, ``--prompts``, ``--segmenter``,
+    ``--generator-model``) by content: a file's bytes; a folder's regular files by their paths inside it
+    and their bytes, in sorted order (a file whose link leads out of the folder is not read: its
+    place is recorded by name only). So a rerun with other masks or another generator is told apart."""
+    import hashlib
+    from pathlib import Path
+
+    from .io import sha256_file
+
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    root = p.resolve()
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        rel = f.relative_to(p).as_posix()
+        real = f.resolve()
+        if not real.is_file():
+            continue
+        inside = real.is_relative_to(root)
+        h.update(f"{rel}\0{sha256_file(real) if inside else 'outside'}\0".encode())
+    return h.hexdigest()
+
+
 #: where a bare file's recorded names are, as messages name it
 RECORDED_CLASSES_HOME = "its repair.settings classes (recorded by repair fix)"
 

@@ -273,6 +273,25 @@ class SettleSettings:
 SETTLE_ALPHAS_WITH_ORIGINAL = (0.0, 0.5, 1.0)
 
 
+def schedule_cut_short(loop: dict) -> Optional[str]:
+    """What to say when a time cap ended training before half of the steps its learning-rate schedule
+    was laid out for (a step or epoch cap far beyond what the time allows: ``--budget 100000steps,4s``
+    trained 87 steps inside a 10,000-step warmup, at a tiny learning rate, and said nothing), from a
+    :meth:`LoopResult.describe` -- each member's steps for several. None otherwise."""
+    sched = loop.get("schedule") or {}
+    total, warm = sched.get("steps"), sched.get("warmup_steps") or 0
+    budget = loop.get("budget") or {}
+    if not total or loop.get("stopped_by") != "budget:time":
+        return None
+    steps = min(budget.get("member_steps") or [loop.get("steps") or 0])
+    if steps >= total / 2:
+        return None
+    where = (f"still in its {warm}-step warmup (the learning rate never reached its setting)" if steps < warm
+             else f"{100 * steps / total:.0f}% of the way")
+    return (f"the time cap ended training at step {steps} of the {total} its learning-rate schedule was laid out "
+            f"for, {where}: give a step or epoch budget the time allows, or more time")
+
+
 @dataclass
 class LoopResult:
     steps: int
@@ -285,6 +304,9 @@ class LoopResult:
     budget: dict = field(default_factory=dict)    # the budget in force (Budget.describe(), "default": bool)
     averaged: Optional[list] = None    # keep "tail": the steps whose states were averaged into the result
     early_stop: Optional[dict] = None  # the early_stop rule applied ({"applied", "why"}: early_stop_for)
+    #: what the learning-rate schedule was laid out for: {"steps", "warmup_steps"} (a time cap may end a
+    #: run before: :func:`schedule_cut_short`)
+    schedule: Optional[dict] = None
 
     def describe(self) -> dict:
         out = {"steps": self.steps, "best_step": self.best_step, "best_heldout_score": self.best_score,
@@ -292,6 +314,8 @@ class LoopResult:
                "stopped_by": self.stopped_by, "budget": self.budget, "history": self.history}
         if self.early_stop is not None:
             out["early_stop"] = self.early_stop
+        if self.schedule is not None:
+            out["schedule"] = self.schedule
         if self.averaged is not None:
             out["averaged_steps"] = self.averaged
         return out
@@ -406,8 +430,9 @@ def _members_result(runs: list, score: Optional[tuple], seconds: float, budget: 
                               "member_scores": [r.best_score for r in runs],
                               "member_stopped_by": [r.stopped_by for r in runs],
                               **({"member_averaged_steps": [r.averaged for r in runs]}
-                                 if any(r.averaged is not None for r in runs) else {})},
-                      early_stop=runs[-1].early_stop)
+                                 if any(r.averaged is not None for r in runs) else {}),
+                              "member_steps": [r.steps for r in runs]},
+                      early_stop=runs[-1].early_stop, schedule=getattr(runs[-1], "schedule", None))
 
 
 def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run_member: Callable[[int, "Budget"], LoopResult],
@@ -609,7 +634,7 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
         return LoopResult(steps=i, best_step=best_step, best_score=None if best is None else best[0],
                           best_accuracy=None if best is None else best[1], seconds=time.perf_counter() - t0,
                           stopped_by=stopped, history=history, budget={**budget.describe(), "default": default_budget},
-                          averaged=None)
+                          averaged=None, schedule={"steps": total, "warmup_steps": warm})
     if best_state is not None and keep_best:
         with torch.no_grad():
             for p, v in zip((*params, *buffers), best_state):
@@ -628,7 +653,8 @@ def _train_once(params, step, evaluate, cfg, steps_per_epoch, budget, default_bu
                       best_accuracy=None if best is None else best[1],
                       seconds=time.perf_counter() - t0, stopped_by=stopped, history=history,
                       budget={**budget.describe(), "default": default_budget},
-                      averaged=tail_steps if keep == "tail" and tail_sum is not None else None)
+                      averaged=tail_steps if keep == "tail" and tail_sum is not None else None,
+                      schedule={"steps": total, "warmup_steps": warm})
 
 
 def draw_batch(pool: torch.Tensor, groups: Optional[torch.Tensor], batch_size: int,

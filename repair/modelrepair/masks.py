@@ -126,6 +126,9 @@ def mask_files(mask_dir: Path, sets: Sequence) -> list:
         files = []
         for item in items:
             mf = mask_file(Path(mask_dir), Path(item), data_root)
+            if mf.resolve() == Path(item).resolve():      # --masks is the data folder (or holds the images)
+                raise BadInput(f"the mask of image {Path(item).name} is the image itself: --masks must be a "
+                               "folder of masks, not the data folder", mask_dir)
             first = owner.setdefault(mf, Path(item).resolve())
             if first != Path(item).resolve():
                 raise BadInput(f"images {first} and {Path(item).resolve()} would both take the mask {mf.name}; "
