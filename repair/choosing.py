@@ -121,6 +121,9 @@ class FitContext:
         #: what it is too small to support of a lone head method's own choice among its settings:
         #: said once its fit shows it had several to choose from
         self.inner_choice_warnings: list[str] = []
+        #: the model repairs' file and folder inputs by content (``provenance.input_digest``), read before
+        #: any work; the chosen repair's are recorded
+        self.input_digests: dict = {}
         self.seconds = 0.0                     # time spent fitting, all candidates and folds (summed)
         self._lock = threading.Lock()          # head fits may run side by side (threads.map_tasks)
         self.wall_seconds = 0.0                # choosing and fitting, wall clock (set by the caller)

@@ -290,6 +290,12 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
             raise BadInput(f"--{name.replace('_', '-')}: no candidate of recipe {recipe.name!r} uses it"
                            + (f" (it is an input of {', '.join(users)})" if users else ""))
     _check_extras(recipe, resources)      # an optional package the run needs: asked for before any work
+    # the file and folder inputs by content, read before any work (an unreadable file in them is said now,
+    # not after the training); the chosen repair's are recorded (_finish)
+    from .registry import resource as _declared
+
+    input_digests = {name: provenance.input_digest(v) for name, v in sorted(resources.items())
+                     if v is not None and _declared(name).kind in ("file", "folder")}
     adapter = load_model(model_path, load_opts)
     inputs.protected.add_files(adapter.source_files(), "input model")
     for flag, p in paths.items():         # the model's files too (a model repair's files folder included)
@@ -434,6 +440,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                          resources=resources, workdir=None if work is None else Path(work), clusters=clusters)
         ctx.warnings = warnings
         ctx.inner_choice_warnings = inner_choice
+        ctx.input_digests = input_digests
         folds = int(o.selection_folds or recipe.folds)
         t_fit = time.perf_counter()
         choice = choose(recipe, ctx, fit_idx, strata[fit_idx], crit, orig_logits, folds, o.seed, log)
@@ -756,10 +763,10 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
             model_change["train"] = str(o.resources["train"])
         # the chosen repair's file and folder inputs by content (masks, prompts, a segmenter or generator):
         # a rerun with other masks gave byte-identical provenance beside other weights
-        given = {r.name: o.resources.get(r.name) for r in chosen.info.resources
-                 if r.kind in ("file", "folder") and o.resources.get(r.name) is not None}
-        if given:
-            model_change["inputs"] = {k: {"sha256": provenance.input_digest(v)} for k, v in sorted(given.items())}
+        digests = ctx.input_digests
+        mine = {r.name for r in chosen.info.resources}
+        if any(k in mine for k in digests):
+            model_change["inputs"] = {k: {"sha256": v} for k, v in sorted(digests.items()) if k in mine}
         for k in ("settle", "masks", "data"):
             if diag.get(k) is not None:
                 model_change[k] = diag[k]

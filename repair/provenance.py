@@ -61,19 +61,40 @@ def input_digest(path) -> str:
 
     from .io import sha256_file
 
+    import os
+
     p = Path(path)
-    if p.is_file():
-        return sha256_file(p)
-    root = p.resolve()
-    h = hashlib.sha256()
-    for f in sorted(p.rglob("*")):
-        rel = f.relative_to(p).as_posix()
-        real = f.resolve()
-        if not real.is_file():
-            continue
-        inside = real.is_relative_to(root)
-        h.update(f"{rel}\0{sha256_file(real) if inside else 'outside'}\0".encode())
-    return h.hexdigest()
+    try:
+        if p.is_file():
+            return sha256_file(p)
+        root = p.resolve()
+        files = []
+
+        def fail(e):
+            raise e
+
+        # links to folders inside it are followed (as a mask is looked up through them); one that leads
+        # out, or back to a folder above it (a loop), is not entered
+        for d, dirs, names in os.walk(p, followlinks=True, onerror=fail):
+            here = Path(d)
+            real = here.resolve()
+            above = here.parent.resolve() if here != p else None
+            if not real.is_relative_to(root) or (above is not None and above.is_relative_to(real)) \
+                    or len(here.relative_to(p).parts) > 64:
+                dirs[:] = []
+                continue
+            files += [here / n for n in names]
+        h = hashlib.sha256()
+        for f in sorted(files, key=lambda f: f.relative_to(p).as_posix()):
+            real = f.resolve()
+            if not real.is_file():          # a FIFO, a socket, a dangling link: never opened
+                continue
+            inside = real.is_relative_to(root)
+            h.update(f"{f.relative_to(p).as_posix()}\0{sha256_file(real) if inside else 'outside'}\0".encode())
+        return h.hexdigest()
+    except OSError as e:
+        raise BadInput(f"cannot be read to record it: {e.strerror or type(e).__name__}",
+                       getattr(e, "filename", None) or p) from None
 
 
 #: where a bare file's recorded names are, as messages name it

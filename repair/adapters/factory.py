@@ -15,7 +15,7 @@ from torch import nn
 from .. import provenance
 from ..errors import BadInput, users_code
 from ..io import load_state_dict_file
-from . import LoadOptions, register_family
+from . import LoadOptions, checked_class_names, register_family
 from .images import PREPROCESS_FILE, image_config_from_options
 from .base import files_beside, names_of_its_own
 from .torch_module import TorchImageAdapter, last_linear, load_weights_strict
@@ -133,7 +133,10 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
     # a file repair fix wrote records its classes: its own names (a --class-names in another order is
     # refused by load_model, as for a checkpoint with a config that names them)
     rec = provenance.recorded_classes(metadata)
-    own = rec if rec is not None and len(rec) == head.out_features and names_of_its_own(rec, len(rec)) else None
+    own = None
+    if rec is not None and len(rec) == head.out_features:
+        own = checked_class_names(rec, provenance.RECORDED_CLASSES_HOME, weights, distinct=False)
+        own = own if names_of_its_own(own, len(own)) else None
     names = own or (list(class_names) if class_names else [str(i) for i in range(head.out_features)])
     adapter = TorchImageAdapter(family="torch", source=weights, weights_path=weights, model=model,
                                 head_name=head_name, tensors=tensors, metadata=metadata,

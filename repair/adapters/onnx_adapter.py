@@ -138,22 +138,25 @@ class OnnxAdapter(Adapter):
         ``class_names_home`` says where, and a ``--class-names`` that differs is refused by load_model as
         for every family (it silently replaced them: a fix refit the head on swapped labels) -- else the
         names given, else the indices."""
+        from .base import names_of_its_own
+
         names = None
         for key in CLASS_NAME_KEYS:
             if key in self._source_metadata:
                 try:
                     val = parse_json(self._source_metadata[key])
                 except json.JSONDecodeError:
-                    raise BadInput(f"metadata {key} is not a JSON list", self.source) from None
-                if not isinstance(val, list):
-                    raise BadInput(f"metadata {key} is not a JSON list", self.source)
+                    val = None
+                if not isinstance(val, list) or len(val) != C:
+                    if given:           # names the file cannot give (not a list of C): the user's stand in
+                        break
+                    if not isinstance(val, list):
+                        raise BadInput(f"metadata {key} is not a JSON list", self.source)
                 names, where = [str(v) for v in val], f"metadata {key}"
                 break
-        if names is None:
+        else:
             names = names_beside(self.source, C)
             where = "config.json id2label"
-        from .base import names_of_its_own
-
         if names is not None and names_of_its_own(names, C):
             self.class_names_home = where
         elif given:                     # no names, or placeholders (LABEL_0.., 0..): the user's

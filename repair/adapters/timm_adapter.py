@@ -262,11 +262,21 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         pretrained_cfg = dict(model.pretrained_cfg or {})
         if preprocess:     # the user's preprocessing for a bare file (which carries none)
             pretrained_cfg.update(preprocess)
-    home = None if names is None else f"{cfg_path.name} label_names"
-    if names is None and cfg_path is None:     # a bare file repair fix wrote records its classes
+    home = None
+    if names is not None:   # the folder's label_names (timm writes a dict {index: name} where indices have gaps)
+        if isinstance(names, dict):
+            names = names_by_index(names, file_classes, "label_names", cfg_path, gaps=True)
+        names = checked_class_names(names, "label_names", cfg_path, distinct=False)
+        if len(names) != file_classes:
+            raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes", cfg_path)
+        home = f"{cfg_path.name} label_names"
+    elif cfg_path is None:  # a bare file repair fix wrote records its classes
         rec = provenance.recorded_classes(metadata)
-        if rec is not None and len(rec) == file_classes and names_of_its_own(rec, file_classes):
-            names, home = rec, provenance.RECORDED_CLASSES_HOME
+        if rec is not None and len(rec) == file_classes:
+            names = checked_class_names(rec, provenance.RECORDED_CLASSES_HOME, weights, distinct=False)
+            home = provenance.RECORDED_CLASSES_HOME
+    if names is not None and not names_of_its_own(names, file_classes):
+        names = home = None        # placeholders (0.., LABEL_0..): the user's names may replace them
     own_names = names is not None
     if names is None:     # --class-names name a checkpoint that names none (load_model checks their count)
         names = (list(class_names) if class_names and len(class_names) == file_classes
@@ -274,14 +284,6 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         if class_names and len(class_names) == file_classes and cfg_path is not None:
             # the written folder names them, as the run read them (a later eval reads them from there)
             config_updates = {**config_updates, "label_names": [str(n) for n in class_names]}
-    else:                 # timm writes a dict {index: name} where the indices have gaps
-        if isinstance(names, dict):
-            names = names_by_index(names, file_classes, "label_names", cfg_path, gaps=True)
-        names = checked_class_names(names, "label_names" if cfg_path is not None else home, cfg_path or weights,
-                                    distinct=False)
-        if len(names) != file_classes:
-            raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes",
-                           cfg_path or weights)
     adapter = TorchImageAdapter(family="timm", source=source, weights_path=weights, model=model,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
                                 class_names=[str(n) for n in names],

@@ -281,15 +281,21 @@ def schedule_cut_short(loop: dict) -> Optional[str]:
     sched = loop.get("schedule") or {}
     total, warm = sched.get("steps"), sched.get("warmup_steps") or 0
     budget = loop.get("budget") or {}
-    if not total or loop.get("stopped_by") != "budget:time":
+    if not total:
         return None
-    steps = min(budget.get("member_steps") or [loop.get("steps") or 0])
-    if steps >= total / 2:
+    # each run's own (steps, what stopped it): a soup's members each, else the one run
+    runs = (list(zip(budget["member_steps"], budget["member_stopped_by"]))
+            if budget.get("member_steps") and budget.get("member_stopped_by") else
+            [(loop.get("steps") or 0, loop.get("stopped_by"))])
+    cut = [n for n, why in runs if why == "budget:time" and n < total / 2]
+    if not cut:
         return None
+    steps = min(cut)
     where = (f"still in its {warm}-step warmup (the learning rate never reached its setting)" if steps < warm
              else f"{100 * steps / total:.0f}% of the way")
-    return (f"the time cap ended training at step {steps} of the {total} its learning-rate schedule was laid out "
-            f"for, {where}: give a step or epoch budget the time allows, or more time")
+    return (f"the time cap (--budget, or the default) ended training at step {steps} of the {total} its "
+            f"learning-rate schedule was laid out for (by the step or epoch budget, or the method's epochs), "
+            f"{where}: give a step or epoch budget the time allows, or more time")
 
 
 @dataclass
