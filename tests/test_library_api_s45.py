@@ -10,21 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_library_inputs import arrays
 
 from repair.config import ConfigError
 from repair.methods import BadArrays, RepairInputs, RepairOutput, get_method, register_method
 from repair.solver import fit_logreg
 
 
-def _arrays(n=80, d=8, c=2, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % c
-    g = (np.arange(n) // c) % 2
-    X = rng.normal(size=(n, d)).astype(np.float32)
-    X[:, 0] += 2.0 * y - 1.0
-    X[:, 1] += 2.0 * g - 1.0
-    W = rng.normal(size=(c, d)).astype(np.float32)
-    return X, y, W, np.zeros(c, dtype=np.float32), g
+def _arrays():
+    return arrays(n=80)         # the library-inputs tests' arrays: a class and a spurious feature
 
 
 def test_a_built_in_name_registered_first_thing_is_refused_and_the_registry_stays_whole():
