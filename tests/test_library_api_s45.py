@@ -98,13 +98,20 @@ def test_arrays_of_the_wrong_kind_are_bad_arrays_naming_them():
         choose_heads("auto", Xt.to_sparse(), y, W, b)
     with pytest.raises(BadArrays, match=r"pass .toarray\(\)"):
         choose_heads("auto", _FakeSparse(), y, W, b)
+    with pytest.raises(BadArrays, match="only one class"):            # a ValueError, as a method call raises
+        choose_heads("auto", X, np.zeros_like(y), W, b)
+
+
+def test_a_dataframe_series_or_index_is_read_by_its_values():
+    """torch iterated a DataFrame by its column names (KeyError deep inside); a Series or an Index
+    worked and still does (review). pandas is not a dependency: skipped without it."""
+    from repair.choosing import choose_heads
+
     pd = pytest.importorskip("pandas")
-    # a DataFrame (torch iterated it by its column names: KeyError), a Series, an Index: their values
+    X, y, W, b, g = _arrays()
     ref = choose_heads("dfr", X, y, W, b)
     got = choose_heads("dfr", pd.DataFrame(X), pd.Series(y, index=np.arange(len(y))[::-1]), W, pd.Series(b))
     assert torch.equal(got.final.W, ref.final.W) and torch.equal(got.final.b, ref.final.b)
-    with pytest.raises(BadArrays, match="only one class"):            # a ValueError, as a method call raises
-        choose_heads("auto", X, np.zeros_like(y), W, b)
 
 
 @pytest.mark.parametrize("kw,match", [
