@@ -394,8 +394,8 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
     # what it is a count of, and the figures' rows said once, last
     left: list[str] = []
     if exclude is not None:
-        report["excluded"] = {"data": str(exclude if not isinstance(exclude, RepairData) else
-                                          (exclude.where)), "n": left_out}
+        report["excluded"] = {"data": str(exclude.where if isinstance(exclude, RepairData) else exclude),
+                              "n": left_out}
         if left_out:
             left.append(f"{left_out} of the {len(full)} samples are also in {report['excluded']['data']}")
     report["in_repair_set"] = in_repair_set

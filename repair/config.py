@@ -254,6 +254,13 @@ def _check(key: str, value: Any, meta: dict) -> None:
                 raise ConfigError(key, f"must be {sym} {bound:g}, got {v!r}")
 
 
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (its factory's product), None without one."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
 def _field_values(cls: type, params: dict, fields: dict) -> tuple[dict, dict]:
     """``(values, defaults)`` of every field of ``cls``: each of ``params`` coerced to its field's kind
     and checked against its declared range (the others their defaults) -- the per-setting rules, one
@@ -261,8 +268,7 @@ def _field_values(cls: type, params: dict, fields: dict) -> tuple[dict, dict]:
     hints = typing.get_type_hints(cls)
     values, defaults = {}, {}
     for name, f in fields.items():
-        default = defaults[name] = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = defaults[name] = _default(f)
         kind, optional = _kind(hints.get(name, Any))
         if kind == "any" and default is not None:
             kind = {bool: "bool", int: "int", float: "float", str: "str", tuple: "tuple"}.get(type(default), "any")
@@ -307,8 +313,7 @@ def check_config(cfg):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     given = {}
     for k, f in fields.items():           # a setting at its default is not checked (build_config's rule too)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = _default(f)
         value = getattr(cfg, k)
         try:
             same = bool(_tuples(value) == _tuples(default))

@@ -116,8 +116,8 @@ def separation_test(X: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, num_cl
         Xc = X[m]
         step = max(1, min(chunk, 2_000_000 // n))                   # blocks of at most 2M values
         for j in range(0, D, step):
-            # ranked in the embeddings' own precision (the order of float32 values is that of their
-            # float64 copies; sorting the narrower type is the cheaper half of the cost)
+            # ranked in the embeddings' own precision: the order of float32 values is that of their
+            # float64 copies, so no float64 copy is sorted
             V = Xc[:, j:j + step]
             rank, ties = _average_ranks((V if V.dtype in (torch.float32, torch.float64) else V.float()).T.contiguous())
             rank = rank.T.contiguous()                               # (n, k) average 1-based ranks
