@@ -112,8 +112,12 @@ def fix_table(rep: dict) -> str:
            f"recipe {rep['recipe']}: chose {rep['candidate']}"
            + (f" by {rep['selection_criterion']}" if rep.get('selection_criterion') else "")]
     if rep["candidates"]:
+        from repair.report import chosen_members
+
+        chosen = chosen_members(rep)
+        tick = " (chosen)" if len(chosen) == 1 else " (averaged)"
         out.append(table(["candidate", "selection score", "selection acc", "fit s"],
-                         [[c["candidate"], (pct(c.get("score")) + ("*" if c.get("out_of_contention") else ""))
+                         [[c["candidate"] + (tick if c["candidate"] in chosen else ""), (pct(c.get("score")) + ("*" if c.get("out_of_contention") else ""))
                            if c.get("score_at_most") is None else f"<= {pct(c['score_at_most'])}",
                            pct(c.get("selection_accuracy")), c.get("fit_seconds", c.get("skipped"))]
                           for c in rep["candidates"]]))

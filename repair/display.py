@@ -6,9 +6,11 @@ from typing import Iterable, Optional
 
 def _side(a: float, b: float) -> int:
     """-1, 0 or 1: ``a`` below, at or above ``b`` (equal within float rounding of a ratio: a few units in
-    the last place, so a threshold written with many digits, 0.666666667 beside 2/3, is still a side)."""
+    the last place -- a figure and a threshold differ by that much only when the threshold is the figure
+    written as a float, which the gate counts as met --, so a threshold written with many digits,
+    0.6666666666667 beside 2/3, is still a side)."""
     d = a - b
-    return 0 if abs(d) <= 1e-12 * max(1.0, abs(b)) else (1 if d > 0 else -1)
+    return 0 if abs(d) <= 8 * 2.220446049250313e-16 * max(1.0, abs(a), abs(b)) else (1 if d > 0 else -1)
 
 
 def _fixed(v: float, marks: tuple[float, ...], sign: str = "") -> str:

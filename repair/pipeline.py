@@ -750,6 +750,7 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                             "went back to its best evaluated state, or its start; a lower lr (or clip_norm) trains")
         heads = set(adapter.head_tensor_names())
         model_change["body_changed"] = any(n not in heads for n in changed)
+        model_change["head_changed"] = any(n in heads for n in changed)
         model_change["best_step"] = loop.get("best_step")
         if not changed:
             _warn(ctx, log, f"{chosen.method} changed nothing: the output is the source model as it was (no "

@@ -36,7 +36,7 @@ def _figures(rep: Optional[dict]) -> Optional[dict]:
 
 
 #: what a report keeps of a fix's ``model_change`` (the network's change, for a model repair)
-MODEL_CHANGE_KEYS = ("steps", "stopped_by", "budget", "body_changed", "best_step")
+MODEL_CHANGE_KEYS = ("steps", "stopped_by", "budget", "body_changed", "head_changed", "best_step")
 
 
 def _plain_number(v) -> str:
@@ -68,11 +68,25 @@ def training_sentence(model_change: Optional[dict]) -> Optional[str]:
     mc = model_change or {}
     if not mc.get("stopped_by"):
         return None
-    unchanged = mc.get("changed_tensors") == []
+    # the whole record lists the changed tensors; a report's compact one keeps whether the body and the
+    # head changed (a record written before ``head_changed`` was kept: only the list can say)
+    unchanged = mc.get("changed_tensors") == [] or (mc.get("body_changed") is False
+                                                    and mc.get("head_changed") is False)
     return (f"training ended by {mc['stopped_by']}" + (f" (budget {budget_text(mc['budget'])})" if mc.get("budget") else "")
             + ("; nothing changed: the output is the source model" if unchanged else
                "; the body kept is the original one: only the head changed" if mc.get("body_changed") is False
                else ""))
+
+
+def chosen_members(rep: dict) -> list:
+    """The rows of the candidates table (their labels) that the written head is: the chosen candidate's
+    row, or, where the choice has no row of its own (``auto``'s ``average of mix + afr``), its members'."""
+    labels = [c.get("candidate") for c in rep.get("candidates") or []]
+    if rep.get("candidate") in labels:
+        return [rep["candidate"]]
+    diag = rep.get("diagnostics") if isinstance(rep.get("diagnostics"), dict) else {}
+    members = diag.get("ensemble") or rep.get("chosen_members") or []
+    return [m for m in labels if m in {str(x) for x in members}]
 
 
 def compact_fix(rep: dict, delta_histogram: Optional[dict] = None) -> dict:
@@ -84,7 +98,8 @@ def compact_fix(rep: dict, delta_histogram: Optional[dict] = None) -> dict:
             "seed": (rep.get("settings") or {}).get("seed"), "method": rep.get("method"),
             "kind": rep.get("kind"), "candidate": rep.get("candidate"),
             "selection_criterion": rep.get("selection_criterion"),
-            "candidates": rep.get("candidates") or [], "neurons_suppressed": rep.get("neurons_suppressed"),
+            "candidates": rep.get("candidates") or [], "chosen_members": chosen_members(rep),
+            "neurons_suppressed": rep.get("neurons_suppressed"),
             "measured_on": rep.get("measured_on"), "before": _figures(rep["before"]),
             "after": _figures(rep["after"]), "export": rep.get("export"), "timing": rep.get("timing"),
             "warnings": list(rep.get("warnings") or []), "duplicates": rep.get("duplicates"),
@@ -131,12 +146,19 @@ def histogram_of(deltas, class_names: Sequence[str], bins: int = 30, top: int = 
            "positive": int((vals > 0).sum()), "edges": [], "counts": [], "top": []}
     if not vals.numel():
         return out
+    # bins of one width w, closed on the right (the first on both sides), with 0 an edge: the bins above 0
+    # hold exactly the ``positive`` values (a bin across 0 would hold some of them and be drawn with
+    # neither side)
     lo, hi = float(vals.min()), float(vals.max())
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    counts = torch.histc(vals, bins=bins, min=lo, max=hi)
-    out["edges"] = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
-    out["counts"] = [int(c) for c in counts.tolist()]
+    w = (hi - lo) / bins if hi > lo else (abs(hi) or 1.0) / bins
+    m = math.floor(lo / w)                         # the first edge, m * w, is at or below every value
+    if m == 0 and lo == 0:
+        m = -1                                     # ... and zeros (dead neurons) in the bin (-w, 0], not above 0
+    k = max(1, math.ceil(hi / w) - m)              # ... and the last, (m + k) * w, at or above every one
+    idx = (torch.ceil(vals.double() / w).long() - 1 - m).clamp_(0, k - 1)
+    idx = torch.where(vals > 0, idx.clamp(min=-m), idx.clamp(max=-m - 1)) if 0 < -m < k else idx
+    out["edges"] = [(m + i) * w for i in range(k + 1)]
+    out["counts"] = [int(c) for c in torch.bincount(idx, minlength=k).tolist()]
     flat = torch.where(finite, deltas, torch.full_like(deltas, float("-inf"))).flatten()
     k = min(top, int(finite.sum()))
     v, idx = flat.topk(k)
@@ -229,10 +251,9 @@ def histogram_svg(h: dict) -> str:
              f'viewBox="0 0 {width} {height}"><title>per-neuron delta histogram</title>']
     for i, c in enumerate(counts):
         bh = plot_h * c / peak
-        mid = (edges[i] + edges[i + 1]) / 2
-        colour = "#c53030" if mid > 0 else "#718096"
+        colour = "#c53030" if edges[i] >= 0 else "#718096"       # a bin above 0 holds only values above 0
         parts.append(f'<rect x="{pad_l + i * bw + 0.5:.1f}" y="{10 + plot_h - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
-                     f'height="{bh:.1f}" fill="{colour}"><title>[{edges[i]:.3g}, {edges[i + 1]:.3g}): {c}</title></rect>')
+                     f'height="{bh:.1f}" fill="{colour}"><title>({edges[i]:.3g}, {edges[i + 1]:.3g}]: {c}</title></rect>')
     base = 10 + plot_h
     parts.append(f'<line x1="{pad_l}" y1="{base}" x2="{pad_l + plot_w}" y2="{base}" stroke="#4a5568"/>')
     lo, hi = edges[0], edges[-1]
@@ -260,11 +281,13 @@ def candidates_table(result: dict) -> str:
     rows = result.get("candidates") or []
     if not rows:
         return ""
-    chosen = result.get("candidate")
+    chosen = set(chosen_members(result))
+    averaged = len(chosen) > 1
     body = []
     for c in rows:
-        mark = ' class="chosen"' if c.get("candidate") == chosen else ""
-        body.append(f"<tr{mark}><td>{_e(c.get('candidate'))}{' ✓' if mark else ''}</td><td>{_e(c.get('kind'))}</td>"
+        mark = ' class="chosen"' if c.get("candidate") in chosen else ""
+        tick = (" ✓ (averaged)" if averaged else " ✓") if mark else ""
+        body.append(f"<tr{mark}><td>{_e(c.get('candidate'))}{tick}</td><td>{_e(c.get('kind'))}</td>"
                     f"<td class='num'>{_score(c)}</td><td class='num'>{_pct(c.get('selection_accuracy'))}</td>"
                     f"<td>{_e(c.get('stopped') or c.get('scored_on') or c.get('skipped') or c.get('final') or '')}</td>"
                     f"<td class='num'>{_e(c.get('fit_seconds', ''))}</td></tr>")

@@ -682,26 +682,42 @@ def expected_group_names(figures: dict, group_by: Optional[str], expected: Seque
     classes = [c.get("name") for c in per_class or []]
     names = []
     for g in expected:
-        cls, _, val = g.partition("|")
-        if flag is not None and per_class is not None and cls not in classes:
-            raise BadInput(f"{flag}: {cls!r} is not a class of the model ({', '.join(map(str, classes))})", path)
         if flag is not None:
             _check_expected_column(g, group_by, flag, path, column)
+        cls, val = _split_expected(g, group_by, classes)
+        if flag is not None and per_class is not None and cls not in classes:
+            raise BadInput(f"{flag}: {cls!r} is not a class of the model ({', '.join(map(str, classes))})", path)
         from .data import cell_value         # the value read as the data's values are (1.0 is 1)
 
-        if group_by is not None and val.startswith(f"{group_by}="):
-            val = val[len(group_by) + 1:]
         names.append(g if group_by is None else f"{cls}|{group_by}={cell_value(val)}")
     return names
 
 
+def _split_expected(group: str, group_by: Optional[str], classes: Sequence = ()) -> tuple[str, str]:
+    """``(class, value)`` of an expected group: ``class|COLUMN=value`` split where the column is named (a
+    class or a value may hold ``|``, a value ``=``); ``class|value`` after the longest of ``classes`` it
+    starts with (a class named ``land|bird``), else at its first ``|``."""
+    if group_by is not None and f"|{group_by}=" in group:
+        cls, _, val = group.partition(f"|{group_by}=")
+        return cls, val
+    known = [c for c in classes if isinstance(c, str) and group.startswith(c + "|")]
+    if known:
+        cls = max(known, key=len)
+        return cls, group[len(cls) + 1:]
+    cls, _, val = group.partition("|")
+    return cls, val
+
+
 def _check_expected_column(group: str, group_by: Optional[str], flag: str, path: Optional[PathLike],
                            column: str) -> None:
+    if group_by is None or f"|{group_by}=" in group:
+        return
     cls, _, val = group.partition("|")
     name, eq, _ = val.partition("=")
-    if group_by is not None and eq and name != group_by:
+    if eq:
         raise BadInput(f"{flag}: {group!r} names the column {name!r}, but the groups are of {column} "
-                       f"{group_by!r} (write {cls}|VALUE or {cls}|{group_by}=VALUE)", path)
+                       f"{group_by!r} (write {cls}|VALUE or {cls}|{group_by}=VALUE; a value with '=' in it: "
+                       f"{cls}|{group_by}=VALUE)", path)
 
 
 @dataclass(frozen=True)
@@ -836,6 +852,13 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
         sign = ">=" if passed else "<"
         shown_figure, shown_threshold = show_against(Fraction(k, n), thr.value)
         message = f"{label} {k}/{n} = {shown_figure} {sign} {shown_threshold}"
+        if not passed and float(Fraction(k, n)) == float(thr.value):
+            # the threshold is this very figure as a float (a figure of --json, or of a previous run, fed
+            # back as the gate): the double nearest 5/6, 0.8333333333333334, lies just above 5/6 itself.
+            # Met -- no count of this data is between the two -- and said so
+            passed = True
+            message = (f"{label} {k}/{n} = {_show_pct(Fraction(k, n))} meets {thr.text}: the threshold is "
+                       f"this figure written as a float ({float(Fraction(k, n))!r})")
     return {"metric": name, "threshold": float(thr.value), "threshold_text": thr.text, "value": value,
             "correct": None if counts is None else counts[0], "n": None if counts is None else counts[1],
             "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}

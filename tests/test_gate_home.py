@@ -123,7 +123,7 @@ def test_an_expected_group_naming_another_column_is_refused_when_the_manifest_is
     line = _one_error_line(err)
     assert code == 2 and line == (f"error: {manifest}: row 1 (col), expect_groups: 'cat|site=water' names the "
                                   "column 'site', but the groups are of group_by 'place' (write cat|VALUE or "
-                                  "cat|place=VALUE)"), err
+                                  "cat|place=VALUE; a value with '=' in it: cat|place=VALUE)"), err
     assert not (tmp_path / "zoo-zoo").exists()           # nothing was run, no report written
 
 
