@@ -181,6 +181,10 @@ def test_github_actions_job_is_self_contained():
     for s in runs:
         assert "${{" not in s["run"], s["id"]   # paths come from the environment only
     assert "--fail-under-wga" in runs[1]["run"] and "--export onnx" in runs[2]["run"]
+    assert "--fail-under-wga" in runs[3]["run"]          # the re-gate is a gate too (tested failing below)
+    for s in (runs[1], runs[3]):                           # both gates require the groups EXPECT_GROUPS names
+        assert "--expect-groups" in s["run"] and "EXPECT_GROUPS" in s["run"], s["id"]
+    assert job["env"].get("EXPECT_GROUPS")
     # the re-gate never counts a held-out sample the repair was fitted on (as gate.sh)
     assert '--exclude "$REPAIR_DATA"' in runs[3]["run"] and '--exclude "$REPAIR_DATA"' in GATE_SH.read_text()
 
@@ -269,10 +273,6 @@ def load_script():
 
 
 def test_python_api_example(root: Path, tmp_path: Path, capsys):
-    import repair
-
-    if not hasattr(repair, "export_model"):
-        pytest.skip("repair.export_model is not in this checkout yet")
     out = tmp_path / "api-repaired"
     assert load_script().main([str(root / "demo"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -391,3 +391,92 @@ def test_python_api_example_internal_error_is_exit_3_in_one_line(root: Path, tmp
     err = capsys.readouterr().err
     assert err == "internal error: RuntimeError: simulated internal bug\n"
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ both CI templates: every exit code, a
+# failing re-gate, a held-out set that lost a whole group value (found by an audit: the tests only ever saw
+# a re-gate pass, and neither template could name the groups the held-out set must hold)
+FAKE_REPAIR = """#!/bin/sh
+n=$(cat "$FAKE_DIR/count" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$FAKE_DIR/count"
+printf '%s\\n' "$*" >> "$FAKE_DIR/calls"
+eval "rc=\\${FAKE_RC_$n:-0}"
+exit "$rc"
+"""
+
+
+@pytest.fixture()
+def fake_repair(tmp_path: Path):
+    """A ``repair`` on PATH that records its arguments and exits with FAKE_RC_<n> on its n-th call."""
+    d = tmp_path / "fakebin"
+    d.mkdir()
+    exe = d / "repair"
+    exe.write_text(FAKE_REPAIR)
+    exe.chmod(0o755)
+    state = tmp_path / "fake"
+    state.mkdir()
+
+    def env(**codes: int) -> dict:
+        for f in ("count", "calls"):
+            (state / f).unlink(missing_ok=True)
+        return dict(os.environ, PATH=f"{d}{os.pathsep}{os.environ.get('PATH', '')}", FAKE_DIR=str(state),
+                    **{f"FAKE_RC_{n}": str(c) for n, c in codes.items()})
+
+    def calls() -> list[str]:
+        return (state / "calls").read_text().splitlines() if (state / "calls").exists() else []
+    return env, calls
+
+
+@needs_bash
+@pytest.mark.parametrize("codes, want, ncalls", [
+    ({"1": 0}, 0, 1), ({"1": 2}, 2, 1), ({"1": 3}, 3, 1), ({"1": 130}, 130, 1), ({"1": 143}, 143, 1),
+    ({"1": 1, "2": 3}, 3, 2), ({"1": 1, "2": 1}, 1, 2), ({"1": 1, "2": 143}, 143, 2),     # the repair fails
+    ({"1": 1, "2": 0, "3": 1}, 1, 3), ({"1": 1, "2": 0, "3": 3}, 3, 3), ({"1": 1, "2": 0, "3": 0}, 0, 3),
+])
+def test_both_ci_templates_pass_on_every_exit_code_and_fail_on_a_failed_regate(fake_repair, tmp_path, codes,
+                                                                              want, ncalls):
+    env, calls = fake_repair
+    e = env(**{k: int(v) for k, v in codes.items()})
+    res = subprocess.run([BASH, str(GATE_SH), "m", "val", "test", "place", "out"], cwd=tmp_path,
+                         env=dict(e, EXPECT_GROUPS="a|x,b|x"), capture_output=True, text=True)
+    assert res.returncode == want and len(calls()) == ncalls, (res.stderr, calls())
+    assert all("--expect-groups a|x,b|x" in c for c in calls() if c.startswith("eval")), calls()
+    if want in (130, 143):
+        assert "interrupted or terminated" in res.stderr, res.stderr
+    job = load_job()
+    e = env(**{k: int(v) for k, v in codes.items()})
+    e.update({k: str(v) for k, v in job["env"].items()})
+    ran = run_job(job, e, tmp_path)
+    assert len(calls()) == ncalls and ran[-1][1] == want and (want == 0) == all(rc == 0 for _, rc in ran), ran
+    assert all("--expect-groups" in c for c in calls() if c.startswith("eval")), calls()
+
+
+@needs_bash
+def test_gate_sh_puts_the_repaired_model_beside_the_model_folder_however_it_is_written(fake_repair, tmp_path):
+    env, calls = fake_repair
+    (tmp_path / "models" / "birds").mkdir(parents=True)
+    for model, cwd, out in (("models/birds//", tmp_path, "models/birds-repaired"),
+                            (".", tmp_path / "models" / "birds", str(tmp_path / "models" / "birds-repaired")),
+                            ("./", tmp_path / "models" / "birds", str(tmp_path / "models" / "birds-repaired"))):
+        res = subprocess.run([BASH, str(GATE_SH), model, "val", "test", "place"], cwd=cwd,
+                             env=env(**{"1": 1, "2": 0, "3": 0}), capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        fix = [c for c in calls() if c.startswith("fix ")]
+        assert len(fix) == 1 and f"--out {out} " in fix[0], (model, fix)
+
+
+@needs_bash
+def test_the_jobs_gate_fails_when_the_heldout_set_lost_a_group(root: Path, repair_bin: Path, tmp_path: Path):
+    """No bird on land in the held-out set: the worst group over the groups left passes a 30% gate; with
+    the job's EXPECT_GROUPS (the demo's four groups) the gate fails and the repair would run (the fake
+    `repair` above shows both templates pass EXPECT_GROUPS to both gates)."""
+    where = tmp_path / "d"
+    demo_with_test(root, where, lambda rows, _: [r for r in rows if r["place"] != "land"])
+    job = load_job()
+    gate_only = {**job, "steps": [s for s in job["steps"] if s.get("id") == "gate"]}
+    env = job_env(job, repair_bin, root, MODEL=str(root / "demo" / "model-repaired"), REPAIRED=str(tmp_path / "r"))
+    env.update(HELDOUT_DATA=str(where / "data" / "test"))
+    assert env["EXPECT_GROUPS"] == "landbird|land,landbird|water,waterbird|land,waterbird|water"
+    assert run_job(gate_only, env, tmp_path) == [("gate", 0)]
+    assert (tmp_path / ".step-gate.out").read_text().strip() == "result=fail"
+    assert run_job(gate_only, dict(env, EXPECT_GROUPS=""), tmp_path) == [("gate", 0)]
+    assert (tmp_path / ".step-gate.out").read_text().strip() == "result=pass"      # what it would have shipped

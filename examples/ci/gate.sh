@@ -5,7 +5,8 @@
 #
 #   examples/ci/gate.sh MODEL REPAIR_DATA HELDOUT_DATA GROUP_BY [OUT]
 #
-#   MODEL         the checkpoint to deploy: a timm or transformers folder, a .safetensors file, an .onnx file
+#   MODEL         the checkpoint to deploy: a timm or transformers folder, or an .onnx file (a bare
+#                 .safetensors file needs --arch or --factory, which this script does not pass)
 #   REPAIR_DATA   a labelled repair set: the repair fits and selects on it, and on nothing else
 #   HELDOUT_DATA  a labelled held-out set with the group column: both gates measure on it; the repair
 #                 never fits or selects on it. Do not loop over recipes until this gate passes: that
@@ -16,7 +17,11 @@
 #
 # Environment: WGA_GATE (minimum worst-group accuracy, a fraction or a percentage; default 70%),
 # RECIPE (the repair recipe; default auto: head repairs without group labels, compared by
-# cross-validation on REPAIR_DATA). `repair` must be on PATH.
+# cross-validation on REPAIR_DATA), EXPECT_GROUPS (the groups HELDOUT_DATA must hold, class|value
+# separated by commas, e.g. "landbird|land,landbird|water,waterbird|land,waterbird|water": both gates
+# fail when one has no samples. Set it: without it a held-out set that lost a whole value of
+# GROUP_BY -- no waterbird on land at all -- is gated on the groups it still has, and can pass).
+# `repair` must be on PATH.
 #
 # Exit codes (those of `repair`):
 #   0  the model passes the gate (deploy MODEL), or its repair does (deploy OUT and its ONNX file)
@@ -24,6 +29,7 @@
 #   2  bad input or usage: a model or data path not found, an unknown column, a bad threshold, OUT
 #      already there, or this script's own arguments
 #   3  internal error of repair (rerun with `repair --debug ...` and report it)
+#   130, 143  interrupted (Ctrl-C) or terminated (SIGTERM, a CI timeout): nothing partial is left
 #   other: the command could not run at all (127: `repair` not on PATH)
 # Only exit 1 of the first gate leads to a repair. Every other non-zero code is passed on as it is,
 # so a broken pipeline (a typo in a path, a missing column) is never taken for a model that merely
@@ -41,15 +47,35 @@ GROUP_BY=$4
 if [ $# -eq 5 ]; then
   OUT=$5
 elif [ -d "$MODEL" ]; then
-  OUT="${MODEL%/}-repaired"
+  base=$MODEL
+  while [ "${#base}" -gt 1 ] && [ "${base%/}" != "$base" ]; do base=${base%/}; done   # models/birds// too
+  case $base in
+    .|..|*/.|*/..) base=$(cd "$base" && pwd) ;;   # the folder's own name: never OUT inside MODEL
+  esac
+  OUT="${base}-repaired"
 else
   OUT="${MODEL%.*}-repaired.${MODEL##*.}"
 fi
 WGA_GATE=${WGA_GATE:-70%}
 RECIPE=${RECIPE:-auto}
+expect=()
+if [ -n "${EXPECT_GROUPS:-}" ]; then
+  expect=(--expect-groups "$EXPECT_GROUPS")
+fi
 
 gate() {  # gate CHECKPOINT [OPTION...]: repair eval's exit code (0 pass, 1 below the gate, 2/3 errors)
-  repair eval "$1" --data "$HELDOUT_DATA" --group-by "$GROUP_BY" --fail-under-wga "$WGA_GATE" "${@:2}"
+  repair eval "$1" --data "$HELDOUT_DATA" --group-by "$GROUP_BY" --fail-under-wga "$WGA_GATE" \
+    ${expect[@]+"${expect[@]}"} "${@:2}"
+}
+
+why() {  # why CODE: what a non-zero exit code other than a gate's 1 means
+  case $1 in
+    2) echo "bad input or usage" ;;
+    3) echo "internal error of repair" ;;
+    127) echo "repair not found on PATH" ;;
+    130|143) echo "interrupted or terminated" ;;
+    *) echo "the command could not run" ;;
+  esac
 }
 
 echo "== gate: worst-group accuracy of $MODEL on $HELDOUT_DATA must be >= $WGA_GATE" >&2
@@ -58,7 +84,7 @@ rc=$?
 case $rc in
   0) echo "gate passed: deploy $MODEL" >&2; exit 0 ;;
   1) ;;   # below the gate: repair it
-  *) echo "error: repair eval exited $rc (bad input or internal error, not a gate result)" >&2; exit "$rc" ;;
+  *) echo "error: repair eval exited $rc ($(why "$rc"), not a gate result)" >&2; exit "$rc" ;;
 esac
 
 echo "== below the gate: repairing $MODEL from $REPAIR_DATA (recipe $RECIPE) into $OUT, with ONNX" >&2
@@ -68,7 +94,7 @@ repair fix "$MODEL" --data "$REPAIR_DATA" --out "$OUT" --recipe "$RECIPE" --expo
   --eval "$HELDOUT_DATA" --eval-group-by "$GROUP_BY"
 rc=$?
 if [ $rc -ne 0 ]; then
-  echo "error: repair fix exited $rc" >&2
+  echo "error: repair fix exited $rc ($(why "$rc"))" >&2
   exit "$rc"
 fi
 
@@ -81,6 +107,6 @@ case $rc in
   0) if [ -d "$OUT" ]; then onnx="$OUT/model.onnx"; else onnx="${OUT%.*}.onnx"; fi
      echo "the repaired model passes the gate: deploy $OUT (its verified ONNX file: $onnx)" >&2 ;;
   1) echo "FAILED: $MODEL is below the gate even after the repair" >&2 ;;
-  *) echo "error: repair eval exited $rc (bad input or internal error, not a gate result)" >&2 ;;
+  *) echo "error: repair eval exited $rc ($(why "$rc"), not a gate result)" >&2 ;;
 esac
 exit "$rc"
