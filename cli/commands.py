@@ -8,7 +8,7 @@ import typer
 
 from repair.errors import BadInput, GateFailed
 
-from .app import LAZY_COMMANDS, app, command, emit_json, log, logger, say
+from .app import LAZY_COMMANDS, app, command, emit_json, log, logger, one_line, say
 from .format import eval_table, pct, table
 from .options import (PANEL_GATE, OptionBundle, PANEL_INPUTS, PANEL_OUTPUT, PANEL_REPAIR, AsJson, Columns, DataPath, ItemColumns,
                       DemoSeed, Load, ModelArg, Runtime, Seed)
@@ -56,7 +56,7 @@ def eval_cmd(model: ModelArg, data: DataPath, columns: Columns, load: Load, runt
         emit_json(rep)
     else:
         src = "cache" if rep["embedding"]["from_cache"] else rep["embedding"]["device"]
-        say(eval_table(rep, f"{model} on {data}  (embeddings: {src}, {rep['embedding']['seconds']:.2f}s)"))
+        say(eval_table(rep, f"{one_line(model)} on {one_line(data)}  (embeddings: {src}, {rep['embedding']['seconds']:.2f}s)"))
         for g in gates:
             say(("gate passed: " if g["passed"] else "gate FAILED: ") + g["message"])
     if problems:
@@ -82,7 +82,7 @@ def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load,
     if as_json:
         emit_json(rep)
         return
-    say(f"{model} on {data}: n={rep['n']}  accuracy={pct(rep['accuracy'])}  embedding dim={rep['embedding_dim']}")
+    say(f"{one_line(model)} on {one_line(data)}: n={rep['n']}  accuracy={pct(rep['accuracy'])}  embedding dim={rep['embedding_dim']}")
     say("\nper class (dispersion = nearest class prototype is another class):")
     say(table(["class", "n", "acc", "misclassified", "dispersion", "neurons with delta>0", "significant", "max delta"],
                 [[r["class"], r["n"], pct(r["accuracy"]), r["misclassified"], pct(r["dispersion"]),
@@ -108,7 +108,8 @@ def probe_cmd(model: ModelArg, data: DataPath, columns: ItemColumns, load: Load,
 
 # ------------------------------------------------------------------ fix
 def fix_table(rep: dict) -> str:
-    out = [f"repaired {rep['model']['source']} -> {rep['output']}",
+    # paths shown on one line whatever they hold (a folder named "m\ngate passed: ..." forges no line)
+    out = [f"repaired {one_line(rep['model']['source'])} -> {one_line(rep['output'])}",
            f"recipe {rep['recipe']}: chose {rep['candidate']}"
            + (f" by {rep['selection_criterion']}" if rep.get('selection_criterion') else "")]
     if rep["candidates"]:
@@ -126,7 +127,7 @@ def fix_table(rep: dict) -> str:
     if rep.get("neurons_suppressed") is not None:
         out.append(f"neurons suppressed: {rep['neurons_suppressed']}")
     b, a = rep["before"], rep["after"]
-    out.append(f"\nbefore -> after, measured on {rep['measured_on']}:")
+    out.append(f"\nbefore -> after, measured on {one_line(rep['measured_on'])}:")
     rows = [["accuracy", pct(b["accuracy"]), pct(a["accuracy"])],
             ["worst-class accuracy", pct(b["worst_class_accuracy"]), pct(a["worst_class_accuracy"])]]
     if b.get("per_group") is not None:
@@ -139,7 +140,7 @@ def fix_table(rep: dict) -> str:
     out.append(table(["", "before", "after"], rows))
     if rep.get("export"):
         e = rep["export"]
-        out.append(f"\nONNX {e.get('path')}: verified={e.get('passed')}  max|diff|={e.get('max_abs_diff')} "
+        out.append(f"\nONNX {one_line(e.get('path'))}: verified={e.get('passed')}  max|diff|={e.get('max_abs_diff')} "
                    f"(tolerance {e.get('tolerance')})  argmax agreement={pct(e.get('argmax_agreement'))} "
                    f"over {e.get('n_verified')} samples")
         from .export_cmds import fallback_line
@@ -154,9 +155,9 @@ def fix_table(rep: dict) -> str:
     for n in rep.get("selection_notes") or []:
         out.append(n)
     if rep.get("report"):
-        out.append(f"report: {rep['report']} (JSON beside it)")
+        out.append(f"report: {one_line(rep['report'])} (JSON beside it)")
     for w in rep.get("warnings") or []:
-        out.append(f"warning: {w}")
+        out.append(f"warning: {one_line(w)}")
     t = rep["timing"]
     out.append(f"\ntime: {t['total_seconds']:.1f}s total, embeddings {t['embedding_seconds']:.1f}s"
                f"{' (cache)' if t['embedding_from_cache'] else ''}, head fitting {t['fit_seconds']:.2f}s")
@@ -298,7 +299,7 @@ def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the dem
         emit_json(doc)
         return
     test, fixed = doc["erm_test"], doc["fix"]
-    say(f"demo built in {out} (ERM training {doc['erm_train_seconds']:.0f}s)")
+    say(f"demo built in {one_line(out)} (ERM training {doc['erm_train_seconds']:.0f}s)")
     say(eval_table(test, "\nERM model on the test split (groups = class x place):"))
     gap = (test["accuracy"] - test["worst_group_accuracy"]) * 100
     say(f"\nThe shortcut: worst-group accuracy is {gap:.1f} points below mean accuracy.\n")
@@ -306,4 +307,4 @@ def demo_cmd(out: Annotated[Path, typer.Option("--out", help="Folder for the dem
     b, a = fixed["before"], fixed["after"]
     say(f"\nworst-group accuracy {pct(b['worst_group_accuracy'])} -> {pct(a['worst_group_accuracy'])}, "
           f"accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])} on the test split (no group labels used).")
-    say(f"Try: repair eval {fixed['output']} --data {doc['test']} --group-by place")
+    say(f"Try: repair eval {one_line(fixed['output'])} --data {one_line(doc['test'])} --group-by place")

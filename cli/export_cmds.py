@@ -10,7 +10,7 @@ import typer
 from repair.errors import GateFailed
 from repair.outputs import DEFAULT_MAX_VERIFY
 
-from .app import app, command, emit_json, logger, say
+from .app import app, command, emit_json, logger, one_line, say
 from .format import pct, table
 from .options import PANEL_OUTPUT, AsJson, DataPath, ExportRuntime, ItemColumns, Load, ModelArg
 
@@ -78,14 +78,14 @@ def export_cmd(model: ModelArg, data: DataPath = None, fmt: Format = "onnx", out
             if as_json:
                 emit_json(rep)
             else:
-                print_verify_report(rep, f"ONNX export of {model} FAILED verification; nothing written")
+                print_verify_report(rep, f"ONNX export of {one_line(model)} FAILED verification; nothing written")
         raise
     if as_json:
         emit_json(rep)
     elif rep.get("format") == "safetensors":
-        say(f"wrote {rep['path']} ({rep['n_tensors']} tensors; metadata {', '.join(rep['metadata_keys'])})")
+        say(f"wrote {one_line(rep['path'])} ({rep['n_tensors']} tensors; metadata {', '.join(rep['metadata_keys'])})")
     else:
-        print_verify_report(rep, f"wrote {rep['path']} ({rep['exporter']} exporter, opset {rep['opset']}, "
+        print_verify_report(rep, f"wrote {one_line(rep['path'])} ({rep['exporter']} exporter, opset {rep['opset']}, "
                                  f"inputs {', '.join(rep['input_names'])})")
 
 
@@ -104,6 +104,7 @@ def verify_cmd(model: Annotated[Path, typer.Argument(help="The ONNX file to chec
     if as_json:
         emit_json(rep)
     else:
-        print_verify_report(rep, f"{model} vs {reference} on {rep['n_verified']} samples of {data}")
+        print_verify_report(rep, f"{one_line(model)} vs {one_line(reference)} on {rep['n_verified']} samples of "
+                                 f"{one_line(data)}")
     if not rep["passed"]:
         raise GateFailed("ONNX verification failed: " + "; ".join(rep["problems"]))

@@ -9,7 +9,7 @@ import typer
 from repair.errors import GateFailed, ZooModelsFailed
 from repair.rules import install_hint
 
-from .app import app, command, emit_json, logger, say
+from .app import app, command, emit_json, logger, one_line, say
 from .format import pct, table
 from .options import AsJson, Runtime
 
@@ -36,7 +36,7 @@ def zoo_table(doc: dict) -> str:
                      r.get("candidate") or "-", wga if b else "-", pct((a or b or {}).get("accuracy"), marks), gate])
     head = ["model", "status", "method", "WGA before -> after" if doc["mode"] == "fix" else "WGA", "accuracy", "gate"]
     return "\n".join([table(head, rows), "",
-                      f"{zoo_summary_line(doc)}; report {doc['report']} (JSON beside it); "
+                      f"{zoo_summary_line(doc)}; report {one_line(doc['report'])} (JSON beside it); "
                       f"wall time {doc['wall_seconds']:.1f}s"])
 
 

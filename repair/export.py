@@ -982,15 +982,14 @@ def export_onnx(adapter: Adapter, out_path, *, metadata: dict[str, str], verify_
 
     from .rules import check_bool
     from .io import as_path
-    from .rules import Protected, model_arg, whole_number
+    from .rules import Protected, check_file_suffix, model_arg, whole_number
 
     loaded = model_arg(adapter, "the model", adopt=False)      # the export reads the tensors as they are
     if not isinstance(loaded, Adapter):
         raise BadInput("export_onnx exports a model already loaded (repair.load_model(path)); to export a "
                        "checkpoint path use repair.export_model", loaded)
     out_path = as_path(out_path, "the output (--out)")
-    if out_path.suffix.lower() != ".onnx":
-        raise BadInput("the ONNX output file name must end in .onnx", out_path)
+    check_file_suffix(out_path, ".onnx", "ONNX")
     check_bool(force, "--force")
     opset = None if opset is None else whole_number(opset, "--opset")     # a numpy integer as a Python int
     protected = Protected().add(adapter.source, "input model")    # never the model it exports (as export_model)

@@ -140,13 +140,24 @@ def export_output(model_path: PathLike, fmt: str, out: Optional[PathLike] = None
         return parent / f"{name}-export" if folder else parent / f"{name}.export.safetensors"
     out = Path(out)
     if fmt == "onnx":
-        if out.suffix.lower() != ".onnx":
-            raise BadInput("the ONNX output file name must end in .onnx", out)
-    elif not folder and out.suffix.lower() != ".safetensors":
-        raise BadInput("the safetensors output file name must end in .safetensors", out)
+        check_file_suffix(out, ".onnx", "ONNX")
+    elif not folder:
+        check_file_suffix(out, ".safetensors", "safetensors")
     elif folder and out.suffix.lower() in WEIGHT_SUFFIXES:
         raise BadInput(f"the safetensors export of a checkpoint folder is a folder; a name ending in "
                        f"{out.suffix} would be taken for a weights file", out)
+    return out
+
+
+def check_file_suffix(out: Path, suffix: str, what: str) -> Path:
+    """``out`` when its name ends in ``suffix`` (``.onnx``); else :class:`BadInput` naming it -- a hidden
+    name that is the suffix alone (``.onnx``: no stem, so no suffix) said so. The one home of that rule
+    (``repair export``'s output, :func:`repair.export.export_onnx`'s)."""
+    out = Path(out)
+    if out.suffix.lower() != suffix:
+        hint = (f": {out.name!r} is a hidden name with nothing before {suffix} (write model{suffix})"
+                if out.name.lower() == suffix else "")
+        raise BadInput(f"the {what} output file name must end in {suffix}{hint}", out)
     return out
 
 
@@ -864,7 +875,7 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
             "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}
 
 
-__all__ = ["Protected", "Threshold", "install_hint", "artifacts_beside", "artifacts_output", "check_bool", "check_export_options", "check_format", "onnx_only_given", "ONNX_ONLY",
+__all__ = ["Protected", "Threshold", "install_hint", "artifacts_beside", "artifacts_output", "check_bool", "check_file_suffix", "check_export_options", "check_format", "onnx_only_given", "ONNX_ONLY",
            "check_outputs_distinct", "check_tolerance", "check_writable", "export_output", "model_output_kind", "fix_onnx_output",
            "fix_output", "gate_metric", "judge", "metric_counts", "parse_threshold", "report_outputs",
            "threshold_option", "unmeasured", "parse_expected_groups", "expected_group_names", "GateNames", "Gates",

@@ -862,6 +862,13 @@ def check_kinds(own: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Ten
             raise BadInput(f"tensor {name!r} is stored as {str(t.dtype).replace('torch.', '')}, the model's is "
                            f"floating-point ({str(mine.dtype).replace('torch.', '')}): its values would not survive "
                            "loading and repair", where)
+        if isinstance(t, torch.Tensor) and isinstance(mine, torch.Tensor) and t.is_floating_point() \
+                and t.element_size() == 1 and mine.element_size() > 1:
+            # float8: the model computes in its own type, and a repaired tensor written back in 8 bits keeps
+            # 2 or 3 bits of mantissa -- the written model would not be the one measured
+            raise BadInput(f"tensor {name!r} is stored as {str(t.dtype).replace('torch.', '')}: 8-bit floats are "
+                           "not read (a repaired value written back in 8 bits would not be the one measured); "
+                           "save the checkpoint as float16, bfloat16 or float32", where)
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], where) -> None:
@@ -869,8 +876,11 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where) -> None:
     parameter or buffer) and ``where`` (the weights file): such a model's figures are meaningless
     (a NaN in a BatchNorm buffer makes every prediction the same class)."""
     for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and \
-                not bool(torch.isfinite(t).all()):
+        if not (isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())):
+            continue
+        if t.is_floating_point() and t.element_size() == 1:
+            t = t.float()               # float8: torch has no isfinite for it (widening keeps NaN and inf)
+        if not bool(torch.isfinite(t).all()):
             k = int((~torch.isfinite(t)).sum())
             raise BadInput(f"tensor {name!r} holds {k} non-finite value(s) (NaN or infinite); the model "
                            "cannot be evaluated or repaired", where)

@@ -51,6 +51,13 @@ def resolve_image_config(pretrained_cfg: Optional[dict], where=None) -> dict:
     raw = dict(pretrained_cfg or {})
     if not raw:
         raise BadInput("no image preprocessing (pretrained_cfg with input_size, mean, std) is given", where)
+    for key in DATA_CONFIG_KEYS:
+        v = raw.get(key)
+        if v is not None and not isinstance(v, bool) and isinstance(v, (int, float, str, list, tuple)) and not v:
+            # timm reads each setting as ``cfg.get(key) or DEFAULT``: a 0, "" or [] would silently become its
+            # default (crop_pct 0 -> 0.875, mean [] -> ImageNet's), a preprocessing the file never asked for
+            raise BadInput(f"{key} is {v!r}: an empty or zero value is not a preprocessing (leave {key} out "
+                           "for its default)", where)
     size = raw.get("input_size")
     if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 3 or
                              not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
@@ -133,6 +140,8 @@ def described_image_config(cfg: dict, where=None) -> dict:
     timm's (a ``preprocess.json``, the options, an ONNX file's ``preprocess`` metadata): no
     ``crop_pct`` there means no crop (1.0), not timm's default 0.875 -- the one home of that rule, so one
     description reads the same from any of them."""
+    if isinstance(cfg, dict) and cfg.get("crop_pct", 1.0) is None:
+        cfg = {k: v for k, v in cfg.items() if k != "crop_pct"}      # null is left out, as timm reads it
     return resolve_image_config({"crop_pct": 1.0, **cfg} if isinstance(cfg, dict) else cfg, where)
 
 
