@@ -1,40 +1,53 @@
 """How figures are written for people (stdout tables, the HTML report): one home, no torch."""
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Iterable, Optional
 
 
-def _side(a: float, b: float) -> int:
-    """-1, 0 or 1: ``a`` below, at or above ``b`` (equal within float rounding of a ratio: a few units in
-    the last place -- a figure and a threshold differ by that much only when the threshold is the figure
-    written as a float, which the gate counts as met --, so a threshold written with many digits,
-    0.6666666666667 beside 2/3, is still a side)."""
-    d = a - b
-    return 0 if abs(d) <= 8 * 2.220446049250313e-16 * max(1.0, abs(a), abs(b)) else (1 if d > 0 else -1)
+def _cmp(a: float, b: float) -> int:
+    """-1, 0 or 1: the double ``a`` below, at or above the double ``b`` -- exactly. A gate passes exactly
+    when its figure's double is at or above its threshold's (:func:`repair.rules.judge`: the exact
+    comparison, and a threshold that is the figure's own double is met; rounding is monotonic), so a
+    figure compared here as a double sits on the side the gate says."""
+    return (a > b) - (a < b)
 
 
-def _fixed(v: float, marks: tuple[float, ...], sign: str = "") -> str:
-    """``v`` with one decimal -- more where one decimal would move it onto or across one of ``marks``
-    (the values it is judged against: 0, 100, a gate's threshold), at most 15 decimals. ``sign``:
-    ``"+"`` to sign it."""
-    digits = 1
-    while True:
-        s = f"{v:{sign}.{digits}f}"
-        if all(_side(float(s), m) == _side(v, m) for m in marks) or digits >= 15:
+def _decimal(q: Fraction, digits: int, sign: str = "") -> str:
+    """The exact rational ``q`` rounded (half to even) to ``digits`` decimals, as text; ``sign`` ``"+"`` to
+    sign it."""
+    n = round(q * 10 ** digits)
+    body = f"{abs(n) // 10 ** digits}.{abs(n) % 10 ** digits:0{digits}d}"
+    return ("-" if n < 0 else "+" if sign == "+" else "") + body
+
+
+def _shown(q: Fraction, value: float, marks: tuple[float, ...], scale: int, sign: str = "") -> str:
+    """``q`` (``value`` x ``scale``, exactly) with one decimal -- more where fewer would put it, read back
+    as a double, on another side of one of ``marks`` than ``value`` is (at most 20 decimals)."""
+    want = [_cmp(value, m) for m in marks]
+    for digits in range(1, 21):
+        s = _decimal(q, digits, sign)
+        back = float(Fraction(s) / scale)
+        if all(_cmp(back, m) == w for m, w in zip(marks, want)):
             return s
-        digits += 1
+    return s
 
 
 def percent(x: Optional[float], missing: str = "-", against: Iterable[float] = ()) -> str:
     """``x`` (a fraction) as a percentage with one decimal -- more where one decimal would round it onto
     or across a figure it is judged against: ``100.0%`` for a figure with errors, ``0.0%`` for one with
     hits, and each threshold in ``against`` (fractions: the gates beside the figure). 2499/2500 is
-    ``99.96%``, never ``100.0%``; 1999/2500 beside an 80% gate is ``79.96%``, never ``80.0%``.
-    ``missing`` for None."""
+    ``99.96%``, never ``100.0%``; 1999/2500 beside an 80% gate is ``79.96%``, never ``80.0%``; beside a
+    gate it meets, never below it. Exact: the figure and what is shown are compared with each threshold
+    as doubles, as the gate compares them. ``missing`` for None."""
     if x is None:
         return missing
-    v = 100 * float(x)
-    return _fixed(v, (0.0, 100.0) + tuple(100 * float(t) for t in against)) + "%"
+    v = float(x)
+    if not math.isfinite(v):
+        return f"{100 * v:.1f}%"
+    marks = (0.0, 1.0) + tuple(float(t) for t in against)
+    return _shown(Fraction(v) * 100, v, marks, 100) + "%"
 
 
 def gate_thresholds(gates: Iterable[Optional[dict]]) -> tuple[float, ...]:
@@ -49,5 +62,14 @@ def points_delta(before: Optional[float], after: Optional[float], missing: str =
     never ``+0.0``); no change at all is ``0.0``, unsigned. ``missing`` when either is None."""
     if before is None or after is None:
         return missing
-    v = 100 * (float(after) - float(before))
-    return _fixed(v, (0.0,), "+") if v else "0.0"
+    b, a = float(before), float(after)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return f"{100 * (a - b):+.1f}"
+    q = (Fraction(a) - Fraction(b)) * 100
+    if not q:
+        return "0.0"
+    for digits in range(1, 21):               # never +0.0 for a change, nor -0.0
+        s = _decimal(q, digits, "+")
+        if Fraction(s) != 0:
+            return s
+    return s

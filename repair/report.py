@@ -151,6 +151,13 @@ def histogram_of(deltas, class_names: Sequence[str], bins: int = 30, top: int = 
     # neither side)
     lo, hi = float(vals.min()), float(vals.max())
     w = (hi - lo) / bins if hi > lo else (abs(hi) or 1.0) / bins
+    if not (math.isfinite(w) and w > 0 and math.isfinite(lo / w) and math.isfinite(hi / w)):
+        # a range a double cannot cut into bins of one width (subnormal or near-overflow float64 deltas):
+        # the two sides of 0 alone
+        neg, pos = int((vals <= 0).sum()), int((vals > 0).sum())
+        out["edges"] = [lo, 0.0, hi] if neg and pos else [0.0, hi] if pos else [lo, 0.0]
+        out["counts"] = [c for c in (neg, pos) if c]
+        return _top(out, deltas, finite, class_names, top)
     m = math.floor(lo / w)                         # the first edge, m * w, is at or below every value
     if m == 0 and lo == 0:
         m = -1                                     # ... and zeros (dead neurons) in the bin (-w, 0], not above 0
@@ -159,6 +166,12 @@ def histogram_of(deltas, class_names: Sequence[str], bins: int = 30, top: int = 
     idx = torch.where(vals > 0, idx.clamp(min=-m), idx.clamp(max=-m - 1)) if 0 < -m < k else idx
     out["edges"] = [(m + i) * w for i in range(k + 1)]
     out["counts"] = [int(c) for c in torch.bincount(idx, minlength=k).tolist()]
+    return _top(out, deltas, finite, class_names, top)
+
+
+def _top(out: dict, deltas, finite, class_names: Sequence[str], top: int) -> dict:
+    import torch
+
     flat = torch.where(finite, deltas, torch.full_like(deltas, float("-inf"))).flatten()
     k = min(top, int(finite.sum()))
     v, idx = flat.topk(k)
@@ -253,7 +266,7 @@ def histogram_svg(h: dict) -> str:
         bh = plot_h * c / peak
         colour = "#c53030" if edges[i] >= 0 else "#718096"       # a bin above 0 holds only values above 0
         parts.append(f'<rect x="{pad_l + i * bw + 0.5:.1f}" y="{10 + plot_h - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
-                     f'height="{bh:.1f}" fill="{colour}"><title>({edges[i]:.3g}, {edges[i + 1]:.3g}]: {c}</title></rect>')
+                     f'height="{bh:.1f}" fill="{colour}"><title>{"[" if i == 0 else "("}{edges[i]:.3g}, {edges[i + 1]:.3g}]: {c}</title></rect>')
     base = 10 + plot_h
     parts.append(f'<line x1="{pad_l}" y1="{base}" x2="{pad_l + plot_w}" y2="{base}" stroke="#4a5568"/>')
     lo, hi = edges[0], edges[-1]

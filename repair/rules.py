@@ -551,8 +551,8 @@ def show_against(figure: Fraction, threshold: Fraction) -> tuple[str, str]:
     message, the zoo's tables)."""
     figure, threshold = Fraction(figure), Fraction(threshold)
     t = _threshold_pct(threshold)
-    if figure == threshold:
-        return t, t
+    if figure == threshold or float(figure) == float(threshold):
+        return t, t                      # (a threshold that is the figure's own double: met, :func:`judge`)
     above = figure >= threshold
     digits = 12
     tv = Fraction(t[:-1]) / 100
@@ -727,8 +727,8 @@ def _check_expected_column(group: str, group_by: Optional[str], flag: str, path:
     name, eq, _ = val.partition("=")
     if eq:
         raise BadInput(f"{flag}: {group!r} names the column {name!r}, but the groups are of {column} "
-                       f"{group_by!r} (write {cls}|VALUE or {cls}|{group_by}=VALUE; a value with '=' in it: "
-                       f"{cls}|{group_by}=VALUE)", path)
+                       f"{group_by!r} (write CLASS|VALUE or CLASS|{group_by}=VALUE; a value with '=' in it, or a "
+                       "class with '|' in its name, needs the second)", path)
 
 
 @dataclass(frozen=True)
@@ -868,8 +868,8 @@ def judge(figures: Optional[dict], threshold: Any, metric: str = "auto",
             # back as the gate): the double nearest 5/6, 0.8333333333333334, lies just above 5/6 itself.
             # Met -- no count of this data is between the two -- and said so
             passed = True
-            message = (f"{label} {k}/{n} = {_show_pct(Fraction(k, n))} meets {thr.text}: the threshold is "
-                       f"this figure written as a float ({float(Fraction(k, n))!r})")
+            message = (f"{label} {k}/{n} = {shown_figure} >= {shown_threshold}: the threshold is this figure "
+                       f"written as a float ({float(Fraction(k, n))!r})")
     return {"metric": name, "threshold": float(thr.value), "threshold_text": thr.text, "value": value,
             "correct": None if counts is None else counts[0], "n": None if counts is None else counts[1],
             "where": where, "passed": bool(passed), "message": message, "unmeasured": missing}

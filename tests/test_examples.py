@@ -462,6 +462,14 @@ def test_gate_sh_puts_the_repaired_model_beside_the_model_folder_however_it_is_w
         assert res.returncode == 0, res.stderr
         fix = [c for c in calls() if c.startswith("fix ")]
         assert len(fix) == 1 and f"--out {out} " in fix[0], (model, fix)
+    # a CDPATH that holds another models/birds is not where `cd` goes (a review found the OUT of the other tree)
+    (tmp_path / "other" / "models" / "birds").mkdir(parents=True)
+    res = subprocess.run([BASH, str(GATE_SH), "models/birds/.", "val", "test", "place"], cwd=tmp_path,
+                         env=dict(env(**{"1": 1, "2": 0, "3": 0}), CDPATH=str(tmp_path / "other")),
+                         capture_output=True, text=True)
+    fix = [c for c in calls() if c.startswith("fix ")]
+    assert res.returncode == 0 and len(fix) == 1, res.stderr
+    assert f"--out {tmp_path / 'models' / 'birds-repaired'} " in fix[0], fix
 
 
 @needs_bash

@@ -122,8 +122,9 @@ def test_an_expected_group_naming_another_column_is_refused_when_the_manifest_is
     code, _, err = run_cli("zoo", manifest, "--mode", "eval", "-q")
     line = _one_error_line(err)
     assert code == 2 and line == (f"error: {manifest}: row 1 (col), expect_groups: 'cat|site=water' names the "
-                                  "column 'site', but the groups are of group_by 'place' (write cat|VALUE or "
-                                  "cat|place=VALUE; a value with '=' in it: cat|place=VALUE)"), err
+                                  "column 'site', but the groups are of group_by 'place' (write CLASS|VALUE or "
+                                  "CLASS|place=VALUE; a value with '=' in it, or a class with '|' in its name, "
+                                  "needs the second)"), err
     assert not (tmp_path / "zoo-zoo").exists()           # nothing was run, no report written
 
 

@@ -39,7 +39,8 @@ def test_two_groups_with_one_name_are_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("k, n, thr, op", [(12, 36, "0.3333333333333334", "<"), (2, 3, "0.6666666666666666", ">="),
-                                           (1, 3, "0.33333333333333334", "<"), (1, 3, "0.33333333333333329", ">=")])
+                                           (1, 3, "0.33333333333333334", ">="), (1, 3, "0.33333333333333329", ">="),
+                                           (1, 3, "0.3333333333333334", "<")])
 def test_a_threshold_of_many_decimals_is_shown_on_its_true_side(k, n, thr, op):
     """Past 12 decimals the threshold was rounded: "33.33% < 33.333333333333%" for 12/36, which is above
     33.333333333333%."""
@@ -47,6 +48,10 @@ def test_a_threshold_of_many_decimals_is_shown_on_its_true_side(k, n, thr, op):
 
     figure, threshold = Fraction(k, n), Fraction(thr)
     f, t = show_against(figure, threshold)
+    if float(figure) == float(threshold):
+        # the threshold is the figure's own double, which the gate counts as met (session 46): shown as met
+        assert f == t and op == ">=", (f, t)
+        return
     shown = Fraction(t[:-1]) / 100
     assert (figure >= shown) == (figure >= threshold) and figure != shown, (f, t)      # the true figure's side
     assert (Fraction(f[:-1]) >= Fraction(t[:-1])) == (op == ">="), (f, t)               # and the shown one's

@@ -50,7 +50,8 @@ elif [ -d "$MODEL" ]; then
   base=$MODEL
   while [ "${#base}" -gt 1 ] && [ "${base%/}" != "$base" ]; do base=${base%/}; done   # models/birds// too
   case $base in
-    .|..|*/.|*/..) base=$(cd "$base" && pwd) ;;   # the folder's own name: never OUT inside MODEL
+    .|..|*/.|*/..)                               # the folder's own name: never OUT inside MODEL
+      base=$(CDPATH='' cd -- "$base" && pwd) || { echo "error: cannot enter $MODEL" >&2; exit 2; } ;;
   esac
   OUT="${base}-repaired"
 else
