@@ -482,6 +482,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             return Choice(head[0], head[1], rows, _describe(crit, fold_desc, len(y)), notes)
     head_score = best_score                     # None when there is no head to beat
     fitted: dict = {}                           # a cross-fitted candidate's run: it is also its final model
+    cut_runs: dict = {}                         # each model candidate's loop record (its first fold's)
 
     def skip(cand, why: str) -> None:           # a model repair that could not be compared: the head stays
         rows.append({"candidate": cand.label, "kind": "model", "skipped": why})
@@ -515,6 +516,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
         crossed = (_cross_fitted(c, ctx, fit_idx, parts, y, log, stop_check if head_score is not None else None)
                    if _cross_fits(c, parts) else None)
         if isinstance(crossed, CannotWin):
+            cut_runs[c.label] = crossed.loop
             rows.append({"candidate": c.label, "kind": "model", "score_at_most": at_most[-1],
                          "fit_seconds": round(crossed.seconds, 4), "steps": crossed.steps,
                          "scored_on": f"{crossed.members} of {fold_desc}; cross-fitted", "stopped": crossed.reason})
@@ -525,6 +527,8 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
                 raise crossed
             skip(c, f"cannot be cross-fitted on these {len(parts)} folds ({crossed.problem}); the head stays")
             continue
+        if crossed is not None:
+            cut_runs[c.label] = (crossed.diagnostics or {}).get("loop")
         if crossed is not None and ((crossed.diagnostics or {}).get("settle") or {}).get("body") == "original":
             # every member kept its start, or settling chose the original body: what is left is a head
             # refitted on the original body, its strength chosen on these very out-of-fold predictions --
@@ -537,6 +541,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             w, m = scores_from_preds(crossed.oof_pred[None], y, score_strata)
             score, mean = float(w[0]), float(m[0])
             loop = (crossed.diagnostics or {}).get("loop") or {}
+            cut_runs[c.label] = loop
             member_stops = (loop.get("budget") or {}).get("member_stopped_by") or []
             rows.append({"candidate": c.label, "kind": "model", "score": score, "selection_accuracy": mean,
                          "fit_seconds": round(crossed.seconds, 4), "steps": crossed.steps,
@@ -563,6 +568,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
                 unfit = e.problem               # a fold too small for it: the head stays, as auto returns it
                 break
             pred[held] = ctx.model_logits(f, fit_idx[held]).argmax(1)
+            cut_runs.setdefault(c.label, (f.diagnostics or {}).get("loop"))
             secs, steps = secs + f.seconds, steps + f.steps
             stops.append(stopped_by(f))
             if head_score is not None and k + 1 < len(parts):
@@ -592,6 +598,7 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
         beats_head = head_score is None or score >= head_score + need
         if beats_head and (best is None or best[0] == "head" or (score, mean) > (best_score, best_mean)):
             best_score, best_mean, best = score, mean, ("model", c)
+    _say_cut_short(ctx, cut_runs, None if best[0] == "head" else best[1].label)
     if best[0] == "head":
         return Choice(head[0], head[1], rows, _describe(crit, fold_desc, len(y)), notes)
     c = best[1]
@@ -616,6 +623,20 @@ def _cross_fits(cand, parts) -> bool:
     cfg = cand.config()
     k = getattr(cfg, "cross_fit", 1)
     return isinstance(k, int) and k > 1 and k == len(parts) and getattr(cfg, "settle", None) != "off"
+
+
+def _say_cut_short(ctx: "FitContext", loops: dict, chosen: Optional[str]) -> None:
+    """A warning for each model repair compared with the heads and NOT chosen whose training a time cap
+    cut short of its learning-rate schedule (:func:`repair.modelrepair.finetune.schedule_cut_short`):
+    the budget, not the repair, may be what lost it the comparison (the chosen one is warned of where
+    the output is written)."""
+    from .modelrepair.finetune import schedule_cut_short
+
+    for label, loop in loops.items():
+        cut = schedule_cut_short(loop) if label != chosen and isinstance(loop, dict) else None
+        if cut:
+            ctx.warnings.append(f"{label} (a model repair compared with the heads, not chosen): {cut}")
+            ctx.log(f"warning: {ctx.warnings[-1]}")
 
 
 def _cross_fitted(cand, ctx, fit_idx, parts, y, log, stop_check=None):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 
 def _cmp(a: float, b: float) -> int:
@@ -15,23 +15,24 @@ def _cmp(a: float, b: float) -> int:
 
 
 def _decimal(q: Fraction, digits: int, sign: str = "") -> str:
-    """The exact rational ``q`` rounded (half to even) to ``digits`` decimals, as text; ``sign`` ``"+"`` to
-    sign it."""
+    """The exact rational ``q`` rounded (half to even) to ``digits`` decimals, as text, with ``q``'s sign
+    (``sign`` ``"+"``: a ``+`` on what is not below 0)."""
     n = round(q * 10 ** digits)
     body = f"{abs(n) // 10 ** digits}.{abs(n) % 10 ** digits:0{digits}d}"
-    return ("-" if n < 0 else "+" if sign == "+" else "") + body
+    return ("-" if q < 0 else "+" if sign == "+" else "") + body
 
 
-def _shown(q: Fraction, value: float, marks: tuple[float, ...], scale: int, sign: str = "") -> str:
-    """``q`` (``value`` x ``scale``, exactly) with one decimal -- more where fewer would put it, read back
-    as a double, on another side of one of ``marks`` than ``value`` is (at most 20 decimals)."""
-    want = [_cmp(value, m) for m in marks]
+def _shown(value: float, scale: int, ok: Callable[[str], bool], sign: str = "") -> str:
+    """``value`` x ``scale`` with one decimal -- more until ``ok`` accepts the text: first as Python writes
+    the product (one decimal of it as ever: 1/80 is 1.2%), then rounded from the exact value (a figure a
+    few units in the last place from a threshold, where the product's own rounding would hide the side);
+    in exponent notation when no 20 decimals will do (a figure of 1e-300)."""
+    q = Fraction(value) * scale
     for digits in range(1, 21):
-        s = _decimal(q, digits, sign)
-        back = float(Fraction(s) / scale)
-        if all(_cmp(back, m) == w for m, w in zip(marks, want)):
-            return s
-    return s
+        for s in (f"{value * scale:{sign}.{digits}f}", _decimal(q, digits, sign)):
+            if ok(s):
+                return s
+    return f"{value * scale:{sign}.17g}"
 
 
 def percent(x: Optional[float], missing: str = "-", against: Iterable[float] = ()) -> str:
@@ -39,15 +40,16 @@ def percent(x: Optional[float], missing: str = "-", against: Iterable[float] = (
     or across a figure it is judged against: ``100.0%`` for a figure with errors, ``0.0%`` for one with
     hits, and each threshold in ``against`` (fractions: the gates beside the figure). 2499/2500 is
     ``99.96%``, never ``100.0%``; 1999/2500 beside an 80% gate is ``79.96%``, never ``80.0%``; beside a
-    gate it meets, never below it. Exact: the figure and what is shown are compared with each threshold
-    as doubles, as the gate compares them. ``missing`` for None."""
+    gate it meets, never below it. Exact: the figure and what is shown, read back, are compared with each
+    threshold as doubles, as the gate compares them. ``missing`` for None."""
     if x is None:
         return missing
     v = float(x)
     if not math.isfinite(v):
         return f"{100 * v:.1f}%"
     marks = (0.0, 1.0) + tuple(float(t) for t in against)
-    return _shown(Fraction(v) * 100, v, marks, 100) + "%"
+    want = [_cmp(v, m) for m in marks]
+    return _shown(v, 100, lambda s: [_cmp(float(Fraction(s) / 100), m) for m in marks] == want) + "%"
 
 
 def gate_thresholds(gates: Iterable[Optional[dict]]) -> tuple[float, ...]:
@@ -68,8 +70,6 @@ def points_delta(before: Optional[float], after: Optional[float], missing: str =
     q = (Fraction(a) - Fraction(b)) * 100
     if not q:
         return "0.0"
-    for digits in range(1, 21):               # never +0.0 for a change, nor -0.0
-        s = _decimal(q, digits, "+")
-        if Fraction(s) != 0:
-            return s
-    return s
+    want = (q > 0) - (q < 0)
+    return _shown(a - b if a - b else math.copysign(5e-324, want), 100,
+                  lambda s: (Fraction(s) > 0) - (Fraction(s) < 0) == want and s[0] in "+-", "+")

@@ -336,8 +336,8 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
                                            runtime=runtime)
     train_notes: list[str] = []
     if o.budget is not None and "model" not in recipe.kinds:     # said, not dropped in silence (a zoo's
-        train_notes.append(f"--budget {o.budget} bounds the training of model repairs; recipe {recipe.name!r} "
-                           "has none, so it does not apply")         # default may hold one for every row)
+        train_notes.append(f"the training budget {o.budget} (--budget, a zoo row's budget) bounds the training of "
+                           f"model repairs; recipe {recipe.name!r} has none, so it does not apply")         # default may hold one for every row)
     trains = [name for name, v in resources.items() if isinstance(v, RepairData)]
     for name in trains:                          # --train's labels and modality: checked before any work
         _check_train_set(adapter, resources[name], data_opts)

@@ -58,7 +58,8 @@ def budget_text(budget) -> str:
     parts = ",".join(f"{_plain_number(budget[k])}{u}" for k, u in units if budget.get(k) is not None) or "none"
     runs = budget.get("members") or budget.get("cross_fit")
     if isinstance(runs, int) and not isinstance(runs, bool) and runs > 1:
-        parts += f" for each of {runs} {'members' if budget.get('members') else 'cross-fit runs'}"
+        # a cross-fitted run's record holds both (its runs are the members of _members_result)
+        parts += f" for each of {runs} {'cross-fit runs' if budget.get('cross_fit') else 'members'}"
     return parts + (" (default)" if budget.get("default") else "")
 
 

@@ -54,7 +54,8 @@ def test_check_finite_reads_float8_tensors():
 
 
 @pytest.mark.parametrize("key, value", [("crop_pct", 0), ("crop_pct", 0.0), ("mean", []), ("std", []),
-                                        ("interpolation", ""), ("crop_mode", "")])
+                                        ("interpolation", ""), ("crop_mode", ""), ("crop_pct", False), ("mean", {}),
+                                        ("interpolation", False)])
 def test_a_zero_or_empty_preprocessing_value_in_config_json_is_refused(tmp_path, images, key, value):
     model = make_timm_folder(tmp_path / "m")
     cfg_path = model / "config.json"

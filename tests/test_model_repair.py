@@ -327,7 +327,7 @@ def test_a_model_repairs_files_never_replace_an_input_and_an_overflowing_budget_
     assert code == 2 and "--budget" in err and "more than any run takes" in err, err
     code, out_json, err = run_cli("fix", timm_folder, "--data", data, "--recipe", "dfr", "--budget", "10steps",
                                   "--out", tmp_path / "h", "--json", "-q")
-    assert code == 0 and "--budget 10steps bounds the training of model repairs" in err, err
+    assert code == 0 and "the training budget 10steps (--budget, a zoo row's budget) bounds the training of model repairs" in err, err
     shutil.rmtree(tmp_path / "h")
 
 

@@ -225,3 +225,6 @@ def test_the_training_sentence_writes_the_budget_as_it_is_given():
     assert budget_text({"seconds": 300.0, "default": True, "cross_fit": 2}) == \
         "300s for each of 2 cross-fit runs (default)"
     assert budget_text({"seconds": 1.0, "default": False, "members": 2}) == "1s for each of 2 members"
+    # a cross-fitted run's record holds members too (session 46: it was called "2 members")
+    assert budget_text({"steps": 10, "default": False, "members": 2, "cross_fit": 2}) == \
+        "10steps for each of 2 cross-fit runs"

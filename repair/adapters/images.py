@@ -53,7 +53,7 @@ def resolve_image_config(pretrained_cfg: Optional[dict], where=None) -> dict:
         raise BadInput("no image preprocessing (pretrained_cfg with input_size, mean, std) is given", where)
     for key in DATA_CONFIG_KEYS:
         v = raw.get(key)
-        if v is not None and not isinstance(v, bool) and isinstance(v, (int, float, str, list, tuple)) and not v:
+        if v is not None and not v:      # 0, "", [], {}, false: anything timm's ``or`` would throw away
             # timm reads each setting as ``cfg.get(key) or DEFAULT``: a 0, "" or [] would silently become its
             # default (crop_pct 0 -> 0.875, mean [] -> ImageNet's), a preprocessing the file never asked for
             raise BadInput(f"{key} is {v!r}: an empty or zero value is not a preprocessing (leave {key} out "

@@ -170,6 +170,7 @@ class CannotWin(Exception):
         super().__init__(reason)
         self.reason = reason
         self.steps, self.members, self.seconds = 0, 0, 0.0
+        self.loop: Optional[dict] = None    # the loop record of the members trained (schedule, what stopped each)
 
 
 @dataclass

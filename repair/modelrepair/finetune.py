@@ -487,6 +487,11 @@ def cross_fit(sess: "Session", k: int, params: Sequence[torch.nn.Parameter], run
         runs, kept = _soup(state, k, member, keep=True, after=after if after_member is not None else None)
     except CannotWin as e:
         e.steps, e.members = sum(r.steps for r in done), len(done)
+        # what the members trained so far ran on (their schedule, and what stopped each): a caller says
+        # when a time cap cut them short (:func:`schedule_cut_short`), though the run is not chosen
+        e.loop = {"schedule": done[-1].schedule if done else None,
+                  "budget": {"member_steps": [r.steps for r in done],
+                             "member_stopped_by": [r.stopped_by for r in done]}}
         raise
     members = [(by_name(m), tr, ho) for m, (tr, ho) in zip(kept, parts)]
     res = _members_result(runs, None, time.perf_counter() - t0,
