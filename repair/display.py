@@ -27,6 +27,8 @@ def _shown(value: float, scale: int, ok: Callable[[str], bool], sign: str = "") 
     the product (one decimal of it as ever: 1/80 is 1.2%), then rounded from the exact value (a figure a
     few units in the last place from a threshold, where the product's own rounding would hide the side);
     in exponent notation when no 20 decimals will do (a figure of 1e-300)."""
+    if not math.isfinite(value * scale):          # a figure no fraction is (1e307): as Python writes it
+        return f"{value * scale:{sign}.1f}"
     q = Fraction(value) * scale
     for digits in range(1, 21):
         for s in (f"{value * scale:{sign}.{digits}f}", _decimal(q, digits, sign)):
@@ -71,5 +73,5 @@ def points_delta(before: Optional[float], after: Optional[float], missing: str =
     if not q:
         return "0.0"
     want = (q > 0) - (q < 0)
-    return _shown(a - b if a - b else math.copysign(5e-324, want), 100,
+    return _shown(a - b, 100,
                   lambda s: (Fraction(s) > 0) - (Fraction(s) < 0) == want and s[0] in "+-", "+")

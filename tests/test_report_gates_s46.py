@@ -268,6 +268,7 @@ def test_figures_without_a_gate_are_written_as_before_and_tiny_ones_keep_their_s
     assert points_delta(0.0, 7 / 80) == "+8.8" and points_delta(7 / 80, 0.0) == "-8.8"
     assert points_delta(0.9996, 1.0) == "+0.04" and points_delta(0.5, 0.5) == "0.0"
     assert points_delta(1e-300, 0.0).startswith("-") and points_delta(0.0, 5e-324).startswith("+")
+    assert percent(1e307) == "inf%" and points_delta(-1e308, 1e308) == "+inf"     # no crash on a non-figure
     for x in (1e-300, -1e-300):
         shown = percent(x)
         assert (Fraction(shown.rstrip("%")) > 0) == (x > 0) and Fraction(shown.rstrip("%")) != 0, shown
