@@ -626,16 +626,16 @@ def _cross_fits(cand, parts) -> bool:
 
 
 def _say_cut_short(ctx: "FitContext", loops: dict, chosen: Optional[str]) -> None:
-    """A warning for each model repair compared with the heads and NOT chosen whose training a time cap
-    cut short of its learning-rate schedule (:func:`repair.modelrepair.finetune.schedule_cut_short`):
-    the budget, not the repair, may be what lost it the comparison (the chosen one is warned of where
-    the output is written)."""
+    """A warning for each model repair compared (with the heads, or the other candidates) and NOT chosen,
+    skipped ones included, whose training a time cap cut short of its learning-rate schedule
+    (:func:`repair.modelrepair.finetune.schedule_cut_short`): the budget, not the repair, may be what
+    lost it the comparison (the chosen one is warned of where the output is written)."""
     from .modelrepair.finetune import schedule_cut_short
 
     for label, loop in loops.items():
         cut = schedule_cut_short(loop) if label != chosen and isinstance(loop, dict) else None
         if cut:
-            ctx.warnings.append(f"{label} (a model repair compared with the heads, not chosen): {cut}")
+            ctx.warnings.append(f"{label} (a model repair compared and not chosen): {cut}")
             ctx.log(f"warning: {ctx.warnings[-1]}")
 
 
