@@ -188,7 +188,9 @@ def _text_number_hint(value: Any) -> str:
             float(value)
         except ValueError:
             return ""
-        return f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-9)"
+        # PyYAML (YAML 1.1) reads a float only with a decimal point and, with an exponent, its sign: 1.0e+3
+        return (f" (YAML reads {value} as text: write it with a decimal point and a signed exponent, e.g. "
+                f"1.0e+3 or 1.0e-9, or in full, e.g. 1000.0)")
     return ""
 
 

@@ -512,7 +512,7 @@ def check_limit_fits(data_config: Optional[dict], max_pixels: int) -> None:
 
         raise OptionRefused("max_pixels", f"{max_pixels:,} is below the {rw}x{rh} = {rw * rh:,} pixels the model's "
                             f"preprocessing resizes an image of its input size ({w}x{h}) to before its crop: every "
-                            f"image would be refused; give at least {rw * rh:,}")
+                            f"image would be refused; give at least {rw * rh}")
 
 
 def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -368,8 +368,7 @@ def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:
             entries = sorted(p.name for p in out.iterdir())
         except OSError as e:
             raise BadInput(f"{flag}: cannot read the folder ({e.strerror or e})", out) from None
-        if entries and not force:
-            raise BadInput("demo folder exists and is not empty (use --force to rebuild)", out)
+        # what --force could not rebuild is said first (the advice to use it would fail), then --force
         ours = [_temp_name_re(n) for n in DEMO_ENTRIES]
         foreign = [n for n in entries if n not in DEMO_ENTRIES and not any(r.fullmatch(n) for r in ours)]
         if foreign:
@@ -396,6 +395,8 @@ def check_out(out_dir, *, force: bool = False, flag: str = "--out") -> Path:
                         "is not a file the demo wrote" if rel not in listed else "changed since the demo wrote it")
                     raise BadInput(f"{flag}: {rel} {why}; --force replaces a demo folder only while it holds "
                                    "nothing but what the demo wrote; move it out, or choose another folder", out)
+        if entries and not force:
+            raise BadInput("demo folder exists and is not empty (use --force to rebuild)", out)
     # verified above: new, an empty folder or a previous demo (its marker), which the general rule of what
     # --force replaces (an empty folder, or a model output repair wrote) would not know as repair's
     return check_writable(out, force=True, flag=flag, kind="folder", owned=True)

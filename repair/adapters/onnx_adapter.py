@@ -56,6 +56,7 @@ def check_onnx_written_beside(adapter, out: Path, side: Optional[Path] = None) -
     it, when it is not there yet (a folder checkpoint's, copied into the output folder with the model)."""
     if adapter.modality != "image" or adapter.data_config is None:
         return
+    copied = side is not None                # the checkpoint's own file, copied with the model wherever it goes
     side = Path(side) if side is not None else Path(out).parent / PREPROCESS_FILE
     if not side.exists():
         return
@@ -64,8 +65,8 @@ def check_onnx_written_beside(adapter, out: Path, side: Optional[Path] = None) -
     if diff:
         raise BadInput(f"the ONNX file would be written beside {side}, which disagrees with the image "
                        f"preprocessing the model was read with and the file records ({diff}): reading it back "
-                       f"(repair eval) would be refused; remove or correct {side.name}, or write the "
-                       "output to another folder (--out)", out)
+                       f"(repair eval) would be refused; remove or correct {side if copied else side.name}"
+                       + ("" if copied else ", or write the output to another folder (--out)"), out)
 
 class OnnxAdapter(Adapter):
     family = "onnx"
