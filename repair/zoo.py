@@ -1896,13 +1896,12 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
                 if there is not None:
                     why = ("the journal holds this model with other settings"
                            if (e.name, o.mode) in records else "this zoo's journal did not write it")
-                    from .io import replace_refused
-
-                    # --force is named only where it would replace what is there (never a folder of the user's)
-                    refused = replace_refused(there)
+                    # --force is named only where it would replace what is there: the rule --force itself
+                    # applies below (every place, each of its kind; never a folder of the user's)
+                    refused = _replace_refused(e)
                     problems.add(f"row {e.row} ({e.name})", "output",
                                  f"{there} already exists and {why} "
-                                 + ("(use --force to replace it)" if refused is None else f"and it {refused}"))
+                                 + ("(use --force to replace it)" if refused is None else f"; and {refused}"))
             elif e.name not in done and e.name not in vouched:
                 # --force, or a rerun of a model the journal does not vouch for as written: only what the
                 # rule of every output lets --force replace (never a folder of the user's)

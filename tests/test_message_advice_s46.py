@@ -84,3 +84,20 @@ def test_a_folder_checkpoints_own_preprocess_json_is_named_and_no_out_is_advised
     code, _, err = run_cli("fix", model, "--data", data, "--recipe", "dfr", "--export", "onnx",
                            "--out", tmp_path / "elsewhere", "-q", "--no-cache")
     assert code == 0, err
+
+
+def test_a_zoo_row_over_a_file_where_its_output_is_a_folder_is_not_told_to_use_force(tmp_path):
+    """Review: the advice asked replace_refused without the output's kind: a file where a folder
+    checkpoint's output goes was told "use --force", which --force then refused."""
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "val", n_per_class=4)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a").write_text("mine")
+    manifest = tmp_path / "zoo.yaml"
+    manifest.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr", "output_dir": "out"},
+                                        "models": [{"name": "a", "checkpoint": str(model), "data": str(data)}]}))
+    code, out, err = run_cli("zoo", manifest, "-q")
+    assert code == 2 and "already exists" in err and "use --force" not in err, err
+    assert "is a file, and the output is a folder" in err, err
+    code, out, err = run_cli("zoo", manifest, "--force", "-q")
+    assert code == 2 and (tmp_path / "out" / "a").read_text() == "mine", err
