@@ -541,7 +541,6 @@ def _escalate(recipe, ctx, fit_idx, strata, crit, y, score_strata, head, heads, 
             w, m = scores_from_preds(crossed.oof_pred[None], y, score_strata)
             score, mean = float(w[0]), float(m[0])
             loop = (crossed.diagnostics or {}).get("loop") or {}
-            cut_runs[c.label] = loop
             member_stops = (loop.get("budget") or {}).get("member_stopped_by") or []
             rows.append({"candidate": c.label, "kind": "model", "score": score, "selection_accuracy": mean,
                          "fit_seconds": round(crossed.seconds, 4), "steps": crossed.steps,

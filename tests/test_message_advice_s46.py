@@ -37,14 +37,21 @@ def test_the_yaml_number_advice_is_a_form_yaml_reads_as_a_number(tmp_path):
         assert load_recipe(recipe).name == "r"                          # read, 1000.0 a number
 
 
-def test_a_zoo_row_over_a_folder_of_the_users_is_not_told_to_use_force(tmp_path):
+def _zoo_of_one_row(tmp_path):
+    """A manifest of one `dfr` row ``a`` (a timm folder) whose output goes to ``out/a``."""
     model = make_timm_folder(tmp_path / "m")
     data = make_images(tmp_path / "val", n_per_class=4)
-    (tmp_path / "out" / "a").mkdir(parents=True)
-    (tmp_path / "out" / "a" / "notes.txt").write_text("mine")
+    (tmp_path / "out").mkdir(exist_ok=True)
     manifest = tmp_path / "zoo.yaml"
     manifest.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr", "output_dir": "out"},
                                         "models": [{"name": "a", "checkpoint": str(model), "data": str(data)}]}))
+    return manifest
+
+
+def test_a_zoo_row_over_a_folder_of_the_users_is_not_told_to_use_force(tmp_path):
+    (tmp_path / "out" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "a" / "notes.txt").write_text("mine")
+    manifest = _zoo_of_one_row(tmp_path)
     code, out, err = run_cli("zoo", manifest, "-q")
     assert code == 2 and "already exists" in err and "use --force" not in err, err
     assert "--force does not replace it" in err, err
@@ -89,13 +96,9 @@ def test_a_folder_checkpoints_own_preprocess_json_is_named_and_no_out_is_advised
 def test_a_zoo_row_over_a_file_where_its_output_is_a_folder_is_not_told_to_use_force(tmp_path):
     """Review: the advice asked replace_refused without the output's kind: a file where a folder
     checkpoint's output goes was told "use --force", which --force then refused."""
-    model = make_timm_folder(tmp_path / "m")
-    data = make_images(tmp_path / "val", n_per_class=4)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a").write_text("mine")
-    manifest = tmp_path / "zoo.yaml"
-    manifest.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr", "output_dir": "out"},
-                                        "models": [{"name": "a", "checkpoint": str(model), "data": str(data)}]}))
+    manifest = _zoo_of_one_row(tmp_path)
     code, out, err = run_cli("zoo", manifest, "-q")
     assert code == 2 and "already exists" in err and "use --force" not in err, err
     assert "is a file, and the output is a folder" in err, err
