@@ -66,6 +66,15 @@ OPTION_HELP = {
 }
 
 
+def _advised(rule: str, path, **values):
+    """A refusal of the data whose advice names data options (``{max_pixels}``, ``{allow_outside_paths}``):
+    worded with this command's flags, and by a zoo with its manifest's fields (:class:`repair.rules.Worded`);
+    every other variable part put in by ``values``."""
+    from .rules import Worded
+
+    return Worded(rule, values, OPTION_FLAGS, path)
+
+
 @dataclass
 class DataOptions:
     """Which columns mean what, and the limits of what is read; recorded in provenance.
@@ -338,8 +347,8 @@ def _open_pil(f, path: Path, max_pixels: int):
 
         m = re.search(r"\((\d+) pixels\)", str(e))
         size = f" ({int(m.group(1)):,} pixels)" if m else ""
-        raise BadInput(f"image is larger{size} than the limit of {max_pixels:,} pixels (a decompression "
-                       "bomb?); raise --max-pixels to read it", path) from None
+        raise _advised("image is larger{size} than the limit of {limit} pixels (a decompression bomb?); "
+                       "raise {max_pixels} to read it", path, size=size, limit=f"{max_pixels:,}") from None
     except UnidentifiedImageError:
         raise BadInput(_not_an_image(f), path) from None
     except (OSError, ValueError, SyntaxError) as e:
@@ -348,8 +357,8 @@ def _open_pil(f, path: Path, max_pixels: int):
     w, h = im.size
     if w * h > max_pixels:
         im.close()
-        raise BadInput(f"image is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
-                       "(a decompression bomb?); raise --max-pixels to read it", path)
+        raise _advised("image is {w}x{h} = {n} pixels, more than the limit of {limit} (a decompression bomb?); "
+                       "raise {max_pixels} to read it", path, w=w, h=h, n=f"{w * h:,}", limit=f"{max_pixels:,}")
     if im.mode not in IMAGE_MODES:
         mode = im.mode
         im.close()
@@ -492,9 +501,9 @@ def check_resized(size: tuple, data_config: Optional[dict], max_pixels: int, pat
         return
     rw, rh = resized_size(size, data_config)
     if rw * rh > max_pixels:
-        raise BadInput(f"image is {size[0]}x{size[1]}, which the model's preprocessing resizes to {rw}x{rh} = "
-                       f"{rw * rh:,} pixels, more than the limit of {max_pixels:,} (a very thin image?); raise "
-                       "--max-pixels to read it", path)
+        raise _advised("image is {w}x{h}, which the model's preprocessing resizes to {rw}x{rh} = {n} pixels, "
+                       "more than the limit of {limit} (a very thin image?); raise {max_pixels} to read it", path,
+                       w=size[0], h=size[1], rw=rw, rh=rh, n=f"{rw * rh:,}", limit=f"{max_pixels:,}")
 
 
 def check_limit_fits(data_config: Optional[dict], max_pixels: int) -> None:
@@ -824,8 +833,8 @@ def _pick(columns: Sequence[str], wanted: Optional[str], defaults: Sequence[str]
     for c in defaults:
         if c in columns:
             return c
-    raise BadInput(f"cannot tell which column holds the {what} (columns: {', '.join(columns)}); "
-                   f"name it with --{what.replace(' ', '-')}-col", path)
+    raise _advised("cannot tell which column holds the {what} (columns: {columns}); name it with "
+                   f"{{{what}_col}}", path, what=what, columns=", ".join(columns))
 
 
 def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
@@ -843,9 +852,9 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
     if o.path_col is not None or o.text_col is not None:
         is_image = o.path_col is not None
     elif paths and texts and table.stem.lower() != "metadata":
-        raise BadInput(f"cannot tell whether the table holds images or texts: it has a column of image paths "
-                       f"({paths[0]!r}) and one of texts ({texts[0]!r}); name the one to read with --path-col "
-                       "(images) or --text-col (texts)", table)
+        raise _advised("cannot tell whether the table holds images or texts: it has a column of image paths "
+                       "({path}) and one of texts ({text}); name the one to read with {path_col} (images) or "
+                       "{text_col} (texts)", table, path=repr(paths[0]), text=repr(texts[0]))
     elif paths:
         is_image = True
     elif any(c in columns for c in TEXT_COLUMNS):
@@ -853,11 +862,11 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
     elif table.stem.lower() == "metadata" or _has_images(root):
         is_image = True     # an image folder's table: _pick asks for --path-col
     else:
-        raise BadInput(f"cannot tell which column holds the image paths or the texts (columns: "
-                       f"{', '.join(columns)}); name it with --path-col (images) or --text-col (texts)", table)
+        raise _advised("cannot tell which column holds the image paths or the texts (columns: {columns}); name "
+                       "it with {path_col} (images) or {text_col} (texts)", table, columns=", ".join(columns))
     if is_image:
         path_col = _pick(columns, o.path_col, PATH_COLUMNS, "path", table)
-        _apart(label_col, path_col, "image paths", "--path-col", table)
+        _apart(label_col, path_col, "image paths", "path_col", table)
         root_real, folders = _real(root), {}
         checked = [_table_image(table, root, root_real, at(n), row.get(path_col, ""), o, folders)
                    for n, row in enumerate(rows)]
@@ -866,7 +875,7 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
         modality = "image"
     else:
         text_col = _pick(columns, o.text_col, TEXT_COLUMNS, "text", table)
-        _apart(label_col, text_col, "texts", "--text-col", table)
+        _apart(label_col, text_col, "texts", "text_col", table)
         items = [row.get(text_col, "") for row in rows]
         empty = [n for n, t in enumerate(items) if not str(t).strip()]
         if empty:                # a misspelt key in JSON Lines reads as an empty text: never a sample
@@ -885,11 +894,11 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
                       _rows=[at(i) for i in range(len(rows))])
 
 
-def _apart(label_col: str, col: str, what: str, flag: str, table: Path) -> None:
-    """The labels and the items (``what``) must be two columns of the table."""
+def _apart(label_col: str, col: str, what: str, option: str, table: Path) -> None:
+    """The labels and the items (``what``, the column ``option`` names) must be two columns of the table."""
     if col == label_col:
-        raise BadInput(f"the {what} and the labels are the same column ({label_col!r}); name them apart with "
-                       f"{flag} and --label-col", table)
+        raise _advised(f"the {{what}} and the labels are the same column ({{col}}); name them apart with "
+                       f"{{{option}}} and {{label_col}}", table, what=what, col=repr(label_col))
 
 
 def _real(p: Path, folders: Optional[dict] = None) -> Optional[Path]:
@@ -940,8 +949,9 @@ def _table_image(table: Path, root: Path, root_real: Optional[Path], row: str, r
     except OSError as e:                # a name too long for the file system, ...
         raise BadInput(f"{row}: image path {rel!r} cannot be looked up ({e.strerror or e})", table) from None
     if not o.allow_outside_paths and not _inside(root_real, real):
-        raise BadInput(f"{row}: image path {rel!r} leads outside the data folder {root} (to "
-                       f"{real or p}); move it inside or pass --allow-outside-paths", table)
+        raise _advised("{row}: image path {rel} leads outside the data folder {root} (to {real}); move it "
+                       "inside[ or give {allow_outside_paths}]", table, row=row, rel=repr(rel), root=root,
+                       real=real or p)
     if not found:
         raise BadInput(f"{row}: image {rel!r} listed in {table.name} not found", p)
     if p.is_dir():
@@ -1002,16 +1012,16 @@ def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
     root_real, folders = _real(root), {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not o.allow_outside_paths and not _inside(root_real, _real(sub)):
-            raise BadInput(f"class folder is a symlink leading outside the data folder {root} (to "
-                           f"{_real(sub) or sub}); pass --allow-outside-paths to read it", sub)
+            raise _advised("class folder is a symlink leading outside the data folder {root} (to {real})"
+                           "[; give {allow_outside_paths} to read it]", sub, root=root, real=_real(sub) or sub)
         for f in _class_folder_files(sub, root, root_real, o):
             # hidden files and folders (.ipynb_checkpoints/, macOS's ._x.png) are not samples, as
             # hidden class folders are not classes
             if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir():
                 real = _real(f, folders)
                 if not o.allow_outside_paths and not _inside(root_real, real):
-                    raise BadInput(f"image is a symlink leading outside the data folder {root} (to "
-                                   f"{real or f}); pass --allow-outside-paths to read it", f)
+                    raise _advised("image is a symlink leading outside the data folder {root} (to {real})"
+                                   "[; give {allow_outside_paths} to read it]", f, root=root, real=real or f)
                 items.append(f)     # a FIFO or device named like an image is refused by check_image
                 labels.append(sub.name)
                 reals.append(real if real is not None else f.absolute())
@@ -1063,8 +1073,8 @@ def _class_folder_files(sub: Path, root: Path, root_real: Optional[Path], o: Dat
                     raise BadInput(f"folder is a symlink leading back to a folder it is in (to {real or link}; "
                                    "a loop); remove the link", link)
                 if not o.allow_outside_paths and not _inside(root_real, real):
-                    raise BadInput(f"folder is a symlink leading outside the data folder {root} (to {real}); "
-                                   "pass --allow-outside-paths to read it", link)
+                    raise _advised("folder is a symlink leading outside the data folder {root} (to {real})"
+                                   "[; give {allow_outside_paths} to read it]", link, root=root, real=real)
             chain[os.path.join(here, d)] = above + ((real,) if real is not None else ())
         out.extend(Path(os.path.join(here, f)) for f in files if not f.startswith("."))
     return sorted(out)
@@ -1102,7 +1112,8 @@ def _load_data(path: Path, o: DataOptions) -> RepairData:
             # the folder's metadata.* is (nothing outside the paths given is read)
             cfg = path / "config.json"
             if cfg.is_symlink() or cfg.exists():
-                _found_table(cfg, path, o, "config.json", "it is not read: remove the link or pass --allow-outside-paths")
+                _found_table(cfg, path, o, "config.json", "it is not read: remove the link[ or give "
+                                                          "{allow_outside_paths}]")
             if family_for(path.absolute()) is not None:
                 raise BadInput("is a model folder (a checkpoint's config.json), not data: the model is the "
                                "command's first argument, the repair data --data", path)
@@ -1165,13 +1176,13 @@ def _is_table_file(p: Path) -> bool:
 
 
 def _found_table(table: Path, folder: Path, o: DataOptions, what: str = "table",
-                 instead: str = "name it with --data or pass --allow-outside-paths") -> Path:
+                 instead: str = "name it with {data}[ or give {allow_outside_paths}]") -> Path:
     """A file the data folder holds (found, not named by the user: its table, its config.json): a symlink
     leading outside the folder is refused like an image would be, before anything of it is read (a
     table named directly with ``--data FILE`` is read). The one home of that rule for a folder's files."""
     if not o.allow_outside_paths and not _inside(_real(folder), _real(table)):
-        raise BadInput(f"the data folder's {what} is a symlink leading outside the folder {folder} (to "
-                       f"{_real(table) or table}); {instead}", table)
+        raise _advised("the data folder's {what} is a symlink leading outside the folder {folder} (to {real}); "
+                       + instead, table, what=what, folder=folder, real=_real(table) or table)
     return table
 
 

@@ -105,8 +105,10 @@ def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[s
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise BadInput("pickle checkpoints can run arbitrary code when loaded; convert to "
-                           ".safetensors or pass --allow-pickle (loaded with weights_only=True)", path)
+            from .rules import Worded     # a zoo has no allow_pickle: its words leave that advice out
+
+            raise Worded("pickle checkpoints can run arbitrary code when loaded; convert to .safetensors[ or pass "
+                         "{allow_pickle} (loaded with weights_only=True)]", path=path)
         if not path.exists():
             raise BadInput("file not found", path)
         if not path.is_file():

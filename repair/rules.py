@@ -361,27 +361,76 @@ def cli_flag(name: str, flags: Optional[dict] = None) -> str:
     return (flags or {}).get(name) or "--" + name.replace("_", "-")
 
 
-class OptionRefused(BadInput):
-    """A bad value of a named option, the names carried with it, never read back from the text. ``option``:
-    the option refused, by its options-class field (``eval_group_by``, ``max_pixels``); ``rule``: the problem
-    with every option it names written ``{field}`` and the values given in ``values`` (put in as they are,
-    never read as names); ``subject``: the message is "<the option> <rule>". The message (``problem``,
-    ``str``) names options by their command-line flags (:func:`cli_flag` with ``flags``): ``--eval-group-by
-    names a group column of the --eval data``; :meth:`worded` names them as another caller calls them (a
-    zoo manifest's fields) -- the one rule, worded by each caller, its blame by :attr:`option`."""
+class Worded(BadInput):
+    """A refusal whose words name options, the names carried with it, never read back from the text: ``rule``
+    writes each option ``{field}`` (its options-class field: ``label_col``, ``allow_pickle``) and puts every
+    other variable part in by ``values`` (put in as it is, never read as a name or a template). A part in
+    ``[...]`` that names an option is advice only a caller with that option can follow: a caller that has no
+    such option (its ``name`` gives None) drops the part. The message (``problem``, ``str``) names options
+    by their command-line flags (:func:`cli_flag` with ``flags``); :meth:`worded` names them as another caller
+    calls them (a zoo manifest's fields): one rule, worded by each caller."""
+
+    def __init__(self, rule: str, values: Optional[dict] = None, flags: Optional[dict] = None, path=None):
+        self.rule, self.values, self.flags = rule, dict(values or {}), dict(flags or {})
+        super().__init__(self.worded(self.flag), path)
+
+    def flag(self, name: str) -> str:
+        return cli_flag(name, self.flags)
+
+    def worded(self, name: Callable[[str], Optional[str]]) -> str:
+        """The message with each option named ``name(field)`` (its flag where ``name`` gives None); a ``[...]``
+        part naming an option ``name`` gives None for is left out, with the space before it. One pass over
+        the rule: a value put in is never read as a template."""
+        def fill(text: str, optional: bool) -> Optional[str]:
+            missing = []
+
+            def one(m) -> str:
+                k = m.group(1)
+                if k in self.values:
+                    return str(self.values[k])
+                n = name(k)
+                if n is None:
+                    missing.append(k)
+                    return self.flag(k)
+                return n
+            out = re.sub(r"\{(\w+)\}", one, text)
+            return None if missing and optional else out
+
+        def one(m) -> str:
+            if m.group(2) is None:
+                return fill(m.group(0), False)
+            inner = fill(m.group(2), True)
+            return "" if inner is None else m.group(1) + inner
+        return re.sub(r"( ?)\[([^\[\]]*)\]|\{\w+\}", one, self.rule)
+
+    def in_words(self, name: Callable[[str], Optional[str]]) -> str:
+        """The whole line (``path: problem``) with the options named ``name(field)``."""
+        problem = self.worded(name)
+        return f"{self.path}: {problem}" if self.path else problem
+
+    def __reduce__(self):                  # pickled whole (its arguments are not BadInput's)
+        return _worded, (type(self), self.rule, self.values, self.flags, self.path)
+
+
+def _worded(cls, rule, values, flags, path):
+    return cls(rule, values, flags, path)
+
+
+class OptionRefused(Worded):
+    """A bad value of a named option (a :class:`Worded` refusal that blames one option). ``option``: the option
+    refused, by its options-class field (``eval_group_by``, ``max_pixels``); ``subject``: the message is "<the
+    option> <rule>": ``--eval-group-by names a group column of the --eval data``; the blame by :attr:`option`."""
 
     def __init__(self, option: str, rule: str, values: Optional[dict] = None, flags: Optional[dict] = None,
                  path=None, subject: bool = True):
-        self.option, self.rule, self.values, self.flags, self.subject = option, rule, dict(values or {}), \
-            dict(flags or {}), subject
-        super().__init__(self.worded(lambda n: cli_flag(n, self.flags)), path)
+        self.option, self.subject = option, subject
+        super().__init__(rule, values, flags, path)
 
-    def worded(self, name: Callable[[str], str], *, with_subject: bool = True) -> str:
+    def worded(self, name: Callable[[str], Optional[str]], *, with_subject: bool = True) -> str:
         """The message with each option named ``name(field)``; without the option's own name first where
         ``with_subject`` is False (a caller that names it already: ``row 1 (a), max_pixels: must be ...``)."""
-        text = re.sub(r"\{(\w+)\}", lambda m: str(self.values[m.group(1)]) if m.group(1) in self.values
-                      else name(m.group(1)), self.rule)
-        return f"{name(self.option)} {text}" if self.subject and with_subject else text
+        text = super().worded(name)
+        return f"{name(self.option) or self.flag(self.option)} {text}" if self.subject and with_subject else text
 
     @classmethod
     def of(cls, option: str, e: BadInput) -> "OptionRefused":

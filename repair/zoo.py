@@ -419,6 +419,26 @@ def _option_refused(refused: BadInput, **fields) -> tuple[Optional[str], str]:
     return field(refused.option), refused.worded(field, with_subject=False)
 
 
+def in_manifest_words(e: BaseException) -> str:
+    """A refusal as a manifest's row says it: the options its advice names (:class:`repair.rules.Worded`:
+    ``--label-col``, ``--allow-outside-paths``) by their manifest fields (``label_col``); advice only a
+    command-line option can follow (``--allow-pickle``: no manifest field) left out. The one wording of a
+    refusal raised while a row's inputs are read or run."""
+    import dataclasses
+
+    from .data import DataOptions
+    from .rules import Worded
+
+    if isinstance(e, Worded):
+        known, switches = set(fields()), {f.name for f in dataclasses.fields(DataOptions) if f.type in (bool, "bool")}
+
+        def field(name: str) -> Optional[str]:
+            name = _OPTION_FIELDS.get(name, name)
+            return None if name not in known else f"{name}: true" if name in switches else name
+        return e.in_words(field)
+    return str(e)
+
+
 def _fix_options_refused(**values) -> Optional[tuple[str, str]]:
     """Why :class:`repair.pipeline.FixOptions` (the one home of ``repair fix``'s option rules) refuses
     ``values``: the manifest field it blames and the problem, every option named by its field
@@ -547,7 +567,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 decl.check(value, k) if decl.kind != "data" else (None if as_path(r[k]).exists() else
                                                                    _missing(k, as_path(r[k])))
             except BadInput as e:
-                problems.add(where, k, str(e))
+                problems.add(where, k, in_manifest_words(e))
             res.append((k, value))
             if decl.kind in ("file", "folder", "data"):
                 protected.add(value, f"{k} of row {n}")
@@ -573,7 +593,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                 recipe_models[recipe] = _has_model_repairs(checked)
                 recipes[recipe] = None
             except BadInput as e:
-                recipes[recipe] = str(e)
+                recipes[recipe] = in_manifest_words(e)
         if recipes[recipe]:
             problems.add(where, "recipe", recipes[recipe])
         else:
@@ -641,7 +661,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
             try:
                 folder_copy_plan(f["checkpoint"], f["checkpoint"] / "model.safetensors")
             except BadInput as e:
-                problems.add(where, "checkpoint", str(e))
+                problems.add(where, "checkpoint", in_manifest_words(e))
         if mode == "fix" and "checkpoint" in f:
             ck = f["checkpoint"]
             try:
@@ -717,7 +737,7 @@ def load_manifest(path, mode: str = "fix", *, allow_plugins: bool = False) -> Ma
                     try:
                         datasets[dk] = load_data(f[key], opts)
                     except BadInput as e:
-                        datasets[dk] = str(e)
+                        datasets[dk] = in_manifest_words(e)
                 if isinstance(datasets[dk], str):
                     problems.add(where, key, datasets[dk])
                 else:
@@ -1275,7 +1295,7 @@ def error_record(e: BaseException, what: str = "internal error", **rest) -> dict
     :class:`repair.errors.RepairError` is its message and exit code; anything else is our bug or the
     executor's, exit 3: ``what``, its type and the first line of its message."""
     if isinstance(e, RepairError):
-        return {**rest, "status": "error", "error": str(e), "exit_code": e.exit_code}
+        return {**rest, "status": "error", "error": in_manifest_words(e), "exit_code": e.exit_code}
     text = str(e).strip()
     first = text.splitlines()[0] if text else ""
     return {**rest, "status": "error", "error": f"{what}: {type(e).__name__}: {first}", "exit_code": 3}

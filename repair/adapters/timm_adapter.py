@@ -14,6 +14,7 @@ from torch import nn
 from .. import provenance
 from ..errors import BadInput
 from ..io import PICKLE_SUFFIXES, load_state_dict_file
+from ..rules import Worded
 from . import LoadOptions, checked_class_names, names_by_index, register_family
 from .base import check_model_folder, config_unreadable, names_of_its_own, read_json
 from .images import resolve_image_config
@@ -130,8 +131,8 @@ def _weights_in_folder(folder: Path, allow_pickle: bool) -> Path:
     for name in ("pytorch_model.bin", "model.pt", "model.pth"):
         if (folder / name).exists():
             if not allow_pickle:
-                raise BadInput("only a pickle weights file here; convert to model.safetensors or pass "
-                               "--allow-pickle (loaded with weights_only=True)", folder / name)
+                raise Worded("only a pickle weights file here; convert to model.safetensors[ or pass "
+                             "{allow_pickle} (loaded with weights_only=True)]", path=folder / name)
             return folder / name
     raise BadInput("no model.safetensors in the timm folder", folder)
 
@@ -219,7 +220,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
             raise BadInput("a bare weights file needs --arch NAME (the timm architecture)", path)
         _check_arch(arch, None)
         if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
-            raise BadInput("expected a .safetensors file (or a pickle with --allow-pickle)", path)
+            raise Worded("expected a .safetensors file[ (or a pickle with {allow_pickle})]", path=path)
         weights, cfg_path, num_classes, pretrained_cfg, names = path, None, None, None, None
         model_args = dict(model_args or {})
         config_updates = {}
