@@ -35,10 +35,11 @@ def log(msg: str) -> None:
     stderr_log(True)(msg)
 
 
-def one_line(text: str) -> str:
-    """A failure's line: one line whatever a name in it holds (a newline in a file name is shown as
-    ``\\n``)."""
-    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+def one_line(text) -> str:
+    """A failure's line, a path on stdout: one line whatever a name in it holds (:func:`repair.io.one_line`)."""
+    from repair.io import one_line as on_one_line
+
+    return on_one_line(text)
 
 
 def say(text: str = "") -> None:

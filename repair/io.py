@@ -362,6 +362,13 @@ def check_one_line(name: str, what: str, where=None) -> str:
     return name
 
 
+def one_line(text) -> str:
+    """``text`` on one line whatever a name in it holds: a line break written ``\\n`` (``\\r``). The one
+    rule of every line the command line prints about a run: its failure lines, the paths on stdout, its log
+    lines on stderr (a path holding a line break would print a line of its own: ``gate passed: ...``)."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def visible(text: str) -> str:
     """``text`` with every control and invisible format character written as ``\\uXXXX`` (the one rule
     for what of a user's names is shown as it is: the CLI's messages and the HTML report)."""

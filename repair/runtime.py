@@ -43,14 +43,15 @@ KEPT_WHEN_QUIET = ("warning", "notice", "error", "FAILED")
 
 
 def stderr_log(progress: bool = True) -> Callable[[str], None]:
-    """The log a run writes to stderr (a user's names shown as they are, :func:`repair.io.visible`):
+    """The log a run writes to stderr, a line per message (a user's names shown as they are on one line,
+    :func:`repair.io.visible`, :func:`repair.io.one_line`):
     every line, or without ``progress`` warnings and notices only. The one home of that rule (the
     command line's ``--quiet``, a library call's ``RuntimeOptions(progress=False)``)."""
     def log(msg: str) -> None:
-        from .io import visible
+        from .io import one_line, visible
 
         if progress or str(msg).lstrip().startswith(KEPT_WHEN_QUIET):
-            print(visible(str(msg)), file=sys.stderr, flush=True)
+            print(visible(one_line(msg)), file=sys.stderr, flush=True)
     return log
 
 
