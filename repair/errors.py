@@ -4,11 +4,12 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 
 class RepairError(Exception):
@@ -144,11 +145,28 @@ def _fd1_back(saved: Optional[int]) -> None:
         os.close(saved)
 
 
+class _HardExit(SystemExit):
+    """``os._exit`` called by the user's code while it runs inside repair (:func:`users_code`)."""
+
+
+def _exit_guard(real: Callable, pid: int) -> Callable:
+    """``os._exit`` while the user's code runs: in this process, :class:`_HardExit` (refused as its
+    ``sys.exit`` is: a hard exit would end this command with the code's status, 0 past a gate that was
+    never measured); in a process the code forked, the real exit, as it asks."""
+    import os
+
+    def _exit(status):
+        if os.getpid() != pid:
+            real(status)
+        raise _HardExit(status)
+    return _exit
+
+
 @contextmanager
 def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[None]:
     """Around the user's code (a ``--factory`` module's import and call, a recipe plugin's import, a
     plugin method's call): what it prints goes to stderr as it prints it; its ``sys.exit`` (a module that
-    parses arguments when imported) is :class:`BadInput` -- ``"{what} exited (SystemExit CODE); it
+    parses arguments when imported), or ``os._exit`` in this process, is :class:`BadInput` -- ``"{what} exited (SystemExit CODE); it
     printed: LAST LINE"``, with ``path`` -- never this command's exit status (a gate must not pass, nor
     fail, by it), nor a Ray worker's.
 
@@ -164,20 +182,22 @@ def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[N
         if _users_running is None:
             out = _ToStderr(sys.stderr)
             saved_fd = _fd1_to_fd2()
-            _users_running = [out, sys.stdout, sys.stderr, 0, saved_fd]
+            _users_running = [out, sys.stdout, sys.stderr, 0, saved_fd, os._exit]
             sys.stdout = sys.stderr = out
+            os._exit = _exit_guard(os._exit, os.getpid())
         _users_running[3] += 1
         out = _users_running[0]
     out._last.line = ""
     try:
         yield
     except SystemExit as e:
-        raise BadInput(f"{what} exited (SystemExit {e.code!r})" + (f"; it printed: {out.last[:200]}" if out.last
-                                                                    else ""), path) from None
+        how = "os._exit" if isinstance(e, _HardExit) else "SystemExit"
+        raise BadInput(f"{what} exited ({how} {e.code!r})" + (f"; it printed: {out.last[:200]}" if out.last
+                                                               else ""), path) from None
     finally:
         with _USERS_LOCK:
             _users_running[3] -= 1
             if _users_running[3] == 0:
-                sys.stdout, sys.stderr = _users_running[1], _users_running[2]
+                sys.stdout, sys.stderr, os._exit = _users_running[1], _users_running[2], _users_running[5]
                 saved_fd, _users_running = _users_running[4], None
                 _fd1_back(saved_fd)

@@ -17,3 +17,52 @@ def test_a_log_line_on_stderr_is_one_line_whatever_a_path_holds(tmp_path):
     lines = (out + err).splitlines()
     assert not [ln for ln in lines if ln.startswith("gate passed")], err       # no line of the path's own
     assert any("m\\ngate passed: forged" in ln for ln in err.splitlines()), err  # the path shown, escaped
+
+
+def test_a_factory_that_calls_os_exit_is_bad_input_never_the_commands_exit(tmp_path):
+    """``os._exit(0)`` in a factory module ended the command with status 0 past a gate never measured.
+    Run in a child process: on the code before, the exit would end the test run itself."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from repair.io import save_safetensors
+
+    data = make_images(tmp_path / "val", n_per_class=3)
+    (tmp_path / "hard_fac.py").write_text(
+        "import os, torch.nn as nn\n"
+        "def net():\n"
+        "    pid = os.fork()\n"                   # a child the code forks exits as it asks
+        "    if pid == 0:\n"
+        "        os._exit(7)\n"
+        "    assert os.waitpid(pid, 0)[1] >> 8 == 7\n"
+        "    print('bye', flush=True)\n"
+        "    os._exit(0)\n")
+    save_safetensors({"fc.weight": torch.zeros(3, 4), "fc.bias": torch.zeros(3)}, tmp_path / "w.safetensors", {})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    res = subprocess.run([sys.executable, "-m", "repair_cli.main", "eval", str(tmp_path / "w.safetensors"),
+                          "--factory", "hard_fac:net", "--image-size", "32", "--mean", "0.5,0.5,0.5", "--std",
+                          "0.25,0.25,0.25", "-d", str(data), "--fail-under-acc", "99%", "--no-cache"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 2 and res.stdout == "", (res.returncode, res.stdout, res.stderr)
+    last = res.stderr.strip().splitlines()[-1]
+    assert "hard_fac:net" in last and "os._exit 0" in last and "bye" in last, res.stderr
+
+
+def test_os_exit_is_put_back_when_the_users_code_ends_however_it_ends():
+    import os
+
+    import pytest
+
+    from repair.errors import BadInput, users_code
+
+    real = os._exit
+    with users_code("a factory"):
+        assert os._exit is not real
+    assert os._exit is real
+    with pytest.raises(BadInput, match="os._exit 3"):
+        with users_code("a factory"):
+            os._exit(3)
+    assert os._exit is real
