@@ -133,22 +133,29 @@ def check_cache_dir(protected: Protected, runtime, outputs: Optional[Mapping[str
         return
     from .embeddings import default_cache_dir
 
-    folder = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
+    import os
+
+    if runtime.cache_dir:
+        folder, name, advice = Path(runtime.cache_dir), "--cache-dir", "choose another --cache-dir"
+    elif os.environ.get("REPAIR_CACHE_DIR"):
+        folder, name = default_cache_dir(), "the cache folder of $REPAIR_CACHE_DIR"
+        advice = "set $REPAIR_CACHE_DIR elsewhere or give --cache-dir"
+    else:
+        folder, name, advice = default_cache_dir(), "the default cache folder", "give --cache-dir elsewhere"
     # an entry written in it is what must not touch an input; the message names the folder the user gave
-    reason = protected.why(folder / "entry.safetensors", "--cache-dir")
+    reason = protected.why(folder / "entry.safetensors", name)
     if reason:
-        raise BadInput(f"{reason}; choose another --cache-dir", folder)
+        raise BadInput(f"{reason}; {advice}", folder)
     where = folder.resolve()
     for ckpt, what in protected.checkpoint_folders.items():
         if where == ckpt or ckpt in where.parents:
-            raise BadInput(f"--cache-dir is inside the checkpoint folder of the {what} ({ckpt}): the next "
-                           "repair of that folder would copy the cache into its output; choose another "
-                           "--cache-dir", folder)
+            raise BadInput(f"{name} is inside the checkpoint folder of the {what} ({ckpt}): the next repair of "
+                           f"that folder would copy the cache into its output; {advice}", folder)
     for flag, out in (outputs or {}).items():
         out = Path(out).resolve()
         if where == out or out in where.parents:
-            raise BadInput(f"--cache-dir is {'the' if where == out else 'inside the'} output of {flag} ({out}): "
-                           "the cache would be written into it; choose another --cache-dir", folder)
+            raise BadInput(f"{name} is {'the' if where == out else 'inside the'} output of {flag} ({out}): "
+                           f"the cache would be written into it; {advice}", folder)
 
 
 # ------------------------------------------------------------------ model-repair inputs

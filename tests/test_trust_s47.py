@@ -66,3 +66,19 @@ def test_os_exit_is_put_back_when_the_users_code_ends_however_it_ends():
         with users_code("a factory"):
             os._exit(3)
     assert os._exit is real
+
+
+def test_a_cache_folder_refused_is_named_where_the_user_set_it(tmp_path, monkeypatch):
+    """The cache folder from $REPAIR_CACHE_DIR inside the model folder was blamed on --cache-dir, which the
+    user never gave; following "choose another --cache-dir" is now the second way, the variable the first."""
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "val", n_per_class=2)
+    monkeypatch.setenv("REPAIR_CACHE_DIR", str(model / "cache"))
+    code, _, err = run_cli("eval", model, "--data", data, "-q")
+    assert code == 2 and "the cache folder of $REPAIR_CACHE_DIR is inside the input model" in err, err
+    assert "set $REPAIR_CACHE_DIR elsewhere or give --cache-dir" in err, err
+    code, _, err = run_cli("eval", model, "--data", data, "-q", "--cache-dir", model / "c2")
+    assert code == 2 and "--cache-dir is inside the input model" in err and "REPAIR_CACHE_DIR" not in err, err
+    code, _, err = run_cli("eval", model, "--data", data, "-q", "--cache-dir", tmp_path / "c3")   # followed
+    assert code == 0, err
+    assert not (model / "cache").exists() and not (model / "c2").exists()
