@@ -50,9 +50,77 @@ def say(text: str = "") -> None:
     _stdout(visible(str(text)) + "\n")
 
 
+class _Stderr:
+    """The command's stderr (:func:`guard_streams`): a write it cannot take -- a reader that closed the pipe
+    (``2>&1 | head -n 1``), a full disk (``2>/dev/full``) -- ends its log, never the command. What follows
+    goes to /dev/null, and the command runs on to its gate, its outputs and its own exit code (a broken
+    stderr once ended a failing gate with exit 0)."""
+
+    def __init__(self, stream):
+        self._stream, self._gone = stream, False
+
+    def _lost(self) -> None:
+        import os
+
+        self._gone = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())       # what C code and child processes write there too
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                self._stream.write(text)
+                return len(text)
+            except (OSError, ValueError):
+                self._lost()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lost()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def guard_streams() -> None:
+    """The console script's streams made safe before anything runs: a closed stdout or stderr (``>&-``)
+    opened on /dev/null, never sharing the other's place (with stderr closed, Python's ``print`` to it
+    wrote to stdout, into ``--json``'s one document); a name stdout's encoding cannot hold
+    (``PYTHONIOENCODING=ascii``, a file name that is not UTF-8) written escaped (``\\xe9``), never an
+    internal error; stderr kept by :class:`_Stderr`."""
+    import io
+    import os
+
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+                setattr(sys, name, open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False))
+            except OSError:
+                setattr(sys, name, io.StringIO())
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
+    if not isinstance(sys.stderr, _Stderr):
+        sys.stderr = _Stderr(sys.stderr)
+
+
 def _stdout(text: str) -> None:
     """Every result's write to stdout (:func:`say`, :func:`emit_json`), flushed at once. A reader
-    that closed the pipe early (``| head``, ``| grep -q``) does not end the command: the rest of
+    that closed the pipe early (``| head``, ``| grep -q``), or a full disk, does not end the command: the rest of
     its output goes to /dev/null and it runs on to its gate or verification, so a failure still
     exits 1 (the exit code is the command's, never 0 because nobody read the table)."""
     import os
@@ -60,8 +128,13 @@ def _stdout(text: str) -> None:
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):         # a reader gone (EPIPE), a full disk (ENOSPC), a closed stream
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def quiet_log(msg: str) -> None:
@@ -269,7 +342,7 @@ def _version(value: bool) -> None:
     if value:
         from repair._version import __version__
 
-        print(f"repair {__version__}")
+        say(f"repair {__version__}")
         raise typer.Exit(0)
 
 
@@ -337,11 +410,6 @@ def command(fn: Callable) -> Callable:
                       else "error: ")
             log(one_line(f"{prefix}{e}"))
             raise typer.Exit(e.exit_code)
-        except BrokenPipeError:  # stdout closed early, written outside say/emit_json (click's own output)
-            import os
-
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(0)
         except KeyboardInterrupt:
             log(_interrupt_line("interrupted", mark))
             _SAID_INTERRUPTED[0] = True

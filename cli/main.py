@@ -26,8 +26,9 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 def main() -> None:
     import os
 
-    from .app import install_signal_handlers, settle_signals
+    from .app import guard_streams, install_signal_handlers, settle_signals
 
+    guard_streams()
     os.environ.update(OFFLINE_ENV)
     install_signal_handlers()
     try:

@@ -50,6 +50,8 @@ def stderr_log(progress: bool = True) -> Callable[[str], None]:
     def log(msg: str) -> None:
         from .io import one_line, visible
 
+        if sys.stderr is None:             # no stderr (pythonw): print would write to stdout instead
+            return
         if progress or str(msg).lstrip().startswith(KEPT_WHEN_QUIET):
             print(visible(one_line(msg)), file=sys.stderr, flush=True)
     return log

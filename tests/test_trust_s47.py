@@ -82,3 +82,43 @@ def test_a_cache_folder_refused_is_named_where_the_user_set_it(tmp_path, monkeyp
     code, _, err = run_cli("eval", model, "--data", data, "-q", "--cache-dir", tmp_path / "c3")   # followed
     assert code == 0, err
     assert not (model / "cache").exists() and not (model / "c2").exists()
+
+
+def _repair(args, tmp_path, env=None, **streams):
+    """``repair ARGS`` as the console script runs it, in a child process: (exit code, stdout, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from repair_cli.main import main; sys.argv[0] = 'repair'; main()"
+    res = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=tmp_path, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **streams)
+    return res.returncode, res.stdout, res.stderr
+
+
+def test_a_gate_fails_however_its_streams_are_broken(tmp_path):
+    """A reader of stderr gone (``2>&1 | head -n 1``) ended a failing gate with exit 0; a name stdout's
+    encoding cannot hold, or stdout closed, was an internal error (exit 3) -- after a fix committed its
+    output; with stderr closed, the log went into stdout, into --json's one document."""
+    import json
+    import os
+    import subprocess
+
+    classes = ["café", "日本", "fox"]
+    model = make_timm_folder(tmp_path / "m", classes=classes)
+    data = make_images(tmp_path / "val", n_per_class=3, classes=classes)
+    gate = ["eval", model, "--data", data, "--group-by", "place", "--fail-under-wga", "99.9%", "--no-cache"]
+    r, w = os.pipe()
+    os.close(r)                                            # stderr's reader gone before anything is written
+    try:
+        code, out, _ = _repair(gate, tmp_path, env={"PYTHONIOENCODING": "ascii"}, stdout=subprocess.PIPE,
+                               stderr=w, text=True)
+    finally:
+        os.close(w)
+    assert code == 1, code                                 # the gate's failure, whatever became of stderr
+    assert "caf\\xe9" in out and "\\u65e5\\u672c" in out, out     # names written escaped
+    code, _, err = _repair(gate, tmp_path, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert code == 1 and "internal error" not in err, err  # stdout closed: the gate's own exit
+    code, out, _ = _repair(gate[:-3] + ["--json", "--no-cache"], tmp_path, stdout=subprocess.PIPE,
+                           stderr=None, text=True, preexec_fn=lambda: os.close(2))
+    assert code == 0 and json.loads(out)["n"] == 9, out    # stderr closed: stdout holds the document only
