@@ -21,6 +21,7 @@ Model repairs also declare the user inputs they take (:class:`Resource`, e.g. ``
 from __future__ import annotations
 
 import importlib
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
         self._builtins_loaded = False
         self._plugins_loaded = False
+        self._loaded = False                  # built-ins and entry points loaded, by whichever thread
+        self._lock = threading.RLock()        # held while loading: another thread's lookup waits for it
         self.broken: list[str] = []           # the entry points that failed, as reported
 
     # ------------------------------------------------------------------ registration
@@ -72,7 +75,11 @@ class Registry(Generic[T]):
         # the built-ins first, whatever registers when: a user's entry named like a built-in is refused
         # here, not accepted now and found to clash at the first lookup (which left the registry half
         # loaded for the rest of the process, the user's entry in the built-in's place)
-        self._load_builtins()
+        if self._lock.acquire(blocking=False):     # never waits: the thread loading the built-ins may be
+            try:                                   # waiting for this module's import (importlib's lock)
+                self._load_builtins()
+            finally:
+                self._lock.release()
         if self._validate is not None:
             self._validate(self, entry)
         old = self._entries.get(name)
@@ -90,22 +97,30 @@ class Registry(Generic[T]):
     def _load_builtins(self) -> None:
         """Import the built-in modules, once (each registers its entries as it is imported; the flag is
         set first, so their own registrations do not import them again)."""
-        if not self._builtins_loaded:
-            self._builtins_loaded = True
-            for mod in self.builtins:
-                importlib.import_module(f"{self.package}.{mod}")
+        with self._lock:
+            if not self._builtins_loaded:
+                self._builtins_loaded = True
+                for mod in self.builtins:
+                    importlib.import_module(f"{self.package}.{mod}")
 
     def load(self) -> None:
-        """Import the built-in modules, then the entry points (each once)."""
-        self._load_builtins()
-        if not self._plugins_loaded:
-            self._plugins_loaded = True
-            self._load_entry_points()
+        """Import the built-in modules, then the entry points (each once). Threads that look up at once
+        wait for the one loading: none sees a registry half filled (a valid model named bad input, a
+        built-in method unknown)."""
+        if self._loaded:
+            return
+        with self._lock:
+            self._load_builtins()
+            if not self._plugins_loaded:
+                self._plugins_loaded = True
+                self._load_entry_points()
+            self._loaded = True
 
     def reload_entry_points(self) -> None:
         """Load the entry points again (after installing a plugin in a running process; tests)."""
-        self._plugins_loaded = False
-        self.load()
+        with self._lock:
+            self._plugins_loaded = self._loaded = False
+            self.load()
 
     def _load_entry_points(self) -> None:
         try:

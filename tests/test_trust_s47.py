@@ -122,3 +122,29 @@ def test_a_gate_fails_however_its_streams_are_broken(tmp_path):
     code, out, _ = _repair(gate[:-3] + ["--json", "--no-cache"], tmp_path, stdout=subprocess.PIPE,
                            stderr=None, text=True, preexec_fn=lambda: os.close(2))
     assert code == 0 and json.loads(out)["n"] == 9, out    # stderr closed: stdout holds the document only
+
+
+def test_threads_that_look_up_at_once_in_a_fresh_process_never_see_a_registry_half_loaded():
+    """A service's first requests at once: the lazy registries were loaded without a lock, and the other
+    threads were told a built-in method was unknown (or a valid model folder was no model)."""
+    import subprocess
+    import sys
+
+    code = """
+import threading
+from repair.adapters import FAMILIES
+from repair.methods import METHODS
+gate, errors = threading.Barrier(8), []
+def go(k):
+    gate.wait()
+    try:
+        (METHODS if k % 2 else FAMILIES).get("dfr" if k % 2 else "timm")
+    except Exception as e:
+        errors.append(repr(e))
+ts = [threading.Thread(target=go, args=(k,)) for k in range(8)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(len(errors), errors[:1])
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("0 "), (res.stdout, res.stderr)
