@@ -49,7 +49,7 @@ import torch
 from . import threads
 from .display import percent
 from .config import SettingRefused
-from .errors import BadInput
+from .errors import BadInput, no_warnings
 from .methods import CannotWin, FoldInputs, ModelRepairInputs, RepairInputs
 from .selection import (MIN_GAIN, Criterion, KFold, average_heads, head_predictions, inferred_groups,
                         required_gain, scores_from_preds, select_and_refit)
@@ -268,10 +268,9 @@ def choose_heads(recipe, X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, b0:
                 # DataFrame by its column names: KeyError deep inside)
                 v = v.to_numpy()
         try:
-            with warnings.catch_warnings():
+            with no_warnings():
                 # a read-only array (pandas' values) is shared, never written: torch's warning about
                 # writing to it does not apply
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 return torch.as_tensor(v)
         except (TypeError, ValueError, RuntimeError):       # strings, ragged lists, objects
             kind = "class indices" if name == "y" else "ids" if name in ("groups", "clusters") else "numbers"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 
-from .errors import BadInput
+from .errors import BadInput, no_warnings
 from .io import check_one_line, parse_json
 # (check_bool lived here before it moved to the option rules; importable from here for code that imports it)
 from .rules import check_bool  # noqa: E402,F401
@@ -329,10 +329,9 @@ def _open_pil(f, path: Path, max_pixels: int):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
+        with no_warnings():
             # PIL's own warnings (a decompression bomb under our limit, a TIFF's "Corrupt EXIF data"):
             # a file that cannot be read is refused by name below; one that can needs no noise
-            warnings.simplefilter("ignore")
             if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= Image.MAX_IMAGE_PIXELS:
                 with _PIL_LIMIT_LOCK:     # PIL refuses above 2x its limit: lift it for this open only
                     old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
@@ -535,8 +534,7 @@ def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS,
         im = _open_pil(f, path, max_pixels)
         try:
             check_resized(im.size, data_config, max_pixels, path)       # from the header, before decoding
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")       # PIL's palette-transparency advice: handled here
+            with no_warnings():                       # PIL's palette-transparency advice: handled here
                 im.load()
                 return to_rgb(im, path)
         except BadInput:

@@ -163,20 +163,17 @@ def _exit_guard(real: Callable, pid: int) -> Callable:
 
 
 @contextmanager
-def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[None]:
-    """Around the user's code (a ``--factory`` module's import and call, a recipe plugin's import, a
-    plugin method's call): what it prints goes to stderr as it prints it; its ``sys.exit`` (a module that
-    parses arguments when imported), or ``os._exit`` in this process, is :class:`BadInput` -- ``"{what} exited (SystemExit CODE); it
-    printed: LAST LINE"``, with ``path`` -- never this command's exit status (a gate must not pass, nor
-    fail, by it), nor a Ray worker's.
+def to_stderr() -> Iterator[_ToStderr]:
+    """While the block runs, whatever prints -- in any thread -- goes to stderr (yields the stream):
+    nothing but the results belongs on stdout, and they are written after every block has ended. That
+    holds past Python's streams too: file descriptor 1 points at descriptor 2 meanwhile (a C extension's
+    output, ``os.write(1, ...)``, a subprocess started without capturing its output). ``os._exit`` in this
+    process raises :class:`_HardExit` meanwhile (:func:`_exit_guard`).
 
-    Safe in threads (``auto`` fits candidates side by side, :mod:`repair.threads`): the streams are
-    swapped once, by the first of the blocks running at the same time, and put back by the last, so two
-    blocks ending in another order never leave stdout pointing at stderr. While any runs, whatever
-    prints -- in any thread -- goes to stderr: nothing but the results belongs on stdout, and they are
-    written after every block has ended. That holds past Python's streams too: file descriptor 1 points
-    at descriptor 2 meanwhile (a C extension's output, ``os.write(1, ...)``, a subprocess the code starts
-    without capturing its output)."""
+    Safe in threads (``auto`` fits candidates side by side, :mod:`repair.threads`; a service's calls at
+    once): the streams are swapped once, by the first of the blocks running at the same time, and put
+    back by the last, so two blocks ending in another order never leave stdout pointing at stderr
+    (``contextlib.redirect_stdout`` in two threads did). The one home of that swap."""
     global _users_running
     with _USERS_LOCK:
         if _users_running is None:
@@ -187,13 +184,8 @@ def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[N
             os._exit = _exit_guard(os._exit, os.getpid())
         _users_running[3] += 1
         out = _users_running[0]
-    out._last.line = ""
     try:
-        yield
-    except SystemExit as e:
-        how = "os._exit" if isinstance(e, _HardExit) else "SystemExit"
-        raise BadInput(f"{what} exited ({how} {e.code!r})" + (f"; it printed: {out.last[:200]}" if out.last
-                                                               else ""), path) from None
+        yield out
     finally:
         with _USERS_LOCK:
             _users_running[3] -= 1
@@ -201,3 +193,51 @@ def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[N
                 sys.stdout, sys.stderr, os._exit = _users_running[1], _users_running[2], _users_running[5]
                 saved_fd, _users_running = _users_running[4], None
                 _fd1_back(saved_fd)
+
+
+@contextmanager
+def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[None]:
+    """Around the user's code (a ``--factory`` module's import and call, a recipe plugin's import, a
+    plugin method's call): what it prints goes to stderr as it prints it (:func:`to_stderr`); its
+    ``sys.exit`` (a module that parses arguments when imported), or ``os._exit`` in this process, is
+    :class:`BadInput` -- ``"{what} exited (SystemExit CODE); it printed: LAST LINE"``, with ``path`` --
+    never this command's exit status (a gate must not pass, nor fail, by it), nor a Ray worker's."""
+    with to_stderr() as out:
+        out._last.line = ""
+        try:
+            yield
+        except SystemExit as e:
+            how = "os._exit" if isinstance(e, _HardExit) else "SystemExit"
+            raise BadInput(f"{what} exited ({how} {e.code!r})" + (f"; it printed: {out.last[:200]}" if out.last
+                                                                   else ""), path) from None
+
+
+_QUIET_LOCK = threading.Lock()
+_quiet: list = [0, None]                   # blocks running, the filters they replaced
+
+
+@contextmanager
+def no_warnings() -> Iterator[None]:
+    """Python's warnings ignored while the block runs (a library's noise the caller has handled: PIL's on
+    an image refused by name, torch's on a refused pickle, an exporter's). Safe in threads, unlike
+    ``warnings.catch_warnings`` (two overlapping blocks put back each other's filters, and an "ignore
+    everything" filter stayed in the user's process): one "ignore" filter is put first by the first of the
+    blocks running at the same time and taken out by the last. The one home of ignoring warnings."""
+    import warnings
+
+    with _QUIET_LOCK:
+        if _quiet[0] == 0:
+            warnings.simplefilter("ignore")
+            _quiet[1] = warnings.filters[0]
+        _quiet[0] += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet[0] -= 1
+            if _quiet[0] == 0:
+                try:       # the one filter added, taken out: a filter the user's code set meanwhile stays
+                    warnings.filters.remove(_quiet[1])
+                except ValueError:
+                    pass   # the user's code reset the filters meanwhile
+                _quiet[1] = None

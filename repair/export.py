@@ -65,8 +65,8 @@ import contextlib
 import io
 import json
 import sys
+import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -176,13 +176,18 @@ def _log(progress: Optional[Callable[[str], None]], msg: str) -> None:
         progress(msg)
 
 
+#: torch's exporters hold process-wide state (``GLOBALS.in_onnx_export``): two exports at once in one
+#: process (a service's threads) failed; they take turns
+_EXPORT_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet_stdout():
     """Exporters print and warn; keep stdout for results (``--json``): Python's prints go to stderr, and
     what torch's C++ side writes on the stdout descriptor is dropped (:func:`_stdout_descriptor_dropped`)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr if sys.stderr else io.StringIO()), \
-            _stdout_descriptor_dropped():
-        warnings.simplefilter("ignore")
+    from .errors import no_warnings, to_stderr
+
+    with no_warnings(), to_stderr(), _stdout_descriptor_dropped():
         yield
 
 
@@ -331,7 +336,7 @@ def torch_to_onnx(adapter: Adapter, example: Any, *, opset: Optional[int] = None
     try:
         for kind in order:
             try:
-                with _quiet_stdout(), torch.no_grad():
+                with _EXPORT_LOCK, _quiet_stdout(), torch.no_grad():
                     if kind == "dynamo":
                         batch = torch.export.Dim("batch", min=1)
                         if text:

@@ -31,12 +31,11 @@ import struct
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 
-from .errors import BadInput
+from .errors import BadInput, no_warnings
 
 try:
     import fcntl
@@ -115,8 +114,7 @@ def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[s
             raise BadInput("expected a weights file, got a folder or special file", path)
         check_readable_weights(path)
         try:
-            with warnings.catch_warnings():     # torch warns on some refused pickles: the error says it all
-                warnings.simplefilter("ignore")
+            with no_warnings():     # torch warns on some refused pickles: the error says it all
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -148,3 +148,51 @@ print(len(errors), errors[:1])
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith("0 "), (res.stdout, res.stderr)
+
+
+def _at_once(fn, threads: int = 4, times: int = 40) -> None:
+    import threading
+
+    gate = threading.Barrier(threads)
+
+    def run():
+        gate.wait()
+        for _ in range(times):
+            fn()
+    ts = [threading.Thread(target=run) for _ in range(threads)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+
+
+def test_calls_at_once_leave_the_processs_warnings_streams_and_transformers_logging_as_they_were(tmp_path):
+    """A service's threads reading images, exporting, loading text models at once: warnings.catch_warnings,
+    contextlib.redirect_stdout and a save/restore of transformers' verbosity each put back another
+    thread's state -- an "ignore every warning" filter, sys.stdout pointing at stderr, transformers at
+    error level, left in the user's process for good."""
+    import sys
+    import time
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from repair.adapters.text import quiet_transformers
+    from repair.data import read_image
+    from repair.export import _quiet_stdout
+
+    data = make_images(tmp_path / "val", n_per_class=1)
+    image = next((data / "cat").iterdir())
+    filters, stdout, verbosity = list(warnings.filters), sys.stdout, hf_logging.get_verbosity()
+    _at_once(lambda: read_image(image))
+    assert warnings.filters == filters
+
+    def export_like():
+        with _quiet_stdout():
+            time.sleep(0.001)
+    _at_once(export_like, times=20)
+    assert sys.stdout is stdout
+
+    def load_like():
+        with quiet_transformers():
+            time.sleep(0.001)
+    _at_once(load_like, times=20)
+    assert hf_logging.get_verbosity() == verbosity and warnings.filters == filters

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import provenance
 from ..data import DEFAULT_MAX_PIXELS, open_regular
-from ..errors import BadInput, RepairError
+from ..errors import BadInput, RepairError, no_warnings
 from ..io import load_state_dict_file, parse_json, pickled_state_dict, save_safetensors, sha256_file  # noqa: F401  (sha256_file: re-exported)
 from .text import tokenizer_input_names
 
@@ -97,10 +97,8 @@ def loaded_file_sha256(path: Path, tensors: Mapping[str, torch.Tensor], metadata
         with open(path, "rb") as f:
             data = f.read()
         h.update(data)
-        import warnings
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with no_warnings():
                 obj = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception:
             raise changed from None

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import BadInput, RepairError
+from ..errors import BadInput, RepairError, no_warnings
 from ..io import parse_json
 from . import LoadOptions, checked_class_names, register_family
 from .base import Adapter, files_beside, forward_failure, read_json
@@ -488,7 +488,6 @@ def read_onnx(path: Path, chunk: int = 1 << 22):
     while it was read"), as for a weights file (:func:`repair.adapters.base.loaded_file_sha256`). Memory:
     one chunk, and the tensor being compared."""
     import hashlib
-    import warnings
 
     import onnx
 
@@ -507,8 +506,7 @@ def read_onnx(path: Path, chunk: int = 1 << 22):
         for t in _external_tensors(proto):
             loc = _external_location(t)
             if loc:
-                with warnings.catch_warnings():          # (onnx's load says it once)
-                    warnings.simplefilter("ignore")
+                with no_warnings():          # (onnx's load says it once)
                     info = onnx.external_data_helper.ExternalDataInfo(t)
                 spans[Path(path.parent, loc)].append((int(info.offset or 0), info.length is None, t))
         onnx.load_external_data_for_model(proto, str(path.parent))

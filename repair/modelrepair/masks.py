@@ -24,14 +24,13 @@ preprocessing (resize, crop) so it lines up with the model's input.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import BadInput
+from ..errors import BadInput, no_warnings
 from ..registry import Resource
 from .attribution import attribution_maps, threshold_masks
 from .pixels import _blur, _dilate, _erode, to_pixels
@@ -225,8 +224,7 @@ def _read_masks(mask_dir, sets: Sequence, max_pixels: Optional[int], convert: bo
                         grey = None
                     else:
                         try:
-                            with warnings.catch_warnings():
-                                warnings.simplefilter("ignore")
+                            with no_warnings():
                                 m.load()
                                 grey = to_grey(m, mf)      # the images' one conversion (a deep mode by its depth)
                         except BadInput:
