@@ -12,6 +12,7 @@ samples for the splitters of :mod:`repair.selection`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -591,7 +592,11 @@ def read_csv_text(text: str, path: Path, first_line: int = 1,
     reads the missing cells as empty when ``short_rows`` (a data table: an empty cell that matters,
     a label or a group, is refused where it is read), else it is refused too (a table where an empty
     cell means "the default", a zoo manifest: a row cut off before its gate must not run ungated)."""
-    _raise_csv_field_limit()
+    with _csv_field_limit():
+        return _read_csv_text(text, path, first_line, lines, short_rows)
+
+
+def _read_csv_text(text: str, path: Path, first_line: int, lines: Optional[list], short_rows: bool):
     try:
         # strict first: it alone notices a quote that is never closed (the lenient reader takes the
         # rest of the file as one field); what only the strict reader minds (`"a"b`) is read leniently,
@@ -709,10 +714,28 @@ def cell_value(v) -> str:
 CSV_FIELD_LIMIT = 2 ** 31 - 1
 
 
-def _raise_csv_field_limit() -> None:
-    """Raise the csv module's (process-wide) field limit to :data:`CSV_FIELD_LIMIT`; never lowers it."""
-    if csv.field_size_limit() < CSV_FIELD_LIMIT:
-        csv.field_size_limit(CSV_FIELD_LIMIT)
+_CSV_LIMIT_LOCK = threading.Lock()
+_csv_limit: list = [0, None]                # tables being read, the limit they raised
+
+
+@contextlib.contextmanager
+def _csv_field_limit():
+    """The csv module's (process-wide) field limit raised to :data:`CSV_FIELD_LIMIT` while tables are read,
+    never lowered, and put back after: the user's own csv readers keep their guard. Safe in threads: raised
+    by the first of the reads running at the same time, put back by the last."""
+    with _CSV_LIMIT_LOCK:
+        if _csv_limit[0] == 0:
+            _csv_limit[1] = csv.field_size_limit()
+            if _csv_limit[1] < CSV_FIELD_LIMIT:
+                csv.field_size_limit(CSV_FIELD_LIMIT)
+        _csv_limit[0] += 1
+    try:
+        yield
+    finally:
+        with _CSV_LIMIT_LOCK:
+            _csv_limit[0] -= 1
+            if _csv_limit[0] == 0:
+                csv.field_size_limit(_csv_limit[1])
 
 
 class _CsvError(Exception):

@@ -126,7 +126,8 @@ def test_a_gate_fails_however_its_streams_are_broken(tmp_path):
 
 def test_threads_that_look_up_at_once_in_a_fresh_process_never_see_a_registry_half_loaded():
     """A service's first requests at once: the lazy registries were loaded without a lock, and the other
-    threads were told a built-in method was unknown (or a valid model folder was no model)."""
+    threads were told a built-in method was unknown (or a valid model folder was no model). And a first
+    call changed os.environ (ORT_DISABLE_TELEMETRY) and the csv module's field limit for good."""
     import subprocess
     import sys
 
@@ -145,9 +146,20 @@ ts = [threading.Thread(target=go, args=(k,)) for k in range(8)]
 [t.start() for t in ts]
 [t.join() for t in ts]
 print(len(errors), errors[:1])
+# and the first library call leaves the process's settings as they were: os.environ (README's promise),
+# the csv module's field limit (the user's own readers keep their 128 KiB guard)
+import csv, os
+from pathlib import Path
+from repair.adapters.onnx_runtime import onnxruntime
+from repair.data import read_csv_text
+env, limit = dict(os.environ), csv.field_size_limit()
+onnxruntime()
+assert read_csv_text("text,y\\n" + "x" * 200000 + ",1\\n", Path("t.csv"))[1][0]["y"] == "1"
+print(dict(os.environ) == env, csv.field_size_limit() == limit)
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith("0 "), (res.stdout, res.stderr)
+    assert res.stdout.splitlines()[-1] == "True True", res.stdout
 
 
 def _at_once(fn, threads: int = 4, times: int = 40) -> None:

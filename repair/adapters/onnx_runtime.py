@@ -19,13 +19,20 @@ _ORT_TYPES = {
 
 def onnxruntime():
     """The ``onnxruntime`` module, imported here only (one home): its telemetry is off unless the
-    user's environment says otherwise (``ORT_DISABLE_TELEMETRY``, set before the first import; else
-    onnxruntime writes a device id and a database under ``~/.cache/Microsoft/DeveloperTools``)."""
+    user's environment says otherwise (``ORT_DISABLE_TELEMETRY``, set for the first import and taken out
+    again, and onnxruntime's own switch; else onnxruntime writes a device id and a database under
+    ``~/.cache/Microsoft/DeveloperTools``). ``os.environ`` is left as it was."""
     import os
     import sys
 
-    if "onnxruntime" not in sys.modules:
-        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    if "onnxruntime" not in sys.modules and "ORT_DISABLE_TELEMETRY" not in os.environ:
+        os.environ["ORT_DISABLE_TELEMETRY"] = "1"        # read when onnxruntime is imported
+        try:
+            import onnxruntime as ort
+        finally:
+            os.environ.pop("ORT_DISABLE_TELEMETRY", None)  # the user's environment as it was
+        if hasattr(ort, "disable_telemetry_events"):
+            ort.disable_telemetry_events()                 # and for the sessions made later
     import onnxruntime as ort
 
     return ort
