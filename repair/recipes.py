@@ -597,12 +597,18 @@ def plugin_digest(target: Path, root: Optional[Path] = None, where: Optional[Pat
 def _import_plugin(spec: str, target: Path, where: Path, digest: str) -> str:
     """Run a plugin (only after the caller allowed it): the file :func:`_plugin_target` found, imported
     from its path (a package's ``__init__.py`` as that package, its relative imports within its folder).
-    ``digest``: its :func:`plugin_digest` as read now. Returns the digest of the code that runs: this one,
-    or an earlier import's in this process (a file edited since does not run again)."""
+    ``digest``: its :func:`plugin_digest` as read now. Returns the digest of the code that runs: this one
+    (imported now, or by an earlier call in this process); a file edited since this process imported it
+    is :class:`BadInput` (its old code would run, recorded as the new)."""
     try:
         mod_name = "repair_plugin_" + hashlib.sha256(os.fsencode(target)).hexdigest()[:12]
         if mod_name in sys.modules:             # imported already in this process: that code runs
-            return getattr(sys.modules[mod_name], "__repair_sha256__", None) or digest
+            ran = getattr(sys.modules[mod_name], "__repair_sha256__", None) or digest
+            if ran != digest:                   # edited since: its old code would run, recorded as the new
+                raise BadInput(f"plugins: {spec} changed since this process imported it (sha256 {ran[:12]}, now "
+                               f"{digest[:12]}); the methods it registered cannot be imported again: restart "
+                               "Python to run it as it is now", where)
+            return ran
         package = [str(target.parent)] if target.name == "__init__.py" else None
         mspec = importlib.util.spec_from_file_location(mod_name, target, submodule_search_locations=package)
         mod = importlib.util.module_from_spec(mspec)

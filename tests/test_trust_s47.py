@@ -208,3 +208,45 @@ def test_calls_at_once_leave_the_processs_warnings_streams_and_transformers_logg
             time.sleep(0.001)
     _at_once(load_like, times=20)
     assert hf_logging.get_verbosity() == verbosity and warnings.filters == filters
+
+
+def test_a_plugin_edited_after_this_process_imported_it_is_refused_not_run_as_it_was(tmp_path):
+    """A notebook's second fix after editing its plugin ran the old code -- and a zoo journaled that output
+    as made by the edited file. The methods it registered cannot be imported again: refused, by name."""
+    import pytest
+
+    import repair
+    from repair.errors import BadInput
+    from repair.pipeline import FixOptions
+    from repair.runtime import RuntimeOptions
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "val", n_per_class=3)
+    plugin = tmp_path / "p" / "edited_s47.py"
+    plugin.parent.mkdir()
+    plugin.write_text("from dataclasses import dataclass\n"
+                      "from repair.methods import RepairOutput, register_method\n"
+                      "@dataclass\n"
+                      "class Config:\n"
+                      "    unused: int = 0\n"
+                      "@register_method('edited_s47', summary='the head as it is', config=Config, groups='never')\n"
+                      "def same(inputs, config):\n"
+                      "    return RepairOutput(W=inputs.W.clone(), b=inputs.b.clone())\n")
+    recipe = tmp_path / "p" / "r.yaml"
+    recipe.write_text("plugins: [edited_s47.py]\ncandidates:\n  - method: edited_s47\n")
+    rt = RuntimeOptions(use_cache=False, progress=False)
+
+    def fix(out):
+        return repair.fix(model, data, out=tmp_path / out, options=FixOptions(recipe=str(recipe), allow_plugins=True),
+                          runtime=rt, log=lambda m: None)
+    from repair.methods import METHODS
+
+    try:
+        fix("o1")
+        fix("o2")                                               # unchanged: imported once, runs again
+        plugin.write_text(plugin.read_text().replace("inputs.W.clone()", "inputs.W.clone() * 0"))
+        with pytest.raises(BadInput, match="changed since this process imported it.*restart Python"):
+            fix("o3")
+        assert not (tmp_path / "o3").exists()
+    finally:
+        METHODS.unregister("edited_s47")                       # the registry as the other tests find it
