@@ -435,6 +435,13 @@ def command(fn: Callable) -> Callable:
                 # a path the user gave that no file system takes, wherever it was first looked up
                 log(one_line(f"error: {e.filename}: {e.strerror or 'file name too long'}"))
                 raise typer.Exit(2)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+                # the place written to is full or read-only, wherever a write met it: the user's file system
+                if STATE["debug"]:
+                    traceback.print_exc()
+                where = f"{e.filename}: " if e.filename else ""
+                log(one_line(f"error: {where}{e.strerror or e}"))
+                raise typer.Exit(2)
             if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM) and e.filename:
                 # a path the user gave that this user may not look up (a folder above it that cannot be
                 # entered) or open, wherever it was first touched: the user's file system, never our bug

@@ -893,12 +893,23 @@ class OutputSet:
             _release_commit_locks(locks)
 
     def close(self) -> None:
+        """Every staging folder removed, whatever arrives meanwhile: a Ctrl-C or SIGTERM during the removal
+        of one (``KeyboardInterrupt``, :class:`repair.errors.Terminated`) does not leave the others behind;
+        it is raised once all are gone."""
+        pending: Optional[BaseException] = None
         for _final, tmp, fd, _target in self._staged:
+            for _ in range(3):          # a second signal may cut the removal again: try again
+                try:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    break
+                except BaseException as e:       # noqa: B036 -- cleaned up first, raised after
+                    pending = pending or e
             _STAGING.discard(tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._staged = []
+        if pending is not None:
+            raise pending
 
 
 @contextlib.contextmanager
@@ -917,6 +928,18 @@ def outputs(*, force: bool = False, log: Optional[Callable[[str], None]] = None)
         where = getattr(e, "filename", None) or (tx._staged[0][0] if tx._staged else None)
         raise BadInput(f"cannot write the output ({_reason(OSError(code, os.strerror(code)))}); "
                        "nothing was written", _final_of(tx, where)) from None
+    except BadInput as e:
+        # an output written inside one of these (an ONNX file in a staged folder, with its own
+        # atomic_output) names its temporary path: the user's name for it is the final one
+        final = _final_of(tx, e.path) if e.path is not None else None
+        if final is None or Path(e.path) == final:
+            raise
+        inner = Path(e.path)
+        for _f, tmp, _fd, target in tx._staged:
+            if tmp in inner.parents and target in inner.parents:
+                final = final / inner.relative_to(target)     # the file's place in the final output
+                break
+        raise BadInput(e.problem, final) from None
     finally:
         tx.close()
 

@@ -944,13 +944,25 @@ class Journal:
             raise
 
     def append(self, record: dict) -> None:
+        """One record, whole or not at all: a write the place cannot take (a full disk, a quota, a short
+        write) is cut back off and is :class:`BadInput` naming the journal (the row is then not done: its
+        staged files are discarded, and a rerun runs it)."""
         data = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode("utf-8")
         fd = self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
-            written = os.write(fd, data)
-            if written != len(data):
-                raise OSError(f"short write to the journal ({written} of {len(data)} bytes)")
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+                os.fsync(fd)
+            except OSError as e:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass               # a rerun cuts a torn record off (:meth:`read`)
+                raise BadInput(f"cannot write the journal ({e.strerror or e}); this row was not committed",
+                               self.path) from None
         finally:
             os.close(fd)
 
@@ -1978,7 +1990,11 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
                    "output": str(e.output) if o.mode == "fix" else None, "inputs": inputs[e.name],
                    "output_files": files, "result": res["result"]}
             journaled.add(e.name)                           # (kept staged should the append be cut)
-            journal.append(rec)                             # the commit point ...
+            try:
+                journal.append(rec)                         # the commit point ...
+            except BadInput:                                # ... not reached: nothing of it was journaled
+                journaled.discard(e.name)
+                raise
             if o.mode == "fix":                             # ... then the files go into place
                 refused = _refused_commit(e, o.force or e.name in redo, commit=True)
                 if refused is not None:     # refused since the check above: this row's error, its files kept

@@ -250,3 +250,80 @@ def test_a_plugin_edited_after_this_process_imported_it_is_refused_not_run_as_it
         assert not (tmp_path / "o3").exists()
     finally:
         METHODS.unregister("edited_s47")                       # the registry as the other tests find it
+
+
+# ------------------------------------------------------------------ a full disk, a second Ctrl-C
+def test_a_journal_record_the_disk_cannot_take_is_cut_back_off_and_named(tmp_path, monkeypatch):
+    """A zoo's journal on a full disk: a short write raised a bare OSError (exit 3, internal error), left a
+    torn record, and the row's staged model in the user's output folder."""
+    import os
+
+    import pytest
+
+    from repair import zoo
+    from repair.errors import BadInput
+
+    journal = zoo.Journal(tmp_path / "journal.jsonl")
+    journal.append({"name": "a"})
+    size = journal.path.stat().st_size
+    real = os.write
+    monkeypatch.setattr(zoo.os, "write", lambda fd, data: real(fd, data[:7]))     # the disk takes 7 bytes
+    with pytest.raises(BadInput, match="cannot write the journal .*this row was not committed") as e:
+        journal.append({"name": "b", "result": "x" * 100})
+    assert e.value.path == str(journal.path) and journal.path.stat().st_size == size   # cut back off
+
+
+def test_a_full_disk_inside_a_staged_output_names_the_users_output_not_a_temporary(tmp_path):
+    """An ONNX file written into a staged folder (fix --export onnx, a demo) named its temporary path on a
+    full disk: ``.fixed.rkdksgmy.tmp/fixed/model.onnx``, a place that is gone when the user looks."""
+    import errno
+
+    import pytest
+
+    from repair.errors import BadInput
+    from repair.io import atomic_output, outputs
+
+    with pytest.raises(BadInput) as e:
+        with outputs() as tx:
+            folder = tx.stage(tmp_path / "fixed", is_dir=True)
+            with atomic_output(folder / "model.onnx"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.path == str(tmp_path / "fixed" / "model.onnx"), str(e.value)
+    assert "no space left" in e.value.problem and list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_while_staging_folders_are_removed_leaves_none_behind(tmp_path, monkeypatch):
+    """A Ctrl-C landing while the first of an output set's staging folders was removed left the others
+    (``.r.html.X.tmp``) in the user's folder, under a line saying nothing partial was left behind."""
+    import shutil
+
+    import pytest
+
+    from repair import io as rio
+
+    real, calls = shutil.rmtree, []
+
+    def rmtree(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+    monkeypatch.setattr(rio.shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with rio.outputs() as tx:
+            for name in ("fixed", "r.html", "r.json"):
+                tx.stage(tmp_path / name, is_dir=name == "fixed")
+            raise RuntimeError("the run failed")
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_full_disk_met_anywhere_is_the_users_file_system_not_an_internal_error(tmp_path, monkeypatch):
+    import errno
+
+    import repair.preflight
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "somewhere"))
+    monkeypatch.setattr(repair.preflight, "read_inputs", full)
+    code, out, err = run_cli("eval", tmp_path, "--data", tmp_path, "-q")
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'somewhere'}: No space left on device", err
