@@ -23,7 +23,6 @@ import os
 import re
 import stat
 import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -34,8 +33,8 @@ from .io import check_one_line, parse_json
 # (check_bool lived here before it moved to the option rules; importable from here for code that imports it)
 from .rules import check_bool  # noqa: E402,F401
 
-#: the names of image files (a class folder's other files are no samples: each load warns of them,
-#: :class:`SkippedFilesWarning`); ``.jfif`` (what Chrome saves a JPEG as) and ``.jpe`` are JPEG names too
+#: the names of image files (a class folder's other files are no samples: each load says so in the data's
+#: ``notes``); ``.jfif`` (what Chrome saves a JPEG as) and ``.jpe`` are JPEG names too
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 #: the formats PIL may decode an image file as (by its content, whatever its name): those of
 #: :data:`IMAGE_SUFFIXES` (PIL's JPEG opener also reads a camera's multi-picture JPEG). No other
@@ -1022,12 +1021,6 @@ def one_group(table: Path, attrs: dict, group_by: Optional[str]) -> list[str]:
     return []
 
 
-class SkippedFilesWarning(UserWarning):
-    """A class folder holds files whose names are not those of images (:data:`IMAGE_SUFFIXES`), or images
-    lie beside the class folders, in none (no label): they are no samples, and the load says so (hidden
-    files are ignored without a word)."""
-
-
 def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
     items, labels, reals, skipped = [], [], [], []
     root_real, folders = _real(root), {}
@@ -1064,10 +1057,11 @@ def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
     if loose:
         said.append(f"{len(loose)} image(s) beside the class folders are not read (not in a class folder: no "
                     f"label; e.g. {loose[0].name}); move each into its class's folder")
-    if said:
-        warnings.warn(SkippedFilesWarning(f"{root}: {'; and '.join(said)}"), stacklevel=3)
+    # said as the data's other notes are: in --json's warnings, the repair record, a zoo row's (a Python
+    # warning reached stderr only)
+    notes = [f"{root}: {'; and '.join(said)}"] if said else []
     return RepairData(source=root, modality="image", items=items, labels=labels, max_pixels=o.max_pixels,
-                      _real=reals)
+                      _real=reals, notes=notes)
 
 
 def _class_folder_files(sub: Path, root: Path, root_real: Optional[Path], o: DataOptions) -> list[Path]:

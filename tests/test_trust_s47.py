@@ -327,3 +327,17 @@ def test_a_full_disk_met_anywhere_is_the_users_file_system_not_an_internal_error
     monkeypatch.setattr(repair.preflight, "read_inputs", full)
     code, out, err = run_cli("eval", tmp_path, "--data", tmp_path, "-q")
     assert code == 2 and err.strip() == f"error: {tmp_path / 'somewhere'}: No space left on device", err
+
+
+def test_files_a_class_folder_holds_that_are_no_images_are_said_in_the_json_too(tmp_path):
+    """The note that a class folder's files are not read reached stderr only (a Python warning): not
+    --json's warnings, nor the repair's record, nor a zoo row's."""
+    import json
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=3, with_metadata=False)
+    (data / "cat" / "notes.txt").write_text("where these came from")
+    code, out, err = run_cli("eval", model, "--data", data, "--json", "-q", "--no-cache")
+    assert code == 0, err
+    assert [w for w in json.loads(out)["warnings"] if "notes.txt" in w], out
+    assert len([ln for ln in err.splitlines() if "notes.txt" in ln]) == 1, err
