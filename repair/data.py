@@ -457,6 +457,17 @@ def to_rgb(im, path) -> "PIL.Image.Image":
     from PIL import Image
 
     mode = im.mode
+    key = im.info.get("transparency")
+    if key is not None and (mode in DEEP_MODES or mode == "1") and isinstance(key, (int, float)):
+        # a PNG's transparent grey value (tRNS) of a 1-bit or 16-bit image: those pixels over white, as
+        # L's, P's and RGB's are (PIL's own conversion drops the key of these modes)
+        import numpy as np
+
+        base = (deep_to_grey(im, path) if mode in DEEP_MODES else im).convert("RGB")
+        raw = np.asarray(im)
+        clear = raw == (bool(key) if raw.dtype == bool else key)
+        mask = Image.fromarray(np.where(clear, 0, 255).astype(np.uint8), "L")
+        return Image.composite(base, Image.new("RGB", im.size, (255, 255, 255)), mask)
     if mode in DEEP_MODES:
         return deep_to_grey(im, path).convert("RGB")
     if mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info) or \

@@ -341,3 +341,23 @@ def test_files_a_class_folder_holds_that_are_no_images_are_said_in_the_json_too(
     assert code == 0, err
     assert [w for w in json.loads(out)["warnings"] if "notes.txt" in w], out
     assert len([ln for ln in err.splitlines() if "notes.txt" in ln]) == 1, err
+
+
+def test_a_pngs_transparent_grey_is_white_in_every_mode(tmp_path):
+    """A PNG's tRNS key was composited over white for L, P and RGB images but dropped for 1-bit and 16-bit
+    ones: the same picture read white or black by its bit depth."""
+    import numpy as np
+    from PIL import Image
+
+    from repair.data import read_image
+
+    a = np.zeros((4, 4), np.uint8)
+    a[:2] = 255                                    # top white, bottom black: the transparent key
+    Image.fromarray(a, "L").save(tmp_path / "l.png", transparency=0)
+    Image.fromarray(a).convert("1").save(tmp_path / "one.png", transparency=0)
+    Image.fromarray(a.astype(np.uint16) * 257).save(tmp_path / "deep.png", transparency=0)
+    Image.fromarray(a).convert("1").save(tmp_path / "one_white.png", transparency=1)
+    for name in ("l.png", "one.png", "deep.png"):
+        assert Image.open(tmp_path / name).info.get("transparency") == 0, name
+        assert np.asarray(read_image(tmp_path / name)).min() == 255, name     # all white
+    assert np.asarray(read_image(tmp_path / "one_white.png"))[:, 0, 0].tolist() == [255, 255, 0, 0]
