@@ -812,6 +812,8 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
                                                               for v in row.values())):
                 _strictly(physical[start - 1:reader.line_num], delim, quoting, newline,
                           len(rows) + 1, start, skip)
+            elif not strict and quoting != csv.QUOTE_NONE and None not in row:
+                row = _as_written(physical[start - 1], row, columns, delim, newline, start + skip, path)
             if None in row:
                 raise BadInput(f"line {start + skip} has more fields than the header", path)
             missing = [k for k, v in row.items() if v is _NO_CELL]
@@ -831,6 +833,32 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
                         (start_after(last_line) if header else 1) + skip,
                         unterminated=strict and "unexpected end of data" in problem) from None
     return columns, rows
+
+
+def _as_written(line: str, row: dict, columns: list, delim: str, newline: str, at: int, path: Path) -> dict:
+    """A one-line record the lenient reader read: as it read it where the strict reader reads the line too;
+    else (a field that opens with a quote closed before the field ends: ``"great" movie``, which the
+    lenient reader reads ``great movie``) each field as written -- a raw quote is text --, a well-formed
+    quoted field unquoted. A line whose fields cannot be told apart so (a quoted delimiter beside such a
+    field) is :class:`BadInput` naming it: never a silent guess."""
+    try:
+        for _ in csv.reader(io.StringIO(line, newline=newline), delimiter=delim, strict=True):
+            pass
+        return row
+    except csv.Error:
+        pass
+    fields = next(csv.reader(io.StringIO(line, newline=newline), delimiter=delim, quoting=csv.QUOTE_NONE), [])
+    if len(fields) != len(columns):
+        raise BadInput(f"line {at}: a field opens with a quote that closes before the field ends, and its "
+                       f"fields cannot be told apart; quote the whole field and double its quotes "
+                       f'("""great"" movie" for "great" movie)', path)
+
+    def field(v: str) -> str:
+        inner = v[1:-1]
+        if len(v) >= 2 and v[0] == v[-1] == '"' and '"' not in inner.replace('""', ""):
+            return inner.replace('""', '"')           # a well-formed quoted field: its text
+        return v                                       # written raw: as it is
+    return dict(zip(columns, (field(v) for v in fields)))
 
 
 def _strictly(record: list[str], delim: str, quoting: int, newline: str, row: int, start: int, skip: int) -> None:
@@ -884,8 +912,8 @@ def _from_table(table: Path, root: Path, o: DataOptions) -> RepairData:
         is_image = o.path_col is not None
     elif paths and texts and table.stem.lower() != "metadata":
         raise _advised("cannot tell whether the table holds images or texts: it has a column of image paths "
-                       "({path}) and one of texts ({text}); name the one to read with {path_col} (images) or "
-                       "{text_col} (texts)", table, path=repr(paths[0]), text=repr(texts[0]))
+                       "({image_col}) and one of texts ({texts}); name the one to read with {path_col} (images) or "
+                       "{text_col} (texts)", table, image_col=repr(paths[0]), texts=repr(texts[0]))
     elif paths:
         is_image = True
     elif any(c in columns for c in TEXT_COLUMNS):

@@ -78,7 +78,7 @@ def test_well_formed_quoted_line_breaks_still_read_beside_a_lenient_line(tmp_pat
         text = nl.join(['text,label', '"a" b,positive', '"two', 'lines",negative', '', 'a "wet" dog,positive', ''])
         lines: list = []
         cols, rows = read_csv_text(text, Path("t.csv"), lines=lines)
-        assert [r["text"] for r in rows] == ["a b", f"two{nl}lines", 'a "wet" dog'], nl
+        assert [r["text"] for r in rows] == ['"a" b', f"two{nl}lines", 'a "wet" dog'], nl   # as written (s47)
         assert [r["label"] for r in rows] == ["positive", "negative", "positive"] and lines == [2, 3, 6], nl
 
 

@@ -361,3 +361,20 @@ def test_a_pngs_transparent_grey_is_white_in_every_mode(tmp_path):
         assert Image.open(tmp_path / name).info.get("transparency") == 0, name
         assert np.asarray(read_image(tmp_path / name)).min() == 255, name     # all white
     assert np.asarray(read_image(tmp_path / "one_white.png"))[:, 0, 0].tolist() == [255, 255, 0, 0]
+
+
+def test_a_one_line_field_that_opens_with_a_quote_is_read_as_written(tmp_path):
+    """README: "a raw quote inside a one-line field is read as text" -- but a field that opened with one
+    lost its quotes silently (``"great" movie fun`` read ``great movie fun``; ``""not"" boring`` read
+    ``not"" boring``), where TSV and JSONL kept them."""
+    import pytest
+
+    from repair.data import read_csv_text
+    from repair.errors import BadInput
+
+    text = 'text,label\n"great" movie fun,positive\n""not"" boring,"neg"\nplain,"a ""b"""\n'
+    _, rows = read_csv_text(text, tmp_path / "t.csv")
+    assert [(r["text"], r["label"]) for r in rows] == [('"great" movie fun', "positive"),
+                                                        ('""not"" boring', "neg"), ("plain", 'a "b"')]
+    with pytest.raises(BadInput, match='line 2: .*"""great"" movie"'):     # fields not to be told apart
+        read_csv_text('text,label\n"a, b" c,positive\n', tmp_path / "t.csv")
