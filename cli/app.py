@@ -469,4 +469,4 @@ def _internal_error_line(e: BaseException) -> str:
     """``internal error: Type: the message's first line that says something (a message may open with a
     newline) (rerun ...)``."""
     first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    return one_line(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
+    return one_line(f"internal error: {type(e).__name__}: {first} (rerun as repair --debug COMMAND ... for the traceback)")

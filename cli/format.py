@@ -19,14 +19,30 @@ def _is_number(s: str) -> bool:
         return s == "-"
 
 
+def width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: a wide character (CJK, most emoji) two, a combining mark
+    none, any other one."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    """Columns aligned as a terminal shows them: each cell as it is printed (a user's names shown as they
+    are, :func:`repair.io.visible`) and padded by its :func:`width`."""
+    from repair.io import visible
+
+    cells = [[visible(str(h)) for h in headers]] + [["-" if c is None else visible(str(c)) for c in r] for r in rows]
+    widths = [max(width(r[i]) for r in cells) for i in range(len(headers))]
     numeric = [all(_is_number(r[i]) for r in cells[1:]) for i in range(len(headers))]
+
+    def pad(c: str, w: int, right: bool) -> str:
+        fill = " " * (w - width(c))
+        return fill + c if right else c + fill
     lines = []
     for n, r in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if numeric[i] else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        lines.append("  ".join(pad(c, w, numeric[i]) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

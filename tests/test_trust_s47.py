@@ -378,3 +378,16 @@ def test_a_one_line_field_that_opens_with_a_quote_is_read_as_written(tmp_path):
                                                         ('""not"" boring', "neg"), ("plain", 'a "b"')]
     with pytest.raises(BadInput, match='line 2: .*"""great"" movie"'):     # fields not to be told apart
         read_csv_text('text,label\n"a, b" c,positive\n', tmp_path / "t.csv")
+
+
+def test_a_table_of_wide_or_escaped_names_stays_aligned():
+    """Tables padded by len(): a CJK or emoji name took two columns per character and shifted its row, and
+    a name's escaped control character (``\\u202e``, six columns once shown) shifted it the other way."""
+    from repair_cli.format import table, width
+
+    text = table(["group", "n", "accuracy"], [["café|place=陆地🌍", 6, "50.0%"], ["dog|x", 12, "100.0%"],
+                                              ["e\u0301|\u202ex", 1, "0.0%"]])
+    lines = text.splitlines()
+    assert "\\u202e" in lines[-1] and "\u202e" not in text
+    assert len({width(ln) for ln in lines}) == 1, text
+    assert width("陆地🌍") == 6 and width("e\u0301") == 1
