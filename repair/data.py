@@ -568,6 +568,12 @@ def _read_table(path: Path) -> tuple[list[str], list[dict], list[str]]:
         raise BadInput(not_utf8(raw, e), path) from None
     except OSError as e:
         raise BadInput(f"cannot read the file ({e.strerror or e})", path) from None
+    head = raw[:64]
+    if len(head) >= 8 and (head[1::2].count(0) == len(head[1::2]) or head[0::2].count(0) == len(head[0::2])):
+        # UTF-16 without a byte-order mark: ASCII with a NUL beside each character, valid UTF-8 (a NUL
+        # in every other byte of the file's start, where its header is, is no table of text)
+        raise BadInput("is UTF-16 text without a byte-order mark, not UTF-8 (a NUL beside each character); "
+                       "save it as UTF-8", path)
     if path.suffix.lower() in (".jsonl", ".json"):
         records = _json_records(text, path)
         rows = [_json_record(rec, where, path) for where, rec in records]

@@ -391,3 +391,18 @@ def test_a_table_of_wide_or_escaped_names_stays_aligned():
     assert "\\u202e" in lines[-1] and "\u202e" not in text
     assert len({width(ln) for ln in lines}) == 1, text
     assert width("陆地🌍") == 6 and width("e\u0301") == 1
+
+
+def test_a_utf16_table_without_a_byte_order_mark_is_named_so(tmp_path):
+    """Read as UTF-8 (ASCII with NULs is valid UTF-8), it was refused as "cannot tell which column holds the
+    label (columns: t\\u0000e\\u0000x\\u0000t\\u0000, ...)"."""
+    from repair.data import load_data
+    from repair.errors import BadInput
+
+    import pytest
+
+    for codec in ("utf-16-le", "utf-16-be"):
+        table = tmp_path / f"{codec}.csv"
+        table.write_bytes("text,label\nfine,positive\nbad,negative\n".encode(codec))
+        with pytest.raises(BadInput, match="UTF-16 text without a byte-order mark"):
+            load_data(table)
