@@ -120,7 +120,7 @@ def guard_streams() -> None:
 
 def _stdout(text: str) -> None:
     """Every result's write to stdout (:func:`say`, :func:`emit_json`), flushed at once. A reader
-    that closed the pipe early (``| head``, ``| grep -q``), or a full disk, does not end the command: the rest of
+    that closed the pipe early (``| head``, ``| grep -q``) does not end the command: the rest of
     its output goes to /dev/null and it runs on to its gate or verification, so a failure still
     exits 1 (the exit code is the command's, never 0 because nobody read the table)."""
     import os
@@ -128,13 +128,17 @@ def _stdout(text: str) -> None:
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except (OSError, ValueError):         # a reader gone (EPIPE), a full disk (ENOSPC), a closed stream
+    except (OSError, ValueError) as e:    # a reader gone (EPIPE), a closed stream; a full disk (ENOSPC)
         try:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, sys.stdout.fileno())
             os.close(null)
         except (OSError, ValueError, AttributeError):
             pass
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            # the results were not written where the user sent them (`--json > result.json` on a full
+            # disk): exit 2 naming stdout, never 0 with an empty file
+            raise OSError(e.errno, e.strerror or str(e), "stdout") from None
 
 
 def quiet_log(msg: str) -> None:
@@ -342,7 +346,11 @@ def _version(value: bool) -> None:
     if value:
         from repair._version import __version__
 
-        say(f"repair {__version__}")
+        try:
+            say(f"repair {__version__}")
+        except OSError as e:              # stdout full (before any command's own error mapping)
+            log(one_line(f"error: {e.filename or 'stdout'}: {e.strerror or e}"))
+            raise typer.Exit(2)
         raise typer.Exit(0)
 
 

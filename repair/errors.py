@@ -212,8 +212,9 @@ def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[N
                                                                    else ""), path) from None
 
 
-_QUIET_LOCK = threading.Lock()
-_quiet: list = [0, None]                   # blocks running, the filters they replaced
+_QUIET = threading.Condition(threading.Lock())
+_quiet: list = [0, None, None]             # blocks running, the filter they added, the recording thread
+_quiet_mine = threading.local()            # this thread's blocks running
 
 
 @contextmanager
@@ -221,23 +222,57 @@ def no_warnings() -> Iterator[None]:
     """Python's warnings ignored while the block runs (a library's noise the caller has handled: PIL's on
     an image refused by name, torch's on a refused pickle, an exporter's). Safe in threads, unlike
     ``warnings.catch_warnings`` (two overlapping blocks put back each other's filters, and an "ignore
-    everything" filter stayed in the user's process): one "ignore" filter is put first by the first of the
-    blocks running at the same time and taken out by the last. The one home of ignoring warnings."""
+    everything" filter stayed in the user's process): one "ignore" filter of its own (told apart from any
+    of the user's by its message pattern) is put first by the first of the blocks running at the same
+    time and taken out by the last; the user's filters, and those the user's code sets meanwhile, stay.
+    It waits while another thread records warnings (:func:`caught_warnings`). The one home of ignoring
+    warnings."""
     import warnings
 
-    with _QUIET_LOCK:
+    me = threading.get_ident()
+    with _QUIET:
+        _QUIET.wait_for(lambda: _quiet[2] in (None, me))
         if _quiet[0] == 0:
-            warnings.simplefilter("ignore")
+            warnings.filterwarnings("ignore", message=_OWN_PATTERN)
             _quiet[1] = warnings.filters[0]
         _quiet[0] += 1
+        _quiet_mine.n = getattr(_quiet_mine, "n", 0) + 1
     try:
         yield
     finally:
-        with _QUIET_LOCK:
+        with _QUIET:
             _quiet[0] -= 1
+            _quiet_mine.n -= 1
             if _quiet[0] == 0:
-                try:       # the one filter added, taken out: a filter the user's code set meanwhile stays
+                try:
                     warnings.filters.remove(_quiet[1])
                 except ValueError:
                     pass   # the user's code reset the filters meanwhile
                 _quiet[1] = None
+            _QUIET.notify_all()
+
+
+#: the message pattern of :func:`no_warnings`'s own filter: every message, written as no user writes it
+_OWN_PATTERN = r"(?s)(?#repair.no_warnings).*"
+
+
+@contextmanager
+def caught_warnings() -> Iterator[list]:
+    """The warnings raised while the block runs, caught (a list of ``warnings.WarningMessage``) and not
+    shown: the caller says them when it decides to (a load that succeeded: its warnings as they would have
+    been). The only block that records: it waits until no other thread ignores warnings
+    (:func:`no_warnings`), and they wait for it, so no filter of one is left in place by the other."""
+    import warnings
+
+    me = threading.get_ident()
+    with _QUIET:
+        _QUIET.wait_for(lambda: _quiet[2] is None and _quiet[0] == getattr(_quiet_mine, "n", 0))
+        _quiet[2] = me
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        with _QUIET:
+            _quiet[2] = None
+            _QUIET.notify_all()

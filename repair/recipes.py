@@ -594,21 +594,33 @@ def plugin_digest(target: Path, root: Optional[Path] = None, where: Optional[Pat
     return h.hexdigest()
 
 
+def _forget_plugin(mod_name: str) -> None:
+    """A plugin imported earlier in this process, forgotten: its modules (a package's too) and the methods
+    it registered (by the module of their function), so that importing it again registers them anew."""
+    from repair.methods import METHODS
+
+    for name in [n for n in sys.modules if n == mod_name or n.startswith(mod_name + ".")]:
+        sys.modules.pop(name, None)
+    for entry in METHODS.registered():
+        module = getattr(getattr(entry, "fn", None), "__module__", "") or ""
+        if module == mod_name or module.startswith(mod_name + "."):
+            METHODS.unregister(entry.name)
+
+
 def _import_plugin(spec: str, target: Path, where: Path, digest: str) -> str:
     """Run a plugin (only after the caller allowed it): the file :func:`_plugin_target` found, imported
     from its path (a package's ``__init__.py`` as that package, its relative imports within its folder).
-    ``digest``: its :func:`plugin_digest` as read now. Returns the digest of the code that runs: this one
-    (imported now, or by an earlier call in this process); a file edited since this process imported it
-    is :class:`BadInput` (its old code would run, recorded as the new)."""
+    ``digest``: its :func:`plugin_digest` as read now. Returns the digest of the code that runs: this one,
+    imported now or by an earlier call in this process; a plugin edited since this process imported it is
+    forgotten (its modules, the methods it registered) and imported again (its old code ran, and a zoo
+    journaled the output as made by the edited file)."""
     try:
         mod_name = "repair_plugin_" + hashlib.sha256(os.fsencode(target)).hexdigest()[:12]
-        if mod_name in sys.modules:             # imported already in this process: that code runs
+        if mod_name in sys.modules:             # imported already in this process: that code runs ...
             ran = getattr(sys.modules[mod_name], "__repair_sha256__", None) or digest
-            if ran != digest:                   # edited since: its old code would run, recorded as the new
-                raise BadInput(f"plugins: {spec} changed since this process imported it (sha256 {ran[:12]}, now "
-                               f"{digest[:12]}); the methods it registered cannot be imported again: restart "
-                               "Python to run it as it is now", where)
-            return ran
+            if ran == digest:
+                return ran
+            _forget_plugin(mod_name)            # ... unless edited since: imported again, as it is now
         package = [str(target.parent)] if target.name == "__init__.py" else None
         mspec = importlib.util.spec_from_file_location(mod_name, target, submodule_search_locations=package)
         mod = importlib.util.module_from_spec(mspec)

@@ -66,7 +66,8 @@ class Registry(Generic[T]):
         self._builtins_loaded = False
         self._plugins_loaded = False
         self._loaded = False                  # built-ins and entry points loaded, by whichever thread
-        self._lock = threading.RLock()        # held while loading: another thread's lookup waits for it
+        self._lock = threading.RLock()        # held while the built-ins load: another thread's lookup waits
+        self._plugins_lock = threading.RLock()  # held while the entry points load
         self.broken: list[str] = []           # the entry points that failed, as reported
 
     # ------------------------------------------------------------------ registration
@@ -103,14 +104,18 @@ class Registry(Generic[T]):
                 for mod in self.builtins:
                     importlib.import_module(f"{self.package}.{mod}")
 
-    def load(self) -> None:
+    def load(self, name: Optional[str] = None) -> None:
         """Import the built-in modules, then the entry points (each once). Threads that look up at once
-        wait for the one loading: none sees a registry half filled (a valid model named bad input, a
-        built-in method unknown)."""
+        wait for the one loading the built-ins: none finds a built-in missing (a valid model named bad
+        input, a built-in method unknown). A lookup of a ``name`` found once the built-ins are in does not
+        wait for the entry points: a plugin that looks up a built-in when imported (its import lock held
+        while the loading thread waits for it) never deadlocks; any other lookup waits for them."""
         if self._loaded:
             return
-        with self._lock:
-            self._load_builtins()
+        self._load_builtins()
+        if name is not None and name in self._entries:
+            return
+        with self._plugins_lock:
             if not self._plugins_loaded:
                 self._plugins_loaded = True
                 self._load_entry_points()
@@ -118,7 +123,7 @@ class Registry(Generic[T]):
 
     def reload_entry_points(self) -> None:
         """Load the entry points again (after installing a plugin in a running process; tests)."""
-        with self._lock:
+        with self._plugins_lock:
             self._plugins_loaded = self._loaded = False
             self.load()
 
@@ -146,7 +151,7 @@ class Registry(Generic[T]):
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> T:
-        self.load()
+        self.load(name)
         try:
             return self._entries[name]
         except KeyError:
@@ -162,7 +167,7 @@ class Registry(Generic[T]):
         return list(self._entries.values())
 
     def __contains__(self, name: str) -> bool:
-        self.load()
+        self.load(name)
         return name in self._entries
 
 

@@ -383,9 +383,11 @@ def test_the_recipe_is_recorded_as_it_was_read_and_a_plugin_method_by_its_files_
         by_name = load_recipe("plug_rec_xyz")
         assert provenance.recipe_identity(by_name) == {"kind": "plugin", "sha256": ran}
         assert provenance.recipe_identity(first)["plugins"] == [{"entry": "plug_rec_xyz.py", "sha256": ran}]
-        plug.write_text(plug.read_text() + "# edited after it was imported: the first import's code runs\n")
+        plug.write_text(plug.read_text() + "# edited after it was imported: imported again, as it is now\n")
         second = load_recipe(str(tmp_path / "p" / "r.yaml"), allow_plugins=True)
-        assert provenance.recipe_identity(second)["plugins"] == [{"entry": "plug_rec_xyz.py", "sha256": ran}]
+        edited = hashlib.sha256(plug.read_bytes()).hexdigest()     # (session 47: the edited code runs)
+        assert provenance.recipe_identity(second)["plugins"] == [{"entry": "plug_rec_xyz.py", "sha256": edited}]
+        assert provenance.recipe_identity(load_recipe("plug_rec_xyz")) == {"kind": "plugin", "sha256": edited}
         load_recipe(str(tmp_path / "p" / "q.yaml"), allow_plugins=True)
         assert provenance.recipe_identity(load_recipe("pkg_rec_xyz"))["kind"] == "plugin"
     finally:

@@ -3,6 +3,7 @@
 folder (the folder's model and tokenizer with that file's weights)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Optional, Sequence
@@ -10,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import BadInput, no_warnings
+from ..errors import BadInput, caught_warnings, no_warnings
 from ..io import load_state_dict_file
 from . import LoadOptions, checked_class_names, names_by_index, register_family
 from .base import TorchModelAdapter, check_finite, check_kinds, check_model_folder, names_of_its_own, read_json
@@ -155,7 +156,7 @@ class HFTextAdapter(TorchModelAdapter):
                                f"e.g. {odd[0]})", weights)
         self._source_metadata = metadata
         problem = "transformers cannot load this folder"
-        with quiet_transformers(), no_warnings():
+        with quiet_transformers(), caught_warnings() as caught:
             try:
                 model, info = AutoModelForSequenceClassification.from_pretrained(
                     str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True,
@@ -167,6 +168,8 @@ class HFTextAdapter(TorchModelAdapter):
                 if shape is not None:
                     raise BadInput(shape, cfg_path) from None
                 raise BadInput(f"{problem} ({type(e).__name__}: {first_line(e)})", path) from None
+        for w in caught:                    # a load that succeeded: its warnings as they would have been
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if other:
             own_sd = model.state_dict()
             bad = [k for k, v in tensors.items() if tuple(own_sd[k].shape) != tuple(v.shape)]
