@@ -1292,8 +1292,8 @@ def _class_index(label: str, n_classes: int) -> Optional[int]:
 
 def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path,
                  row_at: Optional[Callable[[int], str]] = None) -> torch.Tensor:
-    """Each label's class index in ``class_names`` (by name, any case, or by index), :class:`BadInput`
-    naming ``where`` otherwise. ``row_at``: how a message names label ``i``'s row
+    """Each label's class index in ``class_names`` (by name, any case and either Unicode form, or by index),
+    :class:`BadInput` naming ``where`` otherwise. ``row_at``: how a message names label ``i``'s row
     (:meth:`RepairData.row_at`, ``row 3 (line 5)``), put before the problem; None: no row is named."""
     import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
 
@@ -1312,7 +1312,7 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path,
     folded: dict[str, list[int]] = {}
     for i, n in enumerate(names):
         exact.setdefault(n, []).append(i)
-        folded.setdefault(n.lower(), []).append(i)
+        folded.setdefault(_folded(n), []).append(i)
     for i, n in enumerate(names):        # a class named "1.0" is the label 1, as the data's 1.0 reads 1
         v = cell_value(n)
         if v != n and v not in exact:
@@ -1320,11 +1320,11 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path,
     # one reading for the whole table: a label that is no class name but an index means the table gives
     # indices, and then a label that is both a class name and the index of another class is ambiguous
     # (classes named "1", "2", "3" and labels 0, 1, 2: "1" would be class "1" by name, index 1 is "2")
-    by_index = [lab for lab in dict.fromkeys(labels) if not (exact.get(lab) or folded.get(lab.lower()))
+    by_index = [lab for lab in dict.fromkeys(labels) if not (exact.get(lab) or folded.get(_folded(lab)))
                 and _class_index(lab, len(names)) is not None]
     if by_index:
         for lab in dict.fromkeys(labels):
-            hit = exact.get(lab) or folded.get(lab.lower())
+            hit = exact.get(lab) or folded.get(_folded(lab))
             j = _class_index(lab, len(names))
             if hit and j is not None and j != hit[0]:
                 raise BadInput(f"labels mix class names and indices: {by_index[0]!r}{of(by_index[0])} is read as "
@@ -1333,7 +1333,7 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path,
                                where)
     out = []
     for lab in labels:
-        hit = exact.get(lab) or folded.get(lab.lower())
+        hit = exact.get(lab) or folded.get(_folded(lab))
         if hit and len(hit) > 1:           # a checkpoint's names may repeat (ImageNet's two "crane")
             raise BadInput(f"{at(lab)}label {lab!r} names {len(hit)} classes of the model "
                            f"({', '.join(map(str, hit))}); give the class index instead", where)
@@ -1345,6 +1345,14 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path,
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
             raise BadInput(f"{at(lab)}label {lab!r} is not a class of the model (classes: {shown})", where)
     return torch.tensor(out, dtype=torch.long)
+
+
+def _folded(name: str) -> str:
+    """A class name as a label may write it: any case, and either Unicode form of an accented letter (macOS
+    writes a folder ``café`` decomposed, NFD; most tools composed, NFC: two names that look the same)."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).lower()
 
 
 def check_classes_present(y, class_names: Sequence[str], where=None) -> None:

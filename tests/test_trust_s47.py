@@ -387,3 +387,17 @@ def test_results_stdout_cannot_take_are_exit_2_naming_stdout(tmp_path):
     with open("/dev/full", "w") as full:
         code, _, err = _repair(["--version"], tmp_path, stdout=full, stderr=subprocess.PIPE, text=True)
     assert code == 2 and err.strip() == "error: stdout: No space left on device", (code, err)
+
+
+def test_a_class_folder_named_in_the_other_unicode_form_is_the_models_class(tmp_path):
+    """A class folder ``café`` as macOS writes it (decomposed, NFD) against a model whose label is composed
+    (NFC): "label 'café' is not a class of the model (classes: café, dog, fox)", two names that look alike."""
+    import unicodedata
+
+    from repair.data import encode, load_data
+
+    classes = ["café", "dog", "fox"]
+    data = make_images(tmp_path / "d", n_per_class=2, classes=[unicodedata.normalize("NFD", c) for c in classes],
+                       with_metadata=False)
+    enc = encode(load_data(data), [unicodedata.normalize("NFC", c) for c in classes])
+    assert sorted(enc.y.tolist()) == [0, 0, 1, 1, 2, 2]
