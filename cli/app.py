@@ -135,10 +135,21 @@ def _stdout(text: str) -> None:
             os.close(null)
         except (OSError, ValueError, AttributeError):
             pass
-        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             # the results were not written where the user sent them (`--json > result.json` on a full
-            # disk): exit 2 naming stdout, never 0 with an empty file
-            raise OSError(e.errno, e.strerror or str(e), "stdout") from None
+            # disk): the command runs on to its gate and outputs, then exits 2 naming stdout, never 0
+            # with an empty file (:func:`_stdout_lost`); any other failure is a closed stream
+            STATE.setdefault("stdout_lost", e)
+
+
+def _stdout_lost(code: int) -> int:
+    """The exit code of a command whose results stdout could not take (a full disk): its own where it
+    failed (a gate's 1), else 2, with a line naming stdout."""
+    e = STATE.pop("stdout_lost", None)
+    if e is None:
+        return code
+    log(one_line(f"error: stdout: {e.strerror or e}; the results could not be written there"))
+    return code or 2
 
 
 def quiet_log(msg: str) -> None:
@@ -346,12 +357,8 @@ def _version(value: bool) -> None:
     if value:
         from repair._version import __version__
 
-        try:
-            say(f"repair {__version__}")
-        except OSError as e:              # stdout full (before any command's own error mapping)
-            log(one_line(f"error: {e.filename or 'stdout'}: {e.strerror or e}"))
-            raise typer.Exit(2)
-        raise typer.Exit(0)
+        say(f"repair {__version__}")
+        raise typer.Exit(_stdout_lost(0))         # (stdout full: 2, before any command's own mapping)
 
 
 @app.callback()
@@ -406,8 +413,14 @@ def command(fn: Callable) -> Callable:
             mark = commit_mark()
 
             source_date()               # a malformed SOURCE_DATE_EPOCH: exit 2 before any work, not once it ran
-            return fn(*args, **kwargs)
-        except typer.Exit:
+            rv = fn(*args, **kwargs)
+            if _stdout_lost(0):
+                raise typer.Exit(2)
+            return rv
+        except typer.Exit as e:
+            code = _stdout_lost(e.exit_code)
+            if code != e.exit_code:
+                raise typer.Exit(code)
             raise
         except RepairError as e:
             if STATE["debug"]:
@@ -417,7 +430,7 @@ def command(fn: Callable) -> Callable:
             prefix = ("FAILED: " if isinstance(e, GateFailed) else "internal error: " if type(e) is RepairError
                       else "error: ")
             log(one_line(f"{prefix}{e}"))
-            raise typer.Exit(e.exit_code)
+            raise typer.Exit(_stdout_lost(e.exit_code))
         except KeyboardInterrupt:
             log(_interrupt_line("interrupted", mark))
             _SAID_INTERRUPTED[0] = True

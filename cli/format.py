@@ -20,12 +20,13 @@ def _is_number(s: str) -> bool:
 
 
 def width(text: str) -> int:
-    """The columns ``text`` takes on a terminal: a wide character (CJK, most emoji) two, a combining mark
+    """The columns ``text`` takes on a terminal: a wide character (CJK, most emoji) two, a mark that sits on
+    another (Thai's and Devanagari's vowel signs, a combining accent) or an invisible format character
     none, any other one."""
     import unicodedata
 
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-               for c in text)
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf") else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -338,11 +338,13 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
     data_opts = data_opts or DataOptions()
     left_out = None
     emb_of = None
+    ex_notes: list = []
     if exclude is not None:
         from .preflight import eval_overlap, read_data
 
         data = read_data(data_path, data_opts)
         ex = read_data(exclude, dataclasses.replace(data_opts, group_by=None))     # read as the data is
+        ex_notes = list(ex.notes)
         overlap = eval_overlap(ex, data, data.where, exclude_flag="--exclude")
         from .rules import check_options, model_arg
 
@@ -388,7 +390,7 @@ def evaluate_model(model_path, data_path, load_opts: Optional[LoadOptions] = Non
 
     dup_note = mark_duplicates(report, p.data, p.enc.groups, p.emb.inputs, p.enc.y)
     # groups too small for an honest figure, or with none (label-free: no groups to speak of)
-    report["warnings"] = (list(p.data.notes) + figure_warnings(report, what="the figures")
+    report["warnings"] = (list(p.data.notes) + ex_notes + figure_warnings(report, what="the figures")
                           + ([dup_note] if dup_note else []))
     # what was left out, in the order it was (--exclude, then the model's own repair set), each count with
     # what it is a count of, and the figures' rows said once, last

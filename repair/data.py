@@ -854,7 +854,8 @@ def _as_written(line: str, row: dict, columns: list, delim: str, newline: str, a
     except csv.Error:
         pass
     fields = next(csv.reader(io.StringIO(line, newline=newline), delimiter=delim, quoting=csv.QUOTE_NONE), [])
-    if len(fields) != len(columns):
+    read = [k for k, v in row.items() if v is not _NO_CELL]        # the cells the lenient reader found
+    if len(fields) != len(read):
         raise BadInput(f"line {at}: a field opens with a quote that closes before the field ends, and its "
                        f"fields cannot be told apart; quote the whole field and double its quotes "
                        f'("""great"" movie" for "great" movie)', path)
@@ -864,7 +865,7 @@ def _as_written(line: str, row: dict, columns: list, delim: str, newline: str, a
         if len(v) >= 2 and v[0] == v[-1] == '"' and '"' not in inner.replace('""', ""):
             return inner.replace('""', '"')           # a well-formed quoted field: its text
         return v                                       # written raw: as it is
-    return dict(zip(columns, (field(v) for v in fields)))
+    return {**row, **dict(zip(read, (field(v) for v in fields)))}       # a short row's missing cells stay so
 
 
 def _strictly(record: list[str], delim: str, quoting: int, newline: str, row: int, start: int, skip: int) -> None:

@@ -272,6 +272,8 @@ def export_model(model, out=None, *, data=None, format: str = "onnx", load_optio
         loaded = data if isinstance(data, RepairData) else load_data(data, data_options)
         check_export_options(opset, exporter, tolerance)
         protected.add_data(loaded, "data (--data)")
+        for note in loaded.notes:          # what the data's reading says (files not read), as eval says it
+            log(f"warning: {note}")
     else:
         for name in onnx_only_given(tolerance=tolerance, max_verify=max_verify, opset=opset, exporter=exporter,
                                     max_verify_default=DEFAULT_MAX_VERIFY):
@@ -405,11 +407,19 @@ def verify_model(onnx_path, reference, data, *, load_options=None, data_options=
     if tolerance is not None:
         check_tolerance(tolerance)
     check_device(device)
+    for note in loaded.notes:              # what the data's reading says (files not read), as eval says it
+        (log or _stderr_log())(f"warning: {note}")
     ref = load_model(reference, load_options) if isinstance(reference, Path) else reference
     check_modality(ref, loaded)
     with _as_deployed(ref, loaded):
         items = pick_verify_items(loaded.items, max_verify)
         return verify_onnx(onnx_path, ref, items, tolerance=tolerance, device=device, check=False, progress=log)
+
+
+def _stderr_log():
+    from .runtime import stderr_log
+
+    return stderr_log()
 
 
 def _source_files(adapter) -> list:

@@ -43,6 +43,7 @@ import dataclasses
 import hashlib
 import re
 import importlib
+import importlib.machinery
 import importlib.util
 import itertools
 import json
@@ -594,6 +595,16 @@ def plugin_digest(target: Path, root: Optional[Path] = None, where: Optional[Pat
     return h.hexdigest()
 
 
+class _SourceOnly(importlib.machinery.SourceFileLoader):
+    """A plugin's file run from its source as it is now: never from a ``__pycache__`` bytecode file, which
+    Python trusts by the source's size and whole-second modification time (an edit within the second ran
+    the old code, recorded under the new file's digest), and never writing one into the recipe's folder,
+    an input."""
+
+    def get_code(self, fullname):
+        return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
+
+
 def _forget_plugin(mod_name: str) -> None:
     """A plugin imported earlier in this process, forgotten: its modules (a package's too) and the methods
     it registered (by the module of their function), so that importing it again registers them anew."""
@@ -622,7 +633,8 @@ def _import_plugin(spec: str, target: Path, where: Path, digest: str) -> str:
                 return ran
             _forget_plugin(mod_name)            # ... unless edited since: imported again, as it is now
         package = [str(target.parent)] if target.name == "__init__.py" else None
-        mspec = importlib.util.spec_from_file_location(mod_name, target, submodule_search_locations=package)
+        mspec = importlib.util.spec_from_file_location(mod_name, target, submodule_search_locations=package,
+                                                       loader=_SourceOnly(mod_name, str(target)))
         mod = importlib.util.module_from_spec(mspec)
         mod.__repair_sha256__ = digest          # what its methods are recorded by (not a path)
         sys.modules[mod_name] = mod

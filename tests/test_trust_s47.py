@@ -325,7 +325,7 @@ def test_a_table_of_wide_or_escaped_names_stays_aligned():
     lines = text.splitlines()
     assert "\\u202e" in lines[-1] and "\u202e" not in text
     assert len({width(ln) for ln in lines}) == 1, text
-    assert width("陆地🌍") == 6 and width("e\u0301") == 1
+    assert width("陆地🌍") == 6 and width("e\u0301") == 1 and width("กิน") == 2     # Thai's vowel sign: none
 
 
 def test_a_utf16_table_without_a_byte_order_mark_is_named_so(tmp_path):
@@ -386,7 +386,7 @@ def test_results_stdout_cannot_take_are_exit_2_naming_stdout(tmp_path):
         pytest.skip("no /dev/full on this system")
     with open("/dev/full", "w") as full:
         code, _, err = _repair(["--version"], tmp_path, stdout=full, stderr=subprocess.PIPE, text=True)
-    assert code == 2 and err.strip() == "error: stdout: No space left on device", (code, err)
+    assert code == 2 and err.strip() == "error: stdout: No space left on device; the results could not be written there", (code, err)
 
 
 def test_a_class_folder_named_in_the_other_unicode_form_is_the_models_class(tmp_path):
@@ -401,3 +401,188 @@ def test_a_class_folder_named_in_the_other_unicode_form_is_the_models_class(tmp_
                        with_metadata=False)
     enc = encode(load_data(data), [unicodedata.normalize("NFC", c) for c in classes])
     assert sorted(enc.y.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+# ------------------------------------------------------------------ a full disk, a second Ctrl-C
+def test_a_cache_folder_refused_is_named_where_the_user_set_it(tmp_path, monkeypatch):
+    """The cache folder from $REPAIR_CACHE_DIR inside the model folder was blamed on --cache-dir, which the
+    user never gave; following "choose another --cache-dir" is now the second way, the variable the first."""
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "val", n_per_class=2)
+    monkeypatch.setenv("REPAIR_CACHE_DIR", str(model / "cache"))
+    code, _, err = run_cli("eval", model, "--data", data, "-q")
+    assert code == 2 and "the cache folder of $REPAIR_CACHE_DIR is inside the input model" in err, err
+    assert "set $REPAIR_CACHE_DIR elsewhere or give --cache-dir" in err, err
+    code, _, err = run_cli("eval", model, "--data", data, "-q", "--cache-dir", model / "c2")
+    assert code == 2 and "--cache-dir is inside the input model" in err and "REPAIR_CACHE_DIR" not in err, err
+    code, _, err = run_cli("eval", model, "--data", data, "-q", "--cache-dir", tmp_path / "c3")   # followed
+    assert code == 0, err
+    assert not (model / "cache").exists() and not (model / "c2").exists()
+
+
+def test_a_journal_record_the_disk_cannot_take_is_cut_back_off_and_named(tmp_path, monkeypatch):
+    """A zoo's journal on a full disk: a short write raised a bare OSError (exit 3, internal error), left a
+    torn record, and the row's staged model in the user's output folder."""
+    import os
+
+    import pytest
+
+    from repair import zoo
+    from repair.errors import BadInput
+
+    journal = zoo.Journal(tmp_path / "journal.jsonl")
+    journal.append({"name": "a"})
+    size = journal.path.stat().st_size
+    real = os.write
+    monkeypatch.setattr(zoo.os, "write", lambda fd, data: real(fd, data[:7]))     # the disk takes 7 bytes
+    with pytest.raises(BadInput, match="cannot write the journal .*this row was not committed") as e:
+        journal.append({"name": "b", "result": "x" * 100})
+    assert e.value.path == str(journal.path) and journal.path.stat().st_size == size   # cut back off
+
+
+def test_a_full_disk_inside_a_staged_output_names_the_users_output_not_a_temporary(tmp_path):
+    """An ONNX file written into a staged folder (fix --export onnx, a demo) named its temporary path on a
+    full disk: ``.fixed.rkdksgmy.tmp/fixed/model.onnx``, a place that is gone when the user looks."""
+    import errno
+
+    import pytest
+
+    from repair.errors import BadInput
+    from repair.io import atomic_output, outputs
+
+    with pytest.raises(BadInput) as e:
+        with outputs() as tx:
+            folder = tx.stage(tmp_path / "fixed", is_dir=True)
+            with atomic_output(folder / "model.onnx"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.path == str(tmp_path / "fixed" / "model.onnx"), str(e.value)
+    assert "no space left" in e.value.problem and list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_while_staging_folders_are_removed_leaves_none_behind(tmp_path, monkeypatch):
+    """A Ctrl-C landing while the first of an output set's staging folders was removed left the others
+    (``.r.html.X.tmp``) in the user's folder, under a line saying nothing partial was left behind."""
+    import shutil
+
+    import pytest
+
+    from repair import io as rio
+
+    real, calls = shutil.rmtree, []
+
+    def rmtree(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+    monkeypatch.setattr(rio.shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with rio.outputs() as tx:
+            for name in ("fixed", "r.html", "r.json"):
+                tx.stage(tmp_path / name, is_dir=name == "fixed")
+            raise RuntimeError("the run failed")
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_full_disk_met_anywhere_is_the_users_file_system_not_an_internal_error(tmp_path, monkeypatch):
+    import errno
+
+    import repair.preflight
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "somewhere"))
+    monkeypatch.setattr(repair.preflight, "read_inputs", full)
+    code, out, err = run_cli("eval", tmp_path, "--data", tmp_path, "-q")
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'somewhere'}: No space left on device", err
+
+
+def test_a_plugin_runs_from_its_source_and_writes_no_bytecode_into_the_recipes_folder(tmp_path, monkeypatch):
+    """Run through Python's bytecode cache, an edit within the same second and of the same size ran the old
+    code (recorded under the new file's digest), and the import wrote ``__pycache__`` into the recipe's
+    folder, an input (a review)."""
+    import sys
+
+    from repair.methods import METHODS
+    from repair.recipes import load_recipe
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    folder = tmp_path / "p"
+    folder.mkdir()
+    plugin = folder / "bytecode_s47.py"
+    text = ("from dataclasses import dataclass\nfrom repair.methods import RepairOutput, register_method\n"
+            "SCALE = 1\n@dataclass\nclass Config:\n    unused: int = 0\n"
+            "@register_method('bytecode_s47', summary='x', config=Config, groups='never')\n"
+            "def same(inputs, config):\n    return RepairOutput(W=inputs.W * SCALE, b=inputs.b)\n")
+    plugin.write_text(text)
+    (folder / "r.yaml").write_text("plugins: [bytecode_s47.py]\ncandidates:\n  - method: bytecode_s47\n")
+    try:
+        load_recipe(str(folder / "r.yaml"), allow_plugins=True)
+        assert sorted(p.name for p in folder.iterdir()) == ["bytecode_s47.py", "r.yaml"]
+        stamp = plugin.stat()
+        plugin.write_text(text.replace("SCALE = 1", "SCALE = 0"))           # the same size ...
+        import os
+
+        os.utime(plugin, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))          # ... and time
+        load_recipe(str(folder / "r.yaml"), allow_plugins=True)
+        assert sys.modules[METHODS.get("bytecode_s47").fn.__module__].SCALE == 0
+    finally:
+        METHODS.unregister("bytecode_s47")
+
+
+
+def test_review_a_short_csv_row_with_a_quoted_comma_is_never_split_into_the_wrong_columns(tmp_path):
+    import pytest
+
+    from repair.data import read_csv_text
+    from repair.errors import BadInput
+
+    with pytest.raises(BadInput, match="cannot be told apart"):
+        read_csv_text('text,place,label\n"Hello, world" she said,positive\n', tmp_path / "t.csv")
+    _, rows = read_csv_text('text,place,label\n"great" movie,pos\n', tmp_path / "t.csv")
+    assert rows == [{"text": '"great" movie', "place": "pos", "label": ""}]      # short: its last cell empty
+
+
+def test_review_stdout_that_is_no_place_for_results_changes_no_exit_code(tmp_path):
+    """A read-only descriptor as stdout (``1</dev/null``) was an internal error (exit 3) in a first fix."""
+    import os
+    import subprocess
+
+    with open(os.devnull) as read_only:
+        code, _, err = _repair(["--version"], tmp_path, stdout=read_only, stderr=subprocess.PIPE, text=True)
+    assert code == 0 and err == "", (code, err)
+
+
+def test_review_the_notes_of_data_read_to_leave_out_are_said(tmp_path):
+    import json
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=3, with_metadata=False)
+    other = make_images(tmp_path / "e", n_per_class=1, with_metadata=False, seed=5)
+    (other / "cat" / "readme.txt").write_text("x")
+    code, out, err = run_cli("eval", model, "--data", data, "--exclude", other, "--json", "-q", "--no-cache")
+    assert code == 0 and [w for w in json.loads(out)["warnings"] if "readme.txt" in w], out
+
+
+def test_review_a_caught_warning_said_again_keeps_the_users_module_filter_and_is_never_an_error():
+    import types
+    import warnings
+
+    from repair.adapters.hf_adapter import _warn_again
+
+    mod = types.ModuleType("noisy_s47")
+    mod.__file__ = "/somewhere/noisy_s47.py"
+    import sys
+
+    sys.modules["noisy_s47"] = mod
+    try:
+        w = warnings.WarningMessage(FutureWarning("old key"), FutureWarning, mod.__file__, 3)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", category=FutureWarning, module="noisy_s47")
+            _warn_again(w)
+        assert said == []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _warn_again(w)                                    # a -W error: never an internal error
+    finally:
+        del sys.modules["noisy_s47"]

@@ -99,6 +99,19 @@ def _shape_disagreement(path: Path, tensors: dict) -> Optional[str]:
     return None
 
 
+def _warn_again(w) -> None:
+    """A caught warning said as it would have been: by the module that raised it (a user's filter naming
+    the module applies), and never an error here (a ``-W error`` would end a load that succeeded)."""
+    import sys
+
+    module = next((name for name, m in list(sys.modules.items())
+                   if getattr(m, "__file__", None) == w.filename), None)
+    try:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, module=module)
+    except Warning:
+        pass
+
+
 class HFTextAdapter(TorchModelAdapter):
     family = "transformers"
     modality = "text"
@@ -169,7 +182,7 @@ class HFTextAdapter(TorchModelAdapter):
                     raise BadInput(shape, cfg_path) from None
                 raise BadInput(f"{problem} ({type(e).__name__}: {first_line(e)})", path) from None
         for w in caught:                    # a load that succeeded: its warnings as they would have been
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            _warn_again(w)
         if other:
             own_sd = model.state_dict()
             bad = [k for k, v in tensors.items() if tuple(own_sd[k].shape) != tuple(v.shape)]
