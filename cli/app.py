@@ -413,6 +413,7 @@ def command(fn: Callable) -> Callable:
             mark = commit_mark()
 
             source_date()               # a malformed SOURCE_DATE_EPOCH: exit 2 before any work, not once it ran
+            STATE.pop("stdout_lost", None)  # (a run before in this process, ended otherwise: not this one's)
             rv = fn(*args, **kwargs)
             if _stdout_lost(0):
                 raise typer.Exit(2)

@@ -39,6 +39,7 @@ a method only a plugin would register is then checked at run time.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -605,6 +606,22 @@ class _SourceOnly(importlib.machinery.SourceFileLoader):
         return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
 
 
+class _PackageSource:
+    """While a package plugin is imported: its submodules (``from .impl import ...``) found as Python finds
+    them and run from their source by :class:`_SourceOnly`, as the package's ``__init__.py`` is."""
+
+    def __init__(self, package: str):
+        self.prefix = package + "."
+
+    def find_spec(self, name, path=None, target=None):
+        if not name.startswith(self.prefix) or path is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            spec.loader = _SourceOnly(name, spec.origin)
+        return spec
+
+
 def _forget_plugin(mod_name: str) -> None:
     """A plugin imported earlier in this process, forgotten: its modules (a package's too) and the methods
     it registered (by the module of their function), so that importing it again registers them anew."""
@@ -638,13 +655,21 @@ def _import_plugin(spec: str, target: Path, where: Path, digest: str) -> str:
         mod = importlib.util.module_from_spec(mspec)
         mod.__repair_sha256__ = digest          # what its methods are recorded by (not a path)
         sys.modules[mod_name] = mod
+        finder = _PackageSource(mod_name) if package else None
+        if finder is not None:                  # its submodules from their source too
+            sys.meta_path.insert(0, finder)
         try:
             # the user's code: what it prints goes to stderr; its sys.exit is a BadInput naming it
             with users_code(f"plugins: {spec}, imported,", where):
                 mspec.loader.exec_module(mod)  # type: ignore[union-attr]
         except BaseException:
-            sys.modules.pop(mod_name, None)
+            for name in [n for n in sys.modules if n == mod_name or n.startswith(mod_name + ".")]:
+                sys.modules.pop(name, None)
             raise
+        finally:
+            if finder is not None:
+                with contextlib.suppress(ValueError):
+                    sys.meta_path.remove(finder)
         return digest
     except BadInput:
         raise

@@ -525,8 +525,16 @@ def test_a_plugin_runs_from_its_source_and_writes_no_bytecode_into_the_recipes_f
         os.utime(plugin, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))          # ... and time
         load_recipe(str(folder / "r.yaml"), allow_plugins=True)
         assert sys.modules[METHODS.get("bytecode_s47").fn.__module__].SCALE == 0
+        pkg = folder / "pkg_bytecode_s47"                                     # a package's submodules too
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("from .impl import same\n")
+        (pkg / "impl.py").write_text(text.replace("bytecode_s47", "pkg_bytecode_s47"))
+        (folder / "q.yaml").write_text("plugins: [pkg_bytecode_s47]\ncandidates:\n  - method: pkg_bytecode_s47\n")
+        load_recipe(str(folder / "q.yaml"), allow_plugins=True)
+        assert not list(folder.rglob("__pycache__")), list(folder.rglob("*"))
     finally:
         METHODS.unregister("bytecode_s47")
+        METHODS.unregister("pkg_bytecode_s47")
 
 
 
@@ -586,3 +594,15 @@ def test_review_a_caught_warning_said_again_keeps_the_users_module_filter_and_is
             _warn_again(w)                                    # a -W error: never an internal error
     finally:
         del sys.modules["noisy_s47"]
+
+
+def test_review_a_full_stdout_of_one_run_is_not_the_next_ones():
+    """A run whose stdout filled and that ended otherwise (Ctrl-C, another error) left its mark, and the next
+    command in the same process exited 2 for it (a review)."""
+    import errno
+
+    from repair_cli.app import STATE
+
+    STATE["stdout_lost"] = OSError(errno.ENOSPC, "No space left on device")
+    code, out, err = run_cli("methods")
+    assert code == 0 and "stdout" not in err, (code, err)
