@@ -12,7 +12,6 @@ samples for the splitters of :mod:`repair.selection`.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 
-from .errors import BadInput, no_warnings
+from .errors import BadInput, SharedSetting, no_warnings
 from .io import check_one_line, parse_json
 # (check_bool lived here before it moved to the option rules; importable from here for code that imports it)
 from .rules import check_bool  # noqa: E402,F401
@@ -730,28 +729,16 @@ def cell_value(v) -> str:
 CSV_FIELD_LIMIT = 2 ** 31 - 1
 
 
-_CSV_LIMIT_LOCK = threading.Lock()
-_csv_limit: list = [0, None]                # tables being read, the limit they raised
+def _raise_csv_limit() -> int:
+    old = csv.field_size_limit()
+    if old < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    return old
 
 
-@contextlib.contextmanager
-def _csv_field_limit():
-    """The csv module's (process-wide) field limit raised to :data:`CSV_FIELD_LIMIT` while tables are read,
-    never lowered, and put back after: the user's own csv readers keep their guard. Safe in threads: raised
-    by the first of the reads running at the same time, put back by the last."""
-    with _CSV_LIMIT_LOCK:
-        if _csv_limit[0] == 0:
-            _csv_limit[1] = csv.field_size_limit()
-            if _csv_limit[1] < CSV_FIELD_LIMIT:
-                csv.field_size_limit(CSV_FIELD_LIMIT)
-        _csv_limit[0] += 1
-    try:
-        yield
-    finally:
-        with _CSV_LIMIT_LOCK:
-            _csv_limit[0] -= 1
-            if _csv_limit[0] == 0:
-                csv.field_size_limit(_csv_limit[1])
+#: the csv module's (process-wide) field limit raised to :data:`CSV_FIELD_LIMIT` while tables are read,
+#: never lowered, and put back after: the user's own csv readers keep their guard (safe in threads)
+_csv_field_limit = SharedSetting(_raise_csv_limit, csv.field_size_limit)
 
 
 class _CsvError(Exception):

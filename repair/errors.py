@@ -212,6 +212,32 @@ def users_code(what: str, path: Optional[Union[str, Path]] = None) -> Iterator[N
                                                                    else ""), path) from None
 
 
+class SharedSetting:
+    """A process-wide setting changed while blocks that may overlap in threads run: ``change()`` (returning
+    what it replaced) by the first of them, ``restore(that)`` by the last -- never one block's saved state
+    put back over another's (a save/restore per block, run from two threads, left the change in place for
+    good). The one home of that rule (the csv module's field limit, transformers' logging)."""
+
+    def __init__(self, change: Callable[[], object], restore: Callable[[object], None]):
+        self._change, self._restore = change, restore
+        self._lock, self._running, self._saved = threading.Lock(), 0, None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._running == 0:
+                self._saved = self._change()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    saved, self._saved = self._saved, None
+                    self._restore(saved)
+
+
 _QUIET = threading.Condition(threading.Lock())
 _quiet: list = [0, None, None]             # blocks running, the filter they added, the recording thread
 _quiet_mine = threading.local()            # this thread's blocks running

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from ..errors import BadInput
+from ..errors import BadInput, SharedSetting
 
 DEFAULT_MAX_LENGTH = 512
 #: transformers' "no limit" sentinel for ``model_max_length`` is a huge int (1e30)
@@ -27,33 +26,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
 
 
-_QUIET_HF_LOCK = threading.Lock()
-_quiet_hf: list = [0, None]                 # blocks running, the settings they replaced
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' logging at error level and its progress bars off, restored after. Safe in threads:
-    set by the first of the blocks running at the same time and put back by the last (two overlapping
-    blocks left the user's process at error level for good)."""
+def _quiet_hf() -> tuple:
     from transformers.utils import logging as hf_logging
 
-    with _QUIET_HF_LOCK:
-        if _quiet_hf[0] == 0:
-            _quiet_hf[1] = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        _quiet_hf[0] += 1
-    try:
-        yield
-    finally:
-        with _QUIET_HF_LOCK:
-            _quiet_hf[0] -= 1
-            if _quiet_hf[0] == 0:
-                verbosity, bars = _quiet_hf[1]
-                hf_logging.set_verbosity(verbosity)
-                if bars:
-                    hf_logging.enable_progress_bar()
+    saved = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return saved
+
+
+def _loud_hf(saved: tuple) -> None:
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = saved
+    hf_logging.set_verbosity(verbosity)
+    if bars:
+        hf_logging.enable_progress_bar()
+
+
+#: transformers' logging at error level and its progress bars off, restored after; safe in threads (two
+#: overlapping save/restores left the user's process at error level for good)
+quiet_transformers = SharedSetting(_quiet_hf, _loud_hf)
 
 
 def first_line(e: BaseException) -> str:
