@@ -153,8 +153,6 @@ def _exit_guard(real: Callable, pid: int) -> Callable:
     """``os._exit`` while the user's code runs: in this process, :class:`_HardExit` (refused as its
     ``sys.exit`` is: a hard exit would end this command with the code's status, 0 past a gate that was
     never measured); in a process the code forked, the real exit, as it asks."""
-    import os
-
     def _exit(status):
         if os.getpid() != pid:
             real(status)

@@ -622,13 +622,18 @@ class _PackageSource:
         return spec
 
 
+def _drop_modules(mod_name: str) -> None:
+    """A plugin's module and its submodules (a package's) out of ``sys.modules``."""
+    for name in [n for n in sys.modules if n == mod_name or n.startswith(mod_name + ".")]:
+        sys.modules.pop(name, None)
+
+
 def _forget_plugin(mod_name: str) -> None:
     """A plugin imported earlier in this process, forgotten: its modules (a package's too) and the methods
     it registered (by the module of their function), so that importing it again registers them anew."""
     from repair.methods import METHODS
 
-    for name in [n for n in sys.modules if n == mod_name or n.startswith(mod_name + ".")]:
-        sys.modules.pop(name, None)
+    _drop_modules(mod_name)
     for entry in METHODS.registered():
         module = getattr(getattr(entry, "fn", None), "__module__", "") or ""
         if module == mod_name or module.startswith(mod_name + "."):
@@ -663,8 +668,7 @@ def _import_plugin(spec: str, target: Path, where: Path, digest: str) -> str:
             with users_code(f"plugins: {spec}, imported,", where):
                 mspec.loader.exec_module(mod)  # type: ignore[union-attr]
         except BaseException:
-            for name in [n for n in sys.modules if n == mod_name or n.startswith(mod_name + ".")]:
-                sys.modules.pop(name, None)
+            _drop_modules(mod_name)
             raise
         finally:
             if finder is not None:

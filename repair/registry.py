@@ -116,10 +116,10 @@ class Registry(Generic[T]):
         if name is not None and name in self._entries:
             return
         with self._plugins_lock:
-            if not self._plugins_loaded:
+            if not self._plugins_loaded:     # (a plugin's own lookup while it is imported: the loading goes on)
                 self._plugins_loaded = True
                 self._load_entry_points()
-            self._loaded = True
+                self._loaded = True
 
     def reload_entry_points(self) -> None:
         """Load the entry points again (after installing a plugin in a running process; tests)."""
