@@ -527,6 +527,7 @@ def _train_set(adapter, d: RepairData, data_opts: DataOptions, inputs: Inputs, f
     from .methods import TrainSet
 
     _check_train_set(adapter, d, data_opts)
+    notes.extend(f"{flag}: {n}" for n in d.notes)       # what its reading says (files not read), as --data's
     gb = data_opts.group_by if data_opts.group_by in d.attributes else None
     if data_opts.group_by is not None and gb is None:
         # said, not silent: a repair that balances its training by group balances these rows by class

@@ -606,3 +606,17 @@ def test_review_a_full_stdout_of_one_run_is_not_the_next_ones():
     STATE["stdout_lost"] = OSError(errno.ENOSPC, "No space left on device")
     code, out, err = run_cli("methods")
     assert code == 0 and "stdout" not in err, (code, err)
+
+
+def test_review_the_notes_of_training_data_are_said(tmp_path):
+    """A model repair's --train folder holding files that are no images: its note was dropped (a review)."""
+    import json
+
+    model = make_timm_folder(tmp_path / "m")
+    data = make_images(tmp_path / "d", n_per_class=3)
+    train = make_images(tmp_path / "t", n_per_class=2, with_metadata=False, seed=9)
+    (train / "cat" / "notes.txt").write_text("x")
+    code, out, err = run_cli("fix", model, "--data", data, "--train", train, "--recipe", "clp", "--budget", "2steps",
+                             "--out", tmp_path / "o", "--json", "-q", "--no-cache")
+    assert code == 0, err
+    assert [w for w in json.loads(out)["warnings"] if w.startswith("--train: ") and "notes.txt" in w], out
