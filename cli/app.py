@@ -18,6 +18,7 @@ import typer
 import typer.core
 
 from repair.errors import GateFailed, RepairError, Terminated
+from repair.io import FULL_ERRNOS, one_line  # noqa: F401  (one_line: the commands' too)
 
 from .options import with_options
 
@@ -33,13 +34,6 @@ def log(msg: str) -> None:
     from repair.runtime import stderr_log
 
     stderr_log(True)(msg)
-
-
-def one_line(text) -> str:
-    """A failure's line, a path on stdout: one line whatever a name in it holds (:func:`repair.io.one_line`)."""
-    from repair.io import one_line as on_one_line
-
-    return on_one_line(text)
 
 
 def say(text: str = "") -> None:
@@ -135,7 +129,7 @@ def _stdout(text: str) -> None:
             os.close(null)
         except (OSError, ValueError, AttributeError):
             pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
             # the results were not written where the user sent them (`--json > result.json` on a full
             # disk): the command runs on to its gate and outputs, then exits 2 naming stdout, never 0
             # with an empty file (:func:`_stdout_lost`); any other failure is a closed stream
@@ -457,7 +451,7 @@ def command(fn: Callable) -> Callable:
                 # a path the user gave that no file system takes, wherever it was first looked up
                 log(one_line(f"error: {e.filename}: {e.strerror or 'file name too long'}"))
                 raise typer.Exit(2)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            if isinstance(e, OSError) and (e.errno in FULL_ERRNOS or e.errno == errno.EROFS):
                 # the place written to is full or read-only, wherever a write met it: the user's file system
                 if STATE["debug"]:
                     traceback.print_exc()

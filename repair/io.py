@@ -47,9 +47,10 @@ LOCK_NAME = ".repair-lock"
 #: a temp folder of ours without a lock file is stale after this long (it got its lock file an
 #: instant after it was made, or it was the write probe of :func:`check_output`)
 UNLOCKED_STALE_SECONDS = 3600
+#: a place written to that is full (a disk, a quota, a file size limit)
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: errors of the place written to, not of ours: reported as bad input (exit 2) naming the output
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-               errno.ENAMETOOLONG, errno.ENOTDIR}
+USER_ERRNOS = {*FULL_ERRNOS, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR}
 
 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
