@@ -137,6 +137,13 @@ def _finite(v: Any) -> bool:
     return math.isfinite(v)
 
 
+def written_whole(value: Any) -> Any:
+    """A whole number as a recipe file (YAML or JSON) may write it, ``3`` or ``3.0``: the int; any other
+    value as it is, for its own rule to judge. The one home of that reading (a candidate's integer settings,
+    the recipe's ``folds``, ``repeats`` and ``ensemble``)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> Any:
     if type(value).__module__ == "numpy" and callable(getattr(value, "tolist", None)):
         value = value.tolist()       # a numpy scalar or array from a notebook: its Python value(s)
@@ -149,7 +156,10 @@ def _coerce(key: str, kind: str, optional: bool, value: Any, default: Any) -> An
             raise ConfigError(key, f"must be true or false, got {value!r}")
         return value
     if kind == "int":
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        from .rules import is_whole_number
+
+        value = written_whole(value)
+        if not is_whole_number(value):
             raise ConfigError(key, f"must be a whole number, got {value!r}")
         return int(value)
     if kind == "float":

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 from .errors import BadInput, SharedSetting, no_warnings
 from .io import check_one_line, parse_json
 # (check_bool lived here before it moved to the option rules; importable from here for code that imports it)
-from .rules import check_bool  # noqa: E402,F401
+from .rules import check_bool, is_whole_number  # noqa: E402,F401
 
 #: the names of image files (a class folder's other files are no samples: each load says so in the data's
 #: ``notes``); ``.jfif`` (what Chrome saves a JPEG as) and ``.jpe`` are JPEG names too
@@ -102,8 +102,9 @@ class DataOptions:
             raise refuse("text_col", "give {path_col} (image data) or {text_col} (text data), not both",
                          subject=False)
         mp = self.max_pixels
-        if isinstance(mp, bool) or not isinstance(mp, int) or mp <= 0:
+        if not is_whole_number(mp, 1):
             raise refuse("max_pixels", "must be a positive whole number, got {got}", got=repr(mp))
+        self.max_pixels = int(mp)           # a numpy integer from a notebook: a Python int
         try:
             check_bool(self.allow_outside_paths, "--allow-outside-paths")
         except BadInput as e:
@@ -1070,7 +1071,7 @@ def _from_class_folders(root: Path, o: DataOptions) -> RepairData:
                     raise _advised("image is a symlink leading outside the data folder {root} (to {real})"
                                    "[; give {allow_outside_paths} to read it]", f, root=root, real=real or f)
                 items.append(f)     # a FIFO or device named like an image is refused by check_image
-                labels.append(sub.name)
+                labels.append(cell_value(sub.name))     # read as a table's label is (a folder 1.0/ is class 1)
                 reals.append(real if real is not None else f.absolute())
             elif not f.is_dir():
                 skipped.append(f)
@@ -1285,6 +1286,13 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path,
     (:meth:`RepairData.row_at`, ``row 3 (line 5)``), put before the problem; None: no row is named."""
     import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
 
+    return torch.tensor(label_indices(labels, class_names, where, row_at), dtype=torch.long)
+
+
+def label_indices(labels: Sequence[str], class_names: Sequence[str], where: Optional[Path] = None,
+                  row_at: Optional[Callable[[int], str]] = None) -> list[int]:
+    """:func:`match_labels` as a list (torch not needed): the one rule of which class a label names, for
+    the data's labels and for a class a gate's ``--expect-groups`` names alike."""
     def rows(lab: str) -> str:      # the first row holding the label, and how many more do
         hits = [i for i, x in enumerate(labels) if x == lab]
         return row_at(hits[0]) + (f" and {len(hits) - 1} more row(s)" if len(hits) > 1 else "")
@@ -1332,7 +1340,7 @@ def match_labels(labels: Sequence[str], class_names: Sequence[str], where: Path,
         else:
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
             raise BadInput(f"{at(lab)}label {lab!r} is not a class of the model (classes: {shown})", where)
-    return torch.tensor(out, dtype=torch.long)
+    return out
 
 
 def _folded(name: str) -> str:

@@ -139,6 +139,7 @@ class Recipe:
     def __post_init__(self):
         # a recipe built in Python is held to the rules of a recipe file (one home: check_fields)
         check_fields(self.name, self.selection, self.folds, self.repeats, self.ensemble)
+        self.folds, self.repeats, self.ensemble = int(self.folds), int(self.repeats), int(self.ensemble)
         if not isinstance(self.candidates, list) or not self.candidates:
             raise BadInput("a recipe needs a non-empty list of candidates")
         if len(self.candidates) > MAX_CANDIDATES:
@@ -236,6 +237,8 @@ def check_fields(name: Any, selection: Any, folds: Any, repeats: Any, ensemble: 
     range; :class:`BadInput` naming ``where``."""
     from repair.selection import SELECTION_NAMES
 
+    from .rules import whole_number
+
     if not isinstance(name, str) or not name or not name.isprintable():
         raise BadInput(f"name must be a non-empty string of printable characters, got {name!r}", where)
     if name != name.strip():          # "mixft " printed as the built-in mixft, and passed its name check
@@ -244,8 +247,7 @@ def check_fields(name: Any, selection: Any, folds: Any, repeats: Any, ensemble: 
         raise BadInput(f"selection must be one of {', '.join(SELECTION_NAMES)}, got {selection!r}", where)
     check_folds(folds, "folds", where)
     for key, v, (lo, hi) in (("repeats", repeats, REPEATS_RANGE), ("ensemble", ensemble, ENSEMBLE_RANGE)):
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise BadInput(f"{key} must be a whole number from {lo} to {hi}, got {v!r}", where)
+        whole_number(v, key, lo, hi, where)
 
 
 def recipes_dir() -> Path:
@@ -804,8 +806,11 @@ def load_recipe(name_or_path: Union[str, Path], allow_plugins: bool = False, val
     # as read now, not when the run ends (a plugin's: the code that runs, once imported, below)
     code_files = [plugin_files(t, p.parent.resolve(), p) for t in targets]      # one walk of each package
     digests = (sha256_file(p), *(plugin_digest(t, files=fs) for t, fs in zip(targets, code_files)))
-    selection, folds = doc.get("selection", RECIPE_DEFAULTS["selection"]), doc.get("folds", RECIPE_DEFAULTS["folds"])
-    vals = {"repeats": doc.get("repeats", RECIPE_DEFAULTS["repeats"]), "ensemble": doc.get("ensemble", RECIPE_DEFAULTS["ensemble"])}
+    from .config import written_whole       # 3.0 is 3, as a candidate's integer setting reads it
+
+    selection = doc.get("selection", RECIPE_DEFAULTS["selection"])
+    folds = written_whole(doc.get("folds", RECIPE_DEFAULTS["folds"]))
+    vals = {k: written_whole(doc.get(k, RECIPE_DEFAULTS[k])) for k in ("repeats", "ensemble")}
     name = doc.get("name", p.stem)
     description = "" if doc.get("description") is None else doc["description"]
     if not isinstance(description, str):

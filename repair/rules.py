@@ -338,7 +338,9 @@ def onnx_only_given(*, tolerance=None, max_verify=None, opset=None, exporter="au
 
 
 def check_tolerance(tol: Any) -> float:
-    """``--tolerance``: a positive, finite number."""
+    """``--tolerance``: a positive, finite number (a bool is no number: ``True`` is no bound of 1.0)."""
+    if isinstance(tol, bool):
+        raise BadInput(f"--tolerance must be a positive number, got {tol!r}")
     try:
         t = float(tol)
     except (TypeError, ValueError):
@@ -483,16 +485,19 @@ def whole_number(value: Any, what: str, lo: Optional[int] = None, hi: Optional[i
     otherwise :class:`repair.errors.BadInput` "WHAT must be a whole number [from LO to HI | >= LO], got
     VALUE" (``where``: the file it was read from). The one rule of a whole-number parameter (folds,
     ``top_k``, ``--max-verify``, ``--opset``), as :func:`repair.config.check_seed` reads a seed."""
-    import numbers
-
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Integral)
-    if ok and ((lo is not None and value < lo) or (hi is not None and value > hi)):
-        ok = False
-    if not ok:
+    if not is_whole_number(value, lo, hi):
         bounds = (f" from {lo} to {hi}" if lo is not None and hi is not None else f" >= {lo}" if lo is not None
                   else f" <= {hi}" if hi is not None else "")
         raise BadInput(f"{what} must be a whole number{bounds}, got {value!r}", where)
     return int(value)
+
+
+def is_whole_number(value: Any, lo: Optional[int] = None, hi: Optional[int] = None) -> bool:
+    """Whether ``value`` passes :func:`whole_number` (for a caller that words its own message)."""
+    import numbers
+
+    return (not isinstance(value, bool) and isinstance(value, numbers.Integral)
+            and (lo is None or value >= lo) and (hi is None or value <= hi))
 
 
 def check_max_verify(n) -> int:
@@ -745,9 +750,15 @@ def expected_group_names(figures: dict, group_by: Optional[str], expected: Seque
         if flag is not None:
             _check_expected_column(g, group_by, flag, path, column)
         cls, val = _split_expected(g, group_by, classes)
-        if flag is not None and per_class is not None and cls not in classes:
-            raise BadInput(f"{flag}: {cls!r} is not a class of the model ({', '.join(map(str, classes))})", path)
-        from .data import cell_value         # the value read as the data's values are (1.0 is 1)
+        from .data import cell_value, label_indices     # read as the data's labels and values are (1.0 is 1)
+
+        if per_class is not None and cls not in classes:
+            try:            # the class as a label names it: any case, either Unicode form, 1.0 or its index
+                cls = classes[label_indices([cell_value(cls)], [str(c) for c in classes])[0]]
+            except BadInput:
+                if flag is not None:
+                    raise BadInput(f"{flag}: {cls!r} is not a class of the model ({', '.join(map(str, classes))})",
+                                   path) from None
 
         names.append(g if group_by is None else f"{cls}|{group_by}={cell_value(val)}")
     return names

@@ -28,8 +28,9 @@ class RuntimeOptions:
             from .embeddings import check_device
 
             check_device(self.device)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise BadInput(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
+        from .rules import whole_number
+
+        self.batch_size = whole_number(self.batch_size, "--batch-size", 1)
         if self.cache_dir is not None:
             self.cache_dir = str(self.cache_dir)
         from .rules import check_bool

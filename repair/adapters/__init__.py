@@ -45,15 +45,15 @@ class LoadOptions:
         """Every value checked here, so Python callers and the command line get the same error."""
         import math
 
-        from ..rules import check_bool
+        from ..rules import check_bool, whole_number
 
         check_bool(self.allow_pickle, "--allow-pickle")
         if self.arch and self.factory:
             raise BadInput("give --arch (a timm architecture) or --factory (a module), not both")
         for name, flag in (("max_length", "--max-length"), ("image_size", "--image-size")):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise BadInput(f"{flag} must be a whole number >= 1, got {v!r}")
+            if v is not None:
+                setattr(self, name, whole_number(v, flag, 1))
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is None:
