@@ -42,8 +42,8 @@ OTHER_WEIGHT_SUFFIXES = {".h5", ".hdf5", ".keras", ".msgpack", ".ot", ".gguf", "
 
 def source_weights_copy(path: Path) -> bool:
     """Whether ``path`` (an entry of a checkpoint folder) holds the source's weights in some format --
-    a weights file (:data:`WEIGHT_SUFFIXES`, :data:`OTHER_WEIGHT_SUFFIXES`), an ONNX file's external
-    data, a TF checkpoint's pieces (``*.ckpt.index``, ``*.ckpt.data-*``), an OpenVINO model (the
+    a weights file (:data:`WEIGHT_SUFFIXES`, :data:`OTHER_WEIGHT_SUFFIXES`) or a sharded one's index, an
+    ONNX file's external data, a TF checkpoint's pieces (``*.ckpt.index``, ``*.ckpt.data-*``), an OpenVINO model (the
     ``.xml`` beside its ``.bin``), a Core ML package: the repaired folder leaves them out, for each
     would ship the unrepaired model inside the repaired one (a TF or Rust loader reading its own file
     silently). The one home of that rule (:func:`repair.adapters.base.folder_copy_plan`)."""
@@ -53,6 +53,8 @@ def source_weights_copy(path: Path) -> bool:
         return True
     if name.endswith((".onnx.data", ".onnx_data")) or ".ckpt." in name:
         return True
+    if name.endswith(".index.json") and Path(name[:-len(".index.json")]).suffix in WEIGHT_SUFFIXES:
+        return True         # a sharded checkpoint's index (model.safetensors.index.json): its shards are left out
     return suffix == ".xml" and path.with_suffix(".bin").exists()
 EXPORT_FORMATS = ("onnx", "safetensors")
 EXPORTERS = ("auto", "dynamo", "torchscript")

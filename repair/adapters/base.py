@@ -512,6 +512,9 @@ class Adapter(ABC):
         anything changes. ``save`` writes every tensor whose value now differs from the file."""
         own = self._require_model().state_dict(keep_vars=True)
         heads = set(self.head_tensor_names())
+        # a BatchNorm batch count the file does not store stays unwritten (a plain load fills it)
+        tensors = {n: v for n, v in tensors.items()
+                   if n in self._file_names or n in heads or not unstored_count(self._require_model(), n)}
         for name, value in tensors.items():
             if name not in own:
                 raise BadInput(f"the model has no tensor {name!r}", self.source)
@@ -584,6 +587,11 @@ class Adapter(ABC):
         # the file's values rounded to bfloat16 are its values): a changed dtype that changed a value counts
         changed = [n for n in moved if n in stored and not _same_values(own[n].detach().cpu(), stored[n])]
         self._file_values.update({n: stored[n] for n in changed})
+        with torch.no_grad():       # as set_tensors: through the file's dtype, so the model measured and
+            for n in (m for m in moved if m in stored):     # exported is the one save writes (a float32
+                # edit of a bfloat16 file; one that rounds back to the file's value too)
+                if own[n].dtype != stored[n].dtype and own[n].is_floating_point() and stored[n].is_floating_point():
+                    own[n].copy_(own[n].to(stored[n].dtype).to(own[n].dtype))
         return changed
 
     @contextlib.contextmanager
@@ -849,10 +857,25 @@ def read_tensors(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
     return {n: tensors[n] for n in names}
 
 
+def unstored_count(model: torch.nn.Module, name: str) -> bool:
+    """Whether state-dict entry ``name`` is a BatchNorm's ``num_batches_tracked``: the one tensor a file may
+    leave out (torch's strict load fills it with its default, as timm's loader does)."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf != "num_batches_tracked":
+        return False
+    try:
+        m = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    return isinstance(m, torch.nn.modules.batchnorm._NormBase)
+
+
 def check_kinds(own: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], where) -> None:
     """:class:`BadInput` naming the first tensor the file stores as integers or booleans where the
     model's is floating-point (a head stored as int64 or bool): loaded, its values would be cast, and
-    the repaired values written back in the file's type would be truncated or turned to True/False."""
+    the repaired values written back in the file's type would be truncated or turned to True/False;
+    as 8-bit floats; or as a wider float holding values the model's type cannot (float64 rounded to
+    float32: the network measured would not be the file's)."""
     for name, t in tensors.items():
         mine = own.get(name)
         if isinstance(t, torch.Tensor) and isinstance(mine, torch.Tensor) and mine.is_floating_point() \
@@ -867,6 +890,15 @@ def check_kinds(own: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Ten
             raise BadInput(f"tensor {name!r} is stored as {str(t.dtype).replace('torch.', '')}: 8-bit floats are "
                            "not read (a repaired value written back in 8 bits would not be the one measured); "
                            "save the checkpoint as float16, bfloat16 or float32", where)
+        if isinstance(t, torch.Tensor) and isinstance(mine, torch.Tensor) and t.is_floating_point() \
+                and mine.is_floating_point() and t.element_size() > mine.element_size() \
+                and not torch.equal(t.to(mine.dtype).to(t.dtype), t):
+            # a float64 file read by a float32 model: loaded, its values are rounded, and the model measured
+            # (and the one written back) is not the file's
+            raise BadInput(f"tensor {name!r} is stored as {str(t.dtype).replace('torch.', '')} with values the "
+                           f"model's {str(mine.dtype).replace('torch.', '')} cannot hold: the model measured and "
+                           f"repaired would not be the file's; save the checkpoint as "
+                           f"{str(mine.dtype).replace('torch.', '')}", where)
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], where) -> None:

@@ -166,6 +166,25 @@ def _check_classes_before_building(arch: str, pretrained_cfg: Optional[dict], te
                            f"num_classes={wanted}", weights)
 
 
+def _one_class_count(num_classes, model_args: dict, pretrained_cfg: dict, cfg_path: Path, given_args: Optional[dict],
+                     args_from):
+    """The class count of a hub folder: config.json's ``num_classes``, ``model_args.num_classes`` (with
+    --model-args over the folder's) and ``pretrained_cfg.num_classes``, each where given, must agree. timm
+    builds the head with ``model_args``'s count (else the others') and loads the file's head only when
+    that count is ``pretrained_cfg``'s (the root one copied over it): with two counts a plain timm load
+    gets a random head, or fails, where this tool would measure the file's."""
+    given = [(f, v) for f, v in (("num_classes", num_classes), ("model_args.num_classes", model_args.get("num_classes")),
+                                 ("pretrained_cfg.num_classes", pretrained_cfg.get("num_classes")))
+             if v is not None and not isinstance(v, bool)]
+    values = {str(v) for _, v in given}
+    if len(values) > 1:
+        said = ", ".join(f"{f} {v}" for f, v in given)
+        where = f" (model_args.num_classes from {args_from})" if "num_classes" in (given_args or {}) else ""
+        raise BadInput(f"the class counts disagree: {said}{where}; timm would build one head and drop or "
+                       "refuse the file's -- give one count", cfg_path)
+    return given[0][1] if given else None
+
+
 def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = False,
               class_names: Optional[Sequence[str]] = None, model_args: Optional[dict] = None,
               weights: Optional[Path] = None, preprocess: Optional[dict] = None,
@@ -227,10 +246,13 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
 
     tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)
     model_args = dict(model_args)
+    _check_classes_before_building(arch, pretrained_cfg, tensors, num_classes if num_classes is not None
+                                   else model_args.get("num_classes"), weights)
+    if cfg_path is not None:            # a folder: its counts agree (config.json, model_args, pretrained_cfg)
+        num_classes = _one_class_count(num_classes, model_args, pretrained_cfg, cfg_path, given, args_from)
     args_classes = model_args.pop("num_classes", None)
     if num_classes is None:
         num_classes = args_classes
-    _check_classes_before_building(arch, pretrained_cfg, tensors, num_classes, weights)
     try:
         model = timm.create_model(arch, pretrained=False, **({"num_classes": int(num_classes)} if num_classes else {}),
                                   **model_args)

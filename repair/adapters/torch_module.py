@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from .base import TorchModelAdapter, check_finite, check_kinds
+from .base import TorchModelAdapter, check_finite, check_kinds, unstored_count
 from .images import GIVE_PREPROCESSING, ImageCollate
 
 
@@ -56,7 +56,9 @@ def load_weights_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path
                        "or otherwise parametrised head: "
                        f"{', '.join(k for k in own if k.startswith(head_name + '.'))[:120]}); only a plain linear "
                        "head can be measured and repaired", path)
-    missing = [k for k in own if k not in tensors]
+    # a BatchNorm batch count the file does not store (converted and older checkpoints): torch's own
+    # strict load fills it, as timm's does; it is not written back either (Adapter.set_tensors)
+    missing = [k for k in own if k not in tensors and not unstored_count(model, k)]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:
         parts = []
@@ -66,11 +68,11 @@ def load_weights_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise BadInput("weights do not match the architecture: " + "; ".join(parts) + HINT, path)
     for k, v in own.items():
-        if tuple(v.shape) != tuple(tensors[k].shape):
+        if k in tensors and tuple(v.shape) != tuple(tensors[k].shape):
             raise BadInput(f"tensor {k} has shape {tuple(tensors[k].shape)}, the architecture "
                            f"expects {tuple(v.shape)}" + HINT, path)
     check_kinds(own, tensors, path)
-    model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+    model.load_state_dict({k: tensors[k] for k in own if k in tensors}, strict=True)
     w = model.get_submodule(head_name).weight
     if not torch.equal(w.detach().cpu().to(tensors[f"{head_name}.weight"].dtype), tensors[f"{head_name}.weight"]):
         raise BadInput(f"head {head_name} did not load from the file", path)
