@@ -28,9 +28,14 @@ Exporter = Annotated[str, typer.Option("--exporter", rich_help_panel=PANEL_OUTPU
 
 def _verify_rows(rep: dict) -> list[list]:
     mad = rep.get("max_abs_diff")
+    # the logit nearest its bound (or past it the most): its |diff| beside what it was allowed -- the largest
+    # bound of the batch beside the largest |diff| read as a pass where the file failed (audit)
+    w = (rep.get("bound") or {}).get("worst") or {}
+    worst = (f"{w['abs_diff']:.3g} / {w['allowed']:.3g}" if "abs_diff" in w and "allowed" in w
+             else f"- / {rep['tolerance']:g}")
     return [[rep.get("logits_output") or "-",
              "[" + ", ".join(str(d) for d in (rep.get("shapes") or {}).get(rep.get("logits_output") or "", [])) + "]",
-             "-" if mad is None else f"{mad:.3g}", f"{rep['tolerance']:g}",
+             "-" if mad is None else f"{mad:.3g}", worst,
              "-" if rep.get("argmax_agreement") is None else pct(rep["argmax_agreement"]),
              rep.get("n_verified", 0)]]
 
@@ -46,7 +51,7 @@ def print_verify_report(rep: dict, title: str) -> None:
     say(title)
     if fallback_line(rep):
         say(fallback_line(rep))
-    say(table(["output", "shape", "max |diff|", "tolerance", "argmax agree", "n"], _verify_rows(rep)))
+    say(table(["output", "shape", "max |diff|", "worst logit: |diff| / allowed", "argmax agree", "n"], _verify_rows(rep)))
     extra = f"batch sizes {rep.get('batch_sizes')}"
     if rep.get("export_batch_size"):
         extra += f" (export example batch {rep['export_batch_size']})"

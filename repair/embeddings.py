@@ -24,6 +24,7 @@ import torch
 
 from ._version import __version__
 from .adapters.base import Adapter
+from .adapters.text import NoTokens
 from .data import DEFAULT_MAX_PIXELS, RepairData
 from .errors import BadInput
 from .io import parse_json
@@ -198,7 +199,10 @@ def extract(adapter: Adapter, data: RepairData, *, batch_size: int = DEFAULT_BAT
         with adapter.inference():
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
-                batch = adapter.collate([data.items[i] for i in idx])
+                try:
+                    batch = adapter.collate([data.items[i] for i in idx])
+                except NoTokens as e:       # named by its row, as an empty text is
+                    raise BadInput(f"{data.row_at(idx[e.position])}: {e.problem}", data.where) from None
                 emb = adapter.embed_batch(batch, dev).cpu()
                 if X is None:
                     X = torch.empty((n, emb.shape[1]), dtype=torch.float32)

@@ -125,7 +125,8 @@ class Bound:
         top = ref.gather(1, ref.argmax(1, keepdim=True))
         height = (top - ref.median(1, keepdim=True).values).abs()
         rounding = self.rounding * torch.maximum(ref.abs(), top.abs()) if self.rtol else 0.0
-        return self.atol + self.rtol * height + rounding
+        # (N, C) as allowed() is: an absolute bound (rtol 0) leaves the height's (N, 1) shape alone
+        return torch.broadcast_to(self.atol + self.rtol * height + rounding, ref.shape)
 
     def describe(self) -> dict:
         if not self.rtol:           # an absolute bound (--tolerance): no relative or rounding term applies
@@ -278,6 +279,8 @@ def _example_batch(adapter: Adapter, items: Sequence[Any]) -> Any:
     while len(ex) < EXPORT_BATCH:
         ex.append(ex[0])
     batch = adapter.collate(ex)
+    if isinstance(batch, dict):     # the graph takes the tokenizer's inputs (collate adds a mask it may not give)
+        batch = {k: v for k, v in batch.items() if k in adapter.input_names}
     if isinstance(batch, dict) and "input_ids" in batch and batch["input_ids"].shape[1] == EXPORT_BATCH:
         # keep the example's sequence length different from its batch size, so no exporter can
         # confuse the two axes

@@ -1086,6 +1086,11 @@ def copy_folder_except(src: Path, dst: Path, skip: Path) -> None:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(item, dst / rel)
             shutil.copystat(item, dst / rel)
+            # the copy is the output's, writable by its owner: a read-only source file (git-annex and DVC
+            # store files as 0444) would else refuse the config.json or tokenizer_config.json update
+            mode = os.stat(dst / rel).st_mode
+            if not mode & stat.S_IWUSR:
+                os.chmod(dst / rel, stat.S_IMODE(mode) | stat.S_IWUSR)
 
 
 def read_json(path: Path) -> dict:

@@ -138,14 +138,21 @@ def _check_first_output(graph, first: str, logits: str, producer: dict, where: O
     output named ``logits`` instead: it must not depend on those logits, or be computed from them only
     by steps that keep their top class (:data:`FIRST_OUTPUT_STEPS`: probabilities, a temperature, a
     label, its name); else its predictions need not be the measured ones (a class prior added) and the
-    file is refused naming the step."""
+    file is refused naming the step. The logits are also every tensor they copy through Identity nodes
+    (the head writes ``z``, ``logits = Identity(z)``): a first output computed from ``z`` is computed
+    from the logits."""
     nodes = graph.node
+    same = {logits}                  # the logits and the tensors they are an Identity of
+    i = producer.get(logits)
+    while i is not None and nodes[i].op_type == "Identity" and nodes[i].input and nodes[i].input[0] not in same:
+        same.add(nodes[i].input[0])
+        i = producer.get(nodes[i].input[0])
 
     def depends(t: str) -> bool:     # on the logits, through any node (a subgraph's reads included)
         stack, seen = [t], set()
         while stack:
             x = stack.pop()
-            if x == logits:
+            if x in same:
                 return True
             i = producer.get(x)
             if i is None or i in seen:
@@ -158,7 +165,7 @@ def _check_first_output(graph, first: str, logits: str, producer: dict, where: O
         return
     consts = _constants(graph)
     steps, t = [], first             # the chain, from the first output back to the logits
-    while t != logits:
+    while t not in same:
         i = producer.get(t)
         node = None if i is None else nodes[i]
         chain = [] if node is None or _subgraph_reads(node) else [x for x in node.input if x and depends(x)]
@@ -335,6 +342,16 @@ def _unique_name(proto, base: str) -> str:
     return name
 
 
+def _add_initializer(proto, tensor) -> None:
+    """Append initializer ``tensor`` to ``proto``'s graph; below IR version 4 every initializer must also
+    be a graph input (onnx.checker refuses the file otherwise), so one is added for it there."""
+    import onnx
+
+    proto.graph.initializer.append(tensor)
+    if proto.ir_version < 4:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+
+
 def _put_initializer(proto, node, slot: int, old_name: Optional[str], arr: np.ndarray, base: str) -> None:
     """Write ``arr`` as the initializer feeding ``node.input[slot]``: in place when only this
     node uses it, else under a new name (other nodes keep the old tensor)."""
@@ -344,7 +361,7 @@ def _put_initializer(proto, node, slot: int, old_name: Optional[str], arr: np.nd
         proto.graph.initializer[_init_index(proto, old_name)].CopyFrom(numpy_helper.from_array(arr, old_name))
         return
     name = _unique_name(proto, base)
-    proto.graph.initializer.append(numpy_helper.from_array(arr, name))
+    _add_initializer(proto, numpy_helper.from_array(arr, name))
     while len(node.input) <= slot:
         node.input.append("")
     node.input[slot] = name
@@ -387,7 +404,7 @@ def apply_head(proto, spec: HeadSpec, W: torch.Tensor, b: torch.Tensor) -> None:
         bname = _unique_name(proto, f"{base}.bias")
         from onnx import numpy_helper
 
-        graph.initializer.append(numpy_helper.from_array(bn.astype(dt), bname))
+        _add_initializer(proto, numpy_helper.from_array(bn.astype(dt), bname))
         graph.node.insert(spec.node + 1, onnx.helper.make_node("Add", [mid, bname], [old_out],
                                                                name=_unique_name(proto, "repair_head_bias")))
 
