@@ -51,6 +51,28 @@ def recorded_classes(metadata) -> Optional[list]:
     return None
 
 
+#: the keys of an image preprocessing a repaired file records (``settings.preprocess.image``: timm's data config)
+IMAGE_PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def recorded_image_preprocess(metadata) -> Optional[dict]:
+    """The image preprocessing a file written by ``repair fix`` records (``repair.settings``
+    ``preprocess.image``), or None: how a bare weights file, which has no config to hold it, was read
+    when it was measured -- read back so, as :func:`recorded_classes` are, unless options say otherwise."""
+    raw = (metadata or {}).get(f"{PREFIX}settings")
+    if not isinstance(raw, str):
+        return None
+    try:
+        settings = json.loads(raw)
+    except ValueError:
+        return None
+    pre = settings.get("preprocess") if isinstance(settings, dict) else None
+    image = pre.get("image") if isinstance(pre, dict) else None
+    if not isinstance(image, dict):
+        return None
+    return {k: image[k] for k in IMAGE_PREPROCESS_KEYS if k in image} or None
+
+
 def input_digest(path) -> str:
     """sha256 of a model repair's file or folder input (``--masks``, ``--prompts``, ``--segmenter``,
     ``--generator-model``) by content: a file's bytes; a folder's regular files by their paths inside it

@@ -819,7 +819,9 @@ class TorchModelAdapter(Adapter):
             forward()
         except BadInput:
             raise
-        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as e:
+            # (AssertionError: timm's fixed-size networks assert their input size, "Input height (64)
+            # doesn't match model (224)": the data's preprocessing and the network do not fit)
             if isinstance(e, torch.OutOfMemoryError):
                 raise
             raise forward_failure(e, self.source) from None

@@ -185,6 +185,29 @@ def _one_class_count(num_classes, model_args: dict, pretrained_cfg: dict, cfg_pa
     return given[0][1] if given else None
 
 
+def _as_timm_builds(pretrained_cfg: dict, model_args: dict) -> dict:
+    """The preprocessing configuration as timm reads it for a network built with ``model_args`` (a plain
+    ``create_model("local-dir:...")`` then ``resolve_data_config``): ``in_chans`` sets the input's channels,
+    ``img_size`` its size where the network takes one size only (``fixed_input_size``), and a network
+    built for any size (``dynamic_img_size``, ``strict_img_size: false``) takes any. A folder that an
+    older timm wrote keeps the architecture's default size beside ``img_size``: read raw, its images were
+    fed at another size than the network's (other figures; a strict ViT failed)."""
+    cfg = dict(pretrained_cfg)
+    if model_args.get("dynamic_img_size") or model_args.get("strict_img_size") is False or model_args.get("use_naflex"):
+        cfg["fixed_input_size"] = False
+    chans = model_args.get("in_chans")
+    if chans is not None:
+        for key in ("input_size", "test_input_size", "min_input_size"):
+            size = cfg.get(key) if key != "input_size" else cfg.get(key, (3, 224, 224))
+            if isinstance(size, (list, tuple)) and len(size) == 3:
+                cfg[key] = (chans, *size[1:])
+    size = model_args.get("img_size")
+    if size is not None and cfg.get("fixed_input_size", False) and isinstance(cfg.get("input_size"), (list, tuple)):
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        cfg["input_size"] = (cfg["input_size"][0], *hw)
+    return cfg
+
+
 def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = False,
               class_names: Optional[Sequence[str]] = None, model_args: Optional[dict] = None,
               weights: Optional[Path] = None, preprocess: Optional[dict] = None,
@@ -285,6 +308,9 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         pretrained_cfg = dict(model.pretrained_cfg or {})
         if preprocess:     # the user's preprocessing for a bare file (which carries none)
             pretrained_cfg.update(preprocess)
+        else:              # else the one a bare file repair fix wrote records, as its classes are read back
+            pretrained_cfg.update(provenance.recorded_image_preprocess(metadata) or {})
+    pretrained_cfg = _as_timm_builds(pretrained_cfg, model_args)
     home = None
     if names is not None:   # the folder's label_names (timm writes a dict {index: name} where indices have gaps)
         if isinstance(names, dict):

@@ -1,0 +1,90 @@
+"""Session 48 (image preprocessing audit): the images are fed as timm feeds them.
+
+- a timm folder built with ``model_args`` ``img_size`` (a fixed-size ViT) whose ``pretrained_cfg`` still
+  says the architecture's size (as older timm wrote it) was fed at that size -- other figures than
+  plain timm's, or an internal error from the ViT's size assertion;
+- a network that asserts its input size (timm's PatchEmbed) given images of another size is bad input
+  naming it, never an internal error;
+- a bare weights file ``repair fix`` wrote is read back with the preprocessing it records (as its class
+  names are), unless options say otherwise.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_images
+from repair.errors import BadInput
+
+
+def _vit_folder(path: Path) -> Path:
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    m = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
+    save_for_hf(m, str(path), model_config={"label_names": ["cat", "dog", "fox"]}, safe_serialization=True)
+    cfg = json.loads((path / "config.json").read_text())
+    # as an older timm wrote it: the architecture's own size beside the img_size the network was built with
+    cfg["pretrained_cfg"].update({"input_size": [3, 160, 160], "fixed_input_size": True, "crop_pct": 1.0})
+    cfg["model_args"] = {"img_size": 32}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_a_timm_folder_built_with_img_size_is_fed_as_plain_timm_feeds_it(tmp_path):
+    import timm
+
+    import repair
+
+    f = _vit_folder(tmp_path / "vit")
+    plain = timm.create_model(f"local-dir:{f}", pretrained=True)
+    want = timm.data.resolve_data_config({}, model=plain)
+    a = repair.load_model(f)
+    assert tuple(a.data_config["input_size"]) == tuple(want["input_size"]) == (3, 32, 32)
+    data = make_images(tmp_path / "d", n_per_class=2, size=40)
+    r = repair.evaluate(f, data)                 # fed at 32: the strict ViT runs
+    assert r["n"] == 6
+
+
+def test_a_network_that_asserts_its_input_size_is_bad_input(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    import repair
+    from repair.adapters import LoadOptions
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3)      # strict: 224 only
+    bare = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(bare))
+    data = make_images(tmp_path / "d", n_per_class=2, size=40)
+    with pytest.raises(BadInput, match="forward pass fails on this data .*AssertionError"):
+        repair.evaluate(bare, data, load_options=LoadOptions(arch="vit_tiny_patch16_224", image_size=64,
+                                                             class_names=["cat", "dog", "fox"]))
+
+
+def test_a_bare_file_is_read_back_with_the_preprocessing_it_records(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    import repair
+    from repair.adapters import LoadOptions
+
+    torch.manual_seed(0)
+    m = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    recorded = {"input_size": [3, 40, 40], "interpolation": "bilinear", "mean": [0.4, 0.4, 0.4],
+                "std": [0.3, 0.3, 0.3], "crop_pct": 1.0, "crop_mode": "center"}
+    bare = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(bare),
+              metadata={"repair.settings": json.dumps({"preprocess": {"image": recorded},
+                                                       "classes": ["cat", "dog", "fox"]})})
+    a = repair.load_model(bare, LoadOptions(arch="test_resnet"))
+    assert tuple(a.data_config["input_size"]) == (3, 40, 40)
+    assert list(a.data_config["mean"]) == pytest.approx([0.4] * 3)
+    # options given win over the record
+    b = repair.load_model(bare, LoadOptions(arch="test_resnet", image_size=48))
+    assert tuple(b.data_config["input_size"]) == (3, 48, 48)
