@@ -110,7 +110,9 @@ def _edit(m: Path, change) -> None:
     (_pcfg(interpolation="nonsense"), ("interpolation", "nonsense")),                     # KeyError
     (_pcfg(std=[0, 0, 0]), ("std", "above 0")),                                          # ValueError
     (_pcfg(mean=[float("nan"), 0.5, 0.5]), ("mean", "finite")),
-    (_pcfg(input_size=[1, 32, 32]), ("input_size", "RGB")),
+    # (without model_args' in_chans, which timm puts in input_size's place: the network takes 3 channels)
+    (lambda m: _edit(m, lambda c: (c["pretrained_cfg"].update(input_size=[1, 32, 32]), c["model_args"].pop("in_chans"))),
+     ("input_size", "RGB")),
 ])
 def test_malformed_timm_config_is_exit_2_naming_it(tmp_path, timm_folder, images, spoil, words):
     m = tmp_path / "m"

@@ -36,17 +36,33 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("where", ["model_args", "pretrained_cfg"])
-def test_a_timm_folder_whose_class_counts_disagree_is_refused(timm_src, tmp_path, where):
+def test_a_timm_folder_whose_class_counts_disagree_is_refused(timm_src, tmp_path):
     import repair
 
     m = _copy(timm_src, tmp_path / "m")
     cfg = json.loads((m / "config.json").read_text())
-    cfg.setdefault(where, {})["num_classes"] = 4          # the weights' head and num_classes say 3
+    cfg.setdefault("model_args", {})["num_classes"] = 4    # the weights' head and num_classes say 3
     (m / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInput, match="class counts disagree") as e:
         repair.load_model(m)
     assert str(m / "config.json") in str(e.value)
+
+
+def test_a_pretrained_cfg_count_is_the_count_only_without_a_top_level_one(timm_src, tmp_path):
+    """An older timm kept the source's pretrained_cfg.num_classes (1000) beside the top-level count: timm
+    reads the top-level one (review); alone, pretrained_cfg's count is the one timm builds with."""
+    import repair
+
+    m = _copy(timm_src, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["pretrained_cfg"]["num_classes"] = 1000
+    (m / "config.json").write_text(json.dumps(cfg))
+    assert repair.load_model(m).head.weight.shape[0] == 3
+    del cfg["num_classes"]
+    cfg["pretrained_cfg"]["num_classes"] = 4
+    (m / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInput, match="4"):
+        repair.load_model(m)
 
 
 def test_a_timm_folder_whose_class_counts_agree_loads(timm_src, tmp_path):

@@ -1,7 +1,7 @@
 """Session 48 (transformers text audit):
 
 - a tokenizer without a pad token was an internal error (exit 3) on the first batch: now bad input
-  naming the folder, at load;
+  naming the folder (an export without data, which reads no text, still works);
 - a tokenizer that pads on the left, or gives no ``attention_mask``, made every figure change with
   ``--batch-size`` (padding shifted positions or was read as tokens), and ``fix --export onnx`` of such a
   model failed its verification: texts are now padded on the right with a mask, each read as alone;
@@ -46,9 +46,11 @@ def test_a_tokenizer_without_a_pad_token_is_refused_naming_the_folder(bert_src, 
     import repair
 
     m = _edited(bert_src, tmp_path / "m", pad_token=None)
+    a = repair.load_model(m)            # loaded: an export without data reads no text (review)
     with pytest.raises(BadInput, match="no pad token") as e:
-        repair.load_model(m)
+        a.collate(["great"])
     assert str(m) in str(e.value)
+    repair.export_model(m, tmp_path / "out", format="safetensors")
 
 
 @pytest.mark.parametrize("changes", [{"padding_side": "left"}, {"model_input_names": ["input_ids"]},
@@ -118,3 +120,17 @@ def test_a_read_only_source_folder_is_copied_writable_for_its_owner(bert_src, tm
     for f in out.iterdir():
         assert os.stat(f).st_mode & stat.S_IWUSR, f
     assert oct(stat.S_IMODE(os.stat(src / "config.json").st_mode)) == oct(0o444)      # the input is as it was
+
+
+def test_a_fixed_length_graphs_texts_are_padded_on_the_tokenizers_side(bert_src, tmp_path):
+    """A graph of fixed sequence length is fed every text padded to that length whatever the batch: on the
+    tokenizer's side, as a deployment feeding it pads (review: the first version padded right always)."""
+    from repair.adapters.text import collate_texts, load_tokenizer
+
+    tok = load_tokenizer(_edited(bert_src, tmp_path / "m", padding_side="left"), "x")
+    fixed = collate_texts(tok, ["great", "the movie was not great at all"], 64, fixed_length=16)
+    assert fixed["input_ids"].shape == (2, 16) and int(fixed["attention_mask"][0, 0]) == 0      # left
+    want = tok(["great"], padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    assert fixed["input_ids"][0].tolist() == want["input_ids"][0].tolist()
+    longest = collate_texts(tok, ["great", "the movie was not great at all"], 64)
+    assert int(longest["attention_mask"][0, 0]) == 1 and int(longest["attention_mask"][0, -1]) == 0    # right

@@ -108,12 +108,6 @@ def load_tokenizer(folder: Path, problem: str):
             tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise BadInput(f"{problem} ({first_line(e)})", folder) from None
-    if getattr(tok, "pad_token", None) is None:
-        # texts of several lengths are read in one batch, padded: a tokenizer that cannot pad fails on the
-        # first batch (transformers: "Asking to pad but the tokenizer does not have a padding token")
-        raise BadInput("the tokenizer has no pad token (pad_token is not set), so texts of different lengths "
-                       "cannot be read in one batch: set pad_token in tokenizer_config.json (a GPT-2-style model: "
-                       "its end-of-text token, and pad_token_id in config.json)", folder)
     special = set(getattr(tok, "all_special_ids", None) or ())
     if len(tok) <= len(special):
         raise BadInput(f"the tokenizer has no vocabulary, only its {len(tok)} special token(s) (a vocabulary "
@@ -482,15 +476,21 @@ def collate_texts(tokenizer, items: Sequence[Any], max_length: int,
     """Tokenize a batch, truncated at ``max_length``: padded to the longest text, or to exactly
     ``fixed_length`` tokens for a graph with a fixed sequence axis (truncated at the shorter of the two;
     the padding is masked: a text is read as at ``max_length``, never at the graph's longer length).
-    Padded on the right with an ``attention_mask`` always, whatever the tokenizer's ``padding_side`` and
-    ``model_input_names``: each text is then read as it is alone (no position shifted by left padding, no
+    Padded to the longest on the right with an ``attention_mask`` always, whatever the tokenizer's
+    ``padding_side`` and ``model_input_names``: each text is then read as it is alone (no position shifted by left padding, no
     padding read as tokens), so no figure changes with the batch size; a model or graph that takes no mask
     is fed without it (an ONNX graph: each text unpadded). A text read as no tokens at all is
     :class:`NoTokens` (a batch of such texts failed, one among others was read as padding)."""
-    if fixed_length:
+    if getattr(tokenizer, "pad_token", None) is None:
+        # transformers: "Asking to pad but the tokenizer does not have a padding token" (any batch, one text too)
+        raise BadInput("the tokenizer has no pad token (pad_token is not set), so texts cannot be read in batches: "
+                       "set pad_token in tokenizer_config.json (a GPT-2-style model: its end-of-text token, and "
+                       "pad_token_id in config.json)", getattr(tokenizer, "name_or_path", None) or None)
+    if fixed_length:    # every text padded to the graph's length whatever the batch: on the tokenizer's side,
+        # as a deployment feeding the graph pads it
         enc = tokenize_texts(tokenizer, list(items), min(int(max_length), int(fixed_length)))
         enc = tokenizer.pad(enc, padding="max_length", max_length=int(fixed_length), return_tensors="pt",
-                            return_attention_mask=True, padding_side="right")
+                            return_attention_mask=True)
     else:
         enc = tokenize_texts(tokenizer, list(items), max_length, padding=True, return_tensors="pt",
                              return_attention_mask=True, padding_side="right")

@@ -168,21 +168,20 @@ def _check_classes_before_building(arch: str, pretrained_cfg: Optional[dict], te
 
 def _one_class_count(num_classes, model_args: dict, pretrained_cfg: dict, cfg_path: Path, given_args: Optional[dict],
                      args_from):
-    """The class count of a hub folder: config.json's ``num_classes``, ``model_args.num_classes`` (with
-    --model-args over the folder's) and ``pretrained_cfg.num_classes``, each where given, must agree. timm
-    builds the head with ``model_args``'s count (else the others') and loads the file's head only when
-    that count is ``pretrained_cfg``'s (the root one copied over it): with two counts a plain timm load
-    gets a random head, or fails, where this tool would measure the file's."""
-    given = [(f, v) for f, v in (("num_classes", num_classes), ("model_args.num_classes", model_args.get("num_classes")),
-                                 ("pretrained_cfg.num_classes", pretrained_cfg.get("num_classes")))
-             if v is not None and not isinstance(v, bool)]
-    values = {str(v) for _, v in given}
-    if len(values) > 1:
-        said = ", ".join(f"{f} {v}" for f, v in given)
+    """The class count of a hub folder as timm reads it: config.json's ``num_classes`` replaces
+    ``pretrained_cfg.num_classes`` (an older timm left the source's 1000 there), and the network is built
+    with ``model_args.num_classes`` (with --model-args over the folder's) where given, else with that count.
+    timm loads the file's head only when the two agree: where they do not, a plain timm load gets a random
+    head (or fails) where this tool would measure the file's -- refused, naming both."""
+    said = [(f, v) for f, v in (("num_classes", num_classes),
+                                ("pretrained_cfg.num_classes", pretrained_cfg.get("num_classes")))
+            if v is not None and not isinstance(v, bool)][:1]           # the top-level count, where given, wins
+    built = model_args.get("num_classes")
+    if built is not None and not isinstance(built, bool) and said and str(said[0][1]) != str(built):
         where = f" (model_args.num_classes from {args_from})" if "num_classes" in (given_args or {}) else ""
-        raise BadInput(f"the class counts disagree: {said}{where}; timm would build one head and drop or "
-                       "refuse the file's -- give one count", cfg_path)
-    return given[0][1] if given else None
+        raise BadInput(f"the class counts disagree: {said[0][0]} {said[0][1]}, model_args.num_classes {built}{where}; "
+                       "timm would build the head with one and drop the file's head -- give one count", cfg_path)
+    return built if built is not None and not isinstance(built, bool) else (said[0][1] if said else None)
 
 
 def _as_timm_builds(pretrained_cfg: dict, model_args: dict) -> dict:
@@ -197,8 +196,8 @@ def _as_timm_builds(pretrained_cfg: dict, model_args: dict) -> dict:
         cfg["fixed_input_size"] = False
     chans = model_args.get("in_chans")
     if chans is not None:
-        for key in ("input_size", "test_input_size", "min_input_size"):
-            size = cfg.get(key) if key != "input_size" else cfg.get(key, (3, 224, 224))
+        for key in ("input_size", "test_input_size", "min_input_size"):     # (none given: still none)
+            size = cfg.get(key)
             if isinstance(size, (list, tuple)) and len(size) == 3:
                 cfg[key] = (chans, *size[1:])
     size = model_args.get("img_size")
