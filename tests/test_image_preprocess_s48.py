@@ -88,3 +88,18 @@ def test_a_bare_file_is_read_back_with_the_preprocessing_it_records(tmp_path):
     # options given win over the record
     b = repair.load_model(bare, LoadOptions(arch="test_resnet", image_size=48))
     assert tuple(b.data_config["input_size"]) == (3, 48, 48)
+
+
+def test_an_image_size_out_of_range_names_the_option(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    import repair
+    from repair.adapters import LoadOptions
+
+    m = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    bare = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(bare))
+    with pytest.raises(BadInput, match="--image-size 5000: input_size 3x5000x5000 is out of range") as e:
+        repair.load_model(bare, LoadOptions(arch="test_resnet", image_size=5000, class_names=["a", "b", "c"]))
+    assert str(bare) not in str(e.value)

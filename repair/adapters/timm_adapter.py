@@ -332,10 +332,15 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         if class_names and len(class_names) == file_classes and cfg_path is not None:
             # the written folder names them, as the run read them (a later eval reads them from there)
             config_updates = {**config_updates, "label_names": [str(n) for n in class_names]}
+    try:
+        data_config = resolve_image_config(pretrained_cfg, cfg_path or weights)
+    except BadInput as e:       # a size the user gave is the option's problem, not the weights file's
+        if preprocess and "input_size" in preprocess and e.problem.startswith("input_size"):
+            raise BadInput(f"--image-size {preprocess['input_size'][-1]}: {e.problem}") from None
+        raise
     adapter = TorchImageAdapter(family="timm", source=source, weights_path=weights, model=model,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
-                                class_names=[str(n) for n in names],
-                                data_config=resolve_image_config(pretrained_cfg, cfg_path or weights))
+                                class_names=[str(n) for n in names], data_config=data_config)
     adapter.build = {"architecture": arch, "model_args": model_args, "timm": timm.__version__}
     adapter.config_updates = config_updates
     if own_names:
