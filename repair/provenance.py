@@ -55,10 +55,12 @@ def recorded_classes(metadata) -> Optional[list]:
 IMAGE_PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-def recorded_image_preprocess(metadata) -> Optional[dict]:
+def recorded_image_preprocess(metadata, where=None) -> Optional[dict]:
     """The image preprocessing a file written by ``repair fix`` records (``repair.settings``
     ``preprocess.image``), or None: how a bare weights file, which has no config to hold it, was read
-    when it was measured -- read back so, as :func:`recorded_classes` are, unless options say otherwise."""
+    when it was measured -- read back so, as :func:`recorded_classes` are, unless options say otherwise.
+    A record that is there but not an object is :class:`repair.errors.BadInput` naming ``where`` (its
+    values are checked where they are used, :func:`repair.adapters.images.resolve_image_config`)."""
     raw = (metadata or {}).get(f"{PREFIX}settings")
     if not isinstance(raw, str):
         return None
@@ -68,8 +70,13 @@ def recorded_image_preprocess(metadata) -> Optional[dict]:
         return None
     pre = settings.get("preprocess") if isinstance(settings, dict) else None
     image = pre.get("image") if isinstance(pre, dict) else None
-    if not isinstance(image, dict):
+    if image is None:
         return None
+    if not isinstance(image, dict):
+        from .errors import BadInput
+
+        raise BadInput(f"its recorded preprocessing (repair.settings preprocess.image) is not an object: "
+                       f"{json.dumps(image)[:60]}", where)
     return {k: image[k] for k in IMAGE_PREPROCESS_KEYS if k in image} or None
 
 

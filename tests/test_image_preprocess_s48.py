@@ -103,3 +103,65 @@ def test_an_image_size_out_of_range_names_the_option(tmp_path):
     with pytest.raises(BadInput, match="--image-size 5000: input_size 3x5000x5000 is out of range") as e:
         repair.load_model(bare, LoadOptions(arch="test_resnet", image_size=5000, class_names=["a", "b", "c"]))
     assert str(bare) not in str(e.value)
+
+
+def _bare(tmp_path: Path, arch: str, image=None, **kw) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    m = timm.create_model(arch, pretrained=False, num_classes=3, **kw)
+    bare = tmp_path / f"{arch}.safetensors"
+    meta = {} if image is None else {"repair.settings": json.dumps({"preprocess": {"image": image},
+                                                                    "classes": ["cat", "dog", "fox"]})}
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(bare), metadata=meta)
+    return bare
+
+
+@pytest.mark.parametrize("image,words", [
+    ("garbage", "not an object"),
+    ({"input_size": [3, 48]}, "three whole numbers"),
+    ({"input_size": []}, "empty or zero"),
+    ({"mean": ["0.5", "0.5", "0.5"]}, "mean must be one or three numbers"),
+])
+def test_a_bad_recorded_preprocessing_is_refused_naming_the_file_before_timms_rewrite(tmp_path, image, words):
+    """(review) checked as written: timm's img_size rewrite of a fixed-size network replaced a bad size
+    unseen, or failed on it with an IndexError."""
+    import repair
+    from repair.adapters import LoadOptions
+
+    bare = _bare(tmp_path, "test_vit_relpos", image, img_size=64)
+    with pytest.raises(BadInput, match=words) as e:
+        repair.load_model(bare, LoadOptions(arch="test_vit_relpos", model_args={"img_size": 64}))
+    assert str(bare) in str(e.value)
+
+
+def test_options_given_win_over_the_record_and_timms_rewrite_key_by_key(tmp_path):
+    import repair
+    from repair.adapters import LoadOptions
+
+    rec = {"input_size": [3, 48, 48], "mean": [0.4] * 3, "std": [0.3] * 3, "crop_pct": 1.0}
+    a = repair.load_model(_bare(tmp_path, "test_resnet", rec), LoadOptions(arch="test_resnet", image_size=48))
+    assert list(a.data_config["mean"]) == pytest.approx([0.4] * 3)          # the record's, not the architecture's
+    b = repair.load_model(_bare(tmp_path, "test_vit_relpos", None, img_size=64),
+                          LoadOptions(arch="test_vit_relpos", model_args={"img_size": 64}, image_size=96,
+                                      class_names=["a", "b", "c"]))
+    assert tuple(b.data_config["input_size"]) == (3, 96, 96)                 # asked: fed so (then refused by the net)
+
+
+def test_a_folder_without_input_size_is_sized_as_timm_sizes_it(tmp_path):
+    import timm
+    from timm.models import save_for_hf
+
+    import repair
+
+    torch.manual_seed(0)
+    m = timm.create_model("test_vit_relpos", pretrained=False, num_classes=3, img_size=64)
+    f = tmp_path / "f"
+    save_for_hf(m, str(f), model_args={"img_size": 64}, safe_serialization=True)
+    cfg = json.loads((f / "config.json").read_text())
+    cfg["pretrained_cfg"].pop("input_size", None)
+    cfg["pretrained_cfg"]["fixed_input_size"] = True
+    (f / "config.json").write_text(json.dumps(cfg))
+    want = timm.data.resolve_data_config({}, model=timm.create_model(f"local-dir:{f}", pretrained=True))
+    assert tuple(repair.load_model(f).data_config["input_size"]) == tuple(want["input_size"]) == (3, 64, 64)

@@ -62,6 +62,11 @@ def resolve_image_config(pretrained_cfg: Optional[dict], where=None) -> dict:
     if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 3 or
                              not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
         raise BadInput(f"input_size must be three whole numbers [channels, height, width], got {size!r}", where)
+    for key in ("mean", "std"):         # numbers, never text timm's float() would read ("0.5")
+        v = raw.get(key)
+        vals = list(v) if isinstance(v, (list, tuple)) else [v]
+        if v is not None and not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            raise BadInput(f"{key} must be one or three numbers, got {v!r}", where)
     try:
         cfg = resolve_data_config(pretrained_cfg=raw)
         out = {k: cfg[k] for k in DATA_CONFIG_KEYS if k in cfg}

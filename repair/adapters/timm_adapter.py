@@ -196,14 +196,16 @@ def _as_timm_builds(pretrained_cfg: dict, model_args: dict) -> dict:
         cfg["fixed_input_size"] = False
     chans = model_args.get("in_chans")
     if chans is not None:
-        for key in ("input_size", "test_input_size", "min_input_size"):     # (none given: still none)
-            size = cfg.get(key)
+        for key in ("input_size", "test_input_size", "min_input_size"):
+            size = cfg.get(key) if key != "input_size" or not cfg else cfg.get(key, (3, 224, 224))   # timm's default
             if isinstance(size, (list, tuple)) and len(size) == 3:
                 cfg[key] = (chans, *size[1:])
     size = model_args.get("img_size")
-    if size is not None and cfg.get("fixed_input_size", False) and isinstance(cfg.get("input_size"), (list, tuple)):
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        cfg["input_size"] = (cfg["input_size"][0], *hw)
+    if size is not None and cfg.get("fixed_input_size", False) and isinstance(cfg.get("input_size"), (list, tuple)) \
+            and cfg["input_size"]:
+        hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (list, tuple)) else ()
+        if len(hw) == 2:
+            cfg["input_size"] = (cfg["input_size"][0], *hw)
     return cfg
 
 
@@ -303,13 +305,13 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         model.reset_classifier(file_classes)
         head_name = module_name(model, model.get_classifier())
     load_weights_strict(model, tensors, weights, head_name)
+    user = None
     if pretrained_cfg is None:
+        # a bare file: the architecture's preprocessing, the one repair fix recorded in it over that (as its
+        # classes are read back), the user's options over both
         pretrained_cfg = dict(model.pretrained_cfg or {})
-        if preprocess:     # the user's preprocessing for a bare file (which carries none)
-            pretrained_cfg.update(preprocess)
-        else:              # else the one a bare file repair fix wrote records, as its classes are read back
-            pretrained_cfg.update(provenance.recorded_image_preprocess(metadata) or {})
-    pretrained_cfg = _as_timm_builds(pretrained_cfg, model_args)
+        pretrained_cfg.update(provenance.recorded_image_preprocess(metadata, weights) or {})
+        user = preprocess or None
     home = None
     if names is not None:   # the folder's label_names (timm writes a dict {index: name} where indices have gaps)
         if isinstance(names, dict):
@@ -332,12 +334,17 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         if class_names and len(class_names) == file_classes and cfg_path is not None:
             # the written folder names them, as the run read them (a later eval reads them from there)
             config_updates = {**config_updates, "label_names": [str(n) for n in class_names]}
-    try:
-        data_config = resolve_image_config(pretrained_cfg, cfg_path or weights)
-    except BadInput as e:       # a size the user gave is the option's problem, not the weights file's
-        if preprocess and "input_size" in preprocess and e.problem.startswith("input_size"):
-            raise BadInput(f"--image-size {preprocess['input_size'][-1]}: {e.problem}") from None
-        raise
+    def resolved(cfg: dict) -> dict:
+        try:
+            return resolve_image_config(cfg, cfg_path or weights)
+        except BadInput as e:   # a size the user gave is the option's problem, not the weights file's
+            if user and "input_size" in user and e.problem.startswith("input_size"):
+                raise BadInput(f"--image-size {user['input_size'][-1]}: {e.problem}") from None
+            raise
+
+    resolved(pretrained_cfg)            # each value checked as written, before timm's rewrite reads it
+    pretrained_cfg = _as_timm_builds(pretrained_cfg, model_args)
+    data_config = resolved({**pretrained_cfg, **(user or {})})      # options given win, after the rewrite
     adapter = TorchImageAdapter(family="timm", source=source, weights_path=weights, model=model,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
                                 class_names=[str(n) for n in names], data_config=data_config)
