@@ -103,7 +103,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import setting
+from ..config import above, setting
 from ..errors import BadInput
 from ..modelrepair.finetune import (MAX_BATCH, SETTLE_ALPHAS_WITH_ORIGINAL, TRAIN, LoopConfig, Session, SettleSettings, draw_batch,
                                     settle_alphas_setting, settle_by, train)
@@ -137,7 +137,8 @@ class ClpConfig(LoopConfig, SettleSettings):
     saliency_batch: int = setting(SALIENCY_BATCH, ge=0, le=MAX_BATCH, doc="samples of each batch the saliency term is computed on; 0 = all")
     masks: str = setting("auto", choices=("auto", "given", "attribution"),
                          doc="auto: --masks when given, else the model's Grad-CAM")
-    mask_quantile: float = setting(0.7, gt=0, lt=1, doc="attribution masks: the pixels above this quantile")
+    mask_quantile: float = setting(0.7, gt=0, lt=1, doc="attribution masks: the pixels above this quantile",
+                                   only_if={"masks": ("auto", "attribution")})
     meta_batch_size: int = setting(32, ge=2, le=MAX_BATCH, only_if={"meta": (True,)})
     meta_every: int = setting(1, ge=1, le=1_000_000, doc="a meta step every N training steps", only_if={"meta": (True,)})
     meta_lr: float = setting(1e-3, gt=0, doc="Adam learning rate of the perturbation network", only_if={"meta": (True,)})
@@ -151,7 +152,7 @@ class ClpConfig(LoopConfig, SettleSettings):
     counterfactual_weight: float = setting(1.0, ge=0, doc="weight of the 'not y' loss on object-less meta images",
                                            only_if={"meta": (True,)})
     infill: str = setting("mean", choices=("mean", "shuffle"), doc="how the object is removed",
-                          only_if={"meta": (True,)})
+                          only_if={"meta": (True,), "counterfactual_weight": above(0)})
     settle_alphas: tuple = settle_alphas_setting(SETTLE_ALPHAS_WITH_ORIGINAL)
 
     def validate(self):

@@ -88,7 +88,7 @@ Config fields (:class:`DFRConfig`, stable names for recipes):
   group-balanced subsamples win by 3-13 points of test worst-group accuracy -- importance
   weights lose their effect on nearly separable data, subsampling does not (Idrissi et al. 2022).
 - ``c_grid`` (None = the protocol's grid): inverse penalty strengths tried (sklearn
-  ``C``); fast: L2, (10, 3, 1, .3, .1, .03); paper: L1, (1, .7, .3, .1, .07, .03, .01).
+  ``C``); fast: L2, :data:`FAST_C_GRID` (10, 3, 1, .3, .1, .03, .01, .003, .001); paper: L1, (1, .7, .3, .1, .07, .03, .01).
 - ``n_refits`` (20): paper and bagged only: balanced refits averaged into the final head.
 - ``n_tune_refits`` (1): paper and bagged only: balanced subsamples per ``C`` during tuning.
 - ``tune_score`` ("auto"): how the held-out part scores each ``C`` in the subsample protocols:
@@ -634,8 +634,8 @@ def _freeze(cfg: DFRConfig, diag: dict) -> DFRConfig:
     return dataclasses.replace(cfg, c_grid=(diag["chosen"]["C"],), protocol=diag["protocol"])
 
 @register_method("dfr", summary="Deep Feature Reweighting: group-balanced logistic head, C chosen by "
-                                "worst-group accuracy on held-out data (fast L2 protocol by default, "
-                                "protocol=paper for the paper's L1 one)",
+                                "worst-group accuracy on held-out data (protocol auto: fast L2 reweighting, or "
+                                "bagged group-balanced refits on skewed groups; protocol=paper for the paper's L1 one)",
                  config=DFRConfig, groups="optional", freeze=_freeze, transform=AFFINE)
 def dfr(inputs: RepairInputs, config: DFRConfig) -> RepairOutput:
     if config.protocol != "auto":

@@ -60,7 +60,8 @@ class RecomposeConfig(FinetuneConfig, SettleSettings):
     masks: str = setting("auto", choices=MASK_SOURCES,
                          doc="where the object is: auto (--masks, else --segmenter, else contrast) | given | "
                              "segmenter | attribution (Grad-CAM) | contrast (weight-free boundary prior)")
-    mask_quantile: float = setting(0.7, gt=0, lt=1, doc="attribution masks: the top (1 - q) of each map")
+    mask_quantile: float = setting(0.7, gt=0, lt=1, doc="attribution masks: the top (1 - q) of each map",
+                                   only_if={"masks": ("attribution",)})
     per_image: int = setting(1, ge=1, le=1000, doc="generated images per training image")
     max_images: int = setting(0, ge=0, le=10_000_000, doc="at most this many generated images (a seeded random subset); 0 = no cap")
     mask_area: tuple = setting((0.005, 0.6), ge=0, le=1,
