@@ -165,3 +165,23 @@ def test_a_folder_without_input_size_is_sized_as_timm_sizes_it(tmp_path):
     (f / "config.json").write_text(json.dumps(cfg))
     want = timm.data.resolve_data_config({}, model=timm.create_model(f"local-dir:{f}", pretrained=True))
     assert tuple(repair.load_model(f).data_config["input_size"]) == tuple(want["input_size"]) == (3, 64, 64)
+
+
+def test_options_replace_a_bad_record_and_keep_the_networks_channels(tmp_path):
+    """(second review) a value the options replace is not refused, nor the option blamed for the file's; an
+    --image-size keeps the channels timm gives the network (in_chans 1 is refused as before, not fed RGB)."""
+    import repair
+    from repair.adapters import LoadOptions
+
+    bad = _bare(tmp_path, "test_resnet", {"input_size": [3, 5000, 5000], "mean": ["0.5"] * 3})
+    a = repair.load_model(bad, LoadOptions(arch="test_resnet", image_size=64, mean=[0.5, 0.5, 0.5]))
+    assert tuple(a.data_config["input_size"]) == (3, 64, 64)
+    with pytest.raises(BadInput, match="mean must be one or three numbers") as e:
+        repair.load_model(bad, LoadOptions(arch="test_resnet", image_size=64))
+    assert str(bad) in str(e.value)
+    grey = tmp_path / "g"
+    grey.mkdir()
+    one = _bare(grey, "test_resnet", None, in_chans=1)
+    with pytest.raises(BadInput, match="^" + str(one).replace(".", r"\.") + ": input_size 1x32x32 has 1 channel"):
+        repair.load_model(one, LoadOptions(arch="test_resnet", model_args={"in_chans": 1}, image_size=32,
+                                           class_names=["a", "b", "c"]))

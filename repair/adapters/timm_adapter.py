@@ -338,12 +338,16 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
         try:
             return resolve_image_config(cfg, cfg_path or weights)
         except BadInput as e:   # a size the user gave is the option's problem, not the weights file's
-            if user and "input_size" in user and e.problem.startswith("input_size"):
+            if user and "input_size" in user and e.problem.startswith("input_size") and "out of range" in e.problem:
                 raise BadInput(f"--image-size {user['input_size'][-1]}: {e.problem}") from None
             raise
 
-    resolved(pretrained_cfg)            # each value checked as written, before timm's rewrite reads it
+    # every value that will be read checked as written (the options over the file's), before timm's rewrite
+    resolved({**pretrained_cfg, **(user or {})})
     pretrained_cfg = _as_timm_builds(pretrained_cfg, model_args)
+    if user and "input_size" in user and isinstance(pretrained_cfg.get("input_size"), (list, tuple)):
+        # --image-size sets the height and width; the channels stay the network's (model_args' in_chans)
+        user = {**user, "input_size": [pretrained_cfg["input_size"][0], *user["input_size"][1:]]}
     data_config = resolved({**pretrained_cfg, **(user or {})})      # options given win, after the rewrite
     adapter = TorchImageAdapter(family="timm", source=source, weights_path=weights, model=model,
                                 head_name=head_name, tensors=tensors, metadata=metadata,
