@@ -200,8 +200,9 @@ def _opt(*decls, help: str, panel: str, **kw):
 
 #: --image-size, --mean, --std: where they apply, and what applies without them (repair.adapters: timm_adapter
 #: _preprocess, onnx_adapter and factory through images.image_config_from_options)
-_NO_PREPROCESSING = ("for a checkpoint that carries no preprocessing (bare timm weights, ONNX files, factories; one "
-                     "that carries its own refuses it). Default")
+_NO_PREPROCESSING = ("for a checkpoint that carries no preprocessing (bare timm weights, ONNX files, factories; a "
+                     "folder that carries its own refuses it; over the one a bare file repair fix wrote records). "
+                     "Default")
 _NONE_GIVEN = (". An ONNX file or a factory with no preprocess.json and none of --image-size, --mean, --std is "
                "refused.")
 
@@ -211,9 +212,9 @@ LOAD_OPTIONS = OptionBundle("load", {
     "model_args": (Annotated[Optional[str], _opt("--model-args", help="Keyword arguments of the architecture (--arch) or factory, as a JSON object ('{\"channels\": [16, 32, 64, 128]}') or a .json file (a timm config.json: its model_args). Default: none.", panel=PANEL_LOAD)], None),
     "allow_pickle": (Annotated[bool, _opt("--allow-pickle", help="Accept .pt/.pth/.bin (loaded with weights_only=True). Default: refused.", panel=PANEL_LOAD)], False),
     "max_length": (Annotated[Optional[int], _opt("--max-length", min=1, help="Text: tokenizer truncation length in tokens (default: the tokenizer's).", panel=PANEL_LOAD)], None),
-    "image_size": (Annotated[Optional[int], _opt("--image-size", min=1, help=f"Input side in pixels {_NO_PREPROCESSING}: the architecture's for bare timm weights; for an ONNX file or a factory, its preprocess.json's, else 224 once --mean/--std are given{_NONE_GIVEN}", panel=PANEL_LOAD)], None),
-    "mean": (Annotated[Optional[str], _opt("--mean", help=f"Normalisation mean per channel on the 0-1 pixel scale, e.g. 0.485,0.456,0.406, {_NO_PREPROCESSING}: the architecture's for bare timm weights; for an ONNX file or a factory, its preprocess.json's, else ImageNet's 0.485,0.456,0.406 once --image-size/--std are given{_NONE_GIVEN}", panel=PANEL_LOAD)], None),
-    "std": (Annotated[Optional[str], _opt("--std", help=f"Normalisation std per channel on the 0-1 pixel scale, e.g. 0.229,0.224,0.225, {_NO_PREPROCESSING}: the architecture's for bare timm weights; for an ONNX file or a factory, its preprocess.json's, else ImageNet's 0.229,0.224,0.225 once --image-size/--mean are given{_NONE_GIVEN}", panel=PANEL_LOAD)], None),
+    "image_size": (Annotated[Optional[int], _opt("--image-size", min=1, help=f"Input side in pixels {_NO_PREPROCESSING}: for bare timm weights, the one a repair fix output records, else the architecture's; for an ONNX file or a factory, its preprocess.json's, else 224 once --mean/--std are given{_NONE_GIVEN}", panel=PANEL_LOAD)], None),
+    "mean": (Annotated[Optional[str], _opt("--mean", help=f"Normalisation mean per channel on the 0-1 pixel scale, e.g. 0.485,0.456,0.406, {_NO_PREPROCESSING}: for bare timm weights, the one a repair fix output records, else the architecture's; for an ONNX file or a factory, its preprocess.json's, else ImageNet's 0.485,0.456,0.406 once --image-size/--std are given{_NONE_GIVEN}", panel=PANEL_LOAD)], None),
+    "std": (Annotated[Optional[str], _opt("--std", help=f"Normalisation std per channel on the 0-1 pixel scale, e.g. 0.229,0.224,0.225, {_NO_PREPROCESSING}: for bare timm weights, the one a repair fix output records, else the architecture's; for an ONNX file or a factory, its preprocess.json's, else ImageNet's 0.229,0.224,0.225 once --image-size/--mean are given{_NONE_GIVEN}", panel=PANEL_LOAD)], None),
     "class_names": (Annotated[Optional[str], _opt("--class-names", help="Comma-separated class names in the head's order, for checkpoints that carry none (bare weights, factories, ONNX; default: 0,1,...).", panel=PANEL_LOAD)], None),
 }, _load_options)
 

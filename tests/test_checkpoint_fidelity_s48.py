@@ -1,9 +1,9 @@
 """Session 48 (checkpoint fidelity audit): what is written is the user's model, loadable by plain tools,
 behaving as the tool says.
 
-- a timm folder whose class counts disagree (``num_classes``, ``model_args.num_classes``,
-  ``pretrained_cfg.num_classes``) is refused: plain timm builds its head from another count than the
-  one measured and drops (or refuses) the file's head;
+- a timm folder whose ``model_args.num_classes`` disagrees with its ``num_classes`` (or, without one, with
+  ``pretrained_cfg.num_classes``) is refused: plain timm builds its head from another count than the one
+  measured and drops (or refuses) the file's head;
 - a float64 checkpoint whose values float32 cannot hold is refused naming that, not as "the weights file
   changed while it was read";
 - a checkpoint without BatchNorm's ``num_batches_tracked`` (torch's strict load and timm fill it) is read,
@@ -61,7 +61,7 @@ def test_a_pretrained_cfg_count_is_the_count_only_without_a_top_level_one(timm_s
     del cfg["num_classes"]
     cfg["pretrained_cfg"]["num_classes"] = 4
     (m / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(BadInput, match="4"):
+    with pytest.raises(BadInput, match=r"pretrained_cfg\.num_classes 4, model_args\.num_classes 3"):
         repair.load_model(m)
 
 

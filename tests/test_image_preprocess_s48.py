@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,6 @@ def test_options_replace_a_bad_record_and_keep_the_networks_channels(tmp_path):
     grey = tmp_path / "g"
     grey.mkdir()
     one = _bare(grey, "test_resnet", None, in_chans=1)
-    with pytest.raises(BadInput, match="^" + str(one).replace(".", r"\.") + ": input_size 1x32x32 has 1 channel"):
+    with pytest.raises(BadInput, match="^" + re.escape(str(one)) + ": input_size 1x32x32 has 1 channel"):
         repair.load_model(one, LoadOptions(arch="test_resnet", model_args={"in_chans": 1}, image_size=32,
                                            class_names=["a", "b", "c"]))

@@ -35,7 +35,7 @@ class LoadOptions:
     model_args: Optional[dict] = None     # keyword arguments of the architecture / factory
     allow_pickle: bool = False            # .pt/.pth/.bin, loaded with weights_only=True
     max_length: Optional[int] = None      # text: tokenizer truncation length
-    image_size: Optional[int] = None      # preprocessing for checkpoints that carry none
+    image_size: Optional[int] = None      # preprocessing for checkpoints that carry none (over a bare file's record)
     mean: Optional[list] = None
     std: Optional[list] = None
     class_names: Optional[list] = field(default=None)   # for checkpoints that carry none

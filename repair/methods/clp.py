@@ -124,7 +124,7 @@ SALIENCY_BATCH = 8
 @dataclass
 class ClpConfig(LoopConfig, SettleSettings):
     lr: float = setting(1e-3, gt=0)
-    epochs: float = setting(6.0, gt=0, doc="epochs over the training data (a --budget overrides)")
+    epochs: float = setting(6.0, gt=0, doc="epochs over the training data (a steps or epochs --budget overrides)")
     scope: str = setting("last:2", doc="head | all | last:N | names:REGEX")
     patience: int = setting(0, ge=0, doc="evaluations without improvement before stopping; 0 = run the budget "
                                          "(the best evaluated state is kept either way)")

@@ -202,7 +202,7 @@ class MixFTConfig(LoopConfig, SettleSettings):
                                        "under the worst inferred group criterion (a skewed repair set, label-free), "
                                        "else heldout; heldout = chosen for each body on the held-out part; "
                                        "heldout_1se, original, average, average_1se: see SettleSettings")
-    epochs: float = setting(8.0, gt=0, doc="epochs over the training part (a --budget overrides)")
+    epochs: float = setting(8.0, gt=0, doc="epochs over the training part (a steps or epochs --budget overrides)")
     scope: str = setting("auto", doc="auto (= all: every layer) | head | all | last:N | names:REGEX")
     lora: bool = setting(False, doc="train peft LoRA adapters on the scope's layers (merged before saving)")
     lora_rank: int = setting(8, ge=1, le=4096, only_if={"lora": (True,)})

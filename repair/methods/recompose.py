@@ -54,7 +54,7 @@ from .finetune import FinetuneConfig
 
 @dataclass
 class RecomposeConfig(FinetuneConfig, SettleSettings):
-    epochs: float = setting(6.0, gt=0, doc="epochs over the training part and the kept images (a --budget overrides)")
+    epochs: float = setting(6.0, gt=0, doc="epochs over the training part and the kept images (a steps or epochs --budget overrides)")
     lr: float = setting(1e-3, gt=0)
     generator: str = setting("composite", choices=GENERATORS, doc="--generator overrides it")
     masks: str = setting("auto", choices=MASK_SOURCES,

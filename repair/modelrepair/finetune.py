@@ -178,7 +178,7 @@ def early_stop_for(early_stop: str, criterion) -> tuple:
 @dataclass
 class LoopConfig:
     """Optimisation settings shared by the model repairs (their configs inherit these)."""
-    epochs: float = setting(10.0, gt=0, doc="epochs over the training part (a --budget overrides)")
+    epochs: float = setting(10.0, gt=0, doc="epochs over the training part (a steps or epochs --budget overrides)")
     batch_size: int = setting(32, ge=1, le=MAX_BATCH, doc=f"rows per training step (at most {MAX_BATCH})")
     lr: float = setting(1e-4, gt=0)
     weight_decay: float = setting(1e-4, ge=0)
