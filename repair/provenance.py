@@ -34,18 +34,22 @@ def merged(source: dict, new: dict) -> dict[str, str]:
     return out
 
 
+def _recorded_settings(metadata) -> dict:
+    """The ``repair.settings`` object a file written by ``repair fix`` records; {} where there is none
+    (or it is not a JSON object)."""
+    raw = (metadata or {}).get(f"{PREFIX}settings")
+    try:
+        settings = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
 def recorded_classes(metadata) -> Optional[list]:
     """The class names a file written by ``repair fix`` records (``repair.settings`` ``classes``), or
     None: the names of a bare weights file, which has no config to hold them -- read back as the file's
     own, so a later run neither needs ``--class-names`` again nor takes them in another order."""
-    raw = (metadata or {}).get(f"{PREFIX}settings")
-    if not isinstance(raw, str):
-        return None
-    try:
-        settings = json.loads(raw)
-    except ValueError:
-        return None
-    names = settings.get("classes") if isinstance(settings, dict) else None
+    names = _recorded_settings(metadata).get("classes")
     if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
         return list(names)
     return None
@@ -61,14 +65,7 @@ def recorded_image_preprocess(metadata, where=None) -> Optional[dict]:
     when it was measured -- read back so, as :func:`recorded_classes` are, unless options say otherwise.
     A record that is there but not an object is :class:`repair.errors.BadInput` naming ``where`` (its
     values are checked where they are used, :func:`repair.adapters.images.resolve_image_config`)."""
-    raw = (metadata or {}).get(f"{PREFIX}settings")
-    if not isinstance(raw, str):
-        return None
-    try:
-        settings = json.loads(raw)
-    except ValueError:
-        return None
-    pre = settings.get("preprocess") if isinstance(settings, dict) else None
+    pre = _recorded_settings(metadata).get("preprocess")
     image = pre.get("image") if isinstance(pre, dict) else None
     if image is None:
         return None
