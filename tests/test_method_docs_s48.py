@@ -3,7 +3,7 @@
 - a recipe's range brackets say the setting's whole range (``batch_size [>= 1]`` was refused past 4096);
 - a setting another setting makes do nothing is refused, not recorded as if used: recompose's
   ``mask_quantile`` without attribution masks, clp's with given masks, clp's ``infill`` without the
-  counterfactual term.
+  counterfactual term; mixft's ``mix_point`` on an image model (it mixes in pixel space).
 """
 from __future__ import annotations
 
@@ -70,3 +70,25 @@ def test_the_settings_still_apply_where_they_have_an_effect():
     build_config(get_method("clp").config_cls, {"masks": "attribution", "mask_quantile": 0.3})
     build_config(get_method("clp").config_cls, {"mask_quantile": 0.3})
     build_config(get_method("clp").config_cls, {"infill": "shuffle"})
+
+
+def test_a_mix_point_on_an_image_model_is_refused_naming_its_recipe_before_any_work(tmp_path, timm_folder, image_data,
+                                                                                 monkeypatch):
+    """An image model mixes in pixel space: ``mix_point: 2`` did nothing, and was recorded in the candidate's
+    label and the provenance as if used."""
+    import json
+
+    import repair.pipeline as pipeline
+    from conftest import one_line_naming, run_cli
+
+    def no_work(*a, **k):
+        raise AssertionError("the repair set was embedded before the refusal")
+
+    monkeypatch.setattr(pipeline, "prepare_data", no_work)
+    r = tmp_path / "mp.yaml"
+    r.write_text(json.dumps({"name": "mp", "candidates": [{"method": "dfr"},
+                                                          {"method": "mixft", "params": {"mix_point": 2}}]}))
+    code, _, err = run_cli("fix", timm_folder, "--data", image_data, "--recipe", r, "--budget", "2steps",
+                           "--out", tmp_path / "o", "-q", "--no-cache")
+    line = one_line_naming(code, err, r, "candidate 2 (mixft)", "setting 'mix_point'", "text models only")
+    assert line.startswith("error:") and not (tmp_path / "o").exists()

@@ -193,9 +193,13 @@ class TrainableModel:
     def check_mix_point(self, asked: int) -> None:
         """A text model's ``mix_point`` setting (0 = token embeddings, k = output of layer k; -1 = chosen
         from what trains) within this model's layers: :class:`SettingRefused` otherwise (the caller names
-        the recipe and candidate). Images mix in pixel space: any value is ignored there."""
-        if self.modality != "text" or int(asked) < 0:
+        the recipe and candidate). Images mix in pixel space: a mix point given for one is refused too,
+        rather than recorded in the provenance as if it had been used."""
+        if int(asked) < 0:
             return
+        if self.modality != "text":
+            raise SettingRefused(f"setting 'mix_point': {int(asked)} applies to text models only (an image model "
+                                 "mixes its images in pixel space); leave it out")
         n = len(self.mix_points())
         if int(asked) >= n:
             raise SettingRefused(f"setting 'mix_point': {int(asked)} is beyond this model's last layer (mix points "
