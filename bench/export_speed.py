@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -107,7 +106,8 @@ def main(argv=None) -> int:
     if (task_dir / "task.json").exists() and not a.quick:
         model_dir = task_dir / "model"
         model_info = {"kind": "bench.tasks sst2_negation", **{k: v for k, v in json.loads(
-            (task_dir / "task.json").read_text()).items() if k in ("seed", "spec", "erm_train_seconds")}}
+            (task_dir / "task.json").read_text()).items() if k in ("seed", "spec", "erm_train_seconds",
+                                                                    "checkpoint_sha256")}}
     else:
         _log(f"the quick MiniLM classifier ({a.train} SST-2 sentences, 1 epoch; built once, then reused)")
         model_dir, model_info = quick_model(a.shared, a.seed, a.train)
@@ -139,13 +139,14 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["export"] / med["eval"]
     fallback = [ln for ln in stderr_export.splitlines() if any(m in ln for m in FALLBACK_MARKERS)]
-    import torch
+    from .measure import code_version, machine_info
 
     result = {
         "benchmark": "export_speed",
+        "command": "python -m bench.export_speed " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "code": code_version(),
         "model": str(model_dir), "model_build": model_info, "n_samples": a.n, "seed": a.seed,
-        "threads": a.threads, "repeats": a.repeats, "machine": {"cpu": platform.processor() or platform.machine(),
-                                                                "cpus": os.cpu_count(), "torch": torch.__version__},
+        "threads": a.threads, "repeats": a.repeats, "machine": machine_info(),
         "eval_seconds": times["eval"], "export_seconds": times["export"],
         "eval_median_s": round(med["eval"], 2), "export_median_s": round(med["export"], 2),
         "ratio_export_to_eval": round(ratio, 3), "target_ratio": TARGET_RATIO,

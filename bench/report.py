@@ -236,13 +236,18 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
              + (" **SMOKE RUN: tiny synthetic data, numbers are meaningless.**" if m.get("smoke") else "") + ".\n")
     parts = m.get("parts") or {}
     if parts:
-        L.append("Parts (`python -m bench.run` measures them all; `--parts` reruns some and keeps the others; "
-                 "each line says when and at which commit its figures were measured):\n")
+        L.append("Parts (a full `python -m bench.run` starts a new report and measures every part on the default "
+                 "tasks, seeds and rows; `--parts` reruns some and keeps the others, and `--report-only --merge` adds "
+                 "other runs' rows. Each line says when, at which commit and with which machine and library versions "
+                 "its figures were measured; rows on other seeds than the defaults, and rows no longer in "
+                 "`bench/rows.py`, come only from the runs these lines name -- the tables' seeds column and notes "
+                 "say which):\n")
         def line(info):
             c = info.get("code") or {}
             return (f"{info.get('date')}, {info.get('wall_minutes', 0):.1f} min, seeds {info.get('seeds')}, "
                     f"commit `{str(c.get('git_commit'))[:12]}`{' + uncommitted changes' if c.get('git_dirty') else ''}, "
-                    f"sources `{c.get('repair_sources_sha256')}`, load average {info.get('load_start')} → {info.get('load_end')}")
+                    f"sources `{c.get('repair_sources_sha256')}`, load average {info.get('load_start')} → {info.get('load_end')}"
+                    f", {_environment(info.get('machine'))}")
         for p, info in parts.items():
             L.append(f"- `{p}`: {line(info)}")
             also = info.get("also") or []
@@ -251,10 +256,12 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
         L.append("")
     mi = m.get("machine") or {}
     v = mi.get("versions", {})
-    L.append(f"Machine: {mi.get('cpu')}, {mi.get('cores')} cores, {mi.get('memory_gb')} GB RAM, CUDA "
-             f"{'yes' if mi.get('cuda') else 'no'} (everything runs on the CPU). Python {v.get('python')}, torch "
+    L.append(f"This report was written on: {mi.get('cpu')}, {mi.get('cores')} cores, {mi.get('memory_gb')} GB RAM, "
+             f"CUDA {'yes' if mi.get('cuda') else 'no'}; Python {v.get('python')}, torch "
              f"{v.get('torch')}, timm {v.get('timm')}, transformers {v.get('transformers')}, scikit-learn "
-             f"{v.get('sklearn')}, spuco {v.get('spuco')}. The machine was shared with other jobs, so absolute "
+             f"{v.get('sklearn')}, spuco {v.get('spuco')}. The figures were measured where each part line above "
+             "says (everything on the CPU; a line saying \"machine not recorded\" is of a run from before the runs "
+             "recorded theirs). The machines were shared with other jobs, so absolute "
              "times are noisy; ratios are taken within the same run.\n")
     L.append("Figures are mean ± std over seeds, in percent, on the **test** split, which no fit or selection ever "
              "sees. One ERM checkpoint per task (seed 0); seeds vary the repairs' and references' randomness. "
@@ -289,10 +296,10 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
             continue
         L.append(f"### {name}\n")
         vnames = list(vs)
-        head = "| method | group labels | " + " | ".join(f"{vn} WGA | {vn} acc" for vn in vnames) + \
-               " | time (s) | peak RSS (MiB) | note |"
+        head = "| method | group labels | seeds (" + " / ".join(vnames) + ") | " + \
+               " | ".join(f"{vn} WGA | {vn} acc" for vn in vnames) + " | time (s) | peak RSS (MiB) | note |"
         L.append(head)
-        L.append("|" + "---|" * (5 + 2 * len(vnames)))
+        L.append("|" + "---|" * (6 + 2 * len(vnames)))
         labels: list = []
         for vn in vnames:
             for lab in (vs[vn].get("summary") or {}):
@@ -316,14 +323,17 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
                     notes.append(f"{vn}: {r['failed_seeds']} seed(s) failed")
             t_s = t_s or {}
             mem = (first.get("peak_rss_mib") or {}).get("mean")
-            L.append(f"| {lab} | {'yes' if first.get('group_labels') else 'no'} | " + " | ".join(cells) +
+            seeds = " / ".join(str(((vs[vn].get("summary") or {}).get(lab) or {}).get("n_seeds", 0)) for vn in vnames)
+            L.append(f"| {lab} | {'yes' if first.get('group_labels') else 'no'} | {seeds} | " + " | ".join(cells) +
                      f" | {_secs(t_s.get('mean'), t_s.get('std'))} | {'–' if mem is None else f'{mem:.0f}'} | "
                      f"{'; '.join(notes).replace('|', '/')} |")
         L.append("")
+        L += _row_origin_notes(vs)
     _costs_md(doc, L)
     _scale_md(doc, L)
     _targets_md(doc, L)
     _model_targets_md(doc, L)
+    _export_md(L)
     _gpu_md(L)
     L.append("## How it is measured\n")
     L.append("- Embeddings: `repair.api.prepare` (the adapters' head-input capture) once per task and repair set; "
@@ -344,6 +354,68 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
         L.append("\n## Analysis\n")
         L.append(analysis.strip() + "\n")
     path.write_text("\n".join(L) + "\n", encoding="utf-8")
+
+
+def _environment(machine: Optional[dict]) -> str:
+    """A part line's machine and library versions (where its figures were measured)."""
+    if not machine:
+        return "machine not recorded"
+    v = machine.get("versions") or {}
+    libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "timm", "transformers", "sklearn") if v.get(k))
+    return f"on {machine.get('cpu')} ({machine.get('cores')} cores), {libs}"
+
+
+def _row_origin_notes(vs: dict) -> list[str]:
+    """Notes under a task's table: rows recorded under another label (``measured_as``), and model rows whose
+    label is no longer in :data:`bench.rows.MODEL_ROWS` (no run of ``python -m bench.run`` re-measures them)."""
+    from .rows import MODEL_ROWS
+
+    known = {r.label for r in MODEL_ROWS}
+    origin: dict = {}
+    retired: set = set()
+    for vn, v in vs.items():
+        for run in v.get("runs") or []:
+            for lab, row in (run.get("rows") or {}).items():
+                if row.get("measured_as"):
+                    origin.setdefault((lab, row["measured_as"]), {}).setdefault(vn, []).append(run["seed"])
+                if row.get("kind") == "model" and lab.split("[", 1)[0] not in known:
+                    retired.add(lab)
+    out = []
+    for (lab, how), where in origin.items():
+        seeds = "; ".join(f"{vn} seeds {', '.join(map(str, sorted(ss)))}" for vn, ss in where.items())
+        out.append(f"- `{lab}` ({seeds}) was measured as: {how}")
+    if retired:
+        out.append(f"- No longer in `bench/rows.py` (no run of `python -m bench.run` re-measures them; their figures "
+                   f"are of the runs the part lines name): {', '.join(f'`{x}`' for x in sorted(retired))}")
+    return out + [""] if out else []
+
+
+def _export_md(L: list, path: Optional[Path] = None) -> None:
+    """Issue 20's export target from ``bench/export_speed.json`` (``python -m bench.export_speed``, a
+    benchmark of its own: ``python -m bench.run`` does not run it)."""
+    path = path or Path(__file__).resolve().parent / "export_speed.json"
+    L.append("## ONNX export against `repair eval`\n")
+    if not path.exists():
+        L.append("Not measured: `python -m bench.export_speed` measures it (outside `python -m bench.run`).\n")
+        return
+    e = json.loads(path.read_text(encoding="utf-8"))
+    ratio, target = e.get("ratio_export_to_eval"), e.get("target_ratio", 2.0)
+    fallback = e.get("fallback_messages") or []
+    met = e.get("met", None if ratio is None else (ratio <= target and not fallback))
+    code = e.get("code") or {}
+    when = (f"on {e['date']} at commit `{str(code.get('git_commit'))[:12]}`" if e.get("date")
+            else "(date and commit not recorded by that run)")
+    L.append(f"Measured by `{e.get('command') or 'python -m bench.export_speed'}` -- a benchmark of its own, "
+             f"outside `python -m bench.run` -- {when}, {_environment(e.get('machine') if 'versions' in (e.get('machine') or {}) else None)}. "
+             f"`repair export --format onnx` of the `{(e.get('model_build') or {}).get('kind', 'SST-2 MiniLM')}` "
+             f"model with verification on {e.get('n_samples')} texts against `repair eval --no-cache` of the same "
+             f"model on the same texts, {e.get('repeats')} alternating repeats, medians.\n")
+    L.append("| eval (s) | export (s) | export / eval | ≤ " + f"{target:g}× | exporter | fallback messages |")
+    L.append("|---|---|---|---|---|---|")
+    L.append(f"| {_secs(e.get('eval_median_s'))} | {_secs(e.get('export_median_s'))} | "
+             f"{_f(ratio, '{:.2f}×')} | {_ok(met)} | {e.get('exporter')} | "
+             f"{'; '.join(fallback).replace('|', '/') if fallback else 'none'} |")
+    L.append("")
 
 
 def _gpu_md(L: list, path: Optional[Path] = None) -> None:

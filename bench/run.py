@@ -190,22 +190,29 @@ def run(args) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     doc = _load_doc(out_dir) if args.parts != list(PARTS) else {}
     doc.setdefault("tasks", {})
-    doc["meta"] = {**doc.get("meta", {}), "command": "python -m bench.run " + " ".join(args.argv),
+    command = "python -m bench.run " + " ".join(args.argv)
+    machine = machine_info()
+    # ``meta.machine``: where the report was last written; each part's line carries its own (``machine``)
+    doc["meta"] = {**doc.get("meta", {}), "command": command,
                    "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                   "machine": machine_info(), "skew_ratio": T.SKEW_RATIO}
+                   "machine": machine, "skew_ratio": T.SKEW_RATIO}
     doc["meta"].setdefault("parts", {})
-    doc["notes"] = []
+    # a partial rerun keeps the notes about the rows it keeps (a full run starts a new report)
+    doc["notes"] = list(doc.get("notes") or [])
     variants, registry_error = R.method_variants()
     if registry_error:
-        doc["notes"].append(f"repair.methods registry could not load ({registry_error})")
+        _add_note(doc, f"repair.methods registry could not load ({registry_error})")
     spuco_on = not (args.no_spuco or args.smoke)
     for part in args.parts:
         t_part = time.perf_counter()
-        info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(), "load_start": load_average()}
+        info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(), "machine": machine,
+                "load_start": load_average()}
+        measured = 0
         if part == "scale":
             from .scale import run_scale
 
             doc["scale"] = run_scale(n=args.scale_n, d=args.scale_d, spuco=spuco_on)
+            measured += 1
         for name in (args.tasks if part != "scale" else []):
             try:
                 task = build_smoke_task(work) if name == "smoke" else T.build_task(name, work_dir=work, log=log)
@@ -215,11 +222,14 @@ def run(args) -> dict:
                 continue
             entry = doc["tasks"].setdefault(name, {})
             entry.pop("skipped", None)
+            if entry.get("variants") or entry.get("costs"):    # rows of earlier runs stay beside this run's
+                _add_note(doc, _rebuilt_note(name, entry.get("info"), task.info, command))
             entry.update({"info": {k: v for k, v in task.info.items() if k not in ("negation_words",)},
                           "group_by": task.group_by, "paths": task.to_json()})
             if part == "cost":
                 log(f"{name}: cost of `repair fix` x{args.timing_repeats}")
                 entry["costs"] = run_costs(task, args.timing_repeats, cache_dir, scratch)
+                measured += 1
                 continue
             specs = R.model_rows_for(task, args.model_rows) if part == "model" else None
             if part == "model" and not specs:
@@ -252,6 +262,7 @@ def run(args) -> dict:
                             new = R.run_model_rows(td, seed, smoke_rows(specs, vname, args), cache_dir, scratch,
                                                    groups=MODEL_GROUPS[args.model_groups])
                     run["rows"].update(new)
+                    measured += len(new)
                     for label, r in new.items():
                         if "test" in r and part == "head":
                             log(f"    {label:<32} WGA {100 * r['test']['worst_group_accuracy']:5.1f}  acc "
@@ -260,6 +271,9 @@ def run(args) -> dict:
                 v["runs"].sort(key=lambda r: r["seed"])
                 v["summary"] = Rep.summarise(v["runs"])
             _write_outputs(doc, out_dir, args, final=False)      # partial results survive a crash
+        if not measured:        # nothing of this part ran (every task skipped, no row applied): no line for it
+            log(f"part {part}: nothing measured; the report keeps its earlier lines")
+            continue
         info.update({"wall_minutes": (time.perf_counter() - t_part) / 60, "load_end": load_average(),
                      "seeds": args.seeds if part == "head" else args.model_seeds if part == "model" else None})
         kept = earlier_lines(doc["meta"]["parts"].get(part), info, args, part)
@@ -332,6 +346,11 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"unknown part(s) {bad}; known: {', '.join(PARTS)}")
     args.parts = [p for p in PARTS if p in parts]
+    if args.model_rows:
+        known = {r.label for r in R.MODEL_ROWS}
+        unknown = [r for r in args.model_rows if r not in known]
+        if unknown:
+            ap.error(f"unknown --model-rows {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if args.replace_tasks and not (args.report_only and args.merge):
         ap.error("--replace-tasks needs --report-only and --merge (the runs that replace those tasks)")
     if args.smoke:
@@ -361,26 +380,81 @@ def _task_note(name: str, text: str) -> str:
     return f"{name}: {text}"
 
 
-def _other_build(name: str, mine: Optional[dict], theirs: Optional[dict], command: Optional[str]) -> Optional[str]:
-    """A note when a merged run measured a different build of task ``name`` (the checkpoints' digests differ
-    when both runs recorded one, else their ERM test figures: the task is rebuilt per machine, and training
-    kernels differ between CPUs), else None."""
+def _add_note(doc: dict, note: Optional[str]) -> None:
+    if note and note not in doc.setdefault("notes", []):
+        doc["notes"].append(note)
+
+
+def _build_difference(mine: Optional[dict], theirs: Optional[dict]) -> Optional[tuple[bool, str]]:
+    """How two runs' builds of a task differ: None when they are the same build, else (``sure``, what
+    differs). The checkpoints' digests decide when both runs recorded one. When only one did, equal ERM test
+    figures do not make the builds the same (a rebuild on the same code and seed can score the same ERM figures
+    with other weights, and head rows then move): the difference is unconfirmed (``sure`` False). When neither
+    did (runs from before digests were recorded), the ERM test figures are all there is to compare."""
     a, b = (mine or {}).get("erm_test") or {}, (theirs or {}).get("erm_test") or {}
     keys = ("accuracy", "worst_group_accuracy")
     da, db = (mine or {}).get("checkpoint_sha256"), (theirs or {}).get("checkpoint_sha256")
+    fig = lambda e: f"{100 * float(e['accuracy']):.1f}% accuracy, {100 * float(e['worst_group_accuracy']):.1f}% worst group"  # noqa: E731
+    same_figures = bool(a and b) and all(abs(float(a.get(k, 0)) - float(b.get(k, 0))) < 1e-9 for k in keys)
     if da and db:                                    # both builds fingerprinted: exact
         if da == db:
             return None
-    elif not a or not b or all(abs(float(a.get(k, 0)) - float(b.get(k, 0))) < 1e-9 for k in keys):
+        if a and b and not same_figures:
+            return True, f"its ERM checkpoint scores {fig(b)} on test, the one the report describes {fig(a)}"
+        return True, f"checkpoint {db[:12]}, the report's {da[:12]}"
+    if a and b and not same_figures:
+        return True, f"its ERM checkpoint scores {fig(b)} on test, the one the report describes {fig(a)}"
+    if da or db:                                     # one side fingerprinted: the figures cannot tell
+        return False, (f"checkpoint {(db or 'not recorded')[:12]}, the report's {(da or 'not recorded')[:12]}"
+                       + (f"; both score {fig(a)} on test" if same_figures else ""))
+    return None
+
+
+def _other_build(name: str, mine: Optional[dict], theirs: Optional[dict], command: Optional[str]) -> Optional[str]:
+    """A note when a merged run measured a different build of task ``name`` (:func:`_build_difference`; the
+    task is rebuilt per machine, and training kernels differ between CPUs), else None."""
+    diff = _build_difference(mine, theirs)
+    if diff is None:
         return None
-    if not a or not b:
-        return _task_note(name, f"the merged run `{command}` measured another build of this task (checkpoint "
-                                f"{(db or '?')[:12]}, the report's {(da or '?')[:12]}); its rows and figures are "
-                                f"of that build")
-    fig = lambda e: f"{100 * float(e['accuracy']):.1f}% accuracy, {100 * float(e['worst_group_accuracy']):.1f}% worst group"  # noqa: E731
-    return _task_note(name, f"the merged run `{command}` measured another build of this task (its ERM checkpoint "
-                            f"scores {fig(b)} on test, the one the report describes {fig(a)}); its rows and figures "
-                            f"are of that build")
+    sure, what = diff
+    if sure:
+        return _task_note(name, f"the merged run `{command}` measured another build of this task ({what}); its "
+                                f"rows and figures are of that build")
+    return _task_note(name, f"the merged run `{command}` may have measured another build of this task ({what}); "
+                            f"its rows and figures may differ from the report's build's")
+
+
+def _rebuilt_note(name: str, kept: Optional[dict], now: dict, command: str) -> Optional[str]:
+    """A note when this run measures another build of task ``name`` than the rows and costs it keeps from
+    earlier runs (the task's table then holds rows of both builds), else None."""
+    diff = _build_difference(kept, now)
+    if diff is None:
+        return None
+    sure, what = diff
+    what = what.replace("the one the report describes", "the earlier runs'").replace("the report's", "the earlier runs'")
+    return _task_note(name, f"`{command}` {'measured' if sure else 'may have measured'} another build of this task "
+                            f"than the earlier runs whose rows and costs it keeps ({what}): the task's tables hold "
+                            f"rows of both (rerun its parts whole, or `--report-only --replace-tasks` with "
+                            f"`--merge`, to keep one build)")
+
+
+def _costs_only_note(name: str, note: str) -> bool:
+    """Whether ``note`` is about task ``name``'s build in a merged run that measured its costs only (a later
+    merge of costs replaces all of them, and the note is then about nothing the report shows)."""
+    import re
+    import shlex
+
+    if not note.startswith(_task_note(name, "")):
+        return False
+    m = re.search(r"`(python -m bench\.run [^`]*)`", note)
+    if not m:
+        return False
+    try:
+        words = shlex.split(m.group(1))
+    except ValueError:
+        return False
+    parts = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--parts"), None)
+    return parts is not None and set(parts.split(",")) == {"cost"}
 
 
 def drop_tasks(doc: dict, names) -> dict:
@@ -399,9 +473,9 @@ def merge_docs(doc: dict, other: dict) -> dict:
     A task ``doc`` does not hold yet is taken whole, with ``other``'s build info."""
     for name, t in other.get("tasks", {}).items():
         entry = doc.setdefault("tasks", {}).setdefault(name, {})
-        note = _other_build(name, entry.get("info"), t.get("info"), other.get("meta", {}).get("command"))
-        if note and note not in doc.setdefault("notes", []):
-            doc["notes"].append(note)
+        if "costs" in t and doc.get("notes"):     # the costs it replaces take their notes with them
+            doc["notes"] = [n for n in doc["notes"] if not _costs_only_note(name, n)]
+        _add_note(doc, _other_build(name, entry.get("info"), t.get("info"), other.get("meta", {}).get("command")))
         for k, v in t.items():
             if k != "variants" and (k not in entry or k == "costs"):
                 entry[k] = v
@@ -425,7 +499,10 @@ def merge_docs(doc: dict, other: dict) -> dict:
         else:                                    # every merged run of the part is listed
             also = parts[part].get("also") or []
             also = also if isinstance(also, list) else [also]
-            parts[part] = {**parts[part], "also": also + [{**info, "command": other.get("meta", {}).get("command")}]}
+            line = {**info, "command": other.get("meta", {}).get("command")}
+            if line not in also:                 # the same run merged twice is listed once
+                also = also + [line]
+            parts[part] = {**parts[part], "also": also}
     return doc
 
 

@@ -97,6 +97,12 @@ def test_bench_smoke_writes_complete_finite_results(tmp_path):
             assert _finite_number(p["auto_over_protocol"][lab]) and p["auto_over_protocol"][lab] > 0
     md = (out / "RESULTS.md").read_text()
     assert "| auto[no-groups] |" in md and "of the protocol" in md
+    # each part line names the machine and library versions its figures were measured with, and each table
+    # how many seeds each row holds
+    for part in doc["meta"]["parts"].values():
+        assert part["machine"]["versions"]["torch"] == torch.__version__
+    assert f"torch {torch.__version__}" in next(x for x in md.splitlines() if x.startswith("- `head`: "))
+    assert "| seeds (balanced / skewed) |" in md and "| auto[no-groups] | no | 1 / 1 |" in md
     assert "## Solver at scale" in md and "## Targets" in md and "skewed WGA" in md
 
 
