@@ -230,10 +230,10 @@ def repair_set_rows(adapter: Adapter, data: RepairData, inputs=None) -> Optional
 
     if adapter.changed_since_provenance():
         return None
-    meta = provenance.read(adapter.source_metadata)
-    rec = meta.get("settings")
-    ident = rec.get("data") if isinstance(rec, dict) else None
-    if not isinstance(ident, dict):
+    # the record of the samples is read whatever else the provenance holds (a settings record changed or
+    # removed by hand must not let a figure count the repair's own samples)
+    ident = provenance.recorded_settings(adapter.source_metadata, adapter.source).get("data")
+    if ident is None and provenance.read(adapter.source_metadata).get("samples") is None:
         return None
     where = data.where
     keys = provenance.sample_keys(data, inputs, adapter)
@@ -242,7 +242,7 @@ def repair_set_rows(adapter: Adapter, data: RepairData, inputs=None) -> Optional
         raise BadInput("holds only samples of the repair set this model was repaired on (its provenance records "
                        "them): figures on it would count samples the repair fitted on; measure on data the "
                        "repair never touched", where)
-    if rows is not None:
+    if rows is not None or ident is None:
         return rows
     # before the record: the whole set by its distinct samples, or row for row by its bytes (which no
     # --max-length or --image-size of this run changes)
@@ -274,27 +274,34 @@ def recorded_repair_rows(adapter: Adapter, data: RepairData, inputs=None, keys=N
     reads, and what ``repair fix`` of a repaired model keeps out of its figures."""
     from . import provenance
 
-    meta = provenance.read(getattr(adapter, "source_metadata", None) or {})
+    source_metadata = getattr(adapter, "source_metadata", None) or {}
+    meta = provenance.read(source_metadata)
     record = meta.get("samples")
     if record is None:
         return None
+    settings = provenance.recorded_settings(source_metadata, getattr(adapter, "source", None))
+    if not settings:       # the samples are keyed as the settings' preprocessing read them: without it, no
+        # sample would be found, and a figure could count the repair's own (fail closed)
+        raise BadInput("its provenance records the samples of its repair set but not the settings they were "
+                       "read with (repair.settings was removed since it was written): restore it, or remove the "
+                       "repair.* metadata to read the weights as a plain file", getattr(adapter, "source", None))
     keys = provenance.sample_keys(data, inputs, adapter) if keys is None else keys
     rows = provenance.recorded_rows(data, keys, record)
     # texts read at another --max-length than the repair's: their tokens there are other keys (and a
     # case or spacing variant's bytes too), so they are also read as the repair read them
-    settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
-    at = (settings.get("preprocess") or {}).get("max_length") if isinstance(settings.get("preprocess"), dict) else None
-    if (rows is not None and not all(rows) and data.modality == "text" and isinstance(at, int)
-            and not isinstance(at, bool) and at > 0 and at != getattr(adapter, "max_length", None)):
+    at = (settings.get("preprocess") or {}).get("max_length")
+    if (rows is not None and not all(rows) and data.modality == "text" and at is not None
+            and at != getattr(adapter, "max_length", None)):
         again = adapter.input_keys(data.items, max_length=at)
         if again is not None:
             there = provenance.in_samples_record([str(k)[:32] for k in again], record)
             rows = [a or b for a, b in zip(rows, there)]
     # images read with other preprocessing than the repair's (another --image-size, --mean, --std): their
     # model inputs are other keys, so they are also read as the repair read them (decoded once more)
-    cfg = (settings.get("preprocess") or {}).get("image") if isinstance(settings.get("preprocess"), dict) else None
+    cfg = provenance.recorded_image_preprocess(source_metadata, getattr(adapter, "source", None))
     mine = (adapter.preprocess_id() or {}).get("image") if data.modality == "image" else None
-    if (rows is not None and not all(rows) and isinstance(cfg, dict) and isinstance(mine, dict)
+    mine = {k: mine[k] for k in provenance.IMAGE_PREPROCESS_KEYS if k in mine} if isinstance(mine, dict) else None
+    if (rows is not None and not all(rows) and cfg is not None and mine is not None
             and provenance.canonical_json(cfg) != provenance.canonical_json(mine)):
         from .embeddings import image_input_keys_read_as
 

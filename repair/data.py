@@ -280,6 +280,9 @@ class Encoded:
     #: groups (class of the model x value seen in the data) without a single sample: they are in
     #: no figure, so a worst-group figure cannot speak for them
     absent_groups: list[str] = field(default_factory=list)
+    #: (class index, attribute value) of each group id: what a group is, never parsed back out of its
+    #: name (a class name or a value may hold "|" or "=")
+    group_keys: list[tuple[int, str]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ images
@@ -719,8 +722,11 @@ def cell_value(v) -> str:
     written with a zero fraction (``1.0``, what pandas writes for a number column that has a gap) as the
     integer (``1``), so that ``1`` and ``1.0`` in two tables -- or in one -- are one class or group; a
     value an integer would not be written as (``01.0``, ``+1.0``) stays as written, as ``01`` and ``+1``
-    do. The one home of that rule."""
-    v = str(v).strip()
+    do; in Unicode's composed form (NFC: macOS writes ``café`` decomposed, most tools composed -- two values
+    that look the same are one group, as two such labels are one class). The one home of that rule."""
+    import unicodedata
+
+    v = unicodedata.normalize("NFC", str(v)).strip()
     m = _WHOLE_NUMBER.fullmatch(v)
     return str(int(m.group(1) + m.group(2))) if m else v
 
@@ -1309,10 +1315,19 @@ def label_indices(labels: Sequence[str], class_names: Sequence[str], where: Opti
     for i, n in enumerate(names):
         exact.setdefault(n, []).append(i)
         folded.setdefault(_folded(n), []).append(i)
+    readings: dict[str, list[int]] = {}
     for i, n in enumerate(names):        # a class named "1.0" is the label 1, as the data's 1.0 reads 1
         v = cell_value(n)
+        readings.setdefault(v, []).append(i)
         if v != n and v not in exact:
             exact[v] = [i]
+    # classes whose names read as one label ("1" and "1.0"): the data's labels are read so before they are
+    # matched, so such a label may have been written as either name; it names both classes
+    clashing: dict[str, list[int]] = {}
+    for v, idx in readings.items():
+        if len(idx) > 1 and len({names[i] for i in idx}) > 1:
+            for key in (v, *(names[i] for i in idx)):
+                clashing[key] = idx
     # one reading for the whole table: a label that is no class name but an index means the table gives
     # indices, and then a label that is both a class name and the index of another class is ambiguous
     # (classes named "1", "2", "3" and labels 0, 1, 2: "1" would be class "1" by name, index 1 is "2")
@@ -1329,6 +1344,14 @@ def label_indices(labels: Sequence[str], class_names: Sequence[str], where: Opti
                                where)
     out = []
     for lab in labels:
+        if lab in clashing:
+            idx = clashing[lab]
+            alike = len({_folded(names[i]) for i in idx}) < len(idx)      # names that look the same: escaped
+            raise BadInput(f"{at(lab)}label {lab!r} may name any of {len(idx)} classes of the model "
+                           f"({' and '.join((ascii if alike else repr)(names[i]) for i in idx)}, which the data's "
+                           f"labels read alike, as "
+                           f"{cell_value(names[idx[0]])!r}); rename one of those classes in the model's config",
+                           where)
         hit = exact.get(lab) or folded.get(_folded(lab))
         if hit and len(hit) > 1:           # a checkpoint's names may repeat (ImageNet's two "crane")
             raise BadInput(f"{at(lab)}label {lab!r} names {len(hit)} classes of the model "
@@ -1369,11 +1392,24 @@ def check_classes_present(y, class_names: Sequence[str], where=None) -> None:
                        f"(no samples of {shown}); the head cannot be refit for absent classes", where)
 
 
+def figure_class_names(class_names: Sequence[str]) -> list[str]:
+    """The names the figures give the classes: a checkpoint's own, but where two classes read as one name (a
+    checkpoint's names may repeat, ImageNet's two "crane"; or differ only in spaces, Unicode form or ``1.0``),
+    each of those with its index (``crane#134``): no two rows of a table, two groups or a gate's group
+    share a name."""
+    names = [str(c) for c in class_names]
+    count: dict[str, int] = {}
+    for n in names:
+        count[cell_value(n)] = count.get(cell_value(n), 0) + 1
+    return [f"{n}#{i}" if count[cell_value(n)] > 1 else n for i, n in enumerate(names)]
+
+
 def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str] = None) -> Encoded:
     import torch  # noqa: lazy: a command that fails on its arguments returns before torch loads
     where = data.where
     # a table's rows are named (row 3 (line 5)); a class folder's label is the folder's own name
     y = match_labels(data.labels, class_names, where, data.row_at if data.table is not None else None)
+    class_names = figure_class_names(class_names)
     if group_by is None:
         return Encoded(y=y, class_names=list(class_names), groups=None, group_names=[])
     check_group_column(data, group_by)
@@ -1393,4 +1429,5 @@ def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str]
                            f"'|{group_by}='): rename the class or the values so every group has its own name",
                            where)
         seen[name] = key
-    return Encoded(y=y, class_names=list(class_names), groups=groups, group_names=names, absent_groups=absent)
+    return Encoded(y=y, class_names=list(class_names), groups=groups, group_names=names, absent_groups=absent,
+                   group_keys=list(keys))

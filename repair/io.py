@@ -601,7 +601,9 @@ def check_output(final: Path, *, force: bool = False, log: Optional[Callable[[st
         raise BadInput(NO_PARENT, parent)
     clean_stale_temps(final, log)
     try:
-        probe = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
+        # named as the longest temporary a run makes beside the output (its scratch folder, scratch_dir):
+        # a name the file system takes for the output but not for that is refused here, before any work
+        probe = tempfile.mkdtemp(prefix=f".{final.name}.work-", dir=parent)
         os.rmdir(probe)
     except OSError as e:
         raise BadInput(f"cannot write in {parent} ({_reason(e)})", final) from None

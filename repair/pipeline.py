@@ -190,12 +190,11 @@ def check_repair_set(enc: Encoded, num_classes: int, where) -> None:
     present = torch.unique(enc.y).tolist()
     if enc.groups is not None:
         # groups = class x attribute value: every combination must have samples
-        attr_values = sorted({n.split("|", 1)[1] for n in enc.group_names})
-        have = set(enc.group_names)
-        missing = [f"{enc.class_names[c]}|{a}" for c in present for a in attr_values
-                   if f"{enc.class_names[c]}|{a}" not in have]
+        attr_values = sorted({a for _, a in enc.group_keys})
+        have = set(enc.group_keys)
+        column = enc.group_names[0][len(enc.class_names[enc.group_keys[0][0]]) + 1:].split("=", 1)[0]
+        missing = [f"{enc.class_names[c]}|{column}={a}" for c in present for a in attr_values if (c, a) not in have]
         if missing:
-            column = attr_values[0].split("=", 1)[0]
             n = int(enc.y.numel())
             hint = (f"; the column {column!r} has {len(attr_values)} values for {n} samples: --group-by names an "
                     "attribute whose few values many samples share (a background, a domain)"
@@ -432,6 +431,7 @@ def fix_model(model_path, data_path, out_path=None, *, load_opts: Optional[LoadO
         resources["data_file"] = Path(data.where)     # what an error about the repair set names
         if has_groups:
             resources["group_names"] = list(enc.group_names)
+            resources["group_values"] = [a for _, a in enc.group_keys]
     # model repairs get a scratch folder for the files they make (beside the output: the chosen one's
     # files are moved into place with it); it is removed whatever happens
     scratch = scratch_dir(out_path) if "model" in recipe.kinds else contextlib.nullcontext(None)

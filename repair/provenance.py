@@ -34,25 +34,63 @@ def merged(source: dict, new: dict) -> dict[str, str]:
     return out
 
 
-def _recorded_settings(metadata) -> dict:
-    """The ``repair.settings`` object a file written by ``repair fix`` records; {} where there is none
-    (or it is not a JSON object)."""
+#: the keys an image preprocessing a repaired file records must hold (``settings.preprocess.image``)
+IMAGE_PREPROCESS_REQUIRED = ("input_size", "mean", "std")
+
+
+def recorded_settings(metadata, where=None) -> dict:
+    """The ``repair.settings`` object a file written by ``repair fix`` records, checked: {} where there is
+    none. The one reader of that record (the classes, the preprocessing and the repair set it was measured
+    with are read back from it): a record that is there but is not what ``repair fix`` writes -- not a JSON
+    object, its ``data``, ``preprocess`` or ``preprocess.image`` not objects, an image preprocessing without
+    its size or normalisation, a truncation length or classes of another type -- is
+    :class:`repair.errors.BadInput` naming ``where``, never read in part (a guess would measure the model
+    with other preprocessing, or on samples the repair fitted)."""
     raw = (metadata or {}).get(f"{PREFIX}settings")
-    try:
-        settings = json.loads(raw) if isinstance(raw, str) else None
-    except ValueError:
+    if raw is None:
         return {}
-    return settings if isinstance(settings, dict) else {}
+
+    def bad(what: str):
+        return BadInput(f"its repair.settings (recorded by repair fix) {what}; it was changed since it was written: "
+                        "restore it, or remove the repair.* metadata to read the weights as a plain file", where)
+
+    try:
+        settings = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        raise bad("is not JSON") from None
+    if not isinstance(settings, dict):
+        raise bad("is not a JSON object")
+    for key in ("data", "preprocess"):
+        if key in settings and not isinstance(settings[key], dict):
+            raise bad(f"{key} is not an object: {json.dumps(settings[key])[:60]}")
+    pre = settings.get("preprocess") or {}
+    image = pre.get("image")
+    if image is not None:
+        if not isinstance(image, dict):
+            raise bad(f"preprocess.image is not an object: {json.dumps(image)[:60]}")
+        missing = [k for k in IMAGE_PREPROCESS_REQUIRED if k not in image]
+        if missing:
+            raise bad(f"preprocess.image has no {', '.join(missing)}")
+    at = pre.get("max_length")
+    if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 1):
+        raise bad(f"preprocess.max_length is not a whole number >= 1: {json.dumps(at)[:60]}")
+    names = settings.get("classes")
+    if names is not None and not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise bad(f"classes is not a list of names: {json.dumps(names)[:60]}")
+    return settings
 
 
-def recorded_classes(metadata) -> Optional[list]:
+def recorded_classes(metadata, where=None, count: Optional[int] = None) -> Optional[list]:
     """The class names a file written by ``repair fix`` records (``repair.settings`` ``classes``), or
     None: the names of a bare weights file, which has no config to hold them -- read back as the file's
-    own, so a later run neither needs ``--class-names`` again nor takes them in another order."""
-    names = _recorded_settings(metadata).get("classes")
-    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
-        return list(names)
-    return None
+    own, so a later run neither needs ``--class-names`` again nor takes them in another order. ``count``:
+    the head's classes; a record naming another number is :class:`repair.errors.BadInput` naming ``where``."""
+    names = recorded_settings(metadata, where).get("classes")
+    if names and count is not None and len(names) != count:
+        raise BadInput(f"its repair.settings (recorded by repair fix) names {len(names)} classes, the head has "
+                       f"{count}; it was changed since it was written: restore it, or remove the repair.* metadata "
+                       "to read the weights as a plain file", where)
+    return list(names) if names else None
 
 
 #: the keys of an image preprocessing a repaired file records (``settings.preprocess.image``: timm's data config)
@@ -63,18 +101,30 @@ def recorded_image_preprocess(metadata, where=None) -> Optional[dict]:
     """The image preprocessing a file written by ``repair fix`` records (``repair.settings``
     ``preprocess.image``), or None: how a bare weights file, which has no config to hold it, was read
     when it was measured -- read back so, as :func:`recorded_classes` are, unless options say otherwise.
-    A record that is there but not an object is :class:`repair.errors.BadInput` naming ``where`` (its
-    values are checked where they are used, :func:`repair.adapters.images.resolve_image_config`)."""
-    pre = _recorded_settings(metadata).get("preprocess")
-    image = pre.get("image") if isinstance(pre, dict) else None
+    Checked by :func:`recorded_settings` (its values where they are used,
+    :func:`repair.adapters.images.resolve_image_config`)."""
+    image = (recorded_settings(metadata, where).get("preprocess") or {}).get("image")
     if image is None:
         return None
-    if not isinstance(image, dict):
-        from .errors import BadInput
-
-        raise BadInput(f"its recorded preprocessing (repair.settings preprocess.image) is not an object: "
-                       f"{json.dumps(image)[:60]}", where)
     return {k: image[k] for k in IMAGE_PREPROCESS_KEYS if k in image} or None
+
+
+def recorded_model_args(metadata, where=None) -> Optional[dict]:
+    """The ``model_args`` a file written by ``repair fix`` records (``repair.model_args``: the network it
+    measured and repaired, the one record of it a bare weights file has), or None. Read back as the
+    recorded preprocessing is (options over it); a record that is not a JSON object is
+    :class:`repair.errors.BadInput` naming ``where``."""
+    raw = (metadata or {}).get(f"{PREFIX}model_args")
+    if raw is None:
+        return None
+    try:
+        args = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        raise BadInput(f"its repair.model_args (recorded by repair fix) is not a JSON object: {str(raw)[:60]}; it "
+                       "was changed since it was written: restore it, or give --model-args", where)
+    return args
 
 
 def input_digest(path) -> str:

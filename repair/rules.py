@@ -18,6 +18,7 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
+import errno
 import math
 import re
 from dataclasses import dataclass
@@ -173,8 +174,14 @@ def report_outputs(report: PathLike) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------ never replace an input
 def _norm(p: PathLike) -> Path:
-    """Absolute, symlinks resolved (a link to an input is that input)."""
-    return Path(p).expanduser().resolve()
+    """Absolute, symlinks resolved (a link to an input is that input); a path through a loop of links
+    is :class:`BadInput` naming it (Python raises RuntimeError, or OSError from 3.13, for it)."""
+    try:
+        return Path(p).expanduser().resolve()
+    except (RuntimeError, OSError) as e:
+        why = "a loop of symbolic links" if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP \
+            else e.strerror or type(e).__name__
+        raise BadInput(f"cannot be used as a path ({why})", p) from None
 
 
 class Protected:
@@ -732,7 +739,9 @@ def parse_expected_groups(value: Any, flag: str = "--expect-groups") -> list[str
     items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
     out = [str(g).strip() for g in items or [] if str(g).strip()]
     if not out or not all(g.partition("|")[0] and g.partition("|")[2] for g in out):
-        raise BadInput(f"{flag}: give the groups as class|value separated by commas, got {value!r}")
+        raise BadInput(f"{flag}: give the groups as class|value separated by commas, got {value!r}"
+                       + (" (a class or value with a comma in it cannot be written so: give the groups as a list "
+                          "in a YAML manifest)" if isinstance(value, str) and "," in value else ""))
     return out
 
 
@@ -757,9 +766,11 @@ def expected_group_names(figures: dict, group_by: Optional[str], expected: Seque
         if per_class is not None and cls not in classes:
             try:            # the class as a label names it: any case, either Unicode form, 1.0 or its index
                 cls = classes[label_indices([cell_value(cls)], [str(c) for c in classes])[0]]
-            except BadInput:
+            except BadInput as e:
                 if flag is not None:
-                    raise BadInput(f"{flag}: {cls!r} is not a class of the model ({', '.join(map(str, classes))})",
+                    several = " names " in e.problem or " may name " in e.problem
+                    raise BadInput(f"{flag}: " + (e.problem.replace("label ", "", 1) if several else  # several classes
+                                   f"{cls!r} is not a class of the model ({', '.join(map(str, classes))})"),
                                    path) from None
 
         names.append(g if group_by is None else f"{cls}|{group_by}={cell_value(val)}")

@@ -65,6 +65,7 @@ the report folder or the journal (checked before any work).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -1068,6 +1069,9 @@ def input_fingerprints(manifest: "Manifest", entry: ZooEntry, mode: str, memo: O
 
     written = once("written", lambda: frozenset(p.absolute() for e in manifest.entries for _, p in e.places()))
     fp = {"checkpoint": once(("path", str(entry.checkpoint)), lambda: path_fingerprint(entry.checkpoint, written))}
+    # the code that did the work: repair's sources and the libraries that read the samples (the embedding
+    # cache's key, :func:`repair.embeddings.code_key`); a row journaled by another version is redone
+    fp["code"] = once("code", _code_fingerprint)
     keys = ("data", "eval") if mode == "fix" else ("eval",) if entry.eval is not None else ("data",)
     for key in keys:
         if getattr(entry, key) is None:
@@ -1090,6 +1094,15 @@ def input_fingerprints(manifest: "Manifest", entry: ZooEntry, mode: str, memo: O
             if declared_resource(name).kind in ("file", "folder", "data"):
                 fp[name] = once(("path", value), lambda: path_fingerprint(Path(value)))
     return fp
+
+
+def _code_fingerprint() -> str:
+    import torch
+
+    from .embeddings import code_key
+
+    return hashlib.sha256(json.dumps({**code_key(), "torch": torch.__version__}, sort_keys=True,
+                                     default=str).encode()).hexdigest()[:20]
 
 
 def inputs_changed(journaled: Optional[dict], now: dict[str, str]) -> Optional[str]:
@@ -1746,6 +1759,7 @@ def _run_zoo(manifest_path, options, runtime, log) -> dict:
     created = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
     working: list = []                                      # _run_locked appends once it begins work
+    lock_made = not os.path.lexists(out_dir / LOCK_NAME)
     locks = [_hold_lock(out_dir)]                           # one driver per report folder
     try:
         if o.mode == "fix":          # ... and per folder the rows' outputs go in (another manifest's too)
@@ -1756,6 +1770,9 @@ def _run_zoo(manifest_path, options, runtime, log) -> dict:
     except BadInput:
         if created and not working:                         # refused before any work: leave nothing
             shutil.rmtree(out_dir, ignore_errors=True)      # (once work began, the journal and report stay)
+        elif lock_made and not working:                     # ... not even the lock in a folder of yours
+            with contextlib.suppress(OSError):
+                os.unlink(out_dir / LOCK_NAME)
         raise
     finally:
         for lock in locks:
@@ -1848,11 +1865,22 @@ def _hold_outputs_lock(folder: Path) -> int:
 
 def _hold_lock(out_dir: Path) -> int:
     """Hold ``<out_dir>/.zoo-lock`` for this driver; a second driver on the same folder gets
-    BadInput naming the holder. Released when the driver ends in any way (the OS drops the lock)."""
+    BadInput naming the holder. Released when the driver ends in any way (the OS drops the lock).
+    The lock is written: a link there is never followed (its target would be truncated), a FIFO never
+    waited on, and anything but a regular file is refused by name."""
     import fcntl
+    import stat
 
     path = out_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        why = "a symbolic link" if path.is_symlink() else e.strerror or type(e).__name__
+        raise BadInput(f"cannot be used as the zoo's lock file ({why}); remove it", path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadInput("cannot be used as the zoo's lock file (not a regular file); remove it", path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -26,7 +26,7 @@ from torch import nn
 from .. import provenance
 from ..data import DEFAULT_MAX_PIXELS, open_regular
 from ..errors import BadInput, RepairError, no_warnings
-from ..io import load_state_dict_file, parse_json, pickled_state_dict, save_safetensors, sha256_file  # noqa: F401  (sha256_file: re-exported)
+from ..io import OUTPUT_RECORD, load_state_dict_file, parse_json, pickled_state_dict, save_safetensors, sha256_file  # noqa: F401  (sha256_file: re-exported)
 from .text import tokenizer_input_names
 
 #: texts tokenized at once for their input keys (:meth:`Adapter.input_keys`): the tokenizer's encodings
@@ -1018,7 +1018,8 @@ def folder_copy_plan(src: Path, skip: Optional[Path] = None, left_out: Optional[
     and repair's own hidden files (:func:`_walk`), ``skip``, every other weights file (the source's weights in another format, an ONNX export of
     them, which would ship the unrepaired model inside the repaired one) and the folder's own repair
     artifacts (:func:`repair.rules.artifacts_output`: the record of the run that made ``src``, not
-    part of the model; a new run writes its own). Every entry, copied or not, passes
+    part of the model; a new run writes its own), and any folder in it that is an output repair wrote (it
+    holds its :data:`repair.io.OUTPUT_RECORD`: a bare weights file's artifacts folder beside it). Every entry, copied or not, passes
     :func:`check_folder_entry`; a copied symlink that is broken or leads to a folder is
     :class:`BadInput` naming it too. ``left_out``: gets the weights files left out
     (:func:`repair.rules.source_weights_copy`), for the run's notice; a folder left empty by them is
@@ -1029,13 +1030,18 @@ def folder_copy_plan(src: Path, skip: Optional[Path] = None, left_out: Optional[
     root = src.resolve()
     skip_r = Path(skip).resolve() if skip is not None else None
     old_artifacts = artifacts_output(src, src)
-    plan, dropped = [], []
+    plan, dropped, outputs = [], [], []
     for item in _walk(src):
         check_folder_entry(item, root)
         if skip_r is not None and item.resolve() == skip_r:
             continue
-        if item == old_artifacts or old_artifacts in item.parents:
+        if item == old_artifacts or old_artifacts in item.parents or any(d in item.parents for d in outputs):
             continue      # the previous run's record: the new output holds only this run's
+        if item.is_dir() and not item.is_symlink() and (item / OUTPUT_RECORD).is_file():
+            # another output repair wrote into the folder (a bare weights file's artifacts folder, beside it):
+            # not part of the model, and its files would be recorded as this run's
+            outputs.append(item)
+            continue
         if any(d in item.parents for d in dropped):
             continue      # inside a weights package left out
         if source_weights_copy(item):

@@ -16,7 +16,7 @@ from .. import provenance
 from ..errors import BadInput, users_code
 from ..io import load_state_dict_file
 from . import LoadOptions, checked_class_names, register_family
-from .images import PREPROCESS_FILE, image_config_from_options
+from .images import PREPROCESS_FILE, image_config_from_options, image_options
 from .base import files_beside, names_of_its_own
 from .torch_module import TorchImageAdapter, last_linear, load_weights_strict
 
@@ -98,7 +98,11 @@ def import_factory(spec: str):
 
 def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
                        data_config: Optional[dict], class_names: Optional[Sequence[str]] = None,
-                       model_args: Optional[dict] = None) -> TorchImageAdapter:
+                       model_args: Optional[dict] = None,
+                       options: Optional[dict] = None) -> TorchImageAdapter:
+    """``data_config``: the preprocessing of the options over a ``preprocess.json`` beside the weights;
+    ``options``: the options' part alone (input_size/mean/std given). A file ``repair fix`` wrote is read
+    with the preprocessing it records (what its figures were measured with), the options over it."""
     mod_name = factory.split(":", 1)[0]
     named = _files_named(model_args)          # before the factory reads them (a later write changes them)
     for attempt in (1, 2):
@@ -130,11 +134,16 @@ def load_factory_model(weights: Path, factory: str, *, allow_pickle: bool,
     except BadInput as e:
         raise BadInput(f"factory {factory!r}: {e.problem}", weights) from None
     load_weights_strict(model, tensors, weights, head_name)
+    recorded = provenance.recorded_image_preprocess(metadata, weights)
+    if recorded is not None:
+        from .images import described_image_config
+
+        data_config = described_image_config({**recorded, **(options or {})}, weights)
     # a file repair fix wrote records its classes: its own names (a --class-names in another order is
     # refused by load_model, as for a checkpoint with a config that names them)
-    rec = provenance.recorded_classes(metadata)
+    rec = provenance.recorded_classes(metadata, weights, head.out_features)
     own = None
-    if rec is not None and len(rec) == head.out_features:
+    if rec is not None:
         own = checked_class_names(rec, provenance.RECORDED_CLASSES_HOME, weights, distinct=False)
         own = own if names_of_its_own(own, len(own)) else None
     names = own or (list(class_names) if class_names else [str(i) for i in range(head.out_features)])
@@ -427,7 +436,8 @@ def load(path: Path, o: LoadOptions) -> TorchImageAdapter:
     files_beside(side_json.parent, (PREPROCESS_FILE,))      # a symlink leading out of the folder: refused
     cfg = image_config_from_options(o.image_size, o.mean, o.std, side_json)
     adapter = load_factory_model(path, o.factory, allow_pickle=o.allow_pickle, data_config=cfg,
-                                 class_names=o.class_names, model_args=o.model_args)
+                                 class_names=o.class_names, model_args=o.model_args,
+                                 options=image_options(o.image_size, o.mean, o.std))
     if side_json.is_file():
         adapter.extra_files = [side_json]
     adapter.preprocess_from_options = True

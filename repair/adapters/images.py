@@ -112,6 +112,19 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
+def image_options(size: Optional[int], mean: Optional[Sequence[float]],
+                  std: Optional[Sequence[float]]) -> dict:
+    """The preprocessing keys ``--image-size/--mean/--std`` set (those given), as a data config writes them."""
+    out: dict = {}
+    if size is not None:
+        out["input_size"] = [3, int(size), int(size)]
+    if mean is not None:
+        out["mean"] = list(mean)
+    if std is not None:
+        out["std"] = list(std)
+    return out
+
+
 def image_config_from_options(size: Optional[int], mean: Optional[Sequence[float]],
                               std: Optional[Sequence[float]], json_path: Optional[Path]) -> Optional[dict]:
     """Preprocessing given by the user for checkpoints that do not carry it
@@ -128,12 +141,7 @@ def image_config_from_options(size: Optional[int], mean: Optional[Sequence[float
         unknown = set(cfg) - set(DATA_CONFIG_KEYS)
         if unknown:
             raise BadInput(f"unknown preprocessing key(s) {sorted(unknown)}; known: {list(DATA_CONFIG_KEYS)}", json_path)
-    if size is not None:
-        cfg["input_size"] = [3, int(size), int(size)]
-    if mean is not None:
-        cfg["mean"] = list(mean)
-    if std is not None:
-        cfg["std"] = list(std)
+    cfg.update(image_options(size, mean, std))
     if not cfg:
         return None
     return described_image_config(cfg, json_path if json_path is not None and Path(json_path).exists() and

@@ -163,8 +163,15 @@ def resolve_max_length(tokenizer, given: Optional[int], positions: Optional[int]
                            f"embeddings hold (max_position_embeddings); give at most {positions}", where)
         return int(given)
     limit = getattr(tokenizer, "model_max_length", None)
-    if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit >= 1:
-        limit = DEFAULT_MAX_LENGTH
+    if limit is None:                    # written as null: transformers' "no limit"
+        limit = NO_LIMIT_SENTINEL + 1
+    if (not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit >= 1
+            or (limit <= NO_LIMIT_SENTINEL and limit != int(limit))):
+        # the folder's own truncation (a repaired folder records the one its figures were measured with):
+        # a value that is no length is not replaced by a guess
+        raise BadInput(f"model_max_length {limit!r} is not a whole number of tokens >= 1 (the truncation the "
+                       "tokenizer reads texts with); correct it, or give --max-length",
+                       Path(where).with_name("tokenizer_config.json") if where is not None else None)
     if limit > NO_LIMIT_SENTINEL:
         limit = positions or DEFAULT_MAX_LENGTH
     return int(min(limit, DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH))

@@ -270,6 +270,15 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
 
     tensors, metadata = load_state_dict_file(weights, allow_pickle=allow_pickle)
     model_args = dict(model_args)
+    recorded_args = None
+    if cfg_path is None:
+        # a bare file repair fix wrote records the network it measured (repair.model_args): built so again,
+        # --model-args over it key by key (as its recorded preprocessing and classes are read back)
+        recorded_args = provenance.recorded_model_args(metadata, weights)
+        if recorded_args:
+            _check_model_args(recorded_args, "repair.model_args", weights)
+            model_args = {**recorded_args, **model_args}
+            args_from = args_from if given is not None else weights
     _check_classes_before_building(arch, pretrained_cfg, tensors, num_classes if num_classes is not None
                                    else model_args.get("num_classes"), weights)
     if cfg_path is not None:            # a folder: its counts agree (config.json, model_args, pretrained_cfg)
@@ -321,8 +330,8 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
             raise BadInput(f"label_names has {len(names)} entries, the head has {file_classes} classes", cfg_path)
         home = f"{cfg_path.name} label_names"
     elif cfg_path is None:  # a bare file repair fix wrote records its classes
-        rec = provenance.recorded_classes(metadata)
-        if rec is not None and len(rec) == file_classes:
+        rec = provenance.recorded_classes(metadata, weights, file_classes)
+        if rec is not None:
             names = checked_class_names(rec, provenance.RECORDED_CLASSES_HOME, weights, distinct=False)
             home = provenance.RECORDED_CLASSES_HOME
     if names is not None and not names_of_its_own(names, file_classes):
@@ -356,7 +365,7 @@ def load_timm(path: Path, *, arch: Optional[str] = None, allow_pickle: bool = Fa
     adapter.config_updates = config_updates
     if own_names:
         adapter.class_names_home = home
-    if given:   # the network measured: recorded in the output's provenance, the one record a bare file has
+    if given or recorded_args:   # the network measured: recorded in the output's provenance, the one record a bare file has
         adapter.save_metadata_defaults = MappingProxyType(
             {f"{provenance.PREFIX}model_args": provenance.canonical_json(model_args)})
     adapter.preprocess_from_options = bool(preprocess) and not path.is_dir()

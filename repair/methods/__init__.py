@@ -143,7 +143,8 @@ class ModelRepairInputs:
     # "segmenter", "generator", "generator_model", "prompts"; and from the pipeline: "data_root"
     # (Path: the repair data's folder, for finding masks), "data_file" (Path: its table, else its
     # folder: what an error about the repair set names), "group_names" (the names of the group
-    # ids, "class|column=value", when --group-by was given)
+    # ids, "class|column=value", when --group-by was given) and "group_values" (each group id's
+    # value of that column: a class name or a value may hold "|" or "=", so never parse the names)
     duplicates: Optional[torch.Tensor] = None   # (N,) ids of identical samples (same id = same sample):
                                                 # held-out splits keep each id on one side
     workdir: Optional[Path] = None  # an empty folder for files the repair makes (kept beside the output

@@ -87,11 +87,10 @@ class RecomposeConfig(FinetuneConfig, SettleSettings):
             raise ValueError(f"setting 'mask_area': must be [low, high] with low < high, got {list(self.mask_area)}")
 
 
-def _background_key(group_names, g: int, class_names, y: int) -> str:
-    """The attribute value of group ``g`` ("class|col=value" -> "value"), else the class name."""
-    if group_names is not None:
-        attr = str(group_names[g]).split("|", 1)[-1]
-        return attr.split("=", 1)[-1]
+def _background_key(group_values, g: int, class_names, y: int) -> str:
+    """The attribute value of group ``g`` (``group_values``: each group id's), else the class name."""
+    if group_values is not None:
+        return str(group_values[g])
     return str(class_names[y])
 
 
@@ -133,8 +132,10 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
     res = inputs.resources
     log = (lambda m: print(m, file=sys.stderr)) if inputs.progress else (lambda m: None)
     names = list(inputs.class_names) or [str(c) for c in range(inputs.num_classes)]
-    group_names = res.get("group_names") if inputs.groups is not None else None
-    bg_keys = sorted({_background_key(group_names, g, names, 0) for g in range(len(group_names))}) if group_names else []
+    group_values = res.get("group_values") if inputs.groups is not None else None
+    if inputs.groups is not None and group_values is None and res.get("group_names") is not None:
+        raise ValueError("resources give group_names without group_values (each group id's attribute value)")
+    bg_keys = sorted({str(v) for v in group_values}) if group_values else []
     prompts = load_prompts(res.get("prompts"), names, bg_keys)          # checked before any work
     name = res.get("generator") or cfg.generator
     generator = make_generator(name, res, inputs.device, harmonize=cfg.harmonize, steps=cfg.diffusion_steps,
@@ -149,7 +150,7 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
     # ---- 1. where the object is (training part only)
     tr = sess.train_idx
     y_tr = sess.y[tr]
-    keys = [_background_key(group_names, int(sess.groups[i]), names, int(sess.y[i])) for i in tr.tolist()]
+    keys = [_background_key(group_values, int(sess.groups[i]), names, int(sess.y[i])) for i in tr.tolist()]
     x_tr = sess.encoded[tr]
     t0 = time.perf_counter()
     masks, mask_source = object_masks(cfg.masks, tm, [inputs.items[i] for i in tr.tolist()], x_tr, y_tr, res,
