@@ -162,7 +162,7 @@ def recompose(inputs: ModelRepairInputs, config: RecomposeConfig) -> ModelRepair
     gen = torch.Generator().manual_seed(int(inputs.seed))
     area = masks.flatten(1).mean(1)
     usable = (area >= cfg.mask_area[0]) & (area <= cfg.mask_area[1])
-    src, bg = _plan(y_tr, keys, usable, cfg.per_image, gen, group_names is not None)
+    src, bg = _plan(y_tr, keys, usable, cfg.per_image, gen, group_values is not None)
     if cfg.max_images and src.numel() > cfg.max_images:
         pick = torch.randperm(src.numel(), generator=gen)[:cfg.max_images].sort().values
         src, bg = src[pick], bg[pick]
