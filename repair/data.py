@@ -1401,7 +1401,30 @@ def figure_class_names(class_names: Sequence[str]) -> list[str]:
     count: dict[str, int] = {}
     for n in names:
         count[cell_value(n)] = count.get(cell_value(n), 0) + 1
-    return [f"{n}#{i}" if count[cell_value(n)] > 1 else n for i, n in enumerate(names)]
+    out = [f"{n}#{i}" if count[cell_value(n)] > 1 else n for i, n in enumerate(names)]
+    if len(set(out)) < len(out):     # an indexed name that is another class's own ("crane#1"): every one indexed
+        out = [f"{n}#{i}" for i, n in enumerate(names)]
+    return out
+
+
+def checkpoint_class_names(figure_names: Sequence) -> list[str]:
+    """The checkpoint's own class names back from :func:`figure_class_names`' (their ``#index`` taken off
+    where it was added: a name that then reads as another's): what a label is matched against."""
+    import re
+
+    stripped = []
+    for i, n in enumerate(str(x) for x in figure_names):
+        m = re.fullmatch(r"(.*)#(\d+)", n, flags=re.S)
+        stripped.append(m.group(1) if m and int(m.group(2)) == i else None)
+    if (stripped and all(s is not None for s in stripped)         # every one indexed (see figure_class_names)
+            and len({cell_value(s) for s in stripped}) < len(stripped)):
+        return stripped
+    count: dict[str, int] = {}
+    for s in stripped:
+        if s is not None:
+            count[cell_value(s)] = count.get(cell_value(s), 0) + 1
+    return [s if s is not None and count[cell_value(s)] > 1 else str(n)
+            for s, n in zip(stripped, figure_names)]
 
 
 def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str] = None) -> Encoded:

@@ -210,7 +210,7 @@ def export_provenance(adapter, fmt: str) -> dict[str, str]:
         extra = {"export": export_info, "changed_tensors": changed}
         if recorded:
             extra["changed_after"] = src.get(f"{provenance.PREFIX}method", "")
-            chain = provenance.lineage(src)
+            chain = provenance.lineage(src, getattr(adapter, "source", None))
             if chain:
                 extra["lineage"] = chain
         return provenance.build(source_sha256=adapter.source_sha256(), method="unrecorded", extra=extra)

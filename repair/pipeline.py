@@ -784,7 +784,8 @@ def _finish(o, recipe, choice, crit, adapter, data, enc, emb, runtime, data_opts
                                                                ).get("samples"))
     if record is not None:
         extra["samples"] = record
-    chain = provenance.lineage(getattr(adapter, "source_metadata", None))    # a repaired model repaired again
+    chain = provenance.lineage(getattr(adapter, "source_metadata", None),    # a repaired model repaired again
+                               getattr(adapter, "source", None))
     if chain:
         extra["lineage"] = chain
     meta = provenance.build(source_sha256=adapter.source_sha256(), method=chosen.method, settings=settings,

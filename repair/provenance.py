@@ -519,7 +519,7 @@ def merge(existing: Optional[dict], new: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def lineage(source: Optional[dict]) -> Optional[list]:
+def lineage(source: Optional[dict], where=None) -> Optional[list]:
     """The repairs that made ``source`` (a checkpoint's metadata), oldest first, when it is itself a
     repaired model: its own ``repair.lineage`` followed by one entry for its record -- the checkpoint that
     record repaired (``source_sha256``), the method and recipe, repair's version, the repair data's
@@ -536,8 +536,8 @@ def lineage(source: Optional[dict]) -> Optional[list]:
     earlier = [e for e in rec.get("lineage") if isinstance(e, dict)] if isinstance(rec.get("lineage"), list) else []
     if rec["method"] == "none":           # an export of an unrepaired model: no repair to add
         return earlier or None
-    settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
-    data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
+    settings = recorded_settings(raw, where)          # the one checked reader of that record
+    data = settings.get("data") or {}
     entry = {"source_sha256": rec["source_sha256"], "method": rec["method"], "recipe": settings.get("recipe"),
              "version": rec.get("version"), "data_sha256": data.get("content_sha256"),
              "record_sha256": hashlib.sha256(canonical_json(sorted(raw.items())).encode()).hexdigest()}

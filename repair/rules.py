@@ -756,6 +756,9 @@ def expected_group_names(figures: dict, group_by: Optional[str], expected: Seque
     fails naming it)."""
     per_class = figures.get("per_class")
     classes = [c.get("name") for c in per_class or []]
+    from .data import checkpoint_class_names
+
+    own = checkpoint_class_names(classes)     # the names a label matches (the figures' add an index to some)
     names = []
     for g in expected:
         if flag is not None:
@@ -765,7 +768,7 @@ def expected_group_names(figures: dict, group_by: Optional[str], expected: Seque
 
         if per_class is not None and cls not in classes:
             try:            # the class as a label names it: any case, either Unicode form, 1.0 or its index
-                cls = classes[label_indices([cell_value(cls)], [str(c) for c in classes])[0]]
+                cls = classes[label_indices([cell_value(cls)], own)[0]]
             except BadInput as e:
                 if flag is not None:
                     several = " names " in e.problem or " may name " in e.problem

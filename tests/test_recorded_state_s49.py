@@ -268,3 +268,98 @@ def test_a_samples_record_without_its_settings_fails_closed():
         recorded_repair_rows(adapter, data=None)
     assert str(e.value.path) == "m.safetensors"
     assert recorded_repair_rows(SimpleNamespace(source_metadata={}, source=None), data=None) is None
+
+
+@pytest.fixture(scope="module")
+def repaired(tmp_path_factory):
+    """A timm folder repaired by `repair fix` (dfr), with the image set it was repaired on."""
+    import repair
+    from conftest import make_timm_folder
+
+    root = tmp_path_factory.mktemp("rep49")
+    make_timm_folder(root / "m")
+    make_images(root / "val", n_per_class=6)
+    repair.fix(root / "m", root / "val", root / "out", recipe="dfr", group_by="place")
+    return root
+
+
+def _with_settings(src: Path, dst: Path, change) -> Path:
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    change(meta)
+    save_file(tensors, str(dst / "model.safetensors"), metadata=meta)
+    return dst
+
+
+def test_eval_on_the_repair_set_is_refused_whatever_the_settings_record_holds(repaired, tmp_path):
+    import repair
+
+    with pytest.raises(BadInput, match="repair set this model was repaired on"):
+        repair.evaluate(repaired / "out", repaired / "val", group_by="place")
+    gone = _with_settings(repaired / "out", tmp_path / "gone", lambda m: m.pop("repair.settings"))
+    with pytest.raises(BadInput, match="records the samples of its repair set but not the settings"):
+        repair.evaluate(gone, repaired / "val", group_by="place")
+
+    def no_data(m):
+        s = json.loads(m["repair.settings"])
+        s.pop("data")
+        m["repair.settings"] = json.dumps(s)
+
+    nodata = _with_settings(repaired / "out", tmp_path / "nodata", no_data)
+    with pytest.raises(BadInput, match="repair set this model was repaired on"):
+        repair.evaluate(nodata, repaired / "val", group_by="place")
+
+
+def test_a_repair_of_a_repaired_model_reads_its_record_by_the_one_checked_reader(repaired, tmp_path):
+    import repair
+
+    def bad(m):
+        m["repair.settings"] = "{bad"
+        m.pop("repair.samples", None)
+
+    src = _with_settings(repaired / "out", tmp_path / "bad", bad)
+    other = make_images(tmp_path / "other", n_per_class=6, seed=5)
+    with pytest.raises(BadInput, match="repair.settings .* is not JSON") as e:
+        repair.fix(src, other, tmp_path / "o2", recipe="dfr", group_by="place")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_every_zoo_row_is_fingerprinted_with_the_code_and_a_refused_run_leaves_no_lock(repaired, tmp_path):
+    import yaml
+
+    from conftest import run_cli
+    from repair import zoo
+
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"recipe": "dfr", "group_by": "place"},
+                                    "models": [{"name": "a", "checkpoint": str(repaired / "m"),
+                                                "data": str(repaired / "val")}]}, sort_keys=False))
+    manifest = zoo.load_manifest(path, "eval")
+    fp = zoo.input_fingerprints(manifest, manifest.entries[0], "eval")
+    assert fp["code"] == zoo._code_fingerprint()
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "zoo-report.html").write_text("<html>mine</html>")       # not this zoo's: refused before work
+    code, _, err = run_cli("zoo", path, "--mode", "eval", "--out-dir", out)
+    assert code == 2, err
+    assert sorted(p.name for p in out.iterdir()) == ["zoo-report.html"]
+
+
+def test_a_gate_names_classes_that_read_alike_as_a_label_would():
+    from repair.data import checkpoint_class_names, figure_class_names
+    from repair.rules import expected_group_names
+
+    for raw in (["crane", "crane", "fox"], ["1", "1.0", "z"], ["x#0", "y#1"], ["crane", "crane", "crane#1"]):
+        assert checkpoint_class_names(figure_class_names(raw)) == raw
+    assert len(set(figure_class_names(["crane", "crane", "crane#1"]))) == 3
+    fig = {"per_class": [{"name": n} for n in figure_class_names(["crane", "crane", "fox"])]}
+    with pytest.raises(BadInput, match="'crane' names 2 classes of the model \\(0, 1\\); give the class index"):
+        expected_group_names(fig, "place", ["crane|land"], "--expect-groups")
+    assert expected_group_names(fig, "place", ["crane#1|land", "1|water", "fox|land"], "--expect-groups") == [
+        "crane#1|place=land", "crane#1|place=water", "fox|place=land"]
