@@ -486,6 +486,11 @@ def main(argv=None) -> int:
                     help="the model repairs on CUDA alone (no CPU column: the CPU figures are bench/RESULTS.md's)")
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu.json (default bench/_work/gpu)")
     args = ap.parse_args(argv)
+    if args.model_rows:
+        try:
+            R.check_model_rows(args.model_rows)
+        except ValueError as e:
+            ap.error(str(e))
     if args.from_json is not None:
         docs = [json.loads(f.read_text()) for f in args.from_json]
         (args.out or BENCH).joinpath("GPU.md").write_text(markdown_all(docs, args))

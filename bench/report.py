@@ -240,8 +240,8 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
                  "tasks, seeds and rows; `--parts` reruns some and keeps the others, and `--report-only --merge` adds "
                  "other runs' rows. Each line says when, at which commit and with which machine and library versions "
                  "its figures were measured; rows on other seeds than the defaults, and rows no longer in "
-                 "`bench/rows.py`, come only from the runs these lines name -- the tables' seeds column and notes "
-                 "say which):\n")
+                 "`bench/rows.py`, come only from the runs these lines name -- the tables' seeds column gives each row's "
+                 "count of seeds and the notes under them name the retired rows):\n")
         def line(info):
             c = info.get("code") or {}
             return (f"{info.get('date')}, {info.get('wall_minutes', 0):.1f} min, seeds {info.get('seeds')}, "
@@ -279,7 +279,7 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
         sz = i.get("sizes", {})
         vs = t.get("variants", {})
         s0 = (vs.get("balanced") or next(iter(vs.values()), {})).get("summary", {})
-        counts = "; ".join(json.dumps(x.get("group_counts")) for x in vs.values())
+        counts = "; ".join(json.dumps(x.get("group_counts")) for x in vs.values()).replace("|", "\\|")
         L.append(f"| {name} | {i.get('backbone', '')} | {sz.get('train', '–')} / {sz.get('val', '–')} / "
                  f"{sz.get('test', '–')} | {i.get('attribute', t.get('group_by', ''))} | {_pct(_stat(s0, ERM, 'acc'))} | "
                  f"{_pct(_wga(s0, ERM))} | {counts} |")
@@ -333,7 +333,8 @@ def write_markdown(doc: dict, path: Path, analysis: Optional[str]) -> None:
     _scale_md(doc, L)
     _targets_md(doc, L)
     _model_targets_md(doc, L)
-    _export_md(L)
+    if not m.get("smoke"):           # the repository's export record is of the real task, not a smoke run's
+        _export_md(L)
     _gpu_md(L)
     L.append("## How it is measured\n")
     L.append("- Embeddings: `repair.api.prepare` (the adapters' head-input capture) once per task and repair set; "
@@ -399,23 +400,33 @@ def _export_md(L: list, path: Optional[Path] = None) -> None:
         L.append("Not measured: `python -m bench.export_speed` measures it (outside `python -m bench.run`).\n")
         return
     e = json.loads(path.read_text(encoding="utf-8"))
-    ratio, target = e.get("ratio_export_to_eval"), e.get("target_ratio", 2.0)
+    ev, ex = e.get("eval_seconds") or [], e.get("export_seconds") or []
+    ratio = statistics.median(ex) / statistics.median(ev) if ev and ex else e.get("ratio_export_to_eval")
+    target = e.get("target_ratio", 2.0)
     fallback = e.get("fallback_messages") or []
     met = e.get("met", None if ratio is None else (ratio <= target and not fallback))
     code = e.get("code") or {}
     when = (f"on {e['date']} at commit `{str(code.get('git_commit'))[:12]}`" if e.get("date")
             else "(date and commit not recorded by that run)")
     L.append(f"Measured by `{e.get('command') or 'python -m bench.export_speed'}` -- a benchmark of its own, "
-             f"outside `python -m bench.run` -- {when}, {_environment(e.get('machine') if 'versions' in (e.get('machine') or {}) else None)}. "
+             f"outside `python -m bench.run` -- {when}, {_export_environment(e.get('machine'))}. "
              f"`repair export --format onnx` of the `{(e.get('model_build') or {}).get('kind', 'SST-2 MiniLM')}` "
              f"model with verification on {e.get('n_samples')} texts against `repair eval --no-cache` of the same "
              f"model on the same texts, {e.get('repeats')} alternating repeats, medians.\n")
     L.append("| eval (s) | export (s) | export / eval | ≤ " + f"{target:g}× | exporter | fallback messages |")
     L.append("|---|---|---|---|---|---|")
-    L.append(f"| {_secs(e.get('eval_median_s'))} | {_secs(e.get('export_median_s'))} | "
+    L.append(f"| {_secs(statistics.median(ev) if ev else e.get('eval_median_s'))} | "
+             f"{_secs(statistics.median(ex) if ex else e.get('export_median_s'))} | "
              f"{_f(ratio, '{:.2f}×')} | {_ok(met)} | {e.get('exporter')} | "
              f"{'; '.join(fallback).replace('|', '/') if fallback else 'none'} |")
     L.append("")
+
+
+def _export_environment(machine: Optional[dict]) -> str:
+    """:func:`_environment` of an export record (an older one holds the CPU, its count and torch only)."""
+    if machine and "versions" not in machine and machine.get("cpu"):
+        return f"on {machine.get('cpu')} ({machine.get('cpus')} CPUs), torch {machine.get('torch')}"
+    return _environment(machine)
 
 
 def _gpu_md(L: list, path: Optional[Path] = None) -> None:

@@ -473,9 +473,21 @@ def head_rows(td: TaskData, seed: int, variants: list, cache_dir: Path, scratch:
 
 
 # ============================================================================ model repairs
+def check_model_rows(labels) -> None:
+    """ValueError naming the labels of ``labels`` (``--model-rows``) that no row of :data:`MODEL_ROWS` has:
+    a mistyped label would measure nothing (the one check of them, for every command that takes them)."""
+    known = {r.label for r in MODEL_ROWS}
+    unknown = [r for r in labels if r not in known]
+    if unknown:
+        raise ValueError(f"unknown --model-rows {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
 def model_rows_for(task: T.Task, only: Optional[list] = None) -> list[ModelRow]:
     """The model rows that apply to a task (modality, task list, registered, ``--model-rows``)."""
     from repair.methods import list_methods
+
+    if only is not None:
+        check_model_rows(only)
 
     known = {m.name for m in list_methods(kind="model")}
     modality = task.info.get("modality", "image")

@@ -218,22 +218,24 @@ def run(args) -> dict:
                 task = build_smoke_task(work) if name == "smoke" else T.build_task(name, work_dir=work, log=log)
             except T.SkipTask as e:
                 log(f"skip {name}: {e}")
-                doc["tasks"][name] = {"skipped": str(e)}
+                if not (doc["tasks"].get(name) or {}).get("info"):    # the rows of an earlier run stay
+                    doc["tasks"][name] = {"skipped": str(e)}
                 continue
             entry = doc["tasks"].setdefault(name, {})
-            entry.pop("skipped", None)
-            if entry.get("variants") or entry.get("costs"):    # rows of earlier runs stay beside this run's
-                _add_note(doc, _rebuilt_note(name, entry.get("info"), task.info, command))
-            entry.update({"info": {k: v for k, v in task.info.items() if k not in ("negation_words",)},
-                          "group_by": task.group_by, "paths": task.to_json()})
+            earlier = _measured_items(entry)      # what earlier runs measured: the rows this run leaves stay
             if part == "cost":
                 log(f"{name}: cost of `repair fix` x{args.timing_repeats}")
                 entry["costs"] = run_costs(task, args.timing_repeats, cache_dir, scratch)
                 measured += 1
+                _task_measured(doc, name, entry, task, earlier, command)
                 continue
             specs = R.model_rows_for(task, args.model_rows) if part == "model" else None
             if part == "model" and not specs:
+                if not entry:
+                    doc["tasks"].pop(name)
                 continue
+            entry.pop("skipped", None)
+            entry.setdefault("info", {k: v for k, v in task.info.items() if k not in ("negation_words",)})
             for vname in args.variants:
                 td = R.load_task_data(task, vname, cache_dir)
                 v = entry.setdefault("variants", {}).setdefault(vname, {"runs": []})
@@ -270,6 +272,7 @@ def run(args) -> dict:
                 # runs of other seeds stay, with every row they hold (a partial rerun drops nothing)
                 v["runs"].sort(key=lambda r: r["seed"])
                 v["summary"] = Rep.summarise(v["runs"])
+            _task_measured(doc, name, entry, task, earlier, command)
             _write_outputs(doc, out_dir, args, final=False)      # partial results survive a crash
         if not measured:        # nothing of this part ran (every task skipped, no row applied): no line for it
             log(f"part {part}: nothing measured; the report keeps its earlier lines")
@@ -283,6 +286,37 @@ def run(args) -> dict:
     doc["meta"]["wall_minutes"] = (time.perf_counter() - t_start) / 60
     _write_outputs(doc, out_dir, args, final=True)
     return doc
+
+
+def _measured_items(entry: dict) -> dict:
+    """A task entry's measured rows and costs, each by where it sits: ``(variant, seed, label)`` or
+    ``"costs"`` -> the object (the objects are held, so a row replaced is told by identity)."""
+    out: dict = {("costs",): entry["costs"]} if entry.get("costs") else {}
+    for vn, v in (entry.get("variants") or {}).items():
+        for run in v.get("runs") or []:
+            for label, row in (run.get("rows") or {}).items():
+                out[(vn, run.get("seed"), label)] = row
+    return out
+
+
+def _task_measured(doc: dict, name: str, entry: dict, task, earlier: dict, command: str) -> None:
+    """After this run measured task ``name``: the entry describes this run's build, and the report says
+    whether rows or costs of another build are left beside this run's (a note), or -- none left -- retires
+    the notes about other builds of the task."""
+    now = _measured_items(entry)
+    left = [k for k, obj in earlier.items() if now.get(k) is obj]      # untouched by this run
+    kept_info = entry.get("info")
+    entry.pop("skipped", None)
+    entry.update({"info": {k: v for k, v in task.info.items() if k not in ("negation_words",)},
+                  "group_by": task.group_by, "paths": task.to_json()})
+    if entry.get("costs") is not earlier.get(("costs",)) and doc.get("notes"):
+        doc["notes"] = [n for n in doc["notes"] if not _costs_only_note(name, n)]    # costs replaced
+    if not left:
+        if doc.get("notes"):        # nothing of an earlier build is left: the notes about one are void
+            doc["notes"] = [n for n in doc["notes"] if not (n.startswith(_task_note(name, ""))
+                                                             and "another build of this task" in n)]
+        return
+    _add_note(doc, _rebuilt_note(name, kept_info, task.info, command))
 
 
 def earlier_lines(earlier: Optional[dict], info: dict, args, part: str) -> list:
@@ -347,10 +381,10 @@ def parse_args(argv=None):
         ap.error(f"unknown part(s) {bad}; known: {', '.join(PARTS)}")
     args.parts = [p for p in PARTS if p in parts]
     if args.model_rows:
-        known = {r.label for r in R.MODEL_ROWS}
-        unknown = [r for r in args.model_rows if r not in known]
-        if unknown:
-            ap.error(f"unknown --model-rows {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            R.check_model_rows(args.model_rows)
+        except ValueError as e:
+            ap.error(str(e))
     if args.replace_tasks and not (args.report_only and args.merge):
         ap.error("--replace-tasks needs --report-only and --merge (the runs that replace those tasks)")
     if args.smoke:
@@ -391,6 +425,8 @@ def _build_difference(mine: Optional[dict], theirs: Optional[dict]) -> Optional[
     figures do not make the builds the same (a rebuild on the same code and seed can score the same ERM figures
     with other weights, and head rows then move): the difference is unconfirmed (``sure`` False). When neither
     did (runs from before digests were recorded), the ERM test figures are all there is to compare."""
+    if not mine or not theirs:           # no build to compare with (a task the report did not hold yet)
+        return None
     a, b = (mine or {}).get("erm_test") or {}, (theirs or {}).get("erm_test") or {}
     keys = ("accuracy", "worst_group_accuracy")
     da, db = (mine or {}).get("checkpoint_sha256"), (theirs or {}).get("checkpoint_sha256")
@@ -444,7 +480,7 @@ def _costs_only_note(name: str, note: str) -> bool:
     import re
     import shlex
 
-    if not note.startswith(_task_note(name, "")):
+    if not note.startswith(_task_note(name, "the merged run `")):
         return False
     m = re.search(r"`(python -m bench\.run [^`]*)`", note)
     if not m:
@@ -453,7 +489,12 @@ def _costs_only_note(name: str, note: str) -> bool:
         words = shlex.split(m.group(1))
     except ValueError:
         return False
-    parts = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--parts"), None)
+    parts = None
+    for i, w in enumerate(words):                      # as argparse reads it: the last one given
+        if w == "--parts" and i + 1 < len(words):
+            parts = words[i + 1]
+        elif w.startswith("--parts="):
+            parts = w.split("=", 1)[1]
     return parts is not None and set(parts.split(",")) == {"cost"}
 
 
@@ -500,9 +541,10 @@ def merge_docs(doc: dict, other: dict) -> dict:
             also = parts[part].get("also") or []
             also = also if isinstance(also, list) else [also]
             line = {**info, "command": other.get("meta", {}).get("command")}
-            if line not in also:                 # the same run merged twice is listed once
-                also = also + [line]
-            parts[part] = {**parts[part], "also": also}
+            bare = lambda x: {k: v for k, v in x.items() if k not in ("also", "merged_from", "command")}  # noqa: E731
+            listed = [(bare(x), x.get("command") or x.get("merged_from")) for x in also + [parts[part]]]
+            if (bare(line), line["command"]) not in listed:      # the same run merged twice is listed once
+                parts[part] = {**parts[part], "also": also + [line]}
     return doc
 
 
@@ -517,7 +559,8 @@ def report_only(args) -> dict:
     doc["targets"] = Rep.targets(doc)
     # the header names the command that wrote this report; the figures' runs are each part's lines
     doc["meta"] = {**doc.get("meta", {}), "command": "python -m bench.run " + " ".join(args.argv),
-                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "report_only": True}
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "report_only": True,
+                   "machine": machine_info()}      # where the report was written (each part line: where it ran)
     _write_outputs(doc, out_dir, args, final=True)
     return doc
 

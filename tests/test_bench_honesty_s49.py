@@ -82,7 +82,10 @@ def test_a_partial_run_that_measures_nothing_keeps_the_report_as_it_was(tmp_path
 
     out = tmp_path / "out"
     out.mkdir()
-    before = {"tasks": {}, "notes": ["smoke: an earlier note about rows the report keeps"],
+    info = {"checkpoint_sha256": "aa" * 32, "erm_test": {"accuracy": 0.5, "worst_group_accuracy": 0.25}}
+    before = {"tasks": {"smoke": {"info": info, "variants": {"balanced": {"runs": [
+                  {"seed": 0, "rows": {"x": {"kind": "model", "test": {"worst_group_accuracy": 0.5, "accuracy": 0.5}}}}]}}}},
+              "notes": ["smoke: an earlier note about rows the report keeps"],
               "meta": {"parts": {"model": {"date": "earlier", "seeds": [0, 1, 2]}}}}
     (out / "results.json").write_text(json.dumps(before))
     threads = torch.get_num_threads()
@@ -96,6 +99,67 @@ def test_a_partial_run_that_measures_nothing_keeps_the_report_as_it_was(tmp_path
     doc = json.loads((out / "results.json").read_text())
     assert doc["notes"] == before["notes"]
     assert doc["meta"]["parts"] == before["meta"]["parts"]
+    assert doc["tasks"]["smoke"]["info"] == info          # still the build its rows were measured on
+    assert doc["tasks"]["smoke"]["variants"]["balanced"]["runs"] == before["tasks"]["smoke"]["variants"]["balanced"]["runs"]
+
+
+def test_a_rebuild_is_noted_only_while_rows_of_the_other_build_are_left():
+    from types import SimpleNamespace
+
+    from bench.run import _measured_items, _task_measured
+
+    def entry():
+        return {"info": _info(0.5, "aa" * 32), "variants": {"balanced": {"runs": [
+            {"seed": 0, "rows": {"h": {"kind": "head"}, "m": {"kind": "model"}}}]}}}
+
+    task = SimpleNamespace(info=_info(0.5, "bb" * 32), group_by="g", to_json=lambda: {})
+    doc = {"notes": ["t: the merged run `python -m bench.run --parts head` may have measured another build of this "
+                     "task (x); its rows and figures may differ from the report's build's", "t: something else"]}
+    e = entry()
+    before = _measured_items(e)
+    e["variants"]["balanced"]["runs"][0]["rows"]["h"] = {"kind": "head", "new": True}      # the model row is left
+    _task_measured(doc, "t", e, task, before, "python -m bench.run --parts head")
+    assert e["info"]["checkpoint_sha256"] == "bb" * 32
+    assert any("another build of this task than the earlier runs" in n for n in doc["notes"])
+    e2 = entry()
+    before = _measured_items(e2)
+    e2["variants"]["balanced"]["runs"][0]["rows"] = {"h": {"kind": "head"}, "m": {"kind": "model"}}   # all re-measured
+    _task_measured(doc, "t", e2, task, before, "python -m bench.run --parts head,model")
+    assert doc["notes"] == ["t: something else"]          # nothing of another build left: its notes retired
+
+
+def test_merging_a_task_the_report_does_not_hold_notes_no_other_build():
+    from bench.run import merge_docs
+
+    other = {"tasks": {"t": {"info": _info(0.5, "ab" * 32)}}, "meta": {"command": "c", "parts": {}}}
+    assert not merge_docs({"tasks": {}, "meta": {"parts": {}}}, other).get("notes")
+
+
+def test_the_note_rule_reads_parts_as_argparse_does():
+    from bench.run import _costs_only_note
+
+    note = "t: the merged run `python -m bench.run {}` measured another build of this task (x); its rows ..."
+    assert _costs_only_note("t", note.format("--parts cost --out-dir x"))
+    assert _costs_only_note("t", note.format("--parts=cost"))
+    assert not _costs_only_note("t", note.format("--parts cost --parts head"))
+    assert not _costs_only_note("t", note.format("--parts head,cost"))
+    assert not _costs_only_note("t", "t: `python -m bench.run --parts cost` measured another build of this task "
+                                     "than the earlier runs whose rows and costs it keeps (x)")
+
+
+def test_a_run_merged_twice_is_one_line_and_report_only_says_where_it_was_written(tmp_path):
+    from bench.measure import machine_info
+    from bench.run import main, merge_docs
+
+    run = {"tasks": {}, "meta": {"command": "python -m bench.run --parts cost", "parts": {"cost": {"date": "d1"}}}}
+    once = merge_docs({"tasks": {}, "meta": {"parts": {}}}, run)
+    twice = merge_docs(json.loads(json.dumps(once)), run)
+    assert twice["meta"]["parts"]["cost"] == once["meta"]["parts"]["cost"] and "also" not in once["meta"]["parts"]["cost"]
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"tasks": {}, "meta": {"command": "x", "date": "d", "machine": {"cpu": "elsewhere", "versions": {}}, "parts": {}}}))
+    assert main(["--report-only", "--out-dir", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["meta"]["machine"]["cpu"] == machine_info()["cpu"]
 
 
 def test_the_tables_say_over_how_many_seeds_and_under_which_label_each_row_was_measured():
