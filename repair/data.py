@@ -22,6 +22,7 @@ import os
 import re
 import stat
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -283,6 +284,7 @@ class Encoded:
     #: (class index, attribute value) of each group id: what a group is, never parsed back out of its
     #: name (a class name or a value may hold "|" or "=")
     group_keys: list[tuple[int, str]] = field(default_factory=list)
+    group_by: Optional[str] = None     # the column the groups' values are of
 
 
 # ------------------------------------------------------------------ images
@@ -1398,10 +1400,9 @@ def figure_class_names(class_names: Sequence[str]) -> list[str]:
     each of those with its index (``crane#134``): no two rows of a table, two groups or a gate's group
     share a name."""
     names = [str(c) for c in class_names]
-    count: dict[str, int] = {}
-    for n in names:
-        count[cell_value(n)] = count.get(cell_value(n), 0) + 1
-    out = [f"{n}#{i}" if count[cell_value(n)] > 1 else n for i, n in enumerate(names)]
+    readings = [cell_value(n) for n in names]
+    count = Counter(readings)
+    out = [f"{n}#{i}" if count[r] > 1 else n for i, (n, r) in enumerate(zip(names, readings))]
     if len(set(out)) < len(out):     # an indexed name that is another class's own ("crane#1"): every one indexed
         out = [f"{n}#{i}" for i, n in enumerate(names)]
     return out
@@ -1453,4 +1454,4 @@ def encode(data: RepairData, class_names: Sequence[str], group_by: Optional[str]
                            where)
         seen[name] = key
     return Encoded(y=y, class_names=list(class_names), groups=groups, group_names=names, absent_groups=absent,
-                   group_keys=list(keys))
+                   group_keys=list(keys), group_by=group_by)

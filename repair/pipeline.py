@@ -192,7 +192,7 @@ def check_repair_set(enc: Encoded, num_classes: int, where) -> None:
         # groups = class x attribute value: every combination must have samples
         attr_values = sorted({a for _, a in enc.group_keys})
         have = set(enc.group_keys)
-        column = enc.group_names[0][len(enc.class_names[enc.group_keys[0][0]]) + 1:].split("=", 1)[0]
+        column = enc.group_by
         missing = [f"{enc.class_names[c]}|{column}={a}" for c in present for a in attr_values if (c, a) not in have]
         if missing:
             n = int(enc.y.numel())
