@@ -290,9 +290,12 @@ def code_identity() -> dict:
 
 #: installed libraries whose code reads a sample (decodes, resizes, tokenizes) or runs a network beside
 #: torch: their versions are in every embedding cache key and in every written model's provenance
-#: (``code``), the one list of both
-CODE_LIBRARIES = ("numpy", "pillow", "torchvision", "timm", "tokenizers", "transformers", "onnxruntime",
-                  "onnxruntime-gpu")
+#: (``code``), the one list of both. ``sentencepiece`` and ``tiktoken`` tokenize the texts of models
+#: whose tokenizer is theirs (a slow SentencePiece tokenizer, a tiktoken vocabulary); ``protobuf`` reads
+#: a SentencePiece model when transformers converts it to a fast tokenizer -- each can change the token
+#: ids of one text, so an upgrade of any of them is never served the old tokens' embeddings
+CODE_LIBRARIES = ("numpy", "pillow", "torchvision", "timm", "tokenizers", "sentencepiece", "tiktoken",
+                  "protobuf", "transformers", "onnxruntime", "onnxruntime-gpu")
 
 
 def _cli_dir():
