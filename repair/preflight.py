@@ -142,6 +142,11 @@ def check_cache_dir(protected: Protected, runtime, outputs: Optional[Mapping[str
         advice = "set $REPAIR_CACHE_DIR elsewhere or give --cache-dir"
     else:
         folder, name, advice = default_cache_dir(), "the default cache folder", "give --cache-dir elsewhere"
+    try:                                  # a folder through a loop of links: named as the user gave it
+        from .rules import _norm
+        _norm(folder)
+    except BadInput as e:
+        raise BadInput(f"{name} {e.problem}; {advice}", folder) from None
     # an entry written in it is what must not touch an input; the message names the folder the user gave
     reason = protected.why(folder / "entry.safetensors", name)
     if reason:
