@@ -91,7 +91,7 @@ def test_after_gain_never_stops_early_back_at_the_start():
         it = iter(scores)
         cfg = LoopConfig(epochs=steps, patience=2, warmup_fraction=0.0, eval_every=1, early_stop=early_stop)
         return train([p], step, lambda: (next(it), 0.5), cfg, steps_per_epoch=1, budget=Budget(),
-                     progress=False), float(p)
+                     progress=False), float(p.detach())
 
     collapse = [0.5, 0.1, 0.0, 0.2, 0.7, 0.6, 0.6, 0.6, 0.6]           # the start, then steps 1..8
     res, _ = run(collapse, "anytime")
