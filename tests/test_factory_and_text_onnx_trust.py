@@ -82,7 +82,12 @@ def test_a_factory_module_that_parses_arguments_when_imported_is_named(tmp_path,
     src = (tmp_path / "argv_fac" / "argv_fac.py").read_text()
     (tmp_path / "argv_fac" / "argv_fac.py").write_text(
         "import argparse\nargparse.ArgumentParser().parse_args()\n" + src)
-    code, out, err = run_cli("eval", w, "--factory", "argv_fac:net", *PRE, "-d", image_data)
+    args = ("eval", w, "--factory", "argv_fac:net", *PRE, "-d", image_data)
+    # the command line the module's parser reads is the command's own (in this process it would be the test
+    # runner's, which a parallel runner's worker does not carry)
+    import sys
+    monkeypatch.setattr(sys, "argv", ["repair", *map(str, args)])
+    code, out, err = run_cli(*args)
     assert code == 2 and out == "", (code, out, err)
     line = _last_line(err)
     assert "factory module 'argv_fac'" in line and "SystemExit 2" in line and "unrecognized arguments" in line, err
