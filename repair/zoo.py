@@ -1977,7 +1977,7 @@ def _run_locked(manifest, mpath, out_dir, journal, o, runtime, t0, log, working:
     tasks = [{"entry": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(e).items()},
               "mode": o.mode, "runtime": rt, "threads": o.cpus_per_model, "allow_plugins": o.allow_plugins,
               "data": manifest.data_of(e, "data"), "eval": manifest.data_of(e, "eval") if e.eval else None,
-              "force": o.force or e.name in redo, "manifest": str(mpath), "source_date": created}
+              "manifest": str(mpath), "source_date": created}     # (--force is the driver's: it commits)
              for e in todo]
     errors: dict[str, dict] = {}
     executor = (LocalExecutor() if o.ray is None else
