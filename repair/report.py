@@ -319,7 +319,7 @@ def gate_summary(gate: dict) -> str:
     from fractions import Fraction
 
     from .errors import BadInput
-    from .rules import METRIC_NAMES, _threshold_pct, parse_threshold, show_against
+    from .rules import METRIC_NAMES, _show_pct, _threshold_pct, parse_threshold, show_against
 
     try:
         tv = parse_threshold(gate["threshold_text"]).value
