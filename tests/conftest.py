@@ -14,7 +14,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one torch thread per worker when the suite runs on several (README: `-n 2`): the workers share the
+# machine's cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CLASSES = ["cat", "dog", "fox"]
