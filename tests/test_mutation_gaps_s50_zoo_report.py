@@ -4,7 +4,6 @@ body settling keeps (:mod:`repair.modelrepair.finetune`), and the zoo's lock, it
 report folder when a journal append or a commit is refused (:mod:`repair.zoo`)."""
 from __future__ import annotations
 
-import csv
 import os
 import json
 import shutil
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_bert_folder, make_texts, make_zoo_parts, run_cli
+from conftest import make_zoo_parts, run_cli
 
 
 # ------------------------------------------------------------------ report.py
@@ -137,23 +136,7 @@ def test_a_run_that_takes_its_whole_step_budget_as_time_runs_out_ended_by_steps(
     assert (res.stopped_by, res.steps) == ("budget:time", 1)
 
 
-@pytest.fixture()
-def session(tmp_path):
-    """A tiny BERT, 48 labelled texts, and a model-repair session on them (seed 0), as test_steady's."""
-    from repair.adapters import load_model
-    from repair.methods import ModelRepairInputs
-    from repair.modelrepair.finetune import Session
-
-    model = make_bert_folder(tmp_path / "bert", seed=3)
-    data = make_texts(tmp_path / "texts.csv", n=48, seed=1)
-    rows = list(csv.DictReader(open(data)))
-    tm = load_model(model).trainable()
-    texts = [r["text"] for r in rows]
-    y = torch.tensor([1 if r["label"] == "positive" else 0 for r in rows])
-    ref = tm.predict(tm.encode(texts), torch.arange(len(texts)), "cpu")
-    inputs = ModelRepairInputs(model=tm, items=texts, y=y, ref_logits=ref, seed=0, device="cpu", progress=False,
-                               class_names=["negative", "positive"])
-    return Session(inputs, holdout_fraction=0.5), tm
+from test_steady import session  # noqa: E402,F401  (the fixture: a tiny BERT and a model-repair session)
 
 
 def test_settling_back_at_alpha_0_after_tensors_moved_keeps_the_original_body(session, monkeypatch):
