@@ -165,11 +165,13 @@ def test_a_moved_body_must_beat_the_original_by_the_required_gain(session, monke
     scores = [c["heldout_score"] for c in free["candidates"]]
     assert free["heldout_score"] == max(scores) and free["required_gain"] == 0.0
     assert free["alpha"] == 1.0 and free["heldout_score"] > free["candidates"][-1]["heldout_score"]
+    assert free["body"] == "moved"
 
     tm.module.load_state_dict(tuned)
     monkeypatch.setattr(sel, "required_gain", lambda *a: 2.0)
     kept = settle(sess, start, alphas=(0.0, 1.0), heads=("own", "refit"))
-    assert (kept["alpha"], kept["head"]) == (0.0, "refit")
+    # the record says so: the original body, though tensors moved on the way (a session-50 mutation audit)
+    assert (kept["alpha"], kept["head"], kept["body"]) == (0.0, "refit", "original")
     now = tm.state()
     head = {f"{tm.head_name}.weight", f"{tm.head_name}.bias"}
     assert all(torch.equal(now[k], start[k]) for k in start if k not in head)
