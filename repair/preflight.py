@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from .data import DataOptions, RepairData, load_data
 from .errors import BadInput
-from .rules import Protected
+from .rules import Protected, _norm
 
 
 @dataclass
@@ -143,7 +143,6 @@ def check_cache_dir(protected: Protected, runtime, outputs: Optional[Mapping[str
     else:
         folder, name, advice = default_cache_dir(), "the default cache folder", "give --cache-dir elsewhere"
     try:                                  # a folder through a loop of links: named as the user gave it
-        from .rules import _norm
         _norm(folder)
     except BadInput as e:
         raise BadInput(f"{name} {e.problem}; {advice}", folder) from None
