@@ -43,9 +43,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def items(image_data):
-    return load_data(image_data).items
+from test_export import items  # noqa: E402,F401  (the fixture: the tiny image set's items)
 
 
 @pytest.fixture(scope="module")
