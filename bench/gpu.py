@@ -487,6 +487,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu.json (default bench/_work/gpu)")
     args = ap.parse_args(argv)
     if args.model_rows:
+        from . import rows as R
         try:
             R.check_model_rows(args.model_rows)
         except ValueError as e:

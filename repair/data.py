@@ -25,11 +25,16 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 
 from .errors import BadInput, SharedSetting, no_warnings
 from .io import check_one_line, parse_json
+
+if TYPE_CHECKING:                   # annotations only: torch and PIL are imported where they run
+    import PIL.Image
+    import torch
+
 # (check_bool lived here before it moved to the option rules; importable from here for code that imports it)
 from .rules import check_bool, is_whole_number  # noqa: E402,F401
 

@@ -32,10 +32,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 
 from .errors import BadInput, no_warnings
+
+if TYPE_CHECKING:                   # annotations only: torch is imported where it runs
+    import torch
 
 try:
     import fcntl

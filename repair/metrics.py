@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .errors import BadInput
+
+if TYPE_CHECKING:                   # annotations only: torch is imported where it runs
+    import torch
 
 
 

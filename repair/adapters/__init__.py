@@ -20,11 +20,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import BadInput
 from ..io import check_one_line
 from ..registry import FAMILIES_ENTRY_POINTS, Registry
+
+if TYPE_CHECKING:                   # annotations only: .base is imported where it runs
+    from .base import Adapter
 
 
 @dataclass

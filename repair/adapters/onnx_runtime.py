@@ -4,12 +4,15 @@ running graphs with a fixed batch size on larger batches."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..errors import BadInput
+
+if TYPE_CHECKING:                   # annotations only: onnx is imported where it runs
+    import onnx
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -54,7 +57,7 @@ def ort_providers(prefer_cuda: bool = True, device: Optional[Union[str, torch.de
     return providers
 
 
-def make_session(model: Union[str, Path, bytes, "onnx.ModelProto"], *, prefer_cuda: bool = True,  # noqa: F821
+def make_session(model: Union[str, Path, bytes, "onnx.ModelProto"], *, prefer_cuda: bool = True,
                  device=None, where: Optional[Path] = None, threads: Optional[int] = None,
                  optimize: bool = True, spin: bool = True):
     """An onnxruntime session from a path, serialized bytes or a ModelProto. ``threads``:
