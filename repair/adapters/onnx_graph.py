@@ -133,20 +133,45 @@ def _step_keeps_top_class(node, state: str, chain_input: str, consts: dict) -> b
     return all(x in consts for x in others)   # Identity, Sigmoid, Cast of a label, Squeeze/Unsqueeze (axes)
 
 
-def _check_first_output(graph, first: str, logits: str, producer: dict, where: Optional[Path]) -> None:
+def _check_first_output(graph, first: str, logits: str, producer: dict, where: Optional[Path],
+                        head_parts: frozenset = frozenset()) -> None:
     """The file's first output (what a deployment reads first) when repair measures and repairs the
     output named ``logits`` instead: it must not depend on those logits, or be computed from them only
     by steps that keep their top class (:data:`FIRST_OUTPUT_STEPS`: probabilities, a temperature, a
     label, its name); else its predictions need not be the measured ones (a class prior added) and the
     file is refused naming the step. The logits are also every tensor they copy through Identity nodes
     (the head writes ``z``, ``logits = Identity(z)``): a first output computed from ``z`` is computed
-    from the logits."""
+    from the logits. ``head_parts``: the head's other tensors (its weight and bias initializers, a MatMul's
+    output before the bias is added): a first output reading one of them other than through the logits
+    would not follow the repaired head as the logits do, and the file is refused naming it."""
     nodes = graph.node
     same = {logits}                  # the logits and the tensors they are an Identity of
     i = producer.get(logits)
     while i is not None and nodes[i].op_type == "Identity" and nodes[i].input and nodes[i].input[0] not in same:
         same.add(nodes[i].input[0])
         i = producer.get(nodes[i].input[0])
+
+    def head_part_read(t: str) -> Optional[str]:     # a head tensor reached without passing the logits
+        stack, seen = [t], set()
+        while stack:
+            x = stack.pop()
+            if x in same:
+                continue
+            if x in head_parts:
+                return x
+            i = producer.get(x)
+            if i is None or i in seen:
+                continue
+            seen.add(i)
+            stack.extend([y for y in nodes[i].input if y] + sorted(_subgraph_reads(nodes[i])))
+        return None
+
+    part = head_part_read(first)
+    if part is not None:
+        raise BadInput(f"the first output {first!r} reads the head's tensor {part!r} other than through the "
+                       f"{logits!r} output: a repaired head would change the logits repair measures and not "
+                       f"the first output a deployment reads alike (export the logits as the first output, or "
+                       f"leave out the output named {logits!r})", where)
 
     def depends(t: str) -> bool:     # on the logits, through any node (a subgraph's reads included)
         stack, seen = [t], set()
@@ -200,8 +225,6 @@ def find_head(proto, where: Optional[Path] = None) -> HeadSpec:
         for o in node.output:
             producer[o] = i
     inits = {t.name for t in graph.initializer}
-    if out != outputs[0]:
-        _check_first_output(graph, outputs[0], out, producer, where)
 
     def expect(cond: bool, problem: str) -> None:
         if not cond:
@@ -248,6 +271,10 @@ def find_head(proto, where: Optional[Path] = None) -> HeadSpec:
     expect(w.ndim == 2, f"the head weight has shape {tuple(w.shape)}, expected a matrix")
     expect(np.issubdtype(w.dtype, np.floating), f"the head weight is {w.dtype}, expected floating point")
     spec.weight_dtype = w.dtype
+    if out != outputs[0]:
+        parts = set(spec.initializer_names())
+        parts.update(o for k in (spec.node, spec.add_node) if k is not None for o in graph.node[k].output if o)
+        _check_first_output(graph, outputs[0], out, producer, where, frozenset(parts))
     return spec
 
 
