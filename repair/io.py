@@ -102,6 +102,18 @@ def pickled_state_dict(obj):
     return obj
 
 
+def _torch_load_reason(e: BaseException) -> str:
+    """What torch.load(weights_only=True) found wrong, in one line: its unpickler's own reason (torch's text
+    around it advises weights_only=False, the load that runs the file's code, and colours its words with
+    terminal escapes), else the first sentence of its first line."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e)).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    line = text.splitlines()[0].strip() if text else ""
+    line = re.split(r"(?<=[a-z0-9_\]\)])\. ", line, maxsplit=1)[0].rstrip(".")
+    return line or type(e).__name__
+
+
 def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors always; pickle files only with ``allow_pickle`` and then ``weights_only=True``."""
     import torch
@@ -121,8 +133,8 @@ def load_state_dict_file(path: Path, allow_pickle: bool = False) -> tuple[dict[s
             with no_warnings():     # torch warns on some refused pickles: the error says it all
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInput(f"not a loadable weights-only pickle ({first})", path) from None
+            raise BadInput(f"not a loadable weights-only pickle ({_torch_load_reason(e)}); repair loads pickles "
+                           "only with weights_only=True: convert it to .safetensors where it was made", path) from None
         obj = pickled_state_dict(obj)
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise BadInput("pickle does not hold a state dict of tensors", path)
