@@ -151,14 +151,16 @@ def _check_first_output(graph, first: str, logits: str, producer: dict, where: O
         same.add(nodes[i].input[0])
         i = producer.get(nodes[i].input[0])
 
-    def head_part_read(t: str) -> Optional[str]:     # a head tensor reached without passing the logits
+    def reached(t: str, targets, passing=frozenset()) -> Optional[str]:
+        """The first of ``targets`` that ``t`` is computed from, through any node (a subgraph's reads
+        included) but not through the tensors ``passing``; None when none is."""
         stack, seen = [t], set()
         while stack:
             x = stack.pop()
-            if x in same:
-                continue
-            if x in head_parts:
+            if x in targets:
                 return x
+            if x in passing:
+                continue
             i = producer.get(x)
             if i is None or i in seen:
                 continue
@@ -166,25 +168,15 @@ def _check_first_output(graph, first: str, logits: str, producer: dict, where: O
             stack.extend([y for y in nodes[i].input if y] + sorted(_subgraph_reads(nodes[i])))
         return None
 
-    part = head_part_read(first)
+    part = reached(first, head_parts - same, passing=same)     # a head tensor read apart from the logits
     if part is not None:
         raise BadInput(f"the first output {first!r} reads the head's tensor {part!r} other than through the "
                        f"{logits!r} output: a repaired head would change the logits repair measures and not "
                        f"the first output a deployment reads alike (export the logits as the first output, or "
                        f"leave out the output named {logits!r})", where)
 
-    def depends(t: str) -> bool:     # on the logits, through any node (a subgraph's reads included)
-        stack, seen = [t], set()
-        while stack:
-            x = stack.pop()
-            if x in same:
-                return True
-            i = producer.get(x)
-            if i is None or i in seen:
-                continue
-            seen.add(i)
-            stack.extend([y for y in nodes[i].input if y] + sorted(_subgraph_reads(nodes[i])))
-        return False
+    def depends(t: str) -> bool:     # on the logits
+        return reached(t, same) is not None
 
     if not depends(first):           # an embedding output: not a prediction
         return
