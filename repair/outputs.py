@@ -62,22 +62,6 @@ class ModelOutputs:
     log: Optional[Callable[[str], None]] = None
     written: dict = field(default_factory=dict)
 
-    def paths(self) -> dict[str, Path]:
-        """Every final path this transaction may write, by the option that names it."""
-        out: dict[str, Path] = {}
-        if self.model is not None:
-            out["--out"] = Path(self.model)
-        if self.onnx is not None and self.onnx.path is not None:
-            out["the ONNX export"] = Path(self.onnx.path)
-        if self.artifacts_to is not None and (self.model is None or Path(self.model) not in self.artifacts_to.parents):
-            out["the repair artifacts"] = Path(self.artifacts_to)
-        if self.report is not None:
-            from .rules import report_outputs
-
-            html, js = report_outputs(self.report.path)
-            out["--report"], out["--report (JSON)"] = html, js
-        return out
-
     def write(self) -> dict:
         """Write everything, all or nothing. Returns ``{"model", "weights_file", "export",
         "artifacts", "report"}`` (final paths; the export's verification report)."""
