@@ -451,13 +451,6 @@ def _opset(proto) -> Optional[int]:
     return None
 
 
-def _symbolic_shape(value_info) -> list:
-    out = []
-    for d in value_info.type.tensor_type.shape.dim:
-        out.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
-    return out
-
-
 # ------------------------------------------------------------------ verification
 def _verify_batch_size(n: int) -> int:
     vb = min(VERIFY_BATCH, n)

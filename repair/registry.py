@@ -225,10 +225,6 @@ class Resource:
         """The command-line option: ``--generator-model`` for ``generator_model``."""
         return "--" + self.name.replace("_", "-")
 
-    @property
-    def is_path(self) -> bool:
-        return self.kind != "choice"
-
     def check(self, value: Any, flag: Optional[str] = None):
         """``value`` checked against the declaration: a :class:`~pathlib.Path` for file / folder /
         data, the choice as a string; :class:`repair.errors.BadInput` naming ``flag`` (default
