@@ -515,13 +515,6 @@ def source_date() -> Optional[str]:
     raise BadInput(f"SOURCE_DATE_EPOCH={shown!r}: {why}; unset it or give one")
 
 
-def merge(existing: Optional[dict], new: dict[str, str]) -> dict[str, str]:
-    """Keep the source file's metadata; ours wins on our own keys."""
-    out = {str(k): str(v) for k, v in (existing or {}).items()}
-    out.update(new)
-    return out
-
-
 def lineage(source: Optional[dict], where=None) -> Optional[list]:
     """The repairs that made ``source`` (a checkpoint's metadata), oldest first, when it is itself a
     repaired model: its own ``repair.lineage`` followed by one entry for its record -- the checkpoint that
