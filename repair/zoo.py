@@ -302,8 +302,9 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
         columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1, short_rows=False)
         header = [c.strip() for c in columns]
         twice = sorted({c for c in header if c and header.count(c) > 1})
-        if twice:
-            raise BadInput(f"the header names column {twice[0]!r} twice", path)
+        if twice:                      # the same name but for spaces around it (the CSV reader refuses the same)
+            raise BadInput(f"column {twice[0]!r} appears more than once in the header (spaces around a "
+                           "column name do not count)", path)
         rows = [{k.strip(): v.strip() for k, v in r.items() if isinstance(k, str) and isinstance(v, str) and v.strip()}
                 for r in table]
         if not rows:
