@@ -146,13 +146,6 @@ def _stdout_lost(code: int) -> int:
     return code or 2
 
 
-def quiet_log(msg: str) -> None:
-    """``log`` under ``--quiet``: warnings and notices only."""
-    from repair.runtime import stderr_log
-
-    stderr_log(False)(msg)
-
-
 def logger(runtime) -> Callable[[str], None]:
     """The log a command hands the library: everything, or (``--quiet``) warnings and notices."""
     from repair.runtime import stderr_log
