@@ -10,7 +10,6 @@ if TYPE_CHECKING:                   # annotations only: torch is imported where 
     import torch
 
 
-
 def _breakdown(correct: torch.Tensor, ids: torch.Tensor, names: Sequence[str]) -> list[dict]:
     import torch
     n = torch.bincount(ids.long().cpu(), minlength=len(names)).tolist()
