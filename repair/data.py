@@ -608,6 +608,17 @@ def not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
     return f"not UTF-8 text (line {line}, byte {at}: {e.reason}); save it as UTF-8"
 
 
+def check_unique_columns(columns: Sequence[str], path: Path, stripped: bool = False) -> None:
+    """The one rule of a table's header: no column name twice (``stripped``: for a reader that takes
+    names without the spaces around them -- ``repair zoo``'s manifests -- names equal but for those
+    spaces are the same name; a name of spaces only is no name there)."""
+    names = [c.strip() for c in columns] if stripped else list(columns)
+    twice = sorted({c for c in names if (c or not stripped) and names.count(c) > 1})
+    if twice:
+        raise BadInput(f"column {twice[0]!r} appears more than once in the header"
+                       + (" (spaces around a column name do not count)" if stripped else ""), path)
+
+
 def read_csv_text(text: str, path: Path, first_line: int = 1,
                   lines: Optional[list] = None, short_rows: bool = True) -> tuple[list[str], list[dict]]:
     """(columns, rows) of the text of a CSV (a TSV by ``path``'s suffix): the one home of how a table
@@ -807,9 +818,7 @@ def _read_csv(text: str, path: Path, strict: bool, first_line: int = 1,
     last_line, header = 0, False     # the line the previous record ended on; the header was read
     try:
         columns = list(reader.fieldnames or [])
-        twice = sorted({c for c in columns if columns.count(c) > 1})
-        if twice:
-            raise BadInput(f"column {twice[0]!r} appears more than once in the header", path)
+        check_unique_columns(columns, path)
         last_line, header = reader.line_num, True
         for row in reader:
             start = start_after(last_line)       # the record ends on line_num

@@ -230,7 +230,7 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
                 raise BadInput(f"{where}: field names are text, got {key!r}", path)
         return defaults, rows
     if suffix == ".csv":
-        from .data import read_csv_text
+        from .data import check_unique_columns, read_csv_text
 
         lines = text.splitlines()
         defaults: dict = {}
@@ -300,11 +300,7 @@ def _read_rows(path: Path, field_names: tuple = ()) -> tuple[dict, list[dict]]:
                 raise BadInput(f"line {at}: {shown!r} starts with '#' after the header: '#' lines are comments "
                                "only before it; to leave a model out, delete its row", path)
         columns, table = read_csv_text("\n".join(lines), path, first_line=skipped + 1, short_rows=False)
-        header = [c.strip() for c in columns]
-        twice = sorted({c for c in header if c and header.count(c) > 1})
-        if twice:                      # the same name but for spaces around it (the CSV reader refuses the same)
-            raise BadInput(f"column {twice[0]!r} appears more than once in the header (spaces around a "
-                           "column name do not count)", path)
+        check_unique_columns(columns, path, stripped=True)
         rows = [{k.strip(): v.strip() for k, v in r.items() if isinstance(k, str) and isinstance(v, str) and v.strip()}
                 for r in table]
         if not rows:

@@ -58,3 +58,21 @@ def test_a_manifest_of_another_kind_of_file_is_refused(tmp_path, parts):
     path.write_text('{"models": []}')
     code, _, err = run_cli("zoo", path, "-q")
     refused_before_any_work(code, err, tmp_path, str(path), "a manifest must be a .yaml/.yml or .csv file")
+
+
+def test_one_rule_for_a_repeated_column_in_a_data_table_and_a_manifest(tmp_path):
+    """`check_unique_columns` is the one home: a data table reads names as written (``a`` and `` a`` are two
+    columns there, two empty names are not), a manifest without the spaces around them."""
+    from repair.data import check_unique_columns, read_csv_text
+    from repair.errors import BadInput
+
+    path = tmp_path / "t.csv"
+    with pytest.raises(BadInput, match=r"t\.csv: column 'y' appears more than once in the header$"):
+        read_csv_text("x,y,y\n1,2,3\n", path)
+    with pytest.raises(BadInput, match=r"column '' appears more than once"):
+        read_csv_text("x,,\n1,2,3\n", path)
+    columns, _ = read_csv_text("y, y\n1,2\n", path)
+    assert columns == ["y", " y"]
+    with pytest.raises(BadInput, match=r"column 'y' appears more than once in the header \(spaces around"):
+        check_unique_columns(columns, path, stripped=True)
+    check_unique_columns(["a", " ", "  "], path, stripped=True)      # names of spaces only: no names there
